@@ -1,0 +1,10 @@
+"""LLaMA-Adapter: zero-init gated adaption prompts (v1, v2) on a frozen, optionally 4/8-bit LLaMA."""
+
+from .config import AdapterArgs, ModelArgs
+from .formats.native import save_adapter
+from .loading import load
+from .model import Transformer
+from .prompts import alpaca, apply_template, chat, image_question
+
+__all__ = ["AdapterArgs", "ModelArgs", "Transformer", "alpaca", "apply_template", "chat", "image_question", "load",
+           "save_adapter"]

@@ -1,0 +1,139 @@
+"""Shapes of the frozen LLaMA and of the adapter that is trained on top of it.
+
+Both are plain dataclasses that validate themselves, so that a bad value is reported with the name of the
+argument at fault before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+GATE_ACTIVATIONS = ("tanh", "raw")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+BIAS_TARGETS = ("wq", "wo", "w1", "w2", "w3")
+
+
+def _require(condition: bool, argument: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{argument}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The LLaMA 1/2 shape, named as in Meta's `params.json`."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+        _require(self.dim % self.n_heads == 0, "dim", f"{self.dim} is not divisible by n_heads={self.n_heads}")
+        _require(self.head_dim % 2 == 0, "dim", f"head dim {self.head_dim} must be even for rotary embeddings")
+        kv = self.kv_heads
+        _require(isinstance(kv, int) and kv > 0, "n_kv_heads", f"must be a positive integer, got {kv!r}")
+        _require(self.n_heads % kv == 0, "n_kv_heads", f"n_heads={self.n_heads} is not a multiple of {kv}")
+        _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU width exactly as Meta computes it (2/3 of 4*dim, optional multiplier, rounded up)."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":
+        """Build from a Meta `params.json` dict; unknown keys are ignored, `vocab_size: -1` needs an override."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in params.items() if k in known}
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AdapterArgs:
+    """What is learned on top of the frozen model.
+
+    v1: `prompt_len` prompt tokens for each of the top `prompt_layers` layers and a zero-init gate per head.
+    v2 adds zero-init biases (`bias`), tunable norms (`norm`), optional LoRA (`lora_rank` > 0) and the
+    ones-init `new_gate` that the official LORA-BIAS checkpoints carry.
+    """
+
+    prompt_len: int = 10
+    prompt_layers: int = 30
+    gate_activation: str = "tanh"
+    bias: bool = False
+    norm: bool = False
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)
+    new_gate: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.prompt_len, int) and self.prompt_len >= 0, "prompt_len",
+                 f"must be a non-negative integer, got {self.prompt_len!r}")
+        _require(isinstance(self.prompt_layers, int) and self.prompt_layers >= 0, "prompt_layers",
+                 f"must be a non-negative integer, got {self.prompt_layers!r}")
+        _require((self.prompt_len == 0) == (self.prompt_layers == 0), "prompt_layers",
+                 f"prompt_len={self.prompt_len} and prompt_layers={self.prompt_layers} must both be 0 or both > 0")
+        _require(self.gate_activation in GATE_ACTIVATIONS, "gate_activation",
+                 f"must be one of {GATE_ACTIVATIONS}, got {self.gate_activation!r}")
+        _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank",
+                 f"must be a non-negative integer, got {self.lora_rank!r}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        _require(not unknown, "lora_targets", f"unknown linear(s) {unknown}; choose from {LORA_TARGETS}")
+        _require(not self.new_gate or self.prompt_layers > 0, "new_gate", "needs adaption prompts (prompt_layers > 0)")
+
+    @property
+    def has_prompts(self) -> bool:
+        return self.prompt_layers > 0
+
+    def check_fits(self, model: ModelArgs) -> None:
+        """The adapter must fit the model it is attached to."""
+        _require(self.prompt_layers <= model.n_layers, "prompt_layers",
+                 f"{self.prompt_layers} is more than the model's n_layers={model.n_layers}")
+
+    def first_prompt_layer(self, n_layers: int) -> int:
+        """Official indexing: prompt i goes to layer `n_layers - prompt_layers + i`."""
+        return n_layers - self.prompt_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["lora_targets"] = list(self.lora_targets)
+        return values
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AdapterArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        _require(not unknown, "adapter config", f"unknown field(s) {unknown}")
+        return cls(**values)

@@ -1,0 +1,1 @@
+"""One module per on-disk format; `adapter.load` detects which one it was given."""

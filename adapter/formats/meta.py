@@ -1,0 +1,95 @@
+"""Meta's LLaMA folders: `params.json`, `consolidated.NN.pth` model-parallel shards, `tokenizer.model`.
+
+Shards are opened with `torch.load(weights_only=True, mmap=True)`, so nothing is read until a tensor is
+asked for, and merged per tensor on the dimension Meta split it along.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import ModelArgs
+
+# dimension each tensor is split along across model-parallel shards (None: replicated)
+_SHARD_DIMS = {
+    "tok_embeddings.weight": 1,
+    "output.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "feed_forward.w3.weight": 0,
+}
+IGNORED_KEYS = ("rope.freqs",)
+
+
+def is_meta_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "params.json").is_file()
+
+
+def shard_dim(name: str) -> int | None:
+    suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
+    return _SHARD_DIMS.get(suffix)
+
+
+def read_params(folder: Path) -> dict:
+    path = folder / "params.json"
+    try:
+        params = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read params ({error})") from error
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return params
+
+
+def model_args(folder: Path, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
+    """ModelArgs from `params.json`; LLaMA 1's `vocab_size: -1` is taken from the tokenizer."""
+    params = read_params(folder)
+    overrides = {}
+    if params.get("vocab_size", -1) in (-1, None):
+        overrides["vocab_size"] = tokenizer_words
+    if max_seq_len is not None:
+        overrides["max_seq_len"] = max_seq_len
+    try:
+        return ModelArgs.from_params(params, **overrides)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{folder / 'params.json'}: {error}") from error
+
+
+class MetaCheckpoint:
+    """Lazy access to the merged tensors of all `consolidated.*.pth` shards of a folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.paths = sorted(folder.glob("consolidated.*.pth"))
+        if not self.paths:
+            raise FileNotFoundError(f"base: {folder} has params.json but no consolidated.*.pth")
+        self.shards = []
+        for path in self.paths:
+            try:
+                shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:  # torch raises many types for a damaged or unsafe file
+                raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({error})") from error
+            if not isinstance(shard, dict):
+                raise ValueError(f"{path}: expected a dict of tensors, got {type(shard).__name__}")
+            self.shards.append(shard)
+        self.source = str(folder)
+
+    def keys(self) -> set[str]:
+        return {k for k in self.shards[0] if k not in IGNORED_KEYS}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        parts = []
+        for path, shard in zip(self.paths, self.shards):
+            if name not in shard:
+                raise ValueError(f"{path}: missing tensor {name}")
+            parts.append(shard[name])
+        if len(parts) == 1:
+            return parts[0]
+        dim = shard_dim(name)
+        return parts[0] if dim is None else torch.cat(parts, dim=dim)

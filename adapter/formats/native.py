@@ -1,0 +1,116 @@
+"""Our own adapter format: one safetensors file holding only the learned tensors under the model's
+parameter names, with the adapter configuration (and the base shape it was trained for) in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ..config import AdapterArgs
+
+if TYPE_CHECKING:
+    from ..model import Transformer
+
+FORMAT_NAME = "llama-adapter"
+FORMAT_VERSION = "1"
+FILE_NAME = "adapter.safetensors"
+BASE_SHAPE_KEYS = ("dim", "n_layers", "n_heads", "kv_heads")
+
+
+@dataclass
+class NativeAdapter:
+    path: Path
+    args: AdapterArgs
+    tensors: dict[str, torch.Tensor]
+    base_shape: dict[str, int]
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A file, or a folder holding `adapter.safetensors`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter: {path} does not exist")
+    return path
+
+
+def is_native(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_len < 100_000_000:
+                return False
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError):
+        return False
+    return header.get("__metadata__", {}).get("format") == FORMAT_NAME
+
+
+def base_shape(model: "Transformer") -> dict[str, int]:
+    a = model.args
+    return {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "kv_heads": a.kv_heads}
+
+
+def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write the learned tensors atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.adapter_state_dict().items()}
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "adapter_args": model.adapter_args.to_json(),
+        "base_shape": json.dumps(base_shape(model), sort_keys=True),
+        **(metadata or {}),
+    }
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> NativeAdapter:
+    path = resolve(path)
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
+    if metadata.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a {FORMAT_NAME} file (metadata format={metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {metadata.get('format_version')!r} is not supported "
+                         f"(this version reads {FORMAT_VERSION})")
+    try:
+        args = AdapterArgs.from_dict(json.loads(metadata["adapter_args"]))
+        shape = json.loads(metadata.get("base_shape", "{}"))
+    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: bad adapter metadata ({error})") from error
+    return NativeAdapter(path=path, args=args, tensors=tensors, base_shape=shape)
+
+
+def check_base(adapter: NativeAdapter, model: "Transformer") -> None:
+    """An adapter only fits the base shape it was trained on."""
+    have = base_shape(model)
+    wrong = {k: (v, have[k]) for k, v in adapter.base_shape.items() if k in have and have[k] != v}
+    if wrong:
+        detail = ", ".join(f"{k}={want} (base has {got})" for k, (want, got) in wrong.items())
+        raise ValueError(f"{adapter.path}: adapter was made for a different base: {detail}")

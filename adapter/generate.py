@@ -1,0 +1,228 @@
+"""Generation: prefill once, decode step by step with a KV cache, stream text pieces.
+
+Prompts of different lengths are left-padded into one batch; each row keeps its own positions, so a row
+gives the same tokens as when generated alone. Each row can carry its own gate scale, which is how gate 0
+(the frozen base) and gate s are answered side by side in one batch.
+
+Command line: `python -m adapter.generate --base DIR [--adapter FILE] --prompt TEXT ...`
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .prompts import STOP_STRINGS, TEMPLATES, apply_template
+from .sampling import SamplingParams, sample
+from .text_stream import TextStream
+
+if TYPE_CHECKING:
+    from .model import Transformer
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one call needs besides the prompts, validated once."""
+
+    max_new_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
+
+
+def _request(
+    template: str | None,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    stop: Sequence[str] | str | None = None,
+    seed: int | None = None,
+) -> GenerationRequest:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if template in ("alpaca", "chat", "image"):
+        stops = stops + STOP_STRINGS
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                              repetition_penalty=repetition_penalty)
+    return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed)
+
+
+def decode_tokens(
+    model: "Transformer",
+    prompts: Sequence[Sequence[int]],
+    request: GenerationRequest,
+    *,
+    gate_scale: Any = None,
+    delta_scale: Any = None,
+    visual_prompt: torch.Tensor | None = None,
+    finished: list[bool] | None = None,
+) -> Iterator[list[int]]:
+    """Yield the next token id of every row, step by step.
+
+    The caller marks rows done in `finished` (EOS, stop string); the loop ends when all are, or at
+    `max_new_tokens`, or when the sequence reaches the model's `max_seq_len`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompt: empty prompt (no tokens to start from)")
+    limit = model.args.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest >= limit:
+        raise ValueError(f"prompt: {longest} tokens do not fit max_seq_len={limit} (need room for one more)")
+    batch = len(prompts)
+    finished = [False] * batch if finished is None else finished
+    device = model.tok_embeddings.weight.device
+    total = min(limit, longest + request.max_new_tokens)
+    tokens = torch.zeros(batch, longest, dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        tokens[row, longest - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    tokens = tokens.to(device)
+    generator = None
+    if request.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(request.seed)
+    seen = None
+    if request.sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.args.vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompts):
+            seen[row, torch.as_tensor(list(ids), device=device)] = True
+    scales = {"gate_scale": gate_scale, "delta_scale": delta_scale}
+    with torch.inference_mode():
+        cache = model.new_cache(batch, total, pad=pad, visual_prompt=visual_prompt)
+        logits = model.step(tokens, cache, **scales)
+    new_tokens = total - longest
+    for index in range(new_tokens):
+        with torch.inference_mode():
+            next_ids = sample(logits, request.sampling, seen=seen, generator=generator)
+        if seen is not None:
+            seen[torch.arange(batch, device=device), next_ids] = True
+        yield next_ids.tolist()
+        if all(finished) or index == new_tokens - 1:
+            return
+        with torch.inference_mode():
+            logits = model.step(next_ids[:, None], cache, **scales)
+
+
+def stream_batch(
+    model: "Transformer",
+    prompts: Sequence[str],
+    *,
+    image: Any = None,
+    template: str | None = None,
+    gate_scale: Any = None,
+    delta_scale: Any = None,
+    **options: Any,
+) -> Iterator[list[str]]:
+    """For each step, the new text piece of every row (empty for rows that are done)."""
+    tokenizer = _tokenizer(model)
+    if image is not None:
+        raise ValueError("image: this model has no image encoder; load a multimodal adapter to ask about images")
+    if isinstance(prompts, str):
+        raise ValueError("prompts: expected a list of strings, got one string")
+    request = _request(template, **options)
+    texts = [apply_template(template, p) for p in prompts]
+    ids = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
+    streams = [TextStream(tokenizer, request.stop) for _ in ids]
+    finished = [False] * len(ids)
+    for step_ids in decode_tokens(model, ids, request, gate_scale=gate_scale, delta_scale=delta_scale,
+                                  finished=finished):
+        pieces = []
+        for row, token in enumerate(step_ids):
+            piece = ""
+            if not finished[row]:
+                if token == tokenizer.eos_id:
+                    piece, finished[row] = streams[row].finish(), True
+                else:
+                    piece = streams[row].push(token)
+                    finished[row] = streams[row].stopped
+            pieces.append(piece)
+        yield pieces
+    tails = [("" if done else s.finish()) for s, done in zip(streams, finished)]
+    if any(tails):
+        yield tails
+
+
+def generate_batch(model: "Transformer", prompts: Sequence[str], **kwargs: Any) -> list[str]:
+    """Whole answers for several prompts in one batch (`gate_scale` may give one value per prompt)."""
+    answers = [""] * len(prompts)
+    for pieces in stream_batch(model, prompts, **kwargs):
+        answers = [a + p for a, p in zip(answers, pieces)]
+    return answers
+
+
+def stream(model: "Transformer", prompt: str, **kwargs: Any) -> Iterator[str]:
+    """Text pieces of the answer to one prompt, as soon as they are safe to show."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
+    for pieces in stream_batch(model, [prompt], **kwargs):
+        if pieces[0]:
+            yield pieces[0]
+
+
+def generate(model: "Transformer", prompt: str, **kwargs: Any) -> str:
+    """The whole answer to one prompt (the prompt itself is not repeated)."""
+    return "".join(stream(model, prompt, **kwargs))
+
+
+def _tokenizer(model: "Transformer"):
+    if model.tokenizer is None:
+        raise ValueError("model: has no tokenizer; load it with adapter.load(...) or set model.tokenizer")
+    return model.tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adapter.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="Meta-format LLaMA folder (params.json, *.pth, tokenizer.model)")
+    parser.add_argument("--adapter", help="adapter file or folder (native format)")
+    parser.add_argument("--prompt", required=True, help="the instruction or text to continue")
+    parser.add_argument("--input", help="optional Alpaca input (with --template alpaca)")
+    parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
+                        help="prompt template (default: alpaca; 'none' feeds the prompt as given)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.75)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+    parser.add_argument("--gate-scale", type=float, default=1.0, help="0 = frozen base, 1 = trained adapter")
+    parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
+    parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
+    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .loading import load
+
+    try:
+        model = load(args.base, adapter=args.adapter, quantize=args.quantize, device=args.device, dtype=args.dtype)
+        prompt = apply_template(args.template, args.prompt, args.input)
+        pieces = stream(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                        stop=args.stop + (list(STOP_STRINGS) if args.template != "none" else []),
+                        seed=args.seed, gate_scale=args.gate_scale, delta_scale=args.delta_scale)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Preallocated key/value storage for one generation request.
+
+Besides the usual per-layer keys/values of the text, it holds the adaption prompts' keys/values: they
+depend only on the prompt (and the image), so they are computed once per request and reused each step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Static cache: `[n_layers, batch, kv_heads, max_len, head_dim]` for keys and for values.
+
+    `pad` holds, per row, how many left-padding tokens precede the real prompt (rows of different
+    lengths share one decode loop); `visual_prompt` is added to every layer's adaption prompt.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        pad: torch.Tensor | None = None,
+        visual_prompt: torch.Tensor | None = None,
+    ) -> None:
+        shape = (n_layers, batch, kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.batch = batch
+        self.max_len = max_len
+        self.length = 0
+        if pad is not None and not bool(pad.any()):
+            pad = None
+        self.pad = None if pad is None else pad.to(device=device, dtype=torch.long)
+        self.visual_prompt = visual_prompt
+        self.prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values at `start` and return every key/value so far (views, no copy)."""
+        end = start + k.shape[2]
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

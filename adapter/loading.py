@@ -1,0 +1,126 @@
+"""`adapter.load`: a frozen (optionally quantized) LLaMA base plus an adapter, ready to generate.
+
+The model is first built on the `meta` device (no memory), then the base is filled in one block at a
+time, each block quantized as it arrives, so that peak host memory stays near one block plus the
+(quantized) model rather than the whole model in 16/32-bit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AdapterArgs
+from .formats import meta, native
+from .model import Transformer
+from .quantize import FROZEN_LINEARS, check_mode, quantize_block
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: {device!r} is not a device name (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} asked for, but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Default: bfloat16 (or float16 where bf16 is unsupported) on GPU, float32 on CPU."""
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype: {dtype} is not a floating point type")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def load(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    quantize: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_seq_len: int | None = None,
+) -> Transformer:
+    """Load a base LLaMA folder and, optionally, an adapter; returns the model in eval mode."""
+    mode = check_mode(quantize)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    folder = Path(base)
+    if not folder.exists():
+        raise FileNotFoundError(f"base: {folder} does not exist")
+    if not meta.is_meta_folder(folder):
+        raise ValueError(f"base: {folder} is not a Meta-format LLaMA folder (no params.json)")
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    args = meta.model_args(folder, tokenizer.n_words, max_seq_len)
+    if tokenizer.n_words > args.vocab_size:
+        raise ValueError(f"base: tokenizer has {tokenizer.n_words} pieces but params.json vocab_size is "
+                         f"{args.vocab_size}")
+    found = native.read_adapter(adapter) if adapter is not None else None
+    adapter_args = found.args if found else AdapterArgs(prompt_len=0, prompt_layers=0)
+    try:
+        adapter_args.check_fits(args)
+    except ValueError as error:
+        raise ValueError(f"{found.path}: {error}") from error
+    with torch.device("meta"):
+        model = Transformer(args, adapter_args)
+    fill_base(model, meta.MetaCheckpoint(folder), dtype=dtype, device=device, quantize=mode)
+    model.reset_adapter(device)
+    if found:
+        native.check_base(found, model)
+        model.load_adapter_state(found.tensors, str(found.path))
+    model.tokenizer = tokenizer
+    model.freeze_base()
+    return model.eval()
+
+
+def _base_names(module: nn.Module, prefix: str, model: Transformer) -> list[str]:
+    return [prefix + n for n, _ in module.named_parameters() if not model.is_adapter_parameter(prefix + n)]
+
+
+def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: torch.device,
+              quantize: str | None) -> None:
+    """Replace the meta base tensors with the checkpoint's, block by block, quantizing each block."""
+    expected = set()
+    available = checkpoint.keys()
+    quantized_weights = tuple(f"{linear}.weight" for linear in FROZEN_LINEARS) if quantize else ()
+    parts: list[tuple[str, nn.Module]] = [("tok_embeddings.", model.tok_embeddings), ("norm.", model.norm),
+                                          ("output.", model.output)]
+    parts += [(f"layers.{i}.", block) for i, block in enumerate(model.layers)]
+    for prefix, module in parts:
+        names = _base_names(module, prefix, model)
+        expected.update(names)
+        state = {}
+        for name in names:
+            if name not in available:
+                raise ValueError(f"{checkpoint.source}: missing tensor {name}")
+            tensor = checkpoint.tensor(name)
+            want = tuple(model.get_parameter(name).shape)
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"{checkpoint.source}: {name} has shape {tuple(tensor.shape)}, expected {want}")
+            # weights about to be quantized stay on the host: bitsandbytes quantizes on the move
+            target = "cpu" if name.endswith(quantized_weights) else device
+            state[name[len(prefix):]] = tensor.to(device=target, dtype=dtype)
+        module.load_state_dict(state, strict=False, assign=True)
+        if quantize and prefix.startswith("layers."):
+            quantize_block(module, quantize, dtype, device)
+    unexpected = sorted(available - expected)
+    if unexpected:
+        raise ValueError(f"{checkpoint.source}: unexpected tensor(s) {unexpected[:5]}")
+    model.quantization = quantize

@@ -1,0 +1,507 @@
+"""The LLaMA we own, with zero-init gated adaption prompts (LLaMA-Adapter v1) and the v2 deltas.
+
+Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ..., `output`) and
+the official adapter files (`adapter_query.weight`, `layers.N.attention.gate`), so that loading needs as
+little renaming as possible. Everything learned is zero-initialised or scaled by a zero-init gate, so a
+fresh adapter computes exactly the frozen base model.
+
+In a layer with a prompt P (`prompt_len` x dim):
+    out = sdpa(q, k, v, causal) + s_g * act(gate)_h * new_gate * sdpa(q, wk(P), wv(P))
+where wk(P), wv(P) use the frozen projections without RoPE, with their own softmax. `s_g` (gate scale)
+and `s_d` (delta scale, for the v2 bias/LoRA/norm deltas) are tensors, scalar or one value per batch row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BIAS_TARGETS, AdapterArgs, ModelArgs
+from .kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+NO_ADAPTER = AdapterArgs(prompt_len=0, prompt_layers=0)
+ScaleLike = float | Sequence[float] | torch.Tensor
+
+
+@dataclass
+class StepContext:
+    """What every layer needs to know about the current forward call."""
+
+    cos: torch.Tensor  # [T, D/2] or [B, T, D/2]
+    sin: torch.Tensor
+    gate_scale: torch.Tensor  # [] or [B, 1, 1, 1]
+    delta_scale: torch.Tensor  # [] or [B, 1, 1]
+    attn_mask: torch.Tensor | None = None  # bool [B, 1, T, S], True = may attend
+    is_causal: bool = False
+    cache: KVCache | None = None
+    start: int = 0
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a frozen weight and, for v2, a trainable zero-init `delta` added to it."""
+
+    def __init__(self, dim: int, eps: float, tunable: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.delta = nn.Parameter(torch.zeros(dim)) if tunable else None
+
+    def forward(self, x: torch.Tensor, delta_scale: torch.Tensor | None = None) -> torch.Tensor:
+        normed = x.float()
+        normed = (normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        weight = self.weight
+        if self.delta is not None:
+            scale = 1.0 if delta_scale is None else delta_scale
+            weight = weight + scale * self.delta
+        return normed * weight.to(x.dtype)
+
+
+class LinearDelta(nn.Module):
+    """The v2 change to one frozen linear: a zero-init bias and/or LoRA with a zero-init up-projection.
+
+    Kept outside the frozen (possibly quantized) linear so that it stays in full precision and can be
+    scaled by the delta scale.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, lora_rank: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.lora_down = self.lora_up = None
+        if lora_rank > 0:
+            self.lora_down = nn.Linear(in_features, lora_rank, bias=False)
+            self.lora_up = nn.Linear(lora_rank, out_features, bias=False)
+            nn.init.zeros_(self.lora_up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = None
+        if self.lora_down is not None:
+            down = self.lora_down.weight.to(x.dtype)
+            delta = F.linear(F.linear(x, down), self.lora_up.weight.to(x.dtype))
+        if self.bias is not None:
+            bias = self.bias.to(x.dtype)
+            delta = bias if delta is None else delta + bias
+        return delta
+
+
+def _make_delta(adapter: AdapterArgs, name: str, in_features: int, out_features: int) -> LinearDelta | None:
+    bias = adapter.bias and name in BIAS_TARGETS
+    rank = adapter.lora_rank if name in adapter.lora_targets else 0
+    if not bias and rank == 0:
+        return None
+    return LinearDelta(in_features, out_features, bias, rank)
+
+
+def _linear(layer: nn.Module, delta: LinearDelta | None, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    out = layer(x)
+    if delta is not None:
+        out = out + scale * delta(x)
+    return out
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of Meta's rotary embedding, `[max_len, head_dim/2]`, in float32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (Meta layout) of `x` [B, T, H, D] by position; cos/sin [T|B,T, D/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos = cos.unsqueeze(-2)
+    sin = sin.unsqueeze(-2)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, adapter: AdapterArgs, layer_id: int, has_prompt: bool) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = args.n_heads
+        self.kv_heads = args.kv_heads
+        self.head_dim = args.head_dim
+        self.gate_activation = adapter.gate_activation
+        q_dim, kv_dim = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+        self.wq = nn.Linear(args.dim, q_dim, bias=False)
+        self.wk = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(q_dim, args.dim, bias=False)
+        self.wq_delta = _make_delta(adapter, "wq", args.dim, q_dim)
+        self.wk_delta = _make_delta(adapter, "wk", args.dim, kv_dim)
+        self.wv_delta = _make_delta(adapter, "wv", args.dim, kv_dim)
+        self.wo_delta = _make_delta(adapter, "wo", q_dim, args.dim)
+        self.gate = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1)) if has_prompt else None
+        self.new_gate = nn.Parameter(torch.ones(1, 1, 1, 1)) if has_prompt and adapter.new_gate else None
+
+    def effective_gate(self) -> torch.Tensor:
+        """act(gate) * new_gate, shape [1, n_heads, 1, 1]: how strongly each head mixes in the prompt."""
+        gate = self.gate.tanh() if self.gate_activation == "tanh" else self.gate
+        if self.new_gate is not None:
+            gate = gate * self.new_gate
+        return gate
+
+    def prompt_kv(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the adaption prompt [B|1, K, dim] through the frozen wk/wv, without RoPE."""
+        batch, length, _ = prompt.shape
+        pk = self.wk(prompt).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        pv = self.wv(prompt).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        return pk, pv
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: StepContext,
+        prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        record: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        s_d = ctx.delta_scale
+        q = _linear(self.wq, self.wq_delta, x, s_d).view(batch, length, self.n_heads, self.head_dim)
+        k = _linear(self.wk, self.wk_delta, x, s_d).view(batch, length, self.kv_heads, self.head_dim)
+        v = _linear(self.wv, self.wv_delta, x, s_d).view(batch, length, self.kv_heads, self.head_dim)
+        q = apply_rope(q, ctx.cos, ctx.sin).transpose(1, 2)
+        k = apply_rope(k, ctx.cos, ctx.sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if ctx.cache is not None:
+            k, v = ctx.cache.store(self.layer_id, ctx.start, k, v)
+        gqa = self.kv_heads != self.n_heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal,
+                                             enable_gqa=gqa)
+        if prompt_kv is not None:
+            pk, pv = prompt_kv
+            if pk.shape[0] != batch:
+                pk, pv = pk.expand(batch, -1, -1, -1), pv.expand(batch, -1, -1, -1)
+            prompt_out = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)
+            prompt_out = (ctx.gate_scale * self.effective_gate()).to(prompt_out.dtype) * prompt_out
+            if record is not None:
+                record.append(_prompt_share(out, prompt_out))
+            out = out + prompt_out
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
+        return _linear(self.wo, self.wo_delta, out, s_d)
+
+
+def _prompt_share(text_out: torch.Tensor, prompt_out: torch.Tensor) -> torch.Tensor:
+    """Per token, the fraction of the attention output's norm that came through the prompt [B, T]."""
+    prompt_norm = prompt_out.float().norm(dim=-1).mean(1)
+    text_norm = text_out.float().norm(dim=-1).mean(1)
+    return prompt_norm / (prompt_norm + text_norm).clamp_min(1e-12)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, adapter: AdapterArgs) -> None:
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.w1_delta = _make_delta(adapter, "w1", args.dim, hidden)
+        self.w2_delta = _make_delta(adapter, "w2", hidden, args.dim)
+        self.w3_delta = _make_delta(adapter, "w3", args.dim, hidden)
+
+    def forward(self, x: torch.Tensor, delta_scale: torch.Tensor) -> torch.Tensor:
+        gated = F.silu(_linear(self.w1, self.w1_delta, x, delta_scale)) * _linear(self.w3, self.w3_delta, x, delta_scale)
+        return _linear(self.w2, self.w2_delta, gated, delta_scale)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, adapter: AdapterArgs, layer_id: int, has_prompt: bool) -> None:
+        super().__init__()
+        self.attention = Attention(args, adapter, layer_id, has_prompt)
+        self.feed_forward = FeedForward(args, adapter)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, tunable=adapter.norm)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, tunable=adapter.norm)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, prompt_kv=None, record=None) -> torch.Tensor:
+        s_d = ctx.delta_scale
+        h = x + self.attention(self.attention_norm(x, s_d), ctx, prompt_kv, record)
+        return h + self.feed_forward(self.ffn_norm(h, s_d), s_d)
+
+
+class Transformer(nn.Module):
+    """A frozen LLaMA plus an adapter. `m(tokens)` gives logits; `step` runs with a KV cache."""
+
+    def __init__(self, args: ModelArgs, adapter: AdapterArgs | None = None) -> None:
+        super().__init__()
+        adapter = adapter or NO_ADAPTER
+        adapter.check_fits(args)
+        self.args = args
+        self.adapter_args = adapter
+        self.first_prompt_layer = adapter.first_prompt_layer(args.n_layers)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, adapter, i, has_prompt=i >= self.first_prompt_layer) for i in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps, tunable=adapter.norm)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.adapter_query = None
+        if adapter.has_prompts:
+            self.adapter_query = nn.Embedding(adapter.prompt_layers * adapter.prompt_len, args.dim)
+        self.tokenizer: Tokenizer | None = None
+        self.quantization: str | None = None
+        self._gate_scale = torch.tensor(1.0)
+        self._delta_scale = torch.tensor(1.0)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.freeze_base()
+
+    # ----- parameters -------------------------------------------------------------------------------
+    def is_adapter_parameter(self, name: str) -> bool:
+        """Everything that is learned; the rest is the frozen base."""
+        leaf = name.rsplit(".", 1)[-1]
+        return (name.startswith("adapter_query.") or leaf in ("gate", "new_gate", "delta")
+                or "_delta." in name)
+
+    def freeze_base(self) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad_(self.is_adapter_parameter(name))
+
+    def reset_adapter(self, device: torch.device | str | None = None) -> None:
+        """(Re)initialise everything learned so that the model computes exactly its base.
+
+        Gates, biases, LoRA up-projections and norm deltas start at zero, `new_gate` at one, prompts and
+        LoRA down-projections at random. With `device`, the tensors are (re)created there in float32,
+        which is how a model built on the `meta` device gets real adapter tensors.
+        """
+        for name, param in list(self.named_parameters()):
+            if not self.is_adapter_parameter(name):
+                continue
+            if device is not None:
+                module_name, _, leaf = name.rpartition(".")
+                param = nn.Parameter(torch.empty(param.shape, device=device, dtype=torch.float32))
+                setattr(self.get_submodule(module_name), leaf, param)
+            with torch.no_grad():
+                if name.startswith("adapter_query."):
+                    nn.init.normal_(param)
+                elif name.endswith("new_gate"):
+                    nn.init.ones_(param)
+                elif name.endswith("lora_down.weight"):
+                    nn.init.kaiming_uniform_(param, a=5 ** 0.5)
+                else:
+                    nn.init.zeros_(param)
+
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Copy learned tensors (model names) in, requiring exactly the model's adapter keys and shapes."""
+        expected = {n: p for n, p in self.named_parameters() if self.is_adapter_parameter(n)}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing:
+            raise ValueError(f"{source}: missing adapter tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            raise ValueError(f"{source}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+                             " for this adapter configuration")
+        for name, param in expected.items():
+            value = tensors[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+            if not value.is_floating_point():
+                raise ValueError(f"{source}: {name} has dtype {value.dtype}, expected a floating point tensor")
+            with torch.no_grad():
+                param.copy_(value)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the learned tensors, under their model names."""
+        return {n: p.detach() for n, p in self.named_parameters() if self.is_adapter_parameter(n)}
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def count_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ----- gate and delta scales ---------------------------------------------------------------------
+    def set_gate_scale(self, scale: ScaleLike) -> None:
+        """Scale every learned gate: 0 = frozen base, 1 = trained adapter, >1 = exaggerated."""
+        self._gate_scale = _scale_tensor(scale, "gate_scale")
+
+    def set_delta_scale(self, scale: ScaleLike) -> None:
+        """Scale the v2 deltas (biases, LoRA, norm deltas): 0 = the base's own linears and norms."""
+        self._delta_scale = _scale_tensor(scale, "delta_scale")
+
+    @property
+    def gate_scale(self) -> torch.Tensor:
+        return self._gate_scale
+
+    @property
+    def delta_scale(self) -> torch.Tensor:
+        return self._delta_scale
+
+    def effective_gates(self, gate_scale: float | None = None) -> torch.Tensor:
+        """[prompt_layers, n_heads] gates as applied (after activation, new_gate and the gate scale)."""
+        scale = self._gate_scale if gate_scale is None else _scale_tensor(gate_scale, "gate_scale")
+        if scale.dim() != 0:
+            raise ValueError("gate_scale: effective_gates needs a single value, not one per row")
+        gates = [b.attention.effective_gate().flatten() for b in self.layers[self.first_prompt_layer:]]
+        if not gates:
+            return torch.zeros(0, self.args.n_heads)
+        return torch.stack(gates).detach().float() * scale.float()
+
+    # ----- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        gate_scale: ScaleLike | None = None,
+        delta_scale: ScaleLike | None = None,
+        visual_prompt: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] of a whole sequence, no cache (training and scoring)."""
+        tokens = self._check_tokens(tokens)
+        batch, length = tokens.shape
+        cos, sin = self._rope_slice(torch.arange(length, device=tokens.device))
+        ctx = self._context(batch, cos, sin, gate_scale, delta_scale, is_causal=length > 1)
+        h = self._run_layers(self.tok_embeddings(tokens), ctx, visual_prompt, cache=None)
+        return self.output(self.norm(h, ctx.delta_scale)).float()
+
+    def new_cache(
+        self,
+        batch: int,
+        max_len: int | None = None,
+        *,
+        pad: torch.Tensor | None = None,
+        visual_prompt: torch.Tensor | None = None,
+    ) -> KVCache:
+        """A cache for `batch` rows; `pad[b]` = number of left-padding tokens in row b."""
+        max_len = self.args.max_seq_len if max_len is None else max_len
+        if max_len > self.args.max_seq_len:
+            raise ValueError(f"max_len: {max_len} is more than the model's max_seq_len={self.args.max_seq_len}")
+        embed = self.tok_embeddings.weight
+        return KVCache(self.args.n_layers, batch, self.args.kv_heads, max_len, self.args.head_dim,
+                       dtype=embed.dtype, device=embed.device, pad=pad, visual_prompt=visual_prompt)
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        *,
+        gate_scale: ScaleLike | None = None,
+        delta_scale: ScaleLike | None = None,
+        record: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Feed `tokens` [B, T] after what the cache holds; logits [B, vocab] of the last position.
+
+        With `record` (a list), each adapter layer appends the per-token share of its attention output
+        that came through the prompt: what the app colours tokens by.
+        """
+        tokens = self._check_tokens(tokens)
+        batch, length = tokens.shape
+        start = cache.length
+        if batch != cache.batch:
+            raise ValueError(f"tokens: batch of {batch} rows does not match the cache's {cache.batch}")
+        if start + length > cache.max_len:
+            raise ValueError(f"tokens: {start + length} positions do not fit the cache of {cache.max_len}")
+        device = tokens.device
+        positions = torch.arange(start, start + length, device=device)
+        mask, is_causal = None, False
+        if cache.pad is None:
+            cos, sin = self._rope_slice(positions)
+            if length > 1 and start == 0:
+                is_causal = True
+            elif length > 1:
+                keys = torch.arange(start + length, device=device)
+                mask = (keys[None, :] <= positions[:, None])[None, None]
+        else:
+            row_positions = (positions[None, :] - cache.pad[:, None]).clamp_min(0)
+            cos, sin = self._rope_slice(row_positions)
+            keys = torch.arange(start + length, device=device)
+            visible = (keys[None, None, :] >= cache.pad[:, None, None]) & (keys[None, None, :] <= positions[None, :, None])
+            # a padding query sees itself, so that no row is fully masked (that would give NaN)
+            mask = (visible | (keys[None, None, :] == positions[None, :, None]))[:, None]
+        ctx = self._context(batch, cos, sin, gate_scale, delta_scale, attn_mask=mask, is_causal=is_causal,
+                            cache=cache, start=start)
+        h = self._run_layers(self.tok_embeddings(tokens), ctx, cache.visual_prompt, cache=cache, record=record)
+        cache.length = start + length
+        return self.output(self.norm(h[:, -1:], ctx.delta_scale)).float()[:, 0]
+
+    # ----- generation (see adapter.generate) -------------------------------------------------------------
+    def generate(self, prompt: str, **kwargs: Any) -> str:
+        """The answer to one prompt (fed as given after BOS, or through `template=`)."""
+        from .generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+    def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
+        """Text pieces of the answer as they are decoded."""
+        from .generate import stream
+
+        return stream(self, prompt, **kwargs)
+
+    # ----- internals ------------------------------------------------------------------------------------
+    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
+            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens: expected a LongTensor [batch, length], got {got}")
+        if tokens.shape[1] > self.args.max_seq_len:
+            raise ValueError(f"tokens: length {tokens.shape[1]} is more than max_seq_len={self.args.max_seq_len}")
+        return tokens
+
+    def _rope_slice(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = positions.device
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+        cos, sin = self._rope
+        return cos[positions], sin[positions]
+
+    def _context(self, batch: int, cos, sin, gate_scale, delta_scale, **kwargs: Any) -> StepContext:
+        device = cos.device
+        gate = _scale_for_rows(self._gate_scale if gate_scale is None else gate_scale, "gate_scale", batch, device, 4)
+        delta = _scale_for_rows(self._delta_scale if delta_scale is None else delta_scale, "delta_scale", batch,
+                                device, 3, self.tok_embeddings.weight.dtype)
+        return StepContext(cos=cos, sin=sin, gate_scale=gate, delta_scale=delta, **kwargs)
+
+    def _prompts(self, visual_prompt: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """[prompt_layers, B|1, K, dim] adaption prompts, with the visual prompt added when given."""
+        a = self.adapter_args
+        prompts = self.adapter_query.weight.view(a.prompt_layers, 1, a.prompt_len, self.args.dim)
+        if visual_prompt is not None:
+            prompts = prompts + visual_prompt.unsqueeze(0)
+        return prompts.to(dtype)
+
+    def _run_layers(self, h: torch.Tensor, ctx: StepContext, visual_prompt, cache: KVCache | None,
+                    record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        prompts = None
+        reuse = cache is not None and not torch.is_grad_enabled()
+        if self.adapter_query is not None and not (reuse and cache.prompt_kv):
+            prompts = self._prompts(visual_prompt, h.dtype)
+        for i, layer in enumerate(self.layers):
+            prompt_kv = None
+            if i >= self.first_prompt_layer:
+                if reuse and i in cache.prompt_kv:
+                    prompt_kv = cache.prompt_kv[i]
+                else:
+                    prompt_kv = layer.attention.prompt_kv(prompts[i - self.first_prompt_layer])
+                    if reuse:
+                        cache.prompt_kv[i] = prompt_kv
+            h = layer(h, ctx, prompt_kv, record)
+        return h
+
+
+def _scale_tensor(scale: ScaleLike, name: str) -> torch.Tensor:
+    try:
+        value = torch.as_tensor(scale, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name}: expected a number or one number per row, got {scale!r}") from error
+    if value.dim() > 1:
+        raise ValueError(f"{name}: expected a number or a 1-D list of one per row, got shape {tuple(value.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: must be finite, got {scale!r}")
+    return value
+
+
+def _scale_for_rows(scale: ScaleLike, name: str, batch: int, device: torch.device, ndim: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A scalar tensor, or [B, 1, ...] with `ndim` dims so that it broadcasts over one row each."""
+    value = _scale_tensor(scale, name)
+    if value.dim() == 1:
+        if value.numel() != batch:
+            raise ValueError(f"{name}: {value.numel()} values given for a batch of {batch} rows")
+        value = value.view(batch, *([1] * (ndim - 1)))
+    return value.to(device=device, dtype=dtype)

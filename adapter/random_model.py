@@ -1,0 +1,118 @@
+"""A randomly initialised LLaMA written as a Meta-format folder, with a small sentencepiece tokenizer.
+
+For tests, benchmarks and trying the command lines without any real weights:
+`python -m adapter.random_model DIR [--dim 64 --n-layers 4 ...]`. Its answers are noise by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .config import ModelArgs
+from .formats.meta import shard_dim
+from .model import Transformer
+
+_WORDS = ("the a one red blue green small large circle square triangle star left right top bottom centre "
+          "is are has and or of to in on with three two four answer question instruction response colour shape "
+          "count where what which how many there picture scene below above next beside").split()
+# multi-byte text, so that byte-fallback pieces (and streaming that must not split them) get exercised
+_UNICODE = ("café", "naïve", "über", "smörgåsbord", "日本語", "東京", "🙂", "🚀", "π≈3.14", "€5")
+
+
+def corpus(lines: int = 3000, seed: int = 0) -> list[str]:
+    """Deterministic filler text for training the tokenizer."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        if rng.random() < 0.1:
+            words.insert(rng.randrange(len(words)), rng.choice(_UNICODE))
+        out.append(" ".join(words).capitalize() + rng.choice(".?!"))
+    return out
+
+
+def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0) -> Path:
+    """A BPE sentencepiece model with LLaMA's special ids (unk 0, bos 1, eos 2, no pad) and byte fallback."""
+    import sentencepiece as spm
+
+    text = "\n".join(corpus(seed=seed))
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2, num_threads=1,
+    )
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def write_random_base(
+    folder: str | Path,
+    args: ModelArgs | None = None,
+    *,
+    seed: int = 0,
+    shards: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write params.json, `shards` consolidated.NN.pth files (split like Meta's) and tokenizer.model."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = args or ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256)
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(train_tokenizer(folder / "tokenizer.model", vocab_size=args.vocab_size, seed=seed))
+    if tokenizer.n_words != args.vocab_size:
+        raise ValueError(f"vocab_size: the tokenizer got {tokenizer.n_words} pieces, asked for {args.vocab_size}")
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        model.tok_embeddings.weight.normal_(0, 1)
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    for index in range(shards):
+        part = {}
+        for name, tensor in state.items():
+            dim = shard_dim(name)
+            if dim is None:
+                part[name] = tensor.clone()
+            else:
+                if tensor.shape[dim] % shards:
+                    raise ValueError(f"shards: {name} dim {dim} of size {tensor.shape[dim]} does not split in {shards}")
+                part[name] = tensor.chunk(shards, dim=dim)[index].clone()
+        torch.save(part, folder / f"consolidated.{index:02d}.pth")
+    params = {k: v for k, v in args.to_dict().items() if v is not None and k != "max_seq_len"}
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter.random_model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="where to write the Meta-format folder")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--n-kv-heads", type=int)
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    options = parser.parse_args(argv)
+    try:
+        args = ModelArgs(dim=options.dim, n_layers=options.n_layers, n_heads=options.n_heads,
+                         n_kv_heads=options.n_kv_heads, vocab_size=options.vocab_size, multiple_of=32)
+        folder = write_random_base(options.folder, args, seed=options.seed, shards=options.shards)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote a random LLaMA ({args.dim} dim, {args.n_layers} layers, vocab {args.vocab_size}) to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
