@@ -1,0 +1,190 @@
+"""Generation: exact tokens against a plain argmax loop, batching, per-row gates, stops, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adapter
+from adapter.generate import GenerationRequest, decode_tokens, generate_batch, main
+from adapter.sampling import SamplingParams, penalize_repeats, sample
+from adapter.text_stream import TextStream
+from adapter.tokenizer import Tokenizer
+from tests.conftest import V2, randomize_adapter
+from adapter.model import Transformer
+
+GREEDY = dict(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model(base_folder):
+    """The random base with a randomized v2 adapter attached (weights from the folder)."""
+    base = adapter.load(base_folder, device="cpu", max_seq_len=96)
+    m = Transformer(base.args, V2).eval()
+    m.load_state_dict(base.state_dict(), strict=False)
+    m.tokenizer = base.tokenizer
+    return randomize_adapter(m)
+
+
+def argmax_loop(model, ids: list[int], steps: int, gate_scale: float = 1.0) -> list[int]:
+    """No cache, no batching: the obvious reference."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([out]), gate_scale=gate_scale)
+            out.append(int(logits[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def test_greedy_tokens_equal_a_plain_argmax_loop(model):
+    ids = model.tokenizer.encode("The red circle is", bos=True)
+    request = GenerationRequest(max_new_tokens=10, sampling=SamplingParams(temperature=0.0))
+    got = [step[0] for step in decode_tokens(model, [ids], request)]
+    assert got == argmax_loop(model, ids, 10)
+
+
+def test_batch_of_different_lengths_and_gates_equals_separate_runs(model):
+    prompts = ["Where is the star?", "Count", "The small blue square is left of the large green circle and"]
+    scales = [0.0, 1.0, 1.6]
+    batched = generate_batch(model, prompts, gate_scale=scales, **GREEDY)
+    for prompt, scale, answer in zip(prompts, scales, batched):
+        assert model.generate(prompt, gate_scale=scale, **GREEDY) == answer
+    ids = model.tokenizer.encode(prompts[1], bos=True)
+    request = GenerationRequest(max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
+    rows = list(decode_tokens(model, [model.tokenizer.encode(p, bos=True) for p in prompts], request,
+                              gate_scale=scales))
+    assert [r[1] for r in rows] == argmax_loop(model, ids, 6, gate_scale=1.0)
+    assert [r[0] for r in rows] == argmax_loop(model, model.tokenizer.encode(prompts[0], bos=True), 6, 0.0)
+
+
+def test_stream_pieces_join_to_generate(model):
+    pieces = list(model.stream("What colour is the star?", **GREEDY))
+    assert len(pieces) > 1
+    assert "".join(pieces) == model.generate("What colour is the star?", **GREEDY)
+
+
+def test_eos_ends_the_answer(model, monkeypatch):
+    tokenizer = model.tokenizer
+    full = model.generate("Hello", temperature=0.0, max_new_tokens=8)
+    ids = argmax_loop(model, tokenizer.encode("Hello"), 8)
+    # make the 4th generated token EOS by boosting its logit, as a trained model would
+    original = model.step
+    count = {"n": 0}
+
+    def step(tokens, cache, **kw):
+        logits = original(tokens, cache, **kw)
+        count["n"] += 1
+        if count["n"] == 4:
+            logits[:, tokenizer.eos_id] = 1e9
+        return logits
+
+    monkeypatch.setattr(model, "step", step)
+    answer = model.generate("Hello", temperature=0.0, max_new_tokens=8)
+    assert answer == tokenizer.decode(ids[:3]) and len(answer) < len(full)
+
+
+def test_stop_strings_cut_the_answer_and_are_never_shown(model):
+    full = model.generate("The", temperature=0.0, max_new_tokens=16)
+    stop = full[5:8]
+    assert stop and stop not in full[:5]
+    pieces = list(model.stream("The", temperature=0.0, max_new_tokens=16, stop=[stop]))
+    # had a partial stop string been shown early, it would appear past the cut
+    assert "".join(pieces) == full[: full.index(stop)]
+
+
+def test_text_stream_holds_back_partial_stop_strings():
+    class Letters:  # a tokenizer whose ids are characters
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    stream = TextStream(Letters(), stop_strings=["###"])
+    shown = [stream.push(ord(c)) for c in "ab##c#"]
+    assert shown == ["a", "b", "", "", "##c", ""]
+    assert stream.push(ord("#")) == "" and stream.push(ord("#")) == ""
+    assert stream.stopped and stream.text == "ab##c"
+
+
+def test_streaming_never_splits_a_multi_byte_character(base_folder):
+    tokenizer = Tokenizer(base_folder / "tokenizer.model")
+    text = "A café 🙂 in 東京 costs €5 🚀"
+    ids = tokenizer.encode(text, bos=False)
+    assert any(tokenizer.piece(i).startswith("<0x") for i in ids), "fixture must use byte-fallback pieces"
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids] + [stream.finish()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    for piece in pieces:
+        piece.encode("utf-8")  # every piece is whole characters
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, 0.1, 0.2, 4.0]])
+    greedy = sample(logits, SamplingParams(temperature=0.0))
+    assert greedy.tolist() == [1, 3]
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, SamplingParams(temperature=5.0, top_k=1, top_p=1.0), generator=g).tolist() == [1, 3]
+    assert sample(logits, SamplingParams(temperature=5.0, top_p=0.01), generator=g).tolist() == [1, 3]
+    draws = {tuple(sample(logits, SamplingParams(temperature=5.0, top_k=2, top_p=1.0), generator=g).tolist())
+             for _ in range(200)}
+    assert {d[0] for d in draws} == {1, 2} and {d[1] for d in draws} == {3, 0}
+    seen = torch.tensor([[False, True, False, True], [False] * 4])
+    penalized = penalize_repeats(logits, seen, 2.0)
+    assert torch.equal(penalized, torch.tensor([[1.0, 1.5, 2.0, -2.0], [0.5, 0.1, 0.2, 4.0]]))
+
+
+def test_seed_makes_sampling_reproducible(model):
+    kwargs = dict(temperature=1.0, top_p=0.9, max_new_tokens=10)
+    assert model.generate("Red", seed=3, **kwargs) == model.generate("Red", seed=3, **kwargs)
+
+
+def test_repetition_penalty_discourages_repeats(model):
+    plain = model.tokenizer.encode(model.generate("star star", temperature=0.0, max_new_tokens=24), bos=False)
+    penal = model.tokenizer.encode(model.generate("star star", temperature=0.0, max_new_tokens=24,
+                                                  repetition_penalty=5.0), bos=False)
+    assert len(set(penal)) / len(penal) > len(set(plain)) / len(plain)
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(template="poem"), "template"),
+    (dict(gate_scale=[1.0, 2.0]), "gate_scale"),
+])
+def test_bad_generation_arguments_name_the_argument(model, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        model.generate("Hello", **kwargs)
+
+
+def test_prompt_longer_than_max_seq_len_is_refused(model):
+    with pytest.raises(ValueError, match="prompt.*max_seq_len"):
+        model.generate("star " * model.args.max_seq_len)
+
+
+def test_generation_stops_at_max_seq_len(model):
+    ids = model.tokenizer.encode("red " * 40)
+    room = model.args.max_seq_len - len(ids)
+    request = GenerationRequest(max_new_tokens=500, sampling=SamplingParams(temperature=0.0))
+    assert len(list(decode_tokens(model, [ids], request))) == room
+
+
+def test_command_line_streams_an_answer(base_folder, capsys):
+    code = main(["--base", str(base_folder), "--prompt", "What is left of the star?", "--temperature", "0",
+                 "--max-new-tokens", "8", "--gate-scale", "0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    model = adapter.load(base_folder, device="cpu")
+    expected = model.generate(adapter.alpaca("What is left of the star?"), temperature=0.0, max_new_tokens=8,
+                              stop=list(adapter.prompts.STOP_STRINGS))
+    assert out == expected + "\n"
+
+
+def test_command_line_reports_bad_input_in_one_line(base_folder, capsys, tmp_path):
+    assert main(["--base", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert main(["--base", str(base_folder), "--prompt", "x", "--top-p", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: base:") and "nope" in err[0]
+    assert err[1].startswith("error: top_p:")

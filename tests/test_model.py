@@ -1,0 +1,217 @@
+"""The adapter math against the official formulas, the gate/delta scales, the KV cache and batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapter.config import AdapterArgs, ModelArgs
+from adapter.model import Transformer
+from tests.conftest import TINY, TINY_GQA, V1, V2, make_model
+from tests.reference import reference_logits
+
+ADAPTERS = {
+    "v1-tanh": V1,
+    "v1-raw": AdapterArgs(prompt_len=3, prompt_layers=3, gate_activation="raw"),
+    "v2-bias-norm-lora-newgate": V2,
+}
+
+
+def tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("args", [TINY, TINY_GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_logits_match_the_official_formulas(args, name):
+    model = make_model(args, ADAPTERS[name])
+    t = tokens(2, 11, args.vocab_size)
+    with torch.no_grad():
+        for gate, delta in [(1.0, 1.0), (0.5, 1.0), (1.7, 0.3)]:
+            ours = model(t, gate_scale=gate, delta_scale=delta)
+            ref = reference_logits(model, t, gate_scale=gate, delta_scale=delta)
+            torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_scales_zero_reproduce_the_frozen_base_bit_for_bit(name):
+    model = make_model(TINY, ADAPTERS[name])
+    base = Transformer(TINY)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_adapter_parameter(k)})
+    base.eval()
+    t = tokens(3, 9, TINY.vocab_size)
+    with torch.no_grad():
+        expected = base(t)
+        assert torch.equal(model(t, gate_scale=0.0, delta_scale=0.0), expected)
+        model.set_gate_scale(0)
+        model.set_delta_scale(0)
+        assert torch.equal(model(t), expected)
+        cache, base_cache = model.new_cache(3, 12), base.new_cache(3, 12)
+        assert torch.equal(model.step(t, cache), base.step(t, base_cache))
+        # and the adapter really does something at scale 1
+        assert not torch.allclose(model(t, gate_scale=1.0, delta_scale=1.0), expected, atol=1e-3)
+
+
+def test_fresh_adapter_is_exactly_the_base():
+    """Zero-init gates, biases, LoRA-up and norm deltas: training starts at the base model."""
+    torch.manual_seed(0)
+    model = Transformer(TINY, V2).eval()
+    base = Transformer(TINY).eval()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_adapter_parameter(k)})
+    t = tokens(2, 8, TINY.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(t), base(t))
+
+
+def test_prompt_contribution_is_linear_in_the_gate_scale_for_raw_gates():
+    model = make_model(TINY, ADAPTERS["v1-raw"])
+    attention = model.layers[-1].attention
+    x = torch.randn(2, 7, TINY.dim, generator=torch.Generator().manual_seed(3))
+    prompt = model.adapter_query.weight.view(3, 1, 3, TINY.dim)[-1]
+
+    def attend(scale: float) -> torch.Tensor:
+        ctx = model._context(2, *model._rope_slice(torch.arange(7)), scale, 1.0, is_causal=True)
+        return attention(x, ctx, attention.prompt_kv(prompt))
+
+    with torch.no_grad():
+        zero, one = attend(0.0), attend(1.0)
+        contribution = one - zero
+        assert contribution.abs().max() > 1e-3
+        for s in (0.5, 2.0, -1.0):
+            torch.testing.assert_close(attend(s) - zero, s * contribution, atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_i_goes_to_layer_n_layers_minus_prompt_layers_plus_i():
+    model = make_model(TINY, AdapterArgs(prompt_len=2, prompt_layers=3, gate_activation="raw"))
+    t = tokens(1, 6, TINY.vocab_size)
+    first = TINY.n_layers - 3
+    with torch.no_grad():
+        for layer in model.layers[first:]:
+            layer.attention.gate.zero_()
+        model.layers[first + 1].attention.gate.fill_(1.0)  # only prompt 1 is live
+        before = model(t)
+        rows = model.adapter_query.weight.view(3, 2, TINY.dim)
+        rows[0].add_(5.0)
+        rows[2].add_(5.0)
+        assert torch.equal(model(t), before), "prompts 0 and 2 must not reach the layer of prompt 1"
+        rows[1].add_(5.0)
+        assert not torch.allclose(model(t), before)
+
+
+@pytest.mark.parametrize("args", [TINY, TINY_GQA], ids=["mha", "gqa"])
+def test_cached_decoding_equals_one_full_forward(args):
+    model = make_model(args, V2)
+    t = tokens(2, 14, args.vocab_size)
+    with torch.no_grad():
+        full = model(t)
+        cache = model.new_cache(2, 20)
+        steps = [model.step(t[:, :5], cache)]
+        steps += [model.step(t[:, i:i + 1], cache) for i in range(5, 9)]
+        steps.append(model.step(t[:, 9:14], cache))  # a chunk after a cached prefix
+    torch.testing.assert_close(steps[0], full[:, 4], atol=1e-5, rtol=1e-5)
+    for offset, logits in enumerate(steps[1:5]):
+        torch.testing.assert_close(logits, full[:, 5 + offset], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(steps[-1], full[:, 13], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_rows_equal_separate_runs():
+    model = make_model(TINY_GQA, V2)
+    short, long = tokens(1, 4, TINY_GQA.vocab_size, 1), tokens(1, 9, TINY_GQA.vocab_size, 2)
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0, 5:], batch[1] = short[0], long[0]
+    with torch.no_grad():
+        cache = model.new_cache(2, 12, pad=torch.tensor([5, 0]))
+        first = model.step(batch, cache)
+        nxt = torch.tensor([[7], [8]])
+        second = model.step(nxt, cache)
+        torch.testing.assert_close(first[0], model(short)[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(first[1], model(long)[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(second[0], model(torch.cat([short, nxt[:1]], 1))[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(second[1], model(torch.cat([long, nxt[1:]], 1))[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_per_row_gate_scales_equal_separate_runs():
+    model = make_model(TINY, V2)
+    t = tokens(1, 8, TINY.vocab_size).repeat(3, 1)
+    scales = [0.0, 1.0, 1.8]
+    with torch.no_grad():
+        together = model(t, gate_scale=scales, delta_scale=[0.0, 1.0, 0.5])
+        cache = model.new_cache(3, 8)
+        stepped = model.step(t, cache, gate_scale=torch.tensor(scales), delta_scale=[0.0, 1.0, 0.5])
+        for row, (s, d) in enumerate(zip(scales, [0.0, 1.0, 0.5])):
+            alone = model(t[:1], gate_scale=s, delta_scale=d)
+            torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(stepped[row], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_keys_values_are_computed_once_per_request_and_never_cached_with_gradients(monkeypatch):
+    model = make_model(TINY, V1)
+    calls = []
+    for block in model.layers:
+        original = block.attention.prompt_kv
+        monkeypatch.setattr(block.attention, "prompt_kv",
+                            lambda p, original=original: calls.append(1) or original(p))
+    t = tokens(1, 5, TINY.vocab_size)
+    with torch.no_grad():
+        cache = model.new_cache(1, 10)
+        model.step(t, cache)
+        for _ in range(3):
+            model.step(t[:, :1], cache)
+    assert len(calls) == V1.prompt_layers
+    calls.clear()
+    cache = model.new_cache(1, 10)
+    model.step(t, cache).sum().backward()
+    model.step(t[:, :1], cache)
+    assert len(calls) == 2 * V1.prompt_layers and not cache.prompt_kv
+
+
+def test_only_adapter_parameters_learn():
+    model = make_model(TINY, V2).train()
+    model(tokens(2, 6, TINY.vocab_size)).logsumexp(-1).mean().backward()
+    for name, param in model.named_parameters():
+        if model.is_adapter_parameter(name):
+            assert param.requires_grad and param.grad is not None, name
+        else:
+            assert not param.requires_grad and param.grad is None, name
+
+
+def test_llama_7b_v1_counts_1_2m_trainable_parameters_on_meta():
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(), AdapterArgs(prompt_len=10, prompt_layers=30))
+    assert model.adapter_query.weight.numel() == 1_228_800
+    assert model.count_parameters(trainable_only=True) == 1_228_800 + 30 * 32
+    assert model.count_parameters() == 6_738_415_616 + 1_228_800 + 30 * 32
+
+
+def test_effective_gates_follow_activation_new_gate_and_scale():
+    model = make_model(TINY, V2)
+    gates = model.effective_gates(gate_scale=2.0)
+    assert gates.shape == (V2.prompt_layers, TINY.n_heads)
+    block = model.layers[TINY.n_layers - V2.prompt_layers]
+    expected = 2.0 * block.attention.gate.detach().tanh().flatten() * block.attention.new_gate.detach().flatten()
+    torch.testing.assert_close(gates[0], expected)
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(prompt_layers=5), "prompt_layers"),
+    (dict(prompt_len=-1), "prompt_len"),
+    (dict(gate_activation="sigmoid"), "gate_activation"),
+    (dict(lora_rank=2, lora_targets=("wz",)), "lora_targets"),
+])
+def test_bad_adapter_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        Transformer(TINY, AdapterArgs(**{"prompt_len": 2, "prompt_layers": 2, **kwargs}))
+
+
+def test_bad_model_arguments_and_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="dim"):
+        ModelArgs(dim=65, n_heads=4)
+    model = make_model(TINY, V1)
+    with pytest.raises(ValueError, match="tokens"):
+        model(torch.zeros(2, TINY.max_seq_len + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="gate_scale"):
+        model(tokens(2, 3, TINY.vocab_size), gate_scale=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="delta_scale"):
+        model.set_delta_scale(float("nan"))
