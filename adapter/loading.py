@@ -52,13 +52,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load(
     base: str | os.PathLike,
-    adapter: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | AdapterArgs | None = None,
     quantize: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
 ) -> Transformer:
-    """Load a base LLaMA folder and, optionally, an adapter; returns the model in eval mode."""
+    """Load a base LLaMA folder and, optionally, an adapter; returns the model in eval mode.
+
+    `adapter` is a file/folder to load, or an `AdapterArgs` for a fresh (zero-init) adapter to train.
+    """
     mode = check_mode(quantize)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -72,12 +75,18 @@ def load(
     if tokenizer.n_words > args.vocab_size:
         raise ValueError(f"base: tokenizer has {tokenizer.n_words} pieces but params.json vocab_size is "
                          f"{args.vocab_size}")
-    found = native.read_adapter(adapter) if adapter is not None else None
-    adapter_args = found.args if found else AdapterArgs(prompt_len=0, prompt_layers=0)
+    found = None
+    if isinstance(adapter, AdapterArgs):
+        adapter_args = adapter
+    elif adapter is not None:
+        found = native.read_adapter(adapter)
+        adapter_args = found.args
+    else:
+        adapter_args = AdapterArgs(prompt_len=0, prompt_layers=0)
     try:
         adapter_args.check_fits(args)
     except ValueError as error:
-        raise ValueError(f"{found.path}: {error}") from error
+        raise ValueError(f"{found.path}: {error}" if found else str(error)) from error
     with torch.device("meta"):
         model = Transformer(args, adapter_args)
     fill_base(model, meta.MetaCheckpoint(folder), dtype=dtype, device=device, quantize=mode)

@@ -62,9 +62,12 @@ def base_shape(model: "Transformer") -> dict[str, int]:
 
 
 def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write the learned tensors atomically (temp file in the same folder, then rename)."""
+    """Write the learned tensors atomically (temp file in the same folder, then rename).
+
+    A path without the `.safetensors` suffix is a folder that gets `adapter.safetensors`.
+    """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".safetensors":
         path = path / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.adapter_state_dict().items()}

@@ -1,0 +1,174 @@
+"""Meta folders (one or several shards), our native adapter format, and the errors bad files get."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adapter
+from adapter.config import AdapterArgs
+from adapter.formats import native
+from adapter.model import Transformer
+from tests.conftest import TINY, V2, randomize_adapter
+
+TOKENS = torch.tensor([[1, 45, 300, 7, 99, 12]])
+
+
+def logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(tokens)
+
+
+def test_meta_folder_loads_the_weights_it_holds(base_folder):
+    model = adapter.load(base_folder, device="cpu")
+    state = torch.load(base_folder / "consolidated.00.pth", weights_only=True)
+    direct = Transformer(model.args).eval()
+    direct.load_state_dict(state)
+    assert torch.equal(logits(model), logits(direct))
+    assert not model.training and model.tokenizer.n_words == TINY.vocab_size
+    assert model.count_parameters(trainable_only=True) == 0
+
+
+def test_model_parallel_shards_are_merged(base_folder, sharded_base_folder):
+    one = adapter.load(base_folder, device="cpu")
+    two = adapter.load(sharded_base_folder, device="cpu")
+    assert torch.equal(logits(one), logits(two))
+
+
+def test_dtype_argument(base_folder):
+    model = adapter.load(base_folder, device="cpu", dtype="bfloat16")
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model.layers[0].attention.wq.weight.dtype == torch.bfloat16
+    full = logits(adapter.load(base_folder, device="cpu"))
+    assert float((logits(model) - full).norm() / full.norm()) < 0.05
+    with pytest.raises(ValueError, match="dtype"):
+        adapter.load(base_folder, device="cpu", dtype="int3")
+
+
+@pytest.fixture()
+def trained(base_folder):
+    model = adapter.load(base_folder, adapter=V2, device="cpu")
+    assert torch.equal(logits(model), logits(adapter.load(base_folder, device="cpu"))), "fresh adapter = base"
+    return randomize_adapter(model)
+
+
+def test_native_adapter_round_trip(base_folder, trained, tmp_path):
+    path = adapter.save_adapter(trained, tmp_path / "run")
+    assert path.name == "adapter.safetensors"
+    assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"], "no temp file left behind"
+    loaded = adapter.load(base_folder, adapter=tmp_path / "run", device="cpu")
+    assert loaded.adapter_args == V2
+    assert torch.equal(logits(loaded), logits(trained))
+    loaded.set_gate_scale(0.4)
+    with torch.no_grad():
+        assert torch.equal(logits(loaded), trained(TOKENS, gate_scale=0.4))
+
+
+def test_failed_save_keeps_the_old_file(trained, tmp_path, monkeypatch):
+    path = adapter.save_adapter(trained, tmp_path / "a.safetensors")
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(native, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        adapter.save_adapter(trained, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def rewrite(path, change):
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    change(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_bad_adapter_files_get_clear_errors(base_folder, trained, tmp_path):
+    good = adapter.save_adapter(trained, tmp_path / "good.safetensors")
+    key = "layers.3.attention.gate"
+
+    cases = {
+        "missing": (lambda t, m: t.pop(key), f"missing adapter tensor.*{key}"),
+        "unexpected": (lambda t, m: t.update(extra=torch.zeros(2)), "unexpected tensor.*extra"),
+        "shape": (lambda t, m: t.update({key: torch.zeros(1, 3, 1, 1)}), rf"{key} has shape \(1, 3, 1, 1\)"),
+        "config": (lambda t, m: m.update(adapter_args=json.dumps({"prompt_len": 2, "colour": 1})),
+                   "bad adapter metadata.*colour"),
+        "base": (lambda t, m: m.update(base_shape=json.dumps({"dim": 4096})), "different base: dim=4096"),
+        "format": (lambda t, m: m.update(format="other"), "not a llama-adapter file"),
+    }
+    for name, (change, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        shutil.copy(good, path)
+        rewrite(path, change)
+        with pytest.raises(ValueError, match=message) as error:
+            adapter.load(base_folder, adapter=path, device="cpu")
+        assert str(path) in str(error.value), name
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="junk.safetensors: not a readable safetensors file"):
+        adapter.load(base_folder, adapter=junk, device="cpu")
+    with pytest.raises(FileNotFoundError, match="adapter: .*nothing"):
+        adapter.load(base_folder, adapter=tmp_path / "nothing", device="cpu")
+    too_deep = AdapterArgs(prompt_len=2, prompt_layers=TINY.n_layers + 1)
+    with pytest.raises(ValueError, match="prompt_layers: 5 is more than the model's n_layers=4"):
+        adapter.load(base_folder, adapter=too_deep, device="cpu")
+
+
+def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="base: .*missing"):
+        adapter.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no params.json"):
+        adapter.load(tmp_path / "empty")
+
+    def broken_copy(name):
+        folder = tmp_path / name
+        shutil.copytree(base_folder, folder)
+        return folder
+
+    folder = broken_copy("no_tokenizer")
+    (folder / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer: .*tokenizer.model does not exist"):
+        adapter.load(folder, device="cpu")
+
+    folder = broken_copy("bad_params")
+    (folder / "params.json").write_text(json.dumps({"dim": 64, "n_heads": 5, "n_layers": 4}))
+    with pytest.raises(ValueError, match="params.json: dim: 64 is not divisible by n_heads=5"):
+        adapter.load(folder, device="cpu")
+
+    folder = broken_copy("missing_tensor")
+    state = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    del state["layers.2.feed_forward.w2.weight"]
+    torch.save(state, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match="missing tensor layers.2.feed_forward.w2.weight"):
+        adapter.load(folder, device="cpu")
+
+    folder = broken_copy("wrong_shape")
+    state = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    state["norm.weight"] = torch.ones(3)
+    torch.save(state, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"norm.weight has shape \(3,\), expected \(64,\)"):
+        adapter.load(folder, device="cpu")
+
+
+class Payload:
+    """Stands for pickled code: weights-only loading must refuse it."""
+
+
+def test_pickled_code_is_never_loaded(base_folder, tmp_path):
+    folder = tmp_path / "evil"
+    shutil.copytree(base_folder, folder)
+    state = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    state["payload"] = Payload()
+    torch.save(state, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match="consolidated.00.pth: not a readable weights-only torch checkpoint"):
+        adapter.load(folder, device="cpu")
