@@ -1,0 +1,135 @@
+"""Decode benchmark: greedy tokens/s at batch 1 and time to first token, beside the hardware floor.
+
+The floor is one matrix-vector product per weight matrix (every weight read once), which is what one
+decode step cannot beat. Shape: LLaMA dim 512, 8 layers, 8 heads, vocab 32000, fp32, random weights,
+with a v1 adapter (prompt_len 10 on all 8 layers).
+
+    python -m bench.decode [--threads 2] [--repeats 5] [--write BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from adapter.config import AdapterArgs, ModelArgs
+from adapter.model import Transformer
+
+SHAPE = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=1024)
+ADAPTER = AdapterArgs(prompt_len=10, prompt_layers=8)
+
+
+def build_model(args: ModelArgs = SHAPE, adapter: AdapterArgs = ADAPTER) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(args, adapter).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.attention.gate.fill_(0.1)
+    return model
+
+
+def measure(fn: Callable[[], float], repeats: int) -> tuple[float, float, float]:
+    """Median, min, max of `repeats` runs of fn (which returns its own figure)."""
+    fn()  # warm-up
+    values = [fn() for _ in range(repeats)]
+    return statistics.median(values), min(values), max(values)
+
+
+def decode_tokens_per_s(model: Transformer, prompt_len: int = 16, new_tokens: int = 64, batch: int = 1) -> float:
+    tokens = torch.randint(0, model.args.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache = model.new_cache(batch, prompt_len + new_tokens + 1)
+        logits = model.step(tokens, cache)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            next_ids = logits.argmax(-1, keepdim=True)
+            logits = model.step(next_ids, cache)
+        elapsed = time.perf_counter() - start
+    return batch * new_tokens / elapsed
+
+
+def time_to_first_token_ms(model: Transformer, prompt_len: int = 64) -> float:
+    tokens = torch.randint(0, model.args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        start = time.perf_counter()
+        cache = model.new_cache(1, prompt_len + 1)
+        model.step(tokens, cache).argmax(-1)
+        return (time.perf_counter() - start) * 1000
+
+
+def floor_tokens_per_s(model: Transformer, steps: int = 64) -> float:
+    """One GEMV per weight matrix (and the output head), nothing else: the memory-bandwidth floor."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2]
+    weights = [w for w in weights if w.shape[0] * w.shape[1] > 64 * 1024]  # the frozen matrices
+    x = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for _ in range(steps):
+            for w in weights:
+                torch.nn.functional.linear(x[w.shape[1]], w)
+        return steps / (time.perf_counter() - start)
+
+
+def run(threads: int, repeats: int) -> list[tuple[str, str, str]]:
+    torch.set_num_threads(threads)
+    model = build_model()
+    rows = []
+    med, lo, hi = measure(lambda: floor_tokens_per_s(model), repeats)
+    rows.append(("floor: one GEMV per weight matrix, tokens/s", f"{med:.1f}", f"{lo:.1f} / {hi:.1f}"))
+    floor = med
+    med, lo, hi = measure(lambda: decode_tokens_per_s(model), repeats)
+    rows.append(("greedy decode, batch 1, tokens/s", f"{med:.1f}", f"{lo:.1f} / {hi:.1f}"))
+    rows.append(("decode / floor", f"{med / floor:.0%}", ""))
+    med, lo, hi = measure(lambda: time_to_first_token_ms(model, 64), repeats)
+    rows.append(("time to first token, 64-token prompt, ms", f"{med:.1f}", f"{lo:.1f} / {hi:.1f}"))
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def render(rows: list[tuple[str, str, str]], command: str) -> str:
+    lines = [
+        "## Decode (CPU, fp32): LLaMA dim 512, 8 layers, 8 heads, vocab 32000, v1 adapter on 8 layers",
+        "",
+        f"Machine: {machine()}. Command: `{command}`. Median of the runs, min / max beside it.",
+        "",
+        "| measure | median | min / max |",
+        "|---|---|---|",
+        *(f"| {name} | {value} | {spread} |" for name, value, spread in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write", help="replace the decode section of this markdown file (e.g. BENCHMARKS.md)")
+    options = parser.parse_args(argv)
+    command = "python -m bench.decode " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = render(run(options.threads, options.repeats), command.strip())
+    print(text)
+    if options.write:
+        from bench.report import replace_section
+
+        replace_section(options.write, "Decode (CPU, fp32)", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
