@@ -35,7 +35,7 @@ ScaleLike = float | Sequence[float] | torch.Tensor
 class StepContext:
     """What every layer needs to know about the current forward call."""
 
-    cos: torch.Tensor  # [T, D/2] or [B, T, D/2]
+    cos: torch.Tensor  # [T, D] or [B, T, D], see rope_tables
     sin: torch.Tensor
     gate_scale: torch.Tensor  # [] or [B, 1, 1, 1]
     delta_scale: torch.Tensor  # [] or [B, 1, 1]
@@ -107,20 +107,23 @@ def _linear(layer: nn.Module, delta: LinearDelta | None, x: torch.Tensor, scale:
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of Meta's rotary embedding, `[max_len, head_dim/2]`, in float32."""
+    """Meta's rotary embedding as two float32 tables [max_len, head_dim]: cos repeated for each pair, and
+    sin with the sign each pair element needs (-sin for the even one, +sin for the odd one)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), freqs)
-    return torch.cos(angles), torch.sin(angles)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (Meta layout) of `x` [B, T, H, D] by position; cos/sin [T|B,T, D/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos = cos.unsqueeze(-2)
-    sin = sin.unsqueeze(-2)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate adjacent pairs (Meta layout) of `x` [B, T, H, D]; cos/sin from `rope_tables`, [T|B,T, D].
+
+    (e, o) -> (e cos - o sin, o cos + e sin), written as x*cos + swap_pairs(x)*signed_sin: fewer kernels
+    than splitting and stacking, which matters in the decode loop.
+    """
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x32 * cos.unsqueeze(-2) + swapped * sin.unsqueeze(-2)).type_as(x)
 
 
 class Attention(nn.Module):
