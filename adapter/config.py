@@ -32,6 +32,7 @@ class ModelArgs:
     vocab_size: int = 32000
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
+    ffn_dim: int | None = None  # explicit SwiGLU width (HF's intermediate_size); None = Meta's rule
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
@@ -42,6 +43,8 @@ class ModelArgs:
             _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
         _require(self.dim % self.n_heads == 0, "dim", f"{self.dim} is not divisible by n_heads={self.n_heads}")
         _require(self.head_dim % 2 == 0, "dim", f"head dim {self.head_dim} must be even for rotary embeddings")
+        _require(self.ffn_dim is None or (isinstance(self.ffn_dim, int) and self.ffn_dim > 0), "ffn_dim",
+                 f"must be a positive integer, got {self.ffn_dim!r}")
         kv = self.kv_heads
         _require(isinstance(kv, int) and kv > 0, "n_kv_heads", f"must be a positive integer, got {kv!r}")
         _require(self.n_heads % kv == 0, "n_kv_heads", f"n_heads={self.n_heads} is not a multiple of {kv}")
@@ -58,7 +61,9 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        """SwiGLU width exactly as Meta computes it (2/3 of 4*dim, optional multiplier, rounded up)."""
+        """SwiGLU width: `ffn_dim` when given, else as Meta computes it (2/3 of 4*dim, multiplier, rounded up)."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)

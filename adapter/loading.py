@@ -8,13 +8,12 @@ time, each block quantized as it arrives, so that peak host memory stays near on
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import AdapterArgs
-from .formats import meta, native
+from .formats import open_base, read_adapter
 from .model import Transformer
 from .quantize import FROZEN_LINEARS, check_mode, quantize_block
 from .tokenizer import Tokenizer
@@ -65,35 +64,29 @@ def load(
     mode = check_mode(quantize)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    folder = Path(base)
-    if not folder.exists():
-        raise FileNotFoundError(f"base: {folder} does not exist")
-    if not meta.is_meta_folder(folder):
-        raise ValueError(f"base: {folder} is not a Meta-format LLaMA folder (no params.json)")
-    tokenizer = Tokenizer(folder / "tokenizer.model")
-    args = meta.model_args(folder, tokenizer.n_words, max_seq_len)
+    checkpoint = open_base(base)
+    tokenizer = Tokenizer(checkpoint.tokenizer_path)
+    args = checkpoint.model_args(tokenizer.n_words, max_seq_len)
     if tokenizer.n_words > args.vocab_size:
-        raise ValueError(f"base: tokenizer has {tokenizer.n_words} pieces but params.json vocab_size is "
+        raise ValueError(f"base: tokenizer has {tokenizer.n_words} pieces but the model's vocab_size is "
                          f"{args.vocab_size}")
     found = None
     if isinstance(adapter, AdapterArgs):
         adapter_args = adapter
+        adapter_args.check_fits(args)
     elif adapter is not None:
-        found = native.read_adapter(adapter)
+        found = read_adapter(adapter)
+        found.check_base(args)
         adapter_args = found.args
     else:
         adapter_args = AdapterArgs(prompt_len=0, prompt_layers=0)
-    try:
-        adapter_args.check_fits(args)
-    except ValueError as error:
-        raise ValueError(f"{found.path}: {error}" if found else str(error)) from error
     with torch.device("meta"):
         model = Transformer(args, adapter_args)
-    fill_base(model, meta.MetaCheckpoint(folder), dtype=dtype, device=device, quantize=mode)
+    fill_base(model, checkpoint, dtype=dtype, device=device, quantize=mode)
     model.reset_adapter(device)
     if found:
-        native.check_base(found, model)
-        model.load_adapter_state(found.tensors, str(found.path))
+        found.apply_to(model)
+        model.adapter_format = found.format
     model.tokenizer = tokenizer
     model.freeze_base()
     return model.eval()

@@ -59,7 +59,10 @@ def trained(base_folder):
 def test_native_adapter_round_trip(base_folder, trained, tmp_path):
     path = adapter.save_adapter(trained, tmp_path / "run")
     assert path.name == "adapter.safetensors"
-    assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"], "no temp file left behind"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["adapter.json", "adapter.safetensors"], "no temp file"
+    config = json.loads((path.parent / "adapter.json").read_text())
+    assert config["adapter_args"] == V2.to_dict() and config["base_shape"]["dim"] == TINY.dim
+    assert config["format"] == "llama-adapter" and config["format_version"] == "1"
     loaded = adapter.load(base_folder, adapter=tmp_path / "run", device="cpu")
     assert loaded.adapter_args == V2
     assert torch.equal(logits(loaded), logits(trained))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelArgs
+from .common import torch_load
 
 # dimension each tensor is split along across model-parallel shards (None: replicated)
 _SHARD_DIMS = {
@@ -37,48 +38,48 @@ def shard_dim(name: str) -> int | None:
     return _SHARD_DIMS.get(suffix)
 
 
-def read_params(folder: Path) -> dict:
-    path = folder / "params.json"
+def read_json(path: Path) -> dict:
     try:
-        params = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read params ({error})") from error
-    if not isinstance(params, dict):
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read JSON ({error})") from error
+    if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    return params
-
-
-def model_args(folder: Path, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
-    """ModelArgs from `params.json`; LLaMA 1's `vocab_size: -1` is taken from the tokenizer."""
-    params = read_params(folder)
-    overrides = {}
-    if params.get("vocab_size", -1) in (-1, None):
-        overrides["vocab_size"] = tokenizer_words
-    if max_seq_len is not None:
-        overrides["max_seq_len"] = max_seq_len
-    try:
-        return ModelArgs.from_params(params, **overrides)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{folder / 'params.json'}: {error}") from error
+    return value
 
 
 class MetaCheckpoint:
     """Lazy access to the merged tensors of all `consolidated.*.pth` shards of a folder."""
 
+    format = "meta"
+
     def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.tokenizer_path = folder / "tokenizer.model"
         self.paths = sorted(folder.glob("consolidated.*.pth"))
         if not self.paths:
             raise FileNotFoundError(f"base: {folder} has params.json but no consolidated.*.pth")
         self.shards = []
         for path in self.paths:
-            try:
-                shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as error:  # torch raises many types for a damaged or unsafe file
-                raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({error})") from error
+            shard = torch_load(path)
             if not isinstance(shard, dict):
                 raise ValueError(f"{path}: expected a dict of tensors, got {type(shard).__name__}")
             self.shards.append(shard)
         self.source = str(folder)
+
+    def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
+        """From `params.json`; LLaMA 1's `vocab_size: -1` is taken from the tokenizer."""
+        path = self.folder / "params.json"
+        params = read_json(path)
+        overrides = {}
+        if params.get("vocab_size", -1) in (-1, None):
+            overrides["vocab_size"] = tokenizer_words
+        if max_seq_len is not None:
+            overrides["max_seq_len"] = max_seq_len
+        try:
+            return ModelArgs.from_params(params, **overrides)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from error
 
     def keys(self) -> set[str]:
         return {k for k in self.shards[0] if k not in IGNORED_KEYS}

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import AdapterArgs
+from .common import LoadedAdapter, atomic_write, base_shape
 
 if TYPE_CHECKING:
     from ..model import Transformer
@@ -23,15 +22,7 @@ if TYPE_CHECKING:
 FORMAT_NAME = "llama-adapter"
 FORMAT_VERSION = "1"
 FILE_NAME = "adapter.safetensors"
-BASE_SHAPE_KEYS = ("dim", "n_layers", "n_heads", "kv_heads")
-
-
-@dataclass
-class NativeAdapter:
-    path: Path
-    args: AdapterArgs
-    tensors: dict[str, torch.Tensor]
-    base_shape: dict[str, int]
+CONFIG_NAME = "adapter.json"
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -56,18 +47,16 @@ def is_native(path: Path) -> bool:
     return header.get("__metadata__", {}).get("format") == FORMAT_NAME
 
 
-def base_shape(model: "Transformer") -> dict[str, int]:
-    a = model.args
-    return {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "kv_heads": a.kv_heads}
-
-
 def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write the learned tensors atomically (temp file in the same folder, then rename).
 
-    A path without the `.safetensors` suffix is a folder that gets `adapter.safetensors`.
+    A path without the `.safetensors` suffix is a folder that gets `adapter.safetensors` and, for people
+    and tools, `adapter.json` with the same configuration. A single `.safetensors` file carries its
+    configuration in its own metadata, which is what loading reads.
     """
     path = Path(path)
-    if path.is_dir() or path.suffix != ".safetensors":
+    folder_layout = path.is_dir() or path.suffix != ".safetensors"
+    if folder_layout:
         path = path / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.adapter_state_dict().items()}
@@ -75,21 +64,19 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "adapter_args": model.adapter_args.to_json(),
-        "base_shape": json.dumps(base_shape(model), sort_keys=True),
+        "base_shape": json.dumps(base_shape(model.args), sort_keys=True),
         **(metadata or {}),
     }
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    if folder_layout:
+        config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "adapter_args": model.adapter_args.to_dict(),
+                  "base_shape": base_shape(model.args), **(metadata or {})}
+        atomic_write(path.parent / CONFIG_NAME,
+                      lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return path
 
 
-def read_adapter(path: str | os.PathLike) -> NativeAdapter:
+def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
     path = resolve(path)
     try:
         tensors = load_file(path)
@@ -107,13 +94,4 @@ def read_adapter(path: str | os.PathLike) -> NativeAdapter:
         shape = json.loads(metadata.get("base_shape", "{}"))
     except (KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"{path}: bad adapter metadata ({error})") from error
-    return NativeAdapter(path=path, args=args, tensors=tensors, base_shape=shape)
-
-
-def check_base(adapter: NativeAdapter, model: "Transformer") -> None:
-    """An adapter only fits the base shape it was trained on."""
-    have = base_shape(model)
-    wrong = {k: (v, have[k]) for k, v in adapter.base_shape.items() if k in have and have[k] != v}
-    if wrong:
-        detail = ", ".join(f"{k}={want} (base has {got})" for k, (want, got) in wrong.items())
-        raise ValueError(f"{adapter.path}: adapter was made for a different base: {detail}")
+    return LoadedAdapter(path=path, format="native", args=args, tensors=tensors, base_shape=shape)

@@ -1,0 +1,94 @@
+"""What every adapter format reader returns, and how it is put into a model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import AdapterArgs, ModelArgs
+
+if TYPE_CHECKING:
+    from ..model import Transformer
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter read from disk, already renamed to the model's parameter names (Meta layout)."""
+
+    path: Path
+    format: str
+    args: AdapterArgs
+    tensors: dict[str, torch.Tensor]
+    base_shape: dict[str, int] = field(default_factory=dict)  # subset of dim, n_layers, n_heads, kv_heads
+    norm_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (official v2)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # kept for later use (v2 visual keys)
+
+    def check_base(self, args: ModelArgs) -> None:
+        """An adapter only fits the base shape it was made for."""
+        have = base_shape(args)
+        wrong = {k: (v, have[k]) for k, v in self.base_shape.items() if k in have and have[k] != v}
+        if wrong:
+            detail = ", ".join(f"{k}={want} (base has {got})" for k, (want, got) in wrong.items())
+            raise ValueError(f"{self.path}: adapter was made for a different base: {detail}")
+        try:
+            self.args.check_fits(args)
+        except ValueError as error:
+            raise ValueError(f"{self.path}: {error}") from error
+
+    def apply_to(self, model: "Transformer") -> None:
+        """Check the fit, turn tuned norm weights into deltas against this base, copy everything in."""
+        self.check_base(model.args)
+        tensors = dict(self.tensors)
+        for name, tuned in self.norm_weights.items():
+            try:
+                base = model.get_parameter(name)
+            except AttributeError as error:
+                raise ValueError(f"{self.path}: norm weight {name} has no place in this model") from error
+            if tuple(tuned.shape) != tuple(base.shape):
+                raise ValueError(f"{self.path}: {name} has shape {tuple(tuned.shape)}, expected {tuple(base.shape)}")
+            tensors[name[: -len("weight")] + "delta"] = tuned.float() - base.detach().float().cpu()
+        model.load_adapter_state(tensors, str(self.path))
+
+
+def base_shape(a: ModelArgs) -> dict[str, int]:
+    return {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "kv_heads": a.kv_heads}
+
+
+def expand_gate(gate: torch.Tensor, n_heads: int, source: str, name: str) -> torch.Tensor:
+    """A gate as [1, n_heads, 1, 1]; a single value (older files, PEFT) is shared by all heads."""
+    if gate.numel() == 1:
+        return gate.reshape(1, 1, 1, 1).expand(1, n_heads, 1, 1).clone()
+    if gate.numel() != n_heads:
+        raise ValueError(f"{source}: {name} has {gate.numel()} values; expected 1 or one per head ({n_heads})")
+    return gate.reshape(1, n_heads, 1, 1)
+
+
+def torch_load(path: Path) -> object:
+    """Weights-only torch.load (never runs pickled code), with a clear error for a bad file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for damaged, truncated or unsafe files
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)  # old (non-zip) torch files
+        except Exception:
+            pass
+        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({error})") from error
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """`write(tmp)` into a temp file beside `path`, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
