@@ -101,6 +101,7 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     """Replace the meta base tensors with the checkpoint's, block by block, quantizing each block."""
     expected = set()
     available = checkpoint.keys()
+    release = getattr(checkpoint, "release", None)  # memory-mapped checkpoints give copied pages back
     quantized_weights = tuple(f"{linear}.weight" for linear in FROZEN_LINEARS) if quantize else ()
     parts: list[tuple[str, nn.Module]] = [("tok_embeddings.", model.tok_embeddings), ("norm.", model.norm),
                                           ("output.", model.output)]
@@ -108,21 +109,38 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     for prefix, module in parts:
         names = _base_names(module, prefix, model)
         expected.update(names)
-        state = {}
+        state, sources = {}, {}
         for name in names:
             if name not in available:
                 raise ValueError(f"{checkpoint.source}: missing tensor {name}")
-            tensor = checkpoint.tensor(name)
+            tensor = sources[name] = checkpoint.tensor(name)
             want = tuple(model.get_parameter(name).shape)
             if tuple(tensor.shape) != want:
                 raise ValueError(f"{checkpoint.source}: {name} has shape {tuple(tensor.shape)}, expected {want}")
-            # weights about to be quantized stay on the host: bitsandbytes quantizes on the move
-            target = "cpu" if name.endswith(quantized_weights) else device
-            state[name[len(prefix):]] = tensor.to(device=target, dtype=dtype)
+            if name.endswith(quantized_weights):
+                # quantized from the file's own dtype (no 32-bit copy), on the host: bitsandbytes
+                # quantizes on the move to the device
+                state[name[len(prefix):]] = tensor.to("cpu")
+            else:
+                state[name[len(prefix):]] = tensor.to(device=device, dtype=dtype)
         module.load_state_dict(state, strict=False, assign=True)
         if quantize and prefix.startswith("layers."):
             quantize_block(module, quantize, dtype, device)
+        if release is not None:
+            for name, source in sources.items():
+                if not _shares_memory(source, model.get_parameter(name)):
+                    release(name)
     unexpected = sorted(available - expected)
     if unexpected:
         raise ValueError(f"{checkpoint.source}: unexpected tensor(s) {unexpected[:5]}")
     model.quantization = quantize
+
+
+def _shares_memory(source: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether the parameter still reads the checkpoint's memory (no copy was made)."""
+    if param.device.type != "cpu" or param.device != source.device:
+        return False
+    try:
+        return source.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # quantized parameters have their own storage
+        return False

@@ -1,12 +1,20 @@
-"""One module per on-disk format; `open_base` and `read_adapter` detect which one they were given."""
+"""One module per on-disk format; `open_base` and `read_adapter` detect which one they were given.
+
+Every reader hands back tensors under the model's (Meta) names and layout, so the model itself never
+needs to know where its weights came from.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from . import meta, native
-from .common import LoadedAdapter
+from . import meta, native, official
+from .common import LoadedAdapter, torch_load
+
+BASE_FORMATS = "a Meta folder (params.json) or an HF folder (config.json)"
+ADAPTER_FORMATS = ("our adapter.safetensors (or a folder with it), a PEFT adaption_prompt folder "
+                   "(adapter_config.json), or an official LLaMA-Adapter v1/v2 .pth file")
 
 
 def open_base(path: str | os.PathLike):
@@ -16,9 +24,25 @@ def open_base(path: str | os.PathLike):
         raise FileNotFoundError(f"base: {folder} does not exist")
     if meta.is_meta_folder(folder):
         return meta.MetaCheckpoint(folder)
-    raise ValueError(f"base: {folder} is not a LLaMA folder (no params.json)")
+    from . import hf
+
+    if hf.is_hf_folder(folder):
+        return hf.HFCheckpoint(folder)
+    raise ValueError(f"base: {folder} is not a LLaMA folder: expected {BASE_FORMATS}")
 
 
 def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
     """Read an adapter file or folder in any supported format."""
-    return native.read_adapter(path)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter: {path} does not exist")
+    from . import peft
+
+    if peft.is_peft(path):
+        return peft.read_peft(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return native.read_adapter(path)
+    state = torch_load(path)
+    if official.is_official(path, state):
+        return official.read_official(path, state)
+    raise ValueError(f"{path}: unknown adapter format; expected {ADAPTER_FORMATS}")

@@ -42,9 +42,13 @@ class LoadedAdapter:
             raise ValueError(f"{self.path}: {error}") from error
 
     def apply_to(self, model: "Transformer") -> None:
-        """Check the fit, turn tuned norm weights into deltas against this base, copy everything in."""
+        """Check the fit, share single-value gates (PEFT, older files) across heads, turn tuned norm weights
+        into deltas against this base, copy everything in."""
         self.check_base(model.args)
         tensors = dict(self.tensors)
+        for name, value in self.tensors.items():
+            if name.endswith(".attention.gate") and value.numel() == 1:
+                tensors[name] = expand_gate(value, model.args.n_heads, str(self.path), name)
         for name, tuned in self.norm_weights.items():
             try:
                 base = model.get_parameter(name)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelArgs
+from ..memory import release_file_pages
 from .common import torch_load
 
 # dimension each tensor is split along across model-parallel shards (None: replicated)
@@ -83,6 +84,12 @@ class MetaCheckpoint:
 
     def keys(self) -> set[str]:
         return {k for k in self.shards[0] if k not in IGNORED_KEYS}
+
+    def release(self, name: str) -> None:
+        """The tensor has been copied: give its file pages back (see adapter.memory)."""
+        for shard in self.shards:
+            if name in shard:
+                release_file_pages(shard[name])
 
     def tensor(self, name: str) -> torch.Tensor:
         parts = []

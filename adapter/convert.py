@@ -1,0 +1,74 @@
+"""`python -m adapter.convert SRC DST --to {native,peft,official-v1} --base DIR`: rewrite an adapter in
+another format.
+
+The base is needed for its shape (and, for the official v2 files, for its norms: tuned norms are stored
+as deltas against them), but its large weights are never loaded: the model is built on the `meta`
+device and only the adapter (and the norms) get real memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .formats import open_base, read_adapter
+from .formats.native import save_adapter
+from .formats.official import write_official_v1
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+TARGETS = ("native", "peft", "official-v1")
+
+
+def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
+    """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory)."""
+    checkpoint = open_base(base)
+    args = checkpoint.model_args(Tokenizer(checkpoint.tokenizer_path).n_words)
+    found = read_adapter(source)
+    found.check_base(args)
+    with torch.device("meta"):
+        model = Transformer(args, found.args)
+    for name in found.norm_weights:
+        module_name, _, leaf = name.rpartition(".")
+        weight = torch.nn.Parameter(checkpoint.tensor(name).float().clone(), requires_grad=False)
+        setattr(model.get_submodule(module_name), leaf, weight)
+    model.reset_adapter("cpu")
+    found.apply_to(model)
+    return model
+
+
+def convert(source: str | Path, target: str | Path, to: str, base: str | Path) -> Path:
+    if to not in TARGETS:
+        raise ValueError(f"to: unknown target format {to!r}; choose from {TARGETS}")
+    model = adapter_on_meta_base(base, source)
+    if to == "native":
+        return save_adapter(model, target)
+    if to == "peft":
+        from .formats.peft import write_peft
+
+        return write_peft(model, target, base_model_name_or_path=str(base))
+    return write_official_v1(model, target)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="adapter file/folder in any supported format")
+    parser.add_argument("target", help="where to write (a folder for native and peft, a .pth for official-v1)")
+    parser.add_argument("--to", required=True, choices=TARGETS)
+    parser.add_argument("--base", required=True, help="the base LLaMA folder the adapter belongs to")
+    options = parser.parse_args(argv)
+    try:
+        path = convert(options.source, options.target, options.to, options.base)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The official LLaMA-Adapter releases (OpenGVLab/LLaMA-Adapter).
+
+v1 (`llama_adapter_len10_layer30_release.pth`): a flat dict with `adapter_query.weight` [layers*len, dim]
+and `layers.N.attention.gate` for every layer N (shape [1, heads, 1, 1]; older files [1]). The release is
+run with the raw gate (the training code used tanh; the inference code multiplies by the gate itself).
+
+v2 (`<sha256>_BIAS-7B.pth`, `LORA-BIAS-7B`, `CAPTION-7B`, `LORA-BIAS-7B-v21`): `{'model': ..., 'config':
+{'w_bias', 'w_lora', 'lora_rank'}}` with `llama.`-prefixed language keys (gates, wq/wo/w1/w2/w3 biases,
+tuned norms, `lora_w*_l1/_l2`, `new_gate`) for all 32 layers, `adapter_query.weight` [310, 4096] for the
+top 31 layers, and the visual keys, which are kept aside for the image encoder. Gates go through tanh.
+Only the prompt layers' gates are used by the official model; the others are dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import BIAS_TARGETS, LORA_TARGETS, AdapterArgs
+from .common import LoadedAdapter, atomic_write, torch_load
+
+if TYPE_CHECKING:
+    from ..model import Transformer
+
+DEFAULT_PROMPT_LEN = 10  # the official query_len; the v1 file name says it too ("len10")
+VISUAL_PREFIXES = ("clip_proj", "clip_proj_norm", "visual_query", "visual_blocks", "visual_proj", "visual_proj_norm")
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
+_LINEAR_PARENT = {name: ("attention" if name.startswith("w") and name[1] in "qkvo" else "feed_forward")
+                  for name in LORA_TARGETS}
+
+
+def is_official(path: Path, state: object) -> bool:
+    """A torch file holding either the v1 flat dict or the v2 {'model', 'config'} wrapper."""
+    if not isinstance(state, dict):
+        return False
+    inner = state.get("model", state)
+    return isinstance(inner, dict) and "adapter_query.weight" in inner
+
+
+def read_official(path: Path, state: dict | None = None) -> LoadedAdapter:
+    state = torch_load(path) if state is None else state
+    if not is_official(path, state):
+        raise ValueError(f"{path}: not an official LLaMA-Adapter file (no adapter_query.weight)")
+    if "model" in state:
+        return _read_v2(path, state["model"], state.get("config") or {})
+    return _read_v1(path, state)
+
+
+def _layers_of(keys, source: Path) -> dict[int, dict[str, str]]:
+    """{layer: {rest of key: full key}} for `layers.N.rest` keys."""
+    layers: dict[int, dict[str, str]] = {}
+    for key in keys:
+        match = _LAYER_KEY.match(key)
+        if match:
+            layers.setdefault(int(match.group(1)), {})[match.group(2)] = key
+    if not layers:
+        raise ValueError(f"{source}: no layers.N.attention.gate keys")
+    return layers
+
+
+def _prompt_shape(path: Path, query: torch.Tensor, prompt_len: int, n_layers: int) -> tuple[int, int]:
+    if query.dim() != 2:
+        raise ValueError(f"{path}: adapter_query.weight has shape {tuple(query.shape)}, expected [layers*len, dim]")
+    if query.shape[0] % prompt_len:
+        raise ValueError(f"{path}: adapter_query.weight has {query.shape[0]} rows, not a multiple of the prompt "
+                         f"length {prompt_len}")
+    prompt_layers = query.shape[0] // prompt_len
+    if prompt_layers > n_layers:
+        raise ValueError(f"{path}: {prompt_layers} prompt layers but gates for only {n_layers} layers")
+    return prompt_len, prompt_layers
+
+
+def _gates(path: Path, layers: dict[int, dict[str, str]], state: dict, first: int, n_layers: int,
+           prefix: str = "") -> dict[str, torch.Tensor]:
+    """The gates of the prompt layers, kept in the file's shape ([1] is expanded on loading)."""
+    out = {}
+    for layer in range(first, n_layers):
+        key = layers.get(layer, {}).get("attention.gate")
+        if key is None:
+            raise ValueError(f"{path}: missing {prefix}layers.{layer}.attention.gate")
+        gate = state[prefix + key] if prefix + key in state else state[key]
+        out[f"layers.{layer}.attention.gate"] = gate.float().reshape(1, -1, 1, 1)
+    return out
+
+
+def _read_v1(path: Path, state: dict) -> LoadedAdapter:
+    unknown = sorted(k for k in state if k != "adapter_query.weight" and not
+                     (_LAYER_KEY.match(k) and k.endswith(".attention.gate")))
+    if unknown:
+        raise ValueError(f"{path}: unexpected key(s) for an official v1 adapter: {unknown[:5]}")
+    layers = _layers_of(state, path)
+    n_layers = max(layers) + 1
+    match = re.search(r"len(\d+)", path.name)
+    query = state["adapter_query.weight"]
+    prompt_len, prompt_layers = _prompt_shape(path, query, int(match.group(1)) if match else DEFAULT_PROMPT_LEN,
+                                              n_layers)
+    tensors = {"adapter_query.weight": query.float()}
+    tensors.update(_gates(path, layers, state, n_layers - prompt_layers, n_layers))
+    args = AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="raw")
+    return LoadedAdapter(path=path, format="official-v1", args=args, tensors=tensors,
+                         base_shape={"dim": query.shape[1], "n_layers": n_layers})
+
+
+def _read_v2(path: Path, model: dict, config: dict) -> LoadedAdapter:
+    visual = {k: v for k, v in model.items() if k.split(".", 1)[0] in VISUAL_PREFIXES}
+    language = {k[len("llama."):]: v for k, v in model.items() if k.startswith("llama.")}
+    unknown = sorted(set(model) - set(visual) - {"llama." + k for k in language} - {"adapter_query.weight"})
+    if unknown:
+        raise ValueError(f"{path}: unexpected key(s) for an official v2 adapter: {unknown[:5]}")
+    layers = _layers_of(language, path)
+    n_layers = max(layers) + 1
+    query = model["adapter_query.weight"]
+    prompt_len = visual["visual_query.weight"].shape[0] if "visual_query.weight" in visual else DEFAULT_PROMPT_LEN
+    prompt_len, prompt_layers = _prompt_shape(path, query, prompt_len, n_layers)
+    first = n_layers - prompt_layers
+    tensors = {"adapter_query.weight": query.float()}
+    tensors.update(_gates(path, layers, language, first, n_layers))
+    norm_weights = {}
+    lora_ranks = set()
+    has_bias = has_new_gate = False
+    for layer, rests in sorted(layers.items()):
+        for rest, key in rests.items():
+            value = language[key]
+            name = f"layers.{layer}.{rest}"
+            if rest == "attention.gate":
+                continue
+            if rest in ("attention_norm.weight", "ffn_norm.weight"):
+                norm_weights[name] = value
+            elif rest == "attention.new_gate":
+                has_new_gate = True
+                if layer >= first:
+                    tensors[name] = value.float().reshape(1, 1, 1, 1)
+            elif (bias := re.fullmatch(r"(attention|feed_forward)\.(w\w)\.bias", rest)) and bias.group(2) in BIAS_TARGETS:
+                has_bias = True
+                tensors[f"layers.{layer}.{bias.group(1)}.{bias.group(2)}_delta.bias"] = value.float()
+            elif lora := re.fullmatch(r"(attention|feed_forward)\.lora_(w\w)_l([12])\.weight", rest):
+                target, part = lora.group(2), "lora_down" if lora.group(3) == "1" else "lora_up"
+                if target not in LORA_TARGETS or _LINEAR_PARENT[target] != lora.group(1):
+                    raise ValueError(f"{path}: unexpected key llama.{name}")
+                if part == "lora_down":
+                    lora_ranks.add(value.shape[0])
+                tensors[f"layers.{layer}.{lora.group(1)}.{target}_delta.{part}.weight"] = value.float()
+            else:
+                raise ValueError(f"{path}: unexpected key llama.{name}")
+    if "norm.weight" in language:
+        norm_weights["norm.weight"] = language["norm.weight"]
+    if len(lora_ranks) > 1:
+        raise ValueError(f"{path}: LoRA ranks differ between layers: {sorted(lora_ranks)}")
+    lora_rank = lora_ranks.pop() if lora_ranks else 0
+    if lora_rank and config.get("lora_rank") not in (None, lora_rank):
+        raise ValueError(f"{path}: config lora_rank={config['lora_rank']} but the LoRA tensors have rank {lora_rank}")
+    args = AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh", bias=has_bias,
+                       norm=bool(norm_weights), lora_rank=lora_rank, new_gate=has_new_gate)
+    return LoadedAdapter(path=path, format="official-v2", args=args, tensors=tensors, norm_weights=norm_weights,
+                         base_shape={"dim": query.shape[1], "n_layers": n_layers}, extra=visual)
+
+
+def write_official_v1(model: "Transformer", path: str | Path) -> Path:
+    """Export a v1 adapter as the official release file (raw gates: tanh gates are written as tanh(gate)).
+
+    Only prompts and gates exist in that format, so v2 parts and new_gate cannot be exported.
+    """
+    path = Path(path)
+    a = model.adapter_args
+    reasons = [name for name, on in (("bias", a.bias), ("norm", a.norm), ("lora_rank", a.lora_rank > 0),
+                                     ("new_gate", a.new_gate)) if on]
+    if not a.has_prompts:
+        reasons.append("no adaption prompts")
+    if reasons:
+        raise ValueError(f"{path}: the official v1 format holds only prompts and gates; this adapter has "
+                         f"{', '.join(reasons)}")
+    state = {"adapter_query.weight": model.adapter_query.weight.detach().float().cpu().clone()}
+    for layer in range(model.first_prompt_layer, model.args.n_layers):
+        gate = model.layers[layer].attention.effective_gate().detach().float().cpu().clone()
+        state[f"layers.{layer}.attention.gate"] = gate
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return path

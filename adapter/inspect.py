@@ -1,0 +1,95 @@
+"""`python -m adapter.inspect PATH`: what a base folder or an adapter file/folder is, without loading weights.
+
+For an adapter: its format, the base shape it fits, which layers get prompts, prompt length, gate
+activation, v2 parts, parameter count and per-layer gate statistics (after the activation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .formats import open_base, read_adapter
+from .formats.common import LoadedAdapter
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+
+def describe_base(path: Path) -> list[str]:
+    checkpoint = open_base(path)
+    words = Tokenizer(checkpoint.tokenizer_path).n_words
+    args = checkpoint.model_args(words)
+    with torch.device("meta"):
+        params = Transformer(args).count_parameters()
+    return [
+        f"{path}: base LLaMA, {checkpoint.format} format",
+        f"  dim {args.dim}, layers {args.n_layers}, heads {args.n_heads} (kv heads {args.kv_heads}), "
+        f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, rope theta {args.rope_theta:g}",
+        f"  parameters {params:,}; tokenizer {words} pieces",
+    ]
+
+
+def gate_rows(found: LoadedAdapter) -> list[str]:
+    """One line per prompt layer: the effective gate (act(gate) * new_gate) over its heads."""
+    rows = []
+    for name in sorted((k for k in found.tensors if k.endswith(".attention.gate")), key=lambda k: int(k.split(".")[1])):
+        gate = found.tensors[name].float()
+        gate = gate.tanh() if found.args.gate_activation == "tanh" else gate
+        new_gate = found.tensors.get(name.replace(".gate", ".new_gate"))
+        if new_gate is not None:
+            gate = gate * new_gate.float()
+        layer = name.split(".")[1]
+        rows.append(f"  layer {layer:>3}: gate mean {gate.mean():+.4f}  min {gate.min():+.4f}  max {gate.max():+.4f}"
+                    f"  |mean| {gate.abs().mean():.4f}")
+    return rows
+
+
+def describe_adapter(path: Path) -> list[str]:
+    found = read_adapter(path)
+    a = found.args
+    n_layers = found.base_shape.get("n_layers")
+    layers = (f"layers {n_layers - a.prompt_layers}..{n_layers - 1}" if n_layers else f"the top {a.prompt_layers} layers")
+    parts = [p for p, on in (("bias", a.bias), ("norm", a.norm), (f"LoRA rank {a.lora_rank}", a.lora_rank > 0),
+                             ("new_gate", a.new_gate)) if on]
+    count = sum(t.numel() for t in found.tensors.values()) + sum(t.numel() for t in found.norm_weights.values())
+    fits = ", ".join(f"{k} {v}" for k, v in found.base_shape.items()) or "any"
+    lines = [
+        f"{found.path}: adapter, {found.format} format",
+        f"  fits a base with: {fits}",
+        f"  prompts: {a.prompt_len} tokens on {layers}; gate activation {a.gate_activation}",
+        f"  v2 parts: {', '.join(parts) if parts else 'none (v1)'}",
+        f"  parameters {count:,}",
+    ]
+    if found.extra:
+        extra = sum(t.numel() for t in found.extra.values())
+        lines.append(f"  visual tensors kept for the image encoder: {len(found.extra)} ({extra:,} values)")
+    return lines + gate_rows(found)
+
+
+def describe(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir() and ((path / "params.json").exists() or (path / "config.json").exists()):
+        return describe_base(path)
+    return describe_adapter(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter.inspect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", help="a base folder, or an adapter file/folder in any supported format")
+    options = parser.parse_args(argv)
+    try:
+        print("\n".join(describe(options.path)))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The official LLaMA-Adapter release layouts (v1 flat dict, v2 {'model', 'config'}), fabricated at tiny sizes
+with the real key names, loaded and checked against the plain reference implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adapter
+from adapter.config import AdapterArgs
+from adapter.formats.official import write_official_v1
+from tests.conftest import TINY
+from tests.reference import reference_logits
+
+TOKENS = torch.tensor([[1, 45, 300, 7, 99, 12, 5], [1, 3, 8, 200, 41, 17, 66]])
+N, H, DIM = TINY.n_layers, TINY.n_heads, TINY.dim
+
+
+def rand(*shape, seed=[0]):
+    seed[0] += 1
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0]))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def write_v1(path, prompt_len=3, prompt_layers=2, old_gates=False):
+    """Like llama_adapter_len10_layer30_release.pth: gates saved for every layer, prompts for the top ones."""
+    state = {"adapter_query.weight": rand(prompt_len * prompt_layers, DIM)}
+    for layer in range(N):
+        state[f"layers.{layer}.attention.gate"] = rand(1) if old_gates else rand(1, H, 1, 1)
+    torch.save(state, path)
+    return state
+
+
+def test_official_v1_release_loads_with_raw_gates_on_the_top_layers(base_folder, tmp_path):
+    path = tmp_path / "llama_adapter_len3_layer2_release.pth"
+    state = write_v1(path)
+    model = adapter.load(base_folder, adapter=path, device="cpu")
+    assert model.adapter_args == AdapterArgs(prompt_len=3, prompt_layers=2, gate_activation="raw")
+    assert model.adapter_format == "official-v1"
+    for layer in (2, 3):
+        assert torch.equal(model.layers[layer].attention.gate, state[f"layers.{layer}.attention.gate"])
+    assert model.layers[0].attention.gate is None, "gates of layers without a prompt are unused"
+    torch.testing.assert_close(logits(model), reference_logits(model, TOKENS), atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(logits(model), logits(adapter.load(base_folder, device="cpu")), atol=1e-3)
+
+
+def test_older_v1_files_with_one_gate_value_share_it_across_heads(base_folder, tmp_path):
+    path = tmp_path / "llama_adapter_len3_layer2_release.pth"
+    state = write_v1(path, old_gates=True)
+    model = adapter.load(base_folder, adapter=path, device="cpu")
+    gate = model.layers[3].attention.gate
+    assert gate.shape == (1, H, 1, 1) and torch.all(gate == state["layers.3.attention.gate"])
+
+
+def v2_state(lora_rank=0, new_gate=False, prompt_len=3):
+    """BIAS-7B / LORA-BIAS-7B(-v21) layout at tiny size: every layer's gate, biases, tuned norms (+ LoRA)."""
+    base = torch.load(BASE_FILE[0], weights_only=True)
+    hidden = TINY.ffn_hidden_dim
+    model = {"adapter_query.weight": rand((N - 1) * prompt_len, DIM), "llama.norm.weight": base["norm.weight"] + rand(DIM) * 0.1}
+    for layer in range(N):
+        p = f"llama.layers.{layer}."
+        model[p + "attention.gate"] = rand(1, H, 1, 1)
+        model[p + "attention.wq.bias"], model[p + "attention.wo.bias"] = rand(DIM) * 0.1, rand(DIM) * 0.1
+        for w, size in (("w1", hidden), ("w2", DIM), ("w3", hidden)):
+            model[p + f"feed_forward.{w}.bias"] = rand(size) * 0.1
+        for norm in ("attention_norm", "ffn_norm"):
+            model[p + f"{norm}.weight"] = base[f"layers.{layer}.{norm}.weight"] + rand(DIM) * 0.1
+        if lora_rank:
+            for w in "qkvo":
+                model[p + f"attention.lora_w{w}_l1.weight"] = rand(lora_rank, DIM) * 0.1
+                model[p + f"attention.lora_w{w}_l2.weight"] = rand(DIM, lora_rank) * 0.1
+            for w, (i, o) in {"1": (DIM, hidden), "2": (hidden, DIM), "3": (DIM, hidden)}.items():
+                model[p + f"feed_forward.lora_w{w}_l1.weight"] = rand(lora_rank, i) * 0.1
+                model[p + f"feed_forward.lora_w{w}_l2.weight"] = rand(o, lora_rank) * 0.1
+        if new_gate:
+            model[p + "attention.new_gate"] = 1 + rand(1, 1, 1, 1) * 0.2
+    visual = {"clip_proj.weight": rand(16, 8), "clip_proj.bias": rand(16), "clip_proj_norm.weight": rand(16),
+              "clip_proj_norm.bias": rand(16), "visual_query.weight": rand(prompt_len, 16),
+              "visual_blocks.0.attn.qkv.weight": rand(48, 16), "visual_proj.weight": rand(DIM, 16),
+              "visual_proj.bias": rand(DIM), "visual_proj_norm.weight": rand(DIM), "visual_proj_norm.bias": rand(DIM)}
+    model.update(visual)
+    config = {"w_bias": True, "w_lora": bool(lora_rank), "lora_rank": lora_rank or 16}
+    return {"model": model, "config": config}
+
+
+BASE_FILE = [None]
+
+
+@pytest.fixture(autouse=True)
+def _base_file(base_folder):
+    BASE_FILE[0] = base_folder / "consolidated.00.pth"
+
+
+@pytest.mark.parametrize("name, lora_rank, new_gate", [("BIAS-7B", 0, False), ("LORA-BIAS-7B", 4, False),
+                                                       ("LORA-BIAS-7B-v21", 4, True)])
+def test_official_v2_layouts_load_every_language_key(base_folder, tmp_path, name, lora_rank, new_gate):
+    state = v2_state(lora_rank, new_gate)
+    path = tmp_path / f"7fa55208379faf2dd862565284101b0e_{name}.pth"
+    torch.save(state, path)
+    found = adapter.formats.read_adapter(path)
+    model = adapter.load(base_folder, adapter=path, device="cpu")
+    assert model.adapter_args == AdapterArgs(prompt_len=3, prompt_layers=N - 1, gate_activation="tanh", bias=True,
+                                             norm=True, lora_rank=lora_rank, new_gate=new_gate)
+    m = state["model"]
+    block = model.layers[2]
+    torch.testing.assert_close(block.attention_norm.weight + block.attention_norm.delta,
+                               m["llama.layers.2.attention_norm.weight"])
+    torch.testing.assert_close(model.norm.weight + model.norm.delta, m["llama.norm.weight"])
+    assert torch.equal(block.feed_forward.w2_delta.bias, m["llama.layers.2.feed_forward.w2.bias"])
+    if lora_rank:
+        assert torch.equal(block.attention.wk_delta.lora_up.weight, m["llama.layers.2.attention.lora_wk_l2.weight"])
+        assert torch.equal(model.layers[0].feed_forward.w3_delta.lora_down.weight,
+                           m["llama.layers.0.feed_forward.lora_w3_l1.weight"])
+    assert model.layers[0].attention.gate is None and model.layers[1].attention.gate is not None
+    assert set(found.extra) == {k for k in m if not k.startswith(("llama.", "adapter_query"))}
+    torch.testing.assert_close(logits(model), reference_logits(model, TOKENS), atol=2e-4, rtol=1e-4)
+    with torch.no_grad():
+        base = adapter.load(base_folder, device="cpu")
+        assert torch.equal(model(TOKENS, gate_scale=0.0, delta_scale=0.0), base(TOKENS))
+
+
+def test_round_trip_native_official_v1_native(base_folder, tmp_path):
+    model = adapter.load(base_folder, adapter=AdapterArgs(prompt_len=3, prompt_layers=3), device="cpu")
+    with torch.no_grad():
+        for _, param in model.trainable_parameters():
+            param.copy_(rand(*param.shape))
+    path = write_official_v1(model, tmp_path / "llama_adapter_len3_layer3_release.pth")
+    official = adapter.load(base_folder, adapter=path, device="cpu")
+    assert official.adapter_args.gate_activation == "raw"
+    assert torch.equal(logits(official), logits(model))
+    adapter.save_adapter(official, tmp_path / "native")
+    assert torch.equal(logits(adapter.load(base_folder, adapter=tmp_path / "native", device="cpu")), logits(model))
+
+
+def test_v2_adapters_cannot_be_written_as_official_v1(base_folder, tmp_path):
+    model = adapter.load(base_folder, adapter=AdapterArgs(prompt_len=3, prompt_layers=2, bias=True), device="cpu")
+    with pytest.raises(ValueError, match="holds only prompts and gates; this adapter has bias"):
+        write_official_v1(model, tmp_path / "out.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+class Payload:
+    """Stands for pickled code."""
+
+
+def test_bad_official_files_get_clear_errors(base_folder, tmp_path):
+    def refused(state, message, name="adapter.pth"):
+        path = tmp_path / name
+        torch.save(state, path)
+        with pytest.raises(ValueError, match=message) as error:
+            adapter.load(base_folder, adapter=path, device="cpu")
+        assert str(path) in str(error.value)
+
+    good = {"adapter_query.weight": rand(10, DIM), **{f"layers.{i}.attention.gate": rand(1, H, 1, 1) for i in range(N)}}
+    refused({**good, "layers.0.attention.wq.weight": rand(2)}, "unexpected key.*wq.weight")
+    refused({**good, "adapter_query.weight": rand(7, DIM)}, "7 rows, not a multiple of the prompt length 10")
+    refused({**good, "adapter_query.weight": rand(10, 128)}, "different base: dim=128")
+    refused({k: v for k, v in good.items() if k != "layers.3.attention.gate"} | {"layers.2.attention.gate": rand(1)},
+            "missing layers.3.attention.gate|different base: n_layers=3")
+    refused({**good, "payload": Payload()}, "not a readable weights-only torch checkpoint")
+    refused({"something": rand(2)}, "unknown adapter format")
+    refused({**good, "layers.3.attention.gate": rand(1, 3, 1, 1)}, r"layers.3.attention.gate has shape \(1, 3, 1, 1\), expected \(1, 4, 1, 1\)")
+    path = tmp_path / "truncated.pth"
+    torch.save(good, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated.pth: not a readable"):
+        adapter.load(base_folder, adapter=path, device="cpu")
