@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import meta, native, official
+from . import litgpt, meta, native, official
 from .common import LoadedAdapter, torch_load
 
 BASE_FORMATS = "a Meta folder (params.json) or an HF folder (config.json)"
 ADAPTER_FORMATS = ("our adapter.safetensors (or a folder with it), a PEFT adaption_prompt folder "
-                   "(adapter_config.json), or an official LLaMA-Adapter v1/v2 .pth file")
+                   "(adapter_config.json), an official LLaMA-Adapter v1/v2 .pth file, or a litgpt lit_model.pth.adapter")
 
 
 def open_base(path: str | os.PathLike):
@@ -45,4 +45,6 @@ def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
     state = torch_load(path)
     if official.is_official(path, state):
         return official.read_official(path, state)
+    if litgpt.is_litgpt(state):
+        return litgpt.read_litgpt(path, state)
     raise ValueError(f"{path}: unknown adapter format; expected {ADAPTER_FORMATS}")
