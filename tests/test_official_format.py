@@ -56,9 +56,9 @@ def test_older_v1_files_with_one_gate_value_share_it_across_heads(base_folder, t
     assert gate.shape == (1, H, 1, 1) and torch.all(gate == state["layers.3.attention.gate"])
 
 
-def v2_state(lora_rank=0, new_gate=False, prompt_len=3):
+def v2_state(base_folder, lora_rank=0, new_gate=False, prompt_len=3):
     """BIAS-7B / LORA-BIAS-7B(-v21) layout at tiny size: every layer's gate, biases, tuned norms (+ LoRA)."""
-    base = torch.load(BASE_FILE[0], weights_only=True)
+    base = torch.load(base_folder / "consolidated.00.pth", weights_only=True)
     hidden = TINY.ffn_hidden_dim
     model = {"adapter_query.weight": rand((N - 1) * prompt_len, DIM), "llama.norm.weight": base["norm.weight"] + rand(DIM) * 0.1}
     for layer in range(N):
@@ -87,18 +87,10 @@ def v2_state(lora_rank=0, new_gate=False, prompt_len=3):
     return {"model": model, "config": config}
 
 
-BASE_FILE = [None]
-
-
-@pytest.fixture(autouse=True)
-def _base_file(base_folder):
-    BASE_FILE[0] = base_folder / "consolidated.00.pth"
-
-
 @pytest.mark.parametrize("name, lora_rank, new_gate", [("BIAS-7B", 0, False), ("LORA-BIAS-7B", 4, False),
                                                        ("LORA-BIAS-7B-v21", 4, True)])
 def test_official_v2_layouts_load_every_language_key(base_folder, tmp_path, name, lora_rank, new_gate):
-    state = v2_state(lora_rank, new_gate)
+    state = v2_state(base_folder, lora_rank, new_gate)
     path = tmp_path / f"7fa55208379faf2dd862565284101b0e_{name}.pth"
     torch.save(state, path)
     found = adapter.formats.read_adapter(path)

@@ -161,7 +161,9 @@ def _read_v2(path: Path, model: dict, config: dict) -> LoadedAdapter:
 def write_official_v1(model: "Transformer", path: str | Path) -> Path:
     """Export a v1 adapter as the official release file (raw gates: tanh gates are written as tanh(gate)).
 
-    Only prompts and gates exist in that format, so v2 parts and new_gate cannot be exported.
+    Only prompts and gates exist in that format, so v2 parts and new_gate cannot be exported. Like the
+    release, it holds a gate for every layer (zero where there is no prompt). The prompt length is not
+    stored in the file: readers take it from the name (`..._len3_...`) or assume the official 10.
     """
     path = Path(path)
     a = model.adapter_args
@@ -172,9 +174,14 @@ def write_official_v1(model: "Transformer", path: str | Path) -> Path:
     if reasons:
         raise ValueError(f"{path}: the official v1 format holds only prompts and gates; this adapter has "
                          f"{', '.join(reasons)}")
+    if a.prompt_len != DEFAULT_PROMPT_LEN and f"len{a.prompt_len}" not in path.name:
+        raise ValueError(f"{path}: the prompt length {a.prompt_len} is only known from the file name in this "
+                         f"format; name it like llama_adapter_len{a.prompt_len}_layer{a.prompt_layers}.pth")
     state = {"adapter_query.weight": model.adapter_query.weight.detach().float().cpu().clone()}
-    for layer in range(model.first_prompt_layer, model.args.n_layers):
-        gate = model.layers[layer].attention.effective_gate().detach().float().cpu().clone()
+    for layer, block in enumerate(model.layers):
+        gate = torch.zeros(1, model.args.n_heads, 1, 1)
+        if block.attention.gate is not None:
+            gate = block.attention.effective_gate().detach().float().cpu().clone()
         state[f"layers.{layer}.attention.gate"] = gate
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path

@@ -1,0 +1,77 @@
+"""`python -m adapter.inspect` and `python -m adapter.convert` as users run them."""
+
+from __future__ import annotations
+
+import torch
+
+import adapter
+from adapter.config import AdapterArgs
+from adapter.convert import main as convert_main
+from adapter.inspect import main as inspect_main
+from tests.test_official_format import v2_state
+
+TOKENS = torch.tensor([[1, 45, 300, 7, 99, 12]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def test_inspect_base_folder(base_folder, capsys):
+    assert inspect_main([str(base_folder)]) == 0
+    out = capsys.readouterr().out
+    assert "base LLaMA, meta format" in out
+    assert "dim 64, layers 4, heads 4 (kv heads 4), ffn 192, vocab 512" in out
+
+
+def test_inspect_official_v2_adapter_reports_layers_parts_and_gates(base_folder, tmp_path, capsys):
+    state = v2_state(base_folder, lora_rank=4, new_gate=True)
+    path = tmp_path / "LORA-BIAS-7B-v21.pth"
+    torch.save(state, path)
+    assert inspect_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "adapter, official-v2 format" in out
+    assert "fits a base with: dim 64, n_layers 4" in out
+    assert "prompts: 3 tokens on layers 1..3; gate activation tanh" in out
+    assert "v2 parts: bias, norm, LoRA rank 4, new_gate" in out
+    assert "visual tensors kept for the image encoder: 10" in out
+    m = state["model"]
+    gate = m["llama.layers.2.attention.gate"].tanh() * m["llama.layers.2.attention.new_gate"]
+    assert f"layer   2: gate mean {gate.mean():+.4f}  min {gate.min():+.4f}  max {gate.max():+.4f}" in out
+    assert "layer   0:" not in out
+
+
+def test_inspect_reports_bad_paths_in_one_line(tmp_path, capsys):
+    assert inspect_main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_convert_official_v2_to_native_keeps_the_logits(base_folder, tmp_path, capsys):
+    path = tmp_path / "BIAS-7B.pth"
+    torch.save(v2_state(base_folder), path)
+    assert convert_main([str(path), str(tmp_path / "native"), "--to", "native", "--base", str(base_folder)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    converted = adapter.load(base_folder, adapter=tmp_path / "native", device="cpu")
+    assert torch.equal(logits(converted), logits(adapter.load(base_folder, adapter=path, device="cpu")))
+
+
+def test_convert_native_to_official_v1_and_refusals(base_folder, tmp_path, capsys):
+    model = adapter.load(base_folder, adapter=AdapterArgs(prompt_len=3, prompt_layers=2), device="cpu")
+    with torch.no_grad():
+        for _, param in model.trainable_parameters():
+            param.normal_()
+    adapter.save_adapter(model, tmp_path / "v1")
+    target = tmp_path / "llama_adapter_len3_layer2_release.pth"
+    assert convert_main([str(tmp_path / "v1"), str(target), "--to", "official-v1", "--base", str(base_folder)]) == 0
+    assert torch.equal(logits(adapter.load(base_folder, adapter=target, device="cpu")), logits(model))
+    assert sorted(torch.load(target, weights_only=True)) == ["adapter_query.weight"] + [
+        f"layers.{i}.attention.gate" for i in range(4)], "a gate for every layer, like the release"
+    assert convert_main([str(tmp_path / "v1"), str(tmp_path / "release.pth"), "--to", "official-v1", "--base",
+                         str(base_folder)]) == 2
+    assert "name it like llama_adapter_len3_layer2.pth" in capsys.readouterr().err
+    path = tmp_path / "BIAS-7B.pth"
+    torch.save(v2_state(base_folder), path)
+    assert convert_main([str(path), str(tmp_path / "no.pth"), "--to", "official-v1", "--base", str(base_folder)]) == 2
+    assert "holds only prompts and gates" in capsys.readouterr().err
+    assert not (tmp_path / "no.pth").exists()
