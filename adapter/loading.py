@@ -12,6 +12,7 @@ import os
 import torch
 from torch import nn
 
+from . import hub
 from .config import AdapterArgs
 from .formats import open_base, read_adapter
 from .model import Transformer
@@ -60,11 +61,12 @@ def load(
     """Load a base LLaMA folder and, optionally, an adapter; returns the model in eval mode.
 
     `adapter` is a file/folder to load, or an `AdapterArgs` for a fresh (zero-init) adapter to train.
+    Either path may be `hf:owner/name` to fetch it from the Hugging Face hub (needs network).
     """
     mode = check_mode(quantize)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    checkpoint = open_base(base)
+    checkpoint = open_base(hub.resolve(base, "base"))
     tokenizer = Tokenizer(checkpoint.tokenizer_path)
     args = checkpoint.model_args(tokenizer.n_words, max_seq_len)
     if tokenizer.n_words > args.vocab_size:
@@ -75,7 +77,7 @@ def load(
         adapter_args = adapter
         adapter_args.check_fits(args)
     elif adapter is not None:
-        found = read_adapter(adapter)
+        found = read_adapter(hub.resolve(adapter, "adapter"))
         found.check_base(args)
         adapter_args = found.args
     else:

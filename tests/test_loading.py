@@ -130,7 +130,7 @@ def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="base: .*missing"):
         adapter.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no params.json"):
+    with pytest.raises(ValueError, match=r"empty is not a LLaMA folder: expected a Meta folder \(params.json\)"):
         adapter.load(tmp_path / "empty")
 
     def broken_copy(name):
@@ -175,3 +175,13 @@ def test_pickled_code_is_never_loaded(base_folder, tmp_path):
     torch.save(state, folder / "consolidated.00.pth")
     with pytest.raises(ValueError, match="consolidated.00.pth: not a readable weights-only torch checkpoint"):
         adapter.load(folder, device="cpu")
+
+
+def test_hub_ids_need_the_explicit_prefix_and_fail_clearly_offline(base_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # belt and braces: this test must never reach the network
+    with pytest.raises(FileNotFoundError, match="base: meta-llama/none does not exist"):
+        adapter.load("meta-llama/none", device="cpu")
+    with pytest.raises(ValueError, match="base: could not get someone/missing-model from the Hugging Face hub"):
+        adapter.load("hf:someone/missing-model", device="cpu")
+    with pytest.raises(ValueError, match="adapter: 'hf:not a repo' is not a hub repository id"):
+        adapter.load(base_folder, adapter="hf:not a repo", device="cpu")

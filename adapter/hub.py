@@ -1,0 +1,34 @@
+"""Optional downloads from the Hugging Face hub, only when asked for with an explicit `hf:owner/name`.
+
+Nothing else in the project touches the network: a plain path that does not exist is an error, never a
+guess at a repository.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+PREFIX = "hf:"
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(value: str | os.PathLike, what: str) -> Path:
+    """A local path as given, or the local snapshot of `hf:owner/name` (downloaded if needed)."""
+    text = str(value)
+    if not text.startswith(PREFIX):
+        return Path(value)
+    repo = text[len(PREFIX):]
+    if not _REPO.match(repo):
+        raise ValueError(f"{what}: {text!r} is not a hub repository id like hf:owner/name")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        raise ValueError(f"{what}: downloading {repo} needs the huggingface_hub package "
+                         "(pip install huggingface_hub)") from error
+    try:
+        return Path(snapshot_download(repo_id=repo))
+    except Exception as error:  # offline, unknown repository, gated model, network failure...
+        raise ValueError(f"{what}: could not get {repo} from the Hugging Face hub ({type(error).__name__}: "
+                         f"{error}); download it yourself and pass the folder") from error
