@@ -1,0 +1,255 @@
+"""Hugging Face LLaMA folders: `config.json`, `tokenizer.model` and the weights as `model.safetensors`,
+`pytorch_model.bin`, or shards of either listed in `model.safetensors.index.json` / `pytorch_model.bin.index.json`.
+
+The checkpoint is handed to the loader under Meta's names and layout, so the model and every adapter
+stay in Meta layout. HF stores wq/wk with the rows of each head permuted for its rotate-half RoPE;
+`hf_to_meta_rows` undoes that as each tensor is read. Anything else touching those rows must be permuted
+the same way when it crosses between the layouts: v2 `wq` biases and the LoRA up-projections of `wq`/`wk`
+(both have the head rows as their first dimension, which is what the two permutation functions act on).
+
+Safetensors files are opened per tensor and .bin files with weights-only, mmap'ed `torch.load`, so
+nothing is read before it is asked for and no pickled code ever runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import ModelArgs
+from .common import torch_load
+from .meta import read_json
+
+_TOP_LEVEL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "output.weight"}
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(\w+\.\w+|\w+)\.weight")
+_LAYER_PARTS = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer older transformers saved; recomputed from rope_theta
+
+# config.json field -> ModelArgs field
+_REQUIRED = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+             "intermediate_size": "ffn_dim"}
+_OPTIONAL = {"num_key_value_heads": "n_kv_heads", "vocab_size": "vocab_size", "rms_norm_eps": "norm_eps",
+             "max_position_embeddings": "max_seq_len"}
+# settings the model does not implement: field -> the only value accepted
+_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
+            ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _head_dim(w: torch.Tensor, n_heads: int) -> int:
+    rows = w.shape[0] if w.dim() else 0
+    if rows == 0 or rows % n_heads or (rows // n_heads) % 2:
+        raise ValueError(f"{rows} rows do not split into {n_heads} heads of an even size")
+    return rows // n_heads
+
+
+def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved RoPE pairs (0,1),(2,3).. -> HF's halves (0,D/2),(1,D/2+1).., per head, on dim 0."""
+    head_dim = _head_dim(w, n_heads)
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `meta_to_hf_rows`: HF's rotate-half row order back to Meta's interleaved pairs."""
+    head_dim = _head_dim(w, n_heads)
+    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def meta_name(hf_name: str) -> str | None:
+    """Meta's name for an HF LLaMA tensor name, or None when it is not part of a LLaMA."""
+    if hf_name in _TOP_LEVEL:
+        return _TOP_LEVEL[hf_name]
+    match = _LAYER_KEY.fullmatch(hf_name)
+    if match and match.group(2) in _LAYER_PARTS:
+        return f"layers.{match.group(1)}.{_LAYER_PARTS[match.group(2)]}.weight"
+    return None
+
+
+class _SafetensorsFile:
+    """One safetensors file: its header is checked now, each tensor read when asked for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with self._open() as handle:
+            self.names = set(handle.keys())
+
+    def _open(self):
+        try:
+            return safe_open(self.path, framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{self.path}: not a readable safetensors file ({error})") from error
+
+    def get(self, name: str) -> torch.Tensor:
+        with self._open() as handle:
+            return handle.get_tensor(name)
+
+
+class _TorchFile:
+    """One pytorch_model*.bin file, loaded weights-only and mmap'ed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        state = torch_load(path)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+        odd = sorted(str(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor)))
+        if odd:
+            raise ValueError(f"{path}: entries that are not named tensors: {odd[:5]}")
+        self.state = state
+        self.names = set(state)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+_WeightFile = _SafetensorsFile | _TorchFile
+
+
+def _open_file(path: Path) -> _WeightFile:
+    return _SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchFile(path)
+
+
+def _open_shards(index: Path) -> list[_WeightFile]:
+    """The files a `*.index.json` names, each checked to hold the tensors the index says it holds."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: expected a weight_map of tensor name -> file name")
+    files = {}
+    for file_name in sorted(set(weight_map.values())):
+        if Path(file_name).name != file_name:
+            raise ValueError(f"{index}: {file_name!r} is not a file name in this folder")
+        path = index.parent / file_name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: weight shard named in {index.name} does not exist")
+        files[file_name] = _open_file(path)
+    for name, file_name in weight_map.items():
+        if name not in files[file_name].names:
+            raise ValueError(f"{files[file_name].path}: missing tensor {name} (listed in {index.name})")
+    return list(files.values())
+
+
+def _open_weights(folder: Path) -> list[_WeightFile]:
+    """HF's order: a single file before an index, safetensors before .bin."""
+    for single, index in _LAYOUTS:
+        if (folder / single).is_file():
+            return [_open_file(folder / single)]
+        if (folder / index).is_file():
+            return _open_shards(folder / index)
+    names = ", ".join(name for layout in _LAYOUTS for name in layout)
+    raise FileNotFoundError(f"base: {folder} has config.json but no weights ({names})")
+
+
+def _rope_theta(config: dict[str, Any], path: Path) -> float:
+    """`rope_theta` at the top level (transformers 4) or inside `rope_parameters` (5); scaled RoPE refused."""
+    for field in ("rope_scaling", "rope_parameters"):
+        value = config.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: {field} must be an object, got {value!r}")
+        kind = value.get("rope_type", value.get("type"))
+        if kind not in (None, "default"):
+            raise ValueError(f"{path}: {field} type {kind!r} is not supported (only plain RoPE)")
+    if config.get("rope_theta") is not None:
+        return config["rope_theta"]
+    return (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+
+
+def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """ModelArgs fields from config.json, refusing the LLaMA variants the model does not implement."""
+    if config.get("model_type") != "llama":
+        raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not supported (only 'llama')")
+    missing = [name for name in _REQUIRED if config.get(name) is None]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {missing}")
+    for name, only in _FIXED.items():
+        if config.get(name, only) != only:
+            raise ValueError(f"{path}: {name}={config[name]!r} is not supported (only {only!r})")
+    params = {ours: config[theirs] for theirs, ours in {**_REQUIRED, **_OPTIONAL}.items()
+              if config.get(theirs) is not None}
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim * params["n_heads"] != params["dim"]:
+        raise ValueError(f"{path}: head_dim={head_dim} is not hidden_size / num_attention_heads (not supported)")
+    params["rope_theta"] = _rope_theta(config, path)
+    return params
+
+
+class HFCheckpoint:
+    """Lazy access to an HF LLaMA folder's tensors, under Meta's names and in Meta's layout."""
+
+    format = "hf"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.source = str(folder)
+        self.tokenizer_path = folder / "tokenizer.model"
+        self.config_path = folder / "config.json"
+        config = read_json(self.config_path)
+        self._params = _params(config, self.config_path)
+        n_heads = self._params["n_heads"]
+        self._rope_heads = {"attention.wq.weight": n_heads,
+                            "attention.wk.weight": self._params.get("n_kv_heads") or n_heads}
+        self._where = self._map_names(_open_weights(folder), bool(config.get("tie_word_embeddings")))
+
+    @staticmethod
+    def _map_names(files: list[_WeightFile], tied: bool) -> dict[str, tuple[_WeightFile, str]]:
+        """Meta name -> (file, HF name); tied or absent lm_head reads the embeddings."""
+        where: dict[str, tuple[_WeightFile, str]] = {}
+        for file in files:
+            for hf_name in sorted(file.names):
+                if hf_name.endswith(IGNORED_SUFFIX) or (tied and hf_name == "lm_head.weight"):
+                    continue
+                name = meta_name(hf_name)
+                if name is None:
+                    raise ValueError(f"{file.path}: unexpected tensor {hf_name} (not part of a LLaMA model)")
+                if name in where:
+                    raise ValueError(f"{file.path}: tensor {hf_name} is also in {where[name][0].path}")
+                where[name] = (file, hf_name)
+        if "output.weight" not in where and "tok_embeddings.weight" in where:
+            where["output.weight"] = where["tok_embeddings.weight"]
+        return where
+
+    def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
+        """From config.json; `max_seq_len` overrides max_position_embeddings."""
+        values = {"vocab_size": tokenizer_words, **self._params}
+        if max_seq_len is not None:
+            values["max_seq_len"] = max_seq_len
+        try:
+            return ModelArgs(**values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self.config_path}: {error}") from error
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise ValueError(f"{self.source}: missing tensor {name}")
+        file, hf_name = self._where[name]
+        value = file.get(hf_name)
+        heads = self._rope_heads.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
+        if heads is None:
+            return value
+        try:
+            return hf_to_meta_rows(value, heads)
+        except ValueError as error:
+            raise ValueError(f"{file.path}: {hf_name}: {error}") from error
