@@ -15,8 +15,9 @@ from torch import nn
 from . import hub
 from .config import AdapterArgs
 from .formats import open_base, read_adapter
+from .memory import trim_heap
 from .model import Transformer
-from .quantize import FROZEN_LINEARS, check_mode, quantize_block
+from .quantize import FROZEN_LINEARS, check_mode, quantize_linear
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -89,6 +90,7 @@ def load(
     if found:
         found.apply_to(model)
         model.adapter_format = found.format
+    model.base_format = checkpoint.format
     model.tokenizer = tokenizer
     model.freeze_base()
     return model.eval()
@@ -100,7 +102,11 @@ def _base_names(module: nn.Module, prefix: str, model: Transformer) -> list[str]
 
 def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: torch.device,
               quantize: str | None) -> None:
-    """Replace the meta base tensors with the checkpoint's, block by block, quantizing each block."""
+    """Replace the meta base tensors with the checkpoint's, one block (and one matrix) at a time.
+
+    Each frozen linear is quantized straight from the file's tensor, and the file pages of every tensor
+    are given back as soon as it has been copied, so that little more than the finished model is resident.
+    """
     expected = set()
     available = checkpoint.keys()
     release = getattr(checkpoint, "release", None)  # memory-mapped checkpoints give copied pages back
@@ -111,38 +117,35 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     for prefix, module in parts:
         names = _base_names(module, prefix, model)
         expected.update(names)
-        state, sources = {}, {}
+        state = {}
         for name in names:
             if name not in available:
                 raise ValueError(f"{checkpoint.source}: missing tensor {name}")
-            tensor = sources[name] = checkpoint.tensor(name)
+            source = checkpoint.tensor(name)
             want = tuple(model.get_parameter(name).shape)
-            if tuple(tensor.shape) != want:
-                raise ValueError(f"{checkpoint.source}: {name} has shape {tuple(tensor.shape)}, expected {want}")
+            if tuple(source.shape) != want:
+                raise ValueError(f"{checkpoint.source}: {name} has shape {tuple(source.shape)}, expected {want}")
+            local = name[len(prefix):]
             if name.endswith(quantized_weights):
-                # quantized from the file's own dtype (no 32-bit copy), on the host: bitsandbytes
-                # quantizes on the move to the device
-                state[name[len(prefix):]] = tensor.to("cpu")
+                # quantized from the file's own dtype on the host (bitsandbytes quantizes on the move)
+                parent, _, linear = local[: -len(".weight")].rpartition(".")
+                setattr(module.get_submodule(parent), linear, quantize_linear(source, quantize, dtype, device))
+                copied = True
             else:
-                state[name[len(prefix):]] = tensor.to(device=device, dtype=dtype)
+                state[local] = source.to(device=device, dtype=dtype)
+                copied = not _shares_memory(source, state[local])
+            if release is not None and copied:
+                release(name)
+            del source
         module.load_state_dict(state, strict=False, assign=True)
-        if quantize and prefix.startswith("layers."):
-            quantize_block(module, quantize, dtype, device)
-        if release is not None:
-            for name, source in sources.items():
-                if not _shares_memory(source, model.get_parameter(name)):
-                    release(name)
+        del state
+        trim_heap()
     unexpected = sorted(available - expected)
     if unexpected:
         raise ValueError(f"{checkpoint.source}: unexpected tensor(s) {unexpected[:5]}")
     model.quantization = quantize
 
 
-def _shares_memory(source: torch.Tensor, param: torch.Tensor) -> bool:
-    """Whether the parameter still reads the checkpoint's memory (no copy was made)."""
-    if param.device.type != "cpu" or param.device != source.device:
-        return False
-    try:
-        return source.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # quantized parameters have their own storage
-        return False
+def _shares_memory(source: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Whether `copy` still reads the checkpoint's memory (`.to` made no copy)."""
+    return copy.device == source.device and copy.data_ptr() == source.data_ptr()

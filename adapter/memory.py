@@ -18,11 +18,25 @@ _MADV_DONTNEED = 4
 _libc = None
 
 
-def _madvise():
+def _c_library():
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else False
-    return _libc.madvise if _libc else None
+    return _libc
+
+
+def _madvise():
+    libc = _c_library()
+    return libc.madvise if libc else None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise, and RSS only grows while a
+    model is filled block by block with large temporary tensors)."""
+    libc = _c_library()
+    trim = getattr(libc, "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
 
 
 def release_file_pages(tensor: torch.Tensor) -> None:

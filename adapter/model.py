@@ -251,6 +251,8 @@ class Transformer(nn.Module):
             self.adapter_query = nn.Embedding(adapter.prompt_layers * adapter.prompt_len, args.dim)
         self.tokenizer: Tokenizer | None = None
         self.quantization: str | None = None
+        self.base_format: str | None = None  # where the weights came from (set by adapter.load)
+        self.adapter_format: str | None = None
         self._gate_scale = torch.tensor(1.0, device="cpu")
         self._delta_scale = torch.tensor(1.0, device="cpu")
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None

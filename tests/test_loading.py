@@ -121,6 +121,9 @@ def test_bad_adapter_files_get_clear_errors(base_folder, trained, tmp_path):
         adapter.load(base_folder, adapter=junk, device="cpu")
     with pytest.raises(FileNotFoundError, match="adapter: .*nothing"):
         adapter.load(base_folder, adapter=tmp_path / "nothing", device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="adapter: .*empty holds no adapter; expected our adapter.safetensors"):
+        adapter.load(base_folder, adapter=tmp_path / "empty", device="cpu")
     too_deep = AdapterArgs(prompt_len=2, prompt_layers=TINY.n_layers + 1)
     with pytest.raises(ValueError, match="prompt_layers: 5 is more than the model's n_layers=4"):
         adapter.load(base_folder, adapter=too_deep, device="cpu")

@@ -40,6 +40,8 @@ def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
 
     if peft.is_peft(path):
         return peft.read_peft(path)
+    if path.is_dir() and not (path / native.FILE_NAME).exists():
+        raise ValueError(f"adapter: {path} holds no adapter; expected {ADAPTER_FORMATS}")
     if path.is_dir() or path.suffix == ".safetensors":
         return native.read_adapter(path)
     state = torch_load(path)
