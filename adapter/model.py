@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import BIAS_TARGETS, AdapterArgs, ModelArgs
 from .kv_cache import KVCache
@@ -256,6 +257,7 @@ class Transformer(nn.Module):
         self._gate_scale = torch.tensor(1.0, device="cpu")
         self._delta_scale = torch.tensor(1.0, device="cpu")
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, more time
         self.freeze_base()
 
     # ----- parameters -------------------------------------------------------------------------------
@@ -485,7 +487,10 @@ class Transformer(nn.Module):
                     prompt_kv = layer.attention.prompt_kv(prompts[i - self.first_prompt_layer])
                     if reuse:
                         cache.prompt_kv[i] = prompt_kv
-            h = layer(h, ctx, prompt_kv, record)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, ctx, prompt_kv, record, use_reentrant=False)
+            else:
+                h = layer(h, ctx, prompt_kv, record)
         return h
 
 

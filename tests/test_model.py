@@ -215,3 +215,16 @@ def test_bad_model_arguments_and_inputs_name_the_argument():
         model(tokens(2, 3, TINY.vocab_size), gate_scale=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="delta_scale"):
         model.set_delta_scale(float("nan"))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    t = tokens(2, 9, TINY.vocab_size)
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(TINY, V2).train()
+        model.gradient_checkpointing = checkpointing
+        model(t).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.trainable_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

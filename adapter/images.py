@@ -1,0 +1,89 @@
+"""Reading images from users: a path, a PIL image or a numpy array, in any mode, with clear errors.
+
+Everything ends up as an 8-bit RGB PIL image. Files that are not images, truncated files and images
+above a pixel limit (decompression bombs) are refused with the file named.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+MAX_PIXELS = 64_000_000  # about 8000 x 8000; larger images are refused rather than decoded
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+def load_image(image: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image from a path, a PIL image or an array ([H, W], [H, W, 3|4], uint8/uint16/float)."""
+    if isinstance(image, (str, os.PathLike)):
+        return _open(Path(image), max_pixels)
+    if isinstance(image, np.ndarray):
+        return to_rgb(_from_array(image), max_pixels, "image")
+    if isinstance(image, Image.Image):
+        return to_rgb(image, max_pixels, "image")
+    raise ValueError(f"image: expected a path, a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"image: {path} does not exist")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as opened:
+            _check_size(opened, max_pixels, str(path))
+            opened.load()
+            return to_rgb(opened, max_pixels, str(path))
+    except UnidentifiedImageError as error:
+        raise ValueError(f"image: {path} is not an image file") from error
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"image: {path} could not be decoded ({error}); is it truncated?") from error
+
+
+def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(f"image: {name} has {width}x{height} pixels, more than the limit of {max_pixels:,}")
+    if width == 0 or height == 0:
+        raise ValueError(f"image: {name} is empty ({width}x{height})")
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"image: array of shape {array.shape}; expected [H, W], [H, W, 3] or [H, W, 4]")
+    if array.dtype == np.uint8:
+        scaled = array
+    elif array.dtype == np.uint16:
+        scaled = (array >> 8).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("image: array has NaN or infinite values")
+        scaled = (np.clip(array, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    else:
+        raise ValueError(f"image: array dtype {array.dtype}; expected uint8, uint16 or float in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(scaled))
+
+
+def to_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "image") -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white (as a viewer shows it)."""
+    _check_size(image, max_pixels, name)
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray((np.clip(array / peak, 0, 1) * 255 + 0.5).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        return _from_array(np.asarray(image, dtype=np.float32)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
