@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GATE_ACTIVATIONS = ("tanh", "raw")
+VISUAL_KINDS = ("none", "v1", "v2")
+CHANNEL_ORDERS = ("rgb", "bgr")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 BIAS_TARGETS = ("wq", "wo", "w1", "w2", "w3")
 
@@ -88,6 +90,12 @@ class AdapterArgs:
     v1: `prompt_len` prompt tokens for each of the top `prompt_layers` layers and a zero-init gate per head.
     v2 adds zero-init biases (`bias`), tunable norms (`norm`), optional LoRA (`lora_rank` > 0) and the
     ones-init `new_gate` that the official LORA-BIAS checkpoints carry.
+
+    `visual` adds a visual prompt read from CLIP features and added to every layer's adaption prompt:
+    "v2" (official multimodal: projected CLIP tokens, `prompt_len` visual queries, `visual_depth`
+    transformer blocks), or "v1" (the paper's ScienceQA variant: the CLIP global feature, projected).
+    `clip_model` names the open_clip tower it reads; `channel_order` "bgr" reproduces the official v2
+    models, which were trained on images read by OpenCV.
     """
 
     prompt_len: int = 10
@@ -98,6 +106,14 @@ class AdapterArgs:
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)
     new_gate: bool = False
+    visual: str = "none"
+    clip_model: str = "ViT-L-14-quickgelu"
+    clip_dim: int = 768
+    visual_dim: int = 768
+    visual_depth: int = 8
+    visual_heads: int = 16
+    visual_mlp_ratio: float = 4.0
+    channel_order: str = "rgb"
 
     def __post_init__(self) -> None:
         _require(isinstance(self.prompt_len, int) and self.prompt_len >= 0, "prompt_len",
@@ -114,6 +130,16 @@ class AdapterArgs:
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         _require(not unknown, "lora_targets", f"unknown linear(s) {unknown}; choose from {LORA_TARGETS}")
         _require(not self.new_gate or self.prompt_layers > 0, "new_gate", "needs adaption prompts (prompt_layers > 0)")
+        _require(self.visual in VISUAL_KINDS, "visual", f"must be one of {VISUAL_KINDS}, got {self.visual!r}")
+        _require(self.visual == "none" or self.prompt_layers > 0, "visual", "needs adaption prompts to add to")
+        _require(self.channel_order in CHANNEL_ORDERS, "channel_order",
+                 f"must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
+        for name in ("clip_dim", "visual_dim", "visual_depth", "visual_heads"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+        _require(self.visual_dim % self.visual_heads == 0, "visual_heads",
+                 f"visual_dim={self.visual_dim} is not divisible by {self.visual_heads}")
+        _require(self.visual_mlp_ratio > 0, "visual_mlp_ratio", f"must be positive, got {self.visual_mlp_ratio}")
 
     @property
     def has_prompts(self) -> bool:

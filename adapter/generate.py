@@ -117,25 +117,36 @@ def stream_batch(
     model: "Transformer",
     prompts: Sequence[str],
     *,
-    image: Any = None,
+    images: Sequence[Any] | None = None,
     template: str | None = None,
     gate_scale: Any = None,
     delta_scale: Any = None,
     **options: Any,
 ) -> Iterator[list[str]]:
-    """For each step, the new text piece of every row (empty for rows that are done)."""
+    """For each step, the new text piece of every row (empty for rows that are done).
+
+    `images` gives one image (path, PIL image, array) or None per prompt; each image is encoded once and
+    its visual prompt reaches every adapter layer through the gated prompt path.
+    """
     tokenizer = _tokenizer(model)
-    if image is not None:
-        raise ValueError("image: this model has no image encoder; load a multimodal adapter to ask about images")
     if isinstance(prompts, str):
         raise ValueError("prompts: expected a list of strings, got one string")
     request = _request(template, **options)
+    visual_prompt = None
+    if images is not None:
+        if len(images) != len(prompts):
+            raise ValueError(f"images: {len(images)} given for {len(prompts)} prompts (use None for no image)")
+        if any(image is not None for image in images):
+            from .visual import encode_images
+
+            with torch.inference_mode():
+                visual_prompt = encode_images(model, images)
     texts = [apply_template(template, p) for p in prompts]
     ids = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
     streams = [TextStream(tokenizer, request.stop) for _ in ids]
     finished = [False] * len(ids)
     for step_ids in decode_tokens(model, ids, request, gate_scale=gate_scale, delta_scale=delta_scale,
-                                  finished=finished):
+                                  visual_prompt=visual_prompt, finished=finished):
         pieces = []
         for row, token in enumerate(step_ids):
             piece = ""
@@ -160,11 +171,11 @@ def generate_batch(model: "Transformer", prompts: Sequence[str], **kwargs: Any) 
     return answers
 
 
-def stream(model: "Transformer", prompt: str, **kwargs: Any) -> Iterator[str]:
-    """Text pieces of the answer to one prompt, as soon as they are safe to show."""
+def stream(model: "Transformer", prompt: str, image: Any = None, **kwargs: Any) -> Iterator[str]:
+    """Text pieces of the answer to one prompt (about `image`, when given), as soon as they are safe to show."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
-    for pieces in stream_batch(model, [prompt], **kwargs):
+    for pieces in stream_batch(model, [prompt], images=None if image is None else [image], **kwargs):
         if pieces[0]:
             yield pieces[0]
 
@@ -185,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", required=True, help="Meta-format LLaMA folder (params.json, *.pth, tokenizer.model)")
     parser.add_argument("--adapter", help="adapter file or folder (native format)")
     parser.add_argument("--prompt", required=True, help="the instruction or text to continue")
+    parser.add_argument("--image", help="an image to ask about (needs an adapter with a visual prompt and --clip)")
+    parser.add_argument("--clip", help="CLIP weights for the adapter's image encoder: a local file, or an "
+                                       "open_clip pretrained tag such as 'openai' (downloads)")
+    parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")
     parser.add_argument("--input", help="optional Alpaca input (with --template alpaca)")
     parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
                         help="prompt template (default: alpaca; 'none' feeds the prompt as given)")
@@ -208,12 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .loading import load
 
     try:
-        model = load(args.base, adapter=args.adapter, quantize=args.quantize, device=args.device, dtype=args.dtype)
+        model = load(args.base, adapter=args.adapter, quantize=args.quantize, device=args.device, dtype=args.dtype,
+                     clip=args.clip, clip_model=args.clip_model)
         prompt = apply_template(args.template, args.prompt, args.input)
         pieces = stream(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                         stop=args.stop + (list(STOP_STRINGS) if args.template != "none" else []),
-                        seed=args.seed, gate_scale=args.gate_scale, delta_scale=args.delta_scale)
+                        seed=args.seed, gate_scale=args.gate_scale, delta_scale=args.delta_scale, image=args.image)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()

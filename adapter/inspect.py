@@ -64,9 +64,10 @@ def describe_adapter(path: Path) -> list[str]:
         f"  v2 parts: {', '.join(parts) if parts else 'none (v1)'}",
         f"  parameters {count:,}",
     ]
-    if found.extra:
-        extra = sum(t.numel() for t in found.extra.values())
-        lines.append(f"  visual tensors kept for the image encoder: {len(found.extra)} ({extra:,} values)")
+    if a.visual != "none":
+        lines.append(f"  visual prompt {a.visual}: reads {a.clip_dim}-wide {a.clip_model} tokens, images in "
+                     f"{a.channel_order.upper()} order" + (f", {a.visual_depth} blocks of width {a.visual_dim}"
+                                                           if a.visual == "v2" else ""))
     return lines + gate_rows(found)
 
 

@@ -58,11 +58,16 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
+    clip: str | os.PathLike | None = None,
+    clip_model: str | None = None,
 ) -> Transformer:
     """Load a base LLaMA folder and, optionally, an adapter; returns the model in eval mode.
 
     `adapter` is a file/folder to load, or an `AdapterArgs` for a fresh (zero-init) adapter to train.
     Either path may be `hf:owner/name` to fetch it from the Hugging Face hub (needs network).
+    `clip` gives an adapter with a visual prompt its CLIP tower: a local weights file, or an open_clip
+    pretrained tag such as "openai" (downloads); `clip_model` overrides the open_clip model the adapter
+    names (an open_clip name or a model-config .json).
     """
     mode = check_mode(quantize)
     device = resolve_device(device)
@@ -83,6 +88,8 @@ def load(
         adapter_args = found.args
     else:
         adapter_args = AdapterArgs(prompt_len=0, prompt_layers=0)
+    if clip is not None and adapter_args.visual == "none":
+        raise ValueError("clip: this adapter has no visual prompt, so it cannot use an image encoder")
     with torch.device("meta"):
         model = Transformer(args, adapter_args)
     fill_base(model, checkpoint, dtype=dtype, device=device, quantize=mode)
@@ -90,6 +97,10 @@ def load(
     if found:
         found.apply_to(model)
         model.adapter_format = found.format
+    if clip is not None:
+        from .visual import attach_image_encoder, load_image_encoder
+
+        attach_image_encoder(model, load_image_encoder(clip, clip_model or adapter_args.clip_model))
     model.base_format = checkpoint.format
     model.tokenizer = tokenizer
     model.freeze_base()

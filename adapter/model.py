@@ -250,6 +250,12 @@ class Transformer(nn.Module):
         self.adapter_query = None
         if adapter.has_prompts:
             self.adapter_query = nn.Embedding(adapter.prompt_layers * adapter.prompt_len, args.dim)
+        self.visual_prompt = None  # learned: CLIP features -> added to the prompts (adapter.visual)
+        if adapter.visual != "none":
+            from .visual import build_visual_prompt
+
+            self.visual_prompt = build_visual_prompt(adapter, args.dim)
+        self.image_encoder = None  # frozen CLIP tower, attached by adapter.load(..., clip=...)
         self.tokenizer: Tokenizer | None = None
         self.quantization: str | None = None
         self.base_format: str | None = None  # where the weights came from (set by adapter.load)
@@ -264,7 +270,7 @@ class Transformer(nn.Module):
     def is_adapter_parameter(self, name: str) -> bool:
         """Everything that is learned; the rest is the frozen base."""
         leaf = name.rsplit(".", 1)[-1]
-        return (name.startswith("adapter_query.") or leaf in ("gate", "new_gate", "delta")
+        return (name.startswith(("adapter_query.", "visual_prompt.")) or leaf in ("gate", "new_gate", "delta")
                 or "_delta." in name)
 
     def freeze_base(self) -> None:
@@ -275,11 +281,17 @@ class Transformer(nn.Module):
         """(Re)initialise everything learned so that the model computes exactly its base.
 
         Gates, biases, LoRA up-projections and norm deltas start at zero, `new_gate` at one, prompts and
-        LoRA down-projections at random. With `device`, the tensors are (re)created there in float32,
-        which is how a model built on the `meta` device gets real adapter tensors.
+        LoRA down-projections at random, the visual prompt as its layers initialise themselves. With
+        `device`, the tensors are (re)created there in float32, which is how a model built on the `meta`
+        device gets real adapter tensors.
         """
+        if self.visual_prompt is not None:
+            from .visual import build_visual_prompt
+
+            with torch.device(device or self.adapter_query.weight.device):
+                self.visual_prompt = build_visual_prompt(self.adapter_args, self.args.dim)
         for name, param in list(self.named_parameters()):
-            if not self.is_adapter_parameter(name):
+            if not self.is_adapter_parameter(name) or name.startswith("visual_prompt."):
                 continue
             if device is not None:
                 module_name, _, leaf = name.rpartition(".")

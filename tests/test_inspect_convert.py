@@ -35,7 +35,8 @@ def test_inspect_official_v2_adapter_reports_layers_parts_and_gates(base_folder,
     assert "fits a base with: dim 64, n_layers 4" in out
     assert "prompts: 3 tokens on layers 1..3; gate activation tanh" in out
     assert "v2 parts: bias, norm, LoRA rank 4, new_gate" in out
-    assert "visual tensors kept for the image encoder: 10" in out
+    assert "visual prompt v2: reads 24-wide ViT-L-14-quickgelu tokens, images in BGR order, 2 blocks of width 32" \
+        in out
     m = state["model"]
     gate = m["llama.layers.2.attention.gate"].tanh() * m["llama.layers.2.attention.new_gate"]
     assert f"layer   2: gate mean {gate.mean():+.4f}  min {gate.min():+.4f}  max {gate.max():+.4f}" in out

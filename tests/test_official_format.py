@@ -21,6 +21,11 @@ def rand(*shape, seed=[0]):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed[0]))
 
 
+def seeded_noise(seed):
+    generator = torch.Generator().manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=generator)
+
+
 def logits(model):
     with torch.no_grad():
         return model(TOKENS)
@@ -56,33 +61,43 @@ def test_older_v1_files_with_one_gate_value_share_it_across_heads(base_folder, t
     assert gate.shape == (1, H, 1, 1) and torch.all(gate == state["layers.3.attention.gate"])
 
 
+VISUAL = dict(visual="v2", clip_dim=24, visual_dim=32, visual_depth=2, visual_heads=16, visual_mlp_ratio=2.0,
+              channel_order="bgr", clip_model="ViT-L-14-quickgelu")
+
+
+def official_visual_state(prompt_len=3) -> dict:
+    """The visual keys of a v2 release at tiny size (random values, the official names and shapes)."""
+    from adapter.visual import VisualPromptV2
+
+    noise = seeded_noise(7)
+    module = VisualPromptV2(AdapterArgs(prompt_len=prompt_len, prompt_layers=1, **VISUAL), DIM)
+    return {k: noise(*v.shape) * 0.2 for k, v in module.state_dict().items()}
+
+
 def v2_state(base_folder, lora_rank=0, new_gate=False, prompt_len=3):
     """BIAS-7B / LORA-BIAS-7B(-v21) layout at tiny size: every layer's gate, biases, tuned norms (+ LoRA)."""
     base = torch.load(base_folder / "consolidated.00.pth", weights_only=True)
+    noise = seeded_noise(11)  # the same file whatever ran before
     hidden = TINY.ffn_hidden_dim
-    model = {"adapter_query.weight": rand((N - 1) * prompt_len, DIM), "llama.norm.weight": base["norm.weight"] + rand(DIM) * 0.1}
+    model = {"adapter_query.weight": noise((N - 1) * prompt_len, DIM), "llama.norm.weight": base["norm.weight"] + noise(DIM) * 0.1}
     for layer in range(N):
         p = f"llama.layers.{layer}."
-        model[p + "attention.gate"] = rand(1, H, 1, 1)
-        model[p + "attention.wq.bias"], model[p + "attention.wo.bias"] = rand(DIM) * 0.1, rand(DIM) * 0.1
+        model[p + "attention.gate"] = noise(1, H, 1, 1)
+        model[p + "attention.wq.bias"], model[p + "attention.wo.bias"] = noise(DIM) * 0.1, noise(DIM) * 0.1
         for w, size in (("w1", hidden), ("w2", DIM), ("w3", hidden)):
-            model[p + f"feed_forward.{w}.bias"] = rand(size) * 0.1
+            model[p + f"feed_forward.{w}.bias"] = noise(size) * 0.1
         for norm in ("attention_norm", "ffn_norm"):
-            model[p + f"{norm}.weight"] = base[f"layers.{layer}.{norm}.weight"] + rand(DIM) * 0.1
+            model[p + f"{norm}.weight"] = base[f"layers.{layer}.{norm}.weight"] + noise(DIM) * 0.1
         if lora_rank:
             for w in "qkvo":
-                model[p + f"attention.lora_w{w}_l1.weight"] = rand(lora_rank, DIM) * 0.1
-                model[p + f"attention.lora_w{w}_l2.weight"] = rand(DIM, lora_rank) * 0.1
+                model[p + f"attention.lora_w{w}_l1.weight"] = noise(lora_rank, DIM) * 0.1
+                model[p + f"attention.lora_w{w}_l2.weight"] = noise(DIM, lora_rank) * 0.1
             for w, (i, o) in {"1": (DIM, hidden), "2": (hidden, DIM), "3": (DIM, hidden)}.items():
-                model[p + f"feed_forward.lora_w{w}_l1.weight"] = rand(lora_rank, i) * 0.1
-                model[p + f"feed_forward.lora_w{w}_l2.weight"] = rand(o, lora_rank) * 0.1
+                model[p + f"feed_forward.lora_w{w}_l1.weight"] = noise(lora_rank, i) * 0.1
+                model[p + f"feed_forward.lora_w{w}_l2.weight"] = noise(o, lora_rank) * 0.1
         if new_gate:
-            model[p + "attention.new_gate"] = 1 + rand(1, 1, 1, 1) * 0.2
-    visual = {"clip_proj.weight": rand(16, 8), "clip_proj.bias": rand(16), "clip_proj_norm.weight": rand(16),
-              "clip_proj_norm.bias": rand(16), "visual_query.weight": rand(prompt_len, 16),
-              "visual_blocks.0.attn.qkv.weight": rand(48, 16), "visual_proj.weight": rand(DIM, 16),
-              "visual_proj.bias": rand(DIM), "visual_proj_norm.weight": rand(DIM), "visual_proj_norm.bias": rand(DIM)}
-    model.update(visual)
+            model[p + "attention.new_gate"] = 1 + noise(1, 1, 1, 1) * 0.2
+    model.update(official_visual_state(prompt_len))
     config = {"w_bias": True, "w_lora": bool(lora_rank), "lora_rank": lora_rank or 16}
     return {"model": model, "config": config}
 
@@ -96,7 +111,7 @@ def test_official_v2_layouts_load_every_language_key(base_folder, tmp_path, name
     found = adapter.formats.read_adapter(path)
     model = adapter.load(base_folder, adapter=path, device="cpu")
     assert model.adapter_args == AdapterArgs(prompt_len=3, prompt_layers=N - 1, gate_activation="tanh", bias=True,
-                                             norm=True, lora_rank=lora_rank, new_gate=new_gate)
+                                             norm=True, lora_rank=lora_rank, new_gate=new_gate, **VISUAL)
     m = state["model"]
     block = model.layers[2]
     torch.testing.assert_close(block.attention_norm.weight + block.attention_norm.delta,
@@ -108,7 +123,9 @@ def test_official_v2_layouts_load_every_language_key(base_folder, tmp_path, name
         assert torch.equal(model.layers[0].feed_forward.w3_delta.lora_down.weight,
                            m["llama.layers.0.feed_forward.lora_w3_l1.weight"])
     assert model.layers[0].attention.gate is None and model.layers[1].attention.gate is not None
-    assert set(found.extra) == {k for k in m if not k.startswith(("llama.", "adapter_query"))}
+    visual = {k for k in m if not k.startswith(("llama.", "adapter_query"))}
+    assert {k for k in found.tensors if k.startswith("visual_prompt.")} == {"visual_prompt." + k for k in visual}
+    assert torch.equal(model.visual_prompt.visual_blocks[1].mlp.fc2.weight, m["visual_blocks.1.mlp.fc2.weight"])
     torch.testing.assert_close(logits(model), reference_logits(model, TOKENS), atol=2e-4, rtol=1e-4)
     with torch.no_grad():
         base = adapter.load(base_folder, device="cpu")

@@ -27,7 +27,6 @@ class LoadedAdapter:
     tensors: dict[str, torch.Tensor]
     base_shape: dict[str, int] = field(default_factory=dict)  # subset of dim, n_layers, n_heads, kv_heads
     norm_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (official v2)
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # kept for later use (v2 visual keys)
 
     def check_base(self, args: ModelArgs) -> None:
         """An adapter only fits the base shape it was made for."""

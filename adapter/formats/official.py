@@ -7,7 +7,8 @@ run with the raw gate (the training code used tanh; the inference code multiplie
 v2 (`<sha256>_BIAS-7B.pth`, `LORA-BIAS-7B`, `CAPTION-7B`, `LORA-BIAS-7B-v21`): `{'model': ..., 'config':
 {'w_bias', 'w_lora', 'lora_rank'}}` with `llama.`-prefixed language keys (gates, wq/wo/w1/w2/w3 biases,
 tuned norms, `lora_w*_l1/_l2`, `new_gate`) for all 32 layers, `adapter_query.weight` [310, 4096] for the
-top 31 layers, and the visual keys, which are kept aside for the image encoder. Gates go through tanh.
+top 31 layers, and the visual prompt's keys (`clip_proj`, `visual_query`, `visual_blocks.N`, `visual_proj`).
+Gates go through tanh; images are expected in BGR order, as the official demo read them with OpenCV.
 Only the prompt layers' gates are used by the official model; the others are dropped.
 """
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from ..model import Transformer
 
 DEFAULT_PROMPT_LEN = 10  # the official query_len; the v1 file name says it too ("len10")
+OFFICIAL_VISUAL_HEADS = 16
+OFFICIAL_CLIP_MODEL = "ViT-L-14-quickgelu"  # OpenAI's ViT-L/14, as the official code loads it
 VISUAL_PREFIXES = ("clip_proj", "clip_proj_norm", "visual_query", "visual_blocks", "visual_proj", "visual_proj_norm")
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 _LINEAR_PARENT = {name: ("attention" if name.startswith("w") and name[1] in "qkvo" else "feed_forward")
@@ -152,10 +155,30 @@ def _read_v2(path: Path, model: dict, config: dict) -> LoadedAdapter:
     lora_rank = lora_ranks.pop() if lora_ranks else 0
     if lora_rank and config.get("lora_rank") not in (None, lora_rank):
         raise ValueError(f"{path}: config lora_rank={config['lora_rank']} but the LoRA tensors have rank {lora_rank}")
+    tensors.update({f"visual_prompt.{k}": v.float() for k, v in visual.items()})
     args = AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh", bias=has_bias,
-                       norm=bool(norm_weights), lora_rank=lora_rank, new_gate=has_new_gate)
+                       norm=bool(norm_weights), lora_rank=lora_rank, new_gate=has_new_gate,
+                       **_visual_args(path, visual))
     return LoadedAdapter(path=path, format="official-v2", args=args, tensors=tensors, norm_weights=norm_weights,
-                         base_shape={"dim": query.shape[1], "n_layers": n_layers}, extra=visual)
+                         base_shape={"dim": query.shape[1], "n_layers": n_layers})
+
+
+def _visual_args(path: Path, visual: dict[str, torch.Tensor]) -> dict:
+    """The visual prompt's shape from its tensors (heads are not stored: the official 16 are assumed).
+
+    Official v2 models were trained on OpenCV-read (BGR) images and read ViT-L/14 (OpenAI) tokens."""
+    if not visual:
+        return {}
+    proj = visual.get("clip_proj.weight")
+    if proj is None or proj.dim() != 2:
+        raise ValueError(f"{path}: visual keys present but clip_proj.weight is missing or not a matrix")
+    blocks = {int(k.split(".")[1]) for k in visual if k.startswith("visual_blocks.")}
+    width = proj.shape[0]
+    fc1 = visual.get("visual_blocks.0.mlp.fc1.weight")
+    ratio = fc1.shape[0] / width if fc1 is not None else 4.0
+    return {"visual": "v2", "clip_dim": proj.shape[1], "visual_dim": width, "visual_depth": max(blocks, default=0) + 1,
+            "visual_heads": OFFICIAL_VISUAL_HEADS, "visual_mlp_ratio": ratio, "channel_order": "bgr",
+            "clip_model": OFFICIAL_CLIP_MODEL}
 
 
 def write_official_v1(model: "Transformer", path: str | Path) -> Path:
