@@ -18,6 +18,7 @@ from .formats import open_base, read_adapter
 from .memory import trim_heap
 from .model import Transformer
 from .quantize import FROZEN_LINEARS, check_mode, quantize_linear
+from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -67,8 +68,10 @@ def load(
     Either path may be `hf:owner/name` to fetch it from the Hugging Face hub (needs network).
     `clip` gives an adapter with a visual prompt its CLIP tower: a local weights file, or an open_clip
     pretrained tag such as "openai" (downloads); `clip_model` overrides the open_clip model the adapter
-    names (an open_clip name or a model-config .json).
+    names (an open_clip name or a model-config .json). The shipped tiny model has short names: base "tiny",
+    adapters "tiny-text" (the default with base "tiny") and "tiny-image", clip "tiny" (see adapter.tiny.assets).
     """
+    base, adapter, clip, clip_model = resolve_tiny(base, adapter, clip, clip_model)
     mode = check_mode(quantize)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

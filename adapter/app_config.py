@@ -1,0 +1,185 @@
+"""Flags and environment variables of `python app.py`, checked before any model is loaded.
+
+Every flag has an environment variable (`--clip-model` -> `ADAPTER_CLIP_MODEL`), which is how a Hugging Face
+Space is configured; a flag wins over its variable. A missing file or a combination that cannot work stops
+with one line naming the flag, before minutes are spent loading a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import hub
+from .engine import Engine, device_lock
+from .loading import load, resolve_device, resolve_dtype
+from .quantize import check_mode
+from .tiny.assets import ASSETS as TINY_FOLDER
+from .tiny.assets import BASE_NAME, CLIP_NAME, IMAGE_NAME, TEXT_NAME
+from .tiny.assets import resolve as resolve_tiny
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+CLIP_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+MAX_CONCURRENCY = 64
+MAX_NEW_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What to load and how to serve it."""
+
+    base: str = BASE_NAME  # the embedded tiny model (assets/tiny/), with its text adapter unless --adapter
+    adapter: str | None = None
+    clip: str | None = None
+    clip_model: str | None = None
+    quantize: str = "none"
+    device: str | None = None
+    dtype: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    max_new_tokens: int = 256
+    concurrency: int = 1
+
+
+def env_name(flag: str) -> str:
+    """`clip_model` -> `ADAPTER_CLIP_MODEL`."""
+    return "ADAPTER_" + flag.upper()
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The flags, each defaulting to its environment variable (then to ServeConfig's default)."""
+    defaults = ServeConfig()
+
+    def default(name: str, fallback: object = None) -> object:
+        value = environ.get(env_name(name))
+        return value if value not in (None, "") else fallback
+
+    parser = argparse.ArgumentParser(prog="python app.py", description="The LLaMA-Adapter Gradio app. Every "
+                                     "flag can also be set by its environment variable ADAPTER_<FLAG>.")
+    parser.add_argument("--base", default=default("base", defaults.base),
+                        help=f"base LLaMA folder, hf:owner/name, or '{BASE_NAME}' (the embedded model; default)")
+    parser.add_argument("--adapter", default=default("adapter"),
+                        help=f"adapter file or folder (any format), or the embedded '{TEXT_NAME}' / '{IMAGE_NAME}'")
+    parser.add_argument("--clip", default=default("clip"),
+                        help="CLIP weights for an adapter with a visual prompt: a local file, an open_clip tag "
+                             f"(downloads), or the embedded '{CLIP_NAME}'")
+    parser.add_argument("--clip-model", default=default("clip_model"),
+                        help="open_clip model name or config .json (default: the adapter's)")
+    parser.add_argument("--quantize", default=default("quantize", defaults.quantize),
+                        help="none, nf4 or int8 (the frozen base through bitsandbytes)")
+    parser.add_argument("--device", default=default("device"), help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--dtype", default=default("dtype"), help="float32, bfloat16 or float16")
+    parser.add_argument("--host", default=default("host", environ.get("GRADIO_SERVER_NAME") or defaults.host),
+                        help="address to listen on (default: GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 = all)")
+    parser.add_argument("--port", type=int, default=default("port", environ.get("GRADIO_SERVER_PORT") or defaults.port),
+                        help="port (default: GRADIO_SERVER_PORT, else 7860)")
+    parser.add_argument("--share", action="store_true", default=_truthy(environ.get(env_name("share"))),
+                        help="also serve through a public gradio.live link")
+    parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens),
+                        help="the most tokens one answer may have (the slider's maximum)")
+    parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency),
+                        help="requests in flight at once (default 1); decoding itself is one at a time per device")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServeConfig:
+    """Flags over environment variables, checked (ValueError / FileNotFoundError naming the flag)."""
+    environ = os.environ if environ is None else environ
+    args = build_parser(environ).parse_args(argv)
+    config = ServeConfig(**vars(args))
+    check_config(config)
+    return config
+
+
+def check_config(config: ServeConfig) -> None:
+    """Everything that can be known to fail before loading: files, combinations, ranges."""
+    _check_base(config.base)
+    if config.adapter is not None:
+        _check_file("adapter", config.adapter, TEXT_NAME, IMAGE_NAME)
+    if config.clip is not None:
+        if config.adapter is None:
+            raise ValueError("--clip: needs an --adapter with a visual prompt (the CLIP tower feeds it)")
+        is_path = os.sep in config.clip or config.clip.endswith(CLIP_WEIGHT_SUFFIXES)
+        if is_path or _tiny_name(config.clip, CLIP_NAME):
+            _check_file("clip", config.clip, CLIP_NAME)
+    if config.clip_model is not None:
+        if config.clip is None:
+            raise ValueError("--clip-model: only used together with --clip")
+        if config.clip_model.endswith(".json") and not Path(config.clip_model).is_file():
+            raise FileNotFoundError(f"--clip-model: {config.clip_model} does not exist")
+    _flag("quantize", check_mode, config.quantize)
+    device = _flag("device", resolve_device, config.device)
+    _flag("dtype", lambda dtype: resolve_dtype(dtype, device), config.dtype)
+    if not 1 <= config.port <= 65535:
+        raise ValueError(f"--port: must be between 1 and 65535, got {config.port}")
+    if not 1 <= config.max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--max-new-tokens: must be between 1 and {MAX_NEW_TOKENS}, got {config.max_new_tokens}")
+    if not 1 <= config.concurrency <= MAX_CONCURRENCY:
+        raise ValueError(f"--concurrency: must be between 1 and {MAX_CONCURRENCY}, got {config.concurrency}")
+
+
+def tiny_available() -> bool:
+    return TINY_FOLDER.is_dir()
+
+
+def _tiny_name(value: str, *names: str) -> bool:
+    """A short name of the embedded model (a local file or folder of that name wins, as in adapter.load)."""
+    return value in names and not Path(value).exists()
+
+
+def _require_tiny(flag: str) -> None:
+    if not tiny_available():
+        raise FileNotFoundError(f"--{flag}: the embedded tiny model is not built yet ({TINY_FOLDER} is missing: "
+                                f"`python -m adapter.tiny build`); pass --{flag} PATH or set {env_name(flag)}")
+
+
+def _check_base(base: str) -> None:
+    if _tiny_name(base, BASE_NAME):
+        _require_tiny("base")
+    elif not _is_hub(base):
+        path = Path(base)
+        if not path.exists():
+            raise FileNotFoundError(f"--base: {base} does not exist")
+        if not path.is_dir():
+            raise ValueError(f"--base: {base} is not a folder (a base is a folder with params.json or config.json)")
+
+
+def _check_file(flag: str, value: str, *tiny_names: str) -> None:
+    if _tiny_name(value, *tiny_names):
+        _require_tiny(flag)
+    elif not _is_hub(value) and not Path(value).exists():
+        raise FileNotFoundError(f"--{flag}: {value} does not exist")
+
+
+def _is_hub(value: str) -> bool:
+    return value.startswith(hub.PREFIX)
+
+
+def _flag(name: str, check, value):
+    """Run a library check, renaming its error to the flag."""
+    try:
+        return check(value)
+    except ValueError as error:
+        message = str(error).split(": ", 1)[-1]
+        raise ValueError(f"--{name.replace('_', '-')}: {message}") from None
+
+
+def load_engine(config: ServeConfig) -> Engine:
+    """Load the model `config` names and wrap it in an Engine holding its device's lock.
+
+    The embedded model's short names are resolved here, so that the Model tab shows its real files and its
+    training gate plot is looked for next to the real adapter."""
+    base, adapter, clip, clip_model = resolve_tiny(config.base, config.adapter, config.clip, config.clip_model)
+    model = load(base, adapter=adapter, quantize=config.quantize, device=config.device, dtype=config.dtype,
+                 clip=clip, clip_model=clip_model)
+    device = model.tok_embeddings.weight.device
+    return Engine(model, device_lock(device), max_new_tokens=config.max_new_tokens, base=str(base),
+                  adapter=None if adapter is None else str(adapter))

@@ -1,0 +1,280 @@
+"""Serving logic behind the Gradio app (`app.py`), importable and testable without gradio.
+
+One `Engine` wraps one loaded model. Every request carries its own `Settings` (gate scale, delta scale,
+sampling), passed to generation per call, so concurrent users never change each other's answers; the
+model's global scales are never touched. Generation holds the device's lock while it decodes and stops as
+soon as its generator is closed (the user pressed stop or went away), which releases the lock.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .generate import stream_batch
+from .images import load_image
+from .prompts import STOP_STRINGS, alpaca, chat, image_question
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .model import Transformer
+
+MAX_QUESTION_CHARS = 4000
+MAX_SCALE = 2.0
+MAX_TEMPERATURE = 2.0
+
+
+def _number(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
+    """A finite number in [low, high] (or (low, high]), else a ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name}: must be in {bracket}{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """An integer (whole floats allowed, as sliders and JSON send them) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"{name}: expected a whole number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: must be {bound}, got {value!r}")
+    return int(value)
+
+
+def check_text(value: Any, name: str = "question") -> str:
+    """A non-empty question of at most MAX_QUESTION_CHARS characters."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected text, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name}: is empty; type a question first")
+    if len(value) > MAX_QUESTION_CHARS:
+        raise ValueError(f"{name}: {len(value):,} characters is too long (at most {MAX_QUESTION_CHARS:,})")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one request may choose: gate/delta scales and sampling. Validated on construction."""
+
+    gate_scale: float = 1.0
+    delta_scale: float = 1.0
+    temperature: float = 0.1
+    top_p: float = 0.75
+    max_new_tokens: int = 128
+    seed: int | None = 0  # the same seed gives the same answer, so the gate alone changes it
+
+    def __post_init__(self) -> None:
+        checked = {
+            "gate_scale": _number("gate_scale", self.gate_scale, 0.0, MAX_SCALE),
+            "delta_scale": _number("delta_scale", self.delta_scale, 0.0, MAX_SCALE),
+            "temperature": _number("temperature", self.temperature, 0.0, MAX_TEMPERATURE),
+            "top_p": _number("top_p", self.top_p, 0.0, 1.0, low_open=True),
+            "max_new_tokens": _integer("max_new_tokens", self.max_new_tokens, 1),
+            "seed": None if self.seed is None else _integer("seed", self.seed, 0),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def sampling(self) -> dict[str, Any]:
+        """Keyword arguments for `adapter.generate` other than the scales."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+                "seed": self.seed, "stop": STOP_STRINGS}
+
+
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+def device_lock(device: str | torch.device) -> threading.Lock:
+    """The one lock of a device: two models on one GPU (or the CPU) never decode at the same time.
+
+    A plain Lock, not an RLock: gradio runs each step of a streamed answer in whichever worker thread is
+    free, so the thread that releases it may not be the one that acquired it.
+    """
+    key = str(torch.device(device))
+    with _DEVICE_LOCKS_GUARD:
+        return _DEVICE_LOCKS.setdefault(key, threading.Lock())
+
+
+class Engine:
+    """Answers chat, image and side-by-side requests from one model; shows its gates."""
+
+    def __init__(self, model: Transformer, lock: threading.Lock | None = None, *, max_new_tokens: int = 256,
+                 base: str | None = None, adapter: str | None = None) -> None:
+        if model.tokenizer is None:
+            raise ValueError("model: has no tokenizer; load it with adapter.load(...)")
+        self.model = model
+        self.device = model.tok_embeddings.weight.device
+        self.lock = lock if lock is not None else device_lock(self.device)
+        self.max_new_tokens = _integer("max_new_tokens", max_new_tokens, 1)
+        self.base = base
+        self.adapter = adapter
+
+    # ----- what the model can do ----------------------------------------------------------------------
+    @property
+    def can_see_images(self) -> bool:
+        return self.model.visual_prompt is not None and self.model.image_encoder is not None
+
+    @property
+    def has_gates(self) -> bool:
+        return self.model.adapter_query is not None
+
+    def check(self, settings: Settings) -> Settings:
+        """The per-server limit on top of the Settings' own checks."""
+        if settings.max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"max_new_tokens: must be between 1 and {self.max_new_tokens}, "
+                             f"got {settings.max_new_tokens}")
+        return settings
+
+    # ----- answering -------------------------------------------------------------------------------------
+    def chat_prompt(self, history: Sequence[tuple[str, str]], message: str, settings: Settings) -> str:
+        """The chat prompt, dropping the oldest turns until it leaves room for the answer."""
+        message = check_text(message, "message")
+        turns = list(history)
+        while True:
+            prompt = chat(turns, message)
+            if not turns or self._fits(prompt, settings.max_new_tokens):
+                break
+            turns.pop(0)
+        self._require_room(prompt, "message")
+        return prompt
+
+    def image_prompt(self, question: str) -> str:
+        return image_question(check_text(question))
+
+    def chat(self, history: Sequence[tuple[str, str]], message: str, settings: Settings) -> Iterator[str]:
+        """The answer so far, growing as tokens are decoded (each item is the whole answer up to now).
+
+        Checks the request now (ValueError) and decodes only while the result is iterated.
+        """
+        prompt = self.chat_prompt(history, message, self.check(settings))
+        return _each(self._generate([prompt], settings, settings.gate_scale, settings.delta_scale), itemgetter(0))
+
+    def ask_image(self, image: Any, question: str, settings: Settings) -> Iterator[str]:
+        """The answer to a question about `image`; an adapter that cannot see answers from the text alone."""
+        prompt = self.image_prompt(question)
+        self.check(settings)
+        self._require_room(prompt, "question")
+        images = None
+        if self.can_see_images:
+            if image is None:
+                raise ValueError("image: upload an image first")
+            images = [load_image(image)]
+        rows = self._generate([prompt], settings, settings.gate_scale, settings.delta_scale, images)
+        return _each(rows, itemgetter(0))
+
+    def compare(self, question: str, settings: Settings) -> Iterator[tuple[str, str]]:
+        """(frozen base, adapted) answers so far, decoded together in one batch of two rows.
+
+        The base row has gate and delta scale 0, which is exactly the frozen base model.
+        """
+        prompt = alpaca(check_text(question))
+        self.check(settings)
+        self._require_room(prompt, "question")
+        rows = self._generate([prompt, prompt], settings, [0.0, settings.gate_scale], [0.0, settings.delta_scale])
+        return _each(rows, tuple)
+
+    def _generate(self, prompts: list[str], settings: Settings, gate_scale: Any, delta_scale: Any,
+                  images: list[Any] | None = None) -> Iterator[list[str]]:
+        """Whole answers so far, one per prompt. The lock is held until this generator ends or is closed;
+        closing it stops decoding at the current token."""
+        answers = [""] * len(prompts)
+        yielded = False
+        with self.lock, closing(stream_batch(self.model, prompts, images=images, gate_scale=gate_scale,
+                                             delta_scale=delta_scale, **settings.sampling())) as steps:
+            for pieces in steps:
+                if any(pieces):
+                    answers = [answer + piece for answer, piece in zip(answers, pieces)]
+                    yielded = True
+                    yield answers
+        if not yielded:
+            yield answers
+
+    def _fits(self, prompt: str, new_tokens: int) -> bool:
+        return len(self.model.tokenizer.encode(prompt)) + new_tokens <= self.model.args.max_seq_len
+
+    def _require_room(self, prompt: str, name: str) -> None:
+        if not self._fits(prompt, 1):
+            limit = self.model.args.max_seq_len
+            raise ValueError(f"{name}: too long for this model's context of {limit} tokens; shorten it")
+
+    # ----- seeing the gates ------------------------------------------------------------------------------
+    def gate_heatmap(self, scale: float) -> Figure:
+        """The effective gates [prompt_layers, n_heads] at `scale`, as a matplotlib figure."""
+        from .gate_view import draw_gates
+
+        scale = _number("gate_scale", scale, 0.0, MAX_SCALE)
+        return draw_gates(self.model.effective_gates(gate_scale=scale), self.model.first_prompt_layer, scale)
+
+    def token_shares(self, prompt_text: str, answer: str, settings: Settings,
+                     image: Any = None) -> list[tuple[str, float]]:
+        """Each piece of `answer` with the share of attention output that came through the prompts when
+        it was produced (averaged over adapter layers), from one forward pass over prompt + answer."""
+        from .gate_view import prompt_shares
+
+        if not answer:
+            return []
+        images = [load_image(image)] if image is not None and self.can_see_images else None
+        with self.lock:
+            return prompt_shares(self.model, prompt_text, answer, settings.gate_scale, settings.delta_scale, images)
+
+    def training_plot(self) -> Path | None:
+        """`gates.png` written by `adapter.finetune` next to this adapter, if there is one."""
+        from .gate_view import find_gate_plot
+
+        return find_gate_plot(self.adapter)
+
+    def model_info(self) -> dict[str, Any]:
+        """What is loaded and how much memory it takes."""
+        model = self.model
+        info: dict[str, Any] = {
+            "base": self.base, "adapter": self.adapter, "base_format": model.base_format,
+            "adapter_format": model.adapter_format, "quantization": model.quantization or "none",
+            "device": str(self.device), "dtype": str(model.tok_embeddings.weight.dtype).replace("torch.", ""),
+            "parameters": model.count_parameters(), "trainable_parameters": model.count_parameters(trainable_only=True),
+            "adapter_layers": model.adapter_args.prompt_layers if self.has_gates else 0,
+            "prompt_len": model.adapter_args.prompt_len if self.has_gates else 0,
+            "sees_images": self.can_see_images,
+            "image_encoder": model.image_encoder.name if model.image_encoder is not None else None,
+            "max_seq_len": model.args.max_seq_len, "max_new_tokens": self.max_new_tokens,
+            "process_memory_mb": round(process_memory_mb(), 1),
+        }
+        if self.device.type == "cuda":
+            info["cuda_allocated_mb"] = round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
+            info["cuda_reserved_mb"] = round(torch.cuda.memory_reserved(self.device) / 2**20, 1)
+        return info
+
+
+def _each(rows: Iterator[list[str]], pick: Callable[[list[str]], Any]) -> Iterator[Any]:
+    """`pick(row)` for each row; closing this closes `rows` at once, which stops decoding and frees the lock."""
+    with closing(rows):
+        for row in rows:
+            yield pick(row)
+
+
+def process_memory_mb() -> float:
+    """Resident memory of this process now (VmRSS); the peak (ru_maxrss) where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024

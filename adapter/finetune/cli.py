@@ -1,0 +1,64 @@
+"""`python -m adapter.finetune`: train an adapter on Alpaca-style (or LLaVA-style) data.
+
+Single process, or one process per GPU with `torchrun --nproc_per_node N -m adapter.finetune ...`.
+Bad arguments, bad records and a diverging loss are reported on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import EXPORTS, MODES, TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(base="", data="", out="")  # the defaults, in one place
+    p = argparse.ArgumentParser(prog="python -m adapter.finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="base LLaMA folder (Meta or HF format)")
+    p.add_argument("--data", required=True, help="JSON list or JSONL of {instruction, input?, output} or LLaVA records")
+    p.add_argument("--image-folder", help="folder that LLaVA records' 'image' paths are relative to")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, plots, adapter/")
+    p.add_argument("--mode", choices=MODES, default=d.mode, help="v1: prompts + gates; v2: + biases, norms, LoRA")
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    p.add_argument("--prompt-layers", type=int, default=d.prompt_layers, help="capped at the base's layers")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="v2 LoRA rank (0 = none)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--blr", type=float, default=d.blr, help="base lr; lr = blr * batch-size / 256")
+    p.add_argument("--lr", type=float, help="absolute peak lr (overrides --blr)")
+    p.add_argument("--min-lr", type=float, default=d.min_lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step, all processes")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="examples per forward pass")
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="longer examples are cut")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm, 0 = off")
+    p.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none", help="4/8-bit frozen base")
+    p.add_argument("--device", help="e.g. cpu, cuda (default: cuda when available; torchrun: one GPU per process)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="base dtype")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (default: every epoch)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--export", choices=EXPORTS, help="also write the adapter in this format")
+    p.add_argument("--max-steps", type=int, help="stop after this optimizer step (for tests and debugging)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = vars(build_parser().parse_args(argv))
+    options["quantize"] = None if options["quantize"] == "none" else options["quantize"]
+    from .step import TrainingStopped
+    from .trainer import train
+
+    try:
+        train(TrainConfig(**options))
+    except (ValueError, FileNotFoundError, TrainingStopped) as error:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, every process has the same error
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

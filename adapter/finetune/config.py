@@ -1,0 +1,129 @@
+"""What a fine-tuning run is asked to do, validated before anything is read or written.
+
+The defaults reproduce the official LLaMA-Adapter v1 Alpaca recipe: 10 prompt tokens on the top 30 layers,
+5 epochs of which 2 warm-up, AdamW with base lr 9e-3 scaled by batch/256, weight decay 0.02, batch 64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import AdapterArgs
+from ..quantize import check_mode
+
+MODES = ("v1", "v2", "vision")
+EXPORTS = ("peft", "official-v1")
+# settings that may change between an interrupted run and its --resume without changing what it computes
+# (the data file may move: its content is checked by hash)
+RESUMABLE_CHANGES = ("data", "out", "resume", "max_steps", "save_every", "export", "progress", "device",
+                     "gradient_checkpointing")
+
+
+def _require(condition: bool, flag: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{flag}: {message}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One fine-tuning run; field `batch_size` is the command line's `--batch-size`, and so on."""
+
+    base: str
+    data: str
+    out: str
+    image_folder: str | None = None
+    mode: str = "v1"
+    prompt_len: int = 10
+    prompt_layers: int = 30
+    lora_rank: int = 0
+    epochs: int = 5
+    warmup_epochs: float = 2.0
+    blr: float = 9e-3
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.02
+    batch_size: int = 64
+    micro_batch_size: int = 4
+    max_seq_len: int = 512
+    val_fraction: float = 0.05
+    seed: int = 0
+    clip_grad: float = 1.0
+    quantize: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    gradient_checkpointing: bool = False
+    save_every: int | None = None  # optimizer steps; None = once per epoch (and always at the end)
+    resume: bool = False
+    export: str | None = None
+    max_steps: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.mode in MODES, "--mode", f"must be one of {MODES}, got {self.mode!r}")
+        for flag in ("prompt_len", "prompt_layers", "epochs", "batch_size", "micro_batch_size", "max_seq_len"):
+            value = getattr(self, flag)
+            _require(_positive_int(value), _flag(flag), f"must be a positive integer, got {value!r}")
+        _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "--lora-rank",
+                 f"must be a non-negative integer, got {self.lora_rank!r}")
+        _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
+        _require(self.max_seq_len >= 2, "--max-seq-len", "must be at least 2 (one token and its successor)")
+        _require(self.batch_size % self.micro_batch_size == 0, "--batch-size",
+                 f"{self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}")
+        _require(0 <= self.warmup_epochs <= self.epochs, "--warmup-epochs",
+                 f"must be between 0 and --epochs {self.epochs}, got {self.warmup_epochs}")
+        for flag in ("blr", "min_lr", "weight_decay", "clip_grad"):
+            _require(getattr(self, flag) >= 0, _flag(flag), f"must not be negative, got {getattr(self, flag)}")
+        _require(self.lr is None or self.lr > 0, "--lr", f"must be positive, got {self.lr}")
+        _require(self.lr is not None or self.blr > 0, "--blr", "must be positive (or give --lr)")
+        _require(0 <= self.val_fraction < 1, "--val-fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _require(self.save_every is None or _positive_int(self.save_every), "--save-every",
+                 f"must be a positive integer, got {self.save_every!r}")
+        _require(self.max_steps is None or _positive_int(self.max_steps), "--max-steps",
+                 f"must be a positive integer, got {self.max_steps!r}")
+        _require(self.export is None or self.export in EXPORTS, "--export",
+                 f"must be one of {EXPORTS}, got {self.export!r}")
+        try:
+            check_mode(self.quantize)
+        except ValueError as error:
+            raise ValueError(f"--{error}") from error
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate: --lr, else the official rule blr * batch / 256."""
+        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def changed_since(self, saved: dict[str, Any]) -> list[str]:
+        """The flags that differ from a checkpoint's config and would change what the run computes."""
+        mine = self.to_dict()
+        return [_flag(key) for key in mine if key not in RESUMABLE_CHANGES and saved.get(key) != mine[key]]
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def adapter_args_for(mode: str, prompt_len: int, prompt_layers: int, lora_rank: int = 0) -> AdapterArgs:
+    """What each --mode trains: v1 prompts + tanh gates; v2 adds zero-init biases, norms and optional LoRA."""
+    if mode == "v1":
+        return AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh")
+    if mode == "v2":
+        return AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh", bias=True,
+                           norm=True, lora_rank=lora_rank)
+    if mode == "vision":
+        raise ValueError("--mode vision: needs the image adapter (adapter.visual, CLIP visual prompts), which is not "
+                         "available yet; train the language parts with --mode v2")
+    raise ValueError(f"--mode: must be one of {MODES}, got {mode!r}")

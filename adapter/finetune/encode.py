@@ -1,0 +1,37 @@
+"""One example as token ids and labels, as the official recipe builds them.
+
+The prompt and the response are tokenized together (`encode(prompt + response)`, BOS first, EOS appended),
+then the first `len(encode(prompt))` labels are ignored: the loss is on the response and its EOS only.
+Positions that hold no target (prompt, padding) carry IGNORE_INDEX, never a real token id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..tokenizer import Tokenizer
+from .records import Example
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    tokens: list[int]
+    labels: list[int]  # labels[t] is the target of the logits at t - 1 (shifted in the loss)
+    image: Path | None = None
+
+    @property
+    def targets(self) -> int:
+        """How many positions the loss is taken on."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+def encode_example(example: Example, tokenizer: Tokenizer, max_seq_len: int) -> tuple[Encoded, bool]:
+    """(tokens and labels cut to `max_seq_len`, whether anything was cut off)."""
+    tokens = tokenizer.encode(example.prompt + example.response, bos=True, eos=False) + [tokenizer.eos_id]
+    prompt_len = min(len(tokenizer.encode(example.prompt, bos=True, eos=False)), len(tokens))
+    labels = [IGNORE_INDEX] * prompt_len + tokens[prompt_len:]
+    truncated = len(tokens) > max_seq_len
+    return Encoded(tokens[:max_seq_len], labels[:max_seq_len], example.image), truncated

@@ -1,0 +1,64 @@
+"""What a run tells people: one-line notices, a progress bar, and `OUT/log.jsonl`, one JSON object per line:
+
+    {"type": "start", "step": 0, "steps": ..., "first_prompt_layer": ..., "config": {...}, ...}
+    {"type": "train", "step": 1, "epoch": 0.05, "loss": ..., "lr": ..., "tokens_per_s": ..., "grad_norm": ...,
+     "gates": [[per head] per prompt layer]}
+    {"type": "val", "step": 20, "epoch": 1.0, "val_loss": ...}
+    {"type": "end", "step": ..., "adapter": "OUT/adapter/adapter.safetensors"}
+
+Only the main process writes; the others get a log that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..formats.common import atomic_write
+
+LOG = "log.jsonl"
+
+
+def notice(text: str, enabled: bool = True) -> None:
+    if enabled:
+        print(text, file=sys.stderr, flush=True)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop what was logged after `step` (the checkpoint a run resumes from): those steps are redone."""
+    kept = [r for r in read_log(path) if r.get("step", 0) <= step]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+
+class RunLog:
+    """Appends records to the JSONL log and keeps the progress bar up to date (main process only)."""
+
+    def __init__(self, path: Path | None, total_steps: int, start_step: int, progress: bool) -> None:
+        self.path = path
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=path is None or not progress)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def step(self, record: dict[str, Any]) -> None:
+        self.write(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,176 @@
+"""Reading training data: Alpaca-style instruction records and LLaVA-style image conversations.
+
+Every record is checked before training starts and all bad ones are reported together, each with its
+file and line (JSONL) or index (JSON list), so that a 52k-record file is fixed in one pass rather than
+one crash at a time. Each good record becomes one or more (prompt, response) examples; a conversation
+gives one per `gpt` turn, prompted with the chat template over the turns before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..prompts import alpaca, chat
+
+IMAGE_MARKER = "<image>"
+ROLES = ("human", "gpt")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: the loss is taken on `response` (and the EOS after it) only."""
+
+    prompt: str
+    response: str
+    image: Path | None = None
+
+
+class DataError(ValueError):
+    """Bad records in a data file; the message lists every one of them."""
+
+
+def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[list[Example]]:
+    """The examples of each record of a JSON list or JSONL file (one list per record, in file order).
+
+    Raises DataError naming every bad record (location and reason), or the file when it is unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data: {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"--data: cannot read {path} ({error})") from error
+    folder = Path(image_folder) if image_folder is not None else None
+    if folder is not None and not folder.is_dir():
+        raise FileNotFoundError(f"--image-folder: {folder} is not a folder")
+    records, problems = [], []
+    for location, value, error in _entries(path, text):
+        reasons = [error] if error else []
+        examples = [] if error else _parse(value, folder, reasons)
+        if reasons:
+            problems.append(f"{location}: {'; '.join(reasons)}")
+        else:
+            records.append(examples)
+    if problems:
+        raise DataError(f"--data: {path} has {len(problems)} bad record(s); nothing was trained:\n  "
+                        + "\n  ".join(problems))
+    if not records:
+        raise DataError(f"--data: {path} holds no records")
+    return records
+
+
+def _entries(path: Path, text: str) -> Iterator[tuple[str, Any, str | None]]:
+    """(location, record, parse error) for a JSON list (by index) or JSONL (by line, blank lines skipped)."""
+    if text.lstrip().startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"--data: {path} is not valid JSON ({error})") from error
+        if not isinstance(values, list):
+            raise DataError(f"--data: {path} must hold a JSON list of records")
+        for index, value in enumerate(values):
+            yield f"{path} [index {index}]", value, None
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line), None
+        except json.JSONDecodeError as error:
+            yield f"{path}:{number}", None, f"not valid JSON ({error.msg} at column {error.colno})"
+
+
+def _parse(record: Any, folder: Path | None, reasons: list[str]) -> list[Example]:
+    """The examples of one record; appends what is wrong with it to `reasons` instead of raising."""
+    if not isinstance(record, dict):
+        reasons.append(f"expected a JSON object, got {_kind(record)}")
+        return []
+    if "conversations" in record:
+        image = _image(record, folder, reasons)
+        pairs = _conversation(record["conversations"], reasons)
+        history: list[tuple[str, str]] = []
+        examples = []
+        for question, answer in pairs:
+            examples.append(Example(chat(history, question), answer, image))
+            history.append((question, answer))
+        return examples
+    if "image" in record:
+        reasons.append("'image' is only read with 'conversations' (LLaVA layout)")
+    instruction = _string(record, "instruction", reasons)
+    if instruction is not None and not instruction.strip():
+        reasons.append("empty 'instruction'")
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        reasons.append(f"'input' must be a string, got {_kind(extra)}")
+    output = _string(record, "output", reasons)
+    if reasons:
+        return []
+    return [Example(alpaca(instruction, extra), output)]
+
+
+def _string(record: dict, key: str, reasons: list[str]) -> str | None:
+    if key not in record:
+        reasons.append(f"missing '{key}'")
+        return None
+    value = record[key]
+    if not isinstance(value, str):
+        reasons.append(f"'{key}' must be a string, got {_kind(value)}")
+        return None
+    return value
+
+
+def _image(record: dict, folder: Path | None, reasons: list[str]) -> Path | None:
+    if "image" not in record:
+        return None
+    name = record["image"]
+    if not isinstance(name, str) or not name:
+        reasons.append(f"'image' must be a file name, got {_kind(name)}")
+        return None
+    if folder is None:
+        reasons.append(f"image {name!r} needs --image-folder")
+        return None
+    path = folder / name
+    if not path.is_file():
+        reasons.append(f"image file {path} does not exist")
+    return path
+
+
+def _conversation(turns: Any, reasons: list[str]) -> list[tuple[str, str]]:
+    """(human, gpt) pairs of alternating turns that start with a human and end with gpt; `<image>` removed."""
+    if not isinstance(turns, list) or not turns:
+        reasons.append(f"'conversations' must be a non-empty list of turns, got {_kind(turns)}")
+        return []
+    values = []
+    for index, turn in enumerate(turns):
+        where = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            reasons.append(f"{where}: expected an object with 'from' and 'value', got {_kind(turn)}")
+            continue
+        role, value = turn.get("from"), turn.get("value")
+        expected = ROLES[index % 2]
+        if role not in ROLES:
+            reasons.append(f"{where}: 'from' must be 'human' or 'gpt', got {role!r}")
+        elif role != expected:
+            reasons.append(f"{where}: expected a {expected!r} turn (turns alternate, human first), got {role!r}")
+        if not isinstance(value, str):
+            reasons.append(f"{where}: 'value' must be a string, got {_kind(value)}")
+            continue
+        value = value.replace(IMAGE_MARKER, "").strip() if expected == "human" else value
+        if expected == "human" and not value:
+            reasons.append(f"{where}: empty human turn")
+        values.append(value)
+    if len(turns) % 2:
+        reasons.append(f"'conversations' has {len(turns)} turns; it must end with a 'gpt' turn")
+    return list(zip(values[::2], values[1::2]))
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

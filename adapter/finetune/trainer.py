@@ -1,0 +1,252 @@
+"""`train(config)`: everything is read and checked first (data, base, resume state), so that a bad record or
+flag stops the run before any file is written; then the loop of optimizer steps, checkpoints and logs.
+
+The position in the data is the optimizer step alone: every epoch has the same number of steps and its
+order is recomputed from (seed, epoch), so a resumed run replays exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import hub
+from ..formats import open_base
+from ..formats.native import save_adapter
+from ..loading import load, resolve_device
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from . import checkpoint, distributed
+from .batching import collate, epoch_batches, eval_batches, shard
+from .config import TrainConfig, adapter_args_for
+from .dataset import Dataset, build_dataset
+from .encode import Encoded
+from .export import check_export, export_official_v1
+from .logs import LOG, RunLog, notice, read_log, trim_log
+from .optimizer import build_optimizer
+from .plots import plot_gates, plot_loss
+from .records import read_records
+from .schedule import learning_rate
+from .step import TrainingStopped, evaluate, optimizer_step, require_image_encoder
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    adapter: Path  # the final adapter, native format (OUT/adapter/adapter.safetensors)
+    steps: int  # optimizer steps done in all (including before a resume)
+    train_losses: list[float] = field(default_factory=list)  # of the steps this call ran
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) computed by this call
+    exports: dict[str, Path] = field(default_factory=dict)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune an adapter as `config` says; under torchrun, every process calls this."""
+    device = resolve_device(config.device)
+    processes = distributed.start(device)
+    try:
+        return _Run(config, processes, distributed.local_device(device, processes)).run()
+    finally:
+        distributed.stop(processes)
+
+
+def base_args(base: str):
+    """The base's shape without loading its weights (to fit the adapter to its number of layers)."""
+    found = open_base(hub.resolve(base, "base"))
+    return found.model_args(Tokenizer(found.tokenizer_path).n_words)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, processes: distributed.Processes, device: torch.device) -> None:
+        self.config, self.processes, self.device = config, processes, device
+        self.out = config.out_path
+        self.main = processes.is_main
+        self.resume_from = self._check_out()
+        records = read_records(config.data, config.image_folder)
+        self.data_sha256 = _sha256(config.data)
+        saved = self._check_resume() if self.resume_from else None
+        self.model = self._load_model()
+        check_export(config.export, self.model.adapter_args)
+        self.data = self._build_data(records)
+        self.steps_per_epoch = len(self._order(0))  # the same for every epoch
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
+        self.step, self.saved_step = 0, None
+        if saved is not None:
+            checkpoint.restore(self.resume_from, self.optimizer, saved)
+            self.step = self.saved_step = saved.step
+            self._check_order(saved)
+        self.model.gradient_checkpointing = config.gradient_checkpointing
+        self.model.train()
+        self.wrapped = distributed.wrap(self.model, processes)
+
+    # ----- checks, before anything is written --------------------------------------------------------
+    def _check_out(self) -> Path | None:
+        found = checkpoint.latest(self.out)
+        if self.config.resume and found is None:
+            raise ValueError(f"--resume: {self.out} holds no checkpoint to resume from")
+        if not self.config.resume and (found is not None or (self.out / LOG).exists()):
+            raise ValueError(f"--out: {self.out} already holds a training run; pass --resume to continue it or "
+                             "choose another folder")
+        return found
+
+    def _check_resume(self) -> checkpoint.TrainerState:
+        saved = checkpoint.read_state(self.resume_from)
+        changed = self.config.changed_since(saved.config)
+        if changed:
+            raise ValueError(f"--resume: {', '.join(changed)} differ(s) from the run in {self.resume_from}; "
+                             "resume with the same settings or start a new run")
+        if saved.data_sha256 != self.data_sha256:
+            raise ValueError(f"--data: {self.config.data} has changed since the checkpoint {self.resume_from}")
+        return saved
+
+    def _load_model(self) -> Transformer:
+        config = self.config
+        if self.resume_from is not None:
+            adapter = self.resume_from / checkpoint.ADAPTER
+        else:
+            n_layers = base_args(config.base).n_layers
+            layers = min(config.prompt_layers, n_layers)
+            if layers < config.prompt_layers:
+                notice(f"--prompt-layers {config.prompt_layers} is more than the base's {n_layers} layers; "
+                       f"using {layers}", self.main)
+            adapter = adapter_args_for(config.mode, config.prompt_len, layers, config.lora_rank)
+        torch.manual_seed(config.seed)  # the same fresh prompts in every process
+        random.seed(config.seed)
+        model = load(config.base, adapter=adapter, quantize=config.quantize, device=self.device, dtype=config.dtype)
+        if config.max_seq_len > model.args.max_seq_len:
+            raise ValueError(f"--max-seq-len: {config.max_seq_len} is more than the base's max_seq_len="
+                             f"{model.args.max_seq_len}")
+        return model
+
+    def _build_data(self, records) -> Dataset:
+        config = self.config
+        data = build_dataset(records, self.model.tokenizer, config.max_seq_len, config.val_fraction, config.seed)
+        if data.has_images:
+            require_image_encoder(self.model)
+        notice(f"data: {len(records)} records -> {len(data.train)} training and {len(data.val)} validation "
+               f"examples; {data.truncated} longer than --max-seq-len {config.max_seq_len} were cut"
+               + (f" ({data.emptied} of them before their response: they teach nothing)" if data.emptied else ""),
+               self.main)
+        return data
+
+    def _check_order(self, saved: checkpoint.TrainerState) -> None:
+        if self.step < self.total_steps and self._order(saved.epoch) != saved.order:
+            raise ValueError(f"--resume: the batch order of epoch {saved.epoch} differs from the checkpoint's "
+                             f"({self.resume_from}); the data or the batch settings have changed")
+
+    # ----- the loop ----------------------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[list[list[int]]]:
+        c = self.config
+        return epoch_batches([len(e.tokens) for e in self.data.train], c.batch_size, c.micro_batch_size, c.seed, epoch)
+
+    def run(self) -> TrainResult:
+        config, main = self.config, self.main
+        end = min(self.total_steps, config.max_steps or self.total_steps)
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.saved_step is not None:
+                trim_log(self.out / LOG, self.saved_step)
+        notice(f"training {self.model.count_parameters(trainable_only=True):,} parameters ({config.mode}) for "
+               f"{self.total_steps} steps ({self.steps_per_epoch} per epoch), peak lr {config.learning_rate:.3g}, "
+               f"{self.processes.world} process(es)" + (f", resuming at step {self.step}" if self.step else ""), main)
+        log = RunLog(self.out / LOG if main else None, self.total_steps, self.step, config.progress)
+        if self.saved_step is None:
+            log.write({"type": "start", "step": 0, "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                       "first_prompt_layer": self.model.first_prompt_layer, "world_size": self.processes.world,
+                       "lr": config.learning_rate, "train_examples": len(self.data.train),
+                       "val_examples": len(self.data.val), "truncated": self.data.truncated,
+                       "config": config.to_dict()})
+        result = TrainResult(self.out, self.out / "adapter" / checkpoint.ADAPTER, self.step)
+        val_step = None
+        try:
+            order, order_epoch = None, None
+            while self.step < end:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                if order_epoch != epoch:
+                    order, order_epoch = self._order(epoch), epoch
+                record = self._train_step(order[in_epoch])
+                result.train_losses.append(record["loss"])
+                log.step(record)
+                if self.step % self.steps_per_epoch == 0 and self.data.val:
+                    val_step = self._validate(log, result)
+                if self.step % (config.save_every or self.steps_per_epoch) == 0:
+                    self._save()
+            if self.data.val and val_step != self.step:
+                self._validate(log, result)
+            if self.saved_step != self.step:
+                self._save()
+        except TrainingStopped as error:
+            log.write({"type": "stopped", "step": self.step + 1, "reason": str(error)})
+            log.close()
+            kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out / checkpoint.FOLDER}"
+                    if self.saved_step is not None else "no checkpoint had been written yet")
+            raise TrainingStopped(f"{error}; {kept}") from error
+        result.steps = self.step
+        self._finish(result, log)
+        return result
+
+    def _train_step(self, step_batches: list[list[int]]) -> dict:
+        config, train = self.config, self.data.train
+        started = time.perf_counter()
+        mine = [collate([train[i] for i in ids], self.device) for ids in shard(step_batches, self.processes.rank,
+                                                                              self.processes.world)]
+        examples = [train[i] for ids in step_batches for i in ids]
+        lr = learning_rate(self.step, self.steps_per_epoch, config.learning_rate, config.min_lr,
+                           config.warmup_epochs, config.epochs)
+        outcome = optimizer_step(self.wrapped, self.optimizer, mine, sum(e.targets for e in examples), self.processes,
+                                 lr=lr, clip_grad=config.clip_grad, step=self.step + 1)
+        self.step += 1
+        tokens = sum(len(e.tokens) for e in examples)
+        return {"type": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": outcome.loss,
+                "lr": lr, "grad_norm": outcome.grad_norm, "tokens": tokens,
+                "tokens_per_s": tokens / (time.perf_counter() - started),
+                "gates": [[float(f"{g:.6g}") for g in layer] for layer in self.model.effective_gates().tolist()]}
+
+    def _validate(self, log: RunLog, result: TrainResult) -> int:
+        val: list[Encoded] = self.data.val
+        ids = eval_batches([len(e.tokens) for e in val], self.config.micro_batch_size, self.processes.rank,
+                           self.processes.world)
+        loss = evaluate(self.wrapped, [collate([val[i] for i in b], self.device) for b in ids],
+                        sum(e.targets for e in val), self.processes)
+        log.write({"type": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": loss})
+        result.val_losses.append((self.step, loss))
+        return self.step
+
+    def _save(self) -> None:
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        order = self._order(epoch) if self.step < self.total_steps else []
+        state = checkpoint.TrainerState(self.step, epoch, in_epoch, order, self.config.to_dict(), self.data_sha256)
+        checkpoint.check_finite(self.model, self.step)  # in every process, so that they all stop together
+        if self.main:
+            checkpoint.save(self.out, self.model, self.optimizer, state)
+        self.processes.barrier()
+        self.saved_step = self.step
+
+    def _finish(self, result: TrainResult, log: RunLog) -> None:
+        """The final adapter, exports, plots: main process only; the others wait for it."""
+        log.close()
+        if self.main:
+            save_adapter(self.model, self.out / "adapter")
+            if self.config.export == "official-v1":
+                result.exports["official-v1"] = export_official_v1(self.model, self.out)
+            log.write({"type": "end", "step": self.step, "adapter": str(result.adapter),
+                       "exports": {k: str(v) for k, v in result.exports.items()}})
+            records = read_log(self.out / LOG)
+            plot_loss(records, self.out / "loss.png")
+            plot_gates(records, self.out / "gates.png", self.model.first_prompt_layer)
+            notice(f"adapter written to {result.adapter}; log, loss.png and gates.png in {self.out}")
+        self.processes.barrier()

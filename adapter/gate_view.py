@@ -1,0 +1,108 @@
+"""Making the gates visible: a heatmap of the effective gates, and how much of each answer token came
+through the adaption prompts (the per-token share `Transformer.step(..., record=...)` reports).
+
+Figures are drawn on matplotlib's Agg canvas directly: no display, no global backend, nothing kept alive
+in pyplot's registry between requests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .text_stream import TextStream
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .model import Transformer
+
+GATE_PLOT = "gates.png"
+
+
+def draw_gates(gates: torch.Tensor, first_layer: int, scale: float) -> Figure:
+    """Heatmap of `gates` [prompt_layers, n_heads]; the colour range is symmetric around zero."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.0, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if gates.numel() == 0:
+        axes.text(0.5, 0.5, "this model has no adaption prompts (no gates)", ha="center", va="center")
+        axes.set_axis_off()
+        return figure
+    values = gates.numpy()
+    limit = max(float(abs(values).max()), 1e-6)
+    image = axes.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    axes.set_xlabel("head")
+    axes.set_ylabel("layer")
+    axes.set_xticks(range(values.shape[1]))
+    axes.set_yticks(range(values.shape[0]), [str(first_layer + i) for i in range(values.shape[0])])
+    axes.set_title(f"effective gates at gate scale {scale:g}")
+    figure.colorbar(image, ax=axes, label="gate")
+    figure.tight_layout()
+    return figure
+
+
+def prompt_shares(model: Transformer, prompt: str, answer: str, gate_scale: float, delta_scale: float,
+                  images: list[Any] | None = None) -> list[tuple[str, float]]:
+    """(piece, share) for the answer's tokens, from one no-grad forward over prompt + answer.
+
+    A token's share is that of the position that predicted it (the one before it), averaged over the adapter
+    layers: how much of the attention output came through the prompts when it was chosen. Byte-fallback
+    tokens of one character are merged into one piece with their mean share.
+    """
+    tokenizer = model.tokenizer
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    answer_ids = tokenizer.encode(answer, bos=False, eos=False)
+    answer_ids = answer_ids[: max(0, model.args.max_seq_len - len(prompt_ids))]
+    if not answer_ids:
+        return []
+    tokens = torch.tensor([prompt_ids + answer_ids], device=model.tok_embeddings.weight.device)
+    record: list[torch.Tensor] = []
+    with torch.inference_mode():
+        visual = None
+        if images:
+            from .visual import encode_images
+
+            visual = encode_images(model, images)
+        cache = model.new_cache(1, tokens.shape[1], visual_prompt=visual)
+        model.step(tokens, cache, gate_scale=gate_scale, delta_scale=delta_scale, record=record)
+    if record:
+        per_position = torch.stack(record).float().mean(0)[0].cpu()
+        shares = per_position[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(answer_ids)].tolist()
+    else:
+        shares = [0.0] * len(answer_ids)
+    return _pieces(tokenizer, answer_ids, shares)
+
+
+def _pieces(tokenizer, ids: list[int], shares: list[float]) -> list[tuple[str, float]]:
+    stream = TextStream(tokenizer)
+    pieces, pending = [], []
+    for token, share in zip(ids, shares):
+        pending.append(share)
+        piece = stream.push(token)
+        if piece:
+            pieces.append((piece, sum(pending) / len(pending)))
+            pending = []
+    tail = stream.finish()
+    if tail and pending:
+        pieces.append((tail, sum(pending) / len(pending)))
+    return pieces
+
+
+def find_gate_plot(adapter: str | os.PathLike | None) -> Path | None:
+    """The `gates.png` that `adapter.finetune` writes into its run folder (the adapter's folder or the one
+    above it), if present."""
+    if adapter is None or str(adapter).startswith("hf:"):
+        return None
+    path = Path(adapter)
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder / GATE_PLOT, folder.parent / GATE_PLOT):
+        if candidate.is_file():
+            return candidate
+    return None

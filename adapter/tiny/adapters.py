@@ -1,0 +1,61 @@
+"""Training the tiny model's adapters with `adapter.finetune`, the same code users run, and copying the
+final adapter into the assets folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .recipe import AdapterSettings
+
+VISION_MISSING = ("the image stage needs adapter.finetune to train visual prompts: TrainConfig(mode='vision', clip=, "
+                  "clip_model=, visual=, visual_dim=, visual_depth=, visual_heads=) loading the base with its CLIP "
+                  "tower; this adapter.finetune has no such mode yet, so the stage cannot run")
+
+
+def train_adapter(settings: AdapterSettings, base: Path, data: Path, run: Path, seed: int, *, max_seq_len: int,
+                  image_folder: Path | None = None, clip: tuple[Path, Path] | None = None) -> Path:
+    """One fine-tuning run in `run` (a fresh folder); returns the native adapter it wrote.
+
+    With `clip` (weights, model config), the run trains a visual prompt of kind `settings.visual`.
+    """
+    from ..finetune import TrainConfig, train
+
+    options = dict(base=str(base), data=str(data), out=str(run), mode="v1", prompt_len=settings.prompt_len,
+                   prompt_layers=settings.prompt_layers, epochs=settings.epochs,
+                   warmup_epochs=settings.warmup_epochs, lr=settings.lr, min_lr=settings.lr / 20,
+                   batch_size=settings.batch_size, micro_batch_size=settings.batch_size, max_seq_len=max_seq_len,
+                   val_fraction=0.02, seed=seed, weight_decay=0.0, device="cpu", progress=False)
+    if clip is not None:
+        vision = dict(mode="vision", image_folder=str(image_folder), clip=str(clip[0]), clip_model=str(clip[1]),
+                      visual=settings.visual, visual_dim=settings.visual_dim, visual_depth=settings.visual_depth,
+                      visual_heads=settings.visual_heads)
+        if not set(vision) <= set(TrainConfig.__dataclass_fields__):
+            raise NotImplementedError(VISION_MISSING)
+        options.update(vision)
+    if run.exists():
+        shutil.rmtree(run)
+    return train(TrainConfig(**options)).adapter
+
+
+def install(adapter_file: Path, folder: Path) -> Path:
+    """Copy a run's adapter (and its adapter.json) into an assets folder, its header made canonical."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in (adapter_file, adapter_file.with_name("adapter.json")):
+        shutil.copyfile(source, folder / source.name)
+    return canonical_header(folder / adapter_file.name)
+
+
+def canonical_header(path: Path) -> Path:
+    """Rewrite a safetensors header with sorted keys, the tensor bytes untouched.
+
+    safetensors writes the metadata in hash-map order, which changes from one process to the next; the
+    build promises the same bytes on every rebuild.
+    """
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8: 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + size:])
+    return path

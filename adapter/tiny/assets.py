@@ -1,0 +1,48 @@
+"""Where the shipped tiny model lives (assets/tiny/) and the short names `adapter.load` accepts for it:
+
+    adapter.load("tiny")                          base + text adapter
+    adapter.load("tiny", adapter="tiny-image")    base + image adapter + its CLIP tower
+    adapter.load(base, adapter=..., clip="tiny")  the tiny CLIP tower (and its model config) for any adapter
+
+A name only means the shipped files when no file or folder of that name exists, so local paths win.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "tiny"
+BASE, TEXT, IMAGE, CLIP, EXAMPLES = "base", "text", "image", "clip", "examples"
+CLIP_CONFIG, CLIP_WEIGHTS = "clip/tiny-clip.json", "clip/visual.safetensors"
+BASE_NAME, TEXT_NAME, IMAGE_NAME, CLIP_NAME = "tiny", "tiny-text", "tiny-image", "tiny"
+
+PathLike = str | os.PathLike
+
+
+def _named(value: object, name: str) -> bool:
+    return isinstance(value, str) and value == name and not Path(value).exists()
+
+
+def _shipped(relative: str, root: Path) -> Path:
+    path = root / relative
+    if not path.exists():
+        raise FileNotFoundError(f"tiny model: {path} does not exist; build it with `python -m adapter.tiny build`")
+    return path
+
+
+def resolve(base: PathLike, adapter: object, clip: PathLike | None, clip_model: str | None,
+            root: Path = ASSETS) -> tuple[PathLike, object, PathLike | None, str | None]:
+    """(base, adapter, clip, clip_model) with the tiny model's names replaced by its files; the rest as given."""
+    if _named(base, BASE_NAME):
+        base = _shipped(BASE, root)
+        adapter = TEXT_NAME if adapter is None else adapter
+    if _named(adapter, TEXT_NAME):
+        adapter = _shipped(TEXT, root)
+    elif _named(adapter, IMAGE_NAME):
+        adapter = _shipped(IMAGE, root)
+        clip = CLIP_NAME if clip is None else clip
+    if _named(clip, CLIP_NAME):
+        clip = _shipped(CLIP_WEIGHTS, root)
+        clip_model = clip_model or str(_shipped(CLIP_CONFIG, root))
+    return base, adapter, clip, clip_model

@@ -1,0 +1,54 @@
+"""`python -m adapter.tiny build|eval`: rebuild the shipped tiny model from its seed, or measure it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .assets import ASSETS
+from .build import STAGES
+from .recipe import RECIPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adapter.tiny", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="train everything and write the assets folder")
+    build.add_argument("--out", type=Path, default=ASSETS, help="assets folder (default: assets/tiny)")
+    build.add_argument("--work", type=Path, default=Path("build/tiny"), help="corpus, training files, runs")
+    build.add_argument("--stages", default=",".join(STAGES),
+                       help=f"comma-separated subset of {','.join(STAGES)} (each reads what earlier ones wrote)")
+    evaluate = commands.add_parser("eval", help="held-out accuracy at gate scales 0..2; plot, card, BENCHMARKS.md")
+    evaluate.add_argument("--out", type=Path, default=ASSETS, help="assets folder to evaluate (default: assets/tiny)")
+    evaluate.add_argument("--write", type=Path, default=Path("BENCHMARKS.md"), help="benchmarks file to update")
+    for sub in (build, evaluate):
+        sub.add_argument("--scale", choices=sorted(RECIPES), default="full", help="recipe (micro: a few steps)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    recipe = RECIPES[options.scale]
+    try:
+        if options.command == "build":
+            from .build import Build
+
+            manifest = Build(recipe, options.out, options.work).run(options.stages.split(","))
+            print(f"built {options.out} in {manifest['build_seconds'] / 60:.1f} min of stage time")
+        else:
+            from .build import deterministic
+            from .card import write_card
+            from .evaluate import evaluate
+            from .report import ACCURACY_PNG, write_accuracy, write_benchmarks
+
+            deterministic(recipe.threads)
+            results, counts = evaluate(recipe.seed, recipe.eval_per_category, recipe.gate_scales, options.out)
+            write_accuracy(results, options.out, counts)
+            write_benchmarks(results, counts, options.write, options.out / ACCURACY_PNG)
+            write_card(options.out)
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,90 @@
+"""Exact-answer accuracy of the tiny model on held-out scenes, at several gate scales.
+
+Greedy decoding; an answer counts when the generated text, stripped of surrounding whitespace, is exactly
+the expected string. Text questions get the scene as the Alpaca input; image questions get the picture
+and the plain question (`adapter.image_question`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..generate import generate_batch
+from ..loading import load
+from ..model import Transformer
+from ..prompts import STOP_STRINGS, alpaca, image_question
+from .assets import ASSETS, BASE_NAME, IMAGE, IMAGE_NAME, TEXT_NAME, resolve
+from .questions import IMAGE_CATEGORIES, TEXT_CATEGORIES, Question, image_questions, text_questions
+from .world import render
+
+MAX_NEW_TOKENS = 16
+Accuracy = dict[str, dict[str, float]]  # gate scale (as text) -> category (and "all") -> fraction correct
+
+
+def held_out(kind: str, seed: int, per_category: int) -> list[Question]:
+    """Up to `per_category` distinct held-out questions of each category (arithmetic has few distinct sums)."""
+    categories = TEXT_CATEGORIES if kind == "text" else IMAGE_CATEGORIES
+    make = text_questions if kind == "text" else image_questions
+    pool = make(seed + 10, "held-out", per_category * len(categories) * 3)
+    chosen: dict[str, list[Question]] = {c: [] for c in categories}
+    seen = set()
+    for question in pool:
+        key = (question.question, question.input, question.scene)
+        bucket = chosen[question.category]
+        if key not in seen and len(bucket) < per_category:
+            seen.add(key)
+            bucket.append(question)
+    return [q for c in categories for q in chosen[c]]
+
+
+def answers(model: Transformer, questions: Sequence[Question], gate_scale: float, images: bool,
+            batch_size: int = 64) -> list[str]:
+    """Greedy answers, stripped, in the order of `questions`."""
+    out = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start: start + batch_size]
+        if images:
+            prompts = [image_question(q.question) for q in chunk]
+            pictures = [render(q.scene) for q in chunk]
+        else:
+            prompts = [alpaca(q.question, q.input) for q in chunk]
+            pictures = None
+        got = generate_batch(model, prompts, images=pictures, gate_scale=gate_scale, temperature=0.0,
+                             max_new_tokens=MAX_NEW_TOKENS, stop=list(STOP_STRINGS))
+        out += [a.strip() for a in got]
+    return out
+
+
+def accuracy(model: Transformer, questions: Sequence[Question], gate_scales: Sequence[float], images: bool,
+             log: Callable[[str], None] = print) -> Accuracy:
+    """Per gate scale: the fraction answered exactly, per category and over all questions."""
+    result: Accuracy = {}
+    for scale in gate_scales:
+        got = answers(model, questions, scale, images)
+        right: dict[str, list[bool]] = {}
+        for question, answer in zip(questions, got):
+            right.setdefault(question.category, []).append(answer == question.answer)
+        row = {c: sum(v) / len(v) for c, v in right.items()}
+        row["all"] = sum(a == q.answer for q, a in zip(questions, got)) / len(questions)
+        result[f"{scale:g}"] = row
+        log(f"{'image' if images else 'text'} questions, gate scale {scale:g}: {row['all']:.1%} exact")
+    return result
+
+
+def evaluate(seed: int, per_category: int, gate_scales: Sequence[float], root: Path = ASSETS,
+             log: Callable[[str], None] = print) -> tuple[dict[str, Accuracy], dict[str, int]]:
+    """(accuracy, number of questions) of text and image questions for the tiny model in `root` (the shipped
+    one by default); an image adapter that has not been built yet is skipped."""
+    results, counts = {}, {}
+    kinds = ["text"] + (["image"] if (root / IMAGE).exists() else [])
+    if len(kinds) == 1:
+        log(f"no image adapter in {root}; image questions skipped")
+    for kind in kinds:
+        base, adapter, clip, clip_model = resolve(BASE_NAME, TEXT_NAME if kind == "text" else IMAGE_NAME, None, None,
+                                                  root=root)
+        model = load(base, adapter=adapter, clip=clip, clip_model=clip_model, device="cpu")
+        questions = held_out(kind, seed, per_category)
+        results[kind] = accuracy(model, questions, gate_scales, images=kind == "image", log=log)
+        counts[kind] = len(questions)
+    return results, counts

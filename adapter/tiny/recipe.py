@@ -1,0 +1,74 @@
+"""Every number of the tiny model's recipe in one place: `FULL` (what assets/tiny is built with) and `MICRO`
+(a few steps of each stage, for the end-to-end test)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .clip import ClipSettings
+from .pretrain import PretrainSettings
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """One `python -m adapter.finetune` run."""
+
+    examples: int
+    epochs: int
+    batch_size: int
+    lr: float
+    prompt_len: int
+    prompt_layers: int
+    warmup_epochs: float = 0.2
+    visual: str = "none"  # "v1" | "v2" for the image adapter
+    visual_dim: int = 128
+    visual_depth: int = 2
+    visual_heads: int = 4
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int
+    threads: int
+    documents: int  # corpus lines
+    vocab_size: int  # an upper bound; the corpus decides (see vocab.py)
+    dim: int
+    n_layers: int
+    n_heads: int
+    max_seq_len: int
+    pretrain: PretrainSettings
+    clip: ClipSettings
+    text: AdapterSettings
+    image: AdapterSettings
+    eval_per_category: int  # held-out questions per category
+    gate_scales: tuple[float, ...] = field(default=tuple(i / 4 for i in range(9)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FULL = Recipe(
+    seed=0, threads=2, documents=50_000, vocab_size=1024, dim=256, n_layers=6, n_heads=8, max_seq_len=256,
+    pretrain=PretrainSettings(steps=1000, batch_size=16, lr=3e-3, warmup=50),
+    clip=ClipSettings(embed_dim=128, width=128, layers=4, text_width=128, text_layers=2, context_length=48,
+                      steps=400, batch_size=128, lr=2e-3, warmup=40),
+    text=AdapterSettings(examples=8000, epochs=2, batch_size=32, lr=2e-2, prompt_len=10, prompt_layers=6),
+    image=AdapterSettings(examples=8000, epochs=2, batch_size=32, lr=2e-2, prompt_len=10, prompt_layers=6,
+                          visual="v2"),
+    eval_per_category=100,
+)
+
+MICRO = Recipe(
+    seed=0, threads=2, documents=300, vocab_size=400, dim=32, n_layers=2, n_heads=2, max_seq_len=256,
+    pretrain=PretrainSettings(steps=3, batch_size=4, lr=3e-3, warmup=1),
+    clip=ClipSettings(embed_dim=16, width=32, layers=1, text_width=32, text_layers=1, context_length=48,
+                      steps=2, batch_size=8, lr=1e-3, warmup=1),
+    text=AdapterSettings(examples=24, epochs=1, batch_size=8, lr=1e-2, prompt_len=2, prompt_layers=2),
+    image=AdapterSettings(examples=16, epochs=1, batch_size=8, lr=1e-2, prompt_len=2, prompt_layers=2, visual="v2",
+                          visual_dim=32, visual_depth=1, visual_heads=2),
+    eval_per_category=2, gate_scales=(0.0, 1.0),
+)
+
+RECIPES = {"full": FULL, "micro": MICRO}

@@ -1,0 +1,43 @@
+"""Questions written as the files `python -m adapter.finetune` reads: Alpaca records for the text adapter,
+LLaVA records (one rendered PNG each) for the image adapter.
+
+Answers are stored with a leading space (" red"): the response then starts a new word right after
+"### Response:", so it tokenizes as the word the base model knows ("▁red") rather than as pieces of it;
+decoding drops that space again, so generated answers are exactly "red".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .questions import Question
+from .world import render
+
+
+def alpaca_record(question: Question) -> dict[str, str]:
+    record = {"instruction": question.question, "output": " " + question.answer}
+    if question.input:
+        record["input"] = question.input
+    return record
+
+
+def write_text_records(questions: list[Question], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(alpaca_record(q)) + "\n" for q in questions))
+    return path
+
+
+def write_image_records(questions: list[Question], path: Path, image_folder: Path) -> Path:
+    """One record and one PNG per question (scenes repeat rarely; a shared file would save little)."""
+    image_folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, question in enumerate(questions):
+        name = f"{index:06d}.png"
+        render(question.scene).save(image_folder / name)
+        lines.append(json.dumps({"id": str(index), "image": name, "conversations": [
+            {"from": "human", "value": f"<image>\n{question.question}"},
+            {"from": "gpt", "value": " " + question.answer}]}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+    return path

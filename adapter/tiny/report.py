@@ -1,0 +1,77 @@
+"""What `python -m adapter.tiny eval` writes: OUT/accuracy.json, OUT/accuracy.png (accuracy against gate
+scale) and its own `## ` section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from bench.decode import machine
+from bench.report import replace_section
+
+from ..formats.common import atomic_write
+from .evaluate import Accuracy
+from .questions import IMAGE_CATEGORIES, TEXT_CATEGORIES
+
+HEADING = "Tiny model: exact-answer accuracy on held-out scenes against gate scale"
+ACCURACY_JSON, ACCURACY_PNG = "accuracy.json", "accuracy.png"
+
+
+def write_accuracy(results: dict[str, Accuracy], out: Path, counts: dict[str, int]) -> None:
+    (out / ACCURACY_JSON).write_text(json.dumps({"questions": counts, "accuracy": results}, indent=2) + "\n")
+    plot(results, out / ACCURACY_PNG)
+
+
+def plot(results: dict[str, Accuracy], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.2), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    colours = {"text": "tab:blue", "image": "tab:orange"}
+    for kind, table in results.items():
+        scales = [float(s) for s in table]
+        axes.plot(scales, [100 * row["all"] for row in table.values()], marker="o", linewidth=2.2,
+                  color=colours[kind], label=f"{kind} questions (all)")
+        for category in next(iter(table.values())):
+            if category != "all":
+                axes.plot(scales, [100 * row[category] for row in table.values()], linewidth=0.8, alpha=0.35,
+                          color=colours[kind])
+    axes.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    axes.set_xlabel("gate scale (0 = frozen base, 1 = trained adapter)")
+    axes.set_ylabel("exact answers, % (thin: per category)")
+    axes.set_ylim(-2, 102)
+    axes.set_title("Tiny LLaMA-Adapter on held-out scenes")
+    axes.legend(loc="center right")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def _table(kind: str, table: Accuracy, categories: tuple[str, ...]) -> str:
+    present = [c for c in categories if c in next(iter(table.values()))]
+    lines = [f"| gate scale | {kind}: all | " + " | ".join(present) + " |",
+             "|---|---|" + "---|" * len(present)]
+    for scale, row in table.items():
+        lines.append(f"| {scale} | **{100 * row['all']:.1f}** | " + " | ".join(f"{100 * row[c]:.1f}" for c in present)
+                     + " |")
+    return "\n".join(lines)
+
+
+def section(results: dict[str, Accuracy], counts: dict[str, int], image_path: str) -> str:
+    parts = [f"## {HEADING}\n",
+             f"Machine: {machine()}. Command: `python -m adapter.tiny eval`. Greedy decoding; an answer "
+             "counts when the generated text, stripped, equals the expected string (\"red\", \"3\", \"left\", "
+             "\"red, blue\"). Held-out scenes never reach training (split by a hash of the scene). "
+             f"Questions: {', '.join(f'{n} {k}' for k, n in counts.items())}. Plot: `{image_path}`.\n"]
+    for kind, categories in (("text", TEXT_CATEGORIES), ("image", IMAGE_CATEGORIES)):
+        if kind in results:
+            parts.append(_table(kind, results[kind], categories) + "\n")
+    return "\n".join(parts)
+
+
+def write_benchmarks(results: dict[str, Accuracy], counts: dict[str, int], path: Path, image: Path) -> None:
+    relative = os.path.relpath(image, path.parent)
+    replace_section(path, HEADING, section(results, counts, relative))

@@ -1,0 +1,293 @@
+"""The LLaMA-Adapter Gradio app: chat, image questions, the gate slider, a side-by-side comparison with the
+frozen base, the gates made visible, and what is loaded.
+
+UI only: every model call goes through `adapter.engine`. `python app.py` serves the embedded tiny model on
+CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment variable, see docs/app.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+from PIL import Image
+
+from adapter.app_config import ASSETS, ServeConfig, load_engine, parse_config
+from adapter.engine import MAX_SCALE, MAX_TEMPERATURE, Engine, Settings
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+QUEUE_PER_WORKER = 16  # waiting requests per concurrent slot before "queue is full"
+DEFAULTS = Settings()
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+EXAMPLE_QUESTION = "What is in the picture?"
+MAX_UPLOAD = "20mb"
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A bad request becomes a message for the user (and the API client); the app keeps serving."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        raise gr.Error(str(error)) from None
+
+
+def range_checked_by_settings(slider: gr.Slider) -> None:
+    """Let `Settings` check the slider's range instead of gradio, so that an out-of-range value sent through the
+    API gets an error naming the setting (gradio's own says only "Value 3.0 is greater than ...").
+
+    Done on the instance: gradio writes a .pyi stub next to any file that defines a component subclass."""
+    slider.preprocess = lambda payload: payload
+
+
+def clear_image_errors(image: gr.Image) -> None:
+    """An upload that does not decode gets an error naming it, instead of gradio's internal one with the
+    server's cache path in it (on the instance, as above)."""
+    decode = image.preprocess
+
+    def preprocess(payload: Any) -> Image.Image | None:
+        try:
+            return decode(payload)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise gr.Error(f"image: {name} is not an image file, or it is damaged ({type(error).__name__})") from None
+
+    image.preprocess = preprocess
+
+
+def settings(gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
+             seed: float | None) -> Settings:
+    return Settings(gate_scale=gate, delta_scale=delta, temperature=temperature, top_p=top_p,
+                    max_new_tokens=max_new_tokens, seed=seed)
+
+
+def text_of(content: Any) -> str:
+    """A Chatbot message's text: a string, or gradio's list of content blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Mapping):
+        return str(content.get("text", ""))
+    if isinstance(content, Sequence):
+        return "".join(text_of(part) for part in content)
+    return ""
+
+
+def to_pairs(history: Sequence[Mapping[str, Any]] | None) -> list[tuple[str, str]]:
+    """Chatbot messages -> (user, assistant) turns; a user message without an answer gets ""."""
+    pairs: list[tuple[str, str]] = []
+    for message in history or ():
+        text = text_of(message.get("content"))
+        if message.get("role") == "user":
+            pairs.append((text, ""))
+        elif message.get("role") == "assistant" and pairs:
+            pairs[-1] = (pairs[-1][0], pairs[-1][1] + text)
+    return pairs
+
+
+def to_messages(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [message for user, answer in pairs
+            for message in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
+
+
+class Handlers:
+    """The event functions; each turns UI values into an engine call and engine errors into messages."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def chat(self, message: str, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
+        with user_errors():
+            pairs = to_pairs(history)
+            answers = self.engine.chat(pairs, message, settings(*controls))
+            yield to_messages(pairs + [(message.strip(), "")])  # the question shows before the first token
+            for answer in answers:
+                yield to_messages(pairs + [(message.strip(), answer)])
+
+    def retry(self, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
+        pairs = to_pairs(history)
+        if not pairs:
+            yield history
+            return
+        yield from self.chat(pairs[-1][0], to_messages(pairs[:-1]), *controls)
+
+    def undo(self, history: list) -> tuple[list[dict[str, str]], str]:
+        pairs = to_pairs(history)
+        if not pairs:
+            return [], ""
+        return to_messages(pairs[:-1]), pairs[-1][0]
+
+    def chat_shares(self, history: list, *controls: Any) -> list[tuple[str, float]]:
+        pairs = to_pairs(history)
+        if not pairs or not pairs[-1][1]:
+            return []
+        with user_errors():
+            choice = settings(*controls)
+            prompt = self.engine.chat_prompt(pairs[:-1], pairs[-1][0], choice)
+            return self.engine.token_shares(prompt, pairs[-1][1], choice)
+
+    def ask_image(self, image: Image.Image | None, question: str, *controls: Any) -> Iterator[str]:
+        with user_errors():
+            answers = self.engine.ask_image(image, question, settings(*controls))
+            if image is not None and not self.engine.can_see_images:
+                gr.Warning("This adapter cannot see images: the answer comes from the question alone.")
+            yield from answers
+
+    def image_shares(self, image: Image.Image | None, question: str, answer: str,
+                     *controls: Any) -> list[tuple[str, float]]:
+        if not answer:
+            return []
+        with user_errors():
+            return self.engine.token_shares(self.engine.image_prompt(question), answer, settings(*controls), image)
+
+    def compare(self, question: str, *controls: Any) -> Iterator[tuple[str, str]]:
+        with user_errors():
+            yield from self.engine.compare(question, settings(*controls))
+
+    def gates(self, scale: float) -> Figure:
+        with user_errors():
+            return self.engine.gate_heatmap(scale)
+
+    def model_info(self) -> dict[str, Any]:
+        return self.engine.model_info()
+
+
+def example_images() -> list[str]:
+    """Images shipped in assets/ (never any other server file)."""
+    if not ASSETS.is_dir():
+        return []
+    return sorted(str(p) for p in ASSETS.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:8]
+
+
+def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
+    """The Blocks UI; model work is queued under one concurrency id, so --concurrency bounds all of it."""
+    handlers = Handlers(engine)
+    model_events = {"concurrency_id": "model", "concurrency_limit": config.concurrency}
+    with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False) as demo:
+        gr.Markdown("# LLaMA-Adapter\nA frozen LLaMA with zero-init gated adaption prompts. The **gate scale** "
+                    "sets how much the adapter speaks for the next answer: 0 is the frozen base, 1 the trained "
+                    "adapter, above 1 exaggerated.")
+        gate = gr.Slider(0, MAX_SCALE, value=DEFAULTS.gate_scale, step=0.05, label="Gate scale", elem_id="gate")
+        with gr.Accordion("Advanced", open=False):
+            delta = gr.Slider(0, MAX_SCALE, value=DEFAULTS.delta_scale, step=0.05,
+                              label="Delta scale (v2 biases, LoRA, norms)", elem_id="delta")
+            temperature = gr.Slider(0, MAX_TEMPERATURE, value=DEFAULTS.temperature, step=0.05,
+                                    label="Temperature (0 = greedy)", elem_id="temperature")
+            top_p = gr.Slider(0.05, 1.0, value=DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top_p")
+            max_new = gr.Slider(1, config.max_new_tokens, value=min(DEFAULTS.max_new_tokens, config.max_new_tokens),
+                                step=1, label="Max new tokens", elem_id="max_new_tokens")
+            seed = gr.Number(DEFAULTS.seed, precision=0, label="Seed (same seed and question: only the gate "
+                             "changes the answer)", elem_id="seed")
+        for slider in (gate, delta, temperature, top_p, max_new):
+            range_checked_by_settings(slider)
+        controls = [gate, delta, temperature, top_p, max_new, seed]
+
+        with gr.Tab("Chat"):
+            chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
+            message = gr.Textbox(label="Message", placeholder="Ask something and press Enter", elem_id="message")
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="send")
+                stop = gr.Button("Stop", elem_id="stop")
+                retry = gr.Button("Retry", elem_id="retry")
+                undo = gr.Button("Undo", elem_id="undo")
+                clear = gr.Button("Clear", elem_id="clear")
+            chat_colours = gr.HighlightedText(label="Last answer: share of attention through the adaption "
+                                              "prompts per token", show_legend=True, elem_id="chat_colours")
+        with gr.Tab("Image"):
+            if not engine.can_see_images:
+                gr.Markdown("**This adapter cannot see images**: it has no visual prompt or no CLIP tower "
+                            "(--clip), so answers come from the question alone.")
+            with gr.Row():
+                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                clear_image_errors(image)
+                with gr.Column():
+                    question = gr.Textbox(label="Question", value=EXAMPLE_QUESTION, elem_id="image_question")
+                    with gr.Row():
+                        ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                        image_stop = gr.Button("Stop")
+                    answer = gr.Textbox(label="Answer", lines=5, interactive=False, elem_id="image_answer")
+            examples = example_images()
+            if examples:
+                gr.Examples([[path, EXAMPLE_QUESTION] for path in examples], inputs=[image, question])
+            image_colours = gr.HighlightedText(label="Share of attention through the adaption prompts per token",
+                                               elem_id="image_colours")
+        with gr.Tab("Compare"):
+            gr.Markdown("One click answers at gate 0 (the frozen base) and at the slider's scale, decoded "
+                        "together in one batch.")
+            compare_question = gr.Textbox(label="Question", elem_id="compare_question")
+            with gr.Row():
+                compare_button = gr.Button("Compare", variant="primary")
+                compare_stop = gr.Button("Stop")
+            with gr.Row():
+                base_answer = gr.Textbox(label="Frozen base (gate 0)", lines=6, interactive=False)
+                adapted_answer = gr.Textbox(label="Adapter (gate slider)", lines=6, interactive=False)
+        with gr.Tab("Gates"):
+            heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale")
+            plot = engine.training_plot()
+            if plot is not None:
+                gr.Image(Image.open(plot), label="Gates opening during training (gates.png)", interactive=False)
+        with gr.Tab("Model"):
+            info = gr.JSON(label="Loaded")
+            refresh = gr.Button("Refresh")
+
+        chat_inputs = [message, chatbot, *controls]
+        sent = [send.click(handlers.chat, chat_inputs, chatbot, api_name="chat", **model_events),
+                message.submit(handlers.chat, chat_inputs, chatbot, api_visibility="private", **model_events)]
+        for event in sent:
+            event.success(handlers.chat_shares, [chatbot, *controls], chat_colours, api_visibility="private",
+                          **model_events)
+        for trigger in (send.click, message.submit):
+            trigger(lambda: "", None, message, queue=False, api_visibility="private")
+        retried = retry.click(handlers.retry, [chatbot, *controls], chatbot, api_visibility="private", **model_events)
+        retried.success(handlers.chat_shares, [chatbot, *controls], chat_colours, api_visibility="private",
+                        **model_events)
+        stop.click(None, cancels=[*sent, retried])
+        undo.click(handlers.undo, chatbot, [chatbot, message], queue=False, api_visibility="private")
+        clear.click(lambda: ([], "", []), None, [chatbot, message, chat_colours], queue=False,
+                    api_visibility="private")
+        chatbot.clear(list, None, chat_colours, queue=False, api_visibility="private")  # its own trash icon
+
+        asked = ask.click(handlers.ask_image, [image, question, *controls], answer, api_name="image", **model_events)
+        asked.success(handlers.image_shares, [image, question, answer, *controls], image_colours,
+                      api_visibility="private", **model_events)
+        image_stop.click(None, cancels=[asked])
+
+        compared = compare_button.click(handlers.compare, [compare_question, *controls], [base_answer, adapted_answer],
+                                        api_name="compare", **model_events)
+        compare_stop.click(None, cancels=[compared])
+
+        gate.change(handlers.gates, gate, heatmap, api_name="gates", trigger_mode="always_last")
+        refresh.click(handlers.model_info, None, info, api_name="model_info")
+        demo.load(handlers.gates, gate, heatmap, api_visibility="private")
+        demo.load(handlers.model_info, None, info, api_visibility="private")
+    demo.queue(max_size=QUEUE_PER_WORKER * config.concurrency, default_concurrency_limit=config.concurrency)
+    return demo
+
+
+def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, *,
+          block: bool = True) -> tuple[gr.Blocks, Engine]:
+    """Check the flags, load the model, launch. With block=False it returns at once, the app running (tests)."""
+    config = parse_config(argv, environ)
+    engine = load_engine(config)
+    demo = build_demo(engine, config)
+    demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=True,
+                prevent_thread_lock=not block, allowed_paths=example_images(), max_file_size=MAX_UPLOAD,
+                run_history=False, quiet=not block)
+    return demo, engine
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        serve(argv)
+    except (ValueError, OSError) as error:  # bad flags, missing files, a port in use
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

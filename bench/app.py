@@ -1,0 +1,177 @@
+"""App benchmark, as users see it: `python app.py` start-up time until it answers HTTP, time to first streamed
+token and tokens/s through gradio_client, and p50/p95 latency with 8 clients at once (every answer checked
+complete: equal to the same request made alone). CPU, the app's default --concurrency.
+
+    python -m bench.app [--clients 8] [--max-new-tokens 64] [--write BENCHMARKS.md]
+
+Serves the embedded tiny model when it is built (assets/tiny/), else the random demo model
+(`adapter.random_demo`); the table heading says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from adapter.app_config import TINY_FOLDER, tiny_available
+from adapter.tokenizer import Tokenizer
+from bench.decode import machine
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "Name three shapes and their colours."
+
+
+def model_flags(folder: Path) -> tuple[list[str], Path, str]:
+    """Flags for the app, its tokenizer (to count tokens) and how the model is named in the heading."""
+    if tiny_available():
+        return ["--base", "tiny"], next(TINY_FOLDER.rglob("tokenizer.model")), "embedded tiny model"
+    from adapter.random_demo import write_random_demo
+
+    files = write_random_demo(folder)
+    return (files.flags(), files.base / "tokenizer.model",
+            "random demo model: dim 64, 4 layers, v2 adapter with visual prompt; the tiny model is not built yet")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(flags: list[str], port: int, timeout: float = 300.0) -> tuple[subprocess.Popen, float]:
+    """Start `python app.py` and wait until its page answers; seconds from spawn to ready."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "app.py", *flags, "--port", str(port), "--device", "cpu"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while time.perf_counter() - start < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}: {process.stderr.read().strip()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=1):
+                return process, time.perf_counter() - start
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"app.py was not ready after {timeout:.0f} s")
+
+
+def chat_arguments(max_new_tokens: int) -> list:
+    # message, history, gate, delta, temperature, top_p, max new tokens, seed: greedy, so answers repeat
+    return [QUESTION, [], 1.0, 1.0, 0.0, 0.75, max_new_tokens, 0]
+
+
+def answer_of(history: list) -> str:
+    from app import to_pairs
+
+    return to_pairs(history)[-1][1]
+
+
+def stream_once(url: str, max_new_tokens: int, tokenizer: Tokenizer) -> tuple[float, float, str]:
+    """(time to first streamed token in ms, tokens/s after it, the answer) for one client."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    start = time.perf_counter()
+    job = client.submit(*chat_arguments(max_new_tokens), api_name="/chat")
+    first = None
+    for history in job:  # the first update shows the question; the next ones carry the answer
+        if first is None and answer_of(history):
+            first = time.perf_counter()
+    end = time.perf_counter()
+    answer = answer_of(job.result())
+    tokens = len(tokenizer.encode(answer, bos=False))
+    return (first - start) * 1000, (tokens - 1) / max(end - first, 1e-9), answer
+
+
+def concurrent(url: str, clients: int, max_new_tokens: int) -> tuple[list[float], list[str]]:
+    """Latency (s) and answer of each of `clients` clients asking at the same moment."""
+    from gradio_client import Client
+
+    latencies, answers = [0.0] * clients, [""] * clients
+    barrier = threading.Barrier(clients)
+
+    def user(index: int) -> None:
+        client = Client(url, verbose=False)
+        barrier.wait()
+        start = time.perf_counter()
+        answers[index] = answer_of(client.predict(*chat_arguments(max_new_tokens), api_name="/chat"))
+        latencies[index] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, answers
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.app", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="single-client streaming runs")
+    parser.add_argument("--write", help="replace the app section of this markdown file (e.g. BENCHMARKS.md)")
+    options = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        flags, tokenizer_path, model_name = model_flags(Path(folder))
+        tokenizer = Tokenizer(tokenizer_path)
+        port = free_port()
+        process, ready_s = start_app(flags, port)
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            stream_once(url, options.max_new_tokens, tokenizer)  # warm-up
+            runs = [stream_once(url, options.max_new_tokens, tokenizer) for _ in range(options.repeats)]
+            latencies, answers = concurrent(url, options.clients, options.max_new_tokens)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    alone = runs[0][2]
+    complete = sum(answer == alone for answer in answers)
+    if complete != options.clients:
+        raise RuntimeError(f"only {complete} of {options.clients} concurrent answers equal the answer given alone")
+    first_ms = statistics.median(r[0] for r in runs)
+    rate = statistics.median(r[1] for r in runs)
+    command = "python -m bench.app " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join([
+        f"## App (CPU, gradio_client): {model_name}",
+        "",
+        (f"Machine: {machine()}. Command: `{command.strip()}`. Default `python app.py` settings (--concurrency 1, "
+         f"torch's default threads); greedy answers of {options.max_new_tokens} new tokens at most "
+         f"({len(tokenizer.encode(alone, bos=False))} here). Streaming figures: median of {options.repeats} runs."),
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| `python app.py` start-up until the page answers, s | {ready_s:.1f} |",
+        f"| time to first streamed token, one client, ms | {first_ms:.0f} |",
+        f"| tokens/s after the first, one client | {rate:.0f} |",
+        f"| {options.clients} clients at once: p50 latency, s | {percentile(latencies, 0.5):.2f} |",
+        f"| {options.clients} clients at once: p95 latency, s | {percentile(latencies, 0.95):.2f} |",
+        (f"| {options.clients} clients at once: answers complete (equal to the answer alone) | "
+         f"{complete} / {options.clients} |"),
+        "",
+    ])
+    print(text)
+    if options.write:
+        from bench.report import replace_section
+
+        replace_section(options.write, "App (CPU", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The app through gradio_client, as a program would use it: chat, image questions, compare, gates, model info,
+gate 0 = the frozen base, concurrent users with different gates, stop, and bad inputs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import adapter
+from adapter.prompts import STOP_STRINGS
+from adapter.random_demo import DemoFiles, write_random_demo
+from app import to_pairs
+from tests.app_helpers import GREEDY, MAX_NEW_TOKENS, QUESTION, Served, controls, running_app
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")  # gradio's own pandas use
+
+RED, BLUE = Image.new("RGB", (40, 30), (220, 20, 30)), Image.new("RGB", (40, 30), (20, 40, 220))
+
+
+@pytest.fixture(scope="module")
+def demo_files(base_folder, tmp_path_factory) -> DemoFiles:
+    return write_random_demo(tmp_path_factory.mktemp("demo"), base=base_folder)
+
+
+@pytest.fixture(scope="module")
+def served(demo_files) -> Iterator[Served]:
+    with running_app(demo_files.flags()) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def client(served) -> Client:
+    return Client(served.url, verbose=False)
+
+
+@pytest.fixture
+def decode_steps(served, monkeypatch) -> list[int]:
+    """One entry per forward step the server's model runs during the test."""
+    steps, original = [], served.engine.model.step
+    monkeypatch.setattr(served.engine.model, "step", lambda *a, **k: steps.append(1) or original(*a, **k))
+    return steps
+
+
+def wait_until_free(lock, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not lock.locked(), "the generator was closed and gave the model back"
+
+
+@pytest.fixture(scope="module")
+def base_model(base_folder):
+    """The frozen base alone, to compare gate-0 answers with."""
+    return adapter.load(base_folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    RED.save(folder / "red.png")
+    BLUE.save(folder / "blue.png")
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+def base_answer(model, prompt: str) -> str:
+    return model.generate(prompt, temperature=0.0, max_new_tokens=GREEDY["max_new_tokens"], stop=STOP_STRINGS)
+
+
+def chat(client: Client, message: str, history=(), **scales) -> str:
+    history = client.predict(message, list(history), *controls(**scales), api_name="/chat")
+    return to_pairs(history)[-1][1]
+
+
+def ask(client: Client, path, question: str = "What colour is it?", **scales) -> str:
+    return client.predict(handle_file(str(path)), question, *controls(**scales), api_name="/image")
+
+
+def test_chat_streams_and_keeps_the_conversation(client):
+    job = client.submit(QUESTION, [], *controls(), api_name="/chat")
+    partial = [to_pairs(history)[-1][1] for history in job]
+    final = job.result()
+    assert len(set(partial)) > 2, "the answer arrives token by token"
+    assert all(final_piece.startswith(p) for p in partial for final_piece in [to_pairs(final)[-1][1]])
+    follow_up = client.predict("And another one?", final, *controls(), api_name="/chat")
+    pairs = to_pairs(follow_up)
+    assert [user for user, _ in pairs] == [QUESTION, "And another one?"] and pairs[1][1]
+
+
+def test_gate_zero_answers_are_the_frozen_base(client, base_model, images):
+    assert chat(client, QUESTION, gate=0.0, delta=0.0) == base_answer(base_model, adapter.chat((), QUESTION))
+    at_gate_zero = ask(client, images / "red.png", gate=0.0, delta=0.0)
+    assert at_gate_zero == base_answer(base_model, adapter.image_question("What colour is it?"))
+    assert ask(client, images / "blue.png", gate=0.0, delta=0.0) == at_gate_zero, "gate 0 is image-blind"
+    assert ask(client, images / "blue.png", gate=2.0) != ask(client, images / "red.png", gate=2.0)
+
+
+def test_compare_answers_base_and_adapter_side_by_side(client, base_model):
+    base, adapted = client.predict(QUESTION, *controls(gate=2.0), api_name="/compare")
+    assert base == base_answer(base_model, adapter.alpaca(QUESTION))
+    assert adapted != base
+    assert adapted == chat(client, QUESTION, gate=2.0), "one batch of two rows answers as two single requests"
+
+
+def test_concurrent_clients_each_get_their_own_gate(served, client):
+    gates = (0.0, 1.5)
+    alone = {gate: chat(client, QUESTION, gate=gate) for gate in gates}
+    assert alone[0.0] != alone[1.5]
+    results, start = {}, threading.Barrier(len(gates))
+
+    def user(gate: float) -> None:
+        own = Client(served.url, verbose=False)
+        start.wait()
+        results[gate] = chat(own, QUESTION, gate=gate)
+
+    threads = [threading.Thread(target=user, args=(gate,)) for gate in gates]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == alone
+
+
+LONG = controls(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0)  # seeded sampling: the same answer every time
+
+
+def test_stop_ends_decoding_and_frees_the_model(served, client, decode_steps):
+    client.predict(QUESTION, [], *LONG, api_name="/chat")
+    complete = len(decode_steps)
+    decode_steps.clear()
+    job = client.submit(QUESTION, [], *LONG, api_name="/chat")
+    while len(job.outputs()) < 3:  # decoding has started
+        time.sleep(0.01)
+    job.cancel()
+    wait_until_free(served.engine.lock)
+    stopped = len(decode_steps)
+    assert stopped < complete / 2, f"decoding stopped early ({stopped} of {complete} steps)"
+    time.sleep(0.2)
+    assert len(decode_steps) == stopped, "and did not go on in the background"
+    assert chat(client, QUESTION), "the app keeps serving"
+
+
+def test_a_client_that_goes_away_stops_its_generation(served, client, decode_steps):
+    client.predict(QUESTION, [], *LONG, api_name="/chat")
+    complete = len(decode_steps)
+    decode_steps.clear()
+    chat_index = next(i for i, d in enumerate(httpx.get(served.url + "config").json()["dependencies"])
+                      if d.get("api_name") == "chat")
+    body = {"data": [QUESTION, [], *LONG], "fn_index": chat_index, "session_hash": "leaving"}
+    httpx.post(served.url + "gradio_api/queue/join", json=body).raise_for_status()
+    with httpx.stream("GET", served.url + "gradio_api/queue/data", params={"session_hash": "leaving"},
+                      timeout=30) as events:
+        generating = (line for line in events.iter_lines() if "process_generating" in line)
+        for _ in range(3):  # decoding has started
+            next(generating)
+    wait_until_free(served.engine.lock)
+    assert len(decode_steps) < complete / 2, f"decoding stopped early ({len(decode_steps)} of {complete} steps)"
+    assert chat(client, QUESTION), "the app keeps serving"
+
+
+@pytest.mark.parametrize("endpoint, arguments, message", [
+    ("/chat", lambda images: ("", [], *controls()), "message: is empty"),
+    ("/chat", lambda images: ("x" * 100_000, [], *controls()), "message: 100,000 characters is too long"),
+    ("/chat", lambda images: (QUESTION, [], *controls(gate=3.0)), r"gate_scale: must be in \[0, 2\]"),
+    ("/chat", lambda images: (QUESTION, [], *controls(delta=-1.0)), r"delta_scale: must be in \[0, 2\]"),
+    ("/chat", lambda images: (QUESTION, [], *controls(temperature=5.0)), r"temperature: must be in \[0, 2\]"),
+    ("/chat", lambda images: (QUESTION, [], *controls(top_p=0.0)), r"top_p: must be in \(0, 1\]"),
+    ("/chat", lambda images: (QUESTION, [], *controls(max_new_tokens=10_000)), "max_new_tokens: must be between 1 and 1024"),
+    ("/compare", lambda images: ("   ", *controls()), "question: is empty"),
+    ("/image", lambda images: (handle_file(str(images / "notes.png")), "What is it?", *controls()),
+     "image: notes.png is not an image file"),
+    ("/image", lambda images: (None, "What is it?", *controls()), "image: upload an image first"),
+    ("/gates", lambda images: (-1.0,), r"gate_scale: must be in \[0, 2\]"),
+])
+def test_bad_inputs_get_a_clear_message_and_the_app_keeps_serving(client, images, endpoint, arguments, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*arguments(images), api_name=endpoint)
+    assert chat(client, QUESTION, max_new_tokens=4)
+
+
+def test_gates_and_model_info(client, demo_files):
+    info = client.predict(api_name="/model_info")
+    model = adapter.load(demo_files.base, adapter=demo_files.adapter, clip=demo_files.clip,
+                         clip_model=str(demo_files.clip_model), device="cpu")
+    assert info["parameters"] == model.count_parameters()
+    assert info["trainable_parameters"] == model.count_parameters(trainable_only=True)
+    assert (info["base_format"], info["adapter_format"], info["quantization"], info["device"]) == \
+        ("meta", "native", "none", "cpu")
+    assert info["sees_images"] and info["process_memory_mb"] > 0
+    plot = client.predict(1.0, api_name="/gates")
+    assert plot["type"] == "matplotlib" and plot["plot"]

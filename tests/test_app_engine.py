@@ -1,0 +1,211 @@
+"""The app's serving logic without gradio: settings, prompts that fit, cancellation, the gate views, the model
+panel, and the flags (`python app.py` stops with one line before loading anything)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import adapter
+from adapter.app_config import TINY_FOLDER, parse_config, tiny_available
+from adapter.engine import Engine, Settings, check_text, device_lock
+from adapter.gate_view import find_gate_plot
+from adapter.prompts import STOP_STRINGS
+from adapter.random_demo import DemoFiles, write_random_demo
+from tests.app_helpers import QUESTION, one_torch_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = Settings(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def demo_files(base_folder, tmp_path_factory) -> DemoFiles:
+    return write_random_demo(tmp_path_factory.mktemp("demo"), base=base_folder)
+
+
+@pytest.fixture(scope="module")
+def engine(demo_files) -> Engine:
+    model = adapter.load(demo_files.base, adapter=demo_files.adapter, clip=demo_files.clip,
+                         clip_model=str(demo_files.clip_model), device="cpu")
+    return Engine(model, max_new_tokens=64, base=str(demo_files.base), adapter=str(demo_files.adapter))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gate_scale", 2.5, r"gate_scale: must be in \[0, 2\], got 2.5"),
+    ("gate_scale", float("nan"), "gate_scale: expected a number"),
+    ("delta_scale", -0.1, r"delta_scale: must be in \[0, 2\]"),
+    ("temperature", 3, r"temperature: must be in \[0, 2\]"),
+    ("top_p", 0.0, r"top_p: must be in \(0, 1\]"),
+    ("top_p", "0.5", "top_p: expected a number"),
+    ("max_new_tokens", 0, "max_new_tokens: must be >= 1"),
+    ("max_new_tokens", 2.5, "max_new_tokens: expected a whole number"),
+    ("seed", -1, "seed: must be >= 0"),
+])
+def test_settings_name_the_field_at_fault(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(**{field: value})
+
+
+def test_settings_accept_slider_values():
+    settings = Settings(gate_scale=0, max_new_tokens=24.0, seed=None)
+    assert settings.max_new_tokens == 24 and isinstance(settings.max_new_tokens, int) and settings.gate_scale == 0.0
+
+
+def test_questions_must_be_there_and_not_too_long(engine):
+    assert check_text("  hi  ") == "hi"
+    with pytest.raises(ValueError, match="question: is empty"):
+        check_text(" \n ")
+    with pytest.raises(ValueError, match="question: 100,000 characters is too long"):
+        check_text("x" * 100_000)
+    with pytest.raises(ValueError, match="max_new_tokens: must be between 1 and 64"):
+        next(engine.chat([], QUESTION, Settings(max_new_tokens=65)))
+
+
+def test_chat_prompts_drop_the_oldest_turns_to_fit(base_folder):
+    small = Engine(adapter.load(base_folder, device="cpu", max_seq_len=200))
+    history = [(f"question {i} about the red circle", "the blue square is on the left " * 2) for i in range(6)]
+    prompt = small.chat_prompt(history, QUESTION, Settings(max_new_tokens=40))
+    assert prompt.endswith(adapter.chat(history[-1:], QUESTION)[len(adapter.prompts.ALPACA_HEADER):])
+    assert "question 0" not in prompt
+    assert len(small.model.tokenizer.encode(prompt)) + 40 <= 200
+    with pytest.raises(ValueError, match="message: too long for this model's context of 200 tokens"):
+        small.chat_prompt([], "circle " * 400, Settings(max_new_tokens=1))
+
+
+def test_closing_an_answer_stops_decoding_and_releases_the_lock(engine, monkeypatch):
+    steps = []
+    original = engine.model.step
+    monkeypatch.setattr(engine.model, "step", lambda *a, **k: steps.append(1) or original(*a, **k))
+    answer = engine.chat([], QUESTION, Settings(temperature=1.0, max_new_tokens=64))
+    next(answer)
+    assert engine.lock.locked() and engine.lock is device_lock("cpu")
+    decoded = len(steps)
+    answer.close()
+    assert not engine.lock.locked()
+    assert len(steps) == decoded < 64
+
+
+def test_compare_is_one_batch_with_the_frozen_base_in_row_zero(engine, base_folder, monkeypatch):
+    batches = []
+    original = engine.model.step
+    monkeypatch.setattr(engine.model, "step",
+                        lambda tokens, cache, **k: batches.append((tokens.shape[0], k["gate_scale"])) or
+                        original(tokens, cache, **k))
+    base, adapted = list(engine.compare(QUESTION, GREEDY))[-1]
+    assert {rows for rows, _ in batches} == {2} and batches[0][1] == [0.0, 1.0]
+    frozen = adapter.load(base_folder, device="cpu")
+    assert base == frozen.generate(adapter.alpaca(QUESTION), temperature=0.0, max_new_tokens=12, stop=STOP_STRINGS)
+    assert adapted == list(engine.chat([], QUESTION, GREEDY))[-1]
+
+
+def test_text_only_adapters_answer_image_questions_from_the_text(base_folder):
+    text_only = Engine(adapter.load(base_folder, device="cpu"))
+    assert not text_only.can_see_images
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    answer = list(text_only.ask_image(red, "What colour?", GREEDY))[-1]
+    assert answer == text_only.model.generate(adapter.image_question("What colour?"), temperature=0.0,
+                                              max_new_tokens=12, stop=STOP_STRINGS)
+
+
+def test_non_images_are_refused_clearly(engine, tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png is not an image file"):
+        next(engine.ask_image(str(notes), "What is it?", GREEDY))
+
+
+def test_gate_heatmap_shows_the_effective_gates(engine):
+    figure = engine.gate_heatmap(1.5)
+    shown = figure.axes[0].images[0].get_array()
+    assert torch.allclose(torch.tensor(shown.data), engine.model.effective_gates(gate_scale=1.5))
+    assert "gate scale 1.5" in figure.axes[0].get_title()
+
+
+def test_token_shares_colour_the_answer_by_the_prompt_path(engine):
+    prompt = engine.chat_prompt([], QUESTION, GREEDY)
+    answer = "The red circle is on the left."
+    shares = engine.token_shares(prompt, answer, Settings(gate_scale=1.0))
+    assert "".join(piece for piece, _ in shares) == answer
+    assert all(0 < share < 1 for _, share in shares)
+    closed = engine.token_shares(prompt, answer, Settings(gate_scale=0.0))
+    assert [share for _, share in closed] == [0.0] * len(closed)
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    with_image = engine.token_shares(engine.image_prompt("What colour?"), answer, Settings(), red)
+    assert with_image != engine.token_shares(engine.image_prompt("What colour?"), answer, Settings())
+
+
+def test_the_training_gate_plot_is_found_next_to_the_adapter(tmp_path):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter.safetensors").write_bytes(b"")
+    assert find_gate_plot(run / "adapter") is None
+    (run / "gates.png").write_bytes(b"png")
+    assert find_gate_plot(run / "adapter") == run / "gates.png"
+    assert find_gate_plot(run / "adapter" / "adapter.safetensors") == run / "gates.png"
+    assert find_gate_plot(None) is None and find_gate_plot("hf:owner/adapter") is None
+
+
+def test_model_info_says_what_is_loaded(engine, demo_files):
+    info = engine.model_info()
+    assert info["base"] == str(demo_files.base) and info["adapter"] == str(demo_files.adapter)
+    assert info["parameters"] == engine.model.count_parameters() > info["trainable_parameters"] > 0
+    assert (info["quantization"], info["dtype"], info["adapter_layers"], info["sees_images"]) == \
+        ("none", "float32", 3, True)
+    assert info["process_memory_mb"] > 10
+
+
+def test_flags_come_from_the_environment_and_flags_win(demo_files):
+    environ = {"ADAPTER_BASE": str(demo_files.base), "ADAPTER_ADAPTER": str(demo_files.adapter),
+               "ADAPTER_MAX_NEW_TOKENS": "99", "ADAPTER_SHARE": "1", "GRADIO_SERVER_NAME": "0.0.0.0"}
+    config = parse_config(["--max-new-tokens", "7"], environ)
+    assert (config.base, config.adapter, config.max_new_tokens, config.share, config.host, config.port) == \
+        (str(demo_files.base), str(demo_files.adapter), 7, True, "0.0.0.0", 7860)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clip", "missing/clip.safetensors", "--adapter", "{adapter}"], "--clip: missing/clip.safetensors does not exist"),
+    (["--clip", "{clip}"], "--clip: needs an --adapter with a visual prompt"),
+    (["--clip-model", "ViT-B-32"], "--clip-model: only used together with --clip"),
+    (["--adapter", "nowhere/adapter"], "--adapter: nowhere/adapter does not exist"),
+    (["--quantize", "int4"], "--quantize: unknown mode 'int4'"),
+    (["--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
+    (["--port", "70000"], "--port: must be between 1 and 65535"),
+    (["--concurrency", "0"], "--concurrency: must be between 1 and 64"),
+])
+def test_bad_flags_stop_before_loading(demo_files, flags, message):
+    flags = [f.format(adapter=demo_files.adapter, clip=demo_files.clip) for f in flags]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        parse_config(["--base", str(demo_files.base), *flags], {})
+
+
+def test_the_default_is_the_embedded_tiny_model(demo_files):
+    if tiny_available():
+        assert parse_config([], {}).base == "tiny"
+        return
+    with pytest.raises(FileNotFoundError, match=f"--base: the embedded tiny model is not built yet \\({TINY_FOLDER}"):
+        parse_config([], {})
+    with pytest.raises(FileNotFoundError, match="--adapter: the embedded tiny model is not built yet"):
+        parse_config(["--base", str(demo_files.base), "--adapter", "tiny-image"], {})
+
+
+def test_python_app_py_stops_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "app.py", "--base", str(tmp_path / "nowhere")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: --base: {tmp_path / 'nowhere'} does not exist"]
+
+
+def test_the_engine_does_not_need_gradio():
+    code = "import sys, adapter.engine, adapter.app_config; assert 'gradio' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -1,0 +1,222 @@
+"""Fine-tuning data: records read and checked (every bad one reported with its place, nothing written), LLaVA
+conversations turned into chat examples, the seeded split, loss masks, batching order and sharding, the lr
+schedule and the mode -> adapter mapping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adapter
+from adapter.finetune import DataError, TrainConfig, adapter_args_for, train
+from adapter.finetune.batching import GROUP, collate, epoch_batches, eval_batches, shard
+from adapter.finetune.cli import main
+from adapter.finetune.dataset import build_dataset, split_records
+from adapter.finetune.encode import IGNORE_INDEX, encode_example
+from adapter.finetune.records import Example, read_records
+from adapter.finetune.schedule import learning_rate
+from adapter.finetune.step import loss_sum
+from adapter.tokenizer import Tokenizer
+from tests.finetune_helpers import (
+    alpaca_records,
+    one_thread_and_own_rng,  # noqa: F401  (autouse)
+    tiny_config,
+    write_json,
+    write_jsonl,
+)
+
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat shape is it?"}, {"from": "gpt", "value": "A circle."},
+                {"from": "human", "value": "Which colour?"}, {"from": "gpt", "value": "Red."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_folder) -> Tokenizer:
+    return Tokenizer(base_folder / "tokenizer.model")
+
+
+def test_json_and_jsonl_records_become_alpaca_examples(tmp_path):
+    records = [{"instruction": "Name a shape.", "output": "Circle."},
+               {"instruction": "Add.", "input": "1 and 2", "output": "3", "extra": "ignored"}]
+    for path in (write_json(tmp_path / "d.json", records), write_jsonl(tmp_path / "d.jsonl", records + [""])):
+        examples = read_records(path)
+        assert examples == [[Example(adapter.alpaca("Name a shape."), "Circle.")],
+                            [Example(adapter.alpaca("Add.", "1 and 2"), "3")]]
+
+
+def test_every_bad_record_is_reported_with_its_line_and_nothing_is_written(tmp_path, base_folder, capsys):
+    data = write_jsonl(tmp_path / "bad.jsonl", [
+        {"instruction": "fine", "output": "ok"},
+        {"instruction": "no output"},
+        {"instruction": 3, "output": ["a"]},
+        '{"instruction": "broken", "output": ',
+        {"instruction": "  ", "output": "x"},
+        ["not", "an", "object"],
+        {"instruction": "x", "input": 5, "output": "y"},
+    ])
+    out = tmp_path / "run"
+    with pytest.raises(DataError) as caught:
+        train(tiny_config(base_folder, data, out))
+    report = str(caught.value)
+    assert "6 bad record(s)" in report
+    for expected in (f"{data}:2: missing 'output'",
+                     f"{data}:3: 'instruction' must be a string, got a number; 'output' must be a string, got a list",
+                     f"{data}:4: not valid JSON", f"{data}:5: empty 'instruction'",
+                     f"{data}:6: expected a JSON object, got a list", f"{data}:7: 'input' must be a string"):
+        assert expected in report
+    assert f"{data}:1:" not in report
+    assert not out.exists()
+    assert main(["--base", str(base_folder), "--data", str(data), "--out", str(out)]) == 2
+    assert "error: --data:" in capsys.readouterr().err and not out.exists()
+
+
+def test_json_list_records_are_reported_by_index(tmp_path):
+    data = write_json(tmp_path / "bad.json", [{"instruction": "a", "output": "b"}, {"output": "b"}, "text"])
+    with pytest.raises(DataError) as caught:
+        read_records(data)
+    assert f"{data} [index 1]: missing 'instruction'" in str(caught.value)
+    assert f"{data} [index 2]: expected a JSON object, got a string" in str(caught.value)
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_records(write_jsonl(tmp_path / "broken.json", ['[{"instruction": ']))
+
+
+def test_llava_conversations_become_chat_examples_with_their_image(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "cat.png").write_bytes(b"not decoded here")
+    data = write_json(tmp_path / "llava.json", [{"id": "1", "image": "cat.png", "conversations": CONVERSATION},
+                                                {"conversations": CONVERSATION[:2]}])
+    (first, second), (text_only,) = read_records(data, tmp_path / "images")
+    image = tmp_path / "images" / "cat.png"
+    assert first == Example(adapter.chat((), "What shape is it?"), "A circle.", image)
+    assert second == Example(adapter.chat([("What shape is it?", "A circle.")], "Which colour?"), "Red.", image)
+    assert "<image>" not in first.prompt + second.prompt
+    assert text_only.image is None
+
+
+def test_bad_llava_records_name_the_missing_image_and_the_turn_at_fault(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    data = write_jsonl(tmp_path / "llava.jsonl", [
+        {"image": "missing.png", "conversations": CONVERSATION},
+        {"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]},
+        {"conversations": CONVERSATION[:3]},
+        {"conversations": [{"from": "human", "value": "<image>"}, {"from": "system", "value": 1}]},
+        {"conversations": []},
+    ])
+    with pytest.raises(DataError) as caught:
+        read_records(data, folder)
+    report = str(caught.value)
+    assert f"{data}:1: image file {folder / 'missing.png'} does not exist" in report
+    assert f"{data}:2: conversations[0]: expected a 'human' turn" in report
+    assert f"{data}:3: 'conversations' has 3 turns; it must end with a 'gpt' turn" in report
+    assert f"{data}:4: conversations[0]: empty human turn; conversations[1]: 'from' must be 'human' or 'gpt'" in report
+    assert f"{data}:5: 'conversations' must be a non-empty list" in report
+    with pytest.raises(DataError, match="needs --image-folder"):
+        read_records(write_jsonl(tmp_path / "one.jsonl", [{"image": "a.png", "conversations": CONVERSATION}]))
+
+
+def test_image_records_need_a_model_with_an_image_encoder(tmp_path, base_folder):
+    (tmp_path / "cat.png").write_bytes(b"x")
+    data = write_json(tmp_path / "llava.json", [{"image": "cat.png", "conversations": CONVERSATION}] * 4)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="image records need a model with an image encoder"):
+        train(tiny_config(base_folder, data, out, image_folder=str(tmp_path)))
+    assert not out.exists()
+
+
+def test_modes_map_to_what_is_learned():
+    v1 = adapter_args_for("v1", 10, 30)
+    assert v1 == adapter.AdapterArgs(prompt_len=10, prompt_layers=30, gate_activation="tanh")
+    v2 = adapter_args_for("v2", 10, 30, lora_rank=8)
+    assert (v2.bias, v2.norm, v2.lora_rank, v2.gate_activation) == (True, True, 8, "tanh")
+    with pytest.raises(ValueError, match="--mode vision: needs the image adapter"):
+        adapter_args_for("vision", 10, 30)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=10, micro_batch_size=4), "--batch-size: 10 is not a multiple of --micro-batch-size 4"),
+    (dict(mode="v1", lora_rank=4), "--lora-rank: LoRA is a v2 part"),
+    (dict(val_fraction=1.0), "--val-fraction"),
+    (dict(warmup_epochs=6, epochs=5), "--warmup-epochs"),
+    (dict(quantize="fp8"), "--quantize: unknown mode"),
+    (dict(export="gguf"), "--export"),
+])
+def test_bad_settings_name_the_flag(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(base="b", data="d", out="o", **overrides)
+
+
+def test_validation_split_is_a_seeded_permutation():
+    train_ids, val_ids = split_records(100, 0.05, seed=0)
+    assert len(val_ids) == 5 and val_ids != [0, 1, 2, 3, 4]
+    assert sorted(train_ids + val_ids) == list(range(100))
+    assert split_records(100, 0.05, seed=0) == (train_ids, val_ids)
+    assert split_records(100, 0.05, seed=1)[1] != val_ids
+    assert split_records(100, 0.0, seed=0) == (list(range(100)), [])
+    assert len(split_records(3, 0.01, seed=0)[1]) == 1  # a non-zero fraction holds out at least one
+
+
+def test_loss_mask_covers_exactly_the_response_and_eos(tokenizer):
+    example = Example(adapter.alpaca("Name a shape."), " A red circle.")
+    encoded, truncated = encode_example(example, tokenizer, max_seq_len=512)
+    prompt = tokenizer.encode(example.prompt, bos=True)
+    assert not truncated
+    assert encoded.tokens == tokenizer.encode(example.prompt + example.response, bos=True) + [tokenizer.eos_id]
+    assert encoded.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert encoded.labels[len(prompt):] == encoded.tokens[len(prompt):]
+    assert encoded.labels[-1] == tokenizer.eos_id
+    assert encoded.targets == len(encoded.tokens) - len(prompt)
+    cut, truncated = encode_example(example, tokenizer, max_seq_len=len(prompt) + 2)
+    assert truncated and cut.tokens == encoded.tokens[: len(prompt) + 2] and cut.targets == 2
+
+
+def test_padding_is_masked_and_the_loss_is_next_token_cross_entropy(tokenizer):
+    records = [[Example(adapter.alpaca(r["instruction"]), r["output"])] for r in alpaca_records(3)]
+    data = build_dataset(records, tokenizer, max_seq_len=512, val_fraction=0, seed=0)
+    batch = collate(data.train)
+    lengths = [len(e.tokens) for e in data.train]
+    assert batch.tokens.shape == (3, max(lengths)) and batch.n_tokens == sum(lengths) and batch.images is None
+    for row, encoded in enumerate(data.train):
+        assert batch.labels[row, len(encoded.tokens):].eq(IGNORE_INDEX).all()
+        assert batch.tokens[row, len(encoded.tokens):].eq(0).all()
+        trained = batch.labels[row] != IGNORE_INDEX
+        assert int(trained.sum()) == encoded.targets  # prompt and padding never trained on
+    logits = torch.randn(*batch.tokens.shape, tokenizer.n_words)
+    labels = batch.labels
+    expected = sum(F.cross_entropy(logits[b, t - 1], labels[b, t], reduction="sum")
+                   for b in range(3) for t in range(1, labels.shape[1]) if labels[b, t] != IGNORE_INDEX)
+    assert torch.allclose(loss_sum(logits, labels), expected)
+    empty = collate([])
+    assert empty.labels.eq(IGNORE_INDEX).all() and float(loss_sum(torch.randn(1, 2, 5), empty.labels)) == 0.0
+
+
+def test_epoch_order_is_seeded_length_grouped_and_sharded():
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    steps = epoch_batches(lengths, batch_size=16, micro_batch_size=4, seed=0, epoch=0)
+    flat = [i for step in steps for micro in step for i in micro]
+    assert sorted(flat) == list(range(1000)) and len(steps) == math.ceil(1000 / 16)
+    assert steps == epoch_batches(lengths, 16, 4, seed=0, epoch=0)
+    assert steps != epoch_batches(lengths, 16, 4, seed=0, epoch=1)
+    assert flat[:20] != sorted(flat[:20]), "shuffled, not in file order"
+    spread = [max(lengths[i] for i in m) - min(lengths[i] for i in m) for step in steps for m in step]
+    assert sum(spread) / len(spread) < 10, "micro-batches hold similar lengths (less padding)"
+    assert GROUP == 50
+    for step in steps:
+        parts = shard(step, 0, 2) + shard(step, 1, 2)
+        assert sorted(map(tuple, parts)) == sorted(map(tuple, step))
+    assert shard([[1, 2]], 1, 2) == [[]]
+    shares = eval_batches(lengths[:10], 4, 0, 2) + eval_batches(lengths[:10], 4, 1, 2)
+    assert sorted(i for micro in shares for i in micro) == list(range(10))
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
+    def lr(step):
+        return learning_rate(step, steps_per_epoch=10, peak=1.0, min_lr=0.1, warmup_epochs=2, epochs=5)
+
+    assert lr(0) == 0.0 and lr(10) == pytest.approx(0.5) and lr(20) == pytest.approx(1.0)
+    assert lr(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr(49) > 0.1 and lr(50) == pytest.approx(0.1)
+    assert all(lr(s) >= lr(s + 1) for s in range(20, 50))
+    assert TrainConfig(base="b", data="d", out="o", batch_size=64).learning_rate == pytest.approx(9e-3 * 64 / 256)

@@ -1,0 +1,179 @@
+"""Fine-tuning runs on the tiny base (CPU): the loss goes down, gates open, the frozen base is bit-for-bit
+untouched (also nf4), the micro-batch split does not change the result, an interrupted run resumes to the
+same adapter, a NaN loss stops the run keeping the last good checkpoint, and the command line writes the
+adapter, log, plots and export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapter
+from adapter.finetune import step as step_module
+from adapter.finetune import train, trainer
+from adapter.finetune.cli import main
+from tests.finetune_helpers import (
+    alpaca_records,
+    one_thread_and_own_rng,  # noqa: F401  (autouse)
+    tiny_config,
+    write_json,
+)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_json(tmp_path / "data.json", alpaca_records(16))
+
+
+def spy_on_model(monkeypatch) -> dict:
+    """Keep the model `train` loads, and a copy of its frozen base as loaded."""
+    seen = {}
+
+    def load(*args, **kwargs):
+        model = trainer_load(*args, **kwargs)
+        seen["model"] = model
+        seen["base"] = frozen_state(model)
+        return model
+
+    trainer_load = trainer.load
+    monkeypatch.setattr(trainer, "load", load)
+    return seen
+
+
+def frozen_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not model.is_adapter_parameter(k)}
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("mode, quantize", [("v1", None), ("v2", None), ("v1", "nf4")])
+def test_training_lowers_the_loss_opens_the_gates_and_leaves_the_base_untouched(
+        tmp_path, base_folder, data, monkeypatch, mode, quantize):
+    seen = spy_on_model(monkeypatch)
+    out = tmp_path / "run"
+    result = train(tiny_config(base_folder, data, out, mode=mode, quantize=quantize,
+                               lora_rank=2 if mode == "v2" else 0))
+    losses = result.train_losses
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.05, losses
+    model = seen["model"]
+    after = frozen_state(model)
+    assert after.keys() == seen["base"].keys()
+    for name, before in seen["base"].items():
+        assert torch.equal(after[name], before), f"{name} changed"
+    if quantize == "nf4":
+        assert model.layers[0].attention.wq.weight.dtype == torch.uint8  # the packed 4-bit bytes compared above
+    trained = adapter.load(base_folder, adapter=result.adapter, device="cpu")
+    assert trained.adapter_args == model.adapter_args
+    assert float(trained.effective_gates().abs().min()) > 1e-3, "every head's gate has moved off zero"
+    if mode == "v2":
+        deltas = [p for n, p in trained.adapter_state_dict().items() if n.endswith(("bias", ".delta"))]
+        assert deltas and all(float(p.abs().max()) > 0 for p in deltas)
+
+
+def test_neither_the_micro_batch_split_nor_checkpointing_changes_the_result(tmp_path, base_folder, data):
+    whole = train(tiny_config(base_folder, data, tmp_path / "a", micro_batch_size=16, epochs=2))
+    split = train(tiny_config(base_folder, data, tmp_path / "b", micro_batch_size=2, epochs=2,
+                              gradient_checkpointing=True))
+    assert max_difference(load_file(whole.adapter), load_file(split.adapter)) < 1e-5
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Kill the run (as a KeyboardInterrupt would) when it reaches optimizer step `step`."""
+    real = trainer.optimizer_step
+
+    def optimizer_step(*args, **kwargs):
+        if kwargs["step"] == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "optimizer_step", optimizer_step)
+
+
+def test_an_interrupted_run_resumes_to_the_same_adapter(tmp_path, base_folder, monkeypatch):
+    data = write_json(tmp_path / "data.json", alpaca_records(20, with_input=True))
+    settings = dict(mode="v2", lora_rank=2, epochs=3, batch_size=8, micro_batch_size=4, val_fraction=0.2, lr=0.05,
+                    warmup_epochs=1, save_every=2, max_seq_len=160)
+    reference = train(tiny_config(base_folder, data, tmp_path / "whole", **settings))
+    assert reference.steps == 6
+
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(base_folder, data, killed, **settings))
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    with pytest.raises(ValueError, match="--out: .* already holds a training run; pass --resume"):
+        train(tiny_config(base_folder, data, killed, **settings))
+    with pytest.raises(ValueError, match="--resume: --lr differ"):
+        train(tiny_config(base_folder, data, killed, resume=True, **{**settings, "lr": 0.5}))
+    resumed = train(tiny_config(base_folder, data, killed, resume=True, **settings))
+    assert resumed.steps == 6 and len(resumed.train_losses) == 4
+    assert max_difference(load_file(reference.adapter), load_file(resumed.adapter)) <= 1e-6
+
+    stopped = tmp_path / "stopped"
+    first = train(tiny_config(base_folder, data, stopped, max_steps=3, **settings))
+    assert first.steps == 3
+    train(tiny_config(base_folder, data, stopped, resume=True, **settings))
+    assert max_difference(load_file(reference.adapter), load_file(first.adapter)) <= 1e-6
+
+    log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in log if r["type"] == "val"] == [2, 4, 6]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, base_folder, data, monkeypatch,
+                                                                      capsys):
+    calls = []
+    real = step_module.micro_batch_loss
+
+    def poisoned(model, batch):
+        calls.append(1)
+        loss = real(model, batch)
+        return loss * float("nan") if len(calls) > 8 else loss  # 4 micro-batches a step: step 3 on
+
+    monkeypatch.setattr(step_module, "micro_batch_loss", poisoned)
+    out = tmp_path / "run"
+    config = tiny_config(base_folder, data, out, save_every=2)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items()
+            if v is not None and not isinstance(v, bool)]
+    assert main(argv + ["--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "error: step 3: the loss is nan; training stopped; the last good checkpoint (step 2) is kept" in error
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert (out / "checkpoints" / "latest").read_text().strip() == checkpoint.name
+    assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "adapter.safetensors").values())
+    assert not (out / "adapter").exists()
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["type"] == "stopped"
+
+
+def test_the_command_line_writes_adapter_log_plots_and_export(tmp_path, base_folder, data, capsys):
+    out = tmp_path / "run"
+    code = main(["--base", str(base_folder), "--data", str(data), "--out", str(out), "--batch-size", "8",
+                 "--micro-batch-size", "4", "--max-seq-len", "128", "--prompt-len", "10", "--max-steps", "2",
+                 "--export", "official-v1", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--prompt-layers 30 is more than the base's 4 layers; using 4" in err
+    assert "0 longer than --max-seq-len 128 were cut" in err
+    for name in ("adapter/adapter.safetensors", "adapter/adapter.json", "log.jsonl", "loss.png", "gates.png",
+                 "llama_adapter_len10_layer4.pth", "checkpoints/step-000002/optimizer.pt"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in log] == ["start", "train", "train", "val", "end"]
+    first = log[1]
+    assert {"loss", "lr", "tokens_per_s", "grad_norm", "epoch"} <= first.keys()
+    assert len(first["gates"]) == 4 and len(first["gates"][0]) == 4
+    assert first["lr"] == pytest.approx(0.0)  # the official warm-up starts at zero
+    native = adapter.load(base_folder, adapter=out / "adapter", device="cpu")
+    official = adapter.load(base_folder, adapter=out / "llama_adapter_len10_layer4.pth", device="cpu")
+    assert torch.allclose(native.effective_gates(), official.effective_gates())
+    assert main(["--base", str(base_folder), "--data", str(data), "--out", str(tmp_path / "p"),
+                 "--export", "peft"]) == 2
+    assert "--export peft: PEFT's adaption_prompt has one raw gate per layer" in capsys.readouterr().err

@@ -1,0 +1,105 @@
+"""The whole tiny-model recipe at micro scale (a few steps of every stage): it runs end to end, its
+artifacts load through the short names, it is bit-for-bit reproducible, and eval writes its reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import adapter
+from adapter.tiny import assets
+from adapter.tiny.adapters import VISION_MISSING
+from adapter.tiny.build import MANIFEST, STAGES, Build
+from adapter.tiny.card import CARD
+from adapter.tiny.evaluate import evaluate
+from adapter.tiny.recipe import MICRO
+from adapter.tiny.report import ACCURACY_PNG, HEADING, write_accuracy, write_benchmarks
+
+TEXT_STAGES = [s for s in STAGES if s != "image"]
+
+
+def build(out, work, stages=TEXT_STAGES):
+    threads = torch.get_num_threads()
+    try:
+        return Build(MICRO, out, work, log=lambda _: None).run(stages)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    manifest = build(root / "out", root / "work")
+    return root, manifest
+
+
+def test_every_stage_writes_its_artifacts(micro):
+    root, manifest = micro
+    out = root / "out"
+    for name in ("base/params.json", "base/consolidated.00.pth", "base/tokenizer.model", "text/adapter.safetensors",
+                 assets.CLIP_CONFIG, assets.CLIP_WEIGHTS, "examples/examples.json", MANIFEST, CARD):
+        assert (out / name).is_file(), name
+    assert set(manifest["stages"]) == set(TEXT_STAGES)
+    assert manifest["files"]["base/consolidated.00.pth"]["sha256"]
+    assert all(t.dtype == torch.float16 for t in torch.load(out / "base/consolidated.00.pth").values())
+    assert "Build time" in (out / CARD).read_text()
+
+
+def test_the_artifacts_load_through_the_short_names(micro):
+    out = micro[0] / "out"
+    base, text_adapter, _, _ = assets.resolve("tiny", None, None, None, root=out)
+    assert (base, text_adapter) == (out / "base", out / "text")
+    model = adapter.load(base, adapter=text_adapter, device="cpu")
+    assert model.adapter_args.prompt_len == MICRO.text.prompt_len and model.args.dim == MICRO.dim
+    assert isinstance(model.generate(adapter.alpaca("What colour is the star?"), temperature=0.0, max_new_tokens=4),
+                      str)
+    _, _, clip, clip_model = assets.resolve("x", None, "tiny", None, root=out)
+    from adapter.visual import load_image_encoder
+
+    encoder = load_image_encoder(clip, clip_model)
+    assert encoder.image_size == 64 and encoder.output_dim == MICRO.clip.embed_dim
+
+
+def test_a_rebuild_gives_the_same_bytes(micro, tmp_path):
+    root, manifest = micro
+    again = build(tmp_path / "out", tmp_path / "work", ["data", "tokenizer", "base", "clip", "text"])
+    for name, entry in again["files"].items():
+        assert manifest["files"][name]["sha256"] == entry["sha256"], name
+
+
+def test_the_image_stage_trains_through_finetune_or_says_what_is_missing(micro, tmp_path):
+    root, _ = micro
+    try:
+        manifest = build(root / "out", root / "work", ["image"])
+    except NotImplementedError as error:
+        assert str(error) == VISION_MISSING
+        pytest.skip("adapter.finetune cannot train visual prompts yet")
+    assert (root / "out" / "image" / "adapter.safetensors").is_file() and "image" in manifest["stages"]
+    model = adapter.load(*assets.resolve("tiny", "tiny-image", None, None, root=root / "out")[:2], device="cpu")
+    assert model.adapter_args.visual == MICRO.image.visual
+
+
+def test_eval_writes_accuracy_plot_card_and_its_benchmarks_section(micro, tmp_path):
+    out = micro[0] / "out"
+    results, counts = evaluate(MICRO.seed, MICRO.eval_per_category, MICRO.gate_scales, out, log=lambda _: None)
+    assert set(results["text"]) == {"0", "1"} and 0 <= results["text"]["1"]["all"] <= 1
+    write_accuracy(results, out, counts)
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n\n## Other\n\nkept\n")
+    write_benchmarks(results, counts, benchmarks, out / ACCURACY_PNG)
+    text = benchmarks.read_text()
+    assert f"## {HEADING}" in text and "## Other\n\nkept" in text and "| 0 |" in text
+    assert (out / ACCURACY_PNG).read_bytes().startswith(b"\x89PNG")
+    assert json.loads((out / "accuracy.json").read_text())["questions"]["text"] == counts["text"]
+
+
+def test_names_point_at_the_shipped_files_unless_a_local_path_has_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="build it with `python -m adapter.tiny build`"):
+        assets.resolve("tiny", None, None, None, root=tmp_path / "missing")
+    (tmp_path / "tiny").mkdir()
+    assert assets.resolve("tiny", None, None, None, root=tmp_path / "missing") == ("tiny", None, None, None)
+    assert assets.resolve("/some/base", "/some/adapter", None, None) == ("/some/base", "/some/adapter", None, None)

@@ -1,0 +1,82 @@
+"""The tiny model's world: reproducible from a seed, train and held-out scenes disjoint, answers exact."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from adapter.tiny.corpus import corpus
+from adapter.tiny.questions import IMAGE_CATEGORIES, TEXT_CATEGORIES, facts, image_questions, text_questions
+from adapter.tiny.world import COLOURS, SHAPES, SLOTS, Scene, Thing, render, scenes, split_of
+
+
+def test_scenes_and_pictures_are_the_same_for_a_seed_and_differ_across_seeds():
+    first, again, other = scenes(3, "train", 50), scenes(3, "train", 50), scenes(4, "train", 50)
+    assert first == again and first != other
+    assert render(first[0]).tobytes() == render(again[0]).tobytes()
+    assert corpus(3, 20) == corpus(3, 20)
+    assert text_questions(3, "train", 30) == text_questions(3, "train", 30)
+
+
+def test_train_and_held_out_scenes_never_overlap():
+    train = {s.key for s in scenes(0, "train", 3000)}
+    held_out = {s.key for s in scenes(0, "held-out", 300)}
+    assert not train & held_out
+    assert all(split_of(key) == "train" for key in train) and all(split_of(k) == "held-out" for k in held_out)
+    assert 0.05 < len(held_out) / 300 and 0.05 < sum(split_of(f"k{i}") == "held-out" for i in range(2000)) / 2000 < 0.15
+    # what the adapters train on comes from train scenes only; what they are measured on, from held-out ones
+    assert all(q.scene.split == "train" for q in image_questions(0, "train", 200))
+    assert all(q.scene is None or q.scene.split == "train" for q in text_questions(0, "train", 200))
+    assert all(q.scene.split == "held-out" for q in image_questions(0, "held-out", 50))
+
+
+def test_the_split_is_a_fixed_property_of_the_scene():
+    """The shipped model was trained on one side of this split: it must never move."""
+    assert split_of("large red star left") == "train"
+    sums = [f"{a} {sign} {b}" for a in range(10) for b in range(10) for sign in "+-" if sign == "+" or a >= b]
+    assert [s for s in sums if split_of(s) == "held-out"] == [
+        "0 + 5", "0 + 9", "1 + 7", "3 + 6", "5 - 2", "5 - 3", "6 - 1", "7 - 0", "7 - 1", "7 + 7", "8 - 8", "9 - 0",
+        "9 - 3", "9 - 5"]
+
+
+def test_a_scene_keeps_its_things_in_reading_order_and_refuses_shared_slots():
+    scene = Scene((Thing("star", "red", "large", "bottom"), Thing("circle", "blue", "small", "top")))
+    assert scene.key == "small blue circle top; large red star bottom"
+    with pytest.raises(ValueError, match="distinct slots"):
+        Scene((Thing("star", "red", "large", "left"), Thing("circle", "blue", "small", "left")))
+    with pytest.raises(ValueError, match="unknown attribute"):
+        Thing("hexagon", "red", "large", "left")
+
+
+def test_answers_are_short_exact_strings_of_their_category():
+    allowed = {"colour": set(COLOURS), "shape": set(SHAPES), "position": set(SLOTS),
+               "count": {str(n) for n in range(5)}, "arithmetic": {str(n) for n in range(19)}}
+    questions = text_questions(1, "train", 700) + image_questions(1, "train", 300)
+    assert {q.category for q in questions} == set(TEXT_CATEGORIES) | set(IMAGE_CATEGORIES)
+    for q in questions:
+        if q.category in allowed:
+            assert q.answer in allowed[q.category], q
+        elif q.category == "comparison":
+            assert q.answer in {"yes", "no", "large", "small"} | set(SHAPES), q
+        else:
+            assert all(word in set(COLOURS) | set(SHAPES) for word in q.answer.split(", ")), q
+
+
+def test_answers_are_true_of_the_scene():
+    scene = Scene((Thing("star", "red", "large", "left"), Thing("star", "blue", "small", "right"),
+                   Thing("circle", "red", "small", "top")))
+    for q in text_questions(2, "train", 400):
+        if q.scene is None:
+            a, sign, b = q.question.rstrip("?.").split()[-3:]
+            assert int(q.answer) == (int(a) + int(b) if sign == "+" else int(a) - int(b))
+        elif q.question == "How many shapes are there?":
+            assert q.answer == str(len(q.scene.things))
+    stated = {f.question: f.answer for seed in range(30) for c in TEXT_CATEGORIES[:-1]
+              for f in facts(scene, random.Random(seed), c)}
+    assert stated["What colour is the circle?"] == "red"
+    assert stated["Where is the circle?"] == "top"
+    assert "Where is the star?" not in stated, "two stars: the question would be ambiguous"
+    assert stated["How many red shapes are there?"] == "2"
+    assert stated["Is the circle large or small?"] == "small"
+    assert stated["List the colours of the shapes."] == "red, red, blue"
