@@ -40,6 +40,12 @@ class TrainConfig:
     out: str
     image_folder: str | None = None
     mode: str = "v1"
+    clip: str | None = None  # --mode vision: the CLIP tower (local weights or an open_clip tag)
+    clip_model: str | None = None  # open_clip name or config .json (default: AdapterArgs' ViT-L-14-quickgelu)
+    visual: str = "v2"  # which visual prompt --mode vision trains
+    visual_dim: int = 768
+    visual_depth: int = 8
+    visual_heads: int = 16
     prompt_len: int = 10
     prompt_layers: int = 30
     lora_rank: int = 0
@@ -73,6 +79,9 @@ class TrainConfig:
         _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "--lora-rank",
                  f"must be a non-negative integer, got {self.lora_rank!r}")
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
+        _require(self.mode != "vision" or self.clip is not None, "--clip",
+                 "--mode vision needs the CLIP tower the visual prompt reads (a weights file or an open_clip tag)")
+        _require(self.visual in ("v1", "v2"), "--visual", f"must be v1 or v2, got {self.visual!r}")
         _require(self.max_seq_len >= 2, "--max-seq-len", "must be at least 2 (one token and its successor)")
         _require(self.batch_size % self.micro_batch_size == 0, "--batch-size",
                  f"{self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}")
@@ -116,14 +125,13 @@ def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def adapter_args_for(mode: str, prompt_len: int, prompt_layers: int, lora_rank: int = 0) -> AdapterArgs:
-    """What each --mode trains: v1 prompts + tanh gates; v2 adds zero-init biases, norms and optional LoRA."""
+def adapter_args_for(mode: str, prompt_len: int, prompt_layers: int, lora_rank: int = 0,
+                     **visual: Any) -> AdapterArgs:
+    """What each --mode trains: v1 prompts + tanh gates; v2 adds zero-init biases, norms and optional LoRA;
+    vision adds the visual prompt (`visual` gives its AdapterArgs fields: kind, CLIP width and model, ...)."""
     if mode == "v1":
         return AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh")
-    if mode == "v2":
+    if mode in ("v2", "vision"):
         return AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh", bias=True,
-                           norm=True, lora_rank=lora_rank)
-    if mode == "vision":
-        raise ValueError("--mode vision: needs the image adapter (adapter.visual, CLIP visual prompts), which is not "
-                         "available yet; train the language parts with --mode v2")
+                           norm=True, lora_rank=lora_rank, **(visual if mode == "vision" else {}))
     raise ValueError(f"--mode: must be one of {MODES}, got {mode!r}")

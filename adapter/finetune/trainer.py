@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import hub
+from ..config import AdapterArgs
 from ..formats import open_base
 from ..formats.native import save_adapter
 from ..loading import load, resolve_device
@@ -74,6 +75,7 @@ class _Run:
         self.config, self.processes, self.device = config, processes, device
         self.out = config.out_path
         self.main = processes.is_main
+        self._encoder = None  # the CLIP tower of --mode vision, loaded when first needed
         self.resume_from = self._check_out()
         records = read_records(config.data, config.image_folder)
         self.data_sha256 = _sha256(config.data)
@@ -123,14 +125,36 @@ class _Run:
             if layers < config.prompt_layers:
                 notice(f"--prompt-layers {config.prompt_layers} is more than the base's {n_layers} layers; "
                        f"using {layers}", self.main)
-            adapter = adapter_args_for(config.mode, config.prompt_len, layers, config.lora_rank)
+            adapter = adapter_args_for(config.mode, config.prompt_len, layers, config.lora_rank, **self._visual())
         torch.manual_seed(config.seed)  # the same fresh prompts in every process
         random.seed(config.seed)
         model = load(config.base, adapter=adapter, quantize=config.quantize, device=self.device, dtype=config.dtype)
+        if model.visual_prompt is not None:
+            if config.clip is None:
+                raise ValueError("--clip: this adapter has a visual prompt; give the CLIP tower it reads")
+            from ..visual import attach_image_encoder
+
+            attach_image_encoder(model, self._image_encoder())
         if config.max_seq_len > model.args.max_seq_len:
             raise ValueError(f"--max-seq-len: {config.max_seq_len} is more than the base's max_seq_len="
                              f"{model.args.max_seq_len}")
         return model
+
+    def _image_encoder(self):
+        """The frozen CLIP tower of --mode vision, loaded once (its width sets the visual prompt's input)."""
+        if self._encoder is None:
+            from ..visual import load_image_encoder
+
+            self._encoder = load_image_encoder(self.config.clip, self.config.clip_model or AdapterArgs.clip_model)
+        return self._encoder
+
+    def _visual(self) -> dict:
+        config = self.config
+        if config.mode != "vision":
+            return {}
+        return {"visual": config.visual, "clip_dim": self._image_encoder().output_dim,
+                "clip_model": config.clip_model or AdapterArgs.clip_model, "visual_dim": config.visual_dim,
+                "visual_depth": config.visual_depth, "visual_heads": config.visual_heads}
 
     def _build_data(self, records) -> Dataset:
         config = self.config
