@@ -24,6 +24,7 @@ from pathlib import Path
 from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.tokenizer import Tokenizer
 from bench.decode import machine
+from bench.report import publish
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Name three shapes and their colours."
@@ -165,11 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          f"{complete} / {options.clients} |"),
         "",
     ])
-    print(text)
-    if options.write:
-        from bench.report import replace_section
-
-        replace_section(options.write, "App (CPU", text)
+    publish(text, "App (CPU", options.write)
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 
 from adapter.config import AdapterArgs, ModelArgs
 from adapter.model import Transformer
+from bench.report import publish
 
 SHAPE = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=1024)
 ADAPTER = AdapterArgs(prompt_len=10, prompt_layers=8)
@@ -123,11 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     command = "python -m bench.decode " + " ".join(argv if argv is not None else sys.argv[1:])
     text = render(run(options.threads, options.repeats), command.strip())
-    print(text)
-    if options.write:
-        from bench.report import replace_section
-
-        replace_section(options.write, "Decode (CPU, fp32)", text)
+    publish(text, "Decode (CPU, fp32)", options.write)
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from adapter.config import ModelArgs
+from bench.report import publish
 
 LLAMA_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6)
 
@@ -95,11 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"| peak resident memory after one forward pass, GB | {result['peak_after_forward_gb']:.2f} |",
         "",
     ])
-    print(text)
-    if options.write:
-        from bench.report import replace_section
-
-        replace_section(options.write, "Load (CPU)", text)
+    publish(text, "Load (CPU)", options.write)
     return 0
 
 

@@ -28,3 +28,10 @@ def replace_section(path: str | os.PathLike, heading: str, text: str) -> None:
     with os.fdopen(handle, "w") as out:
         out.write(content)
     os.replace(tmp, path)
+
+
+def publish(text: str, heading: str, write: str | os.PathLike | None) -> None:
+    """Print a benchmark's section and, with `--write FILE`, replace its section there."""
+    print(text)
+    if write:
+        replace_section(write, heading, text)

@@ -25,6 +25,7 @@ import torch
 from adapter.finetune.batching import Batch, collate
 from adapter.finetune.encode import IGNORE_INDEX, Encoded
 from bench.decode import ADAPTER, SHAPE, machine
+from bench.report import publish
 
 MICRO_BATCHES, MICRO_BATCH_SIZE = 2, 4
 LENGTHS = (64, 192)
@@ -191,11 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             done.append(run_worker(side, options.threads, options.steps))
     results = {side: summary(done) for side, done in runs.items()}
     text = render(results, command.strip())
-    print(text)
-    if options.write:
-        from bench.report import replace_section
-
-        replace_section(options.write, "Training (CPU, fp32)", text)
+    publish(text, "Training (CPU, fp32)", options.write)
     return 0
 
 

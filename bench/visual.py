@@ -19,6 +19,7 @@ from adapter.config import AdapterArgs
 from adapter.model import Transformer
 from adapter.visual import ImageEncoder, attach_image_encoder, encode_images
 from bench.decode import SHAPE, machine, measure
+from bench.report import publish
 
 ADAPTER = AdapterArgs(prompt_len=10, prompt_layers=8, visual="v2", clip_dim=512, visual_dim=768, visual_depth=8,
                       visual_heads=16, clip_model="ViT-B-32")
@@ -73,11 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *(f"| {name} | {med:.1f} | {lo:.1f} / {hi:.1f} |" for name, (med, lo, hi) in rows),
         "",
     ])
-    print(text)
-    if options.write:
-        from bench.report import replace_section
-
-        replace_section(options.write, "Image questions (CPU", text)
+    publish(text, "Image questions (CPU", options.write)
     return 0
 
 
