@@ -23,16 +23,24 @@ ORDER_WORDS = ("First", "Then", "Next")
 DIALOGUE = ('{a} asked, "{q}" {t} said, "{s}"', '"{q}" asked {a}. "{s}" said {t}.',
             "{a} wanted to know: {q} {t} looked again. {s}", '{a} asked, "{q}" {t} answered: {answer}.',
             "{a} asked: {q} {t} answered: {answer}.")
+SCRIBBLE = "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#:,.-"
 ENDINGS = ("{name} was happy with the picture.", "It was a nice picture.", "{name} showed the picture to a friend.",
            "Then {name} put the pencils away.", "")
+
+
+NOISY = 0.3  # share of documents with garbled fragments (see _with_noise)
 
 
 def corpus(seed: int, documents: int, split: str = "train") -> list[str]:
     """`documents` lines of text about scenes of `split` and sums; the base trains on the train split only,
     held-out text measures how well it reads new scenes."""
     rng = random.Random(f"corpus:{seed}:{split}")
-    writers = (_description, _story, _dialogue, _dialogue, _sums, _scene_sum)
-    return [rng.choice(writers)(scene, rng) for scene in scenes(seed, split, documents)]
+    writers = (_description, _story, _dialogue, _dialogue, _quiz, _quiz, _sums, _scene_sum)
+    out = []
+    for scene in scenes(seed, split, documents):
+        text = rng.choice(writers)(scene, rng)
+        out.append(_with_noise(text, rng) if rng.random() < NOISY else text)
+    return out
 
 
 def _some_facts(scene: Scene, rng: random.Random, low: int, high: int) -> list[Fact]:
@@ -64,6 +72,37 @@ def _dialogue(scene: Scene, rng: random.Random) -> str:
     for fact in _some_facts(scene, rng, 2, 4):
         lines.append(rng.choice(DIALOGUE).format(a=asker, t=teller, q=fact.question, s=fact.spoken, answer=fact.answer))
     return " ".join(lines)
+
+
+def _quiz(scene: Scene, rng: random.Random) -> str:
+    """Questions asked before the picture is described: answering needs the question, then the scene."""
+    asker, teller = rng.sample(NAMES, 2)
+    found = _some_facts(scene, rng, 1, 3)
+    first = found[0]
+    lines = [rng.choice(('{a} asked, "{q}"', "{a} asked: {q}", "{a} wanted to know: {q}", "Quiz. {q}")),
+             rng.choice(("{t} looked at the card.", "{t} looked at the picture.", "Here is the picture.", "")),
+             describe(scene, rng), rng.choice(("{t} answered: {answer}.", "{t} answered: {answer}.", '{t} said, "{s}"'))]
+    text = " ".join(line for line in lines if line).format(a=asker, t=teller, q=first.question, s=first.spoken,
+                                                             answer=first.answer)
+    return " ".join([text] + [DIALOGUE[-1].format(a=asker, t=teller, q=f.question, answer=f.answer) for f in found[1:]])
+
+
+def _with_noise(text: str, rng: random.Random) -> str:
+    """The text with garbled fragments (random letters and marks) before it and between some sentences.
+
+    The base then learns to read past text it does not know, which is what the Alpaca template, never seen
+    in pretraining, is to it; without this, the template's words derail it.
+    """
+    words = [_scribble(rng)] if rng.random() < 0.7 else []
+    for word in text.split(" "):
+        words.append(word)
+        if word[-1] in '.?"' and rng.random() < 0.3:
+            words.append(_scribble(rng))
+    return " ".join(words)
+
+
+def _scribble(rng: random.Random) -> str:
+    return " ".join("".join(rng.choice(SCRIBBLE) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 8)))
 
 
 def _sums(scene: Scene, rng: random.Random) -> str:
