@@ -131,8 +131,9 @@ def test_modes_map_to_what_is_learned():
     assert v1 == adapter.AdapterArgs(prompt_len=10, prompt_layers=30, gate_activation="tanh")
     v2 = adapter_args_for("v2", 10, 30, lora_rank=8)
     assert (v2.bias, v2.norm, v2.lora_rank, v2.gate_activation) == (True, True, 8, "tanh")
-    with pytest.raises(ValueError, match="--mode vision: needs the image adapter"):
-        adapter_args_for("vision", 10, 30)
+    vision = adapter_args_for("vision", 10, 30, lora_rank=8, visual="v1", clip_dim=24, clip_model="tiny.json")
+    assert (vision.bias, vision.norm, vision.lora_rank, vision.visual, vision.clip_dim) == (True, True, 8, "v1", 24)
+    assert adapter_args_for("v2", 10, 30, visual="v1").visual == "none", "only --mode vision adds a visual prompt"
 
 
 @pytest.mark.parametrize("overrides, message", [
