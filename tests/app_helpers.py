@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from adapter.engine import Engine
+from adapter.random_demo import DemoFiles, write_random_demo
 
 QUESTION = "Name a shape."
 GREEDY = {"temperature": 0.0, "top_p": 0.75, "max_new_tokens": 24, "seed": 0}
@@ -59,3 +61,16 @@ def running_app(flags: list[str]) -> Iterator[Served]:
             yield Served(demo.local_url, engine)
         finally:
             demo.close()
+
+
+@pytest.fixture(scope="module")
+def demo_files(base_folder, tmp_path_factory) -> DemoFiles:
+    """Random demo files (base, image adapter, CLIP) for the app, one set per test module."""
+    return write_random_demo(tmp_path_factory.mktemp("demo"), base=base_folder)
+
+
+@pytest.fixture(scope="module")
+def served(demo_files) -> Iterator[Served]:
+    """The app serving the demo files on a free port, for one test module."""
+    with running_app(demo_files.flags()) as app:
+        yield app

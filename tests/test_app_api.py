@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -15,24 +14,12 @@ from PIL import Image
 
 import adapter
 from adapter.prompts import STOP_STRINGS
-from adapter.random_demo import DemoFiles, write_random_demo
 from app import to_pairs
-from tests.app_helpers import GREEDY, MAX_NEW_TOKENS, QUESTION, Served, controls, running_app
+from tests.app_helpers import GREEDY, MAX_NEW_TOKENS, QUESTION, controls, demo_files, served  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")  # gradio's own pandas use
 
 RED, BLUE = Image.new("RGB", (40, 30), (220, 20, 30)), Image.new("RGB", (40, 30), (20, 40, 220))
-
-
-@pytest.fixture(scope="module")
-def demo_files(base_folder, tmp_path_factory) -> DemoFiles:
-    return write_random_demo(tmp_path_factory.mktemp("demo"), base=base_folder)
-
-
-@pytest.fixture(scope="module")
-def served(demo_files) -> Iterator[Served]:
-    with running_app(demo_files.flags()) as app:
-        yield app
 
 
 @pytest.fixture(scope="module")

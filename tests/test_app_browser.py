@@ -4,30 +4,17 @@ again, and the answer changes. Skipped where Chromium is not installed (CI insta
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 
 import pytest
 from PIL import Image
 
-from adapter.random_demo import DemoFiles, write_random_demo
-from tests.app_helpers import QUESTION, Served, running_app
+from tests.app_helpers import QUESTION, demo_files, served  # noqa: F401  (fixtures)
 
 CHROMIUM = shutil.which("chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install -y chromium)"),
               pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")]
-
-
-@pytest.fixture(scope="module")
-def demo_files(base_folder, tmp_path_factory) -> DemoFiles:
-    return write_random_demo(tmp_path_factory.mktemp("demo"), base=base_folder)
-
-
-@pytest.fixture(scope="module")
-def served(demo_files) -> Iterator[Served]:
-    with running_app(demo_files.flags()) as app:
-        yield app
 
 
 @pytest.fixture(scope="module")
