@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .build import MANIFEST, STAGES
 from .report import ACCURACY_JSON, ACCURACY_PNG
 
 CARD = "MODEL_CARD.md"
@@ -38,11 +39,11 @@ def _accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
 
 
 def write_card(out: Path) -> Path:
-    manifest, accuracy = _read(out / "manifest.json"), _read(out / ACCURACY_JSON)
+    manifest, accuracy = _read(out / MANIFEST), _read(out / ACCURACY_JSON)
     recipe, stages, files = manifest.get("recipe", {}), manifest.get("stages", {}), manifest.get("files", {})
     base, clip = stages.get("base", {}), stages.get("clip", {})
     pre, clip_recipe, text, image = (recipe.get(k, {}) for k in ("pretrain", "clip", "text", "image"))
-    times = ", ".join(f"{name} {info['seconds'] / 60:.1f}" for name, info in stages.items())
+    times = ", ".join(f"{name} {stages[name]['seconds'] / 60:.1f}" for name in STAGES if name in stages)
     lines = [
         "# Tiny LLaMA-Adapter (self-trained, shipped with the code)",
         "",
@@ -122,7 +123,8 @@ def write_card(out: Path) -> Path:
         "- Pictures are read at 64x64; photos or drawings unlike the rendered scenes are out of distribution.",
         "- The sums asked in the held-out questions also appear, as statements, in the pretraining corpus: the "
         "held-out arithmetic measures following the instruction, not learning to add.",
-        "- 256 tokens of context. It is a demonstration model, not a language model to use for anything else.",
+        f"- {recipe.get('max_seq_len')} tokens of context. It is a demonstration model, not a language model to use "
+        "for anything else.",
         "",
     ]
     path = out / CARD

@@ -35,7 +35,7 @@ def corpus(seed: int, documents: int, split: str = "train") -> list[str]:
     """`documents` lines of text about scenes of `split` and sums; the base trains on the train split only,
     held-out text measures how well it reads new scenes."""
     rng = random.Random(f"corpus:{seed}:{split}")
-    writers = (_description, _story, _dialogue, _dialogue, _quiz, _quiz, _sums, _scene_sum)
+    writers = (_description, _story, _dialogue, _quiz, _quiz, _quiz, _sums, _scene_sum)
     out = []
     for scene in scenes(seed, split, documents):
         text = rng.choice(writers)(scene, rng)
@@ -96,13 +96,13 @@ def _with_noise(text: str, rng: random.Random) -> str:
     words = [_scribble(rng)] if rng.random() < 0.7 else []
     for word in text.split(" "):
         words.append(word)
-        if word[-1] in '.?"' and rng.random() < 0.3:
+        if word[-1] in '.?"' and rng.random() < 0.15:
             words.append(_scribble(rng))
     return " ".join(words)
 
 
 def _scribble(rng: random.Random) -> str:
-    return " ".join("".join(rng.choice(SCRIBBLE) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 8)))
+    return " ".join("".join(rng.choice(SCRIBBLE) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 5)))
 
 
 def _sums(scene: Scene, rng: random.Random) -> str:

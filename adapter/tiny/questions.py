@@ -128,8 +128,9 @@ def arithmetic(rng: random.Random, split: str | None = None) -> Fact:
             return Fact(wording.format(expression), str(answer), f"{expression} = {answer}.")
 
 
-def scene_question(scene: Scene, rng: random.Random, categories: tuple[str, ...], with_input: bool) -> Question | None:
-    """One question about `scene`: a category drawn uniformly among those that apply, then a question."""
+def scene_question(scene: Scene, rng: random.Random, categories: tuple[str, ...], with_input: bool) -> Question:
+    """One question about `scene`: a category drawn uniformly among those that apply (counting always
+    does), then one of its questions."""
     options = list(categories)
     rng.shuffle(options)
     for category in options:
@@ -137,7 +138,7 @@ def scene_question(scene: Scene, rng: random.Random, categories: tuple[str, ...]
         if found:
             fact = rng.choice(found)
             return Question(category, fact.question, fact.answer, scene, describe(scene, rng) if with_input else None)
-    return None
+    raise ValueError(f"categories: none of {categories} applies to {scene.key}")
 
 
 def text_questions(seed: int, split: str, count: int) -> list[Question]:
@@ -150,12 +151,11 @@ def text_questions(seed: int, split: str, count: int) -> list[Question]:
             out.append(Question("arithmetic", fact.question, fact.answer))
         else:
             out.append(scene_question(scene, rng, SCENE_CATEGORIES, with_input=True))
-    return [q for q in out if q is not None]
+    return out
 
 
 def image_questions(seed: int, split: str, count: int) -> list[Question]:
     """Questions about rendered `split` scenes (no text input), categories balanced."""
     rng = random.Random(f"image-questions:{seed}:{split}")
-    found = (scene_question(s, rng, IMAGE_CATEGORIES, with_input=False)
-             for s in scenes(seed + 2, split, count, unique=split == "held-out"))
-    return [q for q in found if q is not None]
+    return [scene_question(s, rng, IMAGE_CATEGORIES, with_input=False)
+            for s in scenes(seed + 2, split, count, unique=split == "held-out")]

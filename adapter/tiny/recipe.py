@@ -51,7 +51,7 @@ class Recipe:
 
 FULL = Recipe(
     seed=0, threads=2, documents=50_000, vocab_size=1024, dim=256, n_layers=6, n_heads=8, max_seq_len=256,
-    pretrain=PretrainSettings(steps=1000, batch_size=16, lr=3e-3, warmup=50),
+    pretrain=PretrainSettings(steps=1400, batch_size=16, lr=3e-3, warmup=50),
     clip=ClipSettings(embed_dim=128, width=128, layers=4, text_width=128, text_layers=2, context_length=48,
                       steps=400, batch_size=128, lr=2e-3, warmup=40),
     text=AdapterSettings(examples=8000, epochs=2, batch_size=32, lr=2e-2, prompt_len=10, prompt_layers=6),
