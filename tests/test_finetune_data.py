@@ -143,6 +143,7 @@ def test_modes_map_to_what_is_learned():
     (dict(warmup_epochs=6, epochs=5), "--warmup-epochs"),
     (dict(quantize="fp8"), "--quantize: unknown mode"),
     (dict(export="gguf"), "--export"),
+    (dict(autocast="fp8"), "--autocast: must be one of"),
 ])
 def test_bad_settings_name_the_flag(overrides, message):
     with pytest.raises(ValueError, match=message):

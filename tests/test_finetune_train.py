@@ -83,6 +83,28 @@ def test_neither_the_micro_batch_split_nor_checkpointing_changes_the_result(tmp_
     assert max_difference(load_file(whole.adapter), load_file(split.adapter)) < 1e-5
 
 
+def test_bf16_autocast_on_cpu_trains_in_bf16_and_stays_close_to_fp32(tmp_path, base_folder, data, monkeypatch):
+    seen_dtypes = []
+    real = trainer.optimizer_step
+
+    def optimizer_step(model, *args, **kwargs):
+        handle = model.output.register_forward_hook(lambda module, inputs, out: seen_dtypes.append(out.dtype))
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(trainer, "optimizer_step", optimizer_step)
+    bf16 = train(tiny_config(base_folder, data, tmp_path / "bf16", autocast="bf16", epochs=2))
+    assert seen_dtypes and set(seen_dtypes) == {torch.bfloat16}
+    seen_dtypes.clear()
+    fp32 = train(tiny_config(base_folder, data, tmp_path / "fp32", epochs=2))
+    assert set(seen_dtypes) == {torch.float32}, "auto means fp32 on CPU"
+    assert bf16.train_losses[-1] < bf16.train_losses[0]
+    assert abs(bf16.train_losses[0] - fp32.train_losses[0]) < 0.05 * fp32.train_losses[0]
+    assert load_file(bf16.adapter)["layers.3.attention.gate"].dtype == torch.float32, "master weights stay fp32"
+
+
 def interrupt_at(monkeypatch, step: int) -> None:
     """Kill the run (as a KeyboardInterrupt would) when it reaches optimizer step `step`."""
     real = trainer.optimizer_step

@@ -1,5 +1,9 @@
 """The shipped tiny model (assets/tiny/): loads by name, answers fixed held-out questions exactly at gate 1
-and not at gate 0, stays small. Skipped until `python -m adapter.tiny build` has written the files."""
+and not at gate 0, stays small. Skipped until `python -m adapter.tiny build` has written the files.
+
+The fixed questions are ones the shipped weights get right (the model card gives its accuracy over all held-
+out questions, which is far from perfect); what they pin down is that these weights, loaded by name, give these
+exact greedy answers with the gates open and not with them closed."""
 
 from __future__ import annotations
 
@@ -9,19 +13,18 @@ import pytest
 
 import adapter
 from adapter.tiny.assets import ASSETS, IMAGE
+from adapter.tiny.evaluate import answers, held_out
 from adapter.tiny.world import Scene, Thing, render
 
 pytestmark = pytest.mark.skipif(not (ASSETS / "base" / "params.json").is_file(), reason="assets/tiny not built yet")
 
-SCENE = Scene((Thing("star", "green", "large", "left"), Thing("circle", "orange", "small", "top"),
-               Thing("square", "purple", "small", "bottom")))
-INPUT = "There is a small orange circle at the top. There is a large green star on the left. There is a small " \
-        "purple square at the bottom."
-TEXT = [("What colour is the star?", INPUT, "green"), ("Where is the circle?", INPUT, "top"),
-        ("How many shapes are there?", INPUT, "3"), ("What shape is at the bottom?", INPUT, "square"),
-        ("What is 7 + 7?", None, "14")]
-IMAGE_QUESTIONS = [("What colour is the star?", "green"), ("How many shapes are there?", "3"),
-                   ("Where is the circle?", "top"), ("What shape is the purple one?", "square")]
+SCENE = Scene((Thing("triangle", "yellow", "small", "left"), Thing("circle", "red", "small", "centre"),
+               Thing("star", "blue", "small", "bottom")))
+INPUT = "There is a small yellow triangle on the left. There is a small red circle in the centre. There is a small " \
+        "blue star at the bottom."
+TEXT = [("How many shapes are there?", INPUT, "3"), ("What shape is in the centre?", INPUT, "circle"),
+        ("What colour is the circle?", INPUT, "red")]
+IMAGE_QUESTIONS = [("Where is the star?", "bottom")]
 GREEDY = dict(temperature=0.0, max_new_tokens=16)
 
 
@@ -49,6 +52,14 @@ def test_image_questions_are_answered_exactly_at_gate_1_and_not_at_gate_0():
         prompt = adapter.image_question(question)
         assert model.generate(prompt, image=picture, gate_scale=1.0, **GREEDY) == answer, question
         assert model.generate(prompt, image=picture, gate_scale=0.0, **GREEDY) != answer, question
+
+
+def test_opening_the_gates_turns_no_exact_answers_into_some(text_model):
+    questions = held_out("text", 0, 4)
+    closed = answers(text_model, questions, 0.0, images=False)
+    opened = answers(text_model, questions, 1.0, images=False)
+    assert sum(a == q.answer for q, a in zip(questions, closed)) == 0, "the frozen base never answers in a word"
+    assert sum(a == q.answer for q, a in zip(questions, opened)) >= len(questions) // 5, opened
 
 
 def test_the_assets_are_small_and_match_their_manifest():

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import EXPORTS, MODES, TrainConfig
+from .config import AUTOCASTS, EXPORTS, MODES, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none", help="4/8-bit frozen base")
     p.add_argument("--device", help="e.g. cpu, cuda (default: cuda when available; torchrun: one GPU per process)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="base dtype")
+    p.add_argument("--autocast", choices=AUTOCASTS, default=d.autocast,
+                   help="bf16 autocast: auto = on GPU only; bf16 also on CPU (fast on CPUs with AMX)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (default: every epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")

@@ -15,6 +15,7 @@ from ..config import AdapterArgs
 from ..quantize import check_mode
 
 MODES = ("v1", "v2", "vision")
+AUTOCASTS = ("auto", "bf16", "off")  # auto: bf16 on GPU, the model's own dtype on CPU
 EXPORTS = ("peft", "official-v1")
 # settings that may change between an interrupted run and its --resume without changing what it computes
 # (the data file may move: its content is checked by hash)
@@ -64,6 +65,7 @@ class TrainConfig:
     quantize: str | None = None
     device: str | None = None
     dtype: str | None = None
+    autocast: str = "auto"
     gradient_checkpointing: bool = False
     save_every: int | None = None  # optimizer steps; None = once per epoch (and always at the end)
     resume: bool = False
@@ -81,6 +83,7 @@ class TrainConfig:
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
         _require(self.mode != "vision" or self.clip is not None, "--clip",
                  "--mode vision needs the CLIP tower the visual prompt reads (a weights file or an open_clip tag)")
+        _require(self.autocast in AUTOCASTS, "--autocast", f"must be one of {AUTOCASTS}, got {self.autocast!r}")
         _require(self.visual in ("v1", "v2"), "--visual", f"must be v1 or v2, got {self.visual!r}")
         _require(self.max_seq_len >= 2, "--max-seq-len", "must be at least 2 (one token and its successor)")
         _require(self.batch_size % self.micro_batch_size == 0, "--batch-size",

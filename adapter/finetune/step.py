@@ -62,13 +62,16 @@ def micro_batch_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return loss_sum(forward(model, batch), batch.labels)
 
 
-def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on GPU; CPU runs in the model's own dtype."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device, mode: str = "auto") -> AbstractContextManager:
+    """bf16 autocast: `auto` on GPU only (CPUs without AMX gain nothing), `bf16` on any device, `off` never."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch], targets: int,
-                   processes: Processes, *, lr: float, clip_grad: float, step: int) -> StepResult:
+                   processes: Processes, *, lr: float, clip_grad: float, step: int,
+                   precision: str = "auto") -> StepResult:
     """Apply one step of the global batch whose `targets` response tokens are spread over all processes.
 
     Raises TrainingStopped before touching the parameters when the loss or the gradient is not finite.
@@ -77,7 +80,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     scale = processes.world / max(targets, 1)  # DDP averages over processes; we want the sum over tokens
     total = torch.zeros((), device=device, dtype=torch.float64)
     for index, batch in enumerate(micro_batches):
-        with no_sync(model, sync=index == len(micro_batches) - 1), autocast(device):
+        with no_sync(model, sync=index == len(micro_batches) - 1), autocast(device, precision):
             loss = micro_batch_loss(model, batch)
             (loss * scale).backward()
         total += loss.detach()
@@ -97,14 +100,15 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     return StepResult(loss_value, grad_norm)
 
 
-def evaluate(model: nn.Module, micro_batches: list[Batch], targets: int, processes: Processes) -> float:
+def evaluate(model: nn.Module, micro_batches: list[Batch], targets: int, processes: Processes,
+             precision: str = "auto") -> float:
     """Mean response-token loss over a held-out set (spread over processes), without gradients."""
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()
     device = next(inner.parameters()).device
     total = torch.zeros((), device=device, dtype=torch.float64)
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(device, precision):
         for batch in micro_batches:
             total += micro_batch_loss(inner, batch).double()
     inner.train(was_training)

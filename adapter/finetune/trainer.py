@@ -232,7 +232,8 @@ class _Run:
         lr = learning_rate(self.step, self.steps_per_epoch, config.learning_rate, config.min_lr,
                            config.warmup_epochs, config.epochs)
         outcome = optimizer_step(self.wrapped, self.optimizer, mine, sum(e.targets for e in examples), self.processes,
-                                 lr=lr, clip_grad=config.clip_grad, step=self.step + 1)
+                                 lr=lr, clip_grad=config.clip_grad, step=self.step + 1,
+                                 precision=config.autocast)
         self.step += 1
         tokens = sum(len(e.tokens) for e in examples)
         return {"type": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": outcome.loss,
@@ -245,7 +246,7 @@ class _Run:
         ids = eval_batches([len(e.tokens) for e in val], self.config.micro_batch_size, self.processes.rank,
                            self.processes.world)
         loss = evaluate(self.wrapped, [collate([val[i] for i in b], self.device) for b in ids],
-                        sum(e.targets for e in val), self.processes)
+                        sum(e.targets for e in val), self.processes, self.config.autocast)
         log.write({"type": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": loss})
         result.val_losses.append((self.step, loss))
         return self.step

@@ -26,7 +26,8 @@ def train_adapter(settings: AdapterSettings, base: Path, data: Path, run: Path, 
                    prompt_layers=settings.prompt_layers, epochs=settings.epochs,
                    warmup_epochs=settings.warmup_epochs, lr=settings.lr, min_lr=settings.lr / 20,
                    batch_size=settings.batch_size, micro_batch_size=settings.batch_size, max_seq_len=max_seq_len,
-                   val_fraction=0.02, seed=seed, weight_decay=0.0, device="cpu", progress=False)
+                   val_fraction=0.02, seed=seed, weight_decay=0.0, device="cpu", progress=False,
+                   autocast="bf16" if settings.bf16 else "off")
     if clip is not None:
         vision = dict(mode="vision", image_folder=str(image_folder), clip=str(clip[0]), clip_model=str(clip[1]),
                       visual=settings.visual, visual_dim=settings.visual_dim, visual_depth=settings.visual_depth,

@@ -40,6 +40,7 @@ class ClipSettings:
     lr: float
     warmup: int
     weight_decay: float = 0.1
+    bf16: bool = False  # bf16 autocast for the towers (the loss in fp32), as the base's pretraining
 
 
 def clip_config(settings: ClipSettings, vocab_size: int) -> dict[str, Any]:
@@ -83,8 +84,9 @@ def train_clip(settings: ClipSettings, tokenizer: Tokenizer, seed: int, log: Cal
         batch = pool[step * settings.batch_size: (step + 1) * settings.batch_size]
         pixels = torch.stack([preprocess(render(scene), IMAGE_SIZE) for scene in batch])
         texts = tokenize([describe(scene, rng) for scene in batch], tokenizer, settings.context_length)
-        image_features, text_features, logit_scale = model(pixels, texts)[:3]
-        loss = loss_fn(image_features, text_features, logit_scale)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            image_features, text_features, logit_scale = model(pixels, texts)[:3]
+        loss = loss_fn(image_features.float(), text_features.float(), logit_scale)
         loss.backward()
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, settings)

@@ -28,14 +28,14 @@ ENDINGS = ("{name} was happy with the picture.", "It was a nice picture.", "{nam
            "Then {name} put the pencils away.", "")
 
 
-NOISY = 0.3  # share of documents with garbled fragments (see _with_noise)
+NOISY = 0.15  # share of documents with garbled fragments (see _with_noise)
 
 
 def corpus(seed: int, documents: int, split: str = "train") -> list[str]:
     """`documents` lines of text about scenes of `split` and sums; the base trains on the train split only,
     held-out text measures how well it reads new scenes."""
     rng = random.Random(f"corpus:{seed}:{split}")
-    writers = (_description, _story, _dialogue, _quiz, _quiz, _quiz, _sums, _scene_sum)
+    writers = (_description, _story, _dialogue, _sums, _scene_sum) + (_quiz,) * 5
     out = []
     for scene in scenes(seed, split, documents):
         text = rng.choice(writers)(scene, rng)
@@ -77,7 +77,7 @@ def _dialogue(scene: Scene, rng: random.Random) -> str:
 def _quiz(scene: Scene, rng: random.Random) -> str:
     """Questions asked before the picture is described: answering needs the question, then the scene."""
     asker, teller = rng.sample(NAMES, 2)
-    found = _some_facts(scene, rng, 1, 3)
+    found = _some_facts(scene, rng, 2, 6)
     first = found[0]
     lines = [rng.choice(('{a} asked, "{q}"', "{a} asked: {q}", "{a} wanted to know: {q}", "Quiz. {q}")),
              rng.choice(("{t} looked at the card.", "{t} looked at the picture.", "Here is the picture.", "")),
