@@ -67,8 +67,9 @@ def start_app(flags: list[str], port: int, timeout: float = 300.0) -> tuple[subp
 
 
 def chat_arguments(max_new_tokens: int) -> list:
-    # message, history, gate, delta, temperature, top_p, max new tokens, seed: greedy, so answers repeat
-    return [QUESTION, [], 1.0, 1.0, 0.0, 0.75, max_new_tokens, 0]
+    """message, history, gate, delta, temperature, top_p, max new tokens, seed: greedy, so answers repeat; at
+    gate 0, where the frozen base writes on to the token limit (the tiny adapter answers in a word or two)."""
+    return [QUESTION, [], 0.0, 0.0, 0.0, 0.75, max_new_tokens, 0]
 
 
 def answer_of(history: list) -> str:
@@ -152,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"## App (CPU, gradio_client): {model_name}",
         "",
         (f"Machine: {machine()}. Command: `{command.strip()}`. Default `python app.py` settings (--concurrency 1, "
-         f"torch's default threads); greedy answers of {options.max_new_tokens} new tokens at most "
+         f"torch's default threads); greedy chat answers at gate 0 (the frozen base: it writes on) of "
+         f"{options.max_new_tokens} new tokens at most "
          f"({len(tokenizer.encode(alone, bos=False))} here). Streaming figures: median of {options.repeats} runs."),
         "",
         "| measure | value |",

@@ -1,0 +1,34 @@
+"""`python app.py` with no flags: the embedded tiny model, through gradio_client. The adapter answers in a word
+where the frozen base (gate 0) writes on; compare shows both. Skipped until assets/tiny is built."""
+
+from __future__ import annotations
+
+import pytest
+from gradio_client import Client
+
+import adapter
+from adapter.app_config import TINY_FOLDER, tiny_available
+from adapter.prompts import STOP_STRINGS
+from tests.app_helpers import GREEDY, controls, running_app
+
+pytestmark = [pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet"),
+              pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")]
+
+QUESTION = "What is 3 + 4?"
+
+
+@pytest.fixture(scope="module")
+def client():
+    with running_app([]) as served:
+        assert served.engine.base == str(TINY_FOLDER / "base")
+        yield Client(served.url, verbose=False)
+
+
+def test_the_default_app_serves_the_tiny_model_and_compare_shows_the_gate(client):
+    base, adapted = client.predict(QUESTION, *controls(gate=1.0), api_name="/compare")
+    tiny_base = adapter.load(TINY_FOLDER / "base", device="cpu")
+    expected = tiny_base.generate(adapter.alpaca(QUESTION), temperature=0.0, max_new_tokens=GREEDY["max_new_tokens"],
+                                  stop=STOP_STRINGS)
+    assert base == expected, "the left answer is the frozen base's"
+    assert adapted != base
+    assert len(adapted.split()) <= 2 < len(base.split()), (adapted, base)
