@@ -27,16 +27,23 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything one call needs besides the prompts, validated once."""
+    """Everything one call needs besides the prompts, validated once.
+
+    `compile` runs the decode steps through torch.compile (see `Transformer.step`): faster steps after a
+    first, slow compilation, so it pays off for long answers or a server that keeps the model.
+    """
 
     max_new_tokens: int = 256
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: must be True or False, got {self.compile!r}")
 
 
 def _request(
@@ -49,13 +56,14 @@ def _request(
     repetition_penalty: float = 1.0,
     stop: Sequence[str] | str | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> GenerationRequest:
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if template in ("alpaca", "chat", "image"):
         stops = stops + STOP_STRINGS
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty)
-    return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed)
+    return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile)
 
 
 def decode_tokens(
@@ -110,7 +118,7 @@ def decode_tokens(
         if all(finished) or index == new_tokens - 1:
             return
         with torch.inference_mode():
-            logits = model.step(next_ids[:, None], cache, **scales)
+            logits = model.step(next_ids[:, None], cache, compile=request.compile, **scales)
 
 
 def stream_batch(
@@ -215,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through torch.compile: faster steps after a slow first one (on CPU it needs "
+                             "a C++ compiler)")
     return parser
 
 
@@ -229,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pieces = stream(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                         stop=args.stop + (list(STOP_STRINGS) if args.template != "none" else []),
-                        seed=args.seed, gate_scale=args.gate_scale, delta_scale=args.delta_scale, image=args.image)
+                        seed=args.seed, gate_scale=args.gate_scale, delta_scale=args.delta_scale, image=args.image,
+                        compile=args.compile)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()

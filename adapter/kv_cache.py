@@ -10,7 +10,10 @@ import torch
 
 
 class KVCache:
-    """Static cache: `[n_layers, batch, kv_heads, max_len, head_dim]` for keys and for values.
+    """Static cache: per layer, `[batch, kv_heads, max_len, head_dim]` for keys and for values.
+
+    One tensor per layer rather than one stacked tensor: a compiled decode step (`Transformer.step(...,
+    compile=True)`) then writes each step's keys in place, where a slice of one big tensor would be copied whole.
 
     `pad` holds, per row, how many left-padding tokens precede the real prompt (rows of different
     lengths share one decode loop); `visual_prompt` is added to every layer's adaption prompt.
@@ -29,9 +32,9 @@ class KVCache:
         pad: torch.Tensor | None = None,
         visual_prompt: torch.Tensor | None = None,
     ) -> None:
-        shape = (n_layers, batch, kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.batch = batch
         self.max_len = max_len
         self.length = 0
@@ -40,10 +43,12 @@ class KVCache:
         self.pad = None if pad is None else pad.to(device=device, dtype=torch.long)
         self.visual_prompt = visual_prompt
         self.prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stacks_checked = False  # the model's stacked projections are up to date for this request
 
     def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values at `start` and return every key/value so far (views, no copy)."""
         end = start + k.shape[2]
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]

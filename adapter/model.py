@@ -13,7 +13,7 @@ and `s_d` (delta scale, for the v2 bias/LoRA/norm deltas) are tensors, scalar or
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import BIAS_TARGETS, AdapterArgs, ModelArgs
+from .fused import StackedWeight
 from .kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class StepContext:
     is_causal: bool = False
     cache: KVCache | None = None
     start: int = 0
+    fused: bool = False  # decoding without gradients: stacked projections (adapter.fused), one-call norms
 
 
 class RMSNorm(nn.Module):
@@ -55,9 +57,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.delta = nn.Parameter(torch.zeros(dim)) if tunable else None
 
-    def forward(self, x: torch.Tensor, delta_scale: torch.Tensor | None = None) -> torch.Tensor:
-        normed = x.float()
-        normed = (normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+    def forward(self, x: torch.Tensor, delta_scale: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+        if fused:  # torch's one-call RMSNorm: on the CPU the same operations (so the same floats), in C++
+            normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        else:
+            normed = x.float()
+            normed = (normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
         weight = self.weight
         if self.delta is not None:
             scale = 1.0 if delta_scale is None else delta_scale
@@ -107,6 +112,22 @@ def _linear(layer: nn.Module, delta: LinearDelta | None, x: torch.Tensor, scale:
     return out
 
 
+def _stacked_linear(weight: torch.Tensor, parts: Sequence[tuple[nn.Module, LinearDelta | None]], x: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+    """`_linear` of each (layer, delta) part side by side, with one matmul for the stacked frozen weights.
+
+    Inference only: each delta is added in place to its own columns, the same sum `_linear` computes.
+    """
+    out = F.linear(x, weight)
+    start = 0
+    for layer, delta in parts:
+        end = start + layer.out_features
+        if delta is not None:
+            out[..., start:end].add_(scale * delta(x))
+        start = end
+    return out
+
+
 def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Meta's rotary embedding as two float32 tables [max_len, head_dim]: cos repeated for each pair, and
     sin with the sign each pair element needs (-sin for the even one, +sin for the odd one)."""
@@ -146,6 +167,7 @@ class Attention(nn.Module):
         self.wo_delta = _make_delta(adapter, "wo", q_dim, args.dim)
         self.gate = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1)) if has_prompt else None
         self.new_gate = nn.Parameter(torch.ones(1, 1, 1, 1)) if has_prompt and adapter.new_gate else None
+        self.qkv_stack = StackedWeight("wq", "wk", "wv")
 
     def effective_gate(self) -> torch.Tensor:
         """act(gate) * new_gate, shape [1, n_heads, 1, 1]: how strongly each head mixes in the prompt."""
@@ -169,13 +191,7 @@ class Attention(nn.Module):
         record: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        s_d = ctx.delta_scale
-        q = _linear(self.wq, self.wq_delta, x, s_d).view(batch, length, self.n_heads, self.head_dim)
-        k = _linear(self.wk, self.wk_delta, x, s_d).view(batch, length, self.kv_heads, self.head_dim)
-        v = _linear(self.wv, self.wv_delta, x, s_d).view(batch, length, self.kv_heads, self.head_dim)
-        q = apply_rope(q, ctx.cos, ctx.sin).transpose(1, 2)
-        k = apply_rope(k, ctx.cos, ctx.sin).transpose(1, 2)
-        v = v.transpose(1, 2)
+        q, k, v = self._project(x, ctx)
         if ctx.cache is not None:
             k, v = ctx.cache.store(self.layer_id, ctx.start, k, v)
         gqa = self.kv_heads != self.n_heads
@@ -191,7 +207,26 @@ class Attention(nn.Module):
                 record.append(_prompt_share(out, prompt_out))
             out = out + prompt_out
         out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
-        return _linear(self.wo, self.wo_delta, out, s_d)
+        return _linear(self.wo, self.wo_delta, out, ctx.delta_scale)
+
+    def _project(self, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys (both rotated) and values, [B, heads, T, head_dim]."""
+        batch, length, _ = x.shape
+        s_d = ctx.delta_scale
+        stacked = self.qkv_stack.weight if ctx.fused else None
+        if stacked is None:
+            q = _linear(self.wq, self.wq_delta, x, s_d).view(batch, length, self.n_heads, self.head_dim)
+            k = _linear(self.wk, self.wk_delta, x, s_d).view(batch, length, self.kv_heads, self.head_dim)
+            v = _linear(self.wv, self.wv_delta, x, s_d).view(batch, length, self.kv_heads, self.head_dim)
+            q = apply_rope(q, ctx.cos, ctx.sin)
+            k = apply_rope(k, ctx.cos, ctx.sin)
+        else:
+            parts = ((self.wq, self.wq_delta), (self.wk, self.wk_delta), (self.wv, self.wv_delta))
+            qkv = _stacked_linear(stacked, parts, x, s_d).view(batch, length, -1, self.head_dim)
+            rotated = self.n_heads + self.kv_heads
+            qk = apply_rope(qkv[:, :, :rotated], ctx.cos, ctx.sin)  # one rotation for queries and keys
+            q, k, v = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:], qkv[:, :, rotated:]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def _prompt_share(text_out: torch.Tensor, prompt_out: torch.Tensor) -> torch.Tensor:
@@ -211,9 +246,17 @@ class FeedForward(nn.Module):
         self.w1_delta = _make_delta(adapter, "w1", args.dim, hidden)
         self.w2_delta = _make_delta(adapter, "w2", hidden, args.dim)
         self.w3_delta = _make_delta(adapter, "w3", args.dim, hidden)
+        self.w13_stack = StackedWeight("w1", "w3")
 
-    def forward(self, x: torch.Tensor, delta_scale: torch.Tensor) -> torch.Tensor:
-        gated = F.silu(_linear(self.w1, self.w1_delta, x, delta_scale)) * _linear(self.w3, self.w3_delta, x, delta_scale)
+    def forward(self, x: torch.Tensor, delta_scale: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        weight = self.w13_stack.weight if fused else None
+        if weight is None:
+            gated = (F.silu(_linear(self.w1, self.w1_delta, x, delta_scale))
+                     * _linear(self.w3, self.w3_delta, x, delta_scale))
+        else:
+            parts = ((self.w1, self.w1_delta), (self.w3, self.w3_delta))
+            up, gate = _stacked_linear(weight, parts, x, delta_scale).chunk(2, dim=-1)
+            gated = F.silu(up) * gate
         return _linear(self.w2, self.w2_delta, gated, delta_scale)
 
 
@@ -226,9 +269,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, tunable=adapter.norm)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, prompt_kv=None, record=None) -> torch.Tensor:
-        s_d = ctx.delta_scale
-        h = x + self.attention(self.attention_norm(x, s_d), ctx, prompt_kv, record)
-        return h + self.feed_forward(self.ffn_norm(h, s_d), s_d)
+        s_d, fused = ctx.delta_scale, ctx.fused
+        h = x + self.attention(self.attention_norm(x, s_d, fused), ctx, prompt_kv, record)
+        return h + self.feed_forward(self.ffn_norm(h, s_d, fused), s_d, fused)
 
 
 class Transformer(nn.Module):
@@ -263,6 +306,10 @@ class Transformer(nn.Module):
         self._gate_scale = torch.tensor(1.0, device="cpu")
         self._delta_scale = torch.tensor(1.0, device="cpu")
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # decode without gradients through stacked projections and one-call norms (the plain path's tokens);
+        # False saves the stacked weights' memory (a second copy of wq|wk|wv and w1|w3, see adapter.fused)
+        self.fused_inference = True
+        self._compiled: Callable[..., torch.Tensor] | None = None
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, more time
         self.freeze_base()
 
@@ -404,11 +451,14 @@ class Transformer(nn.Module):
         gate_scale: ScaleLike | None = None,
         delta_scale: ScaleLike | None = None,
         record: list[torch.Tensor] | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """Feed `tokens` [B, T] after what the cache holds; logits [B, vocab] of the last position.
 
         With `record` (a list), each adapter layer appends the per-token share of its attention output
-        that came through the prompt: what the app colours tokens by.
+        that came through the prompt: what the app colours tokens by. Without gradients the step takes the
+        fused path (see `fused_inference`); with `compile`, one-token steps without gradients run through
+        `torch.compile` (see `_compiled_logits`), which takes a while the first time.
         """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
@@ -434,11 +484,19 @@ class Transformer(nn.Module):
             visible = (keys[None, None, :] >= cache.pad[:, None, None]) & (keys[None, None, :] <= positions[None, :, None])
             # a padding query sees itself, so that no row is fully masked (that would give NaN)
             mask = (visible | (keys[None, None, :] == positions[None, :, None]))[:, None]
+        inference = not torch.is_grad_enabled()
+        fused = inference and self.fused_inference
+        if fused and not cache.stacks_checked:  # once per request, as for the prompts' keys/values
+            self._refresh_stacks()
+            cache.stacks_checked = True
         ctx = self._context(batch, cos, sin, gate_scale, delta_scale, attn_mask=mask, is_causal=is_causal,
-                            cache=cache, start=start)
-        h = self._run_layers(self.tok_embeddings(tokens), ctx, cache.visual_prompt, cache=cache, record=record)
+                            cache=cache, start=start, fused=fused)
+        run = self._last_logits
+        if compile and inference and length == 1 and record is None:
+            run = self._compiled_logits()
+        logits = run(tokens, ctx, cache, record)
         cache.length = start + length
-        return self.output(self.norm(h[:, -1:], ctx.delta_scale)).float()[:, 0]
+        return logits
 
     # ----- generation (see adapter.generate) -------------------------------------------------------------
     def generate(self, prompt: str, **kwargs: Any) -> str:
@@ -475,6 +533,27 @@ class Transformer(nn.Module):
         delta = _scale_for_rows(self._delta_scale if delta_scale is None else delta_scale, "delta_scale", batch,
                                 device, 3, self.tok_embeddings.weight.dtype)
         return StepContext(cos=cos, sin=sin, gate_scale=gate, delta_scale=delta, **kwargs)
+
+    def _last_logits(self, tokens: torch.Tensor, ctx: StepContext, cache: KVCache,
+                     record: list[torch.Tensor] | None) -> torch.Tensor:
+        h = self._run_layers(self.tok_embeddings(tokens), ctx, cache.visual_prompt, cache=cache, record=record)
+        return self.output(self.norm(h[:, -1:], ctx.delta_scale, ctx.fused)).float()[:, 0]
+
+    def _compiled_logits(self) -> Callable[..., torch.Tensor]:
+        """`_last_logits` through torch.compile, made on first use and kept.
+
+        Shapes are dynamic and the scales are tensor inputs, so later positions, other requests and other
+        slider values reuse the compiled graph; another batch size, one scale per row where there was one
+        value, or left padding compiles again (a few times at most: torch then makes the changed sizes dynamic).
+        """
+        if self._compiled is None:
+            self._compiled = torch.compile(self._last_logits, dynamic=True)
+        return self._compiled
+
+    def _refresh_stacks(self) -> None:
+        for block in self.layers:
+            block.attention.qkv_stack.refresh(block.attention)
+            block.feed_forward.w13_stack.refresh(block.feed_forward)
 
     def _prompts(self, visual_prompt: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """[prompt_layers, B|1, K, dim] adaption prompts, with the visual prompt added when given."""

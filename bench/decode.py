@@ -2,7 +2,8 @@
 
 The floor is one matrix-vector product per weight matrix (every weight read once), which is what one
 decode step cannot beat. Shape: LLaMA dim 512, 8 layers, 8 heads, vocab 32000, fp32, random weights,
-with a v1 adapter (prompt_len 10 on all 8 layers).
+with a v1 adapter (prompt_len 10 on all 8 layers). Decoding is timed on the default path (stacked
+projections, see adapter.fused), on the plain path (`fused_inference = False`) and through torch.compile.
 
     python -m bench.decode [--threads 2] [--repeats 5] [--write BENCHMARKS.md]
 """
@@ -42,7 +43,8 @@ def measure(fn: Callable[[], float], repeats: int) -> tuple[float, float, float]
     return statistics.median(values), min(values), max(values)
 
 
-def decode_tokens_per_s(model: Transformer, prompt_len: int = 16, new_tokens: int = 64, batch: int = 1) -> float:
+def decode_tokens_per_s(model: Transformer, prompt_len: int = 16, new_tokens: int = 64, batch: int = 1,
+                        compile: bool = False) -> float:
     tokens = torch.randint(0, model.args.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         cache = model.new_cache(batch, prompt_len + new_tokens + 1)
@@ -50,9 +52,25 @@ def decode_tokens_per_s(model: Transformer, prompt_len: int = 16, new_tokens: in
         start = time.perf_counter()
         for _ in range(new_tokens):
             next_ids = logits.argmax(-1, keepdim=True)
-            logits = model.step(next_ids, cache)
+            logits = model.step(next_ids, cache, compile=compile)
         elapsed = time.perf_counter() - start
     return batch * new_tokens / elapsed
+
+
+def plain_tokens_per_s(model: Transformer) -> float:
+    """Decoding without the stacked projections and one-call norms: what the fused path gains."""
+    model.fused_inference = False
+    try:
+        return decode_tokens_per_s(model)
+    finally:
+        model.fused_inference = True
+
+
+def first_compiled_step_s(model: Transformer) -> float:
+    """The first decode step through torch.compile, which compiles it (torch's on-disk caches may shorten it)."""
+    start = time.perf_counter()
+    decode_tokens_per_s(model, new_tokens=1, compile=True)
+    return time.perf_counter() - start
 
 
 def time_to_first_token_ms(model: Transformer, prompt_len: int = 64) -> float:
@@ -87,6 +105,13 @@ def run(threads: int, repeats: int) -> list[tuple[str, str, str]]:
     med, lo, hi = measure(lambda: decode_tokens_per_s(model), repeats)
     rows.append(("greedy decode, batch 1, tokens/s", f"{med:.1f}", f"{lo:.1f} / {hi:.1f}"))
     rows.append(("decode / floor", f"{med / floor:.0%}", ""))
+    med, lo, hi = measure(lambda: plain_tokens_per_s(model), repeats)
+    rows.append(("greedy decode, plain path (`fused_inference = False`), tokens/s", f"{med:.1f}",
+                 f"{lo:.1f} / {hi:.1f}"))
+    rows.append(("first compiled decode step (compiles it), s", f"{first_compiled_step_s(model):.1f}", ""))
+    med, lo, hi = measure(lambda: decode_tokens_per_s(model, compile=True), repeats)
+    rows.append(("greedy decode through `step(compile=True)`, tokens/s", f"{med:.1f}", f"{lo:.1f} / {hi:.1f}"))
+    rows.append(("compiled decode / floor", f"{med / floor:.0%}", ""))
     med, lo, hi = measure(lambda: time_to_first_token_ms(model, 64), repeats)
     rows.append(("time to first token, 64-token prompt, ms", f"{med:.1f}", f"{lo:.1f} / {hi:.1f}"))
     return rows

@@ -1,17 +1,24 @@
-"""BENCHMARKS.md is made of `## ` sections, one per benchmark; each benchmark rewrites only its own."""
+"""BENCHMARKS.md is made of `## ` sections, one per benchmark; each benchmark rewrites only its own.
+
+Also the small pieces every section is built from: the machine line, markdown tables, median (min / max).
+"""
 
 from __future__ import annotations
 
 import os
+import statistics
+import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 HEADER = ("# Benchmarks\n\nEvery figure below was written by the command shown with it; none is edited by hand. "
           "Tests never time anything.\n\n")
 
 
-def replace_section(path: str | os.PathLike, heading: str, text: str) -> None:
-    """Replace the section whose `## ` heading starts with `heading` (or append it), atomically."""
+def replace_section(path: str | os.PathLike, heading: str, text: str, first: bool = False) -> None:
+    """Replace the section whose `## ` heading starts with `heading` (or add it: at the end, or with `first`
+    before all others), atomically."""
     path = Path(path)
     current = path.read_text() if path.exists() else HEADER
     head, *sections = current.split("\n## ")
@@ -22,7 +29,7 @@ def replace_section(path: str | os.PathLike, heading: str, text: str) -> None:
         if section[3:].startswith(heading):
             sections[index], replaced = new, True
     if not replaced:
-        sections.append(new)
+        sections.insert(0 if first else len(sections), new)
     content = head.rstrip("\n") + "\n\n" + "\n".join(sections)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(handle, "w") as out:
@@ -35,3 +42,49 @@ def publish(text: str, heading: str, write: str | os.PathLike | None) -> None:
     print(text)
     if write:
         replace_section(write, heading, text)
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command as the user typed it, for the section's `Command:` line."""
+    return " ".join(["python -m", module, *(argv if argv is not None else sys.argv[1:])])
+
+
+def versions() -> str:
+    """Versions of the libraries the figures depend on besides torch (which bench.decode.machine names)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in ("bitsandbytes", "transformers", "peft"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return ", ".join(parts)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A markdown table; every row must have one cell per header."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"table: row {list(row)} has {len(row)} cells for {len(headers)} headers")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+Stat = tuple[float, float, float]  # median, min, max (what bench.decode.measure returns)
+
+
+def spread(stat: Stat, digits: int = 1) -> str:
+    """`median (min / max)`, the way every repeated figure is shown."""
+    med, lo, hi = stat
+    return f"{med:.{digits}f} ({lo:.{digits}f} / {hi:.{digits}f})"
+
+
+def stat(values: Sequence[float]) -> Stat:
+    return statistics.median(values), min(values), max(values)
+
+
+def ratio(ours: Stat, peer: Stat) -> str:
+    """ours / peer, of the medians ("n/a" when the peer's is zero)."""
+    return f"{ours[0] / peer[0]:.2f}" if peer[0] else "n/a"

@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(options.threads)
     model = build()
     image = Image.new("RGB", (640, 480), (200, 30, 40))
-    rows = [("encode one image (preprocess, ViT-B/32 tower, v2 visual prompt), ms", measure(lambda: encode_ms(model, image), options.repeats)),
+    rows = [("encode one image (preprocess, ViT-B/32 tower, v2 visual prompt), ms",
+             measure(lambda: encode_ms(model, image), options.repeats)),
             ("time to first token, image question with a 64-token prompt, ms",
              measure(lambda: first_token_ms(model, image), options.repeats))]
     command = "python -m bench.visual " + " ".join(argv if argv is not None else sys.argv[1:])

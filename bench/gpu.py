@@ -1,0 +1,358 @@
+"""GPU benchmark, for a lent GPU and under 8 minutes: a LLaMA-7B-shaped model with random weights built directly
+on the GPU, at bf16, nf4 and int8: decode tokens/s, time to first token, peak memory at 2048 tokens of context
+(and of an image question through a ViT-L/14-shaped open_clip tower with random weights and the v2 visual
+prompt), and one nf4 training step; the same for transformers + peft on the very same tensors.
+
+    bash bench/gpu.sh [--write BENCHMARKS.md]     (see bench/gpu.sh for the packages to carry along)
+    python -m bench.gpu --smoke                    (CPU, tiny shapes, seconds: checks the script, figures mean nothing)
+
+The peer's nf4/int8 linears are made by replacing its nn.Linear layers with bitsandbytes Linear4bit /
+Linear8bitLt holding the same tensors (what `BitsAndBytesConfig` does while loading), because loading through
+`from_pretrained` would first need the 13.5 GB model written to disk. Every pair is checked to compute the same
+thing before it is timed; a pair that differs is reported and its peer figures left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from adapter.config import AdapterArgs, ModelArgs
+from bench.compare import TOLERANCE, Check, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
+from bench.decode import measure
+from bench.peers import quiet
+from bench.report import Stat, command_line, publish, ratio, spread, table, versions
+
+LLAMA_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6,
+                     max_seq_len=2048)
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=2048)
+QUANTIZED = ("nf4", "int8")
+CONTEXT = 2048
+HEADING = "GPU"
+# bf16 compute through 32 layers on both sides, for every precision on the GPU (nf4/int8 compute in bf16 too);
+# int8 adds the per-token activation rounding that differs between our wo and peft's separate o_proj
+# (bench.compare); --smoke computes in float32, with bench.compare's tolerances
+GPU_TOLERANCE = {"bf16": 6e-2, "nf4": 6e-2, "int8": 1e-1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What one run uses: the device and compute dtype, the shapes, the CLIP tower's, the sizes, the budget."""
+
+    device: torch.device
+    dtype: torch.dtype  # bf16 on the GPU; float32 for --smoke (the CPU has no fast bf16 matmuls)
+    precisions: tuple[str, ...]  # the unquantized dtype's name, then the bitsandbytes modes
+    tolerance: dict[str, float]
+    new_tokens: int
+    train_lengths: tuple[int, int]
+    args: ModelArgs
+    adapter: AdapterArgs
+    clip: dict | None  # open_clip model config, None when open_clip/timm cannot be imported
+    clip_name: str
+    no_clip: str  # why there is no CLIP tower ("" when there is one)
+    budget_s: float
+
+
+def add_vendor() -> None:
+    """Packages carried along (bench/carry.py) come last on sys.path, so the machine's own copies win."""
+    vendor = os.environ.get("BENCH_VENDOR")
+    if vendor and os.path.isdir(vendor) and vendor not in sys.path:
+        sys.path.append(vendor)
+
+
+def setup(smoke: bool, budget_s: float) -> Setup:
+    device = torch.device("cpu" if smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.gpu: no CUDA device here; run it on a GPU machine, or with --smoke on the CPU")
+    args = TINY if smoke else LLAMA_7B
+    try:
+        import open_clip
+        import timm  # noqa: F401  (the v2 visual prompt's blocks)
+
+        from adapter.random_demo import CLIP_CONFIG, CLIP_NAME
+
+        name = CLIP_NAME if smoke else "ViT-L-14-quickgelu"
+        clip, no_clip = (CLIP_CONFIG if smoke else open_clip.get_model_config(name)), ""
+    except (ImportError, RuntimeError) as error:  # missing, or built for another torch (torchvision's operators)
+        name, clip, no_clip = "", None, f"not measured: {error} (carry it, see bench/gpu.sh)"
+    visual = {} if clip is None else {
+        "visual": "v2", "clip_model": name, "clip_dim": clip["embed_dim"],
+        **({"visual_dim": 32, "visual_depth": 1, "visual_heads": 4} if smoke else {})}
+    adapter = AdapterArgs(prompt_len=10, prompt_layers=args.n_layers if smoke else 30, **visual)
+    if smoke:
+        sizes = (torch.float32, ("fp32", *QUANTIZED), TOLERANCE, 4, (8, 16))
+    else:
+        sizes = (torch.bfloat16, ("bf16", *QUANTIZED), GPU_TOLERANCE, 32, (256, 512))
+    return Setup(device, *sizes, args, adapter, clip, name, no_clip, budget_s)
+
+
+def build(s: Setup) -> torch.nn.Module:
+    """Our model with random weights made on the device in the compute dtype (learned tensors in float32, as
+    adapter.load gives them), every gate 0.1 so that the prompts act, and the CLIP tower attached."""
+    from adapter.model import Transformer
+    from adapter.visual import ImageEncoder, attach_image_encoder
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(s.dtype)
+    try:
+        with torch.device(s.device):
+            model = Transformer(s.args, s.adapter)
+    finally:
+        torch.set_default_dtype(default)
+    model.reset_adapter(s.device)
+    with torch.no_grad():
+        for block in model.layers[model.first_prompt_layer:]:
+            block.attention.gate.fill_(0.1)
+    if s.clip is not None:
+        import open_clip
+
+        config = {k: v for k, v in s.clip.items() if k != "quick_gelu"}
+        with torch.device(s.device):
+            tower = open_clip.CLIP(**config, quick_gelu=s.clip.get("quick_gelu", False)).visual
+        attach_image_encoder(model, ImageEncoder(tower, s.clip_name))
+    return model.eval()
+
+
+def quantize_peer(peer: torch.nn.Module, mode: str, dtype: torch.dtype) -> None:
+    """The peer's frozen linears as bitsandbytes layers, from its own tensors (lm_head stays, as in transformers)."""
+    from adapter.quantize import quantize_linear
+
+    for layer in peer.get_base_model().model.layers:
+        for parent in (layer.self_attn.model if hasattr(layer.self_attn, "model") else layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, quantize_linear(child.weight, mode, dtype, child.weight.device))
+
+
+def pair(s: Setup, precision: str) -> tuple[Ours, Peer]:
+    """Ours and the peer on the same tensors, at `precision` (in the run's compute dtype)."""
+    from adapter.quantize import quantize_model
+    from bench.peers import copy_adapter, hf_llama, peft_wrap
+
+    model = build(s)
+    peer = peft_wrap(hf_llama(model), s.adapter)
+    copy_adapter(model, peer)
+    if precision in QUANTIZED:
+        quantize_peer(peer, precision, s.dtype)
+        quantize_model(model, precision, s.dtype)
+    return Ours(model), Peer(peer.eval())
+
+
+def peak(device: torch.device, run: Callable[[], object]) -> float:
+    """Peak memory (GiB) of `run` above what was allocated before it: torch.cuda.max_memory_allocated on a
+    GPU, resident memory (bench.rss) on the CPU."""
+    from bench.rss import current_mb, peak_mb, reset_peak
+
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**30
+    reset_peak()
+    before = current_mb()
+    run()
+    return (peak_mb() - before) / 1024
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def weights_gib(model: torch.nn.Module) -> float:
+    """Bytes of the model's own tensors (a tensor shared with another model counts for both)."""
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**30
+
+
+def cells(a: Stat, b: Stat | None, why: str, digits: int, repeated: bool) -> tuple[str, str, str]:
+    """ours, peer (or why it is missing) and ours / peer."""
+    show = (lambda x: spread(x, digits)) if repeated else (lambda x: f"{x[0]:.{digits}f}")
+    return show(a), show(b) if b else why, ratio(a, b) if b else ""
+
+
+def decode_rows(s: Setup, precision: str, ours: Ours, peer: Peer | None, why: str,
+                repeats: int) -> list[tuple[str, ...]]:
+    """Tokens/s, first-token times and memory at 2048 context on both sides (peer cells say why when absent)."""
+    vocab, device = s.args.vocab_size, s.device
+
+    def rate(side: Ours | Peer) -> Stat:
+        return measure(lambda: greedy(side, prompt(1, 16, vocab, device=device), s.new_tokens + 1).tokens_per_s,
+                       repeats)
+
+    def first_ms(length: int) -> Callable[[Ours | Peer], Stat]:
+        return lambda side: measure(
+            lambda: 1000 * greedy(side, prompt(1, length, vocab, seed=1, device=device), 1).first_token_s, repeats)
+
+    def memory(side: Ours | Peer) -> Stat:
+        tokens = prompt(1, CONTEXT - s.new_tokens, vocab, device=device)
+        return once(peak(device, lambda: greedy(side, tokens, s.new_tokens)))
+
+    measures = [("greedy decode, batch 1, tokens/s", rate, 1, True),
+                ("time to first token, 64-token prompt, ms", first_ms(64), 1, True),
+                ("time to first token, 512-token prompt, ms", first_ms(512), 1, True),
+                (f"peak memory generating at {CONTEXT} tokens of context, above the weights, GiB", memory, 2, False),
+                ("weights (ours: with the CLIP tower and visual prompt), GiB",
+                 lambda side: once(weights_gib(side.model)), 2, False)]
+    return [(precision, name, *cells(run(ours), run(peer) if peer else None, why, digits, repeated))
+            for name, run, digits, repeated in measures]
+
+
+def once(value: float) -> Stat:
+    """A figure measured once, as a (median, min, max) triple."""
+    return value, value, value
+
+
+def image_rows(s: Setup, precision: str, ours: Ours, repeats: int) -> list[tuple[str, ...]]:
+    """An image question at 2048 tokens of context: encode + first token, and the peak memory (ours only)."""
+    from PIL import Image
+
+    from adapter.visual import encode_images
+
+    label = f"image question ({s.clip_name or 'CLIP'}, v2 visual prompt) at {CONTEXT} tokens of context"
+    if s.clip is None:
+        return [(precision, label, s.no_clip, "", "")]
+    image = Image.new("RGB", (640, 480), (200, 30, 40))
+    tokens = prompt(1, CONTEXT - s.new_tokens, s.args.vocab_size, device=s.device)
+
+    def question(new_tokens: int):
+        with torch.inference_mode():
+            return greedy(Ours(ours.model, encode_images(ours.model, [image])), tokens, new_tokens)
+
+    no_peer = "n/a: peft adaption_prompt has no visual prompt"
+    first = measure(lambda: 1000 * question(1).first_token_s, repeats)
+    memory = once(peak(s.device, lambda: question(s.new_tokens)))
+    return [(precision, label + ": encode and first token, ms", *cells(first, None, no_peer, 1, True)),
+            (precision, label + ": peak memory above the weights, GiB", *cells(memory, None, no_peer, 2, False))]
+
+
+def train_rows(s: Setup, ours: Ours, peer: Peer | None, why: str) -> list[tuple[str, ...]]:
+    """One nf4 training step (after one warm-up) on each side: tokens/s and peak memory above the weights."""
+    from adapter.finetune.distributed import Processes
+    from adapter.finetune.optimizer import build_optimizer
+    from adapter.finetune.step import optimizer_step
+    from bench.train import LR, batches, peer_optimizer, peer_step, targets
+
+    lengths = s.train_lengths
+    steps = [[dataclasses.replace(b, tokens=b.tokens.to(s.device), labels=b.labels.to(s.device)) for b in step]
+             for step in batches(2, s.args.vocab_size, lengths)]
+
+    def ours_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: list) -> None:
+        optimizer_step(model, optimizer, step, targets(step), Processes(), lr=LR, clip_grad=1.0, step=1)
+
+    def run(model: torch.nn.Module, optimizer: torch.optim.Optimizer, one_step: Callable) -> tuple[Stat, Stat]:
+        model.train()
+        one_step(model, optimizer, steps[0])  # warm-up
+        seconds = []
+
+        def timed() -> None:  # peak() has waited for the warm-up's queued work to finish
+            start = time.perf_counter()
+            one_step(model, optimizer, steps[1])
+            sync(s.device)
+            seconds.append(time.perf_counter() - start)
+
+        memory = peak(s.device, timed)
+        model.eval()
+        return once(sum(b.n_tokens for b in steps[1]) / seconds[0]), once(memory)
+
+    a, b = run(ours.model, build_optimizer(ours.model, LR, 0.02), ours_step), (None, None)
+    if peer is not None:
+        b = run(peer.model, peer_optimizer(peer.model), peer_step)
+    n = len(steps[1]) * len(steps[1][0].tokens)
+    return [("nf4", f"one training step ({n} sequences of {lengths[0]}-{lengths[1]} tokens), tokens/s",
+             *cells(a[0], b[0], why, 0, False)),
+            ("nf4", "one training step: peak memory above the weights, GiB", *cells(a[1], b[1], why, 2, False))]
+
+
+def run_precision(s: Setup, precision: str, repeats: int) -> tuple[Check | str, list[tuple[str, ...]]]:
+    ours, peer = pair(s, precision)
+    try:
+        check: Check | str = check_same(ours, peer, precision, prompt(1, 64, s.args.vocab_size, seed=7,
+                                                                        device=s.device),
+                                        tolerance=s.tolerance[precision])
+        why = ""
+    except PeerMismatch as error:
+        check, why, peer = f"{precision}: {error}", "not timed: differs from ours (see above)", None
+    rows = decode_rows(s, precision, ours, peer, why, repeats) + image_rows(s, precision, ours, repeats)
+    if precision == "nf4":
+        rows += train_rows(s, ours, peer, why)
+    return check, rows
+
+
+def render(s: Setup, checks: list[Check | str], rows: list[tuple[str, ...]], skipped: list[str], command: str,
+           repeats: int, seconds: float, smoke: bool) -> str:
+    problems = [f"- {c}" for c in checks if isinstance(c, str)]
+    problems += [f"- skipped after the {s.budget_s:.0f} s budget: {', '.join(skipped)}"] if skipped else []
+    return "\n".join([
+        (f"## {HEADING} ({card(s.device)}): LLaMA-7B-shaped, random weights, v1 prompts on "
+         f"{s.adapter.prompt_layers} layers" + (" (--smoke: tiny shapes on the CPU, figures mean nothing)" if smoke
+                                                else "")),
+        "",
+        (f"Card: {card(s.device)}; torch {torch.__version__}, {versions()}. Command: `{command}`, {seconds:.0f} s in "
+         f"all. Weights made on the device in {str(s.dtype).removeprefix('torch.')}; nf4/int8 quantize the frozen "
+         "linears (same compute dtype). Peer: transformers LlamaForCausalLM + peft `adaption_prompt` on the same "
+         "tensors, its nf4/int8 linears replaced by bitsandbytes layers (see bench/gpu.py). Median of "
+         f"{repeats} runs after a warm-up, min / max in brackets; memory is torch.cuda.max_memory_allocated above "
+         f"what was allocated before (resident memory on the CPU). {s.new_tokens} new tokens per generation."),
+        "",
+        *check_lines([c for c in checks if isinstance(c, Check)], "is listed below it and its peer is not timed"),
+        *(["", *problems] if problems else []),
+        "",
+        *table(("precision", "measure", "ours", "transformers + peft", "ours / peer"), rows),
+        "",
+    ])
+
+
+def card(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "CPU"
+    return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=420, help="seconds; later precisions are skipped after it")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script, not the GPU")
+    parser.add_argument("--write", help="replace the GPU section of this markdown file (e.g. BENCHMARKS.md)")
+    options = parser.parse_args(argv)
+    add_vendor()
+    quiet()
+    s = setup(options.smoke, options.budget)
+    repeats = 1 if options.smoke else options.repeats
+    started = time.perf_counter()
+    checks, rows, skipped = [], [], []
+    for precision in s.precisions:
+        if time.perf_counter() - started > s.budget_s:
+            skipped.append(precision)
+            continue
+        try:
+            check, more = run_precision(s, precision, repeats)
+        except (ImportError, RuntimeError, ValueError) as error:  # e.g. no bitsandbytes, or none for this CUDA
+            first_line = (str(error).splitlines() or [""])[0]
+            check, more = f"{precision}: not run: {type(error).__name__}: {first_line}", []
+        checks.append(check)
+        rows += more
+        gc.collect()
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+    text = render(s, checks, rows, skipped, command_line("bench.gpu", argv), repeats, time.perf_counter() - started,
+                  options.smoke)
+    publish(text, HEADING + " (", options.write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The benchmark harness in --smoke mode (tiny shapes; nothing is timed against a threshold): `python -m bench`
+writes well-formed sections with ours / peer ratios and the equality checks it ran, bench/gpu.sh --smoke runs
+on the CPU, and a peer that does not compute our model is refused before anything is timed."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import __main__ as bench_main
+from bench import carry, compare, decode_peers, peers, report
+from bench.shapes import SMOKE, SMOKE_ADAPTER
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft's and transformers' own deprecations
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-4000:]}"
+    return done
+
+
+def sections(text: str) -> dict[str, str]:
+    """`## ` heading -> body."""
+    return {part.split("\n", 1)[0]: part for part in text.split("\n## ")[1:]}
+
+
+def tables(section: str) -> list[list[list[str]]]:
+    """Every markdown table of a section as rows of cells (header first), checking that it is well formed."""
+    found, current = [], []
+    for line in section.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+            continue
+        if current:
+            assert all(row.endswith("|") for row in current), current
+            rows = [[cell.strip() for cell in row.strip("|").split("|")] for row in current]
+            assert len(rows) >= 3, f"a table needs a header, a separator and rows: {current}"
+            assert all(cell == "---" for cell in rows[1]), rows[1]
+            assert all(len(row) == len(rows[0]) for row in rows), f"ragged table: {current}"
+            found.append([rows[0]] + rows[2:])
+            current = []
+    return found
+
+
+def ratio_column(rows: list[list[str]]) -> list[str]:
+    """The `ours / peer` cells, each a number, "n/a" or empty (a row without a peer figure)."""
+    index = rows[0].index("ours / peer")
+    cells = [row[index] for row in rows[1:]]
+    assert all(re.fullmatch(r"\d+\.\d\d|n/a|", cell) for cell in cells), cells
+    return cells
+
+
+def check_table(section: str, labels: list[str]) -> None:
+    """The equality check ran for each label and passed within its tolerance."""
+    table = next(t for t in tables(section) if "greedy tokens equal" in t[0])
+    assert [row[0] for row in table[1:]] == labels
+    for label, difference, allowed, equal in table[1:]:
+        assert float(difference) <= float(allowed), label
+        assert re.fullmatch(r"\d+ / 16( \(then a near tie\))?", equal), equal
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory) -> tuple[Path, str]:
+    folder = tmp_path_factory.mktemp("bench")
+    out = folder / "BENCHMARKS.md"
+    before = (ROOT / "BENCHMARKS.md").read_text()
+    run([sys.executable, "-m", "bench", "--smoke", "--only", "decode_peers,memory,scaling,train,decode",
+         "--write", str(out)])
+    assert (ROOT / "BENCHMARKS.md").read_text() == before, "a smoke run must not touch the real BENCHMARKS.md"
+    return folder, out.read_text()
+
+
+def test_smoke_run_names_the_machine_and_what_ran(smoke_report):
+    _, text = smoke_report
+    first = text.split("\n## ")[1]
+    assert first.startswith("This run: `python -m bench --smoke"), "the run's own section comes first"
+    assert "bitsandbytes" in first and "torch" in first and "threads" in first
+    assert "- ran: decode_peers, memory, scaling, train" in first
+    assert "decode (no --smoke mode)" in first
+
+
+def test_smoke_decode_peers_section(smoke_report):
+    _, text = smoke_report
+    section = next(body for head, body in sections(text).items() if head.startswith("Decode vs transformers"))
+    compiled = ["fp32, compiled"] if decode_peers.COMPILE and "not available" not in section else []
+    check_table(section, ["fp32", *compiled, *list(peers.PRECISIONS)[1:]])
+    timed = next(t for t in tables(section) if "ours / peer" in t[0])
+    names = {(row[0], row[1]) for row in timed[1:]}
+    for precision in peers.PRECISIONS:
+        for measure in ("greedy decode, batch 1, tokens/s", "greedy decode, batch 8, tokens/s",
+                        "time to first token, 64-token prompt, ms", "time to first token, 512-token prompt, ms"):
+            assert (precision, measure) in names
+    assert ("fp32", "floor: one GEMV per weight matrix, tokens/s") in names
+    if decode_peers.COMPILE:  # the decode path's torch.compile option: checked, then timed (or why not)
+        assert any(row[1].endswith("through `step(compile=True)`") for row in timed[1:] if row[0] == "fp32")
+    assert sum(bool(cell) for cell in ratio_column(timed)) >= 4 * len(peers.PRECISIONS)
+
+
+def test_smoke_memory_scaling_and_training_sections(smoke_report):
+    folder, text = smoke_report
+    found = sections(text)
+    memory = next(body for head, body in found.items() if head.startswith("Memory of generation"))
+    check_table(memory, ["fp32"])
+    rows = next(t for t in tables(memory) if "ours / peer" in t[0])
+    assert {row[1] for row in rows[1:]} == {"512", "2048"}
+    assert all(ratio_column(rows))
+
+    scaling = next(body for head, body in found.items() if head.startswith("Scaling"))
+    check_table(scaling, [f"fp32, {k} adapter layers" for k in (0, SMOKE.n_layers)])
+    assert "![" in scaling and "(docs/scaling.png)" in scaling
+    assert (folder / "docs" / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ratio_column(next(t for t in tables(scaling) if "ours / peer" in t[0]))
+
+    training = next(body for head, body in found.items() if head.startswith("Training (CPU"))
+    rows = next(t for t in tables(training) if "ours / peer" in t[0])
+    assert {(row[0], row[1]) for row in rows[1:]} == {(m, b) for m in ("v1", "v2") for b in ("fp32", "nf4")}
+    first_losses = [row for row in rows[1:] if row[2].startswith("loss, first step")]
+    assert all(row[3] == row[4] for row in first_losses), "both sides start from the same base model"
+    assert all(ratio_column([rows[0], *(row for row in rows[1:] if "tokens/s" in row[2])]))
+
+
+def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "GPU.md"
+    run(["bash", "bench/gpu.sh", "--smoke", "--write", str(out)])
+    section = out.read_text().split("\n## ")[1]
+    assert section.startswith("GPU (CPU)")
+    check_table(section, ["fp32", "nf4", "int8"])
+    rows = next(t for t in tables(section) if "ours / peer" in t[0])
+    assert any(row[1].startswith("one training step") for row in rows[1:] if row[0] == "nf4")
+    assert any(row[1].startswith("image question") for row in rows[1:])
+    assert ratio_column(rows)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> peers.Weights:
+    return peers.write_weights(tmp_path_factory.mktemp("weights"), SMOKE)
+
+
+def corrupt(peer) -> None:
+    """Change one weight matrix of the peer a little (one layer's down projection, by 5%)."""
+    with torch.no_grad():
+        peer.get_base_model().model.layers[0].mlp.down_proj.weight.mul_(1.05)
+
+
+def test_the_equality_check_passes_on_the_same_weights(weights):
+    ours, peer = peers.pair(weights, "fp32", SMOKE_ADAPTER)
+    check = compare.check_same(compare.Ours(ours), compare.Peer(peer), "fp32", compare.prompt(1, 32, SMOKE.vocab_size))
+    assert check.difference < 1e-5 and check.equal_tokens == check.new_tokens
+
+
+def test_a_corrupted_peer_is_refused_before_anything_is_timed(weights, monkeypatch):
+    load = peers.load_peer
+
+    def corrupted(*args, **kwargs):
+        peer = load(*args, **kwargs)
+        corrupt(peer)
+        return peer
+
+    timed = []
+    monkeypatch.setattr(peers, "load_peer", corrupted)
+    monkeypatch.setattr(decode_peers, "measure", lambda fn, repeats: timed.append(fn))
+    with pytest.raises(compare.PeerMismatch, match="differ"):
+        decode_peers.run_precision(weights, "fp32", SMOKE_ADAPTER, repeats=1, new_tokens=2, compiled=False)
+    assert not timed, "nothing may be timed once the check has failed"
+
+
+def test_a_corrupted_peer_is_refused_by_the_training_check(weights, monkeypatch):
+    from bench import train
+
+    build = train.build
+
+    def corrupted(weights, side, *args):
+        model = build(weights, side, *args)
+        if side == "peer":
+            corrupt(model)
+        return model
+
+    assert train.check_same_start(weights, "v2", "fp32", SMOKE_ADAPTER, smoke=True) < 1e-5
+    monkeypatch.setattr(train, "build", corrupted)
+    with pytest.raises(compare.PeerMismatch, match="first logits differ"):
+        train.check_same_start(weights, "v1", "fp32", SMOKE_ADAPTER, smoke=True)
+
+
+def test_smoke_leaves_out_what_has_no_smoke_mode_and_load_needs_its_flag():
+    smoke, left = bench_main.chosen(argparse.Namespace(only=None, smoke=True, with_load=False))
+    assert [b.name for b in smoke] == ["decode_peers", "memory", "scaling", "train", "gpu"]
+    assert any(note.startswith("load") for note in left)
+    full, left = bench_main.chosen(argparse.Namespace(only=None, smoke=False, with_load=False))
+    assert "load" not in [b.name for b in full] and any("--with-load" in note for note in left)
+
+
+def test_report_tables_and_the_run_section_first(tmp_path):
+    assert report.table(("a", "b"), [("1", "2")]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+    with pytest.raises(ValueError, match="cells"):
+        report.table(("a", "b"), [("1",)])
+    assert report.spread((2.0, 1.0, 3.0)) == "2.0 (1.0 / 3.0)" and report.ratio((2.0,) * 3, (4.0,) * 3) == "0.50"
+    path = tmp_path / "B.md"
+    report.replace_section(path, "One", "## One\n\nx\n")
+    report.replace_section(path, "Run", "## Run\n\ny\n", first=True)
+    assert [h for h in sections(path.read_text())] == ["Run", "One"]
+
+
+def test_carry_keeps_only_the_wanted_bitsandbytes_libraries(tmp_path):
+    assert carry.wanted("bitsandbytes/libbitsandbytes_cpu.so", ["130"])
+    assert carry.wanted("bitsandbytes/libbitsandbytes_cuda130.so", ["130"])
+    assert not carry.wanted("bitsandbytes/libbitsandbytes_cuda128.so", ["130"])
+    assert not carry.wanted("timm/__pycache__/x.pyc", ["130"]) and not carry.wanted("open_clip_train/main.py", [])
+    sizes = carry.copy(tmp_path / "vendor", ["130"])
+    assert set(sizes) == set(carry.DISTRIBUTIONS) and sum(sizes.values()) < carry.LIMIT
+    assert (tmp_path / "vendor" / "bitsandbytes" / "__init__.py").is_file()
+    assert not list((tmp_path / "vendor" / "bitsandbytes").glob("libbitsandbytes_rocm*"))
