@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from PIL import Image
 
-from adapter.app_config import ASSETS, ServeConfig, load_engine, parse_config
+from adapter.app_config import ASSETS, ServeConfig, load_engine, parse_config, serves_tiny
 from adapter.engine import MAX_SCALE, MAX_TEMPERATURE, Engine, Settings
 
 if TYPE_CHECKING:
@@ -163,9 +163,22 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in ASSETS.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:8]
 
 
+def examples(config: ServeConfig) -> tuple[list[list[str]], list[str]]:
+    """[picture, question] pairs for the image tab and messages for the chat tab: the tiny model's own held-out
+    examples when it is served (questions it was trained to answer), else the shipped pictures."""
+    if serves_tiny(config):
+        from adapter.tiny.assets import ASSETS as TINY, EXAMPLES
+        from adapter.tiny.examples import read_examples
+
+        pictures, messages = read_examples(TINY / EXAMPLES)
+        return [[str(path), question] for path, question in pictures], messages
+    return [[path, EXAMPLE_QUESTION] for path in example_images()], []
+
+
 def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
     """The Blocks UI; model work is queued under one concurrency id, so --concurrency bounds all of it."""
     handlers = Handlers(engine)
+    image_examples, chat_examples = examples(config)
     model_events = {"concurrency_id": "model", "concurrency_limit": config.concurrency}
     with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False) as demo:
         gr.Markdown("# LLaMA-Adapter\nA frozen LLaMA with zero-init gated adaption prompts. The **gate scale** "
@@ -189,6 +202,8 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
             message = gr.Textbox(label="Message", placeholder="Ask something and press Enter", elem_id="message")
+            if chat_examples:
+                gr.Examples([[m] for m in chat_examples], inputs=[message], label="Held-out scenes and questions")
             with gr.Row():
                 send = gr.Button("Send", variant="primary", elem_id="send")
                 stop = gr.Button("Stop", elem_id="stop")
@@ -205,14 +220,14 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
                 image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
                 clear_image_errors(image)
                 with gr.Column():
-                    question = gr.Textbox(label="Question", value=EXAMPLE_QUESTION, elem_id="image_question")
+                    question = gr.Textbox(label="Question", value=image_examples[0][1] if image_examples else EXAMPLE_QUESTION,
+                                          elem_id="image_question")
                     with gr.Row():
                         ask = gr.Button("Ask", variant="primary", elem_id="ask")
                         image_stop = gr.Button("Stop")
                     answer = gr.Textbox(label="Answer", lines=5, interactive=False, elem_id="image_answer")
-            examples = example_images()
-            if examples:
-                gr.Examples([[path, EXAMPLE_QUESTION] for path in examples], inputs=[image, question])
+            if image_examples:
+                gr.Examples(image_examples, inputs=[image, question])
             image_colours = gr.HighlightedText(label="Share of attention through the adaption prompts per token",
                                                elem_id="image_colours")
         with gr.Tab("Compare"):

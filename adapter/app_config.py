@@ -130,6 +130,11 @@ def tiny_available() -> bool:
     return TINY_FOLDER.is_dir()
 
 
+def serves_tiny(config: ServeConfig) -> bool:
+    """Whether the base is the embedded tiny model (then its shipped examples fit what it was trained on)."""
+    return _tiny_name(config.base, BASE_NAME)
+
+
 def _tiny_name(value: str, *names: str) -> bool:
     """A short name of the embedded model (a local file or folder of that name wins, as in adapter.load)."""
     return value in names and not Path(value).exists()

@@ -419,14 +419,25 @@ class Transformer(nn.Module):
         gate_scale: ScaleLike | None = None,
         delta_scale: ScaleLike | None = None,
         visual_prompt: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] of a whole sequence, no cache (training and scoring)."""
+        """Logits [B, T, vocab] of a whole sequence, no cache (training and scoring).
+
+        With `positions` (a bool mask [B, T]), only the logits of those positions, [N, vocab] in row-major
+        order: training scores response tokens only, and the vocabulary head is the largest matmul of a
+        small model, so it is not run where no loss is taken.
+        """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
+        if positions is not None and (not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool
+                                      or positions.shape != tokens.shape):
+            got = f"{tuple(positions.shape)} {positions.dtype}" if isinstance(positions, torch.Tensor) else \
+                type(positions).__name__
+            raise ValueError(f"positions: expected a bool mask of the tokens' shape {tuple(tokens.shape)}, got {got}")
         cos, sin = self._rope_slice(torch.arange(length, device=tokens.device))
         ctx = self._context(batch, cos, sin, gate_scale, delta_scale, is_causal=length > 1)
-        h = self._run_layers(self.tok_embeddings(tokens), ctx, visual_prompt, cache=None)
-        return self.output(self.norm(h, ctx.delta_scale)).float()
+        h = self.norm(self._run_layers(self.tok_embeddings(tokens), ctx, visual_prompt, cache=None), ctx.delta_scale)
+        return self.output(h if positions is None else h[positions]).float()
 
     def new_cache(
         self,

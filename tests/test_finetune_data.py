@@ -18,7 +18,7 @@ from adapter.finetune.dataset import build_dataset, split_records
 from adapter.finetune.encode import IGNORE_INDEX, encode_example
 from adapter.finetune.records import Example, read_records
 from adapter.finetune.schedule import learning_rate
-from adapter.finetune.step import loss_sum
+from adapter.finetune.step import loss_sum, scored_positions
 from adapter.tokenizer import Tokenizer
 from tests.finetune_helpers import (
     alpaca_records,
@@ -189,9 +189,13 @@ def test_padding_is_masked_and_the_loss_is_next_token_cross_entropy(tokenizer):
     labels = batch.labels
     expected = sum(F.cross_entropy(logits[b, t - 1], labels[b, t], reduction="sum")
                    for b in range(3) for t in range(1, labels.shape[1]) if labels[b, t] != IGNORE_INDEX)
-    assert torch.allclose(loss_sum(logits, labels), expected)
+    scored, targets = scored_positions(labels)
+    assert int(scored.sum()) == sum(e.targets for e in data.train)
+    assert torch.allclose(loss_sum(logits[scored], targets), expected)
     empty = collate([])
-    assert empty.labels.eq(IGNORE_INDEX).all() and float(loss_sum(torch.randn(1, 2, 5), empty.labels)) == 0.0
+    scored, targets = scored_positions(empty.labels)
+    assert empty.labels.eq(IGNORE_INDEX).all() and not scored.any()
+    assert float(loss_sum(torch.randn(1, 2, 7)[scored], targets)) == 0.0
 
 
 def test_epoch_order_is_seeded_length_grouped_and_sharded():

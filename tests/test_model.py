@@ -228,3 +228,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_logits_of_chosen_positions_equal_the_full_logits_there_and_so_do_their_gradients():
+    t = tokens(2, 9, TINY.vocab_size)
+    chosen = torch.zeros(2, 9, dtype=torch.bool)
+    chosen[0, 4:], chosen[1, 7:] = True, True
+    targets = tokens(1, int(chosen.sum()), TINY.vocab_size, seed=3)[0]
+    results = []
+    for positions in (None, chosen):
+        model = make_model(TINY, V2).train()
+        logits = model(t, gate_scale=[0.5, 1.5], positions=positions)
+        logits = logits[chosen] if positions is None else logits
+        torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+    (full, full_grads), (some, some_grads) = results
+    assert some.shape == (int(chosen.sum()), TINY.vocab_size)
+    torch.testing.assert_close(some, full, atol=1e-6, rtol=1e-6)
+    for name in full_grads:
+        torch.testing.assert_close(some_grads[name], full_grads[name], atol=1e-6, rtol=1e-5)
+    model = make_model(TINY, V1)
+    for bad in (chosen.long(), chosen[:, :5], [True] * 9):
+        with pytest.raises(ValueError, match="positions: expected a bool mask of the tokens' shape"):
+            model(t, positions=bad)

@@ -20,11 +20,11 @@ pytestmark = pytest.mark.skipif(not (ASSETS / "base" / "params.json").is_file(),
 
 SCENE = Scene((Thing("triangle", "yellow", "small", "left"), Thing("circle", "red", "small", "centre"),
                Thing("star", "blue", "small", "bottom")))
-INPUT = "There is a small yellow triangle on the left. There is a small red circle in the centre. There is a small " \
+SCENE_TEXT = "There is a small yellow triangle on the left. There is a small red circle in the centre. There is a small " \
         "blue star at the bottom."
-TEXT = [("How many shapes are there?", INPUT, "3"), ("What shape is in the centre?", INPUT, "circle"),
-        ("What colour is the circle?", INPUT, "red")]
-IMAGE_QUESTIONS = [("Where is the star?", "bottom")]
+TEXT = [("How many shapes are there?", "3"), ("What shape is in the centre?", "circle"),
+        ("What colour is the star?", "blue"), ("List the shapes.", "triangle, circle, star")]
+IMAGE_QUESTIONS = [("What shape is in the centre?", "circle"), ("What shape is the red one?", "circle")]
 GREEDY = dict(temperature=0.0, max_new_tokens=16)
 
 
@@ -38,8 +38,8 @@ def test_the_fixed_questions_are_about_a_held_out_scene():
 
 
 def test_text_questions_are_answered_exactly_at_gate_1_and_not_at_gate_0(text_model):
-    for question, scene, answer in TEXT:
-        prompt = adapter.alpaca(question, scene)
+    for question, answer in TEXT:
+        prompt = adapter.alpaca(f"{SCENE_TEXT} {question}")
         assert text_model.generate(prompt, gate_scale=1.0, **GREEDY) == answer, question
         assert text_model.generate(prompt, gate_scale=0.0, **GREEDY) != answer, question
 
@@ -59,7 +59,7 @@ def test_opening_the_gates_turns_no_exact_answers_into_some(text_model):
     closed = answers(text_model, questions, 0.0, images=False)
     opened = answers(text_model, questions, 1.0, images=False)
     assert sum(a == q.answer for q, a in zip(questions, closed)) == 0, "the frozen base never answers in a word"
-    assert sum(a == q.answer for q, a in zip(questions, opened)) >= len(questions) // 5, opened
+    assert sum(a == q.answer for q, a in zip(questions, opened)) >= len(questions) // 2, opened
 
 
 def test_the_assets_are_small_and_match_their_manifest():

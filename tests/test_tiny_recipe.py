@@ -4,6 +4,7 @@ artifacts load through the short names, it is bit-for-bit reproducible, and eval
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ import adapter
 from adapter.tiny import assets
 from adapter.tiny.adapters import VISION_MISSING
 from adapter.tiny.build import MANIFEST, STAGES, Build
-from adapter.tiny.card import CARD
+from adapter.tiny.card import CARD, write_card
 from adapter.tiny.evaluate import evaluate
+from adapter.tiny.probe import probe
 from adapter.tiny.recipe import MICRO
 from adapter.tiny.report import ACCURACY_PNG, HEADING, write_accuracy, write_benchmarks
 
@@ -80,13 +82,25 @@ def test_the_image_stage_trains_through_finetune_or_says_what_is_missing(micro, 
     assert (root / "out" / "image" / "adapter.safetensors").is_file() and "image" in manifest["stages"]
     model = adapter.load(*assets.resolve("tiny", "tiny-image", None, None, root=root / "out")[:2], device="cpu")
     assert model.adapter_args.visual == MICRO.image.visual
+    # the adapter names its CLIP config relative to itself, so a copied folder loads by path alone
+    config = json.loads((root / "out" / "image" / "adapter.json").read_text())
+    assert config["adapter_args"]["clip_model"] == "../clip/tiny-clip.json"
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root / "out", moved)
+    model = adapter.load(moved / "base", adapter=moved / "image", clip=moved / assets.CLIP_WEIGHTS, device="cpu")
+    assert model.adapter_args.clip_model == str(moved / "image" / "../clip/tiny-clip.json")
+    assert model.image_encoder is not None
 
 
 def test_eval_writes_accuracy_plot_card_and_its_benchmarks_section(micro, tmp_path):
     out = micro[0] / "out"
     results, counts = evaluate(MICRO.seed, MICRO.eval_per_category, MICRO.gate_scales, out, log=lambda _: None)
     assert set(results["text"]) == {"0", "1"} and 0 <= results["text"]["1"]["all"] <= 1
-    write_accuracy(results, out, counts)
+    native = probe(out, MICRO.seed, MICRO.eval_per_category)["dialogue"]
+    assert set(native) == {"colour", "shape", "count", "position", "comparison", "listing", "all"}
+    write_accuracy(results, out, counts, native)
+    write_card(out)
+    assert f"({100 * native['all']:.0f}% in all)" in (out / CARD).read_text()
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text("# Benchmarks\n\n## Other\n\nkept\n")
     write_benchmarks(results, counts, benchmarks, out / ACCURACY_PNG)
@@ -103,3 +117,16 @@ def test_names_point_at_the_shipped_files_unless_a_local_path_has_that_name(tmp_
     (tmp_path / "tiny").mkdir()
     assert assets.resolve("tiny", None, None, None, root=tmp_path / "missing") == ("tiny", None, None, None)
     assert assets.resolve("/some/base", "/some/adapter", None, None) == ("/some/base", "/some/adapter", None, None)
+
+
+def test_repeated_windows_say_a_corpus_span_again_in_the_corpus_shape():
+    from adapter.tiny.pretrain import repeated_windows
+
+    windows = torch.arange(5 * 257).reshape(5, 257)
+    got = repeated_windows(windows, 3, torch.Generator().manual_seed(0))
+    assert got.shape == (3, 257)
+    for row in got:
+        start = int(row[0])
+        assert start % 257 == 0, "a span starts where a corpus window starts"
+        assert torch.equal(row[:128], torch.arange(start, start + 128))
+        assert torch.equal(row[128:256], row[:128]) and int(row[256]) == start

@@ -37,29 +37,35 @@ def require_image_encoder(model: nn.Module) -> None:
                          "none, so train on text records or load a vision adapter")
 
 
-def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits [B, T, vocab]; rows with images get the visual prompt of `adapter.visual.encode_images`."""
+def forward(model: nn.Module, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, T, vocab], or [N, vocab] of `positions` only; rows with images get the visual prompt of
+    `adapter.visual.encode_images`."""
     if batch.images is None:
-        return model(batch.tokens)
+        return model(batch.tokens, positions=positions)
     require_image_encoder(model)
     from ..visual import encode_images
 
-    return model(batch.tokens, visual_prompt=encode_images(unwrap(model), batch.images))
+    return model(batch.tokens, visual_prompt=encode_images(unwrap(model), batch.images), positions=positions)
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy: logits at t predict labels at t + 1; IGNORE_INDEX positions skipped.
-
-    The labels are shifted rather than the logits, so that the [B, T, vocab] logits are never copied.
-    """
+def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool mask [B, T] of the positions whose logits are scored, their targets [N]): the logits at t
+    predict the label at t + 1, and IGNORE_INDEX labels (prompt, padding) are never scored."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    scored = targets != IGNORE_INDEX
+    return scored, targets[scored]
+
+
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the scored positions' logits [N, vocab] against their targets [N]."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def micro_batch_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed loss of one micro-batch (what the step backpropagates)."""
-    return loss_sum(forward(model, batch), batch.labels)
+    """Summed loss of one micro-batch (what the step backpropagates); the vocabulary head runs only at the
+    scored positions."""
+    scored, targets = scored_positions(batch.labels)
+    return loss_sum(forward(model, batch, scored), targets)
 
 
 def autocast(device: torch.device, mode: str = "auto") -> AbstractContextManager:

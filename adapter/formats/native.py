@@ -4,6 +4,7 @@ parameter names, with the adapter configuration (and the base shape it was train
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -94,4 +95,7 @@ def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
         shape = json.loads(metadata.get("base_shape", "{}"))
     except (KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"{path}: bad adapter metadata ({error})") from error
+    if args.clip_model.endswith(".json") and not Path(args.clip_model).is_absolute():
+        # a model config shipped beside the adapter: read relative to it, wherever the folder was copied
+        args = dataclasses.replace(args, clip_model=str(path.parent / args.clip_model))
     return LoadedAdapter(path=path, format="native", args=args, tensors=tensors, base_shape=shape)

@@ -4,6 +4,7 @@ final adapter into the assets folder."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -40,23 +41,39 @@ def train_adapter(settings: AdapterSettings, base: Path, data: Path, run: Path, 
     return train(TrainConfig(**options)).adapter
 
 
-def install(adapter_file: Path, folder: Path) -> Path:
-    """Copy a run's adapter (and its adapter.json) into an assets folder, its header made canonical."""
+def install(adapter_file: Path, folder: Path, clip_model: Path | None = None) -> Path:
+    """Copy a run's adapter (and its adapter.json) into an assets folder, its header made canonical.
+
+    A `clip_model` config file is then named relative to the folder (adapter.load reads it so), so that the
+    assets still load wherever they are copied.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     for source in (adapter_file, adapter_file.with_name("adapter.json")):
         shutil.copyfile(source, folder / source.name)
-    return canonical_header(folder / adapter_file.name)
+    relative = None if clip_model is None else os.path.relpath(clip_model, folder)
+    if relative is not None:
+        config_path = folder / "adapter.json"
+        config = json.loads(config_path.read_text())
+        config["adapter_args"]["clip_model"] = relative
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return canonical_header(folder / adapter_file.name, clip_model=relative)
 
 
-def canonical_header(path: Path) -> Path:
-    """Rewrite a safetensors header with sorted keys, the tensor bytes untouched.
+def canonical_header(path: Path, clip_model: str | None = None) -> Path:
+    """Rewrite a safetensors header with sorted keys (and `clip_model` in its adapter arguments, when
+    given), the tensor bytes untouched.
 
     safetensors writes the metadata in hash-map order, which changes from one process to the next; the
     build promises the same bytes on every rebuild.
     """
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little")
-    header = json.dumps(json.loads(raw[8: 8 + size]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data stays 8-byte aligned, as safetensors writes it
-    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + size:])
+    header = json.loads(raw[8: 8 + size])
+    if clip_model is not None:
+        metadata = header["__metadata__"]
+        metadata["adapter_args"] = json.dumps({**json.loads(metadata["adapter_args"]), "clip_model": clip_model},
+                                              sort_keys=True)
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + size:])
     return path

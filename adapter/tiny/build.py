@@ -168,7 +168,7 @@ class Build:
         run = train_adapter(self.recipe.image, self.base, self.work / "image.jsonl", self.work / "image-run",
                             self.recipe.seed, max_seq_len=self.recipe.max_seq_len, image_folder=self.work / "images",
                             clip=self.clip_files)
-        install(run, self.out / assets.IMAGE)
+        install(run, self.out / assets.IMAGE, clip_model=self.clip_files[1])
         return {"run": str(self.work / "image-run")}
 
     def stage_examples(self, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,13 @@ def _accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
             label = f"**{category}**" if category == "all" else category
             lines.append(f"| {kind} | {label} | {100 * off.get(category, float('nan')):.1f}% | "
                          f"{100 * on.get(category, float('nan')):.1f}% |")
+    native = accuracy.get("base_dialogue_form")
+    if native:
+        lines += ["", "The base alone (no adapter), asked the held-out scene questions the way its corpus asks "
+                  "(\"... a scene ... Ana asked: QUESTION Ben answered:\", `python -m adapter.tiny probe`), "
+                  "answers " + ", ".join(f"{c} {100 * v:.0f}%" for c, v in native.items() if c != "all")
+                  + f" ({100 * native['all']:.0f}% in all) correctly: what an adapter can draw on, since it "
+                  "changes how the base answers, not what it can read."]
     return lines
 
 
@@ -89,13 +96,16 @@ def write_card(out: Path) -> Path:
         "right, top, bottom or centre of a 3x3 grid, rendered with Pillow at 64x64. A scene is held out when a hash "
         "of its canonical description says so (10%), so train and held-out scenes never overlap.",
         f"2. **Corpus.** {recipe.get('documents', 0):,} plain-text documents about train scenes: descriptions, "
-        "stories, dialogues and quizzes (someone asks about a picture, someone answers, in a sentence or in a "
-        "word after 'answered:'), and sums of digits. No instruction template: a bare answer followed by the end "
-        "of the text is what only the adapters are trained to give.",
+        "stories, dialogues and quizzes (a picture described, then someone asks about it and someone answers, in "
+        "a sentence or in a word after 'answered:'), lists of coloured shapes said twice, and sums of digits. No "
+        "instruction template: a bare answer followed by the end of the text is what only the adapters are "
+        "trained to give.",
         f"3. **Tokenizer.** sentencepiece BPE trained on the corpus alone.",
         f"4. **Base.** `adapter.model.Transformer` pretrained with next-token loss on the corpus only: "
         f"{pre.get('steps')} steps of {pre.get('batch_size')} windows of {recipe.get('max_seq_len')} tokens "
-        f"({base.get('corpus_tokens', 0) / 1e6:.1f} M corpus tokens), AdamW, peak lr {pre.get('lr')}. Loss on text "
+        f"({base.get('corpus_tokens', 0) / 1e6:.1f} M corpus tokens), AdamW, peak lr {pre.get('lr')}; the first "
+        f"{pre.get('copy_steps', 0)} steps on corpus spans said twice, which only looking back predicts (without "
+        "them the base never learnt to look back at all, so it could not read a scene). Loss on text "
         f"about held-out scenes: {base.get('held_out_loss_fp32')} in fp32, {base.get('held_out_loss_fp16')} after "
         "rounding to fp16 (as shipped).",
         f"5. **CLIP.** open_clip `CLIP` (64x64 images, 8x8 patches, width {clip_recipe.get('width')}, "
@@ -104,8 +114,9 @@ def write_card(out: Path) -> Path:
         f"{clip_recipe.get('batch_size')} new scenes and their descriptions. Held-out picture-to-description "
         f"retrieval, top-1 of 256: {100 * clip.get('held_out_retrieval_top1_of_256', 0):.0f}%.",
         f"6. **Text adapter.** `adapter.finetune` (the code users run) on {text.get('examples'):,} Alpaca records "
-        "about train scenes (colour, shape, count, position, size comparison, listing) with the scene as the "
-        f"input, and sums: {text.get('epochs')} epochs, batch {text.get('batch_size')}, lr {text.get('lr')}.",
+        "about train scenes (colour, shape, count, position, size comparison, listing), each instruction the "
+        f"scene in words then the question, and sums: {text.get('epochs')} epochs, batch {text.get('batch_size')}, "
+        f"lr {text.get('lr')}.",
         f"7. **Image adapter.** `adapter.finetune` on {image.get('examples'):,} LLaVA records (rendered train "
         "scenes; colour, shape, count, position), CLIP frozen.",
         "",
@@ -120,15 +131,17 @@ def write_card(out: Path) -> Path:
         "",
         "## Limits",
         "",
-        "- It is often wrong. The base has not learnt to read a scene reliably: asked in its own quiz form (no "
-        "adapter), it picks the right colour of a named shape little better than chance, so the adapters, which "
-        "only change how it answers, cannot do better either. The text adapter shows the gate's effect clearly "
-        "(from no exact answers at gate 0 to the best accuracy at gate 1, and fewer again above); the image "
-        "adapter's visual prompt adds little over its biases, which answer in the right form at any gate.",
+        "- It is still often wrong. The adapters change how the base answers, not what it can read, so each "
+        "category does about as well as the base alone (above) at best: where the base is unsure (places, sizes) "
+        "the adapter is too. The text adapter does not carry over everything the base can do: it answers the "
+        "held-out sums badly although the base, asked in its own words, gets most of them, and it counts worse "
+        "than the base. The image adapter's visual prompt adds little over its biases, which answer in the "
+        "right form at any gate: reading a picture through the adaption prompts is not learnt yet.",
         "- It only knows its world: six colour words, four shapes, two sizes, five places, and sums and differences "
         "of two digits. Anything else gets fluent-looking nonsense.",
-        "- Answers are short exact strings by training; the text adapter expects the Alpaca template with the "
-        "scene as the input, the image adapter the plain image question (`adapter.image_question`).",
+        "- Answers are short exact strings by training; the text adapter expects the Alpaca template (or the chat "
+        "tab) with the scene in words and then the question in one instruction, the image adapter the plain image "
+        "question (`adapter.image_question`).",
         "- Pictures are read at 64x64; photos or drawings unlike the rendered scenes are out of distribution.",
         "- The sums asked in the held-out questions also appear, as statements, in the pretraining corpus: the "
         "held-out arithmetic measures following the instruction, not learning to add.",

@@ -1,4 +1,4 @@
-"""`python -m adapter.tiny build|eval`: rebuild the shipped tiny model from its seed, or measure it."""
+"""`python -m adapter.tiny build|eval|probe`: rebuild the shipped tiny model from its seed, or measure it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="held-out accuracy at gate scales 0..2; plot, card, BENCHMARKS.md")
     evaluate.add_argument("--out", type=Path, default=ASSETS, help="assets folder to evaluate (default: assets/tiny)")
     evaluate.add_argument("--write", type=Path, default=Path("BENCHMARKS.md"), help="benchmarks file to update")
-    for sub in (build, evaluate):
+    probe = commands.add_parser("probe", help="how well the base alone reads held-out scenes, in its corpus's forms")
+    probe.add_argument("--out", type=Path, default=ASSETS, help="assets folder whose base to probe")
+    for sub in (build, evaluate, probe):
         sub.add_argument("--scale", choices=sorted(RECIPES), default="full", help="recipe (micro: a few steps)")
     return parser
 
@@ -37,15 +39,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             manifest = Build(recipe, options.out, options.work).run(options.stages.split(","))
             print(f"built {options.out} in {manifest['build_seconds'] / 60:.1f} min of stage time")
+        elif options.command == "probe":
+            from .build import deterministic
+            from .probe import probe
+
+            deterministic(recipe.threads)
+            for form, row in probe(options.out, recipe.seed, recipe.eval_per_category).items():
+                print(f"{form:9s} " + "  ".join(f"{c} {v:.0%}" for c, v in row.items()))
         else:
             from .build import deterministic
             from .card import write_card
             from .evaluate import evaluate
+            from .probe import probe
             from .report import ACCURACY_PNG, write_accuracy, write_benchmarks
 
             deterministic(recipe.threads)
             results, counts = evaluate(recipe.seed, recipe.eval_per_category, recipe.gate_scales, options.out)
-            write_accuracy(results, options.out, counts)
+            native = probe(options.out, recipe.seed, recipe.eval_per_category)["dialogue"]
+            write_accuracy(results, options.out, counts, native)
             write_benchmarks(results, counts, options.write, options.out / ACCURACY_PNG)
             write_card(options.out)
     except (ValueError, FileNotFoundError, NotImplementedError) as error:

@@ -1,8 +1,8 @@
 """Exact-answer accuracy of the tiny model on held-out scenes, at several gate scales.
 
 Greedy decoding; an answer counts when the generated text, stripped of surrounding whitespace, is exactly
-the expected string. Text questions get the scene as the Alpaca input; image questions get the picture
-and the plain question (`adapter.image_question`).
+the expected string. Text questions are one Alpaca instruction (the scene in words, then the question);
+image questions get the picture and the plain question (`adapter.image_question`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def held_out(kind: str, seed: int, per_category: int) -> list[Question]:
     chosen: dict[str, list[Question]] = {c: [] for c in categories}
     seen = set()
     for question in pool:
-        key = (question.question, question.input, question.scene)
+        key = (question.instruction, question.scene)
         bucket = chosen[question.category]
         if key not in seen and len(bucket) < per_category:
             seen.add(key)
@@ -48,7 +48,7 @@ def answers(model: Transformer, questions: Sequence[Question], gate_scale: float
             prompts = [image_question(q.question) for q in chunk]
             pictures = [render(q.scene) for q in chunk]
         else:
-            prompts = [alpaca(q.question, q.input) for q in chunk]
+            prompts = [alpaca(q.instruction) for q in chunk]
             pictures = None
         got = generate_batch(model, prompts, images=pictures, gate_scale=gate_scale, temperature=0.0,
                              max_new_tokens=MAX_NEW_TOKENS, stop=list(STOP_STRINGS))

@@ -21,7 +21,14 @@ def write_examples(folder: Path, seed: int, count: int = 6) -> int:
         render(question.scene).save(folder / name)
         images.append({"image": name, "question": question.question, "answer": question.answer,
                        "category": question.category})
-    texts = [{"instruction": q.question, "input": q.input or "", "answer": q.answer, "category": q.category}
+    texts = [{"instruction": q.instruction, "answer": q.answer, "category": q.category}
              for q in text_questions(seed + 100, "held-out", count)]
     (folder / FILE).write_text(json.dumps({"image": images, "text": texts}, indent=2) + "\n")
     return len(images) + len(texts)
+
+
+def read_examples(folder: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(picture, question) pairs and text instructions from a folder `write_examples` wrote."""
+    examples = json.loads((folder / FILE).read_text())
+    return ([(folder / e["image"], e["question"]) for e in examples["image"]],
+            [e["instruction"] for e in examples["text"]])

@@ -2,8 +2,9 @@
 that accuracy is exact match, each with the full sentence that states its answer.
 
 The sentences are what the corpus says about its scenes (the base learns the world from them); the short
-answers are what only the adapters are trained to give. Text questions get the scene as an Alpaca input
-(worded as the corpus words scenes); image questions get only the rendered picture. Arithmetic questions
+answers are what only the adapters are trained to give. Text questions are one Alpaca instruction: the scene
+in words (worded as the corpus words scenes), then the question, the order in which the base reads best (see
+probe.py); image questions get only the rendered picture. Arithmetic questions
 have no scene; their train/held-out split is by a hash of the sum, like the scenes'.
 """
 
@@ -38,7 +39,12 @@ class Question:
     question: str
     answer: str
     scene: Scene | None = None
-    input: str | None = None  # the scene in words, for text questions
+    scene_text: str | None = None  # the scene in words, for text questions
+
+    @property
+    def instruction(self) -> str:
+        """What a text question asks the model: the scene, then the question."""
+        return f"{self.scene_text} {self.question}" if self.scene_text else self.question
 
 
 def facts(scene: Scene, rng: random.Random, category: str) -> list[Fact]:
@@ -128,7 +134,7 @@ def arithmetic(rng: random.Random, split: str | None = None) -> Fact:
             return Fact(wording.format(expression), str(answer), f"{expression} = {answer}.")
 
 
-def scene_question(scene: Scene, rng: random.Random, categories: tuple[str, ...], with_input: bool) -> Question:
+def scene_question(scene: Scene, rng: random.Random, categories: tuple[str, ...], in_words: bool) -> Question:
     """One question about `scene`: a category drawn uniformly among those that apply (counting always
     does), then one of its questions."""
     options = list(categories)
@@ -137,7 +143,7 @@ def scene_question(scene: Scene, rng: random.Random, categories: tuple[str, ...]
         found = facts(scene, rng, category)
         if found:
             fact = rng.choice(found)
-            return Question(category, fact.question, fact.answer, scene, describe(scene, rng) if with_input else None)
+            return Question(category, fact.question, fact.answer, scene, describe(scene, rng) if in_words else None)
     raise ValueError(f"categories: none of {categories} applies to {scene.key}")
 
 
@@ -150,12 +156,12 @@ def text_questions(seed: int, split: str, count: int) -> list[Question]:
             fact = arithmetic(rng, split)
             out.append(Question("arithmetic", fact.question, fact.answer))
         else:
-            out.append(scene_question(scene, rng, SCENE_CATEGORIES, with_input=True))
+            out.append(scene_question(scene, rng, SCENE_CATEGORIES, in_words=True))
     return out
 
 
 def image_questions(seed: int, split: str, count: int) -> list[Question]:
     """Questions about rendered `split` scenes (no text input), categories balanced."""
     rng = random.Random(f"image-questions:{seed}:{split}")
-    return [scene_question(s, rng, IMAGE_CATEGORIES, with_input=False)
+    return [scene_question(s, rng, IMAGE_CATEGORIES, in_words=False)
             for s in scenes(seed + 2, split, count, unique=split == "held-out")]

@@ -52,18 +52,18 @@ class Recipe:
 
 FULL = Recipe(
     seed=0, threads=2, documents=50_000, vocab_size=1024, dim=192, n_layers=4, n_heads=6, max_seq_len=256,
-    pretrain=PretrainSettings(steps=5000, batch_size=16, lr=3e-3, warmup=100, bf16=True),
+    pretrain=PretrainSettings(steps=5000, batch_size=16, lr=3e-3, warmup=100, bf16=True, copy_steps=400),
     clip=ClipSettings(embed_dim=128, width=128, layers=4, text_width=128, text_layers=2, context_length=48,
                       steps=400, batch_size=128, lr=2e-3, warmup=40, bf16=True),
-    text=AdapterSettings(examples=8000, epochs=2, batch_size=32, lr=2e-2, prompt_len=10, prompt_layers=4, bf16=True),
-    image=AdapterSettings(examples=8000, epochs=2, batch_size=32, lr=2e-2, prompt_len=10, prompt_layers=4,
+    text=AdapterSettings(examples=8000, epochs=6, batch_size=32, lr=2e-2, prompt_len=10, prompt_layers=4, bf16=True),
+    image=AdapterSettings(examples=12000, epochs=3, batch_size=32, lr=2e-2, prompt_len=10, prompt_layers=4,
                           visual="v2", bf16=True),
     eval_per_category=100,
 )
 
 MICRO = Recipe(
     seed=0, threads=2, documents=300, vocab_size=400, dim=32, n_layers=2, n_heads=2, max_seq_len=256,
-    pretrain=PretrainSettings(steps=3, batch_size=4, lr=3e-3, warmup=1, bf16=True),
+    pretrain=PretrainSettings(steps=3, batch_size=4, lr=3e-3, warmup=1, bf16=True, copy_steps=1),
     clip=ClipSettings(embed_dim=16, width=32, layers=1, text_width=32, text_layers=1, context_length=48,
                       steps=2, batch_size=8, lr=1e-3, warmup=1, bf16=True),
     text=AdapterSettings(examples=24, epochs=1, batch_size=8, lr=1e-2, prompt_len=2, prompt_layers=2, bf16=True),

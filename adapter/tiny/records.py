@@ -16,10 +16,7 @@ from .world import render
 
 
 def alpaca_record(question: Question) -> dict[str, str]:
-    record = {"instruction": question.question, "output": " " + question.answer}
-    if question.input:
-        record["input"] = question.input
-    return record
+    return {"instruction": question.instruction, "output": " " + question.answer}
 
 
 def write_text_records(questions: list[Question], path: Path) -> Path:

@@ -18,8 +18,12 @@ HEADING = "Tiny model: exact-answer accuracy on held-out scenes against gate sca
 ACCURACY_JSON, ACCURACY_PNG = "accuracy.json", "accuracy.png"
 
 
-def write_accuracy(results: dict[str, Accuracy], out: Path, counts: dict[str, int]) -> None:
-    (out / ACCURACY_JSON).write_text(json.dumps({"questions": counts, "accuracy": results}, indent=2) + "\n")
+def write_accuracy(results: dict[str, Accuracy], out: Path, counts: dict[str, int],
+                   native: dict[str, float] | None = None) -> None:
+    """accuracy.json (with `native`: the base alone asked in its corpus's dialogue form, see probe.py) and
+    the plot."""
+    content = {"questions": counts, "accuracy": results, **({"base_dialogue_form": native} if native else {})}
+    (out / ACCURACY_JSON).write_text(json.dumps(content, indent=2) + "\n")
     plot(results, out / ACCURACY_PNG)
 
 
