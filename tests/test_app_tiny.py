@@ -32,3 +32,16 @@ def test_the_default_app_serves_the_tiny_model_and_compare_shows_the_gate(client
     assert base == expected, "the left answer is the frozen base's"
     assert adapted != base
     assert len(adapted.split()) <= 2 < len(base.split()), (adapted, base)
+
+
+def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_path):
+    from adapter.app_config import ServeConfig
+    from adapter.tiny.questions import image_questions, text_questions
+    from app import examples
+
+    pictures, messages = examples(ServeConfig())
+    assert [question for _, question in pictures] == [q.question for q in image_questions(100, "held-out", 6)]
+    assert all((TINY_FOLDER / "examples").joinpath(path.rsplit("/", 1)[-1]).is_file() for path, _ in pictures)
+    assert messages == [q.instruction for q in text_questions(100, "held-out", 6)]
+    other = examples(ServeConfig(base=str(tmp_path)))
+    assert other[1] == [] and all(question == "What is in the picture?" for _, question in other[0])

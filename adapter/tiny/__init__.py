@@ -14,6 +14,7 @@ assets/tiny/ and loaded with `adapter.load("tiny")` (see assets.py for the names
     recipe.py     every number of the recipe (full and micro)
     build.py      the stages of `python -m adapter.tiny build`
     evaluate.py   exact-answer accuracy against gate scale
+    probe.py      how well the base alone reads scenes, asked in its corpus's forms
     report.py     accuracy.json, accuracy.png, the BENCHMARKS.md section
     card.py       MODEL_CARD.md
     assets.py     where the files are; the short names adapter.load accepts
