@@ -2,11 +2,13 @@
 
 An adapter changes how the base answers, not what it can read: text-question accuracy at gate 1 is bounded by
 what the base gets right when asked the way its corpus asks. This measures that bound on held-out scenes, in
-the two orders the corpus uses:
+two orders:
 
-    quiz      the question, then the scene, then the answer ("Ana asked: Q Here is the picture. S Ben answered:")
     dialogue  the scene, then the question, then the answer ("Ana and Ben looked at a card. S Ana asked: Q Ben
-              answered:")
+              answered:"), as the corpus's dialogues and quizzes ask
+    quiz      the question, then the scene ("Ana asked: Q Here is the picture. S Ben answered:"), an order the
+              corpus no longer uses: a small model reads a scene for a question it has already seen far better
+              than it holds a question while reading
 
     python -m adapter.tiny probe [--out assets/tiny]
 """
