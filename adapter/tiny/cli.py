@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             deterministic(recipe.threads)
             results, counts = evaluate(recipe.seed, recipe.eval_per_category, recipe.gate_scales, options.out)
-            native = probe(options.out, recipe.seed, recipe.eval_per_category)["dialogue"]
+            native = probe(options.out, recipe.seed, recipe.eval_per_category, ["dialogue"])["dialogue"]
             write_accuracy(results, options.out, counts, native)
             write_benchmarks(results, counts, options.write, options.out / ACCURACY_PNG)
             write_card(options.out)

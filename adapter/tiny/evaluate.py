@@ -56,17 +56,23 @@ def answers(model: Transformer, questions: Sequence[Question], gate_scale: float
     return out
 
 
+def shares(questions: Sequence[Question], right: Sequence[bool]) -> dict[str, float]:
+    """The fraction right per category (in the questions' order) and over all of them ("all")."""
+    by_category: dict[str, list[bool]] = {}
+    for question, ok in zip(questions, right):
+        by_category.setdefault(question.category, []).append(ok)
+    row = {c: sum(v) / len(v) for c, v in by_category.items()}
+    row["all"] = sum(right) / max(1, len(right))
+    return row
+
+
 def accuracy(model: Transformer, questions: Sequence[Question], gate_scales: Sequence[float], images: bool,
              log: Callable[[str], None] = print) -> Accuracy:
     """Per gate scale: the fraction answered exactly, per category and over all questions."""
     result: Accuracy = {}
     for scale in gate_scales:
         got = answers(model, questions, scale, images)
-        right: dict[str, list[bool]] = {}
-        for question, answer in zip(questions, got):
-            right.setdefault(question.category, []).append(answer == question.answer)
-        row = {c: sum(v) / len(v) for c, v in right.items()}
-        row["all"] = sum(a == q.answer for q, a in zip(questions, got)) / len(questions)
+        row = shares(questions, [answer == question.answer for question, answer in zip(questions, got)])
         result[f"{scale:g}"] = row
         log(f"{'image' if images else 'text'} questions, gate scale {scale:g}: {row['all']:.1%} exact")
     return result

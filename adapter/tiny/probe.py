@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..generate import generate_batch
 from ..model import Transformer
+from .evaluate import held_out, shares
 from .questions import Question
 
 FORMS = {
@@ -43,20 +44,15 @@ def native_accuracy(model: Transformer, questions: Sequence[Question], form: str
     for start in range(0, len(prompts), batch_size):
         got += generate_batch(model, prompts[start: start + batch_size], gate_scale=0.0, temperature=0.0,
                               max_new_tokens=10, stop=["."])
-    right: dict[str, list[bool]] = {}
-    for question, answer in zip(scene_questions, got):
-        right.setdefault(question.category, []).append(answer.strip().rstrip(".") == question.answer)
-    out = {c: sum(v) / len(v) for c, v in right.items()}
-    out["all"] = sum(sum(v) for v in right.values()) / max(1, len(scene_questions))
-    return out
+    return shares(scene_questions, [a.strip().rstrip(".") == q.answer for q, a in zip(scene_questions, got)])
 
 
-def probe(root: Path, seed: int, per_category: int) -> dict[str, dict[str, float]]:
+def probe(root: Path, seed: int, per_category: int, forms: Sequence[str] = tuple(FORMS),
+          ) -> dict[str, dict[str, float]]:
     """Native accuracy of the base in `root` on held-out text questions, per form."""
     from ..loading import load
     from .assets import BASE
-    from .evaluate import held_out
 
     model = load(root / BASE, device="cpu")
     questions = held_out("text", seed, per_category)
-    return {form: native_accuracy(model, questions, form) for form in FORMS}
+    return {form: native_accuracy(model, questions, form) for form in forms}
