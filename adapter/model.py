@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import BIAS_TARGETS, AdapterArgs, ModelArgs
 from .fused import StackedWeight
+from .head_loss import head_cross_entropy
 from .kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -37,8 +38,7 @@ ScaleLike = float | Sequence[float] | torch.Tensor
 class StepContext:
     """What every layer needs to know about the current forward call."""
 
-    cos: torch.Tensor  # [T, D] or [B, T, D], see rope_tables
-    sin: torch.Tensor
+    rope: torch.Tensor  # complex [T, D/2] or [B, T, D/2], see rope_table
     gate_scale: torch.Tensor  # [] or [B, 1, 1, 1]
     delta_scale: torch.Tensor  # [] or [B, 1, 1]
     attn_mask: torch.Tensor | None = None  # bool [B, 1, T, S], True = may attend
@@ -128,24 +128,27 @@ def _stacked_linear(weight: torch.Tensor, parts: Sequence[tuple[nn.Module, Linea
     return out
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Meta's rotary embedding as two float32 tables [max_len, head_dim]: cos repeated for each pair, and
-    sin with the sign each pair element needs (-sin for the even one, +sin for the odd one)."""
+def rope_table(head_dim: int, max_len: int, theta: float, device: torch.device) -> torch.Tensor:
+    """Meta's rotary embedding as one complex64 table [max_len, head_dim // 2]: e^(i * position * freq_j)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), freqs)
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (Meta layout) of `x` [B, T, H, D]; cos/sin from `rope_tables`, [T|B,T, D].
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (Meta layout) of `x` [B, T, H, D] by `rope` [T|B,T, D/2] from `rope_table`.
 
-    (e, o) -> (e cos - o sin, o cos + e sin), written as x*cos + swap_pairs(x)*signed_sin: fewer kernels
-    than splitting and stacking, which matters in the decode loop.
+    Each pair (e, o) is the complex number e + io times the table's entry: one complex multiply forward
+    and one backward, 3-4x faster on the CPU than real arithmetic with a pair swap (bench: training step).
+    Under torch.compile the same products are written in real numbers, which inductor fuses into one
+    kernel (it has no complex kernels of its own).
     """
-    x32 = x.float()
-    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (x32 * cos.unsqueeze(-2) + swapped * sin.unsqueeze(-2)).type_as(x)
+    if torch.compiler.is_compiling():
+        cos, sin = rope.real.unsqueeze(-2), rope.imag.unsqueeze(-2)
+        even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -218,13 +221,13 @@ class Attention(nn.Module):
             q = _linear(self.wq, self.wq_delta, x, s_d).view(batch, length, self.n_heads, self.head_dim)
             k = _linear(self.wk, self.wk_delta, x, s_d).view(batch, length, self.kv_heads, self.head_dim)
             v = _linear(self.wv, self.wv_delta, x, s_d).view(batch, length, self.kv_heads, self.head_dim)
-            q = apply_rope(q, ctx.cos, ctx.sin)
-            k = apply_rope(k, ctx.cos, ctx.sin)
+            q = apply_rope(q, ctx.rope)
+            k = apply_rope(k, ctx.rope)
         else:
             parts = ((self.wq, self.wq_delta), (self.wk, self.wk_delta), (self.wv, self.wv_delta))
             qkv = _stacked_linear(stacked, parts, x, s_d).view(batch, length, -1, self.head_dim)
             rotated = self.n_heads + self.kv_heads
-            qk = apply_rope(qkv[:, :, :rotated], ctx.cos, ctx.sin)  # one rotation for queries and keys
+            qk = apply_rope(qkv[:, :, :rotated], ctx.rope)  # one rotation for queries and keys
             q, k, v = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:], qkv[:, :, rotated:]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -305,7 +308,7 @@ class Transformer(nn.Module):
         self.adapter_format: str | None = None
         self._gate_scale = torch.tensor(1.0, device="cpu")
         self._delta_scale = torch.tensor(1.0, device="cpu")
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope: torch.Tensor | None = None
         # True: decode without gradients through stacked projections and one-call norms (the plain path's
         # tokens) at the cost of a second copy of wq|wk|wv and w1|w3 (see adapter.fused). Off by default:
         # bench.decode measured no gain at dim 512 on 2 CPU threads, and the copy is +30 % fp32 memory
@@ -420,12 +423,14 @@ class Transformer(nn.Module):
         delta_scale: ScaleLike | None = None,
         visual_prompt: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] of a whole sequence, no cache (training and scoring).
 
         With `positions` (a bool mask [B, T]), only the logits of those positions, [N, vocab] in row-major
         order: training scores response tokens only, and the vocabulary head is the largest matmul of a
-        small model, so it is not run where no loss is taken.
+        small model, so it is not run where no loss is taken. With `targets` [N] as well, the summed
+        cross-entropy of those positions instead (adapter.head_loss: no [N, vocab] tensors kept).
         """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
@@ -434,9 +439,13 @@ class Transformer(nn.Module):
             got = f"{tuple(positions.shape)} {positions.dtype}" if isinstance(positions, torch.Tensor) else \
                 type(positions).__name__
             raise ValueError(f"positions: expected a bool mask of the tokens' shape {tuple(tokens.shape)}, got {got}")
-        cos, sin = self._rope_slice(torch.arange(length, device=tokens.device))
-        ctx = self._context(batch, cos, sin, gate_scale, delta_scale, is_causal=length > 1)
+        if targets is not None and positions is None:
+            raise ValueError("targets: give the positions they are the targets of (positions=bool mask)")
+        rope = self._rope_slice(torch.arange(length, device=tokens.device))
+        ctx = self._context(batch, rope, gate_scale, delta_scale, is_causal=length > 1)
         h = self.norm(self._run_layers(self.tok_embeddings(tokens), ctx, visual_prompt, cache=None), ctx.delta_scale)
+        if targets is not None:
+            return head_cross_entropy(h[positions], self.output.weight, targets)
         return self.output(h if positions is None else h[positions]).float()
 
     def new_cache(
@@ -483,7 +492,7 @@ class Transformer(nn.Module):
         positions = torch.arange(start, start + length, device=device)
         mask, is_causal = None, False
         if cache.pad is None:
-            cos, sin = self._rope_slice(positions)
+            rope = self._rope_slice(positions)
             if length > 1 and start == 0:
                 is_causal = True
             elif length > 1:
@@ -491,7 +500,7 @@ class Transformer(nn.Module):
                 mask = (keys[None, :] <= positions[:, None])[None, None]
         else:
             row_positions = (positions[None, :] - cache.pad[:, None]).clamp_min(0)
-            cos, sin = self._rope_slice(row_positions)
+            rope = self._rope_slice(row_positions)
             keys = torch.arange(start + length, device=device)
             visible = (keys[None, None, :] >= cache.pad[:, None, None]) & (keys[None, None, :] <= positions[None, :, None])
             # a padding query sees itself, so that no row is fully masked (that would give NaN)
@@ -501,7 +510,7 @@ class Transformer(nn.Module):
         if fused and not cache.stacks_checked:  # once per request, as for the prompts' keys/values
             self._refresh_stacks()
             cache.stacks_checked = True
-        ctx = self._context(batch, cos, sin, gate_scale, delta_scale, attn_mask=mask, is_causal=is_causal,
+        ctx = self._context(batch, rope, gate_scale, delta_scale, attn_mask=mask, is_causal=is_causal,
                             cache=cache, start=start, fused=fused)
         run = self._last_logits
         if compile and inference and length == 1 and record is None:
@@ -532,19 +541,18 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens: length {tokens.shape[1]} is more than max_seq_len={self.args.max_seq_len}")
         return tokens
 
-    def _rope_slice(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_slice(self, positions: torch.Tensor) -> torch.Tensor:
         device = positions.device
-        if self._rope is None or self._rope[0].device != device:
-            self._rope = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
-        cos, sin = self._rope
-        return cos[positions], sin[positions]
+        if self._rope is None or self._rope.device != device:
+            self._rope = rope_table(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+        return self._rope[positions]
 
-    def _context(self, batch: int, cos, sin, gate_scale, delta_scale, **kwargs: Any) -> StepContext:
-        device = cos.device
+    def _context(self, batch: int, rope: torch.Tensor, gate_scale, delta_scale, **kwargs: Any) -> StepContext:
+        device = rope.device
         gate = _scale_for_rows(self._gate_scale if gate_scale is None else gate_scale, "gate_scale", batch, device, 4)
         delta = _scale_for_rows(self._delta_scale if delta_scale is None else delta_scale, "delta_scale", batch,
                                 device, 3, self.tok_embeddings.weight.dtype)
-        return StepContext(cos=cos, sin=sin, gate_scale=gate, delta_scale=delta, **kwargs)
+        return StepContext(rope=rope, gate_scale=gate, delta_scale=delta, **kwargs)
 
     def _last_logits(self, tokens: torch.Tensor, ctx: StepContext, cache: KVCache,
                      record: list[torch.Tensor] | None) -> torch.Tensor:

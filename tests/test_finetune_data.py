@@ -18,7 +18,8 @@ from adapter.finetune.dataset import build_dataset, split_records
 from adapter.finetune.encode import IGNORE_INDEX, encode_example
 from adapter.finetune.records import Example, read_records
 from adapter.finetune.schedule import learning_rate
-from adapter.finetune.step import loss_sum, scored_positions
+from adapter.finetune.step import scored_positions
+from adapter.head_loss import head_cross_entropy
 from adapter.tokenizer import Tokenizer
 from tests.finetune_helpers import (
     alpaca_records,
@@ -185,17 +186,19 @@ def test_padding_is_masked_and_the_loss_is_next_token_cross_entropy(tokenizer):
         assert batch.tokens[row, len(encoded.tokens):].eq(0).all()
         trained = batch.labels[row] != IGNORE_INDEX
         assert int(trained.sum()) == encoded.targets  # prompt and padding never trained on
-    logits = torch.randn(*batch.tokens.shape, tokenizer.n_words)
+    hidden = torch.randn(*batch.tokens.shape, 16, dtype=torch.float64)
+    head = torch.randn(tokenizer.n_words, 16, dtype=torch.float64)
+    logits = hidden @ head.T
     labels = batch.labels
     expected = sum(F.cross_entropy(logits[b, t - 1], labels[b, t], reduction="sum")
                    for b in range(3) for t in range(1, labels.shape[1]) if labels[b, t] != IGNORE_INDEX)
     scored, targets = scored_positions(labels)
     assert int(scored.sum()) == sum(e.targets for e in data.train)
-    assert torch.allclose(loss_sum(logits[scored], targets), expected)
+    assert torch.allclose(head_cross_entropy(hidden[scored], head, targets).double(), expected)
     empty = collate([])
     scored, targets = scored_positions(empty.labels)
     assert empty.labels.eq(IGNORE_INDEX).all() and not scored.any()
-    assert float(loss_sum(torch.randn(1, 2, 7)[scored], targets)) == 0.0
+    assert float(head_cross_entropy(torch.randn(1, 2, 7)[scored], torch.randn(5, 7), targets)) == 0.0
 
 
 def test_epoch_order_is_seeded_length_grouped_and_sharded():

@@ -88,7 +88,7 @@ def test_bf16_autocast_on_cpu_trains_in_bf16_and_stays_close_to_fp32(tmp_path, b
     real = trainer.optimizer_step
 
     def optimizer_step(model, *args, **kwargs):
-        handle = model.output.register_forward_hook(lambda module, inputs, out: seen_dtypes.append(out.dtype))
+        handle = model.layers[-1].feed_forward.w2.register_forward_hook(lambda module, inputs, out: seen_dtypes.append(out.dtype))
         try:
             return real(model, *args, **kwargs)
         finally:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adapter.config import AdapterArgs, ModelArgs
+from adapter.head_loss import head_cross_entropy
 from adapter.model import Transformer
 from tests.conftest import TINY, TINY_GQA, V1, V2, make_model
 from tests.reference import reference_logits
@@ -70,7 +71,7 @@ def test_prompt_contribution_is_linear_in_the_gate_scale_for_raw_gates():
     prompt = model.adapter_query.weight.view(3, 1, 3, TINY.dim)[-1]
 
     def attend(scale: float) -> torch.Tensor:
-        ctx = model._context(2, *model._rope_slice(torch.arange(7)), scale, 1.0, is_causal=True)
+        ctx = model._context(2, model._rope_slice(torch.arange(7)), scale, 1.0, is_causal=True)
         return attention(x, ctx, attention.prompt_kv(prompt))
 
     with torch.no_grad():
@@ -251,3 +252,64 @@ def test_logits_of_chosen_positions_equal_the_full_logits_there_and_so_do_their_
     for bad in (chosen.long(), chosen[:, :5], [True] * 9):
         with pytest.raises(ValueError, match="positions: expected a bool mask of the tokens' shape"):
             model(t, positions=bad)
+
+
+def test_summed_loss_of_chosen_positions_equals_cross_entropy_of_their_logits_and_so_do_its_gradients():
+    """The head's loss computed chunk by chunk with its gradient (adapter.head_loss) is the plain one."""
+    t = tokens(2, 9, TINY.vocab_size)
+    chosen = torch.zeros(2, 9, dtype=torch.bool)
+    chosen[0, 2:], chosen[1, 5:] = True, True
+    targets = tokens(1, int(chosen.sum()), TINY.vocab_size, seed=5)[0]
+    results = []
+    for fused in (False, True):
+        model = make_model(TINY, V2).train()
+        for block in model.layers[model.first_prompt_layer:]:  # gates away from zero, so that every trainable tensor gets a gradient
+            block.attention.gate.data.fill_(0.3)
+        if fused:
+            loss = model(t, gate_scale=[0.5, 1.5], positions=chosen, targets=targets)
+        else:
+            logits = model(t, gate_scale=[0.5, 1.5], positions=chosen)
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert fused.shape == () and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-6)
+    assert plain_grads.keys() == fused_grads.keys()
+    for name in plain_grads:
+        largest = plain_grads[name].abs().max()
+        assert largest > 0, name
+        assert (fused_grads[name] - plain_grads[name]).abs().max() <= 1e-5 * largest, name
+    model = make_model(TINY, V1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(t, positions=chosen, targets=targets),
+                                   torch.nn.functional.cross_entropy(model(t, positions=chosen), targets,
+                                                                     reduction="sum"), atol=1e-5, rtol=1e-6)
+    with pytest.raises(ValueError, match="targets: give the positions"):
+        model(t, targets=targets)
+    with pytest.raises(ValueError, match=r"target ids must be in \[0, 512\), got \d+\.\.512"):
+        model(t, positions=chosen, targets=torch.cat([targets[:-1], torch.tensor([TINY.vocab_size])]))
+    with pytest.raises(ValueError, match=r"targets must be a LongTensor \[11\]"):
+        model(t, positions=chosen, targets=targets[:-1])
+    model.output.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="the head weight is trainable"):
+        model(t, positions=chosen, targets=targets)
+
+
+def test_head_loss_does_not_depend_on_the_chunk_size():
+    generator = torch.Generator().manual_seed(2)
+    head = torch.randn(300, 16, generator=generator)
+    targets = torch.randint(0, 300, (10,), generator=generator)
+    hidden = torch.randn(10, 16, generator=generator)
+    results = []
+    for chunk_rows in (1, 3, 10, 128):
+        h = hidden.clone().requires_grad_()
+        loss = head_cross_entropy(h, head, targets, chunk_rows=chunk_rows)
+        (2.5 * loss).backward()
+        results.append((loss.detach(), h.grad))
+    h = hidden.clone().requires_grad_()
+    plain = torch.nn.functional.cross_entropy(h @ head.T, targets, reduction="sum")
+    (2.5 * plain).backward()
+    for loss, grad in results:
+        torch.testing.assert_close(loss, plain.detach(), atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(grad, h.grad, atol=1e-6, rtol=1e-5)

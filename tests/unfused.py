@@ -37,17 +37,15 @@ def _linear(layer, delta, x, s_d):
     return out + s_d * extra
 
 
-def _rope_tables(head_dim, max_len, theta):
+def _rope_table(head_dim, max_len, theta):
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def _rope(x, cos, sin):
-    x32 = x.float()
-    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (x32 * cos.unsqueeze(-2) + swapped * sin.unsqueeze(-2)).type_as(x)
+def _rope(x, rope):
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 def unfused_logits(model: Transformer, tokens: torch.Tensor, gate_scale: float = 1.0,
@@ -58,9 +56,7 @@ def unfused_logits(model: Transformer, tokens: torch.Tensor, gate_scale: float =
     heads, kv_heads, head_dim = args.n_heads, args.kv_heads, args.head_dim
     s_g = torch.tensor(gate_scale, dtype=torch.float32)
     s_d = torch.tensor(delta_scale, dtype=model.tok_embeddings.weight.dtype)
-    cos, sin = _rope_tables(head_dim, args.max_seq_len, args.rope_theta)
-    positions = torch.arange(length)
-    cos, sin = cos[positions], sin[positions]
+    rope = _rope_table(head_dim, args.max_seq_len, args.rope_theta)[torch.arange(length)]
     h = model.tok_embeddings(tokens)
     prompts = None
     if model.adapter_query is not None:
@@ -71,8 +67,8 @@ def unfused_logits(model: Transformer, tokens: torch.Tensor, gate_scale: float =
         q = _linear(a.wq, a.wq_delta, x, s_d).view(batch, length, heads, head_dim)
         k = _linear(a.wk, a.wk_delta, x, s_d).view(batch, length, kv_heads, head_dim)
         v = _linear(a.wv, a.wv_delta, x, s_d).view(batch, length, kv_heads, head_dim)
-        q = _rope(q, cos, sin).transpose(1, 2)
-        k = _rope(k, cos, sin).transpose(1, 2)
+        q = _rope(q, rope).transpose(1, 2)
+        k = _rope(k, rope).transpose(1, 2)
         v = v.transpose(1, 2)
         gqa = kv_heads != heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=length > 1, enable_gqa=gqa)

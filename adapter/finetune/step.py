@@ -37,15 +37,16 @@ def require_image_encoder(model: nn.Module) -> None:
                          "none, so train on text records or load a vision adapter")
 
 
-def forward(model: nn.Module, batch: Batch, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [B, T, vocab], or [N, vocab] of `positions` only; rows with images get the visual prompt of
-    `adapter.visual.encode_images`."""
+def summed_loss(model: nn.Module, batch: Batch, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of `positions` against `targets` (Transformer.forward with targets); rows
+    with images get the visual prompt of `adapter.visual.encode_images`."""
     if batch.images is None:
-        return model(batch.tokens, positions=positions)
+        return model(batch.tokens, positions=positions, targets=targets)
     require_image_encoder(model)
     from ..visual import encode_images
 
-    return model(batch.tokens, visual_prompt=encode_images(unwrap(model), batch.images), positions=positions)
+    return model(batch.tokens, visual_prompt=encode_images(unwrap(model), batch.images), positions=positions,
+                 targets=targets)
 
 
 def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,16 +57,10 @@ def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scored, targets[scored]
 
 
-def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the scored positions' logits [N, vocab] against their targets [N]."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
 def micro_batch_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Summed loss of one micro-batch (what the step backpropagates); the vocabulary head runs only at the
     scored positions."""
-    scored, targets = scored_positions(batch.labels)
-    return loss_sum(forward(model, batch, scored), targets)
+    return summed_loss(model, batch, *scored_positions(batch.labels))
 
 
 def autocast(device: torch.device, mode: str = "auto") -> AbstractContextManager:
