@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import adapter
-from adapter.finetune import train
+from adapter.finetune import train, trainer
 from adapter.finetune.config import TrainConfig
 from adapter.visual import load_image_encoder
 from tests.finetune_helpers import one_thread_and_own_rng, tiny_config  # noqa: F401  (fixture)
@@ -55,3 +55,27 @@ def test_vision_mode_trains_the_visual_prompt_and_nothing_frozen(base_folder, cl
 def test_vision_mode_needs_a_clip_tower(base_folder, tmp_path):
     with pytest.raises(ValueError, match="--clip: --mode vision needs the CLIP tower"):
         TrainConfig(base=str(base_folder), data="x.json", out=str(tmp_path), mode="vision")
+
+
+def test_visual_lr_sets_the_visual_prompts_own_step_size(base_folder, clip_files, image_data, tmp_path, monkeypatch):
+    config_json, weights, _ = clip_files
+    data, folder = image_data
+    initial = {}
+    real = trainer.build_optimizer
+
+    def build_optimizer(model, *args, **kwargs):
+        initial.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "build_optimizer", build_optimizer)
+    config = tiny_config(base_folder, data, tmp_path / "run", mode="vision", image_folder=str(folder),
+                         clip=str(weights), clip_model=str(config_json), visual="v1", epochs=2, visual_lr=1e-9)
+    model = adapter.load(base_folder, adapter=train(config).adapter, clip=weights, clip_model=str(config_json),
+                         device="cpu")
+    trained = dict(model.named_parameters())
+    moved = {n: float((trained[n] - initial[n]).abs().max()) for n in initial}
+    visual = [n for n in moved if n.startswith("visual_prompt.")]
+    assert visual and all(moved[n] < 1e-6 for n in visual), "the visual prompt moved by about visual_lr per step"
+    assert moved["adapter_query.weight"] > 1e-4, "the rest at the full lr"
+    with pytest.raises(ValueError, match="--visual-lr: must be positive, got -0.1"):
+        TrainConfig(base="b", data="d", out="o", visual_lr=-0.1)

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--blr", type=float, default=d.blr, help="base lr; lr = blr * batch-size / 256")
     p.add_argument("--lr", type=float, help="absolute peak lr (overrides --blr)")
+    p.add_argument("--visual-lr", type=float,
+                   help="--mode vision: peak lr of the visual prompt (projections, ViT blocks); default: --lr")
     p.add_argument("--min-lr", type=float, default=d.min_lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step, all processes")

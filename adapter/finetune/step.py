@@ -95,7 +95,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
         optimizer.zero_grad(set_to_none=True)
         raise TrainingStopped(f"step {step}: the gradient norm is {grad_norm}; training stopped")
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, grad_norm)

@@ -85,7 +85,7 @@ class _Run:
         self.data = self._build_data(records)
         self.steps_per_epoch = len(self._order(0))  # the same for every epoch
         self.total_steps = config.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay)
+        self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay, config.visual_lr)
         self.step, self.saved_step = 0, None
         if saved is not None:
             checkpoint.restore(self.resume_from, self.optimizer, saved)

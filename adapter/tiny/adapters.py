@@ -32,7 +32,7 @@ def train_adapter(settings: AdapterSettings, base: Path, data: Path, run: Path, 
     if clip is not None:
         vision = dict(mode="vision", image_folder=str(image_folder), clip=str(clip[0]), clip_model=str(clip[1]),
                       visual=settings.visual, visual_dim=settings.visual_dim, visual_depth=settings.visual_depth,
-                      visual_heads=settings.visual_heads)
+                      visual_heads=settings.visual_heads, visual_lr=settings.visual_lr)
         if not set(vision) <= set(TrainConfig.__dataclass_fields__):
             raise NotImplementedError(VISION_MISSING)
         options.update(vision)

@@ -26,6 +26,7 @@ class AdapterSettings:
     visual_dim: int = 128
     visual_depth: int = 2
     visual_heads: int = 4
+    visual_lr: float | None = None  # the visual prompt's peak lr (adapter.finetune --visual-lr); None = lr
     bf16: bool = False  # adapter.finetune --autocast bf16
 
 
