@@ -23,8 +23,10 @@ SCENE = Scene((Thing("triangle", "yellow", "small", "left"), Thing("circle", "re
 SCENE_TEXT = "There is a small yellow triangle on the left. There is a small red circle in the centre. There is a small " \
         "blue star at the bottom."
 TEXT = [("How many shapes are there?", "3"), ("What shape is in the centre?", "circle"),
-        ("What colour is the star?", "blue"), ("List the shapes.", "triangle, circle, star")]
-IMAGE_QUESTIONS = [("What shape is in the centre?", "circle"), ("What shape is the red one?", "circle")]
+        ("What colour is the circle?", "red"), ("List the colours of the shapes.", "yellow, red, blue")]
+IMAGE_QUESTIONS = [(SCENE, "What colour is the circle?", "red"),
+                   (Scene((Thing("star", "blue", "small", "left"),)), "What shape is on the left?", "star"),
+                   (Scene((Thing("circle", "red", "small", "top"),)), "How many shapes are there?", "1")]
 GREEDY = dict(temperature=0.0, max_new_tokens=16)
 
 
@@ -33,8 +35,8 @@ def text_model():
     return adapter.load("tiny", device="cpu")
 
 
-def test_the_fixed_questions_are_about_a_held_out_scene():
-    assert SCENE.split == "held-out"
+def test_the_fixed_questions_are_about_held_out_scenes():
+    assert all(scene.split == "held-out" for scene in [SCENE] + [scene for scene, _, _ in IMAGE_QUESTIONS])
 
 
 def test_text_questions_are_answered_exactly_at_gate_1_and_not_at_gate_0(text_model):
@@ -47,9 +49,8 @@ def test_text_questions_are_answered_exactly_at_gate_1_and_not_at_gate_0(text_mo
 @pytest.mark.skipif(not (ASSETS / IMAGE).is_dir(), reason="the image adapter is not built yet")
 def test_image_questions_are_answered_exactly_at_gate_1_and_not_at_gate_0():
     model = adapter.load("tiny", adapter="tiny-image", device="cpu")
-    picture = render(SCENE)
-    for question, answer in IMAGE_QUESTIONS:
-        prompt = adapter.image_question(question)
+    for scene, question, answer in IMAGE_QUESTIONS:
+        picture, prompt = render(scene), adapter.image_question(question)
         assert model.generate(prompt, image=picture, gate_scale=1.0, **GREEDY) == answer, question
         assert model.generate(prompt, image=picture, gate_scale=0.0, **GREEDY) != answer, question
 
