@@ -231,11 +231,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 
 
-def test_logits_of_chosen_positions_equal_the_full_logits_there_and_so_do_their_gradients():
-    t = tokens(2, 9, TINY.vocab_size)
+def chosen_positions(starts: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [2, 9], a bool mask choosing each row's positions from its start on, a target per chosen one)."""
     chosen = torch.zeros(2, 9, dtype=torch.bool)
-    chosen[0, 4:], chosen[1, 7:] = True, True
-    targets = tokens(1, int(chosen.sum()), TINY.vocab_size, seed=3)[0]
+    chosen[0, starts[0]:], chosen[1, starts[1]:] = True, True
+    return tokens(2, 9, TINY.vocab_size), chosen, tokens(1, int(chosen.sum()), TINY.vocab_size, seed=seed)[0]
+
+
+def test_logits_of_chosen_positions_equal_the_full_logits_there_and_so_do_their_gradients():
+    t, chosen, targets = chosen_positions((4, 7), seed=3)
     results = []
     for positions in (None, chosen):
         model = make_model(TINY, V2).train()
@@ -256,14 +260,11 @@ def test_logits_of_chosen_positions_equal_the_full_logits_there_and_so_do_their_
 
 def test_summed_loss_of_chosen_positions_equals_cross_entropy_of_their_logits_and_so_do_its_gradients():
     """The head's loss computed chunk by chunk with its gradient (adapter.head_loss) is the plain one."""
-    t = tokens(2, 9, TINY.vocab_size)
-    chosen = torch.zeros(2, 9, dtype=torch.bool)
-    chosen[0, 2:], chosen[1, 5:] = True, True
-    targets = tokens(1, int(chosen.sum()), TINY.vocab_size, seed=5)[0]
+    t, chosen, targets = chosen_positions((2, 5), seed=5)
     results = []
     for fused in (False, True):
         model = make_model(TINY, V2).train()
-        for block in model.layers[model.first_prompt_layer:]:  # gates away from zero, so that every trainable tensor gets a gradient
+        for block in model.layers[model.first_prompt_layer:]:  # open gates: every trainable tensor gets a gradient
             block.attention.gate.data.fill_(0.3)
         if fused:
             loss = model(t, gate_scale=[0.5, 1.5], positions=chosen, targets=targets)
