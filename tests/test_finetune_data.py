@@ -145,6 +145,7 @@ def test_modes_map_to_what_is_learned():
     (dict(quantize="fp8"), "--quantize: unknown mode"),
     (dict(export="gguf"), "--export"),
     (dict(autocast="fp8"), "--autocast: must be one of"),
+    (dict(mode="v2", visual_lr=1e-3), "--visual-lr: only --mode vision trains a visual prompt"),
 ])
 def test_bad_settings_name_the_flag(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -88,7 +88,8 @@ def test_bf16_autocast_on_cpu_trains_in_bf16_and_stays_close_to_fp32(tmp_path, b
     real = trainer.optimizer_step
 
     def optimizer_step(model, *args, **kwargs):
-        handle = model.layers[-1].feed_forward.w2.register_forward_hook(lambda module, inputs, out: seen_dtypes.append(out.dtype))
+        last_linear = model.layers[-1].feed_forward.w2
+        handle = last_linear.register_forward_hook(lambda module, inputs, out: seen_dtypes.append(out.dtype))
         try:
             return real(model, *args, **kwargs)
         finally:

@@ -78,4 +78,4 @@ def test_visual_lr_sets_the_visual_prompts_own_step_size(base_folder, clip_files
     assert visual and all(moved[n] < 1e-6 for n in visual), "the visual prompt moved by about visual_lr per step"
     assert moved["adapter_query.weight"] > 1e-4, "the rest at the full lr"
     with pytest.raises(ValueError, match="--visual-lr: must be positive, got -0.1"):
-        TrainConfig(base="b", data="d", out="o", visual_lr=-0.1)
+        TrainConfig(base="b", data="d", out="o", mode="vision", clip="c", visual_lr=-0.1)

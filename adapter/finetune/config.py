@@ -94,7 +94,10 @@ class TrainConfig:
         for flag in ("blr", "min_lr", "weight_decay", "clip_grad"):
             _require(getattr(self, flag) >= 0, _flag(flag), f"must not be negative, got {getattr(self, flag)}")
         _require(self.lr is None or self.lr > 0, "--lr", f"must be positive, got {self.lr}")
-        _require(self.visual_lr is None or self.visual_lr > 0, "--visual-lr", f"must be positive, got {self.visual_lr}")
+        _require(self.visual_lr is None or self.visual_lr > 0, "--visual-lr",
+                 f"must be positive, got {self.visual_lr}")
+        _require(self.visual_lr is None or self.mode == "vision", "--visual-lr",
+                 "only --mode vision trains a visual prompt")
         _require(self.lr is not None or self.blr > 0, "--blr", "must be positive (or give --lr)")
         _require(0 <= self.val_fraction < 1, "--val-fraction", f"must be in [0, 1), got {self.val_fraction}")
         _require(self.save_every is None or _positive_int(self.save_every), "--save-every",
