@@ -7,6 +7,7 @@ import random
 import pytest
 
 from adapter.tiny.corpus import corpus
+from adapter.tiny.language import describe
 from adapter.tiny.questions import IMAGE_CATEGORIES, TEXT_CATEGORIES, facts, image_questions, text_questions
 from adapter.tiny.world import COLOURS, SHAPES, SLOTS, Scene, Thing, render, scenes, split_of
 
@@ -80,3 +81,13 @@ def test_answers_are_true_of_the_scene():
     assert stated["How many red shapes are there?"] == "2"
     assert stated["Is the circle large or small?"] == "small"
     assert stated["List the colours of the shapes."] == "red, red, blue"
+
+
+def test_every_description_style_names_each_thing_with_its_size_colour_shape_and_place():
+    scene = Scene((Thing("star", "red", "large", "left"), Thing("circle", "blue", "small", "top")))
+    wordings = {describe(scene, random.Random(seed)) for seed in range(60)}
+    assert len(wordings) == 4, wordings
+    for text in wordings:
+        lowered = text.lower()
+        assert "large red star" in lowered and "small blue circle" in lowered, text
+        assert "on the left" in lowered and "at the top" in lowered, text
