@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import adapter
+from adapter.generate import generate_batch
+from adapter.prompts import STOP_STRINGS, image_question
 from adapter.tiny import assets
 from adapter.tiny.adapters import VISION_MISSING
 from adapter.tiny.build import MANIFEST, STAGES, Build
 from adapter.tiny.card import CARD, write_card
-from adapter.tiny.evaluate import evaluate
+from adapter.tiny.evaluate import FROZEN, MAX_NEW_TOKENS, answers, evaluate, held_out
 from adapter.tiny.probe import probe
 from adapter.tiny.recipe import MICRO
 from adapter.tiny.report import ACCURACY_PNG, HEADING, write_accuracy, write_benchmarks
@@ -96,6 +98,7 @@ def test_eval_writes_accuracy_plot_card_and_its_benchmarks_section(micro, tmp_pa
     out = micro[0] / "out"
     results, counts = evaluate(MICRO.seed, MICRO.eval_per_category, MICRO.gate_scales, out, log=lambda _: None)
     assert set(results["text"]) == {"0", "1"} and 0 <= results["text"]["1"]["all"] <= 1
+    assert set(results["image"]) == {"0", "1", FROZEN}, "the image adapter's biases stay on at gate 0"
     native = probe(out, MICRO.seed, MICRO.eval_per_category)["dialogue"]
     assert set(native) == {"colour", "shape", "count", "position", "comparison", "listing", "all"}
     write_accuracy(results, out, counts, native)
@@ -106,8 +109,23 @@ def test_eval_writes_accuracy_plot_card_and_its_benchmarks_section(micro, tmp_pa
     write_benchmarks(results, counts, benchmarks, out / ACCURACY_PNG)
     text = benchmarks.read_text()
     assert f"## {HEADING}" in text and "## Other\n\nkept" in text and "| 0 |" in text
+    assert "| frozen base (gate 0, delta scale 0) |" in text
     assert (out / ACCURACY_PNG).read_bytes().startswith(b"\x89PNG")
     assert json.loads((out / "accuracy.json").read_text())["questions"]["text"] == counts["text"]
+
+
+def test_the_frozen_row_answers_as_the_bare_base_does(micro):
+    root = micro[0]
+    out = root / "out"
+    if not (out / assets.IMAGE).exists():  # when run alone, before the image stage's test
+        build(out, root / "work", ["image"])
+    base_path, image, clip, clip_model = assets.resolve("tiny", "tiny-image", None, None, root=out)
+    image_model = adapter.load(base_path, adapter=image, clip=clip, clip_model=clip_model, device="cpu")
+    base = adapter.load(out / assets.BASE, device="cpu")
+    questions = held_out("image", MICRO.seed, 3)
+    bare = generate_batch(base, [image_question(q.question) for q in questions], temperature=0.0,
+                          max_new_tokens=MAX_NEW_TOKENS, stop=list(STOP_STRINGS))
+    assert answers(image_model, questions, 0.0, images=True, delta_scale=0.0) == [a.strip() for a in bare]
 
 
 def test_names_point_at_the_shipped_files_unless_a_local_path_has_that_name(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .build import MANIFEST, STAGES
+from .evaluate import FROZEN
 from .report import ACCURACY_JSON, ACCURACY_PNG
 
 CARD = "MODEL_CARD.md"
@@ -29,9 +30,9 @@ def _accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
     lines = [f"Exact answers on held-out scenes, greedy ({', '.join(f'{n} {k}' for k, n in counts.items())} "
              "questions); every gate scale from 0 to 2 is in BENCHMARKS.md and "
              f"[{ACCURACY_PNG}]({ACCURACY_PNG}).", "",
-             "| questions | category | gate 0 (frozen base) | gate 1 (adapter) |", "|---|---|---|---|"]
+             "| questions | category | frozen base (gate 0; image: delta 0 too) | gate 1 (adapter) |", "|---|---|---|---|"]
     for kind, table in results.items():
-        off, on = table.get("0", {}), table.get("1", {})
+        off, on = table.get(FROZEN, table.get("0", {})), table.get("1", {})
         for category in ["all"] + [c for c in on if c != "all"]:
             label = f"**{category}**" if category == "all" else category
             lines.append(f"| {kind} | {label} | {100 * off.get(category, float('nan')):.1f}% | "
@@ -101,7 +102,9 @@ def write_card(out: Path) -> Path:
         "a sentence or in a word after 'answered:'), lists of coloured shapes said twice, and sums of digits. No "
         "instruction template: a bare answer followed by the end of the text is what only the adapters are "
         "trained to give.",
-        f"3. **Tokenizer.** sentencepiece BPE trained on the corpus alone.",
+        "3. **Tokenizer.** sentencepiece BPE trained on the corpus alone; pieces may span spaces, so the world's "
+        "phrases are one piece each (\"▁red▁star\", \"▁on▁the▁left\") and a scene is about a third fewer "
+        "tokens; digits stay pieces of their own.",
         f"4. **Base.** `adapter.model.Transformer` pretrained with next-token loss on the corpus only: "
         f"{pre.get('steps')} steps of {pre.get('batch_size')} windows of {recipe.get('max_seq_len')} tokens "
         f"({base.get('corpus_tokens', 0) / 1e6:.1f} M corpus tokens), AdamW, peak lr {pre.get('lr')}; the first "
@@ -135,13 +138,14 @@ def write_card(out: Path) -> Path:
         "## Limits",
         "",
         "- It is still often wrong. The adapters change how the base answers, not what it can read, so each "
-        "category does about as well as the base alone (above) at best: where the base is unsure (places, sizes) "
-        "the adapter is too. The text adapter does not carry over everything the base can do: it answers the "
-        "held-out sums badly although the base, asked in its own words, gets most of them, and it counts worse "
-        "than the base. How well the base reads depends on its pretraining run more than it should: two runs of "
-        "the same recipe on float-level differences read places at 66% and 38%. The image adapter reads colours "
-        "and counts better than shapes and places: CLIP's global feature (the v1 visual prompt) beat all CLIP "
-        "tokens (v2) at this size, and neither comes near reading pictures reliably.",
+        "category does about as well as the base alone (above) at best: where the base is unsure (places, counts, "
+        "sizes) the adapter is too. Places are the weakest: asked where a thing is, the base names the place of "
+        "another thing in the scene, mostly the last one described, instead of binding each place to its thing. "
+        "How well the base reads depends on its pretraining run more than it should (places at 66% and 38% in "
+        "two runs of one recipe that differed only in float rounding). The image adapter gets about half of the "
+        "image questions: its v1 visual prompt adds one vector (CLIP's global feature) to every prompt token, and "
+        "since a layer's attention weights over the prompt sum to one, what each layer takes from the picture is "
+        "the same whatever the question asks; all CLIP tokens (v2) did worse at this size.",
         "- It only knows its world: six colour words, four shapes, two sizes, five places, and sums and differences "
         "of two digits. Anything else gets fluent-looking nonsense.",
         "- Answers are short exact strings by training; the text adapter expects the Alpaca template (or the chat "

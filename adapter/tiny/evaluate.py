@@ -3,6 +3,10 @@
 Greedy decoding; an answer counts when the generated text, stripped of surrounding whitespace, is exactly
 the expected string. Text questions are one Alpaca instruction (the scene in words, then the question);
 image questions get the picture and the plain question (`adapter.image_question`).
+
+The gate scale moves the prompts (and so the picture) only; an adapter with v2 parts (biases, norms, LoRA)
+keeps them at gate 0. For such an adapter one more row, `FROZEN` (gate 0 and delta scale 0), is the frozen
+base itself: what "the base does not follow the instructions" is measured on.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from .questions import IMAGE_CATEGORIES, TEXT_CATEGORIES, Question, image_questi
 from .world import render
 
 MAX_NEW_TOKENS = 16
-Accuracy = dict[str, dict[str, float]]  # gate scale (as text) -> category (and "all") -> fraction correct
+FROZEN = "frozen"  # the row of the frozen base (gate 0, delta scale 0), beside the gate scales
+Accuracy = dict[str, dict[str, float]]  # gate scale (as text) or FROZEN -> category (and "all") -> fraction correct
 
 
 def held_out(kind: str, seed: int, per_category: int) -> list[Question]:
@@ -39,7 +44,7 @@ def held_out(kind: str, seed: int, per_category: int) -> list[Question]:
 
 
 def answers(model: Transformer, questions: Sequence[Question], gate_scale: float, images: bool,
-            batch_size: int = 64) -> list[str]:
+            batch_size: int = 64, delta_scale: float = 1.0) -> list[str]:
     """Greedy answers, stripped, in the order of `questions`."""
     out = []
     for start in range(0, len(questions), batch_size):
@@ -50,8 +55,8 @@ def answers(model: Transformer, questions: Sequence[Question], gate_scale: float
         else:
             prompts = [alpaca(q.instruction) for q in chunk]
             pictures = None
-        got = generate_batch(model, prompts, images=pictures, gate_scale=gate_scale, temperature=0.0,
-                             max_new_tokens=MAX_NEW_TOKENS, stop=list(STOP_STRINGS))
+        got = generate_batch(model, prompts, images=pictures, gate_scale=gate_scale, delta_scale=delta_scale,
+                             temperature=0.0, max_new_tokens=MAX_NEW_TOKENS, stop=list(STOP_STRINGS))
         out += [a.strip() for a in got]
     return out
 
@@ -68,13 +73,19 @@ def shares(questions: Sequence[Question], right: Sequence[bool]) -> dict[str, fl
 
 def accuracy(model: Transformer, questions: Sequence[Question], gate_scales: Sequence[float], images: bool,
              log: Callable[[str], None] = print) -> Accuracy:
-    """Per gate scale: the fraction answered exactly, per category and over all questions."""
+    """Per gate scale: the fraction answered exactly, per category and over all questions; and the frozen
+    base's (`FROZEN`) when the adapter has parts that the gate scale leaves on."""
+    args = model.adapter_args
+    runs = [(f"{scale:g}", scale, 1.0) for scale in gate_scales]
+    if args.bias or args.norm or args.lora_rank:
+        runs.append((FROZEN, 0.0, 0.0))
     result: Accuracy = {}
-    for scale in gate_scales:
-        got = answers(model, questions, scale, images)
+    for key, scale, delta in runs:
+        got = answers(model, questions, scale, images, delta_scale=delta)
         row = shares(questions, [answer == question.answer for question, answer in zip(questions, got)])
-        result[f"{scale:g}"] = row
-        log(f"{'image' if images else 'text'} questions, gate scale {scale:g}: {row['all']:.1%} exact")
+        result[key] = row
+        log(f"{'image' if images else 'text'} questions, gate scale {scale:g}, delta scale {delta:g}: "
+            f"{row['all']:.1%} exact")
     return result
 
 

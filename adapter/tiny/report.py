@@ -11,7 +11,7 @@ from bench.decode import machine
 from bench.report import replace_section
 
 from ..formats.common import atomic_write
-from .evaluate import Accuracy
+from .evaluate import FROZEN, Accuracy
 from .questions import IMAGE_CATEGORIES, TEXT_CATEGORIES
 
 HEADING = "Tiny model: exact-answer accuracy on held-out scenes against gate scale"
@@ -36,13 +36,16 @@ def plot(results: dict[str, Accuracy], path: Path) -> None:
     axes = figure.add_subplot()
     colours = {"text": "tab:blue", "image": "tab:orange"}
     for kind, table in results.items():
-        scales = [float(s) for s in table]
-        axes.plot(scales, [100 * row["all"] for row in table.values()], marker="o", linewidth=2.2,
+        gated = {float(s): row for s, row in table.items() if s != FROZEN}
+        axes.plot(list(gated), [100 * row["all"] for row in gated.values()], marker="o", linewidth=2.2,
                   color=colours[kind], label=f"{kind} questions (all)")
-        for category in next(iter(table.values())):
+        for category in next(iter(gated.values())):
             if category != "all":
-                axes.plot(scales, [100 * row[category] for row in table.values()], linewidth=0.8, alpha=0.35,
+                axes.plot(list(gated), [100 * row[category] for row in gated.values()], linewidth=0.8, alpha=0.35,
                           color=colours[kind])
+        if FROZEN in table:
+            axes.plot([0.0], [100 * table[FROZEN]["all"]], marker="x", markersize=9, linestyle="none",
+                      color=colours[kind], label=f"{kind}: frozen base (gate 0, delta 0)")
     axes.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel("gate scale (0 = frozen base, 1 = trained adapter)")
     axes.set_ylabel("exact answers, % (thin: per category)")
@@ -59,6 +62,7 @@ def _table(kind: str, table: Accuracy, categories: tuple[str, ...]) -> str:
     lines = [f"| gate scale | {kind}: all | " + " | ".join(present) + " |",
              "|---|---|" + "---|" * len(present)]
     for scale, row in table.items():
+        scale = "frozen base (gate 0, delta scale 0)" if scale == FROZEN else scale
         lines.append(f"| {scale} | **{100 * row['all']:.1f}** | " + " | ".join(f"{100 * row[c]:.1f}" for c in present)
                      + " |")
     return "\n".join(lines)
@@ -69,7 +73,9 @@ def section(results: dict[str, Accuracy], counts: dict[str, int], image_path: st
              f"Machine: {machine()}. Command: `python -m adapter.tiny eval`. Greedy decoding; an answer "
              "counts when the generated text, stripped, equals the expected string (\"red\", \"3\", \"left\", "
              "\"red, blue\"). Held-out scenes never reach training (split by a hash of the scene). "
-             f"Questions: {', '.join(f'{n} {k}' for k, n in counts.items())}. Plot: `{image_path}`.\n"]
+             f"Questions: {', '.join(f'{n} {k}' for k, n in counts.items())}. Plot: `{image_path}`. The gate "
+             "scale moves the adaption prompts (and so the picture) only; the image adapter's v2 biases and norms "
+             "follow the delta scale (1 in every gate-scale row), so its last row, both at 0, is the frozen base.\n"]
     for kind, categories in (("text", TEXT_CATEGORIES), ("image", IMAGE_CATEGORIES)):
         if kind in results:
             parts.append(_table(kind, results[kind], categories) + "\n")
