@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,8 +95,18 @@ def test_the_image_stage_trains_through_finetune_or_says_what_is_missing(micro, 
     assert model.image_encoder is not None
 
 
+def built_image_stage(micro) -> Path:
+    """The micro build's out folder with its image adapter (built here when this test runs before the image
+    stage's own test, e.g. alone)."""
+    root = micro[0]
+    out = root / "out"
+    if not (out / assets.IMAGE).exists():
+        build(out, root / "work", ["image"])
+    return out
+
+
 def test_eval_writes_accuracy_plot_card_and_its_benchmarks_section(micro, tmp_path):
-    out = micro[0] / "out"
+    out = built_image_stage(micro)
     results, counts = evaluate(MICRO.seed, MICRO.eval_per_category, MICRO.gate_scales, out, log=lambda _: None)
     assert set(results["text"]) == {"0", "1"} and 0 <= results["text"]["1"]["all"] <= 1
     assert set(results["image"]) == {"0", "1", FROZEN}, "the image adapter's biases stay on at gate 0"
@@ -115,10 +126,7 @@ def test_eval_writes_accuracy_plot_card_and_its_benchmarks_section(micro, tmp_pa
 
 
 def test_the_frozen_row_answers_as_the_bare_base_does(micro):
-    root = micro[0]
-    out = root / "out"
-    if not (out / assets.IMAGE).exists():  # when run alone, before the image stage's test
-        build(out, root / "work", ["image"])
+    out = built_image_stage(micro)
     base_path, image, clip, clip_model = assets.resolve("tiny", "tiny-image", None, None, root=out)
     image_model = adapter.load(base_path, adapter=image, clip=clip, clip_model=clip_model, device="cpu")
     base = adapter.load(out / assets.BASE, device="cpu")
