@@ -46,6 +46,7 @@ class StepContext:
     cache: KVCache | None = None
     start: int = 0
     fused: bool = False  # decoding without gradients: stacked projections (adapter.fused), one-call norms
+    fp32_attention: bool = False  # see Transformer.fp32_attention
 
 
 class RMSNorm(nn.Module):
@@ -198,13 +199,13 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.store(self.layer_id, ctx.start, k, v)
         gqa = self.kv_heads != self.n_heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal,
-                                             enable_gqa=gqa)
+        out = _attention(q, k, v, ctx.fp32_attention, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal,
+                         enable_gqa=gqa)
         if prompt_kv is not None:
             pk, pv = prompt_kv
             if pk.shape[0] != batch:
                 pk, pv = pk.expand(batch, -1, -1, -1), pv.expand(batch, -1, -1, -1)
-            prompt_out = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)
+            prompt_out = _attention(q, pk, pv, ctx.fp32_attention, enable_gqa=gqa)
             prompt_out = (ctx.gate_scale * self.effective_gate()).to(prompt_out.dtype) * prompt_out
             if record is not None:
                 record.append(_prompt_share(out, prompt_out))
@@ -230,6 +231,17 @@ class Attention(nn.Module):
             qk = apply_rope(qkv[:, :, :rotated], ctx.rope)  # one rotation for queries and keys
             q, k, v = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:], qkv[:, :, rotated:]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp32: bool, **options: Any) -> torch.Tensor:
+    """Scaled dot-product attention; with `fp32`, in float32 outside autocast, the result cast back to the
+    lowest input precision (Transformer.fp32_attention says why). Inputs may mix precisions: a v2 bias added
+    to a bf16 projection gives float32."""
+    if not fp32:
+        return F.scaled_dot_product_attention(q, k, v, **options)
+    low = next((t.dtype for t in (q, k, v) if t.dtype != torch.float32), torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options).to(low)
 
 
 def _prompt_share(text_out: torch.Tensor, prompt_out: torch.Tensor) -> torch.Tensor:
@@ -315,6 +327,10 @@ class Transformer(nn.Module):
         self.fused_inference = False
         self._compiled: Callable[..., torch.Tensor] | None = None
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, more time
+        # True: attention runs in float32 even under bf16 autocast. On CPU the flash kernel's bf16 backward
+        # is ~6x slower than its fp32 one at adapter-training lengths (~100 tokens), so adapter.finetune sets
+        # this on CPU (`python -m bench.attention`: about 2x faster steps); pretraining (256 tokens) gained nothing
+        self.fp32_attention = False
         self.freeze_base()
 
     # ----- parameters -------------------------------------------------------------------------------
@@ -552,7 +568,8 @@ class Transformer(nn.Module):
         gate = _scale_for_rows(self._gate_scale if gate_scale is None else gate_scale, "gate_scale", batch, device, 4)
         delta = _scale_for_rows(self._delta_scale if delta_scale is None else delta_scale, "delta_scale", batch,
                                 device, 3, self.tok_embeddings.weight.dtype)
-        return StepContext(rope=rope, gate_scale=gate, delta_scale=delta, **kwargs)
+        return StepContext(rope=rope, gate_scale=gate, delta_scale=delta, fp32_attention=self.fp32_attention,
+                           **kwargs)
 
     def _last_logits(self, tokens: torch.Tensor, ctx: StepContext, cache: KVCache,
                      record: list[torch.Tensor] | None) -> torch.Tensor:

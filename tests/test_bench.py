@@ -217,3 +217,14 @@ def test_carry_keeps_only_the_wanted_bitsandbytes_libraries(tmp_path):
     assert set(sizes) == set(carry.DISTRIBUTIONS) and sum(sizes.values()) < carry.LIMIT
     assert (tmp_path / "vendor" / "bitsandbytes" / "__init__.py").is_file()
     assert not list((tmp_path / "vendor" / "bitsandbytes").glob("libbitsandbytes_rocm*"))
+
+
+def test_attention_precision_section_has_both_modes(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    run([sys.executable, "-m", "bench.attention", "--steps", "1", "--repeats", "1", "--write", str(out)])
+    section = next(body for head, body in sections(out.read_text()).items() if head.startswith("Attention precision"))
+    rows = tables(section)[0]
+    assert rows[0] == ["attention", "ms per step", "speed-up over bf16"]
+    assert [row[0].split(" ")[0] for row in rows[1:]] == ["bf16", "fp32"]
+    assert rows[1][2] == "1.00" and float(rows[2][2]) > 0
+    assert re.fullmatch(r"[\d.]+ \([\d.]+ / [\d.]+\)", rows[2][1])

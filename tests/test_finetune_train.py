@@ -95,9 +95,18 @@ def test_bf16_autocast_on_cpu_trains_in_bf16_and_stays_close_to_fp32(tmp_path, b
         finally:
             handle.remove()
 
+    attention_dtypes = set()
+    real_attention = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(q, *args, **kwargs):
+        attention_dtypes.add(q.dtype)
+        return real_attention(q, *args, **kwargs)
+
     monkeypatch.setattr(trainer, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
     bf16 = train(tiny_config(base_folder, data, tmp_path / "bf16", autocast="bf16", epochs=2))
     assert seen_dtypes and set(seen_dtypes) == {torch.bfloat16}
+    assert attention_dtypes == {torch.float32}, "on CPU attention runs in fp32 (its bf16 backward is slow)"
     seen_dtypes.clear()
     fp32 = train(tiny_config(base_folder, data, tmp_path / "fp32", epochs=2))
     assert set(seen_dtypes) == {torch.float32}, "auto means fp32 on CPU"

@@ -231,6 +231,35 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 
 
+def test_fp32_attention_is_a_no_op_in_float32_and_attends_in_float32_under_bf16_autocast(monkeypatch):
+    t = tokens(2, 9, TINY.vocab_size)
+    runs = {}
+    for autocast, flag in ((False, False), (False, True), (True, False), (True, True)):
+        model = make_model(TINY, V1).train()
+        model.fp32_attention = flag
+        dtypes = set()
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def attention(q, *args, _real=real, _dtypes=dtypes, **kwargs):
+            _dtypes.add(q.dtype)
+            return _real(q, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(t)
+        logits.float().logsumexp(-1).mean().backward()
+        monkeypatch.undo()
+        runs[autocast, flag] = (dtypes, logits.detach().float(),
+                                {n: p.grad.clone() for n, p in model.trainable_parameters()})
+    assert runs[False, True][0] == runs[False, False][0] == {torch.float32}
+    torch.testing.assert_close(runs[False, True][1], runs[False, False][1], atol=0, rtol=0)
+    assert runs[True, False][0] == {torch.bfloat16} and runs[True, True][0] == {torch.float32}
+    reference = runs[False, False]
+    for name, grad in runs[True, True][2].items():
+        torch.testing.assert_close(grad, reference[2][name], atol=2e-2, rtol=5e-2)
+    torch.testing.assert_close(runs[True, True][1], reference[1], atol=5e-2, rtol=5e-2)
+
+
 def chosen_positions(starts: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens [2, 9], a bool mask choosing each row's positions from its start on, a target per chosen one)."""
     chosen = torch.zeros(2, 9, dtype=torch.bool)

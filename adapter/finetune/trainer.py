@@ -92,6 +92,7 @@ class _Run:
             self.step = self.saved_step = saved.step
             self._check_order(saved)
         self.model.gradient_checkpointing = config.gradient_checkpointing
+        self.model.fp32_attention = device.type == "cpu"  # the bf16 CPU attention backward is slow (model.py)
         self.model.train()
         self.wrapped = distributed.wrap(self.model, processes)
 
