@@ -56,7 +56,7 @@ FULL = Recipe(
     pretrain=PretrainSettings(steps=5000, batch_size=16, lr=3e-3, warmup=100, bf16=True, copy_steps=400),
     clip=ClipSettings(embed_dim=128, width=128, layers=4, text_width=128, text_layers=2, context_length=48,
                       steps=400, batch_size=128, lr=2e-3, warmup=40, bf16=True),
-    text=AdapterSettings(examples=12000, epochs=6, batch_size=32, lr=2e-2, prompt_len=20, prompt_layers=4, bf16=True),
+    text=AdapterSettings(examples=12000, epochs=12, batch_size=32, lr=2e-2, prompt_len=20, prompt_layers=4, bf16=True),
     image=AdapterSettings(examples=12000, epochs=4, batch_size=32, lr=2e-2, prompt_len=10, prompt_layers=4,
                           visual="v1", visual_lr=3e-3, bf16=True),
     eval_per_category=100,
