@@ -11,8 +11,10 @@ The shape is the tiny recipe's text stage (assets/tiny/base, a v1 adapter of 20 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -20,12 +22,12 @@ from adapter.app_config import TINY_FOLDER
 from adapter.config import AdapterArgs
 from adapter.finetune.batching import Batch, collate
 from adapter.finetune.encode import encode_example
-from adapter.finetune.records import Example
+from adapter.finetune.records import read_records
 from adapter.finetune.step import autocast, micro_batch_loss
 from adapter.loading import load
-from adapter.prompts import alpaca
 from adapter.tiny.questions import text_questions
 from adapter.tiny.recipe import FULL
+from adapter.tiny.records import write_text_records
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
 
@@ -34,11 +36,13 @@ MODES = {"bf16 (plain path)": False, "fp32 (fp32_attention, adapter.finetune on 
 
 
 def tiny_batches(model, steps: int) -> list[Batch]:
-    """`steps` batches of the text stage's size, from train-split questions (fixed seed)."""
+    """`steps` batches of the text stage's size, from train-split questions (fixed seed), turned into examples
+    the way that stage does: Alpaca records written by adapter.tiny.records, read by adapter.finetune."""
     size = FULL.text.batch_size
-    questions = text_questions(0, "train", steps * size)
-    encoded = [encode_example(Example(alpaca(q.instruction), " " + q.answer), model.tokenizer, 256)[0]
-               for q in questions]
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_text_records(text_questions(0, "train", steps * size), Path(folder) / "text.jsonl")
+        examples = [example for record in read_records(path) for example in record]
+    encoded = [encode_example(example, model.tokenizer, FULL.max_seq_len)[0] for example in examples]
     return [collate(encoded[i: i + size]) for i in range(0, len(encoded), size)]
 
 
@@ -87,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append([name, spread(figure), f"{plain[0] / stat(times[name])[0]:.2f}"])
     lines = [f"## {HEADING} (CPU, bf16 autocast): the tiny text adapter's step", "",
              (f"Machine: {machine()}. Command: `{command_line('bench.attention', argv)}`. Forward and backward of "
-             f"{options.steps} batches of {FULL.text.batch_size} tiny-world questions ({tokens:.0f} padded tokens "
+             f"{options.steps} batches of {text.batch_size} tiny-world questions ({tokens:.0f} padded tokens "
              f"each) through assets/tiny/base with a v1 adapter of {text.prompt_len} tokens on "
              f"{text.prompt_layers} layers, gates at 0.5; median of {options.repeats} runs per mode (min / max), "
              "modes alternating in one process."), "",
