@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .build import MANIFEST, STAGES
-from .evaluate import FROZEN
+from .evaluate import FROZEN, FROZEN_LABEL
 from .report import ACCURACY_JSON, ACCURACY_PNG
 
 CARD = "MODEL_CARD.md"
@@ -30,7 +30,7 @@ def _accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
     lines = [f"Exact answers on held-out scenes, greedy ({', '.join(f'{n} {k}' for k, n in counts.items())} "
              "questions); every gate scale from 0 to 2 is in BENCHMARKS.md and "
              f"[{ACCURACY_PNG}]({ACCURACY_PNG}).", "",
-             "| questions | category | frozen base (gate 0; image: delta 0 too) | gate 1 (adapter) |", "|---|---|---|---|"]
+             f"| questions | category | {FROZEN_LABEL} | gate 1 (adapter) |", "|---|---|---|---|"]
     for kind, table in results.items():
         off, on = table.get(FROZEN, table.get("0", {})), table.get("1", {})
         for category in ["all"] + [c for c in on if c != "all"]:
@@ -139,10 +139,9 @@ def write_card(out: Path) -> Path:
         "",
         "- It is still often wrong. The adapters change how the base answers, not what it can read, so each "
         "category does about as well as the base alone (above) at best: where the base is unsure (places, counts, "
-        "sizes) the adapter is too. Places are the weakest: asked where a thing is, the base names the place of "
-        "another thing in the scene, mostly the last one described, instead of binding each place to its thing. "
-        "How well the base reads depends on its pretraining run more than it should (places at 66% and 38% in "
-        "two runs of one recipe that differed only in float rounding). The image adapter gets about half of the "
+        "sizes) the adapter is too. Counts and size comparisons are the weakest. "
+        "How well the base reads depends on its pretraining run more than it should (places at 71% and 37% in "
+        "two runs that differed only in the number of steps, 2000 and 5000). The image adapter gets under half of the "
         "image questions: its v1 visual prompt adds one vector (CLIP's global feature) to every prompt token, and "
         "since a layer's attention weights over the prompt sum to one, what each layer takes from the picture is "
         "the same whatever the question asks; all CLIP tokens (v2) did worse at this size. The tiny CLIP is the "

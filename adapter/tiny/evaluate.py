@@ -24,6 +24,7 @@ from .world import render
 
 MAX_NEW_TOKENS = 16
 FROZEN = "frozen"  # the row of the frozen base (gate 0, delta scale 0), beside the gate scales
+FROZEN_LABEL = "frozen base (gate 0, delta scale 0)"  # how tables, plot and card name it
 Accuracy = dict[str, dict[str, float]]  # gate scale (as text) or FROZEN -> category (and "all") -> fraction correct
 
 

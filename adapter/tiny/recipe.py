@@ -53,7 +53,7 @@ class Recipe:
 
 FULL = Recipe(
     seed=0, threads=2, documents=50_000, vocab_size=1024, dim=192, n_layers=4, n_heads=6, max_seq_len=256,
-    pretrain=PretrainSettings(steps=5000, batch_size=16, lr=3e-3, warmup=100, bf16=True, copy_steps=400),
+    pretrain=PretrainSettings(steps=2000, batch_size=16, lr=3e-3, warmup=100, bf16=True, copy_steps=400),
     clip=ClipSettings(embed_dim=128, width=128, layers=4, text_width=128, text_layers=2, context_length=48,
                       steps=400, batch_size=128, lr=2e-3, warmup=40, bf16=True),
     text=AdapterSettings(examples=12000, epochs=12, batch_size=32, lr=2e-2, prompt_len=20, prompt_layers=4, bf16=True),

@@ -11,7 +11,7 @@ from bench.decode import machine
 from bench.report import replace_section
 
 from ..formats.common import atomic_write
-from .evaluate import FROZEN, Accuracy
+from .evaluate import FROZEN, FROZEN_LABEL, Accuracy
 from .questions import IMAGE_CATEGORIES, TEXT_CATEGORIES
 
 HEADING = "Tiny model: exact-answer accuracy on held-out scenes against gate scale"
@@ -45,7 +45,7 @@ def plot(results: dict[str, Accuracy], path: Path) -> None:
                           color=colours[kind])
         if FROZEN in table:
             axes.plot([0.0], [100 * table[FROZEN]["all"]], marker="x", markersize=9, linestyle="none",
-                      color=colours[kind], label=f"{kind}: frozen base (gate 0, delta 0)")
+                      color=colours[kind], label=f"{kind}: {FROZEN_LABEL}")
     axes.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel("gate scale (0 = frozen base, 1 = trained adapter)")
     axes.set_ylabel("exact answers, % (thin: per category)")
@@ -62,7 +62,7 @@ def _table(kind: str, table: Accuracy, categories: tuple[str, ...]) -> str:
     lines = [f"| gate scale | {kind}: all | " + " | ".join(present) + " |",
              "|---|---|" + "---|" * len(present)]
     for scale, row in table.items():
-        scale = "frozen base (gate 0, delta scale 0)" if scale == FROZEN else scale
+        scale = FROZEN_LABEL if scale == FROZEN else scale
         lines.append(f"| {scale} | **{100 * row['all']:.1f}** | " + " | ".join(f"{100 * row[c]:.1f}" for c in present)
                      + " |")
     return "\n".join(lines)
