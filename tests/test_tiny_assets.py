@@ -24,9 +24,9 @@ SCENE_TEXT = "There is a small yellow triangle on the left. There is a small red
         "blue star at the bottom."
 TEXT = [("How many shapes are there?", "3"), ("What shape is in the centre?", "circle"),
         ("What colour is the circle?", "red"), ("List the colours of the shapes.", "yellow, red, blue")]
-IMAGE_QUESTIONS = [(SCENE, "How many shapes are there?", "3"),
-                   (Scene((Thing("star", "blue", "small", "left"),)), "What colour is the star?", "blue"),
-                   (Scene((Thing("star", "blue", "small", "left"),)), "What shape is on the left?", "star"),
+BLUE_STAR = Scene((Thing("star", "blue", "small", "left"),))
+IMAGE_QUESTIONS = [(SCENE, "How many shapes are there?", "3"), (BLUE_STAR, "What colour is the star?", "blue"),
+                   (BLUE_STAR, "What shape is on the left?", "star"),
                    (Scene((Thing("circle", "red", "small", "top"),)), "How many shapes are there?", "1")]
 GREEDY = dict(temperature=0.0, max_new_tokens=16)
 
