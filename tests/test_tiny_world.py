@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from adapter.tiny.corpus import corpus
 from adapter.tiny.language import describe
 from adapter.tiny.questions import IMAGE_CATEGORIES, TEXT_CATEGORIES, facts, image_questions, text_questions
-from adapter.tiny.world import COLOURS, SHAPES, SLOTS, Scene, Thing, render, scenes, split_of
+from adapter.tiny.world import COLOURS, SHAPES, SLOTS, Scene, Thing, render, scenes, split_of, twin
 
 
 def test_scenes_and_pictures_are_the_same_for_a_seed_and_differ_across_seeds():
@@ -39,6 +40,39 @@ def test_the_split_is_a_fixed_property_of_the_scene():
     assert [s for s in sums if split_of(s) == "held-out"] == [
         "0 + 5", "0 + 9", "1 + 7", "3 + 6", "5 - 2", "5 - 3", "6 - 1", "7 - 0", "7 - 1", "7 + 7", "8 - 8", "9 - 0",
         "9 - 3", "9 - 5"]
+
+
+def _differences(scene: Scene, other: Scene) -> list[tuple[str, str, str]]:
+    """(slot, attribute, value in `other`) for every attribute that differs, a moved thing as its slot."""
+    if [t.slot for t in scene.things] != [t.slot for t in other.things]:
+        moved = {t.slot for t in other.things} - {t.slot for t in scene.things}
+        return [(slot, "slot", slot) for slot in moved]
+    return [(a.slot, attribute, getattr(b, attribute)) for a, b in zip(scene.things, other.things)
+            for attribute in ("shape", "colour", "size") if getattr(a, attribute) != getattr(b, attribute)]
+
+
+def test_a_twin_differs_in_one_detail_or_one_swap_and_stays_in_its_split():
+    rng, again = random.Random(5), random.Random(5)
+    originals = scenes(1, "train", 200)
+    twins = [twin(scene, rng) for scene in originals]
+    assert twins == [twin(scene, again) for scene in originals]
+    kinds = set()
+    for scene, changed in zip(originals, twins):
+        assert changed is not None and changed.split == scene.split and changed.key != scene.key
+        assert len(changed.things) == len(scene.things)
+        diff = _differences(scene, changed)
+        kinds.add(tuple(sorted(attribute for _, attribute, _ in diff)))
+        if len(diff) == 2:  # a swap: two things trade the same attribute
+            (slot_a, attribute, value_a), (slot_b, attribute_b, value_b) = diff
+            assert attribute == attribute_b and attribute in ("colour", "shape")
+            assert getattr(scene.at(slot_a), attribute) == value_b and getattr(scene.at(slot_b), attribute) == value_a
+        else:
+            assert len(diff) == 1
+    assert kinds == {("colour",), ("shape",), ("size",), ("slot",), ("colour", "colour"), ("shape", "shape")}
+    held_out = [twin(scene, rng) for scene in scenes(1, "held-out", 30)]  # 1 in 10 changes stays held out
+    assert all(t is None or t.split == "held-out" for t in held_out) and sum(t is not None for t in held_out) > 20
+    full = Scene(tuple(Thing("star", "red", "large", slot) for slot in list(SLOTS)[:4]))
+    assert all(twin(full, rng).key != full.key for _ in range(20))  # all alike, nothing to swap: still a twin
 
 
 def test_a_scene_keeps_its_things_in_reading_order_and_refuses_shared_slots():
@@ -91,3 +125,17 @@ def test_every_description_style_names_each_thing_with_its_size_colour_shape_and
         lowered = text.lower()
         assert "large red star" in lowered and "small blue circle" in lowered, text
         assert "on the left" in lowered and "at the top" in lowered, text
+
+
+def test_clip_batches_hold_twins_beside_their_scenes_only_when_asked():
+    from adapter.tiny.clip import batches
+    from adapter.tiny.recipe import MICRO
+
+    plain = dataclasses.replace(MICRO.clip, steps=3, batch_size=16)
+    assert list(batches(plain, 0)) == [scenes(3, "train", 48)[i: i + 16] for i in (0, 16, 32)]
+    twinned = list(batches(dataclasses.replace(plain, twin_share=1.0), 0))
+    assert len(twinned) == 3 and all(len(batch) == 16 for batch in twinned)
+    for batch in twinned:
+        for scene, changed in zip(batch[::2], batch[1::2]):
+            assert len(_differences(scene, changed)) in (1, 2)
+    assert twinned == list(batches(dataclasses.replace(plain, twin_share=1.0), 0))

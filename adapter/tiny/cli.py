@@ -1,4 +1,4 @@
-"""`python -m adapter.tiny build|eval|probe`: rebuild the shipped tiny model from its seed, or measure it."""
+"""`python -m adapter.tiny build|eval|probe|clip-probe`: rebuild the shipped tiny model from its seed, or measure it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--write", type=Path, default=Path("BENCHMARKS.md"), help="benchmarks file to update")
     probe = commands.add_parser("probe", help="how well the base alone reads held-out scenes, in its corpus's forms")
     probe.add_argument("--out", type=Path, default=ASSETS, help="assets folder whose base to probe")
-    for sub in (build, evaluate, probe):
+    clip_probe = commands.add_parser("clip-probe", help="how much of the image answers the CLIP's features hold")
+    clip_probe.add_argument("--clip", type=Path, default=ASSETS / "clip",
+                            help="folder with visual.safetensors and tiny-clip.json (default: assets/tiny/clip)")
+    clip_probe.add_argument("--pictures", type=int, default=12000, help="train pictures for the classifiers")
+    clip_probe.add_argument("--epochs", type=int, default=30, help="classifier epochs")
+    for sub in (build, evaluate, probe, clip_probe):
         sub.add_argument("--scale", choices=sorted(RECIPES), default="full", help="recipe (micro: a few steps)")
     return parser
 
@@ -46,6 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             deterministic(recipe.threads)
             for form, row in probe(options.out, recipe.seed, recipe.eval_per_category).items():
                 print(f"{form:9s} " + "  ".join(f"{c} {v:.0%}" for c, v in row.items()))
+        elif options.command == "clip-probe":
+            from .build import deterministic
+            from .clip_probe import clip_probe
+
+            deterministic(recipe.threads)
+            found = clip_probe(options.clip, recipe.seed, options.pictures, options.epochs, recipe.eval_per_category)
+            for reader, row in found.items():
+                print(f"{reader:7s} " + "  ".join(f"{c} {v:.0%}" for c, v in row.items()))
         else:
             from .build import deterministic
             from .card import write_card

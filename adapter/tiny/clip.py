@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import torch
 from ..tokenizer import Tokenizer
 from ..visual import preprocess
 from .language import describe
-from .world import IMAGE_SIZE, render, scenes
+from .world import IMAGE_SIZE, Scene, render, scenes, twin
 
 CONFIG_NAME = "tiny-clip.json"
 WEIGHTS_NAME = "visual.safetensors"
@@ -41,6 +41,7 @@ class ClipSettings:
     warmup: int
     weight_decay: float = 0.1
     bf16: bool = False  # bf16 autocast for the towers (the loss in fp32), as the base's pretraining
+    twin_share: float = 0.0  # the chance that a scene's twin (world.twin, a hard negative) joins its batch
 
 
 def clip_config(settings: ClipSettings, vocab_size: int) -> dict[str, Any]:
@@ -78,10 +79,8 @@ def train_clip(settings: ClipSettings, tokenizer: Tokenizer, seed: int, log: Cal
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.98))
     rng = random.Random(f"clip:{seed}")
-    pool = scenes(seed + 3, "train", settings.steps * settings.batch_size)
     running = None
-    for step in range(settings.steps):
-        batch = pool[step * settings.batch_size: (step + 1) * settings.batch_size]
+    for step, batch in enumerate(batches(settings, seed)):
         pixels = torch.stack([preprocess(render(scene), IMAGE_SIZE) for scene in batch])
         texts = tokenize([describe(scene, rng) for scene in batch], tokenizer, settings.context_length)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
@@ -98,6 +97,23 @@ def train_clip(settings: ClipSettings, tokenizer: Tokenizer, seed: int, log: Cal
         if (step + 1) % max(1, settings.steps // 10) == 0 or step + 1 == settings.steps:
             log(f"clip step {step + 1}/{settings.steps}: loss {running:.3f}")
     return model.eval().requires_grad_(False), config
+
+
+def batches(settings: ClipSettings, seed: int) -> Iterator[list[Scene]]:
+    """`settings.steps` batches of new train scenes; after each scene, with chance `twin_share`, its twin
+    (when the batch has room for both)."""
+    rng = random.Random(f"clip-twins:{seed}")
+    pool = iter(scenes(seed + 3, "train", settings.steps * settings.batch_size))
+    for _ in range(settings.steps):
+        batch: list[Scene] = []
+        while len(batch) < settings.batch_size:
+            scene = next(pool)
+            batch.append(scene)
+            if len(batch) < settings.batch_size and rng.random() < settings.twin_share:
+                changed = twin(scene, rng)
+                if changed is not None:
+                    batch.append(changed)
+        yield batch
 
 
 def _lr(step: int, settings: ClipSettings) -> float:

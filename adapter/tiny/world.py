@@ -8,6 +8,7 @@ every seed, and no held-out scene can ever reach training.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
@@ -104,6 +105,48 @@ def scenes(seed: int, split: str, count: int, unique: bool = False) -> list[Scen
         seen.add(scene.key)
         found.append(scene)
     return found
+
+
+TWIN_CHANGES = ("colour", "shape", "size", "slot", "swap colours", "swap shapes")
+
+
+def twin(scene: Scene, rng: random.Random, tries: int = 50) -> Scene | None:
+    """A scene of the same split that differs from `scene` in one detail: one thing's colour, shape, size or
+    place, or two things swapping their colours or shapes. None when `tries` random changes found none.
+
+    CLIP's hard negative: a batch of random scenes is told apart by their colours alone, so a CLIP trained on
+    them learns little of shapes or of which colour goes with which shape; a twin in the same batch can only
+    be told apart by the one detail that changed.
+    """
+    for _ in range(tries):
+        things = list(scene.things)
+        index = rng.randrange(len(things))
+        thing = things[index]
+        change = rng.choice(TWIN_CHANGES)
+        if change == "colour":
+            things[index] = dataclasses.replace(thing, colour=rng.choice([c for c in COLOURS if c != thing.colour]))
+        elif change == "shape":
+            things[index] = dataclasses.replace(thing, shape=rng.choice([s for s in SHAPES if s != thing.shape]))
+        elif change == "size":
+            things[index] = dataclasses.replace(thing, size=next(s for s in SIZES if s != thing.size))
+        elif change == "slot":
+            free = [slot for slot in SLOTS if scene.at(slot) is None]
+            if not free:
+                continue
+            things[index] = dataclasses.replace(thing, slot=rng.choice(free))
+        else:
+            attribute = "colour" if change == "swap colours" else "shape"
+            others = [i for i, other in enumerate(things) if getattr(other, attribute) != getattr(thing, attribute)]
+            if not others:
+                continue
+            other_index = rng.choice(others)
+            other = things[other_index]
+            things[index] = dataclasses.replace(thing, **{attribute: getattr(other, attribute)})
+            things[other_index] = dataclasses.replace(other, **{attribute: getattr(thing, attribute)})
+        changed = Scene(tuple(things))
+        if changed.split == scene.split and changed.key != scene.key:
+            return changed
+    return None
 
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
