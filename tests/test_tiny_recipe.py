@@ -17,8 +17,10 @@ from adapter.tiny import assets
 from adapter.tiny.adapters import VISION_MISSING
 from adapter.tiny.build import MANIFEST, STAGES, Build
 from adapter.tiny.card import CARD, write_card
+from adapter.tiny.clip_probe import clip_probe
 from adapter.tiny.evaluate import FROZEN, MAX_NEW_TOKENS, answers, evaluate, held_out
 from adapter.tiny.probe import probe
+from adapter.tiny.questions import IMAGE_CATEGORIES
 from adapter.tiny.recipe import MICRO
 from adapter.tiny.report import ACCURACY_PNG, HEADING, write_accuracy, write_benchmarks
 
@@ -112,9 +114,14 @@ def test_eval_writes_accuracy_plot_card_and_its_benchmarks_section(micro, tmp_pa
     assert set(results["image"]) == {"0", "1", FROZEN}, "the image adapter's biases stay on at gate 0"
     native = probe(out, MICRO.seed, MICRO.eval_per_category)["dialogue"]
     assert set(native) == {"colour", "shape", "count", "position", "comparison", "listing", "all"}
-    write_accuracy(results, out, counts, native)
+    clip_read = clip_probe(out / assets.CLIP, MICRO.seed, MICRO.clip_probe_pictures, MICRO.clip_probe_epochs,
+                           MICRO.eval_per_category, log=lambda _: None)
+    assert set(clip_read) == {"global", "tokens"} and set(clip_read["tokens"]) == {*IMAGE_CATEGORIES, "all"}
+    write_accuracy(results, out, counts, native, clip_read)
     write_card(out)
-    assert f"({100 * native['all']:.0f}% in all)" in (out / CARD).read_text()
+    card = (out / CARD).read_text()
+    assert f"({100 * native['all']:.0f}% in all)" in card
+    assert f"answers the held-out image questions {100 * clip_read['global']['all']:.0f}% right from its global" in card
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text("# Benchmarks\n\n## Other\n\nkept\n")
     write_benchmarks(results, counts, benchmarks, out / ACCURACY_PNG)

@@ -44,6 +44,17 @@ def _accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
                   "answers " + ", ".join(f"{c} {100 * v:.0f}%" for c, v in native.items() if c != "all")
                   + f" ({100 * native['all']:.0f}% in all) correctly: what an adapter can draw on, since it "
                   "changes how the base answers, not what it can read."]
+    clip_read = accuracy.get("clip_probe")
+    if clip_read:
+        lines += ["", "A classifier trained on the frozen CLIP's features (the question as a learned embedding, the "
+                  "answer as a class; `python -m adapter.tiny clip-probe`) answers the held-out image questions "
+                  + " and ".join(f"{100 * clip_read[reader]['all']:.0f}% right from {what} ("
+                                 + ", ".join(f"{c} {100 * v:.0f}%" for c, v in clip_read[reader].items() if c != "all")
+                                 + ")" for reader, what in (("global", "its global feature (what a v1 visual prompt "
+                                                                      "sees)"),
+                                                            ("tokens", "all its tokens (what a v2 prompt can see)"))
+                                 if reader in clip_read)
+                  + ": what the picture gives an image adapter to read."]
     return lines
 
 
@@ -115,8 +126,12 @@ def write_card(out: Path) -> Path:
         f"5. **CLIP.** open_clip `CLIP` (64x64 images, 8x8 patches, width {clip_recipe.get('width')}, "
         f"{clip_recipe.get('layers')} layers; a {clip_recipe.get('text_layers')}-layer text tower on the same "
         f"tokenizer) trained with `open_clip.ClipLoss` for {clip_recipe.get('steps')} batches of "
-        f"{clip_recipe.get('batch_size')} new scenes and their descriptions. Held-out picture-to-description "
-        f"retrieval, top-1 of 256: {100 * clip.get('held_out_retrieval_top1_of_256', 0):.0f}%.",
+        f"{clip_recipe.get('batch_size')} new scenes and their descriptions"
+        + (f"; after a scene, with chance {clip_recipe['twin_share']:g}, its twin (one thing's colour, shape, size "
+           "or place changed, or two things' colours or shapes swapped) as a hard negative in the same batch"
+           if clip_recipe.get("twin_share") else "")
+        + f". Held-out picture-to-description retrieval, top-1 of 256: "
+        f"{100 * clip.get('held_out_retrieval_top1_of_256', 0):.0f}%.",
         f"6. **Text adapter.** `adapter.finetune` (the code users run) on {text.get('examples'):,} Alpaca records "
         "about train scenes (colour, shape, count, position, size comparison, listing), each instruction the "
         f"scene in words then the question, and sums: {text.get('epochs')} epochs, batch {text.get('batch_size')}, "
@@ -144,9 +159,8 @@ def write_card(out: Path) -> Path:
         "two runs that differed only in the number of steps, 2000 and 5000). The image adapter gets under half of the "
         "image questions: its v1 visual prompt adds one vector (CLIP's global feature) to every prompt token, and "
         "since a layer's attention weights over the prompt sum to one, what each layer takes from the picture is "
-        "the same whatever the question asks; all CLIP tokens (v2) did worse at this size. The tiny CLIP is the "
-        "first limit: a classifier trained on its features reads 46% of the image questions from the global "
-        "feature and 72% from all its tokens (50-60% and 78-84% for the previous build's CLIP).",
+        "the same whatever the question asks; all CLIP tokens (v2) did no better at this size. The tiny CLIP is the "
+        "first limit: see what a classifier reads from its features (Accuracy, above).",
         "- It only knows its world: six colour words, four shapes, two sizes, five places, and sums and differences "
         "of two digits. Anything else gets fluent-looking nonsense.",
         "- Answers are short exact strings by training; the text adapter expects the Alpaca template (or the chat "

@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     clip_probe = commands.add_parser("clip-probe", help="how much of the image answers the CLIP's features hold")
     clip_probe.add_argument("--clip", type=Path, default=ASSETS / "clip",
                             help="folder with visual.safetensors and tiny-clip.json (default: assets/tiny/clip)")
-    clip_probe.add_argument("--pictures", type=int, default=12000, help="train pictures for the classifiers")
-    clip_probe.add_argument("--epochs", type=int, default=30, help="classifier epochs")
+    clip_probe.add_argument("--pictures", type=int, help="train pictures for the classifiers (default: the recipe's)")
+    clip_probe.add_argument("--epochs", type=int, help="classifier epochs (default: the recipe's)")
     for sub in (build, evaluate, probe, clip_probe):
         sub.add_argument("--scale", choices=sorted(RECIPES), default="full", help="recipe (micro: a few steps)")
     return parser
@@ -56,12 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .clip_probe import clip_probe
 
             deterministic(recipe.threads)
-            found = clip_probe(options.clip, recipe.seed, options.pictures, options.epochs, recipe.eval_per_category)
+            found = clip_probe(options.clip, recipe.seed, options.pictures or recipe.clip_probe_pictures,
+                               options.epochs or recipe.clip_probe_epochs, recipe.eval_per_category)
             for reader, row in found.items():
                 print(f"{reader:7s} " + "  ".join(f"{c} {v:.0%}" for c, v in row.items()))
         else:
+            from .assets import CLIP
             from .build import deterministic
             from .card import write_card
+            from .clip_probe import clip_probe
             from .evaluate import evaluate
             from .probe import probe
             from .report import ACCURACY_PNG, write_accuracy, write_benchmarks
@@ -69,7 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             deterministic(recipe.threads)
             results, counts = evaluate(recipe.seed, recipe.eval_per_category, recipe.gate_scales, options.out)
             native = probe(options.out, recipe.seed, recipe.eval_per_category, ["dialogue"])["dialogue"]
-            write_accuracy(results, options.out, counts, native)
+            clip_read = None
+            if (options.out / CLIP).is_dir():
+                clip_read = clip_probe(options.out / CLIP, recipe.seed, recipe.clip_probe_pictures,
+                                       recipe.clip_probe_epochs, recipe.eval_per_category)
+            write_accuracy(results, options.out, counts, native, clip_read)
             write_benchmarks(results, counts, options.write, options.out / ACCURACY_PNG)
             write_card(options.out)
     except (ValueError, FileNotFoundError, NotImplementedError) as error:

@@ -45,6 +45,8 @@ class Recipe:
     text: AdapterSettings
     image: AdapterSettings
     eval_per_category: int  # held-out questions per category
+    clip_probe_pictures: int  # train pictures for the CLIP feature probe (clip_probe.py), run by the eval
+    clip_probe_epochs: int
     gate_scales: tuple[float, ...] = field(default=tuple(i / 4 for i in range(9)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,7 +61,7 @@ FULL = Recipe(
     text=AdapterSettings(examples=12000, epochs=12, batch_size=32, lr=2e-2, prompt_len=20, prompt_layers=4, bf16=True),
     image=AdapterSettings(examples=12000, epochs=4, batch_size=32, lr=2e-2, prompt_len=10, prompt_layers=4,
                           visual="v1", visual_lr=3e-3, bf16=True),
-    eval_per_category=100,
+    eval_per_category=100, clip_probe_pictures=12000, clip_probe_epochs=30,
 )
 
 MICRO = Recipe(
@@ -70,7 +72,7 @@ MICRO = Recipe(
     text=AdapterSettings(examples=24, epochs=1, batch_size=8, lr=1e-2, prompt_len=2, prompt_layers=2, bf16=True),
     image=AdapterSettings(examples=16, epochs=1, batch_size=8, lr=1e-2, prompt_len=2, prompt_layers=2, visual="v2",
                           visual_dim=32, visual_depth=1, visual_heads=2, bf16=True),
-    eval_per_category=2, gate_scales=(0.0, 1.0),
+    eval_per_category=2, clip_probe_pictures=16, clip_probe_epochs=1, gate_scales=(0.0, 1.0),
 )
 
 RECIPES = {"full": FULL, "micro": MICRO}

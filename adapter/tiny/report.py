@@ -19,10 +19,12 @@ ACCURACY_JSON, ACCURACY_PNG = "accuracy.json", "accuracy.png"
 
 
 def write_accuracy(results: dict[str, Accuracy], out: Path, counts: dict[str, int],
-                   native: dict[str, float] | None = None) -> None:
-    """accuracy.json (with `native`: the base alone asked in its corpus's dialogue form, see probe.py) and
-    the plot."""
-    content = {"questions": counts, "accuracy": results, **({"base_dialogue_form": native} if native else {})}
+                   native: dict[str, float] | None = None,
+                   clip_read: dict[str, dict[str, float]] | None = None) -> None:
+    """accuracy.json (with `native`: the base alone asked in its corpus's dialogue form, see probe.py; with
+    `clip_read`: what classifiers read from the CLIP's features, see clip_probe.py) and the plot."""
+    content = {"questions": counts, "accuracy": results, **({"base_dialogue_form": native} if native else {}),
+               **({"clip_probe": clip_read} if clip_read else {})}
     (out / ACCURACY_JSON).write_text(json.dumps(content, indent=2) + "\n")
     plot(results, out / ACCURACY_PNG)
 
