@@ -11,7 +11,6 @@ fused path (`fused_inference = True`: stacked projections, see adapter.fused) an
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from adapter.config import AdapterArgs, ModelArgs
+from adapter.cpu_features import describe_machine as machine
 from adapter.model import Transformer
 from bench.report import publish
 
@@ -115,16 +115,6 @@ def run(threads: int, repeats: int) -> list[tuple[str, str, str]]:
     med, lo, hi = measure(lambda: time_to_first_token_ms(model, 64), repeats)
     rows.append(("time to first token, 64-token prompt, ms", f"{med:.1f}", f"{lo:.1f} / {hi:.1f}"))
     return rows
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def render(rows: list[tuple[str, str, str]], command: str) -> str:

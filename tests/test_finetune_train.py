@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapter
+from adapter import cpu_features
 from adapter.finetune import step as step_module
 from adapter.finetune import train, trainer
 from adapter.finetune.cli import main
@@ -83,7 +84,9 @@ def test_neither_the_micro_batch_split_nor_checkpointing_changes_the_result(tmp_
     assert max_difference(load_file(whole.adapter), load_file(split.adapter)) < 1e-5
 
 
-def test_bf16_autocast_on_cpu_trains_in_bf16_and_stays_close_to_fp32(tmp_path, base_folder, data, monkeypatch):
+def test_bf16_autocast_on_cpu_trains_in_bf16_and_stays_close_to_fp32(tmp_path, base_folder, data, monkeypatch,
+                                                                     capsys):
+    monkeypatch.setattr(cpu_features, "cpu_bf16", lambda: "emulated")  # warned about, as on an AVX2-only CPU
     seen_dtypes = []
     real = trainer.optimizer_step
 
@@ -106,10 +109,12 @@ def test_bf16_autocast_on_cpu_trains_in_bf16_and_stays_close_to_fp32(tmp_path, b
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
     bf16 = train(tiny_config(base_folder, data, tmp_path / "bf16", autocast="bf16", epochs=2))
     assert seen_dtypes and set(seen_dtypes) == {torch.bfloat16}
+    assert "--autocast bf16: this CPU has neither AMX nor AVX512-BF16" in capsys.readouterr().err
     assert attention_dtypes == {torch.float32}, "on CPU attention runs in fp32 (its bf16 backward is slow)"
     seen_dtypes.clear()
     fp32 = train(tiny_config(base_folder, data, tmp_path / "fp32", epochs=2))
     assert set(seen_dtypes) == {torch.float32}, "auto means fp32 on CPU"
+    assert "AVX512-BF16" not in capsys.readouterr().err, "fp32 training has nothing to warn about"
     assert bf16.train_losses[-1] < bf16.train_losses[0]
     assert abs(bf16.train_losses[0] - fp32.train_losses[0]) < 0.05 * fp32.train_losses[0]
     assert load_file(bf16.adapter)["layers.3.attention.gate"].dtype == torch.float32, "master weights stay fp32"

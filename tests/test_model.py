@@ -109,10 +109,11 @@ def test_cached_decoding_equals_one_full_forward(args):
         steps = [model.step(t[:, :5], cache)]
         steps += [model.step(t[:, i:i + 1], cache) for i in range(5, 9)]
         steps.append(model.step(t[:, 9:14], cache))  # a chunk after a cached prefix
-    torch.testing.assert_close(steps[0], full[:, 4], atol=1e-5, rtol=1e-5)
+    close = dict(atol=5e-5, rtol=1e-4)  # float32 rounding of other matmul shapes (AVX2 CPUs reach 1e-5)
+    torch.testing.assert_close(steps[0], full[:, 4], **close)
     for offset, logits in enumerate(steps[1:5]):
-        torch.testing.assert_close(logits, full[:, 5 + offset], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(steps[-1], full[:, 13], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, full[:, 5 + offset], **close)
+    torch.testing.assert_close(steps[-1], full[:, 13], **close)
 
 
 def test_left_padded_rows_equal_separate_runs():

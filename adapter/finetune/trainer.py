@@ -17,6 +17,7 @@ import torch
 
 from .. import hub
 from ..config import AdapterArgs
+from ..cpu_features import bf16_emulation_warning
 from ..formats import open_base
 from ..formats.native import save_adapter
 from ..loading import load, resolve_device
@@ -93,6 +94,10 @@ class _Run:
             self._check_order(saved)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         self.model.fp32_attention = device.type == "cpu"  # the bf16 CPU attention backward is slow (model.py)
+        if device.type == "cpu" and config.autocast == "bf16":
+            emulated = bf16_emulation_warning("--autocast bf16")
+            if emulated:
+                notice(emulated + "; --autocast auto trains in float32 here", self.main)
         self.model.train()
         self.wrapped = distributed.wrap(self.model, processes)
 

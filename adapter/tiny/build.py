@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..cpu_features import bf16_emulation_warning, describe_cpu
 from . import assets
 from .recipe import Recipe
 
@@ -69,6 +70,9 @@ class Build:
         if unknown:
             raise ValueError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
         deterministic(self.recipe.threads)
+        emulated = self.recipe.uses_bf16 and bf16_emulation_warning("the recipe's bf16 autocast")
+        if emulated:
+            self.log(f"warning: {emulated}; expect the build to take hours, not the card's minutes")
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         manifest = self.read_manifest()
@@ -79,6 +83,7 @@ class Build:
             self.log(f"== {stage}")
             info = getattr(self, f"stage_{stage}")(manifest) or {}
             info["seconds"] = round(time.perf_counter() - started, 1)
+            info["cpu"] = f"{describe_cpu()}, {self.recipe.threads} threads"  # what the time depends on
             manifest.setdefault("stages", {})[stage] = info
             self.log(f"== {stage} done in {info['seconds']:.0f} s")
             self.write_manifest(manifest)

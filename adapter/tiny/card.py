@@ -64,6 +64,7 @@ def write_card(out: Path) -> Path:
     base, clip = stages.get("base", {}), stages.get("clip", {})
     pre, clip_recipe, text, image = (recipe.get(k, {}) for k in ("pretrain", "clip", "text", "image"))
     times = ", ".join(f"{name} {stages[name]['seconds'] / 60:.1f}" for name in STAGES if name in stages)
+    cpus = sorted({info["cpu"] for info in stages.values() if "cpu" in info})
     lines = [
         "# Tiny LLaMA-Adapter (self-trained, shipped with the code)",
         "",
@@ -141,8 +142,9 @@ def write_card(out: Path) -> Path:
         f"{image.get('batch_size')}, lr {image.get('lr')}, the visual prompt at its own lr "
         f"{image.get('visual_lr') or image.get('lr')} (`--visual-lr`; at the prompts' lr it learnt nothing).",
         "",
-        f"Build time: {manifest.get('build_seconds', 0) / 60:.1f} minutes on 2 CPU threads (by stage, minutes: "
-        f"{times}), on a machine shared with other jobs. Every stage is seeded and runs deterministic kernels on a "
+        f"Build time: {manifest.get('build_seconds', 0) / 60:.1f} minutes on {recipe.get('threads')} CPU threads "
+        f"(by stage, minutes: {times}), on a machine shared with other jobs"
+        + (f" ({'; '.join(cpus)})" if cpus else "") + ". Every stage is seeded and runs deterministic kernels on a "
         "fixed number of threads, so a rebuild on the same software gives the same bytes (compare with the "
         "SHA-256 sums in manifest.json).",
         "",

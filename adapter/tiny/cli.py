@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress of a half-hour build shows in a log file as it happens
     recipe = RECIPES[options.scale]
     try:
         if options.command == "build":

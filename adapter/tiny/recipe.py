@@ -52,6 +52,10 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def uses_bf16(self) -> bool:
+        return any(stage.bf16 for stage in (self.pretrain, self.clip, self.text, self.image))
+
 
 FULL = Recipe(
     seed=0, threads=2, documents=50_000, vocab_size=1024, dim=192, n_layers=4, n_heads=6, max_seq_len=256,

@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from bench.decode import machine
 from bench.report import replace_section
 
+from ..cpu_features import describe_machine
 from ..formats.common import atomic_write
 from .evaluate import FROZEN, FROZEN_LABEL, Accuracy
 from .questions import IMAGE_CATEGORIES, TEXT_CATEGORIES
@@ -72,7 +72,7 @@ def _table(kind: str, table: Accuracy, categories: tuple[str, ...]) -> str:
 
 def section(results: dict[str, Accuracy], counts: dict[str, int], image_path: str) -> str:
     parts = [f"## {HEADING}\n",
-             f"Machine: {machine()}. Command: `python -m adapter.tiny eval`. Greedy decoding; an answer "
+             f"Machine: {describe_machine()}. Command: `python -m adapter.tiny eval`. Greedy decoding; an answer "
              "counts when the generated text, stripped, equals the expected string (\"red\", \"3\", \"left\", "
              "\"red, blue\"). Held-out scenes never reach training (split by a hash of the scene). "
              f"Questions: {', '.join(f'{n} {k}' for k, n in counts.items())}. Plot: `{image_path}`. The gate "
