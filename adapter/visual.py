@@ -15,6 +15,7 @@ center crop, CLIP mean/std. `channel_order="bgr"` swaps red and blue first, as O
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,10 +137,24 @@ def _create_clip(model_name: str, pretrained: str | None):
             raise FileNotFoundError(f"clip_model: {config} does not exist")
         open_clip.add_model_config(config)
         name = config.stem
+    quiet = _WeightsComeLater() if pretrained is None else None
+    if quiet:
+        logging.getLogger().addFilter(quiet)
     try:
         return open_clip.create_model(name, pretrained=pretrained, device="cpu")
     except RuntimeError as error:
         raise ValueError(f"clip_model: {model_name!r}: {error}") from error
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
+
+
+class _WeightsComeLater(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger):
+    the caller loads local weights next, so the warning would tell users something untrue."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

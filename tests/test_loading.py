@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -60,6 +62,9 @@ def test_native_adapter_round_trip(base_folder, trained, tmp_path):
     path = adapter.save_adapter(trained, tmp_path / "run")
     assert path.name == "adapter.safetensors"
     assert sorted(p.name for p in path.parent.iterdir()) == ["adapter.json", "adapter.safetensors"], "no temp file"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, "the mode of any new file, not mkstemp's 0o600"
     config = json.loads((path.parent / "adapter.json").read_text())
     assert config["adapter_args"] == V2.to_dict() and config["base_shape"]["dim"] == TINY.dim
     assert config["format"] == "llama-adapter" and config["format_version"] == "1"

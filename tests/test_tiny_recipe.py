@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import adapter
+from adapter import cpu_features
+from adapter.cpu_features import describe_cpu
 from adapter.generate import generate_batch
 from adapter.prompts import STOP_STRINGS, image_question
 from adapter.tiny import assets
@@ -52,7 +54,10 @@ def test_every_stage_writes_its_artifacts(micro):
     assert set(manifest["stages"]) == set(TEXT_STAGES)
     assert manifest["files"]["base/consolidated.00.pth"]["sha256"]
     assert all(t.dtype == torch.float16 for t in torch.load(out / "base/consolidated.00.pth").values())
-    assert "Build time" in (out / CARD).read_text()
+    card = (out / CARD).read_text()
+    assert "Build time" in card
+    where = f"{describe_cpu()}, {MICRO.threads} threads"
+    assert all(info["cpu"] == where for info in manifest["stages"].values()) and where in card, "times name their CPU"
 
 
 def test_the_artifacts_load_through_the_short_names(micro):
@@ -68,6 +73,31 @@ def test_the_artifacts_load_through_the_short_names(micro):
 
     encoder = load_image_encoder(clip, clip_model)
     assert encoder.image_size == 64 and encoder.output_dim == MICRO.clip.embed_dim
+
+
+def test_fp32_turns_off_bf16_in_every_stage_and_nothing_else():
+    fp32 = MICRO.in_fp32()
+    assert MICRO.uses_bf16 and not fp32.uses_bf16
+
+    def without_bf16(recipe):
+        return {name: {k: v for k, v in value.items() if k != "bf16"} if isinstance(value, dict) else value
+                for name, value in recipe.to_dict().items()}
+
+    assert without_bf16(fp32) == without_bf16(MICRO)
+
+
+def test_a_build_on_a_cpu_that_emulates_bf16_says_so_and_names_the_way_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_features, "cpu_bf16", lambda: "emulated")
+    threads = torch.get_num_threads()
+    try:
+        for recipe, warned in ((MICRO, True), (MICRO.in_fp32(), False)):
+            said = []
+            Build(recipe, tmp_path / "out", tmp_path / "work", log=said.append).run(["examples"])
+            warnings = [line for line in said if line.startswith("warning: the recipe's bf16 autocast: this CPU")]
+            assert len(warnings) == warned and all("--fp32" in line for line in warnings), said
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
 
 
 def test_a_rebuild_gives_the_same_bytes(micro, tmp_path):

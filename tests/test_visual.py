@@ -64,9 +64,10 @@ def multimodal(base_folder, bias_7b, clip_files):
     return adapter.load(base_folder, adapter=bias_7b[0], clip=weights, clip_model=str(config), device="cpu")
 
 
-def test_image_encoder_returns_all_tokens_after_ln_post_and_projection(clip_files):
+def test_image_encoder_returns_all_tokens_after_ln_post_and_projection(clip_files, caplog):
     config, weights, reference = clip_files
     encoder = load_image_encoder(weights, str(config))
+    assert "initialized randomly" not in caplog.text, "local weights are loaded: open_clip's warning is untrue"
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = encoder(pixels)

@@ -84,6 +84,13 @@ def torch_load(path: Path) -> object:
         raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({error})") from error
 
 
+def _new_file_mode() -> int:
+    """What open() would give a new file: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """`write(tmp)` into a temp file beside `path`, then rename: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +98,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode())  # mkstemp made it owner-only; a written file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -50,9 +50,9 @@ def _accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
                   "answer as a class; `python -m adapter.tiny clip-probe`) answers the held-out image questions "
                   + " and ".join(f"{100 * clip_read[reader]['all']:.0f}% right from {what} ("
                                  + ", ".join(f"{c} {100 * v:.0f}%" for c, v in clip_read[reader].items() if c != "all")
-                                 + ")" for reader, what in (("global", "its global feature (what a v1 visual prompt "
-                                                                      "sees)"),
-                                                            ("tokens", "all its tokens (what a v2 prompt can see)"))
+                                 + ")" for reader, what in (("global", "its global feature, what a v1 visual prompt "
+                                                                      "sees"),
+                                                            ("tokens", "all its tokens, what a v2 prompt can see"))
                                  if reader in clip_read)
                   + ": what the picture gives an image adapter to read."]
     return lines
