@@ -2,8 +2,8 @@
 
 On x86 CPUs with AMX or AVX512-BF16, bf16 matrix products are native and about 1.7x faster than fp32 (the
 tiny model's pretraining steps). Without them (AVX2-only CPUs, e.g. many AMD EPYC and laptop chips) torch
-emulates bf16 and the same training step is several times slower than fp32 (the tiny CLIP's step: 18 s
-instead of 2.2 s on a 2-core AMD EPYC; docs/tiny.md). Other architectures are not judged.
+emulates bf16 and the tiny recipe's training steps are 12-17x slower than in fp32 (`python -m bench.autocast`
+on a 2-core AMD EPYC). Other architectures are not judged.
 """
 
 from __future__ import annotations
@@ -51,4 +51,4 @@ def bf16_emulation_warning(what: str) -> str | None:
     if cpu_bf16() != "emulated":
         return None
     return (f"{what}: this CPU has neither AMX nor AVX512-BF16, so torch emulates bf16 and it runs several "
-            "times slower than float32 (a training step about 8x slower, docs/tiny.md)")
+            "times slower than float32 (the tiny model's training steps 12-17x slower: python -m bench.autocast)")

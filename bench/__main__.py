@@ -38,7 +38,7 @@ class Benchmark:
 BENCHMARKS = (Benchmark("decode", True, True, False), Benchmark("decode_peers", True, True, True),
               Benchmark("memory", True, True, True), Benchmark("scaling", True, True, True),
               Benchmark("visual", True, True, False), Benchmark("train", True, True, True),
-              Benchmark("attention", True, True, False),
+              Benchmark("attention", True, True, False), Benchmark("autocast", True, True, False),
               Benchmark("app", False, True, False), Benchmark("load", False, False, False),
               Benchmark("gpu", False, True, True))
 

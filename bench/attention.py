@@ -46,12 +46,13 @@ def tiny_batches(model, steps: int) -> list[Batch]:
     return [collate(encoded[i: i + size]) for i in range(0, len(encoded), size)]
 
 
-def seconds_per_step(model, batches: Sequence[Batch], fp32_attention: bool) -> float:
-    """Forward and backward of every batch (no optimizer: it is the same on both paths), per batch."""
+def seconds_per_step(model, batches: Sequence[Batch], fp32_attention: bool, precision: str = "bf16") -> float:
+    """Forward and backward of every batch (no optimizer: it is the same on both paths), per batch;
+    `precision` is adapter.finetune's --autocast."""
     model.fp32_attention = fp32_attention
     start = time.perf_counter()
     for batch in batches:
-        with autocast(torch.device("cpu"), "bf16"):
+        with autocast(torch.device("cpu"), precision):
             loss = micro_batch_loss(model, batch)
         loss.backward()
         model.zero_grad(set_to_none=True)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from adapter.formats.common import atomic_write
 
 HEADER = ("# Benchmarks\n\nEvery figure below was written by the command shown with it; none is edited by hand. "
           "Tests never time anything.\n\n")
@@ -31,10 +32,7 @@ def replace_section(path: str | os.PathLike, heading: str, text: str, first: boo
     if not replaced:
         sections.insert(0 if first else len(sections), new)
     content = head.rstrip("\n") + "\n\n" + "\n".join(sections)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        out.write(content)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(content))
 
 
 def publish(text: str, heading: str, write: str | os.PathLike | None) -> None:

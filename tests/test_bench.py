@@ -228,3 +228,18 @@ def test_attention_precision_section_has_both_modes(tmp_path):
     assert [row[0].split(" ")[0] for row in rows[1:]] == ["bf16", "fp32"]
     assert rows[1][2] == "1.00" and float(rows[2][2]) > 0
     assert re.fullmatch(r"[\d.]+ \([\d.]+ / [\d.]+\)", rows[2][1])
+
+
+def test_autocast_section_times_the_chosen_stages_both_ways(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    run([sys.executable, "-m", "bench.autocast", "--stages", "text", "--steps", "1", "--repeats", "1",
+         "--write", str(out)])
+    section = next(body for head, body in sections(out.read_text()).items() if head.startswith("Training precision"))
+    rows = tables(section)[0]
+    assert rows[0] == ["stage", "bf16 autocast, s per step", "float32, s per step", "bf16 / float32"]
+    assert [row[0] for row in rows[1:]] == ["text"]
+    bf16, fp32 = (float(cell.split(" ")[0]) for cell in rows[1][1:3])
+    assert float(rows[1][3]) == pytest.approx(bf16 / fp32, rel=0.05), "the ratio of the (rounded) medians"
+    failed = subprocess.run([sys.executable, "-m", "bench.autocast", "--stages", "text,optimizer"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "--stages: unknown stage(s) ['optimizer']" in failed.stderr
