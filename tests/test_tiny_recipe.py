@@ -77,7 +77,7 @@ def test_the_artifacts_load_through_the_short_names(micro):
 
 def test_fp32_turns_off_bf16_in_every_stage_and_nothing_else():
     fp32 = MICRO.in_fp32()
-    assert MICRO.uses_bf16 and not fp32.uses_bf16
+    assert MICRO.bf16_stages == ("base", "clip", "text", "image") and fp32.bf16_stages == ()
 
     def without_bf16(recipe):
         return {name: {k: v for k, v in value.items() if k != "bf16"} if isinstance(value, dict) else value
@@ -86,18 +86,16 @@ def test_fp32_turns_off_bf16_in_every_stage_and_nothing_else():
     assert without_bf16(fp32) == without_bf16(MICRO)
 
 
-def test_a_build_on_a_cpu_that_emulates_bf16_says_so_and_names_the_way_out(tmp_path, monkeypatch):
+def test_a_build_on_a_cpu_that_emulates_bf16_says_so_for_its_bf16_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_features, "cpu_bf16", lambda: "emulated")
-    threads = torch.get_num_threads()
-    try:
-        for recipe, warned in ((MICRO, True), (MICRO.in_fp32(), False)):
-            said = []
-            Build(recipe, tmp_path / "out", tmp_path / "work", log=said.append).run(["examples"])
-            warnings = [line for line in said if line.startswith("warning: the recipe's bf16 autocast: this CPU")]
-            assert len(warnings) == warned and all("--fp32" in line for line in warnings), said
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(False)
+    build = Build(MICRO, tmp_path / "out", tmp_path / "work")
+    said = build.bf16_warning(["data", "clip", "text", "examples"])
+    assert said.startswith("warning: bf16 autocast in stage(s) clip, text: this CPU has neither AMX nor AVX512-BF16")
+    assert "--fp32" in said
+    assert build.bf16_warning(["data", "examples", "card"]) is None, "those stages do not train"
+    assert Build(MICRO.in_fp32(), tmp_path / "out", tmp_path / "work").bf16_warning(STAGES) is None
+    monkeypatch.setattr(cpu_features, "cpu_bf16", lambda: "amx")
+    assert build.bf16_warning(STAGES) is None
 
 
 def test_a_rebuild_gives_the_same_bytes(micro, tmp_path):

@@ -70,10 +70,9 @@ class Build:
         if unknown:
             raise ValueError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
         deterministic(self.recipe.threads)
-        emulated = self.recipe.uses_bf16 and bf16_emulation_warning("the recipe's bf16 autocast")
-        if emulated:
-            self.log(f"warning: {emulated}; expect the build to take hours, not the card's minutes "
-                     "(--fp32 trains a model of the same recipe in float32, several times faster here)")
+        warning = self.bf16_warning(stages)
+        if warning:
+            self.log(warning)
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         manifest = self.read_manifest()
@@ -89,6 +88,15 @@ class Build:
             self.log(f"== {stage} done in {info['seconds']:.0f} s")
             self.write_manifest(manifest)
         return manifest
+
+    def bf16_warning(self, stages: Sequence[str]) -> str | None:
+        """What to tell a user whose CPU would emulate the bf16 of the stages about to run."""
+        slow = [stage for stage in self.recipe.bf16_stages if stage in stages]
+        emulated = slow and bf16_emulation_warning(f"bf16 autocast in stage(s) {', '.join(slow)}")
+        if not emulated:
+            return None
+        return (f"warning: {emulated}; expect hours, not the card's minutes (--fp32 trains a model of the same "
+                "recipe in float32, over ten times faster here)")
 
     def read_manifest(self) -> dict[str, Any]:
         path = self.out / MANIFEST

@@ -53,8 +53,10 @@ class Recipe:
         return dataclasses.asdict(self)
 
     @property
-    def uses_bf16(self) -> bool:
-        return any(stage.bf16 for stage in (self.pretrain, self.clip, self.text, self.image))
+    def bf16_stages(self) -> tuple[str, ...]:
+        """The build stages that train under bf16 autocast."""
+        return tuple(stage for stage, settings in (("base", self.pretrain), ("clip", self.clip), ("text", self.text),
+                                                   ("image", self.image)) if settings.bf16)
 
     def in_fp32(self) -> Recipe:
         """The same recipe with bf16 autocast off in every stage (`build --fp32`): a different model from the
