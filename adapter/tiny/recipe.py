@@ -55,15 +55,16 @@ class Recipe:
     @property
     def bf16_stages(self) -> tuple[str, ...]:
         """The build stages that train under bf16 autocast."""
-        return tuple(stage for stage, settings in (("base", self.pretrain), ("clip", self.clip), ("text", self.text),
-                                                   ("image", self.image)) if settings.bf16)
+        return tuple(stage for stage, name in TRAINING_STAGES if getattr(self, name).bf16)
 
     def in_fp32(self) -> Recipe:
         """The same recipe with bf16 autocast off in every stage (`build --fp32`): a different model from the
         shipped one, but on CPUs without native bf16 each training step is several times faster."""
         return dataclasses.replace(self, **{name: dataclasses.replace(getattr(self, name), bf16=False)
-                                            for name in ("pretrain", "clip", "text", "image")})
+                                            for _, name in TRAINING_STAGES})
 
+
+TRAINING_STAGES = (("base", "pretrain"), ("clip", "clip"), ("text", "text"), ("image", "image"))  # build stage, field
 
 FULL = Recipe(
     seed=0, threads=2, documents=50_000, vocab_size=1024, dim=192, n_layers=4, n_heads=6, max_seq_len=256,
