@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .layout import is_column_major
+
 
 class StackedWeight:
     """The weights of an owner's bias-free linears `names` (which read the same input), stacked along their
@@ -42,7 +44,7 @@ class StackedWeight:
         if not _same(key, self._key):
             # a plain tensor even under inference_mode, so that later no_grad calls may use it too
             with torch.inference_mode(False), torch.no_grad():
-                self.weight = torch.cat([linear.weight for linear in linears])
+                self.weight = _stack([linear.weight for linear in linears])
             self._key = key
 
 
@@ -51,6 +53,13 @@ def _stackable(linears: Sequence[nn.Module]) -> bool:
         return False
     weights = [linear.weight for linear in linears]
     return all(w.device.type == "cpu" and w.dtype == weights[0].dtype for w in weights)
+
+
+def _stack(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The weights one under the other, column-major if they all are (the layout chosen for them: adapter.layout)."""
+    if all(is_column_major(w) for w in weights):
+        return torch.cat([w.t() for w in weights], dim=1).t()
+    return torch.cat(list(weights))
 
 
 def _same(key: tuple, other: tuple) -> bool:

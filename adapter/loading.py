@@ -15,6 +15,7 @@ from torch import nn
 from . import hub
 from .config import AdapterArgs
 from .formats import open_base, read_adapter
+from .layout import column_major_wide
 from .memory import trim_heap
 from .model import Transformer
 from .quantize import FROZEN_LINEARS, check_mode, quantize_linear
@@ -96,6 +97,7 @@ def load(
     with torch.device("meta"):
         model = Transformer(args, adapter_args)
     fill_base(model, checkpoint, dtype=dtype, device=device, quantize=mode)
+    column_major_wide(model)  # the CPU GEMV reads them faster so (adapter.layout)
     model.reset_adapter(device)
     if found:
         found.apply_to(model)

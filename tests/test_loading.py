@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import adapter
 from adapter.config import AdapterArgs
 from adapter.formats import native
+from adapter.layout import column_major_wide
 from adapter.model import Transformer
 from tests.conftest import TINY, V2, randomize_adapter
 
@@ -30,6 +31,8 @@ def test_meta_folder_loads_the_weights_it_holds(base_folder):
     state = torch.load(base_folder / "consolidated.00.pth", weights_only=True)
     direct = Transformer(model.args).eval()
     direct.load_state_dict(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    column_major_wide(direct)  # what adapter.load does on a CPU (adapter.layout): the same products then
     assert torch.equal(logits(model), logits(direct))
     assert not model.training and model.tokenizer.n_words == TINY.vocab_size
     assert model.count_parameters(trainable_only=True) == 0

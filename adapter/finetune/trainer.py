@@ -20,6 +20,7 @@ from ..config import AdapterArgs
 from ..cpu_features import bf16_emulation_warning
 from ..formats import open_base
 from ..formats.native import save_adapter
+from ..layout import row_major
 from ..loading import load, resolve_device
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -135,6 +136,7 @@ class _Run:
         torch.manual_seed(config.seed)  # the same fresh prompts in every process
         random.seed(config.seed)
         model = load(config.base, adapter=adapter, quantize=config.quantize, device=self.device, dtype=config.dtype)
+        row_major(model)  # what the CPU backward reads faster (adapter.layout)
         if model.visual_prompt is not None:
             if config.clip is None:
                 raise ValueError("--clip: this adapter has a visual prompt; give the CLIP tower it reads")

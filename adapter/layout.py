@@ -1,0 +1,56 @@
+"""Where in memory the frozen weights lie: the layout the CPU's matrix-vector product reads fastest.
+
+A decode step multiplies one row per sequence by every frozen matrix, so on a CPU its speed is how fast the
+BLAS streams each weight. Checkpoints store a linear's weight [out, in] row-major. On the AMD EPYC of these
+machines, torch's float32 GEMV (MKL) read the wide matrices (more outputs than inputs: w1, w3, stacked
+wq|wk|wv, the output head) at 7-8 GB/s that way and at 12-16 GB/s stored [in, out], i.e. column-major
+(`python -m bench.decode` times both layouts in one run). So `adapter.load` stores those weights column-major
+on the CPU: each parameter keeps its [out, in] shape and values (it becomes the transposed view of an
+[in, out] tensor) and `F.linear` reads it as `x @ W_t`; nothing but the speed changes. Not for 16-bit weights
+(their CPU GEMV was ten times slower column-major) and not for training, whose head backward was 1.5x slower
+that way: `adapter.finetune` puts the weights back with `row_major`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def column_major_wide(model: nn.Module) -> int:
+    """Store every frozen, wide, float32 CPU weight of a plain `nn.Linear` column-major; returns how many moved."""
+    moved = 0
+    for linear in _plain_linears(model):
+        w = linear.weight
+        if (w.device.type == "cpu" and w.dtype == torch.float32 and not w.requires_grad
+                and w.shape[0] > w.shape[1] and not is_column_major(w)):
+            _relayout(w, w.detach().t().contiguous().t())
+            moved += 1
+    return moved
+
+
+def row_major(model: nn.Module) -> int:
+    """Put every column-major `nn.Linear` weight back in the checkpoints' row-major layout (for training)."""
+    moved = 0
+    for linear in _plain_linears(model):
+        if is_column_major(linear.weight):
+            _relayout(linear.weight, linear.weight.detach().contiguous())
+            moved += 1
+    return moved
+
+
+def is_column_major(weight: torch.Tensor) -> bool:
+    """A 2-D tensor that is the transposed view of a contiguous one (and not itself contiguous)."""
+    return weight.dim() == 2 and not weight.is_contiguous() and weight.t().is_contiguous()
+
+
+def _plain_linears(model: nn.Module) -> Iterator[nn.Linear]:
+    """Unquantized linears only: bitsandbytes' are `nn.Linear` subclasses with packed weights of their own."""
+    return (m for m in model.modules() if type(m) is nn.Linear)
+
+
+def _relayout(parameter: torch.Tensor, values: torch.Tensor) -> None:
+    with torch.no_grad():
+        parameter.data = values
