@@ -4,8 +4,8 @@ A decode step multiplies one row per sequence by every frozen matrix, so on a CP
 BLAS streams each weight. Checkpoints store a linear's weight [out, in] row-major. On the AMD EPYC of these
 machines, torch's float32 GEMV (MKL) read the wide matrices (more outputs than inputs: w1, w3, stacked
 wq|wk|wv, the output head) at 7-8 GB/s that way and at 12-16 GB/s stored [in, out], i.e. column-major
-(`python -m bench.decode` times both layouts in one run). So `adapter.load` stores those weights column-major
-on the CPU: each parameter keeps its [out, in] shape and values (it becomes the transposed view of an
+(`python -m bench.decode` times both layouts in one run). So `adapter.load` copies those weights column-major
+onto the CPU: each parameter keeps its [out, in] shape and values (it becomes the transposed view of an
 [in, out] tensor) and `F.linear` reads it as `x @ W_t`; nothing but the speed changes. Not for 16-bit weights
 (their CPU GEMV was ten times slower column-major) and not for training, whose head backward was 1.5x slower
 that way: `adapter.finetune` puts the weights back with `row_major`.
@@ -20,15 +20,30 @@ from torch import nn
 
 
 def column_major_wide(model: nn.Module) -> int:
-    """Store every frozen, wide, float32 CPU weight of a plain `nn.Linear` column-major; returns how many moved."""
+    """Store every weight that `prefers_column_major` column-major; returns how many moved."""
     moved = 0
     for linear in _plain_linears(model):
         w = linear.weight
-        if (w.device.type == "cpu" and w.dtype == torch.float32 and not w.requires_grad
-                and w.shape[0] > w.shape[1] and not is_column_major(w)):
+        if prefers_column_major(linear, w.device, w.dtype) and not is_column_major(w):
             _relayout(w, w.detach().t().contiguous().t())
             moved += 1
     return moved
+
+
+def prefers_column_major(linear: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this linear's weight, placed on `device` in `dtype`, is one that reads faster column-major:
+    a frozen, wide, float32 weight of a plain `nn.Linear` on the CPU."""
+    w = linear.weight
+    return (type(linear) is nn.Linear and device.type == "cpu" and dtype == torch.float32 and not w.requires_grad
+            and w.dim() == 2 and w.shape[0] > w.shape[1])
+
+
+def column_major_copy(source: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`source` on `device` in `dtype`, stored column-major, made in one copy (loading a 7B head makes no
+    second transient copy of it)."""
+    copy = torch.empty(tuple(reversed(source.shape)), device=device, dtype=dtype).t()
+    copy.copy_(source)
+    return copy
 
 
 def row_major(model: nn.Module) -> int:

@@ -15,7 +15,7 @@ from torch import nn
 from . import hub
 from .config import AdapterArgs
 from .formats import open_base, read_adapter
-from .layout import column_major_wide
+from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
 from .model import Transformer
 from .quantize import FROZEN_LINEARS, check_mode, quantize_linear
@@ -97,7 +97,6 @@ def load(
     with torch.device("meta"):
         model = Transformer(args, adapter_args)
     fill_base(model, checkpoint, dtype=dtype, device=device, quantize=mode)
-    column_major_wide(model)  # the CPU GEMV reads them faster so (adapter.layout)
     model.reset_adapter(device)
     if found:
         found.apply_to(model)
@@ -146,6 +145,9 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
                 # quantized from the file's own dtype on the host (bitsandbytes quantizes on the move)
                 parent, _, linear = local[: -len(".weight")].rpartition(".")
                 setattr(module.get_submodule(parent), linear, quantize_linear(source, quantize, dtype, device))
+                copied = True
+            elif prefers_column_major(module.get_submodule(local.rpartition(".")[0]), device, dtype):
+                state[local] = column_major_copy(source, device, dtype)  # the CPU GEMV reads it faster so
                 copied = True
             else:
                 state[local] = source.to(device=device, dtype=dtype)
