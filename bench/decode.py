@@ -5,7 +5,8 @@ decode step cannot beat. Shape: LLaMA dim 512, 8 layers, 8 heads, vocab 32000, f
 with a v1 adapter (prompt_len 10 on all 8 layers), its weights laid out as `adapter.load` lays them out on a
 CPU (adapter.layout: the wide ones column-major). Decoding is timed on the default (plain) path, on the
 fused path (`fused_inference = True`: stacked projections, see adapter.fused) and through torch.compile;
-the floor and the plain path are timed in the checkpoints' row-major layout too, which is what the layout buys.
+the floor and the plain path are timed in the checkpoints' row-major layout too, in turn with ours (what the
+layout buys).
 
     python -m bench.decode [--threads 2] [--repeats 5] [--write BENCHMARKS.md]
 """
@@ -13,11 +14,10 @@ the floor and the plain path are timed in the checkpoints' row-major layout too,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,9 +43,19 @@ def build_model(args: ModelArgs = SHAPE, adapter: AdapterArgs = ADAPTER) -> Tran
 
 def measure(fn: Callable[[], float], repeats: int) -> tuple[float, float, float]:
     """Median, min, max of `repeats` runs of fn (which returns its own figure)."""
-    fn()  # warm-up
-    values = [fn() for _ in range(repeats)]
-    return statistics.median(values), min(values), max(values)
+    return measure_side_by_side([fn], repeats)[0]
+
+
+def measure_side_by_side(fns: Sequence[Callable[[], float]], repeats: int) -> list[tuple[float, float, float]]:
+    """Median, min, max of each fn over `repeats` rounds that run every fn once, in turn: on a shared machine
+    whose speed drifts from minute to minute, the sides then see the same drift and their ratio holds."""
+    for fn in fns:
+        fn()  # warm-up
+    values = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, runs in zip(fns, values):
+            runs.append(fn())
+    return [(statistics.median(runs), min(runs), max(runs)) for runs in values]
 
 
 def decode_tokens_per_s(model: Transformer, prompt_len: int = 16, new_tokens: int = 64, batch: int = 1,
@@ -104,41 +114,40 @@ def floor_tokens_per_s(model: Transformer, steps: int = 64) -> float:
 def run(threads: int, repeats: int) -> list[tuple[str, str, str]]:
     torch.set_num_threads(threads)
     model = build_model()
-    rows = []
-    floor = add_row(rows, "floor: one GEMV per weight matrix, tokens/s", lambda: floor_tokens_per_s(model), repeats)
-    decode = add_row(rows, "greedy decode, batch 1, tokens/s", lambda: decode_tokens_per_s(model), repeats)
-    rows.append(("decode / floor", f"{decode / floor:.0%}", ""))
-    with row_major_weights(model):
-        add_row(rows, "floor, weights row-major as in checkpoints, tokens/s", lambda: floor_tokens_per_s(model),
-                repeats)
-        before = add_row(rows, "greedy decode, batch 1, weights row-major as in checkpoints, tokens/s",
-                         lambda: decode_tokens_per_s(model), repeats)
-    rows.append(("decode, our layout / row-major", f"{decode / before:.2f}", ""))
-    add_row(rows, "greedy decode, fused path (`fused_inference = True`), tokens/s", lambda: fused_tokens_per_s(model),
-            repeats)
-    rows.append(("first compiled decode step (compiles it), s", f"{first_compiled_step_s(model):.1f}", ""))
-    compiled = add_row(rows, "greedy decode through `step(compile=True)`, tokens/s",
-                       lambda: decode_tokens_per_s(model, compile=True), repeats)
-    rows.append(("compiled decode / floor", f"{compiled / floor:.0%}", ""))
-    add_row(rows, "time to first token, 64-token prompt, ms", lambda: time_to_first_token_ms(model, 64), repeats)
+    floors = measure_side_by_side([in_layout(model, True, lambda: floor_tokens_per_s(model)),
+                                   in_layout(model, False, lambda: floor_tokens_per_s(model))], repeats)
+    decodes = measure_side_by_side([in_layout(model, True, lambda: decode_tokens_per_s(model)),
+                                    in_layout(model, False, lambda: decode_tokens_per_s(model))], repeats)
+    column_major_wide(model)
+    (floor, *_), (decode, *_), (before, *_) = floors[0], decodes[0], decodes[1]
+    rows = [row("floor: one GEMV per weight matrix, tokens/s", floors[0]),
+            row("greedy decode, batch 1, tokens/s", decodes[0]),
+            ("decode / floor", f"{decode / floor:.0%}", ""),
+            row("floor, weights row-major as in checkpoints, tokens/s", floors[1]),
+            row("greedy decode, batch 1, weights row-major as in checkpoints, tokens/s", decodes[1]),
+            ("decode, our layout / row-major (the same rounds)", f"{decode / before:.2f}", ""),
+            row("greedy decode, fused path (`fused_inference = True`), tokens/s",
+                measure(lambda: fused_tokens_per_s(model), repeats)),
+            ("first compiled decode step (compiles it), s", f"{first_compiled_step_s(model):.1f}", "")]
+    compiled = measure(lambda: decode_tokens_per_s(model, compile=True), repeats)
+    rows += [row("greedy decode through `step(compile=True)`, tokens/s", compiled),
+             ("compiled decode / floor", f"{compiled[0] / floor:.0%}", ""),
+             row("time to first token, 64-token prompt, ms", measure(lambda: time_to_first_token_ms(model, 64),
+                                                                      repeats))]
     return rows
 
 
-def add_row(rows: list[tuple[str, str, str]], name: str, fn: Callable[[], float], repeats: int) -> float:
-    """Measure fn, append its row, return the median."""
-    med, lo, hi = measure(fn, repeats)
-    rows.append((name, f"{med:.1f}", f"{lo:.1f} / {hi:.1f}"))
-    return med
+def row(name: str, stat: tuple[float, float, float]) -> tuple[str, str, str]:
+    med, lo, hi = stat
+    return name, f"{med:.1f}", f"{lo:.1f} / {hi:.1f}"
 
 
-@contextlib.contextmanager
-def row_major_weights(model: Transformer) -> Iterator[None]:
-    """The model with every weight in the checkpoints' layout for a while, then laid out as adapter.load does."""
-    row_major(model)
-    try:
-        yield
-    finally:
-        column_major_wide(model)
+def in_layout(model: Transformer, column_major: bool, fn: Callable[[], float]) -> Callable[[], float]:
+    """fn, run with the model's wide weights column-major (as adapter.load lays them out) or all row-major."""
+    def run() -> float:
+        (column_major_wide if column_major else row_major)(model)
+        return fn()
+    return run
 
 
 def render(rows: list[tuple[str, str, str]], command: str) -> str:

@@ -35,9 +35,9 @@ from bench.compare import (
     greedy,
     prompt,
 )
-from bench.decode import floor_tokens_per_s, machine, measure
+from bench.decode import floor_tokens_per_s, machine, measure, measure_side_by_side
 from bench.peers import PRECISIONS, Weights, quiet, write_weights
-from bench.report import Stat, command_line, publish, ratio, spread, table, versions
+from bench.report import command_line, publish, ratio, spread, table, versions
 from bench.shapes import describe, shapes
 
 HEADING = "Decode vs transformers + peft (CPU)"
@@ -64,32 +64,31 @@ def run_precision(weights: Weights, precision: str, adapter: AdapterArgs, repeat
     """The equality check, then every measure on both sides (and the floor, for the plain fp32 weights); with
     `compiled`, the decode rates again through `Transformer.step(compile=True)`, checked first as well."""
     ours, peer, check = checked_pair(weights, precision, adapter)
-    checks, rows, peer_rates = [check], [], {}
+    checks, rows = [check], []
     floor = None
     if precision == "fp32":  # the floor reads float32 nn.Linear weights; bf16 and bitsandbytes layers differ
         floor = measure(lambda: floor_tokens_per_s(ours.model), repeats)
         rows.append((precision, "floor: one GEMV per weight matrix, tokens/s", spread(floor), "", ""))
     for name, run in measures(weights.args.vocab_size, new_tokens):
-        a, b = (measure(lambda side=side, run=run: run(side), repeats) for side in (ours, peer))
+        a, b = measure_side_by_side([lambda run=run: run(ours), lambda run=run: run(peer)], repeats)
         rows.append((precision, name, spread(a), spread(b), ratio(a, b)))
-        peer_rates[name] = b
         if floor is not None and name.endswith("batch 1, tokens/s"):
             rows.append((precision, "decode, batch 1 / floor", f"{a[0] / floor[0]:.0%}", f"{b[0] / floor[0]:.0%}", ""))
     if compiled:
-        more_checks, more_rows = compiled_rows(Ours(ours.model, compile=True), peer, precision, peer_rates,
+        more_checks, more_rows = compiled_rows(Ours(ours.model, compile=True), peer, precision,
                                                weights.args.vocab_size, repeats, new_tokens)
         checks, rows = checks + more_checks, rows + more_rows
     return checks, rows
 
 
-def compiled_rows(ours: Ours, peer: Peer, precision: str, peer_rates: dict[str, Stat], vocab: int, repeats: int,
+def compiled_rows(ours: Ours, peer: Peer, precision: str, vocab: int, repeats: int,
                   new_tokens: int) -> tuple[list[Check], list[tuple[str, ...]]]:
     """Decode rates through torch.compile (the first, compiling run is the warm-up); a compiler that fails is
     reported in the table rather than stopping the run, a compiled path that differs from the peer stops it."""
     label = f"{precision}, compiled"
     try:
         check = check_same(ours, peer, precision, prompt(1, CHECK_PROMPT, vocab, seed=7))
-        rates = [(name, measure(lambda run=run: run(ours), repeats), peer_rates[name])
+        rates = [(name, *measure_side_by_side([lambda run=run: run(ours), lambda run=run: run(peer)], repeats))
                  for name, run in measures(vocab, new_tokens) if "tokens/s" in name]
     except PeerMismatch as error:
         raise PeerMismatch(f"{label}: {error}") from error
@@ -106,12 +105,13 @@ def render(checks: list[Check], rows: list[tuple[str, ...]], heading: str, comma
         f"## {heading}",
         "",
         (f"Machine: {machine()}; {versions()}. Command: `{command}`. Median of {repeats} runs after a warm-up, "
-         "min / max in brackets. Ours: `Transformer.step` with its static KV cache; peer: transformers "
+         "min / max in brackets; the two sides run in turn, one run each per round, so that both see the "
+         "machine's drift alike. Ours: `Transformer.step` with its static KV cache; peer: transformers "
          "LlamaForCausalLM + peft `adaption_prompt` with its own cache, the same prompts and gates; both greedy "
          "in one loop (bench.compare), batch-1 and batch-8 rates over the steps after the first token. The same "
          "weights: fp32/bf16 by dtype, nf4/int8 through `adapter.load(quantize=)` and transformers' "
          "`BitsAndBytesConfig` (bitsandbytes on the CPU). Rows \"through `step(compile=True)`\": our one-token "
-         "steps through torch.compile (its compiling first run is the warm-up), beside the same peer figures."),
+         "steps through torch.compile (its compiling first run is the warm-up), in turn with the peer again."),
         "",
         *check_lines(checks),
         "",
