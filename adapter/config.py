@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 GATE_ACTIVATIONS = ("tanh", "raw")
-VISUAL_KINDS = ("none", "v1", "v2")
+VISUAL_KINDS = ("none", "v1", "v2", "grid")
 CHANNEL_ORDERS = ("rgb", "bgr")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 BIAS_TARGETS = ("wq", "wo", "w1", "w2", "w3")
@@ -83,6 +84,12 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
 
+def grid_side(prompt_len: int) -> int:
+    """The side g of a "grid" visual prompt's g x g regions: prompt_len = 1 + g * g (0 if it is no such number)."""
+    side = math.isqrt(max(prompt_len - 1, 0))
+    return side if side > 0 and side * side == prompt_len - 1 else 0
+
+
 @dataclass(frozen=True)
 class AdapterArgs:
     """What is learned on top of the frozen model.
@@ -93,7 +100,8 @@ class AdapterArgs:
 
     `visual` adds a visual prompt read from CLIP features and added to every layer's adaption prompt:
     "v2" (official multimodal: projected CLIP tokens, `prompt_len` visual queries, `visual_depth`
-    transformer blocks), or "v1" (the paper's ScienceQA variant: the CLIP global feature, projected).
+    transformer blocks), "v1" (the paper's ScienceQA variant: the CLIP global feature, projected), or "grid"
+    (the global feature and the patches pooled to a grid of regions, one per prompt token: adapter.visual).
     `clip_model` names the open_clip tower it reads; `channel_order` "bgr" reproduces the official v2
     models, which were trained on images read by OpenCV.
     """
@@ -132,6 +140,9 @@ class AdapterArgs:
         _require(not self.new_gate or self.prompt_layers > 0, "new_gate", "needs adaption prompts (prompt_layers > 0)")
         _require(self.visual in VISUAL_KINDS, "visual", f"must be one of {VISUAL_KINDS}, got {self.visual!r}")
         _require(self.visual == "none" or self.prompt_layers > 0, "visual", "needs adaption prompts to add to")
+        _require(self.visual != "grid" or grid_side(self.prompt_len) > 0, "prompt_len",
+                 f"a grid visual prompt needs 1 + a square number of prompt tokens (e.g. 5, 10, 17), "
+                 f"got {self.prompt_len}")
         _require(self.channel_order in CHANNEL_ORDERS, "channel_order",
                  f"must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
         for name in ("clip_dim", "visual_dim", "visual_depth", "visual_heads"):

@@ -8,6 +8,8 @@ so images reach the LLaMA only through the gated prompt path: at gate scale 0 th
   `visual_depth` timm ViT blocks; the first `prompt_len` outputs -> `visual_proj` + LayerNorm.
 - v1 (the paper's ScienceQA variant): the CLIP global feature -> Linear + LayerNorm, added to every
   prompt token.
+- grid (ours): the global feature and the patch tokens average-pooled to a g x g grid (prompt_len = 1 + g*g)
+  -> Linear + LayerNorm, one per prompt token, so that the question picks the region it reads.
 
 Preprocessing matches CLIP's (and the official demo's): short side resized to the tower's size (bicubic),
 center crop, CLIP mean/std. `channel_order="bgr"` swaps red and blue first, as OpenCV-read images were.
@@ -16,6 +18,7 @@ center crop, CLIP mean/std. `channel_order="bgr"` swaps red and blue first, as O
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .config import AdapterArgs
+from .config import AdapterArgs, grid_side
 from .images import load_image
 
 if TYPE_CHECKING:
@@ -76,8 +79,35 @@ class VisualPromptV1(nn.Module):
         return self.norm(self.proj(clip_tokens[:, :1].float()))
 
 
+class VisualPromptGrid(nn.Module):
+    """The global feature and the patch tokens pooled to a g x g grid of regions, each projected to the LLaMA
+    width: prompt token 0 gets the global feature, token 1 + i region i (row by row). The question's tokens
+    then choose which region to read, as they choose among the prompt tokens; v1 gives every prompt token the
+    same picture vector whatever the question asks, and v2 first squeezes the tokens through learned queries."""
+
+    def __init__(self, adapter: AdapterArgs, dim: int) -> None:
+        super().__init__()
+        self.side = grid_side(adapter.prompt_len)
+        self.proj = nn.Linear(adapter.clip_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + patches, clip_dim] (a square of patches) -> [B, 1 + side * side, dim]."""
+        batch, count, width = clip_tokens.shape
+        patches = count - 1
+        rows = math.isqrt(patches)
+        if patches < 1 or rows * rows != patches:
+            raise ValueError(f"visual prompt grid: the CLIP tower gives {patches} patch tokens, not a square grid")
+        grid = clip_tokens[:, 1:].float().transpose(1, 2).reshape(batch, width, rows, rows)
+        regions = nn.functional.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)
+        return self.norm(self.proj(torch.cat([clip_tokens[:, :1].float(), regions], dim=1)))
+
+
+VISUAL_PROMPTS = {"v1": VisualPromptV1, "v2": VisualPromptV2, "grid": VisualPromptGrid}
+
+
 def build_visual_prompt(adapter: AdapterArgs, dim: int) -> nn.Module:
-    return (VisualPromptV2 if adapter.visual == "v2" else VisualPromptV1)(adapter, dim)
+    return VISUAL_PROMPTS[adapter.visual](adapter, dim)
 
 
 class ImageEncoder(nn.Module):

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 import adapter
 from adapter.config import AdapterArgs
 from adapter.generate import GenerationRequest, decode_tokens, generate_batch
-from adapter.sampling import SamplingParams
 from adapter.images import load_image
-from adapter.visual import encode_images, load_image_encoder, preprocess
-from tests.conftest import TINY, randomize_adapter
+from adapter.sampling import SamplingParams
+from adapter.visual import VisualPromptGrid, encode_images, load_image_encoder, preprocess
+from tests.conftest import randomize_adapter
 from tests.test_official_format import official_visual_state, v2_state
 
 CLIP_CONFIG = {"embed_dim": 24, "quick_gelu": True,
@@ -154,10 +154,10 @@ def test_text_adapters_refuse_images_clearly(base_folder, clip_files):
         adapter.load(base_folder, clip=clip_files[1], clip_model=str(clip_files[0]), device="cpu")
 
 
-@pytest.mark.parametrize("kind", ["v1", "v2"])
+@pytest.mark.parametrize("kind", ["v1", "v2", "grid"])
 def test_our_own_visual_adapters_round_trip_and_are_blind_at_gate_zero(base_folder, clip_files, tmp_path, kind):
     config, weights, _ = clip_files
-    args = AdapterArgs(prompt_len=3, prompt_layers=2, visual=kind, clip_dim=24, visual_dim=32, visual_depth=1,
+    args = AdapterArgs(prompt_len=5, prompt_layers=2, visual=kind, clip_dim=24, visual_dim=32, visual_depth=1,
                        visual_heads=4, clip_model=str(config))
     model = adapter.load(base_folder, adapter=args, clip=weights, device="cpu")
     randomize_adapter(model)
@@ -166,6 +166,24 @@ def test_our_own_visual_adapters_round_trip_and_are_blind_at_gate_zero(base_fold
     assert torch.equal(logits_for(loaded, RED, 1.0), logits_for(model, RED, 1.0))
     assert torch.equal(logits_for(loaded, RED, 0.0), logits_for(loaded, BLUE, 0.0))
     assert not torch.allclose(logits_for(loaded, RED, 1.0), logits_for(loaded, BLUE, 1.0), atol=1e-4)
+
+
+def test_grid_prompt_gives_each_prompt_token_its_own_region():
+    args = AdapterArgs(prompt_len=5, prompt_layers=1, visual="grid", clip_dim=6)
+    grid = VisualPromptGrid(args, dim=8)
+    tokens = torch.randn(2, 1 + 16, 6, generator=torch.Generator().manual_seed(4))  # a 4 x 4 patch grid
+    patches = tokens[:, 1:].reshape(2, 4, 4, 6)
+    regions = [patches[:, r:r + 2, c:c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)]  # row by row
+    expected = grid.norm(grid.proj(torch.stack([tokens[:, 0], *regions], dim=1)))
+    torch.testing.assert_close(grid(tokens), expected)
+
+
+def test_grid_prompt_needs_a_square_of_regions_and_of_patches():
+    with pytest.raises(ValueError, match="prompt_len: a grid visual prompt needs 1 \\+ a square number"):
+        AdapterArgs(prompt_len=4, prompt_layers=1, visual="grid")
+    grid = VisualPromptGrid(AdapterArgs(prompt_len=5, prompt_layers=1, visual="grid", clip_dim=6), dim=8)
+    with pytest.raises(ValueError, match="gives 15 patch tokens, not a square grid"):
+        grid(torch.zeros(1, 16, 6))
 
 
 def test_images_in_any_mode_become_rgb(tmp_path):
