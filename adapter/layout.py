@@ -4,7 +4,7 @@ A decode step multiplies one row per sequence by every frozen matrix, so on a CP
 BLAS streams each weight. Checkpoints store a linear's weight [out, in] row-major. On the AMD EPYC of these
 machines, torch's float32 GEMV (MKL) read the wide matrices (more outputs than inputs: w1, w3, stacked
 wq|wk|wv, the output head) at 7-8 GB/s that way and at 12-16 GB/s stored [in, out], i.e. column-major
-(`python -m bench.decode` times both layouts in one run). So `adapter.load` copies those weights column-major
+(`python -m bench.decode` times both layouts in turn). So `adapter.load` copies those weights column-major
 onto the CPU: each parameter keeps its [out, in] shape and values (it becomes the transposed view of an
 [in, out] tensor) and `F.linear` reads it as `x @ W_t`; nothing but the speed changes. Not for 16-bit weights
 (their CPU GEMV was ten times slower column-major) and not for training, whose head backward was 1.5x slower
@@ -33,9 +33,10 @@ def column_major_wide(model: nn.Module) -> int:
 def prefers_column_major(linear: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this linear's weight, placed on `device` in `dtype`, is one that reads faster column-major:
     a frozen, wide, float32 weight of a plain `nn.Linear` on the CPU."""
+    if type(linear) is not nn.Linear:
+        return False
     w = linear.weight
-    return (type(linear) is nn.Linear and device.type == "cpu" and dtype == torch.float32 and not w.requires_grad
-            and w.dim() == 2 and w.shape[0] > w.shape[1])
+    return device.type == "cpu" and dtype == torch.float32 and not w.requires_grad and w.shape[0] > w.shape[1]
 
 
 def column_major_copy(source: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

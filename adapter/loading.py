@@ -146,7 +146,7 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
                 parent, _, linear = local[: -len(".weight")].rpartition(".")
                 setattr(module.get_submodule(parent), linear, quantize_linear(source, quantize, dtype, device))
                 copied = True
-            elif prefers_column_major(module.get_submodule(local.rpartition(".")[0]), device, dtype):
+            elif local.endswith("weight") and prefers_column_major(owner(module, local), device, dtype):
                 state[local] = column_major_copy(source, device, dtype)  # the CPU GEMV reads it faster so
                 copied = True
             else:
@@ -162,6 +162,11 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     if unexpected:
         raise ValueError(f"{checkpoint.source}: unexpected tensor(s) {unexpected[:5]}")
     model.quantization = quantize
+
+
+def owner(module: nn.Module, name: str) -> nn.Module:
+    """The submodule that holds parameter `name` (relative to `module`)."""
+    return module.get_submodule(name.rpartition(".")[0])
 
 
 def _shares_memory(source: torch.Tensor, copy: torch.Tensor) -> bool:
