@@ -2,13 +2,14 @@
 
 A decode step multiplies one row per sequence by every frozen matrix, so on a CPU its speed is how fast the
 BLAS streams each weight. Checkpoints store a linear's weight [out, in] row-major. On the AMD EPYC of these
-machines, torch's float32 GEMV (MKL) read the wide matrices (more outputs than inputs: w1, w3, stacked
-wq|wk|wv, the output head) at 7-8 GB/s that way and at 12-16 GB/s stored [in, out], i.e. column-major
-(`python -m bench.decode` times both layouts in turn). So `adapter.load` copies those weights column-major
+machines, torch's float32 GEMV (MKL) read a wide matrix (more outputs than inputs: w1, w3, the output head)
+at 7-8 GB/s that way and at 12-16 GB/s stored [in, out], i.e. column-major (`python -m bench.decode` times
+both layouts in turn). So `adapter.load` copies those weights column-major
 onto the CPU: each parameter keeps its [out, in] shape and values (it becomes the transposed view of an
 [in, out] tensor) and `F.linear` reads it as `x @ W_t`; nothing but the speed changes. Not for 16-bit weights
 (their CPU GEMV was ten times slower column-major) and not for training, whose head backward was 1.5x slower
-that way: `adapter.finetune` puts the weights back with `row_major`.
+that way: `adapter.finetune` puts the weights back with `row_major`. The fused path's stacks (adapter.fused)
+take their parts' layout, so the stacked wq|wk|wv (square parts) stays row-major.
 """
 
 from __future__ import annotations
