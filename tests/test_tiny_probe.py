@@ -33,7 +33,31 @@ def test_a_continuation_counts_when_it_is_the_answer_up_to_its_full_stop(monkeyp
         return [f" {q.answer}." if i % 2 == 0 else f" {q.answer} too." for i, q in enumerate(questions)]
 
     monkeypatch.setattr(probe, "generate_batch", fake_generate)
-    result = probe.native_accuracy(None, questions + [Question("arithmetic", "What is 2 + 2?", "4")], "dialogue")
+    answered = probe.native_answers(None, questions + [Question("arithmetic", "What is 2 + 2?", "4")], "dialogue")
+    assert [got for _, got in answered] == [q.answer if i % 2 == 0 else f"{q.answer} too"
+                                            for i, q in enumerate(questions)], "stripped of space and full stop"
+    result = probe.scores(answered)
     assert result["all"] == pytest.approx(sum(i % 2 == 0 for i in range(len(questions))) / len(questions))
     assert seen["prompts"] == [probe.native_prompt("dialogue", q) for q in questions], "arithmetic is not asked"
     assert set(result) == {q.category for q in questions} | {"all"}
+
+
+def test_wrong_answers_lists_at_most_n_per_category_with_what_was_wanted():
+    other = Question("position", "Where is the star?", "left", SCENE, "There is a large red star on the left.")
+    answered = [(QUESTION, "red"), (QUESTION, "blue"), (QUESTION, "green"), (other, "right"), (other, "left")]
+    assert probe.wrong_answers(answered, 1) == [
+        "colour | There is a large red star on the left. | What colour is the star? | wanted 'red', got 'blue'",
+        "position | There is a large red star on the left. | Where is the star? | wanted 'left', got 'right'"]
+    assert len(probe.wrong_answers(answered, 5)) == 3 and probe.wrong_answers(answered, 0) == []
+
+
+def test_the_probe_command_prints_every_wrong_answer_its_score_counts(capsys):
+    from adapter.tiny import cli
+
+    assert cli.main(["probe", "--scale", "micro", "--wrong", "1000"]) == 0  # the shipped base, 2 per category
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["quiz", "dialogue"]
+    share_right = float(lines[1].split("all ")[1].rstrip("%")) / 100
+    asked = [q for q in held_out("text", 0, 2) if q.scene_text]
+    wrong = [line for line in lines[2:] if " | wanted " in line]
+    assert len(wrong) == len(lines) - 2 == round((1 - share_right) * len(asked))

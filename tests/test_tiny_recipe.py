@@ -21,7 +21,7 @@ from adapter.tiny.build import MANIFEST, STAGES, Build
 from adapter.tiny.card import CARD, write_card
 from adapter.tiny.clip_probe import clip_probe
 from adapter.tiny.evaluate import FROZEN, MAX_NEW_TOKENS, answers, evaluate, held_out
-from adapter.tiny.probe import probe
+from adapter.tiny.probe import probe, scores
 from adapter.tiny.questions import IMAGE_CATEGORIES
 from adapter.tiny.recipe import MICRO
 from adapter.tiny.report import ACCURACY_PNG, HEADING, write_accuracy, write_benchmarks
@@ -140,7 +140,7 @@ def test_eval_writes_accuracy_plot_card_and_its_benchmarks_section(micro, tmp_pa
     results, counts = evaluate(MICRO.seed, MICRO.eval_per_category, MICRO.gate_scales, out, log=lambda _: None)
     assert set(results["text"]) == {"0", "1"} and 0 <= results["text"]["1"]["all"] <= 1
     assert set(results["image"]) == {"0", "1", FROZEN}, "the image adapter's biases stay on at gate 0"
-    native = probe(out, MICRO.seed, MICRO.eval_per_category)["dialogue"]
+    native = scores(probe(out, MICRO.seed, MICRO.eval_per_category)["dialogue"])
     assert set(native) == {"colour", "shape", "count", "position", "comparison", "listing", "all"}
     clip_read = clip_probe(out / assets.CLIP, MICRO.seed, MICRO.clip_probe_pictures, MICRO.clip_probe_epochs,
                            MICRO.eval_per_category, log=lambda _: None)

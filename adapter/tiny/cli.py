@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--write", type=Path, default=Path("BENCHMARKS.md"), help="benchmarks file to update")
     probe = commands.add_parser("probe", help="how well the base alone reads held-out scenes, in its corpus's forms")
     probe.add_argument("--out", type=Path, default=ASSETS, help="assets folder whose base to probe")
+    probe.add_argument("--wrong", type=int, default=0, metavar="N",
+                       help="also print up to N wrong answers per category (of the dialogue form)")
     clip_probe = commands.add_parser("clip-probe", help="how much of the image answers the CLIP's features hold")
     clip_probe.add_argument("--clip", type=Path, default=ASSETS / "clip",
                             help="folder with visual.safetensors and tiny-clip.json (default: assets/tiny/clip)")
@@ -51,11 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"built {options.out} in {manifest['build_seconds'] / 60:.1f} min of stage time")
         elif options.command == "probe":
             from .build import deterministic
-            from .probe import probe
+            from .probe import probe, scores, wrong_answers
 
             deterministic(recipe.threads)
-            for form, row in probe(options.out, recipe.seed, recipe.eval_per_category).items():
-                print(f"{form:9s} " + "  ".join(f"{c} {v:.0%}" for c, v in row.items()))
+            answered = probe(options.out, recipe.seed, recipe.eval_per_category)
+            for form, rows in answered.items():
+                print(f"{form:9s} " + "  ".join(f"{c} {v:.0%}" for c, v in scores(rows).items()))
+            for line in wrong_answers(answered["dialogue"], options.wrong):
+                print(line)
         elif options.command == "clip-probe":
             from .build import deterministic
             from .clip_probe import clip_probe
@@ -71,12 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .card import write_card
             from .clip_probe import clip_probe
             from .evaluate import evaluate
-            from .probe import probe
+            from .probe import probe, scores
             from .report import ACCURACY_PNG, write_accuracy, write_benchmarks
 
             deterministic(recipe.threads)
             results, counts = evaluate(recipe.seed, recipe.eval_per_category, recipe.gate_scales, options.out)
-            native = probe(options.out, recipe.seed, recipe.eval_per_category, ["dialogue"])["dialogue"]
+            native = scores(probe(options.out, recipe.seed, recipe.eval_per_category, ["dialogue"])["dialogue"])
             clip_read = None
             if (options.out / CLIP).is_dir():
                 clip_read = clip_probe(options.out / CLIP, recipe.seed, recipe.clip_probe_pictures,

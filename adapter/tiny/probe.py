@@ -10,7 +10,7 @@ two orders:
               corpus no longer uses: a small model reads a scene for a question it has already seen far better
               than it holds a question while reading
 
-    python -m adapter.tiny probe [--out assets/tiny]
+    python -m adapter.tiny probe [--out assets/tiny] [--wrong 5]
 """
 
 from __future__ import annotations
@@ -34,25 +34,42 @@ def native_prompt(form: str, question: Question) -> str:
     return FORMS[form].format(question=question.question, scene=question.scene_text)
 
 
-def native_accuracy(model: Transformer, questions: Sequence[Question], form: str, batch_size: int = 64,
-                    ) -> dict[str, float]:
-    """Per category (and "all"): the share of scene questions whose greedy continuation, up to its first
-    full stop, is exactly the answer. Runs at gate scale 0, so any adapter loaded is switched off."""
+def native_answers(model: Transformer, questions: Sequence[Question], form: str, batch_size: int = 64,
+                   ) -> list[tuple[Question, str]]:
+    """(question, the base's greedy continuation up to its first full stop) for each scene question. Runs at
+    gate scale 0, so any adapter loaded is switched off."""
     scene_questions = [q for q in questions if q.scene_text]
     prompts = [native_prompt(form, q) for q in scene_questions]
     got: list[str] = []
     for start in range(0, len(prompts), batch_size):
         got += generate_batch(model, prompts[start: start + batch_size], gate_scale=0.0, temperature=0.0,
                               max_new_tokens=10, stop=["."])
-    return shares(scene_questions, [a.strip().rstrip(".") == q.answer for q, a in zip(scene_questions, got)])
+    return [(q, a.strip().rstrip(".")) for q, a in zip(scene_questions, got)]
+
+
+def wrong_answers(answered: Sequence[tuple[Question, str]], per_category: int) -> list[str]:
+    """Up to `per_category` wrong answers of each category, one line each (category, scene, question, answer
+    wanted, answer given): what a base gets wrong says which reading it has not learnt."""
+    lines, shown = [], {}
+    for question, got in answered:
+        if got != question.answer and shown.get(question.category, 0) < per_category:
+            shown[question.category] = shown.get(question.category, 0) + 1
+            lines.append(f"{question.category} | {question.scene_text} | {question.question} | "
+                         f"wanted {question.answer!r}, got {got!r}")
+    return lines
 
 
 def probe(root: Path, seed: int, per_category: int, forms: Sequence[str] = tuple(FORMS),
-          ) -> dict[str, dict[str, float]]:
-    """Native accuracy of the base in `root` on held-out text questions, per form."""
+          ) -> dict[str, list[tuple[Question, str]]]:
+    """The base in `root` answering the held-out text questions, per form (`native_answers`)."""
     from ..loading import load
     from .assets import BASE
 
     model = load(root / BASE, device="cpu")
     questions = held_out("text", seed, per_category)
-    return {form: native_accuracy(model, questions, form) for form in forms}
+    return {form: native_answers(model, questions, form) for form in forms}
+
+
+def scores(answered: Sequence[tuple[Question, str]]) -> dict[str, float]:
+    """Per category (and "all"): the share of `native_answers` that are exactly right."""
+    return shares([q for q, _ in answered], [got == q.answer for q, got in answered])
