@@ -14,6 +14,7 @@ from typing import Any
 
 GATE_ACTIVATIONS = ("tanh", "raw")
 VISUAL_KINDS = ("none", "v1", "v2", "grid")
+VISUAL_PROMPT_KINDS = VISUAL_KINDS[1:]  # the kinds that add a visual prompt
 CHANNEL_ORDERS = ("rgb", "bgr")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 BIAS_TARGETS = ("wq", "wo", "w1", "w2", "w3")

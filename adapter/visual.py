@@ -18,7 +18,6 @@ center crop, CLIP mean/std. `channel_order="bgr"` swaps red and blue first, as O
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,10 +93,9 @@ class VisualPromptGrid(nn.Module):
     def forward(self, clip_tokens: torch.Tensor) -> torch.Tensor:
         """[B, 1 + patches, clip_dim] (a square of patches) -> [B, 1 + side * side, dim]."""
         batch, count, width = clip_tokens.shape
-        patches = count - 1
-        rows = math.isqrt(patches)
-        if patches < 1 or rows * rows != patches:
-            raise ValueError(f"visual prompt grid: the CLIP tower gives {patches} patch tokens, not a square grid")
+        rows = grid_side(count)
+        if not rows:
+            raise ValueError(f"visual prompt grid: the CLIP tower gives {count - 1} patch tokens, not a square grid")
         grid = clip_tokens[:, 1:].float().transpose(1, 2).reshape(batch, width, rows, rows)
         regions = nn.functional.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)
         return self.norm(self.proj(torch.cat([clip_tokens[:, :1].float(), regions], dim=1)))

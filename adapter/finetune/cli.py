@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ..config import VISUAL_PROMPT_KINDS
 from .config import AUTOCASTS, EXPORTS, MODES, TrainConfig
 
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default=d.mode, help="v1: prompts + gates; v2: + biases, norms, LoRA; vision: v2 + visual prompt")
     p.add_argument("--clip", help="--mode vision: CLIP weights (a local file, or an open_clip tag such as openai)")
     p.add_argument("--clip-model", help="open_clip model name or config .json (default: ViT-L-14-quickgelu)")
-    p.add_argument("--visual", choices=("v1", "v2", "grid"), default=d.visual, help="--mode vision: which visual prompt")
+    p.add_argument("--visual", choices=VISUAL_PROMPT_KINDS, default=d.visual, help="--mode vision: which visual prompt")
     p.add_argument("--visual-dim", type=int, default=d.visual_dim, help="v2 visual prompt width")
     p.add_argument("--visual-depth", type=int, default=d.visual_depth, help="v2 visual prompt blocks")
     p.add_argument("--visual-heads", type=int, default=d.visual_heads, help="v2 visual prompt heads")

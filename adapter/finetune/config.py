@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import AdapterArgs
+from ..config import VISUAL_PROMPT_KINDS, AdapterArgs
 from ..quantize import check_mode
 
 MODES = ("v1", "v2", "vision")
@@ -85,7 +85,8 @@ class TrainConfig:
         _require(self.mode != "vision" or self.clip is not None, "--clip",
                  "--mode vision needs the CLIP tower the visual prompt reads (a weights file or an open_clip tag)")
         _require(self.autocast in AUTOCASTS, "--autocast", f"must be one of {AUTOCASTS}, got {self.autocast!r}")
-        _require(self.visual in ("v1", "v2", "grid"), "--visual", f"must be v1, v2 or grid, got {self.visual!r}")
+        _require(self.visual in VISUAL_PROMPT_KINDS, "--visual",
+                 f"must be {', '.join(VISUAL_PROMPT_KINDS[:-1])} or {VISUAL_PROMPT_KINDS[-1]}, got {self.visual!r}")
         _require(self.max_seq_len >= 2, "--max-seq-len", "must be at least 2 (one token and its successor)")
         _require(self.batch_size % self.micro_batch_size == 0, "--batch-size",
                  f"{self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}")
