@@ -61,3 +61,33 @@ def test_the_probe_command_prints_every_wrong_answer_its_score_counts(capsys):
     asked = [q for q in held_out("text", 0, 2) if q.scene_text]
     wrong = [line for line in lines[2:] if " | wanted " in line]
     assert len(wrong) == len(lines) - 2 == round((1 - share_right) * len(asked))
+
+
+def test_a_template_names_the_scene_words_by_kind():
+    asked = {"What colour is the shape on the left?": "What colour is the shape <place>?",
+             "How many stars are there?": "How many <shape>s are there?",
+             "Where is the red shape?": "Where is the <colour> shape?",
+             "Which is bigger, the circle or the star?": "Which is bigger, the <shape> or the <shape>?",
+             "What shape is in the centre?": "What shape is <place>?",
+             "How many shapes are in the picture?": "How many shapes are in the picture?",
+             "List the shapes.": "List the shapes."}
+    assert {q: probe.template(Question("x", q, "a")) for q in asked} == asked
+
+
+def test_template_scores_count_right_and_asked_per_template():
+    by_place = Question("colour", "What colour is the shape on the left?", "red", SCENE, QUESTION.scene_text)
+    answered = [(QUESTION, "red"), (QUESTION, "blue"), (by_place, "red"), (QUESTION, "red")]
+    assert probe.template_scores(answered) == [("colour", "What colour is the <shape>?", 2, 3),
+                                               ("colour", "What colour is the shape <place>?", 1, 1)]
+
+
+def test_the_probe_command_prints_template_scores_that_add_up_to_its_score(capsys):
+    from adapter.tiny import cli
+
+    assert cli.main(["probe", "--scale", "micro", "--by-template"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    share_right = float(lines[1].split("all ")[1].rstrip("%")) / 100
+    counts = [line.split()[-2].split("/") for line in lines[2:]]
+    right, asked = sum(int(r) for r, _ in counts), sum(int(a) for _, a in counts)
+    assert asked == len([q for q in held_out("text", 0, 2) if q.scene_text])
+    assert right == round(share_right * asked)

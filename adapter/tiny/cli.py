@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--out", type=Path, default=ASSETS, help="assets folder whose base to probe")
     probe.add_argument("--wrong", type=int, default=0, metavar="N",
                        help="also print up to N wrong answers per category (of the dialogue form)")
+    probe.add_argument("--by-template", action="store_true",
+                       help="also print the dialogue form's score per question template ('Where is the <shape>?')")
     clip_probe = commands.add_parser("clip-probe", help="how much of the image answers the CLIP's features hold")
     clip_probe.add_argument("--clip", type=Path, default=ASSETS / "clip",
                             help="folder with visual.safetensors and tiny-clip.json (default: assets/tiny/clip)")
@@ -53,12 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"built {options.out} in {manifest['build_seconds'] / 60:.1f} min of stage time")
         elif options.command == "probe":
             from .build import deterministic
-            from .probe import probe, scores, wrong_answers
+            from .probe import probe, scores, template_scores, wrong_answers
 
             deterministic(recipe.threads)
             answered = probe(options.out, recipe.seed, recipe.eval_per_category)
             for form, rows in answered.items():
                 print(f"{form:9s} " + "  ".join(f"{c} {v:.0%}" for c, v in scores(rows).items()))
+            if options.by_template:
+                for category, text, right, asked in template_scores(answered["dialogue"]):
+                    print(f"{category:10s} {text:44s} {right:4d}/{asked:<4d} {right / asked:4.0%}")
             for line in wrong_answers(answered["dialogue"], options.wrong):
                 print(line)
         elif options.command == "clip-probe":

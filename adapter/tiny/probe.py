@@ -10,18 +10,21 @@ two orders:
               corpus no longer uses: a small model reads a scene for a question it has already seen far better
               than it holds a question while reading
 
-    python -m adapter.tiny probe [--out assets/tiny] [--wrong 5]
+    python -m adapter.tiny probe [--out assets/tiny] [--wrong 5] [--by-template]
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..generate import generate_batch
 from ..model import Transformer
 from .evaluate import held_out, shares
+from .language import PLACES
 from .questions import Question
+from .world import COLOURS, SHAPES
 
 FORMS = {
     "quiz": "Ana asked: {question} Here is the picture. {scene} Ben answered:",
@@ -57,6 +60,31 @@ def wrong_answers(answered: Sequence[tuple[Question, str]], per_category: int) -
             lines.append(f"{question.category} | {question.scene_text} | {question.question} | "
                          f"wanted {question.answer!r}, got {got!r}")
     return lines
+
+
+_SCENE_WORDS = ((re.compile(rf"\b({'|'.join(PLACES.values())})\b"), "<place>"),
+                (re.compile(rf"\b({'|'.join(COLOURS)})\b"), "<colour>"),
+                (re.compile(rf"\b({'|'.join(SHAPES)})(?=s?\b)"), "<shape>"))
+
+
+def template(question: Question) -> str:
+    """The question with its scene words named by kind ("What colour is the <shape>?"). Which word a question
+    finds its thing by decides whether a base reads it: one category can be read perfectly by one template
+    and at chance by another."""
+    text = question.question
+    for pattern, kind in _SCENE_WORDS:
+        text = pattern.sub(kind, text)
+    return text
+
+
+def template_scores(answered: Sequence[tuple[Question, str]]) -> list[tuple[str, str, int, int]]:
+    """(category, template, right, asked) for every template of `native_answers`, sorted."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for question, got in answered:
+        row = counts.setdefault((question.category, template(question)), [0, 0])
+        row[0] += got == question.answer
+        row[1] += 1
+    return [(category, text, right, asked) for (category, text), (right, asked) in sorted(counts.items())]
 
 
 def probe(root: Path, seed: int, per_category: int, forms: Sequence[str] = tuple(FORMS),
