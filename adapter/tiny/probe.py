@@ -7,8 +7,11 @@ two orders:
     dialogue  the scene, then the question, then the answer ("Ana and Ben looked at a card. S Ana asked: Q Ben
               answered:"), as the corpus's dialogues and quizzes ask
     quiz      the question, then the scene ("Ana asked: Q Here is the picture. S Ben answered:"), an order the
-              corpus no longer uses: a small model reads a scene for a question it has already seen far better
-              than it holds a question while reading
+              corpus does not use (a base pretrained with it read it no better: docs/tiny.md)
+
+A category's score can hide how it is read: `template_scores` splits it by the word a question names its
+thing by (scenes are always described in reading order, so a question by place can be answered from that
+order without finding anything).
 
     python -m adapter.tiny probe [--out assets/tiny] [--wrong 5] [--by-template]
 """
