@@ -1,4 +1,4 @@
-"""`python -m adapter.tiny build|eval|probe|clip-probe`: rebuild the shipped tiny model from its seed, or measure it."""
+"""`python -m adapter.tiny build|eval|probe|clip-probe|recall`: rebuild the shipped tiny model, or measure it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .assets import ASSETS
 from .build import STAGES
-from .recipe import RECIPES
+from .recipe import RECIPES, Recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +37,43 @@ def build_parser() -> argparse.ArgumentParser:
                             help="folder with visual.safetensors and tiny-clip.json (default: assets/tiny/clip)")
     clip_probe.add_argument("--pictures", type=int, help="train pictures for the classifiers (default: the recipe's)")
     clip_probe.add_argument("--epochs", type=int, help="classifier epochs (default: the recipe's)")
-    for sub in (build, evaluate, probe, clip_probe):
+    recall = commands.add_parser("recall", help="how many steps a fresh base of the recipe's shape needs to learn "
+                                                "key -> value lookups (a drill without scenes)")
+    recall.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000, the base's)")
+    recall.add_argument("--every", type=int, default=250, help="report held-out accuracy every N steps")
+    recall.add_argument("--batch", type=int, default=32, help="sequences per step")
+    recall.add_argument("--lr", type=float, help="peak lr (default: the recipe's base lr)")
+    recall.add_argument("--pairs", type=int, default=4, help="key -> value pairs per sequence (default: 4)")
+    recall.add_argument("--keys", type=int, default=100, help="distinct keys (default: 100)")
+    recall.add_argument("--values", type=int, default=6, help="distinct values (default: 6)")
+    for name in ("dim", "layers", "heads"):
+        recall.add_argument(f"--{name}", type=int, help=f"model {name} (default: the recipe's base)")
+    for sub in (build, evaluate, probe, clip_probe, recall):
         sub.add_argument("--scale", choices=sorted(RECIPES), default="full", help="recipe (micro: a few steps)")
     return parser
+
+
+def run_recall(options: argparse.Namespace, recipe: Recipe) -> None:
+    """The recall drill in float32 with the base's schedule; prints one row of slot accuracies per report."""
+    import dataclasses
+
+    from ..config import ModelArgs
+    from .build import deterministic
+    from .recall import RecallDrill, guess_floor, recall_curve
+
+    deterministic(recipe.threads)
+    drill = RecallDrill(options.pairs, options.keys, options.values)
+    args = ModelArgs(dim=options.dim or recipe.dim, n_layers=options.layers or recipe.n_layers,
+                     n_heads=options.heads or recipe.n_heads, vocab_size=drill.vocab_size, multiple_of=64,
+                     max_seq_len=drill.length)
+    settings = dataclasses.replace(recipe.pretrain, steps=options.steps, batch_size=options.batch,
+                                   lr=options.lr or recipe.pretrain.lr, bf16=False, copy_steps=0)
+    print(f"recall drill: {drill.pairs} pairs of {drill.keys} keys and {drill.values} values; model "
+          f"{args.n_layers}x{args.dim}, {args.n_heads} heads; batch {settings.batch_size}, lr {settings.lr}; "
+          f"held-out accuracy per question slot (the last needs no lookup)")
+    print("no lookup (a guess among the values not yet given back)  "
+          + "  ".join(f"{a:4.0%}" for a in guess_floor(drill)))
+    recall_curve(args, drill, settings, recipe.seed, options.every)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                options.epochs or recipe.clip_probe_epochs, recipe.eval_per_category)
             for reader, row in found.items():
                 print(f"{reader:7s} " + "  ".join(f"{c} {v:.0%}" for c, v in row.items()))
+        elif options.command == "recall":
+            run_recall(options, recipe)
         else:
             from .assets import CLIP
             from .build import deterministic

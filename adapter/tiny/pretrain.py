@@ -76,17 +76,42 @@ def lr_at(step: int, settings: PretrainSettings) -> float:
     return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(args: ModelArgs, windows: torch.Tensor, settings: PretrainSettings, seed: int,
-             log: Callable[[str], None] = print) -> Transformer:
-    """Train a fresh base on `windows` ([N, T + 1]) for `settings.steps` steps; the order is seeded."""
+def new_optimizer(model: Transformer, settings: PretrainSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on norms), as for every tiny base."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
+
+
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+               step: int, settings: PretrainSettings) -> float:
+    """One optimiser step on the next-token loss of `targets` [B, T] (-100: not scored); returns the loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, settings)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def fresh_model(args: ModelArgs, seed: int) -> Transformer:
+    """A newly initialised base with every parameter trainable."""
     torch.manual_seed(seed)
     model = Transformer(args)
     init_weights(model)
-    model.requires_grad_(True).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
+    return model.requires_grad_(True).train()
+
+
+def pretrain(args: ModelArgs, windows: torch.Tensor, settings: PretrainSettings, seed: int,
+             log: Callable[[str], None] = print) -> Transformer:
+    """Train a fresh base on `windows` ([N, T + 1]) for `settings.steps` steps; the order is seeded."""
+    model = fresh_model(args, seed)
+    optimizer = new_optimizer(model, settings)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(windows), generator=generator)
     position, running = 0, None
@@ -98,16 +123,8 @@ def pretrain(args: ModelArgs, windows: torch.Tensor, settings: PretrainSettings,
         else:
             batch = windows[order[position: position + settings.batch_size]]
             position += settings.batch_size
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, settings)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        loss = train_step(model, optimizer, batch[:, :-1], batch[:, 1:], step, settings)
+        running = loss if running is None else 0.98 * running + 0.02 * loss
         if (step + 1) % max(1, settings.steps // 20) == 0 or step + 1 == settings.steps:
             log(f"pretrain step {step + 1}/{settings.steps}: loss {running:.3f}")
     return model.requires_grad_(False).eval()

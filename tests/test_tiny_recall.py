@@ -1,0 +1,84 @@
+"""The key -> value recall drill: its sequences, and how its per-slot accuracy tells lookup from elimination."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adapter.tiny import cli
+from adapter.tiny.recall import ASK, NOT_SCORED, RecallDrill, drill_batch, guess_floor, slot_accuracy
+
+DRILL = RecallDrill(pairs=4, keys=10, values=3)
+
+
+def _pairs(row: torch.Tensor, drill: RecallDrill) -> dict[int, int]:
+    return {int(row[1 + 3 * i]): int(row[2 + 3 * i]) for i in range(drill.pairs)}
+
+
+def test_every_answer_is_the_value_paired_with_the_key_just_asked():
+    inputs, targets = drill_batch(DRILL, 64, torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (64, DRILL.length)
+    assert int(inputs.max()) < DRILL.vocab_size
+    for row, target in zip(inputs, targets):
+        pairs = _pairs(row, DRILL)
+        assert len(pairs) == DRILL.pairs, "keys are distinct within a sequence"
+        scored = (target != NOT_SCORED).nonzero().flatten().tolist()
+        assert len(scored) == DRILL.pairs
+        assert sorted(int(row[c]) for c in scored) == sorted(pairs), "each key is asked once"
+        for column in scored:
+            assert int(row[column - 1]) == ASK
+            assert int(target[column]) == pairs[int(row[column])]
+
+
+class _Oracle(nn.Module):
+    """Logits that name, at each question, the paired value (lookup) or one of the values not yet given
+    back, drawn at random (elimination: sure only at the last question)."""
+
+    def __init__(self, lookup: bool) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self.generator = torch.Generator().manual_seed(2)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*inputs.shape, DRILL.vocab_size)
+        start = 1 + 3 * DRILL.pairs
+        for b, row in enumerate(inputs):
+            pairs = _pairs(row, DRILL)
+            left = list(pairs.values())
+            for column in range(start + 1, inputs.shape[1], 3):
+                if self.lookup:
+                    guess = pairs[int(row[column])]
+                else:
+                    guess = left[int(torch.randint(len(left), (1,), generator=self.generator))]
+                logits[b, column, guess] = 1.0
+                if column + 1 < inputs.shape[1]:
+                    left.remove(int(row[column + 1]))
+        return logits
+
+
+def test_a_lookup_reads_every_slot_and_elimination_only_the_last_as_the_floor_says():
+    inputs, targets = drill_batch(DRILL, 3000, torch.Generator().manual_seed(1))
+    assert slot_accuracy(_Oracle(lookup=True), inputs, targets) == [1.0] * DRILL.pairs
+    eliminated = slot_accuracy(_Oracle(lookup=False), inputs, targets)
+    floor = guess_floor(DRILL)
+    assert floor[-1] == eliminated[-1] == 1.0
+    assert floor[0] == pytest.approx((1 + 3 / 3) / 4)  # 4 left; each of the 3 others shares the value 1 in 3
+    assert eliminated == pytest.approx(floor, abs=0.04)
+
+
+def test_the_recall_command_trains_and_reports_each_slot_the_same_way_twice(capsys):
+    argv = ["recall", "--scale", "micro", "--steps", "3", "--every", "2", "--dim", "16", "--layers", "1",
+            "--heads", "2", "--batch", "4", "--pairs", "3", "--keys", "8", "--values", "3"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert first[1].split()[-3:] == ["56%", "67%", "100%"]  # the floor: 3 values, 3 / 2 / 1 left
+    assert [line.split()[:2] for line in first[2:]] == [["step", "2"], ["step", "3"]]
+    assert all(len([w for w in line.split() if w.endswith("%")]) == 3 + 1 for line in first[2:])
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == first
+
+
+def test_a_drill_with_fewer_keys_than_pairs_is_refused(capsys):
+    assert cli.main(["recall", "--scale", "micro", "--pairs", "5", "--keys", "4"]) == 2
+    assert "pairs=5 keys=4" in capsys.readouterr().err
