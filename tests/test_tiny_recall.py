@@ -82,3 +82,8 @@ def test_the_recall_command_trains_and_reports_each_slot_the_same_way_twice(caps
 def test_a_drill_with_fewer_keys_than_pairs_is_refused(capsys):
     assert cli.main(["recall", "--scale", "micro", "--pairs", "5", "--keys", "4"]) == 2
     assert "pairs=5 keys=4" in capsys.readouterr().err
+
+
+def test_a_report_interval_of_zero_is_refused(capsys):
+    assert cli.main(["recall", "--scale", "micro", "--every", "0"]) == 2
+    assert "every must be at least 1, got 2000, 32, 0" in capsys.readouterr().err

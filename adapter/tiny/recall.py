@@ -84,6 +84,9 @@ def slot_accuracy(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.T
 def recall_curve(args: ModelArgs, drill: RecallDrill, settings: PretrainSettings, seed: int, every: int,
                  held_out: int = 512, log: Callable[[str], None] = print) -> list[dict]:
     """Train a fresh model of `args`' shape on the drill; every `every` steps, held-out accuracy per slot."""
+    if min(settings.steps, settings.batch_size, every) < 1:
+        raise ValueError(f"recall drill: steps, batch and every must be at least 1, got {settings.steps}, "
+                         f"{settings.batch_size}, {every}")
     if args.vocab_size != drill.vocab_size:
         raise ValueError(f"recall drill: the model's vocab_size is {args.vocab_size}, the drill's {drill.vocab_size}")
     model = fresh_model(args, seed)
