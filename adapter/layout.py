@@ -8,8 +8,10 @@ both layouts in turn). So `adapter.load` copies those weights column-major
 onto the CPU: each parameter keeps its [out, in] shape and values (it becomes the transposed view of an
 [in, out] tensor) and `F.linear` reads it as `x @ W_t`; nothing but the speed changes. Not for 16-bit weights
 (their CPU GEMV was ten times slower column-major) and not for training, whose head backward was 1.5x slower
-that way: `adapter.finetune` puts the weights back with `row_major`. The fused path's stacks (adapter.fused)
-take their parts' layout, so the stacked wq|wk|wv (square parts) stays row-major.
+that way: `adapter.finetune` puts the weights back with `row_major`. Nor for the compiled decode step, whose
+fused reductions read every weight fastest row-major (adapter.model.frozen_linear): its first use puts them
+back. The fused path's stacks (adapter.fused) take their parts' layout, so the stacked wq|wk|wv (square
+parts) stays row-major.
 """
 
 from __future__ import annotations

@@ -98,9 +98,11 @@ def test_smoke_decode_peers_section(smoke_report):
         for measure in ("greedy decode, batch 1, tokens/s", "greedy decode, batch 8, tokens/s",
                         "time to first token, 64-token prompt, ms", "time to first token, 512-token prompt, ms"):
             assert (precision, measure) in names
-    assert ("fp32", "floor: one GEMV per weight matrix, tokens/s") in names
+    assert ("fp32", decode_peers.BLAS_FLOOR) in names
     if decode_peers.COMPILE:  # the decode path's torch.compile option: checked, then timed (or why not)
         assert any(row[1].endswith("through `step(compile=True)`") for row in timed[1:] if row[0] == "fp32")
+        if compiled:  # beside the floor of its own kernel
+            assert ("fp32", decode_peers.REDUCTION_FLOOR) in names
     assert sum(bool(cell) for cell in ratio_column(timed)) >= 4 * len(peers.PRECISIONS)
 
 

@@ -7,10 +7,13 @@ import shutil
 import pytest
 import torch
 import torch._dynamo
+from torch import nn
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 
 from adapter.generate import GenerationRequest, decode_tokens
-from adapter.model import Transformer
+from adapter.layout import column_major_wide, is_column_major
+from adapter.model import Transformer, frozen_linear
 from adapter.quantize import quantize_model
 from adapter.sampling import SamplingParams
 from tests.conftest import TINY, TINY_GQA, V1, V2, make_model
@@ -125,6 +128,33 @@ def test_compiled_decoding_gives_the_eager_tokens_and_slider_values_never_recomp
         rows = prompts(model.args.vocab_size)
         rows = [rows[2] + rows[0], rows[1], rows[0]]  # other lengths, another cache size
         assert greedy(model, request=compiled, rows=rows) == greedy(model, rows=rows)
+
+
+@pytest.mark.skipif(not has_compiler, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize(("rows", "column_major", "reduction"),
+                         [(1, False, True), (2, False, True), (3, False, False), (1, True, False)])
+def test_compiled_steps_read_few_rows_through_row_major_weights_as_a_fused_reduction(rows, column_major, reduction):
+    layer = nn.Linear(64, 96, bias=False).requires_grad_(False)
+    if column_major:
+        column_major_wide(layer)
+    x = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(rows))
+    with torch.inference_mode():
+        out, code = run_and_get_code(torch.compile(frozen_linear, dynamic=True), layer, x)
+        expected = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert ("extern_kernels.mm(" not in "".join(code)) == reduction
+
+
+@pytest.mark.skipif(not has_compiler, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_one_and_two_row_decoding_gives_the_eager_tokens_and_puts_weights_row_major():
+    model = make_model(TINY_GQA, V2)
+    assert column_major_wide(model) > 0, "laid out as adapter.load lays out a CPU model"
+    compiled = GenerationRequest(max_new_tokens=8, sampling=SamplingParams(temperature=0.0), compile=True)
+    rows = prompts(model.args.vocab_size)
+    batches = [rows[:1], rows[1:]]  # one row (the reduction), two rows of different lengths (left padding)
+    eager = [greedy(model, fused=False, rows=batch) for batch in batches]
+    assert [greedy(model, fused=False, request=compiled, rows=batch) for batch in batches] == eager
+    assert not any(is_column_major(p) for p in model.parameters()), "the compiled path reads weights row-major"
 
 
 def test_compile_must_be_a_bool():
