@@ -43,6 +43,7 @@ class ServeConfig:
     share: bool = False
     max_new_tokens: int = 256
     concurrency: int = 1
+    compile: bool = False  # decode through torch.compile (Transformer.step): faster steps, a slow first answer
 
 
 def env_name(flag: str) -> str:
@@ -87,6 +88,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="the most tokens one answer may have (the slider's maximum)")
     parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency),
                         help="requests in flight at once (default 1); decoding itself is one at a time per device")
+    parser.add_argument("--compile", action="store_true", default=_truthy(environ.get(env_name("compile"))),
+                        help="decode through torch.compile: faster steps (on a CPU, 1.7x for a 512-dim fp32 model: "
+                             "BENCHMARKS.md), but the first answer waits for the compilation (tens of seconds; "
+                             "a CPU needs a C++ compiler)")
     return parser
 
 
@@ -187,4 +192,4 @@ def load_engine(config: ServeConfig) -> Engine:
                  clip=clip, clip_model=clip_model)
     device = model.tok_embeddings.weight.device
     return Engine(model, device_lock(device), max_new_tokens=config.max_new_tokens, base=str(base),
-                  adapter=None if adapter is None else str(adapter))
+                  adapter=None if adapter is None else str(adapter), compile=config.compile)

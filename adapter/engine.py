@@ -113,7 +113,7 @@ class Engine:
     """Answers chat, image and side-by-side requests from one model; shows its gates."""
 
     def __init__(self, model: Transformer, lock: threading.Lock | None = None, *, max_new_tokens: int = 256,
-                 base: str | None = None, adapter: str | None = None) -> None:
+                 base: str | None = None, adapter: str | None = None, compile: bool = False) -> None:
         if model.tokenizer is None:
             raise ValueError("model: has no tokenizer; load it with adapter.load(...)")
         self.model = model
@@ -122,6 +122,9 @@ class Engine:
         self.max_new_tokens = _integer("max_new_tokens", max_new_tokens, 1)
         self.base = base
         self.adapter = adapter
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile: must be True or False, got {compile!r}")
+        self.compile = compile  # decode steps through torch.compile (see Transformer.step)
 
     # ----- what the model can do ----------------------------------------------------------------------
     @property
@@ -194,7 +197,8 @@ class Engine:
         answers = [""] * len(prompts)
         yielded = False
         with self.lock, closing(stream_batch(self.model, prompts, images=images, gate_scale=gate_scale,
-                                             delta_scale=delta_scale, **settings.sampling())) as steps:
+                                             delta_scale=delta_scale, compile=self.compile,
+                                             **settings.sampling())) as steps:
             for pieces in steps:
                 if any(pieces):
                     answers = [answer + piece for answer, piece in zip(answers, pieces)]
@@ -250,6 +254,7 @@ class Engine:
             "sees_images": self.can_see_images,
             "image_encoder": model.image_encoder.name if model.image_encoder is not None else None,
             "max_seq_len": model.args.max_seq_len, "max_new_tokens": self.max_new_tokens,
+            "compiled_decode": self.compile,
             "process_memory_mb": round(process_memory_mb(), 1),
         }
         if self.device.type == "cuda":

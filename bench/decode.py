@@ -123,7 +123,8 @@ def reduction_floor_tokens_per_s(model: Transformer, steps: int = 64) -> float:
 
 
 def read_tokens_per_s(model: Transformer, steps: int = 64) -> float:
-    """A sum over each weight matrix: how fast the memory gives every weight once, the hardware's own floor."""
+    """A sum over each weight matrix: how fast the memory gives every weight once, the hardware's own floor
+    (on a GPU, its memory bandwidth)."""
     weights = frozen_matrices(model)
     return _steps_per_s(lambda: [w.sum() for w in weights], steps)
 
@@ -133,13 +134,20 @@ def _compiled_matvecs(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> li
     return [reduction_matvec(x, w) for x, w in zip(xs, weights)]
 
 
-def _steps_per_s(one_step: Callable[[], object], steps: int) -> float:
+def _steps_per_s(one_step: Callable[[], list[torch.Tensor]], steps: int) -> float:
     with torch.inference_mode():
-        one_step()  # a warm-up (and the compilation, where there is one)
+        _synced(one_step())  # a warm-up (and the compilation, where there is one)
         start = time.perf_counter()
         for _ in range(steps):
-            one_step()
+            out = one_step()
+        _synced(out)
         return steps / (time.perf_counter() - start)
+
+
+def _synced(tensors: list[torch.Tensor]) -> None:
+    """Wait for a GPU's queued work (CUDA runs asynchronously), so that the clock reads the work's end."""
+    if tensors and tensors[0].is_cuda:
+        torch.cuda.synchronize(tensors[0].device)
 
 
 def run(threads: int, repeats: int) -> list[tuple[str, str, str]]:

@@ -36,13 +36,7 @@ from bench.compare import (
     greedy,
     prompt,
 )
-from bench.decode import (
-    floor_tokens_per_s,
-    machine,
-    measure,
-    measure_side_by_side,
-    reduction_floor_tokens_per_s,
-)
+from bench.decode import floor_tokens_per_s, machine, measure_side_by_side, reduction_floor_tokens_per_s
 from bench.peers import PRECISIONS, Weights, quiet, write_weights
 from bench.report import command_line, publish, ratio, spread, table, versions
 from bench.shapes import describe, shapes
@@ -50,7 +44,6 @@ from bench.shapes import describe, shapes
 HEADING = "Decode vs transformers + peft (CPU)"
 BLAS_FLOOR = "floor: one GEMV per weight matrix through the BLAS, tokens/s"
 REDUCTION_FLOOR = "floor: one GEMV per weight matrix as the compiled step computes it (a fused reduction), tokens/s"
-Stat = tuple[float, float, float]  # median, min, max
 Side = Ours | Peer
 # the decode path's torch.compile option, where this version of adapter has it
 COMPILE = "compile" in inspect.signature(Transformer.step).parameters
@@ -71,50 +64,57 @@ def measures(vocab: int, new_tokens: int) -> list[tuple[str, Callable[[Side], fl
 
 def run_precision(weights: Weights, precision: str, adapter: AdapterArgs, repeats: int, new_tokens: int,
                   compiled: bool) -> tuple[list[Check], list[tuple[str, ...]]]:
-    """The equality check, then every measure on both sides (and the floor, for the plain fp32 weights); with
+    """The equality check, then every measure on both sides (with the floor, for the plain fp32 weights); with
     `compiled`, the decode rates again through `Transformer.step(compile=True)`, checked first as well."""
     ours, peer, check = checked_pair(weights, precision, adapter)
-    checks, rows = [check], []
-    floor = None
-    if precision == "fp32":  # the floor reads float32 nn.Linear weights; bf16 and bitsandbytes layers differ
-        floor = measure(lambda: floor_tokens_per_s(ours.model), repeats)
-        rows.append((precision, BLAS_FLOOR, spread(floor), "", ""))
-    for name, run in measures(weights.args.vocab_size, new_tokens):
-        a, b = measure_side_by_side([lambda run=run: run(ours), lambda run=run: run(peer)], repeats)
-        rows.append((precision, name, spread(a), spread(b), ratio(a, b)))
-        if floor is not None and name.endswith("batch 1, tokens/s"):
-            rows.append((precision, "decode, batch 1 / BLAS floor", f"{a[0] / floor[0]:.0%}",
-                         f"{b[0] / floor[0]:.0%}", ""))
+    # the BLAS floor reads float32 nn.Linear weights; bf16 and bitsandbytes layers differ
+    floor = (BLAS_FLOOR, lambda: floor_tokens_per_s(ours.model)) if precision == "fp32" else None
+    checks = [check]
+    rows = side_by_side_rows(ours, peer, precision, weights.args.vocab_size, repeats, new_tokens, floor)
     if compiled:
         more_checks, more_rows = compiled_rows(Ours(ours.model, compile=True), peer, precision,
-                                               weights.args.vocab_size, repeats, new_tokens, floor)
+                                               weights.args.vocab_size, repeats, new_tokens)
         checks, rows = checks + more_checks, rows + more_rows
     return checks, rows
 
 
-def compiled_rows(ours: Ours, peer: Peer, precision: str, vocab: int, repeats: int, new_tokens: int,
-                  blas_floor: Stat | None = None) -> tuple[list[Check], list[tuple[str, ...]]]:
-    """Decode rates through torch.compile (the first, compiling run is the warm-up), and the floor of the kernel
-    its one-row steps use; a compiler that fails is reported in the table rather than stopping the run, a
-    compiled path that differs from the peer stops it."""
+def side_by_side_rows(ours: Side, peer: Side, precision: str, vocab: int, repeats: int, new_tokens: int,
+                      floor: tuple[str, Callable[[], float]] | None = None, suffix: str = "",
+                      rates_only: bool = False) -> list[tuple[str, ...]]:
+    """Each measure on both sides in turn; with `floor` (its row name, one run of it), the floor joins the
+    batch-1 rounds, and each side's batch-1 rate is given as a share of it."""
+    rows = []
+    for name, run in measures(vocab, new_tokens):
+        if rates_only and "tokens/s" not in name:
+            continue
+        with_floor = floor is not None and name.endswith("batch 1, tokens/s")
+        runs = [lambda run=run: run(ours), lambda run=run: run(peer)] + ([floor[1]] if with_floor else [])
+        a, b, *floors = measure_side_by_side(runs, repeats)
+        if with_floor:
+            rows.append((precision, floor[0], spread(floors[0]), "", ""))
+        rows.append((precision, f"{name}{suffix}", spread(a), spread(b), ratio(a, b)))
+        if with_floor:
+            rows.append((precision, f"decode, batch 1 / the floor above{suffix}", f"{a[0] / floors[0][0]:.0%}",
+                         f"{b[0] / floors[0][0]:.0%}", ""))
+    return rows
+
+
+def compiled_rows(ours: Ours, peer: Peer, precision: str, vocab: int, repeats: int,
+                  new_tokens: int) -> tuple[list[Check], list[tuple[str, ...]]]:
+    """Decode rates through torch.compile (the first, compiling run is the warm-up), the batch-1 rounds with the
+    floor of the kernel its one-row steps use; a compiler that fails is reported in the table rather than
+    stopping the run, a compiled path that differs from the peer stops it."""
     label = f"{precision}, compiled"
+    floor = (REDUCTION_FLOOR, lambda: reduction_floor_tokens_per_s(ours.model))
     try:
         check = check_same(ours, peer, precision, prompt(1, CHECK_PROMPT, vocab, seed=7))
-        floor = measure(lambda: reduction_floor_tokens_per_s(ours.model), repeats)
-        rates = [(name, *measure_side_by_side([lambda run=run: run(ours), lambda run=run: run(peer)], repeats))
-                 for name, run in measures(vocab, new_tokens) if "tokens/s" in name]
+        rows = side_by_side_rows(ours, peer, precision, vocab, repeats, new_tokens, floor,
+                                 suffix=", through `step(compile=True)`", rates_only=True)
     except PeerMismatch as error:
         raise PeerMismatch(f"{label}: {error}") from error
     except RuntimeError as error:  # torch.compile's failures (no C++ compiler, an unsupported op, ...) are these
         reason = f"not available: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
         return [], [(precision, "greedy decode through `step(compile=True)`", reason, "", "")]
-    best = max(floor[0], blas_floor[0]) if blas_floor else floor[0]
-    rows = [(precision, REDUCTION_FLOOR, spread(floor), "", "")]
-    for name, a, b in rates:
-        rows.append((precision, f"{name}, through `step(compile=True)`", spread(a), spread(b), ratio(a, b)))
-        if name.endswith("batch 1, tokens/s"):
-            rows.append((precision, "decode, batch 1 / the faster floor, through `step(compile=True)`",
-                         f"{a[0] / best:.0%}", f"{b[0] / best:.0%}", ""))
     return [dataclasses.replace(check, precision=label)], rows
 
 

@@ -1,7 +1,8 @@
 """GPU benchmark, for a lent GPU and under 8 minutes: a LLaMA-7B-shaped model with random weights built directly
 on the GPU, at bf16, nf4 and int8: decode tokens/s, time to first token, peak memory at 2048 tokens of context
 (and of an image question through a ViT-L/14-shaped open_clip tower with random weights and the v2 visual
-prompt), and one nf4 training step; the same for transformers + peft on the very same tensors.
+prompt), and one nf4 training step; the same for transformers + peft on the very same tensors. For bf16 also the
+card's floor (every weight read once) and our decode through `step(compile=True)` beside it.
 
     bash bench/gpu.sh [--write BENCHMARKS.md]     (see bench/gpu.sh for the packages to carry along)
     python -m bench.gpu --smoke                    (CPU, tiny shapes, seconds: checks the script, figures mean nothing)
@@ -210,6 +211,34 @@ def decode_rows(s: Setup, precision: str, ours: Ours, peer: Peer | None, why: st
             for name, run, digits, repeated in measures]
 
 
+def compiled_rows(s: Setup, precision: str, ours: Ours, repeats: int) -> list[tuple[str, ...]]:
+    """The card's floor (every weight read once: its memory bandwidth) and our decode beside it, plain and through
+    `step(compile=True)` in the same rounds, after checking that the compiled steps give the plain greedy tokens;
+    a compiler that fails is reported in the table."""
+    from bench.decode import measure_side_by_side, read_tokens_per_s
+
+    tokens = prompt(1, 16, s.args.vocab_size, device=s.device)
+    compiled = Ours(ours.model, compile=True)
+    try:
+        plain, fast = (greedy(side, tokens, 16).tokens for side in (ours, compiled))
+        same = int((plain == fast).cumprod(-1).sum())
+        floor, eager, rate = measure_side_by_side([
+            lambda: read_tokens_per_s(ours.model), lambda: greedy(ours, tokens, s.new_tokens + 1).tokens_per_s,
+            lambda: greedy(compiled, tokens, s.new_tokens + 1).tokens_per_s], repeats)
+    except RuntimeError as error:  # torch.compile's failures (no compiler, an unsupported op, ...) are these
+        reason = f"not available: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+        return [(precision, "greedy decode through `step(compile=True)`", reason, "", "")]
+    return [
+        (precision, "floor: every weight read once (a sum over each matrix), tokens/s", spread(floor), "", ""),
+        (precision, "greedy decode through `step(compile=True)`: greedy tokens equal to the plain path's",
+         f"{same} / 16", "", ""),
+        (precision, "greedy decode, batch 1, tokens/s (in the floor's rounds)", spread(eager), "", ""),
+        (precision, "greedy decode, batch 1, through `step(compile=True)`, tokens/s (in the floor's rounds)",
+         spread(rate), "", ""),
+        (precision, "decode / floor: plain, compiled", f"{eager[0] / floor[0]:.0%}, {rate[0] / floor[0]:.0%}", "",
+         "")]
+
+
 def once(value: float) -> Stat:
     """A figure measured once, as a (median, min, max) triple."""
     return value, value, value
@@ -286,6 +315,8 @@ def run_precision(s: Setup, precision: str, repeats: int) -> tuple[Check | str, 
     except PeerMismatch as error:
         check, why, peer = f"{precision}: {error}", "not timed: differs from ours (see above)", None
     rows = decode_rows(s, precision, ours, peer, why, repeats) + image_rows(s, precision, ours, repeats)
+    if precision == s.precisions[0]:  # the unquantized weights: plain linears, which the compiled step reduces
+        rows += compiled_rows(s, precision, ours, repeats)
     if precision == "nf4":
         rows += train_rows(s, ours, peer, why)
     return check, rows

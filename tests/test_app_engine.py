@@ -3,6 +3,7 @@ panel, and the flags (`python app.py` stops with one line before loading anythin
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,10 +168,28 @@ def test_model_info_says_what_is_loaded(engine, demo_files):
 
 def test_flags_come_from_the_environment_and_flags_win(demo_files):
     environ = {"ADAPTER_BASE": str(demo_files.base), "ADAPTER_ADAPTER": str(demo_files.adapter),
-               "ADAPTER_MAX_NEW_TOKENS": "99", "ADAPTER_SHARE": "1", "GRADIO_SERVER_NAME": "0.0.0.0"}
+               "ADAPTER_MAX_NEW_TOKENS": "99", "ADAPTER_SHARE": "1", "GRADIO_SERVER_NAME": "0.0.0.0",
+               "ADAPTER_COMPILE": "yes"}
     config = parse_config(["--max-new-tokens", "7"], environ)
-    assert (config.base, config.adapter, config.max_new_tokens, config.share, config.host, config.port) == \
-        (str(demo_files.base), str(demo_files.adapter), 7, True, "0.0.0.0", 7860)
+    assert (config.base, config.adapter, config.max_new_tokens, config.share, config.host, config.port,
+            config.compile) == (str(demo_files.base), str(demo_files.adapter), 7, True, "0.0.0.0", 7860, True)
+    assert not parse_config(["--base", str(demo_files.base)], {}).compile
+    assert parse_config(["--base", str(demo_files.base), "--compile"], {}).compile
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_a_compiling_engine_gives_the_same_answers(demo_files, engine):
+    model = adapter.load(demo_files.base, adapter=demo_files.adapter, device="cpu")
+    compiled = Engine(model, max_new_tokens=64, compile=True)
+    steps = []
+    original = model.step
+    model.step = lambda *a, **k: steps.append(k.get("compile")) or original(*a, **k)
+    assert list(compiled.chat([], QUESTION, GREEDY))[-1] == list(engine.chat([], QUESTION, GREEDY))[-1]
+    assert steps[0] is None and set(steps[1:]) == {True}, "the prompt eagerly, every one-token step compiled"
+    assert compiled.model_info()["compiled_decode"] and not engine.model_info()["compiled_decode"]
+    with pytest.raises(ValueError, match="compile: must be True or False, got 'yes'"):
+        Engine(model, compile="yes")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -139,6 +139,11 @@ def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
     assert any(row[1].startswith("one training step") for row in rows[1:] if row[0] == "nf4")
     assert any(row[1].startswith("image question") for row in rows[1:])
     assert ratio_column(rows)
+    unquantized = {row[1]: row[2] for row in rows[1:] if row[0] == "fp32"}
+    compiled = "greedy decode through `step(compile=True)`"
+    if not unquantized.get(compiled, "").startswith("not available"):
+        assert "floor: every weight read once (a sum over each matrix), tokens/s" in unquantized
+        assert unquantized[f"{compiled}: greedy tokens equal to the plain path's"] == "16 / 16"
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +173,7 @@ def test_a_corrupted_peer_is_refused_before_anything_is_timed(weights, monkeypat
 
     timed = []
     monkeypatch.setattr(peers, "load_peer", corrupted)
-    monkeypatch.setattr(decode_peers, "measure", lambda fn, repeats: timed.append(fn))
+    monkeypatch.setattr(decode_peers, "measure_side_by_side", lambda fns, repeats: timed.append(fns))
     with pytest.raises(compare.PeerMismatch, match="differ"):
         decode_peers.run_precision(weights, "fp32", SMOKE_ADAPTER, repeats=1, new_tokens=2, compiled=False)
     assert not timed, "nothing may be timed once the check has failed"
