@@ -98,7 +98,7 @@ def greedy(side: Ours | Peer, tokens: torch.Tensor, new_tokens: int, margins: bo
     with torch.inference_mode():
         start = time.perf_counter()
         logits = side.prefill(tokens, tokens.shape[1] + new_tokens)
-        ids = _synced(logits.argmax(-1))
+        ids = synced(logits.argmax(-1))
         first = time.perf_counter()
         first_logits, out = logits.clone(), [ids]
         for _ in range(new_tokens - 1):
@@ -107,14 +107,14 @@ def greedy(side: Ours | Peer, tokens: torch.Tensor, new_tokens: int, margins: bo
             logits = side.step(ids)
             ids = logits.argmax(-1)
             out.append(ids)
-        _synced(ids)
+        synced(ids)
         end = time.perf_counter()
     if margins:
         gaps.append(_margin(logits))
     return Greedy(torch.stack(out, 1), first_logits, gaps, first - start, end - first)
 
 
-def _synced(ids: torch.Tensor) -> torch.Tensor:
+def synced(ids: torch.Tensor) -> torch.Tensor:
     """Wait for the GPU to finish (CUDA runs asynchronously), so that the clock reads the work's end."""
     if ids.is_cuda:
         torch.cuda.synchronize(ids.device)

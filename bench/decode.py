@@ -28,6 +28,7 @@ from adapter.config import AdapterArgs, ModelArgs
 from adapter.cpu_features import describe_machine as machine
 from adapter.layout import column_major_wide, row_major
 from adapter.model import Transformer, reduction_matvec
+from bench.compare import synced
 from bench.report import publish
 
 SHAPE = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=1024)
@@ -101,9 +102,10 @@ def time_to_first_token_ms(model: Transformer, prompt_len: int = 64) -> float:
 
 
 def frozen_matrices(model: Transformer) -> list[torch.Tensor]:
-    """The weights one decode step reads: every large matrix (the layers' linears and the output head)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2]
-    return [w for w in weights if w.shape[0] * w.shape[1] > 64 * 1024]
+    """The weights one decode step reads: the layers' frozen linears and the output head (not the adapter's
+    own, nor a CLIP tower's)."""
+    linears = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)] + [model.output]
+    return [m.weight for m in linears if not m.weight.requires_grad]
 
 
 def floor_tokens_per_s(model: Transformer, steps: int = 64) -> float:
@@ -136,18 +138,12 @@ def _compiled_matvecs(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> li
 
 def _steps_per_s(one_step: Callable[[], list[torch.Tensor]], steps: int) -> float:
     with torch.inference_mode():
-        _synced(one_step())  # a warm-up (and the compilation, where there is one)
+        synced(one_step()[-1])  # a warm-up (and the compilation, where there is one)
         start = time.perf_counter()
         for _ in range(steps):
             out = one_step()
-        _synced(out)
+        synced(out[-1])
         return steps / (time.perf_counter() - start)
-
-
-def _synced(tensors: list[torch.Tensor]) -> None:
-    """Wait for a GPU's queued work (CUDA runs asynchronously), so that the clock reads the work's end."""
-    if tensors and tensors[0].is_cuda:
-        torch.cuda.synchronize(tensors[0].device)
 
 
 def run(threads: int, repeats: int) -> list[tuple[str, str, str]]:
