@@ -38,7 +38,7 @@ from bench.compare import (
 )
 from bench.decode import floor_tokens_per_s, machine, measure_side_by_side, reduction_floor_tokens_per_s
 from bench.peers import PRECISIONS, Weights, quiet, write_weights
-from bench.report import command_line, publish, ratio, spread, table, versions
+from bench.report import command_line, error_line, publish, ratio, spread, table, versions
 from bench.shapes import describe, shapes
 
 HEADING = "Decode vs transformers + peft (CPU)"
@@ -113,7 +113,7 @@ def compiled_rows(ours: Ours, peer: Peer, precision: str, vocab: int, repeats: i
     except PeerMismatch as error:
         raise PeerMismatch(f"{label}: {error}") from error
     except RuntimeError as error:  # torch.compile's failures (no C++ compiler, an unsupported op, ...) are these
-        reason = f"not available: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+        reason = f"not available: {error_line(error, 200)}"
         return [], [(precision, "greedy decode through `step(compile=True)`", reason, "", "")]
     return [dataclasses.replace(check, precision=label)], rows
 

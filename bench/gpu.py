@@ -29,7 +29,7 @@ from adapter.config import AdapterArgs, ModelArgs
 from bench.compare import TOLERANCE, Check, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
 from bench.decode import measure
 from bench.peers import quiet
-from bench.report import Stat, command_line, publish, ratio, spread, table, versions
+from bench.report import Stat, command_line, error_line, publish, ratio, spread, table, versions
 
 LLAMA_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6,
                      max_seq_len=2048)
@@ -226,8 +226,8 @@ def compiled_rows(s: Setup, precision: str, ours: Ours, repeats: int) -> list[tu
             lambda: read_tokens_per_s(ours.model), lambda: greedy(ours, tokens, s.new_tokens + 1).tokens_per_s,
             lambda: greedy(compiled, tokens, s.new_tokens + 1).tokens_per_s], repeats)
     except RuntimeError as error:  # torch.compile's failures (no compiler, an unsupported op, ...) are these
-        reason = f"not available: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-        return [(precision, "greedy decode through `step(compile=True)`", reason, "", "")]
+        return [(precision, "greedy decode through `step(compile=True)`", f"not available: {error_line(error, 200)}",
+                 "", "")]
     return [
         (precision, "floor: every weight read once (a sum over each matrix), tokens/s", spread(floor), "", ""),
         (precision, "greedy decode through `step(compile=True)`: greedy tokens equal to the plain path's",
@@ -372,8 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             check, more = run_precision(s, precision, repeats)
         except (ImportError, RuntimeError, ValueError) as error:  # e.g. no bitsandbytes, or none for this CUDA
-            first_line = (str(error).splitlines() or [""])[0]
-            check, more = f"{precision}: not run: {type(error).__name__}: {first_line}", []
+            check, more = f"{precision}: not run: {error_line(error)}", []
         checks.append(check)
         rows += more
         gc.collect()

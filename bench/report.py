@@ -86,3 +86,9 @@ def stat(values: Sequence[float]) -> Stat:
 def ratio(ours: Stat, peer: Stat) -> str:
     """ours / peer, of the medians ("n/a" when the peer's is zero)."""
     return f"{ours[0] / peer[0]:.2f}" if peer[0] else "n/a"
+
+
+def error_line(error: BaseException, limit: int | None = None) -> str:
+    """`Type: first line of the message` (cut to `limit` characters), for a table cell or a list item."""
+    first = (str(error).splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:limit]}"
