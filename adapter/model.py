@@ -14,7 +14,6 @@ and `s_d` (delta scale, for the v2 bias/LoRA/norm deltas) are tensors, scalar or
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,27 +26,14 @@ from .fused import StackedWeight
 from .head_loss import head_cross_entropy
 from .kv_cache import KVCache
 from .layout import row_major
+from .static_decode import StaticDecoder
+from .step_context import StepContext
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 NO_ADAPTER = AdapterArgs(prompt_len=0, prompt_layers=0)
 ScaleLike = float | Sequence[float] | torch.Tensor
-
-
-@dataclass
-class StepContext:
-    """What every layer needs to know about the current forward call."""
-
-    rope: torch.Tensor  # complex [T, D/2] or [B, T, D/2], see rope_table
-    gate_scale: torch.Tensor  # [] or [B, 1, 1, 1]
-    delta_scale: torch.Tensor  # [] or [B, 1, 1]
-    attn_mask: torch.Tensor | None = None  # bool [B, 1, T, S], True = may attend
-    is_causal: bool = False
-    cache: KVCache | None = None
-    start: int = 0
-    fused: bool = False  # decoding without gradients: stacked projections (adapter.fused), one-call norms
-    fp32_attention: bool = False  # see Transformer.fp32_attention
 
 
 class RMSNorm(nn.Module):
@@ -357,6 +343,9 @@ class Transformer(nn.Module):
         # bench.decode measured no gain at dim 512 on 2 CPU threads, and the copy is +30 % fp32 memory
         self.fused_inference = False
         self._compiled: Callable[..., torch.Tensor] | None = None
+        # what `step(compile=True)` runs one-token steps through once a prompt was fed: made on first use on a
+        # GPU (compiled, CUDA graphs); set one to use it on the CPU as well (the tests do, without capture)
+        self.static_decoder: StaticDecoder | None = None
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, more time
         # True: attention runs in float32 even under bf16 autocast. On CPU the flash kernel's bf16 backward
         # is ~6x slower than its fp32 one at adapter-training lengths (~100 tokens), so adapter.finetune sets
@@ -526,7 +515,8 @@ class Transformer(nn.Module):
         With `record` (a list), each adapter layer appends the per-token share of its attention output
         that came through the prompt: what the app colours tokens by. Without gradients and with
         `fused_inference` set, the step takes the fused path; with `compile`, one-token steps without
-        gradients run through `torch.compile` (see `_compiled_logits`), which takes a while the first time.
+        gradients run through `torch.compile` (see `_compiled_logits`), which takes a while the first time,
+        and on a GPU, after the prompt's step, as CUDA graphs (adapter.static_decode).
         """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
@@ -536,6 +526,16 @@ class Transformer(nn.Module):
         if start + length > cache.max_len:
             raise ValueError(f"tokens: {start + length} positions do not fit the cache of {cache.max_len}")
         device = tokens.device
+        inference = not torch.is_grad_enabled()
+        if compile and inference and length == 1 and record is None and self._prompts_cached(cache) \
+                and (device.type == "cuda" or self.static_decoder is not None):
+            gate = _scale_for_rows(self._gate_scale if gate_scale is None else gate_scale, "gate_scale", batch,
+                                   torch.device("cpu"), 4)
+            delta = _scale_for_rows(self._delta_scale if delta_scale is None else delta_scale, "delta_scale", batch,
+                                    torch.device("cpu"), 3, self.tok_embeddings.weight.dtype)
+            logits = self._static_decoder().step(tokens, cache, gate, delta)
+            cache.length = start + length
+            return logits
         positions = torch.arange(start, start + length, device=device)
         mask, is_causal = None, False
         if cache.pad is None:
@@ -552,7 +552,6 @@ class Transformer(nn.Module):
             visible = (keys[None, None, :] >= cache.pad[:, None, None]) & (keys[None, None, :] <= positions[None, :, None])
             # a padding query sees itself, so that no row is fully masked (that would give NaN)
             mask = (visible | (keys[None, None, :] == positions[None, :, None]))[:, None]
-        inference = not torch.is_grad_enabled()
         fused = inference and self.fused_inference
         if fused and not cache.stacks_checked:  # once per request, as for the prompts' keys/values
             self._refresh_stacks()
@@ -618,6 +617,16 @@ class Transformer(nn.Module):
             row_major(self)  # its reductions read row-major weights fastest (see frozen_linear)
             self._compiled = torch.compile(self._last_logits, dynamic=True)
         return self._compiled
+
+    def _static_decoder(self) -> StaticDecoder:
+        if self.static_decoder is None:
+            self.static_decoder = StaticDecoder(self, compile=True)
+        return self.static_decoder
+
+    def _prompts_cached(self, cache: KVCache) -> bool:
+        """Whether the cache holds something (a prompt was fed) and every prompt layer's keys/values."""
+        prompt_layers = self.args.n_layers - self.first_prompt_layer if self.adapter_query is not None else 0
+        return cache.length > 0 and len(cache.prompt_kv) == prompt_layers
 
     def _refresh_stacks(self) -> None:
         for block in self.layers:

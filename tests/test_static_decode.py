@@ -1,0 +1,156 @@
+"""The static-shape one-token step (adapter.static_decode) against the plain step: same logits, through cache
+lengths that cross buckets, left padding, slider moves, slots reused by later requests; on a GPU, as CUDA graphs."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+
+import pytest
+import torch
+
+import adapter.static_decode as static_decode
+from adapter.model import Transformer
+from adapter.static_decode import StaticDecoder, bucket
+from tests.conftest import TINY, TINY_GQA, V1, V2, make_model
+
+CASES = {"mha-v1": (TINY, V1), "gqa-v2": (TINY_GQA, V2)}
+
+
+@pytest.fixture(autouse=True)
+def small_buckets(monkeypatch):
+    """Buckets of 8, 16, 32, ... positions, so that a short decode crosses several."""
+    monkeypatch.setattr(static_decode, "BUCKET", 8)
+
+
+def left_padded(vocab: int, lengths=(6, 2, 9), seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    tokens = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        tokens[row, longest - n:] = torch.randint(3, vocab, (n,), generator=generator)
+    return tokens, torch.tensor([longest - n for n in lengths])
+
+
+def decode(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, steps: int, compile: bool,
+           scales=lambda step: {}, max_len: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy tokens [B, steps] and each step's logits, one-token steps with `compile` as asked."""
+    with torch.inference_mode():
+        cache = model.new_cache(tokens.shape[0], max_len or tokens.shape[1] + steps, pad=pad)
+        logits = model.step(tokens.to(model.output.weight.device), cache, **scales(0))
+        out, seen = [logits.argmax(-1)], [logits]
+        for step in range(1, steps):
+            logits = model.step(out[-1][:, None], cache, compile=compile, **scales(step))
+            out.append(logits.argmax(-1))
+            seen.append(logits)
+    return torch.stack(out, 1), seen
+
+
+def assert_same_decode(a, b) -> None:
+    """Equal tokens, logits equal up to summation order (attention sums over masked positions too)."""
+    assert torch.equal(a[0], b[0])
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def with_static(model: Transformer, **options) -> StaticDecoder:
+    model.static_decoder = StaticDecoder(model, capture=False, **options)
+    return model.static_decoder
+
+
+def test_buckets_are_powers_of_two_from_the_smallest_up_to_the_limit():
+    assert [bucket(n, 96) for n in (1, 8, 9, 16, 17, 33, 64, 65, 96)] == [8, 8, 16, 16, 32, 64, 64, 96, 96]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_static_steps_give_the_plain_steps_logits_across_buckets_with_padding_and_moving_sliders(case):
+    args, adapter = CASES[case]
+    model = make_model(args, adapter)
+    tokens, pad = left_padded(args.vocab_size)
+    # per-row gates and deltas that change every step: the slider moving while an answer streams
+    scales = lambda step: {"gate_scale": [0.5 * (step % 3), 1.0, 1.7], "delta_scale": [1.0, 0.1 * step, 0.0]}  # noqa: E731
+    plain = decode(model, tokens, pad, 40, compile=False, scales=scales)
+    decoder = with_static(model)
+    assert_same_decode(decode(model, tokens, pad, 40, compile=True, scales=scales), plain)
+    assert len(decoder.slots) == 1
+    assert sorted(decoder.slots[0].graphs) == [16, 32, 64]  # the lengths crossed from position 9 to 48
+
+
+def test_a_later_request_reuses_the_free_slot_and_never_sees_the_earlier_keys():
+    model = make_model(TINY_GQA, V2)
+    decoder = with_static(model)
+    long_tokens, long_pad = left_padded(TINY_GQA.vocab_size, (9, 9, 9), seed=1)
+    decode(model, long_tokens, long_pad, 30, compile=True)
+    storage = decoder.slots[0].keys[0].data_ptr()
+    gc.collect()
+    tokens, pad = left_padded(TINY_GQA.vocab_size, (3, 1, 2), seed=2)  # padding where the last request wrote
+    expected = decode(model, tokens, pad, 30, compile=False, max_len=39)
+    assert_same_decode(decode(model, tokens, pad, 30, compile=True, max_len=39), expected)
+    assert len(decoder.slots) == 1 and decoder.slots[0].keys[0].data_ptr() == storage
+
+
+def test_a_cache_still_in_use_keeps_its_slot_and_eager_steps_can_follow_static_ones():
+    model = make_model(TINY, V1)
+    decoder = with_static(model)
+    tokens, pad = left_padded(TINY.vocab_size)
+    caches, ids = [], []
+    with torch.inference_mode():
+        for _ in range(2):  # two live requests: two slots
+            cache = model.new_cache(3, 40, pad=pad)
+            ids.append(model.step(tokens, cache).argmax(-1))
+            caches.append(cache)
+        first = [model.step(ids[i][:, None], cache, compile=True) for i, cache in enumerate(caches)]
+        assert len(decoder.slots) == 2
+        # a three-token eager step on the first cache, then static steps again: as if all were eager
+        more = torch.randint(3, TINY.vocab_size, (3, 3), generator=torch.Generator().manual_seed(3))
+        after = model.step(more, caches[0])
+        last = model.step(after.argmax(-1)[:, None], caches[0], compile=True)
+        reference = model.new_cache(3, 40, pad=pad)
+        model.step(tokens, reference)
+        expected_first = model.step(ids[0][:, None], reference)
+        expected_after = model.step(more, reference)
+        expected_last = model.step(expected_after.argmax(-1)[:, None], reference)
+    torch.testing.assert_close(first[0], expected_first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, expected_after, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, expected_last, rtol=1e-5, atol=1e-5)
+
+
+def test_steps_without_a_fed_prompt_or_with_gradients_stay_on_the_plain_path(monkeypatch):
+    model = make_model(TINY, V1)
+    decoder = with_static(model)
+    monkeypatch.setattr(model, "_compiled_logits", lambda: model._last_logits)  # the CPU's compiled step, uncompiled
+    with torch.inference_mode():
+        cache = model.new_cache(1, 8)
+        model.step(torch.tensor([[5]]), cache, compile=True)  # the first token: no prompt keys yet
+    assert decoder.slots == []
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model.step(torch.tensor([[5, 6]]), cache)
+    model.step(torch.tensor([[7]]), cache, compile=True)  # gradients on: plain
+    assert decoder.slots == []
+
+
+has_compiler = shutil.which("g++") is not None or shutil.which("clang++") is not None
+
+
+@pytest.mark.skipif(not has_compiler, reason="torch.compile on CPU needs a C++ compiler")
+def test_the_compiled_static_step_gives_the_plain_tokens():
+    model = make_model(TINY_GQA, V2)
+    tokens, pad = left_padded(TINY_GQA.vocab_size)
+    plain = decode(model, tokens, pad, 20, compile=False)
+    with_static(model, compile=True)
+    assert_same_decode(decode(model, tokens, pad, 20, compile=True), plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_on_a_gpu_compiled_steps_replay_cuda_graphs_captured_once_per_length():
+    model = make_model(TINY_GQA, V2).cuda()
+    tokens, pad = left_padded(TINY_GQA.vocab_size)
+    scales = lambda step: {"gate_scale": [0.5 * (step % 3), 1.0, 1.7]}  # noqa: E731
+    plain = decode(model, tokens, pad, 40, compile=False, scales=scales)
+    assert_same_decode(decode(model, tokens, pad, 40, compile=True, scales=scales), plain)
+    decoder = model.static_decoder
+    assert decoder.capture and decoder.captures == 3  # lengths 16, 32, 64; the slider captured nothing
+    gc.collect()
+    assert_same_decode(decode(model, tokens, pad, 40, compile=True), decode(model, tokens, pad, 40, compile=False))
+    assert decoder.captures == 3  # the next request replayed the same graphs
