@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from adapter.config import AdapterArgs
+from adapter.static_decode import StaticDecoder
 from bench.peers import Weights, pair
 from bench.report import table
 
@@ -32,17 +33,21 @@ class PeerMismatch(RuntimeError):
 
 class Ours:
     """Our model behind the loop's two calls (with an image's visual prompt, when given; with `compile`, the
-    one-token steps through `Transformer.step(compile=True)`)."""
+    one-token steps through `Transformer.step(compile=True)`; with `static`, through that decoder: see
+    adapter.static_decode)."""
 
-    def __init__(self, model, visual_prompt: torch.Tensor | None = None, compile: bool = False) -> None:
-        self.model, self.visual_prompt, self.cache = model, visual_prompt, None
-        self.options = {"compile": True} if compile else {}
+    def __init__(self, model, visual_prompt: torch.Tensor | None = None, compile: bool = False,
+                 static: StaticDecoder | None = None) -> None:
+        self.model, self.visual_prompt, self.static, self.cache = model, visual_prompt, static, None
+        self.options = {"compile": True} if compile or static is not None else {}
 
     def prefill(self, tokens: torch.Tensor, max_len: int) -> torch.Tensor:
         self.cache = self.model.new_cache(tokens.shape[0], max_len, visual_prompt=self.visual_prompt)
         return self.model.step(tokens, self.cache)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.static is not None:  # sides sharing one model take turns in the same rounds
+            self.model.static_decoder = self.static
         return self.model.step(ids[:, None], self.cache, **self.options)
 
 

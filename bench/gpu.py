@@ -2,10 +2,11 @@
 on the GPU, at bf16, nf4 and int8: decode tokens/s, time to first token, peak memory at 2048 tokens of context
 (and of an image question through a ViT-L/14-shaped open_clip tower with random weights and the v2 visual
 prompt), and one nf4 training step; the same for transformers + peft on the very same tensors. For bf16 also the
-card's floor (every weight read once) and our decode through `step(compile=True)` beside it.
+card's floor (every weight read once) and our decode beside it: plain, as CUDA graphs of the static step, and
+through `step(compile=True)` (compiled, as CUDA graphs).
 
     bash bench/gpu.sh [--write BENCHMARKS.md]     (see bench/gpu.sh for the packages to carry along)
-    python -m bench.gpu --smoke                    (CPU, tiny shapes, seconds: checks the script, figures mean nothing)
+    python -m bench.gpu --smoke [--device cuda]    (tiny shapes, seconds: checks the script, figures mean nothing)
 
 The peer's nf4/int8 linears are made by replacing its nn.Linear layers with bitsandbytes Linear4bit /
 Linear8bitLt holding the same tensors (what `BitsAndBytesConfig` does while loading), because loading through
@@ -68,8 +69,8 @@ def add_vendor() -> None:
         sys.path.append(vendor)
 
 
-def setup(smoke: bool, budget_s: float) -> Setup:
-    device = torch.device("cpu" if smoke else "cuda")
+def setup(smoke: bool, budget_s: float, device: str | None = None) -> Setup:
+    device = torch.device(device or ("cpu" if smoke else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.gpu: no CUDA device here; run it on a GPU machine, or with --smoke on the CPU")
     args = TINY if smoke else LLAMA_7B
@@ -211,32 +212,42 @@ def decode_rows(s: Setup, precision: str, ours: Ours, peer: Peer | None, why: st
             for name, run, digits, repeated in measures]
 
 
-def compiled_rows(s: Setup, precision: str, ours: Ours, repeats: int) -> list[tuple[str, ...]]:
-    """The card's floor (every weight read once: its memory bandwidth) and our decode beside it, plain and through
-    `step(compile=True)` in the same rounds, after checking that the compiled steps give the plain greedy tokens;
-    a compiler that fails is reported in the table."""
+def fast_decode_rows(s: Setup, repeats: int) -> list[tuple[str, ...]]:
+    """The card's floor (every weight read once: its memory bandwidth) and, in the same rounds, our decode of
+    the unquantized model plainly, as CUDA graphs of the static step (adapter.static_decode; run without capture
+    on the CPU), and through `step(compile=True)` (that step compiled, as CUDA graphs), each after checking
+    that it gives the plain greedy tokens; a path that fails is reported in the table."""
+    from adapter.static_decode import StaticDecoder
     from bench.decode import measure_side_by_side, read_tokens_per_s
 
+    precision = s.precisions[0]
+    ours = Ours(build(s))
+    graphs = Ours(ours.model, static=StaticDecoder(ours.model))
+    compiled = Ours(ours.model, static=StaticDecoder(ours.model, compile=True))
+    names = ("as CUDA graphs of the static step" if s.device.type == "cuda" else "static step (no capture on CPU)",
+             "through `step(compile=True)` (compiled" + (", as CUDA graphs)" if s.device.type == "cuda" else ")"))
     tokens = prompt(1, 16, s.args.vocab_size, device=s.device)
-    compiled = Ours(ours.model, compile=True)
-    try:
-        plain, fast = (greedy(side, tokens, 16).tokens for side in (ours, compiled))
-        same = int((plain == fast).cumprod(-1).sum())
-        floor, eager, rate = measure_side_by_side([
-            lambda: read_tokens_per_s(ours.model), lambda: greedy(ours, tokens, s.new_tokens + 1).tokens_per_s,
-            lambda: greedy(compiled, tokens, s.new_tokens + 1).tokens_per_s], repeats)
-    except RuntimeError as error:  # torch.compile's failures (no compiler, an unsupported op, ...) are these
-        return [(precision, "greedy decode through `step(compile=True)`", f"not available: {error_line(error, 200)}",
-                 "", "")]
-    return [
-        (precision, "floor: every weight read once (a sum over each matrix), tokens/s", spread(floor), "", ""),
-        (precision, "greedy decode through `step(compile=True)`: greedy tokens equal to the plain path's",
-         f"{same} / 16", "", ""),
-        (precision, "greedy decode, batch 1, tokens/s (in the floor's rounds)", spread(eager), "", ""),
-        (precision, "greedy decode, batch 1, through `step(compile=True)`, tokens/s (in the floor's rounds)",
-         spread(rate), "", ""),
-        (precision, "decode / floor: plain, compiled", f"{eager[0] / floor[0]:.0%}, {rate[0] / floor[0]:.0%}", "",
-         "")]
+    plain = greedy(ours, tokens, 16).tokens
+    rows, working, sides = [], [], [lambda: read_tokens_per_s(ours.model),
+                                    lambda: greedy(ours, tokens, s.new_tokens + 1).tokens_per_s]
+    for name, side in zip(names, (graphs, compiled)):
+        try:
+            started = time.perf_counter()
+            same = int((greedy(side, tokens, 16).tokens == plain).cumprod(-1).sum())
+        except RuntimeError as error:  # torch.compile's and CUDA graphs' failures are these
+            rows.append((precision, f"greedy decode {name}", f"not available: {error_line(error, 200)}", "", ""))
+            continue
+        rows.append((precision, f"greedy decode {name}: first request (compiling, capturing), s; greedy tokens "
+                     "equal to the plain path's", f"{time.perf_counter() - started:.1f}; {same} / 16", "", ""))
+        working.append(name)
+        sides.append(lambda side=side: greedy(side, tokens, s.new_tokens + 1).tokens_per_s)
+    floor, eager, *fast = measure_side_by_side(sides, repeats)
+    rows += [(precision, "floor: every weight read once (a sum over each matrix), tokens/s", spread(floor), "", ""),
+             (precision, "greedy decode, batch 1, tokens/s (in the floor's rounds)", spread(eager), "", "")]
+    rows += [(precision, f"greedy decode, batch 1, {name}, tokens/s (in the floor's rounds)", spread(rate), "", "")
+             for name, rate in zip(working, fast)]
+    shares = ", ".join(f"{name}: {rate[0] / floor[0]:.0%}" for name, rate in zip(("plain", *working), (eager, *fast)))
+    return rows + [(precision, "decode / floor", shares, "", "")]
 
 
 def once(value: float) -> Stat:
@@ -263,8 +274,10 @@ def image_rows(s: Setup, precision: str, ours: Ours, repeats: int) -> list[tuple
     no_peer = "n/a: peft adaption_prompt has no visual prompt"
     first = measure(lambda: 1000 * question(1).first_token_s, repeats)
     memory = once(peak(s.device, lambda: question(s.new_tokens)))
+    total = once(weights_gib(ours.model) + memory[0])
     return [(precision, label + ": encode and first token, ms", *cells(first, None, no_peer, 1, True)),
-            (precision, label + ": peak memory above the weights, GiB", *cells(memory, None, no_peer, 2, False))]
+            (precision, label + ": peak memory above the weights, GiB", *cells(memory, None, no_peer, 2, False)),
+            (precision, label + ": weights and that peak, GiB", *cells(total, None, no_peer, 2, False))]
 
 
 def train_rows(s: Setup, ours: Ours, peer: Peer | None, why: str) -> list[tuple[str, ...]]:
@@ -315,8 +328,6 @@ def run_precision(s: Setup, precision: str, repeats: int) -> tuple[Check | str, 
     except PeerMismatch as error:
         check, why, peer = f"{precision}: {error}", "not timed: differs from ours (see above)", None
     rows = decode_rows(s, precision, ours, peer, why, repeats) + image_rows(s, precision, ours, repeats)
-    if precision == s.precisions[0]:  # the unquantized weights: plain linears, which the compiled step reduces
-        rows += compiled_rows(s, precision, ours, repeats)
     if precision == "nf4":
         rows += train_rows(s, ours, peer, why)
     return check, rows
@@ -328,7 +339,7 @@ def render(s: Setup, checks: list[Check | str], rows: list[tuple[str, ...]], ski
     problems += [f"- skipped after the {s.budget_s:.0f} s budget: {', '.join(skipped)}"] if skipped else []
     return "\n".join([
         (f"## {HEADING} ({card(s.device)}): LLaMA-7B-shaped, random weights, v1 prompts on "
-         f"{s.adapter.prompt_layers} layers" + (" (--smoke: tiny shapes on the CPU, figures mean nothing)" if smoke
+         f"{s.adapter.prompt_layers} layers" + (" (--smoke: tiny shapes, figures mean nothing)" if smoke
                                                 else "")),
         "",
         (f"Card: {card(s.device)}; torch {torch.__version__}, {versions()}. Command: `{command}`, {seconds:.0f} s in "
@@ -355,32 +366,39 @@ def card(device: torch.device) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=420, help="seconds; later precisions are skipped after it")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script, not the GPU")
-    parser.add_argument("--write", help="replace the GPU section of this markdown file (e.g. BENCHMARKS.md)")
+    parser.add_argument("--budget", type=float, default=420, help="seconds; later stages are skipped after it")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (on the CPU unless --device): checks the "
+                        "script, not the GPU")
+    parser.add_argument("--device", help="where to run (default: cuda, or cpu with --smoke)")
+    parser.add_argument("--write", help="replace the GPU section of this markdown file (e.g. BENCHMARKS.md); "
+                        "rewritten after each stage, so a run stopped early keeps what it measured")
     options = parser.parse_args(argv)
     add_vendor()
     quiet()
-    s = setup(options.smoke, options.budget)
+    s = setup(options.smoke, options.budget, options.device)
     repeats = 1 if options.smoke else options.repeats
     started = time.perf_counter()
+    stages = [(p, lambda p=p: run_precision(s, p, repeats)) for p in s.precisions]
+    stages.append(("fast decode", lambda: (None, fast_decode_rows(s, repeats))))
     checks, rows, skipped = [], [], []
-    for precision in s.precisions:
+    for number, (name, stage) in enumerate(stages):
         if time.perf_counter() - started > s.budget_s:
-            skipped.append(precision)
+            skipped.append(name)
             continue
+        print(f"bench.gpu: [{time.perf_counter() - started:5.0f} s] {name}", file=sys.stderr, flush=True)
         try:
-            check, more = run_precision(s, precision, repeats)
+            check, more = stage()
         except (ImportError, RuntimeError, ValueError) as error:  # e.g. no bitsandbytes, or none for this CUDA
-            check, more = f"{precision}: not run: {error_line(error)}", []
-        checks.append(check)
+            check, more = f"{name}: not run: {error_line(error)}", []
+        checks += [check] if check is not None else []
         rows += more
         gc.collect()
         if s.device.type == "cuda":
             torch.cuda.empty_cache()
-    text = render(s, checks, rows, skipped, command_line("bench.gpu", argv), repeats, time.perf_counter() - started,
-                  options.smoke)
-    publish(text, HEADING + " (", options.write)
+        text = render(s, checks, rows, skipped, command_line("bench.gpu", argv), repeats,
+                      time.perf_counter() - started, options.smoke)
+        if number == len(stages) - 1 or options.write:
+            publish(text, HEADING + " (", options.write, echo=number == len(stages) - 1)
     return 0
 
 

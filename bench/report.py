@@ -35,9 +35,10 @@ def replace_section(path: str | os.PathLike, heading: str, text: str, first: boo
     atomic_write(path, lambda tmp: Path(tmp).write_text(content))
 
 
-def publish(text: str, heading: str, write: str | os.PathLike | None) -> None:
-    """Print a benchmark's section and, with `--write FILE`, replace its section there."""
-    print(text)
+def publish(text: str, heading: str, write: str | os.PathLike | None, echo: bool = True) -> None:
+    """Print a benchmark's section (with `echo`) and, with `--write FILE`, replace its section there."""
+    if echo:
+        print(text)
     if write:
         replace_section(write, heading, text)
 
