@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import hub
 from .engine import Engine, device_lock
+from .kv_cache import check_kv_cache
 from .loading import load, resolve_device, resolve_dtype
 from .quantize import check_mode
 from .tiny.assets import ASSETS as TINY_FOLDER
@@ -44,6 +45,7 @@ class ServeConfig:
     max_new_tokens: int = 256
     concurrency: int = 1
     compile: bool = False  # decode through torch.compile (Transformer.step): faster steps, a slow first answer
+    kv_cache: str = "auto"  # "int8": keys/values in int8, half the cache's memory (adapter.kv_cache)
 
 
 def env_name(flag: str) -> str:
@@ -92,6 +94,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="decode through torch.compile: faster steps (on a CPU, 1.7x for a 512-dim fp32 model: "
                              "BENCHMARKS.md), but the first answer waits for the compilation (tens of seconds; "
                              "a CPU needs a C++ compiler)")
+    parser.add_argument("--kv-cache", default=default("kv_cache", defaults.kv_cache),
+                        help="auto (the model's dtype) or int8 (half the KV cache's memory, for long contexts on "
+                             "small GPUs)")
     return parser
 
 
@@ -121,6 +126,7 @@ def check_config(config: ServeConfig) -> None:
         if config.clip_model.endswith(".json") and not Path(config.clip_model).is_file():
             raise FileNotFoundError(f"--clip-model: {config.clip_model} does not exist")
     _flag("quantize", check_mode, config.quantize)
+    _flag("kv_cache", check_kv_cache, config.kv_cache)
     device = _flag("device", resolve_device, config.device)
     _flag("dtype", lambda dtype: resolve_dtype(dtype, device), config.dtype)
     if not 1 <= config.port <= 65535:
@@ -189,7 +195,7 @@ def load_engine(config: ServeConfig) -> Engine:
     training gate plot is looked for next to the real adapter."""
     base, adapter, clip, clip_model = resolve_tiny(config.base, config.adapter, config.clip, config.clip_model)
     model = load(base, adapter=adapter, quantize=config.quantize, device=config.device, dtype=config.dtype,
-                 clip=clip, clip_model=clip_model)
+                 clip=clip, clip_model=clip_model, kv_cache=config.kv_cache)
     device = model.tok_embeddings.weight.device
     return Engine(model, device_lock(device), max_new_tokens=config.max_new_tokens, base=str(base),
                   adapter=None if adapter is None else str(adapter), compile=config.compile)

@@ -255,6 +255,7 @@ class Engine:
             "image_encoder": model.image_encoder.name if model.image_encoder is not None else None,
             "max_seq_len": model.args.max_seq_len, "max_new_tokens": self.max_new_tokens,
             "compiled_decode": self.compile,
+            "kv_cache": model.kv_cache,
             "process_memory_mb": round(process_memory_mb(), 1),
         }
         if self.device.type == "cuda":

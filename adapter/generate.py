@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .kv_cache import KV_CACHE_DTYPES
 from .prompts import STOP_STRINGS, TEMPLATES, apply_template
 from .sampling import SamplingParams, sample
 from .text_stream import TextStream
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="decode through torch.compile: faster steps after a slow first one (on CPU it needs "
                              "a C++ compiler)")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="auto",
+                        help="int8: keys/values in int8, half the KV cache's memory")
     return parser
 
 
@@ -235,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model = load(args.base, adapter=args.adapter, quantize=args.quantize, device=args.device, dtype=args.dtype,
-                     clip=args.clip, clip_model=args.clip_model)
+                     clip=args.clip, clip_model=args.clip_model, kv_cache=args.kv_cache)
         prompt = apply_template(args.template, args.prompt, args.input)
         pieces = stream(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,

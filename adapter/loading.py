@@ -15,6 +15,7 @@ from torch import nn
 from . import hub
 from .config import AdapterArgs
 from .formats import open_base, read_adapter
+from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
 from .model import Transformer
@@ -62,6 +63,7 @@ def load(
     max_seq_len: int | None = None,
     clip: str | os.PathLike | None = None,
     clip_model: str | None = None,
+    kv_cache: str = "auto",
 ) -> Transformer:
     """Load a base LLaMA folder and, optionally, an adapter; returns the model in eval mode.
 
@@ -71,9 +73,11 @@ def load(
     pretrained tag such as "openai" (downloads); `clip_model` overrides the open_clip model the adapter
     names (an open_clip name or a model-config .json). The shipped tiny model has short names: base "tiny",
     adapters "tiny-text" (the default with base "tiny") and "tiny-image", clip "tiny" (see adapter.tiny.assets).
+    `kv_cache="int8"` makes generation store keys/values in int8 (half the cache's memory; adapter.kv_cache).
     """
     base, adapter, clip, clip_model = resolve_tiny(base, adapter, clip, clip_model)
     mode = check_mode(quantize)
+    check_kv_cache(kv_cache)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     checkpoint = open_base(hub.resolve(base, "base"))
@@ -107,6 +111,7 @@ def load(
         attach_image_encoder(model, load_image_encoder(clip, clip_model or adapter_args.clip_model))
     model.base_format = checkpoint.format
     model.tokenizer = tokenizer
+    model.kv_cache = kv_cache
     model.freeze_base()
     return model.eval()
 

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import BIAS_TARGETS, AdapterArgs, ModelArgs
 from .fused import StackedWeight
 from .head_loss import head_cross_entropy
-from .kv_cache import KVCache
+from .kv_cache import KVCache, check_kv_cache
 from .layout import row_major
 from .static_decode import StaticDecoder
 from .step_context import StepContext
@@ -346,6 +346,7 @@ class Transformer(nn.Module):
         # what `step(compile=True)` runs one-token steps through once a prompt was fed: made on first use on a
         # GPU (compiled, CUDA graphs); set one to use it on the CPU as well (the tests do, without capture)
         self.static_decoder: StaticDecoder | None = None
+        self.kv_cache = "auto"  # how new_cache stores keys/values: "auto" (the model's dtype) or "int8"
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, more time
         # True: attention runs in float32 even under bf16 autocast. On CPU the flash kernel's bf16 backward
         # is ~6x slower than its fp32 one at adapter-training lengths (~100 tokens), so adapter.finetune sets
@@ -491,14 +492,18 @@ class Transformer(nn.Module):
         *,
         pad: torch.Tensor | None = None,
         visual_prompt: torch.Tensor | None = None,
+        kv_cache: str | None = None,
     ) -> KVCache:
-        """A cache for `batch` rows; `pad[b]` = number of left-padding tokens in row b."""
+        """A cache for `batch` rows; `pad[b]` = number of left-padding tokens in row b; `kv_cache` ("auto" or
+        "int8", see adapter.kv_cache) overrides the model's `kv_cache`."""
         max_len = self.args.max_seq_len if max_len is None else max_len
         if max_len > self.args.max_seq_len:
             raise ValueError(f"max_len: {max_len} is more than the model's max_seq_len={self.args.max_seq_len}")
+        kind = check_kv_cache(self.kv_cache if kv_cache is None else kv_cache)
         embed = self.tok_embeddings.weight
         return KVCache(self.args.n_layers, batch, self.args.kv_heads, max_len, self.args.head_dim,
-                       dtype=embed.dtype, device=embed.device, pad=pad, visual_prompt=visual_prompt)
+                       dtype=embed.dtype, device=embed.device, pad=pad, visual_prompt=visual_prompt,
+                       int8=kind == "int8")
 
     def step(
         self,
@@ -549,7 +554,8 @@ class Transformer(nn.Module):
             row_positions = (positions[None, :] - cache.pad[:, None]).clamp_min(0)
             rope = self._rope_slice(row_positions)
             keys = torch.arange(start + length, device=device)
-            visible = (keys[None, None, :] >= cache.pad[:, None, None]) & (keys[None, None, :] <= positions[None, :, None])
+            visible = ((keys[None, None, :] >= cache.pad[:, None, None])
+                       & (keys[None, None, :] <= positions[None, :, None]))
             # a padding query sees itself, so that no row is fully masked (that would give NaN)
             mask = (visible | (keys[None, None, :] == positions[None, :, None]))[:, None]
         fused = inference and self.fused_inference

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, dequantize_vectors, quantize_vectors
 from .step_context import StepContext
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ class Slot:
 
     keys: list[torch.Tensor]  # per layer [B, kv_heads, length, head_dim]
     values: list[torch.Tensor]
+    key_scales: list[torch.Tensor] | None  # an int8 cache's scales, per layer [B, kv_heads, length, 1]
+    value_scales: list[torch.Tensor] | None
     prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # per prompt layer, [B, kv_heads, K, head_dim]
     tokens: torch.Tensor  # [B, 1]
     position: torch.Tensor  # [1]: where this step's token goes (left padding included)
@@ -76,10 +78,19 @@ class SlotView:
         self.slot, self.visible, self.prompt_kv = slot, visible, slot.prompt_kv
 
     def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.slot.keys[layer], self.slot.values[layer]
-        keys.index_copy_(2, self.slot.position, k)
-        values.index_copy_(2, self.slot.position, v)
-        return keys[:, :, :self.visible], values[:, :, :self.visible]
+        slot, position, visible = self.slot, self.slot.position, self.visible
+        keys, values = slot.keys[layer], slot.values[layer]
+        if slot.key_scales is None:
+            keys.index_copy_(2, position, k)
+            values.index_copy_(2, position, v)
+            return keys[:, :, :visible], values[:, :, :visible]
+        key_scales, value_scales = slot.key_scales[layer], slot.value_scales[layer]
+        for stored, scales, new in ((keys, key_scales, k), (values, value_scales, v)):
+            quantized, scale = quantize_vectors(new)
+            stored.index_copy_(2, position, quantized)
+            scales.index_copy_(2, position, scale)
+        return (dequantize_vectors(keys[:, :, :visible], key_scales[:, :, :visible]),
+                dequantize_vectors(values[:, :, :visible], value_scales[:, :, :visible]))
 
 
 class StaticDecoder:
@@ -157,11 +168,10 @@ class StaticDecoder:
         if not free:
             self.slots.append(slot)
         written = cache.length
-        for i in range(len(cache.keys)):
-            slot.keys[i][:, :, :written].copy_(cache.keys[i][:, :, :written])
-            slot.values[i][:, :, :written].copy_(cache.values[i][:, :, :written])
-            cache.keys[i] = slot.keys[i][:, :, :cache.max_len]
-            cache.values[i] = slot.values[i][:, :, :cache.max_len]
+        for mine, theirs in self._storage_pairs(slot, cache):
+            for i in range(len(theirs)):
+                mine[i][:, :, :written].copy_(theirs[i][:, :, :written])
+                theirs[i] = mine[i][:, :, :cache.max_len]
         for i, (pk, pv) in cache.prompt_kv.items():
             slot.prompt_kv[i][0].copy_(pk.expand_as(slot.prompt_kv[i][0]))
             slot.prompt_kv[i][1].copy_(pv.expand_as(slot.prompt_kv[i][1]))
@@ -174,9 +184,18 @@ class StaticDecoder:
         return slot
 
     @staticmethod
+    def _storage_pairs(slot: Slot, cache: KVCache) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """(the slot's, the cache's) per-layer tensor lists: keys, values and an int8 cache's scales."""
+        pairs = [(slot.keys, cache.keys), (slot.values, cache.values)]
+        if cache.key_scales is not None:
+            pairs += [(slot.key_scales, cache.key_scales), (slot.value_scales, cache.value_scales)]
+        return pairs
+
+    @staticmethod
     def _fits(slot: Slot, cache: KVCache, length: int) -> bool:
         k = cache.keys[0]
         return (slot.length == length and slot.keys[0].shape[:2] == k.shape[:2] and slot.keys[0].dtype == k.dtype
+                and (slot.key_scales is None) == (cache.key_scales is None)
                 and slot.prompt_kv.keys() == cache.prompt_kv.keys()
                 and all(slot.prompt_kv[i][0].dtype == pk.dtype for i, (pk, _) in cache.prompt_kv.items()))
 
@@ -191,9 +210,12 @@ class StaticDecoder:
         # plain tensors even when made under inference_mode, so that no_grad steps may write them too
         with torch.inference_mode(False):
             layers = range(len(cache.keys))
+            scales = None if cache.key_scales is None else cache.key_scales[0].dtype
             return Slot(
                 keys=[zeros(batch, heads, length, head_dim, dtype=k.dtype) for _ in layers],
                 values=[zeros(batch, heads, length, head_dim, dtype=k.dtype) for _ in layers],
+                key_scales=None if scales is None else [zeros(batch, heads, length, 1, dtype=scales) for _ in layers],
+                value_scales=None if scales is None else [zeros(batch, heads, length, 1, dtype=scales) for _ in layers],
                 prompt_kv={i: (zeros(batch, *pk.shape[1:], dtype=pk.dtype), zeros(batch, *pv.shape[1:], dtype=pv.dtype))
                            for i, (pk, pv) in cache.prompt_kv.items()},
                 tokens=zeros(batch, 1, dtype=torch.long), position=zeros(1, dtype=torch.long),

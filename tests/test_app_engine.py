@@ -198,6 +198,7 @@ def test_a_compiling_engine_gives_the_same_answers(demo_files, engine):
     (["--clip-model", "ViT-B-32"], "--clip-model: only used together with --clip"),
     (["--adapter", "nowhere/adapter"], "--adapter: nowhere/adapter does not exist"),
     (["--quantize", "int4"], "--quantize: unknown mode 'int4'"),
+    (["--kv-cache", "fp8"], "--kv-cache: unknown kind 'fp8'"),
     (["--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
     (["--port", "70000"], "--port: must be between 1 and 65535"),
     (["--concurrency", "0"], "--concurrency: must be between 1 and 64"),
