@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from adapter.config import AdapterArgs, ModelArgs
-from bench.compare import TOLERANCE, Check, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
+from bench.compare import TOLERANCE, Check, Greedy, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
 from bench.decode import measure
 from bench.peers import quiet
 from bench.report import Stat, command_line, error_line, publish, ratio, spread, table, versions
@@ -257,29 +257,58 @@ def once(value: float) -> Stat:
     return value, value, value
 
 
-def image_rows(s: Setup, precision: str, ours: Ours, repeats: int) -> list[tuple[str, ...]]:
-    """An image question at 2048 tokens of context: encode + first token, and the peak memory (ours only)."""
+def image_question(s: Setup, model: torch.nn.Module, new_tokens: int) -> Greedy:
+    """A red 640x480 image and a prompt that fills CONTEXT tokens with the answer's `new_tokens`."""
     from PIL import Image
 
     from adapter.visual import encode_images
 
-    label = f"image question ({s.clip_name or 'CLIP'}, v2 visual prompt) at {CONTEXT} tokens of context"
-    if s.clip is None:
-        return [(precision, label, s.no_clip, "", "")]
     image = Image.new("RGB", (640, 480), (200, 30, 40))
     tokens = prompt(1, CONTEXT - s.new_tokens, s.args.vocab_size, device=s.device)
+    with torch.inference_mode():
+        return greedy(Ours(model, encode_images(model, [image])), tokens, new_tokens)
 
-    def question(new_tokens: int):
-        with torch.inference_mode():
-            return greedy(Ours(ours.model, encode_images(ours.model, [image])), tokens, new_tokens)
 
+def image_label(s: Setup) -> str:
+    return f"image question ({s.clip_name or 'CLIP'}, v2 visual prompt) at {CONTEXT} tokens of context"
+
+
+def image_rows(s: Setup, precision: str, ours: Ours, repeats: int) -> list[tuple[str, ...]]:
+    """An image question at 2048 tokens of context: encode + first token, and the peak memory (ours only)."""
+    if s.clip is None:
+        return [(precision, image_label(s), s.no_clip, "", "")]
     no_peer = "n/a: peft adaption_prompt has no visual prompt"
-    first = measure(lambda: 1000 * question(1).first_token_s, repeats)
-    memory = once(peak(s.device, lambda: question(s.new_tokens)))
-    total = once(weights_gib(ours.model) + memory[0])
-    return [(precision, label + ": encode and first token, ms", *cells(first, None, no_peer, 1, True)),
-            (precision, label + ": peak memory above the weights, GiB", *cells(memory, None, no_peer, 2, False)),
-            (precision, label + ": weights and that peak, GiB", *cells(total, None, no_peer, 2, False))]
+    first = measure(lambda: 1000 * image_question(s, ours.model, 1).first_token_s, repeats)
+    memory = once(peak(s.device, lambda: image_question(s, ours.model, s.new_tokens)))
+    return [(precision, image_label(s) + ": encode and first token, ms", *cells(first, None, no_peer, 1, True)),
+            (precision, image_label(s) + ": peak memory above the weights, GiB",
+             *cells(memory, None, no_peer, 2, False))]
+
+
+def memory_target_rows(s: Setup) -> list[tuple[str, ...]]:
+    """nf4 base + v2 adapter + CLIP tower alone on the device, answering an image question at CONTEXT tokens:
+    the memory it holds in all (on a GPU torch.cuda.memory_allocated, which counts the quantization state that
+    the model's parameters leave out), with the KV cache in the compute dtype and in int8."""
+    from adapter.quantize import quantize_model
+
+    label = f"nf4 base + v2 adapter + {s.clip_name or 'CLIP'} alone on the device"
+    if s.clip is None:
+        return [("nf4", label, s.no_clip, "", "")]
+    cuda = s.device.type == "cuda"
+    sync(s.device)
+    before = torch.cuda.memory_allocated(s.device) if cuda else 0
+    model = quantize_model(build(s), "nf4", s.dtype)
+    gc.collect()
+    weights = (torch.cuda.memory_allocated(s.device) - before) / 2**30 if cuda else weights_gib(model)
+    rows = [("nf4", f"{label}: weights, GiB", f"{weights:.2f}", "", "")]
+    for kind in ("auto", "int8"):
+        model.kv_cache = kind
+        above = peak(s.device, lambda: image_question(s, model, s.new_tokens))
+        total = above + weights
+        rows.append(("nf4", f"{label}: an image question at {CONTEXT} tokens of context, KV cache {kind}: memory "
+                     "in all, GiB (GB)",
+                     f"{total:.2f} ({total * 2**30 / 1e9:.2f})", "", ""))
+    return rows
 
 
 def train_rows(s: Setup, ours: Ours, peer: Peer | None, why: str) -> list[tuple[str, ...]]:
@@ -381,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = 1 if options.smoke else options.repeats
     started = time.perf_counter()
     stages = [(p, lambda p=p: run_precision(s, p, repeats)) for p in s.precisions]
+    stages.append(("memory target", lambda: (None, memory_target_rows(s))))
     stages.append(("fast decode", lambda: (None, fast_decode_rows(s, repeats))))
     checks, rows, skipped = [], [], []
     for number, (name, stage) in enumerate(stages):

@@ -2,8 +2,8 @@
 
 Every figure comes from a fresh process that loads one side, resets its peak resident memory (bench.rss) and
 greedy-decodes 64 tokens after a prompt of (context - 64) tokens: the peak while generating, and how much of it
-is above the loaded model (KV cache, activations, logits). The pair is checked to compute the same thing
-first (bench.compare), as for the timed benchmarks.
+is above the loaded model (KV cache, activations, logits); ours also with its KV cache in int8. The pair is
+checked to compute the same thing first (bench.compare), as for the timed benchmarks.
 
     python -m bench.memory [--threads 2] [--repeats 3] [--contexts 512,2048] [--precisions fp32,nf4] [--smoke]
                            [--write BENCHMARKS.md]
@@ -30,7 +30,8 @@ from bench.shapes import describe, shapes, with_layers
 
 HEADING = "Memory of generation (CPU)"
 NEW_TOKENS = 64
-SIDES = ("ours", "peer")
+PAIR = ("ours", "peer")
+SIDES = ("ours", "ours-int8-kv", "peer")  # ours-int8-kv: ours with its KV cache in int8 (adapter.kv_cache)
 
 
 def worker(folder: str, side: str, precision: str, context: int, new_tokens: int, layers: int | None,
@@ -42,8 +43,11 @@ def worker(folder: str, side: str, precision: str, context: int, new_tokens: int
     if layers is not None:
         adapter = with_layers(adapter, layers)
     weights = Weights.at(folder, args)
-    model = Ours(load_ours(weights, precision, adapter).eval()) if side == "ours" else \
-        Peer(load_peer(weights, precision, adapter).eval())
+    if side == "peer":
+        model = Peer(load_peer(weights, precision, adapter).eval())
+    else:
+        model = Ours(load_ours(weights, precision, adapter).eval())
+        model.model.kv_cache = "int8" if side == "ours-int8-kv" else "auto"
     tokens = prompt(1, context - new_tokens, args.vocab_size)
     gc.collect()
     reset = reset_peak()
@@ -78,11 +82,12 @@ def render(checks: list[Check], rows: list[tuple[str, ...]], heading: str, comma
          "model (KV cache, activations, logits; absent where the kernel cannot reset the peak, which then includes "
          f"loading). Median of {repeats} processes per side, min / max in brackets. Peer: transformers + peft "
          "`adaption_prompt` with its DynamicCache, on the same weights; ours preallocates its KV cache for the "
-         "whole context."),
+         "whole context, in the model's dtype or (`kv_cache=\"int8\"`) in int8 with one scale per vector."),
         "",
         *check_lines(checks),
         "",
-        *table(("precision", "context", "measure", "ours", "transformers + peft", "ours / peer"), rows),
+        *table(("precision", "context", "measure", "ours", "ours, int8 KV cache", "transformers + peft",
+                "ours / peer"), rows),
         "",
     ])
 
@@ -93,8 +98,8 @@ def rows_for(precision: str, context: int, runs: dict[str, list[dict]]) -> list[
                       ("own_mb", "of which above the loaded model, MB"), ("loaded_mb", "resident after loading, MB")):
         if runs["ours"][0][key] is None:
             continue
-        a, b = (stat([r[key] for r in runs[side]]) for side in SIDES)
-        rows.append((precision, str(context), name, spread(a, 0), spread(b, 0), ratio(a, b)))
+        a, small, b = (stat([r[key] for r in runs[side]]) for side in SIDES)
+        rows.append((precision, str(context), name, spread(a, 0), spread(small, 0), spread(b, 0), ratio(a, b)))
     return rows
 
 

@@ -25,7 +25,7 @@ import torch
 
 from bench.compare import check_lines, checked_pair
 from bench.decode import machine
-from bench.memory import SIDES, run_worker
+from bench.memory import PAIR, run_worker
 from bench.peers import quiet, write_weights
 from bench.report import command_line, publish, ratio, spread, stat, table, versions
 from bench.shapes import describe, shapes, with_layers
@@ -47,7 +47,7 @@ def layer_counts(n_layers: int) -> list[int]:
 
 def point(folder: str, context: int, layers: int | None, repeats: int, threads: int, smoke: bool) -> Point:
     out = {}
-    for side in SIDES:
+    for side in PAIR:
         run = run_worker(folder, side, "fp32", context, threads=threads, smoke=smoke, new_tokens=NEW_TOKENS,
                          layers=layers, timed=repeats)
         out[side] = {"rate": stat(run["tokens_per_s"]), "own_mb": run["own_mb"]}
@@ -74,7 +74,7 @@ def plot(path: Path, contexts: dict[int, Point], layers: dict[int, Point], title
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     for column, (points, xlabel) in enumerate(((contexts, "context (tokens)"), (layers, "adapter layers"))):
         xs = list(points)
-        for side in SIDES:
+        for side in PAIR:
             axes[0][column].errorbar(xs, [points[x][side]["rate"][0] for x in xs], marker="o", label=LABELS[side],
                                      yerr=[[points[x][side]["rate"][0] - points[x][side]["rate"][1] for x in xs],
                                            [points[x][side]["rate"][2] - points[x][side]["rate"][0] for x in xs]])

@@ -146,6 +146,10 @@ def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
     compiled = "greedy decode through `step(compile=True)` (compiled)"
     if not unquantized.get(compiled, "").startswith("not available"):  # no C++ compiler
         assert unquantized[compiled + first].endswith("; 16 / 16")
+    alone = [row for row in rows[1:] if row[0] == "nf4" and "alone on the device" in row[1]]
+    assert [row[1].rsplit(": ", 1)[-1] for row in alone] == ["weights, GiB", "memory in all, GiB (GB)",
+                                                            "memory in all, GiB (GB)"]
+    assert [("KV cache int8" in row[1]) for row in alone] == [False, False, True]
     shares = unquantized["decode / floor"].split(", ")
     assert [share.split(": ")[0] for share in shares][:2] == ["plain", "static step (no capture on CPU)"]
 
