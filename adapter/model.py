@@ -13,6 +13,7 @@ and `s_d` (delta scale, for the v2 bias/LoRA/norm deltas) are tensors, scalar or
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -343,9 +344,12 @@ class Transformer(nn.Module):
         # bench.decode measured no gain at dim 512 on 2 CPU threads, and the copy is +30 % fp32 memory
         self.fused_inference = False
         self._compiled: Callable[..., torch.Tensor] | None = None
-        # what `step(compile=True)` runs one-token steps through once a prompt was fed: made on first use on a
-        # GPU (compiled, CUDA graphs); set one to use it on the CPU as well (the tests do, without capture)
-        self.static_decoder: StaticDecoder | None = None
+        # the static one-token steps (adapter.static_decode) after a prompt, per value of step's `compile`: made
+        # on first use on a GPU; set one to use it on the CPU as well (the tests do, without capture)
+        self.static_decoders: dict[bool, StaticDecoder] = {}
+        # on a GPU, one-token steps replay CUDA graphs without `compile` too (2.8x the plain 7B bf16 step on an
+        # H200); not yet for bitsandbytes layers, whose capture is unmeasured
+        self.cuda_graphs = True
         self.kv_cache = "auto"  # how new_cache stores keys/values: "auto" (the model's dtype) or "int8"
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, more time
         # True: attention runs in float32 even under bf16 autocast. On CPU the flash kernel's bf16 backward
@@ -520,8 +524,10 @@ class Transformer(nn.Module):
         With `record` (a list), each adapter layer appends the per-token share of its attention output
         that came through the prompt: what the app colours tokens by. Without gradients and with
         `fused_inference` set, the step takes the fused path; with `compile`, one-token steps without
-        gradients run through `torch.compile` (see `_compiled_logits`), which takes a while the first time,
-        and on a GPU, after the prompt's step, as CUDA graphs (adapter.static_decode).
+        gradients run through `torch.compile` (see `_compiled_logits`), which takes a while the first time.
+        On a GPU, one-token steps after the prompt's run as CUDA graphs (adapter.static_decode): compiled with
+        `compile`, and without it where `cuda_graphs` allows; a step that fails to compile or capture warns and
+        leaves that decoder for the plain path.
         """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
@@ -532,15 +538,23 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens: {start + length} positions do not fit the cache of {cache.max_len}")
         device = tokens.device
         inference = not torch.is_grad_enabled()
-        if compile and inference and length == 1 and record is None and self._prompts_cached(cache) \
-                and (device.type == "cuda" or self.static_decoder is not None):
+        decoder = None
+        if inference and length == 1 and record is None and self._prompts_cached(cache):
+            decoder = self._static_decoder(compile, device)
+        if decoder is not None:
             gate = _scale_for_rows(self._gate_scale if gate_scale is None else gate_scale, "gate_scale", batch,
                                    torch.device("cpu"), 4)
             delta = _scale_for_rows(self._delta_scale if delta_scale is None else delta_scale, "delta_scale", batch,
                                     torch.device("cpu"), 3, self.tok_embeddings.weight.dtype)
-            logits = self._static_decoder().step(tokens, cache, gate, delta)
-            cache.length = start + length
-            return logits
+            try:
+                logits = decoder.step(tokens, cache, gate, delta)
+            except RuntimeError as error:  # a compiler or a capture that failed: the plain path from now on
+                decoder.failure = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+                warnings.warn(f"step: the static decode step failed ({decoder.failure}); decoding on the plain path",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                cache.length = start + length
+                return logits
         positions = torch.arange(start, start + length, device=device)
         mask, is_causal = None, False
         if cache.pad is None:
@@ -624,10 +638,13 @@ class Transformer(nn.Module):
             self._compiled = torch.compile(self._last_logits, dynamic=True)
         return self._compiled
 
-    def _static_decoder(self) -> StaticDecoder:
-        if self.static_decoder is None:
-            self.static_decoder = StaticDecoder(self, compile=True)
-        return self.static_decoder
+    def _static_decoder(self, compile: bool, device: torch.device) -> StaticDecoder | None:
+        """The static step for `compile` (made on first use on a GPU: always with `compile`, and for a model
+        without bitsandbytes layers with `cuda_graphs`), or None for the plain path."""
+        decoder = self.static_decoders.get(compile)
+        if decoder is None and device.type == "cuda" and (compile or (self.cuda_graphs and self.quantization is None)):
+            decoder = self.static_decoders[compile] = StaticDecoder(self, compile=compile)
+        return None if decoder is None or decoder.failure else decoder
 
     def _prompts_cached(self, cache: KVCache) -> bool:
         """Whether the cache holds something (a prompt was fed) and every prompt layer's keys/values."""

@@ -10,8 +10,9 @@ replays fixed shapes reading fixed addresses. So this step:
   after step until the request outgrows it;
 - reads its inputs (the token, the position, the gate and delta scales, the prompts' keys/values) from
   tensors of its own, copied in before each replay, so moving the slider never captures again;
-- keeps the keys/values in storage of its own (a `Slot`), which later requests reuse once the request that
-  had it is gone, so their steps replay the graphs already captured.
+- keeps the keys/values in storage of its own (a `Slot`, a power of two positions long), which later requests
+  of the same batch size and at most that length reuse once the request that had it is gone, so their steps
+  replay the graphs already captured; an idle slot too short for a new request is let go.
 
 A request's `KVCache` moves into a slot at its first one-token step here: its keys/values so far are copied
 in and its tensors become views of the slot's, so eager steps can still follow on the same cache. On the CPU
@@ -105,6 +106,7 @@ class StaticDecoder:
         self.body = torch.compile(self._logits, dynamic=True) if compile else self._logits
         self.slots: list[Slot] = []
         self.captures = 0  # graphs captured so far (each slot and visible length once)
+        self.failure: str | None = None  # set by Transformer.step when a step failed: it then decodes plainly
 
     def step(self, tokens: torch.Tensor, cache: KVCache, gate_scale: torch.Tensor,
              delta_scale: torch.Tensor) -> torch.Tensor:
@@ -163,9 +165,13 @@ class StaticDecoder:
             if slot.owner() is cache:
                 return slot
         length = bucket(cache.max_len, self.model.args.max_seq_len)
-        free = [s for s in self.slots if s.owner() is None and self._fits(s, cache, length)]
-        slot = free[0] if free else self._new_slot(cache, length)
-        if not free:
+        idle = [s for s in self.slots if s.owner() is None]
+        free = [s for s in idle if self._fits(s, cache, length)]
+        if free:
+            slot = min(free, key=lambda s: s.length)
+        else:  # an idle slot of this batch size too short for this request would only hold memory
+            self.slots = [s for s in self.slots if s not in idle or s.keys[0].shape[0] != cache.batch]
+            slot = self._new_slot(cache, length)
             self.slots.append(slot)
         written = cache.length
         for mine, theirs in self._storage_pairs(slot, cache):
@@ -194,7 +200,7 @@ class StaticDecoder:
     @staticmethod
     def _fits(slot: Slot, cache: KVCache, length: int) -> bool:
         k = cache.keys[0]
-        return (slot.length == length and slot.keys[0].shape[:2] == k.shape[:2] and slot.keys[0].dtype == k.dtype
+        return (slot.length >= length and slot.keys[0].shape[:2] == k.shape[:2] and slot.keys[0].dtype == k.dtype
                 and (slot.key_scales is None) == (cache.key_scales is None)
                 and slot.prompt_kv.keys() == cache.prompt_kv.keys()
                 and all(slot.prompt_kv[i][0].dtype == pk.dtype for i, (pk, _) in cache.prompt_kv.items()))

@@ -34,11 +34,11 @@ class PeerMismatch(RuntimeError):
 class Ours:
     """Our model behind the loop's two calls (with an image's visual prompt, when given; with `compile`, the
     one-token steps through `Transformer.step(compile=True)`; with `static`, through that decoder: see
-    adapter.static_decode)."""
+    adapter.static_decode; with `plain`, never through a static step, the model's `cuda_graphs` off for them)."""
 
     def __init__(self, model, visual_prompt: torch.Tensor | None = None, compile: bool = False,
-                 static: StaticDecoder | None = None) -> None:
-        self.model, self.visual_prompt, self.static, self.cache = model, visual_prompt, static, None
+                 static: StaticDecoder | None = None, plain: bool = False) -> None:
+        self.model, self.visual_prompt, self.static, self.plain, self.cache = model, visual_prompt, static, plain, None
         self.options = {"compile": True} if compile or static is not None else {}
 
     def prefill(self, tokens: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -47,8 +47,13 @@ class Ours:
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         if self.static is not None:  # sides sharing one model take turns in the same rounds
-            self.model.static_decoder = self.static
-        return self.model.step(ids[:, None], self.cache, **self.options)
+            self.model.static_decoders[True] = self.static
+        graphs = self.model.cuda_graphs
+        self.model.cuda_graphs = graphs and not self.plain
+        try:
+            return self.model.step(ids[:, None], self.cache, **self.options)
+        finally:
+            self.model.cuda_graphs = graphs
 
 
 class Peer:

@@ -212,18 +212,21 @@ def decode_rows(s: Setup, precision: str, ours: Ours, peer: Peer | None, why: st
             for name, run, digits, repeated in measures]
 
 
-def fast_decode_rows(s: Setup, repeats: int) -> list[tuple[str, ...]]:
-    """The card's floor (every weight read once: its memory bandwidth) and, in the same rounds, our decode of
-    the unquantized model plainly, as CUDA graphs of the static step (adapter.static_decode; run without capture
-    on the CPU), and through `step(compile=True)` (that step compiled, as CUDA graphs), each after checking
-    that it gives the plain greedy tokens; a path that fails is reported in the table."""
+def fast_decode_rows(s: Setup, precision: str, repeats: int) -> list[tuple[str, ...]]:
+    """The card's floor (every weight read once: its memory bandwidth) and, in the same rounds, our decode at
+    `precision` plainly, as CUDA graphs of the static step (adapter.static_decode; run without capture on the
+    CPU), and through `step(compile=True)` (that step compiled, as CUDA graphs), each after checking that it
+    gives the plain greedy tokens; a path that fails is reported in the table."""
+    from adapter.quantize import quantize_model
     from adapter.static_decode import StaticDecoder
     from bench.decode import measure_side_by_side, read_tokens_per_s
 
-    precision = s.precisions[0]
-    ours = Ours(build(s))
-    graphs = Ours(ours.model, static=StaticDecoder(ours.model))
-    compiled = Ours(ours.model, static=StaticDecoder(ours.model, compile=True))
+    model = build(s)
+    if precision in QUANTIZED:
+        quantize_model(model, precision, s.dtype)
+    ours = Ours(model, plain=True)
+    graphs = Ours(model, static=StaticDecoder(model))
+    compiled = Ours(model, static=StaticDecoder(model, compile=True))
     names = ("as CUDA graphs of the static step" if s.device.type == "cuda" else "static step (no capture on CPU)",
              "through `step(compile=True)` (compiled" + (", as CUDA graphs)" if s.device.type == "cuda" else ")"))
     tokens = prompt(1, 16, s.args.vocab_size, device=s.device)
@@ -244,8 +247,11 @@ def fast_decode_rows(s: Setup, repeats: int) -> list[tuple[str, ...]]:
         working.append(name)
         sides.append(lambda side=side: greedy(side, tokens, s.new_tokens + 1).tokens_per_s)
     floor, eager, *fast = measure_side_by_side(sides, repeats)
-    rows += [(precision, "floor: every weight read once (a sum over each matrix), tokens/s", spread(floor), "", ""),
-             (precision, "greedy decode, batch 1, tokens/s (in the floor's rounds)", spread(eager), "", "")]
+    packed = " (their packed bytes)" if precision in QUANTIZED else ""
+    rows += [(precision, f"floor: every weight read once (a sum over each matrix{packed}), tokens/s", spread(floor),
+              "", ""),
+             (precision, "greedy decode, batch 1, plain path, tokens/s (in the floor's rounds)", spread(eager), "",
+              "")]
     rows += [(precision, f"greedy decode, batch 1, {name}, tokens/s (in the floor's rounds)", spread(rate), "", "")
              for name, rate in zip(working, fast)]
     shares = ", ".join(f"{name}: {rate[0] / floor[0]:.0%}" for name, rate in zip(("plain", *working), (eager, *fast)))
@@ -376,7 +382,9 @@ def render(s: Setup, checks: list[Check | str], rows: list[tuple[str, ...]], ski
         (f"Card: {card(s.device)}; torch {torch.__version__}, {versions()}. Command: `{command}`, {seconds:.0f} s in "
          f"all. Weights made on the device in {str(s.dtype).removeprefix('torch.')}; nf4/int8 quantize the frozen "
          "linears (same compute dtype). Peer: transformers LlamaForCausalLM + peft `adaption_prompt` on the same "
-         "tensors, its nf4/int8 linears replaced by bitsandbytes layers (see bench/gpu.py). Median of "
+         "tensors, its nf4/int8 linears replaced by bitsandbytes layers (see bench/gpu.py). Ours decodes as users "
+         "get it by default (on a GPU, an unquantized model's one-token steps replay CUDA graphs; "
+         "adapter.static_decode). Median of "
          f"{repeats} runs after a warm-up, min / max in brackets; memory is torch.cuda.max_memory_allocated above "
          f"what was allocated before (resident memory on the CPU). {s.new_tokens} new tokens per generation."),
         "",
@@ -411,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     stages = [(p, lambda p=p: run_precision(s, p, repeats)) for p in s.precisions]
     stages.append(("memory target", lambda: (None, memory_target_rows(s))))
-    stages.append(("fast decode", lambda: (None, fast_decode_rows(s, repeats))))
+    stages += [(f"fast decode {p}", lambda p=p: (None, fast_decode_rows(s, p, repeats))) for p in s.precisions[:2]]
     checks, rows, skipped = [], [], []
     for number, (name, stage) in enumerate(stages):
         if time.perf_counter() - started > s.budget_s:

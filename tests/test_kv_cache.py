@@ -58,9 +58,9 @@ def test_the_static_step_on_an_int8_cache_gives_the_plain_steps_logits():
     model = make_model(TINY_GQA, V2)
     tokens = torch.randint(3, TINY_GQA.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
     plain, _ = teacher_forced(model, tokens, "int8")
-    model.static_decoder = StaticDecoder(model, capture=False)
+    model.static_decoders[True] = StaticDecoder(model, capture=False)
     static, cache = teacher_forced(model, tokens, "int8", static=True)
-    assert model.static_decoder.slots and cache.keys[0].dtype == torch.int8
+    assert model.static_decoders[True].slots and cache.keys[0].dtype == torch.int8
     for a, b in zip(plain, static):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 

@@ -54,8 +54,8 @@ def assert_same_decode(a, b) -> None:
 
 
 def with_static(model: Transformer, **options) -> StaticDecoder:
-    model.static_decoder = StaticDecoder(model, capture=False, **options)
-    return model.static_decoder
+    model.static_decoders[True] = StaticDecoder(model, capture=False, **options)
+    return model.static_decoders[True]
 
 
 def test_buckets_are_powers_of_two_from_the_smallest_up_to_the_limit():
@@ -142,15 +142,57 @@ def test_the_compiled_static_step_gives_the_plain_tokens():
     assert_same_decode(decode(model, tokens, pad, 20, compile=True), plain)
 
 
+def test_a_step_that_fails_warns_and_leaves_the_decoder_for_the_plain_path(monkeypatch):
+    model = make_model(TINY, V1)
+    tokens, pad = left_padded(TINY.vocab_size)
+    plain = decode(model, tokens, pad, 12, compile=False)
+    decoder = with_static(model)
+    monkeypatch.setattr(model, "_compiled_logits", lambda: model._last_logits)  # the CPU's compiled step, uncompiled
+
+    def broken(slot, visible):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    decoder.body = broken
+    with pytest.warns(RuntimeWarning, match=r"static decode step failed \(RuntimeError: operation not permitted "
+                                            r"when stream is capturing\); decoding on the plain path"):
+        assert_same_decode(decode(model, tokens, pad, 12, compile=True), plain)
+    assert decoder.failure.startswith("RuntimeError: operation not permitted")
+
+
+def test_slots_follow_the_longest_idle_request_of_each_batch_size():
+    model = make_model(TINY, V1)
+    decoder = with_static(model)
+    tokens, pad = left_padded(TINY.vocab_size)
+    decode(model, tokens, pad, 4, compile=True)  # 9 + 4 positions: a slot of 16
+    decode(model, tokens, pad, 30, compile=True)  # 39: the idle 16 is let go for a 64
+    assert [s.length for s in decoder.slots] == [64]
+    decode(model, tokens, pad, 4, compile=True)  # a short request takes the idle 64 (and its graphs)
+    decode(model, tokens[:1, 3:], None, 4, compile=True)  # another batch size: a slot of its own
+    assert sorted((s.keys[0].shape[0], s.length) for s in decoder.slots) == [(1, 16), (3, 64)]
+
+
+def test_without_a_gpu_or_a_decoder_set_every_step_is_plain():
+    model = make_model(TINY, V1)
+    tokens, pad = left_padded(TINY.vocab_size)
+    decode(model, tokens, pad, 4, compile=False)
+    assert model.static_decoders == {}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_on_a_gpu_compiled_steps_replay_cuda_graphs_captured_once_per_length():
+def test_on_a_gpu_one_token_steps_replay_cuda_graphs_captured_once_per_length():
     model = make_model(TINY_GQA, V2).cuda()
     tokens, pad = left_padded(TINY_GQA.vocab_size)
     scales = lambda step: {"gate_scale": [0.5 * (step % 3), 1.0, 1.7]}  # noqa: E731
+    model.cuda_graphs = False
     plain = decode(model, tokens, pad, 40, compile=False, scales=scales)
-    assert_same_decode(decode(model, tokens, pad, 40, compile=True, scales=scales), plain)
-    decoder = model.static_decoder
-    assert decoder.capture and decoder.captures == 3  # lengths 16, 32, 64; the slider captured nothing
+    assert model.static_decoders == {}
+    model.cuda_graphs = True
+    for compile in (False, True):  # graphs of the eager step, and of the compiled one
+        assert_same_decode(decode(model, tokens, pad, 40, compile=compile, scales=scales), plain)
+        decoder = model.static_decoders[compile]
+        assert decoder.capture and decoder.captures == 3  # lengths 16, 32, 64; the slider captured nothing
     gc.collect()
-    assert_same_decode(decode(model, tokens, pad, 40, compile=True), decode(model, tokens, pad, 40, compile=False))
-    assert decoder.captures == 3  # the next request replayed the same graphs
+    model.cuda_graphs = False
+    expected = decode(model, tokens, pad, 40, compile=False)
+    assert_same_decode(decode(model, tokens, pad, 40, compile=True), expected)
+    assert model.static_decoders[True].captures == 3  # the next request replayed the same graphs
