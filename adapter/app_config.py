@@ -37,6 +37,7 @@ class ServeConfig:
     clip: str | None = None
     clip_model: str | None = None
     quantize: str = "none"
+    clip_quantize: str = "none"  # the CLIP tower's linears through bitsandbytes too (adapter.quantize)
     device: str | None = None
     dtype: str | None = None
     host: str = "127.0.0.1"
@@ -78,6 +79,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="open_clip model name or config .json (default: the adapter's)")
     parser.add_argument("--quantize", default=default("quantize", defaults.quantize),
                         help="none, nf4 or int8 (the frozen base through bitsandbytes)")
+    parser.add_argument("--clip-quantize", default=default("clip_quantize", defaults.clip_quantize),
+                        help="none, nf4 or int8: the CLIP tower's linears too (less memory, slightly different "
+                             "image features)")
     parser.add_argument("--device", default=default("device"), help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=default("dtype"), help="float32, bfloat16 or float16")
     parser.add_argument("--host", default=default("host", environ.get("GRADIO_SERVER_NAME") or defaults.host),
@@ -126,6 +130,7 @@ def check_config(config: ServeConfig) -> None:
         if config.clip_model.endswith(".json") and not Path(config.clip_model).is_file():
             raise FileNotFoundError(f"--clip-model: {config.clip_model} does not exist")
     _flag("quantize", check_mode, config.quantize)
+    _flag("clip_quantize", lambda mode: check_mode(mode, "clip_quantize"), config.clip_quantize)
     _flag("kv_cache", check_kv_cache, config.kv_cache)
     device = _flag("device", resolve_device, config.device)
     _flag("dtype", lambda dtype: resolve_dtype(dtype, device), config.dtype)
@@ -195,7 +200,7 @@ def load_engine(config: ServeConfig) -> Engine:
     training gate plot is looked for next to the real adapter."""
     base, adapter, clip, clip_model = resolve_tiny(config.base, config.adapter, config.clip, config.clip_model)
     model = load(base, adapter=adapter, quantize=config.quantize, device=config.device, dtype=config.dtype,
-                 clip=clip, clip_model=clip_model, kv_cache=config.kv_cache)
+                 clip=clip, clip_model=clip_model, kv_cache=config.kv_cache, clip_quantize=config.clip_quantize)
     device = model.tok_embeddings.weight.device
     return Engine(model, device_lock(device), max_new_tokens=config.max_new_tokens, base=str(base),
                   adapter=None if adapter is None else str(adapter), compile=config.compile)

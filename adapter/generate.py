@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="decode through torch.compile: faster steps after a slow first one (on CPU it needs "
                              "a C++ compiler)")
+    parser.add_argument("--clip-quantize", choices=("none", "nf4", "int8"), default="none",
+                        help="the CLIP tower's linears through bitsandbytes too")
     parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="auto",
                         help="int8: keys/values in int8, half the KV cache's memory")
     return parser
@@ -238,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model = load(args.base, adapter=args.adapter, quantize=args.quantize, device=args.device, dtype=args.dtype,
-                     clip=args.clip, clip_model=args.clip_model, kv_cache=args.kv_cache)
+                     clip=args.clip, clip_model=args.clip_model, kv_cache=args.kv_cache,
+                     clip_quantize=args.clip_quantize)
         prompt = apply_template(args.template, args.prompt, args.input)
         pieces = stream(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,

@@ -19,7 +19,7 @@ from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
 from .model import Transformer
-from .quantize import FROZEN_LINEARS, check_mode, quantize_linear
+from .quantize import FROZEN_LINEARS, check_mode, quantize_linear, quantize_tower
 from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import Tokenizer
 
@@ -64,6 +64,7 @@ def load(
     clip: str | os.PathLike | None = None,
     clip_model: str | None = None,
     kv_cache: str = "auto",
+    clip_quantize: str | None = None,
 ) -> Transformer:
     """Load a base LLaMA folder and, optionally, an adapter; returns the model in eval mode.
 
@@ -74,10 +75,14 @@ def load(
     names (an open_clip name or a model-config .json). The shipped tiny model has short names: base "tiny",
     adapters "tiny-text" (the default with base "tiny") and "tiny-image", clip "tiny" (see adapter.tiny.assets).
     `kv_cache="int8"` makes generation store keys/values in int8 (half the cache's memory; adapter.kv_cache).
+    `clip_quantize` ("nf4", "int8") puts the CLIP tower's linears through bitsandbytes too (adapter.quantize).
     """
     base, adapter, clip, clip_model = resolve_tiny(base, adapter, clip, clip_model)
     mode = check_mode(quantize)
     check_kv_cache(kv_cache)
+    clip_mode = check_mode(clip_quantize, "clip_quantize")
+    if clip_mode is not None and clip is None:
+        raise ValueError("clip_quantize: there is no CLIP tower to quantize (give clip=)")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     checkpoint = open_base(hub.resolve(base, "base"))
@@ -109,6 +114,8 @@ def load(
         from .visual import attach_image_encoder, load_image_encoder
 
         attach_image_encoder(model, load_image_encoder(clip, clip_model or adapter_args.clip_model))
+        if clip_mode is not None:
+            quantize_tower(model.image_encoder.tower, clip_mode, dtype)
     model.base_format = checkpoint.format
     model.tokenizer = tokenizer
     model.kv_cache = kv_cache

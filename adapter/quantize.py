@@ -2,11 +2,18 @@
 
 Only the seven linears of each layer are quantized. Everything learned (prompts, gates, biases, LoRA,
 norm deltas) lives outside them in full precision, and the output head stays in the model dtype.
+
+A frozen CLIP tower can be quantized too (`quantize_tower`, on request: it changes the image features a little):
+its MLPs' linears, and its attention's projections once `SelfAttention` has split them out of
+nn.MultiheadAttention, which keeps them as one packed parameter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 QUANTIZE_MODES = ("nf4", "int8")
@@ -15,12 +22,12 @@ FROZEN_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo"
 INT8_OUTLIER_THRESHOLD = 6.0  # LLM.int8(): inputs above it go through a 16-bit path
 
 
-def check_mode(mode: str | None) -> str | None:
+def check_mode(mode: str | None, name: str = "quantize") -> str | None:
     """None or "none" means no quantization; anything else must be a known mode."""
     if mode in (None, "none"):
         return None
     if mode not in QUANTIZE_MODES:
-        raise ValueError(f"quantize: unknown mode {mode!r}; choose from {('none',) + QUANTIZE_MODES}")
+        raise ValueError(f"{name}: unknown mode {mode!r}; choose from {('none',) + QUANTIZE_MODES}")
     return mode
 
 
@@ -33,20 +40,23 @@ def _bnb():
 
 
 def quantize_linear(weight: torch.Tensor, mode: str, compute_dtype: torch.dtype, device: torch.device | str,
-                    double_quant: bool = True) -> nn.Module:
-    """A bias-free quantized linear holding `weight` [out, in], on `device` (quantized on the move)."""
+                    double_quant: bool = True, bias: torch.Tensor | None = None) -> nn.Module:
+    """A quantized linear holding `weight` [out, in] (and `bias`, kept in the compute dtype), on `device`
+    (quantized on the move)."""
     bnb = _bnb()
     out_features, in_features = weight.shape
     weight = weight.detach().to("cpu")  # bitsandbytes quantizes on the move from the host to `device`
     if mode == "nf4":
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
                                   quant_type="nf4", compress_statistics=double_quant, device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
                                          compress_statistics=double_quant, module=layer)
     else:
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
                                     threshold=INT8_OUTLIER_THRESHOLD, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to("cpu", compute_dtype), requires_grad=False)
     return layer.to(device)
 
 
@@ -73,3 +83,56 @@ def quantize_model(model: nn.Module, mode: str | None, compute_dtype: torch.dtyp
         quantize_block(block, mode, compute_dtype, device, double_quant)
     model.quantization = mode
     return model
+
+
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention's self-attention as open_clip's blocks call it (`attn(x, x, x, need_weights=False,
+    attn_mask=...)`), with the four projections as separate modules (made by `linear(weight, bias)`), so that
+    they can be bitsandbytes layers."""
+
+    def __init__(self, attention: nn.MultiheadAttention,
+                 linear: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> None:
+        super().__init__()
+        if not attention._qkv_same_embed_dim or attention.bias_k is not None or attention.add_zero_attn:
+            raise ValueError("clip_quantize: the tower's attention has separate key/value sizes or extra key/value "
+                             "biases; only plain self-attention can be quantized")
+        dim, weight, bias = attention.embed_dim, attention.in_proj_weight, attention.in_proj_bias
+        parts = [(weight[i * dim:(i + 1) * dim], None if bias is None else bias[i * dim:(i + 1) * dim])
+                 for i in range(3)]
+        self.q, self.k, self.v = (linear(w, b) for w, b in parts)
+        self.out = linear(attention.out_proj.weight, attention.out_proj.bias)
+        self.heads, self.batch_first = attention.num_heads, attention.batch_first
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        batch, length, dim = query.shape
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, self.heads, dim // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(key)), split(self.v(value)),
+                                             attn_mask=attn_mask)
+        out = self.out(out.transpose(1, 2).reshape(batch, length, dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def quantize_tower(tower: nn.Module, mode: str, compute_dtype: torch.dtype) -> nn.Module:
+    """Quantize the linears of an open_clip vision tower's blocks in place (attention through `SelfAttention`);
+    returns it. The patch embedding, norms and final projection stay as they are."""
+    mode = check_mode(mode, "clip_quantize")
+    if mode is None:
+        return tower
+    device = tower.conv1.weight.device
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        return quantize_linear(weight, mode, compute_dtype, device, bias=bias)
+
+    for block in tower.transformer.resblocks:
+        if isinstance(block.attn, nn.MultiheadAttention):
+            block.attn = SelfAttention(block.attn, linear)
+        for name, child in list(block.mlp.named_children()):
+            if type(child) is nn.Linear:
+                setattr(block.mlp, name, linear(child.weight, child.bias))
+    return tower

@@ -294,8 +294,9 @@ def image_rows(s: Setup, precision: str, ours: Ours, repeats: int) -> list[tuple
 def memory_target_rows(s: Setup) -> list[tuple[str, ...]]:
     """nf4 base + v2 adapter + CLIP tower alone on the device, answering an image question at CONTEXT tokens:
     the memory it holds in all (on a GPU torch.cuda.memory_allocated, which counts the quantization state that
-    the model's parameters leave out), with the KV cache in the compute dtype and in int8."""
-    from adapter.quantize import quantize_model
+    the model's parameters leave out), with the KV cache in the compute dtype, in int8, and in int8 with the
+    CLIP tower in nf4 too."""
+    from adapter.quantize import quantize_model, quantize_tower
 
     label = f"nf4 base + v2 adapter + {s.clip_name or 'CLIP'} alone on the device"
     if s.clip is None:
@@ -304,16 +305,17 @@ def memory_target_rows(s: Setup) -> list[tuple[str, ...]]:
     sync(s.device)
     before = torch.cuda.memory_allocated(s.device) if cuda else 0
     model = quantize_model(build(s), "nf4", s.dtype)
-    gc.collect()
-    weights = (torch.cuda.memory_allocated(s.device) - before) / 2**30 if cuda else weights_gib(model)
-    rows = [("nf4", f"{label}: weights, GiB", f"{weights:.2f}", "", "")]
-    for kind in ("auto", "int8"):
+    rows = []
+    for kind, clip in (("auto", "bf16" if cuda else "fp32"), ("int8", None), ("int8", "nf4")):
+        if clip == "nf4":
+            quantize_tower(model.image_encoder.tower, "nf4", s.dtype)
+        gc.collect()
+        weights = (torch.cuda.memory_allocated(s.device) - before) / 2**30 if cuda else weights_gib(model)
         model.kv_cache = kind
-        above = peak(s.device, lambda: image_question(s, model, s.new_tokens))
-        total = above + weights
-        rows.append(("nf4", f"{label}: an image question at {CONTEXT} tokens of context, KV cache {kind}: memory "
-                     "in all, GiB (GB)",
-                     f"{total:.2f} ({total * 2**30 / 1e9:.2f})", "", ""))
+        total = weights + peak(s.device, lambda: image_question(s, model, s.new_tokens))
+        setting = f"KV cache {kind}" + (f", CLIP tower in {clip}" if clip else "")
+        rows.append(("nf4", f"{label}, {setting}: weights; with an image question at {CONTEXT} tokens of context, "
+                     "GiB (GB)", f"{weights:.2f}; {total:.2f} ({total * 2**30 / 1e9:.2f})", "", ""))
     return rows
 
 

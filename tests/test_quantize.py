@@ -55,3 +55,82 @@ def test_load_quantizes_while_loading(base_folder, mode):
 def test_unknown_quantize_mode_is_refused(base_folder):
     with pytest.raises(ValueError, match="quantize: unknown mode 'fp8'"):
         adapter.load(base_folder, quantize="fp8", device="cpu")
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_split_out_of_multihead_attention_computes_the_same(batch_first):
+    from torch import nn
+
+    from adapter.quantize import SelfAttention
+
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+
+    def plain(weight, bias):
+        layer = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        return layer
+
+    split = SelfAttention(attention, plain)
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)  # 3 rows of 7 tokens
+    mask = torch.randn(7, 7)  # an additive float mask, as open_clip passes
+    with torch.no_grad():
+        for options in ({}, {"attn_mask": mask}):
+            expected = attention(x, x, x, need_weights=False, **options)[0]
+            torch.testing.assert_close(split(x, x, x, need_weights=False, **options)[0], expected,
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, bound", [("int8", 0.02), ("nf4", 0.1)])
+def test_a_quantized_clip_tower_gives_close_features_from_bitsandbytes_layers_only(mode, bound):
+    import bitsandbytes as bnb
+    import open_clip
+    from torch import nn
+
+    from adapter.quantize import quantize_tower
+    from adapter.random_demo import CLIP_CONFIG
+    from adapter.visual import ImageEncoder
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in CLIP_CONFIG.items() if k != "quick_gelu"}
+    tower = open_clip.CLIP(**config, quick_gelu=True).visual
+    encoder = ImageEncoder(tower, "tiny")
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = encoder(pixels)
+        quantize_tower(tower, mode, torch.float32)
+        got = encoder(pixels)
+    error = relative_error(got, expected)
+    assert 0 < error < bound, f"{mode}: relative feature error {error:.3f}"
+    kind = bnb.nn.Linear4bit if mode == "nf4" else bnb.nn.Linear8bitLt
+    blocks = tower.transformer.resblocks
+    assert not any(isinstance(m, nn.MultiheadAttention) or type(m) is nn.Linear for m in blocks.modules())
+    assert sum(isinstance(m, kind) for m in blocks.modules()) == 6 * len(blocks)  # q, k, v, out, c_fc, c_proj
+
+
+def test_load_quantizes_the_clip_tower_on_request_and_checks_the_request(base_folder, tmp_path):
+    import bitsandbytes as bnb
+
+    from adapter.app_config import parse_config
+    from adapter.random_demo import write_random_demo
+    from adapter.visual import encode_images
+
+    demo = write_random_demo(tmp_path, base=base_folder)
+    files = {"adapter": demo.adapter, "clip": demo.clip, "clip_model": str(demo.clip_model)}
+    model = adapter.load(demo.base, **files, clip_quantize="nf4")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.image_encoder.modules())
+    assert model.quantization is None  # the base is left as it was asked for
+    plain = adapter.load(demo.base, **files)
+    image = torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()
+    with torch.no_grad():
+        prompts = [encode_images(m, [image]) for m in (model, plain)]
+    assert 0 < relative_error(*prompts) < 0.2
+    with pytest.raises(ValueError, match="clip_quantize: unknown mode 'int4'"):
+        adapter.load(demo.base, **files, clip_quantize="int4")
+    with pytest.raises(ValueError, match=r"clip_quantize: there is no CLIP tower to quantize \(give clip=\)"):
+        adapter.load(demo.base, clip_quantize="nf4")
+    assert parse_config([*demo.flags(), "--clip-quantize", "nf4"], {}).clip_quantize == "nf4"
+    with pytest.raises(ValueError, match="--clip-quantize: unknown mode 'fp4'"):
+        parse_config([*demo.flags(), "--clip-quantize", "fp4"], {})
