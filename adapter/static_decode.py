@@ -107,6 +107,7 @@ class StaticDecoder:
         self.slots: list[Slot] = []
         self.captures = 0  # graphs captured so far (each slot and visible length once)
         self.failure: str | None = None  # set by Transformer.step when a step failed: it then decodes plainly
+        self.weights: tuple[int, ...] = ()  # the addresses the graphs read (see _check_weights)
 
     def step(self, tokens: torch.Tensor, cache: KVCache, gate_scale: torch.Tensor,
              delta_scale: torch.Tensor) -> torch.Tensor:
@@ -164,6 +165,7 @@ class StaticDecoder:
         for slot in self.slots:
             if slot.owner() is cache:
                 return slot
+        self._check_weights()
         length = bucket(cache.max_len, self.model.args.max_seq_len)
         idle = [s for s in self.slots if s.owner() is None]
         free = [s for s in idle if self._fits(s, cache, length)]
@@ -188,6 +190,18 @@ class StaticDecoder:
             slot.pad.copy_(cache.pad)
         slot.owner = weakref.ref(cache)
         return slot
+
+    def _check_weights(self) -> None:
+        """Forget every graph when a tensor the step reads has moved since they were captured (a parameter
+        replaced, the model moved or cast): a graph reads the addresses it was captured with. Checked once per
+        request; in-place changes (training, `load_adapter_state`) keep the addresses and need nothing."""
+        model = self.model
+        weights = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers(),
+                                               *(() if model._rope is None else (model._rope,))))
+        if weights != self.weights:
+            for slot in self.slots:
+                slot.graphs.clear()
+            self.weights = weights
 
     @staticmethod
     def _storage_pairs(slot: Slot, cache: KVCache) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:

@@ -171,6 +171,26 @@ def test_slots_follow_the_longest_idle_request_of_each_batch_size():
     assert sorted((s.keys[0].shape[0], s.length) for s in decoder.slots) == [(1, 16), (3, 64)]
 
 
+def test_graphs_are_captured_again_once_a_parameter_the_step_reads_was_replaced(monkeypatch):
+    model = make_model(TINY, V1)
+    decoder = with_static(model)
+    captured = []
+    capture = decoder._capture
+    monkeypatch.setattr(decoder, "_capture", lambda slot, visible: captured.append(visible) or capture(slot, visible))
+    tokens, pad = left_padded(TINY.vocab_size)
+    decode(model, tokens, pad, 20, compile=True)
+    decode(model, tokens, pad, 20, compile=True)  # the same addresses: the graphs are replayed
+    assert captured == [16, 32]
+    with torch.no_grad():
+        model.layers[-1].attention.gate.mul_(2.0)  # in place: the graphs see the new values
+    decode(model, tokens, pad, 20, compile=True)
+    assert captured == [16, 32]
+    model.reset_adapter("cpu")  # new parameters at new addresses
+    expected = decode(model, tokens, pad, 20, compile=False)
+    assert_same_decode(decode(model, tokens, pad, 20, compile=True), expected)
+    assert captured == [16, 32, 16, 32]
+
+
 def test_without_a_gpu_or_a_decoder_set_every_step_is_plain():
     model = make_model(TINY, V1)
     tokens, pad = left_padded(TINY.vocab_size)
