@@ -351,6 +351,9 @@ class Transformer(nn.Module):
         # H200); not yet for bitsandbytes layers, whose capture is unmeasured
         self.cuda_graphs = True
         self.kv_cache = "auto"  # how new_cache stores keys/values: "auto" (the model's dtype) or "int8"
+        # step feeds a longer prompt this many tokens at a time (None: at once): the same keys/values and logits,
+        # but the activations of one piece at a time, which at 2048 tokens are more than the KV cache itself
+        self.prefill_chunk: int | None = 512
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, more time
         # True: attention runs in float32 even under bf16 autocast. On CPU the flash kernel's bf16 backward
         # is ~6x slower than its fp32 one at adapter-training lengths (~100 tokens), so adapter.finetune sets
@@ -519,7 +522,8 @@ class Transformer(nn.Module):
         record: list[torch.Tensor] | None = None,
         compile: bool = False,
     ) -> torch.Tensor:
-        """Feed `tokens` [B, T] after what the cache holds; logits [B, vocab] of the last position.
+        """Feed `tokens` [B, T] after what the cache holds; logits [B, vocab] of the last position. More than
+        `prefill_chunk` tokens are fed in pieces of that many (unless recording).
 
         With `record` (a list), each adapter layer appends the per-token share of its attention output
         that came through the prompt: what the app colours tokens by. Without gradients and with
@@ -536,6 +540,12 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens: batch of {batch} rows does not match the cache's {cache.batch}")
         if start + length > cache.max_len:
             raise ValueError(f"tokens: {start + length} positions do not fit the cache of {cache.max_len}")
+        chunk = self.prefill_chunk
+        if chunk and length > chunk and record is None:
+            for begin in range(0, length, chunk):
+                logits = self.step(tokens[:, begin:begin + chunk], cache, gate_scale=gate_scale,
+                                   delta_scale=delta_scale, compile=compile)
+            return logits
         device = tokens.device
         inference = not torch.is_grad_enabled()
         decoder = None

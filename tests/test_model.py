@@ -344,3 +344,24 @@ def test_head_loss_does_not_depend_on_the_chunk_size():
     for loss, grad in results:
         torch.testing.assert_close(loss, plain.detach(), atol=1e-5, rtol=1e-6)
         torch.testing.assert_close(grad, h.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_long_prompt_fed_in_pieces_gives_the_same_logits_and_cache(padded):
+    model = make_model(TINY_GQA, V2)
+    tokens = torch.randint(3, TINY_GQA.vocab_size, (2, 23), generator=torch.Generator().manual_seed(4))
+    pad = torch.tensor([0, 5]) if padded else None
+    results = []
+    for chunk in (None, 6):  # 23 tokens: pieces of 6, 6, 6 and 5
+        model.prefill_chunk = chunk
+        with torch.inference_mode():
+            cache = model.new_cache(2, 30, pad=pad)
+            first = model.step(tokens, cache)
+            after = model.step(first.argmax(-1)[:, None], cache)
+        results.append((first, after, cache))
+    (first, after, cache), (chunked_first, chunked_after, chunked) = results
+    torch.testing.assert_close(chunked_first, first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked_after, after, rtol=1e-5, atol=1e-5)
+    assert chunked.length == cache.length == 24
+    for a, b in zip(chunked.keys, cache.keys):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
