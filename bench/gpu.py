@@ -167,6 +167,13 @@ def peak(device: torch.device, run: Callable[[], object]) -> float:
     return (peak_mb() - before) / 1024
 
 
+def release_static_storage(model: torch.nn.Module) -> None:
+    """Drop the static decode steps' key/value storage and graphs (adapter.static_decode), which outlive a
+    request, so that a peak measured next counts the KV cache its request allocates."""
+    if hasattr(model, "static_decoders"):
+        model.static_decoders.clear()
+
+
 def sync(device: torch.device) -> None:
     """Wait for the GPU's queued work (CUDA runs asynchronously); nothing to wait for on the CPU."""
     if device.type == "cuda":
@@ -200,6 +207,7 @@ def decode_rows(s: Setup, precision: str, ours: Ours, peer: Peer | None, why: st
 
     def memory(side: Ours | Peer) -> Stat:
         tokens = prompt(1, CONTEXT - s.new_tokens, vocab, device=device)
+        release_static_storage(side.model)
         return once(peak(device, lambda: greedy(side, tokens, s.new_tokens)))
 
     measures = [("greedy decode, batch 1, tokens/s", rate, 1, True),
@@ -285,6 +293,7 @@ def image_rows(s: Setup, precision: str, ours: Ours, repeats: int) -> list[tuple
         return [(precision, image_label(s), s.no_clip, "", "")]
     no_peer = "n/a: peft adaption_prompt has no visual prompt"
     first = measure(lambda: 1000 * image_question(s, ours.model, 1).first_token_s, repeats)
+    release_static_storage(ours.model)
     memory = once(peak(s.device, lambda: image_question(s, ours.model, s.new_tokens)))
     return [(precision, image_label(s) + ": encode and first token, ms", *cells(first, None, no_peer, 1, True)),
             (precision, image_label(s) + ": peak memory above the weights, GiB",
@@ -312,6 +321,7 @@ def memory_target_rows(s: Setup) -> list[tuple[str, ...]]:
         gc.collect()
         weights = (torch.cuda.memory_allocated(s.device) - before) / 2**30 if cuda else weights_gib(model)
         model.kv_cache = kind
+        release_static_storage(model)
         total = weights + peak(s.device, lambda: image_question(s, model, s.new_tokens))
         setting = f"KV cache {kind}" + (f", CLIP tower in {clip}" if clip else "")
         rows.append(("nf4", f"{label}, {setting}: weights; with an image question at {CONTEXT} tokens of context, "
