@@ -56,6 +56,7 @@ class KVCache:
         int8: bool = False,
     ) -> None:
         shape = (batch, kv_heads, max_len, head_dim)
+        self.dtype, self.int8 = dtype, int8  # the compute dtype; whether keys/values are stored as int8
         stored = torch.int8 if int8 else dtype
         self.keys = [torch.zeros(shape, dtype=stored, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=stored, device=device) for _ in range(n_layers)]
@@ -78,13 +79,34 @@ class KVCache:
         """Write this step's keys/values at `start` and return every key/value so far (views, no copy; with
         int8, the compute-dtype values read back)."""
         end = start + k.shape[2]
-        keys, values = self.keys[layer], self.values[layer]
-        if self.key_scales is None:
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            return keys[:, :, :end], values[:, :, :end]
-        key_scales, value_scales = self.key_scales[layer], self.value_scales[layer]
-        keys[:, :, start:end], key_scales[:, :, start:end] = quantize_vectors(k)
-        values[:, :, start:end], value_scales[:, :, start:end] = quantize_vectors(v)
-        return (dequantize_vectors(keys[:, :, :end], key_scales[:, :, :end]),
-                dequantize_vectors(values[:, :, :end], value_scales[:, :, :end]))
+        self._write(layer, lambda stored, new: stored[:, :, start:end].copy_(new), k, v)
+        return self._read(layer, end)
+
+    def store_at(self, layer: int, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`store` of one position held in a tensor ([1]; a CUDA graph replays no Python int), returning the
+        first `visible` positions (adapter.static_decode masks those not written yet)."""
+        self._write(layer, lambda stored, new: stored.index_copy_(2, position, new), k, v)
+        return self._read(layer, visible)
+
+    def tensor_lists(self) -> list[list[torch.Tensor]]:
+        """The per-layer storage: keys, values and, for int8, their scales."""
+        return [self.keys, self.values] + ([self.key_scales, self.value_scales] if self.int8 else [])
+
+    def _write(self, layer: int, put, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.int8:
+            put(self.keys[layer], k)
+            put(self.values[layer], v)
+            return
+        for stored, scales, new in ((self.keys[layer], self.key_scales[layer], k),
+                                    (self.values[layer], self.value_scales[layer], v)):
+            quantized, scale = quantize_vectors(new)
+            put(stored, quantized)
+            put(scales, scale)
+
+    def _read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        if not self.int8:
+            return keys, values
+        return (dequantize_vectors(keys, self.key_scales[layer][:, :, :end]),
+                dequantize_vectors(values, self.value_scales[layer][:, :, :end]))

@@ -552,10 +552,7 @@ class Transformer(nn.Module):
         if inference and length == 1 and record is None and self._prompts_cached(cache):
             decoder = self._static_decoder(compile, device)
         if decoder is not None:
-            gate = _scale_for_rows(self._gate_scale if gate_scale is None else gate_scale, "gate_scale", batch,
-                                   torch.device("cpu"), 4)
-            delta = _scale_for_rows(self._delta_scale if delta_scale is None else delta_scale, "delta_scale", batch,
-                                    torch.device("cpu"), 3, self.tok_embeddings.weight.dtype)
+            gate, delta = self._row_scales(batch, gate_scale, delta_scale, torch.device("cpu"))
             try:
                 logits = decoder.step(tokens, cache, gate, delta)
             except RuntimeError as error:  # a compiler or a capture that failed: the plain path from now on
@@ -624,12 +621,18 @@ class Transformer(nn.Module):
         return self._rope[positions]
 
     def _context(self, batch: int, rope: torch.Tensor, gate_scale, delta_scale, **kwargs: Any) -> StepContext:
-        device = rope.device
+        gate, delta = self._row_scales(batch, gate_scale, delta_scale, rope.device)
+        return StepContext(rope=rope, gate_scale=gate, delta_scale=delta, fp32_attention=self.fp32_attention,
+                           **kwargs)
+
+    def _row_scales(self, batch: int, gate_scale, delta_scale,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and delta scales of a call (the model's own where not given), checked and shaped to
+        broadcast over rows: [] or [B, 1, 1, 1] float32, and [] or [B, 1, 1] in the model's dtype."""
         gate = _scale_for_rows(self._gate_scale if gate_scale is None else gate_scale, "gate_scale", batch, device, 4)
         delta = _scale_for_rows(self._delta_scale if delta_scale is None else delta_scale, "delta_scale", batch,
                                 device, 3, self.tok_embeddings.weight.dtype)
-        return StepContext(rope=rope, gate_scale=gate, delta_scale=delta, fp32_attention=self.fp32_attention,
-                           **kwargs)
+        return gate, delta
 
     def _last_logits(self, tokens: torch.Tensor, ctx: StepContext, cache: KVCache,
                      record: list[torch.Tensor] | None) -> torch.Tensor:

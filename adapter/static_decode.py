@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kv_cache import KVCache, dequantize_vectors, quantize_vectors
+from .kv_cache import KVCache
 from .step_context import StepContext
 
 if TYPE_CHECKING:
@@ -50,11 +50,7 @@ def bucket(length: int, limit: int) -> int:
 class Slot:
     """Storage and inputs of fixed address for one batch size and cache length, and its captured graphs."""
 
-    keys: list[torch.Tensor]  # per layer [B, kv_heads, length, head_dim]
-    values: list[torch.Tensor]
-    key_scales: list[torch.Tensor] | None  # an int8 cache's scales, per layer [B, kv_heads, length, 1]
-    value_scales: list[torch.Tensor] | None
-    prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # per prompt layer, [B, kv_heads, K, head_dim]
+    storage: KVCache  # its keys/values (int8 or not, as the caches it serves) and the prompts' keys/values
     tokens: torch.Tensor  # [B, 1]
     position: torch.Tensor  # [1]: where this step's token goes (left padding included)
     pad: torch.Tensor  # [B]
@@ -66,7 +62,7 @@ class Slot:
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[2]
+        return self.storage.max_len
 
 
 class SlotView:
@@ -76,22 +72,10 @@ class SlotView:
     visual_prompt = None  # the prompts' keys/values are already in the slot
 
     def __init__(self, slot: Slot, visible: int) -> None:
-        self.slot, self.visible, self.prompt_kv = slot, visible, slot.prompt_kv
+        self.slot, self.visible, self.prompt_kv = slot, visible, slot.storage.prompt_kv
 
     def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        slot, position, visible = self.slot, self.slot.position, self.visible
-        keys, values = slot.keys[layer], slot.values[layer]
-        if slot.key_scales is None:
-            keys.index_copy_(2, position, k)
-            values.index_copy_(2, position, v)
-            return keys[:, :, :visible], values[:, :, :visible]
-        key_scales, value_scales = slot.key_scales[layer], slot.value_scales[layer]
-        for stored, scales, new in ((keys, key_scales, k), (values, value_scales, v)):
-            quantized, scale = quantize_vectors(new)
-            stored.index_copy_(2, position, quantized)
-            scales.index_copy_(2, position, scale)
-        return (dequantize_vectors(keys[:, :, :visible], key_scales[:, :, :visible]),
-                dequantize_vectors(values[:, :, :visible], value_scales[:, :, :visible]))
+        return self.slot.storage.store_at(layer, self.slot.position, k, v, self.visible)
 
 
 class StaticDecoder:
@@ -172,18 +156,19 @@ class StaticDecoder:
         if free:
             slot = min(free, key=lambda s: s.length)
         else:  # an idle slot of this batch size too short for this request would only hold memory
-            self.slots = [s for s in self.slots if s not in idle or s.keys[0].shape[0] != cache.batch]
+            self.slots = [s for s in self.slots if s not in idle or s.storage.batch != cache.batch]
             slot = self._new_slot(cache, length)
             self.slots.append(slot)
         written = cache.length
-        for mine, theirs in self._storage_pairs(slot, cache):
+        for mine, theirs in zip(slot.storage.tensor_lists(), cache.tensor_lists()):
             for i in range(len(theirs)):
                 mine[i][:, :, :written].copy_(theirs[i][:, :, :written])
                 theirs[i] = mine[i][:, :, :cache.max_len]
         for i, (pk, pv) in cache.prompt_kv.items():
-            slot.prompt_kv[i][0].copy_(pk.expand_as(slot.prompt_kv[i][0]))
-            slot.prompt_kv[i][1].copy_(pv.expand_as(slot.prompt_kv[i][1]))
-            cache.prompt_kv[i] = slot.prompt_kv[i]
+            mine = slot.storage.prompt_kv[i]
+            mine[0].copy_(pk.expand_as(mine[0]))
+            mine[1].copy_(pv.expand_as(mine[1]))
+            cache.prompt_kv[i] = mine
         if cache.pad is None:
             slot.pad.zero_()
         else:
@@ -204,40 +189,27 @@ class StaticDecoder:
             self.weights = weights
 
     @staticmethod
-    def _storage_pairs(slot: Slot, cache: KVCache) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """(the slot's, the cache's) per-layer tensor lists: keys, values and an int8 cache's scales."""
-        pairs = [(slot.keys, cache.keys), (slot.values, cache.values)]
-        if cache.key_scales is not None:
-            pairs += [(slot.key_scales, cache.key_scales), (slot.value_scales, cache.value_scales)]
-        return pairs
-
-    @staticmethod
     def _fits(slot: Slot, cache: KVCache, length: int) -> bool:
-        k = cache.keys[0]
-        return (slot.length >= length and slot.keys[0].shape[:2] == k.shape[:2] and slot.keys[0].dtype == k.dtype
-                and (slot.key_scales is None) == (cache.key_scales is None)
-                and slot.prompt_kv.keys() == cache.prompt_kv.keys()
-                and all(slot.prompt_kv[i][0].dtype == pk.dtype for i, (pk, _) in cache.prompt_kv.items()))
+        mine, k = slot.storage, cache.keys[0]
+        return (slot.length >= length and mine.keys[0].shape[:2] == k.shape[:2] and mine.dtype == cache.dtype
+                and mine.int8 == cache.int8 and mine.prompt_kv.keys() == cache.prompt_kv.keys()
+                and all(mine.prompt_kv[i][0].dtype == pk.dtype for i, (pk, _) in cache.prompt_kv.items()))
 
     def _new_slot(self, cache: KVCache, length: int) -> Slot:
-        k = cache.keys[0]
-        batch, heads, _, head_dim = k.shape
-        device = k.device
+        batch, heads, _, head_dim = cache.keys[0].shape
+        device = cache.keys[0].device
 
         def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         # plain tensors even when made under inference_mode, so that no_grad steps may write them too
         with torch.inference_mode(False):
-            layers = range(len(cache.keys))
-            scales = None if cache.key_scales is None else cache.key_scales[0].dtype
-            return Slot(
-                keys=[zeros(batch, heads, length, head_dim, dtype=k.dtype) for _ in layers],
-                values=[zeros(batch, heads, length, head_dim, dtype=k.dtype) for _ in layers],
-                key_scales=None if scales is None else [zeros(batch, heads, length, 1, dtype=scales) for _ in layers],
-                value_scales=None if scales is None else [zeros(batch, heads, length, 1, dtype=scales) for _ in layers],
-                prompt_kv={i: (zeros(batch, *pk.shape[1:], dtype=pk.dtype), zeros(batch, *pv.shape[1:], dtype=pv.dtype))
-                           for i, (pk, pv) in cache.prompt_kv.items()},
-                tokens=zeros(batch, 1, dtype=torch.long), position=zeros(1, dtype=torch.long),
-                pad=zeros(batch, dtype=torch.long), gate=zeros(batch, 1, 1, 1, dtype=torch.float32),
-                delta=zeros(batch, 1, 1, dtype=self.model.tok_embeddings.weight.dtype))
+            storage = KVCache(len(cache.keys), batch, heads, length, head_dim, dtype=cache.dtype, device=device,
+                              int8=cache.int8)
+            storage.prompt_kv = {i: (zeros(batch, *pk.shape[1:], dtype=pk.dtype),
+                                     zeros(batch, *pv.shape[1:], dtype=pv.dtype))
+                                 for i, (pk, pv) in cache.prompt_kv.items()}
+            return Slot(storage=storage, tokens=zeros(batch, 1, dtype=torch.long),
+                        position=zeros(1, dtype=torch.long), pad=zeros(batch, dtype=torch.long),
+                        gate=zeros(batch, 1, 1, 1, dtype=torch.float32),
+                        delta=zeros(batch, 1, 1, dtype=self.model.tok_embeddings.weight.dtype))

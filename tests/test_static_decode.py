@@ -81,12 +81,12 @@ def test_a_later_request_reuses_the_free_slot_and_never_sees_the_earlier_keys():
     decoder = with_static(model)
     long_tokens, long_pad = left_padded(TINY_GQA.vocab_size, (9, 9, 9), seed=1)
     decode(model, long_tokens, long_pad, 30, compile=True)
-    storage = decoder.slots[0].keys[0].data_ptr()
+    storage = decoder.slots[0].storage.keys[0].data_ptr()
     gc.collect()
     tokens, pad = left_padded(TINY_GQA.vocab_size, (3, 1, 2), seed=2)  # padding where the last request wrote
     expected = decode(model, tokens, pad, 30, compile=False, max_len=39)
     assert_same_decode(decode(model, tokens, pad, 30, compile=True, max_len=39), expected)
-    assert len(decoder.slots) == 1 and decoder.slots[0].keys[0].data_ptr() == storage
+    assert len(decoder.slots) == 1 and decoder.slots[0].storage.keys[0].data_ptr() == storage
 
 
 def test_a_cache_still_in_use_keeps_its_slot_and_eager_steps_can_follow_static_ones():
@@ -168,7 +168,7 @@ def test_slots_follow_the_longest_idle_request_of_each_batch_size():
     assert [s.length for s in decoder.slots] == [64]
     decode(model, tokens, pad, 4, compile=True)  # a short request takes the idle 64 (and its graphs)
     decode(model, tokens[:1, 3:], None, 4, compile=True)  # another batch size: a slot of its own
-    assert sorted((s.keys[0].shape[0], s.length) for s in decoder.slots) == [(1, 16), (3, 64)]
+    assert sorted((s.storage.batch, s.length) for s in decoder.slots) == [(1, 16), (3, 64)]
 
 
 def test_graphs_are_captured_again_once_a_parameter_the_step_reads_was_replaced(monkeypatch):
