@@ -541,7 +541,9 @@ class Transformer(nn.Module):
         if start + length > cache.max_len:
             raise ValueError(f"tokens: {start + length} positions do not fit the cache of {cache.max_len}")
         chunk = self.prefill_chunk
-        if chunk and length > chunk and record is None:
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"prefill_chunk: must be a positive number of tokens or None, got {chunk!r}")
+        if chunk is not None and length > chunk and record is None:
             for begin in range(0, length, chunk):
                 logits = self.step(tokens[:, begin:begin + chunk], cache, gate_scale=gate_scale,
                                    delta_scale=delta_scale, compile=compile)

@@ -365,3 +365,11 @@ def test_a_long_prompt_fed_in_pieces_gives_the_same_logits_and_cache(padded):
     assert chunked.length == cache.length == 24
     for a, b in zip(chunked.keys, cache.keys):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, -4, 2.5])
+def test_a_prefill_chunk_that_is_not_a_positive_count_is_refused(chunk):
+    model = make_model(TINY, V1)
+    model.prefill_chunk = chunk
+    with pytest.raises(ValueError, match=f"prefill_chunk: must be a positive number of tokens or None, got {chunk}"):
+        model.step(torch.tensor([[5, 6, 7]]), model.new_cache(1, 8))
