@@ -113,7 +113,7 @@ def load(
     if clip is not None:
         from .visual import attach_image_encoder, load_image_encoder
 
-        attach_image_encoder(model, load_image_encoder(clip, clip_model or adapter_args.clip_model))
+        attach_image_encoder(model, load_image_encoder(clip, clip_model or adapter_args.clip_model), inference=True)
         if clip_mode is not None:
             quantize_tower(model.image_encoder.tower, clip_mode, dtype)
     model.base_format = checkpoint.format

@@ -96,8 +96,9 @@ def setup(smoke: bool, budget_s: float, device: str | None = None) -> Setup:
 
 
 def build(s: Setup) -> torch.nn.Module:
-    """Our model with random weights made on the device in the compute dtype (learned tensors in float32, as
-    adapter.load gives them), every gate 0.1 so that the prompts act, and the CLIP tower attached."""
+    """Our model with random weights made on the device in the compute dtype (learned tensors in float32 but the
+    visual prompt in the tower's dtype, as adapter.load gives them), every gate 0.1 so that the prompts act, and
+    the CLIP tower attached."""
     from adapter.model import Transformer
     from adapter.visual import ImageEncoder, attach_image_encoder
 
@@ -119,7 +120,7 @@ def build(s: Setup) -> torch.nn.Module:
         config = {k: v for k, v in s.clip.items() if k != "quick_gelu"}
         with torch.device(s.device):
             tower = open_clip.CLIP(**config, quick_gelu=s.clip.get("quick_gelu", False)).visual
-        attach_image_encoder(model, ImageEncoder(tower, s.clip_name))
+        attach_image_encoder(model, ImageEncoder(tower, s.clip_name), inference=True)
     return model.eval()
 
 

@@ -3,6 +3,7 @@ the official v2 visual prompt layout, image-blindness at gate 0, batching and ba
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -16,9 +17,17 @@ import adapter
 from adapter.config import AdapterArgs
 from adapter.generate import GenerationRequest, decode_tokens, generate_batch
 from adapter.images import load_image
+from adapter.model import Transformer
 from adapter.sampling import SamplingParams
-from adapter.visual import VisualPromptGrid, encode_images, load_image_encoder, preprocess
-from tests.conftest import randomize_adapter
+from adapter.visual import (
+    ImageEncoder,
+    VisualPromptGrid,
+    attach_image_encoder,
+    encode_images,
+    load_image_encoder,
+    preprocess,
+)
+from tests.conftest import TINY, randomize_adapter
 from tests.test_official_format import official_visual_state, v2_state
 
 CLIP_CONFIG = {"embed_dim": 24, "quick_gelu": True,
@@ -166,6 +175,32 @@ def test_our_own_visual_adapters_round_trip_and_are_blind_at_gate_zero(base_fold
     assert torch.equal(logits_for(loaded, RED, 1.0), logits_for(model, RED, 1.0))
     assert torch.equal(logits_for(loaded, RED, 0.0), logits_for(loaded, BLUE, 0.0))
     assert not torch.allclose(logits_for(loaded, RED, 1.0), logits_for(loaded, BLUE, 1.0), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "grid"])
+def test_visual_prompts_compute_in_bfloat16_close_to_float32(base_folder, clip_files, kind):
+    config, weights, _ = clip_files
+    args = AdapterArgs(prompt_len=5, prompt_layers=2, visual=kind, clip_dim=24, visual_dim=32, visual_depth=1,
+                       visual_heads=4, clip_model=str(config))
+    model = randomize_adapter(adapter.load(base_folder, adapter=args, clip=weights, device="cpu"))
+    tokens = model.image_encoder(model.image_encoder.preprocess([RED]))
+    full = model.visual_prompt(tokens)
+    half = copy.deepcopy(model.visual_prompt).to(torch.bfloat16)(tokens)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_the_visual_prompt_takes_the_towers_dtype_only_for_inference(clip_files, inference):
+    _, _, clip = clip_files
+    with torch.device("meta"):
+        model = Transformer(TINY, AdapterArgs(prompt_len=5, prompt_layers=2, visual="v2", clip_dim=24,
+                                              visual_dim=32, visual_depth=1, visual_heads=4))
+    model.to(torch.bfloat16).visual_prompt.float()  # as on a GPU: a bf16 base, learned tensors in float32
+    attach_image_encoder(model, ImageEncoder(copy.deepcopy(clip.visual), "tiny"), inference=inference)
+    assert {p.dtype for p in model.image_encoder.parameters()} == {torch.bfloat16}
+    want = torch.bfloat16 if inference else torch.float32  # training: the optimizer updates float32 weights
+    assert {p.dtype for p in model.visual_prompt.parameters()} == {want}
 
 
 def test_grid_prompt_gives_each_prompt_token_its_own_region():
