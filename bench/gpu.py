@@ -23,10 +23,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from adapter.config import AdapterArgs, ModelArgs
+from adapter.formats.common import atomic_write
 from bench.compare import TOLERANCE, Check, Greedy, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
 from bench.decode import measure
 from bench.peers import quiet
@@ -60,6 +62,7 @@ class Setup:
     clip_name: str
     no_clip: str  # why there is no CLIP tower ("" when there is one)
     budget_s: float
+    profile: Path | None = None  # --profile: where the profiles of the decode and training steps go
 
 
 def add_vendor() -> None:
@@ -181,6 +184,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def write_profile(s: Setup, name: str, run: Callable[[], object]) -> None:
+    """With --profile DIR: torch.profiler's table of the ops that took longest in `run` (by device time on a GPU)
+    to DIR/<name>.txt, so that a run on a lent GPU leaves the evidence of where its time went."""
+    if s.profile is None:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = s.device.type == "cuda"
+    sync(s.device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as recorded:
+        run()
+        sync(s.device)
+    table = recorded.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=40, max_name_column_width=70)
+    atomic_write(s.profile / f"{name}.txt", lambda tmp: Path(tmp).write_text(table + "\n"))
+
+
 def weights_gib(model: torch.nn.Module) -> float:
     """Bytes of the model's own tensors (a tensor shared with another model counts for both)."""
     tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
@@ -241,9 +261,9 @@ def fast_decode_rows(s: Setup, precision: str, repeats: int) -> list[tuple[str, 
     tokens = prompt(1, 16, s.args.vocab_size, device=s.device)
     plain = greedy(ours, tokens, 16, margins=True)
     near_tie = s.tolerance[precision] * float(plain.first_logits.abs().max())  # as bench.compare.check_same
-    rows, working, sides = [], [], [lambda: read_tokens_per_s(ours.model),
+    rows, working, labels, sides = [], [], ["plain"], [lambda: read_tokens_per_s(ours.model),
                                     lambda: greedy(ours, tokens, s.new_tokens + 1).tokens_per_s]
-    for name, side in zip(names, (graphs, compiled)):
+    for name, label, side in zip(names, ("graphs", "compiled"), (graphs, compiled)):
         try:
             started = time.perf_counter()
             same = int((greedy(side, tokens, 16).tokens == plain.tokens).cumprod(-1).sum())
@@ -254,8 +274,11 @@ def fast_decode_rows(s: Setup, precision: str, repeats: int) -> list[tuple[str, 
                      "equal to the plain path's", f"{time.perf_counter() - started:.1f}; {same} / 16"
                      + (" (then a near tie)" if same < 16 and plain.margins[same] <= near_tie else ""), "", ""))
         working.append(name)
+        labels.append(label)
         sides.append(lambda side=side: greedy(side, tokens, s.new_tokens + 1).tokens_per_s)
     floor, eager, *fast = measure_side_by_side(sides, repeats)
+    for label, side in zip(labels, sides[1:]):
+        write_profile(s, f"decode-{precision}-{label}", side)
     packed = " (their packed bytes)" if precision in QUANTIZED else ""
     rows += [(precision, f"floor: every weight read once (a sum over each matrix{packed}), tokens/s", spread(floor),
               "", ""),
@@ -344,7 +367,8 @@ def train_rows(s: Setup, ours: Ours, peer: Peer | None, why: str) -> list[tuple[
     def ours_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: list) -> None:
         optimizer_step(model, optimizer, step, targets(step), Processes(), lr=LR, clip_grad=1.0, step=1)
 
-    def run(model: torch.nn.Module, optimizer: torch.optim.Optimizer, one_step: Callable) -> tuple[Stat, Stat]:
+    def run(side: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            one_step: Callable) -> tuple[Stat, Stat]:
         model.train()
         one_step(model, optimizer, steps[0])  # warm-up
         seconds = []
@@ -356,12 +380,13 @@ def train_rows(s: Setup, ours: Ours, peer: Peer | None, why: str) -> list[tuple[
             seconds.append(time.perf_counter() - start)
 
         memory = peak(s.device, timed)
+        write_profile(s, f"train-nf4-{side}", lambda: one_step(model, optimizer, steps[1]))
         model.eval()
         return once(sum(b.n_tokens for b in steps[1]) / seconds[0]), once(memory)
 
-    a, b = run(ours.model, build_optimizer(ours.model, LR, 0.02), ours_step), (None, None)
+    a, b = run("ours", ours.model, build_optimizer(ours.model, LR, 0.02), ours_step), (None, None)
     if peer is not None:
-        b = run(peer.model, peer_optimizer(peer.model), peer_step)
+        b = run("peer", peer.model, peer_optimizer(peer.model), peer_step)
     n = len(steps[1]) * len(steps[1][0].tokens)
     return [("nf4", f"one training step ({n} sequences of {lengths[0]}-{lengths[1]} tokens), tokens/s",
              *cells(a[0], b[0], why, 0, False)),
@@ -422,12 +447,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (on the CPU unless --device): checks the "
                         "script, not the GPU")
     parser.add_argument("--device", help="where to run (default: cuda, or cpu with --smoke)")
+    parser.add_argument("--profile", type=Path, help="write torch.profiler tables of the decode and training "
+                        "steps into this folder (e.g. $OUT/profiles)")
     parser.add_argument("--write", help="replace the GPU section of this markdown file (e.g. BENCHMARKS.md); "
                         "rewritten after each stage, so a run stopped early keeps what it measured")
     options = parser.parse_args(argv)
     add_vendor()
     quiet()
-    s = setup(options.smoke, options.budget, options.device)
+    s = dataclasses.replace(setup(options.smoke, options.budget, options.device), profile=options.profile)
     repeats = 1 if options.smoke else options.repeats
     started = time.perf_counter()
     stages = [(p, lambda p=p: run_precision(s, p, repeats)) for p in s.precisions]

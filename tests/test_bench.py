@@ -131,7 +131,8 @@ def test_smoke_memory_scaling_and_training_sections(smoke_report):
 
 def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
     out = tmp_path / "GPU.md"
-    run(["bash", "bench/gpu.sh", "--smoke", "--write", str(out)])
+    profiles = tmp_path / "profiles"
+    run(["bash", "bench/gpu.sh", "--smoke", "--write", str(out), "--profile", str(profiles)])
     section = out.read_text().split("\n## ")[1]
     assert section.startswith("GPU (CPU)")
     check_table(section, ["fp32", "nf4", "int8"])
@@ -150,6 +151,11 @@ def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
     assert [row[1].split(", ", 1)[1].split(":")[0] for row in alone] == [
         "KV cache auto, CLIP tower in fp32", "KV cache int8", "KV cache int8, CLIP tower in nf4"]
     assert all(re.fullmatch(r"\d+\.\d\d; \d+\.\d\d \(\d+\.\d\d\)", row[2]) for row in alone)
+    written = {path.name: path.read_text() for path in profiles.iterdir()}
+    assert {"train-nf4-ours.txt", "train-nf4-peer.txt", "decode-fp32-plain.txt", "decode-nf4-plain.txt",
+            "decode-fp32-graphs.txt"} <= set(written)
+    assert "bitsandbytes::gemm_4bit" in written["train-nf4-ours.txt"]  # the profile of the nf4 base's step
+    assert "Self CPU" in written["decode-fp32-plain.txt"]
     shares = unquantized["decode / floor"].split(", ")
     assert [share.split(": ")[0] for share in shares][:2] == ["plain", "static step (no capture on CPU)"]
 
