@@ -410,6 +410,7 @@ def run_precision(s: Setup, precision: str, repeats: int) -> tuple[Check | str, 
 
 def render(s: Setup, checks: list[Check | str], rows: list[tuple[str, ...]], skipped: list[str], command: str,
            repeats: int, seconds: float, smoke: bool) -> str:
+    compared = [c for c in checks if isinstance(c, Check)]  # none when only stages without a peer ran
     problems = [f"- {c}" for c in checks if isinstance(c, str)]
     problems += [f"- skipped after the {s.budget_s:.0f} s budget: {', '.join(skipped)}"] if skipped else []
     return "\n".join([
@@ -426,9 +427,8 @@ def render(s: Setup, checks: list[Check | str], rows: list[tuple[str, ...]], ski
          f"{repeats} runs after a warm-up, min / max in brackets; memory is torch.cuda.max_memory_allocated above "
          f"what was allocated before (resident memory on the CPU). {s.new_tokens} new tokens per generation."),
         "",
-        *check_lines([c for c in checks if isinstance(c, Check)], "is listed below it and its peer is not timed"),
-        *(["", *problems] if problems else []),
-        "",
+        *(check_lines(compared, "is listed below it and its peer is not timed") + [""] if compared else []),
+        *([*problems, ""] if problems else []),
         *table(("precision", "measure", "ours", "transformers + peft", "ours / peer"), rows),
         "",
     ])
@@ -447,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (on the CPU unless --device): checks the "
                         "script, not the GPU")
     parser.add_argument("--device", help="where to run (default: cuda, or cpu with --smoke)")
+    parser.add_argument("--only", help="comma-separated stages to run, in their usual order (default: all): the "
+                        "precisions (bf16, nf4, int8; fp32 for --smoke), memory, fast-bf16, fast-nf4")
     parser.add_argument("--profile", type=Path, help="write torch.profiler tables of the decode and training "
                         "steps into this folder (e.g. $OUT/profiles)")
     parser.add_argument("--write", help="replace the GPU section of this markdown file (e.g. BENCHMARKS.md); "
@@ -458,8 +460,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = 1 if options.smoke else options.repeats
     started = time.perf_counter()
     stages = [(p, lambda p=p: run_precision(s, p, repeats)) for p in s.precisions]
-    stages.append(("memory target", lambda: (None, memory_target_rows(s))))
-    stages += [(f"fast decode {p}", lambda p=p: (None, fast_decode_rows(s, p, repeats))) for p in s.precisions[:2]]
+    stages.append(("memory", lambda: (None, memory_target_rows(s))))
+    stages += [(f"fast-{p}", lambda p=p: (None, fast_decode_rows(s, p, repeats))) for p in s.precisions[:2]]
+    if options.only:
+        chosen = [name.strip() for name in options.only.split(",")]
+        unknown = [name for name in chosen if name not in dict(stages)]
+        if unknown:
+            parser.error(f"--only: no stage {', '.join(unknown)}; the stages are {', '.join(dict(stages))}")
+        stages = [(name, stage) for name, stage in stages if name in chosen]
     checks, rows, skipped = [], [], []
     for number, (name, stage) in enumerate(stages):
         if time.perf_counter() - started > s.budget_s:

@@ -160,6 +160,18 @@ def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
     assert [share.split(": ")[0] for share in shares][:2] == ["plain", "static step (no capture on CPU)"]
 
 
+def test_gpu_script_runs_only_the_stages_asked_for(tmp_path):
+    out = tmp_path / "GPU.md"
+    done = run([sys.executable, "-m", "bench.gpu", "--smoke", "--only", "memory", "--write", str(out)])
+    assert "] memory" in done.stderr and "] nf4" not in done.stderr
+    rows = next(t for t in tables(out.read_text()) if "ours / peer" in t[0])
+    assert rows[1:] and all("alone on the device" in row[1] for row in rows[1:])
+    refused = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--only", "memory,bf17"], cwd=ROOT,
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode == 2
+    assert "--only: no stage bf17; the stages are fp32, nf4, int8, memory, fast-fp32, fast-nf4" in refused.stderr
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> peers.Weights:
     return peers.write_weights(tmp_path_factory.mktemp("weights"), SMOKE)
