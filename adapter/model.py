@@ -425,6 +425,15 @@ class Transformer(nn.Module):
         """Only the learned tensors, under their model names."""
         return {n: p.detach() for n, p in self.named_parameters() if self.is_adapter_parameter(n)}
 
+    def train(self, mode: bool = True) -> Transformer:
+        """As nn.Module.train; training also keeps 4-bit layers in a layout with a backward (on CPUs with
+        AVX512-BF16, bitsandbytes repacks them for inference: adapter.quantize.training_layout)."""
+        if mode:
+            from .quantize import training_layout
+
+            training_layout(self)
+        return super().train(mode)
+
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 

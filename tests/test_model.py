@@ -360,11 +360,12 @@ def test_a_long_prompt_fed_in_pieces_gives_the_same_logits_and_cache(padded):
             after = model.step(first.argmax(-1)[:, None], cache)
         results.append((first, after, cache))
     (first, after, cache), (chunked_first, chunked_after, chunked) = results
-    torch.testing.assert_close(chunked_first, first, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(chunked_after, after, rtol=1e-5, atol=1e-5)
+    close = {"rtol": 1e-4, "atol": 1e-5}  # float32 matmuls of 6 rows and of 23 round differently (AVX512 kernels)
+    torch.testing.assert_close(chunked_first, first, **close)
+    torch.testing.assert_close(chunked_after, after, **close)
     assert chunked.length == cache.length == 24
     for a, b in zip(chunked.keys, cache.keys):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, **close)
 
 
 @pytest.mark.parametrize("chunk", [0, -4, 2.5])

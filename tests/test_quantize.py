@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import adapter
-from adapter.quantize import quantize_model
-from tests.conftest import TINY, V2, make_model
+from adapter.quantize import quantize_linear, quantize_model
+from tests.conftest import TINY, V1, V2, make_model, randomize_adapter
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,6 +39,46 @@ def test_quantized_logits_stay_close_and_the_adapter_stays_trainable(mode, bound
     model.train()
     model(tokens).logsumexp(-1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
+
+
+def test_training_after_cpu_inference_gets_every_gradient(monkeypatch):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first eval-mode forward for a kernel
+    without a backward; training must undo that, or the gradients through every frozen linear are lost."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)  # as on such a CPU
+    tokens = torch.randint(0, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def gradients(model):
+        model.train()
+        model(tokens).logsumexp(-1).mean().backward()
+        return {name: param.grad for name, param in model.trainable_parameters()}
+
+    fresh, used = (quantize_model(randomize_adapter(make_model(TINY, V1)), "nf4") for _ in range(2))
+    layers = [m for m in used.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu for m in layers)  # TINY's shapes fit that kernel
+    for m in layers:  # what bitsandbytes does in such a layer's first eval-mode forward on such a CPU
+        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    expected, got = gradients(fresh), gradients(used)
+    assert not any(m.support_avx512bf16_for_cpu or m.weight.quant_state.packing_format_for_cpu for m in layers)
+    assert set(got) == set(expected)
+    for name in expected:  # the inverse rounded the block scales through bf16 once
+        assert relative_error(got[name], expected[name]) < 0.02, name
+
+
+def test_nf4_layers_the_cpu_kernel_cannot_take_are_never_repacked(monkeypatch):
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    fits = quantize_linear(torch.randn(64, 128), "nf4", torch.float32, "cpu")
+    small = quantize_linear(torch.randn(32, 48), "nf4", torch.float32, "cpu")  # 48 inputs: less than a block
+    assert fits.support_avx512bf16_for_cpu and not small.support_avx512bf16_for_cpu
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        expected = x @ bnb.functional.dequantize_4bit(small.weight.data, small.weight.quant_state).t()
+        torch.testing.assert_close(small.eval()(x), expected)
+    assert not getattr(small.weight.quant_state, "packing_format_for_cpu", False)
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
