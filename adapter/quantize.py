@@ -4,7 +4,7 @@ Only the seven linears of each layer are quantized. Everything learned (prompts,
 norm deltas) lives outside them in full precision, and the output head stays in the model dtype.
 
 On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight in place for a faster bf16 kernel at its
-first eval-mode forward (1.6x the nf4 decode tokens/s of the plain layout on the dim-512 benchmark model). That
+first eval-mode forward (faster decoding). That
 kernel has no backward and no support for every shape, so `quantize_linear` leaves the shapes it cannot take
 as they are, and `training_layout` (which `Transformer.train()` calls) turns the repacking off for training.
 
