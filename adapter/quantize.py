@@ -4,9 +4,9 @@ Only the seven linears of each layer are quantized. Everything learned (prompts,
 norm deltas) lives outside them in full precision, and the output head stays in the model dtype.
 
 On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight in place for a faster bf16 kernel at its
-first eval-mode forward (faster decoding). That
-kernel has no backward and no support for every shape, so `quantize_linear` leaves the shapes it cannot take
-as they are, and `training_layout` (which `Transformer.train()` calls) turns the repacking off for training.
+first eval-mode forward. That kernel has no backward and does not take every shape, so `quantize_linear`
+leaves the shapes it cannot take as they are, and `training_layout` (which `Transformer.train()` calls) turns
+the repacking off for training.
 
 A frozen CLIP tower can be quantized too (`quantize_tower`, on request: it changes the image features a little):
 its MLPs' linears, and its attention's projections once `SelfAttention` has split them out of
