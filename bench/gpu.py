@@ -202,9 +202,30 @@ def write_profile(s: Setup, name: str, run: Callable[[], object]) -> None:
 
 
 def weights_gib(model: torch.nn.Module) -> float:
-    """Bytes of the model's own tensors (a tensor shared with another model counts for both)."""
-    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    """Bytes of the model's own tensors, with the quantization state of its bitsandbytes weights (a tensor
+    shared with another model counts for both)."""
+    found = [*model.parameters(), *model.buffers()]
+    found += [t for p in model.parameters() for t in quant_state_tensors(getattr(p, "quant_state", None))]
+    tensors = {t.data_ptr(): t for t in found}
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**30
+
+
+def quant_state_tensors(state) -> list[torch.Tensor]:
+    """The tensors a bitsandbytes 4-bit QuantState holds (block scales, code book, nested state), if any."""
+    if state is None:
+        return []
+    found = [getattr(state, name, None) for name in ("absmax", "code", "offset")]
+    return [t for t in found if torch.is_tensor(t)] + quant_state_tensors(getattr(state, "state2", None))
+
+
+def kv_cache_gib(s: Setup, kind: str) -> float:
+    """What the KV cache of one CONTEXT-token request holds (built on the meta device: sizes only)."""
+    from adapter.kv_cache import KVCache
+
+    args = s.args
+    cache = KVCache(args.n_layers, 1, args.kv_heads, CONTEXT, args.head_dim, dtype=s.dtype, device="meta",
+                    int8=kind == "int8")
+    return sum(t.numel() * t.element_size() for tensors in cache.tensor_lists() for t in tensors) / 2**30
 
 
 def cells(a: Stat, b: Stat | None, why: str, digits: int, repeated: bool) -> tuple[str, str, str]:
@@ -328,7 +349,7 @@ def memory_target_rows(s: Setup) -> list[tuple[str, ...]]:
     """nf4 base + v2 adapter + CLIP tower alone on the device, answering an image question at CONTEXT tokens:
     the memory it holds in all (on a GPU torch.cuda.memory_allocated, which counts the quantization state that
     the model's parameters leave out), with the KV cache in the compute dtype, in int8, and in int8 with the
-    CLIP tower in nf4 too."""
+    CLIP tower in nf4 too; and what it is made of, so that a figure above the target shows what to shrink."""
     from adapter.quantize import quantize_model, quantize_tower
 
     label = f"nf4 base + v2 adapter + {s.clip_name or 'CLIP'} alone on the device"
@@ -350,6 +371,11 @@ def memory_target_rows(s: Setup) -> list[tuple[str, ...]]:
         setting = f"KV cache {kind}" + (f", CLIP tower in {clip}" if clip else "")
         rows.append(("nf4", f"{label}, {setting}: weights; with an image question at {CONTEXT} tokens of context, "
                      "GiB (GB)", f"{weights:.2f}; {total:.2f} ({total * 2**30 / 1e9:.2f})", "", ""))
+        tower, visual, kv = weights_gib(model.image_encoder), weights_gib(model.visual_prompt), kv_cache_gib(s, kind)
+        parts = (weights - tower - visual, tower, visual, kv, total - weights - kv)
+        rows.append(("nf4", f"{label}, {setting}: of which the base and adapter, the CLIP tower, the visual prompt, "
+                     f"the KV cache of {CONTEXT} tokens, the rest (activations), MiB",
+                     ", ".join(f"{part * 1024:.2f}" for part in parts), "", ""))
     return rows
 
 

@@ -148,9 +148,17 @@ def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
     if not unquantized.get(compiled, "").startswith("not available"):  # no C++ compiler
         assert unquantized[compiled + first].endswith("; 16 / 16")
     alone = [row for row in rows[1:] if row[0] == "nf4" and "alone on the device" in row[1]]
-    assert [row[1].split(", ", 1)[1].split(":")[0] for row in alone] == [
-        "KV cache auto, CLIP tower in fp32", "KV cache int8", "KV cache int8, CLIP tower in nf4"]
-    assert all(re.fullmatch(r"\d+\.\d\d; \d+\.\d\d \(\d+\.\d\d\)", row[2]) for row in alone)
+    totals, parts = alone[::2], alone[1::2]
+    settings = ["KV cache auto, CLIP tower in fp32", "KV cache int8", "KV cache int8, CLIP tower in nf4"]
+    assert [row[1].split(", ", 1)[1].split(":")[0] for row in totals] == settings
+    assert [row[1].split(", ", 1)[1].split(": of which")[0] for row in parts] == settings
+    assert all(re.fullmatch(r"\d+\.\d\d; \d+\.\d\d \(\d+\.\d\d\)", row[2]) for row in totals)
+    for total, part in zip(totals, parts):  # MiB: base, tower, visual prompt, KV cache, the rest
+        base, tower, visual, kv, _ = (float(x) for x in part[2].split(", "))
+        assert tower > 0 and visual > 0 and kv > 0 and base > 0
+        assert abs((base + tower + visual) / 1024 - float(total[2].split(";")[0])) <= 0.006  # they are the weights
+    kv_auto, kv_int8 = (float(part[2].split(", ")[3]) for part in parts[:2])
+    assert kv_int8 < kv_auto
     written = {path.name: path.read_text() for path in profiles.iterdir()}
     assert {"train-nf4-ours.txt", "train-nf4-peer.txt", "decode-fp32-plain.txt", "decode-nf4-plain.txt",
             "decode-fp32-graphs.txt"} <= set(written)
