@@ -480,6 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", help="replace the GPU section of this markdown file (e.g. BENCHMARKS.md); "
                         "rewritten after each stage, so a run stopped early keeps what it measured")
     options = parser.parse_args(argv)
+    if options.profile is not None:
+        try:  # now, not after minutes of measuring
+            options.profile.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--profile: cannot make the folder {options.profile}: {error.strerror}")
     add_vendor()
     quiet()
     s = dataclasses.replace(setup(options.smoke, options.budget, options.device), profile=options.profile)

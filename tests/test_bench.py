@@ -178,6 +178,11 @@ def test_gpu_script_runs_only_the_stages_asked_for(tmp_path):
                              capture_output=True, text=True, check=False)
     assert refused.returncode == 2
     assert "--only: no stage bf17; the stages are fp32, nf4, int8, memory, fast-fp32, fast-nf4" in refused.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    refused = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--profile", str(blocked / "profiles")],
+                             cwd=ROOT, capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and f"--profile: cannot make the folder {blocked / 'profiles'}" in refused.stderr
 
 
 @pytest.fixture(scope="module")
