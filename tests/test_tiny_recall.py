@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from adapter.tiny import cli
+from adapter.tiny.pretrain import train_step
 from adapter.tiny.recall import ASK, NOT_SCORED, RecallDrill, drill_batch, guess_floor, slot_accuracy
 
 DRILL = RecallDrill(pairs=4, keys=10, values=3)
@@ -77,6 +78,27 @@ def test_the_recall_command_trains_and_reports_each_slot_the_same_way_twice(caps
     assert all(len([w for w in line.split() if w.endswith("%")]) == 3 + 1 for line in first[2:])
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.splitlines() == first
+    assert "float32;" in first[0]
+
+
+def test_the_recall_command_trains_under_bf16_autocast_on_request(capsys, monkeypatch):
+    import adapter.tiny.recall as recall
+
+    precisions = []
+
+    def recording_step(model, optimizer, inputs, targets, step, settings):
+        precisions.append(settings.bf16)
+        return train_step(model, optimizer, inputs, targets, step, settings)
+
+    monkeypatch.setattr(recall, "train_step", recording_step)
+    argv = ["recall", "--scale", "micro", "--steps", "2", "--every", "2", "--dim", "16", "--layers", "1",
+            "--heads", "2", "--batch", "4", "--pairs", "3", "--keys", "8", "--values", "3"]
+    assert cli.main(argv) == 0 and precisions == [False, False]
+    plain = capsys.readouterr().out.splitlines()
+    assert cli.main(argv + ["--bf16"]) == 0 and precisions[2:] == [True, True]
+    autocast = capsys.readouterr().out.splitlines()
+    assert "float32;" in plain[0] and "bf16 autocast;" in autocast[0]
+    assert autocast[1] == plain[1]  # the same floor
 
 
 def test_a_drill_with_fewer_keys_than_pairs_is_refused(capsys):

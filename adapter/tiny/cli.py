@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("--pairs", type=int, default=4, help="key -> value pairs per sequence (default: 4)")
     recall.add_argument("--keys", type=int, default=100, help="distinct keys (default: 100)")
     recall.add_argument("--values", type=int, default=6, help="distinct values (default: 6)")
+    recall.add_argument("--bf16", action="store_true",
+                        help="train under bf16 autocast, as the base pretrains (default: float32)")
     for name in ("dim", "layers", "heads"):
         recall.add_argument(f"--{name}", type=int, help=f"model {name} (default: the recipe's base)")
     for sub in (build, evaluate, probe, clip_probe, recall):
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_recall(options: argparse.Namespace, recipe: Recipe) -> None:
-    """The recall drill in float32 with the base's schedule; prints one row of slot accuracies per report."""
+    """The recall drill with the base's schedule (float32 unless --bf16); prints one row of slot accuracies per
+    report."""
     import dataclasses
 
     from ..config import ModelArgs
@@ -67,9 +70,10 @@ def run_recall(options: argparse.Namespace, recipe: Recipe) -> None:
                      n_heads=options.heads or recipe.n_heads, vocab_size=drill.vocab_size, multiple_of=64,
                      max_seq_len=drill.length)
     settings = dataclasses.replace(recipe.pretrain, steps=options.steps, batch_size=options.batch,
-                                   lr=options.lr or recipe.pretrain.lr, bf16=False, copy_steps=0)
+                                   lr=options.lr or recipe.pretrain.lr, bf16=options.bf16, copy_steps=0)
     print(f"recall drill: {drill.pairs} pairs of {drill.keys} keys and {drill.values} values; model "
-          f"{args.n_layers}x{args.dim}, {args.n_heads} heads; batch {settings.batch_size}, lr {settings.lr}; "
+          f"{args.n_layers}x{args.dim}, {args.n_heads} heads; batch {settings.batch_size}, lr {settings.lr}, "
+          f"{'bf16 autocast' if settings.bf16 else 'float32'}; "
           f"held-out accuracy per question slot (the last needs no lookup)")
     print("no lookup (a guess among the values not yet given back)  "
           + "  ".join(f"{a:4.0%}" for a in guess_floor(drill)))
