@@ -78,7 +78,12 @@ def test_the_recall_command_trains_and_reports_each_slot_the_same_way_twice(caps
     assert all(len([w for w in line.split() if w.endswith("%")]) == 3 + 1 for line in first[2:])
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.splitlines() == first
-    assert "float32;" in first[0]
+    assert "float32, seed 0;" in first[0]
+    assert cli.main(argv + ["--seed", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == first  # the recipe's seed is 0
+    assert cli.main(argv + ["--seed", "1"]) == 0
+    other = capsys.readouterr().out.splitlines()
+    assert "seed 1;" in other[0] and other[1] == first[1] and other[2:] != first[2:]
 
 
 def test_the_recall_command_trains_under_bf16_autocast_on_request(capsys, monkeypatch):
@@ -97,7 +102,7 @@ def test_the_recall_command_trains_under_bf16_autocast_on_request(capsys, monkey
     plain = capsys.readouterr().out.splitlines()
     assert cli.main(argv + ["--bf16"]) == 0 and precisions[2:] == [True, True]
     autocast = capsys.readouterr().out.splitlines()
-    assert "float32;" in plain[0] and "bf16 autocast;" in autocast[0]
+    assert "float32, seed 0;" in plain[0] and "bf16 autocast, seed 0;" in autocast[0]
     assert autocast[1] == plain[1]  # the same floor
 
 

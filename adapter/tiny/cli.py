@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("--values", type=int, default=6, help="distinct values (default: 6)")
     recall.add_argument("--bf16", action="store_true",
                         help="train under bf16 autocast, as the base pretrains (default: float32)")
+    recall.add_argument("--seed", type=int, help="seed of the initial weights and the sequences (default: the "
+                        "recipe's); the step at which the lookup forms varies with it")
     for name in ("dim", "layers", "heads"):
         recall.add_argument(f"--{name}", type=int, help=f"model {name} (default: the recipe's base)")
     for sub in (build, evaluate, probe, clip_probe, recall):
@@ -65,6 +67,7 @@ def run_recall(options: argparse.Namespace, recipe: Recipe) -> None:
     from .recall import RecallDrill, guess_floor, recall_curve
 
     deterministic(recipe.threads)
+    seed = recipe.seed if options.seed is None else options.seed
     drill = RecallDrill(options.pairs, options.keys, options.values)
     args = ModelArgs(dim=options.dim or recipe.dim, n_layers=options.layers or recipe.n_layers,
                      n_heads=options.heads or recipe.n_heads, vocab_size=drill.vocab_size, multiple_of=64,
@@ -73,11 +76,11 @@ def run_recall(options: argparse.Namespace, recipe: Recipe) -> None:
                                    lr=options.lr or recipe.pretrain.lr, bf16=options.bf16, copy_steps=0)
     print(f"recall drill: {drill.pairs} pairs of {drill.keys} keys and {drill.values} values; model "
           f"{args.n_layers}x{args.dim}, {args.n_heads} heads; batch {settings.batch_size}, lr {settings.lr}, "
-          f"{'bf16 autocast' if settings.bf16 else 'float32'}; "
+          f"{'bf16 autocast' if settings.bf16 else 'float32'}, seed {seed}; "
           f"held-out accuracy per question slot (the last needs no lookup)")
     print("no lookup (a guess among the values not yet given back)  "
           + "  ".join(f"{a:4.0%}" for a in guess_floor(drill)))
-    recall_curve(args, drill, settings, recipe.seed, options.every)
+    recall_curve(args, drill, settings, seed, options.every)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
