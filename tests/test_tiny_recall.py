@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from adapter.tiny import cli
+from adapter.tiny import cli, recall
 from adapter.tiny.pretrain import train_step
 from adapter.tiny.recall import ASK, NOT_SCORED, RecallDrill, drill_batch, guess_floor, slot_accuracy
 
 DRILL = RecallDrill(pairs=4, keys=10, values=3)
+SMALL_RUN = ["recall", "--scale", "micro", "--every", "2", "--dim", "16", "--layers", "1", "--heads", "2",
+             "--batch", "4", "--pairs", "3", "--keys", "8", "--values", "3"]  # trains in seconds
 
 
 def _pairs(row: torch.Tensor, drill: RecallDrill) -> dict[int, int]:
@@ -69,8 +71,7 @@ def test_a_lookup_reads_every_slot_and_elimination_only_the_last_as_the_floor_sa
 
 
 def test_the_recall_command_trains_and_reports_each_slot_the_same_way_twice(capsys):
-    argv = ["recall", "--scale", "micro", "--steps", "3", "--every", "2", "--dim", "16", "--layers", "1",
-            "--heads", "2", "--batch", "4", "--pairs", "3", "--keys", "8", "--values", "3"]
+    argv = SMALL_RUN + ["--steps", "3"]
     assert cli.main(argv) == 0
     first = capsys.readouterr().out.splitlines()
     assert first[1].split()[-3:] == ["56%", "67%", "100%"]  # the floor: 3 values, 3 / 2 / 1 left
@@ -87,8 +88,6 @@ def test_the_recall_command_trains_and_reports_each_slot_the_same_way_twice(caps
 
 
 def test_the_recall_command_trains_under_bf16_autocast_on_request(capsys, monkeypatch):
-    import adapter.tiny.recall as recall
-
     precisions = []
 
     def recording_step(model, optimizer, inputs, targets, step, settings):
@@ -96,8 +95,7 @@ def test_the_recall_command_trains_under_bf16_autocast_on_request(capsys, monkey
         return train_step(model, optimizer, inputs, targets, step, settings)
 
     monkeypatch.setattr(recall, "train_step", recording_step)
-    argv = ["recall", "--scale", "micro", "--steps", "2", "--every", "2", "--dim", "16", "--layers", "1",
-            "--heads", "2", "--batch", "4", "--pairs", "3", "--keys", "8", "--values", "3"]
+    argv = SMALL_RUN + ["--steps", "2"]
     assert cli.main(argv) == 0 and precisions == [False, False]
     plain = capsys.readouterr().out.splitlines()
     assert cli.main(argv + ["--bf16"]) == 0 and precisions[2:] == [True, True]
