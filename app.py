@@ -156,6 +156,10 @@ class Handlers:
         return self.engine.model_info()
 
 
+# Small pictures (the tiny model's scenes are 64 x 64) fill the image box instead of sitting in its middle.
+CSS = "#image img { width: 100%; height: 100%; object-fit: contain; }"
+
+
 def example_images() -> list[str]:
     """Images shipped in assets/ (never any other server file)."""
     if not ASSETS.is_dir():
@@ -173,6 +177,12 @@ def examples(config: ServeConfig) -> tuple[list[list[str]], list[str]]:
         pictures, messages = read_examples(TINY / EXAMPLES)
         return [[str(path), question] for path, question in pictures], messages
     return [[path, EXAMPLE_QUESTION] for path in example_images()], []
+
+
+def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
+    """Clickable held-out questions under a text box (none for models other than the tiny one)."""
+    if messages:
+        gr.Examples([[m] for m in messages], inputs=[box], label="Held-out scenes and questions")
 
 
 def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
@@ -202,8 +212,7 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
             message = gr.Textbox(label="Message", placeholder="Ask something and press Enter", elem_id="message")
-            if chat_examples:
-                gr.Examples([[m] for m in chat_examples], inputs=[message], label="Held-out scenes and questions")
+            offer_chat_examples(chat_examples, message)
             with gr.Row():
                 send = gr.Button("Send", variant="primary", elem_id="send")
                 stop = gr.Button("Stop", elem_id="stop")
@@ -217,11 +226,12 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
                 gr.Markdown("**This adapter cannot see images**: it has no visual prompt or no CLIP tower "
                             "(--clip), so answers come from the question alone.")
             with gr.Row():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=320,
+                                 elem_id="image")
                 clear_image_errors(image)
                 with gr.Column():
-                    question = gr.Textbox(label="Question", value=image_examples[0][1] if image_examples else EXAMPLE_QUESTION,
-                                          elem_id="image_question")
+                    first = image_examples[0][1] if image_examples else EXAMPLE_QUESTION
+                    question = gr.Textbox(label="Question", value=first, elem_id="image_question")
                     with gr.Row():
                         ask = gr.Button("Ask", variant="primary", elem_id="ask")
                         image_stop = gr.Button("Stop")
@@ -234,12 +244,15 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
             gr.Markdown("One click answers at gate 0 (the frozen base) and at the slider's scale, decoded "
                         "together in one batch.")
             compare_question = gr.Textbox(label="Question", elem_id="compare_question")
+            offer_chat_examples(chat_examples, compare_question)
             with gr.Row():
-                compare_button = gr.Button("Compare", variant="primary")
+                compare_button = gr.Button("Compare", variant="primary", elem_id="compare")
                 compare_stop = gr.Button("Stop")
             with gr.Row():
-                base_answer = gr.Textbox(label="Frozen base (gate 0)", lines=6, interactive=False)
-                adapted_answer = gr.Textbox(label="Adapter (gate slider)", lines=6, interactive=False)
+                base_answer = gr.Textbox(label="Frozen base (gate 0)", lines=6, interactive=False,
+                                         elem_id="base_answer")
+                adapted_answer = gr.Textbox(label="Adapter (gate slider)", lines=6, interactive=False,
+                                            elem_id="adapted_answer")
         with gr.Tab("Gates"):
             heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale")
             plot = engine.training_plot()
@@ -291,7 +304,7 @@ def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     demo = build_demo(engine, config)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=True,
                 prevent_thread_lock=not block, allowed_paths=example_images(), max_file_size=MAX_UPLOAD,
-                run_history=False, quiet=not block)
+                run_history=False, quiet=not block, css=CSS)
     return demo, engine
 
 

@@ -1,46 +1,32 @@
-"""The app in a real browser (Debian's Chromium driven by playwright): ask, move the gate slider to 0, ask
-again, and the answer changes. Skipped where Chromium is not installed (CI installs it, see .ci/run)."""
+"""The app in a real browser (Debian's Chromium driven by playwright): on the random demo model, ask, move the
+gate slider to 0, ask again, and the answer changes; on the embedded tiny model, a held-out example clicked in
+the compare tab shows the frozen base's answer beside the adapter's. Skipped where Chromium is not installed
+(CI installs it, see .ci/run)."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 from PIL import Image
 
-from tests.app_helpers import QUESTION, demo_files, served  # noqa: F401  (fixtures)
+from adapter.app_config import tiny_available
+from adapter.engine import Settings
+from tests.app_helpers import QUESTION, demo_files, running_app, served  # noqa: F401  (fixtures)
+from tests.browser import CHROMIUM, ask, chromium, coloured, compare, open_page
 
-CHROMIUM = shutil.which("chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install -y chromium)"),
               pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")]
 
 
 @pytest.fixture(scope="module")
-def page(served):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1000})
-        page.set_default_timeout(30_000)
-        page.goto(served.url)
-        yield page
-        browser.close()
+def browser():
+    pytest.importorskip("playwright.sync_api")
+    with chromium() as browser:
+        yield browser
 
 
-def coloured(page, element: str) -> None:
-    """Wait for an answer to be complete: its tokens then get coloured."""
-    page.locator(f"{element} [data-testid='highlighted-text:textfield'] .token").first.wait_for()
-
-
-def ask(page, question: str) -> str:
-    page.fill("#message textarea", question)
-    page.click("#send")
-    bot = page.locator("#chatbot [data-testid='bot']").last
-    bot.wait_for()
-    coloured(page, "#chat_colours")
-    return bot.inner_text()
+@pytest.fixture(scope="module")
+def page(browser, served):
+    return open_page(browser, served.url)
 
 
 def test_moving_the_gate_slider_changes_the_answer(page, tmp_path):
@@ -67,3 +53,20 @@ def test_an_uploaded_image_gets_an_answer(page, tmp_path):
     page.click("#ask")
     coloured(page, "#image_colours")
     assert page.input_value("#image_answer textarea").strip()
+
+
+@pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+def test_a_held_out_example_in_the_compare_tab_shows_both_answers_of_the_tiny_model(browser):
+    from playwright.sync_api import expect
+
+    from adapter.tiny.questions import text_questions
+
+    example = text_questions(100, "held-out", 6)[0]
+    with running_app([]) as tiny:
+        page = open_page(browser, tiny.url)
+        page.get_by_role("tab", name="Compare").click()
+        page.get_by_role("button", name=example.instruction[:20]).last.click()
+        expect(page.locator("#compare_question textarea")).to_have_value(example.instruction)
+        base, adapted = compare(page, example.instruction)
+        assert (base, adapted) == list(tiny.engine.compare(example.instruction, Settings()))[-1]
+    assert adapted == example.answer and base != adapted, (base, adapted)

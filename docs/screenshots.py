@@ -1,0 +1,78 @@
+"""The README's pictures of the app, taken in headless Chromium with the embedded tiny model:
+`python -m docs.screenshots` (from the repository root; needs `apt-get install -y chromium` and playwright)
+rewrites docs/compare.png, docs/chat.png and docs/image.png. The image tab shows the first shipped example
+the image adapter answers right (it gets 41.5% of held-out image questions right: docs/tiny.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+from adapter.engine import Settings
+from adapter.tiny.assets import ASSETS, EXAMPLES
+from adapter.tiny.examples import FILE
+from tests.app_helpers import running_app
+from tests.browser import ask, chromium, coloured, compare, open_page
+
+DOCS = Path(__file__).resolve().parent
+QUESTION = "There is a large red star on the left. What colour is the star?"  # the README's example
+
+
+def save(page, path: Path) -> None:
+    """A full-page PNG, written next to its place and renamed over it, so a failed run leaves the old one."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as temporary:
+        page.screenshot(path=temporary.name, full_page=True)
+    os.chmod(temporary.name, 0o644)  # a temporary file is private; the picture is not
+    os.replace(temporary.name, path)
+
+
+def answered_right(engine) -> tuple[Path, str]:
+    """The first shipped (picture, question) whose answer at the app's default settings is the expected one."""
+    folder = ASSETS / EXAMPLES
+    for example in json.loads((folder / FILE).read_text())["image"]:
+        picture = folder / example["image"]
+        *_, answer = engine.ask_image(Image.open(picture), example["question"], Settings())
+        if answer == example["answer"]:
+            return picture, example["question"]
+    raise RuntimeError(f"the image adapter answers none of {folder / FILE}'s questions right")
+
+
+def take(out: Path) -> list[Path]:
+    """Compare and chat tabs with the text adapter, the image tab with the image adapter."""
+    shots = [out / "compare.png", out / "chat.png", out / "image.png"]
+    with chromium() as browser:
+        with running_app([]) as text:
+            page = open_page(browser, text.url)
+            base, adapted = compare(page, QUESTION)
+            print(f"compare: base {base!r}, adapter {adapted!r}")
+            save(page, shots[0])
+            page.get_by_role("tab", name="Chat").click()
+            print(f"chat: {ask(page, QUESTION)!r}")
+            save(page, shots[1])
+        with running_app(["--adapter", "tiny-image"]) as image:
+            page = open_page(browser, image.url)
+            page.get_by_role("tab", name="Image").click()
+            picture, question = answered_right(image.engine)
+            page.locator("#image input[type=file]").set_input_files(str(picture))
+            page.fill("#image_question textarea", question)
+            page.click("#ask")
+            coloured(page, "#image_colours")
+            print(f"image: {question!r} -> {page.input_value('#image_answer textarea')!r}")
+            save(page, shots[2])
+    return shots
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DOCS, help="folder for the PNGs (default: docs/)")
+    for path in take(parser.parse_args().out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Chromium driven by playwright, for the browser tests and the README's screenshots (`python -m
+docs.screenshots`): Debian's /usr/bin/chromium, never a downloaded browser."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+CHROMIUM = shutil.which("chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@contextmanager
+def chromium() -> Iterator:
+    """A headless Chromium (playwright's Browser), closed afterwards. One per thread at a time."""
+    from playwright.sync_api import sync_playwright
+
+    if CHROMIUM is None:
+        raise RuntimeError("no chromium on PATH: apt-get install -y chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_page(browser, url: str, width: int = 1200, height: int = 1000):
+    """A new page on `url`, waiting up to a minute for anything it is asked to wait for."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    return page
+
+
+def coloured(page, element: str) -> None:
+    """Wait for an answer to be complete: its tokens then get coloured."""
+    page.locator(f"{element} [data-testid='highlighted-text:textfield'] .token").first.wait_for()
+
+
+def ask(page, question: str) -> str:
+    """Send `question` in the chat tab; the last answer once it is complete."""
+    page.fill("#message textarea", question)
+    page.click("#send")
+    bot = page.locator("#chatbot [data-testid='bot']").last
+    bot.wait_for()
+    coloured(page, "#chat_colours")
+    return bot.inner_text()
+
+
+def compare(page, question: str) -> tuple[str, str]:
+    """Ask `question` in the compare tab; (frozen base's answer, adapter's answer) once both are complete:
+    the adapter's box has text and neither box is still marked as generating or pending."""
+    page.get_by_role("tab", name="Compare").click()
+    page.fill("#compare_question textarea", question)
+    page.click("#compare")
+    page.wait_for_function("""() => document.querySelector('#adapted_answer textarea').value.length > 0
+        && !document.querySelector('#base_answer .generating, #adapted_answer .generating, '
+                                   + '#base_answer .progress-text, #adapted_answer .progress-text')""")
+    return page.input_value("#base_answer textarea"), page.input_value("#adapted_answer textarea")
