@@ -16,7 +16,7 @@ import gradio as gr
 from PIL import Image
 
 from adapter.app_config import ASSETS, ServeConfig, load_engine, parse_config, serves_tiny
-from adapter.engine import MAX_SCALE, MAX_TEMPERATURE, Engine, Settings
+from adapter.engine import MAX_SCALE, MAX_SWEEP, MAX_TEMPERATURE, Engine, Settings, gate_scales
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -26,6 +26,7 @@ DEFAULTS = Settings()
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 EXAMPLE_QUESTION = "What is in the picture?"
 MAX_UPLOAD = "20mb"
+SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
 
 
 @contextmanager
@@ -148,6 +149,13 @@ class Handlers:
         with user_errors():
             yield from self.engine.compare(question, settings(*controls))
 
+    def sweep(self, question: str, scales: str, *controls: Any) -> Iterator[list[list[Any]]]:
+        with user_errors():
+            chosen = settings(*controls)
+            values = gate_scales(scales)
+            for answers in self.engine.sweep(question, values, chosen):
+                yield [[scale, answer] for scale, answer in zip(values, answers)]
+
     def gates(self, scale: float) -> Figure:
         with user_errors():
             return self.engine.gate_heatmap(scale)
@@ -253,6 +261,14 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
                                          elem_id="base_answer")
                 adapted_answer = gr.Textbox(label="Adapter (gate slider)", lines=6, interactive=False,
                                             elem_id="adapted_answer")
+            gr.Markdown(f"**Gate sweep**: the same question at up to {MAX_SWEEP} gate scales (the delta scale and "
+                        "sampling from the controls above), decoded together in one batch.")
+            with gr.Row():
+                sweep_scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id="sweep_scales")
+                sweep_button = gr.Button("Sweep", variant="primary", scale=1, elem_id="sweep")
+            sweep_table = gr.Dataframe(headers=["gate scale", "answer"], datatype=["number", "str"],
+                                       column_widths=["12%", "88%"], interactive=False, wrap=True,
+                                       elem_id="sweep_table")
         with gr.Tab("Gates"):
             heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale")
             plot = engine.training_plot()
@@ -286,7 +302,9 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
 
         compared = compare_button.click(handlers.compare, [compare_question, *controls], [base_answer, adapted_answer],
                                         api_name="compare", **model_events)
-        compare_stop.click(None, cancels=[compared])
+        swept = sweep_button.click(handlers.sweep, [compare_question, sweep_scales, *controls], sweep_table,
+                                   api_name="sweep", **model_events)
+        compare_stop.click(None, cancels=[compared, swept])
 
         gate.change(handlers.gates, gate, heatmap, api_name="gates", trigger_mode="always_last")
         refresh.click(handlers.model_info, None, info, api_name="model_info")

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 MAX_QUESTION_CHARS = 4000
 MAX_SCALE = 2.0
 MAX_TEMPERATURE = 2.0
+MAX_SWEEP = 9  # gate scales answered together in one sweep (one batch row each)
 
 
 def _number(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
@@ -52,6 +53,23 @@ def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name}: must be {bound}, got {value!r}")
     return int(value)
+
+
+def gate_scales(value: str | Sequence[Any]) -> list[float]:
+    """1 to MAX_SWEEP gate scales, each in [0, MAX_SCALE], from a list or from text such as "0, 0.5, 1"."""
+    if isinstance(value, str):
+        words = [word for word in value.replace(",", " ").split() if word]
+        numbers = []
+        for word in words:
+            try:
+                numbers.append(float(word))
+            except ValueError:
+                raise ValueError(f"gate_scales: {word!r} is not a number") from None
+        value = numbers
+    scales = [_number("gate_scales", scale, 0.0, MAX_SCALE) for scale in value]
+    if not 1 <= len(scales) <= MAX_SWEEP:
+        raise ValueError(f"gate_scales: give 1 to {MAX_SWEEP} scales, got {len(scales)}")
+    return scales
 
 
 def check_text(value: Any, name: str = "question") -> str:
@@ -189,6 +207,16 @@ class Engine:
         self._require_room(prompt, "question")
         rows = self._generate([prompt, prompt], settings, [0.0, settings.gate_scale], [0.0, settings.delta_scale])
         return _each(rows, tuple)
+
+    def sweep(self, question: str, scales: str | Sequence[Any], settings: Settings) -> Iterator[list[str]]:
+        """The answers so far to one question at each gate scale in `scales` (settings' delta scale and
+        sampling for all), decoded together in one batch: how the answer moves as the prompts speak louder."""
+        prompt = alpaca(check_text(question))
+        scales = gate_scales(scales)
+        self.check(settings)
+        self._require_room(prompt, "question")
+        rows = self._generate([prompt] * len(scales), settings, scales, settings.delta_scale)
+        return _each(rows, list)
 
     def _generate(self, prompts: list[str], settings: Settings, gate_scale: Any, delta_scale: Any,
                   images: list[Any] | None = None) -> Iterator[list[str]]:

@@ -16,8 +16,9 @@ from PIL import Image
 from adapter.engine import Settings
 from adapter.tiny.assets import ASSETS, EXAMPLES
 from adapter.tiny.examples import FILE
+from app import SWEEP
 from tests.app_helpers import running_app
-from tests.browser import ask, chromium, coloured, compare, open_page
+from tests.browser import ask, chromium, coloured, compare, open_page, sweep
 
 DOCS = Path(__file__).resolve().parent
 QUESTION = "There is a large red star on the left. What colour is the star?"  # the README's example
@@ -50,6 +51,7 @@ def take(out: Path) -> list[Path]:
             page = open_page(browser, text.url)
             base, adapted = compare(page, QUESTION)
             print(f"compare: base {base!r}, adapter {adapted!r}")
+            print(f"sweep: {sweep(page, SWEEP)}")
             save(page, shots[0])
             page.get_by_role("tab", name="Chat").click()
             print(f"chat: {ask(page, QUESTION)!r}")

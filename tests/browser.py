@@ -50,13 +50,27 @@ def ask(page, question: str) -> str:
     return bot.inner_text()
 
 
+def finished(page, *elements: str) -> None:
+    """Wait until none of the elements (CSS ids) is still marked as pending or generating."""
+    busy = ", ".join(f"{e} .generating, {e} .progress-text" for e in elements)
+    page.wait_for_function(f"() => !document.querySelector({busy!r})")
+
+
 def compare(page, question: str) -> tuple[str, str]:
-    """Ask `question` in the compare tab; (frozen base's answer, adapter's answer) once both are complete:
-    the adapter's box has text and neither box is still marked as generating or pending."""
+    """Ask `question` in the compare tab; (frozen base's answer, adapter's answer) once both are complete."""
     page.get_by_role("tab", name="Compare").click()
     page.fill("#compare_question textarea", question)
     page.click("#compare")
-    page.wait_for_function("""() => document.querySelector('#adapted_answer textarea').value.length > 0
-        && !document.querySelector('#base_answer .generating, #adapted_answer .generating, '
-                                   + '#base_answer .progress-text, #adapted_answer .progress-text')""")
+    page.wait_for_function("() => document.querySelector('#adapted_answer textarea').value.length > 0")
+    finished(page, "#base_answer", "#adapted_answer")
     return page.input_value("#base_answer textarea"), page.input_value("#adapted_answer textarea")
+
+
+def sweep(page, scales: str) -> list[list[str]]:
+    """Sweep the compare tab's question over `scales`; the table's rows (scale, answer) once complete."""
+    page.fill("#sweep_scales textarea", scales)
+    page.click("#sweep")
+    rows = page.locator("#sweep_table [role=row]:has([role=gridcell])")
+    rows.first.wait_for()
+    finished(page, "#sweep_table")
+    return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]

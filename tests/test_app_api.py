@@ -161,6 +161,7 @@ def test_a_client_that_goes_away_stops_its_generation(served, client, decode_ste
     ("/chat", lambda images: (QUESTION, [], *controls(top_p=0.0)), r"top_p: must be in \(0, 1\]"),
     ("/chat", lambda images: (QUESTION, [], *controls(max_new_tokens=10_000)), "max_new_tokens: must be between 1 and 1024"),
     ("/compare", lambda images: ("   ", *controls()), "question: is empty"),
+    ("/sweep", lambda images: (QUESTION, "0, 1, 3", *controls()), r"gate_scales: must be in \[0, 2\], got 3.0"),
     ("/image", lambda images: (handle_file(str(images / "notes.png")), "What is it?", *controls()),
      "image: notes.png is not an image file"),
     ("/image", lambda images: (None, "What is it?", *controls()), "image: upload an image first"),

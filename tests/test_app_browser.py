@@ -1,6 +1,6 @@
 """The app in a real browser (Debian's Chromium driven by playwright): on the random demo model, ask, move the
 gate slider to 0, ask again, and the answer changes; on the embedded tiny model, a held-out example clicked in
-the compare tab shows the frozen base's answer beside the adapter's. Skipped where Chromium is not installed
+the compare tab shows the frozen base's answer beside the adapter's, and the gate sweep's table. Skipped where Chromium is not installed
 (CI installs it, see .ci/run)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from PIL import Image
 from adapter.app_config import tiny_available
 from adapter.engine import Settings
 from tests.app_helpers import QUESTION, demo_files, running_app, served  # noqa: F401  (fixtures)
-from tests.browser import CHROMIUM, ask, chromium, coloured, compare, open_page
+from tests.browser import CHROMIUM, ask, chromium, coloured, compare, open_page, sweep
 
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install -y chromium)"),
               pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")]
@@ -56,7 +56,7 @@ def test_an_uploaded_image_gets_an_answer(page, tmp_path):
 
 
 @pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
-def test_a_held_out_example_in_the_compare_tab_shows_both_answers_of_the_tiny_model(browser):
+def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of_the_tiny_model(browser):
     from playwright.sync_api import expect
 
     from adapter.tiny.questions import text_questions
@@ -69,4 +69,6 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_of_the_tiny_mo
         expect(page.locator("#compare_question textarea")).to_have_value(example.instruction)
         base, adapted = compare(page, example.instruction)
         assert (base, adapted) == list(tiny.engine.compare(example.instruction, Settings()))[-1]
+        expected = list(tiny.engine.sweep(example.instruction, [0, 1, 2], Settings()))[-1]
+        assert sweep(page, "0, 1 2") == [[scale, answer] for scale, answer in zip(["0", "1", "2"], expected)]
     assert adapted == example.answer and base != adapted, (base, adapted)

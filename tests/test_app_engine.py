@@ -14,7 +14,7 @@ from PIL import Image
 
 import adapter
 from adapter.app_config import TINY_FOLDER, parse_config, tiny_available
-from adapter.engine import Engine, Settings, check_text, device_lock
+from adapter.engine import Engine, Settings, check_text, device_lock, gate_scales
 from adapter.gate_view import find_gate_plot
 from adapter.prompts import STOP_STRINGS
 from adapter.random_demo import DemoFiles, write_random_demo
@@ -108,6 +108,33 @@ def test_compare_is_one_batch_with_the_frozen_base_in_row_zero(engine, base_fold
     frozen = adapter.load(base_folder, device="cpu")
     assert base == frozen.generate(adapter.alpaca(QUESTION), temperature=0.0, max_new_tokens=12, stop=STOP_STRINGS)
     assert adapted == list(engine.chat([], QUESTION, GREEDY))[-1]
+
+
+def test_a_gate_sweep_is_one_batch_and_each_row_is_that_gate_alone(engine, monkeypatch):
+    batches = []
+    original = engine.model.step
+    monkeypatch.setattr(engine.model, "step",
+                        lambda tokens, cache, **k: batches.append((tokens.shape[0], k["gate_scale"])) or
+                        original(tokens, cache, **k))
+    settings = Settings(temperature=0.0, max_new_tokens=12, delta_scale=0.5)
+    answers = list(engine.sweep(QUESTION, "0, 0.5 1.25,2", settings))[-1]
+    assert {rows for rows, _ in batches} == {4} and batches[0][1] == [0.0, 0.5, 1.25, 2.0]
+    monkeypatch.undo()
+    alone = [engine.model.generate(adapter.alpaca(QUESTION), gate_scale=gate, delta_scale=0.5, temperature=0.0,
+                                   max_new_tokens=12, stop=STOP_STRINGS) for gate in (0.0, 0.5, 1.25, 2.0)]
+    assert answers == alone and len(set(alone)) > 1
+
+
+@pytest.mark.parametrize("scales, message", [
+    ("0, 1, x", "gate_scales: 'x' is not a number"),
+    ("0 2.5", r"gate_scales: must be in \[0, 2\], got 2.5"),
+    (" , ", "gate_scales: give 1 to 9 scales, got 0"),
+    ([0.5] * 10, "gate_scales: give 1 to 9 scales, got 10"),
+    ([float("inf")], "gate_scales: expected a number"),
+])
+def test_bad_gate_sweeps_name_the_fault(scales, message):
+    with pytest.raises(ValueError, match=message):
+        gate_scales(scales)
 
 
 def test_text_only_adapters_answer_image_questions_from_the_text(base_folder):

@@ -24,7 +24,7 @@ def client():
         yield Client(served.url, verbose=False)
 
 
-def test_the_default_app_serves_the_tiny_model_and_compare_shows_the_gate(client):
+def test_the_default_app_serves_the_tiny_model_and_compare_and_sweep_show_the_gate(client):
     base, adapted = client.predict(QUESTION, *controls(gate=1.0), api_name="/compare")
     tiny_base = adapter.load(TINY_FOLDER / "base", device="cpu")
     expected = tiny_base.generate(adapter.alpaca(QUESTION), temperature=0.0, max_new_tokens=GREEDY["max_new_tokens"],
@@ -32,6 +32,9 @@ def test_the_default_app_serves_the_tiny_model_and_compare_shows_the_gate(client
     assert base == expected, "the left answer is the frozen base's"
     assert adapted != base
     assert len(adapted.split()) <= 2 < len(base.split()), (adapted, base)
+    sweep = client.predict(QUESTION, "0, 0.5, 1", *controls(gate=0.5), api_name="/sweep")
+    assert sweep["data"][0] == [0.0, base] and sweep["data"][2] == [1.0, adapted], sweep
+    assert sweep["data"][1][0] == 0.5
 
 
 def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_path):
