@@ -1,7 +1,7 @@
 """The app in a real browser (Debian's Chromium driven by playwright): on the random demo model, ask, move the
 gate slider to 0, ask again, and the answer changes; on the embedded tiny model, a held-out example clicked in
-the compare tab shows the frozen base's answer beside the adapter's, and the gate sweep's table. Skipped where Chromium is not installed
-(CI installs it, see .ci/run)."""
+the compare tab shows the frozen base's answer beside the adapter's, and the gate sweep's table. Skipped where
+Chromium is not installed (CI installs it, see .ci/run)."""
 
 from __future__ import annotations
 
