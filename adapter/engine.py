@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .generate import stream_batch
+from .generate import scales_from_text, stream_batch
 from .images import load_image
 from .prompts import STOP_STRINGS, alpaca, chat, image_question
 
@@ -58,14 +58,7 @@ def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
 def gate_scales(value: str | Sequence[Any]) -> list[float]:
     """1 to MAX_SWEEP gate scales, each in [0, MAX_SCALE], from a list or from text such as "0, 0.5, 1"."""
     if isinstance(value, str):
-        words = [word for word in value.replace(",", " ").split() if word]
-        numbers = []
-        for word in words:
-            try:
-                numbers.append(float(word))
-            except ValueError:
-                raise ValueError(f"gate_scales: {word!r} is not a number") from None
-        value = numbers
+        value = scales_from_text(value, "gate_scales")
     scales = [_number("gate_scales", scale, 0.0, MAX_SCALE) for scale in value]
     if not 1 <= len(scales) <= MAX_SWEEP:
         raise ValueError(f"gate_scales: give 1 to {MAX_SWEEP} scales, got {len(scales)}")

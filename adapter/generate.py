@@ -194,6 +194,17 @@ def generate(model: "Transformer", prompt: str, **kwargs: Any) -> str:
     return "".join(stream(model, prompt, **kwargs))
 
 
+def scales_from_text(text: str, name: str) -> list[float]:
+    """Numbers written with commas or spaces between them ("0, 0.5 1"); a word that is not one is named."""
+    scales = []
+    for word in text.replace(",", " ").split():
+        try:
+            scales.append(float(word))
+        except ValueError:
+            raise ValueError(f"{name}: {word!r} is not a number") from None
+    return scales
+
+
 def _tokenizer(model: "Transformer"):
     if model.tokenizer is None:
         raise ValueError("model: has no tokenizer; load it with adapter.load(...) or set model.tokenizer")
@@ -220,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, help="seed for sampling")
     parser.add_argument("--gate-scale", type=float, default=1.0, help="0 = frozen base, 1 = trained adapter")
+    parser.add_argument("--gate-sweep", metavar="SCALES",
+                        help="answer at each of these gate scales instead, in one batch (e.g. '0,0.5,1,2'); "
+                             "prints one block per scale")
     parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
     parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
@@ -239,18 +253,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .loading import load
 
     try:
+        sweep = None if args.gate_sweep is None else scales_from_text(args.gate_sweep, "--gate-sweep")
+        if sweep == []:
+            raise ValueError("--gate-sweep: give at least one gate scale, e.g. '0,0.5,1'")
         model = load(args.base, adapter=args.adapter, quantize=args.quantize, device=args.device, dtype=args.dtype,
                      clip=args.clip, clip_model=args.clip_model, kv_cache=args.kv_cache,
                      clip_quantize=args.clip_quantize)
         prompt = apply_template(args.template, args.prompt, args.input)
-        pieces = stream(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                        stop=args.stop + (list(STOP_STRINGS) if args.template != "none" else []),
-                        seed=args.seed, gate_scale=args.gate_scale, delta_scale=args.delta_scale, image=args.image,
-                        compile=args.compile)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                       stop=args.stop + (list(STOP_STRINGS) if args.template != "none" else []), seed=args.seed,
+                       delta_scale=args.delta_scale, compile=args.compile)
+        if sweep is not None:
+            answers = generate_batch(model, [prompt] * len(sweep), gate_scale=sweep, **options,
+                                     images=None if args.image is None else [args.image] * len(sweep))
+            sys.stdout.write("\n".join(f"--- gate scale {scale:g}\n{answer}" for scale, answer in zip(sweep, answers)))
+        else:
+            for piece in stream(model, prompt, gate_scale=args.gate_scale, image=args.image, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

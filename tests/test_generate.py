@@ -7,11 +7,11 @@ import torch
 
 import adapter
 from adapter.generate import GenerationRequest, decode_tokens, generate_batch, main
+from adapter.model import Transformer
 from adapter.sampling import SamplingParams, penalize_repeats, sample
 from adapter.text_stream import TextStream
 from adapter.tokenizer import Tokenizer
 from tests.conftest import V2, randomize_adapter
-from adapter.model import Transformer
 
 GREEDY = dict(temperature=0.0, max_new_tokens=12)
 
@@ -188,9 +188,26 @@ def test_command_line_streams_an_answer(base_folder, capsys):
     assert out == expected + "\n"
 
 
+def test_command_line_gate_sweep_prints_each_scales_answer(base_folder, capsys, tmp_path):
+    from adapter.random_demo import write_random_demo
+
+    demo = write_random_demo(tmp_path, base=base_folder)
+    question = "What is left of the star?"
+    code = main(["--base", str(demo.base), "--adapter", str(demo.adapter), "--prompt", question,
+                 "--temperature", "0", "--max-new-tokens", "8", "--delta-scale", "0.5", "--gate-sweep", "0, 1.5"])
+    assert code == 0
+    model = adapter.load(demo.base, adapter=demo.adapter, device="cpu")
+    alone = [model.generate(adapter.alpaca(question), temperature=0.0, max_new_tokens=8, gate_scale=gate,
+                            delta_scale=0.5, stop=list(adapter.prompts.STOP_STRINGS)) for gate in (0.0, 1.5)]
+    assert alone[0] != alone[1]
+    assert capsys.readouterr().out == f"--- gate scale 0\n{alone[0]}\n--- gate scale 1.5\n{alone[1]}\n"
+
+
 def test_command_line_reports_bad_input_in_one_line(base_folder, capsys, tmp_path):
     assert main(["--base", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert main(["--base", str(base_folder), "--prompt", "x", "--top-p", "2"]) == 2
+    assert main(["--base", str(tmp_path / "nope"), "--prompt", "x", "--gate-sweep", "0,one"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: base:") and "nope" in err[0]
     assert err[1].startswith("error: top_p:")
+    assert err[2] == "error: --gate-sweep: 'one' is not a number", "checked before loading the base"
