@@ -70,3 +70,11 @@ def test_the_assets_are_small_and_match_their_manifest():
     assert total < 40e6
     for name, entry in manifest["files"].items():
         assert (ASSETS / name).stat().st_size == entry["bytes"], name
+
+
+def test_the_text_adapter_ships_the_plot_of_its_gates_opening_for_the_apps_gates_tab():
+    from adapter.engine import Engine
+
+    engine = Engine(adapter.load(ASSETS / "base", adapter=ASSETS / "text", device="cpu"), adapter=str(ASSETS / "text"))
+    plot = engine.training_plot()
+    assert plot == ASSETS / "text" / "gates.png" and plot.read_bytes().startswith(b"\x89PNG")

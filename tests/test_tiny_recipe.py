@@ -49,8 +49,9 @@ def test_every_stage_writes_its_artifacts(micro):
     root, manifest = micro
     out = root / "out"
     for name in ("base/params.json", "base/consolidated.00.pth", "base/tokenizer.model", "text/adapter.safetensors",
-                 assets.CLIP_CONFIG, assets.CLIP_WEIGHTS, "examples/examples.json", MANIFEST, CARD):
+                 "text/gates.png", assets.CLIP_CONFIG, assets.CLIP_WEIGHTS, "examples/examples.json", MANIFEST, CARD):
         assert (out / name).is_file(), name
+    assert (out / "text/gates.png").read_bytes() == (root / "work/text-run/gates.png").read_bytes(), "the run's plot"
     assert set(manifest["stages"]) == set(TEXT_STAGES)
     assert manifest["files"]["base/consolidated.00.pth"]["sha256"]
     assert all(t.dtype == torch.float16 for t in torch.load(out / "base/consolidated.00.pth").values())
@@ -158,6 +159,20 @@ def test_eval_writes_accuracy_plot_card_and_its_benchmarks_section(micro, tmp_pa
     assert "| frozen base (gate 0, delta scale 0) |" in text
     assert (out / ACCURACY_PNG).read_bytes().startswith(b"\x89PNG")
     assert json.loads((out / "accuracy.json").read_text())["questions"]["text"] == counts["text"]
+
+
+def test_a_stage_re_run_on_another_cpu_is_named_in_the_card(micro, tmp_path):
+    root, manifest = micro
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    changed = json.loads(json.dumps(manifest))  # the fixture's own stays as built
+    changed["stages"]["text"]["cpu"] = "Another CPU, 2 threads"
+    del changed["stages"]["data"]["cpu"]
+    (out / MANIFEST).write_text(json.dumps(changed))
+    card = write_card(out).read_text()
+    first = f"{describe_cpu()}, {MICRO.threads} threads"
+    assert (f"on machines shared with other jobs (data on a CPU the manifest does not record; tokenizer, base, "
+            f"clip, examples, card on {first}; text on Another CPU, 2 threads)") in card
 
 
 def test_the_frozen_row_answers_as_the_bare_base_does(micro):

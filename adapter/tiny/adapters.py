@@ -42,14 +42,20 @@ def train_adapter(settings: AdapterSettings, base: Path, data: Path, run: Path, 
 
 
 def install(adapter_file: Path, folder: Path, clip_model: Path | None = None) -> Path:
-    """Copy a run's adapter (and its adapter.json) into an assets folder, its header made canonical.
+    """Copy a run's adapter (and its adapter.json) into an assets folder, its header made canonical, and the
+    run's gates.png beside it, which the app's Gates tab shows (the gates opening during training).
 
     A `clip_model` config file is then named relative to the folder (adapter.load reads it so), so that the
     assets still load wherever they are copied.
     """
+    from ..gate_view import GATE_PLOT, find_gate_plot
+
     folder.mkdir(parents=True, exist_ok=True)
     for source in (adapter_file, adapter_file.with_name("adapter.json")):
         shutil.copyfile(source, folder / source.name)
+    plot = find_gate_plot(adapter_file)
+    if plot is not None:
+        shutil.copyfile(plot, folder / GATE_PLOT)
     relative = None if clip_model is None else os.path.relpath(clip_model, folder)
     if relative is not None:
         config_path = folder / "adapter.json"

@@ -58,13 +58,25 @@ def _accuracy_lines(accuracy: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _where(stages: dict[str, Any]) -> str:
+    """Where the stages ran: one CPU, or each group's when a stage was re-run on another machine."""
+    groups: dict[str | None, list[str]] = {}
+    for name in STAGES:
+        if name in stages:
+            groups.setdefault(stages[name].get("cpu"), []).append(name)
+    if len(groups) > 1:
+        each = [f"{', '.join(names)} on {cpu or 'a CPU the manifest does not record'}" for cpu, names in groups.items()]
+        return f"on machines shared with other jobs ({'; '.join(each)})"
+    cpu = next(iter(groups), None)
+    return "on a machine shared with other jobs" + (f" ({cpu})" if cpu else "")
+
+
 def write_card(out: Path) -> Path:
     manifest, accuracy = _read(out / MANIFEST), _read(out / ACCURACY_JSON)
     recipe, stages, files = manifest.get("recipe", {}), manifest.get("stages", {}), manifest.get("files", {})
     base, clip = stages.get("base", {}), stages.get("clip", {})
     pre, clip_recipe, text, image = (recipe.get(k, {}) for k in ("pretrain", "clip", "text", "image"))
     times = ", ".join(f"{name} {stages[name]['seconds'] / 60:.1f}" for name in STAGES if name in stages)
-    cpus = sorted({info["cpu"] for info in stages.values() if "cpu" in info})
     lines = [
         "# Tiny LLaMA-Adapter (self-trained, shipped with the code)",
         "",
@@ -143,8 +155,8 @@ def write_card(out: Path) -> Path:
         f"{image.get('visual_lr') or image.get('lr')} (`--visual-lr`; at the prompts' lr it learnt nothing).",
         "",
         f"Build time: {manifest.get('build_seconds', 0) / 60:.1f} minutes on {recipe.get('threads')} CPU threads "
-        f"(by stage, minutes: {times}), on a machine shared with other jobs"
-        + (f" ({'; '.join(cpus)})" if cpus else "") + ". Every stage is seeded and runs deterministic kernels on a "
+        f"(by stage, minutes: {times}), {_where(stages)}. Every stage is "
+        "seeded and runs deterministic kernels on a "
         "fixed number of threads, so a rebuild on the same software gives the same bytes (compare with the "
         "SHA-256 sums in manifest.json).",
         "",
