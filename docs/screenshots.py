@@ -1,7 +1,7 @@
 """The README's pictures of the app, taken in headless Chromium with the embedded tiny model:
 `python -m docs.screenshots` (from the repository root; needs `apt-get install -y chromium` and playwright)
 rewrites docs/compare.png, docs/chat.png and docs/image.png. The image tab shows the first shipped example
-the image adapter answers right (it gets 41.5% of held-out image questions right: docs/tiny.md)."""
+the image adapter answers right (it gets 42% of held-out image questions right: docs/tiny.md)."""
 
 from __future__ import annotations
 

@@ -72,9 +72,11 @@ def test_the_assets_are_small_and_match_their_manifest():
         assert (ASSETS / name).stat().st_size == entry["bytes"], name
 
 
-def test_the_text_adapter_ships_the_plot_of_its_gates_opening_for_the_apps_gates_tab():
+@pytest.mark.parametrize("kind", ["text", IMAGE])
+def test_each_adapter_ships_the_plot_of_its_gates_opening_for_the_apps_gates_tab(kind):
     from adapter.engine import Engine
 
-    engine = Engine(adapter.load(ASSETS / "base", adapter=ASSETS / "text", device="cpu"), adapter=str(ASSETS / "text"))
+    folder = ASSETS / kind
+    engine = Engine(adapter.load(ASSETS / "base", adapter=folder, device="cpu"), adapter=str(folder))
     plot = engine.training_plot()
-    assert plot == ASSETS / "text" / "gates.png" and plot.read_bytes().startswith(b"\x89PNG")
+    assert plot == folder / "gates.png" and plot.read_bytes().startswith(b"\x89PNG")
