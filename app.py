@@ -95,6 +95,12 @@ def to_messages(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
             for message in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
 
 
+def table(scales: list[float], answers: Iterator[list[str]]) -> Iterator[list[list[Any]]]:
+    """A sweep's rows (gate scale, answer so far) as its answers grow."""
+    for row in answers:
+        yield [[scale, answer] for scale, answer in zip(scales, row)]
+
+
 class Handlers:
     """The event functions; each turns UI values into an engine call and engine errors into messages."""
 
@@ -151,10 +157,14 @@ class Handlers:
 
     def sweep(self, question: str, scales: str, *controls: Any) -> Iterator[list[list[Any]]]:
         with user_errors():
-            chosen = settings(*controls)
             values = gate_scales(scales)
-            for answers in self.engine.sweep(question, values, chosen):
-                yield [[scale, answer] for scale, answer in zip(values, answers)]
+            yield from table(values, self.engine.sweep(question, values, settings(*controls)))
+
+    def sweep_image(self, image: Image.Image | None, question: str, scales: str,
+                    *controls: Any) -> Iterator[list[list[Any]]]:
+        with user_errors():
+            values = gate_scales(scales)
+            yield from table(values, self.engine.sweep_image(image, question, values, settings(*controls)))
 
     def gates(self, scale: float) -> Figure:
         with user_errors():
@@ -179,7 +189,8 @@ def examples(config: ServeConfig) -> tuple[list[list[str]], list[str]]:
     """[picture, question] pairs for the image tab and messages for the chat tab: the tiny model's own held-out
     examples when it is served (questions it was trained to answer), else the shipped pictures."""
     if serves_tiny(config):
-        from adapter.tiny.assets import ASSETS as TINY, EXAMPLES
+        from adapter.tiny.assets import ASSETS as TINY
+        from adapter.tiny.assets import EXAMPLES
         from adapter.tiny.examples import read_examples
 
         pictures, messages = read_examples(TINY / EXAMPLES)
@@ -191,6 +202,18 @@ def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
     """Clickable held-out questions under a text box (none for models other than the tiny one)."""
     if messages:
         gr.Examples([[m] for m in messages], inputs=[box], label="Held-out scenes and questions")
+
+
+def sweep_panel(what: str, prefix: str = "") -> tuple[gr.Textbox, gr.Button, gr.Dataframe]:
+    """The gate sweep's scales box, button and table (element ids `{prefix}sweep...`)."""
+    gr.Markdown(f"**Gate sweep**: {what} at up to {MAX_SWEEP} gate scales (the delta scale and sampling from the "
+                "controls above), decoded together in one batch.")
+    with gr.Row():
+        scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id=f"{prefix}sweep_scales")
+        button = gr.Button("Sweep", variant="primary", scale=1, elem_id=f"{prefix}sweep")
+    rows = gr.Dataframe(headers=["gate scale", "answer"], datatype=["number", "str"], column_widths=["12%", "88%"],
+                        interactive=False, wrap=True, elem_id=f"{prefix}sweep_table")
+    return scales, button, rows
 
 
 def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
@@ -243,11 +266,13 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
                     with gr.Row():
                         ask = gr.Button("Ask", variant="primary", elem_id="ask")
                         image_stop = gr.Button("Stop")
-                    answer = gr.Textbox(label="Answer", lines=5, interactive=False, elem_id="image_answer")
+                    answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="image_answer")
+                    image_colours = gr.HighlightedText(label="Share of attention through the adaption prompts per "
+                                                       "token", elem_id="image_colours")
             if image_examples:
                 gr.Examples(image_examples, inputs=[image, question])
-            image_colours = gr.HighlightedText(label="Share of attention through the adaption prompts per token",
-                                               elem_id="image_colours")
+            image_sweep_scales, image_sweep_button, image_sweep_table = sweep_panel("the same picture and question",
+                                                                                   prefix="image_")
         with gr.Tab("Compare"):
             gr.Markdown("One click answers at gate 0 (the frozen base) and at the slider's scale, decoded "
                         "together in one batch.")
@@ -261,14 +286,7 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
                                          elem_id="base_answer")
                 adapted_answer = gr.Textbox(label="Adapter (gate slider)", lines=6, interactive=False,
                                             elem_id="adapted_answer")
-            gr.Markdown(f"**Gate sweep**: the same question at up to {MAX_SWEEP} gate scales (the delta scale and "
-                        "sampling from the controls above), decoded together in one batch.")
-            with gr.Row():
-                sweep_scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id="sweep_scales")
-                sweep_button = gr.Button("Sweep", variant="primary", scale=1, elem_id="sweep")
-            sweep_table = gr.Dataframe(headers=["gate scale", "answer"], datatype=["number", "str"],
-                                       column_widths=["12%", "88%"], interactive=False, wrap=True,
-                                       elem_id="sweep_table")
+            sweep_scales, sweep_button, sweep_table = sweep_panel("the same question")
         with gr.Tab("Gates"):
             heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale")
             plot = engine.training_plot()
@@ -298,7 +316,9 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
         asked = ask.click(handlers.ask_image, [image, question, *controls], answer, api_name="image", **model_events)
         asked.success(handlers.image_shares, [image, question, answer, *controls], image_colours,
                       api_visibility="private", **model_events)
-        image_stop.click(None, cancels=[asked])
+        image_swept = image_sweep_button.click(handlers.sweep_image, [image, question, image_sweep_scales, *controls],
+                                               image_sweep_table, api_name="image_sweep", **model_events)
+        image_stop.click(None, cancels=[asked, image_swept])
 
         compared = compare_button.click(handlers.compare, [compare_question, *controls], [base_answer, adapted_answer],
                                         api_name="compare", **model_events)

@@ -179,16 +179,20 @@ class Engine:
 
     def ask_image(self, image: Any, question: str, settings: Settings) -> Iterator[str]:
         """The answer to a question about `image`; an adapter that cannot see answers from the text alone."""
+        prompt, images = self._image_rows(image, question, settings, 1)
+        rows = self._generate([prompt], settings, settings.gate_scale, settings.delta_scale, images)
+        return _each(rows, itemgetter(0))
+
+    def _image_rows(self, image: Any, question: str, settings: Settings, count: int) -> tuple[str, list | None]:
+        """The image prompt and `count` copies of the picture, checked (none for an adapter that cannot see)."""
         prompt = self.image_prompt(question)
         self.check(settings)
         self._require_room(prompt, "question")
-        images = None
-        if self.can_see_images:
-            if image is None:
-                raise ValueError("image: upload an image first")
-            images = [load_image(image)]
-        rows = self._generate([prompt], settings, settings.gate_scale, settings.delta_scale, images)
-        return _each(rows, itemgetter(0))
+        if not self.can_see_images:
+            return prompt, None
+        if image is None:
+            raise ValueError("image: upload an image first")
+        return prompt, [load_image(image)] * count
 
     def compare(self, question: str, settings: Settings) -> Iterator[tuple[str, str]]:
         """(frozen base, adapted) answers so far, decoded together in one batch of two rows.
@@ -204,11 +208,21 @@ class Engine:
     def sweep(self, question: str, scales: str | Sequence[Any], settings: Settings) -> Iterator[list[str]]:
         """The answers so far to one question at each gate scale in `scales` (settings' delta scale and
         sampling for all), decoded together in one batch: how the answer moves as the prompts speak louder."""
-        prompt = alpaca(check_text(question))
         scales = gate_scales(scales)
+        prompt = alpaca(check_text(question))
         self.check(settings)
         self._require_room(prompt, "question")
-        rows = self._generate([prompt] * len(scales), settings, scales, settings.delta_scale)
+        return self._sweep(prompt, None, scales, settings)
+
+    def sweep_image(self, image: Any, question: str, scales: str | Sequence[Any],
+                    settings: Settings) -> Iterator[list[str]]:
+        """As `sweep`, for a question about `image`: the gate scales how much the visual prompt speaks."""
+        scales = gate_scales(scales)
+        prompt, images = self._image_rows(image, question, settings, len(scales))
+        return self._sweep(prompt, images, scales, settings)
+
+    def _sweep(self, prompt: str, images: list | None, scales: list[float], settings: Settings) -> Iterator[list[str]]:
+        rows = self._generate([prompt] * len(scales), settings, scales, settings.delta_scale, images)
         return _each(rows, list)
 
     def _generate(self, prompts: list[str], settings: Settings, gate_scale: Any, delta_scale: Any,

@@ -65,6 +65,7 @@ def take(out: Path) -> list[Path]:
             page.click("#ask")
             coloured(page, "#image_colours")
             print(f"image: {question!r} -> {page.input_value('#image_answer textarea')!r}")
+            print(f"image sweep: {sweep(page, SWEEP, prefix='image_')}")
             save(page, shots[2])
     return shots
 

@@ -66,11 +66,12 @@ def compare(page, question: str) -> tuple[str, str]:
     return page.input_value("#base_answer textarea"), page.input_value("#adapted_answer textarea")
 
 
-def sweep(page, scales: str) -> list[list[str]]:
-    """Sweep the compare tab's question over `scales`; the table's rows (scale, answer) once complete."""
-    page.fill("#sweep_scales textarea", scales)
-    page.click("#sweep")
-    rows = page.locator("#sweep_table [role=row]:has([role=gridcell])")
+def sweep(page, scales: str, prefix: str = "") -> list[list[str]]:
+    """Sweep the open tab's question over `scales` (prefix "image_" in the image tab); the table's rows
+    (scale, answer) once complete."""
+    page.fill(f"#{prefix}sweep_scales textarea", scales)
+    page.click(f"#{prefix}sweep")
+    rows = page.locator(f"#{prefix}sweep_table [role=row]:has([role=gridcell])")
     rows.first.wait_for()
-    finished(page, "#sweep_table")
+    finished(page, f"#{prefix}sweep_table")
     return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]

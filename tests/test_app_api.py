@@ -165,6 +165,7 @@ def test_a_client_that_goes_away_stops_its_generation(served, client, decode_ste
     ("/image", lambda images: (handle_file(str(images / "notes.png")), "What is it?", *controls()),
      "image: notes.png is not an image file"),
     ("/image", lambda images: (None, "What is it?", *controls()), "image: upload an image first"),
+    ("/image_sweep", lambda images: (None, "What is it?", "0, 1", *controls()), "image: upload an image first"),
     ("/gates", lambda images: (-1.0,), r"gate_scale: must be in \[0, 2\]"),
 ])
 def test_bad_inputs_get_a_clear_message_and_the_app_keeps_serving(client, images, endpoint, arguments, message):

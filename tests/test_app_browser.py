@@ -45,7 +45,7 @@ def test_moving_the_gate_slider_changes_the_answer(page, tmp_path):
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("adapted.png", "frozen.png"))
 
 
-def test_an_uploaded_image_gets_an_answer(page, tmp_path):
+def test_an_uploaded_image_gets_an_answer_and_a_sweep(page, served, tmp_path):
     Image.new("RGB", (40, 30), (220, 20, 30)).save(tmp_path / "red.png")
     page.get_by_role("tab", name="Image").click()
     page.locator("#image input[type=file]").set_input_files(str(tmp_path / "red.png"))
@@ -53,6 +53,9 @@ def test_an_uploaded_image_gets_an_answer(page, tmp_path):
     page.click("#ask")
     coloured(page, "#image_colours")
     assert page.input_value("#image_answer textarea").strip()
+    question = page.input_value("#image_question textarea")
+    expected = list(served.engine.sweep_image(Image.open(tmp_path / "red.png"), question, [0, 1.5], Settings()))[-1]
+    assert sweep(page, "0, 1.5", prefix="image_") == [["0", expected[0]], ["1.5", expected[1]]]
 
 
 @pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")

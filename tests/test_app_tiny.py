@@ -1,13 +1,18 @@
 """`python app.py` with no flags: the embedded tiny model, through gradio_client. The adapter answers in a word
-where the frozen base (gate 0) writes on; compare shows both. Skipped until assets/tiny is built."""
+where the frozen base (gate 0) writes on; compare and the gate sweeps show it. Skipped until assets/tiny is
+built."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from gradio_client import Client
+from PIL import Image
 
 import adapter
 from adapter.app_config import TINY_FOLDER, tiny_available
+from adapter.engine import Engine, Settings
 from adapter.prompts import STOP_STRINGS
 from tests.app_helpers import GREEDY, controls, running_app
 
@@ -48,3 +53,15 @@ def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_p
     assert messages == [q.instruction for q in text_questions(100, "held-out", 6)]
     other = examples(ServeConfig(base=str(tmp_path)))
     assert other[1] == [] and all(question == "What is in the picture?" for _, question in other[0])
+
+
+def test_an_image_sweep_gives_each_row_the_picture_at_its_own_gate():
+    engine = Engine(adapter.load("tiny", adapter="tiny-image", device="cpu"))
+    example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
+    picture, greedy = Image.open(TINY_FOLDER / "examples" / example["image"]), dict(temperature=0.0, max_new_tokens=16)
+    swept = list(engine.sweep_image(picture, example["question"], "0, 1", Settings(**greedy)))[-1]
+    alone = [list(engine.ask_image(picture, example["question"], Settings(gate_scale=gate, **greedy)))[-1]
+             for gate in (0.0, 1.0)]
+    assert swept == alone and alone[1] == example["answer"] != alone[0], (example, alone)
+    with pytest.raises(ValueError, match="image: upload an image first"):
+        engine.sweep_image(None, example["question"], "0, 1", Settings(**greedy))
