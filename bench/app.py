@@ -1,6 +1,7 @@
 """App benchmark, as users see it: `python app.py` start-up time until it answers HTTP, time to first streamed
-token and tokens/s through gradio_client, and p50/p95 latency with 8 clients at once (every answer checked
-complete: equal to the same request made alone). CPU, the app's default --concurrency.
+token and tokens/s through gradio_client, p50/p95 latency with 8 clients at once (every answer checked
+complete: equal to the same request made alone), and what a gate sweep of 8 scales (one batch) costs against
+one answer. CPU, the app's default --concurrency.
 
     python -m bench.app [--clients 8] [--max-new-tokens 64] [--write BENCHMARKS.md]
 
@@ -117,6 +118,27 @@ def concurrent(url: str, clients: int, max_new_tokens: int) -> tuple[list[float]
     return latencies, answers
 
 
+def sweep_against_one_answer(url: str, max_new_tokens: int, repeats: int) -> tuple[float, float, int]:
+    """Median seconds of a whole gate sweep (the app's default scales, one batch) and of one whole answer at
+    gate 0 (the frozen base writes on), taken in turn; and the sweep's row count."""
+    from gradio_client import Client
+
+    from adapter.engine import gate_scales
+    from app import SWEEP
+
+    client = Client(url, verbose=False)
+    controls = chat_arguments(max_new_tokens)[2:]
+    sweeps, singles = [], []
+    for _ in range(repeats + 1):  # the first round warms the batch-of-8 path up
+        start = time.perf_counter()
+        client.predict(QUESTION, SWEEP, *controls, api_name="/sweep")
+        sweeps.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        client.predict(*chat_arguments(max_new_tokens), api_name="/chat")
+        singles.append(time.perf_counter() - start)
+    return statistics.median(sweeps[1:]), statistics.median(singles[1:]), len(gate_scales(SWEEP))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -139,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream_once(url, options.max_new_tokens, tokenizer)  # warm-up
             runs = [stream_once(url, options.max_new_tokens, tokenizer) for _ in range(options.repeats)]
             latencies, answers = concurrent(url, options.clients, options.max_new_tokens)
+            sweep_s, single_s, rows = sweep_against_one_answer(url, options.max_new_tokens, options.repeats)
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -155,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (f"Machine: {machine()}. Command: `{command.strip()}`. Default `python app.py` settings (--concurrency 1, "
          f"torch's default threads); greedy chat answers at gate 0 (the frozen base: it writes on) of "
          f"{options.max_new_tokens} new tokens at most "
-         f"({len(tokenizer.encode(alone, bos=False))} here). Streaming figures: median of {options.repeats} runs."),
+         f"({len(tokenizer.encode(alone, bos=False))} here). Streaming and sweep figures: median of {options.repeats} "
+         "runs."),
         "",
         "| measure | value |",
         "|---|---|",
@@ -166,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"| {options.clients} clients at once: p95 latency, s | {percentile(latencies, 0.95):.2f} |",
         (f"| {options.clients} clients at once: answers complete (equal to the answer alone) | "
          f"{complete} / {options.clients} |"),
+        (f"| gate sweep of {rows} scales (one batch of {rows} rows, until its longest answer), s; one answer at gate 0 "
+         f"alone, s | {sweep_s:.2f}; {single_s:.2f} ({sweep_s / single_s:.1f}x for {rows}x the answers) |"),
         "",
     ])
     publish(text, "App (CPU", options.write)
