@@ -183,6 +183,13 @@ class Engine:
         rows = self._generate([prompt], settings, settings.gate_scale, settings.delta_scale, images)
         return _each(rows, itemgetter(0))
 
+    def _question_prompt(self, question: str, settings: Settings) -> str:
+        """The Alpaca prompt of a one-off question (compare, sweep), checked with the settings before decoding."""
+        prompt = alpaca(check_text(question))
+        self.check(settings)
+        self._require_room(prompt, "question")
+        return prompt
+
     def _image_rows(self, image: Any, question: str, settings: Settings, count: int) -> tuple[str, list | None]:
         """The image prompt and `count` copies of the picture, checked (none for an adapter that cannot see)."""
         prompt = self.image_prompt(question)
@@ -199,9 +206,7 @@ class Engine:
 
         The base row has gate and delta scale 0, which is exactly the frozen base model.
         """
-        prompt = alpaca(check_text(question))
-        self.check(settings)
-        self._require_room(prompt, "question")
+        prompt = self._question_prompt(question, settings)
         rows = self._generate([prompt, prompt], settings, [0.0, settings.gate_scale], [0.0, settings.delta_scale])
         return _each(rows, tuple)
 
@@ -209,10 +214,7 @@ class Engine:
         """The answers so far to one question at each gate scale in `scales` (settings' delta scale and
         sampling for all), decoded together in one batch: how the answer moves as the prompts speak louder."""
         scales = gate_scales(scales)
-        prompt = alpaca(check_text(question))
-        self.check(settings)
-        self._require_room(prompt, "question")
-        return self._sweep(prompt, None, scales, settings)
+        return self._sweep(self._question_prompt(question, settings), None, scales, settings)
 
     def sweep_image(self, image: Any, question: str, scales: str | Sequence[Any],
                     settings: Settings) -> Iterator[list[str]]:
