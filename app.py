@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from PIL import Image
 
-from adapter.app_config import ASSETS, ServeConfig, load_engine, parse_config, serves_tiny
-from adapter.engine import MAX_SCALE, MAX_SWEEP, MAX_TEMPERATURE, Engine, Settings, gate_scales
+from adapter.app_config import ASSETS, ServeConfig, load_engines, parse_config, serves_tiny
+from adapter.engine import MAX_SCALE, MAX_SWEEP, MAX_TEMPERATURE, Engine, Engines, Settings, gate_scales
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -101,16 +102,29 @@ def table(scales: list[float], answers: Iterator[list[str]]) -> Iterator[list[li
         yield [[scale, answer] for scale, answer in zip(scales, row)]
 
 
-class Handlers:
-    """The event functions; each turns UI values into an engine call and engine errors into messages."""
+def picture(path: Path | None) -> Image.Image | None:
+    """A file shown as a picture (read here: gradio serves only files under its allowed paths)."""
+    return None if path is None else Image.open(path)
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+
+class Handlers:
+    """The event functions; each turns UI values into an engine call and engine errors into messages.
+
+    Every model event takes the six shared controls and then the adapter to answer with (omitted: the first)."""
+
+    def __init__(self, engines: Engines) -> None:
+        self.engines = engines
+
+    def request(self, gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
+                seed: float | None, adapter: str | None = None) -> tuple[Engine, Settings]:
+        """The chosen adapter's engine and the request's settings, both checked."""
+        return self.engines.get(adapter), settings(gate, delta, temperature, top_p, max_new_tokens, seed)
 
     def chat(self, message: str, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
         with user_errors():
             pairs = to_pairs(history)
-            answers = self.engine.chat(pairs, message, settings(*controls))
+            engine, choice = self.request(*controls)
+            answers = engine.chat(pairs, message, choice)
             yield to_messages(pairs + [(message.strip(), "")])  # the question shows before the first token
             for answer in answers:
                 yield to_messages(pairs + [(message.strip(), answer)])
@@ -133,14 +147,15 @@ class Handlers:
         if not pairs or not pairs[-1][1]:
             return []
         with user_errors():
-            choice = settings(*controls)
-            prompt = self.engine.chat_prompt(pairs[:-1], pairs[-1][0], choice)
-            return self.engine.token_shares(prompt, pairs[-1][1], choice)
+            engine, choice = self.request(*controls)
+            prompt = engine.chat_prompt(pairs[:-1], pairs[-1][0], choice)
+            return engine.token_shares(prompt, pairs[-1][1], choice)
 
     def ask_image(self, image: Image.Image | None, question: str, *controls: Any) -> Iterator[str]:
         with user_errors():
-            answers = self.engine.ask_image(image, question, settings(*controls))
-            if image is not None and not self.engine.can_see_images:
+            engine, choice = self.request(*controls)
+            answers = engine.ask_image(image, question, choice)
+            if image is not None and not engine.can_see_images:
                 gr.Warning("This adapter cannot see images: the answer comes from the question alone.")
             yield from answers
 
@@ -149,29 +164,41 @@ class Handlers:
         if not answer:
             return []
         with user_errors():
-            return self.engine.token_shares(self.engine.image_prompt(question), answer, settings(*controls), image)
+            engine, choice = self.request(*controls)
+            return engine.token_shares(engine.image_prompt(question), answer, choice, image)
 
     def compare(self, question: str, *controls: Any) -> Iterator[tuple[str, str]]:
         with user_errors():
-            yield from self.engine.compare(question, settings(*controls))
+            engine, choice = self.request(*controls)
+            yield from engine.compare(question, choice)
 
     def sweep(self, question: str, scales: str, *controls: Any) -> Iterator[list[list[Any]]]:
         with user_errors():
             values = gate_scales(scales)
-            yield from table(values, self.engine.sweep(question, values, settings(*controls)))
+            engine, choice = self.request(*controls)
+            yield from table(values, engine.sweep(question, values, choice))
 
     def sweep_image(self, image: Image.Image | None, question: str, scales: str,
                     *controls: Any) -> Iterator[list[list[Any]]]:
         with user_errors():
             values = gate_scales(scales)
-            yield from table(values, self.engine.sweep_image(image, question, values, settings(*controls)))
+            engine, choice = self.request(*controls)
+            yield from table(values, engine.sweep_image(image, question, values, choice))
 
-    def gates(self, scale: float) -> Figure:
+    def gates(self, scale: float, adapter: str | None = None) -> Figure:
         with user_errors():
-            return self.engine.gate_heatmap(scale)
+            return self.engines.get(adapter).gate_heatmap(scale)
 
-    def model_info(self) -> dict[str, Any]:
-        return self.engine.model_info()
+    def training_plot(self, adapter: str | None = None) -> dict[str, Any]:
+        """The chosen adapter's `gates.png` (hidden when it has none)."""
+        with user_errors():
+            plot = self.engines.get(adapter).training_plot()
+        return gr.update(value=picture(plot), visible=plot is not None)
+
+    def model_info(self, adapter: str | None = None) -> dict[str, Any]:
+        with user_errors():
+            info = self.engines.get(adapter).model_info()
+        return {**info, "adapters_served": self.engines.names}
 
 
 # Small pictures (the tiny model's scenes are 64 x 64) fill the image box instead of sitting in its middle.
@@ -216,16 +243,24 @@ def sweep_panel(what: str, prefix: str = "") -> tuple[gr.Textbox, gr.Button, gr.
     return scales, button, rows
 
 
-def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
+def adapter_choice(engines: Engines, value: str, label: str, elem_id: str) -> gr.Dropdown:
+    """Which served adapter answers; shown only when there is more than one."""
+    return gr.Dropdown(engines.names, value=value, label=label, visible=len(engines.names) > 1, elem_id=elem_id)
+
+
+def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
     """The Blocks UI; model work is queued under one concurrency id, so --concurrency bounds all of it."""
-    handlers = Handlers(engine)
+    handlers = Handlers(engines)
     image_examples, chat_examples = examples(config)
     model_events = {"concurrency_id": "model", "concurrency_limit": config.concurrency}
     with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False) as demo:
         gr.Markdown("# LLaMA-Adapter\nA frozen LLaMA with zero-init gated adaption prompts. The **gate scale** "
                     "sets how much the adapter speaks for the next answer: 0 is the frozen base, 1 the trained "
                     "adapter, above 1 exaggerated.")
-        gate = gr.Slider(0, MAX_SCALE, value=DEFAULTS.gate_scale, step=0.05, label="Gate scale", elem_id="gate")
+        with gr.Row():
+            gate = gr.Slider(0, MAX_SCALE, value=DEFAULTS.gate_scale, step=0.05, label="Gate scale", elem_id="gate",
+                             scale=3)
+            adapter = adapter_choice(engines, engines.names[0], "Adapter (chat, compare, gates, model)", "adapter")
         with gr.Accordion("Advanced", open=False):
             delta = gr.Slider(0, MAX_SCALE, value=DEFAULTS.delta_scale, step=0.05,
                               label="Delta scale (v2 biases, LoRA, norms)", elem_id="delta")
@@ -238,7 +273,7 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
                              "changes the answer)", elem_id="seed")
         for slider in (gate, delta, temperature, top_p, max_new):
             range_checked_by_settings(slider)
-        controls = [gate, delta, temperature, top_p, max_new, seed]
+        controls = [gate, delta, temperature, top_p, max_new, seed, adapter]
 
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
@@ -253,9 +288,11 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
             chat_colours = gr.HighlightedText(label="Last answer: share of attention through the adaption "
                                               "prompts per token", show_legend=True, elem_id="chat_colours")
         with gr.Tab("Image"):
-            if not engine.can_see_images:
+            if not engines.get(engines.for_images).can_see_images:
                 gr.Markdown("**This adapter cannot see images**: it has no visual prompt or no CLIP tower "
                             "(--clip), so answers come from the question alone.")
+            image_adapter = adapter_choice(engines, engines.for_images, "Adapter", "image_adapter")
+            image_controls = [*controls[:-1], image_adapter]
             with gr.Row():
                 image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=320,
                                  elem_id="image")
@@ -289,9 +326,9 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
             sweep_scales, sweep_button, sweep_table = sweep_panel("the same question")
         with gr.Tab("Gates"):
             heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale")
-            plot = engine.training_plot()
-            if plot is not None:
-                gr.Image(Image.open(plot), label="Gates opening during training (gates.png)", interactive=False)
+            plot = engines.default.training_plot()
+            training = gr.Image(picture(plot), label="Gates opening during training (gates.png)", interactive=False,
+                                visible=plot is not None, elem_id="training_gates")
         with gr.Tab("Model"):
             info = gr.JSON(label="Loaded")
             refresh = gr.Button("Refresh")
@@ -313,10 +350,12 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
                     api_visibility="private")
         chatbot.clear(list, None, chat_colours, queue=False, api_visibility="private")  # its own trash icon
 
-        asked = ask.click(handlers.ask_image, [image, question, *controls], answer, api_name="image", **model_events)
-        asked.success(handlers.image_shares, [image, question, answer, *controls], image_colours,
+        asked = ask.click(handlers.ask_image, [image, question, *image_controls], answer, api_name="image",
+                          **model_events)
+        asked.success(handlers.image_shares, [image, question, answer, *image_controls], image_colours,
                       api_visibility="private", **model_events)
-        image_swept = image_sweep_button.click(handlers.sweep_image, [image, question, image_sweep_scales, *controls],
+        image_swept = image_sweep_button.click(handlers.sweep_image,
+                                               [image, question, image_sweep_scales, *image_controls],
                                                image_sweep_table, api_name="image_sweep", **model_events)
         image_stop.click(None, cancels=[asked, image_swept])
 
@@ -326,24 +365,28 @@ def build_demo(engine: Engine, config: ServeConfig) -> gr.Blocks:
                                    api_name="sweep", **model_events)
         compare_stop.click(None, cancels=[compared, swept])
 
-        gate.change(handlers.gates, gate, heatmap, api_name="gates", trigger_mode="always_last")
-        refresh.click(handlers.model_info, None, info, api_name="model_info")
-        demo.load(handlers.gates, gate, heatmap, api_visibility="private")
-        demo.load(handlers.model_info, None, info, api_visibility="private")
+        # the named endpoints first: a private event of the same function would take the function's name
+        gate.change(handlers.gates, [gate, adapter], heatmap, api_name="gates", trigger_mode="always_last")
+        refresh.click(handlers.model_info, adapter, info, api_name="model_info")
+        adapter.change(handlers.gates, [gate, adapter], heatmap, api_visibility="private")
+        adapter.change(handlers.training_plot, adapter, training, api_visibility="private")
+        adapter.change(handlers.model_info, adapter, info, api_visibility="private")
+        demo.load(handlers.gates, [gate, adapter], heatmap, api_visibility="private")
+        demo.load(handlers.model_info, adapter, info, api_visibility="private")
     demo.queue(max_size=QUEUE_PER_WORKER * config.concurrency, default_concurrency_limit=config.concurrency)
     return demo
 
 
 def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, *,
-          block: bool = True) -> tuple[gr.Blocks, Engine]:
+          block: bool = True) -> tuple[gr.Blocks, Engines]:
     """Check the flags, load the model, launch. With block=False it returns at once, the app running (tests)."""
     config = parse_config(argv, environ)
-    engine = load_engine(config)
-    demo = build_demo(engine, config)
+    engines = load_engines(config)
+    demo = build_demo(engines, config)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=True,
                 prevent_thread_lock=not block, allowed_paths=example_images(), max_file_size=MAX_UPLOAD,
                 run_history=False, quiet=not block, css=CSS)
-    return demo, engine
+    return demo, engines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,9 +2,9 @@
 
 from .config import AdapterArgs, ModelArgs
 from .formats.native import save_adapter
-from .loading import load
+from .loading import load, load_sharing
 from .model import Transformer
 from .prompts import alpaca, apply_template, chat, image_question
 
 __all__ = ["AdapterArgs", "ModelArgs", "Transformer", "alpaca", "apply_template", "chat", "image_question", "load",
-           "save_adapter"]
+           "load_sharing", "save_adapter"]

@@ -2,7 +2,8 @@
 
 Every flag has an environment variable (`--clip-model` -> `ADAPTER_CLIP_MODEL`), which is how a Hugging Face
 Space is configured; a flag wins over its variable. A missing file or a combination that cannot work stops
-with one line naming the flag, before minutes are spent loading a model.
+with one line naming the flag, before minutes are spent loading a model. Several adapters may be served on
+one frozen base (`--adapter A B`, `ADAPTER_ADAPTER=A,B`): the base is loaded once and shared.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import hub
-from .engine import Engine, device_lock
+from .engine import Engine, Engines, device_lock
 from .kv_cache import check_kv_cache
-from .loading import load, resolve_device, resolve_dtype
+from .loading import attach_clip, load, load_sharing, resolve_device, resolve_dtype
 from .quantize import check_mode
 from .tiny.assets import ASSETS as TINY_FOLDER
 from .tiny.assets import BASE_NAME, CLIP_NAME, IMAGE_NAME, TEXT_NAME
@@ -32,8 +33,8 @@ MAX_NEW_TOKENS = 4096
 class ServeConfig:
     """What to load and how to serve it."""
 
-    base: str = BASE_NAME  # the embedded tiny model (assets/tiny/), with its text adapter unless --adapter
-    adapter: str | None = None
+    base: str = BASE_NAME  # the embedded tiny model (assets/tiny/), with both its adapters unless --adapter
+    adapter: tuple[str, ...] = ()  # served side by side on the one base; the first is the default choice
     clip: str | None = None
     clip_model: str | None = None
     quantize: str = "none"
@@ -58,6 +59,16 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+class _Adapters(argparse.Action):
+    """`--adapter A B` and `--adapter A --adapter B` both serve A and B; given on the command line, the flag
+    replaces the environment's list instead of adding to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = getattr(namespace, "_adapter_flag_seen", False)
+        setattr(namespace, self.dest, (list(getattr(namespace, self.dest)) if given else []) + list(values))
+        namespace._adapter_flag_seen = True
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     """The flags, each defaulting to its environment variable (then to ServeConfig's default)."""
     defaults = ServeConfig()
@@ -70,8 +81,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                                      "flag can also be set by its environment variable ADAPTER_<FLAG>.")
     parser.add_argument("--base", default=default("base", defaults.base),
                         help=f"base LLaMA folder, hf:owner/name, or '{BASE_NAME}' (the embedded model; default)")
-    parser.add_argument("--adapter", default=default("adapter"),
-                        help=f"adapter file or folder (any format), or the embedded '{TEXT_NAME}' / '{IMAGE_NAME}'")
+    parser.add_argument("--adapter", nargs="+", action=_Adapters, metavar="ADAPTER",
+                        default=[a.strip() for a in (default("adapter") or "").split(",") if a.strip()],
+                        help=f"adapter file or folder (any format), or the embedded '{TEXT_NAME}' / '{IMAGE_NAME}'; "
+                             "several (--adapter A B, or ADAPTER_ADAPTER=A,B) share one base and the app offers "
+                             f"a choice (default with base '{BASE_NAME}': both embedded adapters)")
     parser.add_argument("--clip", default=default("clip"),
                         help="CLIP weights for an adapter with a visual prompt: a local file, an open_clip tag "
                              f"(downloads), or the embedded '{CLIP_NAME}'")
@@ -107,8 +121,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServeConfig:
     """Flags over environment variables, checked (ValueError / FileNotFoundError naming the flag)."""
     environ = os.environ if environ is None else environ
-    args = build_parser(environ).parse_args(argv)
-    config = ServeConfig(**vars(args))
+    args = vars(build_parser(environ).parse_args(argv))
+    args.pop("_adapter_flag_seen", None)
+    config = ServeConfig(**{**args, "adapter": tuple(args["adapter"])})
     check_config(config)
     return config
 
@@ -116,10 +131,12 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
 def check_config(config: ServeConfig) -> None:
     """Everything that can be known to fail before loading: files, combinations, ranges."""
     _check_base(config.base)
-    if config.adapter is not None:
-        _check_file("adapter", config.adapter, TEXT_NAME, IMAGE_NAME)
+    for adapter in config.adapter:
+        _check_file("adapter", adapter, TEXT_NAME, IMAGE_NAME)
+        if config.adapter.count(adapter) > 1:
+            raise ValueError(f"--adapter: {adapter} is given twice")
     if config.clip is not None:
-        if config.adapter is None:
+        if not config.adapter:
             raise ValueError("--clip: needs an --adapter with a visual prompt (the CLIP tower feeds it)")
         is_path = os.sep in config.clip or config.clip.endswith(CLIP_WEIGHT_SUFFIXES)
         if is_path or _tiny_name(config.clip, CLIP_NAME):
@@ -193,14 +210,43 @@ def _flag(name: str, check, value):
         raise ValueError(f"--{name.replace('_', '-')}: {message}") from None
 
 
-def load_engine(config: ServeConfig) -> Engine:
-    """Load the model `config` names and wrap it in an Engine holding its device's lock.
+def served_adapters(config: ServeConfig) -> tuple[str, ...]:
+    """The adapter names the app offers: the flag's, else both embedded ones on the tiny base, else none (the
+    bare base, served as `NO_ADAPTER`)."""
+    if config.adapter:
+        return config.adapter
+    return (TEXT_NAME, IMAGE_NAME) if serves_tiny(config) else (NO_ADAPTER,)
+
+
+NO_ADAPTER = "none"
+
+
+def load_engines(config: ServeConfig) -> Engines:
+    """Load the base once and every adapter `config` names on it (sharing the base's tensors and, between
+    image adapters, the CLIP tower), each wrapped in an Engine holding the device's one lock.
 
     The embedded model's short names are resolved here, so that the Model tab shows its real files and its
-    training gate plot is looked for next to the real adapter."""
-    base, adapter, clip, clip_model = resolve_tiny(config.base, config.adapter, config.clip, config.clip_model)
-    model = load(base, adapter=adapter, quantize=config.quantize, device=config.device, dtype=config.dtype,
-                 clip=clip, clip_model=clip_model, kv_cache=config.kv_cache, clip_quantize=config.clip_quantize)
-    device = model.tok_embeddings.weight.device
-    return Engine(model, device_lock(device), max_new_tokens=config.max_new_tokens, base=str(base),
-                  adapter=None if adapter is None else str(adapter), compile=config.compile)
+    training gate plot is looked for next to the real adapter. `--clip` goes to every adapter with a visual
+    prompt; the embedded image adapter brings its own tower unless `--clip` names another."""
+    engines: dict[str, Engine] = {}
+    towers: dict = {}
+    first = None
+    for name in served_adapters(config):
+        wanted = None if name == NO_ADAPTER else name
+        base, adapter, clip, clip_model = resolve_tiny(config.base, wanted, config.clip, config.clip_model)
+        if first is None:
+            model = load(base, adapter=adapter, quantize=config.quantize, device=config.device, dtype=config.dtype,
+                         kv_cache=config.kv_cache)
+            first = model
+        else:
+            model = load_sharing(first, adapter)
+        if clip is not None and model.visual_prompt is not None:
+            attach_clip(model, clip, clip_model, config.clip_quantize, towers)
+        engines[name] = Engine(model, device_lock(model.tok_embeddings.weight.device),
+                               max_new_tokens=config.max_new_tokens, base=str(base),
+                               adapter=None if adapter is None else str(adapter), compile=config.compile)
+    if config.clip is not None and not towers:
+        raise ValueError(f"--clip: no adapter served ({', '.join(engines)}) has a visual prompt to feed")
+    if config.clip_quantize != "none" and not towers:
+        raise ValueError("--clip-quantize: no adapter served has a CLIP tower to quantize")
+    return Engines(engines)

@@ -1,9 +1,10 @@
 """Serving logic behind the Gradio app (`app.py`), importable and testable without gradio.
 
-One `Engine` wraps one loaded model. Every request carries its own `Settings` (gate scale, delta scale,
-sampling), passed to generation per call, so concurrent users never change each other's answers; the
-model's global scales are never touched. Generation holds the device's lock while it decodes and stops as
-soon as its generator is closed (the user pressed stop or went away), which releases the lock.
+One `Engine` wraps one loaded model; `Engines` holds the adapters one app serves on one base. Every request
+carries its own `Settings` (gate scale, delta scale, sampling), passed to generation per call, so concurrent
+users never change each other's answers; the model's global scales are never touched. Generation holds the
+device's lock while it decodes and stops as soon as its generator is closed (the user pressed stop or went
+away), which releases the lock.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from operator import itemgetter
@@ -299,6 +300,37 @@ class Engine:
             info["cuda_allocated_mb"] = round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
             info["cuda_reserved_mb"] = round(torch.cuda.memory_reserved(self.device) / 2**20, 1)
         return info
+
+
+class Engines:
+    """The adapters served on one frozen base, by name: one Engine each (their models share the base's tensors,
+    see `adapter.load_sharing`, and the device's lock). A request names its adapter; None means the first."""
+
+    def __init__(self, engines: Mapping[str, Engine]) -> None:
+        if not engines:
+            raise ValueError("adapters: serve at least one")
+        self.by_name = dict(engines)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    @property
+    def default(self) -> Engine:
+        return next(iter(self.by_name.values()))
+
+    @property
+    def for_images(self) -> str:
+        """The name the image tab starts with: the first adapter that can see, else the first."""
+        return next((name for name, engine in self.by_name.items() if engine.can_see_images), self.names[0])
+
+    def get(self, name: str | None) -> Engine:
+        """The engine of adapter `name` (None: the first), or a ValueError naming the choices."""
+        if name is None:
+            return self.default
+        if name not in self.by_name:
+            raise ValueError(f"adapter: {name!r} is not served here; choose from {', '.join(self.by_name)}")
+        return self.by_name[name]
 
 
 def _each(rows: Iterator[list[str]], pick: Callable[[list[str]], Any]) -> Iterator[Any]:

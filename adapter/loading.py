@@ -80,9 +80,7 @@ def load(
     base, adapter, clip, clip_model = resolve_tiny(base, adapter, clip, clip_model)
     mode = check_mode(quantize)
     check_kv_cache(kv_cache)
-    clip_mode = check_mode(clip_quantize, "clip_quantize")
-    if clip_mode is not None and clip is None:
-        raise ValueError("clip_quantize: there is no CLIP tower to quantize (give clip=)")
+    clip_mode = _clip_mode(clip, clip_quantize)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     checkpoint = open_base(hub.resolve(base, "base"))
@@ -91,6 +89,52 @@ def load(
     if tokenizer.n_words > args.vocab_size:
         raise ValueError(f"base: tokenizer has {tokenizer.n_words} pieces but the model's vocab_size is "
                          f"{args.vocab_size}")
+    adapter_args, found = _read_adapter(adapter, args, clip)
+    with torch.device("meta"):
+        model = Transformer(args, adapter_args)
+    fill_base(model, checkpoint, dtype=dtype, device=device, quantize=mode)
+    model.base_format = checkpoint.format
+    model.tokenizer = tokenizer
+    model.kv_cache = kv_cache
+    return _fit_adapter(model, found, clip, clip_model, clip_mode, device)
+
+
+def load_sharing(
+    model: Transformer,
+    adapter: str | os.PathLike | AdapterArgs | None,
+    clip: str | os.PathLike | None = None,
+    clip_model: str | None = None,
+    clip_quantize: str | None = None,
+) -> Transformer:
+    """Another adapter on `model`'s frozen base, which is shared, not copied: serving a second adapter costs
+    its own tensors (and CLIP tower), not a second base. `adapter`, `clip`, `clip_model` and `clip_quantize`
+    are as in `load`; device, dtype, quantization and KV cache follow `model`.
+    """
+    _, adapter, clip, clip_model = resolve_tiny(None, adapter, clip, clip_model)
+    clip_mode = _clip_mode(clip, clip_quantize)
+    adapter_args, found = _read_adapter(adapter, model.args, clip)
+    with torch.device("meta"):
+        sharing = Transformer(model.args, adapter_args)
+    share_base(sharing, model)
+    for setting in SHARED_SETTINGS:
+        setattr(sharing, setting, getattr(model, setting))
+    return _fit_adapter(sharing, found, clip, clip_model, clip_mode, model.tok_embeddings.weight.device)
+
+
+# what a model sharing another's base takes over from it besides the tensors
+SHARED_SETTINGS = ("tokenizer", "base_format", "quantization", "kv_cache", "prefill_chunk", "cuda_graphs",
+                   "fused_inference", "fp32_attention")
+
+
+def _clip_mode(clip: object, clip_quantize: str | None) -> str | None:
+    mode = check_mode(clip_quantize, "clip_quantize")
+    if mode is not None and clip is None:
+        raise ValueError("clip_quantize: there is no CLIP tower to quantize (give clip=)")
+    return mode
+
+
+def _read_adapter(adapter: object, args, clip: object):
+    """(AdapterArgs, the adapter file read or None) for `adapter` on a base of shape `args`, checked to fit."""
     found = None
     if isinstance(adapter, AdapterArgs):
         adapter_args = adapter
@@ -103,24 +147,63 @@ def load(
         adapter_args = AdapterArgs(prompt_len=0, prompt_layers=0)
     if clip is not None and adapter_args.visual == "none":
         raise ValueError("clip: this adapter has no visual prompt, so it cannot use an image encoder")
-    with torch.device("meta"):
-        model = Transformer(args, adapter_args)
-    fill_base(model, checkpoint, dtype=dtype, device=device, quantize=mode)
+    return adapter_args, found
+
+
+def _fit_adapter(model: Transformer, found, clip, clip_model: str | None, clip_mode: str | None,
+                 device: torch.device) -> Transformer:
+    """Give a model whose base is in place its adapter tensors (read, or fresh) and CLIP tower; freeze the base."""
     model.reset_adapter(device)
     if found:
         found.apply_to(model)
         model.adapter_format = found.format
     if clip is not None:
-        from .visual import attach_image_encoder, load_image_encoder
-
-        attach_image_encoder(model, load_image_encoder(clip, clip_model or adapter_args.clip_model), inference=True)
-        if clip_mode is not None:
-            quantize_tower(model.image_encoder.tower, clip_mode, dtype)
-    model.base_format = checkpoint.format
-    model.tokenizer = tokenizer
-    model.kv_cache = kv_cache
+        attach_clip(model, clip, clip_model, clip_mode)
     model.freeze_base()
     return model.eval()
+
+
+def attach_clip(model: Transformer, clip: str | os.PathLike, clip_model: str | None = None,
+                clip_quantize: str | None = None, towers: dict | None = None) -> None:
+    """Give `model`'s visual prompt its frozen CLIP tower (`clip`, `clip_model`, `clip_quantize` as in `load`).
+
+    `towers` keeps the towers loaded so far by (weights, model, quantization), so that several image adapters
+    served on one base share one tower instead of loading it again."""
+    from .visual import attach_image_encoder, load_image_encoder
+
+    mode = check_mode(clip_quantize, "clip_quantize")
+    key = (str(clip), clip_model or model.adapter_args.clip_model, mode)
+    encoder = None if towers is None else towers.get(key)
+    if encoder is not None:
+        attach_image_encoder(model, encoder, inference=True)
+        return
+    attach_image_encoder(model, load_image_encoder(clip, key[1]), inference=True)
+    if mode is not None:
+        quantize_tower(model.image_encoder.tower, mode, model.tok_embeddings.weight.dtype)
+    if towers is not None:
+        towers[key] = model.image_encoder
+
+
+def share_base(model: Transformer, source: Transformer) -> None:
+    """Point every frozen tensor of `model` (built on the meta device) at `source`'s: whole modules where
+    neither holds anything learned (so quantized or re-laid-out linears come as they are), single parameters
+    where one does (a norm one adapter tunes and the other not)."""
+    if model.args != source.args:
+        raise ValueError(f"base: the models' shapes differ ({model.args} against {source.args})")
+    for name in [n for n, _ in model.named_parameters() if not model.is_adapter_parameter(n)]:
+        path, _, leaf = name.rpartition(".")
+        mine, theirs = model.get_submodule(path), source.get_submodule(path)
+        if mine is theirs:
+            continue  # already shared with an earlier parameter of the same module
+        if _holds_nothing_learned(model, path, mine) and _holds_nothing_learned(source, path, theirs):
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, theirs)
+        else:
+            setattr(mine, leaf, source.get_parameter(name))
+
+
+def _holds_nothing_learned(model: Transformer, path: str, module: nn.Module) -> bool:
+    return not any(model.is_adapter_parameter(f"{path}.{leaf}") for leaf, _ in module.named_parameters(recurse=False))
 
 
 def _base_names(module: nn.Module, prefix: str, model: Transformer) -> list[str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from adapter.engine import Engine
+from adapter.engine import Engine, Engines
 from adapter.random_demo import DemoFiles, write_random_demo
 
 QUESTION = "Name a shape."
@@ -46,7 +46,12 @@ def one_torch_thread() -> Iterator[None]:
 @dataclass(frozen=True)
 class Served:
     url: str
-    engine: Engine  # the app's own, to watch what the server does
+    engines: Engines  # the app's own, to watch what the server does
+
+    @property
+    def engine(self) -> Engine:
+        """The first adapter's, which answers requests that name none."""
+        return self.engines.default
 
 
 @contextmanager
@@ -55,10 +60,10 @@ def running_app(flags: list[str]) -> Iterator[Served]:
     import app
 
     with one_torch_thread():
-        demo, engine = app.serve([*flags, "--port", str(free_port()), "--device", "cpu", "--concurrency", "2",
+        demo, engines = app.serve([*flags, "--port", str(free_port()), "--device", "cpu", "--concurrency", "2",
                                   "--max-new-tokens", str(MAX_NEW_TOKENS)], environ={}, block=False)
         try:
-            yield Served(demo.local_url, engine)
+            yield Served(demo.local_url, engines)
         finally:
             demo.close()
 

@@ -75,3 +75,10 @@ def sweep(page, scales: str, prefix: str = "") -> list[list[str]]:
     rows.first.wait_for()
     finished(page, f"#{prefix}sweep_table")
     return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]
+
+
+def choose_adapter(page, name: str, dropdown: str = "adapter") -> None:
+    """Pick the served adapter `name` in a dropdown (`adapter`: chat, compare, gates, model; `image_adapter`)."""
+    page.click(f"#{dropdown} input")
+    page.get_by_role("option", name=name, exact=True).click()
+    page.wait_for_function(f"() => document.querySelector('#{dropdown} input').value === {name!r}")

@@ -11,7 +11,7 @@ from PIL import Image
 from adapter.app_config import tiny_available
 from adapter.engine import Settings
 from tests.app_helpers import QUESTION, demo_files, running_app, served  # noqa: F401  (fixtures)
-from tests.browser import CHROMIUM, ask, chromium, coloured, compare, open_page, sweep
+from tests.browser import CHROMIUM, ask, choose_adapter, chromium, coloured, compare, open_page, sweep
 
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install -y chromium)"),
               pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")]
@@ -42,6 +42,7 @@ def test_moving_the_gate_slider_changes_the_answer(page, tmp_path):
     frozen = ask(page, QUESTION)
     assert frozen.strip() and frozen != adapted
     page.screenshot(path=str(tmp_path / "frozen.png"), full_page=True)
+    assert not page.locator("#adapter").is_visible(), "one adapter served: nothing to choose"
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("adapted.png", "frozen.png"))
 
 
@@ -74,4 +75,10 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
         assert (base, adapted) == list(tiny.engine.compare(example.instruction, Settings()))[-1]
         expected = list(tiny.engine.sweep(example.instruction, [0, 1, 2], Settings()))[-1]
         assert sweep(page, "0, 1 2") == [[scale, answer] for scale, answer in zip(["0", "1", "2"], expected)]
+        page.get_by_role("tab", name="Image").click()
+        assert page.input_value("#image_adapter input") == "tiny-image", "the image tab starts with the one that sees"
+        choose_adapter(page, "tiny-image")
+        other = compare(page, example.instruction)
+        assert other == list(tiny.engines.get("tiny-image").compare(example.instruction, Settings()))[-1]
     assert adapted == example.answer and base != adapted, (base, adapted)
+    assert other[0] == base, "the frozen base is the same whichever adapter is chosen"

@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 import adapter
-from adapter.app_config import TINY_FOLDER, parse_config, tiny_available
+from adapter.app_config import TINY_FOLDER, load_engines, parse_config, tiny_available
 from adapter.engine import Engine, Settings, check_text, device_lock, gate_scales
 from adapter.gate_view import find_gate_plot
 from adapter.prompts import STOP_STRINGS
 from adapter.random_demo import DemoFiles, write_random_demo
 from tests.app_helpers import QUESTION, one_torch_thread
+from tests.conftest import V1, randomize_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = Settings(temperature=0.0, max_new_tokens=12)
@@ -199,9 +200,46 @@ def test_flags_come_from_the_environment_and_flags_win(demo_files):
                "ADAPTER_COMPILE": "yes"}
     config = parse_config(["--max-new-tokens", "7"], environ)
     assert (config.base, config.adapter, config.max_new_tokens, config.share, config.host, config.port,
-            config.compile) == (str(demo_files.base), str(demo_files.adapter), 7, True, "0.0.0.0", 7860, True)
+            config.compile) == (str(demo_files.base), (str(demo_files.adapter),), 7, True, "0.0.0.0", 7860, True)
     assert not parse_config(["--base", str(demo_files.base)], {}).compile
     assert parse_config(["--base", str(demo_files.base), "--compile"], {}).compile
+
+
+def test_several_adapters_come_from_flags_or_the_environment(demo_files, tmp_path):
+    one, two = str(demo_files.adapter), str(shutil.copytree(demo_files.adapter, tmp_path / "second"))
+    base = ["--base", str(demo_files.base)]
+    assert parse_config([*base, "--adapter", one, two], {}).adapter == (one, two)
+    assert parse_config([*base, "--adapter", one, "--adapter", two], {}).adapter == (one, two)
+    assert parse_config(base, {"ADAPTER_ADAPTER": f"{one}, {two}"}).adapter == (one, two)
+    assert parse_config([*base, "--adapter", two], {"ADAPTER_ADAPTER": one}).adapter == (two,), "the flag wins"
+    assert parse_config(base, {}).adapter == ()
+    with pytest.raises(ValueError, match=f"--adapter: {one} is given twice"):
+        parse_config([*base, "--adapter", one, two, one], {})
+    with pytest.raises(FileNotFoundError, match="--adapter: nowhere does not exist"):
+        parse_config([*base, "--adapter", one, "nowhere"], {})
+
+
+def test_adapters_served_together_share_the_base_and_clip_goes_to_those_that_see(demo_files, base_folder, tmp_path):
+    text = adapter.save_adapter(randomize_adapter(adapter.load(base_folder, adapter=V1, device="cpu")),
+                                tmp_path / "text").parent
+    flags = ["--base", str(demo_files.base), "--adapter", str(text), str(demo_files.adapter), "--clip",
+             str(demo_files.clip), "--clip-model", str(demo_files.clip_model), "--device", "cpu"]
+    engines = load_engines(parse_config(flags, {}))
+    assert engines.names == [str(text), str(demo_files.adapter)] and engines.for_images == str(demo_files.adapter)
+    first, second = (engines.get(name) for name in engines.names)
+    assert engines.get(None) is first and not first.can_see_images and second.can_see_images
+    assert second.model.layers[0].attention.wq is first.model.layers[0].attention.wq
+    alone = Engine(adapter.load(base_folder, adapter=text, device="cpu"))
+    assert list(first.compare(QUESTION, GREEDY))[-1] == list(alone.compare(QUESTION, GREEDY))[-1]
+    picture = Image.new("RGB", (40, 40), "red")
+    assert list(second.ask_image(picture, QUESTION, GREEDY))[-1] == \
+        list(Engine(adapter.load(demo_files.base, adapter=demo_files.adapter, clip=demo_files.clip,
+                                 clip_model=str(demo_files.clip_model), device="cpu")).ask_image(
+                                     picture, QUESTION, GREEDY))[-1]
+    with pytest.raises(ValueError, match=f"adapter: 'other' is not served here; choose from {text}, "):
+        engines.get("other")
+    with pytest.raises(ValueError, match=r"--clip: no adapter served \(.*text\) has a visual prompt"):
+        load_engines(parse_config([*flags[:4], *flags[5:]], {}))
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from PIL import Image
 
 import adapter
@@ -23,10 +23,15 @@ QUESTION = "What is 3 + 4?"
 
 
 @pytest.fixture(scope="module")
-def client():
-    with running_app([]) as served:
-        assert served.engine.base == str(TINY_FOLDER / "base")
-        yield Client(served.url, verbose=False)
+def served():
+    with running_app([]) as app:
+        assert app.engine.base == str(TINY_FOLDER / "base")
+        yield app
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served.url, verbose=False)
 
 
 def test_the_default_app_serves_the_tiny_model_and_compare_and_sweep_show_the_gate(client):
@@ -40,6 +45,23 @@ def test_the_default_app_serves_the_tiny_model_and_compare_and_sweep_show_the_ga
     sweep = client.predict(QUESTION, "0, 0.5, 1", *controls(gate=0.5), api_name="/sweep")
     assert sweep["data"][0] == [0.0, base] and sweep["data"][2] == [1.0, adapted], sweep
     assert sweep["data"][1][0] == 0.5
+
+
+def test_the_default_app_serves_both_tiny_adapters_on_one_base(served, client):
+    assert served.engines.names == ["tiny-text", "tiny-image"] and served.engines.for_images == "tiny-image"
+    text, image = (served.engines.get(name).model for name in served.engines.names)
+    assert image.tok_embeddings is text.tok_embeddings and image.image_encoder is not None
+    example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
+    picture = str(TINY_FOLDER / "examples" / example["image"])
+    assert client.predict(handle_file(picture), example["question"], *controls(), api_name="/image") == \
+        example["answer"], "the image tab answers with the image adapter unless told otherwise"
+    question = "There is a large red star on the left. What colour is the star?"
+    answers = {name: client.predict(question, *controls(), name, api_name="/compare")[1]
+               for name in served.engines.names}
+    assert answers == {name: list(served.engines.get(name).compare(question, Settings(**GREEDY)))[-1][1]
+                       for name in served.engines.names}
+    assert answers["tiny-text"] == "red" != answers["tiny-image"], answers
+    assert client.predict("tiny-image", api_name="/model_info")["adapter"] == str(TINY_FOLDER / "image")
 
 
 def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_path):
