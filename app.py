@@ -2,7 +2,7 @@
 frozen base, the gates made visible, and what is loaded.
 
 UI only: every model call goes through `adapter.engine`. `python app.py` serves the embedded tiny model on
-CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment variable, see docs/app.md).
+CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment variable, see the README).
 """
 
 from __future__ import annotations

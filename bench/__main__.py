@@ -5,7 +5,7 @@ section of BENCHMARKS.md, under a first section that names the machine, the comm
 
 bench.load (writes a 13.5 GB checkpoint once, then 2+ minutes and 6 GB of memory) runs only with --with-load;
 the GPU benchmark runs when this machine has a GPU (elsewhere: bench/gpu.sh on a GPU machine). --smoke runs the
-benchmarks that have tiny shapes (decode_peers, memory, scaling, train, gpu) once each: it checks the harness,
+benchmarks that have tiny shapes (decode_peers, memory, adapters, scaling, train, gpu) once each: it checks the harness,
 and its figures mean nothing, so give it a --write file of its own.
 """
 
@@ -36,7 +36,8 @@ class Benchmark:
 
 
 BENCHMARKS = (Benchmark("decode", True, True, False), Benchmark("decode_peers", True, True, True),
-              Benchmark("memory", True, True, True), Benchmark("scaling", True, True, True),
+              Benchmark("memory", True, True, True), Benchmark("adapters", True, True, True),
+              Benchmark("scaling", True, True, True),
               Benchmark("visual", True, True, False), Benchmark("train", True, True, True),
               Benchmark("attention", True, True, False), Benchmark("autocast", True, True, False),
               Benchmark("app", False, True, False), Benchmark("load", False, False, False),

@@ -44,29 +44,27 @@ def answered_right(engine) -> tuple[Path, str]:
 
 
 def take(out: Path) -> list[Path]:
-    """Compare and chat tabs with the text adapter, the image tab with the image adapter."""
+    """Compare and chat tabs with the text adapter, the image tab with the image adapter (both served by the
+    default app, each tab starting with its own)."""
     shots = [out / "compare.png", out / "chat.png", out / "image.png"]
-    with chromium() as browser:
-        with running_app([]) as text:
-            page = open_page(browser, text.url)
-            base, adapted = compare(page, QUESTION)
-            print(f"compare: base {base!r}, adapter {adapted!r}")
-            print(f"sweep: {sweep(page, SWEEP)}")
-            save(page, shots[0])
-            page.get_by_role("tab", name="Chat").click()
-            print(f"chat: {ask(page, QUESTION)!r}")
-            save(page, shots[1])
-        with running_app(["--adapter", "tiny-image"]) as image:
-            page = open_page(browser, image.url)
-            page.get_by_role("tab", name="Image").click()
-            picture, question = answered_right(image.engine)
-            page.locator("#image input[type=file]").set_input_files(str(picture))
-            page.fill("#image_question textarea", question)
-            page.click("#ask")
-            coloured(page, "#image_colours")
-            print(f"image: {question!r} -> {page.input_value('#image_answer textarea')!r}")
-            print(f"image sweep: {sweep(page, SWEEP, prefix='image_')}")
-            save(page, shots[2])
+    with chromium() as browser, running_app([]) as app:
+        page = open_page(browser, app.url)
+        base, adapted = compare(page, QUESTION)
+        print(f"compare: base {base!r}, adapter {adapted!r}")
+        print(f"sweep: {sweep(page, SWEEP)}")
+        save(page, shots[0])
+        page.get_by_role("tab", name="Chat").click()
+        print(f"chat: {ask(page, QUESTION)!r}")
+        save(page, shots[1])
+        page.get_by_role("tab", name="Image").click()
+        picture, question = answered_right(app.engines.get(app.engines.for_images))
+        page.locator("#image input[type=file]").set_input_files(str(picture))
+        page.fill("#image_question textarea", question)
+        page.click("#ask")
+        coloured(page, "#image_colours")
+        print(f"image: {question!r} -> {page.input_value('#image_answer textarea')!r}")
+        print(f"image sweep: {sweep(page, SWEEP, prefix='image_')}")
+        save(page, shots[2])
     return shots
 
 

@@ -72,7 +72,7 @@ def smoke_report(tmp_path_factory) -> tuple[Path, str]:
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "BENCHMARKS.md"
     before = (ROOT / "BENCHMARKS.md").read_text()
-    run([sys.executable, "-m", "bench", "--smoke", "--only", "decode_peers,memory,scaling,train,decode",
+    run([sys.executable, "-m", "bench", "--smoke", "--only", "decode_peers,memory,adapters,scaling,train,decode",
          "--write", str(out)])
     assert (ROOT / "BENCHMARKS.md").read_text() == before, "a smoke run must not touch the real BENCHMARKS.md"
     return folder, out.read_text()
@@ -83,7 +83,7 @@ def test_smoke_run_names_the_machine_and_what_ran(smoke_report):
     first = text.split("\n## ")[1]
     assert first.startswith("This run: `python -m bench --smoke"), "the run's own section comes first"
     assert "bitsandbytes" in first and "torch" in first and "threads" in first
-    assert "- ran: decode_peers, memory, scaling, train" in first
+    assert "- ran: decode_peers, memory, adapters, scaling, train" in first
     assert "decode (no --smoke mode)" in first
 
 
@@ -127,6 +127,16 @@ def test_smoke_memory_scaling_and_training_sections(smoke_report):
     first_losses = [row for row in rows[1:] if row[2].startswith("loss, first step")]
     assert all(row[3] == row[4] for row in first_losses), "both sides start from the same base model"
     assert all(ratio_column([rows[0], *(row for row in rows[1:] if "tokens/s" in row[2])]))
+
+
+def test_smoke_adapters_section_compares_separate_and_shared_bases(smoke_report):
+    _, text = smoke_report
+    section = next(body for head, body in sections(text).items() if head.startswith("Several adapters on one base"))
+    assert "gives exactly the logits it gives alone (fp32: 0.0)" in section
+    rows = tables(section)[0]
+    assert rows[0][:5] == ["precision", "adapters", "separate bases: MB", "one shared base: MB", "separate / shared"]
+    assert [(row[0], row[1]) for row in rows[1:]] == [("fp32", "1"), ("fp32", "2"), ("fp32", "4")]
+    assert all(re.fullmatch(r"\d+\.\d\d", row[4]) for row in rows[1:])
 
 
 def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
