@@ -291,13 +291,13 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
             if not engines.get(engines.for_images).can_see_images:
                 gr.Markdown("**This adapter cannot see images**: it has no visual prompt or no CLIP tower "
                             "(--clip), so answers come from the question alone.")
-            image_adapter = adapter_choice(engines, engines.for_images, "Adapter", "image_adapter")
-            image_controls = [*controls[:-1], image_adapter]
             with gr.Row():
                 image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=320,
                                  elem_id="image")
                 clear_image_errors(image)
                 with gr.Column():
+                    image_adapter = adapter_choice(engines, engines.for_images, "Adapter", "image_adapter")
+                    image_controls = [*controls[:-1], image_adapter]
                     first = image_examples[0][1] if image_examples else EXAMPLE_QUESTION
                     question = gr.Textbox(label="Question", value=first, elem_id="image_question")
                     with gr.Row():
