@@ -27,6 +27,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CLIP_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 MAX_CONCURRENCY = 64
 MAX_NEW_TOKENS = 4096
+NO_ADAPTER = "none"  # the name the bare base is served under when no adapter is
 
 
 @dataclass(frozen=True)
@@ -210,15 +211,12 @@ def _flag(name: str, check, value):
         raise ValueError(f"--{name.replace('_', '-')}: {message}") from None
 
 
-def served_adapters(config: ServeConfig) -> tuple[str, ...]:
-    """The adapter names the app offers: the flag's, else both embedded ones on the tiny base, else none (the
-    bare base, served as `NO_ADAPTER`)."""
+def served_adapters(config: ServeConfig) -> list[tuple[str, str | None]]:
+    """(name offered, adapter to load) for each adapter the app serves: the flag's, else both embedded ones on
+    the tiny base, else the bare base alone (offered as `NO_ADAPTER`)."""
     if config.adapter:
-        return config.adapter
-    return (TEXT_NAME, IMAGE_NAME) if serves_tiny(config) else (NO_ADAPTER,)
-
-
-NO_ADAPTER = "none"
+        return [(name, name) for name in config.adapter]
+    return [(TEXT_NAME, TEXT_NAME), (IMAGE_NAME, IMAGE_NAME)] if serves_tiny(config) else [(NO_ADAPTER, None)]
 
 
 def load_engines(config: ServeConfig) -> Engines:
@@ -231,8 +229,7 @@ def load_engines(config: ServeConfig) -> Engines:
     engines: dict[str, Engine] = {}
     towers: dict = {}
     first = None
-    for name in served_adapters(config):
-        wanted = None if name == NO_ADAPTER else name
+    for name, wanted in served_adapters(config):
         base, adapter, clip, clip_model = resolve_tiny(config.base, wanted, config.clip, config.clip_model)
         if first is None:
             model = load(base, adapter=adapter, quantize=config.quantize, device=config.device, dtype=config.dtype,

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import adapter
-from adapter.app_config import TINY_FOLDER, load_engines, parse_config, tiny_available
+from adapter.app_config import NO_ADAPTER, TINY_FOLDER, load_engines, parse_config, tiny_available
 from adapter.engine import Engine, Settings, check_text, device_lock, gate_scales
 from adapter.gate_view import find_gate_plot
 from adapter.prompts import STOP_STRINGS
@@ -240,6 +240,8 @@ def test_adapters_served_together_share_the_base_and_clip_goes_to_those_that_see
         engines.get("other")
     with pytest.raises(ValueError, match=r"--clip: no adapter served \(.*text\) has a visual prompt"):
         load_engines(parse_config([*flags[:4], *flags[5:]], {}))
+    bare = load_engines(parse_config([*flags[:2], "--device", "cpu"], {}))
+    assert bare.names == [NO_ADAPTER] and not bare.default.has_gates and bare.default.adapter is None
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
