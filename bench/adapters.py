@@ -27,7 +27,7 @@ from adapter import load, load_sharing, save_adapter
 from adapter.config import AdapterArgs, ModelArgs
 from bench.decode import machine
 from bench.load import write_checkpoint
-from bench.peers import PRECISIONS, quiet
+from bench.peers import PRECISIONS, chosen_precisions, fresh_process_flags, quiet
 from bench.report import command_line, publish, ratio, spread, stat, table, versions
 from bench.rss import current_mb
 from bench.shapes import describe, shapes
@@ -119,21 +119,14 @@ def render(rows: list[tuple[str, ...]], checked: list[str], heading: str, comman
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per figure")
+    fresh_process_flags(parser, "fresh processes per figure", WAYS)
     parser.add_argument("--counts", default="1,2,4", help="comma-separated numbers of adapters served")
-    parser.add_argument("--precisions", help="comma-separated, from " + ", ".join(PRECISIONS) +
-                        " (default fp32,nf4; fp32 with --smoke)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one process each: checks the harness")
-    parser.add_argument("--write", help="replace this section of the markdown file (e.g. BENCHMARKS.md)")
-    parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
+    precisions = chosen_precisions(parser, options)
     counts = [int(c) for c in options.counts.split(",")]
-    precisions = (options.precisions or ("fp32" if options.smoke else "fp32,nf4")).split(",")
-    if sorted(set(precisions) - set(PRECISIONS)) or min(counts) < 1:
-        parser.error(f"--precisions: choose from {list(PRECISIONS)}; --counts: 1 or more")
+    if min(counts) < 1:
+        parser.error(f"--counts: each must be 1 or more, got {options.counts}")
     if options.worker:
         print(json.dumps(worker(options.folder, precisions[0], counts[0], options.worker, options.smoke)))
         return 0

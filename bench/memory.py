@@ -23,7 +23,7 @@ import torch
 
 from bench.compare import Check, Ours, Peer, check_lines, checked_pair, greedy, prompt
 from bench.decode import machine
-from bench.peers import PRECISIONS, Weights, load_ours, load_peer, quiet, write_weights
+from bench.peers import Weights, chosen_precisions, fresh_process_flags, load_ours, load_peer, quiet, write_weights
 from bench.report import command_line, publish, ratio, spread, stat, table, versions
 from bench.rss import current_mb, peak_mb, reset_peak
 from bench.shapes import describe, shapes, with_layers
@@ -105,24 +105,15 @@ def rows_for(precision: str, context: int, runs: dict[str, list[dict]]) -> list[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side and figure")
+    fresh_process_flags(parser, "fresh processes per side and figure", SIDES)
     parser.add_argument("--contexts", default="512,2048", help="comma-separated total tokens (prompt + new)")
-    parser.add_argument("--precisions", help="comma-separated, from " + ", ".join(PRECISIONS) +
-                        " (default fp32,nf4; fp32 with --smoke)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one process each: checks the harness")
-    parser.add_argument("--write", help="replace this section of the markdown file (e.g. BENCHMARKS.md)")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--timed", type=int, default=0, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
     contexts = [int(c) for c in options.contexts.split(",")]
-    precisions = (options.precisions or ("fp32" if options.smoke else "fp32,nf4")).split(",")
-    if sorted(set(precisions) - set(PRECISIONS)):
-        parser.error(f"--precisions: choose from {list(PRECISIONS)}")
+    precisions = chosen_precisions(parser, options)
     if options.worker:
         print(json.dumps(worker(options.folder, options.worker, precisions[0], contexts[0], options.new_tokens,
                                 options.layers, options.timed, options.smoke)))

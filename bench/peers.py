@@ -8,8 +8,10 @@ then reached the way its users reach it: ours through `adapter.load(quantize=, d
 
 from __future__ import annotations
 
+import argparse
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +31,29 @@ if TYPE_CHECKING:
 PRECISIONS: dict[str, tuple[torch.dtype, str | None]] = {
     "fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
     "nf4": (torch.float32, "nf4"), "int8": (torch.float32, "int8")}
+
+
+def fresh_process_flags(parser: argparse.ArgumentParser, repeats_help: str, worker_choices: Sequence[str]) -> None:
+    """The flags of a benchmark that measures each figure in fresh processes of its own: --threads, --repeats,
+    --precisions, --smoke, --write, and the hidden --worker/--folder its workers are started with."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help=repeats_help)
+    parser.add_argument("--precisions", help="comma-separated, from " + ", ".join(PRECISIONS) +
+                        " (default fp32,nf4; fp32 with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one process each: checks the harness")
+    parser.add_argument("--write", help="replace this section of the markdown file (e.g. BENCHMARKS.md)")
+    parser.add_argument("--worker", choices=worker_choices, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+
+
+def chosen_precisions(parser: argparse.ArgumentParser, options: argparse.Namespace) -> list[str]:
+    """--precisions as a list (default fp32,nf4; fp32 with --smoke), each one known."""
+    precisions = (options.precisions or ("fp32" if options.smoke else "fp32,nf4")).split(",")
+    if sorted(set(precisions) - set(PRECISIONS)):
+        parser.error(f"--precisions: choose from {list(PRECISIONS)}")
+    return precisions
+
+
 HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
