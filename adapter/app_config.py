@@ -17,11 +17,10 @@ from pathlib import Path
 from . import hub
 from .engine import Engine, Engines, device_lock
 from .kv_cache import check_kv_cache
-from .loading import attach_clip, load, load_sharing, resolve_device, resolve_dtype
+from .loading import load_many, resolve_device, resolve_dtype
 from .quantize import check_mode
 from .tiny.assets import ASSETS as TINY_FOLDER
 from .tiny.assets import BASE_NAME, CLIP_NAME, IMAGE_NAME, TEXT_NAME
-from .tiny.assets import resolve as resolve_tiny
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CLIP_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -220,30 +219,16 @@ def served_adapters(config: ServeConfig) -> list[tuple[str, str | None]]:
 
 
 def load_engines(config: ServeConfig) -> Engines:
-    """Load the base once and every adapter `config` names on it (sharing the base's tensors and, between
-    image adapters, the CLIP tower), each wrapped in an Engine holding the device's one lock.
+    """Load the base once and every adapter `config` names on it (`adapter.loading.load_many`: the base's tensors
+    shared, and one CLIP tower between image adapters), each wrapped in an Engine holding the device's one lock.
 
-    The embedded model's short names are resolved here, so that the Model tab shows its real files and its
-    training gate plot is looked for next to the real adapter. `--clip` goes to every adapter with a visual
-    prompt; the embedded image adapter brings its own tower unless `--clip` names another."""
-    engines: dict[str, Engine] = {}
-    towers: dict = {}
-    first = None
-    for name, wanted in served_adapters(config):
-        base, adapter, clip, clip_model = resolve_tiny(config.base, wanted, config.clip, config.clip_model)
-        if first is None:
-            model = load(base, adapter=adapter, quantize=config.quantize, device=config.device, dtype=config.dtype,
-                         kv_cache=config.kv_cache)
-            first = model
-        else:
-            model = load_sharing(first, adapter)
-        if clip is not None and model.visual_prompt is not None:
-            attach_clip(model, clip, clip_model, config.clip_quantize, towers)
-        engines[name] = Engine(model, device_lock(model.tok_embeddings.weight.device),
-                               max_new_tokens=config.max_new_tokens, base=str(base),
-                               adapter=None if adapter is None else str(adapter), compile=config.compile)
-    if config.clip is not None and not towers:
-        raise ValueError(f"--clip: no adapter served ({', '.join(engines)}) has a visual prompt to feed")
-    if config.clip_quantize != "none" and not towers:
-        raise ValueError("--clip-quantize: no adapter served has a CLIP tower to quantize")
-    return Engines(engines)
+    The Model tab shows the real files behind the embedded model's short names, and the training gate plot is
+    looked for next to the real adapter."""
+    served = served_adapters(config)
+    models = load_many(config.base, [adapter for _, adapter in served], clip=config.clip, clip_model=config.clip_model,
+                       clip_quantize=config.clip_quantize, quantize=config.quantize, device=config.device,
+                       dtype=config.dtype, kv_cache=config.kv_cache)
+    lock = device_lock(models[0].tok_embeddings.weight.device)
+    return Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, base=model.base_path,
+                                 adapter=model.adapter_path, compile=config.compile)
+                    for (name, _), model in zip(served, models)})

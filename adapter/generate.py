@@ -4,7 +4,8 @@ Prompts of different lengths are left-padded into one batch; each row keeps its 
 gives the same tokens as when generated alone. Each row can carry its own gate scale, which is how gate 0
 (the frozen base) and gate s are answered side by side in one batch.
 
-Command line: `python -m adapter.generate --base DIR [--adapter FILE] --prompt TEXT ...`
+Command line: `python -m adapter.generate --base DIR [--adapter FILE ...] --prompt TEXT ...` (several adapters
+answer in turn, on one shared base, one block each).
 """
 
 from __future__ import annotations
@@ -214,11 +215,13 @@ def _tokenizer(model: "Transformer"):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adapter.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="Meta-format LLaMA folder (params.json, *.pth, tokenizer.model)")
-    parser.add_argument("--adapter", help="adapter file or folder (native format)")
+    parser.add_argument("--adapter", nargs="+", metavar="ADAPTER",
+                        help="adapter file or folder, any format; several answer in turn on one shared base, each "
+                             "in a block of its own ('--- adapter NAME')")
     parser.add_argument("--prompt", required=True, help="the instruction or text to continue")
     parser.add_argument("--image", help="an image to ask about (needs an adapter with a visual prompt and --clip)")
-    parser.add_argument("--clip", help="CLIP weights for the adapter's image encoder: a local file, or an "
-                                       "open_clip pretrained tag such as 'openai' (downloads)")
+    parser.add_argument("--clip", help="CLIP weights for the image encoder of the adapters with a visual prompt: a "
+                                       "local file, or an open_clip pretrained tag such as 'openai' (downloads)")
     parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")
     parser.add_argument("--input", help="optional Alpaca input (with --template alpaca)")
     parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
@@ -250,33 +253,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .loading import load
+    from .loading import load_many
 
     try:
         sweep = None if args.gate_sweep is None else scales_from_text(args.gate_sweep, "--gate-sweep")
         if sweep == []:
             raise ValueError("--gate-sweep: give at least one gate scale, e.g. '0,0.5,1'")
-        model = load(args.base, adapter=args.adapter, quantize=args.quantize, device=args.device, dtype=args.dtype,
-                     clip=args.clip, clip_model=args.clip_model, kv_cache=args.kv_cache,
-                     clip_quantize=args.clip_quantize)
+        names = args.adapter or [None]
+        models = load_many(args.base, names, clip=args.clip, clip_model=args.clip_model,
+                           clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
+                           dtype=args.dtype, kv_cache=args.kv_cache)
         prompt = apply_template(args.template, args.prompt, args.input)
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                        stop=args.stop + (list(STOP_STRINGS) if args.template != "none" else []), seed=args.seed,
                        delta_scale=args.delta_scale, compile=args.compile)
-        if sweep is not None:
-            answers = generate_batch(model, [prompt] * len(sweep), gate_scale=sweep, **options,
-                                     images=None if args.image is None else [args.image] * len(sweep))
-            sys.stdout.write("\n".join(f"--- gate scale {scale:g}\n{answer}" for scale, answer in zip(sweep, answers)))
-        else:
-            for piece in stream(model, prompt, gate_scale=args.gate_scale, image=args.image, **options):
+        if sweep is None and len(models) == 1:
+            for piece in stream(models[0], prompt, gate_scale=args.gate_scale, image=args.image, **options):
                 sys.stdout.write(piece)
+                sys.stdout.flush()
+        else:
+            for index, (heading, answer) in enumerate(answer_blocks(models, names, prompt, sweep, args.gate_scale,
+                                                                    args.image, options)):
+                sys.stdout.write(("\n" if index else "") + f"--- {heading}\n{answer}")
                 sys.stdout.flush()
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     sys.stdout.write("\n")
     return 0
+
+
+def answer_blocks(models: Sequence["Transformer"], names: Sequence[str | None], prompt: str,
+                  sweep: list[float] | None, gate_scale: float, image: Any,
+                  options: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(heading, answer) per adapter and, with a sweep, per gate scale (one batch per adapter); an adapter's
+    name is left out of the heading when there is only one."""
+    for name, model in zip(names, models):
+        label = f"adapter {name}" if len(models) > 1 else ""
+        if sweep is None:
+            yield label, generate(model, prompt, gate_scale=gate_scale, image=image, **options)
+            continue
+        images = None if image is None else [image] * len(sweep)
+        answers = generate_batch(model, [prompt] * len(sweep), gate_scale=sweep, images=images, **options)
+        for scale, answer in zip(sweep, answers):
+            yield ", ".join(filter(None, (label, f"gate scale {scale:g}"))), answer
 
 
 if __name__ == "__main__":

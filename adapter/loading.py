@@ -8,6 +8,8 @@ time, each block quantized as it arrives, so that peak host memory stays near on
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,9 +96,35 @@ def load(
         model = Transformer(args, adapter_args)
     fill_base(model, checkpoint, dtype=dtype, device=device, quantize=mode)
     model.base_format = checkpoint.format
+    model.base_path = str(base)
     model.tokenizer = tokenizer
     model.kv_cache = kv_cache
-    return _fit_adapter(model, found, clip, clip_model, clip_mode, device)
+    return _fit_adapter(model, adapter, found, clip, clip_model, clip_mode, device)
+
+
+def load_many(base: str | os.PathLike, adapters: Sequence[str | os.PathLike | None], *,
+              clip: str | os.PathLike | None = None, clip_model: str | None = None,
+              clip_quantize: str | None = None, **options: Any) -> list[Transformer]:
+    """The base loaded once and each of `adapters` on it (`load_sharing`), in order: what serving several
+    adapters needs. `clip` goes to every adapter with a visual prompt (the embedded "tiny-image" brings its own
+    tower unless `clip` names another); those asking for the same tower share one. `options` are `load`'s
+    (quantize, device, dtype, max_seq_len, kv_cache)."""
+    if not adapters:
+        raise ValueError("adapters: give at least one (None: the bare base)")
+    models: list[Transformer] = []
+    towers: dict = {}
+    for wanted in adapters:
+        resolved, adapter, own_clip, own_clip_model = resolve_tiny(base, wanted, clip, clip_model)
+        model = load_sharing(models[0], adapter) if models else load(resolved, adapter=adapter, **options)
+        if own_clip is not None and model.visual_prompt is not None:
+            attach_clip(model, own_clip, own_clip_model, clip_quantize, towers)
+        models.append(model)
+    if clip is not None and not towers:
+        names = ", ".join(str(m.adapter_path) for m in models)
+        raise ValueError(f"clip: none of the adapters ({names}) has a visual prompt to feed")
+    if check_mode(clip_quantize, "clip_quantize") is not None and not towers:
+        raise ValueError("clip_quantize: none of the adapters has a CLIP tower to quantize")
+    return models
 
 
 def load_sharing(
@@ -118,12 +146,12 @@ def load_sharing(
     share_base(sharing, model)
     for setting in SHARED_SETTINGS:
         setattr(sharing, setting, getattr(model, setting))
-    return _fit_adapter(sharing, found, clip, clip_model, clip_mode, model.tok_embeddings.weight.device)
+    return _fit_adapter(sharing, adapter, found, clip, clip_model, clip_mode, model.tok_embeddings.weight.device)
 
 
 # what a model sharing another's base takes over from it besides the tensors
-SHARED_SETTINGS = ("tokenizer", "base_format", "quantization", "kv_cache", "prefill_chunk", "cuda_graphs",
-                   "fused_inference", "fp32_attention")
+SHARED_SETTINGS = ("tokenizer", "base_format", "base_path", "quantization", "kv_cache", "prefill_chunk",
+                   "cuda_graphs", "fused_inference", "fp32_attention")
 
 
 def _clip_mode(clip: object, clip_quantize: str | None) -> str | None:
@@ -150,13 +178,14 @@ def _read_adapter(adapter: object, args, clip: object):
     return adapter_args, found
 
 
-def _fit_adapter(model: Transformer, found, clip, clip_model: str | None, clip_mode: str | None,
+def _fit_adapter(model: Transformer, adapter: object, found, clip, clip_model: str | None, clip_mode: str | None,
                  device: torch.device) -> Transformer:
     """Give a model whose base is in place its adapter tensors (read, or fresh) and CLIP tower; freeze the base."""
     model.reset_adapter(device)
     if found:
         found.apply_to(model)
         model.adapter_format = found.format
+        model.adapter_path = str(adapter)
     if clip is not None:
         attach_clip(model, clip, clip_model, clip_mode)
     model.freeze_base()

@@ -336,6 +336,8 @@ class Transformer(nn.Module):
         self.quantization: str | None = None
         self.base_format: str | None = None  # where the weights came from (set by adapter.load)
         self.adapter_format: str | None = None
+        self.base_path: str | None = None  # what adapter.load was given (tiny names resolved), for people to see
+        self.adapter_path: str | None = None
         self._gate_scale = torch.tensor(1.0, device="cpu")
         self._delta_scale = torch.tensor(1.0, device="cpu")
         self._rope: torch.Tensor | None = None

@@ -11,7 +11,7 @@ from adapter.model import Transformer
 from adapter.sampling import SamplingParams, penalize_repeats, sample
 from adapter.text_stream import TextStream
 from adapter.tokenizer import Tokenizer
-from tests.conftest import V2, randomize_adapter
+from tests.conftest import V1, V2, randomize_adapter
 
 GREEDY = dict(temperature=0.0, max_new_tokens=12)
 
@@ -211,3 +211,25 @@ def test_command_line_reports_bad_input_in_one_line(base_folder, capsys, tmp_pat
     assert err[0].startswith("error: base:") and "nope" in err[0]
     assert err[1].startswith("error: top_p:")
     assert err[2] == "error: --gate-sweep: 'one' is not a number", "checked before loading the base"
+
+
+def test_command_line_answers_with_each_adapter_on_one_shared_base(base_folder, capsys, tmp_path):
+    one = adapter.save_adapter(randomize_adapter(adapter.load(base_folder, adapter=V1, device="cpu"), seed=1),
+                               tmp_path / "one").parent
+    two = adapter.save_adapter(randomize_adapter(adapter.load(base_folder, adapter=V2, device="cpu"), seed=2),
+                               tmp_path / "two").parent
+    question, greedy = "What is left of the star?", dict(temperature=0.0, max_new_tokens=8,
+                                                         stop=list(adapter.prompts.STOP_STRINGS))
+    alone = {path: [adapter.load(base_folder, adapter=path, device="cpu").generate(
+        adapter.alpaca(question), gate_scale=gate, **greedy) for gate in (0.0, 1.0)] for path in (one, two)}
+    assert alone[one][1] != alone[two][1]
+    flags = ["--base", str(base_folder), "--adapter", str(one), str(two), "--prompt", question, "--temperature", "0",
+             "--max-new-tokens", "8"]
+    assert main(flags) == 0
+    assert capsys.readouterr().out == f"--- adapter {one}\n{alone[one][1]}\n--- adapter {two}\n{alone[two][1]}\n"
+    assert main([*flags, "--gate-sweep", "0 1"]) == 0
+    assert capsys.readouterr().out == "\n".join(f"--- adapter {path}, gate scale {gate}\n{alone[path][gate]}"
+                                                for path in (one, two) for gate in (0, 1)) + "\n"
+    assert main([*flags, "--clip", str(tmp_path / "clip.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: clip: none of the adapters ({one}, {two}) has a visual " \
+                                              "prompt to feed"
