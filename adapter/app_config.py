@@ -229,6 +229,5 @@ def load_engines(config: ServeConfig) -> Engines:
                        clip_quantize=config.clip_quantize, quantize=config.quantize, device=config.device,
                        dtype=config.dtype, kv_cache=config.kv_cache)
     lock = device_lock(models[0].tok_embeddings.weight.device)
-    return Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, base=model.base_path,
-                                 adapter=model.adapter_path, compile=config.compile)
+    return Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile)
                     for (name, _), model in zip(served, models)})

@@ -125,20 +125,27 @@ class Engine:
     """Answers chat, image and side-by-side requests from one model; shows its gates."""
 
     def __init__(self, model: Transformer, lock: threading.Lock | None = None, *, max_new_tokens: int = 256,
-                 base: str | None = None, adapter: str | None = None, compile: bool = False) -> None:
+                 compile: bool = False) -> None:
         if model.tokenizer is None:
             raise ValueError("model: has no tokenizer; load it with adapter.load(...)")
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.lock = lock if lock is not None else device_lock(self.device)
         self.max_new_tokens = _integer("max_new_tokens", max_new_tokens, 1)
-        self.base = base
-        self.adapter = adapter
         if not isinstance(compile, bool):
             raise ValueError(f"compile: must be True or False, got {compile!r}")
         self.compile = compile  # decode steps through torch.compile (see Transformer.step)
 
     # ----- what the model can do ----------------------------------------------------------------------
+    @property
+    def base(self) -> str | None:
+        """The base as `adapter.load` was given it (the embedded model's short name resolved to its folder)."""
+        return self.model.base_path
+
+    @property
+    def adapter(self) -> str | None:
+        return self.model.adapter_path
+
     @property
     def can_see_images(self) -> bool:
         return self.model.visual_prompt is not None and self.model.image_encoder is not None

@@ -40,7 +40,7 @@ def demo_files(base_folder, tmp_path_factory) -> DemoFiles:
 def engine(demo_files) -> Engine:
     model = adapter.load(demo_files.base, adapter=demo_files.adapter, clip=demo_files.clip,
                          clip_model=str(demo_files.clip_model), device="cpu")
-    return Engine(model, max_new_tokens=64, base=str(demo_files.base), adapter=str(demo_files.adapter))
+    return Engine(model, max_new_tokens=64)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -77,6 +77,6 @@ def test_each_adapter_ships_the_plot_of_its_gates_opening_for_the_apps_gates_tab
     from adapter.engine import Engine
 
     folder = ASSETS / kind
-    engine = Engine(adapter.load(ASSETS / "base", adapter=folder, device="cpu"), adapter=str(folder))
+    engine = Engine(adapter.load(ASSETS / "base", adapter=folder, device="cpu"))
     plot = engine.training_plot()
     assert plot == folder / "gates.png" and plot.read_bytes().startswith(b"\x89PNG")
