@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import hub
-from .config import AdapterArgs
+from .config import AdapterArgs, ModelArgs
 from .formats import open_base, read_adapter
 from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
@@ -143,7 +143,7 @@ def load_sharing(
     adapter_args, found = _read_adapter(adapter, model.args, clip)
     with torch.device("meta"):
         sharing = Transformer(model.args, adapter_args)
-    share_base(sharing, model)
+    _share_base(sharing, model)
     for setting in SHARED_SETTINGS:
         setattr(sharing, setting, getattr(model, setting))
     return _fit_adapter(sharing, adapter, found, clip, clip_model, clip_mode, model.tok_embeddings.weight.device)
@@ -161,7 +161,7 @@ def _clip_mode(clip: object, clip_quantize: str | None) -> str | None:
     return mode
 
 
-def _read_adapter(adapter: object, args, clip: object):
+def _read_adapter(adapter: object, args: ModelArgs, clip: object) -> tuple[AdapterArgs, Any]:
     """(AdapterArgs, the adapter file read or None) for `adapter` on a base of shape `args`, checked to fit."""
     found = None
     if isinstance(adapter, AdapterArgs):
@@ -213,12 +213,10 @@ def attach_clip(model: Transformer, clip: str | os.PathLike, clip_model: str | N
         towers[key] = model.image_encoder
 
 
-def share_base(model: Transformer, source: Transformer) -> None:
-    """Point every frozen tensor of `model` (built on the meta device) at `source`'s: whole modules where
-    neither holds anything learned (so quantized or re-laid-out linears come as they are), single parameters
-    where one does (a norm one adapter tunes and the other not)."""
-    if model.args != source.args:
-        raise ValueError(f"base: the models' shapes differ ({model.args} against {source.args})")
+def _share_base(model: Transformer, source: Transformer) -> None:
+    """Point every frozen tensor of `model` (built on the meta device with `source`'s args) at `source`'s: whole
+    modules where neither holds anything learned (so quantized or re-laid-out linears come as they are), single
+    parameters where one does (a norm one adapter tunes and the other not)."""
     for name in [n for n, _ in model.named_parameters() if not model.is_adapter_parameter(n)]:
         path, _, leaf = name.rpartition(".")
         mine, theirs = model.get_submodule(path), source.get_submodule(path)
