@@ -62,6 +62,8 @@ def test_the_default_app_serves_both_tiny_adapters_on_one_base(served, client):
                        for name in served.engines.names}
     assert answers["tiny-text"] == "red" != answers["tiny-image"], answers
     assert client.predict("tiny-image", api_name="/model_info")["adapter"] == str(TINY_FOLDER / "image")
+    heatmaps = [client.predict(1.0, name, api_name="/gates") for name in served.engines.names]
+    assert heatmaps[0] and heatmaps[0] != heatmaps[1], "the Gates tab shows the chosen adapter's gates"
 
 
 def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_path):
