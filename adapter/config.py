@@ -18,6 +18,7 @@ VISUAL_PROMPT_KINDS = VISUAL_KINDS[1:]  # the kinds that add a visual prompt
 CHANNEL_ORDERS = ("rgb", "bgr")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 BIAS_TARGETS = ("wq", "wo", "w1", "w2", "w3")
+ROPE_SCALINGS = ("linear", "llama3")
 
 
 def _require(condition: bool, argument: str, message: str) -> None:
@@ -26,8 +27,52 @@ def _require(condition: bool, argument: str, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Stretched rotary frequencies for contexts longer than the model was first trained on.
+
+    "linear" divides every frequency by `factor` (position interpolation, e.g. LongLoRA's LLaMA 2);
+    "llama3" (Llama 3.1/3.2/3.3) divides only the low frequencies, whose wavelength is longer than
+    `original_max_len / low_freq_factor`, keeps the high ones (shorter than `original_max_len /
+    high_freq_factor`) and blends in between. Named as in HF's `rope_scaling`.
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ROPE_SCALINGS, "rope_scaling",
+                 f"type {self.kind!r} is not supported (choose from {ROPE_SCALINGS})")
+        _require(isinstance(self.factor, (int, float)) and self.factor >= 1, "rope_scaling",
+                 f"factor must be a number >= 1, got {self.factor!r}")
+        if self.kind == "llama3":
+            _require(0 < self.low_freq_factor < self.high_freq_factor, "rope_scaling",
+                     f"needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor} and "
+                     f"{self.high_freq_factor}")
+            _require(isinstance(self.original_max_len, int) and self.original_max_len > 0, "rope_scaling",
+                     f"original_max_len must be a positive integer, got {self.original_max_len!r}")
+
+    @classmethod
+    def from_hf(cls, values: dict[str, Any]) -> "RopeScaling":
+        """From HF's `rope_scaling` / `rope_parameters` object, or from our own `to_dict`."""
+        kind = values.get("rope_type", values.get("type", values.get("kind")))
+        _require(kind in ROPE_SCALINGS, "rope_scaling",
+                 f"type {kind!r} is not supported (choose from {ROPE_SCALINGS} or plain RoPE)")
+        options = {"factor": values.get("factor")}
+        if kind == "llama3":
+            for ours, theirs in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
+                                 ("original_max_len", "original_max_position_embeddings")):
+                found = values.get(theirs, values.get(ours))
+                if found is not None:
+                    options[ours] = found
+        return cls(kind, **options)
+
+
+@dataclass(frozen=True)
 class ModelArgs:
-    """The LLaMA 1/2 shape, named as in Meta's `params.json`."""
+    """The LLaMA 1/2/3 shape, named as in Meta's `params.json`."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -39,6 +84,7 @@ class ModelArgs:
     ffn_dim: int | None = None  # explicit SwiGLU width (HF's intermediate_size); None = Meta's rule
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     max_seq_len: int = 2048
 
     def __post_init__(self) -> None:
@@ -54,6 +100,10 @@ class ModelArgs:
         _require(self.n_heads % kv == 0, "n_kv_heads", f"n_heads={self.n_heads} is not a multiple of {kv}")
         _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
         _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_hf(self.rope_scaling))
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
+                 f"expected a RopeScaling or its dict, got {self.rope_scaling!r}")
 
     @property
     def head_dim(self) -> int:
@@ -75,9 +125,14 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":
-        """Build from a Meta `params.json` dict; unknown keys are ignored, `vocab_size: -1` needs an override."""
+        """Build from a Meta `params.json` dict; unknown keys are ignored, `vocab_size: -1` needs an override.
+
+        Llama 3.1+'s `use_scaled_rope: true` is the "llama3" scaling with Meta's constants, the factor 8
+        unless `rope_scaling_factor` says otherwise (Llama 3.2 1B/3B were trained with 32)."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in params.items() if k in known}
+        if params.get("use_scaled_rope") and values.get("rope_scaling") is None:
+            values["rope_scaling"] = RopeScaling("llama3", params.get("rope_scaling_factor") or 8.0)
         values.update(overrides)
         return cls(**values)
 

@@ -19,7 +19,7 @@ from .formats import open_base, read_adapter
 from .formats.native import save_adapter
 from .formats.official import write_official_v1
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .tokenizer import open_tokenizer
 
 TARGETS = ("native", "peft", "official-v1")
 
@@ -27,7 +27,7 @@ TARGETS = ("native", "peft", "official-v1")
 def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
     """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory)."""
     checkpoint = open_base(base)
-    args = checkpoint.model_args(Tokenizer(checkpoint.tokenizer_path).n_words)
+    args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
     found = read_adapter(source)
     found.check_base(args)
     with torch.device("meta"):

@@ -161,7 +161,7 @@ def stream_batch(
         for row, token in enumerate(step_ids):
             piece = ""
             if not finished[row]:
-                if token == tokenizer.eos_id:
+                if token in tokenizer.stop_ids:
                     piece, finished[row] = streams[row].finish(), True
                 else:
                     piece = streams[row].push(token)

@@ -16,12 +16,12 @@ import torch
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .tokenizer import open_tokenizer
 
 
 def describe_base(path: Path) -> list[str]:
     checkpoint = open_base(path)
-    words = Tokenizer(checkpoint.tokenizer_path).n_words
+    words = open_tokenizer(checkpoint.tokenizer_path).n_words
     args = checkpoint.model_args(words)
     with torch.device("meta"):
         params = Transformer(args).count_parameters()

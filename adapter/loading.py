@@ -23,7 +23,7 @@ from .memory import trim_heap
 from .model import Transformer
 from .quantize import FROZEN_LINEARS, check_mode, quantize_linear, quantize_tower
 from .tiny.assets import resolve as resolve_tiny
-from .tokenizer import Tokenizer
+from .tokenizer import open_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -86,7 +86,7 @@ def load(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     checkpoint = open_base(hub.resolve(base, "base"))
-    tokenizer = Tokenizer(checkpoint.tokenizer_path)
+    tokenizer = open_tokenizer(checkpoint.tokenizer_path)
     args = checkpoint.model_args(tokenizer.n_words, max_seq_len)
     if tokenizer.n_words > args.vocab_size:
         raise ValueError(f"base: tokenizer has {tokenizer.n_words} pieces but the model's vocab_size is "

@@ -13,6 +13,7 @@ and `s_d` (delta scale, for the v2 bias/LoRA/norm deltas) are tensors, scalar or
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import BIAS_TARGETS, AdapterArgs, ModelArgs
+from .config import BIAS_TARGETS, AdapterArgs, ModelArgs, RopeScaling
 from .fused import StackedWeight
 from .head_loss import head_cross_entropy
 from .kv_cache import KVCache, check_kv_cache
@@ -147,9 +148,28 @@ def _stacked_linear(weight: torch.Tensor, parts: Sequence[tuple[nn.Module, Linea
     return out
 
 
-def rope_table(head_dim: int, max_len: int, theta: float, device: torch.device) -> torch.Tensor:
-    """Meta's rotary embedding as one complex64 table [max_len, head_dim // 2]: e^(i * position * freq_j)."""
+def rope_frequencies(head_dim: int, theta: float, device: torch.device,
+                     scaling: RopeScaling | None = None) -> torch.Tensor:
+    """The head_dim // 2 rotary frequencies theta^(-2j/head_dim), stretched as `scaling` says."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return freqs
+    if scaling.kind == "linear":
+        return freqs / scaling.factor
+    wavelength = 2 * math.pi / freqs
+    longest_kept = scaling.original_max_len / scaling.high_freq_factor  # shorter wavelengths stay as they are
+    shortest_divided = scaling.original_max_len / scaling.low_freq_factor  # longer ones are divided by factor
+    blend = (scaling.original_max_len / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * freqs / scaling.factor + blend * freqs
+    return torch.where(wavelength < longest_kept, freqs,
+                       torch.where(wavelength > shortest_divided, freqs / scaling.factor, blended))
+
+
+def rope_table(head_dim: int, max_len: int, theta: float, device: torch.device,
+               scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Meta's rotary embedding as one complex64 table [max_len, head_dim // 2]: e^(i * position * freq_j)."""
+    freqs = rope_frequencies(head_dim, theta, device, scaling)
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -630,7 +650,8 @@ class Transformer(nn.Module):
     def _rope_slice(self, positions: torch.Tensor) -> torch.Tensor:
         device = positions.device
         if self._rope is None or self._rope.device != device:
-            self._rope = rope_table(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device)
+            self._rope = rope_table(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device,
+                                    self.args.rope_scaling)
         return self._rope[positions]
 
     def _context(self, batch: int, rope: torch.Tensor, gate_scale, delta_scale, **kwargs: Any) -> StepContext:

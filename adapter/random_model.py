@@ -66,9 +66,9 @@ def write_random_base(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args = args or ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256)
-    from .tokenizer import Tokenizer
+    from .tokenizer import open_tokenizer
 
-    tokenizer = Tokenizer(train_tokenizer(folder / "tokenizer.model", vocab_size=args.vocab_size, seed=seed))
+    tokenizer = open_tokenizer(train_tokenizer(folder / "tokenizer.model", vocab_size=args.vocab_size, seed=seed))
     if tokenizer.n_words != args.vocab_size:
         raise ValueError(f"vocab_size: the tokenizer got {tokenizer.n_words} pieces, asked for {args.vocab_size}")
     torch.manual_seed(seed)

@@ -1,14 +1,51 @@
-"""SentencePiece tokenizer with the LLaMA conventions (BOS/EOS ids from the model file)."""
+"""Tokenizers with the LLaMA conventions: a BOS id put in front, generation ends at one of the stop ids.
+
+LLaMA 1/2 ship a SentencePiece model (`tokenizer.model`); Llama 3 ships a byte-level BPE, as HF's
+`tokenizer.json` or as Meta's tiktoken ranks in a `tokenizer.model` of its own (adapter.bpe_tokenizer).
+`open_tokenizer` tells them apart by their content, so every loader opens whichever a checkpoint has.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
+# the file names a checkpoint folder may keep its tokenizer under, in the order they are looked for
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
 
 class Tokenizer:
+    """What generation and training need of a tokenizer, whatever kind the checkpoint ships."""
+
+    path: Path
+    n_words: int
+    bos_id: int  # -1: the tokenizer has none
+    eos_id: int
+    stop_ids: frozenset[int]  # generation ends at any of these (eos_id and, e.g., Llama 3's <|eot_id|>)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"text: expected a string, got {type(text).__name__}")
+        ids = self._encode(text)
+        if bos and self.bos_id >= 0:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id >= 0:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """LLaMA 1/2's tokenizer: BOS/EOS ids from the model file."""
+
     def __init__(self, model_path: str | os.PathLike) -> None:
         path = Path(model_path)
         if not path.is_file():
@@ -19,24 +56,41 @@ class Tokenizer:
         except (OSError, RuntimeError) as error:
             raise ValueError(f"tokenizer: {path} is not a sentencepiece model ({error})") from error
         self.path = path
-        self.n_words: int = self.processor.vocab_size()
-        self.bos_id: int = self.processor.bos_id()
-        self.eos_id: int = self.processor.eos_id()
+        self.n_words = self.processor.vocab_size()
+        self.bos_id = self.processor.bos_id()
+        self.eos_id = self.processor.eos_id()
         self.pad_id: int = self.processor.pad_id()
+        self.stop_ids = frozenset({self.eos_id} - {-1})
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise ValueError(f"text: expected a string, got {type(text).__name__}")
-        ids = self.processor.EncodeAsIds(text)
-        if bos and self.bos_id >= 0:
-            ids = [self.bos_id] + ids
-        if eos and self.eos_id >= 0:
-            ids = ids + [self.eos_id]
-        return ids
+    def _encode(self, text: str) -> list[int]:
+        return self.processor.EncodeAsIds(text)
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
         return self.processor.DecodeIds([int(i) for i in ids])
 
     def piece(self, token_id: int) -> str:
         """The raw piece of one id (for showing tokens one by one)."""
         return self.processor.IdToPiece(int(token_id))
+
+
+def find_tokenizer(folder: Path) -> Path:
+    """The tokenizer file of a checkpoint folder (`tokenizer.model` first, as LLaMA 2's HF folders hold both)."""
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return folder / TOKENIZER_FILES[0]  # opening it names the file that is missing
+
+
+def open_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer in `path`: a SentencePiece model, HF's `tokenizer.json`, or Meta's tiktoken ranks."""
+    from .bpe_tokenizer import BPETokenizer, is_tiktoken_file
+
+    path = Path(path)
+    if not path.is_file():
+        names = " or ".join(TOKENIZER_FILES)
+        raise FileNotFoundError(f"tokenizer: {path} does not exist (a checkpoint folder needs {names})")
+    if path.suffix == ".json":
+        return BPETokenizer.from_json(path)
+    if is_tiktoken_file(path):
+        return BPETokenizer.from_tiktoken(path)
+    return SentencePieceTokenizer(path)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapter.app_config import TINY_FOLDER, tiny_available
-from adapter.tokenizer import Tokenizer
+from adapter.tokenizer import Tokenizer, open_tokenizer
 from bench.decode import machine
 from bench.report import publish
 
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         flags, tokenizer_path, model_name = model_flags(Path(folder))
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = open_tokenizer(tokenizer_path)
         port = free_port()
         process, ready_s = start_app(flags, port)
         try:

@@ -25,7 +25,7 @@ from adapter.tiny.clip import train_clip
 from adapter.tiny.corpus import corpus
 from adapter.tiny.pretrain import pack, pretrain
 from adapter.tiny.recipe import FULL
-from adapter.tokenizer import Tokenizer
+from adapter.tokenizer import Tokenizer, open_tokenizer
 from bench.attention import seconds_per_step, tiny_batches
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not (TINY_FOLDER / "base").is_dir():
         raise SystemExit(f"bench.autocast needs the tiny base in {TINY_FOLDER / 'base'} (python -m adapter.tiny build)")
     torch.set_num_threads(options.threads)
-    timers = stage_timers(Tokenizer(TINY_FOLDER / "base" / "tokenizer.model"), options.steps)
+    timers = stage_timers(open_tokenizer(TINY_FOLDER / "base" / "tokenizer.model"), options.steps)
     rows = []
     for stage in stages:
         times: dict[str, list[float]] = {p: [] for p in PRECISIONS}

@@ -20,7 +20,7 @@ from adapter.finetune.records import Example, read_records
 from adapter.finetune.schedule import learning_rate
 from adapter.finetune.step import scored_positions
 from adapter.head_loss import head_cross_entropy
-from adapter.tokenizer import Tokenizer
+from adapter.tokenizer import Tokenizer, open_tokenizer
 from tests.finetune_helpers import (
     alpaca_records,
     one_thread_and_own_rng,  # noqa: F401  (autouse)
@@ -35,7 +35,7 @@ CONVERSATION = [{"from": "human", "value": "<image>\nWhat shape is it?"}, {"from
 
 @pytest.fixture(scope="module")
 def tokenizer(base_folder) -> Tokenizer:
-    return Tokenizer(base_folder / "tokenizer.model")
+    return open_tokenizer(base_folder / "tokenizer.model")
 
 
 def test_json_and_jsonl_records_become_alpaca_examples(tmp_path):

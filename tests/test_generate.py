@@ -10,7 +10,7 @@ from adapter.generate import GenerationRequest, decode_tokens, generate_batch, m
 from adapter.model import Transformer
 from adapter.sampling import SamplingParams, penalize_repeats, sample
 from adapter.text_stream import TextStream
-from adapter.tokenizer import Tokenizer
+from adapter.tokenizer import open_tokenizer
 from tests.conftest import V1, V2, randomize_adapter
 
 GREEDY = dict(temperature=0.0, max_new_tokens=12)
@@ -105,7 +105,7 @@ def test_text_stream_holds_back_partial_stop_strings():
 
 
 def test_streaming_never_splits_a_multi_byte_character(base_folder):
-    tokenizer = Tokenizer(base_folder / "tokenizer.model")
+    tokenizer = open_tokenizer(base_folder / "tokenizer.model")
     text = "A café 🙂 in 東京 costs €5 🚀"
     ids = tokenizer.encode(text, bos=False)
     assert any(tokenizer.piece(i).startswith("<0x") for i in ids), "fixture must use byte-fallback pieces"

@@ -3,6 +3,7 @@ transformers' own LlamaForCausalLM, in every weight layout, and a clear error fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -15,13 +16,16 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import adapter
-from adapter.config import ModelArgs
+from adapter.config import ModelArgs, RopeScaling
 from adapter.formats.hf import hf_to_meta_rows, meta_to_hf_rows
 from adapter.random_model import write_random_base
 from tests.conftest import TINY, randomize_adapter
 
 TOKENS = torch.tensor([[1, 45, 300, 7, 99, 12]])
 GQA = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, rope_theta=500000.0)
+# Llama 3.1's scaling, its original context shortened so that the 8 frequencies of a 16-wide head fall in all
+# three bands (kept, blended, divided)
+LLAMA3 = dataclasses.replace(GQA, rope_scaling=RopeScaling("llama3", 8.0, original_max_len=64))
 MAX_POSITIONS = 128
 LAYOUTS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
 # Meta module -> HF module inside a layer (written out here, independently of adapter.formats.hf)
@@ -40,12 +44,15 @@ class Base(NamedTuple):
     nested_rope: bool  # config.json as transformers 5 writes it (rope_theta inside rope_parameters)
 
 
-@pytest.fixture(scope="module", params=["tiny", "gqa"])
+@pytest.fixture(scope="module", params=["tiny", "gqa", "llama3", "llama3-nested"])
 def meta_base(request, tmp_path_factory) -> Base:
-    """The plain TINY folder (transformers 4 style config) and a GQA one (transformers 5 style)."""
+    """The plain TINY folder (transformers 4 style config), a GQA one (transformers 5 style) and a Llama 3.1
+    style one (GQA, scaled RoPE) in both styles."""
     if request.param == "tiny":
         return Base(request.getfixturevalue("base_folder"), TINY, nested_rope=False)
-    return Base(write_random_base(tmp_path_factory.mktemp("gqa"), GQA, seed=3), GQA, nested_rope=True)
+    args = GQA if request.param == "gqa" else LLAMA3
+    return Base(write_random_base(tmp_path_factory.mktemp("gqa"), args, seed=3), args,
+                nested_rope=request.param != "llama3")
 
 
 def logits(model: adapter.Transformer) -> torch.Tensor:
@@ -61,10 +68,16 @@ def hf_config(args: ModelArgs, nested_rope: bool) -> dict:
         "rms_norm_eps": args.norm_eps, "max_position_embeddings": MAX_POSITIONS, "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False,
     }
+    rope = {"rope_type": "default"}
+    if args.rope_scaling is not None:
+        scaling = args.rope_scaling
+        rope = {"rope_type": scaling.kind, "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+                "high_freq_factor": scaling.high_freq_factor,
+                "original_max_position_embeddings": scaling.original_max_len}
     if nested_rope:
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": args.rope_theta}
+        config["rope_parameters"] = {**rope, "rope_theta": args.rope_theta}
     else:
-        config.update(rope_theta=args.rope_theta, rope_scaling=None)
+        config.update(rope_theta=args.rope_theta, rope_scaling=None if args.rope_scaling is None else rope)
     return config
 
 
@@ -119,6 +132,7 @@ def test_hf_layouts_give_the_meta_logits(meta_base, layout, tmp_path):
     meta_model = adapter.load(meta_base.folder, device="cpu")
     assert float((logits(hf_model) - logits(meta_model)).abs().max()) < 1e-5
     assert hf_model.args.rope_theta == meta_base.args.rope_theta
+    assert hf_model.args.rope_scaling == meta_model.args.rope_scaling == meta_base.args.rope_scaling
     assert hf_model.args.max_seq_len == MAX_POSITIONS and hf_model.args.kv_heads == meta_base.args.kv_heads
 
 
@@ -185,8 +199,8 @@ BAD_CASES: dict[str, tuple[str, Callable[[Path], None], type[Exception], str, st
                         "cannot read JSON", "config.json"),
     "mistral": ("safetensors", lambda f: edit_config(f, model_type="mistral"), ValueError,
                 "model_type 'mistral' is not supported", "config.json"),
-    "rope scaling": ("safetensors", lambda f: edit_config(f, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
-                     ValueError, "rope_scaling type 'llama3' is not supported", "config.json"),
+    "rope scaling": ("safetensors", lambda f: edit_config(f, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+                     ValueError, "rope_scaling: type 'dynamic' is not supported", "config.json"),
     "missing shard": ("safetensors-sharded", lambda f: (f / "model-00002-of-00002.safetensors").unlink(),
                       FileNotFoundError, "weight shard named in model.safetensors.index.json does not exist",
                       "model-00002-of-00002.safetensors"),

@@ -23,7 +23,7 @@ from ..formats.native import save_adapter
 from ..layout import row_major
 from ..loading import load, resolve_device
 from ..model import Transformer
-from ..tokenizer import Tokenizer
+from ..tokenizer import open_tokenizer
 from . import checkpoint, distributed
 from .batching import collate, epoch_batches, eval_batches, shard
 from .config import TrainConfig, adapter_args_for
@@ -61,7 +61,7 @@ def train(config: TrainConfig) -> TrainResult:
 def base_args(base: str):
     """The base's shape without loading its weights (to fit the adapter to its number of layers)."""
     found = open_base(hub.resolve(base, "base"))
-    return found.model_args(Tokenizer(found.tokenizer_path).n_words)
+    return found.model_args(open_tokenizer(found.tokenizer_path).n_words)
 
 
 def _sha256(path: str) -> str:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import ModelArgs
+from ..config import ModelArgs, RopeScaling
+from ..tokenizer import find_tokenizer
 from .common import torch_load
 from .meta import read_json
 
@@ -158,20 +159,26 @@ def _open_weights(folder: Path) -> list[_WeightFile]:
     raise FileNotFoundError(f"base: {folder} has config.json but no weights ({names})")
 
 
-def _rope_theta(config: dict[str, Any], path: Path) -> float:
-    """`rope_theta` at the top level (transformers 4) or inside `rope_parameters` (5); scaled RoPE refused."""
+def _rope(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`rope_theta` and `rope_scaling` from config.json: at the top level (transformers 4) or inside
+    `rope_parameters` (5); "linear" and "llama3" scaling are read, other kinds refused by name."""
+    found: dict[str, Any] = {"rope_theta": config.get("rope_theta")}
     for field in ("rope_scaling", "rope_parameters"):
         value = config.get(field)
         if value is None:
             continue
         if not isinstance(value, dict):
             raise ValueError(f"{path}: {field} must be an object, got {value!r}")
-        kind = value.get("rope_type", value.get("type"))
-        if kind not in (None, "default"):
-            raise ValueError(f"{path}: {field} type {kind!r} is not supported (only plain RoPE)")
-    if config.get("rope_theta") is not None:
-        return config["rope_theta"]
-    return (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        if found["rope_theta"] is None:
+            found["rope_theta"] = value.get("rope_theta")
+        if value.get("rope_type", value.get("type")) not in (None, "default"):
+            try:
+                found["rope_scaling"] = RopeScaling.from_hf(value)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from error
+    if found["rope_theta"] is None:
+        found["rope_theta"] = 10000.0
+    return found
 
 
 def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -189,7 +196,7 @@ def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
     head_dim = config.get("head_dim")
     if head_dim is not None and head_dim * params["n_heads"] != params["dim"]:
         raise ValueError(f"{path}: head_dim={head_dim} is not hidden_size / num_attention_heads (not supported)")
-    params["rope_theta"] = _rope_theta(config, path)
+    params.update(_rope(config, path))
     return params
 
 
@@ -201,7 +208,7 @@ class HFCheckpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.source = str(folder)
-        self.tokenizer_path = folder / "tokenizer.model"
+        self.tokenizer_path = find_tokenizer(folder)
         self.config_path = folder / "config.json"
         config = read_json(self.config_path)
         self._params = _params(config, self.config_path)

@@ -129,20 +129,20 @@ class Build:
         return self.corpus_path.read_text().splitlines()
 
     def stage_tokenizer(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        from ..tokenizer import Tokenizer
+        from ..tokenizer import open_tokenizer
         from .vocab import train_tokenizer
 
         path = train_tokenizer(self.documents(), self.base / "tokenizer.model", self.recipe.vocab_size)
-        return {"pieces": Tokenizer(path).n_words}
+        return {"pieces": open_tokenizer(path).n_words}
 
     def stage_base(self, manifest: dict[str, Any]) -> dict[str, Any]:
         from ..config import ModelArgs
-        from ..tokenizer import Tokenizer
+        from ..tokenizer import open_tokenizer
         from .corpus import corpus
         from .pretrain import mean_loss, pack, pretrain, round_to_fp16, write_meta_folder
 
         r = self.recipe
-        tokenizer = Tokenizer(self.base / "tokenizer.model")
+        tokenizer = open_tokenizer(self.base / "tokenizer.model")
         windows = pack(self.documents(), tokenizer, r.max_seq_len)
         args = ModelArgs(dim=r.dim, n_layers=r.n_layers, n_heads=r.n_heads, vocab_size=tokenizer.n_words,
                          multiple_of=64, max_seq_len=r.max_seq_len)
@@ -157,11 +157,11 @@ class Build:
                 "held_out_loss_fp32": round(loss32, 4), "held_out_loss_fp16": round(loss16, 4)}
 
     def stage_clip(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        from ..tokenizer import Tokenizer
+        from ..tokenizer import open_tokenizer
         from .clip import retrieval_accuracy, train_clip, write_clip
 
         r = self.recipe
-        tokenizer = Tokenizer(self.base / "tokenizer.model")
+        tokenizer = open_tokenizer(self.base / "tokenizer.model")
         model, config = train_clip(r.clip, tokenizer, r.seed, self.log)
         accuracy = retrieval_accuracy(model, tokenizer, r.clip.context_length, r.seed)
         write_clip(model, config, self.out / assets.CLIP)
