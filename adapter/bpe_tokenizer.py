@@ -60,6 +60,7 @@ def _printable_bytes() -> list[str]:
 
 
 BYTE_CHARS = _printable_bytes()
+_BYTE_OF = {char: byte for byte, char in enumerate(BYTE_CHARS)}
 
 
 def bytes_to_text(token: bytes) -> str:
@@ -67,8 +68,8 @@ def bytes_to_text(token: bytes) -> str:
 
 
 def text_to_bytes(text: str) -> bytes:
-    lookup = {c: b for b, c in enumerate(BYTE_CHARS)}
-    return bytes(lookup[c] for c in text)
+    """The bytes a BPE vocabulary entry written in GPT-2's characters stands for."""
+    return bytes(_BYTE_OF[c] for c in text)
 
 
 def is_tiktoken_file(path: Path) -> bool:
@@ -184,7 +185,7 @@ class BPETokenizer(Tokenizer):
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:

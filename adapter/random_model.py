@@ -1,7 +1,9 @@
-"""A randomly initialised LLaMA written as a Meta-format folder, with a small sentencepiece tokenizer.
+"""A randomly initialised LLaMA written as a Meta-format folder, with a small tokenizer trained on filler text.
 
 For tests, benchmarks and trying the command lines without any real weights:
 `python -m adapter.random_model DIR [--dim 64 --n-layers 4 ...]`. Its answers are noise by design.
+`--llama3` writes a Llama 3.1-style folder instead: a tiktoken BPE `tokenizer.model` with the 256 special
+tokens after the ranks, grouped-query attention and `use_scaled_rope` in params.json.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelArgs
+from .config import ModelArgs, RopeScaling
 from .formats.meta import shard_dim
 from .model import Transformer
 
@@ -54,6 +56,29 @@ def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0) -> Path:
     return path
 
 
+def train_bpe_ranks(path: Path, ranks: int = 512, seed: int = 0) -> Path:
+    """A byte-level BPE with `ranks` tokens (the 256 bytes first) written as a tiktoken ranks file, as
+    Meta ships Llama 3's tokenizer; trained with Llama 3's split pattern so its merges stay inside pieces."""
+    import base64
+
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+
+    from .bpe_tokenizer import BYTE_CHARS, LLAMA3_SPLIT, text_to_bytes
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=ranks, initial_alphabet=BYTE_CHARS, show_progress=False)
+    backend.train_from_iterator(corpus(seed=seed), trainer)
+    vocab = sorted(backend.get_vocab().items(), key=lambda item: item[1])
+    lines = [f"{base64.b64encode(text_to_bytes(text)).decode()} {rank}" for rank, (text, _) in enumerate(vocab)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_random_base(
     folder: str | Path,
     args: ModelArgs | None = None,
@@ -61,14 +86,28 @@ def write_random_base(
     seed: int = 0,
     shards: int = 1,
     dtype: torch.dtype = torch.float32,
+    tokenizer: str = "sentencepiece",
 ) -> Path:
-    """Write params.json, `shards` consolidated.NN.pth files (split like Meta's) and tokenizer.model."""
+    """Write params.json, `shards` consolidated.NN.pth files (split like Meta's) and tokenizer.model
+    (`tokenizer`: "sentencepiece" as LLaMA 1/2, or "tiktoken" as Llama 3, its 256 special tokens included
+    in `args.vocab_size`)."""
+    from .bpe_tokenizer import LLAMA3_SPECIAL_COUNT
+    from .tokenizer import open_tokenizer
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args = args or ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256)
-    from .tokenizer import open_tokenizer
-
-    tokenizer = open_tokenizer(train_tokenizer(folder / "tokenizer.model", vocab_size=args.vocab_size, seed=seed))
+    target = folder / "tokenizer.model"
+    if tokenizer == "sentencepiece":
+        train_tokenizer(target, vocab_size=args.vocab_size, seed=seed)
+    elif tokenizer == "tiktoken":
+        if args.vocab_size < 256 + LLAMA3_SPECIAL_COUNT:
+            raise ValueError(f"vocab_size: a tiktoken tokenizer needs at least {256 + LLAMA3_SPECIAL_COUNT} "
+                             f"(256 bytes and {LLAMA3_SPECIAL_COUNT} special tokens), got {args.vocab_size}")
+        train_bpe_ranks(target, args.vocab_size - LLAMA3_SPECIAL_COUNT, seed=seed)
+    else:
+        raise ValueError(f"tokenizer: expected 'sentencepiece' or 'tiktoken', got {tokenizer!r}")
+    tokenizer = open_tokenizer(target)
     if tokenizer.n_words != args.vocab_size:
         raise ValueError(f"vocab_size: the tokenizer got {tokenizer.n_words} pieces, asked for {args.vocab_size}")
     torch.manual_seed(seed)
@@ -88,6 +127,9 @@ def write_random_base(
                 part[name] = tensor.chunk(shards, dim=dim)[index].clone()
         torch.save(part, folder / f"consolidated.{index:02d}.pth")
     params = {k: v for k, v in args.to_dict().items() if v is not None and k != "max_seq_len"}
+    if args.rope_scaling == RopeScaling("llama3", args.rope_scaling.factor):  # Meta's own spelling of it
+        params.pop("rope_scaling")
+        params.update(use_scaled_rope=True, rope_scaling_factor=args.rope_scaling.factor)
     (folder / "params.json").write_text(json.dumps(params, indent=2))
     return folder
 
@@ -99,14 +141,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--n-heads", type=int, default=4)
     parser.add_argument("--n-kv-heads", type=int)
-    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--vocab-size", type=int, help="default 512 (768 with --llama3)")
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--llama3", action="store_true",
+                        help="a Llama 3.1-style folder: tiktoken tokenizer (vocab size includes its 256 special "
+                             "tokens; default 768), llama3 RoPE scaling, theta 500000")
     options = parser.parse_args(argv)
     try:
-        args = ModelArgs(dim=options.dim, n_layers=options.n_layers, n_heads=options.n_heads,
-                         n_kv_heads=options.n_kv_heads, vocab_size=options.vocab_size, multiple_of=32)
-        folder = write_random_base(options.folder, args, seed=options.seed, shards=options.shards)
+        shape = dict(dim=options.dim, n_layers=options.n_layers, n_heads=options.n_heads,
+                     n_kv_heads=options.n_kv_heads, vocab_size=options.vocab_size or (768 if options.llama3 else 512),
+                     multiple_of=32)
+        if options.llama3:
+            shape.update(rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0))
+        args = ModelArgs(**shape)
+        folder = write_random_base(options.folder, args, seed=options.seed, shards=options.shards,
+                                   tokenizer="tiktoken" if options.llama3 else "sentencepiece")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
