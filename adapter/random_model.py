@@ -127,9 +127,10 @@ def write_random_base(
                 part[name] = tensor.chunk(shards, dim=dim)[index].clone()
         torch.save(part, folder / f"consolidated.{index:02d}.pth")
     params = {k: v for k, v in args.to_dict().items() if v is not None and k != "max_seq_len"}
-    if args.rope_scaling == RopeScaling("llama3", args.rope_scaling.factor):  # Meta's own spelling of it
+    scaling = args.rope_scaling
+    if scaling is not None and scaling == RopeScaling("llama3", scaling.factor):  # Meta's own spelling of it
         params.pop("rope_scaling")
-        params.update(use_scaled_rope=True, rope_scaling_factor=args.rope_scaling.factor)
+        params.update(use_scaled_rope=True, rope_scaling_factor=scaling.factor)
     (folder / "params.json").write_text(json.dumps(params, indent=2))
     return folder
 
