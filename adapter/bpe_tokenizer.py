@@ -131,6 +131,7 @@ class BPETokenizer(Tokenizer):
     def __init__(self, backend: Any, path: Path, bos: int, eos: int, stops: Sequence[int]) -> None:
         self.backend = backend
         self.path = path
+        self.kind = "BPE, HF tokenizer.json" if path.suffix == ".json" else "byte-level BPE, tiktoken ranks"
         self.n_words = backend.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = bos, eos
         turn_ends = [backend.token_to_id(name) for name in TURN_ENDS]

@@ -21,15 +21,20 @@ from .tokenizer import open_tokenizer
 
 def describe_base(path: Path) -> list[str]:
     checkpoint = open_base(path)
-    words = open_tokenizer(checkpoint.tokenizer_path).n_words
-    args = checkpoint.model_args(words)
+    tokenizer = open_tokenizer(checkpoint.tokenizer_path)
+    args = checkpoint.model_args(tokenizer.n_words)
     with torch.device("meta"):
         params = Transformer(args).count_parameters()
+    scaling = args.rope_scaling
+    rope = f"rope theta {args.rope_theta:g}"
+    if scaling is not None:
+        rope += f", {scaling.kind} scaling x{scaling.factor:g}"
     return [
         f"{path}: base LLaMA, {checkpoint.format} format",
         f"  dim {args.dim}, layers {args.n_layers}, heads {args.n_heads} (kv heads {args.kv_heads}), "
-        f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, rope theta {args.rope_theta:g}",
-        f"  parameters {params:,}; tokenizer {words} pieces",
+        f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {rope}",
+        f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
+        f"stops at ids {sorted(tokenizer.stop_ids)})",
     ]
 
 

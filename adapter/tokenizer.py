@@ -20,6 +20,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 class Tokenizer:
     """What generation and training need of a tokenizer, whatever kind the checkpoint ships."""
 
+    kind: str  # what `python -m adapter.inspect` calls it
     path: Path
     n_words: int
     bos_id: int  # -1: the tokenizer has none
@@ -45,6 +46,8 @@ class Tokenizer:
 
 class SentencePieceTokenizer(Tokenizer):
     """LLaMA 1/2's tokenizer: BOS/EOS ids from the model file."""
+
+    kind = "SentencePiece"
 
     def __init__(self, model_path: str | os.PathLike) -> None:
         path = Path(model_path)

@@ -19,6 +19,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import adapter
 from adapter.bpe_tokenizer import LLAMA3_SPLIT, BPETokenizer, llama3_special_tokens, read_ranks
 from adapter.config import ModelArgs, RopeScaling
+from adapter.inspect import main as inspect_main
 from adapter.model import rope_frequencies
 from adapter.random_model import main as random_model_main
 from adapter.random_model import write_random_base
@@ -246,3 +247,13 @@ def test_generation_ends_at_eot(hf_llama3, monkeypatch):
     answer = model.generate("Hello there", temperature=0.0, max_new_tokens=8)
     assert answer == model.tokenizer.decode(greedy)
     assert "<|eot_id|>" not in answer and calls["n"] == 4
+
+
+def test_inspect_names_the_scaling_tokenizer_and_stops(meta_llama3, hf_llama3, capsys):
+    assert inspect_main([str(meta_llama3)]) == 0
+    out = capsys.readouterr().out
+    assert "vocab 768, rope theta 500000, llama3 scaling x8" in out
+    stops = [EOS, EOM, EOT]
+    assert f"tokenizer tokenizer.model (byte-level BPE, tiktoken ranks, 768 pieces, stops at ids {stops})" in out
+    assert inspect_main([str(hf_llama3[0])]) == 0
+    assert "tokenizer tokenizer.json (BPE, HF tokenizer.json, 768 pieces" in capsys.readouterr().out
