@@ -4,7 +4,9 @@ folder (tied embeddings, GQA, llama3 RoPE, tokenizer.json) giving transformers' 
 
 from __future__ import annotations
 
+import base64
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -109,6 +111,32 @@ def test_tiktoken_ranks_encode_exactly_as_tiktoken(meta_llama3, reference, text)
     assert tokenizer.encode(text, bos=True, eos=True) == [BOS, *expected, EOS]
     plain = text.replace("<|eot_id|>", "").replace("<|begin_of_text|>", "")
     assert tokenizer.decode(reference.encode(plain)) == plain
+
+
+def test_a_large_vocabulary_encodes_as_tiktoken(tmp_path):
+    """2000 ranks that are pieces of the very text encoded, added in random order whenever they join two
+    known tokens: short tokens often outrank long ones, so pieces meet competing merges that only the rank
+    order decides (a trained vocabulary has those too, the small fixture too few)."""
+    rng = random.Random(7)
+    syllables = ["ka", "ro", "mi", "ten", "su", "é", "日本", "zzu", "aa", "qua", "'s", "x", "ön"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(400)]
+    text = " ".join(rng.choice(words) + rng.choice(["", "", ",", ".\n", " 123", "🙂"]) for _ in range(6000))
+    pieces = sorted({word[start:end] for word in (f" {w}".encode() for w in words)
+                     for start in range(len(word)) for end in range(start + 2, min(len(word), start + 10) + 1)})
+    rng.shuffle(pieces)
+    tokens = [bytes([b]) for b in range(256)]
+    while len(tokens) < 2000:  # passes in random order; a piece joins once two known tokens make it
+        for token in pieces:
+            if len(tokens) < 2000 and token not in tokens and any(
+                    token[:cut] in tokens and token[cut:] in tokens for cut in range(1, len(token))):
+                tokens.append(token)
+    path = tmp_path / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
+    reference = tiktoken.Encoding("large", pat_str=LLAMA3_SPLIT, mergeable_ranks=read_ranks(path),
+                                  special_tokens={})
+    tokenizer = open_tokenizer(path)
+    assert tokenizer.n_words == 2000 + 256
+    assert tokenizer.encode(text, bos=False) == reference.encode(text)
 
 
 def test_tiktoken_special_ids_and_stops(meta_llama3, reference):
