@@ -248,8 +248,9 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     available = checkpoint.keys()
     release = getattr(checkpoint, "release", None)  # memory-mapped checkpoints give copied pages back
     quantized_weights = tuple(f"{linear}.weight" for linear in FROZEN_LINEARS) if quantize else ()
-    parts: list[tuple[str, nn.Module]] = [("tok_embeddings.", model.tok_embeddings), ("norm.", model.norm),
-                                          ("output.", model.output)]
+    tied = checkpoint.tied_output  # the head is the embedding matrix (Llama 3.2 1B/3B)
+    parts: list[tuple[str, nn.Module]] = [("tok_embeddings.", model.tok_embeddings), ("norm.", model.norm)]
+    parts += [] if tied else [("output.", model.output)]
     parts += [(f"layers.{i}.", block) for i, block in enumerate(model.layers)]
     for prefix, module in parts:
         names = _base_names(module, prefix, model)
@@ -268,7 +269,8 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
                 parent, _, linear = local[: -len(".weight")].rpartition(".")
                 setattr(module.get_submodule(parent), linear, quantize_linear(source, quantize, dtype, device))
                 copied = True
-            elif local.endswith("weight") and prefers_column_major(owner(module, local), device, dtype):
+            elif local.endswith("weight") and prefers_column_major(
+                    model.output if tied and name == "tok_embeddings.weight" else owner(module, local), device, dtype):
                 state[local] = column_major_copy(source, device, dtype)  # the CPU GEMV reads it faster so
                 copied = True
             else:
@@ -280,6 +282,9 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
         module.load_state_dict(state, strict=False, assign=True)
         del state
         trim_heap()
+    if tied:  # one tensor for both: a copy would add half again to Llama 3.2 1B's nf4 tensors (bench.tied)
+        model.output.weight = model.tok_embeddings.weight
+        expected.add("output.weight")
     unexpected = sorted(available - expected)
     if unexpected:
         raise ValueError(f"{checkpoint.source}: unexpected tensor(s) {unexpected[:5]}")

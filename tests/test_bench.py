@@ -72,7 +72,7 @@ def smoke_report(tmp_path_factory) -> tuple[Path, str]:
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "BENCHMARKS.md"
     before = (ROOT / "BENCHMARKS.md").read_text()
-    run([sys.executable, "-m", "bench", "--smoke", "--only", "decode_peers,memory,adapters,scaling,train,decode",
+    run([sys.executable, "-m", "bench", "--smoke", "--only", "decode_peers,memory,adapters,scaling,train,tied,decode",
          "--write", str(out)])
     assert (ROOT / "BENCHMARKS.md").read_text() == before, "a smoke run must not touch the real BENCHMARKS.md"
     return folder, out.read_text()
@@ -83,7 +83,7 @@ def test_smoke_run_names_the_machine_and_what_ran(smoke_report):
     first = text.split("\n## ")[1]
     assert first.startswith("This run: `python -m bench --smoke"), "the run's own section comes first"
     assert "bitsandbytes" in first and "torch" in first and "threads" in first
-    assert "- ran: decode_peers, memory, adapters, scaling, train" in first
+    assert "- ran: decode_peers, memory, adapters, scaling, train, tied" in first
     assert "decode (no --smoke mode)" in first
 
 
@@ -247,7 +247,7 @@ def test_a_corrupted_peer_is_refused_by_the_training_check(weights, monkeypatch)
 
 def test_smoke_leaves_out_what_has_no_smoke_mode_and_load_needs_its_flag():
     smoke, left = bench_main.chosen(argparse.Namespace(only=None, smoke=True, with_load=False))
-    assert [b.name for b in smoke] == ["decode_peers", "memory", "adapters", "scaling", "train", "gpu"]
+    assert [b.name for b in smoke] == ["decode_peers", "memory", "adapters", "scaling", "train", "tied", "gpu"]
     assert any(note.startswith("load") for note in left)
     full, left = bench_main.chosen(argparse.Namespace(only=None, smoke=False, with_load=False))
     assert "load" not in [b.name for b in full] and any("--with-load" in note for note in left)
@@ -299,3 +299,14 @@ def test_autocast_section_times_the_chosen_stages_both_ways(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "bench.autocast", "--stages", "text,optimizer"], cwd=ROOT,
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "--stages: unknown stage(s) ['optimizer']" in failed.stderr
+
+
+def test_smoke_tied_section_holds_the_head_once(smoke_report):
+    _, text = smoke_report
+    section = next(body for head, body in sections(text).items() if head.startswith("Tied head"))
+    for mode in ("fp32", "bf16", "nf4"):
+        assert f"{mode}: logits of the two loads differ by at most 0.0e+00" in section
+    rows = tables(section)[0]
+    assert rows[0] == ["precision", "measure", "tied (shared)", "untied (copy)", "tied / untied"]
+    held = {row[0]: float(row[4]) for row in rows[1:] if row[1] == "distinct parameter tensors, MB"}
+    assert set(held) == {"fp32", "bf16", "nf4"} and all(r < 0.8 for r in held.values()), held

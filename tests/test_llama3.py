@@ -15,6 +15,7 @@ import tiktoken
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -246,6 +247,7 @@ def test_hf_llama3_folder_gives_transformers_logits(hf_llama3):
     assert isinstance(model.tokenizer, BPETokenizer) and model.tokenizer.path == folder / "tokenizer.json"
     assert (model.tokenizer.bos_id, model.tokenizer.eos_id) == (BOS, EOT)
     assert model.args.rope_scaling == ARGS.rope_scaling and model.args.kv_heads == ARGS.kv_heads
+    assert model.output.weight is model.tok_embeddings.weight  # one matrix in memory, as in the checkpoint
     tokens = torch.tensor([model.tokenizer.encode("The red circle 日本 123 is above the star. " * 6)])
     assert tokens.shape[1] > ARGS.rope_scaling.original_max_len  # past the original context, all bands matter
     with torch.no_grad():
@@ -285,3 +287,24 @@ def test_inspect_names_the_scaling_tokenizer_and_stops(meta_llama3, hf_llama3, c
     assert f"tokenizer tokenizer.model (byte-level BPE, tiktoken ranks, 768 pieces, stops at ids {stops})" in out
     assert inspect_main([str(hf_llama3[0])]) == 0
     assert "tokenizer tokenizer.json (BPE, HF tokenizer.json, 768 pieces" in capsys.readouterr().out
+
+
+def test_tied_head_stays_one_tensor_quantized_and_shared(hf_llama3, tmp_path):
+    """nf4 layers keep the tied head in the model dtype, still one tensor, with the logits of the same
+    weights saved untied; a second adapter on the same base (load_sharing) reads that tensor too."""
+    folder = hf_llama3[0]
+    untied = tmp_path / "untied"
+    shutil.copytree(folder, untied)
+    config = json.loads((folder / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    state = load_file(folder / "model.safetensors")
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, untied / "model.safetensors")
+    model = adapter.load(folder, device="cpu", quantize="nf4")
+    separate = adapter.load(untied, device="cpu", quantize="nf4")
+    assert model.output.weight is model.tok_embeddings.weight
+    assert separate.output.weight.data_ptr() != separate.tok_embeddings.weight.data_ptr()
+    tokens = torch.tensor([model.tokenizer.encode("The red circle is above the star.")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), separate(tokens), rtol=0, atol=1e-5)
+    other = adapter.load_sharing(model, adapter.AdapterArgs(prompt_len=2, prompt_layers=1))
+    assert other.output.weight is model.tok_embeddings.weight

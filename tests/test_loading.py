@@ -188,6 +188,21 @@ def test_pickled_code_is_never_loaded(base_folder, tmp_path):
         adapter.load(folder, device="cpu")
 
 
+def test_hub_download_skips_metas_second_copy(base_folder, monkeypatch):
+    import huggingface_hub
+
+    asked = {}
+
+    def snapshot_download(repo_id, **options):
+        asked.update(options, repo_id=repo_id)
+        return str(base_folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = adapter.load("hf:meta-llama/Llama-3.2-1B", device="cpu")
+    assert asked == {"repo_id": "meta-llama/Llama-3.2-1B", "ignore_patterns": ["original/*"]}
+    assert model.base_path == "hf:meta-llama/Llama-3.2-1B" and model.args.dim == 64
+
+
 def test_hub_ids_need_the_explicit_prefix_and_fail_clearly_offline(base_folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # belt and braces: this test must never reach the network
     with pytest.raises(FileNotFoundError, match="base: meta-llama/none does not exist"):

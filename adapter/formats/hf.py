@@ -216,6 +216,8 @@ class HFCheckpoint:
         self._rope_heads = {"attention.wq.weight": n_heads,
                             "attention.wk.weight": self._params.get("n_kv_heads") or n_heads}
         self._where = self._map_names(_open_weights(folder), bool(config.get("tie_word_embeddings")))
+        embeddings = self._where.get("tok_embeddings.weight")
+        self.tied_output = embeddings is not None and self._where.get("output.weight") == embeddings
 
     @staticmethod
     def _map_names(files: list[_WeightFile], tied: bool) -> dict[str, tuple[_WeightFile, str]]:

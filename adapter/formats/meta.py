@@ -53,6 +53,7 @@ class MetaCheckpoint:
     """Lazy access to the merged tensors of all `consolidated.*.pth` shards of a folder."""
 
     format = "meta"
+    tied_output = False  # the shards hold output.weight of their own
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
