@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -190,15 +189,10 @@ class BPETokenizer(Tokenizer):
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"tokenizer: {path}: cannot read JSON ({error})") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"tokenizer: {path}: expected a JSON object")
-    return value
+    """A sidecar file's settings; a folder may lack any of them."""
+    from .formats.meta import read_json
+
+    return read_json(path) if path.is_file() else {}
 
 
 def _token_id(backend: Any, token: Any, config_id: Any, fallback: str) -> int | None:
