@@ -308,3 +308,20 @@ def test_tied_head_stays_one_tensor_quantized_and_shared(hf_llama3, tmp_path):
         torch.testing.assert_close(model(tokens), separate(tokens), rtol=0, atol=1e-5)
     other = adapter.load_sharing(model, adapter.AdapterArgs(prompt_len=2, prompt_layers=1))
     assert other.output.weight is model.tok_embeddings.weight
+
+
+def test_meta_file_with_one_tensor_for_head_and_embeddings_loads_it_once(meta_llama3, tmp_path):
+    state = torch.load(meta_llama3 / "consolidated.00.pth", weights_only=True)
+    folders = {}
+    for kind in ("tied", "copied"):
+        folder = folders[kind] = tmp_path / kind
+        shutil.copytree(meta_llama3, folder)
+        embeddings = state["tok_embeddings.weight"]
+        torch.save({**state, "output.weight": embeddings if kind == "tied" else embeddings.clone()},
+                   folder / "consolidated.00.pth")
+    tied, copied = (adapter.load(folders[kind], device="cpu") for kind in ("tied", "copied"))
+    assert tied.output.weight is tied.tok_embeddings.weight
+    assert copied.output.weight.data_ptr() != copied.tok_embeddings.weight.data_ptr()
+    tokens = torch.tensor([tied.tokenizer.encode("The red circle is above the star.")])
+    with torch.no_grad():
+        assert torch.equal(tied(tokens), copied(tokens))

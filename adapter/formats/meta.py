@@ -53,7 +53,6 @@ class MetaCheckpoint:
     """Lazy access to the merged tensors of all `consolidated.*.pth` shards of a folder."""
 
     format = "meta"
-    tied_output = False  # the shards hold output.weight of their own
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -82,6 +81,19 @@ class MetaCheckpoint:
             return ModelArgs.from_params(params, **overrides)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from error
+
+    @property
+    def tied_output(self) -> bool:
+        """Whether the file holds the head as the embedding tensor itself (torch.save keeps one storage for a
+        tied pair), so that it is loaded once; model-parallel shards split the two along different dims."""
+        if len(self.shards) != 1:
+            return False
+        head, embeddings = self.shards[0].get("output.weight"), self.shards[0].get("tok_embeddings.weight")
+        if not (isinstance(head, torch.Tensor) and isinstance(embeddings, torch.Tensor)):
+            return False
+        return (head.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr()
+                and (head.storage_offset(), head.shape, head.stride(), head.dtype)
+                == (embeddings.storage_offset(), embeddings.shape, embeddings.stride(), embeddings.dtype))
 
     def keys(self) -> set[str]:
         return {k for k in self.shards[0] if k not in IGNORED_KEYS}
