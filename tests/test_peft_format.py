@@ -4,6 +4,7 @@ clear error naming the file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import adapter
-from adapter.config import AdapterArgs, ModelArgs
+from adapter.config import AdapterArgs, ModelArgs, RopeScaling
 from adapter.formats.peft import write_peft
 from adapter.model import Transformer
 from adapter.random_model import write_random_base
@@ -25,12 +26,20 @@ TOKENS = torch.tensor([[1, 45, 300, 7, 99, 12, 5], [1, 3, 8, 200, 41, 17, 66]])
 GATES = (0.7, -0.4, 1.3)
 RAW = AdapterArgs(prompt_len=3, prompt_layers=2, gate_activation="raw")
 GQA = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32)
+# Llama 3.1's shape in small: tiktoken BPE with its special tokens, theta 500000, llama3 RoPE scaling
+LLAMA3 = dataclasses.replace(GQA, vocab_size=768, rope_theta=500000.0,
+                             rope_scaling=RopeScaling("llama3", 8.0, original_max_len=64))
 PREFIX = "base_model.model.model.layers"
 
 
 @pytest.fixture(scope="module")
 def gqa_folder(tmp_path_factory) -> Path:
     return write_random_base(tmp_path_factory.mktemp("gqa"), GQA, seed=3)
+
+
+@pytest.fixture(scope="module")
+def llama3_folder(tmp_path_factory) -> Path:
+    return write_random_base(tmp_path_factory.mktemp("llama3"), LLAMA3, seed=4, tokenizer="tiktoken")
 
 
 def logits(model: Transformer) -> torch.Tensor:
@@ -51,7 +60,7 @@ def hf_llama(base: Path):
     config = transformers.LlamaConfig(
         hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
         num_attention_heads=a.n_heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab_size,
-        rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
+        rms_norm_eps=a.norm_eps, rope_parameters=hf_rope(a), max_position_embeddings=a.max_seq_len,
         tie_word_embeddings=False)
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -68,6 +77,15 @@ def hf_llama(base: Path):
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def hf_rope(args: ModelArgs) -> dict:
+    scaling = args.rope_scaling
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": args.rope_theta}
+    return {"rope_type": scaling.kind, "rope_theta": args.rope_theta, "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_len}
 
 
 def hf_logits(model) -> torch.Tensor:
@@ -91,8 +109,9 @@ def peft_trained(base: Path, seed: int = 0):
     return model.eval()
 
 
-@pytest.mark.parametrize("base_name, safe", [("base_folder", True), ("base_folder", False), ("gqa_folder", True)],
-                         ids=["mha-safetensors", "mha-bin", "gqa-safetensors"])
+@pytest.mark.parametrize("base_name, safe", [("base_folder", True), ("base_folder", False), ("gqa_folder", True),
+                                             ("llama3_folder", True)],
+                         ids=["mha-safetensors", "mha-bin", "gqa-safetensors", "llama3-safetensors"])
 def test_peft_saved_adapter_gives_peft_logits(base_name, safe, request, tmp_path):
     base = request.getfixturevalue(base_name)
     trained = peft_trained(base)
