@@ -289,8 +289,11 @@ class Engine:
     def model_info(self) -> dict[str, Any]:
         """What is loaded and how much memory it takes."""
         model = self.model
+        scaling = model.args.rope_scaling
         info: dict[str, Any] = {
             "base": self.base, "adapter": self.adapter, "base_format": model.base_format,
+            "tokenizer": f"{model.tokenizer.kind}, {model.tokenizer.n_words} pieces",
+            "rope_scaling": "none" if scaling is None else f"{scaling.kind} x{scaling.factor:g}",
             "adapter_format": model.adapter_format, "quantization": model.quantization or "none",
             "device": str(self.device), "dtype": str(model.tok_embeddings.weight.dtype).replace("torch.", ""),
             "parameters": model.count_parameters(), "trainable_parameters": model.count_parameters(trainable_only=True),

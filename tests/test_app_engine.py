@@ -192,6 +192,7 @@ def test_model_info_says_what_is_loaded(engine, demo_files):
     assert (info["quantization"], info["dtype"], info["adapter_layers"], info["sees_images"]) == \
         ("none", "float32", 3, True)
     assert info["process_memory_mb"] > 10
+    assert (info["tokenizer"], info["rope_scaling"]) == ("SentencePiece, 512 pieces", "none")
 
 
 def test_flags_come_from_the_environment_and_flags_win(demo_files):

@@ -22,6 +22,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import adapter
 from adapter.bpe_tokenizer import LLAMA3_SPLIT, BPETokenizer, llama3_special_tokens, read_ranks
 from adapter.config import ModelArgs, RopeScaling
+from adapter.engine import Engine, Settings
 from adapter.inspect import main as inspect_main
 from adapter.model import rope_frequencies
 from adapter.random_model import main as random_model_main
@@ -325,3 +326,13 @@ def test_meta_file_with_one_tensor_for_head_and_embeddings_loads_it_once(meta_ll
     tokens = torch.tensor([tied.tokenizer.encode("The red circle is above the star.")])
     with torch.no_grad():
         assert torch.equal(tied(tokens), copied(tokens))
+
+
+def test_the_app_engine_answers_with_a_llama3_base_and_names_it(hf_llama3):
+    engine = Engine(adapter.load(hf_llama3[0], device="cpu"))
+    info = engine.model_info()
+    assert (info["tokenizer"], info["rope_scaling"]) == ("BPE, HF tokenizer.json, 768 pieces", "llama3 x8")
+    *_, answer = engine.chat([], "Hello", Settings(temperature=0.0, max_new_tokens=6))
+    assert answer.strip()
+    assert answer == engine.model.generate(adapter.prompts.chat((), "Hello"), temperature=0.0, max_new_tokens=6,
+                                           stop=list(adapter.prompts.STOP_STRINGS))
