@@ -19,6 +19,7 @@ CHANNEL_ORDERS = ("rgb", "bgr")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 BIAS_TARGETS = ("wq", "wo", "w1", "w2", "w3")
 ROPE_SCALINGS = ("linear", "llama3")
+LLAMA32_SMALL_SHAPES = ((2048, 16), (3072, 28))  # (dim, n_layers) of Llama 3.2 1B and 3B
 
 
 def _require(condition: bool, argument: str, message: str) -> None:
@@ -127,12 +128,16 @@ class ModelArgs:
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":
         """Build from a Meta `params.json` dict; unknown keys are ignored, `vocab_size: -1` needs an override.
 
-        Llama 3.1+'s `use_scaled_rope: true` is the "llama3" scaling with Meta's constants, the factor 8
-        unless `rope_scaling_factor` says otherwise (Llama 3.2 1B/3B were trained with 32)."""
+        Llama 3.1+'s `use_scaled_rope: true` is the "llama3" scaling with Meta's constants and the factor
+        `rope_scaling_factor`. Meta's params.json files do not say it: their reference code takes 8, right for
+        3.1 and 3.3, while Llama 3.2 1B and 3B were trained with 32 (their HF configs; meta-llama/llama-models
+        issue 241), so those two shapes get 32."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in params.items() if k in known}
         if params.get("use_scaled_rope") and values.get("rope_scaling") is None:
-            values["rope_scaling"] = RopeScaling("llama3", params.get("rope_scaling_factor") or 8.0)
+            llama32_small = (params.get("dim"), params.get("n_layers")) in LLAMA32_SMALL_SHAPES
+            factor = params.get("rope_scaling_factor") or (32.0 if llama32_small else 8.0)
+            values["rope_scaling"] = RopeScaling("llama3", factor)
         values.update(overrides)
         return cls(**values)
 

@@ -93,6 +93,10 @@ def test_meta_use_scaled_rope_is_llama3_scaling():
     scaled = ModelArgs.from_params({**shape, "use_scaled_rope": True, "rope_scaling_factor": 32})
     assert scaled.rope_scaling == RopeScaling("llama3", 32.0)
     assert ModelArgs.from_params(scaled.to_dict()) == scaled  # our own params.json keeps it too
+    for dim, layers, factor in ((2048, 16, 32.0), (3072, 28, 32.0), (4096, 32, 8.0), (2048, 8, 8.0)):
+        meta = {"dim": dim, "n_layers": layers, "n_heads": 16, "vocab_size": 128256, "use_scaled_rope": True}
+        assert ModelArgs.from_params(meta).rope_scaling == RopeScaling("llama3", factor), (dim, layers)
+        assert ModelArgs.from_params({**meta, "rope_scaling_factor": 4}).rope_scaling.factor == 4
 
 
 def test_random_llama3_folder_is_spelled_as_meta_writes_it(tmp_path):
