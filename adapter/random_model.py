@@ -3,7 +3,8 @@
 For tests, benchmarks and trying the command lines without any real weights:
 `python -m adapter.random_model DIR [--dim 64 --n-layers 4 ...]`. Its answers are noise by design.
 `--llama3` writes a Llama 3.1-style folder instead: a tiktoken BPE `tokenizer.model` with the 256 special
-tokens after the ranks, grouped-query attention and `use_scaled_rope` in params.json.
+tokens after the ranks, `use_scaled_rope` and theta 500000 in params.json (`--n-kv-heads` for grouped-query
+attention).
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ def write_random_base(
         train_bpe_ranks(target, args.vocab_size - LLAMA3_SPECIAL_COUNT, seed=seed)
     else:
         raise ValueError(f"tokenizer: expected 'sentencepiece' or 'tiktoken', got {tokenizer!r}")
-    tokenizer = open_tokenizer(target)
-    if tokenizer.n_words != args.vocab_size:
-        raise ValueError(f"vocab_size: the tokenizer got {tokenizer.n_words} pieces, asked for {args.vocab_size}")
+    words = open_tokenizer(target).n_words
+    if words != args.vocab_size:
+        raise ValueError(f"vocab_size: the tokenizer got {words} pieces, asked for {args.vocab_size}")
     torch.manual_seed(seed)
     model = Transformer(args)
     with torch.no_grad():
