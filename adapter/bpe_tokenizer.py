@@ -111,6 +111,23 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
+def write_ranks(path: Path, tokens: Sequence[bytes]) -> None:
+    """A tiktoken ranks file: each token's bytes in base64, then its rank (its place in `tokens`)."""
+    path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens)))
+
+
+def byte_level_llama3(backend: Any) -> Any:
+    """Give a `tokenizers` backend Llama 3's pieces (its split pattern, then bytes as GPT-2's characters) and
+    the decoder that turns those characters back into bytes."""
+    from tokenizers import Regex, decoders, pre_tokenizers
+
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
 def bpe_from_ranks(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """HF BPE vocabulary and merges that encode as tiktoken does with `ranks` (see the module docstring)."""
     vocab = {bytes_to_text(token): rank for token, rank in ranks.items()}
@@ -139,17 +156,14 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def from_tiktoken(cls, path: str | os.PathLike) -> "BPETokenizer":
         """Meta's Llama 3 `tokenizer.model`: the ranks, Llama 3's split pattern and its 256 special tokens."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, models
         from tokenizers import Tokenizer as Backend
 
         path = Path(path)
         ranks = read_ranks(path)
         vocab, merges = bpe_from_ranks(ranks)
-        backend = Backend(models.BPE(vocab, merges, ignore_merges=True))  # tiktoken takes a known piece whole
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        backend.decoder = decoders.ByteLevel()
+        # ignore_merges: tiktoken takes a piece that is a token whole
+        backend = byte_level_llama3(Backend(models.BPE(vocab, merges, ignore_merges=True)))
         specials = llama3_special_tokens()
         backend.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
         if backend.token_to_id(specials[-1]) != len(ranks) + len(specials) - 1:

@@ -60,23 +60,16 @@ def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0) -> Path:
 def train_bpe_ranks(path: Path, ranks: int = 512, seed: int = 0) -> Path:
     """A byte-level BPE with `ranks` tokens (the 256 bytes first) written as a tiktoken ranks file, as
     Meta ships Llama 3's tokenizer; trained with Llama 3's split pattern so its merges stay inside pieces."""
-    import base64
-
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as Backend
+    from tokenizers import models, trainers
 
-    from .bpe_tokenizer import BYTE_CHARS, LLAMA3_SPLIT, text_to_bytes
+    from .bpe_tokenizer import BYTE_CHARS, byte_level_llama3, text_to_bytes, write_ranks
 
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
+    backend = byte_level_llama3(Backend(models.BPE()))
     trainer = trainers.BpeTrainer(vocab_size=ranks, initial_alphabet=BYTE_CHARS, show_progress=False)
     backend.train_from_iterator(corpus(seed=seed), trainer)
-    vocab = sorted(backend.get_vocab().items(), key=lambda item: item[1])
-    lines = [f"{base64.b64encode(text_to_bytes(text)).decode()} {rank}" for rank, (text, _) in enumerate(vocab)]
-    path.write_text("\n".join(lines) + "\n")
+    vocab = sorted(backend.get_vocab(), key=backend.token_to_id)
+    write_ranks(path, [text_to_bytes(text) for text in vocab])
     return path
 
 
