@@ -18,6 +18,7 @@ from . import hub
 from .engine import Engine, Engines, device_lock
 from .kv_cache import check_kv_cache
 from .loading import load_many, resolve_device, resolve_dtype
+from .prompts import PROMPT_FORMATS
 from .quantize import check_mode
 from .tiny.assets import ASSETS as TINY_FOLDER
 from .tiny.assets import BASE_NAME, CLIP_NAME, IMAGE_NAME, TEXT_NAME
@@ -48,6 +49,7 @@ class ServeConfig:
     concurrency: int = 1
     compile: bool = False  # decode through torch.compile (Transformer.step): faster steps, a slow first answer
     kv_cache: str = "auto"  # "int8": keys/values in int8, half the cache's memory (adapter.kv_cache)
+    prompt_format: str = "auto"  # how questions are written (adapter.prompts); auto: each adapter's own
 
 
 def env_name(flag: str) -> str:
@@ -115,6 +117,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache", default=default("kv_cache", defaults.kv_cache),
                         help="auto (the model's dtype) or int8 (half the KV cache's memory, for long contexts on "
                              "small GPUs)")
+    parser.add_argument("--prompt-format", default=default("prompt_format", defaults.prompt_format),
+                        help=f"how questions are written: auto (each adapter's own: what it was trained with, "
+                             f"alpaca unless recorded otherwise) or {' / '.join(PROMPT_FORMATS)} for all")
     return parser
 
 
@@ -149,6 +154,8 @@ def check_config(config: ServeConfig) -> None:
     _flag("quantize", check_mode, config.quantize)
     _flag("clip_quantize", lambda mode: check_mode(mode, "clip_quantize"), config.clip_quantize)
     _flag("kv_cache", check_kv_cache, config.kv_cache)
+    if config.prompt_format not in ("auto", *PROMPT_FORMATS):
+        raise ValueError(f"--prompt-format: must be one of {('auto', *PROMPT_FORMATS)}, got {config.prompt_format!r}")
     device = _flag("device", resolve_device, config.device)
     _flag("dtype", lambda dtype: resolve_dtype(dtype, device), config.dtype)
     if not 1 <= config.port <= 65535:
@@ -229,5 +236,7 @@ def load_engines(config: ServeConfig) -> Engines:
                        clip_quantize=config.clip_quantize, quantize=config.quantize, device=config.device,
                        dtype=config.dtype, kv_cache=config.kv_cache)
     lock = device_lock(models[0].tok_embeddings.weight.device)
-    return Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile)
+    written = None if config.prompt_format == "auto" else config.prompt_format
+    return Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile,
+                                 prompt_format=written)
                     for (name, _), model in zip(served, models)})

@@ -23,7 +23,7 @@ import torch
 
 from .generate import scales_from_text, stream_batch
 from .images import load_image
-from .prompts import STOP_STRINGS, alpaca, chat, image_question
+from .prompts import format_named
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -101,9 +101,9 @@ class Settings:
             object.__setattr__(self, name, value)
 
     def sampling(self) -> dict[str, Any]:
-        """Keyword arguments for `adapter.generate` other than the scales."""
+        """Keyword arguments for `adapter.generate` other than the scales and the stop strings."""
         return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
-                "seed": self.seed, "stop": STOP_STRINGS}
+                "seed": self.seed}
 
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}
@@ -122,12 +122,17 @@ def device_lock(device: str | torch.device) -> threading.Lock:
 
 
 class Engine:
-    """Answers chat, image and side-by-side requests from one model; shows its gates."""
+    """Answers chat, image and side-by-side requests from one model; shows its gates.
+
+    Questions are written in the adapter's prompt format (adapter.prompts: what it was trained on), or in
+    `prompt_format` when given (e.g. "llama3" for a Llama 3 Instruct base served without an adapter)."""
 
     def __init__(self, model: Transformer, lock: threading.Lock | None = None, *, max_new_tokens: int = 256,
-                 compile: bool = False) -> None:
+                 compile: bool = False, prompt_format: str | None = None) -> None:
         if model.tokenizer is None:
             raise ValueError("model: has no tokenizer; load it with adapter.load(...)")
+        self.prompts = format_named(prompt_format or model.prompt_format)
+        self.prompts.check(model.tokenizer)
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.lock = lock if lock is not None else device_lock(self.device)
@@ -167,7 +172,7 @@ class Engine:
         message = check_text(message, "message")
         turns = list(history)
         while True:
-            prompt = chat(turns, message)
+            prompt = self.prompts.chat(turns, message)
             if not turns or self._fits(prompt, settings.max_new_tokens):
                 break
             turns.pop(0)
@@ -175,7 +180,7 @@ class Engine:
         return prompt
 
     def image_prompt(self, question: str) -> str:
-        return image_question(check_text(question))
+        return self.prompts.image_question(check_text(question))
 
     def chat(self, history: Sequence[tuple[str, str]], message: str, settings: Settings) -> Iterator[str]:
         """The answer so far, growing as tokens are decoded (each item is the whole answer up to now).
@@ -193,7 +198,7 @@ class Engine:
 
     def _question_prompt(self, question: str, settings: Settings) -> str:
         """The Alpaca prompt of a one-off question (compare, sweep), checked with the settings before decoding."""
-        prompt = alpaca(check_text(question))
+        prompt = self.prompts.instruction(check_text(question))
         self.check(settings)
         self._require_room(prompt, "question")
         return prompt
@@ -243,7 +248,7 @@ class Engine:
         yielded = False
         with self.lock, closing(stream_batch(self.model, prompts, images=images, gate_scale=gate_scale,
                                              delta_scale=delta_scale, compile=self.compile,
-                                             **settings.sampling())) as steps:
+                                             stop=self.prompts.stop_strings, **settings.sampling())) as steps:
             for pieces in steps:
                 if any(pieces):
                     answers = [answer + piece for answer, piece in zip(answers, pieces)]
@@ -294,7 +299,8 @@ class Engine:
             "base": self.base, "adapter": self.adapter, "base_format": model.base_format,
             "tokenizer": f"{model.tokenizer.kind}, {model.tokenizer.n_words} pieces",
             "rope_scaling": "none" if scaling is None else f"{scaling.kind} x{scaling.factor:g}",
-            "adapter_format": model.adapter_format, "quantization": model.quantization or "none",
+            "adapter_format": model.adapter_format, "prompt_format": self.prompts.name,
+            "quantization": model.quantization or "none",
             "device": str(self.device), "dtype": str(model.tok_embeddings.weight.dtype).replace("torch.", ""),
             "parameters": model.count_parameters(), "trainable_parameters": model.count_parameters(trainable_only=True),
             "adapter_layers": model.adapter_args.prompt_layers if self.has_gates else 0,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .kv_cache import KV_CACHE_DTYPES
-from .prompts import STOP_STRINGS, TEMPLATES, apply_template
+from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample
 from .text_stream import TextStream
 
@@ -49,7 +49,7 @@ class GenerationRequest:
 
 
 def _request(
-    template: str | None,
+    written: PromptFormat | None,
     *,
     max_new_tokens: int = 256,
     temperature: float = 0.1,
@@ -61,8 +61,8 @@ def _request(
     compile: bool = False,
 ) -> GenerationRequest:
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if template in ("alpaca", "chat", "image"):
-        stops = stops + STOP_STRINGS
+    if written is not None:
+        stops = stops + written.stop_strings
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty)
     return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile)
@@ -136,12 +136,16 @@ def stream_batch(
     """For each step, the new text piece of every row (empty for rows that are done).
 
     `images` gives one image (path, PIL image, array) or None per prompt; each image is encoded once and
-    its visual prompt reaches every adapter layer through the gated prompt path.
+    its visual prompt reaches every adapter layer through the gated prompt path. `template` writes each
+    prompt in a prompt format ("auto": the adapter's own, see adapter.prompts); None feeds them as given.
     """
     tokenizer = _tokenizer(model)
     if isinstance(prompts, str):
         raise ValueError("prompts: expected a list of strings, got one string")
-    request = _request(template, **options)
+    written = template_format(template, model.prompt_format)
+    if written is not None:
+        written.check(tokenizer)
+    request = _request(written, **options)
     visual_prompt = None
     if images is not None:
         if len(images) != len(prompts):
@@ -151,7 +155,7 @@ def stream_batch(
 
             with torch.inference_mode():
                 visual_prompt = encode_images(model, images)
-    texts = [apply_template(template, p) for p in prompts]
+    texts = [p if written is None else written.instruction(p) for p in prompts]
     ids = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
     streams = [TextStream(tokenizer, request.stop) for _ in ids]
     finished = [False] * len(ids)
@@ -223,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", help="CLIP weights for the image encoder of the adapters with a visual prompt: a "
                                        "local file, or an open_clip pretrained tag such as 'openai' (downloads)")
     parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")
-    parser.add_argument("--input", help="optional Alpaca input (with --template alpaca)")
-    parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
-                        help="prompt template (default: alpaca; 'none' feeds the prompt as given)")
+    parser.add_argument("--input", help="optional input after the instruction (not with --template none)")
+    parser.add_argument("--template", default="auto", choices=TEMPLATES,
+                        help="prompt format (default auto: the adapter's own, which is alpaca unless it was trained "
+                             "with another; 'none' feeds the prompt as given)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.75)
@@ -263,17 +268,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = load_many(args.base, names, clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
-        prompt = apply_template(args.template, args.prompt, args.input)
+        asked = [asked_as(model, args) for model in models]
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                       stop=args.stop + (list(STOP_STRINGS) if args.template != "none" else []), seed=args.seed,
+                       top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                        delta_scale=args.delta_scale, compile=args.compile)
         if sweep is None and len(models) == 1:
-            for piece in stream(models[0], prompt, gate_scale=args.gate_scale, image=args.image, **options):
+            prompt, stop = asked[0]
+            for piece in stream(models[0], prompt, gate_scale=args.gate_scale, image=args.image, stop=stop,
+                                **options):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         else:
-            for index, (heading, answer) in enumerate(answer_blocks(models, names, prompt, sweep, args.gate_scale,
+            for index, (heading, answer) in enumerate(answer_blocks(models, names, asked, sweep, args.gate_scale,
                                                                     args.image, options)):
                 sys.stdout.write(("\n" if index else "") + f"--- {heading}\n{answer}")
                 sys.stdout.flush()
@@ -284,18 +290,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def answer_blocks(models: Sequence["Transformer"], names: Sequence[str | None], prompt: str,
+def asked_as(model: "Transformer", args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The command line's prompt as `model` is asked it (`--template auto`: in its adapter's prompt format) and
+    the stop strings: --stop's and the format's."""
+    written = template_format(args.template, model.prompt_format)
+    if written is None:
+        return apply_template(None, args.prompt, args.input), list(args.stop)
+    written.check(_tokenizer(model))
+    return written.instruction(args.prompt, args.input), [*args.stop, *written.stop_strings]
+
+
+def answer_blocks(models: Sequence["Transformer"], names: Sequence[str | None], asked: Sequence[tuple[str, list[str]]],
                   sweep: list[float] | None, gate_scale: float, image: Any,
                   options: dict[str, Any]) -> Iterator[tuple[str, str]]:
     """(heading, answer) per adapter and, with a sweep, per gate scale (one batch per adapter); an adapter's
-    name is left out of the heading when there is only one."""
-    for name, model in zip(names, models):
+    name is left out of the heading when there is only one. `asked` gives each model's (prompt, stop strings)."""
+    for name, model, (prompt, stop) in zip(names, models, asked):
         label = f"adapter {name}" if len(models) > 1 else ""
         if sweep is None:
-            yield label, generate(model, prompt, gate_scale=gate_scale, image=image, **options)
+            yield label, generate(model, prompt, gate_scale=gate_scale, image=image, stop=stop, **options)
             continue
         images = None if image is None else [image] * len(sweep)
-        answers = generate_batch(model, [prompt] * len(sweep), gate_scale=sweep, images=images, **options)
+        answers = generate_batch(model, [prompt] * len(sweep), gate_scale=sweep, images=images, stop=stop,
+                                 **options)
         for scale, answer in zip(sweep, answers):
             yield ", ".join(filter(None, (label, f"gate scale {scale:g}"))), answer
 

@@ -1,7 +1,8 @@
 """`python -m adapter.inspect PATH`: what a base folder or an adapter file/folder is, without loading weights.
 
 For an adapter: its format, the base shape it fits, which layers get prompts, prompt length, gate
-activation, v2 parts, parameter count and per-layer gate statistics (after the activation).
+activation, v2 parts, parameter count, the prompt format it is asked in and per-layer gate statistics (after
+the activation).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def describe_adapter(path: Path) -> list[str]:
         f"  prompts: {a.prompt_len} tokens on {layers}; gate activation {a.gate_activation}",
         f"  v2 parts: {', '.join(parts) if parts else 'none (v1)'}",
         f"  parameters {count:,}",
+        f"  prompt format {found.prompt_format}"
+        + ("" if found.format == "native" else f" (assumed: the {found.format} format does not record one)"),
     ]
     if a.visual != "none":
         lines.append(f"  visual prompt {a.visual}: reads {a.clip_dim}-wide {a.clip_model} tokens, images in "

@@ -358,6 +358,8 @@ class Transformer(nn.Module):
         self.adapter_format: str | None = None
         self.base_path: str | None = None  # what adapter.load was given (tiny names resolved), for people to see
         self.adapter_path: str | None = None
+        # how the adapter's questions are written (adapter.prompts): what it was trained on, saved with it
+        self.prompt_format = "alpaca"
         self._gate_scale = torch.tensor(1.0, device="cpu")
         self._delta_scale = torch.tensor(1.0, device="cpu")
         self._rope: torch.Tensor | None = None

@@ -1,9 +1,19 @@
-"""Prompt templates: the Alpaca text the official adapters were trained on, a multi-turn chat built from
-the same turns, and the image-question form of the official multimodal demo."""
+"""Prompt formats: how an adapter's questions are written, the same at training and at answering.
+
+"alpaca" is the text the official adapters were trained on (a multi-turn chat replays earlier turns as
+answered instructions; the official v2 multimodal demo asks about an image with the same text). "llama3" is
+Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>), for adapters trained on a
+Llama 3 Instruct base, so that at gate 0 that base is asked as it was tuned to be. An adapter trained with
+`adapter.finetune --prompt-format` records its format; the app and `generate --template auto` use it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 ALPACA_HEADER = (
     "Below is an instruction that describes a task. "
@@ -18,7 +28,6 @@ INPUT = "### Input:\n"
 RESPONSE = "### Response:"
 # what an Alpaca-trained model writes when it starts a new turn on its own
 STOP_STRINGS = ("### Instruction:", "### Input:", "### Response:")
-TEMPLATES = ("none", "alpaca", "chat", "image")
 
 
 def alpaca(instruction: str, input: str | None = None) -> str:
@@ -39,18 +48,116 @@ def image_question(question: str) -> str:
     return alpaca(question)
 
 
-def apply_template(template: str | None, prompt: str, input: str | None = None) -> str:
-    """Format `prompt` with a named template; "none" (or None) feeds it as given."""
+class PromptFormat:
+    """One way of writing instructions, chats and image questions, and of ending an answer."""
+
+    name: str
+    stop_strings: tuple[str, ...] = ()  # what a model trained so writes when it starts a new turn on its own
+    answer_end: str | None = None  # the special token that ends an answer; None: the tokenizer's EOS
+
+    def instruction(self, instruction: str, input: str | None = None) -> str:
+        raise NotImplementedError
+
+    def chat(self, history: Sequence[tuple[str, str]], message: str) -> str:
+        raise NotImplementedError
+
+    def image_question(self, question: str) -> str:
+        return self.instruction(question)
+
+    def answer(self, text: str) -> str:
+        """An answer as the format writes it in a training example (before the answer end)."""
+        return text
+
+    def answer_end_id(self, tokenizer: "Tokenizer") -> int:
+        """The token a training answer ends with; ValueError when `tokenizer` cannot write this format."""
+        if self.answer_end is None:
+            return tokenizer.eos_id
+        self.check(tokenizer)
+        return tokenizer.encode(self.answer_end, bos=False)[0]
+
+    def check(self, tokenizer: "Tokenizer") -> None:
+        """A ValueError naming the tokenizer file unless it holds this format's special tokens, each as one
+        id, and generation with it stops at the answer end."""
+
+
+class AlpacaFormat(PromptFormat):
+    name = "alpaca"
+    stop_strings = STOP_STRINGS
+
+    def instruction(self, instruction: str, input: str | None = None) -> str:
+        return alpaca(instruction, input)
+
+    def chat(self, history: Sequence[tuple[str, str]], message: str) -> str:
+        return chat(history, message)
+
+
+LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
+LLAMA3_TURN_END = "<|eot_id|>"
+
+
+class Llama3Format(PromptFormat):
+    """Llama 3 Instruct's chat format: no system turn, each message stripped of surrounding whitespace, as
+    Llama 3 Instruct's own chat template writes it; an Alpaca input follows the instruction after a blank line."""
+
+    name = "llama3"
+    answer_end = LLAMA3_TURN_END
+
+    def instruction(self, instruction: str, input: str | None = None) -> str:
+        return self.chat((), f"{instruction}\n\n{input}" if input else instruction)
+
+    def chat(self, history: Sequence[tuple[str, str]], message: str) -> str:
+        turns = "".join(_llama3_turn("user", user) + _llama3_turn("assistant", answer) for user, answer in history)
+        return f"{turns}{_llama3_turn('user', message)}{LLAMA3_HEADER.format(role='assistant')}"
+
+    def answer(self, text: str) -> str:
+        return text.strip()
+
+    def check(self, tokenizer: "Tokenizer") -> None:
+        for token in ("<|start_header_id|>", "<|end_header_id|>", LLAMA3_TURN_END):
+            ids = tokenizer.encode(token, bos=False)
+            if len(ids) != 1:
+                raise ValueError(f"prompt format llama3: tokenizer {tokenizer.path} has no {token} token (it "
+                                 f"becomes {len(ids)} ids); the format needs a Llama 3 tokenizer")
+        if ids[0] not in tokenizer.stop_ids:
+            raise ValueError(f"prompt format llama3: tokenizer {tokenizer.path} does not stop at {LLAMA3_TURN_END}")
+
+
+def _llama3_turn(role: str, content: str) -> str:
+    return f"{LLAMA3_HEADER.format(role=role)}{content.strip()}{LLAMA3_TURN_END}"
+
+
+PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (AlpacaFormat(), Llama3Format())}
+# generate's templates: "none" feeds the prompt as given, "auto" is the model's own prompt format, "chat" and
+# "image" are the Alpaca forms the app uses (for one question, the same text as "alpaca")
+TEMPLATES = ("auto", "none", *PROMPT_FORMATS, "chat", "image")
+
+
+def format_named(name: str, source: str = "prompt_format") -> PromptFormat:
+    """The format called `name`; a ValueError naming `source` (a flag, a file) for an unknown one."""
+    if name not in PROMPT_FORMATS:
+        raise ValueError(f"{source}: unknown prompt format {name!r}; choose from {tuple(PROMPT_FORMATS)}")
+    return PROMPT_FORMATS[name]
+
+
+def apply_template(template: str | None, prompt: str, input: str | None = None, model_format: str = "alpaca") -> str:
+    """Format `prompt` with a named template ("auto": `model_format`); "none" (or None) feeds it as given."""
     if template in (None, "none"):
         if input:
-            raise ValueError("input: only the 'alpaca' template takes an input")
+            raise ValueError("input: 'none' takes no input (the prompt is fed as given)")
         return prompt
-    if template == "alpaca":
-        return alpaca(prompt, input)
-    if input:
+    if input and template in ("chat", "image"):
         raise ValueError(f"input: the '{template}' template takes no input")
-    if template == "chat":
-        return chat((), prompt)
-    if template == "image":
-        return image_question(prompt)
-    raise ValueError(f"template: unknown template {template!r}; choose from {TEMPLATES}")
+    return template_format(template, model_format).instruction(prompt, input)
+
+
+def template_format(template: str | None, model_format: str = "alpaca") -> PromptFormat | None:
+    """The prompt format a template writes with (None for "none"), for its text and its stop strings."""
+    if template in (None, "none"):
+        return None
+    if template == "auto":
+        return format_named(model_format)
+    if template in ("chat", "image"):
+        return PROMPT_FORMATS["alpaca"]
+    if template not in PROMPT_FORMATS:
+        raise ValueError(f"template: unknown template {template!r}; choose from {TEMPLATES}")
+    return PROMPT_FORMATS[template]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import VISUAL_PROMPT_KINDS, AdapterArgs
+from ..prompts import PROMPT_FORMATS
 from ..quantize import check_mode
 
 MODES = ("v1", "v2", "vision")
@@ -50,6 +51,7 @@ class TrainConfig:
     prompt_len: int = 10
     prompt_layers: int = 30
     lora_rank: int = 0
+    prompt_format: str = "alpaca"  # how the examples are written (adapter.prompts); saved with the adapter
     epochs: int = 5
     warmup_epochs: float = 2.0
     blr: float = 9e-3
@@ -84,6 +86,8 @@ class TrainConfig:
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
         _require(self.mode != "vision" or self.clip is not None, "--clip",
                  "--mode vision needs the CLIP tower the visual prompt reads (a weights file or an open_clip tag)")
+        _require(self.prompt_format in PROMPT_FORMATS, "--prompt-format",
+                 f"must be one of {tuple(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         _require(self.autocast in AUTOCASTS, "--autocast", f"must be one of {AUTOCASTS}, got {self.autocast!r}")
         _require(self.visual in VISUAL_PROMPT_KINDS, "--visual",
                  f"must be {', '.join(VISUAL_PROMPT_KINDS[:-1])} or {VISUAL_PROMPT_KINDS[-1]}, got {self.visual!r}")
@@ -125,9 +129,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def changed_since(self, saved: dict[str, Any]) -> list[str]:
-        """The flags that differ from a checkpoint's config and would change what the run computes."""
+        """The flags that differ from a checkpoint's config and would change what the run computes (a setting
+        added since the checkpoint was written counts as its default there)."""
         mine = self.to_dict()
-        return [_flag(key) for key in mine if key not in RESUMABLE_CHANGES and saved.get(key) != mine[key]]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [_flag(key) for key in mine
+                if key not in RESUMABLE_CHANGES and saved.get(key, defaults[key]) != mine[key]]
 
 
 def _flag(field_name: str) -> str:

@@ -34,14 +34,15 @@ def split_records(count: int, val_fraction: float, seed: int) -> tuple[list[int]
 
 
 def build_dataset(records: list[list[Example]], tokenizer: Tokenizer, max_seq_len: int, val_fraction: float,
-                  seed: int) -> Dataset:
-    """Split by record (a conversation's turns stay on one side), then encode every example."""
+                  seed: int, answer_end: int | None = None) -> Dataset:
+    """Split by record (a conversation's turns stay on one side), then encode every example (each response
+    ended by `answer_end`, default EOS)."""
     train_ids, val_ids = split_records(len(records), val_fraction, seed)
     dataset = Dataset([], [], 0, 0)
     for ids, target in ((train_ids, dataset.train), (val_ids, dataset.val)):
         for index in ids:
             for example in records[index]:
-                encoded, truncated = encode_example(example, tokenizer, max_seq_len)
+                encoded, truncated = encode_example(example, tokenizer, max_seq_len, answer_end)
                 dataset.truncated += truncated
                 dataset.emptied += truncated and encoded.targets == 0
                 target.append(encoded)

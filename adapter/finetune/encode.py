@@ -1,7 +1,8 @@
 """One example as token ids and labels, as the official recipe builds them.
 
-The prompt and the response are tokenized together (`encode(prompt + response)`, BOS first, EOS appended),
-then the first `len(encode(prompt))` labels are ignored: the loss is on the response and its EOS only.
+The prompt and the response are tokenized together (`encode(prompt + response)`, BOS first, the answer end
+appended: EOS, or the prompt format's own end such as Llama 3's <|eot_id|>), then the first
+`len(encode(prompt))` labels are ignored: the loss is on the response and its end only.
 Positions that hold no target (prompt, padding) carry IGNORE_INDEX, never a real token id.
 """
 
@@ -28,9 +29,12 @@ class Encoded:
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
-def encode_example(example: Example, tokenizer: Tokenizer, max_seq_len: int) -> tuple[Encoded, bool]:
-    """(tokens and labels cut to `max_seq_len`, whether anything was cut off)."""
-    tokens = tokenizer.encode(example.prompt + example.response, bos=True, eos=False) + [tokenizer.eos_id]
+def encode_example(example: Example, tokenizer: Tokenizer, max_seq_len: int,
+                   answer_end: int | None = None) -> tuple[Encoded, bool]:
+    """(tokens and labels cut to `max_seq_len`, whether anything was cut off); `answer_end` ends the response
+    (default: the tokenizer's EOS)."""
+    end = tokenizer.eos_id if answer_end is None else answer_end
+    tokens = tokenizer.encode(example.prompt + example.response, bos=True, eos=False) + [end]
     prompt_len = min(len(tokenizer.encode(example.prompt, bos=True, eos=False)), len(tokens))
     labels = [IGNORE_INDEX] * prompt_len + tokens[prompt_len:]
     truncated = len(tokens) > max_seq_len

@@ -2,8 +2,9 @@
 
 Every record is checked before training starts and all bad ones are reported together, each with its
 file and line (JSONL) or index (JSON list), so that a 52k-record file is fixed in one pass rather than
-one crash at a time. Each good record becomes one or more (prompt, response) examples; a conversation
-gives one per `gpt` turn, prompted with the chat template over the turns before it.
+one crash at a time. Each good record becomes one or more (prompt, response) examples, written in the run's
+prompt format (adapter.prompts; Alpaca by default); a conversation gives one per `gpt` turn, prompted with
+the format's chat over the turns before it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..prompts import alpaca, chat
+from ..prompts import PROMPT_FORMATS, PromptFormat
 
 IMAGE_MARKER = "<image>"
 ROLES = ("human", "gpt")
@@ -34,7 +35,8 @@ class DataError(ValueError):
     """Bad records in a data file; the message lists every one of them."""
 
 
-def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[list[Example]]:
+def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
+                 prompt_format: PromptFormat = PROMPT_FORMATS["alpaca"]) -> list[list[Example]]:
     """The examples of each record of a JSON list or JSONL file (one list per record, in file order).
 
     Raises DataError naming every bad record (location and reason), or the file when it is unreadable.
@@ -52,7 +54,7 @@ def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None
     records, problems = [], []
     for location, value, error in _entries(path, text):
         reasons = [error] if error else []
-        examples = [] if error else _parse(value, folder, reasons)
+        examples = [] if error else _parse(value, folder, prompt_format, reasons)
         if reasons:
             problems.append(f"{location}: {'; '.join(reasons)}")
         else:
@@ -86,7 +88,7 @@ def _entries(path: Path, text: str) -> Iterator[tuple[str, Any, str | None]]:
             yield f"{path}:{number}", None, f"not valid JSON ({error.msg} at column {error.colno})"
 
 
-def _parse(record: Any, folder: Path | None, reasons: list[str]) -> list[Example]:
+def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: list[str]) -> list[Example]:
     """The examples of one record; appends what is wrong with it to `reasons` instead of raising."""
     if not isinstance(record, dict):
         reasons.append(f"expected a JSON object, got {_kind(record)}")
@@ -97,7 +99,7 @@ def _parse(record: Any, folder: Path | None, reasons: list[str]) -> list[Example
         history: list[tuple[str, str]] = []
         examples = []
         for question, answer in pairs:
-            examples.append(Example(chat(history, question), answer, image))
+            examples.append(Example(written.chat(history, question), written.answer(answer), image))
             history.append((question, answer))
         return examples
     if "image" in record:
@@ -111,7 +113,7 @@ def _parse(record: Any, folder: Path | None, reasons: list[str]) -> list[Example
     output = _string(record, "output", reasons)
     if reasons:
         return []
-    return [Example(alpaca(instruction, extra), output)]
+    return [Example(written.instruction(instruction, extra), written.answer(output))]
 
 
 def _string(record: dict, key: str, reasons: list[str]) -> str | None:

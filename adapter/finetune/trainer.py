@@ -23,6 +23,7 @@ from ..formats.native import save_adapter
 from ..layout import row_major
 from ..loading import load, resolve_device
 from ..model import Transformer
+from ..prompts import format_named
 from ..tokenizer import open_tokenizer
 from . import checkpoint, distributed
 from .batching import collate, epoch_batches, eval_batches, shard
@@ -79,7 +80,8 @@ class _Run:
         self.main = processes.is_main
         self._encoder = None  # the CLIP tower of --mode vision, loaded when first needed
         self.resume_from = self._check_out()
-        records = read_records(config.data, config.image_folder)
+        self.prompt_format = format_named(config.prompt_format, "--prompt-format")
+        records = read_records(config.data, config.image_folder, self.prompt_format)
         self.data_sha256 = _sha256(config.data)
         saved = self._check_resume() if self.resume_from else None
         self.model = self._load_model()
@@ -137,6 +139,7 @@ class _Run:
         random.seed(config.seed)
         model = load(config.base, adapter=adapter, quantize=config.quantize, device=self.device, dtype=config.dtype)
         row_major(model)  # what the CPU backward reads faster (adapter.layout)
+        model.prompt_format = config.prompt_format  # saved with the adapter
         if model.visual_prompt is not None:
             if config.clip is None:
                 raise ValueError("--clip: this adapter has a visual prompt; give the CLIP tower it reads")
@@ -166,7 +169,8 @@ class _Run:
 
     def _build_data(self, records) -> Dataset:
         config = self.config
-        data = build_dataset(records, self.model.tokenizer, config.max_seq_len, config.val_fraction, config.seed)
+        data = build_dataset(records, self.model.tokenizer, config.max_seq_len, config.val_fraction, config.seed,
+                             self.prompt_format.answer_end_id(self.model.tokenizer))
         if data.has_images:
             require_image_encoder(self.model)
         notice(f"data: {len(records)} records -> {len(data.train)} training and {len(data.val)} validation "
@@ -276,6 +280,9 @@ class _Run:
             save_adapter(self.model, self.out / "adapter")
             if self.config.export == "official-v1":
                 result.exports["official-v1"] = export_official_v1(self.model, self.out)
+                if self.prompt_format.name != "alpaca":
+                    notice(f"the official-v1 file does not record the prompt format: ask it in "
+                           f"{self.prompt_format.name} (e.g. generate --template {self.prompt_format.name})")
             log.write({"type": "end", "step": self.step, "adapter": str(result.adapter),
                        "exports": {k: str(v) for k, v in result.exports.items()}})
             records = read_log(self.out / LOG)

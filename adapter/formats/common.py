@@ -27,6 +27,7 @@ class LoadedAdapter:
     tensors: dict[str, torch.Tensor]
     base_shape: dict[str, int] = field(default_factory=dict)  # subset of dim, n_layers, n_heads, kv_heads
     norm_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (official v2)
+    prompt_format: str = "alpaca"  # how its questions are written (adapter.prompts); only our format records it
 
     def check_base(self, args: ModelArgs) -> None:
         """An adapter only fits the base shape it was made for."""

@@ -1,5 +1,7 @@
 """Our own adapter format: one safetensors file holding only the learned tensors under the model's
-parameter names, with the adapter configuration (and the base shape it was trained for) in its metadata.
+parameter names, with the adapter configuration (and the base shape it was trained for) in its metadata,
+and the prompt format it was trained with (adapter.prompts) unless that is Alpaca: a file without one is
+Alpaca, so Alpaca adapters are written byte for byte as before it was recorded (the shipped tiny ones too).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import AdapterArgs
+from ..prompts import format_named
 from .common import LoadedAdapter, atomic_write, base_shape
 
 if TYPE_CHECKING:
@@ -65,15 +68,20 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
         "format_version": FORMAT_VERSION,
         "adapter_args": model.adapter_args.to_json(),
         "base_shape": json.dumps(base_shape(model.args), sort_keys=True),
+        **_prompt_format(model),
         **(metadata or {}),
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     if folder_layout:
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "adapter_args": model.adapter_args.to_dict(),
-                  "base_shape": base_shape(model.args), **(metadata or {})}
+                  "base_shape": base_shape(model.args), **_prompt_format(model), **(metadata or {})}
         atomic_write(path.parent / CONFIG_NAME,
                       lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return path
+
+
+def _prompt_format(model: "Transformer") -> dict[str, str]:
+    return {} if model.prompt_format == "alpaca" else {"prompt_format": model.prompt_format}
 
 
 def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
@@ -92,9 +100,11 @@ def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
     try:
         args = AdapterArgs.from_dict(json.loads(metadata["adapter_args"]))
         shape = json.loads(metadata.get("base_shape", "{}"))
+        written_with = format_named(metadata.get("prompt_format", "alpaca"), "prompt_format").name
     except (KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"{path}: bad adapter metadata ({error})") from error
     if args.clip_model.endswith(".json") and not Path(args.clip_model).is_absolute():
         # a model config shipped beside the adapter: read relative to it, wherever the folder was copied
         args = dataclasses.replace(args, clip_model=str(path.parent / args.clip_model))
-    return LoadedAdapter(path=path, format="native", args=args, tensors=tensors, base_shape=shape)
+    return LoadedAdapter(path=path, format="native", args=args, tensors=tensors, base_shape=shape,
+                         prompt_format=written_with)

@@ -1,0 +1,201 @@
+"""Prompt formats: Llama 3 Instruct's chat format written token for token as transformers' chat template
+writes it, training examples that end at <|eot_id|>, and an adapter that records its format and is asked in
+it by the app, `generate --template auto` and `inspect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+from safetensors import safe_open
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
+import adapter
+from adapter.app_config import parse_config
+from adapter.bpe_tokenizer import llama3_special_tokens
+from adapter.config import ModelArgs
+from adapter.engine import Engine, Settings
+from adapter.finetune import TrainConfig, train
+from adapter.finetune.encode import IGNORE_INDEX, encode_example
+from adapter.finetune.records import Example, read_records
+from adapter.formats.native import save_adapter
+from adapter.generate import main as generate_main
+from adapter.inspect import main as inspect_main
+from adapter.prompts import PROMPT_FORMATS, STOP_STRINGS, apply_template, format_named
+from adapter.random_model import write_random_base
+from adapter.tokenizer import open_tokenizer
+
+from .finetune_helpers import alpaca_records, one_thread_and_own_rng, tiny_config, write_json, write_jsonl  # noqa: F401
+
+LLAMA3 = PROMPT_FORMATS["llama3"]
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=768, multiple_of=32, max_seq_len=256)
+EOT = 512 + 9  # <|eot_id|>: the 10th special token after the 512 ranks
+# Llama 3 Instruct's chat template as its tokenizer_config.json ships it (a fact about that model: the reference)
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CONVERSATIONS = [
+    [("Name a colour.", None)],
+    [("  What is\nthe star?  ", " A red one. \n"), ("And the circle?", None)],
+    [("Hi", "Hello!"), ("Count: 1, 2, 3", "4, 5"), ("<|eot_id|> is a token; say it", None)],
+]
+
+
+@pytest.fixture(scope="module")
+def llama3_base(tmp_path_factory) -> Path:
+    return write_random_base(tmp_path_factory.mktemp("llama3_base"), ARGS, seed=3, tokenizer="tiktoken")
+
+
+@pytest.fixture(scope="module")
+def reference(llama3_base, tmp_path_factory) -> transformers.PreTrainedTokenizerFast:
+    """transformers' tokenizer for the base's tiktoken file, with Llama 3 Instruct's chat template."""
+    folder = tmp_path_factory.mktemp("reference")
+    converter = TikTokenConverter(vocab_file=str(llama3_base / "tokenizer.model"),
+                                  extra_special_tokens=llama3_special_tokens())
+    converter.converted().save(str(folder / "tokenizer.json"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                                bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                                chat_template=LLAMA3_CHAT_TEMPLATE)
+
+
+def messages(turns) -> list[dict]:
+    said = []
+    for user, answer in turns:
+        said.append({"role": "user", "content": user})
+        if answer is not None:
+            said.append({"role": "assistant", "content": answer})
+    return said
+
+
+def template_ids(reference, said: list[dict], add_generation_prompt: bool) -> list[int]:
+    ids = reference.apply_chat_template(said, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS)
+def test_llama3_prompts_are_the_chat_templates_tokens(llama3_base, reference, turns):
+    tokenizer = open_tokenizer(llama3_base / "tokenizer.model")
+    *history, (message, _) = turns
+    prompt = LLAMA3.chat(history, message)
+    assert tokenizer.encode(prompt, bos=True) == template_ids(reference, messages(turns), True)
+    if len(turns) == 1:
+        assert LLAMA3.instruction(message) == prompt
+
+
+def test_a_llama3_training_example_is_the_whole_conversation_ending_at_eot(llama3_base, reference):
+    tokenizer = open_tokenizer(llama3_base / "tokenizer.model")
+    history = [("Hi", "Hello!")]
+    question, answer = "  Which shape is red? ", "\nThe star.  "
+    example = Example(LLAMA3.chat(history, question), LLAMA3.answer(answer))
+    encoded, truncated = encode_example(example, tokenizer, 256, LLAMA3.answer_end_id(tokenizer))
+    said = messages([*history, (question, answer)])
+    assert not truncated and encoded.tokens == template_ids(reference, said, False)
+    assert encoded.tokens[-1] == EOT != tokenizer.eos_id
+    prompt_len = len(template_ids(reference, said[:-1], True))
+    assert encoded.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert encoded.labels[prompt_len:] == encoded.tokens[prompt_len:]
+    assert tokenizer.decode(encoded.tokens[prompt_len:-1]) == "The star."
+
+
+def test_records_are_written_in_the_runs_format(tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [
+        {"instruction": "Add them.", "input": "2 and 3", "output": " 5 "},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                           {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye!"}]}])
+    (single,), (first, second) = read_records(data, prompt_format=LLAMA3)
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    user, assistant = header.format("user"), header.format("assistant")
+    assert single == Example(f"{user}Add them.\n\n2 and 3<|eot_id|>{assistant}", "5")
+    assert first == Example(f"{user}Hi<|eot_id|>{assistant}", "Hello")
+    assert second.prompt == f"{user}Hi<|eot_id|>{assistant}Hello<|eot_id|>{user}Bye<|eot_id|>{assistant}"
+    (alpaca,), _ = read_records(data)
+    assert alpaca == Example(adapter.alpaca("Add them.", "2 and 3"), " 5 ")
+
+
+def test_formats_and_templates_by_name():
+    assert LLAMA3.stop_strings == () and PROMPT_FORMATS["alpaca"].stop_strings == STOP_STRINGS
+    assert apply_template("auto", "Hi", model_format="llama3") == LLAMA3.instruction("Hi")
+    assert apply_template("auto", "Hi") == apply_template("chat", "Hi") == adapter.alpaca("Hi")
+    assert apply_template("llama3", "Add.", "1 2") == LLAMA3.instruction("Add.", "1 2")
+    with pytest.raises(ValueError, match="prompt_format: unknown prompt format 'vicuna'"):
+        format_named("vicuna")
+    with pytest.raises(ValueError, match="template: unknown template 'vicuna'"):
+        apply_template("vicuna", "Hi")
+
+
+def test_llama3_needs_a_tokenizer_with_its_tokens(base_folder):
+    model = adapter.load(base_folder, device="cpu")  # LLaMA 1/2's SentencePiece
+    path = model.tokenizer.path
+    with pytest.raises(ValueError, match=f"prompt format llama3: tokenizer {path} has no <\\|start_header_id\\|> "
+                                         "token .*needs a Llama 3 tokenizer"):
+        Engine(model, prompt_format="llama3")
+    with pytest.raises(ValueError, match="prompt format llama3"):
+        model.generate("Hi", template="llama3", max_new_tokens=2)
+
+
+def test_an_adapter_records_its_format_and_is_asked_in_it(llama3_base, tmp_path, capsys):
+    data = write_json(tmp_path / "data.json", alpaca_records(16))
+    config = tiny_config(llama3_base, data, tmp_path / "run", prompt_format="llama3", prompt_layers=2, max_steps=2)
+    result = train(config)
+    with safe_open(result.adapter, "pt") as handle:
+        assert handle.metadata()["prompt_format"] == "llama3"
+    assert json.loads((result.adapter.parent / "adapter.json").read_text())["prompt_format"] == "llama3"
+    model = adapter.load(llama3_base, adapter=result.adapter, device="cpu")
+    assert model.prompt_format == "llama3"
+
+    engine = Engine(model, max_new_tokens=8)
+    assert engine.chat_prompt([("Hi", "Hello!")], "Bye", Settings()) == LLAMA3.chat([("Hi", "Hello!")], "Bye")
+    assert engine.image_prompt("What is it?") == LLAMA3.instruction("What is it?")
+    assert engine.model_info()["prompt_format"] == "llama3"
+    as_alpaca = Engine(model, max_new_tokens=8, prompt_format="alpaca")
+    assert as_alpaca.chat_prompt([], "Bye", Settings()) == adapter.alpaca("Bye")
+
+    greedy = ["--base", str(llama3_base), "--adapter", str(result.adapter), "--temperature", "0",
+              "--max-new-tokens", "6"]
+    assert generate_main([*greedy, "--prompt", "Name a colour."]) == 0
+    auto = capsys.readouterr().out
+    assert generate_main([*greedy, "--template", "none", "--prompt", LLAMA3.instruction("Name a colour.")]) == 0
+    assert capsys.readouterr().out == auto
+    assert auto == model.generate(LLAMA3.instruction("Name a colour."), temperature=0.0, max_new_tokens=6) + "\n"
+
+    assert inspect_main([str(result.adapter)]) == 0
+    assert "  prompt format llama3\n" in capsys.readouterr().out
+
+
+def test_alpaca_adapters_are_written_as_before_and_bad_formats_are_named(base_folder, tmp_path):
+    model = adapter.load(base_folder, adapter=adapter.AdapterArgs(prompt_len=2, prompt_layers=2), device="cpu")
+    path = save_adapter(model, tmp_path / "alpaca.safetensors")
+    with safe_open(path, "pt") as handle:
+        assert "prompt_format" not in handle.metadata()  # byte for byte as files written before formats
+    assert adapter.load(base_folder, adapter=path, device="cpu").prompt_format == "alpaca"
+    bad = save_adapter(model, tmp_path / "bad.safetensors", metadata={"prompt_format": "vicuna"})
+    with pytest.raises(ValueError, match=f"{bad}: bad adapter metadata .*unknown prompt format 'vicuna'"):
+        adapter.load(base_folder, adapter=bad, device="cpu")
+
+
+def test_finetune_refuses_llama3_on_a_sentencepiece_base_before_writing(base_folder, tmp_path):
+    data = write_json(tmp_path / "data.json", alpaca_records(8))
+    with pytest.raises(ValueError, match="prompt format llama3: tokenizer .* has no <\\|start_header_id\\|>"):
+        train(tiny_config(base_folder, data, tmp_path / "run", prompt_format="llama3"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="--prompt-format: must be one of \\('alpaca', 'llama3'\\), got 'chatml'"):
+        tiny_config(base_folder, data, tmp_path / "run", prompt_format="chatml")
+
+
+def test_a_checkpoint_from_before_formats_resumes_as_alpaca(tmp_path):
+    config = TrainConfig(base="b", data="d", out="o")
+    saved = {k: v for k, v in config.to_dict().items() if k != "prompt_format"}
+    assert config.changed_since(saved) == []
+    llama3 = TrainConfig(base="b", data="d", out="o", prompt_format="llama3")
+    assert llama3.changed_since(saved) == ["--prompt-format"]
+
+
+def test_the_apps_prompt_format_flag(tmp_path):
+    assert parse_config([]).prompt_format == "auto"
+    assert parse_config([], {"ADAPTER_PROMPT_FORMAT": "llama3"}).prompt_format == "llama3"
+    with pytest.raises(ValueError, match="--prompt-format: must be one of \\('auto', 'alpaca', 'llama3'\\), got 'x'"):
+        parse_config(["--prompt-format", "x"])
