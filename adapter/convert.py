@@ -42,6 +42,8 @@ def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
 
 
 def convert(source: str | Path, target: str | Path, to: str, base: str | Path) -> Path:
+    """Write `source` as `to`; only our format records a prompt format other than Alpaca, so an adapter in
+    another one is converted with a note on stderr saying how to ask it."""
     if to not in TARGETS:
         raise ValueError(f"to: unknown target format {to!r}; choose from {TARGETS}")
     model = adapter_on_meta_base(base, source)
@@ -50,8 +52,13 @@ def convert(source: str | Path, target: str | Path, to: str, base: str | Path) -
     if to == "peft":
         from .formats.peft import write_peft
 
-        return write_peft(model, target, base_model_name_or_path=str(base))
-    return write_official_v1(model, target)
+        written = write_peft(model, target, base_model_name_or_path=str(base))
+    else:
+        written = write_official_v1(model, target)
+    if model.prompt_format != "alpaca":
+        print(f"note: the {to} format does not record the prompt format; ask this adapter in {model.prompt_format} "
+              f"(e.g. generate --template {model.prompt_format})", file=sys.stderr)
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:

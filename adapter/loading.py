@@ -182,7 +182,7 @@ def _fit_adapter(model: Transformer, adapter: object, found, clip, clip_model: s
                  device: torch.device) -> Transformer:
     """Give a model whose base is in place its adapter tensors (read, or fresh) and CLIP tower; freeze the base."""
     model.reset_adapter(device)
-    model.prompt_format = found.prompt_format if found else "alpaca"
+    model.prompt_format = "alpaca"  # until an adapter says otherwise (LoadedAdapter.apply_to)
     if found:
         found.apply_to(model)
         model.adapter_format = found.format

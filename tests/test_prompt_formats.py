@@ -16,6 +16,7 @@ import adapter
 from adapter.app_config import parse_config
 from adapter.bpe_tokenizer import llama3_special_tokens
 from adapter.config import ModelArgs
+from adapter.convert import convert
 from adapter.engine import Engine, Settings
 from adapter.finetune import TrainConfig, train
 from adapter.finetune.encode import IGNORE_INDEX, encode_example
@@ -164,6 +165,14 @@ def test_an_adapter_records_its_format_and_is_asked_in_it(llama3_base, tmp_path,
 
     assert inspect_main([str(result.adapter)]) == 0
     assert "  prompt format llama3\n" in capsys.readouterr().out
+
+    copy = convert(result.adapter, tmp_path / "copy", "native", llama3_base)
+    assert adapter.load(llama3_base, adapter=copy, device="cpu").prompt_format == "llama3"
+    assert capsys.readouterr().err == ""
+    official = convert(result.adapter, tmp_path / "llama_adapter_len4_layer2.pth", "official-v1", llama3_base)
+    assert capsys.readouterr().err == ("note: the official-v1 format does not record the prompt format; ask this "
+                                       "adapter in llama3 (e.g. generate --template llama3)\n")
+    assert adapter.load(llama3_base, adapter=official, device="cpu").prompt_format == "alpaca"
 
 
 def test_alpaca_adapters_are_written_as_before_and_bad_formats_are_named(base_folder, tmp_path):

@@ -43,7 +43,8 @@ class LoadedAdapter:
 
     def apply_to(self, model: "Transformer") -> None:
         """Check the fit, share single-value gates (PEFT, older files) across heads, turn tuned norm weights
-        into deltas against this base, copy everything in."""
+        into deltas against this base, copy everything in; the model is then asked in this adapter's prompt
+        format."""
         self.check_base(model.args)
         tensors = dict(self.tensors)
         for name, value in self.tensors.items():
@@ -58,6 +59,7 @@ class LoadedAdapter:
                 raise ValueError(f"{self.path}: {name} has shape {tuple(tuned.shape)}, expected {tuple(base.shape)}")
             tensors[name[: -len("weight")] + "delta"] = tuned.float() - base.detach().float().cpu()
         model.load_adapter_state(tensors, str(self.path))
+        model.prompt_format = self.prompt_format
 
 
 def base_shape(a: ModelArgs) -> dict[str, int]:
