@@ -50,15 +50,35 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
     `hidden` [N, dim], `weight` [vocab, dim] (frozen), `targets` [N] token ids.
     """
+    _check(hidden, weight, targets)
+    if weight.requires_grad:
+        raise ValueError("head_cross_entropy: the head weight is trainable; this loss gives it no gradient")
+    return _HeadCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+@torch.no_grad()
+def head_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy of each row [N] float32, whether its target is the most likely token [N] bool), without
+    gradients and without an [N, vocab] tensor: what evaluation reports per token."""
+    _check(hidden, weight, targets)
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    hits = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        logits = (hidden[rows] @ weight.t()).float()
+        losses[rows] = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[rows, None]).squeeze(1)
+        hits[rows] = logits.argmax(dim=-1) == targets[rows]
+    return losses, hits
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"head_cross_entropy: hidden {tuple(hidden.shape)} and head weight {tuple(weight.shape)} "
                          "do not fit ([N, dim] and [vocab, dim])")
-    if weight.requires_grad:
-        raise ValueError("head_cross_entropy: the head weight is trainable; this loss gives it no gradient")
     if targets.shape != hidden.shape[:1] or targets.dtype != torch.long:
         raise ValueError(f"head_cross_entropy: targets must be a LongTensor [{hidden.shape[0]}], got "
                          f"{tuple(targets.shape)} {targets.dtype}")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
         raise ValueError(f"head_cross_entropy: target ids must be in [0, {weight.shape[0]}), got "
                          f"{int(targets.min())}..{int(targets.max())}")
-    return _HeadCrossEntropy.apply(hidden, weight, targets, chunk_rows)

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import BIAS_TARGETS, AdapterArgs, ModelArgs, RopeScaling
 from .fused import StackedWeight
-from .head_loss import head_cross_entropy
+from .head_loss import head_cross_entropy, head_scores
 from .kv_cache import KVCache, check_kv_cache
 from .layout import row_major
 from .static_decode import StaticDecoder
@@ -509,6 +509,32 @@ class Transformer(nn.Module):
         small model, so it is not run where no loss is taken. With `targets` [N] as well, the summed
         cross-entropy of those positions instead (adapter.head_loss: no [N, vocab] tensors kept).
         """
+        h = self._hidden(tokens, gate_scale, delta_scale, visual_prompt, positions, targets)
+        if targets is not None:
+            return head_cross_entropy(h[positions], self.output.weight, targets)
+        return self.output(h if positions is None else h[positions]).float()
+
+    @torch.no_grad()
+    def score(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        gate_scale: ScaleLike | None = None,
+        delta_scale: ScaleLike | None = None,
+        visual_prompt: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each of `positions` (bool mask [B, T]) in row-major order, the cross-entropy against its target
+        [N] and whether the target is the most likely token [N]: what evaluation reports (adapter.evaluate),
+        computed as `forward` computes the training loss, without gradients or an [N, vocab] tensor."""
+        if targets is None:
+            raise ValueError("targets: give the target of every scored position")
+        h = self._hidden(tokens, gate_scale, delta_scale, visual_prompt, positions, targets)
+        return head_scores(h[positions], self.output.weight, targets)
+
+    def _hidden(self, tokens: torch.Tensor, gate_scale, delta_scale, visual_prompt, positions, targets) -> torch.Tensor:
+        """The final norm's output [B, T, dim] of a whole sequence, no cache, the arguments checked."""
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
         if positions is not None and (not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool
@@ -520,10 +546,7 @@ class Transformer(nn.Module):
             raise ValueError("targets: give the positions they are the targets of (positions=bool mask)")
         rope = self._rope_slice(torch.arange(length, device=tokens.device))
         ctx = self._context(batch, rope, gate_scale, delta_scale, is_causal=length > 1)
-        h = self.norm(self._run_layers(self.tok_embeddings(tokens), ctx, visual_prompt, cache=None), ctx.delta_scale)
-        if targets is not None:
-            return head_cross_entropy(h[positions], self.output.weight, targets)
-        return self.output(h if positions is None else h[positions]).float()
+        return self.norm(self._run_layers(self.tok_embeddings(tokens), ctx, visual_prompt, cache=None), ctx.delta_scale)
 
     def new_cache(
         self,

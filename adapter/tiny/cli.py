@@ -1,4 +1,5 @@
-"""`python -m adapter.tiny build|eval|probe|clip-probe|recall`: rebuild the shipped tiny model, or measure it."""
+"""`python -m adapter.tiny build|eval|probe|clip-probe|recall|held-out`: rebuild the shipped tiny model, measure
+it, or write its held-out questions as fine-tuning records (for `python -m adapter.evaluate`)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipe's); the step at which the lookup forms varies with it")
     for name in ("dim", "layers", "heads"):
         recall.add_argument(f"--{name}", type=int, help=f"model {name} (default: the recipe's base)")
-    for sub in (build, evaluate, probe, clip_probe, recall):
+    held = commands.add_parser("held-out", help="write the held-out questions eval asks as fine-tuning records "
+                                                "(Alpaca for text, LLaVA + PNGs for images)")
+    held.add_argument("kind", choices=("text", "image"))
+    held.add_argument("out", type=Path, help="JSONL file to write (image records: PNGs in a folder beside it)")
+    held.add_argument("--per-category", type=int, help="questions per category (default: the recipe's eval's)")
+    for sub in (build, evaluate, probe, clip_probe, recall, held):
         sub.add_argument("--scale", choices=sorted(RECIPES), default="full", help="recipe (micro: a few steps)")
     return parser
 
@@ -81,6 +87,25 @@ def run_recall(options: argparse.Namespace, recipe: Recipe) -> None:
     print("no lookup (a guess among the values not yet given back)  "
           + "  ".join(f"{a:4.0%}" for a in guess_floor(drill)))
     recall_curve(args, drill, settings, seed, options.every)
+
+
+def write_held_out(options: argparse.Namespace, recipe: Recipe) -> None:
+    """The questions `eval` asks, as the adapters were trained on them (answers " red"), so that
+    `python -m adapter.evaluate` scores what `eval` scores, with the loss besides."""
+    from .evaluate import held_out
+    from .records import write_image_records, write_text_records
+
+    per_category = recipe.eval_per_category if options.per_category is None else options.per_category
+    if per_category < 1:
+        raise ValueError(f"--per-category: must be at least 1, got {per_category}")
+    questions = held_out(options.kind, recipe.seed, per_category)
+    if options.kind == "text":
+        write_text_records(questions, options.out)
+        print(f"wrote {len(questions)} text questions to {options.out}")
+    else:
+        pictures = options.out.with_suffix("")
+        write_image_records(questions, options.out, pictures)
+        print(f"wrote {len(questions)} image questions to {options.out}; pass --image-folder {pictures}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{reader:7s} " + "  ".join(f"{c} {v:.0%}" for c, v in row.items()))
         elif options.command == "recall":
             run_recall(options, recipe)
+        elif options.command == "held-out":
+            write_held_out(options, recipe)
         else:
             from .assets import CLIP
             from .build import deterministic

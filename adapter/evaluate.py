@@ -1,0 +1,277 @@
+"""`python -m adapter.evaluate`: how well adapters answer held-out data, at each gate scale.
+
+The data is a file in the fine-tuning layouts (Alpaca instructions, LLaVA conversations), written in each
+adapter's prompt format. Per gate scale it reports the mean cross-entropy of the reference answers' tokens
+(each answer's end included) and its perplexity, exactly as `adapter.finetune` computes its validation loss,
+and the share of those tokens the model ranks first; with `--exact`, also how many greedy answers equal the
+reference (surrounding whitespace aside). Gate scale 0 silences the adaption prompts (with delta scale 0
+too, a v2 adapter is the frozen base), so one table shows what the adapter adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .finetune.batching import collate, eval_batches
+from .finetune.encode import Encoded, encode_example
+from .finetune.records import Example, read_records
+from .finetune.step import scored_positions
+from .formats.common import atomic_write
+from .generate import generate_batch, scales_from_text
+from .kv_cache import KV_CACHE_DTYPES
+from .prompts import PROMPT_FORMATS, format_named
+
+if TYPE_CHECKING:
+    from .model import Transformer
+
+EXACT_SLACK = 4  # new tokens allowed beyond the reference's own: a longer answer cannot equal it
+
+
+@dataclass(frozen=True)
+class Score:
+    """One gate scale's figures."""
+
+    gate_scale: float
+    loss: float  # mean cross-entropy per answer token
+    token_accuracy: float  # share of answer tokens ranked first
+    exact: int | None = None  # greedy answers equal to the reference (None: not measured)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One adapter on one data file."""
+
+    adapter: str | None
+    prompt_format: str
+    examples: int
+    tokens: int  # answer tokens scored
+    truncated: int  # examples cut at max_seq_len (their cut-off tokens are not scored)
+    delta_scale: float
+    scores: list[Score] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "scores": [{**asdict(s), "perplexity": s.perplexity} for s in self.scores]}
+
+
+def evaluate(
+    model: "Transformer",
+    data: str | Path,
+    *,
+    image_folder: str | Path | None = None,
+    gate_scales: Sequence[float] = (0.0, 1.0),
+    delta_scale: float = 1.0,
+    micro_batch_size: int = 4,
+    max_seq_len: int | None = None,
+    limit: int | None = None,
+    exact: bool = False,
+    prompt_format: str | None = None,
+) -> Evaluation:
+    """Score `model` on the records of `data` at each of `gate_scales` (see the module docstring).
+
+    `prompt_format` overrides the adapter's own; `limit` keeps the first records; `max_seq_len` (default the
+    model's) cuts longer examples, as training does.
+    """
+    scales = _checked(gate_scales, micro_batch_size, max_seq_len, limit, model)
+    written = format_named(prompt_format or model.prompt_format)
+    tokenizer = model.tokenizer
+    written.check(tokenizer)
+    records = read_records(data, image_folder, written)[:limit]
+    examples = [example for record in records for example in record]
+    if any(e.image is not None for e in examples) and (model.visual_prompt is None or model.image_encoder is None):
+        raise ValueError(f"--data: {data} has image records; they need an adapter with a visual prompt and --clip")
+    end = written.answer_end_id(tokenizer)
+    length = max_seq_len or model.args.max_seq_len
+    encoded, cut = [], 0
+    for example in examples:
+        item, truncated = encode_example(example, tokenizer, length, end)
+        encoded.append(item)
+        cut += truncated
+    losses, hits, tokens = _token_scores(model, encoded, scales, delta_scale, micro_batch_size)
+    matches = _exact_matches(model, examples, scales, delta_scale, micro_batch_size, written.stop_strings) \
+        if exact else [None] * len(scales)
+    result = Evaluation(model.adapter_path, written.name, len(examples), tokens, cut, delta_scale)
+    for scale, loss, hit, match in zip(scales, losses, hits, matches):
+        result.scores.append(Score(scale, loss / max(tokens, 1), hit / max(tokens, 1), match))
+    return result
+
+
+def _checked(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: int | None, limit: int | None,
+             model: "Transformer") -> list[float]:
+    scales = [float(s) for s in gate_scales]
+    if not scales or any(not math.isfinite(s) or s < 0 for s in scales):
+        raise ValueError(f"gate_scales: give one or more finite scales >= 0, got {list(gate_scales)}")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size: must be at least 1, got {micro_batch_size}")
+    if max_seq_len is not None and not 2 <= max_seq_len <= model.args.max_seq_len:
+        raise ValueError(f"max_seq_len: must be between 2 and the model's {model.args.max_seq_len}, got {max_seq_len}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: must be at least 1, got {limit}")
+    if model.tokenizer is None:
+        raise ValueError("model: has no tokenizer; load it with adapter.load(...)")
+    return scales
+
+
+def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[float], delta_scale: float,
+                  micro_batch_size: int) -> tuple[list[float], list[int], int]:
+    """(summed loss, tokens ranked first) per scale, and the tokens scored: each micro-batch runs once per
+    scale, its images encoded once."""
+    from .visual import encode_images
+
+    device = model.tok_embeddings.weight.device
+    losses = [0.0] * len(scales)
+    hits = [0] * len(scales)
+    scored_tokens = 0
+    for indices in eval_batches([len(e.tokens) for e in encoded], micro_batch_size, 0, 1):
+        batch = collate([encoded[i] for i in indices], device)
+        positions, targets = scored_positions(batch.labels)
+        scored_tokens += targets.numel()
+        if not targets.numel():
+            continue
+        with torch.no_grad():
+            visual = encode_images(model, batch.images) if batch.images is not None else None
+        for index, scale in enumerate(scales):
+            loss, hit = model.score(batch.tokens, positions, targets, gate_scale=scale, delta_scale=delta_scale,
+                                    visual_prompt=visual)
+            losses[index] += loss.double().sum().item()
+            hits[index] += int(hit.sum())
+    return losses, hits, scored_tokens
+
+
+def _exact_matches(model: "Transformer", examples: list[Example], scales: list[float], delta_scale: float,
+                   micro_batch_size: int, stop: Sequence[str]) -> list[int]:
+    """Greedy answers equal to the reference, per scale: `micro_batch_size` examples x every scale a batch. An
+    example whose prompt leaves no room for an answer in the model's context counts as not answered."""
+    tokenizer = model.tokenizer
+    fits = [e for e in examples if len(tokenizer.encode(e.prompt)) < model.args.max_seq_len]
+    matches = [0] * len(scales)
+    for start in range(0, len(fits), micro_batch_size):
+        chunk = fits[start:start + micro_batch_size]
+        rows = [(example, index) for example in chunk for index in range(len(scales))]
+        room = max(len(tokenizer.encode(e.response, bos=False)) for e in chunk) + EXACT_SLACK
+        images = [e.image for e, _ in rows] if any(e.image is not None for e in chunk) else None
+        answers = generate_batch(model, [e.prompt for e, _ in rows], gate_scale=[scales[i] for _, i in rows],
+                                 delta_scale=delta_scale, images=images, temperature=0.0, max_new_tokens=room,
+                                 stop=list(stop))
+        for (example, index), answer in zip(rows, answers):
+            matches[index] += answer.strip() == example.response.strip()
+    return matches
+
+
+def table(evaluation: Evaluation) -> str:
+    """The figures as text, one line per gate scale."""
+    e = evaluation
+    lines = [f"adapter {e.adapter or 'none (the base)'}, prompt format {e.prompt_format}: {e.examples} examples, "
+             f"{e.tokens:,} answer tokens" + (f" ({e.truncated} examples cut at max_seq_len)" if e.truncated else "")
+             + f", delta scale {e.delta_scale:g}",
+             f"{'gate scale':>10}  {'loss':>8}  {'perplexity':>10}  {'token accuracy':>14}"
+             + ("  exact answers" if e.scores[0].exact is not None else "")]
+    for s in e.scores:
+        line = f"{s.gate_scale:>10g}  {s.loss:>8.4f}  {s.perplexity:>10.3f}  {s.token_accuracy:>13.1%}"
+        if s.exact is not None:
+            line += f"  {s.exact:>5} / {e.examples} ({s.exact / max(e.examples, 1):.0%})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_json(evaluations: Sequence[Evaluation], path: str | Path) -> None:
+    text = json.dumps([e.to_dict() for e in evaluations], indent=2) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def plot(evaluations: Sequence[Evaluation], path: str | Path) -> None:
+    """Loss and accuracy against the gate scale, one line per adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for e in evaluations:
+        name = Path(e.adapter).name if e.adapter else "base"
+        scales = [s.gate_scale for s in e.scores]
+        loss_axis.plot(scales, [s.loss for s in e.scores], marker="o", label=name)
+        accuracy_axis.plot(scales, [100 * s.token_accuracy for s in e.scores], marker="o", label=f"{name}: tokens")
+        if e.scores[0].exact is not None:
+            accuracy_axis.plot(scales, [100 * s.exact / max(e.examples, 1) for s in e.scores], marker="s",
+                               linestyle="--", label=f"{name}: exact answers")
+    loss_axis.set(xlabel="gate scale", ylabel="loss per answer token", title="Loss")
+    accuracy_axis.set(xlabel="gate scale", ylabel="%", ylim=(0, 100), title="Accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adapter.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="base LLaMA folder (Meta or HF layout), hf:owner/name, or tiny")
+    parser.add_argument("--adapter", nargs="+", metavar="ADAPTER",
+                        help="adapter file or folder, any format; several are scored in turn on one shared base")
+    parser.add_argument("--data", required=True,
+                        help="JSON list or JSONL of {instruction, input?, output} or LLaVA records")
+    parser.add_argument("--image-folder", help="folder that LLaVA records' 'image' paths are relative to")
+    parser.add_argument("--clip", help="CLIP weights for the adapters with a visual prompt (a file or open_clip tag)")
+    parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")
+    parser.add_argument("--gate-sweep", default="0,1", metavar="SCALES", help="gate scales to score at (default 0,1)")
+    parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
+    parser.add_argument("--exact", action="store_true", help="also decode greedy answers and count exact ones")
+    parser.add_argument("--limit", type=int, help="score the first N records only")
+    parser.add_argument("--max-seq-len", type=int, help="cut longer examples (default: the model's)")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass")
+    parser.add_argument("--prompt-format", choices=("auto", *PROMPT_FORMATS), default="auto",
+                        help="how the records are written (default auto: each adapter's own)")
+    parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
+    parser.add_argument("--clip-quantize", choices=("none", "nf4", "int8"), default="none")
+    parser.add_argument("--device", help="e.g. cpu, cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="auto", help="for --exact's decoding")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="also draw loss and accuracy against the gate scale")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .loading import load_many
+
+    try:
+        scales = scales_from_text(args.gate_sweep, "--gate-sweep")
+        if not Path(args.data).is_file():
+            raise FileNotFoundError(f"--data: {args.data} does not exist")
+        models = load_many(args.base, args.adapter or [None], clip=args.clip, clip_model=args.clip_model,
+                           clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
+                           dtype=args.dtype, kv_cache=args.kv_cache)
+        evaluations = []
+        for model in models:
+            evaluations.append(evaluate(
+                model, args.data, image_folder=args.image_folder, gate_scales=scales, delta_scale=args.delta_scale,
+                micro_batch_size=args.micro_batch_size, max_seq_len=args.max_seq_len, limit=args.limit,
+                exact=args.exact, prompt_format=None if args.prompt_format == "auto" else args.prompt_format))
+            print(("\n" if len(evaluations) > 1 else "") + table(evaluations[-1]), flush=True)
+        if args.json:
+            write_json(evaluations, args.json)
+        if args.plot:
+            plot(evaluations, args.plot)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""`adapter.evaluate`: the loss is fine-tuning's validation loss at every gate scale (and the frozen base's at
+gate and delta scale 0), token accuracy is the argmax of the full logits, exact answers are what the tiny
+model's own evaluation counts, and the command line writes what it prints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import adapter
+from adapter.evaluate import evaluate, main, table
+from adapter.finetune.batching import collate, eval_batches
+from adapter.finetune.dataset import build_dataset
+from adapter.finetune.distributed import Processes
+from adapter.finetune.encode import IGNORE_INDEX
+from adapter.finetune.records import read_records
+from adapter.finetune.step import evaluate as validation_loss
+from adapter.formats.native import save_adapter
+from adapter.tiny.evaluate import answers, held_out
+from adapter.tiny.records import alpaca_record, write_text_records
+
+from .conftest import V2, randomize_adapter
+from .finetune_helpers import alpaca_records, write_json, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def v2_adapter(base_folder, tmp_path_factory):
+    model = randomize_adapter(adapter.load(base_folder, adapter=V2, device="cpu"), std=0.2)
+    return save_adapter(model, tmp_path_factory.mktemp("v2") / "adapter")
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_json(tmp_path / "data.json", alpaca_records(10, seed=3, with_input=True))
+
+
+def finetune_loss(model, data, **scales) -> float:
+    """What adapter.finetune logs as the validation loss, at the model's own gate/delta scales."""
+    model.set_gate_scale(scales.get("gate_scale", 1.0))
+    model.set_delta_scale(scales.get("delta_scale", 1.0))
+    encoded = build_dataset(read_records(data), model.tokenizer, model.args.max_seq_len, 0, 0).train
+    batches = [collate([encoded[i] for i in b]) for b in eval_batches([len(e.tokens) for e in encoded], 3, 0, 1)]
+    targets = sum(e.targets for e in encoded)
+    try:
+        return validation_loss(model, batches, targets, Processes())
+    finally:
+        model.set_gate_scale(1.0)
+        model.set_delta_scale(1.0)
+
+
+def argmax_hits(model, data, gate_scale: float) -> int:
+    """Answer tokens whose target is the argmax of the whole sequence's logits, one example at a time."""
+    hits = 0
+    for item in build_dataset(read_records(data), model.tokenizer, model.args.max_seq_len, 0, 0).train:
+        with torch.no_grad():
+            logits = model(torch.tensor([item.tokens]), gate_scale=gate_scale)[0]
+        for t in range(len(item.tokens) - 1):
+            if item.labels[t + 1] != IGNORE_INDEX:
+                hits += int(logits[t].argmax()) == item.labels[t + 1]
+    return hits
+
+
+def test_losses_and_token_accuracy_match_finetune_and_the_full_logits(base_folder, v2_adapter, data):
+    model = adapter.load(base_folder, adapter=v2_adapter, device="cpu")
+    result = evaluate(model, data, gate_scales=[0.0, 0.5, 1.0, 2.0], micro_batch_size=3)
+    assert (result.examples, result.truncated, result.prompt_format) == (10, 0, "alpaca")
+    assert result.tokens == sum(e.targets for e in build_dataset(read_records(data), model.tokenizer,
+                                                                   model.args.max_seq_len, 0, 0).train)
+    losses = [s.loss for s in result.scores]
+    for score in result.scores:
+        assert score.loss == pytest.approx(finetune_loss(model, data, gate_scale=score.gate_scale), rel=1e-5)
+        assert round(score.token_accuracy * result.tokens) == argmax_hits(model, data, score.gate_scale)
+    assert len(set(losses)) == 4, "the gate scale moves the loss"
+
+    frozen = evaluate(model, data, gate_scales=[0.0], delta_scale=0.0).scores[0].loss
+    base = adapter.load(base_folder, device="cpu")
+    assert frozen == pytest.approx(finetune_loss(base, data), rel=1e-6)
+    assert evaluate(base, data).scores[0].loss == pytest.approx(frozen, rel=1e-6)
+
+
+def test_exact_answers_are_what_the_tiny_models_evaluation_counts(tmp_path):
+    model = adapter.load("tiny", adapter="tiny-text", device="cpu")
+    questions = held_out("text", seed=0, per_category=3)
+    data = write_text_records(questions, tmp_path / "held_out.jsonl")  # as the adapter was trained: " red"
+    result = evaluate(model, data, gate_scales=[0.0, 1.0], exact=True, micro_batch_size=8)
+    expected = [sum(a == q.answer for a, q in zip(answers(model, questions, scale, images=False), questions))
+                for scale in (0.0, 1.0)]
+    assert [s.exact for s in result.scores] == expected
+    assert expected[1] > expected[0], "the trained adapter answers held-out questions its base cannot"
+    assert result.scores[1].loss < result.scores[0].loss
+
+
+def test_the_command_prints_and_writes_the_same_figures(base_folder, v2_adapter, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--base", str(base_folder), "--adapter", str(v2_adapter), "--data", str(data), "--gate-sweep",
+            "0, 1", "--json", str(out / "scores.json"), "--plot", str(out / "scores.png"), "--limit", "6"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "scores.json").read_text())
+    model = adapter.load(base_folder, adapter=v2_adapter, device="cpu")
+    result = evaluate(model, data, gate_scales=[0.0, 1.0], limit=6)
+    assert printed == table(result) + "\n"
+    assert saved == [result.to_dict()]
+    assert saved[0]["scores"][1]["perplexity"] == pytest.approx(result.scores[1].perplexity)
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["scores.json", "scores.png"]  # no temp files left
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "missing.json"], "--data: missing.json does not exist"),
+    (["--gate-sweep", "0, one"], "--gate-sweep: 'one' is not a number"),
+    (["--gate-sweep", "-1"], "gate_scales: give one or more finite scales >= 0, got \\[-1.0\\]"),
+    (["--limit", "0"], "limit: must be at least 1, got 0"),
+    (["--max-seq-len", "100000"], "max_seq_len: must be between 2 and the model's"),
+    (["--prompt-format", "llama3"], "prompt format llama3: tokenizer .* has no <\\|start_header_id\\|> token"),
+])
+def test_bad_arguments_are_one_line_naming_the_flag(base_folder, data, capsys, argv, message):
+    options = {"--data": str(data)}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        options[flag] = value
+    assert main(["--base", str(base_folder), *[x for pair in options.items() for x in pair]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert __import__("re").search(message, err), err
+
+
+def test_image_records_need_an_adapter_that_sees(base_folder, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not read")
+    data = write_jsonl(tmp_path / "images.jsonl", [{"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A star."}]}])
+    with pytest.raises(ValueError, match=f"--data: {data} has image records; they need an adapter with a visual"):
+        evaluate(adapter.load(base_folder, device="cpu"), data, image_folder=tmp_path)
+
+
+def test_tiny_held_out_writes_the_questions_eval_asks_as_training_records(tmp_path, capsys):
+    from adapter.tiny.cli import main as tiny_main
+    from adapter.tiny.questions import IMAGE_CATEGORIES
+
+    assert tiny_main(["held-out", "text", str(tmp_path / "text.jsonl"), "--per-category", "2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "text.jsonl").read_text().splitlines()]
+    assert records == [alpaca_record(q) for q in held_out("text", seed=0, per_category=2)]
+    assert tiny_main(["held-out", "image", str(tmp_path / "image.jsonl"), "--per-category", "1"]) == 0
+    assert capsys.readouterr().out.endswith(f"pass --image-folder {tmp_path / 'image'}\n")
+    records = read_records(tmp_path / "image.jsonl", tmp_path / "image")
+    (example,) = records[0]
+    assert len(records) == len(IMAGE_CATEGORIES) and example.image.suffix == ".png"
+    assert example.prompt == adapter.image_question(held_out("image", seed=0, per_category=1)[0].question)
+    assert tiny_main(["held-out", "text", str(tmp_path / "none.jsonl"), "--per-category", "0"]) == 2
+    assert "--per-category: must be at least 1, got 0" in capsys.readouterr().err
