@@ -197,7 +197,7 @@ class Engine:
         return _each(rows, itemgetter(0))
 
     def _question_prompt(self, question: str, settings: Settings) -> str:
-        """The Alpaca prompt of a one-off question (compare, sweep), checked with the settings before decoding."""
+        """The prompt of a one-off question (compare, sweep), checked with the settings before decoding."""
         prompt = self.prompts.instruction(check_text(question))
         self.check(settings)
         self._require_room(prompt, "question")
