@@ -11,6 +11,7 @@ import torch
 
 import adapter
 from adapter.evaluate import evaluate, main, table
+from adapter.finetune import train
 from adapter.finetune.batching import collate, eval_batches
 from adapter.finetune.dataset import build_dataset
 from adapter.finetune.distributed import Processes
@@ -22,7 +23,7 @@ from adapter.tiny.evaluate import answers, held_out
 from adapter.tiny.records import alpaca_record, write_text_records
 
 from .conftest import V2, randomize_adapter
-from .finetune_helpers import alpaca_records, write_json, write_jsonl
+from .finetune_helpers import alpaca_records, one_thread_and_own_rng, tiny_config, write_json, write_jsonl  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,18 @@ def test_tiny_held_out_writes_the_questions_eval_asks_as_training_records(tmp_pa
     assert example.prompt == adapter.image_question(held_out("image", seed=0, per_category=1)[0].question)
     assert tiny_main(["held-out", "text", str(tmp_path / "none.jsonl"), "--per-category", "0"]) == 2
     assert "--per-category: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_validation_file_is_scored_as_evaluate_scores_it(base_folder, tmp_path):
+    data = write_json(tmp_path / "train.json", alpaca_records(16, seed=1))
+    val = write_jsonl(tmp_path / "val.jsonl", alpaca_records(5, seed=2, with_input=True))
+    result = train(tiny_config(base_folder, data, tmp_path / "run", val_data=str(val), val_fraction=0.5, epochs=2))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    start = next(r for r in log if r.get("type") == "start")
+    assert (start["train_examples"], start["val_examples"]) == (16, 5)  # all of --data trains
+    step, loss = result.val_losses[-1]
+    model = adapter.load(base_folder, adapter=result.adapter, device="cpu")
+    assert loss == pytest.approx(evaluate(model, val).scores[1].loss, rel=1e-5)
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n')
+    with pytest.raises(ValueError, match=f"--val-data: {tmp_path / 'bad.jsonl'} has 1 bad record"):
+        train(tiny_config(base_folder, data, tmp_path / "run2", val_data=str(tmp_path / "bad.jsonl")))

@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step, all processes")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="examples per forward pass")
     p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="longer examples are cut")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="records held out for the validation loss (not with --val-data)")
+    p.add_argument("--val-data", help="a validation file of its own (same layouts as --data): all of --data trains")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm, 0 = off")
     p.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none", help="4/8-bit frozen base")

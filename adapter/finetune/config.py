@@ -63,6 +63,7 @@ class TrainConfig:
     micro_batch_size: int = 4
     max_seq_len: int = 512
     val_fraction: float = 0.05
+    val_data: str | None = None  # a validation file of its own: then all of `data` trains and nothing is split off
     seed: int = 0
     clip_grad: float = 1.0
     quantize: str | None = None

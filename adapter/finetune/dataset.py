@@ -34,14 +34,19 @@ def split_records(count: int, val_fraction: float, seed: int) -> tuple[list[int]
 
 
 def build_dataset(records: list[list[Example]], tokenizer: Tokenizer, max_seq_len: int, val_fraction: float,
-                  seed: int, answer_end: int | None = None) -> Dataset:
-    """Split by record (a conversation's turns stay on one side), then encode every example (each response
-    ended by `answer_end`, default EOS)."""
-    train_ids, val_ids = split_records(len(records), val_fraction, seed)
+                  seed: int, answer_end: int | None = None,
+                  val_records: list[list[Example]] | None = None) -> Dataset:
+    """Split by record (a conversation's turns stay on one side), or train on all of them and validate on
+    `val_records`, then encode every example (each response ended by `answer_end`, default EOS)."""
+    if val_records is None:
+        train_ids, val_ids = split_records(len(records), val_fraction, seed)
+        train, val = [records[i] for i in train_ids], [records[i] for i in val_ids]
+    else:
+        train, val = records, val_records
     dataset = Dataset([], [], 0, 0)
-    for ids, target in ((train_ids, dataset.train), (val_ids, dataset.val)):
-        for index in ids:
-            for example in records[index]:
+    for chosen, target in ((train, dataset.train), (val, dataset.val)):
+        for record in chosen:
+            for example in record:
                 encoded, truncated = encode_example(example, tokenizer, max_seq_len, answer_end)
                 dataset.truncated += truncated
                 dataset.emptied += truncated and encoded.targets == 0

@@ -36,23 +36,24 @@ class DataError(ValueError):
 
 
 def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
-                 prompt_format: PromptFormat = PROMPT_FORMATS["alpaca"]) -> list[list[Example]]:
+                 prompt_format: PromptFormat = PROMPT_FORMATS["alpaca"], flag: str = "--data") -> list[list[Example]]:
     """The examples of each record of a JSON list or JSONL file (one list per record, in file order).
 
-    Raises DataError naming every bad record (location and reason), or the file when it is unreadable.
+    Raises DataError naming `flag`, the file and every bad record (location and reason), or the file when it
+    is unreadable.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data: {path} does not exist")
+        raise FileNotFoundError(f"{flag}: {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"--data: cannot read {path} ({error})") from error
+        raise DataError(f"{flag}: cannot read {path} ({error})") from error
     folder = Path(image_folder) if image_folder is not None else None
     if folder is not None and not folder.is_dir():
         raise FileNotFoundError(f"--image-folder: {folder} is not a folder")
     records, problems = [], []
-    for location, value, error in _entries(path, text):
+    for location, value, error in _entries(path, text, flag):
         reasons = [error] if error else []
         examples = [] if error else _parse(value, folder, prompt_format, reasons)
         if reasons:
@@ -60,22 +61,22 @@ def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None
         else:
             records.append(examples)
     if problems:
-        raise DataError(f"--data: {path} has {len(problems)} bad record(s); nothing was trained:\n  "
+        raise DataError(f"{flag}: {path} has {len(problems)} bad record(s); nothing was trained:\n  "
                         + "\n  ".join(problems))
     if not records:
-        raise DataError(f"--data: {path} holds no records")
+        raise DataError(f"{flag}: {path} holds no records")
     return records
 
 
-def _entries(path: Path, text: str) -> Iterator[tuple[str, Any, str | None]]:
+def _entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str | None]]:
     """(location, record, parse error) for a JSON list (by index) or JSONL (by line, blank lines skipped)."""
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
         except json.JSONDecodeError as error:
-            raise DataError(f"--data: {path} is not valid JSON ({error})") from error
+            raise DataError(f"{flag}: {path} is not valid JSON ({error})") from error
         if not isinstance(values, list):
-            raise DataError(f"--data: {path} must hold a JSON list of records")
+            raise DataError(f"{flag}: {path} must hold a JSON list of records")
         for index, value in enumerate(values):
             yield f"{path} [index {index}]", value, None
         return

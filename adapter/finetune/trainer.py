@@ -82,6 +82,8 @@ class _Run:
         self.resume_from = self._check_out()
         self.prompt_format = format_named(config.prompt_format, "--prompt-format")
         records = read_records(config.data, config.image_folder, self.prompt_format)
+        self.val_records = None if config.val_data is None else \
+            read_records(config.val_data, config.image_folder, self.prompt_format, "--val-data")
         self.data_sha256 = _sha256(config.data)
         saved = self._check_resume() if self.resume_from else None
         self.model = self._load_model()
@@ -170,10 +172,12 @@ class _Run:
     def _build_data(self, records) -> Dataset:
         config = self.config
         data = build_dataset(records, self.model.tokenizer, config.max_seq_len, config.val_fraction, config.seed,
-                             self.prompt_format.answer_end_id(self.model.tokenizer))
+                             self.prompt_format.answer_end_id(self.model.tokenizer), self.val_records)
         if data.has_images:
             require_image_encoder(self.model)
-        notice(f"data: {len(records)} records -> {len(data.train)} training and {len(data.val)} validation "
+        source = f"{len(records)} records" if self.val_records is None else \
+            f"{len(records)} records + {len(self.val_records)} in --val-data"
+        notice(f"data: {source} -> {len(data.train)} training and {len(data.val)} validation "
                f"examples; {data.truncated} longer than --max-seq-len {config.max_seq_len} were cut"
                + (f" ({data.emptied} of them before their response: they teach nothing)" if data.emptied else ""),
                self.main)
