@@ -20,7 +20,7 @@ from adapter.finetune.records import read_records
 from adapter.finetune.step import evaluate as validation_loss
 from adapter.formats.native import save_adapter
 from adapter.tiny.evaluate import answers, held_out
-from adapter.tiny.records import alpaca_record, write_text_records
+from adapter.tiny.records import alpaca_record, write_image_records, write_text_records
 
 from .conftest import V2, randomize_adapter
 from .finetune_helpers import alpaca_records, one_thread_and_own_rng, tiny_config, write_json, write_jsonl  # noqa: F401
@@ -91,6 +91,18 @@ def test_exact_answers_are_what_the_tiny_models_evaluation_counts(tmp_path):
     assert [s.exact for s in result.scores] == expected
     assert expected[1] > expected[0], "the trained adapter answers held-out questions its base cannot"
     assert result.scores[1].loss < result.scores[0].loss
+
+
+def test_image_questions_score_with_their_pictures(tmp_path):
+    model = adapter.load("tiny", adapter="tiny-image", device="cpu")
+    questions = held_out("image", seed=0, per_category=4)
+    data = write_image_records(questions, tmp_path / "images.jsonl", tmp_path / "pictures")
+    result = evaluate(model, data, image_folder=tmp_path / "pictures", gate_scales=[0.0, 1.0], exact=True)
+    expected = [sum(a == q.answer for a, q in zip(answers(model, questions, scale, images=True), questions))
+                for scale in (0.0, 1.0)]
+    assert [s.exact for s in result.scores] == expected
+    blind = write_text_records(questions, tmp_path / "blind.jsonl")  # the same questions without their pictures
+    assert evaluate(model, blind, gate_scales=[1.0]).scores[0].loss != result.scores[1].loss
 
 
 def test_the_command_prints_and_writes_the_same_figures(base_folder, v2_adapter, data, tmp_path, capsys):
