@@ -237,6 +237,11 @@ def load_engines(config: ServeConfig) -> Engines:
                        dtype=config.dtype, kv_cache=config.kv_cache)
     lock = device_lock(models[0].tok_embeddings.weight.device)
     written = None if config.prompt_format == "auto" else config.prompt_format
-    return Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile,
-                                 prompt_format=written)
-                    for (name, _), model in zip(served, models)})
+    try:
+        return Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile,
+                                     prompt_format=written)
+                        for (name, _), model in zip(served, models)})
+    except ValueError as error:  # a format the tokenizer cannot write
+        if written is None:
+            raise
+        raise ValueError(f"--prompt-format: {error}") from None

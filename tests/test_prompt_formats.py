@@ -208,3 +208,13 @@ def test_the_apps_prompt_format_flag(tmp_path):
     assert parse_config([], {"ADAPTER_PROMPT_FORMAT": "llama3"}).prompt_format == "llama3"
     with pytest.raises(ValueError, match="--prompt-format: must be one of \\('auto', 'alpaca', 'llama3'\\), got 'x'"):
         parse_config(["--prompt-format", "x"])
+
+
+def test_the_app_refuses_a_format_its_base_cannot_write(base_folder):
+    from adapter.app_config import load_engines
+
+    config = parse_config(["--base", str(base_folder), "--prompt-format", "llama3", "--device", "cpu"])
+    with pytest.raises(ValueError, match="^--prompt-format: prompt format llama3: tokenizer .* has no "):
+        load_engines(config)
+    engines = load_engines(parse_config(["--base", str(base_folder), "--device", "cpu"]))
+    assert engines.default.prompts.name == "alpaca"
