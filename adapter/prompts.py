@@ -2,8 +2,9 @@
 
 "alpaca" is the text the official adapters were trained on (a multi-turn chat replays earlier turns as
 answered instructions; the official v2 multimodal demo asks about an image with the same text). "llama3" is
-Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>), for adapters trained on a
-Llama 3 Instruct base, so that at gate 0 that base is asked as it was tuned to be. An adapter trained with
+Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>) and "llama2" Llama 2 Chat's
+([INST] ... [/INST], each answered turn ended by EOS and the next begun by BOS), for adapters trained on
+those chat models, so that at gate 0 the base is asked as it was tuned to be. An adapter trained with
 `adapter.finetune --prompt-format` records its format; the app and `generate --template auto` use it.
 """
 
@@ -126,7 +127,32 @@ def _llama3_turn(role: str, content: str) -> str:
     return f"{LLAMA3_HEADER.format(role=role)}{content.strip()}{LLAMA3_TURN_END}"
 
 
-PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (AlpacaFormat(), Llama3Format())}
+class Llama2Format(PromptFormat):
+    """Llama 2 Chat's format, token for token as Meta's chat code writes it (no system prompt): each earlier
+    turn `[INST] {user} [/INST] {answer} ` between BOS and EOS, then `[INST] {message} [/INST]` after a BOS.
+    The BOS/EOS between turns are written "<s>"/"</s>", which the SentencePiece tokenizer reads as those ids."""
+
+    name = "llama2"
+
+    def instruction(self, instruction: str, input: str | None = None) -> str:
+        return self.chat((), f"{instruction}\n\n{input}" if input else instruction)
+
+    def chat(self, history: Sequence[tuple[str, str]], message: str) -> str:
+        turns = "".join(f"[INST] {user.strip()} [/INST]{self.answer(answer)}</s><s>" for user, answer in history)
+        return f"{turns}[INST] {message.strip()} [/INST]"
+
+    def answer(self, text: str) -> str:
+        return f" {text.strip()} "
+
+    def check(self, tokenizer: "Tokenizer") -> None:
+        ids = tokenizer.encode("</s><s>", bos=False)
+        if ids != [tokenizer.eos_id, tokenizer.bos_id] or tokenizer.bos_id < 0:
+            raise ValueError(f"prompt format llama2: tokenizer {tokenizer.path} does not read '</s><s>' as its EOS "
+                             f"and BOS ids (it becomes {len(ids)} ids); the format needs LLaMA 1/2's SentencePiece "
+                             "tokenizer")
+
+
+PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (AlpacaFormat(), Llama2Format(), Llama3Format())}
 # generate's templates: "none" feeds the prompt as given, "auto" is the model's own prompt format, "chat" and
 # "image" are the Alpaca forms the app uses (for one question, the same text as "alpaca")
 TEMPLATES = ("auto", "none", *PROMPT_FORMATS, "chat", "image")

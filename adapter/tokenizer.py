@@ -8,6 +8,7 @@ LLaMA 1/2 ship a SentencePiece model (`tokenizer.model`); Llama 3 ships a byte-l
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,7 +46,11 @@ class Tokenizer:
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """LLaMA 1/2's tokenizer: BOS/EOS ids from the model file."""
+    """LLaMA 1/2's tokenizer: BOS/EOS ids from the model file.
+
+    BOS and EOS written in a text ("<s>", "</s>": Llama 2 Chat's turns, adapter.prompts) become their ids,
+    and the text between them is encoded part by part, as Meta's Llama 2 chat code encodes each turn on its
+    own; transformers too reads special tokens written in a text as those tokens."""
 
     kind = "SentencePiece"
 
@@ -64,9 +69,19 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self.processor.eos_id()
         self.pad_id: int = self.processor.pad_id()
         self.stop_ids = frozenset({self.eos_id} - {-1})
+        self.specials = {self.processor.IdToPiece(i): i for i in (self.bos_id, self.eos_id) if i >= 0}
+        self._split = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")") if self.specials else None
 
     def _encode(self, text: str) -> list[int]:
-        return self.processor.EncodeAsIds(text)
+        if self._split is None:
+            return self.processor.EncodeAsIds(text)
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self.specials:
+                ids.append(self.specials[part])
+            elif part:
+                ids += self.processor.EncodeAsIds(part)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.processor.DecodeIds([int(i) for i in ids])

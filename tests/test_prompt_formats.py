@@ -1,6 +1,7 @@
 """Prompt formats: Llama 3 Instruct's chat format written token for token as transformers' chat template
-writes it, training examples that end at <|eot_id|>, and an adapter that records its format and is asked in
-it by the app, `generate --template auto` and `inspect`."""
+writes it and Llama 2 Chat's as Meta's chat code encodes it, training examples that end as those models end
+a turn, and an adapter that records its format and is asked in it by the app, `generate --template auto` and
+`inspect`."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from adapter.tokenizer import open_tokenizer
 from .finetune_helpers import alpaca_records, one_thread_and_own_rng, tiny_config, write_json, write_jsonl  # noqa: F401
 
 LLAMA3 = PROMPT_FORMATS["llama3"]
+LLAMA2 = PROMPT_FORMATS["llama2"]
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=768, multiple_of=32, max_seq_len=256)
 EOT = 512 + 9  # <|eot_id|>: the 10th special token after the 512 ranks
 # Llama 3 Instruct's chat template as its tokenizer_config.json ships it (a fact about that model: the reference)
@@ -102,6 +104,53 @@ def test_a_llama3_training_example_is_the_whole_conversation_ending_at_eot(llama
     assert tokenizer.decode(encoded.tokens[prompt_len:-1]) == "The star."
 
 
+def meta_llama2_chat_tokens(processor, turns) -> list[int]:
+    """Meta's Llama 2 chat code (llama/generation.py, chat_completion, no system prompt): each answered turn
+    encoded on its own between BOS and EOS, then the open question after a BOS."""
+    ids = []
+    for user, answer in turns:
+        if answer is None:
+            return ids + [processor.bos_id()] + processor.EncodeAsIds(f"[INST] {user.strip()} [/INST]")
+        ids += [processor.bos_id(), *processor.EncodeAsIds(f"[INST] {user.strip()} [/INST] {answer.strip()} "),
+                processor.eos_id()]
+    return ids
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS)
+def test_llama2_prompts_are_metas_chat_tokens(base_folder, turns):
+    tokenizer = open_tokenizer(base_folder / "tokenizer.model")
+    *history, (message, _) = turns
+    assert tokenizer.encode(LLAMA2.chat(history, message), bos=True) == meta_llama2_chat_tokens(tokenizer.processor,
+                                                                                               turns)
+    answered = [*history, (message, " The star. ")]
+    example = Example(LLAMA2.chat(history, message), LLAMA2.answer(" The star. "))
+    encoded, _ = encode_example(example, tokenizer, 512, LLAMA2.answer_end_id(tokenizer))
+    assert encoded.tokens == meta_llama2_chat_tokens(tokenizer.processor, answered)
+    prompt_len = len(tokenizer.encode(example.prompt))
+    assert tokenizer.decode(encoded.tokens[prompt_len:]) == "The star."
+    assert encoded.labels == [IGNORE_INDEX] * prompt_len + encoded.tokens[prompt_len:]
+
+
+def test_sentencepiece_reads_bos_and_eos_written_in_text(base_folder):
+    tokenizer = open_tokenizer(base_folder / "tokenizer.model")
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    sp = tokenizer.processor
+    assert tokenizer.encode("a star</s><s>a circle", bos=False) == [*sp.EncodeAsIds("a star"), eos, bos,
+                                                                   *sp.EncodeAsIds("a circle")]
+    assert tokenizer.encode("no specials here, <s > nor </ s>", bos=False) == sp.EncodeAsIds(
+        "no specials here, <s > nor </ s>")
+    assert tokenizer.decode(tokenizer.encode("a star</s><s>a circle", bos=False)) == sp.DecodeIds(
+        sp.EncodeAsIds("a star")) + " " + sp.DecodeIds(sp.EncodeAsIds("a circle"))
+
+
+def test_each_chat_format_needs_its_own_tokenizer(llama3_base, base_folder):
+    with pytest.raises(ValueError, match="prompt format llama2: tokenizer .*tokenizer.model does not read '</s><s>' "
+                                         "as its EOS and BOS ids .*needs LLaMA 1/2's SentencePiece tokenizer"):
+        LLAMA2.check(open_tokenizer(llama3_base / "tokenizer.model"))
+    LLAMA2.check(open_tokenizer(base_folder / "tokenizer.model"))
+    LLAMA3.check(open_tokenizer(llama3_base / "tokenizer.model"))
+
+
 def test_records_are_written_in_the_runs_format(tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", [
         {"instruction": "Add them.", "input": "2 and 3", "output": " 5 "},
@@ -115,6 +164,9 @@ def test_records_are_written_in_the_runs_format(tmp_path):
     assert second.prompt == f"{user}Hi<|eot_id|>{assistant}Hello<|eot_id|>{user}Bye<|eot_id|>{assistant}"
     (alpaca,), _ = read_records(data)
     assert alpaca == Example(adapter.alpaca("Add them.", "2 and 3"), " 5 ")
+    (single,), (first, second) = read_records(data, prompt_format=LLAMA2)
+    assert single == Example("[INST] Add them.\n\n2 and 3 [/INST]", " 5 ")
+    assert second == Example("[INST] Hi [/INST] Hello </s><s>[INST] Bye [/INST]", " Bye! ")
 
 
 def test_formats_and_templates_by_name():
@@ -191,7 +243,8 @@ def test_finetune_refuses_llama3_on_a_sentencepiece_base_before_writing(base_fol
     with pytest.raises(ValueError, match="prompt format llama3: tokenizer .* has no <\\|start_header_id\\|>"):
         train(tiny_config(base_folder, data, tmp_path / "run", prompt_format="llama3"))
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ValueError, match="--prompt-format: must be one of \\('alpaca', 'llama3'\\), got 'chatml'"):
+    with pytest.raises(ValueError, match="--prompt-format: must be one of "
+                                         "\\('alpaca', 'llama2', 'llama3'\\), got 'chatml'"):
         tiny_config(base_folder, data, tmp_path / "run", prompt_format="chatml")
 
 
@@ -206,7 +259,8 @@ def test_a_checkpoint_from_before_formats_resumes_as_alpaca(tmp_path):
 def test_the_apps_prompt_format_flag(tmp_path):
     assert parse_config([]).prompt_format == "auto"
     assert parse_config([], {"ADAPTER_PROMPT_FORMAT": "llama3"}).prompt_format == "llama3"
-    with pytest.raises(ValueError, match="--prompt-format: must be one of \\('auto', 'alpaca', 'llama3'\\), got 'x'"):
+    with pytest.raises(ValueError, match="--prompt-format: must be one of "
+                                         "\\('auto', 'alpaca', 'llama2', 'llama3'\\), got 'x'"):
         parse_config(["--prompt-format", "x"])
 
 
