@@ -1,5 +1,5 @@
 """The LLaMA-Adapter Gradio app: chat, image questions, the gate slider, a side-by-side comparison with the
-frozen base, the gates made visible, and what is loaded.
+frozen base, held-out records scored at each gate scale, the gates made visible, and what is loaded.
 
 UI only: every model call goes through `adapter.engine`. `python app.py` serves the embedded tiny model on
 CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment variable, see the README).
@@ -8,6 +8,7 @@ CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment 
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,16 @@ import gradio as gr
 from PIL import Image
 
 from adapter.app_config import ASSETS, ServeConfig, load_engines, parse_config, serves_tiny
-from adapter.engine import MAX_SCALE, MAX_SWEEP, MAX_TEMPERATURE, Engine, Engines, Settings, gate_scales
+from adapter.engine import (
+    MAX_SCALE,
+    MAX_SCORE_RECORDS,
+    MAX_SWEEP,
+    MAX_TEMPERATURE,
+    Engine,
+    Engines,
+    Settings,
+    gate_scales,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -28,6 +38,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 EXAMPLE_QUESTION = "What is in the picture?"
 MAX_UPLOAD = "20mb"
 SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
+SCORE_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "exact answers"]
+TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 175 held-out text questions
 
 
 @contextmanager
@@ -185,6 +197,17 @@ class Handlers:
             engine, choice = self.request(*controls)
             yield from table(values, engine.sweep_image(image, question, values, choice))
 
+    def score(self, data: str | None, scales: str, exact: bool, *controls: Any) -> tuple[list[list[Any]], Figure]:
+        """The score table (one row per gate scale) and its plot."""
+        from adapter.evaluate import figure
+
+        with user_errors():
+            engine, choice = self.request(*controls)
+            result = engine.score(data, scales, choice, exact)
+        rows = [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1),
+                 "" if s.exact is None else f"{s.exact} / {result.examples}"] for s in result.scores]
+        return rows, figure([result])
+
     def gates(self, scale: float, adapter: str | None = None) -> Figure:
         with user_errors():
             return self.engines.get(adapter).gate_heatmap(scale)
@@ -223,6 +246,19 @@ def examples(config: ServeConfig) -> tuple[list[list[str]], list[str]]:
         pictures, messages = read_examples(TINY / EXAMPLES)
         return [[str(path), question] for path, question in pictures], messages
     return [[path, EXAMPLE_QUESTION] for path in example_images()], []
+
+
+def tiny_held_out(config: ServeConfig) -> Path | None:
+    """The tiny model's held-out text questions as fine-tuning records, written once into a temporary folder,
+    for the Score tab to offer (None for other models)."""
+    if not serves_tiny(config):
+        return None
+    from adapter.tiny.evaluate import held_out
+    from adapter.tiny.recipe import RECIPES
+    from adapter.tiny.records import write_text_records
+
+    questions = held_out("text", RECIPES["full"].seed, TINY_HELD_OUT_PER_CATEGORY)
+    return write_text_records(questions, Path(tempfile.mkdtemp(prefix="llama-adapter-")) / "tiny_held_out.jsonl")
 
 
 def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
@@ -324,6 +360,23 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 adapted_answer = gr.Textbox(label="Adapter (gate slider)", lines=6, interactive=False,
                                             elem_id="adapted_answer")
             sweep_scales, sweep_button, sweep_table = sweep_panel("the same question")
+        with gr.Tab("Score"):
+            gr.Markdown(f"Held-out records (a JSON list or JSONL of `{{instruction, input?, output}}`, as fine-tuning "
+                        f"reads them; the first {MAX_SCORE_RECORDS}) scored at each gate scale: the loss of the "
+                        "reference answers' tokens, the share of them the model ranks first and, when asked, how "
+                        "many greedy answers equal the reference. The delta scale comes from Advanced.")
+            score_file = gr.File(label="Records (.json, .jsonl)", file_types=[".json", ".jsonl"], type="filepath",
+                                 elem_id="score_file")
+            held_out_file = tiny_held_out(config)
+            if held_out_file is not None:
+                gr.Examples([[str(held_out_file)]], inputs=[score_file], label="The tiny model's held-out questions")
+            with gr.Row():
+                score_scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id="score_scales")
+                score_exact = gr.Checkbox(False, label="Exact answers (decodes every record at every scale)",
+                                          elem_id="score_exact")
+                score_button = gr.Button("Score", variant="primary", scale=1, elem_id="score")
+            score_table = gr.Dataframe(headers=SCORE_HEADERS, interactive=False, elem_id="score_table")
+            score_plot = gr.Plot(label="Loss and accuracy against the gate scale", elem_id="score_plot")
         with gr.Tab("Gates"):
             heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale")
             plot = engines.default.training_plot()
@@ -364,6 +417,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         swept = sweep_button.click(handlers.sweep, [compare_question, sweep_scales, *controls], sweep_table,
                                    api_name="sweep", **model_events)
         compare_stop.click(None, cancels=[compared, swept])
+        score_button.click(handlers.score, [score_file, score_scales, score_exact, *controls],
+                           [score_table, score_plot], api_name="score", **model_events)
 
         # the named endpoints first: a private event of the same function would take the function's name
         gate.change(handlers.gates, [gate, adapter], heatmap, api_name="gates", trigger_mode="always_last")

@@ -28,12 +28,14 @@ from .prompts import format_named
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .evaluate import Evaluation
     from .model import Transformer
 
 MAX_QUESTION_CHARS = 4000
 MAX_SCALE = 2.0
 MAX_TEMPERATURE = 2.0
 MAX_SWEEP = 9  # gate scales answered together in one sweep (one batch row each)
+MAX_SCORE_RECORDS = 200  # records one score request reads (the device is held while it runs)
 
 
 def _number(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
@@ -264,6 +266,19 @@ class Engine:
         if not self._fits(prompt, 1):
             limit = self.model.args.max_seq_len
             raise ValueError(f"{name}: too long for this model's context of {limit} tokens; shorten it")
+
+    def score(self, data: str | os.PathLike, scales: str | Sequence[Any], settings: Settings,
+              exact: bool = False) -> Evaluation:
+        """Held-out loss, token accuracy and (with `exact`) exact greedy answers of the first MAX_SCORE_RECORDS
+        records of `data` at each gate scale (`adapter.evaluate`, settings' delta scale), holding the lock."""
+        from .evaluate import evaluate
+
+        scales = gate_scales(scales)
+        if data is None:
+            raise ValueError("data: upload a JSON or JSONL file of records first")
+        with self.lock:
+            return evaluate(self.model, data, gate_scales=scales, delta_scale=settings.delta_scale,
+                            limit=MAX_SCORE_RECORDS, exact=bool(exact), prompt_format=self.prompts.name)
 
     # ----- seeing the gates ------------------------------------------------------------------------------
     def gate_heatmap(self, scale: float) -> Figure:

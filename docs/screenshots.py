@@ -1,7 +1,8 @@
 """The README's pictures of the app, taken in headless Chromium with the embedded tiny model:
 `python -m docs.screenshots` (from the repository root; needs `apt-get install -y chromium` and playwright)
-rewrites docs/compare.png, docs/chat.png and docs/image.png. The image tab shows the first shipped example
-the image adapter answers right (it gets 42% of held-out image questions right: docs/tiny.md)."""
+rewrites docs/compare.png, docs/chat.png, docs/image.png and docs/score.png. The image tab shows the first
+shipped example the image adapter answers right (it gets 42% of held-out image questions right: docs/tiny.md);
+the score tab, the text adapter on the held-out questions it offers."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from adapter.tiny.assets import ASSETS, EXAMPLES
 from adapter.tiny.examples import FILE
 from app import SWEEP
 from tests.app_helpers import running_app
-from tests.browser import ask, chromium, coloured, compare, open_page, sweep
+from tests.browser import ask, chromium, coloured, compare, open_page, score, sweep
 
 DOCS = Path(__file__).resolve().parent
 QUESTION = "There is a large red star on the left. What colour is the star?"  # the README's example
@@ -44,9 +45,9 @@ def answered_right(engine) -> tuple[Path, str]:
 
 
 def take(out: Path) -> list[Path]:
-    """Compare and chat tabs with the text adapter, the image tab with the image adapter (both served by the
-    default app, each tab starting with its own)."""
-    shots = [out / "compare.png", out / "chat.png", out / "image.png"]
+    """Compare, chat and score tabs with the text adapter, the image tab with the image adapter (both served by
+    the default app, each tab starting with its own)."""
+    shots = [out / "compare.png", out / "chat.png", out / "image.png", out / "score.png"]
     with chromium() as browser, running_app([]) as app:
         page = open_page(browser, app.url)
         base, adapted = compare(page, QUESTION)
@@ -65,6 +66,11 @@ def take(out: Path) -> list[Path]:
         print(f"image: {question!r} -> {page.input_value('#image_answer textarea')!r}")
         print(f"image sweep: {sweep(page, SWEEP, prefix='image_')}")
         save(page, shots[2])
+        page.get_by_role("tab", name="Score").click()
+        page.get_by_text("tiny_held_out.jsonl").first.click()
+        page.locator("#score_file [aria-label='tiny_held_out.jsonl']").wait_for()
+        print(f"score: {score(page, SWEEP)}")
+        save(page, shots[3])
     return shots
 
 

@@ -77,6 +77,16 @@ def sweep(page, scales: str, prefix: str = "") -> list[list[str]]:
     return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]
 
 
+def score(page, scales: str) -> list[list[str]]:
+    """Score the Score tab's records over `scales`; the table's rows once complete."""
+    page.fill("#score_scales textarea", scales)
+    page.click("#score")
+    rows = page.locator("#score_table [role=row]:has([role=gridcell])")
+    rows.first.wait_for()
+    finished(page, "#score_table", "#score_plot")
+    return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]
+
+
 def choose_adapter(page, name: str, dropdown: str = "adapter") -> None:
     """Pick the served adapter `name` in a dropdown (`adapter`: chat, compare, gates, model; `image_adapter`)."""
     page.click(f"#{dropdown} input")

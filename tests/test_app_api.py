@@ -54,6 +54,7 @@ def images(tmp_path_factory):
     RED.save(folder / "red.png")
     BLUE.save(folder / "blue.png")
     (folder / "notes.png").write_text("not an image")
+    (folder / "broken.jsonl").write_text('{"instruction": "Name a colour."}\n')
     return folder
 
 
@@ -168,6 +169,11 @@ def test_a_client_that_goes_away_stops_its_generation(served, client, decode_ste
     ("/image", lambda images: (None, "What is it?", *controls()), "image: upload an image first"),
     ("/image_sweep", lambda images: (None, "What is it?", "0, 1", *controls()), "image: upload an image first"),
     ("/gates", lambda images: (-1.0,), r"gate_scale: must be in \[0, 2\]"),
+    ("/score", lambda images: (None, "0, 1", False, *controls()), "data: upload a JSON or JSONL file of records first"),
+    ("/score", lambda images: (handle_file(str(images / "broken.jsonl")), "0, 1", False, *controls()),
+     r"broken.jsonl has 1 bad record\(s\), none read:\n  .*broken.jsonl:1: missing 'output'"),
+    ("/score", lambda images: (handle_file(str(images / "broken.jsonl")), "0, 5", False, *controls()),
+     r"gate_scales: must be in \[0, 2\], got 5.0"),
 ])
 def test_bad_inputs_get_a_clear_message_and_the_app_keeps_serving(client, images, endpoint, arguments, message):
     with pytest.raises(AppError, match=message):

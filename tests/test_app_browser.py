@@ -11,7 +11,7 @@ from PIL import Image
 from adapter.app_config import tiny_available
 from adapter.engine import Settings
 from tests.app_helpers import QUESTION, demo_files, running_app, served  # noqa: F401  (fixtures)
-from tests.browser import CHROMIUM, ask, choose_adapter, chromium, coloured, compare, open_page, sweep
+from tests.browser import CHROMIUM, ask, choose_adapter, chromium, coloured, compare, open_page, score, sweep
 
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install -y chromium)"),
               pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")]
@@ -63,7 +63,9 @@ def test_an_uploaded_image_gets_an_answer_and_a_sweep(page, served, tmp_path):
 def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of_the_tiny_model(browser):
     from playwright.sync_api import expect
 
+    from adapter.app_config import ServeConfig
     from adapter.tiny.questions import text_questions
+    from app import tiny_held_out
 
     example = text_questions(100, "held-out", 6)[0]
     with running_app([]) as tiny:
@@ -75,6 +77,15 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
         assert (base, adapted) == list(tiny.engine.compare(example.instruction, Settings()))[-1]
         expected = list(tiny.engine.sweep(example.instruction, [0, 1, 2], Settings()))[-1]
         assert sweep(page, "0, 1 2") == [[scale, answer] for scale, answer in zip(["0", "1", "2"], expected)]
+        page.get_by_role("tab", name="Score").click()
+        page.get_by_text("tiny_held_out.jsonl").first.click()  # the tiny model's held-out questions, offered
+        page.locator("#score_file [aria-label='tiny_held_out.jsonl']").wait_for()  # loaded before scoring
+        scored = score(page, "0, 1")
+        held = tiny.engine.score(tiny_held_out(ServeConfig()), "0, 1", Settings())
+        assert [[float(cell) for cell in row[:4]] for row in scored] == \
+            [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1)]
+             for s in held.scores]
+        assert held.scores[1].loss < held.scores[0].loss
         page.get_by_role("tab", name="Image").click()
         assert page.input_value("#image_adapter input") == "tiny-image", "the image tab starts with the one that sees"
         choose_adapter(page, "tiny-image")

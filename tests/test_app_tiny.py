@@ -79,6 +79,27 @@ def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_p
     assert other[1] == [] and all(question == "What is in the picture?" for _, question in other[0])
 
 
+def test_the_score_tab_scores_held_out_records_at_each_gate(served, client, tmp_path):
+    from adapter.app_config import ServeConfig
+    from adapter.evaluate import evaluate
+    from adapter.tiny.evaluate import held_out
+    from adapter.tiny.records import alpaca_record, write_text_records
+    from app import TINY_HELD_OUT_PER_CATEGORY, tiny_held_out
+
+    offered = tiny_held_out(ServeConfig())
+    assert [json.loads(line) for line in offered.read_text().splitlines()] == \
+        [alpaca_record(q) for q in held_out("text", 0, TINY_HELD_OUT_PER_CATEGORY)]
+    assert tiny_held_out(ServeConfig(base=str(tmp_path))) is None
+    data = write_text_records(held_out("text", 0, 2), tmp_path / "held_out.jsonl")
+    table, plot = client.predict(handle_file(str(data)), "0, 1", True, *controls(), api_name="/score")
+    result = evaluate(served.engines.get("tiny-text").model, data, gate_scales=[0.0, 1.0], exact=True)
+    assert table["headers"] == ["gate scale", "loss", "perplexity", "token accuracy %", "exact answers"]
+    assert table["data"] == [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1),
+                              f"{s.exact} / {result.examples}"] for s in result.scores]
+    assert result.scores[1].exact > result.scores[0].exact == 0
+    assert plot["type"] == "matplotlib" and plot["plot"]
+
+
 def test_an_image_sweep_gives_each_row_the_picture_at_its_own_gate():
     engine = Engine(adapter.load("tiny", adapter="tiny-image", device="cpu"))
     example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]

@@ -177,3 +177,17 @@ def test_a_validation_file_is_scored_as_evaluate_scores_it(base_folder, tmp_path
     (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n')
     with pytest.raises(ValueError, match=f"--val-data: {tmp_path / 'bad.jsonl'} has 1 bad record"):
         train(tiny_config(base_folder, data, tmp_path / "run2", val_data=str(tmp_path / "bad.jsonl")))
+
+
+def test_the_engine_scores_the_first_records_at_the_requests_delta_scale(base_folder, v2_adapter, data,
+                                                                          monkeypatch):
+    from adapter import engine as engine_module
+    from adapter.engine import Engine, Settings
+
+    engine = Engine(adapter.load(base_folder, adapter=v2_adapter, device="cpu"))
+    monkeypatch.setattr(engine_module, "MAX_SCORE_RECORDS", 4)
+    got = engine.score(data, "0, 1", Settings(delta_scale=0.5))
+    assert got == evaluate(engine.model, data, gate_scales=[0.0, 1.0], delta_scale=0.5, limit=4)
+    assert got.examples == 4 and not engine.lock.locked()
+    with pytest.raises(ValueError, match="gate_scales: give 1 to 9 scales, got 10"):
+        engine.score(data, ", ".join(["1"] * 10), Settings())

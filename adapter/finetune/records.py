@@ -61,7 +61,7 @@ def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None
         else:
             records.append(examples)
     if problems:
-        raise DataError(f"{flag}: {path} has {len(problems)} bad record(s); nothing was trained:\n  "
+        raise DataError(f"{flag}: {path} has {len(problems)} bad record(s), none read:\n  "
                         + "\n  ".join(problems))
     if not records:
         raise DataError(f"{flag}: {path} holds no records")
