@@ -75,9 +75,9 @@ def clear_image_errors(image: gr.Image) -> None:
 
 
 def settings(gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
-             seed: float | None) -> Settings:
+             seed: float | None, system: str | None = None) -> Settings:
     return Settings(gate_scale=gate, delta_scale=delta, temperature=temperature, top_p=top_p,
-                    max_new_tokens=max_new_tokens, seed=seed)
+                    max_new_tokens=max_new_tokens, seed=seed, system=system)
 
 
 def text_of(content: Any) -> str:
@@ -122,15 +122,16 @@ def picture(path: Path | None) -> Image.Image | None:
 class Handlers:
     """The event functions; each turns UI values into an engine call and engine errors into messages.
 
-    Every model event takes the six shared controls and then the adapter to answer with (omitted: the first)."""
+    Every model event takes the six shared controls, then the adapter to answer with (omitted: the first) and
+    the system prompt (omitted: none)."""
 
     def __init__(self, engines: Engines) -> None:
         self.engines = engines
 
     def request(self, gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
-                seed: float | None, adapter: str | None = None) -> tuple[Engine, Settings]:
+                seed: float | None, adapter: str | None = None, system: str | None = None) -> tuple[Engine, Settings]:
         """The chosen adapter's engine and the request's settings, both checked."""
-        return self.engines.get(adapter), settings(gate, delta, temperature, top_p, max_new_tokens, seed)
+        return self.engines.get(adapter), settings(gate, delta, temperature, top_p, max_new_tokens, seed, system)
 
     def chat(self, message: str, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
         with user_errors():
@@ -177,7 +178,7 @@ class Handlers:
             return []
         with user_errors():
             engine, choice = self.request(*controls)
-            return engine.token_shares(engine.image_prompt(question), answer, choice, image)
+            return engine.token_shares(engine.image_prompt(question, choice.system), answer, choice, image)
 
     def compare(self, question: str, *controls: Any) -> Iterator[tuple[str, str]]:
         with user_errors():
@@ -307,9 +308,11 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                 step=1, label="Max new tokens", elem_id="max_new_tokens")
             seed = gr.Number(DEFAULTS.seed, precision=0, label="Seed (same seed and question: only the gate "
                              "changes the answer)", elem_id="seed")
+            system = gr.Textbox("", label="System prompt (the Llama 2 and Llama 3 chat formats; Alpaca has none)",
+                                lines=2, elem_id="system")
         for slider in (gate, delta, temperature, top_p, max_new):
             range_checked_by_settings(slider)
-        controls = [gate, delta, temperature, top_p, max_new, seed, adapter]
+        controls = [gate, delta, temperature, top_p, max_new, seed, adapter, system]
 
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
@@ -333,7 +336,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 clear_image_errors(image)
                 with gr.Column():
                     image_adapter = adapter_choice(engines, engines.for_images, "Adapter", "image_adapter")
-                    image_controls = [*controls[:-1], image_adapter]
+                    image_controls = [*controls[:6], image_adapter, system]
                     first = image_examples[0][1] if image_examples else EXAMPLE_QUESTION
                     question = gr.Textbox(label="Question", value=first, elem_id="image_question")
                     with gr.Row():

@@ -81,7 +81,8 @@ def check_text(value: Any, name: str = "question") -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """What one request may choose: gate/delta scales and sampling. Validated on construction."""
+    """What one request may choose: gate/delta scales, sampling and a system prompt (chat formats only).
+    Validated on construction."""
 
     gate_scale: float = 1.0
     delta_scale: float = 1.0
@@ -89,6 +90,7 @@ class Settings:
     top_p: float = 0.75
     max_new_tokens: int = 128
     seed: int | None = 0  # the same seed gives the same answer, so the gate alone changes it
+    system: str | None = None  # empty: none
 
     def __post_init__(self) -> None:
         checked = {
@@ -98,12 +100,13 @@ class Settings:
             "top_p": _number("top_p", self.top_p, 0.0, 1.0, low_open=True),
             "max_new_tokens": _integer("max_new_tokens", self.max_new_tokens, 1),
             "seed": None if self.seed is None else _integer("seed", self.seed, 0),
+            "system": check_text(self.system, "system") if self.system and str(self.system).strip() else None,
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
     def sampling(self) -> dict[str, Any]:
-        """Keyword arguments for `adapter.generate` other than the scales and the stop strings."""
+        """Keyword arguments for `adapter.generate` other than the scales, the stop strings and the system."""
         return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
                 "seed": self.seed}
 
@@ -174,15 +177,15 @@ class Engine:
         message = check_text(message, "message")
         turns = list(history)
         while True:
-            prompt = self.prompts.chat(turns, message)
+            prompt = self.prompts.chat(turns, message, settings.system)
             if not turns or self._fits(prompt, settings.max_new_tokens):
                 break
             turns.pop(0)
         self._require_room(prompt, "message")
         return prompt
 
-    def image_prompt(self, question: str) -> str:
-        return self.prompts.image_question(check_text(question))
+    def image_prompt(self, question: str, system: str | None = None) -> str:
+        return self.prompts.image_question(check_text(question), system)
 
     def chat(self, history: Sequence[tuple[str, str]], message: str, settings: Settings) -> Iterator[str]:
         """The answer so far, growing as tokens are decoded (each item is the whole answer up to now).
@@ -200,14 +203,14 @@ class Engine:
 
     def _question_prompt(self, question: str, settings: Settings) -> str:
         """The prompt of a one-off question (compare, sweep), checked with the settings before decoding."""
-        prompt = self.prompts.instruction(check_text(question))
+        prompt = self.prompts.instruction(check_text(question), system=settings.system)
         self.check(settings)
         self._require_room(prompt, "question")
         return prompt
 
     def _image_rows(self, image: Any, question: str, settings: Settings, count: int) -> tuple[str, list | None]:
         """The image prompt and `count` copies of the picture, checked (none for an adapter that cannot see)."""
-        prompt = self.image_prompt(question)
+        prompt = self.image_prompt(question, settings.system)
         self.check(settings)
         self._require_room(prompt, "question")
         if not self.can_see_images:

@@ -129,6 +129,7 @@ def stream_batch(
     *,
     images: Sequence[Any] | None = None,
     template: str | None = None,
+    system: str | None = None,
     gate_scale: Any = None,
     delta_scale: Any = None,
     **options: Any,
@@ -137,7 +138,8 @@ def stream_batch(
 
     `images` gives one image (path, PIL image, array) or None per prompt; each image is encoded once and
     its visual prompt reaches every adapter layer through the gated prompt path. `template` writes each
-    prompt in a prompt format ("auto": the adapter's own, see adapter.prompts); None feeds them as given.
+    prompt in a prompt format ("auto": the adapter's own, see adapter.prompts), after the `system` prompt
+    when given (chat formats only); None feeds them as given.
     """
     tokenizer = _tokenizer(model)
     if isinstance(prompts, str):
@@ -145,6 +147,8 @@ def stream_batch(
     written = template_format(template, model.prompt_format)
     if written is not None:
         written.check(tokenizer)
+    elif system:
+        raise ValueError("system: a system prompt needs a template (a prompt format) to be written in")
     request = _request(written, **options)
     visual_prompt = None
     if images is not None:
@@ -155,7 +159,7 @@ def stream_batch(
 
             with torch.inference_mode():
                 visual_prompt = encode_images(model, images)
-    texts = [p if written is None else written.instruction(p) for p in prompts]
+    texts = [p if written is None else written.instruction(p, system=system) for p in prompts]
     ids = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
     streams = [TextStream(tokenizer, request.stop) for _ in ids]
     finished = [False] * len(ids)
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "local file, or an open_clip pretrained tag such as 'openai' (downloads)")
     parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")
     parser.add_argument("--input", help="optional input after the instruction (not with --template none)")
+    parser.add_argument("--system", help="system prompt (the llama2 and llama3 prompt formats; Alpaca has none)")
     parser.add_argument("--template", default="auto", choices=TEMPLATES,
                         help="prompt format (default auto: the adapter's own, which is alpaca unless it was trained "
                              "with another; 'none' feeds the prompt as given)")
@@ -295,9 +300,15 @@ def asked_as(model: "Transformer", args: argparse.Namespace) -> tuple[str, list[
     the stop strings: --stop's and the format's."""
     written = template_format(args.template, model.prompt_format)
     if written is None:
+        if args.system:
+            raise ValueError("--system: not with --template none (the prompt is fed as given)")
         return apply_template(None, args.prompt, args.input), list(args.stop)
     written.check(_tokenizer(model))
-    return written.instruction(args.prompt, args.input), [*args.stop, *written.stop_strings]
+    try:
+        prompt = written.instruction(args.prompt, args.input, args.system)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
+    return prompt, [*args.stop, *written.stop_strings]
 
 
 def answer_blocks(models: Sequence["Transformer"], names: Sequence[str | None], asked: Sequence[tuple[str, list[str]]],

@@ -4,8 +4,9 @@
 answered instructions; the official v2 multimodal demo asks about an image with the same text). "llama3" is
 Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>) and "llama2" Llama 2 Chat's
 ([INST] ... [/INST], each answered turn ended by EOS and the next begun by BOS), for adapters trained on
-those chat models, so that at gate 0 the base is asked as it was tuned to be. An adapter trained with
-`adapter.finetune --prompt-format` records its format; the app and `generate --template auto` use it.
+those chat models, so that at gate 0 the base is asked as it was tuned to be; both take a system prompt,
+Alpaca has none. An adapter trained with `adapter.finetune --prompt-format` records its format; the app and
+`generate --template auto` use it.
 """
 
 from __future__ import annotations
@@ -56,14 +57,16 @@ class PromptFormat:
     stop_strings: tuple[str, ...] = ()  # what a model trained so writes when it starts a new turn on its own
     answer_end: str | None = None  # the special token that ends an answer; None: the tokenizer's EOS
 
-    def instruction(self, instruction: str, input: str | None = None) -> str:
+    def instruction(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
+        """One question (an input follows the instruction), after the system prompt if given."""
         raise NotImplementedError
 
-    def chat(self, history: Sequence[tuple[str, str]], message: str) -> str:
+    def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
+        """Earlier (user, assistant) turns, then the new message, after the system prompt if given."""
         raise NotImplementedError
 
-    def image_question(self, question: str) -> str:
-        return self.instruction(question)
+    def image_question(self, question: str, system: str | None = None) -> str:
+        return self.instruction(question, system=system)
 
     def answer(self, text: str) -> str:
         """An answer as the format writes it in a training example (before the answer end)."""
@@ -85,11 +88,19 @@ class AlpacaFormat(PromptFormat):
     name = "alpaca"
     stop_strings = STOP_STRINGS
 
-    def instruction(self, instruction: str, input: str | None = None) -> str:
+    def instruction(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
+        _no_system(system)
         return alpaca(instruction, input)
 
-    def chat(self, history: Sequence[tuple[str, str]], message: str) -> str:
+    def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
+        _no_system(system)
         return chat(history, message)
+
+
+def _no_system(system: str | None) -> None:
+    if system:
+        raise ValueError("system: the alpaca prompt format has no system prompt (its header is fixed); a system "
+                         "prompt needs a chat format (llama2, llama3)")
 
 
 LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
@@ -97,17 +108,19 @@ LLAMA3_TURN_END = "<|eot_id|>"
 
 
 class Llama3Format(PromptFormat):
-    """Llama 3 Instruct's chat format: no system turn, each message stripped of surrounding whitespace, as
-    Llama 3 Instruct's own chat template writes it; an Alpaca input follows the instruction after a blank line."""
+    """Llama 3 Instruct's chat format: a system turn only when given, each message stripped of surrounding
+    whitespace, as Llama 3 Instruct's own chat template writes it; an Alpaca input follows the instruction
+    after a blank line."""
 
     name = "llama3"
     answer_end = LLAMA3_TURN_END
 
-    def instruction(self, instruction: str, input: str | None = None) -> str:
-        return self.chat((), f"{instruction}\n\n{input}" if input else instruction)
+    def instruction(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
+        return self.chat((), f"{instruction}\n\n{input}" if input else instruction, system)
 
-    def chat(self, history: Sequence[tuple[str, str]], message: str) -> str:
-        turns = "".join(_llama3_turn("user", user) + _llama3_turn("assistant", answer) for user, answer in history)
+    def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
+        turns = _llama3_turn("system", system) if system else ""
+        turns += "".join(_llama3_turn("user", user) + _llama3_turn("assistant", answer) for user, answer in history)
         return f"{turns}{_llama3_turn('user', message)}{LLAMA3_HEADER.format(role='assistant')}"
 
     def answer(self, text: str) -> str:
@@ -128,18 +141,23 @@ def _llama3_turn(role: str, content: str) -> str:
 
 
 class Llama2Format(PromptFormat):
-    """Llama 2 Chat's format, token for token as Meta's chat code writes it (no system prompt): each earlier
-    turn `[INST] {user} [/INST] {answer} ` between BOS and EOS, then `[INST] {message} [/INST]` after a BOS.
-    The BOS/EOS between turns are written "<s>"/"</s>", which the SentencePiece tokenizer reads as those ids."""
+    """Llama 2 Chat's format, token for token as Meta's chat code writes it: each earlier turn
+    `[INST] {user} [/INST] {answer} ` between BOS and EOS, then `[INST] {message} [/INST]` after a BOS; a system
+    prompt goes into the first user turn between `<<SYS>>` and `<</SYS>>`. The BOS/EOS between turns are
+    written "<s>"/"</s>", which the SentencePiece tokenizer reads as those ids."""
 
     name = "llama2"
 
-    def instruction(self, instruction: str, input: str | None = None) -> str:
-        return self.chat((), f"{instruction}\n\n{input}" if input else instruction)
+    def instruction(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
+        return self.chat((), f"{instruction}\n\n{input}" if input else instruction, system)
 
-    def chat(self, history: Sequence[tuple[str, str]], message: str) -> str:
-        turns = "".join(f"[INST] {user.strip()} [/INST]{self.answer(answer)}</s><s>" for user, answer in history)
-        return f"{turns}[INST] {message.strip()} [/INST]"
+    def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
+        users = [user for user, _ in history] + [message]
+        if system:
+            users[0] = f"<<SYS>>\n{system}\n<</SYS>>\n\n{users[0]}"
+        turns = "".join(f"[INST] {user.strip()} [/INST]{self.answer(answer)}</s><s>"
+                        for user, (_, answer) in zip(users, history))
+        return f"{turns}[INST] {users[-1].strip()} [/INST]"
 
     def answer(self, text: str) -> str:
         return f" {text.strip()} "

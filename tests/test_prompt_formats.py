@@ -89,6 +89,22 @@ def test_llama3_prompts_are_the_chat_templates_tokens(llama3_base, reference, tu
         assert LLAMA3.instruction(message) == prompt
 
 
+@pytest.mark.parametrize("turns", CONVERSATIONS)
+def test_a_system_prompt_is_written_as_each_chat_formats_reference_writes_it(llama3_base, reference, base_folder,
+                                                                              turns):
+    system = " Answer in one word.\nNo more. "
+    *history, (message, _) = turns
+    llama3 = open_tokenizer(llama3_base / "tokenizer.model")
+    assert llama3.encode(LLAMA3.chat(history, message, system), bos=True) == \
+        template_ids(reference, [{"role": "system", "content": system}, *messages(turns)], True)
+    llama2 = open_tokenizer(base_folder / "tokenizer.model")
+    assert llama2.encode(LLAMA2.chat(history, message, system), bos=True) == \
+        meta_llama2_chat_tokens(llama2.processor, turns, system)
+    assert LLAMA2.instruction("Add.", "1 2", system) == LLAMA2.chat((), "Add.\n\n1 2", system)
+    with pytest.raises(ValueError, match="system: the alpaca prompt format has no system prompt"):
+        PROMPT_FORMATS["alpaca"].chat(history, message, system)
+
+
 def test_a_llama3_training_example_is_the_whole_conversation_ending_at_eot(llama3_base, reference):
     tokenizer = open_tokenizer(llama3_base / "tokenizer.model")
     history = [("Hi", "Hello!")]
@@ -104,9 +120,13 @@ def test_a_llama3_training_example_is_the_whole_conversation_ending_at_eot(llama
     assert tokenizer.decode(encoded.tokens[prompt_len:-1]) == "The star."
 
 
-def meta_llama2_chat_tokens(processor, turns) -> list[int]:
-    """Meta's Llama 2 chat code (llama/generation.py, chat_completion, no system prompt): each answered turn
-    encoded on its own between BOS and EOS, then the open question after a BOS."""
+def meta_llama2_chat_tokens(processor, turns, system: str | None = None) -> list[int]:
+    """Meta's Llama 2 chat code (llama/generation.py, chat_completion): a system message joins the first user
+    message between B_SYS and E_SYS, each answered turn is encoded on its own between BOS and EOS, then the
+    open question after a BOS."""
+    if system is not None:
+        (user, answer), *rest = turns
+        turns = [("<<SYS>>\n" + system + "\n<</SYS>>\n\n" + user, answer), *rest]
     ids = []
     for user, answer in turns:
         if answer is None:
@@ -164,6 +184,21 @@ def test_records_are_written_in_the_runs_format(tmp_path):
     assert second.prompt == f"{user}Hi<|eot_id|>{assistant}Hello<|eot_id|>{user}Bye<|eot_id|>{assistant}"
     (alpaca,), _ = read_records(data)
     assert alpaca == Example(adapter.alpaca("Add them.", "2 and 3"), " 5 ")
+    with pytest.raises(ValueError, match=":1: system: the alpaca prompt format has no system prompt"):
+        read_records(write_jsonl(tmp_path / "system.jsonl", [{"instruction": "Hi", "output": "Hello",
+                                                              "system": "Be brief."}]))
+    system = write_jsonl(tmp_path / "systems.jsonl", [
+        {"instruction": "Hi", "output": "Hello", "system": "Be brief."},
+        {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
+                           {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye"},
+                           {"from": "gpt", "value": "Bye!"}]}])
+    (brief,), (kind, kinder) = read_records(system, prompt_format=LLAMA3)
+    assert brief.prompt == LLAMA3.instruction("Hi", system="Be brief.")
+    assert kinder.prompt == LLAMA3.chat([("Hi", "Hello")], "Bye", "Be kind.") and kind.response == "Hello"
+    twice = write_jsonl(tmp_path / "twice.jsonl", [{"system": "A", "conversations": [
+        {"from": "system", "value": "B"}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}])
+    with pytest.raises(ValueError, match=":1: two system prompts: 'system' and conversations\\[0\\]"):
+        read_records(twice, prompt_format=LLAMA3)
     (single,), (first, second) = read_records(data, prompt_format=LLAMA2)
     assert single == Example("[INST] Add them.\n\n2 and 3 [/INST]", " 5 ")
     assert second == Example("[INST] Hi [/INST] Hello </s><s>[INST] Bye [/INST]", " Bye! ")
@@ -206,6 +241,14 @@ def test_an_adapter_records_its_format_and_is_asked_in_it(llama3_base, tmp_path,
     assert engine.model_info()["prompt_format"] == "llama3"
     as_alpaca = Engine(model, max_new_tokens=8, prompt_format="alpaca")
     assert as_alpaca.chat_prompt([], "Bye", Settings()) == adapter.alpaca("Bye")
+    brief = Settings(system="Answer in one word.", temperature=0.0, max_new_tokens=4)
+    assert engine.chat_prompt([("Hi", "Hello!")], "Bye", brief) == \
+        LLAMA3.chat([("Hi", "Hello!")], "Bye", "Answer in one word.")
+    assert list(engine.sweep("Bye", "0, 1", brief))[-1] == \
+        [model.generate(LLAMA3.instruction("Bye", system="Answer in one word."), gate_scale=gate, temperature=0.0,
+                        max_new_tokens=4) for gate in (0.0, 1.0)]
+    with pytest.raises(ValueError, match="system: the alpaca prompt format has no system prompt"):
+        as_alpaca.chat([], "Bye", brief)
 
     greedy = ["--base", str(llama3_base), "--adapter", str(result.adapter), "--temperature", "0",
               "--max-new-tokens", "6"]
@@ -214,6 +257,11 @@ def test_an_adapter_records_its_format_and_is_asked_in_it(llama3_base, tmp_path,
     assert generate_main([*greedy, "--template", "none", "--prompt", LLAMA3.instruction("Name a colour.")]) == 0
     assert capsys.readouterr().out == auto
     assert auto == model.generate(LLAMA3.instruction("Name a colour."), temperature=0.0, max_new_tokens=6) + "\n"
+    assert generate_main([*greedy, "--prompt", "Name a colour.", "--system", "Be brief."]) == 0
+    assert capsys.readouterr().out == model.generate("Name a colour.", template="auto", system="Be brief.",
+                                                     temperature=0.0, max_new_tokens=6) + "\n"
+    assert generate_main([*greedy, "--prompt", "Hi", "--system", "Be brief.", "--template", "alpaca"]) == 2
+    assert "error: --system: the alpaca prompt format has no system prompt" in capsys.readouterr().err
 
     assert inspect_main([str(result.adapter)]) == 0
     assert "  prompt format llama3\n" in capsys.readouterr().out

@@ -4,14 +4,15 @@ Every record is checked before training starts and all bad ones are reported tog
 file and line (JSONL) or index (JSON list), so that a 52k-record file is fixed in one pass rather than
 one crash at a time. Each good record becomes one or more (prompt, response) examples, written in the run's
 prompt format (adapter.prompts; Alpaca by default); a conversation gives one per `gpt` turn, prompted with
-the format's chat over the turns before it.
+the format's chat over the turns before it. A record's system prompt (a "system" string, or a conversation's
+first turn from "system") goes to every example of the record; the chat formats take one, Alpaca does not.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,13 +95,26 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
     if not isinstance(record, dict):
         reasons.append(f"expected a JSON object, got {_kind(record)}")
         return []
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        reasons.append(f"'system' must be a string, got {_kind(system)}")
     if "conversations" in record:
         image = _image(record, folder, reasons)
-        pairs = _conversation(record["conversations"], reasons)
+        turns, first = record["conversations"], 0
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") == "system":
+            if system is not None:
+                reasons.append("two system prompts: 'system' and conversations[0]")
+            system, first = turns[0].get("value"), 1
+            if not isinstance(system, str):
+                reasons.append(f"conversations[0]: 'value' must be a string, got {_kind(system)}")
+        pairs = _conversation(turns, reasons, first)
+        if reasons:
+            return []
         history: list[tuple[str, str]] = []
         examples = []
         for question, answer in pairs:
-            examples.append(Example(written.chat(history, question), written.answer(answer), image))
+            prompt = _written(lambda: written.chat(history, question, system), reasons)
+            examples.append(Example(prompt, written.answer(answer), image))
             history.append((question, answer))
         return examples
     if "image" in record:
@@ -114,7 +128,16 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
     output = _string(record, "output", reasons)
     if reasons:
         return []
-    return [Example(written.instruction(instruction, extra), written.answer(output))]
+    return [Example(_written(lambda: written.instruction(instruction, extra, system), reasons), written.answer(output))]
+
+
+def _written(prompt: Callable[[], str], reasons: list[str]) -> str:
+    """The prompt, or "" with the reason when the format cannot write it (a system prompt in Alpaca)."""
+    try:
+        return prompt()
+    except ValueError as error:
+        reasons.append(str(error))
+        return ""
 
 
 def _string(record: dict, key: str, reasons: list[str]) -> str | None:
@@ -144,19 +167,20 @@ def _image(record: dict, folder: Path | None, reasons: list[str]) -> Path | None
     return path
 
 
-def _conversation(turns: Any, reasons: list[str]) -> list[tuple[str, str]]:
-    """(human, gpt) pairs of alternating turns that start with a human and end with gpt; `<image>` removed."""
-    if not isinstance(turns, list) or not turns:
+def _conversation(turns: Any, reasons: list[str], first: int = 0) -> list[tuple[str, str]]:
+    """(human, gpt) pairs of alternating turns from `turns[first]` on that start with a human and end with
+    gpt; `<image>` removed."""
+    if not isinstance(turns, list) or len(turns) <= first:
         reasons.append(f"'conversations' must be a non-empty list of turns, got {_kind(turns)}")
         return []
     values = []
-    for index, turn in enumerate(turns):
+    for index, turn in enumerate(turns[first:], start=first):
         where = f"conversations[{index}]"
         if not isinstance(turn, dict):
             reasons.append(f"{where}: expected an object with 'from' and 'value', got {_kind(turn)}")
             continue
         role, value = turn.get("from"), turn.get("value")
-        expected = ROLES[index % 2]
+        expected = ROLES[(index - first) % 2]
         if role not in ROLES:
             reasons.append(f"{where}: 'from' must be 'human' or 'gpt', got {role!r}")
         elif role != expected:
@@ -168,8 +192,8 @@ def _conversation(turns: Any, reasons: list[str]) -> list[tuple[str, str]]:
         if expected == "human" and not value:
             reasons.append(f"{where}: empty human turn")
         values.append(value)
-    if len(turns) % 2:
-        reasons.append(f"'conversations' has {len(turns)} turns; it must end with a 'gpt' turn")
+    if (len(turns) - first) % 2:
+        reasons.append(f"'conversations' has {len(turns) - first} turns; it must end with a 'gpt' turn")
     return list(zip(values[::2], values[1::2]))
 
 
