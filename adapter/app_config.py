@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import hub
-from .engine import Engine, Engines, device_lock
+from .engine import Engine, Engines, check_text, device_lock
 from .kv_cache import check_kv_cache
 from .loading import load_many, resolve_device, resolve_dtype
 from .prompts import PROMPT_FORMATS
@@ -50,6 +50,7 @@ class ServeConfig:
     compile: bool = False  # decode through torch.compile (Transformer.step): faster steps, a slow first answer
     kv_cache: str = "auto"  # "int8": keys/values in int8, half the cache's memory (adapter.kv_cache)
     prompt_format: str = "auto"  # how questions are written (adapter.prompts); auto: each adapter's own
+    system: str = ""  # the system prompt box's starting text (chat formats only)
 
 
 def env_name(flag: str) -> str:
@@ -120,6 +121,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--prompt-format", default=default("prompt_format", defaults.prompt_format),
                         help=f"how questions are written: auto (each adapter's own: what it was trained with, "
                              f"alpaca unless recorded otherwise) or {' / '.join(PROMPT_FORMATS)} for all")
+    parser.add_argument("--system", default=default("system", defaults.system),
+                        help="the system prompt each request starts with (users may change it under Advanced); "
+                             "only adapters asked in a chat format (llama2, llama3) take one")
     return parser
 
 
@@ -154,6 +158,8 @@ def check_config(config: ServeConfig) -> None:
     _flag("quantize", check_mode, config.quantize)
     _flag("clip_quantize", lambda mode: check_mode(mode, "clip_quantize"), config.clip_quantize)
     _flag("kv_cache", check_kv_cache, config.kv_cache)
+    if config.system.strip():
+        _flag("system", lambda text: check_text(text, "system"), config.system)
     if config.prompt_format not in ("auto", *PROMPT_FORMATS):
         raise ValueError(f"--prompt-format: must be one of {('auto', *PROMPT_FORMATS)}, got {config.prompt_format!r}")
     device = _flag("device", resolve_device, config.device)
@@ -238,10 +244,17 @@ def load_engines(config: ServeConfig) -> Engines:
     lock = device_lock(models[0].tok_embeddings.weight.device)
     written = None if config.prompt_format == "auto" else config.prompt_format
     try:
-        return Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile,
-                                     prompt_format=written)
-                        for (name, _), model in zip(served, models)})
+        engines = Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile,
+                                        prompt_format=written)
+                           for (name, _), model in zip(served, models)})
     except ValueError as error:  # a format the tokenizer cannot write
         if written is None:
             raise
         raise ValueError(f"--prompt-format: {error}") from None
+    if config.system.strip():
+        for name, engine in engines.by_name.items():
+            try:
+                engine.prompts.chat((), "?", config.system)
+            except ValueError as error:
+                raise ValueError(f"--system: adapter {name}: {str(error).split(': ', 1)[-1]}") from None
+    return engines

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 import adapter
-from adapter.app_config import parse_config
+from adapter.app_config import load_engines, parse_config
 from adapter.bpe_tokenizer import llama3_special_tokens
 from adapter.config import ModelArgs
 from adapter.convert import convert
@@ -313,10 +313,27 @@ def test_the_apps_prompt_format_flag(tmp_path):
 
 
 def test_the_app_refuses_a_format_its_base_cannot_write(base_folder):
-    from adapter.app_config import load_engines
-
     config = parse_config(["--base", str(base_folder), "--prompt-format", "llama3", "--device", "cpu"])
     with pytest.raises(ValueError, match="^--prompt-format: prompt format llama3: tokenizer .* has no "):
         load_engines(config)
     engines = load_engines(parse_config(["--base", str(base_folder), "--device", "cpu"]))
     assert engines.default.prompts.name == "alpaca"
+
+
+def test_the_apps_system_flag_starts_every_request_with_it(llama3_base, base_folder):
+    from gradio_client import Client
+
+    from .app_helpers import GREEDY, controls, running_app
+
+    with pytest.raises(ValueError, match="^--system: adapter none: the alpaca prompt format has no system"):
+        load_engines(parse_config(["--base", str(base_folder), "--system", "Be brief.", "--device", "cpu"]))
+    with pytest.raises(ValueError, match="--system: 5,000 characters is too long"):
+        parse_config(["--system", "x" * 5000])
+    flags = ["--base", str(llama3_base), "--prompt-format", "llama3"]
+    with running_app([*flags, "--system", "Answer in one word."]) as app:
+        engine = app.engines.default
+        asked, generate = [], engine._generate
+        engine._generate = lambda prompts, *rest: asked.append(prompts) or generate(prompts, *rest)
+        answer = Client(app.url, verbose=False).predict("Name a colour.", *controls(), api_name="/compare")
+        assert asked == [[LLAMA3.instruction("Name a colour.", system="Answer in one word.")] * 2]
+        assert answer == list(engine.compare("Name a colour.", Settings(**GREEDY, system="Answer in one word.")))[-1]
