@@ -308,8 +308,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                 step=1, label="Max new tokens", elem_id="max_new_tokens")
             seed = gr.Number(DEFAULTS.seed, precision=0, label="Seed (same seed and question: only the gate "
                              "changes the answer)", elem_id="seed")
-            system = gr.Textbox(config.system, label="System prompt (the Llama 2 and Llama 3 chat formats; Alpaca has none)",
-                                lines=2, elem_id="system")
+            system = gr.Textbox(config.system, lines=2, elem_id="system",
+                                label="System prompt (the Llama 2 and Llama 3 chat formats; Alpaca has none)")
         for slider in (gate, delta, temperature, top_p, max_new):
             range_checked_by_settings(slider)
         controls = [gate, delta, temperature, top_p, max_new, seed, adapter, system]
