@@ -250,16 +250,20 @@ def examples(config: ServeConfig) -> tuple[list[list[str]], list[str]]:
 
 
 def tiny_held_out(config: ServeConfig) -> Path | None:
-    """The tiny model's held-out text questions as fine-tuning records, written once into a temporary folder,
-    for the Score tab to offer (None for other models)."""
+    """The tiny model's held-out text questions as fine-tuning records, for the Score tab to offer (None for
+    other models): one file in the temporary folder, rewritten atomically at each start (its content never
+    changes, so apps starting together agree)."""
     if not serves_tiny(config):
         return None
+    from adapter.formats.common import atomic_write
     from adapter.tiny.evaluate import held_out
     from adapter.tiny.recipe import RECIPES
     from adapter.tiny.records import write_text_records
 
     questions = held_out("text", RECIPES["full"].seed, TINY_HELD_OUT_PER_CATEGORY)
-    return write_text_records(questions, Path(tempfile.mkdtemp(prefix="llama-adapter-")) / "tiny_held_out.jsonl")
+    path = Path(tempfile.gettempdir()) / "llama-adapter" / "tiny_held_out.jsonl"
+    atomic_write(path, lambda tmp: write_text_records(questions, Path(tmp)))
+    return path
 
 
 def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
