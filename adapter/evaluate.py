@@ -128,8 +128,8 @@ def _checked(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: i
 
 def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[float], delta_scale: float,
                   micro_batch_size: int) -> tuple[list[float], list[int], int]:
-    """(summed loss, tokens ranked first) per scale, and the tokens scored: each micro-batch runs once per
-    scale, its images encoded once."""
+    """(summed loss, tokens ranked first) per scale, and the tokens scored: each micro-batch runs once, its
+    rows repeated once per gate scale (scale-major, each copy with its own scale), its images encoded once."""
     from .visual import encode_images
 
     device = model.tok_embeddings.weight.device
@@ -144,11 +144,15 @@ def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[flo
             continue
         with torch.no_grad():
             visual = encode_images(model, batch.images) if batch.images is not None else None
-        for index, scale in enumerate(scales):
-            loss, hit = model.score(batch.tokens, positions, targets, gate_scale=scale, delta_scale=delta_scale,
-                                    visual_prompt=visual)
-            losses[index] += loss.double().sum().item()
-            hits[index] += int(hit.sum())
+        copies = len(scales)
+        rows = torch.tensor(scales, device=device).repeat_interleave(batch.tokens.shape[0])
+        loss, hit = model.score(batch.tokens.repeat(copies, 1), positions.repeat(copies, 1), targets.repeat(copies),
+                                gate_scale=rows, delta_scale=delta_scale,
+                                visual_prompt=None if visual is None else visual.repeat(copies, 1, 1))
+        for index, (summed, ranked) in enumerate(zip(loss.double().view(copies, -1).sum(1).tolist(),
+                                                     hit.view(copies, -1).sum(1).tolist())):
+            losses[index] += summed
+            hits[index] += int(ranked)
     return losses, hits, scored_tokens
 
 
