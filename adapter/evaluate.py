@@ -15,7 +15,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,7 +62,9 @@ class Evaluation:
     tokens: int  # answer tokens scored
     truncated: int  # examples cut at max_seq_len (their cut-off tokens are not scored)
     delta_scale: float
-    scores: list[Score] = field(default_factory=list)
+    scores: list[Score]
+    # with exact answers: each example's prompt, reference and greedy answer at each gate scale (in order)
+    answers: list[dict]
 
     def to_dict(self) -> dict:
         return {**asdict(self), "scores": [{**asdict(s), "perplexity": s.perplexity} for s in self.scores]}
@@ -102,12 +104,13 @@ def evaluate(
         encoded.append(item)
         cut += truncated
     losses, hits, tokens = _token_scores(model, encoded, scales, delta_scale, micro_batch_size)
-    matches = _exact_matches(model, examples, scales, delta_scale, micro_batch_size, written.stop_strings) \
-        if exact else [None] * len(scales)
-    result = Evaluation(model.adapter_path, written.name, len(examples), tokens, cut, delta_scale)
-    for scale, loss, hit, match in zip(scales, losses, hits, matches):
-        result.scores.append(Score(scale, loss / max(tokens, 1), hit / max(tokens, 1), match))
-    return result
+    said = _greedy_answers(model, examples, scales, delta_scale, micro_batch_size, written.stop_strings) \
+        if exact else []
+    matches = [sum(row["answers"][index].strip() == row["reference"].strip() for row in said) if exact else None
+               for index in range(len(scales))]
+    scores = [Score(scale, loss / max(tokens, 1), hit / max(tokens, 1), match)
+              for scale, loss, hit, match in zip(scales, losses, hits, matches)]
+    return Evaluation(model.adapter_path, written.name, len(examples), tokens, cut, delta_scale, scores, said)
 
 
 def _checked(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: int | None, limit: int | None,
@@ -156,24 +159,25 @@ def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[flo
     return losses, hits, scored_tokens
 
 
-def _exact_matches(model: "Transformer", examples: list[Example], scales: list[float], delta_scale: float,
-                   micro_batch_size: int, stop: Sequence[str]) -> list[int]:
-    """Greedy answers equal to the reference, per scale: `micro_batch_size` examples x every scale a batch. An
-    example whose prompt leaves no room for an answer in the model's context counts as not answered."""
+def _greedy_answers(model: "Transformer", examples: list[Example], scales: list[float], delta_scale: float,
+                    micro_batch_size: int, stop: Sequence[str]) -> list[dict]:
+    """Each example's greedy answer at every scale (`micro_batch_size` examples x every scale a batch), decoded
+    a few tokens past the reference's length. An example whose prompt leaves no room for an answer in the
+    model's context gets empty answers."""
     tokenizer = model.tokenizer
-    fits = [e for e in examples if len(tokenizer.encode(e.prompt)) < model.args.max_seq_len]
-    matches = [0] * len(scales)
+    rows_of = [{"prompt": e.prompt, "reference": e.response, "answers": [""] * len(scales)} for e in examples]
+    fits = [i for i, e in enumerate(examples) if len(tokenizer.encode(e.prompt)) < model.args.max_seq_len]
     for start in range(0, len(fits), micro_batch_size):
         chunk = fits[start:start + micro_batch_size]
-        rows = [(example, index) for example in chunk for index in range(len(scales))]
-        room = max(len(tokenizer.encode(e.response, bos=False)) for e in chunk) + EXACT_SLACK
-        images = [e.image for e, _ in rows] if any(e.image is not None for e in chunk) else None
-        answers = generate_batch(model, [e.prompt for e, _ in rows], gate_scale=[scales[i] for _, i in rows],
+        rows = [(i, index) for i in chunk for index in range(len(scales))]
+        room = max(len(tokenizer.encode(examples[i].response, bos=False)) for i in chunk) + EXACT_SLACK
+        images = [examples[i].image for i, _ in rows] if any(examples[i].image is not None for i in chunk) else None
+        answers = generate_batch(model, [examples[i].prompt for i, _ in rows], gate_scale=[scales[s] for _, s in rows],
                                  delta_scale=delta_scale, images=images, temperature=0.0, max_new_tokens=room,
                                  stop=list(stop))
-        for (example, index), answer in zip(rows, answers):
-            matches[index] += answer.strip() == example.response.strip()
-    return matches
+        for (i, index), answer in zip(rows, answers):
+            rows_of[i]["answers"][index] = answer
+    return rows_of
 
 
 def table(evaluation: Evaluation) -> str:

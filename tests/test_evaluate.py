@@ -86,9 +86,14 @@ def test_exact_answers_are_what_the_tiny_models_evaluation_counts(tmp_path):
     questions = held_out("text", seed=0, per_category=3)
     data = write_text_records(questions, tmp_path / "held_out.jsonl")  # as the adapter was trained: " red"
     result = evaluate(model, data, gate_scales=[0.0, 1.0], exact=True, micro_batch_size=8)
-    expected = [sum(a == q.answer for a, q in zip(answers(model, questions, scale, images=False), questions))
-                for scale in (0.0, 1.0)]
+    theirs = [answers(model, questions, scale, images=False) for scale in (0.0, 1.0)]
+    expected = [sum(a == q.answer for a, q in zip(said, questions)) for said in theirs]
     assert [s.exact for s in result.scores] == expected
+    assert [row["reference"] for row in result.answers] == [" " + q.answer for q in questions]
+    for index, said in enumerate(theirs):  # the same greedy answers, ours stopped a few tokens past the reference
+        ours = [row["answers"][index].strip() for row in result.answers]
+        assert all(their.startswith(mine) for mine, their in zip(ours, said)), (ours, said)
+        assert [a == q.answer for a, q in zip(ours, questions)] == [a == q.answer for a, q in zip(said, questions)]
     assert expected[1] > expected[0], "the trained adapter answers held-out questions its base cannot"
     assert result.scores[1].loss < result.scores[0].loss
 
