@@ -114,6 +114,8 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
         examples = []
         for question, answer in pairs:
             prompt = _written(lambda: written.chat(history, question, system), reasons)
+            if reasons:  # said once for the record, not once per turn
+                return []
             examples.append(Example(prompt, written.answer(answer), image))
             history.append((question, answer))
         return examples
