@@ -299,16 +299,13 @@ def asked_as(model: "Transformer", args: argparse.Namespace) -> tuple[str, list[
     """The command line's prompt as `model` is asked it (`--template auto`: in its adapter's prompt format) and
     the stop strings: --stop's and the format's."""
     written = template_format(args.template, model.prompt_format)
-    if written is None:
-        if args.system:
-            raise ValueError("--system: not with --template none (the prompt is fed as given)")
-        return apply_template(None, args.prompt, args.input), list(args.stop)
-    written.check(_tokenizer(model))
+    if written is not None:
+        written.check(_tokenizer(model))
     try:
-        prompt = written.instruction(args.prompt, args.input, args.system)
-    except ValueError as error:
+        prompt = apply_template(args.template, args.prompt, args.input, model.prompt_format, args.system)
+    except ValueError as error:  # input/system the template has no place for: name the flag
         raise ValueError(f"--{error}") from None
-    return prompt, [*args.stop, *written.stop_strings]
+    return prompt, [*args.stop, *(written.stop_strings if written else ())]
 
 
 def answer_blocks(models: Sequence["Transformer"], names: Sequence[str | None], asked: Sequence[tuple[str, list[str]]],

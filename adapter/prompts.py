@@ -183,15 +183,19 @@ def format_named(name: str, source: str = "prompt_format") -> PromptFormat:
     return PROMPT_FORMATS[name]
 
 
-def apply_template(template: str | None, prompt: str, input: str | None = None, model_format: str = "alpaca") -> str:
-    """Format `prompt` with a named template ("auto": `model_format`); "none" (or None) feeds it as given."""
+def apply_template(template: str | None, prompt: str, input: str | None = None, model_format: str = "alpaca",
+                   system: str | None = None) -> str:
+    """Format `prompt` with a named template ("auto": `model_format`), after `system` when given (chat formats
+    only); "none" (or None) feeds it as given."""
     if template in (None, "none"):
         if input:
             raise ValueError("input: 'none' takes no input (the prompt is fed as given)")
+        if system:
+            raise ValueError("system: 'none' takes no system prompt (the prompt is fed as given)")
         return prompt
     if input and template in ("chat", "image"):
         raise ValueError(f"input: the '{template}' template takes no input")
-    return template_format(template, model_format).instruction(prompt, input)
+    return template_format(template, model_format).instruction(prompt, input, system)
 
 
 def template_format(template: str | None, model_format: str = "alpaca") -> PromptFormat | None:

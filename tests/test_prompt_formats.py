@@ -337,3 +337,13 @@ def test_the_apps_system_flag_starts_every_request_with_it(llama3_base, base_fol
         answer = Client(app.url, verbose=False).predict("Name a colour.", *controls(), api_name="/compare")
         assert asked == [[LLAMA3.instruction("Name a colour.", system="Answer in one word.")] * 2]
         assert answer == list(engine.compare("Name a colour.", Settings(**GREEDY, system="Answer in one word.")))[-1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--template", "chat", "--input", "x"], "--input: the 'chat' template takes no input"),
+    (["--template", "none", "--system", "x"], "--system: 'none' takes no system prompt"),
+    (["--template", "alpaca", "--system", "x"], "--system: the alpaca prompt format has no system prompt"),
+])
+def test_generate_names_the_flag_a_template_has_no_place_for(base_folder, capsys, flags, message):
+    assert generate_main(["--base", str(base_folder), "--prompt", "Hi", "--max-new-tokens", "2", *flags]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
