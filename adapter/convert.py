@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .formats import open_base, read_adapter
+from .formats.common import unrecorded_format_note
 from .formats.native import save_adapter
 from .formats.official import write_official_v1
 from .model import Transformer
@@ -55,9 +56,9 @@ def convert(source: str | Path, target: str | Path, to: str, base: str | Path) -
         written = write_peft(model, target, base_model_name_or_path=str(base))
     else:
         written = write_official_v1(model, target)
-    if model.prompt_format != "alpaca":
-        print(f"note: the {to} format does not record the prompt format; ask this adapter in {model.prompt_format} "
-              f"(e.g. generate --template {model.prompt_format})", file=sys.stderr)
+    note = unrecorded_format_note(model, to)
+    if note:
+        print(note, file=sys.stderr)
     return written
 
 

@@ -227,8 +227,11 @@ def test_llama3_needs_a_tokenizer_with_its_tokens(base_folder):
 
 def test_an_adapter_records_its_format_and_is_asked_in_it(llama3_base, tmp_path, capsys):
     data = write_json(tmp_path / "data.json", alpaca_records(16))
-    config = tiny_config(llama3_base, data, tmp_path / "run", prompt_format="llama3", prompt_layers=2, max_steps=2)
+    config = tiny_config(llama3_base, data, tmp_path / "run", prompt_format="llama3", prompt_layers=2, max_steps=2,
+                         export="official-v1")
     result = train(config)
+    assert ("note: the official-v1 format does not record the prompt format; ask this adapter in llama3 (e.g. "
+            "generate --template llama3)") in capsys.readouterr().err
     with safe_open(result.adapter, "pt") as handle:
         assert handle.metadata()["prompt_format"] == "llama3"
     assert json.loads((result.adapter.parent / "adapter.json").read_text())["prompt_format"] == "llama3"

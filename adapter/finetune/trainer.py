@@ -19,6 +19,7 @@ from .. import hub
 from ..config import AdapterArgs
 from ..cpu_features import bf16_emulation_warning
 from ..formats import open_base
+from ..formats.common import unrecorded_format_note
 from ..formats.native import save_adapter
 from ..layout import row_major
 from ..loading import load, resolve_device
@@ -284,9 +285,9 @@ class _Run:
             save_adapter(self.model, self.out / "adapter")
             if self.config.export == "official-v1":
                 result.exports["official-v1"] = export_official_v1(self.model, self.out)
-                if self.prompt_format.name != "alpaca":
-                    notice(f"the official-v1 file does not record the prompt format: ask it in "
-                           f"{self.prompt_format.name} (e.g. generate --template {self.prompt_format.name})")
+                note = unrecorded_format_note(self.model, "official-v1")
+                if note:
+                    notice(note)
             log.write({"type": "end", "step": self.step, "adapter": str(result.adapter),
                        "exports": {k: str(v) for k, v in result.exports.items()}})
             records = read_log(self.out / LOG)
