@@ -26,7 +26,7 @@ from .finetune.encode import Encoded, encode_example
 from .finetune.records import Example, read_records
 from .finetune.step import scored_positions
 from .formats.common import atomic_write
-from .generate import generate_batch, scales_from_text
+from .generate import generate_batch, require_tokenizer, scales_from_text
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import PROMPT_FORMATS, format_named
 
@@ -124,8 +124,7 @@ def _checked(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: i
         raise ValueError(f"max_seq_len: must be between 2 and the model's {model.args.max_seq_len}, got {max_seq_len}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit: must be at least 1, got {limit}")
-    if model.tokenizer is None:
-        raise ValueError("model: has no tokenizer; load it with adapter.load(...)")
+    require_tokenizer(model)
     return scales
 
 

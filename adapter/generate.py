@@ -25,6 +25,7 @@ from .text_stream import TextStream
 
 if TYPE_CHECKING:
     from .model import Transformer
+    from .tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def stream_batch(
     prompt in a prompt format ("auto": the adapter's own, see adapter.prompts), after the `system` prompt
     when given (chat formats only); None feeds them as given.
     """
-    tokenizer = _tokenizer(model)
+    tokenizer = require_tokenizer(model)
     if isinstance(prompts, str):
         raise ValueError("prompts: expected a list of strings, got one string")
     written = template_format(template, model.prompt_format)
@@ -214,7 +215,8 @@ def scales_from_text(text: str, name: str) -> list[float]:
     return scales
 
 
-def _tokenizer(model: "Transformer"):
+def require_tokenizer(model: "Transformer") -> "Tokenizer":
+    """The model's tokenizer; a ValueError saying how to give it one when it has none."""
     if model.tokenizer is None:
         raise ValueError("model: has no tokenizer; load it with adapter.load(...) or set model.tokenizer")
     return model.tokenizer
@@ -300,7 +302,7 @@ def asked_as(model: "Transformer", args: argparse.Namespace) -> tuple[str, list[
     the stop strings: --stop's and the format's."""
     written = template_format(args.template, model.prompt_format)
     if written is not None:
-        written.check(_tokenizer(model))
+        written.check(require_tokenizer(model))
     try:
         prompt = apply_template(args.template, args.prompt, args.input, model.prompt_format, args.system)
     except ValueError as error:  # input/system the template has no place for: name the flag
