@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gradio as gr
 from PIL import Image
@@ -23,6 +23,7 @@ from adapter.engine import (
     MAX_SCORE_RECORDS,
     MAX_SWEEP,
     MAX_TEMPERATURE,
+    NEXT_TOKENS_TOP_K,
     Engine,
     Engines,
     Settings,
@@ -31,6 +32,8 @@ from adapter.engine import (
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from adapter.next_token import NextTokens
 
 QUEUE_PER_WORKER = 16  # waiting requests per concurrent slot before "queue is full"
 DEFAULTS = Settings()
@@ -112,6 +115,11 @@ def table(scales: list[float], answers: Iterator[list[str]]) -> Iterator[list[li
     """A sweep's rows (gate scale, answer so far) as its answers grow."""
     for row in answers:
         yield [[scale, answer] for scale, answer in zip(scales, row)]
+
+
+def next_token_view(found: NextTokens) -> tuple[dict[str, Any], Figure]:
+    """The next-token table (a token per row, a gate scale per column, % each) and its plot."""
+    return {"headers": found.headers(), "data": found.rows()}, found.figure()
 
 
 def picture(path: Path | None) -> Image.Image | None:
@@ -198,6 +206,17 @@ class Handlers:
             engine, choice = self.request(*controls)
             yield from table(values, engine.sweep_image(image, question, values, choice))
 
+    def next_tokens(self, question: str, scales: str, *controls: Any) -> tuple[dict[str, Any], Figure]:
+        with user_errors():
+            engine, choice = self.request(*controls)
+            return next_token_view(engine.next_tokens(question, scales, choice))
+
+    def next_tokens_image(self, image: Image.Image | None, question: str, scales: str,
+                          *controls: Any) -> tuple[dict[str, Any], Figure]:
+        with user_errors():
+            engine, choice = self.request(*controls)
+            return next_token_view(engine.next_tokens_image(image, question, scales, choice))
+
     def score(self, data: str | None, scales: str, exact: bool, *controls: Any) -> tuple[list[list[Any]], Figure]:
         """The score table (one row per gate scale) and its plot."""
         from adapter.evaluate import figure
@@ -272,16 +291,37 @@ def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
         gr.Examples([[m] for m in messages], inputs=[box], label="Held-out scenes and questions")
 
 
-def sweep_panel(what: str, prefix: str = "") -> tuple[gr.Textbox, gr.Button, gr.Dataframe]:
-    """The gate sweep's scales box, button and table (element ids `{prefix}sweep...`)."""
+class SweepPanel(NamedTuple):
+    """The gate sweep's scales box, its buttons (answers, next token) and what they fill."""
+
+    scales: gr.Textbox
+    sweep: gr.Button
+    answers: gr.Dataframe
+    next_token: gr.Button
+    next_panel: gr.Column  # hidden until first asked
+    next_tokens: gr.Dataframe
+    next_plot: gr.Plot
+
+
+def sweep_panel(what: str, prefix: str = "") -> SweepPanel:
+    """The gate sweep (element ids `{prefix}sweep...`, `{prefix}next_token...`): the answers at each scale, and
+    the next token's probabilities at each scale."""
     gr.Markdown(f"**Gate sweep**: {what} at up to {MAX_SWEEP} gate scales (the delta scale and sampling from the "
-                "controls above), decoded together in one batch.")
+                "controls above), decoded together in one batch. **Next token**: how likely each scale finds the "
+                f"first token of the answer (each scale's {NEXT_TOKENS_TOP_K} likeliest, at temperature 1): which "
+                "tokens the adaption prompts make likelier.")
     with gr.Row():
         scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id=f"{prefix}sweep_scales")
         button = gr.Button("Sweep", variant="primary", scale=1, elem_id=f"{prefix}sweep")
+        next_button = gr.Button("Next token", scale=1, elem_id=f"{prefix}next_token")
     rows = gr.Dataframe(headers=["gate scale", "answer"], datatype=["number", "str"], column_widths=["12%", "88%"],
                         interactive=False, wrap=True, elem_id=f"{prefix}sweep_table")
-    return scales, button, rows
+    with gr.Column(visible=False, elem_id=f"{prefix}next_token_panel") as next_panel:
+        next_rows = gr.Dataframe(headers=["token"], interactive=False, label="Next token, % at each gate scale",
+                                 elem_id=f"{prefix}next_token_table")
+        next_plot = gr.Plot(label="Next token against the gate scale", elem_id=f"{prefix}next_token_plot")
+    next_button.click(lambda: gr.Column(visible=True), None, next_panel, queue=False, api_visibility="private")
+    return SweepPanel(scales, button, rows, next_button, next_panel, next_rows, next_plot)
 
 
 def adapter_choice(engines: Engines, value: str, label: str, elem_id: str) -> gr.Dropdown:
@@ -351,8 +391,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                                        "token", elem_id="image_colours")
             if image_examples:
                 gr.Examples(image_examples, inputs=[image, question])
-            image_sweep_scales, image_sweep_button, image_sweep_table = sweep_panel("the same picture and question",
-                                                                                   prefix="image_")
+            image_panel = sweep_panel("the same picture and question", prefix="image_")
         with gr.Tab("Compare"):
             gr.Markdown("One click answers at gate 0 (the frozen base) and at the slider's scale, decoded "
                         "together in one batch.")
@@ -366,7 +405,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                          elem_id="base_answer")
                 adapted_answer = gr.Textbox(label="Adapter (gate slider)", lines=6, interactive=False,
                                             elem_id="adapted_answer")
-            sweep_scales, sweep_button, sweep_table = sweep_panel("the same question")
+            panel = sweep_panel("the same question")
         with gr.Tab("Score"):
             gr.Markdown(f"Held-out records (a JSON list or JSONL of `{{instruction, input?, output}}`, as fine-tuning "
                         f"reads them; the first {MAX_SCORE_RECORDS}) scored at each gate scale: the loss of the "
@@ -414,15 +453,20 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                           **model_events)
         asked.success(handlers.image_shares, [image, question, answer, *image_controls], image_colours,
                       api_visibility="private", **model_events)
-        image_swept = image_sweep_button.click(handlers.sweep_image,
-                                               [image, question, image_sweep_scales, *image_controls],
-                                               image_sweep_table, api_name="image_sweep", **model_events)
+        image_inputs = [image, question, image_panel.scales, *image_controls]
+        image_swept = image_panel.sweep.click(handlers.sweep_image, image_inputs, image_panel.answers,
+                                              api_name="image_sweep", **model_events)
+        image_panel.next_token.click(handlers.next_tokens_image, image_inputs,
+                                     [image_panel.next_tokens, image_panel.next_plot], api_name="image_next_tokens",
+                                     **model_events)
         image_stop.click(None, cancels=[asked, image_swept])
 
         compared = compare_button.click(handlers.compare, [compare_question, *controls], [base_answer, adapted_answer],
                                         api_name="compare", **model_events)
-        swept = sweep_button.click(handlers.sweep, [compare_question, sweep_scales, *controls], sweep_table,
-                                   api_name="sweep", **model_events)
+        swept = panel.sweep.click(handlers.sweep, [compare_question, panel.scales, *controls], panel.answers,
+                                  api_name="sweep", **model_events)
+        panel.next_token.click(handlers.next_tokens, [compare_question, panel.scales, *controls],
+                               [panel.next_tokens, panel.next_plot], api_name="next_tokens", **model_events)
         compare_stop.click(None, cancels=[compared, swept])
         score_button.click(handlers.score, [score_file, score_scales, score_exact, *controls],
                            [score_table, score_plot], api_name="score", **model_events)

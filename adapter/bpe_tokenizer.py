@@ -201,6 +201,9 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        return self.backend.decode([int(token_id)], skip_special_tokens=False)
+
 
 def _json_or_empty(path: Path) -> dict[str, Any]:
     """A sidecar file's settings; a folder may lack any of them."""

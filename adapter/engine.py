@@ -30,12 +30,14 @@ if TYPE_CHECKING:
 
     from .evaluate import Evaluation
     from .model import Transformer
+    from .next_token import NextTokens
 
 MAX_QUESTION_CHARS = 4000
 MAX_SCALE = 2.0
 MAX_TEMPERATURE = 2.0
 MAX_SWEEP = 9  # gate scales answered together in one sweep (one batch row each)
 MAX_SCORE_RECORDS = 200  # records one score request reads (the device is held while it runs)
+NEXT_TOKENS_TOP_K = 5  # likeliest next tokens shown per gate scale
 
 
 def _number(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
@@ -244,6 +246,26 @@ class Engine:
     def _sweep(self, prompt: str, images: list | None, scales: list[float], settings: Settings) -> Iterator[list[str]]:
         rows = self._generate([prompt] * len(scales), settings, scales, settings.delta_scale, images)
         return _each(rows, list)
+
+    def next_tokens(self, question: str, scales: str | Sequence[Any], settings: Settings) -> NextTokens:
+        """The next token's probabilities after `question` at each gate scale (adapter.next_token: each scale's
+        NEXT_TOKENS_TOP_K likeliest, one prefill with a row per scale, settings' delta scale), holding the lock."""
+        scales = gate_scales(scales)
+        return self._next_tokens(self._question_prompt(question, settings), None, scales, settings)
+
+    def next_tokens_image(self, image: Any, question: str, scales: str | Sequence[Any],
+                          settings: Settings) -> NextTokens:
+        """As `next_tokens`, for a question about `image` (encoded once for all the scales)."""
+        scales = gate_scales(scales)
+        prompt, images = self._image_rows(image, question, settings, 1)
+        return self._next_tokens(prompt, images[0] if images else None, scales, settings)
+
+    def _next_tokens(self, prompt: str, image: Any, scales: list[float], settings: Settings) -> NextTokens:
+        from .next_token import next_tokens
+
+        with self.lock:
+            return next_tokens(self.model, prompt, scales, delta_scale=settings.delta_scale,
+                               top_k=NEXT_TOKENS_TOP_K, image=image)
 
     def _generate(self, prompts: list[str], settings: Settings, gate_scale: Any, delta_scale: Any,
                   images: list[Any] | None = None) -> Iterator[list[str]]:

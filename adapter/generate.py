@@ -145,11 +145,7 @@ def stream_batch(
     tokenizer = require_tokenizer(model)
     if isinstance(prompts, str):
         raise ValueError("prompts: expected a list of strings, got one string")
-    written = template_format(template, model.prompt_format)
-    if written is not None:
-        written.check(tokenizer)
-    elif system:
-        raise ValueError("system: a system prompt needs a template (a prompt format) to be written in")
+    written = prompt_writer(model, template, system)
     request = _request(written, **options)
     visual_prompt = None
     if images is not None:
@@ -180,6 +176,17 @@ def stream_batch(
     tails = [("" if done else s.finish()) for s, done in zip(streams, finished)]
     if any(tails):
         yield tails
+
+
+def prompt_writer(model: "Transformer", template: str | None, system: str | None) -> PromptFormat | None:
+    """The prompt format `template` names for `model` ("auto": its adapter's), checked against its tokenizer;
+    None (prompts fed as given) refuses a system prompt, which would have no place to go."""
+    written = template_format(template, model.prompt_format)
+    if written is not None:
+        written.check(require_tokenizer(model))
+    elif system:
+        raise ValueError("system: a system prompt needs a template (a prompt format) to be written in")
+    return written
 
 
 def generate_batch(model: "Transformer", prompts: Sequence[str], **kwargs: Any) -> list[str]:
@@ -250,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answer at each of these gate scales instead, in one batch (e.g. '0,0.5,1,2'); "
                              "prints one block per scale")
     parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
+    parser.add_argument("--next-tokens", type=int, metavar="K",
+                        help="instead of answering, print the next token's probabilities: each gate scale's K "
+                             "likeliest tokens, at --gate-sweep's scales (else at 0 and --gate-scale)")
     parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
@@ -266,16 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .loading import load_many
+    from .next_token import MAX_TOP_K, next_tokens
 
     try:
         sweep = None if args.gate_sweep is None else scales_from_text(args.gate_sweep, "--gate-sweep")
         if sweep == []:
             raise ValueError("--gate-sweep: give at least one gate scale, e.g. '0,0.5,1'")
+        if args.next_tokens is not None and not 1 <= args.next_tokens <= MAX_TOP_K:
+            raise ValueError(f"--next-tokens: must be from 1 to {MAX_TOP_K}, got {args.next_tokens}")
         names = args.adapter or [None]
         models = load_many(args.base, names, clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
         asked = [asked_as(model, args) for model in models]
+        if args.next_tokens is not None:
+            scales = sweep or sorted({0.0, args.gate_scale})
+            for index, (model, name, (prompt, _)) in enumerate(zip(models, names, asked)):
+                found = next_tokens(model, prompt, scales, delta_scale=args.delta_scale, top_k=args.next_tokens,
+                                    image=args.image)
+                heading = f"--- adapter {name}\n" if len(models) > 1 else ""
+                sys.stdout.write(("\n" if index else "") + heading + found.table() + "\n")
+            return 0
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                        delta_scale=args.delta_scale, compile=args.compile)

@@ -41,6 +41,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def token_text(self, token_id: int) -> str:
+        """One token as it reads on its own, its leading space kept (" red"); special tokens by their name.
+        For showing tokens one at a time (adapter.next_token), where decode() would drop that space."""
+        raise NotImplementedError
+
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
@@ -86,9 +91,17 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.processor.DecodeIds([int(i) for i in ids])
 
-    def piece(self, token_id: int) -> str:
-        """The raw piece of one id (for showing tokens one by one)."""
-        return self.processor.IdToPiece(int(token_id))
+    def token_text(self, token_id: int) -> str:
+        """The piece with its word-start mark as a space ("\u2581red" -> " red"); a byte-fallback piece as its
+        character when it is one ASCII byte ("<0x0A>" -> "\\n"), else as named ("<0xE2>", "</s>")."""
+        token_id = int(token_id)
+        piece = self.processor.IdToPiece(token_id)
+        if self.processor.IsByte(token_id):
+            value = int(piece[3:-1], 16)
+            return chr(value) if value < 0x80 else piece
+        if self.processor.IsControl(token_id) or self.processor.IsUnknown(token_id):
+            return piece
+        return piece.replace("\u2581", " ")
 
 
 def find_tokenizer(folder: Path) -> Path:

@@ -1,8 +1,9 @@
 """The README's pictures of the app, taken in headless Chromium with the embedded tiny model:
 `python -m docs.screenshots` (from the repository root; needs `apt-get install -y chromium` and playwright)
-rewrites docs/compare.png, docs/chat.png, docs/image.png and docs/score.png. The image tab shows the first
-shipped example the image adapter answers right (it gets 42% of held-out image questions right: docs/tiny.md);
-the score tab, the text adapter on the held-out questions it offers."""
+rewrites docs/compare.png, docs/next_token.png (the compare tab's next-token panel), docs/chat.png,
+docs/image.png and docs/score.png. The image tab shows the first shipped example the image adapter answers right
+(it gets 42% of held-out image questions right: docs/tiny.md); the score tab, the text adapter on the held-out
+questions it offers."""
 
 from __future__ import annotations
 
@@ -19,16 +20,17 @@ from adapter.tiny.assets import ASSETS, EXAMPLES
 from adapter.tiny.examples import FILE
 from app import SWEEP
 from tests.app_helpers import running_app
-from tests.browser import ask, chromium, coloured, compare, open_page, score, sweep
+from tests.browser import ask, chromium, coloured, compare, next_token, open_page, score, sweep
 
 DOCS = Path(__file__).resolve().parent
 QUESTION = "There is a large red star on the left. What colour is the star?"  # the README's example
 
 
-def save(page, path: Path) -> None:
-    """A full-page PNG, written next to its place and renamed over it, so a failed run leaves the old one."""
+def save(target, path: Path, **options) -> None:
+    """A PNG of a page or an element, written next to its place and renamed over it, so a failed run leaves the
+    old one."""
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as temporary:
-        page.screenshot(path=temporary.name, full_page=True)
+        target.screenshot(path=temporary.name, **options)
     os.chmod(temporary.name, 0o644)  # a temporary file is private; the picture is not
     os.replace(temporary.name, path)
 
@@ -47,16 +49,18 @@ def answered_right(engine) -> tuple[Path, str]:
 def take(out: Path) -> list[Path]:
     """Compare, chat and score tabs with the text adapter, the image tab with the image adapter (both served by
     the default app, each tab starting with its own)."""
-    shots = [out / "compare.png", out / "chat.png", out / "image.png", out / "score.png"]
+    shots = [out / "compare.png", out / "next_token.png", out / "chat.png", out / "image.png", out / "score.png"]
     with chromium() as browser, running_app([]) as app:
         page = open_page(browser, app.url)
         base, adapted = compare(page, QUESTION)
         print(f"compare: base {base!r}, adapter {adapted!r}")
         print(f"sweep: {sweep(page, SWEEP)}")
-        save(page, shots[0])
+        save(page, shots[0], full_page=True)
+        print(f"next token: {next_token(page, SWEEP)}")
+        save(page.locator("#next_token_panel"), shots[1])
         page.get_by_role("tab", name="Chat").click()
         print(f"chat: {ask(page, QUESTION)!r}")
-        save(page, shots[1])
+        save(page, shots[2], full_page=True)
         page.get_by_role("tab", name="Image").click()
         picture, question = answered_right(app.engines.get(app.engines.for_images))
         page.locator("#image input[type=file]").set_input_files(str(picture))
@@ -65,12 +69,12 @@ def take(out: Path) -> list[Path]:
         coloured(page, "#image_colours")
         print(f"image: {question!r} -> {page.input_value('#image_answer textarea')!r}")
         print(f"image sweep: {sweep(page, SWEEP, prefix='image_')}")
-        save(page, shots[2])
+        save(page, shots[3], full_page=True)
         page.get_by_role("tab", name="Score").click()
         page.get_by_text("tiny_held_out.jsonl").first.click()
         page.locator("#score_file [aria-label='tiny_held_out.jsonl']").wait_for()
         print(f"score: {score(page, SWEEP)}")
-        save(page, shots[3])
+        save(page, shots[4], full_page=True)
     return shots
 
 

@@ -77,6 +77,17 @@ def sweep(page, scales: str, prefix: str = "") -> list[list[str]]:
     return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]
 
 
+def next_token(page, scales: str, prefix: str = "") -> list[list[str]]:
+    """The next token's table of the open tab's question over `scales` (prefix "image_" in the image tab), once
+    complete: one row per token (quoted token, % per scale), the rest last."""
+    page.fill(f"#{prefix}sweep_scales textarea", scales)
+    page.click(f"#{prefix}next_token")
+    rows = page.locator(f"#{prefix}next_token_table [role=row]:has([role=gridcell])")
+    rows.first.wait_for()
+    finished(page, f"#{prefix}next_token_table", f"#{prefix}next_token_plot")
+    return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]
+
+
 def score(page, scales: str) -> list[list[str]]:
     """Score the Score tab's records over `scales`; the table's rows once complete."""
     page.fill("#score_scales textarea", scales)

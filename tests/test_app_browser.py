@@ -11,7 +11,18 @@ from PIL import Image
 from adapter.app_config import tiny_available
 from adapter.engine import Settings
 from tests.app_helpers import QUESTION, demo_files, running_app, served  # noqa: F401  (fixtures)
-from tests.browser import CHROMIUM, ask, choose_adapter, chromium, coloured, compare, open_page, score, sweep
+from tests.browser import (
+    CHROMIUM,
+    ask,
+    choose_adapter,
+    chromium,
+    coloured,
+    compare,
+    next_token,
+    open_page,
+    score,
+    sweep,
+)
 
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install -y chromium)"),
               pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")]
@@ -77,6 +88,10 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
         assert (base, adapted) == list(tiny.engine.compare(example.instruction, Settings()))[-1]
         expected = list(tiny.engine.sweep(example.instruction, [0, 1, 2], Settings()))[-1]
         assert sweep(page, "0, 1 2") == [[scale, answer] for scale, answer in zip(["0", "1", "2"], expected)]
+        likely = tiny.engine.next_tokens(example.instruction, [0, 1, 2], Settings()).rows()
+        shown = next_token(page, "0, 1 2")
+        assert [row[0] for row in shown] == [row[0] for row in likely]
+        assert [[float(cell) for cell in row[1:]] for row in shown] == [row[1:] for row in likely]
         page.get_by_role("tab", name="Score").click()
         page.get_by_text("tiny_held_out.jsonl").first.click()  # the tiny model's held-out questions, offered
         page.locator("#score_file [aria-label='tiny_held_out.jsonl']").wait_for()  # loaded before scoring

@@ -66,6 +66,23 @@ def test_the_default_app_serves_both_tiny_adapters_on_one_base(served, client):
     assert heatmaps[0] and heatmaps[0] != heatmaps[1], "the Gates tab shows the chosen adapter's gates"
 
 
+def test_the_next_token_panels_show_what_each_gate_makes_likely(served, client):
+    question = "There is a large red star on the left. What colour is the star?"
+    table, plot = client.predict(question, "0, 1", *controls(), api_name="/next_tokens")
+    expected = served.engines.get("tiny-text").next_tokens(question, "0, 1", Settings(**GREEDY))
+    assert table["headers"] == ["token", "gate 0", "gate 1"] and table["data"] == expected.rows()
+    token, at_base, at_one = table["data"][0]
+    assert token == '" red"' and at_base < 1 and at_one > 90, table["data"][0]
+    assert plot["type"] == "matplotlib" and plot["plot"]
+    example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
+    picture = str(TINY_FOLDER / "examples" / example["image"])
+    table, _ = client.predict(handle_file(picture), example["question"], "0, 1", *controls(),
+                              api_name="/image_next_tokens")
+    expected = served.engines.get("tiny-image").next_tokens_image(Image.open(picture), example["question"], "0, 1",
+                                                                  Settings(**GREEDY))
+    assert table["data"] == expected.rows(), "the image tab asks its own adapter about the picture"
+
+
 def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_path):
     from adapter.app_config import ServeConfig
     from adapter.tiny.questions import image_questions, text_questions
