@@ -49,7 +49,7 @@ class ServeConfig:
     concurrency: int = 1
     compile: bool = False  # decode through torch.compile (Transformer.step): faster steps, a slow first answer
     kv_cache: str = "auto"  # "int8": keys/values in int8, half the cache's memory (adapter.kv_cache)
-    prompt_format: str = "auto"  # how questions are written (adapter.prompts); auto: each adapter's own
+    prompt_format: str = "auto"  # how questions are written (adapter.prompts); auto: each adapter's (or base's) own
     system: str = ""  # the system prompt box's starting text (chat formats only)
 
 
@@ -120,7 +120,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                              "small GPUs)")
     parser.add_argument("--prompt-format", default=default("prompt_format", defaults.prompt_format),
                         help=f"how questions are written: auto (each adapter's own: what it was trained with, "
-                             f"alpaca unless recorded otherwise) or {' / '.join(PROMPT_FORMATS)} for all")
+                             f"alpaca unless recorded otherwise; without an adapter, the base's chat template's "
+                             f"format, else alpaca) or {' / '.join(PROMPT_FORMATS)} for all")
     parser.add_argument("--system", default=default("system", defaults.system),
                         help="the system prompt each request starts with (users may change it under Advanced); "
                              "only adapters asked in a chat format (llama2, llama3) take one")

@@ -1,5 +1,8 @@
 """`python -m adapter.inspect PATH`: what a base folder or an adapter file/folder is, without loading weights.
 
+For a base: its format, shape, RoPE, parameter count, tokenizer and the prompt format it is asked in without an
+adapter (its chat template's, when it ships one in a format adapter.prompts writes).
+
 For an adapter: its format, the base shape it fits, which layers get prompts, prompt length, gate
 activation, v2 parts, parameter count, the prompt format it is asked in and per-layer gate statistics (after
 the activation).
@@ -17,6 +20,7 @@ import torch
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
 from .model import Transformer
+from .prompts import chat_template_format
 from .tokenizer import open_tokenizer
 
 
@@ -36,7 +40,13 @@ def describe_base(path: Path) -> list[str]:
         f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {rope}",
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
         f"stops at ids {sorted(tokenizer.stop_ids)})",
+        f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path.parent)}",
     ]
+
+
+def _bare_format(folder: Path) -> str:
+    chat = chat_template_format(folder)
+    return "alpaca (no chat template in a format here)" if chat is None else f"{chat} (its chat template's)"
 
 
 def gate_rows(found: LoadedAdapter) -> list[str]:

@@ -21,6 +21,7 @@ from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
 from .model import Transformer
+from .prompts import chat_template_format
 from .quantize import FROZEN_LINEARS, check_mode, quantize_linear, quantize_tower
 from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
@@ -98,6 +99,7 @@ def load(
     model.base_format = checkpoint.format
     model.base_path = str(base)
     model.tokenizer = tokenizer
+    model.base_prompt_format = chat_template_format(checkpoint.tokenizer_path.parent)
     model.kv_cache = kv_cache
     return _fit_adapter(model, adapter, found, clip, clip_model, clip_mode, device)
 
@@ -150,8 +152,8 @@ def load_sharing(
 
 
 # what a model sharing another's base takes over from it besides the tensors
-SHARED_SETTINGS = ("tokenizer", "base_format", "base_path", "quantization", "kv_cache", "prefill_chunk",
-                   "cuda_graphs", "fused_inference", "fp32_attention")
+SHARED_SETTINGS = ("tokenizer", "base_format", "base_path", "base_prompt_format", "quantization", "kv_cache",
+                   "prefill_chunk", "cuda_graphs", "fused_inference", "fp32_attention")
 
 
 def _clip_mode(clip: object, clip_quantize: str | None) -> str | None:
@@ -182,7 +184,8 @@ def _fit_adapter(model: Transformer, adapter: object, found, clip, clip_model: s
                  device: torch.device) -> Transformer:
     """Give a model whose base is in place its adapter tensors (read, or fresh) and CLIP tower; freeze the base."""
     model.reset_adapter(device)
-    model.prompt_format = "alpaca"  # until an adapter says otherwise (LoadedAdapter.apply_to)
+    # a bare base is asked as its chat template asks; an adapter in the format it records (alpaca unless it says)
+    model.prompt_format = (model.base_prompt_format or "alpaca") if adapter is None else "alpaca"
     if found:
         found.apply_to(model)
         model.adapter_format = found.format

@@ -360,6 +360,7 @@ class Transformer(nn.Module):
         self.adapter_path: str | None = None
         # how the adapter's questions are written (adapter.prompts): what it was trained on, saved with it
         self.prompt_format = "alpaca"
+        self.base_prompt_format: str | None = None  # the base folder's chat template's format (adapter.load)
         self._gate_scale = torch.tensor(1.0, device="cpu")
         self._delta_scale = torch.tensor(1.0, device="cpu")
         self._rope: torch.Tensor | None = None

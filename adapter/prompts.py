@@ -11,7 +11,9 @@ Alpaca has none. An adapter trained with `adapter.finetune --prompt-format` reco
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -209,3 +211,32 @@ def template_format(template: str | None, model_format: str = "alpaca") -> Promp
     if template not in PROMPT_FORMATS:
         raise ValueError(f"template: unknown template {template!r}; choose from {TEMPLATES}")
     return PROMPT_FORMATS[template]
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 4.5x+ saves a chat template of its own
+# what tells each format's chat template from the others' (Mistral's [INST] template has no <<SYS>> block)
+TEMPLATE_MARKS = {"llama3": ("<|start_header_id|>", "<|eot_id|>"), "llama2": ("[INST]", "<<SYS>>")}
+
+
+def chat_template_format(folder: str | os.PathLike) -> str | None:
+    """The prompt format a base folder's own chat template writes ("llama3", "llama2"), which is how its chat
+    model answers best without an adapter: HF folders of Llama 3 Instruct and Llama 2 Chat ship one
+    (`chat_template.jinja`, or `tokenizer_config.json`'s "chat_template", a text or a list of named ones). None
+    when the folder has none, or one written in no format here."""
+    template = _chat_template(Path(folder))
+    if template is None:
+        return None
+    return next((name for name, marks in TEMPLATE_MARKS.items() if all(mark in template for mark in marks)), None)
+
+
+def _chat_template(folder: Path) -> str | None:
+    from .formats.meta import read_json
+
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8", errors="replace")
+    settings = folder / "tokenizer_config.json"
+    template = read_json(settings).get("chat_template") if settings.is_file() else None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None

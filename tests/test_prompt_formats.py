@@ -350,3 +350,62 @@ def test_the_apps_system_flag_starts_every_request_with_it(llama3_base, base_fol
 def test_generate_names_the_flag_a_template_has_no_place_for(base_folder, capsys, flags, message):
     assert generate_main(["--base", str(base_folder), "--prompt", "Hi", "--max-new-tokens", "2", *flags]) == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+# Llama 2 Chat's template as its HF folders ship it (abridged: the markers and the turns), and Mistral's, whose
+# [INST] turns have no <<SYS>> block and a different layout: no format here writes it
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = '<<SYS>>\\n' + messages[0]['content'] + "
+    "'\\n<</SYS>>\\n\\n' %}{% endif %}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + message['content'].strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
+    "message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def with_chat_template(source: Path, folder: Path, template: str, where: str) -> Path:
+    """A copy of a base folder with `template` where HF folders keep one: tokenizer_config.json's
+    "chat_template" (a text, or a list of named ones) or chat_template.jinja."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    if where == "jinja":
+        (folder / "chat_template.jinja").write_text(template)
+    else:
+        value = template if where == "config" else [{"name": "tool_use", "template": "{{ tools }}"},
+                                                    {"name": "default", "template": template}]
+        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": value}))
+    return folder
+
+
+@pytest.mark.parametrize("where", ["config", "list", "jinja"])
+def test_a_bare_base_is_asked_as_its_chat_template_asks(llama3_base, reference, tmp_path, where, capsys):
+    folder = with_chat_template(llama3_base, tmp_path / "instruct", LLAMA3_CHAT_TEMPLATE, where)
+    model = adapter.load(folder, device="cpu")
+    assert (model.prompt_format, model.base_prompt_format) == ("llama3", "llama3")
+    engine = Engine(model, max_new_tokens=8)
+    said = [{"role": "user", "content": "Name a colour."}]
+    assert model.tokenizer.encode(engine.chat_prompt([], "Name a colour.", Settings()), bos=True) == \
+        template_ids(reference, said, True), "asked exactly as transformers' apply_chat_template asks"
+    assert adapter.load_sharing(model, None).prompt_format == "llama3"
+    fresh = adapter.load_sharing(model, adapter.AdapterArgs(prompt_len=2, prompt_layers=1))
+    assert fresh.prompt_format == "alpaca", "an adapter is asked in its own format, not the base's"
+    assert adapter.load_sharing(model, save_adapter(fresh, tmp_path / "alpaca")).prompt_format == "alpaca"
+    assert inspect_main([str(folder)]) == 0
+    assert "  prompt format without an adapter: llama3 (its chat template's)\n" in capsys.readouterr().out
+
+
+def test_other_chat_templates_and_none_leave_a_bare_base_in_alpaca(base_folder, tmp_path, capsys):
+    llama2 = adapter.load(with_chat_template(base_folder, tmp_path / "chat", LLAMA2_CHAT_TEMPLATE, "config"),
+                          device="cpu")
+    assert llama2.prompt_format == "llama2"
+    mistral = with_chat_template(base_folder, tmp_path / "mistral", MISTRAL_CHAT_TEMPLATE, "config")
+    assert adapter.load(mistral, device="cpu").prompt_format == "alpaca"
+    assert adapter.load(base_folder, device="cpu").prompt_format == "alpaca"
+    assert inspect_main([str(mistral)]) == 0
+    assert "prompt format without an adapter: alpaca (no chat template in a format here)" in capsys.readouterr().out
+    broken = with_chat_template(base_folder, tmp_path / "broken", "", "config")
+    (broken / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken/tokenizer_config.json: cannot read JSON"):
+        adapter.load(broken, device="cpu")
