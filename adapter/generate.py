@@ -235,7 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", nargs="+", metavar="ADAPTER",
                         help="adapter file or folder, any format; several answer in turn on one shared base, each "
                              "in a block of its own ('--- adapter NAME')")
-    parser.add_argument("--prompt", required=True, help="the instruction or text to continue")
+    asked = parser.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--prompt", help="the instruction or text to continue")
+    asked.add_argument("--prompts-file", metavar="FILE",
+                       help="answer every question of a JSON list or JSONL file instead (strings, or objects with "
+                            "instruction, input?, system?, image?), written to --out as JSONL")
+    parser.add_argument("--out", metavar="FILE", help="where --prompts-file's answers go (JSONL, written atomically)")
+    parser.add_argument("--image-folder", help="folder that --prompts-file's image paths are relative to")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="--prompts-file's questions decoded together (each with a row per gate scale)")
     parser.add_argument("--image", help="an image to ask about (needs an adapter with a visual prompt and --clip)")
     parser.add_argument("--clip", help="CLIP weights for the image encoder of the adapters with a visual prompt: a "
                                        "local file, or an open_clip pretrained tag such as 'openai' (downloads)")
@@ -276,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .loading import load_many
-    from .next_token import MAX_TOP_K, next_tokens
+    from .next_token import MAX_TOP_K
 
     try:
         sweep = None if args.gate_sweep is None else scales_from_text(args.gate_sweep, "--gate-sweep")
@@ -284,22 +292,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--gate-sweep: give at least one gate scale, e.g. '0,0.5,1'")
         if args.next_tokens is not None and not 1 <= args.next_tokens <= MAX_TOP_K:
             raise ValueError(f"--next-tokens: must be from 1 to {MAX_TOP_K}, got {args.next_tokens}")
+        questions = None if args.prompts_file is None else read_file_flags(args)
+        for flag, value in (("--out", args.out), ("--image-folder", args.image_folder)):
+            if value is not None and questions is None:
+                raise ValueError(f"{flag}: only with --prompts-file")
         names = args.adapter or [None]
         models = load_many(args.base, names, clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
-        asked = [asked_as(model, args) for model in models]
-        if args.next_tokens is not None:
-            scales = sweep or sorted({0.0, args.gate_scale})
-            for index, (model, name, (prompt, _)) in enumerate(zip(models, names, asked)):
-                found = next_tokens(model, prompt, scales, delta_scale=args.delta_scale, top_k=args.next_tokens,
-                                    image=args.image)
-                heading = f"--- adapter {name}\n" if len(models) > 1 else ""
-                sys.stdout.write(("\n" if index else "") + heading + found.table() + "\n")
-            return 0
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                        delta_scale=args.delta_scale, compile=args.compile)
+        if questions is not None:
+            answer_file(models, names, questions, sweep or [args.gate_scale], args, options)
+            return 0
+        asked = [asked_as(model, args) for model in models]
+        if args.next_tokens is not None:
+            print_next_tokens(models, names, asked, sweep or sorted({0.0, args.gate_scale}), args)
+            return 0
         if sweep is None and len(models) == 1:
             prompt, stop = asked[0]
             for piece in stream(models[0], prompt, gate_scale=args.gate_scale, image=args.image, stop=stop,
@@ -316,6 +326,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     sys.stdout.write("\n")
     return 0
+
+
+def read_file_flags(args: argparse.Namespace) -> list:
+    """--prompts-file's questions, its companion flags checked first (before any model is loaded)."""
+    from .answer_file import read_questions
+
+    if args.out is None:
+        raise ValueError("--out: give the file --prompts-file's answers are written to")
+    for flag, value in (("--input", args.input), ("--image", args.image), ("--next-tokens", args.next_tokens)):
+        if value is not None:
+            raise ValueError(f"{flag}: not with --prompts-file (give it per question in the file)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    return read_questions(args.prompts_file, args.image_folder)
+
+
+def answer_file(models: Sequence["Transformer"], names: Sequence[str | None], questions: list, scales: list[float],
+                args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """Every question of --prompts-file answered by each model at each gate scale, written to --out."""
+    from .answer_file import answer_questions, can_see, write_answers
+
+    answered = []
+    pictured = sum(question.image is not None for question in questions)
+    for model, name in zip(models, names):
+        label = f" ({name})" if len(models) > 1 else ""
+        if pictured and not can_see(model):
+            print(f"note{label}: this model cannot see (no visual prompt, or no --clip); it answers the {pictured} "
+                  "image question(s) from their text alone", file=sys.stderr)
+
+        def progress(done: int, total: int, label: str = label) -> None:
+            print(f"answered {done}/{total}{label}", file=sys.stderr, flush=True)
+
+        try:
+            answered.append((name, answer_questions(model, questions, gate_scales=scales, template=args.template,
+                                                    system=args.system, batch_size=args.batch_size, stop=args.stop,
+                                                    progress=progress, **options)))
+        except ValueError as error:
+            raise ValueError(f"--adapter {name}: {error}" if name else str(error)) from None
+    lines = write_answers(args.out, questions, scales, answered)
+    print(f"wrote {lines} answers to {args.out}", file=sys.stderr)
+
+
+def print_next_tokens(models: Sequence["Transformer"], names: Sequence[str | None],
+                      asked: Sequence[tuple[str, list[str]]], scales: list[float], args: argparse.Namespace) -> None:
+    """--next-tokens: each model's table (headed by its adapter's name when there are several)."""
+    from .next_token import next_tokens
+
+    for index, (model, name, (prompt, _)) in enumerate(zip(models, names, asked)):
+        found = next_tokens(model, prompt, scales, delta_scale=args.delta_scale, top_k=args.next_tokens,
+                            image=args.image)
+        heading = f"--- adapter {name}\n" if len(models) > 1 else ""
+        sys.stdout.write(("\n" if index else "") + heading + found.table() + "\n")
 
 
 def asked_as(model: "Transformer", args: argparse.Namespace) -> tuple[str, list[str]]:

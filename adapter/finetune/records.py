@@ -44,17 +44,10 @@ def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None
     is unreadable.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag}: {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{flag}: cannot read {path} ({error})") from error
-    folder = Path(image_folder) if image_folder is not None else None
-    if folder is not None and not folder.is_dir():
-        raise FileNotFoundError(f"--image-folder: {folder} is not a folder")
+    found = read_entries(path, flag)
+    folder = checked_folder(image_folder)
     records, problems = [], []
-    for location, value, error in _entries(path, text, flag):
+    for location, value, error in found:
         reasons = [error] if error else []
         examples = [] if error else _parse(value, folder, prompt_format, reasons)
         if reasons:
@@ -69,7 +62,27 @@ def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None
     return records
 
 
-def _entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str | None]]:
+def read_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]]:
+    """The entries of a JSON list or JSONL file (see `entries`); the file's absence or unreadability raised now,
+    naming `flag`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag}: {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{flag}: cannot read {path} ({error})") from error
+    return entries(path, text, flag)
+
+
+def checked_folder(image_folder: str | os.PathLike | None) -> Path | None:
+    """The folder records' image paths are relative to (`--image-folder`), which must exist when given."""
+    folder = Path(image_folder) if image_folder is not None else None
+    if folder is not None and not folder.is_dir():
+        raise FileNotFoundError(f"--image-folder: {folder} is not a folder")
+    return folder
+
+
+def entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str | None]]:
     """(location, record, parse error) for a JSON list (by index) or JSONL (by line, blank lines skipped)."""
     if text.lstrip().startswith("["):
         try:
@@ -93,20 +106,20 @@ def _entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str |
 def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: list[str]) -> list[Example]:
     """The examples of one record; appends what is wrong with it to `reasons` instead of raising."""
     if not isinstance(record, dict):
-        reasons.append(f"expected a JSON object, got {_kind(record)}")
+        reasons.append(f"expected a JSON object, got {kind(record)}")
         return []
     system = record.get("system")
     if system is not None and not isinstance(system, str):
-        reasons.append(f"'system' must be a string, got {_kind(system)}")
+        reasons.append(f"'system' must be a string, got {kind(system)}")
     if "conversations" in record:
-        image = _image(record, folder, reasons)
+        image = image_field(record, folder, reasons)
         turns, first = record["conversations"], 0
         if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") == "system":
             if system is not None:
                 reasons.append("two system prompts: 'system' and conversations[0]")
             system, first = turns[0].get("value"), 1
             if not isinstance(system, str):
-                reasons.append(f"conversations[0]: 'value' must be a string, got {_kind(system)}")
+                reasons.append(f"conversations[0]: 'value' must be a string, got {kind(system)}")
         pairs = _conversation(turns, reasons, first)
         if reasons:
             return []
@@ -121,13 +134,13 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
         return examples
     if "image" in record:
         reasons.append("'image' is only read with 'conversations' (LLaVA layout)")
-    instruction = _string(record, "instruction", reasons)
+    instruction = string_field(record, "instruction", reasons)
     if instruction is not None and not instruction.strip():
         reasons.append("empty 'instruction'")
     extra = record.get("input")
     if extra is not None and not isinstance(extra, str):
-        reasons.append(f"'input' must be a string, got {_kind(extra)}")
-    output = _string(record, "output", reasons)
+        reasons.append(f"'input' must be a string, got {kind(extra)}")
+    output = string_field(record, "output", reasons)
     if reasons:
         return []
     return [Example(_written(lambda: written.instruction(instruction, extra, system), reasons), written.answer(output))]
@@ -142,23 +155,25 @@ def _written(prompt: Callable[[], str], reasons: list[str]) -> str:
         return ""
 
 
-def _string(record: dict, key: str, reasons: list[str]) -> str | None:
+def string_field(record: dict, key: str, reasons: list[str]) -> str | None:
+    """`record[key]`, which must be there and be a string; else None, the reason appended."""
     if key not in record:
         reasons.append(f"missing '{key}'")
         return None
     value = record[key]
     if not isinstance(value, str):
-        reasons.append(f"'{key}' must be a string, got {_kind(value)}")
+        reasons.append(f"'{key}' must be a string, got {kind(value)}")
         return None
     return value
 
 
-def _image(record: dict, folder: Path | None, reasons: list[str]) -> Path | None:
+def image_field(record: dict, folder: Path | None, reasons: list[str]) -> Path | None:
+    """The record's 'image' file under `folder` (None when it has none); what is wrong, appended to `reasons`."""
     if "image" not in record:
         return None
     name = record["image"]
     if not isinstance(name, str) or not name:
-        reasons.append(f"'image' must be a file name, got {_kind(name)}")
+        reasons.append(f"'image' must be a file name, got {kind(name)}")
         return None
     if folder is None:
         reasons.append(f"image {name!r} needs --image-folder")
@@ -173,13 +188,13 @@ def _conversation(turns: Any, reasons: list[str], first: int = 0) -> list[tuple[
     """(human, gpt) pairs of alternating turns from `turns[first]` on that start with a human and end with
     gpt; `<image>` removed."""
     if not isinstance(turns, list) or len(turns) <= first:
-        reasons.append(f"'conversations' must be a non-empty list of turns, got {_kind(turns)}")
+        reasons.append(f"'conversations' must be a non-empty list of turns, got {kind(turns)}")
         return []
     values = []
     for index, turn in enumerate(turns[first:], start=first):
         where = f"conversations[{index}]"
         if not isinstance(turn, dict):
-            reasons.append(f"{where}: expected an object with 'from' and 'value', got {_kind(turn)}")
+            reasons.append(f"{where}: expected an object with 'from' and 'value', got {kind(turn)}")
             continue
         role, value = turn.get("from"), turn.get("value")
         expected = ROLES[(index - first) % 2]
@@ -188,7 +203,7 @@ def _conversation(turns: Any, reasons: list[str], first: int = 0) -> list[tuple[
         elif role != expected:
             reasons.append(f"{where}: expected a {expected!r} turn (turns alternate, human first), got {role!r}")
         if not isinstance(value, str):
-            reasons.append(f"{where}: 'value' must be a string, got {_kind(value)}")
+            reasons.append(f"{where}: 'value' must be a string, got {kind(value)}")
             continue
         value = value.replace(IMAGE_MARKER, "").strip() if expected == "human" else value
         if expected == "human" and not value:
@@ -199,7 +214,8 @@ def _conversation(turns: Any, reasons: list[str], first: int = 0) -> list[tuple[
     return list(zip(values[::2], values[1::2]))
 
 
-def _kind(value: Any) -> str:
+def kind(value: Any) -> str:
+    """What a JSON value is, in words, for messages."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
              float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)

@@ -1,0 +1,164 @@
+"""Answers to a file of questions, each at every gate scale, decoded in batches and written as JSONL.
+
+`python -m adapter.generate --base B [--adapter A ...] --prompts-file questions.jsonl --out answers.jsonl`.
+The file is a JSON list or JSONL of questions: a string (the instruction) or an object with "instruction" and
+optionally "input", "system" and "image" (a file under --image-folder); any other key (an id, a reference
+answer) is copied to the output. Every question is checked before anything is decoded, all bad ones listed
+together. The output has one line per question, adapter and gate scale: the question's object with "adapter",
+"gate_scale" and "answer" added, written atomically once all are answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .finetune.records import DataError, checked_folder, image_field, kind, read_entries, string_field
+from .formats.common import atomic_write
+from .generate import generate_batch, prompt_writer, require_tokenizer
+from .prompts import apply_template
+
+if TYPE_CHECKING:
+    from .model import Transformer
+
+ADDED = ("adapter", "gate_scale", "answer")  # the keys each output line adds to its question
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question as read: where it is in the file, its record (a string becomes {"instruction": ...}), and
+    its parts."""
+
+    location: str
+    record: dict[str, Any]
+    instruction: str
+    input: str | None = None
+    system: str | None = None
+    image: Path | None = None
+
+
+def read_questions(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
+                   flag: str = "--prompts-file") -> list[Question]:
+    """Every question of a JSON list or JSONL file; a DataError listing every bad one (file and line or index)."""
+    path = Path(path)
+    found = read_entries(path, flag)
+    folder = checked_folder(image_folder)
+    questions, problems = [], []
+    for location, value, error in found:
+        reasons = [error] if error else []
+        question = None if error else _question(location, value, folder, reasons)
+        if reasons:
+            problems.append(f"{location}: {'; '.join(reasons)}")
+        else:
+            questions.append(question)
+    if problems:
+        raise DataError(f"{flag}: {path} has {len(problems)} bad question(s), none answered:\n  "
+                        + "\n  ".join(problems))
+    if not questions:
+        raise DataError(f"{flag}: {path} holds no questions")
+    return questions
+
+
+def _question(location: str, value: Any, folder: Path | None, reasons: list[str]) -> Question | None:
+    record = {"instruction": value} if isinstance(value, str) else value
+    if not isinstance(record, dict):
+        reasons.append(f"expected a string or a JSON object, got {kind(value)}")
+        return None
+    instruction = string_field(record, "instruction", reasons)
+    if instruction is not None and not instruction.strip():
+        reasons.append("empty 'instruction'")
+    optional = {}
+    for key in ("input", "system"):
+        optional[key] = record.get(key)
+        if optional[key] is not None and not isinstance(optional[key], str):
+            reasons.append(f"'{key}' must be a string, got {kind(optional[key])}")
+    image = image_field(record, folder, reasons)
+    taken = [key for key in ADDED if key in record]
+    if taken:
+        reasons.append(f"{', '.join(map(repr, taken))}: the output adds this key; rename it in the question")
+    if reasons:
+        return None
+    return Question(location, record, instruction, optional["input"], optional["system"], image)
+
+
+def answer_questions(
+    model: Transformer,
+    questions: Sequence[Question],
+    *,
+    gate_scales: Sequence[float] = (1.0,),
+    template: str | None = "auto",
+    system: str | None = None,
+    batch_size: int = 8,
+    stop: Sequence[str] = (),
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> list[list[str]]:
+    """answers[i][j]: question i at gate scale j. Questions are written in `template` ("auto": the adapter's
+    prompt format; `system` for those without their own), checked all before any is decoded, and answered
+    `batch_size` at a time, each with a row per gate scale, the longest first (a batch pads to its longest). A
+    model that cannot see answers image questions from their text alone, as the app's image tab does.
+    Greedy answers do not depend on the batching; sampled ones (with a seed) do. `options` are generation's
+    (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, delta_scale, compile);
+    `progress(done, total)` is told after each batch."""
+    tokenizer = require_tokenizer(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: must be a whole number >= 1, got {batch_size!r}")
+    scales = list(gate_scales)
+    if not scales:
+        raise ValueError("gate_scales: give at least one")
+    written = prompt_writer(model, template, None)
+    prompts = _written(model, questions, template, system)
+    stops = [*stop, *(written.stop_strings if written is not None else ())]
+    sees = can_see(model)
+    lengths = [len(tokenizer.encode(prompt, bos=True)) for prompt in prompts]
+    order = sorted(range(len(questions)), key=lambda index: -lengths[index])
+    answers: list[list[str]] = [[] for _ in questions]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        rows = [(index, scale) for index in chunk for scale in scales]
+        images = [questions[index].image if sees else None for index, _ in rows]
+        found = generate_batch(model, [prompts[index] for index, _ in rows], gate_scale=[s for _, s in rows],
+                               images=images if any(images) else None, stop=stops, **options)
+        for (index, _), answer in zip(rows, found):
+            answers[index].append(answer)
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
+    return answers
+
+
+def can_see(model: Transformer) -> bool:
+    """Whether `model` reads images: an adapter with a visual prompt, and its CLIP tower."""
+    return model.visual_prompt is not None and model.image_encoder is not None
+
+
+def _written(model: Transformer, questions: Sequence[Question], template: str | None,
+             system: str | None) -> list[str]:
+    """Each question's prompt; a DataError listing every question the template cannot write."""
+    prompts, problems = [], []
+    for question in questions:
+        try:
+            prompts.append(apply_template(template, question.instruction, question.input, model.prompt_format,
+                                          question.system or system))
+        except ValueError as error:
+            problems.append(f"{question.location}: {error}")
+    if problems:
+        named = f"auto, {model.prompt_format}" if template == "auto" else template
+        raise DataError(f"{len(problems)} question(s) cannot be written in template {named!r}, none answered:\n  "
+                        + "\n  ".join(problems))
+    return prompts
+
+
+def write_answers(path: str | os.PathLike, questions: Sequence[Question], gate_scales: Sequence[float],
+                  answers_by_adapter: Sequence[tuple[str | None, list[list[str]]]]) -> int:
+    """One JSONL line per question, adapter and gate scale (in that order), written atomically; the line count."""
+    lines = [json.dumps({**question.record, "adapter": adapter, "gate_scale": scale, "answer": answers[index][j]},
+                        ensure_ascii=False)
+             for index, question in enumerate(questions)
+             for adapter, answers in answers_by_adapter
+             for j, scale in enumerate(gate_scales)]
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8"))
+    return len(lines)

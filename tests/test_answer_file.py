@@ -1,0 +1,158 @@
+"""`generate --prompts-file`: every question answered at every gate scale, exactly as one at a time (greedy; any
+batch size), written as JSONL with the question's own keys; bad questions and flags named before any decoding,
+and never a half-written output."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+import adapter
+from adapter import answer_file
+from adapter.answer_file import answer_questions, read_questions
+from adapter.app_config import TINY_FOLDER, tiny_available
+from adapter.finetune.records import DataError
+from adapter.generate import generate, main
+from adapter.prompts import STOP_STRINGS, alpaca
+
+from .conftest import V2, randomize_adapter
+
+QUESTIONS = [
+    "Name a colour.",
+    {"id": 7, "instruction": "Add the numbers below and say the sum in words, please.", "input": "2 3 4"},
+    {"instruction": "Hi", "reference": "Hello"},
+    "Write one long sentence about a red star that sits on the left of a grey square.",
+]
+GREEDY = dict(temperature=0.0, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def model(base_folder):
+    return randomize_adapter(adapter.load(base_folder, adapter=V2, device="cpu"), std=0.3)
+
+
+@pytest.fixture
+def questions_file(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return path
+
+
+def one_at_a_time(model, question, scale: float) -> str:
+    record = {"instruction": question} if isinstance(question, str) else question
+    return generate(model, alpaca(record["instruction"], record.get("input")), gate_scale=scale, stop=STOP_STRINGS,
+                    **GREEDY)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_answers_are_each_questions_own_at_each_scale(model, questions_file, batch_size):
+    questions = read_questions(questions_file)
+    seen = []
+    answers = answer_questions(model, questions, gate_scales=[0.0, 1.0, 2.0], batch_size=batch_size,
+                               progress=lambda done, total: seen.append((done, total)), **GREEDY)
+    assert answers == [[one_at_a_time(model, q, s) for s in (0.0, 1.0, 2.0)] for q in QUESTIONS]
+    assert seen[-1] == (4, 4) and len(seen) == -(-4 // batch_size)
+    assert any(row[0] != row[2] for row in answers), "the gate changes answers (else this test would show little)"
+
+
+def test_the_command_line_writes_a_line_per_question_adapter_and_scale(model, base_folder, questions_file, tmp_path,
+                                                                       capsys):
+    saved = adapter.save_adapter(model, tmp_path / "v2")
+    out = tmp_path / "answers.jsonl"
+    argv = ["--base", str(base_folder), "--adapter", str(saved), "--prompts-file", str(questions_file),
+            "--out", str(out), "--gate-sweep", "0,1", "--temperature", "0", "--max-new-tokens", "6",
+            "--batch-size", "2"]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [{**({"instruction": q} if isinstance(q, str) else q), "adapter": str(saved), "gate_scale": s,
+                 "answer": one_at_a_time(model, q, s)} for q in QUESTIONS for s in (0.0, 1.0)]
+    assert lines == expected
+    assert capsys.readouterr().err.splitlines() == ["answered 2/4", "answered 4/4", f"wrote 8 answers to {out}"]
+
+
+def test_bad_questions_are_all_named_and_nothing_is_written(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"input": "no instruction"}),
+        json.dumps({"instruction": "Hi", "input": 3}),
+        json.dumps({"instruction": "Hi", "answer": "old"}),
+        json.dumps({"instruction": "What is it?", "image": "a.png"}),
+        json.dumps(["not", "an", "object"]),
+        "{broken",
+        json.dumps("fine"),
+    ]) + "\n")
+    with pytest.raises(DataError) as caught:
+        read_questions(path)
+    assert str(caught.value).splitlines() == [
+        f"--prompts-file: {path} has 6 bad question(s), none answered:",
+        f"  {path}:1: missing 'instruction'",
+        f"  {path}:2: 'input' must be a string, got a number",
+        f"  {path}:3: 'answer': the output adds this key; rename it in the question",
+        f"  {path}:4: image 'a.png' needs --image-folder",
+        f"  {path}:5: expected a string or a JSON object, got a list",
+        f"  {path}:6: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+    ]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--input", "x"], r"--input: not with --prompts-file \(give it per question in the file\)"),
+    (["--next-tokens", "3"], "--next-tokens: not with --prompts-file"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (["--system", "Be brief."], r"1 question\(s\) cannot be written in template 'auto, alpaca', none answered:\n"
+                                r"  .*q.json \[index 0\]: system: the alpaca prompt format has no system prompt"),
+])
+def test_bad_flags_are_named_before_anything_is_written(base_folder, tmp_path, capsys, flags, message):
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(["Name a colour."]))
+    out = tmp_path / "out.jsonl"
+    assert main(["--base", str(base_folder), "--prompts-file", str(questions), "--out", str(out), *flags]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+
+
+def test_out_and_prompts_file_go_together(base_folder, tmp_path, capsys):
+    assert main(["--base", str(base_folder), "--prompts-file", str(tmp_path / "q.json")]) == 2
+    assert capsys.readouterr().err == "error: --out: give the file --prompts-file's answers are written to\n"
+    assert main(["--base", str(base_folder), "--prompt", "Hi", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err == "error: --out: only with --prompts-file\n"
+
+
+def test_a_failure_midway_leaves_the_old_output_as_it_was(base_folder, questions_file, tmp_path, monkeypatch):
+    out = tmp_path / "answers.jsonl"
+    out.write_text("old\n")
+    calls = []
+
+    def failing(model, prompts, **options):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return ["x"] * len(prompts)
+
+    monkeypatch.setattr(answer_file, "generate_batch", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["--base", str(base_folder), "--prompts-file", str(questions_file), "--out", str(out),
+              "--batch-size", "2"])
+    assert calls == [2, 2] and out.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl", "questions.jsonl"]
+
+
+@pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+def test_image_questions_see_their_picture_and_a_blind_adapter_is_told_of(tmp_path, capsys):
+    example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"instruction": example["question"], "image": example["image"]}) + "\n")
+    out = tmp_path / "a.jsonl"
+    assert main(["--base", "tiny", "--adapter", "tiny-image", "tiny-text", "--prompts-file", str(questions),
+                 "--image-folder", str(TINY_FOLDER / "examples"), "--out", str(out), "--temperature", "0"]) == 0
+    answers = {line["adapter"]: line["answer"] for line in map(json.loads, out.read_text().splitlines())}
+    seeing, blind = adapter.load_many("tiny", ["tiny-image", "tiny-text"])
+    picture = Image.open(TINY_FOLDER / "examples" / example["image"])
+    assert answers["tiny-image"] == example["answer"] == generate(seeing, example["question"], image=picture,
+                                                                   template="auto", temperature=0.0)
+    assert answers["tiny-text"] == generate(blind, example["question"], template="auto", temperature=0.0)
+    assert ("note (tiny-text): this model cannot see (no visual prompt, or no --clip); it answers the 1 image "
+            "question(s) from their text alone") in capsys.readouterr().err
