@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .finetune.records import DataError, checked_folder, image_field, kind, read_entries, string_field
+from .finetune.records import DataError, image_field, kind, read_checked, string_field
 from .formats.common import atomic_write
 from .generate import generate_batch, prompt_writer, require_tokenizer
 from .prompts import apply_template
@@ -44,23 +44,7 @@ class Question:
 def read_questions(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
                    flag: str = "--prompts-file") -> list[Question]:
     """Every question of a JSON list or JSONL file; a DataError listing every bad one (file and line or index)."""
-    path = Path(path)
-    found = read_entries(path, flag)
-    folder = checked_folder(image_folder)
-    questions, problems = [], []
-    for location, value, error in found:
-        reasons = [error] if error else []
-        question = None if error else _question(location, value, folder, reasons)
-        if reasons:
-            problems.append(f"{location}: {'; '.join(reasons)}")
-        else:
-            questions.append(question)
-    if problems:
-        raise DataError(f"{flag}: {path} has {len(problems)} bad question(s), none answered:\n  "
-                        + "\n  ".join(problems))
-    if not questions:
-        raise DataError(f"{flag}: {path} holds no questions")
-    return questions
+    return read_checked(path, image_folder, flag, _question, noun="question", outcome="none answered")
 
 
 def _question(location: str, value: Any, folder: Path | None, reasons: list[str]) -> Question | None:

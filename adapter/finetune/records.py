@@ -15,11 +15,12 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..prompts import PROMPT_FORMATS, PromptFormat
 
 IMAGE_MARKER = "<image>"
+T = TypeVar("T")
 ROLES = ("human", "gpt")
 
 
@@ -43,26 +44,34 @@ def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None
     Raises DataError naming `flag`, the file and every bad record (location and reason), or the file when it
     is unreadable.
     """
+    return read_checked(path, image_folder, flag,
+                        lambda location, value, folder, reasons: _parse(value, folder, prompt_format, reasons))
+
+
+def read_checked(path: str | os.PathLike, image_folder: str | os.PathLike | None, flag: str,
+                 parse: Callable[[str, Any, Path | None, list[str]], T], noun: str = "record",
+                 outcome: str = "none read") -> list[T]:
+    """`parse(location, value, image folder, reasons)` of every entry of a JSON list or JSONL file, in order; a
+    DataError naming `flag`, the file and every entry whose `reasons` it filled (all of them, in one message)."""
     path = Path(path)
-    found = read_entries(path, flag)
-    folder = checked_folder(image_folder)
-    records, problems = [], []
+    found = _read_entries(path, flag)
+    folder = _checked_folder(image_folder)
+    parsed, problems = [], []
     for location, value, error in found:
         reasons = [error] if error else []
-        examples = [] if error else _parse(value, folder, prompt_format, reasons)
+        item = None if error else parse(location, value, folder, reasons)
         if reasons:
             problems.append(f"{location}: {'; '.join(reasons)}")
         else:
-            records.append(examples)
+            parsed.append(item)
     if problems:
-        raise DataError(f"{flag}: {path} has {len(problems)} bad record(s), none read:\n  "
-                        + "\n  ".join(problems))
-    if not records:
-        raise DataError(f"{flag}: {path} holds no records")
-    return records
+        raise DataError(f"{flag}: {path} has {len(problems)} bad {noun}(s), {outcome}:\n  " + "\n  ".join(problems))
+    if not parsed:
+        raise DataError(f"{flag}: {path} holds no {noun}s")
+    return parsed
 
 
-def read_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]]:
+def _read_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]]:
     """The entries of a JSON list or JSONL file (see `entries`); the file's absence or unreadability raised now,
     naming `flag`."""
     if not path.is_file():
@@ -74,7 +83,7 @@ def read_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]]
     return entries(path, text, flag)
 
 
-def checked_folder(image_folder: str | os.PathLike | None) -> Path | None:
+def _checked_folder(image_folder: str | os.PathLike | None) -> Path | None:
     """The folder records' image paths are relative to (`--image-folder`), which must exist when given."""
     folder = Path(image_folder) if image_folder is not None else None
     if folder is not None and not folder.is_dir():
