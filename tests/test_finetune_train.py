@@ -164,6 +164,40 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tmp_path, base_folder, m
     assert [r["step"] for r in log if r["type"] == "val"] == [2, 4, 6]
 
 
+def test_keep_best_keeps_the_adapter_of_the_lowest_validation_loss_across_a_resume(tmp_path, base_folder):
+    from adapter.evaluate import evaluate
+
+    data = write_json(tmp_path / "data.json", alpaca_records(8, seed=1))
+    val = write_json(tmp_path / "val.json", alpaca_records(8, seed=2))
+    settings = dict(val_data=str(val), keep_best=True, epochs=8, lr=0.05, mode="v2", lora_rank=8, batch_size=8)
+    whole = train(tiny_config(base_folder, data, tmp_path / "whole", **settings))
+    step, loss = min(whole.val_losses, key=lambda pair: pair[1])
+    assert whole.best_val == (step, loss) and whole.best == tmp_path / "whole" / "best" / "adapter.safetensors"
+    assert step < whole.steps, "here the last epoch is not the best (else this would show little)"
+    for path, expected in ((whole.best, loss), (whole.adapter, whole.val_losses[-1][1])):
+        model = adapter.load(base_folder, adapter=path, device="cpu")
+        scored = evaluate(model, val, gate_scales=[1.0], max_seq_len=128).scores[0]
+        assert scored.loss == pytest.approx(expected, rel=1e-5)
+    saved = json.loads((whole.best.parent / "adapter.json").read_text())
+    assert (saved["step"], float(saved["val_loss"])) == (str(step), loss)
+
+    for stop in (step - 1, step + 1):  # resumed before the best epoch, and after it (the best read from the log)
+        out = tmp_path / f"stopped-{stop}"
+        train(tiny_config(base_folder, data, out, max_steps=stop, **settings))
+        resumed = train(tiny_config(base_folder, data, out, resume=True, **settings))
+        assert resumed.best_val == whole.best_val
+        assert max_difference(load_file(resumed.best), load_file(whole.best)) <= 1e-6
+
+
+def test_keep_best_needs_a_validation_set(tmp_path, base_folder, data):
+    with pytest.raises(ValueError, match=r"--keep-best: needs a validation set \(--val-fraction above 0"):
+        tiny_config(base_folder, data, tmp_path / "run", keep_best=True)
+    one = write_json(tmp_path / "one.json", alpaca_records(1))
+    with pytest.raises(ValueError, match=r"--keep-best: 1 record\(s\) leave no validation example"):
+        train(tiny_config(base_folder, one, tmp_path / "run", keep_best=True, val_fraction=0.5))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, base_folder, data, monkeypatch,
                                                                       capsys):
     calls = []

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (default: every epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--export", choices=EXPORTS, help="also write the adapter in this format")
+    p.add_argument("--keep-best", action="store_true",
+                   help="also keep the adapter of the lowest validation loss (checked each epoch) in OUT/best")
     p.add_argument("--max-steps", type=int, help="stop after this optimizer step (for tests and debugging)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p

@@ -21,7 +21,7 @@ EXPORTS = ("peft", "official-v1")
 # settings that may change between an interrupted run and its --resume without changing what it computes
 # (the data file may move: its content is checked by hash)
 RESUMABLE_CHANGES = ("data", "out", "resume", "max_steps", "save_every", "export", "progress", "device",
-                     "gradient_checkpointing")
+                     "gradient_checkpointing", "keep_best")
 
 
 def _require(condition: bool, flag: str, message: str) -> None:
@@ -74,6 +74,7 @@ class TrainConfig:
     save_every: int | None = None  # optimizer steps; None = once per epoch (and always at the end)
     resume: bool = False
     export: str | None = None
+    keep_best: bool = False  # also keep the adapter of the lowest validation loss in OUT/best
     max_steps: int | None = None
     progress: bool = True
 
@@ -110,6 +111,8 @@ class TrainConfig:
                  f"must be a positive integer, got {self.save_every!r}")
         _require(self.max_steps is None or _positive_int(self.max_steps), "--max-steps",
                  f"must be a positive integer, got {self.max_steps!r}")
+        _require(not self.keep_best or self.val_data is not None or self.val_fraction > 0, "--keep-best",
+                 "needs a validation set (--val-fraction above 0, or --val-data)")
         _require(self.export is None or self.export in EXPORTS, "--export",
                  f"must be one of {EXPORTS}, got {self.export!r}")
         try:

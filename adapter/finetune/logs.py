@@ -6,6 +6,8 @@
     {"type": "val", "step": 20, "epoch": 1.0, "val_loss": ...}
     {"type": "end", "step": ..., "adapter": "OUT/adapter/adapter.safetensors"}
 
+(with --keep-best, the adapter of the lowest "val" record is kept in OUT/best.)
+
 Only the main process writes; the others get a log that does nothing.
 """
 

@@ -48,6 +48,11 @@ class TrainResult:
     train_losses: list[float] = field(default_factory=list)  # of the steps this call ran
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) computed by this call
     exports: dict[str, Path] = field(default_factory=dict)
+    best: Path | None = None  # --keep-best: the adapter of the lowest validation loss (OUT/best/adapter.safetensors)
+    best_val: tuple[int, float] | None = None  # its (step, validation loss), over the whole run
+
+
+BEST = "best"  # OUT/best: the adapter at the lowest validation loss so far (--keep-best)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -176,6 +181,9 @@ class _Run:
                              self.prompt_format.answer_end_id(self.model.tokenizer), self.val_records)
         if data.has_images:
             require_image_encoder(self.model)
+        if config.keep_best and not data.val:
+            raise ValueError(f"--keep-best: {len(records)} record(s) leave no validation example when one must train "
+                             "(give --val-data)")
         source = f"{len(records)} records" if self.val_records is None else \
             f"{len(records)} records + {len(self.val_records)} in --val-data"
         notice(f"data: {source} -> {len(data.train)} training and {len(data.val)} validation "
@@ -201,6 +209,11 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.saved_step is not None:
                 trim_log(self.out / LOG, self.saved_step)
+        # the lowest validation loss before a resume, from the log (what OUT/best holds, or a later step's that
+        # the steps redone now will write again)
+        earlier = [(r["step"], r["val_loss"]) for r in read_log(self.out / LOG) if r.get("type") == "val"] \
+            if main and config.keep_best and self.saved_step is not None else []
+        self.best = min(earlier, key=lambda pair: pair[1]) if earlier else None
         notice(f"training {self.model.count_parameters(trainable_only=True):,} parameters ({config.mode}) for "
                f"{self.total_steps} steps ({self.steps_per_epoch} per epoch), peak lr {config.learning_rate:.3g}, "
                f"{self.processes.world} process(es)" + (f", resuming at step {self.step}" if self.step else ""), main)
@@ -266,6 +279,9 @@ class _Run:
                         sum(e.targets for e in val), self.processes, self.config.autocast)
         log.write({"type": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": loss})
         result.val_losses.append((self.step, loss))
+        if self.config.keep_best and self.main and (self.best is None or loss < self.best[1]):
+            self.best = (self.step, loss)
+            save_adapter(self.model, self.out / BEST, {"step": str(self.step), "val_loss": repr(loss)})
         return self.step
 
     def _save(self) -> None:
@@ -288,6 +304,9 @@ class _Run:
                 note = unrecorded_format_note(self.model, "official-v1")
                 if note:
                     notice(note)
+            if self.best is not None:
+                result.best, result.best_val = self.out / BEST / checkpoint.ADAPTER, self.best
+                notice(f"lowest validation loss {self.best[1]:.4f} at step {self.best[0]}: {result.best}")
             log.write({"type": "end", "step": self.step, "adapter": str(result.adapter),
                        "exports": {k: str(v) for k, v in result.exports.items()}})
             records = read_log(self.out / LOG)
