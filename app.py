@@ -7,6 +7,7 @@ CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment 
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ MAX_UPLOAD = "20mb"
 SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
 SCORE_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "exact answers"]
 TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 175 held-out text questions
+TINY_HELD_OUT_IMAGES = 10  # and 40 held-out image questions (10 per category) with their pictures
 
 
 @contextmanager
@@ -217,13 +219,15 @@ class Handlers:
             engine, choice = self.request(*controls)
             return next_token_view(engine.next_tokens_image(image, question, scales, choice))
 
-    def score(self, data: str | None, scales: str, exact: bool, *controls: Any) -> tuple[list[list[Any]], Figure]:
-        """The score table (one row per gate scale) and its plot."""
+    def score(self, data: str | None, scales: str, exact: bool, *rest: Any) -> tuple[list[list[Any]], Figure]:
+        """The score table (one row per gate scale) and its plot. After the controls come the uploaded pictures
+        of image records (a trailing input, so API clients that score text records may leave it out)."""
         from adapter.evaluate import figure
 
+        *controls, images = rest
         with user_errors():
             engine, choice = self.request(*controls)
-            result = engine.score(data, scales, choice, exact)
+            result = engine.score(data, scales, choice, exact, images)
         rows = [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1),
                  "" if s.exact is None else f"{s.exact} / {result.examples}"] for s in result.scores]
         return rows, figure([result])
@@ -283,6 +287,30 @@ def tiny_held_out(config: ServeConfig) -> Path | None:
     path = Path(tempfile.gettempdir()) / "llama-adapter" / "tiny_held_out.jsonl"
     atomic_write(path, lambda tmp: write_text_records(questions, Path(tmp)))
     return path
+
+
+def tiny_held_out_images(config: ServeConfig) -> tuple[Path, list[str]] | None:
+    """The tiny model's held-out image questions as LLaVA records and their pictures, for the Score tab to offer
+    with its image adapter (None for other models): written once into a folder of the temporary folder named by
+    their content's seed and count, made beside it and renamed into place, so apps starting together agree."""
+    if not serves_tiny(config):
+        return None
+    from adapter.tiny.evaluate import held_out
+    from adapter.tiny.recipe import RECIPES
+    from adapter.tiny.records import write_image_records
+
+    seed = RECIPES["full"].seed
+    folder = Path(tempfile.gettempdir()) / "llama-adapter" / f"tiny_held_out_images-{seed}-{TINY_HELD_OUT_IMAGES}"
+    records = folder / "tiny_held_out_images.jsonl"
+    if not records.is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        write_image_records(held_out("image", seed, TINY_HELD_OUT_IMAGES), building / records.name, building)
+        try:
+            building.rename(folder)
+        except OSError:  # another app put it in place first
+            shutil.rmtree(building, ignore_errors=True)
+    return records, sorted(str(p) for p in folder.glob("*.png"))
 
 
 def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
@@ -407,15 +435,23 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                             elem_id="adapted_answer")
             panel = sweep_panel("the same question")
         with gr.Tab("Score"):
-            gr.Markdown(f"Held-out records (a JSON list or JSONL of `{{instruction, input?, output}}`, as fine-tuning "
-                        f"reads them; the first {MAX_SCORE_RECORDS}) scored at each gate scale: the loss of the "
-                        "reference answers' tokens, the share of them the model ranks first and, when asked, how "
-                        "many greedy answers equal the reference. The delta scale comes from Advanced.")
-            score_file = gr.File(label="Records (.json, .jsonl)", file_types=[".json", ".jsonl"], type="filepath",
-                                 elem_id="score_file")
-            held_out_file = tiny_held_out(config)
+            gr.Markdown(f"Held-out records (a JSON list or JSONL of `{{instruction, input?, output}}`, or LLaVA "
+                        f"image records with their pictures, as fine-tuning reads them; the first {MAX_SCORE_RECORDS}) "
+                        "scored at each gate scale: the loss of the reference answers' tokens, the share of them the "
+                        "model ranks first and, when asked, how many greedy answers equal the reference. The delta "
+                        "scale comes from Advanced; image records need an adapter that sees (the adapter menu at "
+                        "the top).")
+            with gr.Row():
+                score_file = gr.File(label="Records (.json, .jsonl)", file_types=[".json", ".jsonl"],
+                                     type="filepath", elem_id="score_file")
+                score_images = gr.File(label="Pictures of image records (LLaVA layout), named as the records name "
+                                       "them", file_count="multiple", file_types=["image"], type="filepath",
+                                       value=[], elem_id="score_images")  # [] : API clients may leave it out
+            held_out_file, held_out_images = tiny_held_out(config), tiny_held_out_images(config)
             if held_out_file is not None:
-                gr.Examples([[str(held_out_file)]], inputs=[score_file], label="The tiny model's held-out questions")
+                gr.Examples([[str(held_out_file), None], [str(held_out_images[0]), held_out_images[1]]],
+                            inputs=[score_file, score_images],
+                            label="The tiny model's held-out questions (text; image, for its image adapter)")
             with gr.Row():
                 score_scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id="score_scales")
                 score_exact = gr.Checkbox(False, label="Exact answers (decodes every record at every scale)",
@@ -468,7 +504,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         panel.next_token.click(handlers.next_tokens, [compare_question, panel.scales, *controls],
                                [panel.next_tokens, panel.next_plot], api_name="next_tokens", **model_events)
         compare_stop.click(None, cancels=[compared, swept])
-        score_button.click(handlers.score, [score_file, score_scales, score_exact, *controls],
+        score_button.click(handlers.score, [score_file, score_scales, score_exact, *controls, score_images],
                            [score_table, score_plot], api_name="score", **model_events)
 
         # the named endpoints first: a private event of the same function would take the function's name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
@@ -293,17 +294,21 @@ class Engine:
             raise ValueError(f"{name}: too long for this model's context of {limit} tokens; shorten it")
 
     def score(self, data: str | os.PathLike, scales: str | Sequence[Any], settings: Settings,
-              exact: bool = False) -> Evaluation:
+              exact: bool = False, images: Sequence[str | os.PathLike] | None = None) -> Evaluation:
         """Held-out loss, token accuracy and (with `exact`) exact greedy answers of the first MAX_SCORE_RECORDS
-        records of `data` at each gate scale (`adapter.evaluate`, settings' delta scale), holding the lock."""
+        records of `data` at each gate scale (`adapter.evaluate`, settings' delta scale), holding the lock.
+        Image records (LLaVA layout) find their pictures among `images` by file name."""
         from .evaluate import evaluate
 
         scales = gate_scales(scales)
         if data is None:
             raise ValueError("data: upload a JSON or JSONL file of records first")
-        with self.lock:
-            return evaluate(self.model, data, gate_scales=scales, delta_scale=settings.delta_scale,
-                            limit=MAX_SCORE_RECORDS, exact=bool(exact), prompt_format=self.prompts.name)
+        with tempfile.TemporaryDirectory(prefix="uploaded-images-") as folder:
+            _gather(images or (), Path(folder))
+            with self.lock:
+                return evaluate(self.model, data, image_folder=folder, gate_scales=scales,
+                                delta_scale=settings.delta_scale, limit=MAX_SCORE_RECORDS, exact=bool(exact),
+                                prompt_format=self.prompts.name)
 
     # ----- seeing the gates ------------------------------------------------------------------------------
     def gate_heatmap(self, scale: float) -> Figure:
@@ -387,6 +392,19 @@ class Engines:
         if name not in self.by_name:
             raise ValueError(f"adapter: {name!r} is not served here; choose from {', '.join(self.by_name)}")
         return self.by_name[name]
+
+
+def _gather(images: Sequence[str | os.PathLike], folder: Path) -> None:
+    """Uploaded pictures side by side in `folder` under their own file names (links, not copies), so that records
+    naming them find them; two of one name would be ambiguous and are refused."""
+    for image in images:
+        source = Path(image)
+        if not source.is_file():
+            raise ValueError(f"images: {source.name} was not uploaded completely; upload it again")
+        target = folder / source.name
+        if target.exists():
+            raise ValueError(f"images: two uploads are named {source.name}; rename one")
+        target.symlink_to(source.resolve())
 
 
 def _each(rows: Iterator[list[str]], pick: Callable[[list[str]], Any]) -> Iterator[Any]:

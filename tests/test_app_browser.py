@@ -76,7 +76,7 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
 
     from adapter.app_config import ServeConfig
     from adapter.tiny.questions import text_questions
-    from app import tiny_held_out
+    from app import tiny_held_out, tiny_held_out_images
 
     example = text_questions(100, "held-out", 6)[0]
     with running_app([]) as tiny:
@@ -106,5 +106,14 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
         choose_adapter(page, "tiny-image")
         other = compare(page, example.instruction)
         assert other == list(tiny.engines.get("tiny-image").compare(example.instruction, Settings()))[-1]
+        page.get_by_role("tab", name="Score").click()
+        page.get_by_text("tiny_held_out_images.jsonl").first.click()  # its image questions and their pictures
+        page.locator("#score_file [aria-label='tiny_held_out_images.jsonl']").wait_for()
+        page.locator("#score_images [aria-label='000039.png']").wait_for()
+        records, pictures = tiny_held_out_images(ServeConfig())
+        seen = tiny.engines.get("tiny-image").score(records, "0, 1", Settings(), images=pictures)
+        assert [[float(cell) for cell in row[:4]] for row in score(page, "0, 1")] == \
+            [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1)]
+             for s in seen.scores]
     assert adapted == example.answer and base != adapted, (base, adapted)
     assert other[0] == base, "the frozen base is the same whichever adapter is chosen"

@@ -5,9 +5,11 @@ built."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 import adapter
@@ -115,6 +117,35 @@ def test_the_score_tab_scores_held_out_records_at_each_gate(served, client, tmp_
                               f"{s.exact} / {result.examples}"] for s in result.scores]
     assert result.scores[1].exact > result.scores[0].exact == 0
     assert plot["type"] == "matplotlib" and plot["plot"]
+
+
+def test_the_score_tab_scores_image_records_with_their_uploaded_pictures(served, client, tmp_path):
+    from adapter.app_config import ServeConfig
+    from adapter.evaluate import evaluate
+    from adapter.tiny.evaluate import held_out
+    from adapter.tiny.records import write_image_records
+    from app import TINY_HELD_OUT_IMAGES, tiny_held_out_images
+
+    records, pictures = tiny_held_out_images(ServeConfig())
+    expected = write_image_records(held_out("image", 0, TINY_HELD_OUT_IMAGES), tmp_path / "r.jsonl", tmp_path / "p")
+    assert records.read_text() == expected.read_text() and len(pictures) == 4 * TINY_HELD_OUT_IMAGES
+    assert [Image.open(p).tobytes() for p in pictures] == [Image.open(p).tobytes()
+                                                           for p in sorted((tmp_path / "p").glob("*.png"))]
+    assert tiny_held_out_images(ServeConfig(base=str(tmp_path))) is None
+    table, _ = client.predict(handle_file(str(records)), "0, 1", True, *controls(), "tiny-image", None,
+                              [handle_file(p) for p in pictures], api_name="/score")
+    result = evaluate(served.engines.get("tiny-image").model, records, image_folder=records.parent,
+                      gate_scales=[0.0, 1.0], exact=True)
+    assert table["data"] == [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1),
+                              f"{s.exact} / {result.examples}"] for s in result.scores]
+    assert result.scores[1].exact > result.scores[0].exact, "the picture speaks through the gate"
+    with pytest.raises(AppError, match=r"000000.png does not exist"):  # the records without their pictures
+        client.predict(handle_file(str(records)), "0, 1", False, *controls(), "tiny-image", api_name="/score")
+    twin = tmp_path / "twin" / "000000.png"
+    twin.parent.mkdir()
+    twin.write_bytes(Path(pictures[0]).read_bytes())
+    with pytest.raises(ValueError, match="images: two uploads are named 000000.png; rename one"):
+        served.engines.get("tiny-image").score(records, "0, 1", Settings(**GREEDY), images=[pictures[0], twin])
 
 
 def test_an_image_sweep_gives_each_row_the_picture_at_its_own_gate():
