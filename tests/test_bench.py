@@ -72,8 +72,8 @@ def smoke_report(tmp_path_factory) -> tuple[Path, str]:
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "BENCHMARKS.md"
     before = (ROOT / "BENCHMARKS.md").read_text()
-    run([sys.executable, "-m", "bench", "--smoke", "--only", "decode_peers,memory,adapters,scaling,train,tied,decode",
-         "--write", str(out)])
+    run([sys.executable, "-m", "bench", "--smoke", "--only",
+         "decode_peers,memory,adapters,scaling,train,answers,tied,decode", "--write", str(out)])
     assert (ROOT / "BENCHMARKS.md").read_text() == before, "a smoke run must not touch the real BENCHMARKS.md"
     return folder, out.read_text()
 
@@ -83,7 +83,7 @@ def test_smoke_run_names_the_machine_and_what_ran(smoke_report):
     first = text.split("\n## ")[1]
     assert first.startswith("This run: `python -m bench --smoke"), "the run's own section comes first"
     assert "bitsandbytes" in first and "torch" in first and "threads" in first
-    assert "- ran: decode_peers, memory, adapters, scaling, train, tied" in first
+    assert "- ran: decode_peers, memory, adapters, scaling, train, answers, tied" in first
     assert "decode (no --smoke mode)" in first
 
 
@@ -247,7 +247,8 @@ def test_a_corrupted_peer_is_refused_by_the_training_check(weights, monkeypatch)
 
 def test_smoke_leaves_out_what_has_no_smoke_mode_and_load_needs_its_flag():
     smoke, left = bench_main.chosen(argparse.Namespace(only=None, smoke=True, with_load=False))
-    assert [b.name for b in smoke] == ["decode_peers", "memory", "adapters", "scaling", "train", "tied", "gpu"]
+    assert [b.name for b in smoke] == ["decode_peers", "memory", "adapters", "scaling", "train", "answers", "tied",
+                                       "gpu"]
     assert any(note.startswith("load") for note in left)
     full, left = bench_main.chosen(argparse.Namespace(only=None, smoke=False, with_load=False))
     assert "load" not in [b.name for b in full] and any("--with-load" in note for note in left)
@@ -310,3 +311,13 @@ def test_smoke_tied_section_holds_the_head_once(smoke_report):
     assert rows[0] == ["precision", "measure", "tied (shared)", "untied (copy)", "tied / untied"]
     held = {row[0]: float(row[4]) for row in rows[1:] if row[1] == "distinct parameter tensors, MB"}
     assert set(held) == {"fp32", "bf16", "nf4"} and all(r < 0.8 for r in held.values()), held
+
+
+def test_smoke_answers_section_times_each_batch_size_after_checking_its_answers(smoke_report):
+    _, text = smoke_report
+    section = next(body for head, body in sections(text).items() if head.startswith("Answering a file of questions"))
+    assert "every batch size's answers were checked equal to batch size 1's before timing" in section
+    rows = tables(section)[0]
+    assert rows[0] == ["batch size (questions)", "rows per batch", "questions/s", "min / max", "/ batch size 1"]
+    assert [(row[0], row[1], row[4]) for row in rows[1:2]] == [("1", "2", "1.00")]
+    assert [row[0] for row in rows[1:]] == ["1", "4"] and float(rows[2][2]) > 0
