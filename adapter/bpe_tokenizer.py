@@ -202,7 +202,11 @@ class BPETokenizer(Tokenizer):
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
-        return self.backend.decode([int(token_id)], skip_special_tokens=False)
+        text = self.backend.decode([int(token_id)], skip_special_tokens=False)
+        # a LLaMA 1/2 tokenizer.json marks a word's start with U+2581, which its decoder drops at the start of a text
+        if (self.backend.id_to_token(int(token_id)) or "").startswith("\u2581") and not text.startswith(" "):
+            text = " " + text
+        return text
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
 from .model import Transformer
-from .prompts import chat_template_format
+from .prompts import base_prompt_format
 from .tokenizer import open_tokenizer
 
 
@@ -40,13 +40,14 @@ def describe_base(path: Path) -> list[str]:
         f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {rope}",
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
         f"stops at ids {sorted(tokenizer.stop_ids)})",
-        f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path.parent)}",
+        f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path.parent, tokenizer)}",
     ]
 
 
-def _bare_format(folder: Path) -> str:
-    chat = chat_template_format(folder)
-    return "alpaca (no chat template in a format here)" if chat is None else f"{chat} (its chat template's)"
+def _bare_format(folder: Path, tokenizer) -> str:
+    chat = base_prompt_format(folder, tokenizer)
+    return "alpaca (no chat template in a format its tokenizer writes)" if chat is None else \
+        f"{chat} (its chat template's)"
 
 
 def gate_rows(found: LoadedAdapter) -> list[str]:

@@ -21,7 +21,7 @@ from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
 from .model import Transformer
-from .prompts import chat_template_format
+from .prompts import base_prompt_format
 from .quantize import FROZEN_LINEARS, check_mode, quantize_linear, quantize_tower
 from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
@@ -99,7 +99,7 @@ def load(
     model.base_format = checkpoint.format
     model.base_path = str(base)
     model.tokenizer = tokenizer
-    model.base_prompt_format = chat_template_format(checkpoint.tokenizer_path.parent)
+    model.base_prompt_format = base_prompt_format(checkpoint.tokenizer_path.parent, tokenizer)
     model.kv_cache = kv_cache
     return _fit_adapter(model, adapter, found, clip, clip_model, clip_mode, device)
 

@@ -229,6 +229,19 @@ def chat_template_format(folder: str | os.PathLike) -> str | None:
     return next((name for name, marks in TEMPLATE_MARKS.items() if all(mark in template for mark in marks)), None)
 
 
+def base_prompt_format(folder: str | os.PathLike, tokenizer: "Tokenizer") -> str | None:
+    """The format a bare base is asked in: its chat template's (`chat_template_format`) when `tokenizer` can write
+    it, else None (Alpaca)."""
+    name = chat_template_format(folder)
+    if name is None:
+        return None
+    try:
+        format_named(name).check(tokenizer)
+    except ValueError:
+        return None
+    return name
+
+
 def _chat_template(folder: Path) -> str | None:
     from .formats.meta import read_json
 

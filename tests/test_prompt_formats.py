@@ -403,8 +403,13 @@ def test_other_chat_templates_and_none_leave_a_bare_base_in_alpaca(base_folder, 
     mistral = with_chat_template(base_folder, tmp_path / "mistral", MISTRAL_CHAT_TEMPLATE, "config")
     assert adapter.load(mistral, device="cpu").prompt_format == "alpaca"
     assert adapter.load(base_folder, device="cpu").prompt_format == "alpaca"
+    unwritable = with_chat_template(base_folder, tmp_path / "l3-template", LLAMA3_CHAT_TEMPLATE, "config")
+    assert adapter.load(unwritable, device="cpu").prompt_format == "alpaca", "its SentencePiece cannot write llama3"
     assert inspect_main([str(mistral)]) == 0
-    assert "prompt format without an adapter: alpaca (no chat template in a format here)" in capsys.readouterr().out
+    assert "prompt format without an adapter: alpaca (no chat template in a format its tokenizer writes)" in \
+        capsys.readouterr().out
+    assert inspect_main([str(unwritable)]) == 0
+    assert "prompt format without an adapter: alpaca" in capsys.readouterr().out
     broken = with_chat_template(base_folder, tmp_path / "broken", "", "config")
     (broken / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"broken/tokenizer_config.json: cannot read JSON"):

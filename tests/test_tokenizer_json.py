@@ -51,6 +51,14 @@ def test_tokenizer_json_encodes_as_transformers_and_sentencepiece(base_folder, c
             assert ids == sentencepiece.encode(text, bos=False), text
 
 
+def test_a_token_reads_as_the_sentencepiece_model_shows_it(base_folder, converted):
+    tokenizer = open_tokenizer(converted[0] / "tokenizer.json")
+    sentencepiece = open_tokenizer(base_folder / "tokenizer.model")
+    ids = tokenizer.encode("The red circle is above the blue square.", bos=True, eos=True)
+    assert [tokenizer.token_text(i) for i in ids] == [sentencepiece.token_text(i) for i in ids]
+    assert tokenizer.token_text(ids[1]).startswith(" "), "the word-start mark is a space, first token or not"
+
+
 def test_hf_folder_with_only_tokenizer_json_loads(base_folder, converted, tmp_path):
     from tests.conftest import TINY
     from tests.test_hf_format import Base, write_hf

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 from ..prompts import PROMPT_FORMATS, PromptFormat
 
 IMAGE_MARKER = "<image>"
-T = TypeVar("T")
 ROLES = ("human", "gpt")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def read_checked(path: str | os.PathLike, image_folder: str | os.PathLike | None
 
 
 def _read_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]]:
-    """The entries of a JSON list or JSONL file (see `entries`); the file's absence or unreadability raised now,
+    """The entries of a JSON list or JSONL file (see `_entries`); the file's absence or unreadability raised now,
     naming `flag`."""
     if not path.is_file():
         raise FileNotFoundError(f"{flag}: {path} does not exist")
@@ -80,7 +80,7 @@ def _read_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{flag}: cannot read {path} ({error})") from error
-    return entries(path, text, flag)
+    return _entries(path, text, flag)
 
 
 def _checked_folder(image_folder: str | os.PathLike | None) -> Path | None:
@@ -91,7 +91,7 @@ def _checked_folder(image_folder: str | os.PathLike | None) -> Path | None:
     return folder
 
 
-def entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str | None]]:
+def _entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str | None]]:
     """(location, record, parse error) for a JSON list (by index) or JSONL (by line, blank lines skipped)."""
     if text.lstrip().startswith("["):
         try:
