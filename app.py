@@ -129,6 +129,12 @@ def picture(path: Path | None) -> Image.Image | None:
     return None if path is None else Image.open(path)
 
 
+def warn_if_blind(engine: Engine, image: Image.Image | None) -> None:
+    """An image question put to an adapter that cannot see is answered from the text alone: say so."""
+    if image is not None and not engine.can_see_images:
+        gr.Warning("This adapter cannot see images: the answer comes from the question alone.")
+
+
 class Handlers:
     """The event functions; each turns UI values into an engine call and engine errors into messages.
 
@@ -178,8 +184,7 @@ class Handlers:
         with user_errors():
             engine, choice = self.request(*controls)
             answers = engine.ask_image(image, question, choice)
-            if image is not None and not engine.can_see_images:
-                gr.Warning("This adapter cannot see images: the answer comes from the question alone.")
+            warn_if_blind(engine, image)
             yield from answers
 
     def image_shares(self, image: Image.Image | None, question: str, answer: str,
@@ -206,7 +211,9 @@ class Handlers:
         with user_errors():
             values = gate_scales(scales)
             engine, choice = self.request(*controls)
-            yield from table(values, engine.sweep_image(image, question, values, choice))
+            answers = engine.sweep_image(image, question, values, choice)
+            warn_if_blind(engine, image)
+            yield from table(values, answers)
 
     def next_tokens(self, question: str, scales: str, *controls: Any) -> tuple[dict[str, Any], Figure]:
         with user_errors():
@@ -217,7 +224,9 @@ class Handlers:
                           *controls: Any) -> tuple[dict[str, Any], Figure]:
         with user_errors():
             engine, choice = self.request(*controls)
-            return next_token_view(engine.next_tokens_image(image, question, scales, choice))
+            found = engine.next_tokens_image(image, question, scales, choice)
+            warn_if_blind(engine, image)
+            return next_token_view(found)
 
     def score(self, data: str | None, scales: str, exact: bool, *rest: Any) -> tuple[list[list[Any]], Figure]:
         """The score table (one row per gate scale) and its plot. After the controls come the uploaded pictures

@@ -5,6 +5,7 @@ built."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,20 @@ def test_an_image_sweep_gives_each_row_the_picture_at_its_own_gate():
     assert swept == alone and alone[1] == example["answer"] != alone[0], (example, alone)
     with pytest.raises(ValueError, match="image: upload an image first"):
         engine.sweep_image(None, example["question"], "0, 1", Settings(**greedy))
+
+
+@pytest.mark.parametrize("ask", ["ask_image", "sweep_image", "next_tokens_image"])
+def test_an_image_question_to_an_adapter_that_cannot_see_says_so(served, ask):
+    from app import Handlers
+
+    handlers = Handlers(served.engines)
+    scales = () if ask == "ask_image" else ("0, 1",)
+    blind = "This adapter cannot see images: the answer comes from the question alone."
+    for name, warned in (("tiny-text", True), ("tiny-image", False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = getattr(handlers, ask)(Image.new("RGB", (8, 8)), "What colour is it?", *scales, *controls(),
+                                            name)
+            if ask != "next_tokens_image":
+                list(result)  # the streamed ones check and warn as they start
+        assert (blind in [str(w.message) for w in caught]) == warned, name
