@@ -250,6 +250,11 @@ def attach_image_encoder(model: "Transformer", encoder: ImageEncoder, *, inferen
         model.visual_prompt.to(dtype=dtype)
 
 
+def _same_image(image: Any) -> Any:
+    """What two rows share when they give the same image: the path of a file, else the very object."""
+    return ("path", os.fspath(image)) if isinstance(image, (str, os.PathLike)) else ("object", id(image))
+
+
 def encode_images(model: "Transformer", images: Sequence[Any]) -> torch.Tensor | None:
     """The visual prompt of each image ([B, prompt_len | 1, dim]); rows without an image (None) get zeros,
     i.e. no visual query, so text-only and image questions can share a batch. None when no row has one.
@@ -264,13 +269,24 @@ def encode_images(model: "Transformer", images: Sequence[Any]) -> torch.Tensor |
     present = [i for i, image in enumerate(images) if image is not None]
     if not present:
         return None
+    # an image given for several rows (a gate sweep: the same picture at each scale) is read and encoded once
+    first: dict[Any, int] = {}
+    unique, slot = [], []
+    for i in present:
+        key = _same_image(images[i])
+        if key not in first:
+            first[key] = len(unique)
+            unique.append(images[i])
+        slot.append(first[key])
     encoder = model.image_encoder
     device = model.tok_embeddings.weight.device
-    pixels = encoder.preprocess([images[i] for i in present], model.adapter_args.channel_order)
+    pixels = encoder.preprocess(unique, model.adapter_args.channel_order)
     param = next(encoder.parameters())
     with torch.no_grad():
         tokens = encoder(pixels.to(device=param.device, dtype=param.dtype))
     prompts = model.visual_prompt(tokens).to(device)
+    if len(unique) < len(present):
+        prompts = prompts[torch.tensor(slot, device=prompts.device)]
     if len(present) == len(images):
         return prompts
     out = prompts.new_zeros(len(images), *prompts.shape[1:])

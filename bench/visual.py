@@ -18,9 +18,10 @@ from PIL import Image
 from adapter.config import AdapterArgs
 from adapter.model import Transformer
 from adapter.visual import ImageEncoder, attach_image_encoder, encode_images
-from bench.decode import SHAPE, machine, measure
+from bench.decode import SHAPE, machine, measure, measure_side_by_side
 from bench.report import publish
 
+SWEEP_ROWS = 9  # the app's largest gate sweep
 ADAPTER = AdapterArgs(prompt_len=10, prompt_layers=8, visual="v2", clip_dim=512, visual_dim=768, visual_depth=8,
                       visual_heads=16, clip_model="ViT-B-32")
 
@@ -34,10 +35,10 @@ def build() -> Transformer:
     return model
 
 
-def encode_ms(model: Transformer, image: Image.Image) -> float:
+def encode_ms(model: Transformer, images: list[Image.Image]) -> float:
     with torch.inference_mode():
         start = time.perf_counter()
-        encode_images(model, [image])
+        encode_images(model, images)
         return (time.perf_counter() - start) * 1000
 
 
@@ -60,8 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(options.threads)
     model = build()
     image = Image.new("RGB", (640, 480), (200, 30, 40))
+    sweep, copies = [image] * SWEEP_ROWS, [image.copy() for _ in range(SWEEP_ROWS)]
     rows = [("encode one image (preprocess, ViT-B/32 tower, v2 visual prompt), ms",
-             measure(lambda: encode_ms(model, image), options.repeats)),
+             measure(lambda: encode_ms(model, [image]), options.repeats)),
+            *zip((f"the picture of a {SWEEP_ROWS}-scale gate sweep ({SWEEP_ROWS} rows, one image: encoded once), ms",
+                  f"the same as {SWEEP_ROWS} distinct copies (each encoded, as every sweep was before), ms"),
+                 measure_side_by_side([lambda: encode_ms(model, sweep), lambda: encode_ms(model, copies)],
+                                      options.repeats)),
             ("time to first token, image question with a 64-token prompt, ms",
              measure(lambda: first_token_ms(model, image), options.repeats))]
     command = "python -m bench.visual " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -147,6 +147,25 @@ def test_batched_image_questions_equal_single_runs_and_encode_once(base_folder, 
     assert calls == [2], "the two images are encoded once, in one batch, for the whole generation"
 
 
+def test_an_image_given_for_several_rows_is_encoded_once(base_folder, clip_files, monkeypatch, tmp_path):
+    config, weights, _ = clip_files
+    args = AdapterArgs(prompt_len=3, prompt_layers=4, visual="v2", clip_dim=24, clip_model=str(config),
+                       visual_dim=16, visual_depth=1, visual_heads=2)
+    model = randomize_adapter(adapter.load(base_folder, adapter=args, clip=weights, device="cpu"), std=1.0)
+    RED.save(tmp_path / "red.png")
+    with torch.no_grad():
+        alone = {name: encode_images(model, [image])[0] for name, image in
+                 (("red", RED), ("blue", BLUE), ("file", tmp_path / "red.png"))}
+        calls = []
+        original = model.image_encoder.forward
+        monkeypatch.setattr(model.image_encoder, "forward", lambda x: calls.append(x.shape[0]) or original(x))
+        rows = encode_images(model, [RED, BLUE, RED, None, str(tmp_path / "red.png"), tmp_path / "red.png"])
+    assert calls == [3], "red, blue and the file, once each"
+    for row, name in zip((0, 1, 2, 4, 5), ("red", "blue", "red", "file", "file")):
+        torch.testing.assert_close(rows[row], alone[name], rtol=1e-5, atol=1e-6)
+    assert not rows[3].any(), "a row without an image gets no visual query"
+
+
 def test_text_only_requests_on_a_multimodal_adapter(multimodal, base_folder, bias_7b):
     plain = adapter.load(base_folder, adapter=bias_7b[0], device="cpu")  # no CLIP tower at all
     text = plain.generate(QUESTION, temperature=0.0, max_new_tokens=6)
