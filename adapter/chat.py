@@ -1,0 +1,174 @@
+"""`python -m adapter.chat`: a conversation in the terminal, answers streamed, the gate scale changed between turns.
+
+The app's chat (adapter.engine: the adapter's prompt format, the oldest turns dropped when the context is full)
+on standard input and output. Lines starting with "/" are commands (`/help` lists them): `/gate 0` asks the
+next question of the frozen base, `/gate 1` of the trained adapter again, without reloading anything. Ctrl-C
+stops the answer being written; Ctrl-D or `/quit` ends the conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+from .kv_cache import KV_CACHE_DTYPES
+from .prompts import PROMPT_FORMATS
+
+if TYPE_CHECKING:
+    from .engine import Engine, Settings
+
+HELP = """commands:
+  /gate S         gate scale from the next answer on (0 = the frozen base, 1 = the trained adapter)
+  /delta S        delta scale of the v2 biases, LoRA and norms
+  /temperature T  sampling temperature (0 = greedy)
+  /system TEXT    system prompt (chat formats only); /system alone removes it
+  /image PATH     ask the next questions about this picture (each on its own); /image alone: back to the chat
+  /reset          forget the conversation
+  /settings       what the next answer is asked with
+  /quit           end (as does Ctrl-D)"""
+SCALE_COMMANDS = {"/gate": "gate_scale", "/delta": "delta_scale", "/temperature": "temperature"}
+
+
+@dataclasses.dataclass
+class Conversation:
+    """What the terminal chat keeps between lines: the turns so far, the settings, the picture asked about."""
+
+    engine: Engine
+    settings: Settings
+    history: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    image: Any = None
+
+    def command(self, line: str, out: TextIO) -> bool:
+        """Carry out one /command; False when it ends the conversation. Bad values raise ValueError."""
+        from .images import load_image
+
+        name, _, value = line.partition(" ")
+        value = value.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name in SCALE_COMMANDS:
+            field = SCALE_COMMANDS[name]
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"{name}: give a number, e.g. '{name} 0.5'") from None
+            self.settings = self.engine.check(dataclasses.replace(self.settings, **{field: number}))
+            out.write(f"{field.replace('_', ' ')} {number:g}\n")
+        elif name == "/system":
+            settings = dataclasses.replace(self.settings, system=value or None)
+            self.engine.chat_prompt([], "?", settings)  # a format without system prompts says so now
+            self.settings = settings
+            out.write(f"system prompt: {value!r}\n" if value else "no system prompt\n")
+        elif name == "/image":
+            if value and not self.engine.can_see_images:
+                raise ValueError("/image: this adapter cannot see images (it needs a visual prompt and --clip)")
+            self.image = load_image(value) if value else None
+            out.write(f"asking about {value}\n" if value else "back to the chat\n")
+        elif name == "/reset":
+            self.history.clear()
+            out.write("conversation forgotten\n")
+        elif name == "/settings":
+            shown = [f"{key} {value}" for key, value in dataclasses.asdict(self.settings).items()]
+            shown += [f"format {self.engine.prompts.name}"] + (["asking about a picture"] if self.image is not None
+                                                                else [])
+            out.write(", ".join(shown) + "\n")
+        elif name == "/help":
+            out.write(HELP + "\n")
+        else:
+            raise ValueError(f"{name}: unknown command; /help lists them")
+        return True
+
+    def answer(self, question: str, out: TextIO) -> str:
+        """Stream the answer to `question` to `out`; keep the turn (a picture's questions stand alone)."""
+        if self.image is not None:
+            answers = self.engine.ask_image(self.image, question, self.settings)
+        else:
+            answers = self.engine.chat(self.history, question, self.settings)
+        written = ""
+        try:
+            for answer in answers:
+                out.write(answer[len(written):])
+                written = answer
+                out.flush()
+        except KeyboardInterrupt:  # stop this answer, keep the conversation
+            answers.close()
+            out.write(" [stopped]")
+        out.write("\n")
+        if self.image is None:
+            self.history.append((question.strip(), written))
+        return written
+
+
+def run(conversation: Conversation, lines: Iterable[str], out: TextIO, err: TextIO, prompt: str = "") -> None:
+    """The conversation over `lines` (questions and /commands); a bad line is said on `err` and the chat goes on."""
+    out.write(prompt)
+    out.flush()
+    for line in lines:
+        text = line.strip()
+        try:
+            if text.startswith("/"):
+                if not conversation.command(text, out):
+                    return
+            elif text:
+                conversation.answer(text, out)
+        except (ValueError, FileNotFoundError) as error:
+            err.write(f"error: {error}\n")
+        out.write(prompt)
+        out.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adapter.chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="tiny", help="base LLaMA folder (Meta or HF layout), hf:owner/name, or tiny")
+    parser.add_argument("--adapter", help="adapter file or folder, any format (with --base tiny: tiny-text)")
+    parser.add_argument("--clip", help="CLIP weights for an adapter with a visual prompt (a file or open_clip tag)")
+    parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")
+    parser.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
+    parser.add_argument("--clip-quantize", choices=("none", "nf4", "int8"), default="none")
+    parser.add_argument("--device", help="e.g. cpu, cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="auto")
+    parser.add_argument("--compile", action="store_true", help="decode through torch.compile")
+    parser.add_argument("--prompt-format", choices=("auto", *PROMPT_FORMATS), default="auto",
+                        help="auto: the adapter's own (or the base's chat template's)")
+    parser.add_argument("--system", help="system prompt (chat formats only)")
+    parser.add_argument("--gate-scale", type=float, default=1.0)
+    parser.add_argument("--delta-scale", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--top-p", type=float, default=0.75)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, help="seed for sampling (default: a new one each answer)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .engine import Engine, Settings
+    from .loading import load_many
+
+    stdin = sys.stdin if stdin is None else stdin
+    try:
+        settings = Settings(gate_scale=args.gate_scale, delta_scale=args.delta_scale, temperature=args.temperature,
+                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system)
+        model, = load_many(args.base, [args.adapter], clip=args.clip, clip_model=args.clip_model,
+                           clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
+                           dtype=args.dtype, kv_cache=args.kv_cache)
+        engine = Engine(model, max_new_tokens=args.max_new_tokens, compile=args.compile,
+                        prompt_format=None if args.prompt_format == "auto" else args.prompt_format)
+        engine.chat_prompt([], "?", settings)  # a system prompt the format has no place for stops here
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    interactive = stdin.isatty()
+    if interactive:
+        print(f"{model.adapter_path or model.base_path}, asked in {engine.prompts.name}; /help lists the commands",
+              file=sys.stderr)
+    run(Conversation(engine, settings), stdin, sys.stdout, sys.stderr, prompt="> " if interactive else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""`python -m adapter.chat`: the app's chat in the terminal: each answer is the engine's for the conversation so
+far and the settings the commands set, bad lines are said and the chat goes on, Ctrl-C stops one answer."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+import adapter
+from adapter.app_config import TINY_FOLDER, tiny_available
+from adapter.chat import Conversation, main
+from adapter.engine import Engine, Settings
+
+pytestmark = pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+
+QUESTION = "There is a large red star on the left. What colour is the star?"
+GREEDY = dict(temperature=0.0, max_new_tokens=30, seed=None)
+
+
+def chat(lines: list[str], capsys, *flags: str) -> tuple[int, list[str], str]:
+    code = main(["--temperature", "0", "--max-new-tokens", "30", *flags], stdin=io.StringIO("\n".join(lines) + "\n"))
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def last(answers) -> str:
+    return list(answers)[-1]
+
+
+def test_each_answer_is_the_engines_for_the_conversation_and_the_gate_set(capsys):
+    code, out, err = chat([QUESTION, "/gate 0", QUESTION, "/gate 5", "/system be brief", "/bogus", "/reset",
+                           "/gate 1", QUESTION, "/quit", "never asked"], capsys)
+    engine = Engine(adapter.load("tiny", device="cpu"), max_new_tokens=30)
+    first = last(engine.chat([], QUESTION, Settings(**GREEDY)))
+    second = last(engine.chat([(QUESTION, first)], QUESTION, Settings(gate_scale=0.0, **GREEDY)))
+    assert code == 0 and first == "red" and second != first
+    assert out == [first, "gate scale 0", second, "conversation forgotten", "gate scale 1", first]
+    assert err.splitlines() == [
+        "error: gate_scale: must be in [0, 2], got 5.0",
+        "error: system: the alpaca prompt format has no system prompt (its header is fixed); a system prompt needs a "
+        "chat format (llama2, llama3)",
+        "error: /bogus: unknown command; /help lists them",
+    ]
+
+
+def test_a_picture_is_asked_about_until_it_is_put_away(capsys):
+    example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
+    picture = TINY_FOLDER / "examples" / example["image"]
+    code, out, err = chat([f"/image {picture}", example["question"], "/image", f"/image {picture}"], capsys,
+                          "--adapter", "tiny-image")
+    assert code == 0 and err == ""
+    assert out == [f"asking about {picture}", example["answer"], "back to the chat", f"asking about {picture}"]
+    code, out, err = chat([f"/image {picture}", "/image nowhere.png"], capsys)  # the text adapter cannot see
+    blind = "error: /image: this adapter cannot see images (it needs a visual prompt and --clip)"
+    assert err.splitlines() == [blind] * 2
+
+
+def test_ctrl_c_stops_one_answer_and_keeps_the_conversation(monkeypatch):
+    engine = Engine(adapter.load("tiny", device="cpu"), max_new_tokens=30)
+    decoded = []
+
+    def decoding(history, message, settings):
+        try:
+            for answer in ("re", "red", "red star"):
+                decoded.append(answer)
+                yield answer
+        finally:
+            decoded.append("closed")
+
+    class CtrlCOnFirstFlush(io.StringIO):
+        def flush(self):
+            if not self.getvalue().endswith("[stopped]"):
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "chat", decoding)
+    conversation, out = Conversation(engine, Settings(**GREEDY)), CtrlCOnFirstFlush()
+    assert conversation.answer(QUESTION, out) == "re"
+    assert out.getvalue() == "re [stopped]\n" and decoded == ["re", "closed"], "decoding stopped at once"
+    assert conversation.history == [(QUESTION, "re")]
+
+
+def test_bad_flags_stop_before_the_chat(capsys):
+    assert main(["--gate-scale", "3"], stdin=io.StringIO("")) == 2
+    assert capsys.readouterr().err == "error: gate_scale: must be in [0, 2], got 3.0\n"
+    assert main(["--system", "Be brief."], stdin=io.StringIO("")) == 2
+    assert "system: the alpaca prompt format has no system prompt" in capsys.readouterr().err
