@@ -19,6 +19,7 @@ from .prompts import PROMPT_FORMATS
 
 if TYPE_CHECKING:
     from .engine import Engine, Settings
+    from .next_token import NextTokens
 
 HELP = """commands:
   /gate S         gate scale from the next answer on (0 = the frozen base, 1 = the trained adapter)
@@ -26,6 +27,7 @@ HELP = """commands:
   /temperature T  sampling temperature (0 = greedy)
   /system TEXT    system prompt (chat formats only); /system alone removes it
   /image PATH     ask the next questions about this picture (each on its own); /image alone: back to the chat
+  /next QUESTION  the likeliest first tokens of the answer at gate 0 and at the gate set, without answering
   /reset          forget the conversation
   /settings       what the next answer is asked with
   /quit           end (as does Ctrl-D)"""
@@ -67,6 +69,8 @@ class Conversation:
                 raise ValueError("/image: this adapter cannot see images (it needs a visual prompt and --clip)")
             self.image = load_image(value) if value else None
             out.write(f"asking about {value}\n" if value else "back to the chat\n")
+        elif name == "/next":
+            out.write(self.next_tokens(value).table() + "\n")
         elif name == "/reset":
             self.history.clear()
             out.write("conversation forgotten\n")
@@ -80,6 +84,21 @@ class Conversation:
         else:
             raise ValueError(f"{name}: unknown command; /help lists them")
         return True
+
+    def next_tokens(self, question: str) -> NextTokens:
+        """The next token's probabilities after `question` (in this conversation, or about the picture) at gate 0
+        and at the gate set (adapter.next_token)."""
+        from .next_token import next_tokens
+
+        if not question:
+            raise ValueError("/next: give the question, e.g. '/next What colour is the star?'")
+        if self.image is not None:
+            prompt = self.engine.image_prompt(question, self.settings.system)
+        else:
+            prompt = self.engine.chat_prompt(self.history, question, self.settings)
+        scales = sorted({0.0, self.settings.gate_scale})
+        return next_tokens(self.engine.model, prompt, scales, delta_scale=self.settings.delta_scale,
+                           image=self.image)
 
     def answer(self, question: str, out: TextIO) -> str:
         """Stream the answer to `question` to `out`; keep the turn (a picture's questions stand alone)."""

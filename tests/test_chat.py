@@ -45,6 +45,16 @@ def test_each_answer_is_the_engines_for_the_conversation_and_the_gate_set(capsys
     ]
 
 
+def test_next_shows_the_first_tokens_likelihood_at_gate_0_and_the_gate_set(capsys):
+    from adapter.next_token import next_tokens
+
+    code, out, err = chat(["/gate 0.5", f"/next {QUESTION}", "/next"], capsys)
+    engine = Engine(adapter.load("tiny", device="cpu"), max_new_tokens=30)
+    expected = next_tokens(engine.model, engine.chat_prompt([], QUESTION, Settings(**GREEDY)), [0.0, 0.5])
+    assert code == 0 and out == ["gate scale 0.5", *expected.table().splitlines()]
+    assert err == "error: /next: give the question, e.g. '/next What colour is the star?'\n"
+
+
 def test_a_picture_is_asked_about_until_it_is_put_away(capsys):
     example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
     picture = TINY_FOLDER / "examples" / example["image"]
