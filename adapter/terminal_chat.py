@@ -1,4 +1,4 @@
-"""`python -m adapter.chat`: a conversation in the terminal, answers streamed, the gate scale changed between turns.
+"""`python -m adapter.terminal_chat`: a conversation in the terminal, answers streamed, the gate set between turns.
 
 The app's chat (adapter.engine: the adapter's prompt format, the oldest turns dropped when the context is full)
 on standard input and output. Lines starting with "/" are commands (`/help` lists them): `/gate 0` asks the
@@ -140,7 +140,7 @@ def run(conversation: Conversation, lines: Iterable[str], out: TextIO, err: Text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m adapter.chat", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adapter.terminal_chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="tiny", help="base LLaMA folder (Meta or HF layout), hf:owner/name, or tiny")
     parser.add_argument("--adapter", help="adapter file or folder, any format (with --base tiny: tiny-text)")
     parser.add_argument("--clip", help="CLIP weights for an adapter with a visual prompt (a file or open_clip tag)")

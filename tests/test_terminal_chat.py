@@ -1,5 +1,6 @@
-"""`python -m adapter.chat`: the app's chat in the terminal: each answer is the engine's for the conversation so
-far and the settings the commands set, bad lines are said and the chat goes on, Ctrl-C stops one answer."""
+"""`python -m adapter.terminal_chat`: the app's chat in the terminal: each answer is the engine's for the
+conversation so far and the settings the commands set, bad lines are said and the chat goes on, Ctrl-C stops one
+answer."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 
 import adapter
 from adapter.app_config import TINY_FOLDER, tiny_available
-from adapter.chat import Conversation, main
 from adapter.engine import Engine, Settings
+from adapter.terminal_chat import Conversation, main
 
 pytestmark = pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
 
