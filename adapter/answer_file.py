@@ -1,11 +1,12 @@
 """Answers to a file of questions, each at every gate scale, decoded in batches and written as JSONL.
 
 `python -m adapter.generate --base B [--adapter A ...] --prompts-file questions.jsonl --out answers.jsonl`.
-The file is a JSON list or JSONL of questions: a string (the instruction) or an object with "instruction" and
-optionally "input", "system" and "image" (a file under --image-folder); any other key (an id, a reference
-answer) is copied to the output. Every question is checked before anything is decoded, all bad ones listed
-together. The output has one line per question, adapter and gate scale: the question's object with "adapter",
-"gate_scale" and "answer" added, written atomically once all are answered.
+The file is a JSON list or JSONL of questions: a string (the instruction), an object with "instruction" and
+optionally "input", "system" and "image" (a file under --image-folder), or a LLaVA record (its last human turn
+asked after the turns before it, as fine-tuning writes them; a last gpt turn is taken as the reference); any
+other key (an id, a reference answer) is copied to the output. Every question is checked before anything is
+decoded, all bad ones listed together. The output has one line per question, adapter and gate scale: the
+question's object with "adapter", "gate_scale" and "answer" added, written atomically once all are answered.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .finetune.records import DataError, image_field, kind, read_checked, string_field
+from .finetune.records import DataError, image_field, kind, read_checked, read_conversation, string_field
 from .formats.common import atomic_write
 from .generate import generate_batch, prompt_writer, require_tokenizer
-from .prompts import apply_template
+from .prompts import apply_template, template_format
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -39,6 +40,7 @@ class Question:
     input: str | None = None
     system: str | None = None
     image: Path | None = None
+    history: tuple[tuple[str, str], ...] | None = None  # a conversation's earlier turns (() for its first question)
 
 
 def read_questions(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
@@ -52,6 +54,8 @@ def _question(location: str, value: Any, folder: Path | None, reasons: list[str]
     if not isinstance(record, dict):
         reasons.append(f"expected a string or a JSON object, got {kind(value)}")
         return None
+    if "conversations" in record:
+        return _conversation_question(location, record, folder, reasons)
     instruction = string_field(record, "instruction", reasons)
     if instruction is not None and not instruction.strip():
         reasons.append("empty 'instruction'")
@@ -67,6 +71,23 @@ def _question(location: str, value: Any, folder: Path | None, reasons: list[str]
     if reasons:
         return None
     return Question(location, record, instruction, optional["input"], optional["system"], image)
+
+
+def _conversation_question(location: str, record: dict, folder: Path | None, reasons: list[str]) -> Question | None:
+    """A LLaVA record: its last human turn is the question, the turns before it the history; a last gpt turn is the
+    reference answer, kept in the record."""
+    turns = record["conversations"]
+    asked = isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("from") == "human"
+    padded = {**record, "conversations": [*turns, {"from": "gpt", "value": ""}]} if asked else record
+    system, pairs = read_conversation(padded, reasons)
+    image = image_field(record, folder, reasons)
+    for key in ("instruction", "input", *ADDED):
+        if key in record:
+            reasons.append(f"{key!r}: not with 'conversations' (the question is its last human turn)")
+    if reasons or not pairs:
+        return None
+    *history, (question, _) = pairs
+    return Question(location, record, question, system=system, image=image, history=tuple(history))
 
 
 def answer_questions(
@@ -123,10 +144,16 @@ def _written(model: Transformer, questions: Sequence[Question], template: str | 
              system: str | None) -> list[str]:
     """Each question's prompt; a DataError listing every question the template cannot write."""
     prompts, problems = [], []
+    written = template_format(template, model.prompt_format)
     for question in questions:
         try:
-            prompts.append(apply_template(template, question.instruction, question.input, model.prompt_format,
-                                          question.system or system))
+            if question.history is None:
+                prompts.append(apply_template(template, question.instruction, question.input, model.prompt_format,
+                                              question.system or system))
+            elif written is None:
+                raise ValueError("a conversation needs a prompt format to be written in (not --template none)")
+            else:  # as fine-tuning writes a conversation's turns
+                prompts.append(written.chat(list(question.history), question.instruction, question.system or system))
         except ValueError as error:
             problems.append(f"{question.location}: {error}")
     if problems:

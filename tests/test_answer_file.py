@@ -73,6 +73,29 @@ def test_the_command_line_writes_a_line_per_question_adapter_and_scale(model, ba
     assert capsys.readouterr().err.splitlines() == ["answered 2/4", "answered 4/4", f"wrote 8 answers to {out}"]
 
 
+def test_a_llava_record_asks_its_last_human_turn_after_the_turns_before_it(model, tmp_path):
+    chat = [{"from": "human", "value": "<image>\nName a colour."}, {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "And a shape?"}]
+    path = tmp_path / "llava.jsonl"
+    path.write_text(json.dumps({"id": "a", "conversations": chat}) + "\n"
+                    + json.dumps({"id": "b", "conversations": [*chat, {"from": "gpt", "value": "A star."}]}) + "\n"
+                    + json.dumps({"conversations": chat[:1]}) + "\n")
+    questions = read_questions(path)
+    assert [(q.instruction, q.history) for q in questions] == [
+        ("And a shape?", (("Name a colour.", "Red."),)), ("And a shape?", (("Name a colour.", "Red."),)),
+        ("Name a colour.", ())]
+    answers = answer_questions(model, questions, gate_scales=[1.0], **GREEDY)
+    expected = [generate(model, adapter.chat(list(q.history), q.instruction), stop=STOP_STRINGS, **GREEDY)
+                for q in questions]
+    assert [row[0] for row in answers] == expected and expected[2] == one_at_a_time(model, "Name a colour.", 1.0)
+    with pytest.raises(DataError, match=r"llava.jsonl:1: a conversation needs a prompt format to be written in"):
+        answer_questions(model, questions, template="none")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "x", "conversations": chat}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: 'instruction': not with 'conversations'"):
+        read_questions(bad)
+
+
 def test_bad_questions_are_all_named_and_nothing_is_written(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join([

@@ -117,19 +117,9 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
     if not isinstance(record, dict):
         reasons.append(f"expected a JSON object, got {kind(record)}")
         return []
-    system = record.get("system")
-    if system is not None and not isinstance(system, str):
-        reasons.append(f"'system' must be a string, got {kind(system)}")
     if "conversations" in record:
         image = image_field(record, folder, reasons)
-        turns, first = record["conversations"], 0
-        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") == "system":
-            if system is not None:
-                reasons.append("two system prompts: 'system' and conversations[0]")
-            system, first = turns[0].get("value"), 1
-            if not isinstance(system, str):
-                reasons.append(f"conversations[0]: 'value' must be a string, got {kind(system)}")
-        pairs = _conversation(turns, reasons, first)
+        system, pairs = read_conversation(record, reasons)
         if reasons:
             return []
         history: list[tuple[str, str]] = []
@@ -141,6 +131,9 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
             examples.append(Example(prompt, written.answer(answer), image))
             history.append((question, answer))
         return examples
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        reasons.append(f"'system' must be a string, got {kind(system)}")
     if "image" in record:
         reasons.append("'image' is only read with 'conversations' (LLaVA layout)")
     instruction = string_field(record, "instruction", reasons)
@@ -191,6 +184,22 @@ def image_field(record: dict, folder: Path | None, reasons: list[str]) -> Path |
     if not path.is_file():
         reasons.append(f"image file {path} does not exist")
     return path
+
+
+def read_conversation(record: dict, reasons: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """A LLaVA record's system prompt (its "system" string, or a first turn from "system") and (human, gpt)
+    pairs; what is wrong, appended to `reasons`."""
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        reasons.append(f"'system' must be a string, got {kind(system)}")
+    turns, first = record["conversations"], 0
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") == "system":
+        if system is not None:
+            reasons.append("two system prompts: 'system' and conversations[0]")
+        system, first = turns[0].get("value"), 1
+        if not isinstance(system, str):
+            reasons.append(f"conversations[0]: 'value' must be a string, got {kind(system)}")
+    return system, _conversation(turns, reasons, first)
 
 
 def _conversation(turns: Any, reasons: list[str], first: int = 0) -> list[tuple[str, str]]:
