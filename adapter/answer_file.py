@@ -65,12 +65,16 @@ def _question(location: str, value: Any, folder: Path | None, reasons: list[str]
         if optional[key] is not None and not isinstance(optional[key], str):
             reasons.append(f"'{key}' must be a string, got {kind(optional[key])}")
     image = image_field(record, folder, reasons)
-    taken = [key for key in ADDED if key in record]
-    if taken:
-        reasons.append(f"{', '.join(map(repr, taken))}: the output adds this key; rename it in the question")
+    _check_added_keys(record, reasons)
     if reasons:
         return None
     return Question(location, record, instruction, optional["input"], optional["system"], image)
+
+
+def _check_added_keys(record: dict, reasons: list[str]) -> None:
+    taken = [key for key in ADDED if key in record]
+    if taken:
+        reasons.append(f"{', '.join(map(repr, taken))}: the output adds this key; rename it in the question")
 
 
 def _conversation_question(location: str, record: dict, folder: Path | None, reasons: list[str]) -> Question | None:
@@ -81,10 +85,11 @@ def _conversation_question(location: str, record: dict, folder: Path | None, rea
     padded = {**record, "conversations": [*turns, {"from": "gpt", "value": ""}]} if asked else record
     system, pairs = read_conversation(padded, reasons)
     image = image_field(record, folder, reasons)
-    for key in ("instruction", "input", *ADDED):
+    for key in ("instruction", "input"):
         if key in record:
             reasons.append(f"{key!r}: not with 'conversations' (the question is its last human turn)")
-    if reasons or not pairs:
+    _check_added_keys(record, reasons)
+    if reasons:  # (an empty conversation is one of them)
         return None
     *history, (question, _) = pairs
     return Question(location, record, question, system=system, image=image, history=tuple(history))

@@ -91,9 +91,14 @@ def test_a_llava_record_asks_its_last_human_turn_after_the_turns_before_it(model
     with pytest.raises(DataError, match=r"llava.jsonl:1: a conversation needs a prompt format to be written in"):
         answer_questions(model, questions, template="none")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"instruction": "x", "conversations": chat}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:1: 'instruction': not with 'conversations'"):
+    bad.write_text(json.dumps({"instruction": "x", "conversations": chat}) + "\n"
+                   + json.dumps({"answer": "x", "conversations": chat}) + "\n" + json.dumps({"conversations": []}))
+    with pytest.raises(DataError) as caught:
         read_questions(bad)
+    assert str(caught.value).splitlines()[1:] == [
+        f"  {bad}:1: 'instruction': not with 'conversations' (the question is its last human turn)",
+        f"  {bad}:2: 'answer': the output adds this key; rename it in the question",
+        f"  {bad}:3: 'conversations' must be a non-empty list of turns, got a list"]
 
 
 def test_bad_questions_are_all_named_and_nothing_is_written(tmp_path):
