@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .finetune.records import DataError, image_field, kind, read_checked, read_conversation, string_field
 from .formats.common import atomic_write
 from .generate import generate_batch, prompt_writer, require_tokenizer
-from .prompts import apply_template, template_format
+from .prompts import PromptFormat, apply_template
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -121,7 +121,7 @@ def answer_questions(
     if not scales:
         raise ValueError("gate_scales: give at least one")
     written = prompt_writer(model, template, None)
-    prompts = _written(model, questions, template, system)
+    prompts = _written(model, questions, template, written, system)
     stops = [*stop, *(written.stop_strings if written is not None else ())]
     sees = can_see(model)
     lengths = [len(tokenizer.encode(prompt, bos=True)) for prompt in prompts]
@@ -146,10 +146,9 @@ def can_see(model: Transformer) -> bool:
 
 
 def _written(model: Transformer, questions: Sequence[Question], template: str | None,
-             system: str | None) -> list[str]:
+             written: PromptFormat | None, system: str | None) -> list[str]:
     """Each question's prompt; a DataError listing every question the template cannot write."""
     prompts, problems = [], []
-    written = template_format(template, model.prompt_format)
     for question in questions:
         try:
             if question.history is None:

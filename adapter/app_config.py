@@ -255,7 +255,7 @@ def load_engines(config: ServeConfig) -> Engines:
     if config.system.strip():
         for name, engine in engines.by_name.items():
             try:
-                engine.prompts.chat((), "?", config.system)
+                engine.prompts.check_system(config.system)
             except ValueError as error:
                 raise ValueError(f"--system: adapter {name}: {str(error).split(': ', 1)[-1]}") from None
     return engines

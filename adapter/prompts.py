@@ -85,24 +85,26 @@ class PromptFormat:
         """A ValueError naming the tokenizer file unless it holds this format's special tokens, each as one
         id, and generation with it stops at the answer end."""
 
+    def check_system(self, system: str | None) -> None:
+        """A ValueError when `system` is given and this format has no place for a system prompt."""
+
 
 class AlpacaFormat(PromptFormat):
     name = "alpaca"
     stop_strings = STOP_STRINGS
 
     def instruction(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
-        _no_system(system)
+        self.check_system(system)
         return alpaca(instruction, input)
 
     def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
-        _no_system(system)
+        self.check_system(system)
         return chat(history, message)
 
-
-def _no_system(system: str | None) -> None:
-    if system:
-        raise ValueError("system: the alpaca prompt format has no system prompt (its header is fixed); a system "
-                         "prompt needs a chat format (llama2, llama3)")
+    def check_system(self, system: str | None) -> None:
+        if system:
+            raise ValueError("system: the alpaca prompt format has no system prompt (its header is fixed); a system "
+                             "prompt needs a chat format (llama2, llama3)")
 
 
 LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"

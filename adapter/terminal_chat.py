@@ -60,9 +60,8 @@ class Conversation:
             self.settings = self.engine.check(dataclasses.replace(self.settings, **{field: number}))
             out.write(f"{field.replace('_', ' ')} {number:g}\n")
         elif name == "/system":
-            settings = dataclasses.replace(self.settings, system=value or None)
-            self.engine.chat_prompt([], "?", settings)  # a format without system prompts says so now
-            self.settings = settings
+            self.engine.prompts.check_system(value)
+            self.settings = dataclasses.replace(self.settings, system=value or None)
             out.write(f"system prompt: {value!r}\n" if value else "no system prompt\n")
         elif name == "/image":
             if value and not self.engine.can_see_images:
@@ -177,7 +176,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
                            dtype=args.dtype, kv_cache=args.kv_cache)
         engine = Engine(model, max_new_tokens=args.max_new_tokens, compile=args.compile,
                         prompt_format=None if args.prompt_format == "auto" else args.prompt_format)
-        engine.chat_prompt([], "?", settings)  # a system prompt the format has no place for stops here
+        engine.prompts.check_system(settings.system)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
