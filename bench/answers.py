@@ -17,6 +17,7 @@ import torch
 import adapter
 from adapter.answer_file import Question, answer_questions
 from adapter.tiny.evaluate import held_out
+from adapter.tiny.questions import TEXT_CATEGORIES
 from bench.decode import machine, measure
 from bench.report import command_line, publish
 
@@ -27,14 +28,19 @@ NEW_TOKENS = 32
 
 def questions(count: int) -> list[Question]:
     """`count` held-out questions of the tiny model, as `--prompts-file` reads them."""
-    found = held_out("text", 0, -(-count // 7))[:count]  # 7 categories
+    found = held_out("text", 0, -(-count // len(TEXT_CATEGORIES)))[:count]
     return [Question(f"question {i}", {"instruction": q.instruction}, q.instruction) for i, q in enumerate(found)]
+
+
+def answers(model, asked: list[Question], batch_size: int) -> list[list[str]]:
+    """What `generate --prompts-file --gate-sweep 0,1 --temperature 0` answers, `batch_size` questions at a time."""
+    return answer_questions(model, asked, gate_scales=SCALES, batch_size=batch_size, temperature=0.0,
+                            max_new_tokens=NEW_TOKENS)
 
 
 def questions_per_s(model, asked: list[Question], batch_size: int) -> float:
     start = time.perf_counter()
-    answer_questions(model, asked, gate_scales=SCALES, batch_size=batch_size, temperature=0.0,
-                     max_new_tokens=NEW_TOKENS)
+    answers(model, asked, batch_size)
     return len(asked) / (time.perf_counter() - start)
 
 
@@ -54,12 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         count, sizes, repeats = 8, [1, 4], 1
     model = adapter.load("tiny", adapter="tiny-text", device="cpu")
     asked = questions(count)
-    alone = answer_questions(model, asked, gate_scales=SCALES, batch_size=1, temperature=0.0,
-                             max_new_tokens=NEW_TOKENS)
+    alone = answers(model, asked, 1)
     for size in sizes[1:]:
-        batched = answer_questions(model, asked, gate_scales=SCALES, batch_size=size, temperature=0.0,
-                                   max_new_tokens=NEW_TOKENS)
-        if batched != alone:
+        if answers(model, asked, size) != alone:
             raise SystemExit(f"batch size {size}: the answers differ from batch size 1's; nothing timed")
     rates = [measure(lambda size=size: questions_per_s(model, asked, size), repeats) for size in sizes]
     first = rates[0][0]
