@@ -383,9 +383,7 @@ def print_next_tokens(models: Sequence["Transformer"], names: Sequence[str | Non
 def asked_as(model: "Transformer", args: argparse.Namespace) -> tuple[str, list[str]]:
     """The command line's prompt as `model` is asked it (`--template auto`: in its adapter's prompt format) and
     the stop strings: --stop's and the format's."""
-    written = template_format(args.template, model.prompt_format)
-    if written is not None:
-        written.check(require_tokenizer(model))
+    written = prompt_writer(model, args.template, None)  # the system prompt is checked below, naming its flag
     try:
         prompt = apply_template(args.template, args.prompt, args.input, model.prompt_format, args.system)
     except ValueError as error:  # input/system the template has no place for: name the flag
