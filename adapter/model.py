@@ -194,6 +194,8 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, adapter: AdapterArgs, layer_id: int, has_prompt: bool) -> None:
         super().__init__()
         self.layer_id = layer_id
+        # which adapter layer this is (0 = the lowest with a prompt): where it reads a per-layer gate scale
+        self.prompt_index = layer_id - adapter.first_prompt_layer(args.n_layers) if has_prompt else None
         self.n_heads = args.n_heads
         self.kv_heads = args.kv_heads
         self.head_dim = args.head_dim
@@ -244,7 +246,10 @@ class Attention(nn.Module):
             if pk.shape[0] != batch:
                 pk, pv = pk.expand(batch, -1, -1, -1), pv.expand(batch, -1, -1, -1)
             prompt_out = _attention(q, pk, pv, ctx.fp32_attention, enable_gqa=gqa)
-            prompt_out = (ctx.gate_scale * self.effective_gate()).to(prompt_out.dtype) * prompt_out
+            scale = ctx.gate_scale
+            if scale.dim() == 5:  # one scale per adapter layer (and head): this layer's [B|1, H|1, 1, 1]
+                scale = scale[self.prompt_index]
+            prompt_out = (scale * self.effective_gate()).to(prompt_out.dtype) * prompt_out
             if record is not None:
                 record.append(_prompt_share(out, prompt_out))
             out = out + prompt_out
@@ -467,8 +472,12 @@ class Transformer(nn.Module):
 
     # ----- gate and delta scales ---------------------------------------------------------------------
     def set_gate_scale(self, scale: ScaleLike) -> None:
-        """Scale every learned gate: 0 = frozen base, 1 = trained adapter, >1 = exaggerated."""
-        self._gate_scale = _scale_tensor(scale, "gate_scale")
+        """Scale every learned gate: 0 = frozen base, 1 = trained adapter, >1 = exaggerated. As in every call
+        that takes a gate scale, one number, one per row, or as fine as one per row and gate (see `step`)."""
+        value = _scale_tensor(scale, "gate_scale", max_dims=3)
+        if value.dim() > 1:  # a per-layer scale's shape is checked now, not at the next call
+            self._gate_for_rows(value, None, torch.device("cpu"))
+        self._gate_scale = value
 
     def set_delta_scale(self, scale: ScaleLike) -> None:
         """Scale the v2 deltas (biases, LoRA, norm deltas): 0 = the base's own linears and norms."""
@@ -482,15 +491,15 @@ class Transformer(nn.Module):
     def delta_scale(self) -> torch.Tensor:
         return self._delta_scale
 
-    def effective_gates(self, gate_scale: float | None = None) -> torch.Tensor:
-        """[prompt_layers, n_heads] gates as applied (after activation, new_gate and the gate scale)."""
-        scale = self._gate_scale if gate_scale is None else _scale_tensor(gate_scale, "gate_scale")
-        if scale.dim() != 0:
-            raise ValueError("gate_scale: effective_gates needs a single value, not one per row")
+    def effective_gates(self, gate_scale: ScaleLike | None = None) -> torch.Tensor:
+        """[prompt_layers, n_heads] gates as applied (after activation, new_gate and the gate scale, which is
+        one value or one row of per-layer (per-head) values)."""
+        scale = self._gate_for_rows(self._gate_scale if gate_scale is None else gate_scale, 1, torch.device("cpu"))
         gates = [b.attention.effective_gate().flatten() for b in self.layers[self.first_prompt_layer:]]
         if not gates:
             return torch.zeros(0, self.args.n_heads)
-        return torch.stack(gates).detach().float() * scale.float()
+        per_gate = scale[:, 0, :, 0, 0] if scale.dim() == 5 else scale.reshape(())
+        return torch.stack(gates).detach().float() * per_gate
 
     # ----- forward ------------------------------------------------------------------------------------
     def forward(
@@ -581,6 +590,10 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Feed `tokens` [B, T] after what the cache holds; logits [B, vocab] of the last position. More than
         `prefill_chunk` tokens are fed in pieces of that many (unless recording).
+
+        The gate scale (the model's own when not given) is one number, one per row [B], or one per row and
+        adapter layer [B|1, L] or per row and gate [B|1, L, H] (`adapter.gate_layers` writes these): 0 silences
+        that layer's (head's) prompt, so a scale can let only some layers' prompts speak.
 
         With `record` (a list), each adapter layer appends the per-token share of its attention output
         that came through the prompt: what the app colours tokens by. Without gradients and with
@@ -688,11 +701,30 @@ class Transformer(nn.Module):
     def _row_scales(self, batch: int, gate_scale, delta_scale,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate and delta scales of a call (the model's own where not given), checked and shaped to
-        broadcast over rows: [] or [B, 1, 1, 1] float32, and [] or [B, 1, 1] in the model's dtype."""
-        gate = _scale_for_rows(self._gate_scale if gate_scale is None else gate_scale, "gate_scale", batch, device, 4)
+        broadcast over rows: the gate's as `_gate_for_rows`, the delta's [] or [B, 1, 1] in the model's dtype."""
+        gate = self._gate_for_rows(self._gate_scale if gate_scale is None else gate_scale, batch, device)
         delta = _scale_for_rows(self._delta_scale if delta_scale is None else delta_scale, "delta_scale", batch,
                                 device, 3, self.tok_embeddings.weight.dtype)
         return gate, delta
+
+    def _gate_for_rows(self, scale: ScaleLike, batch: int | None, device: torch.device) -> torch.Tensor:
+        """A gate scale checked for `batch` rows (None: any number) and shaped to broadcast: one value [], one
+        per row [B, 1, 1, 1], or one per row and adapter layer ([R, L]) or gate ([R, L, H]), R being 1 or B, as
+        [L, R, H|1, 1, 1] float32, which each adapter layer indexes by its `prompt_index`."""
+        value = _scale_tensor(scale, "gate_scale", max_dims=3)
+        if value.dim() <= 1:
+            return _scale_for_rows(value, "gate_scale", batch, device, 4)
+        layers, heads = self.args.n_layers - self.first_prompt_layer, self.args.n_heads
+        per_gate = (layers,) if value.dim() == 2 else (layers, heads)
+        rows = value.shape[0]
+        if tuple(value.shape[1:]) != per_gate or (batch is not None and rows not in (1, batch)):
+            rows_wanted = "rows" if batch is None else "1 row" if batch == 1 else f"1 or {batch} rows"
+            heads_wanted = f" x {heads} heads" if value.dim() == 3 else ""
+            raise ValueError(f"gate_scale: shape {tuple(value.shape)} does not fit {rows_wanted} x {layers} adapter "
+                             f"layers{heads_wanted}")
+        if value.dim() == 2:
+            value = value[:, :, None]
+        return value.permute(1, 0, 2)[..., None, None].contiguous().to(device)
 
     def _last_logits(self, tokens: torch.Tensor, ctx: StepContext, cache: KVCache,
                      record: list[torch.Tensor] | None) -> torch.Tensor:
@@ -759,13 +791,16 @@ class Transformer(nn.Module):
         return h
 
 
-def _scale_tensor(scale: ScaleLike, name: str) -> torch.Tensor:
+def _scale_tensor(scale: ScaleLike, name: str, max_dims: int = 1) -> torch.Tensor:
     try:
         value = torch.as_tensor(scale, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{name}: expected a number or one number per row, got {scale!r}") from error
-    if value.dim() > 1:
-        raise ValueError(f"{name}: expected a number or a 1-D list of one per row, got shape {tuple(value.shape)}")
+    if value.dim() > max_dims:
+        kinds = "a number or a 1-D list of one per row"
+        if max_dims > 1:
+            kinds = "a number, one per row, [rows, adapter layers] or [rows, adapter layers, heads]"
+        raise ValueError(f"{name}: expected {kinds}, got shape {tuple(value.shape)}")
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name}: must be finite, got {scale!r}")
     return value

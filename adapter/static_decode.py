@@ -54,7 +54,7 @@ class Slot:
     tokens: torch.Tensor  # [B, 1]
     position: torch.Tensor  # [1]: where this step's token goes (left padding included)
     pad: torch.Tensor  # [B]
-    gate: torch.Tensor  # [B, 1, 1, 1] float32
+    gate: torch.Tensor  # [L, B, H, 1, 1] float32: one scale per adapter layer, row and head, whatever a call gives
     delta: torch.Tensor  # [B, 1, 1] in the model's dtype
     owner: Callable[[], KVCache | None] = lambda: None  # a weak reference to the cache that uses it
     scales: tuple[torch.Tensor, torch.Tensor] | None = None  # the CPU values last copied into gate/delta
@@ -96,7 +96,7 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor, cache: KVCache, gate_scale: torch.Tensor,
              delta_scale: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] of `tokens` [B, 1] fed at `cache.length` (the caller advances the length). The
-        scales are CPU tensors, [] or one per row, as `Transformer.step` checked them."""
+        scales are CPU tensors as `Transformer.step` checked them (`_row_scales`)."""
         slot = self._slot(cache)
         slot.tokens.copy_(tokens)
         slot.position.fill_(cache.length)
@@ -211,5 +211,6 @@ class StaticDecoder:
                                  for i, (pk, pv) in cache.prompt_kv.items()}
             return Slot(storage=storage, tokens=zeros(batch, 1, dtype=torch.long),
                         position=zeros(1, dtype=torch.long), pad=zeros(batch, dtype=torch.long),
-                        gate=zeros(batch, 1, 1, 1, dtype=torch.float32),
+                        gate=zeros(self.model.args.n_layers - self.model.first_prompt_layer, batch,
+                                   self.model.args.n_heads, 1, 1, dtype=torch.float32),
                         delta=zeros(batch, 1, 1, dtype=self.model.tok_embeddings.weight.dtype))

@@ -17,7 +17,7 @@ class StepContext:
     """What every layer needs to know about the current forward call."""
 
     rope: torch.Tensor  # complex [T, D/2] or [B, T, D/2], see rope_table
-    gate_scale: torch.Tensor  # [] or [B, 1, 1, 1]
+    gate_scale: torch.Tensor  # [] or [B, 1, 1, 1], or [L, B|1, H|1, 1, 1] per adapter layer (see _gate_for_rows)
     delta_scale: torch.Tensor  # [] or [B, 1, 1]
     attn_mask: torch.Tensor | None = None  # bool [B, 1, T, S], True = may attend
     is_causal: bool = False

@@ -1,0 +1,176 @@
+"""Gate scales per adapter layer and head: a layer (head) scaled to 0 is exactly that layer without its
+prompt, per-row per-layer scales equal separate runs on every decode path, and layer selections are parsed
+and refused with the layers named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapter.gate_layers import describe, gate_scale_rows, layer_mask, parse_layers, top_layers
+from adapter.generate import GenerationRequest, decode_tokens
+from adapter.sampling import SamplingParams
+from tests.conftest import TINY, TINY_GQA, V1, V2, make_model
+from tests.test_static_decode import assert_same_decode, decode, left_padded, with_static
+
+CASES = {"mha-v1": (TINY, V1), "gqa-v2": (TINY_GQA, V2)}
+
+
+def tokens(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def without_gates(model, silenced: dict[int, list[int] | None]):
+    """Set the gates of some layers (all their heads, or the ones listed) to 0; the old gates, for `restore`."""
+    saved = {}
+    for layer, heads in silenced.items():
+        gate = model.layers[layer].attention.gate
+        saved[layer] = gate.detach().clone()
+        with torch.no_grad():
+            if heads is None:
+                gate.zero_()
+            else:
+                gate[0, heads] = 0.0
+    return saved
+
+
+def restore(model, saved) -> None:
+    with torch.no_grad():
+        for layer, gate in saved.items():
+            model.layers[layer].attention.gate.copy_(gate)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_layer_or_head_scaled_to_zero_is_exactly_that_layer_or_head_without_its_prompt(case):
+    args, adapter = CASES[case]
+    model = make_model(args, adapter)
+    t = tokens(2, 7, args.vocab_size)
+    first, layers = model.first_prompt_layer, adapter.prompt_layers
+    per_layer = torch.full((1, layers), 1.5)
+    per_layer[0, 1] = 0.0
+    per_head = torch.full((1, layers, args.n_heads), 1.5)
+    per_head[0, 0, [1, 3]] = 0.0
+    with torch.no_grad():
+        by_layer, by_head = model(t, gate_scale=per_layer), model(t, gate_scale=per_head)
+        saved = without_gates(model, {first + 1: None})
+        assert torch.equal(by_layer, model(t, gate_scale=1.5))
+        restore(model, saved)
+        saved = without_gates(model, {first: [1, 3]})
+        assert torch.equal(by_head, model(t, gate_scale=1.5))
+        restore(model, saved)
+        assert not torch.equal(by_layer, model(t, gate_scale=1.5))  # the silenced layer did speak
+        # every layer at s is the scalar s, bit for bit; every layer at 0 is the frozen prompts' silence
+        assert torch.equal(model(t, gate_scale=torch.full((1, layers), 0.7)), model(t, gate_scale=0.7))
+        assert torch.equal(model(t, gate_scale=[[0.0] * layers]), model(t, gate_scale=0.0))
+
+
+def test_per_row_per_layer_scales_equal_separate_runs_in_one_forward_and_through_the_cache():
+    model = make_model(TINY, V2)
+    t = tokens(1, 8, TINY.vocab_size).repeat(3, 1)
+    rows = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.5, 1.0, 1.0]])
+    with torch.no_grad():
+        together = model(t, gate_scale=rows)
+        stepped = model.step(t, model.new_cache(3, 8), gate_scale=rows)
+        for row in range(3):
+            alone = model(t[:1], gate_scale=rows[row:row + 1])
+            torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(stepped[row], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_static_step_takes_per_layer_and_per_head_scales_that_change_every_step(case):
+    args, adapter = CASES[case]
+    model = make_model(args, adapter)
+    tokens_, pad = left_padded(args.vocab_size)
+    layers = adapter.prompt_layers
+
+    def scales(step: int) -> dict:
+        if step % 3 == 0:
+            return {"gate_scale": [1.0, 0.0, 2.0]}  # one per row, between per-layer ones
+        if step % 3 == 1:
+            return {"gate_scale": torch.linspace(0, 2, 3 * layers).view(3, layers).roll(step, 1)}
+        return {"gate_scale": torch.rand(1, layers, args.n_heads, generator=torch.Generator().manual_seed(step))}
+
+    plain = decode(model, tokens_, pad, 20, compile=False, scales=scales)
+    with_static(model)
+    assert_same_decode(decode(model, tokens_, pad, 20, compile=True, scales=scales), plain)
+
+
+def test_effective_gates_and_the_models_own_scale_take_per_layer_values():
+    model = make_model(TINY, V1)
+    row = torch.tensor([[0.0, 2.0]])
+    gates = model.effective_gates(row)
+    torch.testing.assert_close(gates[0], torch.zeros(TINY.n_heads))
+    torch.testing.assert_close(gates[1], model.effective_gates(2.0)[1])
+    t = tokens(1, 6, TINY.vocab_size)
+    with torch.no_grad():
+        expected = model(t, gate_scale=row)
+        model.set_gate_scale(row)
+        assert torch.equal(model(t), expected)
+        torch.testing.assert_close(model.effective_gates(), gates)
+
+
+def test_gate_scales_of_the_wrong_shape_are_refused_naming_the_shape_wanted():
+    model = make_model(TINY, V1)  # 2 adapter layers of 4 heads
+    t = tokens(2, 5, TINY.vocab_size)
+    with pytest.raises(ValueError, match=r"gate_scale: shape \(2, 3\) does not fit 1 or 2 rows x 2 adapter layers$"):
+        model(t, gate_scale=torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"shape \(3, 2\) does not fit 1 or 2 rows x 2 adapter layers"):
+        model(t, gate_scale=torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"shape \(1, 2, 3\) does not fit 1 or 2 rows x 2 adapter layers x 4 heads"):
+        model(t, gate_scale=torch.ones(1, 2, 3))
+    with pytest.raises(ValueError, match=r"gate_scale: expected a number, one per row, \[rows, adapter layers\]"):
+        model(t, gate_scale=torch.ones(1, 1, 2, 4))
+    with pytest.raises(ValueError, match=r"gate_scale: shape \(1, 5\) does not fit rows x 2 adapter layers"):
+        model.set_gate_scale(torch.ones(1, 5))  # refused when set, not at the next call
+    with pytest.raises(ValueError, match=r"shape \(2, 2\) does not fit 1 row x 2 adapter layers"):
+        model.effective_gates(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="must be finite"):
+        model(t, gate_scale=[[1.0, float("nan")]])
+
+
+def test_layer_selections_name_the_bases_layer_numbers():
+    model = make_model(TINY, V2)  # 4 layers, prompts in 1, 2 and 3
+    assert parse_layers("all", model) == [1, 2, 3]
+    assert parse_layers("top 2", model) == parse_layers("TOP2", model) == [2, 3]
+    assert parse_layers("bottom 1", model) == [1]
+    assert parse_layers("top 0", model) == []
+    assert parse_layers("3, 1", model) == [1, 3]
+    assert parse_layers("1-2", model) == [1, 2]
+    assert top_layers(model, 3) == [1, 2, 3]
+    assert describe([5, 1, 2, 3, 7, 8]) == "1-3, 5, 7-8"
+    assert describe([]) == "none"
+    torch.testing.assert_close(layer_mask(model, [1, 3]), torch.tensor([1.0, 0.0, 1.0]))
+    torch.testing.assert_close(gate_scale_rows(model, [0.5, 2.0], [2]),
+                               torch.tensor([[0.0, 0.5, 0.0], [0.0, 2.0, 0.0]]))
+    assert gate_scale_rows(model, [0.5, 2], None) == [0.5, 2.0]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("0-2", r"layer\(s\) 0 have no adaption prompt; this adapter's prompts are in layers 1-3"),
+    ("7", r"layer\(s\) 7 have no adaption prompt"),
+    ("two", r"'two' is not a layer number or a range A-B"),
+    ("3-", r"'3-' is not a layer number"),
+    (" , ", "no layers named"),
+    ("top 4", r"the top N layers needs N from 0 to 3 .*got 4"),
+])
+def test_bad_layer_selections_are_refused_naming_the_layers(spec, message):
+    model = make_model(TINY, V2)
+    with pytest.raises(ValueError, match="gate_layers: " + message):
+        parse_layers(spec, model)
+
+
+def test_only_the_chosen_layers_speak_in_a_generated_answer():
+    model = make_model(TINY, V2)
+    prompt = [tokens(1, 6, TINY.vocab_size)[0].tolist()]
+
+    def answer(scale) -> list[int]:
+        request = GenerationRequest(max_new_tokens=8, sampling=SamplingParams(temperature=0))
+        return [step[0] for step in decode_tokens(model, prompt, request, gate_scale=scale)]
+
+    assert answer(gate_scale_rows(model, [1.0], [])) == answer(0.0)
+    assert answer(gate_scale_rows(model, [1.0], [1, 2, 3])) == answer(1.0)
+    saved = without_gates(model, {1: None, 3: None})
+    only_2 = answer(1.0)
+    restore(model, saved)
+    assert answer(gate_scale_rows(model, [1.0], [2])) == only_2
