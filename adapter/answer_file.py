@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from .finetune.records import DataError, image_field, kind, read_checked, read_conversation, string_field
 from .formats.common import atomic_write
+from .gate_layers import gate_scale_rows
 from .generate import generate_batch, prompt_writer, require_tokenizer
 from .prompts import PromptFormat, apply_template
 
 if TYPE_CHECKING:
     from .model import Transformer
 
-ADDED = ("adapter", "gate_scale", "answer")  # the keys each output line adds to its question
+ADDED = ("adapter", "gate_scale", "gate_layers", "answer")  # the keys an output line adds to its question
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,15 @@ def answer_questions(
     batch_size: int = 8,
     stop: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
+    layers: Sequence[int] | None = None,
     **options: Any,
 ) -> list[list[str]]:
     """answers[i][j]: question i at gate scale j. Questions are written in `template` ("auto": the adapter's
     prompt format; `system` for those without their own), checked all before any is decoded, and answered
     `batch_size` at a time, each with a row per gate scale, the longest first (a batch pads to its longest). A
     model that cannot see answers image questions from their text alone, as the app's image tab does.
-    Greedy answers do not depend on the batching; sampled ones (with a seed) do. `options` are generation's
+    Greedy answers do not depend on the batching; sampled ones (with a seed) do. With `layers`, only those
+    adapter layers' prompts speak (adapter.gate_layers). `options` are generation's
     (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, delta_scale, compile);
     `progress(done, total)` is told after each batch."""
     tokenizer = require_tokenizer(model)
@@ -131,7 +134,8 @@ def answer_questions(
         chunk = order[start:start + batch_size]
         rows = [(index, scale) for index in chunk for scale in scales]
         images = [questions[index].image if sees else None for index, _ in rows]
-        found = generate_batch(model, [prompts[index] for index, _ in rows], gate_scale=[s for _, s in rows],
+        gate_scale = gate_scale_rows(model, [s for _, s in rows], layers)
+        found = generate_batch(model, [prompts[index] for index, _ in rows], gate_scale=gate_scale,
                                images=images if any(images) else None, stop=stops, **options)
         for (index, _), answer in zip(rows, found):
             answers[index].append(answer)
@@ -168,10 +172,13 @@ def _written(model: Transformer, questions: Sequence[Question], template: str | 
 
 
 def write_answers(path: str | os.PathLike, questions: Sequence[Question], gate_scales: Sequence[float],
-                  answers_by_adapter: Sequence[tuple[str | None, list[list[str]]]]) -> int:
-    """One JSONL line per question, adapter and gate scale (in that order), written atomically; the line count."""
-    lines = [json.dumps({**question.record, "adapter": adapter, "gate_scale": scale, "answer": answers[index][j]},
-                        ensure_ascii=False)
+                  answers_by_adapter: Sequence[tuple[str | None, list[list[str]]]],
+                  gate_layers: str | None = None) -> int:
+    """One JSONL line per question, adapter and gate scale (in that order), written atomically; the line count.
+    `gate_layers` (the layers that spoke, as asked) is written into each line when given."""
+    layers = {} if gate_layers is None else {"gate_layers": gate_layers}
+    lines = [json.dumps({**question.record, "adapter": adapter, "gate_scale": scale, **layers,
+                         "answer": answers[index][j]}, ensure_ascii=False)
              for index, question in enumerate(questions)
              for adapter, answers in answers_by_adapter
              for j, scale in enumerate(gate_scales)]

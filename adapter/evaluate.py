@@ -26,6 +26,7 @@ from .finetune.encode import Encoded, encode_example
 from .finetune.records import Example, read_records
 from .finetune.step import scored_positions
 from .formats.common import atomic_write
+from .gate_layers import FLAG_HELP, describe, gate_scale_rows, layers_from_flag
 from .generate import generate_batch, require_tokenizer, scales_from_text
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import PROMPT_FORMATS, format_named
@@ -65,6 +66,7 @@ class Evaluation:
     scores: list[Score]
     # with exact answers: each example's prompt, reference and greedy answer at each gate scale (in order)
     answers: list[dict]
+    gate_layers: list[int] | None = None  # the adapter layers whose prompts spoke (None: all)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "scores": [{**asdict(s), "perplexity": s.perplexity} for s in self.scores]}
@@ -82,11 +84,13 @@ def evaluate(
     limit: int | None = None,
     exact: bool = False,
     prompt_format: str | None = None,
+    layers: Sequence[int] | None = None,
 ) -> Evaluation:
     """Score `model` on the records of `data` at each of `gate_scales` (see the module docstring).
 
     `prompt_format` overrides the adapter's own; `limit` keeps the first records; `max_seq_len` (default the
-    model's) cuts longer examples, as training does.
+    model's) cuts longer examples, as training does; with `layers`, only those adapter layers' prompts speak
+    (adapter.gate_layers).
     """
     scales = _checked(gate_scales, micro_batch_size, max_seq_len, limit, model)
     written = format_named(prompt_format or model.prompt_format)
@@ -103,14 +107,16 @@ def evaluate(
         item, truncated = encode_example(example, tokenizer, length, end)
         encoded.append(item)
         cut += truncated
-    losses, hits, tokens = _token_scores(model, encoded, scales, delta_scale, micro_batch_size)
-    said = _greedy_answers(model, examples, scales, delta_scale, micro_batch_size, written.stop_strings) \
+    layers = None if layers is None else sorted(set(layers))
+    losses, hits, tokens = _token_scores(model, encoded, scales, delta_scale, micro_batch_size, layers)
+    said = _greedy_answers(model, examples, scales, delta_scale, micro_batch_size, written.stop_strings, layers) \
         if exact else []
     matches = [sum(row["answers"][index].strip() == row["reference"].strip() for row in said) if exact else None
                for index in range(len(scales))]
     scores = [Score(scale, loss / max(tokens, 1), hit / max(tokens, 1), match)
               for scale, loss, hit, match in zip(scales, losses, hits, matches)]
-    return Evaluation(model.adapter_path, written.name, len(examples), tokens, cut, delta_scale, scores, said)
+    return Evaluation(model.adapter_path, written.name, len(examples), tokens, cut, delta_scale, scores, said,
+                      layers)
 
 
 def _checked(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: int | None, limit: int | None,
@@ -129,7 +135,7 @@ def _checked(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: i
 
 
 def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[float], delta_scale: float,
-                  micro_batch_size: int) -> tuple[list[float], list[int], int]:
+                  micro_batch_size: int, layers: list[int] | None) -> tuple[list[float], list[int], int]:
     """(summed loss, tokens ranked first) per scale, and the tokens scored: each micro-batch runs once, its
     rows repeated once per gate scale (scale-major, each copy with its own scale), its images encoded once."""
     from .visual import encode_images
@@ -147,7 +153,7 @@ def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[flo
         with torch.no_grad():
             visual = encode_images(model, batch.images) if batch.images is not None else None
         copies = len(scales)
-        rows = torch.tensor(scales, device=device).repeat_interleave(batch.tokens.shape[0])
+        rows = gate_scale_rows(model, [scale for scale in scales for _ in range(batch.tokens.shape[0])], layers)
         loss, hit = model.score(batch.tokens.repeat(copies, 1), positions.repeat(copies, 1), targets.repeat(copies),
                                 gate_scale=rows, delta_scale=delta_scale,
                                 visual_prompt=None if visual is None else visual.repeat(copies, 1, 1))
@@ -159,7 +165,7 @@ def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[flo
 
 
 def _greedy_answers(model: "Transformer", examples: list[Example], scales: list[float], delta_scale: float,
-                    micro_batch_size: int, stop: Sequence[str]) -> list[dict]:
+                    micro_batch_size: int, stop: Sequence[str], layers: list[int] | None) -> list[dict]:
     """Each example's greedy answer at every scale (`micro_batch_size` examples x every scale a batch), decoded
     a few tokens past the reference's length. An example whose prompt leaves no room for an answer in the
     model's context gets empty answers."""
@@ -171,7 +177,8 @@ def _greedy_answers(model: "Transformer", examples: list[Example], scales: list[
         rows = [(i, index) for i in chunk for index in range(len(scales))]
         room = max(len(tokenizer.encode(examples[i].response, bos=False)) for i in chunk) + EXACT_SLACK
         images = [examples[i].image for i, _ in rows] if any(examples[i].image is not None for i in chunk) else None
-        answers = generate_batch(model, [examples[i].prompt for i, _ in rows], gate_scale=[scales[s] for _, s in rows],
+        gate_scale = gate_scale_rows(model, [scales[s] for _, s in rows], layers)
+        answers = generate_batch(model, [examples[i].prompt for i, _ in rows], gate_scale=gate_scale,
                                  delta_scale=delta_scale, images=images, temperature=0.0, max_new_tokens=room,
                                  stop=list(stop))
         for (i, index), answer in zip(rows, answers):
@@ -184,7 +191,8 @@ def table(evaluation: Evaluation) -> str:
     e = evaluation
     lines = [f"adapter {e.adapter or 'none (the base)'}, prompt format {e.prompt_format}: {e.examples} examples, "
              f"{e.tokens:,} answer tokens" + (f" ({e.truncated} examples cut at max_seq_len)" if e.truncated else "")
-             + f", delta scale {e.delta_scale:g}",
+             + f", delta scale {e.delta_scale:g}"
+             + ("" if e.gate_layers is None else f", prompts only in layers {describe(e.gate_layers)}"),
              f"{'gate scale':>10}  {'loss':>8}  {'perplexity':>10}  {'token accuracy':>14}"
              + ("  exact answers" if e.scores[0].exact is not None else "")]
     for s in e.scores:
@@ -243,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", help="CLIP weights for the adapters with a visual prompt (a file or open_clip tag)")
     parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")
     parser.add_argument("--gate-sweep", default="0,1", metavar="SCALES", help="gate scales to score at (default 0,1)")
+    parser.add_argument("--gate-layers", metavar="LAYERS", help=FLAG_HELP)
     parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
     parser.add_argument("--exact", action="store_true", help="also decode greedy answers and count exact ones")
     parser.add_argument("--limit", type=int, help="score the first N records only")
@@ -276,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluations.append(evaluate(
                 model, args.data, image_folder=args.image_folder, gate_scales=scales, delta_scale=args.delta_scale,
                 micro_batch_size=args.micro_batch_size, max_seq_len=args.max_seq_len, limit=args.limit,
-                exact=args.exact, prompt_format=None if args.prompt_format == "auto" else args.prompt_format))
+                exact=args.exact, prompt_format=None if args.prompt_format == "auto" else args.prompt_format,
+                layers=layers_from_flag(args.gate_layers, model)))
             print(("\n" if len(evaluations) > 1 else "") + table(evaluations[-1]), flush=True)
         if args.json:
             write_json(evaluations, args.json)

@@ -95,3 +95,17 @@ def _require_adapter_layers(chosen: set[int], own: list[int]) -> None:
     if outside:
         raise ValueError(f"gate_layers: layer(s) {describe(outside)} have no adaption prompt; this adapter's "
                          f"prompts are in layers {describe(own)}")
+
+
+FLAG_HELP = ("only these adapter layers' prompts speak, the others' gates scaled to 0: 'all', 'top N', 'bottom N' or "
+             "the base's layer numbers and ranges, e.g. '28-31' (python -m adapter.inspect lists them)")
+
+
+def layers_from_flag(spec: str | None, model: Transformer) -> list[int] | None:
+    """--gate-layers' selection for `model` (None when not given: every layer speaks), errors naming the flag."""
+    if spec is None:
+        return None
+    try:
+        return parse_layers(spec, model)
+    except ValueError as error:
+        raise ValueError(f"--gate-layers: {str(error).removeprefix('gate_layers: ')}") from None

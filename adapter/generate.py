@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .gate_layers import FLAG_HELP, adapter_layers, describe, gate_scale_rows, layers_from_flag
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gate-sweep", metavar="SCALES",
                         help="answer at each of these gate scales instead, in one batch (e.g. '0,0.5,1,2'); "
                              "prints one block per scale")
+    parser.add_argument("--gate-layers", metavar="LAYERS", help=FLAG_HELP)
     parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
     parser.add_argument("--next-tokens", type=int, metavar="K",
                         help="instead of answering, print the next token's probabilities: each gate scale's K "
@@ -300,25 +302,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = load_many(args.base, names, clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
+        layers = [layers_from_flag(args.gate_layers, model) for model in models]
+        for model, name, chosen in zip(models, names, layers):
+            if chosen is not None:
+                label = f" ({name})" if len(models) > 1 else ""
+                print(f"note{label}: the prompts speak in layers {describe(chosen)} only, of this adapter's "
+                      f"{describe(adapter_layers(model))}", file=sys.stderr)
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                        delta_scale=args.delta_scale, compile=args.compile)
         if questions is not None:
-            answer_file(models, names, questions, sweep or [args.gate_scale], args, options)
+            answer_file(models, names, layers, questions, sweep or [args.gate_scale], args, options)
             return 0
         asked = [asked_as(model, args) for model in models]
         if args.next_tokens is not None:
-            print_next_tokens(models, names, asked, sweep or sorted({0.0, args.gate_scale}), args)
+            print_next_tokens(models, names, layers, asked, sweep or sorted({0.0, args.gate_scale}), args)
             return 0
         if sweep is None and len(models) == 1:
             prompt, stop = asked[0]
-            for piece in stream(models[0], prompt, gate_scale=args.gate_scale, image=args.image, stop=stop,
-                                **options):
+            gate_scale = gate_scale_rows(models[0], [args.gate_scale], layers[0])
+            for piece in stream(models[0], prompt, gate_scale=gate_scale, image=args.image, stop=stop, **options):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         else:
-            for index, (heading, answer) in enumerate(answer_blocks(models, names, asked, sweep, args.gate_scale,
-                                                                    args.image, options)):
+            blocks = answer_blocks(models, names, layers, asked, sweep or [args.gate_scale], sweep is not None,
+                                   args.image, options)
+            for index, (heading, answer) in enumerate(blocks):
                 sys.stdout.write(("\n" if index else "") + f"--- {heading}\n{answer}")
                 sys.stdout.flush()
     except (ValueError, FileNotFoundError) as error:
@@ -342,14 +351,14 @@ def read_file_flags(args: argparse.Namespace) -> list:
     return read_questions(args.prompts_file, args.image_folder)
 
 
-def answer_file(models: Sequence["Transformer"], names: Sequence[str | None], questions: list, scales: list[float],
-                args: argparse.Namespace, options: dict[str, Any]) -> None:
+def answer_file(models: Sequence["Transformer"], names: Sequence[str | None], layers: Sequence[list[int] | None],
+                questions: list, scales: list[float], args: argparse.Namespace, options: dict[str, Any]) -> None:
     """Every question of --prompts-file answered by each model at each gate scale, written to --out."""
     from .answer_file import answer_questions, can_see, write_answers
 
     answered = []
     pictured = sum(question.image is not None for question in questions)
-    for model, name in zip(models, names):
+    for model, name, chosen in zip(models, names, layers):
         label = f" ({name})" if len(models) > 1 else ""
         if pictured and not can_see(model):
             print(f"note{label}: this model cannot see (no visual prompt, or no --clip); it answers the {pictured} "
@@ -361,21 +370,22 @@ def answer_file(models: Sequence["Transformer"], names: Sequence[str | None], qu
         try:
             answered.append((name, answer_questions(model, questions, gate_scales=scales, template=args.template,
                                                     system=args.system, batch_size=args.batch_size, stop=args.stop,
-                                                    progress=progress, **options)))
+                                                    progress=progress, layers=chosen, **options)))
         except ValueError as error:
             raise ValueError(f"--adapter {name}: {error}" if name else str(error)) from None
-    lines = write_answers(args.out, questions, scales, answered)
+    lines = write_answers(args.out, questions, scales, answered, args.gate_layers)
     print(f"wrote {lines} answers to {args.out}", file=sys.stderr)
 
 
 def print_next_tokens(models: Sequence["Transformer"], names: Sequence[str | None],
-                      asked: Sequence[tuple[str, list[str]]], scales: list[float], args: argparse.Namespace) -> None:
+                      layers: Sequence[list[int] | None], asked: Sequence[tuple[str, list[str]]], scales: list[float],
+                      args: argparse.Namespace) -> None:
     """--next-tokens: each model's table (headed by its adapter's name when there are several)."""
     from .next_token import next_tokens
 
-    for index, (model, name, (prompt, _)) in enumerate(zip(models, names, asked)):
+    for index, (model, name, chosen, (prompt, _)) in enumerate(zip(models, names, layers, asked)):
         found = next_tokens(model, prompt, scales, delta_scale=args.delta_scale, top_k=args.next_tokens,
-                            image=args.image)
+                            image=args.image, layers=chosen)
         heading = f"--- adapter {name}\n" if len(models) > 1 else ""
         sys.stdout.write(("\n" if index else "") + heading + found.table() + "\n")
 
@@ -391,21 +401,19 @@ def asked_as(model: "Transformer", args: argparse.Namespace) -> tuple[str, list[
     return prompt, [*args.stop, *(written.stop_strings if written else ())]
 
 
-def answer_blocks(models: Sequence["Transformer"], names: Sequence[str | None], asked: Sequence[tuple[str, list[str]]],
-                  sweep: list[float] | None, gate_scale: float, image: Any,
+def answer_blocks(models: Sequence["Transformer"], names: Sequence[str | None], layers: Sequence[list[int] | None],
+                  asked: Sequence[tuple[str, list[str]]], scales: list[float], swept: bool, image: Any,
                   options: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(heading, answer) per adapter and, with a sweep, per gate scale (one batch per adapter); an adapter's
-    name is left out of the heading when there is only one. `asked` gives each model's (prompt, stop strings)."""
-    for name, model, (prompt, stop) in zip(names, models, asked):
+    """(heading, answer) per adapter and per gate scale (one batch per adapter); the heading names the adapter
+    when there are several and the scale when `swept`. `asked` gives each model's (prompt, stop strings),
+    `layers` the adapter layers that speak in each (None: all)."""
+    for name, model, chosen, (prompt, stop) in zip(names, models, layers, asked):
         label = f"adapter {name}" if len(models) > 1 else ""
-        if sweep is None:
-            yield label, generate(model, prompt, gate_scale=gate_scale, image=image, stop=stop, **options)
-            continue
-        images = None if image is None else [image] * len(sweep)
-        answers = generate_batch(model, [prompt] * len(sweep), gate_scale=sweep, images=images, stop=stop,
-                                 **options)
-        for scale, answer in zip(sweep, answers):
-            yield ", ".join(filter(None, (label, f"gate scale {scale:g}"))), answer
+        images = None if image is None else [image] * len(scales)
+        answers = generate_batch(model, [prompt] * len(scales), gate_scale=gate_scale_rows(model, scales, chosen),
+                                 images=images, stop=stop, **options)
+        for scale, answer in zip(scales, answers):
+            yield ", ".join(filter(None, (label, f"gate scale {scale:g}" if swept else ""))), answer
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .gate_layers import gate_scale_rows
 from .generate import prompt_writer, require_tokenizer
 
 if TYPE_CHECKING:
@@ -91,10 +92,12 @@ def next_tokens(
     image: Any = None,
     template: str | None = None,
     system: str | None = None,
+    layers: Sequence[int] | None = None,
 ) -> NextTokens:
     """The next token's distribution after `prompt` at each gate scale (one batch row each), its `top_k`
     likeliest tokens per scale kept. `template`/`system` write the prompt as `adapter.generate` does (None: fed
-    as given after BOS); `image` is asked about through the visual prompt, encoded once for all rows."""
+    as given after BOS); `image` is asked about through the visual prompt, encoded once for all rows; with
+    `layers`, only those adapter layers' prompts speak (adapter.gate_layers)."""
     tokenizer = require_tokenizer(model)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
@@ -117,7 +120,8 @@ def next_tokens(
             visual = encode_images(model, [image]).expand(rows, -1, -1).contiguous()
         cache = model.new_cache(rows, len(ids), visual_prompt=visual)
         tokens = torch.tensor([ids] * rows, device=device)
-        probabilities = model.step(tokens, cache, gate_scale=scales, delta_scale=delta_scale).float().softmax(-1)
+        gate_scale = gate_scale_rows(model, scales, layers)
+        probabilities = model.step(tokens, cache, gate_scale=gate_scale, delta_scale=delta_scale).float().softmax(-1)
     probabilities = probabilities.cpu()
     kept = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1).indices.unique().tolist()
     kept.sort(key=lambda token: (-float(probabilities[:, token].max()), token))

@@ -1,16 +1,24 @@
 """Gate scales per adapter layer and head: a layer (head) scaled to 0 is exactly that layer without its
-prompt, per-row per-layer scales equal separate runs on every decode path, and layer selections are parsed
-and refused with the layers named."""
+prompt, per-row per-layer scales equal separate runs on every decode path, layer selections are parsed and
+refused with the layers named, and the command lines (answers, sweeps, files of questions, next tokens, scores)
+give what the adapter gives with the other layers' gates set to 0."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from adapter.gate_layers import describe, gate_scale_rows, layer_mask, parse_layers, top_layers
+import adapter
+from adapter.evaluate import evaluate, table
+from adapter.gate_layers import adapter_layers, describe, gate_scale_rows, layer_mask, parse_layers, top_layers
 from adapter.generate import GenerationRequest, decode_tokens
+from adapter.generate import main as generate_main
+from adapter.next_token import next_tokens
+from adapter.prompts import STOP_STRINGS, alpaca
 from adapter.sampling import SamplingParams
-from tests.conftest import TINY, TINY_GQA, V1, V2, make_model
+from tests.conftest import TINY, TINY_GQA, V1, V2, make_model, randomize_adapter
 from tests.test_static_decode import assert_same_decode, decode, left_padded, with_static
 
 CASES = {"mha-v1": (TINY, V1), "gqa-v2": (TINY_GQA, V2)}
@@ -174,3 +182,70 @@ def test_only_the_chosen_layers_speak_in_a_generated_answer():
     only_2 = answer(1.0)
     restore(model, saved)
     assert answer(gate_scale_rows(model, [1.0], [2])) == only_2
+
+
+@pytest.fixture(scope="module")
+def saved_v2(base_folder, tmp_path_factory):
+    """A randomized v2 adapter (prompts in layers 1-3 of the 4) on the random base, saved, and loaded."""
+    model = randomize_adapter(adapter.load(base_folder, adapter=V2, device="cpu"), std=0.6)
+    path = adapter.save_adapter(model, tmp_path_factory.mktemp("v2") / "adapter")
+    return path, model
+
+
+def silenced(model, keep: list[int]):
+    """`model`'s gates zeroed in every adapter layer but `keep`: the reference a layer selection must equal."""
+    return without_gates(model, {layer: None for layer in adapter_layers(model) if layer not in keep})
+
+
+def test_the_command_lines_answer_and_score_with_only_the_chosen_layers(base_folder, saved_v2, tmp_path, capsys):
+    path, model = saved_v2
+    question = "What is left of the star?"
+    greedy = dict(temperature=0.0, max_new_tokens=8, stop=list(STOP_STRINGS))
+    saved = silenced(model, [2])
+    only_2 = [model.generate(alpaca(question), gate_scale=scale, **greedy) for scale in (1.0, 2.0)]
+    restore(model, saved)
+    flags = ["--base", str(base_folder), "--adapter", str(path), "--prompt", question, "--temperature", "0",
+             "--max-new-tokens", "8", "--gate-layers", "2"]
+    assert generate_main(flags) == 0
+    out, err = capsys.readouterr()
+    assert out == only_2[0] + "\n"
+    assert err == "note: the prompts speak in layers 2 only, of this adapter's 1-3\n"
+    assert generate_main([*flags, "--gate-sweep", "1,2"]) == 0
+    assert capsys.readouterr().out == f"--- gate scale 1\n{only_2[0]}\n--- gate scale 2\n{only_2[1]}\n"
+    assert generate_main([*flags[:-1], "0-1"]) == 2
+    assert capsys.readouterr().err == ("error: --gate-layers: layer(s) 0 have no adaption prompt; this adapter's "
+                                       "prompts are in layers 1-3\n")
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": question, "output": "The red circle."},
+                                {"instruction": "Name a colour.", "input": "sky", "output": "blue"}]))
+    scored = evaluate(model, data, gate_scales=[0.0, 1.5], layers=[3, 1], exact=True)
+    saved = silenced(model, [1, 3])
+    reference = evaluate(model, data, gate_scales=[0.0, 1.5], exact=True)
+    restore(model, saved)
+    assert [(s.loss, s.token_accuracy, s.exact) for s in scored.scores] == \
+        [(s.loss, s.token_accuracy, s.exact) for s in reference.scores]
+    assert scored.answers == reference.answers and scored.gate_layers == [1, 3]
+    assert scored.scores[1].loss != evaluate(model, data, gate_scales=[1.5]).scores[0].loss
+    assert "prompts only in layers 1, 3" in table(scored).splitlines()[0]
+
+
+def test_answer_files_and_next_tokens_take_the_layers_and_say_which_spoke(base_folder, saved_v2, tmp_path):
+    path, model = saved_v2
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('"Name a colour."\n{"instruction": "Add them.", "input": "2 3"}\n')
+    out = tmp_path / "answers.jsonl"
+    assert generate_main(["--base", str(base_folder), "--adapter", str(path), "--prompts-file", str(questions),
+                          "--out", str(out), "--temperature", "0", "--max-new-tokens", "6", "--gate-layers",
+                          "top 1"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    saved = silenced(model, [3])
+    expected = [model.generate(alpaca("Name a colour."), temperature=0.0, max_new_tokens=6, stop=list(STOP_STRINGS)),
+                model.generate(alpaca("Add them.", "2 3"), temperature=0.0, max_new_tokens=6,
+                               stop=list(STOP_STRINGS))]
+    probabilities = next_tokens(model, "Name a colour.", [0.5, 2.0], template="alpaca").probabilities
+    restore(model, saved)
+    assert [line["answer"] for line in lines] == expected
+    assert {line["gate_layers"] for line in lines} == {"top 1"}
+    chosen = next_tokens(model, "Name a colour.", [0.5, 2.0], template="alpaca", layers=[3])
+    torch.testing.assert_close(torch.tensor(chosen.probabilities), torch.tensor(probabilities))
