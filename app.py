@@ -80,9 +80,9 @@ def clear_image_errors(image: gr.Image) -> None:
 
 
 def settings(gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
-             seed: float | None, system: str | None = None) -> Settings:
+             seed: float | None, system: str | None = None, layers: str | None = None) -> Settings:
     return Settings(gate_scale=gate, delta_scale=delta, temperature=temperature, top_p=top_p,
-                    max_new_tokens=max_new_tokens, seed=seed, system=system)
+                    max_new_tokens=max_new_tokens, seed=seed, system=system, gate_layers=layers)
 
 
 def text_of(content: Any) -> str:
@@ -113,10 +113,10 @@ def to_messages(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
             for message in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
 
 
-def table(scales: list[float], answers: Iterator[list[str]]) -> Iterator[list[list[Any]]]:
-    """A sweep's rows (gate scale, answer so far) as its answers grow."""
+def table(labels: Sequence[Any], answers: Iterator[list[str]]) -> Iterator[list[list[Any]]]:
+    """A sweep's rows (gate scale or layers, answer so far) as its answers grow."""
     for row in answers:
-        yield [[scale, answer] for scale, answer in zip(scales, row)]
+        yield [[label, answer] for label, answer in zip(labels, row)]
 
 
 def next_token_view(found: NextTokens) -> tuple[dict[str, Any], Figure]:
@@ -138,16 +138,18 @@ def warn_if_blind(engine: Engine, image: Image.Image | None) -> None:
 class Handlers:
     """The event functions; each turns UI values into an engine call and engine errors into messages.
 
-    Every model event takes the six shared controls, then the adapter to answer with (omitted: the first) and
-    the system prompt (omitted: none)."""
+    Every model event takes the six shared controls, then the adapter to answer with (omitted: the first), the
+    system prompt (omitted: none) and the adapter layers that speak (omitted: all)."""
 
     def __init__(self, engines: Engines) -> None:
         self.engines = engines
 
     def request(self, gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
-                seed: float | None, adapter: str | None = None, system: str | None = None) -> tuple[Engine, Settings]:
+                seed: float | None, adapter: str | None = None, system: str | None = None,
+                layers: str | None = None) -> tuple[Engine, Settings]:
         """The chosen adapter's engine and the request's settings, both checked."""
-        return self.engines.get(adapter), settings(gate, delta, temperature, top_p, max_new_tokens, seed, system)
+        return self.engines.get(adapter), settings(gate, delta, temperature, top_p, max_new_tokens, seed, system,
+                                                   layers)
 
     def chat(self, message: str, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
         with user_errors():
@@ -215,6 +217,18 @@ class Handlers:
             warn_if_blind(engine, image)
             yield from table(values, answers)
 
+    def layer_sweep(self, question: str, *controls: Any) -> Iterator[list[list[Any]]]:
+        with user_errors():
+            engine, choice = self.request(*controls)
+            yield from table(*engine.layer_sweep(question, choice))
+
+    def layer_sweep_image(self, image: Image.Image | None, question: str, *controls: Any) -> Iterator[list[list[Any]]]:
+        with user_errors():
+            engine, choice = self.request(*controls)
+            labels, answers = engine.layer_sweep_image(image, question, choice)
+            warn_if_blind(engine, image)
+            yield from table(labels, answers)
+
     def next_tokens(self, question: str, scales: str, *controls: Any) -> tuple[dict[str, Any], Figure]:
         with user_errors():
             engine, choice = self.request(*controls)
@@ -229,21 +243,22 @@ class Handlers:
             return next_token_view(found)
 
     def score(self, data: str | None, scales: str, exact: bool, *rest: Any) -> tuple[list[list[Any]], Figure]:
-        """The score table (one row per gate scale) and its plot. After the controls come the uploaded pictures
-        of image records (a trailing input, so API clients that score text records may leave it out)."""
+        """The score table (one row per gate scale) and its plot. After the controls (the system prompt last) come
+        the uploaded pictures of image records and then the layers (trailing inputs, so API clients that score
+        text records with every layer may leave them out)."""
         from adapter.evaluate import figure
 
-        *controls, images = rest
+        *controls, images, layers = rest
         with user_errors():
-            engine, choice = self.request(*controls)
+            engine, choice = self.request(*controls, layers=layers)
             result = engine.score(data, scales, choice, exact, images)
         rows = [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1),
                  "" if s.exact is None else f"{s.exact} / {result.examples}"] for s in result.scores]
         return rows, figure([result])
 
-    def gates(self, scale: float, adapter: str | None = None) -> Figure:
+    def gates(self, scale: float, adapter: str | None = None, layers: str | None = None) -> Figure:
         with user_errors():
-            return self.engines.get(adapter).gate_heatmap(scale)
+            return self.engines.get(adapter).gate_heatmap(scale, layers)
 
     def training_plot(self, adapter: str | None = None) -> dict[str, Any]:
         """The chosen adapter's `gates.png` (hidden when it has none)."""
@@ -329,7 +344,7 @@ def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
 
 
 class SweepPanel(NamedTuple):
-    """The gate sweep's scales box, its buttons (answers, next token) and what they fill."""
+    """The gate sweep's scales box, its buttons (answers, next token, layer sweep) and what they fill."""
 
     scales: gr.Textbox
     sweep: gr.Button
@@ -338,27 +353,36 @@ class SweepPanel(NamedTuple):
     next_panel: gr.Column  # hidden until first asked
     next_tokens: gr.Dataframe
     next_plot: gr.Plot
+    layer_sweep: gr.Button
+    layer_answers: gr.Dataframe  # hidden until first asked
 
 
 def sweep_panel(what: str, prefix: str = "") -> SweepPanel:
-    """The gate sweep (element ids `{prefix}sweep...`, `{prefix}next_token...`): the answers at each scale, and
-    the next token's probabilities at each scale."""
+    """The gate sweep (element ids `{prefix}sweep...`, `{prefix}next_token...`, `{prefix}layer_sweep...`): the
+    answers at each scale, the next token's probabilities at each scale, and the answers with the top N layers."""
     gr.Markdown(f"**Gate sweep**: {what} at up to {MAX_SWEEP} gate scales (the delta scale and sampling from the "
                 "controls above), decoded together in one batch. **Next token**: how likely each scale finds the "
                 f"first token of the answer (each scale's {NEXT_TOKENS_TOP_K} likeliest, at temperature 1): which "
-                "tokens the adaption prompts make likelier.")
+                "tokens the adaption prompts make likelier. **Layer sweep**: the same at the slider's gate scale with "
+                "only the top N adapter layers' prompts speaking, from none (the frozen base) to all: how many "
+                "layers it takes.")
     with gr.Row():
         scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id=f"{prefix}sweep_scales")
         button = gr.Button("Sweep", variant="primary", scale=1, elem_id=f"{prefix}sweep")
         next_button = gr.Button("Next token", scale=1, elem_id=f"{prefix}next_token")
+        layer_button = gr.Button("Layer sweep", scale=1, elem_id=f"{prefix}layer_sweep")
     rows = gr.Dataframe(headers=["gate scale", "answer"], datatype=["number", "str"], column_widths=["12%", "88%"],
                         interactive=False, wrap=True, elem_id=f"{prefix}sweep_table")
     with gr.Column(visible=False, elem_id=f"{prefix}next_token_panel") as next_panel:
         next_rows = gr.Dataframe(headers=["token"], interactive=False, label="Next token, % at each gate scale",
                                  elem_id=f"{prefix}next_token_table")
         next_plot = gr.Plot(label="Next token against the gate scale", elem_id=f"{prefix}next_token_plot")
+    layer_rows = gr.Dataframe(headers=["adapter layers speaking", "answer"], datatype=["str", "str"],
+                              column_widths=["20%", "80%"], interactive=False, wrap=True, visible=False,
+                              label="Layer sweep", elem_id=f"{prefix}layer_sweep_table")
     next_button.click(lambda: gr.Column(visible=True), None, next_panel, queue=False, api_visibility="private")
-    return SweepPanel(scales, button, rows, next_button, next_panel, next_rows, next_plot)
+    layer_button.click(lambda: gr.Dataframe(visible=True), None, layer_rows, queue=False, api_visibility="private")
+    return SweepPanel(scales, button, rows, next_button, next_panel, next_rows, next_plot, layer_button, layer_rows)
 
 
 def adapter_choice(engines: Engines, value: str, label: str, elem_id: str) -> gr.Dropdown:
@@ -378,6 +402,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         with gr.Row():
             gate = gr.Slider(0, MAX_SCALE, value=DEFAULTS.gate_scale, step=0.05, label="Gate scale", elem_id="gate",
                              scale=3)
+            layers = gr.Textbox("all", label="Adapter layers speaking ('all', 'top N', '28-31'; the others silent)",
+                                elem_id="gate_layers", scale=1)
             adapter = adapter_choice(engines, engines.names[0], "Adapter (chat, compare, gates, model)", "adapter")
         with gr.Accordion("Advanced", open=False):
             delta = gr.Slider(0, MAX_SCALE, value=DEFAULTS.delta_scale, step=0.05,
@@ -393,7 +419,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                 label="System prompt (the Llama 2 and Llama 3 chat formats; Alpaca has none)")
         for slider in (gate, delta, temperature, top_p, max_new):
             range_checked_by_settings(slider)
-        controls = [gate, delta, temperature, top_p, max_new, seed, adapter, system]
+        controls = [gate, delta, temperature, top_p, max_new, seed, adapter, system, layers]
 
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
@@ -417,7 +443,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 clear_image_errors(image)
                 with gr.Column():
                     image_adapter = adapter_choice(engines, engines.for_images, "Adapter", "image_adapter")
-                    image_controls = [*controls[:6], image_adapter, system]
+                    image_controls = [*controls[:6], image_adapter, system, layers]
                     first = image_examples[0][1] if image_examples else EXAMPLE_QUESTION
                     question = gr.Textbox(label="Question", value=first, elem_id="image_question")
                     with gr.Row():
@@ -469,7 +495,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
             score_table = gr.Dataframe(headers=SCORE_HEADERS, interactive=False, elem_id="score_table")
             score_plot = gr.Plot(label="Loss and accuracy against the gate scale", elem_id="score_plot")
         with gr.Tab("Gates"):
-            heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale")
+            heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale, only the layers chosen above "
+                                    "speaking")
             plot = engines.default.training_plot()
             training = gr.Image(picture(plot), label="Gates opening during training (gates.png)", interactive=False,
                                 visible=plot is not None, elem_id="training_gates")
@@ -504,7 +531,11 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         image_panel.next_token.click(handlers.next_tokens_image, image_inputs,
                                      [image_panel.next_tokens, image_panel.next_plot], api_name="image_next_tokens",
                                      **model_events)
-        image_stop.click(None, cancels=[asked, image_swept])
+        image_layers_swept = image_panel.layer_sweep.click(handlers.layer_sweep_image,
+                                                           [image, question, *image_controls],
+                                                           image_panel.layer_answers, api_name="image_layer_sweep",
+                                                           **model_events)
+        image_stop.click(None, cancels=[asked, image_swept, image_layers_swept])
 
         compared = compare_button.click(handlers.compare, [compare_question, *controls], [base_answer, adapted_answer],
                                         api_name="compare", **model_events)
@@ -512,17 +543,21 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                   api_name="sweep", **model_events)
         panel.next_token.click(handlers.next_tokens, [compare_question, panel.scales, *controls],
                                [panel.next_tokens, panel.next_plot], api_name="next_tokens", **model_events)
-        compare_stop.click(None, cancels=[compared, swept])
-        score_button.click(handlers.score, [score_file, score_scales, score_exact, *controls, score_images],
-                           [score_table, score_plot], api_name="score", **model_events)
+        layers_swept = panel.layer_sweep.click(handlers.layer_sweep, [compare_question, *controls],
+                                               panel.layer_answers, api_name="layer_sweep", **model_events)
+        compare_stop.click(None, cancels=[compared, swept, layers_swept])
+        score_inputs = [score_file, score_scales, score_exact, *controls[:-1], score_images, layers]
+        score_button.click(handlers.score, score_inputs, [score_table, score_plot], api_name="score", **model_events)
 
         # the named endpoints first: a private event of the same function would take the function's name
-        gate.change(handlers.gates, [gate, adapter], heatmap, api_name="gates", trigger_mode="always_last")
+        gate.change(handlers.gates, [gate, adapter, layers], heatmap, api_name="gates", trigger_mode="always_last")
         refresh.click(handlers.model_info, adapter, info, api_name="model_info")
-        adapter.change(handlers.gates, [gate, adapter], heatmap, api_visibility="private")
+        adapter.change(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
+        for chosen in (layers.submit, layers.blur):
+            chosen(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         adapter.change(handlers.training_plot, adapter, training, api_visibility="private")
         adapter.change(handlers.model_info, adapter, info, api_visibility="private")
-        demo.load(handlers.gates, [gate, adapter], heatmap, api_visibility="private")
+        demo.load(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         demo.load(handlers.model_info, adapter, info, api_visibility="private")
     demo.queue(max_size=QUEUE_PER_WORKER * config.concurrency, default_concurrency_limit=config.concurrency)
     return demo

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .gate_layers import describe, gate_scale_rows, layer_mask, parse_layers, sweep_counts, top_layers
 from .generate import scales_from_text, stream_batch
 from .images import load_image
 from .prompts import format_named
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .next_token import NextTokens
 
 MAX_QUESTION_CHARS = 4000
+MAX_LAYERS_CHARS = 200  # a layer selection ("top 4", "20-23, 31")
 MAX_SCALE = 2.0
 MAX_TEMPERATURE = 2.0
 MAX_SWEEP = 9  # gate scales answered together in one sweep (one batch row each)
@@ -59,6 +61,18 @@ def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name}: must be {bound}, got {value!r}")
     return int(value)
+
+
+def _layers_text(value: Any) -> str:
+    """A layer selection as text ("all" when empty), checked here for its type and length only: which layers
+    exist is the adapter's to say (Engine._layers)."""
+    if value is None:
+        return "all"
+    if not isinstance(value, str):
+        raise ValueError(f"gate_layers: expected text such as 'all', 'top 2' or '28-31', got {value!r}")
+    if len(value) > MAX_LAYERS_CHARS:
+        raise ValueError(f"gate_layers: {len(value)} characters is too long (at most {MAX_LAYERS_CHARS})")
+    return value.strip().lower() or "all"
 
 
 def gate_scales(value: str | Sequence[Any]) -> list[float]:
@@ -94,6 +108,7 @@ class Settings:
     max_new_tokens: int = 128
     seed: int | None = 0  # the same seed gives the same answer, so the gate alone changes it
     system: str | None = None  # empty: none
+    gate_layers: str = "all"  # the adapter layers whose prompts speak (adapter.gate_layers), the others silent
 
     def __post_init__(self) -> None:
         checked = {
@@ -104,6 +119,7 @@ class Settings:
             "max_new_tokens": _integer("max_new_tokens", self.max_new_tokens, 1),
             "seed": None if self.seed is None else _integer("seed", self.seed, 0),
             "system": check_text(self.system, "system") if self.system and str(self.system).strip() else None,
+            "gate_layers": _layers_text(self.gate_layers),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -196,12 +212,14 @@ class Engine:
         Checks the request now (ValueError) and decodes only while the result is iterated.
         """
         prompt = self.chat_prompt(history, message, self.check(settings))
-        return _each(self._generate([prompt], settings, settings.gate_scale, settings.delta_scale), itemgetter(0))
+        rows = self._generate([prompt], settings, self._gates(settings, [settings.gate_scale]), settings.delta_scale)
+        return _each(rows, itemgetter(0))
 
     def ask_image(self, image: Any, question: str, settings: Settings) -> Iterator[str]:
         """The answer to a question about `image`; an adapter that cannot see answers from the text alone."""
         prompt, images = self._image_rows(image, question, settings, 1)
-        rows = self._generate([prompt], settings, settings.gate_scale, settings.delta_scale, images)
+        rows = self._generate([prompt], settings, self._gates(settings, [settings.gate_scale]), settings.delta_scale,
+                              images)
         return _each(rows, itemgetter(0))
 
     def _question_prompt(self, question: str, settings: Settings) -> str:
@@ -228,7 +246,8 @@ class Engine:
         The base row has gate and delta scale 0, which is exactly the frozen base model.
         """
         prompt = self._question_prompt(question, settings)
-        rows = self._generate([prompt, prompt], settings, [0.0, settings.gate_scale], [0.0, settings.delta_scale])
+        rows = self._generate([prompt, prompt], settings, self._gates(settings, [0.0, settings.gate_scale]),
+                              [0.0, settings.delta_scale])
         return _each(rows, tuple)
 
     def sweep(self, question: str, scales: str | Sequence[Any], settings: Settings) -> Iterator[list[str]]:
@@ -245,8 +264,35 @@ class Engine:
         return self._sweep(prompt, images, scales, settings)
 
     def _sweep(self, prompt: str, images: list | None, scales: list[float], settings: Settings) -> Iterator[list[str]]:
-        rows = self._generate([prompt] * len(scales), settings, scales, settings.delta_scale, images)
+        rows = self._generate([prompt] * len(scales), settings, self._gates(settings, scales), settings.delta_scale,
+                              images)
         return _each(rows, list)
+
+    def layer_sweep(self, question: str, settings: Settings) -> tuple[list[str], Iterator[list[str]]]:
+        """Labels ("top 2: 30-31") and the answers so far to one question with only the top N adapter layers'
+        prompts speaking, N from 0 to all (at most MAX_SWEEP rows, one batch; the settings' gate scale, delta
+        scale and sampling, not their layers): how many layers it takes to steer the answer."""
+        counts = self._layer_counts()
+        return self._layer_sweep(self._question_prompt(question, settings), None, counts, settings)
+
+    def layer_sweep_image(self, image: Any, question: str, settings: Settings) -> tuple[list[str], Iterator[list[str]]]:
+        """As `layer_sweep`, for a question about `image`."""
+        counts = self._layer_counts()
+        prompt, images = self._image_rows(image, question, settings, len(counts))
+        return self._layer_sweep(prompt, images, counts, settings)
+
+    def _layer_counts(self) -> list[int]:
+        if not self.has_gates:
+            raise ValueError("layer sweep: this model has no adaption prompts (no layers to choose from)")
+        return sweep_counts(self.model.adapter_args.prompt_layers, MAX_SWEEP)
+
+    def _layer_sweep(self, prompt: str, images: list | None, counts: list[int],
+                     settings: Settings) -> tuple[list[str], Iterator[list[str]]]:
+        chosen = [top_layers(self.model, count) for count in counts]
+        rows = torch.stack([settings.gate_scale * layer_mask(self.model, layers) for layers in chosen])
+        labels = [f"top {count}: {describe(layers)}" for count, layers in zip(counts, chosen)]
+        answers = self._generate([prompt] * len(counts), settings, rows, settings.delta_scale, images)
+        return labels, _each(answers, list)
 
     def next_tokens(self, question: str, scales: str | Sequence[Any], settings: Settings) -> NextTokens:
         """The next token's probabilities after `question` at each gate scale (adapter.next_token: each scale's
@@ -266,7 +312,15 @@ class Engine:
 
         with self.lock:
             return next_tokens(self.model, prompt, scales, delta_scale=settings.delta_scale,
-                               top_k=NEXT_TOKENS_TOP_K, image=image)
+                               top_k=NEXT_TOKENS_TOP_K, image=image, layers=self._layers(settings))
+
+    def _layers(self, settings: Settings) -> list[int] | None:
+        """The adapter layers the settings let speak (None: all of them)."""
+        return None if settings.gate_layers == "all" else parse_layers(settings.gate_layers, self.model)
+
+    def _gates(self, settings: Settings, scales: list[float]) -> list[float] | torch.Tensor:
+        """The gate scale of rows at `scales`, only the settings' layers speaking."""
+        return gate_scale_rows(self.model, scales, self._layers(settings))
 
     def _generate(self, prompts: list[str], settings: Settings, gate_scale: Any, delta_scale: Any,
                   images: list[Any] | None = None) -> Iterator[list[str]]:
@@ -308,15 +362,19 @@ class Engine:
             with self.lock:
                 return evaluate(self.model, data, image_folder=folder, gate_scales=scales,
                                 delta_scale=settings.delta_scale, limit=MAX_SCORE_RECORDS, exact=bool(exact),
-                                prompt_format=self.prompts.name)
+                                prompt_format=self.prompts.name, layers=self._layers(settings))
 
     # ----- seeing the gates ------------------------------------------------------------------------------
-    def gate_heatmap(self, scale: float) -> Figure:
-        """The effective gates [prompt_layers, n_heads] at `scale`, as a matplotlib figure."""
+    def gate_heatmap(self, scale: float, gate_layers: str | None = "all") -> Figure:
+        """The effective gates [prompt_layers, n_heads] at `scale` with only `gate_layers` speaking, as a
+        matplotlib figure."""
         from .gate_view import draw_gates
 
-        scale = _number("gate_scale", scale, 0.0, MAX_SCALE)
-        return draw_gates(self.model.effective_gates(gate_scale=scale), self.model.first_prompt_layer, scale)
+        settings = Settings(gate_scale=scale, gate_layers=gate_layers)
+        layers = self._layers(settings)
+        gates = self.model.effective_gates(gate_scale=gate_scale_rows(self.model, [settings.gate_scale], layers))
+        return draw_gates(gates, self.model.first_prompt_layer, settings.gate_scale,
+                          None if layers is None else describe(layers))
 
     def token_shares(self, prompt_text: str, answer: str, settings: Settings,
                      image: Any = None) -> list[tuple[str, float]]:
@@ -328,7 +386,8 @@ class Engine:
             return []
         images = [load_image(image)] if image is not None and self.can_see_images else None
         with self.lock:
-            return prompt_shares(self.model, prompt_text, answer, settings.gate_scale, settings.delta_scale, images)
+            return prompt_shares(self.model, prompt_text, answer, self._gates(settings, [settings.gate_scale]),
+                                 settings.delta_scale, images)
 
     def training_plot(self) -> Path | None:
         """`gates.png` written by `adapter.finetune` next to this adapter, if there is one."""

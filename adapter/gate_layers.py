@@ -109,3 +109,11 @@ def layers_from_flag(spec: str | None, model: Transformer) -> list[int] | None:
         return parse_layers(spec, model)
     except ValueError as error:
         raise ValueError(f"--gate-layers: {str(error).removeprefix('gate_layers: ')}") from None
+
+
+def sweep_counts(total: int, most: int) -> list[int]:
+    """How many top layers each row of a layer sweep lets speak: 0 to `total`, at most `most` counts spread
+    evenly (every count when they fit)."""
+    if total < most:
+        return list(range(total + 1))
+    return sorted({round(i * total / (most - 1)) for i in range(most)})

@@ -18,13 +18,14 @@ from .text_stream import TextStream
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .model import Transformer
+    from .model import ScaleLike, Transformer
 
 GATE_PLOT = "gates.png"
 
 
-def draw_gates(gates: torch.Tensor, first_layer: int, scale: float) -> Figure:
-    """Heatmap of `gates` [prompt_layers, n_heads]; the colour range is symmetric around zero."""
+def draw_gates(gates: torch.Tensor, first_layer: int, scale: float, speaking: str | None = None) -> Figure:
+    """Heatmap of `gates` [prompt_layers, n_heads]; the colour range is symmetric around zero. `speaking` names
+    the layers whose prompts speak when not all do."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -42,13 +43,14 @@ def draw_gates(gates: torch.Tensor, first_layer: int, scale: float) -> Figure:
     axes.set_ylabel("layer")
     axes.set_xticks(range(values.shape[1]))
     axes.set_yticks(range(values.shape[0]), [str(first_layer + i) for i in range(values.shape[0])])
-    axes.set_title(f"effective gates at gate scale {scale:g}")
+    axes.set_title(f"effective gates at gate scale {scale:g}" + ("" if speaking is None else
+                                                                  f", only layers {speaking} speaking"))
     figure.colorbar(image, ax=axes, label="gate")
     figure.tight_layout()
     return figure
 
 
-def prompt_shares(model: Transformer, prompt: str, answer: str, gate_scale: float, delta_scale: float,
+def prompt_shares(model: Transformer, prompt: str, answer: str, gate_scale: ScaleLike, delta_scale: float,
                   images: list[Any] | None = None) -> list[tuple[str, float]]:
     """(piece, share) for the answer's tokens, from one no-grad forward over prompt + answer.
 

@@ -13,6 +13,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import adapter
+from adapter.gate_layers import gate_scale_rows
 from adapter.prompts import STOP_STRINGS
 from app import to_pairs
 from tests.app_helpers import GREEDY, MAX_NEW_TOKENS, QUESTION, controls, demo_files, served  # noqa: F401  (fixtures)
@@ -180,11 +181,33 @@ def test_a_client_that_goes_away_stops_its_generation(served, client, decode_ste
      r"broken.jsonl has 1 bad record\(s\), none read:\n  .*broken.jsonl:1: missing 'output'"),
     ("/score", lambda images: (handle_file(str(images / "broken.jsonl")), "0, 5", False, *controls()),
      r"gate_scales: must be in \[0, 2\], got 5.0"),
+    ("/compare", lambda images: (QUESTION, *controls(), None, None, "0-9"),
+     r"gate_layers: layer\(s\) 0, 4-9 have no adaption prompt; this adapter's prompts are in layers 1-3"),
+    ("/layer_sweep", lambda images: ("", *controls()), "question: is empty"),
+    ("/image_layer_sweep", lambda images: (None, "What is it?", *controls()), "image: upload an image first"),
+    ("/gates", lambda images: (1.0, None, "top 9"), r"gate_layers: the top N layers needs N from 0 to 3"),
 ])
 def test_bad_inputs_get_a_clear_message_and_the_app_keeps_serving(client, images, endpoint, arguments, message):
     with pytest.raises(AppError, match=message):
         client.predict(*arguments(images), api_name=endpoint)
     assert chat(client, QUESTION, max_new_tokens=4)
+
+
+def test_the_layer_sweeps_and_a_layer_choice_reach_the_model(served, client, images):
+    model = served.engine.model
+    sweep = client.predict(QUESTION, *controls(gate=1.5), api_name="/layer_sweep")
+    assert sweep["headers"] == ["adapter layers speaking", "answer"]
+    assert [label for label, _ in sweep["data"]] == ["top 0: none", "top 1: 3", "top 2: 2-3", "top 3: 1-3"]
+    greedy = dict(temperature=0.0, max_new_tokens=GREEDY["max_new_tokens"], stop=STOP_STRINGS)
+    only = {n: model.generate(adapter.alpaca(QUESTION), gate_scale=gate_scale_rows(model, [1.5], range(4 - n, 4)),
+                              **greedy) for n in range(4)}
+    assert [answer for _, answer in sweep["data"]] == [only[n] for n in range(4)]
+    assert chat(client, QUESTION, gate=1.5) == only[3]
+    history = client.predict(QUESTION, [], *controls(gate=1.5), None, None, "top 2", api_name="/chat")
+    assert to_pairs(history)[-1][1] == only[2]
+    pictured = client.predict(handle_file(str(images / "red.png")), "What colour is it?", *controls(),
+                              api_name="/image_layer_sweep")
+    assert len(pictured["data"]) == 4 and pictured["data"][0][0] == "top 0: none"
 
 
 def test_gates_and_model_info(client, demo_files):

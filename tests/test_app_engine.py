@@ -15,6 +15,7 @@ from PIL import Image
 import adapter
 from adapter.app_config import NO_ADAPTER, TINY_FOLDER, load_engines, parse_config, tiny_available
 from adapter.engine import Engine, Settings, check_text, device_lock, gate_scales
+from adapter.gate_layers import describe, gate_scale_rows
 from adapter.gate_view import find_gate_plot
 from adapter.prompts import STOP_STRINGS
 from adapter.random_demo import DemoFiles, write_random_demo
@@ -53,6 +54,8 @@ def engine(demo_files) -> Engine:
     ("max_new_tokens", 0, "max_new_tokens: must be >= 1"),
     ("max_new_tokens", 2.5, "max_new_tokens: expected a whole number"),
     ("seed", -1, "seed: must be >= 0"),
+    ("gate_layers", 3, "gate_layers: expected text such as 'all', 'top 2' or '28-31', got 3"),
+    ("gate_layers", "1," * 150, r"gate_layers: 300 characters is too long \(at most 200\)"),
 ])
 def test_settings_name_the_field_at_fault(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -152,6 +155,49 @@ def test_non_images_are_refused_clearly(engine, tmp_path):
     notes.write_text("not an image")
     with pytest.raises(ValueError, match="notes.png is not an image file"):
         next(engine.ask_image(str(notes), "What is it?", GREEDY))
+
+
+def test_a_layer_sweep_is_one_batch_from_no_layer_to_all_and_each_row_is_those_layers_alone(engine, monkeypatch):
+    model = engine.model
+    layers = list(range(model.first_prompt_layer, model.args.n_layers))
+    batches = []
+    original = model.step
+    monkeypatch.setattr(model, "step", lambda tokens, cache, **k: batches.append(tokens.shape[0]) or
+                        original(tokens, cache, **k))
+    settings = Settings(temperature=0.0, max_new_tokens=12, gate_scale=1.5, gate_layers="top 1")  # layers: swept
+    labels, rows = engine.layer_sweep(QUESTION, settings)
+    answers = list(rows)[-1]
+    monkeypatch.undo()
+    assert set(batches) == {len(layers) + 1}
+    assert labels == ["top 0: none"] + [f"top {n}: {describe(layers[-n:])}" for n in range(1, len(layers) + 1)]
+
+    def alone(gate_scale) -> str:
+        return model.generate(adapter.alpaca(QUESTION), gate_scale=gate_scale, temperature=0.0, max_new_tokens=12,
+                              stop=STOP_STRINGS)
+
+    assert answers[0] == alone(0.0) and answers[-1] == alone(1.5)
+    assert answers == [alone(gate_scale_rows(model, [1.5], layers[len(layers) - n:])) for n in range(len(layers) + 1)]
+    assert list(engine.chat([], QUESTION, settings))[-1] == answers[1], "the chat speaks through the top layer only"
+
+
+def test_layer_selections_reach_every_request_and_bad_ones_name_the_layers(engine):
+    model = engine.model
+    top = model.args.n_layers - 1
+    settings = Settings(temperature=0.0, max_new_tokens=12, gate_layers=f" {top} ")
+    only_top = model.generate(adapter.alpaca(QUESTION), gate_scale=gate_scale_rows(model, [1.0], [top]),
+                              temperature=0.0, max_new_tokens=12, stop=STOP_STRINGS)
+    assert list(engine.compare(QUESTION, settings))[-1][1] == only_top
+    found = engine.next_tokens(QUESTION, "1", settings).probabilities
+    assert found == engine.next_tokens(QUESTION, "1", Settings(max_new_tokens=12, gate_layers="top 1")).probabilities
+    assert found != engine.next_tokens(QUESTION, "1", GREEDY).probabilities
+    figure = engine.gate_heatmap(1.0, f"{top}")
+    shown = torch.tensor(figure.axes[0].images[0].get_array().data)
+    assert not shown[:-1].any() and torch.allclose(shown[-1], model.effective_gates(1.0)[-1])
+    assert f"only layers {top} speaking" in figure.axes[0].get_title()
+    with pytest.raises(ValueError, match=rf"gate_layers: layer\(s\) {top + 1} have no adaption prompt"):
+        list(engine.chat([], QUESTION, Settings(max_new_tokens=12, gate_layers=str(top + 1))))
+    with pytest.raises(ValueError, match="gate_layers: 'x' is not a layer number"):
+        engine.gate_heatmap(1.0, "x")
 
 
 def test_gate_heatmap_shows_the_effective_gates(engine):

@@ -86,6 +86,14 @@ def test_the_next_token_panels_show_what_each_gate_makes_likely(served, client):
     assert table["data"] == expected.rows(), "the image tab asks its own adapter about the picture"
 
 
+def test_the_layer_sweep_shows_the_tiny_text_adapter_needs_more_than_its_top_layer(client):
+    question = "There is a small red circle in the centre. What colour is the circle?"
+    base, adapted = client.predict(question, *controls(), api_name="/compare")
+    sweep = client.predict(question, *controls(), api_name="/layer_sweep")
+    assert sweep["data"][0] == ["top 0: none", base] and sweep["data"][-1] == ["top 4: 0-3", adapted]
+    assert adapted == "red" and sweep["data"][1][0] == "top 1: 3" and sweep["data"][1][1] != "red", sweep["data"]
+
+
 def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_path):
     from adapter.app_config import ServeConfig
     from adapter.tiny.questions import image_questions, text_questions
