@@ -312,15 +312,15 @@ class Engine:
 
         with self.lock:
             return next_tokens(self.model, prompt, scales, delta_scale=settings.delta_scale,
-                               top_k=NEXT_TOKENS_TOP_K, image=image, layers=self._layers(settings))
+                               top_k=NEXT_TOKENS_TOP_K, image=image, layers=self.layers_of(settings))
 
-    def _layers(self, settings: Settings) -> list[int] | None:
+    def layers_of(self, settings: Settings) -> list[int] | None:
         """The adapter layers the settings let speak (None: all of them)."""
         return None if settings.gate_layers == "all" else parse_layers(settings.gate_layers, self.model)
 
     def _gates(self, settings: Settings, scales: list[float]) -> list[float] | torch.Tensor:
         """The gate scale of rows at `scales`, only the settings' layers speaking."""
-        return gate_scale_rows(self.model, scales, self._layers(settings))
+        return gate_scale_rows(self.model, scales, self.layers_of(settings))
 
     def _generate(self, prompts: list[str], settings: Settings, gate_scale: Any, delta_scale: Any,
                   images: list[Any] | None = None) -> Iterator[list[str]]:
@@ -362,7 +362,7 @@ class Engine:
             with self.lock:
                 return evaluate(self.model, data, image_folder=folder, gate_scales=scales,
                                 delta_scale=settings.delta_scale, limit=MAX_SCORE_RECORDS, exact=bool(exact),
-                                prompt_format=self.prompts.name, layers=self._layers(settings))
+                                prompt_format=self.prompts.name, layers=self.layers_of(settings))
 
     # ----- seeing the gates ------------------------------------------------------------------------------
     def gate_heatmap(self, scale: float, gate_layers: str | None = "all") -> Figure:
@@ -371,7 +371,7 @@ class Engine:
         from .gate_view import draw_gates
 
         settings = Settings(gate_scale=scale, gate_layers=gate_layers)
-        layers = self._layers(settings)
+        layers = self.layers_of(settings)
         gates = self.model.effective_gates(gate_scale=gate_scale_rows(self.model, [settings.gate_scale], layers))
         return draw_gates(gates, self.model.first_prompt_layer, settings.gate_scale,
                           None if layers is None else describe(layers))

@@ -117,3 +117,10 @@ def sweep_counts(total: int, most: int) -> list[int]:
     if total < most:
         return list(range(total + 1))
     return sorted({round(i * total / (most - 1)) for i in range(most)})
+
+
+def speaking(model: Transformer, layers: Iterable[int] | None) -> str:
+    """Which layers' prompts speak, said for people."""
+    if layers is None:
+        return "every adapter layer's prompt speaks"
+    return f"the prompts speak in layers {describe(layers)} only, of this adapter's {describe(adapter_layers(model))}"

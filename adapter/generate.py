@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .gate_layers import FLAG_HELP, adapter_layers, describe, gate_scale_rows, layers_from_flag
+from .gate_layers import FLAG_HELP, gate_scale_rows, layers_from_flag, speaking
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample
@@ -306,8 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model, name, chosen in zip(models, names, layers):
             if chosen is not None:
                 label = f" ({name})" if len(models) > 1 else ""
-                print(f"note{label}: the prompts speak in layers {describe(chosen)} only, of this adapter's "
-                      f"{describe(adapter_layers(model))}", file=sys.stderr)
+                print(f"note{label}: {speaking(model, chosen)}", file=sys.stderr)
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                        delta_scale=args.delta_scale, compile=args.compile)

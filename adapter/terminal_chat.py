@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .gate_layers import FLAG_HELP, layers_from_flag, speaking
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import PROMPT_FORMATS
 
@@ -25,6 +26,7 @@ HELP = """commands:
   /gate S         gate scale from the next answer on (0 = the frozen base, 1 = the trained adapter)
   /delta S        delta scale of the v2 biases, LoRA and norms
   /temperature T  sampling temperature (0 = greedy)
+  /layers L       only these adapter layers' prompts speak: all, top N, bottom N or numbers such as 28-31
   /system TEXT    system prompt (chat formats only); /system alone removes it
   /image PATH     ask the next questions about this picture (each on its own); /image alone: back to the chat
   /next QUESTION  the likeliest first tokens of the answer at gate 0 and at the gate set, without answering
@@ -59,6 +61,11 @@ class Conversation:
                 raise ValueError(f"{name}: give a number, e.g. '{name} 0.5'") from None
             self.settings = self.engine.check(dataclasses.replace(self.settings, **{field: number}))
             out.write(f"{field.replace('_', ' ')} {number:g}\n")
+        elif name == "/layers":
+            settings = dataclasses.replace(self.settings, gate_layers=value or "all")
+            layers = self.engine.layers_of(settings)
+            self.settings = settings
+            out.write(speaking(self.engine.model, layers) + "\n")
         elif name == "/system":
             self.engine.prompts.check_system(value)
             self.settings = dataclasses.replace(self.settings, system=value or None)
@@ -97,7 +104,7 @@ class Conversation:
             prompt = self.engine.chat_prompt(self.history, question, self.settings)
         scales = sorted({0.0, self.settings.gate_scale})
         return next_tokens(self.engine.model, prompt, scales, delta_scale=self.settings.delta_scale,
-                           image=self.image)
+                           image=self.image, layers=self.engine.layers_of(self.settings))
 
     def answer(self, question: str, out: TextIO) -> str:
         """Stream the answer to `question` to `out`; keep the turn (a picture's questions stand alone)."""
@@ -154,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: the adapter's own (or the base's chat template's)")
     parser.add_argument("--system", help="system prompt (chat formats only)")
     parser.add_argument("--gate-scale", type=float, default=1.0)
+    parser.add_argument("--gate-layers", metavar="LAYERS", default="all", help=FLAG_HELP)
     parser.add_argument("--delta-scale", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--top-p", type=float, default=0.75)
@@ -170,13 +178,15 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
     stdin = sys.stdin if stdin is None else stdin
     try:
         settings = Settings(gate_scale=args.gate_scale, delta_scale=args.delta_scale, temperature=args.temperature,
-                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system)
+                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system,
+                            gate_layers=args.gate_layers)
         model, = load_many(args.base, [args.adapter], clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
         engine = Engine(model, max_new_tokens=args.max_new_tokens, compile=args.compile,
                         prompt_format=None if args.prompt_format == "auto" else args.prompt_format)
         engine.prompts.check_system(settings.system)
+        layers_from_flag(settings.gate_layers, model)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -142,7 +142,7 @@ def test_a_client_that_goes_away_stops_its_generation(served, client, decode_ste
     decode_steps.clear()
     chat_index = next(i for i, d in enumerate(httpx.get(served.url + "config").json()["dependencies"])
                       if d.get("api_name") == "chat")
-    body = {"data": [QUESTION, [], *LONG, served.engines.names[0], ""], "fn_index": chat_index,
+    body = {"data": [QUESTION, [], *LONG, served.engines.names[0], "", "all"], "fn_index": chat_index,
             "session_hash": "leaving"}
     httpx.post(served.url + "gradio_api/queue/join", json=body).raise_for_status()
     with httpx.stream("GET", served.url + "gradio_api/queue/data", params={"session_hash": "leaving"},

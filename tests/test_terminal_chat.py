@@ -97,3 +97,23 @@ def test_bad_flags_stop_before_the_chat(capsys):
     assert capsys.readouterr().err == "error: gate_scale: must be in [0, 2], got 3.0\n"
     assert main(["--system", "Be brief."], stdin=io.StringIO("")) == 2
     assert "system: the alpaca prompt format has no system prompt" in capsys.readouterr().err
+    assert main(["--gate-layers", "top 7"], stdin=io.StringIO("")) == 2
+    assert capsys.readouterr().err == "error: --gate-layers: the top N layers needs N from 0 to 4 (this adapter's " \
+                                      "prompt layers), got 7\n"
+
+
+def test_layers_lets_only_some_adapter_layers_speak_until_set_back(capsys):
+    from adapter.next_token import next_tokens
+
+    code, out, err = chat(["/layers top 1", QUESTION, f"/next {QUESTION}", "/layers 9", "/reset", "/layers",
+                           QUESTION], capsys)
+    engine = Engine(adapter.load("tiny", device="cpu"), max_new_tokens=30)
+    top = Settings(gate_layers="top 1", **GREEDY)
+    first = last(engine.chat([], QUESTION, top))
+    expected = next_tokens(engine.model, engine.chat_prompt([(QUESTION, first)], QUESTION, top), [0.0, 1.0],
+                           layers=[3])
+    everyone = last(engine.chat([], QUESTION, Settings(**GREEDY)))
+    assert code == 0 and first != everyone == "red"
+    assert out == ["the prompts speak in layers 3 only, of this adapter's 0-3", first, *expected.table().splitlines(),
+                   "conversation forgotten", "every adapter layer's prompt speaks", everyone]
+    assert err == "error: gate_layers: layer(s) 9 have no adaption prompt; this adapter's prompts are in layers 0-3\n"
