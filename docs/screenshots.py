@@ -1,6 +1,7 @@
 """The README's pictures of the app, taken in headless Chromium with the embedded tiny model:
 `python -m docs.screenshots` (from the repository root; needs `apt-get install -y chromium` and playwright)
-rewrites docs/compare.png, docs/next_token.png (the compare tab's next-token panel), docs/chat.png,
+rewrites docs/compare.png, docs/next_token.png (the compare tab's next-token panel), docs/layer_sweep.png (its
+layer sweep), docs/chat.png,
 docs/image.png and docs/score.png. The image tab shows the first shipped example the image adapter answers right
 (it gets 42% of held-out image questions right: docs/tiny.md); the score tab, the text adapter on the held-out
 questions it offers."""
@@ -20,7 +21,7 @@ from adapter.tiny.assets import ASSETS, EXAMPLES
 from adapter.tiny.examples import FILE
 from app import SWEEP
 from tests.app_helpers import running_app
-from tests.browser import ask, chromium, coloured, compare, next_token, open_page, score, sweep
+from tests.browser import ask, chromium, coloured, compare, layer_sweep, next_token, open_page, score, sweep
 
 DOCS = Path(__file__).resolve().parent
 QUESTION = "There is a large red star on the left. What colour is the star?"  # the README's example
@@ -49,7 +50,8 @@ def answered_right(engine) -> tuple[Path, str]:
 def take(out: Path) -> list[Path]:
     """Compare, chat and score tabs with the text adapter, the image tab with the image adapter (both served by
     the default app, each tab starting with its own)."""
-    shots = [out / "compare.png", out / "next_token.png", out / "chat.png", out / "image.png", out / "score.png"]
+    shots = [out / name for name in ("compare.png", "next_token.png", "chat.png", "image.png", "score.png",
+                                     "layer_sweep.png")]
     with chromium() as browser, running_app([]) as app:
         page = open_page(browser, app.url)
         base, adapted = compare(page, QUESTION)
@@ -58,6 +60,8 @@ def take(out: Path) -> list[Path]:
         save(page, shots[0], full_page=True)
         print(f"next token: {next_token(page, SWEEP)}")
         save(page.locator("#next_token_panel"), shots[1])
+        print(f"layer sweep: {layer_sweep(page)}")
+        save(page.locator("#layer_sweep_table"), shots[5])
         page.get_by_role("tab", name="Chat").click()
         print(f"chat: {ask(page, QUESTION)!r}")
         save(page, shots[2], full_page=True)

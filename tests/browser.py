@@ -88,6 +88,16 @@ def next_token(page, scales: str, prefix: str = "") -> list[list[str]]:
     return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]
 
 
+def layer_sweep(page, prefix: str = "") -> list[list[str]]:
+    """The layer sweep of the open tab's question (prefix "image_" in the image tab), once complete: one row per
+    number of top layers speaking (label, answer)."""
+    page.click(f"#{prefix}layer_sweep")
+    rows = page.locator(f"#{prefix}layer_sweep_table [role=row]:has([role=gridcell])")
+    rows.first.wait_for()
+    finished(page, f"#{prefix}layer_sweep_table")
+    return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]
+
+
 def score(page, scales: str) -> list[list[str]]:
     """Score the Score tab's records over `scales`; the table's rows once complete."""
     page.fill("#score_scales textarea", scales)

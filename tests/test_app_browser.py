@@ -18,6 +18,7 @@ from tests.browser import (
     chromium,
     coloured,
     compare,
+    layer_sweep,
     next_token,
     open_page,
     score,
@@ -92,6 +93,12 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
         shown = next_token(page, "0, 1 2")
         assert [row[0] for row in shown] == [row[0] for row in likely]
         assert [[float(cell) for cell in row[1:]] for row in shown] == [row[1:] for row in likely]
+        labels, answers = tiny.engine.layer_sweep(example.instruction, Settings())
+        assert layer_sweep(page) == [[label, answer] for label, answer in zip(labels, list(answers)[-1])]
+        page.fill("#gate_layers textarea", "top 2")
+        assert compare(page, example.instruction) == \
+            list(tiny.engine.compare(example.instruction, Settings(gate_layers="top 2")))[-1]
+        page.fill("#gate_layers textarea", "all")
         page.get_by_role("tab", name="Score").click()
         page.get_by_text("tiny_held_out.jsonl").first.click()  # the tiny model's held-out questions, offered
         page.locator("#score_file [aria-label='tiny_held_out.jsonl']").wait_for()  # loaded before scoring
