@@ -113,8 +113,9 @@ def answer_questions(
     prompt format; `system` for those without their own), checked all before any is decoded, and answered
     `batch_size` at a time, each with a row per gate scale, the longest first (a batch pads to its longest). A
     model that cannot see answers image questions from their text alone, as the app's image tab does.
-    Greedy answers do not depend on the batching; sampled ones (with a seed) do. With `layers`, only those
-    adapter layers' prompts speak (adapter.gate_layers). `options` are generation's
+    Greedy answers do not depend on the batching, nor do sampled ones with a seed (each row draws from its own
+    generator; only padding's float rounding could tip a draw on the edge). With `layers`, only those adapter
+    layers' prompts speak (adapter.gate_layers). `options` are generation's
     (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, delta_scale, compile);
     `progress(done, total)` is told after each batch."""
     tokenizer = require_tokenizer(model)

@@ -100,9 +100,9 @@ def decode_tokens(
         tokens[row, longest - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
     pad = torch.tensor([longest - len(p) for p in prompts])
     tokens = tokens.to(device)
-    generator = None
-    if request.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(request.seed)
+    generators = None
+    if request.seed is not None:  # one per row, all seeded alike: a row samples as it would alone
+        generators = [torch.Generator(device=device).manual_seed(request.seed) for _ in range(batch)]
     seen = None
     if request.sampling.repetition_penalty != 1.0:
         seen = torch.zeros(batch, model.args.vocab_size, dtype=torch.bool, device=device)
@@ -115,7 +115,7 @@ def decode_tokens(
     new_tokens = total - longest
     for index in range(new_tokens):
         with torch.inference_mode():
-            next_ids = sample(logits, request.sampling, seen=seen, generator=generator)
+            next_ids = sample(logits, request.sampling, seen=seen, generator=generators)
         if seen is not None:
             seen[torch.arange(batch, device=device), next_ids] = True
         yield next_ids.tolist()

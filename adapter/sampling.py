@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +45,11 @@ def sample(
     params: SamplingParams,
     *,
     seen: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Next token id per row from logits [B, vocab]; `seen` [B, vocab] marks tokens already in each row."""
+    """Next token id per row from logits [B, vocab]; `seen` [B, vocab] marks tokens already in each row.
+    `generator` may be one per row: each row then draws from its own, so a row's tokens do not depend on the
+    rows beside it (a seeded answer is the same in any batch)."""
     logits = logits.float()
     if seen is not None:
         logits = penalize_repeats(logits, seen, params.repetition_penalty)
@@ -62,6 +65,14 @@ def sample(
         # keep the smallest set whose mass reaches top_p (the most likely token is always kept)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice)[:, 0]
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return order.gather(-1, _draw(sorted_probs, generator))[:, 0]
+    return _draw(probs, generator)[:, 0]
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """One index per row [B, 1], drawn in proportion to `weights` [B, vocab]."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(weights, 1, generator=generator)
+    if len(generator) != weights.shape[0]:
+        raise ValueError(f"generator: {len(generator)} given for a batch of {weights.shape[0]} rows")
+    return torch.cat([torch.multinomial(weights[row:row + 1], 1, generator=own) for row, own in enumerate(generator)])

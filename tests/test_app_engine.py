@@ -129,6 +129,17 @@ def test_a_gate_sweep_is_one_batch_and_each_row_is_that_gate_alone(engine, monke
     assert answers == alone and len(set(alone)) > 1
 
 
+def test_with_a_seed_the_gate_alone_changes_a_sampled_answer_in_every_view(engine):
+    # delta 0: the compare tab's base row (gate and delta 0) is then the sweep's gate-0 row
+    sampled = Settings(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=5, delta_scale=0.0)
+    base, adapted = list(engine.compare(QUESTION, sampled))[-1]
+    swept = list(engine.sweep(QUESTION, "0, 0.5, 1", sampled))[-1]
+    assert swept[0] == base and swept[2] == adapted
+    assert list(engine.chat([], QUESTION, sampled))[-1] == adapted
+    other_seed = Settings(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=6, delta_scale=0.0)
+    assert list(engine.chat([], QUESTION, other_seed))[-1] != adapted
+
+
 @pytest.mark.parametrize("scales, message", [
     ("0, 1, x", "gate_scales: 'x' is not a number"),
     ("0 2.5", r"gate_scales: must be in \[0, 2\], got 2.5"),

@@ -137,6 +137,18 @@ def test_seed_makes_sampling_reproducible(model):
     assert model.generate("Red", seed=3, **kwargs) == model.generate("Red", seed=3, **kwargs)
 
 
+def test_a_seeded_row_samples_as_it_would_alone_whatever_the_batch(model):
+    sampled = dict(temperature=1.0, top_p=0.9, max_new_tokens=10)
+    prompts = ["Red", "A long prompt about a blue square on the left", "Red"]
+    together = generate_batch(model, prompts, gate_scale=[1.0, 0.5, 0.0], seed=3, **sampled)
+    alone = [model.generate(p, gate_scale=g, seed=3, **sampled) for p, g in zip(prompts, [1.0, 0.5, 0.0])]
+    assert together == alone
+    assert generate_batch(model, ["Red", "Red"], seed=3, **sampled) == [alone[0]] * 2, "same seed, same answer"
+    assert model.generate("Red", seed=4, **sampled) != alone[0]
+    with pytest.raises(ValueError, match="generator: 2 given for a batch of 3 rows"):
+        sample(torch.zeros(3, 5), SamplingParams(temperature=1.0), generator=[torch.Generator()] * 2)
+
+
 def test_repetition_penalty_discourages_repeats(model):
     def repeats(prompt: str, penalty: float) -> int:
         request = GenerationRequest(max_new_tokens=24, sampling=SamplingParams(temperature=0.0,
