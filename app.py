@@ -34,6 +34,7 @@ from adapter.engine import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from adapter.gate_view import PromptShares
     from adapter.next_token import NextTokens
 
 QUEUE_PER_WORKER = 16  # waiting requests per concurrent slot before "queue is full"
@@ -124,6 +125,12 @@ def next_token_view(found: NextTokens) -> tuple[dict[str, Any], Figure]:
     return {"headers": found.headers(), "data": found.rows()}, found.figure()
 
 
+def shares_view(shares: PromptShares) -> tuple[list[tuple[str, float]], Figure | None]:
+    """The answer's pieces with their prompt shares (for HighlightedText) and the per-layer bars (none for a
+    model without adaption prompts)."""
+    return shares.pieces, shares.figure() if shares.layers else None
+
+
 def picture(path: Path | None) -> Image.Image | None:
     """A file shown as a picture (read here: gradio serves only files under its allowed paths)."""
     return None if path is None else Image.open(path)
@@ -173,14 +180,15 @@ class Handlers:
             return [], ""
         return to_messages(pairs[:-1]), pairs[-1][0]
 
-    def chat_shares(self, history: list, *controls: Any) -> list[tuple[str, float]]:
+    def chat_shares(self, history: list, *controls: Any) -> tuple[list[tuple[str, float]], Figure | None]:
+        """The last answer's tokens coloured by their prompt share, and the share per adapter layer."""
         pairs = to_pairs(history)
         if not pairs or not pairs[-1][1]:
-            return []
+            return [], None
         with user_errors():
             engine, choice = self.request(*controls)
             prompt = engine.chat_prompt(pairs[:-1], pairs[-1][0], choice)
-            return engine.token_shares(prompt, pairs[-1][1], choice)
+            return shares_view(engine.token_shares(prompt, pairs[-1][1], choice))
 
     def ask_image(self, image: Image.Image | None, question: str, *controls: Any) -> Iterator[str]:
         with user_errors():
@@ -190,12 +198,13 @@ class Handlers:
             yield from answers
 
     def image_shares(self, image: Image.Image | None, question: str, answer: str,
-                     *controls: Any) -> list[tuple[str, float]]:
+                     *controls: Any) -> tuple[list[tuple[str, float]], Figure | None]:
         if not answer:
-            return []
+            return [], None
         with user_errors():
             engine, choice = self.request(*controls)
-            return engine.token_shares(engine.image_prompt(question, choice.system), answer, choice, image)
+            return shares_view(engine.token_shares(engine.image_prompt(question, choice.system), answer, choice,
+                                                   image))
 
     def compare(self, question: str, *controls: Any) -> Iterator[tuple[str, str]]:
         with user_errors():
@@ -433,6 +442,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 clear = gr.Button("Clear", elem_id="clear")
             chat_colours = gr.HighlightedText(label="Last answer: share of attention through the adaption "
                                               "prompts per token", show_legend=True, elem_id="chat_colours")
+            chat_layers = gr.Plot(label="Last answer: share through the prompts per adapter layer",
+                                  elem_id="chat_layers")
         with gr.Tab("Image"):
             if not engines.get(engines.for_images).can_see_images:
                 gr.Markdown("**This adapter cannot see images**: it has no visual prompt or no CLIP tower "
@@ -452,6 +463,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                     answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="image_answer")
                     image_colours = gr.HighlightedText(label="Share of attention through the adaption prompts per "
                                                        "token", elem_id="image_colours")
+                    image_layers = gr.Plot(label="Share through the prompts per adapter layer",
+                                           elem_id="image_layers")
             if image_examples:
                 gr.Examples(image_examples, inputs=[image, question])
             image_panel = sweep_panel("the same picture and question", prefix="image_")
@@ -495,8 +508,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
             score_table = gr.Dataframe(headers=SCORE_HEADERS, interactive=False, elem_id="score_table")
             score_plot = gr.Plot(label="Loss and accuracy against the gate scale", elem_id="score_plot")
         with gr.Tab("Gates"):
-            heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale, only the layers chosen above "
-                                    "speaking")
+            heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale, only the layers chosen "
+                                    "above speaking")
             plot = engines.default.training_plot()
             training = gr.Image(picture(plot), label="Gates opening during training (gates.png)", interactive=False,
                                 visible=plot is not None, elem_id="training_gates")
@@ -508,22 +521,23 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         sent = [send.click(handlers.chat, chat_inputs, chatbot, api_name="chat", **model_events),
                 message.submit(handlers.chat, chat_inputs, chatbot, api_visibility="private", **model_events)]
         for event in sent:
-            event.success(handlers.chat_shares, [chatbot, *controls], chat_colours, api_visibility="private",
-                          **model_events)
+            event.success(handlers.chat_shares, [chatbot, *controls], [chat_colours, chat_layers],
+                          api_visibility="private", **model_events)
         for trigger in (send.click, message.submit):
             trigger(lambda: "", None, message, queue=False, api_visibility="private")
         retried = retry.click(handlers.retry, [chatbot, *controls], chatbot, api_visibility="private", **model_events)
-        retried.success(handlers.chat_shares, [chatbot, *controls], chat_colours, api_visibility="private",
-                        **model_events)
+        retried.success(handlers.chat_shares, [chatbot, *controls], [chat_colours, chat_layers],
+                        api_visibility="private", **model_events)
         stop.click(None, cancels=[*sent, retried])
         undo.click(handlers.undo, chatbot, [chatbot, message], queue=False, api_visibility="private")
-        clear.click(lambda: ([], "", []), None, [chatbot, message, chat_colours], queue=False,
+        clear.click(lambda: ([], "", [], None), None, [chatbot, message, chat_colours, chat_layers], queue=False,
                     api_visibility="private")
-        chatbot.clear(list, None, chat_colours, queue=False, api_visibility="private")  # its own trash icon
+        chatbot.clear(lambda: ([], None), None, [chat_colours, chat_layers], queue=False,
+                      api_visibility="private")  # its own trash icon
 
         asked = ask.click(handlers.ask_image, [image, question, *image_controls], answer, api_name="image",
                           **model_events)
-        asked.success(handlers.image_shares, [image, question, answer, *image_controls], image_colours,
+        asked.success(handlers.image_shares, [image, question, answer, *image_controls], [image_colours, image_layers],
                       api_visibility="private", **model_events)
         image_inputs = [image, question, image_panel.scales, *image_controls]
         image_swept = image_panel.sweep.click(handlers.sweep_image, image_inputs, image_panel.answers,

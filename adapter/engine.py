@@ -1,10 +1,10 @@
 """Serving logic behind the Gradio app (`app.py`), importable and testable without gradio.
 
 One `Engine` wraps one loaded model; `Engines` holds the adapters one app serves on one base. Every request
-carries its own `Settings` (gate scale, delta scale, sampling), passed to generation per call, so concurrent
-users never change each other's answers; the model's global scales are never touched. Generation holds the
-device's lock while it decodes and stops as soon as its generator is closed (the user pressed stop or went
-away), which releases the lock.
+carries its own `Settings` (gate scale, the layers that speak, delta scale, sampling), passed to generation per
+call, so concurrent users never change each other's answers; the model's global scales are never touched.
+Generation holds the device's lock while it decodes and stops as soon as its generator is closed (the user
+pressed stop or went away), which releases the lock.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from .evaluate import Evaluation
+    from .gate_view import PromptShares
     from .model import Transformer
     from .next_token import NextTokens
 
@@ -65,7 +66,7 @@ def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
 
 def _layers_text(value: Any) -> str:
     """A layer selection as text ("all" when empty), checked here for its type and length only: which layers
-    exist is the adapter's to say (Engine._layers)."""
+    exist is the adapter's to say (Engine.layers_of)."""
     if value is None:
         return "all"
     if not isinstance(value, str):
@@ -376,14 +377,11 @@ class Engine:
         return draw_gates(gates, self.model.first_prompt_layer, settings.gate_scale,
                           None if layers is None else describe(layers))
 
-    def token_shares(self, prompt_text: str, answer: str, settings: Settings,
-                     image: Any = None) -> list[tuple[str, float]]:
-        """Each piece of `answer` with the share of attention output that came through the prompts when
-        it was produced (averaged over adapter layers), from one forward pass over prompt + answer."""
+    def token_shares(self, prompt_text: str, answer: str, settings: Settings, image: Any = None) -> PromptShares:
+        """How much of the attention output came through the prompts while `answer` was produced: per piece of
+        it (averaged over adapter layers) and per adapter layer, from one forward pass over prompt + answer."""
         from .gate_view import prompt_shares
 
-        if not answer:
-            return []
         images = [load_image(image)] if image is not None and self.can_see_images else None
         with self.lock:
             return prompt_shares(self.model, prompt_text, answer, self._gates(settings, [settings.gate_scale]),

@@ -1,5 +1,6 @@
-"""Making the gates visible: a heatmap of the effective gates, and how much of each answer token came
-through the adaption prompts (the per-token share `Transformer.step(..., record=...)` reports).
+"""Making the gates visible: a heatmap of the effective gates, and how much of each answer token (and in each
+adapter layer) came through the adaption prompts (the per-token share `Transformer.step(..., record=...)`
+reports).
 
 Figures are drawn on matplotlib's Agg canvas directly: no display, no global backend, nothing kept alive
 in pyplot's registry between requests.
@@ -8,6 +9,7 @@ in pyplot's registry between requests.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,20 +52,45 @@ def draw_gates(gates: torch.Tensor, first_layer: int, scale: float, speaking: st
     return figure
 
 
-def prompt_shares(model: Transformer, prompt: str, answer: str, gate_scale: ScaleLike, delta_scale: float,
-                  images: list[Any] | None = None) -> list[tuple[str, float]]:
-    """(piece, share) for the answer's tokens, from one no-grad forward over prompt + answer.
+@dataclass(frozen=True)
+class PromptShares:
+    """How much of the attention output came through the adaption prompts while an answer was chosen."""
 
-    A token's share is that of the position that predicted it (the one before it), averaged over the adapter
-    layers: how much of the attention output came through the prompts when it was chosen. Byte-fallback
-    tokens of one character are merged into one piece with their mean share.
+    pieces: list[tuple[str, float]]  # each piece of the answer and its share, averaged over the adapter layers
+    layers: list[int]  # the adapter layers (the base's layer numbers)
+    per_layer: list[float]  # each adapter layer's share, averaged over the answer's tokens
+
+    def figure(self) -> Figure:
+        """A bar per adapter layer: where the prompts spoke."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(6.0, 2.6), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        axes.bar([str(layer) for layer in self.layers], [100 * share for share in self.per_layer], color="#c0392b")
+        axes.set(xlabel="layer", ylabel="% through the prompts", ylim=(0, 100),
+                 title="share of the attention output through the prompts, over the answer")
+        figure.tight_layout()
+        return figure
+
+
+def prompt_shares(model: Transformer, prompt: str, answer: str, gate_scale: ScaleLike, delta_scale: float,
+                  images: list[Any] | None = None) -> PromptShares:
+    """The answer's prompt shares, from one no-grad forward over prompt + answer.
+
+    A token's share is that of the position that predicted it (the one before it): how much of the attention
+    output came through the prompts when it was chosen, per adapter layer; a piece's share is its tokens' mean
+    over the layers (byte-fallback tokens of one character merged into one piece), a layer's its mean over the
+    answer's tokens.
     """
     tokenizer = model.tokenizer
+    layers = list(range(model.first_prompt_layer, model.args.n_layers)) if model.adapter_query is not None else []
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
     answer_ids = tokenizer.encode(answer, bos=False, eos=False)
     answer_ids = answer_ids[: max(0, model.args.max_seq_len - len(prompt_ids))]
     if not answer_ids:
-        return []
+        return PromptShares([], layers, [0.0] * len(layers))
     tokens = torch.tensor([prompt_ids + answer_ids], device=model.tok_embeddings.weight.device)
     record: list[torch.Tensor] = []
     with torch.inference_mode():
@@ -74,12 +101,10 @@ def prompt_shares(model: Transformer, prompt: str, answer: str, gate_scale: Scal
             visual = encode_images(model, images)
         cache = model.new_cache(1, tokens.shape[1], visual_prompt=visual)
         model.step(tokens, cache, gate_scale=gate_scale, delta_scale=delta_scale, record=record)
-    if record:
-        per_position = torch.stack(record).float().mean(0)[0].cpu()
-        shares = per_position[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(answer_ids)].tolist()
-    else:
-        shares = [0.0] * len(answer_ids)
-    return _pieces(tokenizer, answer_ids, shares)
+    if not record:
+        return PromptShares(_pieces(tokenizer, answer_ids, [0.0] * len(answer_ids)), layers, [])
+    chosen = torch.stack(record).float()[:, 0, len(prompt_ids) - 1: len(prompt_ids) - 1 + len(answer_ids)].cpu()
+    return PromptShares(_pieces(tokenizer, answer_ids, chosen.mean(0).tolist()), layers, chosen.mean(1).tolist())
 
 
 def _pieces(tokenizer, ids: list[int], shares: list[float]) -> list[tuple[str, float]]:

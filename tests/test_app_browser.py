@@ -44,6 +44,7 @@ def page(browser, served):
 def test_moving_the_gate_slider_changes_the_answer(page, tmp_path):
     adapted = ask(page, QUESTION)
     assert adapted.strip()
+    page.locator("#chat_layers img").wait_for()  # the answer's prompt share per adapter layer, drawn
     page.screenshot(path=str(tmp_path / "adapted.png"), full_page=True)
     assert page.input_value("#message textarea") == "", "sending empties the box"
     page.click("#clear")

@@ -222,13 +222,24 @@ def test_token_shares_colour_the_answer_by_the_prompt_path(engine):
     prompt = engine.chat_prompt([], QUESTION, GREEDY)
     answer = "The red circle is on the left."
     shares = engine.token_shares(prompt, answer, Settings(gate_scale=1.0))
-    assert "".join(piece for piece, _ in shares) == answer
-    assert all(0 < share < 1 for _, share in shares)
+    assert "".join(piece for piece, _ in shares.pieces) == answer
+    assert all(0 < share < 1 for _, share in shares.pieces)
+    layers = list(range(engine.model.first_prompt_layer, engine.model.args.n_layers))
+    assert shares.layers == layers and all(0 < share < 1 for share in shares.per_layer)
     closed = engine.token_shares(prompt, answer, Settings(gate_scale=0.0))
-    assert [share for _, share in closed] == [0.0] * len(closed)
+    assert [share for _, share in closed.pieces] == [0.0] * len(closed.pieces) and closed.per_layer == [0.0] * 3
+    top = engine.token_shares(prompt, answer, Settings(gate_layers="top 1"))
+    assert top.per_layer[:-1] == [0.0, 0.0] and top.per_layer[-1] > 0  # (its input changed with the layers below)
+    # a piece's share is its tokens' mean over the layers, a layer's its mean over the tokens: the two means agree
+    tokens = len(engine.model.tokenizer.encode(answer, bos=False, eos=False))
+    assert len(shares.pieces) == tokens, "one piece per token for this ASCII answer"
+    assert sum(s for _, s in shares.pieces) / tokens == pytest.approx(sum(shares.per_layer) / len(layers), rel=1e-5)
+    bars = shares.figure().axes[0].patches
+    assert [round(bar.get_height(), 4) for bar in bars] == [round(100 * s, 4) for s in shares.per_layer]
     red = Image.new("RGB", (8, 8), (255, 0, 0))
     with_image = engine.token_shares(engine.image_prompt("What colour?"), answer, Settings(), red)
     assert with_image != engine.token_shares(engine.image_prompt("What colour?"), answer, Settings())
+    assert engine.token_shares(prompt, "", Settings()).pieces == []
 
 
 def test_the_training_gate_plot_is_found_next_to_the_adapter(tmp_path):
