@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .gate_layers import describe, gate_scale_rows, layer_mask, parse_layers, sweep_counts, top_layers
+from .gate_layers import (
+    adapter_layers,
+    describe,
+    gate_scale_rows,
+    layer_mask,
+    parse_layers,
+    sweep_counts,
+    top_layers,
+)
 from .generate import scales_from_text, stream_batch
 from .images import load_image
 from .prompts import format_named
@@ -406,6 +414,7 @@ class Engine:
             "device": str(self.device), "dtype": str(model.tok_embeddings.weight.dtype).replace("torch.", ""),
             "parameters": model.count_parameters(), "trainable_parameters": model.count_parameters(trainable_only=True),
             "adapter_layers": model.adapter_args.prompt_layers if self.has_gates else 0,
+            "adapter_layer_numbers": describe(adapter_layers(model)) if self.has_gates else "none",
             "prompt_len": model.adapter_args.prompt_len if self.has_gates else 0,
             "sees_images": self.can_see_images,
             "image_encoder": model.image_encoder.name if model.image_encoder is not None else None,

@@ -257,8 +257,8 @@ def test_model_info_says_what_is_loaded(engine, demo_files):
     info = engine.model_info()
     assert info["base"] == str(demo_files.base) and info["adapter"] == str(demo_files.adapter)
     assert info["parameters"] == engine.model.count_parameters() > info["trainable_parameters"] > 0
-    assert (info["quantization"], info["dtype"], info["adapter_layers"], info["sees_images"]) == \
-        ("none", "float32", 3, True)
+    assert (info["quantization"], info["dtype"], info["adapter_layers"], info["adapter_layer_numbers"],
+            info["sees_images"]) == ("none", "float32", 3, "1-3", True)
     assert info["process_memory_mb"] > 10
     assert (info["tokenizer"], info["rope_scaling"]) == ("SentencePiece, 512 pieces", "none")
 
