@@ -69,9 +69,8 @@ class PromptShares:
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
         axes.bar([str(layer) for layer in self.layers], [100 * share for share in self.per_layer], color="#c0392b")
-        axes.set(xlabel="layer", ylabel="% through the prompts", ylim=(0, 100),
-                 title="share of the attention output through the prompts, over the answer")
-        figure.tight_layout()
+        axes.set(xlabel="adapter layer", ylabel="% through the prompts", ylim=(0, 100))
+        figure.tight_layout(rect=(0, 0, 1, 0.88))  # room above for the label the app draws over the plot
         return figure
 
 

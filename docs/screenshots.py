@@ -21,7 +21,18 @@ from adapter.tiny.assets import ASSETS, EXAMPLES
 from adapter.tiny.examples import FILE
 from app import SWEEP
 from tests.app_helpers import running_app
-from tests.browser import ask, chromium, coloured, compare, layer_sweep, next_token, open_page, score, sweep
+from tests.browser import (
+    ask,
+    chromium,
+    coloured,
+    compare,
+    finished,
+    layer_sweep,
+    next_token,
+    open_page,
+    score,
+    sweep,
+)
 
 DOCS = Path(__file__).resolve().parent
 QUESTION = "There is a large red star on the left. What colour is the star?"  # the README's example
@@ -64,6 +75,8 @@ def take(out: Path) -> list[Path]:
         save(page.locator("#layer_sweep_table"), shots[5])
         page.get_by_role("tab", name="Chat").click()
         print(f"chat: {ask(page, QUESTION)!r}")
+        page.locator("#chat_layers img").wait_for()
+        finished(page, "#chat_colours", "#chat_layers")
         save(page, shots[2], full_page=True)
         page.get_by_role("tab", name="Image").click()
         picture, question = answered_right(app.engines.get(app.engines.for_images))
@@ -71,6 +84,8 @@ def take(out: Path) -> list[Path]:
         page.fill("#image_question textarea", question)
         page.click("#ask")
         coloured(page, "#image_colours")
+        page.locator("#image_layers img").wait_for()
+        finished(page, "#image_colours", "#image_layers")
         print(f"image: {question!r} -> {page.input_value('#image_answer textarea')!r}")
         print(f"image sweep: {sweep(page, SWEEP, prefix='image_')}")
         save(page, shots[3], full_page=True)
