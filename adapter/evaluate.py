@@ -26,7 +26,7 @@ from .finetune.encode import Encoded, encode_example
 from .finetune.records import Example, read_records
 from .finetune.step import scored_positions
 from .formats.common import atomic_write
-from .gate_layers import FLAG_HELP, describe, gate_scale_rows, layers_from_flag
+from .gate_layers import FLAG_HELP, describe, gate_scale_rows, layers_from_flag, sweep_counts, top_layers
 from .generate import generate_batch, require_tokenizer, scales_from_text
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import PROMPT_FORMATS, format_named
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .model import Transformer
 
 EXACT_SLACK = 4  # new tokens allowed beyond the reference's own: a longer answer cannot equal it
+MAX_LAYER_SWEEP = 9  # layer selections --layer-sweep scores at most (as the app's layer sweep)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ def table(evaluation: Evaluation) -> str:
     lines = [f"adapter {e.adapter or 'none (the base)'}, prompt format {e.prompt_format}: {e.examples} examples, "
              f"{e.tokens:,} answer tokens" + (f" ({e.truncated} examples cut at max_seq_len)" if e.truncated else "")
              + f", delta scale {e.delta_scale:g}"
-             + ("" if e.gate_layers is None else f", prompts only in layers {describe(e.gate_layers)}"),
+             + ("" if e.gate_layers is None else f", prompts only in layers {describe(e.gate_layers)}"
+                if e.gate_layers else ", every prompt silent"),
              f"{'gate scale':>10}  {'loss':>8}  {'perplexity':>10}  {'token accuracy':>14}"
              + ("  exact answers" if e.scores[0].exact is not None else "")]
     for s in e.scores:
@@ -225,6 +227,8 @@ def figure(evaluations: Sequence[Evaluation]) -> "Figure":
     loss_axis, accuracy_axis = drawn.subplots(1, 2)
     for e in evaluations:
         name = Path(e.adapter).name if e.adapter else "base"
+        if e.gate_layers is not None:
+            name += f", layers {describe(e.gate_layers)}"
         scales = [s.gate_scale for s in e.scores]
         loss_axis.plot(scales, [s.loss for s in e.scores], marker="o", label=name)
         accuracy_axis.plot(scales, [100 * s.token_accuracy for s in e.scores], marker="o", label=f"{name}: tokens")
@@ -251,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", help="CLIP weights for the adapters with a visual prompt (a file or open_clip tag)")
     parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")
     parser.add_argument("--gate-sweep", default="0,1", metavar="SCALES", help="gate scales to score at (default 0,1)")
-    parser.add_argument("--gate-layers", metavar="LAYERS", help=FLAG_HELP)
+    layers = parser.add_mutually_exclusive_group()
+    layers.add_argument("--gate-layers", metavar="LAYERS", help=FLAG_HELP)
+    layers.add_argument("--layer-sweep", action="store_true",
+                        help="score with the top N adapter layers' prompts speaking, N from 0 to all (at most "
+                             f"{MAX_LAYER_SWEEP} values of N, evenly spread), one table each")
     parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
     parser.add_argument("--exact", action="store_true", help="also decode greedy answers and count exact ones")
     parser.add_argument("--limit", type=int, help="score the first N records only")
@@ -282,12 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                            dtype=args.dtype, kv_cache=args.kv_cache)
         evaluations = []
         for model in models:
-            evaluations.append(evaluate(
-                model, args.data, image_folder=args.image_folder, gate_scales=scales, delta_scale=args.delta_scale,
-                micro_batch_size=args.micro_batch_size, max_seq_len=args.max_seq_len, limit=args.limit,
-                exact=args.exact, prompt_format=None if args.prompt_format == "auto" else args.prompt_format,
-                layers=layers_from_flag(args.gate_layers, model)))
-            print(("\n" if len(evaluations) > 1 else "") + table(evaluations[-1]), flush=True)
+            for layers in selections(model, args):
+                evaluations.append(evaluate(
+                    model, args.data, image_folder=args.image_folder, gate_scales=scales,
+                    delta_scale=args.delta_scale, micro_batch_size=args.micro_batch_size, max_seq_len=args.max_seq_len,
+                    limit=args.limit, exact=args.exact,
+                    prompt_format=None if args.prompt_format == "auto" else args.prompt_format, layers=layers))
+                print(("\n" if len(evaluations) > 1 else "") + table(evaluations[-1]), flush=True)
         if args.json:
             write_json(evaluations, args.json)
         if args.plot:
@@ -296,6 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def selections(model: "Transformer", args: argparse.Namespace) -> list[list[int] | None]:
+    """The layer selections `model` is scored with: --gate-layers', --layer-sweep's top N layers, or all."""
+    if not args.layer_sweep:
+        return [layers_from_flag(args.gate_layers, model)]
+    if model.adapter_query is None:
+        raise ValueError("--layer-sweep: the model has no adaption prompts (no layers to choose from)")
+    return [top_layers(model, count) for count in sweep_counts(model.adapter_args.prompt_layers, MAX_LAYER_SWEEP)]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 
 import adapter
 from adapter.evaluate import evaluate, table
+from adapter.evaluate import main as evaluate_main
 from adapter.gate_layers import adapter_layers, describe, gate_scale_rows, layer_mask, parse_layers, top_layers
 from adapter.generate import GenerationRequest, decode_tokens
 from adapter.generate import main as generate_main
@@ -249,3 +250,24 @@ def test_answer_files_and_next_tokens_take_the_layers_and_say_which_spoke(base_f
     assert {line["gate_layers"] for line in lines} == {"top 1"}
     chosen = next_tokens(model, "Name a colour.", [0.5, 2.0], template="alpaca", layers=[3])
     torch.testing.assert_close(torch.tensor(chosen.probabilities), torch.tensor(probabilities))
+
+
+def test_evaluate_sweeps_the_top_layers_in_one_command(base_folder, saved_v2, tmp_path, capsys):
+    path, model = saved_v2
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Name a colour.", "output": "Blue."}]))
+    flags = ["--base", str(base_folder), "--data", str(data), "--gate-sweep", "0.5,1"]
+    assert evaluate_main([*flags, "--adapter", str(path), "--layer-sweep", "--json", str(tmp_path / "s.json")]) == 0
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert [e["gate_layers"] for e in written] == [[], [3], [2, 3], [1, 2, 3]]
+    for entry in written:
+        direct = evaluate(model, data, gate_scales=[0.5, 1.0], layers=entry["gate_layers"])
+        assert [s["loss"] for s in entry["scores"]] == [s.loss for s in direct.scores]
+    tables = capsys.readouterr().out.split("\n\n")
+    assert "every prompt silent" in tables[0] and "prompts only in layers 2-3" in tables[2]
+    assert evaluate_main([*flags, "--layer-sweep"]) == 2
+    assert capsys.readouterr().err == "error: --layer-sweep: the model has no adaption prompts (no layers to choose " \
+                                      "from)\n"
+    with pytest.raises(SystemExit):
+        evaluate_main([*flags, "--adapter", str(path), "--layer-sweep", "--gate-layers", "3"])
+    assert "not allowed with argument" in capsys.readouterr().err
