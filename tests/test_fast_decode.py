@@ -119,11 +119,12 @@ def test_compiled_decoding_gives_the_eager_tokens_and_slider_values_never_recomp
     model = make_model(TINY_GQA, V2)
     compiled = GenerationRequest(max_new_tokens=8, sampling=SamplingParams(temperature=0.0), compile=True)
     graphs = counters["stats"]["unique_graphs"]
-    for scales in [(1.0, 1.0), ([0.0, 1.0, 1.7], [1.0, 0.5, 0.0])]:  # each form compiles once
+    per_layer = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.5, 1.0, 1.0]])  # [rows, adapter layers]
+    for scales in [(1.0, 1.0), ([0.0, 1.0, 1.7], [1.0, 0.5, 0.0]), (per_layer, 1.0)]:  # each form compiles once
         assert greedy(model, request=compiled, scales=scales) == greedy(model, scales=scales)
-    assert counters["stats"]["unique_graphs"] == graphs + 2
+    assert counters["stats"]["unique_graphs"] == graphs + 3
     with torch._dynamo.config.patch(error_on_recompile=True):  # new values, new requests: no compilation
-        for scales in [(0.0, 0.0), (1.7, 0.3), ([1.0, 0.0, 0.5], [0.0, 1.0, 2.0])]:
+        for scales in [(0.0, 0.0), (1.7, 0.3), ([1.0, 0.0, 0.5], [0.0, 1.0, 2.0]), (per_layer.flip(0), 0.5)]:
             assert greedy(model, request=compiled, scales=scales) == greedy(model, scales=scales)
         rows = prompts(model.args.vocab_size)
         rows = [rows[2] + rows[0], rows[1], rows[0]]  # other lengths, another cache size
