@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 _END = re.compile(r"^(top|bottom)\s*(\d+)$")
+FLAG_HELP = ("only these adapter layers' prompts speak, the others' gates scaled to 0: 'all', 'top N', 'bottom N' or "
+             "the base's layer numbers and ranges, e.g. '28-31' (python -m adapter.inspect lists them)")
 
 
 def adapter_layers(model: Transformer) -> list[int]:
@@ -95,10 +97,6 @@ def _require_adapter_layers(chosen: set[int], own: list[int]) -> None:
     if outside:
         raise ValueError(f"gate_layers: layer(s) {describe(outside)} have no adaption prompt; this adapter's "
                          f"prompts are in layers {describe(own)}")
-
-
-FLAG_HELP = ("only these adapter layers' prompts speak, the others' gates scaled to 0: 'all', 'top N', 'bottom N' or "
-             "the base's layer numbers and ranges, e.g. '28-31' (python -m adapter.inspect lists them)")
 
 
 def layers_from_flag(spec: str | None, model: Transformer) -> list[int] | None:
