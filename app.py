@@ -373,8 +373,7 @@ def sweep_panel(what: str, prefix: str = "") -> SweepPanel:
                 "controls above), decoded together in one batch. **Next token**: how likely each scale finds the "
                 f"first token of the answer (each scale's {NEXT_TOKENS_TOP_K} likeliest, at temperature 1): which "
                 "tokens the adaption prompts make likelier. **Layer sweep**: the same at the slider's gate scale with "
-                "only the top N adapter layers' prompts speaking, from none (the frozen base) to all: how many "
-                "layers it takes.")
+                "only the top N adapter layers' prompts speaking, from none to all: how many layers it takes.")
     with gr.Row():
         scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id=f"{prefix}sweep_scales")
         button = gr.Button("Sweep", variant="primary", scale=1, elem_id=f"{prefix}sweep")
