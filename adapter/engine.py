@@ -22,15 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .gate_layers import (
-    adapter_layers,
-    describe,
-    gate_scale_rows,
-    layer_mask,
-    parse_layers,
-    sweep_counts,
-    top_layers,
-)
+from .gate_layers import adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
 from .images import load_image
 from .prompts import format_named
@@ -281,27 +273,18 @@ class Engine:
         """Labels ("top 2: 30-31") and the answers so far to one question with only the top N adapter layers'
         prompts speaking, N from 0 to all (at most MAX_SWEEP rows, one batch; the settings' gate scale, delta
         scale and sampling, not their layers): how many layers it takes to steer the answer."""
-        counts = self._layer_counts()
-        return self._layer_sweep(self._question_prompt(question, settings), None, counts, settings)
+        labels, rows = layer_sweep_rows(self.model, settings.gate_scale, MAX_SWEEP)
+        return labels, self._layer_sweep(self._question_prompt(question, settings), None, rows, settings)
 
     def layer_sweep_image(self, image: Any, question: str, settings: Settings) -> tuple[list[str], Iterator[list[str]]]:
         """As `layer_sweep`, for a question about `image`."""
-        counts = self._layer_counts()
-        prompt, images = self._image_rows(image, question, settings, len(counts))
-        return self._layer_sweep(prompt, images, counts, settings)
+        labels, rows = layer_sweep_rows(self.model, settings.gate_scale, MAX_SWEEP)
+        prompt, images = self._image_rows(image, question, settings, len(labels))
+        return labels, self._layer_sweep(prompt, images, rows, settings)
 
-    def _layer_counts(self) -> list[int]:
-        if not self.has_gates:
-            raise ValueError("layer sweep: this model has no adaption prompts (no layers to choose from)")
-        return sweep_counts(self.model.adapter_args.prompt_layers, MAX_SWEEP)
-
-    def _layer_sweep(self, prompt: str, images: list | None, counts: list[int],
-                     settings: Settings) -> tuple[list[str], Iterator[list[str]]]:
-        chosen = [top_layers(self.model, count) for count in counts]
-        rows = torch.stack([settings.gate_scale * layer_mask(self.model, layers) for layers in chosen])
-        labels = [f"top {count}: {describe(layers)}" for count, layers in zip(counts, chosen)]
-        answers = self._generate([prompt] * len(counts), settings, rows, settings.delta_scale, images)
-        return labels, _each(answers, list)
+    def _layer_sweep(self, prompt: str, images: list | None, rows: torch.Tensor,
+                     settings: Settings) -> Iterator[list[str]]:
+        return _each(self._generate([prompt] * len(rows), settings, rows, settings.delta_scale, images), list)
 
     def next_tokens(self, question: str, scales: str | Sequence[Any], settings: Settings) -> NextTokens:
         """The next token's probabilities after `question` at each gate scale (adapter.next_token: each scale's

@@ -26,7 +26,14 @@ from .finetune.encode import Encoded, encode_example
 from .finetune.records import Example, read_records
 from .finetune.step import scored_positions
 from .formats.common import atomic_write
-from .gate_layers import FLAG_HELP, describe, gate_scale_rows, layers_from_flag, sweep_counts, top_layers
+from .gate_layers import (
+    FLAG_HELP,
+    LAYER_SWEEP_ROWS,
+    describe,
+    gate_scale_rows,
+    layer_sweep,
+    layers_from_flag,
+)
 from .generate import generate_batch, require_tokenizer, scales_from_text
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import PROMPT_FORMATS, format_named
@@ -37,7 +44,6 @@ if TYPE_CHECKING:
     from .model import Transformer
 
 EXACT_SLACK = 4  # new tokens allowed beyond the reference's own: a longer answer cannot equal it
-MAX_LAYER_SWEEP = 9  # layer selections --layer-sweep scores at most (as the app's layer sweep)
 
 
 @dataclass(frozen=True)
@@ -259,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--gate-layers", metavar="LAYERS", help=FLAG_HELP)
     layers.add_argument("--layer-sweep", action="store_true",
                         help="score with the top N adapter layers' prompts speaking, N from 0 to all (at most "
-                             f"{MAX_LAYER_SWEEP} values of N, evenly spread), one table each")
+                             f"{LAYER_SWEEP_ROWS} values of N, evenly spread), one table each")
     parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
     parser.add_argument("--exact", action="store_true", help="also decode greedy answers and count exact ones")
     parser.add_argument("--limit", type=int, help="score the first N records only")
@@ -311,9 +317,7 @@ def selections(model: "Transformer", args: argparse.Namespace) -> list[list[int]
     """The layer selections `model` is scored with: --gate-layers', --layer-sweep's top N layers, or all."""
     if not args.layer_sweep:
         return [layers_from_flag(args.gate_layers, model)]
-    if model.adapter_query is None:
-        raise ValueError("--layer-sweep: the model has no adaption prompts (no layers to choose from)")
-    return [top_layers(model, count) for count in sweep_counts(model.adapter_args.prompt_layers, MAX_LAYER_SWEEP)]
+    return layer_sweep(model, LAYER_SWEEP_ROWS, "--layer-sweep")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 _END = re.compile(r"^(top|bottom)\s*(\d+)$")
+LAYER_SWEEP_ROWS = 9  # the most top-N selections a layer sweep of the command lines tries (evenly spread)
 FLAG_HELP = ("only these adapter layers' prompts speak, the others' gates scaled to 0: 'all', 'top N', 'bottom N' or "
              "the base's layer numbers and ranges, e.g. '28-31' (python -m adapter.inspect lists them)")
 
@@ -122,3 +123,20 @@ def speaking(model: Transformer, layers: Iterable[int] | None) -> str:
     if layers is None:
         return "every adapter layer's prompt speaks"
     return f"the prompts speak in layers {describe(layers)} only, of this adapter's {describe(adapter_layers(model))}"
+
+
+def layer_sweep(model: Transformer, most: int, name: str = "layer sweep") -> list[list[int]]:
+    """A layer sweep's selections: the top N adapter layers for N from 0 to all (at most `most`, `sweep_counts`).
+    `name` is what an error calls the sweep (a flag, say)."""
+    if model.adapter_query is None:
+        raise ValueError(f"{name}: this model has no adaption prompts (no layers to choose from)")
+    return [top_layers(model, count) for count in sweep_counts(model.adapter_args.prompt_layers, most)]
+
+
+def layer_sweep_rows(model: Transformer, scale: float, most: int,
+                     name: str = "layer sweep") -> tuple[list[str], torch.Tensor]:
+    """A layer sweep's rows: labels ("top 2: 30-31") and the [rows, prompt_layers] gate scale of each row, the
+    selections of `layer_sweep` at `scale`."""
+    chosen = layer_sweep(model, most, name)
+    labels = [f"top {len(layers)}: {describe(layers)}" for layers in chosen]
+    return labels, torch.stack([float(scale) * layer_mask(model, layers) for layers in chosen])

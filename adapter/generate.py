@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .gate_layers import FLAG_HELP, gate_scale_rows, layers_from_flag, speaking
+from .gate_layers import (
+    FLAG_HELP,
+    LAYER_SWEEP_ROWS,
+    gate_scale_rows,
+    layer_sweep_rows,
+    layers_from_flag,
+    speaking,
+)
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample
@@ -265,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gate-sweep", metavar="SCALES",
                         help="answer at each of these gate scales instead, in one batch (e.g. '0,0.5,1,2'); "
                              "prints one block per scale")
-    parser.add_argument("--gate-layers", metavar="LAYERS", help=FLAG_HELP)
+    layers = parser.add_mutually_exclusive_group()
+    layers.add_argument("--gate-layers", metavar="LAYERS", help=FLAG_HELP)
+    layers.add_argument("--layer-sweep", action="store_true",
+                        help="answer with the top N adapter layers' prompts speaking instead, N from 0 to all (at "
+                             f"most {LAYER_SWEEP_ROWS} rows, one batch, at --gate-scale); one block per N")
     parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
     parser.add_argument("--next-tokens", type=int, metavar="K",
                         help="instead of answering, print the next token's probabilities: each gate scale's K "
@@ -292,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = None if args.gate_sweep is None else scales_from_text(args.gate_sweep, "--gate-sweep")
         if sweep == []:
             raise ValueError("--gate-sweep: give at least one gate scale, e.g. '0,0.5,1'")
+        for flag, value in (("--gate-sweep", args.gate_sweep), ("--next-tokens", args.next_tokens),
+                            ("--prompts-file", args.prompts_file)):
+            if args.layer_sweep and value is not None:
+                raise ValueError(f"--layer-sweep: not with {flag}")
         if args.next_tokens is not None and not 1 <= args.next_tokens <= MAX_TOP_K:
             raise ValueError(f"--next-tokens: must be from 1 to {MAX_TOP_K}, got {args.next_tokens}")
         questions = None if args.prompts_file is None else read_file_flags(args)
@@ -317,15 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.next_tokens is not None:
             print_next_tokens(models, names, layers, asked, sweep or sorted({0.0, args.gate_scale}), args)
             return 0
-        if sweep is None and len(models) == 1:
+        if sweep is None and len(models) == 1 and not args.layer_sweep:
             prompt, stop = asked[0]
             gate_scale = gate_scale_rows(models[0], [args.gate_scale], layers[0])
             for piece in stream(models[0], prompt, gate_scale=gate_scale, image=args.image, stop=stop, **options):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         else:
-            blocks = answer_blocks(models, names, layers, asked, sweep or [args.gate_scale], sweep is not None,
-                                   args.image, options)
+            rows = [batch_rows(model, chosen, sweep, args) for model, chosen in zip(models, layers)]
+            blocks = answer_blocks(models, names, rows, asked, args.image, options)
             for index, (heading, answer) in enumerate(blocks):
                 sys.stdout.write(("\n" if index else "") + f"--- {heading}\n{answer}")
                 sys.stdout.flush()
@@ -400,19 +415,30 @@ def asked_as(model: "Transformer", args: argparse.Namespace) -> tuple[str, list[
     return prompt, [*args.stop, *(written.stop_strings if written else ())]
 
 
-def answer_blocks(models: Sequence["Transformer"], names: Sequence[str | None], layers: Sequence[list[int] | None],
-                  asked: Sequence[tuple[str, list[str]]], scales: list[float], swept: bool, image: Any,
-                  options: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(heading, answer) per adapter and per gate scale (one batch per adapter); the heading names the adapter
-    when there are several and the scale when `swept`. `asked` gives each model's (prompt, stop strings),
-    `layers` the adapter layers that speak in each (None: all)."""
-    for name, model, chosen, (prompt, stop) in zip(names, models, layers, asked):
+def batch_rows(model: "Transformer", layers: list[int] | None, sweep: list[float] | None,
+               args: argparse.Namespace) -> tuple[list[str], list[float] | torch.Tensor]:
+    """Each batch row's label ("" for a lone answer) and the batch's gate scale: --layer-sweep's rows, --gate-sweep's
+    (only `layers` speaking), or --gate-scale's one."""
+    if args.layer_sweep:
+        return layer_sweep_rows(model, args.gate_scale, LAYER_SWEEP_ROWS, "--layer-sweep")
+    scales = sweep or [args.gate_scale]
+    labels = [f"gate scale {scale:g}" if sweep is not None else "" for scale in scales]
+    return labels, gate_scale_rows(model, scales, layers)
+
+
+def answer_blocks(models: Sequence["Transformer"], names: Sequence[str | None],
+                  rows: Sequence[tuple[list[str], list[float] | torch.Tensor]], asked: Sequence[tuple[str, list[str]]],
+                  image: Any, options: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(heading, answer) per adapter and per batch row (one batch per adapter); the heading names the adapter
+    when there are several, then the row's label. `rows` gives each model's (labels, gate scale) (`batch_rows`),
+    `asked` its (prompt, stop strings)."""
+    for name, model, (labels, gate_scale), (prompt, stop) in zip(names, models, rows, asked):
         label = f"adapter {name}" if len(models) > 1 else ""
-        images = None if image is None else [image] * len(scales)
-        answers = generate_batch(model, [prompt] * len(scales), gate_scale=gate_scale_rows(model, scales, chosen),
-                                 images=images, stop=stop, **options)
-        for scale, answer in zip(scales, answers):
-            yield ", ".join(filter(None, (label, f"gate scale {scale:g}" if swept else ""))), answer
+        images = None if image is None else [image] * len(labels)
+        answers = generate_batch(model, [prompt] * len(labels), gate_scale=gate_scale, images=images, stop=stop,
+                                 **options)
+        for row, answer in zip(labels, answers):
+            yield ", ".join(filter(None, (label, row))), answer
 
 
 if __name__ == "__main__":

@@ -216,6 +216,18 @@ def test_the_command_lines_answer_and_score_with_only_the_chosen_layers(base_fol
     assert generate_main([*flags[:-1], "0-1"]) == 2
     assert capsys.readouterr().err == ("error: --gate-layers: layer(s) 0 have no adaption prompt; this adapter's "
                                        "prompts are in layers 1-3\n")
+    swept = []
+    for count, label in enumerate(["top 0: none", "top 1: 3", "top 2: 2-3", "top 3: 1-3"]):
+        saved = silenced(model, [1, 2, 3][3 - count:])
+        swept.append(f"--- {label}\n{model.generate(alpaca(question), gate_scale=1.5, **greedy)}")
+        restore(model, saved)
+    assert generate_main([*flags[:-2], "--layer-sweep", "--gate-scale", "1.5"]) == 0
+    assert capsys.readouterr().out == "\n".join(swept) + "\n"
+    assert generate_main([*flags[:-2], "--layer-sweep", "--gate-sweep", "0,1"]) == 2
+    assert capsys.readouterr().err == "error: --layer-sweep: not with --gate-sweep\n"
+    with pytest.raises(SystemExit):
+        generate_main([*flags, "--layer-sweep"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": question, "output": "The red circle."},
@@ -266,7 +278,7 @@ def test_evaluate_sweeps_the_top_layers_in_one_command(base_folder, saved_v2, tm
     tables = capsys.readouterr().out.split("\n\n")
     assert "every prompt silent" in tables[0] and "prompts only in layers 2-3" in tables[2]
     assert evaluate_main([*flags, "--layer-sweep"]) == 2
-    assert capsys.readouterr().err == "error: --layer-sweep: the model has no adaption prompts (no layers to choose " \
+    assert capsys.readouterr().err == "error: --layer-sweep: this model has no adaption prompts (no layers to choose " \
                                       "from)\n"
     with pytest.raises(SystemExit):
         evaluate_main([*flags, "--adapter", str(path), "--layer-sweep", "--gate-layers", "3"])
