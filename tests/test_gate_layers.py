@@ -51,10 +51,10 @@ def restore(model, saved) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_layer_or_head_scaled_to_zero_is_exactly_that_layer_or_head_without_its_prompt(case):
-    args, adapter = CASES[case]
-    model = make_model(args, adapter)
+    args, prompts = CASES[case]
+    model = make_model(args, prompts)
     t = tokens(2, 7, args.vocab_size)
-    first, layers = model.first_prompt_layer, adapter.prompt_layers
+    first, layers = model.first_prompt_layer, prompts.prompt_layers
     per_layer = torch.full((1, layers), 1.5)
     per_layer[0, 1] = 0.0
     per_head = torch.full((1, layers, args.n_heads), 1.5)
@@ -88,10 +88,10 @@ def test_per_row_per_layer_scales_equal_separate_runs_in_one_forward_and_through
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_static_step_takes_per_layer_and_per_head_scales_that_change_every_step(case):
-    args, adapter = CASES[case]
-    model = make_model(args, adapter)
+    args, prompts = CASES[case]
+    model = make_model(args, prompts)
     tokens_, pad = left_padded(args.vocab_size)
-    layers = adapter.prompt_layers
+    layers = prompts.prompt_layers
 
     def scales(step: int) -> dict:
         if step % 3 == 0:
