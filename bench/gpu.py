@@ -154,7 +154,8 @@ def pair(s: Setup, precision: str) -> tuple[Ours, Peer]:
 
 def peak(device: torch.device, run: Callable[[], object]) -> float:
     """Peak memory (GiB) of `run` above what was allocated before it: torch.cuda.max_memory_allocated on a
-    GPU, resident memory (bench.rss) on the CPU."""
+    GPU, resident memory (bench.rss) on the CPU. The kernel's resident counters lag by a few pages, so a run
+    that allocates nothing can read a hair below zero there: that reads as zero (no negative ratios)."""
     from bench.rss import current_mb, peak_mb, reset_peak
 
     if device.type == "cuda":
@@ -168,7 +169,7 @@ def peak(device: torch.device, run: Callable[[], object]) -> float:
     reset_peak()
     before = current_mb()
     run()
-    return (peak_mb() - before) / 1024
+    return max(0.0, peak_mb() - before) / 1024
 
 
 def release_static_storage(model: torch.nn.Module) -> None:

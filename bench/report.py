@@ -85,8 +85,9 @@ def stat(values: Sequence[float]) -> Stat:
 
 
 def ratio(ours: Stat, peer: Stat) -> str:
-    """ours / peer, of the medians ("n/a" when the peer's is zero)."""
-    return f"{ours[0] / peer[0]:.2f}" if peer[0] else "n/a"
+    """ours / peer, of the medians ("n/a" when the peer's is zero or either is negative: every figure here is a
+    rate, a time or a size, so a negative one is a measurement at the noise floor, and its ratio means nothing)."""
+    return f"{ours[0] / peer[0]:.2f}" if ours[0] >= 0 and peer[0] > 0 else "n/a"
 
 
 def error_line(error: BaseException, limit: int | None = None) -> str:

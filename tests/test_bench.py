@@ -259,6 +259,8 @@ def test_report_tables_and_the_run_section_first(tmp_path):
     with pytest.raises(ValueError, match="cells"):
         report.table(("a", "b"), [("1",)])
     assert report.spread((2.0, 1.0, 3.0)) == "2.0 (1.0 / 3.0)" and report.ratio((2.0,) * 3, (4.0,) * 3) == "0.50"
+    assert report.ratio((2.0,) * 3, (0.0,) * 3) == report.ratio((2.0,) * 3, (-0.001,) * 3) == "n/a"
+    assert report.ratio((-0.001,) * 3, (2.0,) * 3) == "n/a" and report.ratio((0.0,) * 3, (2.0,) * 3) == "0.00"
     path = tmp_path / "B.md"
     report.replace_section(path, "One", "## One\n\nx\n")
     report.replace_section(path, "Run", "## Run\n\ny\n", first=True)
