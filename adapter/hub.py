@@ -12,9 +12,10 @@ from pathlib import Path
 
 PREFIX = "hf:"
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Meta's Llama 3 repositories hold a second copy of the weights, in Meta's format, under original/; the HF
-# files at the top are the ones read, so the copy (2.5 GB for Llama 3.2 1B, 16 GB for 3.1 8B) is not fetched
-SKIPPED = ["original/*"]
+# Meta's Llama 3 repositories hold a second copy of the weights, in Meta's format, under original/, and
+# Mistral's theirs as consolidated*.safetensors beside the HF files; the HF files are the ones read, so the
+# copies (2.5 GB for Llama 3.2 1B, 16 GB for 3.1 8B, 14.5 GB for Mistral 7B) are not fetched
+SKIPPED = ["original/*", "consolidated*.safetensors"]
 
 
 def resolve(value: str | os.PathLike, what: str) -> Path:

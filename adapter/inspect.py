@@ -1,7 +1,8 @@
 """`python -m adapter.inspect PATH`: what a base folder or an adapter file/folder is, without loading weights.
 
-For a base: its format, shape, RoPE, parameter count, tokenizer and the prompt format it is asked in without an
-adapter (its chat template's, when it ships one in a format adapter.prompts writes).
+For a base: its family (LLaMA or Mistral), format, shape, RoPE, context length, parameter count, tokenizer and the
+prompt format it is asked in without an adapter (its chat template's, when it ships one in a format
+adapter.prompts writes).
 
 For an adapter: its format, the base shape it fits, which layers get prompts, prompt length, gate
 activation, v2 parts, parameter count, the prompt format it is asked in and per-layer gate statistics (after
@@ -35,9 +36,11 @@ def describe_base(path: Path) -> list[str]:
     if scaling is not None:
         rope += f", {scaling.kind} scaling x{scaling.factor:g}"
     return [
-        f"{path}: base LLaMA, {checkpoint.format} format",
+        f"{path}: base {checkpoint.family}, {checkpoint.format} format",
         f"  dim {args.dim}, layers {args.n_layers}, heads {args.n_heads} (kv heads {args.kv_heads}), "
         f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {rope}",
+        f"  context {args.max_seq_len} tokens"
+        + (" (its sliding window; no attention over a window here)" if checkpoint.window else ""),
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
         f"stops at ids {sorted(tokenizer.stop_ids)})",
         f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path.parent, tokenizer)}",

@@ -197,8 +197,10 @@ def add_payload(folder: Path) -> None:
 BAD_CASES: dict[str, tuple[str, Callable[[Path], None], type[Exception], str, str]] = {
     "config not JSON": ("safetensors", lambda f: (f / "config.json").write_text("{not json"), ValueError,
                         "cannot read JSON", "config.json"),
-    "mistral": ("safetensors", lambda f: edit_config(f, model_type="mistral"), ValueError,
-                "model_type 'mistral' is not supported", "config.json"),
+    "qwen2": ("safetensors", lambda f: edit_config(f, model_type="qwen2"), ValueError,
+              "model_type 'qwen2' is not supported", "config.json"),
+    "mistral window": ("safetensors", lambda f: edit_config(f, model_type="mistral", sliding_window="4k"), ValueError,
+                       "sliding_window must be an integer >= 2 or null, got '4k'", "config.json"),
     "rope scaling": ("safetensors", lambda f: edit_config(f, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
                      ValueError, "rope_scaling: type 'dynamic' is not supported", "config.json"),
     "missing shard": ("safetensors-sharded", lambda f: (f / "model-00002-of-00002.safetensors").unlink(),

@@ -23,6 +23,7 @@ def test_inspect_base_folder(base_folder, capsys):
     out = capsys.readouterr().out
     assert "base LLaMA, meta format" in out
     assert "dim 64, layers 4, heads 4 (kv heads 4), ffn 192, vocab 512" in out
+    assert "\n  context 2048 tokens\n" in out  # params.json has no length: the default
 
 
 def test_inspect_official_v2_adapter_reports_layers_parts_and_gates(base_folder, tmp_path, capsys):

@@ -188,8 +188,12 @@ def test_pickled_code_is_never_loaded(base_folder, tmp_path):
         adapter.load(folder, device="cpu")
 
 
-def test_hub_download_skips_metas_second_copy(base_folder, monkeypatch):
+def test_hub_download_skips_metas_and_mistrals_second_copies(base_folder, monkeypatch):
+    import fnmatch
+
     import huggingface_hub
+
+    from adapter.hub import SKIPPED
 
     asked = {}
 
@@ -199,7 +203,12 @@ def test_hub_download_skips_metas_second_copy(base_folder, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     model = adapter.load("hf:meta-llama/Llama-3.2-1B", device="cpu")
-    assert asked == {"repo_id": "meta-llama/Llama-3.2-1B", "ignore_patterns": ["original/*"]}
+    assert asked == {"repo_id": "meta-llama/Llama-3.2-1B", "ignore_patterns": SKIPPED}
+    skipped = ["original/consolidated.00.pth", "consolidated.safetensors", "consolidated-00001-of-00002.safetensors"]
+    read = ["model.safetensors", "model-00001-of-00003.safetensors", "consolidated.00.pth", "params.json",
+            "tokenizer.model", "config.json"]  # what the Meta and HF readers open
+    assert all(any(fnmatch.fnmatch(name, p) for p in SKIPPED) for name in skipped)
+    assert not any(fnmatch.fnmatch(name, p) for name in read for p in SKIPPED)
     assert model.base_path == "hf:meta-llama/Llama-3.2-1B" and model.args.dim == 64
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import adapter
 from adapter.config import AdapterArgs, ModelArgs, RopeScaling
 from adapter.formats.peft import write_peft
+from adapter.inspect import describe
 from adapter.model import Transformer
 from adapter.random_model import write_random_base
 from tests.conftest import TINY, make_model
@@ -53,15 +54,18 @@ def meta_to_hf_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(heads * head_dim, dim)
 
 
-def hf_llama(base: Path):
-    """A transformers LlamaForCausalLM holding exactly the weights of the Meta folder `base`."""
+def hf_llama(base: Path, mistral_window: int | None = None):
+    """A transformers LlamaForCausalLM holding exactly the weights of the Meta folder `base` (a
+    MistralForCausalLM attending over `mistral_window` tokens when that is given)."""
     ours = adapter.load(base, device="cpu")
     a = ours.args
-    config = transformers.LlamaConfig(
+    shape = dict(
         hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
         num_attention_heads=a.n_heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab_size,
         rms_norm_eps=a.norm_eps, rope_parameters=hf_rope(a), max_position_embeddings=a.max_seq_len,
         tie_word_embeddings=False)
+    config = (transformers.LlamaConfig(**shape) if mistral_window is None
+              else transformers.MistralConfig(**shape, sliding_window=mistral_window))
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
              "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
@@ -74,7 +78,7 @@ def hf_llama(base: Path):
             if meta in ("attention.wq", "attention.wk"):
                 w = meta_to_hf_rows(w, a.n_heads if meta == "attention.wq" else a.kv_heads)
             state[f"model.layers.{i}.{hf}.weight"] = w
-    model = transformers.LlamaForCausalLM(config)
+    model = (transformers.LlamaForCausalLM if mistral_window is None else transformers.MistralForCausalLM)(config)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -93,11 +97,12 @@ def hf_logits(model) -> torch.Tensor:
         return model(input_ids=TOKENS).logits.float()
 
 
-def peft_trained(base: Path, seed: int = 0):
-    """PEFT's own adaption-prompt model on our base, with random prompts and non-zero gates."""
+def peft_trained(base: transformers.PreTrainedModel, seed: int = 0):
+    """PEFT's own adaption-prompt model on a transformers copy of our base, with random prompts and non-zero
+    gates."""
     config = peft.AdaptionPromptConfig(adapter_len=RAW.prompt_len, adapter_layers=RAW.prompt_layers,
                                        task_type="CAUSAL_LM")
-    model = peft.get_peft_model(hf_llama(base), config)
+    model = peft.get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     gates = iter(GATES)
     with torch.no_grad():
@@ -114,7 +119,7 @@ def peft_trained(base: Path, seed: int = 0):
                          ids=["mha-safetensors", "mha-bin", "gqa-safetensors", "llama3-safetensors"])
 def test_peft_saved_adapter_gives_peft_logits(base_name, safe, request, tmp_path):
     base = request.getfixturevalue(base_name)
-    trained = peft_trained(base)
+    trained = peft_trained(hf_llama(base))
     trained.save_pretrained(tmp_path / "peft", safe_serialization=safe)
     assert (tmp_path / "peft" / ("adapter_model.safetensors" if safe else "adapter_model.bin")).is_file()
     loaded = adapter.load(base, adapter=tmp_path / "peft", device="cpu")
@@ -124,6 +129,37 @@ def test_peft_saved_adapter_gives_peft_logits(base_name, safe, request, tmp_path
         assert torch.all(loaded.layers[n_layers - RAW.prompt_layers + i].attention.gate == torch.tensor(gate))
     torch.testing.assert_close(logits(loaded), hf_logits(trained), atol=1e-4, rtol=0)
     assert not torch.allclose(logits(loaded), logits(adapter.load(base, device="cpu")), atol=1e-3), "adapter acts"
+
+
+MISTRAL_WINDOW = 16  # longer than TOKENS: within one window, Mistral's attention is plain causal attention
+
+
+def test_peft_adapter_on_a_mistral_folder_gives_peft_logits(gqa_folder, tmp_path):
+    """Mistral's layers are LLaMA's: an HF Mistral folder (as transformers saves it) gives transformers' logits,
+    a PEFT adaption prompt on it gives PEFT's, and its sliding window is the longest context."""
+    reference = hf_llama(gqa_folder, mistral_window=MISTRAL_WINDOW)
+    folder = tmp_path / "mistral"
+    reference.save_pretrained(folder)
+    shutil.copy(gqa_folder / "tokenizer.model", folder)
+    (folder / "params.json").write_text(json.dumps({"dim": GQA.dim, "sliding_window": MISTRAL_WINDOW}))  # as Mistral's
+    base = adapter.load(folder, device="cpu")
+    assert (base.args.max_seq_len, base.args.kv_heads) == (MISTRAL_WINDOW, GQA.kv_heads)
+    torch.testing.assert_close(logits(base), hf_logits(reference), atol=1e-4, rtol=0)
+    about = describe(folder)
+    assert about[0] == f"{folder}: base Mistral, hf format"
+    assert "  context 16 tokens (its sliding window; no attention over a window here)" in about
+
+    trained = peft_trained(reference, seed=5)
+    trained.save_pretrained(tmp_path / "peft")
+    loaded = adapter.load(folder, adapter=tmp_path / "peft", device="cpu")
+    torch.testing.assert_close(logits(loaded), hf_logits(trained), atol=1e-4, rtol=0)
+    assert not torch.allclose(logits(loaded), logits(base), atol=1e-3), "adapter acts"
+
+    with pytest.raises(ValueError, match="max_seq_len=32 is longer than sliding_window=16") as error:
+        adapter.load(folder, device="cpu", max_seq_len=32)
+    assert str(folder / "config.json") in str(error.value)
+    with pytest.raises(ValueError, match="more than max_seq_len=16"):
+        base(torch.ones(1, MISTRAL_WINDOW + 1, dtype=torch.long))
 
 
 def raw_adapter(base: Path) -> Transformer:

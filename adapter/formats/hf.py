@@ -1,6 +1,10 @@
 """Hugging Face LLaMA folders: `config.json`, `tokenizer.model` and the weights as `model.safetensors`,
 `pytorch_model.bin`, or shards of either listed in `model.safetensors.index.json` / `pytorch_model.bin.index.json`.
 
+Mistral folders (`model_type: mistral`) are read too: their layers are LLaMA's (grouped-query attention, the same
+tensor names), and PEFT's `adaption_prompt` adapts both. Mistral 7B v0.1 attends over a sliding window of 4096
+tokens; within one window that is plain causal attention, so the context is capped at the window instead.
+
 The checkpoint is handed to the loader under Meta's names and layout, so the model and every adapter
 stay in Meta layout. HF stores wq/wk with the rows of each head permuted for its rotate-half RoPE;
 `hf_to_meta_rows` undoes that as each tensor is read. Anything else touching those rows must be permuted
@@ -48,6 +52,7 @@ _OPTIONAL = {"num_key_value_heads": "n_kv_heads", "vocab_size": "vocab_size", "r
              "max_position_embeddings": "max_seq_len"}
 # settings the model does not implement: field -> the only value accepted
 _FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+MODEL_TYPES = ("llama", "mistral")
 _LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
             ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
@@ -181,10 +186,19 @@ def _rope(config: dict[str, Any], path: Path) -> dict[str, Any]:
     return found
 
 
+def sliding_window(config: dict[str, Any], path: Path) -> int | None:
+    """A Mistral config's attention window (None: full attention), checked."""
+    window = config.get("sliding_window") if config.get("model_type") == "mistral" else None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
+        raise ValueError(f"{path}: sliding_window must be an integer >= 2 or null, got {window!r}")
+    return window
+
+
 def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
     """ModelArgs fields from config.json, refusing the LLaMA variants the model does not implement."""
-    if config.get("model_type") != "llama":
-        raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not supported (only 'llama')")
+    if config.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not supported "
+                         f"(only {', '.join(map(repr, MODEL_TYPES))})")
     missing = [name for name in _REQUIRED if config.get(name) is None]
     if missing:
         raise ValueError(f"{path}: missing field(s) {missing}")
@@ -197,6 +211,9 @@ def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
     if head_dim is not None and head_dim * params["n_heads"] != params["dim"]:
         raise ValueError(f"{path}: head_dim={head_dim} is not hidden_size / num_attention_heads (not supported)")
     params.update(_rope(config, path))
+    window = sliding_window(config, path)
+    if window is not None:
+        params["max_seq_len"] = min(params.get("max_seq_len", window), window)
     return params
 
 
@@ -212,6 +229,8 @@ class HFCheckpoint:
         self.config_path = folder / "config.json"
         config = read_json(self.config_path)
         self._params = _params(config, self.config_path)
+        self.family = "Mistral" if config["model_type"] == "mistral" else "LLaMA"
+        self.window = sliding_window(config, self.config_path)
         n_heads = self._params["n_heads"]
         self._rope_heads = {"attention.wq.weight": n_heads,
                             "attention.wk.weight": self._params.get("n_kv_heads") or n_heads}
@@ -238,8 +257,12 @@ class HFCheckpoint:
         return where
 
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
-        """From config.json; `max_seq_len` overrides max_position_embeddings."""
+        """From config.json; `max_seq_len` overrides max_position_embeddings (up to a sliding window's length)."""
         values = {"vocab_size": tokenizer_words, **self._params}
+        if max_seq_len is not None and self.window is not None and max_seq_len > self.window:
+            raise ValueError(f"{self.config_path}: max_seq_len={max_seq_len} is longer than sliding_window="
+                             f"{self.window}; attention over a sliding window is not implemented, so the context "
+                             "ends at the window")
         if max_seq_len is not None:
             values["max_seq_len"] = max_seq_len
         try:

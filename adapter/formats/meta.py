@@ -31,7 +31,11 @@ IGNORED_KEYS = ("rope.freqs",)
 
 
 def is_meta_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "params.json").is_file()
+    """params.json, unless the folder is an HF one that also ships it without Meta's shards (Mistral's
+    repositories keep params.json beside config.json, their own copy of the weights being consolidated.safetensors)."""
+    if not (path.is_dir() and (path / "params.json").is_file()):
+        return False
+    return any(path.glob("consolidated.*.pth")) or not (path / "config.json").is_file()
 
 
 def shard_dim(name: str) -> int | None:
@@ -53,6 +57,8 @@ class MetaCheckpoint:
     """Lazy access to the merged tensors of all `consolidated.*.pth` shards of a folder."""
 
     format = "meta"
+    family = "LLaMA"
+    window = None  # full attention: no sliding window
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
