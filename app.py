@@ -410,8 +410,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         with gr.Row():
             gate = gr.Slider(0, MAX_SCALE, value=DEFAULTS.gate_scale, step=0.05, label="Gate scale", elem_id="gate",
                              scale=3)
-            layers = gr.Textbox("all", label="Adapter layers speaking ('all', 'top N', '28-31'; the others silent)",
-                                elem_id="gate_layers", scale=1)
+            layers = gr.Textbox("all", label="Adapter layers speaking ('all', 'top N', '28-31', heads '31:0-3'; "
+                                "the others silent)", elem_id="gate_layers", scale=1)
             adapter = adapter_choice(engines, engines.names[0], "Adapter (chat, compare, gates, model)", "adapter")
         with gr.Accordion("Advanced", open=False):
             delta = gr.Slider(0, MAX_SCALE, value=DEFAULTS.delta_scale, step=0.05,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .finetune.records import DataError, image_field, kind, read_checked, read_conversation, string_field
 from .formats.common import atomic_write
-from .gate_layers import gate_scale_rows
+from .gate_layers import Speaker, gate_scale_rows
 from .generate import generate_batch, prompt_writer, require_tokenizer
 from .prompts import PromptFormat, apply_template
 
@@ -106,7 +106,7 @@ def answer_questions(
     batch_size: int = 8,
     stop: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[Speaker] | None = None,
     **options: Any,
 ) -> list[list[str]]:
     """answers[i][j]: question i at gate scale j. Questions are written in `template` ("auto": the adapter's

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .gate_layers import adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
+from .gate_layers import Speaker, adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
 from .images import load_image
 from .prompts import format_named
@@ -70,7 +70,7 @@ def _layers_text(value: Any) -> str:
     if value is None:
         return "all"
     if not isinstance(value, str):
-        raise ValueError(f"gate_layers: expected text such as 'all', 'top 2' or '28-31', got {value!r}")
+        raise ValueError(f"gate_layers: expected text such as 'all', 'top 2', '28-31' or '31:0-3', got {value!r}")
     if len(value) > MAX_LAYERS_CHARS:
         raise ValueError(f"gate_layers: {len(value)} characters is too long (at most {MAX_LAYERS_CHARS})")
     return value.strip().lower() or "all"
@@ -306,7 +306,7 @@ class Engine:
             return next_tokens(self.model, prompt, scales, delta_scale=settings.delta_scale,
                                top_k=NEXT_TOKENS_TOP_K, image=image, layers=self.layers_of(settings))
 
-    def layers_of(self, settings: Settings) -> list[int] | None:
+    def layers_of(self, settings: Settings) -> list[Speaker] | None:
         """The adapter layers the settings let speak (None: all of them)."""
         return None if settings.gate_layers == "all" else parse_layers(settings.gate_layers, self.model)
 

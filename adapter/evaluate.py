@@ -29,10 +29,12 @@ from .formats.common import atomic_write
 from .gate_layers import (
     FLAG_HELP,
     LAYER_SWEEP_ROWS,
+    Speaker,
     describe,
     gate_scale_rows,
     layer_sweep,
     layers_from_flag,
+    normalized,
 )
 from .generate import generate_batch, require_tokenizer, scales_from_text
 from .kv_cache import KV_CACHE_DTYPES
@@ -73,7 +75,7 @@ class Evaluation:
     scores: list[Score]
     # with exact answers: each example's prompt, reference and greedy answer at each gate scale (in order)
     answers: list[dict]
-    gate_layers: list[int] | None = None  # the adapter layers whose prompts spoke (None: all)
+    gate_layers: list[Speaker] | None = None  # the adapter layers (or heads) whose prompts spoke (None: all)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "scores": [{**asdict(s), "perplexity": s.perplexity} for s in self.scores]}
@@ -91,7 +93,7 @@ def evaluate(
     limit: int | None = None,
     exact: bool = False,
     prompt_format: str | None = None,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[Speaker] | None = None,
 ) -> Evaluation:
     """Score `model` on the records of `data` at each of `gate_scales` (see the module docstring).
 
@@ -114,7 +116,7 @@ def evaluate(
         item, truncated = encode_example(example, tokenizer, length, end)
         encoded.append(item)
         cut += truncated
-    layers = None if layers is None else sorted(set(layers))
+    layers = None if layers is None else normalized(model, layers)
     losses, hits, tokens = _token_scores(model, encoded, scales, delta_scale, micro_batch_size, layers)
     said = _greedy_answers(model, examples, scales, delta_scale, micro_batch_size, written.stop_strings, layers) \
         if exact else []
@@ -142,7 +144,7 @@ def _checked(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: i
 
 
 def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[float], delta_scale: float,
-                  micro_batch_size: int, layers: list[int] | None) -> tuple[list[float], list[int], int]:
+                  micro_batch_size: int, layers: list[Speaker] | None) -> tuple[list[float], list[int], int]:
     """(summed loss, tokens ranked first) per scale, and the tokens scored: each micro-batch runs once, its
     rows repeated once per gate scale (scale-major, each copy with its own scale), its images encoded once."""
     from .visual import encode_images
@@ -172,7 +174,7 @@ def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[flo
 
 
 def _greedy_answers(model: "Transformer", examples: list[Example], scales: list[float], delta_scale: float,
-                    micro_batch_size: int, stop: Sequence[str], layers: list[int] | None) -> list[dict]:
+                    micro_batch_size: int, stop: Sequence[str], layers: list[Speaker] | None) -> list[dict]:
     """Each example's greedy answer at every scale (`micro_batch_size` examples x every scale a batch), decoded
     a few tokens past the reference's length. An example whose prompt leaves no room for an answer in the
     model's context gets empty answers."""

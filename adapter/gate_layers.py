@@ -1,10 +1,15 @@
-"""Letting only some adapter layers' prompts speak: gate scales per adapter layer.
+"""Letting only some adapter layers' prompts speak: gate scales per adapter layer, or per head.
 
 The papers put prompts into the top L layers of the frozen model and find that more layers answer better.
 On a trained adapter the same question can be asked of each layer: silence all but some of its layers (their
-gates scaled to 0, which is exactly as if they had no prompt) and ask again. Layers are named by the base's
-layer numbers (0 = the lowest), as `python -m adapter.inspect` lists them; `Transformer.step` takes the result
-as its gate scale, one row of per-layer scales per batch row.
+gates scaled to 0, which is exactly as if they had no prompt) and ask again; the heads of a layer can be
+chosen the same way, since each head has a gate of its own (the gate heatmap shows which are large). Layers
+are named by the base's layer numbers (0 = the lowest), as `python -m adapter.inspect` lists them, and heads
+from 0, as the heatmap numbers them; `Transformer.step` takes the result as its gate scale, one row of
+per-layer (or per-layer, per-head) scales per batch row.
+
+A selection is a list of speakers: a layer number (the whole layer speaks) or a (layer, head) pair (that
+head of a layer not wholly chosen speaks).
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import torch
 if TYPE_CHECKING:
     from .model import Transformer
 
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+Speaker = int | tuple[int, int]  # a whole adapter layer, or (layer, head): one head of it
+_ITEM = re.compile(r"^(\d+)(?:-(\d+))?(?::(\d+)(?:-(\d+))?)?$")  # layers A or A-B, then heads :H or :H-K
 _END = re.compile(r"^(top|bottom)\s*(\d+)$")
 LAYER_SWEEP_ROWS = 9  # the most top-N selections a layer sweep of the command lines tries (evenly spread)
 FLAG_HELP = ("only these adapter layers' prompts speak, the others' gates scaled to 0: 'all', 'top N', 'bottom N' or "
-             "the base's layer numbers and ranges, e.g. '28-31' (python -m adapter.inspect lists them)")
+             "the base's layer numbers and ranges, e.g. '28-31', each with some of its heads after a colon if "
+             "wanted, e.g. '31:0-3' (python -m adapter.inspect lists the layers)")
 
 
 def adapter_layers(model: Transformer) -> list[int]:
@@ -30,15 +37,37 @@ def adapter_layers(model: Transformer) -> list[int]:
     return list(range(model.first_prompt_layer, model.args.n_layers))
 
 
-def describe(layers: Iterable[int]) -> str:
-    """Layer numbers written short: "20-23, 31" ("none" for none)."""
+def describe(speakers: Iterable[Speaker]) -> str:
+    """A selection written short, the way `parse_layers` reads it: "20-23, 31:0-3" ("none" for none)."""
+    whole, heads = _split(speakers)
+    parts = _runs(whole) + [f"{layer}:{run}" for layer, chosen in sorted(heads.items()) for run in _runs(chosen)]
+    return ", ".join(parts) or "none"
+
+
+def _runs(numbers: Iterable[int]) -> list[str]:
+    """Numbers as runs: ["20-23", "31"]."""
     runs: list[list[int]] = []
-    for layer in sorted(set(layers)):
-        if runs and layer == runs[-1][1] + 1:
-            runs[-1][1] = layer
+    for number in sorted(set(numbers)):
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
         else:
-            runs.append([layer, layer])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+            runs.append([number, number])
+    return [str(a) if a == b else f"{a}-{b}" for a, b in runs]
+
+
+def _split(speakers: Iterable[Speaker]) -> tuple[set[int], dict[int, set[int]]]:
+    """(whole layers, layer -> its chosen heads) of a selection; a pair may come as a JSON list."""
+    whole: set[int] = set()
+    heads: dict[int, set[int]] = {}
+    for speaker in speakers:
+        if isinstance(speaker, int) and not isinstance(speaker, bool):
+            whole.add(speaker)
+        elif isinstance(speaker, (tuple, list)) and len(speaker) == 2 and all(
+                isinstance(n, int) and not isinstance(n, bool) for n in speaker):
+            heads.setdefault(speaker[0], set()).add(speaker[1])
+        else:
+            raise ValueError(f"gate_layers: {speaker!r} is neither a layer number nor a (layer, head) pair")
+    return whole, {layer: chosen for layer, chosen in heads.items() if layer not in whole}
 
 
 def top_layers(model: Transformer, count: int) -> list[int]:
@@ -50,8 +79,9 @@ def top_layers(model: Transformer, count: int) -> list[int]:
     return layers[len(layers) - count:]
 
 
-def parse_layers(spec: str, model: Transformer) -> list[int]:
-    """The adapter layers `spec` names: "all", "top N", "bottom N", or layer numbers and ranges ("28-31,25")."""
+def parse_layers(spec: str, model: Transformer) -> list[Speaker]:
+    """The speakers `spec` names: "all", "top N", "bottom N", or layer numbers and ranges, each with some of its
+    heads after a colon ("28-30, 31:0-3")."""
     text = spec.strip().lower() if isinstance(spec, str) else ""
     layers = adapter_layers(model)
     if text == "all":
@@ -61,36 +91,63 @@ def parse_layers(spec: str, model: Transformer) -> list[int]:
         count = int(end.group(2))
         chosen = top_layers(model, count)
         return chosen if end.group(1) == "top" else layers[:count]
-    chosen: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        found = _RANGE.match(part)
+    speakers: list[Speaker] = []
+    for part in filter(None, (re.sub(r"\s+", "", p) for p in text.split(","))):
+        found = _ITEM.match(part)
         if not found:
-            raise ValueError(f"gate_layers: {part!r} is not a layer number or a range A-B (or give 'all', "
-                             f"'top N' or 'bottom N'); got {spec!r}")
-        low, high = int(found.group(1)), int(found.group(2) or found.group(1))
-        chosen.update(range(low, high + 1))
-    if not chosen:
+            raise ValueError(f"gate_layers: {part!r} is not a layer number or a range A-B, each with heads after a "
+                             f"colon if wanted (31:0-3), or 'all', 'top N' or 'bottom N'; got {spec!r}")
+        low, high, head_low, head_high = found.groups()
+        named = range(int(low), int(high or low) + 1)
+        heads = None if head_low is None else range(int(head_low), int(head_high or head_low) + 1)
+        speakers += named if heads is None else [(layer, head) for layer in named for head in heads]
+    if not speakers:
         raise ValueError(f"gate_layers: no layers named in {spec!r} (give 'all', 'top N', 'bottom N' or numbers "
                          "such as '28-31')")
-    _require_adapter_layers(chosen, layers)
-    return sorted(chosen)
+    return normalized(model, speakers)
 
 
-def layer_mask(model: Transformer, layers: Iterable[int]) -> torch.Tensor:
-    """[prompt_layers] float32: 1 for each of `layers`, 0 for the adapter's other layers."""
+def normalized(model: Transformer, speakers: Iterable[Speaker]) -> list[Speaker]:
+    """A selection checked against `model` (adapter layers, head numbers) and written one way: whole layers,
+    then single heads, in order; a head of a whole layer, or a layer all of whose heads are named, is the whole
+    layer."""
+    whole, heads = _split(speakers)
+    _require_adapter_layers(whole | set(heads), adapter_layers(model))
+    n_heads = model.args.n_heads
+    outside = sorted({head for chosen in heads.values() for head in chosen if not 0 <= head < n_heads})
+    if outside:
+        raise ValueError(f"gate_layers: head(s) {', '.join(_runs(outside))} do not exist; this model's layers "
+                         f"have heads 0-{n_heads - 1}")
+    whole |= {layer for layer, chosen in heads.items() if len(chosen) == n_heads}
+    return [*sorted(whole), *sorted((layer, head) for layer, chosen in heads.items() if layer not in whole
+                                    for head in chosen)]
+
+
+def layer_mask(model: Transformer, speakers: Iterable[Speaker]) -> torch.Tensor:
+    """1 for each speaker, 0 for the rest: [prompt_layers] float32 for whole layers, [prompt_layers, n_heads]
+    when single heads are chosen."""
     own = adapter_layers(model)
-    chosen = set(layers)
-    _require_adapter_layers(chosen, own)
-    return torch.tensor([1.0 if layer in chosen else 0.0 for layer in own])
+    chosen = normalized(model, speakers)
+    if all(isinstance(speaker, int) for speaker in chosen):
+        return torch.tensor([1.0 if layer in chosen else 0.0 for layer in own])
+    mask = torch.zeros(len(own), model.args.n_heads)
+    for speaker in chosen:
+        if isinstance(speaker, int):
+            mask[own.index(speaker)] = 1.0
+        else:
+            mask[own.index(speaker[0]), speaker[1]] = 1.0
+    return mask
 
 
 def gate_scale_rows(model: Transformer, scales: Sequence[float],
-                    layers: Iterable[int] | None = None) -> list[float] | torch.Tensor:
+                    layers: Iterable[Speaker] | None = None) -> list[float] | torch.Tensor:
     """The gate scale of a batch whose row i is at `scales[i]` with only `layers` speaking: [rows, prompt_layers]
-    (the scales as they are when `layers` is None: every layer speaks)."""
+    ([rows, prompt_layers, n_heads] with single heads; the scales as they are when `layers` is None: every
+    layer speaks)."""
     if layers is None:
         return [float(scale) for scale in scales]
-    return torch.tensor([float(scale) for scale in scales])[:, None] * layer_mask(model, layers)[None]
+    mask = layer_mask(model, layers)
+    return torch.tensor([float(scale) for scale in scales]).view(-1, *[1] * mask.dim()) * mask[None]
 
 
 def _require_adapter_layers(chosen: set[int], own: list[int]) -> None:
@@ -100,7 +157,7 @@ def _require_adapter_layers(chosen: set[int], own: list[int]) -> None:
                          f"prompts are in layers {describe(own)}")
 
 
-def layers_from_flag(spec: str | None, model: Transformer) -> list[int] | None:
+def layers_from_flag(spec: str | None, model: Transformer) -> list[Speaker] | None:
     """--gate-layers' selection for `model` (None when not given: every layer speaks), errors naming the flag."""
     if spec is None:
         return None
@@ -118,7 +175,7 @@ def sweep_counts(total: int, most: int) -> list[int]:
     return sorted({round(i * total / (most - 1)) for i in range(most)})
 
 
-def speaking(model: Transformer, layers: Iterable[int] | None) -> str:
+def speaking(model: Transformer, layers: Iterable[Speaker] | None) -> str:
     """Which layers' prompts speak, said for people."""
     if layers is None:
         return "every adapter layer's prompt speaks"

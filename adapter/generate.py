@@ -21,6 +21,7 @@ import torch
 from .gate_layers import (
     FLAG_HELP,
     LAYER_SWEEP_ROWS,
+    Speaker,
     gate_scale_rows,
     layer_sweep_rows,
     layers_from_flag,
@@ -415,7 +416,7 @@ def asked_as(model: "Transformer", args: argparse.Namespace) -> tuple[str, list[
     return prompt, [*args.stop, *(written.stop_strings if written else ())]
 
 
-def batch_rows(model: "Transformer", layers: list[int] | None, sweep: list[float] | None,
+def batch_rows(model: "Transformer", layers: list[Speaker] | None, sweep: list[float] | None,
                args: argparse.Namespace) -> tuple[list[str], list[float] | torch.Tensor]:
     """Each batch row's label ("" for a lone answer) and the batch's gate scale: --layer-sweep's rows, --gate-sweep's
     (only `layers` speaking), or --gate-scale's one."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .gate_layers import gate_scale_rows
+from .gate_layers import Speaker, gate_scale_rows
 from .generate import prompt_writer, require_tokenizer
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def next_tokens(
     image: Any = None,
     template: str | None = None,
     system: str | None = None,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[Speaker] | None = None,
 ) -> NextTokens:
     """The next token's distribution after `prompt` at each gate scale (one batch row each), its `top_k`
     likeliest tokens per scale kept. `template`/`system` write the prompt as `adapter.generate` does (None: fed

@@ -27,6 +27,7 @@ HELP = """commands:
   /delta S        delta scale of the v2 biases, LoRA and norms
   /temperature T  sampling temperature (0 = greedy)
   /layers L       only these adapter layers' prompts speak: all, top N, bottom N or numbers such as 28-31
+                  (a layer's heads after a colon: 31:0-3)
   /system TEXT    system prompt (chat formats only); /system alone removes it
   /image PATH     ask the next questions about this picture (each on its own); /image alone: back to the chat
   /next QUESTION  the likeliest first tokens of the answer at gate 0 and at the gate set, without answering

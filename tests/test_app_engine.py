@@ -54,7 +54,7 @@ def engine(demo_files) -> Engine:
     ("max_new_tokens", 0, "max_new_tokens: must be >= 1"),
     ("max_new_tokens", 2.5, "max_new_tokens: expected a whole number"),
     ("seed", -1, "seed: must be >= 0"),
-    ("gate_layers", 3, "gate_layers: expected text such as 'all', 'top 2' or '28-31', got 3"),
+    ("gate_layers", 3, "gate_layers: expected text such as 'all', 'top 2', '28-31' or '31:0-3', got 3"),
     ("gate_layers", "1," * 150, r"gate_layers: 300 characters is too long \(at most 200\)"),
 ])
 def test_settings_name_the_field_at_fault(field, value, message):
@@ -209,6 +209,29 @@ def test_layer_selections_reach_every_request_and_bad_ones_name_the_layers(engin
         list(engine.chat([], QUESTION, Settings(max_new_tokens=12, gate_layers=str(top + 1))))
     with pytest.raises(ValueError, match="gate_layers: 'x' is not a layer number"):
         engine.gate_heatmap(1.0, "x")
+
+
+def test_single_heads_speak_in_the_heatmap_the_answers_and_the_prompt_shares(engine):
+    model = engine.model
+    top = model.args.n_layers - 1
+    settings = Settings(temperature=0.0, max_new_tokens=12, gate_layers=f"{top}:1-2")
+    figure = engine.gate_heatmap(1.0, settings.gate_layers)
+    shown = torch.tensor(figure.axes[0].images[0].get_array().data)
+    expected = torch.zeros_like(shown)
+    expected[-1, 1:3] = model.effective_gates(1.0)[-1, 1:3]
+    assert torch.allclose(shown, expected) and f"only layers {top}:1-2 speaking" in figure.axes[0].get_title()
+    gates = [layer.attention.gate for layer in model.layers[model.first_prompt_layer:]]
+    saved = [gate.detach().clone() for gate in gates]
+    with torch.no_grad():  # the reference: every other gate zeroed
+        for gate in gates[:-1]:
+            gate.zero_()
+        gates[-1][0, [h for h in range(model.args.n_heads) if h not in (1, 2)]] = 0.0
+        silenced = model.generate(adapter.alpaca(QUESTION), temperature=0.0, max_new_tokens=12, stop=STOP_STRINGS)
+        for gate, old in zip(gates, saved):
+            gate.copy_(old)
+    assert list(engine.compare(QUESTION, settings))[-1][1] == silenced
+    shares = engine.token_shares(engine.chat_prompt([], QUESTION, settings), "The red circle.", settings)
+    assert shares.per_layer[:-1] == [0.0] * (len(shares.layers) - 1) and shares.per_layer[-1] > 0
 
 
 def test_gate_heatmap_shows_the_effective_gates(engine):

@@ -13,7 +13,15 @@ import torch
 import adapter
 from adapter.evaluate import evaluate, table
 from adapter.evaluate import main as evaluate_main
-from adapter.gate_layers import adapter_layers, describe, gate_scale_rows, layer_mask, parse_layers, top_layers
+from adapter.gate_layers import (
+    adapter_layers,
+    describe,
+    gate_scale_rows,
+    layer_mask,
+    normalized,
+    parse_layers,
+    top_layers,
+)
 from adapter.generate import GenerationRequest, decode_tokens
 from adapter.generate import main as generate_main
 from adapter.next_token import next_tokens
@@ -155,6 +163,23 @@ def test_layer_selections_name_the_bases_layer_numbers():
     assert gate_scale_rows(model, [0.5, 2], None) == [0.5, 2.0]
 
 
+def test_heads_are_chosen_after_a_colon_as_the_heatmap_numbers_them():
+    model = make_model(TINY, V2)  # prompts in layers 1-3, 4 heads each
+    assert parse_layers("3:0-1", model) == [(3, 0), (3, 1)]
+    assert parse_layers("2, 3:1, 3 : 0", model) == [2, (3, 0), (3, 1)]
+    assert parse_layers("1-2:2", model) == [(1, 2), (2, 2)]
+    assert parse_layers("3:0-3", model) == parse_layers("3, 3:1", model) == [3]  # every head, or the whole layer
+    assert describe([2, (3, 1), (3, 0), (1, 2)]) == "2, 1:2, 3:0-1"
+    assert describe([(3, 0), (3, 2), (3, 3)]) == "3:0, 3:2-3"
+    for spec in ("2, 3:0-1", "1:2, 2:2", "1-2, 3:3", "3:0, 3:2-3"):
+        assert describe(parse_layers(spec, model)) == spec  # what describe writes parses back
+    assert normalized(model, [[3, 1], 2]) == [2, (3, 1)]  # pairs as JSON gives them back
+    torch.testing.assert_close(layer_mask(model, [2, (3, 1)]),
+                               torch.tensor([[0.0] * 4, [1.0] * 4, [0.0, 1.0, 0.0, 0.0]]))
+    rows = gate_scale_rows(model, [0.5, 2.0], [(3, 1)])
+    assert rows.shape == (2, 3, 4) and rows.sum() == 2.5 and rows[1, 2, 1] == 2.0
+
+
 @pytest.mark.parametrize("spec, message", [
     ("0-2", r"layer\(s\) 0 have no adaption prompt; this adapter's prompts are in layers 1-3"),
     ("7", r"layer\(s\) 7 have no adaption prompt"),
@@ -162,11 +187,20 @@ def test_layer_selections_name_the_bases_layer_numbers():
     ("3-", r"'3-' is not a layer number"),
     (" , ", "no layers named"),
     ("top 4", r"the top N layers needs N from 0 to 3 .*got 4"),
+    ("3:4-5", r"head\(s\) 4-5 do not exist; this model's layers have heads 0-3"),
+    ("0:1", r"layer\(s\) 0 have no adaption prompt"),
+    ("3:", r"'3:' is not a layer number or a range A-B, each with heads after a colon"),
+    ("3:1:2", r"'3:1:2' is not a layer number"),
 ])
 def test_bad_layer_selections_are_refused_naming_the_layers(spec, message):
     model = make_model(TINY, V2)
     with pytest.raises(ValueError, match="gate_layers: " + message):
         parse_layers(spec, model)
+
+
+def test_selections_that_are_not_layers_or_pairs_are_refused():
+    with pytest.raises(ValueError, match=r"gate_layers: '3' is neither a layer number nor a \(layer, head\) pair"):
+        normalized(make_model(TINY, V2), [2, "3"])
 
 
 def test_only_the_chosen_layers_speak_in_a_generated_answer():
@@ -283,3 +317,30 @@ def test_evaluate_sweeps_the_top_layers_in_one_command(base_folder, saved_v2, tm
     with pytest.raises(SystemExit):
         evaluate_main([*flags, "--adapter", str(path), "--layer-sweep", "--gate-layers", "3"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_only_the_chosen_heads_speak_in_answers_and_scores(base_folder, saved_v2, tmp_path, capsys):
+    path, model = saved_v2
+    question = "What is left of the star?"
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": question, "output": "The red circle."}]))
+    saved = without_gates(model, {1: None, 3: [0, 3]})
+    expected = model.generate(alpaca(question), gate_scale=1.0, temperature=0.0, max_new_tokens=8,
+                              stop=list(STOP_STRINGS))
+    reference = evaluate(model, data, gate_scales=[1.5], exact=True)
+    restore(model, saved)
+    flags = ["--base", str(base_folder), "--adapter", str(path), "--prompt", question, "--temperature", "0",
+             "--max-new-tokens", "8", "--gate-layers", "2, 3:1-2"]
+    assert generate_main(flags) == 0
+    assert capsys.readouterr() == (expected + "\n", "note: the prompts speak in layers 2, 3:1-2 only, of this "
+                                                    "adapter's 1-3\n")
+    chosen = [2, (3, 1), (3, 2)]
+    scored = evaluate(model, data, gate_scales=[1.5], layers=chosen, exact=True)
+    assert scored.scores[0].loss == reference.scores[0].loss and scored.answers == reference.answers
+    assert scored.scores[0].loss != evaluate(model, data, gate_scales=[1.5], layers=[2, 3]).scores[0].loss
+    assert "prompts only in layers 2, 3:1-2" in table(scored).splitlines()[0]
+    assert evaluate_main(["--base", str(base_folder), "--adapter", str(path), "--data", str(data), "--gate-sweep",
+                          "1.5", "--gate-layers", "3:1-2,2", "--json", str(tmp_path / "s.json")]) == 0
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written[0]["gate_layers"] == [2, [3, 1], [3, 2]]
+    assert written[0]["scores"][0]["loss"] == reference.scores[0].loss
