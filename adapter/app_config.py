@@ -124,7 +124,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                              f"format, else alpaca) or {' / '.join(PROMPT_FORMATS)} for all")
     parser.add_argument("--system", default=default("system", defaults.system),
                         help="the system prompt each request starts with (users may change it under Advanced); "
-                             "only adapters asked in a chat format (llama2, llama3) take one")
+                             "only adapters asked in a chat format (llama2, llama3, mistral) take one")
     return parser
 
 

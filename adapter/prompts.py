@@ -4,9 +4,11 @@
 answered instructions; the official v2 multimodal demo asks about an image with the same text). "llama3" is
 Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>) and "llama2" Llama 2 Chat's
 ([INST] ... [/INST], each answered turn ended by EOS and the next begun by BOS), for adapters trained on
-those chat models, so that at gate 0 the base is asked as it was tuned to be; both take a system prompt,
-Alpaca has none. An adapter trained with `adapter.finetune --prompt-format` records its format; the app and
-`generate --template auto` use it.
+those chat models, so that at gate 0 the base is asked as it was tuned to be; "mistral" and "mistral-v3" are
+Mistral Instruct's ([INST] ... [/INST] as plain text for Mistral 7B v0.1/v0.2, as control tokens for v0.3),
+written as mistral-common encodes a conversation. The chat formats take a system prompt, Alpaca has none. An
+adapter trained with `adapter.finetune --prompt-format` records its format; the app and `generate --template
+auto` use it.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class AlpacaFormat(PromptFormat):
     def check_system(self, system: str | None) -> None:
         if system:
             raise ValueError("system: the alpaca prompt format has no system prompt (its header is fixed); a system "
-                             "prompt needs a chat format (llama2, llama3)")
+                             "prompt needs a chat format (llama2, llama3, mistral)")
 
 
 LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
@@ -174,7 +176,53 @@ class Llama2Format(PromptFormat):
                              "tokenizer")
 
 
-PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (AlpacaFormat(), Llama2Format(), Llama3Format())}
+class MistralFormat(PromptFormat):
+    """Mistral Instruct's format, token for token as mistral-common encodes a conversation: BOS, then each user
+    message between [INST] and [/INST], each answer after it followed by EOS, no BOS between turns. Tokenizer V1
+    (Mistral 7B Instruct v0.1/v0.2, Mixtral 8x7B) has no tokens for [INST]/[/INST]: they are text, spaced
+    `[INST] {message} [/INST] {answer}`, and a system prompt opens the first user message. V3 (Mistral 7B
+    Instruct v0.3) has control tokens for both, read from the text as they are written: `[INST]{message}[/INST]`
+    (SentencePiece puts its word-start space before each message and answer), and a system prompt opens the last
+    user message. Either way the system prompt is followed by a blank line."""
+
+    def __init__(self, name: str, control_tokens: bool) -> None:
+        self.name = name
+        self.control_tokens = control_tokens
+
+    def instruction(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
+        return self.chat((), f"{instruction}\n\n{input}" if input else instruction, system)
+
+    def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
+        users = [user.strip() for user, _ in history] + [message.strip()]
+        if system:
+            opened = -1 if self.control_tokens else 0
+            users[opened] = f"{system.strip()}\n\n{users[opened]}"
+        turns = "".join(f"{self._user(user)}{self.answer(answer)}</s>" for user, (_, answer) in zip(users, history))
+        return turns + self._user(users[-1])
+
+    def _user(self, message: str) -> str:
+        return f"[INST]{message}[/INST]" if self.control_tokens else f"[INST] {message} [/INST]"
+
+    def answer(self, text: str) -> str:
+        return text.strip() if self.control_tokens else f" {text.strip()}"
+
+    def check(self, tokenizer: "Tokenizer") -> None:
+        eos = tokenizer.encode("</s>", bos=False)
+        if eos != [tokenizer.eos_id]:
+            raise ValueError(f"prompt format {self.name}: tokenizer {tokenizer.path} does not read '</s>' as its EOS "
+                             "id; the format needs Mistral's SentencePiece tokenizer")
+        tokens = [len(tokenizer.encode(mark, bos=False)) == 1 for mark in ("[INST]", "[/INST]")]
+        if self.control_tokens and not all(tokens):
+            raise ValueError(f"prompt format {self.name}: tokenizer {tokenizer.path} has no [INST] and [/INST] "
+                             "tokens (Mistral's tokenizer V3, as in Mistral 7B v0.3); without them use 'mistral'")
+        if not self.control_tokens and any(tokens):
+            raise ValueError(f"prompt format {self.name}: tokenizer {tokenizer.path} has [INST] and [/INST] tokens "
+                             "(Mistral's tokenizer V3, as in Mistral 7B v0.3): use 'mistral-v3'")
+
+
+PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
+    AlpacaFormat(), Llama2Format(), Llama3Format(), MistralFormat("mistral", control_tokens=False),
+    MistralFormat("mistral-v3", control_tokens=True))}
 # generate's templates: "none" feeds the prompt as given, "auto" is the model's own prompt format, "chat" and
 # "image" are the Alpaca forms the app uses (for one question, the same text as "alpaca")
 TEMPLATES = ("auto", "none", *PROMPT_FORMATS, "chat", "image")
@@ -216,32 +264,35 @@ def template_format(template: str | None, model_format: str = "alpaca") -> Promp
 
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 4.5x+ saves a chat template of its own
-# what tells each format's chat template from the others' (Mistral's [INST] template has no <<SYS>> block)
-TEMPLATE_MARKS = {"llama3": ("<|start_header_id|>", "<|eot_id|>"), "llama2": ("[INST]", "<<SYS>>")}
+# what tells each format's chat template from the others', and the formats it may be written in (Mistral's
+# [INST] template has no <<SYS>> block; which of its formats, the tokenizer says)
+TEMPLATE_MARKS = ((("<|start_header_id|>", "<|eot_id|>"), ("llama3",)),
+                  (("[INST]", "<<SYS>>"), ("llama2",)),
+                  (("[INST]",), ("mistral", "mistral-v3")))
 
 
-def chat_template_format(folder: str | os.PathLike) -> str | None:
-    """The prompt format a base folder's own chat template writes ("llama3", "llama2"), which is how its chat
-    model answers best without an adapter: HF folders of Llama 3 Instruct and Llama 2 Chat ship one
-    (`chat_template.jinja`, or `tokenizer_config.json`'s "chat_template", a text or a list of named ones). None
-    when the folder has none, or one written in no format here."""
+def chat_template_formats(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The prompt formats a base folder's own chat template may be written in ("llama3"; "llama2"; "mistral" or
+    "mistral-v3"), which is how its chat model answers best without an adapter: HF folders of Llama 3 Instruct,
+    Llama 2 Chat and Mistral Instruct ship one (`chat_template.jinja`, or `tokenizer_config.json`'s
+    "chat_template", a text or a list of named ones). None when the folder has none, or one written in no format
+    here."""
     template = _chat_template(Path(folder))
     if template is None:
-        return None
-    return next((name for name, marks in TEMPLATE_MARKS.items() if all(mark in template for mark in marks)), None)
+        return ()
+    return next((names for marks, names in TEMPLATE_MARKS if all(mark in template for mark in marks)), ())
 
 
 def base_prompt_format(folder: str | os.PathLike, tokenizer: "Tokenizer") -> str | None:
-    """The format a bare base is asked in: its chat template's (`chat_template_format`) when `tokenizer` can write
-    it, else None (Alpaca)."""
-    name = chat_template_format(folder)
-    if name is None:
-        return None
-    try:
-        format_named(name).check(tokenizer)
-    except ValueError:
-        return None
-    return name
+    """The format a bare base is asked in: the first of its chat template's (`chat_template_formats`) that
+    `tokenizer` can write, else None (Alpaca)."""
+    for name in chat_template_formats(folder):
+        try:
+            format_named(name).check(tokenizer)
+        except ValueError:
+            continue
+        return name
+    return None
 
 
 def _chat_template(folder: Path) -> str | None:

@@ -53,9 +53,10 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     """LLaMA 1/2's tokenizer: BOS/EOS ids from the model file.
 
-    BOS and EOS written in a text ("<s>", "</s>": Llama 2 Chat's turns, adapter.prompts) become their ids,
-    and the text between them is encoded part by part, as Meta's Llama 2 chat code encodes each turn on its
-    own; transformers too reads special tokens written in a text as those tokens."""
+    Control tokens written in a text (BOS and EOS as "<s>" and "</s>": Llama 2 Chat's turns, adapter.prompts;
+    Mistral's [INST] and [/INST], where its tokenizer has them) become their ids, and the text between them is
+    encoded part by part, as Meta's Llama 2 chat code and mistral-common encode each message on its own;
+    transformers too reads special tokens written in a text as those tokens."""
 
     kind = "SentencePiece"
 
@@ -74,8 +75,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self.processor.eos_id()
         self.pad_id: int = self.processor.pad_id()
         self.stop_ids = frozenset({self.eos_id} - {-1})
-        self.specials = {self.processor.IdToPiece(i): i for i in (self.bos_id, self.eos_id) if i >= 0}
-        self._split = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")") if self.specials else None
+        self.specials = {self.processor.IdToPiece(i): i for i in range(self.n_words) if self.processor.IsControl(i)}
+        longest_first = sorted(self.specials, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self.specials else None
 
     def _encode(self, text: str) -> list[int]:
         if self._split is None:

@@ -1,7 +1,7 @@
 """Prompt formats: Llama 3 Instruct's chat format written token for token as transformers' chat template
-writes it and Llama 2 Chat's as Meta's chat code encodes it, training examples that end as those models end
-a turn, and an adapter that records its format and is asked in it by the app, `generate --template auto` and
-`inspect`."""
+writes it, Llama 2 Chat's as Meta's chat code encodes it and Mistral Instruct's as mistral-common does,
+training examples that end as those models end a turn, and an adapter that records its format and is asked in
+it by the app, `generate --template auto` and `inspect`."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ from adapter.formats.native import save_adapter
 from adapter.generate import main as generate_main
 from adapter.inspect import main as inspect_main
 from adapter.prompts import PROMPT_FORMATS, STOP_STRINGS, apply_template, format_named
-from adapter.random_model import write_random_base
+from adapter.random_model import train_tokenizer, write_random_base
 from adapter.tokenizer import open_tokenizer
 
 from .finetune_helpers import alpaca_records, one_thread_and_own_rng, tiny_config, write_json, write_jsonl  # noqa: F401
 
 LLAMA3 = PROMPT_FORMATS["llama3"]
 LLAMA2 = PROMPT_FORMATS["llama2"]
+MISTRAL_TOKENS = ("[INST]", "[/INST]")  # Mistral's tokenizer V3 has them as control tokens 3 and 4
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=768, multiple_of=32, max_seq_len=256)
 EOT = 512 + 9  # <|eot_id|>: the 10th special token after the 512 ranks
 # Llama 3 Instruct's chat template as its tokenizer_config.json ships it (a fact about that model: the reference)
@@ -149,6 +150,71 @@ def test_llama2_prompts_are_metas_chat_tokens(base_folder, turns):
     prompt_len = len(tokenizer.encode(example.prompt))
     assert tokenizer.decode(encoded.tokens[prompt_len:]) == "The star."
     assert encoded.labels == [IGNORE_INDEX] * prompt_len + encoded.tokens[prompt_len:]
+
+
+@pytest.fixture(scope="module")
+def mistral_v3_base(base_folder, tmp_path_factory) -> Path:
+    """The random base with a SentencePiece tokenizer like Mistral's V3: [INST] and [/INST] as control tokens."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("mistral-v3") / "base"
+    shutil.copytree(base_folder, folder)
+    train_tokenizer(folder / "tokenizer.model", control_symbols=MISTRAL_TOKENS)
+    return folder
+
+
+def mistral_common_tokens(processor, turns, system: str | None = None, control: bool = False) -> list[int]:
+    """mistral-common's instruct encoding (Mistral's tokenization cookbook): BOS, then each message encoded on its
+    own: with tokenizer V1 `[INST] {user} [/INST]` as text, with V3 the user's text between the [INST] and
+    [/INST] ids; each answer on its own, then EOS. A system prompt and a blank line open the first user
+    message (V1) or the last (V3)."""
+    turns = [(user.strip(), answer) for user, answer in turns]
+    if system is not None:
+        at = len(turns) - 1 if control else 0
+        turns[at] = (f"{system.strip()}\n\n{turns[at][0]}", turns[at][1])
+    opened, closed = (processor.PieceToId(mark) for mark in MISTRAL_TOKENS)
+    ids = [processor.bos_id()]
+    for user, answer in turns:
+        ids += [opened, *processor.EncodeAsIds(user), closed] if control else \
+            processor.EncodeAsIds(f"[INST] {user} [/INST]")
+        if answer is not None:
+            ids += [*processor.EncodeAsIds(answer.strip()), processor.eos_id()]
+    return ids
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS)
+@pytest.mark.parametrize("name", ["mistral", "mistral-v3"])
+def test_mistral_prompts_are_mistral_commons_tokens(base_folder, mistral_v3_base, turns, name):
+    control = name == "mistral-v3"
+    tokenizer = open_tokenizer((mistral_v3_base if control else base_folder) / "tokenizer.model")
+    written = PROMPT_FORMATS[name]
+    written.check(tokenizer)
+    *history, (message, _) = turns
+    for system in (None, " Answer in one word.\nNo more. "):
+        assert tokenizer.encode(written.chat(history, message, system), bos=True) == \
+            mistral_common_tokens(tokenizer.processor, turns, system, control)
+    assert written.instruction("Add.", "1 2", "Be brief.") == written.chat((), "Add.\n\n1 2", "Be brief.")
+    example = Example(written.chat(history, message), written.answer(" The star. "))
+    encoded, _ = encode_example(example, tokenizer, 512, written.answer_end_id(tokenizer))
+    assert encoded.tokens == mistral_common_tokens(tokenizer.processor, [*history, (message, " The star. ")],
+                                                   control=control)
+    prompt_len = len(tokenizer.encode(example.prompt))
+    assert tokenizer.decode(encoded.tokens[prompt_len:]) == "The star."
+    assert encoded.labels == [IGNORE_INDEX] * prompt_len + encoded.tokens[prompt_len:]
+
+
+def test_each_mistral_format_needs_its_own_tokenizer(llama3_base, base_folder, mistral_v3_base):
+    v1, v3 = (open_tokenizer(folder / "tokenizer.model") for folder in (base_folder, mistral_v3_base))
+    with pytest.raises(ValueError, match=r"prompt format mistral: tokenizer .*tokenizer.model has \[INST\] and "
+                                         r"\[/INST\] tokens .*use 'mistral-v3'"):
+        PROMPT_FORMATS["mistral"].check(v3)
+    with pytest.raises(ValueError, match=r"prompt format mistral-v3: tokenizer .*tokenizer.model has no \[INST\] "
+                                         r"and \[/INST\] tokens .*use 'mistral'"):
+        PROMPT_FORMATS["mistral-v3"].check(v1)
+    with pytest.raises(ValueError, match="prompt format mistral: tokenizer .* does not read '</s>' as its EOS id"):
+        PROMPT_FORMATS["mistral"].check(open_tokenizer(llama3_base / "tokenizer.model"))
+    assert v3.encode("say [INST] and [/INST]", bos=False) == [*v3.processor.EncodeAsIds("say"), 3,
+                                                              *v3.processor.EncodeAsIds("and"), 4]
 
 
 def test_sentencepiece_reads_bos_and_eos_written_in_text(base_folder):
@@ -295,7 +361,7 @@ def test_finetune_refuses_llama3_on_a_sentencepiece_base_before_writing(base_fol
         train(tiny_config(base_folder, data, tmp_path / "run", prompt_format="llama3"))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="--prompt-format: must be one of "
-                                         "\\('alpaca', 'llama2', 'llama3'\\), got 'chatml'"):
+                                         "\\('alpaca', 'llama2', 'llama3', 'mistral', 'mistral-v3'\\), got 'chatml'"):
         tiny_config(base_folder, data, tmp_path / "run", prompt_format="chatml")
 
 
@@ -311,7 +377,8 @@ def test_the_apps_prompt_format_flag(tmp_path):
     assert parse_config([]).prompt_format == "auto"
     assert parse_config([], {"ADAPTER_PROMPT_FORMAT": "llama3"}).prompt_format == "llama3"
     with pytest.raises(ValueError, match="--prompt-format: must be one of "
-                                         "\\('auto', 'alpaca', 'llama2', 'llama3'\\), got 'x'"):
+                                         "\\('auto', 'alpaca', 'llama2', 'llama3', 'mistral', 'mistral-v3'\\), "
+                                         "got 'x'"):
         parse_config(["--prompt-format", "x"])
 
 
@@ -352,8 +419,8 @@ def test_generate_names_the_flag_a_template_has_no_place_for(base_folder, capsys
     assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
-# Llama 2 Chat's template as its HF folders ship it (abridged: the markers and the turns), and Mistral's, whose
-# [INST] turns have no <<SYS>> block and a different layout: no format here writes it
+# Llama 2 Chat's template as its HF folders ship it (abridged: the markers and the turns), and Mistral
+# Instruct's, whose [INST] turns have no <<SYS>> block
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system_message = '<<SYS>>\\n' + messages[0]['content'] + "
     "'\\n<</SYS>>\\n\\n' %}{% endif %}{% for message in messages %}{% if message['role'] == 'user' %}"
@@ -400,17 +467,28 @@ def test_other_chat_templates_and_none_leave_a_bare_base_in_alpaca(base_folder, 
     llama2 = adapter.load(with_chat_template(base_folder, tmp_path / "chat", LLAMA2_CHAT_TEMPLATE, "config"),
                           device="cpu")
     assert llama2.prompt_format == "llama2"
-    mistral = with_chat_template(base_folder, tmp_path / "mistral", MISTRAL_CHAT_TEMPLATE, "config")
-    assert adapter.load(mistral, device="cpu").prompt_format == "alpaca"
     assert adapter.load(base_folder, device="cpu").prompt_format == "alpaca"
     unwritable = with_chat_template(base_folder, tmp_path / "l3-template", LLAMA3_CHAT_TEMPLATE, "config")
     assert adapter.load(unwritable, device="cpu").prompt_format == "alpaca", "its SentencePiece cannot write llama3"
-    assert inspect_main([str(mistral)]) == 0
+    assert inspect_main([str(unwritable)]) == 0
     assert "prompt format without an adapter: alpaca (no chat template in a format its tokenizer writes)" in \
         capsys.readouterr().out
-    assert inspect_main([str(unwritable)]) == 0
-    assert "prompt format without an adapter: alpaca" in capsys.readouterr().out
     broken = with_chat_template(base_folder, tmp_path / "broken", "", "config")
     (broken / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"broken/tokenizer_config.json: cannot read JSON"):
         adapter.load(broken, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["mistral", "mistral-v3"])
+def test_a_bare_mistral_instruct_is_asked_in_the_format_its_tokenizer_writes(base_folder, mistral_v3_base, name,
+                                                                             tmp_path, capsys):
+    control = name == "mistral-v3"
+    folder = with_chat_template(mistral_v3_base if control else base_folder, tmp_path / "instruct",
+                                MISTRAL_CHAT_TEMPLATE, "config")
+    model = adapter.load(folder, device="cpu")
+    assert (model.prompt_format, model.base_prompt_format) == (name, name)
+    prompt = Engine(model, max_new_tokens=8).chat_prompt([("Hi", "Hello!")], "Name a colour.", Settings())
+    assert model.tokenizer.encode(prompt, bos=True) == mistral_common_tokens(
+        model.tokenizer.processor, [("Hi", "Hello!"), ("Name a colour.", None)], control=control)
+    assert inspect_main([str(folder)]) == 0
+    assert f"  prompt format without an adapter: {name} (its chat template's)\n" in capsys.readouterr().out
