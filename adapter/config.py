@@ -127,6 +127,8 @@ class ModelArgs:
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":
         """Build from a Meta `params.json` dict; unknown keys are ignored, `vocab_size: -1` needs an override.
+        Mistral's params.json (its own releases) names the SwiGLU width `hidden_dim` and writes `head_dim`, which
+        must be dim / n_heads here.
 
         Llama 3.1+'s `use_scaled_rope: true` is the "llama3" scaling with Meta's constants and the factor
         `rope_scaling_factor`. Meta's params.json files do not say it: their reference code takes 8, right for
@@ -134,6 +136,11 @@ class ModelArgs:
         issue 241), so those two shapes get 32."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in params.items() if k in known}
+        if params.get("hidden_dim") is not None and "ffn_dim" not in values:  # Mistral's name for the SwiGLU width
+            values["ffn_dim"] = params["hidden_dim"]
+        head_dim, dim, heads = params.get("head_dim"), params.get("dim"), params.get("n_heads")
+        if head_dim is not None and isinstance(dim, int) and isinstance(heads, int) and head_dim * heads != dim:
+            raise ValueError(f"head_dim={head_dim} is not dim / n_heads = {dim} / {heads} (not supported)")
         if params.get("use_scaled_rope") and values.get("rope_scaling") is None:
             llama32_small = (params.get("dim"), params.get("n_layers")) in LLAMA32_SMALL_SHAPES
             factor = params.get("rope_scaling_factor") or (32.0 if llama32_small else 8.0)

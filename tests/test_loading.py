@@ -141,7 +141,8 @@ def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="base: .*missing"):
         adapter.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"empty is not a LLaMA folder: expected a Meta folder \(params.json\)"):
+    with pytest.raises(ValueError, match=r"empty is not a LLaMA folder: expected a Meta folder \(params.json, "
+                                         r"consolidated.\*.pth\), a Mistral one"):
         adapter.load(tmp_path / "empty")
 
     def broken_copy(name):

@@ -12,20 +12,23 @@ from pathlib import Path
 from . import litgpt, meta, native, official
 from .common import LoadedAdapter, torch_load
 
-BASE_FORMATS = "a Meta folder (params.json) or an HF folder (config.json)"
+BASE_FORMATS = ("a Meta folder (params.json, consolidated.*.pth), a Mistral one (params.json, "
+                "consolidated*.safetensors) or an HF folder (config.json)")
 ADAPTER_FORMATS = ("our adapter.safetensors (or a folder with it), a PEFT adaption_prompt folder "
                    "(adapter_config.json), an official LLaMA-Adapter v1/v2 .pth file, or a litgpt lit_model.pth.adapter")
 
 
 def open_base(path: str | os.PathLike):
-    """A lazy view of a base LLaMA checkpoint, under Meta's parameter names and layout."""
+    """A lazy view of a base LLaMA (or Mistral) checkpoint, under Meta's parameter names and layout."""
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"base: {folder} does not exist")
+    from . import hf, mistral
+
+    if mistral.is_mistral_folder(folder):
+        return mistral.MistralCheckpoint(folder)
     if meta.is_meta_folder(folder):
         return meta.MetaCheckpoint(folder)
-    from . import hf
-
     if hf.is_hf_folder(folder):
         return hf.HFCheckpoint(folder)
     raise ValueError(f"base: {folder} is not a LLaMA folder: expected {BASE_FORMATS}")

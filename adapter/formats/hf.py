@@ -2,8 +2,7 @@
 `pytorch_model.bin`, or shards of either listed in `model.safetensors.index.json` / `pytorch_model.bin.index.json`.
 
 Mistral folders (`model_type: mistral`) are read too: their layers are LLaMA's (grouped-query attention, the same
-tensor names), and PEFT's `adaption_prompt` adapts both. Mistral 7B v0.1 attends over a sliding window of 4096
-tokens; within one window that is plain causal attention, so the context is capped at the window instead.
+tensor names), and PEFT's `adaption_prompt` adapts both; a sliding window caps the context (adapter.formats.window).
 
 The checkpoint is handed to the loader under Meta's names and layout, so the model and every adapter
 stay in Meta layout. HF stores wq/wk with the rows of each head permuted for its rotate-half RoPE;
@@ -28,6 +27,7 @@ from ..config import ModelArgs, RopeScaling
 from ..tokenizer import find_tokenizer
 from .common import torch_load
 from .meta import read_json
+from .window import context_length, sliding_window
 
 _TOP_LEVEL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "output.weight"}
@@ -90,7 +90,7 @@ def meta_name(hf_name: str) -> str | None:
     return None
 
 
-class _SafetensorsFile:
+class SafetensorsFile:
     """One safetensors file: its header is checked now, each tensor read when asked for."""
 
     def __init__(self, path: Path) -> None:
@@ -127,11 +127,11 @@ class _TorchFile:
         return self.state[name]
 
 
-_WeightFile = _SafetensorsFile | _TorchFile
+_WeightFile = SafetensorsFile | _TorchFile
 
 
 def _open_file(path: Path) -> _WeightFile:
-    return _SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchFile(path)
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchFile(path)
 
 
 def _open_shards(index: Path) -> list[_WeightFile]:
@@ -186,14 +186,6 @@ def _rope(config: dict[str, Any], path: Path) -> dict[str, Any]:
     return found
 
 
-def sliding_window(config: dict[str, Any], path: Path) -> int | None:
-    """A Mistral config's attention window (None: full attention), checked."""
-    window = config.get("sliding_window") if config.get("model_type") == "mistral" else None
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
-        raise ValueError(f"{path}: sliding_window must be an integer >= 2 or null, got {window!r}")
-    return window
-
-
 def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
     """ModelArgs fields from config.json, refusing the LLaMA variants the model does not implement."""
     if config.get("model_type") not in MODEL_TYPES:
@@ -211,9 +203,6 @@ def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
     if head_dim is not None and head_dim * params["n_heads"] != params["dim"]:
         raise ValueError(f"{path}: head_dim={head_dim} is not hidden_size / num_attention_heads (not supported)")
     params.update(_rope(config, path))
-    window = sliding_window(config, path)
-    if window is not None:
-        params["max_seq_len"] = min(params.get("max_seq_len", window), window)
     return params
 
 
@@ -230,7 +219,8 @@ class HFCheckpoint:
         config = read_json(self.config_path)
         self._params = _params(config, self.config_path)
         self.family = "Mistral" if config["model_type"] == "mistral" else "LLaMA"
-        self.window = sliding_window(config, self.config_path)
+        self.window = sliding_window(config.get("sliding_window") if self.family == "Mistral" else None,
+                                     self.config_path)
         n_heads = self._params["n_heads"]
         self._rope_heads = {"attention.wq.weight": n_heads,
                             "attention.wk.weight": self._params.get("n_kv_heads") or n_heads}
@@ -259,12 +249,9 @@ class HFCheckpoint:
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
         """From config.json; `max_seq_len` overrides max_position_embeddings (up to a sliding window's length)."""
         values = {"vocab_size": tokenizer_words, **self._params}
-        if max_seq_len is not None and self.window is not None and max_seq_len > self.window:
-            raise ValueError(f"{self.config_path}: max_seq_len={max_seq_len} is longer than sliding_window="
-                             f"{self.window}; attention over a sliding window is not implemented, so the context "
-                             "ends at the window")
-        if max_seq_len is not None:
-            values["max_seq_len"] = max_seq_len
+        length = context_length(self.window, self._params.get("max_seq_len"), max_seq_len, self.config_path)
+        if length is not None:
+            values["max_seq_len"] = length
         try:
             return ModelArgs(**values)
         except (TypeError, ValueError) as error:

@@ -14,6 +14,7 @@ import torch
 from ..config import ModelArgs
 from ..memory import release_file_pages
 from .common import torch_load
+from .window import context_length, sliding_window
 
 # dimension each tensor is split along across model-parallel shards (None: replicated)
 _SHARD_DIMS = {
@@ -32,10 +33,32 @@ IGNORED_KEYS = ("rope.freqs",)
 
 def is_meta_folder(path: Path) -> bool:
     """params.json, unless the folder is an HF one that also ships it without Meta's shards (Mistral's
-    repositories keep params.json beside config.json, their own copy of the weights being consolidated.safetensors)."""
+    repositories keep params.json beside config.json, their own copy of the weights being consolidated.safetensors,
+    which adapter.formats.mistral reads)."""
     if not (path.is_dir() and (path / "params.json").is_file()):
         return False
     return any(path.glob("consolidated.*.pth")) or not (path / "config.json").is_file()
+
+
+def params_model_args(path: Path, params: dict, tokenizer_words: int, max_seq_len: int | None) -> ModelArgs:
+    """ModelArgs from a params.json (`path`, read as `params`): LLaMA 1's `vocab_size: -1` is taken from the
+    tokenizer, a Mistral sliding window caps the context (adapter.formats.window); `max_seq_len` overrides."""
+    overrides = {}
+    if params.get("vocab_size", -1) in (-1, None):
+        overrides["vocab_size"] = tokenizer_words
+    length = context_length(sliding_window(params.get("sliding_window"), path), params.get("max_seq_len"),
+                            max_seq_len, path)
+    if length is not None:
+        overrides["max_seq_len"] = length
+    try:
+        return ModelArgs.from_params(params, **overrides)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def params_family(params: dict) -> str:
+    """Mistral's params.json names the SwiGLU width `hidden_dim`; Meta's never does."""
+    return "Mistral" if "hidden_dim" in params else "LLaMA"
 
 
 def shard_dim(name: str) -> int | None:
@@ -57,8 +80,6 @@ class MetaCheckpoint:
     """Lazy access to the merged tensors of all `consolidated.*.pth` shards of a folder."""
 
     format = "meta"
-    family = "LLaMA"
-    window = None  # full attention: no sliding window
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -73,20 +94,14 @@ class MetaCheckpoint:
                 raise ValueError(f"{path}: expected a dict of tensors, got {type(shard).__name__}")
             self.shards.append(shard)
         self.source = str(folder)
+        self.params_path = folder / "params.json"
+        self.params = read_json(self.params_path)
+        self.family = params_family(self.params)  # Mistral 7B v0.1's own release is a Meta-style folder
+        self.window = sliding_window(self.params.get("sliding_window"), self.params_path)
 
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
-        """From `params.json`; LLaMA 1's `vocab_size: -1` is taken from the tokenizer."""
-        path = self.folder / "params.json"
-        params = read_json(path)
-        overrides = {}
-        if params.get("vocab_size", -1) in (-1, None):
-            overrides["vocab_size"] = tokenizer_words
-        if max_seq_len is not None:
-            overrides["max_seq_len"] = max_seq_len
-        try:
-            return ModelArgs.from_params(params, **overrides)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: {error}") from error
+        """From `params.json` (see `params_model_args`)."""
+        return params_model_args(self.params_path, self.params, tokenizer_words, max_seq_len)
 
     @property
     def tied_output(self) -> bool:
