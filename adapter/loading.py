@@ -97,6 +97,7 @@ def load(
         model = Transformer(args, adapter_args)
     fill_base(model, checkpoint, dtype=dtype, device=device, quantize=mode)
     model.base_format = checkpoint.format
+    model.base_family = checkpoint.family
     model.base_path = str(base)
     model.tokenizer = tokenizer
     model.base_prompt_format = base_prompt_format(checkpoint.tokenizer_path.parent, tokenizer)
@@ -152,8 +153,8 @@ def load_sharing(
 
 
 # what a model sharing another's base takes over from it besides the tensors
-SHARED_SETTINGS = ("tokenizer", "base_format", "base_path", "base_prompt_format", "quantization", "kv_cache",
-                   "prefill_chunk", "cuda_graphs", "fused_inference", "fp32_attention")
+SHARED_SETTINGS = ("tokenizer", "base_format", "base_family", "base_path", "base_prompt_format", "quantization",
+                   "kv_cache", "prefill_chunk", "cuda_graphs", "fused_inference", "fp32_attention")
 
 
 def _clip_mode(clip: object, clip_quantize: str | None) -> str | None:

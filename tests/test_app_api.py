@@ -216,8 +216,8 @@ def test_gates_and_model_info(client, demo_files):
                          clip_model=str(demo_files.clip_model), device="cpu")
     assert info["parameters"] == model.count_parameters()
     assert info["trainable_parameters"] == model.count_parameters(trainable_only=True)
-    assert (info["base_format"], info["adapter_format"], info["quantization"], info["device"]) == \
-        ("meta", "native", "none", "cpu")
+    assert (info["base_format"], info["base_family"], info["adapter_format"], info["quantization"], info["device"]) \
+        == ("meta", "LLaMA", "native", "none", "cpu")
     assert info["sees_images"] and info["process_memory_mb"] > 0
     plot = client.predict(1.0, api_name="/gates")
     assert plot["type"] == "matplotlib" and plot["plot"]

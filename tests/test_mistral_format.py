@@ -65,7 +65,7 @@ def test_mistral_folders_give_the_logits_of_the_same_weights(meta_base, files, t
     expected = logits(adapter.load(meta_base, device="cpu"))
     folder = mistral_folder(meta_base, tmp_path / "mistral", files=files)
     model = adapter.load(folder, device="cpu")
-    assert model.base_format == "mistral" and model.args.ffn_hidden_dim == ARGS.ffn_dim
+    assert (model.base_format, model.base_family, model.args.ffn_hidden_dim) == ("mistral", "Mistral", ARGS.ffn_dim)
     assert model.args.max_seq_len == WINDOW and model.args.rope_theta == ARGS.rope_theta
     assert torch.equal(logits(model), expected)
     about = describe(folder)
