@@ -268,6 +268,11 @@ def test_records_are_written_in_the_runs_format(tmp_path):
     (single,), (first, second) = read_records(data, prompt_format=LLAMA2)
     assert single == Example("[INST] Add them.\n\n2 and 3 [/INST]", " 5 ")
     assert second == Example("[INST] Hi [/INST] Hello </s><s>[INST] Bye [/INST]", " Bye! ")
+    (single,), (first, second) = read_records(data, prompt_format=PROMPT_FORMATS["mistral"])
+    assert single == Example("[INST] Add them.\n\n2 and 3 [/INST]", " 5")
+    assert second == Example("[INST] Hi [/INST] Hello</s>[INST] Bye [/INST]", " Bye!")
+    (_, kinder) = read_records(system, prompt_format=PROMPT_FORMATS["mistral-v3"])[1]
+    assert kinder == Example("[INST]Hi[/INST]Hello</s>[INST]Be kind.\n\nBye[/INST]", "Bye!")
 
 
 def test_formats_and_templates_by_name():
