@@ -4,7 +4,8 @@ For tests, benchmarks and trying the command lines without any real weights:
 `python -m adapter.random_model DIR [--dim 64 --n-layers 4 ...]`. Its answers are noise by design.
 `--llama3` writes a Llama 3.1-style folder instead: a tiktoken BPE `tokenizer.model` with the 256 special
 tokens after the ranks, `use_scaled_rope` and theta 500000 in params.json (`--n-kv-heads` for grouped-query
-attention).
+attention). `--mistral` writes Mistral's own layout: params.json in Mistral's keys, consolidated.safetensors and
+a `tokenizer.model.v3` with the [INST]/[/INST] control tokens (`--sliding-window N` for Mistral 7B v0.1's window).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ _WORDS = ("the a one red blue green small large circle square triangle star left
           "count where what which how many there picture scene below above next beside").split()
 # multi-byte text, so that byte-fallback pieces (and streaming that must not split them) get exercised
 _UNICODE = ("café", "naïve", "über", "smörgåsbord", "日本語", "東京", "🙂", "🚀", "π≈3.14", "€5")
+
+
+DEFAULT_ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256)
 
 
 def corpus(lines: int = 3000, seed: int = 0) -> list[str]:
@@ -91,7 +95,7 @@ def write_random_base(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    args = args or ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256)
+    args = args or DEFAULT_ARGS
     target = folder / "tokenizer.model"
     if tokenizer == "sentencepiece":
         train_tokenizer(target, vocab_size=args.vocab_size, seed=seed)
@@ -130,6 +134,30 @@ def write_random_base(
     return folder
 
 
+def write_random_mistral(folder: str | Path, args: ModelArgs | None = None, *, seed: int = 0,
+                         window: int | None = None) -> Path:
+    """The random base in Mistral's own layout (adapter.formats.mistral): params.json in Mistral's keys (the
+    sliding `window` when given), consolidated.safetensors, and tokenizer.model.v3 with Mistral V3's [INST] and
+    [/INST] control tokens (ids 3 and 4)."""
+    from safetensors.torch import save_file
+
+    args = args or DEFAULT_ARGS
+    folder = write_random_base(folder, args, seed=seed)
+    weights = folder / "consolidated.00.pth"
+    save_file(torch.load(weights, weights_only=True), folder / "consolidated.safetensors")
+    weights.unlink()
+    train_tokenizer(folder / "tokenizer.model.v3", vocab_size=args.vocab_size, seed=seed,
+                    control_symbols=("[INST]", "[/INST]"))
+    (folder / "tokenizer.model").unlink()
+    params = {"dim": args.dim, "n_layers": args.n_layers, "head_dim": args.head_dim, "hidden_dim": args.ffn_hidden_dim,
+              "n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "norm_eps": args.norm_eps,
+              "vocab_size": args.vocab_size, "rope_theta": args.rope_theta}
+    if window is not None:
+        params["sliding_window"] = window
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    return folder
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapter.random_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="where to write the Meta-format folder")
@@ -140,23 +168,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, help="default 512 (768 with --llama3)")
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--llama3", action="store_true",
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("--llama3", action="store_true",
                         help="a Llama 3.1-style folder: tiktoken tokenizer (vocab size includes its 256 special "
                              "tokens; default 768), llama3 RoPE scaling, theta 500000")
+    family.add_argument("--mistral", action="store_true",
+                        help="Mistral's own layout: params.json in its keys, consolidated.safetensors, "
+                             "tokenizer.model.v3 with [INST]/[/INST] tokens; theta 1000000")
+    parser.add_argument("--sliding-window", type=int, help="--mistral: attention window (Mistral 7B v0.1: 4096)")
     options = parser.parse_args(argv)
     try:
+        if options.sliding_window is not None and not options.mistral:
+            raise ValueError("--sliding-window: only with --mistral")
+        if options.mistral and options.shards != 1:
+            raise ValueError("--shards: Mistral's layout is one consolidated.safetensors")
         shape = dict(dim=options.dim, n_layers=options.n_layers, n_heads=options.n_heads,
                      n_kv_heads=options.n_kv_heads, vocab_size=options.vocab_size or (768 if options.llama3 else 512),
                      multiple_of=32)
         if options.llama3:
             shape.update(rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0))
+        if options.mistral:
+            shape.update(rope_theta=1000000.0)
         args = ModelArgs(**shape)
-        folder = write_random_base(options.folder, args, seed=options.seed, shards=options.shards,
-                                   tokenizer="tiktoken" if options.llama3 else "sentencepiece")
+        if options.mistral:
+            folder = write_random_mistral(options.folder, args, seed=options.seed, window=options.sliding_window)
+        else:
+            folder = write_random_base(options.folder, args, seed=options.seed, shards=options.shards,
+                                       tokenizer="tiktoken" if options.llama3 else "sentencepiece")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote a random LLaMA ({args.dim} dim, {args.n_layers} layers, vocab {args.vocab_size}) to {folder}")
+    family = "Mistral" if options.mistral else "LLaMA"
+    print(f"wrote a random {family} ({args.dim} dim, {args.n_layers} layers, vocab {args.vocab_size}) to {folder}")
     return 0
 
 

@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 import adapter
 from adapter.config import ModelArgs
 from adapter.inspect import describe
+from adapter.prompts import PROMPT_FORMATS
+from adapter.random_model import main as random_model_main
 from adapter.random_model import write_random_base
 
 # an FFN width Meta's rule would not give from dim 64 (multiple_of 256 -> 256): a reader that ignored Mistral's
@@ -127,3 +129,18 @@ def test_a_context_beyond_the_window_and_broken_folders_are_refused_naming_the_f
     with pytest.raises(ValueError, match=r"consolidated-00003-of-00002.safetensors: tensor .* is also in "
                                          r".*consolidated-00001-of-00002.safetensors"):
         adapter.load(split, device="cpu")
+
+
+def test_the_random_model_command_writes_mistrals_layout(tmp_path, capsys):
+    folder = tmp_path / "mistral"
+    assert random_model_main([str(folder), "--mistral", "--n-kv-heads", "2", "--sliding-window", "64"]) == 0
+    assert capsys.readouterr().out == f"wrote a random Mistral (64 dim, 4 layers, vocab 512) to {folder}\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["consolidated.safetensors", "params.json", "tokenizer.model.v3"]
+    model = adapter.load(folder, device="cpu")
+    assert (model.base_format, model.args.max_seq_len, model.args.kv_heads, model.args.rope_theta) == \
+        ("mistral", 64, 2, 1e6)
+    PROMPT_FORMATS["mistral-v3"].check(model.tokenizer)  # [INST] and [/INST] are tokens of their own
+    assert random_model_main([str(tmp_path / "x"), "--sliding-window", "64"]) == 2
+    assert capsys.readouterr().err == "error: --sliding-window: only with --mistral\n"
+    with pytest.raises(SystemExit):
+        random_model_main([str(tmp_path / "y"), "--mistral", "--llama3"])
