@@ -18,6 +18,7 @@ from . import hub
 from .engine import Engine, Engines, check_text, device_lock
 from .kv_cache import check_kv_cache
 from .loading import load_many, resolve_device, resolve_dtype
+from .paths import not_a_file
 from .prompts import PROMPT_FORMATS
 from .quantize import check_mode
 from .tiny.assets import ASSETS as TINY_FOLDER
@@ -155,7 +156,7 @@ def check_config(config: ServeConfig) -> None:
         if config.clip is None:
             raise ValueError("--clip-model: only used together with --clip")
         if config.clip_model.endswith(".json") and not Path(config.clip_model).is_file():
-            raise FileNotFoundError(f"--clip-model: {config.clip_model} does not exist")
+            raise FileNotFoundError(f"--clip-model: {not_a_file(config.clip_model)}")
     _flag("quantize", check_mode, config.quantize)
     _flag("clip_quantize", lambda mode: check_mode(mode, "clip_quantize"), config.clip_quantize)
     _flag("kv_cache", check_kv_cache, config.kv_cache)

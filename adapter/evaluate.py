@@ -38,6 +38,7 @@ from .gate_layers import (
 )
 from .generate import generate_batch, require_tokenizer, scales_from_text
 from .kv_cache import KV_CACHE_DTYPES
+from .paths import not_a_file
 from .prompts import PROMPT_FORMATS, format_named
 
 if TYPE_CHECKING:
@@ -292,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         scales = scales_from_text(args.gate_sweep, "--gate-sweep")
         if not Path(args.data).is_file():
-            raise FileNotFoundError(f"--data: {args.data} does not exist")
+            raise FileNotFoundError(f"--data: {not_a_file(args.data)}")
         models = load_many(args.base, args.adapter or [None], clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)

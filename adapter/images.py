@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from .paths import not_a_file
+
 MAX_PIXELS = 64_000_000  # about 8000 x 8000; larger images are refused rather than decoded
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -30,7 +32,7 @@ def load_image(image: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
     if not path.is_file():
-        raise FileNotFoundError(f"image: {path} does not exist")
+        raise FileNotFoundError(f"image: {not_a_file(path)}")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as opened:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .paths import not_a_file
+
 # the file names a checkpoint folder may keep its tokenizer under, in the order they are looked for
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -63,7 +65,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_path: str | os.PathLike) -> None:
         path = Path(model_path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer: {path} does not exist")
+            raise FileNotFoundError(f"tokenizer: {not_a_file(path)}")
         self.processor = spm.SentencePieceProcessor()
         try:
             self.processor.Load(str(path))

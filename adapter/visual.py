@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import AdapterArgs, grid_side
 from .images import load_image
+from .paths import not_a_file
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -163,7 +164,7 @@ def _create_clip(model_name: str, pretrained: str | None):
     if model_name.endswith(".json"):
         config = Path(model_name)
         if not config.is_file():
-            raise FileNotFoundError(f"clip_model: {config} does not exist")
+            raise FileNotFoundError(f"clip_model: {not_a_file(config)}")
         open_clip.add_model_config(config)
         name = config.stem
     quiet = _WeightsComeLater() if pretrained is None else None

@@ -128,6 +128,8 @@ def test_the_command_prints_and_writes_the_same_figures(base_folder, v2_adapter,
 
 @pytest.mark.parametrize("argv, message", [
     (["--data", "missing.json"], "--data: missing.json does not exist"),
+    (["--data", "."], "--data: \\. is a folder, not a file"),
+    (["--data", "/dev/null"], "--data: /dev/null is not a regular file"),
     (["--gate-sweep", "0, one"], "--gate-sweep: 'one' is not a number"),
     (["--gate-sweep", "-1"], "gate_scales: give one or more finite scales >= 0, got \\[-1.0\\]"),
     (["--limit", "0"], "limit: must be at least 1, got 0"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..paths import not_a_file
 from ..prompts import PROMPT_FORMATS, PromptFormat
 
 IMAGE_MARKER = "<image>"
@@ -75,7 +76,7 @@ def _read_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]
     """The entries of a JSON list or JSONL file (see `_entries`); the file's absence or unreadability raised now,
     naming `flag`."""
     if not path.is_file():
-        raise FileNotFoundError(f"{flag}: {path} does not exist")
+        raise FileNotFoundError(f"{flag}: {not_a_file(path)}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -182,7 +183,7 @@ def image_field(record: dict, folder: Path | None, reasons: list[str]) -> Path |
         return None
     path = folder / name
     if not path.is_file():
-        reasons.append(f"image file {path} does not exist")
+        reasons.append(f"image file {not_a_file(path)}")
     return path
 
 
