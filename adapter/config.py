@@ -163,8 +163,10 @@ class AdapterArgs:
     """What is learned on top of the frozen model.
 
     v1: `prompt_len` prompt tokens for each of the top `prompt_layers` layers and a zero-init gate per head.
-    v2 adds zero-init biases (`bias`), tunable norms (`norm`), optional LoRA (`lora_rank` > 0) and the
-    ones-init `new_gate` that the official LORA-BIAS checkpoints carry.
+    v2 adds zero-init biases (`bias`, on the `bias_targets` linears), ones-init scales of the linears' inputs
+    (`scale`, on all seven: the V2 paper's bias tuning `W(s * x) + b`, as the official V2 dialog model has it),
+    tunable norms (`norm`), optional LoRA (`lora_rank` > 0) and the ones-init `new_gate` that the official
+    LORA-BIAS checkpoints carry.
 
     `visual` adds a visual prompt read from CLIP features and added to every layer's adaption prompt:
     "v2" (official multimodal: projected CLIP tokens, `prompt_len` visual queries, `visual_depth`
@@ -178,6 +180,8 @@ class AdapterArgs:
     prompt_layers: int = 30
     gate_activation: str = "tanh"
     bias: bool = False
+    bias_targets: tuple[str, ...] = field(default=BIAS_TARGETS)
+    scale: bool = False
     norm: bool = False
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)
@@ -202,9 +206,10 @@ class AdapterArgs:
                  f"must be one of {GATE_ACTIVATIONS}, got {self.gate_activation!r}")
         _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank",
                  f"must be a non-negative integer, got {self.lora_rank!r}")
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
-        _require(not unknown, "lora_targets", f"unknown linear(s) {unknown}; choose from {LORA_TARGETS}")
+        for name in ("lora_targets", "bias_targets"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            unknown = sorted(set(getattr(self, name)) - set(LORA_TARGETS))
+            _require(not unknown, name, f"unknown linear(s) {unknown}; choose from {LORA_TARGETS}")
         _require(not self.new_gate or self.prompt_layers > 0, "new_gate", "needs adaption prompts (prompt_layers > 0)")
         _require(self.visual in VISUAL_KINDS, "visual", f"must be one of {VISUAL_KINDS}, got {self.visual!r}")
         _require(self.visual == "none" or self.prompt_layers > 0, "visual", "needs adaption prompts to add to")
@@ -224,6 +229,19 @@ class AdapterArgs:
     def has_prompts(self) -> bool:
         return self.prompt_layers > 0
 
+    @property
+    def v2_parts(self) -> list[str]:
+        """The v2 parts this adapter has, named for people: bias, scale, norm, LoRA rank N, new_gate."""
+        return [name for name, on in (("bias", self.bias), ("scale", self.scale), ("norm", self.norm),
+                                      (f"LoRA rank {self.lora_rank}", self.lora_rank > 0),
+                                      ("new_gate", self.new_gate)) if on]
+
+    @property
+    def has_deltas(self) -> bool:
+        """Whether it changes the frozen layers themselves (biases, scales, norms, LoRA), which the delta scale
+        scales and the gate scale leaves on."""
+        return self.bias or self.scale or self.norm or self.lora_rank > 0
+
     def check_fits(self, model: ModelArgs) -> None:
         """The adapter must fit the model it is attached to."""
         _require(self.prompt_layers <= model.n_layers, "prompt_layers",
@@ -236,6 +254,7 @@ class AdapterArgs:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["lora_targets"] = list(self.lora_targets)
+        values["bias_targets"] = list(self.bias_targets)
         return values
 
     def to_json(self) -> str:

@@ -8,7 +8,8 @@ sees it. `Transformer.step` refreshes it at the start of each request (the first
 prompts' keys/values are computed too): it is made again when a part was replaced or changed in place (a
 change made through `.data` is not seen). It costs a second copy of those weights, which is why it is kept to
 the CPU: on a GPU that memory belongs to the KV cache. Quantized (bitsandbytes) linears are subclasses of
-`nn.Linear` with packed weights, so only plain `nn.Linear`s of one dtype are stacked.
+`nn.Linear` with packed weights, so only plain `nn.Linear`s of one dtype are stacked, and only where no v2
+scale gives each linear an input of its own.
 
 One matmul over the stacked weight computes each output as the separate matmuls do; only where the BLAS
 splits the sums differently for the wider matrix do the last bits differ (seen in the prefill of some shapes;
@@ -37,7 +38,8 @@ class StackedWeight:
     def refresh(self, owner: nn.Module) -> None:
         """Bring `weight` up to date with the owner's linears (None where stacking does not apply)."""
         linears = [getattr(owner, name) for name in self.names]
-        if not _stackable(linears):
+        deltas = [getattr(owner, f"{name}_delta", None) for name in self.names]
+        if not _stackable(linears) or any(getattr(delta, "scale", None) is not None for delta in deltas):
             self._key, self.weight = (), None
             return
         key = tuple((linear.weight, linear.weight.data_ptr(), linear.weight._version) for linear in linears)

@@ -73,8 +73,7 @@ def describe_adapter(path: Path) -> list[str]:
     a = found.args
     n_layers = found.base_shape.get("n_layers")
     layers = (f"layers {n_layers - a.prompt_layers}..{n_layers - 1}" if n_layers else f"the top {a.prompt_layers} layers")
-    parts = [p for p, on in (("bias", a.bias), ("norm", a.norm), (f"LoRA rank {a.lora_rank}", a.lora_rank > 0),
-                             ("new_gate", a.new_gate)) if on]
+    parts = a.v2_parts
     count = sum(t.numel() for t in found.tensors.values()) + sum(t.numel() for t in found.norm_weights.values())
     fits = ", ".join(f"{k} {v}" for k, v in found.base_shape.items()) or "any"
     lines = [

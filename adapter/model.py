@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import BIAS_TARGETS, AdapterArgs, ModelArgs, RopeScaling
+from .config import AdapterArgs, ModelArgs, RopeScaling
 from .fused import StackedWeight
 from .head_loss import head_cross_entropy, head_scores
 from .kv_cache import KVCache, check_kv_cache
@@ -61,22 +61,32 @@ class RMSNorm(nn.Module):
 
 
 class LinearDelta(nn.Module):
-    """The v2 change to one frozen linear: a zero-init bias and/or LoRA with a zero-init up-projection.
+    """The v2 change to one frozen linear: a zero-init bias, LoRA with a zero-init up-projection, and/or a
+    ones-init scale of its input (`W(s * x) + b`, the V2 paper's bias tuning).
 
     Kept outside the frozen (possibly quantized) linear so that it stays in full precision and can be
-    scaled by the delta scale.
+    scaled by the delta scale d: the layer computes `W((1 + d(s - 1)) * x) + d(b + LoRA(x))`, the frozen
+    linear at d = 0 and the trained one at d = 1.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, lora_rank: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, lora_rank: int, scale: bool = False) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.scale = nn.Parameter(torch.ones(in_features)) if scale else None
         self.lora_down = self.lora_up = None
         if lora_rank > 0:
             self.lora_down = nn.Linear(in_features, lora_rank, bias=False)
             self.lora_up = nn.Linear(lora_rank, out_features, bias=False)
             nn.init.zeros_(self.lora_up.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scaled_input(self, x: torch.Tensor, delta_scale: torch.Tensor) -> torch.Tensor:
+        """What the frozen linear reads: `x`, or with a scale `(1 + d(s - 1)) * x`."""
+        if self.scale is None:
+            return x
+        return x * (1 + delta_scale * (self.scale - 1)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The added output, bias and LoRA (None without either)."""
         delta = None
         if self.lora_down is not None:
             down = self.lora_down.weight.to(x.dtype)
@@ -88,11 +98,11 @@ class LinearDelta(nn.Module):
 
 
 def _make_delta(adapter: AdapterArgs, name: str, in_features: int, out_features: int) -> LinearDelta | None:
-    bias = adapter.bias and name in BIAS_TARGETS
+    bias = adapter.bias and name in adapter.bias_targets
     rank = adapter.lora_rank if name in adapter.lora_targets else 0
-    if not bias and rank == 0:
+    if not bias and rank == 0 and not adapter.scale:
         return None
-    return LinearDelta(in_features, out_features, bias, rank)
+    return LinearDelta(in_features, out_features, bias, rank, adapter.scale)
 
 
 # Compiled decode steps of at most this many rows compute their frozen matrix-vector products as reductions
@@ -126,10 +136,11 @@ def _reads_as_reduction(layer: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _linear(layer: nn.Module, delta: LinearDelta | None, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    out = frozen_linear(layer, x)
-    if delta is not None:
-        out = out + scale * delta(x)
-    return out
+    if delta is None:
+        return frozen_linear(layer, x)
+    out = frozen_linear(layer, delta.scaled_input(x, scale))
+    added = delta(x)
+    return out if added is None else out + scale * added
 
 
 def _stacked_linear(weight: torch.Tensor, parts: Sequence[tuple[nn.Module, LinearDelta | None]], x: torch.Tensor,
@@ -142,8 +153,9 @@ def _stacked_linear(weight: torch.Tensor, parts: Sequence[tuple[nn.Module, Linea
     start = 0
     for layer, delta in parts:
         end = start + layer.out_features
-        if delta is not None:
-            out[..., start:end].add_(scale * delta(x))
+        added = None if delta is None else delta(x)
+        if added is not None:
+            out[..., start:end].add_(scale * added)
         start = end
     return out
 

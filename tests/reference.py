@@ -3,7 +3,8 @@
 It follows the structure of Meta's LLaMA and the official LLaMA-Adapter code: complex-number RoPE,
 explicit score matrices with an additive -inf mask, float32 softmax, the adaption prompt attended with its
 own softmax and multiplied by tanh(gate) (or the raw gate) and new_gate, prompts taken from
-`adapter_query.weight.reshape(layers, len, dim)` for `layers[-prompt_layers:]`, LoRA as l2(l1(x)).
+`adapter_query.weight.reshape(layers, len, dim)` for `layers[-prompt_layers:]`, LoRA as l2(l1(x)), a v2
+linear as `W(x * scale) + bias` (the official V2 dialog code's forward_linear_with_scale_and_bias).
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def reference_logits(model: Transformer, tokens: torch.Tensor, gate_scale: float
         return _rms(x, w, args.norm_eps)
 
     def linear(prefix, name, x):
-        y = x @ sd[f"{prefix}.{name}.weight"].T
         delta = f"{prefix}.{name}_delta"
+        if delta + ".scale" in sd:  # the V2 paper's W(s * x) + b, blended toward x by the delta scale
+            y = (x * (1 + delta_scale * (sd[delta + ".scale"] - 1))) @ sd[f"{prefix}.{name}.weight"].T
+        else:
+            y = x @ sd[f"{prefix}.{name}.weight"].T
         extra = 0
         if delta + ".bias" in sd:
             extra = extra + sd[delta + ".bias"]

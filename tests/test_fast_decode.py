@@ -11,6 +11,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
+from adapter.config import LORA_TARGETS, AdapterArgs
 from adapter.generate import GenerationRequest, decode_tokens
 from adapter.layout import column_major_wide, is_column_major
 from adapter.model import Transformer, frozen_linear
@@ -90,6 +91,23 @@ def test_quantized_linears_are_never_stacked_and_decode_as_on_the_plain_path(mod
     assert greedy(model, fused=True, scales=([0.0, 1.0, 1.5], 1.0)) == plain
     for block in model.layers:
         assert block.attention.qkv_stack.weight is None and block.feed_forward.w13_stack.weight is None
+
+
+@pytest.mark.parametrize("mode", [None, "nf4"])
+def test_input_scales_are_never_stacked_and_decode_as_separate_rows_do(mode):
+    """A v2 input scale gives each linear an input of its own: nothing is stacked, and rows at different delta
+    scales decode as each does alone (quantized linears read the scaled input too)."""
+    scaled = AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, bias_targets=LORA_TARGETS, scale=True, norm=True)
+    model = make_model(TINY_GQA, scaled)
+    if mode is not None:
+        model = quantize_model(model, mode)
+    rows = prompts(model.args.vocab_size)
+    together = greedy(model, fused=True, scales=(1.0, [1.0, 0.5, 0.0]), rows=rows)
+    assert all(b.attention.qkv_stack.weight is None and b.feed_forward.w13_stack.weight is None for b in model.layers)
+    alone = [greedy(model, fused=False, scales=(1.0, delta), rows=[row])[0]
+             for row, delta in zip(rows, (1.0, 0.5, 0.0))]
+    assert together == alone
+    assert alone[0] != greedy(model, fused=False, scales=(1.0, 0.0), rows=rows[:1])[0], "the scales act"
 
 
 @pytest.mark.parametrize("adapter", list(ADAPTERS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapter.config import AdapterArgs, ModelArgs
+from adapter.config import LORA_TARGETS, AdapterArgs, ModelArgs
 from adapter.head_loss import head_cross_entropy
 from adapter.model import Transformer
 from tests.conftest import TINY, TINY_GQA, V1, V2, make_model
@@ -15,6 +15,12 @@ ADAPTERS = {
     "v1-tanh": V1,
     "v1-raw": AdapterArgs(prompt_len=3, prompt_layers=3, gate_activation="raw"),
     "v2-bias-norm-lora-newgate": V2,
+    # the V2 paper's bias tuning, W(s * x) + b, on all seven linears, with prompts and with none (the official
+    # V2 dialog model's "bias, scale, norm")
+    "v2-bias-scale-norm": AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, bias_targets=LORA_TARGETS, scale=True,
+                                      norm=True, lora_rank=2),
+    "v2-dialog": AdapterArgs(prompt_len=0, prompt_layers=0, bias=True, bias_targets=LORA_TARGETS, scale=True,
+                             norm=True),
 }
 
 

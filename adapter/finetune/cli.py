@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--prompt-layers", type=int, default=d.prompt_layers, help="capped at the base's layers")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="v2 LoRA rank (0 = none)")
+    p.add_argument("--scale", action="store_true",
+                   help="v2: also learn a ones-init scale of each linear's input, W(s * x) + b (the V2 paper's bias "
+                        "tuning, as the official V2 dialog model has it)")
     p.add_argument("--prompt-format", choices=tuple(PROMPT_FORMATS), default=d.prompt_format,
                    help="how the examples are written: alpaca (the official recipe), llama2 (Llama 2 Chat's format), "
                         "llama3 (Llama 3 Instruct's), mistral or mistral-v3 (Mistral 7B Instruct v0.1/v0.2's or "

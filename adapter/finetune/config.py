@@ -51,6 +51,7 @@ class TrainConfig:
     prompt_len: int = 10
     prompt_layers: int = 30
     lora_rank: int = 0
+    scale: bool = False  # v2: also learn a ones-init scale of each linear's input (the V2 paper's bias tuning)
     prompt_format: str = "alpaca"  # how the examples are written (adapter.prompts); saved with the adapter
     epochs: int = 5
     warmup_epochs: float = 2.0
@@ -86,6 +87,7 @@ class TrainConfig:
         _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "--lora-rank",
                  f"must be a non-negative integer, got {self.lora_rank!r}")
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
+        _require(not self.scale or self.mode != "v1", "--scale", "the input scales are a v2 part; use --mode v2")
         _require(self.mode != "vision" or self.clip is not None, "--clip",
                  "--mode vision needs the CLIP tower the visual prompt reads (a weights file or an open_clip tag)")
         _require(self.prompt_format in PROMPT_FORMATS, "--prompt-format",
@@ -145,13 +147,14 @@ def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def adapter_args_for(mode: str, prompt_len: int, prompt_layers: int, lora_rank: int = 0,
+def adapter_args_for(mode: str, prompt_len: int, prompt_layers: int, lora_rank: int = 0, scale: bool = False,
                      **visual: Any) -> AdapterArgs:
-    """What each --mode trains: v1 prompts + tanh gates; v2 adds zero-init biases, norms and optional LoRA;
-    vision adds the visual prompt (`visual` gives its AdapterArgs fields: kind, CLIP width and model, ...)."""
+    """What each --mode trains: v1 prompts + tanh gates; v2 adds zero-init biases, norms, optional LoRA and
+    optional input scales; vision adds the visual prompt (`visual` gives its AdapterArgs fields: kind, CLIP
+    width and model, ...)."""
     if mode == "v1":
         return AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh")
     if mode in ("v2", "vision"):
         return AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh", bias=True,
-                           norm=True, lora_rank=lora_rank, **(visual if mode == "vision" else {}))
+                           norm=True, lora_rank=lora_rank, scale=scale, **(visual if mode == "vision" else {}))
     raise ValueError(f"--mode: must be one of {MODES}, got {mode!r}")

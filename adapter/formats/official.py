@@ -10,6 +10,10 @@ tuned norms, `lora_w*_l1/_l2`, `new_gate`) for all 32 layers, `adapter_query.wei
 top 31 layers, and the visual prompt's keys (`clip_proj`, `visual_query`, `visual_blocks.N`, `visual_proj`).
 Gates go through tanh; images are expected in BGR order, as the official demo read them with OpenCV.
 Only the prompt layers' gates are used by the official model; the others are dropped.
+
+v2 dialog (`llama_adapter_v2_chat65b`, LLaMA-65B "bias, scale, norm" tuning on ShareGPT): `{'model': ...}`
+without prompts: `layers.N.attention.w{q,k,v,o}_{bias,scale}`, `layers.N.feed_forward.w{1,2,3}_{bias,scale}`
+and the tuned norms. Its linears compute `W(x * scale) + bias` (the scale reads the input: [in_features]).
 """
 
 from __future__ import annotations
@@ -31,16 +35,22 @@ OFFICIAL_VISUAL_HEADS = 16
 OFFICIAL_CLIP_MODEL = "ViT-L-14-quickgelu"  # OpenAI's ViT-L/14, as the official code loads it
 VISUAL_PREFIXES = ("clip_proj", "clip_proj_norm", "visual_query", "visual_blocks", "visual_proj", "visual_proj_norm")
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
+_DIALOG_KEY = re.compile(r"^layers\.(\d+)\.(attention|feed_forward)\.(w\w)_(bias|scale)$")
+_NORM_KEY = re.compile(r"^(layers\.\d+\.(attention_norm|ffn_norm)\.weight|norm\.weight)$")
 _LINEAR_PARENT = {name: ("attention" if name.startswith("w") and name[1] in "qkvo" else "feed_forward")
                   for name in LORA_TARGETS}
 
 
 def is_official(path: Path, state: object) -> bool:
-    """A torch file holding either the v1 flat dict or the v2 {'model', 'config'} wrapper."""
+    """A torch file holding the v1 flat dict, the v2 {'model', 'config'} wrapper, or the v2 dialog's."""
     if not isinstance(state, dict):
         return False
     inner = state.get("model", state)
-    return isinstance(inner, dict) and "adapter_query.weight" in inner
+    return isinstance(inner, dict) and ("adapter_query.weight" in inner or _is_dialog(inner))
+
+
+def _is_dialog(model: dict) -> bool:
+    return any(isinstance(key, str) and _DIALOG_KEY.match(key) for key in model)
 
 
 def read_official(path: Path, state: dict | None = None) -> LoadedAdapter:
@@ -48,6 +58,8 @@ def read_official(path: Path, state: dict | None = None) -> LoadedAdapter:
     if not is_official(path, state):
         raise ValueError(f"{path}: not an official LLaMA-Adapter file (no adapter_query.weight)")
     if "model" in state:
+        if "adapter_query.weight" not in state["model"]:
+            return _read_dialog(path, state["model"])
         return _read_v2(path, state["model"], state.get("config") or {})
     return _read_v1(path, state)
 
@@ -163,6 +175,38 @@ def _read_v2(path: Path, model: dict, config: dict) -> LoadedAdapter:
                          base_shape={"dim": query.shape[1], "n_layers": n_layers})
 
 
+def _read_dialog(path: Path, model: dict) -> LoadedAdapter:
+    """The v2 dialog model's biases, input scales and tuned norms (no prompts, so no gates: the delta scale is
+    its slider)."""
+    tensors, norm_weights = {}, {}
+    found: dict[str, set[str]] = {"bias": set(), "scale": set()}
+    layers = set()
+    for key, value in model.items():
+        if part := _DIALOG_KEY.match(key):
+            layer, parent, linear, kind = part.groups()
+            if linear not in LORA_TARGETS or _LINEAR_PARENT[linear] != parent:
+                raise ValueError(f"{path}: unexpected key {key} for an official v2 dialog adapter")
+            tensors[f"layers.{layer}.{parent}.{linear}_delta.{kind}"] = value.float()
+            found[kind].add(linear)
+            layers.add(int(layer))
+        elif _NORM_KEY.match(key):
+            norm_weights[key] = value
+        else:
+            raise ValueError(f"{path}: unexpected key {key} for an official v2 dialog adapter")
+    if found["scale"] and found["scale"] != set(LORA_TARGETS):
+        raise ValueError(f"{path}: input scales on {sorted(found['scale'])} only; the model scales all of "
+                         f"{', '.join(LORA_TARGETS)}")
+    scale = model.get("layers.0.attention.wq_scale")
+    args = AdapterArgs(prompt_len=0, prompt_layers=0, bias=bool(found["bias"]),
+                       bias_targets=tuple(t for t in LORA_TARGETS if t in found["bias"]) or BIAS_TARGETS,
+                       scale=bool(found["scale"]), norm=bool(norm_weights))
+    shape = {"n_layers": max(layers) + 1}
+    if scale is not None:
+        shape["dim"] = scale.shape[0]
+    return LoadedAdapter(path=path, format="official-v2-dialog", args=args, tensors=tensors,
+                         norm_weights=norm_weights, base_shape=shape)
+
+
 def _visual_args(path: Path, visual: dict[str, torch.Tensor]) -> dict:
     """The visual prompt's shape from its tensors (heads are not stored: the official 16 are assumed).
 
@@ -190,8 +234,7 @@ def write_official_v1(model: "Transformer", path: str | Path) -> Path:
     """
     path = Path(path)
     a = model.adapter_args
-    reasons = [name for name, on in (("bias", a.bias), ("norm", a.norm), ("lora_rank", a.lora_rank > 0),
-                                     ("new_gate", a.new_gate)) if on]
+    reasons = a.v2_parts
     if not a.has_prompts:
         reasons.append("no adaption prompts")
     if reasons:

@@ -186,8 +186,7 @@ def _check_representable(model: "Transformer") -> None:
         raise ValueError("write_peft: the adapter has no adaption prompts (prompt_layers=0); nothing to export")
     if a.gate_activation != "raw":
         raise ValueError(f"write_peft: gate_activation is {a.gate_activation}; PEFT uses raw gates")
-    v2 = [name for name, on in (("bias", a.bias), ("norm", a.norm), ("lora_rank > 0", a.lora_rank > 0),
-                                ("new_gate", a.new_gate)) if on]
+    v2 = a.v2_parts
     if v2:
         raise ValueError(f"write_peft: v2 part(s) {', '.join(v2)} have no place in PEFT adaption_prompt (v1 only)")
     for n in range(model.first_prompt_layer, model.args.n_layers):

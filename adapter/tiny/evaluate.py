@@ -78,7 +78,7 @@ def accuracy(model: Transformer, questions: Sequence[Question], gate_scales: Seq
     base's (`FROZEN`) when the adapter has parts that the gate scale leaves on."""
     args = model.adapter_args
     runs = [(f"{scale:g}", scale, 1.0) for scale in gate_scales]
-    if args.bias or args.norm or args.lora_rank:
+    if args.has_deltas:
         runs.append((FROZEN, 0.0, 0.0))
     result: Accuracy = {}
     for key, scale, delta in runs:
