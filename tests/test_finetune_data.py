@@ -135,11 +135,13 @@ def test_modes_map_to_what_is_learned():
     vision = adapter_args_for("vision", 10, 30, lora_rank=8, visual="v1", clip_dim=24, clip_model="tiny.json")
     assert (vision.bias, vision.norm, vision.lora_rank, vision.visual, vision.clip_dim) == (True, True, 8, "v1", 24)
     assert adapter_args_for("v2", 10, 30, visual="v1").visual == "none", "only --mode vision adds a visual prompt"
+    assert adapter_args_for("v2", 10, 30, scale=True).scale and not v2.scale
 
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(batch_size=10, micro_batch_size=4), "--batch-size: 10 is not a multiple of --micro-batch-size 4"),
     (dict(mode="v1", lora_rank=4), "--lora-rank: LoRA is a v2 part"),
+    (dict(mode="v1", scale=True), "--scale: the input scales are a v2 part; use --mode v2"),
     (dict(val_fraction=1.0), "--val-fraction"),
     (dict(warmup_epochs=6, epochs=5), "--warmup-epochs"),
     (dict(quantize="fp8"), "--quantize: unknown mode"),

@@ -16,6 +16,7 @@ from adapter import cpu_features
 from adapter.finetune import step as step_module
 from adapter.finetune import train, trainer
 from adapter.finetune.cli import main
+from tests.conftest import TINY
 from tests.finetune_helpers import (
     alpaca_records,
     one_thread_and_own_rng,  # noqa: F401  (autouse)
@@ -162,6 +163,19 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tmp_path, base_folder, m
     log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in log if r["type"] == "val"] == [2, 4, 6]
+
+
+def test_v2_input_scales_train_from_ones_and_load_back(tmp_path, base_folder):
+    data = write_json(tmp_path / "data.json", alpaca_records(8))
+    result = train(tiny_config(base_folder, data, tmp_path / "run", mode="v2", scale=True, epochs=1, batch_size=4,
+                               micro_batch_size=4, val_fraction=0.0, lr=0.05, warmup_epochs=0, max_seq_len=160))
+    saved = load_file(result.adapter)
+    scales = {k: v for k, v in saved.items() if k.endswith("_delta.scale")}
+    assert len(scales) == 7 * TINY.n_layers and all(v.dim() == 1 for v in scales.values())
+    assert max(float((v - 1).abs().max()) for v in scales.values()) > 1e-3, "the scales moved from their ones"
+    loaded = adapter.load(base_folder, adapter=result.adapter, device="cpu")
+    assert loaded.adapter_args.scale and torch.equal(loaded.layers[1].feed_forward.w2_delta.scale,
+                                                     saved["layers.1.feed_forward.w2_delta.scale"])
 
 
 def test_keep_best_keeps_the_adapter_of_the_lowest_validation_loss_across_a_resume(tmp_path, base_folder):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import adapter
-from adapter.config import AdapterArgs
+from adapter.config import LORA_TARGETS, AdapterArgs
 from adapter.formats.official import write_official_v1
+from adapter.inspect import describe
 from tests.conftest import TINY
 from tests.reference import reference_logits
 
@@ -130,6 +131,82 @@ def test_official_v2_layouts_load_every_language_key(base_folder, tmp_path, name
     with torch.no_grad():
         base = adapter.load(base_folder, device="cpu")
         assert torch.equal(model(TOKENS, gate_scale=0.0, delta_scale=0.0), base(TOKENS))
+
+
+def dialog_state(base_folder) -> dict:
+    """llama_adapter_v2_chat65b's layout at tiny size ("bias, scale, norm" tuning, no prompts): every linear's
+    bias [out] and input scale [in], unprefixed, and the tuned norms."""
+    base = torch.load(base_folder / "consolidated.00.pth", weights_only=True)
+    noise = seeded_noise(13)
+    hidden = TINY.ffn_hidden_dim
+    sizes = {"wq": (DIM, DIM), "wk": (DIM, DIM), "wv": (DIM, DIM), "wo": (DIM, DIM), "w1": (DIM, hidden),
+             "w2": (hidden, DIM), "w3": (DIM, hidden)}  # (in, out)
+    model = {"norm.weight": base["norm.weight"] + noise(DIM) * 0.1}
+    for layer in range(N):
+        for w, (inputs, outputs) in sizes.items():
+            parent = "attention" if w[1] in "qkvo" else "feed_forward"
+            model[f"layers.{layer}.{parent}.{w}_bias"] = noise(outputs) * 0.1
+            model[f"layers.{layer}.{parent}.{w}_scale"] = 1 + noise(inputs) * 0.1
+        for norm in ("attention_norm", "ffn_norm"):
+            model[f"layers.{layer}.{norm}.weight"] = base[f"layers.{layer}.{norm}.weight"] + noise(DIM) * 0.1
+    return {"model": model}
+
+
+def official_dialog_logits(base_folder, state: dict) -> torch.Tensor:
+    """The official V2 dialog forward, written out: forward_linear_with_scale_and_bias is `W(x * scale) + bias`."""
+    from tests.reference import _rms, _rope
+
+    sd = {**torch.load(base_folder / "consolidated.00.pth", weights_only=True), **state["model"]}
+    sd = {k: v.float() for k, v in sd.items()}
+
+    def linear(prefix, name, x):
+        return (x * sd[f"{prefix}.{name}_scale"]) @ sd[f"{prefix}.{name}.weight"].T + sd[f"{prefix}.{name}_bias"]
+
+    bsz, seqlen = TOKENS.shape
+    hd = DIM // H
+    mask = torch.triu(torch.full((seqlen, seqlen), float("-inf")), diagonal=1)
+    h = sd["tok_embeddings.weight"][TOKENS]
+    for i in range(N):
+        p = f"layers.{i}"
+        x = _rms(h, sd[f"{p}.attention_norm.weight"], TINY.norm_eps)
+        q, k, v = (linear(f"{p}.attention", w, x).view(bsz, seqlen, H, hd) for w in ("wq", "wk", "wv"))
+        q, k = _rope(q, torch.arange(seqlen), TINY.rope_theta), _rope(k, torch.arange(seqlen), TINY.rope_theta)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        scores = torch.softmax(q @ k.transpose(2, 3) / hd ** 0.5 + mask, dim=-1)
+        h = h + linear(f"{p}.attention", "wo", (scores @ v).transpose(1, 2).reshape(bsz, seqlen, DIM))
+        x = _rms(h, sd[f"{p}.ffn_norm.weight"], TINY.norm_eps)
+        gated = torch.nn.functional.silu(linear(f"{p}.feed_forward", "w1", x)) * linear(f"{p}.feed_forward", "w3", x)
+        h = h + linear(f"{p}.feed_forward", "w2", gated)
+    return _rms(h, sd["norm.weight"], TINY.norm_eps) @ sd["output.weight"].T
+
+
+def test_the_official_v2_dialog_layout_loads_with_the_official_logits(base_folder, tmp_path):
+    state = dialog_state(base_folder)
+    path = tmp_path / "llama65b_v2_chat.pth"
+    torch.save(state, path)
+    model = adapter.load(base_folder, adapter=path, device="cpu")
+    assert model.adapter_format == "official-v2-dialog" and model.adapter_query is None
+    assert model.adapter_args == AdapterArgs(prompt_len=0, prompt_layers=0, bias=True, bias_targets=LORA_TARGETS,
+                                             scale=True, norm=True)
+    m = state["model"]
+    assert torch.equal(model.layers[2].attention.wk_delta.scale, m["layers.2.attention.wk_scale"])
+    assert torch.equal(model.layers[2].feed_forward.w2_delta.bias, m["layers.2.feed_forward.w2_bias"])
+    torch.testing.assert_close(logits(model), official_dialog_logits(base_folder, state), atol=2e-4, rtol=1e-4)
+    with torch.no_grad():
+        half = model(TOKENS, delta_scale=0.5)
+        assert torch.equal(model(TOKENS, delta_scale=0.0), adapter.load(base_folder, device="cpu")(TOKENS))
+    torch.testing.assert_close(half, reference_logits(model, TOKENS, delta_scale=0.5), atol=2e-4, rtol=1e-4)
+    about = describe(path)
+    assert about[0] == f"{path}: adapter, official-v2-dialog format" and "  v2 parts: bias, scale, norm" in about
+    partial = {"model": {k: v for k, v in m.items() if not k.endswith("wv_scale")}}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"partial.pth: input scales on \[.*\] only; the model scales all of "
+                                         "wq, wk, wv, wo, w1, w2, w3"):
+        adapter.load(base_folder, adapter=tmp_path / "partial.pth", device="cpu")
+    torch.save({"model": {**m, "layers.0.attention.wx_bias": rand(DIM)}}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="odd.pth: unexpected key layers.0.attention.wx_bias for an official v2 "
+                                         "dialog adapter"):
+        adapter.load(base_folder, adapter=tmp_path / "odd.pth", device="cpu")
 
 
 def test_round_trip_native_official_v1_native(base_folder, tmp_path):

@@ -211,6 +211,8 @@ REFUSED = {
                  "layer 3 has a different gate value per head"),
     "v2": (lambda: share_gates(make_model(TINY, AdapterArgs(prompt_len=3, prompt_layers=2, gate_activation="raw",
                                                             bias=True))), "v2 part.*bias"),
+    "scale": (lambda: share_gates(make_model(TINY, AdapterArgs(prompt_len=3, prompt_layers=2, gate_activation="raw",
+                                                               scale=True))), "v2 part.*scale"),
 }
 
 
