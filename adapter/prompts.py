@@ -6,7 +6,8 @@ Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>
 ([INST] ... [/INST], each answered turn ended by EOS and the next begun by BOS), for adapters trained on
 those chat models, so that at gate 0 the base is asked as it was tuned to be; "mistral" and "mistral-v3" are
 Mistral Instruct's ([INST] ... [/INST] as plain text for Mistral 7B v0.1/v0.2, as control tokens for v0.3),
-written as mistral-common encodes a conversation. The chat formats take a system prompt, Alpaca has none. An
+written as mistral-common encodes a conversation; "v2-dialog" is the official V2 dialog demo's ("###Human:"
+turns after a one-shot example). The chat formats take a system prompt, Alpaca has none. An
 adapter trained with `adapter.finetune --prompt-format` records its format; the app and `generate --template
 auto` use it.
 """
@@ -220,9 +221,56 @@ class MistralFormat(PromptFormat):
                              "(Mistral's tokenizer V3, as in Mistral 7B v0.3): use 'mistral-v3'")
 
 
+DIALOG_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+DIALOG_SEPARATOR = "###"
+# the one-shot exchange the official V2 dialog demo's default conversation ("v1", FastChat's conv_v1_2) opens with
+DIALOG_EXAMPLE = (
+    "What are the key differences between renewable and non-renewable energy sources?",
+    "Renewable energy sources are those that can be replenished naturally in a relatively short amount of time, "
+    "such as solar, wind, hydro, geothermal, and biomass. Non-renewable energy sources, on the other hand, are "
+    "finite and will eventually be depleted, such as coal, oil, and natural gas. Here are some key differences "
+    "between renewable and non-renewable energy sources:\n"
+    "1. Availability: Renewable energy sources are virtually inexhaustible, while non-renewable energy sources "
+    "are finite and will eventually run out.\n"
+    "2. Environmental impact: Renewable energy sources have a much lower environmental impact than non-renewable "
+    "sources, which can lead to air and water pollution, greenhouse gas emissions, and other negative effects.\n"
+    "3. Cost: Renewable energy sources can be more expensive to initially set up, but they typically have lower "
+    "operational costs than non-renewable sources.\n"
+    "4. Reliability: Renewable energy sources are often more reliable and can be used in more remote locations "
+    "than non-renewable sources.\n"
+    "5. Flexibility: Renewable energy sources are often more flexible and can be adapted to different situations "
+    "and needs, while non-renewable sources are more rigid and inflexible.\n"
+    "6. Sustainability: Renewable energy sources are more sustainable over the long term, while non-renewable "
+    "sources are not, and their depletion can lead to economic and social instability.\n")
+
+
+class DialogFormat(PromptFormat):
+    """The official V2 dialog demo's conversation (llama_adapter_v2_chat65b's default, FastChat's "v1"): the
+    system text and `###`, its one-shot example exchange, then each turn `Human: {message}###Assistant:
+    {answer}###`, the open one ending `Assistant:`. A model asked so starts its next turn with `###`, where
+    generation stops. A system prompt replaces the default system text."""
+
+    name = "v2-dialog"
+    stop_strings = (DIALOG_SEPARATOR,)
+
+    def instruction(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
+        return self.chat((), f"{instruction}\n\n{input}" if input else instruction, system)
+
+    def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
+        turns = [DIALOG_EXAMPLE, *((user.strip(), answer.strip()) for user, answer in history)]  # the example as is
+        text = (system.strip() if system else DIALOG_SYSTEM) + DIALOG_SEPARATOR
+        for user, answer in turns:
+            text += f"Human: {user}{DIALOG_SEPARATOR}Assistant: {answer}{DIALOG_SEPARATOR}"
+        return f"{text}Human: {message.strip()}{DIALOG_SEPARATOR}Assistant:"
+
+    def answer(self, text: str) -> str:
+        return f" {text.strip()}"
+
+
 PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
     AlpacaFormat(), Llama2Format(), Llama3Format(), MistralFormat("mistral", control_tokens=False),
-    MistralFormat("mistral-v3", control_tokens=True))}
+    MistralFormat("mistral-v3", control_tokens=True), DialogFormat())}
 # generate's templates: "none" feeds the prompt as given, "auto" is the model's own prompt format, "chat" and
 # "image" are the Alpaca forms the app uses (for one question, the same text as "alpaca")
 TEMPLATES = ("auto", "none", *PROMPT_FORMATS, "chat", "image")

@@ -185,7 +185,8 @@ def test_the_official_v2_dialog_layout_loads_with_the_official_logits(base_folde
     path = tmp_path / "llama65b_v2_chat.pth"
     torch.save(state, path)
     model = adapter.load(base_folder, adapter=path, device="cpu")
-    assert model.adapter_format == "official-v2-dialog" and model.adapter_query is None
+    assert (model.adapter_format, model.prompt_format) == ("official-v2-dialog", "v2-dialog")
+    assert model.adapter_query is None
     assert model.adapter_args == AdapterArgs(prompt_len=0, prompt_layers=0, bias=True, bias_targets=LORA_TARGETS,
                                              scale=True, norm=True)
     m = state["model"]

@@ -275,6 +275,24 @@ def test_records_are_written_in_the_runs_format(tmp_path):
     assert kinder == Example("[INST]Hi[/INST]Hello</s>[INST]Be kind.\n\nBye[/INST]", "Bye!")
 
 
+def test_the_v2_dialog_format_is_the_official_demos_conversation():
+    """llama_adapter_v2_chat65b's chat_demo asks with FastChat's "v1" conversation: the system text, `###`, a
+    one-shot exchange, then `Human: ...###Assistant: ...###` turns, the open one ending `Assistant:`."""
+    dialog = PROMPT_FORMATS["v2-dialog"]
+    opening = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+               "helpful, detailed, and polite answers to the human's questions.###Human: What are the key "
+               "differences between renewable and non-renewable energy sources?###Assistant: Renewable energy "
+               "sources are those that can be replenished naturally")
+    prompt = dialog.chat([(" Hi ", " Hello! ")], "Bye")
+    assert prompt.startswith(opening)
+    assert prompt.endswith("economic and social instability.\n###Human: Hi###Assistant: Hello!###Human: Bye"
+                           "###Assistant:")
+    assert prompt.count("###") == 6
+    assert dialog.chat((), "Hi", " Be brief. ").startswith("Be brief.###Human: What are the key differences")
+    assert dialog.instruction("Add.", "1 2") == dialog.chat((), "Add.\n\n1 2")
+    assert dialog.stop_strings == ("###",) and dialog.answer(" The star. ") == " The star."
+
+
 def test_formats_and_templates_by_name():
     assert LLAMA3.stop_strings == () and PROMPT_FORMATS["alpaca"].stop_strings == STOP_STRINGS
     assert apply_template("auto", "Hi", model_format="llama3") == LLAMA3.instruction("Hi")
@@ -366,7 +384,8 @@ def test_finetune_refuses_llama3_on_a_sentencepiece_base_before_writing(base_fol
         train(tiny_config(base_folder, data, tmp_path / "run", prompt_format="llama3"))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="--prompt-format: must be one of "
-                                         "\\('alpaca', 'llama2', 'llama3', 'mistral', 'mistral-v3'\\), got 'chatml'"):
+                                         "\\('alpaca', 'llama2', 'llama3', 'mistral', 'mistral-v3', 'v2-dialog'\\), "
+                                         "got 'chatml'"):
         tiny_config(base_folder, data, tmp_path / "run", prompt_format="chatml")
 
 
@@ -382,8 +401,8 @@ def test_the_apps_prompt_format_flag(tmp_path):
     assert parse_config([]).prompt_format == "auto"
     assert parse_config([], {"ADAPTER_PROMPT_FORMAT": "llama3"}).prompt_format == "llama3"
     with pytest.raises(ValueError, match="--prompt-format: must be one of "
-                                         "\\('auto', 'alpaca', 'llama2', 'llama3', 'mistral', 'mistral-v3'\\), "
-                                         "got 'x'"):
+                                         "\\('auto', 'alpaca', 'llama2', 'llama3', 'mistral', 'mistral-v3', "
+                                         "'v2-dialog'\\), got 'x'"):
         parse_config(["--prompt-format", "x"])
 
 

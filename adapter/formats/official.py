@@ -14,6 +14,7 @@ Only the prompt layers' gates are used by the official model; the others are dro
 v2 dialog (`llama_adapter_v2_chat65b`, LLaMA-65B "bias, scale, norm" tuning on ShareGPT): `{'model': ...}`
 without prompts: `layers.N.attention.w{q,k,v,o}_{bias,scale}`, `layers.N.feed_forward.w{1,2,3}_{bias,scale}`
 and the tuned norms. Its linears compute `W(x * scale) + bias` (the scale reads the input: [in_features]).
+It is asked in the official demo's conversation (adapter.prompts' "v2-dialog").
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def _read_dialog(path: Path, model: dict) -> LoadedAdapter:
     if scale is not None:
         shape["dim"] = scale.shape[0]
     return LoadedAdapter(path=path, format="official-v2-dialog", args=args, tensors=tensors,
-                         norm_weights=norm_weights, base_shape=shape)
+                         norm_weights=norm_weights, base_shape=shape, prompt_format="v2-dialog")
 
 
 def _visual_args(path: Path, visual: dict[str, torch.Tensor]) -> dict:
