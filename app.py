@@ -415,7 +415,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
             adapter = adapter_choice(engines, engines.names[0], "Adapter (chat, compare, gates, model)", "adapter")
         with gr.Accordion("Advanced", open=False):
             delta = gr.Slider(0, MAX_SCALE, value=DEFAULTS.delta_scale, step=0.05,
-                              label="Delta scale (v2 biases, LoRA, norms)", elem_id="delta")
+                              label="Delta scale (v2 biases, scales, LoRA, norms)", elem_id="delta")
             temperature = gr.Slider(0, MAX_TEMPERATURE, value=DEFAULTS.temperature, step=0.05,
                                     label="Temperature (0 = greedy)", elem_id="temperature")
             top_p = gr.Slider(0.05, 1.0, value=DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top_p")
