@@ -79,7 +79,8 @@ def describe_adapter(path: Path) -> list[str]:
     lines = [
         f"{found.path}: adapter, {found.format} format",
         f"  fits a base with: {fits}",
-        f"  prompts: {a.prompt_len} tokens on {layers}; gate activation {a.gate_activation}",
+        f"  prompts: {a.prompt_len} tokens on {layers}; gate activation {a.gate_activation}" if a.has_prompts
+        else "  prompts: none (no gates: the delta scale is its only slider)",
         f"  v2 parts: {', '.join(parts) if parts else 'none (v1)'}",
         f"  parameters {count:,}",
         f"  prompt format {found.prompt_format}"

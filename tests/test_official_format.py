@@ -199,6 +199,7 @@ def test_the_official_v2_dialog_layout_loads_with_the_official_logits(base_folde
     torch.testing.assert_close(half, reference_logits(model, TOKENS, delta_scale=0.5), atol=2e-4, rtol=1e-4)
     about = describe(path)
     assert about[0] == f"{path}: adapter, official-v2-dialog format" and "  v2 parts: bias, scale, norm" in about
+    assert "  prompts: none (no gates: the delta scale is its only slider)" in about
     partial = {"model": {k: v for k, v in m.items() if not k.endswith("wv_scale")}}
     torch.save(partial, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match=r"partial.pth: input scales on \[.*\] only; the model scales all of "
