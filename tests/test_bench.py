@@ -73,7 +73,7 @@ def smoke_report(tmp_path_factory) -> tuple[Path, str]:
     out = folder / "BENCHMARKS.md"
     before = (ROOT / "BENCHMARKS.md").read_text()
     run([sys.executable, "-m", "bench", "--smoke", "--only",
-         "decode_peers,memory,adapters,scaling,train,answers,tied,decode", "--write", str(out)])
+         "decode_peers,memory,adapters,scaling,train,answers,tied,v2_parts,decode", "--write", str(out)])
     assert (ROOT / "BENCHMARKS.md").read_text() == before, "a smoke run must not touch the real BENCHMARKS.md"
     return folder, out.read_text()
 
@@ -83,7 +83,7 @@ def test_smoke_run_names_the_machine_and_what_ran(smoke_report):
     first = text.split("\n## ")[1]
     assert first.startswith("This run: `python -m bench --smoke"), "the run's own section comes first"
     assert "bitsandbytes" in first and "torch" in first and "threads" in first
-    assert "- ran: decode_peers, memory, adapters, scaling, train, answers, tied" in first
+    assert "- ran: decode_peers, memory, adapters, scaling, train, answers, tied, v2_parts" in first
     assert "decode (no --smoke mode)" in first
 
 
@@ -323,3 +323,15 @@ def test_smoke_answers_section_times_each_batch_size_after_checking_its_answers(
     assert rows[0] == ["batch size (questions)", "rows per batch", "questions/s", "min / max", "/ batch size 1"]
     assert [(row[0], row[1], row[4]) for row in rows[1:2]] == [("1", "2", "1.00")]
     assert [row[0] for row in rows[1:]] == ["1", "4"] and float(rows[2][2]) > 0
+
+
+def test_smoke_v2_parts_section_times_every_kind_against_v1(smoke_report):
+    _, text = smoke_report
+    section = next(body for head, body in sections(text).items() if head.startswith("v2 parts"))
+    rows = tables(section)[0]
+    assert rows[0] == ["measure", "adapter", "figure", "/ v1"]
+    measures = ["decode, plain path, tokens/s", "decode, fused path, tokens/s", "training step, ms"]
+    assert [row[0] for row in rows[1:]] == [m for m in measures for _ in range(5)]
+    assert [row[3] for row in rows[1::5]] == ["1.00"] * 3, "v1 is each measure's first row"
+    assert all(float(row[2].split(" ")[0]) > 0 for row in rows[1:])
+    assert any("input scales" in row[1] for row in rows[1:])

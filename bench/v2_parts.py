@@ -1,0 +1,95 @@
+"""What each v2 part costs: decode tokens/s (batch 1, plain and fused paths) and a training step's time, for a
+v1 adapter, v2 biases and norms, with LoRA, with the input scales of the V2 paper (`W(s * x) + b`), and the
+official V2 dialog model's parts without prompts, each as a ratio to v1, in the same rounds.
+
+Shape: bench.decode's (LLaMA dim 512, 8 layers, 8 heads, vocab 32000, fp32, random weights), adapter parts on all
+8 layers with non-zero values (a fresh adapter's zeros would cost the same, but look untrained). A training step is
+forward and backward of 4 sequences of 128 tokens (no optimizer: the same for every kind).
+
+    python -m bench.v2_parts [--threads 2] [--repeats 5] [--smoke] [--write BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import torch
+
+from adapter.config import LORA_TARGETS, AdapterArgs, ModelArgs
+from adapter.layout import column_major_wide
+from adapter.model import Transformer
+from bench.decode import SHAPE, decode_tokens_per_s, fused_tokens_per_s, machine, measure_side_by_side
+from bench.report import command_line, publish, ratio, spread, table
+
+HEADING = "v2 parts"
+SMOKE_SHAPE = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=256)
+PROMPTS = dict(prompt_len=10, gate_activation="tanh")
+
+
+def kinds(layers: int) -> dict[str, AdapterArgs]:
+    prompts = dict(PROMPTS, prompt_layers=layers)
+    return {
+        "v1 (prompts, gates)": AdapterArgs(**prompts),
+        "v2: + biases, norms": AdapterArgs(**prompts, bias=True, norm=True),
+        "v2: + biases, norms, LoRA 8": AdapterArgs(**prompts, bias=True, norm=True, lora_rank=8),
+        "v2: + biases, norms, input scales": AdapterArgs(**prompts, bias=True, norm=True, scale=True),
+        "V2 dialog: biases and scales on all 7 linears, norms, no prompts": AdapterArgs(
+            prompt_len=0, prompt_layers=0, bias=True, bias_targets=LORA_TARGETS, scale=True, norm=True),
+    }
+
+
+def build(shape: ModelArgs, adapter: AdapterArgs) -> Transformer:
+    """The random base with every learned tensor moved off its initial value, laid out as adapter.load does."""
+    torch.manual_seed(0)
+    model = Transformer(shape, adapter).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, param in model.trainable_parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.01)
+    column_major_wide(model)
+    return model
+
+
+def training_step_s(model: Transformer, batch: int = 4, length: int = 128) -> float:
+    tokens = torch.randint(0, model.args.vocab_size, (batch, length), generator=torch.Generator().manual_seed(2))
+    model.train()
+    start = time.perf_counter()
+    logits = model(tokens[:, :-1])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    elapsed = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return elapsed
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.v2_parts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round: checks the harness only")
+    parser.add_argument("--write", help="replace this section of a BENCHMARKS.md")
+    options = parser.parse_args(argv)
+    torch.set_num_threads(options.threads)
+    shape, repeats = (SMOKE_SHAPE, 1) if options.smoke else (SHAPE, options.repeats)
+    models = {name: build(shape, adapter) for name, adapter in kinds(shape.n_layers).items()}
+    measures = {"decode, plain path, tokens/s": decode_tokens_per_s, "decode, fused path, tokens/s": fused_tokens_per_s,
+                "training step, ms": lambda model: 1000 * training_step_s(model)}
+    rows = []
+    for measure, run in measures.items():
+        figures = measure_side_by_side([lambda m=model, run=run: run(m) for model in models.values()], repeats)
+        for (name, _), figure in zip(models.items(), figures):
+            rows.append([measure, name, spread(figure), ratio(figure, figures[0])])
+    lines = [f"## {HEADING} (CPU, fp32): what each costs, {shape.dim}-dim LLaMA, {shape.n_layers} layers, "
+             f"vocab {shape.vocab_size}", "",
+             (f"Machine: {machine()}. Command: `{command_line('bench.v2_parts', argv)}`. Median of {repeats} rounds "
+              "(min / max), every kind once per round in turn. Decode: greedy, batch 1, a 16-token prompt then 64 "
+              "tokens; the fused path stacks the projections that read one input (input scales give each its own, "
+              "so nothing is stacked there). Training: forward and backward of 4 x 128 tokens."), "",
+             *table(["measure", "adapter", "figure", "/ v1"], rows)]
+    publish("\n".join(lines) + "\n", HEADING, options.write)
+
+
+if __name__ == "__main__":
+    main()
