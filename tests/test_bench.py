@@ -298,7 +298,9 @@ def test_autocast_section_times_the_chosen_stages_both_ways(tmp_path):
     assert rows[0] == ["stage", "bf16 autocast, s per step", "float32, s per step", "bf16 / float32"]
     assert [row[0] for row in rows[1:]] == ["text"]
     bf16, fp32 = (float(cell.split(" ")[0]) for cell in rows[1][1:3])
-    assert float(rows[1][3]) == pytest.approx(bf16 / fp32, rel=0.05), "the ratio of the (rounded) medians"
+    half = 0.005  # the cells are rounded to 2 decimals: the ratio of the medians lies within what that allows
+    assert (bf16 - half) / (fp32 + half) - half <= float(rows[1][3]) <= (bf16 + half) / (fp32 - half) + half, \
+        "the ratio of the medians"
     failed = subprocess.run([sys.executable, "-m", "bench.autocast", "--stages", "text,optimizer"], cwd=ROOT,
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "--stages: unknown stage(s) ['optimizer']" in failed.stderr
