@@ -19,7 +19,7 @@ from .engine import Engine, Engines, check_text, device_lock
 from .kv_cache import check_kv_cache
 from .loading import load_many, resolve_device, resolve_dtype
 from .paths import not_a_file
-from .prompts import PROMPT_FORMATS
+from .prompts import PROMPT_FORMATS, chat_formats
 from .quantize import check_mode
 from .tiny.assets import ASSETS as TINY_FOLDER
 from .tiny.assets import BASE_NAME, CLIP_NAME, IMAGE_NAME, TEXT_NAME
@@ -125,7 +125,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                              f"format, else alpaca) or {' / '.join(PROMPT_FORMATS)} for all")
     parser.add_argument("--system", default=default("system", defaults.system),
                         help="the system prompt each request starts with (users may change it under Advanced); "
-                             "only adapters asked in a chat format (llama2, llama3, mistral) take one")
+                             f"only adapters asked in a chat format ({', '.join(chat_formats())}) take one")
     return parser
 
 

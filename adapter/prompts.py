@@ -107,7 +107,7 @@ class AlpacaFormat(PromptFormat):
     def check_system(self, system: str | None) -> None:
         if system:
             raise ValueError("system: the alpaca prompt format has no system prompt (its header is fixed); a system "
-                             "prompt needs a chat format (llama2, llama3, mistral)")
+                             f"prompt needs a chat format ({', '.join(chat_formats())})")
 
 
 LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
@@ -276,6 +276,11 @@ PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
 TEMPLATES = ("auto", "none", *PROMPT_FORMATS, "chat", "image")
 
 
+def chat_formats() -> list[str]:
+    """The formats with a place for a system prompt: all but Alpaca."""
+    return [name for name in PROMPT_FORMATS if name != AlpacaFormat.name]
+
+
 def format_named(name: str, source: str = "prompt_format") -> PromptFormat:
     """The format called `name`; a ValueError naming `source` (a flag, a file) for an unknown one."""
     if name not in PROMPT_FORMATS:
@@ -323,7 +328,7 @@ def chat_template_formats(folder: str | os.PathLike) -> tuple[str, ...]:
     """The prompt formats a base folder's own chat template may be written in ("llama3"; "llama2"; "mistral" or
     "mistral-v3"), which is how its chat model answers best without an adapter: HF folders of Llama 3 Instruct,
     Llama 2 Chat and Mistral Instruct ship one (`chat_template.jinja`, or `tokenizer_config.json`'s
-    "chat_template", a text or a list of named ones). None when the folder has none, or one written in no format
+    "chat_template", a text or a list of named ones). Empty when the folder has none, or one written in no format
     here."""
     template = _chat_template(Path(folder))
     if template is None:

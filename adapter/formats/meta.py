@@ -40,27 +40,6 @@ def is_meta_folder(path: Path) -> bool:
     return any(path.glob("consolidated.*.pth")) or not (path / "config.json").is_file()
 
 
-def params_model_args(path: Path, params: dict, tokenizer_words: int, max_seq_len: int | None) -> ModelArgs:
-    """ModelArgs from a params.json (`path`, read as `params`): LLaMA 1's `vocab_size: -1` is taken from the
-    tokenizer, a Mistral sliding window caps the context (adapter.formats.window); `max_seq_len` overrides."""
-    overrides = {}
-    if params.get("vocab_size", -1) in (-1, None):
-        overrides["vocab_size"] = tokenizer_words
-    length = context_length(sliding_window(params.get("sliding_window"), path), params.get("max_seq_len"),
-                            max_seq_len, path)
-    if length is not None:
-        overrides["max_seq_len"] = length
-    try:
-        return ModelArgs.from_params(params, **overrides)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from error
-
-
-def params_family(params: dict) -> str:
-    """Mistral's params.json names the SwiGLU width `hidden_dim`; Meta's never does."""
-    return "Mistral" if "hidden_dim" in params else "LLaMA"
-
-
 def shard_dim(name: str) -> int | None:
     suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
     return _SHARD_DIMS.get(suffix)
@@ -76,8 +55,34 @@ def read_json(path: Path) -> dict:
     return value
 
 
-class MetaCheckpoint:
-    """Lazy access to the merged tensors of all `consolidated.*.pth` shards of a folder."""
+class ParamsJson:
+    """A folder's `params.json`, Meta's keys or Mistral's (its own releases: `hidden_dim`, `head_dim`,
+    `sliding_window`): the model's shape, its family and its attention window."""
+
+    def __init__(self, folder: Path) -> None:
+        self.params_path = folder / "params.json"
+        self.params = read_json(self.params_path)
+        self.family = "Mistral" if "hidden_dim" in self.params else "LLaMA"  # Meta's never names hidden_dim
+        self.window = sliding_window(self.params.get("sliding_window"), self.params_path)
+
+    def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
+        """LLaMA 1's `vocab_size: -1` is taken from the tokenizer, a sliding window caps the context
+        (adapter.formats.window); `max_seq_len` overrides."""
+        overrides = {}
+        if self.params.get("vocab_size", -1) in (-1, None):
+            overrides["vocab_size"] = tokenizer_words
+        length = context_length(self.window, self.params.get("max_seq_len"), max_seq_len, self.params_path)
+        if length is not None:
+            overrides["max_seq_len"] = length
+        try:
+            return ModelArgs.from_params(self.params, **overrides)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self.params_path}: {error}") from error
+
+
+class MetaCheckpoint(ParamsJson):
+    """Lazy access to the merged tensors of all `consolidated.*.pth` shards of a folder (Mistral 7B v0.1's own
+    release is such a folder too)."""
 
     format = "meta"
 
@@ -94,14 +99,7 @@ class MetaCheckpoint:
                 raise ValueError(f"{path}: expected a dict of tensors, got {type(shard).__name__}")
             self.shards.append(shard)
         self.source = str(folder)
-        self.params_path = folder / "params.json"
-        self.params = read_json(self.params_path)
-        self.family = params_family(self.params)  # Mistral 7B v0.1's own release is a Meta-style folder
-        self.window = sliding_window(self.params.get("sliding_window"), self.params_path)
-
-    def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
-        """From `params.json` (see `params_model_args`)."""
-        return params_model_args(self.params_path, self.params, tokenizer_words, max_seq_len)
+        super().__init__(folder)
 
     @property
     def tied_output(self) -> bool:

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelArgs
 from .hf import SafetensorsFile
-from .meta import params_family, params_model_args, read_json
-from .window import sliding_window
+from .meta import ParamsJson
 
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")
 
@@ -24,7 +22,7 @@ def is_mistral_folder(path: Path) -> bool:
             and not any(path.glob("consolidated.*.pth")))
 
 
-class MistralCheckpoint:
+class MistralCheckpoint(ParamsJson):
     """Lazy access to a Mistral folder's tensors (already under Meta's names and in Meta's layout)."""
 
     format = "mistral"
@@ -33,10 +31,7 @@ class MistralCheckpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.source = str(folder)
-        self.params_path = folder / "params.json"
-        self.params = read_json(self.params_path)
-        self.family = params_family(self.params)
-        self.window = sliding_window(self.params.get("sliding_window"), self.params_path)
+        super().__init__(folder)
         found = [folder / name for name in TOKENIZER_NAMES if (folder / name).is_file()]
         if not found:
             raise FileNotFoundError(f"tokenizer: {folder} has none of {', '.join(TOKENIZER_NAMES)}")
@@ -48,9 +43,6 @@ class MistralCheckpoint:
                 if name in self._where:
                     raise ValueError(f"{path}: tensor {name} is also in {self._where[name].path}")
                 self._where[name] = file
-
-    def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
-        return params_model_args(self.params_path, self.params, tokenizer_words, max_seq_len)
 
     def keys(self) -> set[str]:
         return set(self._where)
