@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "local file, or an open_clip pretrained tag such as 'openai' (downloads)")
     parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")
     parser.add_argument("--input", help="optional input after the instruction (not with --template none)")
-    parser.add_argument("--system", help="system prompt (the llama2 and llama3 prompt formats; Alpaca has none)")
+    parser.add_argument("--system", help="system prompt (the chat prompt formats; Alpaca has none)")
     parser.add_argument("--template", default="auto", choices=TEMPLATES,
                         help="prompt format (default auto: the adapter's own, which is alpaca unless it was trained "
                              "with another; 'none' feeds the prompt as given)")

@@ -2,7 +2,8 @@
 
 "alpaca" is the text the official adapters were trained on (a multi-turn chat replays earlier turns as
 answered instructions; the official v2 multimodal demo asks about an image with the same text). "llama3" is
-Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>) and "llama2" Llama 2 Chat's
+Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>; "llama3.1" is Llama 3.1+'s,
+whose system turn is always there, dated) and "llama2" Llama 2 Chat's
 ([INST] ... [/INST], each answered turn ended by EOS and the next begun by BOS), for adapters trained on
 those chat models, so that at gate 0 the base is asked as it was tuned to be; "mistral" and "mistral-v3" are
 Mistral Instruct's ([INST] ... [/INST] as plain text for Mistral 7B v0.1/v0.2, as control tokens for v0.3),
@@ -112,21 +113,32 @@ class AlpacaFormat(PromptFormat):
 
 LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
 LLAMA3_TURN_END = "<|eot_id|>"
+# what Llama 3.1+ Instruct's chat template opens every system turn with (its default date: 3.1 and 3.3 write it,
+# 3.2's writes the day it renders on)
+LLAMA31_SYSTEM_DATES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
 
 class Llama3Format(PromptFormat):
-    """Llama 3 Instruct's chat format: a system turn only when given, each message stripped of surrounding
-    whitespace, as Llama 3 Instruct's own chat template writes it; an Alpaca input follows the instruction
-    after a blank line."""
+    """Llama 3 Instruct's chat format, as its own chat template writes it: each message stripped of surrounding
+    whitespace; Llama 3.0's has a system turn only when a system prompt is given, Llama 3.1+'s ("llama3.1") always
+    has one, opened by the knowledge cutoff and a date. An Alpaca input follows the instruction after a blank
+    line."""
 
-    name = "llama3"
     answer_end = LLAMA3_TURN_END
+
+    def __init__(self, name: str, dated_system: bool) -> None:
+        self.name = name
+        self.dated_system = dated_system
 
     def instruction(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
         return self.chat((), f"{instruction}\n\n{input}" if input else instruction, system)
 
     def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
-        turns = _llama3_turn("system", system) if system else ""
+        if self.dated_system:
+            turns = (LLAMA3_HEADER.format(role="system") + LLAMA31_SYSTEM_DATES + (system or "").strip()
+                     + LLAMA3_TURN_END)
+        else:
+            turns = _llama3_turn("system", system) if system else ""
         turns += "".join(_llama3_turn("user", user) + _llama3_turn("assistant", answer) for user, answer in history)
         return f"{turns}{_llama3_turn('user', message)}{LLAMA3_HEADER.format(role='assistant')}"
 
@@ -137,10 +149,11 @@ class Llama3Format(PromptFormat):
         for token in ("<|start_header_id|>", "<|end_header_id|>", LLAMA3_TURN_END):
             ids = tokenizer.encode(token, bos=False)
             if len(ids) != 1:
-                raise ValueError(f"prompt format llama3: tokenizer {tokenizer.path} has no {token} token (it "
+                raise ValueError(f"prompt format {self.name}: tokenizer {tokenizer.path} has no {token} token (it "
                                  f"becomes {len(ids)} ids); the format needs a Llama 3 tokenizer")
         if ids[0] not in tokenizer.stop_ids:
-            raise ValueError(f"prompt format llama3: tokenizer {tokenizer.path} does not stop at {LLAMA3_TURN_END}")
+            raise ValueError(f"prompt format {self.name}: tokenizer {tokenizer.path} does not stop at "
+                             f"{LLAMA3_TURN_END}")
 
 
 def _llama3_turn(role: str, content: str) -> str:
@@ -269,7 +282,8 @@ class DialogFormat(PromptFormat):
 
 
 PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
-    AlpacaFormat(), Llama2Format(), Llama3Format(), MistralFormat("mistral", control_tokens=False),
+    AlpacaFormat(), Llama2Format(), Llama3Format("llama3", dated_system=False),
+    Llama3Format("llama3.1", dated_system=True), MistralFormat("mistral", control_tokens=False),
     MistralFormat("mistral-v3", control_tokens=True), DialogFormat())}
 # generate's templates: "none" feeds the prompt as given, "auto" is the model's own prompt format, "chat" and
 # "image" are the Alpaca forms the app uses (for one question, the same text as "alpaca")
@@ -319,15 +333,16 @@ def template_format(template: str | None, model_format: str = "alpaca") -> Promp
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 4.5x+ saves a chat template of its own
 # what tells each format's chat template from the others', and the formats it may be written in (Mistral's
 # [INST] template has no <<SYS>> block; which of its formats, the tokenizer says)
-TEMPLATE_MARKS = ((("<|start_header_id|>", "<|eot_id|>"), ("llama3",)),
+TEMPLATE_MARKS = ((("<|start_header_id|>", "<|eot_id|>", "Cutting Knowledge Date"), ("llama3.1",)),
+                  (("<|start_header_id|>", "<|eot_id|>"), ("llama3",)),
                   (("[INST]", "<<SYS>>"), ("llama2",)),
                   (("[INST]",), ("mistral", "mistral-v3")))
 
 
 def chat_template_formats(folder: str | os.PathLike) -> tuple[str, ...]:
-    """The prompt formats a base folder's own chat template may be written in ("llama3"; "llama2"; "mistral" or
-    "mistral-v3"), which is how its chat model answers best without an adapter: HF folders of Llama 3 Instruct,
-    Llama 2 Chat and Mistral Instruct ship one (`chat_template.jinja`, or `tokenizer_config.json`'s
+    """The prompt formats a base folder's own chat template may be written in ("llama3.1"; "llama3"; "llama2";
+    "mistral" or "mistral-v3"), which is how its chat model answers best without an adapter: HF folders of Llama 3
+    Instruct, Llama 2 Chat and Mistral Instruct ship one (`chat_template.jinja`, or `tokenizer_config.json`'s
     "chat_template", a text or a list of named ones). Empty when the folder has none, or one written in no format
     here."""
     template = _chat_template(Path(folder))

@@ -42,6 +42,18 @@ LLAMA3_CHAT_TEMPLATE = (
     "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Llama 3.1 Instruct's chat template (as its tokenizer_config.json ships it, less the tool-calling branches): an
+# always-there system turn opened by the knowledge cutoff and the date, 3.3's too; Llama 3.2's renders the date
+# with strftime_now, which transformers gives today's date
+LLAMA31_CHAT_TEMPLATE = (
+    "{{- bos_token }}\n{%- if not date_string is defined %}\n    {%- set date_string = \"26 Jul 2024\" %}\n"
+    "{%- endif %}\n{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim"
+    " %}\n    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = \"\" %}\n{%- endif %}\n"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n{{- system_message }}\n{{- \"<|eot_id|>\" }}\n"
+    "{%- for message in messages %}\n    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+    "message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n")
 CONVERSATIONS = [
     [("Name a colour.", None)],
     [("  What is\nthe star?  ", " A red one. \n"), ("And the circle?", None)],
@@ -66,6 +78,14 @@ def reference(llama3_base, tmp_path_factory) -> transformers.PreTrainedTokenizer
                                                 chat_template=LLAMA3_CHAT_TEMPLATE)
 
 
+@pytest.fixture(scope="module")
+def reference31(reference, tmp_path_factory) -> transformers.PreTrainedTokenizerFast:
+    """The same tokenizer with Llama 3.1 Instruct's chat template."""
+    folder = tmp_path_factory.mktemp("reference31")
+    reference.save_pretrained(str(folder))
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(folder), chat_template=LLAMA31_CHAT_TEMPLATE)
+
+
 def messages(turns) -> list[dict]:
     said = []
     for user, answer in turns:
@@ -88,6 +108,24 @@ def test_llama3_prompts_are_the_chat_templates_tokens(llama3_base, reference, tu
     assert tokenizer.encode(prompt, bos=True) == template_ids(reference, messages(turns), True)
     if len(turns) == 1:
         assert LLAMA3.instruction(message) == prompt
+
+
+@pytest.mark.parametrize("system", [None, " Answer in one word.\nNo more. "])
+@pytest.mark.parametrize("turns", CONVERSATIONS)
+def test_llama31_prompts_are_its_chat_templates_tokens_dated_system_turn_and_all(llama3_base, reference31, turns,
+                                                                                 system):
+    tokenizer = open_tokenizer(llama3_base / "tokenizer.model")
+    llama31 = PROMPT_FORMATS["llama3.1"]
+    *history, (message, answer) = turns
+    said = ([{"role": "system", "content": system}] if system else []) + messages(turns)
+    prompt = llama31.chat(history, message, system)
+    assert tokenizer.encode(prompt, bos=True) == template_ids(reference31, said, True)
+    assert "Today Date: 26 Jul 2024\n\n" in prompt and prompt.count("<|start_header_id|>system") == 1
+    assert llama31.instruction("Add.", "1 2", system) == llama31.chat((), "Add.\n\n1 2", system)
+    example = Example(llama31.chat(history, message, system), llama31.answer(" The star. "))
+    encoded, _ = encode_example(example, tokenizer, 256, llama31.answer_end_id(tokenizer))
+    said.append({"role": "assistant", "content": " The star. "})
+    assert encoded.tokens == template_ids(reference31, said, False), "a training example: the whole conversation"
 
 
 @pytest.mark.parametrize("turns", CONVERSATIONS)
@@ -384,8 +422,8 @@ def test_finetune_refuses_llama3_on_a_sentencepiece_base_before_writing(base_fol
         train(tiny_config(base_folder, data, tmp_path / "run", prompt_format="llama3"))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="--prompt-format: must be one of "
-                                         "\\('alpaca', 'llama2', 'llama3', 'mistral', 'mistral-v3', 'v2-dialog'\\), "
-                                         "got 'chatml'"):
+                                         "\\('alpaca', 'llama2', 'llama3', 'llama3.1', 'mistral', 'mistral-v3', "
+                                         "'v2-dialog'\\), got 'chatml'"):
         tiny_config(base_folder, data, tmp_path / "run", prompt_format="chatml")
 
 
@@ -401,8 +439,8 @@ def test_the_apps_prompt_format_flag(tmp_path):
     assert parse_config([]).prompt_format == "auto"
     assert parse_config([], {"ADAPTER_PROMPT_FORMAT": "llama3"}).prompt_format == "llama3"
     with pytest.raises(ValueError, match="--prompt-format: must be one of "
-                                         "\\('auto', 'alpaca', 'llama2', 'llama3', 'mistral', 'mistral-v3', "
-                                         "'v2-dialog'\\), got 'x'"):
+                                         "\\('auto', 'alpaca', 'llama2', 'llama3', 'llama3.1', 'mistral', "
+                                         "'mistral-v3', 'v2-dialog'\\), got 'x'"):
         parse_config(["--prompt-format", "x"])
 
 
@@ -485,6 +523,17 @@ def test_a_bare_base_is_asked_as_its_chat_template_asks(llama3_base, reference, 
     assert adapter.load_sharing(model, save_adapter(fresh, tmp_path / "alpaca")).prompt_format == "alpaca"
     assert inspect_main([str(folder)]) == 0
     assert "  prompt format without an adapter: llama3 (its chat template's)\n" in capsys.readouterr().out
+
+
+def test_a_bare_llama31_instruct_is_asked_with_its_dated_system_turn(llama3_base, reference31, tmp_path, capsys):
+    folder = with_chat_template(llama3_base, tmp_path / "instruct31", LLAMA31_CHAT_TEMPLATE, "config")
+    model = adapter.load(folder, device="cpu")
+    assert (model.prompt_format, model.base_prompt_format) == ("llama3.1", "llama3.1")
+    prompt = Engine(model, max_new_tokens=8).chat_prompt([("Hi", "Hello!")], "Name a colour.", Settings())
+    assert model.tokenizer.encode(prompt, bos=True) == template_ids(reference31, messages(
+        [("Hi", "Hello!"), ("Name a colour.", None)]), True)
+    assert inspect_main([str(folder)]) == 0
+    assert "  prompt format without an adapter: llama3.1 (its chat template's)\n" in capsys.readouterr().out
 
 
 def test_other_chat_templates_and_none_leave_a_bare_base_in_alpaca(base_folder, tmp_path, capsys):
