@@ -18,6 +18,10 @@ VISUAL_PROMPT_KINDS = VISUAL_KINDS[1:]  # the kinds that add a visual prompt
 CHANNEL_ORDERS = ("rgb", "bgr")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 BIAS_TARGETS = ("wq", "wo", "w1", "w2", "w3")
+SCALE_PLACES = ("input", "output")
+# how a layer's prompt becomes keys and values: through the frozen wk/wv (the official formula), through wk/wv
+# with their v2 deltas (litgpt's fused qkv linear, up to 0.5.4), or as litgpt 0.5.5+ reads them from that linear
+PROMPT_PROJECTIONS = ("frozen", "tuned", "litgpt-qkv")
 ROPE_SCALINGS = ("linear", "llama3")
 LLAMA32_SMALL_SHAPES = ((2048, 16), (3072, 28))  # (dim, n_layers) of Llama 3.2 1B and 3B
 
@@ -166,7 +170,9 @@ class AdapterArgs:
     v2 adds zero-init biases (`bias`, on the `bias_targets` linears), ones-init scales of the linears' inputs
     (`scale`, on all seven: the V2 paper's bias tuning `W(s * x) + b`, as the official V2 dialog model has it),
     tunable norms (`norm`), optional LoRA (`lora_rank` > 0) and the ones-init `new_gate` that the official
-    LORA-BIAS checkpoints carry.
+    LORA-BIAS checkpoints carry. litgpt's adapter v2 scales the outputs instead (`scale_at="output"`:
+    `s * (Wx + b)`), tunes the vocabulary head's bias and scale too (`head_delta`) and feeds the prompt through
+    the tuned q|k|v linear (`prompt_projection`, one of PROMPT_PROJECTIONS).
 
     `visual` adds a visual prompt read from CLIP features and added to every layer's adaption prompt:
     "v2" (official multimodal: projected CLIP tokens, `prompt_len` visual queries, `visual_depth`
@@ -182,6 +188,9 @@ class AdapterArgs:
     bias: bool = False
     bias_targets: tuple[str, ...] = field(default=BIAS_TARGETS)
     scale: bool = False
+    scale_at: str = "input"
+    head_delta: bool = False
+    prompt_projection: str = "frozen"
     norm: bool = False
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)
@@ -210,6 +219,11 @@ class AdapterArgs:
             object.__setattr__(self, name, tuple(getattr(self, name)))
             unknown = sorted(set(getattr(self, name)) - set(LORA_TARGETS))
             _require(not unknown, name, f"unknown linear(s) {unknown}; choose from {LORA_TARGETS}")
+        _require(self.scale_at in SCALE_PLACES, "scale_at", f"must be one of {SCALE_PLACES}, got {self.scale_at!r}")
+        _require(not self.head_delta or self.bias or self.scale, "head_delta",
+                 "needs a bias or a scale to give the head (bias=True or scale=True)")
+        _require(self.prompt_projection in PROMPT_PROJECTIONS, "prompt_projection",
+                 f"must be one of {PROMPT_PROJECTIONS}, got {self.prompt_projection!r}")
         _require(not self.new_gate or self.prompt_layers > 0, "new_gate", "needs adaption prompts (prompt_layers > 0)")
         _require(self.visual in VISUAL_KINDS, "visual", f"must be one of {VISUAL_KINDS}, got {self.visual!r}")
         _require(self.visual == "none" or self.prompt_layers > 0, "visual", "needs adaption prompts to add to")
@@ -231,10 +245,19 @@ class AdapterArgs:
 
     @property
     def v2_parts(self) -> list[str]:
-        """The v2 parts this adapter has, named for people: bias, scale, norm, LoRA rank N, new_gate."""
-        return [name for name, on in (("bias", self.bias), ("scale", self.scale), ("norm", self.norm),
+        """The v2 parts this adapter has, named for people: bias, scale, norm, LoRA rank N, new_gate, head
+        bias/scale."""
+        scale = "scale" if self.scale_at == "input" else "output scale"
+        return [name for name, on in (("bias", self.bias), (scale, self.scale), ("norm", self.norm),
                                       (f"LoRA rank {self.lora_rank}", self.lora_rank > 0),
-                                      ("new_gate", self.new_gate)) if on]
+                                      ("new_gate", self.new_gate), ("head bias/scale", self.head_delta)) if on]
+
+    @property
+    def beyond_v1(self) -> list[str]:
+        """What the official v1 formula (and PEFT's) cannot compute: the v2 parts, and litgpt 0.5.5+'s reading of
+        the prompt's keys and values."""
+        projection = ["litgpt 0.5.5+ prompt keys/values"] if self.prompt_projection == "litgpt-qkv" else []
+        return self.v2_parts + projection
 
     @property
     def has_deltas(self) -> bool:

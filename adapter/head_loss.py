@@ -66,10 +66,15 @@ def head_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     hits = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        logits = (hidden[rows] @ weight.t()).float()
-        losses[rows] = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[rows, None]).squeeze(1)
-        hits[rows] = logits.argmax(dim=-1) == targets[rows]
+        losses[rows], hits[rows] = logit_scores((hidden[rows] @ weight.t()).float(), targets[rows])
     return losses, hits
+
+
+def logit_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`head_scores` of logits already computed [N, vocab]: each row's cross-entropy and whether its target is
+    the most likely token."""
+    losses = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
+    return losses, logits.argmax(dim=-1) == targets
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:

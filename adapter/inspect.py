@@ -68,6 +68,10 @@ def gate_rows(found: LoadedAdapter) -> list[str]:
     return rows
 
 
+PROJECTIONS = {"tuned": "through wk/wv with their v2 deltas (litgpt up to 0.5.4)",
+               "litgpt-qkv": "litgpt 0.5.5+'s, read from its fused q|k|v output as if interleaved per query group"}
+
+
 def describe_adapter(path: Path) -> list[str]:
     found = read_adapter(path)
     a = found.args
@@ -82,6 +86,7 @@ def describe_adapter(path: Path) -> list[str]:
         f"  prompts: {a.prompt_len} tokens on {layers}; gate activation {a.gate_activation}" if a.has_prompts
         else "  prompts: none (no gates: the delta scale is its only slider)",
         f"  v2 parts: {', '.join(parts) if parts else 'none (v1)'}",
+        *([f"  prompt keys/values: {PROJECTIONS[a.prompt_projection]}"] if a.prompt_projection != "frozen" else []),
         f"  parameters {count:,}",
         f"  prompt format {found.prompt_format}"
         + ("" if found.format == "native" else f" (assumed: the {found.format} format does not record one)"),

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import AdapterArgs, ModelArgs, RopeScaling
 from .fused import StackedWeight
-from .head_loss import head_cross_entropy, head_scores
+from .head_loss import head_cross_entropy, head_scores, logit_scores
 from .kv_cache import KVCache, check_kv_cache
 from .layout import row_major
 from .static_decode import StaticDecoder
@@ -62,17 +62,21 @@ class RMSNorm(nn.Module):
 
 class LinearDelta(nn.Module):
     """The v2 change to one frozen linear: a zero-init bias, LoRA with a zero-init up-projection, and/or a
-    ones-init scale of its input (`W(s * x) + b`, the V2 paper's bias tuning).
+    ones-init scale, of its input (`W(s * x) + b`, the V2 paper's bias tuning) or of its output (`s * (Wx + b)`,
+    litgpt's adapter v2).
 
     Kept outside the frozen (possibly quantized) linear so that it stays in full precision and can be
-    scaled by the delta scale d: the layer computes `W((1 + d(s - 1)) * x) + d(b + LoRA(x))`, the frozen
-    linear at d = 0 and the trained one at d = 1.
+    scaled by the delta scale d: the layer computes `W((1 + d(s - 1)) * x) + d(b + LoRA(x))`, or
+    `(1 + d(s - 1)) * (Wx + d(b + LoRA(x)))` with an output scale: the frozen linear at d = 0 and the trained
+    one at d = 1.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, lora_rank: int, scale: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, lora_rank: int, scale: bool = False,
+                 scale_at: str = "input") -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.scale = nn.Parameter(torch.ones(in_features)) if scale else None
+        self.scale = nn.Parameter(torch.ones(in_features if scale_at == "input" else out_features)) if scale else None
+        self.scale_at = scale_at
         self.lora_down = self.lora_up = None
         if lora_rank > 0:
             self.lora_down = nn.Linear(in_features, lora_rank, bias=False)
@@ -80,10 +84,16 @@ class LinearDelta(nn.Module):
             nn.init.zeros_(self.lora_up.weight)
 
     def scaled_input(self, x: torch.Tensor, delta_scale: torch.Tensor) -> torch.Tensor:
-        """What the frozen linear reads: `x`, or with a scale `(1 + d(s - 1)) * x`."""
-        if self.scale is None:
+        """What the frozen linear reads: `x`, or with an input scale `(1 + d(s - 1)) * x`."""
+        if self.scale is None or self.scale_at != "input":
             return x
         return x * (1 + delta_scale * (self.scale - 1)).to(x.dtype)
+
+    def scaled_output(self, y: torch.Tensor, delta_scale: torch.Tensor) -> torch.Tensor:
+        """What the layer gives: `y`, or with an output scale `(1 + d(s - 1)) * y`."""
+        if self.scale is None or self.scale_at != "output":
+            return y
+        return y * (1 + delta_scale * (self.scale - 1)).to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The added output, bias and LoRA (None without either)."""
@@ -98,11 +108,16 @@ class LinearDelta(nn.Module):
 
 
 def _make_delta(adapter: AdapterArgs, name: str, in_features: int, out_features: int) -> LinearDelta | None:
-    bias = adapter.bias and name in adapter.bias_targets
-    rank = adapter.lora_rank if name in adapter.lora_targets else 0
-    if not bias and rank == 0 and not adapter.scale:
+    """The delta of linear `name` (one of the seven, or "output": the head, when `head_delta`), None without
+    one."""
+    if name == "output":
+        bias, rank, scale = adapter.head_delta and adapter.bias, 0, adapter.head_delta and adapter.scale
+    else:
+        bias, scale = adapter.bias and name in adapter.bias_targets, adapter.scale
+        rank = adapter.lora_rank if name in adapter.lora_targets else 0
+    if not bias and rank == 0 and not scale:
         return None
-    return LinearDelta(in_features, out_features, bias, rank, adapter.scale)
+    return LinearDelta(in_features, out_features, bias, rank, scale, adapter.scale_at)
 
 
 # Compiled decode steps of at most this many rows compute their frozen matrix-vector products as reductions
@@ -140,7 +155,7 @@ def _linear(layer: nn.Module, delta: LinearDelta | None, x: torch.Tensor, scale:
         return frozen_linear(layer, x)
     out = frozen_linear(layer, delta.scaled_input(x, scale))
     added = delta(x)
-    return out if added is None else out + scale * added
+    return delta.scaled_output(out if added is None else out + scale * added, scale)
 
 
 def _stacked_linear(weight: torch.Tensor, parts: Sequence[tuple[nn.Module, LinearDelta | None]], x: torch.Tensor,
@@ -212,6 +227,7 @@ class Attention(nn.Module):
         self.kv_heads = args.kv_heads
         self.head_dim = args.head_dim
         self.gate_activation = adapter.gate_activation
+        self.prompt_projection = adapter.prompt_projection
         q_dim, kv_dim = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
         self.wq = nn.Linear(args.dim, q_dim, bias=False)
         self.wk = nn.Linear(args.dim, kv_dim, bias=False)
@@ -232,12 +248,38 @@ class Attention(nn.Module):
             gate = gate * self.new_gate
         return gate
 
-    def prompt_kv(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of the adaption prompt [B|1, K, dim] through the frozen wk/wv, without RoPE."""
-        batch, length, _ = prompt.shape
-        pk = self.wk(prompt).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        pv = self.wv(prompt).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+    def prompt_kv(self, prompt: torch.Tensor, delta_scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the adaption prompt [B|1, K, dim], without RoPE: through the frozen wk/wv (the official
+        formula), through them with their v2 deltas ("tuned"), or as litgpt 0.5.5+ reads them ("litgpt-qkv")."""
+        if delta_scale is None:
+            delta_scale = torch.ones((), device=prompt.device)
+        if self.prompt_projection == "frozen":
+            k, v = self.wk(prompt), self.wv(prompt)
+        else:
+            k = _linear(self.wk, self.wk_delta, prompt, delta_scale)
+            v = _linear(self.wv, self.wv_delta, prompt, delta_scale)
+        if self.prompt_projection == "litgpt-qkv":
+            k, v = self._litgpt_prompt_kv(_linear(self.wq, self.wq_delta, prompt, delta_scale), k, v)
+        batch, length = k.shape[:2]
+        pk = k.reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        pv = v.reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         return pk, pv
+
+    def _litgpt_prompt_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """litgpt 0.5.5+ projects the prompt with its fused linear, whose rows are all queries, then all keys,
+        then all values (q and k rows in HF's rotate-half order), and takes each query group's key and value
+        as if the rows were still interleaved per group (that group's r queries, key, value): the head-sized
+        chunks g(r+2)+r and g(r+2)+r+1. Its adapters were trained so, so this reads them as trained."""
+        batch, length, _ = q.shape
+        per_group = self.n_heads // self.kv_heads
+        rows = torch.cat([_meta_to_rotate_half(q, self.head_dim), _meta_to_rotate_half(k.expand(batch, -1, -1),
+                                                                                       self.head_dim),
+                          v.expand(batch, -1, -1)], dim=-1)
+        grouped = rows.view(batch, length, self.kv_heads, per_group + 2, self.head_dim)
+        keys = _rotate_half_to_meta(grouped[..., per_group, :], self.head_dim)  # met by Meta-ordered queries
+        return keys.flatten(-2), grouped[..., per_group + 1, :].flatten(-2)
 
     def forward(
         self,
@@ -286,6 +328,17 @@ class Attention(nn.Module):
             qk = apply_rope(qkv[:, :, :rotated], ctx.rope)  # one rotation for queries and keys
             q, k, v = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:], qkv[:, :, rotated:]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _meta_to_rotate_half(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Each head's features [..., heads * head_dim] from Meta's pair order (0, D/2, 1, D/2 + 1, ...) to HF's
+    rotate-half order (0, 1, ..., D - 1)."""
+    return x.unflatten(-1, (-1, head_dim // 2, 2)).transpose(-1, -2).flatten(-3)
+
+
+def _rotate_half_to_meta(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of `_meta_to_rotate_half`, for [..., head_dim] features."""
+    return x.unflatten(-1, (2, head_dim // 2)).transpose(-1, -2).flatten(-2)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp32: bool, **options: Any) -> torch.Tensor:
@@ -360,6 +413,7 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(args.dim, args.norm_eps, tunable=adapter.norm)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output_delta = _make_delta(adapter, "output", args.dim, args.vocab_size)  # litgpt v2's tuned head
         self.adapter_query = None
         if adapter.has_prompts:
             self.adapter_query = nn.Embedding(adapter.prompt_layers * adapter.prompt_len, args.dim)
@@ -532,7 +586,11 @@ class Transformer(nn.Module):
         small model, so it is not run where no loss is taken. With `targets` [N] as well, the summed
         cross-entropy of those positions instead (adapter.head_loss: no [N, vocab] tensors kept).
         """
-        h = self._hidden(tokens, gate_scale, delta_scale, visual_prompt, positions, targets)
+        h, delta = self._hidden(tokens, gate_scale, delta_scale, visual_prompt, positions, targets)
+        if self.output_delta is not None:  # a tuned head: plain logits, which its bias and scale get gradients through
+            logits = self._head(h, delta).float()
+            logits = logits if positions is None else logits[positions]
+            return logits if targets is None else F.cross_entropy(logits, targets, reduction="sum")
         if targets is not None:
             return head_cross_entropy(h[positions], self.output.weight, targets)
         return self.output(h if positions is None else h[positions]).float()
@@ -553,11 +611,15 @@ class Transformer(nn.Module):
         computed as `forward` computes the training loss, without gradients or an [N, vocab] tensor."""
         if targets is None:
             raise ValueError("targets: give the target of every scored position")
-        h = self._hidden(tokens, gate_scale, delta_scale, visual_prompt, positions, targets)
+        h, delta = self._hidden(tokens, gate_scale, delta_scale, visual_prompt, positions, targets)
+        if self.output_delta is not None:
+            return logit_scores(self._head(h, delta).float()[positions], targets)
         return head_scores(h[positions], self.output.weight, targets)
 
-    def _hidden(self, tokens: torch.Tensor, gate_scale, delta_scale, visual_prompt, positions, targets) -> torch.Tensor:
-        """The final norm's output [B, T, dim] of a whole sequence, no cache, the arguments checked."""
+    def _hidden(self, tokens: torch.Tensor, gate_scale, delta_scale, visual_prompt, positions,
+                targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm's output [B, T, dim] of a whole sequence, no cache, the arguments checked, and the delta
+        scale it was computed at ([] or [B, 1, 1])."""
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
         if positions is not None and (not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool
@@ -569,7 +631,12 @@ class Transformer(nn.Module):
             raise ValueError("targets: give the positions they are the targets of (positions=bool mask)")
         rope = self._rope_slice(torch.arange(length, device=tokens.device))
         ctx = self._context(batch, rope, gate_scale, delta_scale, is_causal=length > 1)
-        return self.norm(self._run_layers(self.tok_embeddings(tokens), ctx, visual_prompt, cache=None), ctx.delta_scale)
+        h = self._run_layers(self.tok_embeddings(tokens), ctx, visual_prompt, cache=None)
+        return self.norm(h, ctx.delta_scale), ctx.delta_scale
+
+    def _head(self, h: torch.Tensor, delta_scale: torch.Tensor) -> torch.Tensor:
+        """The vocabulary head's logits of the final norm's output, with its delta if it has one."""
+        return _linear(self.output, self.output_delta, h, delta_scale)
 
     def new_cache(
         self,
@@ -742,7 +809,7 @@ class Transformer(nn.Module):
     def _last_logits(self, tokens: torch.Tensor, ctx: StepContext, cache: KVCache,
                      record: list[torch.Tensor] | None) -> torch.Tensor:
         h = self._run_layers(self.tok_embeddings(tokens), ctx, cache.visual_prompt, cache=cache, record=record)
-        return frozen_linear(self.output, self.norm(h[:, -1:], ctx.delta_scale, ctx.fused)).float()[:, 0]
+        return self._head(self.norm(h[:, -1:], ctx.delta_scale, ctx.fused), ctx.delta_scale).float()[:, 0]
 
     def _compiled_logits(self) -> Callable[..., torch.Tensor]:
         """`_last_logits` through torch.compile, made on first use and kept.
@@ -794,7 +861,7 @@ class Transformer(nn.Module):
                 if reuse and i in cache.prompt_kv:
                     prompt_kv = cache.prompt_kv[i]
                 else:
-                    prompt_kv = layer.attention.prompt_kv(prompts[i - self.first_prompt_layer])
+                    prompt_kv = layer.attention.prompt_kv(prompts[i - self.first_prompt_layer], ctx.delta_scale)
                     if reuse:
                         cache.prompt_kv[i] = prompt_kv
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -158,7 +158,7 @@ def test_prompt_keys_values_are_computed_once_per_request_and_never_cached_with_
     for block in model.layers:
         original = block.attention.prompt_kv
         monkeypatch.setattr(block.attention, "prompt_kv",
-                            lambda p, original=original: calls.append(1) or original(p))
+                            lambda p, d, original=original: calls.append(1) or original(p, d))
     t = tokens(1, 5, TINY.vocab_size)
     with torch.no_grad():
         cache = model.new_cache(1, 10)

@@ -210,9 +210,12 @@ REFUSED = {
     "per-head": (lambda: unequal_heads(share_gates(make_model(TINY, RAW))),
                  "layer 3 has a different gate value per head"),
     "v2": (lambda: share_gates(make_model(TINY, AdapterArgs(prompt_len=3, prompt_layers=2, gate_activation="raw",
-                                                            bias=True))), "v2 part.*bias"),
+                                                            bias=True))), "has no place for bias"),
     "scale": (lambda: share_gates(make_model(TINY, AdapterArgs(prompt_len=3, prompt_layers=2, gate_activation="raw",
-                                                               scale=True))), "v2 part.*scale"),
+                                                               scale=True))), "has no place for scale"),
+    "litgpt-qkv": (lambda: share_gates(make_model(TINY, AdapterArgs(
+        prompt_len=3, prompt_layers=2, gate_activation="raw", prompt_projection="litgpt-qkv"))),
+        "has no place for litgpt 0.5.5\\+ prompt keys/values"),
 }
 
 

@@ -15,7 +15,8 @@ from .common import LoadedAdapter, torch_load
 BASE_FORMATS = ("a Meta folder (params.json, consolidated.*.pth), a Mistral one (params.json, "
                 "consolidated*.safetensors) or an HF folder (config.json)")
 ADAPTER_FORMATS = ("our adapter.safetensors (or a folder with it), a PEFT adaption_prompt folder "
-                   "(adapter_config.json), an official LLaMA-Adapter v1/v2 .pth file, or a litgpt lit_model.pth.adapter")
+                   "(adapter_config.json), an official LLaMA-Adapter v1/v2 .pth file, or a litgpt "
+                   "lit_model.pth.adapter(_v2)")
 
 
 def open_base(path: str | os.PathLike):

@@ -235,7 +235,7 @@ def write_official_v1(model: "Transformer", path: str | Path) -> Path:
     """
     path = Path(path)
     a = model.adapter_args
-    reasons = a.v2_parts
+    reasons = a.beyond_v1
     if not a.has_prompts:
         reasons.append("no adaption prompts")
     if reasons:

@@ -186,9 +186,9 @@ def _check_representable(model: "Transformer") -> None:
         raise ValueError("write_peft: the adapter has no adaption prompts (prompt_layers=0); nothing to export")
     if a.gate_activation != "raw":
         raise ValueError(f"write_peft: gate_activation is {a.gate_activation}; PEFT uses raw gates")
-    v2 = a.v2_parts
-    if v2:
-        raise ValueError(f"write_peft: v2 part(s) {', '.join(v2)} have no place in PEFT adaption_prompt (v1 only)")
+    extra = a.beyond_v1
+    if extra:
+        raise ValueError(f"write_peft: PEFT adaption_prompt (v1 only) has no place for {', '.join(extra)}")
     for n in range(model.first_prompt_layer, model.args.n_layers):
         gate = model.layers[n].attention.gate.detach().flatten()
         if not torch.all(gate == gate[0]):
