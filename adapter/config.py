@@ -75,6 +75,14 @@ class RopeScaling:
         return cls(kind, **options)
 
 
+def explicit_head_size(head_dim: object, dim: object, n_heads: object) -> dict[str, object]:
+    """{"head_size": head_dim} when a checkpoint's head width is not dim / n_heads (Mistral NeMo's), else {}: an
+    unneeded field would make the same shape compare unequal."""
+    if head_dim is None or (isinstance(dim, int) and isinstance(n_heads, int) and n_heads * head_dim == dim):
+        return {}
+    return {"head_size": head_dim}
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     """The LLaMA 1/2/3 shape, named as in Meta's `params.json`."""
@@ -83,6 +91,7 @@ class ModelArgs:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int | None = None
+    head_size: int | None = None  # a head's width when not dim / n_heads (Mistral NeMo: 128, at dim 5120 and 32 heads)
     vocab_size: int = 32000
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
@@ -96,8 +105,12 @@ class ModelArgs:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
-        _require(self.dim % self.n_heads == 0, "dim", f"{self.dim} is not divisible by n_heads={self.n_heads}")
-        _require(self.head_dim % 2 == 0, "dim", f"head dim {self.head_dim} must be even for rotary embeddings")
+        _require(self.head_size is None or (isinstance(self.head_size, int) and self.head_size > 0), "head_size",
+                 f"must be a positive integer, got {self.head_size!r}")
+        _require(self.head_size is not None or self.dim % self.n_heads == 0, "dim",
+                 f"{self.dim} is not divisible by n_heads={self.n_heads}")
+        _require(self.head_dim % 2 == 0, "dim" if self.head_size is None else "head_size",
+                 f"head dim {self.head_dim} must be even for rotary embeddings")
         _require(self.ffn_dim is None or (isinstance(self.ffn_dim, int) and self.ffn_dim > 0), "ffn_dim",
                  f"must be a positive integer, got {self.ffn_dim!r}")
         kv = self.kv_heads
@@ -112,7 +125,7 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size if self.head_size is not None else self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -131,8 +144,8 @@ class ModelArgs:
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":
         """Build from a Meta `params.json` dict; unknown keys are ignored, `vocab_size: -1` needs an override.
-        Mistral's params.json (its own releases) names the SwiGLU width `hidden_dim` and writes `head_dim`, which
-        must be dim / n_heads here.
+        Mistral's params.json (its own releases) names the SwiGLU width `hidden_dim` and writes `head_dim`, kept
+        as `head_size` where it is not dim / n_heads (Mistral NeMo).
 
         Llama 3.1+'s `use_scaled_rope: true` is the "llama3" scaling with Meta's constants and the factor
         `rope_scaling_factor`. Meta's params.json files do not say it: their reference code takes 8, right for
@@ -142,9 +155,7 @@ class ModelArgs:
         values = {k: v for k, v in params.items() if k in known}
         if params.get("hidden_dim") is not None and "ffn_dim" not in values:  # Mistral's name for the SwiGLU width
             values["ffn_dim"] = params["hidden_dim"]
-        head_dim, dim, heads = params.get("head_dim"), params.get("dim"), params.get("n_heads")
-        if head_dim is not None and isinstance(dim, int) and isinstance(heads, int) and head_dim * heads != dim:
-            raise ValueError(f"head_dim={head_dim} is not dim / n_heads = {dim} / {heads} (not supported)")
+        values.update(explicit_head_size(params.get("head_dim"), params.get("dim"), params.get("n_heads")))
         if params.get("use_scaled_rope") and values.get("rope_scaling") is None:
             llama32_small = (params.get("dim"), params.get("n_layers")) in LLAMA32_SMALL_SHAPES
             factor = params.get("rope_scaling_factor") or (32.0 if llama32_small else 8.0)

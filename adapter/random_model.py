@@ -126,6 +126,8 @@ def write_random_base(
                 part[name] = tensor.chunk(shards, dim=dim)[index].clone()
         torch.save(part, folder / f"consolidated.{index:02d}.pth")
     params = {k: v for k, v in args.to_dict().items() if v is not None and k != "max_seq_len"}
+    if "head_size" in params:  # Mistral's params.json name for it
+        params["head_dim"] = params.pop("head_size")
     scaling = args.rope_scaling
     if scaling is not None and scaling == RopeScaling("llama3", scaling.factor):  # Meta's own spelling of it
         params.pop("rope_scaling")
@@ -165,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--n-heads", type=int, default=4)
     parser.add_argument("--n-kv-heads", type=int)
+    parser.add_argument("--head-dim", type=int,
+                        help="a head's width when not dim / n-heads (Mistral NeMo's shape: 128 at dim 5120, 32 heads)")
     parser.add_argument("--vocab-size", type=int, help="default 512 (768 with --llama3)")
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -183,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.mistral and options.shards != 1:
             raise ValueError("--shards: Mistral's layout is one consolidated.safetensors")
         shape = dict(dim=options.dim, n_layers=options.n_layers, n_heads=options.n_heads,
-                     n_kv_heads=options.n_kv_heads, vocab_size=options.vocab_size or (768 if options.llama3 else 512),
+                     n_kv_heads=options.n_kv_heads, head_size=options.head_dim, vocab_size=options.vocab_size or (768 if options.llama3 else 512),
                      multiple_of=32)
         if options.llama3:
             shape.update(rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0))

@@ -22,7 +22,7 @@ def test_inspect_base_folder(base_folder, capsys):
     assert inspect_main([str(base_folder)]) == 0
     out = capsys.readouterr().out
     assert "base LLaMA, meta format" in out
-    assert "dim 64, layers 4, heads 4 (kv heads 4), ffn 192, vocab 512" in out
+    assert "dim 64, layers 4, heads 4 of 16 (kv heads 4), ffn 192, vocab 512" in out
     assert "\n  context 2048 tokens\n" in out  # params.json has no length: the default
 
 

@@ -17,7 +17,7 @@ from adapter.config import ModelArgs
 from adapter.inspect import describe
 from adapter.prompts import PROMPT_FORMATS
 from adapter.random_model import main as random_model_main
-from adapter.random_model import write_random_base
+from adapter.random_model import write_random_base, write_random_mistral
 
 # an FFN width Meta's rule would not give from dim 64 (multiple_of 256 -> 256): a reader that ignored Mistral's
 # `hidden_dim` would build the wrong shape and fail to load
@@ -101,8 +101,20 @@ def test_an_adapter_on_a_mistral_folder_is_the_adapter_on_the_same_weights(meta_
     assert torch.equal(logits(on_mistral), logits(trained))
 
 
+def test_heads_narrower_than_dim_over_heads_as_mistral_nemo_has_them(tmp_path):
+    """NeMo's params.json has head_dim 128 at dim 5120 and 32 heads (not 160); here 8 at dim 64 and 4 heads."""
+    nemo = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_size=8, vocab_size=512, ffn_dim=96,
+                     rope_theta=1e6)
+    folder = write_random_mistral(tmp_path / "nemo", nemo, seed=5)
+    assert json.loads((folder / "params.json").read_text())["head_dim"] == 8
+    model = adapter.load(folder, device="cpu")
+    assert model.args.head_dim == 8 and model.layers[0].attention.wo.weight.shape == (64, 32)
+    assert torch.equal(logits(model), logits(adapter.load(write_random_base(tmp_path / "meta", nemo, seed=5),
+                                                          device="cpu")))
+
+
 BAD = {
-    "head_dim": (dict(head_dim=8), "params.json: head_dim=8 is not dim / n_heads = 64 / 4"),
+    "head_dim": (dict(head_dim=7), "head dim 7 must be even for rotary embeddings"),
     "window": (dict(window="4k"), "params.json: sliding_window must be an integer >= 2 or null, got '4k'"),
 }
 
@@ -144,3 +156,8 @@ def test_the_random_model_command_writes_mistrals_layout(tmp_path, capsys):
     assert capsys.readouterr().err == "error: --sliding-window: only with --mistral\n"
     with pytest.raises(SystemExit):
         random_model_main([str(tmp_path / "y"), "--mistral", "--llama3"])
+    assert random_model_main([str(tmp_path / "nemo"), "--mistral", "--head-dim", "32", "--n-layers", "1"]) == 0
+    assert adapter.load(tmp_path / "nemo", device="cpu").layers[0].attention.wq.weight.shape == (128, 64)
+    capsys.readouterr()
+    assert random_model_main([str(tmp_path / "z"), "--head-dim", "0"]) == 2
+    assert capsys.readouterr().err == "error: head_size: must be a positive integer, got 0\n"

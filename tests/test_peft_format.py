@@ -21,7 +21,8 @@ from adapter.formats.peft import write_peft
 from adapter.inspect import describe
 from adapter.model import Transformer
 from adapter.random_model import write_random_base
-from tests.conftest import TINY, make_model
+from tests.conftest import TINY, V2, make_model, randomize_adapter
+from tests.reference import reference_logits
 
 TOKENS = torch.tensor([[1, 45, 300, 7, 99, 12, 5], [1, 3, 8, 200, 41, 17, 66]])
 GATES = (0.7, -0.4, 1.3)
@@ -54,18 +55,19 @@ def meta_to_hf_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(heads * head_dim, dim)
 
 
-def hf_llama(base: Path, mistral_window: int | None = None):
+def hf_llama(base: Path, mistral_window: int | None = None, mistral: bool = False):
     """A transformers LlamaForCausalLM holding exactly the weights of the Meta folder `base` (a
-    MistralForCausalLM attending over `mistral_window` tokens when that is given)."""
+    MistralForCausalLM with `mistral`, or attending over `mistral_window` tokens when that is given)."""
+    mistral = mistral or mistral_window is not None
     ours = adapter.load(base, device="cpu")
     a = ours.args
     shape = dict(
         hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
         num_attention_heads=a.n_heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab_size,
         rms_norm_eps=a.norm_eps, rope_parameters=hf_rope(a), max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=False)
-    config = (transformers.LlamaConfig(**shape) if mistral_window is None
-              else transformers.MistralConfig(**shape, sliding_window=mistral_window))
+        tie_word_embeddings=False, head_dim=a.head_dim)
+    config = (transformers.MistralConfig(**shape, sliding_window=mistral_window) if mistral
+              else transformers.LlamaConfig(**shape))
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
              "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
@@ -78,7 +80,7 @@ def hf_llama(base: Path, mistral_window: int | None = None):
             if meta in ("attention.wq", "attention.wk"):
                 w = meta_to_hf_rows(w, a.n_heads if meta == "attention.wq" else a.kv_heads)
             state[f"model.layers.{i}.{hf}.weight"] = w
-    model = (transformers.LlamaForCausalLM if mistral_window is None else transformers.MistralForCausalLM)(config)
+    model = (transformers.MistralForCausalLM if mistral else transformers.LlamaForCausalLM)(config)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -160,6 +162,37 @@ def test_peft_adapter_on_a_mistral_folder_gives_peft_logits(gqa_folder, tmp_path
     assert str(folder / "config.json") in str(error.value)
     with pytest.raises(ValueError, match="more than max_seq_len=16"):
         base(torch.ones(1, MISTRAL_WINDOW + 1, dtype=torch.long))
+
+
+# heads whose width is not dim / n_heads, as Mistral NeMo's (32 heads of 128 at dim 5120, narrower than 160); here wider
+NEMO = dataclasses.replace(GQA, head_size=32, rope_theta=1e6)
+
+
+def test_heads_not_dim_over_heads_wide_give_transformers_logits(tmp_path):
+    """q/k/v project to n_heads * head_dim = 128 features from dim 64 (NeMo: 4096 from 5120). An HF folder of
+    that shape gives transformers' logits, a Meta folder with `head_dim` in params.json the same, and a v2
+    adapter on it what the reference formulas give."""
+    meta = write_random_base(tmp_path / "meta", NEMO, seed=6)
+    assert json.loads((meta / "params.json").read_text())["head_dim"] == 32
+    ours = adapter.load(meta, device="cpu")
+    assert (ours.args.head_dim, ours.layers[0].attention.wq.weight.shape) == (32, (128, 64))
+    reference = hf_llama(meta, mistral=True)
+    folder = tmp_path / "nemo"
+    reference.save_pretrained(folder)
+    shutil.copy(meta / "tokenizer.model", folder)
+    base = adapter.load(folder, device="cpu")
+    assert (base.args.head_dim, base.args.ffn_hidden_dim, base.args.kv_heads) == (32, ours.args.ffn_hidden_dim, 2)
+    torch.testing.assert_close(logits(base), hf_logits(reference), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(ours), logits(base), atol=1e-5, rtol=0)
+    assert describe(folder)[1].startswith("  dim 64, layers 3, heads 4 of 32 (kv heads 2), ")
+    # peft's adaption prompt cannot take this shape (it views k_proj's output as dim / n_heads wide heads), so
+    # our adapters are checked against the plain reference of the formulas
+    loaded = randomize_adapter(adapter.load(folder, adapter=V2, device="cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded), reference_logits(loaded, TOKENS), atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(logits(loaded), logits(base), atol=1e-3), "adapter acts"
+    with pytest.raises(ValueError, match="write_peft: the base's heads are 32 wide, not dim / n_heads"):
+        write_peft(share_gates(adapter.load(folder, adapter=RAW, device="cpu")), tmp_path / "out")
 
 
 def raw_adapter(base: Path) -> Transformer:

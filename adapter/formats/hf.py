@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import ModelArgs, RopeScaling
+from ..config import ModelArgs, RopeScaling, explicit_head_size
 from ..tokenizer import find_tokenizer
 from .common import torch_load
 from .meta import read_json
@@ -199,9 +199,7 @@ def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: {name}={config[name]!r} is not supported (only {only!r})")
     params = {ours: config[theirs] for theirs, ours in {**_REQUIRED, **_OPTIONAL}.items()
               if config.get(theirs) is not None}
-    head_dim = config.get("head_dim")
-    if head_dim is not None and head_dim * params["n_heads"] != params["dim"]:
-        raise ValueError(f"{path}: head_dim={head_dim} is not hidden_size / num_attention_heads (not supported)")
+    params.update(explicit_head_size(config.get("head_dim"), params["dim"], params["n_heads"]))
     params.update(_rope(config, path))
     return params
 

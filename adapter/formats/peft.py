@@ -186,6 +186,9 @@ def _check_representable(model: "Transformer") -> None:
         raise ValueError("write_peft: the adapter has no adaption prompts (prompt_layers=0); nothing to export")
     if a.gate_activation != "raw":
         raise ValueError(f"write_peft: gate_activation is {a.gate_activation}; PEFT uses raw gates")
+    if model.args.head_size is not None:
+        raise ValueError(f"write_peft: the base's heads are {model.args.head_size} wide, not dim / n_heads; PEFT's "
+                         "adaption_prompt reshapes the prompt's keys into dim / n_heads wide heads and fails on it")
     extra = a.beyond_v1
     if extra:
         raise ValueError(f"write_peft: PEFT adaption_prompt (v1 only) has no place for {', '.join(extra)}")
