@@ -37,8 +37,8 @@ def describe_base(path: Path) -> list[str]:
         rope += f", {scaling.kind} scaling x{scaling.factor:g}"
     return [
         f"{path}: base {checkpoint.family}, {checkpoint.format} format",
-        f"  dim {args.dim}, layers {args.n_layers}, heads {args.n_heads} of {args.head_dim} (kv heads {args.kv_heads}), "
-        f"ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {rope}",
+        f"  dim {args.dim}, layers {args.n_layers}, heads {args.n_heads} of {args.head_dim} "
+        f"(kv heads {args.kv_heads}), ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {rope}",
         f"  context {args.max_seq_len} tokens"
         + (" (its sliding window; no attention over a window here)" if checkpoint.window else ""),
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "

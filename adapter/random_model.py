@@ -187,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.mistral and options.shards != 1:
             raise ValueError("--shards: Mistral's layout is one consolidated.safetensors")
         shape = dict(dim=options.dim, n_layers=options.n_layers, n_heads=options.n_heads,
-                     n_kv_heads=options.n_kv_heads, head_size=options.head_dim, vocab_size=options.vocab_size or (768 if options.llama3 else 512),
-                     multiple_of=32)
+                     n_kv_heads=options.n_kv_heads, head_size=options.head_dim,
+                     vocab_size=options.vocab_size or (768 if options.llama3 else 512), multiple_of=32)
         if options.llama3:
             shape.update(rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0))
         if options.mistral:
