@@ -102,7 +102,7 @@ def describe(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if path.is_dir() and ((path / "params.json").exists() or (path / "config.json").exists()):
+    if path.is_dir() and any((path / name).exists() for name in ("params.json", "config.json", "lit_model.pth")):
         return describe_base(path)
     return describe_adapter(path)
 

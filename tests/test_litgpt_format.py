@@ -3,17 +3,20 @@ with the real key names and checked against litgpt's forward written out in test
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import adapter
-from adapter.config import AdapterArgs, ModelArgs
+from adapter.config import AdapterArgs, ModelArgs, RopeScaling
 from adapter.convert import convert
 from adapter.formats.peft import write_peft
+from adapter.inspect import describe
 from adapter.inspect import main as inspect_main
 from adapter.random_model import write_random_base
 from tests.conftest import TINY
-from tests.litgpt_reference import litgpt_logits
+from tests.litgpt_reference import fused_qkv, litgpt_logits
 from tests.reference import reference_logits
 
 TOKENS = torch.tensor([[1, 45, 30, 7, 90, 12], [3, 8, 60, 2, 5, 77]])
@@ -190,3 +193,82 @@ def test_a_litgpt_v2_file_for_another_base_is_refused(gqa_folder, tmp_path):
     with pytest.raises(ValueError, match="adapter was made for a different base: n_layers=4 \\(base has 3\\), "
                                          "kv_heads=4 \\(base has 2\\)"):
         adapter.load(gqa_folder, adapter=path, device="cpu")
+
+
+def litgpt_base(meta_folder, folder, interleaved: bool = False, tied: bool = False, **config) -> Path:
+    """The Meta folder's weights as `litgpt download` leaves a LLaMA: lit_model.pth under litgpt's names with the
+    fused q|k|v (0.5.5+'s layout, or 0.5.4's interleaved one), model_config.yaml, the tokenizer, and the HF
+    config.json litgpt keeps beside them."""
+    import shutil
+
+    import yaml
+
+    base = adapter.load(meta_folder, device="cpu")
+    a = base.args
+    sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    state = {"transformer.wte.weight": sd["tok_embeddings.weight"], "transformer.ln_f.weight": sd["norm.weight"],
+             "lm_head.weight": sd["tok_embeddings.weight"] if tied else sd["output.weight"]}
+    for n in range(a.n_layers):
+        p, h = f"layers.{n}.", f"transformer.h.{n}."
+        state[h + ("attn.attn.weight" if interleaved else "attn.qkv.weight")] = fused_qkv(
+            sd[p + "attention.wq.weight"], sd[p + "attention.wk.weight"], sd[p + "attention.wv.weight"], a.n_heads,
+            a.kv_heads, interleaved)
+        for ours, theirs in (("attention_norm", "norm_1"), ("attention.wo", "attn.proj"), ("ffn_norm", "norm_2"),
+                             ("feed_forward.w1", "mlp.fc_1"), ("feed_forward.w3", "mlp.fc_2"),
+                             ("feed_forward.w2", "mlp.proj")):
+            state[f"{h}{theirs}.weight"] = sd[f"{p}{ours}.weight"]
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "lit_model.pth")
+    settings = {"name": "Llama-2-7b-hf", "block_size": 64, "vocab_size": a.vocab_size, "padded_vocab_size":
+                a.vocab_size, "n_layer": a.n_layers, "n_embd": a.dim, "n_head": a.n_heads,
+                "n_query_groups": a.kv_heads, "head_size": a.head_dim, "rotary_percentage": 1.0,
+                "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm", "norm_eps": a.norm_eps,
+                "norm_qk": False, "mlp_class_name": "LLaMAMLP", "intermediate_size": a.ffn_hidden_dim,
+                "rope_base": int(a.rope_theta), "rope_adjustments": None, "n_expert": 0, **config}
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(settings))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    shutil.copy(meta_folder / "tokenizer.model", folder)
+    return folder
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("shape", ["mha", "gqa"])
+def test_a_litgpt_base_folder_gives_the_logits_of_the_same_weights(base_folder, gqa_folder, tmp_path, interleaved,
+                                                                   shape):
+    meta = base_folder if shape == "mha" else gqa_folder
+    folder = litgpt_base(meta, tmp_path / "litgpt", interleaved)
+    model = adapter.load(folder, device="cpu")
+    assert (model.base_format, model.base_family, model.args.max_seq_len) == ("litgpt", "LLaMA", 64)
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS), adapter.load(meta, device="cpu")(TOKENS))
+    # its adapter v2, served on it, computes what litgpt computes
+    state = litgpt_state(TINY if shape == "mha" else GQA, v2="attn" if interleaved else "qkv")
+    tuned = adapter.load(folder, adapter=write(tmp_path / "run", state, name="lit_model.pth.adapter_v2"),
+                         device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(TOKENS), expected(meta, state, interleaved), atol=3e-4, rtol=1e-4)
+    assert describe(folder)[0] == f"{folder}: base LLaMA, litgpt format"
+
+
+def test_a_litgpt_llama32_base_reads_its_rope_adjustments_and_tied_head(base_folder, tmp_path):
+    scaled = {"rope_adjustments": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_seq_len": 32}}
+    folder = litgpt_base(base_folder, tmp_path / "l32", tied=True, **scaled)
+    model = adapter.load(folder, device="cpu")
+    assert model.args.rope_scaling == RopeScaling("llama3", 32.0, original_max_len=32)
+    assert model.output.weight is model.tok_embeddings.weight, "one tensor for the tied head"
+    assert adapter.load(folder, device="cpu", quantize="nf4").quantization == "nf4"
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(mlp_class_name="GptNeoxMLP"), r"model_config.yaml: mlp_class_name='GptNeoxMLP' is not supported \(a LLaMA "
+                                        r"has 'LLaMAMLP'\)"),
+    (dict(parallel_residual=True), "parallel_residual=True is not supported"),
+    (dict(rope_adjustments={"beta_fast": 32.0}), "rope_adjustments .* is not supported"),
+    (dict(n_query_groups=2), r"transformer.h.0.attn.qkv.weight has shape \(192, 64\), expected \(128, 64\) \(4 "
+                             r"query and 2 key/value heads of 16\)"),
+])
+def test_a_litgpt_base_of_another_kind_is_refused_naming_the_field(base_folder, tmp_path, config, message):
+    folder = litgpt_base(base_folder, tmp_path / "other", **config)
+    with pytest.raises(ValueError, match=message):
+        adapter.load(folder, device="cpu")

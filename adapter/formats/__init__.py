@@ -13,7 +13,8 @@ from . import litgpt, meta, native, official
 from .common import LoadedAdapter, torch_load
 
 BASE_FORMATS = ("a Meta folder (params.json, consolidated.*.pth), a Mistral one (params.json, "
-                "consolidated*.safetensors) or an HF folder (config.json)")
+                "consolidated*.safetensors), a litgpt one (lit_model.pth, model_config.yaml) or an HF folder "
+                "(config.json)")
 ADAPTER_FORMATS = ("our adapter.safetensors (or a folder with it), a PEFT adaption_prompt folder "
                    "(adapter_config.json), an official LLaMA-Adapter v1/v2 .pth file, or a litgpt "
                    "lit_model.pth.adapter(_v2)")
@@ -24,8 +25,10 @@ def open_base(path: str | os.PathLike):
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"base: {folder} does not exist")
-    from . import hf, mistral
+    from . import hf, litgpt_base, mistral
 
+    if litgpt_base.is_litgpt_folder(folder):  # before HF: litgpt keeps the HF config.json beside its weights
+        return litgpt_base.LitGPTCheckpoint(folder)
     if mistral.is_mistral_folder(folder):
         return mistral.MistralCheckpoint(folder)
     if meta.is_meta_folder(folder):

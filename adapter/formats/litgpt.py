@@ -131,7 +131,7 @@ def _read_v2(path: Path, layers: dict[int, dict[str, torch.Tensor]], top: dict[s
                 raise ValueError(f"{path}: layer {n}'s {qkv}.{part} implies {heads} key/value heads, other layers "
                                  f"{kv_heads}")
             kv_heads = heads
-            q, k, v = _split_qkv(vector, n_heads, kv_heads, head_dim, interleaved=qkv == "attn.attn")
+            q, k, v = split_qkv(vector, n_heads, kv_heads, head_dim, interleaved=qkv == "attn.attn")
             leaf = part.removeprefix("adapter_")
             deltas[f"layers.{n}.attention.wq_delta.{leaf}"] = hf_to_meta_rows(q, n_heads)
             deltas[f"layers.{n}.attention.wk_delta.{leaf}"] = hf_to_meta_rows(k, kv_heads)
@@ -173,15 +173,16 @@ def _kv_heads(path: Path, vector: torch.Tensor, layer: int, name: str, n_heads: 
     return kv_heads
 
 
-def _split_qkv(vector: torch.Tensor, n_heads: int, kv_heads: int, head_dim: int, interleaved: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The q, k and v parts of a fused q|k|v vector: all queries, keys, values (0.5.5+), or per query group its
-    queries, key and value (up to 0.5.4)."""
+def split_qkv(fused: torch.Tensor, n_heads: int, kv_heads: int, head_dim: int, interleaved: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k and v rows of a fused q|k|v weight or vector (rows first, HF's order within q/k heads): all
+    queries, keys, values (0.5.5+), or per query group its queries, key and value (up to 0.5.4)."""
     if not interleaved:
-        return vector.split((n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim))
-    per_group = n_heads // kv_heads
-    groups = vector.view(kv_heads, per_group + 2, head_dim)
-    return groups[:, :per_group].reshape(-1), groups[:, per_group].reshape(-1), groups[:, per_group + 1].reshape(-1)
+        return fused.split((n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim))
+    per_group, rest = n_heads // kv_heads, fused.shape[1:]
+    groups = fused.reshape(kv_heads, per_group + 2, head_dim, *rest)
+    return (groups[:, :per_group].reshape(n_heads * head_dim, *rest), groups[:, per_group].reshape(-1, *rest),
+            groups[:, per_group + 1].reshape(-1, *rest))
 
 
 def _v1_is_current(path: Path) -> bool:
