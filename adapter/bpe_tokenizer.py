@@ -116,13 +116,13 @@ def write_ranks(path: Path, tokens: Sequence[bytes]) -> None:
     path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens)))
 
 
-def byte_level_llama3(backend: Any) -> Any:
-    """Give a `tokenizers` backend Llama 3's pieces (its split pattern, then bytes as GPT-2's characters) and
-    the decoder that turns those characters back into bytes."""
+def byte_level_llama3(backend: Any, pattern: str = LLAMA3_SPLIT) -> Any:
+    """Give a `tokenizers` backend Llama 3's pieces (its split pattern, or another tiktoken `pattern`, then bytes
+    as GPT-2's characters) and the decoder that turns those characters back into bytes."""
     from tokenizers import Regex, decoders, pre_tokenizers
 
     backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     return backend
@@ -172,6 +172,26 @@ class BPETokenizer(Tokenizer):
         return cls(backend, path, ids[BOS_TOKEN], ids[EOS_TOKEN], ())
 
     @classmethod
+    def from_tekken(cls, path: str | os.PathLike) -> "BPETokenizer":
+        """Mistral's `tekken.json` (Mistral NeMo and later), read as mistral-common reads it: the special tokens
+        take ids 0..N-1 (the file's list, or mistral-common's defaults for files without one, then `<SPECIAL_i>`
+        up to `default_num_special_tokens`), the first `default_vocab_size - N` ranks follow them, and text is
+        split by the file's tiktoken pattern."""
+        from tokenizers import AddedToken, models
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        specials, ranks, pattern = _read_tekken(path)
+        vocab, merges = bpe_from_ranks(ranks)
+        vocab = {text: rank + len(specials) for text, rank in vocab.items()}
+        vocab.update({name: index for index, name in enumerate(specials)})
+        backend = byte_level_llama3(Backend(models.BPE(vocab, merges, ignore_merges=True)), pattern)
+        backend.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
+        tokenizer = cls(backend, path, specials.index("<s>"), specials.index("</s>"), ())
+        tokenizer.kind = "byte-level BPE, Mistral tekken.json"
+        return tokenizer
+
+    @classmethod
     def from_json(cls, path: str | os.PathLike) -> "BPETokenizer":
         """HF's `tokenizer.json`; BOS, EOS and the stop ids from the folder's tokenizer_config.json,
         config.json and generation_config.json (Llama 3 Instruct lists its <|eot_id|> there)."""
@@ -207,6 +227,50 @@ class BPETokenizer(Tokenizer):
         if (self.backend.id_to_token(int(token_id)) or "").startswith("\u2581") and not text.startswith(" "):
             text = " " + text
         return text
+
+
+TEKKEN_FILE = "tekken.json"
+# mistral-common's special tokens of the tekken files that list none (up to version v7: Mistral NeMo's), by id
+TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                   "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
+
+
+def _read_tekken(path: Path) -> tuple[list[str], dict[bytes, int], str]:
+    """The special tokens in id order, the kept ranks and the split pattern of a tekken.json, checked."""
+    from .formats.meta import read_json
+
+    data = read_json(path)
+    config = data.get("config")
+    fields = ("pattern", "default_vocab_size", "default_num_special_tokens")
+    if not isinstance(config, dict) or any(config.get(name) is None for name in fields) or \
+            not isinstance(data.get("vocab"), list):
+        raise ValueError(f"tokenizer: {path}: a tekken.json needs 'vocab' and 'config' with {', '.join(fields)}")
+    listed = data.get("special_tokens")
+    if listed is None:
+        specials = list(TEKKEN_SPECIALS)
+    else:
+        try:
+            by_rank = sorted((entry["rank"], str(entry["token_str"])) for entry in listed)
+        except (KeyError, TypeError):
+            raise ValueError(f"tokenizer: {path}: special_tokens entries need 'rank' and 'token_str'") from None
+        if [rank for rank, _ in by_rank] != list(range(len(by_rank))):
+            raise ValueError(f"tokenizer: {path}: special token ranks are not 0..{len(by_rank) - 1}")
+        specials = [name for _, name in by_rank]
+    count = config["default_num_special_tokens"]
+    if len(specials) > count or "<s>" not in specials or "</s>" not in specials:
+        raise ValueError(f"tokenizer: {path}: {len(specials)} special tokens for default_num_special_tokens={count}"
+                         ", or no <s> and </s> among them")
+    specials += [f"<SPECIAL_{index}>" for index in range(len(specials), count)]
+    kept = config["default_vocab_size"] - count
+    try:
+        ranks = {base64.b64decode(entry["token_bytes"], validate=True): entry["rank"] for entry in data["vocab"][:kept]}
+    except (KeyError, TypeError, binascii.Error, ValueError):
+        raise ValueError(f"tokenizer: {path}: vocab entries need 'rank' and base64 'token_bytes'") from None
+    if sorted(ranks.values()) != list(range(kept)):
+        raise ValueError(f"tokenizer: {path}: the first {kept} vocab ranks (default_vocab_size - special tokens) "
+                         f"are not 0..{kept - 1}, each once")
+    return specials, ranks, config["pattern"]
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Tokenizers with the LLaMA conventions: a BOS id put in front, generation ends at one of the stop ids.
 
 LLaMA 1/2 ship a SentencePiece model (`tokenizer.model`); Llama 3 ships a byte-level BPE, as HF's
-`tokenizer.json` or as Meta's tiktoken ranks in a `tokenizer.model` of its own (adapter.bpe_tokenizer).
+`tokenizer.json` or as Meta's tiktoken ranks in a `tokenizer.model` of its own, and Mistral NeMo one as
+`tekken.json` (adapter.bpe_tokenizer).
 `open_tokenizer` tells them apart by their content, so every loader opens whichever a checkpoint has.
 """
 
@@ -17,7 +18,7 @@ import sentencepiece as spm
 from .paths import not_a_file
 
 # the file names a checkpoint folder may keep its tokenizer under, in the order they are looked for
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tekken.json")
 
 
 class Tokenizer:
@@ -124,6 +125,8 @@ def open_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not path.is_file():
         names = " or ".join(TOKENIZER_FILES)
         raise FileNotFoundError(f"tokenizer: {path} does not exist (a checkpoint folder needs {names})")
+    if path.name == "tekken.json":
+        return BPETokenizer.from_tekken(path)
     if path.suffix == ".json":
         return BPETokenizer.from_json(path)
     if is_tiktoken_file(path):

@@ -14,7 +14,7 @@ import torch
 from .hf import SafetensorsFile
 from .meta import ParamsJson
 
-TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1", "tekken.json")
 
 
 def is_mistral_folder(path: Path) -> bool:
