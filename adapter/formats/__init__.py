@@ -48,6 +48,9 @@ def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
     if peft.is_peft(path):
         return peft.read_peft(path)
     if path.is_dir() and not (path / native.FILE_NAME).exists():
+        saved = [path / name for name in litgpt.FILE_NAMES if (path / name).is_file()]
+        if len(saved) == 1:  # a litgpt run's output folder (out/finetune/adapter-v2/final)
+            return read_adapter(saved[0])
         raise ValueError(f"adapter: {path} holds no adapter; expected {ADAPTER_FORMATS}")
     if path.is_dir() or path.suffix == ".safetensors":
         return native.read_adapter(path)

@@ -33,6 +33,7 @@ _LINEARS = {"attn.proj": "attention.wo", "mlp.fc_1": "feed_forward.w1", "mlp.fc_
             "mlp.proj": "feed_forward.w2"}
 _NORMS = {"norm_1.weight": "attention_norm.weight", "norm_2.weight": "ffn_norm.weight"}
 _PARTS = ("adapter_bias", "adapter_scale")
+FILE_NAMES = ("lit_model.pth.adapter_v2", "lit_model.pth.adapter")  # what litgpt's finetune commands save
 CONFIG_FILE = "model_config.yaml"  # litgpt's model config, written beside every checkpoint it saves
 
 
