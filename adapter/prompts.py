@@ -2,8 +2,8 @@
 
 "alpaca" is the text the official adapters were trained on (a multi-turn chat replays earlier turns as
 answered instructions; the official v2 multimodal demo asks about an image with the same text). "llama3" is
-Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>; "llama3.1" is Llama 3.1+'s,
-whose system turn is always there, dated) and "llama2" Llama 2 Chat's
+Llama 3 Instruct's own chat format (header tokens, each turn ended by <|eot_id|>; "llama3.1" is Llama 3.1's and
+3.3's, whose system turn is always there, dated, "llama3.2" the same with today's date) and "llama2" Llama 2 Chat's
 ([INST] ... [/INST], each answered turn ended by EOS and the next begun by BOS), for adapters trained on
 those chat models, so that at gate 0 the base is asked as it was tuned to be; "mistral" and "mistral-v3" are
 Mistral Instruct's ([INST] ... [/INST] as plain text for Mistral 7B v0.1/v0.2, as control tokens for v0.3),
@@ -16,6 +16,7 @@ auto` use it.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,30 +114,35 @@ class AlpacaFormat(PromptFormat):
 
 LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
 LLAMA3_TURN_END = "<|eot_id|>"
-# what Llama 3.1+ Instruct's chat template opens every system turn with (its default date: 3.1 and 3.3 write it,
-# 3.2's writes the day it renders on)
-LLAMA31_SYSTEM_DATES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+# what Llama 3.1+ Instruct's chat template opens every system turn with: 3.1's and 3.3's date is fixed, 3.2's is
+# the day it renders on (`strftime_now("%d %b %Y")`)
+LLAMA31_SYSTEM_DATES = "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+LLAMA31_DATE = "26 Jul 2024"
 
 
 class Llama3Format(PromptFormat):
     """Llama 3 Instruct's chat format, as its own chat template writes it: each message stripped of surrounding
-    whitespace; Llama 3.0's has a system turn only when a system prompt is given, Llama 3.1+'s ("llama3.1") always
-    has one, opened by the knowledge cutoff and a date. An Alpaca input follows the instruction after a blank
-    line."""
+    whitespace; Llama 3.0's has a system turn only when a system prompt is given, Llama 3.1+'s ("llama3.1",
+    "llama3.2") always has one, opened by the knowledge cutoff and a date (3.2's: the day it is written). An
+    Alpaca input follows the instruction after a blank line."""
 
     answer_end = LLAMA3_TURN_END
 
-    def __init__(self, name: str, dated_system: bool) -> None:
+    def __init__(self, name: str, dated_system: bool, today: bool = False) -> None:
         self.name = name
         self.dated_system = dated_system
+        self.today = today  # Llama 3.2's template dates the system turn with the day it is written on
+
+    def date(self) -> str:
+        return time.strftime("%d %b %Y") if self.today else LLAMA31_DATE
 
     def instruction(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
         return self.chat((), f"{instruction}\n\n{input}" if input else instruction, system)
 
     def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
         if self.dated_system:
-            turns = (LLAMA3_HEADER.format(role="system") + LLAMA31_SYSTEM_DATES + (system or "").strip()
-                     + LLAMA3_TURN_END)
+            turns = (LLAMA3_HEADER.format(role="system") + LLAMA31_SYSTEM_DATES.format(date=self.date())
+                     + (system or "").strip() + LLAMA3_TURN_END)
         else:
             turns = _llama3_turn("system", system) if system else ""
         turns += "".join(_llama3_turn("user", user) + _llama3_turn("assistant", answer) for user, answer in history)
@@ -283,7 +289,8 @@ class DialogFormat(PromptFormat):
 
 PROMPT_FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
     AlpacaFormat(), Llama2Format(), Llama3Format("llama3", dated_system=False),
-    Llama3Format("llama3.1", dated_system=True), MistralFormat("mistral", control_tokens=False),
+    Llama3Format("llama3.1", dated_system=True), Llama3Format("llama3.2", dated_system=True, today=True),
+    MistralFormat("mistral", control_tokens=False),
     MistralFormat("mistral-v3", control_tokens=True), DialogFormat())}
 # generate's templates: "none" feeds the prompt as given, "auto" is the model's own prompt format, "chat" and
 # "image" are the Alpaca forms the app uses (for one question, the same text as "alpaca")
@@ -333,18 +340,20 @@ def template_format(template: str | None, model_format: str = "alpaca") -> Promp
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 4.5x+ saves a chat template of its own
 # what tells each format's chat template from the others', and the formats it may be written in (Mistral's
 # [INST] template has no <<SYS>> block; which of its formats, the tokenizer says)
-TEMPLATE_MARKS = ((("<|start_header_id|>", "<|eot_id|>", "Cutting Knowledge Date"), ("llama3.1",)),
+LLAMA31_MARKS = ("<|start_header_id|>", "<|eot_id|>", "Cutting Knowledge Date")
+TEMPLATE_MARKS = (((*LLAMA31_MARKS, "strftime_now"), ("llama3.2",)),
+                  (LLAMA31_MARKS, ("llama3.1",)),
                   (("<|start_header_id|>", "<|eot_id|>"), ("llama3",)),
                   (("[INST]", "<<SYS>>"), ("llama2",)),
                   (("[INST]",), ("mistral", "mistral-v3")))
 
 
 def chat_template_formats(folder: str | os.PathLike) -> tuple[str, ...]:
-    """The prompt formats a base folder's own chat template may be written in ("llama3.1"; "llama3"; "llama2";
-    "mistral" or "mistral-v3"), which is how its chat model answers best without an adapter: HF folders of Llama 3
-    Instruct, Llama 2 Chat and Mistral Instruct ship one (`chat_template.jinja`, or `tokenizer_config.json`'s
-    "chat_template", a text or a list of named ones). Empty when the folder has none, or one written in no format
-    here."""
+    """The prompt formats a base folder's own chat template may be written in ("llama3.2"; "llama3.1"; "llama3";
+    "llama2"; "mistral" or "mistral-v3"), which is how its chat model answers best without an adapter: HF folders
+    of Llama 3 Instruct, Llama 2 Chat and Mistral Instruct ship one (`chat_template.jinja`, or
+    `tokenizer_config.json`'s "chat_template", a text or a list of named ones). Empty when the folder has none,
+    or one written in no format here."""
     template = _chat_template(Path(folder))
     if template is None:
         return ()

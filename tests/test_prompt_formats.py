@@ -54,6 +54,11 @@ LLAMA31_CHAT_TEMPLATE = (
     "{%- for message in messages %}\n    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
     "message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n{%- if add_generation_prompt %}\n"
     "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n")
+# Llama 3.2 Instruct's: the same, dated with the day it renders on
+LLAMA32_CHAT_TEMPLATE = LLAMA31_CHAT_TEMPLATE.replace(
+    '{%- set date_string = "26 Jul 2024" %}',
+    '{%- if strftime_now is defined %}{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}'
+    '{%- set date_string = "26 Jul 2024" %}{%- endif %}')
 CONVERSATIONS = [
     [("Name a colour.", None)],
     [("  What is\nthe star?  ", " A red one. \n"), ("And the circle?", None)],
@@ -422,7 +427,7 @@ def test_finetune_refuses_llama3_on_a_sentencepiece_base_before_writing(base_fol
         train(tiny_config(base_folder, data, tmp_path / "run", prompt_format="llama3"))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="--prompt-format: must be one of "
-                                         "\\('alpaca', 'llama2', 'llama3', 'llama3.1', 'mistral', 'mistral-v3', "
+                                         "\\('alpaca', 'llama2', 'llama3', 'llama3.1', 'llama3.2', 'mistral', 'mistral-v3', "
                                          "'v2-dialog'\\), got 'chatml'"):
         tiny_config(base_folder, data, tmp_path / "run", prompt_format="chatml")
 
@@ -439,7 +444,7 @@ def test_the_apps_prompt_format_flag(tmp_path):
     assert parse_config([]).prompt_format == "auto"
     assert parse_config([], {"ADAPTER_PROMPT_FORMAT": "llama3"}).prompt_format == "llama3"
     with pytest.raises(ValueError, match="--prompt-format: must be one of "
-                                         "\\('auto', 'alpaca', 'llama2', 'llama3', 'llama3.1', 'mistral', "
+                                         "\\('auto', 'alpaca', 'llama2', 'llama3', 'llama3.1', 'llama3.2', 'mistral', "
                                          "'mistral-v3', 'v2-dialog'\\), got 'x'"):
         parse_config(["--prompt-format", "x"])
 
@@ -523,6 +528,26 @@ def test_a_bare_base_is_asked_as_its_chat_template_asks(llama3_base, reference, 
     assert adapter.load_sharing(model, save_adapter(fresh, tmp_path / "alpaca")).prompt_format == "alpaca"
     assert inspect_main([str(folder)]) == 0
     assert "  prompt format without an adapter: llama3 (its chat template's)\n" in capsys.readouterr().out
+
+
+def test_llama32_dates_its_system_turn_with_today_as_its_template_does(llama3_base, reference31, tmp_path,
+                                                                      monkeypatch):
+    import datetime
+
+    llama32 = PROMPT_FORMATS["llama3.2"]
+    before = datetime.date.today().strftime("%d %b %Y")
+    date = llama32.date()
+    assert date in (before, datetime.date.today().strftime("%d %b %Y")), "transformers' strftime_now('%d %b %Y')"
+    monkeypatch.setattr("adapter.prompts.time.strftime", lambda pattern: "04 Dec 2026")
+    folder = with_chat_template(llama3_base, tmp_path / "instruct32", LLAMA32_CHAT_TEMPLATE, "config")
+    model = adapter.load(folder, device="cpu")
+    assert (model.prompt_format, model.base_prompt_format) == ("llama3.2", "llama3.2")
+    said = [("Hi", "Hello!"), ("Name a colour.", None)]
+    prompt = Engine(model, max_new_tokens=8).chat_prompt(said[:1], "Name a colour.", Settings())
+    assert "Today Date: 04 Dec 2026\n\n" in prompt
+    ids = reference31.apply_chat_template(messages(said), add_generation_prompt=True, tokenize=True,
+                                          chat_template=LLAMA32_CHAT_TEMPLATE, date_string="04 Dec 2026")
+    assert model.tokenizer.encode(prompt, bos=True) == list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def test_a_bare_llama31_instruct_is_asked_with_its_dated_system_turn(llama3_base, reference31, tmp_path, capsys):

@@ -41,7 +41,7 @@ def test_each_answer_is_the_engines_for_the_conversation_and_the_gate_set(capsys
     assert err.splitlines() == [
         "error: gate_scale: must be in [0, 2], got 5.0",
         "error: system: the alpaca prompt format has no system prompt (its header is fixed); a system prompt needs a "
-        "chat format (llama2, llama3, llama3.1, mistral, mistral-v3, v2-dialog)",
+        "chat format (llama2, llama3, llama3.1, llama3.2, mistral, mistral-v3, v2-dialog)",
         "error: /bogus: unknown command; /help lists them",
     ]
 
