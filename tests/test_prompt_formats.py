@@ -427,8 +427,8 @@ def test_finetune_refuses_llama3_on_a_sentencepiece_base_before_writing(base_fol
         train(tiny_config(base_folder, data, tmp_path / "run", prompt_format="llama3"))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="--prompt-format: must be one of "
-                                         "\\('alpaca', 'llama2', 'llama3', 'llama3.1', 'llama3.2', 'mistral', 'mistral-v3', "
-                                         "'v2-dialog'\\), got 'chatml'"):
+                                         "\\('alpaca', 'llama2', 'llama3', 'llama3.1', 'llama3.2', 'mistral', "
+                                         "'mistral-v3', 'v2-dialog'\\), got 'chatml'"):
         tiny_config(base_folder, data, tmp_path / "run", prompt_format="chatml")
 
 

@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-format", choices=tuple(PROMPT_FORMATS), default=d.prompt_format,
                    help="how the examples are written: alpaca (the official recipe), llama2 (Llama 2 Chat's format), "
                         "llama3 (Llama 3 Instruct's), llama3.1 / llama3.2 (Llama 3.1 and 3.3 / 3.2 Instruct's, with "
-                        "their dated system turn), mistral or mistral-v3 (Mistral 7B Instruct v0.1/v0.2's or v0.3's), v2-dialog (the "
-                        "official V2 dialog demo's), for a base tuned to that chat; saved with the adapter, which is "
-                        "then asked in it")
+                        "their dated system turn), mistral or mistral-v3 (Mistral 7B Instruct v0.1/v0.2's or "
+                        "v0.3's), v2-dialog (the official V2 dialog demo's), for a base tuned to that chat; saved "
+                        "with the adapter, which is then asked in it")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--blr", type=float, default=d.blr, help="base lr; lr = blr * batch-size / 256")
