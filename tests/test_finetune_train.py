@@ -6,6 +6,7 @@ adapter, log, plots and export."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +14,11 @@ from safetensors.torch import load_file
 
 import adapter
 from adapter import cpu_features
+from adapter.config import AdapterArgs
 from adapter.finetune import step as step_module
 from adapter.finetune import train, trainer
 from adapter.finetune.cli import main
-from tests.conftest import TINY
+from tests.conftest import TINY, randomize_adapter
 from tests.finetune_helpers import (
     alpaca_records,
     one_thread_and_own_rng,  # noqa: F401  (autouse)
@@ -262,3 +264,45 @@ def test_the_command_line_writes_adapter_log_plots_and_export(tmp_path, base_fol
     assert main(["--base", str(base_folder), "--data", str(data), "--out", str(tmp_path / "p"),
                  "--export", "peft"]) == 2
     assert "--export peft: PEFT's adaption_prompt has one raw gate per layer" in capsys.readouterr().err
+
+
+def init_file(source: str, base_folder: Path, folder: Path) -> Path:
+    """An adapter in another format to start from: the official v1 release layout (raw gates) or a litgpt
+    adapter v2 (output scales, tuned head, litgpt 0.5.5+'s prompt keys/values)."""
+    from adapter.formats.official import write_official_v1
+    from tests.test_litgpt_format import litgpt_state, write
+
+    if source == "litgpt-v2":
+        return write(folder, litgpt_state(TINY, v2="qkv"), name="lit_model.pth.adapter_v2")
+    model = randomize_adapter(adapter.load(base_folder, adapter=AdapterArgs(prompt_len=4, prompt_layers=2,
+                                                                             gate_activation="raw"), device="cpu"))
+    folder.mkdir()
+    return write_official_v1(model, folder / "llama_adapter_len4_layer2.pth")
+
+
+@pytest.mark.parametrize("source, mode", [("official-v1", "v1"), ("litgpt-v2", "v2")])
+def test_training_can_start_from_an_adapter_in_another_format(tmp_path, base_folder, data, source, mode):
+    path = init_file(source, base_folder, tmp_path / "init")
+    start = adapter.load(base_folder, adapter=path, device="cpu")
+    still = train(tiny_config(base_folder, data, tmp_path / "still", mode=mode, init_adapter=str(path), lr=1e-12,
+                              epochs=1, weight_decay=0.0))
+    assert max_difference(load_file(still.adapter), start.adapter_state_dict()) < 1e-6, "it starts from the file"
+    result = train(tiny_config(base_folder, data, tmp_path / "run", mode=mode, init_adapter=str(path), lr=0.02))
+    trained = adapter.load(base_folder, adapter=result.adapter, device="cpu")
+    assert trained.adapter_args == start.adapter_args, "its shape, gate activation and prompt reading kept"
+    assert result.train_losses[-1] < result.train_losses[0], result.train_losses
+    assert max_difference(trained.adapter_state_dict(), start.adapter_state_dict()) > 1e-3
+
+
+def test_init_adapter_must_match_the_mode_and_the_prompt_format(tmp_path, base_folder, data):
+    path = init_file("litgpt-v2", base_folder, tmp_path / "init")
+    with pytest.raises(ValueError, match=r"--init-adapter: .*lit_model.pth.adapter_v2 is a v2 adapter \(bias, output "
+                                         r"scale, norm, head bias/scale\); train it with --mode v2"):
+        train(tiny_config(base_folder, data, tmp_path / "a", init_adapter=str(path)))
+    with pytest.raises(ValueError, match="--prompt-format: .* was trained in the alpaca prompt format; continue it "
+                                         "with --prompt-format alpaca"):
+        train(tiny_config(base_folder, data, tmp_path / "b", mode="v2", init_adapter=str(path),
+                          prompt_format="llama2"))
+    with pytest.raises(ValueError, match="--lora-rank: the adapter's shape comes from --init-adapter"):
+        tiny_config(base_folder, data, tmp_path / "c", mode="v2", init_adapter=str(path), lora_rank=4)
+    assert not any((tmp_path / name).exists() for name in "abc")

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", action="store_true",
                    help="v2: also learn a ones-init scale of each linear's input, W(s * x) + b (the V2 paper's bias "
                         "tuning, as the official V2 dialog model has it)")
+    p.add_argument("--init-adapter",
+                   help="start from this adapter (any supported format: ours, official, PEFT, litgpt; or "
+                        "hf:owner/name) instead of a fresh one: its shape, gates and all come from it (--prompt-len, "
+                        "--prompt-layers are not used); --mode must be its kind (v1, v2, or vision with --clip)")
     p.add_argument("--prompt-format", choices=tuple(PROMPT_FORMATS), default=d.prompt_format,
                    help="how the examples are written: alpaca (the official recipe), llama2 (Llama 2 Chat's format), "
                         "llama3 (Llama 3 Instruct's), llama3.1 / llama3.2 (Llama 3.1 and 3.3 / 3.2 Instruct's, with "

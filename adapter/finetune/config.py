@@ -52,6 +52,7 @@ class TrainConfig:
     prompt_layers: int = 30
     lora_rank: int = 0
     scale: bool = False  # v2: also learn a ones-init scale of each linear's input (the V2 paper's bias tuning)
+    init_adapter: str | None = None  # start from this adapter (any format), its shape and all, not a fresh one
     prompt_format: str = "alpaca"  # how the examples are written (adapter.prompts); saved with the adapter
     epochs: int = 5
     warmup_epochs: float = 2.0
@@ -88,6 +89,9 @@ class TrainConfig:
                  f"must be a non-negative integer, got {self.lora_rank!r}")
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
         _require(not self.scale or self.mode != "v1", "--scale", "the input scales are a v2 part; use --mode v2")
+        for flag in ("lora_rank", "scale"):
+            _require(not (self.init_adapter and getattr(self, flag)), _flag(flag),
+                     "the adapter's shape comes from --init-adapter")
         _require(self.mode != "vision" or self.clip is not None, "--clip",
                  "--mode vision needs the CLIP tower the visual prompt reads (a weights file or an open_clip tag)")
         _require(self.prompt_format in PROMPT_FORMATS, "--prompt-format",

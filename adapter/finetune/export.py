@@ -15,7 +15,7 @@ def check_export(fmt: str | None, adapter: AdapterArgs) -> None:
         raise ValueError("--export peft: PEFT's adaption_prompt has one raw gate per layer shared by its heads, and "
                          "this trainer learns one tanh gate per head (as the official recipe does), so the result "
                          "cannot be written as PEFT; use --export official-v1 or the native adapter")
-    if fmt == "official-v1" and adapter.v2_parts:
+    if fmt == "official-v1" and adapter.beyond_v1:
         raise ValueError("--export official-v1: the official v1 format holds only prompts and gates; train with "
                          "--mode v1 to export it")
 

@@ -18,7 +18,7 @@ import torch
 from .. import hub
 from ..config import AdapterArgs
 from ..cpu_features import bf16_emulation_warning
-from ..formats import open_base
+from ..formats import open_base, read_adapter
 from ..formats.common import unrecorded_format_note
 from ..formats.native import save_adapter
 from ..layout import row_major
@@ -136,6 +136,8 @@ class _Run:
         config = self.config
         if self.resume_from is not None:
             adapter = self.resume_from / checkpoint.ADAPTER
+        elif config.init_adapter is not None:
+            adapter = self._init_adapter()
         else:
             n_layers = base_args(config.base).n_layers
             layers = min(config.prompt_layers, n_layers)
@@ -159,6 +161,20 @@ class _Run:
             raise ValueError(f"--max-seq-len: {config.max_seq_len} is more than the base's max_seq_len="
                              f"{model.args.max_seq_len}")
         return model
+
+    def _init_adapter(self) -> Path:
+        """--init-adapter's file, checked against --mode and --prompt-format before the base is loaded."""
+        path = hub.resolve(self.config.init_adapter, "--init-adapter")
+        found = read_adapter(path)
+        a = found.args
+        kind = "vision" if a.visual != "none" else "v2" if a.has_deltas else "v1"
+        if kind != self.config.mode:
+            parts = ", ".join(a.v2_parts + ([f"{a.visual} visual prompt"] if a.visual != "none" else [])) or "prompts"
+            raise ValueError(f"--init-adapter: {path} is a {kind} adapter ({parts}); train it with --mode {kind}")
+        if found.prompt_format != self.config.prompt_format:
+            raise ValueError(f"--prompt-format: {path} was trained in the {found.prompt_format} prompt format; "
+                             f"continue it with --prompt-format {found.prompt_format}")
+        return path
 
     def _image_encoder(self):
         """The frozen CLIP tower of --mode vision, loaded once (its width sets the visual prompt's input)."""
