@@ -394,6 +394,8 @@ class Engine:
             "tokenizer": f"{model.tokenizer.kind}, {model.tokenizer.n_words} pieces",
             "rope_scaling": "none" if scaling is None else f"{scaling.kind} x{scaling.factor:g}",
             "adapter_format": model.adapter_format, "prompt_format": self.prompts.name,
+            "v2_parts": ", ".join(model.adapter_args.v2_parts) or "none",
+            "prompt_keys_values": model.adapter_args.prompt_projection,
             "quantization": model.quantization or "none",
             "device": str(self.device), "dtype": str(model.tok_embeddings.weight.dtype).replace("torch.", ""),
             "parameters": model.count_parameters(), "trainable_parameters": model.count_parameters(trainable_only=True),

@@ -284,6 +284,8 @@ def test_model_info_says_what_is_loaded(engine, demo_files):
             info["sees_images"]) == ("none", "float32", 3, "1-3", True)
     assert info["process_memory_mb"] > 10
     assert (info["tokenizer"], info["rope_scaling"]) == ("SentencePiece, 512 pieces", "none")
+    assert (info["v2_parts"], info["prompt_keys_values"]) == (", ".join(engine.model.adapter_args.v2_parts),
+                                                              "frozen")
 
 
 def test_flags_come_from_the_environment_and_flags_win(demo_files):

@@ -147,6 +147,11 @@ def test_litgpt_v2_converts_to_ours_and_back_the_same_and_not_to_peft(base_folde
     v1 = adapter.load(base_folder, adapter=write(tmp_path / "v1", litgpt_state(TINY), CURRENT_CONFIG), device="cpu")
     with pytest.raises(ValueError, match="has no place for litgpt 0.5.5\\+ prompt keys/values"):
         write_peft(v1, tmp_path / "peft")
+    from adapter.engine import Engine
+
+    info = Engine(model).model_info()
+    assert (info["adapter_format"], info["v2_parts"], info["prompt_keys_values"]) == \
+        ("litgpt-v2", "bias, output scale, norm, head bias/scale", "litgpt-qkv")
     folder_read = adapter.load(base_folder, adapter=path.parent, device="cpu")  # litgpt's output folder
     assert folder_read.adapter_args == model.adapter_args and folder_read.adapter_format == "litgpt-v2"
     assert inspect_main([str(path)]) == 0
