@@ -213,7 +213,7 @@ def _check_file(flag: str, value: str, *tiny_names: str) -> None:
 
 
 def _is_hub(value: str) -> bool:
-    return value.startswith(hub.PREFIX)
+    return hub.is_remote(value)
 
 
 def _flag(name: str, check, value):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .hub import is_remote
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def _pieces(tokenizer, ids: list[int], shares: list[float]) -> list[tuple[str, f
 def find_gate_plot(adapter: str | os.PathLike | None) -> Path | None:
     """The `gates.png` that `adapter.finetune` writes into its run folder (the adapter's folder or the one
     above it), if present."""
-    if adapter is None or str(adapter).startswith("hf:"):
+    if adapter is None or is_remote(adapter):
         return None
     path = Path(adapter)
     folder = path if path.is_dir() else path.parent

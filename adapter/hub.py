@@ -1,4 +1,5 @@
-"""Optional downloads from the Hugging Face hub, only when asked for with an explicit `hf:owner/name`.
+"""Optional downloads, only when asked for: from the Hugging Face hub with an explicit `hf:owner/name`, and the
+official release files with `official:NAME` (adapter.releases).
 
 Nothing else in the project touches the network: a plain path that does not exist is an error, never a
 guess at a repository.
@@ -18,9 +19,21 @@ _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SKIPPED = ["original/*", "consolidated*.safetensors"]
 
 
+def is_remote(value: str | os.PathLike) -> bool:
+    """Whether `value` names something to download (`hf:owner/name`, `official:NAME`), not a local path."""
+    from .releases import PREFIX as OFFICIAL
+
+    return str(value).startswith((PREFIX, OFFICIAL))
+
+
 def resolve(value: str | os.PathLike, what: str) -> Path:
-    """A local path as given, or the local snapshot of `hf:owner/name` (downloaded if needed)."""
+    """A local path as given, the local snapshot of `hf:owner/name`, or the cached official release
+    `official:NAME` (each downloaded if needed)."""
+    from . import releases
+
     text = str(value)
+    if text.startswith(releases.PREFIX):
+        return releases.fetch(text[len(releases.PREFIX):], what)
     if not text.startswith(PREFIX):
         return Path(value)
     repo = text[len(PREFIX):]
