@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .finetune.records import DataError, image_field, kind, read_checked, read_conversation, string_field
+from .finetune.records import (
+    ChatLayout,
+    DataError,
+    chat_layout,
+    image_field,
+    kind,
+    read_checked,
+    read_conversation,
+    string_field,
+)
 from .formats.common import atomic_write
 from .gate_layers import Speaker, gate_scale_rows
 from .generate import generate_batch, prompt_writer, require_tokenizer
@@ -55,8 +64,9 @@ def _question(location: str, value: Any, folder: Path | None, reasons: list[str]
     if not isinstance(record, dict):
         reasons.append(f"expected a string or a JSON object, got {kind(value)}")
         return None
-    if "conversations" in record:
-        return _conversation_question(location, record, folder, reasons)
+    layout = chat_layout(record, reasons)
+    if layout is not None:
+        return _conversation_question(location, record, folder, reasons, layout)
     instruction = string_field(record, "instruction", reasons)
     if instruction is not None and not instruction.strip():
         reasons.append("empty 'instruction'")
@@ -78,17 +88,19 @@ def _check_added_keys(record: dict, reasons: list[str]) -> None:
         reasons.append(f"{', '.join(map(repr, taken))}: the output adds this key; rename it in the question")
 
 
-def _conversation_question(location: str, record: dict, folder: Path | None, reasons: list[str]) -> Question | None:
-    """A LLaVA record: its last human turn is the question, the turns before it the history; a last gpt turn is the
-    reference answer, kept in the record."""
-    turns = record["conversations"]
-    asked = isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("from") == "human"
-    padded = {**record, "conversations": [*turns, {"from": "gpt", "value": ""}]} if asked else record
-    system, pairs = read_conversation(padded, reasons)
+def _conversation_question(location: str, record: dict, folder: Path | None, reasons: list[str],
+                           layout: ChatLayout) -> Question | None:
+    """A conversation record (LLaVA's `conversations` or chat `messages`): its last question turn is the question,
+    the turns before it the history; a last answer turn is the reference answer, kept in the record."""
+    turns = record[layout.key]
+    asked = (isinstance(turns, list) and turns and isinstance(turns[-1], dict)
+             and turns[-1].get(layout.role) == layout.asking)
+    padded = {**record, layout.key: [*turns, {layout.role: layout.answering, layout.text: ""}]} if asked else record
+    system, pairs = read_conversation(padded, reasons, layout)
     image = image_field(record, folder, reasons)
     for key in ("instruction", "input"):
         if key in record:
-            reasons.append(f"{key!r}: not with 'conversations' (the question is its last human turn)")
+            reasons.append(f"{key!r}: not with '{layout.key}' (the question is its last {layout.asking} turn)")
     _check_added_keys(record, reasons)
     if reasons:  # (an empty conversation is one of them)
         return None

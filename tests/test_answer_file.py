@@ -101,6 +101,26 @@ def test_a_llava_record_asks_its_last_human_turn_after_the_turns_before_it(model
         f"  {bad}:3: 'conversations' must be a non-empty list of turns, got a list"]
 
 
+def test_chat_messages_are_asked_as_llava_conversations_are(tmp_path):
+    """OpenAI's and HF chat datasets' {"role", "content"} messages, a system message first."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And a shape?"}]
+    path = tmp_path / "messages.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"messages": messages[1:2]}) + "\n")
+    (first, second) = read_questions(path)
+    assert (first.instruction, first.history, first.system) == ("And a shape?", (("Name a colour.", "Red."),),
+                                                                 "Be brief.")
+    assert (second.instruction, second.history, second.system) == ("Name a colour.", (), None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}) + "\n"
+                   + json.dumps({"messages": messages, "conversations": [{"from": "human", "value": "x"}]}) + "\n")
+    with pytest.raises(DataError) as caught:
+        read_questions(bad)
+    assert str(caught.value).splitlines()[1:] == [
+        f"  {bad}:1: messages[1]: 'role' must be 'user' or 'assistant', got 'bot'",
+        f"  {bad}:2: both 'conversations' and 'messages': give the conversation once"]
+
+
 def test_bad_questions_are_all_named_and_nothing_is_written(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join([

@@ -20,6 +20,7 @@ from adapter.finetune.records import Example, read_records
 from adapter.finetune.schedule import learning_rate
 from adapter.finetune.step import scored_positions
 from adapter.head_loss import head_cross_entropy
+from adapter.prompts import PROMPT_FORMATS
 from adapter.tokenizer import Tokenizer, open_tokenizer
 from tests.finetune_helpers import (
     alpaca_records,
@@ -116,6 +117,29 @@ def test_bad_llava_records_name_the_missing_image_and_the_turn_at_fault(tmp_path
     assert f"{data}:5: 'conversations' must be a non-empty list" in report
     with pytest.raises(DataError, match="needs --image-folder"):
         read_records(write_jsonl(tmp_path / "one.jsonl", [{"image": "a.png", "conversations": CONVERSATION}]))
+
+
+def test_chat_messages_become_the_same_examples_as_llava_conversations(tmp_path):
+    system = {"role": "system", "content": "Answer in one word."}
+    messages = [system, {"role": "user", "content": "What shape is it?"}, {"role": "assistant", "content": "Circle."},
+                {"role": "user", "content": "Which colour?"}, {"role": "assistant", "content": "Red."}]
+    turns = [{"from": "system", "value": system["content"]}] + [
+        {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in messages[1:]]
+    llama2 = PROMPT_FORMATS["llama2"]
+    as_messages = read_records(write_json(tmp_path / "m.json", [{"messages": messages}]), prompt_format=llama2)
+    as_llava = read_records(write_json(tmp_path / "c.json", [{"conversations": turns}]), prompt_format=llama2)
+    (examples,) = as_messages
+    assert as_messages == as_llava and len(examples) == 2 and "Answer in one word." in examples[1].prompt
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"messages": messages[1:4]},
+        {"messages": [{"role": "user", "content": ["a", "list"]}, {"role": "assistant", "content": "x"}]},
+        {"instruction": "x", "output": "y", "image": "a.png"}])
+    with pytest.raises(DataError) as caught:
+        read_records(bad)
+    report = str(caught.value)
+    assert f"{bad}:1: 'messages' has 3 turns; it must end with a 'assistant' turn" in report
+    assert f"{bad}:2: messages[0]: 'content' must be a string, got a list" in report
+    assert f"{bad}:3: 'image' is only read with a conversation ('conversations', as LLaVA's, or 'messages')" in report
 
 
 def test_image_records_need_a_model_with_an_image_encoder(tmp_path, base_folder):

@@ -1,11 +1,12 @@
-"""Reading training data: Alpaca-style instruction records and LLaVA-style image conversations.
+"""Reading training data: Alpaca-style instruction records, LLaVA-style (image) conversations and chat messages.
 
 Every record is checked before training starts and all bad ones are reported together, each with its
 file and line (JSONL) or index (JSON list), so that a 52k-record file is fixed in one pass rather than
 one crash at a time. Each good record becomes one or more (prompt, response) examples, written in the run's
-prompt format (adapter.prompts; Alpaca by default); a conversation gives one per `gpt` turn, prompted with
-the format's chat over the turns before it. A record's system prompt (a "system" string, or a conversation's
-first turn from "system") goes to every example of the record; the chat formats take one, Alpaca does not.
+prompt format (adapter.prompts; Alpaca by default); a conversation gives one per answer (`gpt` or `assistant`
+turn), prompted with the format's chat over the turns before it. A record's system prompt (a "system" string,
+or a conversation's first turn from "system") goes to every example of the record; the chat formats take one,
+Alpaca does not.
 """
 
 from __future__ import annotations
@@ -21,8 +22,32 @@ from ..paths import not_a_file
 from ..prompts import PROMPT_FORMATS, PromptFormat
 
 IMAGE_MARKER = "<image>"
-ROLES = ("human", "gpt")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ChatLayout:
+    """How a record writes a conversation: LLaVA's and ShareGPT's `conversations` ({"from": "human"/"gpt",
+    "value": ...}) or the `messages` of OpenAI's chat API and HF chat datasets ({"role": "user"/"assistant",
+    "content": ...}); either may open with a system turn."""
+
+    key: str
+    role: str
+    text: str
+    asking: str
+    answering: str
+
+
+CONVERSATIONS = ChatLayout("conversations", "from", "value", "human", "gpt")
+MESSAGES = ChatLayout("messages", "role", "content", "user", "assistant")
+
+
+def chat_layout(record: dict, reasons: list[str]) -> ChatLayout | None:
+    """The layout of a record's conversation (None: an instruction record); both keys at once is a reason."""
+    found = [layout for layout in (CONVERSATIONS, MESSAGES) if layout.key in record]
+    if len(found) > 1:
+        reasons.append("both 'conversations' and 'messages': give the conversation once")
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -118,9 +143,10 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
     if not isinstance(record, dict):
         reasons.append(f"expected a JSON object, got {kind(record)}")
         return []
-    if "conversations" in record:
+    layout = chat_layout(record, reasons)
+    if layout is not None:
         image = image_field(record, folder, reasons)
-        system, pairs = read_conversation(record, reasons)
+        system, pairs = read_conversation(record, reasons, layout)
         if reasons:
             return []
         history: list[tuple[str, str]] = []
@@ -136,7 +162,7 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
     if system is not None and not isinstance(system, str):
         reasons.append(f"'system' must be a string, got {kind(system)}")
     if "image" in record:
-        reasons.append("'image' is only read with 'conversations' (LLaVA layout)")
+        reasons.append("'image' is only read with a conversation ('conversations', as LLaVA's, or 'messages')")
     instruction = string_field(record, "instruction", reasons)
     if instruction is not None and not instruction.strip():
         reasons.append("empty 'instruction'")
@@ -187,49 +213,51 @@ def image_field(record: dict, folder: Path | None, reasons: list[str]) -> Path |
     return path
 
 
-def read_conversation(record: dict, reasons: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
-    """A LLaVA record's system prompt (its "system" string, or a first turn from "system") and (human, gpt)
-    pairs; what is wrong, appended to `reasons`."""
+def read_conversation(record: dict, reasons: list[str], layout: ChatLayout = CONVERSATIONS
+                      ) -> tuple[str | None, list[tuple[str, str]]]:
+    """A conversation record's system prompt (its "system" string, or a first turn from "system") and (asking,
+    answering) pairs; what is wrong, appended to `reasons`."""
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         reasons.append(f"'system' must be a string, got {kind(system)}")
-    turns, first = record["conversations"], 0
-    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("from") == "system":
+    turns, first = record[layout.key], 0
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get(layout.role) == "system":
         if system is not None:
-            reasons.append("two system prompts: 'system' and conversations[0]")
-        system, first = turns[0].get("value"), 1
+            reasons.append(f"two system prompts: 'system' and {layout.key}[0]")
+        system, first = turns[0].get(layout.text), 1
         if not isinstance(system, str):
-            reasons.append(f"conversations[0]: 'value' must be a string, got {kind(system)}")
-    return system, _conversation(turns, reasons, first)
+            reasons.append(f"{layout.key}[0]: '{layout.text}' must be a string, got {kind(system)}")
+    return system, _conversation(turns, reasons, first, layout)
 
 
-def _conversation(turns: Any, reasons: list[str], first: int = 0) -> list[tuple[str, str]]:
-    """(human, gpt) pairs of alternating turns from `turns[first]` on that start with a human and end with
-    gpt; `<image>` removed."""
+def _conversation(turns: Any, reasons: list[str], first: int, layout: ChatLayout) -> list[tuple[str, str]]:
+    """(asking, answering) pairs of alternating turns from `turns[first]` on that start with a question and end
+    with an answer; `<image>` removed."""
+    key, roles = layout.key, (layout.asking, layout.answering)
     if not isinstance(turns, list) or len(turns) <= first:
-        reasons.append(f"'conversations' must be a non-empty list of turns, got {kind(turns)}")
+        reasons.append(f"'{key}' must be a non-empty list of turns, got {kind(turns)}")
         return []
     values = []
     for index, turn in enumerate(turns[first:], start=first):
-        where = f"conversations[{index}]"
+        where = f"{key}[{index}]"
         if not isinstance(turn, dict):
-            reasons.append(f"{where}: expected an object with 'from' and 'value', got {kind(turn)}")
+            reasons.append(f"{where}: expected an object with '{layout.role}' and '{layout.text}', got {kind(turn)}")
             continue
-        role, value = turn.get("from"), turn.get("value")
-        expected = ROLES[(index - first) % 2]
-        if role not in ROLES:
-            reasons.append(f"{where}: 'from' must be 'human' or 'gpt', got {role!r}")
+        role, value = turn.get(layout.role), turn.get(layout.text)
+        expected = roles[(index - first) % 2]
+        if role not in roles:
+            reasons.append(f"{where}: '{layout.role}' must be '{roles[0]}' or '{roles[1]}', got {role!r}")
         elif role != expected:
-            reasons.append(f"{where}: expected a {expected!r} turn (turns alternate, human first), got {role!r}")
+            reasons.append(f"{where}: expected a {expected!r} turn (turns alternate, {roles[0]} first), got {role!r}")
         if not isinstance(value, str):
-            reasons.append(f"{where}: 'value' must be a string, got {kind(value)}")
+            reasons.append(f"{where}: '{layout.text}' must be a string, got {kind(value)}")
             continue
-        value = value.replace(IMAGE_MARKER, "").strip() if expected == "human" else value
-        if expected == "human" and not value:
-            reasons.append(f"{where}: empty human turn")
+        value = value.replace(IMAGE_MARKER, "").strip() if expected == layout.asking else value
+        if expected == layout.asking and not value:
+            reasons.append(f"{where}: empty {layout.asking} turn")
         values.append(value)
     if (len(turns) - first) % 2:
-        reasons.append(f"'conversations' has {len(turns) - first} turns; it must end with a 'gpt' turn")
+        reasons.append(f"'{key}' has {len(turns) - first} turns; it must end with a '{layout.answering}' turn")
     return list(zip(values[::2], values[1::2]))
 
 
