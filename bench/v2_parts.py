@@ -1,6 +1,7 @@
 """What each v2 part costs: decode tokens/s (batch 1, plain and fused paths) and a training step's time, for a
-v1 adapter, v2 biases and norms, with LoRA, with the input scales of the V2 paper (`W(s * x) + b`), and the
-official V2 dialog model's parts without prompts, each as a ratio to v1, in the same rounds.
+v1 adapter, v2 biases and norms, with LoRA, with the input scales of the V2 paper (`W(s * x) + b`), the
+official V2 dialog model's parts without prompts, and litgpt's adapter v2 (output scales `s * (Wx + b)` on every
+linear and the vocabulary head), each as a ratio to v1, in the same rounds.
 
 Shape: bench.decode's (LLaMA dim 512, 8 layers, 8 heads, vocab 32000, fp32, random weights), adapter parts on all
 8 layers with non-zero values (a fresh adapter's zeros would cost the same, but look untrained). A training step is
@@ -37,6 +38,9 @@ def kinds(layers: int) -> dict[str, AdapterArgs]:
         "v2: + biases, norms, input scales": AdapterArgs(**prompts, bias=True, norm=True, scale=True),
         "V2 dialog: biases and scales on all 7 linears, norms, no prompts": AdapterArgs(
             prompt_len=0, prompt_layers=0, bias=True, bias_targets=LORA_TARGETS, scale=True, norm=True),
+        "litgpt v2: biases and output scales on all 7 linears and the head, norms": AdapterArgs(
+            **dict(prompts, gate_activation="raw"), bias=True, bias_targets=LORA_TARGETS, scale=True,
+            scale_at="output", head_delta=True, norm=True, prompt_projection="litgpt-qkv"),
     }
 
 

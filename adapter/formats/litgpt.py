@@ -123,8 +123,7 @@ def _read_v2(path: Path, layers: dict[int, dict[str, torch.Tensor]], top: dict[s
     norms: dict[str, torch.Tensor] = {}
     kv_heads = None
     for n in range(n_layers):
-        parts = dict(layers.get(n, {}))
-        parts.pop(_PROMPT, None), parts.pop(_GATE, None)
+        parts = {name: value for name, value in layers.get(n, {}).items() if name not in (_PROMPT, _GATE)}
         for part in _PARTS:
             vector = _take(path, parts, n, f"{qkv}.{part}").float()
             heads = _kv_heads(path, vector, n, f"{qkv}.{part}", n_heads, head_dim)
