@@ -22,6 +22,8 @@ from tests.reference import reference_logits
 TOKENS = torch.tensor([[1, 45, 30, 7, 90, 12], [3, 8, 60, 2, 5, 77]])
 CURRENT_CONFIG = "name: Llama-2-7b-hf\nn_embd: 4096\nnorm_qk: false\nrope_base: 10000\n"  # litgpt 0.5.5+
 GQA = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=64)
+NARROW = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_size=8, vocab_size=512, multiple_of=32,
+                   max_seq_len=64)
 OLD_CONFIG = "name: Llama-2-7b-hf\nn_embd: 4096\nrope_base: 10000\n"  # litgpt 0.5.4 has no norm_qk
 
 
@@ -60,6 +62,13 @@ def litgpt_state(args: ModelArgs, start: int = 1, prompt_len: int = 4, v2: str |
 @pytest.fixture(scope="module")
 def gqa_folder(tmp_path_factory):
     return write_random_base(tmp_path_factory.mktemp("gqa_base"), GQA, seed=2)
+
+
+@pytest.fixture(scope="module")
+def narrow_folder(tmp_path_factory):
+    """Heads narrower than dim / n_heads, as Mistral NeMo's: only model_config.yaml's head_size tells the q|k|v
+    vectors' split."""
+    return write_random_base(tmp_path_factory.mktemp("narrow_base"), NARROW, seed=4)
 
 
 def write(tmp_path, state: dict, config: str | None = None, name: str = "lit_model.pth.adapter"):
@@ -101,12 +110,14 @@ def test_litgpt_adapter_computes_what_litgpt_computes(base_folder, gqa_folder, t
 
 
 @pytest.mark.parametrize("qkv, interleaved", [("qkv", False), ("attn", True)])
-@pytest.mark.parametrize("shape", ["mha", "gqa"])
-def test_litgpt_adapter_v2_computes_what_litgpt_computes(base_folder, gqa_folder, tmp_path, qkv, interleaved,
-                                                         shape):
-    folder, args = (base_folder, TINY) if shape == "mha" else (gqa_folder, GQA)
+@pytest.mark.parametrize("shape", ["mha", "gqa", "narrow"])
+def test_litgpt_adapter_v2_computes_what_litgpt_computes(base_folder, gqa_folder, narrow_folder, tmp_path, qkv,
+                                                         interleaved, shape):
+    folder, args = {"mha": (base_folder, TINY), "gqa": (gqa_folder, GQA), "narrow": (narrow_folder, NARROW)}[shape]
     state = litgpt_state(args, v2=qkv)
-    model = adapter.load(folder, adapter=write(tmp_path, state, name="lit_model.pth.adapter_v2"), device="cpu")
+    config = f"head_size: {args.head_dim}\nn_head: {args.n_heads}\n" if shape == "narrow" else None
+    model = adapter.load(folder, adapter=write(tmp_path, state, config, name="lit_model.pth.adapter_v2"),
+                         device="cpu")
     a = model.adapter_args
     assert model.adapter_format == "litgpt-v2"
     assert (a.bias, a.scale, a.scale_at, a.head_delta, a.norm) == (True, True, "output", True, True)

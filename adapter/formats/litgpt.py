@@ -28,7 +28,7 @@ from .hf import hf_to_meta_rows
 
 _LAYER_KEY = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 _PROMPT, _GATE = "attn.adapter_wte.weight", "attn.gating_factor"
-_QKV_LINEARS = {"attn.qkv": "0.5.5+", "attn.attn": "0.5.4"}
+_QKV_LINEARS = ("attn.qkv", "attn.attn")  # the fused q|k|v linear's name from litgpt 0.5.5 on, and up to 0.5.4
 _LINEARS = {"attn.proj": "attention.wo", "mlp.fc_1": "feed_forward.w1", "mlp.fc_2": "feed_forward.w3",
             "mlp.proj": "feed_forward.w2"}
 _NORMS = {"norm_1.weight": "attention_norm.weight", "norm_2.weight": "ffn_norm.weight"}
@@ -70,9 +70,11 @@ def read_litgpt(path: Path, state: object) -> LoadedAdapter:
     n_heads = gates[first].numel()
     if n_heads > 1:
         shape["n_heads"] = n_heads
-    v2 = _read_v2(path, layers, top, n_layers, n_heads, dim)
+    config = sibling_config(path)
+    v2 = _read_v2(path, layers, top, n_layers, n_heads, config.get("head_size") or dim // max(n_heads, 1))
     if v2 is None:
-        projection = "litgpt-qkv" if _v1_is_current(path) else "frozen"  # no deltas: "tuned" is "frozen"
+        # a v1 file does not say which litgpt wrote it; its model_config.yaml does (norm_qk: new in 0.5.5)
+        projection = "litgpt-qkv" if not config or "norm_qk" in config else "frozen"  # no deltas: "tuned" = "frozen"
         args = AdapterArgs(prompt_len=prompt_len, prompt_layers=last - first + 1, gate_activation="raw",
                            prompt_projection=projection)
         return LoadedAdapter(path=path, format="litgpt", args=args, tensors=tensors, base_shape=shape)
@@ -105,7 +107,7 @@ def _prompts_and_gates(path: Path, layers: dict[int, dict[str, torch.Tensor]]
 
 
 def _read_v2(path: Path, layers: dict[int, dict[str, torch.Tensor]], top: dict[str, torch.Tensor], n_layers: int,
-             n_heads: int, dim: int) -> tuple[dict, dict, int, str] | None:
+             n_heads: int, head_dim: int) -> tuple[dict, dict, int, str] | None:
     """The v2 parts under the model's names ([bias and scale tensors], [tuned norm weights], the kv heads the qkv
     vectors imply, the prompt projection), or None for a v1 file."""
     qkv_names = {name.rsplit(".", 1)[0] for parts in layers.values() for name in parts
@@ -118,7 +120,6 @@ def _read_v2(path: Path, layers: dict[int, dict[str, torch.Tensor]], top: dict[s
     qkv = qkv_names.pop()
     if n_heads < 2:
         raise ValueError(f"{path}: the gating factors have one value, so the heads of the q|k|v vectors are unknown")
-    head_dim = dim // n_heads
     deltas: dict[str, torch.Tensor] = {}
     norms: dict[str, torch.Tensor] = {}
     kv_heads = None
@@ -185,11 +186,17 @@ def split_qkv(fused: torch.Tensor, n_heads: int, kv_heads: int, head_dim: int, i
             groups[:, per_group + 1].reshape(-1, *rest))
 
 
-def _v1_is_current(path: Path) -> bool:
-    """Whether a v1 file is litgpt 0.5.5+'s: its folder's model_config.yaml has `norm_qk` (added in 0.5.5), or
-    there is no such file to say otherwise."""
+def sibling_config(path: Path) -> dict:
+    """The model_config.yaml litgpt writes beside its checkpoints ({} when there is none)."""
+    import yaml
+
     config = path.parent / CONFIG_FILE
     if not config.is_file():
-        return True
-    text = config.read_text(encoding="utf-8", errors="replace")
-    return re.search(r"^norm_qk:", text, re.MULTILINE) is not None
+        return {}
+    try:
+        values = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{config}: cannot read YAML ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{config}: expected a mapping of litgpt config fields")
+    return values

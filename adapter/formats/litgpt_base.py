@@ -21,7 +21,7 @@ from ..memory import release_file_pages
 from ..tokenizer import find_tokenizer
 from .common import torch_load
 from .hf import hf_to_meta_rows
-from .litgpt import CONFIG_FILE, split_qkv
+from .litgpt import CONFIG_FILE, sibling_config, split_qkv
 from .window import context_length, sliding_window
 
 WEIGHTS_FILE = "lit_model.pth"
@@ -50,23 +50,15 @@ class LitGPTCheckpoint:
     format = "litgpt"
 
     def __init__(self, folder: Path) -> None:
-        import yaml
-
         self.folder = folder
         self.source = str(folder)
+        self.weights_path = folder / WEIGHTS_FILE
         self.config_path = folder / CONFIG_FILE
-        try:
-            config = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise ValueError(f"{self.config_path}: cannot read YAML ({error})") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{self.config_path}: expected a mapping of litgpt config fields")
-        self.config = config
+        self.config = config = sibling_config(self.weights_path)
         self._params = _params(config, self.config_path)
         self.family = "Mistral" if str(config.get("name", "")).lower().startswith(("mistral", "mixtral")) else "LLaMA"
         self.window = sliding_window(config.get("sliding_window_size"), self.config_path)
         self.tokenizer_path = find_tokenizer(folder)
-        self.weights_path = folder / WEIGHTS_FILE
         state = torch_load(self.weights_path)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
