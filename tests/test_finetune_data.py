@@ -160,6 +160,9 @@ def test_modes_map_to_what_is_learned():
     assert (vision.bias, vision.norm, vision.lora_rank, vision.visual, vision.clip_dim) == (True, True, 8, "v1", 24)
     assert adapter_args_for("v2", 10, 30, visual="v1").visual == "none", "only --mode vision adds a visual prompt"
     assert adapter_args_for("v2", 10, 30, scale=True).scale and not v2.scale
+    chosen = adapter_args_for("v2", 10, 30, lora_rank=4, lora_targets="wq, wv", bias_targets="wq,wk,wv,wo,w1,w2,w3")
+    assert (chosen.lora_targets, chosen.bias_targets) == (("wq", "wv"), adapter.config.LORA_TARGETS)
+    assert (v2.lora_targets, v2.bias_targets) == (adapter.config.LORA_TARGETS, ("wq", "wo", "w1", "w2", "w3"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -172,6 +175,12 @@ def test_modes_map_to_what_is_learned():
     (dict(export="gguf"), "--export"),
     (dict(autocast="fp8"), "--autocast: must be one of"),
     (dict(mode="v2", visual_lr=1e-3), "--visual-lr: only --mode vision trains a visual prompt"),
+    (dict(mode="v2", lora_rank=4, lora_targets="wq,q_proj"), "--lora-targets: expected linears from wq, wk, wv, wo, "
+                                                             "w1, w2, w3 separated by commas, got 'wq,q_proj'"),
+    (dict(mode="v2", lora_targets="wq"), "--lora-targets: needs --lora-rank above 0"),
+    (dict(mode="v1", bias_targets="wq"), "--bias-targets: biases and LoRA are v2 parts; use --mode v2"),
+    (dict(mode="v2", bias_targets=" , "), "--bias-targets: expected linears"),
+    (dict(mode="v2", init_adapter="a.pth", bias_targets="wq"), "--bias-targets: the adapter's shape comes from"),
 ])
 def test_bad_settings_name_the_flag(overrides, message):
     with pytest.raises(ValueError, match=message):

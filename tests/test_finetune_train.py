@@ -180,6 +180,17 @@ def test_v2_input_scales_train_from_ones_and_load_back(tmp_path, base_folder):
                                                      saved["layers.1.feed_forward.w2_delta.scale"])
 
 
+def test_lora_and_bias_targets_choose_the_linears_that_learn(tmp_path, base_folder, data):
+    result = train(tiny_config(base_folder, data, tmp_path / "run", mode="v2", lora_rank=2, lora_targets="wq,wv",
+                               bias_targets="wk,w2", epochs=1))
+    saved = load_file(result.adapter)
+    lora = {k.split(".")[-3].removesuffix("_delta") for k in saved if ".lora_up." in k}
+    biases = {k.split(".")[-2].removesuffix("_delta") for k in saved if k.endswith("_delta.bias")}
+    assert (lora, biases) == ({"wq", "wv"}, {"wk", "w2"})
+    loaded = adapter.load(base_folder, adapter=result.adapter, device="cpu")
+    assert (loaded.adapter_args.lora_targets, loaded.adapter_args.bias_targets) == (("wq", "wv"), ("wk", "w2"))
+
+
 def test_keep_best_keeps_the_adapter_of_the_lowest_validation_loss_across_a_resume(tmp_path, base_folder):
     from adapter.evaluate import evaluate
 

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--prompt-layers", type=int, default=d.prompt_layers, help="capped at the base's layers")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="v2 LoRA rank (0 = none)")
+    p.add_argument("--lora-targets", help="v2: the linears that get LoRA, e.g. wq,wv (default: all seven, wq, wk, "
+                                          "wv, wo, w1, w2, w3, as the official LORA-BIAS releases)")
+    p.add_argument("--bias-targets", help="v2: the linears that get a bias (default: wq,wo,w1,w2,w3, as the official "
+                                          "multimodal releases; the V2 dialog model has all seven)")
     p.add_argument("--scale", action="store_true",
                    help="v2: also learn a ones-init scale of each linear's input, W(s * x) + b (the V2 paper's bias "
                         "tuning, as the official V2 dialog model has it)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import VISUAL_PROMPT_KINDS, AdapterArgs
+from ..config import LORA_TARGETS, VISUAL_PROMPT_KINDS, AdapterArgs
 from ..prompts import PROMPT_FORMATS
 from ..quantize import check_mode
 
@@ -51,6 +51,8 @@ class TrainConfig:
     prompt_len: int = 10
     prompt_layers: int = 30
     lora_rank: int = 0
+    lora_targets: str | None = None  # v2: the linears that get LoRA, e.g. "wq,wv" (None: all seven)
+    bias_targets: str | None = None  # v2: the linears that get a bias (None: wq, wo, w1, w2, w3, as the releases)
     scale: bool = False  # v2: also learn a ones-init scale of each linear's input (the V2 paper's bias tuning)
     init_adapter: str | None = None  # start from this adapter (any format), its shape and all, not a fresh one
     prompt_format: str = "alpaca"  # how the examples are written (adapter.prompts); saved with the adapter
@@ -89,9 +91,14 @@ class TrainConfig:
                  f"must be a non-negative integer, got {self.lora_rank!r}")
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
         _require(not self.scale or self.mode != "v1", "--scale", "the input scales are a v2 part; use --mode v2")
-        for flag in ("lora_rank", "scale"):
+        for flag in ("lora_rank", "scale", "lora_targets", "bias_targets"):
             _require(not (self.init_adapter and getattr(self, flag)), _flag(flag),
                      "the adapter's shape comes from --init-adapter")
+        for flag in ("lora_targets", "bias_targets"):
+            if getattr(self, flag) is not None:
+                _require(self.mode != "v1", _flag(flag), "biases and LoRA are v2 parts; use --mode v2")
+                linear_names(getattr(self, flag), _flag(flag))
+        _require(self.lora_targets is None or self.lora_rank > 0, "--lora-targets", "needs --lora-rank above 0")
         _require(self.mode != "vision" or self.clip is not None, "--clip",
                  "--mode vision needs the CLIP tower the visual prompt reads (a weights file or an open_clip tag)")
         _require(self.prompt_format in PROMPT_FORMATS, "--prompt-format",
@@ -151,14 +158,27 @@ def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def linear_names(value: str, flag: str) -> tuple[str, ...]:
+    """A comma-separated list of the seven linears' names ("wq,wv"), checked."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in LORA_TARGETS]
+    _require(bool(names) and not unknown, flag, f"expected linears from {', '.join(LORA_TARGETS)} separated by "
+                                                f"commas, got {value!r}")
+    return names
+
+
 def adapter_args_for(mode: str, prompt_len: int, prompt_layers: int, lora_rank: int = 0, scale: bool = False,
+                     lora_targets: str | None = None, bias_targets: str | None = None,
                      **visual: Any) -> AdapterArgs:
-    """What each --mode trains: v1 prompts + tanh gates; v2 adds zero-init biases, norms, optional LoRA and
-    optional input scales; vision adds the visual prompt (`visual` gives its AdapterArgs fields: kind, CLIP
-    width and model, ...)."""
+    """What each --mode trains: v1 prompts + tanh gates; v2 adds zero-init biases (on `bias_targets`), norms,
+    optional LoRA (on `lora_targets`) and optional input scales; vision adds the visual prompt (`visual` gives
+    its AdapterArgs fields: kind, CLIP width and model, ...)."""
     if mode == "v1":
         return AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh")
     if mode in ("v2", "vision"):
+        targets = {name: linear_names(value, _flag(name)) for name, value in
+                   (("lora_targets", lora_targets), ("bias_targets", bias_targets)) if value is not None}
         return AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh", bias=True,
-                           norm=True, lora_rank=lora_rank, scale=scale, **(visual if mode == "vision" else {}))
+                           norm=True, lora_rank=lora_rank, scale=scale, **targets,
+                           **(visual if mode == "vision" else {}))
     raise ValueError(f"--mode: must be one of {MODES}, got {mode!r}")

@@ -145,7 +145,7 @@ class _Run:
                 notice(f"--prompt-layers {config.prompt_layers} is more than the base's {n_layers} layers; "
                        f"using {layers}", self.main)
             adapter = adapter_args_for(config.mode, config.prompt_len, layers, config.lora_rank, config.scale,
-                                       **self._visual())
+                                       config.lora_targets, config.bias_targets, **self._visual())
         torch.manual_seed(config.seed)  # the same fresh prompts in every process
         random.seed(config.seed)
         model = load(config.base, adapter=adapter, quantize=config.quantize, device=self.device, dtype=config.dtype)
