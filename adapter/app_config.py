@@ -247,7 +247,7 @@ def load_engines(config: ServeConfig) -> Engines:
     written = None if config.prompt_format == "auto" else config.prompt_format
     try:
         engines = Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile,
-                                        prompt_format=written)
+                                        prompt_format=written, batch_chats=config.concurrency)
                            for (name, _), model in zip(served, models)})
     except ValueError as error:  # a format the tokenizer cannot write
         if written is None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .chat_batcher import ChatBatcher, ChatJob
 from .gate_layers import Speaker, adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
 from .images import load_image
@@ -153,7 +154,7 @@ class Engine:
     `prompt_format` when given (e.g. "llama3" for a Llama 3 Instruct base served without an adapter)."""
 
     def __init__(self, model: Transformer, lock: threading.Lock | None = None, *, max_new_tokens: int = 256,
-                 compile: bool = False, prompt_format: str | None = None) -> None:
+                 compile: bool = False, prompt_format: str | None = None, batch_chats: int = 1) -> None:
         if model.tokenizer is None:
             raise ValueError("model: has no tokenizer; load it with adapter.load(...)")
         self.prompts = format_named(prompt_format or model.prompt_format)
@@ -165,6 +166,10 @@ class Engine:
         if not isinstance(compile, bool):
             raise ValueError(f"compile: must be True or False, got {compile!r}")
         self.compile = compile  # decode steps through torch.compile (see Transformer.step)
+        # more than 1: chats waiting for the device are decoded together, up to this many rows (adapter.chat_batcher)
+        batch_chats = _integer("batch_chats", batch_chats, 1)
+        self.batcher = None if batch_chats == 1 else ChatBatcher(
+            model, self.lock, max_rows=batch_chats, stop=self.prompts.stop_strings, compile=compile)
 
     # ----- what the model can do ----------------------------------------------------------------------
     @property
@@ -213,7 +218,10 @@ class Engine:
         Checks the request now (ValueError) and decodes only while the result is iterated.
         """
         prompt = self.chat_prompt(history, message, self.check(settings))
-        rows = self._generate([prompt], settings, self._gates(settings, [settings.gate_scale]), settings.delta_scale)
+        gate = self._gates(settings, [settings.gate_scale])
+        if self.batcher is not None:
+            return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, settings.sampling()))
+        rows = self._generate([prompt], settings, gate, settings.delta_scale)
         return _each(rows, itemgetter(0))
 
     def ask_image(self, image: Any, question: str, settings: Settings) -> Iterator[str]:

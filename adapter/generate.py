@@ -81,7 +81,7 @@ def _request(
 def decode_tokens(
     model: "Transformer",
     prompts: Sequence[Sequence[int]],
-    request: GenerationRequest,
+    request: GenerationRequest | Sequence[GenerationRequest],
     *,
     gate_scale: Any = None,
     delta_scale: Any = None,
@@ -90,8 +90,10 @@ def decode_tokens(
 ) -> Iterator[list[int]]:
     """Yield the next token id of every row, step by step.
 
-    The caller marks rows done in `finished` (EOS, stop string); the loop ends when all are, or at
-    `max_new_tokens`, or when the sequence reaches the model's `max_seq_len`.
+    `request` is the batch's, or one per row: each row then samples with its own settings and seed (requests
+    of several users decoded together; the first's `compile` is the batch's). The caller marks rows done in
+    `finished` (EOS, stop string, its own length); the loop ends when all are, at the longest `max_new_tokens`,
+    or when the sequence reaches the model's `max_seq_len`.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompt: empty prompt (no tokens to start from)")
@@ -100,19 +102,21 @@ def decode_tokens(
     if longest >= limit:
         raise ValueError(f"prompt: {longest} tokens do not fit max_seq_len={limit} (need room for one more)")
     batch = len(prompts)
+    requests = [request] * batch if isinstance(request, GenerationRequest) else list(request)
+    if len(requests) != batch:
+        raise ValueError(f"request: {len(requests)} given for {batch} prompts")
     finished = [False] * batch if finished is None else finished
     device = model.tok_embeddings.weight.device
-    total = min(limit, longest + request.max_new_tokens)
+    total = min(limit, longest + max(r.max_new_tokens for r in requests))
     tokens = torch.zeros(batch, longest, dtype=torch.long)
     for row, ids in enumerate(prompts):
         tokens[row, longest - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
     pad = torch.tensor([longest - len(p) for p in prompts])
     tokens = tokens.to(device)
-    generators = None
-    if request.seed is not None:  # one per row, all seeded alike: a row samples as it would alone
-        generators = [torch.Generator(device=device).manual_seed(request.seed) for _ in range(batch)]
+    # one generator per row: a seeded row samples as it would alone, whatever rows are beside it
+    generators = [None if r.seed is None else torch.Generator(device=device).manual_seed(r.seed) for r in requests]
     seen = None
-    if request.sampling.repetition_penalty != 1.0:
+    if any(r.sampling.repetition_penalty != 1.0 for r in requests):
         seen = torch.zeros(batch, model.args.vocab_size, dtype=torch.bool, device=device)
         for row, ids in enumerate(prompts):
             seen[row, torch.as_tensor(list(ids), device=device)] = True
@@ -123,14 +127,24 @@ def decode_tokens(
     new_tokens = total - longest
     for index in range(new_tokens):
         with torch.inference_mode():
-            next_ids = sample(logits, request.sampling, seen=seen, generator=generators)
+            next_ids = _sample_rows(logits, requests, seen, generators)
         if seen is not None:
             seen[torch.arange(batch, device=device), next_ids] = True
         yield next_ids.tolist()
         if all(finished) or index == new_tokens - 1:
             return
         with torch.inference_mode():
-            logits = model.step(next_ids[:, None], cache, compile=request.compile, **scales)
+            logits = model.step(next_ids[:, None], cache, compile=requests[0].compile, **scales)
+
+
+def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest], seen: torch.Tensor | None,
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The next token of each row, all rows at once when they share their sampling settings."""
+    own = None if all(g is None for g in generators) else generators
+    if all(r.sampling == requests[0].sampling for r in requests):
+        return sample(logits, requests[0].sampling, seen=seen, generator=own)
+    return torch.cat([sample(logits[row:row + 1], r.sampling, seen=None if seen is None else seen[row:row + 1],
+                             generator=None if own is None else [own[row]]) for row, r in enumerate(requests)])
 
 
 def stream_batch(
@@ -142,6 +156,7 @@ def stream_batch(
     system: str | None = None,
     gate_scale: Any = None,
     delta_scale: Any = None,
+    rows: Sequence[dict[str, Any]] | None = None,
     **options: Any,
 ) -> Iterator[list[str]]:
     """For each step, the new text piece of every row (empty for rows that are done).
@@ -149,13 +164,16 @@ def stream_batch(
     `images` gives one image (path, PIL image, array) or None per prompt; each image is encoded once and
     its visual prompt reaches every adapter layer through the gated prompt path. `template` writes each
     prompt in a prompt format ("auto": the adapter's own, see adapter.prompts), after the `system` prompt
-    when given (chat formats only); None feeds them as given.
+    when given (chat formats only); None feeds them as given. `rows` gives each row options of its own over
+    `options` (temperature, top_p, seed, max_new_tokens, ...).
     """
     tokenizer = require_tokenizer(model)
     if isinstance(prompts, str):
         raise ValueError("prompts: expected a list of strings, got one string")
     written = prompt_writer(model, template, system)
-    request = _request(written, **options)
+    if rows is not None and len(rows) != len(prompts):
+        raise ValueError(f"rows: {len(rows)} given for {len(prompts)} prompts")
+    requests = [_request(written, **{**options, **row}) for row in (rows or [{}] * len(prompts))]
     visual_prompt = None
     if images is not None:
         if len(images) != len(prompts):
@@ -167,10 +185,11 @@ def stream_batch(
                 visual_prompt = encode_images(model, images)
     texts = [p if written is None else written.instruction(p, system=system) for p in prompts]
     ids = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
-    streams = [TextStream(tokenizer, request.stop) for _ in ids]
+    streams = [TextStream(tokenizer, request.stop) for request in requests]
     finished = [False] * len(ids)
-    for step_ids in decode_tokens(model, ids, request, gate_scale=gate_scale, delta_scale=delta_scale,
-                                  visual_prompt=visual_prompt, finished=finished):
+    for step, step_ids in enumerate(decode_tokens(model, ids, requests, gate_scale=gate_scale,
+                                                  delta_scale=delta_scale, visual_prompt=visual_prompt,
+                                                  finished=finished)):
         pieces = []
         for row, token in enumerate(step_ids):
             piece = ""
@@ -180,6 +199,8 @@ def stream_batch(
                 else:
                     piece = streams[row].push(token)
                     finished[row] = streams[row].stopped
+                    if not finished[row] and step + 1 == requests[row].max_new_tokens:  # its own length reached
+                        piece, finished[row] = piece + streams[row].finish(), True
             pieces.append(piece)
         yield pieces
     tails = [("" if done else s.finish()) for s, done in zip(streams, finished)]

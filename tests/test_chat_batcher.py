@@ -1,0 +1,117 @@
+"""Chats of several users decoded together (Engine(batch_chats=N), the app's --concurrency): one batch, a row each
+with its own settings, every answer the one it gets alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import adapter
+from adapter import chat_batcher
+from adapter.app_config import load_engines, parse_config
+from adapter.engine import Engine, Settings
+from adapter.random_demo import DemoFiles, write_random_demo
+from tests.app_helpers import QUESTION, one_torch_thread
+
+# each request its own gate, delta, layers, sampling, seed and length
+REQUESTS = [
+    ([], QUESTION, Settings(temperature=0.0, max_new_tokens=12)),
+    ([], QUESTION, Settings(gate_scale=0.0, delta_scale=0.0, temperature=0.0, max_new_tokens=20)),
+    ([("Hi", "Hello.")], "Name a shape.", Settings(temperature=1.0, top_p=0.9, seed=3, max_new_tokens=16)),
+    ([], "Count to three.", Settings(gate_scale=1.5, temperature=0.7, seed=11, max_new_tokens=5, gate_layers="top 1")),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def demo_files(base_folder, tmp_path_factory) -> DemoFiles:
+    return write_random_demo(tmp_path_factory.mktemp("demo"), base=base_folder)
+
+
+@pytest.fixture(scope="module")
+def model(demo_files):
+    return adapter.load(demo_files.base, adapter=demo_files.adapter, device="cpu")
+
+
+def alone(model, history, message, settings) -> str:
+    return list(Engine(model, threading.Lock()).chat(history, message, settings))[-1]
+
+
+def wait_for(condition, seconds: float = 60) -> None:
+    event = threading.Event()
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        event.wait(0.01)
+    raise AssertionError("timed out")
+
+
+def together(engine: Engine, requests) -> list[str]:
+    """Every request's final answer, all submitted while the device is busy, so that they queue for one batch."""
+    answers: list[str | None] = [None] * len(requests)
+
+    def ask(index, history, message, settings):
+        answers[index] = list(engine.chat(history, message, settings))[-1]
+
+    with engine.lock:  # the device is busy: the requests gather
+        threads = [threading.Thread(target=ask, args=(i, *request)) for i, request in enumerate(requests)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: engine.batcher.submitted == len(requests))
+    for thread in threads:
+        thread.join(timeout=120)
+    return answers
+
+
+def test_waiting_chats_are_one_batch_and_each_answer_is_its_own(model):
+    engine = Engine(model, threading.Lock(), batch_chats=4)
+    answers = together(engine, REQUESTS)
+    assert engine.batcher.batch_sizes[-1] == 4, "the four waiting chats were decoded as one batch"
+    assert answers == [alone(model, *request) for request in REQUESTS]
+    assert len({answer for answer in answers}) > 1
+
+
+def test_a_user_who_leaves_stops_being_shown_and_the_others_finish(model):
+    engine = Engine(model, threading.Lock(), batch_chats=2)
+    settings = Settings(temperature=1.0, seed=5, max_new_tokens=30)
+    with engine.lock:
+        leaving = engine.chat([], QUESTION, settings)
+        staying = engine.chat([], "Name a colour.", settings)
+        results = {}
+        thread = threading.Thread(target=lambda: results.update(answer=list(staying)[-1]))
+        thread.start()
+        first = threading.Thread(target=lambda: results.update(first=next(leaving)))
+        first.start()
+        wait_for(lambda: engine.batcher.submitted == 2)
+    first.join(timeout=60)
+    leaving.close()
+    thread.join(timeout=120)
+    assert results["answer"] == alone(model, [], "Name a colour.", settings)
+    assert results["first"] and engine.batcher.batch_sizes == [2]
+
+
+def test_a_failed_batch_tells_every_user(model, monkeypatch):
+    engine = Engine(model, threading.Lock(), batch_chats=2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(chat_batcher, "stream_batch", broken)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        list(engine.chat([], QUESTION, Settings()))
+
+
+def test_the_apps_concurrency_is_the_batch_size(demo_files):
+    config = parse_config(["--base", str(demo_files.base), "--adapter", str(demo_files.adapter),
+                           "--concurrency", "4"], {})
+    engine = load_engines(config).default
+    assert engine.batcher is not None and engine.batcher.max_rows == 4
+    assert Engine(engine.model, threading.Lock()).batcher is None, "one at a time by default"
+    with pytest.raises(ValueError, match="batch_chats: must be >= 1"):
+        Engine(engine.model, batch_chats=0)
