@@ -7,8 +7,10 @@ fresh adapter computes exactly the frozen base model.
 
 In a layer with a prompt P (`prompt_len` x dim):
     out = sdpa(q, k, v, causal) + s_g * act(gate)_h * new_gate * sdpa(q, wk(P), wv(P))
-where wk(P), wv(P) use the frozen projections without RoPE, with their own softmax. `s_g` (gate scale)
-and `s_d` (delta scale, for the v2 bias/LoRA/norm deltas) are tensors, scalar or one value per batch row.
+where wk(P), wv(P) use the frozen projections without RoPE, with their own softmax (litgpt's adapters feed P
+through the tuned projections, and from litgpt 0.5.5 read other rows: `AdapterArgs.prompt_projection`). `s_g`
+(gate scale) and `s_d` (delta scale, for the v2 bias/LoRA/scale/norm deltas) are tensors, scalar or one value
+per batch row.
 """
 
 from __future__ import annotations
@@ -272,11 +274,10 @@ class Attention(nn.Module):
         then all values (q and k rows in HF's rotate-half order), and takes each query group's key and value
         as if the rows were still interleaved per group (that group's r queries, key, value): the head-sized
         chunks g(r+2)+r and g(r+2)+r+1. Its adapters were trained so, so this reads them as trained."""
-        batch, length, _ = q.shape
+        batch, length = max(t.shape[0] for t in (q, k, v)), q.shape[1]  # a row each when the delta scale is per row
+        q, k, v = (t.expand(batch, -1, -1) for t in (q, k, v))
         per_group = self.n_heads // self.kv_heads
-        rows = torch.cat([_meta_to_rotate_half(q, self.head_dim), _meta_to_rotate_half(k.expand(batch, -1, -1),
-                                                                                       self.head_dim),
-                          v.expand(batch, -1, -1)], dim=-1)
+        rows = torch.cat([_meta_to_rotate_half(q, self.head_dim), _meta_to_rotate_half(k, self.head_dim), v], dim=-1)
         grouped = rows.view(batch, length, self.kv_heads, per_group + 2, self.head_dim)
         keys = _rotate_half_to_meta(grouped[..., per_group, :], self.head_dim)  # met by Meta-ordered queries
         return keys.flatten(-2), grouped[..., per_group + 1, :].flatten(-2)
