@@ -240,8 +240,8 @@ def decode_rows(s: Setup, precision: str, ours: Ours, peer: Peer | None, why: st
     """Tokens/s, first-token times and memory at 2048 context on both sides (peer cells say why when absent)."""
     vocab, device = s.args.vocab_size, s.device
 
-    def rate(side: Ours | Peer) -> Stat:
-        return measure(lambda: greedy(side, prompt(1, 16, vocab, device=device), s.new_tokens + 1).tokens_per_s,
+    def rate(side: Ours | Peer, batch: int = 1) -> Stat:
+        return measure(lambda: greedy(side, prompt(batch, 16, vocab, device=device), s.new_tokens + 1).tokens_per_s,
                        repeats)
 
     def first_ms(length: int) -> Callable[[Ours | Peer], Stat]:
@@ -254,6 +254,8 @@ def decode_rows(s: Setup, precision: str, ours: Ours, peer: Peer | None, why: st
         return once(peak(device, lambda: greedy(side, tokens, s.new_tokens)))
 
     measures = [("greedy decode, batch 1, tokens/s", rate, 1, True),
+                # what the app's --concurrency 8 gives 8 users who ask at once (adapter.chat_batcher)
+                ("greedy decode, batch 8, tokens/s (all rows)", lambda side: rate(side, 8), 1, True),
                 ("time to first token, 64-token prompt, ms", first_ms(64), 1, True),
                 ("time to first token, 512-token prompt, ms", first_ms(512), 1, True),
                 (f"peak memory generating at {CONTEXT} tokens of context, above the weights, GiB", memory, 2, False),

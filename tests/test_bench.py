@@ -149,6 +149,8 @@ def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
     rows = next(t for t in tables(section) if "ours / peer" in t[0])
     assert any(row[1].startswith("one training step") for row in rows[1:] if row[0] == "nf4")
     assert any(row[1].startswith("image question") for row in rows[1:])
+    assert {row[0] for row in rows[1:] if row[1] == "greedy decode, batch 8, tokens/s (all rows)"} == \
+        {"fp32", "nf4", "int8"}
     assert ratio_column(rows)
     unquantized = {row[1]: row[2] for row in rows[1:] if row[0] == "fp32"}
     assert "floor: every weight read once (a sum over each matrix), tokens/s" in unquantized
