@@ -100,8 +100,13 @@ class ModelArgs:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 2048
+    sliding_window: int | None = None  # each token attends to the last this many positions (Mistral 7B v0.1)
 
     def __post_init__(self) -> None:
+        _require(self.sliding_window is None or (isinstance(self.sliding_window, int)
+                                                 and not isinstance(self.sliding_window, bool)
+                                                 and self.sliding_window >= 2), "sliding_window",
+                 f"must be an integer >= 2 or None, got {self.sliding_window!r}")
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")

@@ -40,7 +40,7 @@ def describe_base(path: Path) -> list[str]:
         f"  dim {args.dim}, layers {args.n_layers}, heads {args.n_heads} of {args.head_dim} "
         f"(kv heads {args.kv_heads}), ffn {args.ffn_hidden_dim}, vocab {args.vocab_size}, {rope}",
         f"  context {args.max_seq_len} tokens"
-        + (" (its sliding window; no attention over a window here)" if checkpoint.window else ""),
+        + (f"; attention over a sliding window of {checkpoint.window}" if checkpoint.window else ""),
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
         f"stops at ids {sorted(tokenizer.stop_ids)})",
         f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path.parent, tokenizer)}",

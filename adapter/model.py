@@ -630,10 +630,32 @@ class Transformer(nn.Module):
             raise ValueError(f"positions: expected a bool mask of the tokens' shape {tuple(tokens.shape)}, got {got}")
         if targets is not None and positions is None:
             raise ValueError("targets: give the positions they are the targets of (positions=bool mask)")
-        rope = self._rope_slice(torch.arange(length, device=tokens.device))
-        ctx = self._context(batch, rope, gate_scale, delta_scale, is_causal=length > 1)
+        positions = torch.arange(length, device=tokens.device)
+        rope = self._rope_slice(positions)
+        if self._windowed(length):
+            ctx = self._context(batch, rope, gate_scale, delta_scale,
+                                attn_mask=self._visible(positions, positions, None)[None, None])
+        else:
+            ctx = self._context(batch, rope, gate_scale, delta_scale, is_causal=length > 1)
         h = self._run_layers(self.tok_embeddings(tokens), ctx, visual_prompt, cache=None)
         return self.norm(h, ctx.delta_scale), ctx.delta_scale
+
+    def _windowed(self, length: int) -> bool:
+        """Whether `length` positions reach past the sliding window (Mistral 7B v0.1's 4096), so that the
+        attention needs a mask of the window rather than a plain causal one."""
+        window = self.args.sliding_window
+        return window is not None and length > window
+
+    def _visible(self, positions: torch.Tensor, keys: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """Which keys each query may attend to: not later ones, not a row's left padding (`pad` [B]: then
+        [B, T, S], else [T, S]), and, with a sliding window W, only the last W positions (j > i - W, as
+        mistral-inference and transformers attend)."""
+        visible = keys[None, :] <= positions[:, None]
+        if self.args.sliding_window is not None:
+            visible = visible & (keys[None, :] > positions[:, None] - self.args.sliding_window)
+        if pad is not None:
+            visible = visible[None] & (keys[None, None, :] >= pad[:, None, None])
+        return visible
 
     def _head(self, h: torch.Tensor, delta_scale: torch.Tensor) -> torch.Tensor:
         """The vocabulary head's logits of the final norm's output, with its delta if it has one."""
@@ -702,7 +724,8 @@ class Transformer(nn.Module):
         device = tokens.device
         inference = not torch.is_grad_enabled()
         decoder = None
-        if inference and length == 1 and record is None and self._prompts_cached(cache):
+        if inference and length == 1 and record is None and self._prompts_cached(cache) and \
+                not self._windowed(start + length):  # the static steps attend to the whole cache
             decoder = self._static_decoder(compile, device)
         if decoder is not None:
             gate, delta = self._row_scales(batch, gate_scale, delta_scale, torch.device("cpu"))
@@ -716,20 +739,18 @@ class Transformer(nn.Module):
                 cache.length = start + length
                 return logits
         positions = torch.arange(start, start + length, device=device)
+        keys = torch.arange(start + length, device=device)
         mask, is_causal = None, False
         if cache.pad is None:
             rope = self._rope_slice(positions)
-            if length > 1 and start == 0:
+            if length > 1 and start == 0 and not self._windowed(length):
                 is_causal = True
-            elif length > 1:
-                keys = torch.arange(start + length, device=device)
-                mask = (keys[None, :] <= positions[:, None])[None, None]
+            elif length > 1 or self._windowed(start + length):
+                mask = self._visible(positions, keys, None)[None, None]
         else:
             row_positions = (positions[None, :] - cache.pad[:, None]).clamp_min(0)
             rope = self._rope_slice(row_positions)
-            keys = torch.arange(start + length, device=device)
-            visible = ((keys[None, None, :] >= cache.pad[:, None, None])
-                       & (keys[None, None, :] <= positions[None, :, None]))
+            visible = self._visible(positions, keys, cache.pad)
             # a padding query sees itself, so that no row is fully masked (that would give NaN)
             mask = (visible | (keys[None, None, :] == positions[None, :, None]))[:, None]
         fused = inference and self.fused_inference

@@ -1,6 +1,7 @@
 """Mistral's own folders (params.json in Mistral's keys, consolidated*.safetensors, tokenizer.model.v3) and
 Mistral 7B v0.1's Meta-style release give the logits of the same weights in a Meta folder; the SwiGLU width
-comes from `hidden_dim`, the sliding window caps the context, and bad folders name the file at fault."""
+comes from `hidden_dim`, the sliding window is kept (the default context when none is recorded), and bad folders
+name the file at fault."""
 
 from __future__ import annotations
 
@@ -68,11 +69,12 @@ def test_mistral_folders_give_the_logits_of_the_same_weights(meta_base, files, t
     folder = mistral_folder(meta_base, tmp_path / "mistral", files=files)
     model = adapter.load(folder, device="cpu")
     assert (model.base_format, model.base_family, model.args.ffn_hidden_dim) == ("mistral", "Mistral", ARGS.ffn_dim)
-    assert model.args.max_seq_len == WINDOW and model.args.rope_theta == ARGS.rope_theta
+    assert (model.args.max_seq_len, model.args.sliding_window, model.args.rope_theta) == (WINDOW, WINDOW,
+                                                                                          ARGS.rope_theta)
     assert torch.equal(logits(model), expected)
     about = describe(folder)
     assert about[0] == f"{folder}: base Mistral, mistral format"
-    assert "  context 32 tokens (its sliding window; no attention over a window here)" in about
+    assert "  context 32 tokens; attention over a sliding window of 32" in about
 
 
 def test_mistral_7b_v01s_meta_style_release_reads_mistrals_keys(meta_base, tmp_path):
@@ -129,8 +131,8 @@ def test_bad_mistral_params_name_the_file(meta_base, case, tmp_path):
 
 def test_a_context_beyond_the_window_and_broken_folders_are_refused_naming_the_file(meta_base, tmp_path):
     folder = mistral_folder(meta_base, tmp_path / "mistral")
-    with pytest.raises(ValueError, match=r"params.json: max_seq_len=64 is longer than sliding_window=32"):
-        adapter.load(folder, device="cpu", max_seq_len=64)
+    longer = adapter.load(folder, device="cpu", max_seq_len=64).args
+    assert (longer.max_seq_len, longer.sliding_window) == (64, WINDOW), "past the window, attention slides"
     assert adapter.load(folder, device="cpu", max_seq_len=16).args.max_seq_len == 16
     (folder / "tokenizer.model.v3").unlink()
     with pytest.raises(FileNotFoundError, match=r"tokenizer: .*mistral has none of tokenizer.model, "

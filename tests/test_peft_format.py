@@ -133,35 +133,58 @@ def test_peft_saved_adapter_gives_peft_logits(base_name, safe, request, tmp_path
     assert not torch.allclose(logits(loaded), logits(adapter.load(base, device="cpu")), atol=1e-3), "adapter acts"
 
 
-MISTRAL_WINDOW = 16  # longer than TOKENS: within one window, Mistral's attention is plain causal attention
+MISTRAL_WINDOW = 6  # shorter than LONG: each token attends to its last 6 positions only
+LONG = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(9))
 
 
 def test_peft_adapter_on_a_mistral_folder_gives_peft_logits(gqa_folder, tmp_path):
-    """Mistral's layers are LLaMA's: an HF Mistral folder (as transformers saves it) gives transformers' logits,
-    a PEFT adaption prompt on it gives PEFT's, and its sliding window is the longest context."""
+    """Mistral's layers are LLaMA's, with attention over a sliding window: an HF Mistral folder (as transformers
+    saves it) gives transformers' logits past the window, a PEFT adaption prompt on it gives PEFT's."""
     reference = hf_llama(gqa_folder, mistral_window=MISTRAL_WINDOW)
     folder = tmp_path / "mistral"
     reference.save_pretrained(folder)
     shutil.copy(gqa_folder / "tokenizer.model", folder)
     (folder / "params.json").write_text(json.dumps({"dim": GQA.dim, "sliding_window": MISTRAL_WINDOW}))  # as Mistral's
     base = adapter.load(folder, device="cpu")
-    assert (base.args.max_seq_len, base.args.kv_heads) == (MISTRAL_WINDOW, GQA.kv_heads)
-    torch.testing.assert_close(logits(base), hf_logits(reference), atol=1e-4, rtol=0)
+    assert (base.args.sliding_window, base.args.max_seq_len, base.args.kv_heads) == \
+        (MISTRAL_WINDOW, GQA.max_seq_len, GQA.kv_heads)
+    with torch.no_grad():
+        ours = base(LONG)
+        torch.testing.assert_close(ours, reference(input_ids=LONG).logits.float(), atol=1e-4, rtol=0)
+        assert not torch.allclose(ours, hf_llama(gqa_folder, mistral=True)(input_ids=LONG).logits.float(),
+                                  atol=1e-3), "the window matters at this length"
     about = describe(folder)
     assert about[0] == f"{folder}: base Mistral, hf format"
-    assert "  context 16 tokens (its sliding window; no attention over a window here)" in about
+    assert f"  context {GQA.max_seq_len} tokens; attention over a sliding window of 6" in about
 
     trained = peft_trained(reference, seed=5)
     trained.save_pretrained(tmp_path / "peft")
     loaded = adapter.load(folder, adapter=tmp_path / "peft", device="cpu")
-    torch.testing.assert_close(logits(loaded), hf_logits(trained), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(LONG), trained(input_ids=LONG).logits.float(), atol=1e-4, rtol=0)
     assert not torch.allclose(logits(loaded), logits(base), atol=1e-3), "adapter acts"
 
-    with pytest.raises(ValueError, match="max_seq_len=32 is longer than sliding_window=16") as error:
-        adapter.load(folder, device="cpu", max_seq_len=32)
-    assert str(folder / "config.json") in str(error.value)
-    with pytest.raises(ValueError, match="more than max_seq_len=16"):
-        base(torch.ones(1, MISTRAL_WINDOW + 1, dtype=torch.long))
+
+def test_a_sliding_window_decodes_as_the_whole_sequence_computes(gqa_folder, tmp_path):
+    """Step by step with the KV cache, rows left-padded to a common length, past the window: each step's logits
+    are the whole sequence's at that position (the window masks the cache as it masks the sequence)."""
+    model = adapter.load(gqa_folder, adapter=RAW, device="cpu")
+    share_gates(model)
+    windowed = adapter.load(gqa_folder, adapter=RAW, device="cpu", max_seq_len=64)
+    windowed.load_adapter_state(model.adapter_state_dict(), "test")
+    windowed.args = dataclasses.replace(windowed.args, sliding_window=MISTRAL_WINDOW)
+    short = LONG[1, 5:]
+    with torch.no_grad():
+        whole = [windowed(LONG[:1])[0], windowed(short[None])[0]]
+        cache = windowed.new_cache(2, 20, pad=torch.tensor([0, 5]))
+        batch = torch.stack([LONG[0], torch.cat([torch.zeros(5, dtype=torch.long), short])])
+        first = windowed.step(batch[:, :8], cache)
+        torch.testing.assert_close(first, torch.stack([whole[0][7], whole[1][2]]), atol=1e-4, rtol=0)
+        for position in range(8, 20):
+            step = windowed.step(batch[:, position:position + 1], cache)
+            torch.testing.assert_close(step, torch.stack([whole[0][position], whole[1][position - 5]]),
+                                       atol=1e-4, rtol=0)
+        assert not torch.allclose(whole[0], model(LONG[:1])[0], atol=1e-3)
 
 
 # heads whose width is not dim / n_heads, as Mistral NeMo's (32 heads of 128 at dim 5120, narrower than 160); here wider

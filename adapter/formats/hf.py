@@ -2,7 +2,7 @@
 `pytorch_model.bin`, or shards of either listed in `model.safetensors.index.json` / `pytorch_model.bin.index.json`.
 
 Mistral folders (`model_type: mistral`) are read too: their layers are LLaMA's (grouped-query attention, the same
-tensor names), and PEFT's `adaption_prompt` adapts both; a sliding window caps the context (adapter.formats.window).
+tensor names), and PEFT's `adaption_prompt` adapts both; its `sliding_window` is kept (adapter.formats.window).
 
 The checkpoint is handed to the loader under Meta's names and layout, so the model and every adapter
 stay in Meta layout. HF stores wq/wk with the rows of each head permuted for its rotate-half RoPE;
@@ -245,11 +245,12 @@ class HFCheckpoint:
         return where
 
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
-        """From config.json; `max_seq_len` overrides max_position_embeddings (up to a sliding window's length)."""
+        """From config.json; `max_seq_len` overrides max_position_embeddings."""
         values = {"vocab_size": tokenizer_words, **self._params}
-        length = context_length(self.window, self._params.get("max_seq_len"), max_seq_len, self.config_path)
+        length = context_length(self.window, self._params.get("max_seq_len"), max_seq_len)
         if length is not None:
             values["max_seq_len"] = length
+        values["sliding_window"] = self.window
         try:
             return ModelArgs(**values)
         except (TypeError, ValueError) as error:

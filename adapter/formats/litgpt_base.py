@@ -92,9 +92,10 @@ class LitGPTCheckpoint:
 
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
         params = dict(self._params)
-        length = context_length(self.window, params.pop("block_size", None), max_seq_len, self.config_path)
+        length = context_length(self.window, params.pop("block_size", None), max_seq_len)
         if length is not None:
             params["max_seq_len"] = length
+        params["sliding_window"] = self.window
         try:
             return ModelArgs(**params)
         except (TypeError, ValueError) as error:

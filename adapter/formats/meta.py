@@ -66,14 +66,15 @@ class ParamsJson:
         self.window = sliding_window(self.params.get("sliding_window"), self.params_path)
 
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
-        """LLaMA 1's `vocab_size: -1` is taken from the tokenizer, a sliding window caps the context
-        (adapter.formats.window); `max_seq_len` overrides."""
+        """LLaMA 1's `vocab_size: -1` is taken from the tokenizer; a sliding window is Mistral's attention window
+        (adapter.formats.window); `max_seq_len` overrides the context."""
         overrides = {}
         if self.params.get("vocab_size", -1) in (-1, None):
             overrides["vocab_size"] = tokenizer_words
-        length = context_length(self.window, self.params.get("max_seq_len"), max_seq_len, self.params_path)
+        length = context_length(self.window, self.params.get("max_seq_len"), max_seq_len)
         if length is not None:
             overrides["max_seq_len"] = length
+        overrides["sliding_window"] = self.window
         try:
             return ModelArgs.from_params(self.params, **overrides)
         except (TypeError, ValueError) as error:

@@ -1,7 +1,6 @@
 """Mistral's sliding-window attention, as its config files record it (`sliding_window` in config.json and in
-params.json): each token attends to the last `sliding_window` positions. Within one window that is plain
-causal attention, which is what the model computes, so a base with a window gets the window as its longest
-context rather than a silently different attention beyond it.
+params.json, `sliding_window_size` in litgpt's): each token attends to the last `sliding_window` positions
+(ModelArgs.sliding_window; the model masks the attention so, adapter.model.Transformer._visible).
 """
 
 from __future__ import annotations
@@ -17,14 +16,10 @@ def sliding_window(value: Any, source: Path) -> int | None:
     return value
 
 
-def context_length(window: int | None, recorded: int | None, requested: int | None, source: Path) -> int | None:
-    """The base's max_seq_len: `requested` (refused beyond the window), else what its config records capped at
-    the window (None: the model's default, or the window when there is one)."""
-    if requested is not None:
-        if window is not None and requested > window:
-            raise ValueError(f"{source}: max_seq_len={requested} is longer than sliding_window={window}; attention "
-                             "over a sliding window is not implemented, so the context ends at the window")
-        return requested
-    if window is None:
-        return recorded
-    return window if recorded is None else min(recorded, window)
+def context_length(window: int | None, recorded: int | None, requested: int | None) -> int | None:
+    """The base's max_seq_len: `requested`, else what its config records, else the window (Mistral 7B v0.1's
+    params.json records no context; its window is what it was trained on), else None (the model's default)."""
+    for length in (requested, recorded, window):
+        if length is not None:
+            return length
+    return None
