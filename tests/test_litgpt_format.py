@@ -282,6 +282,7 @@ def test_a_litgpt_llama32_base_reads_its_rope_adjustments_and_tied_head(base_fol
     (dict(mlp_class_name="GptNeoxMLP"), r"model_config.yaml: mlp_class_name='GptNeoxMLP' is not supported \(a LLaMA "
                                         r"has 'LLaMAMLP'\)"),
     (dict(parallel_residual=True), "parallel_residual=True is not supported"),
+    (dict(sliding_window_size=8, sliding_window_indices=[1, 0, 1, 0]), r"sliding_window_indices=\[1, 0, 1, 0\] is not"),
     (dict(rope_adjustments={"beta_fast": 32.0}), "rope_adjustments .* is not supported"),
     (dict(n_query_groups=2), r"transformer.h.0.attn.qkv.weight has shape \(192, 64\), expected \(128, 64\) \(4 "
                              r"query and 2 key/value heads of 16\)"),

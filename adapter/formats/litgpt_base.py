@@ -142,6 +142,10 @@ def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
         value = config.get(name, llama)
         if value != llama and not (name == "n_expert" and value is None):
             raise ValueError(f"{path}: {name}={value!r} is not supported (a LLaMA has {llama!r})")
+    indices = config.get("sliding_window_indices")
+    if config.get("sliding_window_size") is not None and indices is not None and set(indices) != {1}:
+        raise ValueError(f"{path}: sliding_window_indices={indices} is not supported (the window on some layers "
+                         "only; a LLaMA-shaped model here has it on every layer or none)")
     missing = [name for name in ("n_embd", "n_layer", "n_head", "intermediate_size") if config.get(name) is None]
     if missing:
         raise ValueError(f"{path}: missing field(s) {missing}")
