@@ -1,4 +1,4 @@
-"""Chat requests of several users decoded together, a row each.
+"""Chat requests and image questions of several users decoded together, a row each.
 
 Answered one after another, N users wait N decodes. A decode step costs about the same for a few rows as for
 one (a GPU reads every weight once per step whatever the batch; on the CPU the tiny model's 8-row gate sweep
@@ -30,13 +30,15 @@ _END = object()  # put on a job's queue after its last piece
 
 @dataclass
 class ChatJob:
-    """One chat request: its prompt, its row of gate scales (a number, or one per adapter layer and head as
-    adapter.gate_layers.gate_scale_rows gives them), its delta scale and its sampling options."""
+    """One chat request or image question: its prompt, its row of gate scales (a number, or one per adapter
+    layer and head as adapter.gate_layers.gate_scale_rows gives them), its delta scale, its sampling options and
+    its image (None: none; rows without one get no visual query, adapter.visual.encode_images)."""
 
     prompt: str
     gate: float | torch.Tensor
     delta: float
     options: dict[str, Any]
+    image: Any = None
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     left: threading.Event = field(default_factory=threading.Event)
 
@@ -111,7 +113,9 @@ class ChatBatcher:
         """Decode `jobs` as one batch (the device's lock held), each row's pieces to its own queue."""
         self.batch_sizes.append(len(jobs))
         try:
+            images = [job.image for job in jobs]
             with closing(stream_batch(self.model, [job.prompt for job in jobs], stop=self.stop,
+                                      images=images if any(image is not None for image in images) else None,
                                       gate_scale=self._gate_rows([job.gate for job in jobs]),
                                       delta_scale=[job.delta for job in jobs],
                                       rows=[job.options for job in jobs], compile=self.compile)) as steps:

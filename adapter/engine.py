@@ -166,7 +166,8 @@ class Engine:
         if not isinstance(compile, bool):
             raise ValueError(f"compile: must be True or False, got {compile!r}")
         self.compile = compile  # decode steps through torch.compile (see Transformer.step)
-        # more than 1: chats waiting for the device are decoded together, up to this many rows (adapter.chat_batcher)
+        # more than 1: chats and image questions waiting for the device are decoded together, up to this many rows
+        # (adapter.chat_batcher)
         batch_chats = _integer("batch_chats", batch_chats, 1)
         self.batcher = None if batch_chats == 1 else ChatBatcher(
             model, self.lock, max_rows=batch_chats, stop=self.prompts.stop_strings, compile=compile)
@@ -227,8 +228,11 @@ class Engine:
     def ask_image(self, image: Any, question: str, settings: Settings) -> Iterator[str]:
         """The answer to a question about `image`; an adapter that cannot see answers from the text alone."""
         prompt, images = self._image_rows(image, question, settings, 1)
-        rows = self._generate([prompt], settings, self._gates(settings, [settings.gate_scale]), settings.delta_scale,
-                              images)
+        gate = self._gates(settings, [settings.gate_scale])
+        if self.batcher is not None:
+            return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, settings.sampling(),
+                                               images[0] if images else None))
+        rows = self._generate([prompt], settings, gate, settings.delta_scale, images)
         return _each(rows, itemgetter(0))
 
     def _question_prompt(self, question: str, settings: Settings) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 import adapter
@@ -36,7 +37,8 @@ def demo_files(base_folder, tmp_path_factory) -> DemoFiles:
 
 @pytest.fixture(scope="module")
 def model(demo_files):
-    return adapter.load(demo_files.base, adapter=demo_files.adapter, device="cpu")
+    return adapter.load(demo_files.base, adapter=demo_files.adapter, clip=demo_files.clip,
+                        clip_model=str(demo_files.clip_model), device="cpu")
 
 
 def alone(model, history, message, settings) -> str:
@@ -75,6 +77,30 @@ def test_waiting_chats_are_one_batch_and_each_answer_is_its_own(model):
     assert engine.batcher.batch_sizes[-1] == 4, "the four waiting chats were decoded as one batch"
     assert answers == [alone(model, *request) for request in REQUESTS]
     assert len({answer for answer in answers}) > 1
+
+
+def test_image_questions_join_the_batch_each_with_its_picture(model):
+    """Two pictures and a chat in one batch: rows without a picture get no visual query."""
+    red, blue = (np.full((32, 32, 3), colour, dtype=np.uint8) for colour in ([200, 30, 30], [30, 30, 200]))
+    greedy = Settings(temperature=0.0, max_new_tokens=10)
+    engine = Engine(model, threading.Lock(), batch_chats=3)
+    answers: dict[int, str] = {}
+    asks = [lambda: engine.ask_image(red, "What colour is it?", greedy),
+            lambda: engine.ask_image(blue, "What colour is it?", greedy),
+            lambda: engine.chat([], QUESTION, greedy)]
+    with engine.lock:
+        threads = [threading.Thread(target=lambda i=i, ask=ask: answers.update({i: list(ask())[-1]}))
+                   for i, ask in enumerate(asks)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: engine.batcher.submitted == 3)
+    for thread in threads:
+        thread.join(timeout=120)
+    single = Engine(model, threading.Lock())
+    assert engine.batcher.batch_sizes == [3]
+    assert [answers[0], answers[1], answers[2]] == [list(single.ask_image(red, "What colour is it?", greedy))[-1],
+                                                    list(single.ask_image(blue, "What colour is it?", greedy))[-1],
+                                                    list(single.chat([], QUESTION, greedy))[-1]]
 
 
 def test_a_user_who_leaves_stops_being_shown_and_the_others_finish(model):
