@@ -12,8 +12,7 @@ import adapter
 from adapter import chat_batcher
 from adapter.app_config import load_engines, parse_config
 from adapter.engine import Engine, Settings
-from adapter.random_demo import DemoFiles, write_random_demo
-from tests.app_helpers import QUESTION, one_torch_thread
+from tests.app_helpers import QUESTION, demo_files, one_torch_thread  # noqa: F401  (fixture)
 
 # each request its own gate, delta, layers, sampling, seed and length
 REQUESTS = [
@@ -28,11 +27,6 @@ REQUESTS = [
 def _one_thread():
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def demo_files(base_folder, tmp_path_factory) -> DemoFiles:
-    return write_random_demo(tmp_path_factory.mktemp("demo"), base=base_folder)
 
 
 @pytest.fixture(scope="module")
