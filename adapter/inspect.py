@@ -20,6 +20,7 @@ import torch
 
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
+from .hub import resolve
 from .model import Transformer
 from .prompts import base_prompt_format
 from .tokenizer import open_tokenizer
@@ -99,7 +100,7 @@ def describe_adapter(path: Path) -> list[str]:
 
 
 def describe(path: str | Path) -> list[str]:
-    path = Path(path)
+    path = resolve(path, "path")  # hf:owner/name and official:NAME are fetched first
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir() and any((path / name).exists() for name in ("params.json", "config.json", "lit_model.pth")):
@@ -109,7 +110,8 @@ def describe(path: str | Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapter.inspect", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="a base folder, or an adapter file/folder in any supported format")
+    parser.add_argument("path", help="a base folder, or an adapter file/folder in any supported format "
+                                     "(hf:owner/name and official:NAME are fetched)")
     options = parser.parse_args(argv)
     try:
         print("\n".join(describe(options.path)))

@@ -13,6 +13,7 @@ import torch
 import adapter
 from adapter import hub, releases
 from adapter.app_config import parse_config
+from adapter.inspect import describe
 from tests.test_official_format import v2_state
 
 
@@ -56,6 +57,7 @@ def test_an_official_release_is_downloaded_once_checked_and_loaded(base_folder, 
     assert server.urls == [releases.RELEASES + f"v.2.0.0/{digest}_BIAS-7B.pth"] and cached.read_bytes() == body
     serve(monkeypatch, None)  # offline now: the cached copy is used
     assert hub.resolve("official:BIAS-7B", "adapter") == cached
+    assert describe("official:BIAS-7B")[0] == f"{cached}: adapter, official-v2 format"
     cached.write_bytes(body[:100])  # a broken copy is fetched again
     server = serve(monkeypatch, body)
     assert hub.resolve("official:BIAS-7B", "adapter") == cached and len(server.urls) == 1
