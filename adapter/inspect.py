@@ -77,7 +77,8 @@ def describe_adapter(path: Path) -> list[str]:
     found = read_adapter(path)
     a = found.args
     n_layers = found.base_shape.get("n_layers")
-    layers = (f"layers {n_layers - a.prompt_layers}..{n_layers - 1}" if n_layers else f"the top {a.prompt_layers} layers")
+    layers = (f"layers {n_layers - a.prompt_layers}..{n_layers - 1}" if n_layers
+              else f"the top {a.prompt_layers} layers")
     parts = a.v2_parts
     count = sum(t.numel() for t in found.tensors.values()) + sum(t.numel() for t in found.norm_weights.values())
     fits = ", ".join(f"{k} {v}" for k, v in found.base_shape.items()) or "any"

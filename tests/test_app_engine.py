@@ -354,7 +354,8 @@ def test_a_compiling_engine_gives_the_same_answers(demo_files, engine):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--clip", "missing/clip.safetensors", "--adapter", "{adapter}"], "--clip: missing/clip.safetensors does not exist"),
+    (["--clip", "missing/clip.safetensors", "--adapter", "{adapter}"],
+     "--clip: missing/clip.safetensors does not exist"),
     (["--clip", "{clip}"], "--clip: needs an --adapter with a visual prompt"),
     (["--clip-model", "ViT-B-32"], "--clip-model: only used together with --clip"),
     (["--adapter", "nowhere/adapter"], "--adapter: nowhere/adapter does not exist"),

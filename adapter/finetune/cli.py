@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSON list or JSONL of {instruction, input?, output} or LLaVA records")
     p.add_argument("--image-folder", help="folder that LLaVA records' 'image' paths are relative to")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, plots, adapter/")
-    p.add_argument("--mode", choices=MODES, default=d.mode, help="v1: prompts + gates; v2: + biases, norms, LoRA; vision: v2 + visual prompt")
+    p.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="v1: prompts + gates; v2: + biases, norms, LoRA; vision: v2 + visual prompt")
     p.add_argument("--clip", help="--mode vision: CLIP weights (a local file, or an open_clip tag such as openai)")
     p.add_argument("--clip-model", help="open_clip model name or config .json (default: ViT-L-14-quickgelu)")
     p.add_argument("--visual", choices=VISUAL_PROMPT_KINDS, default=d.visual, help="--mode vision: which visual prompt")

@@ -149,7 +149,8 @@ def _read_v2(path: Path, model: dict, config: dict) -> LoadedAdapter:
                 has_new_gate = True
                 if layer >= first:
                     tensors[name] = value.float().reshape(1, 1, 1, 1)
-            elif (bias := re.fullmatch(r"(attention|feed_forward)\.(w\w)\.bias", rest)) and bias.group(2) in BIAS_TARGETS:
+            elif ((bias := re.fullmatch(r"(attention|feed_forward)\.(w\w)\.bias", rest))
+                  and bias.group(2) in BIAS_TARGETS):
                 has_bias = True
                 tensors[f"layers.{layer}.{bias.group(1)}.{bias.group(2)}_delta.bias"] = value.float()
             elif lora := re.fullmatch(r"(attention|feed_forward)\.lora_(w\w)_l([12])\.weight", rest):
