@@ -19,6 +19,7 @@ from .formats import open_base, read_adapter
 from .formats.common import unrecorded_format_note
 from .formats.native import save_adapter
 from .formats.official import write_official_v1
+from .hub import resolve
 from .model import Transformer
 from .tokenizer import open_tokenizer
 
@@ -27,9 +28,9 @@ TARGETS = ("native", "peft", "official-v1")
 
 def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
     """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory)."""
-    checkpoint = open_base(base)
+    checkpoint = open_base(resolve(base, "base"))
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
-    found = read_adapter(source)
+    found = read_adapter(resolve(source, "source"))
     found.check_base(args)
     with torch.device("meta"):
         model = Transformer(args, found.args)

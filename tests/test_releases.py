@@ -13,6 +13,7 @@ import torch
 import adapter
 from adapter import hub, releases
 from adapter.app_config import parse_config
+from adapter.convert import convert
 from adapter.inspect import describe
 from tests.test_official_format import v2_state
 
@@ -58,6 +59,8 @@ def test_an_official_release_is_downloaded_once_checked_and_loaded(base_folder, 
     serve(monkeypatch, None)  # offline now: the cached copy is used
     assert hub.resolve("official:BIAS-7B", "adapter") == cached
     assert describe("official:BIAS-7B")[0] == f"{cached}: adapter, official-v2 format"
+    native = convert("official:BIAS-7B", tmp_path / "ours", "native", base_folder)
+    assert adapter.load(base_folder, adapter=native, device="cpu").adapter_args == model.adapter_args
     cached.write_bytes(body[:100])  # a broken copy is fetched again
     server = serve(monkeypatch, body)
     assert hub.resolve("official:BIAS-7B", "adapter") == cached and len(server.urls) == 1
