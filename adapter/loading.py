@@ -17,6 +17,7 @@ from torch import nn
 from . import hub
 from .config import AdapterArgs, ModelArgs
 from .formats import open_base, read_adapter
+from .formats.common import LoadedAdapter
 from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
@@ -59,7 +60,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load(
     base: str | os.PathLike,
-    adapter: str | os.PathLike | AdapterArgs | None = None,
+    adapter: str | os.PathLike | AdapterArgs | LoadedAdapter | None = None,
     quantize: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -71,7 +72,8 @@ def load(
 ) -> Transformer:
     """Load a base LLaMA folder and, optionally, an adapter; returns the model in eval mode.
 
-    `adapter` is a file/folder to load, or an `AdapterArgs` for a fresh (zero-init) adapter to train.
+    `adapter` is a file/folder to load (or one already read, a `LoadedAdapter`), or an `AdapterArgs` for a
+    fresh (zero-init) adapter to train.
     Either path may be `hf:owner/name` to fetch it from the Hugging Face hub (needs network).
     `clip` gives an adapter with a visual prompt its CLIP tower: a local weights file, or an open_clip
     pretrained tag such as "openai" (downloads); `clip_model` overrides the open_clip model the adapter
@@ -171,7 +173,7 @@ def _read_adapter(adapter: object, args: ModelArgs, clip: object) -> tuple[Adapt
         adapter_args = adapter
         adapter_args.check_fits(args)
     elif adapter is not None:
-        found = read_adapter(hub.resolve(adapter, "adapter"))
+        found = adapter if isinstance(adapter, LoadedAdapter) else read_adapter(hub.resolve(adapter, "adapter"))
         found.check_base(args)
         adapter_args = found.args
     else:
@@ -190,7 +192,7 @@ def _fit_adapter(model: Transformer, adapter: object, found, clip, clip_model: s
     if found:
         found.apply_to(model)
         model.adapter_format = found.format
-        model.adapter_path = str(adapter)
+        model.adapter_path = str(found.path if isinstance(adapter, LoadedAdapter) else adapter)
     if clip is not None:
         attach_clip(model, clip, clip_model, clip_mode)
     model.freeze_base()

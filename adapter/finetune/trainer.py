@@ -19,7 +19,7 @@ from .. import hub
 from ..config import AdapterArgs
 from ..cpu_features import bf16_emulation_warning
 from ..formats import open_base, read_adapter
-from ..formats.common import unrecorded_format_note
+from ..formats.common import LoadedAdapter, unrecorded_format_note
 from ..formats.native import save_adapter
 from ..layout import row_major
 from ..loading import load, resolve_device
@@ -162,8 +162,9 @@ class _Run:
                              f"{model.args.max_seq_len}")
         return model
 
-    def _init_adapter(self) -> Path:
-        """--init-adapter's file, checked against --mode and --prompt-format before the base is loaded."""
+    def _init_adapter(self) -> LoadedAdapter:
+        """--init-adapter's adapter, read once and checked against --mode and --prompt-format before the base
+        is loaded."""
         path = hub.resolve(self.config.init_adapter, "--init-adapter")
         found = read_adapter(path)
         a = found.args
@@ -174,7 +175,7 @@ class _Run:
         if found.prompt_format != self.config.prompt_format:
             raise ValueError(f"--prompt-format: {path} was trained in the {found.prompt_format} prompt format; "
                              f"continue it with --prompt-format {found.prompt_format}")
-        return path
+        return found
 
     def _image_encoder(self):
         """The frozen CLIP tower of --mode vision, loaded once (its width sets the visual prompt's input)."""
