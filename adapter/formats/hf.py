@@ -27,7 +27,7 @@ from ..config import ModelArgs, RopeScaling, explicit_head_size
 from ..tokenizer import find_tokenizer
 from .common import torch_load
 from .meta import read_json
-from .window import context_length, sliding_window
+from .window import sliding_window, windowed_args
 
 _TOP_LEVEL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "output.weight"}
@@ -246,15 +246,8 @@ class HFCheckpoint:
 
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
         """From config.json; `max_seq_len` overrides max_position_embeddings."""
-        values = {"vocab_size": tokenizer_words, **self._params}
-        length = context_length(self.window, self._params.get("max_seq_len"), max_seq_len)
-        if length is not None:
-            values["max_seq_len"] = length
-        values["sliding_window"] = self.window
-        try:
-            return ModelArgs(**values)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{self.config_path}: {error}") from error
+        return windowed_args(ModelArgs, self.config_path, self.window, self._params.get("max_seq_len"), max_seq_len,
+                             **{"vocab_size": tokenizer_words, **self._params})
 
     def keys(self) -> set[str]:
         return set(self._where)

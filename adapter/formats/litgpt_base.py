@@ -22,7 +22,7 @@ from ..tokenizer import find_tokenizer
 from .common import torch_load
 from .hf import hf_to_meta_rows
 from .litgpt import CONFIG_FILE, sibling_config, split_qkv
-from .window import context_length, sliding_window
+from .window import sliding_window, windowed_args
 
 WEIGHTS_FILE = "lit_model.pth"
 _LAYER_KEY = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
@@ -92,14 +92,8 @@ class LitGPTCheckpoint:
 
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
         params = dict(self._params)
-        length = context_length(self.window, params.pop("block_size", None), max_seq_len)
-        if length is not None:
-            params["max_seq_len"] = length
-        params["sliding_window"] = self.window
-        try:
-            return ModelArgs(**params)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{self.config_path}: {error}") from error
+        return windowed_args(ModelArgs, self.config_path, self.window, params.pop("block_size", None), max_seq_len,
+                             **params)
 
     @property
     def tied_output(self) -> bool:

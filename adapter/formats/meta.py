@@ -14,7 +14,7 @@ import torch
 from ..config import ModelArgs
 from ..memory import release_file_pages
 from .common import torch_load
-from .window import context_length, sliding_window
+from .window import sliding_window, windowed_args
 
 # dimension each tensor is split along across model-parallel shards (None: replicated)
 _SHARD_DIMS = {
@@ -71,14 +71,8 @@ class ParamsJson:
         overrides = {}
         if self.params.get("vocab_size", -1) in (-1, None):
             overrides["vocab_size"] = tokenizer_words
-        length = context_length(self.window, self.params.get("max_seq_len"), max_seq_len)
-        if length is not None:
-            overrides["max_seq_len"] = length
-        overrides["sliding_window"] = self.window
-        try:
-            return ModelArgs.from_params(self.params, **overrides)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{self.params_path}: {error}") from error
+        return windowed_args(lambda **values: ModelArgs.from_params(self.params, **values), self.params_path,
+                             self.window, self.params.get("max_seq_len"), max_seq_len, **overrides)
 
 
 class MetaCheckpoint(ParamsJson):

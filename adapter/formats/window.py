@@ -5,8 +5,11 @@ params.json, `sliding_window_size` in litgpt's): each token attends to the last 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ..config import ModelArgs
 
 
 def sliding_window(value: Any, source: Path) -> int | None:
@@ -23,3 +26,16 @@ def context_length(window: int | None, recorded: int | None, requested: int | No
         if length is not None:
             return length
     return None
+
+
+def windowed_args(make: Callable[..., ModelArgs], source: Path, window: int | None, recorded: int | None,
+                  requested: int | None, **values: Any) -> ModelArgs:
+    """`make(**values)` given the context (`context_length`) and the window, what every base reader builds its
+    ModelArgs with; a bad shape is a ValueError naming `source`, the file it came from."""
+    length = context_length(window, recorded, requested)
+    if length is not None:
+        values["max_seq_len"] = length
+    try:
+        return make(**values, sliding_window=window)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from error
