@@ -218,21 +218,19 @@ class Engine:
 
         Checks the request now (ValueError) and decodes only while the result is iterated.
         """
-        prompt = self.chat_prompt(history, message, self.check(settings))
-        gate = self._gates(settings, [settings.gate_scale])
-        if self.batcher is not None:
-            return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, settings.sampling()))
-        rows = self._generate([prompt], settings, gate, settings.delta_scale)
-        return _each(rows, itemgetter(0))
+        return self._answer(self.chat_prompt(history, message, self.check(settings)), settings, None)
 
     def ask_image(self, image: Any, question: str, settings: Settings) -> Iterator[str]:
         """The answer to a question about `image`; an adapter that cannot see answers from the text alone."""
         prompt, images = self._image_rows(image, question, settings, 1)
+        return self._answer(prompt, settings, images[0] if images else None)
+
+    def _answer(self, prompt: str, settings: Settings, image: Any) -> Iterator[str]:
+        """One user's answer so far: a row of the users' batch with a batcher, else a decode of its own."""
         gate = self._gates(settings, [settings.gate_scale])
         if self.batcher is not None:
-            return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, settings.sampling(),
-                                               images[0] if images else None))
-        rows = self._generate([prompt], settings, gate, settings.delta_scale, images)
+            return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, settings.sampling(), image))
+        rows = self._generate([prompt], settings, gate, settings.delta_scale, None if image is None else [image])
         return _each(rows, itemgetter(0))
 
     def _question_prompt(self, question: str, settings: Settings) -> str:
