@@ -739,17 +739,17 @@ class Transformer(nn.Module):
                 cache.length = start + length
                 return logits
         positions = torch.arange(start, start + length, device=device)
-        keys = torch.arange(start + length, device=device)
         mask, is_causal = None, False
         if cache.pad is None:
             rope = self._rope_slice(positions)
             if length > 1 and start == 0 and not self._windowed(length):
                 is_causal = True
-            elif length > 1 or self._windowed(start + length):
-                mask = self._visible(positions, keys, None)[None, None]
+            elif length > 1 or self._windowed(start + length):  # a plain one-token step needs no mask
+                mask = self._visible(positions, torch.arange(start + length, device=device), None)[None, None]
         else:
             row_positions = (positions[None, :] - cache.pad[:, None]).clamp_min(0)
             rope = self._rope_slice(row_positions)
+            keys = torch.arange(start + length, device=device)
             visible = self._visible(positions, keys, cache.pad)
             # a padding query sees itself, so that no row is fully masked (that would give NaN)
             mask = (visible | (keys[None, None, :] == positions[None, :, None]))[:, None]
