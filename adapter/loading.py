@@ -23,7 +23,7 @@ from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
 from .model import Transformer
 from .prompts import base_prompt_format
-from .quantize import FROZEN_LINEARS, check_mode, quantize_linear, quantize_tower
+from .quantize import FROZEN_LINEARS, check_mode, quantize_linear, quantize_tower, stored_linear
 from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
 
@@ -254,7 +254,10 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     expected = set()
     available = checkpoint.keys()
     release = getattr(checkpoint, "release", None)  # memory-mapped checkpoints give copied pages back
-    quantized_weights = tuple(f"{linear}.weight" for linear in FROZEN_LINEARS) if quantize else ()
+    stored_mode = stored_quantization(checkpoint, quantize)
+    stored = getattr(checkpoint, "quantized_weight", lambda name: None)
+    # a pre-quantized base's plain linears were left so on purpose (e.g. skip modules): they stay plain
+    quantized_weights = tuple(f"{linear}.weight" for linear in FROZEN_LINEARS) if quantize and not stored_mode else ()
     tied = checkpoint.tied_output  # the head is the embedding matrix (Llama 3.2 1B/3B)
     parts: list[tuple[str, nn.Module]] = [("tok_embeddings.", model.tok_embeddings), ("norm.", model.norm)]
     parts += [] if tied else [("output.", model.output)]
@@ -266,11 +269,16 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
         for name in names:
             if name not in available:
                 raise ValueError(f"{checkpoint.source}: missing tensor {name}")
-            source = checkpoint.tensor(name)
             want = tuple(model.get_parameter(name).shape)
-            if tuple(source.shape) != want:
-                raise ValueError(f"{checkpoint.source}: {name} has shape {tuple(source.shape)}, expected {want}")
             local = name[len(prefix):]
+            quantized = stored(name)
+            if quantized is not None:
+                _check_shape(checkpoint, name, quantized.shape, want)
+                parent, _, linear = local[: -len(".weight")].rpartition(".")
+                setattr(module.get_submodule(parent), linear, stored_linear(quantized, dtype, device))
+                continue
+            source = checkpoint.tensor(name)
+            _check_shape(checkpoint, name, source.shape, want)
             if name.endswith(quantized_weights):
                 # quantized from the file's own dtype on the host (bitsandbytes quantizes on the move)
                 parent, _, linear = local[: -len(".weight")].rpartition(".")
@@ -295,7 +303,22 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     unexpected = sorted(available - expected)
     if unexpected:
         raise ValueError(f"{checkpoint.source}: unexpected tensor(s) {unexpected[:5]}")
-    model.quantization = quantize
+    model.quantization = stored_mode or quantize
+
+
+def stored_quantization(checkpoint, quantize: str | None) -> str | None:
+    """The mode a pre-quantized base was stored in (None for a plain one); asking for another is refused, since it
+    would quantize already quantized weights again."""
+    stored_mode = getattr(checkpoint, "quantization", None)
+    if stored_mode and quantize not in (None, stored_mode):
+        raise ValueError(f"quantize: {checkpoint.source} is stored quantized in {stored_mode} (bitsandbytes); load "
+                         f"it as it is (quantize none or {stored_mode}), not in {quantize}")
+    return stored_mode
+
+
+def _check_shape(checkpoint, name: str, shape: Sequence[int], want: tuple[int, ...]) -> None:
+    if tuple(shape) != want:
+        raise ValueError(f"{checkpoint.source}: {name} has shape {tuple(shape)}, expected {want}")
 
 
 def owner(module: nn.Module, name: str) -> nn.Module:

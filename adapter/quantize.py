@@ -16,13 +16,18 @@ nn.MultiheadAttention, which keeps them as one packed parameter.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from .formats.bnb import QuantizedWeight
+
 QUANTIZE_MODES = ("nf4", "int8")
 CPU_KERNEL_ROWS = 32  # bitsandbytes' CPU layout packs output rows in blocks of this many
+BLOCK_SIZE = 64  # bitsandbytes' default 4-bit block (one scale per this many weights), the one we write
 FROZEN_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 INT8_OUTLIER_THRESHOLD = 6.0  # LLM.int8(): inputs above it go through a 16-bit path
@@ -37,7 +42,7 @@ def check_mode(mode: str | None, name: str = "quantize") -> str | None:
     return mode
 
 
-def _bnb():
+def bitsandbytes():
     try:
         import bitsandbytes
     except ImportError as error:
@@ -49,23 +54,54 @@ def quantize_linear(weight: torch.Tensor, mode: str, compute_dtype: torch.dtype,
                     double_quant: bool = True, bias: torch.Tensor | None = None) -> nn.Module:
     """A quantized linear holding `weight` [out, in] (and `bias`, kept in the compute dtype), on `device`
     (quantized on the move)."""
-    bnb = _bnb()
+    bnb = bitsandbytes()
     out_features, in_features = weight.shape
     weight = weight.detach().to("cpu")  # bitsandbytes quantizes on the move from the host to `device`
     if mode == "nf4":
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-                                  quant_type="nf4", compress_statistics=double_quant, device="meta")
+        layer = _four_bit_layer(out_features, in_features, bias is not None, compute_dtype, "nf4", double_quant,
+                                BLOCK_SIZE)
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
                                          compress_statistics=double_quant, module=layer)
-        if out_features % CPU_KERNEL_ROWS or in_features % layer.weight.blocksize:
-            layer.support_avx512bf16_for_cpu = False  # its repacking would fail on this shape (e.g. a tiny tower)
     else:
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
-                                    threshold=INT8_OUTLIER_THRESHOLD, device="meta")
+        layer = _int8_layer(out_features, in_features, bias is not None)
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to("cpu", compute_dtype), requires_grad=False)
     return layer.to(device)
+
+
+def stored_linear(stored: QuantizedWeight, compute_dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """A linear holding a weight that a file stored quantized (adapter.formats.bnb), on `device`, as it was."""
+    bnb = bitsandbytes()
+    out_features, in_features = stored.shape
+    if stored.mode == "int8":
+        layer = _int8_layer(out_features, in_features, False)
+        layer.weight = bnb.nn.Int8Params(stored.data, requires_grad=False, has_fp16_weights=False, CB=stored.data,
+                                         SCB=stored.row_scales)
+    else:
+        state = stored.quant_state
+        layer = _four_bit_layer(out_features, in_features, False, compute_dtype, state.quant_type, state.nested,
+                                state.blocksize)
+        layer.weight = bnb.nn.Params4bit(stored.data, requires_grad=False, quant_state=state,
+                                         blocksize=state.blocksize, compress_statistics=state.nested,
+                                         quant_type=state.quant_type, quant_storage=stored.data.dtype, module=layer,
+                                         bnb_quantized=True)
+        layer.quant_state = state
+    return layer.to(device)
+
+
+def _four_bit_layer(out_features: int, in_features: int, bias: bool, compute_dtype: torch.dtype, quant_type: str,
+                    double_quant: bool, blocksize: int) -> nn.Module:
+    layer = bitsandbytes().nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                                 quant_type=quant_type, compress_statistics=double_quant, device="meta")
+    if out_features % CPU_KERNEL_ROWS or in_features % blocksize:
+        layer.support_avx512bf16_for_cpu = False  # its repacking would fail on this shape (e.g. a tiny tower)
+    return layer
+
+
+def _int8_layer(out_features: int, in_features: int, bias: bool) -> nn.Module:
+    return bitsandbytes().nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False,
+                                  threshold=INT8_OUTLIER_THRESHOLD, device="meta")
 
 
 def training_layout(model: nn.Module) -> None:

@@ -1,9 +1,12 @@
 """Load benchmark: time and peak resident memory to load a LLaMA-7B-shaped Meta checkpoint (random fp16
-weights, 13.5 GB, written once by this benchmark) into nf4 on the CPU.
+weights, 13.5 GB, written once by this benchmark) into nf4 on the CPU, quantizing while loading, against loading
+the pre-quantized folder `adapter.quantize_base` writes from it (once, beside it; timed too).
 
     python -m bench.load [--folder /tmp/llama-7b-random] [--quantize nf4] [--write BENCHMARKS.md]
 
-Each load runs in a fresh process, so its peak RSS (ru_maxrss) is its own.
+Each load runs in a fresh process, so its peak RSS (ru_maxrss) is its own; both print their last logits for one
+prompt, compared here (the same codes: equal but for the double-quantized block scales of wq/wk, whose second
+level the file groups in HF's row order).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from adapter.config import ModelArgs
+from adapter.quantize_base import quantize_base
 from bench.report import publish
 
 LLAMA_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6)
@@ -53,14 +57,15 @@ _CHILD = """
 import json, resource, sys, time, torch
 import adapter
 start = time.perf_counter()
-model = adapter.load(sys.argv[1], quantize=sys.argv[2], device="cpu")
+model = adapter.load(sys.argv[1], quantize=sys.argv[2], device="cpu")  # "none": a pre-quantized folder as it is
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 tokens = torch.tensor([model.tokenizer.encode("The red circle")])
 with torch.no_grad():
-    model(tokens)
+    logits = model(tokens)[0, -1]
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"seconds": seconds, "peak_rss_gb": peak, "peak_after_forward_gb": after}))
+print(json.dumps({"seconds": seconds, "peak_rss_gb": peak, "peak_after_forward_gb": after,
+                  "logits": logits.float().tolist()}))
 """
 
 
@@ -70,10 +75,15 @@ def measure_load(folder: Path, quantize: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _gb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir()) / 1e9
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", default="/tmp/llama-7b-random")
-    parser.add_argument("--quantize", default="nf4", choices=("nf4", "int8", "none"))
+    parser.add_argument("--quantize", default="nf4", choices=("nf4", "int8", "none"),
+                        help="none: only the fp16 checkpoint, loaded as it is")
     parser.add_argument("--write", help="replace the load section of this markdown file (e.g. BENCHMARKS.md)")
     options = parser.parse_args(argv)
     folder = Path(options.folder)
@@ -82,20 +92,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_checkpoint(folder)
         print(f"wrote the random 7B checkpoint in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     size = (folder / "consolidated.00.pth").stat().st_size / 1e9
-    result = measure_load(folder, options.quantize)
+    stored = folder.with_name(f"{folder.name}-{options.quantize}")
+    written = None
+    if options.quantize != "none" and not stored.exists():
+        started = time.perf_counter()
+        quantize_base(folder, stored, options.quantize, dtype="float16", device="cpu")
+        written = time.perf_counter() - started
+    rows = [("quantized while loading the fp16 checkpoint", measure_load(folder, options.quantize))]
+    if options.quantize != "none":
+        rows.append((f"the pre-quantized folder ({_gb(stored):.1f} GB)", measure_load(stored, "none")))
     command = "python -m bench.load " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = "\n".join([
+    lines = [
         f"## Load (CPU): LLaMA-7B-shaped Meta checkpoint, {size:.1f} GB fp16, into {options.quantize}",
         "",
-        f"Command: `{command.strip()}`. One fresh process; peak RSS is its ru_maxrss. Target: under 6 GB.",
+        f"Command: `{command.strip()}`. One fresh process per load; peak RSS is its ru_maxrss. Target: under 6 GB. "
+        f"The pre-quantized folder is `python -m adapter.quantize_base {folder} {stored} --mode {options.quantize} "
+        "--dtype float16 --device cpu`" + (f", written in {written:.0f} s by this run" if written else "") + ".",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| load time, s | {result['seconds']:.1f} |",
-        f"| peak resident memory while loading, GB | {result['peak_rss_gb']:.2f} |",
-        f"| peak resident memory after one forward pass, GB | {result['peak_after_forward_gb']:.2f} |",
-        "",
-    ])
+        "| loaded from | load time, s | peak resident memory while loading, GB | after one forward pass, GB |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['peak_after_forward_gb']:.2f} |"
+              for name, r in rows]
+    if len(rows) == 2:
+        first, second = (torch.tensor(r["logits"]) for _, r in rows)
+        lines += ["", f"Largest difference between the two loads' last logits: {(first - second).abs().max():.2g} "
+                      f"(logits up to {first.abs().max():.2g})."]
+    text = "\n".join(lines + [""])
     publish(text, "Load (CPU)", options.write)
     return 0
 

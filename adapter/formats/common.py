@@ -96,11 +96,11 @@ def torch_load(path: Path) -> object:
         raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({error})") from error
 
 
-def _new_file_mode() -> int:
-    """What open() would give a new file: 0o666 less the process's umask."""
+def new_file_mode(folder: bool = False) -> int:
+    """What open() (or mkdir) would give a new file (folder): 0o666 (0o777) less the process's umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -110,7 +110,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     os.close(handle)
     try:
         write(tmp)
-        os.chmod(tmp, _new_file_mode())  # mkstemp made it owner-only; a written file gets the usual mode
+        os.chmod(tmp, new_file_mode())  # mkstemp made it owner-only; a written file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

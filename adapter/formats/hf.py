@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ModelArgs, RopeScaling, explicit_head_size
 from ..tokenizer import find_tokenizer
+from .bnb import QuantizedWeight, split_stats, stored_quantization
 from .common import torch_load
 from .meta import read_json
 from .window import sliding_window, windowed_args
@@ -88,6 +89,16 @@ def meta_name(hf_name: str) -> str | None:
     if match and match.group(2) in _LAYER_PARTS:
         return f"layers.{match.group(1)}.{_LAYER_PARTS[match.group(2)]}.weight"
     return None
+
+
+def hf_name(name: str) -> str:
+    """HF's name for one of a LLaMA's tensors named as Meta names them (the inverse of `meta_name`)."""
+    top = {meta: hf for hf, meta in _TOP_LEVEL.items()}
+    if name in top:
+        return top[name]
+    _, layer, rest = name.split(".", 2)
+    part = {meta: hf for hf, meta in _LAYER_PARTS.items()}[rest.removesuffix(".weight")]
+    return f"model.layers.{layer}.{part}.weight"
 
 
 class SafetensorsFile:
@@ -216,13 +227,16 @@ class HFCheckpoint:
         self.config_path = folder / "config.json"
         config = read_json(self.config_path)
         self._params = _params(config, self.config_path)
+        self.quantization = stored_quantization(config, self.config_path)  # a pre-quantized folder's mode
         self.family = "Mistral" if config["model_type"] == "mistral" else "LLaMA"
         self.window = sliding_window(config.get("sliding_window") if self.family == "Mistral" else None,
                                      self.config_path)
         n_heads = self._params["n_heads"]
         self._rope_heads = {"attention.wq.weight": n_heads,
                             "attention.wk.weight": self._params.get("n_kv_heads") or n_heads}
-        self._where = self._map_names(_open_weights(folder), bool(config.get("tie_word_embeddings")))
+        files = _open_weights(folder)
+        self._where = self._map_names(files, bool(config.get("tie_word_embeddings")))
+        self._stats = self._map_stats(files)
         embeddings = self._where.get("tok_embeddings.weight")
         self.tied_output = embeddings is not None and self._where.get("output.weight") == embeddings
 
@@ -231,7 +245,7 @@ class HFCheckpoint:
         """Meta name -> (file, HF name); tied or absent lm_head reads the embeddings."""
         where: dict[str, tuple[_WeightFile, str]] = {}
         for file in files:
-            for hf_name in sorted(file.names):
+            for hf_name in sorted(split_stats(file.names)[0]):
                 if hf_name.endswith(IGNORED_SUFFIX) or (tied and hf_name == "lm_head.weight"):
                     continue
                 name = meta_name(hf_name)
@@ -244,6 +258,22 @@ class HFCheckpoint:
             where["output.weight"] = where["tok_embeddings.weight"]
         return where
 
+    def _map_stats(self, files: list[_WeightFile]) -> dict[str, dict[str, tuple[_WeightFile, str]]]:
+        """Meta name -> the bitsandbytes statistics of that weight: {key: (file, HF name)} (in any shard)."""
+        stats: dict[str, dict[str, tuple[_WeightFile, str]]] = {}
+        for file in files:
+            for hf_weight, keys in split_stats(file.names)[1].items():
+                name = meta_name(hf_weight)
+                if name is None or name not in self._where or self._where[name][1] != hf_weight:
+                    first = next(iter(keys.values()))
+                    raise ValueError(f"{file.path}: quantization statistics {first} belong to no weight of the model")
+                if self.quantization is None:
+                    first = next(iter(keys.values()))
+                    raise ValueError(f"{file.path}: holds bitsandbytes statistics ({first}) but "
+                                     f"{self.config_path} has no quantization_config")
+                stats.setdefault(name, {}).update({key: (file, hf_name) for key, hf_name in keys.items()})
+        return stats
+
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
         """From config.json; `max_seq_len` overrides max_position_embeddings."""
         return windowed_args(ModelArgs, self.config_path, self.window, self._params.get("max_seq_len"), max_seq_len,
@@ -255,12 +285,28 @@ class HFCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise ValueError(f"{self.source}: missing tensor {name}")
+        if name in self._stats:
+            raise ValueError(f"{self.source}: {self._where[name][1]} is stored quantized ({self.quantization}); "
+                             "it is read as a quantized linear (quantized_weight)")
         file, hf_name = self._where[name]
-        value = file.get(hf_name)
+        return self._meta_rows(name, file, hf_name, file.get(hf_name), hf_to_meta_rows)
+
+    def quantized_weight(self, name: str) -> QuantizedWeight | None:
+        """The weight `name` as bitsandbytes stored it (rows in Meta's order), or None when it is a plain tensor."""
+        if name not in self._stats:
+            return None
+        file, hf_name = self._where[name]
+        stats = {key: where.get(stat_name) for key, (where, stat_name) in self._stats[name].items()}
+        stored = QuantizedWeight.read(f"{file.path}: {hf_name}", file.get(hf_name), stats)
+        return self._meta_rows(name, file, hf_name, stored, lambda w, heads: w.rows(hf_to_meta_rows(
+            torch.arange(w.shape[0]), heads)))
+
+    def _meta_rows(self, name: str, file: _WeightFile, hf_name: str, value, reorder):
+        """`value` with wq/wk rows turned from HF's rotate-half order into Meta's (`reorder(value, heads)`)."""
         heads = self._rope_heads.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
         if heads is None:
             return value
         try:
-            return hf_to_meta_rows(value, heads)
+            return reorder(value, heads)
         except ValueError as error:
             raise ValueError(f"{file.path}: {hf_name}: {error}") from error

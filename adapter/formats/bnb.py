@@ -1,0 +1,146 @@
+"""Pre-quantized HF folders: linears stored by bitsandbytes as transformers saves them (`save_pretrained` of a model
+loaded with `BitsAndBytesConfig`; the hub's `*-bnb-4bit` / `*-bnb-8bit` repositories), and written so by
+`adapter.quantize_base`.
+
+config.json's `quantization_config` says `quant_method: bitsandbytes` and `load_in_4bit` or `load_in_8bit`. A 4-bit
+linear `X` is `X.weight` (the packed codes, uint8 [out*in/2, 1]) beside its quant state: `X.weight.absmax`,
+`X.weight.quant_map`, with double quantization `X.weight.nested_absmax` and `X.weight.nested_quant_map`, and
+`X.weight.quant_state.bitsandbytes__nf4` (or `__fp4`: shape, dtype, block sizes as packed JSON). An 8-bit linear is
+`X.weight` (int8 [out, in], LLM.int8's row-wise codes), `X.SCB` (each row's scale) and `X.weight_format` (0: row
+major). Linears the quantizer skipped (`llm_int8_skip_modules`: the head, or whole layers of "dynamic" 4-bit
+folders) are plain tensors and are loaded as such, as transformers does.
+
+HF keeps wq/wk rows in rotate-half order; Meta's order is reached by permuting whole rows (`QuantizedWeight.rows`).
+A row of 4-bit codes is a run of whole blocks when `in` is a multiple of the block size, so the codes and block
+scales move with it and the weights stay exactly the file's; double-quantized block scales are dequantized first
+(to float32, as bitsandbytes does before every matmul), since their second-level blocks span rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FOUR_BIT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
+                  "quant_state.bitsandbytes__fp4")
+INT8_STATS = ("SCB", "weight_format")
+ROW_MAJOR = 0  # weight_format: older bitsandbytes also wrote GPU tile layouts (1, 2, 3), which are not read
+
+
+def stored_quantization(config: dict[str, Any], path: Path) -> str | None:
+    """The folder's 4-bit type ("nf4", "fp4") or "int8" from config.json's quantization_config; None if it has
+    none. Other quantization methods (GPTQ, AWQ, fp8, ...) are refused by name."""
+    settings = config.get("quantization_config")
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: quantization_config must be an object, got {settings!r}")
+    method = settings.get("quant_method", "bitsandbytes")
+    if method != "bitsandbytes":
+        raise ValueError(f"{path}: quantization_config.quant_method {method!r} is not supported (only "
+                         "'bitsandbytes': nf4, fp4 or int8 linears)")
+    if settings.get("load_in_4bit"):
+        kind = settings.get("bnb_4bit_quant_type", "fp4")
+        if kind not in ("nf4", "fp4"):
+            raise ValueError(f"{path}: quantization_config.bnb_4bit_quant_type {kind!r} is not nf4 or fp4")
+        return kind
+    if settings.get("load_in_8bit"):
+        return "int8"
+    raise ValueError(f"{path}: quantization_config has neither load_in_4bit nor load_in_8bit set")
+
+
+def split_stats(names: set[str]) -> tuple[set[str], dict[str, dict[str, str]]]:
+    """The file's tensor names without the quantization statistics, and the statistics by the weight they
+    belong to: {"...q_proj.weight": {"absmax": "...q_proj.weight.absmax", ...}}."""
+    plain, stats = set(), {}
+    for name in names:
+        owner, key = _stat_of(name)
+        if owner is None:
+            plain.add(name)
+        else:
+            stats.setdefault(owner, {})[key] = name
+    return plain, stats
+
+
+def _stat_of(name: str) -> tuple[str | None, str]:
+    for key in FOUR_BIT_STATS:
+        if name.endswith(f".weight.{key}"):
+            return name[: -len(key) - 1], key
+    for key in INT8_STATS:
+        if name.endswith(f".{key}"):
+            return name[: -len(key)] + "weight", key
+    return None, ""
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One linear's weight as bitsandbytes stored it: `data` (the codes) and, for 4-bit, its `QuantState`, for
+    int8 its row scales. `shape` is the dequantized weight's [out, in]."""
+
+    mode: str
+    data: torch.Tensor
+    shape: tuple[int, int]
+    quant_state: Any = None  # bitsandbytes.functional.QuantState (4-bit)
+    row_scales: torch.Tensor | None = None  # SCB (int8)
+
+    @classmethod
+    def read(cls, where: str, data: torch.Tensor, stats: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """From the weight tensor and its statistics (named as in the file, `where` names the tensor in errors)."""
+        if "SCB" in stats:
+            return cls._read_int8(where, data, stats)
+        from bitsandbytes.functional import QuantState
+
+        try:
+            state = QuantState.from_dict(dict(stats), device=torch.device("cpu"))
+        except (ValueError, KeyError, AssertionError) as error:
+            found = ", ".join(sorted(stats))
+            raise ValueError(f"{where}: incomplete 4-bit quantization state (has {found}; "
+                             f"needs absmax, quant_map and quant_state.bitsandbytes__nf4/fp4): {error!r}") from error
+        if state.shape is None or len(state.shape) != 2:
+            raise ValueError(f"{where}: 4-bit quantization state has shape {state.shape}, expected [out, in]")
+        out_features, in_features = state.shape
+        if data.numel() * data.element_size() * 2 != out_features * in_features:
+            raise ValueError(f"{where}: {data.numel() * data.element_size()} bytes of 4-bit codes do not hold a "
+                             f"{out_features}x{in_features} weight")
+        return cls(state.quant_type, data, (out_features, in_features), quant_state=state)
+
+    @classmethod
+    def _read_int8(cls, where: str, data: torch.Tensor, stats: dict[str, torch.Tensor]) -> QuantizedWeight:
+        layout = stats.get("weight_format")
+        if layout is not None and int(layout) != ROW_MAJOR:
+            raise ValueError(f"{where}: weight_format {int(layout)} is a GPU tile layout of old bitsandbytes; only "
+                             "row-major (0) int8 weights are read")
+        scales = stats["SCB"]
+        if data.dtype != torch.int8 or data.dim() != 2 or tuple(scales.shape) != (data.shape[0],):
+            raise ValueError(f"{where}: expected int8 [out, in] codes and [out] row scales (SCB), got "
+                             f"{data.dtype} {tuple(data.shape)} and {tuple(scales.shape)}")
+        return cls("int8", data, tuple(data.shape), row_scales=scales.float())
+
+    def rows(self, order: torch.Tensor) -> QuantizedWeight:
+        """The weight with its rows taken in `order` (weight[order], exactly)."""
+        out_features, in_features = self.shape
+        if self.mode == "int8":
+            return replace(self, data=self.data[order], row_scales=self.row_scales[order])
+        state = self.quant_state
+        if in_features % state.blocksize:
+            raise ValueError(f"rows of a {out_features}x{in_features} 4-bit weight are not whole blocks of "
+                             f"{state.blocksize}; its rows cannot be reordered")
+        scales = _block_scales(state).view(out_features, -1)[order].reshape(-1)
+        codes = self.data.view(torch.uint8).view(out_features, -1)[order].reshape(-1, 1)
+        from bitsandbytes.functional import QuantState
+
+        moved = QuantState(absmax=scales, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                           quant_type=state.quant_type, dtype=state.dtype)
+        return replace(self, data=codes, quant_state=moved)
+
+
+def _block_scales(state) -> torch.Tensor:
+    """A 4-bit state's per-block scales in float32 (undoing the second-level quantization, if any)."""
+    if not state.nested:
+        return state.absmax.float()
+    from bitsandbytes.functional import dequantize_blockwise
+
+    return dequantize_blockwise(state.absmax, state.state2) + state.offset

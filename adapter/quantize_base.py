@@ -1,0 +1,210 @@
+"""`python -m adapter.quantize_base BASE OUT --mode nf4`: write a base once as a pre-quantized HF folder.
+
+Quantizing while loading reads every 16-bit weight (13.5 GB for LLaMA-7B) each time the app starts; the folder
+written here holds the bitsandbytes codes themselves (3.9 GB in nf4), in the layout transformers saves a
+`BitsAndBytesConfig` model in (adapter.formats.bnb), so it loads faster and in less host memory, here and in
+transformers, and fits a Space's or a small machine's disk. Any base we read can be written (Meta, HF, Mistral,
+litgpt, the tiny one); the tokenizer (and the files that say the chat template) come along.
+
+The weights are quantized exactly as `adapter.load(..., quantize=mode)` quantizes them (bitsandbytes' own
+functions, blocks of 64, double quantization unless `--no-double-quant`), from the tensors cast to `--dtype`.
+The folder appears whole or not at all: it is written beside OUT under a temporary name, then renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .config import ModelArgs
+from .formats import open_base
+from .formats.common import new_file_mode
+from .formats.hf import hf_name, meta_to_hf_rows
+from .loading import DTYPES, resolve_device
+from .quantize import BLOCK_SIZE, FROZEN_LINEARS, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
+from .tiny.assets import resolve as resolve_tiny
+from .tokenizer import open_tokenizer
+
+# what a tokenizer folder may hold besides the tokenizer: its special tokens, chat template, generation stops
+TOKENIZER_COMPANIONS = ("tokenizer.model", "tokenizer.json", "tekken.json", "tokenizer_config.json",
+                        "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+SHARD_GB = 2.0
+
+
+def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "nf4", *, dtype: str = "bfloat16",
+                  double_quant: bool = True, device: str | None = None, shard_gb: float = SHARD_GB) -> Path:
+    """Write `base` quantized in `mode` ("nf4", "int8") to the new folder `out` (HF layout); returns its path."""
+    if check_mode(mode) is None:
+        raise ValueError(f"mode: choose from {QUANTIZE_MODES}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if not shard_gb > 0:
+        raise ValueError(f"shard_gb: must be above 0, got {shard_gb}")
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"out: {out} already exists; name a new folder")
+    checkpoint = open_base(hub.resolve(resolve_tiny(base, None, None, None)[0], "base"))
+    if getattr(checkpoint, "quantization", None):
+        raise ValueError(f"base: {checkpoint.source} is already stored quantized ({checkpoint.quantization})")
+    args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
+    writer = _Writer(checkpoint, args, mode, DTYPES[dtype], double_quant, resolve_device(device), shard_gb)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    try:
+        writer.write(staging)
+        os.chmod(staging, new_file_mode(folder=True))  # mkdtemp made it owner-only
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+class _Writer:
+    """One pass over the base's tensors (one at a time, as read), quantized linears and plain rest, in shards."""
+
+    def __init__(self, checkpoint, args: ModelArgs, mode: str, dtype: torch.dtype, double_quant: bool,
+                 device: torch.device, shard_gb: float) -> None:
+        self.checkpoint, self.args, self.mode, self.dtype = checkpoint, args, mode, dtype
+        self.double_quant, self.device, self.shard_bytes = double_quant, device, int(shard_gb * 2**30)
+        self.heads = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}
+
+    def write(self, folder: Path) -> None:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name in self._names():
+            tensors = self._converted(name)
+            grown = sum(t.numel() * t.element_size() for t in tensors.values())
+            if shards[-1] and size + grown > self.shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1].update(tensors)
+            size += grown
+            release = getattr(self.checkpoint, "release", None)
+            if release is not None:
+                release(name)
+        self._save(folder, shards)
+        (folder / "config.json").write_text(json.dumps(self._config(), indent=2) + "\n")
+        source = self.checkpoint.tokenizer_path.parent
+        for companion in TOKENIZER_COMPANIONS:
+            if (source / companion).is_file():
+                shutil.copyfile(source / companion, folder / companion)
+
+    def _names(self) -> list[str]:
+        top = ["tok_embeddings.weight", "norm.weight"] + ([] if self.checkpoint.tied_output else ["output.weight"])
+        layers = sorted((n for n in self.checkpoint.keys() if n.startswith("layers.")),
+                        key=lambda n: (int(n.split(".")[1]), n))
+        return top + layers
+
+    def _converted(self, name: str) -> dict[str, torch.Tensor]:
+        """HF name -> tensor(s) for one of the base's tensors: a frozen linear as codes and statistics."""
+        weight = self.checkpoint.tensor(name).to(self.dtype)
+        target = hf_name(name)
+        module = name.split(".", 2)[-1].removesuffix(".weight")
+        if module not in FROZEN_LINEARS:
+            return {target: weight.contiguous()}
+        if module in self.heads:
+            weight = meta_to_hf_rows(weight, self.heads[module])
+        functional = bitsandbytes().functional
+        weight = weight.contiguous().to(self.device)
+        if self.mode == "int8":  # as bitsandbytes' Int8Params quantizes: row-wise, from float16
+            codes, scales, _ = functional.int8_vectorwise_quant(weight.to(torch.float16))
+            prefix = target.removesuffix("weight")
+            return {target: codes.cpu(), prefix + "SCB": scales.cpu(),
+                    prefix + "weight_format": torch.tensor(0, dtype=torch.uint8)}
+        codes, state = functional.quantize_4bit(weight, blocksize=BLOCK_SIZE, compress_statistics=self.double_quant,
+                                                quant_type=self.mode, quant_storage=torch.uint8)
+        out = {target: codes.cpu()}
+        out.update({f"{target}.{key}": value.cpu() for key, value in state.as_dict(packed=True).items()})
+        return out
+
+    @staticmethod
+    def _save(folder: Path, shards: list[dict[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        if len(shards) == 1:
+            save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for number, shard in enumerate(shards, 1):
+            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / file_name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file_name))
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def _config(self) -> dict:
+        """config.json as transformers writes it for this shape and quantization."""
+        a, mistral = self.args, self.checkpoint.family == "Mistral"
+        dtype = str(self.dtype).removeprefix("torch.")
+        config = {
+            "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+            "model_type": "mistral" if mistral else "llama", "hidden_act": "silu", "hidden_size": a.dim,
+            "intermediate_size": a.ffn_hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
+            "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
+            "rms_norm_eps": a.norm_eps, "max_position_embeddings": a.max_seq_len, "rope_theta": a.rope_theta,
+            "rope_scaling": _rope_scaling(a), "tie_word_embeddings": bool(self.checkpoint.tied_output),
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype,
+            "quantization_config": self._quantization_config(dtype),
+        }
+        if mistral:
+            config["sliding_window"] = getattr(self.checkpoint, "window", None)
+        return config
+
+    def _quantization_config(self, dtype: str) -> dict:
+        four_bit = self.mode != "int8"
+        return {"quant_method": "bitsandbytes", "load_in_4bit": four_bit, "load_in_8bit": not four_bit,
+                "bnb_4bit_quant_type": self.mode if four_bit else "fp4", "bnb_4bit_compute_dtype": dtype,
+                "bnb_4bit_use_double_quant": four_bit and self.double_quant, "bnb_4bit_quant_storage": "uint8",
+                "llm_int8_threshold": INT8_OUTLIER_THRESHOLD, "llm_int8_has_fp16_weight": False,
+                "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def _rope_scaling(args: ModelArgs) -> dict | None:
+    scaling = args.rope_scaling
+    if scaling is None:
+        return None
+    if scaling.kind == "linear":
+        return {"rope_type": "linear", "factor": scaling.factor}
+    return {"rope_type": scaling.kind, "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_len}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter.quantize_base", description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", help="base LLaMA folder (any layout we read), hf:owner/name, or tiny")
+    parser.add_argument("out", help="the new folder to write (must not exist)")
+    parser.add_argument("--mode", default="nf4", choices=QUANTIZE_MODES)
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                        help="the dtype weights are cast to before quantizing, and the rest (embeddings, norms, "
+                             "head) is stored in; also the compute dtype transformers reads")
+    parser.add_argument("--no-double-quant", action="store_true",
+                        help="nf4: keep the block scales in float32 (0.37 bits per weight more)")
+    parser.add_argument("--device", help="where to quantize (default: cuda if available, else cpu)")
+    parser.add_argument("--shard-gb", type=float, default=SHARD_GB, help="the largest weights file, in GiB")
+    options = parser.parse_args(argv)
+    try:
+        path = quantize_base(options.base, options.out, options.mode, dtype=options.dtype,
+                             double_quant=not options.no_double_quant, device=options.device,
+                             shard_gb=options.shard_gb)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
+    print(f"wrote {path} ({options.mode}, {size:.2f} GiB of weights); serve it with python app.py --base {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Pre-quantized bases: HF folders whose linears bitsandbytes stored (as transformers saves them), read as they are,
+and written by `adapter.quantize_base`; checked against transformers' own loading of the same folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adapter
+from adapter.config import AdapterArgs, ModelArgs
+from adapter.formats.hf import hf_to_meta_rows
+from adapter.quantize import quantize_linear
+from adapter.quantize_base import main as quantize_base_main
+from adapter.quantize_base import quantize_base
+from adapter.random_model import write_random_base
+
+# dims in whole 64-wide blocks and 32-row groups, as real LLaMAs (and bitsandbytes' CPU kernel) have them
+SHAPE = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=64, max_seq_len=128)
+TOKENS = torch.tensor([[1, 5, 9, 30, 7, 100, 200, 311]])
+LINEARS = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+           "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+           "feed_forward.w3": "mlp.up_proj"}
+# transformers' BitsAndBytesConfig settings for each folder the tests have transformers write
+SAVED = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "nf4-single": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "int8": dict(load_in_8bit=True),
+    # as unsloth's "dynamic" 4-bit folders leave some layers' linears in 16 bits
+    "nf4-skip-mlp": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                         llm_int8_skip_modules=["lm_head", "model.layers.1.mlp"]),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """A random Meta base, the same weights as a plain HF folder, and transformers' quantized saves of it."""
+    from bench.peers import hf_llama, quiet
+
+    quiet()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    root = tmp_path_factory.mktemp("prequantized")
+    meta = write_random_base(root / "meta", SHAPE, seed=3)
+    out = {"meta": meta, "plain": root / "plain"}
+    hf_llama(adapter.load(meta, device="cpu")).save_pretrained(out["plain"])
+    shutil.copy(meta / "tokenizer.model", out["plain"])
+    for name in SAVED:
+        out[name] = root / name
+        peer_load(out["plain"], name).save_pretrained(out[name])
+        shutil.copy(meta / "tokenizer.model", out[name])
+    return out
+
+
+def peer_load(folder: Path, saved: str | None = None):
+    """transformers' model from `folder`: quantized on loading as SAVED[saved] says, or as the folder is stored."""
+    import transformers
+
+    config = None if saved is None else transformers.BitsAndBytesConfig(
+        bnb_4bit_compute_dtype=torch.float32, **SAVED[saved])
+    return no_repacking(transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=config,
+                                                                      device_map="cpu"))
+
+
+def no_repacking(model: torch.nn.Module) -> torch.nn.Module:
+    """bitsandbytes' CPU bf16 kernel (on AVX512-BF16 CPUs) rounds the inputs through bf16; the float path lets
+    two models with the same weights be compared to float precision."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def dequantized(layer: torch.nn.Module) -> torch.Tensor:
+    """The weight a bitsandbytes layer multiplies by."""
+    import bitsandbytes as bnb
+
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB  # moved there when first run
+        return layer.weight.data.float() * scales.float()[:, None] / 127
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    return layer.weight.float()
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(TOKENS)
+    return (out if isinstance(out, torch.Tensor) else out.logits).float()
+
+
+def ours(folder: Path, **options) -> adapter.Transformer:
+    return no_repacking(adapter.load(folder, device="cpu", **options))
+
+
+def meta_rows(name: str, weight: torch.Tensor) -> torch.Tensor:
+    heads = {"attention.wq": SHAPE.n_heads, "attention.wk": SHAPE.kv_heads}.get(name)
+    return weight if heads is None else hf_to_meta_rows(weight, heads)
+
+
+@pytest.mark.parametrize("saved, mode", [("nf4", "nf4"), ("nf4-single", "nf4"), ("fp4", "fp4"), ("int8", "int8")])
+def test_transformers_bnb_folders_load_with_the_files_own_weights(folders, saved, mode):
+    import bitsandbytes as bnb
+
+    model, peer = ours(folders[saved]), peer_load(folders[saved])
+    assert model.quantization == mode
+    kind = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
+    for i, block in enumerate(model.layers):
+        for name, hf in LINEARS.items():
+            layer = block.get_submodule(name)
+            assert isinstance(layer, kind), (i, name)
+            expected = meta_rows(name, dequantized(peer.model.layers[i].get_submodule(hf)))
+            assert torch.equal(dequantized(layer), expected), (i, name)  # exactly the file's codes and scales
+    torch.testing.assert_close(logits(model), logits(peer), atol=2e-5, rtol=0)
+    if saved == "nf4":  # transformers quantized as adapter.load(quantize="nf4") does (w2: no rows moved)
+        quantized_on_load = ours(folders["meta"], quantize="nf4")
+        assert torch.equal(dequantized(quantized_on_load.layers[1].feed_forward.w2),
+                           dequantized(model.layers[1].feed_forward.w2))
+
+
+def test_linears_the_quantizer_skipped_stay_plain(folders):
+    import bitsandbytes as bnb
+
+    model, peer = ours(folders["nf4-skip-mlp"]), peer_load(folders["nf4-skip-mlp"])
+    assert all(isinstance(block.attention.wq, bnb.nn.Linear4bit) for block in model.layers)
+    assert isinstance(model.layers[0].feed_forward.w1, bnb.nn.Linear4bit)
+    plain = model.layers[1].feed_forward.w1
+    assert type(plain) is torch.nn.Linear and plain.weight.dtype == torch.float32
+    assert model.quantization == "nf4"
+    torch.testing.assert_close(logits(model), logits(peer), atol=2e-5, rtol=0)
+
+
+def test_an_adapter_trains_on_a_pre_quantized_base(folders):
+    model = adapter.load(folders["nf4"], AdapterArgs(prompt_len=4, prompt_layers=2), device="cpu")
+    with torch.no_grad():
+        for block in model.layers:
+            block.attention.gate.fill_(0.5)
+    model.train()
+    model(TOKENS).logsumexp(-1).mean().backward()
+    grad = model.adapter_query.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0  # through the stored wk/wv
+
+
+def test_asking_for_another_quantization_is_refused(folders):
+    with pytest.raises(ValueError, match=r"quantize: .*nf4 is stored quantized in nf4 \(bitsandbytes\); load it as "
+                                         r"it is \(quantize none or nf4\), not in int8"):
+        adapter.load(folders["nf4"], quantize="int8", device="cpu")
+    assert adapter.load(folders["nf4"], quantize="nf4", device="cpu").quantization == "nf4"
+
+
+def broken_copy(folders: dict[str, Path], saved: str, tmp_path: Path, edit_config=None, edit_tensors=None) -> Path:
+    folder = tmp_path / saved
+    shutil.copytree(folders[saved], folder)
+    if edit_config:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    if edit_tensors:
+        tensors = load_file(folder / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("saved, case, config_edit, tensors_edit, message", [
+    ("nf4", "another method", lambda c: c["quantization_config"].update(quant_method="gptq"), None,
+     r"quantization_config.quant_method 'gptq' is not supported \(only 'bitsandbytes'"),
+    ("nf4", "no config", lambda c: c.pop("quantization_config"), None,
+     r"model.safetensors: holds bitsandbytes statistics \(model.layers.0.* but .*config.json has no "
+     "quantization_config"),
+    ("nf4", "no mode", lambda c: c["quantization_config"].update(load_in_4bit=False, _load_in_4bit=False), None,
+     "quantization_config has neither load_in_4bit nor load_in_8bit set"),
+    ("nf4", "scales lost", None, lambda t: t.pop(f"{Q_PROJ}.weight.absmax"),
+     rf"model.safetensors: {Q_PROJ}.weight: incomplete 4-bit quantization state \(has nested_absmax, "),
+    ("nf4", "codes cut", None, lambda t: t.update({f"{Q_PROJ}.weight": t[f"{Q_PROJ}.weight"][:100]}),
+     rf"{Q_PROJ}.weight: 100 bytes of 4-bit codes do not hold a 128x128 weight"),
+    ("nf4", "orphan", None, lambda t: t.update({"model.layers.0.self_attn.x_proj.weight.absmax": torch.ones(4)}),
+     r"quantization statistics model.layers.0.self_attn.x_proj.weight.absmax belong to no weight"),
+    ("int8", "tile layout", None, lambda t: t.update({f"{Q_PROJ}.weight_format": torch.tensor(1, dtype=torch.uint8)}),
+     rf"{Q_PROJ}.weight: weight_format 1 is a GPU tile layout of old bitsandbytes"),
+    ("int8", "scales short", None, lambda t: t.update({f"{Q_PROJ}.SCB": t[f"{Q_PROJ}.SCB"][:5]}),
+     rf"{Q_PROJ}.weight: expected int8 \[out, in\] codes and \[out\] row scales \(SCB\), got torch.int8 \(128, 128\) "
+     r"and \(5,\)"),
+])
+def test_broken_pre_quantized_folders_get_one_clear_error(folders, tmp_path, saved, case, config_edit, tensors_edit,
+                                                           message):
+    folder = broken_copy(folders, saved, tmp_path, config_edit, tensors_edit)
+    with pytest.raises(ValueError, match=message):
+        adapter.load(folder, device="cpu")
+
+
+@pytest.mark.parametrize("mode, double_quant", [("nf4", True), ("nf4", False), ("int8", True)])
+def test_quantize_base_writes_a_folder_transformers_and_we_load_alike(folders, tmp_path, mode, double_quant):
+    import bitsandbytes as bnb
+
+    out = quantize_base(folders["meta"], tmp_path / "out", mode, dtype="float32", double_quant=double_quant,
+                        device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    model, peer = ours(out), peer_load(out)
+    assert model.quantization == mode
+    torch.testing.assert_close(logits(model), logits(peer), atol=2e-5, rtol=0)
+    kind = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
+    assert isinstance(peer.model.layers[0].self_attn.q_proj, kind)
+    source = adapter.load(folders["meta"], device="cpu")
+    for i, block in enumerate(model.layers):  # the codes adapter.load(quantize=) would make from the same tensor
+        for name in LINEARS:
+            weight = source.layers[i].get_submodule(name).weight
+            expected = quantize_linear(weight, "nf4" if mode == "nf4" else "int8", torch.float32, "cpu",
+                                       double_quant=double_quant)
+            if double_quant and mode == "nf4" and name in ("attention.wq", "attention.wk"):
+                continue  # second-level scales grouped in HF's row order: within a rounding, checked by the logits
+            assert torch.equal(dequantized(block.get_submodule(name)), dequantized(expected)), (i, name, mode)
+    if not double_quant:
+        on_load = adapter.load(folders["meta"], device="cpu", quantize=mode)
+        again = adapter.load(out, device="cpu")
+        assert again.generate("The red circle", temperature=0.0, max_new_tokens=8) == \
+            on_load.generate("The red circle", temperature=0.0, max_new_tokens=8) != ""
+
+
+def test_quantize_base_shards_and_keeps_the_tokenizer_files(folders, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(folders["plain"], source)
+    (source / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (source / "chat_template.jinja").write_text("{{ messages }}")
+    whole = quantize_base(source, tmp_path / "whole", "nf4", device="cpu")
+    sharded = quantize_base(source, tmp_path / "sharded", "nf4", device="cpu", shard_gb=0.0001)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    for name in ("tokenizer.model", "tokenizer_config.json", "chat_template.jinja"):
+        assert (sharded / name).read_bytes() == (source / name).read_bytes()
+    config = json.loads((sharded / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["quantization_config"]["bnb_4bit_use_double_quant"]
+    torch.testing.assert_close(logits(ours(sharded)), logits(ours(whole)), atol=0, rtol=0)
+
+
+def test_quantize_base_refuses_what_it_cannot_write_and_leaves_nothing_half_written(folders, tmp_path, monkeypatch,
+                                                                                   capsys):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match="out: .*taken already exists; name a new folder"):
+        quantize_base(folders["meta"], tmp_path / "taken")
+    with pytest.raises(ValueError, match=r"base: .*nf4 is already stored quantized \(nf4\)"):
+        quantize_base(folders["nf4"], tmp_path / "twice")
+    assert quantize_base_main([str(folders["meta"]), str(tmp_path / "bad"), "--shard-gb", "0"]) == 2
+    assert "error: shard_gb: must be above 0, got 0.0" in capsys.readouterr().err
+
+    def fail(self, dtype):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("adapter.quantize_base._Writer._quantization_config", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        quantize_base(folders["meta"], tmp_path / "half", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_quantize_base_command_line_says_where_it_wrote(folders, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert quantize_base_main([str(folders["meta"]), str(out), "--mode", "int8", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {out} (int8, ") and f"python app.py --base {out}" in printed
+    assert adapter.load(out, device="cpu").quantization == "int8"
