@@ -45,7 +45,12 @@ def describe_base(path: Path) -> list[str]:
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
         f"stops at ids {sorted(tokenizer.stop_ids)})",
         f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path.parent, tokenizer)}",
-    ]
+    ] + _stored_quantization(checkpoint)
+
+
+def _stored_quantization(checkpoint) -> list[str]:
+    mode = getattr(checkpoint, "quantization", None)
+    return [f"  stored quantized: {mode} (bitsandbytes), loaded as stored"] if mode else []
 
 
 def _bare_format(folder: Path, tokenizer) -> str:

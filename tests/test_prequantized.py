@@ -268,3 +268,10 @@ def test_quantize_base_command_line_says_where_it_wrote(folders, tmp_path, capsy
     printed = capsys.readouterr().out
     assert printed.startswith(f"wrote {out} (int8, ") and f"python app.py --base {out}" in printed
     assert adapter.load(out, device="cpu").quantization == "int8"
+
+
+def test_inspect_says_a_base_is_stored_quantized(folders):
+    from adapter.inspect import describe_base
+
+    assert "  stored quantized: int8 (bitsandbytes), loaded as stored" in describe_base(folders["int8"])
+    assert not any("stored quantized" in line for line in describe_base(folders["plain"]))
