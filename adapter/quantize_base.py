@@ -7,7 +7,9 @@ transformers, and fits a Space's or a small machine's disk. Any base we read can
 litgpt, the tiny one); the tokenizer (and the files that say the chat template) come along.
 
 The weights are quantized exactly as `adapter.load(..., quantize=mode)` quantizes them (bitsandbytes' own
-functions, blocks of 64, double quantization unless `--no-double-quant`), from the tensors cast to `--dtype`.
+functions, blocks of 64, double quantization unless `--no-double-quant`), from the tensors cast to `--dtype`:
+wq/wk in Meta's row order, their rows then moved whole into HF's with their block scales in float32 (second-level
+blocks would span the moved rows), so the folder loads bit for bit as the base quantized while loading.
 The folder appears whole or not at all: it is written beside OUT under a temporary name, then renamed.
 """
 
@@ -27,6 +29,7 @@ import torch
 from . import hub
 from .config import ModelArgs
 from .formats import open_base
+from .formats.bnb import QuantizedWeight
 from .formats.common import new_file_mode
 from .formats.hf import hf_name, meta_to_hf_rows
 from .loading import DTYPES, resolve_device
@@ -45,6 +48,7 @@ def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "
     """Write `base` quantized in `mode` ("nf4", "int8") to the new folder `out` (HF layout); returns its path."""
     if check_mode(mode) is None:
         raise ValueError(f"mode: choose from {QUANTIZE_MODES}")
+    bitsandbytes()  # its clear error, before anything is read, where it is missing
     if dtype not in DTYPES:
         raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
     if not shard_gb > 0:
@@ -112,20 +116,10 @@ class _Writer:
         module = name.split(".", 2)[-1].removesuffix(".weight")
         if module not in FROZEN_LINEARS:
             return {target: weight.contiguous()}
-        if module in self.heads:
-            weight = meta_to_hf_rows(weight, self.heads[module])
-        functional = bitsandbytes().functional
-        weight = weight.contiguous().to(self.device)
-        if self.mode == "int8":  # as bitsandbytes' Int8Params quantizes: row-wise, from float16
-            codes, scales, _ = functional.int8_vectorwise_quant(weight.to(torch.float16))
-            prefix = target.removesuffix("weight")
-            return {target: codes.cpu(), prefix + "SCB": scales.cpu(),
-                    prefix + "weight_format": torch.tensor(0, dtype=torch.uint8)}
-        codes, state = functional.quantize_4bit(weight, blocksize=BLOCK_SIZE, compress_statistics=self.double_quant,
-                                                quant_type=self.mode, quant_storage=torch.uint8)
-        out = {target: codes.cpu()}
-        out.update({f"{target}.{key}": value.cpu() for key, value in state.as_dict(packed=True).items()})
-        return out
+        stored = QuantizedWeight.quantize(weight.to(self.device), self.mode, self.double_quant, BLOCK_SIZE)
+        if module in self.heads:  # quantized in Meta's row order, as adapter.load would, then moved to HF's whole
+            stored = stored.rows(meta_to_hf_rows(torch.arange(weight.shape[0]), self.heads[module]))
+        return stored.state_dict(target)
 
     @staticmethod
     def _save(folder: Path, shards: list[dict[str, torch.Tensor]]) -> None:

@@ -4,9 +4,9 @@ the pre-quantized folder `adapter.quantize_base` writes from it (once, beside it
 
     python -m bench.load [--folder /tmp/llama-7b-random] [--quantize nf4] [--write BENCHMARKS.md]
 
-Each load runs in a fresh process, so its peak RSS (ru_maxrss) is its own; both print their last logits for one
-prompt, compared here (the same codes: equal but for the double-quantized block scales of wq/wk, whose second
-level the file groups in HF's row order).
+Each load runs in a fresh process, so its peak RSS (VmHWM; unlike ru_maxrss, not inherited from this process,
+which grew while writing the checkpoint) is its own; both print their last logits for one
+prompt, compared here (the same codes and scales: equal).
 """
 
 from __future__ import annotations
@@ -54,16 +54,17 @@ def write_checkpoint(folder: Path, args: ModelArgs = LLAMA_7B) -> None:
 
 
 _CHILD = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 import adapter
+from bench.rss import peak_mb
 start = time.perf_counter()
 model = adapter.load(sys.argv[1], quantize=sys.argv[2], device="cpu")  # "none": a pre-quantized folder as it is
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+peak = peak_mb() / 1024
 tokens = torch.tensor([model.tokenizer.encode("The red circle")])
 with torch.no_grad():
     logits = model(tokens)[0, -1]
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+after = peak_mb() / 1024
 print(json.dumps({"seconds": seconds, "peak_rss_gb": peak, "peak_after_forward_gb": after,
                   "logits": logits.float().tolist()}))
 """
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         f"## Load (CPU): LLaMA-7B-shaped Meta checkpoint, {size:.1f} GB fp16, into {options.quantize}",
         "",
-        f"Command: `{command.strip()}`. One fresh process per load; peak RSS is its ru_maxrss. Target: under 6 GB. "
+        f"Command: `{command.strip()}`. One fresh process per load; peak RSS is its VmHWM. Target: under 6 GB. "
         f"The pre-quantized folder is `python -m adapter.quantize_base {folder} {stored} --mode {options.quantize} "
         "--dtype float16 --device cpu`" + (f", written in {written:.0f} s by this run" if written else "") + ".",
         "",

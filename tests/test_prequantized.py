@@ -174,7 +174,8 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
     ("nf4", "another method", lambda c: c["quantization_config"].update(quant_method="gptq"), None,
      r"quantization_config.quant_method 'gptq' is not supported \(only 'bitsandbytes'"),
     ("nf4", "no config", lambda c: c.pop("quantization_config"), None,
-     r"model.safetensors: holds bitsandbytes statistics \(model.layers.0.* but .*config.json has no "
+     r"model.safetensors: holds bitsandbytes statistics \(model.layers.0.mlp.down_proj.weight.absmax\) but "
+     r".*config.json has no "
      "quantization_config"),
     ("nf4", "no mode", lambda c: c["quantization_config"].update(load_in_4bit=False, _load_in_4bit=False), None,
      "quantization_config has neither load_in_4bit nor load_in_8bit set"),
@@ -215,14 +216,13 @@ def test_quantize_base_writes_a_folder_transformers_and_we_load_alike(folders, t
             weight = source.layers[i].get_submodule(name).weight
             expected = quantize_linear(weight, "nf4" if mode == "nf4" else "int8", torch.float32, "cpu",
                                        double_quant=double_quant)
-            if double_quant and mode == "nf4" and name in ("attention.wq", "attention.wk"):
-                continue  # second-level scales grouped in HF's row order: within a rounding, checked by the logits
             assert torch.equal(dequantized(block.get_submodule(name)), dequantized(expected)), (i, name, mode)
-    if not double_quant:
+    if double_quant:  # as adapter.load(quantize=) quantizes, so the same answers (its CPU kernel too)
         on_load = adapter.load(folders["meta"], device="cpu", quantize=mode)
         again = adapter.load(out, device="cpu")
         assert again.generate("The red circle", temperature=0.0, max_new_tokens=8) == \
             on_load.generate("The red circle", temperature=0.0, max_new_tokens=8) != ""
+        assert torch.equal(logits(again), logits(on_load))
 
 
 def test_quantize_base_shards_and_keeps_the_tokenizer_files(folders, tmp_path):

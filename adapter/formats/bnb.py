@@ -56,7 +56,7 @@ def split_stats(names: set[str]) -> tuple[set[str], dict[str, dict[str, str]]]:
     """The file's tensor names without the quantization statistics, and the statistics by the weight they
     belong to: {"...q_proj.weight": {"absmax": "...q_proj.weight.absmax", ...}}."""
     plain, stats = set(), {}
-    for name in names:
+    for name in sorted(names):  # errors name the first in order
         owner, key = _stat_of(name)
         if owner is None:
             plain.add(name)
@@ -118,6 +118,29 @@ class QuantizedWeight:
             raise ValueError(f"{where}: expected int8 [out, in] codes and [out] row scales (SCB), got "
                              f"{data.dtype} {tuple(data.shape)} and {tuple(scales.shape)}")
         return cls("int8", data, tuple(data.shape), row_scales=scales.float())
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, mode: str, double_quant: bool, blocksize: int) -> QuantizedWeight:
+        """`weight` [out, in] quantized as bitsandbytes' Params4bit / Int8Params do (on the weight's device)."""
+        import bitsandbytes.functional as functional
+
+        weight = weight.contiguous()
+        if mode == "int8":  # row-wise, from float16
+            codes, scales, _ = functional.int8_vectorwise_quant(weight.to(torch.float16))
+            return cls("int8", codes.cpu(), tuple(weight.shape), row_scales=scales.float().cpu())
+        codes, state = functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                                quant_type=mode, quant_storage=torch.uint8)
+        state.to("cpu")
+        return cls(mode, codes.cpu(), tuple(weight.shape), quant_state=state)
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors transformers saves for this weight, named after `name` ("...q_proj.weight")."""
+        if self.mode == "int8":
+            module = name.removesuffix("weight")
+            return {name: self.data, module + "SCB": self.row_scales,
+                    module + "weight_format": torch.tensor(ROW_MAJOR, dtype=torch.uint8)}
+        packed = self.quant_state.as_dict(packed=True)
+        return {name: self.data, **{f"{name}.{key}": value for key, value in packed.items()}}
 
     def rows(self, order: torch.Tensor) -> QuantizedWeight:
         """The weight with its rows taken in `order` (weight[order], exactly)."""

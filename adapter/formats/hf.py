@@ -262,7 +262,7 @@ class HFCheckpoint:
         """Meta name -> the bitsandbytes statistics of that weight: {key: (file, HF name)} (in any shard)."""
         stats: dict[str, dict[str, tuple[_WeightFile, str]]] = {}
         for file in files:
-            for hf_weight, keys in split_stats(file.names)[1].items():
+            for hf_weight, keys in sorted(split_stats(file.names)[1].items()):
                 name = meta_name(hf_weight)
                 if name is None or name not in self._where or self._where[name][1] != hf_weight:
                     first = next(iter(keys.values()))
