@@ -190,21 +190,34 @@ class Handlers:
             prompt = engine.chat_prompt(pairs[:-1], pairs[-1][0], choice)
             return shares_view(engine.token_shares(prompt, pairs[-1][1], choice))
 
-    def ask_image(self, image: Image.Image | None, question: str, *controls: Any) -> Iterator[str]:
+    def ask_image(self, image: Image.Image | None, question: str, *rest: Any) -> Iterator[str]:
+        """The image events take, after the controls, the conversation about the picture so far (trailing: an API
+        client asking one question leaves it out)."""
+        *controls, conversation = rest
         with user_errors():
             engine, choice = self.request(*controls)
-            answers = engine.ask_image(image, question, choice)
+            answers = engine.ask_image(image, question, choice, to_pairs(conversation))
             warn_if_blind(engine, image)
             yield from answers
 
+    @staticmethod
+    def next_image_turn(asked: str, answer: str, conversation: list, question: str) -> tuple[list, str, str]:
+        """Before a question about the picture: a new question makes the last one and its answer part of the
+        conversation; the same question again is answered again in the same conversation (e.g. at another gate)."""
+        pairs = to_pairs(conversation)
+        if asked and answer and question.strip() != asked:
+            pairs.append((asked, answer))
+        return to_messages(pairs), "", question.strip()
+
     def image_shares(self, image: Image.Image | None, question: str, answer: str,
-                     *controls: Any) -> tuple[list[tuple[str, float]], Figure | None]:
+                     *rest: Any) -> tuple[list[tuple[str, float]], Figure | None]:
+        *controls, conversation = rest
         if not answer:
             return [], None
         with user_errors():
             engine, choice = self.request(*controls)
-            return shares_view(engine.token_shares(engine.image_prompt(question, choice.system), answer, choice,
-                                                   image))
+            prompt = engine.image_prompt(question, choice, to_pairs(conversation))
+            return shares_view(engine.token_shares(prompt, answer, choice, image))
 
     def compare(self, question: str, *controls: Any) -> Iterator[tuple[str, str]]:
         with user_errors():
@@ -218,11 +231,12 @@ class Handlers:
             yield from table(values, engine.sweep(question, values, choice))
 
     def sweep_image(self, image: Image.Image | None, question: str, scales: str,
-                    *controls: Any) -> Iterator[list[list[Any]]]:
+                    *rest: Any) -> Iterator[list[list[Any]]]:
+        *controls, conversation = rest
         with user_errors():
             values = gate_scales(scales)
             engine, choice = self.request(*controls)
-            answers = engine.sweep_image(image, question, values, choice)
+            answers = engine.sweep_image(image, question, values, choice, to_pairs(conversation))
             warn_if_blind(engine, image)
             yield from table(values, answers)
 
@@ -231,10 +245,11 @@ class Handlers:
             engine, choice = self.request(*controls)
             yield from table(*engine.layer_sweep(question, choice))
 
-    def layer_sweep_image(self, image: Image.Image | None, question: str, *controls: Any) -> Iterator[list[list[Any]]]:
+    def layer_sweep_image(self, image: Image.Image | None, question: str, *rest: Any) -> Iterator[list[list[Any]]]:
+        *controls, conversation = rest
         with user_errors():
             engine, choice = self.request(*controls)
-            labels, answers = engine.layer_sweep_image(image, question, choice)
+            labels, answers = engine.layer_sweep_image(image, question, choice, to_pairs(conversation))
             warn_if_blind(engine, image)
             yield from table(labels, answers)
 
@@ -244,10 +259,11 @@ class Handlers:
             return next_token_view(engine.next_tokens(question, scales, choice))
 
     def next_tokens_image(self, image: Image.Image | None, question: str, scales: str,
-                          *controls: Any) -> tuple[dict[str, Any], Figure]:
+                          *rest: Any) -> tuple[dict[str, Any], Figure]:
+        *controls, conversation = rest
         with user_errors():
             engine, choice = self.request(*controls)
-            found = engine.next_tokens_image(image, question, scales, choice)
+            found = engine.next_tokens_image(image, question, scales, choice, to_pairs(conversation))
             warn_if_blind(engine, image)
             return next_token_view(found)
 
@@ -459,7 +475,12 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                     with gr.Row():
                         ask = gr.Button("Ask", variant="primary", elem_id="ask")
                         image_stop = gr.Button("Stop")
+                        image_clear = gr.Button("Clear", elem_id="image_clear")
                     answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="image_answer")
+                    conversation = gr.Chatbot(label="Earlier turns about this picture: a new question follows them "
+                                              "(the same question again is answered again); a new picture or Clear "
+                                              "starts over", height=220, elem_id="image_chat")
+                    asked_question = gr.State("")
                     image_colours = gr.HighlightedText(label="Share of attention through the adaption prompts per "
                                                        "token", elem_id="image_colours")
                     image_layers = gr.Plot(label="Share through the prompts per adapter layer",
@@ -534,18 +555,24 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         chatbot.clear(lambda: ([], None), None, [chat_colours, chat_layers], queue=False,
                       api_visibility="private")  # its own trash icon
 
-        asked = ask.click(handlers.ask_image, [image, question, *image_controls], answer, api_name="image",
-                          **model_events)
-        asked.success(handlers.image_shares, [image, question, answer, *image_controls], [image_colours, image_layers],
-                      api_visibility="private", **model_events)
-        image_inputs = [image, question, image_panel.scales, *image_controls]
+        turned = ask.click(handlers.next_image_turn, [asked_question, answer, conversation, question],
+                           [conversation, answer, asked_question], queue=False, api_visibility="private")
+        asked = turned.then(handlers.ask_image, [image, question, *image_controls, conversation], answer,
+                            api_name="image", **model_events)
+        asked.success(handlers.image_shares, [image, question, answer, *image_controls, conversation],
+                      [image_colours, image_layers], api_visibility="private", **model_events)
+        for starts_over in (image.change, image_clear.click):
+            starts_over(lambda: ([], "", "", [], None), None,
+                        [conversation, answer, asked_question, image_colours, image_layers], queue=False,
+                        api_visibility="private")
+        image_inputs = [image, question, image_panel.scales, *image_controls, conversation]
         image_swept = image_panel.sweep.click(handlers.sweep_image, image_inputs, image_panel.answers,
                                               api_name="image_sweep", **model_events)
         image_panel.next_token.click(handlers.next_tokens_image, image_inputs,
                                      [image_panel.next_tokens, image_panel.next_plot], api_name="image_next_tokens",
                                      **model_events)
         image_layers_swept = image_panel.layer_sweep.click(handlers.layer_sweep_image,
-                                                           [image, question, *image_controls],
+                                                           [image, question, *image_controls, conversation],
                                                            image_panel.layer_answers, api_name="image_layer_sweep",
                                                            **model_events)
         image_stop.click(None, cancels=[asked, image_swept, image_layers_swept])

@@ -200,18 +200,33 @@ class Engine:
     # ----- answering -------------------------------------------------------------------------------------
     def chat_prompt(self, history: Sequence[tuple[str, str]], message: str, settings: Settings) -> str:
         """The chat prompt, dropping the oldest turns until it leaves room for the answer."""
-        message = check_text(message, "message")
+        return self._fitted(history, check_text(message, "message"), settings, "message",
+                            lambda turns, text: self.prompts.chat(turns, text, settings.system))
+
+    def image_prompt(self, question: str, settings: Settings | None = None,
+                     history: Sequence[tuple[str, str]] = ()) -> str:
+        """An image question's prompt. Earlier (question, answer) turns about the same picture make it a
+        conversation, written as fine-tuning writes image conversations (LLaVA records: the chat format, the
+        picture speaking through the prompts all along), the oldest dropped until the answer has room."""
+        settings = settings or Settings()
+
+        def written(turns: list[tuple[str, str]], text: str) -> str:
+            return (self.prompts.chat(turns, text, settings.system) if turns
+                    else self.prompts.image_question(text, settings.system))
+
+        return self._fitted(history, check_text(question), settings, "question", written)
+
+    def _fitted(self, history: Sequence[tuple[str, str]], text: str, settings: Settings, field: str,
+                written: Callable[[list[tuple[str, str]], str], str]) -> str:
+        """`written(turns, text)` with the oldest turns dropped until it leaves room for the answer."""
         turns = list(history)
         while True:
-            prompt = self.prompts.chat(turns, message, settings.system)
+            prompt = written(turns, text)
             if not turns or self._fits(prompt, settings.max_new_tokens):
                 break
             turns.pop(0)
-        self._require_room(prompt, "message")
+        self._require_room(prompt, field)
         return prompt
-
-    def image_prompt(self, question: str, system: str | None = None) -> str:
-        return self.prompts.image_question(check_text(question), system)
 
     def chat(self, history: Sequence[tuple[str, str]], message: str, settings: Settings) -> Iterator[str]:
         """The answer so far, growing as tokens are decoded (each item is the whole answer up to now).
@@ -220,9 +235,11 @@ class Engine:
         """
         return self._answer(self.chat_prompt(history, message, self.check(settings)), settings, None)
 
-    def ask_image(self, image: Any, question: str, settings: Settings) -> Iterator[str]:
-        """The answer to a question about `image`; an adapter that cannot see answers from the text alone."""
-        prompt, images = self._image_rows(image, question, settings, 1)
+    def ask_image(self, image: Any, question: str, settings: Settings,
+                  history: Sequence[tuple[str, str]] = ()) -> Iterator[str]:
+        """The answer to a question about `image` (after the `history` of earlier turns about it, if any); an
+        adapter that cannot see answers from the text alone."""
+        prompt, images = self._image_rows(image, question, settings, 1, history)
         return self._answer(prompt, settings, images[0] if images else None)
 
     def _answer(self, prompt: str, settings: Settings, image: Any) -> Iterator[str]:
@@ -240,11 +257,10 @@ class Engine:
         self._require_room(prompt, "question")
         return prompt
 
-    def _image_rows(self, image: Any, question: str, settings: Settings, count: int) -> tuple[str, list | None]:
+    def _image_rows(self, image: Any, question: str, settings: Settings, count: int,
+                    history: Sequence[tuple[str, str]]) -> tuple[str, list | None]:
         """The image prompt and `count` copies of the picture, checked (none for an adapter that cannot see)."""
-        prompt = self.image_prompt(question, settings.system)
-        self.check(settings)
-        self._require_room(prompt, "question")
+        prompt = self.image_prompt(question, self.check(settings), history)
         if not self.can_see_images:
             return prompt, None
         if image is None:
@@ -267,11 +283,12 @@ class Engine:
         scales = gate_scales(scales)
         return self._sweep(self._question_prompt(question, settings), None, scales, settings)
 
-    def sweep_image(self, image: Any, question: str, scales: str | Sequence[Any],
-                    settings: Settings) -> Iterator[list[str]]:
-        """As `sweep`, for a question about `image`: the gate scales how much the visual prompt speaks."""
+    def sweep_image(self, image: Any, question: str, scales: str | Sequence[Any], settings: Settings,
+                    history: Sequence[tuple[str, str]] = ()) -> Iterator[list[str]]:
+        """As `sweep`, for a question about `image` (after `history`, as `ask_image`): the gate scales how much
+        the visual prompt speaks."""
         scales = gate_scales(scales)
-        prompt, images = self._image_rows(image, question, settings, len(scales))
+        prompt, images = self._image_rows(image, question, settings, len(scales), history)
         return self._sweep(prompt, images, scales, settings)
 
     def _sweep(self, prompt: str, images: list | None, scales: list[float], settings: Settings) -> Iterator[list[str]]:
@@ -286,10 +303,11 @@ class Engine:
         labels, rows = layer_sweep_rows(self.model, settings.gate_scale, MAX_SWEEP)
         return labels, self._layer_sweep(self._question_prompt(question, settings), None, rows, settings)
 
-    def layer_sweep_image(self, image: Any, question: str, settings: Settings) -> tuple[list[str], Iterator[list[str]]]:
-        """As `layer_sweep`, for a question about `image`."""
+    def layer_sweep_image(self, image: Any, question: str, settings: Settings,
+                          history: Sequence[tuple[str, str]] = ()) -> tuple[list[str], Iterator[list[str]]]:
+        """As `layer_sweep`, for a question about `image` (after `history`, as `ask_image`)."""
         labels, rows = layer_sweep_rows(self.model, settings.gate_scale, MAX_SWEEP)
-        prompt, images = self._image_rows(image, question, settings, len(labels))
+        prompt, images = self._image_rows(image, question, settings, len(labels), history)
         return labels, self._layer_sweep(prompt, images, rows, settings)
 
     def _layer_sweep(self, prompt: str, images: list | None, rows: torch.Tensor,
@@ -302,11 +320,12 @@ class Engine:
         scales = gate_scales(scales)
         return self._next_tokens(self._question_prompt(question, settings), None, scales, settings)
 
-    def next_tokens_image(self, image: Any, question: str, scales: str | Sequence[Any],
-                          settings: Settings) -> NextTokens:
-        """As `next_tokens`, for a question about `image` (encoded once for all the scales)."""
+    def next_tokens_image(self, image: Any, question: str, scales: str | Sequence[Any], settings: Settings,
+                          history: Sequence[tuple[str, str]] = ()) -> NextTokens:
+        """As `next_tokens`, for a question about `image` (after `history`, as `ask_image`; the picture encoded
+        once for all the scales)."""
         scales = gate_scales(scales)
-        prompt, images = self._image_rows(image, question, settings, 1)
+        prompt, images = self._image_rows(image, question, settings, 1, history)
         return self._next_tokens(prompt, images[0] if images else None, scales, settings)
 
     def _next_tokens(self, prompt: str, image: Any, scales: list[float], settings: Settings) -> NextTokens:

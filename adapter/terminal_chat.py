@@ -29,7 +29,7 @@ HELP = """commands:
   /layers L       only these adapter layers' prompts speak: all, top N, bottom N or numbers such as 28-31
                   (a layer's heads after a colon: 31:0-3)
   /system TEXT    system prompt (chat formats only); /system alone removes it
-  /image PATH     ask the next questions about this picture (each on its own); /image alone: back to the chat
+  /image PATH     talk about this picture (a conversation of its own); /image alone: back to the chat
   /next QUESTION  the likeliest first tokens of the answer at gate 0 and at the gate set, without answering
   /reset          forget the conversation
   /settings       what the next answer is asked with
@@ -44,6 +44,7 @@ class Conversation:
     engine: Engine
     settings: Settings
     history: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    image_history: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # the turns about the picture
     image: Any = None
 
     def command(self, line: str, out: TextIO) -> bool:
@@ -75,11 +76,13 @@ class Conversation:
             if value and not self.engine.can_see_images:
                 raise ValueError("/image: this adapter cannot see images (it needs a visual prompt and --clip)")
             self.image = load_image(value) if value else None
+            self.image_history.clear()
             out.write(f"asking about {value}\n" if value else "back to the chat\n")
         elif name == "/next":
             out.write(self.next_tokens(value).table() + "\n")
         elif name == "/reset":
             self.history.clear()
+            self.image_history.clear()
             out.write("conversation forgotten\n")
         elif name == "/settings":
             shown = [f"{key} {value}" for key, value in dataclasses.asdict(self.settings).items()]
@@ -100,7 +103,7 @@ class Conversation:
         if not question:
             raise ValueError("/next: give the question, e.g. '/next What colour is the star?'")
         if self.image is not None:
-            prompt = self.engine.image_prompt(question, self.settings.system)
+            prompt = self.engine.image_prompt(question, self.settings, self.image_history)
         else:
             prompt = self.engine.chat_prompt(self.history, question, self.settings)
         scales = sorted({0.0, self.settings.gate_scale})
@@ -108,9 +111,10 @@ class Conversation:
                            image=self.image, layers=self.engine.layers_of(self.settings))
 
     def answer(self, question: str, out: TextIO) -> str:
-        """Stream the answer to `question` to `out`; keep the turn (a picture's questions stand alone)."""
+        """Stream the answer to `question` to `out`; keep the turn (in the chat, or in the conversation about the
+        picture)."""
         if self.image is not None:
-            answers = self.engine.ask_image(self.image, question, self.settings)
+            answers = self.engine.ask_image(self.image, question, self.settings, self.image_history)
         else:
             answers = self.engine.chat(self.history, question, self.settings)
         written = ""
@@ -123,8 +127,7 @@ class Conversation:
             answers.close()
             out.write(" [stopped]")
         out.write("\n")
-        if self.image is None:
-            self.history.append((question.strip(), written))
+        (self.history if self.image is None else self.image_history).append((question.strip(), written))
         return written
 
 

@@ -161,6 +161,27 @@ def test_text_only_adapters_answer_image_questions_from_the_text(base_folder):
                                               max_new_tokens=12, stop=STOP_STRINGS)
 
 
+def test_follow_up_questions_about_a_picture_are_a_conversation(engine):
+    """Earlier turns about the picture are written as fine-tuning writes image conversations (the chat format),
+    in every image view alike; the oldest give way when the context is full."""
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    first = list(engine.ask_image(red, "What colour?", GREEDY))[-1]
+    assert engine.image_prompt("What colour?", GREEDY) == engine.prompts.image_question("What colour?")
+    history = [("What colour?", first)]
+    prompt = engine.image_prompt("And its shape?", GREEDY, history)
+    assert prompt == engine.prompts.chat(history, "And its shape?")
+    follow_up = list(engine.ask_image(red, "And its shape?", GREEDY, history))[-1]
+    assert follow_up == engine.model.generate(prompt, image=red, temperature=0.0, max_new_tokens=12,
+                                              stop=STOP_STRINGS)
+    assert list(engine.sweep_image(red, "And its shape?", [1.0], GREEDY, history))[-1] == [follow_up]
+    with_history = engine.next_tokens_image(red, "And its shape?", [1.0], GREEDY, history).rows()
+    assert with_history != engine.next_tokens_image(red, "And its shape?", [1.0], GREEDY).rows()
+    long_turns = [(f"Question {i}: " + "what is it " * 12, "It is red. " * 10) for i in range(12)]
+    trimmed = engine.image_prompt("And its shape?", GREEDY, long_turns)
+    assert "Question 11:" in trimmed and "Question 0:" not in trimmed
+    assert engine._fits(trimmed, GREEDY.max_new_tokens)
+
+
 def test_non_images_are_refused_clearly(engine, tmp_path):
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
