@@ -176,9 +176,11 @@ def test_follow_up_questions_about_a_picture_are_a_conversation(engine):
     assert list(engine.sweep_image(red, "And its shape?", [1.0], GREEDY, history))[-1] == [follow_up]
     with_history = engine.next_tokens_image(red, "And its shape?", [1.0], GREEDY, history).rows()
     assert with_history != engine.next_tokens_image(red, "And its shape?", [1.0], GREEDY).rows()
-    long_turns = [(f"Question {i}: " + "what is it " * 12, "It is red. " * 10) for i in range(12)]
+    long_turns: list[tuple[str, str]] = []  # twice what the context holds
+    while len(engine.model.tokenizer.encode(engine.prompts.chat(long_turns, "?"))) < 2 * engine.model.args.max_seq_len:
+        long_turns.append((f"Question {len(long_turns)}: what is it?", "It is red. " * 5))
     trimmed = engine.image_prompt("And its shape?", GREEDY, long_turns)
-    assert "Question 11:" in trimmed and "Question 0:" not in trimmed
+    assert f"Question {len(long_turns) - 1}:" in trimmed and "Question 0:" not in trimmed
     assert engine._fits(trimmed, GREEDY.max_new_tokens)
 
 

@@ -180,7 +180,21 @@ def test_an_image_question_to_an_adapter_that_cannot_see_says_so(served, ask):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = getattr(handlers, ask)(Image.new("RGB", (8, 8)), "What colour is it?", *scales, *controls(),
-                                            name)
+                                            name, None, "all", [])  # no system prompt, every layer, no turns yet
             if ask != "next_tokens_image":
                 list(result)  # the streamed ones check and warn as they start
         assert (blind in [str(w.message) for w in caught]) == warned, name
+
+
+def test_an_image_follow_up_through_the_api_carries_the_conversation(served, client):
+    example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
+    picture = str(TINY_FOLDER / "examples" / example["image"])
+    first = client.predict(handle_file(picture), example["question"], *controls(), api_name="/image")
+    follow_up, turns = "What shape is it?", [(example["question"], first)]
+    conversation = [{"role": role, "content": [{"type": "text", "text": text}]}  # Chatbot messages, as /chat's
+                    for role, text in zip(("user", "assistant"), turns[0])]
+    answer = client.predict(handle_file(picture), follow_up, *controls(), "tiny-image", "", "all", conversation,
+                            api_name="/image")
+    engine = served.engines.get("tiny-image")
+    assert answer == list(engine.ask_image(picture, follow_up, Settings(**GREEDY), turns))[-1]
+    assert answer != list(engine.ask_image(picture, follow_up, Settings(**GREEDY)))[-1], "the turn before counts"

@@ -59,10 +59,15 @@ def test_next_shows_the_first_tokens_likelihood_at_gate_0_and_the_gate_set(capsy
 def test_a_picture_is_asked_about_until_it_is_put_away(capsys):
     example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
     picture = TINY_FOLDER / "examples" / example["image"]
-    code, out, err = chat([f"/image {picture}", example["question"], "/image", f"/image {picture}"], capsys,
-                          "--adapter", "tiny-image")
-    assert code == 0 and err == ""
-    assert out == [f"asking about {picture}", example["answer"], "back to the chat", f"asking about {picture}"]
+    follow_up = "What shape is it?"
+    code, out, err = chat([f"/image {picture}", example["question"], follow_up, f"/image {picture}", follow_up,
+                           "/image", f"/image {picture}"], capsys, "--adapter", "tiny-image")
+    engine = Engine(adapter.load("tiny", "tiny-image", device="cpu"), max_new_tokens=30)
+    in_turn = last(engine.ask_image(str(picture), follow_up, Settings(**GREEDY), [(example["question"], example["answer"])]))
+    alone = last(engine.ask_image(str(picture), follow_up, Settings(**GREEDY)))
+    assert code == 0 and err == "" and in_turn != alone  # a conversation until another picture is shown
+    assert out == [f"asking about {picture}", example["answer"], in_turn, f"asking about {picture}", alone,
+                   "back to the chat", f"asking about {picture}"]
     code, out, err = chat([f"/image {picture}", "/image nowhere.png"], capsys)  # the text adapter cannot see
     blind = "error: /image: this adapter cannot see images (it needs a visual prompt and --clip)"
     assert err.splitlines() == [blind] * 2
