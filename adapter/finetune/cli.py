@@ -19,7 +19,8 @@ from .config import AUTOCASTS, EXPORTS, MODES, TrainConfig
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(base="", data="", out="")  # the defaults, in one place
     p = argparse.ArgumentParser(prog="python -m adapter.finetune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, help="base LLaMA folder (Meta or HF format)")
+    p.add_argument("--base", required=True,
+                   help="base LLaMA folder (any layout adapter.load reads, pre-quantized too), hf:owner/name or tiny")
     p.add_argument("--data", required=True, help="JSON list or JSONL of {instruction, input?, output} or LLaVA records")
     p.add_argument("--image-folder", help="folder that LLaVA records' 'image' paths are relative to")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, plots, adapter/")
