@@ -561,10 +561,6 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                             api_name="image", **model_events)
         asked.success(handlers.image_shares, [image, question, answer, *image_controls, conversation],
                       [image_colours, image_layers], api_visibility="private", **model_events)
-        for starts_over in (image.change, image_clear.click):
-            starts_over(lambda: ([], "", "", [], None), None,
-                        [conversation, answer, asked_question, image_colours, image_layers], queue=False,
-                        api_visibility="private")
         image_inputs = [image, question, image_panel.scales, *image_controls, conversation]
         image_swept = image_panel.sweep.click(handlers.sweep_image, image_inputs, image_panel.answers,
                                               api_name="image_sweep", **model_events)
@@ -576,6 +572,11 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                                            image_panel.layer_answers, api_name="image_layer_sweep",
                                                            **model_events)
         image_stop.click(None, cancels=[asked, image_swept, image_layers_swept])
+        for starts_over in (image.change, image_clear.click):  # what was being answered stops first
+            stopped = starts_over(None, cancels=[asked, image_swept, image_layers_swept])
+            stopped.then(lambda: ([], "", "", [], None), None,
+                         [conversation, answer, asked_question, image_colours, image_layers], queue=False,
+                         api_visibility="private")
 
         compared = compare_button.click(handlers.compare, [compare_question, *controls], [base_answer, adapted_answer],
                                         api_name="compare", **model_events)

@@ -72,9 +72,10 @@ def test_an_uploaded_image_gets_an_answer_and_a_sweep(page, served, tmp_path):
     assert sweep(page, "0, 1.5", prefix="image_") == [["0", expected[0]], ["1.5", expected[1]]]
 
 
-def test_follow_up_questions_about_a_picture_build_its_conversation(page, served, tmp_path):
+def test_follow_up_questions_about_a_picture_build_its_conversation(browser, served, tmp_path):
     from playwright.sync_api import expect
 
+    page = open_page(browser, served.url)  # the controls at their defaults, as Settings() has them
     Image.new("RGB", (40, 30), (20, 200, 30)).save(tmp_path / "green.png")
     picture = Image.open(tmp_path / "green.png")
     page.get_by_role("tab", name="Image").click()
@@ -85,14 +86,14 @@ def test_follow_up_questions_about_a_picture_build_its_conversation(page, served
     first = page.input_value("#image_question textarea")
     first_answer = list(served.engine.ask_image(picture, first, Settings()))[-1]
     page.click("#ask")
-    expect(page.locator("#image_answer textarea")).to_have_value(first_answer)
+    expect(page.locator("#image_answer textarea")).to_have_value(first_answer, timeout=60_000)
     follow_up = "And what is beside it?"
     expected = list(served.engine.ask_image(picture, follow_up, Settings(), [(first, first_answer)]))[-1]
     for _ in range(2):  # a new question follows the last turn; the same question again is answered in the same turns
         page.fill("#image_question textarea", follow_up)
         page.click("#ask")
         expect(user_turns).to_have_text([first])
-        expect(page.locator("#image_answer textarea")).to_have_value(expected)
+        expect(page.locator("#image_answer textarea")).to_have_value(expected, timeout=60_000)
     page.fill("#image_question textarea", "And below it?")
     page.click("#ask")
     expect(user_turns).to_have_text([first, follow_up])
