@@ -63,7 +63,8 @@ def test_a_picture_is_asked_about_until_it_is_put_away(capsys):
     code, out, err = chat([f"/image {picture}", example["question"], follow_up, f"/image {picture}", follow_up,
                            "/image", f"/image {picture}"], capsys, "--adapter", "tiny-image")
     engine = Engine(adapter.load("tiny", "tiny-image", device="cpu"), max_new_tokens=30)
-    in_turn = last(engine.ask_image(str(picture), follow_up, Settings(**GREEDY), [(example["question"], example["answer"])]))
+    turns = [(example["question"], example["answer"])]
+    in_turn = last(engine.ask_image(str(picture), follow_up, Settings(**GREEDY), turns))
     alone = last(engine.ask_image(str(picture), follow_up, Settings(**GREEDY)))
     assert code == 0 and err == "" and in_turn != alone  # a conversation until another picture is shown
     assert out == [f"asking about {picture}", example["answer"], in_turn, f"asking about {picture}", alone,
