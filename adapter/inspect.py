@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .footprint import describe as memory_line
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
 from .hub import resolve
@@ -30,6 +31,7 @@ def describe_base(path: Path) -> list[str]:
     checkpoint = open_base(path)
     tokenizer = open_tokenizer(checkpoint.tokenizer_path)
     args = checkpoint.model_args(tokenizer.n_words)
+    stored = getattr(checkpoint, "quantization", None)  # a pre-quantized base's mode
     with torch.device("meta"):
         params = Transformer(args).count_parameters()
     scaling = args.rope_scaling
@@ -45,12 +47,8 @@ def describe_base(path: Path) -> list[str]:
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
         f"stops at ids {sorted(tokenizer.stop_ids)})",
         f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path.parent, tokenizer)}",
-    ] + _stored_quantization(checkpoint)
-
-
-def _stored_quantization(checkpoint) -> list[str]:
-    mode = getattr(checkpoint, "quantization", None)
-    return [f"  stored quantized: {mode} (bitsandbytes), loaded as stored"] if mode else []
+    ] + ([f"  stored quantized: {stored} (bitsandbytes), loaded as stored"] if stored else []) + [
+        memory_line(args, checkpoint.tied_output, stored)]
 
 
 def _bare_format(folder: Path, tokenizer) -> str:

@@ -1,0 +1,76 @@
+"""How much memory a base takes, known from its shape before anything is loaded: the bytes `adapter.load` will hold
+for its weights in each precision, and for its KV cache per token, so that a card can be chosen before a download
+(`python -m adapter.inspect BASE` prints them).
+
+The figures are the tensors' own bytes, as bitsandbytes lays them out (nf4: two codes a byte, one uint8 scale
+per block of 64 weights, one float32 scale per 256 of those, and each layer's 16- and 256-entry code books;
+int8: a byte a weight and one float32 scale per row). Activations, the allocator's slack, CUDA's context and
+the adapter's own (float32) tensors come on top.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelArgs
+
+NF4_BLOCK = 64  # weights per first-level scale (bitsandbytes' default, the one adapter.quantize uses)
+NESTED_BLOCK = 256  # first-level scales per second-level scale (double quantization)
+NF4_CODES, NESTED_CODES = 16, 256  # each 4-bit layer's code books, float32
+
+
+def linear_bytes(out_features: int, in_features: int, mode: str | None, dtype: torch.dtype,
+                 double_quant: bool = True) -> int:
+    """Bytes of one frozen linear's weight: plain in `dtype`, or quantized ("nf4", "int8") as adapter.quantize does."""
+    count = out_features * in_features
+    if mode is None:
+        return count * dtype.itemsize
+    if mode == "int8":
+        return count + out_features * 4
+    blocks = math.ceil(count / NF4_BLOCK)
+    codes = math.ceil(count / 2) + NF4_CODES * 4
+    if not double_quant:
+        return codes + blocks * 4
+    return codes + blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + NESTED_CODES * 4 + 4  # + the nested offset
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One base's memory in one precision: its frozen weights, and its KV cache per token of one batch row."""
+
+    weights: int
+    kv_per_token: int
+    kv_per_token_int8: int
+
+
+def footprint(args: ModelArgs, mode: str | None, dtype: torch.dtype, tied_output: bool = False,
+              pre_quantized: bool = False) -> Footprint:
+    """The bytes of a base of shape `args` loaded with `quantize=mode` in `dtype` (the compute dtype: embeddings,
+    norms and the head stay in it); `tied_output`: the head is the embedding matrix itself; `pre_quantized`: read
+    from a pre-quantized HF folder, whose wq/wk keep their block scales in float32 (adapter.formats.bnb)."""
+    head, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    rows_moved = [(head, args.dim), (kv, args.dim)]  # wq, wk
+    others = [(kv, args.dim), (args.dim, head), (args.ffn_hidden_dim, args.dim), (args.dim, args.ffn_hidden_dim),
+              (args.ffn_hidden_dim, args.dim)]
+    per_layer = sum(linear_bytes(out, inp, mode, dtype, double_quant=not pre_quantized) for out, inp in rows_moved)
+    per_layer += sum(linear_bytes(out, inp, mode, dtype) for out, inp in others) + 2 * args.dim * dtype.itemsize
+    embeddings = args.vocab_size * args.dim * dtype.itemsize
+    weights = args.n_layers * per_layer + embeddings * (1 if tied_output else 2) + args.dim * dtype.itemsize
+    vectors = 2 * args.n_layers * args.kv_heads  # a key and a value per layer and key/value head, per token
+    return Footprint(weights, vectors * args.head_dim * dtype.itemsize, vectors * (args.head_dim + dtype.itemsize))
+
+
+def describe(args: ModelArgs, tied_output: bool, stored: str | None = None,
+             dtype: torch.dtype = torch.bfloat16) -> str:
+    """One line for adapter.inspect: the weights in each precision `load` can give this base (a pre-quantized
+    base: its own) in `dtype` (a GPU's), and the KV cache per 1,000 tokens."""
+    name = str(dtype).removeprefix("torch.")
+    modes = [stored] if stored else [None, "nf4", "int8"]
+    sizes = ", ".join(f"{mode or name} {footprint(args, mode, dtype, tied_output, bool(stored)).weights / 2**30:.2f}"
+                      for mode in modes)
+    cache = footprint(args, None, dtype, tied_output)
+    return (f"  memory in {name}: weights {sizes} GiB; KV cache {1000 * cache.kv_per_token / 2**20:.0f} MiB per "
+            f"1,000 tokens (int8: {1000 * cache.kv_per_token_int8 / 2**20:.0f})")

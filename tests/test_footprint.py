@@ -1,0 +1,85 @@
+"""`adapter.footprint`: the memory a base will take, from its shape alone, equals the bytes of the tensors
+`adapter.load` then holds, in every precision, and the KV cache's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adapter
+from adapter.config import ModelArgs
+from adapter.footprint import footprint
+from adapter.quantize_base import quantize_base
+from adapter.random_model import write_random_base
+
+# grouped-query attention, a vocabulary not a multiple of 64, weights in whole 64-blocks and in a partial one
+SHAPES = [ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=500, multiple_of=64, max_seq_len=64),
+          ModelArgs(dim=96, n_layers=1, n_heads=3, vocab_size=300, multiple_of=32, max_seq_len=64)]
+
+
+def storages(tensors) -> int:
+    """The bytes of the distinct storages under `tensors`."""
+    seen = {}
+    for tensor in tensors:
+        if tensor is not None:
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def held(model: adapter.Transformer) -> int:
+    """Every base tensor the model holds: parameters and, for bitsandbytes layers, their quantization state."""
+    tensors = []
+    for name, param in model.named_parameters():
+        if model.is_adapter_parameter(name):
+            continue
+        tensors.append(param.data)
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code, state.offset]
+        tensors.append(getattr(param, "SCB", None))
+    return storages(tensors)
+
+
+@pytest.fixture(scope="module", params=range(len(SHAPES)))
+def base(request, tmp_path_factory):
+    args = SHAPES[request.param]
+    return write_random_base(tmp_path_factory.mktemp("footprint"), args, seed=1, tokenizer="sentencepiece"), args
+
+
+@pytest.mark.parametrize("mode", [None, "nf4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_weights_take_what_the_shape_says(base, mode, dtype):
+    folder, args = base
+    model = adapter.load(folder, quantize=mode, dtype=dtype, device="cpu")
+    assert held(model) == footprint(args, mode, dtype).weights
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_a_pre_quantized_base_takes_what_the_shape_says(base, mode, tmp_path):
+    folder, args = base
+    if args.dim % 64:
+        pytest.skip("a pre-quantized folder's wq/wk rows move whole only in whole 64-blocks")
+    model = adapter.load(quantize_base(folder, tmp_path / "q", mode, device="cpu"), dtype=torch.bfloat16, device="cpu")
+    assert held(model) == footprint(args, mode, torch.bfloat16, pre_quantized=True).weights
+
+
+@pytest.mark.parametrize("kind", ["auto", "int8"])
+def test_the_kv_cache_takes_what_the_shape_says_per_token(base, kind):
+    folder, args = base
+    model = adapter.load(folder, dtype=torch.bfloat16, device="cpu")
+    cache = model.new_cache(3, 40, kv_cache=kind)
+    per_token = footprint(args, None, torch.bfloat16)
+    expected = per_token.kv_per_token_int8 if kind == "int8" else per_token.kv_per_token
+    assert storages(t for layers in cache.tensor_lists() for t in layers) == 3 * 40 * expected
+
+
+def test_inspect_prints_the_memory_of_each_precision(base):
+    from adapter.inspect import describe_base
+
+    folder, args = base
+    line = [line for line in describe_base(folder) if line.startswith("  memory in bfloat16: ")]
+    nf4 = footprint(args, "nf4", torch.bfloat16).weights / 2**30
+    assert len(line) == 1 and f"nf4 {nf4:.2f}" in line[0] and "int8 " in line[0] and "per 1,000 tokens" in line[0]
