@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .chat_batcher import ChatBatcher, ChatJob
+from .footprint import held_bytes, kv_bytes_per_token
 from .gate_layers import Speaker, adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
 from .images import load_image
@@ -436,6 +437,8 @@ class Engine:
             "max_seq_len": model.args.max_seq_len, "max_new_tokens": self.max_new_tokens,
             "compiled_decode": self.compile,
             "kv_cache": model.kv_cache,
+            "base_weights_mib": round(held_bytes(model) / 2**20, 1),
+            "kv_cache_mib_per_1000_tokens": round(1000 * kv_bytes_per_token(model) / 2**20, 1),
             "process_memory_mb": round(process_memory_mb(), 1),
         }
         if self.device.type == "cuda":

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ModelArgs
 
+if TYPE_CHECKING:
+    from .model import Transformer
+
 NF4_BLOCK = 64  # weights per first-level scale (bitsandbytes' default, the one adapter.quantize uses)
 NESTED_BLOCK = 256  # first-level scales per second-level scale (double quantization)
 NF4_CODES, NESTED_CODES = 16, 256  # each 4-bit layer's code books, float32
+TOWER = "image_encoder."  # the CLIP tower: not the base's
 
 
 def linear_bytes(out_features: int, in_features: int, mode: str | None, dtype: torch.dtype,
@@ -74,3 +79,30 @@ def describe(args: ModelArgs, tied_output: bool, stored: str | None = None,
     cache = footprint(args, None, dtype, tied_output)
     return (f"  memory in {name}: weights {sizes} GiB; KV cache {1000 * cache.kv_per_token / 2**20:.0f} MiB per "
             f"1,000 tokens (int8: {1000 * cache.kv_per_token_int8 / 2**20:.0f})")
+
+
+def held_bytes(model: Transformer) -> int:
+    """The bytes of the frozen base tensors `model` holds now (not its adapter's, not its CLIP tower's):
+    bitsandbytes weights with their quantization state, every storage counted once (a tied head, a shared base)."""
+    tensors: list[torch.Tensor | None] = []
+    for prefix, module in model.named_modules():
+        named = ((f"{prefix}.{name}".lstrip("."), param) for name, param in module.named_parameters(recurse=False))
+        own = [param for name, param in named if not (model.is_adapter_parameter(name) or name.startswith(TOWER))]
+        for param in own:
+            tensors.append(param.data)
+            state = getattr(param, "quant_state", None)
+            if state is not None:
+                tensors += [state.absmax, state.code]
+                if state.nested:
+                    tensors += [state.state2.absmax, state.state2.code, state.offset]
+            tensors.append(getattr(param, "SCB", None))
+        if own:
+            tensors.append(getattr(getattr(module, "state", None), "SCB", None))  # int8 scales, once a layer has run
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values())
+
+
+def kv_bytes_per_token(model: Transformer) -> int:
+    """The KV cache `model` allocates per token of context and batch row (its dtype, or int8 with scales)."""
+    found = footprint(model.args, None, model.tok_embeddings.weight.dtype)
+    return found.kv_per_token_int8 if model.kv_cache == "int8" else found.kv_per_token

@@ -15,6 +15,7 @@ from PIL import Image
 import adapter
 from adapter.app_config import NO_ADAPTER, TINY_FOLDER, load_engines, parse_config, tiny_available
 from adapter.engine import Engine, Settings, check_text, device_lock, gate_scales
+from adapter.footprint import footprint
 from adapter.gate_layers import describe, gate_scale_rows
 from adapter.gate_view import find_gate_plot
 from adapter.prompts import STOP_STRINGS
@@ -306,6 +307,9 @@ def test_model_info_says_what_is_loaded(engine, demo_files):
     assert (info["quantization"], info["dtype"], info["adapter_layers"], info["adapter_layer_numbers"],
             info["sees_images"]) == ("none", "float32", 3, "1-3", True)
     assert info["process_memory_mb"] > 10
+    args = engine.model.args  # the base alone (not the adapter's tensors or the CLIP tower), and its cache
+    assert info["base_weights_mib"] == round(footprint(args, None, torch.float32).weights / 2**20, 1)
+    assert info["kv_cache_mib_per_1000_tokens"] == round(1000 * 2 * args.n_layers * args.dim * 4 / 2**20, 1)
     assert (info["tokenizer"], info["rope_scaling"]) == ("SentencePiece, 512 pieces", "none")
     assert (info["v2_parts"], info["prompt_keys_values"]) == (", ".join(engine.model.adapter_args.v2_parts),
                                                               "frozen")

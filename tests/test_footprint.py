@@ -8,7 +8,7 @@ import torch
 
 import adapter
 from adapter.config import ModelArgs
-from adapter.footprint import footprint
+from adapter.footprint import footprint, held_bytes
 from adapter.quantize_base import quantize_base
 from adapter.random_model import write_random_base
 
@@ -27,22 +27,6 @@ def storages(tensors) -> int:
     return sum(seen.values())
 
 
-def held(model: adapter.Transformer) -> int:
-    """Every base tensor the model holds: parameters and, for bitsandbytes layers, their quantization state."""
-    tensors = []
-    for name, param in model.named_parameters():
-        if model.is_adapter_parameter(name):
-            continue
-        tensors.append(param.data)
-        state = getattr(param, "quant_state", None)
-        if state is not None:
-            tensors += [state.absmax, state.code]
-            if state.nested:
-                tensors += [state.state2.absmax, state.state2.code, state.offset]
-        tensors.append(getattr(param, "SCB", None))
-    return storages(tensors)
-
-
 @pytest.fixture(scope="module", params=range(len(SHAPES)))
 def base(request, tmp_path_factory):
     args = SHAPES[request.param]
@@ -54,7 +38,7 @@ def base(request, tmp_path_factory):
 def test_the_weights_take_what_the_shape_says(base, mode, dtype):
     folder, args = base
     model = adapter.load(folder, quantize=mode, dtype=dtype, device="cpu")
-    assert held(model) == footprint(args, mode, dtype).weights
+    assert held_bytes(model) == footprint(args, mode, dtype).weights
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
@@ -63,7 +47,7 @@ def test_a_pre_quantized_base_takes_what_the_shape_says(base, mode, tmp_path):
     if args.dim % 64:
         pytest.skip("a pre-quantized folder's wq/wk rows move whole only in whole 64-blocks")
     model = adapter.load(quantize_base(folder, tmp_path / "q", mode, device="cpu"), dtype=torch.bfloat16, device="cpu")
-    assert held(model) == footprint(args, mode, torch.bfloat16, pre_quantized=True).weights
+    assert held_bytes(model) == footprint(args, mode, torch.bfloat16, pre_quantized=True).weights
 
 
 @pytest.mark.parametrize("kind", ["auto", "int8"])
@@ -83,3 +67,14 @@ def test_inspect_prints_the_memory_of_each_precision(base):
     line = [line for line in describe_base(folder) if line.startswith("  memory in bfloat16: ")]
     nf4 = footprint(args, "nf4", torch.bfloat16).weights / 2**30
     assert len(line) == 1 and f"nf4 {nf4:.2f}" in line[0] and "int8 " in line[0] and "per 1,000 tokens" in line[0]
+
+
+def test_the_held_bytes_leave_out_the_adapter_and_count_int8_scales_after_a_forward_pass(base):
+    folder, args = base
+    model = adapter.load(folder, adapter.AdapterArgs(prompt_len=4, prompt_layers=1, bias=True), quantize="int8",
+                         device="cpu")
+    before = held_bytes(model)
+    assert before == footprint(args, "int8", torch.float32).weights
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))  # bitsandbytes moves each layer's row scales into its state
+    assert held_bytes(model) == before
