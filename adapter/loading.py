@@ -254,7 +254,7 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     expected = set()
     available = checkpoint.keys()
     release = getattr(checkpoint, "release", None)  # memory-mapped checkpoints give copied pages back
-    stored_mode = stored_quantization(checkpoint, quantize)
+    stored_mode = _stored_mode(checkpoint, quantize)
     stored = getattr(checkpoint, "quantized_weight", lambda name: None)
     # a pre-quantized base's plain linears were left so on purpose (e.g. skip modules): they stay plain
     quantized_weights = tuple(f"{linear}.weight" for linear in FROZEN_LINEARS) if quantize and not stored_mode else ()
@@ -306,7 +306,7 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     model.quantization = stored_mode or quantize
 
 
-def stored_quantization(checkpoint, quantize: str | None) -> str | None:
+def _stored_mode(checkpoint, quantize: str | None) -> str | None:
     """The mode a pre-quantized base was stored in (None for a plain one); asking for another is refused, since it
     would quantize already quantized weights again."""
     stored_mode = getattr(checkpoint, "quantization", None)

@@ -35,7 +35,7 @@ from .formats.hf import hf_name, meta_to_hf_rows
 from .loading import DTYPES, resolve_device
 from .quantize import BLOCK_SIZE, FROZEN_LINEARS, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
 from .tiny.assets import resolve as resolve_tiny
-from .tokenizer import open_tokenizer
+from .tokenizer import TOKENIZER_FILES, open_tokenizer
 
 # what a tokenizer folder may hold besides the tokenizer: its special tokens, chat template, generation stops
 TOKENIZER_COMPANIONS = ("tokenizer.model", "tokenizer.json", "tekken.json", "tokenizer_config.json",
@@ -83,25 +83,26 @@ class _Writer:
         self.heads = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}
 
     def write(self, folder: Path) -> None:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
+        shard: dict[str, torch.Tensor] = {}
+        written: list[tuple[Path, list[str], int]] = []  # each full shard, saved as soon as it is full
+        release = getattr(self.checkpoint, "release", None)  # memory-mapped checkpoints give read pages back
         for name in self._names():
             tensors = self._converted(name)
-            grown = sum(t.numel() * t.element_size() for t in tensors.values())
-            if shards[-1] and size + grown > self.shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1].update(tensors)
-            size += grown
-            release = getattr(self.checkpoint, "release", None)
+            if shard and _bytes(shard) + _bytes(tensors) > self.shard_bytes:
+                written.append(_save_part(folder, len(written), shard))
+                shard = {}
+            shard.update(tensors)
             if release is not None:
                 release(name)
-        self._save(folder, shards)
+        written.append(_save_part(folder, len(written), shard))
+        _name_shards(folder, written)
         (folder / "config.json").write_text(json.dumps(self._config(), indent=2) + "\n")
-        source = self.checkpoint.tokenizer_path.parent
+        tokenizer = self.checkpoint.tokenizer_path  # under a name the HF reader looks for (Mistral's .v3: .model)
+        target = tokenizer.name if tokenizer.name in TOKENIZER_FILES else TOKENIZER_FILES[0]
+        shutil.copyfile(tokenizer, folder / target)
         for companion in TOKENIZER_COMPANIONS:
-            if (source / companion).is_file():
-                shutil.copyfile(source / companion, folder / companion)
+            if (tokenizer.parent / companion).is_file() and not (folder / companion).exists():
+                shutil.copyfile(tokenizer.parent / companion, folder / companion)
 
     def _names(self) -> list[str]:
         top = ["tok_embeddings.weight", "norm.weight"] + ([] if self.checkpoint.tied_output else ["output.weight"])
@@ -120,22 +121,6 @@ class _Writer:
         if module in self.heads:  # quantized in Meta's row order, as adapter.load would, then moved to HF's whole
             stored = stored.rows(meta_to_hf_rows(torch.arange(weight.shape[0]), self.heads[module]))
         return stored.state_dict(target)
-
-    @staticmethod
-    def _save(folder: Path, shards: list[dict[str, torch.Tensor]]) -> None:
-        from safetensors.torch import save_file
-
-        if len(shards) == 1:
-            save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for number, shard in enumerate(shards, 1):
-            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, folder / file_name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file_name))
-        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def _config(self) -> dict:
         """config.json as transformers writes it for this shape and quantization."""
@@ -162,6 +147,34 @@ class _Writer:
                 "bnb_4bit_use_double_quant": four_bit and self.double_quant, "bnb_4bit_quant_storage": "uint8",
                 "llm_int8_threshold": INT8_OUTLIER_THRESHOLD, "llm_int8_has_fp16_weight": False,
                 "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _save_part(folder: Path, number: int, shard: dict[str, torch.Tensor]) -> tuple[Path, list[str], int]:
+    """One shard written under a provisional name (the count of shards is known only at the end)."""
+    from safetensors.torch import save_file
+
+    path = folder / f"part-{number:05d}.safetensors"
+    save_file(shard, path, metadata={"format": "pt"})
+    return path, sorted(shard), _bytes(shard)
+
+
+def _name_shards(folder: Path, parts: list[tuple[Path, list[str], int]]) -> None:
+    """HF's names: `model.safetensors` alone, or `model-0000N-of-0000M.safetensors` and their index."""
+    if len(parts) == 1:
+        parts[0][0].rename(folder / "model.safetensors")
+        return
+    weight_map = {}
+    for number, (path, names, _) in enumerate(parts, 1):
+        file_name = f"model-{number:05d}-of-{len(parts):05d}.safetensors"
+        path.rename(folder / file_name)
+        weight_map.update(dict.fromkeys(names, file_name))
+    index = {"metadata": {"total_size": sum(size for *_, size in parts)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _rope_scaling(args: ModelArgs) -> dict | None:

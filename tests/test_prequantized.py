@@ -275,3 +275,21 @@ def test_inspect_says_a_base_is_stored_quantized(folders):
 
     assert "  stored quantized: int8 (bitsandbytes), loaded as stored" in describe_base(folders["int8"])
     assert not any("stored quantized" in line for line in describe_base(folders["plain"]))
+
+
+def test_a_mistral_base_is_written_with_its_window_and_tokenizer(tmp_path):
+    import transformers
+
+    from adapter.random_model import write_random_mistral
+
+    source = write_random_mistral(tmp_path / "mistral", SHAPE, seed=4, window=8)  # (its context, too)
+    out = quantize_base(source, tmp_path / "out", "nf4", dtype="float32", device="cpu")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["sliding_window"]) == ("mistral", 8)
+    assert (out / "tokenizer.model").read_bytes() == (source / "tokenizer.model.v3").read_bytes()
+    model, on_load = ours(out), ours(source, quantize="nf4")
+    assert (model.base_family, model.args.sliding_window) == ("Mistral", 8)
+    assert model.tokenizer.encode("[INST] hi [/INST]") == on_load.tokenizer.encode("[INST] hi [/INST]")
+    torch.testing.assert_close(logits(model), logits(on_load), atol=0, rtol=0)
+    peer = no_repacking(transformers.MistralForCausalLM.from_pretrained(out, device_map="cpu"))
+    torch.testing.assert_close(logits(model), logits(peer), atol=2e-5, rtol=0)

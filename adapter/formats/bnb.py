@@ -91,10 +91,8 @@ class QuantizedWeight:
         """From the weight tensor and its statistics (named as in the file, `where` names the tensor in errors)."""
         if "SCB" in stats:
             return cls._read_int8(where, data, stats)
-        from bitsandbytes.functional import QuantState
-
         try:
-            state = QuantState.from_dict(dict(stats), device=torch.device("cpu"))
+            state = _functional().QuantState.from_dict(dict(stats), device=torch.device("cpu"))
         except (ValueError, KeyError, AssertionError) as error:
             found = ", ".join(sorted(stats))
             raise ValueError(f"{where}: incomplete 4-bit quantization state (has {found}; "
@@ -122,8 +120,7 @@ class QuantizedWeight:
     @classmethod
     def quantize(cls, weight: torch.Tensor, mode: str, double_quant: bool, blocksize: int) -> QuantizedWeight:
         """`weight` [out, in] quantized as bitsandbytes' Params4bit / Int8Params do (on the weight's device)."""
-        import bitsandbytes.functional as functional
-
+        functional = _functional()
         weight = weight.contiguous()
         if mode == "int8":  # row-wise, from float16
             codes, scales, _ = functional.int8_vectorwise_quant(weight.to(torch.float16))
@@ -153,9 +150,7 @@ class QuantizedWeight:
                              f"{state.blocksize}; its rows cannot be reordered")
         scales = _block_scales(state).view(out_features, -1)[order].reshape(-1)
         codes = self.data.view(torch.uint8).view(out_features, -1)[order].reshape(-1, 1)
-        from bitsandbytes.functional import QuantState
-
-        moved = QuantState(absmax=scales, shape=state.shape, code=state.code, blocksize=state.blocksize,
+        moved = _functional().QuantState(absmax=scales, shape=state.shape, code=state.code, blocksize=state.blocksize,
                            quant_type=state.quant_type, dtype=state.dtype)
         return replace(self, data=codes, quant_state=moved)
 
@@ -164,6 +159,11 @@ def _block_scales(state) -> torch.Tensor:
     """A 4-bit state's per-block scales in float32 (undoing the second-level quantization, if any)."""
     if not state.nested:
         return state.absmax.float()
-    from bitsandbytes.functional import dequantize_blockwise
+    return _functional().dequantize_blockwise(state.absmax, state.state2) + state.offset
 
-    return dequantize_blockwise(state.absmax, state.state2) + state.offset
+
+def _functional():
+    """bitsandbytes.functional, or the clear error that says to install it."""
+    from ..quantize import bitsandbytes
+
+    return bitsandbytes().functional
