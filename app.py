@@ -464,7 +464,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 gr.Markdown("**This adapter cannot see images**: it has no visual prompt or no CLIP tower "
                             "(--clip), so answers come from the question alone.")
             with gr.Row():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=320,
+                image = gr.Image(type="pil", label="Image", sources=["upload", "webcam", "clipboard"], height=320,
                                  elem_id="image")
                 clear_image_errors(image)
                 with gr.Column():

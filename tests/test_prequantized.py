@@ -185,6 +185,8 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
      rf"{Q_PROJ}.weight: 100 bytes of 4-bit codes do not hold a 128x128 weight"),
     ("nf4", "orphan", None, lambda t: t.update({"model.layers.0.self_attn.x_proj.weight.absmax": torch.ones(4)}),
      r"quantization statistics model.layers.0.self_attn.x_proj.weight.absmax belong to no weight"),
+    ("int8", "quantized head", None, lambda t: t.update({"lm_head.SCB": torch.ones(512)}),
+     r"model.safetensors: lm_head.weight is stored quantized; only the linears of the layers can be"),
     ("int8", "tile layout", None, lambda t: t.update({f"{Q_PROJ}.weight_format": torch.tensor(1, dtype=torch.uint8)}),
      rf"{Q_PROJ}.weight: weight_format 1 is a GPU tile layout of old bitsandbytes"),
     ("int8", "scales short", None, lambda t: t.update({f"{Q_PROJ}.SCB": t[f"{Q_PROJ}.SCB"][:5]}),

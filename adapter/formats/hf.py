@@ -271,6 +271,9 @@ class HFCheckpoint:
                     first = next(iter(keys.values()))
                     raise ValueError(f"{file.path}: holds bitsandbytes statistics ({first}) but "
                                      f"{self.config_path} has no quantization_config")
+                if not name.startswith("layers."):
+                    raise ValueError(f"{file.path}: {hf_weight} is stored quantized; only the linears of the layers "
+                                     "can be (transformers leaves lm_head out unless told otherwise)")
                 stats.setdefault(name, {}).update({key: (file, hf_name) for key, hf_name in keys.items()})
         return stats
 
