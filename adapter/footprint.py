@@ -89,13 +89,8 @@ def held_bytes(model: Transformer) -> int:
         named = ((f"{prefix}.{name}".lstrip("."), param) for name, param in module.named_parameters(recurse=False))
         own = [param for name, param in named if not (model.is_adapter_parameter(name) or name.startswith(TOWER))]
         for param in own:
-            tensors.append(param.data)
-            state = getattr(param, "quant_state", None)
-            if state is not None:
-                tensors += [state.absmax, state.code]
-                if state.nested:
-                    tensors += [state.state2.absmax, state.state2.code, state.offset]
-            tensors.append(getattr(param, "SCB", None))
+            tensors += [param.data, getattr(param, "SCB", None)]
+            tensors += quant_state_tensors(getattr(param, "quant_state", None))
         if own:
             tensors.append(getattr(getattr(module, "state", None), "SCB", None))  # int8 scales, once a layer has run
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
@@ -106,3 +101,11 @@ def kv_bytes_per_token(model: Transformer) -> int:
     """The KV cache `model` allocates per token of context and batch row (its dtype, or int8 with scales)."""
     found = footprint(model.args, None, model.tok_embeddings.weight.dtype)
     return found.kv_per_token_int8 if model.kv_cache == "int8" else found.kv_per_token
+
+
+def quant_state_tensors(state) -> list[torch.Tensor]:
+    """The tensors a bitsandbytes 4-bit QuantState holds (block scales, code book, nested state), if any."""
+    if state is None:
+        return []
+    found = [getattr(state, name, None) for name in ("absmax", "code", "offset")]
+    return [t for t in found if torch.is_tensor(t)] + quant_state_tensors(getattr(state, "state2", None))

@@ -3,7 +3,8 @@ on the GPU, at bf16, nf4 and int8: decode tokens/s, time to first token, peak me
 (and of an image question through a ViT-L/14-shaped open_clip tower with random weights and the v2 visual
 prompt), and one nf4 training step; the same for transformers + peft on the very same tensors. For bf16 also the
 card's floor (every weight read once) and our decode beside it: plain, as CUDA graphs of the static step, and
-through `step(compile=True)` (compiled, as CUDA graphs).
+through `step(compile=True)` (compiled, as CUDA graphs). And a check of the device path of pre-quantized bases
+(`adapter.quantize_base` on the device, loaded bit for bit as quantized while loading).
 
     bash bench/gpu.sh [--write BENCHMARKS.md]     (see bench/gpu.sh for the packages to carry along)
     python -m bench.gpu --smoke [--device cuda]    (tiny shapes, seconds: checks the script, figures mean nothing)
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from adapter.config import AdapterArgs, ModelArgs
+from adapter.footprint import quant_state_tensors
 from adapter.formats.common import atomic_write
 from bench.compare import TOLERANCE, Check, Greedy, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
 from bench.decode import measure
@@ -38,6 +40,7 @@ LLAMA_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multip
                      max_seq_len=2048)
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=2048)
 QUANTIZED = ("nf4", "int8")
+PREQUANTIZED_SHAPE = ModelArgs(dim=1024, n_layers=8, n_heads=8, vocab_size=512, multiple_of=256, max_seq_len=2048)
 CONTEXT = 2048
 HEADING = "GPU"
 # bf16 compute through 32 layers on both sides, for every precision on the GPU (nf4/int8 compute in bf16 too);
@@ -211,14 +214,6 @@ def weights_gib(model: torch.nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**30
 
 
-def quant_state_tensors(state) -> list[torch.Tensor]:
-    """The tensors a bitsandbytes 4-bit QuantState holds (block scales, code book, nested state), if any."""
-    if state is None:
-        return []
-    found = [getattr(state, name, None) for name in ("absmax", "code", "offset")]
-    return [t for t in found if torch.is_tensor(t)] + quant_state_tensors(getattr(state, "state2", None))
-
-
 def kv_cache_gib(s: Setup, kind: str) -> float:
     """What the KV cache of one CONTEXT-token request holds (built on the meta device: sizes only)."""
     from adapter.kv_cache import KVCache
@@ -382,6 +377,43 @@ def memory_target_rows(s: Setup) -> list[tuple[str, ...]]:
     return rows
 
 
+def prequantized_rows(s: Setup) -> list[tuple[str, ...]]:
+    """A base written by `adapter.quantize_base` (quantized on the device) loads on the device as the same base
+    quantized while loading: logits compared bit for bit, and both load times. A small random base on disk (the
+    7B one would take minutes to write): a check of the device path, not a figure to compare."""
+    import tempfile
+
+    from adapter.loading import load
+    from adapter.quantize_base import quantize_base
+    from adapter.random_model import write_random_base
+
+    shape = TINY if s.device.type == "cpu" else PREQUANTIZED_SHAPE
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        base = write_random_base(Path(folder) / "base", shape, dtype=torch.float16)
+        for mode in QUANTIZED:
+            stored = quantize_base(base, Path(folder) / mode, mode, dtype=str(s.dtype).removeprefix("torch."),
+                                   device=str(s.device))
+            tokens = torch.tensor([list(range(1, 17))], device=s.device)
+            found = {}
+            for name, source, asked in (("pre-quantized", stored, None), ("while loading", base, mode)):
+                sync(s.device)
+                started = time.perf_counter()
+                model = load(source, quantize=asked, device=s.device, dtype=s.dtype)
+                sync(s.device)
+                seconds = time.perf_counter() - started
+                with torch.no_grad():
+                    found[name] = (seconds, model(tokens).float())
+                del model
+            (pre, pre_logits), (during, during_logits) = found["pre-quantized"], found["while loading"]
+            rows.append((mode, f"pre-quantized folder of a {shape.dim}-dim {shape.n_layers}-layer base "
+                         "(adapter.quantize_base): logits equal to quantizing while loading; load time, s "
+                         "(pre-quantized, while loading)",
+                         f"{'yes' if torch.equal(pre_logits, during_logits) else 'NO'}; {pre:.2f}, {during:.2f}",
+                         "", ""))
+    return rows
+
+
 def train_rows(s: Setup, ours: Ours, peer: Peer | None, why: str) -> list[tuple[str, ...]]:
     """One nf4 training step (after one warm-up) on each side: tokens/s and peak memory above the weights."""
     from adapter.finetune.distributed import Processes
@@ -495,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     stages = [(p, lambda p=p: run_precision(s, p, repeats)) for p in s.precisions]
     stages.append(("memory", lambda: (None, memory_target_rows(s))))
+    stages.append(("prequantized", lambda: (None, prequantized_rows(s))))
     stages += [(f"fast-{p}", lambda p=p: (None, fast_decode_rows(s, p, repeats))) for p in s.precisions[:2]]
     if options.only:
         chosen = [name.strip() for name in options.only.split(",")]

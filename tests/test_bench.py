@@ -171,6 +171,8 @@ def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
         assert abs((base + tower + visual) / 1024 - float(total[2].split(";")[0])) <= 0.006  # they are the weights
     kv_auto, kv_int8 = (float(part[2].split(", ")[3]) for part in parts[:2])
     assert kv_int8 < kv_auto
+    written_base = {row[0]: row[2] for row in rows[1:] if row[1].startswith("pre-quantized folder")}
+    assert set(written_base) == {"nf4", "int8"} and all(v.startswith("yes; ") for v in written_base.values())
     written = {path.name: path.read_text() for path in profiles.iterdir()}
     assert {"train-nf4-ours.txt", "train-nf4-peer.txt", "decode-fp32-plain.txt", "decode-nf4-plain.txt",
             "decode-fp32-graphs.txt"} <= set(written)
@@ -189,7 +191,8 @@ def test_gpu_script_runs_only_the_stages_asked_for(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--only", "memory,bf17"], cwd=ROOT,
                              capture_output=True, text=True, check=False)
     assert refused.returncode == 2
-    assert "--only: no stage bf17; the stages are fp32, nf4, int8, memory, fast-fp32, fast-nf4" in refused.stderr
+    assert "--only: no stage bf17; the stages are fp32, nf4, int8, memory, prequantized, fast-fp32, fast-nf4" in \
+        refused.stderr
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     refused = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--profile", str(blocked / "profiles")],
