@@ -1,0 +1,231 @@
+"""`python -m adapter.openai_api`: the served adapters behind an OpenAI-compatible HTTP API, for the clients and
+tools that speak it (the `openai` package, chat front-ends, evaluation harnesses).
+
+`GET /v1/models` lists the served adapters; `POST /v1/chat/completions` answers a conversation with one of them
+(`model`: its name, the first when left out), whole or streamed as server-sent events (`stream: true`). A user
+message may carry a picture as an `image_url` part with a `data:` URL (nothing is fetched from the network): the
+conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
+`top_p`, `max_tokens` (`max_completion_tokens`) and `seed`, a request may set this project's `gate_scale`,
+`delta_scale` and `gate_layers`. The flags are the app's (`python app.py --help`), and so are the answers: each is
+`Engine.chat` / `Engine.ask_image` of the same settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request  # with gradio; imported here, so that FastAPI can read the annotations
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .engine import Engine, Engines, Settings
+
+OWNER = "llama-adapter"
+SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
+                  "max_completion_tokens": "max_new_tokens", "seed": "seed", "gate_scale": "gate_scale",
+                  "delta_scale": "delta_scale", "gate_layers": "gate_layers"}
+
+
+class RequestError(ValueError):
+    """A request the API refuses: its HTTP status and the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def build_api(engines: Engines):
+    """The FastAPI application serving `engines`."""
+    app = FastAPI(title="LLaMA-Adapter (OpenAI-compatible)")
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(error), "type": "invalid_request_error",
+                                       "param": error.param, "code": None}}, status_code=error.status)
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": OWNER}
+                                           for name in engines.names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(f"the body is not JSON ({error})") from None
+        name, call = answer_call(engines, body)
+        if body.get("stream"):  # the sync generator is run in the thread pool, as the answer below
+            return StreamingResponse(stream_events(name, call), media_type="text/event-stream")
+        return await run_in_threadpool(completion, name, call)
+
+    return app
+
+
+class Call:
+    """One checked request: the answers so far (an iterator that holds the device while it runs), and what the
+    usage figures count."""
+
+    def __init__(self, engine: Engine, prompt: str, answers: Iterator[str], settings: Settings) -> None:
+        self.engine, self.prompt, self.answers, self.settings = engine, prompt, answers, settings
+
+    def tokens(self, text: str) -> int:
+        return len(self.engine.model.tokenizer.encode(text, bos=False, eos=False))
+
+    def finish_reason(self, answer: str) -> str:
+        return "length" if self.tokens(answer) >= self.settings.max_new_tokens else "stop"
+
+    def usage(self, answer: str) -> dict[str, int]:
+        prompt, completion_tokens = len(self.engine.model.tokenizer.encode(self.prompt)), self.tokens(answer)
+        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+                "total_tokens": prompt + completion_tokens}
+
+
+def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
+    """The adapter's name and the checked (lazy) answer of a chat-completions body; RequestError naming the field
+    at fault."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    name = body.get("model") or engines.names[0]
+    if name not in engines.names:
+        raise RequestError(f"model: no adapter {name!r} is served (served: {', '.join(engines.names)})", "model",
+                           404)
+    engine = engines.get(name)
+    system, history, question, image = read_messages(body.get("messages"))
+    options = {ours: body[theirs] for theirs, ours in SETTING_FIELDS.items() if body.get(theirs) is not None}
+    try:
+        settings = engine.check(Settings(system=system, **options))
+        if image is None:
+            prompt = engine.chat_prompt(history, question, settings)
+            answers = engine.chat(history, question, settings)
+        else:
+            prompt = engine.image_prompt(question, settings, history)
+            answers = engine.ask_image(image, question, settings, history)
+    except ValueError as error:
+        field = str(error).split(":", 1)[0]  # the engine's errors start with the setting at fault
+        param = next((theirs for theirs, ours in SETTING_FIELDS.items() if ours == field), "messages")
+        raise RequestError(str(error), param) from None
+    return name, Call(engine, prompt, answers, settings)
+
+
+def read_messages(messages: Any) -> tuple[str | None, list[tuple[str, str]], str, Any]:
+    """(system prompt, earlier (user, assistant) turns, the last user message, its conversation's picture)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages: give a list of {role, content} messages ending with the user's", "messages")
+    system = None
+    if isinstance(messages[0], dict) and messages[0].get("role") in ("system", "developer"):
+        system, messages = _text(messages[0], 0)[0], messages[1:]
+    if not messages or len(messages) % 2 == 0:
+        raise RequestError("messages: after the system message, user and assistant turns must alternate and end "
+                           "with the user's", "messages")
+    texts, images = [], []
+    for index, message in enumerate(messages, 1 if system is not None else 0):
+        want = "user" if len(texts) % 2 == 0 else "assistant"
+        if not isinstance(message, dict) or message.get("role") != want:
+            got = message.get("role") if isinstance(message, dict) else type(message).__name__
+            raise RequestError(f"messages[{index}]: expected a {want} message, got {got!r}", "messages")
+        text, pictures = _text(message, index)
+        texts.append(text)
+        images += pictures
+    if len(images) > 1:
+        raise RequestError("messages: a conversation may be about one picture (image_url), got "
+                           f"{len(images)}", "messages")
+    turns = list(zip(texts[:-1:2], texts[1:-1:2]))
+    return system, turns, texts[-1], images[0] if images else None
+
+
+def _text(message: dict, index: int) -> tuple[str, list[Any]]:
+    """A message's text (its text parts joined) and the pictures among its parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise RequestError(f"messages[{index}].content: expected text or a list of parts", "messages")
+    texts, images = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            images.append(_picture(part.get("image_url"), index))
+        else:
+            raise RequestError(f"messages[{index}].content: parts must be text or image_url, got {part!r}"[:200],
+                               "messages")
+    return "\n".join(texts), images
+
+
+def _picture(image_url: Any, index: int) -> Any:
+    """The PIL image of a `data:` URL (base64); other URLs are refused (nothing is fetched)."""
+    from PIL import Image, UnidentifiedImageError
+
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    where = f"messages[{index}].image_url"
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise RequestError(f"{where}: only data: URLs with base64 pictures are read (nothing is downloaded)",
+                           "messages")
+    try:
+        picture = Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))
+        picture.load()
+    except (binascii.Error, UnidentifiedImageError, OSError) as error:
+        raise RequestError(f"{where}: not a picture ({type(error).__name__})", "messages") from None
+    return picture
+
+
+def completion(name: str, call: Call) -> dict[str, Any]:
+    answer = ""
+    for answer in call.answers:
+        pass
+    return {"id": _id(), "object": "chat.completion", "created": int(time.time()), "model": name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                         "finish_reason": call.finish_reason(answer)}],
+            "usage": call.usage(answer)}
+
+
+def stream_events(name: str, call: Call) -> Iterator[str]:
+    """Server-sent events: the role, each new piece of the answer, the finish reason with the usage, [DONE]."""
+    head = {"id": _id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
+
+    def event(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
+        chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    yield event({"role": "assistant", "content": ""})
+    answer = ""
+    for grown in call.answers:
+        if len(grown) > len(answer):
+            yield event({"content": grown[len(answer):]})
+        answer = grown
+    yield event({}, call.finish_reason(answer), usage=call.usage(answer))
+    yield "data: [DONE]\n\n"
+
+
+def _id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    from .app_config import load_engines, parse_config
+
+    try:
+        config = parse_config(argv)
+        app = build_api(load_engines(config))
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"OpenAI-compatible API on http://{config.host}:{config.port}/v1 (models: GET /v1/models)")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

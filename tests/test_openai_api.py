@@ -1,0 +1,126 @@
+"""`python -m adapter.openai_api`: the tiny model's adapters behind the OpenAI chat-completions API (through
+FastAPI's test client: real HTTP requests, no port); each answer is the engine's for the same settings."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from adapter.app_config import TINY_FOLDER, load_engines, parse_config, tiny_available
+from adapter.engine import Settings
+from adapter.openai_api import build_api, main
+
+pytestmark = pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+
+SCENE = "There is a large red star on the left. What colour is the star?"
+GREEDY = {"temperature": 0, "max_tokens": 30, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return load_engines(parse_config([]))
+
+
+@pytest.fixture(scope="module")
+def client(engines):
+    from fastapi.testclient import TestClient
+
+    return TestClient(build_api(engines))
+
+
+def ask(client, messages, **options):
+    return client.post("/v1/chat/completions", json={"messages": messages, **GREEDY, **options})
+
+
+def user(text: str, picture=None) -> dict:
+    if picture is None:
+        return {"role": "user", "content": text}
+    data = base64.b64encode(picture.read_bytes()).decode()
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}]}
+
+
+def engine_answer(engine, history, question, picture=None, **settings) -> str:
+    chosen = Settings(temperature=0.0, max_new_tokens=30, seed=0, **settings)
+    answers = engine.chat(history, question, chosen) if picture is None else \
+        engine.ask_image(str(picture), question, chosen, history)
+    return list(answers)[-1]
+
+
+def test_the_served_adapters_are_the_models(client):
+    listed = client.get("/v1/models").json()
+    assert [model["id"] for model in listed["data"]] == ["tiny-text", "tiny-image"]
+
+
+def test_a_chat_completion_is_the_engines_answer_at_the_gate_asked(client, engines):
+    text = engines.get("tiny-text")
+    reply = ask(client, [user(SCENE)]).json()
+    answer = reply["choices"][0]["message"]["content"]
+    assert answer == engine_answer(text, [], SCENE) == "red"
+    assert reply["model"] == "tiny-text" and reply["choices"][0]["finish_reason"] == "stop"
+    prompt = len(text.model.tokenizer.encode(text.chat_prompt([], SCENE, Settings())))
+    assert reply["usage"] == {"prompt_tokens": prompt, "completion_tokens": 1, "total_tokens": prompt + 1}
+    frozen = ask(client, [user(SCENE)], gate_scale=0).json()["choices"][0]["message"]["content"]
+    assert frozen == engine_answer(text, [], SCENE, gate_scale=0.0) != answer  # the frozen base writes on
+    turns = [user(SCENE), {"role": "assistant", "content": answer}, user("What colour is the star?")]
+    follow_up = ask(client, turns).json()["choices"][0]["message"]["content"]
+    assert follow_up == engine_answer(text, [(SCENE, answer)], "What colour is the star?")
+
+
+def test_a_streamed_answer_arrives_in_pieces_that_make_the_whole(client, engines):
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": [user(SCENE)], "stream": True, **GREEDY, "gate_scale": 0}) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [chunk["choices"][0]["delta"].get("content", "") for chunk in chunks[1:]]
+    assert len([piece for piece in pieces if piece]) > 1
+    assert "".join(pieces) == engine_answer(engines.get("tiny-text"), [], SCENE, gate_scale=0.0)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["usage"]["completion_tokens"]
+
+
+def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engines):
+    example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
+    picture = TINY_FOLDER / "examples" / example["image"]
+    image = engines.get("tiny-image")
+    first = ask(client, [user(example["question"], picture)], model="tiny-image").json()
+    answer = first["choices"][0]["message"]["content"]
+    assert answer == engine_answer(image, [], example["question"], picture) == example["answer"]
+    turns = [user(example["question"], picture), {"role": "assistant", "content": answer}, user("What shape is it?")]
+    follow_up = ask(client, turns, model="tiny-image").json()["choices"][0]["message"]["content"]
+    assert follow_up == engine_answer(image, [(example["question"], answer)], "What shape is it?", picture)
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ({"model": "gpt-4"}, 404, "model", "model: no adapter 'gpt-4' is served (served: tiny-text, tiny-image)"),
+    ({"messages": []}, 400, "messages", "messages: give a list of {role, content} messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages",
+     "messages[0]: expected a user message, got 'assistant'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "messages",
+     "user and assistant turns must alternate and end with the user's"),
+    ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}, 400, "messages",
+     "system: the alpaca prompt format has no system prompt"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
+     400, "messages", "messages[0].image_url: only data: URLs with base64 pictures are read"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                  "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]},
+     400, "messages", "messages[0].image_url: not a picture (UnidentifiedImageError)"),
+    ({"max_tokens": 5000}, 400, "max_tokens", "max_new_tokens: must be between 1 and 256, got 5000"),
+    ({"gate_scale": 3}, 400, "gate_scale", "gate_scale: must be in [0, 2], got 3"),
+    ({"gate_layers": "top 9"}, 400, "gate_layers", "gate_layers: "),
+])
+def test_bad_requests_get_openais_error_naming_the_field(client, body, status, param, message):
+    response = client.post("/v1/chat/completions", json={"messages": [user(SCENE)], **body})
+    error = response.json()["error"]
+    assert response.status_code == status and error["param"] == param and error["type"] == "invalid_request_error"
+    assert message in error["message"], error["message"]
+    assert client.post("/v1/chat/completions", content=b"{not json").json()["error"]["message"].startswith(
+        "the body is not JSON")
+
+
+def test_the_command_line_stops_with_one_line_on_bad_flags(capsys):
+    assert main(["--adapter", "/nowhere/adapter"]) == 2
+    assert capsys.readouterr().err.startswith("error: --adapter: /nowhere/adapter")
