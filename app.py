@@ -611,8 +611,14 @@ def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     engines = load_engines(config)
     demo = build_demo(engines, config)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=True,
-                prevent_thread_lock=not block, allowed_paths=example_images(), max_file_size=MAX_UPLOAD,
+                prevent_thread_lock=True, allowed_paths=example_images(), max_file_size=MAX_UPLOAD,
                 run_history=False, quiet=not block, css=CSS)
+    if config.openai_api:  # on the server just started, beside the app's own routes
+        from adapter.openai_api import api_router
+
+        demo.app.include_router(api_router(engines))
+    if block:
+        demo.block_thread()
     return demo, engines
 
 

@@ -52,6 +52,7 @@ class ServeConfig:
     kv_cache: str = "auto"  # "int8": keys/values in int8, half the cache's memory (adapter.kv_cache)
     prompt_format: str = "auto"  # how questions are written (adapter.prompts); auto: each adapter's (or base's) own
     system: str = ""  # the system prompt box's starting text (chat formats only)
+    openai_api: bool = False  # also serve the adapters as an OpenAI-compatible API at /v1 (adapter.openai_api)
 
 
 def env_name(flag: str) -> str:
@@ -108,6 +109,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="port (default: GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--share", action="store_true", default=_truthy(environ.get(env_name("share"))),
                         help="also serve through a public gradio.live link")
+    parser.add_argument("--openai-api", action="store_true", default=_truthy(environ.get(env_name("openai_api"))),
+                        help="also serve the adapters as an OpenAI-compatible API at /v1 on the same port "
+                             "(adapter.openai_api)")
     parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens),
                         help="the most tokens one answer may have (the slider's maximum)")
     parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency),

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request  # with gradio; imported here, so that FastAPI can read the annotations
+from fastapi import APIRouter, FastAPI, Request  # with gradio; here, so that FastAPI reads the annotations
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -42,32 +42,40 @@ class RequestError(ValueError):
         self.param, self.status = param, status
 
 
-def build_api(engines: Engines):
-    """The FastAPI application serving `engines`."""
+def build_api(engines: Engines) -> FastAPI:
+    """A FastAPI application serving `engines` at /v1 (this module's command line)."""
     app = FastAPI(title="LLaMA-Adapter (OpenAI-compatible)")
+    app.include_router(api_router(engines))
+    return app
 
-    @app.exception_handler(RequestError)
-    async def refused(request: Request, error: RequestError) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(error), "type": "invalid_request_error",
-                                       "param": error.param, "code": None}}, status_code=error.status)
 
-    @app.get("/v1/models")
+def api_router(engines: Engines) -> APIRouter:
+    """The /v1 routes, for an application of their own or for the Gradio app's (`app.py --openai-api`), where
+    they are added once it runs; so each route answers refusals itself rather than through an exception handler
+    (those are fixed when an application starts)."""
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/models")
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": OWNER}
                                            for name in engines.names]}
 
-    @app.post("/v1/chat/completions")
+    @router.post("/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(f"the body is not JSON ({error})") from None
-        name, call = answer_call(engines, body)
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise RequestError(f"the body is not JSON ({error})") from None
+            name, call = answer_call(engines, body)
+        except RequestError as error:
+            return JSONResponse({"error": {"message": str(error), "type": "invalid_request_error",
+                                           "param": error.param, "code": None}}, status_code=error.status)
         if body.get("stream"):  # the sync generator is run in the thread pool, as the answer below
             return StreamingResponse(stream_events(name, call), media_type="text/event-stream")
         return await run_in_threadpool(completion, name, call)
 
-    return app
+    return router
 
 
 class Call:

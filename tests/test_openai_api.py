@@ -124,3 +124,18 @@ def test_bad_requests_get_openais_error_naming_the_field(client, body, status, p
 def test_the_command_line_stops_with_one_line_on_bad_flags(capsys):
     assert main(["--adapter", "/nowhere/adapter"]) == 2
     assert capsys.readouterr().err.startswith("error: --adapter: /nowhere/adapter")
+
+
+def test_the_app_serves_the_api_beside_its_ui_when_asked(engines):
+    import httpx
+
+    from tests.app_helpers import running_app
+
+    with running_app(["--openai-api"]) as app:
+        reply = httpx.post(f"{app.url}v1/chat/completions", json={"messages": [user(SCENE)], **GREEDY}, timeout=60)
+        assert reply.json()["choices"][0]["message"]["content"] == engine_answer(engines.get("tiny-text"), [], SCENE)
+        refused = httpx.post(f"{app.url}v1/chat/completions", json={"messages": [], **GREEDY}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+        assert httpx.get(f"{app.url}gradio_api/info", timeout=60).status_code == 200  # the app's own API still there
+    with running_app([]) as app:
+        assert httpx.get(f"{app.url}v1/models", timeout=60).status_code == 404  # only when asked
