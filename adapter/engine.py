@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .evaluate import Evaluation
     from .gate_view import PromptShares
     from .model import Transformer
-    from .next_token import NextTokens
+    from .next_token import NextTokens, TokenLogprob
 
 MAX_QUESTION_CHARS = 4000
 MAX_LAYERS_CHARS = 200  # a layer selection ("top 4", "20-23, 31")
@@ -407,6 +407,17 @@ class Engine:
         with self.lock:
             return prompt_shares(self.model, prompt_text, answer, self._gates(settings, [settings.gate_scale]),
                                  settings.delta_scale, images)
+
+    def answer_logprobs(self, prompt_text: str, answer: str, settings: Settings, image: Any = None,
+                        top_k: int = 0) -> list[TokenLogprob]:
+        """Each token of `answer` with its log-probability at the settings' scales and layers (and the `top_k`
+        likeliest at its place; adapter.next_token.answer_logprobs), holding the lock."""
+        from .next_token import answer_logprobs
+
+        picture = load_image(image) if image is not None and self.can_see_images else None
+        with self.lock:
+            return answer_logprobs(self.model, prompt_text, answer, self._gates(settings, [settings.gate_scale]),
+                                   settings.delta_scale, picture, top_k)
 
     def training_plot(self) -> Path | None:
         """`gates.png` written by `adapter.finetune` next to this adapter, if there is one."""

@@ -86,25 +86,35 @@ def prompt_shares(model: Transformer, prompt: str, answer: str, gate_scale: Scal
     """
     tokenizer = model.tokenizer
     layers = list(range(model.first_prompt_layer, model.args.n_layers)) if model.adapter_query is not None else []
-    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
-    answer_ids = tokenizer.encode(answer, bos=False, eos=False)
-    answer_ids = answer_ids[: max(0, model.args.max_seq_len - len(prompt_ids))]
+    prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
     if not answer_ids:
         return PromptShares([], layers, [0.0] * len(layers))
     tokens = torch.tensor([prompt_ids + answer_ids], device=model.tok_embeddings.weight.device)
     record: list[torch.Tensor] = []
     with torch.inference_mode():
-        visual = None
-        if images:
-            from .visual import encode_images
-
-            visual = encode_images(model, images)
+        visual = visual_prompt_of(model, images)
         cache = model.new_cache(1, tokens.shape[1], visual_prompt=visual)
         model.step(tokens, cache, gate_scale=gate_scale, delta_scale=delta_scale, record=record)
     if not record:
         return PromptShares(_pieces(tokenizer, answer_ids, [0.0] * len(answer_ids)), layers, [])
     chosen = torch.stack(record).float()[:, 0, len(prompt_ids) - 1: len(prompt_ids) - 1 + len(answer_ids)].cpu()
     return PromptShares(_pieces(tokenizer, answer_ids, chosen.mean(0).tolist()), layers, chosen.mean(1).tolist())
+
+
+def answer_tokens(model: Transformer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """The ids of `prompt` (after BOS) and of `answer` after it, the answer cut to what the context holds."""
+    prompt_ids = model.tokenizer.encode(prompt, bos=True, eos=False)
+    answer_ids = model.tokenizer.encode(answer, bos=False, eos=False)
+    return prompt_ids, answer_ids[: max(0, model.args.max_seq_len - len(prompt_ids))]
+
+
+def visual_prompt_of(model: Transformer, images: list[Any] | None) -> torch.Tensor | None:
+    """The visual prompt of `images` (one per batch row), None without any."""
+    if not images:
+        return None
+    from .visual import encode_images
+
+    return encode_images(model, images)
 
 
 def _pieces(tokenizer, ids: list[int], shares: list[float]) -> list[tuple[str, float]]:

@@ -141,3 +141,39 @@ def _checked_scales(gate_scales: Sequence[float]) -> list[float]:
 def _text(tokenizer: Any, token: int) -> str:
     """A token's text; ids past the tokenizer's (a model whose vocabulary is padded) by their number."""
     return tokenizer.token_text(token) if token < tokenizer.n_words else f"<id {token}>"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token: its text, its log-probability, and the likeliest tokens at its place with theirs."""
+
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+def answer_logprobs(model: Transformer, prompt: str, answer: str, gate_scale: Any = 1.0, delta_scale: float = 1.0,
+                    image: Any = None, top_k: int = 0) -> list[TokenLogprob]:
+    """Each token of `answer` after `prompt` (fed as given after BOS) with its log-probability under the model at
+    these scales (temperature 1: the distribution it is drawn from, before top-p), and the `top_k` likeliest
+    tokens at its place: one forward over prompt + answer, the head run at the answer's places only."""
+    from .gate_view import answer_tokens, visual_prompt_of
+
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k: must be between 0 and {MAX_TOP_K}, got {top_k}")
+    prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
+    if not answer_ids:
+        return []
+    device = model.tok_embeddings.weight.device
+    tokens = torch.tensor([prompt_ids + answer_ids], device=device)
+    places = torch.zeros_like(tokens, dtype=torch.bool)
+    places[0, len(prompt_ids) - 1: len(prompt_ids) - 1 + len(answer_ids)] = True  # each predicts the next token
+    with torch.inference_mode():
+        logits = model(tokens, gate_scale=gate_scale, delta_scale=delta_scale, positions=places,
+                       visual_prompt=visual_prompt_of(model, None if image is None else [image]))
+    logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+    top_values, top_ids = logprobs.topk(top_k, dim=-1)
+    tokenizer = model.tokenizer
+    return [TokenLogprob(_text(tokenizer, token), float(row[token]),
+                         [(_text(tokenizer, int(i)), float(v)) for v, i in zip(values, ids)])
+            for token, row, values, ids in zip(answer_ids, logprobs, top_values, top_ids)]

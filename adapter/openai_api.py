@@ -6,7 +6,8 @@ tools that speak it (the `openai` package, chat front-ends, evaluation harnesses
 message may carry a picture as an `image_url` part with a `data:` URL (nothing is fetched from the network): the
 conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
 `top_p`, `max_tokens` (`max_completion_tokens`) and `seed`, a request may set this project's `gate_scale`,
-`delta_scale` and `gate_layers`. The flags are the app's (`python app.py --help`), and so are the answers: each is
+`delta_scale` and `gate_layers`, and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
+log-probability at that gate. The flags are the app's (`python app.py --help`), and so are the answers: each is
 `Engine.chat` / `Engine.ask_image` of the same settings.
 """
 
@@ -29,6 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .engine import Engine, Engines, Settings
 
 OWNER = "llama-adapter"
+MAX_TOP_LOGPROBS = 20  # as OpenAI's
 SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
                   "max_completion_tokens": "max_new_tokens", "seed": "seed", "gate_scale": "gate_scale",
                   "delta_scale": "delta_scale", "gate_layers": "gate_layers"}
@@ -79,11 +81,25 @@ def api_router(engines: Engines) -> APIRouter:
 
 
 class Call:
-    """One checked request: the answers so far (an iterator that holds the device while it runs), and what the
-    usage figures count."""
+    """One checked request: the answers so far (an iterator that holds the device while it runs), what the usage
+    figures count, and the log-probabilities asked for (None: not asked)."""
 
-    def __init__(self, engine: Engine, prompt: str, answers: Iterator[str], settings: Settings) -> None:
+    def __init__(self, engine: Engine, prompt: str, answers: Iterator[str], settings: Settings, image: Any,
+                 top_logprobs: int | None) -> None:
         self.engine, self.prompt, self.answers, self.settings = engine, prompt, answers, settings
+        self.image, self.top_logprobs = image, top_logprobs
+
+    def logprobs(self, answer: str) -> dict[str, Any] | None:
+        """OpenAI's `logprobs` of a choice: each answer token's, with the likeliest at its place."""
+        if self.top_logprobs is None:
+            return None
+
+        def entry(text: str, logprob: float) -> dict[str, Any]:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        scored = self.engine.answer_logprobs(self.prompt, answer, self.settings, self.image, self.top_logprobs)
+        return {"content": [{**entry(token.text, token.logprob), "top_logprobs": [entry(*top) for top in token.top]}
+                            for token in scored]}
 
     def tokens(self, text: str) -> int:
         return len(self.engine.model.tokenizer.encode(text, bos=False, eos=False))
@@ -109,6 +125,7 @@ def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
     engine = engines.get(name)
     system, history, question, image = read_messages(body.get("messages"))
     options = {ours: body[theirs] for theirs, ours in SETTING_FIELDS.items() if body.get(theirs) is not None}
+    top_logprobs = _top_logprobs(body)
     try:
         settings = engine.check(Settings(system=system, **options))
         if image is None:
@@ -121,7 +138,24 @@ def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
         field = str(error).split(":", 1)[0]  # the engine's errors start with the setting at fault
         param = next((theirs for theirs, ours in SETTING_FIELDS.items() if ours == field), "messages")
         raise RequestError(str(error), param) from None
-    return name, Call(engine, prompt, answers, settings)
+    return name, Call(engine, prompt, answers, settings, image, top_logprobs)
+
+
+def _top_logprobs(body: dict) -> int | None:
+    """How many alternatives each token's log-probability comes with; None when no log-probabilities are asked."""
+    top = body.get("top_logprobs")
+    if not body.get("logprobs"):
+        if top is not None:
+            raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
+        return None
+    if body.get("stream"):
+        raise RequestError("logprobs: only for answers that are not streamed", "logprobs")
+    if top is None:
+        return 0
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"top_logprobs: must be a whole number from 0 to {MAX_TOP_LOGPROBS}, got {top!r}",
+                           "top_logprobs")
+    return top
 
 
 def read_messages(messages: Any) -> tuple[str | None, list[tuple[str, str]], str, Any]:
@@ -193,7 +227,7 @@ def completion(name: str, call: Call) -> dict[str, Any]:
         pass
     return {"id": _id(), "object": "chat.completion", "created": int(time.time()), "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "finish_reason": call.finish_reason(answer)}],
+                         "logprobs": call.logprobs(answer), "finish_reason": call.finish_reason(answer)}],
             "usage": call.usage(answer)}
 
 

@@ -139,3 +139,36 @@ def test_the_app_serves_the_api_beside_its_ui_when_asked(engines):
         assert httpx.get(f"{app.url}gradio_api/info", timeout=60).status_code == 200  # the app's own API still there
     with running_app([]) as app:
         assert httpx.get(f"{app.url}v1/models", timeout=60).status_code == 404  # only when asked
+
+
+def test_log_probabilities_are_the_models_for_each_answer_token(client, engines):
+    import torch
+
+    text = engines.get("tiny-text")
+    question = "There is a small blue square at the top. What shape is at the top?"
+    choice = ask(client, [user(question)], logprobs=True, top_logprobs=3).json()["choices"][0]
+    answer, content = choice["message"]["content"], choice["logprobs"]["content"]
+    prompt_ids = text.model.tokenizer.encode(text.chat_prompt([], question, Settings()), bos=True, eos=False)
+    answer_ids = text.model.tokenizer.encode(answer, bos=False, eos=False)
+    assert answer and len(content) == len(answer_ids)
+    with torch.no_grad():  # the plain forward, written out here
+        logits = text.model(torch.tensor([prompt_ids + answer_ids]))[0]
+    expected = torch.log_softmax(logits[len(prompt_ids) - 1:-1].float(), dim=-1)
+    for token, row, token_id in zip(content, expected, answer_ids):
+        assert token["logprob"] == pytest.approx(float(row[token_id]), abs=1e-4)
+        tops = token["top_logprobs"]
+        assert len(tops) == 3 and tops[0]["token"] == token["token"]  # a greedy answer takes the likeliest
+        assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
+        assert token["bytes"] == list(token["token"].encode())
+    frozen = ask(client, [user(question)], logprobs=True, gate_scale=0).json()["choices"][0]["logprobs"]["content"]
+    assert frozen[0]["top_logprobs"] == [] and frozen[0]["token"] != content[0]["token"]
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"top_logprobs": 2}, "top_logprobs", "top_logprobs: needs logprobs: true"),
+    ({"logprobs": True, "stream": True}, "logprobs", "logprobs: only for answers that are not streamed"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "top_logprobs: must be a whole number from 0 to 20"),
+])
+def test_log_probability_requests_are_checked(client, body, param, message):
+    error = client.post("/v1/chat/completions", json={"messages": [user(SCENE)], **body}).json()["error"]
+    assert error["param"] == param and message in error["message"]
