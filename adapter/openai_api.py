@@ -5,7 +5,7 @@ tools that speak it (the `openai` package, chat front-ends, evaluation harnesses
 (`model`: its name, the first when left out), whole or streamed as server-sent events (`stream: true`). A user
 message may carry a picture as an `image_url` part with a `data:` URL (nothing is fetched from the network): the
 conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
-`top_p`, `max_tokens` (`max_completion_tokens`) and `seed`, a request may set this project's `gate_scale`,
+`top_p`, `max_tokens` (`max_completion_tokens`), `seed` and `stop`, a request may set this project's `gate_scale`,
 `delta_scale` and `gate_layers`, and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
 log-probability at that gate. The flags are the app's (`python app.py --help`), and so are the answers: each is
 `Engine.chat` / `Engine.ask_image` of the same settings.
@@ -31,6 +31,7 @@ from .engine import Engine, Engines, Settings
 
 OWNER = "llama-adapter"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
+MAX_STOPS = 4  # as OpenAI's
 SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
                   "max_completion_tokens": "max_new_tokens", "seed": "seed", "gate_scale": "gate_scale",
                   "delta_scale": "delta_scale", "gate_layers": "gate_layers"}
@@ -85,9 +86,24 @@ class Call:
     figures count, and the log-probabilities asked for (None: not asked)."""
 
     def __init__(self, engine: Engine, prompt: str, answers: Iterator[str], settings: Settings, image: Any,
-                 top_logprobs: int | None) -> None:
+                 top_logprobs: int | None, stops: tuple[str, ...] = ()) -> None:
         self.engine, self.prompt, self.answers, self.settings = engine, prompt, answers, settings
-        self.image, self.top_logprobs = image, top_logprobs
+        self.image, self.top_logprobs, self.stops = image, top_logprobs, stops
+        self.stopped = False  # a stop string ended the answer
+
+    def texts(self) -> Iterator[str]:
+        """The answer so far as it may be shown: cut before the first of the request's stop strings (decoding ends
+        there), and meanwhile without a tail that could still become one."""
+        answer = ""
+        for answer in self.answers:
+            found = [answer.find(stop) for stop in self.stops if stop in answer]
+            if found:
+                self.stopped = True
+                self.answers.close()  # ends decoding at this token
+                yield answer[:min(found)]
+                return
+            yield answer[:len(answer) - _stop_prefix(answer, self.stops)]
+        yield answer  # decoding has ended: what was held back is no stop string
 
     def logprobs(self, answer: str) -> dict[str, Any] | None:
         """OpenAI's `logprobs` of a choice: each answer token's, with the likeliest at its place."""
@@ -105,7 +121,7 @@ class Call:
         return len(self.engine.model.tokenizer.encode(text, bos=False, eos=False))
 
     def finish_reason(self, answer: str) -> str:
-        return "length" if self.tokens(answer) >= self.settings.max_new_tokens else "stop"
+        return "length" if not self.stopped and self.tokens(answer) >= self.settings.max_new_tokens else "stop"
 
     def usage(self, answer: str) -> dict[str, int]:
         prompt, completion_tokens = len(self.engine.model.tokenizer.encode(self.prompt)), self.tokens(answer)
@@ -125,7 +141,7 @@ def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
     engine = engines.get(name)
     system, history, question, image = read_messages(body.get("messages"))
     options = {ours: body[theirs] for theirs, ours in SETTING_FIELDS.items() if body.get(theirs) is not None}
-    top_logprobs = _top_logprobs(body)
+    top_logprobs, stops = _top_logprobs(body), _stops(body)
     try:
         settings = engine.check(Settings(system=system, **options))
         if image is None:
@@ -138,7 +154,26 @@ def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
         field = str(error).split(":", 1)[0]  # the engine's errors start with the setting at fault
         param = next((theirs for theirs, ours in SETTING_FIELDS.items() if ours == field), "messages")
         raise RequestError(str(error), param) from None
-    return name, Call(engine, prompt, answers, settings, image, top_logprobs)
+    return name, Call(engine, prompt, answers, settings, image, top_logprobs, stops)
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    """OpenAI's `stop`: a string or up to 4 of them."""
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stop is None:
+        return ()
+    if not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOPS or \
+            not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(f"stop: expected a non-empty string or a list of up to {MAX_STOPS} of them, got "
+                           f"{stop!r}"[:200], "stop")
+    return tuple(stops)
+
+
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """How long the end of `text` is that begins one of `stops` (held back until it is known not to be one)."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if stop.startswith(text[-n:])), default=0)
 
 
 def _top_logprobs(body: dict) -> int | None:
@@ -223,7 +258,7 @@ def _picture(image_url: Any, index: int) -> Any:
 
 def completion(name: str, call: Call) -> dict[str, Any]:
     answer = ""
-    for answer in call.answers:
+    for answer in call.texts():
         pass
     return {"id": _id(), "object": "chat.completion", "created": int(time.time()), "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
@@ -241,7 +276,7 @@ def stream_events(name: str, call: Call) -> Iterator[str]:
 
     yield event({"role": "assistant", "content": ""})
     answer = ""
-    for grown in call.answers:
+    for grown in call.texts():
         if len(grown) > len(answer):
             yield event({"content": grown[len(answer):]})
         answer = grown

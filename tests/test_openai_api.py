@@ -172,3 +172,33 @@ def test_log_probabilities_are_the_models_for_each_answer_token(client, engines)
 def test_log_probability_requests_are_checked(client, body, param, message):
     error = client.post("/v1/chat/completions", json={"messages": [user(SCENE)], **body}).json()["error"]
     assert error["param"] == param and message in error["message"]
+
+
+def test_stop_strings_end_the_answer_where_they_start(client, engines):
+    frozen = engine_answer(engines.get("tiny-text"), [], SCENE, gate_scale=0.0)  # the base writes on
+    stop = frozen.split()[3]  # a word in the middle of it
+    cut = frozen[:frozen.find(stop)]
+    reply = ask(client, [user(SCENE)], gate_scale=0, stop=[stop, "never said"]).json()["choices"][0]
+    assert reply["message"]["content"] == cut and reply["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": [user(SCENE)], "stream": True, **GREEDY, "gate_scale": 0,
+                             "stop": stop}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == cut  # no piece of the stop shown
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    error = ask(client, [user(SCENE)], stop=["a", "b", "c", "d", "e"]).json()["error"]
+    assert error["param"] == "stop" and "a list of up to 4" in error["message"]
+
+
+def test_a_tail_that_may_become_a_stop_string_is_held_back_until_it_is_known():
+    from adapter.openai_api import Call
+
+    def answers(*grown):
+        yield from grown
+
+    shown = list(Call(None, "", answers("Hel", "Hello wo", "Hello world!"), Settings(), None, None,
+                      ("world",)).texts())
+    assert shown == ["Hel", "Hello ", "Hello "]  # "wo" waits; "world" ends it
+    call = Call(None, "", answers("Hello w", "Hello wide"), Settings(), None, None, ("world",))
+    assert list(call.texts()) == ["Hello ", "Hello wide", "Hello wide"] and not call.stopped
