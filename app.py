@@ -555,8 +555,9 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         chatbot.clear(lambda: ([], None), None, [chat_colours, chat_layers], queue=False,
                       api_visibility="private")  # its own trash icon
 
-        turned = ask.click(handlers.next_image_turn, [asked_question, answer, conversation, question],
-                           [conversation, answer, asked_question], queue=False, api_visibility="private")
+        turned = gr.on([ask.click, question.submit], handlers.next_image_turn,  # Enter asks too
+                       [asked_question, answer, conversation, question], [conversation, answer, asked_question],
+                       queue=False, api_visibility="private")
         asked = turned.then(handlers.ask_image, [image, question, *image_controls, conversation], answer,
                             api_name="image", **model_events)
         asked.success(handlers.image_shares, [image, question, answer, *image_controls, conversation],

@@ -95,7 +95,7 @@ def test_follow_up_questions_about_a_picture_build_its_conversation(browser, ser
         expect(user_turns).to_have_text([first])
         expect(page.locator("#image_answer textarea")).to_have_value(expected, timeout=60_000)
     page.fill("#image_question textarea", "And below it?")
-    page.click("#ask")
+    page.press("#image_question textarea", "Enter")  # Enter asks, as Ask does
     expect(user_turns).to_have_text([first, follow_up])
     page.click("#image_clear")
     expect(user_turns).to_have_count(0)
