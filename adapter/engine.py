@@ -234,17 +234,18 @@ class Engine:
 
         Checks the request now (ValueError) and decodes only while the result is iterated.
         """
-        return self._answer(self.chat_prompt(history, message, self.check(settings)), settings, None)
+        return self.answer_prompt(self.chat_prompt(history, message, self.check(settings)), settings, None)
 
     def ask_image(self, image: Any, question: str, settings: Settings,
                   history: Sequence[tuple[str, str]] = ()) -> Iterator[str]:
         """The answer to a question about `image` (after the `history` of earlier turns about it, if any); an
         adapter that cannot see answers from the text alone."""
-        prompt, images = self._image_rows(image, question, settings, 1, history)
-        return self._answer(prompt, settings, images[0] if images else None)
+        prompt, images = self.image_rows(image, question, settings, 1, history)
+        return self.answer_prompt(prompt, settings, images[0] if images else None)
 
-    def _answer(self, prompt: str, settings: Settings, image: Any) -> Iterator[str]:
-        """One user's answer so far: a row of the users' batch with a batcher, else a decode of its own."""
+    def answer_prompt(self, prompt: str, settings: Settings, image: Any = None) -> Iterator[str]:
+        """One user's answer so far to a prompt already written and checked (`chat_prompt`, `image_rows`): a row
+        of the users' batch with a batcher, else a decode of its own."""
         gate = self._gates(settings, [settings.gate_scale])
         if self.batcher is not None:
             return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, settings.sampling(), image))
@@ -258,7 +259,7 @@ class Engine:
         self._require_room(prompt, "question")
         return prompt
 
-    def _image_rows(self, image: Any, question: str, settings: Settings, count: int,
+    def image_rows(self, image: Any, question: str, settings: Settings, count: int,
                     history: Sequence[tuple[str, str]]) -> tuple[str, list | None]:
         """The image prompt and `count` copies of the picture, checked (none for an adapter that cannot see)."""
         prompt = self.image_prompt(question, self.check(settings), history)
@@ -289,7 +290,7 @@ class Engine:
         """As `sweep`, for a question about `image` (after `history`, as `ask_image`): the gate scales how much
         the visual prompt speaks."""
         scales = gate_scales(scales)
-        prompt, images = self._image_rows(image, question, settings, len(scales), history)
+        prompt, images = self.image_rows(image, question, settings, len(scales), history)
         return self._sweep(prompt, images, scales, settings)
 
     def _sweep(self, prompt: str, images: list | None, scales: list[float], settings: Settings) -> Iterator[list[str]]:
@@ -308,7 +309,7 @@ class Engine:
                           history: Sequence[tuple[str, str]] = ()) -> tuple[list[str], Iterator[list[str]]]:
         """As `layer_sweep`, for a question about `image` (after `history`, as `ask_image`)."""
         labels, rows = layer_sweep_rows(self.model, settings.gate_scale, MAX_SWEEP)
-        prompt, images = self._image_rows(image, question, settings, len(labels), history)
+        prompt, images = self.image_rows(image, question, settings, len(labels), history)
         return labels, self._layer_sweep(prompt, images, rows, settings)
 
     def _layer_sweep(self, prompt: str, images: list | None, rows: torch.Tensor,
@@ -326,7 +327,7 @@ class Engine:
         """As `next_tokens`, for a question about `image` (after `history`, as `ask_image`; the picture encoded
         once for all the scales)."""
         scales = gate_scales(scales)
-        prompt, images = self._image_rows(image, question, settings, 1, history)
+        prompt, images = self.image_rows(image, question, settings, 1, history)
         return self._next_tokens(prompt, images[0] if images else None, scales, settings)
 
     def _next_tokens(self, prompt: str, image: Any, scales: list[float], settings: Settings) -> NextTokens:

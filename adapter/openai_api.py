@@ -8,7 +8,7 @@ conversation is then about that picture, asked as the app's image tab asks it. B
 `top_p`, `max_tokens` (`max_completion_tokens`), `seed` and `stop`, a request may set this project's `gate_scale`,
 `delta_scale` and `gate_layers`, and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
 log-probability at that gate. The flags are the app's (`python app.py --help`), and so are the answers: each is
-`Engine.chat` / `Engine.ask_image` of the same settings.
+what `Engine.chat` / `Engine.ask_image` answer for the same settings.
 """
 
 from __future__ import annotations
@@ -145,16 +145,16 @@ def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
     try:
         settings = engine.check(Settings(system=system, **options))
         if image is None:
-            prompt = engine.chat_prompt(history, question, settings)
-            answers = engine.chat(history, question, settings)
-        else:
-            prompt = engine.image_prompt(question, settings, history)
-            answers = engine.ask_image(image, question, settings, history)
+            prompt, picture = engine.chat_prompt(history, question, settings), None
+        else:  # the picture as the adapter sees it (None for one that cannot)
+            prompt, pictures = engine.image_rows(image, question, settings, 1, history)
+            picture = pictures[0] if pictures else None
+        answers = engine.answer_prompt(prompt, settings, picture)  # the prompt written once
     except ValueError as error:
         field = str(error).split(":", 1)[0]  # the engine's errors start with the setting at fault
         param = next((theirs for theirs, ours in SETTING_FIELDS.items() if ours == field), "messages")
         raise RequestError(str(error), param) from None
-    return name, Call(engine, prompt, answers, settings, image, top_logprobs, stops)
+    return name, Call(engine, prompt, answers, settings, picture, top_logprobs, stops)
 
 
 def _stops(body: dict) -> tuple[str, ...]:

@@ -93,7 +93,7 @@ def stored_linear(stored: QuantizedWeight, compute_dtype: torch.dtype, device: t
 def _four_bit_layer(out_features: int, in_features: int, bias: bool, compute_dtype: torch.dtype, quant_type: str,
                     double_quant: bool, blocksize: int) -> nn.Module:
     layer = bitsandbytes().nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
-                                 quant_type=quant_type, compress_statistics=double_quant, device="meta")
+                                         quant_type=quant_type, compress_statistics=double_quant, device="meta")
     if out_features % CPU_KERNEL_ROWS or in_features % blocksize:
         layer.support_avx512bf16_for_cpu = False  # its repacking would fail on this shape (e.g. a tiny tower)
     return layer
@@ -101,7 +101,7 @@ def _four_bit_layer(out_features: int, in_features: int, bias: bool, compute_dty
 
 def _int8_layer(out_features: int, in_features: int, bias: bool) -> nn.Module:
     return bitsandbytes().nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False,
-                                  threshold=INT8_OUTLIER_THRESHOLD, device="meta")
+                                          threshold=INT8_OUTLIER_THRESHOLD, device="meta")
 
 
 def training_layout(model: nn.Module) -> None:
