@@ -21,9 +21,10 @@ import torch
 from .footprint import describe as memory_line
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
+from .formats.gguf import is_gguf_file
 from .hub import resolve
 from .model import Transformer
-from .prompts import base_prompt_format
+from .prompts import base_prompt_format, chat_template_source
 from .tokenizer import open_tokenizer
 
 
@@ -46,13 +47,22 @@ def describe_base(path: Path) -> list[str]:
         + (f"; attention over a sliding window of {checkpoint.window}" if checkpoint.window else ""),
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
         f"stops at ids {sorted(tokenizer.stop_ids)})",
-        f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path.parent, tokenizer)}",
-    ] + ([f"  stored quantized: {stored} (bitsandbytes), loaded as stored"] if stored else []) + [
+        f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path, tokenizer)}",
+    ] + ([f"  stored quantized: {stored} (bitsandbytes), loaded as stored"] if stored else []) + _ggml_types(
+        checkpoint) + [
         memory_line(args, checkpoint.tied_output, stored)]
 
 
-def _bare_format(folder: Path, tokenizer) -> str:
-    chat = base_prompt_format(folder, tokenizer)
+def _ggml_types(checkpoint) -> list[str]:
+    """A GGUF base's tensor types, most used first."""
+    if not hasattr(checkpoint, "stored_types"):
+        return []
+    counts = sorted(checkpoint.stored_types().items(), key=lambda item: (-item[1], item[0]))
+    return [f"  stored as ggml {', '.join(f'{name} x{count}' for name, count in counts)} (dequantized while loading)"]
+
+
+def _bare_format(tokenizer_path: Path, tokenizer) -> str:
+    chat = base_prompt_format(chat_template_source(tokenizer_path), tokenizer)
     return "alpaca (no chat template in a format its tokenizer writes)" if chat is None else \
         f"{chat} (its chat template's)"
 
@@ -107,14 +117,15 @@ def describe(path: str | Path) -> list[str]:
     path = resolve(path, "path")  # hf:owner/name and official:NAME are fetched first
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if path.is_dir() and any((path / name).exists() for name in ("params.json", "config.json", "lit_model.pth")):
+    if is_gguf_file(path) or path.is_dir() and any((path / name).exists()
+                                                   for name in ("params.json", "config.json", "lit_model.pth")):
         return describe_base(path)
     return describe_adapter(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapter.inspect", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="a base folder, or an adapter file/folder in any supported format "
+    parser.add_argument("path", help="a base folder or .gguf file, or an adapter file/folder in any supported format "
                                      "(hf:owner/name and official:NAME are fetched)")
     options = parser.parse_args(argv)
     try:

@@ -22,7 +22,7 @@ from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
 from .model import Transformer
-from .prompts import base_prompt_format
+from .prompts import base_prompt_format, chat_template_source
 from .quantize import FROZEN_LINEARS, check_mode, quantize_linear, quantize_tower, stored_linear
 from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
@@ -102,7 +102,7 @@ def load(
     model.base_family = checkpoint.family
     model.base_path = str(base)
     model.tokenizer = tokenizer
-    model.base_prompt_format = base_prompt_format(checkpoint.tokenizer_path.parent, tokenizer)
+    model.base_prompt_format = base_prompt_format(chat_template_source(checkpoint.tokenizer_path), tokenizer)
     model.kv_cache = kv_cache
     return _fit_adapter(model, adapter, found, clip, clip_model, clip_mode, device)
 

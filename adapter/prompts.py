@@ -372,8 +372,21 @@ def base_prompt_format(folder: str | os.PathLike, tokenizer: "Tokenizer") -> str
     return None
 
 
+def chat_template_source(tokenizer_path: Path) -> Path:
+    """Where a base keeps its chat template: beside its tokenizer, or in a GGUF file's metadata (the file itself)."""
+    from .formats.gguf import is_gguf_file
+
+    return tokenizer_path if is_gguf_file(tokenizer_path) else tokenizer_path.parent
+
+
 def _chat_template(folder: Path) -> str | None:
+    """The chat template of a base folder, or of a GGUF file (`chat_template_source`)."""
+    from .formats.gguf import is_gguf_file, open_gguf
     from .formats.meta import read_json
+
+    if is_gguf_file(folder):
+        template = open_gguf(folder).value("tokenizer.chat_template")
+        return template if isinstance(template, str) else None
 
     if (folder / CHAT_TEMPLATE_FILE).is_file():
         return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8", errors="replace")

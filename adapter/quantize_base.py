@@ -4,7 +4,8 @@ Quantizing while loading reads every 16-bit weight (13.5 GB for LLaMA-7B) each t
 written here holds the bitsandbytes codes themselves (3.9 GB in nf4), in the layout transformers saves a
 `BitsAndBytesConfig` model in (adapter.formats.bnb), so it loads faster and in less host memory, here and in
 transformers, and fits a Space's or a small machine's disk. Any base we read can be written (Meta, HF, Mistral,
-litgpt, the tiny one); the tokenizer (and the files that say the chat template) come along.
+litgpt, GGUF, the tiny one); the tokenizer (and the files that say the chat template) come along (a GGUF file's
+written as the files an HF folder keeps them in).
 
 The weights are quantized exactly as `adapter.load(..., quantize=mode)` quantizes them (bitsandbytes' own
 functions, blocks of 64, double quantization unless `--no-double-quant`), from the tensors cast to `--dtype`:
@@ -32,6 +33,7 @@ from .formats import open_base
 from .formats.bnb import QuantizedWeight
 from .formats.common import new_file_mode
 from .formats.hf import hf_name, meta_to_hf_rows
+from .gguf_tokenizer import write_tokenizer_files
 from .loading import DTYPES, resolve_device
 from .quantize import BLOCK_SIZE, FROZEN_LINEARS, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
 from .tiny.assets import resolve as resolve_tiny
@@ -97,6 +99,9 @@ class _Writer:
         written.append(_save_part(folder, len(written), shard))
         _name_shards(folder, written)
         (folder / "config.json").write_text(json.dumps(self._config(), indent=2) + "\n")
+        if self.checkpoint.format == "gguf":  # the tokenizer is in the file's metadata
+            write_tokenizer_files(self.checkpoint.tokenizer_path, folder)
+            return
         tokenizer = self.checkpoint.tokenizer_path  # under a name the HF reader looks for (Mistral's .v3: .model)
         target = tokenizer.name if tokenizer.name in TOKENIZER_FILES else TOKENIZER_FILES[0]
         shutil.copyfile(tokenizer, folder / target)

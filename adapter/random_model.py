@@ -46,9 +46,11 @@ def corpus(lines: int = 3000, seed: int = 0) -> list[str]:
     return out
 
 
-def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0, control_symbols: Sequence[str] = ()) -> Path:
+def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0, control_symbols: Sequence[str] = (),
+                    keep_spaces: bool = False) -> Path:
     """A BPE sentencepiece model with LLaMA's special ids (unk 0, bos 1, eos 2, no pad) and byte fallback;
-    `control_symbols` get the ids after EOS (Mistral's tokenizer V3: [INST] 3, [/INST] 4)."""
+    `control_symbols` get the ids after EOS (Mistral's tokenizer V3: [INST] 3, [/INST] 4); `keep_spaces`: as
+    LLaMA's own model normalizes, i.e. not at all (every space kept; sentencepiece's default folds runs of them)."""
     import sentencepiece as spm
 
     text = "\n".join(corpus(seed=seed))
@@ -57,6 +59,7 @@ def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0, control_sy
         sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         control_symbols=list(control_symbols), minloglevel=2, num_threads=1,
+        **({"normalization_rule_name": "identity", "remove_extra_whitespaces": False} if keep_spaces else {}),
     )
     path.write_bytes(model.getvalue())
     return path

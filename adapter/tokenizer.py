@@ -2,7 +2,7 @@
 
 LLaMA 1/2 ship a SentencePiece model (`tokenizer.model`); Llama 3 ships a byte-level BPE, as HF's
 `tokenizer.json` or as Meta's tiktoken ranks in a `tokenizer.model` of its own, and Mistral NeMo one as
-`tekken.json` (adapter.bpe_tokenizer).
+`tekken.json` (adapter.bpe_tokenizer); a GGUF file carries either in its metadata (adapter.gguf_tokenizer).
 `open_tokenizer` tells them apart by their content, so every loader opens whichever a checkpoint has.
 """
 
@@ -67,11 +67,28 @@ class SentencePieceTokenizer(Tokenizer):
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer: {not_a_file(path)}")
-        self.processor = spm.SentencePieceProcessor()
+        processor = spm.SentencePieceProcessor()
         try:
-            self.processor.Load(str(path))
+            processor.Load(str(path))
         except (OSError, RuntimeError) as error:
             raise ValueError(f"tokenizer: {path} is not a sentencepiece model ({error})") from error
+        self._take(processor, path)
+
+    @classmethod
+    def from_proto(cls, proto: bytes, path: Path) -> "SentencePieceTokenizer":
+        """A model given as its serialized ModelProto (rebuilt from a GGUF file's vocabulary); `path` says where
+        it came from."""
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.LoadFromSerializedProto(proto)
+        except (OSError, RuntimeError) as error:
+            raise ValueError(str(error)) from error
+        tokenizer = cls.__new__(cls)
+        tokenizer._take(processor, path)
+        return tokenizer
+
+    def _take(self, processor: spm.SentencePieceProcessor, path: Path) -> None:
+        self.processor = processor
         self.path = path
         self.n_words = self.processor.vocab_size()
         self.bos_id = self.processor.bos_id()
@@ -118,13 +135,19 @@ def find_tokenizer(folder: Path) -> Path:
 
 
 def open_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer in `path`: a SentencePiece model, HF's `tokenizer.json`, or Meta's tiktoken ranks."""
+    """The tokenizer in `path`: a SentencePiece model, HF's `tokenizer.json`, Meta's tiktoken ranks, Mistral's
+    tekken.json, or the vocabulary in a GGUF file's metadata."""
     from .bpe_tokenizer import BPETokenizer, is_tiktoken_file
+    from .formats.gguf import is_gguf_file
 
     path = Path(path)
     if not path.is_file():
         names = " or ".join(TOKENIZER_FILES)
         raise FileNotFoundError(f"tokenizer: {path} does not exist (a checkpoint folder needs {names})")
+    if is_gguf_file(path):
+        from .gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(path)
     if path.name == "tekken.json":
         return BPETokenizer.from_tekken(path)
     if path.suffix == ".json":

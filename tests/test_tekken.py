@@ -13,17 +13,13 @@ import torch
 from transformers.integrations.mistral import convert_tekken_tokenizer
 
 import adapter
-from adapter.bpe_tokenizer import TEKKEN_SPECIALS, read_ranks
+from adapter.bpe_tokenizer import TEKKEN_SPECIALS, TEKKEN_SPLIT, read_ranks
 from adapter.config import ModelArgs
 from adapter.inspect import describe
 from adapter.prompts import PROMPT_FORMATS
 from adapter.random_model import train_bpe_ranks, write_random_mistral
 from adapter.tokenizer import open_tokenizer
 
-# Tekken's split pattern, as Mistral NeMo's tekken.json has it
-PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-           r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
-           r"|\s+(?!\S)|\s+")
 SPECIALS = 40  # NeMo's files reserve 1000
 KEPT = 400  # ranks kept (default_vocab_size - SPECIALS); the file holds more, as NeMo's holds 150000 for 131072
 TEXTS = ["Name a colour.", "  What is\nthe star?  12345 ünïcödé 🙂", "[INST]Hi[/INST]Hello!</s>", "<s>x<pad>",
@@ -39,7 +35,7 @@ def ranks(tmp_path_factory) -> list[bytes]:
 def tekken(folder: Path, ranks: list[bytes], specials: list[str] | None) -> Path:
     """A tekken.json as Mistral writes one: the vocab (token_bytes in base64), the config, and in newer files
     (v7+) the special tokens with their ranks."""
-    data = {"config": {"pattern": PATTERN, "num_vocab_tokens": len(ranks), "default_vocab_size": SPECIALS + KEPT,
+    data = {"config": {"pattern": TEKKEN_SPLIT, "num_vocab_tokens": len(ranks), "default_vocab_size": SPECIALS + KEPT,
                        "default_num_special_tokens": SPECIALS, "version": "v7" if specials else "v3"},
             "vocab": [{"rank": rank, "token_bytes": base64.b64encode(token).decode(),
                        "token_str": token.decode("utf-8", errors="replace")} for rank, token in enumerate(ranks)]}

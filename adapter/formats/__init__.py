@@ -12,7 +12,7 @@ from pathlib import Path
 from . import litgpt, meta, native, official
 from .common import LoadedAdapter, torch_load
 
-BASE_FORMATS = ("a Meta folder (params.json, consolidated.*.pth), a Mistral one (params.json, "
+BASE_FORMATS = ("a llama.cpp .gguf file, a Meta folder (params.json, consolidated.*.pth), a Mistral one (params.json, "
                 "consolidated*.safetensors), a litgpt one (lit_model.pth, model_config.yaml) or an HF folder "
                 "(config.json)")
 ADAPTER_FORMATS = ("our adapter.safetensors (or a folder with it), a PEFT adaption_prompt folder "
@@ -25,8 +25,10 @@ def open_base(path: str | os.PathLike):
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"base: {folder} does not exist")
-    from . import hf, litgpt_base, mistral
+    from . import gguf, hf, litgpt_base, mistral
 
+    if gguf.is_gguf_file(folder):
+        return gguf.GGUFCheckpoint(folder)
     if litgpt_base.is_litgpt_folder(folder):  # before HF: litgpt keeps the HF config.json beside its weights
         return litgpt_base.LitGPTCheckpoint(folder)
     if mistral.is_mistral_folder(folder):
