@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import hub
 from .engine import Engine, Engines, check_text, device_lock
+from .formats import BASE_HELP
 from .kv_cache import check_kv_cache
 from .loading import load_many, resolve_device, resolve_dtype
 from .paths import not_a_file
@@ -85,7 +86,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python app.py", description="The LLaMA-Adapter Gradio app. Every "
                                      "flag can also be set by its environment variable ADAPTER_<FLAG>.")
     parser.add_argument("--base", default=default("base", defaults.base),
-                        help=f"base LLaMA folder, hf:owner/name, or '{BASE_NAME}' (the embedded model; default)")
+                        help=f"{BASE_HELP}; default {BASE_NAME}")
     parser.add_argument("--adapter", nargs="+", action=_Adapters, metavar="ADAPTER",
                         default=[a.strip() for a in (default("adapter") or "").split(",") if a.strip()],
                         help=f"adapter file or folder (any format), or the embedded '{TEXT_NAME}' / '{IMAGE_NAME}'; "

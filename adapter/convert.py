@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import open_base, read_adapter
+from .formats import BASE_HELP, open_base, read_adapter
 from .formats.common import unrecorded_format_note
 from .formats.native import save_adapter
 from .formats.official import write_official_v1
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("source", help="adapter file/folder in any supported format")
     parser.add_argument("target", help="where to write (a folder for native and peft, a .pth for official-v1)")
     parser.add_argument("--to", required=True, choices=TARGETS)
-    parser.add_argument("--base", required=True, help="the base LLaMA folder the adapter belongs to")
+    parser.add_argument("--base", required=True, help="the base the adapter belongs to: " + BASE_HELP)
     options = parser.parse_args(argv)
     try:
         path = convert(options.source, options.target, options.to, options.base)

@@ -25,6 +25,7 @@ from .finetune.batching import collate, eval_batches
 from .finetune.encode import Encoded, encode_example
 from .finetune.records import Example, read_records
 from .finetune.step import scored_positions
+from .formats import BASE_HELP
 from .formats.common import atomic_write
 from .gate_layers import (
     FLAG_HELP,
@@ -255,7 +256,7 @@ def figure(evaluations: Sequence[Evaluation]) -> "Figure":
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adapter.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="base LLaMA folder (Meta or HF layout), hf:owner/name, or tiny")
+    parser.add_argument("--base", required=True, help=BASE_HELP)
     parser.add_argument("--adapter", nargs="+", metavar="ADAPTER",
                         help="adapter file or folder, any format; several are scored in turn on one shared base")
     parser.add_argument("--data", required=True,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .formats import BASE_HELP
 from .gate_layers import (
     FLAG_HELP,
     LAYER_SWEEP_ROWS,
@@ -261,7 +262,7 @@ def require_tokenizer(model: "Transformer") -> "Tokenizer":
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adapter.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="Meta-format LLaMA folder (params.json, *.pth, tokenizer.model)")
+    parser.add_argument("--base", required=True, help=BASE_HELP)
     parser.add_argument("--adapter", nargs="+", metavar="ADAPTER",
                         help="adapter file or folder, any format; several answer in turn on one shared base, each "
                              "in a block of its own ('--- adapter NAME')")

@@ -1,5 +1,6 @@
-"""Optional downloads, only when asked for: from the Hugging Face hub with an explicit `hf:owner/name`, and the
-official release files with `official:NAME` (adapter.releases).
+"""Optional downloads, only when asked for: from the Hugging Face hub with an explicit `hf:owner/name` (or one GGUF
+file of a repository, `hf:owner/name/FILE.gguf`), and the official release files with `official:NAME`
+(adapter.releases).
 
 Nothing else in the project touches the network: a plain path that does not exist is an error, never a
 guess at a repository.
@@ -36,16 +37,28 @@ def resolve(value: str | os.PathLike, what: str) -> Path:
         return releases.fetch(text[len(releases.PREFIX):], what)
     if not text.startswith(PREFIX):
         return Path(value)
-    repo = text[len(PREFIX):]
+    repo, file_name = _repo_and_file(text[len(PREFIX):])
     if not _REPO.match(repo):
-        raise ValueError(f"{what}: {text!r} is not a hub repository id like hf:owner/name")
+        raise ValueError(f"{what}: {text!r} is not a hub repository id like hf:owner/name (or hf:owner/name/FILE.gguf)")
     try:
-        from huggingface_hub import snapshot_download
+        import huggingface_hub
     except ImportError as error:
         raise ValueError(f"{what}: downloading {repo} needs the huggingface_hub package "
                          "(pip install huggingface_hub)") from error
     try:
-        return Path(snapshot_download(repo_id=repo, ignore_patterns=SKIPPED))
+        if file_name is not None:
+            return Path(huggingface_hub.hf_hub_download(repo_id=repo, filename=file_name))
+        return Path(huggingface_hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED))
     except Exception as error:  # offline, unknown repository, gated model, network failure...
         raise ValueError(f"{what}: could not get {repo} from the Hugging Face hub ({type(error).__name__}: "
                          f"{error}); download it yourself and pass the folder") from error
+
+
+def _repo_and_file(name: str) -> tuple[str, str | None]:
+    """`owner/name` -> (it, None); `owner/name/path/FILE.gguf` -> (owner/name, path/FILE.gguf): a GGUF repository
+    holds one file per quantization (tens of GB in all), so one of them is fetched, not the repository."""
+    owner, _, rest = name.partition("/")
+    repo, _, file_name = rest.partition("/")
+    if file_name.endswith(".gguf"):
+        return f"{owner}/{repo}", file_name
+    return name, None

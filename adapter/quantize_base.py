@@ -29,7 +29,7 @@ import torch
 
 from . import hub
 from .config import ModelArgs
-from .formats import open_base
+from .formats import BASE_HELP, open_base
 from .formats.bnb import QuantizedWeight
 from .formats.common import new_file_mode
 from .formats.hf import hf_name, meta_to_hf_rows
@@ -195,7 +195,7 @@ def _rope_scaling(args: ModelArgs) -> dict | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapter.quantize_base", description=__doc__.split("\n\n")[0])
-    parser.add_argument("base", help="base LLaMA folder (any layout we read), hf:owner/name, or tiny")
+    parser.add_argument("base", help=BASE_HELP)
     parser.add_argument("out", help="the new folder to write (must not exist)")
     parser.add_argument("--mode", default="nf4", choices=QUANTIZE_MODES)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .formats import BASE_HELP
 from .gate_layers import FLAG_HELP, layers_from_flag, speaking
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import PROMPT_FORMATS
@@ -151,7 +152,7 @@ def run(conversation: Conversation, lines: Iterable[str], out: TextIO, err: Text
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adapter.terminal_chat", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="tiny", help="base LLaMA folder (Meta or HF layout), hf:owner/name, or tiny")
+    parser.add_argument("--base", default="tiny", help=BASE_HELP)
     parser.add_argument("--adapter", help="adapter file or folder, any format (with --base tiny: tiny-text)")
     parser.add_argument("--clip", help="CLIP weights for an adapter with a visual prompt (a file or open_clip tag)")
     parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")

@@ -1,8 +1,9 @@
 """Load benchmark: time and peak resident memory to load a LLaMA-7B-shaped Meta checkpoint (random fp16
 weights, 13.5 GB, written once by this benchmark) into nf4 on the CPU, quantizing while loading, against loading
-the pre-quantized folder `adapter.quantize_base` writes from it (once, beside it; timed too).
+the pre-quantized folder `adapter.quantize_base` writes from it (once, beside it; timed too), and with `--gguf`
+against a llama.cpp GGUF file of the same weights in Q8_0 (dequantized, then quantized while loading).
 
-    python -m bench.load [--folder /tmp/llama-7b-random] [--quantize nf4] [--write BENCHMARKS.md]
+    python -m bench.load [--folder /tmp/llama-7b-random] [--quantize nf4] [--gguf] [--write BENCHMARKS.md]
 
 Each load runs in a fresh process, so its peak RSS (VmHWM; unlike ru_maxrss, not inherited from this process,
 which grew while writing the checkpoint) is its own; both print their last logits for one
@@ -70,6 +71,21 @@ print(json.dumps({"seconds": seconds, "peak_rss_gb": peak, "peak_after_forward_g
 """
 
 
+def write_q8_0(folder: Path, target: Path) -> None:
+    """The checkpoint as llama.cpp's converter writes it with `--outtype q8_0` (norms in F32)."""
+    from adapter.formats import open_base
+    from bench.gguf_file import Q, sentencepiece_vocab, write_gguf
+
+    started = time.perf_counter()
+    checkpoint = open_base(folder)
+    tensors = {name: checkpoint.tensor(name) for name in sorted(checkpoint.keys())}
+    staging = target.with_suffix(".tmp")
+    write_gguf(staging, LLAMA_7B, tensors, lambda writer: sentencepiece_vocab(writer, folder / "tokenizer.model"),
+               qtype=lambda name: Q.Q8_0)
+    staging.rename(target)
+    print(f"wrote {target} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+
 def measure_load(folder: Path, quantize: str) -> dict:
     out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), quantize], check=True, capture_output=True,
                          text=True)
@@ -85,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folder", default="/tmp/llama-7b-random")
     parser.add_argument("--quantize", default="nf4", choices=("nf4", "int8", "none"),
                         help="none: only the fp16 checkpoint, loaded as it is")
+    parser.add_argument("--gguf", action="store_true",
+                        help="also load a GGUF file of the same weights in Q8_0 (written once, beside the checkpoint)")
     parser.add_argument("--write", help="replace the load section of this markdown file (e.g. BENCHMARKS.md)")
     options = parser.parse_args(argv)
     folder = Path(options.folder)
@@ -102,6 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [("quantized while loading the fp16 checkpoint", measure_load(folder, options.quantize))]
     if options.quantize != "none":
         rows.append((f"the pre-quantized folder ({_gb(stored):.1f} GB)", measure_load(stored, "none")))
+    gguf_file = folder.with_name(f"{folder.name}-q8_0.gguf")
+    if options.gguf and options.quantize != "none":
+        if not gguf_file.exists():
+            write_q8_0(folder, gguf_file)
+        rows.append((f"a GGUF file of the same weights in Q8_0 ({gguf_file.stat().st_size / 1e9:.1f} GB)",
+                     measure_load(gguf_file, options.quantize)))
     command = "python -m bench.load " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"## Load (CPU): LLaMA-7B-shaped Meta checkpoint, {size:.1f} GB fp16, into {options.quantize}",
@@ -115,10 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     lines += [f"| {name} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['peak_after_forward_gb']:.2f} |"
               for name, r in rows]
-    if len(rows) == 2:
-        first, second = (torch.tensor(r["logits"]) for _, r in rows)
-        lines += ["", f"Largest difference between the two loads' last logits: {(first - second).abs().max():.2g} "
-                      f"(logits up to {first.abs().max():.2g})."]
+    if len(rows) >= 2:
+        first, second = (torch.tensor(r["logits"]) for _, r in rows[:2])
+        lines += ["", f"Largest difference between the first two loads' last logits: "
+                      f"{(first - second).abs().max():.2g} (logits up to {first.abs().max():.2g})."]
+    if len(rows) == 3:
+        gguf_logits = torch.tensor(rows[2][1]["logits"])
+        lines += [f"The GGUF file's (its weights rounded to Q8_0 before nf4): {(first - gguf_logits).abs().max():.2g} "
+                  f"from the first. It is written by `bench.gguf_file` in llama.cpp's layout, beside the checkpoint."]
     text = "\n".join(lines + [""])
     publish(text, "Load (CPU)", options.write)
     return 0

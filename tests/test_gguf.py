@@ -18,8 +18,8 @@ from adapter.inspect import describe
 from adapter.model import rope_frequencies
 from adapter.random_model import train_bpe_ranks, train_tokenizer, write_random_base
 from adapter.tokenizer import SentencePieceTokenizer, open_tokenizer
+from bench.gguf_file import Q, bpe_vocab, sentencepiece_vocab, write_gguf
 
-from .gguf_helpers import Q, bpe_vocab, sentencepiece_vocab, write_gguf
 from .test_prompt_formats import LLAMA3_CHAT_TEMPLATE
 
 # rows of whole 256-blocks, as the k-quants need (and LLaMAs have)
@@ -65,7 +65,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(TOKENS)
 
 
-@pytest.mark.parametrize("stored", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K],
+@pytest.mark.parametrize("stored", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K, Q.IQ4_XS],
                          ids=lambda q: q.name)
 def test_gguf_bases_give_transformers_logits(meta, tmp_path, stored):
     path = spm_gguf(meta, tmp_path / f"model-{stored.name}.gguf", stored)
@@ -242,3 +242,14 @@ def test_quantize_base_writes_a_gguf_file_as_a_folder_that_loads_alike(meta, lla
            (read.tokenizer.n_words, read.tokenizer.bos_id, read.tokenizer.stop_ids)
     chat = None if vocabulary == "sentencepiece" else "llama3"
     assert written.base_prompt_format == read.base_prompt_format == chat
+
+
+def test_one_gguf_file_of_a_hub_repository_is_fetched_not_the_repository(meta, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    path, asked = spm_gguf(meta, tmp_path / "model.Q8_0.gguf", Q.Q8_0), []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **options: asked.append(options) or str(path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **options: pytest.fail("fetched the repository"))
+    model = adapter.load("hf:someone/Llama-GGUF/q8/model.Q8_0.gguf", device="cpu")
+    assert asked == [{"repo_id": "someone/Llama-GGUF", "filename": "q8/model.Q8_0.gguf"}]
+    assert model.base_format == "gguf" and model.base_path == "hf:someone/Llama-GGUF/q8/model.Q8_0.gguf"

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ..config import VISUAL_PROMPT_KINDS
+from ..formats import BASE_HELP
 from ..prompts import PROMPT_FORMATS
 from .config import AUTOCASTS, EXPORTS, MODES, TrainConfig
 
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(base="", data="", out="")  # the defaults, in one place
     p = argparse.ArgumentParser(prog="python -m adapter.finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True,
-                   help="base LLaMA folder (any layout adapter.load reads, pre-quantized too), hf:owner/name or tiny")
+                   help=BASE_HELP)
     p.add_argument("--data", required=True, help="JSON list or JSONL of {instruction, input?, output} or LLaVA records")
     p.add_argument("--image-folder", help="folder that LLaVA records' 'image' paths are relative to")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, plots, adapter/")

@@ -15,6 +15,9 @@ from .common import LoadedAdapter, torch_load
 BASE_FORMATS = ("a llama.cpp .gguf file, a Meta folder (params.json, consolidated.*.pth), a Mistral one (params.json, "
                 "consolidated*.safetensors), a litgpt one (lit_model.pth, model_config.yaml) or an HF folder "
                 "(config.json)")
+# what every command line's --base takes
+BASE_HELP = ("base LLaMA: a folder (Meta, HF, Mistral, litgpt or pre-quantized layout), a llama.cpp .gguf file, "
+             "hf:owner/name (or one file, hf:owner/name/FILE.gguf), or tiny (the embedded model)")
 ADAPTER_FORMATS = ("our adapter.safetensors (or a folder with it), a PEFT adaption_prompt folder "
                    "(adapter_config.json), an official LLaMA-Adapter v1/v2 .pth file, or a litgpt "
                    "lit_model.pth.adapter(_v2)")

@@ -95,6 +95,7 @@ class GGUFFile:
         except NotImplementedError:
             raise ValueError(f"{self.path}: {name} is stored as {found.tensor_type.name}, which the gguf package "
                              "cannot dequantize") from None
+        self.release(name)  # a copy now: the blocks' pages are not needed resident
         return torch.from_numpy(values).reshape(shape)
 
     def release(self, name: str) -> None:

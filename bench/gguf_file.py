@@ -1,7 +1,8 @@
 """GGUF files written as llama.cpp's convert_hf_to_gguf.py writes a LLaMA: names `token_embd`, `blk.N.attn_q`, ...,
 wq/wk rows in Meta's interleaved order, the shape as `llama.*` metadata and the tokenizer as `tokenizer.ggml.*`
-(a SentencePiece model's pieces, scores and types; a byte-level BPE's tokens and merges). The tests' source of
-GGUF files, so that the reader is checked against transformers' own GGUF loader and the original tokenizers."""
+(a SentencePiece model's pieces, scores and types; a byte-level BPE's tokens and merges). The source of the GGUF
+files of bench.load and of the tests, which check the reader against transformers' own GGUF loader and the
+tokenizers the files were made from."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def gguf_name(name: str) -> str:
 
 
 def encode(values: torch.Tensor, qtype: Q, seed: int = 0) -> np.ndarray:
-    """`values` stored as `qtype`: gguf's own quantizer where it has one; for the k-quants (which gguf-py only
-    dequantizes) random blocks with small, finite scales, so the file's weights are whatever those blocks say."""
+    """`values` stored as `qtype`: gguf's own quantizer where it has one; for the k-quants and IQ4_XS (which gguf-py
+    only dequantizes) random blocks with small, finite scales, so the file's weights are whatever those blocks say."""
     array = values.detach().float().numpy()
     if qtype == Q.F32:
         return array
@@ -48,7 +49,7 @@ def encode(values: torch.Tensor, qtype: Q, seed: int = 0) -> np.ndarray:
                                                     dtype=np.uint8)
         scales = np.full((*rows.shape[:2], 2), 1e-4, dtype=np.float16).view(np.uint8)  # d (and dmin) as fp16
         d_at = {Q.Q4_K: (0, 4), Q.Q5_K: (0, 4), Q.Q2_K: (size - 4, size), Q.Q3_K: (size - 2, size),
-                Q.Q6_K: (size - 2, size)}[qtype]
+                Q.Q6_K: (size - 2, size), Q.IQ4_XS: (0, 2)}[qtype]
         rows[..., d_at[0]:d_at[1]] = scales.reshape(*rows.shape[:2], -1)[..., : d_at[1] - d_at[0]]
         return rows.reshape(array.shape[0], -1)
 
