@@ -87,8 +87,9 @@ def write_q8_0(folder: Path, target: Path) -> None:
 
 
 def measure_load(folder: Path, quantize: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), quantize], check=True, capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), quantize], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"loading {folder} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

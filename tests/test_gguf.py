@@ -253,3 +253,17 @@ def test_one_gguf_file_of_a_hub_repository_is_fetched_not_the_repository(meta, t
     model = adapter.load("hf:someone/Llama-GGUF/q8/model.Q8_0.gguf", device="cpu")
     assert asked == [{"repo_id": "someone/Llama-GGUF", "filename": "q8/model.Q8_0.gguf"}]
     assert model.base_format == "gguf" and model.base_path == "hf:someone/Llama-GGUF/q8/model.Q8_0.gguf"
+
+
+def test_heads_narrower_than_dim_over_heads_as_mistral_nemo_writes_them(meta, tmp_path):
+    shape = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_size=32, vocab_size=512, multiple_of=256,
+                      max_seq_len=128)
+    torch.manual_seed(5)
+    tensors = {name: value.normal_(0, 0.05) if value.dim() > 1 else value
+               for name, value in adapter.Transformer(shape).state_dict().items()}
+    path = write_gguf(tmp_path / "nemo-shaped.gguf", shape, tensors,
+                      lambda writer: sentencepiece_vocab(writer, meta / "tokenizer.model"),
+                      metadata=lambda writer: (writer.add_key_length(32), writer.add_value_length(32)))
+    model = adapter.load(path, device="cpu")
+    assert model.args.head_dim == 32 and model.layers[0].attention.wq.weight.shape == (128, 256)
+    assert torch.allclose(logits(model), peer_logits(path), atol=1e-5)

@@ -209,9 +209,12 @@ class GGUFCheckpoint:
         return llama3_scaling(factors, theta, head_dim, self.source)
 
     def model_args(self, tokenizer_words: int, max_seq_len: int | None = None) -> ModelArgs:
-        """From the metadata; `max_seq_len` overrides the context length it records."""
+        """From the metadata, the vocabulary from the embedding's rows; `max_seq_len` overrides the context length
+        it records."""
+        embeddings = self.file.tensors.get(self._names.get("tok_embeddings.weight", ""))
+        vocab_size = int(embeddings.shape[-1]) if embeddings is not None else tokenizer_words
         return windowed_args(ModelArgs, self.file.path, None, self._key("context_length"), max_seq_len,
-                             **{"vocab_size": tokenizer_words, **self._params})
+                             **{"vocab_size": vocab_size, **self._params})
 
     def keys(self) -> set[str]:
         return set(self._names)
