@@ -5,7 +5,8 @@ adapter's prompt format. Per gate scale it reports the mean cross-entropy of the
 (each answer's end included) and its perplexity, exactly as `adapter.finetune` computes its validation loss,
 and the share of those tokens the model ranks first; with `--exact`, also how many greedy answers equal the
 reference (surrounding whitespace aside). Gate scale 0 silences the adaption prompts (with delta scale 0
-too, a v2 adapter is the frozen base), so one table shows what the adapter adds.
+too, a v2 adapter is the frozen base), so one table shows what the adapter adds. With `--choices` the data are
+multiple-choice questions instead, scored by which choice the model finds likeliest (adapter.choices).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .choices import ChoiceEvaluation, evaluate_choices
+from .choices import table as choices_table
 from .finetune.batching import collate, eval_batches
 from .finetune.encode import Encoded, encode_example
 from .finetune.records import Example, read_records
@@ -215,30 +218,31 @@ def table(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def write_json(evaluations: Sequence[Evaluation], path: str | Path) -> None:
+def write_json(evaluations: Sequence[Evaluation | ChoiceEvaluation], path: str | Path) -> None:
     text = json.dumps([e.to_dict() for e in evaluations], indent=2) + "\n"
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
-def plot(evaluations: Sequence[Evaluation], path: str | Path) -> None:
+def plot(evaluations: Sequence[Evaluation | ChoiceEvaluation], path: str | Path) -> None:
     """`figure` written to a PNG file (atomically)."""
     drawn = figure(evaluations)
     atomic_write(Path(path), lambda tmp: drawn.savefig(tmp, format="png"))
 
 
-def figure(evaluations: Sequence[Evaluation]) -> "Figure":
+def figure(evaluations: Sequence[Evaluation | ChoiceEvaluation]) -> "Figure":
     """Loss and accuracy against the gate scale, one line per adapter (on the Agg canvas directly, as
-    adapter.gate_view draws: nothing kept in pyplot's registry, so a server can draw one per request)."""
+    adapter.gate_view draws: nothing kept in pyplot's registry, so a server can draw one per request); for
+    multiple-choice questions, their accuracy and the right choice's probability."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     drawn = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(drawn)
+    if any(isinstance(e, ChoiceEvaluation) for e in evaluations):
+        return _choices_figure(drawn, evaluations)
     loss_axis, accuracy_axis = drawn.subplots(1, 2)
     for e in evaluations:
-        name = Path(e.adapter).name if e.adapter else "base"
-        if e.gate_layers is not None:
-            name += f", layers {describe(e.gate_layers)}"
+        name = _name(e)
         scales = [s.gate_scale for s in e.scores]
         loss_axis.plot(scales, [s.loss for s in e.scores], marker="o", label=name)
         accuracy_axis.plot(scales, [100 * s.token_accuracy for s in e.scores], marker="o", label=f"{name}: tokens")
@@ -246,8 +250,32 @@ def figure(evaluations: Sequence[Evaluation]) -> "Figure":
             accuracy_axis.plot(scales, [100 * s.exact / max(e.examples, 1) for s in e.scores], marker="s",
                                linestyle="--", label=f"{name}: exact answers")
     loss_axis.set(xlabel="gate scale", ylabel="loss per answer token", title="Loss")
+    return _finished(drawn, (loss_axis, accuracy_axis), accuracy_axis)
+
+
+def _choices_figure(drawn: "Figure", evaluations: Sequence[ChoiceEvaluation]) -> "Figure":
+    accuracy_axis, probability_axis = drawn.subplots(1, 2)
+    for e in evaluations:
+        scales = [s.gate_scale for s in e.scores]
+        accuracy_axis.plot(scales, [100 * s.accuracy for s in e.scores], marker="o", label=_name(e))
+        accuracy_axis.plot(scales, [100 * s.accuracy_per_byte for s in e.scores], marker="s", linestyle="--",
+                           label=f"{_name(e)}: per byte")
+        probability_axis.plot(scales, [100 * s.right_probability for s in e.scores], marker="o", label=_name(e))
+    probability_axis.set(xlabel="gate scale", ylabel="%", ylim=(0, 100), title="Probability of the right choice")
+    return _finished(drawn, (accuracy_axis, probability_axis), accuracy_axis)
+
+
+def _name(evaluation: Evaluation | ChoiceEvaluation) -> str:
+    name = Path(evaluation.adapter).name if evaluation.adapter else "base"
+    if evaluation.gate_layers is not None:
+        name += f", layers {describe(evaluation.gate_layers)}"
+    return name
+
+
+def _finished(drawn: "Figure", axes, accuracy_axis) -> "Figure":
+    """The accuracy axis labelled, every axis gridded with its legend, the layout tightened."""
     accuracy_axis.set(xlabel="gate scale", ylabel="%", ylim=(0, 100), title="Accuracy")
-    for axis in (loss_axis, accuracy_axis):
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     drawn.tight_layout()
@@ -272,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{LAYER_SWEEP_ROWS} values of N, evenly spread), one table each")
     parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
     parser.add_argument("--exact", action="store_true", help="also decode greedy answers and count exact ones")
+    parser.add_argument("--choices", action="store_true",
+                        help="the data are multiple-choice questions ({question, choices, answer}, ARC's, MMLU's): "
+                             "report how often the likeliest choice is right (adapter.choices)")
+    parser.add_argument("--choice-delimiter", default=" ", metavar="TEXT",
+                        help="what goes before each choice as an answer (default a space, as lm-evaluation-harness; "
+                             "'' for none)")
     parser.add_argument("--limit", type=int, help="score the first N records only")
     parser.add_argument("--max-seq-len", type=int, help="cut longer examples (default: the model's)")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass")
@@ -293,19 +327,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         scales = scales_from_text(args.gate_sweep, "--gate-sweep")
+        if args.choices and (args.exact or args.image_folder or args.max_seq_len):
+            raise ValueError("--choices scores whole choices of text questions: --exact, --image-folder and "
+                             "--max-seq-len do not apply")
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"--data: {not_a_file(args.data)}")
         models = load_many(args.base, args.adapter or [None], clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
         evaluations = []
+        prompt_format = None if args.prompt_format == "auto" else args.prompt_format
         for model in models:
             for layers in selections(model, args):
+                if args.choices:
+                    evaluations.append(evaluate_choices(
+                        model, args.data, gate_scales=scales, delta_scale=args.delta_scale,
+                        micro_batch_size=args.micro_batch_size, limit=args.limit, prompt_format=prompt_format,
+                        layers=layers, delimiter=args.choice_delimiter))
+                    print(("\n" if len(evaluations) > 1 else "") + choices_table(evaluations[-1]), flush=True)
+                    continue
                 evaluations.append(evaluate(
                     model, args.data, image_folder=args.image_folder, gate_scales=scales,
                     delta_scale=args.delta_scale, micro_batch_size=args.micro_batch_size, max_seq_len=args.max_seq_len,
-                    limit=args.limit, exact=args.exact,
-                    prompt_format=None if args.prompt_format == "auto" else args.prompt_format, layers=layers))
+                    limit=args.limit, exact=args.exact, prompt_format=prompt_format, layers=layers))
                 print(("\n" if len(evaluations) > 1 else "") + table(evaluations[-1]), flush=True)
         if args.json:
             write_json(evaluations, args.json)

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     held.add_argument("kind", choices=("text", "image"))
     held.add_argument("out", type=Path, help="JSONL file to write (image records: PNGs in a folder beside it)")
     held.add_argument("--per-category", type=int, help="questions per category (default: the recipe's eval's)")
+    held.add_argument("--choices", action="store_true",
+                      help="text only: the colour, shape, position and count questions as multiple-choice records")
     for sub in (build, evaluate, probe, clip_probe, recall, held):
         sub.add_argument("--scale", choices=sorted(RECIPES), default="full", help="recipe (micro: a few steps)")
     return parser
@@ -93,13 +95,19 @@ def write_held_out(options: argparse.Namespace, recipe: Recipe) -> None:
     """The questions `eval` asks, as the adapters were trained on them (answers " red"), so that
     `python -m adapter.evaluate` scores what `eval` scores, with the loss besides."""
     from .evaluate import held_out
-    from .records import write_image_records, write_text_records
+    from .records import CHOICES, write_choice_records, write_image_records, write_text_records
 
     per_category = recipe.eval_per_category if options.per_category is None else options.per_category
     if per_category < 1:
         raise ValueError(f"--per-category: must be at least 1, got {per_category}")
     questions = held_out(options.kind, recipe.seed, per_category)
-    if options.kind == "text":
+    if options.choices:
+        if options.kind != "text":
+            raise ValueError("--choices: only the text questions are written as multiple-choice ones")
+        count = write_choice_records(questions, options.out)
+        print(f"wrote {count} multiple-choice questions ({', '.join(CHOICES)}) to {options.out}; score them with "
+              "python -m adapter.evaluate --choices")
+    elif options.kind == "text":
         write_text_records(questions, options.out)
         print(f"wrote {len(questions)} text questions to {options.out}")
     else:

@@ -12,7 +12,11 @@ import json
 from pathlib import Path
 
 from .questions import Question
-from .world import render
+from .world import COLOURS, MAX_OBJECTS, SHAPES, SLOTS, render
+
+# the closed answer sets of the text questions that have one, each the choices of a multiple-choice question
+CHOICES = {"colour": tuple(COLOURS), "shape": SHAPES, "position": tuple(SLOTS),
+           "count": tuple(str(n) for n in range(MAX_OBJECTS + 1))}
 
 
 def alpaca_record(question: Question) -> dict[str, str]:
@@ -23,6 +27,16 @@ def write_text_records(questions: list[Question], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(alpaca_record(q)) + "\n" for q in questions))
     return path
+
+
+def write_choice_records(questions: list[Question], path: Path) -> int:
+    """The questions with a closed answer set as multiple-choice records (`python -m adapter.evaluate --choices`):
+    every colour, shape, place or count a scene may have is a choice; returns how many were written."""
+    records = [{"question": q.instruction, "choices": list(CHOICES[q.category]), "answer": q.answer}
+               for q in questions if q.category in CHOICES]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return len(records)
 
 
 def write_image_records(questions: list[Question], path: Path, image_folder: Path) -> Path:
