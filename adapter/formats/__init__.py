@@ -12,9 +12,9 @@ from pathlib import Path
 from . import litgpt, meta, native, official
 from .common import LoadedAdapter, torch_load
 
-BASE_FORMATS = ("a llama.cpp .gguf file, a Meta folder (params.json, consolidated.*.pth), a Mistral one (params.json, "
-                "consolidated*.safetensors), a litgpt one (lit_model.pth, model_config.yaml) or an HF folder "
-                "(config.json)")
+BASE_FORMATS = ("a Meta folder (params.json, consolidated.*.pth), a Mistral one (params.json, "
+                "consolidated*.safetensors), a litgpt one (lit_model.pth, model_config.yaml), an HF folder "
+                "(config.json) or a llama.cpp .gguf file")
 # what every command line's --base takes
 BASE_HELP = ("base LLaMA: a folder (Meta, HF, Mistral, litgpt or pre-quantized layout), a llama.cpp .gguf file, "
              "hf:owner/name (or one file, hf:owner/name/FILE.gguf), or tiny (the embedded model)")
