@@ -19,6 +19,7 @@ import gradio as gr
 from PIL import Image
 
 from adapter.app_config import ASSETS, ServeConfig, load_engines, parse_config, serves_tiny
+from adapter.choices import ChoiceEvaluation
 from adapter.engine import (
     MAX_SCALE,
     MAX_SCORE_RECORDS,
@@ -44,6 +45,7 @@ EXAMPLE_QUESTION = "What is in the picture?"
 MAX_UPLOAD = "20mb"
 SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
 SCORE_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "exact answers"]
+CHOICE_HEADERS = ["gate scale", "likeliest choice right %", "per byte %", "P(right choice) %"]
 TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 175 held-out text questions
 TINY_HELD_OUT_IMAGES = 10  # and 40 held-out image questions (10 per category) with their pictures
 
@@ -277,9 +279,13 @@ class Handlers:
         with user_errors():
             engine, choice = self.request(*controls, layers=layers)
             result = engine.score(data, scales, choice, exact, images)
+        if isinstance(result, ChoiceEvaluation):
+            rows = [[s.gate_scale, round(100 * s.accuracy, 1), round(100 * s.accuracy_per_byte, 1),
+                     round(100 * s.right_probability, 1)] for s in result.scores]
+            return {"headers": CHOICE_HEADERS, "data": rows}, figure([result])
         rows = [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1),
                  "" if s.exact is None else f"{s.exact} / {result.examples}"] for s in result.scores]
-        return rows, figure([result])
+        return {"headers": SCORE_HEADERS, "data": rows}, figure([result])
 
     def gates(self, scale: float, adapter: str | None = None, layers: str | None = None) -> Figure:
         with user_errors():
@@ -321,20 +327,21 @@ def examples(config: ServeConfig) -> tuple[list[list[str]], list[str]]:
     return [[path, EXAMPLE_QUESTION] for path in example_images()], []
 
 
-def tiny_held_out(config: ServeConfig) -> Path | None:
-    """The tiny model's held-out text questions as fine-tuning records, for the Score tab to offer (None for
-    other models): one file in the temporary folder, rewritten atomically at each start (its content never
-    changes, so apps starting together agree)."""
+def tiny_held_out(config: ServeConfig, choices: bool = False) -> Path | None:
+    """The tiny model's held-out text questions as fine-tuning records (`choices`: those with a closed answer set
+    as multiple-choice records), for the Score tab to offer (None for other models): one file in the temporary
+    folder, rewritten atomically at each start (its content never changes, so apps starting together agree)."""
     if not serves_tiny(config):
         return None
     from adapter.formats.common import atomic_write
     from adapter.tiny.evaluate import held_out
     from adapter.tiny.recipe import RECIPES
-    from adapter.tiny.records import write_text_records
+    from adapter.tiny.records import write_choice_records, write_text_records
 
     questions = held_out("text", RECIPES["full"].seed, TINY_HELD_OUT_PER_CATEGORY)
-    path = Path(tempfile.gettempdir()) / "llama-adapter" / "tiny_held_out.jsonl"
-    atomic_write(path, lambda tmp: write_text_records(questions, Path(tmp)))
+    write = write_choice_records if choices else write_text_records
+    path = Path(tempfile.gettempdir()) / "llama-adapter" / f"tiny_held_out{'_choices' if choices else ''}.jsonl"
+    atomic_write(path, lambda tmp: write(questions, Path(tmp)))
     return path
 
 
@@ -508,7 +515,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                         "scored at each gate scale: the loss of the reference answers' tokens, the share of them the "
                         "model ranks first and, when asked, how many greedy answers equal the reference. The delta "
                         "scale comes from Advanced; image records need an adapter that sees (the adapter menu at "
-                        "the top).")
+                        "the top). Multiple-choice records (`{question, choices, answer}`, MMLU's, ARC's) are "
+                        "scored by which choice the model finds likeliest as its answer.")
             with gr.Row():
                 score_file = gr.File(label="Records (.json, .jsonl)", file_types=[".json", ".jsonl"],
                                      type="filepath", elem_id="score_file")
@@ -517,9 +525,11 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                        value=[], elem_id="score_images")  # [] : API clients may leave it out
             held_out_file, held_out_images = tiny_held_out(config), tiny_held_out_images(config)
             if held_out_file is not None:
-                gr.Examples([[str(held_out_file), None], [str(held_out_images[0]), held_out_images[1]]],
+                gr.Examples([[str(held_out_file), None], [str(held_out_images[0]), held_out_images[1]],
+                             [str(tiny_held_out(config, choices=True)), None]],
                             inputs=[score_file, score_images],
-                            label="The tiny model's held-out questions (text; image, for its image adapter)")
+                            label="The tiny model's held-out questions (text; image, for its image adapter; "
+                                  "multiple-choice)")
             with gr.Row():
                 score_scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id="score_scales")
                 score_exact = gr.Checkbox(False, label="Exact answers (decodes every record at every scale)",

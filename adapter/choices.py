@@ -19,6 +19,7 @@ index, letter or the choice's text}; MMLU's as the hub has it ({"question", "cho
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -79,6 +80,21 @@ class ChoiceEvaluation:
 
 
 DELIMITER = " "
+
+
+def holds_choices(path: str | os.PathLike) -> bool:
+    """Whether a data file's first record is a multiple-choice question (it has "choices"), not a fine-tuning
+    record: how the app's Score tab tells the two apart."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False  # the fine-tuning reader then says what is wrong with the file
+    try:
+        first = json.loads(text) if text.lstrip().startswith("[") else json.loads(text.lstrip().split("\n", 1)[0])
+    except json.JSONDecodeError:
+        return False
+    first = first[0] if isinstance(first, list) and first else first
+    return isinstance(first, dict) and "choices" in first
 
 
 def read_questions(path: str | os.PathLike, written: PromptFormat, flag: str = "--data",

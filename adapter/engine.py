@@ -32,6 +32,7 @@ from .prompts import format_named
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .choices import ChoiceEvaluation
     from .evaluate import Evaluation
     from .gate_view import PromptShares
     from .model import Transformer
@@ -371,15 +372,23 @@ class Engine:
             raise ValueError(f"{name}: too long for this model's context of {limit} tokens; shorten it")
 
     def score(self, data: str | os.PathLike, scales: str | Sequence[Any], settings: Settings,
-              exact: bool = False, images: Sequence[str | os.PathLike] | None = None) -> Evaluation:
+              exact: bool = False,
+              images: Sequence[str | os.PathLike] | None = None) -> Evaluation | ChoiceEvaluation:
         """Held-out loss, token accuracy and (with `exact`) exact greedy answers of the first MAX_SCORE_RECORDS
         records of `data` at each gate scale (`adapter.evaluate`, settings' delta scale), holding the lock.
-        Image records (LLaVA layout) find their pictures among `images` by file name."""
+        Image records (LLaVA layout) find their pictures among `images` by file name. A file of multiple-choice
+        questions is scored by which choice the model finds likeliest (`adapter.choices`)."""
+        from .choices import evaluate_choices, holds_choices
         from .evaluate import evaluate
 
         scales = gate_scales(scales)
         if data is None:
             raise ValueError("data: upload a JSON or JSONL file of records first")
+        if holds_choices(data):
+            with self.lock:
+                return evaluate_choices(self.model, data, gate_scales=scales, delta_scale=settings.delta_scale,
+                                        limit=MAX_SCORE_RECORDS, prompt_format=self.prompts.name,
+                                        layers=self.layers_of(settings))
         with tempfile.TemporaryDirectory(prefix="uploaded-images-") as folder:
             _gather(images or (), Path(folder))
             with self.lock:

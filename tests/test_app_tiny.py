@@ -128,6 +128,22 @@ def test_the_score_tab_scores_held_out_records_at_each_gate(served, client, tmp_
     assert plot["type"] == "matplotlib" and plot["plot"]
 
 
+def test_the_score_tab_scores_multiple_choice_questions_by_their_likeliest_choice(served, client):
+    from adapter.app_config import ServeConfig
+    from adapter.choices import evaluate_choices, holds_choices
+    from app import CHOICE_HEADERS, tiny_held_out
+
+    data = tiny_held_out(ServeConfig(), choices=True)
+    assert holds_choices(data) and not holds_choices(tiny_held_out(ServeConfig()))
+    table, plot = client.predict(handle_file(str(data)), "0, 1", False, *controls(), api_name="/score")
+    result = evaluate_choices(served.engines.get("tiny-text").model, data, gate_scales=[0.0, 1.0])
+    assert table["headers"] == CHOICE_HEADERS
+    assert table["data"] == [[s.gate_scale, round(100 * s.accuracy, 1), round(100 * s.accuracy_per_byte, 1),
+                              round(100 * s.right_probability, 1)] for s in result.scores]
+    assert result.scores[1].accuracy > result.scores[0].accuracy + 0.2
+    assert plot["type"] == "matplotlib" and plot["plot"]
+
+
 def test_the_score_tab_scores_image_records_with_their_uploaded_pictures(served, client, tmp_path):
     from adapter.app_config import ServeConfig
     from adapter.evaluate import evaluate
