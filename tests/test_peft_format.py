@@ -313,8 +313,9 @@ def truncate(path: Path) -> None:
 BAD = {
     "not-json": (lambda f: (f / "adapter_config.json").write_text("{not json"), ValueError,
                  "adapter_config.json: cannot read JSON"),
-    "lora": (lambda f: set_config(f, peft_type="LORA"), ValueError,
-             "adapter_config.json: peft_type 'LORA' is not supported"),
+    "prefix-tuning": (lambda f: set_config(f, peft_type="PREFIX_TUNING"), ValueError,
+                      "adapter_config.json: peft_type 'PREFIX_TUNING' is not supported; only ADAPTION_PROMPT "
+                      r"\(LLaMA-Adapter\) and LORA"),
     "no-weights": (lambda f: (f / "adapter_model.safetensors").unlink(), FileNotFoundError,
                    "adapter_model.safetensors does not exist"),
     "bottom-layers": (lambda f: rewrite_weights(f, prompts_for((0, 1))), ValueError,

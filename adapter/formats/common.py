@@ -37,6 +37,9 @@ class LoadedAdapter:
     base_shape: dict[str, int] = field(default_factory=dict)  # subset of dim, n_layers, n_heads, kv_heads
     norm_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned norm weights (official v2)
     prompt_format: str = "alpaca"  # how its questions are written (adapter.prompts); only our format records it
+    # for formats that cannot know the base's shape alone (PEFT LoRA: head counts, layers): the tensors made the
+    # model's (a ValueError when they cannot be)
+    fit: Callable[[dict[str, torch.Tensor], "Transformer"], dict[str, torch.Tensor]] | None = None
 
     def check_base(self, args: ModelArgs) -> None:
         """An adapter only fits the base shape it was made for."""
@@ -56,6 +59,11 @@ class LoadedAdapter:
         format."""
         self.check_base(model.args)
         tensors = dict(self.tensors)
+        if self.fit is not None:
+            try:
+                tensors = self.fit(tensors, model)
+            except ValueError as error:
+                raise ValueError(f"{self.path}: {error}") from error
         for name, value in self.tensors.items():
             if name.endswith(".attention.gate") and value.numel() == 1:
                 tensors[name] = expand_gate(value, model.args.n_heads, str(self.path), name)

@@ -32,28 +32,33 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PEFT_TYPE = "ADAPTION_PROMPT"
+LORA_TYPE = "LORA"
 TARGET_MODULES = "self_attn"
 KEY_PREFIX = "base_model.model.model.layers"
 # older PEFT versions saved the keys without the `base_model.model.` wrapper prefix
 _KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.self_attn\.(adaption_prompt|adaption_gate)")
 
 
-def _folder(path: Path) -> Path:
+def peft_folder(path: Path) -> Path:
     """The folder itself, or the folder of a PEFT weights file that was given directly."""
     return path.parent if path.name in (SAFETENSORS_NAME, BIN_NAME) else path
 
 
 def is_peft(path: Path) -> bool:
     """Any folder with `adapter_config.json`, so that a PEFT type we cannot read gets PEFT's own error."""
-    return (_folder(path) / CONFIG_NAME).is_file()
+    return (peft_folder(path) / CONFIG_NAME).is_file()
 
 
 def read_peft(path: Path) -> LoadedAdapter:
-    """A PEFT adaption-prompt folder, as raw-gate v1 tensors under the model's names."""
-    folder = _folder(path)
+    """A PEFT adaption-prompt folder, as raw-gate v1 tensors under the model's names (a LoRA one: peft_lora)."""
+    folder = peft_folder(path)
+    if read_json(folder / CONFIG_NAME).get("peft_type") == LORA_TYPE:
+        from .peft_lora import read_lora
+
+        return read_lora(folder)
     adapter_len, adapter_layers = _read_config(folder / CONFIG_NAME)
-    weights = _weights_path(folder)
-    prompts, gates = _split_keys(weights, _read_weights(weights))
+    weights = weights_path(folder)
+    prompts, gates = _split_keys(weights, read_weights(weights))
     layers = sorted(prompts)
     _check_layers(weights, layers, adapter_layers)
     dim = _check_prompts(weights, prompts, adapter_len)
@@ -70,7 +75,7 @@ def _read_config(path: Path) -> tuple[int, int]:
     peft_type = config.get("peft_type")
     if peft_type != PEFT_TYPE:
         raise ValueError(f"{path}: peft_type {peft_type!r} is not supported; only {PEFT_TYPE} (LLaMA-Adapter) "
-                         "PEFT adapters can be loaded")
+                         f"and {LORA_TYPE} PEFT adapters can be loaded")
     if config.get("target_modules") != TARGET_MODULES:
         raise ValueError(f"{path}: target_modules {config.get('target_modules')!r} is not supported; "
                          f"expected {TARGET_MODULES!r} (LLaMA attention)")
@@ -83,7 +88,7 @@ def _read_config(path: Path) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _weights_path(folder: Path) -> Path:
+def weights_path(folder: Path) -> Path:
     for name in (SAFETENSORS_NAME, BIN_NAME):
         if (folder / name).is_file():
             return folder / name
@@ -91,7 +96,7 @@ def _weights_path(folder: Path) -> Path:
                             f"{CONFIG_NAME}")
 
 
-def _read_weights(path: Path) -> dict:
+def read_weights(path: Path) -> dict:
     if path.name == BIN_NAME:
         state = torch_load(path)
     else:
@@ -157,14 +162,20 @@ def _check_prompts(path: Path, prompts: dict[int, torch.Tensor], adapter_len: in
 
 
 def write_peft(model: "Transformer", folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Export a raw-gate v1 adapter as a PEFT adaption_prompt folder (for transformers + peft users).
+    """Export a raw-gate v1 adapter as a PEFT adaption_prompt folder (for transformers + peft users); a LoRA-only
+    one as a PEFT LoRA folder (adapter.formats.peft_lora).
 
     Weights first, config last, each atomically, so the folder only looks like PEFT once it is complete;
     nothing is written when the adapter is not representable.
     """
+    a = model.adapter_args
+    if not a.has_prompts and a.lora_rank > 0:  # a LoRA-only adapter is a PEFT LoRA
+        from .peft_lora import write_peft_lora
+
+        return write_peft_lora(model, folder, base_model_name_or_path)
     folder = Path(folder)
     _check_representable(model)
-    a, n_layers = model.adapter_args, model.args.n_layers
+    n_layers = model.args.n_layers
     prompts = model.adapter_query.weight.detach().float().cpu().view(a.prompt_layers, a.prompt_len, model.args.dim)
     tensors = {}
     for i, n in enumerate(range(model.first_prompt_layer, n_layers)):
