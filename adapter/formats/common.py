@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,18 @@ class LoadedAdapter:
             tensors[name[: -len("weight")] + "delta"] = tuned.float() - base.detach().float().cpu()
         model.load_adapter_state(tensors, str(self.path))
         model.prompt_format = self.prompt_format
+
+
+def renamed(name: str, top: dict[str, str], layer_key: re.Pattern, parts: dict[str, str]) -> str | None:
+    """Meta's name for a base checkpoint's tensor `name`, from its format's top-level names (`top`), the pattern of
+    its per-layer names (`layer_key`: groups layer index and part) and its parts' Meta names (`parts`); None when
+    it is not part of a LLaMA."""
+    if name in top:
+        return top[name]
+    match = layer_key.fullmatch(name)
+    if match and match.group(2) in parts:
+        return f"layers.{match.group(1)}.{parts[match.group(2)]}.weight"
+    return None
 
 
 def base_shape(a: ModelArgs) -> dict[str, int]:

@@ -25,6 +25,7 @@ import torch
 
 from ..config import ModelArgs, RopeScaling, explicit_head_size
 from ..memory import release_file_pages
+from .common import renamed
 from .window import windowed_args
 
 MAGIC = b"GGUF"
@@ -118,12 +119,7 @@ def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFFile:
 
 def meta_name(gguf_name: str) -> str | None:
     """Meta's name for a llama.cpp tensor name, or None when it is not part of a LLaMA."""
-    if gguf_name in _TOP:
-        return _TOP[gguf_name]
-    match = _LAYER_KEY.fullmatch(gguf_name)
-    if match and match.group(2) in _PARTS:
-        return f"layers.{match.group(1)}.{_PARTS[match.group(2)]}.weight"
-    return None
+    return renamed(gguf_name, _TOP, _LAYER_KEY, _PARTS)
 
 
 class GGUFCheckpoint:

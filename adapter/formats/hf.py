@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import ModelArgs, RopeScaling, explicit_head_size
 from ..tokenizer import find_tokenizer
 from .bnb import QuantizedWeight, split_stats, stored_quantization
-from .common import torch_load
+from .common import renamed, torch_load
 from .meta import read_json
 from .window import sliding_window, windowed_args
 
@@ -83,12 +83,7 @@ def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def meta_name(hf_name: str) -> str | None:
     """Meta's name for an HF LLaMA tensor name, or None when it is not part of a LLaMA."""
-    if hf_name in _TOP_LEVEL:
-        return _TOP_LEVEL[hf_name]
-    match = _LAYER_KEY.fullmatch(hf_name)
-    if match and match.group(2) in _LAYER_PARTS:
-        return f"layers.{match.group(1)}.{_LAYER_PARTS[match.group(2)]}.weight"
-    return None
+    return renamed(hf_name, _TOP_LEVEL, _LAYER_KEY, _LAYER_PARTS)
 
 
 def hf_name(name: str) -> str:
