@@ -253,6 +253,23 @@ class Engine:
         rows = self._generate([prompt], settings, gate, settings.delta_scale, None if image is None else [image])
         return _each(rows, itemgetter(0))
 
+    def complete(self, prompt: str, settings: Settings) -> Iterator[str]:
+        """A continuation of `prompt` as it is written (no prompt format, so none of its stop strings): what the
+        legacy completions API asks for; decoded on its own, not in the users' batch. Checked now (ValueError)."""
+        check_text(prompt, "prompt")
+        self._require_room(prompt, "prompt")
+        gate = self._gates(self.check(settings), [settings.gate_scale])
+        return _each(self._generate([prompt], settings, gate, settings.delta_scale, stop=()), itemgetter(0))
+
+    def text_logprobs(self, text: str, settings: Settings, top_k: int = 0) -> list[TokenLogprob | None]:
+        """Every token of `text` with its log-probability at the settings' scales and layers (None for a first token
+        without a BOS before it; adapter.next_token.text_logprobs), holding the lock."""
+        from .next_token import text_logprobs
+
+        with self.lock:
+            return text_logprobs(self.model, text, self._gates(settings, [settings.gate_scale]),
+                                 settings.delta_scale, top_k)
+
     def _question_prompt(self, question: str, settings: Settings) -> str:
         """The prompt of a one-off question (compare, sweep), checked with the settings before decoding."""
         prompt = self.prompts.instruction(check_text(question), system=settings.system)
@@ -347,14 +364,16 @@ class Engine:
         return gate_scale_rows(self.model, scales, self.layers_of(settings))
 
     def _generate(self, prompts: list[str], settings: Settings, gate_scale: Any, delta_scale: Any,
-                  images: list[Any] | None = None) -> Iterator[list[str]]:
-        """Whole answers so far, one per prompt. The lock is held until this generator ends or is closed;
-        closing it stops decoding at the current token."""
+                  images: list[Any] | None = None, stop: Sequence[str] | None = None) -> Iterator[list[str]]:
+        """Whole answers so far, one per prompt, ending at EOS or one of `stop` (default: the prompt format's stop
+        strings). The lock is held until this generator ends or is closed; closing it stops decoding at the
+        current token."""
         answers = [""] * len(prompts)
         yielded = False
         with self.lock, closing(stream_batch(self.model, prompts, images=images, gate_scale=gate_scale,
                                              delta_scale=delta_scale, compile=self.compile,
-                                             stop=self.prompts.stop_strings, **settings.sampling())) as steps:
+                                             stop=self.prompts.stop_strings if stop is None else stop,
+                                             **settings.sampling())) as steps:
             for pieces in steps:
                 if any(pieces):
                     answers = [answer + piece for answer, piece in zip(answers, pieces)]

@@ -157,17 +157,39 @@ def answer_logprobs(model: Transformer, prompt: str, answer: str, gate_scale: An
     """Each token of `answer` after `prompt` (fed as given after BOS) with its log-probability under the model at
     these scales (temperature 1: the distribution it is drawn from, before top-p), and the `top_k` likeliest
     tokens at its place: one forward over prompt + answer, the head run at the answer's places only."""
-    from .gate_view import answer_tokens, visual_prompt_of
+    from .gate_view import answer_tokens
+
+    prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
+    return token_logprobs(model, prompt_ids + answer_ids, len(prompt_ids), gate_scale, delta_scale, image, top_k)
+
+
+def text_logprobs(model: Transformer, text: str, gate_scale: Any = 1.0, delta_scale: float = 1.0,
+                  top_k: int = 0) -> list[TokenLogprob | None]:
+    """Every token of `text` (after BOS) with its log-probability given the tokens before it, as `answer_logprobs`;
+    None for the first one when the tokenizer has no BOS to condition it on (how a text is scored: the legacy
+    completions API's `echo`)."""
+    ids = model.tokenizer.encode(text, bos=True, eos=False)[: model.args.max_seq_len]
+    has_bos = model.tokenizer.bos_id >= 0
+    scored = token_logprobs(model, ids, 1, gate_scale, delta_scale, None, top_k)
+    return scored if has_bos else [None, *scored]
+
+
+def token_logprobs(model: Transformer, ids: list[int], start: int, gate_scale: Any = 1.0, delta_scale: float = 1.0,
+                   image: Any = None, top_k: int = 0) -> list[TokenLogprob]:
+    """The tokens `ids[start:]` (start >= 1) each with its log-probability given the tokens before it, and the
+    `top_k` likeliest at its place: one forward, the head run at those places only."""
+    from .gate_view import visual_prompt_of
 
     if not 0 <= top_k <= MAX_TOP_K:
         raise ValueError(f"top_k: must be between 0 and {MAX_TOP_K}, got {top_k}")
-    prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
-    if not answer_ids:
+    if start < 1:
+        raise ValueError(f"start: the first token scored needs one before it (start >= 1), got {start}")
+    if start >= len(ids):
         return []
     device = model.tok_embeddings.weight.device
-    tokens = torch.tensor([prompt_ids + answer_ids], device=device)
+    tokens = torch.tensor([ids], device=device)
     places = torch.zeros_like(tokens, dtype=torch.bool)
-    places[0, len(prompt_ids) - 1: len(prompt_ids) - 1 + len(answer_ids)] = True  # each predicts the next token
+    places[0, start - 1: len(ids) - 1] = True  # each predicts the next token
     with torch.inference_mode():
         logits = model(tokens, gate_scale=gate_scale, delta_scale=delta_scale, positions=places,
                        visual_prompt=visual_prompt_of(model, None if image is None else [image]))
@@ -175,5 +197,5 @@ def answer_logprobs(model: Transformer, prompt: str, answer: str, gate_scale: An
     top_values, top_ids = logprobs.topk(top_k, dim=-1)
     tokenizer = model.tokenizer
     return [TokenLogprob(_text(tokenizer, token), float(row[token]),
-                         [(_text(tokenizer, int(i)), float(v)) for v, i in zip(values, ids)])
-            for token, row, values, ids in zip(answer_ids, logprobs, top_values, top_ids)]
+                         [(_text(tokenizer, int(i)), float(v)) for v, i in zip(values, ids_)])
+            for token, row, values, ids_ in zip(ids[start:], logprobs, top_values, top_ids)]

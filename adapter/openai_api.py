@@ -1,7 +1,8 @@
 """`python -m adapter.openai_api`: the served adapters behind an OpenAI-compatible HTTP API, for the clients and
 tools that speak it (the `openai` package, chat front-ends, evaluation harnesses).
 
-`GET /v1/models` lists the served adapters; `POST /v1/chat/completions` answers a conversation with one of them
+`GET /v1/models` lists the served adapters; `POST /v1/completions` continues or scores raw texts
+(adapter.openai_completions); `POST /v1/chat/completions` answers a conversation with one of them
 (`model`: its name, the first when left out), whole or streamed as server-sent events (`stream: true`). A user
 message may carry a picture as an `image_url` part with a `data:` URL (nothing is fetched from the network): the
 conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
@@ -66,19 +67,41 @@ def api_router(engines: Engines) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         try:
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise RequestError(f"the body is not JSON ({error})") from None
+            body = await _json(request)
             name, call = answer_call(engines, body)
         except RequestError as error:
-            return JSONResponse({"error": {"message": str(error), "type": "invalid_request_error",
-                                           "param": error.param, "code": None}}, status_code=error.status)
+            return refusal(error)
         if body.get("stream"):  # the sync generator is run in the thread pool, as the answer below
             return StreamingResponse(stream_events(name, call), media_type="text/event-stream")
         return await run_in_threadpool(completion, name, call)
 
+    @router.post("/completions")
+    async def completions(request: Request):
+        from .openai_completions import completion_calls, stream_text_events, text_completion
+
+        try:
+            body = await _json(request)
+            name, calls = completion_calls(engines, body)
+        except RequestError as error:
+            return refusal(error)
+        if body.get("stream"):
+            return StreamingResponse(stream_text_events(name, calls[0]), media_type="text/event-stream")
+        return await run_in_threadpool(text_completion, name, calls)
+
     return router
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(f"the body is not JSON ({error})") from None
+
+
+def refusal(error: RequestError) -> JSONResponse:
+    """OpenAI's error object for a refused request."""
+    return JSONResponse({"error": {"message": str(error), "type": "invalid_request_error", "param": error.param,
+                                   "code": None}}, status_code=error.status)
 
 
 class Call:
@@ -129,21 +152,38 @@ class Call:
                 "total_tokens": prompt + completion_tokens}
 
 
-def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
-    """The adapter's name and the checked (lazy) answer of a chat-completions body; RequestError naming the field
-    at fault."""
+def served(engines: Engines, body: Any) -> tuple[str, Engine]:
+    """The adapter a request body names (`model`; the first served when left out) and its engine."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     name = body.get("model") or engines.names[0]
     if name not in engines.names:
         raise RequestError(f"model: no adapter {name!r} is served (served: {', '.join(engines.names)})", "model",
                            404)
-    engine = engines.get(name)
+    return name, engines.get(name)
+
+
+def options(body: dict) -> dict[str, Any]:
+    """The Settings fields a request body sets (OpenAI's names and this project's)."""
+    return {ours: body[theirs] for theirs, ours in SETTING_FIELDS.items() if body.get(theirs) is not None}
+
+
+def refused(error: ValueError, default_param: str) -> RequestError:
+    """An engine's ValueError as a refusal naming the request field at fault (its message starts with the setting;
+    anything else is `default_param`'s)."""
+    field = str(error).split(":", 1)[0]
+    return RequestError(str(error), next((theirs for theirs, ours in SETTING_FIELDS.items() if ours == field),
+                                         default_param))
+
+
+def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
+    """The adapter's name and the checked (lazy) answer of a chat-completions body; RequestError naming the field
+    at fault."""
+    name, engine = served(engines, body)
     system, history, question, image = read_messages(body.get("messages"))
-    options = {ours: body[theirs] for theirs, ours in SETTING_FIELDS.items() if body.get(theirs) is not None}
-    top_logprobs, stops = _top_logprobs(body), _stops(body)
+    top_logprobs, stops = _top_logprobs(body), request_stops(body)
     try:
-        settings = engine.check(Settings(system=system, **options))
+        settings = engine.check(Settings(system=system, **options(body)))
         if image is None:
             prompt, picture = engine.chat_prompt(history, question, settings), None
         else:  # the picture as the adapter sees it (None for one that cannot)
@@ -151,13 +191,11 @@ def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
             picture = pictures[0] if pictures else None
         answers = engine.answer_prompt(prompt, settings, picture)  # the prompt written once
     except ValueError as error:
-        field = str(error).split(":", 1)[0]  # the engine's errors start with the setting at fault
-        param = next((theirs for theirs, ours in SETTING_FIELDS.items() if ours == field), "messages")
-        raise RequestError(str(error), param) from None
+        raise refused(error, "messages") from None
     return name, Call(engine, prompt, answers, settings, picture, top_logprobs, stops)
 
 
-def _stops(body: dict) -> tuple[str, ...]:
+def request_stops(body: dict) -> tuple[str, ...]:
     """OpenAI's `stop`: a string or up to 4 of them."""
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop
@@ -260,7 +298,7 @@ def completion(name: str, call: Call) -> dict[str, Any]:
     answer = ""
     for answer in call.texts():
         pass
-    return {"id": _id(), "object": "chat.completion", "created": int(time.time()), "model": name,
+    return {"id": response_id(), "object": "chat.completion", "created": int(time.time()), "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                          "logprobs": call.logprobs(answer), "finish_reason": call.finish_reason(answer)}],
             "usage": call.usage(answer)}
@@ -268,7 +306,7 @@ def completion(name: str, call: Call) -> dict[str, Any]:
 
 def stream_events(name: str, call: Call) -> Iterator[str]:
     """Server-sent events: the role, each new piece of the answer, the finish reason with the usage, [DONE]."""
-    head = {"id": _id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
+    head = {"id": response_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
 
     def event(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
         chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
@@ -284,8 +322,8 @@ def stream_events(name: str, call: Call) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def response_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,136 @@
+"""OpenAI's legacy `POST /v1/completions` for the served adapters: a text continued as it is written (no prompt
+format), for the clients and evaluation harnesses that score texts rather than chat.
+
+`prompt` is a text or a list of up to MAX_PROMPTS of them (a choice each, decoded one after another); `echo`
+returns each prompt before its continuation; `logprobs` (0 to MAX_LOGPROBS) gives every returned token's
+log-probability at the request's gate and that many likeliest tokens at its place, in the legacy layout (`tokens`,
+`token_logprobs`, `top_logprobs`, `text_offset`); with `echo`, the prompt's tokens are scored too (the first has
+none without a BOS before it), and `max_tokens: 0` only scores. `temperature`, `top_p`, `seed`, `stop` and this
+project's `gate_scale`, `delta_scale` and `gate_layers` are read as in chat completions; `stream` sends the
+continuation of one prompt as server-sent events. Decoding stops at the end of text or a stop string only: no
+prompt format's stop strings apply.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .engine import Engine, Engines, Settings
+from .openai_api import Call, RequestError, options, refused, request_stops, response_id, served
+
+MAX_PROMPTS = 20
+MAX_LOGPROBS = 5  # as OpenAI's legacy completions
+
+
+class TextCall(Call):
+    """One prompt's continuation, with what the legacy layout returns besides: the echo and the log-probabilities."""
+
+    def __init__(self, engine: Engine, prompt: str, settings: Settings, logprobs: int | None, stops: tuple[str, ...],
+                 echo: bool, score_only: bool) -> None:
+        answers = iter([""]) if score_only else engine.complete(prompt, settings)
+        super().__init__(engine, prompt, answers, settings, None, logprobs, stops)
+        self.echo, self.score_only = echo, score_only
+
+    def text(self, answer: str) -> str:
+        return self.prompt + answer if self.echo else answer
+
+    def legacy_logprobs(self, answer: str) -> dict[str, Any] | None:
+        """`tokens`, `token_logprobs`, `top_logprobs` and `text_offset` of what is returned (None: not asked)."""
+        if self.top_logprobs is None:
+            return None
+        k = self.top_logprobs
+        if self.echo:
+            scored, offset = self.engine.text_logprobs(self.prompt + answer, self.settings, k), 0
+        else:
+            scored = self.engine.answer_logprobs(self.prompt, answer, self.settings, None, k) if answer else []
+            offset = len(self.prompt)
+        texts = [token.text if token is not None else self._first_token() for token in scored]
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": texts, "token_logprobs": [None if t is None else t.logprob for t in scored],
+                "top_logprobs": [None if t is None else dict(t.top) for t in scored], "text_offset": offsets}
+
+    def _first_token(self) -> str:
+        """The text of the prompt's first token (scored None: no BOS before it)."""
+        tokenizer = self.engine.model.tokenizer
+        return tokenizer.token_text(tokenizer.encode(self.prompt, bos=False, eos=False)[0])
+
+    def finish_reason(self, answer: str) -> str:
+        return "length" if self.score_only else super().finish_reason(answer)
+
+    def usage(self, answer: str) -> dict[str, int]:
+        return {**super().usage(answer), **({"completion_tokens": 0} if self.score_only else {})}
+
+
+def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
+    """The adapter's name and one checked (lazy) continuation per prompt of a completions body; RequestError naming
+    the field at fault."""
+    name, engine = served(engines, body)
+    prompts = body.get("prompt")
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPTS or \
+            not all(isinstance(p, str) for p in prompts):
+        raise RequestError(f"prompt: expected a text or a list of 1 to {MAX_PROMPTS} texts (token ids are not "
+                           "read)", "prompt")
+    for field, allowed in (("n", 1), ("best_of", 1)):
+        if body.get(field, allowed) not in (allowed, None):
+            raise RequestError(f"{field}: only {allowed} is served, got {body[field]!r}", field)
+    if body.get("suffix"):
+        raise RequestError("suffix: text after the insertion point is not served", "suffix")
+    echo, logprobs = bool(body.get("echo")), _logprobs(body)
+    if body.get("stream") and (len(prompts) > 1 or logprobs is not None or echo):
+        raise RequestError("stream: only one prompt's continuation streams, without logprobs or echo", "stream")
+    score_only = body.get("max_tokens") == 0
+    if score_only and not echo:
+        raise RequestError("max_tokens: 0 returns nothing without echo", "max_tokens")
+    fields = {key: value for key, value in options(body).items() if not (score_only and key == "max_new_tokens")}
+    try:
+        settings = engine.check(Settings(**fields))
+        return name, [TextCall(engine, prompt, settings, logprobs, request_stops(body), echo, score_only)
+                      for prompt in prompts]
+    except ValueError as error:
+        raise refused(error, "prompt") from None
+
+
+def _logprobs(body: dict) -> int | None:
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise RequestError(f"logprobs: must be a whole number from 0 to {MAX_LOGPROBS}, got {value!r}", "logprobs")
+    return value
+
+
+def text_completion(name: str, calls: list[TextCall]) -> dict[str, Any]:
+    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for index, call in enumerate(calls):
+        answer = ""
+        for answer in call.texts():
+            pass
+        choices.append({"text": call.text(answer), "index": index, "logprobs": call.legacy_logprobs(answer),
+                        "finish_reason": call.finish_reason(answer)})
+        usage = {key: usage[key] + value for key, value in call.usage(answer).items()}
+    return {"id": response_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name,
+            "choices": choices, "usage": usage}
+
+
+def stream_text_events(name: str, call: TextCall) -> Iterator[str]:
+    """Server-sent events: each new piece of the continuation, then the finish reason with the usage, [DONE]."""
+    head = {"id": response_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name}
+
+    def event(text: str, finish: str | None = None, **extra: Any) -> str:
+        chunk = {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    answer = ""
+    for grown in call.texts():
+        if len(grown) > len(answer):
+            yield event(grown[len(answer):])
+        answer = grown
+    yield event("", call.finish_reason(answer), usage=call.usage(answer))
+    yield "data: [DONE]\n\n"

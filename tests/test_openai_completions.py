@@ -1,0 +1,117 @@
+"""OpenAI's legacy `POST /v1/completions` (adapter.openai_completions) on the tiny model through FastAPI's test
+client: continuations equal `generate` of the same raw text, echoed prompts are scored as a plain forward pass
+scores them, and bad requests name their field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import adapter
+from adapter.app_config import load_engines, parse_config, tiny_available
+from adapter.openai_api import build_api
+
+pytestmark = pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+
+PROMPT = adapter.alpaca("There is a large red star on the left. What colour is the star?")
+GREEDY = {"temperature": 0, "max_tokens": 12, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return load_engines(parse_config([]))
+
+
+@pytest.fixture(scope="module")
+def client(engines):
+    from fastapi.testclient import TestClient
+
+    return TestClient(build_api(engines))
+
+
+def complete(client, **body):
+    return client.post("/v1/completions", json={**GREEDY, **body})
+
+
+def reference_logprobs(model, text: str, gate: float) -> list[float]:
+    ids = model.tokenizer.encode(text)
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids]), gate_scale=gate)[0].float().log_softmax(-1)
+    return [float(logprobs[t - 1, ids[t]]) for t in range(1, len(ids))]
+
+
+@pytest.mark.parametrize("gate", [0.0, 1.0])
+def test_a_completion_continues_the_text_as_written(client, engines, gate):
+    model = engines.get("tiny-text").model
+    reply = complete(client, prompt=PROMPT, gate_scale=gate).json()
+    expected = model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=gate)
+    assert reply["object"] == "text_completion" and reply["model"] == "tiny-text"
+    assert reply["choices"][0]["text"] == expected
+    if gate == 1.0:
+        assert expected.strip().startswith("red")  # the adapter answers; no prompt format's stop strings cut it
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] == len(model.tokenizer.encode(PROMPT))
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@pytest.mark.parametrize("gate", [0.0, 1.0])
+def test_an_echoed_prompt_is_scored_as_a_forward_pass_scores_it(client, engines, gate):
+    model = engines.get("tiny-text").model
+    reply = complete(client, prompt=PROMPT, echo=True, logprobs=3, max_tokens=0, gate_scale=gate).json()
+    choice = reply["choices"][0]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    found = choice["logprobs"]
+    assert found["token_logprobs"] == pytest.approx(reference_logprobs(model, PROMPT, gate), abs=1e-4)
+    assert len(found["tokens"]) == len(found["text_offset"]) == len(model.tokenizer.encode(PROMPT)) - 1
+    assert found["text_offset"][0] == 0 and found["text_offset"] == sorted(found["text_offset"])
+    for token, logprob, top in zip(found["tokens"], found["token_logprobs"], found["top_logprobs"]):
+        assert len(top) == 3 and max(top.values()) >= logprob - 1e-6
+        assert token not in top or top[token] == pytest.approx(logprob)
+    assert reply["usage"]["completion_tokens"] == 0
+
+
+def test_a_greedy_continuations_tokens_are_each_the_likeliest(client):
+    choice = complete(client, prompt=PROMPT, logprobs=2).json()["choices"][0]
+    found = choice["logprobs"]
+    assert found["tokens"] and found["text_offset"][0] == len(PROMPT)
+    for token, logprob, top in zip(found["tokens"], found["token_logprobs"], found["top_logprobs"]):
+        assert logprob == pytest.approx(max(top.values()), abs=1e-5)
+
+
+def test_several_prompts_streaming_and_stop_strings(client):
+    prompts = [PROMPT, "There is a small blue"]
+    reply = complete(client, prompt=prompts).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1]
+    alone = [complete(client, prompt=p).json()["choices"][0]["text"] for p in prompts]
+    assert [c["text"] for c in reply["choices"]] == alone
+    with client.stream("POST", "/v1/completions", json={**GREEDY, "prompt": prompts[1], "stream": True}) as events:
+        lines = [line for line in events.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == alone[1]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "usage" in chunks[-1]
+    word = alone[1].split()[1]
+    cut = complete(client, prompt=prompts[1], stop=[word]).json()["choices"][0]
+    assert cut["text"] == alone[1][:alone[1].index(word)] and cut["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({}, "prompt", "prompt: expected a text or a list of 1 to 20 texts"),
+    ({"prompt": [1, 2, 3]}, "prompt", "token ids are not read"),
+    ({"prompt": ["a"] * 21}, "prompt", "1 to 20 texts"),
+    ({"prompt": "a", "n": 2}, "n", "n: only 1 is served"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs", "logprobs: must be a whole number from 0 to 5"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens: 0 returns nothing without echo"),
+    ({"prompt": ["a", "b"], "stream": True}, "stream", "stream: only one prompt's continuation streams"),
+    ({"prompt": "a", "suffix": "b"}, "suffix", "suffix: text after the insertion point"),
+    ({"prompt": "a", "temperature": -1}, "temperature", "temperature"),
+    ({"prompt": "   "}, "prompt", "prompt: is empty"),
+    ({"prompt": "a", "model": "nope"}, "model", "model: no adapter 'nope' is served"),
+])
+def test_bad_requests_name_their_field(client, body, param, message):
+    reply = client.post("/v1/completions", json=body)
+    assert reply.status_code in (400, 404)
+    error = reply.json()["error"]
+    assert error["param"] == param and message in error["message"]
