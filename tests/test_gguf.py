@@ -267,3 +267,13 @@ def test_heads_narrower_than_dim_over_heads_as_mistral_nemo_writes_them(meta, tm
     model = adapter.load(path, device="cpu")
     assert model.args.head_dim == 32 and model.layers[0].attention.wq.weight.shape == (128, 256)
     assert torch.allclose(logits(model), peer_logits(path), atol=1e-5)
+
+
+def test_a_folder_holding_one_gguf_file_is_that_file(meta, tmp_path):
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    spm_gguf(meta, folder / "model.Q8_0.gguf", Q.Q8_0)
+    assert open_base(folder).source == str(folder / "model.Q8_0.gguf")
+    spm_gguf(meta, folder / "model.F16.gguf", Q.F16)
+    with pytest.raises(ValueError, match=r"holds 2 GGUF files \(model.F16.gguf, model.Q8_0.gguf\); pass the one"):
+        open_base(folder)

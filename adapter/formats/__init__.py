@@ -40,6 +40,12 @@ def open_base(path: str | os.PathLike):
         return meta.MetaCheckpoint(folder)
     if hf.is_hf_folder(folder):
         return hf.HFCheckpoint(folder)
+    files = sorted(path for path in folder.glob("*.gguf") if gguf.is_gguf_file(path)) if folder.is_dir() else []
+    if len(files) == 1:  # a folder one GGUF file was downloaded into
+        return gguf.GGUFCheckpoint(files[0])
+    if files:
+        raise ValueError(f"base: {folder} holds {len(files)} GGUF files ({', '.join(p.name for p in files[:4])}"
+                         f"{', ...' if len(files) > 4 else ''}); pass the one to load")
     raise ValueError(f"base: {folder} is not a LLaMA folder: expected {BASE_FORMATS}")
 
 
