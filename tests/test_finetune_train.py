@@ -317,3 +317,33 @@ def test_init_adapter_must_match_the_mode_and_the_prompt_format(tmp_path, base_f
     with pytest.raises(ValueError, match="--lora-rank: the adapter's shape comes from --init-adapter"):
         tiny_config(base_folder, data, tmp_path / "c", mode="v2", init_adapter=str(path), lora_rank=4)
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_mode_lora_trains_lora_alone_and_exports_it_as_peft(tmp_path, base_folder, data, capsys):
+    """The baseline the adapters are compared with: no prompts, no gates.png, the loss lower, the base untouched at
+    delta scale 0, and peft loads the export with our logits."""
+    import peft
+
+    from bench.peers import hf_llama
+
+    out = tmp_path / "lora"
+    code = main(["--base", str(base_folder), "--data", str(data), "--out", str(out), "--mode", "lora",
+                 "--lora-rank", "4", "--lora-targets", "wq,wk,w2", "--batch-size", "16", "--micro-batch-size", "4",
+                 "--epochs", "3", "--warmup-epochs", "0", "--lr", "0.02", "--val-fraction", "0", "--export", "peft",
+                 "--device", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert not (out / "gates.png").exists() and (out / "loss.png").is_file()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["type"] == "train"]
+    assert losses[-1] < losses[0] and log[1]["gates"] == []
+    ours = adapter.load(base_folder, adapter=out / "adapter", device="cpu")
+    assert not ours.adapter_args.has_prompts and ours.adapter_args.lora_targets == ("wq", "wk", "w2")
+    tokens = torch.tensor([[1, 45, 300, 7, 99, 12, 5]])
+    base = adapter.load(base_folder, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(ours(tokens, delta_scale=0.0), base(tokens))
+        assert not torch.allclose(ours(tokens), base(tokens), atol=1e-4)
+        theirs = peft.PeftModel.from_pretrained(hf_llama(base), out / "peft").eval()
+        assert torch.allclose(ours(tokens), theirs(tokens).logits.float(), atol=1e-5)
+    assert main(["--base", str(base_folder), "--data", str(data), "--out", str(tmp_path / "x"), "--mode", "lora"]) == 2
+    assert "--mode lora trains LoRA alone: give its rank" in capsys.readouterr().err

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", help="folder that LLaVA records' 'image' paths are relative to")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, plots, adapter/")
     p.add_argument("--mode", choices=MODES, default=d.mode,
-                   help="v1: prompts + gates; v2: + biases, norms, LoRA; vision: v2 + visual prompt")
+                   help="v1: prompts + gates; v2: + biases, norms, LoRA; vision: v2 + visual prompt; lora: LoRA "
+                        "alone (no prompts; the baseline, --export peft writes it as PEFT LoRA)")
     p.add_argument("--clip", help="--mode vision: CLIP weights (a local file, or an open_clip tag such as openai)")
     p.add_argument("--clip-model", help="open_clip model name or config .json (default: ViT-L-14-quickgelu)")
     p.add_argument("--visual", choices=VISUAL_PROMPT_KINDS, default=d.visual, help="--mode vision: which visual prompt")
@@ -35,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visual-heads", type=int, default=d.visual_heads, help="v2 visual prompt heads")
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--prompt-layers", type=int, default=d.prompt_layers, help="capped at the base's layers")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="v2 LoRA rank (0 = none)")
-    p.add_argument("--lora-targets", help="v2: the linears that get LoRA, e.g. wq,wv (default: all seven, wq, wk, "
-                                          "wv, wo, w1, w2, w3, as the official LORA-BIAS releases)")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="v2 / lora: LoRA rank (0 = none)")
+    p.add_argument("--lora-targets", help="v2 / lora: the linears that get LoRA, e.g. wq,wv (default: all seven, wq, "
+                                          "wk, wv, wo, w1, w2, w3, as the official LORA-BIAS releases)")
     p.add_argument("--bias-targets", help="v2: the linears that get a bias (default: wq,wo,w1,w2,w3, as the official "
                                           "multimodal releases; the V2 dialog model has all seven)")
     p.add_argument("--scale", action="store_true",
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (default: every epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--export", choices=EXPORTS, help="also write the adapter in this format")
+    p.add_argument("--export", choices=EXPORTS, help="also write the adapter in this format (peft: a --mode lora "
+                                                     "LoRA, in OUT/peft; official-v1: a --mode v1 adapter)")
     p.add_argument("--keep-best", action="store_true",
                    help="also keep the adapter of the lowest validation loss (checked each epoch) in OUT/best")
     p.add_argument("--max-steps", type=int, help="stop after this optimizer step (for tests and debugging)")

@@ -15,7 +15,7 @@ from ..config import LORA_TARGETS, VISUAL_PROMPT_KINDS, AdapterArgs
 from ..prompts import PROMPT_FORMATS
 from ..quantize import check_mode
 
-MODES = ("v1", "v2", "vision")
+MODES = ("v1", "v2", "vision", "lora")
 AUTOCASTS = ("auto", "bf16", "off")  # auto: bf16 on GPU, the model's own dtype on CPU
 EXPORTS = ("peft", "official-v1")
 # settings that may change between an interrupted run and its --resume without changing what it computes
@@ -90,7 +90,12 @@ class TrainConfig:
         _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "--lora-rank",
                  f"must be a non-negative integer, got {self.lora_rank!r}")
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
-        _require(not self.scale or self.mode != "v1", "--scale", "the input scales are a v2 part; use --mode v2")
+        _require(not self.scale or self.mode not in ("v1", "lora"), "--scale",
+                 "the input scales are a v2 part; use --mode v2")
+        _require(self.mode != "lora" or self.lora_rank > 0 or self.init_adapter, "--lora-rank",
+                 "--mode lora trains LoRA alone: give its rank (e.g. --lora-rank 8)")
+        _require(self.mode != "lora" or self.bias_targets is None, "--bias-targets",
+                 "--mode lora trains LoRA alone, no biases; use --mode v2")
         for flag in ("lora_rank", "scale", "lora_targets", "bias_targets"):
             _require(not (self.init_adapter and getattr(self, flag)), _flag(flag),
                      "the adapter's shape comes from --init-adapter")
@@ -167,14 +172,27 @@ def linear_names(value: str, flag: str) -> tuple[str, ...]:
     return names
 
 
+def adapter_kind(adapter: AdapterArgs) -> str:
+    """The --mode that trains an adapter of this shape."""
+    if adapter.visual != "none":
+        return "vision"
+    if not adapter.has_prompts and adapter.v2_parts == [f"LoRA rank {adapter.lora_rank}"]:
+        return "lora"
+    return "v2" if adapter.has_deltas else "v1"
+
+
 def adapter_args_for(mode: str, prompt_len: int, prompt_layers: int, lora_rank: int = 0, scale: bool = False,
                      lora_targets: str | None = None, bias_targets: str | None = None,
                      **visual: Any) -> AdapterArgs:
     """What each --mode trains: v1 prompts + tanh gates; v2 adds zero-init biases (on `bias_targets`), norms,
     optional LoRA (on `lora_targets`) and optional input scales; vision adds the visual prompt (`visual` gives
-    its AdapterArgs fields: kind, CLIP width and model, ...)."""
+    its AdapterArgs fields: kind, CLIP width and model, ...); lora trains LoRA alone (no prompts: the baseline the
+    adapters are compared with, written as PEFT LoRA by --export peft)."""
     if mode == "v1":
         return AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="tanh")
+    if mode == "lora":
+        targets = {} if lora_targets is None else {"lora_targets": linear_names(lora_targets, "--lora-targets")}
+        return AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=lora_rank, **targets)
     if mode in ("v2", "vision"):
         targets = {name: linear_names(value, _flag(name)) for name, value in
                    (("lora_targets", lora_targets), ("bias_targets", bias_targets)) if value is not None}

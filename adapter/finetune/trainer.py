@@ -28,10 +28,10 @@ from ..prompts import format_named
 from ..tokenizer import open_tokenizer
 from . import checkpoint, distributed
 from .batching import collate, epoch_batches, eval_batches, shard
-from .config import TrainConfig, adapter_args_for
+from .config import TrainConfig, adapter_args_for, adapter_kind
 from .dataset import Dataset, build_dataset
 from .encode import Encoded
-from .export import check_export, export_official_v1
+from .export import check_export, export_official_v1, export_peft
 from .logs import LOG, RunLog, notice, read_log, trim_log
 from .optimizer import build_optimizer
 from .plots import plot_gates, plot_loss
@@ -168,7 +168,7 @@ class _Run:
         path = hub.resolve(self.config.init_adapter, "--init-adapter")
         found = read_adapter(path)
         a = found.args
-        kind = "vision" if a.visual != "none" else "v2" if a.has_deltas else "v1"
+        kind = adapter_kind(a)
         if kind != self.config.mode:
             parts = ", ".join(a.v2_parts + ([f"{a.visual} visual prompt"] if a.visual != "none" else [])) or "prompts"
             raise ValueError(f"--init-adapter: {path} is a {kind} adapter ({parts}); train it with --mode {kind}")
@@ -317,6 +317,8 @@ class _Run:
         log.close()
         if self.main:
             save_adapter(self.model, self.out / "adapter")
+            if self.config.export == "peft":
+                result.exports["peft"] = export_peft(self.model, self.out, self.config.base)
             if self.config.export == "official-v1":
                 result.exports["official-v1"] = export_official_v1(self.model, self.out)
                 note = unrecorded_format_note(self.model, "official-v1")
@@ -329,6 +331,8 @@ class _Run:
                        "exports": {k: str(v) for k, v in result.exports.items()}})
             records = read_log(self.out / LOG)
             plot_loss(records, self.out / "loss.png")
-            plot_gates(records, self.out / "gates.png", self.model.first_prompt_layer)
-            notice(f"adapter written to {result.adapter}; log, loss.png and gates.png in {self.out}")
+            if self.model.adapter_args.has_prompts:  # a LoRA alone has no gates to draw
+                plot_gates(records, self.out / "gates.png", self.model.first_prompt_layer)
+            notice(f"adapter written to {result.adapter}; log, loss.png"
+                   f"{' and gates.png' if self.model.adapter_args.has_prompts else ''} in {self.out}")
         self.processes.barrier()
