@@ -142,3 +142,16 @@ def test_a_lora_of_ours_is_written_as_peft_loads_it(meta, tmp_path):
     with pytest.raises(ValueError, match="gate_activation is tanh; PEFT uses raw gates"):
         convert(tmp_path / "both", tmp_path / "nothing", "peft", meta)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_training_continues_a_peft_lora(meta, tmp_path):
+    from adapter.finetune import train
+    from tests.finetune_helpers import alpaca_records, tiny_config, write_json
+
+    reference = peft_lora(meta, tmp_path / "lora", target_modules=["q_proj", "down_proj"])
+    data = write_json(tmp_path / "data.json", alpaca_records(8))
+    result = train(tiny_config(meta, data, tmp_path / "run", mode="lora", init_adapter=str(tmp_path / "lora"),
+                               epochs=1, lr=1e-12, prompt_len=1, prompt_layers=1))
+    continued = adapter.load(meta, adapter=result.adapter, device="cpu")
+    assert continued.adapter_args.lora_targets == ("wq", "w2")
+    assert torch.allclose(logits(continued), logits(reference), atol=1e-5)
