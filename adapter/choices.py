@@ -14,7 +14,9 @@ gate where the accuracy jumps.
 Records (JSON list or JSONL): {"question" (or "instruction"), "input"?, "system"?, "choices": [...], "answer":
 index, letter or the choice's text}; MMLU's as the hub has it ({"question", "choices", "answer": index}); ARC's
 ({"question", "choices": {"text": [...], "label": [...]}, "answerKey"}, or its original {"question": {"stem",
-"choices": [{"text", "label"}]}, "answerKey"}).
+"choices": [{"text", "label"}]}, "answerKey"}). A record with an "image" (a file under the image folder) is a
+question about that picture, asked as the image tab asks it, its choices scored with the picture's visual prompt
+(an adapter that sees, and its CLIP tower, are needed).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 
 from .finetune.batching import collate
 from .finetune.encode import encode_example
-from .finetune.records import Example, kind, read_checked
+from .finetune.records import Example, image_field, kind, read_checked
 from .finetune.step import scored_positions
 from .gate_layers import Speaker, describe, gate_scale_rows, normalized
 from .generate import require_tokenizer
@@ -50,6 +52,7 @@ class ChoiceQuestion:
     prompt: str
     choices: tuple[str, ...]
     answer: int
+    image: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,16 @@ def holds_choices(path: str | os.PathLike) -> bool:
 
 
 def read_questions(path: str | os.PathLike, written: PromptFormat, flag: str = "--data",
-                   delimiter: str = DELIMITER) -> list[ChoiceQuestion]:
+                   delimiter: str = DELIMITER, image_folder: str | os.PathLike | None = None) -> list[ChoiceQuestion]:
     """The questions of a file (see the module docstring), each choice written as `written` writes an answer after
-    `delimiter`; a DataError naming every bad record."""
-    return read_checked(path, None, flag,
-                        lambda location, value, folder, reasons: _question(value, written, delimiter, reasons))
+    `delimiter`, pictures found under `image_folder`; a DataError naming every bad record."""
+    return read_checked(path, image_folder, flag,
+                        lambda location, value, folder, reasons: _question(value, written, delimiter, folder,
+                                                                           reasons))
 
 
-def _question(record: Any, written: PromptFormat, delimiter: str, reasons: list[str]) -> ChoiceQuestion | None:
+def _question(record: Any, written: PromptFormat, delimiter: str, folder: Path | None,
+              reasons: list[str]) -> ChoiceQuestion | None:
     if not isinstance(record, dict):
         reasons.append(f"expected a JSON object, got {kind(record)}")
         return None
@@ -130,14 +135,18 @@ def _question(record: Any, written: PromptFormat, delimiter: str, reasons: list[
         if value is not None and not isinstance(value, str):
             reasons.append(f"'{key}' must be a string, got {kind(value)}")
     answer = _answer(record, choices, labels, reasons)
+    image = image_field(record, folder, reasons)
+    if image is not None and extra is not None:
+        reasons.append("'input' is not read with an 'image' (the question is asked about the picture)")
     if reasons:
         return None
     try:
-        prompt = written.instruction(question, extra, system)
+        prompt = written.instruction(question, extra, system) if image is None else \
+            written.image_question(question, system)
     except ValueError as error:
         reasons.append(str(error))
         return None
-    return ChoiceQuestion(prompt, tuple(written.answer(delimiter + choice) for choice in choices), answer)
+    return ChoiceQuestion(prompt, tuple(written.answer(delimiter + choice) for choice in choices), answer, image)
 
 
 def _answer(record: dict, choices: list[str], labels: list[str] | None, reasons: list[str]) -> int:
@@ -169,10 +178,11 @@ def evaluate_choices(
     prompt_format: str | None = None,
     layers: Sequence[Speaker] | None = None,
     delimiter: str = DELIMITER,
+    image_folder: str | Path | None = None,
 ) -> ChoiceEvaluation:
     """Score `model` on the multiple-choice questions of `data` at each of `gate_scales` (module docstring);
     `micro_batch_size` choices go through the model at once (each repeated once per gate scale); `delimiter` goes
-    before each choice."""
+    before each choice; image records find their pictures in `image_folder`."""
     scales = [float(s) for s in gate_scales]
     if not scales or any(not math.isfinite(s) or s < 0 for s in scales):
         raise ValueError(f"gate_scales: give one or more finite scales >= 0, got {list(gate_scales)}")
@@ -183,7 +193,10 @@ def evaluate_choices(
     require_tokenizer(model)
     written = format_named(prompt_format or model.prompt_format)
     written.check(model.tokenizer)
-    questions = read_questions(data, written, delimiter=delimiter)[:limit]
+    questions = read_questions(data, written, delimiter=delimiter, image_folder=image_folder)[:limit]
+    if any(q.image is not None for q in questions) and (model.visual_prompt is None or model.image_encoder is None):
+        raise ValueError(f"--data: {data} has questions about pictures; they need an adapter with a visual prompt "
+                         "and its CLIP tower (--clip)")
     layers = None if layers is None else normalized(model, layers)
     log_probs = choice_log_probs(model, questions, scales, delta_scale, micro_batch_size, layers, written)
     scores, picks = [], [{"prompt": q.prompt, "choices": list(q.choices), "answer": q.answer, "log_probs": []}
@@ -206,13 +219,15 @@ def choice_log_probs(model: "Transformer", questions: Sequence[ChoiceQuestion], 
                      delta_scale: float, micro_batch_size: int, layers: list[Speaker] | None,
                      written: PromptFormat) -> list[torch.Tensor]:
     """Per question, a [scales, choices] tensor of each choice's summed log-probability (its tokens and the
-    answer's end) as the answer to the question."""
+    answer's end) as the answer to the question (about its picture, if it has one)."""
+    from .visual import encode_images
+
     tokenizer, length = model.tokenizer, model.args.max_seq_len
     end = written.answer_end_id(tokenizer)
     rows = []
     for number, question in enumerate(questions):
         for choice in question.choices:
-            encoded, cut = encode_example(Example(question.prompt, choice), tokenizer, length, end)
+            encoded, cut = encode_example(Example(question.prompt, choice, question.image), tokenizer, length, end)
             if cut:
                 raise ValueError(f"question {number}: with the choice {choice[:40]!r} it is longer than the model's "
                                  f"{length} tokens")
@@ -226,8 +241,10 @@ def choice_log_probs(model: "Transformer", questions: Sequence[ChoiceQuestion], 
         copies = len(scales)
         gate_rows = gate_scale_rows(model, [scale for scale in scales for _ in range(count)], layers)
         with torch.no_grad():
+            visual = encode_images(model, batch.images) if batch.images is not None else None
             loss, _ = model.score(batch.tokens.repeat(copies, 1), positions.repeat(copies, 1),
-                                  targets.repeat(copies), gate_scale=gate_rows, delta_scale=delta_scale)
+                                  targets.repeat(copies), gate_scale=gate_rows, delta_scale=delta_scale,
+                                  visual_prompt=None if visual is None else visual.repeat(copies, 1, 1))
         owner = positions.repeat(copies, 1).nonzero()[:, 0].cpu()
         summed = torch.zeros(copies * count, dtype=torch.float64).index_add_(0, owner, -loss.double().cpu())
         sums[:, start:start + count] = summed.view(copies, count)

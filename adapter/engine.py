@@ -403,14 +403,13 @@ class Engine:
         scales = gate_scales(scales)
         if data is None:
             raise ValueError("data: upload a JSON or JSONL file of records first")
-        if holds_choices(data):
-            with self.lock:
-                return evaluate_choices(self.model, data, gate_scales=scales, delta_scale=settings.delta_scale,
-                                        limit=MAX_SCORE_RECORDS, prompt_format=self.prompts.name,
-                                        layers=self.layers_of(settings))
         with tempfile.TemporaryDirectory(prefix="uploaded-images-") as folder:
             _gather(images or (), Path(folder))
             with self.lock:
+                if holds_choices(data):
+                    return evaluate_choices(self.model, data, gate_scales=scales, delta_scale=settings.delta_scale,
+                                            limit=MAX_SCORE_RECORDS, prompt_format=self.prompts.name,
+                                            layers=self.layers_of(settings), image_folder=folder)
                 return evaluate(self.model, data, image_folder=folder, gate_scales=scales,
                                 delta_scale=settings.delta_scale, limit=MAX_SCORE_RECORDS, exact=bool(exact),
                                 prompt_format=self.prompts.name, layers=self.layers_of(settings))

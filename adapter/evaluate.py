@@ -327,9 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         scales = scales_from_text(args.gate_sweep, "--gate-sweep")
-        if args.choices and (args.exact or args.image_folder or args.max_seq_len):
-            raise ValueError("--choices scores whole choices of text questions: --exact, --image-folder and "
-                             "--max-seq-len do not apply")
+        if args.choices and (args.exact or args.max_seq_len):
+            raise ValueError("--choices scores whole choices: --exact and --max-seq-len do not apply")
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"--data: {not_a_file(args.data)}")
         models = load_many(args.base, args.adapter or [None], clip=args.clip, clip_model=args.clip_model,
@@ -343,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     evaluations.append(evaluate_choices(
                         model, args.data, gate_scales=scales, delta_scale=args.delta_scale,
                         micro_batch_size=args.micro_batch_size, limit=args.limit, prompt_format=prompt_format,
-                        layers=layers, delimiter=args.choice_delimiter))
+                        layers=layers, delimiter=args.choice_delimiter, image_folder=args.image_folder))
                     print(("\n" if len(evaluations) > 1 else "") + choices_table(evaluations[-1]), flush=True)
                     continue
                 evaluations.append(evaluate(

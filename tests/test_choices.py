@@ -138,4 +138,31 @@ def test_the_command_line_prints_writes_and_refuses(tmp_path, capsys):
     written = json.loads(out.read_text())
     assert [s["gate_scale"] for s in written[0]["scores"]] == [0.0, 1.0] and png.stat().st_size > 0
     assert evaluate_main(["--base", "tiny", "--data", str(data), "--choices", "--exact"]) == 2
-    assert "--choices scores whole choices of text questions" in capsys.readouterr().err
+    assert "--choices scores whole choices: --exact and --max-seq-len do not apply" in capsys.readouterr().err
+
+
+def test_questions_about_pictures_are_scored_with_the_pictures_visual_prompt(tmp_path):
+    from adapter.visual import encode_images
+
+    data = tmp_path / "images.jsonl"
+    assert tiny_main(["held-out", "image", str(data), "--choices", "--per-category", "10"]) == 0
+    image = adapter.load_many("tiny", ["tiny-image"], device="cpu")[0]
+    written = PROMPT_FORMATS[image.prompt_format]
+    questions = read_questions(data, written, image_folder=tmp_path / "images")
+    assert len(questions) == 40 and all(q.image is not None for q in questions)
+    found = choice_log_probs(image, questions[:3], [0.0, 1.0], 1.0, 4, None, written)
+    for question, table in zip(questions[:3], found):
+        tokenizer = image.tokenizer
+        visual = encode_images(image, [str(question.image)])
+        for c, choice in enumerate(question.choices):
+            tokens = tokenizer.encode(question.prompt + choice) + [tokenizer.eos_id]
+            start = len(tokenizer.encode(question.prompt))
+            with torch.no_grad():
+                logprobs = image(torch.tensor([tokens]), visual_prompt=visual)[0].float().log_softmax(-1)
+            expected = sum(float(logprobs[t - 1, tokens[t]]) for t in range(start, len(tokens)))
+            assert table[1, c].item() == pytest.approx(expected, abs=2e-4)
+    evaluation = evaluate_choices(image, data, gate_scales=[0.0, 1.0], image_folder=tmp_path / "images")
+    assert evaluation.scores[1].accuracy > evaluation.scores[0].accuracy + 0.1  # the picture speaks through the gate
+    text = adapter.load("tiny", device="cpu")
+    with pytest.raises(ValueError, match="has questions about pictures; they need an adapter with a visual prompt"):
+        evaluate_choices(text, data, image_folder=tmp_path / "images")

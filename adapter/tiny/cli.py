@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     held.add_argument("out", type=Path, help="JSONL file to write (image records: PNGs in a folder beside it)")
     held.add_argument("--per-category", type=int, help="questions per category (default: the recipe's eval's)")
     held.add_argument("--choices", action="store_true",
-                      help="text only: the colour, shape, position and count questions as multiple-choice records")
+                      help="the colour, shape, position and count questions as multiple-choice records")
     for sub in (build, evaluate, probe, clip_probe, recall, held):
         sub.add_argument("--scale", choices=sorted(RECIPES), default="full", help="recipe (micro: a few steps)")
     return parser
@@ -102,11 +102,10 @@ def write_held_out(options: argparse.Namespace, recipe: Recipe) -> None:
         raise ValueError(f"--per-category: must be at least 1, got {per_category}")
     questions = held_out(options.kind, recipe.seed, per_category)
     if options.choices:
-        if options.kind != "text":
-            raise ValueError("--choices: only the text questions are written as multiple-choice ones")
-        count = write_choice_records(questions, options.out)
+        pictures = options.out.with_suffix("") if options.kind == "image" else None
+        count = write_choice_records(questions, options.out, pictures)
         print(f"wrote {count} multiple-choice questions ({', '.join(CHOICES)}) to {options.out}; score them with "
-              "python -m adapter.evaluate --choices")
+              "python -m adapter.evaluate --choices" + (f" --image-folder {pictures}" if pictures else ""))
     elif options.kind == "text":
         write_text_records(questions, options.out)
         print(f"wrote {len(questions)} text questions to {options.out}")

@@ -29,26 +29,36 @@ def write_text_records(questions: list[Question], path: Path) -> Path:
     return path
 
 
-def write_choice_records(questions: list[Question], path: Path) -> int:
+def write_choice_records(questions: list[Question], path: Path, image_folder: Path | None = None) -> int:
     """The questions with a closed answer set as multiple-choice records (`python -m adapter.evaluate --choices`):
-    every colour, shape, place or count a scene may have is a choice; returns how many were written."""
-    records = [{"question": q.instruction, "choices": list(CHOICES[q.category]), "answer": q.answer}
-               for q in questions if q.category in CHOICES]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    every colour, shape, place or count a scene may have is a choice; image questions (`image_folder`: where
+    their PNGs go) ask about the rendered scene. Returns how many were written."""
+    chosen = [q for q in questions if q.category in CHOICES]
+    names = _pictures(chosen, image_folder) if image_folder is not None else [None] * len(chosen)
+    records = [{"question": q.question if name else q.instruction, "choices": list(CHOICES[q.category]),
+                "answer": q.answer, **({"image": name} if name else {})} for q, name in zip(chosen, names)]
+    _write_lines(path, [json.dumps(record) for record in records])
     return len(records)
 
 
 def write_image_records(questions: list[Question], path: Path, image_folder: Path) -> Path:
     """One record and one PNG per question (scenes repeat rarely; a shared file would save little)."""
+    names = _pictures(questions, image_folder)
+    _write_lines(path, [json.dumps({"id": str(index), "image": name, "conversations": [
+        {"from": "human", "value": f"<image>\n{question.question}"}, {"from": "gpt", "value": " " + question.answer}]})
+        for index, (question, name) in enumerate(zip(questions, names))])
+    return path
+
+
+def _pictures(questions: list[Question], image_folder: Path) -> list[str]:
+    """Each question's scene rendered as a PNG in `image_folder`; their file names."""
     image_folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for index, question in enumerate(questions):
-        name = f"{index:06d}.png"
+    names = [f"{index:06d}.png" for index in range(len(questions))]
+    for question, name in zip(questions, names):
         render(question.scene).save(image_folder / name)
-        lines.append(json.dumps({"id": str(index), "image": name, "conversations": [
-            {"from": "human", "value": f"<image>\n{question.question}"},
-            {"from": "gpt", "value": " " + question.answer}]}))
+    return names
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines))
-    return path
