@@ -261,6 +261,13 @@ class Engine:
         gate = self._gates(self.check(settings), [settings.gate_scale])
         return _each(self._generate([prompt], settings, gate, settings.delta_scale, stop=()), itemgetter(0))
 
+    def check_scored(self, text: str, name: str = "prompt") -> None:
+        """A ValueError unless `text` is a text the model can score whole (not empty, within its context)."""
+        check_text(text, name)
+        if not self._fits(text, 0):
+            raise ValueError(f"{name}: too long for this model's context of {self.model.args.max_seq_len} tokens; "
+                             "shorten it")
+
     def text_logprobs(self, text: str, settings: Settings, top_k: int = 0) -> list[TokenLogprob | None]:
         """Every token of `text` with its log-probability at the settings' scales and layers (None for a first token
         without a BOS before it; adapter.next_token.text_logprobs), holding the lock."""

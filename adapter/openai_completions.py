@@ -30,6 +30,8 @@ class TextCall(Call):
 
     def __init__(self, engine: Engine, prompt: str, settings: Settings, logprobs: int | None, stops: tuple[str, ...],
                  echo: bool, score_only: bool) -> None:
+        if score_only:
+            engine.check_scored(prompt)
         answers = iter([""]) if score_only else engine.complete(prompt, settings)
         super().__init__(engine, prompt, answers, settings, None, logprobs, stops)
         self.echo, self.score_only = echo, score_only
@@ -62,9 +64,6 @@ class TextCall(Call):
 
     def finish_reason(self, answer: str) -> str:
         return "length" if self.score_only else super().finish_reason(answer)
-
-    def usage(self, answer: str) -> dict[str, int]:
-        return {**super().usage(answer), **({"completion_tokens": 0} if self.score_only else {})}
 
 
 def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:

@@ -115,3 +115,9 @@ def test_bad_requests_name_their_field(client, body, param, message):
     assert reply.status_code in (400, 404)
     error = reply.json()["error"]
     assert error["param"] == param and message in error["message"]
+
+
+def test_a_text_longer_than_the_context_is_not_scored_cut(client, engines):
+    long = "There is a small red circle. " * (engines.get("tiny-text").model.args.max_seq_len // 4)
+    reply = client.post("/v1/completions", json={"prompt": long, "echo": True, "max_tokens": 0, "logprobs": 0})
+    assert reply.status_code == 400 and "prompt: too long for this model's context" in reply.json()["error"]["message"]
