@@ -21,7 +21,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request  # with gradio; here, so that FastAPI reads the annotations
@@ -66,36 +66,34 @@ def api_router(engines: Engines) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            body = await _json(request)
-            name, call = answer_call(engines, body)
-        except RequestError as error:
-            return refusal(error)
-        if body.get("stream"):  # the sync generator is run in the thread pool, as the answer below
-            return StreamingResponse(stream_events(name, call), media_type="text/event-stream")
-        return await run_in_threadpool(completion, name, call)
+        return await answered(request, lambda body: answer_call(engines, body), stream_events, completion)
 
     @router.post("/completions")
     async def completions(request: Request):
         from .openai_completions import completion_calls, stream_text_events, text_completion
 
-        try:
-            body = await _json(request)
-            name, calls = completion_calls(engines, body)
-        except RequestError as error:
-            return refusal(error)
-        if body.get("stream"):
-            return StreamingResponse(stream_text_events(name, calls[0]), media_type="text/event-stream")
-        return await run_in_threadpool(text_completion, name, calls)
+        return await answered(request, lambda body: completion_calls(engines, body),
+                              lambda name, calls: stream_text_events(name, calls[0]), text_completion)
 
     return router
 
 
-async def _json(request: Request) -> Any:
+async def answered(request: Request, check: Callable[[Any], tuple[str, Any]],
+                   stream: Callable[[str, Any], Iterator[str]], whole: Callable[[str, Any], dict]):
+    """A request's response: its JSON body checked (`check(body)`: the adapter's name and the lazy answer, or a
+    RequestError, answered with OpenAI's error object), then answered as server-sent events (`stream`) or whole
+    (`whole`), each run in the thread pool, where decoding may wait for the device."""
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RequestError(f"the body is not JSON ({error})") from None
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(f"the body is not JSON ({error})") from None
+        name, answer = check(body)
+    except RequestError as error:
+        return refusal(error)
+    if isinstance(body, dict) and body.get("stream"):  # the sync generator runs in the thread pool too
+        return StreamingResponse(stream(name, answer), media_type="text/event-stream")
+    return await run_in_threadpool(whole, name, answer)
 
 
 def refusal(error: RequestError) -> JSONResponse:

@@ -8,26 +8,16 @@ import json
 
 import pytest
 
-from adapter.app_config import TINY_FOLDER, load_engines, parse_config, tiny_available
+from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.engine import Settings
-from adapter.openai_api import build_api, main
+from adapter.openai_api import main
+
+from .openai_helpers import client, engines  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
 
 SCENE = "There is a large red star on the left. What colour is the star?"
 GREEDY = {"temperature": 0, "max_tokens": 30, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def engines():
-    return load_engines(parse_config([]))
-
-
-@pytest.fixture(scope="module")
-def client(engines):
-    from fastapi.testclient import TestClient
-
-    return TestClient(build_api(engines))
 
 
 def ask(client, messages, **options):

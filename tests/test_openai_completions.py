@@ -10,25 +10,14 @@ import pytest
 import torch
 
 import adapter
-from adapter.app_config import load_engines, parse_config, tiny_available
-from adapter.openai_api import build_api
+from adapter.app_config import tiny_available
+
+from .openai_helpers import client, engines  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
 
 PROMPT = adapter.alpaca("There is a large red star on the left. What colour is the star?")
 GREEDY = {"temperature": 0, "max_tokens": 12, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def engines():
-    return load_engines(parse_config([]))
-
-
-@pytest.fixture(scope="module")
-def client(engines):
-    from fastapi.testclient import TestClient
-
-    return TestClient(build_api(engines))
 
 
 def complete(client, **body):
