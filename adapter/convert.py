@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .formats import BASE_HELP, open_base, read_adapter
+from .formats import BASE_HELP, read_adapter
 from .formats.common import unrecorded_format_note
 from .formats.native import save_adapter
 from .formats.official import write_official_v1
 from .hub import resolve
+from .loading import open_named_base
 from .model import Transformer
 from .tokenizer import open_tokenizer
 
@@ -28,7 +29,7 @@ TARGETS = ("native", "peft", "official-v1")
 
 def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
     """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory)."""
-    checkpoint = open_base(resolve(base, "base"))
+    checkpoint = open_named_base(base)
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
     found = read_adapter(resolve(source, "source"))
     found.check_base(args)

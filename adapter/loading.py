@@ -58,6 +58,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def open_named_base(base: str | os.PathLike):
+    """The checkpoint a base argument names: a path, `hf:owner/name` (fetched), or the embedded `tiny` (what every
+    command line's --base takes)."""
+    return open_base(hub.resolve(resolve_tiny(base, None, None, None)[0], "base"))
+
+
 def load(
     base: str | os.PathLike,
     adapter: str | os.PathLike | AdapterArgs | LoadedAdapter | None = None,
@@ -88,7 +94,7 @@ def load(
     clip_mode = _clip_mode(clip, clip_quantize)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    checkpoint = open_base(hub.resolve(base, "base"))
+    checkpoint = open_named_base(base)
     tokenizer = open_tokenizer(checkpoint.tokenizer_path)
     args = checkpoint.model_args(tokenizer.n_words, max_seq_len)
     if tokenizer.n_words > args.vocab_size:

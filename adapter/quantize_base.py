@@ -27,16 +27,14 @@ from pathlib import Path
 
 import torch
 
-from . import hub
 from .config import ModelArgs
-from .formats import BASE_HELP, open_base
+from .formats import BASE_HELP
 from .formats.bnb import QuantizedWeight
 from .formats.common import new_file_mode
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
-from .loading import DTYPES, resolve_device
+from .loading import DTYPES, open_named_base, resolve_device
 from .quantize import BLOCK_SIZE, FROZEN_LINEARS, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
-from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import TOKENIZER_FILES, open_tokenizer
 
 # what a tokenizer folder may hold besides the tokenizer: its special tokens, chat template, generation stops
@@ -58,7 +56,7 @@ def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "
     out = Path(out)
     if out.exists():
         raise ValueError(f"out: {out} already exists; name a new folder")
-    checkpoint = open_base(hub.resolve(resolve_tiny(base, None, None, None)[0], "base"))
+    checkpoint = open_named_base(base)
     if getattr(checkpoint, "quantization", None):
         raise ValueError(f"base: {checkpoint.source} is already stored quantized ({checkpoint.quantization})")
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)

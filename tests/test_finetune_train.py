@@ -347,3 +347,16 @@ def test_mode_lora_trains_lora_alone_and_exports_it_as_peft(tmp_path, base_folde
         assert torch.allclose(ours(tokens), theirs(tokens).logits.float(), atol=1e-5)
     assert main(["--base", str(base_folder), "--data", str(data), "--out", str(tmp_path / "x"), "--mode", "lora"]) == 2
     assert "--mode lora trains LoRA alone: give its rank" in capsys.readouterr().err
+
+
+def test_the_embedded_tiny_base_is_named_as_every_command_line_names_it(tmp_path):
+    from adapter.app_config import tiny_available
+    from adapter.convert import convert
+    from adapter.finetune.trainer import base_args
+
+    if not tiny_available():
+        pytest.skip("assets/tiny not built yet")
+    assert base_args("tiny") == adapter.load("tiny", device="cpu").args
+    lora = AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2, lora_targets=("wq",))
+    adapter.save_adapter(randomize_adapter(adapter.load("tiny", adapter=lora, device="cpu")), tmp_path / "lora")
+    assert (convert(tmp_path / "lora", tmp_path / "peft", "peft", "tiny") / "adapter_config.json").is_file()

@@ -18,11 +18,11 @@ import torch
 from .. import hub
 from ..config import AdapterArgs
 from ..cpu_features import bf16_emulation_warning
-from ..formats import open_base, read_adapter
+from ..formats import read_adapter
 from ..formats.common import LoadedAdapter, unrecorded_format_note
 from ..formats.native import save_adapter
 from ..layout import row_major
-from ..loading import load, resolve_device
+from ..loading import load, open_named_base, resolve_device
 from ..model import Transformer
 from ..prompts import format_named
 from ..tokenizer import open_tokenizer
@@ -67,7 +67,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 def base_args(base: str):
     """The base's shape without loading its weights (to fit the adapter to its number of layers)."""
-    found = open_base(hub.resolve(base, "base"))
+    found = open_named_base(base)
     return found.model_args(open_tokenizer(found.tokenizer_path).n_words)
 
 
