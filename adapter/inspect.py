@@ -25,6 +25,7 @@ from .formats.gguf import is_gguf_file
 from .hub import resolve
 from .model import Transformer
 from .prompts import base_prompt_format, chat_template_source
+from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
 
 
@@ -114,7 +115,8 @@ def describe_adapter(path: Path) -> list[str]:
 
 
 def describe(path: str | Path) -> list[str]:
-    path = resolve(path, "path")  # hf:owner/name and official:NAME are fetched first
+    base, adapter, _, _ = resolve_tiny(path, path, None, None)  # the embedded model's names: its files
+    path = resolve(base if base != path else adapter, "path")  # hf:owner/name and official:NAME are fetched first
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if is_gguf_file(path) or path.is_dir() and any((path / name).exists()
@@ -125,8 +127,9 @@ def describe(path: str | Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapter.inspect", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="a base folder or .gguf file, or an adapter file/folder in any supported format "
-                                     "(hf:owner/name and official:NAME are fetched)")
+    parser.add_argument("path", help="a base folder or .gguf file, or an adapter file/folder in any supported format; "
+                                     "the embedded model by its names (tiny, tiny-text, tiny-image); hf:owner/name "
+                                     "and official:NAME are fetched")
     options = parser.parse_args(argv)
     try:
         print("\n".join(describe(options.path)))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import adapter
 from adapter.config import AdapterArgs
 from adapter.convert import main as convert_main
+from adapter.inspect import describe
 from adapter.inspect import main as inspect_main
 from tests.test_official_format import v2_state
 
@@ -77,3 +79,12 @@ def test_convert_native_to_official_v1_and_refusals(base_folder, tmp_path, capsy
     assert convert_main([str(path), str(tmp_path / "no.pth"), "--to", "official-v1", "--base", str(base_folder)]) == 2
     assert "holds only prompts and gates" in capsys.readouterr().err
     assert not (tmp_path / "no.pth").exists()
+
+
+def test_inspect_names_the_embedded_model_by_its_names():
+    from adapter.app_config import tiny_available
+
+    if not tiny_available():
+        pytest.skip("assets/tiny not built yet")
+    assert describe("tiny")[0].endswith("assets/tiny/base: base LLaMA, meta format")
+    assert describe("tiny-image")[0].endswith("assets/tiny/image/adapter.safetensors: adapter, native format")
