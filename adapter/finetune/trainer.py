@@ -141,7 +141,7 @@ class _Run:
         else:
             n_layers = base_args(config.base).n_layers
             layers = min(config.prompt_layers, n_layers)
-            if layers < config.prompt_layers:
+            if layers < config.prompt_layers and config.mode != "lora":  # a LoRA alone has no prompts
                 notice(f"--prompt-layers {config.prompt_layers} is more than the base's {n_layers} layers; "
                        f"using {layers}", self.main)
             adapter = adapter_args_for(config.mode, config.prompt_len, layers, config.lora_rank, config.scale,
