@@ -59,8 +59,8 @@ def read_lora(folder: Path) -> LoadedAdapter:
         r = down.shape[0]
         scaling = _scaling(config, module_name, r)
         prefix = f"layers.{layer}.{parent}.{linear}_delta"
-        tensors[f"{prefix}.lora_down.weight"] = torch.cat([down.float(), down.new_zeros(rank - r, down.shape[1])])
-        tensors[f"{prefix}.lora_up.weight"] = torch.cat([up.float() * scaling, up.new_zeros(up.shape[0], rank - r)],
+        tensors[f"{prefix}.lora_down.weight"] = torch.cat([down.float(), torch.zeros(rank - r, down.shape[1])])
+        tensors[f"{prefix}.lora_up.weight"] = torch.cat([up.float() * scaling, torch.zeros(up.shape[0], rank - r)],
                                                         dim=1)
     targets = tuple(t for t in LORA_TARGETS if any(MODULES[m][1] == t for _, _, m in pairs))
     dims = {a.shape[1] for (_, _, module), (a, _) in pairs.items() if module in READS_HIDDEN}
