@@ -44,6 +44,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 EXAMPLE_QUESTION = "What is in the picture?"
 MAX_UPLOAD = "20mb"
 SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
+GATE_LABEL = "Gate scale"
 SCORE_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "exact answers"]
 CHOICE_HEADERS = ["gate scale", "likeliest choice right %", "per byte %", "P(right choice) %"]
 TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 175 held-out text questions
@@ -297,6 +298,11 @@ class Handlers:
             plot = self.engines.get(adapter).training_plot()
         return gr.update(value=picture(plot), visible=plot is not None)
 
+    def gate_slider(self, adapter: str | None = None) -> dict[str, Any]:
+        """The gate slider's label for the chosen adapter (one without prompts has no gates to scale)."""
+        with user_errors():
+            return gr.update(label=gate_label(self.engines.get(adapter)))
+
     def model_info(self, adapter: str | None = None) -> dict[str, Any]:
         with user_errors():
             info = self.engines.get(adapter).model_info()
@@ -305,6 +311,15 @@ class Handlers:
 
 # Small pictures (the tiny model's scenes are 64 x 64) fill the image box instead of sitting in its middle.
 CSS = "#image img { width: 100%; height: 100%; object-fit: contain; }"
+
+
+def gate_label(engine: Engine) -> str:
+    """'Gate scale', or what to move instead for an adapter without adaption prompts (a LoRA, the V2 dialog)."""
+    if engine.has_gates:
+        return GATE_LABEL
+    if not engine.model.adapter_args.has_deltas:
+        return f"{GATE_LABEL} (no adapter: the frozen base answers)"
+    return f"{GATE_LABEL} (this adapter has no adaption prompts, so no gates: the delta scale in Advanced blends it)"
 
 
 def example_images() -> list[str]:
@@ -431,7 +446,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                     "sets how much the adapter speaks for the next answer: 0 is the frozen base, 1 the trained "
                     "adapter, above 1 exaggerated.")
         with gr.Row():
-            gate = gr.Slider(0, MAX_SCALE, value=DEFAULTS.gate_scale, step=0.05, label="Gate scale", elem_id="gate",
+            gate = gr.Slider(0, MAX_SCALE, value=DEFAULTS.gate_scale, step=0.05,
+                             label=gate_label(engines.get(engines.names[0])), elem_id="gate",
                              scale=3)
             layers = gr.Textbox("all", label="Adapter layers speaking ('all', 'top N', '28-31', heads '31:0-3'; "
                                 "the others silent)", elem_id="gate_layers", scale=1)
@@ -608,6 +624,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         for chosen in (layers.submit, layers.blur):
             chosen(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         adapter.change(handlers.training_plot, adapter, training, api_visibility="private")
+        adapter.change(handlers.gate_slider, adapter, gate, api_visibility="private")
         adapter.change(handlers.model_info, adapter, info, api_visibility="private")
         demo.load(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         demo.load(handlers.model_info, adapter, info, api_visibility="private")

@@ -78,9 +78,15 @@ def test_inspect_and_the_app_engine_see_a_lora(meta, tmp_path):
     peft_lora(meta, tmp_path / "lora", target_modules=["q_proj", "v_proj"])
     text = "\n".join(describe(tmp_path / "lora"))
     assert "peft-lora format" in text and "LoRA rank 4" in text
-    engine = load_engines(ServeConfig(base=str(meta), adapter=(str(tmp_path / "lora"),), device="cpu")).default
-    info = engine.model_info()
-    assert info["adapter_format"] == "peft-lora"
+    from app import GATE_LABEL, Handlers
+
+    engines = load_engines(ServeConfig(base=str(meta), adapter=(str(tmp_path / "lora"),), device="cpu"))
+    info = engines.default.model_info()
+    assert info["adapter_format"] == "peft-lora" and info["v2_parts"] == "LoRA rank 4"
+    assert "no adaption prompts, so no gates: the delta scale in Advanced blends it" in \
+        Handlers(engines).gate_slider()["label"]
+    bare = load_engines(ServeConfig(base=str(meta), device="cpu"))
+    assert Handlers(bare).gate_slider()["label"] == f"{GATE_LABEL} (no adapter: the frozen base answers)"
 
 
 @pytest.mark.parametrize("change, message", [
