@@ -14,7 +14,7 @@ from pathlib import Path
 from .questions import Question
 from .world import COLOURS, MAX_OBJECTS, SHAPES, SLOTS, render
 
-# the closed answer sets of the text questions that have one, each the choices of a multiple-choice question
+# the closed answer sets of the questions that have one, each the choices of a multiple-choice question
 CHOICES = {"colour": tuple(COLOURS), "shape": SHAPES, "position": tuple(SLOTS),
            "count": tuple(str(n) for n in range(MAX_OBJECTS + 1))}
 
@@ -24,8 +24,7 @@ def alpaca_record(question: Question) -> dict[str, str]:
 
 
 def write_text_records(questions: list[Question], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(alpaca_record(q)) + "\n" for q in questions))
+    _write_lines(path, [json.dumps(alpaca_record(q)) for q in questions])
     return path
 
 
