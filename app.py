@@ -342,10 +342,10 @@ def examples(config: ServeConfig) -> tuple[list[list[str]], list[str]]:
     return [[path, EXAMPLE_QUESTION] for path in example_images()], []
 
 
-def tiny_held_out(config: ServeConfig, choices: bool = False) -> Path | None:
-    """The tiny model's held-out text questions as fine-tuning records (`choices`: those with a closed answer set
-    as multiple-choice records), for the Score tab to offer (None for other models): one file in the temporary
-    folder, rewritten atomically at each start (its content never changes, so apps starting together agree)."""
+def tiny_held_out(config: ServeConfig) -> tuple[Path, Path] | None:
+    """The tiny model's held-out text questions as fine-tuning records, and those with a closed answer set as
+    multiple-choice records, for the Score tab to offer (None for other models): two files in the temporary folder,
+    rewritten atomically at each start (their content never changes, so apps starting together agree)."""
     if not serves_tiny(config):
         return None
     from adapter.formats.common import atomic_write
@@ -354,10 +354,11 @@ def tiny_held_out(config: ServeConfig, choices: bool = False) -> Path | None:
     from adapter.tiny.records import write_choice_records, write_text_records
 
     questions = held_out("text", RECIPES["full"].seed, TINY_HELD_OUT_PER_CATEGORY)
-    write = write_choice_records if choices else write_text_records
-    path = Path(tempfile.gettempdir()) / "llama-adapter" / f"tiny_held_out{'_choices' if choices else ''}.jsonl"
-    atomic_write(path, lambda tmp: write(questions, Path(tmp)))
-    return path
+    folder = Path(tempfile.gettempdir()) / "llama-adapter"
+    records, choices = folder / "tiny_held_out.jsonl", folder / "tiny_held_out_choices.jsonl"
+    atomic_write(records, lambda tmp: write_text_records(questions, Path(tmp)))
+    atomic_write(choices, lambda tmp: write_choice_records(questions, Path(tmp)))
+    return records, choices
 
 
 def tiny_held_out_images(config: ServeConfig) -> tuple[Path, list[str]] | None:
@@ -539,10 +540,10 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 score_images = gr.File(label="Pictures of image records (LLaVA layout), named as the records name "
                                        "them", file_count="multiple", file_types=["image"], type="filepath",
                                        value=[], elem_id="score_images")  # [] : API clients may leave it out
-            held_out_file, held_out_images = tiny_held_out(config), tiny_held_out_images(config)
-            if held_out_file is not None:
-                gr.Examples([[str(held_out_file), None], [str(held_out_images[0]), held_out_images[1]],
-                             [str(tiny_held_out(config, choices=True)), None]],
+            held_out_files, held_out_images = tiny_held_out(config), tiny_held_out_images(config)
+            if held_out_files is not None:
+                gr.Examples([[str(held_out_files[0]), None], [str(held_out_images[0]), held_out_images[1]],
+                             [str(held_out_files[1]), None]],
                             inputs=[score_file, score_images],
                             label="The tiny model's held-out questions (text; image, for its image adapter; "
                                   "multiple-choice)")

@@ -22,7 +22,6 @@ question about that picture, asked as the image tab asks it, its choices scored 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,7 +35,6 @@ from .finetune.encode import encode_example
 from .finetune.records import Example, image_field, kind, read_checked
 from .finetune.step import scored_positions
 from .gate_layers import Speaker, describe, gate_scale_rows, normalized
-from .generate import require_tokenizer
 from .prompts import PromptFormat, format_named
 
 if TYPE_CHECKING:
@@ -183,14 +181,9 @@ def evaluate_choices(
     """Score `model` on the multiple-choice questions of `data` at each of `gate_scales` (module docstring);
     `micro_batch_size` choices go through the model at once (each repeated once per gate scale); `delimiter` goes
     before each choice; image records find their pictures in `image_folder`."""
-    scales = [float(s) for s in gate_scales]
-    if not scales or any(not math.isfinite(s) or s < 0 for s in scales):
-        raise ValueError(f"gate_scales: give one or more finite scales >= 0, got {list(gate_scales)}")
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size: must be at least 1, got {micro_batch_size}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit: must be at least 1, got {limit}")
-    require_tokenizer(model)
+    from .evaluate import checked_request  # evaluate imports this module for --choices
+
+    scales = checked_request(gate_scales, micro_batch_size, None, limit, model)
     written = format_named(prompt_format or model.prompt_format)
     written.check(model.tokenizer)
     questions = read_questions(data, written, delimiter=delimiter, image_folder=image_folder)[:limit]

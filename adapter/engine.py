@@ -410,10 +410,11 @@ class Engine:
         scales = gate_scales(scales)
         if data is None:
             raise ValueError("data: upload a JSON or JSONL file of records first")
+        choices = holds_choices(data)  # read before the device's lock is taken
         with tempfile.TemporaryDirectory(prefix="uploaded-images-") as folder:
             _gather(images or (), Path(folder))
             with self.lock:
-                if holds_choices(data):
+                if choices:
                     return evaluate_choices(self.model, data, gate_scales=scales, delta_scale=settings.delta_scale,
                                             limit=MAX_SCORE_RECORDS, prompt_format=self.prompts.name,
                                             layers=self.layers_of(settings), image_folder=folder)

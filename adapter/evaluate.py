@@ -106,7 +106,7 @@ def evaluate(
     model's) cuts longer examples, as training does; with `layers`, only those adapter layers' prompts speak
     (adapter.gate_layers).
     """
-    scales = _checked(gate_scales, micro_batch_size, max_seq_len, limit, model)
+    scales = checked_request(gate_scales, micro_batch_size, max_seq_len, limit, model)
     written = format_named(prompt_format or model.prompt_format)
     tokenizer = model.tokenizer
     written.check(tokenizer)
@@ -133,8 +133,10 @@ def evaluate(
                       layers)
 
 
-def _checked(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: int | None, limit: int | None,
-             model: "Transformer") -> list[float]:
+def checked_request(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: int | None,
+                    limit: int | None, model: "Transformer") -> list[float]:
+    """The gate scales as floats, once the request's scales, batch size, length and limit are checked (ValueError
+    naming the one at fault) and the model has a tokenizer; shared with adapter.choices."""
     scales = [float(s) for s in gate_scales]
     if not scales or any(not math.isfinite(s) or s < 0 for s in scales):
         raise ValueError(f"gate_scales: give one or more finite scales >= 0, got {list(gate_scales)}")

@@ -134,7 +134,7 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
         page.get_by_text("tiny_held_out.jsonl").first.click()  # the tiny model's held-out questions, offered
         page.locator("#score_file [aria-label='tiny_held_out.jsonl']").wait_for()  # loaded before scoring
         scored = score(page, "0, 1")
-        held = tiny.engine.score(tiny_held_out(ServeConfig()), "0, 1", Settings())
+        held = tiny.engine.score(tiny_held_out(ServeConfig())[0], "0, 1", Settings())
         assert [[float(cell) for cell in row[:4]] for row in scored] == \
             [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1)]
              for s in held.scores]

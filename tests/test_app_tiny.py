@@ -114,7 +114,7 @@ def test_the_score_tab_scores_held_out_records_at_each_gate(served, client, tmp_
     from adapter.tiny.records import alpaca_record, write_text_records
     from app import TINY_HELD_OUT_PER_CATEGORY, tiny_held_out
 
-    offered = tiny_held_out(ServeConfig())
+    offered = tiny_held_out(ServeConfig())[0]
     assert [json.loads(line) for line in offered.read_text().splitlines()] == \
         [alpaca_record(q) for q in held_out("text", 0, TINY_HELD_OUT_PER_CATEGORY)]
     assert tiny_held_out(ServeConfig(base=str(tmp_path))) is None
@@ -133,8 +133,8 @@ def test_the_score_tab_scores_multiple_choice_questions_by_their_likeliest_choic
     from adapter.choices import evaluate_choices, holds_choices
     from app import CHOICE_HEADERS, tiny_held_out
 
-    data = tiny_held_out(ServeConfig(), choices=True)
-    assert holds_choices(data) and not holds_choices(tiny_held_out(ServeConfig()))
+    records, data = tiny_held_out(ServeConfig())
+    assert holds_choices(data) and not holds_choices(records)
     table, plot = client.predict(handle_file(str(data)), "0, 1", False, *controls(), api_name="/score")
     result = evaluate_choices(served.engines.get("tiny-text").model, data, gate_scales=[0.0, 1.0])
     assert table["headers"] == CHOICE_HEADERS
