@@ -49,9 +49,17 @@ def describe_base(path: Path) -> list[str]:
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
         f"stops at ids {sorted(tokenizer.stop_ids)})",
         f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path, tokenizer)}",
-    ] + ([f"  stored quantized: {stored} (bitsandbytes), loaded as stored"] if stored else []) + _ggml_types(
-        checkpoint) + [
+    ] + ([f"  stored quantized: {stored} (bitsandbytes), loaded as stored"] if stored else []) + _packing(
+        checkpoint) + _ggml_types(checkpoint) + [
         memory_line(args, checkpoint.tied_output, stored)]
+
+
+def _packing(checkpoint) -> list[str]:
+    """A GPTQ / AWQ / compressed-tensors base's packing."""
+    packing = getattr(checkpoint, "packing", None)
+    if packing is None:
+        return []
+    return [f"  stored packed: {packing.label} (dequantized while loading; --quantize nf4 or int8 quantizes again)"]
 
 
 def _ggml_types(checkpoint) -> list[str]:

@@ -171,8 +171,8 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 
 
 @pytest.mark.parametrize("saved, case, config_edit, tensors_edit, message", [
-    ("nf4", "another method", lambda c: c["quantization_config"].update(quant_method="gptq"), None,
-     r"quantization_config.quant_method 'gptq' is not supported \(only 'bitsandbytes'"),
+    ("nf4", "another method", lambda c: c["quantization_config"].update(quant_method="fp8"), None,
+     r"quantization_config.quant_method 'fp8' is not supported \(only 'bitsandbytes'"),
     ("nf4", "no config", lambda c: c.pop("quantization_config"), None,
      r"model.safetensors: holds bitsandbytes statistics \(model.layers.0.mlp.down_proj.weight.absmax\) but "
      r".*config.json has no "

@@ -32,7 +32,8 @@ ROW_MAJOR = 0  # weight_format: older bitsandbytes also wrote GPU tile layouts (
 
 def stored_quantization(config: dict[str, Any], path: Path) -> str | None:
     """The folder's 4-bit type ("nf4", "fp4") or "int8" from config.json's quantization_config; None if it has
-    none. Other quantization methods (GPTQ, AWQ, fp8, ...) are refused by name."""
+    none. Methods that are neither bitsandbytes nor read back to weights (adapter.formats.packed: GPTQ, AWQ,
+    compressed-tensors) are refused by name (fp8, HQQ, ...)."""
     settings = config.get("quantization_config")
     if settings is None:
         return None
@@ -41,7 +42,7 @@ def stored_quantization(config: dict[str, Any], path: Path) -> str | None:
     method = settings.get("quant_method", "bitsandbytes")
     if method != "bitsandbytes":
         raise ValueError(f"{path}: quantization_config.quant_method {method!r} is not supported (only "
-                         "'bitsandbytes': nf4, fp4 or int8 linears)")
+                         "'bitsandbytes': nf4, fp4 or int8 linears, or 'gptq', 'awq', 'compressed-tensors')")
     if settings.get("load_in_4bit"):
         kind = settings.get("bnb_4bit_quant_type", "fp4")
         if kind not in ("nf4", "fp4"):

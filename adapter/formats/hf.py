@@ -28,6 +28,7 @@ from ..tokenizer import find_tokenizer
 from .bnb import QuantizedWeight, split_stats, stored_quantization
 from .common import renamed, torch_load
 from .meta import read_json
+from .packed import PACKED_METHODS, packed_scheme
 from .window import sliding_window, windowed_args
 
 _TOP_LEVEL = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
@@ -222,7 +223,11 @@ class HFCheckpoint:
         self.config_path = folder / "config.json"
         config = read_json(self.config_path)
         self._params = _params(config, self.config_path)
-        self.quantization = stored_quantization(config, self.config_path)  # a pre-quantized folder's mode
+        settings = config.get("quantization_config")
+        self.packing = packed_scheme(settings, self.config_path) if isinstance(settings, dict) and \
+            settings.get("quant_method") in PACKED_METHODS else None  # GPTQ, AWQ, ...: read back to weights
+        # a bitsandbytes folder's mode: its linears stay as stored
+        self.quantization = None if self.packing else stored_quantization(config, self.config_path)
         self.family = "Mistral" if config["model_type"] == "mistral" else "LLaMA"
         self.window = sliding_window(config.get("sliding_window") if self.family == "Mistral" else None,
                                      self.config_path)
@@ -235,17 +240,25 @@ class HFCheckpoint:
         embeddings = self._where.get("tok_embeddings.weight")
         self.tied_output = embeddings is not None and self._where.get("output.weight") == embeddings
 
-    @staticmethod
-    def _map_names(files: list[_WeightFile], tied: bool) -> dict[str, tuple[_WeightFile, str]]:
-        """Meta name -> (file, HF name); tied or absent lm_head reads the embeddings."""
+    def _split(self, names: set[str]) -> tuple[set[str], dict[str, dict[str, str]]]:
+        """The plain tensor names, and the parts of each stored-quantized weight by that weight's name."""
+        return self.packing.split(names) if self.packing else split_stats(names)
+
+    def _map_names(self, files: list[_WeightFile], tied: bool) -> dict[str, tuple[_WeightFile, str]]:
+        """Meta name -> (file, HF name); tied or absent lm_head reads the embeddings. A packed linear's weight is
+        named as if it were stored (its parts may be in several shards)."""
         where: dict[str, tuple[_WeightFile, str]] = {}
         for file in files:
-            for hf_name in sorted(split_stats(file.names)[0]):
+            plain, owned = self._split(file.names)
+            packed = set(owned) if self.packing else set()
+            for hf_name in sorted(plain | packed):
                 if hf_name.endswith(IGNORED_SUFFIX) or (tied and hf_name == "lm_head.weight"):
                     continue
                 name = meta_name(hf_name)
                 if name is None:
                     raise ValueError(f"{file.path}: unexpected tensor {hf_name} (not part of a LLaMA model)")
+                if name in where and hf_name in packed and where[name][1] == hf_name:
+                    continue
                 if name in where:
                     raise ValueError(f"{file.path}: tensor {hf_name} is also in {where[name][0].path}")
                 where[name] = (file, hf_name)
@@ -254,19 +267,20 @@ class HFCheckpoint:
         return where
 
     def _map_stats(self, files: list[_WeightFile]) -> dict[str, dict[str, tuple[_WeightFile, str]]]:
-        """Meta name -> the bitsandbytes statistics of that weight: {key: (file, HF name)} (in any shard)."""
+        """Meta name -> the bitsandbytes statistics, or the packed parts, of that weight: {key: (file, HF name)} (in
+        any shard)."""
         stats: dict[str, dict[str, tuple[_WeightFile, str]]] = {}
         for file in files:
-            for hf_weight, keys in sorted(split_stats(file.names)[1].items()):
+            for hf_weight, keys in sorted(self._split(file.names)[1].items()):
                 name = meta_name(hf_weight)
                 if name is None or name not in self._where or self._where[name][1] != hf_weight:
                     first = next(iter(keys.values()))
                     raise ValueError(f"{file.path}: quantization statistics {first} belong to no weight of the model")
-                if self.quantization is None:
+                if self.quantization is None and self.packing is None:
                     first = next(iter(keys.values()))
                     raise ValueError(f"{file.path}: holds bitsandbytes statistics ({first}) but "
                                      f"{self.config_path} has no quantization_config")
-                if not name.startswith("layers."):
+                if not name.startswith("layers.") and not self.packing:
                     raise ValueError(f"{file.path}: {hf_weight} is stored quantized; only the linears of the layers "
                                      "can be (transformers leaves lm_head out unless told otherwise)")
                 stats.setdefault(name, {}).update({key: (file, hf_name) for key, hf_name in keys.items()})
@@ -283,15 +297,20 @@ class HFCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise ValueError(f"{self.source}: missing tensor {name}")
-        if name in self._stats:
-            raise ValueError(f"{self.source}: {self._where[name][1]} is stored quantized ({self.quantization}); "
-                             "it is read as a quantized linear (quantized_weight)")
         file, hf_name = self._where[name]
+        if name in self._stats and self.packing:
+            parts = {key: where.get(part_name) for key, (where, part_name) in self._stats[name].items()}
+            weight = self.packing.dequantize(f"{file.path}: {hf_name.removesuffix('.weight')}", parts)
+            return self._meta_rows(name, file, hf_name, weight, hf_to_meta_rows)
+        if name in self._stats:
+            raise ValueError(f"{self.source}: {hf_name} is stored quantized ({self.quantization}); "
+                             "it is read as a quantized linear (quantized_weight)")
         return self._meta_rows(name, file, hf_name, file.get(hf_name), hf_to_meta_rows)
 
     def quantized_weight(self, name: str) -> QuantizedWeight | None:
-        """The weight `name` as bitsandbytes stored it (rows in Meta's order), or None when it is a plain tensor."""
-        if name not in self._stats:
+        """The weight `name` as bitsandbytes stored it (rows in Meta's order), or None when it is a plain tensor
+        (a packed linear's weight is read back by `tensor`)."""
+        if name not in self._stats or self.packing:
             return None
         file, hf_name = self._where[name]
         stats = {key: where.get(stat_name) for key, (where, stat_name) in self._stats[name].items()}
