@@ -535,8 +535,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                         "the top). Multiple-choice records (`{question, choices, answer}`, MMLU's, ARC's) are "
                         "scored by which choice the model finds likeliest as its answer.")
             with gr.Row():
-                score_file = gr.File(label="Records (.json, .jsonl)", file_types=[".json", ".jsonl"],
-                                     type="filepath", elem_id="score_file")
+                score_file = gr.File(label="Records (.json, .jsonl, .parquet)",
+                                     file_types=[".json", ".jsonl", ".parquet"], type="filepath", elem_id="score_file")
                 score_images = gr.File(label="Pictures of image records (LLaVA layout), named as the records name "
                                        "them", file_count="multiple", file_types=["image"], type="filepath",
                                        value=[], elem_id="score_images")  # [] : API clients may leave it out

@@ -21,7 +21,6 @@ question about that picture, asked as the image tab asks it, its choices scored 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ import torch
 
 from .finetune.batching import collate
 from .finetune.encode import encode_example
-from .finetune.records import Example, image_field, kind, read_checked
+from .finetune.records import Example, first_record, image_field, kind, read_checked
 from .finetune.step import scored_positions
 from .gate_layers import Speaker, describe, gate_scale_rows, normalized
 from .prompts import PromptFormat, format_named
@@ -86,15 +85,7 @@ DELIMITER = " "
 def holds_choices(path: str | os.PathLike) -> bool:
     """Whether a data file's first record is a multiple-choice question (it has "choices"), not a fine-tuning
     record: how the app's Score tab tells the two apart."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return False  # the fine-tuning reader then says what is wrong with the file
-    try:
-        first = json.loads(text) if text.lstrip().startswith("[") else json.loads(text.lstrip().split("\n", 1)[0])
-    except json.JSONDecodeError:
-        return False
-    first = first[0] if isinstance(first, list) and first else first
+    first = first_record(path)  # None when unreadable: the fine-tuning reader then says what is wrong with the file
     return isinstance(first, dict) and "choices" in first
 
 

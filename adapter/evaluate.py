@@ -26,7 +26,7 @@ from .choices import ChoiceEvaluation, evaluate_choices
 from .choices import table as choices_table
 from .finetune.batching import collate, eval_batches
 from .finetune.encode import Encoded, encode_example
-from .finetune.records import Example, read_records
+from .finetune.records import DATA_HELP, Example, read_records
 from .finetune.step import scored_positions
 from .formats import BASE_HELP
 from .formats.common import atomic_write
@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", nargs="+", metavar="ADAPTER",
                         help="adapter file or folder, any format; several are scored in turn on one shared base")
     parser.add_argument("--data", required=True,
-                        help="JSON list or JSONL of {instruction, input?, output} or LLaVA records")
+                        help=f"{DATA_HELP} of {{instruction, input?, output}} or LLaVA records (with --choices: "
+                             "{question, choices, answer})")
     parser.add_argument("--image-folder", help="folder that LLaVA records' 'image' paths are relative to")
     parser.add_argument("--clip", help="CLIP weights for the adapters with a visual prompt (a file or open_clip tag)")
     parser.add_argument("--clip-model", help="open_clip model name or config .json (default: the adapter's)")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .finetune.records import DATA_HELP
 from .formats import BASE_HELP
 from .gate_layers import (
     FLAG_HELP,
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     asked = parser.add_mutually_exclusive_group(required=True)
     asked.add_argument("--prompt", help="the instruction or text to continue")
     asked.add_argument("--prompts-file", metavar="FILE",
-                       help="answer every question of a JSON list or JSONL file instead (strings, objects with "
+                       help=f"answer every question of {DATA_HELP} instead (strings, objects with "
                             "instruction, input?, system?, image?, or LLaVA records), written to --out as JSONL")
     parser.add_argument("--out", metavar="FILE", help="where --prompts-file's answers go (JSONL, written atomically)")
     parser.add_argument("--image-folder", help="folder that --prompts-file's image paths are relative to")

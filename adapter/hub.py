@@ -1,6 +1,6 @@
 """Optional downloads, only when asked for: from the Hugging Face hub with an explicit `hf:owner/name` (or one GGUF
-file of a repository, `hf:owner/name/FILE.gguf`), and the official release files with `official:NAME`
-(adapter.releases).
+file of a repository, `hf:owner/name/FILE.gguf`; for data, one file of a dataset repository), and the official
+release files with `official:NAME` (adapter.releases).
 
 Nothing else in the project touches the network: a plain path that does not exist is an error, never a
 guess at a repository.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 PREFIX = "hf:"
@@ -18,6 +20,7 @@ _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Mistral's theirs as consolidated*.safetensors beside the HF files; the HF files are the ones read, so the
 # copies (2.5 GB for Llama 3.2 1B, 16 GB for 3.1 8B, 14.5 GB for Mistral 7B) are not fetched
 SKIPPED = ["original/*", "consolidated*.safetensors"]
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")  # what a dataset repository's records may be stored as
 
 
 def is_remote(value: str | os.PathLike) -> bool:
@@ -40,18 +43,70 @@ def resolve(value: str | os.PathLike, what: str) -> Path:
     repo, file_name = _repo_and_file(text[len(PREFIX):])
     if not _REPO.match(repo):
         raise ValueError(f"{what}: {text!r} is not a hub repository id like hf:owner/name (or hf:owner/name/FILE.gguf)")
+    hub = _hub(what, repo)
+    with _fetching(what, repo):
+        if file_name is not None:
+            return Path(hub.hf_hub_download(repo_id=repo, filename=file_name))
+        return Path(hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED))
+
+
+def resolve_data(value: str | os.PathLike, what: str) -> Path:
+    """A local data file as given, or one file of a hub dataset repository: `hf:owner/name/path/FILE` that file,
+    `hf:owner/name` its only data file (.parquet, .jsonl, .json), or else its only one named train*."""
+    text = str(value)
+    if not text.startswith(PREFIX):
+        return Path(value)
+    owner, _, rest = text[len(PREFIX):].partition("/")
+    name, _, file_name = rest.partition("/")
+    repo = f"{owner}/{name}"
+    if not _REPO.match(repo):
+        raise ValueError(f"{what}: {text!r} is not a hub dataset like hf:owner/name (or hf:owner/name/FILE)")
+    hub = _hub(what, repo)
+    with _fetching(what, repo):
+        file_name = file_name or _data_file(hub.list_repo_files(repo, repo_type="dataset"), repo, what)
+        return Path(hub.hf_hub_download(repo_id=repo, filename=file_name, repo_type="dataset"))
+
+
+def _data_file(files: list[str], repo: str, what: str) -> str:
+    """The one file of a dataset repository that holds its (training) records."""
+    found = sorted(f for f in files if f.endswith(DATA_SUFFIXES) and not Path(f).name.startswith("dataset_info"))
+    train = [f for f in found if Path(f).name.startswith("train")]
+    for candidates in (found, train):
+        if len(candidates) == 1:
+            return candidates[0]
+    if not found:
+        raise ValueError(f"{what}: hf:{repo} holds no data file ({', '.join(DATA_SUFFIXES)})")
+    listed = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "")
+    raise ValueError(f"{what}: hf:{repo} holds {len(found)} data files and not one named train*: {listed}; name one: "
+                     f"hf:{repo}/FILE")
+
+
+def _hub(what: str, repo: str):
     try:
         import huggingface_hub
     except ImportError as error:
         raise ValueError(f"{what}: downloading {repo} needs the huggingface_hub package "
                          "(pip install huggingface_hub)") from error
+    return huggingface_hub
+
+
+@contextmanager
+def _fetching(what: str, repo: str) -> Iterator[None]:
+    """Any failure of the hub (offline, unknown repository, gated, network) as one ValueError naming the repository;
+    this module's own ValueErrors pass as they are."""
     try:
-        if file_name is not None:
-            return Path(huggingface_hub.hf_hub_download(repo_id=repo, filename=file_name))
-        return Path(huggingface_hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED))
-    except Exception as error:  # offline, unknown repository, gated model, network failure...
-        raise ValueError(f"{what}: could not get {repo} from the Hugging Face hub ({type(error).__name__}: "
-                         f"{error}); download it yourself and pass the folder") from error
+        yield
+    except ValueError as error:
+        if str(error).startswith(f"{what}: "):
+            raise
+        raise _unfetched(what, repo, error) from error
+    except Exception as error:
+        raise _unfetched(what, repo, error) from error
+
+
+def _unfetched(what: str, repo: str, error: Exception) -> ValueError:
+    return ValueError(f"{what}: could not get {repo} from the Hugging Face hub ({type(error).__name__}: {error}); "
+                      "download it yourself and pass the path")
 
 
 def _repo_and_file(name: str) -> tuple[str, str | None]:

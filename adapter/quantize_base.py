@@ -127,21 +127,8 @@ class _Writer:
 
     def _config(self) -> dict:
         """config.json as transformers writes it for this shape and quantization."""
-        a, mistral = self.args, self.checkpoint.family == "Mistral"
         dtype = str(self.dtype).removeprefix("torch.")
-        config = {
-            "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
-            "model_type": "mistral" if mistral else "llama", "hidden_act": "silu", "hidden_size": a.dim,
-            "intermediate_size": a.ffn_hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
-            "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
-            "rms_norm_eps": a.norm_eps, "max_position_embeddings": a.max_seq_len, "rope_theta": a.rope_theta,
-            "rope_scaling": _rope_scaling(a), "tie_word_embeddings": bool(self.checkpoint.tied_output),
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype,
-            "quantization_config": self._quantization_config(dtype),
-        }
-        if mistral:
-            config["sliding_window"] = getattr(self.checkpoint, "window", None)
-        return config
+        return {**hf_config(self.checkpoint, self.args, dtype), "quantization_config": self._quantization_config(dtype)}
 
     def _quantization_config(self, dtype: str) -> dict:
         four_bit = self.mode != "int8"
@@ -150,6 +137,24 @@ class _Writer:
                 "bnb_4bit_use_double_quant": four_bit and self.double_quant, "bnb_4bit_quant_storage": "uint8",
                 "llm_int8_threshold": INT8_OUTLIER_THRESHOLD, "llm_int8_has_fp16_weight": False,
                 "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def hf_config(checkpoint, args: ModelArgs, dtype: str) -> dict:
+    """config.json as transformers writes it for a base of this shape (from `checkpoint`: family, tied head,
+    sliding window) stored in `dtype` ("float16", ...)."""
+    a, mistral = args, checkpoint.family == "Mistral"
+    config = {
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama", "hidden_act": "silu", "hidden_size": a.dim,
+        "intermediate_size": a.ffn_hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
+        "rms_norm_eps": a.norm_eps, "max_position_embeddings": a.max_seq_len, "rope_theta": a.rope_theta,
+        "rope_scaling": _rope_scaling(a), "tie_word_embeddings": bool(checkpoint.tied_output),
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype,
+    }
+    if mistral:
+        config["sliding_window"] = getattr(checkpoint, "window", None)
+    return config
 
 
 def _bytes(tensors: dict[str, torch.Tensor]) -> int:

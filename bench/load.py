@@ -1,9 +1,10 @@
 """Load benchmark: time and peak resident memory to load a LLaMA-7B-shaped Meta checkpoint (random fp16
 weights, 13.5 GB, written once by this benchmark) into nf4 on the CPU, quantizing while loading, against loading
 the pre-quantized folder `adapter.quantize_base` writes from it (once, beside it; timed too), and with `--gguf`
-against a llama.cpp GGUF file of the same weights in Q8_0 (dequantized, then quantized while loading).
+against a llama.cpp GGUF file of the same weights in Q8_0 (dequantized, then quantized while loading), and with
+`--gptq` against a GPTQ 4-bit folder of them (bench.gptq_file; read back to weights, then quantized while loading).
 
-    python -m bench.load [--folder /tmp/llama-7b-random] [--quantize nf4] [--gguf] [--write BENCHMARKS.md]
+    python -m bench.load [--folder /tmp/llama-7b-random] [--quantize nf4] [--gguf] [--gptq] [--write BENCHMARKS.md]
 
 Each load runs in a fresh process, so its peak RSS (VmHWM; unlike ru_maxrss, not inherited from this process,
 which grew while writing the checkpoint) is its own; both print their last logits for one
@@ -24,6 +25,7 @@ import torch
 
 from adapter.config import ModelArgs
 from adapter.quantize_base import quantize_base
+from bench.gptq_file import write_gptq
 from bench.report import publish
 
 LLAMA_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6)
@@ -104,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="none: only the fp16 checkpoint, loaded as it is")
     parser.add_argument("--gguf", action="store_true",
                         help="also load a GGUF file of the same weights in Q8_0 (written once, beside the checkpoint)")
+    parser.add_argument("--gptq", action="store_true",
+                        help="also load a GPTQ 4-bit folder of the same weights (written once, beside the checkpoint)")
     parser.add_argument("--write", help="replace the load section of this markdown file (e.g. BENCHMARKS.md)")
     options = parser.parse_args(argv)
     folder = Path(options.folder)
@@ -127,6 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_q8_0(folder, gguf_file)
         rows.append((f"a GGUF file of the same weights in Q8_0 ({gguf_file.stat().st_size / 1e9:.1f} GB)",
                      measure_load(gguf_file, options.quantize)))
+    gptq_folder = folder.with_name(f"{folder.name}-gptq")
+    if options.gptq and options.quantize != "none":
+        if not gptq_folder.exists():
+            started = time.perf_counter()
+            write_gptq(folder, gptq_folder)
+            print(f"wrote {gptq_folder} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        rows.append((f"a GPTQ folder of the same weights, 4-bit, groups of 128 ({_gb(gptq_folder):.1f} GB)",
+                     measure_load(gptq_folder, options.quantize)))
     command = "python -m bench.load " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"## Load (CPU): LLaMA-7B-shaped Meta checkpoint, {size:.1f} GB fp16, into {options.quantize}",
@@ -144,13 +156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         first, second = (torch.tensor(r["logits"]) for _, r in rows[:2])
         lines += ["", f"Largest difference between the first two loads' last logits: "
                       f"{(first - second).abs().max():.2g} (logits up to {first.abs().max():.2g})."]
-    if len(rows) == 3:
-        gguf_logits = torch.tensor(rows[2][1]["logits"])
-        difference = (first - gguf_logits).abs().max()
-        lines += [f"The GGUF file's: {difference:.2g} from the first (its weights were rounded to Q8_0 before nf4, so "
-                  "some nf4 codes differ, and 32 random layers amplify that; the reading itself is checked against "
-                  "transformers' GGUF loader in tests/test_gguf.py). The file is written by "
-                  "`bench.gguf_file` in llama.cpp's layout, beside the checkpoint."]
+    notes = {"a GGUF": "The GGUF file's: {0:.2g} from the first (its weights were rounded to Q8_0 before nf4, so some "
+                       "nf4 codes differ, and 32 random layers amplify that; the reading itself is checked against "
+                       "transformers' GGUF loader in tests/test_gguf.py). The file is written by `bench.gguf_file` in "
+                       "llama.cpp's layout, beside the checkpoint.",
+             "a GPTQ": "The GPTQ folder's: {0:.2g} from the first (rounded to 4 bits, then again to nf4; the reading "
+                       "is checked against GPTQModel's own dequantizing in tests/test_packed.py). The folder is "
+                       "written by `bench.gptq_file` (AutoGPTQ's layout, round-to-nearest codes), beside the "
+                       "checkpoint."}
+    for name, result in rows[2:]:
+        difference = (first - torch.tensor(result["logits"])).abs().max()
+        lines += [note.format(difference) for start, note in notes.items() if name.startswith(start)]
     text = "\n".join(lines + [""])
     publish(text, "Load (CPU)", options.write)
     return 0

@@ -100,6 +100,16 @@ def test_a_linears_parts_may_lie_in_two_shards(tokenizer_model, tmp_path):
     assert torch.equal(logits(adapter.load(folder, device="cpu")), expected)
 
 
+def test_the_benchmarks_gptq_writer_packs_what_the_reader_reads():
+    from bench.gptq_file import GROUP_SIZE, pack_gptq
+
+    weight = torch.randn(64, 2 * GROUP_SIZE, generator=torch.Generator().manual_seed(0))
+    parts = pack_gptq(weight)
+    read = PackedScheme("gptq", 4, GROUP_SIZE, zeros_minus_one=True).dequantize("x", parts).float()
+    step = parts["scales"].float().T.repeat_interleave(GROUP_SIZE, 1)
+    assert ((read - weight).abs() <= step / 2 + 1e-3).all() and (read - weight).abs().max() > 0
+
+
 def test_gptq_v1_zeros_come_back_across_a_borrow():
     """v1 files store each zero minus one by subtracting 0x11111111 from whole words (AutoGPTQ's pack, GPTQModel's
     v2 -> v1 conversion), so a zero of 0 borrows from the next code; adding the words back undoes it exactly."""

@@ -15,6 +15,7 @@ from ..config import VISUAL_PROMPT_KINDS
 from ..formats import BASE_HELP
 from ..prompts import PROMPT_FORMATS
 from .config import AUTOCASTS, EXPORTS, MODES, TrainConfig
+from .records import DATA_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adapter.finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True,
                    help=BASE_HELP)
-    p.add_argument("--data", required=True, help="JSON list or JSONL of {instruction, input?, output} or LLaVA records")
+    p.add_argument("--data", required=True,
+                   help=f"{DATA_HELP} of {{instruction, input?, output}}, LLaVA or chat messages records")
     p.add_argument("--image-folder", help="folder that LLaVA records' 'image' paths are relative to")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, plots, adapter/")
     p.add_argument("--mode", choices=MODES, default=d.mode,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..hub import resolve_data
 from ..paths import not_a_file
 from ..prompts import PROMPT_FORMATS, PromptFormat
 
@@ -59,13 +60,17 @@ class Example:
     image: Path | None = None
 
 
+# what every data flag takes
+DATA_HELP = "a JSON list, JSONL or Parquet file, or hf:owner/name[/FILE] (a hub dataset's file)"
+
+
 class DataError(ValueError):
     """Bad records in a data file; the message lists every one of them."""
 
 
 def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
                  prompt_format: PromptFormat = PROMPT_FORMATS["alpaca"], flag: str = "--data") -> list[list[Example]]:
-    """The examples of each record of a JSON list or JSONL file (one list per record, in file order).
+    """The examples of each record of a JSON list, JSONL or Parquet file (one list per record, in file order).
 
     Raises DataError naming `flag`, the file and every bad record (location and reason), or the file when it
     is unreadable.
@@ -78,8 +83,9 @@ def read_checked(path: str | os.PathLike, image_folder: str | os.PathLike | None
                  parse: Callable[[str, Any, Path | None, list[str]], T], noun: str = "record",
                  outcome: str = "none read") -> list[T]:
     """`parse(location, value, image folder, reasons)` of every entry of a JSON list or JSONL file, in order; a
-    DataError naming `flag`, the file and every entry whose `reasons` it filled (all of them, in one message)."""
-    path = Path(path)
+    DataError naming `flag`, the file and every entry whose `reasons` it filled (all of them, in one message). A
+    Parquet file's rows are entries too, and `hf:owner/name[/FILE]` is a hub dataset's file (adapter.hub)."""
+    path = resolve_data(path, flag)
     found = _read_entries(path, flag)
     folder = _checked_folder(image_folder)
     parsed, problems = [], []
@@ -97,16 +103,44 @@ def read_checked(path: str | os.PathLike, image_folder: str | os.PathLike | None
     return parsed
 
 
+def first_record(path: str | os.PathLike) -> Any:
+    """A local data file's first entry, or None when it holds none or cannot be read: what kind of records it is."""
+    try:
+        for _, value, error in _read_entries(Path(path), "data"):
+            return None if error else value
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _read_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]]:
-    """The entries of a JSON list or JSONL file (see `_entries`); the file's absence or unreadability raised now,
-    naming `flag`."""
+    """The entries of a JSON list, JSONL or Parquet file (see `_entries`, `_parquet_entries`); the file's absence or
+    unreadability raised now, naming `flag`."""
     if not path.is_file():
         raise FileNotFoundError(f"{flag}: {not_a_file(path)}")
+    if path.suffix == ".parquet":
+        return _parquet_entries(path, flag)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{flag}: cannot read {path} ({error})") from error
     return _entries(path, text, flag)
+
+
+def _parquet_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]]:
+    """(location, record, None) for each row of a Parquet file (as the hub's datasets are stored), its columns as
+    the record's fields; a null field is left out, as a JSON record would leave it out."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as error:
+        raise DataError(f"{flag}: reading {path} needs the pyarrow package (pip install pyarrow)") from error
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except (OSError, pyarrow.ArrowException) as error:
+        raise DataError(f"{flag}: {path} is not a readable Parquet file ({error})") from error
+    return ((f"{path} [row {index}]", {key: value for key, value in row.items() if value is not None}, None)
+            for index, row in enumerate(rows))
 
 
 def _checked_folder(image_folder: str | os.PathLike | None) -> Path | None:

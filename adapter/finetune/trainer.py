@@ -71,7 +71,7 @@ def base_args(base: str):
     return found.model_args(open_tokenizer(found.tokenizer_path).n_words)
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -87,10 +87,11 @@ class _Run:
         self._encoder = None  # the CLIP tower of --mode vision, loaded when first needed
         self.resume_from = self._check_out()
         self.prompt_format = format_named(config.prompt_format, "--prompt-format")
-        records = read_records(config.data, config.image_folder, self.prompt_format)
+        data = hub.resolve_data(config.data, "--data")  # a hub dataset's file is fetched once, read and hashed
+        records = read_records(data, config.image_folder, self.prompt_format)
         self.val_records = None if config.val_data is None else \
             read_records(config.val_data, config.image_folder, self.prompt_format, "--val-data")
-        self.data_sha256 = _sha256(config.data)
+        self.data_sha256 = _sha256(data)
         saved = self._check_resume() if self.resume_from else None
         self.model = self._load_model()
         check_export(config.export, self.model.adapter_args)

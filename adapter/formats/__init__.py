@@ -16,7 +16,8 @@ BASE_FORMATS = ("a Meta folder (params.json, consolidated.*.pth), a Mistral one 
                 "consolidated*.safetensors), a litgpt one (lit_model.pth, model_config.yaml), an HF folder "
                 "(config.json) or a llama.cpp .gguf file")
 # what every command line's --base takes
-BASE_HELP = ("base LLaMA: a folder (Meta, HF, Mistral, litgpt or pre-quantized layout), a llama.cpp .gguf file, "
+BASE_HELP = ("base LLaMA: a folder (Meta, HF, Mistral, litgpt, bitsandbytes, GPTQ, AWQ or compressed-tensors "
+             "layout), a llama.cpp .gguf file, "
              "hf:owner/name (or one file, hf:owner/name/FILE.gguf), or tiny (the embedded model)")
 ADAPTER_FORMATS = ("our adapter.safetensors (or a folder with it), a PEFT adaption_prompt or LoRA folder "
                    "(adapter_config.json), an official LLaMA-Adapter v1/v2 .pth file, or a litgpt "
