@@ -27,6 +27,7 @@ from .footprint import held_bytes, kv_bytes_per_token
 from .gate_layers import Speaker, adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
 from .images import load_image
+from .prompt_ids import Prompt, prompt_ids
 from .prompts import format_named
 
 if TYPE_CHECKING:
@@ -253,28 +254,33 @@ class Engine:
         rows = self._generate([prompt], settings, gate, settings.delta_scale, None if image is None else [image])
         return _each(rows, itemgetter(0))
 
-    def complete(self, prompt: str, settings: Settings) -> Iterator[str]:
-        """A continuation of `prompt` as it is written (no prompt format, so none of its stop strings): what the
-        legacy completions API asks for; decoded on its own, not in the users' batch. Checked now (ValueError)."""
-        check_text(prompt, "prompt")
+    def complete(self, prompt: Prompt, settings: Settings) -> Iterator[str]:
+        """A continuation of `prompt` (a text, or token ids) as it is written (no prompt format, so none of its stop
+        strings): what the legacy completions API asks for; decoded on its own, not in the users' batch. Checked
+        now (ValueError)."""
+        if isinstance(prompt, str):
+            check_text(prompt, "prompt")
         self._require_room(prompt, "prompt")
         gate = self._gates(self.check(settings), [settings.gate_scale])
         return _each(self._generate([prompt], settings, gate, settings.delta_scale, stop=()), itemgetter(0))
 
-    def check_scored(self, text: str, name: str = "prompt") -> None:
-        """A ValueError unless `text` is a text the model can score whole (not empty, within its context)."""
-        check_text(text, name)
-        if not self._fits(text, 0):
+    def check_scored(self, prompt: Prompt, name: str = "prompt") -> None:
+        """A ValueError unless `prompt` is a text (or token ids) the model can score whole (not empty, within its
+        context)."""
+        if isinstance(prompt, str):
+            check_text(prompt, name)
+        if not self._fits(prompt, 0, name):
             raise ValueError(f"{name}: too long for this model's context of {self.model.args.max_seq_len} tokens; "
                              "shorten it")
 
-    def text_logprobs(self, text: str, settings: Settings, top_k: int = 0) -> list[TokenLogprob | None]:
-        """Every token of `text` with its log-probability at the settings' scales and layers (None for a first token
-        without a BOS before it; adapter.next_token.text_logprobs), holding the lock."""
+    def text_logprobs(self, prompt: Prompt, answer: str, settings: Settings,
+                      top_k: int = 0) -> list[TokenLogprob | None]:
+        """Every token of `prompt` + `answer` with its log-probability at the settings' scales and layers (None for a
+        first token with nothing before it; adapter.next_token.text_logprobs), holding the lock."""
         from .next_token import text_logprobs
 
         with self.lock:
-            return text_logprobs(self.model, text, self._gates(settings, [settings.gate_scale]),
+            return text_logprobs(self.model, prompt, answer, self._gates(settings, [settings.gate_scale]),
                                  settings.delta_scale, top_k)
 
     def _question_prompt(self, question: str, settings: Settings) -> str:
@@ -389,11 +395,12 @@ class Engine:
         if not yielded:
             yield answers
 
-    def _fits(self, prompt: str, new_tokens: int) -> bool:
-        return len(self.model.tokenizer.encode(prompt)) + new_tokens <= self.model.args.max_seq_len
+    def _fits(self, prompt: Prompt, new_tokens: int, name: str = "prompt") -> bool:
+        ids = prompt_ids(self.model.tokenizer, prompt, self.model.args.vocab_size, name)
+        return len(ids) + new_tokens <= self.model.args.max_seq_len
 
-    def _require_room(self, prompt: str, name: str) -> None:
-        if not self._fits(prompt, 1):
+    def _require_room(self, prompt: Prompt, name: str) -> None:
+        if not self._fits(prompt, 1, name):
             limit = self.model.args.max_seq_len
             raise ValueError(f"{name}: too long for this model's context of {limit} tokens; shorten it")
 
@@ -444,7 +451,7 @@ class Engine:
             return prompt_shares(self.model, prompt_text, answer, self._gates(settings, [settings.gate_scale]),
                                  settings.delta_scale, images)
 
-    def answer_logprobs(self, prompt_text: str, answer: str, settings: Settings, image: Any = None,
+    def answer_logprobs(self, prompt_text: Prompt, answer: str, settings: Settings, image: Any = None,
                         top_k: int = 0) -> list[TokenLogprob]:
         """Each token of `answer` with its log-probability at the settings' scales and layers (and the `top_k`
         likeliest at its place; adapter.next_token.answer_logprobs), holding the lock."""

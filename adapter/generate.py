@@ -30,6 +30,7 @@ from .gate_layers import (
     speaking,
 )
 from .kv_cache import KV_CACHE_DTYPES
+from .prompt_ids import Prompt, prompt_ids
 from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample
 from .text_stream import TextStream
@@ -151,7 +152,7 @@ def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest], seen: 
 
 def stream_batch(
     model: "Transformer",
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     images: Sequence[Any] | None = None,
     template: str | None = None,
@@ -163,7 +164,8 @@ def stream_batch(
 ) -> Iterator[list[str]]:
     """For each step, the new text piece of every row (empty for rows that are done).
 
-    `images` gives one image (path, PIL image, array) or None per prompt; each image is encoded once and
+    A prompt is a text or token ids fed as they are (adapter.prompt_ids). `images` gives one image (path, PIL
+    image, array) or None per prompt; each image is encoded once and
     its visual prompt reaches every adapter layer through the gated prompt path. `template` writes each
     prompt in a prompt format ("auto": the adapter's own, see adapter.prompts), after the `system` prompt
     when given (chat formats only); None feeds them as given. `rows` gives each row options of its own over
@@ -185,8 +187,10 @@ def stream_batch(
 
             with torch.inference_mode():
                 visual_prompt = encode_images(model, images)
+    if written is not None and any(not isinstance(p, str) for p in prompts):
+        raise ValueError("prompts: token ids are fed as they are; they take no template (a prompt format)")
     texts = [p if written is None else written.instruction(p, system=system) for p in prompts]
-    ids = [tokenizer.encode(t, bos=True, eos=False) for t in texts]
+    ids = [prompt_ids(tokenizer, t, model.args.vocab_size, f"prompts[{i}]") for i, t in enumerate(texts)]
     streams = [TextStream(tokenizer, request.stop) for request in requests]
     finished = [False] * len(ids)
     for step, step_ids in enumerate(decode_tokens(model, ids, requests, gate_scale=gate_scale,

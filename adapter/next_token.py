@@ -20,6 +20,7 @@ import torch
 
 from .gate_layers import Speaker, gate_scale_rows
 from .generate import prompt_writer, require_tokenizer
+from .prompt_ids import Prompt
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -152,7 +153,7 @@ class TokenLogprob:
     top: list[tuple[str, float]]
 
 
-def answer_logprobs(model: Transformer, prompt: str, answer: str, gate_scale: Any = 1.0, delta_scale: float = 1.0,
+def answer_logprobs(model: Transformer, prompt: Prompt, answer: str, gate_scale: Any = 1.0, delta_scale: float = 1.0,
                     image: Any = None, top_k: int = 0) -> list[TokenLogprob]:
     """Each token of `answer` after `prompt` (fed as given after BOS) with its log-probability under the model at
     these scales (temperature 1: the distribution it is drawn from, before top-p), and the `top_k` likeliest
@@ -163,15 +164,20 @@ def answer_logprobs(model: Transformer, prompt: str, answer: str, gate_scale: An
     return token_logprobs(model, prompt_ids + answer_ids, len(prompt_ids), gate_scale, delta_scale, image, top_k)
 
 
-def text_logprobs(model: Transformer, text: str, gate_scale: Any = 1.0, delta_scale: float = 1.0,
-                  top_k: int = 0) -> list[TokenLogprob | None]:
-    """Every token of `text` (after BOS) with its log-probability given the tokens before it, as `answer_logprobs`;
-    None for the first one when the tokenizer has no BOS to condition it on (how a text is scored: the legacy
-    completions API's `echo`)."""
-    ids = model.tokenizer.encode(text, bos=True, eos=False)[: model.args.max_seq_len]
-    has_bos = model.tokenizer.bos_id >= 0
-    scored = token_logprobs(model, ids, 1, gate_scale, delta_scale, None, top_k)
-    return scored if has_bos else [None, *scored]
+def text_logprobs(model: Transformer, prompt: Prompt, answer: str = "", gate_scale: Any = 1.0,
+                  delta_scale: float = 1.0, top_k: int = 0) -> list[TokenLogprob | None]:
+    """Every token of `prompt` + `answer` with its log-probability given the tokens before it, as
+    `answer_logprobs` (how a text is scored: the legacy completions API's `echo`). A text prompt is read after BOS,
+    token ids as they are; None stands for a first token with nothing before it (no BOS, or token ids)."""
+    if isinstance(prompt, str):
+        ids, conditioned = model.tokenizer.encode(prompt + answer, bos=True, eos=False), model.tokenizer.bos_id >= 0
+    else:
+        from .gate_view import answer_tokens
+
+        prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
+        ids, conditioned = prompt_ids + answer_ids, False
+    scored = token_logprobs(model, ids[: model.args.max_seq_len], 1, gate_scale, delta_scale, None, top_k)
+    return scored if conditioned else [None, *scored]
 
 
 def token_logprobs(model: Transformer, ids: list[int], start: int, gate_scale: Any = 1.0, delta_scale: float = 1.0,

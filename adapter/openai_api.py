@@ -29,6 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .engine import Engine, Engines, Settings
+from .prompt_ids import Prompt, prompt_ids
 
 OWNER = "llama-adapter"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
@@ -106,7 +107,7 @@ class Call:
     """One checked request: the answers so far (an iterator that holds the device while it runs), what the usage
     figures count, and the log-probabilities asked for (None: not asked)."""
 
-    def __init__(self, engine: Engine, prompt: str, answers: Iterator[str], settings: Settings, image: Any,
+    def __init__(self, engine: Engine, prompt: Prompt, answers: Iterator[str], settings: Settings, image: Any,
                  top_logprobs: int | None, stops: tuple[str, ...] = ()) -> None:
         self.engine, self.prompt, self.answers, self.settings = engine, prompt, answers, settings
         self.image, self.top_logprobs, self.stops = image, top_logprobs, stops
@@ -145,7 +146,9 @@ class Call:
         return "length" if not self.stopped and self.tokens(answer) >= self.settings.max_new_tokens else "stop"
 
     def usage(self, answer: str) -> dict[str, int]:
-        prompt, completion_tokens = len(self.engine.model.tokenizer.encode(self.prompt)), self.tokens(answer)
+        model = self.engine.model
+        prompt = len(prompt_ids(model.tokenizer, self.prompt, model.args.vocab_size))
+        completion_tokens = self.tokens(answer)
         return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
                 "total_tokens": prompt + completion_tokens}
 

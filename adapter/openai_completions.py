@@ -1,13 +1,16 @@
 """OpenAI's legacy `POST /v1/completions` for the served adapters: a text continued as it is written (no prompt
 format), for the clients and evaluation harnesses that score texts rather than chat.
 
-`prompt` is a text or a list of up to MAX_PROMPTS of them (a choice each, decoded one after another); `echo`
-returns each prompt before its continuation; `logprobs` (0 to MAX_LOGPROBS) gives every returned token's
-log-probability at the request's gate and that many likeliest tokens at its place, in the legacy layout (`tokens`,
-`token_logprobs`, `top_logprobs`, `text_offset`); with `echo`, the prompt's tokens are scored too (the first has
-none without a BOS before it), and `max_tokens: 0` only scores. `temperature`, `top_p`, `seed`, `stop` and this
-project's `gate_scale`, `delta_scale` and `gate_layers` are read as in chat completions; `stream` sends the
-continuation of one prompt as server-sent events. Decoding stops at the end of text or a stop string only: no
+`prompt` is a text or a list of up to MAX_PROMPTS of them (a choice each, decoded one after another), or token ids
+(a list of them, or a list of such lists), fed exactly as given (adapter.prompt_ids: no BOS added); `echo`
+returns each prompt (token ids decoded) before its continuation; `logprobs` (0 to MAX_LOGPROBS) gives every
+returned token's log-probability at the request's gate and that many likeliest tokens at its place, in the legacy
+layout (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); with `echo`, the prompt's tokens are scored too
+(the first has none without a BOS before it: always so for token ids), and `max_tokens: 0` only scores. A
+continuation is scored as its text encoded after the prompt (as for chat), so with a token-id prompt the prompt's
+ids are scored exactly as sent and the continuation's as the tokenizer writes it. `temperature`, `top_p`,
+`seed`, `stop` and this project's `gate_scale`, `delta_scale` and `gate_layers` are read as in chat completions;
+`stream` sends the continuation of one prompt as server-sent events. Decoding stops at the end of text or a stop string only: no
 prompt format's stop strings apply.
 """
 
@@ -20,6 +23,7 @@ from typing import Any
 
 from .engine import Engine, Engines, Settings
 from .openai_api import Call, RequestError, options, refused, request_stops, response_id, served
+from .prompt_ids import Prompt, is_token_ids, prompt_text
 
 MAX_PROMPTS = 20
 MAX_LOGPROBS = 5  # as OpenAI's legacy completions
@@ -28,16 +32,17 @@ MAX_LOGPROBS = 5  # as OpenAI's legacy completions
 class TextCall(Call):
     """One prompt's continuation, with what the legacy layout returns besides: the echo and the log-probabilities."""
 
-    def __init__(self, engine: Engine, prompt: str, settings: Settings, logprobs: int | None, stops: tuple[str, ...],
-                 echo: bool, score_only: bool) -> None:
+    def __init__(self, engine: Engine, prompt: Prompt, settings: Settings, logprobs: int | None,
+                 stops: tuple[str, ...], echo: bool, score_only: bool) -> None:
         if score_only:
             engine.check_scored(prompt)
         answers = iter([""]) if score_only else engine.complete(prompt, settings)
         super().__init__(engine, prompt, answers, settings, None, logprobs, stops)
         self.echo, self.score_only = echo, score_only
+        self.prompt_text = prompt_text(engine.model.tokenizer, prompt)
 
     def text(self, answer: str) -> str:
-        return self.prompt + answer if self.echo else answer
+        return self.prompt_text + answer if self.echo else answer
 
     def legacy_logprobs(self, answer: str) -> dict[str, Any] | None:
         """`tokens`, `token_logprobs`, `top_logprobs` and `text_offset` of what is returned (None: not asked)."""
@@ -45,10 +50,10 @@ class TextCall(Call):
             return None
         k = self.top_logprobs
         if self.echo:
-            scored, offset = self.engine.text_logprobs(self.prompt + answer, self.settings, k), 0
+            scored, offset = self.engine.text_logprobs(self.prompt, answer, self.settings, k), 0
         else:
             scored = self.engine.answer_logprobs(self.prompt, answer, self.settings, None, k) if answer else []
-            offset = len(self.prompt)
+            offset = len(self.prompt_text)
         texts = [token.text if token is not None else self._first_token() for token in scored]
         offsets = []
         for text in texts:
@@ -58,9 +63,10 @@ class TextCall(Call):
                 "top_logprobs": [None if t is None else dict(t.top) for t in scored], "text_offset": offsets}
 
     def _first_token(self) -> str:
-        """The text of the prompt's first token (scored None: no BOS before it)."""
+        """The text of the prompt's first token (scored None: nothing before it)."""
         tokenizer = self.engine.model.tokenizer
-        return tokenizer.token_text(tokenizer.encode(self.prompt, bos=False, eos=False)[0])
+        ids = tokenizer.encode(self.prompt, bos=False, eos=False) if isinstance(self.prompt, str) else self.prompt
+        return tokenizer.token_text(ids[0])
 
     def finish_reason(self, answer: str) -> str:
         return "length" if self.score_only else super().finish_reason(answer)
@@ -71,11 +77,11 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
     the field at fault."""
     name, engine = served(engines, body)
     prompts = body.get("prompt")
-    prompts = [prompts] if isinstance(prompts, str) else prompts
+    prompts = [prompts] if isinstance(prompts, str) or (is_token_ids(prompts) and prompts) else prompts
     if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPTS or \
-            not all(isinstance(p, str) for p in prompts):
-        raise RequestError(f"prompt: expected a text or a list of 1 to {MAX_PROMPTS} texts (token ids are not "
-                           "read)", "prompt")
+            not all(isinstance(p, str) or (is_token_ids(p) and p) for p in prompts):
+        raise RequestError(f"prompt: expected a text, a list of token ids, or a list of 1 to {MAX_PROMPTS} of "
+                           "either", "prompt")
     for field, allowed in (("n", 1), ("best_of", 1)):
         if body.get(field, allowed) not in (allowed, None):
             raise RequestError(f"{field}: only {allowed} is served, got {body[field]!r}", field)

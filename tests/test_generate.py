@@ -57,6 +57,20 @@ def test_batch_of_different_lengths_and_gates_equals_separate_runs(model):
     assert [r[0] for r in rows] == argmax_loop(model, model.tokenizer.encode(prompts[0], bos=True), 6, 0.0)
 
 
+def test_token_id_prompts_are_fed_as_they_are(model):
+    """Ids continue as the text they encode (with its BOS) does; without a BOS they are a prompt of their own, the
+    plain argmax loop over exactly those ids; a template, or an id outside the vocabulary, is refused by name."""
+    ids = model.tokenizer.encode("The red circle is", bos=True)
+    texts = generate_batch(model, ["The red circle is"], max_new_tokens=6, temperature=0.0)
+    assert generate_batch(model, [ids], max_new_tokens=6, temperature=0.0) == texts
+    bare = generate_batch(model, [tuple(ids[1:])], max_new_tokens=6, temperature=0.0)[0]
+    assert bare == model.tokenizer.decode(argmax_loop(model, ids[1:], 6))
+    with pytest.raises(ValueError, match=r"prompts: token ids are fed as they are; they take no template"):
+        generate_batch(model, [ids], template="alpaca")
+    with pytest.raises(ValueError, match=rf"prompts\[1\]: token id {model.args.vocab_size} \(place 2\) is not in"):
+        generate_batch(model, ["Hi", [1, 2, model.args.vocab_size]])
+
+
 def test_stream_pieces_join_to_generate(model):
     pieces = list(model.stream("What colour is the star?", **GREEDY))
     assert len(pieces) > 1

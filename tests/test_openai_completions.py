@@ -69,6 +69,35 @@ def test_a_greedy_continuations_tokens_are_each_the_likeliest(client):
         assert logprob == pytest.approx(max(top.values()), abs=1e-5)
 
 
+@pytest.mark.parametrize("gate", [0.0, 1.0])
+def test_token_ids_are_read_as_they_are_sent(client, engines, gate):
+    """A text's ids with its BOS continue as the text does; ids are scored exactly as sent (the first has nothing
+    before it), as lm-evaluation-harness asks (`echo`, `logprobs`, one new token, several prompts of ids)."""
+    model = engines.get("tiny-text").model
+    ids = model.tokenizer.encode(PROMPT, bos=True, eos=False)
+    as_text = complete(client, prompt=PROMPT, gate_scale=gate).json()["choices"][0]["text"]
+    as_ids = complete(client, prompt=ids, gate_scale=gate).json()
+    assert as_ids["choices"][0]["text"] == as_text and as_ids["usage"]["prompt_tokens"] == len(ids)
+
+    without_bos = ids[1:]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([without_bos]), gate_scale=gate)[0].float().log_softmax(-1)
+    expected = [float(logprobs[t - 1, without_bos[t]]) for t in range(1, len(without_bos))]
+    scored = complete(client, prompt=[without_bos, ids], echo=True, logprobs=1, max_tokens=0, gate_scale=gate).json()
+    found = scored["choices"][0]["logprobs"]
+    assert scored["choices"][0]["text"] == model.tokenizer.decode(without_bos)
+    assert found["tokens"] == [model.tokenizer.token_text(t) for t in without_bos]
+    assert found["token_logprobs"][0] is None and found["top_logprobs"][0] is None
+    assert found["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+    with_bos = scored["choices"][1]["logprobs"]["token_logprobs"]
+    assert with_bos[0] is None and with_bos[1:] == pytest.approx(reference_logprobs(model, PROMPT, gate), abs=1e-4)
+
+    harness = complete(client, prompt=[without_bos], echo=True, logprobs=1, max_tokens=1, gate_scale=gate).json()
+    harness_found = harness["choices"][0]["logprobs"]
+    assert harness_found["token_logprobs"][:len(without_bos)] == found["token_logprobs"]
+    assert len(harness_found["tokens"]) == len(without_bos) + 1  # the new token after the prompt's
+
+
 def test_several_prompts_streaming_and_stop_strings(client):
     prompts = [PROMPT, "There is a small blue"]
     reply = complete(client, prompt=prompts).json()
@@ -87,9 +116,12 @@ def test_several_prompts_streaming_and_stop_strings(client):
 
 
 @pytest.mark.parametrize("body, param, message", [
-    ({}, "prompt", "prompt: expected a text or a list of 1 to 20 texts"),
-    ({"prompt": [1, 2, 3]}, "prompt", "token ids are not read"),
-    ({"prompt": ["a"] * 21}, "prompt", "1 to 20 texts"),
+    ({}, "prompt", "prompt: expected a text, a list of token ids, or a list of 1 to 20 of either"),
+    ({"prompt": [1, 2.5, 3]}, "prompt", "prompt: expected a text, a list of token ids"),
+    ({"prompt": [[1, 2], []]}, "prompt", "prompt: expected a text, a list of token ids"),
+    ({"prompt": [1, True]}, "prompt", "prompt: expected a text, a list of token ids"),
+    ({"prompt": [5, 10 ** 6]}, "prompt", "prompt: token id 1000000 (place 1) is not in the vocabulary of"),
+    ({"prompt": ["a"] * 21}, "prompt", "1 to 20 of either"),
     ({"prompt": "a", "n": 2}, "n", "n: only 1 is served"),
     ({"prompt": "a", "logprobs": 6}, "logprobs", "logprobs: must be a whole number from 0 to 5"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens: 0 returns nothing without echo"),
