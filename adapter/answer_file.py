@@ -128,7 +128,7 @@ def answer_questions(
     Greedy answers do not depend on the batching, nor do sampled ones with a seed (each row draws from its own
     generator; only padding's float rounding could tip a draw on the edge). With `layers`, only those adapter
     layers' prompts speak (adapter.gate_layers). `options` are generation's
-    (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, delta_scale, compile);
+    (max_new_tokens, temperature, top_p, top_k, the penalties, seed, delta_scale, compile);
     `progress(done, total)` is told after each batch."""
     tokenizer = require_tokenizer(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

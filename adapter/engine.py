@@ -43,6 +43,7 @@ MAX_QUESTION_CHARS = 4000
 MAX_LAYERS_CHARS = 200  # a layer selection ("top 4", "20-23, 31")
 MAX_SCALE = 2.0
 MAX_TEMPERATURE = 2.0
+MAX_REPETITION_PENALTY = 10.0
 MAX_SWEEP = 9  # gate scales answered together in one sweep (one batch row each)
 MAX_SCORE_RECORDS = 200  # records one score request reads (the device is held while it runs)
 NEXT_TOKENS_TOP_K = 5  # likeliest next tokens shown per gate scale
@@ -114,6 +115,10 @@ class Settings:
     seed: int | None = 0  # the same seed gives the same answer, so the gate alone changes it
     system: str | None = None  # empty: none
     gate_layers: str = "all"  # the adapter layers whose prompts speak (adapter.gate_layers), the others silent
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # CTRL's, over prompt and answer; 1: off
+    presence_penalty: float = 0.0  # OpenAI's, over the answer; 0: off
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         checked = {
@@ -125,6 +130,11 @@ class Settings:
             "seed": None if self.seed is None else _integer("seed", self.seed, 0),
             "system": check_text(self.system, "system") if self.system and str(self.system).strip() else None,
             "gate_layers": _layers_text(self.gate_layers),
+            "top_k": _integer("top_k", self.top_k, 0),
+            "repetition_penalty": _number("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY,
+                                          low_open=True),
+            "presence_penalty": _number("presence_penalty", self.presence_penalty, -2.0, 2.0),
+            "frequency_penalty": _number("frequency_penalty", self.frequency_penalty, -2.0, 2.0),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -132,7 +142,8 @@ class Settings:
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments for `adapter.generate` other than the scales, the stop strings and the system."""
         return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
-                "seed": self.seed}
+                "seed": self.seed, "top_k": self.top_k, "repetition_penalty": self.repetition_penalty,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
 
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}

@@ -69,6 +69,8 @@ def _request(
     top_p: float = 0.75,
     top_k: int = 0,
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     stop: Sequence[str] | str | None = None,
     seed: int | None = None,
     compile: bool = False,
@@ -77,7 +79,8 @@ def _request(
     if written is not None:
         stops = stops + written.stop_strings
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                              repetition_penalty=repetition_penalty)
+                              repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty)
     return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile)
 
 
@@ -123,6 +126,9 @@ def decode_tokens(
         seen = torch.zeros(batch, model.args.vocab_size, dtype=torch.bool, device=device)
         for row, ids in enumerate(prompts):
             seen[row, torch.as_tensor(list(ids), device=device)] = True
+    counts = None  # each row's answer tokens so far, for OpenAI's presence and frequency penalties
+    if any(r.sampling.counts_answer for r in requests):
+        counts = torch.zeros(batch, model.args.vocab_size, dtype=torch.float32, device=device)
     scales = {"gate_scale": gate_scale, "delta_scale": delta_scale}
     with torch.inference_mode():
         cache = model.new_cache(batch, total, pad=pad, visual_prompt=visual_prompt)
@@ -130,9 +136,11 @@ def decode_tokens(
     new_tokens = total - longest
     for index in range(new_tokens):
         with torch.inference_mode():
-            next_ids = _sample_rows(logits, requests, seen, generators)
+            next_ids = _sample_rows(logits, requests, seen, counts, generators)
         if seen is not None:
             seen[torch.arange(batch, device=device), next_ids] = True
+        if counts is not None:
+            counts[torch.arange(batch, device=device), next_ids] += 1
         yield next_ids.tolist()
         if all(finished) or index == new_tokens - 1:
             return
@@ -141,12 +149,13 @@ def decode_tokens(
 
 
 def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest], seen: torch.Tensor | None,
-                 generators: list[torch.Generator | None]) -> torch.Tensor:
+                 counts: torch.Tensor | None, generators: list[torch.Generator | None]) -> torch.Tensor:
     """The next token of each row, all rows at once when they share their sampling settings."""
     own = None if all(g is None for g in generators) else generators
     if all(r.sampling == requests[0].sampling for r in requests):
-        return sample(logits, requests[0].sampling, seen=seen, generator=own)
+        return sample(logits, requests[0].sampling, seen=seen, counts=counts, generator=own)
     return torch.cat([sample(logits[row:row + 1], r.sampling, seen=None if seen is None else seen[row:row + 1],
+                             counts=None if counts is None else counts[row:row + 1],
                              generator=None if own is None else [own[row]]) for row, r in enumerate(requests)])
 
 
@@ -294,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.75)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="OpenAI's: less this for a token the answer already holds (-2 to 2, 0 = off)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="OpenAI's: less this times the times the answer holds a token (-2 to 2, 0 = off)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, help="seed for sampling")
     parser.add_argument("--gate-scale", type=float, default=1.0, help="0 = frozen base, 1 = trained adapter")
@@ -351,8 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 label = f" ({name})" if len(models) > 1 else ""
                 print(f"note{label}: {speaking(model, chosen)}", file=sys.stderr)
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                       delta_scale=args.delta_scale, compile=args.compile)
+                       top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                       seed=args.seed, delta_scale=args.delta_scale, compile=args.compile)
         if questions is not None:
             answer_file(models, names, layers, questions, sweep or [args.gate_scale], args, options)
             return 0

@@ -6,8 +6,9 @@ tools that speak it (the `openai` package, chat front-ends, evaluation harnesses
 (`model`: its name, the first when left out), whole or streamed as server-sent events (`stream: true`). A user
 message may carry a picture as an `image_url` part with a `data:` URL (nothing is fetched from the network): the
 conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
-`top_p`, `max_tokens` (`max_completion_tokens`), `seed` and `stop`, a request may set this project's `gate_scale`,
-`delta_scale` and `gate_layers`, and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
+`top_p`, `max_tokens` (`max_completion_tokens`), `seed`, `stop`, `presence_penalty` and `frequency_penalty` (and
+`top_k`, `repetition_penalty` as vLLM reads them), a request may set this project's `gate_scale`, `delta_scale`
+and `gate_layers`, and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
 log-probability at that gate. The flags are the app's (`python app.py --help`), and so are the answers: each is
 what `Engine.chat` / `Engine.ask_image` answer for the same settings.
 """
@@ -35,7 +36,9 @@ OWNER = "llama-adapter"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
 MAX_STOPS = 4  # as OpenAI's
 SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
-                  "max_completion_tokens": "max_new_tokens", "seed": "seed", "gate_scale": "gate_scale",
+                  "max_completion_tokens": "max_new_tokens", "seed": "seed", "presence_penalty": "presence_penalty",
+                  "frequency_penalty": "frequency_penalty", "top_k": "top_k",
+                  "repetition_penalty": "repetition_penalty", "gate_scale": "gate_scale",
                   "delta_scale": "delta_scale", "gate_layers": "gate_layers"}
 
 

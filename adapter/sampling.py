@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p and a repetition penalty."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, a repetition penalty (CTRL's, over prompt
+and answer) and OpenAI's presence and frequency penalties (over the answer's tokens so far)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ class SamplingParams:
     top_p: float = 0.75
     top_k: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
@@ -26,6 +29,15 @@ class SamplingParams:
             raise ValueError(f"top_k: must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty: must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+                raise ValueError(f"{name}: must be between -2 and 2 (0 = off), got {value!r}")
+
+    @property
+    def counts_answer(self) -> bool:
+        """Whether sampling needs how often each token was already chosen."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def greedy(self) -> bool:
@@ -40,19 +52,31 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, penalized, logits)
 
 
+def penalize_answer(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: each token's logit less `frequency` times the times it was chosen, and less `presence`
+    once if it was."""
+    if presence == 0 and frequency == 0:
+        return logits
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
     *,
     seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Next token id per row from logits [B, vocab]; `seen` [B, vocab] marks tokens already in each row.
-    `generator` may be one per row: each row then draws from its own, so a row's tokens do not depend on the
-    rows beside it (a seeded answer is the same in any batch)."""
+    """Next token id per row from logits [B, vocab]; `seen` [B, vocab] marks tokens already in each row (prompt
+    and answer), `counts` [B, vocab] how often each was chosen in the answer so far. `generator` may be one per
+    row: each row then draws from its own, so a row's tokens do not depend on the rows beside it (a seeded answer
+    is the same in any batch)."""
     logits = logits.float()
     if seen is not None:
         logits = penalize_repeats(logits, seen, params.repetition_penalty)
+    if counts is not None:
+        logits = penalize_answer(logits, counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature

@@ -8,7 +8,7 @@ import torch
 import adapter
 from adapter.generate import GenerationRequest, decode_tokens, generate_batch, main
 from adapter.model import Transformer
-from adapter.sampling import SamplingParams, penalize_repeats, sample
+from adapter.sampling import SamplingParams, penalize_answer, penalize_repeats, sample
 from adapter.text_stream import TextStream
 from adapter.tokenizer import open_tokenizer
 from tests.conftest import V1, V2, randomize_adapter
@@ -176,7 +176,33 @@ def test_repetition_penalty_discourages_repeats(model):
     assert repeats(prompt, 5.0) < repeats(prompt, 1.0)
 
 
+def test_openais_penalties_lower_each_chosen_tokens_logit(model):
+    """logit - frequency x count - presence x (count > 0), the count over the answer so far (not the prompt): the
+    greedy loop with those logits written out gives the same tokens, in a batch beside an unpenalized row too."""
+    logits = torch.tensor([[3.0, 2.9, 1.0]])
+    counts = torch.tensor([[2.0, 0.0, 1.0]])
+    assert torch.equal(penalize_answer(logits, counts, 0.5, 0.25), torch.tensor([[2.0, 2.9, 0.25]]))
+    assert sample(logits, SamplingParams(temperature=0.0, frequency_penalty=0.1), counts=counts).tolist() == [1]
+    assert sample(logits, SamplingParams(temperature=0.0, presence_penalty=0.05), counts=counts).tolist() == [0]
+
+    ids = model.tokenizer.encode("star star", bos=True)
+    out, chosen = list(ids), torch.zeros(model.args.vocab_size)
+    with torch.no_grad():
+        for _ in range(12):
+            row = model(torch.tensor([out]))[0, -1].float() - 0.7 * chosen - 0.4 * (chosen > 0).float()
+            out.append(int(row.argmax()))
+            chosen[out[-1]] += 1
+    penalized = GenerationRequest(max_new_tokens=12, sampling=SamplingParams(
+        temperature=0.0, frequency_penalty=0.7, presence_penalty=0.4))
+    plain = GenerationRequest(max_new_tokens=12, sampling=SamplingParams(temperature=0.0))
+    rows = list(decode_tokens(model, [ids, ids], [penalized, plain]))
+    assert [r[0] for r in rows] == out[len(ids):]
+    assert [r[1] for r in rows] == argmax_loop(model, ids, 12) != out[len(ids):]
+
+
 @pytest.mark.parametrize("kwargs, argument", [
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(temperature=-0.5), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),

@@ -59,6 +59,14 @@ def test_a_chat_completion_is_the_engines_answer_at_the_gate_asked(client, engin
     assert follow_up == engine_answer(text, [(SCENE, answer)], "What colour is the star?")
 
 
+def test_penalties_and_top_k_are_the_engines_at_the_same_settings(client, engines):
+    frozen = engines.get("tiny-text")
+    chosen = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "top_k": 3, "repetition_penalty": 1.2}
+    penalized = ask(client, [user(SCENE)], gate_scale=0, **chosen).json()["choices"][0]["message"]["content"]
+    assert penalized == engine_answer(frozen, [], SCENE, gate_scale=0.0, **chosen)
+    assert penalized != engine_answer(frozen, [], SCENE, gate_scale=0.0)  # the frozen base's rambling is cut back
+
+
 def test_a_streamed_answer_arrives_in_pieces_that_make_the_whole(client, engines):
     with client.stream("POST", "/v1/chat/completions",
                        json={"messages": [user(SCENE)], "stream": True, **GREEDY, "gate_scale": 0}) as response:
@@ -100,6 +108,8 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
      400, "messages", "messages[0].image_url: not a picture (UnidentifiedImageError)"),
     ({"max_tokens": 5000}, 400, "max_tokens", "max_new_tokens: must be between 1 and 256, got 5000"),
     ({"gate_scale": 3}, 400, "gate_scale", "gate_scale: must be in [0, 2], got 3"),
+    ({"frequency_penalty": 2.5}, 400, "frequency_penalty", "frequency_penalty: must be in [-2, 2], got 2.5"),
+    ({"top_k": -1}, 400, "top_k", "top_k: must be >= 0, got -1"),
     ({"gate_layers": "top 9"}, 400, "gate_layers", "gate_layers: "),
 ])
 def test_bad_requests_get_openais_error_naming_the_field(client, body, status, param, message):
