@@ -158,24 +158,32 @@ def _compressed_scheme(settings: dict[str, Any], path: Path) -> PackedScheme:
     return PackedScheme("compressed-tensors", bits, group_size, symmetric=bool(weights.get("symmetric", True)))
 
 
-def _codes(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """The `bits`-wide codes of int32 words, `32 // bits` per word along `dim` (the first in the low bits)."""
+def _codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The `bits`-wide codes of int32 words, `32 // bits` per word along each row (the first in the low bits)."""
     shifts = torch.arange(0, 32, bits, dtype=words.dtype)
-    if dim == 0:
-        codes = (words.unsqueeze(1) >> shifts.view(1, -1, 1)) & (2 ** bits - 1)
-        return codes.reshape(-1, words.shape[1])
     codes = (words.unsqueeze(2) >> shifts) & (2 ** bits - 1)
     return codes.reshape(words.shape[0], -1)
 
 
-def _per_input(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    return values.index_select(0, groups.long())
-
-
 def _scaled(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """scale x (code - zero) per input row of [in, out], in float32 (exact) and then the scales' dtype."""
-    weight = (codes.float() - _per_input(zeros.float(), groups)) * _per_input(scales.float(), groups)
+    """scale x (code - zero) of codes [out, in] with zeros and scales [out, groups] and each input's group, in
+    float32 (exact) and then the scales' dtype. Groups of consecutive inputs (all but act-order) are broadcast, not
+    gathered per input."""
+    outputs, inputs = codes.shape
+    count = zeros.shape[1]
+    size = inputs // count if count else 0
+    if size and size * count == inputs and torch.equal(groups.long(), torch.arange(inputs) // size):
+        weight = codes.reshape(outputs, count, size).float()
+        weight.sub_(zeros.float().unsqueeze(2)).mul_(scales.float().unsqueeze(2))
+        return weight.view(outputs, inputs).to(scales.dtype)
+    groups = groups.long()
+    weight = codes.float().sub_(zeros.float().index_select(1, groups)).mul_(scales.float().index_select(1, groups))
     return weight.to(scales.dtype)
+
+
+def _output_major(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [in, out] (0..255) as [out, in], moved while they are bytes (a quarter of float32's traffic)."""
+    return codes.to(torch.uint8).T.contiguous()
 
 
 def _input_groups(count: int, group_size: int) -> torch.Tensor:
@@ -185,14 +193,14 @@ def _input_groups(count: int, group_size: int) -> torch.Tensor:
 def _gptq(scheme: PackedScheme, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     scales = parts["scales"]
     g_idx = parts.get("g_idx")
-    codes = _codes(parts["qweight"], scheme.bits, 0)
-    inputs = codes.shape[0] if g_idx is None else g_idx.numel()
+    codes = _codes(parts["qweight"].T.contiguous(), scheme.bits)  # [out, in]: the words turned, not the codes
+    inputs = codes.shape[1] if g_idx is None else g_idx.numel()
     groups = _input_groups(inputs, scheme.group_size) if g_idx is None else g_idx
     qzeros = parts["qzeros"]
     if scheme.zeros_minus_one:  # undone on whole words, as the subtraction was done (a borrow crosses codes)
         qzeros = (qzeros.long() + sum(1 << shift for shift in range(0, 32, scheme.bits))) & 0xFFFFFFFF
-    zeros = _codes(qzeros, scheme.bits, 1)[:, : scales.shape[1]]
-    return _scaled(codes[:inputs], zeros, scales, groups).T.contiguous()
+    zeros = _codes(qzeros, scheme.bits)[:, : scales.shape[1]]
+    return _scaled(codes[:, :inputs], zeros.T, scales.T, groups)
 
 
 def _awq(scheme: PackedScheme, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -200,11 +208,12 @@ def _awq(scheme: PackedScheme, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     position = torch.tensor(AWQ_ORDER).argsort()  # column k's code is the word's position[k]
 
     def columns(words: torch.Tensor) -> torch.Tensor:
-        codes = _codes(words, scheme.bits, 1)
+        codes = _codes(words, scheme.bits)
         return codes.view(codes.shape[0], -1, per_word)[:, :, position].reshape(codes.shape)
 
     codes, zeros = columns(parts["qweight"]), columns(parts["qzeros"])
-    return _scaled(codes, zeros, parts["scales"], _input_groups(codes.shape[0], scheme.group_size)).T.contiguous()
+    return _scaled(_output_major(codes), zeros.T, parts["scales"].T,
+                   _input_groups(codes.shape[0], scheme.group_size))
 
 
 def _stream_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -240,4 +249,4 @@ def _compressed(scheme: PackedScheme, parts: dict[str, torch.Tensor]) -> torch.T
         zeros = zeros.reshape(scales.shape).long()
     g_idx = parts.get("weight_g_idx")
     groups = _input_groups(inputs, -1 if scales.shape[1] == 1 else scheme.group_size) if g_idx is None else g_idx
-    return _scaled(codes.T, zeros.T, scales.T, groups).T.contiguous()
+    return _scaled(codes, zeros, scales, groups)
