@@ -58,27 +58,30 @@ def build_api(engines: Engines) -> FastAPI:
 
 
 def api_router(engines: Engines) -> APIRouter:
-    """The /v1 routes, for an application of their own or for the Gradio app's (`app.py --openai-api`), where
-    they are added once it runs; so each route answers refusals itself rather than through an exception handler
-    (those are fixed when an application starts)."""
-    router = APIRouter(prefix="/v1")
+    """The /v1 routes and vLLM's tokenizer routes (adapter.tokenizer_api), for an application of their own or for
+    the Gradio app's (`app.py --openai-api`), where they are added once it runs; so each route answers refusals
+    itself rather than through an exception handler (those are fixed when an application starts)."""
+    from .tokenizer_api import add_tokenizer_routes
 
-    @router.get("/models")
+    router = APIRouter()
+
+    @router.get("/v1/models")
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": OWNER}
                                            for name in engines.names]}
 
-    @router.post("/chat/completions")
+    @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await answered(request, lambda body: answer_call(engines, body), stream_events, completion)
 
-    @router.post("/completions")
+    @router.post("/v1/completions")
     async def completions(request: Request):
         from .openai_completions import completion_calls, stream_text_events, text_completion
 
         return await answered(request, lambda body: completion_calls(engines, body),
                               lambda name, calls: stream_text_events(name, calls[0]), text_completion)
 
+    add_tokenizer_routes(router, engines)
     return router
 
 
@@ -88,16 +91,31 @@ async def answered(request: Request, check: Callable[[Any], tuple[str, Any]],
     RequestError, answered with OpenAI's error object), then answered as server-sent events (`stream`) or whole
     (`whole`), each run in the thread pool, where decoding may wait for the device."""
     try:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(f"the body is not JSON ({error})") from None
+        body = await _json_body(request)
         name, answer = check(body)
     except RequestError as error:
         return refusal(error)
     if isinstance(body, dict) and body.get("stream"):  # the sync generator runs in the thread pool too
         return StreamingResponse(stream(name, answer), media_type="text/event-stream")
     return await run_in_threadpool(whole, name, answer)
+
+
+async def answered_json(request: Request, reply: Callable[[Any], dict]) -> Any:
+    """`reply(body)` of a request's JSON object, or OpenAI's error object for a RequestError."""
+    try:
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        return reply(body)
+    except RequestError as error:
+        return refusal(error)
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(f"the body is not JSON ({error})") from None
 
 
 def refusal(error: RequestError) -> JSONResponse:

@@ -23,10 +23,15 @@ def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, vocab_size: int, name: str 
         return tokenizer.encode(prompt, bos=True, eos=False)
     if not is_token_ids(prompt) or not prompt:
         raise ValueError(f"{name}: expected a text or a non-empty list of token ids, got {prompt!r:.80}")
-    for place, token in enumerate(prompt):
+    return checked_ids(prompt, vocab_size, name)
+
+
+def checked_ids(ids: Sequence[int], vocab_size: int, name: str) -> list[int]:
+    """`ids` (a list of integers) as a list, each checked to be in the vocabulary (ValueError naming the first)."""
+    for place, token in enumerate(ids):
         if not 0 <= token < vocab_size:
             raise ValueError(f"{name}: token id {token} (place {place}) is not in the vocabulary of {vocab_size}")
-    return list(prompt)
+    return list(ids)
 
 
 def prompt_text(tokenizer: Tokenizer, prompt: Prompt) -> str:

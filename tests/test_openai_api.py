@@ -137,6 +137,7 @@ def test_the_app_serves_the_api_beside_its_ui_when_asked(engines):
         refused = httpx.post(f"{app.url}v1/chat/completions", json={"messages": [], **GREEDY}, timeout=60)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
         assert httpx.get(f"{app.url}gradio_api/info", timeout=60).status_code == 200  # the app's own API still there
+        assert httpx.get(f"{app.url}tokenizer_info", timeout=60).json()["eos_token"] == "</s>"  # at the root
     with running_app([]) as app:
         assert httpx.get(f"{app.url}v1/models", timeout=60).status_code == 404  # only when asked
 

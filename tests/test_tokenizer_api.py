@@ -1,0 +1,56 @@
+"""vLLM's tokenizer endpoints (adapter.tokenizer_api) on the tiny model: ids are the served tokenizer's own, and
+lm-evaluation-harness's check for a remote tokenizer (the two requests it makes) is answered as it expects."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter.app_config import tiny_available
+
+from .openai_helpers import client, engines  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+
+TEXT = "There is a small red circle in the centre.</s>"
+
+
+def test_tokenize_gives_the_served_tokenizers_ids(client, engines):
+    tokenizer = engines.get("tiny-text").model.tokenizer
+    bare = client.post("/tokenize", json={"prompt": TEXT, "add_special_tokens": False}).json()
+    assert bare["tokens"] == tokenizer.encode(TEXT, bos=False, eos=False)
+    assert bare["tokens"][-1] == tokenizer.eos_id  # a special token written in the text is its id
+    assert bare["count"] == len(bare["tokens"])
+    assert bare["max_model_len"] == engines.get("tiny-text").model.args.max_seq_len
+    assert bare["token_strs"] == [tokenizer.token_text(t) for t in bare["tokens"]]
+    with_bos = client.post("/tokenize", json={"prompt": TEXT, "model": "tiny-image"}).json()["tokens"]
+    assert with_bos == [tokenizer.bos_id, *bare["tokens"]]
+    assert client.post("/detokenize", json={"tokens": bare["tokens"][:-1]}).json() == {
+        "prompt": "There is a small red circle in the centre."}
+    assert client.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+
+
+def test_tokenizer_info_names_the_special_tokens_as_lm_eval_reads_them(client, engines):
+    """lm-eval asks GET /tokenizer_info (needs `eos_token`) and POST /tokenize {"prompt": "test", ...} (needs a
+    list of `tokens`), then takes the EOS id as the first id of the EOS token's text."""
+    info = client.get("/tokenizer_info").json()
+    tokenizer = engines.get("tiny-text").model.tokenizer
+    assert info["eos_token"] == "</s>" and info["bos_token"] == "<s>" and info["tokenizer_class"] == "SentencePiece"
+    check = client.post("/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()
+    assert isinstance(check["tokens"], list) and check["tokens"]
+    eos = client.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert eos["tokens"][0] == tokenizer.eos_id
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/tokenize", {}, "prompt", "prompt: expected a text, got NoneType"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens",
+     "add_special_tokens: expected true or false, got 'yes'"),
+    ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "model", "model: no adapter 'gpt-4' is served"),
+    ("/detokenize", {"tokens": "1 2"}, "tokens", "tokens: expected a list of token ids, got '1 2'"),
+    ("/detokenize", {"tokens": [1, -4]}, "tokens", "tokens: token id -4 (place 1) is not in the vocabulary of"),
+    ("/detokenize", [1, 2], None, "the body must be a JSON object"),
+])
+def test_bad_tokenizer_requests_name_their_field(client, path, body, param, message):
+    response = client.post(path, json=body)
+    error = response.json()["error"]
+    assert response.status_code in (400, 404) and error["param"] == param and message in error["message"]
