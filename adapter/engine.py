@@ -27,7 +27,7 @@ from .footprint import held_bytes, kv_bytes_per_token
 from .gate_layers import Speaker, adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
 from .images import load_image
-from .prompt_ids import Prompt, prompt_ids
+from .prompt_ids import Answer, Prompt, prompt_ids
 from .prompts import format_named
 
 if TYPE_CHECKING:
@@ -265,15 +265,17 @@ class Engine:
         rows = self._generate([prompt], settings, gate, settings.delta_scale, None if image is None else [image])
         return _each(rows, itemgetter(0))
 
-    def complete(self, prompt: Prompt, settings: Settings) -> Iterator[str]:
+    def complete(self, prompt: Prompt, settings: Settings, generated: list[int] | None = None) -> Iterator[str]:
         """A continuation of `prompt` (a text, or token ids) as it is written (no prompt format, so none of its stop
         strings): what the legacy completions API asks for; decoded on its own, not in the users' batch. Checked
-        now (ValueError)."""
+        now (ValueError). `generated` is told every token decoded (the stop id that ends it included)."""
         if isinstance(prompt, str):
             check_text(prompt, "prompt")
         self._require_room(prompt, "prompt")
         gate = self._gates(self.check(settings), [settings.gate_scale])
-        return _each(self._generate([prompt], settings, gate, settings.delta_scale, stop=()), itemgetter(0))
+        rows = None if generated is None else [generated]
+        return _each(self._generate([prompt], settings, gate, settings.delta_scale, stop=(), generated=rows),
+                     itemgetter(0))
 
     def check_scored(self, prompt: Prompt, name: str = "prompt") -> None:
         """A ValueError unless `prompt` is a text (or token ids) the model can score whole (not empty, within its
@@ -284,10 +286,11 @@ class Engine:
             raise ValueError(f"{name}: too long for this model's context of {self.model.args.max_seq_len} tokens; "
                              "shorten it")
 
-    def text_logprobs(self, prompt: Prompt, answer: str, settings: Settings,
+    def text_logprobs(self, prompt: Prompt, answer: Answer, settings: Settings,
                       top_k: int = 0) -> list[TokenLogprob | None]:
-        """Every token of `prompt` + `answer` with its log-probability at the settings' scales and layers (None for a
-        first token with nothing before it; adapter.next_token.text_logprobs), holding the lock."""
+        """Every token of `prompt` and `answer` (a text, or the token ids decoded) with its log-probability at the
+        settings' scales and layers (None for a first token with nothing before it;
+        adapter.next_token.text_logprobs), holding the lock."""
         from .next_token import text_logprobs
 
         with self.lock:
@@ -387,17 +390,18 @@ class Engine:
         """The gate scale of rows at `scales`, only the settings' layers speaking."""
         return gate_scale_rows(self.model, scales, self.layers_of(settings))
 
-    def _generate(self, prompts: list[str], settings: Settings, gate_scale: Any, delta_scale: Any,
-                  images: list[Any] | None = None, stop: Sequence[str] | None = None) -> Iterator[list[str]]:
+    def _generate(self, prompts: list[Prompt], settings: Settings, gate_scale: Any, delta_scale: Any,
+                  images: list[Any] | None = None, stop: Sequence[str] | None = None,
+                  generated: Sequence[list[int]] | None = None) -> Iterator[list[str]]:
         """Whole answers so far, one per prompt, ending at EOS or one of `stop` (default: the prompt format's stop
-        strings). The lock is held until this generator ends or is closed; closing it stops decoding at the
-        current token."""
+        strings; `generated` is told each one's tokens). The lock is held until this generator ends or is closed;
+        closing it stops decoding at the current token."""
         answers = [""] * len(prompts)
         yielded = False
         with self.lock, closing(stream_batch(self.model, prompts, images=images, gate_scale=gate_scale,
                                              delta_scale=delta_scale, compile=self.compile,
                                              stop=self.prompts.stop_strings if stop is None else stop,
-                                             **settings.sampling())) as steps:
+                                             generated=generated, **settings.sampling())) as steps:
             for pieces in steps:
                 if any(pieces):
                     answers = [answer + piece for answer, piece in zip(answers, pieces)]
@@ -462,10 +466,11 @@ class Engine:
             return prompt_shares(self.model, prompt_text, answer, self._gates(settings, [settings.gate_scale]),
                                  settings.delta_scale, images)
 
-    def answer_logprobs(self, prompt_text: Prompt, answer: str, settings: Settings, image: Any = None,
+    def answer_logprobs(self, prompt_text: Prompt, answer: Answer, settings: Settings, image: Any = None,
                         top_k: int = 0) -> list[TokenLogprob]:
-        """Each token of `answer` with its log-probability at the settings' scales and layers (and the `top_k`
-        likeliest at its place; adapter.next_token.answer_logprobs), holding the lock."""
+        """Each token of `answer` (a text, or the token ids decoded) with its log-probability at the settings'
+        scales and layers (and the `top_k` likeliest at its place; adapter.next_token.answer_logprobs), holding the
+        lock."""
         from .next_token import answer_logprobs
 
         picture = load_image(image) if image is not None and self.can_see_images else None

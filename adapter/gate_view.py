@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .hub import is_remote
-from .prompt_ids import Prompt
+from .prompt_ids import Answer, Prompt, checked_ids
 from .prompt_ids import prompt_ids as read_prompt
 from .text_stream import TextStream
 
@@ -103,11 +103,12 @@ def prompt_shares(model: Transformer, prompt: str, answer: str, gate_scale: Scal
     return PromptShares(_pieces(tokenizer, answer_ids, chosen.mean(0).tolist()), layers, chosen.mean(1).tolist())
 
 
-def answer_tokens(model: Transformer, prompt: Prompt, answer: str) -> tuple[list[int], list[int]]:
-    """The ids of `prompt` (a text after BOS, or token ids as given) and of `answer` after it, the answer cut to
-    what the context holds."""
+def answer_tokens(model: Transformer, prompt: Prompt, answer: Answer) -> tuple[list[int], list[int]]:
+    """The ids of `prompt` (a text after BOS, or token ids as given) and of `answer` after it (a text, or the token
+    ids decoded), the answer cut to what the context holds."""
     prompt_ids = read_prompt(model.tokenizer, prompt, model.args.vocab_size)
-    answer_ids = model.tokenizer.encode(answer, bos=False, eos=False)
+    answer_ids = model.tokenizer.encode(answer, bos=False, eos=False) if isinstance(answer, str) else \
+        checked_ids(answer, model.args.vocab_size, "answer")
     return prompt_ids, answer_ids[: max(0, model.args.max_seq_len - len(prompt_ids))]
 
 

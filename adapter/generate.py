@@ -169,6 +169,7 @@ def stream_batch(
     gate_scale: Any = None,
     delta_scale: Any = None,
     rows: Sequence[dict[str, Any]] | None = None,
+    generated: Sequence[list[int]] | None = None,
     **options: Any,
 ) -> Iterator[list[str]]:
     """For each step, the new text piece of every row (empty for rows that are done).
@@ -178,7 +179,8 @@ def stream_batch(
     its visual prompt reaches every adapter layer through the gated prompt path. `template` writes each
     prompt in a prompt format ("auto": the adapter's own, see adapter.prompts), after the `system` prompt
     when given (chat formats only); None feeds them as given. `rows` gives each row options of its own over
-    `options` (temperature, top_p, seed, max_new_tokens, ...).
+    `options` (temperature, top_p, seed, max_new_tokens, ...). `generated`, one list per prompt, is told every
+    token its row generates (the stop id that ends it included, as OpenAI's legacy completions return it).
     """
     tokenizer = require_tokenizer(model)
     if isinstance(prompts, str):
@@ -186,6 +188,8 @@ def stream_batch(
     written = prompt_writer(model, template, system)
     if rows is not None and len(rows) != len(prompts):
         raise ValueError(f"rows: {len(rows)} given for {len(prompts)} prompts")
+    if generated is not None and len(generated) != len(prompts):
+        raise ValueError(f"generated: {len(generated)} lists given for {len(prompts)} prompts")
     requests = [_request(written, **{**options, **row}) for row in (rows or [{}] * len(prompts))]
     visual_prompt = None
     if images is not None:
@@ -209,6 +213,8 @@ def stream_batch(
         for row, token in enumerate(step_ids):
             piece = ""
             if not finished[row]:
+                if generated is not None:
+                    generated[row].append(token)
                 if token in tokenizer.stop_ids:
                     piece, finished[row] = streams[row].finish(), True
                 else:

@@ -20,7 +20,7 @@ import torch
 
 from .gate_layers import Speaker, gate_scale_rows
 from .generate import prompt_writer, require_tokenizer
-from .prompt_ids import Prompt
+from .prompt_ids import Answer, Prompt
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -153,31 +153,28 @@ class TokenLogprob:
     top: list[tuple[str, float]]
 
 
-def answer_logprobs(model: Transformer, prompt: Prompt, answer: str, gate_scale: Any = 1.0, delta_scale: float = 1.0,
-                    image: Any = None, top_k: int = 0) -> list[TokenLogprob]:
-    """Each token of `answer` after `prompt` (fed as given after BOS) with its log-probability under the model at
-    these scales (temperature 1: the distribution it is drawn from, before top-p), and the `top_k` likeliest
-    tokens at its place: one forward over prompt + answer, the head run at the answer's places only."""
+def answer_logprobs(model: Transformer, prompt: Prompt, answer: Answer, gate_scale: Any = 1.0,
+                    delta_scale: float = 1.0, image: Any = None, top_k: int = 0) -> list[TokenLogprob]:
+    """Each token of `answer` (a text, or the token ids decoded) after `prompt` (a text after BOS, or token ids)
+    with its log-probability under the model at these scales (temperature 1: the distribution it is drawn from,
+    before top-p), and the `top_k` likeliest tokens at its place: one forward over prompt + answer, the head run at
+    the answer's places only."""
     from .gate_view import answer_tokens
 
     prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
     return token_logprobs(model, prompt_ids + answer_ids, len(prompt_ids), gate_scale, delta_scale, image, top_k)
 
 
-def text_logprobs(model: Transformer, prompt: Prompt, answer: str = "", gate_scale: Any = 1.0,
+def text_logprobs(model: Transformer, prompt: Prompt, answer: Answer = "", gate_scale: Any = 1.0,
                   delta_scale: float = 1.0, top_k: int = 0) -> list[TokenLogprob | None]:
-    """Every token of `prompt` + `answer` with its log-probability given the tokens before it, as
+    """Every token of `prompt` and of `answer` after it with its log-probability given the tokens before it, as
     `answer_logprobs` (how a text is scored: the legacy completions API's `echo`). A text prompt is read after BOS,
     token ids as they are; None stands for a first token with nothing before it (no BOS, or token ids)."""
-    if isinstance(prompt, str):
-        ids, conditioned = model.tokenizer.encode(prompt + answer, bos=True, eos=False), model.tokenizer.bos_id >= 0
-    else:
-        from .gate_view import answer_tokens
+    from .gate_view import answer_tokens
 
-        prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
-        ids, conditioned = prompt_ids + answer_ids, False
-    scored = token_logprobs(model, ids[: model.args.max_seq_len], 1, gate_scale, delta_scale, None, top_k)
-    return scored if conditioned else [None, *scored]
+    prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
+    scored = token_logprobs(model, prompt_ids + answer_ids, 1, gate_scale, delta_scale, None, top_k)
+    return scored if isinstance(prompt, str) and model.tokenizer.bos_id >= 0 else [None, *scored]
 
 
 def token_logprobs(model: Transformer, ids: list[int], start: int, gate_scale: Any = 1.0, delta_scale: float = 1.0,

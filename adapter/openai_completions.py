@@ -36,7 +36,8 @@ class TextCall(Call):
                  stops: tuple[str, ...], echo: bool, score_only: bool) -> None:
         if score_only:
             engine.check_scored(prompt)
-        answers = iter([""]) if score_only else engine.complete(prompt, settings)
+        self.generated: list[int] = []  # the continuation's tokens (its stop id included), as decoded
+        answers = iter([""]) if score_only else engine.complete(prompt, settings, self.generated)
         super().__init__(engine, prompt, answers, settings, None, logprobs, stops)
         self.echo, self.score_only = echo, score_only
         self.prompt_text = prompt_text(engine.model.tokenizer, prompt)
@@ -49,10 +50,12 @@ class TextCall(Call):
         if self.top_logprobs is None:
             return None
         k = self.top_logprobs
+        # the very tokens decoded (an end of text included, as OpenAI returns it); cut by a stop string, the text's
+        tokens = answer if self.stopped else self.generated
         if self.echo:
-            scored, offset = self.engine.text_logprobs(self.prompt, answer, self.settings, k), 0
+            scored, offset = self.engine.text_logprobs(self.prompt, tokens, self.settings, k), 0
         else:
-            scored = self.engine.answer_logprobs(self.prompt, answer, self.settings, None, k) if answer else []
+            scored = self.engine.answer_logprobs(self.prompt, tokens, self.settings, None, k) if tokens else []
             offset = len(self.prompt_text)
         texts = [token.text if token is not None else self._first_token() for token in scored]
         offsets = []

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+Answer = str | Sequence[int]  # an answer's text, or the very tokens decoded
 
 
 def is_token_ids(prompt: object) -> bool:

@@ -98,6 +98,28 @@ def test_token_ids_are_read_as_they_are_sent(client, engines, gate):
     assert len(harness_found["tokens"]) == len(without_bos) + 1  # the new token after the prompt's
 
 
+def test_a_continuation_ended_by_eos_returns_that_token_too(client, engines):
+    """As OpenAI's and vLLM's legacy completions do (lm-evaluation-harness drops the last returned token as the
+    one generated): the end is in `tokens` and scored, not in the text."""
+    model = engines.get("tiny-text").model
+    tokenizer = model.tokenizer
+    choice = complete(client, prompt=PROMPT, logprobs=1, echo=True).json()["choices"][0]
+    answer = choice["text"][len(PROMPT):]
+    assert answer.strip() == "red" and choice["finish_reason"] == "stop"
+    found = choice["logprobs"]
+    ids = tokenizer.encode(PROMPT, bos=True) + tokenizer.encode(answer, bos=False) + [tokenizer.eos_id]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    assert found["tokens"][-1] == tokenizer.token_text(tokenizer.eos_id) == "</s>"
+    assert found["token_logprobs"][-1] == pytest.approx(float(logprobs[-2, tokenizer.eos_id]), abs=1e-5)
+    assert found["text_offset"][-1] > found["text_offset"][-2]  # after the answer's tokens
+    alone = complete(client, prompt=PROMPT, logprobs=1).json()["choices"][0]["logprobs"]
+    assert alone["tokens"] == found["tokens"][-len(alone["tokens"]):] and alone["tokens"][-1] == "</s>"
+    assert alone["token_logprobs"] == pytest.approx(found["token_logprobs"][-len(alone["tokens"]):], abs=1e-5)
+    cut = complete(client, prompt=PROMPT, logprobs=1, stop=["red"]).json()["choices"][0]["logprobs"]
+    assert cut["tokens"] == []  # cut by a stop string: nothing of it, nor an end, is returned
+
+
 def test_several_prompts_streaming_and_stop_strings(client):
     prompts = [PROMPT, "There is a small blue"]
     reply = complete(client, prompt=prompts).json()
