@@ -54,3 +54,33 @@ def test_bad_tokenizer_requests_name_their_field(client, path, body, param, mess
     response = client.post(path, json=body)
     error = response.json()["error"]
     assert response.status_code in (400, 404) and error["param"] == param and message in error["message"]
+
+
+def test_the_harness_task_tokenizes_to_the_ids_adapter_choices_scores(tmp_path):
+    """bench.lm_eval_task writes BOS and the answer's end as text; the served tokenizer reads them back as those
+    ids, so the harness sends [BOS] + prompt + choice + [end], which is what adapter.choices scores."""
+    import json
+
+    import adapter
+    from adapter.choices import read_questions
+    from adapter.finetune.encode import encode_example
+    from adapter.finetune.records import Example
+    from adapter.prompts import format_named
+    from bench.lm_eval_task import write_task
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"question": "There is a small red circle. What colour is the circle?",
+                                "choices": ["red", "blue", "green"], "answer": 0}) + "\n")
+    task = write_task("tiny", "tiny-text", data, tmp_path / "task")
+    assert "doc_to_text: prompt" in task.read_text() and 'target_delimiter: ""' in task.read_text()
+    row = json.loads((tmp_path / "task" / "questions.jsonl").read_text())
+    model = adapter.load("tiny", "tiny-text", device="cpu")
+    tokenizer, written = model.tokenizer, format_named(model.prompt_format)
+    question = read_questions(data, written)[0]
+    assert row["answer"] == 0 and len(row["choices"]) == 3
+    context = tokenizer.encode(row["prompt"], bos=False)
+    for text, choice in zip(row["choices"], question.choices):
+        sent = tokenizer.encode(row["prompt"] + text, bos=False)
+        scored, _ = encode_example(Example(question.prompt, choice), tokenizer, model.args.max_seq_len,
+                                   written.answer_end_id(tokenizer))
+        assert sent[:len(context)] == context and sent == list(scored.tokens)
