@@ -1,6 +1,6 @@
 """Optional downloads, only when asked for: from the Hugging Face hub with an explicit `hf:owner/name` (or one GGUF
-file of a repository, `hf:owner/name/FILE.gguf`; for data, one file of a dataset repository), and the official
-release files with `official:NAME` (adapter.releases).
+file of a repository, `hf:owner/name/FILE.gguf`; for data, one file of a dataset repository), at a branch, tag or
+commit with `hf:owner/name@revision`, and the official release files with `official:NAME` (adapter.releases).
 
 Nothing else in the project touches the network: a plain path that does not exist is an error, never a
 guess at a repository.
@@ -40,14 +40,15 @@ def resolve(value: str | os.PathLike, what: str) -> Path:
         return releases.fetch(text[len(releases.PREFIX):], what)
     if not text.startswith(PREFIX):
         return Path(value)
-    repo, file_name = _repo_and_file(text[len(PREFIX):])
-    if not _REPO.match(repo):
-        raise ValueError(f"{what}: {text!r} is not a hub repository id like hf:owner/name (or hf:owner/name/FILE.gguf)")
-    hub = _hub(what, repo)
+    repo, revision, file_name = _parts(text[len(PREFIX):])
+    if not _REPO.match(repo) or (file_name and not file_name.endswith(".gguf")):
+        raise ValueError(f"{what}: {text!r} is not a hub repository id like hf:owner/name[@revision] (or "
+                         "hf:owner/name[@revision]/FILE.gguf)")
+    hub, at = _hub(what, repo), {} if revision is None else {"revision": revision}
     with _fetching(what, repo):
-        if file_name is not None:
-            return Path(hub.hf_hub_download(repo_id=repo, filename=file_name))
-        return Path(hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED))
+        if file_name:
+            return Path(hub.hf_hub_download(repo_id=repo, filename=file_name, **at))
+        return Path(hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED, **at))
 
 
 def resolve_data(value: str | os.PathLike, what: str) -> Path:
@@ -56,15 +57,14 @@ def resolve_data(value: str | os.PathLike, what: str) -> Path:
     text = str(value)
     if not text.startswith(PREFIX):
         return Path(value)
-    owner, _, rest = text[len(PREFIX):].partition("/")
-    name, _, file_name = rest.partition("/")
-    repo = f"{owner}/{name}"
+    repo, revision, file_name = _parts(text[len(PREFIX):])
     if not _REPO.match(repo):
-        raise ValueError(f"{what}: {text!r} is not a hub dataset like hf:owner/name (or hf:owner/name/FILE)")
-    hub = _hub(what, repo)
+        raise ValueError(f"{what}: {text!r} is not a hub dataset like hf:owner/name[@revision] (or "
+                         "hf:owner/name[@revision]/FILE)")
+    hub, at = _hub(what, repo), {} if revision is None else {"revision": revision}
     with _fetching(what, repo):
-        file_name = file_name or _data_file(hub.list_repo_files(repo, repo_type="dataset"), repo, what)
-        return Path(hub.hf_hub_download(repo_id=repo, filename=file_name, repo_type="dataset"))
+        file_name = file_name or _data_file(hub.list_repo_files(repo, repo_type="dataset", **at), repo, what)
+        return Path(hub.hf_hub_download(repo_id=repo, filename=file_name, repo_type="dataset", **at))
 
 
 def _data_file(files: list[str], repo: str, what: str) -> str:
@@ -109,11 +109,9 @@ def _unfetched(what: str, repo: str, error: Exception) -> ValueError:
                       "download it yourself and pass the path")
 
 
-def _repo_and_file(name: str) -> tuple[str, str | None]:
-    """`owner/name` -> (it, None); `owner/name/path/FILE.gguf` -> (owner/name, path/FILE.gguf): a GGUF repository
-    holds one file per quantization (tens of GB in all), so one of them is fetched, not the repository."""
+def _parts(name: str) -> tuple[str, str | None, str]:
+    """`owner/name[@revision][/path/FILE]` -> (owner/name, the branch, tag or commit or None, path/FILE or "")."""
     owner, _, rest = name.partition("/")
     repo, _, file_name = rest.partition("/")
-    if file_name.endswith(".gguf"):
-        return f"{owner}/{repo}", file_name
-    return name, None
+    repo, at, revision = repo.partition("@")
+    return f"{owner}/{repo}", (revision or None) if at else None, file_name

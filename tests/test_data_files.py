@@ -87,12 +87,12 @@ class FakeHub:
         monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **_: pytest.fail("fetched a repository"))
         return self
 
-    def list_repo_files(self, repo_id: str, repo_type: str) -> list[str]:
+    def list_repo_files(self, repo_id: str, repo_type: str, **revision: str) -> list[str]:
         assert repo_type == "dataset"
         return ["README.md", ".gitattributes", *self.files]
 
-    def hf_hub_download(self, repo_id: str, filename: str, repo_type: str) -> str:
-        self.asked.append((repo_id, filename, repo_type))
+    def hf_hub_download(self, repo_id: str, filename: str, repo_type: str, **revision: str) -> str:
+        self.asked.append((repo_id, filename, repo_type, *revision.values()))
         return str(self.files[filename])
 
 
@@ -103,6 +103,8 @@ def test_a_hub_dataset_gives_its_one_data_file_or_its_one_train_file(tmp_path, m
     assert resolve_data("hf:owner/alpaca", "--data") == train_file
     assert hub.asked == [("owner/alpaca", "data/train-00000-of-00001.parquet", "dataset")]
     assert resolve_data("hf:owner/alpaca/data/test-00000-of-00001.parquet", "--data") == tmp_path / "test.parquet"
+    assert resolve_data("hf:owner/alpaca@v2", "--data") == train_file
+    assert hub.asked[-1] == ("owner/alpaca", "data/train-00000-of-00001.parquet", "dataset", "v2")
     assert resolve_data(tmp_path / "local.jsonl", "--data") == tmp_path / "local.jsonl"  # no hub for a path
 
     FakeHub({"alpaca_data_cleaned.json": tmp_path / "a.json"}).install(monkeypatch)

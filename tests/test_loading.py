@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import adapter
 from adapter.config import AdapterArgs
 from adapter.formats import native
+from adapter.hub import SKIPPED, resolve
 from adapter.layout import column_major_wide
 from adapter.model import Transformer
 from tests.conftest import TINY, V2, randomize_adapter
@@ -194,8 +196,6 @@ def test_hub_download_skips_metas_and_mistrals_second_copies(base_folder, monkey
 
     import huggingface_hub
 
-    from adapter.hub import SKIPPED
-
     asked = {}
 
     def snapshot_download(repo_id, **options):
@@ -211,6 +211,22 @@ def test_hub_download_skips_metas_and_mistrals_second_copies(base_folder, monkey
     assert all(any(fnmatch.fnmatch(name, p) for p in SKIPPED) for name in skipped)
     assert not any(fnmatch.fnmatch(name, p) for name in read for p in SKIPPED)
     assert model.base_path == "hf:meta-llama/Llama-3.2-1B" and model.args.dim == 64
+
+
+def test_a_hub_revision_is_fetched_at_that_branch_tag_or_commit(base_folder, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **options: asked.append((repo_id, options)) or str(base_folder))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **options: asked.append(options) or "x.gguf")
+    adapter.load("hf:owner/Llama-2-7B-GPTQ@gptq-4bit-32g-actorder_True", device="cpu")
+    assert asked == [("owner/Llama-2-7B-GPTQ", {"ignore_patterns": SKIPPED, "revision": "gptq-4bit-32g-actorder_True"})]
+    assert resolve("hf:owner/Llama-GGUF@0123abc/q4/model.Q4_K_M.gguf", "base") == Path("x.gguf")
+    assert asked[-1] == {"repo_id": "owner/Llama-GGUF", "filename": "q4/model.Q4_K_M.gguf", "revision": "0123abc"}
+    with pytest.raises(ValueError, match=r"base: 'hf:owner/name/weights.bin' is not a hub repository id like "
+                                         r"hf:owner/name\[@revision\]"):
+        resolve("hf:owner/name/weights.bin", "base")
 
 
 def test_hub_ids_need_the_explicit_prefix_and_fail_clearly_offline(base_folder, monkeypatch):

@@ -18,7 +18,7 @@ BASE_FORMATS = ("a Meta folder (params.json, consolidated.*.pth), a Mistral one 
 # what every command line's --base takes
 BASE_HELP = ("base LLaMA: a folder (Meta, HF, Mistral, litgpt, bitsandbytes, GPTQ, AWQ or compressed-tensors "
              "layout), a llama.cpp .gguf file, "
-             "hf:owner/name (or one file, hf:owner/name/FILE.gguf), or tiny (the embedded model)")
+             "hf:owner/name[@revision] (or one file, hf:owner/name/FILE.gguf), or tiny (the embedded model)")
 ADAPTER_FORMATS = ("our adapter.safetensors (or a folder with it), a PEFT adaption_prompt or LoRA folder "
                    "(adapter_config.json), an official LLaMA-Adapter v1/v2 .pth file, or a litgpt "
                    "lit_model.pth.adapter(_v2)")
