@@ -447,14 +447,14 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                     "sets how much the adapter speaks for the next answer: 0 is the frozen base, 1 the trained "
                     "adapter, above 1 exaggerated.")
         with gr.Row():
-            gate = gr.Slider(0, MAX_SCALE, value=DEFAULTS.gate_scale, step=0.05,
+            gate = gr.Slider(0, MAX_SCALE, value=config.gate_scale, step=0.05,
                              label=gate_label(engines.get(engines.names[0])), elem_id="gate",
                              scale=3)
             layers = gr.Textbox("all", label="Adapter layers speaking ('all', 'top N', '28-31', heads '31:0-3'; "
                                 "the others silent)", elem_id="gate_layers", scale=1)
             adapter = adapter_choice(engines, engines.names[0], "Adapter (chat, compare, gates, model)", "adapter")
         with gr.Accordion("Advanced", open=False):
-            delta = gr.Slider(0, MAX_SCALE, value=DEFAULTS.delta_scale, step=0.05,
+            delta = gr.Slider(0, MAX_SCALE, value=config.delta_scale, step=0.05,
                               label="Delta scale (v2 biases, scales, LoRA, norms)", elem_id="delta")
             temperature = gr.Slider(0, MAX_TEMPERATURE, value=DEFAULTS.temperature, step=0.05,
                                     label="Temperature (0 = greedy)", elem_id="temperature")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import hub
-from .engine import Engine, Engines, check_text, device_lock
+from .engine import Engine, Engines, Settings, check_text, device_lock
 from .formats import BASE_HELP
 from .kv_cache import check_kv_cache
 from .loading import load_many, resolve_device, resolve_dtype
@@ -53,6 +53,8 @@ class ServeConfig:
     kv_cache: str = "auto"  # "int8": keys/values in int8, half the cache's memory (adapter.kv_cache)
     prompt_format: str = "auto"  # how questions are written (adapter.prompts); auto: each adapter's (or base's) own
     system: str = ""  # the system prompt box's starting text (chat formats only)
+    gate_scale: float = 1.0  # the gate slider's starting value, and an API request's that sets none
+    delta_scale: float = 1.0
     openai_api: bool = False  # also serve the adapters as an OpenAI-compatible API at /v1 (adapter.openai_api)
 
 
@@ -131,6 +133,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--system", default=default("system", defaults.system),
                         help="the system prompt each request starts with (users may change it under Advanced); "
                              f"only adapters asked in a chat format ({', '.join(chat_formats())}) take one")
+    parser.add_argument("--gate-scale", type=float, default=default("gate_scale", defaults.gate_scale),
+                        help="the gate slider's starting value, and the gate scale of API requests that set none "
+                             "(0: the frozen base), so a client that cannot set it (lm-evaluation-harness) scores "
+                             "any gate")
+    parser.add_argument("--delta-scale", type=float, default=default("delta_scale", defaults.delta_scale),
+                        help="the same for the delta scale of the v2 parts (biases, scales, LoRA, norms)")
     return parser
 
 
@@ -167,6 +175,8 @@ def check_config(config: ServeConfig) -> None:
     _flag("kv_cache", check_kv_cache, config.kv_cache)
     if config.system.strip():
         _flag("system", lambda text: check_text(text, "system"), config.system)
+    _flag("gate_scale", lambda scale: Settings(gate_scale=scale), config.gate_scale)
+    _flag("delta_scale", lambda scale: Settings(delta_scale=scale), config.delta_scale)
     if config.prompt_format not in ("auto", *PROMPT_FORMATS):
         raise ValueError(f"--prompt-format: must be one of {('auto', *PROMPT_FORMATS)}, got {config.prompt_format!r}")
     device = _flag("device", resolve_device, config.device)
@@ -253,7 +263,8 @@ def load_engines(config: ServeConfig) -> Engines:
     try:
         engines = Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile,
                                         prompt_format=written, batch_chats=config.concurrency)
-                           for (name, _), model in zip(served, models)})
+                           for (name, _), model in zip(served, models)},
+                          Settings(gate_scale=config.gate_scale, delta_scale=config.delta_scale))
     except ValueError as error:  # a format the tokenizer cannot write
         if written is None:
             raise

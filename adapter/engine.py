@@ -15,7 +15,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -521,10 +521,15 @@ class Engines:
     """The adapters served on one frozen base, by name: one Engine each (their models share the base's tensors,
     see `adapter.load_sharing`, and the device's lock). A request names its adapter; None means the first."""
 
-    def __init__(self, engines: Mapping[str, Engine]) -> None:
+    def __init__(self, engines: Mapping[str, Engine], defaults: Settings | None = None) -> None:
         if not engines:
             raise ValueError("adapters: serve at least one")
         self.by_name = dict(engines)
+        self.defaults = defaults or Settings()  # what a request that sets nothing gets (the served gate, ...)
+
+    def settings(self, **fields: Any) -> Settings:
+        """A request's settings: the fields it sets over the served defaults (checked: ValueError)."""
+        return replace(self.defaults, **fields)
 
     @property
     def names(self) -> list[str]:

@@ -205,7 +205,7 @@ def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
     system, history, question, image = read_messages(body.get("messages"))
     top_logprobs, stops = _top_logprobs(body), request_stops(body)
     try:
-        settings = engine.check(Settings(system=system, **options(body)))
+        settings = engine.check(engines.settings(system=system, **options(body)))
         if image is None:
             prompt, picture = engine.chat_prompt(history, question, settings), None
         else:  # the picture as the adapter sees it (None for one that cannot)

@@ -98,7 +98,7 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
         raise RequestError("max_tokens: 0 returns nothing without echo", "max_tokens")
     fields = {key: value for key, value in options(body).items() if not (score_only and key == "max_new_tokens")}
     try:
-        settings = engine.check(Settings(**fields))
+        settings = engine.check(engines.settings(**fields))
         return name, [TextCall(engine, prompt, settings, logprobs, request_stops(body), echo, score_only)
                       for prompt in prompts]
     except ValueError as error:

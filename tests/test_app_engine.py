@@ -324,6 +324,8 @@ def test_flags_come_from_the_environment_and_flags_win(demo_files):
             config.compile) == (str(demo_files.base), (str(demo_files.adapter),), 7, True, "0.0.0.0", 7860, True)
     assert not parse_config(["--base", str(demo_files.base)], {}).compile
     assert parse_config(["--base", str(demo_files.base), "--compile"], {}).compile
+    scales = parse_config(["--delta-scale", "0"], {**environ, "ADAPTER_GATE_SCALE": "0.5", "ADAPTER_DELTA_SCALE": "2"})
+    assert (scales.gate_scale, scales.delta_scale) == (0.5, 0.0)
 
 
 def test_several_adapters_come_from_flags_or_the_environment(demo_files, tmp_path):
@@ -390,6 +392,8 @@ def test_a_compiling_engine_gives_the_same_answers(demo_files, engine):
     (["--kv-cache", "fp8"], "--kv-cache: unknown kind 'fp8'"),
     (["--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
     (["--port", "70000"], "--port: must be between 1 and 65535"),
+    (["--gate-scale", "2.5"], r"--gate-scale: must be in \[0, 2\], got 2.5"),
+    (["--delta-scale", "-1"], r"--delta-scale: must be in \[0, 2\], got -1.0"),
     (["--concurrency", "0"], "--concurrency: must be between 1 and 64"),
 ])
 def test_bad_flags_stop_before_loading(demo_files, flags, message):

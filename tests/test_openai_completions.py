@@ -120,6 +120,21 @@ def test_a_continuation_ended_by_eos_returns_that_token_too(client, engines):
     assert cut["tokens"] == []  # cut by a stop string: nothing of it, nor an end, is returned
 
 
+def test_the_served_gate_is_what_a_request_that_sets_none_gets(engines):
+    """`--gate-scale 0` serves the frozen base to a client that cannot set the gate (lm-evaluation-harness)."""
+    from fastapi.testclient import TestClient
+
+    from adapter.engine import Engines, Settings
+    from adapter.openai_api import build_api
+
+    frozen = TestClient(build_api(Engines(engines.by_name, Settings(gate_scale=0.0))))
+    unset = frozen.post("/v1/completions", json={**GREEDY, "prompt": PROMPT}).json()["choices"][0]["text"]
+    model = engines.get("tiny-text").model
+    assert unset == model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=0.0)
+    asked = frozen.post("/v1/completions", json={**GREEDY, "prompt": PROMPT, "gate_scale": 1}).json()
+    assert asked["choices"][0]["text"] == model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=1.0)
+
+
 def test_several_prompts_streaming_and_stop_strings(client):
     prompts = [PROMPT, "There is a small blue"]
     reply = complete(client, prompt=prompts).json()
