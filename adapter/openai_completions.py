@@ -7,8 +7,9 @@ returns each prompt (token ids decoded) before its continuation; `logprobs` (0 t
 returned token's log-probability at the request's gate and that many likeliest tokens at its place, in the legacy
 layout (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); with `echo`, the prompt's tokens are scored too
 (the first has none without a BOS before it: always so for token ids), and `max_tokens: 0` only scores. A
-continuation is scored as its text encoded after the prompt (as for chat), so with a token-id prompt the prompt's
-ids are scored exactly as sent and the continuation's as the tokenizer writes it. The sampling fields, `stop` and
+continuation's tokens are the very ones decoded, the end of text that ended it included (as OpenAI and vLLM return
+them; lm-evaluation-harness drops the last returned token as the generated one); one cut by a stop string is the
+cut text's tokens. The sampling fields, `stop` and
 this project's `gate_scale`, `delta_scale` and `gate_layers` are read as in chat completions; `stream` sends the
 continuation of one prompt as server-sent events. Decoding stops at the end of text or a stop string only: no
 prompt format's stop strings apply.
