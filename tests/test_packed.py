@@ -134,9 +134,14 @@ def test_awq_codes_are_interleaved_in_each_word():
     assert column.tolist() == [float(AWQ_ORDER.index(k)) for k in range(8)]
 
 
-# compressed-tensors, written with its own quantize and pack functions: (format, bits, strategy, symmetric)
+# compressed-tensors, written with its own quantize and pack functions: (format, bits, strategy, symmetric); FP8
+# ("float-quantized") as llm-compressor's FP8 schemes write it, activations quantized too (not applied here)
 COMPRESSED = [("pack-quantized", 4, "group", False), ("pack-quantized", 4, "channel", True),
-              ("pack-quantized", 3, "group", True), ("int-quantized", 8, "channel", True)]
+              ("pack-quantized", 3, "group", True), ("int-quantized", 8, "channel", True),
+              ("float-quantized", 8, "channel", True), ("float-quantized", 8, "tensor", True),
+              ("float-quantized", 8, "block", True)]
+FP8_MAX = 448.0  # float8_e4m3fn's largest value
+DYNAMIC_FP8 = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True, "symmetric": True}
 
 
 def write_compressed(folder: Path, form: str, bits: int, strategy: str, symmetric: bool, seed: int = 4) -> Path:
@@ -144,8 +149,10 @@ def write_compressed(folder: Path, form: str, bits: int, strategy: str, symmetri
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    settings = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy}
+    fp8 = form == "float-quantized"
+    settings = {"num_bits": bits, "type": "float" if fp8 else "int", "symmetric": symmetric, "strategy": strategy}
     settings.update(group_size=32) if strategy == "group" else None
+    settings.update(block_structure=[32, 64]) if strategy == "block" else None
     args = QuantizationArgs(**settings)
     model = random_llama(seed)
     tensors = {key: value for key, value in model.state_dict().items()
@@ -154,6 +161,10 @@ def write_compressed(folder: Path, form: str, bits: int, strategy: str, symmetri
     for index, layer in enumerate(model.model.layers):
         for linear in LINEARS:
             weight = layer.get_submodule(linear).weight.data
+            prefix = f"model.layers.{index}.{linear}."
+            if fp8:
+                tensors.update({prefix + key: value for key, value in _fp8(weight, strategy, quantize, args).items()})
+                continue
             grouped = weight.float().reshape(weight.shape[0], -1, 32 if strategy == "group" else weight.shape[1])
             low, high = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
             if symmetric:
@@ -164,7 +175,6 @@ def write_compressed(folder: Path, form: str, bits: int, strategy: str, symmetri
                 zero = (low_code - torch.round(low / scale)).clamp(low_code, high_code).to(torch.int8)
             scale = scale.clamp(min=1e-5).half()
             codes = quantize(x=weight, scale=scale, zero_point=zero, args=args, dtype=torch.int8)
-            prefix = f"model.layers.{index}.{linear}."
             tensors[prefix + "weight_scale"] = scale
             if form == "pack-quantized":
                 tensors[prefix + "weight_packed"] = pack_to_int32(codes, bits)
@@ -180,10 +190,25 @@ def write_compressed(folder: Path, form: str, bits: int, strategy: str, symmetri
     config.update(torch_dtype="float16", quantization_config={
         "quant_method": "compressed-tensors", "format": form, "quantization_status": "compressed",
         "ignore": ["lm_head"],
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": settings, "input_activations": None,
-                                      "output_activations": None}}})
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": settings,
+                                      "input_activations": DYNAMIC_FP8 if fp8 else None, "output_activations": None}}})
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def _fp8(weight: torch.Tensor, strategy: str, quantize, args) -> dict[str, torch.Tensor]:
+    """FP8 codes and scales (each scale the range of its channel, block or tensor over FP8's largest value)."""
+    w = weight.float()
+    if strategy == "tensor":
+        scale = (w.abs().amax() / FP8_MAX).reshape(1)
+    elif strategy == "channel":
+        scale = w.abs().amax(1, keepdim=True) / FP8_MAX
+    else:
+        blocks = w.reshape(w.shape[0] // 32, 32, w.shape[1] // 64, 64)
+        scale = blocks.abs().amax((1, 3)) / FP8_MAX
+    scale = scale.clamp(min=1e-8).to(torch.bfloat16)
+    codes = quantize(x=weight.to(torch.bfloat16), scale=scale, zero_point=None, args=args, dtype=torch.float8_e4m3fn)
+    return {"weight": codes, "weight_scale": scale}
 
 
 def transformers_logits(folder: Path) -> torch.Tensor:
@@ -205,6 +230,10 @@ def test_compressed_tensors_bases_give_transformers_logits(form, bits, strategy,
     theirs = transformers_logits(folder)
     shutil.copy(tokenizer_model, folder / "tokenizer.model")
     assert close(logits(adapter.load(folder, device="cpu")), theirs)
+    if form == "float-quantized":  # what is not applied is said
+        grouping = {"channel": "per channel", "tensor": "per tensor", "block": "blocks of 32x64"}[strategy]
+        assert f"  stored packed: compressed-tensors fp8, {grouping}; its activation quantization not applied " \
+               "(dequantized while loading; --quantize nf4 or int8 quantizes again)" in describe(folder)
 
 
 def test_act_order_groups_of_compressed_tensors_pick_each_inputs_scale():
@@ -242,13 +271,14 @@ BAD = {
                "quantization_config.checkpoint_format 'marlin' is not supported"),
     "dynamic": ("gptq-8bit-v2", {"dynamic": {"+:.*down.*": {"bits": 8}}}, None,
                 "quantization_config.dynamic '+:.*down.*' quantizes some modules otherwise"),
-    "W8A8": ("gptq-8bit-v2", {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {
-        "g": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
-              "input_activations": {"num_bits": 8, "dynamic": True}}}}, None,
-             "config_groups.g.input_activations: quantized activations are not supported"),
-    "fp8": ("gptq-8bit-v2", {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+    "kv cache": ("gptq-8bit-v2", {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                  "kv_cache_scheme": {"num_bits": 8, "type": "float"}, "config_groups": {}}, None,
+                 "quantization_config.kv_cache_scheme: a quantized KV cache's scales are not read"),
+    "packed fp8": ("gptq-8bit-v2", {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
         "g": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}, None,
-            "config_groups.g.weights.type 'float' is not supported"),
+                   "config_groups.g.weights: float weights of 8 bits in 'pack-quantized' are not supported"),
+    "nvfp4": ("gptq-8bit-v2", {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}, None,
+              "quantization_config.format 'nvfp4-pack-quantized' is not supported"),
     "missing part": ("gptq-4bit-act-order", None, lambda t: {k: v for k, v in t.items() if k != PREFIX + "qzeros"},
                      "model.layers.0.self_attn.q_proj: missing qzeros of a gptq linear"),
     "int64 words": ("awq-4bit-gemm", None, lambda t: {**t, PREFIX + "qweight": t[PREFIX + "qweight"].long()},

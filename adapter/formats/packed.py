@@ -1,6 +1,6 @@
-"""Integer-packed HF folders: GPTQ (AutoGPTQ's and GPTQModel's files), AWQ (AutoAWQ's GEMM layout) and
-compressed-tensors (llm-compressor's `pack-quantized` and `int-quantized` weight-only files), as the hub holds
-most 4-bit LLaMAs (`*-GPTQ`, `*-AWQ`, `*-w4a16`). Each linear is read back to the weights its quantizer's own
+"""Packed HF folders: GPTQ (AutoGPTQ's and GPTQModel's files), AWQ (AutoAWQ's GEMM layout) and compressed-tensors
+(llm-compressor's `pack-quantized`, `int-quantized` and `float-quantized` files), as the hub holds most 4-bit and
+FP8 LLaMAs (`*-GPTQ`, `*-AWQ`, `*-w4a16`, `*-FP8`). Each linear is read back to the weights its quantizer's own
 kernels compute with (scale x (code - zero), rounded to the scales' dtype) and from there is an ordinary weight:
 kept in 16 bits or quantized again to nf4/int8 while loading.
 
@@ -12,9 +12,12 @@ Facts of the layouts (checked against GPTQModel's and compressed-tensors' own co
 - AWQ GEMM: `X.qweight` int32 [in, out / 8] and `X.qzeros` [groups, out / 8], both along the output, each word's
   eight codes those of columns 0, 2, 4, 6, 1, 3, 5, 7; `X.scales` [groups, out]; no offset on the zeros.
 - compressed-tensors: `X.weight_packed` int32 [out, in * bits / 32] (codes along the input, densely in the
-  bit stream, signed: stored plus 2^(bits-1)), or `X.weight` int8 for 8-bit `int-quantized`; `X.weight_scale`
-  [out, groups] (channel: 1 group; tensor: one scale); `X.weight_zero_point` (asymmetric; packed the same way
-  along the output when `weight_packed`); `X.weight_g_idx` with act-order; `X.weight_shape` the [out, in].
+  bit stream, signed: stored plus 2^(bits-1)), or `X.weight` int8 (`int-quantized`) or float8_e4m3fn
+  (`float-quantized`, FP8); `X.weight_scale` [out, groups] (channel: 1 group; tensor: one scale; block: one per
+  block of [out, in]); `X.weight_zero_point` (asymmetric; packed the same way along the output when
+  `weight_packed`); `X.weight_g_idx` with act-order; `X.weight_shape` the [out, in]. A scheme that also quantizes
+  activations (W8A8, FP8 "dynamic") is read for its weights; its `X.input_scale` is not used, as transformers'
+  dequantizing loader does not use it either.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ PACKED_METHODS = ("gptq", "awq", "compressed-tensors")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column each of a word's eight codes holds
 _PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales"),
           "compressed-tensors": ("weight_packed", "weight", "weight_scale", "weight_zero_point", "weight_g_idx",
-                                 "weight_shape")}
+                                 "weight_shape", "input_scale", "input_zero_point")}  # the inputs' are not used
 _REQUIRED = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros", "scales"),
              "compressed-tensors": ("weight_scale",)}
 _WORDS = ("qweight", "qzeros", "weight_packed")  # int32 words of packed codes
-_CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
+_CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,21 @@ class PackedScheme:
     bits: int
     group_size: int  # -1: one group over all inputs
     zeros_minus_one: bool = False  # GPTQ's v1 checkpoint format
-    symmetric: bool = True  # compressed-tensors: no zero points stored
+    # compressed-tensors: no zero points stored; fp8 codes; scales per block of [out, in]; the file's scheme
+    # quantizes activations too (W8A8, ...), which this model does not: its layers compute with the weights read back
+    symmetric: bool = True
+    float_codes: bool = False
+    block: tuple[int, int] | None = None
+    per_tensor: bool = False
+    activations: bool = False
 
     @property
     def label(self) -> str:
-        groups = "per channel" if self.group_size == -1 else f"group {self.group_size}"
-        return f"{self.method} {self.bits}-bit, {groups}"
+        groups = f"blocks of {self.block[0]}x{self.block[1]}" if self.block else "per tensor" if self.per_tensor \
+            else "per channel" if self.group_size == -1 else f"group {self.group_size}"
+        codes = "fp8" if self.float_codes else f"{self.bits}-bit"
+        unread = "; its activation quantization not applied" if self.activations else ""
+        return f"{self.method} {codes}, {groups}{unread}"
 
     def split(self, names: set[str]) -> tuple[set[str], dict[str, dict[str, str]]]:
         """The names that are not parts of a packed linear, and each packed linear's parts by its weight's name:
@@ -130,32 +142,38 @@ def _compressed_scheme(settings: dict[str, Any], path: Path) -> PackedScheme:
     form = settings.get("format")
     if form not in _CT_FORMATS:
         raise ValueError(f"{where}.format {form!r} is not supported (only {', '.join(_CT_FORMATS)})")
+    if settings.get("kv_cache_scheme"):
+        raise ValueError(f"{where}.kv_cache_scheme: a quantized KV cache's scales are not read")
     groups = settings.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         raise ValueError(f"{where}.config_groups must hold exactly one scheme, got {groups!r}")
     (name, group), = groups.items()
-    if not isinstance(group, dict):
-        raise ValueError(f"{where}.config_groups.{name} must be an object")
-    for kind in ("input_activations", "output_activations"):
-        if group.get(kind):
-            raise ValueError(f"{where}.config_groups.{name}.{kind}: quantized activations are not supported "
-                             "(only weight-only schemes such as W4A16, W8A16)")
-    weights = group.get("weights")
+    weights = group.get("weights") if isinstance(group, dict) else None
     if not isinstance(weights, dict):
         raise ValueError(f"{where}.config_groups.{name}.weights must be an object")
     fields = f"{where}.config_groups.{name}.weights"
-    if weights.get("type", "int") != "int":
-        raise ValueError(f"{fields}.type {weights['type']!r} is not supported (only int)")
-    bits = weights.get("num_bits")
+    kind, bits = weights.get("type", "int"), weights.get("num_bits")
+    if kind not in ("int", "float"):
+        raise ValueError(f"{fields}.type {kind!r} is not supported (only int and float)")
+    if kind == "float" and (bits != 8 or form == "pack-quantized"):
+        raise ValueError(f"{fields}: float weights of {bits} bits in {form!r} are not supported (only fp8, stored "
+                         "as it is)")
     if bits not in range(2, 9):
         raise ValueError(f"{fields}.num_bits {bits!r} is not 2 to 8")
     strategy = weights.get("strategy")
-    if strategy not in ("group", "channel", "tensor"):
-        raise ValueError(f"{fields}.strategy {strategy!r} is not supported (only group, channel, tensor)")
+    if strategy not in ("group", "channel", "tensor", "block"):
+        raise ValueError(f"{fields}.strategy {strategy!r} is not supported (only group, channel, tensor, block)")
     group_size = weights.get("group_size") if strategy == "group" else -1
     if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
         raise ValueError(f"{fields}.group_size {group_size!r} is not a positive integer")
-    return PackedScheme("compressed-tensors", bits, group_size, symmetric=bool(weights.get("symmetric", True)))
+    block = weights.get("block_structure") if strategy == "block" else None
+    if strategy == "block" and not (isinstance(block, list) and len(block) == 2 and
+                                    all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"{fields}.block_structure {block!r} is not two positive integers")
+    activations = any(group.get(part) for part in ("input_activations", "output_activations"))
+    return PackedScheme("compressed-tensors", bits, group_size, symmetric=bool(weights.get("symmetric", True)),
+                        float_codes=kind == "float", block=tuple(block) if block else None,
+                        per_tensor=strategy == "tensor", activations=activations)
 
 
 def _codes(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -235,9 +253,11 @@ def _compressed(scheme: PackedScheme, parts: dict[str, torch.Tensor]) -> torch.T
         inputs = int(shape[1]) if shape is not None else parts["weight_packed"].shape[1] * 32 // scheme.bits
         codes = _stream_codes(parts["weight_packed"], scheme.bits, inputs)
     else:
-        codes = parts["weight"].long()
+        codes = parts["weight"]  # int8, or float8 codes
         inputs = codes.shape[1]
     outputs = codes.shape[0]
+    if scheme.block:
+        return _blocks(codes, scales, scheme.block)
     if scales.dim() == 0 or scales.numel() == 1:
         scales = scales.reshape(1, 1).expand(outputs, 1)
     zeros = parts.get("weight_zero_point")
@@ -250,3 +270,10 @@ def _compressed(scheme: PackedScheme, parts: dict[str, torch.Tensor]) -> torch.T
     g_idx = parts.get("weight_g_idx")
     groups = _input_groups(inputs, -1 if scales.shape[1] == 1 else scheme.group_size) if g_idx is None else g_idx
     return _scaled(codes, zeros, scales, groups)
+
+
+def _blocks(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Codes [out, in] times one scale per block of `block` (the last blocks cut at the edges)."""
+    outputs, inputs = codes.shape
+    every = scales.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return (codes.float() * every[:outputs, :inputs]).to(scales.dtype)
