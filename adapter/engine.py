@@ -490,6 +490,7 @@ class Engine:
         scaling = model.args.rope_scaling
         info: dict[str, Any] = {
             "base": self.base, "adapter": self.adapter, "base_format": model.base_format,
+            "base_packing": model.base_packing or "none",
             "base_family": model.base_family,
             "tokenizer": f"{model.tokenizer.kind}, {model.tokenizer.n_words} pieces",
             "rope_scaling": "none" if scaling is None else f"{scaling.kind} x{scaling.factor:g}",

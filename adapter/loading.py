@@ -105,6 +105,8 @@ def load(
         model = Transformer(args, adapter_args)
     fill_base(model, checkpoint, dtype=dtype, device=device, quantize=mode)
     model.base_format = checkpoint.format
+    packing = getattr(checkpoint, "packing", None)
+    model.base_packing = None if packing is None else packing.label
     model.base_family = checkpoint.family
     model.base_path = str(base)
     model.tokenizer = tokenizer
@@ -161,7 +163,7 @@ def load_sharing(
 
 
 # what a model sharing another's base takes over from it besides the tensors
-SHARED_SETTINGS = ("tokenizer", "base_format", "base_family", "base_path", "base_prompt_format", "quantization",
+SHARED_SETTINGS = ("tokenizer", "base_format", "base_packing", "base_family", "base_path", "base_prompt_format", "quantization",
                    "kv_cache", "prefill_chunk", "cuda_graphs", "fused_inference", "fp32_attention")
 
 

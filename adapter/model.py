@@ -427,6 +427,7 @@ class Transformer(nn.Module):
         self.tokenizer: Tokenizer | None = None
         self.quantization: str | None = None
         self.base_format: str | None = None  # where the weights came from (set by adapter.load)
+        self.base_packing: str | None = None  # how a GPTQ / AWQ / compressed-tensors file packed them
         self.base_family: str | None = None  # "LLaMA" or "Mistral" (set by adapter.load)
         self.adapter_format: str | None = None
         self.base_path: str | None = None  # what adapter.load was given (tiny names resolved), for people to see

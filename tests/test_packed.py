@@ -246,10 +246,13 @@ def test_act_order_groups_of_compressed_tensors_pick_each_inputs_scale():
     assert weight.tolist() == [[2.0, -1.0, 1.5, -8.0]]
 
 
-def test_inspect_names_the_packing(tokenizer_model, tmp_path):
+def test_inspect_and_the_model_tab_name_the_packing(tokenizer_model, tmp_path):
+    from adapter.engine import Engine
+
     folder = fixture_copy("awq-4bit-gemm", tokenizer_model, tmp_path / "awq")
     assert "  stored packed: awq 4-bit, group 32 (dequantized while loading; --quantize nf4 or int8 quantizes " \
            "again)" in describe(folder)
+    assert Engine(adapter.load(folder, device="cpu")).model_info()["base_packing"] == "awq 4-bit, group 32"
 
 
 def _rewrite(folder: Path, settings: dict | None = None, tensors=None) -> Path:
