@@ -163,8 +163,8 @@ def load_sharing(
 
 
 # what a model sharing another's base takes over from it besides the tensors
-SHARED_SETTINGS = ("tokenizer", "base_format", "base_packing", "base_family", "base_path", "base_prompt_format", "quantization",
-                   "kv_cache", "prefill_chunk", "cuda_graphs", "fused_inference", "fp32_attention")
+SHARED_SETTINGS = ("tokenizer", "base_format", "base_packing", "base_family", "base_path", "base_prompt_format",
+                   "quantization", "kv_cache", "prefill_chunk", "cuda_graphs", "fused_inference", "fp32_attention")
 
 
 def _clip_mode(clip: object, clip_quantize: str | None) -> str | None:
