@@ -60,6 +60,21 @@ def test_gptq_and_awq_bases_give_the_logits_of_the_quantizers_weights(name, toke
     assert model.base_format == "hf" and model.quantization is None
 
 
+def test_an_old_autogptq_folder_reads_its_quantize_config_and_named_file(tokenizer_model, tmp_path):
+    """Before transformers read GPTQ, AutoGPTQ kept its settings in quantize_config.json and named the weights file
+    there (`model_file_base_name`); such folders load as the same model."""
+    folder = fixture_copy("gptq-4bit-act-order", tokenizer_model, tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    settings = config.pop("quantization_config")
+    settings.pop("quant_method")
+    (folder / "config.json").write_text(json.dumps(config))
+    settings["model_file_base_name"] = "gptq_model-4bit-32g"
+    (folder / "quantize_config.json").write_text(json.dumps(settings))
+    (folder / "model.safetensors").rename(folder / "gptq_model-4bit-32g.safetensors")
+    assert close(logits(adapter.load(folder, device="cpu")), load_file(folder / "expected.safetensors")["logits"])
+    assert "stored packed: gptq 4-bit, group 32" in "\n".join(describe(folder))
+
+
 def test_a_packed_base_quantizes_again_as_its_weights_do(tokenizer_model, tmp_path):
     """--quantize nf4 quantizes the read-back weights (rounding twice: near the GPTQ model, not equal to it) as
     they would be once loaded; quantize_base writes that once, which loads alike."""

@@ -55,6 +55,7 @@ _OPTIONAL = {"num_key_value_heads": "n_kv_heads", "vocab_size": "vocab_size", "r
 # settings the model does not implement: field -> the only value accepted
 _FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 MODEL_TYPES = ("llama", "mistral")
+GPTQ_SETTINGS = "quantize_config.json"  # AutoGPTQ's, beside a config.json without quantization_config
 _LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
             ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
@@ -160,13 +161,17 @@ def _open_shards(index: Path) -> list[_WeightFile]:
     return list(files.values())
 
 
-def _open_weights(folder: Path) -> list[_WeightFile]:
-    """HF's order: a single file before an index, safetensors before .bin."""
+def _open_weights(folder: Path, base_name: str | None = None) -> list[_WeightFile]:
+    """HF's order: a single file before an index, safetensors before .bin; then, for an old AutoGPTQ folder, the
+    file its quantize_config.json names (`model_file_base_name`, e.g. gptq_model-4bit-128g.safetensors)."""
     for single, index in _LAYOUTS:
         if (folder / single).is_file():
             return [_open_file(folder / single)]
         if (folder / index).is_file():
             return _open_shards(folder / index)
+    named = folder / f"{base_name}.safetensors" if base_name else None
+    if named is not None and named.is_file():
+        return [_open_file(named)]
     names = ", ".join(name for layout in _LAYOUTS for name in layout)
     raise FileNotFoundError(f"base: {folder} has config.json but no weights ({names})")
 
@@ -191,6 +196,17 @@ def _rope(config: dict[str, Any], path: Path) -> dict[str, Any]:
     if found["rope_theta"] is None:
         found["rope_theta"] = 10000.0
     return found
+
+
+def _quantization_settings(config: dict[str, Any], folder: Path, config_path: Path) -> tuple[Any, Path]:
+    """config.json's `quantization_config`, or an old AutoGPTQ folder's `quantize_config.json` (GPTQ's settings
+    before transformers read GPTQ), with the file they came from."""
+    if "quantization_config" in config or not (folder / GPTQ_SETTINGS).is_file():
+        return config.get("quantization_config"), config_path
+    settings = read_json(folder / GPTQ_SETTINGS)
+    if not isinstance(settings, dict):
+        raise ValueError(f"{folder / GPTQ_SETTINGS}: expected an object of GPTQ settings")
+    return {"quant_method": "gptq", **settings}, folder / GPTQ_SETTINGS
 
 
 def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -223,8 +239,8 @@ class HFCheckpoint:
         self.config_path = folder / "config.json"
         config = read_json(self.config_path)
         self._params = _params(config, self.config_path)
-        settings = config.get("quantization_config")
-        self.packing = packed_scheme(settings, self.config_path) if isinstance(settings, dict) and \
+        settings, settings_path = _quantization_settings(config, folder, self.config_path)
+        self.packing = packed_scheme(settings, settings_path) if isinstance(settings, dict) and \
             settings.get("quant_method") in PACKED_METHODS else None  # GPTQ, AWQ, ...: read back to weights
         # a bitsandbytes folder's mode: its linears stay as stored
         self.quantization = None if self.packing else stored_quantization(config, self.config_path)
@@ -234,7 +250,7 @@ class HFCheckpoint:
         n_heads = self._params["n_heads"]
         self._rope_heads = {"attention.wq.weight": n_heads,
                             "attention.wk.weight": self._params.get("n_kv_heads") or n_heads}
-        files = _open_weights(folder)
+        files = _open_weights(folder, (settings or {}).get("model_file_base_name") if self.packing else None)
         self._where = self._map_names(files, bool(config.get("tie_word_embeddings")))
         self._stats = self._map_stats(files)
         embeddings = self._where.get("tok_embeddings.weight")
