@@ -27,7 +27,7 @@ from .footprint import held_bytes, kv_bytes_per_token
 from .gate_layers import Speaker, adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
 from .images import load_image
-from .prompt_ids import Answer, Prompt, prompt_ids
+from .prompt_ids import Answer, Prompt, checked_ids, prompt_ids
 from .prompts import format_named
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ MAX_LAYERS_CHARS = 200  # a layer selection ("top 4", "20-23, 31")
 MAX_SCALE = 2.0
 MAX_TEMPERATURE = 2.0
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS, MAX_LOGIT_BIASES = 100.0, 300  # as OpenAI's
 MAX_SWEEP = 9  # gate scales answered together in one sweep (one batch row each)
 MAX_SCORE_RECORDS = 200  # records one score request reads (the device is held while it runs)
 NEXT_TOKENS_TOP_K = 5  # likeliest next tokens shown per gate scale
@@ -67,6 +68,21 @@ def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name}: must be {bound}, got {value!r}")
     return int(value)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({"token id": bias}, bias from -100 to 100; JSON keys are texts) as sorted pairs."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(_integer("logit_bias", int(token) if isinstance(token, str) else token, 0),
+                  _number("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)) for token, bias in pairs]
+    except (TypeError, ValueError) as error:
+        reason = str(error).removeprefix("logit_bias: ")
+        raise ValueError(f"logit_bias: expected {{token id: bias from -{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}}} "
+                         f"({reason})") from None
+    if len(pairs) > MAX_LOGIT_BIASES:
+        raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIASES} tokens, got {len(pairs)}")
+    return tuple(sorted(pairs))
 
 
 def _layers_text(value: Any) -> str:
@@ -119,6 +135,7 @@ class Settings:
     repetition_penalty: float = 1.0  # CTRL's, over prompt and answer; 1: off
     presence_penalty: float = 0.0  # OpenAI's, over the answer; 0: off
     frequency_penalty: float = 0.0
+    logit_bias: Any = ()  # OpenAI's {token id: bias}, held as sorted (id, bias) pairs
 
     def __post_init__(self) -> None:
         checked = {
@@ -135,6 +152,7 @@ class Settings:
                                           low_open=True),
             "presence_penalty": _number("presence_penalty", self.presence_penalty, -2.0, 2.0),
             "frequency_penalty": _number("frequency_penalty", self.frequency_penalty, -2.0, 2.0),
+            "logit_bias": _logit_bias(self.logit_bias),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -143,7 +161,8 @@ class Settings:
         """Keyword arguments for `adapter.generate` other than the scales, the stop strings and the system."""
         return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
                 "seed": self.seed, "top_k": self.top_k, "repetition_penalty": self.repetition_penalty,
-                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logit_bias": self.logit_bias}
 
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}
@@ -205,10 +224,11 @@ class Engine:
         return self.model.adapter_query is not None
 
     def check(self, settings: Settings) -> Settings:
-        """The per-server limit on top of the Settings' own checks."""
+        """The per-server limits on top of the Settings' own checks (the answer's length, the vocabulary)."""
         if settings.max_new_tokens > self.max_new_tokens:
             raise ValueError(f"max_new_tokens: must be between 1 and {self.max_new_tokens}, "
                              f"got {settings.max_new_tokens}")
+        checked_ids([token for token, _ in settings.logit_bias], self.model.args.vocab_size, "logit_bias")
         return settings
 
     # ----- answering -------------------------------------------------------------------------------------

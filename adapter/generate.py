@@ -71,6 +71,7 @@ def _request(
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    logit_bias: Sequence[tuple[int, float]] = (),
     stop: Sequence[str] | str | None = None,
     seed: int | None = None,
     compile: bool = False,
@@ -80,7 +81,7 @@ def _request(
         stops = stops + written.stop_strings
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty)
+                              frequency_penalty=frequency_penalty, logit_bias=tuple(logit_bias))
     return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile)
 
 

@@ -6,9 +6,10 @@ tools that speak it (the `openai` package, chat front-ends, evaluation harnesses
 (`model`: its name, the first when left out), whole or streamed as server-sent events (`stream: true`). A user
 message may carry a picture as an `image_url` part with a `data:` URL (nothing is fetched from the network): the
 conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
-`top_p`, `max_tokens` (`max_completion_tokens`), `seed`, `stop`, `presence_penalty` and `frequency_penalty` (and
-`top_k`, `repetition_penalty` as vLLM reads them), a request may set this project's `gate_scale`, `delta_scale`
-and `gate_layers`, and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
+`top_p`, `max_tokens` (`max_completion_tokens`), `seed`, `stop`, `presence_penalty`, `frequency_penalty` and
+`logit_bias` (and `top_k`, `repetition_penalty` as vLLM reads them), a request may set this project's
+`gate_scale`, `delta_scale` and `gate_layers` (what is not served, such as `n` above 1 or `tools`, is refused by
+name), and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
 log-probability at that gate. The flags are the app's (`python app.py --help`), and so are the answers: each is
 what `Engine.chat` / `Engine.ask_image` answer for the same settings.
 """
@@ -38,7 +39,7 @@ MAX_STOPS = 4  # as OpenAI's
 SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
                   "max_completion_tokens": "max_new_tokens", "seed": "seed", "presence_penalty": "presence_penalty",
                   "frequency_penalty": "frequency_penalty", "top_k": "top_k",
-                  "repetition_penalty": "repetition_penalty", "gate_scale": "gate_scale",
+                  "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "gate_scale": "gate_scale",
                   "delta_scale": "delta_scale", "gate_layers": "gate_layers"}
 
 
@@ -185,6 +186,20 @@ def served(engines: Engines, body: Any) -> tuple[str, Engine]:
     return name, engines.get(name)
 
 
+def refuse_unserved(body: dict) -> None:
+    """A RequestError for what a request asks that is not served, rather than answering as if it were not asked:
+    several choices (`n`, `best_of`), function calling, structured output."""
+    for field, allowed in (("n", 1), ("best_of", 1)):
+        if body.get(field, allowed) not in (allowed, None):
+            raise RequestError(f"{field}: only {allowed} is served, got {body[field]!r}", field)
+    for field in ("tools", "functions"):
+        if body.get(field):
+            raise RequestError(f"{field}: function calling is not served", field)
+    shape = body.get("response_format")
+    if shape and not (isinstance(shape, dict) and shape.get("type") == "text"):
+        raise RequestError(f"response_format: only text answers are served, got {shape!r:.80}", "response_format")
+
+
 def options(body: dict) -> dict[str, Any]:
     """The Settings fields a request body sets (OpenAI's names and this project's)."""
     return {ours: body[theirs] for theirs, ours in SETTING_FIELDS.items() if body.get(theirs) is not None}
@@ -202,6 +217,7 @@ def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
     """The adapter's name and the checked (lazy) answer of a chat-completions body; RequestError naming the field
     at fault."""
     name, engine = served(engines, body)
+    refuse_unserved(body)
     system, history, question, image = read_messages(body.get("messages"))
     top_logprobs, stops = _top_logprobs(body), request_stops(body)
     try:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .engine import Engine, Engines, Settings
-from .openai_api import Call, RequestError, options, refused, request_stops, response_id, served
+from .openai_api import Call, RequestError, options, refuse_unserved, refused, request_stops, response_id, served
 from .prompt_ids import Prompt, is_token_ids, prompt_text
 
 MAX_PROMPTS = 20
@@ -86,9 +86,7 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
             not all(isinstance(p, str) or (is_token_ids(p) and p) for p in prompts):
         raise RequestError(f"prompt: expected a text, a list of token ids, or a list of 1 to {MAX_PROMPTS} of "
                            "either", "prompt")
-    for field, allowed in (("n", 1), ("best_of", 1)):
-        if body.get(field, allowed) not in (allowed, None):
-            raise RequestError(f"{field}: only {allowed} is served, got {body[field]!r}", field)
+    refuse_unserved(body)
     if body.get("suffix"):
         raise RequestError("suffix: text after the insertion point is not served", "suffix")
     echo, logprobs = bool(body.get("echo")), _logprobs(body)

@@ -1,5 +1,5 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p, a repetition penalty (CTRL's, over prompt
-and answer) and OpenAI's presence and frequency penalties (over the answer's tokens so far)."""
+and answer), OpenAI's presence and frequency penalties (over the answer's tokens so far) and its logit bias."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
@@ -77,6 +78,10 @@ def sample(
         logits = penalize_repeats(logits, seen, params.repetition_penalty)
     if counts is not None:
         logits = penalize_answer(logits, counts, params.presence_penalty, params.frequency_penalty)
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits = logits.index_add(1, torch.tensor(ids, device=logits.device),
+                                  torch.tensor(biases, device=logits.device).expand(logits.shape[0], -1))
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature

@@ -200,6 +200,20 @@ def test_openais_penalties_lower_each_chosen_tokens_logit(model):
     assert [r[1] for r in rows] == argmax_loop(model, ids, 12) != out[len(ids):]
 
 
+def test_a_logit_bias_is_added_to_its_tokens_logits(model):
+    logits = torch.tensor([[3.0, 2.9, 1.0], [0.0, 1.0, 2.0]])
+    assert sample(logits, SamplingParams(temperature=0.0, logit_bias=((1, 0.2),))).tolist() == [1, 2]
+    assert sample(logits, SamplingParams(temperature=0.0, logit_bias=((0, 2.5), (2, -100.0)))).tolist() == [0, 0]
+    ids = model.tokenizer.encode("The red circle is", bos=True)
+    with torch.no_grad():
+        row = model(torch.tensor([ids]))[0, -1].float()
+    first = int(row.argmax())
+    row[first] -= 100
+    biased = SamplingParams(temperature=0.0, logit_bias=((first, -100.0),))
+    request = GenerationRequest(max_new_tokens=1, sampling=biased)
+    assert next(decode_tokens(model, [ids], request)) == [int(row.argmax())] != [first]
+
+
 @pytest.mark.parametrize("kwargs, argument", [
     (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"),

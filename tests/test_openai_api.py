@@ -59,6 +59,15 @@ def test_a_chat_completion_is_the_engines_answer_at_the_gate_asked(client, engin
     assert follow_up == engine_answer(text, [(SCENE, answer)], "What colour is the star?")
 
 
+def test_a_logit_bias_steers_the_answer_as_in_the_engine(client, engines):
+    text = engines.get("tiny-text")
+    red = text.model.tokenizer.encode(" red", bos=False)[0]
+    banned = ask(client, [user(SCENE)], logit_bias={str(red): -100}).json()["choices"][0]["message"]["content"]
+    assert banned != "red" and banned == engine_answer(text, [], SCENE, logit_bias={red: -100.0})
+    plain = ask(client, [user(SCENE)], logit_bias={}, response_format={"type": "text"}, n=1).json()
+    assert plain["choices"][0]["message"]["content"] == "red"
+
+
 def test_penalties_and_top_k_are_the_engines_at_the_same_settings(client, engines):
     frozen = engines.get("tiny-text")
     chosen = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "top_k": 3, "repetition_penalty": 1.2}
@@ -109,6 +118,13 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
     ({"max_tokens": 5000}, 400, "max_tokens", "max_new_tokens: must be between 1 and 256, got 5000"),
     ({"gate_scale": 3}, 400, "gate_scale", "gate_scale: must be in [0, 2], got 3"),
     ({"frequency_penalty": 2.5}, 400, "frequency_penalty", "frequency_penalty: must be in [-2, 2], got 2.5"),
+    ({"logit_bias": {"5": 101}}, 400, "logit_bias", "logit_bias: expected {token id: bias from -100 to 100}"),
+    ({"logit_bias": {"red": 1}}, 400, "logit_bias", "logit_bias: expected {token id: bias from -100 to 100}"),
+    ({"logit_bias": {"99999": 1}}, 400, "logit_bias", "logit_bias: token id 99999 (place 0) is not in the vocabulary"),
+    ({"n": 2}, 400, "n", "n: only 1 is served, got 2"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "tools: function calling is not served"),
+    ({"response_format": {"type": "json_object"}}, 400, "response_format", "response_format: only text answers"),
     ({"top_k": -1}, 400, "top_k", "top_k: must be >= 0, got -1"),
     ({"gate_layers": "top 9"}, 400, "gate_layers", "gate_layers: "),
 ])
