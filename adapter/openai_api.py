@@ -8,8 +8,8 @@ message may carry a picture as an `image_url` part with a `data:` URL (nothing i
 conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
 `top_p`, `max_tokens` (`max_completion_tokens`), `seed`, `stop`, `presence_penalty`, `frequency_penalty` and
 `logit_bias` (and `top_k`, `repetition_penalty` as vLLM reads them), a request may set this project's
-`gate_scale`, `delta_scale` and `gate_layers` (what is not served, such as `n` above 1 or `tools`, is refused by
-name), and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
+`gate_scale`, `delta_scale` and `gate_layers` (`n` answers are those of the next seeds; what is not served, such as
+`tools`, is refused by name), and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
 log-probability at that gate. The flags are the app's (`python app.py --help`), and so are the answers: each is
 what `Engine.chat` / `Engine.ask_image` answer for the same settings.
 """
@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request  # with gradio; here, so that FastAPI reads the annotations
@@ -36,6 +37,7 @@ from .prompt_ids import Prompt, prompt_ids
 OWNER = "llama-adapter"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
 MAX_STOPS = 4  # as OpenAI's
+MAX_CHOICES = 8  # `n`: answers to one request, each with the next seed
 SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
                   "max_completion_tokens": "max_new_tokens", "seed": "seed", "presence_penalty": "presence_penalty",
                   "frequency_penalty": "frequency_penalty", "top_k": "top_k",
@@ -73,7 +75,8 @@ def api_router(engines: Engines) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await answered(request, lambda body: answer_call(engines, body), stream_events, completion)
+        return await answered(request, lambda body: answer_calls(engines, body),
+                              lambda name, calls: stream_events(name, calls[0]), completion)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -188,16 +191,33 @@ def served(engines: Engines, body: Any) -> tuple[str, Engine]:
 
 def refuse_unserved(body: dict) -> None:
     """A RequestError for what a request asks that is not served, rather than answering as if it were not asked:
-    several choices (`n`, `best_of`), function calling, structured output."""
-    for field, allowed in (("n", 1), ("best_of", 1)):
-        if body.get(field, allowed) not in (allowed, None):
-            raise RequestError(f"{field}: only {allowed} is served, got {body[field]!r}", field)
+    the best of several answers (`best_of`), function calling, structured output."""
+    if body.get("best_of", 1) not in (1, None):
+        raise RequestError(f"best_of: only 1 is served, got {body['best_of']!r}", "best_of")
     for field in ("tools", "functions"):
         if body.get(field):
             raise RequestError(f"{field}: function calling is not served", field)
     shape = body.get("response_format")
     if shape and not (isinstance(shape, dict) and shape.get("type") == "text"):
         raise RequestError(f"response_format: only text answers are served, got {shape!r:.80}", "response_format")
+
+
+def choices_asked(body: dict) -> int:
+    """OpenAI's `n`: how many answers (1 to MAX_CHOICES; several are not streamed)."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise RequestError(f"n: must be a whole number from 1 to {MAX_CHOICES}, got {n!r}", "n")
+    if n > 1 and body.get("stream"):
+        raise RequestError("stream: only one answer streams (n 1)", "stream")
+    return n
+
+
+def seeded(settings: Settings, choice: int) -> Settings:
+    """The settings of a request's `choice`-th answer: the next seed each (the first is the request's own), so
+    sampled answers differ and each is the one a request with that seed gets."""
+    return settings if settings.seed is None or choice == 0 else replace(settings, seed=settings.seed + choice)
 
 
 def options(body: dict) -> dict[str, Any]:
@@ -213,11 +233,12 @@ def refused(error: ValueError, default_param: str) -> RequestError:
                                          default_param))
 
 
-def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
-    """The adapter's name and the checked (lazy) answer of a chat-completions body; RequestError naming the field
-    at fault."""
+def answer_calls(engines: Engines, body: Any) -> tuple[str, list[Call]]:
+    """The adapter's name and the checked (lazy) answers of a chat-completions body (`n` of them); RequestError
+    naming the field at fault."""
     name, engine = served(engines, body)
     refuse_unserved(body)
+    count = choices_asked(body)
     system, history, question, image = read_messages(body.get("messages"))
     top_logprobs, stops = _top_logprobs(body), request_stops(body)
     try:
@@ -227,10 +248,12 @@ def answer_call(engines: Engines, body: Any) -> tuple[str, Call]:
         else:  # the picture as the adapter sees it (None for one that cannot)
             prompt, pictures = engine.image_rows(image, question, settings, 1, history)
             picture = pictures[0] if pictures else None
-        answers = engine.answer_prompt(prompt, settings, picture)  # the prompt written once
+        chosen = [seeded(settings, choice) for choice in range(count)]
+        answers = [engine.answer_prompt(prompt, each, picture) for each in chosen]  # the prompt written once
     except ValueError as error:
         raise refused(error, "messages") from None
-    return name, Call(engine, prompt, answers, settings, picture, top_logprobs, stops)
+    return name, [Call(engine, prompt, each_answers, each, picture, top_logprobs, stops)
+                  for each_answers, each in zip(answers, chosen)]
 
 
 def request_stops(body: dict) -> tuple[str, ...]:
@@ -332,14 +355,24 @@ def _picture(image_url: Any, index: int) -> Any:
     return picture
 
 
-def completion(name: str, call: Call) -> dict[str, Any]:
-    answer = ""
-    for answer in call.texts():
-        pass
+def completion(name: str, calls: list[Call]) -> dict[str, Any]:
+    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for index, call in enumerate(calls):
+        answer = ""
+        for answer in call.texts():
+            pass
+        choices.append({"index": index, "message": {"role": "assistant", "content": answer},
+                        "logprobs": call.logprobs(answer), "finish_reason": call.finish_reason(answer)})
+        usage = added_usage(usage, call.usage(answer), prompt_counted=index > 0)
     return {"id": response_id(), "object": "chat.completion", "created": int(time.time()), "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "logprobs": call.logprobs(answer), "finish_reason": call.finish_reason(answer)}],
-            "usage": call.usage(answer)}
+            "choices": choices, "usage": usage}
+
+
+def added_usage(total: dict[str, int], more: dict[str, int], prompt_counted: bool) -> dict[str, int]:
+    """Usage summed over a request's answers, each prompt counted once (as OpenAI counts `n` answers)."""
+    prompt = total["prompt_tokens"] + (0 if prompt_counted else more["prompt_tokens"])
+    completion_tokens = total["completion_tokens"] + more["completion_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
 def stream_events(name: str, call: Call) -> Iterator[str]:

@@ -11,7 +11,8 @@ continuation's tokens are the very ones decoded, the end of text that ended it i
 them; lm-evaluation-harness drops the last returned token as the generated one); one cut by a stop string is the
 cut text's tokens. The sampling fields, `stop` and
 this project's `gate_scale`, `delta_scale` and `gate_layers` are read as in chat completions; `stream` sends the
-continuation of one prompt as server-sent events. Decoding stops at the end of text or a stop string only: no
+continuation of one prompt as server-sent events; `n` continues each prompt that many times, the j-th with seed + j.
+Decoding stops at the end of text or a stop string only: no
 prompt format's stop strings apply.
 """
 
@@ -23,7 +24,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from .engine import Engine, Engines, Settings
-from .openai_api import Call, RequestError, options, refuse_unserved, refused, request_stops, response_id, served
+from .openai_api import (
+    Call,
+    RequestError,
+    added_usage,
+    choices_asked,
+    options,
+    refuse_unserved,
+    refused,
+    request_stops,
+    response_id,
+    seeded,
+    served,
+)
 from .prompt_ids import Prompt, is_token_ids, prompt_text
 
 MAX_PROMPTS = 20
@@ -34,13 +47,13 @@ class TextCall(Call):
     """One prompt's continuation, with what the legacy layout returns besides: the echo and the log-probabilities."""
 
     def __init__(self, engine: Engine, prompt: Prompt, settings: Settings, logprobs: int | None,
-                 stops: tuple[str, ...], echo: bool, score_only: bool) -> None:
+                 stops: tuple[str, ...], echo: bool, score_only: bool, choice: int = 0) -> None:
         if score_only:
             engine.check_scored(prompt)
         self.generated: list[int] = []  # the continuation's tokens (its stop id included), as decoded
         answers = iter([""]) if score_only else engine.complete(prompt, settings, self.generated)
         super().__init__(engine, prompt, answers, settings, None, logprobs, stops)
-        self.echo, self.score_only = echo, score_only
+        self.echo, self.score_only, self.choice = echo, score_only, choice  # choice: of this prompt's `n`
         self.prompt_text = prompt_text(engine.model.tokenizer, prompt)
 
     def text(self, answer: str) -> str:
@@ -87,6 +100,7 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
         raise RequestError(f"prompt: expected a text, a list of token ids, or a list of 1 to {MAX_PROMPTS} of "
                            "either", "prompt")
     refuse_unserved(body)
+    count = choices_asked(body)
     if body.get("suffix"):
         raise RequestError("suffix: text after the insertion point is not served", "suffix")
     echo, logprobs = bool(body.get("echo")), _logprobs(body)
@@ -98,8 +112,8 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
     fields = {key: value for key, value in options(body).items() if not (score_only and key == "max_new_tokens")}
     try:
         settings = engine.check(engines.settings(**fields))
-        return name, [TextCall(engine, prompt, settings, logprobs, request_stops(body), echo, score_only)
-                      for prompt in prompts]
+        return name, [TextCall(engine, prompt, seeded(settings, choice), logprobs, request_stops(body), echo,
+                               score_only, choice) for prompt in prompts for choice in range(count)]
     except ValueError as error:
         raise refused(error, "prompt") from None
 
@@ -121,7 +135,7 @@ def text_completion(name: str, calls: list[TextCall]) -> dict[str, Any]:
             pass
         choices.append({"text": call.text(answer), "index": index, "logprobs": call.legacy_logprobs(answer),
                         "finish_reason": call.finish_reason(answer)})
-        usage = {key: usage[key] + value for key, value in call.usage(answer).items()}
+        usage = added_usage(usage, call.usage(answer), prompt_counted=call.choice > 0)
     return {"id": response_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name,
             "choices": choices, "usage": usage}
 

@@ -68,6 +68,20 @@ def test_a_logit_bias_steers_the_answer_as_in_the_engine(client, engines):
     assert plain["choices"][0]["message"]["content"] == "red"
 
 
+def test_n_answers_are_those_of_the_next_seeds(client, engines):
+    text = engines.get("tiny-text")
+    sampled = {"temperature": 1.0, "top_p": 1.0, "seed": 11}
+    reply = client.post("/v1/chat/completions", json={"messages": [user(SCENE)], "n": 3, "max_tokens": 30,
+                                                      "gate_scale": 0, **sampled}).json()
+    answers = [choice["message"]["content"] for choice in reply["choices"]]
+    assert [choice["index"] for choice in reply["choices"]] == [0, 1, 2]
+    assert answers == [list(text.chat([], SCENE, Settings(max_new_tokens=30, gate_scale=0.0, **{
+        **sampled, "seed": 11 + j})))[-1] for j in range(3)]
+    assert len(set(answers)) > 1  # sampled at the base's gate: the seeds differ, so do the answers
+    prompt = len(text.model.tokenizer.encode(text.chat_prompt([], SCENE, Settings())))
+    assert reply["usage"]["prompt_tokens"] == prompt
+
+
 def test_penalties_and_top_k_are_the_engines_at_the_same_settings(client, engines):
     frozen = engines.get("tiny-text")
     chosen = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "top_k": 3, "repetition_penalty": 1.2}
@@ -121,7 +135,7 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
     ({"logit_bias": {"5": 101}}, 400, "logit_bias", "logit_bias: expected {token id: bias from -100 to 100}"),
     ({"logit_bias": {"red": 1}}, 400, "logit_bias", "logit_bias: expected {token id: bias from -100 to 100}"),
     ({"logit_bias": {"99999": 1}}, 400, "logit_bias", "logit_bias: token id 99999 (place 0) is not in the vocabulary"),
-    ({"n": 2}, 400, "n", "n: only 1 is served, got 2"),
+    ({"n": 0}, 400, "n", "n: must be a whole number from 1 to 8, got 0"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
      "tools: function calling is not served"),
     ({"response_format": {"type": "json_object"}}, 400, "response_format", "response_format: only text answers"),

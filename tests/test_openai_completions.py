@@ -135,6 +135,19 @@ def test_the_served_gate_is_what_a_request_that_sets_none_gets(engines):
     assert asked["choices"][0]["text"] == model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=1.0)
 
 
+def test_n_continuations_are_those_of_the_next_seeds(client):
+    """Each prompt's n choices, in order (prompt 0's first): choice j is what a request with seed + j gets; the
+    prompt's tokens are counted once."""
+    sampled = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 8}
+    prompts = [PROMPT, "There is a small blue"]
+    reply = complete(client, prompt=prompts, n=2, seed=7, **sampled).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
+    alone = [complete(client, prompt=p, seed=7 + j, **sampled).json() for p in prompts for j in range(2)]
+    assert [c["text"] for c in reply["choices"]] == [a["choices"][0]["text"] for a in alone]
+    assert reply["usage"]["prompt_tokens"] == alone[0]["usage"]["prompt_tokens"] + alone[2]["usage"]["prompt_tokens"]
+    assert reply["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+
+
 def test_several_prompts_streaming_and_stop_strings(client):
     prompts = [PROMPT, "There is a small blue"]
     reply = complete(client, prompt=prompts).json()
@@ -159,7 +172,9 @@ def test_several_prompts_streaming_and_stop_strings(client):
     ({"prompt": [1, True]}, "prompt", "prompt: expected a text, a list of token ids"),
     ({"prompt": [5, 10 ** 6]}, "prompt", "prompt: token id 1000000 (place 1) is not in the vocabulary of"),
     ({"prompt": ["a"] * 21}, "prompt", "1 to 20 of either"),
-    ({"prompt": "a", "n": 2}, "n", "n: only 1 is served"),
+    ({"prompt": "a", "n": 9}, "n", "n: must be a whole number from 1 to 8, got 9"),
+    ({"prompt": "a", "n": 2, "stream": True}, "stream", "stream: only one answer streams (n 1)"),
+    ({"prompt": "a", "best_of": 3}, "best_of", "best_of: only 1 is served, got 3"),
     ({"prompt": "a", "logprobs": 6}, "logprobs", "logprobs: must be a whole number from 0 to 5"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens: 0 returns nothing without echo"),
     ({"prompt": ["a", "b"], "stream": True}, "stream", "stream: only one prompt's continuation streams"),
