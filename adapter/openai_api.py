@@ -133,9 +133,10 @@ class Call:
     figures count, and the log-probabilities asked for (None: not asked)."""
 
     def __init__(self, engine: Engine, prompt: Prompt, answers: Iterator[str], settings: Settings, image: Any,
-                 top_logprobs: int | None, stops: tuple[str, ...] = ()) -> None:
+                 top_logprobs: int | None, stops: tuple[str, ...] = (), choice: int = 0) -> None:
         self.engine, self.prompt, self.answers, self.settings = engine, prompt, answers, settings
         self.image, self.top_logprobs, self.stops = image, top_logprobs, stops
+        self.choice = choice  # which of its prompt's `n` answers
         self.stopped = False  # a stop string ended the answer
 
     def texts(self) -> Iterator[str]:
@@ -252,8 +253,8 @@ def answer_calls(engines: Engines, body: Any) -> tuple[str, list[Call]]:
         answers = [engine.answer_prompt(prompt, each, picture) for each in chosen]  # the prompt written once
     except ValueError as error:
         raise refused(error, "messages") from None
-    return name, [Call(engine, prompt, each_answers, each, picture, top_logprobs, stops)
-                  for each_answers, each in zip(answers, chosen)]
+    return name, [Call(engine, prompt, each_answers, each, picture, top_logprobs, stops, choice)
+                  for choice, (each_answers, each) in enumerate(zip(answers, chosen))]
 
 
 def request_stops(body: dict) -> tuple[str, ...]:
@@ -356,22 +357,32 @@ def _picture(image_url: Any, index: int) -> Any:
 
 
 def completion(name: str, calls: list[Call]) -> dict[str, Any]:
-    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for index, call in enumerate(calls):
+    done = finished(calls)
+    return {"id": response_id(), "object": "chat.completion", "created": int(time.time()), "model": name,
+            "choices": [{"index": index, "message": {"role": "assistant", "content": answer},
+                         "logprobs": call.logprobs(answer), "finish_reason": call.finish_reason(answer)}
+                        for index, (call, answer) in enumerate(done)],
+            "usage": total_usage(done)}
+
+
+def finished(calls: Sequence[Call]) -> list[tuple[Call, str]]:
+    """Each call with its whole answer, decoded to its end one after another."""
+    done = []
+    for call in calls:
         answer = ""
         for answer in call.texts():
             pass
-        choices.append({"index": index, "message": {"role": "assistant", "content": answer},
-                        "logprobs": call.logprobs(answer), "finish_reason": call.finish_reason(answer)})
-        usage = added_usage(usage, call.usage(answer), prompt_counted=index > 0)
-    return {"id": response_id(), "object": "chat.completion", "created": int(time.time()), "model": name,
-            "choices": choices, "usage": usage}
+        done.append((call, answer))
+    return done
 
 
-def added_usage(total: dict[str, int], more: dict[str, int], prompt_counted: bool) -> dict[str, int]:
+def total_usage(done: Sequence[tuple[Call, str]]) -> dict[str, int]:
     """Usage summed over a request's answers, each prompt counted once (as OpenAI counts `n` answers)."""
-    prompt = total["prompt_tokens"] + (0 if prompt_counted else more["prompt_tokens"])
-    completion_tokens = total["completion_tokens"] + more["completion_tokens"]
+    prompt = completion_tokens = 0
+    for call, answer in done:
+        usage = call.usage(answer)
+        prompt += usage["prompt_tokens"] if call.choice == 0 else 0
+        completion_tokens += usage["completion_tokens"]
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 

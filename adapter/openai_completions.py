@@ -27,8 +27,8 @@ from .engine import Engine, Engines, Settings
 from .openai_api import (
     Call,
     RequestError,
-    added_usage,
     choices_asked,
+    finished,
     options,
     refuse_unserved,
     refused,
@@ -36,6 +36,7 @@ from .openai_api import (
     response_id,
     seeded,
     served,
+    total_usage,
 )
 from .prompt_ids import Prompt, is_token_ids, prompt_text
 
@@ -52,8 +53,8 @@ class TextCall(Call):
             engine.check_scored(prompt)
         self.generated: list[int] = []  # the continuation's tokens (its stop id included), as decoded
         answers = iter([""]) if score_only else engine.complete(prompt, settings, self.generated)
-        super().__init__(engine, prompt, answers, settings, None, logprobs, stops)
-        self.echo, self.score_only, self.choice = echo, score_only, choice  # choice: of this prompt's `n`
+        super().__init__(engine, prompt, answers, settings, None, logprobs, stops, choice)
+        self.echo, self.score_only = echo, score_only
         self.prompt_text = prompt_text(engine.model.tokenizer, prompt)
 
     def text(self, answer: str) -> str:
@@ -128,16 +129,11 @@ def _logprobs(body: dict) -> int | None:
 
 
 def text_completion(name: str, calls: list[TextCall]) -> dict[str, Any]:
-    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for index, call in enumerate(calls):
-        answer = ""
-        for answer in call.texts():
-            pass
-        choices.append({"text": call.text(answer), "index": index, "logprobs": call.legacy_logprobs(answer),
-                        "finish_reason": call.finish_reason(answer)})
-        usage = added_usage(usage, call.usage(answer), prompt_counted=call.choice > 0)
+    done = finished(calls)
     return {"id": response_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name,
-            "choices": choices, "usage": usage}
+            "choices": [{"text": call.text(answer), "index": index, "logprobs": call.legacy_logprobs(answer),
+                         "finish_reason": call.finish_reason(answer)} for index, (call, answer) in enumerate(done)],
+            "usage": total_usage(done)}
 
 
 def stream_text_events(name: str, call: TextCall) -> Iterator[str]:
