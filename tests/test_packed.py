@@ -60,6 +60,19 @@ def test_gptq_and_awq_bases_give_the_logits_of_the_quantizers_weights(name, toke
     assert model.base_format == "hf" and model.quantization is None
 
 
+def test_an_adapter_trains_on_a_gptq_base_quantized_again_in_nf4(tokenizer_model, tmp_path):
+    """The hub's GPTQ model as the frozen base of fine-tuning: read back, put in nf4, the adapter learns and loads."""
+    from adapter.finetune import train
+    from tests.finetune_helpers import alpaca_records, tiny_config, write_jsonl
+
+    folder = fixture_copy("gptq-4bit-act-order", tokenizer_model, tmp_path / "gptq")
+    data = write_jsonl(tmp_path / "data.jsonl", alpaca_records(16))
+    result = train(tiny_config(folder, data, tmp_path / "run", quantize="nf4", prompt_layers=2))
+    assert result.train_losses[-1] < result.train_losses[0] - 0.05, result.train_losses
+    trained = adapter.load(folder, adapter=result.adapter, device="cpu", quantize="nf4")
+    assert float(trained.effective_gates().abs().min()) > 1e-3
+
+
 def test_an_old_autogptq_folder_reads_its_quantize_config_and_named_file(tokenizer_model, tmp_path):
     """Before transformers read GPTQ, AutoGPTQ kept its settings in quantize_config.json and named the weights file
     there (`model_file_base_name`); such folders load as the same model."""
