@@ -111,8 +111,7 @@ def packed_scheme(settings: dict[str, Any], path: Path) -> PackedScheme:
     if bits not in allowed:
         raise ValueError(f"{path}: quantization_config.bits {bits!r} is not supported for {method} "
                          f"(only {', '.join(map(str, allowed))})")
-    if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
-        raise ValueError(f"{path}: quantization_config.group_size {group_size!r} is not -1 or a positive integer")
+    _check_group_size(group_size, f"{path}: quantization_config.group_size")
     if method == "awq":
         version = str(settings.get("version", "gemm")).lower()
         if version != "gemm":
@@ -135,6 +134,11 @@ def packed_scheme(settings: dict[str, Any], path: Path) -> PackedScheme:
         raise ValueError(f"{path}: quantization_config.dynamic {overrides[0]!r} quantizes some modules otherwise; "
                          "only skipped modules ('-:...') are supported")
     return PackedScheme("gptq", bits, group_size, zeros_minus_one=checkpoint_format == "gptq")
+
+
+def _check_group_size(value: Any, where: str) -> None:
+    if not isinstance(value, int) or not (value == -1 or value > 0):
+        raise ValueError(f"{where} {value!r} is not -1 or a positive integer")
 
 
 def _compressed_scheme(settings: dict[str, Any], path: Path) -> PackedScheme:
@@ -164,8 +168,7 @@ def _compressed_scheme(settings: dict[str, Any], path: Path) -> PackedScheme:
     if strategy not in ("group", "channel", "tensor", "block"):
         raise ValueError(f"{fields}.strategy {strategy!r} is not supported (only group, channel, tensor, block)")
     group_size = weights.get("group_size") if strategy == "group" else -1
-    if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
-        raise ValueError(f"{fields}.group_size {group_size!r} is not a positive integer")
+    _check_group_size(group_size, f"{fields}.group_size")
     block = weights.get("block_structure") if strategy == "block" else None
     if strategy == "block" and not (isinstance(block, list) and len(block) == 2 and
                                     all(isinstance(b, int) and b > 0 for b in block)):
@@ -236,7 +239,10 @@ def _awq(scheme: PackedScheme, parts: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _stream_codes(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """compressed-tensors' dense packing: code i of a row is bits [i*bits, (i+1)*bits) of the row's words read as
-    one little-endian bit stream (a code may straddle two words)."""
+    one little-endian bit stream (a code may straddle two words; with 2, 4 or 8 bits none does, and the stream is
+    `_codes`' layout)."""
+    if 32 % bits == 0:
+        return _codes(words, bits)[:, :count] - 2 ** (bits - 1)
     unsigned = words.long() & 0xFFFFFFFF
     start = torch.arange(count) * bits
     word, offset = start // 32, start % 32
