@@ -56,7 +56,7 @@ def add_tokenizer_routes(router: APIRouter, engines: Engines) -> None:
 
     @router.get("/tokenizer_info")
     def tokenizer_info() -> dict[str, Any]:
-        model = engines.get(engines.names[0]).model
+        model = engines.default.model
         tokenizer = model.tokenizer
 
         def text_of(token: int) -> str | None:
