@@ -11,14 +11,14 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gradio as gr
 from PIL import Image
 
-from adapter.app_config import ASSETS, ServeConfig, load_engines, parse_config, serves_tiny
+from adapter.app_config import ASSETS, ServeConfig, engine_for, load_engines, parse_config, serves_tiny
 from adapter.choices import ChoiceEvaluation
 from adapter.engine import (
     MAX_SCALE,
@@ -31,6 +31,8 @@ from adapter.engine import (
     Settings,
     gate_scales,
 )
+from adapter.live_training import MAX_STEPS, LiveTraining, TrainProgress, TrainRequest
+from adapter.prompts import PROMPT_FORMATS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,6 +51,9 @@ SCORE_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "exact 
 CHOICE_HEADERS = ["gate scale", "likeliest choice right %", "per byte %", "P(right choice) %"]
 TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 175 held-out text questions
 TINY_HELD_OUT_IMAGES = 10  # and 40 held-out image questions (10 per category) with their pictures
+TINY_TRAINING_RECORDS = 2000  # the Train tab's example for the tiny model: its text adapter's kind of questions
+TRAIN_MODES = [("v1: adaption prompts and gates", "v1"), ("v2: also zero-init biases and tuned norms", "v2"),
+               ("LoRA alone (no prompts, no gates: the baseline)", "lora")]
 
 
 @contextmanager
@@ -151,8 +156,8 @@ class Handlers:
     Every model event takes the six shared controls, then the adapter to answer with (omitted: the first), the
     system prompt (omitted: none) and the adapter layers that speak (omitted: all)."""
 
-    def __init__(self, engines: Engines) -> None:
-        self.engines = engines
+    def __init__(self, engines: Engines, training: LiveTraining | None = None) -> None:
+        self.engines, self.training = engines, training
 
     def request(self, gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
                 seed: float | None, adapter: str | None = None, system: str | None = None,
@@ -308,6 +313,55 @@ class Handlers:
             info = self.engines.get(adapter).model_info()
         return {**info, "adapters_served": self.engines.names}
 
+    def adapter_menus(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Both adapter menus offering what is served now (adapters trained since the app started included)."""
+        names = self.engines.names
+        return gr.update(choices=names, visible=len(names) > 1), gr.update(choices=names, visible=len(names) > 1)
+
+    def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
+              prompt_layers: float, lora_rank: float, prompt_format: str, seed: float,
+              request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        """Train an adapter on the served base (adapter.live_training): its status, loss and gates as it goes, then
+        the zip of it and both adapter menus offering it, the top one choosing it."""
+        with user_errors():
+            asked = TrainRequest(data=data, mode=mode, epochs=whole(epochs, "epochs"),
+                                 batch_size=whole(batch_size, "batch_size"), lr=float(lr),
+                                 prompt_len=whole(prompt_len, "prompt_len"),
+                                 prompt_layers=whole(prompt_layers, "prompt_layers"),
+                                 lora_rank=whole(lora_rank, "lora_rank"), prompt_format=prompt_format,
+                                 seed=whole(seed, "seed"))
+            with closing(self.training.run(asked, request.session_hash)) as runs:  # a closed page stops it
+                for progress in runs:
+                    yield training_view(progress, self.engines.names)
+
+    def stop_training(self, request: gr.Request) -> None:
+        """Stop this page's run after its step under way; what it learnt so far is kept and served."""
+        if not self.training.stop(request.session_hash):
+            gr.Info("No training of yours is under way.")
+
+
+def whole(value: float | None, name: str) -> int:
+    """A number box's value as the integer it must be (gradio's sliders give floats)."""
+    if value is None or float(value) != int(value):
+        raise ValueError(f"{name}: must be a whole number, got {value!r}")
+    return int(value)
+
+
+def training_view(progress: TrainProgress, names: list[str]) -> tuple[Any, ...]:
+    """The Train tab's outputs: status, loss and gate plots, and once the run has ended its zip and the adapter
+    menus offering it (until then those are left as they are)."""
+    if progress.name is None:
+        return progress.status(), progress.loss_figure(), progress.gates_figure(), None, gr.update(), gr.update()
+    return (progress.status(), progress.loss_figure(), progress.gates_figure(), str(progress.archive),
+            gr.update(choices=names, value=progress.name, visible=True), gr.update(choices=names, visible=True))
+
+
+def checked_by_engines(menu: gr.Dropdown) -> gr.Dropdown:
+    """Let `Engines.get` check an adapter menu's value instead of gradio: adapters trained since the page was
+    built are served too (and an unknown name gets an error listing what is served). On the instance, as above."""
+    menu.preprocess = lambda payload: payload
+    return menu
+
 
 # Small pictures (the tiny model's scenes are 64 x 64) fill the image box instead of sitting in its middle.
 CSS = "#image img { width: 100%; height: 100%; object-fit: contain; }"
@@ -385,6 +439,92 @@ def tiny_held_out_images(config: ServeConfig) -> tuple[Path, list[str]] | None:
     return records, sorted(str(p) for p in folder.glob("*.png"))
 
 
+def tiny_training_records(config: ServeConfig) -> Path | None:
+    """Training questions of the kind the tiny text adapter learnt (scenes in words, then a question; sums) for the
+    Train tab to offer (None for other models): a file in the temporary folder, rewritten atomically at each
+    start, its content always the same."""
+    if not serves_tiny(config):
+        return None
+    from adapter.formats.common import atomic_write
+    from adapter.tiny.questions import text_questions
+    from adapter.tiny.recipe import RECIPES
+    from adapter.tiny.records import write_text_records
+
+    questions = text_questions(RECIPES["full"].seed, "train", TINY_TRAINING_RECORDS)
+    records = Path(tempfile.gettempdir()) / "llama-adapter" / "tiny_training.jsonl"
+    atomic_write(records, lambda tmp: write_text_records(questions, Path(tmp)))
+    return records
+
+
+class TrainDefaults(NamedTuple):
+    prompt_len: int
+    prompt_layers: int
+    lr: float
+    batch_size: int = 16
+
+
+def train_defaults(engines: Engines, config: ServeConfig) -> TrainDefaults:
+    """The Train tab's starting settings: the tiny text adapter's recipe on the tiny model (it answers a held-out
+    scene question right after one epoch of the offered records, about 15 s on 2 cores), else the official v1
+    recipe (10 prompt tokens on the top 30 layers, lr 9e-3 x batch / 256)."""
+    if serves_tiny(config):
+        from adapter.tiny.recipe import RECIPES
+
+        text = RECIPES["full"].text
+        return TrainDefaults(text.prompt_len, text.prompt_layers, text.lr)
+    return TrainDefaults(10, min(30, engines.default.model.args.n_layers), 9e-3 * 16 / 256)
+
+
+def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown]) -> None:
+    """The Train tab: records in, an adapter trained on the served base out, served beside the others (`menus`,
+    the adapter menus, offer it at the end)."""
+    engines = handlers.engines
+    start = train_defaults(engines, config)
+    gr.Markdown(f"Train an adapter on the served base, here, while the app goes on answering (each step between "
+                f"other requests). Its gates start at zero, so it starts as the frozen base; watch them open. When it "
+                f"ends it is served as `trained-N` beside the others and chosen in the adapter menu above, so the "
+                f"gate slider moves between the base and what it learnt; the zip holds it for `--adapter`. Records "
+                f"as fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`; text only); one run "
+                f"at a time, of at most {MAX_STEPS} steps; warm-up over a tenth of the epochs, then cosine decay to "
+                f"a twentieth of the learning rate; 5% of the records give the validation loss.")
+    with gr.Row():
+        data = gr.File(label="Training records (.json, .jsonl, .parquet)", file_types=[".json", ".jsonl", ".parquet"],
+                       type="filepath", elem_id="train_file")
+        with gr.Column():
+            mode = gr.Radio(TRAIN_MODES, value="v1", label="What is learnt", elem_id="train_mode")
+            epochs = gr.Slider(1, 20, value=1, step=1, label="Epochs", elem_id="train_epochs")
+            batch_size = gr.Slider(1, 64, value=start.batch_size, step=1, label="Batch size", elem_id="train_batch")
+            lr = gr.Number(start.lr, label="Peak learning rate", elem_id="train_lr")
+    with gr.Accordion("More settings", open=False):
+        with gr.Row():
+            prompt_len = gr.Number(start.prompt_len, precision=0, label="Prompt tokens per layer",
+                                   elem_id="train_prompt_len")
+            prompt_layers = gr.Number(start.prompt_layers, precision=0, label="Adapted layers (the top ones)",
+                                      elem_id="train_prompt_layers")
+            lora_rank = gr.Number(8, precision=0, label="LoRA rank (LoRA alone; v2: 0 = none)",
+                                  elem_id="train_lora_rank")
+            prompt_format = gr.Dropdown(list(PROMPT_FORMATS), value=engines.default.prompts.name,
+                                        label="Prompt format (how records are written)", elem_id="train_format")
+            seed = gr.Number(0, precision=0, label="Seed", elem_id="train_seed")
+    records = tiny_training_records(config)
+    if records is not None:
+        gr.Examples([[str(records)]], inputs=[data], label=f"The tiny model's training questions "
+                    f"({TINY_TRAINING_RECORDS:,} scenes in words and sums; its held-out ones are in the Score tab)")
+    with gr.Row():
+        button = gr.Button("Train", variant="primary", elem_id="train")
+        stop = gr.Button("Stop (keep what it learnt)", elem_id="train_stop")
+    status = gr.Markdown(elem_id="train_status")
+    with gr.Row():
+        loss = gr.Plot(label="Loss", elem_id="train_loss")
+        gates = gr.Plot(label="Gates", elem_id="train_gates")
+    trained = gr.File(label="The trained adapter (a folder: adapter.json, adapter.safetensors, log.jsonl and plots)",
+                      interactive=False, elem_id="train_zip")
+    inputs = [data, mode, epochs, batch_size, lr, prompt_len, prompt_layers, lora_rank, prompt_format, seed]
+    button.click(handlers.train, inputs, [status, loss, gates, trained, *menus], api_name="train",
+                 concurrency_id="train", concurrency_limit=1)
+    stop.click(handlers.stop_training, None, None, concurrency_id="train_stop", api_visibility="private")
+
+
 def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
     """Clickable held-out questions under a text box (none for models other than the tiny one)."""
     if messages:
@@ -434,12 +574,15 @@ def sweep_panel(what: str, prefix: str = "") -> SweepPanel:
 
 def adapter_choice(engines: Engines, value: str, label: str, elem_id: str) -> gr.Dropdown:
     """Which served adapter answers; shown only when there is more than one."""
-    return gr.Dropdown(engines.names, value=value, label=label, visible=len(engines.names) > 1, elem_id=elem_id)
+    return checked_by_engines(gr.Dropdown(engines.names, value=value, label=label, visible=len(engines.names) > 1,
+                                          elem_id=elem_id))
 
 
 def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
     """The Blocks UI; model work is queued under one concurrency id, so --concurrency bounds all of it."""
-    handlers = Handlers(engines)
+    training = None if config.no_train_tab else \
+        LiveTraining(engines, lambda model: engine_for(model, engines.default.lock, config))
+    handlers = Handlers(engines, training)
     image_examples, chat_examples = examples(config)
     model_events = {"concurrency_id": "model", "concurrency_limit": config.concurrency}
     with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False) as demo:
@@ -554,6 +697,9 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 score_button = gr.Button("Score", variant="primary", scale=1, elem_id="score")
             score_table = gr.Dataframe(headers=SCORE_HEADERS, interactive=False, elem_id="score_table")
             score_plot = gr.Plot(label="Loss and accuracy against the gate scale", elem_id="score_plot")
+        if training is not None:
+            with gr.Tab("Train"):
+                train_tab(handlers, config, [adapter, image_adapter])
         with gr.Tab("Gates"):
             heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale, only the layers chosen "
                                     "above speaking")
@@ -629,6 +775,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         adapter.change(handlers.model_info, adapter, info, api_visibility="private")
         demo.load(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         demo.load(handlers.model_info, adapter, info, api_visibility="private")
+        demo.load(handlers.adapter_menus, None, [adapter, image_adapter], api_visibility="private")
     demo.queue(max_size=QUEUE_PER_WORKER * config.concurrency, default_concurrency_limit=config.concurrency)
     return demo
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from .engine import Engine, Engines, Settings, check_text, device_lock
 from .formats import BASE_HELP
 from .kv_cache import check_kv_cache
 from .loading import load_many, resolve_device, resolve_dtype
+from .model import Transformer
 from .paths import not_a_file
 from .prompts import PROMPT_FORMATS, chat_formats
 from .quantize import check_mode
@@ -56,6 +58,7 @@ class ServeConfig:
     gate_scale: float = 1.0  # the gate slider's starting value, and an API request's that sets none
     delta_scale: float = 1.0
     openai_api: bool = False  # also serve the adapters as an OpenAI-compatible API at /v1 (adapter.openai_api)
+    no_train_tab: bool = False  # hide the Train tab (adapters trained on the served base: adapter.live_training)
 
 
 def env_name(flag: str) -> str:
@@ -115,6 +118,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--openai-api", action="store_true", default=_truthy(environ.get(env_name("openai_api"))),
                         help="also serve the adapters as an OpenAI-compatible API at /v1 on the same port "
                              "(adapter.openai_api)")
+    parser.add_argument("--no-train-tab", action="store_true", default=_truthy(environ.get(env_name("no_train_tab"))),
+                        help="leave out the Train tab, where users train adapters on the served base (one run at a "
+                             "time, each step between other users' answers)")
     parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens),
                         help="the most tokens one answer may have (the slider's maximum)")
     parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency),
@@ -248,6 +254,14 @@ def served_adapters(config: ServeConfig) -> list[tuple[str, str | None]]:
     return [(TEXT_NAME, TEXT_NAME), (IMAGE_NAME, IMAGE_NAME)] if serves_tiny(config) else [(NO_ADAPTER, None)]
 
 
+def engine_for(model: Transformer, lock: threading.Lock, config: ServeConfig) -> Engine:
+    """`model` served as the flags say (answer length, compiled decode, prompt format, batched chats); every
+    model on one device shares its `lock`."""
+    written = None if config.prompt_format == "auto" else config.prompt_format
+    return Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile, prompt_format=written,
+                  batch_chats=config.concurrency)
+
+
 def load_engines(config: ServeConfig) -> Engines:
     """Load the base once and every adapter `config` names on it (`adapter.loading.load_many`: the base's tensors
     shared, and one CLIP tower between image adapters), each wrapped in an Engine holding the device's one lock.
@@ -259,14 +273,11 @@ def load_engines(config: ServeConfig) -> Engines:
                        clip_quantize=config.clip_quantize, quantize=config.quantize, device=config.device,
                        dtype=config.dtype, kv_cache=config.kv_cache)
     lock = device_lock(models[0].tok_embeddings.weight.device)
-    written = None if config.prompt_format == "auto" else config.prompt_format
     try:
-        engines = Engines({name: Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile,
-                                        prompt_format=written, batch_chats=config.concurrency)
-                           for (name, _), model in zip(served, models)},
+        engines = Engines({name: engine_for(model, lock, config) for (name, _), model in zip(served, models)},
                           Settings(gate_scale=config.gate_scale, delta_scale=config.delta_scale))
     except ValueError as error:  # a format the tokenizer cannot write
-        if written is None:
+        if config.prompt_format == "auto":
             raise
         raise ValueError(f"--prompt-format: {error}") from None
     if config.system.strip():

@@ -565,13 +565,27 @@ class Engines:
         """The name the image tab starts with: the first adapter that can see, else the first."""
         return next((name for name, engine in self.by_name.items() if engine.can_see_images), self.names[0])
 
+    def add(self, name: str, engine: Engine) -> None:
+        """Serve one more adapter (one trained while serving: adapter.live_training). The mapping is replaced, not
+        changed in place, so requests reading it meanwhile see it whole, before or after."""
+        if name in self.by_name:
+            raise ValueError(f"adapter: {name!r} is served already")
+        self.by_name = {**self.by_name, name: engine}
+
+    def remove(self, name: str) -> None:
+        """Serve `name` no more (requests under way with it finish); the last one stays."""
+        if name not in self.by_name or len(self.by_name) == 1:
+            raise ValueError(f"adapter: {name!r} is not served here or is the only one")
+        self.by_name = {key: engine for key, engine in self.by_name.items() if key != name}
+
     def get(self, name: str | None) -> Engine:
         """The engine of adapter `name` (None: the first), or a ValueError naming the choices."""
         if name is None:
             return self.default
-        if name not in self.by_name:
-            raise ValueError(f"adapter: {name!r} is not served here; choose from {', '.join(self.by_name)}")
-        return self.by_name[name]
+        served = self.by_name  # one reading: the mapping may be replaced meanwhile (add, remove)
+        if name not in served:
+            raise ValueError(f"adapter: {name!r} is not served here; choose from {', '.join(served)}")
+        return served[name]
 
 
 def _gather(images: Sequence[str | os.PathLike], folder: Path) -> None:

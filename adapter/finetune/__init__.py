@@ -19,6 +19,6 @@
 from .config import TrainConfig, adapter_args_for
 from .records import DataError
 from .step import TrainingStopped
-from .trainer import TrainResult, train
+from .trainer import RunHooks, TrainResult, train
 
-__all__ = ["DataError", "TrainConfig", "TrainResult", "TrainingStopped", "adapter_args_for", "train"]
+__all__ = ["DataError", "RunHooks", "TrainConfig", "TrainResult", "TrainingStopped", "adapter_args_for", "train"]

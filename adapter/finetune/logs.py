@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,12 @@ def trim_log(path: Path, step: int) -> None:
 
 
 class RunLog:
-    """Appends records to the JSONL log and keeps the progress bar up to date (main process only)."""
+    """Appends records to the JSONL log and keeps the progress bar up to date (main process only); `listener`
+    gets each record too (a program that shows the run as it goes)."""
 
-    def __init__(self, path: Path | None, total_steps: int, start_step: int, progress: bool) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, total_steps: int, start_step: int, progress: bool,
+                 listener: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.listener = path, listener
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=path is None or not progress)
 
@@ -55,6 +58,8 @@ class RunLog:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.listener is not None:
+            self.listener(record)
 
     def step(self, record: dict[str, Any]) -> None:
         self.write(record)

@@ -7,12 +7,15 @@ Drawn with matplotlib's Agg canvas directly, so no display and no global backend
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..formats.common import atomic_write
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _figure(width: float = 7.0, height: float = 4.0):
+
+def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -21,12 +24,20 @@ def _figure(width: float = 7.0, height: float = 4.0):
     return figure
 
 
-def _save(figure, path: Path) -> None:
-    figure.tight_layout()
+def _save(figure: Figure, path: Path) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
+    _save(loss_figure(records), path)
+
+
+def plot_gates(records: list[dict[str, Any]], path: Path, first_layer: int) -> None:
+    _save(gates_figure(records, first_layer), path)
+
+
+def loss_figure(records: list[dict[str, Any]]) -> Figure:
+    """Train loss per step and validation loss per epoch, from a run's log records (so far)."""
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "val"]
     figure = _figure()
@@ -39,11 +50,14 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     axes.set_ylabel("loss (response tokens)")
     axes.set_title("Loss")
     axes.grid(alpha=0.3)
-    axes.legend()
-    _save(figure, path)
+    if train or val:
+        axes.legend()
+    figure.tight_layout()
+    return figure
 
 
-def plot_gates(records: list[dict[str, Any]], path: Path, first_layer: int) -> None:
+def gates_figure(records: list[dict[str, Any]], first_layer: int) -> Figure:
+    """Each adapted layer's mean |effective gate| per step, from 0 where every gate starts."""
     steps = [r for r in records if r.get("type") == "train" and r.get("gates")]
     figure = _figure()
     axes = figure.add_subplot()
@@ -58,7 +72,8 @@ def plot_gates(records: list[dict[str, Any]], path: Path, first_layer: int) -> N
     axes.set_ylabel("mean |effective gate| over heads")
     axes.set_title("Zero-init gates opening, per adapted layer")
     axes.grid(alpha=0.3)
-    _save(figure, path)
+    figure.tight_layout()
+    return figure
 
 
 def _colour(index: int, count: int):

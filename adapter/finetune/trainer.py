@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +26,7 @@ from ..formats import read_adapter
 from ..formats.common import LoadedAdapter, unrecorded_format_note
 from ..formats.native import save_adapter
 from ..layout import row_major
-from ..loading import load, open_named_base, resolve_device
+from ..loading import load, load_sharing, open_named_base, resolve_device
 from ..model import Transformer
 from ..prompts import format_named
 from ..tokenizer import open_tokenizer
@@ -55,12 +59,30 @@ class TrainResult:
 BEST = "best"  # OUT/best: the adapter at the lowest validation loss so far (--keep-best)
 
 
-def train(config: TrainConfig) -> TrainResult:
+@dataclass
+class RunHooks:
+    """What a program that trains inside itself (the app's Train tab, adapter.live_training) adds to a run.
+
+    With `base`, the adapter trains on that loaded model's frozen base, shared and left as it is (not loaded
+    again, not re-laid out: the model keeps serving while it trains); its device, dtype and quantization are the
+    run's, so `config`'s base names it only in the log, and its quantize, device and dtype are not used."""
+
+    base: Transformer | None = None
+    on_record: Callable[[dict[str, Any]], None] | None = None  # every log record, as it is written
+    stop: threading.Event | None = None  # once set, the run ends after the step under way, its adapter saved
+    step_lock: AbstractContextManager | None = None  # held around each step and validation (a device's lock)
+    max_steps: int | None = None  # a run that would take more optimizer steps is refused before it starts
+
+
+def train(config: TrainConfig, hooks: RunHooks | None = None) -> TrainResult:
     """Fine-tune an adapter as `config` says; under torchrun, every process calls this."""
-    device = resolve_device(config.device)
+    hooks = hooks or RunHooks()
+    device = resolve_device(config.device) if hooks.base is None else hooks.base.tok_embeddings.weight.device
     processes = distributed.start(device)
     try:
-        return _Run(config, processes, distributed.local_device(device, processes)).run()
+        if hooks.base is not None and processes.world > 1:
+            raise ValueError("hooks.base: a run on a base already in memory is one process, not one per device")
+        return _Run(config, processes, distributed.local_device(device, processes), hooks).run()
     finally:
         distributed.stop(processes)
 
@@ -80,8 +102,10 @@ def _sha256(path: Path) -> str:
 
 
 class _Run:
-    def __init__(self, config: TrainConfig, processes: distributed.Processes, device: torch.device) -> None:
-        self.config, self.processes, self.device = config, processes, device
+    def __init__(self, config: TrainConfig, processes: distributed.Processes, device: torch.device,
+                 hooks: RunHooks) -> None:
+        self.config, self.processes, self.device, self.hooks = config, processes, device, hooks
+        self.step_lock = hooks.step_lock or nullcontext()
         self.out = config.out_path
         self.main = processes.is_main
         self._encoder = None  # the CLIP tower of --mode vision, loaded when first needed
@@ -98,6 +122,7 @@ class _Run:
         self.data = self._build_data(records)
         self.steps_per_epoch = len(self._order(0))  # the same for every epoch
         self.total_steps = config.epochs * self.steps_per_epoch
+        self._check_length()
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay, config.visual_lr)
         self.step, self.saved_step = 0, None
         if saved is not None:
@@ -133,14 +158,21 @@ class _Run:
             raise ValueError(f"--data: {self.config.data} has changed since the checkpoint {self.resume_from}")
         return saved
 
+    def _check_length(self) -> None:
+        limit, steps = self.hooks.max_steps, min(self.total_steps, self.config.max_steps or self.total_steps)
+        if limit is not None and steps > limit:
+            raise ValueError(f"epochs: {self.config.epochs} epoch(s) of {self.steps_per_epoch} steps are {steps} "
+                             f"optimizer steps, more than the {limit} a run may take here; train fewer epochs or "
+                             "records, or with a larger batch")
+
     def _load_model(self) -> Transformer:
-        config = self.config
+        config, shared = self.config, self.hooks.base
         if self.resume_from is not None:
             adapter = self.resume_from / checkpoint.ADAPTER
         elif config.init_adapter is not None:
             adapter = self._init_adapter()
         else:
-            n_layers = base_args(config.base).n_layers
+            n_layers = (base_args(config.base) if shared is None else shared.args).n_layers
             layers = min(config.prompt_layers, n_layers)
             if layers < config.prompt_layers and config.mode != "lora":  # a LoRA alone has no prompts
                 notice(f"--prompt-layers {config.prompt_layers} is more than the base's {n_layers} layers; "
@@ -149,8 +181,12 @@ class _Run:
                                        config.lora_targets, config.bias_targets, **self._visual())
         torch.manual_seed(config.seed)  # the same fresh prompts in every process
         random.seed(config.seed)
-        model = load(config.base, adapter=adapter, quantize=config.quantize, device=self.device, dtype=config.dtype)
-        row_major(model)  # what the CPU backward reads faster (adapter.layout)
+        if shared is None:
+            model = load(config.base, adapter=adapter, quantize=config.quantize, device=self.device,
+                         dtype=config.dtype)
+            row_major(model)  # what the CPU backward reads faster (adapter.layout)
+        else:
+            model = load_sharing(shared, adapter)
         model.prompt_format = config.prompt_format  # saved with the adapter
         if model.visual_prompt is not None:
             if config.clip is None:
@@ -236,7 +272,8 @@ class _Run:
         notice(f"training {self.model.count_parameters(trainable_only=True):,} parameters ({config.mode}) for "
                f"{self.total_steps} steps ({self.steps_per_epoch} per epoch), peak lr {config.learning_rate:.3g}, "
                f"{self.processes.world} process(es)" + (f", resuming at step {self.step}" if self.step else ""), main)
-        log = RunLog(self.out / LOG if main else None, self.total_steps, self.step, config.progress)
+        log = RunLog(self.out / LOG if main else None, self.total_steps, self.step, config.progress,
+                     self.hooks.on_record)
         if self.saved_step is None:
             log.write({"type": "start", "step": 0, "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                        "first_prompt_layer": self.model.first_prompt_layer, "world_size": self.processes.world,
@@ -247,11 +284,12 @@ class _Run:
         val_step = None
         try:
             order, order_epoch = None, None
-            while self.step < end:
+            while self.step < end and not (self.hooks.stop is not None and self.hooks.stop.is_set()):
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
                 if order_epoch != epoch:
                     order, order_epoch = self._order(epoch), epoch
-                record = self._train_step(order[in_epoch])
+                with self.step_lock:
+                    record = self._train_step(order[in_epoch])
                 result.train_losses.append(record["loss"])
                 log.step(record)
                 if self.step % self.steps_per_epoch == 0 and self.data.val:
@@ -294,8 +332,9 @@ class _Run:
         val: list[Encoded] = self.data.val
         ids = eval_batches([len(e.tokens) for e in val], self.config.micro_batch_size, self.processes.rank,
                            self.processes.world)
-        loss = evaluate(self.wrapped, [collate([val[i] for i in b], self.device) for b in ids],
-                        sum(e.targets for e in val), self.processes, self.config.autocast)
+        with self.step_lock:
+            loss = evaluate(self.wrapped, [collate([val[i] for i in b], self.device) for b in ids],
+                            sum(e.targets for e in val), self.processes, self.config.autocast)
         log.write({"type": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": loss})
         result.val_losses.append((self.step, loss))
         if self.config.keep_best and self.main and (self.best is None or loss < self.best[1]):

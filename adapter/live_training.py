@@ -1,0 +1,232 @@
+"""Fine-tuning inside the serving process (the app's Train tab): an adapter trained on the served base while the
+app keeps answering, then served beside the others as `trained-N`, so the gate slider moves between the base and
+what it has just learnt.
+
+The run is `adapter.finetune`'s own (the same record layouts, checks, schedule, log and files) through its
+`RunHooks`: the base already in memory is shared, not loaded again, and left as it is; each optimizer step holds
+the device's lock, so other users' answers go on between steps; Stop ends the run after the step under way and
+keeps what it learnt. One run at a time, of at most MAX_STEPS steps; the last MAX_TRAINED trained adapters stay
+served, the oldest giving way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .engine import Engine, Engines
+from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, train
+from .finetune.plots import gates_figure, loss_figure
+from .formats.common import atomic_write
+from .loading import load_sharing
+from .model import Transformer
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+MAX_STEPS = 2000  # optimizer steps one run may take (python -m adapter.finetune has no such limit)
+MAX_TRAINED = 4  # trained adapters served at once
+TRAINED_PREFIX = "trained-"
+MICRO_BATCH = 16  # examples per forward pass at most (a batch above it accumulates gradients)
+MAX_SEQ_LEN = 512  # tokens per example at most (fewer where the base's context is shorter)
+WARMUP = 0.1  # of the epochs: linear warm-up, then cosine decay to a twentieth of the peak
+REFRESH_S = 0.5  # the progress shown at most this often
+RUN_FILES = ("log.jsonl", "loss.png", "gates.png")  # what the zip holds beside the adapter
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What the Train tab asks for; `config` turns it into adapter.finetune's TrainConfig, whose checks name the
+    setting at fault by its flag (--epochs, --lr, ...)."""
+
+    data: str | None  # a records file in any layout fine-tuning reads
+    mode: str = "v1"  # v1 (prompts and gates), v2 (also biases and norms, optional LoRA) or lora (LoRA alone)
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 2e-2
+    prompt_len: int = 10
+    prompt_layers: int = 30
+    lora_rank: int = 0  # v2: 0 = none; lora: needed
+    prompt_format: str = "alpaca"
+    seed: int = 0
+
+    def config(self, base: str, out: Path, base_context: int) -> TrainConfig:
+        if not self.data:
+            raise ValueError("data: give a records file to train on (.json, .jsonl or .parquet)")
+        return TrainConfig(
+            base=base, data=self.data, out=str(out), mode=self.mode, epochs=self.epochs,
+            warmup_epochs=WARMUP * self.epochs, lr=self.lr, min_lr=self.lr / 20, batch_size=self.batch_size,
+            micro_batch_size=math.gcd(self.batch_size, MICRO_BATCH), max_seq_len=min(MAX_SEQ_LEN, base_context),
+            prompt_len=self.prompt_len, prompt_layers=self.prompt_layers,
+            lora_rank=self.lora_rank if self.mode != "v1" else 0, prompt_format=self.prompt_format,
+            seed=self.seed, progress=False)
+
+
+@dataclass
+class TrainProgress:
+    """A run as far as it has gone: its log records, and once it has ended the name it is served under and the
+    zip of its adapter."""
+
+    records: list[dict[str, Any]]
+    seconds: float
+    name: str | None = None
+    archive: Path | None = None
+    first_layer: int = field(init=False)
+    steps: int = field(init=False)  # the run's optimizer steps in all
+
+    def __post_init__(self) -> None:
+        start = next((r for r in self.records if r.get("type") == "start"), {})
+        self.first_layer, self.steps = start.get("first_prompt_layer", 0), start.get("steps", 0)
+
+    @property
+    def done(self) -> int:
+        return max((r["step"] for r in self.records if r.get("type") == "train"), default=0)
+
+    def status(self) -> str:
+        """One line of Markdown: where the run is, or what it gave."""
+        train = [r for r in self.records if r.get("type") == "train"]
+        val = [r["val_loss"] for r in self.records if r.get("type") == "val"]
+        parts = [f"step {self.done} / {self.steps}" if self.steps else "reading the records and loading"]
+        if train:
+            parts.append(f"loss {train[-1]['loss']:.4f}")
+            parts.append(f"{train[-1]['tokens_per_s']:,.0f} tokens/s")
+        if val:
+            parts.append(f"validation loss {val[-1]:.4f}")
+        parts.append(f"{self.seconds:.1f} s")
+        line = " · ".join(parts)
+        if self.name is None:
+            return line
+        ended = "stopped" if self.done < self.steps else "trained"
+        return (f"**{ended.capitalize()}** ({line}): served as **{self.name}**, chosen in the adapter menu above, so "
+                "the gate slider now moves between the frozen base (0) and what it learnt (1); the zip below holds "
+                "it for `--adapter`.")
+
+    def loss_figure(self) -> Figure:
+        return loss_figure(self.records)
+
+    def gates_figure(self) -> Figure:
+        return gates_figure(self.records, self.first_layer)
+
+
+class LiveTraining:
+    """Trains adapters on the base that `engines` serve and serves them there too (`make_engine` wraps a trained
+    model as the app wraps the others)."""
+
+    def __init__(self, engines: Engines, make_engine: Callable[[Transformer], Engine],
+                 folder: str | Path | None = None) -> None:
+        self.engines, self.make_engine = engines, make_engine
+        self.folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "llama-adapter-train"
+        self._one_run = threading.Lock()
+        self._owner: str | None = None
+        self._stop: threading.Event | None = None
+        self._trained: list[tuple[str, Path]] = []  # (name served, run folder), oldest first
+        self._numbers = itertools.count(1)
+
+    def run(self, request: TrainRequest, owner: str | None = None) -> Iterator[TrainProgress]:
+        """The run's progress as it goes (at most every REFRESH_S), and last what it gave. Closing this early (a
+        page closed) ends the run after its step under way, and nothing is served. ValueError for bad settings or
+        records, and while another run is under way."""
+        if not self._one_run.acquire(blocking=False):
+            raise ValueError("train: another adapter is being trained here; try again when it is done")
+        try:
+            self._owner, self._stop = owner, threading.Event()
+            yield from self._run(request, self._stop)
+        finally:
+            self._owner = self._stop = None
+            self._one_run.release()
+
+    def stop(self, owner: str | None = None) -> bool:
+        """End the run that `owner` started after its step under way; False when it has none."""
+        stop = self._stop
+        if stop is None or owner != self._owner:
+            return False
+        stop.set()
+        return True
+
+    def _run(self, request: TrainRequest, stop: threading.Event) -> Iterator[TrainProgress]:
+        engine = self.engines.default
+        base = engine.model
+        self.folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.folder))
+        try:
+            config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len)
+            hooks = RunHooks(base=base, stop=stop, step_lock=engine.lock, max_steps=MAX_STEPS)
+            result, progress = yield from self._train(config, hooks)
+            name = self._serve(base, result.adapter, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        yield replace(progress, name=name, archive=self._archive(result.out, name, folder))
+
+    @staticmethod
+    def _train(config: TrainConfig, hooks: RunHooks) -> Generator[TrainProgress, None,
+                                                                   tuple[TrainResult, TrainProgress]]:
+        """`train` in a thread of its own, its progress yielded as it goes; returns its result and last progress.
+        Closed early, it stops the run and waits for the step under way to end."""
+        events: queue.Queue = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = train(config, replace(hooks, on_record=events.put))
+            except BaseException as error:  # handed to the caller's thread
+                outcome["error"] = error
+            finally:
+                events.put(None)
+
+        records: list[dict[str, Any]] = []
+        started = shown = time.perf_counter()
+        thread = threading.Thread(target=work, name="live-training", daemon=True)
+        thread.start()
+        try:
+            while (record := events.get()) is not None:
+                records.append(record)
+                if events.empty() and time.perf_counter() - shown >= REFRESH_S:
+                    shown = time.perf_counter()
+                    yield TrainProgress(list(records), shown - started)
+        finally:
+            hooks.stop.set()
+            thread.join()
+        error = outcome.get("error")
+        if isinstance(error, TrainingStopped):  # a NaN loss or gradient: the user's settings, not a fault here
+            raise ValueError(str(error)) from error
+        if error is not None:
+            raise error
+        return outcome["result"], TrainProgress(records, time.perf_counter() - started)
+
+    def _serve(self, base: Transformer, adapter: Path, folder: Path) -> str:
+        """Serve the adapter as written (read back: exactly the file the zip holds) under the next free name."""
+        engine = self.make_engine(load_sharing(base, adapter))
+        name = next(n for n in (f"{TRAINED_PREFIX}{i}" for i in self._numbers) if n not in self.engines.names)
+        self.engines.add(name, engine)
+        self._trained.append((name, folder))
+        while len(self._trained) > MAX_TRAINED:
+            old, old_folder = self._trained.pop(0)
+            self.engines.remove(old)
+            shutil.rmtree(old_folder, ignore_errors=True)
+        return name
+
+    @staticmethod
+    def _archive(run: Path, name: str, folder: Path) -> Path:
+        """`NAME.zip`: a folder NAME holding the adapter and the run's log and plots, which `--adapter NAME` reads
+        once unzipped (and the app's Gates tab shows its gates.png)."""
+        path = folder / f"{name}.zip"
+        files = sorted((run / "adapter").iterdir()) + [run / f for f in RUN_FILES if (run / f).is_file()]
+
+        def write(tmp: str) -> None:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+                for file in files:
+                    archive.write(file, f"{name}/{file.name}")
+
+        atomic_write(path, write)
+        return path
