@@ -495,6 +495,8 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
             epochs = gr.Slider(1, 20, value=1, step=1, label="Epochs", elem_id="train_epochs")
             batch_size = gr.Slider(1, 64, value=start.batch_size, step=1, label="Batch size", elem_id="train_batch")
             lr = gr.Number(start.lr, label="Peak learning rate", elem_id="train_lr")
+    for slider in (epochs, batch_size):  # TrainConfig names what is wrong (and the step limit bounds a run)
+        range_checked_by_settings(slider)
     with gr.Accordion("More settings", open=False):
         with gr.Row():
             prompt_len = gr.Number(start.prompt_len, precision=0, label="Prompt tokens per layer",

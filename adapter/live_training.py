@@ -63,6 +63,8 @@ class TrainRequest:
     def config(self, base: str, out: Path, base_context: int) -> TrainConfig:
         if not self.data:
             raise ValueError("data: give a records file to train on (.json, .jsonl or .parquet)")
+        if not self.lr > 0:  # before the decay's floor, a twentieth of it, is checked
+            raise ValueError(f"lr: must be positive, got {self.lr:g}")
         return TrainConfig(
             base=base, data=self.data, out=str(out), mode=self.mode, epochs=self.epochs,
             warmup_epochs=WARMUP * self.epochs, lr=self.lr, min_lr=self.lr / 20, batch_size=self.batch_size,

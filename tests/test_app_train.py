@@ -1,0 +1,117 @@
+"""The app's Train tab through gradio_client: an adapter trained on the served base while the app answers, then
+served beside the others (every client may name it), a client that leaves stops its run, bad settings are named,
+and --no-train-tab leaves the tab out."""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import adapter
+import app
+from adapter.app_config import parse_config
+from adapter.engine import Engine, Settings
+from tests.app_helpers import GREEDY, QUESTION, controls, demo_files, running_app  # noqa: F401  (fixture)
+from tests.finetune_helpers import alpaca_records, write_jsonl
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")  # gradio's own pandas use
+
+
+@pytest.fixture(scope="module")
+def served(demo_files):
+    with running_app(demo_files.flags()) as serving:
+        yield serving
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("records") / "records.jsonl", alpaca_records(64))
+
+
+def settings(records: Path | None, epochs: float = 2, **overrides) -> list:
+    """The Train tab's inputs in order: records, mode, epochs, batch, lr, prompt tokens, layers, LoRA rank, prompt
+    format, seed."""
+    values = dict(mode="v1", batch_size=16, lr=0.1, prompt_len=4, prompt_layers=4, lora_rank=8,
+                  prompt_format="alpaca", seed=0)
+    values.update(overrides)
+    return [None if records is None else handle_file(str(records)), values["mode"], epochs, values["batch_size"],
+            values["lr"], values["prompt_len"], values["prompt_layers"], values["lora_rank"], values["prompt_format"],
+            values["seed"]]
+
+
+def answer(client: Client, name: str, gate: float) -> str:
+    return client.predict(QUESTION, [], *controls(gate=gate), name, api_name="/chat")[-1]["content"][0]["text"]
+
+
+def test_a_trained_adapter_is_served_beside_the_others_to_every_client(served, records, base_folder):
+    trainer, other = Client(served.url, verbose=False), Client(served.url, verbose=False)
+    status, loss, gates, archive, menu, image_menu = trainer.predict(*settings(records), api_name="/train")
+    assert status.startswith("**Trained** (step 8 / 8 · loss ") and "served as **trained-1**" in status, status
+    assert loss["type"] == gates["type"] == "matplotlib"
+    assert menu["value"] == "trained-1" and [c[0] for c in menu["choices"]] == served.engines.names
+    assert "value" not in image_menu, "the image tab keeps its adapter"
+    assert served.engines.names[-1] == "trained-1"
+    assert zipfile.ZipFile(archive).namelist()[:2] == ["trained-1/adapter.json", "trained-1/adapter.safetensors"]
+    engine = served.engines.get("trained-1")
+    assert engine.model.tok_embeddings is served.engine.model.tok_embeddings, "trained on the served base"
+    expected = list(engine.chat([], QUESTION, Settings(**GREEDY)))[-1]
+    assert answer(other, "trained-1", 1.0) == expected, "a client whose page never listed it may name it"
+    bare = Engine(adapter.load(base_folder, device="cpu"))
+    assert answer(other, "trained-1", 0.0) == list(bare.chat([], QUESTION, Settings(**GREEDY)))[-1], \
+        "at gate 0 the frozen base answers"
+    assert other.predict("trained-1", api_name="/model_info")["adapters_served"] == served.engines.names
+
+
+def test_the_app_answers_while_it_trains_and_a_client_that_leaves_stops_its_run(served, tmp_path):
+    many = write_jsonl(tmp_path / "many.jsonl", alpaca_records(640))
+    trainer, other = Client(served.url, verbose=False), Client(served.url, verbose=False)
+    names = served.engines.names
+    job = trainer.submit(*settings(many, epochs=40, batch_size=16), api_name="/train")  # 1,600 steps
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.outputs() and job.outputs()[-1][0].startswith("step "), "the run shows its progress"
+    assert answer(other, None, 1.0), "answered between training steps"
+    assert not job.done(), "while the run goes on"
+    job.cancel()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            status = trainer.predict(*settings(tmp_path / "many.jsonl", epochs=1), api_name="/train")[0]
+            break
+        except AppError as error:  # the cancelled run is still ending its step
+            assert "another adapter is being trained" in str(error)
+            time.sleep(0.2)
+    assert status.startswith("**Trained**")
+    assert served.engines.names == [*names, status.split("served as **")[1].split("**")[0]], \
+        "the cancelled run was not served; the next one was"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (lambda records: settings(None), "data: give a records file to train on"),
+    (lambda records: settings(records, epochs=1.5), "epochs: must be a whole number, got 1.5"),
+    (lambda records: settings(records, lr=-1), "lr: must be positive, got -1"),
+    (lambda records: settings(records, mode="lora", lora_rank=0), "--lora-rank: --mode lora trains LoRA alone"),
+    (lambda records: settings(records, epochs=40, batch_size=1),
+     r"epochs: 40 epoch\(s\) of \d+ steps are \d+ optimizer steps, more than the 2000 a run may take here"),
+])
+def test_bad_training_settings_get_a_clear_message(served, records, arguments, message):
+    client = Client(served.url, verbose=False)
+    names = served.engines.names
+    with pytest.raises(AppError, match=message):
+        client.predict(*arguments(records), api_name="/train")
+    assert served.engines.names == names
+
+
+def test_no_train_tab_leaves_it_out(served):
+    config = parse_config(["--base", served.engine.base, "--no-train-tab"], environ={})
+    with_tab = app.build_demo(served.engines, parse_config(["--base", served.engine.base], environ={}))
+    without = app.build_demo(served.engines, config)
+    assert "train" in [fn.api_name for fn in with_tab.fns.values()]
+    assert "train" not in [fn.api_name for fn in without.fns.values()]
+    assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_TRAIN_TAB": "1"}).no_train_tab

@@ -1,0 +1,187 @@
+"""Training on a base already in memory (`adapter.finetune.RunHooks`) and the app's runs on the served base
+(`adapter.live_training`): the same adapter as a run that loads the base itself, the served base untouched bit
+for bit and laid out as it was, every step under the device's lock, Stop keeping what was learnt, one run at a
+time, and the result served beside the other adapters."""
+
+from __future__ import annotations
+
+import json
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapter
+from adapter import live_training
+from adapter.engine import Engine, Engines, Settings
+from adapter.finetune import RunHooks, train
+from adapter.finetune.logs import read_log
+from adapter.live_training import LiveTraining, TrainRequest
+from tests.finetune_helpers import (
+    alpaca_records,
+    one_thread_and_own_rng,  # noqa: F401  (autouse)
+    tiny_config,
+    write_json,
+    write_jsonl,
+)
+
+GREEDY = Settings(temperature=0.0, max_new_tokens=8)
+QUESTION = "the red circle left"
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_json(tmp_path / "data.json", alpaca_records(32))
+
+
+@pytest.fixture
+def served(base_folder):
+    """The base as the app holds it (adapter.load: wide fp32 weights laid out column-major for decoding)."""
+    return adapter.load(base_folder, device="cpu")
+
+
+def base_tensors(model) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """Every frozen tensor of `model`, copied, with its strides (its layout in memory)."""
+    return {name: (tensor.detach().clone(), tensor.stride()) for name, tensor in model.state_dict().items()
+            if not model.is_adapter_parameter(name)}
+
+
+class CountingLock:
+    """A lock that counts how often it was taken and checks it is never taken twice at once."""
+
+    def __init__(self) -> None:
+        self.lock, self.taken = threading.Lock(), 0
+
+    def __enter__(self) -> None:
+        assert self.lock.acquire(blocking=False), "taken twice at once"
+        self.taken += 1
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+def test_training_on_a_loaded_base_gives_the_adapter_of_a_run_that_loads_it_and_leaves_the_base_as_it_was(
+        tmp_path, base_folder, data, served):
+    config = dict(epochs=3, val_fraction=0.25, micro_batch_size=8)
+    alone = train(tiny_config(base_folder, data, tmp_path / "alone", **config))
+    before = base_tensors(served)
+    assert any(stride[0] == 1 for _, stride in before.values()), "the served base has column-major weights"
+    records, lock = [], CountingLock()
+    shared = train(tiny_config(base_folder, data, tmp_path / "shared", **config),
+                   RunHooks(base=served, on_record=records.append, step_lock=lock))
+    a, b = load_file(alone.adapter), load_file(shared.adapter)
+    assert a.keys() == b.keys()
+    for name in a:  # the same floats but for the order the CPU sums them in (the weights' layouts differ)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    assert shared.val_losses[-1][1] == pytest.approx(alone.val_losses[-1][1], rel=1e-5)
+    after = base_tensors(served)
+    for name, (tensor, stride) in before.items():
+        assert torch.equal(after[name][0], tensor) and after[name][1] == stride, f"{name} changed"
+    assert records == read_log(tmp_path / "shared" / "log.jsonl"), "the listener gets every record as written"
+    assert lock.taken == 6 + 3, "each optimizer step and each validation holds the lock"
+
+
+def test_a_stop_ends_the_run_after_its_step_with_what_it_learnt_saved(tmp_path, base_folder, data, served):
+    stop = threading.Event()
+
+    def after_two(record: dict) -> None:
+        if record.get("type") == "train" and record["step"] == 2:
+            stop.set()
+
+    stopped = train(tiny_config(base_folder, data, tmp_path / "stopped", epochs=4),
+                    RunHooks(base=served, on_record=after_two, stop=stop))
+    assert stopped.steps == 2 and len(stopped.train_losses) == 2
+    cut = train(tiny_config(base_folder, data, tmp_path / "cut", epochs=4, max_steps=2), RunHooks(base=served))
+    a, b = load_file(stopped.adapter), load_file(cut.adapter)
+    assert all(torch.equal(a[name], b[name]) for name in a), "stopped at step 2 = --max-steps 2"
+
+
+def test_a_run_longer_than_allowed_is_refused_before_anything_is_written(tmp_path, base_folder, data, served):
+    out = tmp_path / "long"
+    with pytest.raises(ValueError, match=r"^epochs: 4 epoch\(s\) of 2 steps are 8 optimizer steps, more than the 5 "):
+        train(tiny_config(base_folder, data, out, epochs=4), RunHooks(base=served, max_steps=5))
+    assert not out.exists()
+
+
+def live(served_model, tmp_path) -> tuple[LiveTraining, Engines]:
+    engines = Engines({"base": Engine(served_model)})
+    return LiveTraining(engines, lambda model: Engine(model, engines.default.lock), tmp_path / "runs"), engines
+
+
+def request(data: Path | None, **overrides) -> TrainRequest:
+    settings = dict(data=None if data is None else str(data), epochs=4, batch_size=16, lr=0.1, prompt_len=4, prompt_layers=4)
+    return TrainRequest(**{**settings, **overrides})
+
+
+def test_a_live_run_shows_its_progress_and_is_served_beside_the_others(tmp_path, data, served, base_folder):
+    training, engines = live(served, tmp_path)
+    shown = list(training.run(request(data)))
+    final = shown[-1]
+    assert [p.name for p in shown[:-1]] == [None] * (len(shown) - 1) and final.name == "trained-1"
+    assert engines.names == ["base", "trained-1"]
+    assert final.steps == 8 and final.done == 8 and final.first_layer == 0
+    assert final.status().startswith("**Trained** (step 8 / 8 · loss ") and "served as **trained-1**" in final.status()
+    names = zipfile.ZipFile(final.archive).namelist()
+    assert names == ["trained-1/adapter.json", "trained-1/adapter.safetensors", "trained-1/log.jsonl",
+                     "trained-1/loss.png", "trained-1/gates.png"]
+    unzipped = tmp_path / "unzipped"
+    zipfile.ZipFile(final.archive).extractall(unzipped)
+    trained = engines.get("trained-1")
+    assert trained.model.tok_embeddings is served.tok_embeddings, "on the served base, not a copy"
+    from_zip = adapter.load(base_folder, adapter=unzipped / "trained-1", device="cpu")
+    answer = list(trained.chat([], QUESTION, GREEDY))[-1]
+    assert answer == list(Engine(from_zip).chat([], QUESTION, GREEDY))[-1], "served = what the zip holds"
+    base_answer = list(engines.get("base").chat([], QUESTION, GREEDY))[-1]
+    at_zero = list(trained.chat([], QUESTION, Settings(temperature=0.0, max_new_tokens=8, gate_scale=0.0)))[-1]
+    assert at_zero == base_answer != answer, "gate 0 is the frozen base; gate 1 what it learnt"
+    assert trained.training_plot().name == "gates.png", "the Gates tab shows how its gates opened"
+    assert [r["type"] for r in json.loads("[" + ",".join(
+        zipfile.ZipFile(final.archive).read("trained-1/log.jsonl").decode().splitlines()) + "]")][-1] == "end"
+
+
+def test_only_the_owner_stops_a_live_run_and_a_stopped_run_is_served(tmp_path, data, served):
+    training, engines = live(served, tmp_path)
+    runs = training.run(request(data, epochs=20), owner="me")
+    first = next(runs)
+    assert first.name is None
+    assert not training.stop("someone else") and training.stop("me")
+    final = list(runs)[-1]
+    assert final.name == "trained-1" and final.done < final.steps == 40
+    assert final.status().startswith("**Stopped** (step ")
+    assert not training.stop("me"), "no run under way any more"
+
+
+def test_one_run_at_a_time_and_a_run_closed_early_serves_nothing(tmp_path, data, served):
+    training, engines = live(served, tmp_path)
+    runs = training.run(request(data, epochs=20))
+    next(runs)
+    with pytest.raises(ValueError, match="^train: another adapter is being trained here"):
+        next(training.run(request(data)))
+    runs.close()  # the page was closed
+    assert engines.names == ["base"] and not any((tmp_path / "runs").iterdir()), "nothing kept"
+    assert list(training.run(request(data, epochs=1)))[-1].name == "trained-1", "the next run may start"
+
+
+def test_the_oldest_trained_adapter_gives_way(tmp_path, data, served, monkeypatch):
+    monkeypatch.setattr(live_training, "MAX_TRAINED", 2)
+    training, engines = live(served, tmp_path)
+    archives = [list(training.run(request(data, epochs=1, seed=seed)))[-1].archive for seed in range(3)]
+    assert engines.names == ["base", "trained-2", "trained-3"]
+    assert not archives[0].exists() and archives[1].exists() and archives[2].exists()
+
+
+def test_bad_records_and_settings_are_named_and_nothing_is_served(tmp_path, served):
+    training, engines = live(served, tmp_path)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "no output"}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing .output."):
+        list(training.run(request(bad)))
+    with pytest.raises(ValueError, match="^--epochs: must be a positive integer, got 0"):
+        list(training.run(request(bad, epochs=0)))
+    with pytest.raises(ValueError, match="^data: give a records file"):
+        list(training.run(request(None)))
+    with pytest.raises(ValueError, match="^--mode: must be one of"):
+        list(training.run(request(bad, mode="v3")))
+    assert engines.names == ["base"] and not any((tmp_path / "runs").iterdir())
