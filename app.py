@@ -519,8 +519,8 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
     with gr.Row():
         loss = gr.Plot(label="Loss", elem_id="train_loss")
         gates = gr.Plot(label="Gates", elem_id="train_gates")
-    trained = gr.File(label="The trained adapter (a folder: adapter.json, adapter.safetensors, log.jsonl and plots)",
-                      interactive=False, elem_id="train_zip")
+    trained = gr.File(label="The trained adapter (a zip of its folder: adapter.json, adapter.safetensors, log.jsonl "
+                            "and plots)", interactive=False, elem_id="train_zip")
     inputs = [data, mode, epochs, batch_size, lr, prompt_len, prompt_layers, lora_rank, prompt_format, seed]
     button.click(handlers.train, inputs, [status, loss, gates, trained, *menus], api_name="train",
                  concurrency_id="train", concurrency_limit=1)

@@ -155,3 +155,34 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
              for s in seen.scores]
     assert adapted == example.answer and base != adapted, (base, adapted)
     assert other[0] == base, "the frozen base is the same whichever adapter is chosen"
+
+
+@pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+def test_the_train_tab_trains_on_the_offered_questions_stops_on_request_and_serves_the_adapter(browser):
+    from playwright.sync_api import expect
+
+    from adapter.tiny.questions import text_questions
+
+    example = text_questions(100, "held-out", 6)[0]
+    with running_app([]) as tiny:
+        page = open_page(browser, tiny.url)
+        page.get_by_role("tab", name="Train").click()
+        page.get_by_text("tiny_training.jsonl").first.click()  # the tiny model's training questions, offered
+        page.locator("#train_file [aria-label='tiny_training.jsonl']").wait_for()
+        page.fill("#train_epochs input[type=number]", "3")
+        page.keyboard.press("Tab")
+        page.click("#train")
+        status = page.locator("#train_status")
+        expect(status).to_contain_text("step ", timeout=60_000)  # under way, drawn as it goes
+        page.locator("#train_gates img").wait_for()
+        page.click("#train_stop")
+        expect(status).to_contain_text("served as trained-1", timeout=60_000)
+        assert status.inner_text().startswith("Stopped (step "), status.inner_text()
+        page.locator("#train_zip [aria-label='trained-1.zip']").wait_for()  # to download
+        assert tiny.engines.names == ["tiny-text", "tiny-image", "trained-1"]
+        assert page.input_value("#adapter input") == "trained-1", "the new adapter is chosen"
+        page.get_by_role("tab", name="Compare").click()
+        shown = compare(page, example.instruction)
+        assert shown == list(tiny.engines.get("trained-1").compare(example.instruction, Settings()))[-1]
+        assert shown[0] == list(tiny.engine.compare(example.instruction, Settings()))[-1][0], \
+            "at gate 0 the trained adapter is the frozen base"

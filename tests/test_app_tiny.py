@@ -214,3 +214,25 @@ def test_an_image_follow_up_through_the_api_carries_the_conversation(served, cli
     engine = served.engines.get("tiny-image")
     assert answer == list(engine.ask_image(picture, follow_up, Settings(**GREEDY), turns))[-1]
     assert answer != list(engine.ask_image(picture, follow_up, Settings(**GREEDY)))[-1], "the turn before counts"
+
+
+def test_the_train_tab_trains_an_adapter_that_answers_held_out_questions_in_one_epoch(served, client, tmp_path):
+    """Last in this module: it adds trained-1 to the served adapters."""
+    from adapter.app_config import ServeConfig
+    from adapter.tiny.evaluate import held_out
+    from adapter.tiny.questions import text_questions
+    from adapter.tiny.records import alpaca_record, write_text_records
+    from app import TINY_TRAINING_RECORDS, tiny_training_records
+
+    offered = tiny_training_records(ServeConfig())
+    assert [json.loads(line) for line in offered.read_text().splitlines()] == \
+        [alpaca_record(q) for q in text_questions(0, "train", TINY_TRAINING_RECORDS)]
+    assert tiny_training_records(ServeConfig(base=str(tmp_path))) is None
+    status = client.predict(handle_file(str(offered)), "v1", 1, 16, 0.02, 20, 4, 8, "alpaca", 0,
+                            api_name="/train")[0]  # the tab's starting settings: the tiny text adapter's recipe
+    assert status.startswith("**Trained** (step 119 / 119 · ") and "served as **trained-1**" in status, status
+    data = write_text_records(held_out("text", 0, 2), tmp_path / "held_out.jsonl")
+    table, _ = client.predict(handle_file(str(data)), "0, 1", True, *controls(), "trained-1", api_name="/score")
+    (zero, loss_zero, *_, exact_zero), (one, loss_one, *_, exact_one) = table["data"]
+    assert loss_one < 1.0 < 5.0 < loss_zero, table["data"]
+    assert exact_zero == "0 / 14" and int(exact_one.split()[0]) >= 4, table["data"]
