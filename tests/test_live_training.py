@@ -112,7 +112,8 @@ def live(served_model, tmp_path) -> tuple[LiveTraining, Engines]:
 
 
 def request(data: Path | None, **overrides) -> TrainRequest:
-    settings = dict(data=None if data is None else str(data), epochs=4, batch_size=16, lr=0.1, prompt_len=4, prompt_layers=4)
+    settings = dict(data=None if data is None else str(data), epochs=4, batch_size=16, lr=0.1, prompt_len=4,
+                    prompt_layers=4)
     return TrainRequest(**{**settings, **overrides})
 
 
