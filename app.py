@@ -52,6 +52,8 @@ CHOICE_HEADERS = ["gate scale", "likeliest choice right %", "per byte %", "P(rig
 TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 175 held-out text questions
 TINY_HELD_OUT_IMAGES = 10  # and 40 held-out image questions (10 per category) with their pictures
 TINY_TRAINING_RECORDS = 2000  # the Train tab's example for the tiny model: its text adapter's kind of questions
+LOSS_COLUMNS = ("step", "loss", "set")  # the Train tab's curves, drawn by the browser
+GATE_COLUMNS = ("step", "mean |gate|", "layer")
 TRAIN_MODES = [("v1: adaption prompts and gates", "v1"), ("v2: also zero-init biases and tuned norms", "v2"),
                ("LoRA alone (no prompts, no gates: the baseline)", "lora")]
 
@@ -348,11 +350,15 @@ def whole(value: float | None, name: str) -> int:
 
 
 def training_view(progress: TrainProgress, names: list[str]) -> tuple[Any, ...]:
-    """The Train tab's outputs: status, loss and gate plots, and once the run has ended its zip and the adapter
+    """The Train tab's outputs: status, loss and gate curves, and once the run has ended its zip and the adapter
     menus offering it (until then those are left as they are)."""
+    import pandas as pd
+
+    curves = (pd.DataFrame(progress.loss_points(), columns=list(LOSS_COLUMNS)),
+              pd.DataFrame(progress.gate_points(), columns=list(GATE_COLUMNS)))
     if progress.name is None:
-        return progress.status(), progress.loss_figure(), progress.gates_figure(), None, gr.update(), gr.update()
-    return (progress.status(), progress.loss_figure(), progress.gates_figure(), str(progress.archive),
+        return progress.status(), *curves, None, gr.update(), gr.update()
+    return (progress.status(), *curves, str(progress.archive),
             gr.update(choices=names, value=progress.name, visible=True), gr.update(choices=names, visible=True))
 
 
@@ -517,8 +523,11 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
         stop = gr.Button("Stop (keep what it learnt)", elem_id="train_stop")
     status = gr.Markdown(elem_id="train_status")
     with gr.Row():
-        loss = gr.Plot(label="Loss", elem_id="train_loss")
-        gates = gr.Plot(label="Gates", elem_id="train_gates")
+        loss = gr.LinePlot(x=LOSS_COLUMNS[0], y=LOSS_COLUMNS[1], color=LOSS_COLUMNS[2], label="Loss (response tokens)",
+                           elem_id="train_loss")
+        gates = gr.LinePlot(x=GATE_COLUMNS[0], y=GATE_COLUMNS[1], color=GATE_COLUMNS[2],
+                            label="Zero-init gates opening: mean |effective gate| over heads, per adapted layer",
+                            elem_id="train_gates")
     trained = gr.File(label="The trained adapter (a zip of its folder: adapter.json, adapter.safetensors, log.jsonl "
                             "and plots)", interactive=False, elem_id="train_zip")
     inputs = [data, mode, epochs, batch_size, lr, prompt_len, prompt_layers, lora_rank, prompt_format, seed]

@@ -22,17 +22,14 @@ import zipfile
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .engine import Engine, Engines
 from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, train
-from .finetune.plots import gates_figure, loss_figure
+from .finetune.plots import gate_curves, loss_curves
 from .formats.common import atomic_write
 from .loading import load_sharing
 from .model import Transformer
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 MAX_STEPS = 2000  # optimizer steps one run may take (python -m adapter.finetune has no such limit)
 MAX_TRAINED = 4  # trained adapters served at once
@@ -113,11 +110,17 @@ class TrainProgress:
                 "the gate slider now moves between the frozen base (0) and what it learnt (1); the zip below holds "
                 "it for `--adapter`.")
 
-    def loss_figure(self) -> Figure:
-        return loss_figure(self.records)
+    def loss_points(self) -> list[tuple[int, float, str]]:
+        """(step, loss, "train" or "validation") for a line plot drawn by the browser (cheap to send as it
+        grows; a figure drawn here would take CPU from the run)."""
+        train, val = loss_curves(self.records)
+        return [(step, loss, "train") for step, loss in train] + [(step, loss, "validation") for step, loss in val]
 
-    def gates_figure(self) -> Figure:
-        return gates_figure(self.records, self.first_layer)
+    def gate_points(self) -> list[tuple[int, float, str]]:
+        """(step, mean |effective gate| over heads, "layer N") per adapted layer, from 0 at step 0."""
+        steps, layers = gate_curves(self.records)
+        return [(step, gate, f"layer {self.first_layer + layer}") for layer, curve in enumerate(layers)
+                for step, gate in zip(steps, curve)]
 
 
 class LiveTraining:

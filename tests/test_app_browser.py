@@ -174,7 +174,7 @@ def test_the_train_tab_trains_on_the_offered_questions_stops_on_request_and_serv
         page.click("#train")
         status = page.locator("#train_status")
         expect(status).to_contain_text("step ", timeout=60_000)  # under way, drawn as it goes
-        page.locator("#train_gates img").wait_for()
+        page.locator("#train_gates canvas, #train_gates svg").first.wait_for()  # the curves, drawn as they grow
         page.click("#train_stop")
         expect(status).to_contain_text("served as trained-1", timeout=60_000)
         assert status.inner_text().startswith("Stopped (step "), status.inner_text()

@@ -52,7 +52,11 @@ def test_a_trained_adapter_is_served_beside_the_others_to_every_client(served, r
     trainer, other = Client(served.url, verbose=False), Client(served.url, verbose=False)
     status, loss, gates, archive, menu, image_menu = trainer.predict(*settings(records), api_name="/train")
     assert status.startswith("**Trained** (step 8 / 8 · loss ") and "served as **trained-1**" in status, status
-    assert loss["type"] == gates["type"] == "matplotlib"
+    assert loss["columns"] == ["step", "loss", "set"] and gates["columns"] == ["step", "mean |gate|", "layer"]
+    assert [row[0] for row in loss["data"]] == list(range(1, 9)) + [4, 8], "train per step, validation per epoch"
+    assert loss["data"][-1][2] == "validation" and gates["data"][0] == [0, 0.0, "layer 0"]
+    assert len(gates["data"]) == 4 * 9 and all(row[1] > 0 for row in gates["data"] if row[0] > 1), \
+        "every layer's gates leave zero after the first step (taken at the warm-up's learning rate, 0)"
     assert menu["value"] == "trained-1" and [c[0] for c in menu["choices"]] == served.engines.names
     assert "value" not in image_menu, "the image tab keeps its adapter"
     assert served.engines.names[-1] == "trained-1"

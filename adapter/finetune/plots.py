@@ -7,15 +7,12 @@ Drawn with matplotlib's Agg canvas directly, so no display and no global backend
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..formats.common import atomic_write
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
-
-def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
+def _figure(width: float = 7.0, height: float = 4.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -24,22 +21,29 @@ def _figure(width: float = 7.0, height: float = 4.0) -> Figure:
     return figure
 
 
-def _save(figure: Figure, path: Path) -> None:
+def _save(figure, path: Path) -> None:
+    figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
+def loss_curves(records: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, train loss) per step and (step, validation loss) per validation, from a run's log records."""
+    return ([(r["step"], r["loss"]) for r in records if r.get("type") == "train"],
+            [(r["step"], r["val_loss"]) for r in records if r.get("type") == "val"])
+
+
+def gate_curves(records: list[dict[str, Any]]) -> tuple[list[int], list[list[float]]]:
+    """The steps, from 0 where every gate is exactly zero, and per adapted layer its mean |effective gate| over
+    heads at each of them (none for a run without gates)."""
+    steps = [r for r in records if r.get("type") == "train" and r.get("gates")]
+    if not steps:
+        return [], []
+    return [0] + [r["step"] for r in steps], [[0.0] + [sum(abs(g) for g in r["gates"][layer]) / len(r["gates"][layer])
+                                                     for r in steps] for layer in range(len(steps[0]["gates"]))]
+
+
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    _save(loss_figure(records), path)
-
-
-def plot_gates(records: list[dict[str, Any]], path: Path, first_layer: int) -> None:
-    _save(gates_figure(records, first_layer), path)
-
-
-def loss_figure(records: list[dict[str, Any]]) -> Figure:
-    """Train loss per step and validation loss per epoch, from a run's log records (so far)."""
-    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "val"]
+    train, val = loss_curves(records)
     figure = _figure()
     axes = figure.add_subplot()
     if train:
@@ -50,30 +54,23 @@ def loss_figure(records: list[dict[str, Any]]) -> Figure:
     axes.set_ylabel("loss (response tokens)")
     axes.set_title("Loss")
     axes.grid(alpha=0.3)
-    if train or val:
-        axes.legend()
-    figure.tight_layout()
-    return figure
+    axes.legend()
+    _save(figure, path)
 
 
-def gates_figure(records: list[dict[str, Any]], first_layer: int) -> Figure:
-    """Each adapted layer's mean |effective gate| per step, from 0 where every gate starts."""
-    steps = [r for r in records if r.get("type") == "train" and r.get("gates")]
+def plot_gates(records: list[dict[str, Any]], path: Path, first_layer: int) -> None:
+    x, layers = gate_curves(records)
     figure = _figure()
     axes = figure.add_subplot()
-    if steps:
-        x = [0] + [r["step"] for r in steps]  # every gate starts at exactly zero
-        n_layers = len(steps[0]["gates"])
-        for layer in range(n_layers):
-            y = [0.0] + [sum(abs(g) for g in r["gates"][layer]) / len(r["gates"][layer]) for r in steps]
-            axes.plot(x, y, label=f"layer {first_layer + layer}", color=_colour(layer, n_layers), linewidth=1.0)
-        axes.legend(fontsize="small", ncol=max(1, n_layers // 10))
+    if layers:
+        for layer, y in enumerate(layers):
+            axes.plot(x, y, label=f"layer {first_layer + layer}", color=_colour(layer, len(layers)), linewidth=1.0)
+        axes.legend(fontsize="small", ncol=max(1, len(layers) // 10))
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("mean |effective gate| over heads")
     axes.set_title("Zero-init gates opening, per adapted layer")
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    return figure
+    _save(figure, path)
 
 
 def _colour(index: int, count: int):
