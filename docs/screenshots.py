@@ -2,7 +2,7 @@
 `python -m docs.screenshots` (from the repository root; needs `apt-get install -y chromium` and playwright)
 rewrites docs/compare.png, docs/next_token.png (the compare tab's next-token panel), docs/layer_sweep.png (its
 layer sweep), docs/chat.png,
-docs/image.png and docs/score.png. The image tab shows the first shipped example the image adapter answers right
+docs/image.png, docs/score.png and docs/train.png (an epoch of the Train tab's offered questions). The image tab shows the first shipped example the image adapter answers right
 (it gets 42% of held-out image questions right: docs/tiny.md); the score tab, the text adapter on the held-out
 questions it offers."""
 
@@ -31,6 +31,7 @@ from tests.browser import (
     next_token,
     open_page,
     score,
+    start_training,
     sweep,
 )
 
@@ -62,7 +63,7 @@ def take(out: Path) -> list[Path]:
     """Compare, chat and score tabs with the text adapter, the image tab with the image adapter (both served by
     the default app, each tab starting with its own)."""
     shots = [out / name for name in ("compare.png", "next_token.png", "chat.png", "image.png", "score.png",
-                                     "layer_sweep.png")]
+                                     "layer_sweep.png", "train.png")]
     with chromium() as browser, running_app([]) as app:
         page = open_page(browser, app.url)
         base, adapted = compare(page, QUESTION)
@@ -94,6 +95,12 @@ def take(out: Path) -> list[Path]:
         page.locator("#score_file [aria-label='tiny_held_out.jsonl']").wait_for()
         print(f"score: {score(page, SWEEP)}")
         save(page, shots[4], full_page=True)
+        start_training(page, "tiny_training.jsonl", epochs=1)
+        status = page.locator("#train_status")
+        status.get_by_text("served as trained-1").wait_for(timeout=120_000)
+        page.locator("#train_zip [aria-label='trained-1.zip']").wait_for()
+        print(f"train: {status.inner_text()!r}")
+        save(page, shots[6], full_page=True)
     return shots
 
 

@@ -113,3 +113,13 @@ def choose_adapter(page, name: str, dropdown: str = "adapter") -> None:
     page.click(f"#{dropdown} input")
     page.get_by_role("option", name=name, exact=True).click()
     page.wait_for_function(f"() => document.querySelector('#{dropdown} input').value === {name!r}")
+
+
+def start_training(page, records: str, epochs: int) -> None:
+    """In the Train tab: the offered records file `records` clicked, `epochs` set, Train pressed."""
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_text(records).first.click()
+    page.locator(f"#train_file [aria-label='{records}']").wait_for()
+    page.fill("#train_epochs input[type=number]", str(epochs))
+    page.keyboard.press("Tab")
+    page.click("#train")

@@ -22,6 +22,7 @@ from tests.browser import (
     next_token,
     open_page,
     score,
+    start_training,
     sweep,
 )
 
@@ -166,12 +167,7 @@ def test_the_train_tab_trains_on_the_offered_questions_stops_on_request_and_serv
     example = text_questions(100, "held-out", 6)[0]
     with running_app([]) as tiny:
         page = open_page(browser, tiny.url)
-        page.get_by_role("tab", name="Train").click()
-        page.get_by_text("tiny_training.jsonl").first.click()  # the tiny model's training questions, offered
-        page.locator("#train_file [aria-label='tiny_training.jsonl']").wait_for()
-        page.fill("#train_epochs input[type=number]", "3")
-        page.keyboard.press("Tab")
-        page.click("#train")
+        start_training(page, "tiny_training.jsonl", epochs=3)  # the tiny model's training questions, offered
         status = page.locator("#train_status")
         expect(status).to_contain_text("step ", timeout=60_000)  # under way, drawn as it goes
         page.locator("#train_gates canvas, #train_gates svg").first.wait_for()  # the curves, drawn as they grow
