@@ -82,10 +82,11 @@ class TrainProgress:
     archive: Path | None = None
     first_layer: int = field(init=False)
     steps: int = field(init=False)  # the run's optimizer steps in all
+    mode: str = field(init=False)
 
     def __post_init__(self) -> None:
-        start = next((r for r in self.records if r.get("type") == "start"), {})
-        self.first_layer, self.steps = start.get("first_prompt_layer", 0), start.get("steps", 0)
+        start = self.records[0]  # a run's first record
+        self.first_layer, self.steps, self.mode = start["first_prompt_layer"], start["steps"], start["config"]["mode"]
 
     @property
     def done(self) -> int:
@@ -95,7 +96,7 @@ class TrainProgress:
         """One line of Markdown: where the run is, or what it gave."""
         train = [r for r in self.records if r.get("type") == "train"]
         val = [r["val_loss"] for r in self.records if r.get("type") == "val"]
-        parts = [f"step {self.done} / {self.steps}" if self.steps else "reading the records and loading"]
+        parts = [f"step {self.done} / {self.steps}"]
         if train:
             parts.append(f"loss {train[-1]['loss']:.4f}")
             parts.append(f"{train[-1]['tokens_per_s']:,.0f} tokens/s")
@@ -105,10 +106,10 @@ class TrainProgress:
         line = " · ".join(parts)
         if self.name is None:
             return line
-        ended = "stopped" if self.done < self.steps else "trained"
-        return (f"**{ended.capitalize()}** ({line}): served as **{self.name}**, chosen in the adapter menu above, so "
-                "the gate slider now moves between the frozen base (0) and what it learnt (1); the zip below holds "
-                "it for `--adapter`.")
+        ended = "Stopped" if self.done < self.steps else "Trained"
+        scale = "the delta scale (Advanced)" if self.mode == "lora" else "the gate slider"  # LoRA alone has no gates
+        return (f"**{ended}** ({line}): served as **{self.name}**, chosen in the adapter menu above, so {scale} now "
+                "moves between the frozen base (0) and what it learnt (1); the zip below holds it for `--adapter`.")
 
     def loss_points(self) -> list[tuple[int, float, str]]:
         """(step, loss, "train" or "validation") for a line plot drawn by the browser (cheap to send as it

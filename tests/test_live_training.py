@@ -186,3 +186,15 @@ def test_bad_records_and_settings_are_named_and_nothing_is_served(tmp_path, serv
     with pytest.raises(ValueError, match="^--mode: must be one of"):
         list(training.run(request(bad, mode="v3")))
     assert engines.names == ["base"] and not any((tmp_path / "runs").iterdir())
+
+
+def test_lora_alone_is_served_with_the_delta_scale_to_blend_it(tmp_path, data, served):
+    training, engines = live(served, tmp_path)
+    final = list(training.run(request(data, mode="lora", lora_rank=2)))[-1]
+    assert "so the delta scale (Advanced) now moves between" in final.status()
+    assert final.gate_points() == [] and [row[2] for row in final.loss_points()].count("train") == 8
+    trained = engines.get(final.name)
+    assert not trained.has_gates and trained.model.adapter_args.lora_rank == 2
+    base_answer = list(engines.get("base").chat([], QUESTION, GREEDY))[-1]
+    at_zero = Settings(temperature=0.0, max_new_tokens=8, delta_scale=0.0)
+    assert list(trained.chat([], QUESTION, at_zero))[-1] == base_answer != list(trained.chat([], QUESTION, GREEDY))[-1]
