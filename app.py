@@ -54,6 +54,7 @@ TINY_HELD_OUT_IMAGES = 10  # and 40 held-out image questions (10 per category) w
 TINY_TRAINING_RECORDS = 2000  # the Train tab's example for the tiny model: its text adapter's kind of questions
 LOSS_COLUMNS = ("step", "loss", "set")  # the Train tab's curves, drawn by the browser
 GATE_COLUMNS = ("step", "mean |gate|", "layer")
+NEW_ADAPTER = "a new adapter (zero-init gates: the frozen base)"
 TRAIN_MODES = [("v1: adaption prompts and gates", "v1"), ("v2: also zero-init biases and tuned norms", "v2"),
                ("LoRA alone (no prompts, no gates: the baseline)", "lora")]
 
@@ -315,23 +316,26 @@ class Handlers:
             info = self.engines.get(adapter).model_info()
         return {**info, "adapters_served": self.engines.names}
 
-    def adapter_menus(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Both adapter menus offering what is served now (adapters trained since the app started included)."""
+    def adapter_menus(self) -> tuple[dict[str, Any], ...]:
+        """The adapter menus (the two at the top, and the Train tab's Start from when there is one) offering what
+        is served now, adapters trained since the app started included."""
         names = self.engines.names
-        return gr.update(choices=names, visible=len(names) > 1), gr.update(choices=names, visible=len(names) > 1)
+        tops = (gr.update(choices=names, visible=len(names) > 1),) * 2
+        return tops if self.training is None else (*tops, gr.update(choices=start_choices(names)))
 
     def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
-              prompt_layers: float, lora_rank: float, prompt_format: str, seed: float,
+              prompt_layers: float, lora_rank: float, prompt_format: str, seed: float, start_from: str | None,
               request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        """Train an adapter on the served base (adapter.live_training): its status, loss and gates as it goes, then
-        the zip of it and both adapter menus offering it, the top one choosing it."""
+        """Train an adapter on the served base (adapter.live_training), a new one or (`start_from`) a served one
+        further: its status, loss and gates as it goes, then the zip of it and the adapter menus offering it, the
+        top one choosing it."""
         with user_errors():
             asked = TrainRequest(data=data, mode=mode, epochs=whole(epochs, "epochs"),
                                  batch_size=whole(batch_size, "batch_size"), lr=float(lr),
                                  prompt_len=whole(prompt_len, "prompt_len"),
                                  prompt_layers=whole(prompt_layers, "prompt_layers"),
                                  lora_rank=whole(lora_rank, "lora_rank"), prompt_format=prompt_format,
-                                 seed=whole(seed, "seed"))
+                                 seed=whole(seed, "seed"), start_from=start_from or None)
             with closing(self.training.run(asked, request.session_hash)) as runs:  # a closed page stops it
                 for progress in runs:
                     yield training_view(progress, self.engines.names)
@@ -357,9 +361,15 @@ def training_view(progress: TrainProgress, names: list[str]) -> tuple[Any, ...]:
     curves = (pd.DataFrame(progress.loss_points(), columns=list(LOSS_COLUMNS)),
               pd.DataFrame(progress.gate_points(), columns=list(GATE_COLUMNS)))
     if progress.name is None:
-        return progress.status(), *curves, None, gr.update(), gr.update()
+        return progress.status(), *curves, None, gr.update(), gr.update(), gr.update()
     return (progress.status(), *curves, str(progress.archive),
-            gr.update(choices=names, value=progress.name, visible=True), gr.update(choices=names, visible=True))
+            gr.update(choices=names, value=progress.name, visible=True), gr.update(choices=names, visible=True),
+            gr.update(choices=start_choices(names)))
+
+
+def start_choices(names: list[str]) -> list[tuple[str, str]]:
+    """The Train tab's Start from menu: a new adapter ("") or a served one by name."""
+    return [(NEW_ADAPTER, "")] + [(name, name) for name in names]
 
 
 def checked_by_engines(menu: gr.Dropdown) -> gr.Dropdown:
@@ -481,9 +491,9 @@ def train_defaults(engines: Engines, config: ServeConfig) -> TrainDefaults:
     return TrainDefaults(10, min(30, engines.default.model.args.n_layers), 9e-3 * 16 / 256)
 
 
-def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown]) -> None:
+def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown]) -> gr.Dropdown:
     """The Train tab: records in, an adapter trained on the served base out, served beside the others (`menus`,
-    the adapter menus, offer it at the end)."""
+    the adapter menus, offer it at the end). Returns its Start from menu (which lists the served adapters too)."""
     engines = handlers.engines
     start = train_defaults(engines, config)
     gr.Markdown(f"Train an adapter on the served base, here, while the app goes on answering (each step between "
@@ -497,6 +507,10 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
         data = gr.File(label="Training records (.json, .jsonl, .parquet)", file_types=[".json", ".jsonl", ".parquet"],
                        type="filepath", elem_id="train_file")
         with gr.Column():
+            start_from = checked_by_engines(gr.Dropdown(
+                start_choices(engines.names), value="", elem_id="train_start",
+                label="Start from (a served adapter is trained further in its own kind, shape and prompt format; "
+                      "not one that sees: the records are text only)"))
             mode = gr.Radio(TRAIN_MODES, value="v1", label="What is learnt", elem_id="train_mode")
             epochs = gr.Slider(1, 20, value=1, step=1, label="Epochs", elem_id="train_epochs")
             batch_size = gr.Slider(1, 64, value=start.batch_size, step=1, label="Batch size", elem_id="train_batch")
@@ -530,10 +544,11 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
                             elem_id="train_gates")
     trained = gr.File(label="The trained adapter (a zip of its folder: adapter.json, adapter.safetensors, log.jsonl "
                             "and plots)", interactive=False, elem_id="train_zip")
-    inputs = [data, mode, epochs, batch_size, lr, prompt_len, prompt_layers, lora_rank, prompt_format, seed]
-    button.click(handlers.train, inputs, [status, loss, gates, trained, *menus], api_name="train",
+    inputs = [data, mode, epochs, batch_size, lr, prompt_len, prompt_layers, lora_rank, prompt_format, seed, start_from]
+    button.click(handlers.train, inputs, [status, loss, gates, trained, *menus, start_from], api_name="train",
                  concurrency_id="train", concurrency_limit=1)
     stop.click(handlers.stop_training, None, None, concurrency_id="train_stop", api_visibility="private")
+    return start_from
 
 
 def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
@@ -708,9 +723,10 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 score_button = gr.Button("Score", variant="primary", scale=1, elem_id="score")
             score_table = gr.Dataframe(headers=SCORE_HEADERS, interactive=False, elem_id="score_table")
             score_plot = gr.Plot(label="Loss and accuracy against the gate scale", elem_id="score_plot")
+        menus = [adapter, image_adapter]
         if training is not None:
             with gr.Tab("Train"):
-                train_tab(handlers, config, [adapter, image_adapter])
+                menus.append(train_tab(handlers, config, menus[:2]))
         with gr.Tab("Gates"):
             heatmap = gr.Plot(label="Effective gates (layer x head) at the slider's scale, only the layers chosen "
                                     "above speaking")
@@ -786,7 +802,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         adapter.change(handlers.model_info, adapter, info, api_visibility="private")
         demo.load(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         demo.load(handlers.model_info, adapter, info, api_visibility="private")
-        demo.load(handlers.adapter_menus, None, [adapter, image_adapter], api_visibility="private")
+        demo.load(handlers.adapter_menus, None, menus, api_visibility="private")
     demo.queue(max_size=QUEUE_PER_WORKER * config.concurrency, default_concurrency_limit=config.concurrency)
     return demo
 

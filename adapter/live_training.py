@@ -26,8 +26,10 @@ from typing import Any
 
 from .engine import Engine, Engines
 from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, train
+from .finetune.config import adapter_kind
 from .finetune.plots import gate_curves, loss_curves
 from .formats.common import atomic_write
+from .formats.native import save_adapter
 from .loading import load_sharing
 from .model import Transformer
 
@@ -56,19 +58,34 @@ class TrainRequest:
     lora_rank: int = 0  # v2: 0 = none; lora: needed
     prompt_format: str = "alpaca"
     seed: int = 0
+    start_from: str | None = None  # a served adapter to train further (None: a fresh one)
 
-    def config(self, base: str, out: Path, base_context: int) -> TrainConfig:
+    def config(self, base: str, out: Path, base_context: int, start: StartingPoint | None = None) -> TrainConfig:
+        """adapter.finetune's settings for this request; from `start`, its kind and prompt format are the
+        adapter's (the mode, shape, LoRA rank and prompt format asked for are not used)."""
         if not self.data:
             raise ValueError("data: give a records file to train on (.json, .jsonl or .parquet)")
         if not self.lr > 0:  # before the decay's floor, a twentieth of it, is checked
             raise ValueError(f"lr: must be positive, got {self.lr:g}")
+        shape = dict(mode=self.mode, lora_rank=self.lora_rank if self.mode != "v1" else 0,
+                     prompt_format=self.prompt_format)
+        if start is not None:
+            shape = dict(mode=start.mode, lora_rank=0, prompt_format=start.prompt_format,
+                         init_adapter=str(start.path))
         return TrainConfig(
-            base=base, data=self.data, out=str(out), mode=self.mode, epochs=self.epochs,
-            warmup_epochs=WARMUP * self.epochs, lr=self.lr, min_lr=self.lr / 20, batch_size=self.batch_size,
+            base=base, data=self.data, out=str(out), epochs=self.epochs, warmup_epochs=WARMUP * self.epochs,
+            lr=self.lr, min_lr=self.lr / 20, batch_size=self.batch_size,
             micro_batch_size=math.gcd(self.batch_size, MICRO_BATCH), max_seq_len=min(MAX_SEQ_LEN, base_context),
-            prompt_len=self.prompt_len, prompt_layers=self.prompt_layers,
-            lora_rank=self.lora_rank if self.mode != "v1" else 0, prompt_format=self.prompt_format,
-            seed=self.seed, progress=False)
+            prompt_len=self.prompt_len, prompt_layers=self.prompt_layers, seed=self.seed, progress=False, **shape)
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """A served adapter as a run starts from it: its tensors as served, written in our format, and its kind."""
+
+    path: Path
+    mode: str
+    prompt_format: str
 
 
 @dataclass
@@ -165,7 +182,9 @@ class LiveTraining:
         self.folder.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.folder))
         try:
-            config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len)
+            start = None if request.start_from is None else self._starting_point(request.start_from, folder)
+            config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len,
+                                    start)
             hooks = RunHooks(base=base, stop=stop, step_lock=engine.lock, max_steps=MAX_STEPS)
             result, progress = yield from self._train(config, hooks)
             name = self._serve(base, result.adapter, folder)
@@ -173,6 +192,19 @@ class LiveTraining:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         yield replace(progress, name=name, archive=self._archive(result.out, name, folder))
+
+    def _starting_point(self, name: str, folder: Path) -> StartingPoint:
+        """Served adapter `name` written as it is served (whatever format it was read from) for the run to start
+        from; one with a visual prompt, or the bare base, is refused."""
+        model = self.engines.get(name).model
+        args = model.adapter_args
+        if args.visual != "none":
+            raise ValueError(f"start_from: {name} has a visual prompt, and this tab trains on text records only; "
+                             "start from a text adapter or a new one")
+        if not (args.has_prompts or args.has_deltas):
+            raise ValueError(f"start_from: {name} is the frozen base without an adapter; start from a new adapter")
+        path = save_adapter(model, folder / "start")
+        return StartingPoint(path, adapter_kind(args), model.prompt_format)
 
     @staticmethod
     def _train(config: TrainConfig, hooks: RunHooks) -> Generator[TrainProgress, None,

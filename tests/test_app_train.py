@@ -50,7 +50,7 @@ def answer(client: Client, name: str, gate: float) -> str:
 
 def test_a_trained_adapter_is_served_beside_the_others_to_every_client(served, records, base_folder):
     trainer, other = Client(served.url, verbose=False), Client(served.url, verbose=False)
-    status, loss, gates, archive, menu, image_menu = trainer.predict(*settings(records), api_name="/train")
+    status, loss, gates, archive, menu, image_menu, start_menu = trainer.predict(*settings(records), api_name="/train")
     assert status.startswith("**Trained** (step 8 / 8 · loss ") and "served as **trained-1**" in status, status
     assert loss["columns"] == ["step", "loss", "set"] and gates["columns"] == ["step", "mean |gate|", "layer"]
     assert [row[0] for row in loss["data"]] == list(range(1, 9)) + [4, 8], "train per step, validation per epoch"
@@ -59,6 +59,7 @@ def test_a_trained_adapter_is_served_beside_the_others_to_every_client(served, r
         "every layer's gates leave zero after the first step (taken at the warm-up's learning rate, 0)"
     assert menu["value"] == "trained-1" and [c[0] for c in menu["choices"]] == served.engines.names
     assert "value" not in image_menu, "the image tab keeps its adapter"
+    assert start_menu["choices"][0][1] == "" and [c[1] for c in start_menu["choices"][1:]] == served.engines.names
     assert served.engines.names[-1] == "trained-1"
     assert zipfile.ZipFile(archive).namelist()[:2] == ["trained-1/adapter.json", "trained-1/adapter.safetensors"]
     engine = served.engines.get("trained-1")
@@ -110,6 +111,12 @@ def test_bad_training_settings_get_a_clear_message(served, records, arguments, m
     with pytest.raises(AppError, match=message):
         client.predict(*arguments(records), api_name="/train")
     assert served.engines.names == names
+
+
+def test_an_adapter_that_sees_is_not_trained_further(served, records):
+    name = served.engines.names[0]  # the demo's v2 image adapter
+    with pytest.raises(AppError, match=f"start_from: {name} has a visual prompt, and this tab trains on text records"):
+        Client(served.url, verbose=False).predict(*settings(records), name, api_name="/train")
 
 
 def test_no_train_tab_leaves_it_out(served):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import adapter
 from adapter import live_training
+from adapter.config import AdapterArgs
 from adapter.engine import Engine, Engines, Settings
 from adapter.finetune import RunHooks, train
 from adapter.finetune.logs import read_log
@@ -198,3 +199,31 @@ def test_lora_alone_is_served_with_the_delta_scale_to_blend_it(tmp_path, data, s
     base_answer = list(engines.get("base").chat([], QUESTION, GREEDY))[-1]
     at_zero = Settings(temperature=0.0, max_new_tokens=8, delta_scale=0.0)
     assert list(trained.chat([], QUESTION, at_zero))[-1] == base_answer != list(trained.chat([], QUESTION, GREEDY))[-1]
+
+
+def test_a_served_adapter_is_trained_further_in_its_own_kind_and_format(tmp_path, data, served, base_folder):
+    training, engines = live(served, tmp_path)
+    first = list(training.run(request(data)))[-1]
+    served_tensors = engines.get(first.name).model.adapter_state_dict()
+    # asked for LoRA at another shape: the starting adapter's own kind and shape are what trains
+    again = list(training.run(request(data, start_from=first.name, lr=1e-12, epochs=1, mode="lora", prompt_len=9)))[-1]
+    further = engines.get(again.name).model
+    assert further.adapter_args == engines.get(first.name).model.adapter_args and again.mode == "v1"
+    for name, tensor in served_tensors.items():
+        torch.testing.assert_close(further.adapter_state_dict()[name], tensor, rtol=0, atol=1e-6)
+    moved = list(training.run(request(data, start_from=first.name, epochs=1)))[-1]
+    assert not torch.equal(engines.get(moved.name).model.adapter_state_dict()["adapter_query.weight"],
+                           served_tensors["adapter_query.weight"]), "at a real learning rate it learns on"
+
+
+def test_only_text_adapters_are_trained_further(tmp_path, data, served, base_folder):
+    image = adapter.load_sharing(served, AdapterArgs(prompt_len=2, prompt_layers=2, visual="v1", clip_dim=8))
+    engines = Engines({"base": Engine(served), "sees": Engine(image)})
+    training = LiveTraining(engines, lambda model: Engine(model, engines.default.lock), tmp_path / "runs")
+    with pytest.raises(ValueError, match="^start_from: sees has a visual prompt, and this tab trains on text"):
+        list(training.run(request(data, start_from="sees")))
+    with pytest.raises(ValueError, match="^start_from: base is the frozen base without an adapter"):
+        list(training.run(request(data, start_from="base")))
+    with pytest.raises(ValueError, match="^adapter: 'gone' is not served here"):
+        list(training.run(request(data, start_from="gone")))
+    assert engines.names == ["base", "sees"] and not any((tmp_path / "runs").iterdir())
