@@ -124,6 +124,24 @@ def training_layout(model: nn.Module) -> None:
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
+def serving_state(model: nn.Module) -> Callable[[], None]:
+    """What training changes in a model that keeps serving while an adapter trains on its base (adapter.finetune's
+    RunHooks): every module's train/eval mode and, through `training_layout`, 4-bit layers' AVX512-BF16 repacking.
+    Returns the function that puts them back once the run ends; bitsandbytes then repacks each such layer at its
+    next forward, to the very bytes it held before (the repacking's bf16 scales survive the round trip)."""
+    modes = [(module, module.training) for module in model.modules()]
+    repacking = [(module, module.support_avx512bf16_for_cpu) for module, _ in modes
+                 if hasattr(module, "support_avx512bf16_for_cpu")]
+
+    def restore() -> None:
+        for module, training in modes:
+            module.training = training
+        for module, allowed in repacking:
+            module.support_avx512bf16_for_cpu = allowed
+
+    return restore
+
+
 def quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device | str,
                    double_quant: bool = True) -> None:
     """Replace the frozen linears of one transformer block in place."""

@@ -227,3 +227,21 @@ def test_only_text_adapters_are_trained_further(tmp_path, data, served, base_fol
     with pytest.raises(ValueError, match="^adapter: 'gone' is not served here"):
         list(training.run(request(data, start_from="gone")))
     assert engines.names == ["base", "sees"] and not any((tmp_path / "runs").iterdir())
+
+
+def test_a_4_bit_base_serves_exactly_as_before_once_a_run_on_it_ends(tmp_path, base_folder, data):
+    """On a CPU with AVX512-BF16 bitsandbytes repacks 4-bit layers for inference at their first forward, and
+    training needs them unpacked; the served model gets its repacked layers and its eval mode back."""
+    served = adapter.load(base_folder, quantize="nf4", device="cpu")
+    tokens = torch.tensor([[1, 5, 9, 22, 40, 7]])
+    with torch.inference_mode():
+        before = served(tokens)
+    layers = [m for m in served.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    stored = [(m.weight.data.clone(), m.support_avx512bf16_for_cpu) for m in layers]
+    train(tiny_config(base_folder, data, tmp_path / "run", epochs=2), RunHooks(base=served))
+    assert not any(m.training for m in served.modules()), "back in eval mode"
+    with torch.inference_mode():
+        after = served(tokens)
+    assert torch.equal(after, before)
+    for m, (data_before, allowed) in zip(layers, stored):
+        assert m.support_avx512bf16_for_cpu == allowed and torch.equal(m.weight.data, data_before)

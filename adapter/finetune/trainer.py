@@ -29,6 +29,7 @@ from ..layout import row_major
 from ..loading import load, load_sharing, open_named_base, resolve_device
 from ..model import Transformer
 from ..prompts import format_named
+from ..quantize import serving_state
 from ..tokenizer import open_tokenizer
 from . import checkpoint, distributed
 from .batching import collate, epoch_batches, eval_batches, shard
@@ -64,8 +65,10 @@ class RunHooks:
     """What a program that trains inside itself (the app's Train tab, adapter.live_training) adds to a run.
 
     With `base`, the adapter trains on that loaded model's frozen base, shared and left as it is (not loaded
-    again, not re-laid out: the model keeps serving while it trains); its device, dtype and quantization are the
-    run's, so `config`'s base names it only in the log, and its quantize, device and dtype are not used."""
+    again, not re-laid out: the model keeps serving while it trains; a 4-bit base on a CPU with AVX512-BF16 serves
+    through bitsandbytes' training layout meanwhile, and is put back exactly when the run ends); its device, dtype
+    and quantization are the run's, so `config`'s base names it only in the log, and its quantize, device and dtype
+    are not used."""
 
     base: Transformer | None = None
     on_record: Callable[[dict[str, Any]], None] | None = None  # every log record, as it is written
@@ -82,7 +85,12 @@ def train(config: TrainConfig, hooks: RunHooks | None = None) -> TrainResult:
     try:
         if hooks.base is not None and processes.world > 1:
             raise ValueError("hooks.base: a run on a base already in memory is one process, not one per device")
-        return _Run(config, processes, distributed.local_device(device, processes), hooks).run()
+        restore = serving_state(hooks.base) if hooks.base is not None else None
+        try:
+            return _Run(config, processes, distributed.local_device(device, processes), hooks).run()
+        finally:
+            if restore is not None:  # the served model as it was: its modes, its 4-bit layers' layout
+                restore()
     finally:
         distributed.stop(processes)
 
