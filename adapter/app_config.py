@@ -20,7 +20,6 @@ from .engine import Engine, Engines, Settings, check_text, device_lock
 from .formats import BASE_HELP
 from .kv_cache import check_kv_cache
 from .loading import load_many, resolve_device, resolve_dtype
-from .main_thread import off_the_main_thread
 from .model import Transformer
 from .paths import not_a_file
 from .prompts import PROMPT_FORMATS, chat_formats
@@ -266,15 +265,13 @@ def engine_for(model: Transformer, lock: threading.Lock, config: ServeConfig) ->
 def load_engines(config: ServeConfig) -> Engines:
     """Load the base once and every adapter `config` names on it (`adapter.loading.load_many`: the base's tensors
     shared, and one CLIP tower between image adapters), each wrapped in an Engine holding the device's one lock.
-    Loaded off the main thread, so that the worker threads that answer run torch at full speed (adapter.main_thread).
 
     The Model tab shows the real files behind the embedded model's short names, and the training gate plot is
     looked for next to the real adapter."""
     served = served_adapters(config)
-    models = off_the_main_thread(load_many, config.base, [adapter for _, adapter in served], clip=config.clip,
-                                 clip_model=config.clip_model, clip_quantize=config.clip_quantize,
-                                 quantize=config.quantize, device=config.device, dtype=config.dtype,
-                                 kv_cache=config.kv_cache)
+    models = load_many(config.base, [adapter for _, adapter in served], clip=config.clip, clip_model=config.clip_model,
+                       clip_quantize=config.clip_quantize, quantize=config.quantize, device=config.device,
+                       dtype=config.dtype, kv_cache=config.kv_cache)
     lock = device_lock(models[0].tok_embeddings.weight.device)
     try:
         engines = Engines({name: engine_for(model, lock, config) for (name, _), model in zip(served, models)},
