@@ -331,7 +331,8 @@ class Handlers:
         top one choosing it."""
         with user_errors():
             asked = TrainRequest(data=data, mode=mode, epochs=whole(epochs, "epochs"),
-                                 batch_size=whole(batch_size, "batch_size"), lr=float(lr),
+                                 batch_size=whole(batch_size, "batch_size"),
+                                 lr=float("nan") if lr is None else float(lr),  # an emptied box: refused by name
                                  prompt_len=whole(prompt_len, "prompt_len"),
                                  prompt_layers=whole(prompt_layers, "prompt_layers"),
                                  lora_rank=whole(lora_rank, "lora_rank"), prompt_format=prompt_format,
@@ -473,6 +474,8 @@ def tiny_training_records(config: ServeConfig) -> Path | None:
 
 
 class TrainDefaults(NamedTuple):
+    """The Train tab's starting values (train_defaults)."""
+
     prompt_len: int
     prompt_layers: int
     lr: float
