@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import hub
-from .engine import Engine, Engines, Settings, check_text, device_lock
+from .device_work import DeviceWork, device_lock, start_compute_thread
+from .engine import Engine, Engines, Settings, check_text
 from .formats import BASE_HELP
 from .kv_cache import check_kv_cache
 from .loading import load_many, resolve_device, resolve_dtype
@@ -266,12 +267,18 @@ def load_engines(config: ServeConfig) -> Engines:
     """Load the base once and every adapter `config` names on it (`adapter.loading.load_many`: the base's tensors
     shared, and one CLIP tower between image adapters), each wrapped in an Engine holding the device's one lock.
 
+    The device gets its compute thread first (adapter.device_work), which loads the models and then does all their
+    work, so that torch runs at full speed whichever of the server's threads asks.
+
     The Model tab shows the real files behind the embedded model's short names, and the training gate plot is
     looked for next to the real adapter."""
     served = served_adapters(config)
-    models = load_many(config.base, [adapter for _, adapter in served], clip=config.clip, clip_model=config.clip_model,
-                       clip_quantize=config.clip_quantize, quantize=config.quantize, device=config.device,
-                       dtype=config.dtype, kv_cache=config.kv_cache)
+    device = resolve_device(config.device)
+    start_compute_thread(device)
+    models = DeviceWork(device).run(load_many, config.base, [adapter for _, adapter in served], clip=config.clip,
+                                    clip_model=config.clip_model, clip_quantize=config.clip_quantize,
+                                    quantize=config.quantize, device=device, dtype=config.dtype,
+                                    kv_cache=config.kv_cache)
     lock = device_lock(models[0].tok_embeddings.weight.device)
     try:
         engines = Engines({name: engine_for(model, lock, config) for (name, _), model in zip(served, models)},

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .device_work import DeviceWork
 from .generate import stream_batch
 
 if TYPE_CHECKING:
@@ -44,14 +45,14 @@ class ChatJob:
 
 
 class ChatBatcher:
-    """Decodes the chat jobs of one model in batches of at most `max_rows`, on a thread of its own that holds
-    the device's lock while it decodes. A batch is every job that waited for the device, up to `max_rows`: a
-    job that finds the device idle waits `gather_s` for others; jobs that arrive while a batch decodes make the
-    next one."""
+    """Decodes the chat jobs of one model in batches of at most `max_rows`: a thread of its own gathers them and
+    hands each batch to the device's work (`work`: holding the device's lock, on its compute thread if it has one).
+    A batch is every job that waited for the device, up to `max_rows`: a job that finds the device idle waits
+    `gather_s` for others; jobs that arrive while a batch decodes make the next one."""
 
-    def __init__(self, model: "Transformer", lock: threading.Lock, *, max_rows: int, stop: tuple[str, ...],
+    def __init__(self, model: "Transformer", work: DeviceWork, *, max_rows: int, stop: tuple[str, ...],
                  compile: bool, gather_s: float = 0.005) -> None:
-        self.model, self.lock, self.max_rows = model, lock, max_rows
+        self.model, self.work, self.max_rows = model, work, max_rows
         self.stop, self.compile, self.gather_s = stop, compile, gather_s
         self.pending: queue.SimpleQueue[ChatJob] = queue.SimpleQueue()
         self.submitted = 0  # jobs handed in so far
@@ -88,14 +89,17 @@ class ChatBatcher:
             jobs = [self.pending.get()]
             deadline = time.monotonic() + self.gather_s
             self._take(jobs, deadline)
-            with self.lock:
-                self._take(jobs, None)  # and those that came while the device was busy
-                for job in jobs:
-                    if job.left.is_set():
-                        job.pieces.put(_END)
-                waiting = [job for job in jobs if not job.left.is_set()]
-                if waiting:
-                    self._decode(waiting)
+            self.work.run(self._batch, jobs)
+
+    def _batch(self, jobs: list[ChatJob]) -> None:
+        """Once the device is free: the jobs, those that came while it was busy too, decoded but for those left."""
+        self._take(jobs, None)
+        for job in jobs:
+            if job.left.is_set():
+                job.pieces.put(_END)
+        waiting = [job for job in jobs if not job.left.is_set()]
+        if waiting:
+            self._decode(waiting)
 
     def _take(self, jobs: list[ChatJob], deadline: float | None) -> None:
         """Add pending jobs to `jobs`, up to `max_rows`: those that arrive before `deadline`, or (None) those

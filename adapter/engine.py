@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .chat_batcher import ChatBatcher, ChatJob
+from .device_work import DeviceWork, device_lock
 from .footprint import held_bytes, kv_bytes_per_token
 from .gate_layers import Speaker, adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
@@ -165,21 +166,6 @@ class Settings:
                 "logit_bias": self.logit_bias}
 
 
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-_DEVICE_LOCKS_GUARD = threading.Lock()
-
-
-def device_lock(device: str | torch.device) -> threading.Lock:
-    """The one lock of a device: two models on one GPU (or the CPU) never decode at the same time.
-
-    A plain Lock, not an RLock: gradio runs each step of a streamed answer in whichever worker thread is
-    free, so the thread that releases it may not be the one that acquired it.
-    """
-    key = str(torch.device(device))
-    with _DEVICE_LOCKS_GUARD:
-        return _DEVICE_LOCKS.setdefault(key, threading.Lock())
-
-
 class Engine:
     """Answers chat, image and side-by-side requests from one model; shows its gates.
 
@@ -195,6 +181,7 @@ class Engine:
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.lock = lock if lock is not None else device_lock(self.device)
+        self.work = DeviceWork(self.device, self.lock)  # model work: holding the lock, on the compute thread if any
         self.max_new_tokens = _integer("max_new_tokens", max_new_tokens, 1)
         if not isinstance(compile, bool):
             raise ValueError(f"compile: must be True or False, got {compile!r}")
@@ -203,7 +190,7 @@ class Engine:
         # (adapter.chat_batcher)
         batch_chats = _integer("batch_chats", batch_chats, 1)
         self.batcher = None if batch_chats == 1 else ChatBatcher(
-            model, self.lock, max_rows=batch_chats, stop=self.prompts.stop_strings, compile=compile)
+            model, self.work, max_rows=batch_chats, stop=self.prompts.stop_strings, compile=compile)
 
     # ----- what the model can do ----------------------------------------------------------------------
     @property
@@ -313,9 +300,8 @@ class Engine:
         adapter.next_token.text_logprobs), holding the lock."""
         from .next_token import text_logprobs
 
-        with self.lock:
-            return text_logprobs(self.model, prompt, answer, self._gates(settings, [settings.gate_scale]),
-                                 settings.delta_scale, top_k)
+        return self.work.run(text_logprobs, self.model, prompt, answer,
+                             self._gates(settings, [settings.gate_scale]), settings.delta_scale, top_k)
 
     def _question_prompt(self, question: str, settings: Settings) -> str:
         """The prompt of a one-off question (compare, sweep), checked with the settings before decoding."""
@@ -398,9 +384,8 @@ class Engine:
     def _next_tokens(self, prompt: str, image: Any, scales: list[float], settings: Settings) -> NextTokens:
         from .next_token import next_tokens
 
-        with self.lock:
-            return next_tokens(self.model, prompt, scales, delta_scale=settings.delta_scale,
-                               top_k=NEXT_TOKENS_TOP_K, image=image, layers=self.layers_of(settings))
+        return self.work.run(next_tokens, self.model, prompt, scales, delta_scale=settings.delta_scale,
+                             top_k=NEXT_TOKENS_TOP_K, image=image, layers=self.layers_of(settings))
 
     def layers_of(self, settings: Settings) -> list[Speaker] | None:
         """The adapter layers the settings let speak (None: all of them)."""
@@ -418,10 +403,10 @@ class Engine:
         closing it stops decoding at the current token."""
         answers = [""] * len(prompts)
         yielded = False
-        with self.lock, closing(stream_batch(self.model, prompts, images=images, gate_scale=gate_scale,
-                                             delta_scale=delta_scale, compile=self.compile,
-                                             stop=self.prompts.stop_strings if stop is None else stop,
-                                             generated=generated, **settings.sampling())) as steps:
+        decoding = self.work.stream(lambda: stream_batch(
+            self.model, prompts, images=images, gate_scale=gate_scale, delta_scale=delta_scale, compile=self.compile,
+            stop=self.prompts.stop_strings if stop is None else stop, generated=generated, **settings.sampling()))
+        with closing(decoding) as steps:
             for pieces in steps:
                 if any(pieces):
                     answers = [answer + piece for answer, piece in zip(answers, pieces)]
@@ -455,14 +440,14 @@ class Engine:
         choices = holds_choices(data)  # read before the device's lock is taken
         with tempfile.TemporaryDirectory(prefix="uploaded-images-") as folder:
             _gather(images or (), Path(folder))
-            with self.lock:
-                if choices:
-                    return evaluate_choices(self.model, data, gate_scales=scales, delta_scale=settings.delta_scale,
-                                            limit=MAX_SCORE_RECORDS, prompt_format=self.prompts.name,
-                                            layers=self.layers_of(settings), image_folder=folder)
-                return evaluate(self.model, data, image_folder=folder, gate_scales=scales,
-                                delta_scale=settings.delta_scale, limit=MAX_SCORE_RECORDS, exact=bool(exact),
-                                prompt_format=self.prompts.name, layers=self.layers_of(settings))
+            if choices:
+                return self.work.run(evaluate_choices, self.model, data, gate_scales=scales,
+                                     delta_scale=settings.delta_scale, limit=MAX_SCORE_RECORDS,
+                                     prompt_format=self.prompts.name, layers=self.layers_of(settings),
+                                     image_folder=folder)
+            return self.work.run(evaluate, self.model, data, image_folder=folder, gate_scales=scales,
+                                 delta_scale=settings.delta_scale, limit=MAX_SCORE_RECORDS, exact=bool(exact),
+                                 prompt_format=self.prompts.name, layers=self.layers_of(settings))
 
     # ----- seeing the gates ------------------------------------------------------------------------------
     def gate_heatmap(self, scale: float, gate_layers: str | None = "all") -> Figure:
@@ -482,9 +467,8 @@ class Engine:
         from .gate_view import prompt_shares
 
         images = [load_image(image)] if image is not None and self.can_see_images else None
-        with self.lock:
-            return prompt_shares(self.model, prompt_text, answer, self._gates(settings, [settings.gate_scale]),
-                                 settings.delta_scale, images)
+        return self.work.run(prompt_shares, self.model, prompt_text, answer,
+                             self._gates(settings, [settings.gate_scale]), settings.delta_scale, images)
 
     def answer_logprobs(self, prompt_text: Prompt, answer: Answer, settings: Settings, image: Any = None,
                         top_k: int = 0) -> list[TokenLogprob]:
@@ -494,9 +478,8 @@ class Engine:
         from .next_token import answer_logprobs
 
         picture = load_image(image) if image is not None and self.can_see_images else None
-        with self.lock:
-            return answer_logprobs(self.model, prompt_text, answer, self._gates(settings, [settings.gate_scale]),
-                                   settings.delta_scale, picture, top_k)
+        return self.work.run(answer_logprobs, self.model, prompt_text, answer,
+                             self._gates(settings, [settings.gate_scale]), settings.delta_scale, picture, top_k)
 
     def training_plot(self) -> Path | None:
         """`gates.png` written by `adapter.finetune` next to this adapter, if there is one."""

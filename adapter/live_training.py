@@ -3,8 +3,9 @@ app keeps answering, then served beside the others as `trained-N`, so the gate s
 what it has just learnt.
 
 The run is `adapter.finetune`'s own (the same record layouts, checks, schedule, log and files) through its
-`RunHooks`: the base already in memory is shared, not loaded again, and left as it is; each optimizer step holds
-the device's lock, so other users' answers go on between steps; Stop ends the run after the step under way and
+`RunHooks`: the base already in memory is shared, not loaded again, and left as it is; each optimizer step is the
+device's work (holding its lock, on its compute thread: adapter.device_work), so other users' answers go on
+between steps; Stop ends the run after the step under way and
 keeps what it learnt. One run at a time, of at most MAX_STEPS steps; the last MAX_TRAINED trained adapters stay
 served, the oldest giving way.
 """
@@ -185,7 +186,7 @@ class LiveTraining:
             start = None if request.start_from is None else self._starting_point(request.start_from, folder)
             config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len,
                                     start)
-            hooks = RunHooks(base=base, stop=stop, step_lock=engine.lock, max_steps=MAX_STEPS)
+            hooks = RunHooks(base=base, stop=stop, step_runner=engine.work.run, max_steps=MAX_STEPS)
             result, progress = yield from self._train(config, hooks)
             name = self._serve(base, result.adapter, folder)
         except BaseException:

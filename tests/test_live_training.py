@@ -50,18 +50,19 @@ def base_tensors(model) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
             if not model.is_adapter_parameter(name)}
 
 
-class CountingLock:
-    """A lock that counts how often it was taken and checks it is never taken twice at once."""
+class CountingRunner:
+    """A step runner that counts the work it runs and checks it never runs two at once."""
 
     def __init__(self) -> None:
-        self.lock, self.taken = threading.Lock(), 0
+        self.lock, self.ran = threading.Lock(), 0
 
-    def __enter__(self) -> None:
-        assert self.lock.acquire(blocking=False), "taken twice at once"
-        self.taken += 1
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
+    def __call__(self, work):
+        assert self.lock.acquire(blocking=False), "two at once"
+        try:
+            self.ran += 1
+            return work()
+        finally:
+            self.lock.release()
 
 
 def test_training_on_a_loaded_base_gives_the_adapter_of_a_run_that_loads_it_and_leaves_the_base_as_it_was(
@@ -70,9 +71,9 @@ def test_training_on_a_loaded_base_gives_the_adapter_of_a_run_that_loads_it_and_
     alone = train(tiny_config(base_folder, data, tmp_path / "alone", **config))
     before = base_tensors(served)
     assert any(stride[0] == 1 for _, stride in before.values()), "the served base has column-major weights"
-    records, lock = [], CountingLock()
+    records, runner = [], CountingRunner()
     shared = train(tiny_config(base_folder, data, tmp_path / "shared", **config),
-                   RunHooks(base=served, on_record=records.append, step_lock=lock))
+                   RunHooks(base=served, on_record=records.append, step_runner=runner))
     a, b = load_file(alone.adapter), load_file(shared.adapter)
     assert a.keys() == b.keys()
     for name in a:  # the same floats but for the order the CPU sums them in (the weights' layouts differ)
@@ -82,7 +83,7 @@ def test_training_on_a_loaded_base_gives_the_adapter_of_a_run_that_loads_it_and_
     for name, (tensor, stride) in before.items():
         assert torch.equal(after[name][0], tensor) and after[name][1] == stride, f"{name} changed"
     assert records == read_log(tmp_path / "shared" / "log.jsonl"), "the listener gets every record as written"
-    assert lock.taken == 6 + 3, "each optimizer step and each validation holds the lock"
+    assert runner.ran == 6 + 3, "each optimizer step and each validation runs as the device's work"
 
 
 def test_a_stop_ends_the_run_after_its_step_with_what_it_learnt_saved(tmp_path, base_folder, data, served):

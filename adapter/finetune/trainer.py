@@ -12,7 +12,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,8 @@ class RunHooks:
     base: Transformer | None = None
     on_record: Callable[[dict[str, Any]], None] | None = None  # every log record, as it is written
     stop: threading.Event | None = None  # once set, the run ends after the step under way, its adapter saved
-    step_lock: AbstractContextManager | None = None  # held around each step and validation (a device's lock)
+    step_runner: Callable[[Callable[[], Any]], Any] | None = None  # runs each step and validation (a device's
+    # work: holding its lock, on its compute thread if any; adapter.device_work)
     max_steps: int | None = None  # a run that would take more optimizer steps is refused before it starts
 
 
@@ -113,7 +113,7 @@ class _Run:
     def __init__(self, config: TrainConfig, processes: distributed.Processes, device: torch.device,
                  hooks: RunHooks) -> None:
         self.config, self.processes, self.device, self.hooks = config, processes, device, hooks
-        self.step_lock = hooks.step_lock or nullcontext()
+        self.run_step = hooks.step_runner or (lambda work: work())
         self.out = config.out_path
         self.main = processes.is_main
         self._encoder = None  # the CLIP tower of --mode vision, loaded when first needed
@@ -296,8 +296,7 @@ class _Run:
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
                 if order_epoch != epoch:
                     order, order_epoch = self._order(epoch), epoch
-                with self.step_lock:
-                    record = self._train_step(order[in_epoch])
+                record = self.run_step(lambda: self._train_step(order[in_epoch]))
                 result.train_losses.append(record["loss"])
                 log.step(record)
                 if self.step % self.steps_per_epoch == 0 and self.data.val:
@@ -340,9 +339,8 @@ class _Run:
         val: list[Encoded] = self.data.val
         ids = eval_batches([len(e.tokens) for e in val], self.config.micro_batch_size, self.processes.rank,
                            self.processes.world)
-        with self.step_lock:
-            loss = evaluate(self.wrapped, [collate([val[i] for i in b], self.device) for b in ids],
-                            sum(e.targets for e in val), self.processes, self.config.autocast)
+        loss = self.run_step(lambda: evaluate(self.wrapped, [collate([val[i] for i in b], self.device) for b in ids],
+                                              sum(e.targets for e in val), self.processes, self.config.autocast))
         log.write({"type": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": loss})
         result.val_losses.append((self.step, loss))
         if self.config.keep_best and self.main and (self.best is None or loss < self.best[1]):
