@@ -16,7 +16,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import closing, nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -75,7 +75,7 @@ class DeviceWork:
         ahead of the reader). Closing this stops the work after the item under way and frees the device."""
         thread = _THREADS.get(self.key)
         if thread is None or thread.is_current():
-            with self.lock if thread is None else nullcontext(), closing(make()) as items:  # nested: held already
+            with self.lock if thread is None else nullcontext(), _closing(make()) as items:  # nested: held already
                 yield from items
             return
         yield from thread.stream(self.lock, make)
@@ -119,7 +119,7 @@ class _ComputeThread:
 
         def job() -> None:
             try:
-                with closing(make()) as produced:
+                with _closing(make()) as produced:
                     while asks.get() and (item := next(produced, _END)) is not _END:
                         items.put(item)
             except BaseException as error:  # handed to the reader
@@ -145,6 +145,17 @@ class _ComputeThread:
                 asks.put(False)
                 while items.get() is not _END:
                     pass
+
+
+@contextmanager
+def _closing(items: Iterator[T]) -> Iterator[Iterator[T]]:
+    """`items`, closed afterwards if it can be (a generator stops where it is and runs its cleanup)."""
+    try:
+        yield items
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 class _Failed:
