@@ -7,7 +7,8 @@ torch runs its CPU work through OpenMP and, with GNU OpenMP (torch's Linux wheel
 live threads have run parallel regions, each thread's parallel regions run several times slower: their workers
 fall asleep between operations and every operation waits for a wake-up. gradio and uvicorn answer on pools of
 worker threads (a streamed answer's steps on whichever is free), so without this a served model computes at that
-slow rate (the tiny model's decoding: 883 tokens/s on a worker thread against 3,277 on the main thread, 2 cores).
+slow rate (`python -m bench.compute_thread`, 2 cores: the tiny model's continuations at 522 tokens/s on the worker
+that asks, 717 on the compute thread, 768 with everything on the main thread; its Train-tab steps 1.3x faster).
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ _END = object()
 
 
 def _key(device: str | torch.device) -> str:
-    return str(torch.device(device))
+    """A device's name with its index ("cuda" is the current GPU, as tensors placed there say)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
 
 
 def device_lock(device: str | torch.device) -> threading.Lock:
