@@ -89,12 +89,17 @@ def test_follow_up_questions_about_a_picture_build_its_conversation(browser, ser
     page.click("#ask")
     expect(page.locator("#image_answer textarea")).to_have_value(first_answer, timeout=60_000)
     follow_up = "And what is beside it?"
-    expected = list(served.engine.ask_image(picture, follow_up, Settings(), [(first, first_answer)]))[-1]
-    for _ in range(2):  # a new question follows the last turn; the same question again is answered in the same turns
+    turns = [(first, first_answer)]
+    expected = list(served.engine.ask_image(picture, follow_up, Settings(), turns))[-1]
+    at_zero = list(served.engine.ask_image(picture, follow_up, Settings(gate_scale=0.0), turns))[-1]
+    assert at_zero != expected  # so that the second answer cannot be mistaken for the first one still shown
+    for gate, answer in (("1", expected), ("0", at_zero)):  # a new question follows the last turn; the same
+        page.fill("#gate input[type=number]", gate)  # question again (at another gate) is answered in the same turns
+        page.keyboard.press("Tab")
         page.fill("#image_question textarea", follow_up)
         page.click("#ask")
         expect(user_turns).to_have_text([first])
-        expect(page.locator("#image_answer textarea")).to_have_value(expected, timeout=60_000)
+        expect(page.locator("#image_answer textarea")).to_have_value(answer, timeout=60_000)
     page.fill("#image_question textarea", "And below it?")
     page.press("#image_question textarea", "Enter")  # Enter asks, as Ask does
     expect(user_turns).to_have_text([first, follow_up])
