@@ -1,10 +1,9 @@
 """The README's pictures of the app, taken in headless Chromium with the embedded tiny model:
 `python -m docs.screenshots` (from the repository root; needs `apt-get install -y chromium` and playwright)
 rewrites docs/compare.png, docs/next_token.png (the compare tab's next-token panel), docs/layer_sweep.png (its
-layer sweep), docs/chat.png,
-docs/image.png, docs/score.png and docs/train.png (an epoch of the Train tab's offered questions). The image tab shows the first shipped example the image adapter answers right
-(it gets 42% of held-out image questions right: docs/tiny.md); the score tab, the text adapter on the held-out
-questions it offers."""
+layer sweep), docs/chat.png, docs/image.png, docs/score.png and docs/train.png (an epoch of the Train tab's offered
+questions). The image tab shows the first shipped example the image adapter answers right (it gets 42% of held-out
+image questions right: docs/tiny.md); the score tab, the text adapter on the held-out questions it offers."""
 
 from __future__ import annotations
 
