@@ -5,9 +5,8 @@ what it has just learnt.
 The run is `adapter.finetune`'s own (the same record layouts, checks, schedule, log and files) through its
 `RunHooks`: the base already in memory is shared, not loaded again, and left as it is; each optimizer step is the
 device's work (holding its lock, on its compute thread: adapter.device_work), so other users' answers go on
-between steps; Stop ends the run after the step under way and
-keeps what it learnt. One run at a time, of at most MAX_STEPS steps; the last MAX_TRAINED trained adapters stay
-served, the oldest giving way.
+between steps; Stop ends the run after the step under way and keeps what it learnt. One run at a time, of at most
+MAX_STEPS steps; the last MAX_TRAINED trained adapters stay served, the oldest giving way.
 """
 
 from __future__ import annotations
