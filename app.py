@@ -29,6 +29,7 @@ from adapter.engine import (
     Engine,
     Engines,
     Settings,
+    check_integer,
     gate_scales,
 )
 from adapter.live_training import MAX_STEPS, LiveTraining, TrainProgress, TrainRequest
@@ -330,13 +331,13 @@ class Handlers:
         further: its status, loss and gates as it goes, then the zip of it and the adapter menus offering it, the
         top one choosing it."""
         with user_errors():
-            asked = TrainRequest(data=data, mode=mode, epochs=whole(epochs, "epochs"),
-                                 batch_size=whole(batch_size, "batch_size"),
+            asked = TrainRequest(data=data, mode=mode, epochs=check_integer("epochs", epochs),
+                                 batch_size=check_integer("batch_size", batch_size),
                                  lr=float("nan") if lr is None else float(lr),  # an emptied box: refused by name
-                                 prompt_len=whole(prompt_len, "prompt_len"),
-                                 prompt_layers=whole(prompt_layers, "prompt_layers"),
-                                 lora_rank=whole(lora_rank, "lora_rank"), prompt_format=prompt_format,
-                                 seed=whole(seed, "seed"), start_from=start_from or None)
+                                 prompt_len=check_integer("prompt_len", prompt_len),
+                                 prompt_layers=check_integer("prompt_layers", prompt_layers),
+                                 lora_rank=check_integer("lora_rank", lora_rank), prompt_format=prompt_format,
+                                 seed=check_integer("seed", seed), start_from=start_from or None)
             with closing(self.training.run(asked, request.session_hash)) as runs:  # a closed page stops it
                 for progress in runs:
                     yield training_view(progress, self.engines.names)
@@ -345,13 +346,6 @@ class Handlers:
         """Stop this page's run after its step under way; what it learnt so far is kept and served."""
         if not self.training.stop(request.session_hash):
             gr.Info("No training of yours is under way.")
-
-
-def whole(value: float | None, name: str) -> int:
-    """A number box's value as the integer it must be (gradio's sliders give floats)."""
-    if value is None or float(value) != int(value):
-        raise ValueError(f"{name}: must be a whole number, got {value!r}")
-    return int(value)
 
 
 def training_view(progress: TrainProgress, names: list[str]) -> tuple[Any, ...]:

@@ -61,11 +61,11 @@ def _number(name: str, value: Any, low: float, high: float, low_open: bool = Fal
     return float(value)
 
 
-def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
-    """An integer (whole floats allowed, as sliders and JSON send them) in [low, high]."""
+def check_integer(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """An integer (whole floats allowed, as sliders and JSON send them) in [low, high] (None: unbounded)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
         raise ValueError(f"{name}: expected a whole number, got {value!r}")
-    if value < low or (high is not None and value > high):
+    if (low is not None and value < low) or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name}: must be {bound}, got {value!r}")
     return int(value)
@@ -75,7 +75,7 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias ({"token id": bias}, bias from -100 to 100; JSON keys are texts) as sorted pairs."""
     pairs = value.items() if isinstance(value, Mapping) else value
     try:
-        pairs = [(_integer("logit_bias", int(token) if isinstance(token, str) else token, 0),
+        pairs = [(check_integer("logit_bias", int(token) if isinstance(token, str) else token, 0),
                   _number("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)) for token, bias in pairs]
     except (TypeError, ValueError) as error:
         reason = str(error).removeprefix("logit_bias: ")
@@ -144,11 +144,11 @@ class Settings:
             "delta_scale": _number("delta_scale", self.delta_scale, 0.0, MAX_SCALE),
             "temperature": _number("temperature", self.temperature, 0.0, MAX_TEMPERATURE),
             "top_p": _number("top_p", self.top_p, 0.0, 1.0, low_open=True),
-            "max_new_tokens": _integer("max_new_tokens", self.max_new_tokens, 1),
-            "seed": None if self.seed is None else _integer("seed", self.seed, 0),
+            "max_new_tokens": check_integer("max_new_tokens", self.max_new_tokens, 1),
+            "seed": None if self.seed is None else check_integer("seed", self.seed, 0),
             "system": check_text(self.system, "system") if self.system and str(self.system).strip() else None,
             "gate_layers": _layers_text(self.gate_layers),
-            "top_k": _integer("top_k", self.top_k, 0),
+            "top_k": check_integer("top_k", self.top_k, 0),
             "repetition_penalty": _number("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY,
                                           low_open=True),
             "presence_penalty": _number("presence_penalty", self.presence_penalty, -2.0, 2.0),
@@ -182,13 +182,13 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         self.lock = lock if lock is not None else device_lock(self.device)
         self.work = DeviceWork(self.device, self.lock)  # model work: holding the lock, on the compute thread if any
-        self.max_new_tokens = _integer("max_new_tokens", max_new_tokens, 1)
+        self.max_new_tokens = check_integer("max_new_tokens", max_new_tokens, 1)
         if not isinstance(compile, bool):
             raise ValueError(f"compile: must be True or False, got {compile!r}")
         self.compile = compile  # decode steps through torch.compile (see Transformer.step)
         # more than 1: chats and image questions waiting for the device are decoded together, up to this many rows
         # (adapter.chat_batcher)
-        batch_chats = _integer("batch_chats", batch_chats, 1)
+        batch_chats = check_integer("batch_chats", batch_chats, 1)
         self.batcher = None if batch_chats == 1 else ChatBatcher(
             model, self.work, max_rows=batch_chats, stop=self.prompts.stop_strings, compile=compile)
 

@@ -20,6 +20,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -212,13 +213,13 @@ class LiveTraining:
         """`train` in a thread of its own, its progress yielded as it goes; returns its result and last progress.
         Closed early, it stops the run and waits for the step under way to end."""
         events: queue.Queue = queue.Queue()
-        outcome: dict[str, Any] = {}
+        outcome: Future[TrainResult] = Future()
 
         def work() -> None:
             try:
-                outcome["result"] = train(config, replace(hooks, on_record=events.put))
+                outcome.set_result(train(config, replace(hooks, on_record=events.put)))
             except BaseException as error:  # handed to the caller's thread
-                outcome["error"] = error
+                outcome.set_exception(error)
             finally:
                 events.put(None)
 
@@ -235,12 +236,11 @@ class LiveTraining:
         finally:
             hooks.stop.set()
             thread.join()
-        error = outcome.get("error")
-        if isinstance(error, TrainingStopped):  # a NaN loss or gradient: the user's settings, not a fault here
+        try:
+            result = outcome.result()
+        except TrainingStopped as error:  # a NaN loss or gradient: the user's settings, not a fault here
             raise ValueError(str(error)) from error
-        if error is not None:
-            raise error
-        return outcome["result"], TrainProgress(records, time.perf_counter() - started)
+        return result, TrainProgress(records, time.perf_counter() - started)
 
     def _serve(self, base: Transformer, adapter: Path, folder: Path) -> str:
         """Serve the adapter as written (read back: exactly the file the zip holds) under the next free name."""
