@@ -52,6 +52,7 @@ SCORE_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "exact 
 CHOICE_HEADERS = ["gate scale", "likeliest choice right %", "per byte %", "P(right choice) %"]
 TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 175 held-out text questions
 TINY_HELD_OUT_IMAGES = 10  # and 40 held-out image questions (10 per category) with their pictures
+TINY_FILES = Path(tempfile.gettempdir()) / "llama-adapter"  # the tiny model's records the app offers, written there
 TINY_TRAINING_RECORDS = 2000  # the Train tab's example for the tiny model: its text adapter's kind of questions
 LOSS_COLUMNS = ("step", "loss", "set")  # the Train tab's curves, drawn by the browser
 GATE_COLUMNS = ("step", "mean |gate|", "layer")
@@ -419,8 +420,7 @@ def tiny_held_out(config: ServeConfig) -> tuple[Path, Path] | None:
     from adapter.tiny.records import write_choice_records, write_text_records
 
     questions = held_out("text", RECIPES["full"].seed, TINY_HELD_OUT_PER_CATEGORY)
-    folder = Path(tempfile.gettempdir()) / "llama-adapter"
-    records, choices = folder / "tiny_held_out.jsonl", folder / "tiny_held_out_choices.jsonl"
+    records, choices = TINY_FILES / "tiny_held_out.jsonl", TINY_FILES / "tiny_held_out_choices.jsonl"
     atomic_write(records, lambda tmp: write_text_records(questions, Path(tmp)))
     atomic_write(choices, lambda tmp: write_choice_records(questions, Path(tmp)))
     return records, choices
@@ -437,7 +437,7 @@ def tiny_held_out_images(config: ServeConfig) -> tuple[Path, list[str]] | None:
     from adapter.tiny.records import write_image_records
 
     seed = RECIPES["full"].seed
-    folder = Path(tempfile.gettempdir()) / "llama-adapter" / f"tiny_held_out_images-{seed}-{TINY_HELD_OUT_IMAGES}"
+    folder = TINY_FILES / f"tiny_held_out_images-{seed}-{TINY_HELD_OUT_IMAGES}"
     records = folder / "tiny_held_out_images.jsonl"
     if not records.is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -462,7 +462,7 @@ def tiny_training_records(config: ServeConfig) -> Path | None:
     from adapter.tiny.records import write_text_records
 
     questions = text_questions(RECIPES["full"].seed, "train", TINY_TRAINING_RECORDS)
-    records = Path(tempfile.gettempdir()) / "llama-adapter" / "tiny_training.jsonl"
+    records = TINY_FILES / "tiny_training.jsonl"
     atomic_write(records, lambda tmp: write_text_records(questions, Path(tmp)))
     return records
 

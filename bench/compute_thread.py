@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.decode import machine
-from bench.report import command_line, publish, spread, stat
+from bench.report import command_line, publish, spread, stat, table
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Name three shapes and their colours."
@@ -100,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               check=True, capture_output=True, text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     before, now = (stat(results[i]["decode"])[0] for i in (1, 2))
-    rows = [f"| {name} | {spread(stat(r['decode']), 0)} | {spread(stat(r['train']), 2)} |"
-            for name, r in zip(CASES, results)]
+    rows = [(name, spread(stat(r["decode"]), 0), spread(stat(r["train"]), 2)) for name, r in zip(CASES, results)]
     text = "\n".join([
         "## Compute thread: where a server's model work runs",
         "",
@@ -112,9 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          "worker threads (each has asked once before) but in the first case. Each case in a fresh process. The "
          f"compute thread's decoding: {now / before:.2f}x the rate of decoding on the worker that asks."),
         "",
-        "| where the model's work runs | decode tokens/s | training steps, s |",
-        "|---|---|---|",
-        *rows,
+        *table(("where the model's work runs", "decode tokens/s", "training steps, s"), rows),
         "",
     ])
     publish(text, "Compute thread:", options.write)

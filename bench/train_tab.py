@@ -23,7 +23,7 @@ from pathlib import Path
 from adapter.app_config import ServeConfig, tiny_available
 from bench.app import ROOT, free_port, percentile, start_app
 from bench.decode import machine
-from bench.report import command_line, publish, spread, stat
+from bench.report import command_line, publish, spread, stat, table
 
 QUESTION = "There is a large red star on the left. What colour is the star?"
 SETTINGS = dict(mode="v1", epochs=1, batch_size=16, lr=0.02, prompt_len=20, prompt_layers=4)  # the tab's for tiny
@@ -105,18 +105,18 @@ def main(argv: Sequence[str] | None = None) -> int:
          f"`python app.py` with its defaults; times: median (min / max) of {options.repeats} runs. Chat answers: "
          "greedy, gate 1, 16 new tokens at most, asked by another client one after another."),
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| Train tab: one epoch, from the click to the adapter served, s | {spread(stat([r[0] for r in quiet]))} |",
-        (f"| the same while another client asks one chat question after another, s | "
-         f"{spread(stat([r[0] for r in runs]))} |"),
-        (f"| the same run by `python -m adapter.finetune` in its own process (loads the base first), s | "
-         f"{spread(stat([a[0] for a in alone]))} |"),
-        f"| validation loss after it: Train tab; `adapter.finetune` | {tab_loss}; {alone[-1][1]:.4f} |",
-        f"| a chat answer with the app idle: p50 / p95 latency, s | {percentile(idle, 0.5):.2f} / "
-        f"{percentile(idle, 0.95):.2f} |",
-        f"| a chat answer while the tab trains ({len(busy)} answers): p50 / p95 latency, s | "
-        f"{percentile(busy, 0.5):.2f} / {percentile(busy, 0.95):.2f} |",
+        *table(("measure", "value"), [
+            ("Train tab: one epoch, from the click to the adapter served, s", spread(stat([r[0] for r in quiet]))),
+            ("the same while another client asks one chat question after another, s",
+             spread(stat([r[0] for r in runs]))),
+            ("the same run by `python -m adapter.finetune` in its own process (loads the base first), s",
+             spread(stat([a[0] for a in alone]))),
+            ("validation loss after it: Train tab; `adapter.finetune`", f"{tab_loss}; {alone[-1][1]:.4f}"),
+            ("a chat answer with the app idle: p50 / p95 latency, s",
+             f"{percentile(idle, 0.5):.2f} / {percentile(idle, 0.95):.2f}"),
+            (f"a chat answer while the tab trains ({len(busy)} answers): p50 / p95 latency, s",
+             f"{percentile(busy, 0.5):.2f} / {percentile(busy, 0.95):.2f}"),
+        ]),
         "",
     ])
     publish(text, "Train tab (CPU", options.write)
