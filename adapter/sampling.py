@@ -91,10 +91,11 @@ def sample(
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # keep the smallest set whose mass reaches top_p (the most likely token is always kept)
+        # keep the smallest set whose mass reaches top_p (the most likely token is always kept); drawn in
+        # vocabulary order, not sorted order, so two near-equal tokens whose order flips with the last bit of
+        # rounding (a row padded in a batch) do not swap which one a seeded draw picks
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        return order.gather(-1, _draw(sorted_probs, generator))[:, 0]
+        probs = probs.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
     return _draw(probs, generator)[:, 0]
 
 

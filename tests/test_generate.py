@@ -20,6 +20,7 @@ GREEDY = dict(temperature=0.0, max_new_tokens=12)
 def model(base_folder):
     """The random base with a randomized v2 adapter attached (weights from the folder)."""
     base = adapter.load(base_folder, device="cpu", max_seq_len=96)
+    torch.manual_seed(0)
     m = Transformer(base.args, V2).eval()
     m.load_state_dict(base.state_dict(), strict=False)
     m.tokenizer = base.tokenizer
@@ -174,6 +175,19 @@ def test_repetition_penalty_discourages_repeats(model):
     prompt = max(["star star", "Red", "the the the", "1 2 1 2"], key=lambda p: repeats(p, 1.0))
     assert repeats(prompt, 1.0) > 0, "the random model repeats itself somewhere"
     assert repeats(prompt, 5.0) < repeats(prompt, 1.0)
+
+
+def test_a_seeded_top_p_draw_does_not_depend_on_the_order_of_near_equal_tokens():
+    """Rounding that flips two near-equal tokens' order (a row padded in a batch) must not swap which one a seeded
+    draw picks: top-p keeps its set by sorted mass but draws in vocabulary order."""
+    logits = torch.tensor([1.0, 1.0, 0.9, 0.8, 0.5, -2.0])
+    flipped = logits.clone()
+    flipped[1] += 1e-6
+    params = SamplingParams(temperature=1.0, top_p=0.95)
+    pairs = [tuple(sample(row[None], params, generator=torch.Generator().manual_seed(seed)).item()
+                   for row in (logits, flipped)) for seed in range(40)]
+    assert all(a == b for a, b in pairs)
+    assert {a for a, _ in pairs} == {0, 1, 2, 3, 4}, "the least likely token is cut by top_p, the others drawn"
 
 
 def test_openais_penalties_lower_each_chosen_tokens_logit(model):
