@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -54,11 +54,13 @@ TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 1
 TINY_HELD_OUT_IMAGES = 10  # and 40 held-out image questions (10 per category) with their pictures
 TINY_FILES = Path(tempfile.gettempdir()) / "llama-adapter"  # the tiny model's records the app offers, written there
 TINY_TRAINING_RECORDS = 2000  # the Train tab's example for the tiny model: its text adapter's kind of questions
+TINY_TRAINING_IMAGES = 1000  # and its image adapter's: questions about rendered scenes, with their pictures
 LOSS_COLUMNS = ("step", "loss", "set")  # the Train tab's curves, drawn by the browser
 GATE_COLUMNS = ("step", "mean |gate|", "layer")
 NEW_ADAPTER = "a new adapter (zero-init gates: the frozen base)"
 TRAIN_MODES = [("v1: adaption prompts and gates", "v1"), ("v2: also zero-init biases and tuned norms", "v2"),
                ("LoRA alone (no prompts, no gates: the baseline)", "lora")]
+VISION_MODE = ("vision: v2 and a visual prompt on the served CLIP tower (image records)", "vision")
 
 
 @contextmanager
@@ -327,10 +329,10 @@ class Handlers:
 
     def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
               prompt_layers: float, lora_rank: float, prompt_format: str, seed: float, start_from: str | None,
-              request: gr.Request) -> Iterator[tuple[Any, ...]]:
+              images: list[str] | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
         """Train an adapter on the served base (adapter.live_training), a new one or (`start_from`) a served one
-        further: its status, loss and gates as it goes, then the zip of it and the adapter menus offering it, the
-        top one choosing it."""
+        further, on records and the pictures image records name: its status, loss and gates as it goes, then the
+        zip of it and the adapter menus offering it, the top one choosing it."""
         with user_errors():
             asked = TrainRequest(data=data, mode=mode, epochs=check_integer("epochs", epochs),
                                  batch_size=check_integer("batch_size", batch_size),
@@ -338,7 +340,8 @@ class Handlers:
                                  prompt_len=check_integer("prompt_len", prompt_len),
                                  prompt_layers=check_integer("prompt_layers", prompt_layers),
                                  lora_rank=check_integer("lora_rank", lora_rank), prompt_format=prompt_format,
-                                 seed=check_integer("seed", seed), start_from=start_from or None)
+                                 seed=check_integer("seed", seed), start_from=start_from or None,
+                                 images=tuple(images or ()))
             with closing(self.training.run(asked, request.session_hash)) as runs:  # a closed page stops it
                 for progress in runs:
                     yield training_view(progress, self.engines.names)
@@ -428,21 +431,42 @@ def tiny_held_out(config: ServeConfig) -> tuple[Path, Path] | None:
 
 def tiny_held_out_images(config: ServeConfig) -> tuple[Path, list[str]] | None:
     """The tiny model's held-out image questions as LLaVA records and their pictures, for the Score tab to offer
-    with its image adapter (None for other models): written once into a folder of the temporary folder named by
-    their content's seed and count, made beside it and renamed into place, so apps starting together agree."""
+    with its image adapter (None for other models)."""
     if not serves_tiny(config):
         return None
     from adapter.tiny.evaluate import held_out
     from adapter.tiny.recipe import RECIPES
-    from adapter.tiny.records import write_image_records
 
     seed = RECIPES["full"].seed
-    folder = TINY_FILES / f"tiny_held_out_images-{seed}-{TINY_HELD_OUT_IMAGES}"
-    records = folder / "tiny_held_out_images.jsonl"
+    return tiny_image_records("tiny_held_out_images", seed, TINY_HELD_OUT_IMAGES,
+                              lambda: held_out("image", seed, TINY_HELD_OUT_IMAGES))
+
+
+def tiny_training_images(config: ServeConfig) -> tuple[Path, list[str]] | None:
+    """Training questions of the kind the tiny image adapter learnt (rendered scenes) as LLaVA records and their
+    pictures, for the Train tab to offer (None for other models)."""
+    if not serves_tiny(config):
+        return None
+    from adapter.tiny.questions import image_questions
+    from adapter.tiny.recipe import RECIPES
+
+    seed = RECIPES["full"].seed
+    return tiny_image_records("tiny_training_images", seed, TINY_TRAINING_IMAGES,
+                              lambda: image_questions(seed, "train", TINY_TRAINING_IMAGES))
+
+
+def tiny_image_records(kind: str, seed: int, count: int, questions: Callable[[], list[Any]]) -> tuple[Path, list[str]]:
+    """`questions()` as LLaVA records (KIND.jsonl) and their pictures, written once into a folder of the temporary
+    folder named by their content (KIND-SEED-COUNT), made beside it and renamed into place, so apps starting
+    together agree."""
+    from adapter.tiny.records import write_image_records
+
+    folder = TINY_FILES / f"{kind}-{seed}-{count}"
+    records = folder / f"{kind}.jsonl"
     if not records.is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         building = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-        write_image_records(held_out("image", seed, TINY_HELD_OUT_IMAGES), building / records.name, building)
+        write_image_records(questions(), building / records.name, building)
         try:
             building.rename(folder)
         except OSError:  # another app put it in place first
@@ -493,22 +517,30 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
     the adapter menus, offer it at the end). Returns its Start from menu (which lists the served adapters too)."""
     engines = handlers.engines
     start = train_defaults(engines, config)
+    sees = any(engine.can_see_images for engine in engines.by_name.values())  # a CLIP tower is served
+    images = (", and with the vision mode LLaVA image records with the pictures they name, trained on the served "
+              "CLIP tower") if sees else "; text only: no adapter served here sees"
     gr.Markdown(f"Train an adapter on the served base, here, while the app goes on answering (each step between "
                 f"other requests). Its gates start at zero, so it starts as the frozen base; watch them open. When it "
                 f"ends it is served as `trained-N` beside the others and chosen in the adapter menu above, so the "
                 f"gate slider moves between the base and what it learnt; the zip holds it for `--adapter`. Records "
-                f"as fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`; text only); one run "
+                f"as fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`{images}); one run "
                 f"at a time, of at most {MAX_STEPS} steps; warm-up over a tenth of the epochs, then cosine decay to "
                 f"a twentieth of the learning rate; 5% of the records give the validation loss.")
     with gr.Row():
-        data = gr.File(label="Training records (.json, .jsonl, .parquet)", file_types=[".json", ".jsonl", ".parquet"],
-                       type="filepath", elem_id="train_file")
+        with gr.Column():
+            data = gr.File(label="Training records (.json, .jsonl, .parquet)",
+                           file_types=[".json", ".jsonl", ".parquet"], type="filepath", elem_id="train_file")
+            pictures = gr.File(label="Pictures of image records (LLaVA layout), named as the records name them",
+                               file_count="multiple", file_types=["image"], type="filepath", value=[],
+                               visible=sees, elem_id="train_images")  # [] : API clients may leave it out
         with gr.Column():
             start_from = checked_by_engines(gr.Dropdown(
                 start_choices(engines.names), value="", elem_id="train_start",
                 label="Start from (a served adapter is trained further in its own kind, shape and prompt format; "
-                      "not one that sees: the records are text only)"))
-            mode = gr.Radio(TRAIN_MODES, value="v1", label="What is learnt", elem_id="train_mode")
+                      "one that sees, on its CLIP tower)"))
+            mode = gr.Radio(TRAIN_MODES + ([VISION_MODE] if sees else []), value="v1", label="What is learnt",
+                            elem_id="train_mode")
             epochs = gr.Slider(1, 20, value=1, step=1, label="Epochs", elem_id="train_epochs")
             batch_size = gr.Slider(1, 64, value=start.batch_size, step=1, label="Batch size", elem_id="train_batch")
             lr = gr.Number(start.lr, label="Peak learning rate", elem_id="train_lr")
@@ -525,10 +557,13 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
             prompt_format = gr.Dropdown(list(PROMPT_FORMATS), value=engines.default.prompts.name,
                                         label="Prompt format (how records are written)", elem_id="train_format")
             seed = gr.Number(0, precision=0, label="Seed", elem_id="train_seed")
-    records = tiny_training_records(config)
+    records, image_records = tiny_training_records(config), tiny_training_images(config)
     if records is not None:
-        gr.Examples([[str(records)]], inputs=[data], label=f"The tiny model's training questions "
-                    f"({TINY_TRAINING_RECORDS:,} scenes in words and sums; its held-out ones are in the Score tab)")
+        gr.Examples([[str(records), [], "v1"], [str(image_records[0]), image_records[1], "vision"]],
+                    inputs=[data, pictures, mode],
+                    label=f"The tiny model's training questions ({TINY_TRAINING_RECORDS:,} scenes in words and sums; "
+                          f"{TINY_TRAINING_IMAGES:,} about rendered scenes, with their pictures; its held-out ones "
+                          "are in the Score tab)")
     with gr.Row():
         button = gr.Button("Train", variant="primary", elem_id="train")
         stop = gr.Button("Stop (keep what it learnt)", elem_id="train_stop")
@@ -541,7 +576,8 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
                             elem_id="train_gates")
     trained = gr.File(label="The trained adapter (a zip of its folder: adapter.json, adapter.safetensors, log.jsonl "
                             "and plots)", interactive=False, elem_id="train_zip")
-    inputs = [data, mode, epochs, batch_size, lr, prompt_len, prompt_layers, lora_rank, prompt_format, seed, start_from]
+    inputs = [data, mode, epochs, batch_size, lr, prompt_len, prompt_layers, lora_rank, prompt_format, seed, start_from,
+              pictures]
     button.click(handlers.train, inputs, [status, loss, gates, trained, *menus, start_from], api_name="train",
                  concurrency_id="train", concurrency_limit=1)
     stop.click(handlers.stop_training, None, None, concurrency_id="train_stop", api_visibility="private")

@@ -27,7 +27,7 @@ from .device_work import DeviceWork, device_lock
 from .footprint import held_bytes, kv_bytes_per_token
 from .gate_layers import Speaker, adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
-from .images import load_image
+from .images import gather_uploads, load_image
 from .prompt_ids import Answer, Prompt, checked_ids, prompt_ids
 from .prompts import format_named
 
@@ -439,7 +439,7 @@ class Engine:
             raise ValueError("data: upload a JSON or JSONL file of records first")
         choices = holds_choices(data)  # read before the device's lock is taken
         with tempfile.TemporaryDirectory(prefix="uploaded-images-") as folder:
-            _gather(images or (), Path(folder))
+            gather_uploads(images or (), Path(folder))
             if choices:
                 return self.work.run(evaluate_choices, self.model, data, gate_scales=scales,
                                      delta_scale=settings.delta_scale, limit=MAX_SCORE_RECORDS,
@@ -569,19 +569,6 @@ class Engines:
         if name not in served:
             raise ValueError(f"adapter: {name!r} is not served here; choose from {', '.join(served)}")
         return served[name]
-
-
-def _gather(images: Sequence[str | os.PathLike], folder: Path) -> None:
-    """Uploaded pictures side by side in `folder` under their own file names (links, not copies), so that records
-    naming them find them; two of one name would be ambiguous and are refused."""
-    for image in images:
-        source = Path(image)
-        if not source.is_file():
-            raise ValueError(f"images: {source.name} was not uploaded completely; upload it again")
-        target = folder / source.name
-        if target.exists():
-            raise ValueError(f"images: two uploads are named {source.name}; rename one")
-        target.symlink_to(source.resolve())
 
 
 def _each(rows: Iterator[list[str]], pick: Callable[[list[str]], Any]) -> Iterator[Any]:

@@ -7,6 +7,7 @@ above a pixel limit (decompression bombs) are refused with the file named.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,16 @@ def to_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "image"
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def gather_uploads(images: Sequence[str | os.PathLike], folder: Path) -> None:
+    """Uploaded pictures side by side in `folder` under their own file names (links, not copies), so that records
+    naming them find them; two of one name would be ambiguous and are refused."""
+    for image in images:
+        source = Path(image)
+        if not source.is_file():
+            raise ValueError(f"images: {source.name} was not uploaded completely; upload it again")
+        target = folder / source.name
+        if target.exists():
+            raise ValueError(f"images: two uploads are named {source.name}; rename one")
+        target.symlink_to(source.resolve())

@@ -3,7 +3,8 @@ app keeps answering, then served beside the others as `trained-N`, so the gate s
 what it has just learnt.
 
 The run is `adapter.finetune`'s own (the same record layouts, checks, schedule, log and files) through its
-`RunHooks`: the base already in memory is shared, not loaded again, and left as it is; each optimizer step is the
+`RunHooks`: the base already in memory is shared, not loaded again, and left as it is (so is the served CLIP tower
+an image adapter trains on, pictures uploaded beside their records); each optimizer step is the
 device's work (holding its lock, on its compute thread: adapter.device_work), so other users' answers go on
 between steps; Stop ends the run after the step under way and keeps what it learnt. One run at a time, of at most
 MAX_STEPS steps; the last MAX_TRAINED trained adapters stay served, the oldest giving way.
@@ -25,14 +26,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .config import AdapterArgs
 from .engine import Engine, Engines
 from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, train
 from .finetune.config import adapter_kind
 from .finetune.plots import gate_curves, loss_curves
 from .formats.common import atomic_write
 from .formats.native import save_adapter
+from .images import gather_uploads
 from .loading import load_sharing
 from .model import Transformer
+from .visual import ImageEncoder, attach_image_encoder
 
 MAX_STEPS = 2000  # optimizer steps one run may take (python -m adapter.finetune has no such limit)
 MAX_TRAINED = 4  # trained adapters served at once
@@ -60,24 +64,32 @@ class TrainRequest:
     prompt_format: str = "alpaca"
     seed: int = 0
     start_from: str | None = None  # a served adapter to train further (None: a fresh one)
+    images: tuple[str, ...] = ()  # the pictures image records (LLaVA layout) name, uploaded beside them
 
-    def config(self, base: str, out: Path, base_context: int, start: StartingPoint | None = None) -> TrainConfig:
+    def config(self, base: str, out: Path, base_context: int, start: StartingPoint | None = None,
+               sight: Sight | None = None, image_folder: Path | None = None) -> TrainConfig:
         """adapter.finetune's settings for this request; from `start`, its kind and prompt format are the
-        adapter's (the mode, shape, LoRA rank and prompt format asked for are not used)."""
+        adapter's (the mode, shape, LoRA rank and prompt format asked for are not used). A vision run reads
+        `sight`'s tower, and a new one gets its visual prompt's shape; `image_folder` holds the pictures."""
         if not self.data:
             raise ValueError("data: give a records file to train on (.json, .jsonl or .parquet)")
         if not self.lr > 0:  # before the decay's floor, a twentieth of it, is checked
             raise ValueError(f"lr: must be positive, got {self.lr:g}")
-        shape = dict(mode=self.mode, lora_rank=self.lora_rank if self.mode != "v1" else 0,
+        shape = dict(mode=self.mode, lora_rank=self.lora_rank if self.mode in ("v2", "lora") else 0,
                      prompt_format=self.prompt_format)
         if start is not None:
             shape = dict(mode=start.mode, lora_rank=0, prompt_format=start.prompt_format,
                          init_adapter=str(start.path))
+        if sight is not None:
+            seen = sight.args
+            shape.update(clip=sight.encoder.name, clip_model=seen.clip_model, visual=seen.visual,
+                         visual_dim=seen.visual_dim, visual_depth=seen.visual_depth, visual_heads=seen.visual_heads)
         return TrainConfig(
             base=base, data=self.data, out=str(out), epochs=self.epochs, warmup_epochs=WARMUP * self.epochs,
             lr=self.lr, min_lr=self.lr / 20, batch_size=self.batch_size,
             micro_batch_size=math.gcd(self.batch_size, MICRO_BATCH), max_seq_len=min(MAX_SEQ_LEN, base_context),
-            prompt_len=self.prompt_len, prompt_layers=self.prompt_layers, seed=self.seed, progress=False, **shape)
+            prompt_len=self.prompt_len, prompt_layers=self.prompt_layers, seed=self.seed, progress=False,
+            image_folder=None if image_folder is None else str(image_folder), **shape)
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,16 @@ class StartingPoint:
     path: Path
     mode: str
     prompt_format: str
+    sight: Sight | None = None  # the tower it reads, when it sees
+
+
+@dataclass(frozen=True)
+class Sight:
+    """A served CLIP tower, shared by a run that trains a visual prompt (not loaded again), and the adapter served
+    with it, whose visual prompt's shape (kind, width, depth, heads, open_clip model) a new image adapter takes."""
+
+    encoder: ImageEncoder
+    args: AdapterArgs
 
 
 @dataclass
@@ -126,6 +148,10 @@ class TrainProgress:
             return line
         ended = "Stopped" if self.done < self.steps else "Trained"
         scale = "the delta scale (Advanced)" if self.mode == "lora" else "the gate slider"  # LoRA alone has no gates
+        if self.mode == "vision":  # it reads the served tower, which the zip does not hold
+            return (f"**{ended}** ({line}): served as **{self.name}**, chosen in the adapter menu above, so {scale} "
+                    "now moves between the frozen base (0) and what it learnt (1); ask it about a picture in the "
+                    "Image tab. The zip below holds it for `--adapter`, with `--clip` naming the tower it reads.")
         return (f"**{ended}** ({line}): served as **{self.name}**, chosen in the adapter menu above, so {scale} now "
                 "moves between the frozen base (0) and what it learnt (1); the zip below holds it for `--adapter`.")
 
@@ -184,11 +210,16 @@ class LiveTraining:
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.folder))
         try:
             start = None if request.start_from is None else self._starting_point(request.start_from, folder)
+            sight = start.sight if start is not None else self._sight() if request.mode == "vision" else None
+            images = folder / "images"
+            images.mkdir()
+            gather_uploads(request.images, images)
             config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len,
-                                    start)
-            hooks = RunHooks(base=base, stop=stop, step_runner=engine.work.run, max_steps=MAX_STEPS)
+                                    start, sight, images)
+            hooks = RunHooks(base=base, image_encoder=None if sight is None else sight.encoder, stop=stop,
+                             step_runner=engine.work.run, max_steps=MAX_STEPS)
             result, progress = yield from self._train(config, hooks)
-            name = self._serve(base, result.adapter, folder)
+            name = self._serve(base, result.adapter, folder, sight)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -196,16 +227,25 @@ class LiveTraining:
 
     def _starting_point(self, name: str, folder: Path) -> StartingPoint:
         """Served adapter `name` written as it is served (whatever format it was read from) for the run to start
-        from; one with a visual prompt, or the bare base, is refused."""
+        from, with the tower it reads if it sees; the bare base is refused."""
         model = self.engines.get(name).model
         args = model.adapter_args
-        if args.visual != "none":
-            raise ValueError(f"start_from: {name} has a visual prompt, and this tab trains on text records only; "
-                             "start from a text adapter or a new one")
         if not (args.has_prompts or args.has_deltas):
             raise ValueError(f"start_from: {name} is the frozen base without an adapter; start from a new adapter")
+        if args.visual != "none" and model.image_encoder is None:
+            raise ValueError(f"start_from: {name} has a visual prompt but is served without its CLIP tower; serve "
+                             "it with --clip to train it further")
+        sight = None if model.image_encoder is None else Sight(model.image_encoder, args)
         path = save_adapter(model, folder / "start")
-        return StartingPoint(path, adapter_kind(args), model.prompt_format)
+        return StartingPoint(path, adapter_kind(args), model.prompt_format, sight)
+
+    def _sight(self) -> Sight:
+        """The tower a new image adapter reads: the first served adapter's that sees."""
+        for engine in self.engines.by_name.values():
+            if engine.can_see_images:
+                return Sight(engine.model.image_encoder, engine.model.adapter_args)
+        raise ValueError("mode: vision trains a visual prompt on a served CLIP tower, and no adapter served here "
+                         "sees; serve an image adapter (--clip) to train one, or choose v1, v2 or LoRA")
 
     @staticmethod
     def _train(config: TrainConfig, hooks: RunHooks) -> Generator[TrainProgress, None,
@@ -242,9 +282,13 @@ class LiveTraining:
             raise ValueError(str(error)) from error
         return result, TrainProgress(records, time.perf_counter() - started)
 
-    def _serve(self, base: Transformer, adapter: Path, folder: Path) -> str:
-        """Serve the adapter as written (read back: exactly the file the zip holds) under the next free name."""
-        engine = self.make_engine(load_sharing(base, adapter))
+    def _serve(self, base: Transformer, adapter: Path, folder: Path, sight: Sight | None) -> str:
+        """Serve the adapter as written (read back: exactly the file the zip holds) under the next free name, an
+        image adapter with the tower it trained on."""
+        model = load_sharing(base, adapter)
+        if sight is not None:
+            attach_image_encoder(model, sight.encoder, inference=True)
+        engine = self.make_engine(model)
         name = next(n for n in (f"{TRAINED_PREFIX}{i}" for i in self._numbers) if n not in self.engines.names)
         self.engines.add(name, engine)
         self._trained.append((name, folder))

@@ -18,6 +18,7 @@ from adapter.app_config import parse_config
 from adapter.engine import Engine, Settings
 from tests.app_helpers import GREEDY, QUESTION, controls, demo_files, running_app  # noqa: F401  (fixture)
 from tests.finetune_helpers import alpaca_records, write_jsonl
+from tests.test_finetune_vision import image_data  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")  # gradio's own pandas use
 
@@ -114,10 +115,31 @@ def test_bad_training_settings_get_a_clear_message(served, records, arguments, m
     assert served.engines.names == names
 
 
-def test_an_adapter_that_sees_is_not_trained_further(served, records):
-    name = served.engines.names[0]  # the demo's v2 image adapter
-    with pytest.raises(AppError, match=f"start_from: {name} has a visual prompt, and this tab trains on text records"):
-        Client(served.url, verbose=False).predict(*settings(records), name, api_name="/train")
+def test_image_records_train_an_adapter_that_sees_on_the_served_tower(served, image_data):
+    """A new image adapter (vision) and the demo's image adapter trained further, on LLaVA records and the pictures
+    uploaded beside them; both read the served CLIP tower and answer in the Image tab as the engine does."""
+    data, folder = image_data
+    pictures = [handle_file(str(p)) for p in sorted(folder.iterdir())]
+    client = Client(served.url, verbose=False)
+    seeing = served.engines.names[0]  # the demo's v2 image adapter
+    tower = served.engines.get(seeing).model.image_encoder
+    status = client.predict(*settings(data, mode="vision", batch_size=4), "", pictures, api_name="/train")[0]
+    assert status.startswith("**Trained** (step 8 / 8") and "ask it about a picture in the Image tab" in status
+    new = status.split("served as **")[1].split("**")[0]
+    status = client.predict(*settings(data, epochs=1, batch_size=4), seeing, pictures, api_name="/train")[0]
+    further = status.split("served as **")[1].split("**")[0]
+    for name in (new, further):
+        engine = served.engines.get(name)
+        assert engine.can_see_images and engine.model.image_encoder is tower, "the served tower, shared"
+        expected = list(engine.ask_image(folder / "red.png", "What colour is it?", Settings(**GREEDY)))[-1]
+        answer = client.predict(handle_file(str(folder / "red.png")), "What colour is it?", *controls(), name,
+                                api_name="/image")
+        assert answer == expected
+    assert served.engines.get(further).model.adapter_args == served.engines.get(seeing).model.adapter_args
+    assert served.engines.get(new).model.adapter_args.prompt_len == 4, "a new one takes the tab's shape"
+    with pytest.raises(AppError, match=r"image file \S*/images/red\.png does not exist"):
+        client.predict(*settings(data, mode="vision"), "", [handle_file(str(p)) for p in sorted(folder.iterdir())
+                                                            if p.name != "red.png"], api_name="/train")
 
 
 def test_no_train_tab_leaves_it_out(served):

@@ -79,3 +79,19 @@ def test_visual_lr_sets_the_visual_prompts_own_step_size(base_folder, clip_files
     assert moved["adapter_query.weight"] > 1e-4, "the rest at the full lr"
     with pytest.raises(ValueError, match="--visual-lr: must be positive, got -0.1"):
         TrainConfig(base="b", data="d", out="o", mode="vision", clip="c", visual_lr=-0.1)
+
+
+def test_a_clip_config_named_relative_to_the_run_is_found_from_anywhere(base_folder, clip_files, image_data, tmp_path,
+                                                                         monkeypatch):
+    """The adapter reads a relative clip_model relative to its own folder, so the run records the config's
+    absolute path."""
+    config_json, weights, _ = clip_files
+    data, folder = image_data
+    monkeypatch.chdir(config_json.parent)
+    config = tiny_config(base_folder, data, tmp_path / "run", mode="vision", image_folder=str(folder),
+                         clip=str(weights), clip_model=config_json.name, visual="v1", epochs=1)
+    result = train(config)
+    monkeypatch.chdir(tmp_path)
+    model = adapter.load(base_folder, adapter=result.adapter, clip=weights, device="cpu")
+    assert model.adapter_args.clip_model == str(config_json.resolve())
+    assert model.image_encoder.output_dim == CLIP_CONFIG["embed_dim"]

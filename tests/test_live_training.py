@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import threading
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import adapter
@@ -19,6 +21,7 @@ from adapter import live_training
 from adapter.config import AdapterArgs
 from adapter.engine import Engine, Engines, Settings
 from adapter.finetune import RunHooks, train
+from adapter.finetune.config import TrainConfig
 from adapter.finetune.logs import read_log
 from adapter.live_training import LiveTraining, TrainRequest
 from tests.finetune_helpers import (
@@ -28,6 +31,8 @@ from tests.finetune_helpers import (
     write_json,
     write_jsonl,
 )
+from tests.test_finetune_vision import image_data  # noqa: F401  (fixture)
+from tests.test_visual import CLIP_CONFIG, clip_files  # noqa: F401  (fixture)
 
 GREEDY = Settings(temperature=0.0, max_new_tokens=8)
 QUESTION = "the red circle left"
@@ -217,17 +222,87 @@ def test_a_served_adapter_is_trained_further_in_its_own_kind_and_format(tmp_path
                            served_tensors["adapter_query.weight"]), "at a real learning rate it learns on"
 
 
-def test_only_text_adapters_are_trained_further(tmp_path, data, served, base_folder):
-    image = adapter.load_sharing(served, AdapterArgs(prompt_len=2, prompt_layers=2, visual="v1", clip_dim=8))
-    engines = Engines({"base": Engine(served), "sees": Engine(image)})
+def test_the_bare_base_an_unknown_name_and_a_blind_image_adapter_are_not_trained_further(tmp_path, data, served):
+    blind = adapter.load_sharing(served, AdapterArgs(prompt_len=2, prompt_layers=2, visual="v1", clip_dim=8))
+    engines = Engines({"base": Engine(served), "blind": Engine(blind)})
     training = LiveTraining(engines, lambda model: Engine(model, engines.default.lock), tmp_path / "runs")
-    with pytest.raises(ValueError, match="^start_from: sees has a visual prompt, and this tab trains on text"):
-        list(training.run(request(data, start_from="sees")))
+    with pytest.raises(ValueError, match="^start_from: blind has a visual prompt but is served without its CLIP"):
+        list(training.run(request(data, start_from="blind")))
     with pytest.raises(ValueError, match="^start_from: base is the frozen base without an adapter"):
         list(training.run(request(data, start_from="base")))
     with pytest.raises(ValueError, match="^adapter: 'gone' is not served here"):
         list(training.run(request(data, start_from="gone")))
-    assert engines.names == ["base", "sees"] and not any((tmp_path / "runs").iterdir())
+    with pytest.raises(ValueError, match="^mode: vision trains a visual prompt on a served CLIP tower, and no "):
+        list(training.run(request(data, mode="vision")))
+    assert engines.names == ["base", "blind"] and not any((tmp_path / "runs").iterdir())
+
+
+@pytest.fixture
+def seeing(served, clip_files):
+    """The served base with an image adapter reading a tiny CLIP tower beside the bare base, as the app serves."""
+    config_json, weights, _ = clip_files
+    sees = adapter.load_sharing(served, AdapterArgs(prompt_len=2, prompt_layers=2, visual="v1",
+                                                    clip_dim=CLIP_CONFIG["embed_dim"], clip_model=str(config_json)),
+                                clip=weights)
+    return Engines({"base": Engine(served), "sees": Engine(sees)})
+
+
+def test_an_image_adapter_trains_on_the_served_tower_and_is_served_with_it(tmp_path, seeing, image_data,
+                                                                           base_folder, clip_files):
+    _, weights, _ = clip_files
+    records, folder = image_data
+    tower = seeing.get("sees").model.image_encoder
+    held = {name: tensor.clone() for name, tensor in tower.state_dict().items()}
+    training = LiveTraining(seeing, lambda model: Engine(model, seeing.default.lock), tmp_path / "runs")
+    pictures = tuple(str(p) for p in sorted(folder.iterdir()))
+    asked = request(records, mode="vision", images=pictures, epochs=4, batch_size=4, prompt_len=2, prompt_layers=2)
+    final = list(training.run(asked))[-1]
+    assert final.mode == "vision" and "ask it about a picture in the Image tab" in final.status()
+    trained = seeing.get(final.name)
+    assert trained.can_see_images and trained.model.image_encoder is tower, "the served tower, not another"
+    assert not tower.training and all(torch.equal(tower.state_dict()[n], t) for n, t in held.items())
+    assert trained.model.adapter_args.visual == "v1" and trained.model.adapter_args.prompt_len == 2
+
+    # the same run by adapter.finetune, loading the base and the tower itself, learns the same adapter
+    log = json.loads((final.archive.parent / "run" / "log.jsonl").read_text().splitlines()[0])["config"]
+    alone = train(replace(TrainConfig(**{**log, "out": str(tmp_path / "alone"), "base": str(base_folder),
+                                          "clip": str(weights), "image_folder": str(folder)})))
+    own = load_file(alone.adapter)
+    learnt = trained.model.adapter_state_dict()
+    assert any(name.startswith("visual_prompt.") for name in own)
+    for name, tensor in own.items():
+        torch.testing.assert_close(learnt[name].float(), tensor.float(), rtol=1e-4, atol=1e-5)
+
+    def red_answer(picture: str, scale: float) -> float:  # log-probability of "red" for the question
+        question = trained.image_prompt("What colour is the picture?")
+        rows = trained.answer_logprobs(question, "red", Settings(gate_scale=scale), Image.open(folder / picture))
+        return sum(row.logprob for row in rows)
+
+    assert red_answer("red.png", 1.0) > red_answer("red.png", 0.0), "what it learnt speaks at gate 1"
+    assert red_answer("red.png", 1.0) != red_answer("blue.png", 1.0), "and reads the picture"
+    assert red_answer("red.png", 0.0) == red_answer("blue.png", 0.0), "gate 0: the base, blind"
+
+    again = list(training.run(request(records, start_from=final.name, images=pictures, epochs=1, lr=1e-12)))[-1]
+    further = seeing.get(again.name).model
+    assert again.mode == "vision" and further.image_encoder is tower, "an image adapter trains further on its tower"
+    for name, tensor in learnt.items():
+        torch.testing.assert_close(further.adapter_state_dict()[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_image_records_name_their_missing_pictures_and_need_vision_mode(tmp_path, seeing, image_data):
+    records, folder = image_data
+    training = LiveTraining(seeing, lambda model: Engine(model, seeing.default.lock), tmp_path / "runs")
+    with pytest.raises(ValueError, match=r"llava\.json \[index 0\]: image file \S*/images/red\.png does not exist"):
+        list(training.run(request(records, mode="vision", images=(str(folder / "blue.png"),))))
+    pictures = tuple(str(p) for p in folder.iterdir())
+    with pytest.raises(ValueError, match=r"^image records need an adapter that sees \(--mode vision"):
+        list(training.run(request(records, images=pictures)))
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    (twice / "red.png").write_bytes((folder / "red.png").read_bytes())
+    with pytest.raises(ValueError, match="^images: two uploads are named red.png; rename one"):
+        list(training.run(request(records, mode="vision", images=(*pictures, str(twice / "red.png")))))
+    assert seeing.names == ["base", "sees"] and not any((tmp_path / "runs").iterdir())
 
 
 def test_a_4_bit_base_serves_exactly_as_before_once_a_run_on_it_ends(tmp_path, base_folder, data):

@@ -33,8 +33,9 @@ class StepResult:
 
 def require_image_encoder(model: nn.Module) -> None:
     if getattr(unwrap(model), "image_encoder", None) is None:
-        raise ValueError("image records need a model with an image encoder (adapter.visual); this model has "
-                         "none, so train on text records or load a vision adapter")
+        raise ValueError("image records need an adapter that sees (--mode vision: a visual prompt reading a CLIP "
+                         "tower, or an --init-adapter that has one); this one has none, so train on text records or "
+                         "in vision mode")
 
 
 def summed_loss(model: nn.Module, batch: Batch, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

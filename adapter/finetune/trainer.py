@@ -30,6 +30,7 @@ from ..model import Transformer
 from ..prompts import format_named
 from ..quantize import serving_state
 from ..tokenizer import open_tokenizer
+from ..visual import ImageEncoder, attach_image_encoder, load_image_encoder
 from . import checkpoint, distributed
 from .batching import collate, epoch_batches, eval_batches, shard
 from .config import TrainConfig, adapter_args_for, adapter_kind
@@ -67,9 +68,11 @@ class RunHooks:
     again, not re-laid out: the model keeps serving while it trains; a 4-bit base on a CPU with AVX512-BF16 serves
     through bitsandbytes' training layout meanwhile, and is put back exactly when the run ends); its device, dtype
     and quantization are the run's, so `config`'s base names it only in the log, and its quantize, device and dtype
-    are not used."""
+    are not used. With `image_encoder` (a loaded CLIP tower, shared and left in its mode), a visual prompt reads
+    that tower, so `config`'s clip names it only in the log."""
 
     base: Transformer | None = None
+    image_encoder: ImageEncoder | None = None
     on_record: Callable[[dict[str, Any]], None] | None = None  # every log record, as it is written
     stop: threading.Event | None = None  # once set, the run ends after the step under way, its adapter saved
     step_runner: Callable[[Callable[[], Any]], Any] | None = None  # runs each step and validation (a device's
@@ -85,12 +88,13 @@ def train(config: TrainConfig, hooks: RunHooks | None = None) -> TrainResult:
     try:
         if hooks.base is not None and processes.world > 1:
             raise ValueError("hooks.base: a run on a base already in memory is one process, not one per device")
-        restore = serving_state(hooks.base) if hooks.base is not None else None
+        # the served model and tower as they were once the run ends: their modes, 4-bit layers' layout
+        restore = [serving_state(shared) for shared in (hooks.base, hooks.image_encoder) if shared is not None]
         try:
             return _Run(config, processes, distributed.local_device(device, processes), hooks).run()
         finally:
-            if restore is not None:  # the served model as it was: its modes, its 4-bit layers' layout
-                restore()
+            for put_back in restore:
+                put_back()
     finally:
         distributed.stop(processes)
 
@@ -99,6 +103,15 @@ def base_args(base: str):
     """The base's shape without loading its weights (to fit the adapter to its number of layers)."""
     found = open_named_base(base)
     return found.model_args(open_tokenizer(found.tokenizer_path).n_words)
+
+
+def _portable_clip_model(clip_model: str | None) -> str:
+    """The open_clip model the adapter records: a config file by its absolute path, since the adapter reads a
+    relative one relative to its own folder (adapter.formats.native), not to where the run was started."""
+    if clip_model is None:
+        return AdapterArgs.clip_model
+    path = Path(clip_model)
+    return str(path.resolve()) if clip_model.endswith(".json") and path.is_file() else clip_model
 
 
 def _sha256(path: Path) -> str:
@@ -199,8 +212,6 @@ class _Run:
         if model.visual_prompt is not None:
             if config.clip is None:
                 raise ValueError("--clip: this adapter has a visual prompt; give the CLIP tower it reads")
-            from ..visual import attach_image_encoder
-
             attach_image_encoder(model, self._image_encoder())
         if config.max_seq_len > model.args.max_seq_len:
             raise ValueError(f"--max-seq-len: {config.max_seq_len} is more than the base's max_seq_len="
@@ -223,10 +234,11 @@ class _Run:
         return found
 
     def _image_encoder(self):
-        """The frozen CLIP tower of --mode vision, loaded once (its width sets the visual prompt's input)."""
+        """The frozen CLIP tower of --mode vision, loaded once (its width sets the visual prompt's input), or the
+        one the hooks share."""
+        if self.hooks.image_encoder is not None:
+            return self.hooks.image_encoder
         if self._encoder is None:
-            from ..visual import load_image_encoder
-
             self._encoder = load_image_encoder(self.config.clip, self.config.clip_model or AdapterArgs.clip_model)
         return self._encoder
 
@@ -235,7 +247,7 @@ class _Run:
         if config.mode != "vision":
             return {}
         return {"visual": config.visual, "clip_dim": self._image_encoder().output_dim,
-                "clip_model": config.clip_model or AdapterArgs.clip_model, "visual_dim": config.visual_dim,
+                "clip_model": _portable_clip_model(config.clip_model), "visual_dim": config.visual_dim,
                 "visual_depth": config.visual_depth, "visual_heads": config.visual_heads}
 
     def _build_data(self, records) -> Dataset:
