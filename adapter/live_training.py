@@ -148,12 +148,11 @@ class TrainProgress:
             return line
         ended = "Stopped" if self.done < self.steps else "Trained"
         scale = "the delta scale (Advanced)" if self.mode == "lora" else "the gate slider"  # LoRA alone has no gates
-        if self.mode == "vision":  # it reads the served tower, which the zip does not hold
-            return (f"**{ended}** ({line}): served as **{self.name}**, chosen in the adapter menu above, so {scale} "
-                    "now moves between the frozen base (0) and what it learnt (1); ask it about a picture in the "
-                    "Image tab. The zip below holds it for `--adapter`, with `--clip` naming the tower it reads.")
+        after = ("; ask it about a picture in the Image tab. The zip below holds it for `--adapter`, with `--clip` "
+                 "naming the tower it reads." if self.mode == "vision"  # the zip does not hold the served tower
+                 else "; the zip below holds it for `--adapter`.")
         return (f"**{ended}** ({line}): served as **{self.name}**, chosen in the adapter menu above, so {scale} now "
-                "moves between the frozen base (0) and what it learnt (1); the zip below holds it for `--adapter`.")
+                f"moves between the frozen base (0) and what it learnt (1){after}")
 
     def loss_points(self) -> list[tuple[int, float, str]]:
         """(step, loss, "train" or "validation") for a line plot drawn by the browser (cheap to send as it

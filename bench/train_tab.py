@@ -1,8 +1,9 @@
 """The app's Train tab, as users see it: one epoch of the tiny model's offered training questions at the tab's
 starting settings (its text adapter's recipe: 20 prompt tokens on its 4 layers, batch 16, lr 0.02) from the click
 to the adapter served, through gradio_client against `python app.py`; beside it the same run by
-`python -m adapter.finetune` in a process of its own (which loads the base first); and what training costs the
-other users: the latency of a short chat answer while the tab trains, against the app idle.
+`python -m adapter.finetune` in a process of its own (which loads the base first); what training costs the
+other users: the latency of a short chat answer while the tab trains, against the app idle; and one epoch of the
+offered image questions in vision mode (a new image adapter on the served CLIP tower), the same two ways.
 
     python -m bench.train_tab [--repeats 3] [--chats 10] [--write BENCHMARKS.md]
 
@@ -21,15 +22,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapter.app_config import ServeConfig, tiny_available
+from adapter.tiny.assets import ASSETS, CLIP_CONFIG, CLIP_WEIGHTS
 from bench.app import ROOT, free_port, percentile, start_app
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
 
 QUESTION = "There is a large red star on the left. What colour is the star?"
-SETTINGS = dict(mode="v1", epochs=1, batch_size=16, lr=0.02, prompt_len=20, prompt_layers=4)  # the tab's for tiny
+SETTINGS = dict(epochs=1, batch_size=16, lr=0.02, prompt_len=20, prompt_layers=4)  # the tab's for tiny
 FINETUNE_FLAGS = ["--prompt-len", "20", "--prompt-layers", "4", "--epochs", "1", "--batch-size", "16",
                   "--micro-batch-size", "16", "--lr", "0.02", "--min-lr", "0.001", "--warmup-epochs", "0.1",
                   "--max-seq-len", "256", "--no-progress"]  # what adapter.live_training asks of the same settings
+VISION_FLAGS = ["--mode", "vision", "--clip", str(ASSETS / CLIP_WEIGHTS), "--clip-model", str(ASSETS / CLIP_CONFIG),
+                "--visual", "v1", "--visual-dim", "128", "--visual-depth", "2", "--visual-heads", "4"]  # tiny-image's
+
+
+def run_seconds(status: str) -> float:
+    """The seconds the status line gives: the run's own, from its start to the adapter served."""
+    return float(status.split(" · ")[-1].split(" s)")[0])
 
 
 def chat_seconds(client) -> float:
@@ -38,16 +47,19 @@ def chat_seconds(client) -> float:
     return time.perf_counter() - started
 
 
-def train_in_the_tab(url: str, records: Path, chatting: bool) -> tuple[float, str, list[float]]:
+def train_in_the_tab(url: str, records: Path, chatting: bool,
+                     pictures: Sequence[str] = ()) -> tuple[float, str, list[float]]:
     """Seconds from the click to the adapter served, the status line, and (`chatting`) the chat latencies of
-    another client that asks over and over meanwhile."""
+    another client that asks over and over meanwhile. With `pictures` (image records'), a new image adapter (the
+    seconds then include uploading them, which a click on the tab's offered files does not)."""
     from gradio_client import Client, handle_file
 
     trainer, other = Client(url, verbose=False), Client(url, verbose=False)
     s = SETTINGS
     started = time.perf_counter()
-    job = trainer.submit(handle_file(str(records)), s["mode"], s["epochs"], s["batch_size"], s["lr"],
-                         s["prompt_len"], s["prompt_layers"], 8, "alpaca", 0, api_name="/train")
+    job = trainer.submit(handle_file(str(records)), "vision" if pictures else "v1", s["epochs"], s["batch_size"],
+                         s["lr"], s["prompt_len"], s["prompt_layers"], 8, "alpaca", 0, "",
+                         [handle_file(p) for p in pictures], api_name="/train")
     latencies = []
     while chatting and not job.done():
         latencies.append(chat_seconds(other))
@@ -58,12 +70,12 @@ def train_in_the_tab(url: str, records: Path, chatting: bool) -> tuple[float, st
     return seconds, status, latencies[:-1]  # the last answer may have ended after the run
 
 
-def finetune_alone(records: Path) -> tuple[float, float]:
-    """Seconds of `python -m adapter.finetune` with the same settings, and its validation loss."""
+def finetune_alone(records: Path, flags: Sequence[str] = ()) -> tuple[float, float]:
+    """Seconds of `python -m adapter.finetune` with the same settings (and `flags`), and its validation loss."""
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "adapter.finetune", "--base", "tiny", "--data", str(records), "--out",
-                        folder + "/run", *FINETUNE_FLAGS], cwd=ROOT, check=True, capture_output=True)
+                        folder + "/run", *FINETUNE_FLAGS, *flags], cwd=ROOT, check=True, capture_output=True)
         seconds = time.perf_counter() - started
         log = [json.loads(line) for line in Path(folder, "run", "log.jsonl").read_text().splitlines()]
     return seconds, [r["val_loss"] for r in log if r["type"] == "val"][-1]
@@ -79,9 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("bench.train_tab: needs the embedded tiny model (python -m adapter.tiny build)")
     from gradio_client import Client
 
-    from app import tiny_training_records
+    from app import tiny_training_images, tiny_training_records
 
     records = tiny_training_records(ServeConfig())
+    image_records, pictures = tiny_training_images(ServeConfig())
     port = free_port()
     process, _ = start_app([], port)
     try:
@@ -91,19 +104,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle = [chat_seconds(client) for _ in range(options.chats)]
         quiet = [train_in_the_tab(url, records, chatting=False) for _ in range(options.repeats)]
         runs = [train_in_the_tab(url, records, chatting=True) for _ in range(options.repeats)]
+        seeing = [train_in_the_tab(url, image_records, chatting=False, pictures=pictures)
+                  for _ in range(options.repeats)]
     finally:
         process.terminate()
         process.wait(timeout=30)
     alone = [finetune_alone(records) for _ in range(options.repeats)]
+    seeing_alone = [finetune_alone(image_records, [*VISION_FLAGS, "--image-folder", str(image_records.parent)])
+                    for _ in range(options.repeats)]
     busy = [latency for _, _, latencies in runs for latency in latencies]
-    tab_loss = quiet[-1][1].split("validation loss ")[1].split(" ")[0]
+    tab_loss, seeing_loss = (last[-1][1].split("validation loss ")[1].split(" ")[0] for last in (quiet, seeing))
     text = "\n".join([
         "## Train tab (CPU, gradio_client): embedded tiny model",
         "",
         (f"Machine: {machine()}. Command: `{command_line('bench.train_tab', argv)}`. One epoch (119 optimizer steps "
          "of 16) of the 2,000 training questions the tab offers, at its starting settings for the tiny model; "
          f"`python app.py` with its defaults; times: median (min / max) of {options.repeats} runs. Chat answers: "
-         "greedy, gate 1, 16 new tokens at most, asked by another client one after another."),
+         "greedy, gate 1, 16 new tokens at most, asked by another client one after another. Image questions: "
+         f"one epoch (60 steps) of the {len(pictures):,} the tab offers, vision mode (a new image adapter shaped as "
+         "tiny-image's visual prompt, on the served CLIP tower), the same settings otherwise; through "
+         "gradio_client their pictures are uploaded first, which clicking the offered files in the tab does not, "
+         "so the run's own time (its status line's) is given beside it."),
         "",
         *table(("measure", "value"), [
             ("Train tab: one epoch, from the click to the adapter served, s", spread(stat([r[0] for r in quiet]))),
@@ -116,6 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"{percentile(idle, 0.5):.2f} / {percentile(idle, 0.95):.2f}"),
             (f"a chat answer while the tab trains ({len(busy)} answers): p50 / p95 latency, s",
              f"{percentile(busy, 0.5):.2f} / {percentile(busy, 0.95):.2f}"),
+            ("image questions, vision mode: one epoch in the tab, the run itself (its start to the adapter served), s",
+             spread(stat([run_seconds(r[1]) for r in seeing]))),
+            (f"the same from the upload of the records and {len(pictures):,} pictures by gradio_client, s",
+             spread(stat([r[0] for r in seeing]))),
+            ("the same run by `python -m adapter.finetune` in its own process (loads the base and CLIP first), s",
+             spread(stat([a[0] for a in seeing_alone]))),
+            ("validation loss after it: Train tab; `adapter.finetune`", f"{seeing_loss}; {seeing_alone[-1][1]:.4f}"),
         ]),
         "",
     ])

@@ -187,3 +187,33 @@ def test_the_train_tab_trains_on_the_offered_questions_stops_on_request_and_serv
         assert shown == list(tiny.engines.get("trained-1").compare(example.instruction, Settings()))[-1]
         assert shown[0] == list(tiny.engine.compare(example.instruction, Settings()))[-1][0], \
             "at gate 0 the trained adapter is the frozen base"
+
+
+@pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+def test_the_train_tab_trains_an_image_adapter_on_the_offered_pictures_and_the_image_tab_asks_it(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    from adapter.tiny.questions import image_questions
+    from adapter.tiny.world import render
+
+    example = image_questions(100, "held-out", 1)[0]
+    render(example.scene).save(tmp_path / "scene.png")
+    with running_app([]) as tiny:
+        page = open_page(browser, tiny.url)
+        start_training(page, "tiny_training_images.jsonl", epochs=1)  # its pictures and the vision mode with it
+        expect(page.locator("#train_mode input[value=vision]")).to_be_checked()
+        status = page.locator("#train_status")
+        expect(status).to_contain_text("served as trained-1", timeout=120_000)
+        assert status.inner_text().startswith("Trained (step 60 / 60 "), status.inner_text()
+        assert "ask it about a picture in the Image tab" in status.inner_text()
+        trained = tiny.engines.get("trained-1")
+        tower = tiny.engines.get("tiny-image").model.image_encoder
+        assert trained.can_see_images and trained.model.image_encoder is tower, "on the served tower"
+        page.get_by_role("tab", name="Image").click()
+        choose_adapter(page, "trained-1", "image_adapter")
+        page.locator("#image input[type=file]").set_input_files(str(tmp_path / "scene.png"))
+        page.locator("#image img").wait_for()
+        page.fill("#image_question textarea", example.question)
+        page.click("#ask")
+        expected = list(trained.ask_image(Image.open(tmp_path / "scene.png"), example.question, Settings()))[-1]
+        expect(page.locator("#image_answer textarea")).to_have_value(expected, timeout=60_000)
