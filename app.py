@@ -532,7 +532,7 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
             data = gr.File(label="Training records (.json, .jsonl, .parquet)",
                            file_types=[".json", ".jsonl", ".parquet"], type="filepath", elem_id="train_file")
             pictures = gr.File(label="Pictures of image records (LLaVA layout), named as the records name them",
-                               file_count="multiple", file_types=["image"], type="filepath", value=[],
+                               file_count="multiple", file_types=["image"], type="filepath", value=[], height=160,
                                visible=sees, elem_id="train_images")  # [] : API clients may leave it out
         with gr.Column():
             start_from = checked_by_engines(gr.Dropdown(
@@ -561,9 +561,10 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
     if records is not None:
         gr.Examples([[str(records), [], "v1"], [str(image_records[0]), image_records[1], "vision"]],
                     inputs=[data, pictures, mode],
-                    label=f"The tiny model's training questions ({TINY_TRAINING_RECORDS:,} scenes in words and sums; "
-                          f"{TINY_TRAINING_IMAGES:,} about rendered scenes, with their pictures; its held-out ones "
-                          "are in the Score tab)")
+                    example_labels=[f"{records.name}: {TINY_TRAINING_RECORDS:,} scenes in words and sums (v1)",
+                                    f"{image_records[0].name}: {TINY_TRAINING_IMAGES:,} questions about rendered "
+                                    "scenes, with their pictures (vision)"],
+                    label="The tiny model's training questions (its held-out ones are in the Score tab)")
     with gr.Row():
         button = gr.Button("Train", variant="primary", elem_id="train")
         stop = gr.Button("Stop (keep what it learnt)", elem_id="train_stop")
