@@ -7,6 +7,8 @@ CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment 
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import gradio as gr
 from PIL import Image
 
+from adapter.adapter_upload import MAX_UPLOADED, AdapterUploads
 from adapter.app_config import ASSETS, ServeConfig, engine_for, load_engines, parse_config, serves_tiny
 from adapter.choices import ChoiceEvaluation
 from adapter.engine import (
@@ -33,6 +36,7 @@ from adapter.engine import (
     gate_scales,
 )
 from adapter.live_training import MAX_STEPS, LiveTraining, TrainProgress, TrainRequest
+from adapter.model import Transformer
 from adapter.prompts import PROMPT_FORMATS
 
 if TYPE_CHECKING:
@@ -63,13 +67,18 @@ TRAIN_MODES = [("v1: adaption prompts and gates", "v1"), ("v2: also zero-init bi
 VISION_MODE = ("vision: v2 and a visual prompt on the served CLIP tower (image records)", "vision")
 
 
+# a path in the server's temporary folder (an upload, a run's folder) up to the file's own name
+SERVER_FOLDERS = re.compile(re.escape(os.path.join(tempfile.gettempdir(), "")) + r"\S*" + re.escape(os.sep))
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """A bad request becomes a message for the user (and the API client); the app keeps serving."""
+    """A bad request becomes a message for the user (and the API client); the app keeps serving. Files are named
+    by their own names: the temporary folders the server put uploads in mean nothing to the user."""
     try:
         yield
     except (ValueError, FileNotFoundError) as error:
-        raise gr.Error(str(error)) from None
+        raise gr.Error(SERVER_FOLDERS.sub("", str(error))) from None
 
 
 def range_checked_by_settings(slider: gr.Slider) -> None:
@@ -163,8 +172,9 @@ class Handlers:
     Every model event takes the six shared controls, then the adapter to answer with (omitted: the first), the
     system prompt (omitted: none) and the adapter layers that speak (omitted: all)."""
 
-    def __init__(self, engines: Engines, training: LiveTraining | None = None) -> None:
-        self.engines, self.training = engines, training
+    def __init__(self, engines: Engines, training: LiveTraining | None = None,
+                 uploads: AdapterUploads | None = None) -> None:
+        self.engines, self.training, self.uploads = engines, training, uploads
 
     def request(self, gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
                 seed: float | None, adapter: str | None = None, system: str | None = None,
@@ -322,10 +332,24 @@ class Handlers:
 
     def adapter_menus(self) -> tuple[dict[str, Any], ...]:
         """The adapter menus (the two at the top, and the Train tab's Start from when there is one) offering what
-        is served now, adapters trained since the app started included."""
-        names = self.engines.names
-        tops = (gr.update(choices=names, visible=len(names) > 1),) * 2
-        return tops if self.training is None else (*tops, gr.update(choices=start_choices(names)))
+        is served now, adapters trained or uploaded since the app started included."""
+        return menu_updates(self.engines, self.training is not None)
+
+    def serve_upload(self, upload: str | None) -> tuple[Any, ...]:
+        """Serve an uploaded adapter beside the others (adapter.adapter_upload): a line saying what it is, and
+        the adapter menus offering it, the top one (and the image tab's, if it sees) choosing it."""
+        with user_errors():
+            name = self.uploads.serve(upload)
+        engine = self.engines.get(name)
+        args = engine.model.adapter_args
+        kind = ", ".join(filter(None, [f"{args.prompt_len} prompt tokens on {args.prompt_layers} layers"
+                                       if args.has_prompts else "", *args.v2_parts,
+                                       f"a {args.visual} visual prompt" if args.visual != "none" else ""]))
+        scale = "the gate slider moves" if engine.has_gates else "the delta scale (Advanced; it has no gates) moves"
+        status = (f"Served as **{name}** ({engine.model.adapter_format} format: {kind}), chosen in the adapter menu "
+                  f"above{' and in the Image tab' if engine.can_see_images else ''}; {scale} between the frozen "
+                  "base (0) and it (1).")
+        return status, *menu_updates(self.engines, self.training is not None, name)
 
     def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
               prompt_layers: float, lora_rank: float, prompt_format: str, seed: float, start_from: str | None,
@@ -344,7 +368,7 @@ class Handlers:
                                  images=tuple(images or ()))
             with closing(self.training.run(asked, request.session_hash)) as runs:  # a closed page stops it
                 for progress in runs:
-                    yield training_view(progress, self.engines.names)
+                    yield training_view(progress, self.engines)
 
     def stop_training(self, request: gr.Request) -> None:
         """Stop this page's run after its step under way; what it learnt so far is kept and served."""
@@ -352,7 +376,7 @@ class Handlers:
             gr.Info("No training of yours is under way.")
 
 
-def training_view(progress: TrainProgress, names: list[str]) -> tuple[Any, ...]:
+def training_view(progress: TrainProgress, engines: Engines) -> tuple[Any, ...]:
     """The Train tab's outputs: status, loss and gate curves, and once the run has ended its zip and the adapter
     menus offering it (until then those are left as they are)."""
     import pandas as pd
@@ -361,9 +385,18 @@ def training_view(progress: TrainProgress, names: list[str]) -> tuple[Any, ...]:
               pd.DataFrame(progress.gate_points(), columns=list(GATE_COLUMNS)))
     if progress.name is None:
         return progress.status(), *curves, None, gr.update(), gr.update(), gr.update()
-    return (progress.status(), *curves, str(progress.archive),
-            gr.update(choices=names, value=progress.name, visible=True), gr.update(choices=names, visible=True),
-            gr.update(choices=start_choices(names)))
+    return progress.status(), *curves, str(progress.archive), *menu_updates(engines, True, progress.name)
+
+
+def menu_updates(engines: Engines, training: bool, chosen: str | None = None) -> tuple[dict[str, Any], ...]:
+    """Updates of the adapter menus offering what `engines` serve: the two at the top, `chosen` picked in the
+    first (and in the image tab's when it sees), and with `training` the Train tab's Start from."""
+    names = engines.names
+    offered = dict(choices=names, visible=len(names) > 1)
+    picked = {} if chosen is None else dict(value=chosen)
+    sees = chosen is not None and engines.get(chosen).can_see_images
+    tops = (gr.update(**offered, **picked), gr.update(**offered, **(picked if sees else {})))
+    return (*tops, gr.update(choices=start_choices(names))) if training else tops
 
 
 def start_choices(names: list[str]) -> list[tuple[str, str]]:
@@ -640,9 +673,11 @@ def adapter_choice(engines: Engines, value: str, label: str, elem_id: str) -> gr
 
 def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
     """The Blocks UI; model work is queued under one concurrency id, so --concurrency bounds all of it."""
-    training = None if config.no_train_tab else \
-        LiveTraining(engines, lambda model: engine_for(model, engines.default.lock, config))
-    handlers = Handlers(engines, training)
+    def make_engine(model: Transformer) -> Engine:  # an adapter added while serving, wrapped as the others
+        return engine_for(model, engines.default.lock, config)
+
+    training = None if config.no_train_tab else LiveTraining(engines, make_engine)
+    handlers = Handlers(engines, training, AdapterUploads(engines, make_engine))
     image_examples, chat_examples = examples(config)
     model_events = {"concurrency_id": "model", "concurrency_limit": config.concurrency}
     with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False) as demo:
@@ -770,6 +805,17 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         with gr.Tab("Model"):
             info = gr.JSON(label="Loaded")
             refresh = gr.Button("Refresh")
+            gr.Markdown(f"**An adapter of your own**, served on this base beside the others (the last "
+                        f"{MAX_UPLOADED} uploaded stay served) to every user: a file in any format `--adapter` reads "
+                        f"(ours, the official releases' `.pth`, litgpt's), or a `.zip` of its folder (ours, a PEFT "
+                        f"adaption-prompt or LoRA folder, the Train tab's zip); at most {MAX_UPLOAD} uploaded. One "
+                        "with a visual prompt reads the served CLIP tower. Nothing in it runs: weights only.")
+            with gr.Row():
+                upload = gr.File(label="Adapter (.safetensors, .pth, .bin, .pt, .zip)",
+                                 file_types=[".safetensors", ".pth", ".bin", ".pt", ".zip"], type="filepath",
+                                 elem_id="upload_adapter")
+                upload_button = gr.Button("Serve it", elem_id="serve_upload", scale=0)
+            upload_status = gr.Markdown(elem_id="upload_status")
 
         chat_inputs = [message, chatbot, *controls]
         sent = [send.click(handlers.chat, chat_inputs, chatbot, api_name="chat", **model_events),
@@ -828,6 +874,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         # the named endpoints first: a private event of the same function would take the function's name
         gate.change(handlers.gates, [gate, adapter, layers], heatmap, api_name="gates", trigger_mode="always_last")
         refresh.click(handlers.model_info, adapter, info, api_name="model_info")
+        upload_button.click(handlers.serve_upload, upload, [upload_status, *menus], api_name="serve_adapter",
+                            concurrency_id="upload", concurrency_limit=1)
         adapter.change(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         for chosen in (layers.submit, layers.blur):
             chosen(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")

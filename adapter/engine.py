@@ -530,6 +530,7 @@ class Engines:
             raise ValueError("adapters: serve at least one")
         self.by_name = dict(engines)
         self.defaults = defaults or Settings()  # what a request that sets nothing gets (the served gate, ...)
+        self._changing = threading.Lock()  # one add or remove at a time (a trained and an uploaded adapter)
 
     def settings(self, **fields: Any) -> Settings:
         """A request's settings: the fields it sets over the served defaults (checked: ValueError)."""
@@ -549,17 +550,19 @@ class Engines:
         return next((name for name, engine in self.by_name.items() if engine.can_see_images), self.names[0])
 
     def add(self, name: str, engine: Engine) -> None:
-        """Serve one more adapter (one trained while serving: adapter.live_training). The mapping is replaced, not
-        changed in place, so requests reading it meanwhile see it whole, before or after."""
-        if name in self.by_name:
-            raise ValueError(f"adapter: {name!r} is served already")
-        self.by_name = {**self.by_name, name: engine}
+        """Serve one more adapter (one trained or uploaded while serving: adapter.added_adapters). The mapping is
+        replaced, not changed in place, so requests reading it meanwhile see it whole, before or after."""
+        with self._changing:
+            if name in self.by_name:
+                raise ValueError(f"adapter: {name!r} is served already")
+            self.by_name = {**self.by_name, name: engine}
 
     def remove(self, name: str) -> None:
         """Serve `name` no more (requests under way with it finish); the last one stays."""
-        if name not in self.by_name or len(self.by_name) == 1:
-            raise ValueError(f"adapter: {name!r} is not served here or is the only one")
-        self.by_name = {key: engine for key, engine in self.by_name.items() if key != name}
+        with self._changing:
+            if name not in self.by_name or len(self.by_name) == 1:
+                raise ValueError(f"adapter: {name!r} is not served here or is the only one")
+            self.by_name = {key: engine for key, engine in self.by_name.items() if key != name}
 
     def get(self, name: str | None) -> Engine:
         """The engine of adapter `name` (None: the first), or a ValueError naming the choices."""

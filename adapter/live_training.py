@@ -12,7 +12,6 @@ MAX_STEPS steps; the last MAX_TRAINED trained adapters stay served, the oldest g
 
 from __future__ import annotations
 
-import itertools
 import math
 import queue
 import shutil
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import AdapterArgs
+from .added_adapters import AddedAdapters, Sight, served_sight
 from .engine import Engine, Engines
 from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, train
 from .finetune.config import adapter_kind
@@ -36,7 +35,6 @@ from .formats.native import save_adapter
 from .images import gather_uploads
 from .loading import load_sharing
 from .model import Transformer
-from .visual import ImageEncoder, attach_image_encoder
 
 MAX_STEPS = 2000  # optimizer steps one run may take (python -m adapter.finetune has no such limit)
 MAX_TRAINED = 4  # trained adapters served at once
@@ -102,15 +100,6 @@ class StartingPoint:
     sight: Sight | None = None  # the tower it reads, when it sees
 
 
-@dataclass(frozen=True)
-class Sight:
-    """A served CLIP tower, shared by a run that trains a visual prompt (not loaded again), and the adapter served
-    with it, whose visual prompt's shape (kind, width, depth, heads, open_clip model) a new image adapter takes."""
-
-    encoder: ImageEncoder
-    args: AdapterArgs
-
-
 @dataclass
 class TrainProgress:
     """A run as far as it has gone: its log records, and once it has ended the name it is served under and the
@@ -173,13 +162,12 @@ class LiveTraining:
 
     def __init__(self, engines: Engines, make_engine: Callable[[Transformer], Engine],
                  folder: str | Path | None = None) -> None:
-        self.engines, self.make_engine = engines, make_engine
+        self.engines = engines
+        self.trained = AddedAdapters(engines, make_engine, TRAINED_PREFIX, MAX_TRAINED)
         self.folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "llama-adapter-train"
         self._one_run = threading.Lock()
         self._owner: str | None = None
         self._stop: threading.Event | None = None
-        self._trained: list[tuple[str, Path]] = []  # (name served, run folder), oldest first
-        self._numbers = itertools.count(1)
 
     def run(self, request: TrainRequest, owner: str | None = None) -> Iterator[TrainProgress]:
         """The run's progress as it goes (at most every REFRESH_S), and last what it gave. Closing this early (a
@@ -209,7 +197,9 @@ class LiveTraining:
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.folder))
         try:
             start = None if request.start_from is None else self._starting_point(request.start_from, folder)
-            sight = start.sight if start is not None else self._sight() if request.mode == "vision" else None
+            sight = start.sight if start is not None else None
+            if start is None and request.mode == "vision":
+                sight = served_sight(self.engines, "mode: vision trains a visual prompt that")
             images = folder / "images"
             images.mkdir()
             gather_uploads(request.images, images)
@@ -218,7 +208,7 @@ class LiveTraining:
             hooks = RunHooks(base=base, image_encoder=None if sight is None else sight.encoder, stop=stop,
                              step_runner=engine.work.run, max_steps=MAX_STEPS)
             result, progress = yield from self._train(config, hooks)
-            name = self._serve(base, result.adapter, folder, sight)
+            name = self.trained.add(load_sharing(base, result.adapter), folder, sight)  # exactly what the zip holds
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -237,14 +227,6 @@ class LiveTraining:
         sight = None if model.image_encoder is None else Sight(model.image_encoder, args)
         path = save_adapter(model, folder / "start")
         return StartingPoint(path, adapter_kind(args), model.prompt_format, sight)
-
-    def _sight(self) -> Sight:
-        """The tower a new image adapter reads: the first served adapter's that sees."""
-        for engine in self.engines.by_name.values():
-            if engine.can_see_images:
-                return Sight(engine.model.image_encoder, engine.model.adapter_args)
-        raise ValueError("mode: vision trains a visual prompt on a served CLIP tower, and no adapter served here "
-                         "sees; serve an image adapter (--clip) to train one, or choose v1, v2 or LoRA")
 
     @staticmethod
     def _train(config: TrainConfig, hooks: RunHooks) -> Generator[TrainProgress, None,
@@ -280,22 +262,6 @@ class LiveTraining:
         except TrainingStopped as error:  # a NaN loss or gradient: the user's settings, not a fault here
             raise ValueError(str(error)) from error
         return result, TrainProgress(records, time.perf_counter() - started)
-
-    def _serve(self, base: Transformer, adapter: Path, folder: Path, sight: Sight | None) -> str:
-        """Serve the adapter as written (read back: exactly the file the zip holds) under the next free name, an
-        image adapter with the tower it trained on."""
-        model = load_sharing(base, adapter)
-        if sight is not None:
-            attach_image_encoder(model, sight.encoder, inference=True)
-        engine = self.make_engine(model)
-        name = next(n for n in (f"{TRAINED_PREFIX}{i}" for i in self._numbers) if n not in self.engines.names)
-        self.engines.add(name, engine)
-        self._trained.append((name, folder))
-        while len(self._trained) > MAX_TRAINED:
-            old, old_folder = self._trained.pop(0)
-            self.engines.remove(old)
-            shutil.rmtree(old_folder, ignore_errors=True)
-        return name
 
     @staticmethod
     def _archive(run: Path, name: str, folder: Path) -> Path:

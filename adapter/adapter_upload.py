@@ -1,0 +1,94 @@
+"""Adapters users upload to the running app (the Model tab): a file in any format `adapter.load` reads (ours, the
+official releases' .pth, litgpt's, a PEFT adaption-prompt or LoRA folder zipped, the Train tab's zip), checked
+against the served base and served beside the others as `uploaded-N`, an image adapter on the served CLIP tower.
+
+Nothing in an upload runs: weights are read with `torch.load(weights_only=True)` or safetensors, and a zip is
+unpacked only after every member's name and size are checked (no absolute paths or `..`, no links, at most
+MAX_MEMBERS files and MAX_UNPACKED bytes)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from .added_adapters import AddedAdapters, served_sight
+from .engine import Engine, Engines
+from .loading import load_sharing
+from .model import Transformer
+
+MAX_UPLOADED = 4  # uploaded adapters served at once, the oldest giving way
+UPLOADED_PREFIX = "uploaded-"
+MAX_MEMBERS = 64  # files a zip may hold
+MAX_UNPACKED = 4 << 30  # bytes a zip may unpack to (an official v2 release is about 0.5 GB)
+
+
+def unpack(upload: Path, folder: Path) -> Path:
+    """The adapter an uploaded file holds: a .zip's (its files unpacked into `folder`: the adapter's folder, or
+    the one folder or file inside it), else the file itself."""
+    if upload.suffix.lower() != ".zip":  # a torch .pth is a zip too, read as it is
+        return upload
+    try:
+        archive = zipfile.ZipFile(upload)
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"adapter: {upload.name} is not a readable zip ({error})") from None
+    with archive:
+        members = [member for member in archive.infolist() if not member.is_dir()]
+        _check_members(upload.name, members)
+        folder.mkdir(parents=True, exist_ok=True)
+        archive.extractall(folder, members)
+    entries = list(folder.iterdir())
+    if not entries:
+        raise ValueError(f"adapter: {upload.name} holds no files")
+    return entries[0] if len(entries) == 1 else folder
+
+
+def _check_members(name: str, members: list[zipfile.ZipInfo]) -> None:
+    if len(members) > MAX_MEMBERS:
+        raise ValueError(f"adapter: {name} holds {len(members)} files, more than the {MAX_MEMBERS} an adapter's "
+                         "folder may")
+    unpacked = sum(member.file_size for member in members)
+    if unpacked > MAX_UNPACKED:
+        raise ValueError(f"adapter: {name} unpacks to {unpacked:,} bytes, more than {MAX_UNPACKED:,}")
+    for member in members:
+        path = PurePosixPath(member.filename.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or ":" in member.filename:
+            raise ValueError(f"adapter: {name}: {member.filename!r} points outside the zip's folder")
+        if (member.external_attr >> 16) & 0o170000 == 0o120000:  # a symbolic link (Unix mode in the high bits)
+            raise ValueError(f"adapter: {name}: {member.filename!r} is a link; only files are read")
+
+
+class AdapterUploads:
+    """Serves uploaded adapters on the base that `engines` serve (`make_engine` wraps a model as the app wraps
+    the others); each upload's files are kept in a folder of `folder` while it is served."""
+
+    def __init__(self, engines: Engines, make_engine: Callable[[Transformer], Engine],
+                 folder: str | Path | None = None) -> None:
+        self.engines = engines
+        self.uploaded = AddedAdapters(engines, make_engine, UPLOADED_PREFIX, MAX_UPLOADED)
+        self.folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "llama-adapter-uploads"
+        self._one_at_a_time = threading.Lock()  # names and the oldest's removal stay in order
+
+    def serve(self, upload: str | Path | None) -> str:
+        """Read the uploaded adapter, fit it to the served base (and tower) and serve it; returns its name.
+        ValueError (FileNotFoundError) naming what is wrong, with nothing served and nothing kept."""
+        if not upload:
+            raise ValueError("adapter: upload an adapter file first (.safetensors, .pth, .bin, or a .zip of its "
+                             "folder)")
+        upload = Path(upload)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.folder))
+        try:
+            with self._one_at_a_time:
+                model = load_sharing(self.engines.default.model, unpack(upload, folder / "adapter"))
+                if not (model.adapter_args.has_prompts or model.adapter_args.has_deltas):
+                    raise ValueError(f"adapter: {upload.name} holds no adapter tensors")
+                sight = None if model.visual_prompt is None else \
+                    served_sight(self.engines, f"adapter: {upload.name} has a visual prompt, which")
+                return self.uploaded.add(model, folder, sight)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
