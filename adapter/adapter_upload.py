@@ -23,7 +23,8 @@ from .model import Transformer
 MAX_UPLOADED = 4  # uploaded adapters served at once, the oldest giving way
 UPLOADED_PREFIX = "uploaded-"
 MAX_MEMBERS = 64  # files a zip may hold
-MAX_UNPACKED = 4 << 30  # bytes a zip may unpack to (an official v2 release is about 0.5 GB)
+MAX_UNPACKED = 256 << 20  # bytes a zip may unpack to (adapters hardly compress: a zip that would unpack to far
+# more than it holds is a zip bomb, not an adapter)
 
 
 def unpack(upload: Path, folder: Path) -> Path:
@@ -83,7 +84,7 @@ class AdapterUploads:
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.folder))
         try:
             with self._one_at_a_time:
-                model = load_sharing(self.engines.default.model, unpack(upload, folder / "adapter"))
+                model = load_sharing(self.engines.default.model, unpack(upload, folder / upload.stem))
                 if not (model.adapter_args.has_prompts or model.adapter_args.has_deltas):
                     raise ValueError(f"adapter: {upload.name} holds no adapter tensors")
                 sight = None if model.visual_prompt is None else \

@@ -217,3 +217,21 @@ def test_the_train_tab_trains_an_image_adapter_on_the_offered_pictures_and_the_i
         page.click("#ask")
         expected = list(trained.ask_image(Image.open(tmp_path / "scene.png"), example.question, Settings()))[-1]
         expect(page.locator("#image_answer textarea")).to_have_value(expected, timeout=60_000)
+
+
+def test_an_adapter_uploaded_in_the_model_tab_is_served_and_chosen(browser, demo_files):
+    from playwright.sync_api import expect
+
+    with running_app(demo_files.flags()) as demo:
+        page = open_page(browser, demo.url)
+        page.get_by_role("tab", name="Model").click()
+        page.locator("#upload_adapter input[type=file]").set_input_files(
+            str(demo_files.adapter / "adapter.safetensors"))  # the demo's own image adapter, once more
+        page.locator("#upload_adapter [aria-label='adapter.safetensors']").wait_for()
+        page.click("#serve_upload")
+        expect(page.locator("#upload_status")).to_contain_text("Served as uploaded-1 (native format: ",
+                                                               timeout=60_000)
+        assert demo.engines.names[-1] == "uploaded-1" and demo.engines.get("uploaded-1").can_see_images
+        expect(page.locator("#adapter input")).to_have_value("uploaded-1")
+        page.get_by_role("tab", name="Image").click()
+        expect(page.locator("#image_adapter input")).to_have_value("uploaded-1")  # it sees: chosen there too

@@ -1,6 +1,6 @@
 """The app's Train tab through gradio_client: an adapter trained on the served base while the app answers, then
 served beside the others (every client may name it), a client that leaves stops its run, bad settings are named,
-and --no-train-tab leaves the tab out."""
+and --no-train-tab leaves the tab out; its zip uploaded in the Model tab is served as the same adapter."""
 
 from __future__ import annotations
 
@@ -137,8 +137,8 @@ def test_image_records_train_an_adapter_that_sees_on_the_served_tower(served, im
         assert answer == expected
     assert served.engines.get(further).model.adapter_args == served.engines.get(seeing).model.adapter_args
     assert served.engines.get(new).model.adapter_args.prompt_len == 4, "a new one takes the tab's shape"
-    with pytest.raises(AppError, match=r"^--data: llava\.json has 4 bad record\(s\), none read:\n  llava\.json \[index 0\]: "
-                                       r"image file red\.png does not exist\n"):  # the server's folders left out
+    missing = r"^--data: llava\.json has 4 bad record\(s\), none read:\n  llava\.json \[index 0\]: image file red\.png"
+    with pytest.raises(AppError, match=missing + r" does not exist\n"):  # the server's folders left out
         client.predict(*settings(data, mode="vision"), "", [handle_file(str(p)) for p in sorted(folder.iterdir())
                                                             if p.name != "red.png"], api_name="/train")
 
@@ -150,3 +150,23 @@ def test_no_train_tab_leaves_it_out(served):
     assert "train" in [fn.api_name for fn in with_tab.fns.values()]
     assert "train" not in [fn.api_name for fn in without.fns.values()]
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_TRAIN_TAB": "1"}).no_train_tab
+
+
+def test_a_trained_adapters_zip_uploaded_in_the_model_tab_is_served_as_it_was_trained(served, records, tmp_path):
+    client = Client(served.url, verbose=False)
+    archive, trained_menu = client.predict(*settings(records, epochs=1), api_name="/train")[3:5]
+    status, menu, image_menu, start_menu = client.predict(handle_file(archive), api_name="/serve_adapter")
+    name = menu["value"]
+    assert name.startswith("uploaded-") and served.engines.names[-1] == name
+    assert status == (f"Served as **{name}** (native format: 4 prompt tokens on 4 layers), chosen in the adapter "
+                      "menu above; the gate slider moves between the frozen base (0) and it (1).")
+    assert "value" not in image_menu and [c[1] for c in start_menu["choices"][1:]] == served.engines.names
+    for gate in (1.0, 0.5):
+        assert answer(client, name, gate) == answer(client, trained_menu["value"], gate), "the same adapter"
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(AppError, match=r"^junk\.pth: not a readable weights-only torch checkpoint"):
+        client.predict(handle_file(str(tmp_path / "junk.pth")), api_name="/serve_adapter")
+    with pytest.raises(AppError, match=r"^Invalid file type\. Please upload a file that is one of these formats: "
+                                       r"\['\.safetensors', '\.pth', '\.bin', '\.pt', '\.zip'\]"):
+        client.predict(handle_file(str(records)), api_name="/serve_adapter")
+    assert served.engines.names[-1] == name

@@ -1,0 +1,164 @@
+"""Adapters uploaded to the running app (`adapter.adapter_upload`): read from a file or a zip of a folder in any
+format, served on the served base as `uploaded-N` with the logits of the same adapter loaded directly, an image
+adapter on the served tower; a zip that reaches outside its folder, a file that is no adapter, an adapter of
+another base: refused by name, nothing served and nothing kept."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapter
+from adapter import adapter_upload
+from adapter.adapter_upload import AdapterUploads, unpack
+from adapter.config import AdapterArgs, ModelArgs
+from adapter.engine import Engine, Engines
+from adapter.formats.peft import write_peft
+from adapter.random_model import write_random_base
+from tests.conftest import V1, V2, randomize_adapter
+from tests.test_official_format import write_v1
+from tests.test_peft_format import raw_adapter
+from tests.test_visual import CLIP_CONFIG, clip_files  # noqa: F401  (fixture)
+
+TOKENS = torch.tensor([[1, 5, 9, 22, 40, 7, 3]])
+
+
+@pytest.fixture
+def served(base_folder):
+    return adapter.load(base_folder, device="cpu")
+
+
+def uploads(engines: Engines, tmp_path: Path) -> AdapterUploads:
+    return AdapterUploads(engines, lambda model: Engine(model, engines.default.lock), tmp_path / "uploads")
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def zipped(folder: Path, path: Path, top: str | None = None) -> Path:
+    """`folder`'s files in a zip, under a folder `top` or at its root."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(folder.iterdir()):
+            archive.write(file, f"{top}/{file.name}" if top else file.name)
+    return path
+
+
+def trained(base_folder: Path, args: AdapterArgs, out: Path, seed: int = 1) -> Path:
+    """A randomized adapter of shape `args` saved in our format (a folder: adapter.json, adapter.safetensors)."""
+    model = randomize_adapter(adapter.load(base_folder, adapter=args, device="cpu"), seed=seed)
+    return adapter.save_adapter(model, out).parent
+
+
+def test_every_format_uploaded_is_served_with_the_logits_of_the_adapter_loaded_directly(tmp_path, base_folder,
+                                                                                        served):
+    engines = Engines({"base": Engine(served)})
+    service = uploads(engines, tmp_path)
+    ours = trained(base_folder, V2, tmp_path / "ours")
+    peft = write_peft(raw_adapter(base_folder), tmp_path / "peft")
+    official = tmp_path / "llama_adapter_len3_layer2_release.pth"
+    write_v1(official)
+    cases = [  # what is uploaded, what it is read as directly
+        (zipped(ours, tmp_path / "trained-1.zip", top="trained-1"), ours),  # the Train tab's zip
+        (ours / "adapter.safetensors", ours),
+        (zipped(peft, tmp_path / "peft.zip"), peft),  # a PEFT folder's files at the zip's root
+        (official, official),  # a torch .pth (itself a zip), read as it is
+    ]
+    for number, (upload, direct) in enumerate(cases, start=1):
+        name = service.serve(str(upload))
+        assert name == f"uploaded-{number}"
+        model = engines.get(name).model
+        assert model.tok_embeddings is served.tok_embeddings, "on the served base, not a copy"
+        expected = adapter.load(base_folder, adapter=direct, device="cpu")
+        assert model.adapter_args == expected.adapter_args and model.adapter_format == expected.adapter_format
+        torch.testing.assert_close(logits(model), logits(expected), rtol=1e-5, atol=1e-5)
+    assert [engines.get(f"uploaded-{n}").model.adapter_format for n in range(1, 5)] == \
+        ["native", "native", "peft", "official-v1"]
+
+
+def test_the_oldest_upload_gives_way_and_its_files_go(tmp_path, base_folder, served, monkeypatch):
+    monkeypatch.setattr(adapter_upload, "MAX_UPLOADED", 2)
+    engines = Engines({"base": Engine(served)})
+    service = uploads(engines, tmp_path)
+    ours = trained(base_folder, V1, tmp_path / "ours")
+    names = [service.serve(zipped(ours, tmp_path / f"{n}.zip")) for n in range(3)]
+    assert names == ["uploaded-1", "uploaded-2", "uploaded-3"]
+    assert engines.names == ["base", "uploaded-2", "uploaded-3"]
+    assert len(list((tmp_path / "uploads").iterdir())) == 2, "the first upload's files removed"
+
+
+def test_an_image_adapter_reads_the_served_tower(tmp_path, base_folder, served, clip_files):
+    config_json, weights, _ = clip_files
+    seeing = AdapterArgs(prompt_len=2, prompt_layers=2, visual="v1", clip_dim=CLIP_CONFIG["embed_dim"],
+                         clip_model=str(config_json))
+    sees = adapter.load_sharing(served, seeing, clip=weights)
+    folder = trained(base_folder, seeing, tmp_path / "image")
+    blind = Engines({"base": Engine(served)})
+    with pytest.raises(ValueError, match="^adapter: image has a visual prompt, which reads a CLIP tower, and no "
+                                         "adapter served here sees"):
+        uploads(blind, tmp_path / "blind").serve(folder)
+    assert blind.names == ["base"] and not any((tmp_path / "blind" / "uploads").iterdir())
+    engines = Engines({"base": Engine(served), "sees": Engine(sees)})
+    name = uploads(engines, tmp_path).serve(zipped(folder, tmp_path / "image.zip", top="image"))
+    model = engines.get(name).model
+    assert engines.get(name).can_see_images and model.image_encoder is sees.image_encoder, "the served tower"
+    direct = adapter.load(base_folder, adapter=folder, clip=weights, device="cpu")
+    from adapter.visual import encode_images
+    from tests.test_visual import RED
+
+    with torch.no_grad():
+        got = model(TOKENS, visual_prompt=encode_images(model, [RED]))
+        want = direct(TOKENS, visual_prompt=encode_images(direct, [RED]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_uploads_are_refused_by_name_and_nothing_is_kept(tmp_path, base_folder, served):
+    engines = Engines({"base": Engine(served)})
+    service = uploads(engines, tmp_path)
+    ours = trained(base_folder, V1, tmp_path / "ours")
+    outside = tmp_path / "outside.zip"
+    with zipfile.ZipFile(outside, "w") as archive:
+        archive.write(ours / "adapter.safetensors", "../adapter.safetensors")
+    notes = tmp_path / "notes.zip"
+    with zipfile.ZipFile(notes, "w") as archive:
+        archive.writestr("a/notes.txt", "no adapter here")
+        archive.writestr("b/notes.txt", "nor here")
+    (tmp_path / "broken.zip").write_bytes(b"PK not really")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    other = write_random_base(tmp_path / "other", ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=512,
+                                                            multiple_of=32, max_seq_len=64), seed=0)
+    elsewhere = trained(other, AdapterArgs(prompt_len=2, prompt_layers=2), tmp_path / "elsewhere")
+    cases = [
+        (outside, r"^adapter: outside\.zip: '\.\./adapter\.safetensors' points outside the zip's folder"),
+        (notes, r"/notes holds no adapter; expected"),
+        (tmp_path / "broken.zip", r"^adapter: broken\.zip is not a readable zip"),
+        (tmp_path / "junk.pth", r"junk\.pth"),
+        (elsewhere / "adapter.safetensors", r"layers|dim|shape"),
+        (None, r"^adapter: upload an adapter file first"),
+    ]
+    for upload, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            service.serve(upload)
+    assert engines.names == ["base"] and not any((tmp_path / "uploads").iterdir()), "nothing served or kept"
+    assert not (tmp_path / "adapter.safetensors").exists(), "nothing written outside"
+
+
+def test_a_zip_of_too_many_files_is_refused_before_it_is_unpacked(tmp_path, monkeypatch):
+    monkeypatch.setattr(adapter_upload, "MAX_MEMBERS", 3)
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as archive:
+        for n in range(4):
+            archive.writestr(f"f{n}.bin", b"x")
+    with pytest.raises(ValueError, match="^adapter: many.zip holds 4 files, more than the 3"):
+        unpack(many, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(adapter_upload, "MAX_UNPACKED", 3)
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("weights.bin", b"\0" * 4)
+    with pytest.raises(ValueError, match="^adapter: big.zip unpacks to 4 bytes, more than 3"):
+        unpack(big, tmp_path / "out")
