@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .added_adapters import AddedAdapters, Sight, served_sight
 from .engine import Engine, Engines
 from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, train
@@ -261,6 +263,12 @@ class LiveTraining:
             result = outcome.result()
         except TrainingStopped as error:  # a NaN loss or gradient: the user's settings, not a fault here
             raise ValueError(str(error)) from error
+        except torch.OutOfMemoryError as error:  # the settings asked more than the device holds beside the base
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what the run held goes back to the served models
+            raise ValueError(f"batch_size: the device ran out of memory in a step of {config.micro_batch_size} "
+                             f"examples of up to {config.max_seq_len} tokens; train with a smaller batch size (a "
+                             "step holds at most its batch), fewer adapted layers or shorter records") from error
         return result, TrainProgress(records, time.perf_counter() - started)
 
     @staticmethod

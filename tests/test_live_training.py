@@ -195,6 +195,28 @@ def test_bad_records_and_settings_are_named_and_nothing_is_served(tmp_path, serv
     assert engines.names == ["base"] and not any((tmp_path / "runs").iterdir())
 
 
+def test_a_run_out_of_device_memory_is_named_with_what_to_change_and_the_app_trains_on(tmp_path, data, served,
+                                                                                       monkeypatch):
+    from adapter.finetune import trainer
+
+    real, steps = trainer.optimizer_step, []
+
+    def step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "optimizer_step", step)
+    training, engines = live(served, tmp_path)
+    with pytest.raises(ValueError, match=r"^batch_size: the device ran out of memory in a step of 16 examples of up "
+                                         r"to \d+ tokens; train with a smaller batch size"):
+        list(training.run(request(data)))
+    assert engines.names == ["base"] and not any((tmp_path / "runs").iterdir())
+    assert not any(m.training for m in served.modules()), "the served model put back"
+    assert list(training.run(request(data, epochs=1)))[-1].name == "trained-1", "the next run goes"
+
+
 def test_lora_alone_is_served_with_the_delta_scale_to_blend_it(tmp_path, data, served):
     training, engines = live(served, tmp_path)
     final = list(training.run(request(data, mode="lora", lora_rank=2)))[-1]
