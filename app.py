@@ -618,6 +618,24 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
     return start_from
 
 
+def upload_panel(handlers: Handlers, menus: list[gr.Dropdown]) -> None:
+    """The Model tab's upload: an adapter of the user's own, served beside the others (`menus`, the adapter
+    menus, offer it and the top one chooses it)."""
+    gr.Markdown(f"**An adapter of your own**, served on this base beside the others (the last {MAX_UPLOADED} "
+                "uploaded stay served) to every user: a file in any format `--adapter` reads (ours, the official "
+                "releases' `.pth`, litgpt's), or a `.zip` of its folder (ours, a PEFT adaption-prompt or LoRA folder, "
+                f"the Train tab's zip); at most {MAX_UPLOAD} uploaded. One with a visual prompt reads the served "
+                "CLIP tower. Nothing in it runs: weights only.")
+    with gr.Row():
+        upload = gr.File(label="Adapter (.safetensors, .pth, .bin, .pt, .zip)",
+                         file_types=[".safetensors", ".pth", ".bin", ".pt", ".zip"], type="filepath",
+                         elem_id="upload_adapter")
+        button = gr.Button("Serve it", elem_id="serve_upload", scale=0)
+    status = gr.Markdown(elem_id="upload_status")
+    button.click(handlers.serve_upload, upload, [status, *menus], api_name="serve_adapter", concurrency_id="upload",
+                 concurrency_limit=1)
+
+
 def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
     """Clickable held-out questions under a text box (none for models other than the tiny one)."""
     if messages:
@@ -677,7 +695,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         return engine_for(model, engines.default.lock, config)
 
     training = None if config.no_train_tab else LiveTraining(engines, make_engine)
-    handlers = Handlers(engines, training, AdapterUploads(engines, make_engine))
+    handlers = Handlers(engines, training, None if config.no_upload else AdapterUploads(engines, make_engine))
     image_examples, chat_examples = examples(config)
     model_events = {"concurrency_id": "model", "concurrency_limit": config.concurrency}
     with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False) as demo:
@@ -805,17 +823,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         with gr.Tab("Model"):
             info = gr.JSON(label="Loaded")
             refresh = gr.Button("Refresh")
-            gr.Markdown(f"**An adapter of your own**, served on this base beside the others (the last "
-                        f"{MAX_UPLOADED} uploaded stay served) to every user: a file in any format `--adapter` reads "
-                        f"(ours, the official releases' `.pth`, litgpt's), or a `.zip` of its folder (ours, a PEFT "
-                        f"adaption-prompt or LoRA folder, the Train tab's zip); at most {MAX_UPLOAD} uploaded. One "
-                        "with a visual prompt reads the served CLIP tower. Nothing in it runs: weights only.")
-            with gr.Row():
-                upload = gr.File(label="Adapter (.safetensors, .pth, .bin, .pt, .zip)",
-                                 file_types=[".safetensors", ".pth", ".bin", ".pt", ".zip"], type="filepath",
-                                 elem_id="upload_adapter")
-                upload_button = gr.Button("Serve it", elem_id="serve_upload", scale=0)
-            upload_status = gr.Markdown(elem_id="upload_status")
+            if handlers.uploads is not None:
+                upload_panel(handlers, menus)
 
         chat_inputs = [message, chatbot, *controls]
         sent = [send.click(handlers.chat, chat_inputs, chatbot, api_name="chat", **model_events),
@@ -874,8 +883,6 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         # the named endpoints first: a private event of the same function would take the function's name
         gate.change(handlers.gates, [gate, adapter, layers], heatmap, api_name="gates", trigger_mode="always_last")
         refresh.click(handlers.model_info, adapter, info, api_name="model_info")
-        upload_button.click(handlers.serve_upload, upload, [upload_status, *menus], api_name="serve_adapter",
-                            concurrency_id="upload", concurrency_limit=1)
         adapter.change(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         for chosen in (layers.submit, layers.blur):
             chosen(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")

@@ -37,7 +37,7 @@ def unpack(upload: Path, folder: Path) -> Path:
     except zipfile.BadZipFile as error:
         raise ValueError(f"adapter: {upload.name} is not a readable zip ({error})") from None
     with archive:
-        members = [member for member in archive.infolist() if not member.is_dir()]
+        members = [member for member in archive.infolist() if not member.is_dir() and not _metadata(member)]
         _check_members(upload.name, members)
         folder.mkdir(parents=True, exist_ok=True)
         archive.extractall(folder, members)
@@ -45,6 +45,12 @@ def unpack(upload: Path, folder: Path) -> Path:
     if not entries:
         raise ValueError(f"adapter: {upload.name} holds no files")
     return entries[0] if len(entries) == 1 else folder
+
+
+def _metadata(member: zipfile.ZipInfo) -> bool:
+    """What macOS's Finder adds to the zips it makes (__MACOSX/ resource forks, .DS_Store), not the adapter's."""
+    parts = PurePosixPath(member.filename).parts
+    return parts[:1] == ("__MACOSX",) or parts[-1:] == (".DS_Store",)
 
 
 def _check_members(name: str, members: list[zipfile.ZipInfo]) -> None:

@@ -60,6 +60,7 @@ class ServeConfig:
     delta_scale: float = 1.0
     openai_api: bool = False  # also serve the adapters as an OpenAI-compatible API at /v1 (adapter.openai_api)
     no_train_tab: bool = False  # hide the Train tab (adapters trained on the served base: adapter.live_training)
+    no_upload: bool = False  # no uploaded adapters in the Model tab (adapter.adapter_upload)
 
 
 def env_name(flag: str) -> str:
@@ -122,6 +123,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--no-train-tab", action="store_true", default=_truthy(environ.get(env_name("no_train_tab"))),
                         help="leave out the Train tab, where users train adapters on the served base (one run at a "
                              "time, each step between other users' answers)")
+    parser.add_argument("--no-upload", action="store_true", default=_truthy(environ.get(env_name("no_upload"))),
+                        help="leave out the Model tab's upload, where users serve adapters of their own to everyone")
     parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens),
                         help="the most tokens one answer may have (the slider's maximum)")
     parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency),

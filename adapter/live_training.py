@@ -199,9 +199,12 @@ class LiveTraining:
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.folder))
         try:
             start = None if request.start_from is None else self._starting_point(request.start_from, folder)
-            sight = start.sight if start is not None else None
-            if start is None and request.mode == "vision":
+            if start is not None:
+                sight = start.sight  # the tower of the adapter trained further, if it sees
+            elif request.mode == "vision":
                 sight = served_sight(self.engines, "mode: vision trains a visual prompt that")
+            else:
+                sight = None
             images = folder / "images"
             images.mkdir()
             gather_uploads(request.images, images)

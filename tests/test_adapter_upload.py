@@ -48,6 +48,16 @@ def zipped(folder: Path, path: Path, top: str | None = None) -> Path:
     return path
 
 
+def finder_zipped(folder: Path, path: Path) -> Path:
+    """`folder` zipped as macOS's Finder does: its files beside __MACOSX/ resource forks and a .DS_Store."""
+    zipped(folder, path, top=folder.name)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(f"{folder.name}/.DS_Store", b"\0\0\0\1Bud1")
+        for file in sorted(folder.iterdir()):
+            archive.writestr(f"__MACOSX/{folder.name}/._{file.name}", b"\0\5\x16\7")
+    return path
+
+
 def trained(base_folder: Path, args: AdapterArgs, out: Path, seed: int = 1) -> Path:
     """A randomized adapter of shape `args` saved in our format (a folder: adapter.json, adapter.safetensors)."""
     model = randomize_adapter(adapter.load(base_folder, adapter=args, device="cpu"), seed=seed)
@@ -67,17 +77,19 @@ def test_every_format_uploaded_is_served_with_the_logits_of_the_adapter_loaded_d
         (ours / "adapter.safetensors", ours),
         (zipped(peft, tmp_path / "peft.zip"), peft),  # a PEFT folder's files at the zip's root
         (official, official),  # a torch .pth (itself a zip), read as it is
+        (finder_zipped(ours, tmp_path / "finder.zip"), ours),  # as macOS's Finder zips a folder
     ]
+    formats = []
     for number, (upload, direct) in enumerate(cases, start=1):
         name = service.serve(str(upload))
         assert name == f"uploaded-{number}"
         model = engines.get(name).model
+        formats.append(model.adapter_format)
         assert model.tok_embeddings is served.tok_embeddings, "on the served base, not a copy"
         expected = adapter.load(base_folder, adapter=direct, device="cpu")
         assert model.adapter_args == expected.adapter_args and model.adapter_format == expected.adapter_format
         torch.testing.assert_close(logits(model), logits(expected), rtol=1e-5, atol=1e-5)
-    assert [engines.get(f"uploaded-{n}").model.adapter_format for n in range(1, 5)] == \
-        ["native", "native", "peft", "official-v1"]
+    assert formats == ["native", "native", "peft", "official-v1", "native"]
 
 
 def test_the_oldest_upload_gives_way_and_its_files_go(tmp_path, base_folder, served, monkeypatch):

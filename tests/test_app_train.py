@@ -143,13 +143,16 @@ def test_image_records_train_an_adapter_that_sees_on_the_served_tower(served, im
                                                             if p.name != "red.png"], api_name="/train")
 
 
-def test_no_train_tab_leaves_it_out(served):
-    config = parse_config(["--base", served.engine.base, "--no-train-tab"], environ={})
-    with_tab = app.build_demo(served.engines, parse_config(["--base", served.engine.base], environ={}))
-    without = app.build_demo(served.engines, config)
-    assert "train" in [fn.api_name for fn in with_tab.fns.values()]
-    assert "train" not in [fn.api_name for fn in without.fns.values()]
+def test_no_train_tab_and_no_upload_leave_them_out(served):
+    def endpoints(*flags: str) -> list[str]:
+        config = parse_config(["--base", served.engine.base, *flags], environ={})
+        return [fn.api_name for fn in app.build_demo(served.engines, config).fns.values()]
+
+    assert {"train", "serve_adapter"} <= set(endpoints())
+    assert "train" not in endpoints("--no-train-tab") and "serve_adapter" in endpoints("--no-train-tab")
+    assert "serve_adapter" not in endpoints("--no-upload") and "train" in endpoints("--no-upload")
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_TRAIN_TAB": "1"}).no_train_tab
+    assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_UPLOAD": "1"}).no_upload
 
 
 def test_a_trained_adapters_zip_uploaded_in_the_model_tab_is_served_as_it_was_trained(served, records, tmp_path):
