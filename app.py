@@ -35,7 +35,7 @@ from adapter.engine import (
     check_integer,
     gate_scales,
 )
-from adapter.live_training import MAX_STEPS, LiveTraining, TrainProgress, TrainRequest
+from adapter.live_training import MAX_STEPS, VALIDATIONS, LiveTraining, TrainProgress, TrainRequest
 from adapter.model import Transformer
 from adapter.prompts import PROMPT_FORMATS
 
@@ -559,7 +559,8 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
                 f"gate slider moves between the base and what it learnt; the zip holds it for `--adapter`. Records "
                 f"as fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`{images}); one run "
                 f"at a time, of at most {MAX_STEPS} steps; warm-up over a tenth of the epochs, then cosine decay to "
-                f"a twentieth of the learning rate; 5% of the records give the validation loss.")
+                f"a twentieth of the learning rate; 5% of the records give the validation loss, taken "
+                f"{VALIDATIONS} times over the run.")
     with gr.Row():
         with gr.Column():
             data = gr.File(label="Training records (.json, .jsonl, .parquet)",

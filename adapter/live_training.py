@@ -45,6 +45,7 @@ MICRO_BATCH = 16  # examples per forward pass at most (a batch above it accumula
 MAX_SEQ_LEN = 512  # tokens per example at most (fewer where the base's context is shorter)
 WARMUP = 0.1  # of the epochs: linear warm-up, then cosine decay to a twentieth of the peak
 REFRESH_S = 0.5  # the progress shown at most this often
+VALIDATIONS = 10  # validation losses over a run, evenly (a curve, not one point at the end of a one-epoch run)
 RUN_FILES = ("log.jsonl", "loss.png", "gates.png")  # what the zip holds beside the adapter
 
 
@@ -211,7 +212,7 @@ class LiveTraining:
             config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len,
                                     start, sight, images)
             hooks = RunHooks(base=base, image_encoder=None if sight is None else sight.encoder, stop=stop,
-                             step_runner=engine.work.run, max_steps=MAX_STEPS)
+                             step_runner=engine.work.run, max_steps=MAX_STEPS, validations=VALIDATIONS)
             result, progress = yield from self._train(config, hooks)
             name = self.trained.add(load_sharing(base, result.adapter), folder, sight)  # exactly what the zip holds
         except BaseException:

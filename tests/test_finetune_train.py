@@ -225,6 +225,22 @@ def test_keep_best_needs_a_validation_set(tmp_path, base_folder, data):
     assert not (tmp_path / "run").exists()
 
 
+def test_val_every_validates_between_epochs_without_changing_what_is_learnt(tmp_path, base_folder):
+    data = write_json(tmp_path / "data.json", alpaca_records(32))
+    settings = dict(epochs=4, batch_size=8, micro_batch_size=8, val_fraction=0.25)  # 3 steps an epoch, 12 in all
+    per_epoch = train(tiny_config(base_folder, data, tmp_path / "epochs", **settings))
+    often = train(tiny_config(base_folder, data, tmp_path / "often", val_every=5, **settings))
+    spread = train(tiny_config(base_folder, data, tmp_path / "spread", **settings), trainer.RunHooks(validations=5))
+    assert [step for step, _ in per_epoch.val_losses] == [3, 6, 9, 12]
+    assert [step for step, _ in often.val_losses] == [5, 10, 12], "every 5 steps, and at the end"
+    assert [step for step, _ in spread.val_losses] == [3, 6, 9, 12], "5 over 12 steps: every 3 (rounded up)"
+    a, b = load_file(per_epoch.adapter), load_file(often.adapter)
+    assert all(torch.equal(a[name], b[name]) for name in a), "validating does not change the training"
+    assert dict(often.val_losses)[12] == dict(per_epoch.val_losses)[12]
+    with pytest.raises(ValueError, match="^--val-every: must be a positive integer, got 0"):
+        tiny_config(base_folder, data, tmp_path / "bad", val_every=0)
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, base_folder, data, monkeypatch,
                                                                       capsys):
     calls = []

@@ -79,11 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast: auto = on GPU only; bf16 also on CPU (fast on CPUs with AMX)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (default: every epoch)")
+    p.add_argument("--val-every", type=int, help="validation loss every N optimizer steps (default: every epoch; "
+                                                 "always at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--export", choices=EXPORTS, help="also write the adapter in this format (peft: a --mode lora "
                                                      "LoRA, in OUT/peft; official-v1: a --mode v1 adapter)")
     p.add_argument("--keep-best", action="store_true",
-                   help="also keep the adapter of the lowest validation loss (checked each epoch) in OUT/best")
+                   help="also keep the adapter of the lowest validation loss (checked at each validation) in "
+                        "OUT/best")
     p.add_argument("--max-steps", type=int, help="stop after this optimizer step (for tests and debugging)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p

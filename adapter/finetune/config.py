@@ -20,8 +20,8 @@ AUTOCASTS = ("auto", "bf16", "off")  # auto: bf16 on GPU, the model's own dtype 
 EXPORTS = ("peft", "official-v1")
 # settings that may change between an interrupted run and its --resume without changing what it computes
 # (the data file may move: its content is checked by hash)
-RESUMABLE_CHANGES = ("data", "out", "resume", "max_steps", "save_every", "export", "progress", "device",
-                     "gradient_checkpointing", "keep_best")
+RESUMABLE_CHANGES = ("data", "out", "resume", "max_steps", "save_every", "val_every", "export", "progress",
+                     "device", "gradient_checkpointing", "keep_best")
 
 
 def _require(condition: bool, flag: str, message: str) -> None:
@@ -76,6 +76,7 @@ class TrainConfig:
     autocast: str = "auto"
     gradient_checkpointing: bool = False
     save_every: int | None = None  # optimizer steps; None = once per epoch (and always at the end)
+    val_every: int | None = None  # optimizer steps between validations; None = once per epoch (and at the end)
     resume: bool = False
     export: str | None = None
     keep_best: bool = False  # also keep the adapter of the lowest validation loss in OUT/best
@@ -127,6 +128,8 @@ class TrainConfig:
         _require(0 <= self.val_fraction < 1, "--val-fraction", f"must be in [0, 1), got {self.val_fraction}")
         _require(self.save_every is None or _positive_int(self.save_every), "--save-every",
                  f"must be a positive integer, got {self.save_every!r}")
+        _require(self.val_every is None or _positive_int(self.val_every), "--val-every",
+                 f"must be a positive integer, got {self.val_every!r}")
         _require(self.max_steps is None or _positive_int(self.max_steps), "--max-steps",
                  f"must be a positive integer, got {self.max_steps!r}")
         _require(not self.keep_best or self.val_data is not None or self.val_fraction > 0, "--keep-best",

@@ -8,6 +8,7 @@ order is recomputed from (seed, epoch), so a resumed run replays exactly what an
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import threading
 import time
@@ -78,6 +79,8 @@ class RunHooks:
     step_runner: Callable[[Callable[[], Any]], Any] | None = None  # runs each step and validation (a device's
     # work: holding its lock, on its compute thread if any; adapter.device_work)
     max_steps: int | None = None  # a run that would take more optimizer steps is refused before it starts
+    validations: int | None = None  # validate at most this many times, every ceil(steps / N) optimizer steps
+    # (config.val_every, when set, wins), instead of once per epoch
 
 
 def train(config: TrainConfig, hooks: RunHooks | None = None) -> TrainResult:
@@ -143,6 +146,12 @@ class _Run:
         self.data = self._build_data(records)
         self.steps_per_epoch = len(self._order(0))  # the same for every epoch
         self.total_steps = config.epochs * self.steps_per_epoch
+        if config.val_every:
+            self.val_every = config.val_every
+        elif hooks.validations:
+            self.val_every = math.ceil(self.total_steps / hooks.validations)
+        else:
+            self.val_every = self.steps_per_epoch
         self._check_length()
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay, config.visual_lr)
         self.step, self.saved_step = 0, None
@@ -311,7 +320,7 @@ class _Run:
                 record = self.run_step(lambda: self._train_step(order[in_epoch]))
                 result.train_losses.append(record["loss"])
                 log.step(record)
-                if self.step % self.steps_per_epoch == 0 and self.data.val:
+                if self.step % self.val_every == 0 and self.data.val:
                     val_step = self._validate(log, result)
                 if self.step % (config.save_every or self.steps_per_epoch) == 0:
                     self._save()
