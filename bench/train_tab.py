@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapter.app_config import ServeConfig, tiny_available
+from adapter.live_training import VALIDATIONS
 from adapter.tiny.assets import ASSETS, CLIP_CONFIG, CLIP_WEIGHTS
 from bench.app import ROOT, free_port, percentile, start_app
 from bench.decode import machine
@@ -32,6 +34,7 @@ SETTINGS = dict(epochs=1, batch_size=16, lr=0.02, prompt_len=20, prompt_layers=4
 FINETUNE_FLAGS = ["--prompt-len", "20", "--prompt-layers", "4", "--epochs", "1", "--batch-size", "16",
                   "--micro-batch-size", "16", "--lr", "0.02", "--min-lr", "0.001", "--warmup-epochs", "0.1",
                   "--max-seq-len", "256", "--no-progress"]  # what adapter.live_training asks of the same settings
+TEXT_STEPS, IMAGE_STEPS = 119, 60  # one epoch of the offered questions: 1,900 and 950 training examples in 16s
 VISION_FLAGS = ["--mode", "vision", "--clip", str(ASSETS / CLIP_WEIGHTS), "--clip-model", str(ASSETS / CLIP_CONFIG),
                 "--visual", "v1", "--visual-dim", "128", "--visual-depth", "2", "--visual-heads", "4"]  # tiny-image's
 
@@ -68,6 +71,11 @@ def train_in_the_tab(url: str, records: Path, chatting: bool,
     if not status.startswith("**Trained**"):
         raise RuntimeError(f"the Train tab did not finish its run: {status}")
     return seconds, status, latencies[:-1]  # the last answer may have ended after the run
+
+
+def tab_validations(steps: int) -> list[str]:
+    """--val-every for a run of `steps` steps that validates as often as the tab's runs do."""
+    return ["--val-every", str(math.ceil(steps / VALIDATIONS))]
 
 
 def finetune_alone(records: Path, flags: Sequence[str] = ()) -> tuple[float, float]:
@@ -109,20 +117,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         process.terminate()
         process.wait(timeout=30)
-    alone = [finetune_alone(records) for _ in range(options.repeats)]
-    seeing_alone = [finetune_alone(image_records, [*VISION_FLAGS, "--image-folder", str(image_records.parent)])
-                    for _ in range(options.repeats)]
+    alone = [finetune_alone(records, tab_validations(TEXT_STEPS)) for _ in range(options.repeats)]
+    seeing_alone = [finetune_alone(image_records, [*VISION_FLAGS, "--image-folder", str(image_records.parent),
+                                                   *tab_validations(IMAGE_STEPS)]) for _ in range(options.repeats)]
     busy = [latency for _, _, latencies in runs for latency in latencies]
     tab_loss, seeing_loss = (last[-1][1].split("validation loss ")[1].split(" ")[0] for last in (quiet, seeing))
     text = "\n".join([
         "## Train tab (CPU, gradio_client): embedded tiny model",
         "",
-        (f"Machine: {machine()}. Command: `{command_line('bench.train_tab', argv)}`. One epoch (119 optimizer steps "
-         "of 16) of the 2,000 training questions the tab offers, at its starting settings for the tiny model; "
+        (f"Machine: {machine()}. Command: `{command_line('bench.train_tab', argv)}`. One epoch ({TEXT_STEPS} "
+         "optimizer steps of 16) of the 2,000 training questions the tab offers, at its starting settings for the "
+         f"tiny model, validating {VALIDATIONS} times over the run as the tab does (`--val-every` the same); "
          f"`python app.py` with its defaults; times: median (min / max) of {options.repeats} runs. Chat answers: "
          "greedy, gate 1, 16 new tokens at most, asked by another client one after another. Image questions: "
-         f"one epoch (60 steps) of the {len(pictures):,} the tab offers, vision mode (a new image adapter shaped as "
-         "tiny-image's visual prompt, on the served CLIP tower), the same settings otherwise; through "
+         f"one epoch ({IMAGE_STEPS} steps) of the {len(pictures):,} the tab offers, vision mode (a new image "
+         "adapter shaped as tiny-image's visual prompt, on the served CLIP tower), the same settings otherwise; "
+         "through "
          "gradio_client their pictures are uploaded first, which clicking the offered files in the tab does not, "
          "so the run's own time (its status line's) is given beside it."),
         "",
@@ -130,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("Train tab: one epoch, from the click to the adapter served, s", spread(stat([r[0] for r in quiet]))),
             ("the same while another client asks one chat question after another, s",
              spread(stat([r[0] for r in runs]))),
-            ("the same run by `python -m adapter.finetune` in its own process (loads the base first), s",
+            ("the same run by `python -m adapter.finetune` in its own process (loads the base first; validating "
+             "as often), s",
              spread(stat([a[0] for a in alone]))),
             ("validation loss after it: Train tab; `adapter.finetune`", f"{tab_loss}; {alone[-1][1]:.4f}"),
             ("a chat answer with the app idle: p50 / p95 latency, s",
@@ -141,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              spread(stat([run_seconds(r[1]) for r in seeing]))),
             (f"the same from the upload of the records and {len(pictures):,} pictures by gradio_client, s",
              spread(stat([r[0] for r in seeing]))),
-            ("the same run by `python -m adapter.finetune` in its own process (loads the base and CLIP first), s",
+            ("the same run by `python -m adapter.finetune` in its own process (loads the base and CLIP first; "
+             "validating as often), s",
              spread(stat([a[0] for a in seeing_alone]))),
             ("validation loss after it: Train tab; `adapter.finetune`", f"{seeing_loss}; {seeing_alone[-1][1]:.4f}"),
         ]),
