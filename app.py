@@ -399,6 +399,15 @@ def menu_updates(engines: Engines, training: bool, chosen: str | None = None) ->
     return (*tops, gr.update(choices=start_choices(names))) if training else tops
 
 
+def both_losses_named() -> Any:
+    """The loss plot's first value: no points, but both series named. The browser's plot keeps the series of the
+    first data it draws, and one first seen in a later update (the training loss after the first validation, or
+    the reverse) would never be drawn."""
+    import pandas as pd
+
+    return pd.DataFrame([(0, float("nan"), kind) for kind in ("train", "validation")], columns=list(LOSS_COLUMNS))
+
+
 def start_choices(names: list[str]) -> list[tuple[str, str]]:
     """The Train tab's Start from menu: a new adapter ("") or a served one by name."""
     return [(NEW_ADAPTER, "")] + [(name, name) for name in names]
@@ -604,8 +613,8 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
         stop = gr.Button("Stop (keep what it learnt)", elem_id="train_stop")
     status = gr.Markdown(elem_id="train_status")
     with gr.Row():
-        loss = gr.LinePlot(x=LOSS_COLUMNS[0], y=LOSS_COLUMNS[1], color=LOSS_COLUMNS[2], label="Loss (response tokens)",
-                           elem_id="train_loss")
+        loss = gr.LinePlot(both_losses_named(), x=LOSS_COLUMNS[0], y=LOSS_COLUMNS[1], color=LOSS_COLUMNS[2],
+                           label="Loss (response tokens)", elem_id="train_loss")
         gates = gr.LinePlot(x=GATE_COLUMNS[0], y=GATE_COLUMNS[1], color=GATE_COLUMNS[2],
                             label="Zero-init gates opening: mean |effective gate| over heads, per adapted layer",
                             elem_id="train_gates")

@@ -54,7 +54,8 @@ def test_a_trained_adapter_is_served_beside_the_others_to_every_client(served, r
     status, loss, gates, archive, menu, image_menu, start_menu = trainer.predict(*settings(records), api_name="/train")
     assert status.startswith("**Trained** (step 8 / 8 · loss ") and "served as **trained-1**" in status, status
     assert loss["columns"] == ["step", "loss", "set"] and gates["columns"] == ["step", "mean |gate|", "layer"]
-    assert [row[0] for row in loss["data"]] == list(range(1, 9)) * 2, "train per step, validation 10 times a run"
+    assert [row[0] for row in loss["data"]] == list(range(1, 9)) + list(range(9)), \
+        "train per step; validation first (the frozen base's, where the curve starts), then 10 times a run"
     assert loss["data"][-1][2] == "validation" and gates["data"][0] == [0, 0.0, "layer 0"]
     assert len(gates["data"]) == 4 * 9 and all(row[1] > 0 for row in gates["data"] if row[0] > 1), \
         "every layer's gates leave zero after the first step (taken at the warm-up's learning rate, 0)"
@@ -141,6 +142,13 @@ def test_image_records_train_an_adapter_that_sees_on_the_served_tower(served, im
     with pytest.raises(AppError, match=missing + r" does not exist\n"):  # the server's folders left out
         client.predict(*settings(data, mode="vision"), "", [handle_file(str(p)) for p in sorted(folder.iterdir())
                                                             if p.name != "red.png"], api_name="/train")
+
+
+def test_the_loss_plot_names_both_curves_before_any_point_arrives(served):
+    """The browser's plot draws only the series named in the first data it gets: the page starts with both."""
+    demo = app.build_demo(served.engines, parse_config(["--base", served.engine.base], environ={}))
+    plot = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "train_loss")
+    assert plot.value["data"] == [[0, None, "train"], [0, None, "validation"]], "both named, no points"
 
 
 def test_no_train_tab_and_no_upload_leave_them_out(served):

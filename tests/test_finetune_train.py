@@ -233,7 +233,7 @@ def test_val_every_validates_between_epochs_without_changing_what_is_learnt(tmp_
     spread = train(tiny_config(base_folder, data, tmp_path / "spread", **settings), trainer.RunHooks(validations=5))
     assert [step for step, _ in per_epoch.val_losses] == [3, 6, 9, 12]
     assert [step for step, _ in often.val_losses] == [5, 10, 12], "every 5 steps, and at the end"
-    assert [step for step, _ in spread.val_losses] == [3, 6, 9, 12], "5 over 12 steps: every 3 (rounded up)"
+    assert [step for step, _ in spread.val_losses] == [0, 3, 6, 9, 12], "first, then 5 over 12 steps: every 3"
     a, b = load_file(per_epoch.adapter), load_file(often.adapter)
     assert all(torch.equal(a[name], b[name]) for name in a), "validating does not change the training"
     assert dict(often.val_losses)[12] == dict(per_epoch.val_losses)[12]

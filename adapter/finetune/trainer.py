@@ -79,8 +79,8 @@ class RunHooks:
     step_runner: Callable[[Callable[[], Any]], Any] | None = None  # runs each step and validation (a device's
     # work: holding its lock, on its compute thread if any; adapter.device_work)
     max_steps: int | None = None  # a run that would take more optimizer steps is refused before it starts
-    validations: int | None = None  # validate at most this many times, every ceil(steps / N) optimizer steps
-    # (config.val_every, when set, wins), instead of once per epoch
+    validations: int | None = None  # validate before the first step and then at most this many times, every
+    # ceil(steps / N) optimizer steps (config.val_every, when set, wins), instead of once per epoch
 
 
 def train(config: TrainConfig, hooks: RunHooks | None = None) -> TrainResult:
@@ -311,6 +311,8 @@ class _Run:
                        "config": config.to_dict()})
         result = TrainResult(self.out, self.out / "adapter" / checkpoint.ADAPTER, self.step)
         val_step = None
+        if self.hooks.validations and self.saved_step is None and self.data.val:
+            val_step = self._validate(log, result)  # where the curve starts (a new adapter's: the frozen base's)
         try:
             order, order_epoch = None, None
             while self.step < end and not (self.hooks.stop is not None and self.hooks.stop.is_set()):
