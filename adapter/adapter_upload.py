@@ -40,7 +40,10 @@ def unpack(upload: Path, folder: Path) -> Path:
         members = [member for member in archive.infolist() if not member.is_dir() and not _metadata(member)]
         _check_members(upload.name, members)
         folder.mkdir(parents=True, exist_ok=True)
-        archive.extractall(folder, members)
+        try:  # a member whose bytes do not match its header (size, CRC), encrypted, or compressed unknowably
+            archive.extractall(folder, members)
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError) as error:
+            raise ValueError(f"adapter: {upload.name} could not be unpacked ({error})") from None
     entries = list(folder.iterdir())
     if not entries:
         raise ValueError(f"adapter: {upload.name} holds no files")

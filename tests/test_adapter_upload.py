@@ -140,6 +140,10 @@ def test_bad_uploads_are_refused_by_name_and_nothing_is_kept(tmp_path, base_fold
         archive.writestr("a/notes.txt", "no adapter here")
         archive.writestr("b/notes.txt", "nor here")
     (tmp_path / "broken.zip").write_bytes(b"PK not really")
+    corrupt = tmp_path / "corrupt.zip"
+    with zipfile.ZipFile(corrupt, "w") as archive:  # stored as it is, then a byte of it changed: a bad CRC
+        archive.writestr("adapter.safetensors", b"A" * 64)
+    corrupt.write_bytes(corrupt.read_bytes().replace(b"A" * 64, b"A" * 63 + b"B"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     other = write_random_base(tmp_path / "other", ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=512,
                                                             multiple_of=32, max_seq_len=64), seed=0)
@@ -148,6 +152,7 @@ def test_bad_uploads_are_refused_by_name_and_nothing_is_kept(tmp_path, base_fold
         (outside, r"^adapter: outside\.zip: '\.\./adapter\.safetensors' points outside the zip's folder"),
         (notes, r"/notes holds no adapter; expected"),
         (tmp_path / "broken.zip", r"^adapter: broken\.zip is not a readable zip"),
+        (corrupt, r"^adapter: corrupt\.zip could not be unpacked \(Bad CRC-32"),
         (tmp_path / "junk.pth", r"junk\.pth"),
         (elsewhere / "adapter.safetensors", r"layers|dim|shape"),
         (None, r"^adapter: upload an adapter file first"),
