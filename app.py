@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import gradio as gr
 from PIL import Image
 
+from adapter.adapter_download import AdapterDownloads
 from adapter.adapter_upload import MAX_UPLOADED, AdapterUploads
 from adapter.app_config import ASSETS, ServeConfig, engine_for, load_engines, parse_config, serves_tiny
 from adapter.choices import ChoiceEvaluation
@@ -64,6 +65,9 @@ GATE_COLUMNS = ("step", "mean |gate|", "layer")
 NEW_ADAPTER = "a new adapter (zero-init gates: the frozen base)"
 TRAIN_MODES = [("v1: adaption prompts and gates", "v1"), ("v2: also zero-init biases and tuned norms", "v2"),
                ("LoRA alone (no prompts, no gates: the baseline)", "lora")]
+DOWNLOAD_FORMATS = [("ours: adapter.safetensors and adapter.json, zipped", "native"),
+                    ("PEFT: a raw-gate v1 adapter or LoRA alone, zipped", "peft"),
+                    ("the official v1 release's .pth: prompts and gates only", "official-v1")]
 VISION_MODE = ("vision: v2 and a visual prompt on the served CLIP tower (image records)", "vision")
 
 
@@ -175,6 +179,7 @@ class Handlers:
     def __init__(self, engines: Engines, training: LiveTraining | None = None,
                  uploads: AdapterUploads | None = None) -> None:
         self.engines, self.training, self.uploads = engines, training, uploads
+        self.downloads = AdapterDownloads()
 
     def request(self, gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
                 seed: float | None, adapter: str | None = None, system: str | None = None,
@@ -350,6 +355,13 @@ class Handlers:
                   f"above{' and in the Image tab' if engine.can_see_images else ''}; {scale} between the frozen "
                   "base (0) and it (1).")
         return status, *menu_updates(self.engines, self.training is not None, name)
+
+    def download_adapter(self, to: str, adapter: str | None = None) -> str:
+        """The chosen adapter (omitted: the first) written in format `to`, as `python -m adapter.convert` writes
+        it: the file to download."""
+        with user_errors():
+            engine = self.engines.get(adapter)
+            return str(self.downloads.write(engine.model, adapter or self.engines.names[0], to))
 
     def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
               prompt_layers: float, lora_rank: float, prompt_format: str, seed: float, start_from: str | None,
@@ -646,6 +658,17 @@ def upload_panel(handlers: Handlers, menus: list[gr.Dropdown]) -> None:
                  concurrency_limit=1)
 
 
+def download_panel(handlers: Handlers, adapter: gr.Dropdown) -> None:
+    """The Model tab's download: the adapter chosen at the top, in a format other tools read."""
+    with gr.Row():
+        to = gr.Dropdown(DOWNLOAD_FORMATS, value="native", label="Download the chosen adapter as", scale=2,
+                         elem_id="download_format")
+        button = gr.Button("Download", elem_id="download", scale=0)
+        file = gr.File(label="The adapter", interactive=False, elem_id="download_file", scale=2)
+    button.click(handlers.download_adapter, [to, adapter], file, api_name="download_adapter",
+                 concurrency_id="download", concurrency_limit=1)
+
+
 def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
     """Clickable held-out questions under a text box (none for models other than the tiny one)."""
     if messages:
@@ -833,6 +856,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         with gr.Tab("Model"):
             info = gr.JSON(label="Loaded")
             refresh = gr.Button("Refresh")
+            download_panel(handlers, adapter)
             if handlers.uploads is not None:
                 upload_panel(handlers, menus)
 

@@ -47,21 +47,31 @@ def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
 def convert(source: str | Path, target: str | Path, to: str, base: str | Path) -> Path:
     """Write `source` as `to`; only our format records a prompt format other than Alpaca, so an adapter in
     another one is converted with a note on stderr saying how to ask it."""
+    check_target(to)
+    model = adapter_on_meta_base(base, source)
+    written = write_adapter(model, target, to, str(base))
+    note = unrecorded_format_note(model, to)
+    if note:
+        print(note, file=sys.stderr)
+    return written
+
+
+def check_target(to: str) -> None:
     if to not in TARGETS:
         raise ValueError(f"to: unknown target format {to!r}; choose from {TARGETS}")
-    model = adapter_on_meta_base(base, source)
+
+
+def write_adapter(model: Transformer, target: str | Path, to: str, base_name: str | None = None) -> Path:
+    """`model`'s adapter written in format `to` (TARGETS): a folder for native and peft, a .pth file for
+    official-v1; ValueError where the format cannot hold it (its writer names why)."""
+    check_target(to)
     if to == "native":
         return save_adapter(model, target)
     if to == "peft":
         from .formats.peft import write_peft
 
-        written = write_peft(model, target, base_model_name_or_path=str(base))
-    else:
-        written = write_official_v1(model, target)
-    note = unrecorded_format_note(model, to)
-    if note:
-        print(note, file=sys.stderr)
-    return written
+        return write_peft(model, target, base_model_name_or_path=base_name)
+    return write_official_v1(model, target)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

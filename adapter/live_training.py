@@ -18,7 +18,6 @@ import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,7 @@ from .engine import Engine, Engines
 from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, train
 from .finetune.config import adapter_kind
 from .finetune.plots import gate_curves, loss_curves
-from .formats.common import atomic_write
+from .formats.common import write_zip
 from .formats.native import save_adapter
 from .images import gather_uploads
 from .loading import load_sharing
@@ -279,13 +278,5 @@ class LiveTraining:
     def _archive(run: Path, name: str, folder: Path) -> Path:
         """`NAME.zip`: a folder NAME holding the adapter and the run's log and plots, which `--adapter NAME` reads
         once unzipped (and the app's Gates tab shows its gates.png)."""
-        path = folder / f"{name}.zip"
         files = sorted((run / "adapter").iterdir()) + [run / f for f in RUN_FILES if (run / f).is_file()]
-
-        def write(tmp: str) -> None:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-                for file in files:
-                    archive.write(file, f"{name}/{file.name}")
-
-        atomic_write(path, write)
-        return path
+        return write_zip(folder / f"{name}.zip", name, files)

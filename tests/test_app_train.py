@@ -163,7 +163,8 @@ def test_no_train_tab_and_no_upload_leave_them_out(served):
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_UPLOAD": "1"}).no_upload
 
 
-def test_a_trained_adapters_zip_uploaded_in_the_model_tab_is_served_as_it_was_trained(served, records, tmp_path):
+def test_a_trained_adapters_zip_uploaded_in_the_model_tab_is_served_as_it_was_trained_and_downloads(served, records,
+                                                                                                     tmp_path):
     client = Client(served.url, verbose=False)
     archive, trained_menu = client.predict(*settings(records, epochs=1), api_name="/train")[3:5]
     status, menu, image_menu, start_menu = client.predict(handle_file(archive), api_name="/serve_adapter")
@@ -174,6 +175,10 @@ def test_a_trained_adapters_zip_uploaded_in_the_model_tab_is_served_as_it_was_tr
     assert "value" not in image_menu and [c[1] for c in start_menu["choices"][1:]] == served.engines.names
     for gate in (1.0, 0.5):
         assert answer(client, name, gate) == answer(client, trained_menu["value"], gate), "the same adapter"
+    downloaded = client.predict("native", name, api_name="/download_adapter")  # the Model tab's download
+    assert zipfile.ZipFile(downloaded).namelist() == [f"{name}/adapter.json", f"{name}/adapter.safetensors"]
+    with pytest.raises(AppError, match="^write_peft: gate_activation is tanh; PEFT uses raw gates"):
+        client.predict("peft", name, api_name="/download_adapter")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(AppError, match=r"^junk\.pth: not a readable weights-only torch checkpoint"):
         client.predict(handle_file(str(tmp_path / "junk.pth")), api_name="/serve_adapter")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,3 +137,16 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_zip(path: Path, folder_name: str, files: list[Path]) -> Path:
+    """`files` in a zip at `path` (atomically), inside one folder `folder_name`: unzipped, a folder that
+    `--adapter` reads when they are an adapter's."""
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in files:
+                archive.write(file, f"{folder_name}/{file.name}")
+
+    atomic_write(path, write)
+    return path

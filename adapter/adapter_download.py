@@ -1,0 +1,55 @@
+"""A served adapter downloaded from the running app (the Model tab) in our format, PEFT's or the official v1
+release's, written as `python -m adapter.convert` writes them: our and PEFT's folders zipped (one folder NAME in
+the zip, which `--adapter` reads once unzipped), the official file as it is (its name says its prompt length, as
+the release's does). The last MAX_KEPT downloads stay on disk for the server to hand over."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from .convert import check_target, write_adapter
+from .formats.common import write_zip
+from .model import Transformer
+
+MAX_KEPT = 8
+
+
+class AdapterDownloads:
+    """Writes served adapters for download into folders of `folder`, the oldest removed beyond MAX_KEPT."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "llama-adapter-downloads"
+        self._kept: list[Path] = []
+        self._lock = threading.Lock()
+
+    def write(self, model: Transformer, name: str, to: str) -> Path:
+        """The file to download: adapter `name` (`model`'s) in format `to`; ValueError naming why it cannot be."""
+        check_target(to)
+        args = model.adapter_args
+        if not (args.has_prompts or args.has_deltas):
+            raise ValueError(f"adapter: {name} is the frozen base without an adapter; there is nothing to download")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{name}-{to}-", dir=self.folder))
+        try:
+            if to == "official-v1":
+                path = write_adapter(model, work / f"llama_adapter_len{args.prompt_len}_layer{args.prompt_layers}_"
+                                                   f"{name}.pth", to)
+            else:
+                path = _zipped(write_adapter(model, work / name, to, model.base_path), work / f"{name}.zip")
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        with self._lock:
+            self._kept.append(work)
+            while len(self._kept) > MAX_KEPT:
+                shutil.rmtree(self._kept.pop(0), ignore_errors=True)
+        return path
+
+
+def _zipped(written: Path, path: Path) -> Path:
+    """The adapter's folder (or the folder of its one file) as a zip holding one folder of the same name."""
+    folder = written if written.is_dir() else written.parent
+    return write_zip(path, folder.name, sorted(folder.iterdir()))

@@ -1,0 +1,67 @@
+"""Served adapters downloaded from the running app (`adapter.adapter_download`): each format read back gives the
+served adapter's logits; what a format cannot hold, the bare base and an unknown format are refused by name."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+import torch
+
+import adapter
+from adapter import adapter_download
+from adapter.adapter_download import AdapterDownloads
+from adapter.config import AdapterArgs
+from tests.conftest import V1, randomize_adapter
+
+TOKENS = torch.tensor([[1, 5, 9, 22, 40, 7, 3]])
+LORA = AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+@pytest.fixture
+def served(base_folder):
+    return adapter.load(base_folder, device="cpu")
+
+
+def serving(served, args: AdapterArgs):
+    return randomize_adapter(adapter.load_sharing(served, args), seed=3)
+
+
+@pytest.mark.parametrize("args, to, read_as", [(V1, "native", "native"), (V1, "official-v1", "official-v1"),
+                                               (LORA, "peft", "peft-lora")])
+def test_a_downloaded_adapter_reads_back_with_the_served_logits(tmp_path, base_folder, served, args, to, read_as):
+    model = serving(served, args)
+    path = AdapterDownloads(tmp_path / "downloads").write(model, "trained-1", to)
+    if path.suffix == ".zip":
+        assert path.name == "trained-1.zip"
+        zipfile.ZipFile(path).extractall(tmp_path / "unzipped")
+        path = tmp_path / "unzipped" / "trained-1"  # the one folder in the zip
+    else:
+        assert path.name == f"llama_adapter_len{args.prompt_len}_layer{args.prompt_layers}_trained-1.pth"
+    again = adapter.load(base_folder, adapter=path, device="cpu")
+    assert again.adapter_format == read_as
+    torch.testing.assert_close(logits(again), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_what_a_format_cannot_hold_the_bare_base_and_unknown_formats_are_refused(tmp_path, served):
+    downloads = AdapterDownloads(tmp_path / "downloads")
+    with pytest.raises(ValueError, match="^write_peft: gate_activation is tanh; PEFT uses raw gates"):
+        downloads.write(serving(served, V1), "tiny-text", "peft")
+    with pytest.raises(ValueError, match="^adapter: base is the frozen base without an adapter; there is nothing"):
+        downloads.write(served, "base", "native")
+    with pytest.raises(ValueError, match="^to: unknown target format 'gguf'"):
+        downloads.write(serving(served, V1), "tiny-text", "gguf")
+    assert not any((tmp_path / "downloads").iterdir()), "nothing left behind"
+
+
+def test_the_last_downloads_stay_and_older_ones_go(tmp_path, served, monkeypatch):
+    monkeypatch.setattr(adapter_download, "MAX_KEPT", 2)
+    downloads, model = AdapterDownloads(tmp_path / "downloads"), serving(served, V1)
+    paths = [downloads.write(model, "trained-1", "native") for _ in range(3)]
+    assert [p.exists() for p in paths] == [False, True, True]
+    assert len(list((tmp_path / "downloads").iterdir())) == 2
