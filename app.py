@@ -650,7 +650,7 @@ def upload_panel(handlers: Handlers, menus: list[gr.Dropdown]) -> None:
                 "CLIP tower. Nothing in it runs: weights only.")
     with gr.Row():
         upload = gr.File(label="Adapter (.safetensors, .pth, .bin, .pt, .zip)",
-                         file_types=[".safetensors", ".pth", ".bin", ".pt", ".zip"], type="filepath",
+                         file_types=[".safetensors", ".pth", ".bin", ".pt", ".zip"], type="filepath", height=140,
                          elem_id="upload_adapter")
         button = gr.Button("Serve it", elem_id="serve_upload", scale=0)
     status = gr.Markdown(elem_id="upload_status")
