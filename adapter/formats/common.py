@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def unrecorded_format_note(model: "Transformer", written_as: str) -> str | None:
     """What to tell someone who writes `model`'s adapter in a format that cannot record its prompt format
     (all but ours), when that matters: the adapter is not asked in Alpaca, which every reader assumes."""
-    if model.prompt_format == "alpaca":
+    if model.prompt_format == "alpaca" or written_as == "native":
         return None
     return (f"note: the {written_as} format does not record the prompt format; ask this adapter in "
             f"{model.prompt_format} (e.g. generate --template {model.prompt_format})")
