@@ -36,6 +36,7 @@ from adapter.engine import (
     check_integer,
     gate_scales,
 )
+from adapter.formats.common import unrecorded_format_note
 from adapter.live_training import MAX_STEPS, VALIDATIONS, LiveTraining, TrainProgress, TrainRequest
 from adapter.model import Transformer
 from adapter.prompts import PROMPT_FORMATS
@@ -358,10 +359,14 @@ class Handlers:
 
     def download_adapter(self, to: str, adapter: str | None = None) -> str:
         """The chosen adapter (omitted: the first) written in format `to`, as `python -m adapter.convert` writes
-        it: the file to download."""
+        it: the file to download, with convert's warning where the format loses how the adapter is asked."""
         with user_errors():
             engine = self.engines.get(adapter)
-            return str(self.downloads.write(engine.model, adapter or self.engines.names[0], to))
+            path = self.downloads.write(engine.model, adapter or self.engines.names[0], to)
+        note = unrecorded_format_note(engine.model, to)
+        if note:
+            gr.Warning(note)
+        return str(path)
 
     def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
               prompt_layers: float, lora_rank: float, prompt_format: str, seed: float, start_from: str | None,

@@ -4,6 +4,7 @@ served adapter's logits; what a format cannot hold, the bare base and an unknown
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,29 @@ def test_the_last_downloads_stay_and_older_ones_go(tmp_path, served, monkeypatch
     paths = [downloads.write(model, "trained-1", "native") for _ in range(3)]
     assert [p.exists() for p in paths] == [False, True, True]
     assert len(list((tmp_path / "downloads").iterdir())) == 2
+
+
+def test_the_app_warns_where_a_downloaded_format_loses_how_the_adapter_is_asked(tmp_path, served):
+    import warnings
+
+    from adapter.engine import Engine, Engines
+    from app import Handlers
+
+    model = serving(served, V1)
+    model.prompt_format = "llama2"  # trained with --prompt-format llama2
+    handlers = Handlers(Engines({"trained-1": Engine(model)}))
+    handlers.downloads = AdapterDownloads(tmp_path / "downloads")
+    for to, warned in (("official-v1", True), ("native", False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = Path(handlers.download_adapter(to, "trained-1"))
+        note = (f"note: the {to} format does not record the prompt format; ask this adapter in llama2 "
+                "(e.g. generate --template llama2)")
+        assert (note in [str(w.message) for w in caught]) == warned, to
+        assert adapter.load(served.base_path, adapter=path if to != "native" else _unzipped(path, tmp_path),
+                            device="cpu").prompt_format == ("alpaca" if warned else "llama2")
+
+
+def _unzipped(path, tmp_path):
+    zipfile.ZipFile(path).extractall(tmp_path / "unzipped")
+    return tmp_path / "unzipped" / path.stem
