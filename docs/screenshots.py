@@ -1,9 +1,10 @@
 """The README's pictures of the app, taken in headless Chromium with the embedded tiny model:
 `python -m docs.screenshots` (from the repository root; needs `apt-get install -y chromium` and playwright)
 rewrites docs/compare.png, docs/next_token.png (the compare tab's next-token panel), docs/layer_sweep.png (its
-layer sweep), docs/chat.png, docs/image.png, docs/score.png and docs/train.png (an epoch of the Train tab's offered
-questions). The image tab shows the first shipped example the image adapter answers right (it gets 42% of held-out
-image questions right: docs/tiny.md); the score tab, the text adapter on the held-out questions it offers."""
+layer sweep), docs/chat.png, docs/image.png, docs/score.png, docs/train.png (an epoch of the Train tab's offered
+questions) and docs/model.png (the Model tab, the adapter just trained downloaded). The image tab shows the first
+shipped example the image adapter answers right (it gets 42% of held-out image questions right: docs/tiny.md);
+the score tab, the text adapter on the held-out questions it offers."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from PIL import Image
 from adapter.engine import Settings
 from adapter.tiny.assets import ASSETS, EXAMPLES
 from adapter.tiny.examples import FILE
-from app import SWEEP
+from app import DOWNLOAD_FORMATS, SWEEP
 from tests.app_helpers import running_app
 from tests.browser import (
     ask,
     chromium,
     coloured,
     compare,
+    download,
     finished,
     layer_sweep,
     next_token,
@@ -62,7 +64,7 @@ def take(out: Path) -> list[Path]:
     """Compare, chat and score tabs with the text adapter, the image tab with the image adapter (both served by
     the default app, each tab starting with its own)."""
     shots = [out / name for name in ("compare.png", "next_token.png", "chat.png", "image.png", "score.png",
-                                     "layer_sweep.png", "train.png")]
+                                     "layer_sweep.png", "train.png", "model.png")]
     with chromium() as browser, running_app([]) as app:
         page = open_page(browser, app.url)
         base, adapted = compare(page, QUESTION)
@@ -100,6 +102,8 @@ def take(out: Path) -> list[Path]:
         page.locator("#train_zip [aria-label='trained-1.zip']").wait_for()
         print(f"train: {status.inner_text()!r}")
         save(page, shots[6], full_page=True)
+        download(page, DOWNLOAD_FORMATS[0][0], "trained-1.zip")
+        save(page, shots[7], full_page=True)
     return shots
 
 

@@ -123,3 +123,13 @@ def start_training(page, records: str, epochs: int) -> None:
     page.fill("#train_epochs input[type=number]", str(epochs))
     page.keyboard.press("Tab")
     page.click("#train")
+
+
+def download(page, format_label: str, name: str) -> None:
+    """In the Model tab: the adapter chosen at the top downloaded in the format labelled `format_label`, its file
+    `name` offered."""
+    page.get_by_role("tab", name="Model").click()
+    page.click("#download_format input")
+    page.get_by_role("option", name=format_label, exact=True).click()
+    page.click("#download")
+    page.locator(f"#download_file [aria-label='{name}']").wait_for(timeout=60_000)

@@ -5,11 +5,16 @@ Chromium is not installed (CI installs it, see .ci/run)."""
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
+import safetensors.torch
+import torch
 from PIL import Image
 
 from adapter.app_config import tiny_available
 from adapter.engine import Settings
+from app import DOWNLOAD_FORMATS
 from tests.app_helpers import QUESTION, demo_files, running_app, served  # noqa: F401  (fixtures)
 from tests.browser import (
     CHROMIUM,
@@ -18,6 +23,7 @@ from tests.browser import (
     chromium,
     coloured,
     compare,
+    download,
     layer_sweep,
     next_token,
     open_page,
@@ -235,3 +241,12 @@ def test_an_adapter_uploaded_in_the_model_tab_is_served_and_chosen(browser, demo
         expect(page.locator("#adapter input")).to_have_value("uploaded-1")
         page.get_by_role("tab", name="Image").click()
         expect(page.locator("#image_adapter input")).to_have_value("uploaded-1")  # it sees: chosen there too
+        download(page, DOWNLOAD_FORMATS[0][0], "uploaded-1.zip")  # and downloads again, as it was uploaded
+        link = page.locator("#download_file a[download]").first
+        with page.expect_download() as downloading:
+            link.click()
+        with zipfile.ZipFile(downloading.value.path()) as archive:
+            downloaded = safetensors.torch.load(archive.read("uploaded-1/adapter.safetensors"))
+        uploaded = safetensors.torch.load_file(demo_files.adapter / "adapter.safetensors")
+        assert downloaded.keys() == uploaded.keys()
+        assert all(torch.equal(downloaded[key], uploaded[key]) for key in uploaded)
