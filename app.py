@@ -40,6 +40,7 @@ from adapter.formats.common import unrecorded_format_note
 from adapter.live_training import MAX_STEPS, VALIDATIONS, LiveTraining, TrainProgress, TrainRequest
 from adapter.model import Transformer
 from adapter.prompts import PROMPT_FORMATS
+from adapter.releases import OFFICIAL
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -341,11 +342,12 @@ class Handlers:
         is served now, adapters trained or uploaded since the app started included."""
         return menu_updates(self.engines, self.training is not None)
 
-    def serve_upload(self, upload: str | None) -> tuple[Any, ...]:
-        """Serve an uploaded adapter beside the others (adapter.adapter_upload): a line saying what it is, and
-        the adapter menus offering it, the top one (and the image tab's, if it sees) choosing it."""
+    def serve_upload(self, upload: str | None, named: str = "") -> tuple[Any, ...]:
+        """Serve an uploaded adapter (or one named on the hub or an official release) beside the others
+        (adapter.adapter_upload): a line saying what it is, and the adapter menus offering it, the top one (and
+        the image tab's, if it sees) choosing it."""
         with user_errors():
-            name = self.uploads.serve(upload)
+            name = self.uploads.serve(upload, named)
         engine = self.engines.get(name)
         args = engine.model.adapter_args
         kind = ", ".join(filter(None, [f"{args.prompt_len} prompt tokens on {args.prompt_layers} layers"
@@ -651,16 +653,21 @@ def upload_panel(handlers: Handlers, menus: list[gr.Dropdown]) -> None:
     gr.Markdown(f"**An adapter of your own**, served on this base beside the others (the last {MAX_UPLOADED} "
                 "uploaded stay served) to every user: a file in any format `--adapter` reads (ours, the official "
                 "releases' `.pth`, litgpt's), or a `.zip` of its folder (ours, a PEFT adaption-prompt or LoRA folder, "
-                f"the Train tab's zip); at most {MAX_UPLOAD} uploaded. One with a visual prompt reads the served "
-                "CLIP tower. Nothing in it runs: weights only.")
+                f"the Train tab's zip); at most {MAX_UPLOAD} uploaded. Or name one for the server to fetch: "
+                "`hf:owner/name` (a hub repository, such as a PEFT adapter's) or `official:NAME`, an official "
+                f"release ({', '.join(OFFICIAL)}). One with a visual prompt reads the served CLIP tower. Nothing in "
+                "it runs: weights only.")
     with gr.Row():
         upload = gr.File(label="Adapter (.safetensors, .pth, .bin, .pt, .zip)",
                          file_types=[".safetensors", ".pth", ".bin", ".pt", ".zip"], type="filepath", height=140,
-                         elem_id="upload_adapter")
-        button = gr.Button("Serve it", elem_id="serve_upload", scale=0)
+                         elem_id="upload_adapter", scale=3)
+        with gr.Column(scale=2):
+            named = gr.Textbox("", label="or its name", placeholder="hf:owner/name or official:NAME", max_lines=1,
+                               elem_id="upload_name")
+            button = gr.Button("Serve it", elem_id="serve_upload")
     status = gr.Markdown(elem_id="upload_status")
-    button.click(handlers.serve_upload, upload, [status, *menus], api_name="serve_adapter", concurrency_id="upload",
-                 concurrency_limit=1)
+    button.click(handlers.serve_upload, [upload, named], [status, *menus], api_name="serve_adapter",
+                 concurrency_id="upload", concurrency_limit=1)
 
 
 def download_panel(handlers: Handlers, adapter: gr.Dropdown) -> None:

@@ -1,6 +1,8 @@
 """Adapters users upload to the running app (the Model tab): a file in any format `adapter.load` reads (ours, the
 official releases' .pth, litgpt's, a PEFT adaption-prompt or LoRA folder zipped, the Train tab's zip), checked
-against the served base and served beside the others as `uploaded-N`, an image adapter on the served CLIP tower.
+against the served base and served beside the others as `uploaded-N`, an image adapter on the served CLIP tower;
+or one named on the hub (`hf:owner/name`, a repository of at most MAX_FETCHED bytes) or an official release
+(`official:NAME`), fetched by the server, never a path on the server.
 
 Nothing in an upload runs: weights are read with `torch.load(weights_only=True)` or safetensors, and a zip is
 unpacked only after every member's name and size are checked (no absolute paths or `..`, no links, at most
@@ -15,6 +17,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from . import hub
 from .added_adapters import AddedAdapters, served_sight
 from .engine import Engine, Engines
 from .loading import load_sharing
@@ -23,6 +26,7 @@ from .model import Transformer
 MAX_UPLOADED = 4  # uploaded adapters served at once, the oldest giving way
 UPLOADED_PREFIX = "uploaded-"
 MAX_MEMBERS = 64  # files a zip may hold
+MAX_FETCHED = 2 << 30  # bytes a hub adapter's repository may download (a whole base is refused)
 MAX_UNPACKED = 256 << 20  # bytes a zip may unpack to (adapters hardly compress: a zip that would unpack to far
 # more than it holds is a zip bomb, not an adapter)
 
@@ -82,22 +86,33 @@ class AdapterUploads:
         self.folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "llama-adapter-uploads"
         self._one_at_a_time = threading.Lock()  # names and the oldest's removal stay in order
 
-    def serve(self, upload: str | Path | None) -> str:
-        """Read the uploaded adapter, fit it to the served base (and tower) and serve it; returns its name.
-        ValueError (FileNotFoundError) naming what is wrong, with nothing served and nothing kept."""
-        if not upload:
+    def serve(self, upload: str | Path | None, named: str | None = None) -> str:
+        """Read the uploaded adapter (or the one `named` on the hub, `hf:owner/name`, or an official release,
+        `official:NAME`), fit it to the served base (and tower) and serve it; returns its name. ValueError
+        (FileNotFoundError) naming what is wrong, with nothing served and nothing kept."""
+        named = (named or "").strip()
+        if not upload and not named:
             raise ValueError("adapter: upload an adapter file first (.safetensors, .pth, .bin, or a .zip of its "
-                             "folder)")
-        upload = Path(upload)
+                             "folder), or name one on the hub (hf:owner/name) or an official release "
+                             "(official:NAME)")
+        if upload and named:
+            raise ValueError(f"adapter: both a file and {named!r} given; serve one at a time")
+        if named and not hub.is_remote(named):
+            raise ValueError(f"adapter: {named!r} is not hf:owner/name or official:NAME; files on the server are "
+                             "not read by name, upload the file instead")
         self.folder.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.folder))
         try:
             with self._one_at_a_time:
-                model = load_sharing(self.engines.default.model, unpack(upload, folder / upload.stem))
+                if named:
+                    label, source = named, hub.resolve(named, "adapter", max_bytes=MAX_FETCHED)
+                else:
+                    label, source = Path(upload).name, unpack(Path(upload), folder / Path(upload).stem)
+                model = load_sharing(self.engines.default.model, source)
                 if not (model.adapter_args.has_prompts or model.adapter_args.has_deltas):
-                    raise ValueError(f"adapter: {upload.name} holds no adapter tensors")
+                    raise ValueError(f"adapter: {label} holds no adapter tensors")
                 sight = None if model.visual_prompt is None else \
-                    served_sight(self.engines, f"adapter: {upload.name} has a visual prompt, which")
+                    served_sight(self.engines, f"adapter: {label} has a visual prompt, which")
                 return self.uploaded.add(model, folder, sight)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

@@ -124,7 +124,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="leave out the Train tab, where users train adapters on the served base (one run at a "
                              "time, each step between other users' answers)")
     parser.add_argument("--no-upload", action="store_true", default=_truthy(environ.get(env_name("no_upload"))),
-                        help="leave out the Model tab's upload, where users serve adapters of their own to everyone")
+                        help="leave out the Model tab's upload, where users serve adapters of their own to everyone "
+                             "(uploaded, or named for the server to fetch from the hub or the official releases)")
     parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens),
                         help="the most tokens one answer may have (the slider's maximum)")
     parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency),

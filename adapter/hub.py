@@ -8,6 +8,7 @@ guess at a repository.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from collections.abc import Iterator
@@ -30,9 +31,10 @@ def is_remote(value: str | os.PathLike) -> bool:
     return str(value).startswith((PREFIX, OFFICIAL))
 
 
-def resolve(value: str | os.PathLike, what: str) -> Path:
+def resolve(value: str | os.PathLike, what: str, max_bytes: int | None = None) -> Path:
     """A local path as given, the local snapshot of `hf:owner/name`, or the cached official release
-    `official:NAME` (each downloaded if needed)."""
+    `official:NAME` (each downloaded if needed); with `max_bytes`, a repository that would download more is
+    refused before anything is fetched (a server fetching what its users name)."""
     from . import releases
 
     text = str(value)
@@ -48,7 +50,18 @@ def resolve(value: str | os.PathLike, what: str) -> Path:
     with _fetching(what, repo):
         if file_name:
             return Path(hub.hf_hub_download(repo_id=repo, filename=file_name, **at))
+        if max_bytes is not None:
+            _check_size(hub, repo, at, max_bytes, what)
         return Path(hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED, **at))
+
+
+def _check_size(hub, repo: str, at: dict[str, str], max_bytes: int, what: str) -> None:
+    """ValueError where the files a snapshot of `repo` would fetch add up to more than `max_bytes`."""
+    info = hub.HfApi().model_info(repo, files_metadata=True, **at)
+    size = sum(file.size or 0 for file in info.siblings or []
+               if not any(fnmatch.fnmatch(file.rfilename, pattern) for pattern in SKIPPED))
+    if size > max_bytes:
+        raise ValueError(f"{what}: hf:{repo} holds {size:,} bytes, more than the {max_bytes:,} fetched here")
 
 
 def resolve_data(value: str | os.PathLike, what: str) -> Path:

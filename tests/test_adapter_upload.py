@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -179,3 +180,92 @@ def test_a_zip_of_too_many_files_is_refused_before_it_is_unpacked(tmp_path, monk
         archive.writestr("weights.bin", b"\0" * 4)
     with pytest.raises(ValueError, match="^adapter: big.zip unpacks to 4 bytes, more than 3"):
         unpack(big, tmp_path / "out")
+
+
+class FakeHub:
+    """huggingface_hub's two calls a named adapter makes: the repository's file sizes, then its snapshot."""
+
+    def __init__(self, folder: Path, sizes: dict[str, int]) -> None:
+        self.folder, self.sizes, self.asked = folder, sizes, []
+
+    def install(self, monkeypatch) -> None:
+        import huggingface_hub
+
+        hub = self
+
+        class HfApi:
+            def model_info(self, repo_id, files_metadata=False, **options):
+                hub.asked.append(("model_info", repo_id, files_metadata, options))
+                siblings = [SimpleNamespace(rfilename=name, size=size) for name, size in hub.sizes.items()]
+                return SimpleNamespace(siblings=siblings)
+
+        def snapshot_download(repo_id, **options):
+            hub.asked.append(("snapshot_download", repo_id, options))
+            return str(hub.folder)
+
+        monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_an_adapter_named_on_the_hub_or_an_official_release_is_fetched_and_served(tmp_path, base_folder, served,
+                                                                                   monkeypatch):
+    from adapter import releases
+    from adapter.hub import SKIPPED
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is faked: nothing may reach the network
+    engines = Engines({"base": Engine(served)})
+    service = uploads(engines, tmp_path)
+    peft = write_peft(raw_adapter(base_folder), tmp_path / "peft")
+    hub = FakeHub(peft, {"adapter_config.json": 500, "adapter_model.safetensors": 4000,
+                         "original/consolidated.00.pth": 10 << 30})  # skipped, as for bases: not counted
+    hub.install(monkeypatch)
+    assert service.serve(None, " hf:owner/peft-adapter@v1 ") == "uploaded-1"
+    assert hub.asked == [("model_info", "owner/peft-adapter", True, {"revision": "v1"}),
+                         ("snapshot_download", "owner/peft-adapter", {"ignore_patterns": SKIPPED, "revision": "v1"})]
+    model, direct = engines.get("uploaded-1").model, adapter.load(base_folder, adapter=peft, device="cpu")
+    assert model.adapter_format == "peft" and model.tok_embeddings is served.tok_embeddings
+    torch.testing.assert_close(logits(model), logits(direct), rtol=1e-5, atol=1e-5)
+
+    official = tmp_path / "llama_adapter_len3_layer2_release.pth"
+    write_v1(official)
+    fetched = []
+    monkeypatch.setattr(releases, "fetch", lambda name, what: fetched.append((name, what)) or official)
+    assert service.serve("", "official:v1") == "uploaded-2"
+    assert fetched == [("v1", "adapter")] and engines.get("uploaded-2").model.adapter_format == "official-v1"
+    torch.testing.assert_close(logits(engines.get("uploaded-2").model),
+                               logits(adapter.load(base_folder, adapter=official, device="cpu")), rtol=1e-5, atol=1e-5)
+
+
+def test_named_adapters_too_large_on_the_server_or_unknown_are_refused_before_anything_is_fetched(
+        tmp_path, base_folder, served, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(adapter_upload, "MAX_FETCHED", 1000)
+    engines = Engines({"base": Engine(served)})
+    service = uploads(engines, tmp_path)
+    ours = trained(base_folder, V1, tmp_path / "ours")
+    hub = FakeHub(ours, {"model-00001-of-00002.safetensors": 600, "model-00002-of-00002.safetensors": 600})
+    hub.install(monkeypatch)
+    cases = [
+        ("hf:owner/whole-base", r"^adapter: hf:owner/whole-base holds 1,200 bytes, more than the 1,000 fetched here$"),
+        (str(ours), r"is not hf:owner/name or official:NAME; files on the server are not read by name"),
+        ("official:BIAS-13B", r"^adapter: official:BIAS-13B is no official release; choose from official:v1, "),
+        ("hf:not a repo", r"^adapter: 'hf:not a repo' is not a hub repository id"),
+    ]
+    for named, message in cases:
+        with pytest.raises(ValueError, match=message):
+            service.serve(None, named)
+    assert [call[0] for call in hub.asked] == ["model_info"], "no snapshot of the large one"
+    with pytest.raises(ValueError, match=r"^adapter: both a file and 'hf:owner/x' given; serve one at a time"):
+        service.serve(ours / "adapter.safetensors", "hf:owner/x")
+
+    def offline(repo_id, **options):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(adapter_upload, "MAX_FETCHED", 1 << 20)
+    with pytest.raises(ValueError, match=r"^adapter: could not get owner/small from the Hugging Face hub "
+                                         r"\(LocalEntryNotFoundError: offline\); download it yourself"):
+        service.serve(None, "hf:owner/small")
+    assert engines.names == ["base"] and not any((tmp_path / "uploads").iterdir()), "nothing served or kept"

@@ -185,4 +185,7 @@ def test_a_trained_adapters_zip_uploaded_in_the_model_tab_is_served_as_it_was_tr
     with pytest.raises(AppError, match=r"^Invalid file type\. Please upload a file that is one of these formats: "
                                        r"\['\.safetensors', '\.pth', '\.bin', '\.pt', '\.zip'\]"):
         client.predict(handle_file(str(records)), api_name="/serve_adapter")
+    with pytest.raises(AppError, match=r"^adapter: '/etc/passwd' is not hf:owner/name or official:NAME; files on "
+                                       r"the server are not read by name"):
+        client.predict(None, "/etc/passwd", api_name="/serve_adapter")  # a name instead of a file: hub or release
     assert served.engines.names[-1] == name
