@@ -48,20 +48,22 @@ def resolve(value: str | os.PathLike, what: str, max_bytes: int | None = None) -
                          "hf:owner/name[@revision]/FILE.gguf)")
     hub, at = _hub(what, repo), {} if revision is None else {"revision": revision}
     with _fetching(what, repo):
+        if max_bytes is not None:
+            _check_size(hub, repo, at, file_name, max_bytes, what)
         if file_name:
             return Path(hub.hf_hub_download(repo_id=repo, filename=file_name, **at))
-        if max_bytes is not None:
-            _check_size(hub, repo, at, max_bytes, what)
         return Path(hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED, **at))
 
 
-def _check_size(hub, repo: str, at: dict[str, str], max_bytes: int, what: str) -> None:
-    """ValueError where the files a snapshot of `repo` would fetch add up to more than `max_bytes`."""
+def _check_size(hub, repo: str, at: dict[str, str], file_name: str, max_bytes: int, what: str) -> None:
+    """ValueError where what would be fetched (`file_name`, or a snapshot of `repo`) is more than `max_bytes`."""
     info = hub.HfApi().model_info(repo, files_metadata=True, **at)
-    size = sum(file.size or 0 for file in info.siblings or []
-               if not any(fnmatch.fnmatch(file.rfilename, pattern) for pattern in SKIPPED))
+    fetched = [file for file in info.siblings or [] if file.rfilename == file_name or not file_name and
+               not any(fnmatch.fnmatch(file.rfilename, pattern) for pattern in SKIPPED)]
+    size = sum(file.size or 0 for file in fetched)
     if size > max_bytes:
-        raise ValueError(f"{what}: hf:{repo} holds {size:,} bytes, more than the {max_bytes:,} fetched here")
+        named = f"hf:{repo}/{file_name}" if file_name else f"hf:{repo}"
+        raise ValueError(f"{what}: {named} holds {size:,} bytes, more than the {max_bytes:,} fetched here")
 
 
 def resolve_data(value: str | os.PathLike, what: str) -> Path:

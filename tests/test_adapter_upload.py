@@ -245,10 +245,14 @@ def test_named_adapters_too_large_on_the_server_or_unknown_are_refused_before_an
     engines = Engines({"base": Engine(served)})
     service = uploads(engines, tmp_path)
     ours = trained(base_folder, V1, tmp_path / "ours")
-    hub = FakeHub(ours, {"model-00001-of-00002.safetensors": 600, "model-00002-of-00002.safetensors": 600})
+    hub = FakeHub(ours, {"model-00001-of-00002.safetensors": 600, "model-00002-of-00002.safetensors": 600,
+                         "q8/model.Q8_0.gguf": 5000})
     hub.install(monkeypatch)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **options: pytest.fail("fetched a file"))
     cases = [
-        ("hf:owner/whole-base", r"^adapter: hf:owner/whole-base holds 1,200 bytes, more than the 1,000 fetched here$"),
+        ("hf:owner/whole-base", r"^adapter: hf:owner/whole-base holds 6,200 bytes, more than the 1,000 fetched here$"),
+        ("hf:owner/whole-base/q8/model.Q8_0.gguf", r"^adapter: hf:owner/whole-base/q8/model\.Q8_0\.gguf holds 5,000 "
+                                                   r"bytes, more than the 1,000"),
         (str(ours), r"is not hf:owner/name or official:NAME; files on the server are not read by name"),
         ("official:BIAS-13B", r"^adapter: official:BIAS-13B is no official release; choose from official:v1, "),
         ("hf:not a repo", r"^adapter: 'hf:not a repo' is not a hub repository id"),
@@ -256,7 +260,7 @@ def test_named_adapters_too_large_on_the_server_or_unknown_are_refused_before_an
     for named, message in cases:
         with pytest.raises(ValueError, match=message):
             service.serve(None, named)
-    assert [call[0] for call in hub.asked] == ["model_info"], "no snapshot of the large one"
+    assert [call[0] for call in hub.asked] == ["model_info"] * 2, "no snapshot of the large ones"
     with pytest.raises(ValueError, match=r"^adapter: both a file and 'hf:owner/x' given; serve one at a time"):
         service.serve(ours / "adapter.safetensors", "hf:owner/x")
 
