@@ -359,6 +359,24 @@ class Handlers:
                   "base (0) and it (1).")
         return status, *menu_updates(self.engines, self.training is not None, name)
 
+    def remove_adapter(self, adapter: str | None) -> tuple[Any, ...]:
+        """Serve the chosen adapter no more, if it was trained or uploaded here (those served from the start
+        stay): a line saying so, and the menus without it, back on the first adapter (the image tab's on the
+        first that sees)."""
+        with user_errors():
+            name = adapter or self.engines.names[0]
+            self.engines.get(name)
+            added = [owner for owner in (self.uploads and self.uploads.uploaded, self.training and
+                                         self.training.trained) if owner is not None]
+            if not any(owner.remove(name) for owner in added):
+                raise ValueError(f"adapter: {name} was served from the start; only adapters trained or uploaded "
+                                 "here can be removed")
+        names, first = self.engines.names, self.engines.names[0]
+        tops = (gr.update(choices=names, visible=len(names) > 1, value=first),
+                gr.update(choices=names, visible=len(names) > 1, value=self.engines.for_images))
+        start = (gr.update(choices=start_choices(names)),) if self.training is not None else ()
+        return f"**{name}** is served no more; its files are removed.", *tops, *start
+
     def download_adapter(self, to: str, adapter: str | None = None) -> str:
         """The chosen adapter (omitted: the first) written in format `to`, as `python -m adapter.convert` writes
         it: the file to download, with convert's warning where the format loses how the adapter is asked."""
@@ -670,6 +688,14 @@ def upload_panel(handlers: Handlers, menus: list[gr.Dropdown]) -> None:
                  concurrency_id="upload", concurrency_limit=1)
 
 
+def removal_button(handlers: Handlers, adapter: gr.Dropdown, menus: list[gr.Dropdown]) -> None:
+    """Stop serving the chosen adapter, one trained or uploaded here (`menus` lose it)."""
+    button = gr.Button("Stop serving the chosen adapter (trained or uploaded here)", elem_id="remove_adapter")
+    status = gr.Markdown(elem_id="remove_status")
+    button.click(handlers.remove_adapter, adapter, [status, *menus], api_name="remove_adapter",
+                 concurrency_id="upload", concurrency_limit=1)
+
+
 def download_panel(handlers: Handlers, adapter: gr.Dropdown) -> None:
     """The Model tab's download: the adapter chosen at the top, in a format other tools read."""
     with gr.Row():
@@ -867,7 +893,10 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                 visible=plot is not None, elem_id="training_gates")
         with gr.Tab("Model"):
             info = gr.JSON(label="Loaded")
-            refresh = gr.Button("Refresh")
+            with gr.Row():
+                refresh = gr.Button("Refresh")
+                if handlers.uploads is not None or handlers.training is not None:
+                    removal_button(handlers, adapter, menus)
             download_panel(handlers, adapter)
             if handlers.uploads is not None:
                 upload_panel(handlers, menus)

@@ -1,11 +1,13 @@
 """Adapters the running app serves beside the ones it started with (trained in its Train tab, uploaded by users):
 each on the served base (`load_sharing`: its own tensors only), one that sees on the served CLIP tower, under the
-next free PREFIX-N name; beyond a limit the oldest gives way, its folder removed."""
+next free PREFIX-N name; beyond a limit the oldest gives way, its folder removed (as when one is removed by
+hand)."""
 
 from __future__ import annotations
 
 import itertools
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ class AddedAdapters:
         self.engines, self.make_engine, self.prefix, self.limit = engines, make_engine, prefix, limit
         self._added: list[tuple[str, Path]] = []  # (name served, its folder), oldest first
         self._numbers = itertools.count(1)
+        self._lock = threading.Lock()  # an add (the oldest giving way) and a removal by hand, one at a time
 
     def add(self, model: Transformer, folder: Path, sight: Sight | None = None) -> str:
         """Serve `model` (on the served base) under the next free name, with `sight`'s tower if it has a visual
@@ -53,11 +56,23 @@ class AddedAdapters:
                 raise ValueError("sight: an adapter with a visual prompt is served with the tower it reads")
             attach_image_encoder(model, sight.encoder, inference=True)
         engine = self.make_engine(model)
-        name = next(n for n in (f"{self.prefix}{i}" for i in self._numbers) if n not in self.engines.names)
-        self.engines.add(name, engine)
-        self._added.append((name, folder))
-        while len(self._added) > self.limit:
-            old, old_folder = self._added.pop(0)
-            self.engines.remove(old)
-            shutil.rmtree(old_folder, ignore_errors=True)
+        with self._lock:
+            name = next(n for n in (f"{self.prefix}{i}" for i in self._numbers) if n not in self.engines.names)
+            self.engines.add(name, engine)
+            self._added.append((name, folder))
+            while len(self._added) > self.limit:
+                self._drop(0)
         return name
+
+    def remove(self, name: str) -> bool:
+        """Serve `name` no more and remove its folder, if it is one of these; whether it was."""
+        with self._lock:
+            index = next((i for i, (added, _) in enumerate(self._added) if added == name), None)
+            if index is not None:
+                self._drop(index)
+            return index is not None
+
+    def _drop(self, index: int) -> None:
+        name, folder = self._added.pop(index)
+        self.engines.remove(name)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -273,3 +273,16 @@ def test_named_adapters_too_large_on_the_server_or_unknown_are_refused_before_an
                                          r"\(LocalEntryNotFoundError: offline\); download it yourself"):
         service.serve(None, "hf:owner/small")
     assert engines.names == ["base"] and not any((tmp_path / "uploads").iterdir()), "nothing served or kept"
+
+
+def test_an_upload_removed_by_hand_is_served_no_more_and_its_files_go(tmp_path, base_folder, served):
+    engines = Engines({"base": Engine(served)})
+    service = uploads(engines, tmp_path)
+    ours = trained(base_folder, V1, tmp_path / "ours")
+    names = [service.serve(zipped(ours, tmp_path / f"{n}.zip")) for n in range(2)]
+    folders = sorted((tmp_path / "uploads").iterdir(), key=lambda folder: folder.stat().st_mtime_ns)
+    assert service.uploaded.remove("uploaded-1") and engines.names == ["base", "uploaded-2"]
+    assert not folders[0].exists() and folders[1].exists()
+    assert not service.uploaded.remove("uploaded-1") and not service.uploaded.remove("base")
+    assert engines.names == ["base", "uploaded-2"] and names == ["uploaded-1", "uploaded-2"]
+    assert service.serve(zipped(ours, tmp_path / "again.zip")) == "uploaded-3", "names are not used twice"

@@ -189,3 +189,27 @@ def test_a_trained_adapters_zip_uploaded_in_the_model_tab_is_served_as_it_was_tr
                                        r"the server are not read by name"):
         client.predict(None, "/etc/passwd", api_name="/serve_adapter")  # a name instead of a file: hub or release
     assert served.engines.names[-1] == name
+
+
+def test_an_adapter_trained_or_uploaded_here_is_served_no_more_when_removed_and_the_first_stays(served, records):
+    client = Client(served.url, verbose=False)
+    before = served.engines.names
+    archive, trained_menu = client.predict(*settings(records, epochs=1), api_name="/train")[3:5]
+    trained = trained_menu["value"]
+    uploaded = client.predict(handle_file(archive), api_name="/serve_adapter")[1]["value"]
+    first, sees = before[0], served.engines.for_images
+    for name in (trained, uploaded):
+        status, menu, image_menu, start_menu = client.predict(name, api_name="/remove_adapter")
+        assert status == f"**{name}** is served no more; its files are removed."
+        assert name not in served.engines.names and [c[0] for c in menu["choices"]] == served.engines.names
+        assert menu["value"] == first and image_menu["value"] == sees, "back on the first adapters"
+        assert name not in [c[1] for c in start_menu["choices"]]
+        with pytest.raises(AppError, match=f"{name} is not in the list of choices"):  # this client's menu lost it
+            answer(client, name, 1.0)
+        with pytest.raises(AppError, match=f"^adapter: '{name}' is not served here; choose from "):
+            answer(Client(served.url, verbose=False), name, 1.0)  # a client whose menus never changed
+    assert served.engines.names == before
+    with pytest.raises(AppError, match="^adapter: adapter was served from the start; only adapters trained or "
+                                       "uploaded here can be removed"):  # the demo's adapter, named by its folder
+        client.predict(first, api_name="/remove_adapter")
+    assert served.engines.names == before
