@@ -690,7 +690,7 @@ def upload_panel(handlers: Handlers, menus: list[gr.Dropdown]) -> None:
 
 def removal_button(handlers: Handlers, adapter: gr.Dropdown, menus: list[gr.Dropdown]) -> None:
     """Stop serving the chosen adapter, one trained or uploaded here (`menus` lose it)."""
-    button = gr.Button("Stop serving the chosen adapter (trained or uploaded here)", elem_id="remove_adapter")
+    button = gr.Button("Stop serving the chosen adapter", elem_id="remove_adapter")
     status = gr.Markdown(elem_id="remove_status")
     button.click(handlers.remove_adapter, adapter, [status, *menus], api_name="remove_adapter",
                  concurrency_id="upload", concurrency_limit=1)
