@@ -371,11 +371,8 @@ class Handlers:
             if not any(owner.remove(name) for owner in added):
                 raise ValueError(f"adapter: {name} was served from the start; only adapters trained or uploaded "
                                  "here can be removed")
-        names, first = self.engines.names, self.engines.names[0]
-        tops = (gr.update(choices=names, visible=len(names) > 1, value=first),
-                gr.update(choices=names, visible=len(names) > 1, value=self.engines.for_images))
-        start = (gr.update(choices=start_choices(names)),) if self.training is not None else ()
-        return f"**{name}** is served no more; its files are removed.", *tops, *start
+        return (f"**{name}** is served no more; its files are removed.",
+                *menu_updates(self.engines, self.training is not None, self.engines.names[0], self.engines.for_images))
 
     def download_adapter(self, to: str, adapter: str | None = None) -> str:
         """The chosen adapter (omitted: the first) written in format `to`, as `python -m adapter.convert` writes
@@ -425,14 +422,18 @@ def training_view(progress: TrainProgress, engines: Engines) -> tuple[Any, ...]:
     return progress.status(), *curves, str(progress.archive), *menu_updates(engines, True, progress.name)
 
 
-def menu_updates(engines: Engines, training: bool, chosen: str | None = None) -> tuple[dict[str, Any], ...]:
+def menu_updates(engines: Engines, training: bool, chosen: str | None = None,
+                 image_chosen: str | None = None) -> tuple[dict[str, Any], ...]:
     """Updates of the adapter menus offering what `engines` serve: the two at the top, `chosen` picked in the
-    first (and in the image tab's when it sees), and with `training` the Train tab's Start from."""
+    first (and in the image tab's when it sees, or `image_chosen` there), and with `training` the Train tab's
+    Start from."""
     names = engines.names
     offered = dict(choices=names, visible=len(names) > 1)
     picked = {} if chosen is None else dict(value=chosen)
-    sees = chosen is not None and engines.get(chosen).can_see_images
-    tops = (gr.update(**offered, **picked), gr.update(**offered, **(picked if sees else {})))
+    if image_chosen is None and chosen is not None and engines.get(chosen).can_see_images:
+        image_chosen = chosen
+    image_picked = {} if image_chosen is None else dict(value=image_chosen)
+    tops = (gr.update(**offered, **picked), gr.update(**offered, **image_picked))
     return (*tops, gr.update(choices=start_choices(names))) if training else tops
 
 
