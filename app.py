@@ -451,11 +451,12 @@ def start_choices(names: list[str]) -> list[tuple[str, str]]:
     return [(NEW_ADAPTER, "")] + [(name, name) for name in names]
 
 
-def checked_by_engines(menu: gr.Dropdown) -> gr.Dropdown:
-    """Let `Engines.get` check an adapter menu's value instead of gradio: adapters trained since the page was
-    built are served too (and an unknown name gets an error listing what is served). On the instance, as above."""
-    menu.preprocess = lambda payload: payload
-    return menu
+def adapter_menu(choices: list[Any], **options: Any) -> gr.Dropdown:
+    """An adapter menu whose value `Engines.get` checks, not gradio: adapters trained or uploaded since the page
+    (or an API client's session) was sent the menu's choices are served too, and an unknown name gets an error
+    listing what is served. A custom value is allowed for that, not patched on the instance: gradio builds a
+    session's component afresh from its arguments once an update has changed its choices."""
+    return gr.Dropdown(choices, allow_custom_value=True, **options)
 
 
 # Small pictures (the tiny model's scenes are 64 x 64) fill the image box instead of sitting in its middle.
@@ -616,10 +617,10 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
                                file_count="multiple", file_types=["image"], type="filepath", value=[], height=160,
                                visible=sees, elem_id="train_images")  # [] : API clients may leave it out
         with gr.Column():
-            start_from = checked_by_engines(gr.Dropdown(
+            start_from = adapter_menu(
                 start_choices(engines.names), value="", elem_id="train_start",
                 label="Start from (a served adapter is trained further in its own kind, shape and prompt format; "
-                      "one that sees, on its CLIP tower)"))
+                      "one that sees, on its CLIP tower)")
             mode = gr.Radio(TRAIN_MODES + ([VISION_MODE] if sees else []), value="v1", label="What is learnt",
                             elem_id="train_mode")
             epochs = gr.Slider(1, 20, value=1, step=1, label="Epochs", elem_id="train_epochs")
@@ -757,8 +758,7 @@ def sweep_panel(what: str, prefix: str = "") -> SweepPanel:
 
 def adapter_choice(engines: Engines, value: str, label: str, elem_id: str) -> gr.Dropdown:
     """Which served adapter answers; shown only when there is more than one."""
-    return checked_by_engines(gr.Dropdown(engines.names, value=value, label=label, visible=len(engines.names) > 1,
-                                          elem_id=elem_id))
+    return adapter_menu(engines.names, value=value, label=label, visible=len(engines.names) > 1, elem_id=elem_id)
 
 
 def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
