@@ -22,6 +22,7 @@ from PIL import Image
 
 from adapter.adapter_download import AdapterDownloads
 from adapter.adapter_upload import MAX_UPLOADED, AdapterUploads
+from adapter.added_adapters import AddedAdapters
 from adapter.app_config import ASSETS, ServeConfig, engine_for, load_engines, parse_config, serves_tiny
 from adapter.choices import ChoiceEvaluation
 from adapter.engine import (
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
     from adapter.gate_view import PromptShares
     from adapter.next_token import NextTokens
+else:
+    Figure = Any  # gradio reads the handlers' hints (to pass them their request): they must resolve at run time
 
 QUEUE_PER_WORKER = 16  # waiting requests per concurrent slot before "queue is full"
 DEFAULTS = Settings()
@@ -176,35 +179,41 @@ class Handlers:
     """The event functions; each turns UI values into an engine call and engine errors into messages.
 
     Every model event takes the six shared controls, then the adapter to answer with (omitted: the first), the
-    system prompt (omitted: none) and the adapter layers that speak (omitted: all)."""
+    system prompt (omitted: none) and the adapter layers that speak (omitted: all). gradio passes each its
+    request first, whose session says which adapters it may ask (`served`)."""
 
     def __init__(self, engines: Engines, training: LiveTraining | None = None,
                  uploads: AdapterUploads | None = None) -> None:
         self.engines, self.training, self.uploads = engines, training, uploads
         self.downloads = AdapterDownloads()
 
-    def request(self, gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
-                seed: float | None, adapter: str | None = None, system: str | None = None,
+    def served(self, request: gr.Request | None) -> Engines:
+        """The adapters `request`'s session may ask: all that are served, but others' private ones
+        (`--private-adapters`)."""
+        return self.engines.seen_by(getattr(request, "session_hash", None))
+
+    def resolve(self, request: gr.Request, gate: float, delta: float, temperature: float, top_p: float,
+                max_new_tokens: float, seed: float | None, adapter: str | None = None, system: str | None = None,
                 layers: str | None = None) -> tuple[Engine, Settings]:
         """The chosen adapter's engine and the request's settings, both checked."""
-        return self.engines.get(adapter), settings(gate, delta, temperature, top_p, max_new_tokens, seed, system,
-                                                   layers)
+        return self.served(request).get(adapter), settings(gate, delta, temperature, top_p, max_new_tokens, seed,
+                                                           system, layers)
 
-    def chat(self, message: str, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
+    def chat(self, request: gr.Request, message: str, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
         with user_errors():
             pairs = to_pairs(history)
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             answers = engine.chat(pairs, message, choice)
             yield to_messages(pairs + [(message.strip(), "")])  # the question shows before the first token
             for answer in answers:
                 yield to_messages(pairs + [(message.strip(), answer)])
 
-    def retry(self, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
+    def retry(self, request: gr.Request, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
         pairs = to_pairs(history)
         if not pairs:
             yield history
             return
-        yield from self.chat(pairs[-1][0], to_messages(pairs[:-1]), *controls)
+        yield from self.chat(request, pairs[-1][0], to_messages(pairs[:-1]), *controls)
 
     def undo(self, history: list) -> tuple[list[dict[str, str]], str]:
         pairs = to_pairs(history)
@@ -212,22 +221,23 @@ class Handlers:
             return [], ""
         return to_messages(pairs[:-1]), pairs[-1][0]
 
-    def chat_shares(self, history: list, *controls: Any) -> tuple[list[tuple[str, float]], Figure | None]:
+    def chat_shares(self, request: gr.Request, history: list,
+                    *controls: Any) -> tuple[list[tuple[str, float]], Figure | None]:
         """The last answer's tokens coloured by their prompt share, and the share per adapter layer."""
         pairs = to_pairs(history)
         if not pairs or not pairs[-1][1]:
             return [], None
         with user_errors():
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             prompt = engine.chat_prompt(pairs[:-1], pairs[-1][0], choice)
             return shares_view(engine.token_shares(prompt, pairs[-1][1], choice))
 
-    def ask_image(self, image: Image.Image | None, question: str, *rest: Any) -> Iterator[str]:
+    def ask_image(self, request: gr.Request, image: Image.Image | None, question: str, *rest: Any) -> Iterator[str]:
         """The image events take, after the controls, the conversation about the picture so far (trailing: an API
         client asking one question leaves it out)."""
         *controls, conversation = rest
         with user_errors():
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             answers = engine.ask_image(image, question, choice, to_pairs(conversation))
             warn_if_blind(engine, image)
             yield from answers
@@ -241,65 +251,68 @@ class Handlers:
             pairs.append((asked, answer))
         return to_messages(pairs), "", question.strip()
 
-    def image_shares(self, image: Image.Image | None, question: str, answer: str,
+    def image_shares(self, request: gr.Request, image: Image.Image | None, question: str, answer: str,
                      *rest: Any) -> tuple[list[tuple[str, float]], Figure | None]:
         *controls, conversation = rest
         if not answer:
             return [], None
         with user_errors():
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             prompt = engine.image_prompt(question, choice, to_pairs(conversation))
             return shares_view(engine.token_shares(prompt, answer, choice, image))
 
-    def compare(self, question: str, *controls: Any) -> Iterator[tuple[str, str]]:
+    def compare(self, request: gr.Request, question: str, *controls: Any) -> Iterator[tuple[str, str]]:
         with user_errors():
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             yield from engine.compare(question, choice)
 
-    def sweep(self, question: str, scales: str, *controls: Any) -> Iterator[list[list[Any]]]:
+    def sweep(self, request: gr.Request, question: str, scales: str, *controls: Any) -> Iterator[list[list[Any]]]:
         with user_errors():
             values = gate_scales(scales)
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             yield from table(values, engine.sweep(question, values, choice))
 
-    def sweep_image(self, image: Image.Image | None, question: str, scales: str,
+    def sweep_image(self, request: gr.Request, image: Image.Image | None, question: str, scales: str,
                     *rest: Any) -> Iterator[list[list[Any]]]:
         *controls, conversation = rest
         with user_errors():
             values = gate_scales(scales)
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             answers = engine.sweep_image(image, question, values, choice, to_pairs(conversation))
             warn_if_blind(engine, image)
             yield from table(values, answers)
 
-    def layer_sweep(self, question: str, *controls: Any) -> Iterator[list[list[Any]]]:
+    def layer_sweep(self, request: gr.Request, question: str, *controls: Any) -> Iterator[list[list[Any]]]:
         with user_errors():
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             yield from table(*engine.layer_sweep(question, choice))
 
-    def layer_sweep_image(self, image: Image.Image | None, question: str, *rest: Any) -> Iterator[list[list[Any]]]:
+    def layer_sweep_image(self, request: gr.Request, image: Image.Image | None, question: str,
+                          *rest: Any) -> Iterator[list[list[Any]]]:
         *controls, conversation = rest
         with user_errors():
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             labels, answers = engine.layer_sweep_image(image, question, choice, to_pairs(conversation))
             warn_if_blind(engine, image)
             yield from table(labels, answers)
 
-    def next_tokens(self, question: str, scales: str, *controls: Any) -> tuple[dict[str, Any], Figure]:
+    def next_tokens(self, request: gr.Request, question: str, scales: str,
+                    *controls: Any) -> tuple[dict[str, Any], Figure]:
         with user_errors():
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             return next_token_view(engine.next_tokens(question, scales, choice))
 
-    def next_tokens_image(self, image: Image.Image | None, question: str, scales: str,
+    def next_tokens_image(self, request: gr.Request, image: Image.Image | None, question: str, scales: str,
                           *rest: Any) -> tuple[dict[str, Any], Figure]:
         *controls, conversation = rest
         with user_errors():
-            engine, choice = self.request(*controls)
+            engine, choice = self.resolve(request, *controls)
             found = engine.next_tokens_image(image, question, scales, choice, to_pairs(conversation))
             warn_if_blind(engine, image)
             return next_token_view(found)
 
-    def score(self, data: str | None, scales: str, exact: bool, *rest: Any) -> tuple[list[list[Any]], Figure]:
+    def score(self, request: gr.Request, data: str | None, scales: str, exact: bool,
+              *rest: Any) -> tuple[list[list[Any]], Figure]:
         """The score table (one row per gate scale) and its plot. After the controls (the system prompt last) come
         the uploaded pictures of image records and then the layers (trailing inputs, so API clients that score
         text records with every layer may leave them out)."""
@@ -307,7 +320,7 @@ class Handlers:
 
         *controls, images, layers = rest
         with user_errors():
-            engine, choice = self.request(*controls, layers=layers)
+            engine, choice = self.resolve(request, *controls, layers=layers)
             result = engine.score(data, scales, choice, exact, images)
         if isinstance(result, ChoiceEvaluation):
             rows = [[s.gate_scale, round(100 * s.accuracy, 1), round(100 * s.accuracy_per_byte, 1),
@@ -317,38 +330,40 @@ class Handlers:
                  "" if s.exact is None else f"{s.exact} / {result.examples}"] for s in result.scores]
         return {"headers": SCORE_HEADERS, "data": rows}, figure([result])
 
-    def gates(self, scale: float, adapter: str | None = None, layers: str | None = None) -> Figure:
+    def gates(self, request: gr.Request, scale: float, adapter: str | None = None, layers: str | None = None) -> Figure:
         with user_errors():
-            return self.engines.get(adapter).gate_heatmap(scale, layers)
+            return self.served(request).get(adapter).gate_heatmap(scale, layers)
 
-    def training_plot(self, adapter: str | None = None) -> dict[str, Any]:
+    def training_plot(self, request: gr.Request, adapter: str | None = None) -> dict[str, Any]:
         """The chosen adapter's `gates.png` (hidden when it has none)."""
         with user_errors():
-            plot = self.engines.get(adapter).training_plot()
+            plot = self.served(request).get(adapter).training_plot()
         return gr.update(value=picture(plot), visible=plot is not None)
 
-    def gate_slider(self, adapter: str | None = None) -> dict[str, Any]:
+    def gate_slider(self, request: gr.Request, adapter: str | None = None) -> dict[str, Any]:
         """The gate slider's label for the chosen adapter (one without prompts has no gates to scale)."""
         with user_errors():
-            return gr.update(label=gate_label(self.engines.get(adapter)))
+            return gr.update(label=gate_label(self.served(request).get(adapter)))
 
-    def model_info(self, adapter: str | None = None) -> dict[str, Any]:
+    def model_info(self, request: gr.Request, adapter: str | None = None) -> dict[str, Any]:
+        served = self.served(request)
         with user_errors():
-            info = self.engines.get(adapter).model_info()
-        return {**info, "adapters_served": self.engines.names}
+            info = served.get(adapter).model_info()
+        return {**info, "adapters_served": served.names}
 
-    def adapter_menus(self) -> tuple[dict[str, Any], ...]:
+    def adapter_menus(self, request: gr.Request) -> tuple[dict[str, Any], ...]:
         """The adapter menus (the two at the top, and the Train tab's Start from when there is one) offering what
-        is served now, adapters trained or uploaded since the app started included."""
-        return menu_updates(self.engines, self.training is not None)
+        is served now to this session, adapters trained or uploaded since the app started included."""
+        return menu_updates(self.served(request), self.training is not None)
 
-    def serve_upload(self, upload: str | None, named: str = "") -> tuple[Any, ...]:
+    def serve_upload(self, request: gr.Request, upload: str | None, named: str = "") -> tuple[Any, ...]:
         """Serve an uploaded adapter (or one named on the hub or an official release) beside the others
         (adapter.adapter_upload): a line saying what it is, and the adapter menus offering it, the top one (and
         the image tab's, if it sees) choosing it."""
         with user_errors():
-            name = self.uploads.serve(upload, named)
-        engine = self.engines.get(name)
+            name = self.uploads.serve(upload, named, request.session_hash)
+        served = self.served(request)
+        engine = served.get(name)
         args = engine.model.adapter_args
         kind = ", ".join(filter(None, [f"{args.prompt_len} prompt tokens on {args.prompt_layers} layers"
                                        if args.has_prompts else "", *args.v2_parts,
@@ -357,28 +372,37 @@ class Handlers:
         status = (f"Served as **{name}** ({engine.model.adapter_format} format: {kind}), chosen in the adapter menu "
                   f"above{' and in the Image tab' if engine.can_see_images else ''}; {scale} between the frozen "
                   "base (0) and it (1).")
-        return status, *menu_updates(self.engines, self.training is not None, name)
+        return status, *menu_updates(served, self.training is not None, name)
 
-    def remove_adapter(self, adapter: str | None) -> tuple[Any, ...]:
+    def remove_adapter(self, request: gr.Request, adapter: str | None) -> tuple[Any, ...]:
         """Serve the chosen adapter no more, if it was trained or uploaded here (those served from the start
         stay): a line saying so, and the menus without it, back on the first adapter (the image tab's on the
         first that sees)."""
         with user_errors():
             name = adapter or self.engines.names[0]
-            self.engines.get(name)
-            added = [owner for owner in (self.uploads and self.uploads.uploaded, self.training and
-                                         self.training.trained) if owner is not None]
-            if not any(owner.remove(name) for owner in added):
+            self.served(request).get(name)  # another session's private adapter is not served to this one
+            if not any(added.remove(name) for added in self.added()):
                 raise ValueError(f"adapter: {name} was served from the start; only adapters trained or uploaded "
                                  "here can be removed")
+        served = self.served(request)
         return (f"**{name}** is served no more; its files are removed.",
-                *menu_updates(self.engines, self.training is not None, self.engines.names[0], self.engines.for_images))
+                *menu_updates(served, self.training is not None, served.names[0], served.for_images))
 
-    def download_adapter(self, to: str, adapter: str | None = None) -> str:
+    def forget_session(self, request: gr.Request) -> None:
+        """A page was closed: the adapters it trained or uploaded privately are served no more."""
+        for added in self.added():
+            added.forget(request.session_hash)
+
+    def added(self) -> list[AddedAdapters]:
+        """Those trained and those uploaded here (where the app lets users add adapters)."""
+        return [added for added in (self.uploads and self.uploads.uploaded, self.training and self.training.trained)
+                if added is not None]
+
+    def download_adapter(self, request: gr.Request, to: str, adapter: str | None = None) -> str:
         """The chosen adapter (omitted: the first) written in format `to`, as `python -m adapter.convert` writes
         it: the file to download, with convert's warning where the format loses how the adapter is asked."""
         with user_errors():
-            engine = self.engines.get(adapter)
+            engine = self.served(request).get(adapter)
             path = self.downloads.write(engine.model, adapter or self.engines.names[0], to)
         note = unrecorded_format_note(engine.model, to)
         if note:
@@ -402,7 +426,7 @@ class Handlers:
                                  images=tuple(images or ()))
             with closing(self.training.run(asked, request.session_hash)) as runs:  # a closed page stops it
                 for progress in runs:
-                    yield training_view(progress, self.engines)
+                    yield training_view(progress, self.served(request))
 
     def stop_training(self, request: gr.Request) -> None:
         """Stop this page's run after its step under way; what it learnt so far is kept and served."""
@@ -766,8 +790,10 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
     def make_engine(model: Transformer) -> Engine:  # an adapter added while serving, wrapped as the others
         return engine_for(model, engines.default.lock, config)
 
-    training = None if config.no_train_tab else LiveTraining(engines, make_engine)
-    handlers = Handlers(engines, training, None if config.no_upload else AdapterUploads(engines, make_engine))
+    private = config.private_adapters
+    training = None if config.no_train_tab else LiveTraining(engines, make_engine, private=private)
+    uploads = None if config.no_upload else AdapterUploads(engines, make_engine, private=private)
+    handlers = Handlers(engines, training, uploads)
     image_examples, chat_examples = examples(config)
     model_events = {"concurrency_id": "model", "concurrency_limit": config.concurrency}
     with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False) as demo:
@@ -968,6 +994,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         demo.load(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         demo.load(handlers.model_info, adapter, info, api_visibility="private")
         demo.load(handlers.adapter_menus, None, menus, api_visibility="private")
+        if private:
+            demo.unload(handlers.forget_session)
     demo.queue(max_size=QUEUE_PER_WORKER * config.concurrency, default_concurrency_limit=config.concurrency)
     return demo
 

@@ -80,16 +80,17 @@ class AdapterUploads:
     the others); each upload's files are kept in a folder of `folder` while it is served."""
 
     def __init__(self, engines: Engines, make_engine: Callable[[Transformer], Engine],
-                 folder: str | Path | None = None) -> None:
+                 folder: str | Path | None = None, private: bool = False) -> None:
         self.engines = engines
-        self.uploaded = AddedAdapters(engines, make_engine, UPLOADED_PREFIX, MAX_UPLOADED)
+        self.uploaded = AddedAdapters(engines, make_engine, UPLOADED_PREFIX, MAX_UPLOADED, private)
         self.folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "llama-adapter-uploads"
         self._one_at_a_time = threading.Lock()  # names and the oldest's removal stay in order
 
-    def serve(self, upload: str | Path | None, named: str | None = None) -> str:
+    def serve(self, upload: str | Path | None, named: str | None = None, owner: str | None = None) -> str:
         """Read the uploaded adapter (or the one `named` on the hub, `hf:owner/name`, or an official release,
-        `official:NAME`), fit it to the served base (and tower) and serve it; returns its name. ValueError
-        (FileNotFoundError) naming what is wrong, with nothing served and nothing kept."""
+        `official:NAME`), fit it to the served base (and tower) and serve it (with private adapters, to session
+        `owner` alone); returns its name. ValueError (FileNotFoundError) naming what is wrong, with nothing served
+        and nothing kept."""
         named = (named or "").strip()
         if not upload and not named:
             raise ValueError("adapter: upload an adapter file first (.safetensors, .pth, .bin, or a .zip of its "
@@ -113,7 +114,7 @@ class AdapterUploads:
                     raise ValueError(f"adapter: {label} holds no adapter tensors")
                 sight = None if model.visual_prompt is None else \
                     served_sight(self.engines, f"adapter: {label} has a visual prompt, which")
-                return self.uploaded.add(model, folder, sight)
+                return self.uploaded.add(model, folder, sight, owner)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

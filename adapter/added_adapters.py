@@ -1,7 +1,8 @@
 """Adapters the running app serves beside the ones it started with (trained in its Train tab, uploaded by users):
 each on the served base (`load_sharing`: its own tensors only), one that sees on the served CLIP tower, under the
 next free PREFIX-N name; beyond a limit the oldest gives way, its folder removed (as when one is removed by
-hand)."""
+hand). Private ones (`--private-adapters`) are served to the session that added them alone, each session keeping
+its last few, and go when it ends."""
 
 from __future__ import annotations
 
@@ -37,42 +38,59 @@ def served_sight(engines: Engines, purpose: str) -> Sight:
                      "(--clip) first")
 
 
+PRIVATE_SESSIONS = 4  # private: sessions' worth of adapters held at once, all sessions together
+
+
 class AddedAdapters:
     """Adapters added to `engines` under PREFIX-N names (`make_engine` wraps a model as the app wraps the
-    others); the last `limit` stay served."""
+    others); the last `limit` stay served. With `private`, each is served to the session that added it alone: each
+    session keeps its last `limit`, and all of them together the last PRIVATE_SESSIONS times that."""
 
     def __init__(self, engines: Engines, make_engine: Callable[[Transformer], Engine], prefix: str,
-                 limit: int) -> None:
+                 limit: int, private: bool = False) -> None:
         self.engines, self.make_engine, self.prefix, self.limit = engines, make_engine, prefix, limit
-        self._added: list[tuple[str, Path]] = []  # (name served, its folder), oldest first
+        self.private = private
+        self._added: list[tuple[str, Path, str | None]] = []  # (name served, its folder, its session), oldest first
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()  # an add (the oldest giving way) and a removal by hand, one at a time
 
-    def add(self, model: Transformer, folder: Path, sight: Sight | None = None) -> str:
+    def add(self, model: Transformer, folder: Path, sight: Sight | None = None, owner: str | None = None) -> str:
         """Serve `model` (on the served base) under the next free name, with `sight`'s tower if it has a visual
-        prompt; `folder` (its files) is removed when it gives way. Returns its name."""
+        prompt, to everyone or (private) to session `owner` alone; `folder` (its files) is removed when it gives
+        way. Returns its name."""
         if model.visual_prompt is not None:
             if sight is None:
                 raise ValueError("sight: an adapter with a visual prompt is served with the tower it reads")
             attach_image_encoder(model, sight.encoder, inference=True)
         engine = self.make_engine(model)
+        owner = owner if self.private else None
         with self._lock:
-            name = next(n for n in (f"{self.prefix}{i}" for i in self._numbers) if n not in self.engines.names)
-            self.engines.add(name, engine)
-            self._added.append((name, folder))
-            while len(self._added) > self.limit:
+            name = next(n for n in (f"{self.prefix}{i}" for i in self._numbers) if not self.engines.taken(n))
+            self.engines.add(name, engine, owner)
+            self._added.append((name, folder, owner))
+            while sum(added_by == owner for _, _, added_by in self._added) > self.limit:
+                self._drop(next(i for i, (_, _, added_by) in enumerate(self._added) if added_by == owner))
+            while len(self._added) > self.limit * (PRIVATE_SESSIONS if self.private else 1):
                 self._drop(0)
         return name
 
     def remove(self, name: str) -> bool:
         """Serve `name` no more and remove its folder, if it is one of these; whether it was."""
         with self._lock:
-            index = next((i for i, (added, _) in enumerate(self._added) if added == name), None)
+            index = next((i for i, (added, _, _) in enumerate(self._added) if added == name), None)
             if index is not None:
                 self._drop(index)
             return index is not None
 
+    def forget(self, owner: str) -> list[str]:
+        """Serve no more what session `owner` added privately (its page was closed); the names removed."""
+        with self._lock:
+            gone = [name for name, _, added_by in self._added if added_by == owner]
+            for name in gone:
+                self._drop(next(i for i, (added, _, _) in enumerate(self._added) if added == name))
+            return gone
+
     def _drop(self, index: int) -> None:
-        name, folder = self._added.pop(index)
+        name, folder, _ = self._added.pop(index)
         self.engines.remove(name)
         shutil.rmtree(folder, ignore_errors=True)

@@ -61,6 +61,7 @@ class ServeConfig:
     openai_api: bool = False  # also serve the adapters as an OpenAI-compatible API at /v1 (adapter.openai_api)
     no_train_tab: bool = False  # hide the Train tab (adapters trained on the served base: adapter.live_training)
     no_upload: bool = False  # no uploaded adapters in the Model tab (adapter.adapter_upload)
+    private_adapters: bool = False  # adapters trained or uploaded in the app served to their own session alone
 
 
 def env_name(flag: str) -> str:
@@ -126,6 +127,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--no-upload", action="store_true", default=_truthy(environ.get(env_name("no_upload"))),
                         help="leave out the Model tab's upload, where users serve adapters of their own to everyone "
                              "(uploaded, or named for the server to fetch from the hub or the official releases)")
+    parser.add_argument("--private-adapters", action="store_true",
+                        default=_truthy(environ.get(env_name("private_adapters"))),
+                        help="serve an adapter trained or uploaded in the app to the page (or API client) that "
+                             "added it alone, until that page is closed, instead of to every user (public Spaces)")
     parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens),
                         help="the most tokens one answer may have (the slider's maximum)")
     parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency),
@@ -198,6 +203,9 @@ def check_config(config: ServeConfig) -> None:
         raise ValueError(f"--max-new-tokens: must be between 1 and {MAX_NEW_TOKENS}, got {config.max_new_tokens}")
     if not 1 <= config.concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"--concurrency: must be between 1 and {MAX_CONCURRENCY}, got {config.concurrency}")
+    if config.private_adapters and config.no_train_tab and config.no_upload:
+        raise ValueError("--private-adapters: nothing to keep private; --no-train-tab and --no-upload leave out "
+                         "both ways of adding adapters")
 
 
 def tiny_available() -> bool:

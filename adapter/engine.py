@@ -523,12 +523,17 @@ class Engine:
 
 class Engines:
     """The adapters served on one frozen base, by name: one Engine each (their models share the base's tensors,
-    see `adapter.load_sharing`, and the device's lock). A request names its adapter; None means the first."""
+    see `adapter.load_sharing`, and the device's lock). A request names its adapter; None means the first.
+
+    Most are served to every user (`by_name`); an adapter added privately (the app's `--private-adapters`) is
+    served to the one session that added it: `seen_by(session)` is what that session may ask, and to everyone
+    else it is as if it were not served at all."""
 
     def __init__(self, engines: Mapping[str, Engine], defaults: Settings | None = None) -> None:
         if not engines:
             raise ValueError("adapters: serve at least one")
         self.by_name = dict(engines)
+        self.private: dict[str, tuple[str, Engine]] = {}  # name -> (the session it is served to, its engine)
         self.defaults = defaults or Settings()  # what a request that sets nothing gets (the served gate, ...)
         self._changing = threading.Lock()  # one add or remove at a time (a trained and an uploaded adapter)
 
@@ -549,20 +554,39 @@ class Engines:
         """The name the image tab starts with: the first adapter that can see, else the first."""
         return next((name for name, engine in self.by_name.items() if engine.can_see_images), self.names[0])
 
-    def add(self, name: str, engine: Engine) -> None:
-        """Serve one more adapter (one trained or uploaded while serving: adapter.added_adapters). The mapping is
-        replaced, not changed in place, so requests reading it meanwhile see it whole, before or after."""
+    def taken(self, name: str) -> bool:
+        """Whether `name` is served, to everyone or to one session."""
+        return name in self.by_name or name in self.private
+
+    def add(self, name: str, engine: Engine, owner: str | None = None) -> None:
+        """Serve one more adapter (one trained or uploaded while serving: adapter.added_adapters), to everyone or,
+        with `owner`, to that session alone. The mappings are replaced, not changed in place, so requests reading
+        them meanwhile see them whole, before or after."""
         with self._changing:
-            if name in self.by_name:
+            if self.taken(name):
                 raise ValueError(f"adapter: {name!r} is served already")
-            self.by_name = {**self.by_name, name: engine}
+            if owner is None:
+                self.by_name = {**self.by_name, name: engine}
+            else:
+                self.private = {**self.private, name: (owner, engine)}
 
     def remove(self, name: str) -> None:
-        """Serve `name` no more (requests under way with it finish); the last one stays."""
+        """Serve `name` no more (requests under way with it finish); the last one served to everyone stays."""
         with self._changing:
+            if name in self.private:
+                self.private = {key: held for key, held in self.private.items() if key != name}
+                return
             if name not in self.by_name or len(self.by_name) == 1:
                 raise ValueError(f"adapter: {name!r} is not served here or is the only one")
             self.by_name = {key: engine for key, engine in self.by_name.items() if key != name}
+
+    def seen_by(self, session: str | None) -> Engines:
+        """What `session` may ask (None: a client without a session, such as the OpenAI-compatible API): the
+        adapters served to everyone, then those served to it alone; itself where there are none of those."""
+        own = {name: engine for name, (owner, engine) in self.private.items() if owner == session}
+        if session is None or not own:
+            return self
+        return Engines({**self.by_name, **own}, self.defaults)
 
     def get(self, name: str | None) -> Engine:
         """The engine of adapter `name` (None: the first), or a ValueError naming the choices."""

@@ -163,9 +163,9 @@ class LiveTraining:
     model as the app wraps the others)."""
 
     def __init__(self, engines: Engines, make_engine: Callable[[Transformer], Engine],
-                 folder: str | Path | None = None) -> None:
+                 folder: str | Path | None = None, private: bool = False) -> None:
         self.engines = engines
-        self.trained = AddedAdapters(engines, make_engine, TRAINED_PREFIX, MAX_TRAINED)
+        self.trained = AddedAdapters(engines, make_engine, TRAINED_PREFIX, MAX_TRAINED, private)
         self.folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "llama-adapter-train"
         self._one_run = threading.Lock()
         self._owner: str | None = None
@@ -173,8 +173,9 @@ class LiveTraining:
 
     def run(self, request: TrainRequest, owner: str | None = None) -> Iterator[TrainProgress]:
         """The run's progress as it goes (at most every REFRESH_S), and last what it gave. Closing this early (a
-        page closed) ends the run after its step under way, and nothing is served. ValueError for bad settings or
-        records, and while another run is under way."""
+        page closed) ends the run after its step under way, and nothing is served. `owner` is the session that asked
+        (it may stop the run; with private adapters, the trained one is served to it alone, and it alone may start
+        from one of its own). ValueError for bad settings or records, and while another run is under way."""
         if not self._one_run.acquire(blocking=False):
             raise ValueError("train: another adapter is being trained here; try again when it is done")
         try:
@@ -213,7 +214,8 @@ class LiveTraining:
             hooks = RunHooks(base=base, image_encoder=None if sight is None else sight.encoder, stop=stop,
                              step_runner=engine.work.run, max_steps=MAX_STEPS, validations=VALIDATIONS)
             result, progress = yield from self._train(config, hooks)
-            name = self.trained.add(load_sharing(base, result.adapter), folder, sight)  # exactly what the zip holds
+            name = self.trained.add(load_sharing(base, result.adapter), folder, sight,  # exactly what the zip holds
+                                    self._owner)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -222,7 +224,10 @@ class LiveTraining:
     def _starting_point(self, name: str, folder: Path) -> StartingPoint:
         """Served adapter `name` written as it is served (whatever format it was read from) for the run to start
         from, with the tower it reads if it sees; the bare base is refused."""
-        model = self.engines.get(name).model
+        try:
+            model = self.engines.seen_by(self._owner).get(name).model
+        except ValueError as error:  # not served (any longer), or another session's own
+            raise ValueError(f"start_from: {error}") from None
         args = model.adapter_args
         if not (args.has_prompts or args.has_deltas):
             raise ValueError(f"start_from: {name} is the frozen base without an adapter; start from a new adapter")

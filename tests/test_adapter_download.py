@@ -81,7 +81,7 @@ def test_the_app_warns_where_a_downloaded_format_loses_how_the_adapter_is_asked(
     for to, warned in (("official-v1", True), ("native", False)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            path = Path(handlers.download_adapter(to, "trained-1"))
+            path = Path(handlers.download_adapter(None, to, "trained-1"))
         note = (f"note: the {to} format does not record the prompt format; ask this adapter in llama2 "
                 "(e.g. generate --template llama2)")
         assert (note in [str(w.message) for w in caught]) == warned, to

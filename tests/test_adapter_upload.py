@@ -286,3 +286,36 @@ def test_an_upload_removed_by_hand_is_served_no_more_and_its_files_go(tmp_path, 
     assert not service.uploaded.remove("uploaded-1") and not service.uploaded.remove("base")
     assert engines.names == ["base", "uploaded-2"] and names == ["uploaded-1", "uploaded-2"]
     assert service.serve(zipped(ours, tmp_path / "again.zip")) == "uploaded-3", "names are not used twice"
+
+
+def test_a_private_upload_is_served_to_its_session_alone_each_keeping_its_last_until_it_ends(tmp_path, base_folder,
+                                                                                             served, monkeypatch):
+    monkeypatch.setattr(adapter_upload, "MAX_UPLOADED", 2)
+    monkeypatch.setattr("adapter.added_adapters.PRIVATE_SESSIONS", 2)  # 2 each, 4 in all
+    engines = Engines({"base": Engine(served)})
+    service = AdapterUploads(engines, lambda model: Engine(model, engines.default.lock), tmp_path / "uploads",
+                             private=True)
+    ours = trained(base_folder, V1, tmp_path / "ours")
+    names = {session: [service.serve(zipped(ours, tmp_path / f"{session}{n}.zip"), owner=session) for n in range(2)]
+             for session in ("a", "b")}
+    assert names == {"a": ["uploaded-1", "uploaded-2"], "b": ["uploaded-3", "uploaded-4"]}
+    assert engines.names == ["base"], "served to everyone: none of them (nor listed by the OpenAI API)"
+    assert engines.seen_by("a").names == ["base", "uploaded-1", "uploaded-2"]
+    assert engines.seen_by("b").names == ["base", "uploaded-3", "uploaded-4"]
+    assert engines.seen_by("c") is engines and engines.seen_by(None) is engines
+    torch.testing.assert_close(logits(engines.seen_by("a").get("uploaded-1").model), logits(
+        adapter.load(base_folder, adapter=ours, device="cpu")), rtol=1e-5, atol=1e-5)
+    for session, name in (("b", "uploaded-1"), (None, "uploaded-3"), ("c", "uploaded-4")):
+        with pytest.raises(ValueError, match=f"^adapter: '{name}' is not served here; choose from base"):
+            engines.seen_by(session).get(name)
+    assert service.serve(zipped(ours, tmp_path / "a2.zip"), owner="a") == "uploaded-5"
+    assert engines.seen_by("a").names == ["base", "uploaded-2", "uploaded-5"], "a's oldest gives way to a's newest"
+    assert engines.seen_by("b").names == ["base", "uploaded-3", "uploaded-4"], "b's are not a's to push out"
+    assert service.serve(zipped(ours, tmp_path / "c0.zip"), owner="c") == "uploaded-6"
+    assert engines.seen_by("a").names == ["base", "uploaded-5"], "beyond 4 in all, the oldest of all gives way"
+    assert len(list((tmp_path / "uploads").iterdir())) == 4
+    assert service.uploaded.forget("b") == ["uploaded-3", "uploaded-4"] and engines.seen_by("b") is engines
+    assert sorted(engines.private) == ["uploaded-5", "uploaded-6"], "b's page closed: the others' stay"
+    assert len(list((tmp_path / "uploads").iterdir())) == 2, "and b's files go"
+    assert service.uploaded.forget("b") == [] and service.uploaded.remove("uploaded-6")
+    assert list(engines.private) == ["uploaded-5"]

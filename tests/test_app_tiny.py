@@ -195,7 +195,7 @@ def test_an_image_question_to_an_adapter_that_cannot_see_says_so(served, ask):
     for name, warned in (("tiny-text", True), ("tiny-image", False)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = getattr(handlers, ask)(Image.new("RGB", (8, 8)), "What colour is it?", *scales, *controls(),
+            result = getattr(handlers, ask)(None, Image.new("RGB", (8, 8)), "What colour is it?", *scales, *controls(),
                                             name, None, "all", [])  # no system prompt, every layer, no turns yet
             if ask != "next_tokens_image":
                 list(result)  # the streamed ones check and warn as they start

@@ -217,3 +217,43 @@ def test_an_adapter_trained_or_uploaded_here_is_served_no_more_when_removed_and_
                                        "uploaded here can be removed"):  # the demo's adapter, named by its folder
         client.predict(first, api_name="/remove_adapter")
     assert served.engines.names[0] == first
+
+
+def test_private_adapters_are_served_to_the_client_that_added_them_alone_until_it_leaves(demo_files, records,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")  # a client that leaves is noticed at once
+    with running_app([*demo_files.flags(), "--private-adapters"]) as served:
+        everyone = served.engines.names
+        owner, other = Client(served.url, verbose=False), Client(served.url, verbose=False)
+        archive, menu, image_menu, start_menu = owner.predict(*settings(records, epochs=1), api_name="/train")[3:7]
+        trained = menu["value"]
+        uploaded = owner.predict(handle_file(archive), api_name="/serve_adapter")[1]["value"]
+        assert served.engines.names == everyone, "served to no one else (nor to the OpenAI API)"
+        assert owner.predict(api_name="/model_info")["adapters_served"] == [*everyone, trained, uploaded]
+        assert [c[1] for c in start_menu["choices"][1:]] == [*everyone, trained]
+        assert answer(owner, trained, 1.0) == answer(owner, uploaded, 1.0) != answer(owner, trained, 0.0)
+        assert other.predict(api_name="/model_info")["adapters_served"] == everyone
+        listed = ", ".join(Path(name).name for name in everyone)  # the app names no server folders
+        refused = f"^adapter: '{trained}' is not served here; choose from {listed}$"
+        for ask in (lambda: answer(other, trained, 1.0), lambda: other.predict(trained, api_name="/model_info"),
+                    lambda: other.predict("native", trained, api_name="/download_adapter"),
+                    lambda: other.predict(trained, api_name="/remove_adapter")):
+            with pytest.raises(AppError, match=refused):
+                ask()
+        with pytest.raises(AppError, match=f"^start_from: adapter: '{trained}' is not served here"):
+            other.predict(*settings(records, epochs=1), trained, api_name="/train")
+        assert sorted(served.engines.private) == sorted([trained, uploaded])
+        owner.close()  # as a browser tab closed: its session ends
+        deadline = time.monotonic() + 30
+        while served.engines.private and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not served.engines.private, "its adapters go with it"
+        assert served.engines.names == everyone
+
+
+def test_private_adapters_need_a_way_to_add_adapters(served):
+    base = ["--base", served.engine.base]
+    assert parse_config(base, environ={"ADAPTER_PRIVATE_ADAPTERS": "1"}).private_adapters
+    with pytest.raises(ValueError, match="^--private-adapters: nothing to keep private; --no-train-tab and "
+                                         "--no-upload leave out both ways of adding adapters$"):
+        parse_config([*base, "--private-adapters", "--no-train-tab", "--no-upload"], environ={})

@@ -84,9 +84,9 @@ def test_inspect_and_the_app_engine_see_a_lora(meta, tmp_path):
     info = engines.default.model_info()
     assert info["adapter_format"] == "peft-lora" and info["v2_parts"] == "LoRA rank 4"
     assert "no adaption prompts, so no gates: the delta scale in Advanced blends it" in \
-        Handlers(engines).gate_slider()["label"]
+        Handlers(engines).gate_slider(None)["label"]
     bare = load_engines(ServeConfig(base=str(meta), device="cpu"))
-    assert Handlers(bare).gate_slider()["label"] == f"{GATE_LABEL} (no adapter: the frozen base answers)"
+    assert Handlers(bare).gate_slider(None)["label"] == f"{GATE_LABEL} (no adapter: the frozen base answers)"
 
 
 @pytest.mark.parametrize("change, message", [
