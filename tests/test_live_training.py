@@ -252,7 +252,7 @@ def test_the_bare_base_an_unknown_name_and_a_blind_image_adapter_are_not_trained
         list(training.run(request(data, start_from="blind")))
     with pytest.raises(ValueError, match="^start_from: base is the frozen base without an adapter"):
         list(training.run(request(data, start_from="base")))
-    with pytest.raises(ValueError, match="^adapter: 'gone' is not served here"):
+    with pytest.raises(ValueError, match="^start_from: adapter: 'gone' is not served here"):
         list(training.run(request(data, start_from="gone")))
     with pytest.raises(ValueError, match="^mode: vision trains a visual prompt that reads a CLIP tower, and no adapter served here sees"):
         list(training.run(request(data, mode="vision")))
