@@ -625,10 +625,11 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
     sees = any(engine.can_see_images for engine in engines.by_name.values())  # a CLIP tower is served
     images = (", and with the vision mode LLaVA image records with the pictures they name, trained on the served "
               "CLIP tower") if sees else "; text only: no adapter served here sees"
+    whose = " to you alone, until this page is closed or reloaded," if handlers.training.trained.private else ""
     gr.Markdown(f"Train an adapter on the served base, here, while the app goes on answering (each step between "
                 f"other requests). Its gates start at zero, so it starts as the frozen base; watch them open. When it "
-                f"ends it is served as `trained-N` beside the others and chosen in the adapter menu above, so the "
-                f"gate slider moves between the base and what it learnt; the zip holds it for `--adapter`. Records "
+                f"ends it is served as `trained-N` beside the others{whose} and chosen in the adapter menu above, so "
+                f"the gate slider moves between the base and what it learnt; the zip holds it for `--adapter`. Records "
                 f"as fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`{images}); one run "
                 f"at a time, of at most {MAX_STEPS} steps; warm-up over a tenth of the epochs, then cosine decay to "
                 f"a twentieth of the learning rate; 5% of the records give the validation loss, taken "
@@ -694,8 +695,10 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
 def upload_panel(handlers: Handlers, menus: list[gr.Dropdown]) -> None:
     """The Model tab's upload: an adapter of the user's own, served beside the others (`menus`, the adapter
     menus, offer it and the top one chooses it)."""
+    whom = "to you alone, until this page is closed or reloaded" if handlers.uploads.uploaded.private else \
+        "to every user"
     gr.Markdown(f"**An adapter of your own**, served on this base beside the others (the last {MAX_UPLOADED} "
-                "uploaded stay served) to every user: a file in any format `--adapter` reads (ours, the official "
+                f"uploaded stay served) {whom}: a file in any format `--adapter` reads (ours, the official "
                 "releases' `.pth`, litgpt's), or a `.zip` of its folder (ours, a PEFT adaption-prompt or LoRA folder, "
                 f"the Train tab's zip); at most {MAX_UPLOAD} uploaded. Or name one for the server to fetch: "
                 "`hf:owner/name` (a hub repository, such as a PEFT adapter's) or `official:NAME`, an official "

@@ -225,6 +225,9 @@ def test_private_adapters_are_served_to_the_client_that_added_them_alone_until_i
     with running_app([*demo_files.flags(), "--private-adapters"]) as served:
         everyone = served.engines.names
         owner, other = Client(served.url, verbose=False), Client(served.url, verbose=False)
+        said = [str(c["props"].get("value")) for c in owner.config["components"] if c["type"] == "markdown"]
+        assert sum("to you alone, until this page is closed or reloaded" in text for text in said) == 2, \
+            "the Train tab and the upload say whose their adapters are"
         archive, menu, image_menu, start_menu = owner.predict(*settings(records, epochs=1), api_name="/train")[3:7]
         trained = menu["value"]
         uploaded = owner.predict(handle_file(archive), api_name="/serve_adapter")[1]["value"]
