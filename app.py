@@ -922,9 +922,9 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
             training = gr.Image(picture(plot), label="Gates opening during training (gates.png)", interactive=False,
                                 visible=plot is not None, elem_id="training_gates")
         with gr.Tab("Model"):
-            info = gr.JSON(label="Loaded")
+            info = gr.JSON(label="Loaded", elem_id="model_info")
             with gr.Row():
-                refresh = gr.Button("Refresh")
+                refresh = gr.Button("Refresh", elem_id="refresh")
                 if handlers.uploads is not None or handlers.training is not None:
                     removal_button(handlers, adapter, menus)
             download_panel(handlers, adapter)

@@ -1,10 +1,12 @@
 """The app in a real browser (Debian's Chromium driven by playwright): on the random demo model, ask, move the
 gate slider to 0, ask again, and the answer changes; on the embedded tiny model, a held-out example clicked in
-the compare tab shows the frozen base's answer beside the adapter's, and the gate sweep's table. Skipped where
+the compare tab shows the frozen base's answer beside the adapter's, and the gate sweep's table; with
+--private-adapters an upload is one page's alone and goes when it closes. Skipped where
 Chromium is not installed (CI installs it, see .ci/run)."""
 
 from __future__ import annotations
 
+import time
 import zipfile
 
 import pytest
@@ -250,3 +252,31 @@ def test_an_adapter_uploaded_in_the_model_tab_is_served_and_chosen(browser, demo
         uploaded = safetensors.torch.load_file(demo_files.adapter / "adapter.safetensors")
         assert downloaded.keys() == uploaded.keys()
         assert all(torch.equal(downloaded[key], uploaded[key]) for key in uploaded)
+
+
+def test_a_private_upload_is_shown_to_its_page_alone_and_goes_when_the_page_closes(browser, demo_files, monkeypatch):
+    from playwright.sync_api import expect
+
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")  # a page that closes is noticed at once
+    with running_app([*demo_files.flags(), "--private-adapters"]) as demo:
+        page, other = open_page(browser, demo.url), open_page(browser, demo.url)
+        page.get_by_role("tab", name="Model").click()
+        expect(page.get_by_text("uploaded stay served) to you alone, until this page is closed")).to_be_visible()
+        page.locator("#upload_adapter input[type=file]").set_input_files(
+            str(demo_files.adapter / "adapter.safetensors"))
+        page.locator("#upload_adapter [aria-label='adapter.safetensors']").wait_for()
+        page.click("#serve_upload")
+        expect(page.locator("#upload_status")).to_contain_text("Served as uploaded-1", timeout=60_000)
+        expect(page.locator("#adapter input")).to_have_value("uploaded-1")
+        assert list(demo.engines.private) == ["uploaded-1"] and "uploaded-1" not in demo.engines.names
+        other.get_by_role("tab", name="Model").click()
+        other.click("#refresh")
+        expect(other.locator("#model_info")).to_contain_text("adapters_served")
+        assert "uploaded-1" not in other.locator("#model_info").inner_text(), "not served to another page"
+        page.click("#refresh")
+        expect(page.locator("#model_info")).to_contain_text("uploaded-1")
+        page.close()
+        deadline = time.monotonic() + 30
+        while demo.engines.private and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not demo.engines.private, "served no more once its page is closed"
