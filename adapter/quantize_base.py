@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from .config import ModelArgs
 from .formats import BASE_HELP
 from .formats.bnb import QuantizedWeight
-from .formats.common import new_file_mode
+from .formats.common import atomic_folder, refuse_existing
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
 from .loading import DTYPES, open_named_base, resolve_device
@@ -54,23 +53,13 @@ def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "
     if not shard_gb > 0:
         raise ValueError(f"shard_gb: must be above 0, got {shard_gb}")
     out = Path(out)
-    if out.exists():
-        raise ValueError(f"out: {out} already exists; name a new folder")
+    refuse_existing(out)  # before anything is read
     checkpoint = open_named_base(base)
     if getattr(checkpoint, "quantization", None):
         raise ValueError(f"base: {checkpoint.source} is already stored quantized ({checkpoint.quantization})")
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
     writer = _Writer(checkpoint, args, mode, DTYPES[dtype], double_quant, resolve_device(device), shard_gb)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
-    try:
-        writer.write(staging)
-        os.chmod(staging, new_file_mode(folder=True))  # mkdtemp made it owner-only
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return atomic_folder(out, writer.write)
 
 
 class _Writer:

@@ -14,13 +14,16 @@ import argparse
 import io
 import json
 import random
+import re
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from .config import ModelArgs, RopeScaling
+from .formats.common import atomic_folder
 from .formats.meta import shard_dim
 from .model import Transformer
 
@@ -55,14 +58,28 @@ def train_tokenizer(path: Path, vocab_size: int = 512, seed: int = 0, control_sy
 
     text = "\n".join(corpus(seed=seed))
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        control_symbols=list(control_symbols), minloglevel=2, num_threads=1,
-        **({"normalization_rule_name": "identity", "remove_extra_whitespaces": False} if keep_spaces else {}),
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            control_symbols=list(control_symbols), minloglevel=2, num_threads=1,
+            **({"normalization_rule_name": "identity", "remove_extra_whitespaces": False} if keep_spaces else {}),
+        )
+    except RuntimeError as error:  # sentencepiece's own check of the size, worded for its command line
+        raise ValueError(f"vocab_size: {vocab_size} does not fit the random tokenizer: {_size_bound(str(error))}") \
+            from None
     path.write_bytes(model.getvalue())
     return path
+
+
+def _size_bound(message: str) -> str:
+    """What sentencepiece's refusal of a vocabulary size says the size must be."""
+    low, high = re.search(r"(\d+) vs (\d+)", message), re.search(r"<= (\d+)", message)
+    if low:
+        return f"its bytes, characters and special pieces need at least {low.group(2)}"
+    if high:
+        return f"its corpus yields at most {high.group(1)} pieces"
+    return message
 
 
 def train_bpe_ranks(path: Path, ranks: int = 512, seed: int = 0) -> Path:
@@ -191,17 +208,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--shards: Mistral's layout is one consolidated.safetensors")
         shape = dict(dim=options.dim, n_layers=options.n_layers, n_heads=options.n_heads,
                      n_kv_heads=options.n_kv_heads, head_size=options.head_dim,
-                     vocab_size=options.vocab_size or (768 if options.llama3 else 512), multiple_of=32)
+                     vocab_size=(768 if options.llama3 else 512) if options.vocab_size is None else options.vocab_size,
+                     multiple_of=32)
         if options.llama3:
             shape.update(rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0))
         if options.mistral:
             shape.update(rope_theta=1000000.0)
         args = ModelArgs(**shape)
         if options.mistral:
-            folder = write_random_mistral(options.folder, args, seed=options.seed, window=options.sliding_window)
+            write = partial(write_random_mistral, args=args, seed=options.seed, window=options.sliding_window)
         else:
-            folder = write_random_base(options.folder, args, seed=options.seed, shards=options.shards,
-                                       tokenizer="tiktoken" if options.llama3 else "sentencepiece")
+            write = partial(write_random_base, args=args, seed=options.seed, shards=options.shards,
+                            tokenizer="tiktoken" if options.llama3 else "sentencepiece")
+        folder = atomic_folder(Path(options.folder), write)  # whole or not at all
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -137,6 +138,28 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def refuse_existing(out: Path) -> None:
+    """A folder to be written whole is a new one: ValueError naming `out` where it exists."""
+    if out.exists():
+        raise ValueError(f"out: {out} already exists; name a new folder")
+
+
+def atomic_folder(out: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` into a temp folder beside the new folder `out`, then rename: `out` appears whole or not at
+    all, whatever `write` raises."""
+    refuse_existing(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    try:
+        write(staging)
+        os.chmod(staging, new_file_mode(folder=True))  # mkdtemp made it owner-only
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
 
 
 def write_zip(path: Path, folder_name: str, files: list[Path]) -> Path:
