@@ -187,6 +187,13 @@ def test_bad_settings_name_the_flag(overrides, message):
         TrainConfig(base="b", data="d", out="o", **overrides)
 
 
+def test_an_out_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"^--out: .*notes\.txt is a file; name a folder for the run$"):
+        TrainConfig(base="b", data="d", out=str(tmp_path / "notes.txt"))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_validation_split_is_a_seeded_permutation():
     train_ids, val_ids = split_records(100, 0.05, seed=0)
     assert len(val_ids) == 5 and val_ids != [0, 1, 2, 3, 4]

@@ -134,6 +134,8 @@ class TrainConfig:
                  f"must be a positive integer, got {self.max_steps!r}")
         _require(not self.keep_best or self.val_data is not None or self.val_fraction > 0, "--keep-best",
                  "needs a validation set (--val-fraction above 0, or --val-data)")
+        _require(not Path(self.out).exists() or Path(self.out).is_dir(), "--out",
+                 f"{self.out} is a file; name a folder for the run")
         _require(self.export is None or self.export in EXPORTS, "--export",
                  f"must be one of {EXPORTS}, got {self.export!r}")
         try:
