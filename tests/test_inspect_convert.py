@@ -88,3 +88,19 @@ def test_inspect_names_the_embedded_model_by_its_names():
         pytest.skip("assets/tiny not built yet")
     assert describe("tiny")[0].endswith("assets/tiny/base: base LLaMA, meta format")
     assert describe("tiny-image")[0].endswith("assets/tiny/image/adapter.safetensors: adapter, native format")
+
+
+def test_convert_onto_a_folder_or_under_a_file_is_refused_by_name(base_folder, tmp_path, capsys):
+    model = adapter.load(base_folder, adapter=AdapterArgs(prompt_len=3, prompt_layers=2), device="cpu")
+    adapter.save_adapter(model, tmp_path / "v1")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "llama_adapter_len3_layer2.pth").mkdir()
+    for target, to, message in [(tmp_path / "notes.txt", "native", f"{tmp_path / 'notes.txt'} is a file, not a "
+                                                                   "folder to write adapter.safetensors into"),
+                                (tmp_path / "llama_adapter_len3_layer2.pth", "official-v1",
+                                 f"{tmp_path / 'llama_adapter_len3_layer2.pth'} is a folder; name a file to write")]:
+        assert convert_main([str(tmp_path / "v1"), str(target), "--to", to, "--base", str(base_folder)]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not any((tmp_path / "llama_adapter_len3_layer2.pth")
+                                                                     .iterdir())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama_adapter_len3_layer2.pth", "notes.txt", "v1"]

@@ -127,7 +127,13 @@ def new_file_mode(folder: bool = False) -> int:
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """`write(tmp)` into a temp file beside `path`, then rename: readers never see a half-written file."""
+    """`write(tmp)` into a temp file beside `path`, then rename: readers never see a half-written file. A path
+    that is a folder, or lies under a file, is refused (ValueError naming it) before anything is written."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name a file to write")
+    for folder in path.parents:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is a file, not a folder to write {path.name} into")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(handle)

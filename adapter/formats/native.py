@@ -61,7 +61,6 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
     folder_layout = path.is_dir() or path.suffix != ".safetensors"
     if folder_layout:
         path = path / FILE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.adapter_state_dict().items()}
     header = {
         "format": FORMAT_NAME,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..formats.common import atomic_write
 from .questions import Question
 from .world import COLOURS, MAX_OBJECTS, SHAPES, SLOTS, render
 
@@ -59,5 +60,4 @@ def _pictures(questions: list[Question], image_folder: Path) -> list[str]:
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
