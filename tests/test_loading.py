@@ -181,14 +181,26 @@ class Payload:
     """Stands for pickled code: weights-only loading must refuse it."""
 
 
-def test_pickled_code_is_never_loaded(base_folder, tmp_path):
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "older format"])
+def test_pickled_code_is_never_loaded(base_folder, tmp_path, zipped):
     folder = tmp_path / "evil"
     shutil.copytree(base_folder, folder)
     state = torch.load(folder / "consolidated.00.pth", weights_only=True)
     state["payload"] = Payload()
-    torch.save(state, folder / "consolidated.00.pth")
-    with pytest.raises(ValueError, match="consolidated.00.pth: not a readable weights-only torch checkpoint"):
+    torch.save(state, folder / "consolidated.00.pth", _use_new_zipfile_serialization=zipped)
+    with pytest.raises(ValueError, match="consolidated.00.pth: not a readable weights-only torch checkpoint "
+                                         r"\(it holds what weights-only loading refuses: Unsupported global: GLOBAL "
+                                         r"tests\.test_loading\.Payload was not an allowed global by default\)$"):
         adapter.load(folder, device="cpu")
+
+
+def test_a_file_that_is_no_torch_checkpoint_is_named_with_its_first_bytes(base_folder, tmp_path):
+    (tmp_path / "records.pth").write_text('{"instruction": "hi", "output": "x"}\n')
+    with pytest.raises(ValueError) as refused:
+        adapter.load(base_folder, adapter=tmp_path / "records.pth", device="cpu")
+    assert str(refused.value) == (f"{tmp_path / 'records.pth'}: not a readable weights-only torch checkpoint "
+                                  "(neither torch's zip format nor its older one; the file starts with "
+                                  "b'{\"instruction\": ')")
 
 
 def test_hub_download_skips_metas_and_mistrals_second_copies(base_folder, monkeypatch):

@@ -112,11 +112,24 @@ def torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for damaged, truncated or unsafe files
+        if zipfile.is_zipfile(path):  # torch's own format, damaged or holding what weights-only refuses
+            raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({_refusal(error)})") from error
         try:
             return torch.load(path, map_location="cpu", weights_only=True)  # old (non-zip) torch files
-        except Exception:
-            pass
-        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({error})") from error
+        except Exception as legacy:  # torch's words here suggest weights_only=False: not advice to pass on
+            if "Unsupported global" in str(legacy):  # an older torch file holding more than tensors
+                raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({_refusal(legacy)})") \
+                    from legacy
+            with open(path, "rb") as file:
+                start = file.read(16)
+            raise ValueError(f"{path}: not a readable weights-only torch checkpoint (neither torch's zip format "
+                             f"nor its older one; the file starts with {start!r})") from legacy
+
+
+def _refusal(error: Exception) -> str:
+    """torch's reason, less its advice to load with weights_only=False (which would run the file's code)."""
+    found = re.search(r"WeightsUnpickler error: (.*?)(\. |\.?$)", str(error), re.MULTILINE)
+    return f"it holds what weights-only loading refuses: {found.group(1)}" if found else str(error)
 
 
 def new_file_mode(folder: bool = False) -> int:
