@@ -29,7 +29,7 @@ from .finetune.encode import Encoded, encode_example
 from .finetune.records import DATA_HELP, Example, read_records
 from .finetune.step import scored_positions
 from .formats import BASE_HELP
-from .formats.common import atomic_write
+from .formats.common import atomic_write, check_file_target
 from .gate_layers import (
     FLAG_HELP,
     LAYER_SWEEP_ROWS,
@@ -334,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--choices scores whole choices: --exact and --max-seq-len do not apply")
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"--data: {not_a_file(args.data)}")
+        for flag, target in (("--json", args.json), ("--plot", args.plot)):
+            if target:
+                check_file_target(target, f"{flag}: ")  # before the evaluation, not after
         models = load_many(args.base, args.adapter or [None], clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)

@@ -20,6 +20,7 @@ import torch
 
 from .finetune.records import DATA_HELP
 from .formats import BASE_HELP
+from .formats.common import check_file_target
 from .gate_layers import (
     FLAG_HELP,
     LAYER_SWEEP_ROWS,
@@ -361,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, value in (("--out", args.out), ("--image-folder", args.image_folder)):
             if value is not None and questions is None:
                 raise ValueError(f"{flag}: only with --prompts-file")
+        if args.out is not None:
+            check_file_target(args.out, "--out: ")  # before the answers, not after
         names = args.adapter or [None]
         models = load_many(args.base, names, clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,

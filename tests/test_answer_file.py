@@ -169,6 +169,21 @@ def test_out_and_prompts_file_go_together(base_folder, tmp_path, capsys):
     assert capsys.readouterr().err == "error: --out: only with --prompts-file\n"
 
 
+def test_an_out_or_json_where_no_file_can_be_written_is_named_before_any_model_is_loaded(tmp_path, capsys):
+    from adapter.evaluate import main as evaluate_main
+
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(["Name a colour."]))
+    no_base = str(tmp_path / "no-base")  # loading it would fail: the target is named first
+    assert main(["--base", no_base, "--prompts-file", str(questions), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --out: {tmp_path} is a folder; name a file to write\n"
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"instruction": "Name a colour.", "output": "red"}) + "\n")
+    assert evaluate_main(["--base", no_base, "--data", str(records), "--json", str(records / "scores.json")]) == 2
+    assert capsys.readouterr().err == f"error: --json: {records} is a file, not a folder to write scores.json into\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["q.json", "records.jsonl"]
+
+
 def test_a_failure_midway_leaves_the_old_output_as_it_was(base_folder, questions_file, tmp_path, monkeypatch):
     out = tmp_path / "answers.jsonl"
     out.write_text("old\n")

@@ -139,14 +139,21 @@ def new_file_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~mask
 
 
+def check_file_target(path: str | os.PathLike, flag: str = "") -> None:
+    """ValueError naming `path` (after `flag`, e.g. "--out: ") where no file can be written there: it is a folder,
+    or lies under a file. Commands call it before their work, not only when they write its result."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag}{path} is a folder; name a file to write")
+    for folder in path.parents:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{flag}{folder} is a file, not a folder to write {path.name} into")
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """`write(tmp)` into a temp file beside `path`, then rename: readers never see a half-written file. A path
     that is a folder, or lies under a file, is refused (ValueError naming it) before anything is written."""
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; name a file to write")
-    for folder in path.parents:
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"{folder} is a file, not a folder to write {path.name} into")
+    check_file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(handle)
