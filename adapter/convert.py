@@ -35,6 +35,7 @@ def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
     found.check_base(args)
     with torch.device("meta"):
         model = Transformer(args, found.args)
+    model.base_family = checkpoint.family
     for name in found.norm_weights:
         module_name, _, leaf = name.rpartition(".")
         weight = torch.nn.Parameter(checkpoint.tensor(name).float().clone(), requires_grad=False)

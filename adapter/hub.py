@@ -46,7 +46,7 @@ def resolve(value: str | os.PathLike, what: str, max_bytes: int | None = None) -
     if not _REPO.match(repo) or (file_name and not file_name.endswith(".gguf")):
         raise ValueError(f"{what}: {text!r} is not a hub repository id like hf:owner/name[@revision] (or "
                          "hf:owner/name[@revision]/FILE.gguf)")
-    hub, at = _hub(what, repo), {} if revision is None else {"revision": revision}
+    hub, at = hub_module(what, repo), {} if revision is None else {"revision": revision}
     with _fetching(what, repo):
         if max_bytes is not None:
             _check_size(hub, repo, at, file_name, max_bytes, what)
@@ -76,7 +76,7 @@ def resolve_data(value: str | os.PathLike, what: str) -> Path:
     if not _REPO.match(repo):
         raise ValueError(f"{what}: {text!r} is not a hub dataset like hf:owner/name[@revision] (or "
                          "hf:owner/name[@revision]/FILE)")
-    hub, at = _hub(what, repo), {} if revision is None else {"revision": revision}
+    hub, at = hub_module(what, repo), {} if revision is None else {"revision": revision}
     with _fetching(what, repo):
         file_name = file_name or _data_file(hub.list_repo_files(repo, repo_type="dataset", **at), repo, what)
         return Path(hub.hf_hub_download(repo_id=repo, filename=file_name, repo_type="dataset", **at))
@@ -96,32 +96,42 @@ def _data_file(files: list[str], repo: str, what: str) -> str:
                      f"hf:{repo}/FILE")
 
 
-def _hub(what: str, repo: str):
+def hub_module(what: str, repo: str):
+    """huggingface_hub, imported only when something is fetched or pushed."""
     try:
         import huggingface_hub
     except ImportError as error:
-        raise ValueError(f"{what}: downloading {repo} needs the huggingface_hub package "
+        raise ValueError(f"{what}: reaching {repo} needs the huggingface_hub package "
                          "(pip install huggingface_hub)") from error
     return huggingface_hub
 
 
+def _fetching(what: str, repo: str):
+    return hub_failures(what, f"could not get {repo} from the Hugging Face hub",
+                        "download it yourself and pass the path")
+
+
 @contextmanager
-def _fetching(what: str, repo: str) -> Iterator[None]:
-    """Any failure of the hub (offline, unknown repository, gated, network) as one ValueError naming the repository;
-    this module's own ValueErrors pass as they are."""
+def hub_failures(what: str, failed: str, advice: str) -> Iterator[None]:
+    """Any failure of the hub (offline, unknown repository, gated, no right to write, network) as one ValueError,
+    `what: failed (the error); advice`; ValueErrors that already name `what` pass as they are."""
     try:
         yield
     except ValueError as error:
         if str(error).startswith(f"{what}: "):
             raise
-        raise _unfetched(what, repo, error) from error
+        raise ValueError(f"{what}: {failed} ({type(error).__name__}: {error}); {advice}") from error
     except Exception as error:
-        raise _unfetched(what, repo, error) from error
+        raise ValueError(f"{what}: {failed} ({type(error).__name__}: {error}); {advice}") from error
 
 
-def _unfetched(what: str, repo: str, error: Exception) -> ValueError:
-    return ValueError(f"{what}: could not get {repo} from the Hugging Face hub ({type(error).__name__}: {error}); "
-                      "download it yourself and pass the path")
+def repo_id(value: str, what: str) -> str:
+    """`owner/name` from `owner/name` or `hf:owner/name`: a repository to write to (no revision, no file)."""
+    text = value.strip()
+    repo = text[len(PREFIX):] if text.startswith(PREFIX) else text
+    if not _REPO.match(repo):
+        raise ValueError(f"{what}: {value!r} is not a hub repository id like owner/name")
+    return repo
 
 
 def _parts(name: str) -> tuple[str, str | None, str]:

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..config import VISUAL_PROMPT_KINDS
 from ..formats import BASE_HELP
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-best", action="store_true",
                    help="also keep the adapter of the lowest validation loss (checked at each validation) in "
                         "OUT/best")
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME",
+                   help="then push the adapter (OUT/best's with --keep-best) with a model card and the run's plots to "
+                        "this Hugging Face hub repository, as python -m adapter.push does (token: HF_TOKEN or "
+                        "`hf auth login`; checked before training)")
+    p.add_argument("--hub-private", action="store_true", help="--push-to-hub: create the repository private")
     p.add_argument("--max-steps", type=int, help="stop after this optimizer step (for tests and debugging)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -95,13 +101,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     options = vars(build_parser().parse_args(argv))
     options["quantize"] = None if options["quantize"] == "none" else options["quantize"]
+    push_to, private = options.pop("push_to_hub"), options.pop("hub_private")
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, the one that writes (and pushes)
     from .step import TrainingStopped
     from .trainer import train
 
     try:
-        train(TrainConfig(**options))
+        if private and not push_to:
+            raise ValueError("--hub-private: give --push-to-hub OWNER/NAME too")
+        repo = _hub_repo(push_to) if push_to else None
+        result = train(TrainConfig(**options))
+        if repo and main_process:
+            _push(result.best or result.adapter, repo, options["base"], private)
     except (ValueError, FileNotFoundError, TrainingStopped) as error:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, every process has the same error
+        if main_process:  # under torchrun, every process has the same error
             print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _hub_repo(value: str) -> str:
+    """--push-to-hub's repository, and a token to write to it, checked before any training."""
+    from ..hub import hub_module, repo_id
+    from ..push import check_token
+
+    repo = repo_id(value, "--push-to-hub")
+    check_token(hub_module("--push-to-hub", repo), repo)
+    return repo
+
+
+def _push(adapter: Path, repo: str, base: str, private: bool) -> None:
+    from ..push import push
+
+    try:
+        print(f"pushed {push(adapter, repo, base, private=private)}")
+    except ValueError as error:
+        raise ValueError(f"{error}; the adapter is kept in {adapter.parent}: push it later with python -m "
+                         f"adapter.push {adapter.parent} {repo} --base {base}") from error

@@ -1,0 +1,135 @@
+"""`python -m adapter.push SOURCE owner/name --base BASE`: share an adapter on the Hugging Face hub, with a model card.
+
+Any adapter the project reads (ours, the official releases, PEFT's, litgpt's, a fine-tuning run's) is pushed in our
+format, or in PEFT's (`--to peft`) where PEFT can hold it, beside a README.md that says what it is, how to ask it
+and, for a run of adapter.finetune, how it was trained (with the run's loss and gate plots). Others then serve it
+with `--adapter hf:owner/name`. The token is huggingface_hub's own (HF_TOKEN, or `hf auth login`); `--folder DIR`
+writes what would be pushed into a new folder instead and pushes nothing, to read the card first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .convert import adapter_on_meta_base, check_target, write_adapter
+from .formats import BASE_HELP
+from .formats.common import atomic_folder
+from .hub import PREFIX, hub_failures, hub_module, repo_id, resolve
+from .model import Transformer
+from .model_card import model_card, training_of
+from .tiny.assets import resolve as resolve_tiny
+
+TARGETS = ("native", "peft")  # what `--adapter hf:owner/name` reads back from a repository's snapshot
+CARD = "README.md"
+ADVICE = "check that your token may write to it (HF_TOKEN, or `hf auth login`) and that you are online"
+
+
+def stage(source: str | Path, base: str | Path, folder: Path, repo: str, to: str = "native") -> list[Path]:
+    """Write into the empty `folder` what `push` uploads: the adapter in format `to`, its card, a fine-tuning run's
+    plots, the model config file of the CLIP tower an image adapter reads (when it names one); the files written."""
+    check_to(to)
+    repo = repo_id(repo, "repo")
+    base_arg, named, _, _ = resolve_tiny(str(base), str(source), None, None)
+    source_path = resolve(named, "source")
+    model = adapter_on_meta_base(base, source_path)
+    clip_config = _clip_config_beside(model, folder)
+    write_adapter(model, folder, to, _hub_name(str(base)))
+    training = training_of(source_path)
+    for plot in training.plots if training else []:
+        shutil.copyfile(plot, folder / plot.name)
+    card = model_card(model, repo, str(base), to, training, clip_config)
+    (folder / CARD).write_text(card)
+    return sorted(folder.iterdir())
+
+
+def push(source: str | Path, repo: str, base: str | Path, to: str = "native", private: bool = False,
+         branch: str | None = None, message: str | None = None) -> str:
+    """Push adapter `source` (any format; the base it belongs to is `base`) to the hub repository `repo`, created if
+    needed (private with `private`; an existing one keeps its visibility), on `branch` (created if needed) or the
+    main one; the commit's URL. ValueError naming the cause where the adapter cannot be written as `to`, there is no
+    token, or the hub refuses."""
+    check_to(to)
+    repo = repo_id(repo, "repo")
+    hub = hub_module("push", repo)
+    check_token(hub, repo)
+    with tempfile.TemporaryDirectory(prefix="llama-adapter-push-") as tmp:
+        stage(source, base, Path(tmp), repo, to)
+        with hub_failures("push", f"could not push to {repo} on the Hugging Face hub", ADVICE):
+            api = hub.HfApi()
+            api.create_repo(repo, private=True if private else None, exist_ok=True)
+            if branch:
+                api.create_branch(repo, branch=branch, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo, folder_path=tmp, revision=branch,
+                                       commit_message=message or f"Upload a LLaMA-Adapter ({to} format)")
+    return str(commit.commit_url)
+
+
+def check_to(to: str) -> None:
+    check_target(to)
+    if to not in TARGETS:
+        raise ValueError(f"to: {to!r} cannot be pushed (a hub repository holds a folder); choose from {TARGETS}")
+
+
+def check_token(hub, repo: str) -> None:
+    """A clear error before any work where huggingface_hub has no token to write with."""
+    if hub.get_token() is None:
+        raise ValueError(f"push: no Hugging Face token to write to {repo} with; set HF_TOKEN or run `hf auth login`")
+
+
+def _clip_config_beside(model: Transformer, folder: Path) -> str | None:
+    """An image adapter whose CLIP tower is described by a config file: that file copied into `folder` and named
+    by its file name alone, which readers take as relative to the adapter; None where it names an open_clip model."""
+    a = model.adapter_args
+    config = Path(a.clip_model)
+    if a.visual == "none" or config.suffix != ".json":
+        return None
+    if not config.is_file():
+        raise ValueError(f"source: its CLIP model config {config} does not exist; it is pushed beside the adapter")
+    shutil.copyfile(config, folder / config.name)
+    model.adapter_args = dataclasses.replace(a, clip_model=config.name)
+    return config.name
+
+
+def _hub_name(base: str) -> str:
+    """The base as a PEFT config's base_model_name_or_path names it: a hub id without `hf:`, else as given."""
+    return base[len(PREFIX):].split("@")[0] if base.startswith(PREFIX) else base
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter.push", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="the adapter: a file or folder in any supported format, tiny-text, tiny-image, "
+                                       "hf:owner/name or official:NAME")
+    parser.add_argument("repo", help="the hub repository to push to, owner/name (created if needed)")
+    parser.add_argument("--base", required=True, help="the base the adapter belongs to: " + BASE_HELP)
+    parser.add_argument("--to", choices=TARGETS, default="native",
+                        help="native: ours (any adapter); peft: PEFT's, for transformers + peft users (a v1 adapter "
+                             "with raw gates, or a LoRA alone)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--branch", help="push to this branch (created if needed) instead of main")
+    parser.add_argument("--message", help="the commit message")
+    parser.add_argument("--folder", help="write what would be pushed into this new folder and push nothing")
+    options = parser.parse_args(argv)
+    try:
+        if options.folder:
+            repo = repo_id(options.repo, "repo")
+            written = atomic_folder(Path(options.folder),
+                                    lambda tmp: stage(options.source, options.base, tmp, repo, options.to))
+            print(f"wrote {written}: {', '.join(sorted(p.name for p in written.iterdir()))}")
+        else:
+            url = push(options.source, options.repo, options.base, options.to, options.private, options.branch,
+                       options.message)
+            print(f"pushed {url}")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
