@@ -38,9 +38,12 @@ from adapter.engine import (
     gate_scales,
 )
 from adapter.formats.common import unrecorded_format_note
+from adapter.hub import repo_id
 from adapter.live_training import MAX_STEPS, VALIDATIONS, LiveTraining, TrainProgress, TrainRequest
 from adapter.model import Transformer
+from adapter.model_card import training_of
 from adapter.prompts import PROMPT_FORMATS
+from adapter.push import push_model
 from adapter.releases import OFFICIAL
 
 if TYPE_CHECKING:
@@ -409,6 +412,24 @@ class Handlers:
             gr.Warning(note)
         return str(path)
 
+    def push_adapter(self, request: gr.Request, repo: str, token: str, private: bool,
+                     adapter: str | None = None) -> str:
+        """The chosen adapter (omitted: the first) pushed to the hub repository `repo` with the user's own `token`,
+        never the server's (on a Space, that would let every visitor write as its owner), with a card (and, for one
+        trained in the Train tab, its run's): a line linking the commit."""
+        with user_errors():
+            name = adapter or self.engines.names[0]
+            engine = self.served(request).get(adapter)
+            if engine.model.adapter_args.learns_nothing:
+                raise ValueError(f"adapter: {name} is the frozen base without an adapter; there is nothing to push")
+            repo = repo_id(repo or "", "repo")
+            if not (token or "").strip():
+                raise ValueError(f"token: give a Hugging Face token that may write to {repo} "
+                                 "(huggingface.co/settings/tokens); it is used for this push alone and not kept")
+            run = training_of(Path(engine.adapter)) if engine.adapter else None
+            url = push_model(engine.model, engine.base, repo, run, private=bool(private), token=token.strip())
+        return f"Pushed **{name}** to [{repo}](https://huggingface.co/{repo}) ([the commit]({url}))."
+
     def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
               prompt_layers: float, lora_rank: float, prompt_format: str, seed: float, start_from: str | None,
               images: list[str] | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
@@ -736,6 +757,23 @@ def download_panel(handlers: Handlers, adapter: gr.Dropdown) -> None:
                  concurrency_id="download", concurrency_limit=1)
 
 
+def push_panel(handlers: Handlers, adapter: gr.Dropdown) -> None:
+    """The Model tab's push: the adapter chosen at the top to a hub repository of the user's, with their token."""
+    gr.Markdown("**Push the chosen adapter to the Hugging Face hub**, to a repository of yours (created if needed), "
+                "in this project's format with a model card saying what it is and how to serve it (`--adapter "
+                "hf:owner/name`), and how it was trained if it was trained here. Your token needs write access; it "
+                "is used for this push alone and not kept.")
+    with gr.Row():
+        repo = gr.Textbox("", label="Repository", placeholder="owner/name", max_lines=1, elem_id="push_repo", scale=2)
+        token = gr.Textbox("", label="Your Hugging Face token", type="password", max_lines=1, elem_id="push_token",
+                           scale=2)
+        private = gr.Checkbox(False, label="Private (a new repository)", elem_id="push_private", scale=1)
+        button = gr.Button("Push", elem_id="push", scale=0)
+    status = gr.Markdown(elem_id="push_status")
+    button.click(handlers.push_adapter, [repo, token, private, adapter], status, api_name="push_adapter",
+                 concurrency_id="download", concurrency_limit=1)
+
+
 def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
     """Clickable held-out questions under a text box (none for models other than the tiny one)."""
     if messages:
@@ -928,6 +966,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 if handlers.uploads is not None or handlers.training is not None:
                     removal_button(handlers, adapter, menus)
             download_panel(handlers, adapter)
+            if not config.no_push:
+                push_panel(handlers, adapter)
             if handlers.uploads is not None:
                 upload_panel(handlers, menus)
 

@@ -29,7 +29,7 @@ class AdapterDownloads:
         """The file to download: adapter `name` (`model`'s) in format `to`; ValueError naming why it cannot be."""
         check_target(to)
         args = model.adapter_args
-        if not (args.has_prompts or args.has_deltas):
+        if args.learns_nothing:
             raise ValueError(f"adapter: {name} is the frozen base without an adapter; there is nothing to download")
         self.folder.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"{name}-{to}-", dir=self.folder))

@@ -110,7 +110,7 @@ class AdapterUploads:
                 else:
                     label, source = Path(upload).name, unpack(Path(upload), folder / Path(upload).stem)
                 model = load_sharing(self.engines.default.model, source)
-                if not (model.adapter_args.has_prompts or model.adapter_args.has_deltas):
+                if model.adapter_args.learns_nothing:
                     raise ValueError(f"adapter: {label} holds no adapter tensors")
                 sight = None if model.visual_prompt is None else \
                     served_sight(self.engines, f"adapter: {label} has a visual prompt, which")

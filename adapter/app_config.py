@@ -62,6 +62,7 @@ class ServeConfig:
     no_train_tab: bool = False  # hide the Train tab (adapters trained on the served base: adapter.live_training)
     no_upload: bool = False  # no uploaded adapters in the Model tab (adapter.adapter_upload)
     private_adapters: bool = False  # adapters trained or uploaded in the app served to their own session alone
+    no_push: bool = False  # no pushing served adapters to the hub from the Model tab (adapter.push)
 
 
 def env_name(flag: str) -> str:
@@ -127,6 +128,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--no-upload", action="store_true", default=_truthy(environ.get(env_name("no_upload"))),
                         help="leave out the Model tab's upload, where users serve adapters of their own to everyone "
                              "(uploaded, or named for the server to fetch from the hub or the official releases)")
+    parser.add_argument("--no-push", action="store_true", default=_truthy(environ.get(env_name("no_push"))),
+                        help="leave out the Model tab's push, where users push a served adapter to a Hugging Face hub "
+                             "repository of theirs with their own token")
     parser.add_argument("--private-adapters", action="store_true",
                         default=_truthy(environ.get(env_name("private_adapters"))),
                         help="serve an adapter trained or uploaded in the app to the page (or API client) that "

@@ -281,6 +281,11 @@ class AdapterArgs:
         scales and the gate scale leaves on."""
         return self.bias or self.scale or self.norm or self.lora_rank > 0
 
+    @property
+    def learns_nothing(self) -> bool:
+        """No prompts and no deltas: the frozen base itself (nothing to download, push or train further)."""
+        return not (self.has_prompts or self.has_deltas)
+
     def check_fits(self, model: ModelArgs) -> None:
         """The adapter must fit the model it is attached to."""
         _require(self.prompt_layers <= model.n_layers, "prompt_layers",

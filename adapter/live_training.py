@@ -229,7 +229,7 @@ class LiveTraining:
         except ValueError as error:  # not served (any longer), or another session's own
             raise ValueError(f"start_from: {error}") from None
         args = model.adapter_args
-        if not (args.has_prompts or args.has_deltas):
+        if args.learns_nothing:
             raise ValueError(f"start_from: {name} is the frozen base without an adapter; start from a new adapter")
         if args.visual != "none" and model.image_encoder is None:
             raise ValueError(f"start_from: {name} has a visual prompt but is served without its CLIP tower; serve "

@@ -17,7 +17,7 @@ from .gate_layers import adapter_layers, describe
 from .hub import PREFIX, repo_id
 from .model import Transformer
 from .releases import PREFIX as OFFICIAL
-from .tiny.assets import BASE_NAME, CLIP_NAME
+from .tiny.assets import BASE_NAME, CLIP_NAME, base_name
 
 RUN_ADAPTERS = ("adapter", "best")  # where a fine-tuning run writes its adapters: OUT/adapter, OUT/best
 PLOTS = ("loss.png", "gates.png")  # a run's pictures, pushed beside its adapter
@@ -68,7 +68,7 @@ def model_card(model: Transformer, repo: str, base: str, written: str, training:
                clip_config: str | None = None) -> str:
     """The card of `model`'s adapter pushed to `repo` in format `written` (native, peft), for the base named `base`
     (as a command line names it); `clip_config`: the CLIP model config file pushed beside it, if any."""
-    a = model.adapter_args
+    a, base = model.adapter_args, base_name(base)
     base_arg = _base_argument(base)
     lines = ["---", *_front_matter(model, base, written), "---", "", f"# {repo}", "",
              f"A [LLaMA-Adapter]({PAPERS['v1']}) for a frozen {model.base_family} base"
@@ -168,7 +168,7 @@ def _training(run: Training) -> list[str]:
              f"{run.val_examples:,} held out for validation |",
              f"| mode | {c.get('mode', '?')} |",
              f"| prompt format | {c.get('prompt_format', 'alpaca')} |",
-             f"| step | {run.steps:,} of {run.total_steps:,} ({c.get('epochs', '?')} epochs), "
+             f"| step | {run.steps:,} of {run.total_steps:,} ({_count(c.get('epochs', '?'), 'epoch')}), "
              f"{c.get('batch_size', '?')} examples a step |",
              f"| peak learning rate | {run.lr:.3g} |",
              f"| frozen base | {c.get('quantize') or 'unquantized'}"
@@ -184,3 +184,7 @@ def _training(run: Training) -> list[str]:
 def _name(value: str) -> str:
     """A local path by its file name only (the rest is the trainer's machine); hub names as they are."""
     return value if str(value).startswith((PREFIX, OFFICIAL)) else os.path.basename(str(value))
+
+
+def _count(number: Any, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")

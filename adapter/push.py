@@ -14,15 +14,16 @@ import dataclasses
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .config import AdapterArgs
 from .convert import adapter_on_meta_base, check_target, write_adapter
 from .formats import BASE_HELP
 from .formats.common import atomic_folder
 from .hub import PREFIX, hub_failures, hub_module, repo_id, resolve
 from .model import Transformer
-from .model_card import model_card, training_of
+from .model_card import Training, model_card, training_of
 from .tiny.assets import resolve as resolve_tiny
 
 TARGETS = ("native", "peft")  # what `--adapter hf:owner/name` reads back from a repository's snapshot
@@ -35,33 +36,51 @@ def stage(source: str | Path, base: str | Path, folder: Path, repo: str, to: str
     plots, the model config file of the CLIP tower an image adapter reads (when it names one); the files written."""
     check_to(to)
     repo = repo_id(repo, "repo")
-    base_arg, named, _, _ = resolve_tiny(str(base), str(source), None, None)
+    _, named, _, _ = resolve_tiny(str(base), str(source), None, None)
     source_path = resolve(named, "source")
-    model = adapter_on_meta_base(base, source_path)
-    clip_config = _clip_config_beside(model, folder)
-    write_adapter(model, folder, to, _hub_name(str(base)))
-    training = training_of(source_path)
+    return stage_model(adapter_on_meta_base(base, source_path), str(base), folder, repo, to, training_of(source_path))
+
+
+def stage_model(model: Transformer, base: str, folder: Path, repo: str, to: str = "native",
+                training: Training | None = None) -> list[Path]:
+    """`stage` for an adapter already in a model (a served one: it is left as it is), whose base is named `base`."""
+    check_to(to)
+    recorded, clip_config = _clip_config_beside(model.adapter_args, folder)
+    write_adapter(model, folder, to, _hub_name(base), recorded)
     for plot in training.plots if training else []:
         shutil.copyfile(plot, folder / plot.name)
-    card = model_card(model, repo, str(base), to, training, clip_config)
-    (folder / CARD).write_text(card)
+    (folder / CARD).write_text(model_card(model, repo, base, to, training, clip_config))
     return sorted(folder.iterdir())
 
 
 def push(source: str | Path, repo: str, base: str | Path, to: str = "native", private: bool = False,
-         branch: str | None = None, message: str | None = None) -> str:
+         branch: str | None = None, message: str | None = None, token: str | None = None) -> str:
     """Push adapter `source` (any format; the base it belongs to is `base`) to the hub repository `repo`, created if
     needed (private with `private`; an existing one keeps its visibility), on `branch` (created if needed) or the
-    main one; the commit's URL. ValueError naming the cause where the adapter cannot be written as `to`, there is no
-    token, or the hub refuses."""
+    main one, with `token` (default: huggingface_hub's own); the commit's URL. ValueError naming the cause where the
+    adapter cannot be written as `to`, there is no token, or the hub refuses."""
+    return _upload(lambda folder, checked: stage(source, base, folder, checked, to), repo, to, private, branch,
+                   message, token)
+
+
+def push_model(model: Transformer, base: str, repo: str, training: Training | None = None, to: str = "native",
+               private: bool = False, token: str | None = None) -> str:
+    """`push` for an adapter already in a model (the app's served ones), whose base is named `base`."""
+    return _upload(lambda folder, checked: stage_model(model, base, folder, checked, to, training), repo, to,
+                   private, None, None, token)
+
+
+def _upload(write: Callable[[Path, str], object], repo: str, to: str, private: bool, branch: str | None,
+            message: str | None, token: str | None) -> str:
+    """`write(folder, repo)` into a temporary folder, then that folder in one commit to `repo`."""
     check_to(to)
     repo = repo_id(repo, "repo")
     hub = hub_module("push", repo)
-    check_token(hub, repo)
+    check_token(hub, repo, token)
     with tempfile.TemporaryDirectory(prefix="llama-adapter-push-") as tmp:
-        stage(source, base, Path(tmp), repo, to)
+        write(Path(tmp), repo)
         with hub_failures("push", f"could not push to {repo} on the Hugging Face hub", ADVICE):
-            api = hub.HfApi()
+            api = hub.HfApi(token=token)
             api.create_repo(repo, private=True if private else None, exist_ok=True)
             if branch:
                 api.create_branch(repo, branch=branch, exist_ok=True)
@@ -76,24 +95,23 @@ def check_to(to: str) -> None:
         raise ValueError(f"to: {to!r} cannot be pushed (a hub repository holds a folder); choose from {TARGETS}")
 
 
-def check_token(hub, repo: str) -> None:
-    """A clear error before any work where huggingface_hub has no token to write with."""
-    if hub.get_token() is None:
+def check_token(hub, repo: str, token: str | None = None) -> None:
+    """A clear error before any work where there is no token to write with (given, or huggingface_hub's own)."""
+    if not token and hub.get_token() is None:
         raise ValueError(f"push: no Hugging Face token to write to {repo} with; set HF_TOKEN or run `hf auth login`")
 
 
-def _clip_config_beside(model: Transformer, folder: Path) -> str | None:
-    """An image adapter whose CLIP tower is described by a config file: that file copied into `folder` and named
-    by its file name alone, which readers take as relative to the adapter; None where it names an open_clip model."""
-    a = model.adapter_args
-    config = Path(a.clip_model)
-    if a.visual == "none" or config.suffix != ".json":
-        return None
+def _clip_config_beside(args: AdapterArgs, folder: Path) -> tuple[AdapterArgs, str | None]:
+    """An image adapter whose CLIP tower is described by a config file: that file copied into `folder`, and the
+    configuration to record naming it by its file name alone, which readers take as relative to the adapter
+    (None: as it is, where it names an open_clip model)."""
+    config = Path(args.clip_model)
+    if args.visual == "none" or config.suffix != ".json":
+        return args, None
     if not config.is_file():
         raise ValueError(f"source: its CLIP model config {config} does not exist; it is pushed beside the adapter")
     shutil.copyfile(config, folder / config.name)
-    model.adapter_args = dataclasses.replace(a, clip_model=config.name)
-    return config.name
+    return dataclasses.replace(args, clip_model=config.name), config.name
 
 
 def _hub_name(base: str) -> str:

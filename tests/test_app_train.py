@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -161,6 +162,39 @@ def test_no_train_tab_and_no_upload_leave_them_out(served):
     assert "serve_adapter" not in endpoints("--no-upload") and "train" in endpoints("--no-upload")
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_TRAIN_TAB": "1"}).no_train_tab
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_UPLOAD": "1"}).no_upload
+    assert "push_adapter" in endpoints() and "push_adapter" not in endpoints("--no-push")
+    assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_PUSH": "1"}).no_push
+
+
+def test_an_adapter_trained_here_is_pushed_to_the_users_hub_repository_with_their_token(served, records, tmp_path,
+                                                                                        monkeypatch):
+    from adapter.formats import read_adapter
+    from tests.test_push import FakeHub
+
+    hub = FakeHub(tmp_path / "hub", token="hf_the_servers_own")
+    hub.install(monkeypatch)
+    client = Client(served.url, verbose=False)
+    name = client.predict(*settings(records, epochs=1), api_name="/train")[4]["value"]
+    with pytest.raises(AppError, match=r"^token: give a Hugging Face token that may write to me/trained "
+                                       r"\(huggingface\.co/settings/tokens\); it is used for this push alone"):
+        client.predict("me/trained", "  ", False, name, api_name="/push_adapter")
+    with pytest.raises(AppError, match=r"^repo: 'me' is not a hub repository id like owner/name$"):
+        client.predict("me", "hf_user", False, name, api_name="/push_adapter")
+    assert hub.calls == [], "nothing reached the hub, and never with the server's token"
+    status = client.predict(" hf:me/trained ", "hf_user", True, name, api_name="/push_adapter")
+    assert status == (f"Pushed **{name}** to [me/trained](https://huggingface.co/me/trained) "
+                      "([the commit](https://huggingface.co/me/trained/commit/0123abc)).")
+    assert hub.tokens == ["hf_user"] and hub.calls[0] == ("create_repo", "me/trained",
+                                                          {"private": True, "exist_ok": True})
+    pushed = hub.folder("me/trained")
+    assert sorted(p.name for p in pushed.iterdir()) == ["README.md", "adapter.json", "adapter.safetensors",
+                                                        "gates.png", "loss.png"]
+    served_tensors = served.engines.get(name).model.adapter_state_dict()
+    for key, tensor in read_adapter(pushed).tensors.items():
+        assert torch.equal(tensor, served_tensors[key].cpu()), key
+    card = (pushed / "README.md").read_text()
+    assert "The adapter after the last step of a run of `python -m adapter.finetune`:" in card
+    assert "| data | `records.jsonl`: " in card and "| step | 4 of 4 (1 epoch), 16 examples a step |" in card
 
 
 def test_a_trained_adapters_zip_uploaded_in_the_model_tab_is_served_as_it_was_trained_and_downloads(served, records,

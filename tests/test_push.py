@@ -34,7 +34,7 @@ class FakeHub:
     folders: `repos[owner/name]` is a repository's files (one folder per branch)."""
 
     def __init__(self, root: Path, token: str | None = "hf_fake") -> None:
-        self.root, self.token, self.calls = root, token, []
+        self.root, self.token, self.calls, self.tokens = root, token, [], []
         self.refuse: Exception | None = None  # raised by upload_folder
 
     def folder(self, repo: str, branch: str | None = None) -> Path:
@@ -47,6 +47,9 @@ class FakeHub:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # should anything escape the fake, it cannot reach the network
 
         class HfApi:
+            def __init__(self, token=None):
+                hub.tokens.append(token)
+
             def create_repo(self, repo_id, **options):
                 hub.calls.append(("create_repo", repo_id, options))
 

@@ -50,13 +50,16 @@ def is_native(path: Path) -> bool:
     return header.get("__metadata__", {}).get("format") == FORMAT_NAME
 
 
-def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                 recorded: AdapterArgs | None = None) -> Path:
     """Write the learned tensors atomically (temp file in the same folder, then rename).
 
     A path without the `.safetensors` suffix is a folder that gets `adapter.safetensors` and, for people
     and tools, `adapter.json` with the same configuration. A single `.safetensors` file carries its
-    configuration in its own metadata, which is what loading reads.
+    configuration in its own metadata, which is what loading reads. `recorded`: the configuration written, where
+    it differs from the model's in what only readers use (adapter.push names a CLIP config file copied beside it).
     """
+    args = recorded or model.adapter_args
     path = Path(path)
     folder_layout = path.is_dir() or path.suffix != ".safetensors"
     if folder_layout:
@@ -65,14 +68,14 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
     header = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "adapter_args": model.adapter_args.to_json(),
+        "adapter_args": args.to_json(),
         "base_shape": json.dumps(base_shape(model.args), sort_keys=True),
         **_prompt_format(model),
         **(metadata or {}),
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     if folder_layout:
-        config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "adapter_args": model.adapter_args.to_dict(),
+        config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "adapter_args": args.to_dict(),
                   "base_shape": base_shape(model.args), **_prompt_format(model), **(metadata or {})}
         atomic_write(path.parent / CONFIG_NAME,
                       lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))

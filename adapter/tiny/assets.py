@@ -46,3 +46,10 @@ def resolve(base: PathLike, adapter: object, clip: PathLike | None, clip_model: 
         clip = _shipped(CLIP_WEIGHTS, root)
         clip_model = clip_model or str(_shipped(CLIP_CONFIG, root))
     return base, adapter, clip, clip_model
+
+
+def base_name(base: PathLike, root: Path = ASSETS) -> str:
+    """The embedded base as `tiny` where `base` is its shipped folder (a loaded model records the folder); any other
+    base as given."""
+    text = str(base)
+    return BASE_NAME if text == BASE_NAME or Path(text).resolve() == (root / BASE).resolve() else text
