@@ -19,11 +19,12 @@ from pathlib import Path
 
 from .config import AdapterArgs
 from .convert import adapter_on_meta_base, check_target, write_adapter
+from .finetune.logs import LOG
 from .formats import BASE_HELP
 from .formats.common import atomic_folder
 from .hub import PREFIX, hub_failures, hub_module, repo_id, resolve
 from .model import Transformer
-from .model_card import Training, model_card, training_of
+from .model_card import RUN_ADAPTERS, Training, model_card, training_of
 from .tiny.assets import resolve as resolve_tiny
 
 TARGETS = ("native", "peft")  # what `--adapter hf:owner/name` reads back from a repository's snapshot
@@ -38,6 +39,10 @@ def stage(source: str | Path, base: str | Path, folder: Path, repo: str, to: str
     repo = repo_id(repo, "repo")
     _, named, _, _ = resolve_tiny(str(base), str(source), None, None)
     source_path = resolve(named, "source")
+    if (source_path / LOG).is_file():
+        kept = [source_path / name for name in RUN_ADAPTERS if (source_path / name).is_dir()]
+        raise ValueError(f"source: {source_path} is a fine-tuning run; push one of its adapters: "
+                         f"{' or '.join(map(str, kept)) or 'none written yet'}")
     return stage_model(adapter_on_meta_base(base, source_path), str(base), folder, repo, to, training_of(source_path))
 
 

@@ -222,6 +222,9 @@ def test_finetune_pushes_its_best_adapter_with_the_runs_card_and_plots(tmp_path,
     assert f"| validation loss at that step | {loss:.4f} |" in card and "| peak learning rate | 0.05 |" in card
     assert "![loss](loss.png)\n![gates](gates.png)\n" in card
 
+    with pytest.raises(ValueError, match=rf"^source: {out} is a fine-tuning run; push one of its adapters: "
+                                         rf"{out / 'adapter'} or {out / 'best'}$"):
+        push(out, "me/run", base_folder)
     hub.calls.clear()
     assert finetune_main([*flags, "--out", str(tmp_path / "no"), "--push-to-hub", "me"]) == 2
     assert capsys.readouterr().err == "error: --push-to-hub: 'me' is not a hub repository id like owner/name\n"
