@@ -771,7 +771,7 @@ def push_panel(handlers: Handlers, adapter: gr.Dropdown) -> None:
         button = gr.Button("Push", elem_id="push", scale=0)
     status = gr.Markdown(elem_id="push_status")
     button.click(handlers.push_adapter, [repo, token, private, adapter], status, api_name="push_adapter",
-                 concurrency_id="download", concurrency_limit=1)
+                 concurrency_id="push", concurrency_limit=2)  # uploads wait on the network, not on the device
 
 
 def offer_chat_examples(messages: list[str], box: gr.Textbox) -> None:
