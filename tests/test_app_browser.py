@@ -227,9 +227,14 @@ def test_the_train_tab_trains_an_image_adapter_on_the_offered_pictures_and_the_i
         expect(page.locator("#image_answer textarea")).to_have_value(expected, timeout=60_000)
 
 
-def test_an_adapter_uploaded_in_the_model_tab_is_served_and_chosen(browser, demo_files):
+def test_an_adapter_uploaded_in_the_model_tab_is_served_chosen_downloaded_and_pushed(browser, demo_files, tmp_path,
+                                                                                      monkeypatch):
     from playwright.sync_api import expect
 
+    from tests.test_push import FakeHub
+
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
     with running_app(demo_files.flags()) as demo:
         page = open_page(browser, demo.url)
         page.get_by_role("tab", name="Model").click()
@@ -252,6 +257,18 @@ def test_an_adapter_uploaded_in_the_model_tab_is_served_and_chosen(browser, demo
         uploaded = safetensors.torch.load_file(demo_files.adapter / "adapter.safetensors")
         assert downloaded.keys() == uploaded.keys()
         assert all(torch.equal(downloaded[key], uploaded[key]) for key in uploaded)
+
+        page.fill("#push_repo input", "me/uploaded")  # and pushed to the hub with the user's token
+        assert page.locator("#push_token input").get_attribute("type") == "password"
+        page.fill("#push_token input", "hf_user")
+        page.locator("#push_private input").check()
+        page.click("#push")
+        expect(page.locator("#push_status")).to_contain_text("Pushed uploaded-1 to me/uploaded (the commit).",
+                                                             timeout=60_000)
+        assert hub.tokens == ["hf_user"] and hub.calls[0] == ("create_repo", "me/uploaded",
+                                                              {"private": True, "exist_ok": True})
+        pushed = safetensors.torch.load_file(hub.folder("me/uploaded") / "adapter.safetensors")
+        assert pushed.keys() == uploaded.keys() and all(torch.equal(pushed[key], uploaded[key]) for key in uploaded)
 
 
 def test_a_private_upload_is_shown_to_its_page_alone_and_goes_when_the_page_closes(browser, demo_files, monkeypatch):
