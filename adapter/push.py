@@ -100,10 +100,10 @@ def check_to(to: str) -> None:
         raise ValueError(f"to: {to!r} cannot be pushed (a hub repository holds a folder); choose from {TARGETS}")
 
 
-def check_token(hub, repo: str, token: str | None = None) -> None:
+def check_token(hub, repo: str, token: str | None = None, what: str = "push") -> None:
     """A clear error before any work where there is no token to write with (given, or huggingface_hub's own)."""
     if not token and hub.get_token() is None:
-        raise ValueError(f"push: no Hugging Face token to write to {repo} with; set HF_TOKEN or run `hf auth login`")
+        raise ValueError(f"{what}: no Hugging Face token to write to {repo} with; set HF_TOKEN or run `hf auth login`")
 
 
 def _clip_config_beside(args: AdapterArgs, folder: Path) -> tuple[AdapterArgs, str | None]:

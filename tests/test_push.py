@@ -30,12 +30,14 @@ def logits(model) -> torch.Tensor:
 
 
 class FakeHub:
-    """huggingface_hub's HfApi (create_repo, create_branch, upload_folder), snapshot_download and get_token, over
-    folders: `repos[owner/name]` is a repository's files (one folder per branch)."""
+    """huggingface_hub's HfApi (create_repo, create_branch, upload_folder, a Space's variables, secrets and
+    hardware), snapshot_download and get_token, over folders: `folder(owner/name)` is a repository's files (one folder
+    per branch); `variables[owner/name]` a Space's."""
 
     def __init__(self, root: Path, token: str | None = "hf_fake") -> None:
         self.root, self.token, self.calls, self.tokens = root, token, [], []
         self.refuse: Exception | None = None  # raised by upload_folder
+        self.variables: dict[str, dict[str, str]] = {}
 
     def folder(self, repo: str, branch: str | None = None) -> Path:
         return self.root / repo / (branch or "main")
@@ -56,12 +58,35 @@ class FakeHub:
             def create_branch(self, repo_id, **options):
                 hub.calls.append(("create_branch", repo_id, options))
 
-            def upload_folder(self, *, repo_id, folder_path, revision=None, commit_message=None):
-                hub.calls.append(("upload_folder", repo_id, revision, commit_message))
+            def upload_folder(self, *, repo_id, folder_path, revision=None, commit_message=None, repo_type=None,
+                              allow_patterns=None):
+                hub.calls.append(("upload_folder", repo_id, revision, commit_message) + (
+                    (repo_type,) if repo_type else ()))
                 if hub.refuse is not None:
                     raise hub.refuse
-                shutil.copytree(folder_path, hub.folder(repo_id, revision), dirs_exist_ok=True)
+                if allow_patterns is None:
+                    shutil.copytree(folder_path, hub.folder(repo_id, revision), dirs_exist_ok=True)
+                for name in allow_patterns or []:  # the files named, as huggingface_hub's filter keeps them
+                    (hub.folder(repo_id, revision) / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(Path(folder_path) / name, hub.folder(repo_id, revision) / name)
                 return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
+
+            def get_space_variables(self, repo_id):
+                return dict(hub.variables.get(repo_id, {}))
+
+            def delete_space_variable(self, repo_id, key):
+                hub.calls.append(("delete_space_variable", repo_id, key))
+                del hub.variables[repo_id][key]
+
+            def add_space_variable(self, repo_id, key, value):
+                hub.calls.append(("add_space_variable", repo_id, key, value))
+                hub.variables.setdefault(repo_id, {})[key] = value
+
+            def add_space_secret(self, repo_id, key, value):
+                hub.calls.append(("add_space_secret", repo_id, key, value))
+
+            def request_space_hardware(self, repo_id, hardware):
+                hub.calls.append(("request_space_hardware", repo_id, hardware))
 
         def snapshot_download(repo_id, revision=None, **options):
             hub.calls.append(("snapshot_download", repo_id, revision))

@@ -35,7 +35,7 @@ def parser_of(module_name: str, monkeypatch) -> argparse.ArgumentParser:
     def capture(self, args=None, namespace=None):
         raise Captured(self)
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)  # parse_args calls it too
     module = importlib.import_module(module_name)
     if hasattr(module, "build_parser"):  # the app's flags (environment variables as defaults) and the trainer's
         try:

@@ -1,0 +1,141 @@
+"""`python -m adapter.space OWNER/NAME [the app's flags]`: this app deployed to a Hugging Face Space in one command.
+
+The Space gets this checkout's files (those git tracks or would; tests, benchmarks and CI aside) and runs
+`python app.py` as the flags given here would: they become its `ADAPTER_*` variables (those of an earlier deploy that
+these flags do not set are removed), checked first as the app checks them, so that a Space is not built only to stop
+on a bad flag. A Space
+reads no file of this machine, so its base, adapters and CLIP tower are named as it will fetch them: `hf:owner/name`
+(`python -m adapter.push` puts an adapter there), `official:NAME`, an open_clip tag, or the embedded `tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .app_config import CLIP_WEIGHT_SUFFIXES, build_parser, env_name, parse_config
+from .hub import hub_failures, hub_module, is_remote, repo_id
+from .push import check_token
+from .tiny.assets import BASE_NAME, CLIP_NAME, IMAGE_NAME, TEXT_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+LEFT_OUT = ("tests/", "bench/", ".ci/", "requirements-test.txt")  # what only development needs
+SPACE_CHOOSES = ("host", "port", "share")  # a Space serves on its own address and port, publicly
+NAMED = {"base": (BASE_NAME,), "adapter": (TEXT_NAME, IMAGE_NAME), "clip": (CLIP_NAME,), "clip_model": ()}
+ADVICE = "check that your token may write there (HF_TOKEN, or `hf auth login`) and that you are online"
+
+
+def space_variables(flags: Sequence[str]) -> dict[str, str]:
+    """The ADAPTER_* variables under which `python app.py` runs as `python app.py FLAGS` would, checked as the app
+    checks them; ValueError naming a flag the Space cannot follow (a path on this machine, its own address)."""
+    parser = build_parser({})
+    given, defaults = vars(parser.parse_args(flags)), vars(parser.parse_args([]))
+    variables = {}
+    for key, value in given.items():
+        if key.startswith("_") or value == defaults[key]:
+            continue
+        if key in SPACE_CHOOSES:
+            raise ValueError(f"--{key.replace('_', '-')}: a Space serves on its own address and port, publicly")
+        for item in value if isinstance(value, list) else [value] if key in NAMED else []:
+            _check_fetchable(key, item)
+        variables[env_name(key)] = ",".join(value) if isinstance(value, list) else "1" if value is True else str(value)
+    device = variables.get(env_name("device"), "")
+    checked = {k: v for k, v in variables.items() if not (k == env_name("device") and device.startswith("cuda"))}
+    parse_config([], environ=checked)  # a GPU asked for is the Space's, not this machine's
+    return variables
+
+
+def _check_fetchable(key: str, value: str) -> None:
+    """A value the Space can resolve itself: a name it fetches, an embedded model's name, an open_clip name."""
+    if value in NAMED[key] or is_remote(value):
+        return
+    looks_like_path = os.sep in value or value.endswith((*CLIP_WEIGHT_SUFFIXES, ".json")) or Path(value).exists()
+    if key in ("clip", "clip_model") and not looks_like_path:
+        return  # an open_clip pretrained tag or model name, fetched by open_clip on the Space
+    raise ValueError(f"--{key.replace('_', '-')}: {value} is a path on this machine, which a Space cannot read; name "
+                     "what it fetches: hf:owner/name (python -m adapter.push puts an adapter there), official:NAME"
+                     + (", an open_clip tag" if key.startswith("clip") else "") + " or the embedded model's name")
+
+
+def space_files(root: Path = ROOT) -> list[str]:
+    """The checkout's files a Space needs, as they are in the work tree: those git tracks or would (what .gitignore
+    keeps out, such as build/, is not sent), tests, benchmarks and CI aside."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                                capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise ValueError(f"space: {root} is not a git checkout (git ls-files: {error}); a Space gets the tracked "
+                         "files of one") from error
+    files = [name for name in listed.decode().split("\0") if name and not name.startswith(LEFT_OUT)]
+    return [name for name in files if (root / name).is_file()]  # deleted in the work tree, not yet committed
+
+
+def deploy(space: str, flags: Sequence[str] = (), private: bool = False, hardware: str | None = None,
+           with_token: bool = False, root: Path = ROOT) -> str:
+    """Create (or update) Space `space` serving this app as `python app.py FLAGS`; its URL. `hardware`: a Space
+    hardware name (t4-small, ...; default: the free CPU); `with_token`: the deploying token becomes the Space's
+    HF_TOKEN secret, which gated bases (Llama 2, Llama 3) need."""
+    space = repo_id(space, "space")
+    variables, files = space_variables(flags), space_files(root)
+    hub = hub_module("space", space)
+    check_token(hub, space, what="space")
+    kinds = [kind.value for kind in hub.SpaceHardware]
+    if hardware is not None and hardware not in kinds:
+        raise ValueError(f"--hardware: {hardware!r} is not a Space hardware; choose from {', '.join(kinds)}")
+    with hub_failures("space", f"could not deploy to {space} on the Hugging Face hub", ADVICE):
+        api = hub.HfApi()
+        api.create_repo(space, repo_type="space", space_sdk="gradio", private=True if private else None,
+                        exist_ok=True)
+        _set_variables(api, space, variables)
+        if with_token:
+            api.add_space_secret(space, "HF_TOKEN", hub.get_token())
+        if hardware:
+            api.request_space_hardware(space, hardware)
+        api.upload_folder(repo_id=space, repo_type="space", folder_path=root, allow_patterns=files,
+                          commit_message="Deploy the LLaMA-Adapter app (python -m adapter.space)")
+    return f"https://huggingface.co/spaces/{space}"
+
+
+def _set_variables(api, space: str, variables: Mapping[str, str]) -> None:
+    """The Space's ADAPTER_* variables become exactly `variables` (its other variables are left as they are)."""
+    for key in api.get_space_variables(space):
+        if key.startswith("ADAPTER_") and key not in variables:
+            api.delete_space_variable(space, key)
+    for key, value in variables.items():
+        api.add_space_variable(space, key, value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter.space", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False,  # the app's flags pass through whole
+                                     epilog="Every other flag is the app's (python app.py --help), e.g. --base "
+                                            "hf:owner/llama-7b --quantize nf4 --adapter hf:owner/my-adapter")
+    parser.add_argument("space", help="the Space to create or update, owner/name")
+    parser.add_argument("--private", action="store_true", help="create the Space private")
+    parser.add_argument("--hardware", help="the Space's hardware, e.g. t4-small (default: the free CPU, cpu-basic)")
+    parser.add_argument("--with-token", action="store_true",
+                        help="give the Space your token as its HF_TOKEN secret (a gated base needs one)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the variables and files the Space would get, and deploy nothing")
+    options, flags = parser.parse_known_args(argv)
+    try:
+        if options.dry_run:
+            repo_id(options.space, "space")
+            variables, files = space_variables(flags), space_files()
+            size = sum((ROOT / name).stat().st_size for name in files)
+            print("\n".join([*(f"{key}={value}" for key, value in variables.items()),
+                             f"{len(files)} files, {size / 2**20:.1f} MiB"]))
+        else:
+            print(f"deployed {deploy(options.space, flags, options.private, options.hardware, options.with_token)}")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
