@@ -39,7 +39,7 @@ from adapter.engine import (
 )
 from adapter.formats.common import unrecorded_format_note
 from adapter.hub import repo_id
-from adapter.live_training import MAX_STEPS, VALIDATIONS, LiveTraining, TrainProgress, TrainRequest
+from adapter.live_training import VALIDATIONS, LiveTraining, TrainProgress, TrainRequest
 from adapter.model import Transformer
 from adapter.model_card import training_of
 from adapter.prompts import PROMPT_FORMATS
@@ -652,9 +652,9 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
                 f"ends it is served as `trained-N` beside the others{whose} and chosen in the adapter menu above, so "
                 f"the gate slider moves between the base and what it learnt; the zip holds it for `--adapter`. Records "
                 f"as fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`{images}); one run "
-                f"at a time, of at most {MAX_STEPS} steps; warm-up over a tenth of the epochs, then cosine decay to "
-                f"a twentieth of the learning rate; 5% of the records give the validation loss, taken "
-                f"{VALIDATIONS} times over the run.")
+                f"at a time, of at most {handlers.training.max_steps} steps; warm-up over a tenth of the epochs, "
+                f"then cosine decay to a twentieth of the learning rate; 5% of the records give the validation loss, "
+                f"taken {VALIDATIONS} times over the run.")
     with gr.Row():
         with gr.Column():
             data = gr.File(label="Training records (.json, .jsonl, .parquet)",
@@ -832,7 +832,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         return engine_for(model, engines.default.lock, config)
 
     private = config.private_adapters
-    training = None if config.no_train_tab else LiveTraining(engines, make_engine, private=private)
+    training = None if config.no_train_tab else LiveTraining(engines, make_engine, private=private,
+                                                             max_steps=config.train_max_steps)
     uploads = None if config.no_upload else AdapterUploads(engines, make_engine, private=private)
     handlers = Handlers(engines, training, uploads)
     image_examples, chat_examples = examples(config)

@@ -20,6 +20,7 @@ from .device_work import DeviceWork, device_lock, start_compute_thread
 from .engine import Engine, Engines, Settings, check_text
 from .formats import BASE_HELP
 from .kv_cache import check_kv_cache
+from .live_training import MAX_STEPS
 from .loading import load_many, resolve_device, resolve_dtype
 from .model import Transformer
 from .paths import not_a_file
@@ -63,6 +64,7 @@ class ServeConfig:
     no_upload: bool = False  # no uploaded adapters in the Model tab (adapter.adapter_upload)
     private_adapters: bool = False  # adapters trained or uploaded in the app served to their own session alone
     no_push: bool = False  # no pushing served adapters to the hub from the Model tab (adapter.push)
+    train_max_steps: int = MAX_STEPS  # optimizer steps one Train-tab run may take (what a run costs a Space)
 
 
 def env_name(flag: str) -> str:
@@ -125,6 +127,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--no-train-tab", action="store_true", default=_truthy(environ.get(env_name("no_train_tab"))),
                         help="leave out the Train tab, where users train adapters on the served base (one run at a "
                              "time, each step between other users' answers)")
+    parser.add_argument("--train-max-steps", type=int, default=default("train_max_steps", defaults.train_max_steps),
+                        help=f"the most optimizer steps one run of the Train tab may take (default {MAX_STEPS}); a "
+                             "run that would take more is refused before it starts")
     parser.add_argument("--no-upload", action="store_true", default=_truthy(environ.get(env_name("no_upload"))),
                         help="leave out the Model tab's upload, where users serve adapters of their own to everyone "
                              "(uploaded, or named for the server to fetch from the hub or the official releases)")
@@ -205,6 +210,8 @@ def check_config(config: ServeConfig) -> None:
         raise ValueError(f"--port: must be between 1 and 65535, got {config.port}")
     if not 1 <= config.max_new_tokens <= MAX_NEW_TOKENS:
         raise ValueError(f"--max-new-tokens: must be between 1 and {MAX_NEW_TOKENS}, got {config.max_new_tokens}")
+    if config.train_max_steps < 1:
+        raise ValueError(f"--train-max-steps: must be at least 1, got {config.train_max_steps}")
     if not 1 <= config.concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"--concurrency: must be between 1 and {MAX_CONCURRENCY}, got {config.concurrency}")
     if config.private_adapters and config.no_train_tab and config.no_upload:

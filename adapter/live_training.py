@@ -37,7 +37,7 @@ from .images import gather_uploads
 from .loading import load_sharing
 from .model import Transformer
 
-MAX_STEPS = 2000  # optimizer steps one run may take (python -m adapter.finetune has no such limit)
+MAX_STEPS = 2000  # optimizer steps one run may take by default (the app's --train-max-steps; finetune has no limit)
 MAX_TRAINED = 4  # trained adapters served at once
 TRAINED_PREFIX = "trained-"
 MICRO_BATCH = 16  # examples per forward pass at most (a batch above it accumulates gradients)
@@ -163,8 +163,8 @@ class LiveTraining:
     model as the app wraps the others)."""
 
     def __init__(self, engines: Engines, make_engine: Callable[[Transformer], Engine],
-                 folder: str | Path | None = None, private: bool = False) -> None:
-        self.engines = engines
+                 folder: str | Path | None = None, private: bool = False, max_steps: int = MAX_STEPS) -> None:
+        self.engines, self.max_steps = engines, max_steps  # max_steps: the optimizer steps one run may take
         self.trained = AddedAdapters(engines, make_engine, TRAINED_PREFIX, MAX_TRAINED, private)
         self.folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "llama-adapter-train"
         self._one_run = threading.Lock()
@@ -212,7 +212,7 @@ class LiveTraining:
             config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len,
                                     start, sight, images)
             hooks = RunHooks(base=base, image_encoder=None if sight is None else sight.encoder, stop=stop,
-                             step_runner=engine.work.run, max_steps=MAX_STEPS, validations=VALIDATIONS)
+                             step_runner=engine.work.run, max_steps=self.max_steps, validations=VALIDATIONS)
             result, progress = yield from self._train(config, hooks)
             name = self.trained.add(load_sharing(base, result.adapter), folder, sight,  # exactly what the zip holds
                                     self._owner)

@@ -164,6 +164,10 @@ def test_no_train_tab_and_no_upload_leave_them_out(served):
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_UPLOAD": "1"}).no_upload
     assert "push_adapter" in endpoints() and "push_adapter" not in endpoints("--no-push")
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_PUSH": "1"}).no_push
+    bounded = app.build_demo(served.engines, parse_config(["--base", served.engine.base, "--train-max-steps", "7"],
+                                                          environ={}))
+    texts = [block.value for block in bounded.blocks.values() if isinstance(getattr(block, "value", None), str)]
+    assert any("one run at a time, of at most 7 steps;" in text for text in texts), "the Train tab says its bound"
 
 
 def test_an_adapter_trained_here_is_pushed_to_the_users_hub_repository_with_their_token(served, records, tmp_path,

@@ -113,6 +113,23 @@ def test_a_run_longer_than_allowed_is_refused_before_anything_is_written(tmp_pat
     assert not out.exists()
 
 
+def test_the_apps_bound_on_a_runs_steps_refuses_a_longer_run_and_trains_one_within_it(tmp_path, data, served):
+    from adapter.app_config import parse_config
+
+    engines = Engines({"base": Engine(served)})
+    training = LiveTraining(engines, lambda model: Engine(model, engines.default.lock), tmp_path / "runs", max_steps=6)
+    with pytest.raises(ValueError, match=r"^epochs: 4 epoch\(s\) of 2 steps are 8 optimizer steps, more than the 6 a "
+                                         r"run may take here"):
+        list(training.run(request(data)))
+    assert list(training.run(request(data, epochs=3)))[-1].steps == 6 and engines.names == ["base", "trained-1"]
+    flags = ["--base", str(served.base_path)]
+    assert parse_config([*flags, "--train-max-steps", "6"], environ={}).train_max_steps == 6
+    assert parse_config(flags, environ={"ADAPTER_TRAIN_MAX_STEPS": "50"}).train_max_steps == 50
+    assert parse_config(flags, environ={}).train_max_steps == 2000
+    with pytest.raises(ValueError, match=r"^--train-max-steps: must be at least 1, got 0$"):
+        parse_config([*flags, "--train-max-steps", "0"], environ={})
+
+
 def live(served_model, tmp_path) -> tuple[LiveTraining, Engines]:
     engines = Engines({"base": Engine(served_model)})
     return LiveTraining(engines, lambda model: Engine(model, engines.default.lock), tmp_path / "runs"), engines
