@@ -428,7 +428,8 @@ class Handlers:
                                  "(huggingface.co/settings/tokens); it is used for this push alone and not kept")
             run = training_of(Path(engine.adapter)) if engine.adapter else None
             url = push_model(engine.model, engine.base, repo, run, private=bool(private), token=token.strip())
-        return f"Pushed **{name}** to [{repo}](https://huggingface.co/{repo}) ([the commit]({url}))."
+        return (f"Pushed **{name}** to [{repo}](https://huggingface.co/{repo}) ([the commit]({url})): served "
+                f"anywhere on this base with `--adapter hf:{repo}`, on a Space of yours by `python -m adapter.space`.")
 
     def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
               prompt_layers: float, lora_rank: float, prompt_format: str, seed: float, start_from: str | None,

@@ -263,8 +263,9 @@ def test_an_adapter_uploaded_in_the_model_tab_is_served_chosen_downloaded_and_pu
         page.fill("#push_token input", "hf_user")
         page.locator("#push_private input").check()
         page.click("#push")
-        expect(page.locator("#push_status")).to_contain_text("Pushed uploaded-1 to me/uploaded (the commit).",
-                                                             timeout=60_000)
+        expect(page.locator("#push_status")).to_contain_text(
+            "Pushed uploaded-1 to me/uploaded (the commit): served anywhere on this base with --adapter hf:me/uploaded",
+            timeout=60_000)
         assert hub.tokens == ["hf_user"] and hub.calls[0] == ("create_repo", "me/uploaded",
                                                               {"private": True, "exist_ok": True})
         pushed = safetensors.torch.load_file(hub.folder("me/uploaded") / "adapter.safetensors")

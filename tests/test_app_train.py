@@ -187,7 +187,8 @@ def test_an_adapter_trained_here_is_pushed_to_the_users_hub_repository_with_thei
     assert hub.calls == [], "nothing reached the hub, and never with the server's token"
     status = client.predict(" hf:me/trained ", "hf_user", True, name, api_name="/push_adapter")
     assert status == (f"Pushed **{name}** to [me/trained](https://huggingface.co/me/trained) "
-                      "([the commit](https://huggingface.co/me/trained/commit/0123abc)).")
+                      "([the commit](https://huggingface.co/me/trained/commit/0123abc)): served anywhere on this base "
+                      "with `--adapter hf:me/trained`, on a Space of yours by `python -m adapter.space`.")
     assert hub.tokens == ["hf_user"] and hub.calls[0] == ("create_repo", "me/trained",
                                                           {"private": True, "exist_ok": True})
     pushed = hub.folder("me/trained")
