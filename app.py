@@ -35,6 +35,7 @@ from adapter.engine import (
     Engines,
     Settings,
     check_integer,
+    check_text,
     gate_scales,
 )
 from adapter.formats.common import unrecorded_format_note
@@ -268,6 +269,23 @@ class Handlers:
         with user_errors():
             engine, choice = self.resolve(request, *controls)
             yield from engine.compare(question, choice)
+
+    def every_adapter(self, request: gr.Request, question: str, *controls: Any) -> Iterator[list[list[str]]]:
+        """The question asked of every adapter this session may ask, one after another, each in its own prompt
+        format at the settings above (the adapter menu's choice aside): a row per adapter, its answer growing. A
+        setting one adapter cannot take (a system prompt for an Alpaca one, layers it has not) is its row's answer."""
+        with user_errors():
+            check_text(question, "question")
+        rows = [[name, ""] for name in self.served(request).names]
+        for row in rows:
+            try:
+                engine, choice = self.resolve(request, *controls[:6], row[0], *controls[7:])
+                for answers in engine.sweep(question, [choice.gate_scale], choice):
+                    row[1] = answers[0]
+                    yield [list(r) for r in rows]
+            except ValueError as error:
+                row[1] = f"(not asked: {SERVER_FOLDERS.sub('', str(error))})"
+                yield [list(r) for r in rows]
 
     def sweep(self, request: gr.Request, question: str, scales: str, *controls: Any) -> Iterator[list[list[Any]]]:
         with user_errors():
@@ -922,6 +940,13 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                          elem_id="base_answer")
                 adapted_answer = gr.Textbox(label="Adapter (gate slider)", lines=6, interactive=False,
                                             elem_id="adapted_answer")
+            with gr.Row():
+                every_button = gr.Button("Ask every adapter", scale=0, elem_id="every_adapter")
+                gr.Markdown("The same question to each adapter served here in turn, each in its own prompt format, at "
+                            "the settings above: what each learnt to make of it.")
+            every_answers = gr.Dataframe(headers=["adapter", "answer"], datatype=["str", "str"],
+                                         column_widths=["20%", "80%"], interactive=False, wrap=True,
+                                         elem_id="every_adapter_table")
             panel = sweep_panel("the same question")
         with gr.Tab("Score"):
             gr.Markdown(f"Held-out records (a JSON list or JSONL of `{{instruction, input?, output}}`, or LLaVA "
@@ -1023,7 +1048,9 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                [panel.next_tokens, panel.next_plot], api_name="next_tokens", **model_events)
         layers_swept = panel.layer_sweep.click(handlers.layer_sweep, [compare_question, *controls],
                                                panel.layer_answers, api_name="layer_sweep", **model_events)
-        compare_stop.click(None, cancels=[compared, swept, layers_swept])
+        everyone = every_button.click(handlers.every_adapter, [compare_question, *controls], every_answers,
+                                      api_name="every_adapter", **model_events)
+        compare_stop.click(None, cancels=[compared, swept, layers_swept, everyone])
         score_inputs = [score_file, score_scales, score_exact, *controls[:-1], score_images, layers]
         score_button.click(handlers.score, score_inputs, [score_table, score_plot], api_name="score", **model_events)
 

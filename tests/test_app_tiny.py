@@ -64,6 +64,18 @@ def test_the_default_app_serves_both_tiny_adapters_on_one_base(served, client):
     assert answers == {name: list(served.engines.get(name).compare(question, Settings(**GREEDY)))[-1][1]
                        for name in served.engines.names}
     assert answers["tiny-text"] == "red" != answers["tiny-image"], answers
+    every = client.predict(question, *controls(), api_name="/every_adapter")  # the Compare tab's "every adapter"
+    assert every["headers"] == ["adapter", "answer"] and every["data"] == [[name, answer] for name, answer in
+                                                                           answers.items()], "each its own answer"
+    at_zero = client.predict(question, *controls(gate=0.0, delta=0.0), api_name="/every_adapter")["data"]
+    assert at_zero[0][1] == at_zero[1][1] != "red", "at gate and delta scale 0 every adapter is the frozen base"
+    refused = client.predict(question, *controls(), "tiny-text", "Answer in one word.", "all",
+                             api_name="/every_adapter")["data"]
+    with pytest.raises(ValueError, match="^system: the alpaca prompt format has no system prompt") as why:
+        list(served.engines.get("tiny-text").sweep(question, [1.0], Settings(**GREEDY, system="Answer in one word.")))
+    assert refused == [[name, f"(not asked: {why.value})"] for name in served.engines.names], refused
+    with pytest.raises(AppError, match="^question: is empty; type a question first$"):
+        client.predict(" ", *controls(), api_name="/every_adapter")
     assert client.predict("tiny-image", api_name="/model_info")["adapter"] == str(TINY_FOLDER / "image")
     heatmaps = [client.predict(1.0, name, api_name="/gates") for name in served.engines.names]
     assert heatmaps[0] and heatmaps[0] != heatmaps[1], "the Gates tab shows the chosen adapter's gates"
