@@ -21,7 +21,7 @@ from .formats.common import unrecorded_format_note
 from .formats.native import save_adapter
 from .formats.official import write_official_v1
 from .hub import resolve
-from .loading import open_named_base
+from .loading import open_base_shape, open_named_base
 from .model import Transformer
 from .tokenizer import open_tokenizer
 
@@ -29,10 +29,11 @@ TARGETS = ("native", "peft", "official-v1")
 
 
 def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
-    """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory)."""
-    checkpoint = open_named_base(base)
-    args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
+    """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory); a base on the hub is
+    fetched without its weights unless the adapter's tuned norms need the base's (the official v2 files)."""
     found = read_adapter(resolve(source, "source"))
+    checkpoint = open_named_base(base) if found.norm_weights else open_base_shape(base)
+    args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
     found.check_base(args)
     with torch.device("meta"):
         model = Transformer(args, found.args)

@@ -22,6 +22,8 @@ _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # copies (2.5 GB for Llama 3.2 1B, 16 GB for 3.1 8B, 14.5 GB for Mistral 7B) are not fetched
 SKIPPED = ["original/*", "consolidated*.safetensors"]
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")  # what a dataset repository's records may be stored as
+# a base repository's files but its weights: config, tokenizer, chat template, the shards' index
+WITHOUT_WEIGHTS = ["*.json", "*.model", "*.jinja", "tokenizer*"]
 
 
 def is_remote(value: str | os.PathLike) -> bool:
@@ -53,6 +55,28 @@ def resolve(value: str | os.PathLike, what: str, max_bytes: int | None = None) -
         if file_name:
             return Path(hub.hf_hub_download(repo_id=repo, filename=file_name, **at))
         return Path(hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED, **at))
+
+
+def resolve_without_weights(value: str | os.PathLike, what: str) -> tuple[Path, dict[str, set[str]]] | None:
+    """For a whole repository `hf:owner/name` of safetensors weights: the local snapshot of all its files but the
+    weights, and the names of the tensors each weights file holds, read from their headers (a few MB where the
+    weights are GB: enough for a base's shape, settings and tensor names). None for anything else (a path, one GGUF
+    file, a repository without model.safetensors), which is fetched whole when it is needed."""
+    text = str(value)
+    if not text.startswith(PREFIX):
+        return None
+    repo, revision, file_name = _parts(text[len(PREFIX):])
+    if file_name or not _REPO.match(repo):
+        return None
+    hub, at = hub_module(what, repo), {} if revision is None else {"revision": revision}
+    with _fetching(what, repo):
+        try:
+            headers = hub.HfApi().get_safetensors_metadata(repo, **at)
+        except hub.errors.NotASafetensorsRepoError:
+            return None
+        folder = Path(hub.snapshot_download(repo_id=repo, allow_patterns=WITHOUT_WEIGHTS, ignore_patterns=SKIPPED,
+                                            **at))
+    return folder, {name: set(found.tensors) for name, found in headers.files_metadata.items()}
 
 
 def _check_size(hub, repo: str, at: dict[str, str], file_name: str, max_bytes: int, what: str) -> None:

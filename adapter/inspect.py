@@ -22,15 +22,17 @@ from .footprint import describe as memory_line
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
 from .formats.gguf import is_gguf_file
-from .hub import resolve
+from .formats.hf import HFCheckpoint, is_hf_folder
+from .hub import resolve, resolve_without_weights
 from .model import Transformer
 from .prompts import base_prompt_format, chat_template_source
 from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
 
 
-def describe_base(path: Path) -> list[str]:
-    checkpoint = open_base(path)
+def describe_base(path: Path | str, checkpoint=None) -> list[str]:
+    """`checkpoint`: the base already opened (one on the hub, without its weights); else `path` is opened."""
+    checkpoint = checkpoint or open_base(path)
     tokenizer = open_tokenizer(checkpoint.tokenizer_path)
     args = checkpoint.model_args(tokenizer.n_words)
     stored = getattr(checkpoint, "quantization", None)  # a pre-quantized base's mode
@@ -49,9 +51,17 @@ def describe_base(path: Path) -> list[str]:
         f"  parameters {params:,}; tokenizer {tokenizer.path.name} ({tokenizer.kind}, {tokenizer.n_words} pieces, "
         f"stops at ids {sorted(tokenizer.stop_ids)})",
         f"  prompt format without an adapter: {_bare_format(checkpoint.tokenizer_path, tokenizer)}",
-    ] + ([f"  stored quantized: {stored} (bitsandbytes), loaded as stored"] if stored else []) + _packing(
+    ] + ([f"  stored quantized: {stored} (bitsandbytes), loaded as stored"] if stored else []) + _unfetched(
+        checkpoint) + _packing(
         checkpoint) + _ggml_types(checkpoint) + [
         memory_line(args, checkpoint.tied_output, stored)]
+
+
+def _unfetched(checkpoint) -> list[str]:
+    """A base on the hub read without its weights says so."""
+    if not getattr(checkpoint, "without_weights", False):
+        return []
+    return ["  read without its weights (its config, tokenizer and the safetensors headers' tensor names)"]
 
 
 def _packing(checkpoint) -> list[str]:
@@ -124,6 +134,9 @@ def describe_adapter(path: Path) -> list[str]:
 
 def describe(path: str | Path) -> list[str]:
     base, adapter, _, _ = resolve_tiny(path, path, None, None)  # the embedded model's names: its files
+    light = resolve_without_weights(path, "path")  # an HF base on the hub: its shape without its weights
+    if light is not None and is_hf_folder(light[0]):
+        return describe_base(str(path), HFCheckpoint(*light))
     path = resolve(base if base != path else adapter, "path")  # hf:owner/name and official:NAME are fetched first
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")

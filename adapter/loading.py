@@ -18,6 +18,7 @@ from . import hub
 from .config import AdapterArgs, ModelArgs
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
+from .formats.hf import HFCheckpoint, is_hf_folder
 from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
@@ -62,6 +63,17 @@ def open_named_base(base: str | os.PathLike):
     """The checkpoint a base argument names: a path, `hf:owner/name` (fetched), or the embedded `tiny` (what every
     command line's --base takes)."""
     return open_base(hub.resolve(resolve_tiny(base, None, None, None)[0], "base"))
+
+
+def open_base_shape(base: str | os.PathLike):
+    """`open_named_base` for a base's shape, settings and tensor names alone (what inspect and convert need): a hub
+    repository of an HF base is read without its weights (its config, tokenizer and safetensors headers: megabytes,
+    not gigabytes; asking it for a tensor is an error); anything else as `open_named_base`."""
+    named = resolve_tiny(base, None, None, None)[0]
+    light = hub.resolve_without_weights(named, "base")
+    if light is not None and is_hf_folder(light[0]):
+        return HFCheckpoint(*light)
+    return open_named_base(base)
 
 
 def load(

@@ -71,6 +71,9 @@ class FakeHub:
                     shutil.copyfile(Path(folder_path) / name, hub.folder(repo_id, revision) / name)
                 return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
 
+            def get_safetensors_metadata(self, repo_id, **options):  # its repositories are fetched whole
+                raise huggingface_hub.errors.NotASafetensorsRepoError(f"{repo_id}: no model.safetensors")
+
             def get_space_variables(self, repo_id):
                 return dict(hub.variables.get(repo_id, {}))
 

@@ -135,7 +135,18 @@ class _TorchFile:
         return self.state[name]
 
 
-_WeightFile = SafetensorsFile | _TorchFile
+class ListedFile:
+    """A weights file of which only the tensor names were read (a hub repository's safetensors headers): enough for
+    a base's shape and settings; asking it for a tensor is an error."""
+
+    def __init__(self, path: Path, names: set[str]) -> None:
+        self.path, self.names = path, set(names)
+
+    def get(self, name: str) -> torch.Tensor:
+        raise ValueError(f"{self.path}: only its tensors' names were read; its weights are not fetched")
+
+
+_WeightFile = SafetensorsFile | _TorchFile | ListedFile
 
 
 def _open_file(path: Path) -> _WeightFile:
@@ -232,8 +243,9 @@ class HFCheckpoint:
 
     format = "hf"
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, listed: dict[str, set[str]] | None = None) -> None:
+        """`listed`: the tensor names of each weights file (by file name), for a folder without its weights."""
+        self.folder, self.without_weights = folder, bool(listed)
         self.source = str(folder)
         self.tokenizer_path = find_tokenizer(folder)
         self.config_path = folder / "config.json"
@@ -250,7 +262,8 @@ class HFCheckpoint:
         n_heads = self._params["n_heads"]
         self._rope_heads = {"attention.wq.weight": n_heads,
                             "attention.wk.weight": self._params.get("n_kv_heads") or n_heads}
-        files = _open_weights(folder, (settings or {}).get("model_file_base_name") if self.packing else None)
+        files = [ListedFile(folder / name, names) for name, names in sorted(listed.items())] if listed else \
+            _open_weights(folder, (settings or {}).get("model_file_base_name") if self.packing else None)
         self._where = self._map_names(files, bool(config.get("tie_word_embeddings")))
         self._stats = self._map_stats(files)
         embeddings = self._where.get("tok_embeddings.weight")
