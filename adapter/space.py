@@ -33,6 +33,7 @@ def space_variables(flags: Sequence[str]) -> dict[str, str]:
     """The ADAPTER_* variables under which `python app.py` runs as `python app.py FLAGS` would, checked as the app
     checks them; ValueError naming a flag the Space cannot follow (a path on this machine, its own address)."""
     parser = build_parser({})
+    parser.prog = "python -m adapter.space OWNER/NAME [the app's flags]"  # its usage errors name this command
     given, defaults = vars(parser.parse_args(flags)), vars(parser.parse_args([]))
     variables = {}
     for key, value in given.items():
