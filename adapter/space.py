@@ -110,6 +110,19 @@ def _set_variables(api, space: str, variables: Mapping[str, str]) -> None:
         api.add_space_variable(space, key, value)
 
 
+def _base_lines(variables: Mapping[str, str]) -> list[str]:
+    """The base the Space will serve, as inspect describes it (its memory per precision: which hardware holds it),
+    read without its weights; a line saying why where it cannot be read from here."""
+    from .inspect import describe_base
+    from .loading import open_base_shape
+
+    base = variables.get(env_name("base"), BASE_NAME)
+    try:
+        return describe_base(base, open_base_shape(base))
+    except (ValueError, FileNotFoundError) as error:
+        return [f"{base}: not described from here ({error})"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapter.space", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False,  # the app's flags pass through whole
@@ -129,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             variables, files = space_variables(flags), space_files()
             size = sum((ROOT / name).stat().st_size for name in files)
             print("\n".join([*(f"{key}={value}" for key, value in variables.items()),
-                             f"{len(files)} files, {size / 2**20:.1f} MiB"]))
+                             f"{len(files)} files, {size / 2**20:.1f} MiB", *_base_lines(variables)]))
         else:
             print(f"deployed {deploy(options.space, flags, options.private, options.hardware, options.with_token)}")
     except (ValueError, FileNotFoundError) as error:

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from adapter.inspect import describe
 from adapter.space import ROOT, deploy, main, space_files, space_variables
 from tests.app_helpers import free_port
 from tests.test_push import FakeHub
@@ -117,6 +118,8 @@ def test_the_dry_run_lists_what_a_space_would_get(capsys):
     out = capsys.readouterr().out.splitlines()
     files = space_files()
     size = sum((ROOT / name).stat().st_size for name in files) / 2**20
-    assert out == ["ADAPTER_ADAPTER=tiny-text", "ADAPTER_PRIVATE_ADAPTERS=1", f"{len(files)} files, {size:.1f} MiB"]
+    assert out[:3] == ["ADAPTER_ADAPTER=tiny-text", "ADAPTER_PRIVATE_ADAPTERS=1", f"{len(files)} files, {size:.1f} MiB"]
+    assert out[4:] == describe("tiny")[1:] and out[3] == "tiny: base LLaMA, meta format", \
+        "then the base the Space serves, as inspect describes it: its memory per precision"
     assert main(["me/demo", "--dry-run", "--port", "1"]) == 2
     assert capsys.readouterr().err == "error: --port: a Space serves on its own address and port, publicly\n"
