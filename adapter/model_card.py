@@ -65,9 +65,10 @@ def training_of(adapter: Path) -> Training | None:
 
 
 def model_card(model: Transformer, repo: str, base: str, written: str, training: Training | None = None,
-               clip_config: str | None = None) -> str:
+               clip_config: str | None = None, origin: str | None = None) -> str:
     """The card of `model`'s adapter pushed to `repo` in format `written` (native, peft), for the base named `base`
-    (as a command line names it); `clip_config`: the CLIP model config file pushed beside it, if any."""
+    (as a command line names it); `clip_config`: the CLIP model config file pushed beside it, if any; `origin`: the
+    published adapter it was read from (`official:NAME`, `hf:owner/name`), if it was."""
     a, base = model.adapter_args, base_name(base)
     base_arg = _base_argument(base)
     lines = ["---", *_front_matter(model, base, written), "---", "", f"# {repo}", "",
@@ -80,6 +81,8 @@ def model_card(model: Transformer, repo: str, base: str, written: str, training:
     if a.has_prompts:
         lines.append(f"| adaption prompts | {a.prompt_len} tokens on layers {describe(adapter_layers(model))}, "
                      f"{a.gate_activation} gate per head, zero at the start of training |")
+    if origin:
+        lines.append(f"| read from | `{origin}`, rewritten in this format |")
     lines += [f"| v2 parts | {', '.join(a.v2_parts) or 'none (v1)'} |",
               f"| learned parameters | {sum(t.numel() for t in model.adapter_state_dict().values()):,} |",
               f"| prompt format | {model.prompt_format} |"]

@@ -22,7 +22,7 @@ from .convert import adapter_on_meta_base, check_target, write_adapter
 from .finetune.logs import LOG
 from .formats import BASE_HELP
 from .formats.common import atomic_folder
-from .hub import PREFIX, hub_failures, hub_module, repo_id, resolve
+from .hub import PREFIX, hub_failures, hub_module, is_remote, repo_id, resolve
 from .model import Transformer
 from .model_card import RUN_ADAPTERS, Training, model_card, training_of
 from .tiny.assets import resolve as resolve_tiny
@@ -43,18 +43,20 @@ def stage(source: str | Path, base: str | Path, folder: Path, repo: str, to: str
         kept = [source_path / name for name in RUN_ADAPTERS if (source_path / name).is_dir()]
         raise ValueError(f"source: {source_path} is a fine-tuning run; push one of its adapters: "
                          f"{' or '.join(map(str, kept)) or 'none written yet'}")
-    return stage_model(adapter_on_meta_base(base, source_path), str(base), folder, repo, to, training_of(source_path))
+    return stage_model(adapter_on_meta_base(base, source_path), str(base), folder, repo, to, training_of(source_path),
+                       str(source) if is_remote(source) else None)
 
 
 def stage_model(model: Transformer, base: str, folder: Path, repo: str, to: str = "native",
-                training: Training | None = None) -> list[Path]:
-    """`stage` for an adapter already in a model (a served one: it is left as it is), whose base is named `base`."""
+                training: Training | None = None, origin: str | None = None) -> list[Path]:
+    """`stage` for an adapter already in a model (a served one: it is left as it is), whose base is named `base`;
+    `origin`: the published adapter it was read from, for its card."""
     check_to(to)
     recorded, clip_config = _clip_config_beside(model.adapter_args, folder)
     write_adapter(model, folder, to, _hub_name(base), recorded)
     for plot in training.plots if training else []:
         shutil.copyfile(plot, folder / plot.name)
-    (folder / CARD).write_text(model_card(model, repo, base, to, training, clip_config))
+    (folder / CARD).write_text(model_card(model, repo, base, to, training, clip_config, origin))
     return sorted(folder.iterdir())
 
 

@@ -291,3 +291,23 @@ def test_the_card_reads_the_step_of_the_adapter_pushed_from_the_runs_log(tmp_pat
     assert (last.best, last.steps, last.last_loss, last.val_loss) == (False, 4, 0.25, 0.7)
     assert last.total_steps == 4 and last.lr == 0.01 and last.plots == [run / "loss.png"]
     assert training_of(tmp_path / "elsewhere" / "adapter") is None and training_of(run) is None
+
+
+def test_an_official_release_is_pushed_in_our_format_with_where_it_came_from(tmp_path, base_folder, hub, monkeypatch):
+    from adapter import releases
+    from tests.test_official_format import write_v1
+
+    official = tmp_path / "llama_adapter_len3_layer2_release.pth"
+    write_v1(official)
+    monkeypatch.setattr(releases, "fetch", lambda name, what: official)
+    push("official:v1", "me/v1", base_folder)
+    pushed = hub.folder("me/v1")
+    card = (pushed / "README.md").read_text()
+    assert "| read from | `official:v1`, rewritten in this format |" in card
+    assert "| adaption prompts | 3 tokens on layers 2-3, raw gate per head" in card
+    direct = adapter.load(base_folder, adapter=official, device="cpu")
+    for layer in (2, 3):  # raw gates: the card shows them as the release stores them
+        gate = direct.layers[layer].attention.gate.detach().float()
+        assert f"| {layer} | {gate.mean():+.4f} | {gate.min():+.4f} | {gate.max():+.4f} |" in card
+    torch.testing.assert_close(logits(adapter.load(base_folder, adapter=pushed, device="cpu")), logits(direct),
+                               rtol=0, atol=0)
