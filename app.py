@@ -410,9 +410,19 @@ class Handlers:
                 *menu_updates(served, self.training is not None, served.names[0], served.for_images))
 
     def forget_session(self, request: gr.Request) -> None:
-        """A page was closed: the adapters it trained or uploaded privately are served no more."""
+        """A page was closed: the adapters it trained or uploaded privately are served no more, and its API key
+        reaches nothing more."""
         for added in self.added():
             added.forget(request.session_hash)
+        self.engines.revoke_key(request.session_hash)
+
+    def api_key(self, request: gr.Request) -> str:
+        """This session's key to the OpenAI-compatible API beside the app: with it, API requests reach the adapters
+        the session trains or uploads (`--private-adapters`) as well as everyone's, until its page is closed."""
+        headers = request.headers
+        address = f"{headers.get('x-forwarded-proto', 'http')}://{headers.get('x-forwarded-host', headers['host'])}"
+        return (f"`base_url`: `{address}/v1` · `api_key`: `{self.engines.api_key(request.session_hash)}` (it reaches "
+                "the adapters this page trains or uploads, besides everyone's, until the page is closed or reloaded)")
 
     def added(self) -> list[AddedAdapters]:
         """Those trained and those uploaded here (where the app lets users add adapters)."""
@@ -776,6 +786,16 @@ def download_panel(handlers: Handlers, adapter: gr.Dropdown) -> None:
                  concurrency_id="download", concurrency_limit=1)
 
 
+def api_key_panel(handlers: Handlers) -> None:
+    """With private adapters and the OpenAI-compatible API: this page's key to its own adapters there."""
+    with gr.Row():
+        gr.Markdown("**Your adapters through the OpenAI-compatible API** (`/v1` beside this app): requests "
+                    "presenting this page's key reach the adapters it trains or uploads, besides everyone's.")
+        button = gr.Button("Show my API key", scale=0, elem_id="show_api_key")
+    shown = gr.Markdown(elem_id="api_key")
+    button.click(handlers.api_key, None, shown, api_name="api_key", queue=False)
+
+
 def push_panel(handlers: Handlers, adapter: gr.Dropdown) -> None:
     """The Model tab's push: the adapter chosen at the top to a hub repository of the user's, with their token."""
     gr.Markdown("**Push the chosen adapter to the Hugging Face hub**, to a repository of yours (created if needed), "
@@ -995,6 +1015,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
             download_panel(handlers, adapter)
             if not config.no_push:
                 push_panel(handlers, adapter)
+            if config.private_adapters and config.openai_api:
+                api_key_panel(handlers)
             if handlers.uploads is not None:
                 upload_panel(handlers, menus)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -521,6 +522,9 @@ class Engine:
         return info
 
 
+KEY_PREFIX = "sk-session-"  # an API key of one session (Engines.api_key), shaped as OpenAI's keys are
+
+
 class Engines:
     """The adapters served on one frozen base, by name: one Engine each (their models share the base's tensors,
     see `adapter.load_sharing`, and the device's lock). A request names its adapter; None means the first.
@@ -536,6 +540,7 @@ class Engines:
         self.private: dict[str, tuple[str, Engine]] = {}  # name -> (the session it is served to, its engine)
         self.defaults = defaults or Settings()  # what a request that sets nothing gets (the served gate, ...)
         self._changing = threading.Lock()  # one add or remove at a time (a trained and an uploaded adapter)
+        self._keys: dict[str, str] = {}  # an API key -> the session whose private adapters it reaches
 
     def settings(self, **fields: Any) -> Settings:
         """A request's settings: the fields it sets over the served defaults (checked: ValueError)."""
@@ -579,6 +584,26 @@ class Engines:
             if name not in self.by_name or len(self.by_name) == 1:
                 raise ValueError(f"adapter: {name!r} is not served here or is the only one")
             self.by_name = {key: engine for key, engine in self.by_name.items() if key != name}
+
+    def api_key(self, session: str) -> str:
+        """The key through which a client without a session (the OpenAI-compatible API) asks what `session` may ask:
+        made when first asked for, the same after, until `revoke_key`."""
+        with self._changing:
+            key = next((key for key, owner in self._keys.items() if owner == session), None)
+            if key is None:
+                key = KEY_PREFIX + secrets.token_urlsafe(24)
+                self._keys = {**self._keys, key: session}
+            return key
+
+    def revoke_key(self, session: str) -> None:
+        """`session`'s key (if it has one) reaches nothing more: its page was closed."""
+        with self._changing:
+            self._keys = {key: owner for key, owner in self._keys.items() if owner != session}
+
+    def seen_with_key(self, key: str | None) -> Engines:
+        """What a client presenting `key` may ask: the session's view whose key it is; for any other key, or none,
+        the adapters served to everyone."""
+        return self.seen_by(self._keys.get(key) if key else None)
 
     def seen_by(self, session: str | None) -> Engines:
         """What `session` may ask (None: a client without a session, such as the OpenAI-compatible API): the

@@ -68,24 +68,32 @@ def api_router(engines: Engines) -> APIRouter:
 
     router = APIRouter()
 
+    def view(request: Request) -> Engines:
+        """What the request may ask: everyone's adapters, and with a session's API key (the app's
+        `--private-adapters`) that session's own."""
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return engines.seen_with_key(key.strip() if scheme.lower() == "bearer" else None)
+
     @router.get("/v1/models")
-    def models() -> dict[str, Any]:
+    def models(request: Request) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": OWNER}
-                                           for name in engines.names]}
+                                           for name in view(request).names]}
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await answered(request, lambda body: answer_calls(engines, body),
+        seen = view(request)
+        return await answered(request, lambda body: answer_calls(seen, body),
                               lambda name, calls: stream_events(name, calls[0]), completion)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
         from .openai_completions import completion_calls, stream_text_events, text_completion
 
-        return await answered(request, lambda body: completion_calls(engines, body),
+        seen = view(request)
+        return await answered(request, lambda body: completion_calls(seen, body),
                               lambda name, calls: stream_text_events(name, calls[0]), text_completion)
 
-    add_tokenizer_routes(router, engines)
+    add_tokenizer_routes(router, view)
     return router
 
 

@@ -11,6 +11,7 @@ one base, so one tokenizer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,15 +21,16 @@ from .openai_api import RequestError, answered_json, served
 from .prompt_ids import checked_ids, is_token_ids
 
 
-def add_tokenizer_routes(router: APIRouter, engines: Engines) -> None:
-    """/tokenize, /detokenize and /tokenizer_info on `router` (at the server's root, as vLLM serves them)."""
-    def model_of(body: Any):
-        return served(engines, body)[1].model
+def add_tokenizer_routes(router: APIRouter, view: Callable[[Request], Engines]) -> None:
+    """/tokenize, /detokenize and /tokenizer_info on `router` (at the server's root, as vLLM serves them), for the
+    adapters `view(request)` says a request may name."""
+    def model_of(request: Request, body: Any):
+        return served(view(request), body)[1].model
 
     @router.post("/tokenize")
     async def tokenize(request: Request):
         def tokens(body: Any) -> dict[str, Any]:
-            model, text = model_of(body), body.get("prompt")
+            model, text = model_of(request, body), body.get("prompt")
             if not isinstance(text, str):
                 raise RequestError(f"prompt: expected a text, got {type(text).__name__}", "prompt")
             special = body.get("add_special_tokens", True)
@@ -44,7 +46,7 @@ def add_tokenizer_routes(router: APIRouter, engines: Engines) -> None:
     @router.post("/detokenize")
     async def detokenize(request: Request):
         def text(body: Any) -> dict[str, Any]:
-            model, ids = model_of(body), body.get("tokens")
+            model, ids = model_of(request, body), body.get("tokens")
             if not is_token_ids(ids):
                 raise RequestError(f"tokens: expected a list of token ids, got {ids!r:.80}", "tokens")
             try:
@@ -55,8 +57,8 @@ def add_tokenizer_routes(router: APIRouter, engines: Engines) -> None:
         return await answered_json(request, text)
 
     @router.get("/tokenizer_info")
-    def tokenizer_info() -> dict[str, Any]:
-        model = engines.default.model
+    def tokenizer_info(request: Request) -> dict[str, Any]:
+        model = view(request).default.model
         tokenizer = model.tokenizer
 
         def text_of(token: int) -> str | None:

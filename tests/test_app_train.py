@@ -293,6 +293,56 @@ def test_private_adapters_are_served_to_the_client_that_added_them_alone_until_i
         assert served.engines.names == everyone
 
 
+def test_a_pages_api_key_reaches_its_private_adapters_on_the_openai_api_until_it_leaves(demo_files, records,
+                                                                                       monkeypatch):
+    import re
+
+    import httpx
+
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")
+    with running_app([*demo_files.flags(), "--private-adapters", "--openai-api"]) as served:
+        everyone = served.engines.names
+        owner, other = Client(served.url, verbose=False), Client(served.url, verbose=False)
+        trained = owner.predict(*settings(records, epochs=1), api_name="/train")[4]["value"]
+        shown = owner.predict(api_name="/api_key")
+        key = re.search(r"`(sk-session-[\w-]+)`", shown).group(1)
+        assert f"`base_url`: `{served.url.rstrip('/')}/v1`" in shown and owner.predict(api_name="/api_key") == shown
+        others_key = re.search(r"`(sk-session-[\w-]+)`", other.predict(api_name="/api_key")).group(1)
+        assert others_key != key
+
+        def ask(key: str | None, path: str = "v1/chat/completions", **body):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return httpx.post(f"{served.url}{path}", json=body, headers=headers, timeout=120)
+
+        def listed(key: str | None) -> list[str]:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return [m["id"] for m in httpx.get(f"{served.url}v1/models", headers=headers, timeout=60).json()["data"]]
+
+        assert listed(key) == [*everyone, trained] and listed(None) == listed(others_key) == listed("sk-x") == everyone
+        question = {"model": trained, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
+                    "max_tokens": 8}
+        answered = ask(key, **question)
+        assert answered.status_code == 200, answered.text
+        engine = served.engines.private[trained][1]
+        expected = list(engine.chat([], QUESTION, Settings(temperature=0.0, max_new_tokens=8)))[-1]
+        assert answered.json()["choices"][0]["message"]["content"] == expected
+        assert ask(key, "tokenize", model=trained, prompt=QUESTION).json()["tokens"] == \
+            engine.model.tokenizer.encode(QUESTION, bos=True, eos=False)
+        for refused_key in (None, others_key):
+            refused = ask(refused_key, **question)
+            assert refused.status_code == 404 and refused.json()["error"]["message"].startswith(
+                f"model: no adapter '{trained}' is served"), refused.text
+        owner.close()  # its page closed: its adapters go, and its key reaches nothing more
+        deadline = time.monotonic() + 30
+        while served.engines.private and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert listed(key) == everyone
+        served.engines.add("late", engine, owner.session_hash)  # were the session to add one now: out of reach
+        assert listed(key) == everyone and "late" in served.engines.seen_by(owner.session_hash).names
+        assert served.engines.api_key(owner.session_hash) != key, "a new key, were it asked for again"
+        served.engines.remove("late")
+
+
 def test_private_adapters_need_a_way_to_add_adapters(served):
     base = ["--base", served.engine.base]
     assert parse_config(base, environ={"ADAPTER_PRIVATE_ADAPTERS": "1"}).private_adapters
