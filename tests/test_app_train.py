@@ -163,6 +163,8 @@ def test_no_train_tab_and_no_upload_leave_them_out(served):
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_TRAIN_TAB": "1"}).no_train_tab
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_UPLOAD": "1"}).no_upload
     assert "push_adapter" in endpoints() and "push_adapter" not in endpoints("--no-push")
+    assert "api_key" in endpoints("--private-adapters", "--openai-api"), "a page's key, where it reaches something"
+    assert "api_key" not in endpoints("--private-adapters") and "api_key" not in endpoints("--openai-api")
     assert parse_config(["--base", served.engine.base], environ={"ADAPTER_NO_PUSH": "1"}).no_push
     bounded = app.build_demo(served.engines, parse_config(["--base", served.engine.base, "--train-max-steps", "7"],
                                                           environ={}))
