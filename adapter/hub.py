@@ -149,6 +149,11 @@ def hub_failures(what: str, failed: str, advice: str) -> Iterator[None]:
         raise ValueError(f"{what}: {failed} ({type(error).__name__}: {error}); {advice}") from error
 
 
+def repo_of(value: str) -> str:
+    """The repository `owner/name` of an `hf:` name (its revision and file, if any, left out)."""
+    return _parts(str(value).removeprefix(PREFIX))[0]
+
+
 def repo_id(value: str, what: str) -> str:
     """`owner/name` from `owner/name` or `hf:owner/name`: a repository to write to (no revision, no file)."""
     text = value.strip()

@@ -14,7 +14,7 @@ from typing import Any
 
 from .finetune.logs import LOG, read_log
 from .gate_layers import adapter_layers, describe
-from .hub import PREFIX, repo_id
+from .hub import PREFIX, repo_of
 from .model import Transformer
 from .releases import PREFIX as OFFICIAL
 from .tiny.assets import BASE_NAME, CLIP_NAME, base_name
@@ -114,7 +114,7 @@ def _front_matter(model: Transformer, base: str, written: str) -> list[str]:
             *(["llama-adapter-v2"] if a.v2_parts else []), *(["image-text-to-text"] if a.visual != "none" else [])]
     lines = ["tags:", *(f"- {tag}" for tag in tags)]
     if base.startswith(PREFIX):
-        lines.append(f"base_model: {repo_id(base.split('@')[0], 'base')}")
+        lines.append(f"base_model: {repo_of(base)}")
     if written == "peft":
         lines.append("library_name: peft")
     return lines + [f"pipeline_tag: {'image-text-to-text' if a.visual != 'none' else 'text-generation'}"]

@@ -22,7 +22,7 @@ from .convert import adapter_on_meta_base, check_target, write_adapter
 from .finetune.logs import LOG
 from .formats import BASE_HELP
 from .formats.common import atomic_folder
-from .hub import PREFIX, hub_failures, hub_module, is_remote, repo_id, resolve
+from .hub import PREFIX, hub_failures, hub_module, is_remote, repo_id, repo_of, resolve
 from .model import Transformer
 from .model_card import RUN_ADAPTERS, Training, model_card, training_of
 from .tiny.assets import resolve as resolve_tiny
@@ -123,7 +123,7 @@ def _clip_config_beside(args: AdapterArgs, folder: Path) -> tuple[AdapterArgs, s
 
 def _hub_name(base: str) -> str:
     """The base as a PEFT config's base_model_name_or_path names it: a hub id without `hf:`, else as given."""
-    return base[len(PREFIX):].split("@")[0] if base.startswith(PREFIX) else base
+    return repo_of(base) if base.startswith(PREFIX) else base
 
 
 def main(argv: Sequence[str] | None = None) -> int:

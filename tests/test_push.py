@@ -311,3 +311,16 @@ def test_an_official_release_is_pushed_in_our_format_with_where_it_came_from(tmp
         assert f"| {layer} | {gate.mean():+.4f} | {gate.min():+.4f} | {gate.max():+.4f} |" in card
     torch.testing.assert_close(logits(adapter.load(base_folder, adapter=pushed, device="cpu")), logits(direct),
                                rtol=0, atol=0)
+
+
+def test_the_cards_base_model_is_the_repository_of_a_hub_base_named_with_a_revision_or_a_file():
+    from adapter.model_card import model_card
+    from tests.conftest import TINY, make_model
+
+    model = make_model(TINY, V1)
+    model.base_family = "LLaMA"
+    for base, repo in (("hf:owner/llama@v2", "owner/llama"), ("hf:owner/gguf/q8/model.Q8_0.gguf", "owner/gguf"),
+                       ("hf:owner/llama", "owner/llama")):
+        card = model_card(model, "me/x", base, "native")
+        assert [line for line in card.splitlines() if line.startswith("base_model")] == [f"base_model: {repo}"]
+        assert f"python app.py --base {base} --adapter hf:me/x\n" in card
