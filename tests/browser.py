@@ -98,6 +98,15 @@ def layer_sweep(page, prefix: str = "") -> list[list[str]]:
     return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]
 
 
+def every_adapter(page) -> list[list[str]]:
+    """The Compare tab's question asked of every adapter: one row per adapter (name, answer), once complete."""
+    page.click("#every_adapter")
+    rows = page.locator("#every_adapter_table [role=row]:has([role=gridcell])")
+    rows.first.wait_for()
+    finished(page, "#every_adapter_table")
+    return [row.locator("[role=gridcell]").all_inner_texts() for row in rows.all()]
+
+
 def score(page, scales: str) -> list[list[str]]:
     """Score the Score tab's records over `scales`; the table's rows once complete."""
     page.fill("#score_scales textarea", scales)

@@ -26,6 +26,7 @@ from tests.browser import (
     coloured,
     compare,
     download,
+    every_adapter,
     layer_sweep,
     next_token,
     open_page,
@@ -144,6 +145,9 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
         assert compare(page, example.instruction) == \
             list(tiny.engine.compare(example.instruction, Settings(gate_layers="top 2")))[-1]
         page.fill("#gate_layers textarea", "all")
+        own = {name: list(tiny.engines.get(name).compare(example.instruction, Settings()))[-1][1]
+               for name in tiny.engines.names}
+        assert every_adapter(page) == [[name, answer] for name, answer in own.items()], "each adapter's, a row each"
         page.get_by_role("tab", name="Score").click()
         page.get_by_text("tiny_held_out.jsonl").first.click()  # the tiny model's held-out questions, offered
         page.locator("#score_file [aria-label='tiny_held_out.jsonl']").wait_for()  # loaded before scoring
