@@ -40,16 +40,17 @@ class Training:
 
 
 def training_of(adapter: Path) -> Training | None:
-    """The run that wrote `adapter` (OUT/adapter or OUT/best, a folder or its adapter.safetensors), or None for an
-    adapter that no run of adapter.finetune wrote."""
+    """The run that wrote `adapter` (a folder or its adapter.safetensors): OUT/adapter or OUT/best of a fine-tuning
+    run, or the app's Train-tab zip unpacked (its log and plots beside the adapter); None for an adapter that no run
+    of adapter.finetune wrote."""
     folder = adapter if adapter.is_dir() else adapter.parent
-    run = folder.parent
-    records = read_log(run / LOG) if folder.name in RUN_ADAPTERS else []
+    run = folder if (folder / LOG).is_file() else folder.parent
+    records = read_log(run / LOG) if run == folder or folder.name in RUN_ADAPTERS else []
     start = next((r for r in records if r.get("type") == "start"), None)
     if start is None:
         return None
     vals = [r for r in records if r.get("type") == "val"]
-    best = folder.name == "best" and bool(vals)
+    best = run != folder and folder.name == "best" and bool(vals)
     end = next((r for r in records if r.get("type") == "end"), None)
     if best:
         step = min(vals, key=lambda r: r["val_loss"])["step"]

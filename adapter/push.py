@@ -22,6 +22,7 @@ from .convert import adapter_on_meta_base, check_target, write_adapter
 from .finetune.logs import LOG
 from .formats import BASE_HELP
 from .formats.common import atomic_folder
+from .formats.native import FILE_NAME as ADAPTER_FILE
 from .hub import PREFIX, hub_failures, hub_module, is_remote, repo_id, repo_of, resolve
 from .model import Transformer
 from .model_card import RUN_ADAPTERS, Training, model_card, training_of
@@ -39,7 +40,7 @@ def stage(source: str | Path, base: str | Path, folder: Path, repo: str, to: str
     repo = repo_id(repo, "repo")
     _, named, _, _ = resolve_tiny(str(base), str(source), None, None)
     source_path = resolve(named, "source")
-    if (source_path / LOG).is_file():
+    if (source_path / LOG).is_file() and not (source_path / ADAPTER_FILE).is_file():  # a run, not its adapter
         kept = [source_path / name for name in RUN_ADAPTERS if (source_path / name).is_dir()]
         raise ValueError(f"source: {source_path} is a fine-tuning run; push one of its adapters: "
                          f"{' or '.join(map(str, kept)) or 'none written yet'}")

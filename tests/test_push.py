@@ -290,7 +290,13 @@ def test_the_card_reads_the_step_of_the_adapter_pushed_from_the_runs_log(tmp_pat
     assert (best.best, best.steps, best.last_loss, best.val_loss) == (True, 2, 0.5, 0.5)
     assert (last.best, last.steps, last.last_loss, last.val_loss) == (False, 4, 0.25, 0.7)
     assert last.total_steps == 4 and last.lr == 0.01 and last.plots == [run / "loss.png"]
-    assert training_of(tmp_path / "elsewhere" / "adapter") is None and training_of(run) is None
+    assert training_of(tmp_path / "elsewhere" / "adapter") is None and training_of(run) is not None
+    unzipped = tmp_path / "trained-1"  # the app's Train-tab zip, unpacked: the log and plots beside the adapter
+    unzipped.mkdir()
+    shutil.copy(run / "log.jsonl", unzipped / "log.jsonl")
+    shutil.copy(run / "loss.png", unzipped / "loss.png")
+    zipped = training_of(unzipped / "adapter.safetensors")
+    assert (zipped.best, zipped.steps, zipped.val_loss, zipped.plots) == (False, 4, 0.7, [unzipped / "loss.png"])
 
 
 def test_an_official_release_is_pushed_in_our_format_with_where_it_came_from(tmp_path, base_folder, hub, monkeypatch):
