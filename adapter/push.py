@@ -87,14 +87,29 @@ def _upload(write: Callable[[Path, str], object], repo: str, to: str, private: b
     check_token(hub, repo, token)
     with tempfile.TemporaryDirectory(prefix="llama-adapter-push-") as tmp:
         write(Path(tmp), repo)
-        with hub_failures("push", f"could not push to {repo} on the Hugging Face hub", ADVICE):
-            api = hub.HfApi(token=token)
-            api.create_repo(repo, private=True if private else None, exist_ok=True)
-            if branch:
-                api.create_branch(repo, branch=branch, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo, folder_path=tmp, revision=branch,
-                                       commit_message=message or f"Upload a LLaMA-Adapter ({to} format)")
+        return commit_folder(Path(tmp), repo, private, message or f"Upload a LLaMA-Adapter ({to} format)", branch,
+                             token)
+
+
+def commit_folder(folder: Path, repo: str, private: bool, message: str, branch: str | None = None,
+                  token: str | None = None, what: str = "push") -> str:
+    """`folder` in one commit to the hub repository `repo`, created if needed (private with `private`; an existing
+    one keeps its visibility), on `branch` (created if needed) or the main one; the commit's URL."""
+    hub = hub_module(what, repo)
+    with hub_failures(what, f"could not push to {repo} on the Hugging Face hub", ADVICE):
+        api = hub.HfApi(token=token)
+        api.create_repo(repo, private=True if private else None, exist_ok=True)
+        if branch:
+            api.create_branch(repo, branch=branch, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo, folder_path=folder, revision=branch, commit_message=message)
     return str(commit.commit_url)
+
+
+def writable_repo(value: str, what: str) -> str:
+    """A repository id to push to and a token to write with, checked before any long work (training, quantizing)."""
+    repo = repo_id(value, what)
+    check_token(hub_module(what, repo), repo, what=what)
+    return repo
 
 
 def check_to(to: str) -> None:

@@ -29,17 +29,22 @@ import torch
 from .config import ModelArgs
 from .formats import BASE_HELP
 from .formats.bnb import QuantizedWeight
-from .formats.common import atomic_folder, refuse_existing
+from .formats.common import atomic_folder, atomic_write, refuse_existing
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
+from .hub import PREFIX, is_remote, repo_of
 from .loading import DTYPES, open_named_base, resolve_device
+from .push import commit_folder, writable_repo
 from .quantize import BLOCK_SIZE, FROZEN_LINEARS, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
+from .tiny.assets import BASE_NAME
 from .tokenizer import TOKENIZER_FILES, open_tokenizer
 
 # what a tokenizer folder may hold besides the tokenizer: its special tokens, chat template, generation stops
 TOKENIZER_COMPANIONS = ("tokenizer.model", "tokenizer.json", "tekken.json", "tokenizer_config.json",
                         "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 SHARD_GB = 2.0
+CARD = "README.md"
+BITS = {"nf4": "4-bit", "int8": "8-bit"}
 
 
 def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "nf4", *, dtype: str = "bfloat16",
@@ -58,7 +63,7 @@ def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "
     if getattr(checkpoint, "quantization", None):
         raise ValueError(f"base: {checkpoint.source} is already stored quantized ({checkpoint.quantization})")
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
-    writer = _Writer(checkpoint, args, mode, DTYPES[dtype], double_quant, resolve_device(device), shard_gb)
+    writer = _Writer(checkpoint, args, mode, DTYPES[dtype], double_quant, resolve_device(device), shard_gb, str(base))
     return atomic_folder(out, writer.write)
 
 
@@ -66,8 +71,8 @@ class _Writer:
     """One pass over the base's tensors (one at a time, as read), quantized linears and plain rest, in shards."""
 
     def __init__(self, checkpoint, args: ModelArgs, mode: str, dtype: torch.dtype, double_quant: bool,
-                 device: torch.device, shard_gb: float) -> None:
-        self.checkpoint, self.args, self.mode, self.dtype = checkpoint, args, mode, dtype
+                 device: torch.device, shard_gb: float, base: str) -> None:
+        self.checkpoint, self.args, self.mode, self.dtype, self.base = checkpoint, args, mode, dtype, base
         self.double_quant, self.device, self.shard_bytes = double_quant, device, int(shard_gb * 2**30)
         self.heads = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}
 
@@ -86,6 +91,7 @@ class _Writer:
         written.append(_save_part(folder, len(written), shard))
         _name_shards(folder, written)
         (folder / "config.json").write_text(json.dumps(self._config(), indent=2) + "\n")
+        (folder / CARD).write_text(self._card(sum(size for *_, size in written)))
         if self.checkpoint.format == "gguf":  # the tokenizer is in the file's metadata
             write_tokenizer_files(self.checkpoint.tokenizer_path, folder)
             return
@@ -113,6 +119,28 @@ class _Writer:
         if module in self.heads:  # quantized in Meta's row order, as adapter.load would, then moved to HF's whole
             stored = stored.rows(meta_to_hf_rows(torch.arange(weight.shape[0]), self.heads[module]))
         return stored.state_dict(target)
+
+    def _card(self, size: int) -> str:
+        """README.md: what the folder is and how to load it, for people and for the hub when it is pushed."""
+        a, family, stored = self.args, self.checkpoint.family, f"{self.mode} ({BITS[self.mode]})"
+        base_model = [f"base_model: {repo_of(self.base)}", "base_model_relation: quantized"] \
+            if self.base.startswith(PREFIX) else []
+        source = "`tiny`, the model embedded in llama-adapter" if self.base == BASE_NAME else \
+            f"`{self.base if is_remote(self.base) else Path(self.base).name}`"
+        return "\n".join([
+            "---", "tags:", "- llama-adapter", "- bitsandbytes", f"- {BITS[self.mode]}", *base_model,
+            "library_name: transformers", "pipeline_tag: text-generation", "---", "",
+            f"# {family} base in {self.mode}", "",
+            f"{source} ({family}: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads, vocabulary {a.vocab_size}), "
+            f"its linears stored {stored} by `python -m adapter.quantize_base` in transformers' bitsandbytes layout "
+            f"({_size(size)} of weights; the rest in {str(self.dtype).removeprefix('torch.')}"
+            + (", block scales double-quantized" if self.mode == "nf4" and self.double_quant else "") + "). It "
+            "loads as stored, without reading or quantizing 16-bit weights, and exactly as the base quantized while "
+            "loading.", "",
+            "```bash", "# with llama-adapter: the app (and every command line) serve adapters on it",
+            "python app.py --base hf:OWNER/NAME --adapter hf:OWNER/ADAPTER   # or --base this/folder", "```", "",
+            "```python", "from transformers import AutoModelForCausalLM  # bitsandbytes installed",
+            "model = AutoModelForCausalLM.from_pretrained(\"OWNER/NAME\")", "```", ""])
 
     def _config(self) -> dict:
         """config.json as transformers writes it for this shape and quantization."""
@@ -144,6 +172,10 @@ def hf_config(checkpoint, args: ModelArgs, dtype: str) -> dict:
     if mistral:
         config["sliding_window"] = getattr(checkpoint, "window", None)
     return config
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def _bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -197,17 +229,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="nf4: keep the block scales in float32 (0.37 bits per weight more)")
     parser.add_argument("--device", help="where to quantize (default: cuda if available, else cpu)")
     parser.add_argument("--shard-gb", type=float, default=SHARD_GB, help="the largest weights file, in GiB")
+    parser.add_argument("--push-to-hub", metavar="OWNER/NAME",
+                        help="then push the folder (its README.md the card) to this Hugging Face hub repository "
+                             "(token: HF_TOKEN or `hf auth login`; checked before quantizing)")
+    parser.add_argument("--hub-private", action="store_true", help="--push-to-hub: create the repository private")
     options = parser.parse_args(argv)
     try:
+        if options.hub_private and not options.push_to_hub:
+            raise ValueError("--hub-private: give --push-to-hub OWNER/NAME too")
+        repo = writable_repo(options.push_to_hub, "--push-to-hub") if options.push_to_hub else None
         path = quantize_base(options.base, options.out, options.mode, dtype=options.dtype,
                              double_quant=not options.no_double_quant, device=options.device,
                              shard_gb=options.shard_gb)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
+        print(f"wrote {path} ({options.mode}, {size:.2f} GiB of weights); serve it with python app.py --base {path}")
+        if repo:
+            url = _pushed(path, repo, options.hub_private)
+            print(f"pushed {url}; serve it with python app.py --base hf:{repo}")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
-    print(f"wrote {path} ({options.mode}, {size:.2f} GiB of weights); serve it with python app.py --base {path}")
     return 0
+
+
+def _pushed(folder: Path, repo: str, private: bool) -> str:
+    """The written folder in one commit to `repo`; where that fails, the folder stays with how to push it later."""
+    card = folder / CARD
+    named = card.read_text().replace("OWNER/NAME", repo)  # the card names where it now lives
+    atomic_write(card, lambda tmp: Path(tmp).write_text(named))
+    try:
+        return commit_folder(folder, repo, private, "Upload a pre-quantized base (python -m adapter.quantize_base)",
+                             what="--push-to-hub")
+    except ValueError as error:
+        raise ValueError(f"{error}; the folder is kept: push it later with hf upload {repo} {folder} .") from error
 
 
 if __name__ == "__main__":

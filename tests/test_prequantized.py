@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -206,7 +207,7 @@ def test_quantize_base_writes_a_folder_transformers_and_we_load_alike(folders, t
 
     out = quantize_base(folders["meta"], tmp_path / "out", mode, dtype="float32", double_quant=double_quant,
                         device="cpu")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.model"]
     model, peer = ours(out), peer_load(out)
     assert model.quantization == mode
     torch.testing.assert_close(logits(model), logits(peer), atol=2e-5, rtol=0)
@@ -270,6 +271,44 @@ def test_quantize_base_command_line_says_where_it_wrote(folders, tmp_path, capsy
     printed = capsys.readouterr().out
     assert printed.startswith(f"wrote {out} (int8, ") and f"python app.py --base {out}" in printed
     assert adapter.load(out, device="cpu").quantization == "int8"
+
+
+def test_quantize_base_writes_its_card_and_pushes_the_folder_to_the_hub(folders, tmp_path, capsys, monkeypatch):
+    from tests.test_push import FakeHub
+
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    out = tmp_path / "nf4"
+    assert quantize_base_main([str(folders["meta"]), str(out), "--device", "cpu", "--push-to-hub", "me/base",
+                               "--hub-private"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.endswith("pushed https://huggingface.co/me/base/commit/0123abc; serve it with "
+                                            "python app.py --base hf:me/base\n")
+    assert hub.calls[0] == ("create_repo", "me/base", {"private": True, "exist_ok": True})
+    pushed = hub.folder("me/base")
+    assert sorted(p.name for p in pushed.iterdir()) == sorted(p.name for p in out.iterdir())
+    card = (pushed / "README.md").read_text()
+    assert "- 4-bit\n" in card and "library_name: transformers" in card and "base_model" not in card
+    size = sum(t.numel() * t.element_size() for p in out.glob("*.safetensors")
+               for t in safetensors.torch.load_file(p).values()) / 2**20
+    assert (f"`{folders['meta'].name}` (LLaMA: dim {SHAPE.dim}, {SHAPE.n_layers} layers, {SHAPE.n_heads} heads, "
+            f"vocabulary {SHAPE.vocab_size}), its linears stored nf4 (4-bit) by `python -m adapter.quantize_base` in "
+            f"transformers' bitsandbytes layout ({size:.1f} MiB of weights; the rest in bfloat16") in card
+    assert "python app.py --base hf:me/base --adapter" in card and 'from_pretrained("me/base")' in card
+    torch.testing.assert_close(logits(ours(pushed)), logits(ours(out)), atol=0, rtol=0)  # the folder as written
+
+    hub.calls.clear()
+    assert quantize_base_main([str(folders["meta"]), str(tmp_path / "no"), "--push-to-hub", "me"]) == 2
+    assert capsys.readouterr().err == "error: --push-to-hub: 'me' is not a hub repository id like owner/name\n"
+    hub.token = None
+    assert quantize_base_main([str(folders["meta"]), str(tmp_path / "no"), "--push-to-hub", "me/base"]) == 2
+    assert "error: --push-to-hub: no Hugging Face token" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists() and hub.calls == [], "refused before anything is quantized"
+    hub.token, hub.refuse = "hf_fake", ConnectionError("offline")
+    assert quantize_base_main([str(folders["meta"]), str(tmp_path / "kept"), "--device", "cpu",
+                               "--push-to-hub", "me/base"]) == 2
+    assert capsys.readouterr().err.endswith(f"the folder is kept: push it later with hf upload me/base "
+                                            f"{tmp_path / 'kept'} .\n")
+    assert adapter.load(tmp_path / "kept", device="cpu").quantization == "nf4"
 
 
 def test_inspect_says_a_base_is_stored_quantized(folders):

@@ -258,7 +258,7 @@ def test_finetune_pushes_its_best_adapter_with_the_runs_card_and_plots(tmp_path,
     assert capsys.readouterr().err == "error: --push-to-hub: 'me' is not a hub repository id like owner/name\n"
     hub.token = None
     assert finetune_main([*flags, "--out", str(tmp_path / "no"), "--push-to-hub", "me/run"]) == 2
-    assert "error: push: no Hugging Face token" in capsys.readouterr().err
+    assert "error: --push-to-hub: no Hugging Face token" in capsys.readouterr().err
     assert finetune_main([*flags, "--out", str(tmp_path / "no"), "--hub-private"]) == 2
     assert capsys.readouterr().err == "error: --hub-private: give --push-to-hub OWNER/NAME too\n"
     assert not (tmp_path / "no").exists() and hub.calls == [], "refused before training"

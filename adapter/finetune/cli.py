@@ -103,13 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     options["quantize"] = None if options["quantize"] == "none" else options["quantize"]
     push_to, private = options.pop("push_to_hub"), options.pop("hub_private")
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, the one that writes (and pushes)
+    from ..push import writable_repo
     from .step import TrainingStopped
     from .trainer import train
 
     try:
         if private and not push_to:
             raise ValueError("--hub-private: give --push-to-hub OWNER/NAME too")
-        repo = _hub_repo(push_to) if push_to else None
+        repo = writable_repo(push_to, "--push-to-hub") if push_to else None
         result = train(TrainConfig(**options))
         if repo and main_process:
             _push(result.best or result.adapter, repo, options["base"], private)
@@ -118,16 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-def _hub_repo(value: str) -> str:
-    """--push-to-hub's repository, and a token to write to it, checked before any training."""
-    from ..hub import hub_module, repo_id
-    from ..push import check_token
-
-    repo = repo_id(value, "--push-to-hub")
-    check_token(hub_module("--push-to-hub", repo), repo)
-    return repo
 
 
 def _push(adapter: Path, repo: str, base: str, private: bool) -> None:
