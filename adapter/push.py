@@ -33,18 +33,24 @@ CARD = "README.md"
 ADVICE = "check that your token may write to it (HF_TOKEN, or `hf auth login`) and that you are online"
 
 
-def stage(source: str | Path, base: str | Path, folder: Path, repo: str, to: str = "native") -> list[Path]:
+def stage(source: str | Path, base: str | Path | None, folder: Path, repo: str, to: str = "native") -> list[Path]:
     """Write into the empty `folder` what `push` uploads: the adapter in format `to`, its card, a fine-tuning run's
-    plots, the model config file of the CLIP tower an image adapter reads (when it names one); the files written."""
+    plots, the model config file of the CLIP tower an image adapter reads (when it names one); the files written.
+    `base` None: the base a fine-tuning run's adapter was trained on, as its log names it."""
     check_to(to)
     repo = repo_id(repo, "repo")
-    _, named, _, _ = resolve_tiny(str(base), str(source), None, None)
+    _, named, _, _ = resolve_tiny(str(base or ""), str(source), None, None)
     source_path = resolve(named, "source")
     if (source_path / LOG).is_file() and not (source_path / ADAPTER_FILE).is_file():  # a run, not its adapter
         kept = [source_path / name for name in RUN_ADAPTERS if (source_path / name).is_dir()]
         raise ValueError(f"source: {source_path} is a fine-tuning run; push one of its adapters: "
                          f"{' or '.join(map(str, kept)) or 'none written yet'}")
-    return stage_model(adapter_on_meta_base(base, source_path), str(base), folder, repo, to, training_of(source_path),
+    training = training_of(source_path)
+    base = base or (training.config.get("base") if training else None)
+    if not base:
+        raise ValueError("base: name the base the adapter belongs to (--base); only a fine-tuning run's adapter "
+                         "says its own")
+    return stage_model(adapter_on_meta_base(base, source_path), str(base), folder, repo, to, training,
                        str(source) if is_remote(source) else None)
 
 
@@ -61,9 +67,10 @@ def stage_model(model: Transformer, base: str, folder: Path, repo: str, to: str 
     return sorted(folder.iterdir())
 
 
-def push(source: str | Path, repo: str, base: str | Path, to: str = "native", private: bool = False,
+def push(source: str | Path, repo: str, base: str | Path | None, to: str = "native", private: bool = False,
          branch: str | None = None, message: str | None = None, token: str | None = None) -> str:
-    """Push adapter `source` (any format; the base it belongs to is `base`) to the hub repository `repo`, created if
+    """Push adapter `source` (any format; the base it belongs to is `base`, None for the one a fine-tuning run's
+    adapter was trained on) to the hub repository `repo`, created if
     needed (private with `private`; an existing one keeps its visibility), on `branch` (created if needed) or the
     main one, with `token` (default: huggingface_hub's own); the commit's URL. ValueError naming the cause where the
     adapter cannot be written as `to`, there is no token, or the hub refuses."""
@@ -147,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("source", help="the adapter: a file or folder in any supported format, tiny-text, tiny-image, "
                                        "hf:owner/name or official:NAME")
     parser.add_argument("repo", help="the hub repository to push to, owner/name (created if needed)")
-    parser.add_argument("--base", required=True, help="the base the adapter belongs to: " + BASE_HELP)
+    parser.add_argument("--base", help="the base the adapter belongs to: " + BASE_HELP + "; default for a "
+                                       "fine-tuning run's adapter: the base its log names")
     parser.add_argument("--to", choices=TARGETS, default="native",
                         help="native: ours (any adapter); peft: PEFT's, for transformers + peft users (a v1 adapter "
                              "with raw gates, or a LoRA alone)")

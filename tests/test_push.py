@@ -250,6 +250,13 @@ def test_finetune_pushes_its_best_adapter_with_the_runs_card_and_plots(tmp_path,
     assert f"| validation loss at that step | {loss:.4f} |" in card and "| peak learning rate | 0.05 |" in card
     assert "![loss](loss.png)\n![gates](gates.png)\n" in card
 
+    staged = tmp_path / "staged"  # the run's adapter names its base: --base may be left out
+    assert main([str(out / "best"), "me/run", "--folder", str(staged)]) == 0, capsys.readouterr().err
+    assert (staged / "README.md").read_text() == card
+    assert all(torch.equal(tensor, best.tensors[name]) for name, tensor in read_adapter(staged).tensors.items())
+    with pytest.raises(ValueError, match=r"^base: name the base the adapter belongs to \(--base\); only a "
+                                         r"fine-tuning run's adapter says its own$"):
+        push("tiny-text", "me/x", None)
     with pytest.raises(ValueError, match=rf"^source: {out} is a fine-tuning run; push one of its adapters: "
                                          rf"{out / 'adapter'} or {out / 'best'}$"):
         push(out, "me/run", base_folder)
