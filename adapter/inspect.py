@@ -22,8 +22,8 @@ from .footprint import describe as memory_line
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
 from .formats.gguf import is_gguf_file
-from .formats.hf import HFCheckpoint, is_hf_folder
-from .hub import resolve, resolve_without_weights
+from .hub import resolve
+from .loading import hub_base_without_weights
 from .model import Transformer
 from .prompts import base_prompt_format, chat_template_source
 from .tiny.assets import resolve as resolve_tiny
@@ -134,9 +134,9 @@ def describe_adapter(path: Path) -> list[str]:
 
 def describe(path: str | Path) -> list[str]:
     base, adapter, _, _ = resolve_tiny(path, path, None, None)  # the embedded model's names: its files
-    light = resolve_without_weights(path, "path")  # an HF base on the hub: its shape without its weights
-    if light is not None and is_hf_folder(light[0]):
-        return describe_base(str(path), HFCheckpoint(*light))
+    light = hub_base_without_weights(path, "path")  # an HF base on the hub: its shape without its weights
+    if light is not None:
+        return describe_base(str(path), light)
     path = resolve(base if base != path else adapter, "path")  # hf:owner/name and official:NAME are fetched first
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")

@@ -65,15 +65,18 @@ def open_named_base(base: str | os.PathLike):
     return open_base(hub.resolve(resolve_tiny(base, None, None, None)[0], "base"))
 
 
+def hub_base_without_weights(value: str | os.PathLike, what: str = "base") -> HFCheckpoint | None:
+    """An HF base on the hub (`hf:owner/name`) read without its weights (its config, tokenizer and safetensors
+    headers: megabytes, not gigabytes; asking it for a tensor is an error); None for anything else."""
+    light = hub.resolve_without_weights(value, what)
+    return HFCheckpoint(*light) if light is not None and is_hf_folder(light[0]) else None
+
+
 def open_base_shape(base: str | os.PathLike):
     """`open_named_base` for a base's shape, settings and tensor names alone (what inspect and convert need): a hub
-    repository of an HF base is read without its weights (its config, tokenizer and safetensors headers: megabytes,
-    not gigabytes; asking it for a tensor is an error); anything else as `open_named_base`."""
-    named = resolve_tiny(base, None, None, None)[0]
-    light = hub.resolve_without_weights(named, "base")
-    if light is not None and is_hf_folder(light[0]):
-        return HFCheckpoint(*light)
-    return open_named_base(base)
+    repository of an HF base is read without its weights (`hub_base_without_weights`); anything else as
+    `open_named_base`."""
+    return hub_base_without_weights(resolve_tiny(base, None, None, None)[0]) or open_named_base(base)
 
 
 def load(

@@ -112,8 +112,13 @@ def commit_folder(folder: Path, repo: str, private: bool, message: str, branch: 
     return str(commit.commit_url)
 
 
-def writable_repo(value: str, what: str) -> str:
-    """A repository id to push to and a token to write with, checked before any long work (training, quantizing)."""
+def hub_target(value: str | None, private: bool, what: str = "--push-to-hub") -> str | None:
+    """A command line's `--push-to-hub` repository (None where not asked) with a token to write to it, checked before
+    any long work (training, quantizing); `--hub-private` needs one."""
+    if value is None:
+        if private:
+            raise ValueError(f"--hub-private: give {what} OWNER/NAME too")
+        return None
     repo = repo_id(value, what)
     check_token(hub_module(what, repo), repo, what=what)
     return repo

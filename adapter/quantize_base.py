@@ -34,7 +34,7 @@ from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
 from .hub import PREFIX, is_remote, repo_of
 from .loading import DTYPES, open_named_base, resolve_device
-from .push import commit_folder, writable_repo
+from .push import commit_folder, hub_target
 from .quantize import BLOCK_SIZE, FROZEN_LINEARS, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
 from .tiny.assets import BASE_NAME
 from .tokenizer import TOKENIZER_FILES, open_tokenizer
@@ -235,9 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hub-private", action="store_true", help="--push-to-hub: create the repository private")
     options = parser.parse_args(argv)
     try:
-        if options.hub_private and not options.push_to_hub:
-            raise ValueError("--hub-private: give --push-to-hub OWNER/NAME too")
-        repo = writable_repo(options.push_to_hub, "--push-to-hub") if options.push_to_hub else None
+        repo = hub_target(options.push_to_hub, options.hub_private)
         path = quantize_base(options.base, options.out, options.mode, dtype=options.dtype,
                              double_quant=not options.no_double_quant, device=options.device,
                              shard_gb=options.shard_gb)

@@ -103,14 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     options["quantize"] = None if options["quantize"] == "none" else options["quantize"]
     push_to, private = options.pop("push_to_hub"), options.pop("hub_private")
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, the one that writes (and pushes)
-    from ..push import writable_repo
+    from ..push import hub_target
     from .step import TrainingStopped
     from .trainer import train
 
     try:
-        if private and not push_to:
-            raise ValueError("--hub-private: give --push-to-hub OWNER/NAME too")
-        repo = writable_repo(push_to, "--push-to-hub") if push_to else None
+        repo = hub_target(push_to, private)
         result = train(TrainConfig(**options))
         if repo and main_process:
             _push(result.best or result.adapter, repo, options["base"], private)
