@@ -474,9 +474,18 @@ class Handlers:
                                  lora_rank=check_integer("lora_rank", lora_rank), prompt_format=prompt_format,
                                  seed=check_integer("seed", seed), start_from=start_from or None,
                                  images=tuple(images or ()))
-            with closing(self.training.run(asked, request.session_hash)) as runs:  # a closed page stops it
-                for progress in runs:
-                    yield training_view(progress, self.served(request))
+            yield from self._follow(self.training.run(asked, request.session_hash), request)
+
+    def resume_training(self, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        """Continue this page's last run, stopped, to its end (the adapter it would have given had it never
+        stopped), served in the stopped one's place: the Train tab's outputs as `train` gives them."""
+        with user_errors():
+            yield from self._follow(self.training.resume(request.session_hash), request)
+
+    def _follow(self, runs: Iterator[TrainProgress], request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        with closing(runs):  # a closed page stops the run
+            for progress in runs:
+                yield training_view(progress, self.served(request))
 
     def stop_training(self, request: gr.Request) -> None:
         """Stop this page's run after its step under way; what it learnt so far is kept and served."""
@@ -679,8 +688,9 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
     gr.Markdown(f"Train an adapter on the served base, here, while the app goes on answering (each step between "
                 f"other requests). Its gates start at zero, so it starts as the frozen base; watch them open. When it "
                 f"ends it is served as `trained-N` beside the others{whose} and chosen in the adapter menu above, so "
-                f"the gate slider moves between the base and what it learnt; the zip holds it for `--adapter`. Records "
-                f"as fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`{images}); one run "
+                f"the gate slider moves between the base and what it learnt; the zip holds it for `--adapter`. Stop "
+                f"serves what it has learnt so far, and Resume then takes that run on to its end. Records as "
+                f"fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`{images}); one run "
                 f"at a time, of at most {handlers.training.max_steps} steps; warm-up over a tenth of the epochs, "
                 f"then cosine decay to a twentieth of the learning rate; 5% of the records give the validation loss, "
                 f"taken {VALIDATIONS} times over the run.")
@@ -725,6 +735,7 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
     with gr.Row():
         button = gr.Button("Train", variant="primary", elem_id="train")
         stop = gr.Button("Stop (keep what it learnt)", elem_id="train_stop")
+        resume = gr.Button("Resume the stopped run", elem_id="train_resume")
     status = gr.Markdown(elem_id="train_status")
     with gr.Row():
         loss = gr.LinePlot(both_losses_named(), x=LOSS_COLUMNS[0], y=LOSS_COLUMNS[1], color=LOSS_COLUMNS[2],
@@ -736,8 +747,10 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
                             "and plots)", interactive=False, elem_id="train_zip")
     inputs = [data, mode, epochs, batch_size, lr, prompt_len, prompt_layers, lora_rank, prompt_format, seed, start_from,
               pictures]
-    button.click(handlers.train, inputs, [status, loss, gates, trained, *menus, start_from], api_name="train",
-                 concurrency_id="train", concurrency_limit=1)
+    outputs = [status, loss, gates, trained, *menus, start_from]
+    button.click(handlers.train, inputs, outputs, api_name="train", concurrency_id="train", concurrency_limit=1)
+    resume.click(handlers.resume_training, None, outputs, api_name="resume_training", concurrency_id="train",
+                 concurrency_limit=1)
     stop.click(handlers.stop_training, None, None, concurrency_id="train_stop", api_visibility="private")
     return start_from
 

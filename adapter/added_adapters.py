@@ -9,7 +9,8 @@ from __future__ import annotations
 import itertools
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,16 +54,13 @@ class AddedAdapters:
         self._added: list[tuple[str, Path, str | None]] = []  # (name served, its folder, its session), oldest first
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()  # an add (the oldest giving way) and a removal by hand, one at a time
+        self._in_use: set[str] = set()  # names whose folders a run is writing in: not removed by hand meanwhile
 
     def add(self, model: Transformer, folder: Path, sight: Sight | None = None, owner: str | None = None) -> str:
         """Serve `model` (on the served base) under the next free name, with `sight`'s tower if it has a visual
         prompt, to everyone or (private) to session `owner` alone; `folder` (its files) is removed when it gives
         way. Returns its name."""
-        if model.visual_prompt is not None:
-            if sight is None:
-                raise ValueError("sight: an adapter with a visual prompt is served with the tower it reads")
-            attach_image_encoder(model, sight.encoder, inference=True)
-        engine = self.make_engine(model)
+        engine = self._engine(model, sight)
         owner = owner if self.private else None
         with self._lock:
             name = next(n for n in (f"{self.prefix}{i}" for i in self._numbers) if not self.engines.taken(n))
@@ -74,9 +72,33 @@ class AddedAdapters:
                 self._drop(0)
         return name
 
+    def holds(self, name: str, folder: Path) -> bool:
+        """Whether `name` is still served from `folder` (it has not given way nor been removed)."""
+        with self._lock:
+            return any(added == name and kept == folder for added, kept, _ in self._added)
+
+    def replace(self, name: str, model: Transformer, sight: Sight | None = None) -> None:
+        """Serve `model` under `name` instead, from the same folder, to the same users."""
+        engine = self._engine(model, sight)
+        with self._lock:
+            self.engines.replace(name, engine)
+
+    @contextmanager
+    def in_use(self, name: str) -> Iterator[None]:
+        """While this lasts, `name` is not removed by hand (a run resumed in its folder is writing there)."""
+        with self._lock:
+            self._in_use.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_use.discard(name)
+
     def remove(self, name: str) -> bool:
         """Serve `name` no more and remove its folder, if it is one of these; whether it was."""
         with self._lock:
+            if name in self._in_use:
+                raise ValueError(f"adapter: {name}'s run is being resumed in its folder; stop it first")
             index = next((i for i, (added, _, _) in enumerate(self._added) if added == name), None)
             if index is not None:
                 self._drop(index)
@@ -89,6 +111,13 @@ class AddedAdapters:
             for name in gone:
                 self._drop(next(i for i, (added, _, _) in enumerate(self._added) if added == name))
             return gone
+
+    def _engine(self, model: Transformer, sight: Sight | None) -> Engine:
+        if model.visual_prompt is not None:
+            if sight is None:
+                raise ValueError("sight: an adapter with a visual prompt is served with the tower it reads")
+            attach_image_encoder(model, sight.encoder, inference=True)
+        return self.make_engine(model)
 
     def _drop(self, index: int) -> None:
         name, folder, _ = self._added.pop(index)

@@ -575,6 +575,17 @@ class Engines:
             else:
                 self.private = {**self.private, name: (owner, engine)}
 
+    def replace(self, name: str, engine: Engine) -> None:
+        """Serve `engine` under `name` instead of the one served now, to the same users and in the same place (a
+        stopped run's adapter once the run is resumed to its end)."""
+        with self._changing:
+            if name in self.private:
+                self.private = {**self.private, name: (self.private[name][0], engine)}
+            elif name in self.by_name:
+                self.by_name = {key: engine if key == name else held for key, held in self.by_name.items()}
+            else:
+                raise ValueError(f"adapter: {name!r} is not served here")
+
     def remove(self, name: str) -> None:
         """Serve `name` no more (requests under way with it finish); the last one served to everyone stays."""
         with self._changing:

@@ -359,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.next_tokens is not None and not 1 <= args.next_tokens <= MAX_TOP_K:
             raise ValueError(f"--next-tokens: must be from 1 to {MAX_TOP_K}, got {args.next_tokens}")
         questions = None if args.prompts_file is None else read_file_flags(args)
+        if questions is None and not args.prompt.strip() and args.template != "none":
+            raise ValueError("--prompt: empty; give an instruction to answer (or --template none to let the model "
+                             "write from nothing)")
         for flag, value in (("--out", args.out), ("--image-folder", args.image_folder)):
             if value is not None and questions is None:
                 raise ValueError(f"{flag}: only with --prompts-file")

@@ -6,8 +6,9 @@ The run is `adapter.finetune`'s own (the same record layouts, checks, schedule, 
 `RunHooks`: the base already in memory is shared, not loaded again, and left as it is (so is the served CLIP tower
 an image adapter trains on, pictures uploaded beside their records); each optimizer step is the
 device's work (holding its lock, on its compute thread: adapter.device_work), so other users' answers go on
-between steps; Stop ends the run after the step under way and keeps what it learnt. One run at a time, of at most
-MAX_STEPS steps; the last MAX_TRAINED trained adapters stay served, the oldest giving way.
+between steps; Stop ends the run after the step under way and keeps what it learnt, and Resume continues it from
+there to the adapter the run would have given had it never stopped. One run at a time, of at most MAX_STEPS
+steps; the last MAX_TRAINED trained adapters stay served, the oldest giving way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,8 +29,9 @@ import torch
 
 from .added_adapters import AddedAdapters, Sight, served_sight
 from .engine import Engine, Engines
-from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, train
+from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, checkpoint, train
 from .finetune.config import adapter_kind
+from .finetune.logs import LOG, records_until
 from .finetune.plots import gate_curves, loss_curves
 from .formats.common import write_zip
 from .formats.native import save_adapter
@@ -137,13 +139,19 @@ class TrainProgress:
         line = " · ".join(parts)
         if self.name is None:
             return line
-        ended = "Stopped" if self.done < self.steps else "Trained"
+        ended = "Stopped" if self.stopped else "Trained"
         scale = "the delta scale (Advanced)" if self.mode == "lora" else "the gate slider"  # LoRA alone has no gates
         after = ("; ask it about a picture in the Image tab. The zip below holds it for `--adapter`, with `--clip` "
                  "naming the tower it reads." if self.mode == "vision"  # the zip does not hold the served tower
                  else "; the zip below holds it for `--adapter`.")
+        resume = " Resume continues the run from this step to its end." if self.stopped else ""
         return (f"**{ended}** ({line}): served as **{self.name}**, chosen in the adapter menu above, so {scale} now "
-                f"moves between the frozen base (0) and what it learnt (1){after}")
+                f"moves between the frozen base (0) and what it learnt (1){after}{resume}")
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the run ended before its last step (Stop)."""
+        return self.done < self.steps
 
     def loss_points(self) -> list[tuple[int, float, str]]:
         """(step, loss, "train" or "validation") for a line plot drawn by the browser (cheap to send as it
@@ -158,6 +166,17 @@ class TrainProgress:
                 for step, gate in zip(steps, curve)]
 
 
+@dataclass(frozen=True)
+class StoppedRun:
+    """A run stopped before its last step, as Resume continues it: the name its adapter is served under, the folder
+    it ran in (which that adapter holds), its settings and the tower it reads."""
+
+    name: str
+    folder: Path
+    config: TrainConfig
+    sight: Sight | None
+
+
 class LiveTraining:
     """Trains adapters on the base that `engines` serve and serves them there too (`make_engine` wraps a trained
     model as the app wraps the others)."""
@@ -170,17 +189,32 @@ class LiveTraining:
         self._one_run = threading.Lock()
         self._owner: str | None = None
         self._stop: threading.Event | None = None
+        self._stopped: dict[str | None, StoppedRun] = {}  # each session's last run, where it was stopped
 
     def run(self, request: TrainRequest, owner: str | None = None) -> Iterator[TrainProgress]:
         """The run's progress as it goes (at most every REFRESH_S), and last what it gave. Closing this early (a
         page closed) ends the run after its step under way, and nothing is served. `owner` is the session that asked
-        (it may stop the run; with private adapters, the trained one is served to it alone, and it alone may start
-        from one of its own). ValueError for bad settings or records, and while another run is under way."""
+        (it may stop the run and resume it; with private adapters, the trained one is served to it alone, and it
+        alone may start from one of its own). ValueError for bad settings or records, and while another run is
+        under way."""
+        return self._alone(owner, lambda stop: self._run(request, stop))
+
+    def resume(self, owner: str | None = None) -> Iterator[TrainProgress]:
+        """`owner`'s last run, stopped, continued from the step it stopped at to its end: the same schedule and
+        batches, so the adapter of a run that never stopped; it is then served in the stopped one's place, under its
+        name. Its progress as `run`'s (the curves from the first step); closed early, the run stops again, and the
+        stopped adapter stays served as it was. ValueError where that session's last run was not stopped or its
+        adapter is served no more, and while another run is under way."""
+        return self._alone(owner, self._resume)
+
+    def _alone(self, owner: str | None, work: Callable[[threading.Event], Iterator[TrainProgress]]
+               ) -> Iterator[TrainProgress]:
+        """`work`, the one run under way, that `owner` may stop."""
         if not self._one_run.acquire(blocking=False):
             raise ValueError("train: another adapter is being trained here; try again when it is done")
         try:
             self._owner, self._stop = owner, threading.Event()
-            yield from self._run(request, self._stop)
+            yield from work(self._stop)
         finally:
             self._owner = self._stop = None
             self._one_run.release()
@@ -194,8 +228,7 @@ class LiveTraining:
         return True
 
     def _run(self, request: TrainRequest, stop: threading.Event) -> Iterator[TrainProgress]:
-        engine = self.engines.default
-        base = engine.model
+        base = self.engines.default.model
         self.folder.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self.folder))
         try:
@@ -211,15 +244,45 @@ class LiveTraining:
             gather_uploads(request.images, images)
             config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len,
                                     start, sight, images)
-            hooks = RunHooks(base=base, image_encoder=None if sight is None else sight.encoder, stop=stop,
-                             step_runner=engine.work.run, max_steps=self.max_steps, validations=VALIDATIONS)
-            result, progress = yield from self._train(config, hooks)
+            result, progress = yield from self._train(config, self._hooks(sight, stop))
             name = self.trained.add(load_sharing(base, result.adapter), folder, sight,  # exactly what the zip holds
                                     self._owner)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        yield replace(progress, name=name, archive=self._archive(result.out, name, folder))
+        yield self._ended(progress, StoppedRun(name, folder, config, sight), result.out)
+
+    def _resume(self, stop: threading.Event) -> Iterator[TrainProgress]:
+        stopped = self._stopped.get(self._owner)
+        if stopped is None:
+            raise ValueError("resume: your last run here was not stopped; Stop ends a run and keeps what it learnt "
+                             "served, and Resume then continues it")
+        if not self.trained.holds(stopped.name, stopped.folder):
+            del self._stopped[self._owner]
+            raise ValueError(f"resume: {stopped.name}, the adapter of your stopped run, is served no more (removed, or "
+                             "given way to newer ones); train anew")
+        config = replace(stopped.config, resume=True)
+        out = config.out_path
+        with self.trained.in_use(stopped.name):
+            earlier = records_until(out / LOG, checkpoint.read_state(checkpoint.latest(out)).step)
+            result, progress = yield from self._train(config, self._hooks(stopped.sight, stop), earlier)
+            self.trained.replace(stopped.name, load_sharing(self.engines.default.model, result.adapter),
+                                 stopped.sight)
+        yield self._ended(progress, stopped, result.out)
+
+    def _hooks(self, sight: Sight | None, stop: threading.Event) -> RunHooks:
+        """A run on the served base (and `sight`'s tower), each step the device's work, stopped by `stop`."""
+        engine = self.engines.default
+        return RunHooks(base=engine.model, image_encoder=None if sight is None else sight.encoder, stop=stop,
+                        step_runner=engine.work.run, max_steps=self.max_steps, validations=VALIDATIONS)
+
+    def _ended(self, progress: TrainProgress, run: StoppedRun, out: Path) -> TrainProgress:
+        """The last progress of `run`, served as `run.name`, with its zip; a stopped run is kept for Resume."""
+        if progress.stopped:
+            self._stopped[self._owner] = run
+        else:
+            self._stopped.pop(self._owner, None)
+        return replace(progress, name=run.name, archive=self._archive(out, run.name, run.folder))
 
     def _starting_point(self, name: str, folder: Path) -> StartingPoint:
         """Served adapter `name` written as it is served (whatever format it was read from) for the run to start
@@ -239,10 +302,11 @@ class LiveTraining:
         return StartingPoint(path, adapter_kind(args), model.prompt_format, sight)
 
     @staticmethod
-    def _train(config: TrainConfig, hooks: RunHooks) -> Generator[TrainProgress, None,
-                                                                   tuple[TrainResult, TrainProgress]]:
-        """`train` in a thread of its own, its progress yielded as it goes; returns its result and last progress.
-        Closed early, it stops the run and waits for the step under way to end."""
+    def _train(config: TrainConfig, hooks: RunHooks, earlier: Iterable[dict[str, Any]] = ()
+               ) -> Generator[TrainProgress, None, tuple[TrainResult, TrainProgress]]:
+        """`train` in a thread of its own, its progress yielded as it goes (after the `earlier` records of a run
+        resumed); returns its result and last progress. Closed early, it stops the run and waits for the step under
+        way to end."""
         events: queue.Queue = queue.Queue()
         outcome: Future[TrainResult] = Future()
 
@@ -254,7 +318,7 @@ class LiveTraining:
             finally:
                 events.put(None)
 
-        records: list[dict[str, Any]] = []
+        records: list[dict[str, Any]] = list(earlier)
         started = shown = time.perf_counter()
         thread = threading.Thread(target=work, name="live-training", daemon=True)
         thread.start()

@@ -176,7 +176,8 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
 
 
 @pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
-def test_the_train_tab_trains_on_the_offered_questions_stops_on_request_and_serves_the_adapter(browser):
+def test_the_train_tab_trains_on_the_offered_questions_stops_and_resumes_on_request_and_serves_the_adapter(
+        browser):
     from playwright.sync_api import expect
 
     from adapter.tiny.questions import text_questions
@@ -199,6 +200,21 @@ def test_the_train_tab_trains_on_the_offered_questions_stops_on_request_and_serv
         assert shown == list(tiny.engines.get("trained-1").compare(example.instruction, Settings()))[-1]
         assert shown[0] == list(tiny.engine.compare(example.instruction, Settings()))[-1][0], \
             "at gate 0 the trained adapter is the frozen base"
+        page.get_by_role("tab", name="Train").click()
+        stopped_at = steps_done(status.inner_text())
+        page.click("#train_resume")
+        expect(status).not_to_contain_text("Stopped", timeout=60_000)  # under way again
+        expect(status).to_contain_text("step ", timeout=60_000)
+        page.click("#train_stop")
+        expect(status).to_contain_text("served as trained-1", timeout=60_000)
+        assert status.inner_text().startswith("Stopped (step "), status.inner_text()
+        assert steps_done(status.inner_text()) > stopped_at, "it went on from where it stopped"
+        assert tiny.engines.names == ["tiny-text", "tiny-image", "trained-1"], "served in the stopped one's place"
+
+
+def steps_done(status: str) -> int:
+    """N of a Train-tab status "... (step N / M · ..."."""
+    return int(status.split("(step ")[1].split(" /")[0])
 
 
 @pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")

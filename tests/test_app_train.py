@@ -117,6 +117,12 @@ def test_bad_training_settings_get_a_clear_message(served, records, arguments, m
     assert served.engines.names == names
 
 
+def test_resume_without_a_stopped_run_says_what_it_continues(served):
+    with pytest.raises(AppError, match="resume: your last run here was not stopped; Stop ends a run and keeps what "
+                                       "it learnt served, and Resume then continues it"):
+        Client(served.url, verbose=False).predict(api_name="/resume_training")
+
+
 def test_image_records_train_an_adapter_that_sees_on_the_served_tower(served, image_data):
     """A new image adapter (vision) and the demo's image adapter trained further, on LLaVA records and the pictures
     uploaded beside them; both read the served CLIP tower and answer in the Image tab as the engine does."""

@@ -18,6 +18,7 @@ from adapter.config import AdapterArgs
 from adapter.finetune import step as step_module
 from adapter.finetune import train, trainer
 from adapter.finetune.cli import main
+from adapter.model_card import training_of
 from tests.conftest import TINY, randomize_adapter
 from tests.finetune_helpers import (
     alpaca_records,
@@ -161,6 +162,9 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tmp_path, base_folder, m
     assert first.steps == 3
     train(tiny_config(base_folder, data, stopped, resume=True, **settings))
     assert max_difference(load_file(reference.adapter), load_file(first.adapter)) <= 1e-6
+    ends = [r["step"] for r in map(json.loads, (stopped / "log.jsonl").read_text().splitlines()) if r["type"] == "end"]
+    assert ends == [6], "the end of the run cut at step 3 is not kept in the log of the run that went on"
+    assert training_of(stopped / "adapter").steps == 6, "the card names the step its adapter was saved at"
 
     log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]

@@ -287,10 +287,16 @@ def test_command_line_reports_bad_input_in_one_line(base_folder, capsys, tmp_pat
     assert main(["--base", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert main(["--base", str(base_folder), "--prompt", "x", "--top-p", "2"]) == 2
     assert main(["--base", str(tmp_path / "nope"), "--prompt", "x", "--gate-sweep", "0,one"]) == 2
+    assert main(["--base", str(tmp_path / "nope"), "--prompt", "  "]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: base:") and "nope" in err[0]
     assert err[1].startswith("error: top_p:")
     assert err[2] == "error: --gate-sweep: 'one' is not a number", "checked before loading the base"
+    assert err[3] == ("error: --prompt: empty; give an instruction to answer (or --template none to let the model "
+                      "write from nothing)"), "checked before loading the base"
+    assert main(["--base", str(base_folder), "--prompt", "", "--template", "none", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0, "the base writing from its BOS alone"
+    assert capsys.readouterr().out
 
 
 def test_command_line_answers_with_each_adapter_on_one_shared_base(base_folder, capsys, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 import adapter
 from adapter import live_training
@@ -177,6 +177,66 @@ def test_only_the_owner_stops_a_live_run_and_a_stopped_run_is_served(tmp_path, d
     assert final.name == "trained-1" and final.done < final.steps == 40
     assert final.status().startswith("**Stopped** (step ")
     assert not training.stop("me"), "no run under way any more"
+
+
+def stopped_run(training: LiveTraining, data: Path, owner: str = "me"):
+    """A 40-step run stopped once its progress is first shown (some steps in)."""
+    runs = training.run(request(data, epochs=20), owner=owner)
+    next(runs)
+    assert training.stop(owner)
+    return list(runs)[-1]
+
+
+def adapter_tensors(engines: Engines, name: str) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in engines.get(name).model.adapter_state_dict().items()}
+
+
+def test_a_stopped_run_resumed_gives_the_adapter_of_a_run_that_never_stopped_in_its_place(tmp_path, data, served):
+    training, engines = live(served, tmp_path)
+    stopped = stopped_run(training, data)
+    assert stopped.stopped and stopped.status().endswith("Resume continues the run from this step to its end.")
+    shown = list(training.resume("me"))
+    final = shown[-1]
+    assert [p.name for p in shown[:-1]] == [None] * (len(shown) - 1)
+    assert (final.name, final.done, final.steps, engines.names) == ("trained-1", 40, 40, ["base", "trained-1"])
+    assert final.status().startswith("**Trained** (step 40 / 40") and "Resume" not in final.status()
+    assert [step for step, _, kind in final.loss_points() if kind == "train"] == list(range(1, 41)), \
+        "the curves go on from the stopped run's"
+    whole_training, whole_engines = live(served, tmp_path / "whole")
+    assert list(whole_training.run(request(data, epochs=20)))[-1].done == 40
+    resumed, whole = adapter_tensors(engines, "trained-1"), adapter_tensors(whole_engines, "trained-1")
+    assert all(torch.equal(resumed[key], whole[key]) for key in whole), "as if it had never stopped"
+    log = [json.loads(line) for line in zipfile.ZipFile(final.archive).read("trained-1/log.jsonl").splitlines()]
+    assert [r["type"] for r in log].count("start") == 1 and [r["type"] for r in log if r["type"] == "end"] == ["end"]
+    assert log[-1] == {**log[-1], "type": "end", "step": 40}
+    from_zip = load(zipfile.ZipFile(final.archive).read("trained-1/adapter.safetensors"))
+    assert all(torch.equal(from_zip[key], resumed[key]) for key in from_zip), "the zip holds the resumed adapter"
+    with pytest.raises(ValueError, match="^resume: your last run here was not stopped; Stop ends a run"):
+        list(training.resume("me"))
+
+
+def test_resume_needs_the_sessions_own_stopped_run_still_served_and_keeps_it_while_it_runs(tmp_path, data, served):
+    training, engines = live(served, tmp_path)
+    with pytest.raises(ValueError, match="^resume: your last run here was not stopped"):
+        list(training.resume("me"))
+    stopped_run(training, data)
+    with pytest.raises(ValueError, match="^resume: your last run here was not stopped"):
+        list(training.resume("someone else"))
+    before = adapter_tensors(engines, "trained-1")
+    runs = training.resume("me")
+    next(runs)
+    with pytest.raises(ValueError, match="^adapter: trained-1's run is being resumed in its folder; stop it first"):
+        training.trained.remove("trained-1")
+    runs.close()  # the page was closed: the run stops again, and what was served stays
+    after = adapter_tensors(engines, "trained-1")
+    assert engines.names == ["base", "trained-1"] and all(torch.equal(before[k], after[k]) for k in before)
+    assert list(training.resume("me"))[-1].done == 40, "resumed again, from its last checkpoint"
+    stopped_run(training, data)  # trained-2
+    assert training.trained.remove("trained-2")
+    with pytest.raises(ValueError, match="^resume: trained-2, the adapter of your stopped run, is served no more"):
+        list(training.resume("me"))
+    with pytest.raises(ValueError, match="^resume: your last run here was not stopped"):
+        list(training.resume("me"))
 
 
 def test_one_run_at_a_time_and_a_run_closed_early_serves_nothing(tmp_path, data, served):

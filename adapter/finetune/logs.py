@@ -37,9 +37,15 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def records_until(path: Path, step: int) -> list[dict[str, Any]]:
+    """What a run resumed at `step` (its checkpoint) keeps of its log: the records up to it, less the end of a run
+    stopped or cut (--max-steps) there, which the resumed run goes past."""
+    return [r for r in read_log(path) if r.get("step", 0) <= step and r.get("type") != "end"]
+
+
 def trim_log(path: Path, step: int) -> None:
     """Drop what was logged after `step` (the checkpoint a run resumes from): those steps are redone."""
-    kept = [r for r in read_log(path) if r.get("step", 0) <= step]
+    kept = records_until(path, step)
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
 
