@@ -6,6 +6,7 @@ adapter, log, plots and export."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 import adapter
 from adapter import cpu_features
+from adapter import push as push_module
 from adapter.config import AdapterArgs
 from adapter.finetune import step as step_module
 from adapter.finetune import train, trainer
@@ -169,6 +171,52 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tmp_path, base_folder, m
     log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in log if r["type"] == "val"] == [2, 4, 6]
+
+
+def interrupt_at_signal(monkeypatch, step: int, times: int) -> None:
+    """Press Ctrl-C `times` times (a real SIGINT each) during optimizer step `step`."""
+    real = trainer.optimizer_step
+
+    def optimizer_step(*args, **kwargs):
+        for _ in range(times if kwargs["step"] == step else 0):
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "optimizer_step", optimizer_step)
+
+
+def test_ctrl_c_stops_the_command_line_after_its_step_with_what_it_learnt_saved_and_resume_goes_on(
+        tmp_path, base_folder, data, monkeypatch, capsys):
+    flags = ["--base", str(base_folder), "--data", str(data), "--batch-size", "8", "--micro-batch-size", "4",
+             "--epochs", "2", "--lr", "0.05", "--max-seq-len", "128", "--prompt-len", "4", "--device", "cpu",
+             "--no-progress"]
+    assert main([*flags, "--out", str(tmp_path / "whole")]) == 0
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        interrupt_at_signal(patch, 3, times=1)
+        patch.setenv("HF_TOKEN", "hf_not_used")
+        patch.setattr(push_module, "push", lambda *args, **kwargs: pytest.fail("a stopped run is not pushed"))
+        assert main([*flags, "--out", str(stopped), "--push-to-hub", "you/name"]) == 130
+    err = capsys.readouterr().err
+    assert "Ctrl-C: stopping after the step under way, its adapter and a checkpoint saved (Ctrl-C again" in err
+    assert f"stopped at step 3: its adapter is in {stopped / 'adapter'} (not pushed); the same command with " \
+           "--resume goes on to the end" in err
+    assert (stopped / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Ctrl-C is Python's own again"
+    assert main([*flags, "--out", str(stopped), "--resume"]) == 0
+    whole, resumed = load_file(tmp_path / "whole" / "adapter" / "adapter.safetensors"), \
+        load_file(stopped / "adapter" / "adapter.safetensors")
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole), "as if it had never stopped"
+
+    aborted = tmp_path / "aborted"
+    with monkeypatch.context() as patch:
+        interrupt_at_signal(patch, 3, times=2)
+        assert main([*flags, "--out", str(aborted), "--save-every", "2"]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted: the last checkpoint in {aborted} (if one was written) is "
+                                            "kept; the same command with --resume goes on from it\n")
+    assert (aborted / "checkpoints" / "latest").read_text().strip() == "step-000002", "at once: no step-3 save"
+    assert not (aborted / "adapter").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_v2_input_scales_train_from_ones_and_load_back(tmp_path, base_folder):

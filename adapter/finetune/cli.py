@@ -1,15 +1,20 @@
 """`python -m adapter.finetune`: train an adapter on Alpaca-style (or LLaVA-style) data.
 
 Single process, or one process per GPU with `torchrun --nproc_per_node N -m adapter.finetune ...`.
-Bad arguments, bad records and a diverging loss are reported on stderr with exit code 2.
+Bad arguments, bad records and a diverging loss are reported on stderr with exit code 2. In one process, Ctrl-C
+stops the run after the step under way with its adapter and a checkpoint saved (exit code 130), so that the same
+command with --resume goes on to the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import VISUAL_PROMPT_KINDS
@@ -105,18 +110,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, the one that writes (and pushes)
     from ..push import hub_target
     from .step import TrainingStopped
-    from .trainer import train
+    from .trainer import RunHooks, train
 
+    out = options["out"]
     try:
         repo = hub_target(push_to, private)
-        result = train(TrainConfig(**options))
+        with first_interrupt_stops() as stop:
+            result = train(TrainConfig(**options), RunHooks(stop=stop))
+        if result.stopped:
+            print(f"stopped at step {result.steps}: its adapter is in {result.adapter.parent}"
+                  f"{' (not pushed)' if repo else ''}; the same command with --resume goes on to the end",
+                  file=sys.stderr)
+            return 130
         if repo and main_process:
             _push(result.best or result.adapter, repo, options["base"], private)
     except (ValueError, FileNotFoundError, TrainingStopped) as error:
         if main_process:  # under torchrun, every process has the same error
             print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the second Ctrl-C
+        if main_process:
+            print(f"interrupted: the last checkpoint in {out} (if one was written) is kept; the same command with "
+                  "--resume goes on from it", file=sys.stderr)
+        return 130
     return 0
+
+
+@contextmanager
+def first_interrupt_stops() -> Iterator[threading.Event | None]:
+    """In one process, an event that the first Ctrl-C sets (the run then stops after the step under way, saving
+    what it learnt); a second Ctrl-C interrupts at once. Under torchrun, or off the main thread, None: Ctrl-C is
+    left as it is (torchrun ends its workers itself, and they have to stop at the same step)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupted(signum: int, frame: object) -> None:
+        if stop.is_set():
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        stop.set()
+        print("Ctrl-C: stopping after the step under way, its adapter and a checkpoint saved (Ctrl-C again to "
+              "interrupt at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _push(adapter: Path, repo: str, base: str, private: bool) -> None:

@@ -56,6 +56,7 @@ class TrainResult:
     exports: dict[str, Path] = field(default_factory=dict)
     best: Path | None = None  # --keep-best: the adapter of the lowest validation loss (OUT/best/adapter.safetensors)
     best_val: tuple[int, float] | None = None  # its (step, validation loss), over the whole run
+    stopped: bool = False  # ended by `RunHooks.stop` before its last step (--resume goes on from there)
 
 
 BEST = "best"  # OUT/best: the adapter at the lowest validation loss so far (--keep-best)
@@ -336,7 +337,7 @@ class _Run:
             kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out / checkpoint.FOLDER}"
                     if self.saved_step is not None else "no checkpoint had been written yet")
             raise TrainingStopped(f"{error}; {kept}") from error
-        result.steps = self.step
+        result.steps, result.stopped = self.step, self.step < end
         self._finish(result, log)
         return result
 
