@@ -7,13 +7,15 @@ asked after the turns before it, as fine-tuning writes them; a last gpt turn is 
 other key (an id, a reference answer) is copied to the output. Every question is checked before anything is
 decoded, all bad ones listed together. The output has one line per question, adapter and gate scale: the
 question's object with "adapter", "gate_scale" and "answer" added, written atomically once all are answered.
+Meanwhile each batch's answers are kept in OUT.partial (`PartialAnswers`), so that a run stopped midway (Ctrl-C, a
+crash, the device out of memory) and started again with the same settings answers only what is left.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +121,8 @@ def answer_questions(
     stop: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
     layers: Sequence[Speaker] | None = None,
+    answered: Mapping[int, list[str]] | None = None,
+    on_answers: Callable[[dict[int, list[str]]], None] | None = None,
     **options: Any,
 ) -> list[list[str]]:
     """answers[i][j]: question i at gate scale j. Questions are written in `template` ("auto": the adapter's
@@ -129,7 +133,8 @@ def answer_questions(
     generator; only padding's float rounding could tip a draw on the edge). With `layers`, only those adapter
     layers' prompts speak (adapter.gate_layers). `options` are generation's
     (max_new_tokens, temperature, top_p, top_k, the penalties, seed, delta_scale, compile);
-    `progress(done, total)` is told after each batch."""
+    `progress(done, total)` is told after each batch, and `on_answers` that batch's answers by question index.
+    `answered`: answers kept from an earlier run (question index -> one per scale), not asked again."""
     tokenizer = require_tokenizer(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be a whole number >= 1, got {batch_size!r}")
@@ -140,9 +145,11 @@ def answer_questions(
     prompts = _written(model, questions, template, written, system)
     stops = [*stop, *(written.stop_strings if written is not None else ())]
     sees = can_see(model)
-    lengths = [len(tokenizer.encode(prompt, bos=True)) for prompt in prompts]
-    order = sorted(range(len(questions)), key=lambda index: -lengths[index])
-    answers: list[list[str]] = [[] for _ in questions]
+    answered = answered or {}
+    left = [index for index in range(len(questions)) if index not in answered]
+    lengths = {index: len(tokenizer.encode(prompts[index], bos=True)) for index in left}
+    order = sorted(left, key=lambda index: -lengths[index])
+    answers: list[list[str]] = [list(answered.get(index, ())) for index in range(len(questions))]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         rows = [(index, scale) for index in chunk for scale in scales]
@@ -152,6 +159,8 @@ def answer_questions(
                                images=images if any(images) else None, stop=stops, **options)
         for (index, _), answer in zip(rows, found):
             answers[index].append(answer)
+        if on_answers is not None:
+            on_answers({index: answers[index] for index in chunk})
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
     return answers
@@ -197,3 +206,54 @@ def write_answers(path: str | os.PathLike, questions: Sequence[Question], gate_s
              for j, scale in enumerate(gate_scales)]
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8"))
     return len(lines)
+
+
+PARTIAL = ".partial"  # OUT + this: the answers of a run so far
+
+
+class PartialAnswers:
+    """A --prompts-file run's answers so far, beside its output (OUT.partial: a line of `settings`, then a line per
+    adapter and question answered), kept batch by batch so that the run, stopped and started again with the same
+    `settings` (whatever decides the answers), goes on from them; removed once the output is written."""
+
+    def __init__(self, out: str | os.PathLike, settings: dict[str, Any]) -> None:
+        out = Path(out)
+        self.path = out.with_name(out.name + PARTIAL)
+        self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back
+
+    def load(self) -> tuple[dict[tuple[int, int], list[str]], str | None]:
+        """The answers an earlier run with these settings kept ((adapter position, question index) -> one per
+        gate scale), and a line saying what was found (None: nothing)."""
+        if not self.path.is_file():
+            return {}, None
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            settings = json.loads(lines[0]).get("settings") if lines else None
+        except (json.JSONDecodeError, AttributeError):
+            settings = None
+        if settings != self.settings:
+            return {}, f"note: {self.path} holds answers of a run with other settings; starting over"
+        kept: dict[tuple[int, int], list[str]] = {}
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the run was stopped
+                break
+            kept[row["adapter"], row["question"]] = row["answers"]
+        if not kept:
+            return {}, None
+        return kept, f"resuming: {len(kept)} answered question(s) kept in {self.path} are not asked again"
+
+    def begin(self, kept: bool) -> None:
+        """Start the file anew (with the settings line), unless its answers are `kept`."""
+        if not kept:
+            self.path.write_text(json.dumps({"settings": self.settings}) + "\n", encoding="utf-8")
+
+    def add(self, adapter: int, answers: Mapping[int, list[str]]) -> None:
+        """Keep the answers of adapter number `adapter` (in the order given) to these questions."""
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write("".join(json.dumps({"adapter": adapter, "question": index, "answers": found},
+                                          ensure_ascii=False) + "\n" for index, found in answers.items()))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -11,6 +11,8 @@ answer in turn, on one shared base, one block each).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from .sampling import SamplingParams, sample
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
+    from .answer_file import Question
     from .model import Transformer
     from .tokenizer import Tokenizer
 
@@ -402,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (and a file of questions' answers so far)
+        sys.stdout.write("\n")
+        return 130
     sys.stdout.write("\n")
     return 0
 
@@ -422,28 +428,56 @@ def read_file_flags(args: argparse.Namespace) -> list:
 
 def answer_file(models: Sequence["Transformer"], names: Sequence[str | None], layers: Sequence[list[int] | None],
                 questions: list, scales: list[float], args: argparse.Namespace, options: dict[str, Any]) -> None:
-    """Every question of --prompts-file answered by each model at each gate scale, written to --out."""
-    from .answer_file import answer_questions, can_see, write_answers
+    """Every question of --prompts-file answered by each model at each gate scale, written to --out; the answers
+    so far kept in OUT.partial, from which the same command goes on after an interruption."""
+    from .answer_file import PartialAnswers, answer_questions, can_see, write_answers
 
+    partial = PartialAnswers(args.out, answer_settings(args, questions))
+    kept, found = partial.load()
+    if found:
+        print(found, file=sys.stderr)
+    partial.begin(bool(kept))
     answered = []
     pictured = sum(question.image is not None for question in questions)
-    for model, name, chosen in zip(models, names, layers):
-        label = f" ({name})" if len(models) > 1 else ""
-        if pictured and not can_see(model):
-            print(f"note{label}: this model cannot see (no visual prompt, or no --clip); it answers the {pictured} "
-                  "image question(s) from their text alone", file=sys.stderr)
+    try:
+        for position, (model, name, chosen) in enumerate(zip(models, names, layers)):
+            label = f" ({name})" if len(models) > 1 else ""
+            if pictured and not can_see(model):
+                print(f"note{label}: this model cannot see (no visual prompt, or no --clip); it answers the "
+                      f"{pictured} image question(s) from their text alone", file=sys.stderr)
 
-        def progress(done: int, total: int, label: str = label) -> None:
-            print(f"answered {done}/{total}{label}", file=sys.stderr, flush=True)
+            def progress(done: int, total: int, label: str = label) -> None:
+                print(f"answered {done}/{total}{label}", file=sys.stderr, flush=True)
 
-        try:
-            answered.append((name, answer_questions(model, questions, gate_scales=scales, template=args.template,
-                                                    system=args.system, batch_size=args.batch_size, stop=args.stop,
-                                                    progress=progress, layers=chosen, **options)))
-        except ValueError as error:
-            raise ValueError(f"--adapter {name}: {error}" if name else str(error)) from None
+            def keep(answers: dict[int, list[str]], position: int = position) -> None:
+                partial.add(position, answers)
+
+            before = {index: answers for (adapter, index), answers in kept.items() if adapter == position}
+            try:
+                answered.append((name, answer_questions(
+                    model, questions, gate_scales=scales, template=args.template, system=args.system,
+                    batch_size=args.batch_size, stop=args.stop, progress=progress, layers=chosen, answered=before,
+                    on_answers=keep, **options)))
+            except ValueError as error:
+                raise ValueError(f"--adapter {name}: {error}" if name else str(error)) from None
+    except KeyboardInterrupt:
+        print(f"interrupted: the answers so far are kept in {partial.path}; the same command goes on from them",
+              file=sys.stderr)
+        raise
     lines = write_answers(args.out, questions, scales, answered, args.gate_layers)
+    partial.remove()
     print(f"wrote {lines} answers to {args.out}", file=sys.stderr)
+
+
+def answer_settings(args: argparse.Namespace, questions: Sequence["Question"]) -> dict[str, Any]:
+    """What decides a --prompts-file run's answers: the questions as read (their records and pictures) and the
+    command line's flags, but not how the questions are batched nor where files are."""
+    digest = hashlib.sha256()
+    for question in questions:
+        digest.update(json.dumps([question.record, str(question.image)], sort_keys=True).encode())
+        digest.update(b"\n")
+    unrelated = ("out", "batch_size", "compile", "prompts_file", "image_folder")
+    return {"questions": digest.hexdigest(), **{k: v for k, v in sorted(vars(args).items()) if k not in unrelated}}
 
 
 def print_next_tokens(models: Sequence["Transformer"], names: Sequence[str | None],

@@ -200,7 +200,52 @@ def test_a_failure_midway_leaves_the_old_output_as_it_was(base_folder, questions
         main(["--base", str(base_folder), "--prompts-file", str(questions_file), "--out", str(out),
               "--batch-size", "2"])
     assert calls == [2, 2] and out.read_text() == "old\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl", "questions.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl", "answers.jsonl.partial", "questions.jsonl"]
+
+
+def test_a_run_stopped_midway_goes_on_from_the_answers_it_kept(model, base_folder, questions_file, tmp_path,
+                                                               monkeypatch, capsys):
+    saved = adapter.save_adapter(model, tmp_path / "v2")
+    argv = ["--base", str(base_folder), "--adapter", str(saved), str(saved),  # two adapters in turn
+            "--prompts-file", str(questions_file), "--gate-sweep", "0,1", "--temperature", "0",
+            "--max-new-tokens", "6", "--batch-size", "2"]
+    whole = tmp_path / "whole.jsonl"
+    assert main([*argv, "--out", str(whole)]) == 0
+    out, partial = tmp_path / "answers.jsonl", tmp_path / "answers.jsonl.partial"
+    real, asked, stop_at = answer_file.generate_batch, [], [3]
+
+    def stopped(model, prompts, **options):
+        asked.append(len(prompts))
+        if len(asked) in stop_at:
+            raise KeyboardInterrupt
+        return real(model, prompts, **options)
+
+    monkeypatch.setattr(answer_file, "generate_batch", stopped)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 130  # stopped in the second adapter's first batch
+    assert capsys.readouterr().err.splitlines()[-1] == (f"interrupted: the answers so far are kept in {partial}; "
+                                                        "the same command goes on from them")
+    assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 4, "settings, then 4 questions"
+    with partial.open("a") as file:
+        file.write('{"adapter": 1, "quest')  # the line being written when it was stopped
+    asked.clear()
+    stop_at.clear()
+    assert main([*argv, "--out", str(out), "--batch-size", "3"]) == 0, "the batch size does not change answers"
+    assert asked == [6, 2], "only the second adapter's questions are asked (3, then 1, at two gate scales)"
+    assert capsys.readouterr().err.splitlines()[0] == (f"resuming: 4 answered question(s) kept in {partial} are "
+                                                       "not asked again")
+    assert out.read_text() == whole.read_text() and not partial.exists()
+
+    asked.clear()
+    stop_at.append(2)
+    assert main([*argv, "--out", str(out), "--max-new-tokens", "5"]) == 130, "stopped with other settings"
+    asked.clear()
+    stop_at.clear()
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (f"note: {partial} holds answers of a run with other settings; "
+                                                       "starting over")
+    assert asked == [4, 4, 4, 4] and out.read_text() == whole.read_text()
 
 
 @pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
