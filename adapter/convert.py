@@ -23,6 +23,7 @@ from .formats.official import write_official_v1
 from .hub import resolve
 from .loading import open_base_shape, open_named_base
 from .model import Transformer
+from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
 
 TARGETS = ("native", "peft", "official-v1")
@@ -30,7 +31,9 @@ TARGETS = ("native", "peft", "official-v1")
 
 def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
     """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory); a base on the hub is
-    fetched without its weights unless the adapter's tuned norms need the base's (the official v2 files)."""
+    fetched without its weights unless the adapter's tuned norms need the base's (the official v2 files). The
+    embedded adapters are named as everywhere (tiny-text, tiny-image)."""
+    _, source, _, _ = resolve_tiny("", source, None, None)
     found = read_adapter(resolve(source, "source"))
     checkpoint = open_named_base(base) if found.norm_weights else open_base_shape(base)
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)

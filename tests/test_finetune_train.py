@@ -421,6 +421,7 @@ def test_the_embedded_tiny_base_is_named_as_every_command_line_names_it(tmp_path
     from adapter.app_config import tiny_available
     from adapter.convert import convert
     from adapter.finetune.trainer import base_args
+    from adapter.tiny.assets import ASSETS
 
     if not tiny_available():
         pytest.skip("assets/tiny not built yet")
@@ -428,3 +429,7 @@ def test_the_embedded_tiny_base_is_named_as_every_command_line_names_it(tmp_path
     lora = AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2, lora_targets=("wq",))
     adapter.save_adapter(randomize_adapter(adapter.load("tiny", adapter=lora, device="cpu")), tmp_path / "lora")
     assert (convert(tmp_path / "lora", tmp_path / "peft", "peft", "tiny") / "adapter_config.json").is_file()
+    written, shipped = convert("tiny-text", tmp_path / "text", "native", "tiny"), load_file(ASSETS / "text" /
+                                                                                           "adapter.safetensors")
+    assert all(torch.equal(tensor, shipped[name]) for name, tensor in load_file(written).items()), \
+        "the embedded adapter, named as every command line names it"
