@@ -410,10 +410,12 @@ class Handlers:
                 *menu_updates(served, self.training is not None, served.names[0], served.for_images))
 
     def forget_session(self, request: gr.Request) -> None:
-        """A page was closed: the adapters it trained or uploaded privately are served no more, and its API key
-        reaches nothing more."""
+        """A page was closed: the adapters it trained or uploaded privately are served no more, its stopped run is
+        resumed no more, and its API key reaches nothing more."""
         for added in self.added():
             added.forget(request.session_hash)
+        if self.training is not None:
+            self.training.forget(request.session_hash)
         self.engines.revoke_key(request.session_hash)
 
     def api_key(self, request: gr.Request) -> str:

@@ -227,6 +227,10 @@ class LiveTraining:
         stop.set()
         return True
 
+    def forget(self, owner: str) -> None:
+        """Session `owner` is gone (its page closed): its stopped run is resumed no more."""
+        self._stopped.pop(owner, None)
+
     def _run(self, request: TrainRequest, stop: threading.Event) -> Iterator[TrainProgress]:
         base = self.engines.default.model
         self.folder.mkdir(parents=True, exist_ok=True)

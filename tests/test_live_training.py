@@ -237,6 +237,10 @@ def test_resume_needs_the_sessions_own_stopped_run_still_served_and_keeps_it_whi
         list(training.resume("me"))
     with pytest.raises(ValueError, match="^resume: your last run here was not stopped"):
         list(training.resume("me"))
+    stopped_run(training, data)
+    training.forget("me")  # the page was closed
+    with pytest.raises(ValueError, match="^resume: your last run here was not stopped"):
+        list(training.resume("me"))
 
 
 def test_one_run_at_a_time_and_a_run_closed_early_serves_nothing(tmp_path, data, served):
