@@ -20,6 +20,7 @@ from adapter.config import AdapterArgs
 from adapter.finetune import step as step_module
 from adapter.finetune import train, trainer
 from adapter.finetune.cli import main
+from adapter.finetune.logs import read_log
 from adapter.model_card import training_of
 from tests.conftest import TINY, randomize_adapter
 from tests.finetune_helpers import (
@@ -266,6 +267,36 @@ def test_keep_best_keeps_the_adapter_of_the_lowest_validation_loss_across_a_resu
         resumed = train(tiny_config(base_folder, data, out, resume=True, **settings))
         assert resumed.best_val == whole.best_val
         assert max_difference(load_file(resumed.best), load_file(whole.best)) <= 1e-6
+
+
+def test_early_stop_ends_the_run_once_its_patience_is_spent_and_a_resume_keeps_it_ended(tmp_path, base_folder):
+    data = write_json(tmp_path / "data.json", alpaca_records(8, seed=1))
+    val = write_json(tmp_path / "val.json", alpaca_records(8, seed=2))
+    settings = dict(val_data=str(val), keep_best=True, epochs=8, lr=0.05, mode="v2", lora_rank=8, batch_size=8)
+    whole = train(tiny_config(base_folder, data, tmp_path / "whole", **settings))
+    losses = [loss for _, loss in whole.val_losses]  # one validation a step
+    for patience in (1, 2):
+        # where patience runs out: the first validation `patience` after the lowest so far
+        due = next(j for j in range(len(losses)) if j - min(range(j + 1), key=lambda i: (losses[i], i)) >= patience)
+        assert due + 1 < whole.steps, "the loss rises before the end here (else this would show little)"
+        out = tmp_path / f"patience-{patience}"
+        early = train(tiny_config(base_folder, data, out, early_stop=patience, **settings))
+        assert (early.steps, early.early_stopped, early.stopped) == (due + 1, True, False)
+        assert early.best_val == min(whole.val_losses[:due + 1], key=lambda pair: pair[1])
+        log = read_log(out / "log.jsonl")
+        assert [r for r in log if r["type"] == "early_stop"] == [
+            {"type": "early_stop", "step": due + 1, "best_step": early.best_val[0], "best_val_loss": early.best_val[1]}]
+        assert early.best_val == whole.best_val and max_difference(load_file(early.best), load_file(whole.best)) \
+            <= 1e-6, "the lowest loss comes before the rise here: the best adapter is the whole run's"
+        again = train(tiny_config(base_folder, data, out, early_stop=patience, resume=True, **settings))
+        assert again.steps == due + 1 and again.early_stopped and again.train_losses == [], "it stays ended"
+    longer = train(tiny_config(base_folder, data, tmp_path / "patience-1", early_stop=8, resume=True, **settings))
+    assert longer.steps == whole.steps and not longer.early_stopped, "more patience on resume: it goes on"
+    assert max_difference(load_file(longer.adapter), load_file(whole.adapter)) <= 1e-6
+    with pytest.raises(ValueError, match=r"--early-stop: needs a validation set"):
+        tiny_config(base_folder, data, tmp_path / "run", early_stop=2)
+    with pytest.raises(ValueError, match=r"--early-stop: must be a positive integer, got 0"):
+        tiny_config(base_folder, data, tmp_path / "run", early_stop=0, val_fraction=0.25)
 
 
 def test_keep_best_needs_a_validation_set(tmp_path, base_folder, data):

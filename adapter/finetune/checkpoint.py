@@ -46,6 +46,7 @@ class TrainerState:
     config: dict[str, Any]
     data_sha256: str
     python_random: list | None = None  # random.getstate(), as JSON
+    val_losses: list[list] | None = None  # [step, validation loss] of every validation so far (--early-stop)
 
 
 def latest(out: Path) -> Path | None:

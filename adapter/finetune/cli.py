@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-best", action="store_true",
                    help="also keep the adapter of the lowest validation loss (checked at each validation) in "
                         "OUT/best")
+    p.add_argument("--early-stop", type=int, metavar="N",
+                   help="end the run once N validations in a row bring no lower validation loss (with --keep-best, "
+                        "OUT/best then holds the lowest's adapter)")
     p.add_argument("--push-to-hub", metavar="OWNER/NAME",
                    help="then push the adapter (OUT/best's with --keep-best) with a model card and the run's plots to "
                         "this Hugging Face hub repository, as python -m adapter.push does (token: HF_TOKEN or "

@@ -21,7 +21,7 @@ EXPORTS = ("peft", "official-v1")
 # settings that may change between an interrupted run and its --resume without changing what it computes
 # (the data file may move: its content is checked by hash)
 RESUMABLE_CHANGES = ("data", "out", "resume", "max_steps", "save_every", "val_every", "export", "progress",
-                     "device", "gradient_checkpointing", "keep_best")
+                     "device", "gradient_checkpointing", "keep_best", "early_stop")
 
 
 def _require(condition: bool, flag: str, message: str) -> None:
@@ -80,6 +80,7 @@ class TrainConfig:
     resume: bool = False
     export: str | None = None
     keep_best: bool = False  # also keep the adapter of the lowest validation loss in OUT/best
+    early_stop: int | None = None  # end the run after this many validations in a row without a lower loss
     max_steps: int | None = None
     progress: bool = True
 
@@ -132,8 +133,11 @@ class TrainConfig:
                  f"must be a positive integer, got {self.val_every!r}")
         _require(self.max_steps is None or _positive_int(self.max_steps), "--max-steps",
                  f"must be a positive integer, got {self.max_steps!r}")
-        _require(not self.keep_best or self.val_data is not None or self.val_fraction > 0, "--keep-best",
-                 "needs a validation set (--val-fraction above 0, or --val-data)")
+        _require(self.early_stop is None or _positive_int(self.early_stop), "--early-stop",
+                 f"must be a positive integer, got {self.early_stop!r}")
+        for flag in ("keep_best", "early_stop"):
+            _require(not getattr(self, flag) or self.val_data is not None or self.val_fraction > 0, _flag(flag),
+                     "needs a validation set (--val-fraction above 0, or --val-data)")
         _require(not Path(self.out).exists() or Path(self.out).is_dir(), "--out",
                  f"{self.out} is a file; name a folder for the run")
         _require(self.export is None or self.export in EXPORTS, "--export",

@@ -4,6 +4,7 @@
     {"type": "train", "step": 1, "epoch": 0.05, "loss": ..., "lr": ..., "tokens_per_s": ..., "grad_norm": ...,
      "gates": [[per head] per prompt layer]}
     {"type": "val", "step": 20, "epoch": 1.0, "val_loss": ...}
+    {"type": "early_stop", "step": ..., "best_step": ..., "best_val_loss": ...}   (--early-stop)
     {"type": "end", "step": ..., "adapter": "OUT/adapter/adapter.safetensors"}
 
 (with --keep-best, the adapter of the lowest "val" record is kept in OUT/best.)
@@ -37,10 +38,13 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+ENDINGS = ("end", "early_stop")  # the records that end a run
+
+
 def records_until(path: Path, step: int) -> list[dict[str, Any]]:
     """What a run resumed at `step` (its checkpoint) keeps of its log: the records up to it, less the end of a run
-    stopped or cut (--max-steps) there, which the resumed run goes past."""
-    return [r for r in read_log(path) if r.get("step", 0) <= step and r.get("type") != "end"]
+    stopped, cut (--max-steps) or stopped early there, which the resumed run may go past."""
+    return [r for r in read_log(path) if r.get("step", 0) <= step and r.get("type") not in ENDINGS]
 
 
 def trim_log(path: Path, step: int) -> None:

@@ -57,6 +57,7 @@ class TrainResult:
     best: Path | None = None  # --keep-best: the adapter of the lowest validation loss (OUT/best/adapter.safetensors)
     best_val: tuple[int, float] | None = None  # its (step, validation loss), over the whole run
     stopped: bool = False  # ended by `RunHooks.stop` before its last step (--resume goes on from there)
+    early_stopped: bool = False  # ended by --early-stop before its last step
 
 
 BEST = "best"  # OUT/best: the adapter at the lowest validation loss so far (--keep-best)
@@ -156,9 +157,12 @@ class _Run:
         self._check_length()
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay, config.visual_lr)
         self.step, self.saved_step = 0, None
+        self.val_history: list[tuple[int, float]] = []  # (step, validation loss) of every validation, for --early-stop
+        self._early_stop_told = False
         if saved is not None:
             checkpoint.restore(self.resume_from, self.optimizer, saved)
             self.step = self.saved_step = saved.step
+            self.val_history = [(step, loss) for step, loss in saved.val_losses or []]
             self._check_order(saved)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         self.model.fp32_attention = device.type == "cpu"  # the bf16 CPU attention backward is slow (model.py)
@@ -316,7 +320,8 @@ class _Run:
             val_step = self._validate(log, result)  # where the curve starts (a new adapter's: the frozen base's)
         try:
             order, order_epoch = None, None
-            while self.step < end and not (self.hooks.stop is not None and self.hooks.stop.is_set()):
+            while self.step < end and not (self.hooks.stop is not None and self.hooks.stop.is_set()) \
+                    and not self._no_better_since(log):
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
                 if order_epoch != epoch:
                     order, order_epoch = self._order(epoch), epoch
@@ -337,7 +342,8 @@ class _Run:
             kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out / checkpoint.FOLDER}"
                     if self.saved_step is not None else "no checkpoint had been written yet")
             raise TrainingStopped(f"{error}; {kept}") from error
-        result.steps, result.stopped = self.step, self.step < end
+        result.steps, result.early_stopped = self.step, self.step < end and self._no_better_since()
+        result.stopped = self.step < end and not result.early_stopped
         self._finish(result, log)
         return result
 
@@ -367,15 +373,34 @@ class _Run:
                                               sum(e.targets for e in val), self.processes, self.config.autocast))
         log.write({"type": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": loss})
         result.val_losses.append((self.step, loss))
+        self.val_history.append((self.step, loss))
         if self.config.keep_best and self.main and (self.best is None or loss < self.best[1]):
             self.best = (self.step, loss)
             save_adapter(self.model, self.out / BEST, {"step": str(self.step), "val_loss": repr(loss)})
         return self.step
 
+    def _no_better_since(self, log: RunLog | None = None) -> bool:
+        """Whether --early-stop's patience is spent: that many validations since the lowest loss (the first of
+        equals); with `log`, the first time, says so there and on stderr."""
+        patience, history = self.config.early_stop, self.val_history
+        if not patience or not history:
+            return False
+        best = min(range(len(history)), key=lambda i: (history[i][1], i))
+        if len(history) - 1 - best < patience:
+            return False
+        if log is not None and not self._early_stop_told:
+            self._early_stop_told = True
+            (step, loss) = history[best]
+            log.write({"type": "early_stop", "step": self.step, "best_step": step, "best_val_loss": loss})
+            notice(f"early stop at step {self.step}: {patience} validation(s) in a row without a loss below "
+                   f"{loss:.4f} (step {step})", self.main)
+        return True
+
     def _save(self) -> None:
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         order = self._order(epoch) if self.step < self.total_steps else []
-        state = checkpoint.TrainerState(self.step, epoch, in_epoch, order, self.config.to_dict(), self.data_sha256)
+        state = checkpoint.TrainerState(self.step, epoch, in_epoch, order, self.config.to_dict(), self.data_sha256,
+                                        val_losses=[list(pair) for pair in self.val_history])
         checkpoint.check_finite(self.model, self.step)  # in every process, so that they all stop together
         if self.main:
             checkpoint.save(self.out, self.model, self.optimizer, state)
