@@ -37,6 +37,7 @@ class Training:
     val_loss: float | None  # the validation loss at that step (None without validation)
     best: bool  # the adapter of the lowest validation loss (OUT/best), not the last step's
     plots: list[Path] = field(default_factory=list)
+    ended_early: str | None = None  # why the run ended before its last step (--early-stop), if it did
 
 
 def training_of(adapter: Path) -> Training | None:
@@ -58,11 +59,16 @@ def training_of(adapter: Path) -> Training | None:
         step = end["step"] if end else max(r.get("step", 0) for r in records)
     losses = {r["step"]: r["loss"] for r in records if r.get("type") == "train"}
     val = next((r["val_loss"] for r in reversed(vals) if r["step"] == step), None)
+    early = next((r for r in records if r.get("type") == "early_stop"), None)
+    ended_early = None if early is None else (
+        f"at step {early['step']:,}: {_count(start.get('config', {}).get('early_stop', '?'), 'validation')} in a row "
+        f"without a loss below {early['best_val_loss']:.4f} (step {early['best_step']:,})")
     return Training(config=start.get("config", {}), lr=start.get("lr", 0.0),
                     train_examples=start.get("train_examples", 0),
                     val_examples=start.get("val_examples", 0), steps=step, total_steps=start.get("steps", step),
                     last_loss=losses.get(step),
-                    val_loss=val, best=best, plots=[run / name for name in PLOTS if (run / name).is_file()])
+                    val_loss=val, best=best, plots=[run / name for name in PLOTS if (run / name).is_file()],
+                    ended_early=ended_early)
 
 
 def model_card(model: Transformer, repo: str, base: str, written: str, training: Training | None = None,
@@ -181,6 +187,8 @@ def _training(run: Training) -> list[str]:
         lines.append(f"| training loss at that step | {run.last_loss:.4f} |")
     if run.val_loss is not None:
         lines.append(f"| validation loss at that step | {run.val_loss:.4f} |")
+    if run.ended_early:
+        lines.append(f"| ended early (`--early-stop`) | {run.ended_early} |")
     lines += ["", *(f"![{plot.stem}]({plot.name})" for plot in run.plots)]
     return lines
 

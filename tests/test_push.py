@@ -280,8 +280,8 @@ def test_finetune_pushes_its_best_adapter_with_the_runs_card_and_plots(tmp_path,
     assert (kept / "adapter.safetensors").is_file()
 
 
-def test_the_card_reads_the_step_of_the_adapter_pushed_from_the_runs_log(tmp_path):
-    from adapter.model_card import training_of
+def test_the_card_reads_the_step_of_the_adapter_pushed_from_the_runs_log(tmp_path, base_folder):
+    from adapter.model_card import model_card, training_of
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
@@ -304,6 +304,15 @@ def test_the_card_reads_the_step_of_the_adapter_pushed_from_the_runs_log(tmp_pat
     shutil.copy(run / "loss.png", unzipped / "loss.png")
     zipped = training_of(unzipped / "adapter.safetensors")
     assert (zipped.best, zipped.steps, zipped.val_loss, zipped.plots) == (False, 4, 0.7, [unzipped / "loss.png"])
+    assert last.ended_early is None
+    records[0]["config"]["early_stop"] = 1
+    records[-1:] = [{"type": "early_stop", "step": 4, "best_step": 2, "best_val_loss": 0.5}, {"type": "end", "step": 4}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    early = training_of(run / "adapter")
+    assert early.ended_early == "at step 4: 1 validation in a row without a loss below 0.5000 (step 2)"
+    card = model_card(adapter.load(base_folder, adapter=AdapterArgs(prompt_len=2, prompt_layers=2), device="cpu"),
+                      "me/x", str(base_folder), "native", early)
+    assert f"| ended early (`--early-stop`) | {early.ended_early} |" in card
 
 
 def test_an_official_release_is_pushed_in_our_format_with_where_it_came_from(tmp_path, base_folder, hub, monkeypatch):
