@@ -186,8 +186,17 @@ def interrupt_at_signal(monkeypatch, step: int, times: int) -> None:
     monkeypatch.setattr(trainer, "optimizer_step", optimizer_step)
 
 
+@pytest.fixture
+def ctrl_c_as_python_sets_it():
+    """SIGINT handled as Python sets it up in a terminal (a job started in the background ignores it, as CI's may);
+    the handler before it given back after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_ctrl_c_stops_the_command_line_after_its_step_with_what_it_learnt_saved_and_resume_goes_on(
-        tmp_path, base_folder, data, monkeypatch, capsys):
+        tmp_path, base_folder, data, monkeypatch, capsys, ctrl_c_as_python_sets_it):
     flags = ["--base", str(base_folder), "--data", str(data), "--batch-size", "8", "--micro-batch-size", "4",
              "--epochs", "2", "--lr", "0.05", "--max-seq-len", "128", "--prompt-len", "4", "--device", "cpu",
              "--no-progress"]
@@ -218,6 +227,12 @@ def test_ctrl_c_stops_the_command_line_after_its_step_with_what_it_learnt_saved_
     assert (aborted / "checkpoints" / "latest").read_text().strip() == "step-000002", "at once: no step-3 save"
     assert not (aborted / "adapter").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # started in the background: Ctrl-C is not the run's to take
+    with monkeypatch.context() as patch:
+        interrupt_at_signal(patch, 3, times=2)
+        assert main([*flags, "--out", str(tmp_path / "ignored")]) == 0
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_v2_input_scales_train_from_ones_and_load_back(tmp_path, base_folder):

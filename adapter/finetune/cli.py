@@ -142,9 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextmanager
 def first_interrupt_stops() -> Iterator[threading.Event | None]:
     """In one process, an event that the first Ctrl-C sets (the run then stops after the step under way, saving
-    what it learnt); a second Ctrl-C interrupts at once. Under torchrun, or off the main thread, None: Ctrl-C is
-    left as it is (torchrun ends its workers itself, and they have to stop at the same step)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
+    what it learnt); a second Ctrl-C interrupts at once. Under torchrun, off the main thread, or where Ctrl-C is
+    ignored (a job started in the background), None: Ctrl-C is left as it is (torchrun ends its workers itself, and
+    they would have to stop at the same step)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield None
         return
     stop = threading.Event()
