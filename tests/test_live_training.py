@@ -392,6 +392,31 @@ def test_an_image_adapter_trains_on_the_served_tower_and_is_served_with_it(tmp_p
         torch.testing.assert_close(further.adapter_state_dict()[name], tensor, rtol=0, atol=1e-6)
 
 
+def test_a_stopped_image_run_resumes_on_the_served_tower_to_an_uninterrupted_runs_adapter(tmp_path, seeing,
+                                                                                          image_data):
+    records, folder = image_data
+    tower = seeing.get("sees").model.image_encoder
+    pictures = tuple(str(p) for p in sorted(folder.iterdir()))
+    asked = request(records, mode="vision", images=pictures, epochs=20, batch_size=4, prompt_len=2, prompt_layers=2)
+    results = []
+    for name, stop in (("whole", False), ("stopped", True)):
+        training = LiveTraining(seeing, lambda model: Engine(model, seeing.default.lock), tmp_path / name)
+        runs = training.run(asked, owner="me")
+        next(runs)
+        if stop:
+            assert training.stop("me")
+            assert list(runs)[-1].stopped
+            runs = training.resume("me")
+        final = list(runs)[-1]
+        assert final.done == final.steps and not final.stopped
+        served = seeing.get(final.name)
+        assert served.can_see_images and served.model.image_encoder is tower, "on the served tower"
+        results.append({key: value.clone() for key, value in served.model.adapter_state_dict().items()})
+        seeing.remove(final.name)
+    assert any(key.startswith("visual_prompt.") for key in results[0])
+    assert all(torch.equal(results[0][key], results[1][key]) for key in results[0]), "as if it had never stopped"
+
+
 def test_image_records_name_their_missing_pictures_and_need_vision_mode(tmp_path, seeing, image_data):
     records, folder = image_data
     training = LiveTraining(seeing, lambda model: Engine(model, seeing.default.lock), tmp_path / "runs")
