@@ -244,16 +244,21 @@ class PartialAnswers:
             return {}, None
         return kept, f"resuming: {len(kept)} answered question(s) kept in {self.path} are not asked again"
 
-    def begin(self, kept: bool) -> None:
-        """Start the file anew (with the settings line), unless its answers are `kept`."""
-        if not kept:
-            self.path.write_text(json.dumps({"settings": self.settings}) + "\n", encoding="utf-8")
+    def begin(self, kept: Mapping[tuple[int, int], list[str]]) -> None:
+        """Write the file anew: the settings line and the answers `kept` (less a line cut short by a stop)."""
+        lines = [json.dumps({"settings": self.settings})]
+        lines += [self._line(adapter, index, found) for (adapter, index), found in kept.items()]
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines),
+                                                                  encoding="utf-8"))
 
     def add(self, adapter: int, answers: Mapping[int, list[str]]) -> None:
         """Keep the answers of adapter number `adapter` (in the order given) to these questions."""
         with self.path.open("a", encoding="utf-8") as file:
-            file.write("".join(json.dumps({"adapter": adapter, "question": index, "answers": found},
-                                          ensure_ascii=False) + "\n" for index, found in answers.items()))
+            file.write("".join(self._line(adapter, index, found) + "\n" for index, found in answers.items()))
+
+    @staticmethod
+    def _line(adapter: int, index: int, answers: list[str]) -> str:
+        return json.dumps({"adapter": adapter, "question": index, "answers": answers}, ensure_ascii=False)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -436,7 +436,7 @@ def answer_file(models: Sequence["Transformer"], names: Sequence[str | None], la
     kept, found = partial.load()
     if found:
         print(found, file=sys.stderr)
-    partial.begin(bool(kept))
+    partial.begin(kept)
     answered = []
     pictured = sum(question.image is not None for question in questions)
     try:

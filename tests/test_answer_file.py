@@ -229,10 +229,15 @@ def test_a_run_stopped_midway_goes_on_from_the_answers_it_kept(model, base_folde
     with partial.open("a") as file:
         file.write('{"adapter": 1, "quest')  # the line being written when it was stopped
     asked.clear()
+    stop_at[:] = [2]
+    assert main([*argv, "--out", str(out)]) == 130, "stopped again, in the second adapter's second batch"
+    assert capsys.readouterr().err.splitlines()[0] == (f"resuming: 4 answered question(s) kept in {partial} are "
+                                                       "not asked again")
+    asked.clear()
     stop_at.clear()
     assert main([*argv, "--out", str(out), "--batch-size", "3"]) == 0, "the batch size does not change answers"
-    assert asked == [6, 2], "only the second adapter's questions are asked (3, then 1, at two gate scales)"
-    assert capsys.readouterr().err.splitlines()[0] == (f"resuming: 4 answered question(s) kept in {partial} are "
+    assert asked == [4], "only the last two questions of the second adapter are asked (at two gate scales)"
+    assert capsys.readouterr().err.splitlines()[0] == (f"resuming: 6 answered question(s) kept in {partial} are "
                                                        "not asked again")
     assert out.read_text() == whole.read_text() and not partial.exists()
 

@@ -390,7 +390,7 @@ class _Run:
             return False
         if log is not None and not self._early_stop_told:
             self._early_stop_told = True
-            (step, loss) = history[best]
+            step, loss = history[best]
             log.write({"type": "early_stop", "step": self.step, "best_step": step, "best_val_loss": loss})
             notice(f"early stop at step {self.step}: {patience} validation(s) in a row without a loss below "
                    f"{loss:.4f} (step {step})", self.main)
