@@ -110,7 +110,8 @@ class TrainProgress:
     zip of its adapter."""
 
     records: list[dict[str, Any]]
-    seconds: float
+    seconds: float  # since this run (or its resumption) began
+    start_step: int = 0  # the step it began from (a resumed run's checkpoint)
     name: str | None = None
     archive: Path | None = None
     first_layer: int = field(init=False)
@@ -136,6 +137,9 @@ class TrainProgress:
         if val:
             parts.append(f"validation loss {val[-1]:.4f}")
         parts.append(f"{self.seconds:.1f} s")
+        if self.name is None and self.start_step < self.done < self.steps:  # at this run's pace so far
+            parts.append(f"about {_duration((self.steps - self.done) * self.seconds / (self.done - self.start_step))} "
+                         "left")
         line = " · ".join(parts)
         if self.name is None:
             return line
@@ -164,6 +168,16 @@ class TrainProgress:
         steps, layers = gate_curves(self.records)
         return [(step, gate, f"layer {self.first_layer + layer}") for layer, curve in enumerate(layers)
                 for step, gate in zip(steps, curve)]
+
+
+def _duration(seconds: float) -> str:
+    """A time left, as people say it: 8 s, 3 min 5 s, 1 h 2 min."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
 @dataclass(frozen=True)
@@ -323,6 +337,7 @@ class LiveTraining:
                 events.put(None)
 
         records: list[dict[str, Any]] = list(earlier)
+        start_step = max((r["step"] for r in records if r.get("type") == "train"), default=0)
         started = shown = time.perf_counter()
         thread = threading.Thread(target=work, name="live-training", daemon=True)
         thread.start()
@@ -331,7 +346,7 @@ class LiveTraining:
                 records.append(record)
                 if events.empty() and time.perf_counter() - shown >= REFRESH_S:
                     shown = time.perf_counter()
-                    yield TrainProgress(list(records), shown - started)
+                    yield TrainProgress(list(records), shown - started, start_step)
         finally:
             hooks.stop.set()
             thread.join()
@@ -345,7 +360,7 @@ class LiveTraining:
             raise ValueError(f"batch_size: the device ran out of memory in a step of {config.micro_batch_size} "
                              f"examples of up to {config.max_seq_len} tokens; train with a smaller batch size (a "
                              "step holds at most its batch), fewer adapted layers or shorter records") from error
-        return result, TrainProgress(records, time.perf_counter() - started)
+        return result, TrainProgress(records, time.perf_counter() - started, start_step)
 
     @staticmethod
     def _archive(run: Path, name: str, folder: Path) -> Path:

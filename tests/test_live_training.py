@@ -23,7 +23,7 @@ from adapter.engine import Engine, Engines, Settings
 from adapter.finetune import RunHooks, train
 from adapter.finetune.config import TrainConfig
 from adapter.finetune.logs import read_log
-from adapter.live_training import LiveTraining, TrainRequest
+from adapter.live_training import LiveTraining, TrainProgress, TrainRequest
 from tests.finetune_helpers import (
     alpaca_records,
     one_thread_and_own_rng,  # noqa: F401  (autouse)
@@ -165,6 +165,18 @@ def test_a_live_run_shows_its_progress_and_is_served_beside_the_others(tmp_path,
     assert trained.training_plot().name == "gates.png", "the Gates tab shows how its gates opened"
     assert [r["type"] for r in json.loads("[" + ",".join(
         zipfile.ZipFile(final.archive).read("trained-1/log.jsonl").decode().splitlines()) + "]")][-1] == "end"
+
+
+def test_a_runs_status_says_about_how_long_is_left_at_its_own_pace():
+    start = {"type": "start", "step": 0, "steps": 400, "first_prompt_layer": 0, "config": {"mode": "v1"}}
+    steps = [{"type": "train", "step": s, "loss": 1.0, "tokens_per_s": 100.0} for s in range(1, 101)]
+    assert TrainProgress([start, *steps], 50.0).status() == \
+        "step 100 / 400 · loss 1.0000 · 100 tokens/s · 50.0 s · about 2 min 30 s left"  # 2 steps a second
+    assert TrainProgress([start, *steps], 50.0, start_step=75).status().endswith(" · about 10 min 0 s left"), \
+        "a resumed run's pace: its own 25 steps in 50 s"
+    assert TrainProgress([start, *steps], 2400.0).status().endswith(" · about 2 h 0 min left")
+    assert TrainProgress([start], 0.5).status() == "step 0 / 400 · 0.5 s", "no pace before a step"
+    assert "left" not in TrainProgress([start, *steps], 50.0, name="trained-1").status(), "an ended run"
 
 
 def test_only_the_owner_stops_a_live_run_and_a_stopped_run_is_served(tmp_path, data, served):
