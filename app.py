@@ -7,6 +7,7 @@ CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -224,6 +225,20 @@ class Handlers:
         if not pairs:
             return [], ""
         return to_messages(pairs[:-1]), pairs[-1][0]
+
+    def save_conversation(self, history: list | None, system: str | None = None) -> str:
+        """The conversation as one fine-tuning record in the chat `messages` layout (its system prompt first, if
+        any; a question not yet answered left out), in a .jsonl file: its answers can be corrected and the file
+        trained on in the Train tab or by adapter.finetune."""
+        with user_errors():
+            pairs = [(user, answer) for user, answer in to_pairs(history) if answer]
+            if not pairs:
+                raise ValueError("conversation: no answered question to save yet; ask something first")
+            messages = ([{"role": "system", "content": system}] if system and system.strip() else []) \
+                + to_messages(pairs)
+            path = Path(tempfile.mkdtemp(prefix="conversation-")) / "conversation.jsonl"
+            path.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n", encoding="utf-8")
+            return str(path)
 
     def chat_shares(self, request: gr.Request, history: list,
                     *controls: Any) -> tuple[list[tuple[str, float]], Figure | None]:
@@ -929,6 +944,12 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 retry = gr.Button("Retry", elem_id="retry")
                 undo = gr.Button("Undo", elem_id="undo")
                 clear = gr.Button("Clear", elem_id="clear")
+            with gr.Accordion("Save this conversation as a training record", open=False):
+                gr.Markdown("One record in the chat `messages` layout (the system prompt first, if set): correct "
+                            "the answers you want otherwise, then train on it in the Train tab (or with `python -m "
+                            "adapter.finetune --data`), alone or beside others.")
+                save = gr.Button("Save", elem_id="save_conversation")
+                saved = gr.File(label="conversation.jsonl", interactive=False, elem_id="conversation_file")
             chat_colours = gr.HighlightedText(label="Last answer: share of attention through the adaption "
                                               "prompts per token", show_legend=True, elem_id="chat_colours")
             chat_layers = gr.Plot(label="Last answer: share through the prompts per adapter layer",
@@ -1048,6 +1069,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                         api_visibility="private", **model_events)
         stop.click(None, cancels=[*sent, retried])
         undo.click(handlers.undo, chatbot, [chatbot, message], queue=False, api_visibility="private")
+        save.click(handlers.save_conversation, [chatbot, system], saved, api_name="save_conversation", queue=False)
         clear.click(lambda: ([], "", [], None), None, [chatbot, message, chat_colours, chat_layers], queue=False,
                     api_visibility="private")
         chatbot.clear(lambda: ([], None), None, [chat_colours, chat_layers], queue=False,

@@ -3,8 +3,10 @@ gate 0 = the frozen base, concurrent users with different gates, stop, and bad i
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -81,6 +83,28 @@ def test_chat_streams_and_keeps_the_conversation(client):
     follow_up = client.predict("And another one?", final, *controls(), api_name="/chat")
     pairs = to_pairs(follow_up)
     assert [user for user, _ in pairs] == [QUESTION, "And another one?"] and pairs[1][1]
+
+
+def test_a_conversation_is_saved_as_a_training_record_that_fine_tuning_reads(client, served):
+    from adapter.finetune.records import read_records
+    from adapter.prompts import format_named
+
+    first = client.predict(QUESTION, [], *controls(), api_name="/chat")
+    history = client.predict("And another one?", first, *controls(), api_name="/chat")
+    pairs = to_pairs(history)
+    unanswered = [*history, {"role": "user", "content": [{"type": "text", "text": "A question being answered"}]}]
+    path = client.predict(unanswered, "Answer briefly.", api_name="/save_conversation")
+    record = json.loads(Path(path).read_text())
+    assert record == {"messages": [{"role": "system", "content": "Answer briefly."},
+                                   *({"role": role, "content": text} for user, answer in pairs
+                                     for role, text in (("user", user), ("assistant", answer)))]}
+    [examples] = read_records(path, None, format_named("llama2", "--prompt-format"))
+    assert [e.response.strip() for e in examples] == [answer.strip() for _, answer in pairs], "one per answer"
+    assert "Answer briefly." in examples[0].prompt and pairs[0][0] in examples[1].prompt
+    assert "system" not in json.loads(Path(client.predict(history, "  ", api_name="/save_conversation"))
+                                      .read_text())["messages"][0]["role"]
+    with pytest.raises(AppError, match="conversation: no answered question to save yet; ask something first"):
+        client.predict([], None, api_name="/save_conversation")
 
 
 def test_gate_zero_answers_are_the_frozen_base(client, base_model, images):
