@@ -6,9 +6,11 @@ Chromium is not installed (CI installs it, see .ci/run)."""
 
 from __future__ import annotations
 
+import json
 import time
 import zipfile
 
+import httpx
 import pytest
 import safetensors.torch
 import torch
@@ -67,6 +69,21 @@ def test_moving_the_gate_slider_changes_the_answer(page, tmp_path):
     page.screenshot(path=str(tmp_path / "frozen.png"), full_page=True)
     assert not page.locator("#adapter").is_visible(), "one adapter served: nothing to choose"
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("adapted.png", "frozen.png"))
+
+
+def test_a_conversation_is_saved_from_the_chat_tab_as_a_training_record(page, served):
+    page.get_by_role("tab", name="Chat").click()
+    page.click("#clear")
+    page.locator("#chatbot [data-testid='bot']").wait_for(state="detached")
+    answer = ask(page, QUESTION)
+    page.get_by_text("Save this conversation as a training record").click()
+    page.click("#save_conversation")
+    link = page.locator("#conversation_file a").first
+    link.wait_for(timeout=30_000)
+    href = link.get_attribute("href")
+    saved = json.loads(httpx.get(href if href.startswith("http") else served.url.rstrip("/") + href).text)
+    assert saved == {"messages": [{"role": "user", "content": QUESTION},
+                                  {"role": "assistant", "content": answer}]}, "what the chat shows"
 
 
 def test_an_uploaded_image_gets_an_answer_and_a_sweep(page, served, tmp_path):
