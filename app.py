@@ -39,6 +39,7 @@ from adapter.engine import (
     check_text,
     gate_scales,
 )
+from adapter.finetune.records import messages_record
 from adapter.formats.common import unrecorded_format_note
 from adapter.hub import repo_id
 from adapter.live_training import VALIDATIONS, LiveTraining, TrainProgress, TrainRequest
@@ -231,13 +232,9 @@ class Handlers:
         any; a question not yet answered left out), in a .jsonl file: its answers can be corrected and the file
         trained on in the Train tab or by adapter.finetune."""
         with user_errors():
-            pairs = [(user, answer) for user, answer in to_pairs(history) if answer]
-            if not pairs:
-                raise ValueError("conversation: no answered question to save yet; ask something first")
-            messages = ([{"role": "system", "content": system}] if system and system.strip() else []) \
-                + to_messages(pairs)
+            record = messages_record([(user, answer) for user, answer in to_pairs(history) if answer], system)
             path = Path(tempfile.mkdtemp(prefix="conversation-")) / "conversation.jsonl"
-            path.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n", encoding="utf-8")
+            path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
             return str(path)
 
     def chat_shares(self, request: gr.Request, history: list,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .formats import BASE_HELP
@@ -32,6 +34,8 @@ HELP = """commands:
   /system TEXT    system prompt (chat formats only); /system alone removes it
   /image PATH     talk about this picture (a conversation of its own); /image alone: back to the chat
   /next QUESTION  the likeliest first tokens of the answer at gate 0 and at the gate set, without answering
+  /save FILE      append the chat so far (not a picture's) to FILE (.jsonl) as one training record, in the chat
+                  messages layout that fine-tuning reads
   /reset          forget the conversation
   /settings       what the next answer is asked with
   /quit           end (as does Ctrl-D)"""
@@ -81,6 +85,8 @@ class Conversation:
             out.write(f"asking about {value}\n" if value else "back to the chat\n")
         elif name == "/next":
             out.write(self.next_tokens(value).table() + "\n")
+        elif name == "/save":
+            self.save(value, out)
         elif name == "/reset":
             self.history.clear()
             self.image_history.clear()
@@ -95,6 +101,21 @@ class Conversation:
         else:
             raise ValueError(f"{name}: unknown command; /help lists them")
         return True
+
+    def save(self, path: str, out: TextIO) -> None:
+        """Append the chat's answered turns (and its system prompt) to `path` as one `messages` record."""
+        from .finetune.records import messages_record
+
+        if Path(path).suffix != ".jsonl":
+            raise ValueError(f"/save: name a .jsonl file (a record a line, each /save appending one), got {path!r}")
+        turns = [(question, answer) for question, answer in self.history if answer]
+        record = messages_record(turns, self.settings.system)
+        try:
+            with open(path, "a", encoding="utf-8") as file:
+                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as error:
+            raise ValueError(f"/save: cannot write {path}: {error.strerror}") from None
+        out.write(f"saved {len(turns)} answered turn(s) to {path} as one training record\n")
 
     def next_tokens(self, question: str) -> NextTokens:
         """The next token's probabilities after `question` (in this conversation, or about the picture) at gate 0

@@ -123,3 +123,32 @@ def test_layers_lets_only_some_adapter_layers_speak_until_set_back(capsys):
     assert out == ["the prompts speak in layers 3 only, of this adapter's 0-3", first, *expected.table().splitlines(),
                    "conversation forgotten", "every adapter layer's prompt speaks", everyone]
     assert err == "error: gate_layers: layer(s) 9 have no adaption prompt; this adapter's prompts are in layers 0-3\n"
+
+
+def test_save_appends_the_chat_as_a_training_record_that_fine_tuning_reads(capsys, tmp_path):
+    from adapter.finetune.records import read_records
+    from adapter.prompts import format_named
+
+    saved = tmp_path / "chats.jsonl"
+    code, out, err = chat([f"/save {saved}", QUESTION, "What is 3 + 4?", f"/save {saved}", "/reset", QUESTION,
+                           f"/save {saved}", f"/save {tmp_path / 'chats.json'}", f"/save {tmp_path}/no/such.jsonl"],
+                          capsys)
+    engine = Engine(adapter.load("tiny", device="cpu"), max_new_tokens=30)
+    first = last(engine.chat([], QUESTION, Settings(**GREEDY)))
+    second = last(engine.chat([(QUESTION, first)], "What is 3 + 4?", Settings(**GREEDY)))
+    assert code == 0 and out == [first, second, f"saved 2 answered turn(s) to {saved} as one training record",
+                                 "conversation forgotten", first,
+                                 f"saved 1 answered turn(s) to {saved} as one training record"]
+    records = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert records[0] == {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first},
+                                       {"role": "user", "content": "What is 3 + 4?"},
+                                       {"role": "assistant", "content": second}]}
+    assert len(records) == 2, "each /save appends one record"
+    examples = read_records(saved, None, format_named("alpaca", "--prompt-format"))
+    assert [[e.response for e in record] for record in examples] == [[first, second], [first]]
+    assert err.splitlines() == [
+        "error: conversation: no answered question to save yet; ask something first",
+        f"error: /save: name a .jsonl file (a record a line, each /save appending one), got "
+        f"'{tmp_path / 'chats.json'}'",
+        f"error: /save: cannot write {tmp_path}/no/such.jsonl: No such file or directory",
+    ]

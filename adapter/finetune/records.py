@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +41,17 @@ class ChatLayout:
 
 CONVERSATIONS = ChatLayout("conversations", "from", "value", "human", "gpt")
 MESSAGES = ChatLayout("messages", "role", "content", "user", "assistant")
+
+
+def messages_record(turns: Sequence[tuple[str, str]], system: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """Answered turns (question, answer) as one record in the `messages` layout, the system prompt first if there
+    is one: a conversation saved to train on, which `read_records` reads back as one example per answer."""
+    if not turns:
+        raise ValueError("conversation: no answered question to save yet; ask something first")
+    layout = MESSAGES
+    opening = [{layout.role: "system", layout.text: system}] if system and system.strip() else []
+    return {layout.key: opening + [{layout.role: role, layout.text: text} for question, answer in turns
+                                   for role, text in ((layout.asking, question), (layout.answering, answer))]}
 
 
 def chat_layout(record: dict, reasons: list[str]) -> ChatLayout | None:
