@@ -39,8 +39,8 @@ from adapter.engine import (
     check_text,
     gate_scales,
 )
-from adapter.finetune.records import messages_record
-from adapter.formats.common import unrecorded_format_note
+from adapter.finetune.records import conversation_record
+from adapter.formats.common import unrecorded_format_note, write_zip
 from adapter.hub import repo_id
 from adapter.live_training import VALIDATIONS, LiveTraining, TrainProgress, TrainRequest
 from adapter.model import Transformer
@@ -61,6 +61,7 @@ QUEUE_PER_WORKER = 16  # waiting requests per concurrent slot before "queue is f
 DEFAULTS = Settings()
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 EXAMPLE_QUESTION = "What is in the picture?"
+RECORD, PICTURE = "conversation.jsonl", "picture.png"  # a conversation saved to train on, and its picture
 MAX_UPLOAD = "20mb"
 SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
 GATE_LABEL = "Gate scale"
@@ -232,10 +233,26 @@ class Handlers:
         any; a question not yet answered left out), in a .jsonl file: its answers can be corrected and the file
         trained on in the Train tab or by adapter.finetune."""
         with user_errors():
-            record = messages_record([(user, answer) for user, answer in to_pairs(history) if answer], system)
-            path = Path(tempfile.mkdtemp(prefix="conversation-")) / "conversation.jsonl"
+            record = conversation_record([(user, answer) for user, answer in to_pairs(history) if answer], system)
+            path = Path(tempfile.mkdtemp(prefix="conversation-")) / RECORD
             path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
             return str(path)
+
+    @staticmethod
+    def save_image_conversation(image: Image.Image | None, asked: str, answer: str, conversation: list | None,
+                                system: str | None = None) -> str:
+        """The conversation about the picture as one fine-tuning record in LLaVA's layout (the turns before, then
+        the question last asked and its answer), zipped beside the picture it names: unzipped, the record and the
+        picture the Train tab's vision mode (or adapter.finetune --image-folder) trains on."""
+        with user_errors():
+            if image is None:
+                raise ValueError("image: upload the picture the conversation is about first")
+            turns = [*to_pairs(conversation), *([(asked, answer)] if asked and answer else [])]
+            record = conversation_record([(user, said) for user, said in turns if said], system, PICTURE)
+            folder = Path(tempfile.mkdtemp(prefix="conversation-"))
+            (folder / RECORD).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+            image.convert("RGB").save(folder / PICTURE)
+            return str(write_zip(folder / "conversation.zip", "conversation", [folder / RECORD, folder / PICTURE]))
 
     def chat_shares(self, request: gr.Request, history: list,
                     *controls: Any) -> tuple[list[tuple[str, float]], Figure | None]:
@@ -973,6 +990,14 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                                               "(the same question again is answered again); a new picture or Clear "
                                               "starts over", height=220, elem_id="image_chat")
                     asked_question = gr.State("")
+                    with gr.Accordion("Save this conversation as a training record", open=False):
+                        gr.Markdown("The picture and one LLaVA record of the turns about it (the system prompt "
+                                    "first, if set), zipped: correct the answers you want otherwise, then train on "
+                                    "both with the Train tab's vision mode (or `python -m adapter.finetune --data "
+                                    "conversation.jsonl --image-folder .`).")
+                        image_save = gr.Button("Save", elem_id="save_image_conversation")
+                        image_saved = gr.File(label="conversation.zip", interactive=False,
+                                              elem_id="image_conversation_file")
                     image_colours = gr.HighlightedText(label="Share of attention through the adaption prompts per "
                                                        "token", elem_id="image_colours")
                     image_layers = gr.Plot(label="Share through the prompts per adapter layer",
@@ -1067,6 +1092,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         stop.click(None, cancels=[*sent, retried])
         undo.click(handlers.undo, chatbot, [chatbot, message], queue=False, api_visibility="private")
         save.click(handlers.save_conversation, [chatbot, system], saved, api_name="save_conversation", queue=False)
+        image_save.click(handlers.save_image_conversation, [image, asked_question, answer, conversation, system],
+                         image_saved, queue=False, api_visibility="private")  # the question asked: the page's
         clear.click(lambda: ([], "", [], None), None, [chatbot, message, chat_colours, chat_layers], queue=False,
                     api_visibility="private")
         chatbot.clear(lambda: ([], None), None, [chat_colours, chat_layers], queue=False,

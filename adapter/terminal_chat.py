@@ -104,12 +104,12 @@ class Conversation:
 
     def save(self, path: str, out: TextIO) -> None:
         """Append the chat's answered turns (and its system prompt) to `path` as one `messages` record."""
-        from .finetune.records import messages_record
+        from .finetune.records import conversation_record
 
         if Path(path).suffix != ".jsonl":
             raise ValueError(f"/save: name a .jsonl file (a record a line, each /save appending one), got {path!r}")
         turns = [(question, answer) for question, answer in self.history if answer]
-        record = messages_record(turns, self.settings.system)
+        record = conversation_record(turns, self.settings.system)
         try:
             with open(path, "a", encoding="utf-8") as file:
                 file.write(json.dumps(record, ensure_ascii=False) + "\n")

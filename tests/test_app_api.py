@@ -107,6 +107,17 @@ def test_a_conversation_is_saved_as_a_training_record_that_fine_tuning_reads(cli
         client.predict([], None, api_name="/save_conversation")
 
 
+def test_an_image_conversation_is_not_saved_without_its_picture_or_an_answer():
+    import gradio as gr
+
+    from app import Handlers
+
+    with pytest.raises(gr.Error, match="image: upload the picture the conversation is about first"):
+        Handlers.save_image_conversation(None, "What is it?", "a star", [])
+    with pytest.raises(gr.Error, match="conversation: no answered question to save yet"):
+        Handlers.save_image_conversation(RED, "What is it?", "", [])
+
+
 def test_gate_zero_answers_are_the_frozen_base(client, base_model, images):
     assert chat(client, QUESTION, gate=0.0, delta=0.0) == base_answer(base_model, adapter.chat((), QUESTION))
     at_gate_zero = ask(client, images / "red.png", gate=0.0, delta=0.0)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from adapter.app_config import tiny_available
 from adapter.engine import Settings
+from adapter.finetune.records import read_records
 from app import DOWNLOAD_FORMATS
 from tests.app_helpers import QUESTION, demo_files, running_app, served  # noqa: F401  (fixtures)
 from tests.browser import (
@@ -126,6 +127,23 @@ def test_follow_up_questions_about_a_picture_build_its_conversation(browser, ser
         page.click("#ask")
         expect(user_turns).to_have_text([first])
         expect(page.locator("#image_answer textarea")).to_have_value(answer, timeout=60_000)
+    page.get_by_text("Save this conversation as a training record").last.click()  # the image tab's
+    page.click("#save_image_conversation")
+    link = page.locator("#image_conversation_file a").first
+    link.wait_for(timeout=30_000)
+    href = link.get_attribute("href")
+    (tmp_path / "saved.zip").write_bytes(httpx.get(href if href.startswith("http")
+                                                   else served.url.rstrip("/") + href).content)
+    zipfile.ZipFile(tmp_path / "saved.zip").extractall(tmp_path / "saved")
+    record = json.loads((tmp_path / "saved" / "conversation" / "conversation.jsonl").read_text())
+    assert record == {"image": "picture.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{first}"}, {"from": "gpt", "value": first_answer},
+        {"from": "human", "value": follow_up}, {"from": "gpt", "value": at_zero}]}, "the turns, the last one asked"
+    saved_picture = Image.open(tmp_path / "saved" / "conversation" / "picture.png").convert("RGB")
+    assert saved_picture.tobytes() == picture.convert("RGB").tobytes(), "the picture asked about, beside it"
+    [examples] = read_records(tmp_path / "saved" / "conversation" / "conversation.jsonl",
+                              tmp_path / "saved" / "conversation")
+    assert [e.response for e in examples] == [first_answer, at_zero], "fine-tuning reads an example per answer"
     page.fill("#image_question textarea", "And below it?")
     page.press("#image_question textarea", "Enter")  # Enter asks, as Ask does
     expect(user_turns).to_have_text([first, follow_up])

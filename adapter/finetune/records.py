@@ -43,15 +43,20 @@ CONVERSATIONS = ChatLayout("conversations", "from", "value", "human", "gpt")
 MESSAGES = ChatLayout("messages", "role", "content", "user", "assistant")
 
 
-def messages_record(turns: Sequence[tuple[str, str]], system: str | None = None) -> dict[str, list[dict[str, str]]]:
-    """Answered turns (question, answer) as one record in the `messages` layout, the system prompt first if there
-    is one: a conversation saved to train on, which `read_records` reads back as one example per answer."""
+def conversation_record(turns: Sequence[tuple[str, str]], system: str | None = None,
+                        image: str | None = None) -> dict[str, Any]:
+    """Answered turns (question, answer) as one record to train on, the system prompt first if there is one, which
+    `read_records` reads back as one example per answer: in the `messages` layout, or about the picture `image`
+    (its file name, under the image folder) in LLaVA's, the first question after its `<image>` marker."""
     if not turns:
         raise ValueError("conversation: no answered question to save yet; ask something first")
-    layout = MESSAGES
+    layout = MESSAGES if image is None else CONVERSATIONS
     opening = [{layout.role: "system", layout.text: system}] if system and system.strip() else []
-    return {layout.key: opening + [{layout.role: role, layout.text: text} for question, answer in turns
-                                   for role, text in ((layout.asking, question), (layout.answering, answer))]}
+    asked = [(f"{IMAGE_MARKER}\n{question}" if image is not None and i == 0 else question, answer)
+             for i, (question, answer) in enumerate(turns)]
+    said = [{layout.role: role, layout.text: text} for question, answer in asked
+            for role, text in ((layout.asking, question), (layout.answering, answer))]
+    return {layout.key: opening + said} if image is None else {"image": image, layout.key: opening + said}
 
 
 def chat_layout(record: dict, reasons: list[str]) -> ChatLayout | None:
