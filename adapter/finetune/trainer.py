@@ -158,7 +158,6 @@ class _Run:
         self.optimizer = build_optimizer(self.model, config.learning_rate, config.weight_decay, config.visual_lr)
         self.step, self.saved_step = 0, None
         self.val_history: list[tuple[int, float]] = []  # (step, validation loss) of every validation, for --early-stop
-        self._early_stop_told = False
         if saved is not None:
             checkpoint.restore(self.resume_from, self.optimizer, saved)
             self.step = self.saved_step = saved.step
@@ -320,8 +319,13 @@ class _Run:
             val_step = self._validate(log, result)  # where the curve starts (a new adapter's: the frozen base's)
         try:
             order, order_epoch = None, None
-            while self.step < end and not (self.hooks.stop is not None and self.hooks.stop.is_set()) \
-                    and not self._no_better_since(log):
+            while self.step < end and not (self.hooks.stop is not None and self.hooks.stop.is_set()):
+                best = self._patience_spent()
+                if best is not None:
+                    log.write({"type": "early_stop", "step": self.step, "best_step": best[0], "best_val_loss": best[1]})
+                    notice(f"early stop at step {self.step}: {config.early_stop} validation(s) in a row without a "
+                           f"loss below {best[1]:.4f} (step {best[0]})", main)
+                    break
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
                 if order_epoch != epoch:
                     order, order_epoch = self._order(epoch), epoch
@@ -342,7 +346,7 @@ class _Run:
             kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out / checkpoint.FOLDER}"
                     if self.saved_step is not None else "no checkpoint had been written yet")
             raise TrainingStopped(f"{error}; {kept}") from error
-        result.steps, result.early_stopped = self.step, self.step < end and self._no_better_since()
+        result.steps, result.early_stopped = self.step, self.step < end and self._patience_spent() is not None
         result.stopped = self.step < end and not result.early_stopped
         self._finish(result, log)
         return result
@@ -379,22 +383,14 @@ class _Run:
             save_adapter(self.model, self.out / BEST, {"step": str(self.step), "val_loss": repr(loss)})
         return self.step
 
-    def _no_better_since(self, log: RunLog | None = None) -> bool:
-        """Whether --early-stop's patience is spent: that many validations since the lowest loss (the first of
-        equals); with `log`, the first time, says so there and on stderr."""
+    def _patience_spent(self) -> tuple[int, float] | None:
+        """The (step, loss) of the lowest validation loss (the first of equals) where --early-stop's patience is
+        spent, that many validations having come since it; None where it is not (or there is no --early-stop)."""
         patience, history = self.config.early_stop, self.val_history
         if not patience or not history:
-            return False
+            return None
         best = min(range(len(history)), key=lambda i: (history[i][1], i))
-        if len(history) - 1 - best < patience:
-            return False
-        if log is not None and not self._early_stop_told:
-            self._early_stop_told = True
-            step, loss = history[best]
-            log.write({"type": "early_stop", "step": self.step, "best_step": step, "best_val_loss": loss})
-            notice(f"early stop at step {self.step}: {patience} validation(s) in a row without a loss below "
-                   f"{loss:.4f} (step {step})", self.main)
-        return True
+        return history[best] if len(history) - 1 - best >= patience else None
 
     def _save(self) -> None:
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
