@@ -174,13 +174,13 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tmp_path, base_folder, m
     assert [r["step"] for r in log if r["type"] == "val"] == [2, 4, 6]
 
 
-def interrupt_at_signal(monkeypatch, step: int, times: int) -> None:
-    """Press Ctrl-C `times` times (a real SIGINT each) during optimizer step `step`."""
+def interrupt_at_signal(monkeypatch, step: int, times: int, signum: int = signal.SIGINT) -> None:
+    """Press Ctrl-C `times` times (a real SIGINT each; or send another signal) during optimizer step `step`."""
     real = trainer.optimizer_step
 
     def optimizer_step(*args, **kwargs):
         for _ in range(times if kwargs["step"] == step else 0):
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "optimizer_step", optimizer_step)
@@ -233,6 +233,30 @@ def test_ctrl_c_stops_the_command_line_after_its_step_with_what_it_learnt_saved_
         interrupt_at_signal(patch, 3, times=2)
         assert main([*flags, "--out", str(tmp_path / "ignored")]) == 0
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_sigterm_stops_the_command_line_after_its_step_with_what_it_learnt_saved(tmp_path, base_folder, data,
+                                                                                  monkeypatch, capsys):
+    """What a preemptible machine sends before it ends the job: the run stops as at Ctrl-C, exit code 143, and
+    a second SIGTERM does not cut the save short."""
+    def unhandled(signum: int, frame: object) -> None:  # instead of the default, which would end the test run
+        raise AssertionError("SIGTERM reached the handler the run started with")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with monkeypatch.context() as patch:
+            interrupt_at_signal(patch, 3, times=2, signum=signal.SIGTERM)
+            assert main(["--base", str(base_folder), "--data", str(data), "--batch-size", "8", "--micro-batch-size",
+                         "4", "--epochs", "2", "--lr", "0.05", "--max-seq-len", "128", "--prompt-len", "4",
+                         "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")]) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled, "the handler before it given back"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopping after the step under way, its adapter and a checkpoint saved\n" in err
+    assert "stopped at step 3: its adapter is in" in err
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
 
 
 def test_v2_input_scales_train_from_ones_and_load_back(tmp_path, base_folder):

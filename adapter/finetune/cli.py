@@ -1,9 +1,10 @@
 """`python -m adapter.finetune`: train an adapter on Alpaca-style (or LLaVA-style) data.
 
 Single process, or one process per GPU with `torchrun --nproc_per_node N -m adapter.finetune ...`.
-Bad arguments, bad records and a diverging loss are reported on stderr with exit code 2. In one process, Ctrl-C
-stops the run after the step under way with its adapter and a checkpoint saved (exit code 130), so that the same
-command with --resume goes on to the end.
+Bad arguments, bad records and a diverging loss are reported on stderr with exit code 2. Ctrl-C (SIGINT) or
+SIGTERM (a preempted job's warning) stops the run after the step under way with its adapter and a checkpoint saved
+(exit code 130 or 143), in every process at the same step under torchrun, so that the same command with --resume
+goes on to the end.
 """
 
 from __future__ import annotations
@@ -118,13 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = options["out"]
     try:
         repo = hub_target(push_to, private)
-        with first_interrupt_stops() as stop:
+        with signals_stop_the_run() as stop:
             result = train(TrainConfig(**options), RunHooks(stop=stop))
         if result.stopped:
-            print(f"stopped at step {result.steps}: its adapter is in {result.adapter.parent}"
-                  f"{' (not pushed)' if repo else ''}; the same command with --resume goes on to the end",
-                  file=sys.stderr)
-            return 130
+            if main_process:
+                print(f"stopped at step {result.steps}: its adapter is in {result.adapter.parent}"
+                      f"{' (not pushed)' if repo else ''}; the same command with --resume goes on to the end",
+                      file=sys.stderr)
+            return 128 + stop.signum
         if repo and main_process:
             _push(result.best or result.adapter, repo, options["base"], private)
     except (ValueError, FileNotFoundError, TrainingStopped) as error:
@@ -139,32 +141,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+class StopSignal(threading.Event):
+    """Set by the first SIGINT or SIGTERM; remembers which, for the exit code (128 + its number)."""
+
+    signum: int = signal.SIGINT
+
+
 @contextmanager
-def first_interrupt_stops() -> Iterator[threading.Event | None]:
-    """In one process, an event that the first Ctrl-C sets (the run then stops after the step under way, saving
-    what it learnt); a second Ctrl-C interrupts at once. Under torchrun, off the main thread, or where Ctrl-C is
-    ignored (a job started in the background), None: Ctrl-C is left as it is (torchrun ends its workers itself, and
-    they would have to stop at the same step)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+def signals_stop_the_run() -> Iterator[StopSignal | None]:
+    """An event that the first Ctrl-C (SIGINT) or SIGTERM sets: the run then stops after the step under way, saving
+    what it learnt. In one process a second Ctrl-C interrupts at once, and a signal ignored when the command started
+    (a job started in the background) stays ignored. Under torchrun (or another launcher setting WORLD_SIZE) each
+    signal only sets the event, even one the launcher's shell ignores: the workers run in sessions of their own, so
+    what reaches them was sent by torchrun (which ends them itself once TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds have
+    passed, 30 by default), and the trainer makes every process stop after the same step. Off the main thread, None:
+    signals are left as they are."""
+    if threading.current_thread() is not threading.main_thread():
         yield None
         return
-    stop = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    stop = StopSignal()
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    main_process = os.environ.get("RANK", "0") == "0"
 
-    def interrupted(signum: int, frame: object) -> None:
+    def received(signum: int, frame: object) -> None:
         if stop.is_set():
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT and not launched:  # the second Ctrl-C
+                signal.signal(signal.SIGINT, before[signal.SIGINT])
+                raise KeyboardInterrupt
+            return
+        stop.signum = signum
         stop.set()
-        print("Ctrl-C: stopping after the step under way, its adapter and a checkpoint saved (Ctrl-C again to "
-              "interrupt at once)", file=sys.stderr, flush=True)
+        if not main_process:
+            return
+        name = "Ctrl-C" if signum == signal.SIGINT and not launched else signal.Signals(signum).name
+        if launched:
+            print(f"{name}: every process stops after the step under way, its adapter and a checkpoint saved "
+                  "(torchrun ends them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, 30 by default)",
+                  file=sys.stderr, flush=True)
+        else:
+            again = " (Ctrl-C again to interrupt at once)" if signum == signal.SIGINT else ""
+            print(f"{name}: stopping after the step under way, its adapter and a checkpoint saved{again}",
+                  file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGINT, interrupted)
+    for signum, handler in before.items():
+        if launched or handler is not signal.SIG_IGN:
+            signal.signal(signum, received)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def _push(adapter: Path, repo: str, base: str, private: bool) -> None:

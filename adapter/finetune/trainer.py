@@ -78,6 +78,7 @@ class RunHooks:
     image_encoder: ImageEncoder | None = None
     on_record: Callable[[dict[str, Any]], None] | None = None  # every log record, as it is written
     stop: threading.Event | None = None  # once set, the run ends after the step under way, its adapter saved
+    # (under torchrun, once set in any process: all of them end after the same step)
     step_runner: Callable[[Callable[[], Any]], Any] | None = None  # runs each step and validation (a device's
     # work: holding its lock, on its compute thread if any; adapter.device_work)
     max_steps: int | None = None  # a run that would take more optimizer steps is refused before it starts
@@ -319,7 +320,7 @@ class _Run:
             val_step = self._validate(log, result)  # where the curve starts (a new adapter's: the frozen base's)
         try:
             order, order_epoch = None, None
-            while self.step < end and not (self.hooks.stop is not None and self.hooks.stop.is_set()):
+            while self.step < end and not self._stop_asked():
                 best = self._patience_spent()
                 if best is not None:
                     log.write({"type": "early_stop", "step": self.step, "best_step": best[0], "best_val_loss": best[1]})
@@ -382,6 +383,14 @@ class _Run:
             self.best = (self.step, loss)
             save_adapter(self.model, self.out / BEST, {"step": str(self.step), "val_loss": repr(loss)})
         return self.step
+
+    def _stop_asked(self) -> bool:
+        """Whether `RunHooks.stop` is set in any process (under torchrun a signal may reach some before others, or
+        only some): one flag summed over the processes before each step, so that they all stop after the same one."""
+        asked = self.hooks.stop is not None and self.hooks.stop.is_set()
+        if self.processes.world == 1:
+            return asked
+        return self.processes.sum(torch.tensor([float(asked)], device=self.device)).item() > 0
 
     def _patience_spent(self) -> tuple[int, float] | None:
         """The (step, loss) of the lowest validation loss (the first of equals) where --early-stop's patience is
