@@ -17,9 +17,7 @@ The folder appears whole or not at all: it is written beside OUT under a tempora
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,20 +28,14 @@ from .config import ModelArgs
 from .formats import BASE_HELP
 from .formats.bnb import QuantizedWeight
 from .formats.common import atomic_folder, atomic_write, refuse_existing
-from .formats.hf import hf_name, meta_to_hf_rows
-from .gguf_tokenizer import write_tokenizer_files
+from .hf_folder import CARD, SHARD_GB, hf_config, hf_tensors, size_text, write_hf_folder
 from .hub import PREFIX, is_remote, repo_of
 from .loading import DTYPES, open_named_base, resolve_device
 from .push import commit_folder, hub_target
-from .quantize import BLOCK_SIZE, FROZEN_LINEARS, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
+from .quantize import BLOCK_SIZE, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
 from .tiny.assets import BASE_NAME
-from .tokenizer import TOKENIZER_FILES, open_tokenizer
+from .tokenizer import open_tokenizer
 
-# what a tokenizer folder may hold besides the tokenizer: its special tokens, chat template, generation stops
-TOKENIZER_COMPANIONS = ("tokenizer.model", "tokenizer.json", "tekken.json", "tokenizer_config.json",
-                        "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
-SHARD_GB = 2.0
-CARD = "README.md"
 BITS = {"nf4": "4-bit", "int8": "8-bit"}
 
 
@@ -68,57 +60,21 @@ def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "
 
 
 class _Writer:
-    """One pass over the base's tensors (one at a time, as read), quantized linears and plain rest, in shards."""
+    """The base's tensors, quantized linears and plain rest, as an HF folder (adapter.hf_folder)."""
 
     def __init__(self, checkpoint, args: ModelArgs, mode: str, dtype: torch.dtype, double_quant: bool,
                  device: torch.device, shard_gb: float, base: str) -> None:
         self.checkpoint, self.args, self.mode, self.dtype, self.base = checkpoint, args, mode, dtype, base
         self.double_quant, self.device, self.shard_bytes = double_quant, device, int(shard_gb * 2**30)
-        self.heads = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}
 
     def write(self, folder: Path) -> None:
-        shard: dict[str, torch.Tensor] = {}
-        written: list[tuple[Path, list[str], int]] = []  # each full shard, saved as soon as it is full
-        release = getattr(self.checkpoint, "release", None)  # memory-mapped checkpoints give read pages back
-        for name in self._names():
-            tensors = self._converted(name)
-            if shard and _bytes(shard) + _bytes(tensors) > self.shard_bytes:
-                written.append(_save_part(folder, len(written), shard))
-                shard = {}
-            shard.update(tensors)
-            if release is not None:
-                release(name)
-        written.append(_save_part(folder, len(written), shard))
-        _name_shards(folder, written)
-        (folder / "config.json").write_text(json.dumps(self._config(), indent=2) + "\n")
-        (folder / CARD).write_text(self._card(sum(size for *_, size in written)))
-        if self.checkpoint.format == "gguf":  # the tokenizer is in the file's metadata
-            write_tokenizer_files(self.checkpoint.tokenizer_path, folder)
-            return
-        tokenizer = self.checkpoint.tokenizer_path  # under a name the HF reader looks for (Mistral's .v3: .model)
-        target = tokenizer.name if tokenizer.name in TOKENIZER_FILES else TOKENIZER_FILES[0]
-        shutil.copyfile(tokenizer, folder / target)
-        for companion in TOKENIZER_COMPANIONS:
-            if (tokenizer.parent / companion).is_file() and not (folder / companion).exists():
-                shutil.copyfile(tokenizer.parent / companion, folder / companion)
-
-    def _names(self) -> list[str]:
-        top = ["tok_embeddings.weight", "norm.weight"] + ([] if self.checkpoint.tied_output else ["output.weight"])
-        layers = sorted((n for n in self.checkpoint.keys() if n.startswith("layers.")),
-                        key=lambda n: (int(n.split(".")[1]), n))
-        return top + layers
+        write_hf_folder(folder, self.checkpoint, self._converted, self._config(), self._card, self.shard_bytes)
 
     def _converted(self, name: str) -> dict[str, torch.Tensor]:
         """HF name -> tensor(s) for one of the base's tensors: a frozen linear as codes and statistics."""
-        weight = self.checkpoint.tensor(name).to(self.dtype)
-        target = hf_name(name)
-        module = name.split(".", 2)[-1].removesuffix(".weight")
-        if module not in FROZEN_LINEARS:
-            return {target: weight.contiguous()}
-        stored = QuantizedWeight.quantize(weight.to(self.device), self.mode, self.double_quant, BLOCK_SIZE)
-        if module in self.heads:  # quantized in Meta's row order, as adapter.load would, then moved to HF's whole
-            stored = stored.rows(meta_to_hf_rows(torch.arange(weight.shape[0]), self.heads[module]))
-        return stored.state_dict(target)
+        return hf_tensors(name, self.checkpoint.tensor(name).to(self.dtype), self.args,
+                          lambda weight: QuantizedWeight.quantize(weight.to(self.device), self.mode,
+                                                                  self.double_quant, BLOCK_SIZE))
 
     def _card(self, size: int) -> str:
         """README.md: what the folder is and how to load it, for people and for the hub when it is pushed."""
@@ -133,7 +89,7 @@ class _Writer:
             f"# {family} base in {self.mode}", "",
             f"{source} ({family}: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads, vocabulary {a.vocab_size}), "
             f"its linears stored {stored} by `python -m adapter.quantize_base` in transformers' bitsandbytes layout "
-            f"({_size(size)} of weights; the rest in {str(self.dtype).removeprefix('torch.')}"
+            f"({size_text(size)} of weights; the rest in {str(self.dtype).removeprefix('torch.')}"
             + (", block scales double-quantized" if self.mode == "nf4" and self.double_quant else "") + "). It "
             "loads as stored, without reading or quantizing 16-bit weights, and exactly as the base quantized while "
             "loading.", "",
@@ -154,67 +110,6 @@ class _Writer:
                 "bnb_4bit_use_double_quant": four_bit and self.double_quant, "bnb_4bit_quant_storage": "uint8",
                 "llm_int8_threshold": INT8_OUTLIER_THRESHOLD, "llm_int8_has_fp16_weight": False,
                 "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False}
-
-
-def hf_config(checkpoint, args: ModelArgs, dtype: str) -> dict:
-    """config.json as transformers writes it for a base of this shape (from `checkpoint`: family, tied head,
-    sliding window) stored in `dtype` ("float16", ...)."""
-    a, mistral = args, checkpoint.family == "Mistral"
-    config = {
-        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
-        "model_type": "mistral" if mistral else "llama", "hidden_act": "silu", "hidden_size": a.dim,
-        "intermediate_size": a.ffn_hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
-        "rms_norm_eps": a.norm_eps, "max_position_embeddings": a.max_seq_len, "rope_theta": a.rope_theta,
-        "rope_scaling": _rope_scaling(a), "tie_word_embeddings": bool(checkpoint.tied_output),
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype,
-    }
-    if mistral:
-        config["sliding_window"] = getattr(checkpoint, "window", None)
-    return config
-
-
-def _size(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-
-
-def _bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _save_part(folder: Path, number: int, shard: dict[str, torch.Tensor]) -> tuple[Path, list[str], int]:
-    """One shard written under a provisional name (the count of shards is known only at the end)."""
-    from safetensors.torch import save_file
-
-    path = folder / f"part-{number:05d}.safetensors"
-    save_file(shard, path, metadata={"format": "pt"})
-    return path, sorted(shard), _bytes(shard)
-
-
-def _name_shards(folder: Path, parts: list[tuple[Path, list[str], int]]) -> None:
-    """HF's names: `model.safetensors` alone, or `model-0000N-of-0000M.safetensors` and their index."""
-    if len(parts) == 1:
-        parts[0][0].rename(folder / "model.safetensors")
-        return
-    weight_map = {}
-    for number, (path, names, _) in enumerate(parts, 1):
-        file_name = f"model-{number:05d}-of-{len(parts):05d}.safetensors"
-        path.rename(folder / file_name)
-        weight_map.update(dict.fromkeys(names, file_name))
-    index = {"metadata": {"total_size": sum(size for *_, size in parts)},
-             "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _rope_scaling(args: ModelArgs) -> dict | None:
-    scaling = args.rope_scaling
-    if scaling is None:
-        return None
-    if scaling.kind == "linear":
-        return {"rope_type": "linear", "factor": scaling.factor}
-    return {"rope_type": scaling.kind, "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_len}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from adapter.formats import open_base
 from adapter.formats.hf import hf_name, meta_to_hf_rows
-from adapter.quantize_base import hf_config
+from adapter.hf_folder import hf_config
 from adapter.tokenizer import open_tokenizer
 
 BITS, GROUP_SIZE = 4, 128
