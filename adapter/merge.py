@@ -1,0 +1,213 @@
+"""`python -m adapter.merge BASE ADAPTER OUT`: what of an adapter a LLaMA's own weights can hold, merged into them.
+
+An adapter's LoRA, input or output scales and tuned norms change the frozen linears and norms at a fixed
+delta scale of 1; merged, they cost nothing at run time, and an adapter of them alone (a `--mode lora` run, a
+PEFT LoRA, the V2 dialog release but for its biases) becomes a plain LLaMA that transformers, vLLM or
+llama.cpp's converter read as any other. The rest has no place in a LLaMA's weights and is written beside it as
+an adapter of its own, `OUT/adapter`, to serve on the merged base (`--base OUT --adapter OUT/adapter`) with the
+same answers: the adaption prompts, gates and visual prompt, and the biases (a LLaMA has none; an output scale's
+part of them folded in).
+
+Where the adaption prompts are read through the frozen wk and wv (the official formula), their deltas stay in
+the adapter: merged, they would change the prompts' keys and values. An input scale then stays on all seven
+linears (it is one setting), as ones on those merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import LORA_TARGETS, AdapterArgs
+from .convert import adapter_on_meta_base
+from .formats import BASE_HELP
+from .formats.common import atomic_folder, refuse_existing
+from .formats.native import save_adapter
+from .hf_folder import SHARD_GB, hf_config, hf_tensors, size_text, write_hf_folder
+from .loading import DTYPES, open_named_base
+from .model import LinearDelta, Transformer
+from .tokenizer import open_tokenizer
+
+ADAPTER_FOLDER = "adapter"  # OUT/adapter: what stays an adapter
+NORMS = ("attention_norm", "ffn_norm")
+PROMPT_READ = ("wk", "wv")  # the linears the official formula reads the adaption prompts through
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What `merge` wrote: the base folder, and the adapter of what did not merge (None where all did)."""
+
+    base: Path
+    adapter: Path | None
+    merged: list[str]  # the parts merged, for people (as AdapterArgs.v2_parts names them)
+
+
+def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
+          shard_gb: float = SHARD_GB) -> Merged:
+    """Write `base` with `adapter`'s LoRA, scales and tuned norms merged in to the new HF folder `out`, and what
+    does not merge as the adapter `out/adapter`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if not shard_gb > 0:
+        raise ValueError(f"shard_gb: must be above 0, got {shard_gb}")
+    out = Path(out)
+    refuse_existing(out)  # before anything is read
+    checkpoint = open_named_base(base)
+    if getattr(checkpoint, "quantization", None):
+        raise ValueError(f"base: {checkpoint.source} is stored quantized ({checkpoint.quantization}); merge into "
+                         "the 16-bit base it was made from (then python -m adapter.quantize_base the merged folder)")
+    model = adapter_on_meta_base(base, adapter)
+    plan = _Plan(model, str(adapter))
+    if plan.head_scaled and checkpoint.tied_output:
+        raise ValueError(f"adapter: {adapter} scales the vocabulary head, which this base ties to its embeddings; "
+                         "a merged head would no longer be the embedding matrix")
+    args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
+    rest = plan.rest_model()
+    stored = DTYPES[dtype]
+
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        return hf_tensors(name, plan.merged(name, checkpoint.tensor(name)).to(stored), args)
+
+    def card(size: int) -> str:
+        return _card(str(base), str(adapter), plan.parts, rest is not None, checkpoint.family, size, dtype)
+
+    def write(folder: Path) -> None:
+        write_hf_folder(folder, checkpoint, tensors, hf_config(checkpoint, args, dtype), card, int(shard_gb * 2**30))
+        if rest is not None:
+            save_adapter(rest, folder / ADAPTER_FOLDER)
+
+    written = atomic_folder(out, write)
+    return Merged(written, written / ADAPTER_FOLDER if rest is not None else None, plan.parts)
+
+
+class _Plan:
+    """Which of the adapter's parts merge into which base tensors, and the adapter of the rest."""
+
+    def __init__(self, model: Transformer, source: str) -> None:
+        self.model, a = model, model.adapter_args
+        # linears whose deltas stay in the adapter: the prompts read them frozen
+        self.kept = PROMPT_READ if a.has_prompts and a.prompt_projection == "frozen" else ()
+        self.keep_scale = a.scale and any(name in self.kept for name in LORA_TARGETS)
+        kept_lora = tuple(t for t in a.lora_targets if t in self.kept) if a.lora_rank else ()
+        self.rest_args = dataclasses.replace(
+            a, scale=self.keep_scale, norm=False, lora_rank=a.lora_rank if kept_lora else 0,
+            lora_targets=kept_lora or LORA_TARGETS, head_delta=a.head_delta and (a.bias or self.keep_scale))
+        self.head_scaled = a.head_delta and a.scale
+        merged_lora = a.lora_rank > 0 and any(t not in self.kept for t in a.lora_targets)
+        self.parts = [name for name, on in (("LoRA", merged_lora), ("scale", a.scale and not self.keep_scale),
+                                            ("norm", a.norm)) if on]
+        if self.keep_scale and (merged_lora or a.norm):
+            self.parts.append("scale (but on wk, wv)")
+        if not self.parts:
+            raise ValueError(f"adapter: nothing in {source} merges into a LLaMA's weights (it has "
+                             f"{', '.join(_has(a)) or 'nothing learnt'}; merging takes LoRA, scales and tuned "
+                             f"norms{', but on wk and wv, which its prompts read' if kept_lora or self.keep_scale else ''}); serve it "
+                             "as it is with --adapter")
+
+    def merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """A base tensor (Meta name and rows) with its part of the adapter merged in, in float32."""
+        weight = weight.float()
+        module_name = name.removesuffix(".weight")
+        leaf = module_name.rsplit(".", 1)[-1]
+        if leaf in NORMS or module_name == "norm":
+            delta = self.model.get_submodule(module_name).delta
+            return weight if delta is None else weight + delta.detach().float()
+        delta = self._delta(module_name)
+        if delta is None or leaf in self.kept:
+            return weight
+        scale = None if delta.scale is None else delta.scale.detach().float()
+        if scale is not None and delta.scale_at == "input":
+            weight = weight * scale  # W(s * x)
+        if delta.lora_down is not None:  # + LoRA(x), of the unscaled input
+            weight = weight + delta.lora_up.weight.detach().float() @ delta.lora_down.weight.detach().float()
+        if scale is not None and delta.scale_at == "output":
+            weight = scale[:, None] * weight  # s * (Wx + LoRA(x))
+        return weight
+
+    def _delta(self, module_name: str) -> LinearDelta | None:
+        if module_name == "output":
+            return self.model.output_delta
+        parent, _, leaf = module_name.rpartition(".")
+        return getattr(self.model.get_submodule(parent), f"{leaf}_delta", None)
+
+    def rest_model(self) -> Transformer | None:
+        """The adapter of what does not merge, on a base of `meta` tensors; None where nothing is left."""
+        if self.rest_args.learns_nothing:
+            return None
+        with torch.device("meta"):
+            rest = Transformer(self.model.args, self.rest_args)
+        rest.reset_adapter("cpu")
+        tensors = {}
+        for name, value in self.model.adapter_state_dict().items():
+            if name.endswith(".delta"):  # a tuned norm: merged
+                continue
+            if "_delta." not in name:  # prompts, gates, the visual prompt
+                tensors[name] = value
+                continue
+            linear, _, part = name.partition("_delta.")
+            delta = self.model.get_submodule(linear + "_delta")
+            if linear.rsplit(".", 1)[-1] in self.kept:
+                tensors[name] = value
+            elif part == "bias":  # an output scale's part folded in: s * (W'x + b)
+                tensors[name] = value * delta.scale.detach() if delta.scale_at == "output" and delta.scale is not None \
+                    else value
+            elif part == "scale" and self.keep_scale:
+                tensors[name] = torch.ones_like(value)
+        rest.load_adapter_state(tensors, "the adapter left after merging")
+        rest.prompt_format = self.model.prompt_format
+        return rest
+
+
+def _has(args: AdapterArgs) -> list[str]:
+    return (["adaption prompts and gates"] if args.has_prompts else []) + args.v2_parts
+
+
+def _card(base: str, adapter: str, parts: list[str], rest: bool, family: str, size: int, dtype: str) -> str:
+    """README.md: what was merged into what, and how to serve it."""
+    serve = "python app.py --base this/folder" + (f" --adapter this/folder/{ADAPTER_FOLDER}" if rest else "")
+    return "\n".join([
+        "---", "tags:", "- llama-adapter", "- merged", "library_name: transformers",
+        "pipeline_tag: text-generation", "---", "",
+        f"# {family} base with an adapter merged in", "",
+        f"`{Path(base).name}` with the {', '.join(parts)} of `{Path(adapter).name}` merged into its weights by "
+        f"`python -m adapter.merge` ({size_text(size)} of weights in {dtype})."
+        + (f" The rest of that adapter (what a {family}'s weights cannot hold) is the adapter in "
+           f"`{ADAPTER_FOLDER}/`, which answers on this base as the whole adapter did on the original." if rest
+           else " Nothing of it is left: this is a plain model."), "",
+        "```bash", serve, "```", "",
+        "```python", "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained(\"this/folder\")"
+        + ("  # without the adaption prompts and biases of adapter/" if rest else ""), "```", ""])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapter.merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", help=BASE_HELP + " (not one stored quantized)")
+    parser.add_argument("adapter", help="an adapter in any supported format (ours, official, PEFT, litgpt; "
+                                        "hf:owner/name, official:NAME, tiny-text, tiny-image)")
+    parser.add_argument("out", help="the new folder to write (must not exist): the merged base, in HF's layout")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                        help="what the merged weights are stored in (merged in float32)")
+    parser.add_argument("--shard-gb", type=float, default=SHARD_GB, help="the largest weights file, in GiB")
+    options = parser.parse_args(argv)
+    try:
+        written = merge(options.base, options.adapter, options.out, dtype=options.dtype, shard_gb=options.shard_gb)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rest = f" --adapter {written.adapter}" if written.adapter else ""
+    print(f"wrote {written.base} ({', '.join(written.merged)} merged"
+          + (f"; the rest of the adapter in {written.adapter}" if written.adapter else "; nothing left of the adapter")
+          + f"); serve it with python app.py --base {written.base}{rest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""`adapter.merge`: an adapter's LoRA, scales and tuned norms merged into the base's weights give the answers the
+adapter gave (with the rest of it, written beside, on the merged base); a PEFT LoRA merges into what peft's own
+merge_and_unload makes, read back by transformers; what cannot merge is refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapter
+from adapter.config import LORA_TARGETS, AdapterArgs, ModelArgs
+from adapter.formats.native import save_adapter
+from adapter.merge import main, merge
+from adapter.random_model import write_random_base
+from tests.conftest import randomize_adapter
+from tests.test_peft_lora import logits, peft_lora
+
+SHAPE = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=64)
+TOKENS = torch.tensor([[1, 45, 300, 7, 99, 12, 5], [1, 3, 8, 200, 41, 17, 66]])
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory) -> Path:
+    return write_random_base(tmp_path_factory.mktemp("merge") / "meta", SHAPE, seed=6)
+
+
+def trained(meta: Path, args: AdapterArgs, folder: Path) -> adapter.Transformer:
+    """A model with a random adapter of `args` (nothing left at its zero init), saved to `folder`."""
+    model = randomize_adapter(adapter.load(meta, adapter=args, device="cpu"), seed=3, std=0.2)
+    save_adapter(model, folder)
+    return model
+
+
+def test_a_peft_lora_merges_into_what_peft_merges_it_into_and_transformers_reads_it(meta, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    reference = peft_lora(meta, tmp_path / "lora").merge_and_unload()
+    written = merge(meta, tmp_path / "lora", tmp_path / "merged", dtype="float32")
+    assert written.adapter is None and written.merged == ["LoRA"]
+    assert not (tmp_path / "merged" / "adapter").exists(), "nothing of a LoRA is left"
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["torch_dtype"] == "float32" and "quantization_config" not in config
+
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    expected = reference.state_dict()
+    for name, value in theirs.state_dict().items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+    assert torch.allclose(logits(theirs), logits(reference), atol=1e-5)
+    ours = adapter.load(tmp_path / "merged", device="cpu")
+    assert torch.allclose(logits(ours), logits(adapter.load(meta, adapter=tmp_path / "lora", device="cpu")), atol=1e-5)
+
+
+@pytest.mark.parametrize("args, left", [
+    # the official formula: the prompts read the frozen wk, wv, so their LoRA and scales stay with the prompts
+    (AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, scale=True, norm=True, lora_rank=2, new_gate=True),
+     {"lora_targets": ("wk", "wv"), "scale": True, "bias": True, "norm": False}),
+    # litgpt's adapter v2: output scales (the head's too), every linear's bias, prompts through the tuned linears
+    (AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, bias_targets=LORA_TARGETS, scale=True, scale_at="output",
+                 head_delta=True, norm=True, prompt_projection="tuned", lora_rank=2),
+     {"lora_rank": 0, "scale": False, "bias": True, "head_delta": True, "norm": False}),
+    # the V2 dialog release's kind: biases, input scales and norms, no prompts
+    (AdapterArgs(prompt_len=0, prompt_layers=0, bias=True, bias_targets=LORA_TARGETS, scale=True, norm=True),
+     {"scale": False, "bias": True, "norm": False, "prompt_layers": 0}),
+], ids=["official-v2-frozen-prompts", "litgpt-output-scales", "v2-dialog-kind"])
+def test_merged_base_and_what_is_left_answer_as_the_whole_adapter(meta, tmp_path, args, left):
+    whole = trained(meta, args, tmp_path / "v2")
+    written = merge(meta, tmp_path / "v2", tmp_path / "merged", dtype="float32")
+    assert written.adapter == tmp_path / "merged" / "adapter"
+    rest = adapter.load(tmp_path / "merged", adapter=written.adapter, device="cpu")
+    assert all(getattr(rest.adapter_args, key) == value for key, value in left.items()), rest.adapter_args
+    with torch.no_grad():
+        expected = whole(TOKENS)
+        assert torch.allclose(rest(TOKENS), expected, atol=1e-4), (rest(TOKENS) - expected).abs().max()
+        if args.has_prompts:  # the gate still works on what is left: the prompts speak as much as before
+            assert torch.allclose(rest(TOKENS, gate_scale=0.5), whole(TOKENS, gate_scale=0.5), atol=1e-4)
+    assert "merged into its weights" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_bfloat16_is_the_default_store(meta, tmp_path):
+    whole = trained(meta, AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2), tmp_path / "lora")
+    merge(meta, tmp_path / "lora", tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    merged = adapter.load(tmp_path / "merged", device="cpu")
+    with torch.no_grad():
+        assert (merged(TOKENS) - whole(TOKENS)).abs().max() < 0.05  # bf16 rounding of the weights alone
+
+
+def test_what_cannot_merge_is_refused_by_name_and_nothing_is_written(meta, tmp_path, capsys):
+    trained(meta, AdapterArgs(prompt_len=3, prompt_layers=2), tmp_path / "v1")
+    with pytest.raises(ValueError, match=r"nothing in .*v1 merges into a LLaMA's weights \(it has adaption prompts "
+                                         r"and gates; merging takes LoRA, scales and tuned norms\)"):
+        merge(meta, tmp_path / "v1", tmp_path / "out")
+    trained(meta, AdapterArgs(prompt_len=3, prompt_layers=2, lora_rank=2, lora_targets=("wk", "wv")),
+            tmp_path / "kv")
+    with pytest.raises(ValueError, match="but on wk and wv, which its prompts read"):
+        merge(meta, tmp_path / "kv", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob("out*")), "no staging folder left behind"
+
+    (tmp_path / "there").mkdir()
+    assert main([str(meta), str(tmp_path / "kv"), str(tmp_path / "there")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_a_base_stored_quantized_is_refused(meta, tmp_path):
+    from adapter.quantize_base import quantize_base
+
+    trained(meta, AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2), tmp_path / "lora")
+    quantize_base(meta, tmp_path / "nf4", "nf4")
+    with pytest.raises(ValueError, match=r"is stored quantized \(nf4\); merge into the 16-bit base"):
+        merge(tmp_path / "nf4", tmp_path / "lora", tmp_path / "out")
+
+
+def test_the_command_line_says_what_it_wrote_and_how_to_serve_it(meta, tmp_path, capsys):
+    trained(meta, AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, lora_rank=2), tmp_path / "v2")
+    assert main([str(meta), str(tmp_path / "v2"), str(tmp_path / "out"), "--dtype", "float16"]) == 0
+    out = tmp_path / "out"
+    assert capsys.readouterr().out == (f"wrote {out} (LoRA merged; the rest of the adapter in {out / 'adapter'}); "
+                                       f"serve it with python app.py --base {out} --adapter {out / 'adapter'}\n")
