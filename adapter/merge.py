@@ -47,6 +47,7 @@ class Merged:
     base: Path
     adapter: Path | None
     merged: list[str]  # the parts merged, for people (as AdapterArgs.v2_parts names them)
+    sees: bool  # the adapter left has a visual prompt (served with --clip, as the whole one was)
 
 
 def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
@@ -84,7 +85,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
             save_adapter(rest, folder / ADAPTER_FOLDER)
 
     written = atomic_folder(out, write)
-    return Merged(written, written / ADAPTER_FOLDER if rest is not None else None, plan.parts)
+    return Merged(written, written / ADAPTER_FOLDER if rest is not None else None, plan.parts,
+                  plan.rest_args.visual != "none")
 
 
 class _Plan:
@@ -94,22 +96,20 @@ class _Plan:
         self.model, a = model, model.adapter_args
         # linears whose deltas stay in the adapter: the prompts read them frozen
         self.kept = PROMPT_READ if a.has_prompts and a.prompt_projection == "frozen" else ()
-        self.keep_scale = a.scale and any(name in self.kept for name in LORA_TARGETS)
+        self.keep_scale = a.scale and bool(self.kept)  # one setting for all seven linears: ones where merged
         kept_lora = tuple(t for t in a.lora_targets if t in self.kept) if a.lora_rank else ()
         self.rest_args = dataclasses.replace(
             a, scale=self.keep_scale, norm=False, lora_rank=a.lora_rank if kept_lora else 0,
             lora_targets=kept_lora or LORA_TARGETS, head_delta=a.head_delta and (a.bias or self.keep_scale))
         self.head_scaled = a.head_delta and a.scale
         merged_lora = a.lora_rank > 0 and any(t not in self.kept for t in a.lora_targets)
-        self.parts = [name for name, on in (("LoRA", merged_lora), ("scale", a.scale and not self.keep_scale),
-                                            ("norm", a.norm)) if on]
-        if self.keep_scale and (merged_lora or a.norm):
-            self.parts.append("scale (but on wk, wv)")
+        scale = "scale (but on wk, wv)" if self.keep_scale else "scale"
+        self.parts = [name for name, on in (("LoRA", merged_lora), (scale, a.scale), ("norm", a.norm)) if on]
         if not self.parts:
+            but = ", but on wk and wv, which its prompts read" if kept_lora else ""
             raise ValueError(f"adapter: nothing in {source} merges into a LLaMA's weights (it has "
                              f"{', '.join(_has(a)) or 'nothing learnt'}; merging takes LoRA, scales and tuned "
-                             f"norms{', but on wk and wv, which its prompts read' if kept_lora or self.keep_scale else ''}); serve it "
-                             "as it is with --adapter")
+                             f"norms{but}); serve it as it is with --adapter")
 
     def merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """A base tensor (Meta name and rows) with its part of the adapter merged in, in float32."""
@@ -203,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     rest = f" --adapter {written.adapter}" if written.adapter else ""
+    if written.sees:
+        rest += " --clip CLIP (the tower it read before)"
     print(f"wrote {written.base} ({', '.join(written.merged)} merged"
           + (f"; the rest of the adapter in {written.adapter}" if written.adapter else "; nothing left of the adapter")
           + f"); serve it with python app.py --base {written.base}{rest}")

@@ -53,22 +53,23 @@ def test_a_peft_lora_merges_into_what_peft_merges_it_into_and_transformers_reads
     assert torch.allclose(logits(ours), logits(adapter.load(meta, adapter=tmp_path / "lora", device="cpu")), atol=1e-5)
 
 
-@pytest.mark.parametrize("args, left", [
+@pytest.mark.parametrize("args, left, parts", [
     # the official formula: the prompts read the frozen wk, wv, so their LoRA and scales stay with the prompts
     (AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, scale=True, norm=True, lora_rank=2, new_gate=True),
-     {"lora_targets": ("wk", "wv"), "scale": True, "bias": True, "norm": False}),
+     {"lora_targets": ("wk", "wv"), "scale": True, "bias": True, "norm": False},
+     ["LoRA", "scale (but on wk, wv)", "norm"]),
     # litgpt's adapter v2: output scales (the head's too), every linear's bias, prompts through the tuned linears
     (AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, bias_targets=LORA_TARGETS, scale=True, scale_at="output",
                  head_delta=True, norm=True, prompt_projection="tuned", lora_rank=2),
-     {"lora_rank": 0, "scale": False, "bias": True, "head_delta": True, "norm": False}),
+     {"lora_rank": 0, "scale": False, "bias": True, "head_delta": True, "norm": False}, ["LoRA", "scale", "norm"]),
     # the V2 dialog release's kind: biases, input scales and norms, no prompts
     (AdapterArgs(prompt_len=0, prompt_layers=0, bias=True, bias_targets=LORA_TARGETS, scale=True, norm=True),
-     {"scale": False, "bias": True, "norm": False, "prompt_layers": 0}),
+     {"scale": False, "bias": True, "norm": False, "prompt_layers": 0}, ["scale", "norm"]),
 ], ids=["official-v2-frozen-prompts", "litgpt-output-scales", "v2-dialog-kind"])
-def test_merged_base_and_what_is_left_answer_as_the_whole_adapter(meta, tmp_path, args, left):
+def test_merged_base_and_what_is_left_answer_as_the_whole_adapter(meta, tmp_path, args, left, parts):
     whole = trained(meta, args, tmp_path / "v2")
     written = merge(meta, tmp_path / "v2", tmp_path / "merged", dtype="float32")
-    assert written.adapter == tmp_path / "merged" / "adapter"
+    assert written.adapter == tmp_path / "merged" / "adapter" and written.merged == parts
     rest = adapter.load(tmp_path / "merged", adapter=written.adapter, device="cpu")
     assert all(getattr(rest.adapter_args, key) == value for key, value in left.items()), rest.adapter_args
     with torch.no_grad():
@@ -120,3 +121,20 @@ def test_the_command_line_says_what_it_wrote_and_how_to_serve_it(meta, tmp_path,
     out = tmp_path / "out"
     assert capsys.readouterr().out == (f"wrote {out} (LoRA merged; the rest of the adapter in {out / 'adapter'}); "
                                        f"serve it with python app.py --base {out} --adapter {out / 'adapter'}\n")
+
+
+def test_the_tiny_image_adapter_merged_answers_the_shipped_pictures_as_before(tmp_path, capsys):
+    from adapter.tiny.assets import ASSETS
+
+    assert main(["tiny", "tiny-image", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.endswith(f"--adapter {tmp_path / 'merged' / 'adapter'} --clip CLIP (the tower it "
+                                            "read before)\n")
+    whole = adapter.load("tiny", adapter="tiny-image", clip="tiny", device="cpu")
+    rest = adapter.load(tmp_path / "merged", adapter=tmp_path / "merged" / "adapter", clip="tiny", device="cpu")
+    examples = json.loads((ASSETS / "examples" / "examples.json").read_text())["image"][:4]
+    for example in examples:
+        prompt = adapter.image_question(example["question"])
+        for gate in (0.5, 1.0):
+            asked = dict(image=ASSETS / "examples" / example["image"], gate_scale=gate, temperature=0.0,
+                         max_new_tokens=8)
+            assert rest.generate(prompt, **asked) == whole.generate(prompt, **asked), (example, gate)
