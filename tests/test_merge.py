@@ -13,7 +13,7 @@ import torch
 import adapter
 from adapter.config import LORA_TARGETS, AdapterArgs, ModelArgs
 from adapter.formats.native import save_adapter
-from adapter.merge import main, merge
+from adapter.merge import main, merge, merged_model
 from adapter.random_model import write_random_base
 from tests.conftest import randomize_adapter
 from tests.test_peft_lora import logits, peft_lora
@@ -77,16 +77,27 @@ def test_merged_base_and_what_is_left_answer_as_the_whole_adapter(meta, tmp_path
         assert torch.allclose(rest(TOKENS), expected, atol=1e-4), (rest(TOKENS) - expected).abs().max()
         if args.has_prompts:  # the gate still works on what is left: the prompts speak as much as before
             assert torch.allclose(rest(TOKENS, gate_scale=0.5), whole(TOKENS, gate_scale=0.5), atol=1e-4)
+        in_memory = merged_model(whole)
+        assert in_memory.adapter_args == rest.adapter_args
+        assert torch.allclose(in_memory(TOKENS), expected, atol=1e-4)
     assert "merged into its weights" in (tmp_path / "merged" / "README.md").read_text()
 
 
-def test_bfloat16_is_the_default_store(meta, tmp_path):
+def test_bfloat16_is_the_default_store_and_a_lora_alone_merges_in_memory_too(meta, tmp_path):
     whole = trained(meta, AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2), tmp_path / "lora")
     merge(meta, tmp_path / "lora", tmp_path / "merged")
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     merged = adapter.load(tmp_path / "merged", device="cpu")
     with torch.no_grad():
         assert (merged(TOKENS) - whole(TOKENS)).abs().max() < 0.05  # bf16 rounding of the weights alone
+    in_memory = merged_model(whole)
+    assert in_memory.adapter_args.learns_nothing, "a LoRA alone leaves a plain model"
+    with torch.no_grad():
+        assert torch.allclose(in_memory(TOKENS), whole(TOKENS), atol=1e-4)
+    assert in_memory.generate("Hello", temperature=0.0, max_new_tokens=4) == \
+        whole.generate("Hello", temperature=0.0, max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"model: its base is quantized \(nf4\); merge into a 16-bit base"):
+        merged_model(adapter.load(meta, adapter=tmp_path / "lora", quantize="nf4", device="cpu"))
 
 
 def test_what_cannot_merge_is_refused_by_name_and_nothing_is_written(meta, tmp_path, capsys):
