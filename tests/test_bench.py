@@ -338,7 +338,9 @@ def test_smoke_v2_parts_section_times_every_kind_against_v1(smoke_report):
     rows = tables(section)[0]
     assert rows[0] == ["measure", "adapter", "figure", "/ v1"]
     measures = ["decode, plain path, tokens/s", "decode, fused path, tokens/s", "training step, ms"]
-    assert [row[0] for row in rows[1:]] == [m for m in measures for _ in range(6)]
-    assert [row[3] for row in rows[1::6]] == ["1.00"] * 3, "v1 is each measure's first row"
+    decoded = 6 + 3  # every kind, and three of them merged (decode only)
+    assert [row[0] for row in rows[1:]] == [m for m in measures for _ in range(decoded if "decode" in m else 6)]
+    assert [rows[1 + i][3] for i in (0, decoded, 2 * decoded)] == ["1.00"] * 3, "v1 is each measure's first row"
     assert all(float(row[2].split(" ")[0]) > 0 for row in rows[1:])
     assert any("input scales" in row[1] for row in rows[1:]) and any("litgpt v2" in row[1] for row in rows[1:])
+    assert sum(row[1].endswith("; merged (adapter.merge)") for row in rows[1:]) == 6
