@@ -47,7 +47,7 @@ class Merged:
 
     base: Path
     adapter: Path | None
-    merged: list[str]  # the parts merged, for people (as AdapterArgs.v2_parts names them)
+    merged: list[str]  # the parts merged, for people ("LoRA", "input scales", "tuned norms", ...)
     sees: bool  # the adapter left has a visual prompt (served with --clip, as the whole one was)
 
 
@@ -78,7 +78,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
         return hf_tensors(name, plan.merged(name, checkpoint.tensor(name)).to(stored), args)
 
     def card(size: int) -> str:
-        return _card(str(base), str(adapter), plan.parts, rest is not None, checkpoint.family, size, dtype)
+        return _card(str(base), str(adapter), plan.parts, rest, checkpoint.family, size, dtype)
 
     def write(folder: Path) -> None:
         write_hf_folder(folder, checkpoint, tensors, hf_config(checkpoint, args, dtype), card, int(shard_gb * 2**30))
@@ -126,8 +126,8 @@ class _Plan:
             lora_targets=kept_lora or LORA_TARGETS, head_delta=a.head_delta and (a.bias or self.keep_scale))
         self.head_scaled = a.head_delta and a.scale
         merged_lora = a.lora_rank > 0 and any(t not in self.kept for t in a.lora_targets)
-        scale = "scale (but on wk, wv)" if self.keep_scale else "scale"
-        self.parts = [name for name, on in (("LoRA", merged_lora), (scale, a.scale), ("norm", a.norm)) if on]
+        scale = f"{a.scale_at} scales" + (" (but wk's and wv's)" if self.keep_scale else "")
+        self.parts = [name for name, on in (("LoRA", merged_lora), (scale, a.scale), ("tuned norms", a.norm)) if on]
         if not self.parts:
             but = ", but on wk and wv, which its prompts read" if kept_lora else ""
             raise ValueError(f"adapter: nothing in {source} merges into a LLaMA's weights (it has "
@@ -192,9 +192,11 @@ def _has(args: AdapterArgs) -> list[str]:
     return (["adaption prompts and gates"] if args.has_prompts else []) + args.v2_parts
 
 
-def _card(base: str, adapter: str, parts: list[str], rest: bool, family: str, size: int, dtype: str) -> str:
+def _card(base: str, adapter: str, parts: list[str], rest: Transformer | None, family: str, size: int,
+          dtype: str) -> str:
     """README.md: what was merged into what, and how to serve it."""
-    serve = "python app.py --base this/folder" + (f" --adapter this/folder/{ADAPTER_FOLDER}" if rest else "")
+    serve = "python app.py --base this/folder" + (f" --adapter this/folder/{ADAPTER_FOLDER}" if rest else "") \
+        + (" --clip CLIP  # the CLIP tower it read before" if rest and rest.visual_prompt is not None else "")
     return "\n".join([
         "---", "tags:", "- llama-adapter", "- merged", "library_name: transformers",
         "pipeline_tag: text-generation", "---", "",

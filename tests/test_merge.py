@@ -57,14 +57,15 @@ def test_a_peft_lora_merges_into_what_peft_merges_it_into_and_transformers_reads
     # the official formula: the prompts read the frozen wk, wv, so their LoRA and scales stay with the prompts
     (AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, scale=True, norm=True, lora_rank=2, new_gate=True),
      {"lora_targets": ("wk", "wv"), "scale": True, "bias": True, "norm": False},
-     ["LoRA", "scale (but on wk, wv)", "norm"]),
+     ["LoRA", "input scales (but wk's and wv's)", "tuned norms"]),
     # litgpt's adapter v2: output scales (the head's too), every linear's bias, prompts through the tuned linears
     (AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, bias_targets=LORA_TARGETS, scale=True, scale_at="output",
                  head_delta=True, norm=True, prompt_projection="tuned", lora_rank=2),
-     {"lora_rank": 0, "scale": False, "bias": True, "head_delta": True, "norm": False}, ["LoRA", "scale", "norm"]),
+     {"lora_rank": 0, "scale": False, "bias": True, "head_delta": True, "norm": False},
+     ["LoRA", "output scales", "tuned norms"]),
     # the V2 dialog release's kind: biases, input scales and norms, no prompts
     (AdapterArgs(prompt_len=0, prompt_layers=0, bias=True, bias_targets=LORA_TARGETS, scale=True, norm=True),
-     {"scale": False, "bias": True, "norm": False, "prompt_layers": 0}, ["scale", "norm"]),
+     {"scale": False, "bias": True, "norm": False, "prompt_layers": 0}, ["input scales", "tuned norms"]),
 ], ids=["official-v2-frozen-prompts", "litgpt-output-scales", "v2-dialog-kind"])
 def test_merged_base_and_what_is_left_answer_as_the_whole_adapter(meta, tmp_path, args, left, parts):
     whole = trained(meta, args, tmp_path / "v2")
@@ -80,7 +81,9 @@ def test_merged_base_and_what_is_left_answer_as_the_whole_adapter(meta, tmp_path
         in_memory = merged_model(whole)
         assert in_memory.adapter_args == rest.adapter_args
         assert torch.allclose(in_memory(TOKENS), expected, atol=1e-4)
-    assert "merged into its weights" in (tmp_path / "merged" / "README.md").read_text()
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"`meta` with the {', '.join(parts)} of `v2` merged into its weights" in card
+    assert "python app.py --base this/folder --adapter this/folder/adapter\n" in card
 
 
 def test_bfloat16_is_the_default_store_and_a_lora_alone_merges_in_memory_too(meta, tmp_path):
@@ -140,6 +143,8 @@ def test_the_tiny_image_adapter_merged_answers_the_shipped_pictures_as_before(tm
     assert main(["tiny", "tiny-image", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.endswith(f"--adapter {tmp_path / 'merged' / 'adapter'} --clip CLIP (the tower it "
                                             "read before)\n")
+    assert "--adapter this/folder/adapter --clip CLIP  # the CLIP tower it read before\n" in \
+        (tmp_path / "merged" / "README.md").read_text()
     whole = adapter.load("tiny", adapter="tiny-image", clip="tiny", device="cpu")
     rest = adapter.load(tmp_path / "merged", adapter=tmp_path / "merged" / "adapter", clip="tiny", device="cpu")
     examples = json.loads((ASSETS / "examples" / "examples.json").read_text())["image"][:4]
