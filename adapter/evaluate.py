@@ -6,7 +6,9 @@ adapter's prompt format. Per gate scale it reports the mean cross-entropy of the
 and the share of those tokens the model ranks first; with `--exact`, also how many greedy answers equal the
 reference (surrounding whitespace aside). Gate scale 0 silences the adaption prompts (with delta scale 0
 too, a v2 adapter is the frozen base), so one table shows what the adapter adds. With `--choices` the data are
-multiple-choice questions instead, scored by which choice the model finds likeliest (adapter.choices).
+multiple-choice questions instead, scored by which choice the model finds likeliest (adapter.choices); with
+`--text`, plain text, every token of it scored (`evaluate_text`): what the adapter does to the base's own language
+modelling.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch
 from .choices import ChoiceEvaluation, evaluate_choices
 from .choices import table as choices_table
 from .finetune.batching import collate, eval_batches
-from .finetune.encode import Encoded, encode_example
-from .finetune.records import DATA_HELP, Example, read_records
+from .finetune.encode import Encoded, encode_example, text_windows
+from .finetune.records import DATA_HELP, Example, read_documents, read_records
 from .finetune.step import scored_positions
 from .formats import BASE_HELP
 from .formats.common import atomic_write, check_file_target
@@ -81,9 +83,19 @@ class Evaluation:
     # with exact answers: each example's prompt, reference and greedy answer at each gate scale (in order)
     answers: list[dict]
     gate_layers: list[Speaker] | None = None  # the adapter layers (or heads) whose prompts spoke (None: all)
+    text_bytes: int | None = None  # plain text (evaluate_text): the UTF-8 bytes of its documents
+
+    def bits_per_byte(self, score: Score) -> float | None:
+        """Plain text: the loss summed over its tokens, in bits, per byte of text (comparable across tokenizers)."""
+        if self.text_bytes is None:
+            return None
+        return score.loss * self.tokens / math.log(2) / max(self.text_bytes, 1)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "scores": [{**asdict(s), "perplexity": s.perplexity} for s in self.scores]}
+        return {**asdict(self), "scores": [{**asdict(s), "perplexity": s.perplexity,
+                                            **({} if self.text_bytes is None
+                                               else {"bits_per_byte": self.bits_per_byte(s)})}
+                                           for s in self.scores]}
 
 
 def evaluate(
@@ -131,6 +143,36 @@ def evaluate(
               for scale, loss, hit, match in zip(scales, losses, hits, matches)]
     return Evaluation(model.adapter_path, written.name, len(examples), tokens, cut, delta_scale, scores, said,
                       layers)
+
+
+def evaluate_text(
+    model: "Transformer",
+    data: str | Path,
+    *,
+    gate_scales: Sequence[float] = (0.0, 1.0),
+    delta_scale: float = 1.0,
+    micro_batch_size: int = 4,
+    max_seq_len: int | None = None,
+    limit: int | None = None,
+    layers: Sequence[Speaker] | None = None,
+) -> Evaluation:
+    """The perplexity of plain text at each of `gate_scales`: what the adapter does to the base's own language
+    modelling (at gate 0, a v1 adapter's is the base's). `data` is a `.txt` file (one document) or records with a
+    "text" field (`limit`: the first ones); each document is read after BOS, in windows of `max_seq_len` (default
+    the model's) that overlap by one token, so every token but BOS is scored once (finetune.encode.text_windows).
+    """
+    scales = checked_request(gate_scales, micro_batch_size, max_seq_len, limit, model)
+    documents = read_documents(data)[:limit]
+    length = max_seq_len or model.args.max_seq_len
+    encoded = [window for document in documents
+               for window in text_windows(model.tokenizer.encode(document, bos=True, eos=False), length)]
+    layers = None if layers is None else normalized(model, layers)
+    losses, hits, tokens = _token_scores(model, encoded, scales, delta_scale, micro_batch_size, layers)
+    if not tokens:
+        raise ValueError(f"--data: {data} holds no text to score (its documents are empty once tokenized)")
+    scores = [Score(scale, loss / tokens, hit / tokens) for scale, loss, hit in zip(scales, losses, hits)]
+    return Evaluation(model.adapter_path, "plain text", len(documents), tokens, 0, delta_scale, scores, [], layers,
+                      sum(len(document.encode()) for document in documents))
 
 
 def checked_request(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: int | None,
@@ -204,16 +246,20 @@ def _greedy_answers(model: "Transformer", examples: list[Example], scales: list[
 
 def table(evaluation: Evaluation) -> str:
     """The figures as text, one line per gate scale."""
-    e = evaluation
-    lines = [f"adapter {e.adapter or 'none (the base)'}, prompt format {e.prompt_format}: {e.examples} examples, "
-             f"{e.tokens:,} answer tokens" + (f" ({e.truncated} examples cut at max_seq_len)" if e.truncated else "")
+    e, text = evaluation, evaluation.text_bytes is not None
+    read = f"plain text: {e.examples} document(s), {e.tokens:,} tokens" if text else \
+        f"prompt format {e.prompt_format}: {e.examples} examples, {e.tokens:,} answer tokens"
+    lines = [f"adapter {e.adapter or 'none (the base)'}, {read}"
+             + (f" ({e.truncated} examples cut at max_seq_len)" if e.truncated else "")
              + f", delta scale {e.delta_scale:g}"
              + ("" if e.gate_layers is None else f", prompts only in layers {describe(e.gate_layers)}"
                 if e.gate_layers else ", every prompt silent"),
              f"{'gate scale':>10}  {'loss':>8}  {'perplexity':>10}  {'token accuracy':>14}"
-             + ("  exact answers" if e.scores[0].exact is not None else "")]
+             + ("  bits per byte" if text else "") + ("  exact answers" if e.scores[0].exact is not None else "")]
     for s in e.scores:
         line = f"{s.gate_scale:>10g}  {s.loss:>8.4f}  {s.perplexity:>10.3f}  {s.token_accuracy:>13.1%}"
+        if text:
+            line += f"  {e.bits_per_byte(s):>13.4f}"
         if s.exact is not None:
             line += f"  {s.exact:>5} / {e.examples} ({s.exact / max(e.examples, 1):.0%})"
         lines.append(line)
@@ -306,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--choices", action="store_true",
                         help="the data are multiple-choice questions ({question, choices, answer}, ARC's, MMLU's): "
                              "report how often the likeliest choice is right (adapter.choices)")
+    parser.add_argument("--text", action="store_true",
+                        help="the data are plain text (a .txt file, or records' \"text\" field, wikitext's for one): "
+                             "report its perplexity and bits per byte, every token scored in windows of "
+                             "--max-seq-len (what the adapter does to the base's own language modelling)")
     parser.add_argument("--choice-delimiter", default=" ", metavar="TEXT",
                         help="what goes before each choice as an answer (default a space, as lm-evaluation-harness; "
                              "'' for none)")
@@ -330,8 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         scales = scales_from_text(args.gate_sweep, "--gate-sweep")
-        if args.choices and (args.exact or args.max_seq_len):
-            raise ValueError("--choices scores whole choices: --exact and --max-seq-len do not apply")
+        if args.choices and (args.exact or args.max_seq_len or args.text):
+            raise ValueError("--choices scores whole choices: --exact, --max-seq-len and --text do not apply")
+        if args.text and (args.exact or args.image_folder or args.prompt_format != "auto"):
+            raise ValueError("--text scores plain text: --exact, --image-folder and --prompt-format do not apply")
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"--data: {not_a_file(args.data)}")
         for flag, target in (("--json", args.json), ("--plot", args.plot)):
@@ -351,10 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         layers=layers, delimiter=args.choice_delimiter, image_folder=args.image_folder))
                     print(("\n" if len(evaluations) > 1 else "") + choices_table(evaluations[-1]), flush=True)
                     continue
-                evaluations.append(evaluate(
-                    model, args.data, image_folder=args.image_folder, gate_scales=scales,
-                    delta_scale=args.delta_scale, micro_batch_size=args.micro_batch_size, max_seq_len=args.max_seq_len,
-                    limit=args.limit, exact=args.exact, prompt_format=prompt_format, layers=layers))
+                common = dict(gate_scales=scales, delta_scale=args.delta_scale, micro_batch_size=args.micro_batch_size,
+                              max_seq_len=args.max_seq_len, limit=args.limit, layers=layers)
+                evaluations.append(evaluate_text(model, args.data, **common) if args.text else evaluate(
+                    model, args.data, image_folder=args.image_folder, exact=args.exact, prompt_format=prompt_format,
+                    **common))
                 print(("\n" if len(evaluations) > 1 else "") + table(evaluations[-1]), flush=True)
         if args.json:
             write_json(evaluations, args.json)

@@ -5,12 +5,13 @@ model's own evaluation counts, and the command line writes what it prints."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 import adapter
-from adapter.evaluate import evaluate, main, table
+from adapter.evaluate import evaluate, evaluate_text, main, table
 from adapter.finetune import train
 from adapter.finetune.batching import collate, eval_batches
 from adapter.finetune.dataset import build_dataset
@@ -198,3 +199,91 @@ def test_the_engine_scores_the_first_records_at_the_requests_delta_scale(base_fo
     assert got.examples == 4 and not engine.lock.locked()
     with pytest.raises(ValueError, match="gate_scales: give 1 to 9 scales, got 10"):
         engine.score(data, ", ".join(["1"] * 10), Settings())
+
+
+def text_nll(model, tokens: list[int], length: int, gate_scale: float) -> tuple[float, int, int]:
+    """(summed negative log-likelihood, tokens, tokens ranked first) of a document's tokens but its first, each
+    read after what comes before it in its window of `length` (windows overlapping by one)."""
+    total, count, hits = 0.0, 0, 0
+    for start in range(0, len(tokens) - 1, length - 1):
+        window = torch.tensor([tokens[start:start + length]])
+        with torch.no_grad():
+            logits = model(window, gate_scale=gate_scale)[0, :-1].double()
+        targets = window[0, 1:]
+        total += -logits.log_softmax(-1).gather(1, targets[:, None]).sum().item()
+        count, hits = count + len(targets), hits + (logits.argmax(-1) == targets).sum().item()
+    return total, count, hits
+
+
+def test_plain_text_scores_every_token_once_as_window_by_window_logits_give_it(base_folder, v2_adapter, tmp_path):
+    model = adapter.load(base_folder, adapter=v2_adapter, device="cpu")
+    documents = [" ".join(f"word{i} and more" for i in range(40)), "A short one.", "Another text, in a line."]
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in documents])
+    length = 32
+    encoded = [model.tokenizer.encode(d, bos=True, eos=False) for d in documents]
+    assert len(encoded[0]) > 2 * length, "the first document spans several windows"
+    result = evaluate_text(model, data, gate_scales=[0.0, 1.0, 1.5], max_seq_len=length, micro_batch_size=2)
+    assert result.tokens == sum(len(t) - 1 for t in encoded) and result.examples == 3
+    for score in result.scores:
+        sums = [text_nll(model, tokens, length, score.gate_scale) for tokens in encoded]
+        total, hits = sum(s[0] for s in sums), sum(s[2] for s in sums)
+        assert score.loss == pytest.approx(total / result.tokens, rel=1e-5)
+        assert score.token_accuracy == pytest.approx(hits / result.tokens)
+        assert result.bits_per_byte(score) == pytest.approx(total / math.log(2) / len("".join(documents).encode()),
+                                                              rel=1e-5)
+    assert result.scores[0].loss != pytest.approx(result.scores[1].loss), "the adapter changes the text's loss"
+
+    (tmp_path / "one.txt").write_text(documents[0])  # a .txt file is one document
+    alone = evaluate_text(model, tmp_path / "one.txt", gate_scales=[1.0], max_seq_len=length)
+    total, count, _ = text_nll(model, encoded[0], length, 1.0)
+    assert alone.tokens == count and alone.scores[0].loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_the_tiny_text_adapter_reads_the_bases_own_held_out_text_worse_than_the_base(tmp_path):
+    """What the zero-init gate keeps: at gate 0 the plain text the base learnt from, read as well as the base
+    reads it; at gate 1 the instruction-tuned adapter makes it less likely."""
+    from adapter.tiny.corpus import corpus
+
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in corpus(0, 40, "held-out")])
+    result = evaluate_text(adapter.load("tiny", device="cpu"), data, gate_scales=[0.0, 0.5, 1.0])
+    assert result.scores[0].perplexity < result.scores[1].perplexity < result.scores[2].perplexity
+    from adapter.tiny.assets import ASSETS, BASE
+
+    base = evaluate_text(adapter.load(ASSETS / BASE, device="cpu"), data, gate_scales=[1.0])  # no adapter
+    assert result.scores[0].loss == pytest.approx(base.scores[0].loss, rel=1e-5), "gate 0 is the base"
+
+
+def test_the_command_scores_text_and_refuses_what_does_not_apply(base_folder, tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("Some plain text to read, in one document.\n")
+    assert main(["--base", str(base_folder), "--data", str(tmp_path / "text.txt"), "--text", "--json",
+                 str(tmp_path / "scores.json")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("adapter none (the base), plain text: 1 document(s), ")
+    assert "bits per byte" in printed.splitlines()[1]
+    assert "bits_per_byte" in json.loads((tmp_path / "scores.json").read_text())[0]["scores"][0]
+    for extra, message in ((["--exact"], "--text scores plain text: --exact, --image-folder and --prompt-format do "
+                                         "not apply"),
+                           (["--choices"], "--choices scores whole choices: --exact, --max-seq-len and --text")):
+        assert main(["--base", str(base_folder), "--data", str(tmp_path / "text.txt"), "--text", *extra]) == 2
+        assert message in capsys.readouterr().err
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"instruction": "no text"}, ["a list"]])
+    assert main(["--base", str(base_folder), "--data", str(bad), "--text"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data: {bad} has 2 bad record(s), none read:" in err
+    assert f"{bad}:2: missing 'text'" in err and f"{bad}:3: must be an object with a 'text' string, got a list" in err
+    (tmp_path / "empty.txt").write_text(" \n")
+    assert main(["--base", str(base_folder), "--data", str(tmp_path / "empty.txt"), "--text"]) == 2
+    assert f"--data: {tmp_path / 'empty.txt'} holds no text" in capsys.readouterr().err
+
+
+def test_tiny_held_out_corpus_writes_held_out_documents_as_text_records(tmp_path, capsys):
+    from adapter.tiny.cli import main as tiny_main
+    from adapter.tiny.corpus import corpus
+    from adapter.tiny.recipe import RECIPES
+
+    assert tiny_main(["held-out", "corpus", str(tmp_path / "corpus.jsonl"), "--documents", "3"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    assert records == [{"text": text} for text in corpus(RECIPES["full"].seed, 3, "held-out")]
+    assert "score them with python -m adapter.evaluate --text" in capsys.readouterr().out
+    assert tiny_main(["held-out", "corpus", str(tmp_path / "none.jsonl"), "--documents", "0"]) == 2
+    assert "--documents: must be at least 1, got 0" in capsys.readouterr().err

@@ -39,3 +39,12 @@ def encode_example(example: Example, tokenizer: Tokenizer, max_seq_len: int,
     labels = [IGNORE_INDEX] * prompt_len + tokens[prompt_len:]
     truncated = len(tokens) > max_seq_len
     return Encoded(tokens[:max_seq_len], labels[:max_seq_len], example.image), truncated
+
+
+def text_windows(tokens: list[int], length: int) -> list[Encoded]:
+    """A document's tokens (BOS first) in windows of at most `length` that overlap by one token, each scored on
+    all its tokens but its first: every token but the document's first is scored once, after up to `length` - 1
+    tokens of its document."""
+    step = length - 1
+    return [Encoded(tokens[start:start + length], [IGNORE_INDEX] + tokens[start + 1:start + length])
+            for start in range(0, max(len(tokens) - 1, 0), step)]

@@ -119,6 +119,30 @@ def read_checked(path: str | os.PathLike, image_folder: str | os.PathLike | None
     return parsed
 
 
+def read_documents(path: str | os.PathLike, flag: str = "--data") -> list[str]:
+    """Plain text to score: a `.txt` file (UTF-8) as one document, or the "text" field of each record of a JSON
+    list, JSONL or Parquet file (as the hub's text datasets hold it, wikitext's among them). A DataError names
+    `flag`, the file and every record without a text, or an empty file."""
+    if Path(path).suffix != ".txt":
+        def text(location: str, value: Any, folder: Path | None, reasons: list[str]) -> str | None:
+            if not isinstance(value, dict):
+                reasons.append(f"must be an object with a 'text' string, got {kind(value)}")
+                return None
+            return string_field(value, "text", reasons)
+
+        return read_checked(path, None, flag, text)
+    path = resolve_data(path, flag)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag}: {not_a_file(path)}")
+    try:
+        document = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{flag}: cannot read {path} ({error})") from error
+    if not document.strip():
+        raise DataError(f"{flag}: {path} holds no text")
+    return [document]
+
+
 def first_record(path: str | os.PathLike) -> Any:
     """A local data file's first entry, or None when it holds none or cannot be read: what kind of records it is."""
     try:

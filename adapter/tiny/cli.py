@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("dim", "layers", "heads"):
         recall.add_argument(f"--{name}", type=int, help=f"model {name} (default: the recipe's base)")
     held = commands.add_parser("held-out", help="write the held-out questions eval asks as fine-tuning records "
-                                                "(Alpaca for text, LLaVA + PNGs for images)")
-    held.add_argument("kind", choices=("text", "image"))
+                                                "(Alpaca for text, LLaVA + PNGs for images), or held-out documents "
+                                                "of the base's corpus as plain-text records (corpus)")
+    held.add_argument("kind", choices=("text", "image", "corpus"))
+    held.add_argument("--documents", type=int, default=200, help="corpus: how many documents")
     held.add_argument("out", type=Path, help="JSONL file to write (image records: PNGs in a folder beside it)")
     held.add_argument("--per-category", type=int, help="questions per category (default: the recipe's eval's)")
     held.add_argument("--choices", action="store_true",
@@ -95,8 +97,15 @@ def write_held_out(options: argparse.Namespace, recipe: Recipe) -> None:
     """The questions `eval` asks, as the adapters were trained on them (answers " red"), so that
     `python -m adapter.evaluate` scores what `eval` scores, with the loss besides."""
     from .evaluate import held_out
-    from .records import CHOICES, write_choice_records, write_image_records, write_text_records
+    from .records import CHOICES, write_choice_records, write_corpus_records, write_image_records, write_text_records
 
+    if options.kind == "corpus":
+        if options.documents < 1:
+            raise ValueError(f"--documents: must be at least 1, got {options.documents}")
+        write_corpus_records(recipe.seed, options.documents, options.out)
+        print(f"wrote {options.documents} held-out documents of the base's corpus to {options.out}; score them with "
+              "python -m adapter.evaluate --text")
+        return
     per_category = recipe.eval_per_category if options.per_category is None else options.per_category
     if per_category < 1:
         raise ValueError(f"--per-category: must be at least 1, got {per_category}")

@@ -1,5 +1,5 @@
 """Questions written as the files `python -m adapter.finetune` reads: Alpaca records for the text adapter,
-LLaVA records (one rendered PNG each) for the image adapter.
+LLaVA records (one rendered PNG each) for the image adapter; and held-out plain text of the base's corpus.
 
 Answers are stored with a leading space (" red"): the response then starts a new word right after
 "### Response:", so it tokenizes as the word the base model knows ("▁red") rather than as pieces of it;
@@ -26,6 +26,15 @@ def alpaca_record(question: Question) -> dict[str, str]:
 
 def write_text_records(questions: list[Question], path: Path) -> Path:
     _write_lines(path, [json.dumps(alpaca_record(q)) for q in questions])
+    return path
+
+
+def write_corpus_records(seed: int, documents: int, path: Path) -> Path:
+    """The first `documents` of the base's corpus about held-out scenes as plain-text records (`{"text"}`), for
+    `python -m adapter.evaluate --text` and the app's Score tab: how well each gate reads what the base learnt."""
+    from .corpus import corpus
+
+    _write_lines(path, [json.dumps({"text": text}) for text in corpus(seed, documents, "held-out")])
     return path
 
 
