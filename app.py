@@ -29,6 +29,7 @@ from adapter.choices import ChoiceEvaluation
 from adapter.engine import (
     MAX_SCALE,
     MAX_SCORE_RECORDS,
+    MAX_SCORE_TOKENS,
     MAX_SWEEP,
     MAX_TEMPERATURE,
     NEXT_TOKENS_TOP_K,
@@ -67,7 +68,9 @@ SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
 GATE_LABEL = "Gate scale"
 SCORE_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "exact answers"]
 CHOICE_HEADERS = ["gate scale", "likeliest choice right %", "per byte %", "P(right choice) %"]
+TEXT_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "bits per byte"]
 TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 175 held-out text questions
+TINY_HELD_OUT_DOCUMENTS = 200  # and its plain-text example: held-out documents of its base's corpus
 TINY_HELD_OUT_IMAGES = 10  # and 40 held-out image questions (10 per category) with their pictures
 TINY_FILES = Path(tempfile.gettempdir()) / "llama-adapter"  # the tiny model's records the app offers, written there
 TINY_TRAINING_RECORDS = 2000  # the Train tab's example for the tiny model: its text adapter's kind of questions
@@ -376,9 +379,11 @@ class Handlers:
             rows = [[s.gate_scale, round(100 * s.accuracy, 1), round(100 * s.accuracy_per_byte, 1),
                      round(100 * s.right_probability, 1)] for s in result.scores]
             return {"headers": CHOICE_HEADERS, "data": rows}, figure([result])
+        text = result.text_bytes is not None
         rows = [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1),
-                 "" if s.exact is None else f"{s.exact} / {result.examples}"] for s in result.scores]
-        return {"headers": SCORE_HEADERS, "data": rows}, figure([result])
+                 round(result.bits_per_byte(s), 4) if text else "" if s.exact is None else f"{s.exact} / "
+                 f"{result.examples}"] for s in result.scores]
+        return {"headers": TEXT_HEADERS if text else SCORE_HEADERS, "data": rows}, figure([result])
 
     def gates(self, request: gr.Request, scale: float, adapter: str | None = None, layers: str | None = None) -> Figure:
         with user_errors():
@@ -606,22 +611,26 @@ def examples(config: ServeConfig) -> tuple[list[list[str]], list[str]]:
     return [[path, EXAMPLE_QUESTION] for path in example_images()], []
 
 
-def tiny_held_out(config: ServeConfig) -> tuple[Path, Path] | None:
-    """The tiny model's held-out text questions as fine-tuning records, and those with a closed answer set as
-    multiple-choice records, for the Score tab to offer (None for other models): two files in the temporary folder,
-    rewritten atomically at each start (their content never changes, so apps starting together agree)."""
+def tiny_held_out(config: ServeConfig) -> tuple[Path, Path, Path] | None:
+    """The tiny model's held-out text questions as fine-tuning records, those with a closed answer set as
+    multiple-choice records, and held-out documents of its base's corpus as plain text, for the Score tab to offer
+    (None for other models): three files in the temporary folder, rewritten atomically at each start (their content
+    never changes, so apps starting together agree)."""
     if not serves_tiny(config):
         return None
     from adapter.formats.common import atomic_write
     from adapter.tiny.evaluate import held_out
     from adapter.tiny.recipe import RECIPES
-    from adapter.tiny.records import write_choice_records, write_text_records
+    from adapter.tiny.records import write_choice_records, write_corpus_records, write_text_records
 
-    questions = held_out("text", RECIPES["full"].seed, TINY_HELD_OUT_PER_CATEGORY)
+    seed = RECIPES["full"].seed
+    questions = held_out("text", seed, TINY_HELD_OUT_PER_CATEGORY)
     records, choices = TINY_FILES / "tiny_held_out.jsonl", TINY_FILES / "tiny_held_out_choices.jsonl"
+    text = TINY_FILES / "tiny_held_out_text.jsonl"
     atomic_write(records, lambda tmp: write_text_records(questions, Path(tmp)))
     atomic_write(choices, lambda tmp: write_choice_records(questions, Path(tmp)))
-    return records, choices
+    atomic_write(text, lambda tmp: write_corpus_records(seed, TINY_HELD_OUT_DOCUMENTS, Path(tmp)))
+    return records, choices, text
 
 
 def tiny_held_out_images(config: ServeConfig) -> tuple[Path, list[str]] | None:
@@ -1033,20 +1042,23 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                         "model ranks first and, when asked, how many greedy answers equal the reference. The delta "
                         "scale comes from Advanced; image records need an adapter that sees (the adapter menu at "
                         "the top). Multiple-choice records (`{question, choices, answer}`, MMLU's, ARC's) are "
-                        "scored by which choice the model finds likeliest as its answer.")
+                        "scored by which choice the model finds likeliest as its answer. Plain text (a .txt file, "
+                        f"or records of `{{text}}`; its first {MAX_SCORE_TOKENS:,} tokens) is scored by its "
+                        "perplexity: what the adapter does to the base's own language modelling.")
             with gr.Row():
-                score_file = gr.File(label="Records (.json, .jsonl, .parquet)",
-                                     file_types=[".json", ".jsonl", ".parquet"], type="filepath", elem_id="score_file")
+                score_file = gr.File(label="Records (.json, .jsonl, .parquet) or plain text (.txt)",
+                                     file_types=[".json", ".jsonl", ".parquet", ".txt"], type="filepath",
+                                     elem_id="score_file")
                 score_images = gr.File(label="Pictures of image records (LLaVA layout), named as the records name "
                                        "them", file_count="multiple", file_types=["image"], type="filepath",
                                        value=[], elem_id="score_images")  # [] : API clients may leave it out
             held_out_files, held_out_images = tiny_held_out(config), tiny_held_out_images(config)
             if held_out_files is not None:
                 gr.Examples([[str(held_out_files[0]), None], [str(held_out_images[0]), held_out_images[1]],
-                             [str(held_out_files[1]), None]],
+                             [str(held_out_files[1]), None], [str(held_out_files[2]), None]],
                             inputs=[score_file, score_images],
                             label="The tiny model's held-out questions (text; image, for its image adapter; "
-                                  "multiple-choice)")
+                                  "multiple-choice) and held-out plain text of its base's corpus")
             with gr.Row():
                 score_scales = gr.Textbox(SWEEP, label="Gate scales", scale=3, elem_id="score_scales")
                 score_exact = gr.Checkbox(False, label="Exact answers (decodes every record at every scale)",

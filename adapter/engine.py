@@ -49,6 +49,7 @@ MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS, MAX_LOGIT_BIASES = 100.0, 300  # as OpenAI's
 MAX_SWEEP = 9  # gate scales answered together in one sweep (one batch row each)
 MAX_SCORE_RECORDS = 200  # records one score request reads (the device is held while it runs)
+MAX_SCORE_TOKENS = 20_000  # tokens of plain text one score request reads
 NEXT_TOKENS_TOP_K = 5  # likeliest next tokens shown per gate scale
 
 
@@ -431,13 +432,18 @@ class Engine:
         """Held-out loss, token accuracy and (with `exact`) exact greedy answers of the first MAX_SCORE_RECORDS
         records of `data` at each gate scale (`adapter.evaluate`, settings' delta scale), holding the lock.
         Image records (LLaVA layout) find their pictures among `images` by file name. A file of multiple-choice
-        questions is scored by which choice the model finds likeliest (`adapter.choices`)."""
+        questions is scored by which choice the model finds likeliest (`adapter.choices`); plain text (a .txt file,
+        or records of "text") by its perplexity, its first MAX_SCORE_TOKENS tokens (`evaluate_text`)."""
         from .choices import evaluate_choices, holds_choices
-        from .evaluate import evaluate
+        from .evaluate import evaluate, evaluate_text
+        from .finetune.records import holds_text
 
         scales = gate_scales(scales)
         if data is None:
             raise ValueError("data: upload a JSON or JSONL file of records first")
+        if holds_text(data):
+            return self.work.run(evaluate_text, self.model, data, gate_scales=scales, delta_scale=settings.delta_scale,
+                                 limit=MAX_SCORE_RECORDS, max_tokens=MAX_SCORE_TOKENS, layers=self.layers_of(settings))
         choices = holds_choices(data)  # read before the device's lock is taken
         with tempfile.TemporaryDirectory(prefix="uploaded-images-") as folder:
             gather_uploads(images or (), Path(folder))

@@ -154,25 +154,39 @@ def evaluate_text(
     micro_batch_size: int = 4,
     max_seq_len: int | None = None,
     limit: int | None = None,
+    max_tokens: int | None = None,
     layers: Sequence[Speaker] | None = None,
 ) -> Evaluation:
     """The perplexity of plain text at each of `gate_scales`: what the adapter does to the base's own language
     modelling (at gate 0, a v1 adapter's is the base's). `data` is a `.txt` file (one document) or records with a
     "text" field (`limit`: the first ones); each document is read after BOS, in windows of `max_seq_len` (default
-    the model's) that overlap by one token, so every token but BOS is scored once (finetune.encode.text_windows).
+    the model's) that overlap by one token, so every token but BOS is scored once (finetune.encode.text_windows),
+    up to `max_tokens` tokens in all (the text's first; bits per byte then count the bytes of the documents read).
     """
     scales = checked_request(gate_scales, micro_batch_size, max_seq_len, limit, model)
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens: must be at least 1, got {max_tokens}")
     documents = read_documents(data)[:limit]
     length = max_seq_len or model.args.max_seq_len
-    encoded = [window for document in documents
-               for window in text_windows(model.tokenizer.encode(document, bos=True, eos=False), length)]
+    encoded, read, left = [], [], max_tokens
+    for document in documents:
+        tokens = model.tokenizer.encode(document, bos=True, eos=False)
+        if left is not None and len(tokens) - 1 > left:  # the last document read, cut
+            tokens = tokens[:left + 1]
+            document = model.tokenizer.decode(tokens[1:])
+        encoded += text_windows(tokens, length)
+        read.append(document)
+        if left is not None:
+            left -= len(tokens) - 1
+            if left <= 0:
+                break
     layers = None if layers is None else normalized(model, layers)
     losses, hits, tokens = _token_scores(model, encoded, scales, delta_scale, micro_batch_size, layers)
     if not tokens:
         raise ValueError(f"--data: {data} holds no text to score (its documents are empty once tokenized)")
     scores = [Score(scale, loss / tokens, hit / tokens) for scale, loss, hit in zip(scales, losses, hits)]
-    return Evaluation(model.adapter_path, "plain text", len(documents), tokens, 0, delta_scale, scores, [], layers,
-                      sum(len(document.encode()) for document in documents))
+    return Evaluation(model.adapter_path, "plain text", len(read), tokens, 0, delta_scale, scores, [], layers,
+                      sum(len(document.encode()) for document in read))
 
 
 def checked_request(gate_scales: Sequence[float], micro_batch_size: int, max_seq_len: int | None,
@@ -297,7 +311,8 @@ def figure(evaluations: Sequence[Evaluation | ChoiceEvaluation]) -> "Figure":
         if e.scores[0].exact is not None:
             accuracy_axis.plot(scales, [100 * s.exact / max(e.examples, 1) for s in e.scores], marker="s",
                                linestyle="--", label=f"{name}: exact answers")
-    loss_axis.set(xlabel="gate scale", ylabel="loss per answer token", title="Loss")
+    per = "token" if all(e.text_bytes is not None for e in evaluations) else "answer token"
+    loss_axis.set(xlabel="gate scale", ylabel=f"loss per {per}", title="Loss")
     return _finished(drawn, (loss_axis, accuracy_axis), accuracy_axis)
 
 

@@ -145,7 +145,7 @@ def test_the_score_tab_scores_multiple_choice_questions_by_their_likeliest_choic
     from adapter.choices import evaluate_choices, holds_choices
     from app import CHOICE_HEADERS, tiny_held_out
 
-    records, data = tiny_held_out(ServeConfig())
+    records, data, _ = tiny_held_out(ServeConfig())
     assert holds_choices(data) and not holds_choices(records)
     table, plot = client.predict(handle_file(str(data)), "0, 1", False, *controls(), api_name="/score")
     result = evaluate_choices(served.engines.get("tiny-text").model, data, gate_scales=[0.0, 1.0])
@@ -154,6 +154,32 @@ def test_the_score_tab_scores_multiple_choice_questions_by_their_likeliest_choic
                               round(100 * s.right_probability, 1)] for s in result.scores]
     assert result.scores[1].accuracy > result.scores[0].accuracy + 0.2
     assert plot["type"] == "matplotlib" and plot["plot"]
+
+
+def test_the_score_tab_scores_plain_text_by_its_perplexity(served, client, tmp_path):
+    from adapter.app_config import ServeConfig
+    from adapter.evaluate import evaluate_text
+    from adapter.finetune.records import holds_text
+    from app import TEXT_HEADERS, tiny_held_out
+
+    records, choices, text = tiny_held_out(ServeConfig())
+    assert holds_text(text) and not holds_text(records) and not holds_text(choices)
+    model = served.engines.get("tiny-text").model
+    table, plot = client.predict(handle_file(str(text)), "0, 1", False, *controls(), api_name="/score")
+    result = evaluate_text(model, text, gate_scales=[0.0, 1.0])
+    assert table["headers"] == TEXT_HEADERS
+    assert table["data"] == [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1),
+                              round(result.bits_per_byte(s), 4)] for s in result.scores]
+    assert result.scores[1].perplexity > 3 * result.scores[0].perplexity, "the base reads its own text best"
+    assert plot["type"] == "matplotlib" and plot["plot"]
+
+    (tmp_path / "long.txt").write_text("There is a small red circle in the centre. " * 5000)  # past the cap
+    table, _ = client.predict(handle_file(str(tmp_path / "long.txt")), "1", False, *controls(), api_name="/score")
+    capped = evaluate_text(model, tmp_path / "long.txt", gate_scales=[1.0], max_tokens=20_000)
+    assert capped.tokens == 20_000
+    assert table["data"] == [[1.0, round(capped.scores[0].loss, 4), round(capped.scores[0].perplexity, 3),
+                              round(100 * capped.scores[0].token_accuracy, 1),
+                              round(capped.bits_per_byte(capped.scores[0]), 4)]]
 
 
 def test_the_score_tab_scores_image_records_with_their_uploaded_pictures(served, client, tmp_path):

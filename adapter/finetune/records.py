@@ -143,6 +143,15 @@ def read_documents(path: str | os.PathLike, flag: str = "--data") -> list[str]:
     return [document]
 
 
+def holds_text(path: str | os.PathLike) -> bool:
+    """Whether a data file is plain text to score (`read_documents`): a `.txt` file, or one whose first record has
+    a "text" and none of the fine-tuning layouts' fields; how the app's Score tab tells it from records."""
+    if Path(path).suffix == ".txt":
+        return True
+    first = first_record(path)
+    return isinstance(first, dict) and "text" in first and not {"instruction", "conversations", "messages"} & set(first)
+
+
 def first_record(path: str | os.PathLike) -> Any:
     """A local data file's first entry, or None when it holds none or cannot be read: what kind of records it is."""
     try:
