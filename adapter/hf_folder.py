@@ -9,6 +9,7 @@ once written), so a 7B base is written in about the memory of one shard.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch
 
 from .config import ModelArgs
 from .formats.bnb import QuantizedWeight
+from .formats.common import refuse_existing
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
+from .loading import DTYPES, open_named_base
 from .quantize import FROZEN_LINEARS
 from .tokenizer import TOKENIZER_FILES
 
@@ -27,6 +30,22 @@ TOKENIZER_COMPANIONS = ("tokenizer.model", "tokenizer.json", "tekken.json", "tok
                         "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 SHARD_GB = 2.0
 CARD = "README.md"
+
+
+def open_base_to_rewrite(base: str | os.PathLike, out: Path, dtype: str, shard_gb: float, quantized: str):
+    """The checkpoint of `base`, to be written anew as the new folder `out`, once the request is checked (a
+    ValueError naming the argument at fault, before any weight is read): a known dtype, shards above 0 GiB, `out`
+    new, and a base not stored quantized (`quantized` ends that error: what to do instead)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if not shard_gb > 0:
+        raise ValueError(f"shard_gb: must be above 0, got {shard_gb}")
+    refuse_existing(out)
+    checkpoint = open_named_base(base)
+    if getattr(checkpoint, "quantization", None):
+        raise ValueError(f"base: {checkpoint.source} is already stored quantized ({checkpoint.quantization}); "
+                         f"{quantized}")
+    return checkpoint
 
 
 def base_tensor_names(checkpoint) -> list[str]:

@@ -28,11 +28,11 @@ import torch
 from .config import LORA_TARGETS, AdapterArgs
 from .convert import adapter_on_meta_base
 from .formats import BASE_HELP
-from .formats.common import atomic_folder, refuse_existing
+from .formats.common import atomic_folder
 from .formats.native import save_adapter
-from .hf_folder import SHARD_GB, hf_config, hf_tensors, size_text, write_hf_folder
+from .hf_folder import SHARD_GB, hf_config, hf_tensors, open_base_to_rewrite, size_text, write_hf_folder
 from .layout import column_major_wide
-from .loading import DTYPES, open_named_base
+from .loading import DTYPES
 from .model import LinearDelta, Transformer
 from .tokenizer import open_tokenizer
 
@@ -55,16 +55,9 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
           shard_gb: float = SHARD_GB) -> Merged:
     """Write `base` with `adapter`'s LoRA, scales and tuned norms merged in to the new HF folder `out`, and what
     does not merge as the adapter `out/adapter`."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    if not shard_gb > 0:
-        raise ValueError(f"shard_gb: must be above 0, got {shard_gb}")
     out = Path(out)
-    refuse_existing(out)  # before anything is read
-    checkpoint = open_named_base(base)
-    if getattr(checkpoint, "quantization", None):
-        raise ValueError(f"base: {checkpoint.source} is stored quantized ({checkpoint.quantization}); merge into "
-                         "the 16-bit base it was made from (then python -m adapter.quantize_base the merged folder)")
+    checkpoint = open_base_to_rewrite(base, out, dtype, shard_gb, "merge into the 16-bit base it was made from "
+                                      "(then python -m adapter.quantize_base the merged folder)")
     model = adapter_on_meta_base(base, adapter)
     plan = _Plan(model, str(adapter))
     if plan.head_scaled and checkpoint.tied_output:

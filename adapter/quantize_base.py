@@ -27,10 +27,10 @@ import torch
 from .config import ModelArgs
 from .formats import BASE_HELP
 from .formats.bnb import QuantizedWeight
-from .formats.common import atomic_folder, atomic_write, refuse_existing
-from .hf_folder import CARD, SHARD_GB, hf_config, hf_tensors, size_text, write_hf_folder
+from .formats.common import atomic_folder, atomic_write
+from .hf_folder import CARD, SHARD_GB, hf_config, hf_tensors, open_base_to_rewrite, size_text, write_hf_folder
 from .hub import PREFIX, is_remote, repo_of
-from .loading import DTYPES, open_named_base, resolve_device
+from .loading import DTYPES, resolve_device
 from .push import commit_folder, hub_target
 from .quantize import BLOCK_SIZE, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
 from .tiny.assets import BASE_NAME
@@ -45,15 +45,8 @@ def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "
     if check_mode(mode) is None:
         raise ValueError(f"mode: choose from {QUANTIZE_MODES}")
     bitsandbytes()  # its clear error, before anything is read, where it is missing
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    if not shard_gb > 0:
-        raise ValueError(f"shard_gb: must be above 0, got {shard_gb}")
     out = Path(out)
-    refuse_existing(out)  # before anything is read
-    checkpoint = open_named_base(base)
-    if getattr(checkpoint, "quantization", None):
-        raise ValueError(f"base: {checkpoint.source} is already stored quantized ({checkpoint.quantization})")
+    checkpoint = open_base_to_rewrite(base, out, dtype, shard_gb, "load it as it is")
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
     writer = _Writer(checkpoint, args, mode, DTYPES[dtype], double_quant, resolve_device(device), shard_gb, str(base))
     return atomic_folder(out, writer.write)

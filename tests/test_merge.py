@@ -125,7 +125,7 @@ def test_a_base_stored_quantized_is_refused(meta, tmp_path):
 
     trained(meta, AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2), tmp_path / "lora")
     quantize_base(meta, tmp_path / "nf4", "nf4")
-    with pytest.raises(ValueError, match=r"is stored quantized \(nf4\); merge into the 16-bit base"):
+    with pytest.raises(ValueError, match=r"is already stored quantized \(nf4\); merge into the 16-bit base"):
         merge(tmp_path / "nf4", tmp_path / "lora", tmp_path / "out")
 
 
