@@ -63,10 +63,14 @@ def test_a_peft_lora_merges_into_what_peft_merges_it_into_and_transformers_reads
                  head_delta=True, norm=True, prompt_projection="tuned", lora_rank=2),
      {"lora_rank": 0, "scale": False, "bias": True, "head_delta": True, "norm": False},
      ["LoRA", "output scales", "tuned norms"]),
+    # litgpt 0.5.5+: the prompts read through the fused q|k|v linear, queries included (GQA here)
+    (AdapterArgs(prompt_len=3, prompt_layers=2, gate_activation="raw", bias=True, bias_targets=LORA_TARGETS,
+                 scale=True, scale_at="output", head_delta=True, norm=True, prompt_projection="litgpt-qkv"),
+     {"scale": False, "bias": True, "head_delta": True, "norm": False}, ["output scales", "tuned norms"]),
     # the V2 dialog release's kind: biases, input scales and norms, no prompts
     (AdapterArgs(prompt_len=0, prompt_layers=0, bias=True, bias_targets=LORA_TARGETS, scale=True, norm=True),
      {"scale": False, "bias": True, "norm": False, "prompt_layers": 0}, ["input scales", "tuned norms"]),
-], ids=["official-v2-frozen-prompts", "litgpt-output-scales", "v2-dialog-kind"])
+], ids=["official-v2-frozen-prompts", "litgpt-output-scales", "litgpt-qkv-prompts", "v2-dialog-kind"])
 def test_merged_base_and_what_is_left_answer_as_the_whole_adapter(meta, tmp_path, args, left, parts):
     whole = trained(meta, args, tmp_path / "v2")
     written = merge(meta, tmp_path / "v2", tmp_path / "merged", dtype="float32")
