@@ -29,12 +29,12 @@ from .tokenizer import open_tokenizer
 TARGETS = ("native", "peft", "official-v1")
 
 
-def adapter_on_meta_base(base: str | Path, source: str | Path) -> Transformer:
+def adapter_on_meta_base(base: str | Path, source: str | Path, what: str = "source") -> Transformer:
     """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory); a base on the hub is
     fetched without its weights unless the adapter's tuned norms need the base's (the official v2 files). The
-    embedded adapters are named as everywhere (tiny-text, tiny-image)."""
+    embedded adapters are named as everywhere (tiny-text, tiny-image); `what` names the argument in errors."""
     _, source, _, _ = resolve_tiny("", source, None, None)
-    found = read_adapter(resolve(source, "source"))
+    found = read_adapter(resolve(source, what))
     checkpoint = open_named_base(base) if found.norm_weights else open_base_shape(base)
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
     found.check_base(args)

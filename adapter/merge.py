@@ -58,7 +58,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     out = Path(out)
     checkpoint = open_base_to_rewrite(base, out, dtype, shard_gb, "merge into the 16-bit base it was made from "
                                       "(then python -m adapter.quantize_base the merged folder)")
-    model = adapter_on_meta_base(base, adapter)
+    model = adapter_on_meta_base(base, adapter, "adapter")
     plan = _Plan(model, str(adapter))
     if plan.head_scaled and checkpoint.tied_output:
         raise ValueError(f"adapter: {adapter} scales the vocabulary head, which this base ties to its embeddings; "
