@@ -332,6 +332,8 @@ def _name(evaluation: Evaluation | ChoiceEvaluation) -> str:
     name = Path(evaluation.adapter).name if evaluation.adapter else "base"
     if evaluation.gate_layers is not None:
         name += f", layers {describe(evaluation.gate_layers)}"
+    if evaluation.delta_scale != 1:
+        name += f", delta {evaluation.delta_scale:g}"
     return name
 
 
@@ -362,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--layer-sweep", action="store_true",
                         help="score with the top N adapter layers' prompts speaking, N from 0 to all (at most "
                              f"{LAYER_SWEEP_ROWS} values of N, evenly spread), one table each")
-    parser.add_argument("--delta-scale", type=float, default=1.0, help="scale of the v2 bias/LoRA/norm deltas")
+    parser.add_argument("--delta-scale", default="1", metavar="S[,S...]",
+                        help="scale of the v2 bias/LoRA/norm deltas; several (0,1) score at each, one table each")
     parser.add_argument("--exact", action="store_true", help="also decode greedy answers and count exact ones")
     parser.add_argument("--choices", action="store_true",
                         help="the data are multiple-choice questions ({question, choices, answer}, ARC's, MMLU's): "
@@ -395,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         scales = scales_from_text(args.gate_sweep, "--gate-sweep")
+        deltas = scales_from_text(args.delta_scale, "--delta-scale")
+        if not deltas or any(not math.isfinite(d) for d in deltas):
+            raise ValueError(f"--delta-scale: give one or more finite numbers, got {args.delta_scale!r}")
         if args.choices and (args.exact or args.max_seq_len or args.text):
             raise ValueError("--choices scores whole choices: --exact, --max-seq-len and --text do not apply")
         if args.text and (args.exact or args.image_folder or args.prompt_format != "auto"):
@@ -408,22 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
         evaluations = []
-        prompt_format = None if args.prompt_format == "auto" else args.prompt_format
         for model in models:
             for layers in selections(model, args):
-                if args.choices:
-                    evaluations.append(evaluate_choices(
-                        model, args.data, gate_scales=scales, delta_scale=args.delta_scale,
-                        micro_batch_size=args.micro_batch_size, limit=args.limit, prompt_format=prompt_format,
-                        layers=layers, delimiter=args.choice_delimiter, image_folder=args.image_folder))
-                    print(("\n" if len(evaluations) > 1 else "") + choices_table(evaluations[-1]), flush=True)
-                    continue
-                common = dict(gate_scales=scales, delta_scale=args.delta_scale, micro_batch_size=args.micro_batch_size,
-                              max_seq_len=args.max_seq_len, limit=args.limit, layers=layers)
-                evaluations.append(evaluate_text(model, args.data, **common) if args.text else evaluate(
-                    model, args.data, image_folder=args.image_folder, exact=args.exact, prompt_format=prompt_format,
-                    **common))
-                print(("\n" if len(evaluations) > 1 else "") + table(evaluations[-1]), flush=True)
+                for delta in deltas:
+                    evaluations.append(_evaluation(model, args, scales, delta, layers))
+                    shown = choices_table if args.choices else table
+                    print(("\n" if len(evaluations) > 1 else "") + shown(evaluations[-1]), flush=True)
         if args.json:
             write_json(evaluations, args.json)
         if args.plot:
@@ -432,6 +428,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _evaluation(model: "Transformer", args: argparse.Namespace, scales: list[float], delta: float,
+                layers: list[int] | None) -> Evaluation | ChoiceEvaluation:
+    """The command line's one evaluation of `model` at delta scale `delta` with `layers` speaking."""
+    common = dict(gate_scales=scales, delta_scale=delta, micro_batch_size=args.micro_batch_size, limit=args.limit,
+                  layers=layers)
+    prompt_format = None if args.prompt_format == "auto" else args.prompt_format
+    if args.choices:
+        return evaluate_choices(model, args.data, prompt_format=prompt_format, delimiter=args.choice_delimiter,
+                                image_folder=args.image_folder, **common)
+    if args.text:
+        return evaluate_text(model, args.data, max_seq_len=args.max_seq_len, **common)
+    return evaluate(model, args.data, image_folder=args.image_folder, exact=args.exact, prompt_format=prompt_format,
+                    max_seq_len=args.max_seq_len, **common)
 
 
 def selections(model: "Transformer", args: argparse.Namespace) -> list[list[int] | None]:

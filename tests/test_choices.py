@@ -138,7 +138,7 @@ def test_the_command_line_prints_writes_and_refuses(tmp_path, capsys):
     written = json.loads(out.read_text())
     assert [s["gate_scale"] for s in written[0]["scores"]] == [0.0, 1.0] and png.stat().st_size > 0
     assert evaluate_main(["--base", "tiny", "--data", str(data), "--choices", "--exact"]) == 2
-    assert "--choices scores whole choices: --exact and --max-seq-len do not apply" in capsys.readouterr().err
+    assert "--choices scores whole choices: --exact, --max-seq-len and --text do not apply" in capsys.readouterr().err
 
 
 def test_questions_about_pictures_are_scored_with_the_pictures_visual_prompt(tmp_path):

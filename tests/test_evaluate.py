@@ -287,3 +287,14 @@ def test_tiny_held_out_corpus_writes_held_out_documents_as_text_records(tmp_path
     assert "score them with python -m adapter.evaluate --text" in capsys.readouterr().out
     assert tiny_main(["held-out", "corpus", str(tmp_path / "none.jsonl"), "--documents", "0"]) == 2
     assert "--documents: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_several_delta_scales_give_a_table_each(base_folder, v2_adapter, data, capsys):
+    assert main(["--base", str(base_folder), "--adapter", str(v2_adapter), "--data", str(data), "--gate-sweep",
+                 "0,1", "--delta-scale", "0, 1"]) == 0
+    model = adapter.load(base_folder, adapter=v2_adapter, device="cpu")
+    tables = [table(evaluate(model, data, gate_scales=[0.0, 1.0], delta_scale=delta)) for delta in (0.0, 1.0)]
+    assert capsys.readouterr().out == "\n\n".join(tables) + "\n"
+    assert tables[0] != tables[1] and ", delta scale 0\n" in tables[0]
+    assert main(["--base", str(base_folder), "--data", str(data), "--delta-scale", "nan"]) == 2
+    assert "--delta-scale: give one or more finite numbers, got 'nan'" in capsys.readouterr().err
