@@ -736,8 +736,8 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
                 f"taken {VALIDATIONS} times over the run.")
     with gr.Row():
         with gr.Column():
-            data = gr.File(label="Training records (.json, .jsonl, .parquet)",
-                           file_types=[".json", ".jsonl", ".parquet"], type="filepath", elem_id="train_file")
+            data = gr.File(label="Training records (.json, .jsonl, .parquet) or plain text (.txt)",
+                           file_types=[".json", ".jsonl", ".parquet", ".txt"], type="filepath", elem_id="train_file")
             pictures = gr.File(label="Pictures of image records (LLaVA layout), named as the records name them",
                                file_count="multiple", file_types=["image"], type="filepath", value=[], height=160,
                                visible=sees, elem_id="train_images")  # [] : API clients may leave it out

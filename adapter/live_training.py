@@ -74,7 +74,7 @@ class TrainRequest:
         adapter's (the mode, shape, LoRA rank and prompt format asked for are not used). A vision run reads
         `sight`'s tower, and a new one gets its visual prompt's shape; `image_folder` holds the pictures."""
         if not self.data:
-            raise ValueError("data: give a records file to train on (.json, .jsonl or .parquet)")
+            raise ValueError("data: give a records file to train on (.json, .jsonl or .parquet) or plain text (.txt)")
         if not self.lr > 0:  # before the decay's floor, a twentieth of it, is checked
             raise ValueError(f"lr: must be positive, got {self.lr:g}")
         shape = dict(mode=self.mode, lora_rank=self.lora_rank if self.mode in ("v2", "lora") else 0,

@@ -272,3 +272,47 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
     assert lr(49) > 0.1 and lr(50) == pytest.approx(0.1)
     assert all(lr(s) >= lr(s + 1) for s in range(20, 50))
     assert TrainConfig(base="b", data="d", out="o", batch_size=64).learning_rate == pytest.approx(9e-3 * 64 / 256)
+
+
+def test_plain_text_records_train_on_every_token_in_windows(tmp_path, tokenizer):
+    long = " ".join(f"word{i} and more" for i in range(60))
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": long}, {"text": "A short one."},
+                                                  {"instruction": "Say hi.", "text": "ignored: Alpaca's rows have it",
+                                                   "output": "Hi."}])
+    records = read_records(data)
+    assert records[0] == [Example("", long, plain=True)] and records[1] == [Example("", "A short one.", plain=True)]
+    assert not records[2][0].plain and records[2][0].response == "Hi."
+    dataset = build_dataset(records[:2], tokenizer, 32, 0.0, 0)
+    tokens = tokenizer.encode(long, bos=True, eos=False) + [tokenizer.eos_id]
+    assert len(tokens) > 64 and dataset.truncated == 0, "windows, not cut"
+    windows = dataset.train[:-1]
+    assert all(len(w.tokens) <= 32 for w in dataset.train)
+    assert [t for w in windows for t in w.labels[1:]] == tokens[1:], "every token after BOS a target once, EOS last"
+    assert all(w.labels[0] == IGNORE_INDEX and w.tokens[1:] == w.labels[1:] for w in dataset.train)
+    assert windows[1].tokens[0] == windows[0].tokens[-1], "each window starts where the last ended"
+
+    (tmp_path / "one.txt").write_text(long)
+    assert read_records(tmp_path / "one.txt") == [[Example("", long, plain=True)]]
+
+
+def test_bad_plain_text_records_are_named(tmp_path):
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": ""}, {"text": 3}, {"text": "fine"}])
+    with pytest.raises(DataError) as error:
+        read_records(data)
+    assert f"{data}:1: empty 'text'" in str(error.value) and f"{data}:2: 'text' must be a string, got a number" \
+        in str(error.value)
+
+
+def test_an_adapter_trained_on_plain_text_reads_it_better(tmp_path, base_folder):
+    from adapter.evaluate import evaluate, evaluate_text
+
+    documents = [f"The {c} {s} is on the {p}." for c in ("red", "blue", "green") for s in ("star", "circle")
+                 for p in ("left", "right")]
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in documents])
+    result = train(tiny_config(base_folder, data, tmp_path / "run", epochs=20, batch_size=4, micro_batch_size=4,
+                               lr=0.05))
+    model = adapter.load(base_folder, adapter=result.adapter, device="cpu")
+    scores = evaluate_text(model, data, gate_scales=[0.0, 1.0]).scores
+    assert scores[1].loss < scores[0].loss - 0.5, "what it trained on is likelier with the prompts speaking"
+    with pytest.raises(ValueError, match="holds plain text .* score it with --text"):
+        evaluate(model, data)

@@ -322,6 +322,20 @@ def test_lora_alone_is_served_with_the_delta_scale_to_blend_it(tmp_path, data, s
     assert list(trained.chat([], QUESTION, at_zero))[-1] == base_answer != list(trained.chat([], QUESTION, GREEDY))[-1]
 
 
+def test_plain_text_trains_in_the_app_as_the_command_line_trains_it(tmp_path, served, base_folder):
+    """A .txt file from the Train tab (one document, in windows of the run's length): the adapter the same settings
+    give adapter.finetune."""
+    (tmp_path / "story.txt").write_text(" ".join(f"The star {i} is red and the circle is blue." for i in range(150)))
+    training, engines = live(served, tmp_path)
+    asked = request(tmp_path / "story.txt", epochs=3, batch_size=2)
+    final = list(training.run(asked))[-1]
+    alone = train(asked.config(str(base_folder), tmp_path / "cli", served.args.max_seq_len))
+    assert final.name == "trained-1" and final.steps == alone.steps > 3, "a step per two windows, every epoch"
+    served_tensors = adapter_tensors(engines, "trained-1")
+    for name, value in load_file(alone.adapter).items():  # the same floats but for the order the CPU sums them in
+        torch.testing.assert_close(served_tensors[name], value, rtol=1e-4, atol=1e-5)
+
+
 def test_a_served_adapter_is_trained_further_in_its_own_kind_and_format(tmp_path, data, served, base_folder):
     training, engines = live(served, tmp_path)
     first = list(training.run(request(data)))[-1]

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True,
                    help=BASE_HELP)
     p.add_argument("--data", required=True,
-                   help=f"{DATA_HELP} of {{instruction, input?, output}}, LLaVA or chat messages records")
+                   help=f"{DATA_HELP} of {{instruction, input?, output}}, LLaVA or chat messages records, or of "
+                        "{text} documents (plain text, in windows of --max-seq-len); or a .txt file (one document)")
     p.add_argument("--image-folder", help="folder that LLaVA records' 'image' paths are relative to")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, plots, adapter/")
     p.add_argument("--mode", choices=MODES, default=d.mode,

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 from ..tokenizer import Tokenizer
-from .encode import Encoded, encode_example
+from .encode import Encoded, encoded_examples
 from .records import Example
 
 
@@ -36,8 +36,9 @@ def split_records(count: int, val_fraction: float, seed: int) -> tuple[list[int]
 def build_dataset(records: list[list[Example]], tokenizer: Tokenizer, max_seq_len: int, val_fraction: float,
                   seed: int, answer_end: int | None = None,
                   val_records: list[list[Example]] | None = None) -> Dataset:
-    """Split by record (a conversation's turns stay on one side), or train on all of them and validate on
-    `val_records`, then encode every example (each response ended by `answer_end`, default EOS)."""
+    """Split by record (a conversation's turns stay on one side, a document's windows too), or train on all of them
+    and validate on `val_records`, then encode every example (each response ended by `answer_end`, default EOS;
+    a plain-text document in windows of `max_seq_len`)."""
     if val_records is None:
         train_ids, val_ids = split_records(len(records), val_fraction, seed)
         train, val = [records[i] for i in train_ids], [records[i] for i in val_ids]
@@ -47,8 +48,8 @@ def build_dataset(records: list[list[Example]], tokenizer: Tokenizer, max_seq_le
     for chosen, target in ((train, dataset.train), (val, dataset.val)):
         for record in chosen:
             for example in record:
-                encoded, truncated = encode_example(example, tokenizer, max_seq_len, answer_end)
+                encoded, truncated = encoded_examples(example, tokenizer, max_seq_len, answer_end)
                 dataset.truncated += truncated
-                dataset.emptied += truncated and encoded.targets == 0
-                target.append(encoded)
+                dataset.emptied += truncated and encoded[0].targets == 0
+                target.extend(encoded)
     return dataset

@@ -3,7 +3,8 @@
 The prompt and the response are tokenized together (`encode(prompt + response)`, BOS first, the answer end
 appended: EOS, or the prompt format's own end such as Llama 3's <|eot_id|>), then the first
 `len(encode(prompt))` labels are ignored: the loss is on the response and its end only.
-Positions that hold no target (prompt, padding) carry IGNORE_INDEX, never a real token id.
+Positions that hold no target (prompt, padding) carry IGNORE_INDEX, never a real token id. A document of plain
+text has no prompt: all of it is the target, in windows of the run's length rather than cut.
 """
 
 from __future__ import annotations
@@ -39,6 +40,23 @@ def encode_example(example: Example, tokenizer: Tokenizer, max_seq_len: int,
     labels = [IGNORE_INDEX] * prompt_len + tokens[prompt_len:]
     truncated = len(tokens) > max_seq_len
     return Encoded(tokens[:max_seq_len], labels[:max_seq_len], example.image), truncated
+
+
+def encode_text(example: Example, tokenizer: Tokenizer, max_seq_len: int) -> list[Encoded]:
+    """A document of plain text (`example.plain`) after BOS and ended by EOS, in windows of `max_seq_len`
+    (text_windows): nothing cut, every token after BOS a target once."""
+    tokens = tokenizer.encode(example.response, bos=True, eos=False) + [tokenizer.eos_id]
+    return [Encoded(window.tokens, window.labels, example.image) for window in text_windows(tokens, max_seq_len)]
+
+
+def encoded_examples(example: Example, tokenizer: Tokenizer, max_seq_len: int,
+                     answer_end: int | None = None) -> tuple[list[Encoded], bool]:
+    """What one example trains on: a plain-text document's windows, or the one sequence of a prompt and its
+    response (cut to `max_seq_len`); and whether anything was cut off."""
+    if example.plain:
+        return encode_text(example, tokenizer, max_seq_len), False
+    encoded, truncated = encode_example(example, tokenizer, max_seq_len, answer_end)
+    return [encoded], truncated
 
 
 def text_windows(tokens: list[int], length: int) -> list[Encoded]:

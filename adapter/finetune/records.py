@@ -69,11 +69,13 @@ def chat_layout(record: dict, reasons: list[str]) -> ChatLayout | None:
 
 @dataclass(frozen=True)
 class Example:
-    """One training sequence: the loss is taken on `response` (and the EOS after it) only."""
+    """One training sequence: the loss is taken on `response` (and the EOS after it) only. A document of plain
+    text (`plain`) has no prompt: the loss is on all of it, in windows of the run's length (encode.encode_text)."""
 
     prompt: str
     response: str
     image: Path | None = None
+    plain: bool = False
 
 
 # what every data flag takes
@@ -86,11 +88,14 @@ class DataError(ValueError):
 
 def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
                  prompt_format: PromptFormat = PROMPT_FORMATS["alpaca"], flag: str = "--data") -> list[list[Example]]:
-    """The examples of each record of a JSON list, JSONL or Parquet file (one list per record, in file order).
+    """The examples of each record of a JSON list, JSONL or Parquet file (one list per record, in file order); a
+    `.txt` file is one record, a document of plain text.
 
     Raises DataError naming `flag`, the file and every bad record (location and reason), or the file when it
     is unreadable.
     """
+    if Path(path).suffix == ".txt":
+        return [[Example("", document, plain=True)] for document in read_documents(path, flag)]
     return read_checked(path, image_folder, flag,
                         lambda location, value, folder, reasons: _parse(value, folder, prompt_format, reasons))
 
@@ -241,6 +246,11 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
             examples.append(Example(prompt, written.answer(answer), image))
             history.append((question, answer))
         return examples
+    if "text" in record and "instruction" not in record:  # a document (tatsu-lab/alpaca's rows have both)
+        text = string_field(record, "text", reasons)
+        if text is not None and not text.strip():
+            reasons.append("empty 'text'")
+        return [] if reasons else [Example("", text, plain=True)]
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         reasons.append(f"'system' must be a string, got {kind(system)}")
