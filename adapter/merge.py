@@ -95,7 +95,7 @@ def merged_model(model: Transformer) -> Transformer:
         with torch.device("meta"):
             merged = Transformer(model.args)
     base = {name: plan.merged(name, value).to(value.dtype) for name, value in model.state_dict().items()
-            if not model.is_adapter_parameter(name)}
+            if not model.is_adapter_parameter(name) and not name.startswith("image_encoder.")}  # the tower: shared
     merged.load_state_dict(base, strict=False, assign=True)
     merged.freeze_base()
     column_major_wide(merged)

@@ -151,10 +151,13 @@ def test_the_tiny_image_adapter_merged_answers_the_shipped_pictures_as_before(tm
         (tmp_path / "merged" / "README.md").read_text()
     whole = adapter.load("tiny", adapter="tiny-image", clip="tiny", device="cpu")
     rest = adapter.load(tmp_path / "merged", adapter=tmp_path / "merged" / "adapter", clip="tiny", device="cpu")
+    in_memory = merged_model(whole)
+    assert in_memory.image_encoder is whole.image_encoder
     examples = json.loads((ASSETS / "examples" / "examples.json").read_text())["image"][:4]
     for example in examples:
         prompt = adapter.image_question(example["question"])
         for gate in (0.5, 1.0):
             asked = dict(image=ASSETS / "examples" / example["image"], gate_scale=gate, temperature=0.0,
                          max_new_tokens=8)
-            assert rest.generate(prompt, **asked) == whole.generate(prompt, **asked), (example, gate)
+            answer = whole.generate(prompt, **asked)
+            assert rest.generate(prompt, **asked) == answer == in_memory.generate(prompt, **asked), (example, gate)
