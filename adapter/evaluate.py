@@ -125,8 +125,8 @@ def evaluate(
     records = read_records(data, image_folder, written)[:limit]
     examples = [example for record in records for example in record]
     if any(e.plain for e in examples):
-        raise ValueError(f"--data: {data} holds plain text ('text' records or a .txt file), which has no answers: "
-                         "score it with --text")
+        raise ValueError(f"--data: {data} holds plain text ('text' records), which has no answers to score: "
+                         "score a file of it alone as plain text (python -m adapter.evaluate --text)")
     if any(e.image is not None for e in examples) and (model.visual_prompt is None or model.image_encoder is None):
         raise ValueError(f"--data: {data} has image records; they need an adapter with a visual prompt and --clip")
     end = written.answer_end_id(tokenizer)

@@ -314,5 +314,5 @@ def test_an_adapter_trained_on_plain_text_reads_it_better(tmp_path, base_folder)
     model = adapter.load(base_folder, adapter=result.adapter, device="cpu")
     scores = evaluate_text(model, data, gate_scales=[0.0, 1.0]).scores
     assert scores[1].loss < scores[0].loss - 0.5, "what it trained on is likelier with the prompts speaking"
-    with pytest.raises(ValueError, match="holds plain text .* score it with --text"):
+    with pytest.raises(ValueError, match=r"holds plain text .* score a file of it alone as plain text \(python -m adapter.evaluate --text\)"):
         evaluate(model, data)
