@@ -730,7 +730,8 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
                 f"ends it is served as `trained-N` beside the others{whose} and chosen in the adapter menu above, so "
                 f"the gate slider moves between the base and what it learnt; the zip holds it for `--adapter`. Stop "
                 f"serves what it has learnt so far, and Resume then takes that run on to its end. Records as "
-                f"fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`{images}); one run "
+                f"fine-tuning reads them (`{{instruction, input?, output}}`, chat `messages`, plain text: a .txt "
+                f"file or `{{text}}` records, trained on every token{images}); one run "
                 f"at a time, of at most {handlers.training.max_steps} steps; warm-up over a tenth of the epochs, "
                 f"then cosine decay to a twentieth of the learning rate; 5% of the records give the validation loss, "
                 f"taken {VALIDATIONS} times over the run.")
