@@ -303,7 +303,7 @@ def test_bad_plain_text_records_are_named(tmp_path):
         in str(error.value)
 
 
-def test_an_adapter_trained_on_plain_text_reads_it_better(tmp_path, base_folder):
+def test_an_adapter_trained_on_plain_text_reads_it_better(tmp_path, base_folder, capsys):
     from adapter.evaluate import evaluate, evaluate_text
 
     documents = [f"The {c} {s} is on the {p}." for c in ("red", "blue", "green") for s in ("star", "circle")
@@ -311,6 +311,7 @@ def test_an_adapter_trained_on_plain_text_reads_it_better(tmp_path, base_folder)
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in documents])
     result = train(tiny_config(base_folder, data, tmp_path / "run", epochs=20, batch_size=4, micro_batch_size=4,
                                lr=0.05))
+    assert "; 12 plain-text document(s), in windows of 128 tokens (none cut)\n" in capsys.readouterr().err
     model = adapter.load(base_folder, adapter=result.adapter, device="cpu")
     scores = evaluate_text(model, data, gate_scales=[0.0, 1.0]).scores
     assert scores[1].loss < scores[0].loss - 0.5, "what it trained on is likelier with the prompts speaking"

@@ -275,9 +275,12 @@ class _Run:
                              "(give --val-data)")
         source = f"{len(records)} records" if self.val_records is None else \
             f"{len(records)} records + {len(self.val_records)} in --val-data"
+        documents = sum(example.plain for record in [*records, *(self.val_records or [])] for example in record)
         notice(f"data: {source} -> {len(data.train)} training and {len(data.val)} validation "
                f"examples; {data.truncated} longer than --max-seq-len {config.max_seq_len} were cut"
-               + (f" ({data.emptied} of them before their response: they teach nothing)" if data.emptied else ""),
+               + (f" ({data.emptied} of them before their response: they teach nothing)" if data.emptied else "")
+               + (f"; {documents} plain-text document(s), in windows of {config.max_seq_len} tokens (none cut)"
+                  if documents else ""),
                self.main)
         return data
 
