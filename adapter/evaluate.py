@@ -43,6 +43,7 @@ from .gate_layers import (
     normalized,
 )
 from .generate import generate_batch, require_tokenizer, scales_from_text
+from .hub import resolve_data
 from .kv_cache import KV_CACHE_DTYPES
 from .paths import not_a_file
 from .prompts import PROMPT_FORMATS, format_named
@@ -408,8 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--choices scores whole choices: --exact, --max-seq-len and --text do not apply")
         if args.text and (args.exact or args.image_folder or args.prompt_format != "auto"):
             raise ValueError("--text scores plain text: --exact, --image-folder and --prompt-format do not apply")
-        if not Path(args.data).is_file():
-            raise FileNotFoundError(f"--data: {not_a_file(args.data)}")
+        data = resolve_data(args.data, "--data")  # a hub dataset's file is fetched before the model is loaded
+        if not data.is_file():
+            raise FileNotFoundError(f"--data: {not_a_file(data)}")
         for flag, target in (("--json", args.json), ("--plot", args.plot)):
             if target:
                 check_file_target(target, f"{flag}: ")  # before the evaluation, not after
@@ -420,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model in models:
             for layers in selections(model, args):
                 for delta in deltas:
-                    evaluations.append(_evaluation(model, args, scales, delta, layers))
+                    evaluations.append(_evaluation(model, args, data, scales, delta, layers))
                     shown = choices_table if args.choices else table
                     print(("\n" if len(evaluations) > 1 else "") + shown(evaluations[-1]), flush=True)
         if args.json:
@@ -433,18 +435,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _evaluation(model: "Transformer", args: argparse.Namespace, scales: list[float], delta: float,
+def _evaluation(model: "Transformer", args: argparse.Namespace, data: Path, scales: list[float], delta: float,
                 layers: list[int] | None) -> Evaluation | ChoiceEvaluation:
-    """The command line's one evaluation of `model` at delta scale `delta` with `layers` speaking."""
+    """The command line's one evaluation of `model` on `data` at delta scale `delta` with `layers` speaking."""
     common = dict(gate_scales=scales, delta_scale=delta, micro_batch_size=args.micro_batch_size, limit=args.limit,
                   layers=layers)
     prompt_format = None if args.prompt_format == "auto" else args.prompt_format
     if args.choices:
-        return evaluate_choices(model, args.data, prompt_format=prompt_format, delimiter=args.choice_delimiter,
+        return evaluate_choices(model, data, prompt_format=prompt_format, delimiter=args.choice_delimiter,
                                 image_folder=args.image_folder, **common)
     if args.text:
-        return evaluate_text(model, args.data, max_seq_len=args.max_seq_len, **common)
-    return evaluate(model, args.data, image_folder=args.image_folder, exact=args.exact, prompt_format=prompt_format,
+        return evaluate_text(model, data, max_seq_len=args.max_seq_len, **common)
+    return evaluate(model, data, image_folder=args.image_folder, exact=args.exact, prompt_format=prompt_format,
                     max_seq_len=args.max_seq_len, **common)
 
 

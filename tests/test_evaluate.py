@@ -298,3 +298,17 @@ def test_several_delta_scales_give_a_table_each(base_folder, v2_adapter, data, c
     assert tables[0] != tables[1] and ", delta scale 0\n" in tables[0]
     assert main(["--base", str(base_folder), "--data", str(data), "--delta-scale", "nan"]) == 2
     assert "--delta-scale: give one or more finite numbers, got 'nan'" in capsys.readouterr().err
+
+
+def test_the_command_reads_a_hub_datasets_file_as_fine_tuning_does(base_folder, tmp_path, monkeypatch, capsys):
+    """`--data hf:owner/name` (the README says evaluation takes it): fetched before the model loads, then read as
+    a local file is (here plain text, a wikitext-like dataset of one JSONL file)."""
+    from tests.test_data_files import FakeHub
+
+    local = write_jsonl(tmp_path / "test.jsonl", [{"text": "Some text to read."}, {"text": "And some more."}])
+    hub = FakeHub({"data/test.jsonl": local}).install(monkeypatch)
+    assert main(["--base", str(base_folder), "--data", "hf:owner/texts", "--text"]) == 0
+    assert hub.asked == [("owner/texts", "data/test.jsonl", "dataset")]
+    fetched = capsys.readouterr().out
+    assert main(["--base", str(base_folder), "--data", str(local), "--text"]) == 0
+    assert fetched == capsys.readouterr().out
