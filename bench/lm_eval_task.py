@@ -64,7 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", required=True, type=Path, help="a multiple-choice file (adapter.choices layouts)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the task's YAML and data")
     options = parser.parse_args(argv)
-    print(write_task(options.base, options.adapter, options.data, options.out))
+    try:
+        print(write_task(options.base, options.adapter, options.data, options.out))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -344,3 +344,12 @@ def test_smoke_v2_parts_section_times_every_kind_against_v1(smoke_report):
     assert all(float(row[2].split(" ")[0]) > 0 for row in rows[1:])
     assert any("input scales" in row[1] for row in rows[1:]) and any("litgpt v2" in row[1] for row in rows[1:])
     assert sum(row[1].endswith("; merged (adapter.merge)") for row in rows[1:]) == 6
+
+
+def test_lm_eval_task_names_a_bad_data_file_in_one_line(base_folder, tmp_path, capsys):
+    from bench.lm_eval_task import main as task_main
+
+    assert task_main(["--base", str(base_folder), "--data", str(tmp_path / "none.jsonl"), "--out",
+                      str(tmp_path / "task")]) == 2
+    assert capsys.readouterr().err == f"error: --data: {tmp_path / 'none.jsonl'} does not exist\n"
+    assert not (tmp_path / "task").exists()
