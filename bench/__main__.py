@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.args import positive_int
 from bench.decode import machine
 from bench.report import command_line, replace_section, versions
 
@@ -91,8 +92,8 @@ def summary(command: str, ran: list[str], failed: list[str], left: list[str], th
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", help="the markdown file every section goes to (e.g. BENCHMARKS.md)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, help="runs per figure (default: each benchmark's own)")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, help="runs per figure (default: each benchmark's own)")
     parser.add_argument("--only", help="comma-separated: " + ", ".join(b.name for b in BENCHMARKS))
     parser.add_argument("--with-load", action="store_true", help="also bench.load (13.5 GB written once, minutes)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, once each: checks the harness")

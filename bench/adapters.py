@@ -25,6 +25,7 @@ import torch
 
 from adapter import load, load_sharing, save_adapter
 from adapter.config import AdapterArgs, ModelArgs
+from bench.args import positive_ints
 from bench.decode import machine
 from bench.load import write_checkpoint
 from bench.peers import PRECISIONS, chosen_precisions, fresh_process_flags, quiet
@@ -120,11 +121,12 @@ def render(rows: list[tuple[str, ...]], checked: list[str], heading: str, comman
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__.split("\n\n")[0])
     fresh_process_flags(parser, "fresh processes per figure", WAYS)
-    parser.add_argument("--counts", default="1,2,4", help="comma-separated numbers of adapters served")
+    parser.add_argument("--counts", type=positive_ints, default="1,2,4",
+                        help="comma-separated numbers of adapters served")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
     precisions = chosen_precisions(parser, options)
-    counts = [int(c) for c in options.counts.split(",")]
+    counts = options.counts
     if min(counts) < 1:
         parser.error(f"--counts: each must be 1 or more, got {options.counts}")
     if options.worker:

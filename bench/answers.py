@@ -18,6 +18,7 @@ import adapter
 from adapter.answer_file import Question, answer_questions
 from adapter.tiny.evaluate import held_out
 from adapter.tiny.questions import TEXT_CATEGORIES
+from bench.args import positive_int, positive_ints
 from bench.decode import machine, measure
 from bench.report import command_line, publish
 
@@ -46,15 +47,15 @@ def questions_per_s(model, asked: list[Question], batch_size: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.answers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--questions", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--questions", type=positive_int, default=64)
+    parser.add_argument("--batch-sizes", type=positive_ints, default="1,4,16")
     parser.add_argument("--smoke", action="store_true", help="8 questions, batch sizes 1 and 4, once")
     parser.add_argument("--write", help="replace this benchmark's section of this markdown file")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
-    count, sizes = options.questions, [int(size) for size in options.batch_sizes.split(",")]
+    count, sizes = options.questions, options.batch_sizes
     repeats = options.repeats
     if options.smoke:
         count, sizes, repeats = 8, [1, 4], 1

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.tokenizer import Tokenizer, open_tokenizer
+from bench.args import positive_int
 from bench.decode import machine
 from bench.report import publish
 
@@ -149,9 +150,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.app", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="single-client streaming runs")
+    parser.add_argument("--clients", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="single-client streaming runs")
     parser.add_argument("--write", help="replace the app section of this markdown file (e.g. BENCHMARKS.md)")
     options = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:

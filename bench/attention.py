@@ -28,6 +28,7 @@ from adapter.loading import load
 from adapter.tiny.questions import text_questions
 from adapter.tiny.recipe import FULL
 from adapter.tiny.records import write_text_records
+from bench.args import positive_int
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
 
@@ -61,13 +62,14 @@ def seconds_per_step(model, batches: Sequence[Batch], fp32_attention: bool, prec
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10, help="batches per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per mode, alternating")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=10, help="batches per run")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per mode, alternating")
     parser.add_argument("--write", help="replace this section of a BENCHMARKS.md")
     options = parser.parse_args(argv)
     if not (TINY_FOLDER / "base").is_dir():
-        raise SystemExit(f"bench.attention needs the tiny base in {TINY_FOLDER / 'base'} (python -m adapter.tiny build)")
+        raise SystemExit(f"bench.attention needs the tiny base in {TINY_FOLDER / 'base'} "
+                         "(python -m adapter.tiny build)")
     torch.set_num_threads(options.threads)
     text = FULL.text
     model = load(TINY_FOLDER / "base", adapter=AdapterArgs(prompt_len=text.prompt_len,

@@ -26,6 +26,7 @@ from adapter.tiny.corpus import corpus
 from adapter.tiny.pretrain import pack, pretrain
 from adapter.tiny.recipe import FULL
 from adapter.tokenizer import Tokenizer, open_tokenizer
+from bench.args import positive_int
 from bench.attention import seconds_per_step, tiny_batches
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
@@ -75,9 +76,9 @@ def stage_timers(tokenizer: Tokenizer, steps: int) -> dict[str, Callable[[bool],
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.autocast", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per stage and precision, alternating")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps per run")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs per stage and precision, alternating")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--write", help="replace this section of a BENCHMARKS.md")
     options = parser.parse_args(argv)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.args import positive_int
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
 
@@ -78,8 +79,8 @@ def measure(case: int, repeats: int) -> dict[str, list[float]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compute_thread", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--write", help="replace this benchmark's section of this markdown file (e.g. BENCHMARKS.md)")
     parser.add_argument("--case", type=int, choices=range(len(CASES)), help=argparse.SUPPRESS)  # one, here
     options = parser.parse_args(argv)

@@ -28,6 +28,7 @@ from adapter.config import AdapterArgs, ModelArgs
 from adapter.cpu_features import describe_machine as machine
 from adapter.layout import column_major_wide, row_major
 from adapter.model import Transformer, reduction_matvec
+from bench.args import positive_int
 from bench.compare import synced
 from bench.report import publish
 
@@ -210,8 +211,8 @@ def render(rows: list[tuple[str, str, str]], command: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--write", help="replace the decode section of this markdown file (e.g. BENCHMARKS.md)")
     options = parser.parse_args(argv)
     command = "python -m bench.decode " + " ".join(argv if argv is not None else sys.argv[1:])

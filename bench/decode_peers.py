@@ -24,6 +24,7 @@ import torch
 
 from adapter.config import AdapterArgs
 from adapter.model import Transformer
+from bench.args import positive_int
 from bench.compare import (
     CHECK_PROMPT,
     Check,
@@ -140,8 +141,8 @@ def render(checks: list[Check], rows: list[tuple[str, ...]], heading: str, comma
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.decode_peers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, from "
                         + ", ".join(PRECISIONS))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

@@ -31,6 +31,7 @@ import torch
 from adapter.config import AdapterArgs, ModelArgs
 from adapter.footprint import quant_state_tensors
 from adapter.formats.common import atomic_write
+from bench.args import positive_int
 from bench.compare import TOLERANCE, Check, Greedy, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
 from bench.decode import measure
 from bench.peers import quiet
@@ -503,7 +504,7 @@ def card(device: torch.device) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--budget", type=float, default=420, help="seconds; later stages are skipped after it")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (on the CPU unless --device): checks the "
                         "script, not the GPU")

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bench.args import positive_ints
 from bench.compare import Check, Ours, Peer, check_lines, checked_pair, greedy, prompt
 from bench.decode import machine
 from bench.peers import Weights, chosen_precisions, fresh_process_flags, load_ours, load_peer, quiet, write_weights
@@ -106,13 +107,14 @@ def rows_for(precision: str, context: int, runs: dict[str, list[dict]]) -> list[
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     fresh_process_flags(parser, "fresh processes per side and figure", SIDES)
-    parser.add_argument("--contexts", default="512,2048", help="comma-separated total tokens (prompt + new)")
+    parser.add_argument("--contexts", type=positive_ints, default="512,2048",
+                        help="comma-separated total tokens (prompt + new)")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--timed", type=int, default=0, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
-    contexts = [int(c) for c in options.contexts.split(",")]
+    contexts = options.contexts
     precisions = chosen_precisions(parser, options)
     if options.worker:
         print(json.dumps(worker(options.folder, options.worker, precisions[0], contexts[0], options.new_tokens,

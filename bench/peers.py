@@ -22,6 +22,7 @@ from torch import nn
 from adapter.config import AdapterArgs, ModelArgs
 from adapter.loading import load
 from adapter.model import Transformer
+from bench.args import positive_int
 from bench.load import write_checkpoint
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ PRECISIONS: dict[str, tuple[torch.dtype, str | None]] = {
 def fresh_process_flags(parser: argparse.ArgumentParser, repeats_help: str, worker_choices: Sequence[str]) -> None:
     """The flags of a benchmark that measures each figure in fresh processes of its own: --threads, --repeats,
     --precisions, --smoke, --write, and the hidden --worker/--folder its workers are started with."""
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help=repeats_help)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3, help=repeats_help)
     parser.add_argument("--precisions", help="comma-separated, from " + ", ".join(PRECISIONS) +
                         " (default fp32,nf4; fp32 with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one process each: checks the harness")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.args import positive_int
 from bench.compare import check_lines, checked_pair
 from bench.decode import machine
 from bench.memory import PAIR, run_worker
@@ -96,8 +97,8 @@ def plot(path: Path, contexts: dict[int, Point], layers: dict[int, Point], title
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed generations per point and side")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed generations per point and side")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one run: checks the harness, not speed")
     parser.add_argument("--write", help="replace this section of the markdown file (e.g. BENCHMARKS.md)")
     parser.add_argument("--plot", help="where to write the PNG (default: docs/scaling.png next to --write)")

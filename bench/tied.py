@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.args import positive_int
 from bench.decode import machine
 from bench.report import command_line, publish, table, versions
 
@@ -112,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tied", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", help="where the checkpoints are written once (default /tmp/llama32-1b-random; "
                                          "a temporary folder with --smoke)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--smoke", action="store_true", help="a tiny shape: checks the harness")
     parser.add_argument("--write", help="replace this benchmark's section of a markdown file (e.g. BENCHMARKS.md)")
     options = parser.parse_args(argv)

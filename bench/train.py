@@ -28,6 +28,7 @@ import torch
 from adapter.config import AdapterArgs
 from adapter.finetune.batching import Batch, collate
 from adapter.finetune.encode import IGNORE_INDEX, Encoded
+from bench.args import positive_int
 from bench.compare import TOLERANCE, PeerMismatch
 from bench.decode import machine
 from bench.peers import Weights, load_ours, load_peer, quiet, write_weights
@@ -207,9 +208,9 @@ def render(checks: list[tuple[str, ...]], rows: list[tuple[str, ...]], bases: Se
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after one warm-up)")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side, alternating")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed optimizer steps (after one warm-up)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="fresh processes per side, alternating")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: v1, v2")
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated: fp32, nf4")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one step, one run: checks the harness")

@@ -26,6 +26,7 @@ from adapter.app_config import ServeConfig, tiny_available
 from adapter.live_training import VALIDATIONS
 from adapter.tiny.assets import ASSETS, CLIP_CONFIG, CLIP_WEIGHTS
 from bench.app import ROOT, free_port, percentile, start_app
+from bench.args import positive_int
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
 
@@ -91,8 +92,8 @@ def finetune_alone(records: Path, flags: Sequence[str] = ()) -> tuple[float, flo
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train_tab", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each way of training")
-    parser.add_argument("--chats", type=int, default=10, help="chat answers timed with the app idle")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="runs of each way of training")
+    parser.add_argument("--chats", type=positive_int, default=10, help="chat answers timed with the app idle")
     parser.add_argument("--write", help="replace the Train tab section of this markdown file (e.g. BENCHMARKS.md)")
     options = parser.parse_args(argv)
     if not tiny_available():

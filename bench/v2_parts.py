@@ -23,6 +23,7 @@ from adapter.config import LORA_TARGETS, AdapterArgs, ModelArgs
 from adapter.layout import column_major_wide
 from adapter.merge import merged_model
 from adapter.model import Transformer
+from bench.args import positive_int
 from bench.decode import SHAPE, decode_tokens_per_s, fused_tokens_per_s, machine, measure_side_by_side
 from bench.report import command_line, publish, ratio, spread, table
 
@@ -87,8 +88,8 @@ def training_step_s(model: Transformer, batch: int = 4, length: int = 128) -> fl
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.v2_parts", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round: checks the harness only")
     parser.add_argument("--write", help="replace this section of a BENCHMARKS.md")
     options = parser.parse_args(argv)

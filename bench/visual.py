@@ -18,6 +18,7 @@ from PIL import Image
 from adapter.config import AdapterArgs
 from adapter.model import Transformer
 from adapter.visual import ImageEncoder, attach_image_encoder, encode_images
+from bench.args import positive_int
 from bench.decode import SHAPE, machine, measure, measure_side_by_side
 from bench.report import publish
 
@@ -54,8 +55,8 @@ def first_token_ms(model: Transformer, image: Image.Image, prompt_len: int = 64)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.visual", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--write", help="replace the image section of this markdown file (e.g. BENCHMARKS.md)")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)

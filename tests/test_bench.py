@@ -353,3 +353,16 @@ def test_lm_eval_task_names_a_bad_data_file_in_one_line(base_folder, tmp_path, c
                       str(tmp_path / "task")]) == 2
     assert capsys.readouterr().err == f"error: --data: {tmp_path / 'none.jsonl'} does not exist\n"
     assert not (tmp_path / "task").exists()
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("bench.decode", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    ("bench.memory", ["--contexts", "512,x"], "argument --contexts: 'x' is not a whole number"),
+    ("bench.answers", ["--batch-sizes", "1,0"], "argument --batch-sizes: must be at least 1, got 0"),
+])
+def test_benchmark_numbers_are_checked_by_their_command_line(module, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
