@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.decode import machine
 from bench.report import command_line, replace_section, versions
 
@@ -113,4 +113,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -25,7 +25,7 @@ import torch
 
 from adapter import load, load_sharing, save_adapter
 from adapter.config import AdapterArgs, ModelArgs
-from bench.args import positive_ints
+from bench.args import positive_ints, run_main
 from bench.decode import machine
 from bench.load import write_checkpoint
 from bench.peers import PRECISIONS, chosen_precisions, fresh_process_flags, quiet
@@ -161,4 +161,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

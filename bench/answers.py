@@ -9,6 +9,7 @@ every batch size are checked equal to those of batch size 1 before anything is t
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 
@@ -18,7 +19,7 @@ import adapter
 from adapter.answer_file import Question, answer_questions
 from adapter.tiny.evaluate import held_out
 from adapter.tiny.questions import TEXT_CATEGORIES
-from bench.args import positive_int, positive_ints
+from bench.args import positive_int, positive_ints, run_main
 from bench.decode import machine, measure
 from bench.report import command_line, publish
 
@@ -86,4 +87,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_main(main))

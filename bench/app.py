@@ -25,7 +25,7 @@ from pathlib import Path
 
 from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.tokenizer import Tokenizer, open_tokenizer
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.decode import machine
 from bench.report import publish
 
@@ -217,4 +217,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

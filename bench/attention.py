@@ -11,6 +11,7 @@ The shape is the tiny recipe's text stage (assets/tiny/base, a v1 adapter of 20 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from adapter.loading import load
 from adapter.tiny.questions import text_questions
 from adapter.tiny.recipe import FULL
 from adapter.tiny.records import write_text_records
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
 
@@ -103,4 +104,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,7 +27,7 @@ from adapter.tiny.corpus import corpus
 from adapter.tiny.pretrain import pack, pretrain
 from adapter.tiny.recipe import FULL
 from adapter.tokenizer import Tokenizer, open_tokenizer
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.attention import seconds_per_step, tiny_batches
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
@@ -108,4 +109,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

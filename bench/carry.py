@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from bench.args import run_main
+
 DISTRIBUTIONS = ("bitsandbytes", "open_clip_torch", "timm", "ftfy", "wcwidth", "torchvision")
 LEFT_OUT = ("open_clip_train/",)  # open_clip's training scripts
 LIMIT = 64 * 2**20
@@ -85,4 +87,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

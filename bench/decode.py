@@ -28,7 +28,7 @@ from adapter.config import AdapterArgs, ModelArgs
 from adapter.cpu_features import describe_machine as machine
 from adapter.layout import column_major_wide, row_major
 from adapter.model import Transformer, reduction_matvec
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.compare import synced
 from bench.report import publish
 
@@ -222,4 +222,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -24,7 +24,7 @@ import torch
 
 from adapter.config import AdapterArgs
 from adapter.model import Transformer
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.compare import (
     CHECK_PROMPT,
     Check,
@@ -174,4 +174,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

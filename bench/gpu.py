@@ -31,7 +31,7 @@ import torch
 from adapter.config import AdapterArgs, ModelArgs
 from adapter.footprint import quant_state_tensors
 from adapter.formats.common import atomic_write
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.compare import TOLERANCE, Check, Greedy, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
 from bench.decode import measure
 from bench.peers import quiet
@@ -559,4 +559,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

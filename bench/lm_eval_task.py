@@ -24,6 +24,7 @@ from adapter.choices import read_questions
 from adapter.formats import BASE_HELP
 from adapter.loading import load
 from adapter.prompts import format_named
+from bench.args import run_main
 
 TASK = """task: {name}
 dataset_path: json
@@ -73,4 +74,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

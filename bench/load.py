@@ -25,6 +25,7 @@ import torch
 
 from adapter.config import ModelArgs
 from adapter.quantize_base import quantize_base
+from bench.args import run_main
 from bench.gptq_file import write_gptq
 from bench.report import publish
 
@@ -173,4 +174,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

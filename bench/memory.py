@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bench.args import positive_ints
+from bench.args import positive_ints, run_main
 from bench.compare import Check, Ours, Peer, check_lines, checked_pair, greedy, prompt
 from bench.decode import machine
 from bench.peers import Weights, chosen_precisions, fresh_process_flags, load_ours, load_peer, quiet, write_weights
@@ -147,4 +147,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

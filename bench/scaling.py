@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.compare import check_lines, checked_pair
 from bench.decode import machine
 from bench.memory import PAIR, run_worker
@@ -154,4 +154,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -28,7 +28,7 @@ import torch
 from adapter.config import AdapterArgs
 from adapter.finetune.batching import Batch, collate
 from adapter.finetune.encode import IGNORE_INDEX, Encoded
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.compare import TOLERANCE, PeerMismatch
 from bench.decode import machine
 from bench.peers import Weights, load_ours, load_peer, quiet, write_weights
@@ -248,4 +248,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,7 +26,7 @@ from adapter.app_config import ServeConfig, tiny_available
 from adapter.live_training import VALIDATIONS
 from adapter.tiny.assets import ASSETS, CLIP_CONFIG, CLIP_WEIGHTS
 from bench.app import ROOT, free_port, percentile, start_app
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.decode import machine
 from bench.report import command_line, publish, spread, stat, table
 
@@ -165,4 +165,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

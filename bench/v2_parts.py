@@ -14,6 +14,7 @@ forward and backward of 4 sequences of 128 tokens (no optimizer: the same for ev
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 
@@ -23,7 +24,7 @@ from adapter.config import LORA_TARGETS, AdapterArgs, ModelArgs
 from adapter.layout import column_major_wide
 from adapter.merge import merged_model
 from adapter.model import Transformer
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.decode import SHAPE, decode_tokens_per_s, fused_tokens_per_s, machine, measure_side_by_side
 from bench.report import command_line, publish, ratio, spread, table
 
@@ -119,4 +120,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -18,7 +18,7 @@ from PIL import Image
 from adapter.config import AdapterArgs
 from adapter.model import Transformer
 from adapter.visual import ImageEncoder, attach_image_encoder, encode_images
-from bench.args import positive_int
+from bench.args import positive_int, run_main
 from bench.decode import SHAPE, machine, measure, measure_side_by_side
 from bench.report import publish
 
@@ -87,4 +87,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

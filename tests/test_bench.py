@@ -366,3 +366,13 @@ def test_benchmark_numbers_are_checked_by_their_command_line(module, argv, messa
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_folder_a_benchmark_cannot_make_is_one_line(tmp_path, capsys):
+    from bench import tied
+    from bench.args import run_main
+
+    (tmp_path / "file").write_text("")
+    assert run_main(lambda: tied.main(["--folder", str(tmp_path / "file" / "under"), "--smoke"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "file" / "under") in err and err.count("\n") == 1
