@@ -1,6 +1,7 @@
 """Optional downloads, only when asked for: from the Hugging Face hub with an explicit `hf:owner/name` (or one GGUF
-file of a repository, `hf:owner/name/FILE.gguf`; for data, one file of a dataset repository), at a branch, tag or
-commit with `hf:owner/name@revision`, and the official release files with `official:NAME` (adapter.releases).
+file of a repository, `hf:owner/name/FILE.gguf`, or one of its folders, `hf:owner/name/FOLDER`; for data, one file
+of a dataset repository), at a branch, tag or commit with `hf:owner/name@revision`, and the official release files
+with `official:NAME` (adapter.releases).
 
 Nothing else in the project touches the network: a plain path that does not exist is an error, never a
 guess at a repository.
@@ -22,6 +23,8 @@ _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # copies (2.5 GB for Llama 3.2 1B, 16 GB for 3.1 8B, 14.5 GB for Mistral 7B) are not fetched
 SKIPPED = ["original/*", "consolidated*.safetensors"]
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")  # what a dataset repository's records may be stored as
+# one file of a model repository other than a GGUF file is not fetched alone (its folder or repository is)
+FILE_SUFFIXES = (".bin", ".safetensors", ".pth", ".pt", ".json", ".model")
 # a base repository's files but its weights: config, tokenizer, chat template, the shards' index
 WITHOUT_WEIGHTS = ["*.json", "*.model", "*.jinja", "tokenizer*"]
 
@@ -34,9 +37,11 @@ def is_remote(value: str | os.PathLike) -> bool:
 
 
 def resolve(value: str | os.PathLike, what: str, max_bytes: int | None = None) -> Path:
-    """A local path as given, the local snapshot of `hf:owner/name`, or the cached official release
-    `official:NAME` (each downloaded if needed); with `max_bytes`, a repository that would download more is
-    refused before anything is fetched (a server fetching what its users name)."""
+    """A local path as given, the local snapshot of `hf:owner/name` (of one of its folders,
+    `hf:owner/name/FOLDER`, as PEFT's `subfolder` names an adapter kept beside others; of one GGUF file,
+    `hf:owner/name/FILE.gguf`), or the cached official release `official:NAME` (each downloaded if needed); with
+    `max_bytes`, a repository that would download more is refused before anything is fetched (a server fetching
+    what its users name)."""
     from . import releases
 
     text = str(value)
@@ -44,17 +49,22 @@ def resolve(value: str | os.PathLike, what: str, max_bytes: int | None = None) -
         return releases.fetch(text[len(releases.PREFIX):], what)
     if not text.startswith(PREFIX):
         return Path(value)
-    repo, revision, file_name = _parts(text[len(PREFIX):])
-    if not _REPO.match(repo) or (file_name and not file_name.endswith(".gguf")):
+    repo, revision, inside = _parts(text[len(PREFIX):])
+    inside = inside.strip("/")
+    if not _REPO.match(repo) or Path(inside).suffix in FILE_SUFFIXES:
         raise ValueError(f"{what}: {text!r} is not a hub repository id like hf:owner/name[@revision] (or "
-                         "hf:owner/name[@revision]/FILE.gguf)")
+                         "hf:owner/name[@revision]/FILE.gguf, or a folder of it: hf:owner/name[@revision]/FOLDER)")
     hub, at = hub_module(what, repo), {} if revision is None else {"revision": revision}
     with _fetching(what, repo):
         if max_bytes is not None:
-            _check_size(hub, repo, at, file_name, max_bytes, what)
-        if file_name:
-            return Path(hub.hf_hub_download(repo_id=repo, filename=file_name, **at))
-        return Path(hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED, **at))
+            _check_size(hub, repo, at, inside, max_bytes, what)
+        if inside.endswith(".gguf"):
+            return Path(hub.hf_hub_download(repo_id=repo, filename=inside, **at))
+        patterns = {"allow_patterns": [f"{inside}/*"]} if inside else {}
+        snapshot = Path(hub.snapshot_download(repo_id=repo, ignore_patterns=SKIPPED, **patterns, **at))
+    if inside and not (snapshot / inside).is_dir():
+        raise ValueError(f"{what}: hf:{repo} has no folder {inside!r}")
+    return snapshot / inside if inside else snapshot
 
 
 def resolve_without_weights(value: str | os.PathLike, what: str) -> tuple[Path, dict[str, set[str]]] | None:
@@ -79,14 +89,16 @@ def resolve_without_weights(value: str | os.PathLike, what: str) -> tuple[Path, 
     return folder, {name: set(found.tensors) for name, found in headers.files_metadata.items()}
 
 
-def _check_size(hub, repo: str, at: dict[str, str], file_name: str, max_bytes: int, what: str) -> None:
-    """ValueError where what would be fetched (`file_name`, or a snapshot of `repo`) is more than `max_bytes`."""
+def _check_size(hub, repo: str, at: dict[str, str], inside: str, max_bytes: int, what: str) -> None:
+    """ValueError where what would be fetched (the file or folder `inside`, or a snapshot of `repo`) is more than
+    `max_bytes`."""
     info = hub.HfApi().model_info(repo, files_metadata=True, **at)
-    fetched = [file for file in info.siblings or [] if file.rfilename == file_name or not file_name and
-               not any(fnmatch.fnmatch(file.rfilename, pattern) for pattern in SKIPPED)]
+    fetched = [file for file in info.siblings or []
+               if (file.rfilename == inside or file.rfilename.startswith(f"{inside}/") if inside else True)
+               and not any(fnmatch.fnmatch(file.rfilename, pattern) for pattern in SKIPPED)]
     size = sum(file.size or 0 for file in fetched)
     if size > max_bytes:
-        named = f"hf:{repo}/{file_name}" if file_name else f"hf:{repo}"
+        named = f"hf:{repo}/{inside}" if inside else f"hf:{repo}"
         raise ValueError(f"{what}: {named} holds {size:,} bytes, more than the {max_bytes:,} fetched here")
 
 

@@ -131,3 +131,29 @@ def test_a_hub_repository_without_safetensors_weights_is_fetched_whole(hf_base, 
     hub.install(monkeypatch)
     assert describe("hf:owner/bin")[1:] == describe(str(bin_folder))[1:]
     assert "pytorch_model.bin" in hub.fetched
+
+
+def test_an_adapter_in_a_folder_of_a_hub_repository_is_fetched_alone(base_folder, tmp_path, monkeypatch):
+    """`hf:owner/name/FOLDER` (PEFT's `subfolder`): that folder's files only, loaded as a local folder is."""
+    from adapter.formats.native import save_adapter
+    from adapter.hub import _check_size, resolve
+
+    repo = tmp_path / "repo"
+    for name, seed in (("first", 1), ("second", 2)):
+        save_adapter(randomize_adapter(adapter.load(base_folder, adapter=V1, device="cpu"), seed=seed), repo / name)
+    (repo / "README.md").write_text("two adapters")
+    hub = HubOfFolders({"owner/adapters": repo}, tmp_path / "cache")
+    hub.install(monkeypatch)
+    loaded = adapter.load(base_folder, adapter="hf:owner/adapters/second", device="cpu")
+    assert sorted(hub.fetched) == ["second/adapter.json", "second/adapter.safetensors"]
+    local = adapter.load(base_folder, adapter=repo / "second", device="cpu")
+    assert all(torch.equal(loaded.adapter_state_dict()[k], v) for k, v in local.adapter_state_dict().items())
+    with pytest.raises(ValueError, match=r"adapter: hf:owner/adapters has no folder 'third'"):
+        resolve("hf:owner/adapters/third", "adapter")
+
+    files = [SimpleNamespace(rfilename=name, size=size) for name, size in
+             (("first/adapter.safetensors", 900), ("second/adapter.safetensors", 100), ("README.md", 10))]
+    api = SimpleNamespace(HfApi=lambda: SimpleNamespace(model_info=lambda repo, **_: SimpleNamespace(siblings=files)))
+    _check_size(api, "owner/adapters", {}, "second", 100, "adapter")  # that folder alone counts
+    with pytest.raises(ValueError, match=r"hf:owner/adapters holds 1,010 bytes, more than the 100 fetched here"):
+        _check_size(api, "owner/adapters", {}, "", 100, "adapter")
