@@ -18,7 +18,7 @@ import torch
 
 from .config import ModelArgs
 from .formats.bnb import QuantizedWeight
-from .formats.common import refuse_existing
+from .formats.common import atomic_write, refuse_existing
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
 from .loading import DTYPES, open_named_base
@@ -162,3 +162,17 @@ def _rope_scaling(args: ModelArgs) -> dict | None:
     return {"rope_type": scaling.kind, "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
             "high_freq_factor": scaling.high_freq_factor,
             "original_max_position_embeddings": scaling.original_max_len}
+
+
+def push_folder(folder: Path, repo: str, private: bool, message: str) -> str:
+    """A written folder in one commit to `repo` (its card's OWNER/NAME made `repo` first, so that it names where it
+    now lives); where that fails, the folder stays, with how to push it later. The commit's URL."""
+    from .push import commit_folder
+
+    card = folder / CARD
+    named = card.read_text().replace("OWNER/NAME", repo)
+    atomic_write(card, lambda tmp: Path(tmp).write_text(named))
+    try:
+        return commit_folder(folder, repo, private, message, what="--push-to-hub")
+    except ValueError as error:
+        raise ValueError(f"{error}; the folder is kept: push it later with hf upload {repo} {folder} .") from error

@@ -30,10 +30,19 @@ from .convert import adapter_on_meta_base
 from .formats import BASE_HELP
 from .formats.common import atomic_folder
 from .formats.native import save_adapter
-from .hf_folder import SHARD_GB, hf_config, hf_tensors, open_base_to_rewrite, size_text, write_hf_folder
+from .hf_folder import (
+    SHARD_GB,
+    hf_config,
+    hf_tensors,
+    open_base_to_rewrite,
+    push_folder,
+    size_text,
+    write_hf_folder,
+)
 from .layout import column_major_wide
 from .loading import DTYPES
 from .model import LinearDelta, Transformer
+from .push import hub_target
 from .tokenizer import open_tokenizer
 
 ADAPTER_FOLDER = "adapter"  # OUT/adapter: what stays an adapter
@@ -188,8 +197,8 @@ def _has(args: AdapterArgs) -> list[str]:
 def _card(base: str, adapter: str, parts: list[str], rest: Transformer | None, family: str, size: int,
           dtype: str) -> str:
     """README.md: what was merged into what, and how to serve it."""
-    serve = "python app.py --base this/folder" + (f" --adapter this/folder/{ADAPTER_FOLDER}" if rest else "") \
-        + (" --clip CLIP  # the CLIP tower it read before" if rest and rest.visual_prompt is not None else "")
+    serve = "python app.py --base hf:OWNER/NAME" + (f" --adapter hf:OWNER/NAME/{ADAPTER_FOLDER}" if rest else "") \
+        + (" --clip CLIP" if rest and rest.visual_prompt is not None else "") + "   # or this folder's path"
     return "\n".join([
         "---", "tags:", "- llama-adapter", "- merged", "library_name: transformers",
         "pipeline_tag: text-generation", "---", "",
@@ -201,7 +210,7 @@ def _card(base: str, adapter: str, parts: list[str], rest: Transformer | None, f
            else " Nothing of it is left: this is a plain model."), "",
         "```bash", serve, "```", "",
         "```python", "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained(\"this/folder\")"
+        "model = AutoModelForCausalLM.from_pretrained(\"OWNER/NAME\")"
         + ("  # without the adaption prompts and biases of adapter/" if rest else ""), "```", ""])
 
 
@@ -214,19 +223,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                         help="what the merged weights are stored in (merged in float32)")
     parser.add_argument("--shard-gb", type=float, default=SHARD_GB, help="the largest weights file, in GiB")
+    parser.add_argument("--push-to-hub", metavar="OWNER/NAME",
+                        help="then push the folder (the adapter left in its adapter/ folder, its README.md the card) "
+                             "to this Hugging Face hub repository (token: HF_TOKEN or `hf auth login`; checked before "
+                             "merging)")
+    parser.add_argument("--hub-private", action="store_true", help="--push-to-hub: create the repository private")
     options = parser.parse_args(argv)
     try:
+        repo = hub_target(options.push_to_hub, options.hub_private)
         written = merge(options.base, options.adapter, options.out, dtype=options.dtype, shard_gb=options.shard_gb)
+        print(f"wrote {written.base} ({', '.join(written.merged)} merged"
+              + (f"; the rest of the adapter in {written.adapter}" if written.adapter else
+                 "; nothing left of the adapter")
+              + f"); serve it with {_serving(str(written.base), written)}")
+        if repo:
+            url = push_folder(written.base, repo, options.hub_private,
+                              "Upload a base with an adapter merged in (python -m adapter.merge)")
+            print(f"pushed {url}; serve it with {_serving(f'hf:{repo}', written)}")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rest = f" --adapter {written.adapter}" if written.adapter else ""
-    if written.sees:
-        rest += " --clip CLIP (the tower it read before)"
-    print(f"wrote {written.base} ({', '.join(written.merged)} merged"
-          + (f"; the rest of the adapter in {written.adapter}" if written.adapter else "; nothing left of the adapter")
-          + f"); serve it with python app.py --base {written.base}{rest}")
     return 0
+
+
+def _serving(base: str, written: Merged) -> str:
+    """The app's command line that serves what `merge` wrote, where `base` names the merged folder."""
+    rest = f" --adapter {base}/{ADAPTER_FOLDER}" if written.adapter else ""
+    return f"python app.py --base {base}{rest}" + (" --clip CLIP (the tower it read before)" if written.sees else "")
 
 
 if __name__ == "__main__":

@@ -27,11 +27,19 @@ import torch
 from .config import ModelArgs
 from .formats import BASE_HELP
 from .formats.bnb import QuantizedWeight
-from .formats.common import atomic_folder, atomic_write
-from .hf_folder import CARD, SHARD_GB, hf_config, hf_tensors, open_base_to_rewrite, size_text, write_hf_folder
+from .formats.common import atomic_folder
+from .hf_folder import (
+    SHARD_GB,
+    hf_config,
+    hf_tensors,
+    open_base_to_rewrite,
+    push_folder,
+    size_text,
+    write_hf_folder,
+)
 from .hub import PREFIX, is_remote, repo_of
 from .loading import DTYPES, resolve_device
-from .push import commit_folder, hub_target
+from .push import hub_target
 from .quantize import BLOCK_SIZE, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
 from .tiny.assets import BASE_NAME
 from .tokenizer import open_tokenizer
@@ -130,24 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
         print(f"wrote {path} ({options.mode}, {size:.2f} GiB of weights); serve it with python app.py --base {path}")
         if repo:
-            url = _pushed(path, repo, options.hub_private)
+            url = push_folder(path, repo, options.hub_private,
+                              "Upload a pre-quantized base (python -m adapter.quantize_base)")
             print(f"pushed {url}; serve it with python app.py --base hf:{repo}")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-def _pushed(folder: Path, repo: str, private: bool) -> str:
-    """The written folder in one commit to `repo`; where that fails, the folder stays with how to push it later."""
-    card = folder / CARD
-    named = card.read_text().replace("OWNER/NAME", repo)  # the card names where it now lives
-    atomic_write(card, lambda tmp: Path(tmp).write_text(named))
-    try:
-        return commit_folder(folder, repo, private, "Upload a pre-quantized base (python -m adapter.quantize_base)",
-                             what="--push-to-hub")
-    except ValueError as error:
-        raise ValueError(f"{error}; the folder is kept: push it later with hf upload {repo} {folder} .") from error
 
 
 if __name__ == "__main__":

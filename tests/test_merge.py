@@ -87,7 +87,7 @@ def test_merged_base_and_what_is_left_answer_as_the_whole_adapter(meta, tmp_path
         assert torch.allclose(in_memory(TOKENS), expected, atol=1e-4)
     card = (tmp_path / "merged" / "README.md").read_text()
     assert f"`meta` with the {', '.join(parts)} of `v2` merged into its weights" in card
-    assert "python app.py --base this/folder --adapter this/folder/adapter\n" in card
+    assert "python app.py --base hf:OWNER/NAME --adapter hf:OWNER/NAME/adapter   # or this folder's path\n" in card
 
 
 def test_bfloat16_is_the_default_store_and_a_lora_alone_merges_in_memory_too(meta, tmp_path):
@@ -147,7 +147,7 @@ def test_the_tiny_image_adapter_merged_answers_the_shipped_pictures_as_before(tm
     assert main(["tiny", "tiny-image", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.endswith(f"--adapter {tmp_path / 'merged' / 'adapter'} --clip CLIP (the tower it "
                                             "read before)\n")
-    assert "--adapter this/folder/adapter --clip CLIP  # the CLIP tower it read before\n" in \
+    assert "--adapter hf:OWNER/NAME/adapter --clip CLIP   # or this folder's path\n" in \
         (tmp_path / "merged" / "README.md").read_text()
     whole = adapter.load("tiny", adapter="tiny-image", clip="tiny", device="cpu")
     rest = adapter.load(tmp_path / "merged", adapter=tmp_path / "merged" / "adapter", clip="tiny", device="cpu")
@@ -161,3 +161,31 @@ def test_the_tiny_image_adapter_merged_answers_the_shipped_pictures_as_before(tm
                          max_new_tokens=8)
             answer = whole.generate(prompt, **asked)
             assert rest.generate(prompt, **asked) == answer == in_memory.generate(prompt, **asked), (example, gate)
+
+
+def test_the_merged_folder_is_pushed_with_its_adapter_and_served_from_the_hub(meta, tmp_path, monkeypatch, capsys):
+    from tests.test_hub_shape import HubOfFolders
+    from tests.test_push import FakeHub
+
+    whole = trained(meta, AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, lora_rank=2), tmp_path / "v2")
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    out = tmp_path / "merged"
+    assert main([str(meta), str(tmp_path / "v2"), str(out), "--dtype", "float32", "--push-to-hub", "me/merged"]) == 0
+    assert capsys.readouterr().out.endswith("pushed https://huggingface.co/me/merged/commit/0123abc; serve it with "
+                                            "python app.py --base hf:me/merged --adapter hf:me/merged/adapter\n")
+    pushed = hub.folder("me/merged")
+    assert sorted(p.name for p in pushed.rglob("*")) == sorted(p.name for p in out.rglob("*"))
+    card = (pushed / "README.md").read_text()
+    assert "python app.py --base hf:me/merged --adapter hf:me/merged/adapter" in card
+    assert 'from_pretrained("me/merged")' in card
+
+    HubOfFolders({"me/merged": pushed}, tmp_path / "cache").install(monkeypatch)  # served back from the hub
+    served = adapter.load("hf:me/merged", adapter="hf:me/merged/adapter", device="cpu")
+    with torch.no_grad():
+        assert torch.allclose(served(TOKENS), whole(TOKENS), atol=1e-4)
+
+    hub.token = None
+    assert main([str(meta), str(tmp_path / "v2"), str(tmp_path / "no"), "--push-to-hub", "me/merged"]) == 2
+    assert "error: --push-to-hub: no Hugging Face token" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists(), "refused before anything is merged"
