@@ -154,7 +154,13 @@ def holds_text(path: str | os.PathLike) -> bool:
     if Path(path).suffix == ".txt":
         return True
     first = first_record(path)
-    return isinstance(first, dict) and "text" in first and not {"instruction", "conversations", "messages"} & set(first)
+    return isinstance(first, dict) and _is_document(first)
+
+
+def _is_document(record: dict) -> bool:
+    """Whether a record is a document of plain text: a "text" and neither a conversation nor an instruction
+    (tatsu-lab/alpaca's rows carry a "text" beside their instruction: they are Alpaca records)."""
+    return "text" in record and not {"instruction", CONVERSATIONS.key, MESSAGES.key} & set(record)
 
 
 def first_record(path: str | os.PathLike) -> Any:
@@ -246,7 +252,7 @@ def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: lis
             examples.append(Example(prompt, written.answer(answer), image))
             history.append((question, answer))
         return examples
-    if "text" in record and "instruction" not in record:  # a document (tatsu-lab/alpaca's rows have both)
+    if _is_document(record):
         text = string_field(record, "text", reasons)
         if text is not None and not text.strip():
             reasons.append("empty 'text'")
