@@ -11,10 +11,12 @@ the adapter's own (float32) tensors come on top.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .config import ModelArgs
 
@@ -84,17 +86,43 @@ def describe(args: ModelArgs, tied_output: bool, stored: str | None = None,
 def held_bytes(model: Transformer) -> int:
     """The bytes of the frozen base tensors `model` holds now (not its adapter's, not its CLIP tower's):
     bitsandbytes weights with their quantization state, every storage counted once (a tied head, a shared base)."""
+    return module_bytes(model, lambda name: not (model.is_adapter_parameter(name) or name.startswith(TOWER)))
+
+
+def module_bytes(module: nn.Module, keep: Callable[[str], bool] = lambda name: True) -> int:
+    """The bytes of `module`'s parameters whose names `keep` takes, as held: bitsandbytes weights with their
+    quantization state (int8 scales too, once a layer has run), every storage counted once."""
     tensors: list[torch.Tensor | None] = []
-    for prefix, module in model.named_modules():
-        named = ((f"{prefix}.{name}".lstrip("."), param) for name, param in module.named_parameters(recurse=False))
-        own = [param for name, param in named if not (model.is_adapter_parameter(name) or name.startswith(TOWER))]
+    for prefix, child in module.named_modules():
+        named = ((f"{prefix}.{name}".lstrip("."), param) for name, param in child.named_parameters(recurse=False))
+        own = [param for name, param in named if keep(name)]
         for param in own:
             tensors += [param.data, getattr(param, "SCB", None)]
             tensors += quant_state_tensors(getattr(param, "quant_state", None))
         if own:
-            tensors.append(getattr(getattr(module, "state", None), "SCB", None))  # int8 scales, once a layer has run
+            tensors.append(getattr(getattr(child, "state", None), "SCB", None))  # int8 scales, once a layer has run
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
     return sum(storages.values())
+
+
+def tower_bytes(tower: nn.Module, mode: str | None, dtype: torch.dtype) -> int:
+    """The bytes an open_clip vision tower of `tower`'s shapes (`visual.tower_shape`: on the meta device) holds in
+    `dtype`, its blocks' linears quantized as `quantize.quantize_tower` does (attention as separate q, k, v and out
+    linears; their biases, the patch embedding, norms and projection stay in `dtype`)."""
+    quantized: set[int] = set()
+    total = 0
+    for block in tower.transformer.resblocks if mode is not None else ():
+        linears = []
+        if isinstance(block.attn, nn.MultiheadAttention):
+            width = block.attn.embed_dim
+            linears += [(width, width)] * 3 + [tuple(block.attn.out_proj.weight.shape)]
+            quantized |= {id(block.attn.in_proj_weight), id(block.attn.out_proj.weight)}
+        for child in block.mlp.children():
+            if type(child) is nn.Linear:
+                linears.append(tuple(child.weight.shape))
+                quantized.add(id(child.weight))
+        total += sum(linear_bytes(out, inp, mode, dtype) for out, inp in linears)
+    return total + sum(p.numel() * dtype.itemsize for p in tower.parameters() if id(p) not in quantized)
 
 
 def kv_bytes_per_token(model: Transformer) -> int:

@@ -20,12 +20,14 @@ from pathlib import Path
 from .app_config import CLIP_WEIGHT_SUFFIXES, build_parser, env_name, parse_config
 from .hub import hub_failures, hub_module, is_remote, repo_id
 from .push import check_token
+from .space_fit import check_fit
 from .tiny.assets import BASE_NAME, CLIP_NAME, IMAGE_NAME, TEXT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 LEFT_OUT = ("tests/", "bench/", ".ci/", "requirements-test.txt")  # what only development needs
 SPACE_CHOOSES = ("host", "port", "share")  # a Space serves on its own address and port, publicly
 NAMED = {"base": (BASE_NAME,), "adapter": (TEXT_NAME, IMAGE_NAME), "clip": (CLIP_NAME,), "clip_model": ()}
+DEFAULT_HARDWARE = "cpu-basic"  # a new Space's
 ADVICE = "check that your token may write there (HF_TOKEN, or `hf auth login`) and that you are online"
 
 
@@ -76,10 +78,11 @@ def space_files(root: Path = ROOT) -> list[str]:
 
 
 def deploy(space: str, flags: Sequence[str] = (), private: bool = False, hardware: str | None = None,
-           with_token: bool = False, root: Path = ROOT) -> str:
+           with_token: bool = False, root: Path = ROOT, fit_check: bool = True) -> str:
     """Create (or update) Space `space` serving this app as `python app.py FLAGS`; its URL. `hardware`: a Space
-    hardware name (t4-small, ...; default: the free CPU); `with_token`: the deploying token becomes the Space's
-    HF_TOKEN secret, which gated bases (Llama 2, Llama 3) need."""
+    hardware name (t4-small, ...; default: the Space's own, a new one's the free CPU); `with_token`: the deploying
+    token becomes the Space's HF_TOKEN secret, which gated bases (Llama 2, Llama 3) need. With `fit_check`, it
+    first prints how that hardware holds the base and refuses (ValueError, nothing sent) where it cannot."""
     space = repo_id(space, "space")
     variables, files = space_variables(flags), space_files(root)
     hub = hub_module("space", space)
@@ -87,8 +90,12 @@ def deploy(space: str, flags: Sequence[str] = (), private: bool = False, hardwar
     kinds = [kind.value for kind in hub.SpaceHardware]
     if hardware is not None and hardware not in kinds:
         raise ValueError(f"--hardware: {hardware!r} is not a Space hardware; choose from {', '.join(kinds)}")
+    api = hub.HfApi()
+    if fit_check:
+        with hub_failures("space", f"could not read {space}'s hardware on the Hugging Face hub", ADVICE):
+            serves_on = hardware or _current_hardware(hub, api, space)
+        print("\n".join(_fit_lines(serves_on, variables, *_open_base(variables))))
     with hub_failures("space", f"could not deploy to {space} on the Hugging Face hub", ADVICE):
-        api = hub.HfApi()
         api.create_repo(space, repo_type="space", space_sdk="gradio", private=True if private else None,
                         exist_ok=True)
         _set_variables(api, space, variables)
@@ -110,17 +117,41 @@ def _set_variables(api, space: str, variables: Mapping[str, str]) -> None:
         api.add_space_variable(space, key, value)
 
 
-def _base_lines(variables: Mapping[str, str]) -> list[str]:
-    """The base the Space will serve, as inspect describes it (its memory per precision: which hardware holds it),
-    read without its weights; a line saying why where it cannot be read from here."""
-    from .inspect import describe_base
+def _current_hardware(hub, api, space: str) -> str:
+    """The hardware an existing Space has asked for (a deploy without --hardware keeps it); a new one's: cpu-basic."""
+    try:
+        runtime = api.get_space_runtime(space)
+    except hub.errors.RepositoryNotFoundError:
+        return DEFAULT_HARDWARE
+    return runtime.requested_hardware or runtime.hardware or DEFAULT_HARDWARE
+
+
+def _open_base(variables: Mapping[str, str]):
+    """(the base the Space will serve, opened without its weights, or the reason it cannot be read from here)."""
     from .loading import open_base_shape
 
     base = variables.get(env_name("base"), BASE_NAME)
     try:
-        return describe_base(base, open_base_shape(base))
+        return base, open_base_shape(base)
     except (ValueError, FileNotFoundError) as error:
-        return [f"{base}: not described from here ({error})"]
+        return base, error
+
+
+def _base_lines(base: str, checkpoint) -> list[str]:
+    """The base the Space will serve, as inspect describes it (its memory per precision), read without its weights;
+    a line saying why where it cannot be read from here."""
+    from .inspect import describe_base
+
+    if isinstance(checkpoint, Exception):
+        return [f"{base}: not described from here ({checkpoint})"]
+    return describe_base(base, checkpoint)
+
+
+def _fit_lines(hardware: str, variables: Mapping[str, str], base: str, checkpoint) -> list[str]:
+    """How `hardware` holds what the Space serves (adapter.space_fit); ValueError where it cannot."""
+    if isinstance(checkpoint, Exception):
+        return [f"hardware {hardware}: not checked, the base is not read from here ({checkpoint})"]
+    return check_fit(variables, hardware, checkpoint)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "hf:owner/llama-7b --quantize nf4 --adapter hf:owner/my-adapter")
     parser.add_argument("space", help="the Space to create or update, owner/name")
     parser.add_argument("--private", action="store_true", help="create the Space private")
-    parser.add_argument("--hardware", help="the Space's hardware, e.g. t4-small (default: the free CPU, cpu-basic)")
+    parser.add_argument("--hardware", help="the Space's hardware, e.g. t4-small (default: the Space's own; a new "
+                                           "Space's is the free CPU, cpu-basic)")
+    parser.add_argument("--no-fit-check", action="store_true",
+                        help="deploy even where the hardware's memory does not hold the base as asked")
     parser.add_argument("--with-token", action="store_true",
                         help="give the Space your token as its HF_TOKEN secret (a gated base needs one)")
     parser.add_argument("--dry-run", action="store_true",
@@ -141,10 +175,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             repo_id(options.space, "space")
             variables, files = space_variables(flags), space_files()
             size = sum((ROOT / name).stat().st_size for name in files)
+            base = _open_base(variables)
             print("\n".join([*(f"{key}={value}" for key, value in variables.items()),
-                             f"{len(files)} files, {size / 2**20:.1f} MiB", *_base_lines(variables)]))
+                             f"{len(files)} files, {size / 2**20:.1f} MiB", *_base_lines(*base)]))
+            if not options.no_fit_check:
+                print("\n".join(_fit_lines(options.hardware or DEFAULT_HARDWARE, variables, *base)))
         else:
-            print(f"deployed {deploy(options.space, flags, options.private, options.hardware, options.with_token)}")
+            url = deploy(options.space, flags, options.private, options.hardware, options.with_token,
+                         fit_check=not options.no_fit_check)
+            print(f"deployed {url}")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -157,7 +157,7 @@ def preprocess(image: Image.Image, size: int, channel_order: str = "rgb") -> tor
     return (pixels - mean) / std
 
 
-def _create_clip(model_name: str, pretrained: str | None):
+def _create_clip(model_name: str, pretrained: str | None, device: str = "cpu"):
     import open_clip
 
     name = model_name
@@ -171,7 +171,7 @@ def _create_clip(model_name: str, pretrained: str | None):
     if quiet:
         logging.getLogger().addFilter(quiet)
     try:
-        return open_clip.create_model(name, pretrained=pretrained, device="cpu")
+        return open_clip.create_model(name, pretrained=pretrained, device=device)
     except RuntimeError as error:
         raise ValueError(f"clip_model: {model_name!r}: {error}") from error
     finally:
@@ -204,6 +204,13 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"clip: {path}: expected a state dict of tensors")
     return state
+
+
+def tower_shape(model_name: str) -> nn.Module:
+    """The vision tower of `model_name` (an open_clip name or a model-config .json) on the meta device: its
+    shapes without weights, in milliseconds, to know its memory before anything is fetched (adapter.space_fit)."""
+    with torch.device("meta"):
+        return _create_clip(model_name, None, device="meta").visual
 
 
 def load_image_encoder(clip: str | os.PathLike, model_name: str) -> ImageEncoder:

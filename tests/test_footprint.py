@@ -78,3 +78,17 @@ def test_the_held_bytes_leave_out_the_adapter_and_count_int8_scales_after_a_forw
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))  # bitsandbytes moves each layer's row scales into its state
     assert held_bytes(model) == before
+
+
+@pytest.mark.parametrize("mode", [None, "nf4", "int8"])
+def test_a_clip_towers_memory_from_its_model_name_is_what_the_loaded_tower_holds(mode):
+    from adapter.footprint import module_bytes, tower_bytes
+    from adapter.tiny.assets import ASSETS, CLIP_CONFIG
+    from adapter.visual import tower_shape
+
+    model = adapter.load("tiny", adapter="tiny-image", clip_quantize=mode, device="cpu")
+    shape = tower_shape(str(ASSETS / CLIP_CONFIG))
+    assert shape.conv1.weight.device.type == "meta", "shapes alone, no weights"
+    assert module_bytes(model.image_encoder) == tower_bytes(shape, mode, torch.float32)
+    if mode is None:  # OpenAI's ViT-L/14 vision tower: 303,966,208 parameters
+        assert tower_bytes(tower_shape("ViT-L-14-quickgelu"), None, torch.bfloat16) == 303_966_208 * 2

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import torch
 
@@ -38,6 +39,7 @@ class FakeHub:
         self.root, self.token, self.calls, self.tokens = root, token, [], []
         self.refuse: Exception | None = None  # raised by upload_folder
         self.variables: dict[str, dict[str, str]] = {}
+        self.hardware: dict[str, str] = {}  # the hardware each existing Space has asked for
 
     def folder(self, repo: str, branch: str | None = None) -> Path:
         return self.root / repo / (branch or "main")
@@ -90,6 +92,14 @@ class FakeHub:
 
             def request_space_hardware(self, repo_id, hardware):
                 hub.calls.append(("request_space_hardware", repo_id, hardware))
+                hub.hardware[repo_id] = hardware
+
+            def get_space_runtime(self, repo_id):  # a read: not among the calls
+                if repo_id not in hub.hardware:
+                    url = f"https://huggingface.co/api/spaces/{repo_id}/runtime"
+                    raise huggingface_hub.errors.RepositoryNotFoundError(
+                        f"404: {repo_id}", response=httpx.Response(404, request=httpx.Request("GET", url)))
+                return SimpleNamespace(hardware=None, requested_hardware=hub.hardware[repo_id])
 
         def snapshot_download(repo_id, revision=None, **options):
             hub.calls.append(("snapshot_download", repo_id, revision))

@@ -56,7 +56,7 @@ def test_a_deploy_sets_exactly_the_flags_variables_and_uploads_the_tracked_files
     url = deploy("me/demo", ["--base", "hf:owner/llama-7b", "--quantize", "nf4"], private=True, hardware="t4-small",
                  with_token=True)
     assert url == "https://huggingface.co/spaces/me/demo"
-    calls = [call for call in hub.calls if call[0] != "upload_folder"]
+    calls = [call for call in hub.calls if call[0] not in ("upload_folder", "snapshot_download")]  # the base read
     assert calls == [
         ("create_repo", "me/demo", {"repo_type": "space", "space_sdk": "gradio", "private": True, "exist_ok": True}),
         ("add_space_variable", "me/demo", "ADAPTER_BASE", "hf:owner/llama-7b"),
@@ -88,7 +88,9 @@ def test_a_deploy_sets_exactly_the_flags_variables_and_uploads_the_tracked_files
 
 def test_the_deployed_tree_serves_the_app_as_its_variables_say(hub, tmp_path, capsys):
     assert main(["me/served", "--no-train-tab", "--max-new-tokens", "16"]) == 0
-    assert capsys.readouterr().out == "deployed https://huggingface.co/spaces/me/served\n"
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "hardware cpu-basic (2 vCPU, 16 GB of memory): holds it", "checked on a new Space's hardware"
+    assert out[2:] == ["deployed https://huggingface.co/spaces/me/served"]
     folder, port = hub.folder("me/served"), free_port()
     environ = {key: value for key, value in os.environ.items() if not key.startswith(("ADAPTER_", "PYTHON"))}
     environ |= hub.variables["me/served"] | {"GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
@@ -119,7 +121,8 @@ def test_the_dry_run_lists_what_a_space_would_get(capsys):
     files = space_files()
     size = sum((ROOT / name).stat().st_size for name in files) / 2**20
     assert out[:3] == ["ADAPTER_ADAPTER=tiny-text", "ADAPTER_PRIVATE_ADAPTERS=1", f"{len(files)} files, {size:.1f} MiB"]
-    assert out[4:] == describe("tiny")[1:] and out[3] == "tiny: base LLaMA, meta format", \
+    assert out[4:-2] == describe("tiny")[1:] and out[3] == "tiny: base LLaMA, meta format", \
         "then the base the Space serves, as inspect describes it: its memory per precision"
+    assert out[-2] == "hardware cpu-basic (2 vCPU, 16 GB of memory): holds it", "then how a new Space's hardware does"
     assert main(["me/demo", "--dry-run", "--port", "1"]) == 2
     assert capsys.readouterr().err == "error: --port: a Space serves on its own address and port, publicly\n"

@@ -1,0 +1,192 @@
+"""Whether a Space's hardware holds what the app's flags serve, known before a deploy from the base's shape alone
+(`adapter.footprint`), so that a Space is not built, billed and left crashing on a card too small for its base.
+
+What is counted: the base's weights in the precision the flags load it in, the CLIP tower's (where its model is known
+without fetching an adapter: `--clip-model`, an official release, the embedded tiny tower), the KV cache of an
+answer at 2,048 tokens of context (the base's, if shorter) for each request decoded at once (`--concurrency`), and a
+reserve: on a GPU 1 GiB for CUDA's context, activations and the allocator's slack; on a CPU 1.5 GiB for the app's
+process itself (0.9 GiB measured serving the tiny model). The adapters' own tensors (megabytes; an official v2
+release's 0.1 GiB) fall within the reserve. The app serves from one device: on hardware with several GPUs, one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .app_config import build_parser
+from .config import ModelArgs
+from .footprint import footprint, tower_bytes
+from .formats.official import OFFICIAL_CLIP_MODEL
+from .loading import DTYPES
+from .quantize import check_mode
+from .releases import PREFIX as OFFICIAL_PREFIX
+from .tiny.assets import BASE_NAME, IMAGE_NAME, TEXT_NAME
+from .tiny.assets import resolve as resolve_tiny
+from .tokenizer import open_tokenizer
+
+GB, GIB = 10**9, 2**30
+CONTEXT = 2048
+GPU_RESERVE, CPU_RESERVE = 1.0 * GIB, 1.5 * GIB
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A Space hardware kind as the hub's documentation lists it (memory in GB, 10^9 bytes)."""
+
+    name: str
+    label: str
+    ram_gb: int
+    gpu_gb: int = 0  # each GPU's
+    gpus: int = 0
+    bf16: bool = True  # a T4 has no bfloat16: the app computes in float16 there
+
+    def memory(self, on_gpu: bool) -> float:
+        return (self.gpu_gb if on_gpu else self.ram_gb) * GB
+
+    def describe(self, on_gpu: bool) -> str:
+        if not on_gpu:
+            return f"{self.label}, {self.ram_gb} GB of memory"
+        several = f" on each of {self.gpus} GPUs, of which the app uses one" if self.gpus > 1 else ""
+        return f"{self.label}, {self.gpu_gb} GB of GPU memory{several}"
+
+
+# https://huggingface.co/docs/hub/spaces-gpus, cheapest first (the first that holds a base is the one suggested)
+HARDWARE = (
+    Hardware("cpu-basic", "2 vCPU", 16), Hardware("cpu-upgrade", "8 vCPU", 32),
+    Hardware("t4-small", "Nvidia T4", 15, 16, 1, bf16=False), Hardware("t4-medium", "Nvidia T4", 30, 16, 1, bf16=False),
+    Hardware("l4x1", "Nvidia L4", 30, 24, 1), Hardware("a10g-small", "Nvidia A10G", 15, 24, 1),
+    Hardware("a10g-large", "Nvidia A10G", 46, 24, 1), Hardware("l40sx1", "Nvidia L40S", 62, 48, 1),
+    Hardware("a100-large", "Nvidia A100", 142, 80, 1), Hardware("a10g-largex2", "2x Nvidia A10G", 92, 24, 2),
+    Hardware("l4x4", "4x Nvidia L4", 186, 24, 4), Hardware("a10g-largex4", "4x Nvidia A10G", 184, 24, 4),
+    Hardware("l40sx4", "4x Nvidia L40S", 382, 48, 4), Hardware("l40sx8", "8x Nvidia L40S", 1534, 48, 8),
+)
+BY_NAME = {kind.name: kind for kind in HARDWARE}
+
+
+@dataclass(frozen=True)
+class Need:
+    """The memory the app takes on one device: a GPU, or the CPU's memory."""
+
+    on_gpu: bool
+    precision: str  # the base's: nf4, int8, or its dtype's name
+    weights: int
+    tower: int | None  # None: the tower's model is not known from here; 0: no tower
+    kv_per_token: int
+    rows: int
+    context: int
+
+    @property
+    def reserve(self) -> float:
+        return GPU_RESERVE if self.on_gpu else CPU_RESERVE
+
+    @property
+    def total(self) -> float:
+        return self.weights + (self.tower or 0) + self.kv_per_token * self.rows * self.context + self.reserve
+
+    def sum_text(self, memory: float) -> str:
+        parts = [f"base {self.precision} {self.weights / GIB:.2f} GiB"]
+        if self.tower:
+            parts.append(f"CLIP tower {self.tower / GIB:.2f}")
+        elif self.tower is None:
+            parts.append("the CLIP tower (its model is the adapter's; --clip-model NAME counts it)")
+        parts.append(f"KV cache {self.kv_per_token * self.rows * self.context / GIB:.2f} "
+                     f"({self.rows} x {self.context:,} tokens)")
+        parts.append(f"{self.reserve / GIB:.2f} for " + ("CUDA and activations" if self.on_gpu else "the app itself"))
+        return " + ".join(parts) + f" = {self.total / GIB:.2f} of {memory / GIB:.2f} GiB"
+
+    def room_text(self, memory: float) -> str:
+        room = int((memory - self.total) // self.kv_per_token) + self.rows * self.context
+        return f"the KV cache has room for about {round(room, -3 if room >= 10_000 else -2):,} tokens in all"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the app's flags serve, read once: the parsed flags, the base's shape, the CLIP towers' shapes."""
+
+    options: Mapping[str, object]
+    args: ModelArgs
+    tied_output: bool
+    stored: str | None  # a pre-quantized base's mode
+    towers: list[nn.Module] | None  # None: a tower whose model is not known from here
+
+    @classmethod
+    def read(cls, variables: Mapping[str, str], checkpoint) -> Served:
+        options = vars(build_parser(variables).parse_args([]))
+        args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
+        return cls(options, args, checkpoint.tied_output, getattr(checkpoint, "quantization", None),
+                   _tower_shapes(options))
+
+    def need(self, kind: Hardware, on_gpu: bool, quantize: str | None = None) -> Need:
+        """On `kind`'s GPU or CPU, in the dtype the app would choose there (16 bits on a GPU, float32 on a CPU)
+        unless --dtype says; `quantize` in place of the flags' --quantize."""
+        options = self.options
+        dtype = DTYPES[options["dtype"]] if options["dtype"] else torch.float32 if not on_gpu else \
+            torch.bfloat16 if kind.bf16 else torch.float16
+        mode = self.stored or check_mode(quantize or options["quantize"])
+        sizes = footprint(self.args, mode, dtype, self.tied_output, bool(self.stored))
+        tower_mode, tower_dtype = check_mode(options["clip_quantize"], "clip_quantize"), dtype if on_gpu \
+            else torch.float32
+        tower = None if self.towers is None else max((tower_bytes(shape, tower_mode, tower_dtype)
+                                                      for shape in self.towers), default=0)
+        return Need(on_gpu, mode or str(dtype).removeprefix("torch."), sizes.weights, tower,
+                    sizes.kv_per_token_int8 if options["kv_cache"] == "int8" else sizes.kv_per_token,
+                    max(1, int(options["concurrency"])), min(CONTEXT, self.args.max_seq_len))
+
+    def on_gpu(self, kind: Hardware) -> bool:
+        return bool(kind.gpus) and (self.options["device"] or "cuda").startswith("cuda")
+
+
+def check_fit(variables: Mapping[str, str], hardware: str, checkpoint) -> list[str]:
+    """Lines saying how the app, run with the Space's `variables`, fits `hardware` with the base `checkpoint` (opened
+    without its weights); ValueError naming what would fit instead where it does not."""
+    kind = BY_NAME.get(hardware)
+    if kind is None:
+        return [f"hardware {hardware}: its memory is not in adapter.space_fit's table; not checked"]
+    served = Served.read(variables, checkpoint)
+    device = served.options["device"]
+    if device and device.startswith("cuda") and not kind.gpus:
+        raise ValueError(f"--hardware {hardware}: it has no GPU, so --device {device} cannot run there; choose GPU "
+                         "hardware (t4-small, ...) or leave --device out")
+    on_gpu = served.on_gpu(kind)
+    need, memory = served.need(kind, on_gpu), kind.memory(on_gpu)
+    if need.total <= memory:
+        return [f"hardware {hardware} ({kind.describe(on_gpu)}): holds it",
+                f"  {need.sum_text(memory)}; {need.room_text(memory)}"]
+    raise ValueError(f"--hardware {hardware} ({kind.describe(on_gpu)}) cannot hold the app's base in "
+                     f"{need.precision}: {need.sum_text(memory)}; {_what_would_fit(served, kind, need)}"
+                     "--no-fit-check deploys anyway")
+
+
+def _tower_shapes(options: Mapping[str, object]) -> list[nn.Module] | None:
+    """The shapes of the CLIP towers the flags serve (`visual.tower_shape`): [] where none is; None where a tower's
+    model is the adapter's own, not known without fetching it."""
+    from .visual import tower_shape
+
+    adapters = list(options["adapter"]) or ([TEXT_NAME, IMAGE_NAME] if options["base"] == BASE_NAME else [])
+    models = set()
+    for adapter in adapters:
+        _, _, clip, model = resolve_tiny("", adapter, options["clip"], options["clip_model"])
+        if clip is None or adapter == OFFICIAL_PREFIX + "v1":  # no tower, or the v1 release: no visual prompt
+            continue
+        models.add(model or (OFFICIAL_CLIP_MODEL if adapter.startswith(OFFICIAL_PREFIX) else None))
+    return None if None in models else [tower_shape(model) for model in sorted(models)]
+
+
+def _what_would_fit(served: Served, kind: Hardware, need: Need) -> str:
+    """Advice: the other precisions that fit this hardware, and the cheapest hardware that holds the base as asked."""
+    advice = []
+    for mode in ("nf4", "int8") if served.stored is None else ():
+        other = served.need(kind, need.on_gpu, quantize=mode)
+        if mode != need.precision and other.total <= kind.memory(need.on_gpu):
+            advice.append(f"--quantize {mode} would ({other.total / GIB:.2f} GiB)")
+    for other_kind in HARDWARE:
+        on_gpu = served.on_gpu(other_kind)
+        other = served.need(other_kind, on_gpu)
+        if other.total <= other_kind.memory(on_gpu):
+            advice.append(f"--hardware {other_kind.name} would ({other_kind.label}, {other.total / GIB:.2f} GiB)")
+            break
+    return "".join(f"{line}; " for line in advice) or "no listed hardware holds it as asked; "

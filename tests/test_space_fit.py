@@ -1,0 +1,125 @@
+"""Whether a Space's hardware holds what the app's flags serve (adapter.space_fit), checked by `adapter.space` before
+a deploy: the base's weights in the precision the flags load it in, the CLIP tower's, the KV cache of the requests
+decoded at once and a reserve, against the hardware's GPU (or CPU) memory; refused, with what would fit, where it
+does not. A LLaMA-7B shape stands in for a hub base read without its weights; nothing reaches the network."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from adapter.config import ModelArgs
+from adapter.loading import open_base_shape
+from adapter.space import deploy, main
+from adapter.space_fit import check_fit
+from tests.test_push import FakeHub
+
+LLAMA_7B_BF16 = 6_738_415_616 * 2  # Llama-2-7B's parameters, two bytes each: 12.55 GiB
+VIT_L14_BF16 = 303_966_208 * 2  # OpenAI's ViT-L/14 vision tower: 0.57 GiB
+
+
+def seven_b(quantization: str | None = None) -> SimpleNamespace:
+    """A Llama-2-7B-shaped base as `open_base_shape` gives a hub base without its weights."""
+    tokenizer = open_base_shape("tiny").tokenizer_path  # only its vocabulary size is read; the shape says 32000
+    return SimpleNamespace(model_args=lambda n_words: ModelArgs(max_seq_len=4096), tokenizer_path=tokenizer,
+                           tied_output=False, quantization=quantization)
+
+
+def flags(**named: str) -> dict[str, str]:
+    return {"ADAPTER_BASE": "hf:meta-llama/Llama-2-7b-hf"} | {f"ADAPTER_{k.upper()}": v for k, v in named.items()}
+
+
+def test_a_7b_base_in_16_bits_just_fits_a_t4_and_the_line_shows_the_sum():
+    assert round(LLAMA_7B_BF16 / 2**30, 2) == 12.55
+    assert check_fit(flags(), "t4-small", seven_b()) == [
+        "hardware t4-small (Nvidia T4, 16 GB of GPU memory): holds it",
+        "  base float16 12.55 GiB + KV cache 1.00 (1 x 2,048 tokens) + 1.00 for CUDA and activations = 14.55 of "
+        "14.90 GiB; the KV cache has room for about 2,800 tokens in all"]  # 16e9 bytes; 0.5 MiB per token
+
+
+def test_what_does_not_fit_is_refused_with_what_would():
+    with pytest.raises(ValueError) as refused:
+        check_fit(flags(concurrency="8"), "t4-small", seven_b())
+    assert str(refused.value) == (
+        "--hardware t4-small (Nvidia T4, 16 GB of GPU memory) cannot hold the app's base in float16: base float16 "
+        "12.55 GiB + KV cache 8.00 (8 x 2,048 tokens) + 1.00 for CUDA and activations = 21.55 of 14.90 GiB; "
+        "--quantize nf4 would (12.60 GiB); --hardware l4x1 would (Nvidia L4, 21.55 GiB); --no-fit-check deploys "
+        "anyway"), "int8 (6.53 + 8 + 1 GiB) does not fit either, so it is not offered"
+    with pytest.raises(ValueError, match=r"^--hardware cpu-basic \(2 vCPU, 16 GB of memory\) cannot hold the app's "
+                                         r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 .* = 28\.60 of "
+                                         r"14\.90 GiB; --quantize nf4 would \(7\.59 GiB\); --quantize int8 would "
+                                         r"\(10\.51 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.60 GiB\); "):
+        check_fit(flags(), "cpu-basic", seven_b())  # a CPU computes in float32 unless --dtype says
+    assert check_fit(flags(dtype="bfloat16", quantize="nf4"), "cpu-basic", seven_b())[0].endswith("holds it")
+
+
+def test_the_tower_counts_where_its_model_is_known_and_is_named_where_not():
+    release = check_fit(flags(quantize="nf4", adapter="official:BIAS-7B", clip="openai"), "t4-small", seven_b())
+    assert release[1].startswith("  base nf4 3.60 GiB + CLIP tower 0.57 + KV cache 1.00 (1 x 2,048 tokens) + 1.00 "
+                                 "for CUDA and activations = 6.17 of 14.90 GiB"), "the releases read OpenAI's ViT-L/14"
+    assert round(VIT_L14_BF16 / 2**30, 2) == 0.57
+    quantized = check_fit(flags(quantize="nf4", adapter="official:BIAS-7B", clip="openai", clip_quantize="nf4"),
+                          "t4-small", seven_b())
+    assert " + CLIP tower 0.15 + " in quantized[1]
+    theirs = check_fit(flags(quantize="nf4", adapter="hf:me/vision", clip="openai"), "t4-small", seven_b())
+    assert " + the CLIP tower (its model is the adapter's; --clip-model NAME counts it) + " in theirs[1]
+    named = check_fit(flags(quantize="nf4", adapter="hf:me/vision", clip="openai", clip_model="ViT-L-14-quickgelu"),
+                      "t4-small", seven_b())
+    assert named[1] == release[1]
+    text_only = check_fit(flags(quantize="nf4", adapter="official:v1"), "t4-small", seven_b())
+    assert "CLIP" not in text_only[1], "no tower without --clip"
+
+
+def test_a_stored_base_the_kv_cache_the_device_and_unknown_hardware():
+    stored = pytest.raises(ValueError, check_fit, flags(concurrency="16"), "t4-small", seven_b("nf4"))
+    assert "cannot hold the app's base in nf4" in str(stored.value) and "--quantize" not in str(stored.value), \
+        "a pre-quantized base is loaded as stored: no other precision to offer"
+    assert "--hardware l4x1 would" in str(stored.value)
+    int8_cache = check_fit(flags(quantize="nf4", kv_cache="int8"), "t4-small", seven_b())
+    assert "KV cache 0.51 (1 x 2,048 tokens)" in int8_cache[1], "a byte a value and a 2-byte scale a vector"
+    on_cpu = check_fit(flags(quantize="nf4", device="cpu"), "t4-medium", seven_b())
+    assert on_cpu[0] == "hardware t4-medium (Nvidia T4, 30 GB of memory): holds it", "--device cpu: its memory"
+    several = check_fit(flags(), "a10g-largex2", seven_b())
+    assert several[0] == ("hardware a10g-largex2 (2x Nvidia A10G, 24 GB of GPU memory on each of 2 GPUs, of which "
+                          "the app uses one): holds it")
+    with pytest.raises(ValueError, match=r"^--hardware cpu-basic: it has no GPU, so --device cuda cannot run there"):
+        check_fit(flags(device="cuda"), "cpu-basic", seven_b())
+    assert check_fit(flags(), "a100x8", seven_b()) == [
+        "hardware a100x8: its memory is not in adapter.space_fit's table; not checked"]
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> FakeHub:
+    fake = FakeHub(tmp_path / "hub")
+    fake.install(monkeypatch)
+    return fake
+
+
+def test_a_deploy_to_hardware_too_small_sends_nothing_and_no_fit_check_sends_it(hub, monkeypatch, capsys):
+    monkeypatch.setattr("adapter.loading.open_base_shape", lambda base: seven_b())
+    request = ["--base", "hf:meta-llama/Llama-2-7b-hf", "--concurrency", "8"]
+    with pytest.raises(ValueError, match=r"^--hardware t4-small \(Nvidia T4, 16 GB of GPU memory\) cannot hold"):
+        deploy("me/demo", request, hardware="t4-small")
+    assert hub.calls == [], "refused before anything reached the hub"
+    assert main(["me/demo", "--hardware", "t4-small", *request]) == 2
+    assert capsys.readouterr().err.startswith("error: --hardware t4-small (Nvidia T4, 16 GB of GPU memory) cannot")
+    assert main(["me/demo", "--hardware", "t4-small", "--no-fit-check", *request]) == 0
+    assert capsys.readouterr().out == "deployed https://huggingface.co/spaces/me/demo\n"
+    assert ("request_space_hardware", "me/demo", "t4-small") in hub.calls
+
+    assert main(["me/demo", "--base", "hf:meta-llama/Llama-2-7b-hf", "--quantize", "nf4"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "hardware t4-small (Nvidia T4, 16 GB of GPU memory): holds it", \
+        "without --hardware, the Space's own"
+    assert main(["me/new", "--base", "hf:meta-llama/Llama-2-7b-hf", "--quantize", "nf4", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "hardware cpu-basic (2 vCPU, 16 GB of memory): holds it", \
+        "a new Space's: the free CPU"
+
+
+def test_the_dry_run_checks_the_hardware_asked_for(capsys):
+    assert main(["me/demo", "--dry-run", "--hardware", "t4-small"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == "hardware t4-small (Nvidia T4, 16 GB of GPU memory): holds it", "the embedded tiny model"
+    assert out[-1].startswith("  base float16 0.00 GiB + CLIP tower 0.00 + KV cache 0.00 (1 x 256 tokens) + ")
+    assert main(["me/demo", "--dry-run", "--no-fit-check"]) == 0
+    assert not any(line.startswith("hardware") for line in capsys.readouterr().out.splitlines())
