@@ -160,25 +160,30 @@ def evaluate_text(
     limit: int | None = None,
     max_tokens: int | None = None,
     layers: Sequence[Speaker] | None = None,
+    stride: int | None = None,
 ) -> Evaluation:
     """The perplexity of plain text at each of `gate_scales`: what the adapter does to the base's own language
     modelling (at gate 0, a v1 adapter's is the base's). `data` is a `.txt` file (one document) or records with a
     "text" field (`limit`: the first ones); each document is read after BOS, in windows of `max_seq_len` (default
     the model's) that overlap by one token, so every token but BOS is scored once (finetune.encode.text_windows),
     up to `max_tokens` tokens in all (the text's first; bits per byte then count the bytes of the documents read).
+    `stride`: windows start that many tokens apart instead (1 to `max_seq_len` - 1), each token still scored once,
+    but after at least `max_seq_len` - `stride` tokens of context (transformers' sliding-window perplexity).
     """
     scales = checked_request(gate_scales, micro_batch_size, max_seq_len, limit, model)
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens: must be at least 1, got {max_tokens}")
-    documents = read_documents(data)[:limit]
     length = max_seq_len or model.args.max_seq_len
+    if stride is not None and not 1 <= stride < length:
+        raise ValueError(f"stride: must be between 1 and the window's {length} - 1, got {stride}")
+    documents = read_documents(data)[:limit]
     encoded, read, left = [], [], max_tokens
     for document in documents:
         tokens = model.tokenizer.encode(document, bos=True, eos=False)
         if left is not None and len(tokens) - 1 > left:  # the last document read, cut
             tokens = tokens[:left + 1]
             document = model.tokenizer.decode(tokens[1:])
-        encoded += text_windows(tokens, length)
+        encoded += text_windows(tokens, length, stride)
         read.append(document)
         if left is not None:
             left -= len(tokens) - 1
@@ -378,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the data are plain text (a .txt file, or records' \"text\" field, wikitext's for one): "
                              "report its perplexity and bits per byte, every token scored in windows of "
                              "--max-seq-len (what the adapter does to the base's own language modelling)")
+    parser.add_argument("--stride", type=int, metavar="N",
+                        help="with --text: windows start N tokens apart, so each token is read after at least "
+                             "--max-seq-len - N tokens of context (default: --max-seq-len - 1, windows overlapping "
+                             "by one; smaller is slower and closer to the model's full-context perplexity)")
     parser.add_argument("--choice-delimiter", default=" ", metavar="TEXT",
                         help="what goes before each choice as an answer (default a space, as lm-evaluation-harness; "
                              "'' for none)")
@@ -409,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--choices scores whole choices: --exact, --max-seq-len and --text do not apply")
         if args.text and (args.exact or args.image_folder or args.prompt_format != "auto"):
             raise ValueError("--text scores plain text: --exact, --image-folder and --prompt-format do not apply")
+        if args.stride is not None and not args.text:
+            raise ValueError("--stride: only with --text (the windows plain text is read in)")
         data = resolve_data(args.data, "--data")  # a hub dataset's file is fetched before the model is loaded
         if not data.is_file():
             raise FileNotFoundError(f"--data: {not_a_file(data)}")
@@ -445,7 +456,7 @@ def _evaluation(model: "Transformer", args: argparse.Namespace, data: Path, scal
         return evaluate_choices(model, data, prompt_format=prompt_format, delimiter=args.choice_delimiter,
                                 image_folder=args.image_folder, **common)
     if args.text:
-        return evaluate_text(model, data, max_seq_len=args.max_seq_len, **common)
+        return evaluate_text(model, data, max_seq_len=args.max_seq_len, stride=args.stride, **common)
     return evaluate(model, data, image_folder=args.image_folder, exact=args.exact, prompt_format=prompt_format,
                     max_seq_len=args.max_seq_len, **common)
 

@@ -239,6 +239,50 @@ def test_plain_text_scores_every_token_once_as_window_by_window_logits_give_it(b
     assert alone.tokens == count and alone.scores[0].loss == pytest.approx(total / count, rel=1e-5)
 
 
+def strided_nll(model, tokens: list[int], length: int, stride: int, gate_scale: float) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens) as transformers' perplexity guide computes it: windows of `length`
+    starting `stride` apart, each scoring only its tokens the previous window did not reach."""
+    total, count, previous_end = 0.0, 0, 0
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + length, len(tokens))
+        window = torch.tensor([tokens[begin:end]])
+        with torch.no_grad():
+            logprobs = model(window, gate_scale=gate_scale)[0, :-1].double().log_softmax(-1)
+        new = end - max(previous_end, 1)  # BOS is never a target
+        picked = logprobs[-new:].gather(1, window[0, -new:, None])
+        total, count = total - picked.sum().item(), count + new
+        previous_end = end
+        if end == len(tokens):
+            break
+    return total, count
+
+
+def test_a_stride_reads_every_token_once_after_more_context(base_folder, v2_adapter, tmp_path):
+    from adapter.finetune.encode import text_windows
+
+    model = adapter.load(base_folder, adapter=v2_adapter, device="cpu")
+    document = " ".join(f"word{i} and more" for i in range(40))
+    (tmp_path / "one.txt").write_text(document)
+    tokens = model.tokenizer.encode(document, bos=True, eos=False)
+    length = 32
+    assert text_windows(tokens, length, length - 1) == text_windows(tokens, length), "the default: overlap by one"
+    for stride in (1, 8, 31):
+        windows = text_windows(tokens, length, stride)
+        scored = [window_start + i for window_start, window in zip(range(0, len(tokens), stride), windows)
+                  for i, label in enumerate(window.labels) if label != -100]
+        assert scored == list(range(1, len(tokens))), "every token but BOS, once, in order"
+        firsts = [next(i for i, label in enumerate(w.labels) if label != -100) for w in windows[1:]]
+        assert min(firsts) >= length - stride, "each read after at least length - stride tokens"
+        result = evaluate_text(model, tmp_path / "one.txt", gate_scales=[0.0, 1.0], max_seq_len=length,
+                               stride=stride, micro_batch_size=3)
+        assert result.tokens == len(tokens) - 1
+        for score in result.scores:
+            total, count = strided_nll(model, tokens, length, stride, score.gate_scale)
+            assert count == result.tokens and score.loss == pytest.approx(total / count, rel=1e-5)
+    with pytest.raises(ValueError, match=r"^stride: must be between 1 and the window's 32 - 1, got 32$"):
+        evaluate_text(model, tmp_path / "one.txt", max_seq_len=length, stride=length)
+
+
 def test_the_tiny_text_adapter_reads_the_bases_own_held_out_text_worse_than_the_base(tmp_path):
     """What the zero-init gate keeps: at gate 0 the plain text the base learnt from, read as well as the base
     reads it; at gate 1 the instruction-tuned adapter makes it less likely."""
@@ -271,6 +315,11 @@ def test_the_command_scores_text_and_refuses_what_does_not_apply(base_folder, tm
     err = capsys.readouterr().err
     assert f"--data: {bad} has 2 bad record(s), none read:" in err
     assert f"{bad}:2: missing 'text'" in err and f"{bad}:3: must be an object with a 'text' string, got a list" in err
+    assert main(["--base", str(base_folder), "--data", str(tmp_path / "text.txt"), "--stride", "8"]) == 2
+    assert "--stride: only with --text" in capsys.readouterr().err
+    assert main(["--base", str(base_folder), "--data", str(tmp_path / "text.txt"), "--text", "--max-seq-len", "16",
+                 "--stride", "8"]) == 0
+    assert capsys.readouterr().out.startswith("adapter none (the base), plain text: 1 document(s), ")
     (tmp_path / "empty.txt").write_text(" \n")
     assert main(["--base", str(base_folder), "--data", str(tmp_path / "empty.txt"), "--text"]) == 2
     assert f"--data: {tmp_path / 'empty.txt'} holds no text" in capsys.readouterr().err
@@ -285,6 +334,9 @@ def test_tiny_held_out_corpus_writes_held_out_documents_as_text_records(tmp_path
     records = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
     assert records == [{"text": text} for text in corpus(RECIPES["full"].seed, 3, "held-out")]
     assert "score them with python -m adapter.evaluate --text" in capsys.readouterr().out
+    assert tiny_main(["held-out", "corpus", str(tmp_path / "corpus.txt"), "--documents", "3"]) == 0
+    assert (tmp_path / "corpus.txt").read_text() == "".join(f"{record['text']}\n" for record in records), \
+        "a .txt file: one text, a document a line"
     assert tiny_main(["held-out", "corpus", str(tmp_path / "none.jsonl"), "--documents", "0"]) == 2
     assert "--documents: must be at least 1, got 0" in capsys.readouterr().err
 

@@ -59,10 +59,18 @@ def encoded_examples(example: Example, tokenizer: Tokenizer, max_seq_len: int,
     return [encoded], truncated
 
 
-def text_windows(tokens: list[int], length: int) -> list[Encoded]:
-    """A document's tokens (BOS first) in windows of at most `length` that overlap by one token, each scored on
-    all its tokens but its first: every token but the document's first is scored once, after up to `length` - 1
-    tokens of its document."""
-    step = length - 1
-    return [Encoded(tokens[start:start + length], [IGNORE_INDEX] + tokens[start + 1:start + length])
-            for start in range(0, max(len(tokens) - 1, 0), step)]
+def text_windows(tokens: list[int], length: int, stride: int | None = None) -> list[Encoded]:
+    """A document's tokens (BOS first) in windows of at most `length`, each starting `stride` tokens after the last
+    (default `length` - 1: windows overlapping by one) and scored on the tokens no earlier window scored: every
+    token but the document's first is scored once, after at least `length` - `stride` tokens of its document (all
+    before it, in the first window). A smaller stride reads each token after more context, in more windows."""
+    stride = length - 1 if stride is None else stride
+    windows, scored_to = [], 1  # the document's first token (BOS) is never a target
+    for start in range(0, max(len(tokens) - 1, 0), stride):
+        window = tokens[start:start + length]
+        labels = [IGNORE_INDEX if start + i < scored_to or i == 0 else token for i, token in enumerate(window)]
+        windows.append(Encoded(window, labels))
+        scored_to = start + len(window)
+        if scored_to >= len(tokens):
+            break
+    return windows

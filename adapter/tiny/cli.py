@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "of the base's corpus as plain-text records (corpus)")
     held.add_argument("kind", choices=("text", "image", "corpus"))
     held.add_argument("--documents", type=int, default=200, help="corpus: how many documents")
-    held.add_argument("out", type=Path, help="JSONL file to write (image records: PNGs in a folder beside it)")
+    held.add_argument("out", type=Path, help="JSONL file to write (image records: PNGs in a folder beside it; "
+                                             "corpus: a .txt file gets the documents as one text, a line each)")
     held.add_argument("--per-category", type=int, help="questions per category (default: the recipe's eval's)")
     held.add_argument("--choices", action="store_true",
                       help="the colour, shape, position and count questions as multiple-choice records")

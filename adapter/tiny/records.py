@@ -31,10 +31,12 @@ def write_text_records(questions: list[Question], path: Path) -> Path:
 
 def write_corpus_records(seed: int, documents: int, path: Path) -> Path:
     """The first `documents` of the base's corpus about held-out scenes as plain-text records (`{"text"}`), for
-    `python -m adapter.evaluate --text` and the app's Score tab: how well each gate reads what the base learnt."""
+    `python -m adapter.evaluate --text` and the app's Score tab: how well each gate reads what the base learnt. A
+    `.txt` path gets them as one text instead, a line each: one document longer than the context (`--stride`)."""
     from .corpus import corpus
 
-    _write_lines(path, [json.dumps({"text": text}) for text in corpus(seed, documents, "held-out")])
+    texts = corpus(seed, documents, "held-out")
+    _write_lines(path, texts if path.suffix == ".txt" else [json.dumps({"text": text}) for text in texts])
     return path
 
 
