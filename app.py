@@ -497,10 +497,12 @@ class Handlers:
 
     def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
               prompt_layers: float, lora_rank: float, prompt_format: str, seed: float, start_from: str | None,
-              images: list[str] | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+              images: list[str] | None, keep_best: bool, early_stop: float,
+              request: gr.Request) -> Iterator[tuple[Any, ...]]:
         """Train an adapter on the served base (adapter.live_training), a new one or (`start_from`) a served one
         further, on records and the pictures image records name: its status, loss and gates as it goes, then the
-        zip of it and the adapter menus offering it, the top one choosing it."""
+        zip of it and the adapter menus offering it, the top one choosing it. `keep_best`: the adapter of the lowest
+        validation loss is served; `early_stop`: validations without a lower loss that end the run (0: never)."""
         with user_errors():
             asked = TrainRequest(data=data, mode=mode, epochs=check_integer("epochs", epochs),
                                  batch_size=check_integer("batch_size", batch_size),
@@ -509,7 +511,8 @@ class Handlers:
                                  prompt_layers=check_integer("prompt_layers", prompt_layers),
                                  lora_rank=check_integer("lora_rank", lora_rank), prompt_format=prompt_format,
                                  seed=check_integer("seed", seed), start_from=start_from or None,
-                                 images=tuple(images or ()))
+                                 images=tuple(images or ()), keep_best=bool(keep_best),
+                                 early_stop=check_integer("early_stop", early_stop or 0))
             yield from self._follow(self.training.run(asked, request.session_hash), request)
 
     def resume_training(self, request: gr.Request) -> Iterator[tuple[Any, ...]]:
@@ -734,7 +737,8 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
                 f"file or `{{text}}` records, trained on every token{images}); one run "
                 f"at a time, of at most {handlers.training.max_steps} steps; warm-up over a tenth of the epochs, "
                 f"then cosine decay to a twentieth of the learning rate; 5% of the records give the validation loss, "
-                f"taken {VALIDATIONS} times over the run.")
+                f"taken {VALIDATIONS} times over the run (More settings: end the run when it stops falling, and serve "
+                f"the adapter of its lowest).")
     with gr.Row():
         with gr.Column():
             data = gr.File(label="Training records (.json, .jsonl, .parquet) or plain text (.txt)",
@@ -765,6 +769,12 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
             prompt_format = gr.Dropdown(list(PROMPT_FORMATS), value=engines.default.prompts.name,
                                         label="Prompt format (how records are written)", elem_id="train_format")
             seed = gr.Number(0, precision=0, label="Seed", elem_id="train_seed")
+        with gr.Row():
+            early_stop = gr.Number(0, precision=0, elem_id="train_early_stop",
+                                   label=f"Stop early after N validations in a row without a lower loss (of the "
+                                         f"{VALIDATIONS}; 0: never)")
+            keep_best = gr.Checkbox(False, label="Serve the best: the adapter of the lowest validation loss, not the "
+                                                 "last step's", elem_id="train_keep_best")
     records, image_records = tiny_training_records(config), tiny_training_images(config)
     if records is not None:
         gr.Examples([[str(records), [], "v1"], [str(image_records[0]), image_records[1], "vision"]],
@@ -787,7 +797,7 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
     trained = gr.File(label="The trained adapter (a zip of its folder: adapter.json, adapter.safetensors, log.jsonl "
                             "and plots)", interactive=False, elem_id="train_zip")
     inputs = [data, mode, epochs, batch_size, lr, prompt_len, prompt_layers, lora_rank, prompt_format, seed, start_from,
-              pictures]
+              pictures, keep_best, early_stop]
     outputs = [status, loss, gates, trained, *menus, start_from]
     button.click(handlers.train, inputs, outputs, api_name="train", concurrency_id="train", concurrency_limit=1)
     resume.click(handlers.resume_training, None, outputs, api_name="resume_training", concurrency_id="train",

@@ -67,6 +67,8 @@ class TrainRequest:
     seed: int = 0
     start_from: str | None = None  # a served adapter to train further (None: a fresh one)
     images: tuple[str, ...] = ()  # the pictures image records (LLaVA layout) name, uploaded beside them
+    keep_best: bool = False  # serve the adapter of the lowest validation loss, not the last step's
+    early_stop: int = 0  # end the run after this many validations in a row without a lower loss (0: never)
 
     def config(self, base: str, out: Path, base_context: int, start: StartingPoint | None = None,
                sight: Sight | None = None, image_folder: Path | None = None) -> TrainConfig:
@@ -77,6 +79,9 @@ class TrainRequest:
             raise ValueError("data: give a records file to train on (.json, .jsonl or .parquet) or plain text (.txt)")
         if not self.lr > 0:  # before the decay's floor, a twentieth of it, is checked
             raise ValueError(f"lr: must be positive, got {self.lr:g}")
+        if self.early_stop < 0:
+            raise ValueError(f"early_stop: give 0 (never) or how many validations without a lower loss end the run, "
+                             f"got {self.early_stop}")
         shape = dict(mode=self.mode, lora_rank=self.lora_rank if self.mode in ("v2", "lora") else 0,
                      prompt_format=self.prompt_format)
         if start is not None:
@@ -91,6 +96,7 @@ class TrainRequest:
             lr=self.lr, min_lr=self.lr / 20, batch_size=self.batch_size,
             micro_batch_size=math.gcd(self.batch_size, MICRO_BATCH), max_seq_len=min(MAX_SEQ_LEN, base_context),
             prompt_len=self.prompt_len, prompt_layers=self.prompt_layers, seed=self.seed, progress=False,
+            keep_best=self.keep_best, early_stop=self.early_stop or None,
             image_folder=None if image_folder is None else str(image_folder), **shape)
 
 
@@ -143,7 +149,13 @@ class TrainProgress:
         line = " · ".join(parts)
         if self.name is None:
             return line
-        ended = "Stopped" if self.stopped else "Trained"
+        ended = "Stopped" if self.stopped else "Stopped early" if self.early_stop else "Trained"
+        if self.early_stop:
+            line += (f" · {self.records[0]['config']['early_stop']} validations in a row without a loss below "
+                     f"{self.early_stop['best_val_loss']:.4f} (step {self.early_stop['best_step']})")
+        best = self.best
+        if best is not None:
+            line += f" · the adapter served is step {best['step']}'s, of the lowest validation loss"
         scale = "the delta scale (Advanced)" if self.mode == "lora" else "the gate slider"  # LoRA alone has no gates
         after = ("; ask it about a picture in the Image tab. The zip below holds it for `--adapter`, with `--clip` "
                  "naming the tower it reads." if self.mode == "vision"  # the zip does not hold the served tower
@@ -154,8 +166,21 @@ class TrainProgress:
 
     @property
     def stopped(self) -> bool:
-        """Whether the run ended before its last step (Stop)."""
-        return self.done < self.steps
+        """Whether the run ended before its last step by Stop (not by its early stop)."""
+        return self.done < self.steps and self.early_stop is None
+
+    @property
+    def early_stop(self) -> dict[str, Any] | None:
+        """The record of the run's early stop, if it ended so."""
+        return next((r for r in self.records if r.get("type") == "early_stop"), None)
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """With "keep best", the validation record whose adapter the run gives (the first of the lowest)."""
+        if not self.records[0]["config"].get("keep_best"):
+            return None
+        return min((r for r in self.records if r.get("type") == "val"), key=lambda r: (r["val_loss"], r["step"]),
+                   default=None)
 
     def loss_points(self) -> list[tuple[int, float, str]]:
         """(step, loss, "train" or "validation") for a line plot drawn by the browser (cheap to send as it
@@ -263,12 +288,12 @@ class LiveTraining:
             config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len,
                                     start, sight, images)
             result, progress = yield from self._train(config, self._hooks(sight, stop))
-            name = self.trained.add(load_sharing(base, result.adapter), folder, sight,  # exactly what the zip holds
+            name = self.trained.add(load_sharing(base, _given(result)), folder, sight,  # exactly what the zip holds
                                     self._owner)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        yield self._ended(progress, StoppedRun(name, folder, config, sight), result.out)
+        yield self._ended(progress, StoppedRun(name, folder, config, sight), result)
 
     def _resume(self, stop: threading.Event) -> Iterator[TrainProgress]:
         stopped = self._stopped.get(self._owner)
@@ -284,9 +309,9 @@ class LiveTraining:
         with self.trained.in_use(stopped.name):
             earlier = records_until(out / LOG, checkpoint.read_state(checkpoint.latest(out)).step)
             result, progress = yield from self._train(config, self._hooks(stopped.sight, stop), earlier)
-            self.trained.replace(stopped.name, load_sharing(self.engines.default.model, result.adapter),
+            self.trained.replace(stopped.name, load_sharing(self.engines.default.model, _given(result)),
                                  stopped.sight)
-        yield self._ended(progress, stopped, result.out)
+        yield self._ended(progress, stopped, result)
 
     def _hooks(self, sight: Sight | None, stop: threading.Event) -> RunHooks:
         """A run on the served base (and `sight`'s tower), each step the device's work, stopped by `stop`."""
@@ -294,13 +319,13 @@ class LiveTraining:
         return RunHooks(base=engine.model, image_encoder=None if sight is None else sight.encoder, stop=stop,
                         step_runner=engine.work.run, max_steps=self.max_steps, validations=VALIDATIONS)
 
-    def _ended(self, progress: TrainProgress, run: StoppedRun, out: Path) -> TrainProgress:
+    def _ended(self, progress: TrainProgress, run: StoppedRun, result: TrainResult) -> TrainProgress:
         """The last progress of `run`, served as `run.name`, with its zip; a stopped run is kept for Resume."""
         if progress.stopped:
             self._stopped[self._owner] = run
         else:
             self._stopped.pop(self._owner, None)
-        return replace(progress, name=run.name, archive=self._archive(out, run.name, run.folder))
+        return replace(progress, name=run.name, archive=self._archive(result, run.name, run.folder))
 
     def _starting_point(self, name: str, folder: Path) -> StartingPoint:
         """Served adapter `name` written as it is served (whatever format it was read from) for the run to start
@@ -363,8 +388,14 @@ class LiveTraining:
         return result, TrainProgress(records, time.perf_counter() - started, start_step)
 
     @staticmethod
-    def _archive(run: Path, name: str, folder: Path) -> Path:
-        """`NAME.zip`: a folder NAME holding the adapter and the run's log and plots, which `--adapter NAME` reads
-        once unzipped (and the app's Gates tab shows its gates.png)."""
-        files = sorted((run / "adapter").iterdir()) + [run / f for f in RUN_FILES if (run / f).is_file()]
+    def _archive(result: TrainResult, name: str, folder: Path) -> Path:
+        """`NAME.zip`: a folder NAME holding the adapter served and the run's log and plots, which `--adapter NAME`
+        reads once unzipped (and the app's Gates tab shows its gates.png)."""
+        run = result.out
+        files = sorted(_given(result).parent.iterdir()) + [run / f for f in RUN_FILES if (run / f).is_file()]
         return write_zip(folder / f"{name}.zip", name, files)
+
+
+def _given(result: TrainResult) -> Path:
+    """The adapter a run gives: with "keep best", that of its lowest validation loss; else its last step's."""
+    return result.best if result.best is not None else result.adapter

@@ -106,6 +106,8 @@ def test_the_app_answers_while_it_trains_and_a_client_that_leaves_stops_its_run(
     (lambda records: settings(records, lr=-1), "lr: must be positive, got -1"),
     (lambda records: settings(records, lr=None), "lr: must be positive, got nan"),
     (lambda records: settings(records, mode="lora", lora_rank=0), "--lora-rank: --mode lora trains LoRA alone"),
+    (lambda records: [*settings(records), "", [], False, -1],
+     r"early_stop: give 0 \(never\) or how many validations without a lower loss end the run, got -1"),
     (lambda records: settings(records, epochs=40, batch_size=1),
      r"epochs: 40 epoch\(s\) of \d+ steps are \d+ optimizer steps, more than the 2000 a run may take here"),
 ])

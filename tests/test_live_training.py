@@ -336,6 +336,32 @@ def test_plain_text_trains_in_the_app_as_the_command_line_trains_it(tmp_path, se
         torch.testing.assert_close(served_tensors[name], value, rtol=1e-4, atol=1e-5)
 
 
+def test_an_early_stop_ends_a_live_run_and_keep_best_serves_its_lowest_validations_adapter(tmp_path, data, served,
+                                                                                            base_folder):
+    training, engines = live(served, tmp_path)
+    asked = request(data, epochs=10, lr=1.0, keep_best=True, early_stop=2)
+    final = list(training.run(asked))[-1]
+    alone = train(asked.config(str(base_folder), tmp_path / "cli", served.args.max_seq_len))
+    assert alone.early_stopped and final.done == alone.steps < final.steps == 20, "the loss rises here: it ends early"
+    best_step, best_loss = alone.best_val
+    assert best_step < alone.steps, "the lowest loss is not the last step's (else this would show little)"
+    status = final.status()
+    assert status.startswith(f"**Stopped early** (step {alone.steps} / 20 · ") and not final.stopped
+    assert f" · 2 validations in a row without a loss below {best_loss:.4f} (step {best_step})" in status
+    assert f" · the adapter served is step {best_step}'s, of the lowest validation loss): served as **trained-1**" \
+        in status and "Resume" not in status
+    served_tensors, best, last = adapter_tensors(engines, "trained-1"), load_file(alone.best), load_file(alone.adapter)
+    for name, value in best.items():  # the same floats but for the order the CPU sums them in
+        torch.testing.assert_close(served_tensors[name], value, rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(best[name], last[name], atol=1e-3) for name in best), "not the last step's"
+    zipped = load(zipfile.ZipFile(final.archive).read("trained-1/adapter.safetensors"))
+    assert all(torch.equal(zipped[name], served_tensors[name]) for name in zipped), "the zip holds what is served"
+    with pytest.raises(ValueError, match="^resume: your last run here was not stopped"):
+        list(training.resume())
+    with pytest.raises(ValueError, match=r"^early_stop: give 0 \(never\) or how many validations"):
+        list(training.run(request(data, early_stop=-1)))
+
+
 def test_a_served_adapter_is_trained_further_in_its_own_kind_and_format(tmp_path, data, served, base_folder):
     training, engines = live(served, tmp_path)
     first = list(training.run(request(data)))[-1]
