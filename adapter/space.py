@@ -78,11 +78,12 @@ def space_files(root: Path = ROOT) -> list[str]:
 
 
 def deploy(space: str, flags: Sequence[str] = (), private: bool = False, hardware: str | None = None,
-           with_token: bool = False, root: Path = ROOT, fit_check: bool = True) -> str:
+           with_token: bool = False, root: Path = ROOT, fit_check: bool = True, sleep_time: int | None = None) -> str:
     """Create (or update) Space `space` serving this app as `python app.py FLAGS`; its URL. `hardware`: a Space
     hardware name (t4-small, ...; default: the Space's own, a new one's the free CPU); `with_token`: the deploying
     token becomes the Space's HF_TOKEN secret, which gated bases (Llama 2, Llama 3) need. With `fit_check`, it
-    first prints how that hardware holds the base and refuses (ValueError, nothing sent) where it cannot."""
+    first prints how that hardware holds the base and refuses (ValueError, nothing sent) where it cannot.
+    `sleep_time`: seconds without a visitor after which paid hardware sleeps (and is not billed); -1: never."""
     space = repo_id(space, "space")
     variables, files = space_variables(flags), space_files(root)
     hub = hub_module("space", space)
@@ -91,10 +92,13 @@ def deploy(space: str, flags: Sequence[str] = (), private: bool = False, hardwar
     if hardware is not None and hardware not in kinds:
         raise ValueError(f"--hardware: {hardware!r} is not a Space hardware; choose from {', '.join(kinds)}")
     api = hub.HfApi()
+    with hub_failures("space", f"could not read {space}'s hardware on the Hugging Face hub", ADVICE):
+        serves_on = hardware or _current_hardware(hub, api, space)
+    sleep_note = _sleep_time_note(sleep_time, serves_on, asked=hardware is not None)
     if fit_check:
-        with hub_failures("space", f"could not read {space}'s hardware on the Hugging Face hub", ADVICE):
-            serves_on = hardware or _current_hardware(hub, api, space)
         print("\n".join(_fit_lines(serves_on, variables, *_open_base(variables))))
+    if sleep_note:
+        print(sleep_note)
     with hub_failures("space", f"could not deploy to {space} on the Hugging Face hub", ADVICE):
         api.create_repo(space, repo_type="space", space_sdk="gradio", private=True if private else None,
                         exist_ok=True)
@@ -102,7 +106,9 @@ def deploy(space: str, flags: Sequence[str] = (), private: bool = False, hardwar
         if with_token:
             api.add_space_secret(space, "HF_TOKEN", hub.get_token())
         if hardware:
-            api.request_space_hardware(space, hardware)
+            api.request_space_hardware(space, hardware, sleep_time=sleep_time)
+        elif sleep_time is not None:
+            api.set_space_sleep_time(space, sleep_time)
         api.upload_folder(repo_id=space, repo_type="space", folder_path=root, allow_patterns=files,
                           commit_message="Deploy the LLaMA-Adapter app (python -m adapter.space)")
     return f"https://huggingface.co/spaces/{space}"
@@ -115,6 +121,20 @@ def _set_variables(api, space: str, variables: Mapping[str, str]) -> None:
             api.delete_space_variable(space, key)
     for key, value in variables.items():
         api.add_space_variable(space, key, value)
+
+
+def _sleep_time_note(sleep_time: int | None, hardware: str, asked: bool) -> str | None:
+    """ValueError for a sleep time the hub would refuse; a note where paid hardware is asked for without one (it
+    would be billed around the clock)."""
+    if sleep_time is not None and not (sleep_time == -1 or sleep_time >= 1):
+        raise ValueError(f"--sleep-time: give seconds without a visitor (at least 1) or -1 (never), got {sleep_time}")
+    if sleep_time is not None and hardware == DEFAULT_HARDWARE:
+        raise ValueError(f"--sleep-time: the free {DEFAULT_HARDWARE} sleeps after 48 hours without a visitor "
+                         "whatever is asked; a sleep time needs paid hardware (--hardware)")
+    if sleep_time is None and asked and hardware != DEFAULT_HARDWARE:
+        return (f"note: {hardware} is billed while the Space runs, and paid hardware does not sleep unless asked: "
+                "--sleep-time SECONDS puts it to sleep after that long without a visitor")
+    return None
 
 
 def _current_hardware(hub, api, space: str) -> str:
@@ -163,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="create the Space private")
     parser.add_argument("--hardware", help="the Space's hardware, e.g. t4-small (default: the Space's own; a new "
                                            "Space's is the free CPU, cpu-basic)")
+    parser.add_argument("--sleep-time", type=int, metavar="SECONDS",
+                        help="paid hardware sleeps (unbilled) after this long without a visitor, and wakes for the "
+                             "next; -1: never (paid hardware's default)")
     parser.add_argument("--no-fit-check", action="store_true",
                         help="deploy even where the hardware's memory does not hold the base as asked")
     parser.add_argument("--with-token", action="store_true",
@@ -175,14 +198,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             repo_id(options.space, "space")
             variables, files = space_variables(flags), space_files()
             size = sum((ROOT / name).stat().st_size for name in files)
+            note = _sleep_time_note(options.sleep_time, options.hardware or DEFAULT_HARDWARE,
+                                    asked=options.hardware is not None)
             base = _open_base(variables)
             print("\n".join([*(f"{key}={value}" for key, value in variables.items()),
                              f"{len(files)} files, {size / 2**20:.1f} MiB", *_base_lines(*base)]))
             if not options.no_fit_check:
                 print("\n".join(_fit_lines(options.hardware or DEFAULT_HARDWARE, variables, *base)))
+            if note:
+                print(note)
         else:
             url = deploy(options.space, flags, options.private, options.hardware, options.with_token,
-                         fit_check=not options.no_fit_check)
+                         fit_check=not options.no_fit_check, sleep_time=options.sleep_time)
             print(f"deployed {url}")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -90,9 +90,12 @@ class FakeHub:
             def add_space_secret(self, repo_id, key, value):
                 hub.calls.append(("add_space_secret", repo_id, key, value))
 
-            def request_space_hardware(self, repo_id, hardware):
-                hub.calls.append(("request_space_hardware", repo_id, hardware))
+            def request_space_hardware(self, repo_id, hardware, sleep_time=None):
+                hub.calls.append(("request_space_hardware", repo_id, hardware) + ((sleep_time,) if sleep_time else ()))
                 hub.hardware[repo_id] = hardware
+
+            def set_space_sleep_time(self, repo_id, sleep_time):
+                hub.calls.append(("set_space_sleep_time", repo_id, sleep_time))
 
             def get_space_runtime(self, repo_id):  # a read: not among the calls
                 if repo_id not in hub.hardware:

@@ -105,7 +105,9 @@ def test_a_deploy_to_hardware_too_small_sends_nothing_and_no_fit_check_sends_it(
     assert main(["me/demo", "--hardware", "t4-small", *request]) == 2
     assert capsys.readouterr().err.startswith("error: --hardware t4-small (Nvidia T4, 16 GB of GPU memory) cannot")
     assert main(["me/demo", "--hardware", "t4-small", "--no-fit-check", *request]) == 0
-    assert capsys.readouterr().out == "deployed https://huggingface.co/spaces/me/demo\n"
+    assert capsys.readouterr().out == (
+        "note: t4-small is billed while the Space runs, and paid hardware does not sleep unless asked: --sleep-time "
+        "SECONDS puts it to sleep after that long without a visitor\ndeployed https://huggingface.co/spaces/me/demo\n")
     assert ("request_space_hardware", "me/demo", "t4-small") in hub.calls
 
     assert main(["me/demo", "--base", "hf:meta-llama/Llama-2-7b-hf", "--quantize", "nf4"]) == 0
@@ -117,9 +119,30 @@ def test_a_deploy_to_hardware_too_small_sends_nothing_and_no_fit_check_sends_it(
 
 
 def test_the_dry_run_checks_the_hardware_asked_for(capsys):
-    assert main(["me/demo", "--dry-run", "--hardware", "t4-small"]) == 0
+    assert main(["me/demo", "--dry-run", "--hardware", "t4-small", "--sleep-time", "600"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == "hardware t4-small (Nvidia T4, 16 GB of GPU memory): holds it", "the embedded tiny model"
     assert out[-1].startswith("  base float16 0.00 GiB + CLIP tower 0.00 + KV cache 0.00 (1 x 256 tokens) + ")
     assert main(["me/demo", "--dry-run", "--no-fit-check"]) == 0
     assert not any(line.startswith("hardware") for line in capsys.readouterr().out.splitlines())
+
+
+def test_paid_hardware_sleeps_when_asked_and_the_free_one_cannot_be_asked(hub, capsys):
+    deploy("me/demo", [], hardware="t4-small", sleep_time=900)
+    assert ("request_space_hardware", "me/demo", "t4-small", 900) in hub.calls, "asked with the hardware"
+    assert "note:" not in capsys.readouterr().out
+    hub.calls.clear()
+    deploy("me/demo", [], sleep_time=-1)  # the Space's own hardware (t4-small now): never sleeps
+    assert ("set_space_sleep_time", "me/demo", -1) in hub.calls
+    assert not any(call[0] == "request_space_hardware" for call in hub.calls)
+    hub.calls.clear()
+    for space, hardware, sleep, message in [
+            ("me/new", None, 600, r"^--sleep-time: the free cpu-basic sleeps after 48 hours without a visitor "
+                                  r"whatever is asked; a sleep time needs paid hardware \(--hardware\)$"),
+            ("me/demo", "t4-small", 0, r"^--sleep-time: give seconds without a visitor \(at least 1\) or -1 \(never\), "
+                                       r"got 0$")]:
+        with pytest.raises(ValueError, match=message):
+            deploy(space, [], hardware=hardware, sleep_time=sleep)
+    assert hub.calls == [], "refused before anything reached the hub"
+    assert main(["me/demo", "--dry-run", "--sleep-time", "60"]) == 2
+    assert "--sleep-time: the free cpu-basic sleeps" in capsys.readouterr().err
