@@ -147,12 +147,17 @@ def _current_hardware(hub, api, space: str) -> str:
 
 
 def _open_base(variables: Mapping[str, str]):
-    """(the base the Space will serve, opened without its weights, or the reason it cannot be read from here)."""
-    from .loading import open_base_shape
+    """(the base the Space will serve, opened without its weights, or the reason it cannot be read from here: a hub
+    base that is not a repository of safetensors weights, a GGUF file say, would be downloaded whole to be read)."""
+    from .loading import hub_base_without_weights, open_base_shape
 
     base = variables.get(env_name("base"), BASE_NAME)
     try:
-        return base, open_base_shape(base)
+        if not is_remote(base):
+            return base, open_base_shape(base)  # the embedded model: the only local base a Space can serve
+        return base, hub_base_without_weights(base) or ValueError(
+            "only a repository of safetensors weights is read without downloading them; python -m adapter.inspect "
+            f"{base} describes this one once downloaded")
     except (ValueError, FileNotFoundError) as error:
         return base, error
 

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from adapter.config import ModelArgs
-from adapter.loading import open_base_shape
 from adapter.space import deploy, main
 from adapter.space_fit import check_fit
+from adapter.tiny.assets import ASSETS, BASE
 from tests.test_push import FakeHub
 
 LLAMA_7B_BF16 = 6_738_415_616 * 2  # Llama-2-7B's parameters, two bytes each: 12.55 GiB
@@ -21,7 +21,7 @@ VIT_L14_BF16 = 303_966_208 * 2  # OpenAI's ViT-L/14 vision tower: 0.57 GiB
 
 def seven_b(quantization: str | None = None) -> SimpleNamespace:
     """A Llama-2-7B-shaped base as `open_base_shape` gives a hub base without its weights."""
-    tokenizer = open_base_shape("tiny").tokenizer_path  # only its vocabulary size is read; the shape says 32000
+    tokenizer = ASSETS / BASE / "tokenizer.model"  # only its vocabulary size is read; the shape says 32000
     return SimpleNamespace(model_args=lambda n_words: ModelArgs(max_seq_len=4096), tokenizer_path=tokenizer,
                            tied_output=False, quantization=quantization)
 
@@ -97,7 +97,7 @@ def hub(tmp_path, monkeypatch) -> FakeHub:
 
 
 def test_a_deploy_to_hardware_too_small_sends_nothing_and_no_fit_check_sends_it(hub, monkeypatch, capsys):
-    monkeypatch.setattr("adapter.loading.open_base_shape", lambda base: seven_b())
+    monkeypatch.setattr("adapter.loading.hub_base_without_weights", lambda base: seven_b())
     request = ["--base", "hf:meta-llama/Llama-2-7b-hf", "--concurrency", "8"]
     with pytest.raises(ValueError, match=r"^--hardware t4-small \(Nvidia T4, 16 GB of GPU memory\) cannot hold"):
         deploy("me/demo", request, hardware="t4-small")
@@ -146,3 +146,12 @@ def test_paid_hardware_sleeps_when_asked_and_the_free_one_cannot_be_asked(hub, c
     assert hub.calls == [], "refused before anything reached the hub"
     assert main(["me/demo", "--dry-run", "--sleep-time", "60"]) == 2
     assert "--sleep-time: the free cpu-basic sleeps" in capsys.readouterr().err
+
+
+def test_a_base_read_only_by_downloading_it_is_not_downloaded_to_be_checked(hub, capsys):
+    assert main(["me/demo", "--base", "hf:owner/Llama-2-7B-GGUF/llama-2-7b.Q8_0.gguf", "--quantize", "nf4"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "hardware cpu-basic: not checked, the base is not read from here (only a repository of safetensors weights is "
+        "read without downloading them; python -m adapter.inspect hf:owner/Llama-2-7B-GGUF/llama-2-7b.Q8_0.gguf "
+        "describes this one once downloaded)")
+    assert not any(call[0] == "snapshot_download" for call in hub.calls), "nothing fetched but the deploy's own"
