@@ -3,10 +3,13 @@
 
 What is counted: the base's weights in the precision the flags load it in, the CLIP tower's (where its model is known
 without fetching an adapter: `--clip-model`, an official release, the embedded tiny tower), the KV cache of an
-answer at 2,048 tokens of context (the base's, if shorter) for each request decoded at once (`--concurrency`), and a
-reserve: on a GPU 1 GiB for CUDA's context, activations and the allocator's slack; on a CPU 1.5 GiB for the app's
-process itself (0.9 GiB measured serving the tiny model). The adapters' own tensors (megabytes; an official v2
-release's 0.1 GiB) fall within the reserve. The app serves from one device: on hardware with several GPUs, one.
+answer at 2,048 tokens of context (the base's, if shorter) for each request decoded at once (`--concurrency`), what
+reading such a prompt holds for a moment (its activations: the feed-forward's three and attention's four widths per
+token, in the compute dtype; for a quantized base also one layer's linears unpacked to that dtype, which is what
+bitsandbytes' CPU path was measured to hold), and a fixed part: on a GPU 0.5 GiB for CUDA's context, on a CPU
+1 GiB for the app's process (0.8 to 0.9 GiB measured). `python -m bench.space_fit` measures the app against this
+sum (BENCHMARKS.md). The adapters' own tensors (megabytes; an official v2 release's 0.1 GiB) are not counted. The
+app serves from one device: on hardware with several GPUs, one.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .tokenizer import open_tokenizer
 
 GB, GIB = 10**9, 2**30
 CONTEXT = 2048
-GPU_RESERVE, CPU_RESERVE = 1.0 * GIB, 1.5 * GIB
+GPU_FIXED, CPU_FIXED = 0.5 * GIB, 1.0 * GIB  # CUDA's context; the app's process (Python, torch, gradio)
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,16 @@ class Need:
     kv_per_token: int
     rows: int
     context: int
+    transient: int  # what reading a prompt holds for a moment: activations (and a quantized layer unpacked)
 
     @property
-    def reserve(self) -> float:
-        return GPU_RESERVE if self.on_gpu else CPU_RESERVE
+    def fixed(self) -> float:
+        return GPU_FIXED if self.on_gpu else CPU_FIXED
 
     @property
     def total(self) -> float:
-        return self.weights + (self.tower or 0) + self.kv_per_token * self.rows * self.context + self.reserve
+        return (self.weights + (self.tower or 0) + self.kv_per_token * self.rows * self.context + self.transient
+                + self.fixed)
 
     def sum_text(self, memory: float) -> str:
         parts = [f"base {self.precision} {self.weights / GIB:.2f} GiB"]
@@ -95,7 +100,8 @@ class Need:
             parts.append("the CLIP tower (its model is the adapter's; --clip-model NAME counts it)")
         parts.append(f"KV cache {self.kv_per_token * self.rows * self.context / GIB:.2f} "
                      f"({self.rows} x {self.context:,} tokens)")
-        parts.append(f"{self.reserve / GIB:.2f} for " + ("CUDA and activations" if self.on_gpu else "the app itself"))
+        parts.append(f"reading the prompt {self.transient / GIB:.2f}")
+        parts.append(f"{self.fixed / GIB:.2f} for " + ("CUDA" if self.on_gpu else "the app itself"))
         return " + ".join(parts) + f" = {self.total / GIB:.2f} of {memory / GIB:.2f} GiB"
 
     def room_text(self, memory: float) -> str:
@@ -132,9 +138,10 @@ class Served:
             else torch.float32
         tower = None if self.towers is None else max((tower_bytes(shape, tower_mode, tower_dtype)
                                                       for shape in self.towers), default=0)
+        rows, context = max(1, int(options["concurrency"])), min(CONTEXT, self.args.max_seq_len)
         return Need(on_gpu, mode or str(dtype).removeprefix("torch."), sizes.weights, tower,
-                    sizes.kv_per_token_int8 if options["kv_cache"] == "int8" else sizes.kv_per_token,
-                    max(1, int(options["concurrency"])), min(CONTEXT, self.args.max_seq_len))
+                    sizes.kv_per_token_int8 if options["kv_cache"] == "int8" else sizes.kv_per_token, rows, context,
+                    _transient(self.args, rows * context, dtype, quantized=mode is not None))
 
     def on_gpu(self, kind: Hardware) -> bool:
         return bool(kind.gpus) and (self.options["device"] or "cuda").startswith("cuda")
@@ -159,6 +166,15 @@ def check_fit(variables: Mapping[str, str], hardware: str, checkpoint) -> list[s
     raise ValueError(f"--hardware {hardware} ({kind.describe(on_gpu)}) cannot hold the app's base in "
                      f"{need.precision}: {need.sum_text(memory)}; {_what_would_fit(served, kind, need)}"
                      "--no-fit-check deploys anyway")
+
+
+def _transient(args: ModelArgs, tokens: int, dtype: torch.dtype, quantized: bool) -> int:
+    """The bytes reading `tokens` prompt tokens at once holds beside the weights and the cache: the feed-forward's
+    three and attention's four widths per token, and for a quantized base one layer's linears unpacked."""
+    head, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    activations = tokens * (3 * args.ffn_hidden_dim + 2 * head + 2 * kv) * dtype.itemsize
+    layer = (2 * head + 2 * kv) * args.dim + 3 * args.ffn_hidden_dim * args.dim
+    return activations + (layer * dtype.itemsize if quantized else 0)
 
 
 def _tower_shapes(options: Mapping[str, object]) -> list[nn.Module] | None:

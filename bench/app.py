@@ -53,13 +53,17 @@ def free_port() -> int:
 
 
 def start_app(flags: list[str], port: int, timeout: float = 300.0) -> tuple[subprocess.Popen, float]:
-    """Start `python app.py` and wait until its page answers; seconds from spawn to ready."""
+    """Start `python app.py` and wait until its page answers; seconds from spawn to ready. Its stderr goes to a
+    file, not a pipe: a pipe nobody reads fills with warnings (bitsandbytes' int8 layers warn at every matmul on a
+    CPU) and then blocks the app."""
     start = time.perf_counter()
+    log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen([sys.executable, "app.py", *flags, "--port", str(port), "--device", "cpu"],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
     while time.perf_counter() - start < timeout:
         if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with {process.returncode}: {process.stderr.read().strip()}")
+            log.seek(0)
+            raise RuntimeError(f"app.py exited with {process.returncode}: {log.read().strip()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=1):
                 return process, time.perf_counter() - start

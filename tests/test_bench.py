@@ -376,3 +376,15 @@ def test_a_folder_a_benchmark_cannot_make_is_one_line(tmp_path, capsys):
     assert run_main(lambda: tied.main(["--folder", str(tmp_path / "file" / "under"), "--smoke"])) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "file" / "under") in err and err.count("\n") == 1
+
+
+def test_smoke_space_fit_section(tmp_path):
+    from bench.space_fit import HEADING
+    from bench.space_fit import main as space_fit_main
+
+    assert space_fit_main(["--smoke", "--write", str(tmp_path / "BENCHMARKS.md")]) == 0
+    section = next(body for head, body in sections((tmp_path / "BENCHMARKS.md").read_text()).items()
+                   if head.startswith(HEADING))
+    table = next(t for t in tables(section) if t[0][0] == "--quantize")
+    assert [row[0] for row in table[1:]] == ["none", "nf4"]
+    assert all(re.fullmatch(r"\d+\.\d\d", cell) for row in table[1:] for cell in row[1:]), table

@@ -34,8 +34,9 @@ def test_a_7b_base_in_16_bits_just_fits_a_t4_and_the_line_shows_the_sum():
     assert round(LLAMA_7B_BF16 / 2**30, 2) == 12.55
     assert check_fit(flags(), "t4-small", seven_b()) == [
         "hardware t4-small (Nvidia T4, 16 GB of GPU memory): holds it",
-        "  base float16 12.55 GiB + KV cache 1.00 (1 x 2,048 tokens) + 1.00 for CUDA and activations = 14.55 of "
-        "14.90 GiB; the KV cache has room for about 2,800 tokens in all"]  # 16e9 bytes; 0.5 MiB per token
+        "  base float16 12.55 GiB + KV cache 1.00 (1 x 2,048 tokens) + reading the prompt 0.19 + 0.50 for CUDA = "
+        "14.24 of 14.90 GiB; the KV cache has room for about 3,400 tokens in all"]  # 16e9 bytes; 0.5 MiB per token
+    # reading the prompt: 2,048 tokens x (3 x 11,008 + 4 x 4,096) widths x 2 bytes
 
 
 def test_what_does_not_fit_is_refused_with_what_would():
@@ -43,21 +44,22 @@ def test_what_does_not_fit_is_refused_with_what_would():
         check_fit(flags(concurrency="8"), "t4-small", seven_b())
     assert str(refused.value) == (
         "--hardware t4-small (Nvidia T4, 16 GB of GPU memory) cannot hold the app's base in float16: base float16 "
-        "12.55 GiB + KV cache 8.00 (8 x 2,048 tokens) + 1.00 for CUDA and activations = 21.55 of 14.90 GiB; "
-        "--quantize nf4 would (12.60 GiB); --hardware l4x1 would (Nvidia L4, 21.55 GiB); --no-fit-check deploys "
-        "anyway"), "int8 (6.53 + 8 + 1 GiB) does not fit either, so it is not offered"
+        "12.55 GiB + KV cache 8.00 (8 x 2,048 tokens) + reading the prompt 1.51 + 0.50 for CUDA = 22.56 of 14.90 "
+        "GiB; --quantize nf4 would (13.99 GiB); --hardware l40sx1 would (Nvidia L40S, 22.56 GiB); --no-fit-check "
+        "deploys anyway"), "int8 (6.53 + 8 + 1.51 + a layer unpacked) does not fit either, so it is not offered"
     with pytest.raises(ValueError, match=r"^--hardware cpu-basic \(2 vCPU, 16 GB of memory\) cannot hold the app's "
-                                         r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 .* = 28\.60 of "
-                                         r"14\.90 GiB; --quantize nf4 would \(7\.59 GiB\); --quantize int8 would "
-                                         r"\(10\.51 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.60 GiB\); "):
+                                         r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 .* = 28\.48 of "
+                                         r"14\.90 GiB; --quantize nf4 would \(8\.22 GiB\); --quantize int8 would "
+                                         r"\(11\.14 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.48 GiB\); "):
         check_fit(flags(), "cpu-basic", seven_b())  # a CPU computes in float32 unless --dtype says
     assert check_fit(flags(dtype="bfloat16", quantize="nf4"), "cpu-basic", seven_b())[0].endswith("holds it")
 
 
 def test_the_tower_counts_where_its_model_is_known_and_is_named_where_not():
     release = check_fit(flags(quantize="nf4", adapter="official:BIAS-7B", clip="openai"), "t4-small", seven_b())
-    assert release[1].startswith("  base nf4 3.60 GiB + CLIP tower 0.57 + KV cache 1.00 (1 x 2,048 tokens) + 1.00 "
-                                 "for CUDA and activations = 6.17 of 14.90 GiB"), "the releases read OpenAI's ViT-L/14"
+    assert release[1].startswith("  base nf4 3.60 GiB + CLIP tower 0.57 + KV cache 1.00 (1 x 2,048 tokens) + reading "
+                                 "the prompt 0.57 + 0.50 for CUDA = 6.23 of 14.90 GiB"), \
+        "the releases read OpenAI's ViT-L/14; a quantized base's layer is unpacked while reading (0.38 GiB)"
     assert round(VIT_L14_BF16 / 2**30, 2) == 0.57
     quantized = check_fit(flags(quantize="nf4", adapter="official:BIAS-7B", clip="openai", clip_quantize="nf4"),
                           "t4-small", seven_b())
@@ -72,7 +74,7 @@ def test_the_tower_counts_where_its_model_is_known_and_is_named_where_not():
 
 
 def test_a_stored_base_the_kv_cache_the_device_and_unknown_hardware():
-    stored = pytest.raises(ValueError, check_fit, flags(concurrency="16"), "t4-small", seven_b("nf4"))
+    stored = pytest.raises(ValueError, check_fit, flags(concurrency="12"), "t4-small", seven_b("nf4"))
     assert "cannot hold the app's base in nf4" in str(stored.value) and "--quantize" not in str(stored.value), \
         "a pre-quantized base is loaded as stored: no other precision to offer"
     assert "--hardware l4x1 would" in str(stored.value)
