@@ -17,12 +17,13 @@ from pathlib import Path
 
 from adapter.config import ModelArgs
 from adapter.loading import open_base_shape
+from adapter.quantize import check_mode
 from adapter.space_fit import BY_NAME, GIB, Served
 from bench.app import free_port, start_app
 from bench.args import positive_int, run_main
 from bench.decode import machine
 from bench.load import write_checkpoint
-from bench.report import command_line, publish
+from bench.report import command_line, publish, table
 
 CONTEXT = 2048
 NEW_TOKENS = 32
@@ -84,25 +85,37 @@ def measure(folder: Path, mode: str) -> tuple[float, float, float, float, int]:
     return loading, idle, answering, need.total / GIB, len(tokenizer.encode(prompt, bos=True))
 
 
+def quantize_modes(text: str) -> list[str]:
+    """`none,nf4,int8` as a list, each one the app's --quantize takes (argparse's one-line error otherwise)."""
+    modes = [mode.strip() for mode in text.split(",")]
+    for mode in modes:
+        try:
+            check_mode(mode)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return modes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.space_fit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=positive_int, default=4096)
     parser.add_argument("--layers", type=positive_int, default=8)
-    parser.add_argument("--modes", default="none,nf4,int8", help="the app's --quantize values to measure")
+    parser.add_argument("--modes", default="none,nf4,int8", type=quantize_modes,
+                        help="the app's --quantize values to measure")
     parser.add_argument("--write", help="replace this benchmark's section of this markdown file (e.g. BENCHMARKS.md)")
     parser.add_argument("--smoke", action="store_true", help="a dim-256, one-layer base in none and nf4 (the tests)")
     options = parser.parse_args(argv)
     if options.smoke:
-        options.dim, options.layers, options.modes = 256, 1, "none,nf4"
+        options.dim, options.layers, options.modes = 256, 1, ["none", "nf4"]
     args = ModelArgs(dim=options.dim, n_layers=options.layers, n_heads=options.dim // 128, vocab_size=512,
                      multiple_of=256, max_seq_len=CONTEXT)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         write_checkpoint(Path(folder), args)
-        for mode in options.modes.split(","):
+        for mode in options.modes:
             loading, idle, answering, counted, prompt = measure(Path(folder), mode)
-            rows.append(f"| {mode} | {loading:.2f} | {idle:.2f} | {answering:.2f} | {counted:.2f} | "
-                        f"{counted / max(loading, answering):.2f} |")
+            rows.append([mode, *(f"{gib:.2f}" for gib in (loading, idle, answering, counted)),
+                         f"{counted / max(loading, answering):.2f}"])
     text = "\n".join([
         f"## {HEADING} (CPU)",
         "",
@@ -114,10 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          "(VmHWM) while it starts and loads, then, reset, while it answers; against the sum `adapter.space`'s fit "
          "check counts on CPU hardware. The check must count at least the larger peak (ratio >= 1)."),
         "",
-        ("| --quantize | peak while loading, GiB | resident once loaded, GiB | peak while answering, GiB | fit check's "
-         "sum, GiB | sum / larger peak |"),
-        "|---|---|---|---|---|---|",
-        *rows,
+        *table(("--quantize", "peak while loading, GiB", "resident once loaded, GiB", "peak while answering, GiB",
+                "fit check's sum, GiB", "sum / larger peak"), rows),
         "",
     ])
     publish(text, HEADING, options.write)

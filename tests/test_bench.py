@@ -378,9 +378,13 @@ def test_a_folder_a_benchmark_cannot_make_is_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and str(tmp_path / "file" / "under") in err and err.count("\n") == 1
 
 
-def test_smoke_space_fit_section(tmp_path):
+def test_smoke_space_fit_section(tmp_path, capsys):
     from bench.space_fit import HEADING
     from bench.space_fit import main as space_fit_main
+
+    with pytest.raises(SystemExit):
+        space_fit_main(["--modes", "none,nf5"])
+    assert "argument --modes: quantize: unknown mode 'nf5'" in capsys.readouterr().err
 
     assert space_fit_main(["--smoke", "--write", str(tmp_path / "BENCHMARKS.md")]) == 0
     section = next(body for head, body in sections((tmp_path / "BENCHMARKS.md").read_text()).items()
