@@ -252,8 +252,8 @@ def test_a_corrupted_peer_is_refused_by_the_training_check(weights, monkeypatch)
 
 def test_smoke_leaves_out_what_has_no_smoke_mode_and_load_needs_its_flag():
     smoke, left = bench_main.chosen(argparse.Namespace(only=None, smoke=True, with_load=False))
-    assert [b.name for b in smoke] == ["decode_peers", "memory", "adapters", "scaling", "train", "answers", "tied",
-                                       "v2_parts", "gpu"]
+    assert [b.name for b in smoke] == ["decode_peers", "memory", "adapters", "scaling", "train", "answers",
+                                       "space_fit", "tied", "v2_parts", "gpu"]
     assert any(note.startswith("load") for note in left)
     full, left = bench_main.chosen(argparse.Namespace(only=None, smoke=False, with_load=False))
     assert "load" not in [b.name for b in full] and any("--with-load" in note for note in left)
