@@ -58,16 +58,21 @@ def footprint(args: ModelArgs, mode: str | None, dtype: torch.dtype, tied_output
     """The bytes of a base of shape `args` loaded with `quantize=mode` in `dtype` (the compute dtype: embeddings,
     norms and the head stay in it); `tied_output`: the head is the embedding matrix itself; `pre_quantized`: read
     from a pre-quantized HF folder, whose wq/wk keep their block scales in float32 (adapter.formats.bnb)."""
-    head, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
-    rows_moved = [(head, args.dim), (kv, args.dim)]  # wq, wk
-    others = [(kv, args.dim), (args.dim, head), (args.ffn_hidden_dim, args.dim), (args.dim, args.ffn_hidden_dim),
-              (args.ffn_hidden_dim, args.dim)]
+    linears = layer_linears(args)
+    rows_moved, others = linears[:2], linears[2:]  # wq, wk; the rest
     per_layer = sum(linear_bytes(out, inp, mode, dtype, double_quant=not pre_quantized) for out, inp in rows_moved)
     per_layer += sum(linear_bytes(out, inp, mode, dtype) for out, inp in others) + 2 * args.dim * dtype.itemsize
     embeddings = args.vocab_size * args.dim * dtype.itemsize
     weights = args.n_layers * per_layer + embeddings * (1 if tied_output else 2) + args.dim * dtype.itemsize
     vectors = 2 * args.n_layers * args.kv_heads  # a key and a value per layer and key/value head, per token
     return Footprint(weights, vectors * args.head_dim * dtype.itemsize, vectors * (args.head_dim + dtype.itemsize))
+
+
+def layer_linears(args: ModelArgs) -> list[tuple[int, int]]:
+    """(out, in) features of one layer's frozen linears: wq, wk, wv, wo, w1, w2, w3."""
+    head, kv, ffn = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    return [(head, args.dim), (kv, args.dim), (kv, args.dim), (args.dim, head), (ffn, args.dim), (args.dim, ffn),
+            (ffn, args.dim)]
 
 
 def describe(args: ModelArgs, tied_output: bool, stored: str | None = None,

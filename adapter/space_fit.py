@@ -22,7 +22,7 @@ from torch import nn
 
 from .app_config import build_parser
 from .config import ModelArgs
-from .footprint import footprint, tower_bytes
+from .footprint import footprint, layer_linears, tower_bytes
 from .formats.official import OFFICIAL_CLIP_MODEL
 from .loading import DTYPES
 from .quantize import check_mode
@@ -173,7 +173,7 @@ def _transient(args: ModelArgs, tokens: int, dtype: torch.dtype, quantized: bool
     three and attention's four widths per token, and for a quantized base one layer's linears unpacked."""
     head, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
     activations = tokens * (3 * args.ffn_hidden_dim + 2 * head + 2 * kv) * dtype.itemsize
-    layer = (2 * head + 2 * kv) * args.dim + 3 * args.ffn_hidden_dim * args.dim
+    layer = sum(out * inp for out, inp in layer_linears(args))
     return activations + (layer * dtype.itemsize if quantized else 0)
 
 

@@ -19,6 +19,7 @@ from adapter.config import ModelArgs
 from adapter.loading import open_base_shape
 from adapter.quantize import check_mode
 from adapter.space_fit import BY_NAME, GIB, Served
+from adapter.tokenizer import open_tokenizer
 from bench.app import free_port, start_app
 from bench.args import positive_int, run_main
 from bench.decode import machine
@@ -61,8 +62,6 @@ def measure(folder: Path, mode: str) -> tuple[float, float, float, float, int]:
     checkpoint = open_base_shape(folder)
     need = Served.read({"ADAPTER_BASE": str(folder), "ADAPTER_QUANTIZE": mode}, checkpoint).need(
         BY_NAME["cpu-upgrade"], on_gpu=False)
-    from adapter.tokenizer import open_tokenizer
-
     tokenizer = open_tokenizer(checkpoint.tokenizer_path)
     prompt = long_prompt(tokenizer, CONTEXT - NEW_TOKENS - 64)  # room for the prompt format's own tokens
     port = free_port()
