@@ -1,31 +1,43 @@
 """The LLaMA-Adapter Gradio app: chat, image questions, the gate slider, a side-by-side comparison with the
 frozen base, held-out records scored at each gate scale, the gates made visible, and what is loaded.
 
-UI only: every model call goes through `adapter.engine`. `python app.py` serves the embedded tiny model on
-CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment variable, see the README).
+UI layout only: the events it wires are `adapter.app_handlers.Handlers` (every model call going through
+`adapter.engine`), and what it offers to click comes from `adapter.app_examples`. `python app.py` serves the
+embedded tiny model on CPU; `python app.py --help` lists the flags (each also an ADAPTER_* environment variable,
+see the README).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import gradio as gr
 from PIL import Image
 
-from adapter.adapter_download import AdapterDownloads
 from adapter.adapter_upload import MAX_UPLOADED, AdapterUploads
-from adapter.added_adapters import AddedAdapters
-from adapter.app_config import ASSETS, ServeConfig, engine_for, load_engines, parse_config, serves_tiny
-from adapter.choices import ChoiceEvaluation
+from adapter.app_config import ServeConfig, engine_for, load_engines, parse_config, serves_tiny
+from adapter.app_examples import (
+    EXAMPLE_QUESTION,
+    TINY_TRAINING_IMAGES,
+    TINY_TRAINING_RECORDS,
+    example_images,
+    examples,
+    tiny_held_out,
+    tiny_held_out_images,
+    tiny_training_images,
+    tiny_training_records,
+)
+from adapter.app_handlers import (
+    GATE_COLUMNS,
+    LOSS_COLUMNS,
+    SCORE_HEADERS,
+    Handlers,
+    gate_label,
+    picture,
+    start_choices,
+)
 from adapter.engine import (
     MAX_SCALE,
     MAX_SCORE_RECORDS,
@@ -36,68 +48,22 @@ from adapter.engine import (
     Engine,
     Engines,
     Settings,
-    check_integer,
-    check_text,
-    gate_scales,
 )
-from adapter.finetune.records import conversation_record
-from adapter.formats.common import unrecorded_format_note, write_zip
-from adapter.hub import repo_id
-from adapter.live_training import VALIDATIONS, LiveTraining, TrainProgress, TrainRequest
+from adapter.live_training import VALIDATIONS, LiveTraining
 from adapter.model import Transformer
-from adapter.model_card import training_of
 from adapter.prompts import PROMPT_FORMATS
-from adapter.push import push_model
 from adapter.releases import OFFICIAL
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-    from adapter.gate_view import PromptShares
-    from adapter.next_token import NextTokens
-else:
-    Figure = Any  # gradio reads the handlers' hints (to pass them their request): they must resolve at run time
 
 QUEUE_PER_WORKER = 16  # waiting requests per concurrent slot before "queue is full"
 DEFAULTS = Settings()
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
-EXAMPLE_QUESTION = "What is in the picture?"
-RECORD, PICTURE = "conversation.jsonl", "picture.png"  # a conversation saved to train on, and its picture
 MAX_UPLOAD = "20mb"
 SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
-GATE_LABEL = "Gate scale"
-SCORE_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "exact answers"]
-CHOICE_HEADERS = ["gate scale", "likeliest choice right %", "per byte %", "P(right choice) %"]
-TEXT_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "bits per byte"]
-TINY_HELD_OUT_PER_CATEGORY = 25  # the Score tab's example for the tiny model: 175 held-out text questions
-TINY_HELD_OUT_DOCUMENTS = 200  # and its plain-text example: held-out documents of its base's corpus
-TINY_HELD_OUT_IMAGES = 10  # and 40 held-out image questions (10 per category) with their pictures
-TINY_FILES = Path(tempfile.gettempdir()) / "llama-adapter"  # the tiny model's records the app offers, written there
-TINY_TRAINING_RECORDS = 2000  # the Train tab's example for the tiny model: its text adapter's kind of questions
-TINY_TRAINING_IMAGES = 1000  # and its image adapter's: questions about rendered scenes, with their pictures
-LOSS_COLUMNS = ("step", "loss", "set")  # the Train tab's curves, drawn by the browser
-GATE_COLUMNS = ("step", "mean |gate|", "layer")
-NEW_ADAPTER = "a new adapter (zero-init gates: the frozen base)"
 TRAIN_MODES = [("v1: adaption prompts and gates", "v1"), ("v2: also zero-init biases and tuned norms", "v2"),
                ("LoRA alone (no prompts, no gates: the baseline)", "lora")]
 DOWNLOAD_FORMATS = [("ours: adapter.safetensors and adapter.json, zipped", "native"),
                     ("PEFT: a raw-gate v1 adapter or LoRA alone, zipped", "peft"),
                     ("the official v1 release's .pth: prompts and gates only", "official-v1")]
 VISION_MODE = ("vision: v2 and a visual prompt on the served CLIP tower (image records)", "vision")
-
-
-# a path in the server's temporary folder (an upload, a run's folder) up to the file's own name
-SERVER_FOLDERS = re.compile(re.escape(os.path.join(tempfile.gettempdir(), "")) + r"\S*" + re.escape(os.sep))
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """A bad request becomes a message for the user (and the API client); the app keeps serving. Files are named
-    by their own names: the temporary folders the server put uploads in mean nothing to the user."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as error:
-        raise gr.Error(SERVER_FOLDERS.sub("", str(error))) from None
 
 
 def range_checked_by_settings(slider: gr.Slider) -> None:
@@ -123,440 +89,10 @@ def clear_image_errors(image: gr.Image) -> None:
     image.preprocess = preprocess
 
 
-def settings(gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,
-             seed: float | None, system: str | None = None, layers: str | None = None) -> Settings:
-    return Settings(gate_scale=gate, delta_scale=delta, temperature=temperature, top_p=top_p,
-                    max_new_tokens=max_new_tokens, seed=seed, system=system, gate_layers=layers)
 
 
-def text_of(content: Any) -> str:
-    """A Chatbot message's text: a string, or gradio's list of content blocks."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Mapping):
-        return str(content.get("text", ""))
-    if isinstance(content, Sequence):
-        return "".join(text_of(part) for part in content)
-    return ""
 
 
-def to_pairs(history: Sequence[Mapping[str, Any]] | None) -> list[tuple[str, str]]:
-    """Chatbot messages -> (user, assistant) turns; a user message without an answer gets ""."""
-    pairs: list[tuple[str, str]] = []
-    for message in history or ():
-        text = text_of(message.get("content"))
-        if message.get("role") == "user":
-            pairs.append((text, ""))
-        elif message.get("role") == "assistant" and pairs:
-            pairs[-1] = (pairs[-1][0], pairs[-1][1] + text)
-    return pairs
-
-
-def to_messages(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    return [message for user, answer in pairs
-            for message in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
-
-
-def table(labels: Sequence[Any], answers: Iterator[list[str]]) -> Iterator[list[list[Any]]]:
-    """A sweep's rows (gate scale or layers, answer so far) as its answers grow."""
-    for row in answers:
-        yield [[label, answer] for label, answer in zip(labels, row)]
-
-
-def next_token_view(found: NextTokens) -> tuple[dict[str, Any], Figure]:
-    """The next-token table (a token per row, a gate scale per column, % each) and its plot."""
-    return {"headers": found.headers(), "data": found.rows()}, found.figure()
-
-
-def shares_view(shares: PromptShares) -> tuple[list[tuple[str, float]], Figure | None]:
-    """The answer's pieces with their prompt shares (for HighlightedText) and the per-layer bars (none for a
-    model without adaption prompts)."""
-    return shares.pieces, shares.figure() if shares.layers else None
-
-
-def picture(path: Path | None) -> Image.Image | None:
-    """A file shown as a picture (read here: gradio serves only files under its allowed paths)."""
-    return None if path is None else Image.open(path)
-
-
-def warn_if_blind(engine: Engine, image: Image.Image | None) -> None:
-    """An image question put to an adapter that cannot see is answered from the text alone: say so."""
-    if image is not None and not engine.can_see_images:
-        gr.Warning("This adapter cannot see images: the answer comes from the question alone.")
-
-
-class Handlers:
-    """The event functions; each turns UI values into an engine call and engine errors into messages.
-
-    Every model event takes the six shared controls, then the adapter to answer with (omitted: the first), the
-    system prompt (omitted: none) and the adapter layers that speak (omitted: all). gradio passes each its
-    request first, whose session says which adapters it may ask (`served`)."""
-
-    def __init__(self, engines: Engines, training: LiveTraining | None = None,
-                 uploads: AdapterUploads | None = None) -> None:
-        self.engines, self.training, self.uploads = engines, training, uploads
-        self.downloads = AdapterDownloads()
-
-    def served(self, request: gr.Request | None) -> Engines:
-        """The adapters `request`'s session may ask: all that are served, but others' private ones
-        (`--private-adapters`)."""
-        return self.engines.seen_by(getattr(request, "session_hash", None))
-
-    def resolve(self, request: gr.Request, gate: float, delta: float, temperature: float, top_p: float,
-                max_new_tokens: float, seed: float | None, adapter: str | None = None, system: str | None = None,
-                layers: str | None = None) -> tuple[Engine, Settings]:
-        """The chosen adapter's engine and the request's settings, both checked."""
-        return self.served(request).get(adapter), settings(gate, delta, temperature, top_p, max_new_tokens, seed,
-                                                           system, layers)
-
-    def chat(self, request: gr.Request, message: str, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
-        with user_errors():
-            pairs = to_pairs(history)
-            engine, choice = self.resolve(request, *controls)
-            answers = engine.chat(pairs, message, choice)
-            yield to_messages(pairs + [(message.strip(), "")])  # the question shows before the first token
-            for answer in answers:
-                yield to_messages(pairs + [(message.strip(), answer)])
-
-    def retry(self, request: gr.Request, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
-        pairs = to_pairs(history)
-        if not pairs:
-            yield history
-            return
-        yield from self.chat(request, pairs[-1][0], to_messages(pairs[:-1]), *controls)
-
-    def undo(self, history: list) -> tuple[list[dict[str, str]], str]:
-        pairs = to_pairs(history)
-        if not pairs:
-            return [], ""
-        return to_messages(pairs[:-1]), pairs[-1][0]
-
-    def save_conversation(self, history: list | None, system: str | None = None) -> str:
-        """The conversation as one fine-tuning record in the chat `messages` layout (its system prompt first, if
-        any; a question not yet answered left out), in a .jsonl file: its answers can be corrected and the file
-        trained on in the Train tab or by adapter.finetune."""
-        with user_errors():
-            record = conversation_record([(user, answer) for user, answer in to_pairs(history) if answer], system)
-            path = Path(tempfile.mkdtemp(prefix="conversation-")) / RECORD
-            path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-            return str(path)
-
-    @staticmethod
-    def save_image_conversation(image: Image.Image | None, asked: str, answer: str, conversation: list | None,
-                                system: str | None = None) -> str:
-        """The conversation about the picture as one fine-tuning record in LLaVA's layout (the turns before, then
-        the question last asked and its answer), zipped beside the picture it names: unzipped, the record and the
-        picture the Train tab's vision mode (or adapter.finetune --image-folder) trains on."""
-        with user_errors():
-            if image is None:
-                raise ValueError("image: upload the picture the conversation is about first")
-            turns = [*to_pairs(conversation), *([(asked, answer)] if asked and answer else [])]
-            record = conversation_record([(user, said) for user, said in turns if said], system, PICTURE)
-            folder = Path(tempfile.mkdtemp(prefix="conversation-"))
-            (folder / RECORD).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-            image.convert("RGB").save(folder / PICTURE)
-            return str(write_zip(folder / "conversation.zip", "conversation", [folder / RECORD, folder / PICTURE]))
-
-    def chat_shares(self, request: gr.Request, history: list,
-                    *controls: Any) -> tuple[list[tuple[str, float]], Figure | None]:
-        """The last answer's tokens coloured by their prompt share, and the share per adapter layer."""
-        pairs = to_pairs(history)
-        if not pairs or not pairs[-1][1]:
-            return [], None
-        with user_errors():
-            engine, choice = self.resolve(request, *controls)
-            prompt = engine.chat_prompt(pairs[:-1], pairs[-1][0], choice)
-            return shares_view(engine.token_shares(prompt, pairs[-1][1], choice))
-
-    def ask_image(self, request: gr.Request, image: Image.Image | None, question: str, *rest: Any) -> Iterator[str]:
-        """The image events take, after the controls, the conversation about the picture so far (trailing: an API
-        client asking one question leaves it out)."""
-        *controls, conversation = rest
-        with user_errors():
-            engine, choice = self.resolve(request, *controls)
-            answers = engine.ask_image(image, question, choice, to_pairs(conversation))
-            warn_if_blind(engine, image)
-            yield from answers
-
-    @staticmethod
-    def next_image_turn(asked: str, answer: str, conversation: list, question: str) -> tuple[list, str, str]:
-        """Before a question about the picture: a new question makes the last one and its answer part of the
-        conversation; the same question again is answered again in the same conversation (e.g. at another gate)."""
-        pairs = to_pairs(conversation)
-        if asked and answer and question.strip() != asked:
-            pairs.append((asked, answer))
-        return to_messages(pairs), "", question.strip()
-
-    def image_shares(self, request: gr.Request, image: Image.Image | None, question: str, answer: str,
-                     *rest: Any) -> tuple[list[tuple[str, float]], Figure | None]:
-        *controls, conversation = rest
-        if not answer:
-            return [], None
-        with user_errors():
-            engine, choice = self.resolve(request, *controls)
-            prompt = engine.image_prompt(question, choice, to_pairs(conversation))
-            return shares_view(engine.token_shares(prompt, answer, choice, image))
-
-    def compare(self, request: gr.Request, question: str, *controls: Any) -> Iterator[tuple[str, str]]:
-        with user_errors():
-            engine, choice = self.resolve(request, *controls)
-            yield from engine.compare(question, choice)
-
-    def every_adapter(self, request: gr.Request, question: str, *controls: Any) -> Iterator[list[list[str]]]:
-        """The question asked of every adapter this session may ask, one after another, each in its own prompt
-        format at the settings above (the adapter menu's choice aside): a row per adapter, its answer growing. A
-        setting one adapter cannot take (a system prompt for an Alpaca one, layers it has not) is its row's answer."""
-        with user_errors():
-            check_text(question, "question")
-        rows = [[name, ""] for name in self.served(request).names]
-        for row in rows:
-            try:
-                engine, choice = self.resolve(request, *controls[:6], row[0], *controls[7:])
-                for answers in engine.sweep(question, [choice.gate_scale], choice):
-                    row[1] = answers[0]
-                    yield [list(r) for r in rows]
-            except ValueError as error:
-                row[1] = f"(not asked: {SERVER_FOLDERS.sub('', str(error))})"
-                yield [list(r) for r in rows]
-
-    def sweep(self, request: gr.Request, question: str, scales: str, *controls: Any) -> Iterator[list[list[Any]]]:
-        with user_errors():
-            values = gate_scales(scales)
-            engine, choice = self.resolve(request, *controls)
-            yield from table(values, engine.sweep(question, values, choice))
-
-    def sweep_image(self, request: gr.Request, image: Image.Image | None, question: str, scales: str,
-                    *rest: Any) -> Iterator[list[list[Any]]]:
-        *controls, conversation = rest
-        with user_errors():
-            values = gate_scales(scales)
-            engine, choice = self.resolve(request, *controls)
-            answers = engine.sweep_image(image, question, values, choice, to_pairs(conversation))
-            warn_if_blind(engine, image)
-            yield from table(values, answers)
-
-    def layer_sweep(self, request: gr.Request, question: str, *controls: Any) -> Iterator[list[list[Any]]]:
-        with user_errors():
-            engine, choice = self.resolve(request, *controls)
-            yield from table(*engine.layer_sweep(question, choice))
-
-    def layer_sweep_image(self, request: gr.Request, image: Image.Image | None, question: str,
-                          *rest: Any) -> Iterator[list[list[Any]]]:
-        *controls, conversation = rest
-        with user_errors():
-            engine, choice = self.resolve(request, *controls)
-            labels, answers = engine.layer_sweep_image(image, question, choice, to_pairs(conversation))
-            warn_if_blind(engine, image)
-            yield from table(labels, answers)
-
-    def next_tokens(self, request: gr.Request, question: str, scales: str,
-                    *controls: Any) -> tuple[dict[str, Any], Figure]:
-        with user_errors():
-            engine, choice = self.resolve(request, *controls)
-            return next_token_view(engine.next_tokens(question, scales, choice))
-
-    def next_tokens_image(self, request: gr.Request, image: Image.Image | None, question: str, scales: str,
-                          *rest: Any) -> tuple[dict[str, Any], Figure]:
-        *controls, conversation = rest
-        with user_errors():
-            engine, choice = self.resolve(request, *controls)
-            found = engine.next_tokens_image(image, question, scales, choice, to_pairs(conversation))
-            warn_if_blind(engine, image)
-            return next_token_view(found)
-
-    def score(self, request: gr.Request, data: str | None, scales: str, exact: bool,
-              *rest: Any) -> tuple[list[list[Any]], Figure]:
-        """The score table (one row per gate scale) and its plot. After the controls (the system prompt last) come
-        the uploaded pictures of image records and then the layers (trailing inputs, so API clients that score
-        text records with every layer may leave them out)."""
-        from adapter.evaluate import figure
-
-        *controls, images, layers = rest
-        with user_errors():
-            engine, choice = self.resolve(request, *controls, layers=layers)
-            result = engine.score(data, scales, choice, exact, images)
-        if isinstance(result, ChoiceEvaluation):
-            rows = [[s.gate_scale, round(100 * s.accuracy, 1), round(100 * s.accuracy_per_byte, 1),
-                     round(100 * s.right_probability, 1)] for s in result.scores]
-            return {"headers": CHOICE_HEADERS, "data": rows}, figure([result])
-        text = result.text_bytes is not None
-        rows = [[s.gate_scale, round(s.loss, 4), round(s.perplexity, 3), round(100 * s.token_accuracy, 1),
-                 round(result.bits_per_byte(s), 4) if text else "" if s.exact is None else f"{s.exact} / "
-                 f"{result.examples}"] for s in result.scores]
-        return {"headers": TEXT_HEADERS if text else SCORE_HEADERS, "data": rows}, figure([result])
-
-    def gates(self, request: gr.Request, scale: float, adapter: str | None = None, layers: str | None = None) -> Figure:
-        with user_errors():
-            return self.served(request).get(adapter).gate_heatmap(scale, layers)
-
-    def training_plot(self, request: gr.Request, adapter: str | None = None) -> dict[str, Any]:
-        """The chosen adapter's `gates.png` (hidden when it has none)."""
-        with user_errors():
-            plot = self.served(request).get(adapter).training_plot()
-        return gr.update(value=picture(plot), visible=plot is not None)
-
-    def gate_slider(self, request: gr.Request, adapter: str | None = None) -> dict[str, Any]:
-        """The gate slider's label for the chosen adapter (one without prompts has no gates to scale)."""
-        with user_errors():
-            return gr.update(label=gate_label(self.served(request).get(adapter)))
-
-    def model_info(self, request: gr.Request, adapter: str | None = None) -> dict[str, Any]:
-        served = self.served(request)
-        with user_errors():
-            info = served.get(adapter).model_info()
-        return {**info, "adapters_served": served.names}
-
-    def adapter_menus(self, request: gr.Request) -> tuple[dict[str, Any], ...]:
-        """The adapter menus (the two at the top, and the Train tab's Start from when there is one) offering what
-        is served now to this session, adapters trained or uploaded since the app started included."""
-        return menu_updates(self.served(request), self.training is not None)
-
-    def serve_upload(self, request: gr.Request, upload: str | None, named: str = "") -> tuple[Any, ...]:
-        """Serve an uploaded adapter (or one named on the hub or an official release) beside the others
-        (adapter.adapter_upload): a line saying what it is, and the adapter menus offering it, the top one (and
-        the image tab's, if it sees) choosing it."""
-        with user_errors():
-            name = self.uploads.serve(upload, named, request.session_hash)
-        served = self.served(request)
-        engine = served.get(name)
-        args = engine.model.adapter_args
-        kind = ", ".join(filter(None, [f"{args.prompt_len} prompt tokens on {args.prompt_layers} layers"
-                                       if args.has_prompts else "", *args.v2_parts,
-                                       f"a {args.visual} visual prompt" if args.visual != "none" else ""]))
-        scale = "the gate slider moves" if engine.has_gates else "the delta scale (Advanced; it has no gates) moves"
-        status = (f"Served as **{name}** ({engine.model.adapter_format} format: {kind}), chosen in the adapter menu "
-                  f"above{' and in the Image tab' if engine.can_see_images else ''}; {scale} between the frozen "
-                  "base (0) and it (1).")
-        return status, *menu_updates(served, self.training is not None, name)
-
-    def remove_adapter(self, request: gr.Request, adapter: str | None) -> tuple[Any, ...]:
-        """Serve the chosen adapter no more, if it was trained or uploaded here (those served from the start
-        stay): a line saying so, and the menus without it, back on the first adapter (the image tab's on the
-        first that sees)."""
-        with user_errors():
-            name = adapter or self.engines.names[0]
-            self.served(request).get(name)  # another session's private adapter is not served to this one
-            if not any(added.remove(name) for added in self.added()):
-                raise ValueError(f"adapter: {name} was served from the start; only adapters trained or uploaded "
-                                 "here can be removed")
-        served = self.served(request)
-        return (f"**{name}** is served no more; its files are removed.",
-                *menu_updates(served, self.training is not None, served.names[0], served.for_images))
-
-    def forget_session(self, request: gr.Request) -> None:
-        """A page was closed: the adapters it trained or uploaded privately are served no more, its stopped run is
-        resumed no more, and its API key reaches nothing more."""
-        for added in self.added():
-            added.forget(request.session_hash)
-        if self.training is not None:
-            self.training.forget(request.session_hash)
-        self.engines.revoke_key(request.session_hash)
-
-    def api_key(self, request: gr.Request) -> str:
-        """This session's key to the OpenAI-compatible API beside the app: with it, API requests reach the adapters
-        the session trains or uploads (`--private-adapters`) as well as everyone's, until its page is closed."""
-        headers = request.headers
-        address = f"{headers.get('x-forwarded-proto', 'http')}://{headers.get('x-forwarded-host', headers['host'])}"
-        return (f"`base_url`: `{address}/v1` · `api_key`: `{self.engines.api_key(request.session_hash)}` (it reaches "
-                "the adapters this page trains or uploads, besides everyone's, until the page is closed or reloaded)")
-
-    def added(self) -> list[AddedAdapters]:
-        """Those trained and those uploaded here (where the app lets users add adapters)."""
-        return [added for added in (self.uploads and self.uploads.uploaded, self.training and self.training.trained)
-                if added is not None]
-
-    def download_adapter(self, request: gr.Request, to: str, adapter: str | None = None) -> str:
-        """The chosen adapter (omitted: the first) written in format `to`, as `python -m adapter.convert` writes
-        it: the file to download, with convert's warning where the format loses how the adapter is asked."""
-        with user_errors():
-            engine = self.served(request).get(adapter)
-            path = self.downloads.write(engine.model, adapter or self.engines.names[0], to)
-        note = unrecorded_format_note(engine.model, to)
-        if note:
-            gr.Warning(note)
-        return str(path)
-
-    def push_adapter(self, request: gr.Request, repo: str, token: str, private: bool,
-                     adapter: str | None = None) -> str:
-        """The chosen adapter (omitted: the first) pushed to the hub repository `repo` with the user's own `token`,
-        never the server's (on a Space, that would let every visitor write as its owner), with a card (and, for one
-        trained in the Train tab, its run's): a line linking the commit."""
-        with user_errors():
-            name = adapter or self.engines.names[0]
-            engine = self.served(request).get(adapter)
-            if engine.model.adapter_args.learns_nothing:
-                raise ValueError(f"adapter: {name} is the frozen base without an adapter; there is nothing to push")
-            repo = repo_id(repo or "", "repo")
-            if not (token or "").strip():
-                raise ValueError(f"token: give a Hugging Face token that may write to {repo} "
-                                 "(huggingface.co/settings/tokens); it is used for this push alone and not kept")
-            run = training_of(Path(engine.adapter)) if engine.adapter else None
-            url = push_model(engine.model, engine.base, repo, run, private=bool(private), token=token.strip())
-        return (f"Pushed **{name}** to [{repo}](https://huggingface.co/{repo}) ([the commit]({url})): served "
-                f"anywhere on this base with `--adapter hf:{repo}`, on a Space of yours by `python -m adapter.space`.")
-
-    def train(self, data: str | None, mode: str, epochs: float, batch_size: float, lr: float, prompt_len: float,
-              prompt_layers: float, lora_rank: float, prompt_format: str, seed: float, start_from: str | None,
-              images: list[str] | None, keep_best: bool, early_stop: float,
-              request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        """Train an adapter on the served base (adapter.live_training), a new one or (`start_from`) a served one
-        further, on records and the pictures image records name: its status, loss and gates as it goes, then the
-        zip of it and the adapter menus offering it, the top one choosing it. `keep_best`: the adapter of the lowest
-        validation loss is served; `early_stop`: validations without a lower loss that end the run (0: never)."""
-        with user_errors():
-            asked = TrainRequest(data=data, mode=mode, epochs=check_integer("epochs", epochs),
-                                 batch_size=check_integer("batch_size", batch_size),
-                                 lr=float("nan") if lr is None else float(lr),  # an emptied box: refused by name
-                                 prompt_len=check_integer("prompt_len", prompt_len),
-                                 prompt_layers=check_integer("prompt_layers", prompt_layers),
-                                 lora_rank=check_integer("lora_rank", lora_rank), prompt_format=prompt_format,
-                                 seed=check_integer("seed", seed), start_from=start_from or None,
-                                 images=tuple(images or ()), keep_best=bool(keep_best),
-                                 early_stop=check_integer("early_stop", early_stop or 0))
-            yield from self._follow(self.training.run(asked, request.session_hash), request)
-
-    def resume_training(self, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        """Continue this page's last run, stopped, to its end (the adapter it would have given had it never
-        stopped), served in the stopped one's place: the Train tab's outputs as `train` gives them."""
-        with user_errors():
-            yield from self._follow(self.training.resume(request.session_hash), request)
-
-    def _follow(self, runs: Iterator[TrainProgress], request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        with closing(runs):  # a closed page stops the run
-            for progress in runs:
-                yield training_view(progress, self.served(request))
-
-    def stop_training(self, request: gr.Request) -> None:
-        """Stop this page's run after its step under way; what it learnt so far is kept and served."""
-        if not self.training.stop(request.session_hash):
-            gr.Info("No training of yours is under way.")
-
-
-def training_view(progress: TrainProgress, engines: Engines) -> tuple[Any, ...]:
-    """The Train tab's outputs: status, loss and gate curves, and once the run has ended its zip and the adapter
-    menus offering it (until then those are left as they are)."""
-    import pandas as pd
-
-    curves = (pd.DataFrame(progress.loss_points(), columns=list(LOSS_COLUMNS)),
-              pd.DataFrame(progress.gate_points(), columns=list(GATE_COLUMNS)))
-    if progress.name is None:
-        return progress.status(), *curves, None, gr.update(), gr.update(), gr.update()
-    return progress.status(), *curves, str(progress.archive), *menu_updates(engines, True, progress.name)
-
-
-def menu_updates(engines: Engines, training: bool, chosen: str | None = None,
-                 image_chosen: str | None = None) -> tuple[dict[str, Any], ...]:
-    """Updates of the adapter menus offering what `engines` serve: the two at the top, `chosen` picked in the
-    first (and in the image tab's when it sees, or `image_chosen` there), and with `training` the Train tab's
-    Start from."""
-    names = engines.names
-    offered = dict(choices=names, visible=len(names) > 1)
-    picked = {} if chosen is None else dict(value=chosen)
-    if image_chosen is None and chosen is not None and engines.get(chosen).can_see_images:
-        image_chosen = chosen
-    image_picked = {} if image_chosen is None else dict(value=image_chosen)
-    tops = (gr.update(**offered, **picked), gr.update(**offered, **image_picked))
-    return (*tops, gr.update(choices=start_choices(names))) if training else tops
 
 
 def both_losses_named() -> Any:
@@ -568,9 +104,6 @@ def both_losses_named() -> Any:
     return pd.DataFrame([(0, float("nan"), kind) for kind in ("train", "validation")], columns=list(LOSS_COLUMNS))
 
 
-def start_choices(names: list[str]) -> list[tuple[str, str]]:
-    """The Train tab's Start from menu: a new adapter ("") or a served one by name."""
-    return [(NEW_ADAPTER, "")] + [(name, name) for name in names]
 
 
 def adapter_menu(choices: list[Any], **options: Any) -> gr.Dropdown:
@@ -585,117 +118,8 @@ def adapter_menu(choices: list[Any], **options: Any) -> gr.Dropdown:
 CSS = "#image img { width: 100%; height: 100%; object-fit: contain; }"
 
 
-def gate_label(engine: Engine) -> str:
-    """'Gate scale', or what to move instead for an adapter without adaption prompts (a LoRA, the V2 dialog)."""
-    if engine.has_gates:
-        return GATE_LABEL
-    if not engine.model.adapter_args.has_deltas:
-        return f"{GATE_LABEL} (no adapter: the frozen base answers)"
-    return f"{GATE_LABEL} (this adapter has no adaption prompts, so no gates: the delta scale in Advanced blends it)"
 
 
-def example_images() -> list[str]:
-    """Images shipped in assets/ (never any other server file)."""
-    if not ASSETS.is_dir():
-        return []
-    return sorted(str(p) for p in ASSETS.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:8]
-
-
-def examples(config: ServeConfig) -> tuple[list[list[str]], list[str]]:
-    """[picture, question] pairs for the image tab and messages for the chat tab: the tiny model's own held-out
-    examples when it is served (questions it was trained to answer), else the shipped pictures."""
-    if serves_tiny(config):
-        from adapter.tiny.assets import ASSETS as TINY
-        from adapter.tiny.assets import EXAMPLES
-        from adapter.tiny.examples import read_examples
-
-        pictures, messages = read_examples(TINY / EXAMPLES)
-        return [[str(path), question] for path, question in pictures], messages
-    return [[path, EXAMPLE_QUESTION] for path in example_images()], []
-
-
-def tiny_held_out(config: ServeConfig) -> tuple[Path, Path, Path] | None:
-    """The tiny model's held-out text questions as fine-tuning records, those with a closed answer set as
-    multiple-choice records, and held-out documents of its base's corpus as plain text, for the Score tab to offer
-    (None for other models): three files in the temporary folder, rewritten atomically at each start (their content
-    never changes, so apps starting together agree)."""
-    if not serves_tiny(config):
-        return None
-    from adapter.formats.common import atomic_write
-    from adapter.tiny.evaluate import held_out
-    from adapter.tiny.recipe import RECIPES
-    from adapter.tiny.records import write_choice_records, write_corpus_records, write_text_records
-
-    seed = RECIPES["full"].seed
-    questions = held_out("text", seed, TINY_HELD_OUT_PER_CATEGORY)
-    records, choices = TINY_FILES / "tiny_held_out.jsonl", TINY_FILES / "tiny_held_out_choices.jsonl"
-    text = TINY_FILES / "tiny_held_out_text.jsonl"
-    atomic_write(records, lambda tmp: write_text_records(questions, Path(tmp)))
-    atomic_write(choices, lambda tmp: write_choice_records(questions, Path(tmp)))
-    atomic_write(text, lambda tmp: write_corpus_records(seed, TINY_HELD_OUT_DOCUMENTS, Path(tmp)))
-    return records, choices, text
-
-
-def tiny_held_out_images(config: ServeConfig) -> tuple[Path, list[str]] | None:
-    """The tiny model's held-out image questions as LLaVA records and their pictures, for the Score tab to offer
-    with its image adapter (None for other models)."""
-    if not serves_tiny(config):
-        return None
-    from adapter.tiny.evaluate import held_out
-    from adapter.tiny.recipe import RECIPES
-
-    seed = RECIPES["full"].seed
-    return tiny_image_records("tiny_held_out_images", seed, TINY_HELD_OUT_IMAGES,
-                              lambda: held_out("image", seed, TINY_HELD_OUT_IMAGES))
-
-
-def tiny_training_images(config: ServeConfig) -> tuple[Path, list[str]] | None:
-    """Training questions of the kind the tiny image adapter learnt (rendered scenes) as LLaVA records and their
-    pictures, for the Train tab to offer (None for other models)."""
-    if not serves_tiny(config):
-        return None
-    from adapter.tiny.questions import image_questions
-    from adapter.tiny.recipe import RECIPES
-
-    seed = RECIPES["full"].seed
-    return tiny_image_records("tiny_training_images", seed, TINY_TRAINING_IMAGES,
-                              lambda: image_questions(seed, "train", TINY_TRAINING_IMAGES))
-
-
-def tiny_image_records(kind: str, seed: int, count: int, questions: Callable[[], list[Any]]) -> tuple[Path, list[str]]:
-    """`questions()` as LLaVA records (KIND.jsonl) and their pictures, written once into a folder of the temporary
-    folder named by their content (KIND-SEED-COUNT), made beside it and renamed into place, so apps starting
-    together agree."""
-    from adapter.tiny.records import write_image_records
-
-    folder = TINY_FILES / f"{kind}-{seed}-{count}"
-    records = folder / f"{kind}.jsonl"
-    if not records.is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-        write_image_records(questions(), building / records.name, building)
-        try:
-            building.rename(folder)
-        except OSError:  # another app put it in place first
-            shutil.rmtree(building, ignore_errors=True)
-    return records, sorted(str(p) for p in folder.glob("*.png"))
-
-
-def tiny_training_records(config: ServeConfig) -> Path | None:
-    """Training questions of the kind the tiny text adapter learnt (scenes in words, then a question; sums) for the
-    Train tab to offer (None for other models): a file in the temporary folder, rewritten atomically at each
-    start, its content always the same."""
-    if not serves_tiny(config):
-        return None
-    from adapter.formats.common import atomic_write
-    from adapter.tiny.questions import text_questions
-    from adapter.tiny.recipe import RECIPES
-    from adapter.tiny.records import write_text_records
-
-    questions = text_questions(RECIPES["full"].seed, "train", TINY_TRAINING_RECORDS)
-    records = TINY_FILES / "tiny_training.jsonl"
-    atomic_write(records, lambda tmp: write_text_records(questions, Path(tmp)))
-    return records
 
 
 class TrainDefaults(NamedTuple):

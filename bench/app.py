@@ -80,7 +80,7 @@ def chat_arguments(max_new_tokens: int) -> list:
 
 
 def answer_of(history: list) -> str:
-    from app import to_pairs
+    from adapter.app_handlers import to_pairs
 
     return to_pairs(history)[-1][1]
 

@@ -39,11 +39,11 @@ def measure(case: int, repeats: int) -> dict[str, list[float]]:
     """One case, in this process: decode tokens/s and seconds of TRAIN_STEPS training steps, per repeat."""
     import adapter
     from adapter.app_config import ServeConfig
+    from adapter.app_examples import tiny_training_records
     from adapter.device_work import DeviceWork, start_compute_thread
     from adapter.engine import Engine, Settings
     from adapter.finetune import RunHooks, train
     from adapter.live_training import TrainRequest
-    from app import tiny_training_records
 
     if case == 2:
         start_compute_thread("cpu")

@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("bench.train_tab: needs the embedded tiny model (python -m adapter.tiny build)")
     from gradio_client import Client
 
-    from app import tiny_training_images, tiny_training_records
+    from adapter.app_examples import tiny_training_images, tiny_training_records
 
     records = tiny_training_records(ServeConfig())
     image_records, pictures = tiny_training_images(ServeConfig())

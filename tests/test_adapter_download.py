@@ -71,8 +71,8 @@ def test_the_last_downloads_stay_and_older_ones_go(tmp_path, served, monkeypatch
 def test_the_app_warns_where_a_downloaded_format_loses_how_the_adapter_is_asked(tmp_path, served):
     import warnings
 
+    from adapter.app_handlers import Handlers
     from adapter.engine import Engine, Engines
-    from app import Handlers
 
     model = serving(served, V1)
     model.prompt_format = "llama2"  # trained with --prompt-format llama2

@@ -15,9 +15,9 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import adapter
+from adapter.app_handlers import to_pairs
 from adapter.gate_layers import gate_scale_rows
 from adapter.prompts import STOP_STRINGS
-from app import to_pairs
 from tests.app_helpers import GREEDY, MAX_NEW_TOKENS, QUESTION, controls, demo_files, served  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")  # gradio's own pandas use
@@ -110,7 +110,7 @@ def test_a_conversation_is_saved_as_a_training_record_that_fine_tuning_reads(cli
 def test_an_image_conversation_is_not_saved_without_its_picture_or_an_answer():
     import gradio as gr
 
-    from app import Handlers
+    from adapter.app_handlers import Handlers
 
     with pytest.raises(gr.Error, match="image: upload the picture the conversation is about first"):
         Handlers.save_image_conversation(None, "What is it?", "a star", [])

@@ -157,8 +157,8 @@ def test_a_held_out_example_in_the_compare_tab_shows_both_answers_and_a_sweep_of
     from playwright.sync_api import expect
 
     from adapter.app_config import ServeConfig
+    from adapter.app_examples import tiny_held_out, tiny_held_out_images
     from adapter.tiny.questions import text_questions
-    from app import tiny_held_out, tiny_held_out_images
 
     example = text_questions(100, "held-out", 6)[0]
     with running_app([]) as tiny:

@@ -108,8 +108,8 @@ def test_the_layer_sweep_shows_the_tiny_text_adapter_needs_more_than_its_top_lay
 
 def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_path):
     from adapter.app_config import ServeConfig
+    from adapter.app_examples import examples
     from adapter.tiny.questions import image_questions, text_questions
-    from app import examples
 
     pictures, messages = examples(ServeConfig())
     assert [question for _, question in pictures] == [q.question for q in image_questions(100, "held-out", 6)]
@@ -121,10 +121,10 @@ def test_the_tiny_models_own_held_out_examples_are_offered_and_only_for_it(tmp_p
 
 def test_the_score_tab_scores_held_out_records_at_each_gate(served, client, tmp_path):
     from adapter.app_config import ServeConfig
+    from adapter.app_examples import TINY_HELD_OUT_PER_CATEGORY, tiny_held_out
     from adapter.evaluate import evaluate
     from adapter.tiny.evaluate import held_out
     from adapter.tiny.records import alpaca_record, write_text_records
-    from app import TINY_HELD_OUT_PER_CATEGORY, tiny_held_out
 
     offered = tiny_held_out(ServeConfig())[0]
     assert [json.loads(line) for line in offered.read_text().splitlines()] == \
@@ -142,8 +142,9 @@ def test_the_score_tab_scores_held_out_records_at_each_gate(served, client, tmp_
 
 def test_the_score_tab_scores_multiple_choice_questions_by_their_likeliest_choice(served, client):
     from adapter.app_config import ServeConfig
+    from adapter.app_examples import tiny_held_out
+    from adapter.app_handlers import CHOICE_HEADERS
     from adapter.choices import evaluate_choices, holds_choices
-    from app import CHOICE_HEADERS, tiny_held_out
 
     records, data, _ = tiny_held_out(ServeConfig())
     assert holds_choices(data) and not holds_choices(records)
@@ -158,9 +159,10 @@ def test_the_score_tab_scores_multiple_choice_questions_by_their_likeliest_choic
 
 def test_the_score_tab_scores_plain_text_by_its_perplexity(served, client, tmp_path):
     from adapter.app_config import ServeConfig
+    from adapter.app_examples import tiny_held_out
+    from adapter.app_handlers import TEXT_HEADERS
     from adapter.evaluate import evaluate_text
     from adapter.finetune.records import holds_text
-    from app import TEXT_HEADERS, tiny_held_out
 
     records, choices, text = tiny_held_out(ServeConfig())
     assert holds_text(text) and not holds_text(records) and not holds_text(choices)
@@ -184,10 +186,10 @@ def test_the_score_tab_scores_plain_text_by_its_perplexity(served, client, tmp_p
 
 def test_the_score_tab_scores_image_records_with_their_uploaded_pictures(served, client, tmp_path):
     from adapter.app_config import ServeConfig
+    from adapter.app_examples import TINY_HELD_OUT_IMAGES, tiny_held_out_images
     from adapter.evaluate import evaluate
     from adapter.tiny.evaluate import held_out
     from adapter.tiny.records import write_image_records
-    from app import TINY_HELD_OUT_IMAGES, tiny_held_out_images
 
     records, pictures = tiny_held_out_images(ServeConfig())
     expected = write_image_records(held_out("image", 0, TINY_HELD_OUT_IMAGES), tmp_path / "r.jsonl", tmp_path / "p")
@@ -225,7 +227,7 @@ def test_an_image_sweep_gives_each_row_the_picture_at_its_own_gate():
 
 @pytest.mark.parametrize("ask", ["ask_image", "sweep_image", "next_tokens_image"])
 def test_an_image_question_to_an_adapter_that_cannot_see_says_so(served, ask):
-    from app import Handlers
+    from adapter.app_handlers import Handlers
 
     handlers = Handlers(served.engines)
     scales = () if ask == "ask_image" else ("0, 1",)
@@ -257,10 +259,10 @@ def test_an_image_follow_up_through_the_api_carries_the_conversation(served, cli
 def test_the_train_tab_trains_an_adapter_that_answers_held_out_questions_in_one_epoch(served, client, tmp_path):
     """Last in this module: it adds trained-1 to the served adapters."""
     from adapter.app_config import ServeConfig
+    from adapter.app_examples import TINY_TRAINING_RECORDS, tiny_training_records
     from adapter.tiny.evaluate import held_out
     from adapter.tiny.questions import text_questions
     from adapter.tiny.records import alpaca_record, write_text_records
-    from app import TINY_TRAINING_RECORDS, tiny_training_records
 
     offered = tiny_training_records(ServeConfig())
     assert [json.loads(line) for line in offered.read_text().splitlines()] == \

@@ -78,7 +78,7 @@ def test_inspect_and_the_app_engine_see_a_lora(meta, tmp_path):
     peft_lora(meta, tmp_path / "lora", target_modules=["q_proj", "v_proj"])
     text = "\n".join(describe(tmp_path / "lora"))
     assert "peft-lora format" in text and "LoRA rank 4" in text
-    from app import GATE_LABEL, Handlers
+    from adapter.app_handlers import GATE_LABEL, Handlers
 
     engines = load_engines(ServeConfig(base=str(meta), adapter=(str(tmp_path / "lora"),), device="cpu"))
     info = engines.default.model_info()
