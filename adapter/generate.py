@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -418,6 +419,9 @@ def read_file_flags(args: argparse.Namespace) -> list:
 
     if args.out is None:
         raise ValueError("--out: give the file --prompts-file's answers are written to")
+    if Path(args.out).resolve() == Path(args.prompts_file).resolve():
+        raise ValueError(f"--out: {args.out} is the --prompts-file itself; its questions would be overwritten by "
+                         "the answers")
     for flag, value in (("--input", args.input), ("--image", args.image), ("--next-tokens", args.next_tokens)):
         if value is not None:
             raise ValueError(f"{flag}: not with --prompts-file (give it per question in the file)")
