@@ -172,9 +172,10 @@ def test_out_and_prompts_file_go_together(base_folder, tmp_path, capsys):
 def test_an_out_that_is_the_prompts_file_is_refused_and_the_questions_kept(base_folder, tmp_path, capsys):
     questions = tmp_path / "q.json"
     questions.write_text(json.dumps(["Name a colour."]))
-    assert main(["--base", str(base_folder), "--prompts-file", str(questions), "--out",
-                 str(tmp_path / "." / "q.json")]) == 2
-    assert capsys.readouterr().err == (f"error: --out: {tmp_path / '.' / 'q.json'} is the --prompts-file itself; its "
+    spelt_otherwise = tmp_path / "sub" / ".." / "q.json"
+    (tmp_path / "sub").mkdir()
+    assert main(["--base", str(base_folder), "--prompts-file", str(questions), "--out", str(spelt_otherwise)]) == 2
+    assert capsys.readouterr().err == (f"error: --out: {spelt_otherwise} is the --prompts-file itself; its "
                                        "questions would be overwritten by the answers\n")
     assert json.loads(questions.read_text()) == ["Name a colour."]
 
