@@ -23,10 +23,11 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, FastAPI, Request  # with gradio; here, so that FastAPI reads the annotations
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -98,7 +99,7 @@ def api_router(engines: Engines) -> APIRouter:
 
 
 async def answered(request: Request, check: Callable[[Any], tuple[str, Any]],
-                   stream: Callable[[str, Any], Iterator[str]], whole: Callable[[str, Any], dict]):
+                   stream: Callable[[str, Any], Generator[str, None, None]], whole: Callable[[str, Any], dict]):
     """A request's response: its JSON body checked (`check(body)`: the adapter's name and the lazy answer, or a
     RequestError, answered with OpenAI's error object), then answered as server-sent events (`stream`) or whole
     (`whole`), each run in the thread pool, where decoding may wait for the device."""
@@ -107,9 +108,21 @@ async def answered(request: Request, check: Callable[[Any], tuple[str, Any]],
         name, answer = check(body)
     except RequestError as error:
         return refusal(error)
-    if isinstance(body, dict) and body.get("stream"):  # the sync generator runs in the thread pool too
-        return StreamingResponse(stream(name, answer), media_type="text/event-stream")
+    if isinstance(body, dict) and body.get("stream"):
+        return StreamingResponse(closed_when_done(stream(name, answer)), media_type="text/event-stream")
     return await run_in_threadpool(whole, name, answer)
+
+
+async def closed_when_done(events: Generator[str, None, None]) -> AsyncIterator[str]:
+    """`events`, each drawn in the thread pool, and closed however the response ends: a client that goes away
+    mid-answer cancels the response, and only closing the generator ends its decoding and lets the device go
+    (left open, the compute thread would wait on it and every later answer behind it)."""
+    try:
+        while (event := await run_in_threadpool(next, events, None)) is not None:
+            yield event
+    finally:
+        with anyio.CancelScope(shield=True):  # the close waits for the token being decoded
+            await run_in_threadpool(events.close)
 
 
 async def answered_json(request: Request, reply: Callable[[Any], dict]) -> Any:

@@ -4,6 +4,7 @@ FastAPI's test client: real HTTP requests, no port); each answer is the engine's
 from __future__ import annotations
 
 import base64
+import gc
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.engine import Settings
 from adapter.openai_api import main
 
-from .openai_helpers import client, engines  # noqa: F401  (fixtures)
+from .openai_helpers import client, engines, live_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
 
@@ -101,6 +102,25 @@ def test_a_streamed_answer_arrives_in_pieces_that_make_the_whole(client, engines
     assert len([piece for piece in pieces if piece]) > 1
     assert "".join(pieces) == engine_answer(engines.get("tiny-text"), [], SCENE, gate_scale=0.0)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["usage"]["completion_tokens"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_device_for_the_next(live_url, engines):
+    import httpx
+
+    url = f"{live_url}/v1/chat/completions"
+    never_ends = {str(engines.get("tiny-text").model.tokenizer.eos_id): -100}
+    long = {"messages": [user("Tell a long story")], "max_tokens": 200, "temperature": 1.0, "seed": 3,
+            "gate_scale": 0, "logit_bias": never_ends}
+    gc.disable()  # the answer left behind is closed by the server, not when a collection happens to find it
+    try:
+        with httpx.Client(timeout=30) as http, http.stream("POST", url, json={**long, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert [next(lines).startswith("data: ") for _ in range(3)] == [True, False, True]
+        # left after the first piece: the decoding stops and the next request is answered (it waited forever)
+        reply = httpx.post(url, json={"messages": [user(SCENE)], **GREEDY}, timeout=30).json()
+    finally:
+        gc.enable()
+    assert reply["choices"][0]["message"]["content"] == engine_answer(engines.get("tiny-text"), [], SCENE)
 
 
 def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engines):
