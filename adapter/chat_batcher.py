@@ -33,13 +33,15 @@ _END = object()  # put on a job's queue after its last piece
 class ChatJob:
     """One chat request or image question: its prompt, its row of gate scales (a number, or one per adapter
     layer and head as adapter.gate_layers.gate_scale_rows gives them), its delta scale, its sampling options and
-    its image (None: none; rows without one get no visual query, adapter.visual.encode_images)."""
+    its image (None: none; rows without one get no visual query, adapter.visual.encode_images); `generated`, when
+    given, is told every token its row decodes."""
 
     prompt: str
     gate: float | torch.Tensor
     delta: float
     options: dict[str, Any]
     image: Any = None
+    generated: list[int] | None = None
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     left: threading.Event = field(default_factory=threading.Event)
 
@@ -122,7 +124,9 @@ class ChatBatcher:
                                       images=images if any(image is not None for image in images) else None,
                                       gate_scale=self._gate_rows([job.gate for job in jobs]),
                                       delta_scale=[job.delta for job in jobs],
-                                      rows=[job.options for job in jobs], compile=self.compile)) as steps:
+                                      rows=[job.options for job in jobs], compile=self.compile,
+                                      generated=[[] if job.generated is None else job.generated for job in jobs]
+                                      )) as steps:
                 for pieces in steps:
                     for job, piece in zip(jobs, pieces):
                         if piece and not job.left.is_set():

@@ -265,13 +265,17 @@ class Engine:
         prompt, images = self.image_rows(image, question, settings, 1, history)
         return self.answer_prompt(prompt, settings, images[0] if images else None)
 
-    def answer_prompt(self, prompt: str, settings: Settings, image: Any = None) -> Iterator[str]:
+    def answer_prompt(self, prompt: str, settings: Settings, image: Any = None,
+                      generated: list[int] | None = None) -> Iterator[str]:
         """One user's answer so far to a prompt already written and checked (`chat_prompt`, `image_rows`): a row
-        of the users' batch with a batcher, else a decode of its own."""
+        of the users' batch with a batcher, else a decode of its own. `generated` is told every token decoded (the
+        stop id that ends it included), as in `complete`."""
         gate = self._gates(settings, [settings.gate_scale])
         if self.batcher is not None:
-            return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, settings.sampling(), image))
-        rows = self._generate([prompt], settings, gate, settings.delta_scale, None if image is None else [image])
+            return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, settings.sampling(), image,
+                                               generated))
+        rows = self._generate([prompt], settings, gate, settings.delta_scale, None if image is None else [image],
+                              generated=None if generated is None else [generated])
         return _each(rows, itemgetter(0))
 
     def complete(self, prompt: Prompt, settings: Settings, generated: list[int] | None = None) -> Iterator[str]:
@@ -283,8 +287,8 @@ class Engine:
         self._require_room(prompt, "prompt")
         gate = self._gates(self.check(settings), [settings.gate_scale])
         rows = None if generated is None else [generated]
-        return _each(self._generate([prompt], settings, gate, settings.delta_scale, stop=(), generated=rows),
-                     itemgetter(0))
+        return _each(self._generate([prompt], settings, gate, settings.delta_scale, stop=(), generated=rows,
+                                    continued=True), itemgetter(0))
 
     def check_scored(self, prompt: Prompt, name: str = "prompt") -> None:
         """A ValueError unless `prompt` is a text (or token ids) the model can score whole (not empty, within its
@@ -399,15 +403,16 @@ class Engine:
 
     def _generate(self, prompts: list[Prompt], settings: Settings, gate_scale: Any, delta_scale: Any,
                   images: list[Any] | None = None, stop: Sequence[str] | None = None,
-                  generated: Sequence[list[int]] | None = None) -> Iterator[list[str]]:
+                  generated: Sequence[list[int]] | None = None, continued: bool = False) -> Iterator[list[str]]:
         """Whole answers so far, one per prompt, ending at EOS or one of `stop` (default: the prompt format's stop
-        strings; `generated` is told each one's tokens). The lock is held until this generator ends or is closed;
-        closing it stops decoding at the current token."""
+        strings; `generated` is told each one's tokens; `continued`: texts read as their prompts go on). The lock
+        is held until this generator ends or is closed; closing it stops decoding at the current token."""
         answers = [""] * len(prompts)
         yielded = False
         decoding = self.work.stream(lambda: stream_batch(
             self.model, prompts, images=images, gate_scale=gate_scale, delta_scale=delta_scale, compile=self.compile,
-            stop=self.prompts.stop_strings if stop is None else stop, generated=generated, **settings.sampling()))
+            stop=self.prompts.stop_strings if stop is None else stop, generated=generated, continued=continued,
+            **settings.sampling()))
         with closing(decoding) as steps:
             for pieces in steps:
                 if any(pieces):

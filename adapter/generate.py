@@ -176,6 +176,7 @@ def stream_batch(
     delta_scale: Any = None,
     rows: Sequence[dict[str, Any]] | None = None,
     generated: Sequence[list[int]] | None = None,
+    continued: bool = False,
     **options: Any,
 ) -> Iterator[list[str]]:
     """For each step, the new text piece of every row (empty for rows that are done).
@@ -187,6 +188,8 @@ def stream_batch(
     when given (chat formats only); None feeds them as given. `rows` gives each row options of its own over
     `options` (temperature, top_p, seed, max_new_tokens, ...). `generated`, one list per prompt, is told every
     token its row generates (the stop id that ends it included, as OpenAI's legacy completions return it).
+    `continued` reads each row's text as its prompt goes on (a raw continuation: " large" keeps its space, where
+    an answer to a question starts at its first word).
     """
     tokenizer = require_tokenizer(model)
     if isinstance(prompts, str):
@@ -210,7 +213,8 @@ def stream_batch(
         raise ValueError("prompts: token ids are fed as they are; they take no template (a prompt format)")
     texts = [p if written is None else written.instruction(p, system=system) for p in prompts]
     ids = [prompt_ids(tokenizer, t, model.args.vocab_size, f"prompts[{i}]") for i, t in enumerate(texts)]
-    streams = [TextStream(tokenizer, request.stop) for request in requests]
+    streams = [TextStream(tokenizer, request.stop, row_ids if continued else ())
+               for request, row_ids in zip(requests, ids)]
     finished = [False] * len(ids)
     for step, step_ids in enumerate(decode_tokens(model, ids, requests, gate_scale=gate_scale,
                                                   delta_scale=delta_scale, visual_prompt=visual_prompt,

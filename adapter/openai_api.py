@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import replace
+from functools import cached_property
 from typing import Any
 
 import anyio
@@ -153,12 +154,29 @@ class Call:
     """One checked request: the answers so far (an iterator that holds the device while it runs), what the usage
     figures count, and the log-probabilities asked for (None: not asked)."""
 
-    def __init__(self, engine: Engine, prompt: Prompt, answers: Iterator[str], settings: Settings, image: Any,
-                 top_logprobs: int | None, stops: tuple[str, ...] = (), choice: int = 0) -> None:
+    def __init__(self, engine: Engine, prompt: Prompt, answers: Iterator[str], generated: list[int],
+                 settings: Settings, image: Any, top_logprobs: int | None, stops: tuple[str, ...] = (),
+                 choice: int = 0) -> None:
         self.engine, self.prompt, self.answers, self.settings = engine, prompt, answers, settings
+        self.generated = generated  # every token decoded, as `answers` decodes them (the stop id included)
         self.image, self.top_logprobs, self.stops = image, top_logprobs, stops
         self.choice = choice  # which of its prompt's `n` answers
         self.stopped = False  # a stop string ended the answer
+
+    @cached_property
+    def prompt_tokens(self) -> int:
+        model = self.engine.model
+        return len(prompt_ids(model.tokenizer, self.prompt, model.args.vocab_size))
+
+    def check_room(self, body: dict) -> None:
+        """OpenAI's (and vLLM's) refusal of a `max_tokens` asked that the prompt leaves no room for in the
+        context; left out, an answer ends where the context does (finish reason "length")."""
+        if body.get("max_tokens", body.get("max_completion_tokens")) is None:
+            return
+        limit = self.engine.model.args.max_seq_len
+        if self.prompt_tokens + self.settings.max_new_tokens > limit:
+            raise RequestError(f"max_tokens: the prompt's {self.prompt_tokens} tokens and {self.settings.max_new_tokens}"
+                               f" new ones exceed this model's context of {limit} tokens", "max_tokens")
 
     def texts(self) -> Iterator[str]:
         """The answer so far as it may be shown: cut before the first of the request's stop strings (decoding ends
@@ -186,18 +204,20 @@ class Call:
         return {"content": [{**entry(token.text, token.logprob), "top_logprobs": [entry(*top) for top in token.top]}
                             for token in scored]}
 
-    def tokens(self, text: str) -> int:
-        return len(self.engine.model.tokenizer.encode(text, bos=False, eos=False))
+    def finish_reason(self) -> str:
+        """"length" when decoding ran out of tokens (`max_tokens`, or the context's end), else "stop" (the end of
+        text, a stop string, the prompt format's end of turn)."""
+        if self.stopped or (self.generated and self.generated[-1] in self.engine.model.tokenizer.stop_ids):
+            return "stop"
+        decoded = len(self.generated)
+        full = decoded >= self.settings.max_new_tokens or \
+            self.prompt_tokens + decoded >= self.engine.model.args.max_seq_len
+        return "length" if full else "stop"
 
-    def finish_reason(self, answer: str) -> str:
-        return "length" if not self.stopped and self.tokens(answer) >= self.settings.max_new_tokens else "stop"
-
-    def usage(self, answer: str) -> dict[str, int]:
-        model = self.engine.model
-        prompt = len(prompt_ids(model.tokenizer, self.prompt, model.args.vocab_size))
-        completion_tokens = self.tokens(answer)
-        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                "total_tokens": prompt + completion_tokens}
+    def usage(self) -> dict[str, int]:
+        """The prompt's tokens and those decoded (the one that ended the answer included, as vLLM counts)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.generated),
+                "total_tokens": self.prompt_tokens + len(self.generated)}
 
 
 def served(engines: Engines, body: Any) -> tuple[str, Engine]:
@@ -271,11 +291,15 @@ def answer_calls(engines: Engines, body: Any) -> tuple[str, list[Call]]:
             prompt, pictures = engine.image_rows(image, question, settings, 1, history)
             picture = pictures[0] if pictures else None
         chosen = [seeded(settings, choice) for choice in range(count)]
-        answers = [engine.answer_prompt(prompt, each, picture) for each in chosen]  # the prompt written once
+        generated: list[list[int]] = [[] for _ in chosen]
+        answers = [engine.answer_prompt(prompt, each, picture, tokens)  # the prompt written once
+                   for each, tokens in zip(chosen, generated)]
     except ValueError as error:
         raise refused(error, "messages") from None
-    return name, [Call(engine, prompt, each_answers, each, picture, top_logprobs, stops, choice)
-                  for choice, (each_answers, each) in enumerate(zip(answers, chosen))]
+    calls = [Call(engine, prompt, *decoding, picture, top_logprobs, stops, choice)
+             for choice, decoding in enumerate(zip(answers, generated, chosen))]
+    calls[0].check_room(body)
+    return name, calls
 
 
 def request_stops(body: dict) -> tuple[str, ...]:
@@ -381,9 +405,9 @@ def completion(name: str, calls: list[Call]) -> dict[str, Any]:
     done = finished(calls)
     return {"id": response_id(), "object": "chat.completion", "created": int(time.time()), "model": name,
             "choices": [{"index": index, "message": {"role": "assistant", "content": answer},
-                         "logprobs": call.logprobs(answer), "finish_reason": call.finish_reason(answer)}
+                         "logprobs": call.logprobs(answer), "finish_reason": call.finish_reason()}
                         for index, (call, answer) in enumerate(done)],
-            "usage": total_usage(done)}
+            "usage": total_usage(calls)}
 
 
 def finished(calls: Sequence[Call]) -> list[tuple[Call, str]]:
@@ -397,11 +421,11 @@ def finished(calls: Sequence[Call]) -> list[tuple[Call, str]]:
     return done
 
 
-def total_usage(done: Sequence[tuple[Call, str]]) -> dict[str, int]:
+def total_usage(calls: Sequence[Call]) -> dict[str, int]:
     """Usage summed over a request's answers, each prompt counted once (as OpenAI counts `n` answers)."""
     prompt = completion_tokens = 0
-    for call, answer in done:
-        usage = call.usage(answer)
+    for call in calls:
+        usage = call.usage()
         prompt += usage["prompt_tokens"] if call.choice == 0 else 0
         completion_tokens += usage["completion_tokens"]
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
@@ -421,7 +445,7 @@ def stream_events(name: str, call: Call) -> Iterator[str]:
         if len(grown) > len(answer):
             yield event({"content": grown[len(answer):]})
         answer = grown
-    yield event({}, call.finish_reason(answer), usage=call.usage(answer))
+    yield event({}, call.finish_reason(), usage=call.usage())
     yield "data: [DONE]\n\n"
 
 

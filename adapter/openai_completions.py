@@ -51,9 +51,9 @@ class TextCall(Call):
                  stops: tuple[str, ...], echo: bool, score_only: bool, choice: int = 0) -> None:
         if score_only:
             engine.check_scored(prompt)
-        self.generated: list[int] = []  # the continuation's tokens (its stop id included), as decoded
-        answers = iter([""]) if score_only else engine.complete(prompt, settings, self.generated)
-        super().__init__(engine, prompt, answers, settings, None, logprobs, stops, choice)
+        generated: list[int] = []
+        answers = iter([""]) if score_only else engine.complete(prompt, settings, generated)
+        super().__init__(engine, prompt, answers, generated, settings, None, logprobs, stops, choice)
         self.echo, self.score_only = echo, score_only
         self.prompt_text = prompt_text(engine.model.tokenizer, prompt)
 
@@ -86,8 +86,8 @@ class TextCall(Call):
         ids = tokenizer.encode(self.prompt, bos=False, eos=False) if isinstance(self.prompt, str) else self.prompt
         return tokenizer.token_text(ids[0])
 
-    def finish_reason(self, answer: str) -> str:
-        return "length" if self.score_only else super().finish_reason(answer)
+    def finish_reason(self) -> str:
+        return "length" if self.score_only else super().finish_reason()
 
 
 def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
@@ -113,10 +113,14 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
     fields = {key: value for key, value in options(body).items() if not (score_only and key == "max_new_tokens")}
     try:
         settings = engine.check(engines.settings(**fields))
-        return name, [TextCall(engine, prompt, seeded(settings, choice), logprobs, request_stops(body), echo,
-                               score_only, choice) for prompt in prompts for choice in range(count)]
+        calls = [TextCall(engine, prompt, seeded(settings, choice), logprobs, request_stops(body), echo,
+                          score_only, choice) for prompt in prompts for choice in range(count)]
     except ValueError as error:
         raise refused(error, "prompt") from None
+    if not score_only:
+        for call in calls:
+            call.check_room(body)
+    return name, calls
 
 
 def _logprobs(body: dict) -> int | None:
@@ -132,8 +136,8 @@ def text_completion(name: str, calls: list[TextCall]) -> dict[str, Any]:
     done = finished(calls)
     return {"id": response_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name,
             "choices": [{"text": call.text(answer), "index": index, "logprobs": call.legacy_logprobs(answer),
-                         "finish_reason": call.finish_reason(answer)} for index, (call, answer) in enumerate(done)],
-            "usage": total_usage(done)}
+                         "finish_reason": call.finish_reason()} for index, (call, answer) in enumerate(done)],
+            "usage": total_usage(calls)}
 
 
 def stream_text_events(name: str, call: TextCall) -> Iterator[str]:
@@ -149,5 +153,5 @@ def stream_text_events(name: str, call: TextCall) -> Iterator[str]:
         if len(grown) > len(answer):
             yield event(grown[len(answer):])
         answer = grown
-    yield event("", call.finish_reason(answer), usage=call.usage(answer))
+    yield event("", call.finish_reason(), usage=call.usage())
     yield "data: [DONE]\n\n"

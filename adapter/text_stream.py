@@ -11,12 +11,19 @@ from collections.abc import Sequence
 from .tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
+CONTEXT_IDS = 4  # of a continuation's prompt, decoded before its text: enough for a character's bytes
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), context: Sequence[int] = ()) -> None:
+        """`context`: the ids before the generated ones (a raw continuation's prompt), decoded with them so that
+        the text reads as it goes on: SentencePiece drops the space a text starts with (" large" -> "large")."""
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
+        self.context = [int(i) for i in context[-CONTEXT_IDS:]]
+        self.lead = tokenizer.decode(self.context) if self.context else ""
+        if REPLACEMENT in self.lead:  # a character cut at the context's edge: its bytes would merge with the text's
+            self.context, self.lead = [], ""
         self.ids: list[int] = []
         self.emitted = ""
         self.stopped = False
@@ -24,7 +31,7 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text that is now safe to show (may be empty)."""
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
+        text = self._decoded()
         cut = self._stop_position(text)
         if cut is not None:
             self.stopped = True
@@ -36,13 +43,17 @@ class TextStream:
         """The rest of the text once generation has ended (EOS or length)."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
+        text = self._decoded()
         cut = self._stop_position(text)
         return self._emit(text if cut is None else text[:cut])
 
     @property
     def text(self) -> str:
         return self.emitted
+
+    def _decoded(self) -> str:
+        text = self.tokenizer.decode([*self.context, *self.ids])
+        return text[len(self.lead):] if text.startswith(self.lead) else self.tokenizer.decode(self.ids)
 
     def _emit(self, text: str) -> str:
         if len(text) <= len(self.emitted) or not text.startswith(self.emitted):

@@ -52,7 +52,8 @@ def test_a_chat_completion_is_the_engines_answer_at_the_gate_asked(client, engin
     assert answer == engine_answer(text, [], SCENE) == "red"
     assert reply["model"] == "tiny-text" and reply["choices"][0]["finish_reason"] == "stop"
     prompt = len(text.model.tokenizer.encode(text.chat_prompt([], SCENE, Settings())))
-    assert reply["usage"] == {"prompt_tokens": prompt, "completion_tokens": 1, "total_tokens": prompt + 1}
+    # " red" and the end of text that ended it: the tokens decoded, as vLLM counts them
+    assert reply["usage"] == {"prompt_tokens": prompt, "completion_tokens": 2, "total_tokens": prompt + 2}
     frozen = ask(client, [user(SCENE)], gate_scale=0).json()["choices"][0]["message"]["content"]
     assert frozen == engine_answer(text, [], SCENE, gate_scale=0.0) != answer  # the frozen base writes on
     turns = [user(SCENE), {"role": "assistant", "content": answer}, user("What colour is the star?")]
@@ -91,6 +92,19 @@ def test_penalties_and_top_k_are_the_engines_at_the_same_settings(client, engine
     assert penalized != engine_answer(frozen, [], SCENE, gate_scale=0.0)  # the frozen base's rambling is cut back
 
 
+def test_an_answer_cut_by_max_tokens_says_length_and_counts_the_tokens_decoded(client, engines):
+    text = engines.get("tiny-text")
+    for max_tokens in (3, 20):
+        reply = ask(client, [user(SCENE)], gate_scale=0, max_tokens=max_tokens).json()
+        assert reply["choices"][0]["finish_reason"] == "length"
+        assert reply["usage"]["completion_tokens"] == max_tokens
+    prompt = len(text.model.tokenizer.encode(text.chat_prompt([], SCENE, Settings())))
+    room = text.model.args.max_seq_len - prompt
+    refused = ask(client, [user(SCENE)], max_tokens=room + 1)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    assert f"the prompt's {prompt} tokens and {room + 1} new ones exceed" in refused.json()["error"]["message"]
+
+
 def test_a_streamed_answer_arrives_in_pieces_that_make_the_whole(client, engines):
     with client.stream("POST", "/v1/chat/completions",
                        json={"messages": [user(SCENE)], "stream": True, **GREEDY, "gate_scale": 0}) as response:
@@ -109,7 +123,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_device_for_the_next(live_url,
 
     url = f"{live_url}/v1/chat/completions"
     never_ends = {str(engines.get("tiny-text").model.tokenizer.eos_id): -100}
-    long = {"messages": [user("Tell a long story")], "max_tokens": 200, "temperature": 1.0, "seed": 3,
+    long = {"messages": [user("Tell a long story")], "max_tokens": 150, "temperature": 1.0, "seed": 3,
             "gate_scale": 0, "logit_bias": never_ends}
     gc.disable()  # the answer left behind is closed by the server, not when a collection happens to find it
     try:
@@ -248,8 +262,8 @@ def test_a_tail_that_may_become_a_stop_string_is_held_back_until_it_is_known():
     def answers(*grown):
         yield from grown
 
-    shown = list(Call(None, "", answers("Hel", "Hello wo", "Hello world!"), Settings(), None, None,
+    shown = list(Call(None, "", answers("Hel", "Hello wo", "Hello world!"), [], Settings(), None, None,
                       ("world",)).texts())
     assert shown == ["Hel", "Hello ", "Hello "]  # "wo" waits; "world" ends it
-    call = Call(None, "", answers("Hello w", "Hello wide"), Settings(), None, None, ("world",))
+    call = Call(None, "", answers("Hello w", "Hello wide"), [], Settings(), None, None, ("world",))
     assert list(call.texts()) == ["Hello ", "Hello wide", "Hello wide"] and not call.stopped

@@ -34,12 +34,15 @@ def reference_logprobs(model, text: str, gate: float) -> list[float]:
 @pytest.mark.parametrize("gate", [0.0, 1.0])
 def test_a_completion_continues_the_text_as_written(client, engines, gate):
     model = engines.get("tiny-text").model
-    reply = complete(client, prompt=PROMPT, gate_scale=gate).json()
-    expected = model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=gate)
+    reply = complete(client, prompt=PROMPT, gate_scale=gate, echo=True).json()
+    expected = model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=gate, continued=True)
     assert reply["object"] == "text_completion" and reply["model"] == "tiny-text"
-    assert reply["choices"][0]["text"] == expected
+    assert reply["choices"][0]["text"] == PROMPT + expected
+    # read on from the prompt: the continuation keeps the space its first word starts with (alone, decoding drops it)
+    assert expected.startswith(" ") and expected[1:] == model.generate(PROMPT, temperature=0.0, max_new_tokens=12,
+                                                                       gate_scale=gate)
     if gate == 1.0:
-        assert expected.strip().startswith("red")  # the adapter answers; no prompt format's stop strings cut it
+        assert expected.startswith(" red")  # the adapter answers; no prompt format's stop strings cut it
     usage = reply["usage"]
     assert usage["prompt_tokens"] == len(model.tokenizer.encode(PROMPT))
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -105,7 +108,7 @@ def test_a_continuation_ended_by_eos_returns_that_token_too(client, engines):
     tokenizer = model.tokenizer
     choice = complete(client, prompt=PROMPT, logprobs=1, echo=True).json()["choices"][0]
     answer = choice["text"][len(PROMPT):]
-    assert answer.strip() == "red" and choice["finish_reason"] == "stop"
+    assert answer == " red" and choice["finish_reason"] == "stop"
     found = choice["logprobs"]
     ids = tokenizer.encode(PROMPT, bos=True) + tokenizer.encode(answer, bos=False) + [tokenizer.eos_id]
     with torch.no_grad():
@@ -113,7 +116,10 @@ def test_a_continuation_ended_by_eos_returns_that_token_too(client, engines):
     assert found["tokens"][-1] == tokenizer.token_text(tokenizer.eos_id) == "</s>"
     assert found["token_logprobs"][-1] == pytest.approx(float(logprobs[-2, tokenizer.eos_id]), abs=1e-5)
     assert found["text_offset"][-1] > found["text_offset"][-2]  # after the answer's tokens
-    alone = complete(client, prompt=PROMPT, logprobs=1).json()["choices"][0]["logprobs"]
+    continued = complete(client, prompt=PROMPT, logprobs=1).json()["choices"][0]
+    alone = continued["logprobs"]
+    assert continued["text"] == "".join(alone["tokens"][:-1]) == " red"  # the tokens spell the text returned
+    assert [continued["text"][offset - len(PROMPT):] for offset in alone["text_offset"]] == [" red", ""]
     assert alone["tokens"] == found["tokens"][-len(alone["tokens"]):] and alone["tokens"][-1] == "</s>"
     assert alone["token_logprobs"] == pytest.approx(found["token_logprobs"][-len(alone["tokens"]):], abs=1e-5)
     cut = complete(client, prompt=PROMPT, logprobs=1, stop=["red"]).json()["choices"][0]["logprobs"]
@@ -130,9 +136,10 @@ def test_the_served_gate_is_what_a_request_that_sets_none_gets(engines):
     frozen = TestClient(build_api(Engines(engines.by_name, Settings(gate_scale=0.0))))
     unset = frozen.post("/v1/completions", json={**GREEDY, "prompt": PROMPT}).json()["choices"][0]["text"]
     model = engines.get("tiny-text").model
-    assert unset == model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=0.0)
+    assert unset == model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=0.0, continued=True)
     asked = frozen.post("/v1/completions", json={**GREEDY, "prompt": PROMPT, "gate_scale": 1}).json()
-    assert asked["choices"][0]["text"] == model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=1.0)
+    assert asked["choices"][0]["text"] == model.generate(PROMPT, temperature=0.0, max_new_tokens=12, gate_scale=1.0,
+                                                         continued=True)
 
 
 def test_n_continuations_are_those_of_the_next_seeds(client):
@@ -188,6 +195,26 @@ def test_bad_requests_name_their_field(client, body, param, message):
     assert reply.status_code in (400, 404)
     error = reply.json()["error"]
     assert error["param"] == param and message in error["message"]
+
+
+def test_finish_reason_and_usage_count_the_tokens_decoded(client, engines):
+    """"length" when max_tokens ran out, whatever the text re-encodes to; "stop" at the end of text; the
+    tokens counted are those decoded (the end of text included)."""
+    model = engines.get("tiny-text").model
+    frozen = {"prompt": PROMPT, "gate_scale": 0, "temperature": 0}
+    for max_tokens in (1, 5, 20):
+        choice = client.post("/v1/completions", json={**frozen, "max_tokens": max_tokens, "logprobs": 0}).json()
+        assert len(choice["choices"][0]["logprobs"]["tokens"]) == choice["usage"]["completion_tokens"] == max_tokens
+        assert choice["choices"][0]["finish_reason"] == "length"
+    ended = complete(client, prompt=PROMPT).json()
+    assert ended["choices"][0]["finish_reason"] == "stop" and ended["usage"]["completion_tokens"] == 2  # " red", end
+    room = model.args.max_seq_len - len(model.tokenizer.encode(PROMPT))
+    assert complete(client, prompt=PROMPT, max_tokens=room).status_code == 200
+    reply = complete(client, prompt=PROMPT, max_tokens=room + 1)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "max_tokens"
+    assert reply.json()["error"]["message"] == (f"max_tokens: the prompt's {model.args.max_seq_len - room} tokens and "
+                                                f"{room + 1} new ones exceed this model's context of "
+                                                f"{model.args.max_seq_len} tokens")
 
 
 def test_a_text_longer_than_the_context_is_not_scored_cut(client, engines):
