@@ -171,12 +171,12 @@ class Call:
     def check_room(self, body: dict) -> None:
         """OpenAI's (and vLLM's) refusal of a `max_tokens` asked that the prompt leaves no room for in the
         context; left out, an answer ends where the context does (finish reason "length")."""
-        if body.get("max_tokens", body.get("max_completion_tokens")) is None:
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             return
-        limit = self.engine.model.args.max_seq_len
-        if self.prompt_tokens + self.settings.max_new_tokens > limit:
-            raise RequestError(f"max_tokens: the prompt's {self.prompt_tokens} tokens and {self.settings.max_new_tokens}"
-                               f" new ones exceed this model's context of {limit} tokens", "max_tokens")
+        limit, asked = self.engine.model.args.max_seq_len, self.settings.max_new_tokens
+        if self.prompt_tokens + asked > limit:
+            raise RequestError(f"max_tokens: the prompt's {self.prompt_tokens} tokens and {asked} new ones exceed "
+                               f"this model's context of {limit} tokens", "max_tokens")
 
     def texts(self) -> Iterator[str]:
         """The answer so far as it may be shown: cut before the first of the request's stop strings (decoding ends
