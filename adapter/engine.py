@@ -31,6 +31,7 @@ from .generate import scales_from_text, stream_batch
 from .images import gather_uploads, load_image
 from .prompt_ids import Answer, Prompt, checked_ids, prompt_ids
 from .prompts import format_named
+from .sampling import MAX_SEED
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -147,7 +148,7 @@ class Settings:
             "temperature": _number("temperature", self.temperature, 0.0, MAX_TEMPERATURE),
             "top_p": _number("top_p", self.top_p, 0.0, 1.0, low_open=True),
             "max_new_tokens": check_integer("max_new_tokens", self.max_new_tokens, 1),
-            "seed": None if self.seed is None else check_integer("seed", self.seed, 0),
+            "seed": None if self.seed is None else check_integer("seed", self.seed, 0, MAX_SEED),
             "system": check_text(self.system, "system") if self.system and str(self.system).strip() else None,
             "gate_layers": _layers_text(self.gate_layers),
             "top_k": check_integer("top_k", self.top_k, 0),

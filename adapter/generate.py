@@ -36,7 +36,7 @@ from .gate_layers import (
 from .kv_cache import KV_CACHE_DTYPES
 from .prompt_ids import Prompt, prompt_ids
 from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, seed_problem
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
@@ -64,6 +64,8 @@ class GenerationRequest:
             raise ValueError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile: must be True or False, got {self.compile!r}")
+        if (problem := seed_problem(self.seed)) is not None:
+            raise ValueError(f"seed: {problem}")
 
 
 def _request(

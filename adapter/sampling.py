@@ -8,6 +8,15 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_SEED = 2**63 - 1  # torch's generators take unsigned 64-bit seeds: room left for a request's seed + j of n
+
+
+def seed_problem(seed: object) -> str | None:
+    """What is wrong with a seed (None when it is a whole number from 0 to MAX_SEED, or None itself)."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
+        return None
+    return f"must be a whole number from 0 to {MAX_SEED}, got {seed!r}"
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -170,6 +170,7 @@ def test_modes_map_to_what_is_learned():
     (dict(mode="v1", lora_rank=4), "--lora-rank: LoRA is a v2 part"),
     (dict(mode="v1", scale=True), "--scale: the input scales are a v2 part; use --mode v2"),
     (dict(val_fraction=1.0), "--val-fraction"),
+    (dict(seed=2**64), f"--seed: must be a whole number from 0 to {2**63 - 1}, got {2**64}"),
     (dict(warmup_epochs=6, epochs=5), "--warmup-epochs"),
     (dict(quantize="fp8"), "--quantize: unknown mode"),
     (dict(export="gguf"), "--export"),

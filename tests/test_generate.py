@@ -239,6 +239,8 @@ def test_a_logit_bias_is_added_to_its_tokens_logits(model):
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(template="poem"), "template"),
     (dict(gate_scale=[1.0, 2.0]), "gate_scale"),
+    (dict(seed=2**64), "seed: must be a whole number from 0 to 9223372036854775807, got 18446744073709551616"),
+    (dict(seed=-1), "seed: must be a whole number"),
 ])
 def test_bad_generation_arguments_name_the_argument(model, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
@@ -288,12 +290,14 @@ def test_command_line_reports_bad_input_in_one_line(base_folder, capsys, tmp_pat
     assert main(["--base", str(base_folder), "--prompt", "x", "--top-p", "2"]) == 2
     assert main(["--base", str(tmp_path / "nope"), "--prompt", "x", "--gate-sweep", "0,one"]) == 2
     assert main(["--base", str(tmp_path / "nope"), "--prompt", "  "]) == 2
+    assert main(["--base", str(base_folder), "--prompt", "x", "--seed", str(2**64)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: base:") and "nope" in err[0]
     assert err[1].startswith("error: top_p:")
     assert err[2] == "error: --gate-sweep: 'one' is not a number", "checked before loading the base"
     assert err[3] == ("error: --prompt: empty; give an instruction to answer (or --template none to let the model "
                       "write from nothing)"), "checked before loading the base"
+    assert err[4] == f"error: seed: must be a whole number from 0 to {2**63 - 1}, got {2**64}"  # not torch's overflow
     assert main(["--base", str(base_folder), "--prompt", "", "--template", "none", "--max-new-tokens", "3",
                  "--temperature", "0"]) == 0, "the base writing from its BOS alone"
     assert capsys.readouterr().out

@@ -151,6 +151,9 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
 
 @pytest.mark.parametrize("body, status, param, message", [
     ({"model": "gpt-4"}, 404, "model", "model: no adapter 'gpt-4' is served (served: tiny-text, tiny-image)"),
+    ({"messages": [{"role": "user", "content": "a"}], "seed": 2**64}, 400, "seed",
+     f"seed: must be between 0 and {2**63 - 1}, got {2**64}"),
+    ({"messages": [{"role": "user", "content": "a"}], "seed": 1e30}, 400, "seed", "seed: must be between 0 and"),
     ({"messages": []}, 400, "messages", "messages: give a list of {role, content} messages"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages",
      "messages[0]: expected a user message, got 'assistant'"),

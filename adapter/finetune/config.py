@@ -14,6 +14,7 @@ from typing import Any
 from ..config import LORA_TARGETS, VISUAL_PROMPT_KINDS, AdapterArgs
 from ..prompts import PROMPT_FORMATS
 from ..quantize import check_mode
+from ..sampling import seed_problem
 
 MODES = ("v1", "v2", "vision", "lora")
 AUTOCASTS = ("auto", "bf16", "off")  # auto: bf16 on GPU, the model's own dtype on CPU
@@ -86,6 +87,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "--mode", f"must be one of {MODES}, got {self.mode!r}")
+        seeded = seed_problem(self.seed) if self.seed is not None else "must be a whole number, got None"
+        _require(seeded is None, "--seed", str(seeded))
         for flag in ("prompt_len", "prompt_layers", "epochs", "batch_size", "micro_batch_size", "max_seq_len"):
             value = getattr(self, flag)
             _require(_positive_int(value), _flag(flag), f"must be a positive integer, got {value!r}")
