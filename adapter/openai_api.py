@@ -344,7 +344,9 @@ def read_messages(messages: Any) -> tuple[str | None, list[tuple[str, str]], str
         raise RequestError("messages: give a list of {role, content} messages ending with the user's", "messages")
     system = None
     if isinstance(messages[0], dict) and messages[0].get("role") in ("system", "developer"):
-        system, messages = _text(messages[0], 0)[0], messages[1:]
+        system, pictures = _text(messages[0], 0)
+        _refuse_pictures(pictures, 0, messages[0]["role"])
+        messages = messages[1:]
     if not messages or len(messages) % 2 == 0:
         raise RequestError("messages: after the system message, user and assistant turns must alternate and end "
                            "with the user's", "messages")
@@ -355,6 +357,8 @@ def read_messages(messages: Any) -> tuple[str | None, list[tuple[str, str]], str
             got = message.get("role") if isinstance(message, dict) else type(message).__name__
             raise RequestError(f"messages[{index}]: expected a {want} message, got {got!r}", "messages")
         text, pictures = _text(message, index)
+        if want == "assistant":
+            _refuse_pictures(pictures, index, want)
         texts.append(text)
         images += pictures
     if len(images) > 1:
@@ -362,6 +366,14 @@ def read_messages(messages: Any) -> tuple[str | None, list[tuple[str, str]], str
                            f"{len(images)}", "messages")
     turns = list(zip(texts[:-1:2], texts[1:-1:2]))
     return system, turns, texts[-1], images[0] if images else None
+
+
+def _refuse_pictures(pictures: list[Any], index: int, role: str) -> None:
+    """Only a user message may carry the conversation's picture (one elsewhere would be dropped unseen)."""
+    if pictures:
+        article = "an" if role[0] in "aeiou" else "a"
+        raise RequestError(f"messages[{index}]: {article} {role} message may not carry a picture (image_url); give "
+                           "it in a user message", "messages")
 
 
 def _text(message: dict, index: int) -> tuple[str, list[Any]]:

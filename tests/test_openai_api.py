@@ -19,6 +19,9 @@ pytestmark = pytest.mark.skipif(not tiny_available(), reason="assets/tiny not bu
 
 SCENE = "There is a large red star on the left. What colour is the star?"
 GREEDY = {"temperature": 0, "max_tokens": 30, "seed": 0}
+EXAMPLES = TINY_FOLDER / "examples"
+PIXEL = "data:image/png;base64," + base64.b64encode((EXAMPLES / json.loads(
+    (EXAMPLES / "examples.json").read_text())["image"][0]["image"]).read_bytes()).decode() if tiny_available() else ""
 
 
 def ask(client, messages, **options):
@@ -151,6 +154,13 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
 
 @pytest.mark.parametrize("body, status, param, message", [
     ({"model": "gpt-4"}, 404, "model", "model: no adapter 'gpt-4' is served (served: tiny-text, tiny-image)"),
+    ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": PIXEL}}]},
+                   {"role": "user", "content": "a"}]}, 400, "messages",
+     "messages[0]: a system message may not carry a picture (image_url); give it in a user message"),
+    ({"messages": [{"role": "user", "content": "a"},
+                   {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": PIXEL}}]},
+                   {"role": "user", "content": "b"}]}, 400, "messages",
+     "messages[1]: an assistant message may not carry a picture"),
     ({"messages": [{"role": "user", "content": "a"}], "seed": 2**64}, 400, "seed",
      f"seed: must be between 0 and {2**63 - 1}, got {2**64}"),
     ({"messages": [{"role": "user", "content": "a"}], "seed": 1e30}, 400, "seed", "seed: must be between 0 and"),
