@@ -251,6 +251,9 @@ def test_epoch_order_is_seeded_length_grouped_and_sharded():
     flat = [i for step in steps for micro in step for i in micro]
     assert sorted(flat) == list(range(1000)) and len(steps) == math.ceil(1000 / 16)
     assert steps == epoch_batches(lengths, 16, 4, seed=0, epoch=0)
+    for micro in (1, 8, 16):  # the same examples make each step whatever its forward passes
+        assert [sorted(sum(step, [])) for step in epoch_batches(lengths, 16, micro, seed=0, epoch=0)] == \
+            [sorted(sum(step, [])) for step in steps]
     assert steps != epoch_batches(lengths, 16, 4, seed=0, epoch=1)
     assert flat[:20] != sorted(flat[:20]), "shuffled, not in file order"
     spread = [max(lengths[i] for i in m) - min(lengths[i] for i in m) for step in steps for m in step]

@@ -85,10 +85,11 @@ def test_training_lowers_the_loss_opens_the_gates_and_leaves_the_base_untouched(
 
 
 def test_neither_the_micro_batch_split_nor_checkpointing_changes_the_result(tmp_path, base_folder, data):
-    whole = train(tiny_config(base_folder, data, tmp_path / "a", micro_batch_size=16, epochs=2))
-    split = train(tiny_config(base_folder, data, tmp_path / "b", micro_batch_size=2, epochs=2,
+    # 16 examples, 4 steps an epoch: each step's examples are the same whatever forward passes it is cut into
+    whole = train(tiny_config(base_folder, data, tmp_path / "a", batch_size=4, micro_batch_size=4, epochs=2))
+    split = train(tiny_config(base_folder, data, tmp_path / "b", batch_size=4, micro_batch_size=1, epochs=2,
                               gradient_checkpointing=True))
-    assert max_difference(load_file(whole.adapter), load_file(split.adapter)) < 1e-5
+    assert max_difference(load_file(whole.adapter), load_file(split.adapter)) < 1e-4  # split otherwise: 0.57
 
 
 def test_bf16_autocast_on_cpu_trains_in_bf16_and_stays_close_to_fp32(tmp_path, base_folder, data, monkeypatch,

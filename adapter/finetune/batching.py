@@ -2,10 +2,10 @@
 how a micro-batch becomes tensors.
 
 An epoch's order depends only on (seed, epoch, lengths), so an interrupted run recomputes it exactly. The
-order is length-grouped: shuffle, sort chunks of GROUP micro-batches by length (little padding), cut them
-into micro-batches, shuffle the micro-batches. Each optimizer step takes `batch_size / micro_batch_size`
-consecutive micro-batches and process `rank` of `world` takes every world-th of them, so any number of
-processes computes the same global batch.
+order is length-grouped: shuffle, sort chunks of GROUP steps by length (little padding), cut them into steps
+of `batch_size` examples, shuffle the steps, cut each into micro-batches. Process `rank` of `world` takes every
+world-th micro-batch of a step, so any number of processes, and any micro-batch size, computes the same global
+batch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from .encode import IGNORE_INDEX, Encoded
 
-GROUP = 50  # micro-batches per length-sorted chunk
+GROUP = 50  # optimizer steps per length-sorted chunk
 PAD_ID = 0  # any id will do: padded positions are never attended to by real tokens nor trained on
 
 
@@ -49,18 +49,19 @@ def collate(items: Sequence[Encoded], device: torch.device | str = "cpu") -> Bat
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, micro_batch_size: int, seed: int,
                   epoch: int) -> list[list[list[int]]]:
-    """The epoch's optimizer steps, each a list of micro-batches of example indices (the last may be smaller)."""
+    """The epoch's optimizer steps, each a list of micro-batches of example indices (the last may be smaller).
+    Which examples make each step depends on the batch size alone, never on `micro_batch_size`, which only cuts
+    a step into forward passes: so the micro-batch size does not change what a run learns."""
     rng = random.Random(f"order:{seed}:{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    span = GROUP * micro_batch_size
-    micro_batches = []
+    span = GROUP * batch_size
+    steps = []
     for start in range(0, len(order), span):
         chunk = sorted(order[start:start + span], key=lambda i: -lengths[i])
-        micro_batches += [chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
-    rng.shuffle(micro_batches)
-    per_step = batch_size // micro_batch_size
-    return [micro_batches[i:i + per_step] for i in range(0, len(micro_batches), per_step)]
+        steps += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(steps)
+    return [[step[i:i + micro_batch_size] for i in range(0, len(step), micro_batch_size)] for step in steps]
 
 
 def shard(step: list[list[int]], rank: int, world: int) -> list[list[int]]:
