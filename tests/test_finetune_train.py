@@ -364,6 +364,24 @@ def test_val_every_validates_between_epochs_without_changing_what_is_learnt(tmp_
         tiny_config(base_folder, data, tmp_path / "bad", val_every=0)
 
 
+def test_a_run_stopped_between_validations_validates_on_schedule_when_resumed(tmp_path, base_folder):
+    """--max-steps (as a signal) stops off the schedule: no validation of its own there, which would go into the
+    checkpoint's history, best/ and early stop; a resumed run's validations are an uninterrupted run's, once."""
+    data = write_json(tmp_path / "data.json", alpaca_records(32))
+    settings = dict(epochs=4, batch_size=8, micro_batch_size=8, val_fraction=0.25, val_every=5, keep_best=True)
+    whole = train(tiny_config(base_folder, data, tmp_path / "whole", **settings))
+    out = tmp_path / "stopped"
+    stopped = train(tiny_config(base_folder, data, out, max_steps=7, **settings))
+    assert [step for step, _ in stopped.val_losses] == [5]
+    resumed = train(tiny_config(base_folder, data, out, resume=True, **settings))
+    again = train(tiny_config(base_folder, data, out, resume=True, **settings))  # the run had ended: nothing new
+    assert resumed.val_losses == [pair for pair in whole.val_losses if pair[0] > 7] and again.val_losses == []
+    validated = [(r["step"], r["val_loss"]) for r in read_log(out / "log.jsonl") if r["type"] == "val"]
+    assert validated == whole.val_losses == [(5, whole.val_losses[0][1]), (10, whole.val_losses[1][1]),
+                                             (12, whole.val_losses[2][1])]
+    assert resumed.best_val == whole.best_val
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, base_folder, data, monkeypatch,
                                                                       capsys):
     calls = []

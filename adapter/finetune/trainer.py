@@ -318,9 +318,8 @@ class _Run:
                        "val_examples": len(self.data.val), "truncated": self.data.truncated,
                        "config": config.to_dict()})
         result = TrainResult(self.out, self.out / "adapter" / checkpoint.ADAPTER, self.step)
-        val_step = None
         if self.hooks.validations and self.saved_step is None and self.data.val:
-            val_step = self._validate(log, result)  # where the curve starts (a new adapter's: the frozen base's)
+            self._validate(log, result)  # where the curve starts (a new adapter's: the frozen base's)
         try:
             order, order_epoch = None, None
             while self.step < end and not self._stop_asked():
@@ -336,12 +335,12 @@ class _Run:
                 record = self.run_step(lambda: self._train_step(order[in_epoch]))
                 result.train_losses.append(record["loss"])
                 log.step(record)
-                if self.step % self.val_every == 0 and self.data.val:
-                    val_step = self._validate(log, result)
+                # on schedule and at the run's last step only: a run stopped early (a signal, --max-steps) adds
+                # none of its own, so its checkpoint, best/ and early stop go on as an uninterrupted run's
+                if self.data.val and (self.step % self.val_every == 0 or self.step == self.total_steps):
+                    self._validate(log, result)
                 if self.step % (config.save_every or self.steps_per_epoch) == 0:
                     self._save()
-            if self.data.val and val_step != self.step:
-                self._validate(log, result)
             if self.saved_step != self.step:
                 self._save()
         except TrainingStopped as error:
@@ -373,7 +372,7 @@ class _Run:
                 "tokens_per_s": tokens / (time.perf_counter() - started),
                 "gates": [[float(f"{g:.6g}") for g in layer] for layer in self.model.effective_gates().tolist()]}
 
-    def _validate(self, log: RunLog, result: TrainResult) -> int:
+    def _validate(self, log: RunLog, result: TrainResult) -> None:
         val: list[Encoded] = self.data.val
         ids = eval_batches([len(e.tokens) for e in val], self.config.micro_batch_size, self.processes.rank,
                            self.processes.world)
@@ -385,7 +384,6 @@ class _Run:
         if self.config.keep_best and self.main and (self.best is None or loss < self.best[1]):
             self.best = (self.step, loss)
             save_adapter(self.model, self.out / BEST, {"step": str(self.step), "val_loss": repr(loss)})
-        return self.step
 
     def _stop_asked(self) -> bool:
         """Whether `RunHooks.stop` is set in any process (under torchrun a signal may reach some before others, or
