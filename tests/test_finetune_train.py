@@ -407,6 +407,30 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, b
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["type"] == "stopped"
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_that_ended_before_its_first_checkpoint_starts_over(tmp_path, base_folder, data, monkeypatch, capsys,
+                                                                  resume):
+    """A second Ctrl-C (or a failure) in the first step leaves a log and no checkpoint: the same command, with
+    --resume or without, starts the run over (the folder was refused both ways)."""
+    real = step_module.micro_batch_loss
+
+    def interrupted(model, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(step_module, "micro_batch_loss", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(base_folder, data, out))
+    assert (out / "log.jsonl").is_file() and not (out / "checkpoints").exists()
+    monkeypatch.setattr(step_module, "micro_batch_loss", real)
+    again = train(tiny_config(base_folder, data, out, resume=resume))
+    assert "holds a run that ended before its first checkpoint: starting it over" in capsys.readouterr().err
+    clean = train(tiny_config(base_folder, data, tmp_path / "clean"))
+    assert max_difference(load_file(again.adapter), load_file(clean.adapter)) == 0
+    assert [r["type"] for r in read_log(out / "log.jsonl")] == [r["type"] for r in read_log(tmp_path / "clean" /
+                                                                                            "log.jsonl")]
+
+
 def test_the_command_line_writes_adapter_log_plots_and_export(tmp_path, base_folder, data, capsys):
     out = tmp_path / "run"
     code = main(["--base", str(base_folder), "--data", str(data), "--out", str(out), "--batch-size", "8",

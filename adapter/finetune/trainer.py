@@ -175,12 +175,16 @@ class _Run:
 
     # ----- checks, before anything is written --------------------------------------------------------
     def _check_out(self) -> Path | None:
-        found = checkpoint.latest(self.out)
-        if self.config.resume and found is None:
+        """The checkpoint --resume goes on from. A run that ended before its first checkpoint (a stop, a failure)
+        left only its log: with or without --resume it starts over, as nothing of it can be taken on."""
+        found, started = checkpoint.latest(self.out), (self.out / LOG).exists()
+        if self.config.resume and found is None and not started:
             raise ValueError(f"--resume: {self.out} holds no checkpoint to resume from")
-        if not self.config.resume and (found is not None or (self.out / LOG).exists()):
+        if not self.config.resume and found is not None:
             raise ValueError(f"--out: {self.out} already holds a training run; pass --resume to continue it or "
                              "choose another folder")
+        if found is None and started:
+            notice(f"{self.out} holds a run that ended before its first checkpoint: starting it over", self.main)
         return found
 
     def _check_resume(self) -> checkpoint.TrainerState:
@@ -301,6 +305,8 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.saved_step is not None:
                 trim_log(self.out / LOG, self.saved_step)
+            else:  # started over: nothing of an earlier try without a checkpoint is kept
+                (self.out / LOG).unlink(missing_ok=True)
         # the lowest validation loss before a resume, from the log (what OUT/best holds, or a later step's that
         # the steps redone now will write again)
         earlier = [(r["step"], r["val_loss"]) for r in read_log(self.out / LOG) if r.get("type") == "val"] \
