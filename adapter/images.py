@@ -46,6 +46,22 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ValueError(f"image: {path} could not be decoded ({error}); is it truncated?") from error
 
 
+def image_file_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """What makes an image file unreadable, found without decoding its pixels (a data file's up-front check:
+    not an image, a broken PNG, too many pixels); None when it reads. A JPEG cut short is found only on decoding."""
+    try:
+        with Image.open(path) as opened:
+            _check_size(opened, max_pixels, str(path))
+            opened.verify()
+    except UnidentifiedImageError:
+        return f"{path} is not an image file"
+    except ValueError as error:
+        return str(error).removeprefix("image: ")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        return f"{path} could not be decoded ({error})"
+    return None
+
+
 def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
     width, height = image.size
     if width * height > max_pixels:

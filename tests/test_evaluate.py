@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 import adapter
 from adapter.evaluate import evaluate, evaluate_text, main, table
@@ -148,7 +149,7 @@ def test_bad_arguments_are_one_line_naming_the_flag(base_folder, data, capsys, a
 
 
 def test_image_records_need_an_adapter_that_sees(base_folder, tmp_path):
-    (tmp_path / "a.png").write_bytes(b"not read")
+    Image.new("RGB", (2, 2)).save(tmp_path / "a.png")
     data = write_jsonl(tmp_path / "images.jsonl", [{"image": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A star."}]}])
     with pytest.raises(ValueError, match=f"--data: {data} has image records; they need an adapter with a visual"):

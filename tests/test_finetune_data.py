@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import adapter
 from adapter.finetune import DataError, TrainConfig, adapter_args_for, train
@@ -86,7 +87,7 @@ def test_json_list_records_are_reported_by_index(tmp_path):
 
 def test_llava_conversations_become_chat_examples_with_their_image(tmp_path):
     (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "cat.png").write_bytes(b"not decoded here")
+    Image.new("RGB", (2, 2)).save(tmp_path / "images" / "cat.png")
     data = write_json(tmp_path / "llava.json", [{"id": "1", "image": "cat.png", "conversations": CONVERSATION},
                                                 {"conversations": CONVERSATION[:2]}])
     (first, second), (text_only,) = read_records(data, tmp_path / "images")
@@ -97,11 +98,27 @@ def test_llava_conversations_become_chat_examples_with_their_image(tmp_path):
     assert text_only.image is None
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is that large, with no pixels (enough for its size to be read)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
 def test_bad_llava_records_name_the_missing_image_and_the_turn_at_fault(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
+    (folder / "notes.png").write_text("not a picture")
+    (folder / "huge.png").write_bytes(_png_header(9000, 9000))
     data = write_jsonl(tmp_path / "llava.jsonl", [
         {"image": "missing.png", "conversations": CONVERSATION},
+        {"image": "notes.png", "conversations": CONVERSATION},
+        {"image": "huge.png", "conversations": CONVERSATION},
         {"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]},
         {"conversations": CONVERSATION[:3]},
         {"conversations": [{"from": "human", "value": "<image>"}, {"from": "system", "value": 1}]},
@@ -111,10 +128,13 @@ def test_bad_llava_records_name_the_missing_image_and_the_turn_at_fault(tmp_path
         read_records(data, folder)
     report = str(caught.value)
     assert f"{data}:1: image file {folder / 'missing.png'} does not exist" in report
-    assert f"{data}:2: conversations[0]: expected a 'human' turn" in report
-    assert f"{data}:3: 'conversations' has 3 turns; it must end with a 'gpt' turn" in report
-    assert f"{data}:4: conversations[0]: empty human turn; conversations[1]: 'from' must be 'human' or 'gpt'" in report
-    assert f"{data}:5: 'conversations' must be a non-empty list" in report
+    # found before anything is loaded, not by the step that decodes them
+    assert f"{data}:2: image {folder / 'notes.png'} is not an image file" in report
+    assert f"{data}:3: image {folder / 'huge.png'} has 9000x9000 pixels, more than the limit of 64,000,000" in report
+    assert f"{data}:4: conversations[0]: expected a 'human' turn" in report
+    assert f"{data}:5: 'conversations' has 3 turns; it must end with a 'gpt' turn" in report
+    assert f"{data}:6: conversations[0]: empty human turn; conversations[1]: 'from' must be 'human' or 'gpt'" in report
+    assert f"{data}:7: 'conversations' must be a non-empty list" in report
     with pytest.raises(DataError, match="needs --image-folder"):
         read_records(write_jsonl(tmp_path / "one.jsonl", [{"image": "a.png", "conversations": CONVERSATION}]))
 
@@ -143,7 +163,7 @@ def test_chat_messages_become_the_same_examples_as_llava_conversations(tmp_path)
 
 
 def test_image_records_need_a_model_with_an_image_encoder(tmp_path, base_folder):
-    (tmp_path / "cat.png").write_bytes(b"x")
+    Image.new("RGB", (2, 2)).save(tmp_path / "cat.png")
     data = write_json(tmp_path / "llava.json", [{"image": "cat.png", "conversations": CONVERSATION}] * 4)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"^image records need an adapter that sees \(--mode vision: "):

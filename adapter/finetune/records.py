@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..hub import resolve_data
+from ..images import image_file_problem
 from ..paths import not_a_file
 from ..prompts import PROMPT_FORMATS, PromptFormat
 
@@ -309,6 +310,8 @@ def image_field(record: dict, folder: Path | None, reasons: list[str]) -> Path |
     path = folder / name
     if not path.is_file():
         reasons.append(f"image file {not_a_file(path)}")
+    elif (problem := image_file_problem(path)) is not None:
+        reasons.append(f"image {problem}")
     return path
 
 
