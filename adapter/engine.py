@@ -25,6 +25,7 @@ import torch
 
 from .chat_batcher import ChatBatcher, ChatJob
 from .device_work import DeviceWork, device_lock
+from .finetune.records import not_text
 from .footprint import held_bytes, kv_bytes_per_token
 from .gate_layers import Speaker, adapter_layers, describe, gate_scale_rows, layer_sweep_rows, parse_layers
 from .generate import scales_from_text, stream_batch
@@ -119,6 +120,8 @@ def check_text(value: Any, name: str = "question") -> str:
         raise ValueError(f"{name}: is empty; type a question first")
     if len(value) > MAX_QUESTION_CHARS:
         raise ValueError(f"{name}: {len(value):,} characters is too long (at most {MAX_QUESTION_CHARS:,})")
+    if (problem := not_text(value)) is not None:
+        raise ValueError(f"{name}: {problem}")
     return value.strip()
 
 

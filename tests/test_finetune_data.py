@@ -98,6 +98,21 @@ def test_llava_conversations_become_chat_examples_with_their_image(tmp_path):
     assert text_only.image is None
 
 
+def test_half_a_character_is_named_and_a_byte_order_mark_is_not_the_text(tmp_path):
+    """JSON may escape a lone surrogate, which no tokenizer reads (sentencepiece raised from deep inside)."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a\\ud800b", "output": "x"}\n'
+                    '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "\\udfff"}]}\n')
+    with pytest.raises(DataError) as caught:
+        read_records(data)
+    assert str(caught.value).splitlines()[1:] == [
+        f"  {data}:1: 'instruction' holds '\\ud800', half of a character (a lone surrogate)",
+        f"  {data}:2: 'conversations'[1]['value'] holds '\\udfff', half of a character (a lone surrogate)"]
+    marked = tmp_path / "marked.json"
+    marked.write_text('\ufeff[{"instruction": "What colour?", "output": "Red."}]', encoding="utf-8")
+    assert [example.response for example in read_records(marked)[0]] == ["Red."]  # a JSON list, not JSONL
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that says it is that large, with no pixels (enough for its size to be read)."""
     import struct

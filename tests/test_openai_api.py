@@ -140,6 +140,14 @@ def test_a_client_that_leaves_mid_stream_frees_the_device_for_the_next(live_url,
     assert reply["choices"][0]["message"]["content"] == engine_answer(engines.get("tiny-text"), [], SCENE)
 
 
+def test_half_a_character_is_refused_naming_the_field(client):
+    """JSON may escape a lone surrogate, which no tokenizer reads (it was an HTTP 500)."""
+    for path, body in (("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800"}]}'),
+                       ("/v1/completions", '{"prompt": "a\\ud800"}')):
+        reply = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == 400 and "holds '\\ud800', half of a character" in reply.json()["error"]["message"]
+
+
 def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engines):
     example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
     picture = TINY_FOLDER / "examples" / example["image"]

@@ -141,7 +141,7 @@ def read_documents(path: str | os.PathLike, flag: str = "--data") -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{flag}: {not_a_file(path)}")
     try:
-        document = path.read_text(encoding="utf-8")
+        document = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{flag}: cannot read {path} ({error})") from error
     if not document.strip():
@@ -182,7 +182,7 @@ def _read_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | None]
     if path.suffix == ".parquet":
         return _parquet_entries(path, flag)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not the text's
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{flag}: cannot read {path} ({error})") from error
     return _entries(path, text, flag)
@@ -222,15 +222,34 @@ def _entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str |
         if not isinstance(values, list):
             raise DataError(f"{flag}: {path} must hold a JSON list of records")
         for index, value in enumerate(values):
-            yield f"{path} [index {index}]", value, None
+            yield f"{path} [index {index}]", value, not_text(value)
         return
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield f"{path}:{number}", json.loads(line), None
+            value = json.loads(line)
         except json.JSONDecodeError as error:
             yield f"{path}:{number}", None, f"not valid JSON ({error.msg} at column {error.colno})"
+        else:
+            yield f"{path}:{number}", value, not_text(value)
+
+
+def not_text(value: Any, where: str = "") -> str | None:
+    """Where a record holds a string that is not text: a lone surrogate ("\\ud800"), which JSON may escape but
+    no tokenizer can read; None when there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return f"{where + ' ' if where else ''}holds {value[error.start]!r}, half of a character (a lone surrogate)"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = not_text(item, f"{where}[{key!r}]" if where or isinstance(key, int) else repr(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _parse(record: Any, folder: Path | None, written: PromptFormat, reasons: list[str]) -> list[Example]:
