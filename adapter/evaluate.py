@@ -137,6 +137,10 @@ def evaluate(
         item, truncated = encode_example(example, tokenizer, length, end)
         encoded.append(item)
         cut += truncated
+    if not any(item.targets for item in encoded):
+        raise ValueError(f"--data: none of the {len(encoded)} examples of {data} keeps an answer token within "
+                         f"{length} tokens (each is cut before its answer): there is nothing to score; "
+                         "raise --max-seq-len or shorten the prompts")
     layers = None if layers is None else normalized(model, layers)
     losses, hits, tokens = _token_scores(model, encoded, scales, delta_scale, micro_batch_size, layers)
     said = _greedy_answers(model, examples, scales, delta_scale, micro_batch_size, written.stop_strings, layers) \

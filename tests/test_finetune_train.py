@@ -17,8 +17,8 @@ import adapter
 from adapter import cpu_features
 from adapter import push as push_module
 from adapter.config import AdapterArgs
+from adapter.finetune import DataError, train, trainer
 from adapter.finetune import step as step_module
-from adapter.finetune import train, trainer
 from adapter.finetune.cli import main
 from adapter.finetune.logs import read_log
 from adapter.model_card import training_of
@@ -337,6 +337,17 @@ def test_early_stop_ends_the_run_once_its_patience_is_spent_and_a_resume_keeps_i
         tiny_config(base_folder, data, tmp_path / "run", early_stop=2)
     with pytest.raises(ValueError, match=r"--early-stop: must be a positive integer, got 0"):
         tiny_config(base_folder, data, tmp_path / "run", early_stop=0, val_fraction=0.25)
+
+
+def test_a_set_with_no_response_token_within_max_seq_len_is_refused(tmp_path, base_folder, data):
+    """Every example cut before its answer: the loss would read 0 (and a validation set's 0 would be the best)."""
+    with pytest.raises(DataError, match=r"^--data: none of the 16 training examples keeps a response token within "
+                                        r"--max-seq-len 8 \(each is cut before its answer\), so its loss would read 0"):
+        train(tiny_config(base_folder, data, tmp_path / "run", max_seq_len=8))
+    long = write_json(tmp_path / "long.json", [{"instruction": "star " * 120, "output": "Red."}] * 2)
+    with pytest.raises(DataError, match=r"^--val-data: none of the 2 validation examples keeps a response token"):
+        train(tiny_config(base_folder, data, tmp_path / "run", val_data=str(long)))
+    assert not (tmp_path / "run").exists()
 
 
 def test_keep_best_needs_a_validation_set(tmp_path, base_folder, data):

@@ -41,7 +41,7 @@ from .export import check_export, export_official_v1, export_peft
 from .logs import LOG, RunLog, notice, read_log, trim_log
 from .optimizer import build_optimizer
 from .plots import plot_gates, plot_loss
-from .records import read_records
+from .records import DataError, read_records
 from .schedule import learning_rate
 from .step import TrainingStopped, evaluate, optimizer_step, require_image_encoder
 
@@ -272,6 +272,12 @@ class _Run:
         config = self.config
         data = build_dataset(records, self.model.tokenizer, config.max_seq_len, config.val_fraction, config.seed,
                              self.prompt_format.answer_end_id(self.model.tokenizer), self.val_records)
+        for examples, flag in ((data.train, "--data"), (data.val, "--val-data" if self.val_records else "--data")):
+            if examples and not any(example.targets for example in examples):
+                part = "training" if examples is data.train else "validation"
+                raise DataError(f"{flag}: none of the {len(examples)} {part} examples keeps a response token within "
+                                f"--max-seq-len {config.max_seq_len} (each is cut before its answer), so its loss "
+                                "would read 0; raise --max-seq-len or shorten the prompts")
         if data.has_images:
             require_image_encoder(self.model)
         if config.keep_best and not data.val:
