@@ -148,6 +148,12 @@ def answer_questions(
     answered = answered or {}
     left = [index for index in range(len(questions)) if index not in answered]
     lengths = {index: len(tokenizer.encode(prompts[index], bos=True)) for index in left}
+    limit = model.args.max_seq_len
+    too_long = [f"{questions[index].location}: {lengths[index]} tokens as asked" for index in left
+                if lengths[index] >= limit]  # each needs room for one answer token
+    if too_long:
+        raise ValueError(f"{len(too_long)} question(s) do not fit this model's context of {limit} tokens (room for "
+                         "an answer left); shorten them:\n  " + "\n  ".join(too_long))
     order = sorted(left, key=lambda index: -lengths[index])
     answers: list[list[str]] = [list(answered.get(index, ())) for index in range(len(questions))]
     for start in range(0, len(order), batch_size):
@@ -220,6 +226,7 @@ class PartialAnswers:
         out = Path(out)
         self.path = out.with_name(out.name + PARTIAL)
         self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back
+        self.started = False  # the file written anew for this run
 
     def load(self) -> tuple[dict[tuple[int, int], list[str]], str | None]:
         """The answers an earlier run with these settings kept ((adapter position, question index) -> one per
@@ -245,14 +252,23 @@ class PartialAnswers:
         return kept, f"resuming: {len(kept)} answered question(s) kept in {self.path} are not asked again"
 
     def begin(self, kept: Mapping[tuple[int, int], list[str]]) -> None:
-        """Write the file anew: the settings line and the answers `kept` (less a line cut short by a stop)."""
+        """Write the file anew: the settings line and the answers `kept` (less a line cut short by a stop); with
+        none kept, only once answers come (a run refused before it answers leaves no file)."""
+        self.started = False
+        if kept:
+            self._start(kept)
+
+    def _start(self, kept: Mapping[tuple[int, int], list[str]]) -> None:
         lines = [json.dumps({"settings": self.settings})]
         lines += [self._line(adapter, index, found) for (adapter, index), found in kept.items()]
         atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines),
                                                                   encoding="utf-8"))
+        self.started = True
 
     def add(self, adapter: int, answers: Mapping[int, list[str]]) -> None:
         """Keep the answers of adapter number `adapter` (in the order given) to these questions."""
+        if not self.started:
+            self._start({})
         with self.path.open("a", encoding="utf-8") as file:
             file.write("".join(self._line(adapter, index, found) + "\n" for index, found in answers.items()))
 

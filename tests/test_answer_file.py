@@ -157,9 +157,22 @@ def test_bad_flags_are_named_before_anything_is_written(base_folder, tmp_path, c
     questions.write_text(json.dumps(["Name a colour."]))
     out = tmp_path / "out.jsonl"
     assert main(["--base", str(base_folder), "--prompts-file", str(questions), "--out", str(out), *flags]) == 2
-    assert not out.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["q.json"], "no output, no OUT.partial"
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(message, err), err
+
+
+def test_questions_too_long_for_the_context_are_all_named_before_any_is_answered(base_folder, tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(q) for q in ["Name a colour.", "star " * 2100, "Hi.", "red " * 2500]))
+    out = tmp_path / "out.jsonl"
+    assert main(["--base", str(base_folder), "--prompts-file", str(questions), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: 2 question(s) do not fit this model's context of 2048 tokens (room for an answer " \
+                     "left); shorten them:"
+    assert re.fullmatch(rf"  {re.escape(str(questions))}:2: \d+ tokens as asked", err[1]), err
+    assert re.fullmatch(rf"  {re.escape(str(questions))}:4: \d+ tokens as asked", err[2]), err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["q.jsonl"], "no output, no OUT.partial"
 
 
 def test_out_and_prompts_file_go_together(base_folder, tmp_path, capsys):
