@@ -487,7 +487,21 @@ def answer_settings(args: argparse.Namespace, questions: Sequence["Question"]) -
         digest.update(json.dumps([question.record, str(question.image)], sort_keys=True).encode())
         digest.update(b"\n")
     unrelated = ("out", "batch_size", "compile", "prompts_file", "image_folder")
-    return {"questions": digest.hexdigest(), **{k: v for k, v in sorted(vars(args).items()) if k not in unrelated}}
+    weights = {flag: [files_stamp(path) for path in ([value] if isinstance(value, str) else value)]
+               for flag, value in (("base", args.base), ("adapter", args.adapter or []), ("clip", args.clip))
+               if value is not None}
+    return {"questions": digest.hexdigest(), "weights": weights,
+            **{k: v for k, v in sorted(vars(args).items()) if k not in unrelated}}
+
+
+def files_stamp(path: str) -> list:
+    """The size and modification time of a weights file, or of each file in a folder (its name with them): a
+    file rewritten at the same path (a newer adapter) is told from the one that wrote the answers kept. A name
+    that is no local path (`tiny`, `hf:owner/name`, an open_clip tag) is its own stamp."""
+    found = Path(path)
+    files = sorted(p for p in found.rglob("*") if p.is_file()) if found.is_dir() else [found] * found.is_file()
+    stats = [(str(p.relative_to(found)) if found.is_dir() else p.name, p.stat()) for p in files]
+    return [path] if not stats else [[name, stat.st_size, stat.st_mtime_ns] for name, stat in stats]
 
 
 def print_next_tokens(models: Sequence["Transformer"], names: Sequence[str | None],
