@@ -216,11 +216,18 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while loading: a quiet exit, as at the prompt
+        print(file=sys.stderr)
+        return 130
     interactive = stdin.isatty()
     if interactive:
         print(f"{model.adapter_path or model.base_path}, asked in {engine.prompts.name}; /help lists the commands",
               file=sys.stderr)
-    run(Conversation(engine, settings), stdin, sys.stdout, sys.stderr, prompt="> " if interactive else "")
+    try:
+        run(Conversation(engine, settings), stdin, sys.stdout, sys.stderr, prompt="> " if interactive else "")
+    except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat (during an answer it stops that answer)
+        print(file=sys.stderr)
+        return 130
     return 0
 
 

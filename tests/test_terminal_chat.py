@@ -1,6 +1,6 @@
 """`python -m adapter.terminal_chat`: the app's chat in the terminal: each answer is the engine's for the
 conversation so far and the settings the commands set, bad lines are said and the chat goes on, Ctrl-C stops one
-answer."""
+answer (and at the prompt, or while loading, ends the chat without a traceback)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,23 @@ def test_ctrl_c_stops_one_answer_and_keeps_the_conversation(monkeypatch):
     assert conversation.answer(QUESTION, out) == "re"
     assert out.getvalue() == "re [stopped]\n" and decoded == ["re", "closed"], "decoding stopped at once"
     assert conversation.history == [(QUESTION, "re")]
+
+
+def test_ctrl_c_at_the_prompt_or_while_loading_ends_quietly(monkeypatch, capsys):
+    class CtrlCAtThePrompt(io.StringIO):
+        def __iter__(self):
+            yield "/help"
+            raise KeyboardInterrupt
+
+    assert main([], stdin=CtrlCAtThePrompt()) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+    def loading(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("adapter.loading.load_many", loading)
+    assert main([], stdin=io.StringIO("")) == 130
+    assert capsys.readouterr().err == "\n"
 
 
 def test_bad_flags_stop_before_the_chat(capsys):
