@@ -32,6 +32,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+ACCELERATORS = {"mps": "Apple MPS", "xpu": "Intel XPU"}  # besides CUDA: what torch runs the model on
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +44,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device: {device!r} is not a device name (e.g. cpu, cuda, cuda:1)") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device} asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device} asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
+    if device.type in ACCELERATORS and not _available(device.type):
+        raise ValueError(f"device: {device} asked for, but no {ACCELERATORS[device.type]} device is available")
+    if device.type not in ("cpu", "cuda", *ACCELERATORS):
+        raise ValueError(f"device: {device.type} cannot hold a model here; use cpu, cuda, "
+                         f"{' or '.join(ACCELERATORS)}")
     return device
+
+
+def _available(kind: str) -> bool:
+    backend = getattr(torch.backends, kind, None) if kind == "mps" else getattr(torch, kind, None)
+    return backend is not None and bool(backend.is_available())
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

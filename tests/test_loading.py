@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -54,6 +55,18 @@ def test_dtype_argument(base_folder):
     assert float((logits(model) - full).norm() / full.norm()) < 0.05
     with pytest.raises(ValueError, match="dtype"):
         adapter.load(base_folder, device="cpu", dtype="int3")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("meta", "device: meta cannot hold a model here; use cpu, cuda, mps or xpu"),
+    ("mps", "device: mps asked for, but no Apple MPS device is available"),
+    ("xpu", "device: xpu asked for, but no Intel XPU device is available"),
+    ("gpu", "device: 'gpu' is not a device name"),
+])
+def test_a_device_that_cannot_hold_the_model_is_named_before_loading(base_folder, device, message):
+    """(torch's own tracebacks came from deep inside the loading before)"""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        adapter.load(base_folder, device=device)
 
 
 @pytest.fixture()
