@@ -57,14 +57,16 @@ def base_tensor_names(checkpoint) -> list[str]:
 
 
 def hf_tensors(name: str, weight: torch.Tensor, args: ModelArgs,
-               quantize: Callable[[torch.Tensor], QuantizedWeight] | None = None) -> dict[str, torch.Tensor]:
-    """HF name -> tensor(s) of one base tensor given in Meta's layout: wq / wk rows moved into HF's order; with
-    `quantize`, a frozen linear as its codes and statistics (quantized in Meta's row order, as adapter.load
-    quantizes, then its rows moved whole)."""
+               quantize: Callable[[torch.Tensor], QuantizedWeight] | None = None,
+               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """HF name -> tensor(s) of one base tensor given in Meta's layout: wq / wk rows moved into HF's order, cast to
+    `dtype` when given; with `quantize`, a frozen linear as its codes and statistics (quantized from the tensor as
+    stored and in Meta's row order, as adapter.load quantizes, then its rows moved whole)."""
     target = hf_name(name)
     module = name.split(".", 2)[-1].removesuffix(".weight")
     heads = {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}.get(module)
     if quantize is None or module not in FROZEN_LINEARS:
+        weight = weight if dtype is None else weight.to(dtype)
         return {target: (weight if heads is None else meta_to_hf_rows(weight, heads)).contiguous()}
     stored = quantize(weight)
     if heads is not None:

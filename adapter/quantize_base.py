@@ -8,7 +8,8 @@ litgpt, GGUF, the tiny one); the tokenizer (and the files that say the chat temp
 written as the files an HF folder keeps them in).
 
 The weights are quantized exactly as `adapter.load(..., quantize=mode)` quantizes them (bitsandbytes' own
-functions, blocks of 64, double quantization unless `--no-double-quant`), from the tensors cast to `--dtype`:
+functions, blocks of 64, double quantization unless `--no-double-quant`), from the tensors as stored (the rest
+cast to `--dtype`):
 wq/wk in Meta's row order, their rows then moved whole into HF's with their block scales in float32 (second-level
 blocks would span the moved rows), so the folder loads bit for bit as the base quantized while loading.
 The folder appears whole or not at all: it is written beside OUT under a temporary name, then renamed.
@@ -73,9 +74,9 @@ class _Writer:
 
     def _converted(self, name: str) -> dict[str, torch.Tensor]:
         """HF name -> tensor(s) for one of the base's tensors: a frozen linear as codes and statistics."""
-        return hf_tensors(name, self.checkpoint.tensor(name).to(self.dtype), self.args,
+        return hf_tensors(name, self.checkpoint.tensor(name), self.args,
                           lambda weight: QuantizedWeight.quantize(weight.to(self.device), self.mode,
-                                                                  self.double_quant, BLOCK_SIZE))
+                                                                  self.double_quant, BLOCK_SIZE), self.dtype)
 
     def _card(self, size: int) -> str:
         """README.md: what the folder is and how to load it, for people and for the hub when it is pushed."""
@@ -119,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="the new folder to write (must not exist)")
     parser.add_argument("--mode", default="nf4", choices=QUANTIZE_MODES)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
-                        help="the dtype weights are cast to before quantizing, and the rest (embeddings, norms, "
-                             "head) is stored in; also the compute dtype transformers reads")
+                        help="the dtype the rest (embeddings, norms, head) is stored in, and the compute dtype "
+                             "transformers reads (the linears are quantized from their stored dtype, as --quantize "
+                             "does while loading)")
     parser.add_argument("--no-double-quant", action="store_true",
                         help="nf4: keep the block scales in float32 (0.37 bits per weight more)")
     parser.add_argument("--device", help="where to quantize (default: cuda if available, else cpu)")

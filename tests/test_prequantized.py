@@ -228,6 +228,20 @@ def test_quantize_base_writes_a_folder_transformers_and_we_load_alike(folders, t
         assert torch.equal(logits(again), logits(on_load))
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_a_half_precision_base_is_quantized_from_its_own_tensors(tmp_path, mode):
+    """--dtype (bfloat16 by default) is the rest's: the linears are quantized from the float16 tensors as stored,
+    as --quantize does while loading (casting them to bfloat16 first gave other codes)."""
+    base = write_random_base(tmp_path / "fp16", SHAPE, seed=4, dtype=torch.float16)
+    out = quantize_base(base, tmp_path / "out", mode, device="cpu")
+    written, on_load = adapter.load(out, device="cpu"), adapter.load(base, device="cpu", quantize=mode)
+    for block, expected in zip(written.layers, on_load.layers):
+        for name in LINEARS:
+            assert torch.equal(dequantized(block.get_submodule(name)), dequantized(expected.get_submodule(name)))
+    stored = load_file(out / "model.safetensors")
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16  # the rest in --dtype
+
+
 def test_quantize_base_shards_and_keeps_the_tokenizer_files(folders, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(folders["plain"], source)
