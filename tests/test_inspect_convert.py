@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 import adapter
+from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.config import AdapterArgs
 from adapter.convert import main as convert_main
 from adapter.inspect import describe
@@ -104,3 +108,21 @@ def test_convert_onto_a_folder_or_under_a_file_is_refused_by_name(base_folder, t
     assert (tmp_path / "notes.txt").read_text() == "mine" and not any((tmp_path / "llama_adapter_len3_layer2.pth")
                                                                      .iterdir())
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama_adapter_len3_layer2.pth", "notes.txt", "v1"]
+
+
+@pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+def test_an_image_adapters_clip_config_is_found_from_where_it_is_written(tmp_path, monkeypatch):
+    """tiny-image names its CLIP config relative to itself (../clip/tiny-clip.json); converted or merged from the
+    working folder into another, the copy must name it from there (it recorded a path relative to the working
+    folder, which the reader then looked for under the new folder)."""
+    from adapter.formats.native import read_adapter
+    from adapter.merge import main as merge_main
+
+    shutil.copytree(TINY_FOLDER / "image", tmp_path / "src" / "image")
+    shutil.copytree(TINY_FOLDER / "clip", tmp_path / "src" / "clip")
+    monkeypatch.chdir(tmp_path)
+    assert convert_main(["src/image", "out/converted", "--to", "native", "--base", "tiny"]) == 0
+    recorded = read_adapter("out/converted").args.clip_model
+    assert Path(recorded).resolve() == (tmp_path / "src" / "clip" / "tiny-clip.json").resolve()
+    assert merge_main(["tiny", "src/image", "merged"]) == 0  # the prompts stay an adapter beside the base
+    assert Path(read_adapter(next(Path("merged").rglob("adapter.safetensors"))).args.clip_model).is_file()

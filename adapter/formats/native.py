@@ -59,11 +59,11 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
     configuration in its own metadata, which is what loading reads. `recorded`: the configuration written, where
     it differs from the model's in what only readers use (adapter.push names a CLIP config file copied beside it).
     """
-    args = recorded or model.adapter_args
     path = Path(path)
     folder_layout = path.is_dir() or path.suffix != ".safetensors"
     if folder_layout:
         path = path / FILE_NAME
+    args = recorded or _clip_config_from(model.adapter_args, path.parent)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.adapter_state_dict().items()}
     header = {
         "format": FORMAT_NAME,
@@ -80,6 +80,16 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
         atomic_write(path.parent / CONFIG_NAME,
                       lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return path
+
+
+def _clip_config_from(args: AdapterArgs, folder: Path) -> AdapterArgs:
+    """`args` naming a CLIP model config file (.json) as readers find it from `folder`, where the adapter is
+    written: a relative path (as read, relative to the working folder) made relative to `folder`; an absolute one
+    (a fine-tuning run's) stays."""
+    config = Path(args.clip_model)
+    if args.visual == "none" or config.suffix != ".json" or config.is_absolute() or not config.is_file():
+        return args
+    return dataclasses.replace(args, clip_model=os.path.relpath(config.resolve(), folder.resolve()))
 
 
 def _prompt_format(model: "Transformer") -> dict[str, str]:
