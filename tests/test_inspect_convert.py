@@ -108,6 +108,13 @@ def test_convert_onto_a_folder_or_under_a_file_is_refused_by_name(base_folder, t
     assert (tmp_path / "notes.txt").read_text() == "mine" and not any((tmp_path / "llama_adapter_len3_layer2.pth")
                                                                      .iterdir())
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama_adapter_len3_layer2.pth", "notes.txt", "v1"]
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text('{"peft_type": "ADAPTION_PROMPT"}')
+    assert convert_main([str(tmp_path / "v1"), str(peft), "--to", "native", "--base", str(base_folder)]) == 2
+    assert capsys.readouterr().err == (f"error: {peft} holds a PEFT adapter (adapter_config.json), which readers "
+                                       "would find instead of ours; write into another folder (or remove that one)\n")
+    assert not (peft / "adapter.safetensors").exists()
 
 
 @pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..config import AdapterArgs
 from ..prompts import format_named
 from .common import LoadedAdapter, atomic_write, base_shape
+from .peft import CONFIG_NAME as PEFT_CONFIG_NAME
 
 if TYPE_CHECKING:
     from ..model import Transformer
@@ -62,6 +63,9 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
     path = Path(path)
     folder_layout = path.is_dir() or path.suffix != ".safetensors"
     if folder_layout:
+        if (path / PEFT_CONFIG_NAME).is_file():
+            raise ValueError(f"{path} holds a PEFT adapter ({PEFT_CONFIG_NAME}), which readers would find instead "
+                             "of ours; write into another folder (or remove that one)")
         path = path / FILE_NAME
     args = recorded or _clip_config_from(model.adapter_args, path.parent)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.adapter_state_dict().items()}
