@@ -21,7 +21,7 @@ from .formats.bnb import QuantizedWeight
 from .formats.common import atomic_write, refuse_existing
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
-from .loading import DTYPES, open_named_base
+from .loading import DTYPES, base_shapes, check_base_names, check_shape, open_named_base
 from .quantize import FROZEN_LINEARS
 from .tokenizer import TOKENIZER_FILES
 
@@ -74,15 +74,21 @@ def hf_tensors(name: str, weight: torch.Tensor, args: ModelArgs,
     return stored.state_dict(target)
 
 
-def write_hf_folder(folder: Path, checkpoint, tensors: Callable[[str], dict[str, torch.Tensor]], config: dict,
+def write_hf_folder(folder: Path, checkpoint, args: ModelArgs,
+                    tensors: Callable[[str, torch.Tensor], dict[str, torch.Tensor]], config: dict,
                     card: Callable[[int], str], shard_bytes: int) -> None:
-    """Into the existing (staging) `folder`: `tensors(name)` of each base tensor in shards of at most
-    `shard_bytes`, config.json, README.md (`card(bytes of weights)`) and the base's tokenizer files."""
+    """Into the existing (staging) `folder`: `tensors(name, weight)` of each base tensor in shards of at most
+    `shard_bytes`, config.json, README.md (`card(bytes of weights)`) and the base's tokenizer files. A base that
+    loading would refuse (a tensor missing or extra, a shape that is not `args`') is refused as loading says it."""
+    shapes = base_shapes(args, checkpoint.tied_output)
+    check_base_names(checkpoint, set(shapes))
     shard: dict[str, torch.Tensor] = {}
     written: list[tuple[Path, list[str], int]] = []  # each full shard, saved as soon as it is full
     release = getattr(checkpoint, "release", None)  # memory-mapped checkpoints give read pages back
     for name in base_tensor_names(checkpoint):
-        converted = tensors(name)
+        weight = checkpoint.tensor(name)
+        check_shape(checkpoint, name, weight.shape, shapes[name])
+        converted = tensors(name, weight)
         if shard and _bytes(shard) + _bytes(converted) > shard_bytes:
             written.append(_save_part(folder, len(written), shard))
             shard = {}

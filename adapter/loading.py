@@ -289,8 +289,6 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     Each frozen linear is quantized straight from the file's tensor, and the file pages of every tensor
     are given back as soon as it has been copied, so that little more than the finished model is resident.
     """
-    expected = set()
-    available = checkpoint.keys()
     release = getattr(checkpoint, "release", None)  # memory-mapped checkpoints give copied pages back
     stored_mode = _stored_mode(checkpoint, quantize)
     stored = getattr(checkpoint, "quantized_weight", lambda name: None)
@@ -300,23 +298,20 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     parts: list[tuple[str, nn.Module]] = [("tok_embeddings.", model.tok_embeddings), ("norm.", model.norm)]
     parts += [] if tied else [("output.", model.output)]
     parts += [(f"layers.{i}.", block) for i, block in enumerate(model.layers)]
+    check_base_names(checkpoint, {name for prefix, module in parts for name in _base_names(module, prefix, model)})
     for prefix, module in parts:
-        names = _base_names(module, prefix, model)
-        expected.update(names)
         state = {}
-        for name in names:
-            if name not in available:
-                raise ValueError(f"{checkpoint.source}: missing tensor {name}")
+        for name in _base_names(module, prefix, model):
             want = tuple(model.get_parameter(name).shape)
             local = name[len(prefix):]
             quantized = stored(name)
             if quantized is not None:
-                _check_shape(checkpoint, name, quantized.shape, want)
+                check_shape(checkpoint, name, quantized.shape, want)
                 parent, _, linear = local[: -len(".weight")].rpartition(".")
                 setattr(module.get_submodule(parent), linear, stored_linear(quantized, dtype, device))
                 continue
             source = checkpoint.tensor(name)
-            _check_shape(checkpoint, name, source.shape, want)
+            check_shape(checkpoint, name, source.shape, want)
             if name.endswith(quantized_weights):
                 # quantized from the file's own dtype on the host (bitsandbytes quantizes on the move)
                 parent, _, linear = local[: -len(".weight")].rpartition(".")
@@ -337,10 +332,6 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
         trim_heap()
     if tied:  # one tensor for both: a copy would add half again to Llama 3.2 1B's nf4 tensors (bench.tied)
         model.output.weight = model.tok_embeddings.weight
-        expected.add("output.weight")
-    unexpected = sorted(available - expected)
-    if unexpected:
-        raise ValueError(f"{checkpoint.source}: unexpected tensor(s) {unexpected[:5]}")
     model.quantization = stored_mode or quantize
 
 
@@ -354,7 +345,28 @@ def _stored_mode(checkpoint, quantize: str | None) -> str | None:
     return stored_mode
 
 
-def _check_shape(checkpoint, name: str, shape: Sequence[int], want: tuple[int, ...]) -> None:
+def base_shapes(args: ModelArgs, tied: bool) -> dict[str, tuple[int, ...]]:
+    """The base tensors a LLaMA of this shape holds (Meta names) and their shapes; no head where it is `tied`
+    to the embeddings."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(parameter.shape) for name, parameter in model.named_parameters()
+            if not model.is_adapter_parameter(name) and not (tied and name == "output.weight")}
+
+
+def check_base_names(checkpoint, expected: set[str]) -> None:
+    """A ValueError naming the first tensor of `expected` that `checkpoint` lacks, or those it holds besides (a
+    tied head's copy allowed)."""
+    available = set(checkpoint.keys())
+    missing = sorted(expected - available)
+    if missing:
+        raise ValueError(f"{checkpoint.source}: missing tensor {missing[0]}")
+    unexpected = sorted(available - expected - ({"output.weight"} if checkpoint.tied_output else set()))
+    if unexpected:
+        raise ValueError(f"{checkpoint.source}: unexpected tensor(s) {unexpected[:5]}")
+
+
+def check_shape(checkpoint, name: str, shape: Sequence[int], want: tuple[int, ...]) -> None:
     if tuple(shape) != want:
         raise ValueError(f"{checkpoint.source}: {name} has shape {tuple(shape)}, expected {want}")
 

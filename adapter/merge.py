@@ -76,14 +76,15 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     rest = plan.rest_model()
     stored = DTYPES[dtype]
 
-    def tensors(name: str) -> dict[str, torch.Tensor]:
-        return hf_tensors(name, plan.merged(name, checkpoint.tensor(name)).to(stored), args)
+    def tensors(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return hf_tensors(name, plan.merged(name, weight), args, dtype=stored)
 
     def card(size: int) -> str:
         return _card(str(base), str(adapter), plan.parts, rest, checkpoint.family, size, dtype)
 
     def write(folder: Path) -> None:
-        write_hf_folder(folder, checkpoint, tensors, hf_config(checkpoint, args, dtype), card, int(shard_gb * 2**30))
+        write_hf_folder(folder, checkpoint, args, tensors, hf_config(checkpoint, args, dtype), card,
+                        int(shard_gb * 2**30))
         if rest is not None:
             save_adapter(rest, folder / ADAPTER_FOLDER)
 

@@ -70,11 +70,12 @@ class _Writer:
         self.double_quant, self.device, self.shard_bytes = double_quant, device, int(shard_gb * 2**30)
 
     def write(self, folder: Path) -> None:
-        write_hf_folder(folder, self.checkpoint, self._converted, self._config(), self._card, self.shard_bytes)
+        write_hf_folder(folder, self.checkpoint, self.args, self._converted, self._config(), self._card,
+                        self.shard_bytes)
 
-    def _converted(self, name: str) -> dict[str, torch.Tensor]:
+    def _converted(self, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """HF name -> tensor(s) for one of the base's tensors: a frozen linear as codes and statistics."""
-        return hf_tensors(name, self.checkpoint.tensor(name), self.args,
+        return hf_tensors(name, weight, self.args,
                           lambda weight: QuantizedWeight.quantize(weight.to(self.device), self.mode,
                                                                   self.double_quant, BLOCK_SIZE), self.dtype)
 

@@ -189,6 +189,41 @@ def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
     with pytest.raises(ValueError, match=r"norm.weight has shape \(3,\), expected \(64,\)"):
         adapter.load(folder, device="cpu")
 
+    folder = broken_copy("extra_tensor")
+    state = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    state["layers.9.attention.wq.weight"] = torch.ones(64, 64)
+    torch.save(state, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \['layers.9.attention.wq.weight'\]"):
+        adapter.load(folder, device="cpu")
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("missing_tensor", "missing tensor layers.2.feed_forward.w2.weight"),
+    ("wrong_shape", r"layers.1.attention.wv.weight has shape \(64, 3\), expected \(64, 64\)"),
+])
+def test_quantize_base_and_merge_refuse_a_base_loading_refuses(base_folder, tmp_path, broken, message):
+    """They wrote folders from it that no one could load (or failed from deep inside torch)."""
+    from adapter.merge import merge
+    from adapter.quantize_base import quantize_base
+
+    folder = tmp_path / broken
+    shutil.copytree(base_folder, folder)
+    state = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    if broken == "missing_tensor":
+        del state["layers.2.feed_forward.w2.weight"]
+    else:
+        state["layers.1.attention.wv.weight"] = torch.ones(64, 3)
+    torch.save(state, folder / "consolidated.00.pth")
+    trained = randomize_adapter(adapter.load(base_folder, adapter=V2, device="cpu"))
+    adapter.save_adapter(trained, tmp_path / "v2")
+    with pytest.raises(ValueError, match=message):
+        adapter.load(folder, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        quantize_base(folder, tmp_path / "nf4", "nf4", device="cpu")
+    with pytest.raises(ValueError, match=message):
+        merge(folder, tmp_path / "v2", tmp_path / "merged")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([broken, "v2"]), "nothing half-written"
+
 
 class Payload:
     """Stands for pickled code: weights-only loading must refuse it."""
