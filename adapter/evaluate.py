@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_json(evaluations, args.json)
         if args.plot:
             plot(evaluations, args.plot)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

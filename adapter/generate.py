@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for index, (heading, answer) in enumerate(blocks):
                 sys.stdout.write(("\n" if index else "") + f"--- {heading}\n{answer}")
                 sys.stdout.flush()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was written stays (and a file of questions' answers so far)

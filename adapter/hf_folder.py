@@ -9,6 +9,7 @@ once written), so a 7B base is written in about the memory of one shard.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -38,8 +39,8 @@ def open_base_to_rewrite(base: str | os.PathLike, out: Path, dtype: str, shard_g
     new, and a base not stored quantized (`quantized` ends that error: what to do instead)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    if not shard_gb > 0:
-        raise ValueError(f"shard_gb: must be above 0, got {shard_gb}")
+    if not 0 < shard_gb < math.inf:
+        raise ValueError(f"shard_gb: must be a finite number above 0, got {shard_gb}")
     refuse_existing(out)
     checkpoint = open_named_base(base)
     if getattr(checkpoint, "quantization", None):

@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = push_folder(written.base, repo, options.hub_private,
                               "Upload a base with an adapter merged in (python -m adapter.merge)")
             print(f"pushed {url}; serve it with {_serving(f'hf:{repo}', written)}")
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = push(options.source, options.repo, options.base, options.to, options.private, options.branch,
                        options.message)
             print(f"pushed {url}")
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

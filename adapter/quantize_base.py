@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = push_folder(path, repo, options.hub_private,
                               "Upload a pre-quantized base (python -m adapter.quantize_base)")
             print(f"pushed {url}; serve it with python app.py --base hf:{repo}")
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

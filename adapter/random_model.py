@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write = partial(write_random_base, args=args, seed=options.seed, shards=options.shards,
                             tokenizer="tiktoken" if options.llama3 else "sentencepiece")
         folder = atomic_folder(Path(options.folder), write)  # whole or not at all
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     family = "Mistral" if options.mistral else "LLaMA"

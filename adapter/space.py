@@ -158,7 +158,7 @@ def _open_base(variables: Mapping[str, str]):
         return base, hub_base_without_weights(base) or ValueError(
             "only a repository of safetensors weights is read without downloading them; python -m adapter.inspect "
             f"{base} describes this one once downloaded")
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         return base, error
 
 
@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = deploy(options.space, flags, options.private, options.hardware, options.with_token,
                          fit_check=not options.no_fit_check, sleep_time=options.sleep_time)
             print(f"deployed {url}")
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

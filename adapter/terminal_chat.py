@@ -165,7 +165,7 @@ def run(conversation: Conversation, lines: Iterable[str], out: TextIO, err: Text
                     return
             elif text:
                 conversation.answer(text, out)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:
             err.write(f"error: {error}\n")
         out.write(prompt)
         out.flush()
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
                         prompt_format=None if args.prompt_format == "auto" else args.prompt_format)
         engine.prompts.check_system(settings.system)
         layers_from_flag(settings.gate_layers, model)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # while loading: a quiet exit, as at the prompt

@@ -133,3 +133,20 @@ def test_an_image_adapters_clip_config_is_found_from_where_it_is_written(tmp_pat
     assert Path(recorded).resolve() == (tmp_path / "src" / "clip" / "tiny-clip.json").resolve()
     assert merge_main(["tiny", "src/image", "merged"]) == 0  # the prompts stay an adapter beside the base
     assert Path(read_adapter(next(Path("merged").rglob("adapter.safetensors"))).args.clip_model).is_file()
+
+
+def test_an_output_that_cannot_be_written_is_one_line(base_folder, tmp_path, capsys, monkeypatch):
+    """An OSError from the disk (permission, space) is said as the error it is, not a traceback (tests run as
+    root, where permissions do not bite: the write is made to fail)."""
+    from adapter.formats import native
+
+    model = adapter.load(base_folder, adapter=AdapterArgs(prompt_len=3, prompt_layers=2), device="cpu")
+    adapter.save_adapter(model, tmp_path / "v1")
+
+    def refused(path, write):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(native, "atomic_write", refused)
+    target = tmp_path / "out"
+    assert convert_main([str(tmp_path / "v1"), str(target), "--to", "native", "--base", str(base_folder)]) == 2
+    assert capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{target / 'adapter.safetensors'}'\n"

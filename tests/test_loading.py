@@ -129,6 +129,8 @@ def test_bad_adapter_files_get_clear_errors(base_folder, trained, tmp_path):
         "config": (lambda t, m: m.update(adapter_args=json.dumps({"prompt_len": 2, "colour": 1})),
                    "bad adapter metadata.*colour"),
         "base": (lambda t, m: m.update(base_shape=json.dumps({"dim": 4096})), "different base: dim=4096"),
+        "base_list": (lambda t, m: m.update(base_shape="[64, 4]"),
+                      r"bad adapter metadata \(base_shape must be an object of whole numbers, got \[64, 4\]\)"),
         "format": (lambda t, m: m.update(format="other"), "not a llama-adapter file"),
     }
     for name, (change, message) in cases.items():

@@ -251,6 +251,7 @@ def test_bad_official_files_get_clear_errors(base_folder, tmp_path):
             "missing layers.3.attention.gate|different base: n_layers=3")
     refused({**good, "payload": Payload()}, "not a readable weights-only torch checkpoint")
     refused({"something": rand(2)}, "unknown adapter format")
+    refused(good, r"its name says a prompt length of 0 \(len0\)", "llama_adapter_len0_layer30.pth")
     refused({**good, "layers.3.attention.gate": rand(1, 3, 1, 1)}, r"layers.3.attention.gate has shape \(1, 3, 1, 1\), expected \(1, 4, 1, 1\)")
     path = tmp_path / "truncated.pth"
     torch.save(good, path)

@@ -94,6 +94,8 @@ def test_inspect_and_the_app_engine_see_a_lora(meta, tmp_path):
     (lambda c: c.update(modules_to_save=["lm_head"]), "modules_to_save=['lm_head'] is not supported"),
     (lambda c: c.update(bias="all"), "bias='all' is not supported"),
     (lambda c: c.update(lora_alpha=0), "lora_alpha must be a positive number, got 0"),
+    (lambda c: c.update(alpha_pattern={"q_proj": "16"}), "alpha_pattern['q_proj'] must be a positive number, got '16'"),
+    (lambda c: c.update(alpha_pattern={"q_proj(": 16}), "alpha_pattern: 'q_proj(' is not a module pattern"),
 ])
 def test_lora_variants_that_compute_something_else_are_refused(meta, tmp_path, change, message):
     peft_lora(meta, tmp_path / "lora", target_modules=["q_proj"])

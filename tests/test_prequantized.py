@@ -267,8 +267,9 @@ def test_quantize_base_refuses_what_it_cannot_write_and_leaves_nothing_half_writ
         quantize_base(folders["meta"], tmp_path / "taken")
     with pytest.raises(ValueError, match=r"base: .*nf4 is already stored quantized \(nf4\)"):
         quantize_base(folders["nf4"], tmp_path / "twice")
-    assert quantize_base_main([str(folders["meta"]), str(tmp_path / "bad"), "--shard-gb", "0"]) == 2
-    assert "error: shard_gb: must be above 0, got 0.0" in capsys.readouterr().err
+    for size in ("0", "inf", "nan"):
+        assert quantize_base_main([str(folders["meta"]), str(tmp_path / "bad"), "--shard-gb", size]) == 2
+        assert f"error: shard_gb: must be a finite number above 0, got {float(size)}" in capsys.readouterr().err
 
     def fail(self, dtype):
         raise RuntimeError("disk full")

@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + stop.signum
         if repo and main_process:
             _push(result.best or result.adapter, repo, options["base"], private)
-    except (ValueError, FileNotFoundError, TrainingStopped) as error:
+    except (ValueError, OSError, TrainingStopped) as error:
         if main_process:  # under torchrun, every process has the same error
             print(f"error: {error}", file=sys.stderr)
         return 2

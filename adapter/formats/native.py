@@ -119,6 +119,10 @@ def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
         written_with = format_named(metadata.get("prompt_format", "alpaca"), "prompt_format").name
     except (KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"{path}: bad adapter metadata ({error})") from error
+    if not isinstance(shape, dict) or not all(isinstance(value, int) and not isinstance(value, bool)
+                                              for value in shape.values()):
+        raise ValueError(f"{path}: bad adapter metadata (base_shape must be an object of whole numbers, got "
+                         f"{shape!r:.80})")
     if args.clip_model.endswith(".json") and not Path(args.clip_model).is_absolute():
         # a model config shipped beside the adapter: read relative to it, wherever the folder was copied
         args = dataclasses.replace(args, clip_model=str(path.parent / args.clip_model))

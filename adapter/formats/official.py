@@ -78,6 +78,9 @@ def _layers_of(keys, source: Path) -> dict[int, dict[str, str]]:
 
 
 def _prompt_shape(path: Path, query: torch.Tensor, prompt_len: int, n_layers: int) -> tuple[int, int]:
+    if prompt_len < 1:
+        raise ValueError(f"{path}: its name says a prompt length of {prompt_len} (len{prompt_len}); an adapter has "
+                         "at least one prompt token")
     if query.dim() != 2:
         raise ValueError(f"{path}: adapter_query.weight has shape {tuple(query.shape)}, expected [layers*len, dim]")
     if query.shape[0] % prompt_len:

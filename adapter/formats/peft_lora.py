@@ -82,6 +82,13 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
     for name in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(name) or {}, dict):
             raise ValueError(f"{path}: {name} must be an object of module pattern -> value, got {config[name]!r}")
+        for key, value in (config.get(name) or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{path}: {name}[{key!r}] must be a positive number, got {value!r}")
+            try:
+                re.compile(key)
+            except re.error as error:
+                raise ValueError(f"{path}: {name}: {key!r} is not a module pattern ({error})") from None
 
 
 def _pairs(path: Path, state: dict) -> dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]]:

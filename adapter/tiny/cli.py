@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_accuracy(results, options.out, counts, native, clip_read)
             write_benchmarks(results, counts, options.write, options.out / ACCURACY_PNG)
             write_card(options.out)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, OSError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
