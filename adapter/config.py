@@ -121,8 +121,10 @@ class ModelArgs:
         kv = self.kv_heads
         _require(isinstance(kv, int) and kv > 0, "n_kv_heads", f"must be a positive integer, got {kv!r}")
         _require(self.n_heads % kv == 0, "n_kv_heads", f"n_heads={self.n_heads} is not a multiple of {kv}")
-        _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
-        _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf, name,
+                     f"must be a positive number, got {value!r}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling.from_hf(self.rope_scaling))
         _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",

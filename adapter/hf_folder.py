@@ -22,7 +22,7 @@ from .formats.bnb import QuantizedWeight
 from .formats.common import atomic_write, refuse_existing
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
-from .loading import DTYPES, base_shapes, check_base_names, check_shape, open_named_base
+from .loading import DTYPES, base_shapes, check_base_names, check_tensor, open_named_base
 from .quantize import FROZEN_LINEARS
 from .tokenizer import TOKENIZER_FILES
 
@@ -88,7 +88,7 @@ def write_hf_folder(folder: Path, checkpoint, args: ModelArgs,
     release = getattr(checkpoint, "release", None)  # memory-mapped checkpoints give read pages back
     for name in base_tensor_names(checkpoint):
         weight = checkpoint.tensor(name)
-        check_shape(checkpoint, name, weight.shape, shapes[name])
+        check_tensor(checkpoint, name, weight, shapes[name])
         converted = tensors(name, weight)
         if shard and _bytes(shard) + _bytes(converted) > shard_bytes:
             written.append(_save_part(folder, len(written), shard))

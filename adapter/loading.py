@@ -311,7 +311,7 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
                 setattr(module.get_submodule(parent), linear, stored_linear(quantized, dtype, device))
                 continue
             source = checkpoint.tensor(name)
-            check_shape(checkpoint, name, source.shape, want)
+            check_tensor(checkpoint, name, source, want)
             if name.endswith(quantized_weights):
                 # quantized from the file's own dtype on the host (bitsandbytes quantizes on the move)
                 parent, _, linear = local[: -len(".weight")].rpartition(".")
@@ -364,6 +364,14 @@ def check_base_names(checkpoint, expected: set[str]) -> None:
     unexpected = sorted(available - expected - ({"output.weight"} if checkpoint.tied_output else set()))
     if unexpected:
         raise ValueError(f"{checkpoint.source}: unexpected tensor(s) {unexpected[:5]}")
+
+
+def check_tensor(checkpoint, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
+    """A ValueError naming a stored base tensor that is not a floating-point one of shape `want`."""
+    check_shape(checkpoint, name, tensor.shape, want)
+    if not tensor.is_floating_point():
+        raise ValueError(f"{checkpoint.source}: {name} holds {str(tensor.dtype).removeprefix('torch.')} values, "
+                         "not floating-point weights")
 
 
 def check_shape(checkpoint, name: str, shape: Sequence[int], want: tuple[int, ...]) -> None:

@@ -113,6 +113,8 @@ def write_random_base(
     from .bpe_tokenizer import LLAMA3_SPECIAL_COUNT
     from .tokenizer import open_tokenizer
 
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards: must be a whole number from 1, got {shards!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args = args or DEFAULT_ARGS

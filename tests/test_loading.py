@@ -191,6 +191,19 @@ def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
     with pytest.raises(ValueError, match=r"norm.weight has shape \(3,\), expected \(64,\)"):
         adapter.load(folder, device="cpu")
 
+    folder = broken_copy("integer_tensor")
+    state = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    state["norm.weight"] = torch.ones(64, dtype=torch.int32)
+    torch.save(state, folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"norm.weight holds int32 values, not floating-point weights"):
+        adapter.load(folder, device="cpu")
+
+    folder = broken_copy("no_norm_eps")
+    (folder / "params.json").write_text(json.dumps({**json.loads((base_folder / "params.json").read_text()),
+                                                    "norm_eps": None}))
+    with pytest.raises(ValueError, match="params.json: norm_eps: must be a positive number, got None"):
+        adapter.load(folder, device="cpu")
+
     folder = broken_copy("extra_tensor")
     state = torch.load(folder / "consolidated.00.pth", weights_only=True)
     state["layers.9.attention.wq.weight"] = torch.ones(64, 64)

@@ -17,6 +17,7 @@ from adapter.random_model import main
     (["--llama3", "--vocab-size", "300"], "vocab_size: a tiktoken tokenizer needs at least 512 (256 bytes and 256 "
                                           "special tokens), got 300"),
     (["--shards", "3"], "shards: tok_embeddings.weight dim 1 of size 64 does not split in 3"),  # after the tokenizer
+    (["--shards", "0"], "shards: must be a whole number from 1, got 0"),  # (a folder without weights was written)
 ])
 def test_what_cannot_be_written_is_named_and_nothing_is_left(tmp_path, capsys, flags, message):
     assert main([str(tmp_path / "base"), *flags]) == 2
