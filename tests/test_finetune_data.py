@@ -75,6 +75,21 @@ def test_every_bad_record_is_reported_with_its_line_and_nothing_is_written(tmp_p
     assert "error: --data:" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "lora", "--lora-rank", "4", "--prompt-len", "20"], "--prompt-len: --mode lora trains LoRA alone, no "
+                                                                    "prompts"),
+    (["--init-adapter", "a.safetensors", "--prompt-layers", "8"], "--prompt-layers: the adapter's shape comes from "
+                                                                  "--init-adapter"),
+    (["--val-data", "v.json", "--val-fraction", "0.2"], "--val-fraction: not with --val-data (all of --data trains, "
+                                                        "--val-data validates)"),
+    (["--mode", "v1", "--visual", "grid"], "--visual: only --mode vision has a visual prompt"),
+])
+def test_a_flag_the_run_would_not_use_is_refused_not_ignored(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["--base", "tiny", "--data", "d.json", "--out", str(out), *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n" and not out.exists()
+
+
 def test_json_list_records_are_reported_by_index(tmp_path):
     data = write_json(tmp_path / "bad.json", [{"instruction": "a", "output": "b"}, {"output": "b"}, "text"])
     with pytest.raises(DataError) as caught:

@@ -25,8 +25,14 @@ from .config import AUTOCASTS, EXPORTS, MODES, TrainConfig
 from .records import DATA_HELP
 
 
+DEFAULTS = TrainConfig(base="", data="", out="")  # the defaults, in one place
+# flags that some runs do not use: set there to other than their default, they are refused rather than ignored
+SOMETIMES_USED = ("prompt_len", "prompt_layers", "val_fraction", "visual", "visual_dim", "visual_depth",
+                  "visual_heads")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig(base="", data="", out="")  # the defaults, in one place
+    d = DEFAULTS
     p = argparse.ArgumentParser(prog="python -m adapter.finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True,
                    help=BASE_HELP)
@@ -57,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-adapter",
                    help="start from this adapter (any supported format: ours, official, PEFT, litgpt; or "
                         "hf:owner/name) instead of a fresh one: its shape, gates and all come from it (--prompt-len, "
-                        "--prompt-layers are not used); --mode must be its kind (v1, v2, or vision with --clip)")
+                        "--prompt-layers are refused); --mode must be its kind (v1, v2, or vision with --clip)")
     p.add_argument("--prompt-format", choices=tuple(PROMPT_FORMATS), default=d.prompt_format,
                    help="how the examples are written: alpaca (the official recipe), llama2 (Llama 2 Chat's format), "
                         "llama3 (Llama 3 Instruct's), llama3.1 / llama3.2 (Llama 3.1 and 3.3 / 3.2 Instruct's, with "
@@ -108,8 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def unused_flag(options: dict) -> str | None:
+    """What is wrong with a flag set where the run does not use it (None: nothing)."""
+    changed = {name for name in SOMETIMES_USED if options[name] != getattr(DEFAULTS, name)}
+    prompts = sorted(changed & {"prompt_len", "prompt_layers"})
+    visual = sorted(changed & {"visual", "visual_dim", "visual_depth", "visual_heads"})
+    if prompts and options["mode"] == "lora":
+        return f"--{prompts[0].replace('_', '-')}: --mode lora trains LoRA alone, no prompts"
+    if prompts and options["init_adapter"]:
+        return f"--{prompts[0].replace('_', '-')}: the adapter's shape comes from --init-adapter"
+    if "val_fraction" in changed and options["val_data"]:
+        return "--val-fraction: not with --val-data (all of --data trains, --val-data validates)"
+    if visual and options["mode"] != "vision":
+        return f"--{visual[0].replace('_', '-')}: only --mode vision has a visual prompt"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = vars(build_parser().parse_args(argv))
+    problem = unused_flag(options)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     options["quantize"] = None if options["quantize"] == "none" else options["quantize"]
     push_to, private = options.pop("push_to_hub"), options.pop("hub_private")
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, the one that writes (and pushes)
