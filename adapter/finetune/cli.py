@@ -24,7 +24,6 @@ from ..prompts import PROMPT_FORMATS
 from .config import AUTOCASTS, EXPORTS, MODES, TrainConfig
 from .records import DATA_HELP
 
-
 DEFAULTS = TrainConfig(base="", data="", out="")  # the defaults, in one place
 # flags that some runs do not use: set there to other than their default, they are refused rather than ignored
 SOMETIMES_USED = ("prompt_len", "prompt_layers", "val_fraction", "visual", "visual_dim", "visual_depth",
