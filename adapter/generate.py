@@ -389,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                       seed=args.seed, delta_scale=args.delta_scale, compile=args.compile)
+                       seed=args.seed, delta_scale=args.delta_scale, compile=args.compile,
+                       continued=args.template == "none")  # a raw text goes on from itself (its space kept)
         if questions is not None:
             answer_file(models, names, layers, questions, sweep or [args.gate_scale], args, options)
             return 0

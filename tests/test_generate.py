@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import adapter
+from adapter.app_config import tiny_available
 from adapter.generate import GenerationRequest, decode_tokens, generate_batch, main
 from adapter.model import Transformer
 from adapter.sampling import SamplingParams, penalize_answer, penalize_repeats, sample
@@ -268,6 +269,20 @@ def test_command_line_streams_an_answer(base_folder, capsys):
     expected = model.generate(adapter.alpaca("What is left of the star?"), temperature=0.0, max_new_tokens=8,
                               stop=list(adapter.prompts.STOP_STRINGS))
     assert out == expected + "\n"
+
+
+@pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+def test_template_none_continues_the_text_as_it_reads(capsys):
+    """A raw text's continuation is decoded after the text, so its first word keeps its space ("The star is" ->
+    " large", where decoded alone SentencePiece drops it and the two would run together)."""
+    prompt = "There is a large red star on the left. The star is"
+    assert main(["--base", "tiny", "--adapter", "tiny-text", "--template", "none", "--prompt", prompt,
+                 "--temperature", "0", "--max-new-tokens", "6", "--gate-scale", "0"]) == 0
+    out = capsys.readouterr().out.removesuffix("\n")
+    model = adapter.load("tiny", adapter="tiny-text", device="cpu")
+    alone = model.generate(prompt, temperature=0.0, max_new_tokens=6, gate_scale=0.0)
+    assert out == model.generate(prompt, temperature=0.0, max_new_tokens=6, gate_scale=0.0, continued=True)
+    assert out.startswith(" ") and out[1:] == alone
 
 
 def test_command_line_gate_sweep_prints_each_scales_answer(base_folder, capsys, tmp_path):
