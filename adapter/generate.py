@@ -382,6 +382,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
         layers = [layers_from_flag(args.gate_layers, model) for model in models]
+        if args.image is not None:  # each adapter asked, before any answers
+            from .visual import require_sight
+
+            for model, name in zip(models, names):
+                try:
+                    require_sight(model)
+                except ValueError as error:
+                    raise ValueError(f"--adapter {name}: {error}" if name else str(error)) from None
         for model, name, chosen in zip(models, names, layers):
             if chosen is not None:
                 label = f" ({name})" if len(models) > 1 else ""

@@ -263,17 +263,22 @@ def _same_image(image: Any) -> Any:
     return ("path", os.fspath(image)) if isinstance(image, (str, os.PathLike)) else ("object", id(image))
 
 
+def require_sight(model: "Transformer") -> None:
+    """A ValueError saying why `model` cannot see an image: no visual prompt, or no CLIP tower loaded."""
+    if model.visual_prompt is None:
+        raise ValueError("image: this adapter has no visual prompt; it cannot see images")
+    if model.image_encoder is None:
+        raise ValueError("image: no image encoder is loaded; pass clip=PATH to adapter.load (--clip on the "
+                         "command line)")
+
+
 def encode_images(model: "Transformer", images: Sequence[Any]) -> torch.Tensor | None:
     """The visual prompt of each image ([B, prompt_len | 1, dim]); rows without an image (None) get zeros,
     i.e. no visual query, so text-only and image questions can share a batch. None when no row has one.
 
     The CLIP tower runs without gradients (it is frozen); the visual prompt keeps them when enabled, so
     training uses this too."""
-    if model.visual_prompt is None:
-        raise ValueError("image: this adapter has no visual prompt; it cannot see images")
-    if model.image_encoder is None:
-        raise ValueError("image: no image encoder is loaded; pass clip=PATH to adapter.load (--clip on the "
-                         "command line)")
+    require_sight(model)
     present = [i for i, image in enumerate(images) if image is not None]
     if not present:
         return None

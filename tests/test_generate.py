@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapter
-from adapter.app_config import tiny_available
+from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.generate import GenerationRequest, decode_tokens, generate_batch, main
 from adapter.model import Transformer
 from adapter.sampling import SamplingParams, penalize_answer, penalize_repeats, sample
@@ -283,6 +283,16 @@ def test_template_none_continues_the_text_as_it_reads(capsys):
     alone = model.generate(prompt, temperature=0.0, max_new_tokens=6, gate_scale=0.0)
     assert out == model.generate(prompt, temperature=0.0, max_new_tokens=6, gate_scale=0.0, continued=True)
     assert out.startswith(" ") and out[1:] == alone
+
+
+@pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+def test_an_adapter_that_cannot_see_the_image_is_named_before_any_answers(capsys):
+    picture = str(TINY_FOLDER / "examples" / "00.png")
+    assert main(["--base", "tiny", "--adapter", "tiny-image", "tiny-text", "--image", picture, "--prompt",
+                 "What colour is the star?", "--temperature", "0", "--max-new-tokens", "5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("error: --adapter tiny-text: image: this adapter has no visual prompt; it cannot "
+                                 "see images\n")
 
 
 def test_command_line_gate_sweep_prints_each_scales_answer(base_folder, capsys, tmp_path):
