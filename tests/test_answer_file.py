@@ -265,29 +265,28 @@ def test_a_run_stopped_midway_goes_on_from_the_answers_it_kept(model, base_folde
                                                        "not asked again")
     assert out.read_text() == whole.read_text() and not partial.exists()
 
+    def started_over() -> None:
+        """The next run, not stopped, asks every question again and says why."""
+        asked.clear()
+        stop_at.clear()
+        capsys.readouterr()
+        assert main([*argv, "--out", str(out)]) == 0
+        assert capsys.readouterr().err.splitlines()[0] == (f"note: {partial} holds answers of a run with other "
+                                                           "settings; starting over")
+        assert asked == [4, 4, 4, 4]
+
     asked.clear()
     stop_at.append(2)
     assert main([*argv, "--out", str(out), "--max-new-tokens", "5"]) == 130, "stopped with other settings"
-    asked.clear()
-    stop_at.clear()
-    capsys.readouterr()
-    assert main([*argv, "--out", str(out)]) == 0
-    assert capsys.readouterr().err.splitlines()[0] == (f"note: {partial} holds answers of a run with other settings; "
-                                                       "starting over")
-    assert asked == [4, 4, 4, 4] and out.read_text() == whole.read_text()
+    started_over()
+    assert out.read_text() == whole.read_text()
 
     asked.clear()
     stop_at[:] = [2]
     assert main([*argv, "--out", str(out)]) == 130, "stopped again, its answers kept"
     newer = randomize_adapter(adapter.load(base_folder, adapter=V2, device="cpu"), seed=5)
     adapter.save_adapter(newer, saved)  # a newer adapter at the same path: the answers kept are not its
-    asked.clear()
-    stop_at.clear()
-    capsys.readouterr()
-    assert main([*argv, "--out", str(out)]) == 0
-    assert capsys.readouterr().err.splitlines()[0] == (f"note: {partial} holds answers of a run with other settings; "
-                                                       "starting over")
-    assert asked == [4, 4, 4, 4]
+    started_over()
 
 
 @pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
