@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,14 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
 
 def image_file_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
     """What makes an image file unreadable, found without decoding its pixels (a data file's up-front check:
-    not an image, a broken PNG, too many pixels); None when it reads. A JPEG cut short is found only on decoding."""
+    not an image, a broken PNG, too many pixels); None when it reads. A JPEG cut short is found only on decoding.
+    Each file is opened once while it is unchanged (LLaVA's records name the same pictures many times)."""
+    stat = path.stat()
+    return _file_problem(path, stat.st_size, stat.st_mtime_ns, max_pixels)
+
+
+@lru_cache(maxsize=1 << 16)
+def _file_problem(path: Path, size: int, mtime_ns: int, max_pixels: int) -> str | None:
     try:
         with Image.open(path) as opened:
             _check_size(opened, max_pixels, str(path))
