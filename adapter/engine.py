@@ -106,6 +106,8 @@ def gate_scales(value: str | Sequence[Any]) -> list[float]:
     """1 to MAX_SWEEP gate scales, each in [0, MAX_SCALE], from a list or from text such as "0, 0.5, 1"."""
     if isinstance(value, str):
         value = scales_from_text(value, "gate_scales")
+    if not isinstance(value, Sequence):  # None from an API client's empty box, a number, ...
+        raise ValueError(f"gate_scales: give 1 to {MAX_SWEEP} scales such as \"0, 0.5, 1\", got {value!r}"[:200])
     scales = [_number("gate_scales", scale, 0.0, MAX_SCALE) for scale in value]
     if not 1 <= len(scales) <= MAX_SWEEP:
         raise ValueError(f"gate_scales: give 1 to {MAX_SWEEP} scales, got {len(scales)}")

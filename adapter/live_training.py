@@ -77,8 +77,8 @@ class TrainRequest:
         `sight`'s tower, and a new one gets its visual prompt's shape; `image_folder` holds the pictures."""
         if not self.data:
             raise ValueError("data: give a records file to train on (.json, .jsonl or .parquet) or plain text (.txt)")
-        if not self.lr > 0:  # before the decay's floor, a twentieth of it, is checked
-            raise ValueError(f"lr: must be positive, got {self.lr:g}")
+        if not 0 < self.lr < math.inf:  # before the decay's floor, a twentieth of it, is checked
+            raise ValueError(f"lr: must be a finite number above 0, got {self.lr:g}")
         if self.early_stop < 0:
             raise ValueError(f"early_stop: give 0 (never) or how many validations without a lower loss end the run, "
                              f"got {self.early_stop}")

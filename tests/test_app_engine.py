@@ -147,6 +147,7 @@ def test_with_a_seed_the_gate_alone_changes_a_sampled_answer_in_every_view(engin
     (" , ", "gate_scales: give 1 to 9 scales, got 0"),
     ([0.5] * 10, "gate_scales: give 1 to 9 scales, got 10"),
     ([float("inf")], "gate_scales: expected a number"),
+    (None, r"gate_scales: give 1 to 9 scales such as \"0, 0.5, 1\", got None"),  # an API client's empty box
 ])
 def test_bad_gate_sweeps_name_the_fault(scales, message):
     with pytest.raises(ValueError, match=message):

@@ -103,8 +103,8 @@ def test_the_app_answers_while_it_trains_and_a_client_that_leaves_stops_its_run(
 @pytest.mark.parametrize("arguments, message", [
     (lambda records: settings(None), "data: give a records file to train on"),
     (lambda records: settings(records, epochs=1.5), "epochs: expected a whole number, got 1.5"),
-    (lambda records: settings(records, lr=-1), "lr: must be positive, got -1"),
-    (lambda records: settings(records, lr=None), "lr: must be positive, got nan"),
+    (lambda records: settings(records, lr=-1), "lr: must be a finite number above 0, got -1"),
+    (lambda records: settings(records, lr=None), "lr: must be a finite number above 0, got nan"),
     (lambda records: settings(records, mode="lora", lora_rank=0), "--lora-rank: --mode lora trains LoRA alone"),
     (lambda records: [*settings(records), "", [], False, -1],
      r"early_stop: give 0 \(never\) or how many validations without a lower loss end the run, got -1"),

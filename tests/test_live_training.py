@@ -141,6 +141,12 @@ def request(data: Path | None, **overrides) -> TrainRequest:
     return TrainRequest(**{**settings, **overrides})
 
 
+def test_an_infinite_learning_rate_is_refused_before_the_run(tmp_path, data):
+    """(it started, and stopped on a NaN loss without naming lr)"""
+    with pytest.raises(ValueError, match="^lr: must be a finite number above 0, got inf$"):
+        request(data, lr=float("inf")).config("tiny", tmp_path / "run", 128)
+
+
 def test_a_live_run_shows_its_progress_and_is_served_beside_the_others(tmp_path, data, served, base_folder):
     training, engines = live(served, tmp_path)
     shown = list(training.run(request(data)))
