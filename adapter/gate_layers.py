@@ -27,8 +27,9 @@ Speaker = int | tuple[int, int]  # a whole adapter layer, or (layer, head): one 
 _ITEM = re.compile(r"^(\d+)(?:-(\d+))?(?::(\d+)(?:-(\d+))?)?$")  # layers A or A-B, then heads :H or :H-K
 _END = re.compile(r"^(top|bottom)\s*(\d+)$")
 LAYER_SWEEP_ROWS = 9  # the most top-N selections a layer sweep of the command lines tries (evenly spread)
-FLAG_HELP = ("only these adapter layers' prompts speak, the others' gates scaled to 0: 'all', 'top N', 'bottom N' or "
-             "the base's layer numbers and ranges, e.g. '28-31', each with some of its heads after a colon if "
+FLAG_HELP = ("only these adapter layers' prompts speak, the others' gates scaled to 0: 'all', 'none', 'top N', "
+             "'bottom N' or the base's layer numbers and ranges (commas or spaces between), e.g. '28-31', each with "
+             "some of its heads after a colon if "
              "wanted, e.g. '31:0-3' (python -m adapter.inspect lists the layers)")
 
 
@@ -70,41 +71,59 @@ def _split(speakers: Iterable[Speaker]) -> tuple[set[int], dict[int, set[int]]]:
     return whole, {layer: chosen for layer, chosen in heads.items() if layer not in whole}
 
 
-def top_layers(model: Transformer, count: int) -> list[int]:
-    """The top `count` adapter layers (0 to all of them)."""
+def top_layers(model: Transformer, count: int, end: str = "top") -> list[int]:
+    """The top (or `end` "bottom") `count` adapter layers (0 to all of them)."""
     layers = adapter_layers(model)
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(layers):
-        raise ValueError(f"gate_layers: the top N layers needs N from 0 to {len(layers)} (this adapter's prompt "
+        raise ValueError(f"gate_layers: the {end} N layers needs N from 0 to {len(layers)} (this adapter's prompt "
                          f"layers), got {count!r}")
-    return layers[len(layers) - count:]
+    return layers[len(layers) - count:] if end == "top" else layers[:count]
 
 
 def parse_layers(spec: str, model: Transformer) -> list[Speaker]:
     """The speakers `spec` names: "all", "top N", "bottom N", or layer numbers and ranges, each with some of its
     heads after a colon ("28-30, 31:0-3")."""
     text = spec.strip().lower() if isinstance(spec, str) else ""
-    layers = adapter_layers(model)
     if text == "all":
-        return layers
+        return adapter_layers(model)
+    if text == "none":  # as `describe` writes an empty selection
+        return []
     end = _END.match(text)
     if end:
-        count = int(end.group(2))
-        chosen = top_layers(model, count)
-        return chosen if end.group(1) == "top" else layers[:count]
+        return top_layers(model, int(end.group(2)), end.group(1))
     speakers: list[Speaker] = []
-    for part in filter(None, (re.sub(r"\s+", "", p) for p in text.split(","))):
+    # commas or spaces between the items, spaces allowed around "-" and ":" ("28 - 31, 31 : 0-3")
+    for part in filter(None, re.split(r"[,\s]+", re.sub(r"\s*([-:])\s*", r"\1", text))):
         found = _ITEM.match(part)
         if not found:
             raise ValueError(f"gate_layers: {part!r} is not a layer number or a range A-B, each with heads after a "
                              f"colon if wanted (31:0-3), or 'all', 'top N' or 'bottom N'; got {spec!r}")
         low, high, head_low, head_high = found.groups()
-        named = range(int(low), int(high or low) + 1)
-        heads = None if head_low is None else range(int(head_low), int(head_high or head_low) + 1)
+        named = _span(part, low, high, model, "layers")
+        heads = None if head_low is None else _span(part, head_low, head_high, model, "heads")
         speakers += named if heads is None else [(layer, head) for layer in named for head in heads]
     if not speakers:
         raise ValueError(f"gate_layers: no layers named in {spec!r} (give 'all', 'top N', 'bottom N' or numbers "
                          "such as '28-31')")
     return normalized(model, speakers)
+
+
+def _span(part: str, low: str, high: str | None, model: Transformer, what: str) -> range:
+    """The layers (`what`: or heads) `low` to `high` of one item, refused when backwards or past the model's (before
+    a range such as 0-30000000 is built)."""
+    first, last = int(low), int(high or low)
+    if last < first:
+        raise ValueError(f"gate_layers: {part!r} runs backwards; write the range low to high")
+    count = model.args.n_layers if what == "layers" else model.args.n_heads
+    if last >= count:
+        start = max(first, count)
+        past = str(last) if start == last else f"{start}-{last}"
+        if what == "layers":
+            below = _runs(range(first, min(last + 1, model.first_prompt_layer)))  # below the adapter's layers too
+            raise ValueError(f"gate_layers: layer(s) {', '.join([*below, past])} have no adaption prompt; this "
+                             f"adapter's prompts are in layers {describe(adapter_layers(model))}")
+        raise ValueError(f"gate_layers: head(s) {past} do not exist; this model's layers have heads 0-{count - 1}")
+    return range(first, last + 1)
 
 
 def normalized(model: Transformer, speakers: Iterable[Speaker]) -> list[Speaker]:

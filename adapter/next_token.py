@@ -134,8 +134,8 @@ def _checked_scales(gate_scales: Sequence[float]) -> list[float]:
     if isinstance(gate_scales, (str, bytes)) or not isinstance(gate_scales, Sequence) or not gate_scales:
         raise ValueError(f"gate_scales: expected a non-empty list of numbers, got {gate_scales!r}")
     for scale in gate_scales:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"gate_scales: {scale!r} is not a finite number")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
+            raise ValueError(f"gate_scales: {scale!r} is not a finite number >= 0")
     return [float(scale) for scale in gate_scales]
 
 
@@ -183,8 +183,8 @@ def token_logprobs(model: Transformer, ids: list[int], start: int, gate_scale: A
     `top_k` likeliest at its place: one forward, the head run at those places only."""
     from .gate_view import visual_prompt_of
 
-    if not 0 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top_k: must be between 0 and {MAX_TOP_K}, got {top_k}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k: must be a whole number from 0 to {MAX_TOP_K}, got {top_k!r}")
     if start < 1:
         raise ValueError(f"start: the first token scored needs one before it (start >= 1), got {start}")
     if start >= len(ids):

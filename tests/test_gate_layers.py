@@ -171,8 +171,10 @@ def test_heads_are_chosen_after_a_colon_as_the_heatmap_numbers_them():
     assert parse_layers("3:0-3", model) == parse_layers("3, 3:1", model) == [3]  # every head, or the whole layer
     assert describe([2, (3, 1), (3, 0), (1, 2)]) == "2, 1:2, 3:0-1"
     assert describe([(3, 0), (3, 2), (3, 3)]) == "3:0, 3:2-3"
-    for spec in ("2, 3:0-1", "1:2, 2:2", "1-2, 3:3", "3:0, 3:2-3"):
+    for spec in ("2, 3:0-1", "1:2, 2:2", "1-2, 3:3", "3:0, 3:2-3", "none"):
         assert describe(parse_layers(spec, model)) == spec  # what describe writes parses back
+    assert parse_layers("1 3", model) == parse_layers("1, 3", model) == [1, 3]  # (spaces ran the digits together)
+    assert parse_layers("1 - 2, 3 : 0 - 1", model) == [1, 2, (3, 0), (3, 1)]
     assert normalized(model, [[3, 1], 2]) == [2, (3, 1)]  # pairs as JSON gives them back
     torch.testing.assert_close(layer_mask(model, [2, (3, 1)]),
                                torch.tensor([[0.0] * 4, [1.0] * 4, [0.0, 1.0, 0.0, 0.0]]))
@@ -191,6 +193,11 @@ def test_heads_are_chosen_after_a_colon_as_the_heatmap_numbers_them():
     ("0:1", r"layer\(s\) 0 have no adaption prompt"),
     ("3:", r"'3:' is not a layer number or a range A-B, each with heads after a colon"),
     ("3:1:2", r"'3:1:2' is not a layer number"),
+    ("1, 3-2", r"'3-2' runs backwards; write the range low to high"),  # (it was dropped without a word)
+    ("1, 3:2-1", r"'3:2-1' runs backwards"),
+    ("0-30000000", r"layer\(s\) 0, 4-30000000 have no adaption prompt"),  # at once (it built the range first)
+    ("3:1-99999999", r"head\(s\) 4-99999999 do not exist"),
+    ("bottom 5", r"the bottom N layers needs N from 0 to 3 .*got 5"),
 ])
 def test_bad_layer_selections_are_refused_naming_the_layers(spec, message):
     model = make_model(TINY, V2)

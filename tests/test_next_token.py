@@ -13,7 +13,7 @@ from PIL import Image
 import adapter
 from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.generate import GenerationRequest, decode_tokens, main
-from adapter.next_token import OTHERS, next_tokens
+from adapter.next_token import OTHERS, answer_logprobs, next_tokens
 from adapter.random_model import write_random_base
 from adapter.sampling import SamplingParams
 from adapter.tokenizer import open_tokenizer
@@ -82,8 +82,10 @@ def test_the_prompt_is_written_as_generate_writes_it(model):
 @pytest.mark.parametrize("call, message", [
     (lambda m: next_tokens(m, PROMPT, [], top_k=3), r"gate_scales: expected a non-empty list of numbers, got \[\]"),
     (lambda m: next_tokens(m, PROMPT, "0, 1"), "gate_scales: expected a non-empty list of numbers, got '0, 1'"),
-    (lambda m: next_tokens(m, PROMPT, [0, float("nan")]), "gate_scales: nan is not a finite number"),
+    (lambda m: next_tokens(m, PROMPT, [0, float("nan")]), "gate_scales: nan is not a finite number >= 0"),
+    (lambda m: next_tokens(m, PROMPT, [-1.0, 1.0]), "gate_scales: -1.0 is not a finite number >= 0"),
     (lambda m: next_tokens(m, PROMPT, [1], top_k=0), "top_k: must be a whole number from 1 to 50, got 0"),
+    (lambda m: answer_logprobs(m, PROMPT, " red", top_k=2.0), "top_k: must be a whole number from 0 to 50, got 2.0"),
     (lambda m: next_tokens(m, 42, [1]), "prompt: expected a string, got int"),
     (lambda m: next_tokens(m, PROMPT, [1], system="Be brief."), "system: a system prompt needs a template"),
     (lambda m: next_tokens(m, PROMPT, [1], template="alpaca", system="Be brief."),
