@@ -5,6 +5,7 @@ the release's does). The last MAX_KEPT downloads stay on disk for the server to 
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import threading
@@ -32,13 +33,14 @@ class AdapterDownloads:
         if args.learns_nothing:
             raise ValueError(f"adapter: {name} is the frozen base without an adapter; there is nothing to download")
         self.folder.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{name}-{to}-", dir=self.folder))
+        stem = file_stem(name)
+        work = Path(tempfile.mkdtemp(prefix=f"{stem}-{to}-", dir=self.folder))
         try:
             if to == "official-v1":
                 path = write_adapter(model, work / f"llama_adapter_len{args.prompt_len}_layer{args.prompt_layers}_"
-                                                   f"{name}.pth", to)
+                                                   f"{stem}.pth", to)
             else:
-                path = _zipped(write_adapter(model, work / name, to, model.base_path), work / f"{name}.zip")
+                path = _zipped(write_adapter(model, work / stem, to, model.base_path), work / f"{stem}.zip")
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -47,6 +49,13 @@ class AdapterDownloads:
             while len(self._kept) > MAX_KEPT:
                 shutil.rmtree(self._kept.pop(0), ignore_errors=True)
         return path
+
+
+def file_stem(name: str) -> str:
+    """A served adapter's name as one file name: its last part ("hf:owner/x" -> "x", "/runs/a/best" -> "best"),
+    other characters than letters, digits, ".", "_" and "-" as "-" (a name is never a path to write under)."""
+    last = re.split(r"[/\\:]", name.rstrip("/\\"))[-1]
+    return re.sub(r"[^A-Za-z0-9._-]", "-", last).strip(".-") or "adapter"
 
 
 def _zipped(written: Path, path: Path) -> Path:

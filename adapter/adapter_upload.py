@@ -48,6 +48,8 @@ def unpack(upload: Path, folder: Path) -> Path:
             archive.extractall(folder, members)
         except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError) as error:
             raise ValueError(f"adapter: {upload.name} could not be unpacked ({error})") from None
+        except OSError as error:  # members that cannot be files here ("a" and "a/b", ".", a name too long)
+            raise ValueError(f"adapter: {upload.name} could not be unpacked ({error.strerror})") from None
     entries = list(folder.iterdir())
     if not entries:
         raise ValueError(f"adapter: {upload.name} holds no files")

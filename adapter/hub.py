@@ -51,6 +51,8 @@ def resolve(value: str | os.PathLike, what: str, max_bytes: int | None = None) -
         return Path(value)
     repo, revision, inside = _parts(text[len(PREFIX):])
     inside = inside.strip("/")
+    if ".." in Path(inside).parts or "\\" in inside:  # a folder of the repository, never a path out of it
+        raise ValueError(f"{what}: {text!r} names a folder outside the repository; give one of its folders")
     if not _REPO.match(repo) or Path(inside).suffix in FILE_SUFFIXES:
         raise ValueError(f"{what}: {text!r} is not a hub repository id like hf:owner/name[@revision] (or "
                          "hf:owner/name[@revision]/FILE.gguf, or a folder of it: hf:owner/name[@revision]/FOLDER)")

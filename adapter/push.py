@@ -150,8 +150,9 @@ def _clip_config_beside(args: AdapterArgs, folder: Path) -> tuple[AdapterArgs, s
 
 
 def _hub_name(base: str) -> str:
-    """The base as a PEFT config's base_model_name_or_path names it: a hub id without `hf:`, else as given."""
-    return repo_of(base) if base.startswith(PREFIX) else base
+    """The base as a PEFT config's base_model_name_or_path names it: a hub id without `hf:`, else a local base by
+    its folder's name only (its path on this machine is not published)."""
+    return repo_of(base) if base.startswith(PREFIX) else Path(base).name or base
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folder", help="write what would be pushed into this new folder and push nothing")
     options = parser.parse_args(argv)
     try:
-        if options.folder:
+        if options.folder == "":  # an unset variable in a script: staging was meant, not a push
+            raise ValueError("--folder: empty; name the new folder to write into")
+        if options.folder is not None:
             repo = repo_id(options.repo, "repo")
             written = atomic_folder(Path(options.folder),
                                     lambda tmp: stage(options.source, options.base, tmp, repo, options.to))

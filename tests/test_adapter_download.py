@@ -49,6 +49,16 @@ def test_a_downloaded_adapter_reads_back_with_the_served_logits(tmp_path, base_f
     torch.testing.assert_close(logits(again), logits(model), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name, stem", [("hf:owner/my-adapter", "my-adapter"), ("assets/tiny/text", "text"),
+                                       ("/elsewhere/runs/a/best", "best"), ("..", "adapter")])
+def test_an_adapter_served_by_a_path_or_hub_name_downloads_into_the_downloads_folder(tmp_path, served, name, stem):
+    """(the name was a path prefix: a hub name failed, an absolute path rewrote the served adapter in place)"""
+    path = AdapterDownloads(tmp_path / "downloads").write(serving(served, V1), name, "native")
+    assert path.name == f"{stem}.zip" and path.parent.parent == tmp_path / "downloads"
+    assert zipfile.ZipFile(path).namelist() == [f"{stem}/adapter.json", f"{stem}/adapter.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads"], "nothing written elsewhere"
+
+
 def test_what_a_format_cannot_hold_the_bare_base_and_unknown_formats_are_refused(tmp_path, served):
     downloads = AdapterDownloads(tmp_path / "downloads")
     with pytest.raises(ValueError, match="^write_peft: gate_activation is tanh; PEFT uses raw gates"):

@@ -145,6 +145,10 @@ def test_bad_uploads_are_refused_by_name_and_nothing_is_kept(tmp_path, base_fold
     with zipfile.ZipFile(corrupt, "w") as archive:  # stored as it is, then a byte of it changed: a bad CRC
         archive.writestr("adapter.safetensors", b"A" * 64)
     corrupt.write_bytes(corrupt.read_bytes().replace(b"A" * 64, b"A" * 63 + b"B"))
+    clash = tmp_path / "clash.zip"
+    with zipfile.ZipFile(clash, "w") as archive:  # a file, then a folder of the same name: no such files here
+        archive.writestr("a", "file")
+        archive.writestr("a/b", "under it")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     other = write_random_base(tmp_path / "other", ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=512,
                                                             multiple_of=32, max_seq_len=64), seed=0)
@@ -154,6 +158,7 @@ def test_bad_uploads_are_refused_by_name_and_nothing_is_kept(tmp_path, base_fold
         (notes, r"/notes holds no adapter; expected"),
         (tmp_path / "broken.zip", r"^adapter: broken\.zip is not a readable zip"),
         (corrupt, r"^adapter: corrupt\.zip could not be unpacked \(Bad CRC-32"),
+        (clash, r"^adapter: clash\.zip could not be unpacked \(Not a directory\)$"),
         (tmp_path / "junk.pth", r"junk\.pth"),
         (elsewhere / "adapter.safetensors", r"layers|dim|shape"),
         (None, r"^adapter: upload an adapter file first"),
@@ -256,6 +261,8 @@ def test_named_adapters_too_large_on_the_server_or_unknown_are_refused_before_an
         (str(ours), r"is not hf:owner/name or official:NAME; files on the server are not read by name"),
         ("official:BIAS-13B", r"^adapter: official:BIAS-13B is no official release; choose from official:v1, "),
         ("hf:not a repo", r"^adapter: 'hf:not a repo' is not a hub repository id"),
+        ("hf:owner/x/../../../../srv/runs", r"^adapter: 'hf:owner/x/\.\./\.\./\.\./\.\./srv/runs' names a folder "
+                                            r"outside the repository"),  # (it served a folder of the server)
     ]
     for named, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -17,7 +17,7 @@ import adapter
 from adapter.config import AdapterArgs
 from adapter.finetune.cli import main as finetune_main
 from adapter.formats import read_adapter
-from adapter.push import main, push
+from adapter.push import main, push, stage
 from adapter.tiny.assets import ASSETS
 from tests.conftest import V1, randomize_adapter
 from tests.finetune_helpers import alpaca_records, one_thread_and_own_rng, write_json  # noqa: F401
@@ -176,6 +176,10 @@ def test_a_lora_pushed_as_peft_is_read_by_peft_and_back(tmp_path, base_folder, h
     assert sorted(p.name for p in pushed.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((pushed / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "meta/llama"
+    (tmp_path / "local").mkdir()
+    stage(tmp_path / "lora", str(base_folder), tmp_path / "local", "me/lora", "peft")
+    local = json.loads((tmp_path / "local" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert local == base_folder.name, "a local base by its folder's name, not its path on this machine"
     card = (pushed / "README.md").read_text()
     assert "- lora\n" in card and "library_name: peft\n" in card and "adaption prompts" not in card
     assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), 'me/lora')" in card
@@ -235,6 +239,10 @@ def test_the_folder_option_writes_what_would_be_pushed_with_an_image_adapters_cl
 
     assert main(["tiny-text", "me/tiny-text", "--base", "tiny", "--folder", str(out)]) == 2
     assert capsys.readouterr().err == f"error: out: {out} already exists; name a new folder\n"
+    calls = list(hub.calls)
+    assert main(["tiny-text", "me/tiny-text", "--base", "tiny", "--folder", ""]) == 2  # "$STAGE" unset in a script
+    assert capsys.readouterr().err == "error: --folder: empty; name the new folder to write into\n"
+    assert hub.calls == calls, "nothing pushed (it pushed for real)"
 
 
 def test_finetune_pushes_its_best_adapter_with_the_runs_card_and_plots(tmp_path, base_folder, hub, capsys):
