@@ -72,10 +72,11 @@ def training_of(adapter: Path) -> Training | None:
 
 
 def model_card(model: Transformer, repo: str, base: str, written: str, training: Training | None = None,
-               clip_config: str | None = None, origin: str | None = None) -> str:
-    """The card of `model`'s adapter pushed to `repo` in format `written` (native, peft), for the base named `base`
-    (as a command line names it); `clip_config`: the CLIP model config file pushed beside it, if any; `origin`: the
-    published adapter it was read from (`official:NAME`, `hf:owner/name`), if it was."""
+               clip_config: str | None = None, origin: str | None = None, branch: str | None = None) -> str:
+    """The card of `model`'s adapter pushed to `repo` (on `branch`, None: the main one) in format `written`
+    (native, peft), for the base named `base` (as a command line names it); `clip_config`: the CLIP model config
+    file pushed beside it, if any; `origin`: the published adapter it was read from (`official:NAME`,
+    `hf:owner/name`), if it was."""
     a, base = model.adapter_args, base_name(base)
     base_arg = _base_argument(base)
     lines = ["---", *_front_matter(model, base, written), "---", "", f"# {repo}", "",
@@ -96,7 +97,7 @@ def model_card(model: Transformer, repo: str, base: str, written: str, training:
     if a.visual != "none":
         lines.append(f"| visual prompt | {a.visual}: reads the {a.clip_dim}-wide tokens of a "
                      f"{Path(a.clip_model).name if clip_config else a.clip_model} CLIP tower |")
-    lines += ["", "## Use", "", *_usage(model, repo, base_arg, written, clip_config)]
+    lines += ["", "## Use", "", *_usage(model, repo, base_arg, written, clip_config, branch)]
     if a.has_prompts:
         lines += ["", "## Gates", "", "How much each adapter layer's prompt speaks (the learned gate after its "
                   "activation, over the layer's heads; the gate scale multiplies them all):", "",
@@ -144,18 +145,20 @@ def _is_named(base: str) -> bool:
     return base == BASE_NAME or base.startswith((PREFIX, OFFICIAL))
 
 
-def _usage(model: Transformer, repo: str, base: str, written: str, clip_config: str | None) -> list[str]:
+def _usage(model: Transformer, repo: str, base: str, written: str, clip_config: str | None,
+           branch: str | None) -> list[str]:
     a = model.adapter_args
+    named = f"{repo}@{branch}" if branch else repo  # as hf: names a branch
     clip = f" --clip {CLIP_NAME if base == BASE_NAME else 'CLIP'}" if a.visual != "none" else ""
     lines = ["With the `llama-adapter` project's command lines (its `requirements.txt` installed):", "",
              "```bash",
              "# the Gradio app: chat" + (", questions about a picture" if clip else "") + " and the gate slider "
              "(0 = the frozen base, 1 = this adapter, above 1 exaggerated)",
-             f"python app.py --base {base} --adapter hf:{repo}{clip}",
-             f"python -m adapter.generate --base {base} --adapter hf:{repo}{clip} "
+             f"python app.py --base {base} --adapter hf:{named}{clip}",
+             f"python -m adapter.generate --base {base} --adapter hf:{named}{clip} "
              + ("--image picture.png --prompt \"What is in the picture?\"" if clip else
                 "--prompt \"Tell me about alpacas.\"") + " --gate-scale 1",
-             f"python -m adapter.inspect hf:{repo}  # its format, shape and gates", "```"]
+             f"python -m adapter.inspect hf:{named}  # its format, shape and gates", "```"]
     if "CLIP" in clip:
         tower = (f"a CLIP tower of the config `{clip_config}` (pushed beside it)" if clip_config
                  else f"`{a.clip_model}` CLIP weights (`--clip openai`: OpenAI's, fetched by open_clip)")
@@ -165,7 +168,8 @@ def _usage(model: Transformer, repo: str, base: str, written: str, clip_config: 
     if written == "peft":
         lines += ["", "With transformers and PEFT:", "", "```python", "from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM", "",
-                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {repo!r})", "```"]
+                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {repo!r}"
+                  + (f", revision={branch!r})" if branch else ")"), "```"]
     return lines
 
 

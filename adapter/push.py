@@ -33,10 +33,12 @@ CARD = "README.md"
 ADVICE = "check that your token may write to it (HF_TOKEN, or `hf auth login`) and that you are online"
 
 
-def stage(source: str | Path, base: str | Path | None, folder: Path, repo: str, to: str = "native") -> list[Path]:
-    """Write into the empty `folder` what `push` uploads: the adapter in format `to`, its card, a fine-tuning run's
-    plots, the model config file of the CLIP tower an image adapter reads (when it names one); the files written.
-    `base` None: the base a fine-tuning run's adapter was trained on, as its log names it."""
+def stage(source: str | Path, base: str | Path | None, folder: Path, repo: str, to: str = "native",
+          branch: str | None = None) -> list[Path]:
+    """Write into the empty `folder` what `push` uploads (to `branch` of `repo`, None: the main one): the adapter
+    in format `to`, its card, a fine-tuning run's plots, the model config file of the CLIP tower an image adapter
+    reads (when it names one); the files written. `base` None: the base a fine-tuning run's adapter was trained
+    on, as its log names it."""
     check_to(to)
     repo = repo_id(repo, "repo")
     _, named, _, _ = resolve_tiny(str(base or ""), str(source), None, None)
@@ -51,11 +53,11 @@ def stage(source: str | Path, base: str | Path | None, folder: Path, repo: str, 
         raise ValueError("base: name the base the adapter belongs to (--base); only a fine-tuning run's adapter "
                          "says its own")
     return stage_model(adapter_on_meta_base(base, source_path), str(base), folder, repo, to, training,
-                       str(source) if is_remote(source) else None)
+                       str(source) if is_remote(source) else None, branch)
 
 
 def stage_model(model: Transformer, base: str, folder: Path, repo: str, to: str = "native",
-                training: Training | None = None, origin: str | None = None) -> list[Path]:
+                training: Training | None = None, origin: str | None = None, branch: str | None = None) -> list[Path]:
     """`stage` for an adapter already in a model (a served one: it is left as it is), whose base is named `base`;
     `origin`: the published adapter it was read from, for its card."""
     check_to(to)
@@ -63,7 +65,7 @@ def stage_model(model: Transformer, base: str, folder: Path, repo: str, to: str 
     write_adapter(model, folder, to, _hub_name(base), recorded)
     for plot in training.plots if training else []:
         shutil.copyfile(plot, folder / plot.name)
-    (folder / CARD).write_text(model_card(model, repo, base, to, training, clip_config, origin))
+    (folder / CARD).write_text(model_card(model, repo, base, to, training, clip_config, origin, branch))
     return sorted(folder.iterdir())
 
 
@@ -74,8 +76,8 @@ def push(source: str | Path, repo: str, base: str | Path | None, to: str = "nati
     needed (private with `private`; an existing one keeps its visibility), on `branch` (created if needed) or the
     main one, with `token` (default: huggingface_hub's own); the commit's URL. ValueError naming the cause where the
     adapter cannot be written as `to`, there is no token, or the hub refuses."""
-    return _upload(lambda folder, checked: stage(source, base, folder, checked, to), repo, to, private, branch,
-                   message, token)
+    return _upload(lambda folder, checked: stage(source, base, folder, checked, to, branch), repo, to, private,
+                   branch, message, token)
 
 
 def push_model(model: Transformer, base: str, repo: str, training: Training | None = None, to: str = "native",
@@ -176,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.folder is not None:
             repo = repo_id(options.repo, "repo")
             written = atomic_folder(Path(options.folder),
-                                    lambda tmp: stage(options.source, options.base, tmp, repo, options.to))
+                                    lambda tmp: stage(options.source, options.base, tmp, repo, options.to,
+                                                      options.branch))
             print(f"wrote {written}: {', '.join(sorted(p.name for p in written.iterdir()))}")
         else:
             url = push(options.source, options.repo, options.base, options.to, options.private, options.branch,

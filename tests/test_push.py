@@ -149,7 +149,8 @@ def test_a_pushed_adapter_is_served_back_by_its_hub_name_with_the_same_outputs_a
     assert "| adaption prompts | 5 tokens on layers 2-3, tanh gate per head" in card
     learned = sum(t.numel() for t in ours.adapter_state_dict().values())
     assert f"| learned parameters | {learned:,} |" in card and "| v2 parts | none (v1) |" in card
-    assert "python app.py --base hf:meta/llama --adapter hf:me/gated\n" in card
+    assert "python app.py --base hf:meta/llama --adapter hf:me/gated@dev\n" in card  # the branch it was pushed to
+    assert "python -m adapter.inspect hf:me/gated@dev  #" in card
     for layer in (2, 3):  # the gate rows: tanh of the learned gates, over the heads
         gate = ours.layers[layer].attention.gate.detach().float().tanh()
         assert (f"| {layer} | {gate.mean():+.4f} | {gate.min():+.4f} | {gate.max():+.4f} | "
