@@ -120,10 +120,19 @@ def _span(part: str, low: str, high: str | None, model: Transformer, what: str) 
         past = str(last) if start == last else f"{start}-{last}"
         if what == "layers":
             below = _runs(range(first, min(last + 1, model.first_prompt_layer)))  # below the adapter's layers too
-            raise ValueError(f"gate_layers: layer(s) {', '.join([*below, past])} have no adaption prompt; this "
-                             f"adapter's prompts are in layers {describe(adapter_layers(model))}")
-        raise ValueError(f"gate_layers: head(s) {past} do not exist; this model's layers have heads 0-{count - 1}")
+            raise _no_prompt([*below, past], adapter_layers(model))
+        raise _no_such_heads([past], count)
     return range(first, last + 1)
+
+
+def _no_prompt(runs: list[str], own: list[int]) -> ValueError:
+    return ValueError(f"gate_layers: layer(s) {', '.join(runs)} have no adaption prompt; this adapter's prompts are "
+                      f"in layers {describe(own)}")
+
+
+def _no_such_heads(runs: list[str], n_heads: int) -> ValueError:
+    return ValueError(f"gate_layers: head(s) {', '.join(runs)} do not exist; this model's layers have heads "
+                      f"0-{n_heads - 1}")
 
 
 def normalized(model: Transformer, speakers: Iterable[Speaker]) -> list[Speaker]:
@@ -135,8 +144,7 @@ def normalized(model: Transformer, speakers: Iterable[Speaker]) -> list[Speaker]
     n_heads = model.args.n_heads
     outside = sorted({head for chosen in heads.values() for head in chosen if not 0 <= head < n_heads})
     if outside:
-        raise ValueError(f"gate_layers: head(s) {', '.join(_runs(outside))} do not exist; this model's layers "
-                         f"have heads 0-{n_heads - 1}")
+        raise _no_such_heads(_runs(outside), n_heads)
     whole |= {layer for layer, chosen in heads.items() if len(chosen) == n_heads}
     return [*sorted(whole), *sorted((layer, head) for layer, chosen in heads.items() if layer not in whole
                                     for head in chosen)]
@@ -172,8 +180,7 @@ def gate_scale_rows(model: Transformer, scales: Sequence[float],
 def _require_adapter_layers(chosen: set[int], own: list[int]) -> None:
     outside = sorted(chosen - set(own))
     if outside:
-        raise ValueError(f"gate_layers: layer(s) {describe(outside)} have no adaption prompt; this adapter's "
-                         f"prompts are in layers {describe(own)}")
+        raise _no_prompt(_runs(outside), own)
 
 
 def layers_from_flag(spec: str | None, model: Transformer) -> list[Speaker] | None:

@@ -508,9 +508,12 @@ def files_stamp(path: str) -> list:
     file rewritten at the same path (a newer adapter) is told from the one that wrote the answers kept. A name
     that is no local path (`tiny`, `hf:owner/name`, an open_clip tag) is its own stamp."""
     found = Path(path)
-    files = sorted(p for p in found.rglob("*") if p.is_file()) if found.is_dir() else [found] * found.is_file()
-    stats = [(str(p.relative_to(found)) if found.is_dir() else p.name, p.stat()) for p in files]
-    return [path] if not stats else [[name, stat.st_size, stat.st_mtime_ns] for name, stat in stats]
+    if found.is_dir():
+        files = {str(p.relative_to(found)): p for p in sorted(found.rglob("*")) if p.is_file()}
+    else:
+        files = {found.name: found} if found.is_file() else {}
+    stamps = [[name, file.stat().st_size, file.stat().st_mtime_ns] for name, file in files.items()]
+    return stamps or [path]
 
 
 def print_next_tokens(models: Sequence["Transformer"], names: Sequence[str | None],

@@ -23,6 +23,7 @@ from .formats.common import atomic_write, refuse_existing
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
 from .loading import DTYPES, base_shapes, check_base_names, check_tensor, open_named_base
+from .model import Transformer
 from .quantize import FROZEN_LINEARS
 from .tokenizer import TOKENIZER_FILES
 
@@ -81,7 +82,8 @@ def write_hf_folder(folder: Path, checkpoint, args: ModelArgs,
     """Into the existing (staging) `folder`: `tensors(name, weight)` of each base tensor in shards of at most
     `shard_bytes`, config.json, README.md (`card(bytes of weights)`) and the base's tokenizer files. A base that
     loading would refuse (a tensor missing or extra, a shape that is not `args`') is refused as loading says it."""
-    shapes = base_shapes(args, checkpoint.tied_output)
+    with torch.device("meta"):
+        shapes = base_shapes(Transformer(args), checkpoint.tied_output)
     check_base_names(checkpoint, set(shapes))
     shard: dict[str, torch.Tensor] = {}
     written: list[tuple[Path, list[str], int]] = []  # each full shard, saved as soon as it is full

@@ -298,7 +298,7 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     parts: list[tuple[str, nn.Module]] = [("tok_embeddings.", model.tok_embeddings), ("norm.", model.norm)]
     parts += [] if tied else [("output.", model.output)]
     parts += [(f"layers.{i}.", block) for i, block in enumerate(model.layers)]
-    check_base_names(checkpoint, {name for prefix, module in parts for name in _base_names(module, prefix, model)})
+    check_base_names(checkpoint, set(base_shapes(model, tied)))
     for prefix, module in parts:
         state = {}
         for name in _base_names(module, prefix, model):
@@ -345,11 +345,9 @@ def _stored_mode(checkpoint, quantize: str | None) -> str | None:
     return stored_mode
 
 
-def base_shapes(args: ModelArgs, tied: bool) -> dict[str, tuple[int, ...]]:
-    """The base tensors a LLaMA of this shape holds (Meta names) and their shapes; no head where it is `tied`
-    to the embeddings."""
-    with torch.device("meta"):
-        model = Transformer(args)
+def base_shapes(model: Transformer, tied: bool) -> dict[str, tuple[int, ...]]:
+    """The base tensors `model`'s LLaMA holds (Meta names, its adapter's left out) and their shapes; no head where
+    it is `tied` to the embeddings."""
     return {name: tuple(parameter.shape) for name, parameter in model.named_parameters()
             if not model.is_adapter_parameter(name) and not (tied and name == "output.weight")}
 
