@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .added_adapters import AddedAdapters, Sight, served_sight
+from .config import ModelArgs
 from .engine import Engine, Engines
 from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, checkpoint, train
 from .finetune.config import adapter_kind
@@ -70,11 +71,13 @@ class TrainRequest:
     keep_best: bool = False  # serve the adapter of the lowest validation loss, not the last step's
     early_stop: int = 0  # end the run after this many validations in a row without a lower loss (0: never)
 
-    def config(self, base: str, out: Path, base_context: int, start: StartingPoint | None = None,
+    def config(self, base: str, out: Path, base_args: ModelArgs, start: StartingPoint | None = None,
                sight: Sight | None = None, image_folder: Path | None = None) -> TrainConfig:
-        """adapter.finetune's settings for this request; from `start`, its kind and prompt format are the
-        adapter's (the mode, shape, LoRA rank and prompt format asked for are not used). A vision run reads
-        `sight`'s tower, and a new one gets its visual prompt's shape; `image_folder` holds the pictures."""
+        """adapter.finetune's settings for this request on a base shaped `base_args`; from `start`, its kind and
+        prompt format are the adapter's (the mode, shape, LoRA rank and prompt format asked for are not used). A
+        vision run reads `sight`'s tower, and a new one gets its visual prompt's shape; `image_folder` holds the
+        pictures. More adapted layers than the base has are refused (finetune caps them with a notice, which a page
+        would not show)."""
         if not self.data:
             raise ValueError("data: give a records file to train on (.json, .jsonl or .parquet) or plain text (.txt)")
         if not 0 < self.lr < math.inf:  # before the decay's floor, a twentieth of it, is checked
@@ -82,6 +85,9 @@ class TrainRequest:
         if self.early_stop < 0:
             raise ValueError(f"early_stop: give 0 (never) or how many validations without a lower loss end the run, "
                              f"got {self.early_stop}")
+        if start is None and self.mode != "lora" and self.prompt_layers > base_args.n_layers:
+            raise ValueError(f"prompt_layers: the served base has {base_args.n_layers} layers; adapt 1 to "
+                             f"{base_args.n_layers} of them, got {self.prompt_layers}")
         shape = dict(mode=self.mode, lora_rank=self.lora_rank if self.mode in ("v2", "lora") else 0,
                      prompt_format=self.prompt_format)
         if start is not None:
@@ -94,7 +100,7 @@ class TrainRequest:
         return TrainConfig(
             base=base, data=self.data, out=str(out), epochs=self.epochs, warmup_epochs=WARMUP * self.epochs,
             lr=self.lr, min_lr=self.lr / 20, batch_size=self.batch_size,
-            micro_batch_size=math.gcd(self.batch_size, MICRO_BATCH), max_seq_len=min(MAX_SEQ_LEN, base_context),
+            micro_batch_size=math.gcd(self.batch_size, MICRO_BATCH), max_seq_len=min(MAX_SEQ_LEN, base_args.max_seq_len),
             prompt_len=self.prompt_len, prompt_layers=self.prompt_layers, seed=self.seed, progress=False,
             keep_best=self.keep_best, early_stop=self.early_stop or None,
             image_folder=None if image_folder is None else str(image_folder), **shape)
@@ -285,7 +291,7 @@ class LiveTraining:
             images = folder / "images"
             images.mkdir()
             gather_uploads(request.images, images)
-            config = request.config(base.base_path or "the served base", folder / "run", base.args.max_seq_len,
+            config = request.config(base.base_path or "the served base", folder / "run", base.args,
                                     start, sight, images)
             result, progress = yield from self._train(config, self._hooks(sight, stop))
             name = self.trained.add(load_sharing(base, _given(result)), folder, sight,  # exactly what the zip holds

@@ -62,7 +62,7 @@ def measure(case: int, repeats: int) -> dict[str, list[float]]:
 
     def steps() -> float:
         with tempfile.TemporaryDirectory() as folder:
-            config = request.config(str(model.base_path), Path(folder, "run"), model.args.max_seq_len)
+            config = request.config(str(model.base_path), Path(folder, "run"), model.args)
             config = config.__class__(**{**config.to_dict(), "max_steps": TRAIN_STEPS})
             started = time.perf_counter()
             train(config, RunHooks(base=model, step_runner=engine.work.run))

@@ -18,7 +18,7 @@ from safetensors.torch import load, load_file
 
 import adapter
 from adapter import live_training
-from adapter.config import AdapterArgs
+from adapter.config import AdapterArgs, ModelArgs
 from adapter.engine import Engine, Engines, Settings
 from adapter.finetune import RunHooks, train
 from adapter.finetune.config import TrainConfig
@@ -144,7 +144,16 @@ def request(data: Path | None, **overrides) -> TrainRequest:
 def test_an_infinite_learning_rate_is_refused_before_the_run(tmp_path, data):
     """(it started, and stopped on a NaN loss without naming lr)"""
     with pytest.raises(ValueError, match="^lr: must be a finite number above 0, got inf$"):
-        request(data, lr=float("inf")).config("tiny", tmp_path / "run", 128)
+        request(data, lr=float("inf")).config("tiny", tmp_path / "run", ModelArgs(max_seq_len=128))
+
+
+def test_more_adapted_layers_than_the_base_has_are_refused_by_name(tmp_path, data):
+    """(they were cut to the base's layers with a note on the server's stdout, which the page does not show)"""
+    shaped = ModelArgs(n_layers=4)
+    with pytest.raises(ValueError, match="^prompt_layers: the served base has 4 layers; adapt 1 to 4 of them, got 5$"):
+        request(data, prompt_layers=5).config("tiny", tmp_path / "run", shaped)
+    assert request(data, prompt_layers=4).config("tiny", tmp_path / "run", shaped).prompt_layers == 4
+    assert request(data, mode="lora", lora_rank=2, prompt_layers=5).config("tiny", tmp_path / "run", shaped)
 
 
 def test_a_live_run_shows_its_progress_and_is_served_beside_the_others(tmp_path, data, served, base_folder):
@@ -335,7 +344,7 @@ def test_plain_text_trains_in_the_app_as_the_command_line_trains_it(tmp_path, se
     training, engines = live(served, tmp_path)
     asked = request(tmp_path / "story.txt", epochs=3, batch_size=2)
     final = list(training.run(asked))[-1]
-    alone = train(asked.config(str(base_folder), tmp_path / "cli", served.args.max_seq_len))
+    alone = train(asked.config(str(base_folder), tmp_path / "cli", served.args))
     assert final.name == "trained-1" and final.steps == alone.steps > 3, "a step per two windows, every epoch"
     served_tensors = adapter_tensors(engines, "trained-1")
     for name, value in load_file(alone.adapter).items():  # the same floats but for the order the CPU sums them in
@@ -347,7 +356,7 @@ def test_an_early_stop_ends_a_live_run_and_keep_best_serves_its_lowest_validatio
     training, engines = live(served, tmp_path)
     asked = request(data, epochs=10, lr=1.0, keep_best=True, early_stop=2)
     final = list(training.run(asked))[-1]
-    alone = train(asked.config(str(base_folder), tmp_path / "cli", served.args.max_seq_len))
+    alone = train(asked.config(str(base_folder), tmp_path / "cli", served.args))
     assert alone.early_stopped and final.done == alone.steps < final.steps == 20, "the loss rises here: it ends early"
     best_step, best_loss = alone.best_val
     assert best_step < alone.steps, "the lowest loss is not the last step's (else this would show little)"
