@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import replace
 from functools import cached_property
 from typing import Any
@@ -85,7 +86,7 @@ def api_router(engines: Engines) -> APIRouter:
     async def chat_completions(request: Request):
         seen = view(request)
         return await answered(request, lambda body: answer_calls(seen, body),
-                              lambda name, calls: stream_events(name, calls[0]), completion)
+                              lambda name, calls, usage: stream_events(name, calls[0], usage), completion)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -93,24 +94,27 @@ def api_router(engines: Engines) -> APIRouter:
 
         seen = view(request)
         return await answered(request, lambda body: completion_calls(seen, body),
-                              lambda name, calls: stream_text_events(name, calls[0]), text_completion)
+                              lambda name, calls, usage: stream_text_events(name, calls[0], usage),
+                              text_completion)
 
     add_tokenizer_routes(router, view)
     return router
 
 
 async def answered(request: Request, check: Callable[[Any], tuple[str, Any]],
-                   stream: Callable[[str, Any], Generator[str, None, None]], whole: Callable[[str, Any], dict]):
+                   stream: Callable[[str, Any, bool], Generator[str, None, None]], whole: Callable[[str, Any], dict]):
     """A request's response: its JSON body checked (`check(body)`: the adapter's name and the lazy answer, or a
-    RequestError, answered with OpenAI's error object), then answered as server-sent events (`stream`) or whole
-    (`whole`), each run in the thread pool, where decoding may wait for the device."""
+    RequestError, answered with OpenAI's error object), then answered as server-sent events (`stream`, told whether
+    the usage comes in a chunk of its own) or whole (`whole`), each run in the thread pool, where decoding may wait
+    for the device."""
     try:
         body = await _json_body(request)
+        usage_chunk = usage_chunk_asked(body)
         name, answer = check(body)
     except RequestError as error:
         return refusal(error)
     if isinstance(body, dict) and body.get("stream"):
-        return StreamingResponse(closed_when_done(stream(name, answer)), media_type="text/event-stream")
+        return StreamingResponse(closed_when_done(stream(name, answer, usage_chunk)), media_type="text/event-stream")
     return await run_in_threadpool(whole, name, answer)
 
 
@@ -443,22 +447,53 @@ def total_usage(calls: Sequence[Call]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
-def stream_events(name: str, call: Call) -> Iterator[str]:
-    """Server-sent events: the role, each new piece of the answer, the finish reason with the usage, [DONE]."""
-    head = {"id": response_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
+def usage_chunk_asked(body: Any) -> bool:
+    """OpenAI's `stream_options.include_usage`: the usage streamed in a chunk of its own, after the last answer
+    chunk and with no choices, every chunk before it carrying `"usage": null` (not asked: the usage rides on the
+    chunk that ends the answer)."""
+    options = body.get("stream_options") if isinstance(body, dict) else None
+    if options is None:
+        return False
+    if not body.get("stream"):
+        raise RequestError("stream_options: only for streamed answers (stream: true)", "stream_options")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError(f"stream_options: give {{\"include_usage\": true or false}}, got {options!r:.80}",
+                           "stream_options")
+    return options.get("include_usage", False)
 
-    def event(delta: dict[str, str], finish: str | None = None, **extra: Any) -> str:
-        chunk = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+def sse_events(head: dict[str, Any], choice_events: Iterator[tuple[dict[str, Any], str | None]], call: Call,
+               usage_chunk: bool) -> Iterator[str]:
+    """Server-sent events of a streamed answer: a chunk per `(choice, finish reason)`, the usage on the last one
+    or (`usage_chunk`) in one of its own, then [DONE]."""
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, int] | None) -> str:
+        chunk = {**head, "choices": choices, **({"usage": usage} if usage_chunk or usage is not None else {})}
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    yield event({"role": "assistant", "content": ""})
-    answer = ""
-    for grown in call.texts():
-        if len(grown) > len(answer):
-            yield event({"content": grown[len(answer):]})
-        answer = grown
-    yield event({}, call.finish_reason(), usage=call.usage())
+    with closing(choice_events):  # a client gone mid-answer ends its decoding now
+        for choice, finish in choice_events:
+            yield event([{**choice, "finish_reason": finish}],
+                        None if usage_chunk or finish is None else call.usage())
+    if usage_chunk:
+        yield event([], call.usage())
     yield "data: [DONE]\n\n"
+
+
+def stream_events(name: str, call: Call, usage_chunk: bool = False) -> Iterator[str]:
+    """Server-sent events: the role, each new piece of the answer, the finish reason, the usage, [DONE]."""
+    head = {"id": response_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
+
+    def deltas() -> Iterator[tuple[dict[str, Any], str | None]]:
+        yield {"index": 0, "delta": {"role": "assistant", "content": ""}}, None
+        answer = ""
+        for grown in call.texts():
+            if len(grown) > len(answer):
+                yield {"index": 0, "delta": {"content": grown[len(answer):]}}, None
+            answer = grown
+        yield {"index": 0, "delta": {}}, call.finish_reason()
+
+    return sse_events(head, deltas(), call, usage_chunk)
 
 
 def response_id(prefix: str = "chatcmpl") -> str:

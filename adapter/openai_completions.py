@@ -34,6 +34,7 @@ from .openai_api import (
     refused,
     request_stops,
     response_id,
+    sse_events,
     seeded,
     served,
     total_usage,
@@ -140,18 +141,16 @@ def text_completion(name: str, calls: list[TextCall]) -> dict[str, Any]:
             "usage": total_usage(calls)}
 
 
-def stream_text_events(name: str, call: TextCall) -> Iterator[str]:
-    """Server-sent events: each new piece of the continuation, then the finish reason with the usage, [DONE]."""
+def stream_text_events(name: str, call: TextCall, usage_chunk: bool = False) -> Iterator[str]:
+    """Server-sent events: each new piece of the continuation, then the finish reason, the usage, [DONE]."""
     head = {"id": response_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name}
 
-    def event(text: str, finish: str | None = None, **extra: Any) -> str:
-        chunk = {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+    def pieces() -> Iterator[tuple[dict[str, Any], str | None]]:
+        answer = ""
+        for grown in call.texts():
+            if len(grown) > len(answer):
+                yield {"text": grown[len(answer):], "index": 0, "logprobs": None}, None
+            answer = grown
+        yield {"text": "", "index": 0, "logprobs": None}, call.finish_reason()
 
-    answer = ""
-    for grown in call.texts():
-        if len(grown) > len(answer):
-            yield event(grown[len(answer):])
-        answer = grown
-    yield event("", call.finish_reason(), usage=call.usage())
-    yield "data: [DONE]\n\n"
+    return sse_events(head, pieces(), call, usage_chunk)

@@ -121,6 +121,42 @@ def test_a_streamed_answer_arrives_in_pieces_that_make_the_whole(client, engines
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["usage"]["completion_tokens"]
 
 
+def streamed_chunks(client, route: str, body: dict) -> list[dict]:
+    with client.stream("POST", route, json=body) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+@pytest.mark.parametrize("route, body", [("/v1/chat/completions", {"messages": [user(SCENE)]}),
+                                         ("/v1/completions", {"prompt": "The colour of the sky is"})])
+def test_include_usage_streams_the_usage_in_a_chunk_of_its_own_as_openai_does(client, route, body):
+    """(stream_options was ignored: the usage rode on the last answer chunk, where OpenAI's clients do not look
+    for it when they asked for it)"""
+    asked = {**body, **GREEDY, "stream": True}
+    plain = streamed_chunks(client, route, asked)
+    chunks = streamed_chunks(client, route, {**asked, "stream_options": {"include_usage": True}})
+    whole = client.post(route, json={**body, **GREEDY}).json()
+    *answer, last = chunks
+    assert last["choices"] == [] and last["usage"] == whole["usage"] == plain[-1]["usage"]
+    assert all(chunk["usage"] is None for chunk in answer) and answer[-1]["choices"][0]["finish_reason"]
+    assert [chunk["choices"] for chunk in answer] == [chunk["choices"] for chunk in plain]
+    assert all("usage" not in chunk for chunk in plain[:-1])
+    unasked = streamed_chunks(client, route, {**asked, "stream_options": {"include_usage": False}})
+    assert [chunk.get("usage") for chunk in unasked] == [None] * (len(unasked) - 1) + [whole["usage"]]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"stream_options": {"include_usage": True}}, "stream_options: only for streamed answers (stream: true)"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options: give {\"include_usage\": true or false}, got {'include_usage': 'yes'}"),
+    ({"stream": True, "stream_options": [True]}, "stream_options: give {\"include_usage\": true or false}, got [True]")])
+def test_stream_options_that_cannot_be_followed_are_refused_by_name(client, options, message):
+    refused = ask(client, [user(SCENE)], **options)
+    assert refused.status_code == 400 and refused.json()["error"] | {"code": None} == {
+        "message": message, "type": "invalid_request_error", "param": "stream_options", "code": None}
+
+
 def test_a_client_that_leaves_mid_stream_frees_the_device_for_the_next(live_url, engines):
     import httpx
 
