@@ -100,7 +100,8 @@ class TrainRequest:
         return TrainConfig(
             base=base, data=self.data, out=str(out), epochs=self.epochs, warmup_epochs=WARMUP * self.epochs,
             lr=self.lr, min_lr=self.lr / 20, batch_size=self.batch_size,
-            micro_batch_size=math.gcd(self.batch_size, MICRO_BATCH), max_seq_len=min(MAX_SEQ_LEN, base_args.max_seq_len),
+            micro_batch_size=math.gcd(self.batch_size, MICRO_BATCH),
+            max_seq_len=min(MAX_SEQ_LEN, base_args.max_seq_len),
             prompt_len=self.prompt_len, prompt_layers=self.prompt_layers, seed=self.seed, progress=False,
             keep_best=self.keep_best, early_stop=self.early_stop or None,
             image_folder=None if image_folder is None else str(image_folder), **shape)

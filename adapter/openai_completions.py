@@ -18,7 +18,6 @@ prompt format's stop strings apply.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,9 +33,9 @@ from .openai_api import (
     refused,
     request_stops,
     response_id,
-    sse_events,
     seeded,
     served,
+    sse_events,
     total_usage,
 )
 from .prompt_ids import Prompt, is_token_ids, prompt_text

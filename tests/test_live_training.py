@@ -150,7 +150,8 @@ def test_an_infinite_learning_rate_is_refused_before_the_run(tmp_path, data):
 def test_more_adapted_layers_than_the_base_has_are_refused_by_name(tmp_path, data):
     """(they were cut to the base's layers with a note on the server's stdout, which the page does not show)"""
     shaped = ModelArgs(n_layers=4)
-    with pytest.raises(ValueError, match="^prompt_layers: the served base has 4 layers; adapt 1 to 4 of them, got 5$"):
+    refusal = "^prompt_layers: the served base has 4 layers; adapt 1 to 4 of them, got 5$"
+    with pytest.raises(ValueError, match=refusal):
         request(data, prompt_layers=5).config("tiny", tmp_path / "run", shaped)
     assert request(data, prompt_layers=4).config("tiny", tmp_path / "run", shaped).prompt_layers == 4
     assert request(data, mode="lora", lora_rank=2, prompt_layers=5).config("tiny", tmp_path / "run", shaped)

@@ -150,7 +150,8 @@ def test_include_usage_streams_the_usage_in_a_chunk_of_its_own_as_openai_does(cl
     ({"stream_options": {"include_usage": True}}, "stream_options: only for streamed answers (stream: true)"),
     ({"stream": True, "stream_options": {"include_usage": "yes"}},
      "stream_options: give {\"include_usage\": true or false}, got {'include_usage': 'yes'}"),
-    ({"stream": True, "stream_options": [True]}, "stream_options: give {\"include_usage\": true or false}, got [True]")])
+    ({"stream": True, "stream_options": [True]},
+     "stream_options: give {\"include_usage\": true or false}, got [True]")])
 def test_stream_options_that_cannot_be_followed_are_refused_by_name(client, options, message):
     refused = ask(client, [user(SCENE)], **options)
     assert refused.status_code == 400 and refused.json()["error"] | {"code": None} == {
