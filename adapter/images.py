@@ -48,19 +48,23 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
 
 
 def image_file_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
-    """What makes an image file unreadable, found without decoding its pixels (a data file's up-front check:
-    not an image, a broken PNG, too many pixels); None when it reads. A JPEG cut short is found only on decoding.
-    Each file is opened once while it is unchanged (LLaVA's records name the same pictures many times)."""
+    """What makes an image file unreadable (a data file's up-front check: not an image, a file cut short or
+    broken, too many pixels); None when it reads. A JPEG is decoded at an eighth of its size (all of its data read,
+    under 1 ms for a 640x480 photo), other formats whole. Each file is read once while it is unchanged (LLaVA's
+    records name the same pictures many times)."""
     stat = path.stat()
     return _file_problem(path, stat.st_size, stat.st_mtime_ns, max_pixels)
 
 
 @lru_cache(maxsize=1 << 16)
 def _file_problem(path: Path, size: int, mtime_ns: int, max_pixels: int) -> str | None:
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as opened:
             _check_size(opened, max_pixels, str(path))
-            opened.verify()
+            width, height = opened.size
+            opened.draft(None, (width // 8, height // 8))  # JPEG alone decodes smaller; a format's verify() is not
+            opened.load()                                   # enough (a cut JPEG, GIF, BMP or TIFF passes it)
     except UnidentifiedImageError:
         return f"{path} is not an image file"
     except ValueError as error:

@@ -4,8 +4,10 @@ schedule and the mode -> adapter mapping."""
 
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,6 +147,9 @@ def test_bad_llava_records_name_the_missing_image_and_the_turn_at_fault(tmp_path
     folder.mkdir()
     (folder / "notes.png").write_text("not a picture")
     (folder / "huge.png").write_bytes(_png_header(9000, 9000))
+    photo = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photo, "JPEG")
+    (folder / "cut.jpg").write_bytes(photo.getvalue()[:len(photo.getvalue()) // 2])  # verify() passed it
     data = write_jsonl(tmp_path / "llava.jsonl", [
         {"image": "missing.png", "conversations": CONVERSATION},
         {"image": "notes.png", "conversations": CONVERSATION},
@@ -153,6 +158,7 @@ def test_bad_llava_records_name_the_missing_image_and_the_turn_at_fault(tmp_path
         {"conversations": CONVERSATION[:3]},
         {"conversations": [{"from": "human", "value": "<image>"}, {"from": "system", "value": 1}]},
         {"conversations": []},
+        {"image": "cut.jpg", "conversations": CONVERSATION},
     ])
     with pytest.raises(DataError) as caught:
         read_records(data, folder)
@@ -165,6 +171,7 @@ def test_bad_llava_records_name_the_missing_image_and_the_turn_at_fault(tmp_path
     assert f"{data}:5: 'conversations' has 3 turns; it must end with a 'gpt' turn" in report
     assert f"{data}:6: conversations[0]: empty human turn; conversations[1]: 'from' must be 'human' or 'gpt'" in report
     assert f"{data}:7: 'conversations' must be a non-empty list" in report
+    assert f"{data}:8: image {folder / 'cut.jpg'} could not be decoded (image file is truncated" in report
     with pytest.raises(DataError, match="needs --image-folder"):
         read_records(write_jsonl(tmp_path / "one.jsonl", [{"image": "a.png", "conversations": CONVERSATION}]))
 
