@@ -6,6 +6,8 @@ takes 1.7x one answer), so the chat requests that wait for the device are decode
 its own prompt, gate and delta scale, layers, sampling, seed and length (adapter.generate.stream_batch's
 `rows`), and streams its own answer. A row whose user stops or leaves is no longer shown; the batch stops when
 every row has finished or been left. A seeded row gives the answer it gives alone (one generator per row).
+Rows are padded on the left to the longest prompt, whose length the context then holds for every row: a job that
+would get less room for its answer beside the others than alone waits for the next batch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ import torch
 
 from .device_work import DeviceWork
 from .generate import stream_batch
+from .prompt_ids import prompt_ids
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -44,6 +48,7 @@ class ChatJob:
     generated: list[int] | None = None
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     left: threading.Event = field(default_factory=threading.Event)
+    length: int | None = None  # the prompt's tokens, once the batcher has counted them
 
 
 class ChatBatcher:
@@ -57,6 +62,7 @@ class ChatBatcher:
         self.model, self.work, self.max_rows = model, work, max_rows
         self.stop, self.compile, self.gather_s = stop, compile, gather_s
         self.pending: queue.SimpleQueue[ChatJob] = queue.SimpleQueue()
+        self._held: deque[ChatJob] = deque()  # taken, but waiting for a batch they fit in (first served next)
         self.submitted = 0  # jobs handed in so far
         self.batch_sizes: list[int] = []  # how many rows each batch had (for tests and benchmarks)
         self._thread: threading.Thread | None = None
@@ -88,7 +94,7 @@ class ChatBatcher:
 
     def _serve(self) -> None:
         while True:
-            jobs = [self.pending.get()]
+            jobs = [self._held.popleft() if self._held else self.pending.get()]
             deadline = time.monotonic() + self.gather_s
             self._take(jobs, deadline)
             self.work.run(self._batch, jobs)
@@ -104,16 +110,39 @@ class ChatBatcher:
             self._decode(waiting)
 
     def _take(self, jobs: list[ChatJob], deadline: float | None) -> None:
-        """Add pending jobs to `jobs`, up to `max_rows`: those that arrive before `deadline`, or (None) those
-        already there."""
+        """Add pending jobs to `jobs`, up to `max_rows`: those held back before, then those that arrive before
+        `deadline`, or (None) those already there; a job that does not fit beside them is held for the next."""
+        held, self._held = self._held, deque()
         while len(jobs) < self.max_rows:
             try:
-                if deadline is None:
-                    jobs.append(self.pending.get_nowait())
+                if held:
+                    job = held.popleft()
+                elif deadline is None:
+                    job = self.pending.get_nowait()
                 else:
-                    jobs.append(self.pending.get(timeout=max(0.0, deadline - time.monotonic())))
+                    job = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                return
+                break
+            (jobs if self._fits(jobs, job) else self._held).append(job)
+        self._held.extend(held)
+
+    def _fits(self, jobs: list[ChatJob], job: ChatJob) -> bool:
+        """Whether every row of `jobs` and `job` decoded together has the room for its answer it has alone: the
+        batch's context holds the longest prompt for every row (left padding), so a short prompt beside a long
+        one may reach the context's end sooner than its `max_new_tokens`."""
+        limit, rows = self.model.args.max_seq_len, [*jobs, job]
+        try:
+            longest = max(self._length(row) for row in rows)
+        except ValueError:  # a prompt the batch's decode refuses, naming it, to its user
+            return True
+        return all(min(row.options.get("max_new_tokens", limit), limit - self._length(row)) <= limit - longest
+                   for row in rows)
+
+    def _length(self, job: ChatJob) -> int:
+        if job.length is None:
+            model = self.model
+            job.length = len(prompt_ids(model.tokenizer, job.prompt, model.args.vocab_size))
+        return job.length
 
     def _decode(self, jobs: list[ChatJob]) -> None:
         """Decode `jobs` as one batch (the device's lock held), each row's pieces to its own queue."""

@@ -135,3 +135,22 @@ def test_the_apps_concurrency_is_the_batch_size(demo_files):
     assert Engine(engine.model, threading.Lock()).batcher is None, "one at a time by default"
     with pytest.raises(ValueError, match="batch_chats: must be >= 1"):
         Engine(engine.model, batch_chats=0)
+
+
+def test_a_short_chat_is_not_batched_where_a_long_one_would_cut_its_answer(base_folder):
+    """Rows are padded to the longest prompt, which the context then holds for each: a short prompt's answer
+    beside a long one ran out of context sooner than alone, cut and said to stop (it waits for the next batch)."""
+    model = adapter.load(base_folder, device="cpu", max_seq_len=96)
+    limit, eos = model.args.max_seq_len, model.tokenizer.eos_id
+    endless = Settings(temperature=0.0, max_new_tokens=60, logit_bias={str(eos): -100})  # runs its whole length
+    engine = Engine(model, threading.Lock(), batch_chats=3)
+    long_question = "the red star"
+    while len(model.tokenizer.encode(engine.chat_prompt([], long_question + " is red", endless), bos=True)) < limit - 6:
+        long_question += " is red"
+    short = ([], QUESTION, endless)
+    requests = [([], long_question, Settings(temperature=0.0, max_new_tokens=5)), short, short]
+    answers = together(engine, requests)
+    assert engine.batcher.batch_sizes == [1, 2], "the short ones fit beside each other, not beside the long one"
+    assert answers == [alone(model, *request) for request in requests]
+    longest = len(model.tokenizer.encode(engine.chat_prompt([], long_question, endless), bos=True))
+    assert len(model.tokenizer.encode(answers[1], bos=False)) > limit - longest, "more than the long one leaves"
