@@ -38,7 +38,8 @@ class ChatJob:
     """One chat request or image question: its prompt, its row of gate scales (a number, or one per adapter
     layer and head as adapter.gate_layers.gate_scale_rows gives them), its delta scale, its sampling options and
     its image (None: none; rows without one get no visual query, adapter.visual.encode_images); `generated`, when
-    given, is told every token its row decodes."""
+    given, is told every token its row decodes up to the piece last read (the batch may decode ahead of a reader
+    that stops at a stop string or leaves)."""
 
     prompt: str
     gate: float | torch.Tensor
@@ -49,6 +50,7 @@ class ChatJob:
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     left: threading.Event = field(default_factory=threading.Event)
     length: int | None = None  # the prompt's tokens, once the batcher has counted them
+    decoded: list[int] = field(default_factory=list)  # every token its row decoded so far
 
 
 class ChatBatcher:
@@ -78,13 +80,22 @@ class ChatBatcher:
             while (item := job.pieces.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
-                answer += item
+                piece, tokens = item
+                self._tell(job, tokens)
+                answer += piece
                 shown = True
                 yield answer
+            self._tell(job, len(job.decoded))
             if not shown:
                 yield answer
         finally:
             job.left.set()
+
+    @staticmethod
+    def _tell(job: ChatJob, tokens: int) -> None:
+        """Pass the row's first `tokens` decoded tokens on to `job.generated`."""
+        if job.generated is not None:
+            job.generated.extend(job.decoded[len(job.generated):tokens])
 
     def _start(self) -> None:
         with self._started:
@@ -154,12 +165,11 @@ class ChatBatcher:
                                       gate_scale=self._gate_rows([job.gate for job in jobs]),
                                       delta_scale=[job.delta for job in jobs],
                                       rows=[job.options for job in jobs], compile=self.compile,
-                                      generated=[[] if job.generated is None else job.generated for job in jobs]
-                                      )) as steps:
+                                      generated=[job.decoded for job in jobs])) as steps:
                 for pieces in steps:
                     for job, piece in zip(jobs, pieces):
                         if piece and not job.left.is_set():
-                            job.pieces.put(piece)
+                            job.pieces.put((piece, len(job.decoded)))
                     if all(job.left.is_set() for job in jobs):
                         break
         except Exception as error:  # the requests' own checks ran before; tell every user of the batch

@@ -4,6 +4,7 @@ with its own settings, every answer the one it gets alone."""
 from __future__ import annotations
 
 import threading
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -154,3 +155,23 @@ def test_a_short_chat_is_not_batched_where_a_long_one_would_cut_its_answer(base_
     assert answers == [alone(model, *request) for request in requests]
     longest = len(model.tokenizer.encode(engine.chat_prompt([], long_question, endless), bos=True))
     assert len(model.tokenizer.encode(answers[1], bos=False)) > limit - longest, "more than the long one leaves"
+
+
+def test_the_tokens_a_row_is_told_stop_at_the_piece_last_read(model):
+    """A reader that stops after a piece (a stop string found, a client gone) is told the tokens up to it, as
+    alone: the batch decoding ahead of it told every token of the row (usage counted past a stop string)."""
+    settings = Settings(temperature=0.0, max_new_tokens=20, logit_bias={str(model.tokenizer.eos_id): -100})
+    lone = Engine(model, threading.Lock())
+    prompt = lone.chat_prompt([], QUESTION, settings)
+    told_alone: list[int] = []
+    with closing(lone.answer_prompt(prompt, settings, None, told_alone)) as answers:
+        first = next(answers)
+    engine = Engine(model, threading.Lock(), batch_chats=2)
+    told: list[int] = []
+    with closing(engine.answer_prompt(prompt, settings, None, told)) as answers:
+        assert next(answers) == first
+        wait_for(lambda: engine.batcher.batch_sizes and not engine.lock.locked())  # the batch has decoded ahead
+    assert 0 < len(told) == len(told_alone) < 20 and told == told_alone
+    whole: list[int] = []
+    assert list(engine.answer_prompt(prompt, settings, None, whole))[-1] == alone(model, [], QUESTION, settings)
+    assert len(whole) == 20
