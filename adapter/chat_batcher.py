@@ -57,12 +57,14 @@ class ChatBatcher:
     """Decodes the chat jobs of one model in batches of at most `max_rows`: a thread of its own gathers them and
     hands each batch to the device's work (`work`: holding the device's lock, on its compute thread if it has one).
     A batch is every job that waited for the device, up to `max_rows`: a job that finds the device idle waits
-    `gather_s` for others; jobs that arrive while a batch decodes make the next one."""
+    `gather_s` for others; jobs that arrive while a batch decodes make the next one. The thread ends after
+    `idle_s` without a job (the next job starts another), so a batcher whose adapter is served no more lets its
+    model go."""
 
     def __init__(self, model: "Transformer", work: DeviceWork, *, max_rows: int, stop: tuple[str, ...],
-                 compile: bool, gather_s: float = 0.005) -> None:
+                 compile: bool, gather_s: float = 0.005, idle_s: float = 10.0) -> None:
         self.model, self.work, self.max_rows = model, work, max_rows
-        self.stop, self.compile, self.gather_s = stop, compile, gather_s
+        self.stop, self.compile, self.gather_s, self.idle_s = stop, compile, gather_s, idle_s
         self.pending: queue.SimpleQueue[ChatJob] = queue.SimpleQueue()
         self._held: deque[ChatJob] = deque()  # taken, but waiting for a batch they fit in (first served next)
         self.submitted = 0  # jobs handed in so far
@@ -72,8 +74,8 @@ class ChatBatcher:
 
     def answer(self, job: ChatJob) -> Iterator[str]:
         """The job's answer so far, growing as its row decodes; closing the iterator leaves the batch."""
-        self._start()
         self.pending.put(job)
+        self._start()  # after the put: a thread ending meanwhile has seen the job, or is gone and started anew
         self.submitted += 1
         answer, shown = "", False
         try:
@@ -105,7 +107,14 @@ class ChatBatcher:
 
     def _serve(self) -> None:
         while True:
-            jobs = [self._held.popleft() if self._held else self.pending.get()]
+            try:
+                jobs = [self._held.popleft() if self._held else self.pending.get(timeout=self.idle_s)]
+            except queue.Empty:
+                with self._started:
+                    if self.pending.empty():
+                        self._thread = None
+                        return
+                continue
             deadline = time.monotonic() + self.gather_s
             self._take(jobs, deadline)
             self.work.run(self._batch, jobs)
