@@ -103,6 +103,7 @@ class _ComputeThread:
             lock, job = self.jobs.get()
             with lock:
                 job()
+            del job  # held until the next job, it would keep the model of the last one's work alive
 
     def call(self, lock: threading.Lock, work: Callable[[], T]) -> T:
         done: Future = Future()

@@ -181,18 +181,18 @@ def test_the_tokens_a_row_is_told_stop_at_the_piece_last_read(model):
 
 def test_an_idle_batcher_lets_its_model_go(base_folder):
     """(its thread waited for jobs forever, holding the model of an adapter served no more: a removed or
-    replaced adapter's tensors and a thread stayed for good)"""
+    replaced adapter's tensors and a thread stayed for good; the compute thread held its last job's too)"""
     model = adapter.load(base_folder, device="cpu", max_seq_len=96)
     engine = Engine(model, threading.Lock(), batch_chats=2)
     engine.batcher.idle_s = 0.5
     settings = Settings(temperature=0.0, max_new_tokens=3)
     first = list(engine.chat([], QUESTION, settings))[-1]
-    wait_for(lambda: engine.batcher._thread is None)
+    wait_for(lambda batcher=engine.batcher: batcher._thread is None)
     again = engine.chat([], QUESTION, settings)
     answers = [next(again)]
     thread = engine.batcher._thread  # the next job started one again
     assert [*answers, *again][-1] == first
-    wait_for(lambda: engine.batcher._thread is None)
+    wait_for(lambda batcher=engine.batcher: batcher._thread is None)
     thread.join(timeout=60)
     gone = weakref.ref(model)
     del engine, model
