@@ -72,8 +72,16 @@ def env_name(flag: str) -> str:
     return "ADAPTER_" + flag.upper()
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+def _switch(environ: Mapping[str, str], name: str) -> bool:
+    """An on/off variable: 1/true/yes/on, or 0/false/no/off (empty: off); anything else is refused, not read as
+    off (ADAPTER_PRIVATE_ADAPTERS=y served each page's adapters to everyone)."""
+    variable = env_name(name)
+    value = (environ.get(variable) or "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{variable}: {environ[variable]!r} is not one of 1/true/yes/on (on) or 0/false/no/off (off)")
 
 
 class _Adapters(argparse.Action):
@@ -119,32 +127,32 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="address to listen on (default: GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 = all)")
     parser.add_argument("--port", type=int, default=default("port", environ.get("GRADIO_SERVER_PORT") or defaults.port),
                         help="port (default: GRADIO_SERVER_PORT, else 7860)")
-    parser.add_argument("--share", action="store_true", default=_truthy(environ.get(env_name("share"))),
+    parser.add_argument("--share", action="store_true", default=_switch(environ, "share"),
                         help="also serve through a public gradio.live link")
-    parser.add_argument("--openai-api", action="store_true", default=_truthy(environ.get(env_name("openai_api"))),
+    parser.add_argument("--openai-api", action="store_true", default=_switch(environ, "openai_api"),
                         help="also serve the adapters as an OpenAI-compatible API at /v1 on the same port "
                              "(adapter.openai_api)")
-    parser.add_argument("--no-train-tab", action="store_true", default=_truthy(environ.get(env_name("no_train_tab"))),
+    parser.add_argument("--no-train-tab", action="store_true", default=_switch(environ, "no_train_tab"),
                         help="leave out the Train tab, where users train adapters on the served base (one run at a "
                              "time, each step between other users' answers)")
     parser.add_argument("--train-max-steps", type=int, default=default("train_max_steps", defaults.train_max_steps),
                         help=f"the most optimizer steps one run of the Train tab may take (default {MAX_STEPS}); a "
                              "run that would take more is refused before it starts")
-    parser.add_argument("--no-upload", action="store_true", default=_truthy(environ.get(env_name("no_upload"))),
+    parser.add_argument("--no-upload", action="store_true", default=_switch(environ, "no_upload"),
                         help="leave out the Model tab's upload, where users serve adapters of their own to everyone "
                              "(uploaded, or named for the server to fetch from the hub or the official releases)")
-    parser.add_argument("--no-push", action="store_true", default=_truthy(environ.get(env_name("no_push"))),
+    parser.add_argument("--no-push", action="store_true", default=_switch(environ, "no_push"),
                         help="leave out the Model tab's push, where users push a served adapter to a Hugging Face hub "
                              "repository of theirs with their own token")
     parser.add_argument("--private-adapters", action="store_true",
-                        default=_truthy(environ.get(env_name("private_adapters"))),
+                        default=_switch(environ, "private_adapters"),
                         help="serve an adapter trained or uploaded in the app to the page (or API client) that "
                              "added it alone, until that page is closed, instead of to every user (public Spaces)")
     parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens),
                         help="the most tokens one answer may have (the slider's maximum)")
     parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency),
                         help="requests in flight at once (default 1); decoding itself is one at a time per device")
-    parser.add_argument("--compile", action="store_true", default=_truthy(environ.get(env_name("compile"))),
+    parser.add_argument("--compile", action="store_true", default=_switch(environ, "compile"),
                         help="decode through torch.compile: faster steps (on a CPU, 1.7x for a 512-dim fp32 model: "
                              "BENCHMARKS.md), but the first answer waits for the compilation (tens of seconds; "
                              "a CPU needs a C++ compiler)")

@@ -329,6 +329,19 @@ def test_flags_come_from_the_environment_and_flags_win(demo_files):
     assert (scales.gate_scale, scales.delta_scale) == (0.5, 0.0)
 
 
+@pytest.mark.parametrize("value, private", [("ON", True), (" 1 ", True), ("off", False), ("0", False), ("", False)])
+def test_on_off_variables_read_their_words(demo_files, value, private):
+    base = ["--base", str(demo_files.base)]
+    assert parse_config(base, {"ADAPTER_PRIVATE_ADAPTERS": value}).private_adapters is private
+
+
+def test_an_on_off_variable_of_another_word_is_refused_by_name(demo_files):
+    """(anything but 1/true/yes/on was read as off: ADAPTER_PRIVATE_ADAPTERS=y served every page's adapters to
+    everyone)"""
+    with pytest.raises(ValueError, match="^ADAPTER_PRIVATE_ADAPTERS: 'y' is not one of 1/true/yes/on"):
+        parse_config(["--base", str(demo_files.base)], {"ADAPTER_PRIVATE_ADAPTERS": "y"})
+
+
 def test_several_adapters_come_from_flags_or_the_environment(demo_files, tmp_path):
     one, two = str(demo_files.adapter), str(shutil.copytree(demo_files.adapter, tmp_path / "second"))
     base = ["--base", str(demo_files.base)]
