@@ -26,6 +26,10 @@ ROPE_SCALINGS = ("linear", "llama3")
 LLAMA32_SMALL_SHAPES = ((2048, 16), (3072, 28))  # (dim, n_layers) of Llama 3.2 1B and 3B
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(condition: bool, argument: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{argument}: {message}")
@@ -222,17 +226,19 @@ class AdapterArgs:
     visual_mlp_ratio: float = 4.0
     channel_order: str = "rgb"
 
-    def __post_init__(self) -> None:
-        _require(isinstance(self.prompt_len, int) and self.prompt_len >= 0, "prompt_len",
-                 f"must be a non-negative integer, got {self.prompt_len!r}")
-        _require(isinstance(self.prompt_layers, int) and self.prompt_layers >= 0, "prompt_layers",
-                 f"must be a non-negative integer, got {self.prompt_layers!r}")
+    def __post_init__(self) -> None:  # the settings may come from a file's metadata: their types are checked too
+        for name in ("prompt_len", "prompt_layers", "lora_rank"):
+            value = getattr(self, name)
+            _require(_whole(value) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
+        for name in ("bias", "scale", "head_delta", "norm", "new_gate"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+        _require(isinstance(self.clip_model, str) and self.clip_model != "", "clip_model",
+                 f"must be an open_clip model name or config path, got {self.clip_model!r}")
         _require((self.prompt_len == 0) == (self.prompt_layers == 0), "prompt_layers",
                  f"prompt_len={self.prompt_len} and prompt_layers={self.prompt_layers} must both be 0 or both > 0")
         _require(self.gate_activation in GATE_ACTIVATIONS, "gate_activation",
                  f"must be one of {GATE_ACTIVATIONS}, got {self.gate_activation!r}")
-        _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank",
-                 f"must be a non-negative integer, got {self.lora_rank!r}")
         for name in ("lora_targets", "bias_targets"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
             unknown = sorted(set(getattr(self, name)) - set(LORA_TARGETS))
@@ -252,10 +258,12 @@ class AdapterArgs:
                  f"must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
         for name in ("clip_dim", "visual_dim", "visual_depth", "visual_heads"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+            _require(_whole(value) and value > 0, name, f"must be a positive integer, got {value!r}")
         _require(self.visual_dim % self.visual_heads == 0, "visual_heads",
                  f"visual_dim={self.visual_dim} is not divisible by {self.visual_heads}")
-        _require(self.visual_mlp_ratio > 0, "visual_mlp_ratio", f"must be positive, got {self.visual_mlp_ratio}")
+        ratio = self.visual_mlp_ratio
+        _require(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0, "visual_mlp_ratio",
+                 f"must be a positive number, got {ratio!r}")
 
     @property
     def has_prompts(self) -> bool:

@@ -224,6 +224,8 @@ def _read_adapter(adapter: object, args: ModelArgs, clip: object) -> tuple[Adapt
 def _fit_adapter(model: Transformer, adapter: object, found, clip, clip_model: str | None, clip_mode: str | None,
                  device: torch.device) -> Transformer:
     """Give a model whose base is in place its adapter tensors (read, or fresh) and CLIP tower; freeze the base."""
+    if found:
+        found.check_declared(model)  # while the adapter's tensors are still shapes alone
     model.reset_adapter(device)
     # a bare base is asked as its chat template asks; an adapter in the format it records (alpaca unless it says)
     model.prompt_format = (model.base_prompt_format or "alpaca") if adapter is None else "alpaca"

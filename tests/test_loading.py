@@ -132,6 +132,20 @@ def test_bad_adapter_files_get_clear_errors(base_folder, trained, tmp_path):
         "base_list": (lambda t, m: m.update(base_shape="[64, 4]"),
                       r"bad adapter metadata \(base_shape must be an object of whole numbers, got \[64, 4\]\)"),
         "format": (lambda t, m: m.update(format="other"), "not a llama-adapter file"),
+        # settings declaring far more than the file holds are refused before their tensors are made (this one
+        # asked for 768 GB)
+        "declared": (lambda t, m: m.update(adapter_args=json.dumps({**json.loads(m["adapter_args"]),
+                                                                     "prompt_len": 10 ** 9})),
+                     r"adapter_query.weight has shape \(\d+, 64\), expected \(\d+, 64\) by its settings "
+                     r"\(prompt_len 1000000000, prompt_layers 3, lora_rank 4\)"),
+        "rank_type": (lambda t, m: m.update(adapter_args=json.dumps({**json.loads(m["adapter_args"]),
+                                                                      "lora_rank": True})),
+                      "lora_rank: must be a non-negative integer, got True"),
+        "clip_model_type": (lambda t, m: m.update(adapter_args=json.dumps({**json.loads(m["adapter_args"]),
+                                                                            "clip_model": None})),
+                            "clip_model: must be an open_clip model name or config path, got None"),
+        "flag_type": (lambda t, m: m.update(adapter_args=json.dumps({**json.loads(m["adapter_args"]), "bias": []})),
+                      r"bias: must be true or false, got \[\]"),
     }
     for name, (change, message) in cases.items():
         path = tmp_path / f"{name}.safetensors"

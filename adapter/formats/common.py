@@ -56,6 +56,21 @@ class LoadedAdapter:
         except ValueError as error:
             raise ValueError(f"{self.path}: {error}") from error
 
+    def check_declared(self, model: "Transformer") -> None:
+        """The tensors held under the model's names against the shapes the adapter's settings give the model,
+        before its tensors are made (a file of small tensors declaring a prompt or LoRA rank of millions asked for
+        gigabytes before its shapes were compared)."""
+        places = dict(model.named_parameters())
+        for name, value in self.tensors.items():
+            place = places.get(name)
+            if place is None or (name.endswith(".attention.gate") and value.numel() == 1):  # placed by apply_to
+                continue
+            if tuple(value.shape) != tuple(place.shape):
+                a = self.args
+                raise ValueError(f"{self.path}: {name} has shape {tuple(value.shape)}, expected {tuple(place.shape)} "
+                                 f"by its settings (prompt_len {a.prompt_len}, prompt_layers {a.prompt_layers}, "
+                                 f"lora_rank {a.lora_rank})")
+
     def apply_to(self, model: "Transformer") -> None:
         """Check the fit, share single-value gates (PEFT, older files) across heads, turn tuned norm weights
         into deltas against this base, copy everything in; the model is then asked in this adapter's prompt
