@@ -40,6 +40,7 @@ MODULES = {"self_attn.q_proj": ("attention", "wq"), "self_attn.k_proj": ("attent
            "mlp.gate_proj": ("feed_forward", "w1"), "mlp.up_proj": ("feed_forward", "w3"),
            "mlp.down_proj": ("feed_forward", "w2")}
 READS_HIDDEN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+MAX_PATTERN, MAX_REPEATS = 200, 2  # a module pattern read from a file: what matches a module name at once
 _KEY = re.compile(r"(?:base_model\.model\.)?(model\.layers\.(\d+)\.(self_attn\.\w+|mlp\.\w+))\.lora_([AB])\.weight")
 # settings of LoRA variants that compute something else, and the only value read
 _PLAIN = {"use_dora": False, "bias": "none", "modules_to_save": None, "layer_replication": None}
@@ -89,6 +90,18 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
                 re.compile(key)
             except re.error as error:
                 raise ValueError(f"{path}: {name}: {key!r} is not a module pattern ({error})") from None
+            if not _tame(key):  # an upload's regex must not hang the server
+                raise ValueError(f"{path}: {name}: {key!r:.80} is not read: a pattern of at most {MAX_PATTERN} "
+                                 f"characters with at most {MAX_REPEATS} repeats (*, +, ?, {{}}) and none of a group, "
+                                 "e.g. 'q_proj' or 'layers\\.0\\..*'")
+
+
+def _tame(pattern: str) -> bool:
+    """Whether a module pattern matches without runaway backtracking: "(a|aa)*!" or ".*" eight times over a
+    module's name take hours (Python's regexes backtrack), a repeat or two a moment."""
+    bare = re.sub(r"\\.", "", pattern)  # escaped characters repeat nothing
+    return (len(pattern) <= MAX_PATTERN and sum(bare.count(mark) for mark in "*+?{") <= MAX_REPEATS
+            and re.search(r"\)[*+?{]", bare) is None)
 
 
 def _pairs(path: Path, state: dict) -> dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]]:
