@@ -111,7 +111,9 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.processor.DecodeIds([int(i) for i in ids])
+        """The text of `ids`; an id past the pieces (a head padded beyond them) reads as nothing, as in the BPE
+        tokenizers (sentencepiece raised IndexError: a 500 from /detokenize, a traceback mid-answer)."""
+        return self.processor.DecodeIds([int(i) for i in ids if 0 <= int(i) < self.n_words])
 
     def token_text(self, token_id: int) -> str:
         """The piece with its word-start mark as a space ("\u2581red" -> " red"); a byte-fallback piece as its

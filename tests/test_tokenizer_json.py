@@ -33,6 +33,14 @@ def converted(base_folder, tmp_path_factory) -> tuple[Path, transformers.PreTrai
     return folder, transformers.AutoTokenizer.from_pretrained(folder)
 
 
+def test_ids_past_the_pieces_read_as_nothing_in_both_kinds(base_folder, converted):
+    """A head may be padded past the tokenizer's pieces; such an id read as nothing in a tokenizer.json and raised
+    IndexError in sentencepiece (a 500 from /detokenize, a traceback in the middle of an answer)."""
+    for tokenizer in (open_tokenizer(converted[0] / "tokenizer.json"), open_tokenizer(base_folder / "tokenizer.model")):
+        ids = tokenizer.encode("the red star", bos=False)
+        assert tokenizer.decode([*ids, tokenizer.n_words, tokenizer.n_words + 40]) == tokenizer.decode(ids)
+
+
 def test_tokenizer_json_encodes_as_transformers_and_sentencepiece(base_folder, converted):
     folder, reference = converted
     tokenizer = open_tokenizer(folder / "tokenizer.json")
