@@ -112,7 +112,10 @@ def _byte_level(path: Path, file: GGUFFile, tokens: list[str], types: list[int])
     # ignore_merges: a piece that is a token whole is that token (tiktoken's rule, which both patterns' models use)
     backend = byte_level_llama3(Backend(models.BPE(vocab, merges, ignore_merges=True)), SPLIT_PATTERNS[pre])
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
-                                for token, kind in zip(tokens, types) if kind in (CONTROL, USER_DEFINED)])
+                                for token, kind in zip(tokens, types) if kind == CONTROL])
+    # a user-defined token (DeepSeek-R1's "<think>") is read whole from a text, and written back when decoding
+    backend.add_tokens([AddedToken(token, special=False, normalized=False)
+                        for token, kind in zip(tokens, types) if kind == USER_DEFINED])
     bos = _token_id(path, file, "bos", tokens, required=False)
     if not file.value("tokenizer.ggml.add_bos_token", True):
         bos = -1

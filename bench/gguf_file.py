@@ -74,9 +74,9 @@ def sentencepiece_vocab(writer: gguf.GGUFWriter, model_path: Path) -> None:
 
 def bpe_vocab(writer: gguf.GGUFWriter, tokenizer: BPETokenizer, pre: str) -> None:
     """A byte-level BPE as llama.cpp writes one from its tokenizer.json ("gpt2" tokenizer): every token in id order,
-    special tokens as control tokens, the merges as "left right"."""
+    special tokens as control tokens, other added tokens as user-defined ones, the merges as "left right"."""
     saved = json.loads(tokenizer.backend.to_str())
-    specials = {entry["id"] for entry in saved["added_tokens"] if entry["special"]}
+    kinds = {entry["id"]: 3 if entry["special"] else 4 for entry in saved["added_tokens"]}
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     tokens = sorted(vocab, key=vocab.get)
     assert [vocab[token] for token in tokens] == list(range(len(tokens)))
@@ -84,7 +84,7 @@ def bpe_vocab(writer: gguf.GGUFWriter, tokenizer: BPETokenizer, pre: str) -> Non
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if index in specials else 1 for index in range(len(tokens))])
+    writer.add_token_types([kinds.get(index, 1) for index in range(len(tokens))])
     writer.add_token_merges(merges)
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)

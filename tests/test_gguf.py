@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import AddedToken
 
 import adapter
 from adapter.bpe_tokenizer import BPETokenizer, read_ranks
@@ -130,6 +131,20 @@ def test_llama3_vocabulary_encodes_as_tiktoken_and_stops_at_eot(llama3, tmp_path
     assert rebuilt.stop_ids == original.stop_ids and original.backend.token_to_id("<|eot_id|>") in rebuilt.stop_ids
     model = adapter.load(path, device="cpu")
     assert torch.allclose(logits(model), peer_logits(path), atol=1e-5)
+
+
+def test_a_user_defined_token_is_read_whole_and_decoded_back(llama3, tmp_path):
+    """llama.cpp writes an added token that is not special ("<think>") as user-defined; it was read as a special
+    token, which decoding drops."""
+    original = BPETokenizer.from_tiktoken(llama3 / "tokenizer.model")
+    original.backend.add_tokens([AddedToken("<think>", special=False, normalized=False)])
+    path = write_gguf(tmp_path / "think.gguf", LLAMA3_SHAPE, weights(llama3),
+                      lambda writer: bpe_vocab(writer, original, "llama-bpe"))
+    rebuilt = open_tokenizer(path)
+    text = "<think>the red circle</think> done"
+    ids = rebuilt.encode(text, bos=False)
+    assert ids == original.encode(text, bos=False) and ids[0] == original.backend.token_to_id("<think>")
+    assert rebuilt.decode(ids) == original.decode(ids) == text
 
 
 def test_the_chat_template_in_the_metadata_sets_the_bare_prompt_format(llama3, tmp_path):
