@@ -22,8 +22,9 @@ class TextStream:
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.context = [int(i) for i in context[-CONTEXT_IDS:]]
         self.lead = tokenizer.decode(self.context) if self.context else ""
-        if REPLACEMENT in self.lead:  # a character cut at the context's edge: its bytes would merge with the text's
-            self.context, self.lead = [], ""
+        while REPLACEMENT in self.lead:  # a character cut at the context's edge: it starts after that character
+            self.context = self.context[1:]
+            self.lead = tokenizer.decode(self.context) if self.context else ""
         self.ids: list[int] = []
         self.emitted = ""
         self.stopped = False
@@ -56,7 +57,10 @@ class TextStream:
         return text[len(self.lead):] if text.startswith(self.lead) else self.tokenizer.decode(self.ids)
 
     def _emit(self, text: str) -> str:
-        if len(text) <= len(self.emitted) or not text.startswith(self.emitted):
+        """What `text` adds to the text shown. A decode that rewrote text already shown (HF's byte fallback turns
+        a whole run of bytes that is not UTF-8 into U+FFFD, an ASCII byte in it too) goes on from the length shown
+        (it showed nothing more)."""
+        if len(text) <= len(self.emitted):
             return ""
         piece = text[len(self.emitted):]
         self.emitted = text

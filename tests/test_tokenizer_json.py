@@ -14,6 +14,7 @@ import transformers
 
 import adapter
 from adapter.bpe_tokenizer import BPETokenizer
+from adapter.text_stream import CONTEXT_IDS, TextStream
 from adapter.tokenizer import open_tokenizer
 
 TEXTS = ["Hello world", "The red circle is above the blue square.", "café naïve 日本語 🙂 €5",
@@ -85,3 +86,25 @@ def test_hf_folder_with_only_tokenizer_json_loads(base_folder, converted, tmp_pa
         assert float((model(tokens) - original(tokens)).abs().max()) < 1e-5
     assert model.generate(prompt, temperature=0.0, max_new_tokens=8) == \
         original.generate(prompt, temperature=0.0, max_new_tokens=8)
+
+
+def test_a_stream_goes_on_after_the_byte_fallback_rewrites_what_it_showed(converted):
+    """HF's byte fallback decodes "a\\n" + <0x80> as "a" and two U+FFFD, the newline shown already rewritten: the
+    stream showed nothing more, the rest of the answer lost."""
+    tokenizer = open_tokenizer(converted[0] / "tokenizer.json")
+    stray = tokenizer.backend.token_to_id("<0x80>")
+    ids = [*tokenizer.encode("a\n", bos=False), stray, *tokenizer.encode(" is above the blue square", bos=False)]
+    stream = TextStream(tokenizer)
+    shown = "".join([stream.push(i) for i in ids] + [stream.finish()])
+    assert shown.startswith("a\n") and shown.endswith(" is above the blue square")
+    assert len(shown) == len(tokenizer.decode(ids))
+
+
+def test_a_continuation_reads_on_from_a_context_cut_inside_a_character(base_folder):
+    """The prompt's last ids began inside an emoji's bytes: the whole context was dropped, and the continuation
+    lost the space it starts with."""
+    tokenizer = open_tokenizer(base_folder / "tokenizer.model")
+    prompt, word = tokenizer.encode("red 🙂x", bos=False), tokenizer.encode(" circle", bos=False)
+    assert "\ufffd" in tokenizer.decode(prompt[-CONTEXT_IDS:]), "the context starts inside the emoji"
+    stream = TextStream(tokenizer, context=prompt)
+    assert "".join([stream.push(i) for i in word] + [stream.finish()]) == " circle"
