@@ -98,9 +98,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     """The flags, each defaulting to its environment variable (then to ServeConfig's default)."""
     defaults = ServeConfig()
 
-    def default(name: str, fallback: object = None) -> object:
+    def default(name: str, fallback: object = None, kind: type | None = None) -> object:
+        """The variable's value (converted to `kind`, refused naming the variable), else `fallback`."""
         value = environ.get(env_name(name))
-        return value if value not in (None, "") else fallback
+        if value in (None, ""):
+            return fallback
+        if kind is None:
+            return value
+        try:
+            return kind(value)
+        except ValueError:
+            expected = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{env_name(name)}: {value!r} is not {expected}") from None
 
     parser = argparse.ArgumentParser(prog="python app.py", description="The LLaMA-Adapter Gradio app. Every "
                                      "flag can also be set by its environment variable ADAPTER_<FLAG>.")
@@ -125,7 +134,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=default("dtype"), help="float32, bfloat16 or float16")
     parser.add_argument("--host", default=default("host", environ.get("GRADIO_SERVER_NAME") or defaults.host),
                         help="address to listen on (default: GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 = all)")
-    parser.add_argument("--port", type=int, default=default("port", environ.get("GRADIO_SERVER_PORT") or defaults.port),
+    parser.add_argument("--port", type=int,
+                        default=default("port", environ.get("GRADIO_SERVER_PORT") or defaults.port, int),
                         help="port (default: GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--share", action="store_true", default=_switch(environ, "share"),
                         help="also serve through a public gradio.live link")
@@ -135,7 +145,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--no-train-tab", action="store_true", default=_switch(environ, "no_train_tab"),
                         help="leave out the Train tab, where users train adapters on the served base (one run at a "
                              "time, each step between other users' answers)")
-    parser.add_argument("--train-max-steps", type=int, default=default("train_max_steps", defaults.train_max_steps),
+    parser.add_argument("--train-max-steps", type=int,
+                        default=default("train_max_steps", defaults.train_max_steps, int),
                         help=f"the most optimizer steps one run of the Train tab may take (default {MAX_STEPS}); a "
                              "run that would take more is refused before it starts")
     parser.add_argument("--no-upload", action="store_true", default=_switch(environ, "no_upload"),
@@ -148,9 +159,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         default=_switch(environ, "private_adapters"),
                         help="serve an adapter trained or uploaded in the app to the page (or API client) that "
                              "added it alone, until that page is closed, instead of to every user (public Spaces)")
-    parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens),
+    parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens, int),
                         help="the most tokens one answer may have (the slider's maximum)")
-    parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency),
+    parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency, int),
                         help="requests in flight at once (default 1); decoding itself is one at a time per device")
     parser.add_argument("--compile", action="store_true", default=_switch(environ, "compile"),
                         help="decode through torch.compile: faster steps (on a CPU, 1.7x for a 512-dim fp32 model: "
@@ -166,11 +177,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--system", default=default("system", defaults.system),
                         help="the system prompt each request starts with (users may change it under Advanced); "
                              f"only adapters asked in a chat format ({', '.join(chat_formats())}) take one")
-    parser.add_argument("--gate-scale", type=float, default=default("gate_scale", defaults.gate_scale),
+    parser.add_argument("--gate-scale", type=float, default=default("gate_scale", defaults.gate_scale, float),
                         help="the gate slider's starting value, and the gate scale of API requests that set none "
                              "(0: the frozen base), so a client that cannot set it (lm-evaluation-harness) scores "
                              "any gate")
-    parser.add_argument("--delta-scale", type=float, default=default("delta_scale", defaults.delta_scale),
+    parser.add_argument("--delta-scale", type=float, default=default("delta_scale", defaults.delta_scale, float),
                         help="the same for the delta scale of the v2 parts (biases, scales, LoRA, norms)")
     return parser
 

@@ -335,6 +335,15 @@ def test_on_off_variables_read_their_words(demo_files, value, private):
     assert parse_config(base, {"ADAPTER_PRIVATE_ADAPTERS": value}).private_adapters is private
 
 
+@pytest.mark.parametrize("variable, value, expected", [("ADAPTER_PORT", "abc", "a whole number"),
+                                                       ("ADAPTER_MAX_NEW_TOKENS", "1e3", "a whole number"),
+                                                       ("ADAPTER_GATE_SCALE", "half", "a number")])
+def test_a_number_variable_that_is_no_number_is_refused_naming_the_variable(demo_files, variable, value, expected):
+    """(argparse's words named the flag, --port, that the user never gave)"""
+    with pytest.raises(ValueError, match=f"^{variable}: '{value}' is not {expected}$"):
+        parse_config(["--base", str(demo_files.base)], {variable: value})
+
+
 def test_an_on_off_variable_of_another_word_is_refused_by_name(demo_files):
     """(anything but 1/true/yes/on was read as off: ADAPTER_PRIVATE_ADAPTERS=y served every page's adapters to
     everyone)"""
