@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ LLAMA3_NAMED = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_rig
                 6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
                 10: "<|python_tag|>", 11: "<|image|>"}
 BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|end_of_text|>"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a LLaMA 1/2 tokenizer.json's byte-fallback pieces, as sentencepiece names them
 TURN_ENDS = ("<|eot_id|>", "<|eom_id|>")  # an instruct model ends its answer with these, not with EOS
 
 
@@ -226,9 +228,13 @@ class BPETokenizer(Tokenizer):
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
+        piece = self.backend.id_to_token(int(token_id)) or ""
+        if _BYTE_PIECE.fullmatch(piece):  # a LLaMA 1/2 byte-fallback piece, as SentencePieceTokenizer shows it
+            value = int(piece[3:-1], 16)
+            return chr(value) if value < 0x80 else piece
         text = self.backend.decode([int(token_id)], skip_special_tokens=False)
         # a LLaMA 1/2 tokenizer.json marks a word's start with U+2581, which its decoder drops at the start of a text
-        if (self.backend.id_to_token(int(token_id)) or "").startswith("\u2581") and not text.startswith(" "):
+        if piece.startswith("\u2581") and not text.startswith(" "):
             text = " " + text
         return text
 

@@ -66,6 +66,9 @@ def test_a_token_reads_as_the_sentencepiece_model_shows_it(base_folder, converte
     ids = tokenizer.encode("The red circle is above the blue square.", bos=True, eos=True)
     assert [tokenizer.token_text(i) for i in ids] == [sentencepiece.token_text(i) for i in ids]
     assert tokenizer.token_text(ids[1]).startswith(" "), "the word-start mark is a space, first token or not"
+    # every piece, the byte-fallback ones too ("<0x20>" read "", "<0x80>" read U+FFFD)
+    assert [tokenizer.token_text(i) for i in range(tokenizer.n_words)] == \
+           [sentencepiece.token_text(i) for i in range(sentencepiece.n_words)]
 
 
 def test_hf_folder_with_only_tokenizer_json_loads(base_folder, converted, tmp_path):
