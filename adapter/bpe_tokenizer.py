@@ -34,7 +34,7 @@ LLAMA3_NAMED = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_rig
                 6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
                 10: "<|python_tag|>", 11: "<|image|>"}
 BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|end_of_text|>"
-_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a LLaMA 1/2 tokenizer.json's byte-fallback pieces, as sentencepiece
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a LLaMA 1/2 tokenizer.json's byte-fallback pieces
 TURN_ENDS = ("<|eot_id|>", "<|eom_id|>")  # an instruct model ends its answer with these, not with EOS
 
 
