@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,7 @@ from .finetune.records import (
 )
 from .formats.common import atomic_write
 from .gate_layers import Speaker, gate_scale_rows
-from .generate import generate_batch, prompt_writer, require_tokenizer
+from .generate import fits_together, generate_batch, prompt_writer, require_tokenizer
 from .prompts import PromptFormat, apply_template
 
 if TYPE_CHECKING:
@@ -154,10 +154,10 @@ def answer_questions(
     if too_long:
         raise ValueError(f"{len(too_long)} question(s) do not fit this model's context of {limit} tokens (room for "
                          "an answer left); shorten them:\n  " + "\n  ".join(too_long))
-    order = sorted(left, key=lambda index: -lengths[index])
     answers: list[list[str]] = [list(answered.get(index, ())) for index in range(len(questions))]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    done = 0
+    for chunk in _batches(sorted(left, key=lambda index: -lengths[index]), lengths, batch_size,
+                          options.get("max_new_tokens", 256), limit):
         rows = [(index, scale) for index in chunk for scale in scales]
         images = [questions[index].image if sees else None for index, _ in rows]
         gate_scale = gate_scale_rows(model, [s for _, s in rows], layers)
@@ -167,9 +167,26 @@ def answer_questions(
             answers[index].append(answer)
         if on_answers is not None:
             on_answers({index: answers[index] for index in chunk})
+        done += len(chunk)
         if progress is not None:
-            progress(min(start + batch_size, len(order)), len(order))
+            progress(done, len(left))
     return answers
+
+
+def _batches(order: list[int], lengths: Mapping[int, int], batch_size: int, max_new_tokens: int,
+             limit: int) -> Iterator[list[int]]:
+    """The questions in `order` (longest first), `batch_size` at a time, a batch ending early where the next
+    question's answer would get less room beside it than alone (adapter.generate.fits_together)."""
+    batch: list[int] = []
+    for index in order:
+        grown = [*batch, index]
+        if batch and (len(grown) > batch_size or
+                      not fits_together([lengths[i] for i in grown], [max_new_tokens] * len(grown), limit)):
+            yield batch
+            grown = [index]
+        batch = grown
+    if batch:
+        yield batch
 
 
 def can_see(model: Transformer) -> bool:

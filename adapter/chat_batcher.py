@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .device_work import DeviceWork
-from .generate import stream_batch
+from .generate import fits_together, stream_batch
 from .prompt_ids import prompt_ids
 
 if TYPE_CHECKING:
@@ -150,13 +150,13 @@ class ChatBatcher:
         """Whether every row of `jobs` and `job` decoded together has the room for its answer it has alone: the
         batch's context holds the longest prompt for every row (left padding), so a short prompt beside a long
         one may reach the context's end sooner than its `max_new_tokens`."""
-        limit, rows = self.model.args.max_seq_len, [*jobs, job]
+        rows = [*jobs, job]
         try:
-            longest = max(self._length(row) for row in rows)
+            lengths = [self._length(row) for row in rows]
         except ValueError:  # a prompt the batch's decode refuses, naming it, to its user
             return True
-        return all(min(row.options.get("max_new_tokens", limit), limit - self._length(row)) <= limit - longest
-                   for row in rows)
+        limit = self.model.args.max_seq_len
+        return fits_together(lengths, [row.options.get("max_new_tokens", limit) for row in rows], limit)
 
     def _length(self, job: ChatJob) -> int:
         if job.length is None:

@@ -156,6 +156,14 @@ def decode_tokens(
             logits = model.step(next_ids[:, None], cache, compile=requests[0].compile, **scales)
 
 
+def fits_together(lengths: Sequence[int], max_new_tokens: Sequence[int], limit: int) -> bool:
+    """Whether prompts of `lengths` tokens decoded as one batch each get the room for their answer they get alone
+    (`max_new_tokens` each, within the context's `limit`): a batch pads to its longest prompt, and the context
+    holds that length for every row."""
+    longest = max(lengths)
+    return all(min(new, limit - length) <= limit - longest for length, new in zip(lengths, max_new_tokens))
+
+
 def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest], seen: torch.Tensor | None,
                  counts: torch.Tensor | None, generators: list[torch.Generator | None]) -> torch.Tensor:
     """The next token of each row, all rows at once when they share their sampling settings."""

@@ -305,3 +305,20 @@ def test_image_questions_see_their_picture_and_a_blind_adapter_is_told_of(tmp_pa
     assert answers["tiny-text"] == generate(blind, example["question"], template="auto", temperature=0.0)
     assert ("note (tiny-text): this model cannot see (no visual prompt, or no --clip); it answers the 1 image "
             "question(s) from their text alone") in capsys.readouterr().err
+
+
+def test_a_short_question_is_not_batched_where_a_long_one_would_cut_its_answer(base_folder, tmp_path):
+    """A batch pads to its longest prompt, which the context then holds for every row: beside a long question, a
+    short one's answer ran out of context sooner than alone."""
+    model = randomize_adapter(adapter.load(base_folder, adapter=V2, device="cpu", max_seq_len=96), std=0.3)
+    endless = dict(temperature=0.0, max_new_tokens=40, logit_bias=((model.tokenizer.eos_id, -100.0),))
+    long_question = "the red star"
+    while len(model.tokenizer.encode(alpaca(long_question + " is red"), bos=True)) < 90:
+        long_question += " is red"
+    asked = [long_question, "Hi", "Name a colour."]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in asked))
+    answers = answer_questions(model, read_questions(tmp_path / "q.jsonl"), batch_size=3, **endless)
+    alone = [generate(model, alpaca(q), stop=STOP_STRINGS, **endless) for q in asked]
+    assert [row[0] for row in answers] == alone
+    short = len(model.tokenizer.encode(alone[1], bos=False))
+    assert short > 96 - len(model.tokenizer.encode(alpaca(long_question), bos=True)), "more than the long one leaves"
