@@ -206,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.sliding_window is not None and not options.mistral:
             raise ValueError("--sliding-window: only with --mistral")
+        if options.sliding_window is not None and options.sliding_window < 2:  # what loading reads (formats.window)
+            raise ValueError(f"--sliding-window: must be at least 2, got {options.sliding_window}")
         if options.mistral and options.shards != 1:
             raise ValueError("--shards: Mistral's layout is one consolidated.safetensors")
         shape = dict(dim=options.dim, n_layers=options.n_layers, n_heads=options.n_heads,

@@ -156,6 +156,10 @@ def test_the_random_model_command_writes_mistrals_layout(tmp_path, capsys):
     PROMPT_FORMATS["mistral-v3"].check(model.tokenizer)  # [INST] and [/INST] are tokens of their own
     assert random_model_main([str(tmp_path / "x"), "--sliding-window", "64"]) == 2
     assert capsys.readouterr().err == "error: --sliding-window: only with --mistral\n"
+    # (a window of 0 was written, and the folder then refused by loading)
+    assert random_model_main([str(tmp_path / "w"), "--mistral", "--sliding-window", "0"]) == 2
+    assert capsys.readouterr().err == "error: --sliding-window: must be at least 2, got 0\n"
+    assert not (tmp_path / "w").exists()
     with pytest.raises(SystemExit):
         random_model_main([str(tmp_path / "y"), "--mistral", "--llama3"])
     assert random_model_main([str(tmp_path / "nemo"), "--mistral", "--head-dim", "32", "--n-layers", "1"]) == 0
