@@ -199,7 +199,10 @@ def _what_would_fit(served: Served, kind: Hardware, need: Need) -> str:
         other = served.need(kind, need.on_gpu, quantize=mode)
         if mode != need.precision and other.total <= kind.memory(need.on_gpu):
             advice.append(f"--quantize {mode} would ({other.total / GIB:.2f} GiB)")
+    device = served.options["device"] or ""
     for other_kind in HARDWARE:
+        if device.startswith("cuda") and not other_kind.gpus:  # refused there (check_fit)
+            continue
         on_gpu = served.on_gpu(other_kind)
         other = served.need(other_kind, on_gpu)
         if other.total <= other_kind.memory(on_gpu):

@@ -53,6 +53,11 @@ def test_what_does_not_fit_is_refused_with_what_would():
                                          r"\(11\.14 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.48 GiB\); "):
         check_fit(flags(), "cpu-basic", seven_b())  # a CPU computes in float32 unless --dtype says
     assert check_fit(flags(dtype="bfloat16", quantize="nf4"), "cpu-basic", seven_b())[0].endswith("holds it")
+    # with --device cuda, hardware without a GPU (refused there) is not offered (cpu-upgrade was)
+    with pytest.raises(ValueError) as refused:
+        check_fit(flags(dtype="float32", device="cuda"), "a10g-small", seven_b())
+    assert "--hardware cpu-upgrade" not in str(refused.value) and "--hardware l40sx1 would (Nvidia L40S," in \
+        str(refused.value)
 
 
 def test_the_tower_counts_where_its_model_is_known_and_is_named_where_not():
