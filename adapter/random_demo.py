@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import AdapterArgs
+from .formats.common import atomic_folder
 from .formats.native import save_adapter
 from .loading import load
 from .random_model import write_random_base
@@ -80,8 +82,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folder", help="where to write the files")
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(argv)
-    files = write_random_demo(options.folder, seed=options.seed)
-    print("python app.py " + " ".join(files.flags()))
+    written: list[tuple[Path, DemoFiles]] = []
+
+    def write(staging: Path) -> None:
+        written.append((staging, write_random_demo(staging, seed=options.seed)))
+
+    try:
+        out = atomic_folder(Path(options.folder), write)  # whole or not at all, never into a folder already there
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    staging, files = written[0]
+    moved = DemoFiles(**{name: out / Path(path).relative_to(staging) for name, path in vars(files).items()})
+    print(shlex.join(["python", "app.py", *moved.flags()]))
     return 0
 
 

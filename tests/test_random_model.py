@@ -3,6 +3,8 @@ field, with nothing written (no folder, no temporary one beside it); an existing
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from adapter.random_model import main
@@ -34,3 +36,22 @@ def test_an_existing_folder_is_not_written_into(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: out: {tmp_path / 'base'} already exists; name a new folder\n"
     assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "base").iterdir()} == written
     assert [path.name for path in tmp_path.iterdir()] == ["base"]
+
+
+def test_random_demo_writes_a_new_folder_whole_and_prints_a_command_that_pastes(tmp_path, capsys):
+    """(it wrote into a folder already there, mixing its files with those, tracebacked on a file, and printed paths
+    with spaces unquoted)"""
+    import shlex
+
+    from adapter import random_demo
+
+    folder = tmp_path / "demo here"
+    assert random_demo.main([str(folder)]) == 0
+    command = shlex.split(capsys.readouterr().out)
+    assert command[:2] == ["python", "app.py"] and command[command.index("--base") + 1] == str(folder / "base")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter", "base", "clip"]
+    assert all(Path(value).exists() for value in command[3::2])
+    assert random_demo.main([str(folder)]) == 2
+    assert capsys.readouterr().err == f"error: out: {folder} already exists; name a new folder\n"
+    (tmp_path / "notes.txt").write_text("x")
+    assert random_demo.main([str(tmp_path / "notes.txt")]) == 2 and (tmp_path / "notes.txt").read_text() == "x"
