@@ -88,9 +88,7 @@ def deploy(space: str, flags: Sequence[str] = (), private: bool = False, hardwar
     variables, files = space_variables(flags), space_files(root)
     hub = hub_module("space", space)
     check_token(hub, space, what="space")
-    kinds = [kind.value for kind in hub.SpaceHardware]
-    if hardware is not None and hardware not in kinds:
-        raise ValueError(f"--hardware: {hardware!r} is not a Space hardware; choose from {', '.join(kinds)}")
+    check_hardware(hub, hardware)
     api = hub.HfApi()
     with hub_failures("space", f"could not read {space}'s hardware on the Hugging Face hub", ADVICE):
         serves_on = hardware or _current_hardware(hub, api, space)
@@ -135,6 +133,13 @@ def _sleep_time_note(sleep_time: int | None, hardware: str, asked: bool) -> str 
         return (f"note: {hardware} is billed while the Space runs, and paid hardware does not sleep unless asked: "
                 "--sleep-time SECONDS puts it to sleep after that long without a visitor")
     return None
+
+
+def check_hardware(hub, hardware: str | None) -> None:
+    """ValueError where `hardware` is not one the hub offers Spaces (huggingface_hub's list: nothing is fetched)."""
+    kinds = [kind.value for kind in hub.SpaceHardware]
+    if hardware is not None and hardware not in kinds:
+        raise ValueError(f"--hardware: {hardware!r} is not a Space hardware; choose from {', '.join(kinds)}")
 
 
 def _current_hardware(hub, api, space: str) -> str:
@@ -200,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options, flags = parser.parse_known_args(argv)
     try:
         if options.dry_run:
-            repo_id(options.space, "space")
+            check_hardware(hub_module("space", repo_id(options.space, "space")), options.hardware)
             variables, files = space_variables(flags), space_files()
             size = sum((ROOT / name).stat().st_size for name in files)
             note = _sleep_time_note(options.sleep_time, options.hardware or DEFAULT_HARDWARE,

@@ -132,6 +132,9 @@ def test_the_dry_run_checks_the_hardware_asked_for(capsys):
     assert out[-1].startswith("  base float16 0.00 GiB + CLIP tower 0.00 + KV cache 0.00 (1 x 256 tokens) + ")
     assert main(["me/demo", "--dry-run", "--no-fit-check"]) == 0
     assert not any(line.startswith("hardware") for line in capsys.readouterr().out.splitlines())
+    # as the deploy refuses it (the dry run said it was billed)
+    assert main(["me/demo", "--dry-run", "--hardware", "bogus"]) == 2
+    assert capsys.readouterr().err.startswith("error: --hardware: 'bogus' is not a Space hardware; choose from ")
 
 
 def test_paid_hardware_sleeps_when_asked_and_the_free_one_cannot_be_asked(hub, capsys):
