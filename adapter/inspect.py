@@ -113,6 +113,13 @@ def describe_adapter(path: Path) -> list[str]:
               else f"the top {a.prompt_layers} layers")
     parts = a.v2_parts
     count = sum(t.numel() for t in found.tensors.values()) + sum(t.numel() for t in found.norm_weights.values())
+    shared_gates = sum(1 for name, t in found.tensors.items() if name.endswith(".attention.gate") and t.numel() == 1)
+    heads = found.base_shape.get("n_heads")
+    counted = f"parameters {count:,}"
+    if shared_gates and heads:  # a gate a layer is served as one a head
+        counted = f"parameters {count + shared_gates * (heads - 1):,}"
+    elif shared_gates:
+        counted += f" as stored ({shared_gates} gates of one value a layer, which become one a head when served)"
     fits = ", ".join(f"{k} {v}" for k, v in found.base_shape.items()) or "any"
     lines = [
         f"{found.path}: adapter, {found.format} format",
@@ -121,7 +128,7 @@ def describe_adapter(path: Path) -> list[str]:
         else "  prompts: none (no gates: the delta scale is its only slider)",
         f"  v2 parts: {', '.join(parts) if parts else 'none (v1)'}",
         *([f"  prompt keys/values: {PROJECTIONS[a.prompt_projection]}"] if a.prompt_projection != "frozen" else []),
-        f"  parameters {count:,}",
+        f"  {counted}",
         f"  prompt format {found.prompt_format}"
         + ("" if found.format == "native" else f" (assumed: the {found.format} format does not record one)"),
     ]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import adapter
 from adapter.config import AdapterArgs, ModelArgs, RopeScaling
 from adapter.formats.peft import write_peft
-from adapter.inspect import describe
+from adapter.inspect import describe, describe_adapter
 from adapter.model import Transformer
 from adapter.random_model import write_random_base
 from tests.conftest import TINY, V2, make_model, randomize_adapter
@@ -245,6 +245,11 @@ def test_written_peft_folder_round_trips_and_loads_in_peft(base_folder, tmp_path
     assert torch.equal(logits(adapter.load(base_folder, adapter=folder, device="cpu")), logits(ours))
     theirs = peft.PeftModel.from_pretrained(hf_llama(base_folder), folder).eval()
     torch.testing.assert_close(hf_logits(theirs), logits(ours), atol=1e-4, rtol=0)
+    # (inspect gave the file's count as the adapter's: a gate a layer is one a head when served)
+    stored = sum(t.numel() for t in load_file(folder / "adapter_model.safetensors").values())
+    assert stored < ours.count_parameters(trainable_only=True)
+    assert f"  parameters {stored:,} as stored (2 gates of one value a layer, which become one a head when served)" \
+        in describe_adapter(folder)
 
 
 def test_older_keys_without_the_wrapper_prefix_load(base_folder, tmp_path):
