@@ -146,6 +146,10 @@ class Served:
     def on_gpu(self, kind: Hardware) -> bool:
         return bool(kind.gpus) and (self.options["device"] or "cuda").startswith("cuda")
 
+    def cannot_run_on(self, kind: Hardware) -> bool:
+        """Whether `--device cuda` was asked of hardware without a GPU."""
+        return (self.options["device"] or "").startswith("cuda") and not kind.gpus
+
 
 def check_fit(variables: Mapping[str, str], hardware: str, checkpoint) -> list[str]:
     """Lines saying how the app, run with the Space's `variables`, fits `hardware` with the base `checkpoint` (opened
@@ -154,10 +158,9 @@ def check_fit(variables: Mapping[str, str], hardware: str, checkpoint) -> list[s
     if kind is None:
         return [f"hardware {hardware}: its memory is not in adapter.space_fit's table; not checked"]
     served = Served.read(variables, checkpoint)
-    device = served.options["device"]
-    if device and device.startswith("cuda") and not kind.gpus:
-        raise ValueError(f"--hardware {hardware}: it has no GPU, so --device {device} cannot run there; choose GPU "
-                         "hardware (t4-small, ...) or leave --device out")
+    if served.cannot_run_on(kind):
+        raise ValueError(f"--hardware {hardware}: it has no GPU, so --device {served.options['device']} cannot run "
+                         "there; choose GPU hardware (t4-small, ...) or leave --device out")
     on_gpu = served.on_gpu(kind)
     need, memory = served.need(kind, on_gpu), kind.memory(on_gpu)
     if need.total <= memory:
@@ -199,9 +202,8 @@ def _what_would_fit(served: Served, kind: Hardware, need: Need) -> str:
         other = served.need(kind, need.on_gpu, quantize=mode)
         if mode != need.precision and other.total <= kind.memory(need.on_gpu):
             advice.append(f"--quantize {mode} would ({other.total / GIB:.2f} GiB)")
-    device = served.options["device"] or ""
     for other_kind in HARDWARE:
-        if device.startswith("cuda") and not other_kind.gpus:  # refused there (check_fit)
+        if served.cannot_run_on(other_kind):
             continue
         on_gpu = served.on_gpu(other_kind)
         other = served.need(other_kind, on_gpu)
