@@ -81,10 +81,11 @@ def describe(args: ModelArgs, tied_output: bool, stored: str | None = None,
     base: its own) in `dtype` (a GPU's), and the KV cache per 1,000 tokens."""
     name = str(dtype).removeprefix("torch.")
     modes = [stored] if stored else [None, "nf4", "int8"]
-    sizes = ", ".join(f"{mode or name} {footprint(args, mode, dtype, tied_output, bool(stored)).weights / 2**30:.2f}"
-                      for mode in modes)
+    weights = {mode: footprint(args, mode, dtype, tied_output, bool(stored)).weights for mode in modes}
+    unit, scale = ("GiB", 2**30) if max(weights.values()) >= 2**30 else ("MiB", 2**20)  # a small base: not 0.00 GiB
+    sizes = ", ".join(f"{mode or name} {size / scale:.2f}" for mode, size in weights.items())
     cache = footprint(args, None, dtype, tied_output)
-    return (f"  memory in {name}: weights {sizes} GiB; KV cache {1000 * cache.kv_per_token / 2**20:.0f} MiB per "
+    return (f"  memory in {name}: weights {sizes} {unit}; KV cache {1000 * cache.kv_per_token / 2**20:.0f} MiB per "
             f"1,000 tokens (int8: {1000 * cache.kv_per_token_int8 / 2**20:.0f})")
 
 
