@@ -32,7 +32,7 @@ from .finetune.records import (
 )
 from .formats.common import atomic_write
 from .gate_layers import Speaker, gate_scale_rows
-from .generate import fits_together, generate_batch, prompt_writer, require_tokenizer
+from .generate import GenerationRequest, fits_together, generate_batch, prompt_writer, require_tokenizer
 from .prompts import PromptFormat, apply_template
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ def answer_questions(
     answers: list[list[str]] = [list(answered.get(index, ())) for index in range(len(questions))]
     done = 0
     for chunk in _batches(sorted(left, key=lambda index: -lengths[index]), lengths, batch_size,
-                          options.get("max_new_tokens", 256), limit):
+                          options.get("max_new_tokens", GenerationRequest.max_new_tokens), limit):
         rows = [(index, scale) for index in chunk for scale in scales]
         images = [questions[index].image if sees else None for index, _ in rows]
         gate_scale = gate_scale_rows(model, [s for _, s in rows], layers)

@@ -196,6 +196,14 @@ class Call:
             yield answer[:len(answer) - _stop_prefix(answer, self.stops)]
         yield answer  # decoding has ended: what was held back is no stop string
 
+    def pieces(self) -> Iterator[str]:
+        """Each new piece of `texts`, for streaming."""
+        answer = ""
+        for grown in self.texts():
+            if len(grown) > len(answer):
+                yield grown[len(answer):]
+            answer = grown
+
     def logprobs(self, answer: str) -> dict[str, Any] | None:
         """OpenAI's `logprobs` of a choice: each answer token's, with the likeliest at its place."""
         if self.top_logprobs is None:
@@ -486,11 +494,8 @@ def stream_events(name: str, call: Call, usage_chunk: bool = False) -> Iterator[
 
     def deltas() -> Iterator[tuple[dict[str, Any], str | None]]:
         yield {"index": 0, "delta": {"role": "assistant", "content": ""}}, None
-        answer = ""
-        for grown in call.texts():
-            if len(grown) > len(answer):
-                yield {"index": 0, "delta": {"content": grown[len(answer):]}}, None
-            answer = grown
+        for piece in call.pieces():
+            yield {"index": 0, "delta": {"content": piece}}, None
         yield {"index": 0, "delta": {}}, call.finish_reason()
 
     return sse_events(head, deltas(), call, usage_chunk)

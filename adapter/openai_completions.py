@@ -145,11 +145,8 @@ def stream_text_events(name: str, call: TextCall, usage_chunk: bool = False) -> 
     head = {"id": response_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name}
 
     def pieces() -> Iterator[tuple[dict[str, Any], str | None]]:
-        answer = ""
-        for grown in call.texts():
-            if len(grown) > len(answer):
-                yield {"text": grown[len(answer):], "index": 0, "logprobs": None}, None
-            answer = grown
+        for piece in call.pieces():
+            yield {"text": piece, "index": 0, "logprobs": None}, None
         yield {"text": "", "index": 0, "logprobs": None}, call.finish_reason()
 
     return sse_events(head, pieces(), call, usage_chunk)
