@@ -89,6 +89,11 @@ def describe(args: ModelArgs, tied_output: bool, stored: str | None = None,
             f"1,000 tokens (int8: {1000 * cache.kv_per_token_int8 / 2**20:.0f})")
 
 
+def size_text(size: float) -> str:
+    """Bytes for people: GiB, or MiB below one (a small base read 0.00 GiB)."""
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 def held_bytes(model: Transformer) -> int:
     """The bytes of the frozen base tensors `model` holds now (not its adapter's, not its CLIP tower's):
     bitsandbytes weights with their quantization state, every storage counted once (a tied head, a shared base)."""

@@ -131,11 +131,6 @@ def hf_config(checkpoint, args: ModelArgs, dtype: str) -> dict:
     return config
 
 
-def size_text(size: int) -> str:
-    """Bytes for people: GiB, or MiB below one."""
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-
-
 def _bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -27,6 +27,7 @@ import torch
 
 from .config import LORA_TARGETS, AdapterArgs
 from .convert import adapter_on_meta_base
+from .footprint import size_text
 from .formats import BASE_HELP
 from .formats.common import atomic_folder
 from .formats.native import save_adapter
@@ -36,7 +37,6 @@ from .hf_folder import (
     hf_tensors,
     open_base_to_rewrite,
     push_folder,
-    size_text,
     write_hf_folder,
 )
 from .layout import column_major_wide

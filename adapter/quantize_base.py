@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelArgs
+from .footprint import size_text
 from .formats import BASE_HELP
 from .formats.bnb import QuantizedWeight
 from .formats.common import atomic_folder
@@ -35,7 +36,6 @@ from .hf_folder import (
     hf_tensors,
     open_base_to_rewrite,
     push_folder,
-    size_text,
     write_hf_folder,
 )
 from .hub import PREFIX, is_remote, repo_of
@@ -138,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = quantize_base(options.base, options.out, options.mode, dtype=options.dtype,
                              double_quant=not options.no_double_quant, device=options.device,
                              shard_gb=options.shard_gb)
-        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
-        print(f"wrote {path} ({options.mode}, {size:.2f} GiB of weights); serve it with python app.py --base {path}")
+        size = size_text(sum(f.stat().st_size for f in path.glob("*.safetensors")))
+        print(f"wrote {path} ({options.mode}, {size} of weights); serve it with python app.py --base {path}")
         if repo:
             url = push_folder(path, repo, options.hub_private,
                               "Upload a pre-quantized base (python -m adapter.quantize_base)")

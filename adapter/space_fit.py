@@ -22,7 +22,7 @@ from torch import nn
 
 from .app_config import build_parser
 from .config import ModelArgs
-from .footprint import footprint, layer_linears, tower_bytes
+from .footprint import footprint, layer_linears, size_text, tower_bytes
 from .formats.official import OFFICIAL_CLIP_MODEL
 from .loading import DTYPES
 from .quantize import check_mode
@@ -93,15 +93,15 @@ class Need:
                 + self.fixed)
 
     def sum_text(self, memory: float) -> str:
-        parts = [f"base {self.precision} {self.weights / GIB:.2f} GiB"]
+        parts = [f"base {self.precision} {size_text(self.weights)}"]
         if self.tower:
-            parts.append(f"CLIP tower {self.tower / GIB:.2f}")
+            parts.append(f"CLIP tower {size_text(self.tower)}")
         elif self.tower is None:
             parts.append("the CLIP tower (its model is the adapter's; --clip-model NAME counts it)")
-        parts.append(f"KV cache {self.kv_per_token * self.rows * self.context / GIB:.2f} "
+        parts.append(f"KV cache {size_text(self.kv_per_token * self.rows * self.context)} "
                      f"({self.rows} x {self.context:,} tokens)")
-        parts.append(f"reading the prompt {self.transient / GIB:.2f}")
-        parts.append(f"{self.fixed / GIB:.2f} for " + ("CUDA" if self.on_gpu else "the app itself"))
+        parts.append(f"reading the prompt {size_text(self.transient)}")
+        parts.append(f"{self.fixed / GIB:.2f} GiB for " + ("CUDA" if self.on_gpu else "the app itself"))
         return " + ".join(parts) + f" = {self.total / GIB:.2f} of {memory / GIB:.2f} GiB"
 
     def room_text(self, memory: float) -> str:

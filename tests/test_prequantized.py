@@ -285,6 +285,8 @@ def test_quantize_base_command_line_says_where_it_wrote(folders, tmp_path, capsy
     assert quantize_base_main([str(folders["meta"]), str(out), "--mode", "int8", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"wrote {out} (int8, ") and f"python app.py --base {out}" in printed
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+    assert f"(int8, {size:.1f} MiB of weights)" in printed, "a small base in MiB, not 0.00 GiB"
     assert adapter.load(out, device="cpu").quantization == "int8"
 
 

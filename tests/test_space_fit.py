@@ -34,8 +34,8 @@ def test_a_7b_base_in_16_bits_just_fits_a_t4_and_the_line_shows_the_sum():
     assert round(LLAMA_7B_BF16 / 2**30, 2) == 12.55
     assert check_fit(flags(), "t4-small", seven_b()) == [
         "hardware t4-small (Nvidia T4, 16 GB of GPU memory): holds it",
-        "  base float16 12.55 GiB + KV cache 1.00 (1 x 2,048 tokens) + reading the prompt 0.19 + 0.50 for CUDA = "
-        "14.24 of 14.90 GiB; the KV cache has room for about 3,400 tokens in all"]  # 16e9 bytes; 0.5 MiB per token
+        "  base float16 12.55 GiB + KV cache 1.00 GiB (1 x 2,048 tokens) + reading the prompt 193.0 MiB + 0.50 GiB "
+        "for CUDA = 14.24 of 14.90 GiB; the KV cache has room for about 3,400 tokens in all"]  # 16e9 bytes; 0.5 MiB per token
     # reading the prompt: 2,048 tokens x (3 x 11,008 + 4 x 4,096) widths x 2 bytes
 
 
@@ -44,11 +44,11 @@ def test_what_does_not_fit_is_refused_with_what_would():
         check_fit(flags(concurrency="8"), "t4-small", seven_b())
     assert str(refused.value) == (
         "--hardware t4-small (Nvidia T4, 16 GB of GPU memory) cannot hold the app's base in float16: base float16 "
-        "12.55 GiB + KV cache 8.00 (8 x 2,048 tokens) + reading the prompt 1.51 + 0.50 for CUDA = 22.56 of 14.90 "
-        "GiB; --quantize nf4 would (13.99 GiB); --hardware l40sx1 would (Nvidia L40S, 22.56 GiB); --no-fit-check "
+        "12.55 GiB + KV cache 8.00 GiB (8 x 2,048 tokens) + reading the prompt 1.51 GiB + 0.50 GiB for CUDA = 22.56 "
+        "of 14.90 GiB; --quantize nf4 would (13.99 GiB); --hardware l40sx1 would (Nvidia L40S, 22.56 GiB); --no-fit-check "
         "deploys anyway"), "int8 (6.53 + 8 + 1.51 + a layer unpacked) does not fit either, so it is not offered"
     with pytest.raises(ValueError, match=r"^--hardware cpu-basic \(2 vCPU, 16 GB of memory\) cannot hold the app's "
-                                         r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 .* = 28\.48 of "
+                                         r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 GiB .* = 28\.48 of "
                                          r"14\.90 GiB; --quantize nf4 would \(8\.22 GiB\); --quantize int8 would "
                                          r"\(11\.14 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.48 GiB\); "):
         check_fit(flags(), "cpu-basic", seven_b())  # a CPU computes in float32 unless --dtype says
@@ -62,13 +62,13 @@ def test_what_does_not_fit_is_refused_with_what_would():
 
 def test_the_tower_counts_where_its_model_is_known_and_is_named_where_not():
     release = check_fit(flags(quantize="nf4", adapter="official:BIAS-7B", clip="openai"), "t4-small", seven_b())
-    assert release[1].startswith("  base nf4 3.60 GiB + CLIP tower 0.57 + KV cache 1.00 (1 x 2,048 tokens) + reading "
-                                 "the prompt 0.57 + 0.50 for CUDA = 6.23 of 14.90 GiB"), \
+    assert release[1].startswith("  base nf4 3.60 GiB + CLIP tower 579.8 MiB + KV cache 1.00 GiB (1 x 2,048 "
+                                 "tokens) + reading the prompt 579.0 MiB + 0.50 GiB for CUDA = 6.23 of 14.90 GiB"), \
         "the releases read OpenAI's ViT-L/14; a quantized base's layer is unpacked while reading (0.38 GiB)"
     assert round(VIT_L14_BF16 / 2**30, 2) == 0.57
     quantized = check_fit(flags(quantize="nf4", adapter="official:BIAS-7B", clip="openai", clip_quantize="nf4"),
                           "t4-small", seven_b())
-    assert " + CLIP tower 0.15 + " in quantized[1]
+    assert " + CLIP tower 152.5 MiB + " in quantized[1]
     theirs = check_fit(flags(quantize="nf4", adapter="hf:me/vision", clip="openai"), "t4-small", seven_b())
     assert " + the CLIP tower (its model is the adapter's; --clip-model NAME counts it) + " in theirs[1]
     named = check_fit(flags(quantize="nf4", adapter="hf:me/vision", clip="openai", clip_model="ViT-L-14-quickgelu"),
@@ -84,7 +84,7 @@ def test_a_stored_base_the_kv_cache_the_device_and_unknown_hardware():
         "a pre-quantized base is loaded as stored: no other precision to offer"
     assert "--hardware l4x1 would" in str(stored.value)
     int8_cache = check_fit(flags(quantize="nf4", kv_cache="int8"), "t4-small", seven_b())
-    assert "KV cache 0.51 (1 x 2,048 tokens)" in int8_cache[1], "a byte a value and a 2-byte scale a vector"
+    assert "KV cache 520.0 MiB (1 x 2,048 tokens)" in int8_cache[1], "a byte a value and a 2-byte scale a vector"
     on_cpu = check_fit(flags(quantize="nf4", device="cpu"), "t4-medium", seven_b())
     assert on_cpu[0] == "hardware t4-medium (Nvidia T4, 30 GB of memory): holds it", "--device cpu: its memory"
     several = check_fit(flags(), "a10g-largex2", seven_b())
@@ -129,7 +129,9 @@ def test_the_dry_run_checks_the_hardware_asked_for(capsys):
     assert main(["me/demo", "--dry-run", "--hardware", "t4-small", "--sleep-time", "600"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == "hardware t4-small (Nvidia T4, 16 GB of GPU memory): holds it", "the embedded tiny model"
-    assert out[-1].startswith("  base float16 0.00 GiB + CLIP tower 0.00 + KV cache 0.00 (1 x 256 tokens) + ")
+    # a small base's parts in MiB (they read 0.00 GiB)
+    assert out[-1].startswith("  base float16 4.1 MiB + CLIP tower 1.6 MiB + KV cache 0.8 MiB (1 x 256 tokens) + "
+                              "reading the prompt 1.1 MiB + 0.50 GiB for CUDA = 0.51 of 14.90 GiB")
     assert main(["me/demo", "--dry-run", "--no-fit-check"]) == 0
     assert not any(line.startswith("hardware") for line in capsys.readouterr().out.splitlines())
     # as the deploy refuses it (the dry run said it was billed)
