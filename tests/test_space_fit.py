@@ -35,7 +35,8 @@ def test_a_7b_base_in_16_bits_just_fits_a_t4_and_the_line_shows_the_sum():
     assert check_fit(flags(), "t4-small", seven_b()) == [
         "hardware t4-small (Nvidia T4, 16 GB of GPU memory): holds it",
         "  base float16 12.55 GiB + KV cache 1.00 GiB (1 x 2,048 tokens) + reading the prompt 193.0 MiB + 0.50 GiB "
-        "for CUDA = 14.24 of 14.90 GiB; the KV cache has room for about 3,400 tokens in all"]  # 16e9 bytes; 0.5 MiB per token
+        "for CUDA = 14.24 of 14.90 GiB; the KV cache has room for about 3,400 tokens in all"]
+    # 16e9 bytes; 0.5 MiB per token
     # reading the prompt: 2,048 tokens x (3 x 11,008 + 4 x 4,096) widths x 2 bytes
 
 
@@ -45,11 +46,11 @@ def test_what_does_not_fit_is_refused_with_what_would():
     assert str(refused.value) == (
         "--hardware t4-small (Nvidia T4, 16 GB of GPU memory) cannot hold the app's base in float16: base float16 "
         "12.55 GiB + KV cache 8.00 GiB (8 x 2,048 tokens) + reading the prompt 1.51 GiB + 0.50 GiB for CUDA = 22.56 "
-        "of 14.90 GiB; --quantize nf4 would (13.99 GiB); --hardware l40sx1 would (Nvidia L40S, 22.56 GiB); --no-fit-check "
-        "deploys anyway"), "int8 (6.53 + 8 + 1.51 + a layer unpacked) does not fit either, so it is not offered"
+        "of 14.90 GiB; --quantize nf4 would (13.99 GiB); --hardware l40sx1 would (Nvidia L40S, 22.56 GiB); "
+        "--no-fit-check deploys anyway"), "int8 (6.53 + 8 + 1.51 + a layer unpacked) does not fit either, so it is not offered"
     with pytest.raises(ValueError, match=r"^--hardware cpu-basic \(2 vCPU, 16 GB of memory\) cannot hold the app's "
-                                         r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 GiB .* = 28\.48 of "
-                                         r"14\.90 GiB; --quantize nf4 would \(8\.22 GiB\); --quantize int8 would "
+                                         r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 GiB .* = "
+                                         r"28\.48 of 14\.90 GiB; --quantize nf4 would \(8\.22 GiB\); --quantize int8 would "
                                          r"\(11\.14 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.48 GiB\); "):
         check_fit(flags(), "cpu-basic", seven_b())  # a CPU computes in float32 unless --dtype says
     assert check_fit(flags(dtype="bfloat16", quantize="nf4"), "cpu-basic", seven_b())[0].endswith("holds it")
