@@ -47,11 +47,12 @@ def test_what_does_not_fit_is_refused_with_what_would():
         "--hardware t4-small (Nvidia T4, 16 GB of GPU memory) cannot hold the app's base in float16: base float16 "
         "12.55 GiB + KV cache 8.00 GiB (8 x 2,048 tokens) + reading the prompt 1.51 GiB + 0.50 GiB for CUDA = 22.56 "
         "of 14.90 GiB; --quantize nf4 would (13.99 GiB); --hardware l40sx1 would (Nvidia L40S, 22.56 GiB); "
-        "--no-fit-check deploys anyway"), "int8 (6.53 + 8 + 1.51 + a layer unpacked) does not fit either, so it is not offered"
+        "--no-fit-check deploys anyway"), \
+        "int8 (6.53 + 8 + 1.51 + a layer unpacked) does not fit either, so it is not offered"
     with pytest.raises(ValueError, match=r"^--hardware cpu-basic \(2 vCPU, 16 GB of memory\) cannot hold the app's "
                                          r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 GiB .* = "
-                                         r"28\.48 of 14\.90 GiB; --quantize nf4 would \(8\.22 GiB\); --quantize int8 would "
-                                         r"\(11\.14 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.48 GiB\); "):
+                                         r"28\.48 of 14\.90 GiB; --quantize nf4 would \(8\.22 GiB\); --quantize int8 "
+                                         r"would \(11\.14 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.48 GiB\); "):
         check_fit(flags(), "cpu-basic", seven_b())  # a CPU computes in float32 unless --dtype says
     assert check_fit(flags(dtype="bfloat16", quantize="nf4"), "cpu-basic", seven_b())[0].endswith("holds it")
     # with --device cuda, hardware without a GPU (refused there) is not offered (cpu-upgrade was)
