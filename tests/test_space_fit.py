@@ -52,7 +52,7 @@ def test_what_does_not_fit_is_refused_with_what_would():
     with pytest.raises(ValueError, match=r"^--hardware cpu-basic \(2 vCPU, 16 GB of memory\) cannot hold the app's "
                                          r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 GiB .* = "
                                          r"28\.48 of 14\.90 GiB; --quantize nf4 would \(8\.22 GiB\); --quantize int8 "
-                                         r"would \(11\.14 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.48 GiB\); "):
+                                         r"would \(11\.14 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.48 GiB\);"):
         check_fit(flags(), "cpu-basic", seven_b())  # a CPU computes in float32 unless --dtype says
     assert check_fit(flags(dtype="bfloat16", quantize="nf4"), "cpu-basic", seven_b())[0].endswith("holds it")
     # with --device cuda, hardware without a GPU (refused there) is not offered (cpu-upgrade was)
