@@ -164,6 +164,8 @@ def _open_base(variables: Mapping[str, str]):
             "only a repository of safetensors weights is read without downloading them; python -m adapter.inspect "
             f"{base} describes this one once downloaded")
     except (ValueError, OSError) as error:
+        if is_remote(base) and (cause := error.__cause__) is not None:  # not hub's advice to pass a path: refused here
+            return base, ValueError(f"could not read it from the hub here ({type(cause).__name__}: {cause})")
         return base, error
 
 

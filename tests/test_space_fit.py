@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from adapter.config import ModelArgs
+from adapter.hub import hub_failures
 from adapter.space import deploy, main
 from adapter.space_fit import check_fit
 from adapter.tiny.assets import ASSETS, BASE
@@ -160,6 +161,21 @@ def test_paid_hardware_sleeps_when_asked_and_the_free_one_cannot_be_asked(hub, c
     assert hub.calls == [], "refused before anything reached the hub"
     assert main(["me/demo", "--dry-run", "--sleep-time", "60"]) == 2
     assert "--sleep-time: the free cpu-basic sleeps" in capsys.readouterr().err
+
+
+def test_a_hub_base_not_read_here_is_not_met_with_advice_to_pass_a_path(monkeypatch, capsys):
+    def offline(base):
+        with hub_failures("base", "could not get owner/llama from the Hugging Face hub",
+                          "download it yourself and pass the path"):
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr("adapter.loading.hub_base_without_weights", offline)
+    assert main(["me/demo", "--dry-run", "--base", "hf:owner/llama"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [
+        "hf:owner/llama: not described from here (could not read it from the hub here (ConnectionError: no network))",
+        "hardware cpu-basic: not checked, the base is not read from here (could not read it from the hub here "
+        "(ConnectionError: no network))"], "a Space refuses a path"
 
 
 def test_a_base_read_only_by_downloading_it_is_not_downloaded_to_be_checked(hub, capsys):
