@@ -17,7 +17,7 @@ import gradio as gr
 from PIL import Image
 
 from adapter.adapter_upload import MAX_UPLOADED, AdapterUploads
-from adapter.app_config import ServeConfig, engine_for, load_engines, parse_config, serves_tiny
+from adapter.app_config import ServeConfig, check_listening, engine_for, load_engines, parse_config, serves_tiny
 from adapter.app_examples import (
     EXAMPLE_QUESTION,
     TINY_TRAINING_IMAGES,
@@ -606,6 +606,7 @@ def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
           block: bool = True) -> tuple[gr.Blocks, Engines]:
     """Check the flags, load the model, launch. With block=False it returns at once, the app running (tests)."""
     config = parse_config(argv, environ)
+    check_listening(config.host, config.port, ipv6=False)
     engines = load_engines(config)
     demo = build_demo(engines, config)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=True,

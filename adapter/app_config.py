@@ -9,7 +9,9 @@ one frozen base (`--adapter A B`, `ADAPTER_ADAPTER=A,B`): the base is loaded onc
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -194,6 +196,27 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     config = ServeConfig(**{**args, "adapter": tuple(args["adapter"])})
     check_config(config)
     return config
+
+
+def check_listening(host: str, port: int, ipv6: bool = True) -> None:
+    """That a server can listen at `host`:`port`, asked before the model loads: gradio says "Cannot find empty
+    port" for a host that does not resolve or is not this machine's as well as for a port in use, uvicorn says
+    it after loading. `ipv6=False` for gradio, which writes http://HOST:PORT unbracketed: an IPv6 address failed
+    deep inside httpx."""
+    if not ipv6 and ":" in host:
+        raise ValueError(f"--host: {host!r}: the app listens on an IPv4 address or a name (0.0.0.0: every address)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise ValueError(f"--host: cannot listen on {host!r} ({getattr(error, 'strerror', None) or error})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ValueError(f"--port: {port} is in use on {host}; choose another") from None
+            raise ValueError(f"--host: cannot listen on {host!r} ({error.strerror})") from None
 
 
 def check_config(config: ServeConfig) -> None:

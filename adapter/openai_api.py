@@ -508,10 +508,11 @@ def response_id(prefix: str = "chatcmpl") -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
-    from .app_config import load_engines, parse_config
+    from .app_config import check_listening, load_engines, parse_config
 
     try:
         config = parse_config(argv)
+        check_listening(config.host, config.port)
         app = build_api(load_engines(config))
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -4,6 +4,7 @@ panel, and the flags (`python app.py` stops with one line before loading anythin
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,13 @@ import torch
 from PIL import Image
 
 import adapter
-from adapter.app_config import NO_ADAPTER, TINY_FOLDER, load_engines, parse_config, tiny_available
+import app
+from adapter.app_config import NO_ADAPTER, TINY_FOLDER, check_listening, load_engines, parse_config, tiny_available
 from adapter.engine import Engine, Settings, check_text, device_lock, gate_scales
 from adapter.footprint import footprint
 from adapter.gate_layers import describe, gate_scale_rows
 from adapter.gate_view import find_gate_plot
+from adapter.openai_api import main as openai_api_main
 from adapter.prompts import STOP_STRINGS
 from adapter.random_demo import DemoFiles, write_random_demo
 from tests.app_helpers import QUESTION, one_torch_thread
@@ -440,6 +443,33 @@ def test_python_app_py_stops_with_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: --base: {tmp_path / 'nowhere'} does not exist"]
+
+
+def test_where_the_app_cannot_listen_it_says_so_before_loading(monkeypatch):
+    """gradio said "Cannot find empty port" for all three, after the model had loaded."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"^--port: {port} is in use on 127.0.0.1; choose another$"):
+            check_listening("127.0.0.1", port)
+        monkeypatch.setattr("app.load_engines", lambda config: pytest.fail("loaded before the check"))
+        assert app.main(["--port", str(port)]) == 2
+        monkeypatch.setattr("adapter.app_config.load_engines", lambda config: pytest.fail("loaded before the check"))
+        assert openai_api_main(["--port", str(port)]) == 2, "the API alone: uvicorn said so after loading"
+    def unknown(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with monkeypatch.context() as offline:  # no name looked up in a test
+        offline.setattr(socket, "getaddrinfo", unknown)
+        with pytest.raises(ValueError, match=r"^--host: cannot listen on 'nowhere\.invalid' \(Name or service not "
+                                             r"known\)$"):
+            check_listening("nowhere.invalid", 7860)
+    with pytest.raises(ValueError, match=r"^--host: cannot listen on '192\.0\.2\.1' \(Cannot assign requested"):
+        check_listening("192.0.2.1", 7860)  # TEST-NET-1: no machine's own
+    with pytest.raises(ValueError, match=r"^--host: '::1': the app listens on an IPv4 address or a name"):
+        check_listening("::1", 7860, ipv6=False)  # gradio's URL for it failed inside httpx
+    check_listening("127.0.0.1", port)  # free again
 
 
 def test_the_engine_does_not_need_gradio():
