@@ -32,7 +32,7 @@ from .generate import scales_from_text, stream_batch
 from .images import gather_uploads, load_image
 from .prompt_ids import Answer, Prompt, checked_ids, prompt_ids
 from .prompts import format_named
-from .sampling import MAX_SEED
+from .sampling import seed_problem
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -73,6 +73,14 @@ def check_integer(name: str, value: Any, low: int | None = None, high: int | Non
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name}: must be {bound}, got {value!r}")
     return int(value)
+
+
+def _seed(value: Any) -> int:
+    """A seed, whole floats allowed (as sliders and JSON send them), its range worded as everywhere else's."""
+    seed = check_integer("seed", value)
+    if (problem := seed_problem(seed)) is not None:
+        raise ValueError(f"seed: {problem}")
+    return seed
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
@@ -153,7 +161,7 @@ class Settings:
             "temperature": _number("temperature", self.temperature, 0.0, MAX_TEMPERATURE),
             "top_p": _number("top_p", self.top_p, 0.0, 1.0, low_open=True),
             "max_new_tokens": check_integer("max_new_tokens", self.max_new_tokens, 1),
-            "seed": None if self.seed is None else check_integer("seed", self.seed, 0, MAX_SEED),
+            "seed": None if self.seed is None else _seed(self.seed),
             "system": check_text(self.system, "system") if self.system and str(self.system).strip() else None,
             "gate_layers": _layers_text(self.gate_layers),
             "top_k": check_integer("top_k", self.top_k, 0),

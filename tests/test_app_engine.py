@@ -57,7 +57,7 @@ def engine(demo_files) -> Engine:
     ("top_p", "0.5", "top_p: expected a number"),
     ("max_new_tokens", 0, "max_new_tokens: must be >= 1"),
     ("max_new_tokens", 2.5, "max_new_tokens: expected a whole number"),
-    ("seed", -1, "seed: must be between 0 and 9223372036854775807, got -1"),
+    ("seed", -1, "seed: must be a whole number from 0 to 9223372036854775807, got -1"),
     ("gate_layers", 3, "gate_layers: expected text such as 'all', 'top 2', '28-31' or '31:0-3', got 3"),
     ("gate_layers", "1," * 150, r"gate_layers: 300 characters is too long \(at most 200\)"),
 ])
