@@ -224,6 +224,20 @@ def test_round_trip_native_official_v1_native(base_folder, tmp_path):
     assert torch.equal(logits(adapter.load(base_folder, adapter=tmp_path / "native", device="cpu")), logits(model))
 
 
+@pytest.mark.parametrize("prompt_len, name, reads_as", [
+    (1, "adapter_len10.pth", 10),  # "len1" is in the name, but it reads as 10
+    (5, "adapter.pth", 10),  # no length in the name: the official 10
+    (10, "adapter_len5.pth", 5),  # the default was never checked
+])
+def test_an_official_v1_file_whose_name_reads_as_another_prompt_length_is_refused(base_folder, tmp_path, prompt_len,
+                                                                                  name, reads_as):
+    model = adapter.load(base_folder, adapter=AdapterArgs(prompt_len=prompt_len, prompt_layers=1), device="cpu")
+    with pytest.raises(ValueError, match=f"and this name reads as {reads_as}, the adapter's is {prompt_len}; name it "
+                                         f"like llama_adapter_len{prompt_len}_layer1.pth$"):
+        write_official_v1(model, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_v2_adapters_cannot_be_written_as_official_v1(base_folder, tmp_path):
     model = adapter.load(base_folder, adapter=AdapterArgs(prompt_len=3, prompt_layers=2, bias=True), device="cpu")
     with pytest.raises(ValueError, match="holds only prompts and gates; this adapter has bias"):

@@ -105,6 +105,13 @@ def _gates(path: Path, layers: dict[int, dict[str, str]], state: dict, first: in
     return out
 
 
+def named_prompt_len(path: Path) -> int:
+    """The prompt length a v1 release file's name gives (`..._len10_...`; the official 10 where it gives none):
+    the format stores it nowhere else."""
+    match = re.search(r"len(\d+)", path.name)
+    return int(match.group(1)) if match else DEFAULT_PROMPT_LEN
+
+
 def _read_v1(path: Path, state: dict) -> LoadedAdapter:
     unknown = sorted(k for k in state if k != "adapter_query.weight" and not
                      (_LAYER_KEY.match(k) and k.endswith(".attention.gate")))
@@ -112,10 +119,8 @@ def _read_v1(path: Path, state: dict) -> LoadedAdapter:
         raise ValueError(f"{path}: unexpected key(s) for an official v1 adapter: {unknown[:5]}")
     layers = _layers_of(state, path)
     n_layers = max(layers) + 1
-    match = re.search(r"len(\d+)", path.name)
     query = state["adapter_query.weight"]
-    prompt_len, prompt_layers = _prompt_shape(path, query, int(match.group(1)) if match else DEFAULT_PROMPT_LEN,
-                                              n_layers)
+    prompt_len, prompt_layers = _prompt_shape(path, query, named_prompt_len(path), n_layers)
     tensors = {"adapter_query.weight": query.float()}
     tensors.update(_gates(path, layers, state, n_layers - prompt_layers, n_layers))
     args = AdapterArgs(prompt_len=prompt_len, prompt_layers=prompt_layers, gate_activation="raw")
@@ -245,9 +250,10 @@ def write_official_v1(model: "Transformer", path: str | Path) -> Path:
     if reasons:
         raise ValueError(f"{path}: the official v1 format holds only prompts and gates; this adapter has "
                          f"{', '.join(reasons)}")
-    if a.prompt_len != DEFAULT_PROMPT_LEN and f"len{a.prompt_len}" not in path.name:
-        raise ValueError(f"{path}: the prompt length {a.prompt_len} is only known from the file name in this "
-                         f"format; name it like llama_adapter_len{a.prompt_len}_layer{a.prompt_layers}.pth")
+    if (named := named_prompt_len(path)) != a.prompt_len:  # read back by that name, it would be another adapter
+        raise ValueError(f"{path}: the prompt length is only known from the file name in this format, and this name "
+                         f"reads as {named}, the adapter's is {a.prompt_len}; name it like "
+                         f"llama_adapter_len{a.prompt_len}_layer{a.prompt_layers}.pth")
     state = {"adapter_query.weight": model.adapter_query.weight.detach().float().cpu().clone()}
     for layer, block in enumerate(model.layers):
         gate = torch.zeros(1, model.args.n_heads, 1, 1)
