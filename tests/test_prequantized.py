@@ -169,6 +169,7 @@ def broken_copy(folders: dict[str, Path], saved: str, tmp_path: Path, edit_confi
 
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
+V_PROJ = "model.layers.0.self_attn.v_proj"  # read as stored (q and k rows are reordered)
 
 
 @pytest.mark.parametrize("saved, case, config_edit, tensors_edit, message", [
@@ -184,6 +185,15 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
      rf"model.safetensors: {Q_PROJ}.weight: incomplete 4-bit quantization state \(has nested_absmax, "),
     ("nf4", "codes cut", None, lambda t: t.update({f"{Q_PROJ}.weight": t[f"{Q_PROJ}.weight"][:100]}),
      rf"{Q_PROJ}.weight: 100 bytes of 4-bit codes do not hold a 128x128 weight"),
+    ("nf4", "block scales short", None, lambda t: t.update({f"{V_PROJ}.weight.absmax": t[f"{V_PROJ}.weight.absmax"]
+                                                                                   [:-1]}),
+     rf"{V_PROJ}.weight: absmax is uint8 \(127,\); a 64x128 weight in blocks of 64 has 128 uint8 block scales"),
+    ("nf4", "second level lost", None, lambda t: t.pop(f"{V_PROJ}.weight.nested_absmax"),
+     rf"{V_PROJ}.weight: the quantization state says double quantized \(nested_offset\), but its nested_absmax is "
+     "missing"),
+    ("nf4", "scales unpacked", None, lambda t: t.update({f"{V_PROJ}.weight.absmax": t[f"{V_PROJ}.weight.absmax"]
+                                                                                .float()}),
+     rf"{V_PROJ}.weight: absmax is float32 \(128,\); a 64x128 weight in blocks of 64 has 128 uint8 block scales"),
     ("nf4", "orphan", None, lambda t: t.update({"model.layers.0.self_attn.x_proj.weight.absmax": torch.ones(4)}),
      r"quantization statistics model.layers.0.self_attn.x_proj.weight.absmax belong to no weight"),
     ("int8", "quantized head", None, lambda t: t.update({"lm_head.SCB": torch.ones(512)}),

@@ -18,6 +18,7 @@ scales move with it and the weights stay exactly the file's; double-quantized bl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,12 @@ class QuantizedWeight:
         """From the weight tensor and its statistics (named as in the file, `where` names the tensor in errors)."""
         if "SCB" in stats:
             return cls._read_int8(where, data, stats)
+        functional = _functional()
         try:
-            state = _functional().QuantState.from_dict(dict(stats), device=torch.device("cpu"))
-        except (ValueError, KeyError, AssertionError) as error:
+            packed = [value for key, value in stats.items() if key.startswith("quant_state.")]
+            declared = functional.unpack_tensor_to_dict(packed[0]) if len(packed) == 1 else {}
+            state = functional.QuantState.from_dict(dict(stats), device=torch.device("cpu"))
+        except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as error:
             found = ", ".join(sorted(stats))
             raise ValueError(f"{where}: incomplete 4-bit quantization state (has {found}; "
                              f"needs absmax, quant_map and quant_state.bitsandbytes__nf4/fp4): {error!r}") from error
@@ -104,6 +108,7 @@ class QuantizedWeight:
         if data.numel() * data.element_size() * 2 != out_features * in_features:
             raise ValueError(f"{where}: {data.numel() * data.element_size()} bytes of 4-bit codes do not hold a "
                              f"{out_features}x{in_features} weight")
+        _check_block_scales(where, state, "nested_offset" in declared)
         return cls(state.quant_type, data, (out_features, in_features), quant_state=state)
 
     @classmethod
@@ -154,6 +159,26 @@ class QuantizedWeight:
         moved = _functional().QuantState(absmax=scales, shape=state.shape, code=state.code, blocksize=state.blocksize,
                            quant_type=state.quant_type, dtype=state.dtype)
         return replace(self, data=codes, quant_state=moved)
+
+
+def _check_block_scales(where: str, state, declared_nested: bool) -> None:
+    """That the block scales fit the weight: one a block (bitsandbytes reads past the end of too few), double
+    quantized (uint8 codes and their own scales) where the packed state says so: a missing nested_absmax made
+    the codes read as plain scales, the weights silently wrong."""
+    if declared_nested and not state.nested:
+        raise ValueError(f"{where}: the quantization state says double quantized (nested_offset), but its "
+                         "nested_absmax is missing")
+    out_features, in_features = state.shape
+    blocks = math.ceil(out_features * in_features / state.blocksize)
+    levels = [("absmax", state.absmax, blocks, torch.uint8 if state.nested else torch.float32)]
+    if state.nested:
+        levels.append(("nested_absmax", state.state2.absmax, math.ceil(blocks / state.state2.blocksize),
+                       torch.float32))
+    for name, scales, count, dtype in levels:
+        if scales.numel() != count or scales.dtype != dtype:
+            raise ValueError(f"{where}: {name} is {str(scales.dtype).removeprefix('torch.')} "
+                             f"{tuple(scales.shape)}; a {out_features}x{in_features} weight in blocks of "
+                             f"{state.blocksize} has {count} {str(dtype).removeprefix('torch.')} block scales")
 
 
 def _block_scales(state) -> torch.Tensor:
