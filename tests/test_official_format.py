@@ -211,6 +211,23 @@ def test_the_official_v2_dialog_layout_loads_with_the_official_logits(base_folde
         adapter.load(base_folder, adapter=tmp_path / "odd.pth", device="cpu")
 
 
+@pytest.mark.parametrize("key, message", [
+    ("llama.layers.3.attention.new_gate",
+     r"llama.layers.3.attention.new_gate has shape \(2,\); a new gate is one value"),
+    ("visual_query.weight", r"visual_query.weight has shape \(2,\), expected a matrix"),
+    ("llama.layers.3.attention.lora_wq_l1.weight", r"llama.layers.3.attention.lora_wq_l1.weight has shape \(2,\), "
+                                                   "expected a matrix"),
+    ("visual_blocks.0.mlp.fc1.weight", r"visual_blocks.0.mlp.fc1.weight has shape \(2,\), expected a matrix"),
+])
+def test_official_v2_tensors_the_reader_takes_shapes_from_are_checked_first(base_folder, tmp_path, key, message):
+    """Each was a RuntimeError or IndexError from inside torch."""
+    state = v2_state(base_folder, lora_rank=2, new_gate=True)
+    state["model"][key] = torch.ones(2)
+    torch.save(state, tmp_path / "LORA-BIAS-7B-v21.pth")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'LORA-BIAS-7B-v21.pth'}: {message}$"):
+        adapter.load(base_folder, adapter=tmp_path / "LORA-BIAS-7B-v21.pth", device="cpu")
+
+
 def test_round_trip_native_official_v1_native(base_folder, tmp_path):
     model = adapter.load(base_folder, adapter=AdapterArgs(prompt_len=3, prompt_layers=3), device="cpu")
     with torch.no_grad():

@@ -137,7 +137,8 @@ def _read_v2(path: Path, model: dict, config: dict) -> LoadedAdapter:
     layers = _layers_of(language, path)
     n_layers = max(layers) + 1
     query = model["adapter_query.weight"]
-    prompt_len = visual["visual_query.weight"].shape[0] if "visual_query.weight" in visual else DEFAULT_PROMPT_LEN
+    prompt_len = (_matrix(path, "visual_query.weight", visual["visual_query.weight"]).shape[0]
+                  if "visual_query.weight" in visual else DEFAULT_PROMPT_LEN)
     prompt_len, prompt_layers = _prompt_shape(path, query, prompt_len, n_layers)
     first = n_layers - prompt_layers
     tensors = {"adapter_query.weight": query.float()}
@@ -155,6 +156,8 @@ def _read_v2(path: Path, model: dict, config: dict) -> LoadedAdapter:
                 norm_weights[name] = value
             elif rest == "attention.new_gate":
                 has_new_gate = True
+                if value.numel() != 1:
+                    raise ValueError(f"{path}: llama.{name} has shape {tuple(value.shape)}; a new gate is one value")
                 if layer >= first:
                     tensors[name] = value.float().reshape(1, 1, 1, 1)
             elif ((bias := re.fullmatch(r"(attention|feed_forward)\.(w\w)\.bias", rest))
@@ -166,7 +169,7 @@ def _read_v2(path: Path, model: dict, config: dict) -> LoadedAdapter:
                 if target not in LORA_TARGETS or _LINEAR_PARENT[target] != lora.group(1):
                     raise ValueError(f"{path}: unexpected key llama.{name}")
                 if part == "lora_down":
-                    lora_ranks.add(value.shape[0])
+                    lora_ranks.add(_matrix(path, f"llama.{name}", value).shape[0])
                 tensors[f"layers.{layer}.{lora.group(1)}.{target}_delta.{part}.weight"] = value.float()
             else:
                 raise ValueError(f"{path}: unexpected key llama.{name}")
@@ -217,6 +220,13 @@ def _read_dialog(path: Path, model: dict) -> LoadedAdapter:
                          norm_weights=norm_weights, base_shape=shape, prompt_format="v2-dialog")
 
 
+def _matrix(path: Path, key: str, value: torch.Tensor) -> torch.Tensor:
+    """`value` where it is a matrix, as the shapes read from it need (the model's shapes are compared later)."""
+    if value.dim() != 2:
+        raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, expected a matrix")
+    return value
+
+
 def _visual_args(path: Path, visual: dict[str, torch.Tensor]) -> dict:
     """The visual prompt's shape from its tensors (heads are not stored: the official 16 are assumed).
 
@@ -229,7 +239,7 @@ def _visual_args(path: Path, visual: dict[str, torch.Tensor]) -> dict:
     blocks = {int(k.split(".")[1]) for k in visual if k.startswith("visual_blocks.")}
     width = proj.shape[0]
     fc1 = visual.get("visual_blocks.0.mlp.fc1.weight")
-    ratio = fc1.shape[0] / width if fc1 is not None else 4.0
+    ratio = _matrix(path, "visual_blocks.0.mlp.fc1.weight", fc1).shape[0] / width if fc1 is not None else 4.0
     return {"visual": "v2", "clip_dim": proj.shape[1], "visual_dim": width, "visual_depth": max(blocks, default=0) + 1,
             "visual_heads": OFFICIAL_VISUAL_HEADS, "visual_mlp_ratio": ratio, "channel_order": "bgr",
             "clip_model": OFFICIAL_CLIP_MODEL}
