@@ -1,7 +1,8 @@
 """Generation: prefill once, decode step by step with a KV cache, stream text pieces.
 
 Prompts of different lengths are left-padded into one batch; each row keeps its own positions, so a row
-gives the same tokens as when generated alone. Each row can carry its own gate scale, which is how gate 0
+gives the same tokens as when generated alone (rows whose answers would get less room beside a long prompt
+than alone are decoded after it: `fitting_groups`). Each row can carry its own gate scale, which is how gate 0
 (the frozen base) and gate s are answered side by side in one batch.
 
 Command line: `python -m adapter.generate --base DIR [--adapter FILE ...] --prompt TEXT ...` (several adapters
@@ -34,7 +35,7 @@ from .gate_layers import (
     speaking,
 )
 from .kv_cache import KV_CACHE_DTYPES
-from .prompt_ids import Prompt, prompt_ids
+from .prompt_ids import Prompt, is_token_ids, prompt_ids
 from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample, seed_problem
 from .text_stream import TextStream
@@ -226,27 +227,60 @@ def stream_batch(
     streams = [TextStream(tokenizer, request.stop, row_ids if continued else ())
                for request, row_ids in zip(requests, ids)]
     finished = [False] * len(ids)
-    for step, step_ids in enumerate(decode_tokens(model, ids, requests, gate_scale=gate_scale,
-                                                  delta_scale=delta_scale, visual_prompt=visual_prompt,
-                                                  finished=finished)):
-        pieces = []
-        for row, token in enumerate(step_ids):
-            piece = ""
-            if not finished[row]:
+    for group in fitting_groups(ids, requests, model.args.max_seq_len):
+        done = [False] * len(group)
+        for step, step_ids in enumerate(decode_tokens(
+                model, [ids[row] for row in group], [requests[row] for row in group],
+                gate_scale=_rows_of(gate_scale, group, len(ids)), delta_scale=_rows_of(delta_scale, group, len(ids)),
+                visual_prompt=_rows_of(visual_prompt, group, len(ids)), finished=done)):
+            pieces = [""] * len(ids)
+            for place, (row, token) in enumerate(zip(group, step_ids)):
+                if done[place]:
+                    continue
                 if generated is not None:
                     generated[row].append(token)
                 if token in tokenizer.stop_ids:
-                    piece, finished[row] = streams[row].finish(), True
+                    pieces[row], done[place] = streams[row].finish(), True
                 else:
-                    piece = streams[row].push(token)
-                    finished[row] = streams[row].stopped
-                    if not finished[row] and step + 1 == requests[row].max_new_tokens:  # its own length reached
-                        piece, finished[row] = piece + streams[row].finish(), True
-            pieces.append(piece)
-        yield pieces
+                    pieces[row] = streams[row].push(token)
+                    done[place] = streams[row].stopped
+                    if not done[place] and step + 1 == requests[row].max_new_tokens:  # its own length reached
+                        pieces[row], done[place] = pieces[row] + streams[row].finish(), True
+            yield pieces
+        for place, row in enumerate(group):
+            finished[row] = done[place]
     tails = [("" if done else s.finish()) for s, done in zip(streams, finished)]
     if any(tails):
         yield tails
+
+
+def fitting_groups(ids: Sequence[Sequence[int]], requests: Sequence[GenerationRequest], limit: int) -> list[list[int]]:
+    """The rows decoded together: all at once where each answer gets the room it gets alone (`fits_together`);
+    else, longest prompt first, groups that do, decoded one after another (a short prompt beside one that
+    fills most of the context had its answer cut to the room the long one left)."""
+    lengths, room = [len(row) for row in ids], [request.max_new_tokens for request in requests]
+    if max(lengths, default=0) >= limit or fits_together(lengths, room, limit):
+        return [list(range(len(ids)))]  # (decode_tokens refuses a prompt that leaves no room)
+    groups: list[list[int]] = []
+    for row in sorted(range(len(ids)), key=lambda row: -lengths[row]):
+        grown = [*groups[-1], row] if groups else []
+        if grown and fits_together([lengths[r] for r in grown], [room[r] for r in grown], limit):
+            groups[-1] = grown
+        else:
+            groups.append([row])
+    return groups
+
+
+def _rows_of(value: Any, group: list[int], batch: int) -> Any:
+    """The rows `group` of a per-row value (a scale given one per row, a visual prompt); anything else (a
+    number, a value the model will refuse) as it is."""
+    if value is None or len(group) == batch:
+        return value
+    try:
+        rows = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        return value
+    return rows[group] if rows.dim() >= 1 and rows.shape[0] == batch else value
 
 
 def prompt_writer(model: "Transformer", template: str | None, system: str | None) -> PromptFormat | None:
@@ -268,16 +302,16 @@ def generate_batch(model: "Transformer", prompts: Sequence[str], **kwargs: Any) 
     return answers
 
 
-def stream(model: "Transformer", prompt: str, image: Any = None, **kwargs: Any) -> Iterator[str]:
+def stream(model: "Transformer", prompt: Prompt, image: Any = None, **kwargs: Any) -> Iterator[str]:
     """Text pieces of the answer to one prompt (about `image`, when given), as soon as they are safe to show."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt: expected a string, got {type(prompt).__name__}")
+    if not isinstance(prompt, str) and not is_token_ids(prompt):
+        raise ValueError(f"prompt: expected a text or a list of token ids, got {prompt!r:.80}")
     for pieces in stream_batch(model, [prompt], images=None if image is None else [image], **kwargs):
         if pieces[0]:
             yield pieces[0]
 
 
-def generate(model: "Transformer", prompt: str, **kwargs: Any) -> str:
+def generate(model: "Transformer", prompt: Prompt, **kwargs: Any) -> str:
     """The whole answer to one prompt (the prompt itself is not repeated)."""
     return "".join(stream(model, prompt, **kwargs))
 

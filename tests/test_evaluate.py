@@ -83,6 +83,21 @@ def test_losses_and_token_accuracy_match_finetune_and_the_full_logits(base_folde
     assert evaluate(base, data).scores[0].loss == pytest.approx(frozen, rel=1e-6)
 
 
+def test_exact_answers_do_not_depend_on_a_long_question_in_the_same_micro_batch(tmp_path):
+    """A question that fills most of the context left the short ones beside it 4 tokens or fewer of answer: their lists
+    were cut (0 exact at micro-batch 8, 3 one at a time)."""
+    model = adapter.load("tiny", adapter="tiny-text", device="cpu")
+    questions = [q for q in held_out("text", seed=0, per_category=3) if q.question.startswith("List")]  # 5-7 tokens
+    long = "What colour is the circle?"
+    while len(model.tokenizer.encode(adapter.alpaca("red " + long))) <= model.args.max_seq_len - 4:
+        long = "red " + long
+    records = [{"instruction": long, "output": " red"}]
+    records += [alpaca_record(q) for q in questions]
+    data = write_json(tmp_path / "mixed.json", records)
+    one, together = (evaluate(model, data, gate_scales=[1.0], exact=True, micro_batch_size=size) for size in (1, 8))
+    assert together.answers == one.answers and together.scores[0].exact == one.scores[0].exact >= 3
+
+
 def test_exact_answers_are_what_the_tiny_models_evaluation_counts(tmp_path):
     model = adapter.load("tiny", adapter="tiny-text", device="cpu")
     questions = held_out("text", seed=0, per_category=3)

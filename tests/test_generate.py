@@ -7,7 +7,7 @@ import torch
 
 import adapter
 from adapter.app_config import TINY_FOLDER, tiny_available
-from adapter.generate import GenerationRequest, decode_tokens, generate_batch, main
+from adapter.generate import GenerationRequest, decode_tokens, fitting_groups, generate_batch, main
 from adapter.model import Transformer
 from adapter.sampling import SamplingParams, penalize_answer, penalize_repeats, sample
 from adapter.text_stream import TextStream
@@ -71,6 +71,30 @@ def test_token_id_prompts_are_fed_as_they_are(model):
         generate_batch(model, [ids], template="alpaca")
     with pytest.raises(ValueError, match=rf"prompts\[1\]: token id {model.args.vocab_size} \(place 2\) is not in"):
         generate_batch(model, ["Hi", [1, 2, model.args.vocab_size]])
+
+
+def test_short_prompts_beside_one_that_fills_the_context_get_the_room_they_get_alone(model):
+    """The batch's context holds its longest prompt for every row: rows that would get less room beside it are
+    decoded after it (they got 96 - 80 = 16 tokens instead of 30); per-row scales follow their rows."""
+    long, short, shorter = list(range(5, 85)), [1, 7, 9, 11, 13], [1, 8]
+    prompts, scales = [short, long, shorter], [1.6, 1.0, 0.0]
+    options = dict(temperature=0.0, max_new_tokens=30, logit_bias=[(model.tokenizer.eos_id, -100.0)])
+    told = [[], [], []]
+    batched = generate_batch(model, prompts, gate_scale=scales, generated=told, **options)
+    assert [len(ids) for ids in told] == [30, 96 - 80, 30]
+    for prompt, scale, answer in zip(prompts, scales, batched):
+        assert model.generate(prompt, gate_scale=scale, **options) == answer
+    assert fitting_groups([long, short, shorter], [GenerationRequest(max_new_tokens=30)] * 3, 96) == [[0], [1, 2]]
+    assert fitting_groups([long, short], [GenerationRequest(max_new_tokens=10)] * 2, 96) == [[0, 1]], \
+        "room for both: one batch, in order"
+
+
+def test_generate_and_stream_take_token_ids_as_the_readme_says(model):
+    ids = model.tokenizer.encode("The red circle is", bos=True)
+    assert model.generate(ids, **GREEDY) == generate_batch(model, [ids], **GREEDY)[0] == \
+        "".join(model.stream(ids, **GREEDY))
+    with pytest.raises(ValueError, match=r"^prompt: expected a text or a list of token ids, got \['a'\]$"):
+        model.generate(["a"])
 
 
 def test_stream_pieces_join_to_generate(model):
