@@ -474,7 +474,7 @@ class Transformer(nn.Module):
     def reset_adapter(self, device: torch.device | str | None = None) -> None:
         """(Re)initialise everything learned so that the model computes exactly its base.
 
-        Gates, biases, LoRA up-projections and norm deltas start at zero, `new_gate` at one, prompts and
+        Gates, biases, LoRA up-projections and norm deltas start at zero, `new_gate` and scales at one, prompts and
         LoRA down-projections at random, the visual prompt as its layers initialise themselves. With
         `device`, the tensors are (re)created there in float32, which is how a model built on the `meta`
         device gets real adapter tensors.
@@ -494,7 +494,7 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 if name.startswith("adapter_query."):
                     nn.init.normal_(param)
-                elif name.endswith("new_gate"):
+                elif name.endswith(("new_gate", "_delta.scale")):  # multipliers: one is the base's
                     nn.init.ones_(param)
                 elif name.endswith("lora_down.weight"):
                     nn.init.kaiming_uniform_(param, a=5 ** 0.5)

@@ -70,6 +70,20 @@ def test_fresh_adapter_is_exactly_the_base():
         assert torch.equal(model(t), base(t))
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_reset_adapter_with_every_v2_part_is_exactly_the_base(device):
+    """reset_adapter (what training a new adapter starts from) zeroed the input scales too: W(0 x), not W x."""
+    args = AdapterArgs(prompt_len=3, prompt_layers=2, bias=True, scale=True, norm=True, lora_rank=2, new_gate=True)
+    torch.manual_seed(0)
+    model = Transformer(TINY, args).eval()
+    base = Transformer(TINY).eval()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_adapter_parameter(k)})
+    model.reset_adapter(device)
+    t = tokens(2, 8, TINY.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(t), base(t))
+
+
 def test_prompt_contribution_is_linear_in_the_gate_scale_for_raw_gates():
     model = make_model(TINY, ADAPTERS["v1-raw"])
     attention = model.layers[-1].attention
