@@ -71,7 +71,11 @@ def wrap(model: nn.Module, processes: Processes) -> nn.Module:
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     device = next(p for p in model.parameters() if p.requires_grad).device
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # a process whose micro-batch holds no picture leaves the visual prompt out of its graph: DDP must look for
+    # such tensors (a step where none is used anywhere keeps no gradient, as one process does)
+    sees = getattr(model, "visual_prompt", None) is not None
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=sees)
 
 
 def no_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
