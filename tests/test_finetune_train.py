@@ -307,6 +307,12 @@ def test_keep_best_keeps_the_adapter_of_the_lowest_validation_loss_across_a_resu
         resumed = train(tiny_config(base_folder, data, out, resume=True, **settings))
         assert resumed.best_val == whole.best_val
         assert max_difference(load_file(resumed.best), load_file(whole.best)) <= 1e-6
+    # --keep-best first given on resuming: the lowest loss since (it named a best/ never written, from the log)
+    out = tmp_path / "added"
+    train(tiny_config(base_folder, data, out, max_steps=step + 1, **{**settings, "keep_best": False}))
+    added = train(tiny_config(base_folder, data, out, resume=True, **settings))
+    assert added.best.is_file()
+    assert added.best_val == min((pair for pair in whole.val_losses if pair[0] > step + 1), key=lambda pair: pair[1])
 
 
 def test_early_stop_ends_the_run_once_its_patience_is_spent_and_a_resume_keeps_it_ended(tmp_path, base_folder):

@@ -314,9 +314,11 @@ class _Run:
             else:  # started over: nothing of an earlier try without a checkpoint is kept
                 (self.out / LOG).unlink(missing_ok=True)
         # the lowest validation loss before a resume, from the log (what OUT/best holds, or a later step's that
-        # the steps redone now will write again)
+        # the steps redone now will write again); none where OUT/best was never written (--keep-best added on
+        # resuming: the run's best so far has no adapter to show)
+        kept = self.out / BEST / checkpoint.ADAPTER
         earlier = [(r["step"], r["val_loss"]) for r in read_log(self.out / LOG) if r.get("type") == "val"] \
-            if main and config.keep_best and self.saved_step is not None else []
+            if main and config.keep_best and self.saved_step is not None and kept.is_file() else []
         self.best = min(earlier, key=lambda pair: pair[1]) if earlier else None
         notice(f"training {self.model.count_parameters(trainable_only=True):,} parameters ({config.mode}) for "
                f"{self.total_steps} steps ({self.steps_per_epoch} per epoch), peak lr {config.learning_rate:.3g}, "
