@@ -175,6 +175,25 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tmp_path, base_folder, m
     assert [r["step"] for r in log if r["type"] == "val"] == [2, 4, 6]
 
 
+def test_a_resume_refuses_changed_validation_data_and_names_a_damaged_checkpoint(tmp_path, base_folder):
+    """A changed --val-data was taken, its losses logged beside the old set's (best/ and --early-stop compared
+    across them); a truncated optimizer state was a traceback from inside torch."""
+    data = write_json(tmp_path / "data.json", alpaca_records(8, seed=1))
+    val = write_json(tmp_path / "val.json", alpaca_records(4, seed=2))
+    settings = dict(val_data=str(val), epochs=2, batch_size=4)
+    out = tmp_path / "run"
+    train(tiny_config(base_folder, data, out, max_steps=1, **settings))
+    kept = val.read_bytes()
+    write_json(val, alpaca_records(4, seed=3))
+    with pytest.raises(ValueError, match=f"^--val-data: {val} has changed since the checkpoint "):
+        train(tiny_config(base_folder, data, out, resume=True, **settings))
+    val.write_bytes(kept)
+    optimizer = out / "checkpoints" / "step-000001" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"^--resume: .*step-000001 is not a readable checkpoint \(RuntimeError: "):
+        train(tiny_config(base_folder, data, out, resume=True, **settings))
+
+
 def interrupt_at_signal(monkeypatch, step: int, times: int, signum: int = signal.SIGINT) -> None:
     """Press Ctrl-C `times` times (a real SIGINT each; or send another signal) during optimizer step `step`."""
     real = trainer.optimizer_step

@@ -14,6 +14,7 @@ moment leaves `latest` naming a complete checkpoint. Each holds:
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..formats.common import atomic_write
@@ -47,6 +49,7 @@ class TrainerState:
     data_sha256: str
     python_random: list | None = None  # random.getstate(), as JSON
     val_losses: list[list] | None = None  # [step, validation loss] of every validation so far (--early-stop)
+    val_data_sha256: str | None = None  # --val-data's (older checkpoints: not recorded)
 
 
 def latest(out: Path) -> Path | None:
@@ -102,8 +105,13 @@ def read_state(path: Path) -> TrainerState:
 def restore(path: Path, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
     """Optimizer and generator states back in place (`state` is `read_state(path)`). The adapter tensors are
     loaded with the model (`adapter.load(base, adapter=path / ADAPTER)`)."""
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
-    rng = load_file(path / RNG)
+    try:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
+        rng = load_file(path / RNG)
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:  # damaged
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else error!r}); resume from an earlier one or "
+                         "start a new run") from error
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(rng["cuda"]))

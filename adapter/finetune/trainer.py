@@ -143,6 +143,7 @@ class _Run:
         self.val_records = None if config.val_data is None else \
             read_records(config.val_data, config.image_folder, self.prompt_format, "--val-data")
         self.data_sha256 = _sha256(data)
+        self.val_data_sha256 = None if config.val_data is None else _sha256(Path(config.val_data))
         saved = self._check_resume() if self.resume_from else None
         self.model = self._load_model()
         check_export(config.export, self.model.adapter_args)
@@ -195,6 +196,9 @@ class _Run:
                              "resume with the same settings or start a new run")
         if saved.data_sha256 != self.data_sha256:
             raise ValueError(f"--data: {self.config.data} has changed since the checkpoint {self.resume_from}")
+        if saved.val_data_sha256 not in (None, self.val_data_sha256):  # its losses would not compare with the log's
+            raise ValueError(f"--val-data: {self.config.val_data} has changed since the checkpoint "
+                             f"{self.resume_from}")
         return saved
 
     def _check_length(self) -> None:
@@ -420,7 +424,8 @@ class _Run:
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         order = self._order(epoch) if self.step < self.total_steps else []
         state = checkpoint.TrainerState(self.step, epoch, in_epoch, order, self.config.to_dict(), self.data_sha256,
-                                        val_losses=[list(pair) for pair in self.val_history])
+                                        val_losses=[list(pair) for pair in self.val_history],
+                                        val_data_sha256=self.val_data_sha256)
         checkpoint.check_finite(self.model, self.step)  # in every process, so that they all stop together
         if self.main:
             checkpoint.save(self.out, self.model, self.optimizer, state)
