@@ -17,7 +17,7 @@ import adapter
 from adapter import cpu_features
 from adapter import push as push_module
 from adapter.config import AdapterArgs
-from adapter.finetune import DataError, train, trainer
+from adapter.finetune import DataError, TrainConfig, train, trainer
 from adapter.finetune import step as step_module
 from adapter.finetune.cli import main
 from adapter.finetune.logs import read_log
@@ -582,3 +582,29 @@ def test_the_embedded_tiny_base_is_named_as_every_command_line_names_it(tmp_path
                                                                                            "adapter.safetensors")
     assert all(torch.equal(tensor, shipped[name]) for name, tensor in load_file(written).items()), \
         "the embedded adapter, named as every command line names it"
+
+
+def test_finetune_takes_the_tiny_models_names_and_fits_its_context_by_default(tmp_path):
+    """--init-adapter tiny-image and --clip tiny were missing paths (and the error named "adapter:"); without
+    --max-seq-len the default 512 was refused on the tiny base's 256."""
+    from adapter.app_config import tiny_available
+    from adapter.tiny.assets import ASSETS
+
+    if not tiny_available():
+        pytest.skip("assets/tiny not built yet")
+    folder = ASSETS / "examples"
+    records = [{"image": "00.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                                                     {"from": "gpt", "value": "red"}]}]
+    data = write_json(tmp_path / "llava.json", records * 2)
+    settings = dict(base="tiny", data=str(data), epochs=1, batch_size=2, micro_batch_size=2, val_fraction=0,
+                    lr=1e-12, warmup_epochs=0, progress=False, device="cpu", image_folder=str(folder), mode="vision")
+    result = train(TrainConfig(out=str(tmp_path / "image"), init_adapter="tiny-image", clip="tiny", **settings))
+    trained = load_file(result.adapter)
+    shipped = load_file(ASSETS / "image" / "adapter.safetensors")
+    assert trained.keys() == shipped.keys() and max_difference(trained, shipped) < 1e-6, "lr 1e-12: as it was"
+    assert json.loads((tmp_path / "image" / "checkpoints" / "step-000001" / "trainer.json").read_text())[
+        "config"]["max_seq_len"] == 256, "the base's context, where shorter than 512"
+    text = dict(settings, data=str(write_json(tmp_path / "text.json", alpaca_records(2))), image_folder=None,
+                mode="v2")
+    with pytest.raises(FileNotFoundError, match="^--init-adapter: nowhere does not exist$"):
+        train(TrainConfig(out=str(tmp_path / "none"), init_adapter="nowhere", **text))

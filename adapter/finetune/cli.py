@@ -21,7 +21,7 @@ from pathlib import Path
 from ..config import VISUAL_PROMPT_KINDS
 from ..formats import BASE_HELP
 from ..prompts import PROMPT_FORMATS
-from .config import AUTOCASTS, EXPORTS, MODES, TrainConfig
+from .config import AUTOCASTS, DEFAULT_MAX_SEQ_LEN, EXPORTS, MODES, TrainConfig
 from .records import DATA_HELP
 
 DEFAULTS = TrainConfig(base="", data="", out="")  # the defaults, in one place
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step, all processes")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="examples per forward pass")
-    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="longer examples are cut")
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
+                   help=f"longer examples are cut (default: {DEFAULT_MAX_SEQ_LEN}, or the base's context if shorter)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="records held out for the validation loss (not with --val-data)")
     p.add_argument("--val-data", help="a validation file of its own (same layouts as --data): all of --data trains")

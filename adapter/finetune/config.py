@@ -21,6 +21,7 @@ AUTOCASTS = ("auto", "bf16", "off")  # auto: bf16 on GPU, the model's own dtype 
 EXPORTS = ("peft", "official-v1")
 # settings that may change between an interrupted run and its --resume without changing what it computes
 # (the data file may move: its content is checked by hash)
+DEFAULT_MAX_SEQ_LEN = 512  # tokens an example is cut to where --max-seq-len is not given (and the base holds them)
 RESUMABLE_CHANGES = ("data", "out", "resume", "max_steps", "save_every", "val_every", "export", "progress",
                      "device", "gradient_checkpointing", "keep_best", "early_stop")
 
@@ -66,7 +67,7 @@ class TrainConfig:
     weight_decay: float = 0.02
     batch_size: int = 64
     micro_batch_size: int = 4
-    max_seq_len: int = 512
+    max_seq_len: int | None = None  # None: DEFAULT_MAX_SEQ_LEN, or the base's context where shorter (the trainer's)
     val_fraction: float = 0.05
     val_data: str | None = None  # a validation file of its own: then all of `data` trains and nothing is split off
     seed: int = 0
@@ -91,7 +92,8 @@ class TrainConfig:
         _require(seeded is None, "--seed", str(seeded))
         for flag in ("prompt_len", "prompt_layers", "epochs", "batch_size", "micro_batch_size", "max_seq_len"):
             value = getattr(self, flag)
-            _require(_positive_int(value), _flag(flag), f"must be a positive integer, got {value!r}")
+            _require(_positive_int(value) or (flag == "max_seq_len" and value is None), _flag(flag),
+                     f"must be a positive integer, got {value!r}")
         _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "--lora-rank",
                  f"must be a non-negative integer, got {self.lora_rank!r}")
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
@@ -116,7 +118,8 @@ class TrainConfig:
         _require(self.autocast in AUTOCASTS, "--autocast", f"must be one of {AUTOCASTS}, got {self.autocast!r}")
         _require(self.visual in VISUAL_PROMPT_KINDS, "--visual",
                  f"must be {', '.join(VISUAL_PROMPT_KINDS[:-1])} or {VISUAL_PROMPT_KINDS[-1]}, got {self.visual!r}")
-        _require(self.max_seq_len >= 2, "--max-seq-len", "must be at least 2 (one token and its successor)")
+        _require(self.max_seq_len is None or self.max_seq_len >= 2, "--max-seq-len",
+                 "must be at least 2 (one token and its successor)")
         _require(self.batch_size % self.micro_batch_size == 0, "--batch-size",
                  f"{self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}")
         _require(0 <= self.warmup_epochs <= self.epochs, "--warmup-epochs",

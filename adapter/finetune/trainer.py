@@ -7,6 +7,7 @@ order is recomputed from (seed, epoch), so a resumed run replays exactly what an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -30,11 +31,12 @@ from ..loading import load, load_sharing, open_named_base, resolve_device
 from ..model import Transformer
 from ..prompts import format_named
 from ..quantize import serving_state
+from ..tiny.assets import resolve as resolve_tiny
 from ..tokenizer import open_tokenizer
 from ..visual import ImageEncoder, attach_image_encoder, load_image_encoder
 from . import checkpoint, distributed
 from .batching import collate, epoch_batches, eval_batches, shard
-from .config import TrainConfig, adapter_args_for, adapter_kind
+from .config import DEFAULT_MAX_SEQ_LEN, TrainConfig, adapter_args_for, adapter_kind
 from .dataset import Dataset, build_dataset
 from .encode import Encoded
 from .export import check_export, export_official_v1, export_peft
@@ -136,6 +138,9 @@ class _Run:
         self.out = config.out_path
         self.main = processes.is_main
         self._encoder = None  # the CLIP tower of --mode vision, loaded when first needed
+        # the embedded model's names (--init-adapter tiny-image, --clip tiny) as its files, as everywhere else
+        _, self.init_adapter, self.clip, self.clip_model = resolve_tiny(None, config.init_adapter, config.clip,
+                                                                        config.clip_model)
         self.resume_from = self._check_out()
         self.prompt_format = format_named(config.prompt_format, "--prompt-format")
         data = hub.resolve_data(config.data, "--data")  # a hub dataset's file is fetched once, read and hashed
@@ -143,6 +148,9 @@ class _Run:
         self.val_records = None if config.val_data is None else \
             read_records(config.val_data, config.image_folder, self.prompt_format, "--val-data")
         self.data_sha256 = _sha256(data)
+        if config.max_seq_len is None:  # the default: as long as the base holds, up to DEFAULT_MAX_SEQ_LEN
+            context = (base_args(config.base) if hooks.base is None else hooks.base.args).max_seq_len
+            config = self.config = dataclasses.replace(config, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, context))
         self.val_data_sha256 = None if config.val_data is None else _sha256(Path(config.val_data))
         saved = self._check_resume() if self.resume_from else None
         self.model = self._load_model()
@@ -212,7 +220,7 @@ class _Run:
         config, shared = self.config, self.hooks.base
         if self.resume_from is not None:
             adapter = self.resume_from / checkpoint.ADAPTER
-        elif config.init_adapter is not None:
+        elif self.init_adapter is not None:
             adapter = self._init_adapter()
         else:
             n_layers = (base_args(config.base) if shared is None else shared.args).n_layers
@@ -232,7 +240,7 @@ class _Run:
             model = load_sharing(shared, adapter)
         model.prompt_format = config.prompt_format  # saved with the adapter
         if model.visual_prompt is not None:
-            if config.clip is None:
+            if self.clip is None:
                 raise ValueError("--clip: this adapter has a visual prompt; give the CLIP tower it reads")
             attach_image_encoder(model, self._image_encoder())
         if config.max_seq_len > model.args.max_seq_len:
@@ -243,8 +251,8 @@ class _Run:
     def _init_adapter(self) -> LoadedAdapter:
         """--init-adapter's adapter, read once and checked against --mode and --prompt-format before the base
         is loaded."""
-        path = hub.resolve(self.config.init_adapter, "--init-adapter")
-        found = read_adapter(path)
+        path = hub.resolve(self.init_adapter, "--init-adapter")
+        found = read_adapter(path, "--init-adapter")
         a = found.args
         kind = adapter_kind(a)
         if kind != self.config.mode:
@@ -261,7 +269,7 @@ class _Run:
         if self.hooks.image_encoder is not None:
             return self.hooks.image_encoder
         if self._encoder is None:
-            self._encoder = load_image_encoder(self.config.clip, self.config.clip_model or AdapterArgs.clip_model)
+            self._encoder = load_image_encoder(self.clip, self.clip_model or AdapterArgs.clip_model)
         return self._encoder
 
     def _visual(self) -> dict:
@@ -269,7 +277,7 @@ class _Run:
         if config.mode != "vision":
             return {}
         return {"visual": config.visual, "clip_dim": self._image_encoder().output_dim,
-                "clip_model": _portable_clip_model(config.clip_model), "visual_dim": config.visual_dim,
+                "clip_model": _portable_clip_model(self.clip_model), "visual_dim": config.visual_dim,
                 "visual_depth": config.visual_depth, "visual_heads": config.visual_heads}
 
     def _build_data(self, records) -> Dataset:

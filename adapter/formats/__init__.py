@@ -50,11 +50,11 @@ def open_base(path: str | os.PathLike):
     raise ValueError(f"base: {folder} is not a LLaMA folder: expected {BASE_FORMATS}")
 
 
-def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
-    """Read an adapter file or folder in any supported format."""
+def read_adapter(path: str | os.PathLike, what: str = "adapter") -> LoadedAdapter:
+    """Read an adapter file or folder in any supported format (`what`: the flag named where it is missing)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"adapter: {path} does not exist")
+        raise FileNotFoundError(f"{what}: {path} does not exist")
     from . import peft
 
     if peft.is_peft(path):
