@@ -15,7 +15,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,7 @@ from .gate_layers import (
     speaking,
 )
 from .kv_cache import KV_CACHE_DTYPES
-from .prompt_ids import Prompt, is_token_ids, prompt_ids
+from .prompt_ids import Prompt, checked_ids, is_token_ids, prompt_ids
 from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample, seed_problem
 from .text_stream import TextStream
@@ -79,17 +79,27 @@ def _request(
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
-    logit_bias: Sequence[tuple[int, float]] = (),
+    logit_bias: Mapping[int | str, float] | Sequence[tuple[int, float]] = (),
     stop: Sequence[str] | str | None = None,
     seed: int | None = None,
     compile: bool = False,
 ) -> GenerationRequest:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else \
+        tuple(stop) if isinstance(stop, (list, tuple)) else stop
+    if not isinstance(stops, tuple) or not all(isinstance(text, str) and text for text in stops):
+        raise ValueError(f"stop: expected a string or a list of non-empty strings, got {stop!r:.80}")
+    pairs = logit_bias.items() if isinstance(logit_bias, Mapping) else logit_bias
+    try:  # JSON's keys are texts; a bias written as a whole number is one too
+        pairs = tuple((int(token) if isinstance(token, str) and token.isdigit() else token,
+                       float(bias) if type(bias) is int else bias) for token, bias in pairs)
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias: expected {{token id: bias}} or (token id, bias) pairs, got "
+                         f"{logit_bias!r:.80}") from None
     if written is not None:
         stops = stops + written.stop_strings
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty, logit_bias=tuple(logit_bias))
+                              frequency_penalty=frequency_penalty, logit_bias=pairs)
     return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile)
 
 
@@ -211,6 +221,8 @@ def stream_batch(
     if generated is not None and len(generated) != len(prompts):
         raise ValueError(f"generated: {len(generated)} lists given for {len(prompts)} prompts")
     requests = [_request(written, **{**options, **row}) for row in (rows or [{}] * len(prompts))]
+    for request in requests:
+        checked_ids([token for token, _ in request.sampling.logit_bias], model.args.vocab_size, "logit_bias")
     visual_prompt = None
     if images is not None:
         if len(images) != len(prompts):

@@ -3,6 +3,7 @@ and answer), OpenAI's presence and frequency penalties (over the answer's tokens
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,14 +32,19 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature: must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k: must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty: must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty < math.inf):
+            raise ValueError(f"repetition_penalty: must be a finite number > 0 (1 = off), got "
+                             f"{self.repetition_penalty!r}")
+        if not all(isinstance(pair, tuple) and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0
+                   and type(pair[1]) is float and math.isfinite(pair[1]) for pair in self.logit_bias):
+            raise ValueError(f"logit_bias: expected {{token id: bias}} or (token id, bias) pairs, each bias a finite "
+                             f"number, got {self.logit_bias!r:.80}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and -2 <= value <= 2):
@@ -93,7 +99,10 @@ def sample(
                                   torch.tensor(biases, device=logits.device).expand(logits.shape[0], -1))
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # from the row's largest logit down: a tiny temperature (or a tiny repetition penalty's division) made
+    # them overflow to inf, and softmax of inf is nan
+    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -103,7 +112,7 @@ def sample(
         # keep the smallest set whose mass reaches top_p (the most likely token is always kept); drawn in
         # vocabulary order, not sorted order, so two near-equal tokens whose order flips with the last bit of
         # rounding (a row padded in a batch) do not swap which one a seeded draw picks
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p  # reached before this token
         probs = probs.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
     return _draw(probs, generator)[:, 0]
 

@@ -172,6 +172,29 @@ def test_sampling_rules():
     assert torch.equal(penalized, torch.tensor([[1.0, 1.5, 2.0, -2.0], [0.5, 0.1, 0.2, 4.0]]))
 
 
+def test_sampling_edges_match_transformers_and_never_overflow():
+    """top-p keeps the smallest set whose mass reaches it (an exact tie kept one token too many, against
+    transformers' TopPLogitsWarper); a tiny temperature or repetition penalty made logits inf, softmax nan."""
+    probs = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.5, 0.3, 0.2, 0.0]])
+    logits = probs.clamp(min=1e-30).log()
+    for top_p, row, kept in ((0.5, 0, {0}), (0.8, 1, {0, 1}), (0.75, 0, {0, 1})):
+        draws = {int(sample(logits[row:row + 1], SamplingParams(temperature=1.0, top_p=top_p),
+                            generator=torch.Generator().manual_seed(seed))) for seed in range(60)}
+        assert draws == kept, (top_p, row)
+    wide = torch.tensor([[3.0, 2.9, -1.0], [0.0, 1.0, 0.5]])
+    tiny = SamplingParams(temperature=1e-39)
+    assert sample(wide, tiny).tolist() == [0, 1], "as greedy"
+    seen = torch.ones(2, 3, dtype=torch.bool)  # positive logits divided by 1e-39: inf, a tie between them
+    first, second = sample(wide, SamplingParams(temperature=1.0, repetition_penalty=1e-39), seen=seen).tolist()
+    assert first in (0, 1) and second in (1, 2)
+
+
+def test_a_logit_bias_may_be_openais_mapping_with_whole_numbers(model):
+    eos = model.tokenizer.eos_id
+    assert model.generate("Red", temperature=0.0, max_new_tokens=8, logit_bias={str(eos): -100}) == \
+        model.generate("Red", temperature=0.0, max_new_tokens=8, logit_bias=[(eos, -100.0)])
+
+
 def test_seed_makes_sampling_reproducible(model):
     kwargs = dict(temperature=1.0, top_p=0.9, max_new_tokens=10)
     assert model.generate("Red", seed=3, **kwargs) == model.generate("Red", seed=3, **kwargs)
@@ -266,6 +289,15 @@ def test_a_logit_bias_is_added_to_its_tokens_logits(model):
     (dict(gate_scale=[1.0, 2.0]), "gate_scale"),
     (dict(seed=2**64), "seed: must be a whole number from 0 to 9223372036854775807, got 18446744073709551616"),
     (dict(seed=-1), "seed: must be a whole number"),
+    # each was a TypeError or RuntimeError from inside the decode loop, or accepted
+    (dict(temperature=float("inf")), r"temperature: must be a finite number >= 0"),
+    (dict(repetition_penalty=float("inf")), r"repetition_penalty: must be a finite number > 0"),
+    (dict(stop=5), r"^stop: expected a string or a list of non-empty strings, got 5$"),
+    (dict(stop=["ok", 5]), r"^stop: expected a string or a list of non-empty strings"),
+    (dict(logit_bias=[(99999, 1.0)]), r"^logit_bias: token id 99999 \(place 0\) is not in the vocabulary"),
+    (dict(logit_bias=[(1, float("nan"))]), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
+    (dict(logit_bias={"one": 2.0}), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
+    (dict(logit_bias=[1]), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
 ])
 def test_bad_generation_arguments_name_the_argument(model, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
