@@ -409,7 +409,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 save = gr.Button("Save", elem_id="save_conversation")
                 saved = gr.File(label="conversation.jsonl", interactive=False, elem_id="conversation_file")
             chat_colours = gr.HighlightedText(label="Last answer: share of attention through the adaption "
-                                              "prompts per token", show_legend=True, elem_id="chat_colours")
+                                              "prompts per token (0 to 1: the deeper, the more)",
+                                              elem_id="chat_colours")
             chat_layers = gr.Plot(label="Last answer: share through the prompts per adapter layer",
                                   elem_id="chat_layers")
         with gr.Tab("Image"):
@@ -443,7 +444,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                         image_saved = gr.File(label="conversation.zip", interactive=False,
                                               elem_id="image_conversation_file")
                     image_colours = gr.HighlightedText(label="Share of attention through the adaption prompts per "
-                                                       "token", elem_id="image_colours")
+                                                       "token (0 to 1: the deeper, the more)",
+                                                       elem_id="image_colours")
                     image_layers = gr.Plot(label="Share through the prompts per adapter layer",
                                            elem_id="image_layers")
             if image_examples:
@@ -525,26 +527,38 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
             if handlers.uploads is not None:
                 upload_panel(handlers, menus)
 
-        chat_inputs = [message, chatbot, *controls]
-        sent = [send.click(handlers.chat, chat_inputs, chatbot, api_name="chat", **model_events),
-                message.submit(handlers.chat, chat_inputs, chatbot, api_visibility="private", **model_events)]
-        for event in sent:
-            event.success(handlers.chat_shares, [chatbot, *controls], [chat_colours, chat_layers],
-                          api_visibility="private", **model_events)
+        # /chat for API clients, on a button never shown: the page's Send empties the box first (gradio runs
+        # one trigger's events one after another, so emptying it beside the answer waited for the answer's end)
+        # and gives the question back where it is refused
+        api_chat = gr.Button(visible=False, elem_id="api_chat")
+        api_chat.click(handlers.chat, [message, chatbot, *controls], chatbot, api_name="chat", **model_events)
+        asked = gr.State("")
+        sent = []
         for trigger in (send.click, message.submit):
-            trigger(lambda: "", None, message, queue=False, api_visibility="private")
+            taken = trigger(lambda text: ("", text), message, [message, asked], queue=False, api_visibility="private")
+            sent.append(taken.then(handlers.chat, [asked, chatbot, *controls], chatbot, api_visibility="private",
+                                   **model_events))
+            sent[-1].failure(handlers.give_back, [asked, message, chatbot], message, queue=False,
+                             api_visibility="private")
         retried = retry.click(handlers.retry, [chatbot, *controls], chatbot, api_visibility="private", **model_events)
-        retried.success(handlers.chat_shares, [chatbot, *controls], [chat_colours, chat_layers],
-                        api_visibility="private", **model_events)
-        stop.click(None, cancels=[*sent, retried])
-        undo.click(handlers.undo, chatbot, [chatbot, message], queue=False, api_visibility="private")
-        save.click(handlers.save_conversation, [chatbot, system], saved, api_name="save_conversation", queue=False)
+        answering = [*sent, retried]
+        answering += [event.success(handlers.chat_shares, [chatbot, *controls], [chat_colours, chat_layers],
+                                    api_visibility="private", **model_events) for event in answering]
+        no_shares = ([], None)  # the colours and bars of an answer no longer shown
+        # Stop, Undo and Clear stop the answer being written first (it went on streaming into the cleared chat)
+        stop.click(None, cancels=answering).then(lambda: no_shares, None, [chat_colours, chat_layers], queue=False,
+                                                 api_visibility="private")
+        undo.click(None, cancels=answering).then(handlers.undo, chatbot, [chatbot, message], queue=False,
+                                                 api_visibility="private").then(
+            lambda: no_shares, None, [chat_colours, chat_layers], queue=False, api_visibility="private")
+        save.click(handlers.save_conversation, [chatbot, system], saved, api_name="save_conversation")
         image_save.click(handlers.save_image_conversation, [image, asked_question, answer, conversation, system],
-                         image_saved, queue=False, api_visibility="private")  # the question asked: the page's
-        clear.click(lambda: ([], "", [], None), None, [chatbot, message, chat_colours, chat_layers], queue=False,
-                    api_visibility="private")
-        chatbot.clear(lambda: ([], None), None, [chat_colours, chat_layers], queue=False,
-                      api_visibility="private")  # its own trash icon
+                         image_saved, api_visibility="private")  # the question asked: the page's
+        clear.click(None, cancels=answering).then(lambda: ([], "", "", *no_shares), None,
+                                                  [chatbot, message, asked, chat_colours, chat_layers], queue=False,
+                                                  api_visibility="private")  # (nothing to give back after it)
+        chatbot.clear(None, cancels=answering).then(lambda: no_shares, None, [chat_colours, chat_layers],
+                                                    queue=False, api_visibility="private")  # its own trash icon
 
         turned = gr.on([ask.click, question.submit], handlers.next_image_turn,  # Enter asks too
                        [asked_question, answer, conversation, question], [conversation, answer, asked_question],

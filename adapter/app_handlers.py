@@ -162,6 +162,15 @@ class Handlers:
             return
         yield from self.chat(request, pairs[-1][0], to_messages(pairs[:-1]), *controls)
 
+    @staticmethod
+    def give_back(asked: str, typed: str, history: list) -> Any:
+        """The message box after an answer ended in an error or was stopped: the question asked where it never
+        reached the chat (refused: too long, empty) and nothing new was typed; else the box as it is (Stop,
+        Clear and Undo also end an answer, and Undo puts the question back itself)."""
+        pairs = to_pairs(history)
+        reached = bool(pairs) and pairs[-1][0] == (asked or "").strip()
+        return asked if asked and not typed and not reached else gr.skip()
+
     def undo(self, history: list) -> tuple[list[dict[str, str]], str]:
         pairs = to_pairs(history)
         if not pairs:

@@ -51,7 +51,7 @@ def draw_gates(gates: torch.Tensor, first_layer: int, scale: float, speaking: st
     axes.set_title(f"effective gates at gate scale {scale:g}" + ("" if speaking is None else
                                                                   f", only layers {speaking} speaking"))
     figure.colorbar(image, ax=axes, label="gate")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.9))  # room above for the label the app draws over the plot
     return figure
 
 
