@@ -20,12 +20,14 @@ from pathlib import Path, PurePosixPath
 from . import hub
 from .added_adapters import AddedAdapters, served_sight
 from .engine import Engine, Engines
+from .formats.litgpt import FILE_NAMES as LITGPT_FILES
 from .loading import load_sharing
 from .model import Transformer
 
 MAX_UPLOADED = 4  # uploaded adapters served at once, the oldest giving way
 UPLOADED_PREFIX = "uploaded-"
 MAX_MEMBERS = 64  # files a zip may hold
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # what an adapter's weights are in (litgpt's: LITGPT_FILES)
 MAX_FETCHED = 2 << 30  # bytes a hub adapter's repository may download (a whole base is refused)
 MAX_UNPACKED = 256 << 20  # bytes a zip may unpack to (adapters hardly compress: a zip that would unpack to far
 # more than it holds is a zip bomb, not an adapter)
@@ -53,6 +55,11 @@ def unpack(upload: Path, folder: Path) -> Path:
     entries = list(folder.iterdir())
     if not entries:
         raise ValueError(f"adapter: {upload.name} holds no files")
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    if not any(path.suffix.lower() in WEIGHT_SUFFIXES or path.name in LITGPT_FILES for path in files):
+        names = ", ".join(sorted(path.name for path in files)[:5])
+        raise ValueError(f"adapter: {upload.name} holds no adapter weights ({names}); zip an adapter's folder or "
+                         f"its {', '.join(WEIGHT_SUFFIXES[:-1])} or {WEIGHT_SUFFIXES[-1]} file")
     return entries[0] if len(entries) == 1 else folder
 
 

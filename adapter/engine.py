@@ -459,7 +459,7 @@ class Engine:
 
         scales = gate_scales(scales)
         if data is None:
-            raise ValueError("data: upload a JSON or JSONL file of records first")
+            raise ValueError("data: upload a file of records (JSON, JSONL or Parquet) or of plain text (.txt) first")
         if holds_text(data):
             return self.work.run(evaluate_text, self.model, data, gate_scales=scales, delta_scale=settings.delta_scale,
                                  limit=MAX_SCORE_RECORDS, max_tokens=MAX_SCORE_TOKENS, layers=self.layers_of(settings))

@@ -61,7 +61,9 @@ def test_an_adapter_served_by_a_path_or_hub_name_downloads_into_the_downloads_fo
 
 def test_what_a_format_cannot_hold_the_bare_base_and_unknown_formats_are_refused(tmp_path, served):
     downloads = AdapterDownloads(tmp_path / "downloads")
-    with pytest.raises(ValueError, match="^write_peft: gate_activation is tanh; PEFT uses raw gates"):
+    with pytest.raises(ValueError, match=r"^PEFT's adaption_prompt format cannot hold this adapter: its "
+                                         r"gate_activation is tanh; PEFT uses raw gates; our own format \(native\) "
+                                         r"holds every adapter$"):
         downloads.write(serving(served, V1), "tiny-text", "peft")
     with pytest.raises(ValueError, match="^adapter: base is the frozen base without an adapter; there is nothing"):
         downloads.write(served, "base", "native")

@@ -140,6 +140,9 @@ def test_bad_uploads_are_refused_by_name_and_nothing_is_kept(tmp_path, base_fold
     with zipfile.ZipFile(notes, "w") as archive:
         archive.writestr("a/notes.txt", "no adapter here")
         archive.writestr("b/notes.txt", "nor here")
+    readme = tmp_path / "readme.zip"
+    with zipfile.ZipFile(readme, "w") as archive:
+        archive.writestr("readme.txt", "an adapter, I promise")
     (tmp_path / "broken.zip").write_bytes(b"PK not really")
     corrupt = tmp_path / "corrupt.zip"
     with zipfile.ZipFile(corrupt, "w") as archive:  # stored as it is, then a byte of it changed: a bad CRC
@@ -155,7 +158,9 @@ def test_bad_uploads_are_refused_by_name_and_nothing_is_kept(tmp_path, base_fold
     elsewhere = trained(other, AdapterArgs(prompt_len=2, prompt_layers=2), tmp_path / "elsewhere")
     cases = [
         (outside, r"^adapter: outside\.zip: '\.\./adapter\.safetensors' points outside the zip's folder"),
-        (notes, r"/notes holds no adapter; expected"),
+        (notes, r"^adapter: notes\.zip holds no adapter weights \(notes\.txt, notes\.txt\); zip an adapter's folder "
+                r"or its \.safetensors, \.pth, \.pt or \.bin file$"),
+        (readme, r"^adapter: readme\.zip holds no adapter weights \(readme\.txt\)"),  # was: not a torch checkpoint
         (tmp_path / "broken.zip", r"^adapter: broken\.zip is not a readable zip"),
         (corrupt, r"^adapter: corrupt\.zip could not be unpacked \(Bad CRC-32"),
         (clash, r"^adapter: clash\.zip could not be unpacked \(Not a directory\)$"),

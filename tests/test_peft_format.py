@@ -214,7 +214,7 @@ def test_heads_not_dim_over_heads_wide_give_transformers_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(logits(loaded), reference_logits(loaded, TOKENS), atol=2e-4, rtol=1e-4)
     assert not torch.allclose(logits(loaded), logits(base), atol=1e-3), "adapter acts"
-    with pytest.raises(ValueError, match="write_peft: the base's heads are 32 wide, not dim / n_heads"):
+    with pytest.raises(ValueError, match="cannot hold this adapter: the base's heads are 32 wide, not dim / n_heads"):
         write_peft(share_gates(adapter.load(folder, adapter=RAW, device="cpu")), tmp_path / "out")
 
 

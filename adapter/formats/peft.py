@@ -191,20 +191,25 @@ def write_peft(model: "Transformer", folder: str | Path, base_model_name_or_path
 
 
 def _check_representable(model: "Transformer") -> None:
-    """PEFT has prompts and one raw gate per layer, nothing else."""
+    """PEFT has prompts and one raw gate per layer, nothing else: what else an adapter has is named."""
+    if (reason := _unrepresentable(model)) is not None:
+        raise ValueError(f"PEFT's adaption_prompt format cannot hold this adapter: {reason}; our own format "
+                         "(native) holds every adapter")
+
+
+def _unrepresentable(model: "Transformer") -> str | None:
     a = model.adapter_args
     if not a.has_prompts:
-        raise ValueError("write_peft: the adapter has no adaption prompts (prompt_layers=0); nothing to export")
+        return "it has no adaption prompts (prompt_layers=0)"
     if a.gate_activation != "raw":
-        raise ValueError(f"write_peft: gate_activation is {a.gate_activation}; PEFT uses raw gates")
+        return f"its gate_activation is {a.gate_activation}; PEFT uses raw gates"
     if model.args.head_size is not None:
-        raise ValueError(f"write_peft: the base's heads are {model.args.head_size} wide, not dim / n_heads; PEFT's "
-                         "adaption_prompt reshapes the prompt's keys into dim / n_heads wide heads and fails on it")
-    extra = a.beyond_v1
-    if extra:
-        raise ValueError(f"write_peft: PEFT adaption_prompt (v1 only) has no place for {', '.join(extra)}")
+        return (f"the base's heads are {model.args.head_size} wide, not dim / n_heads; PEFT's adaption_prompt "
+                "reshapes the prompt's keys into dim / n_heads wide heads and fails on it")
+    if extra := a.beyond_v1:
+        return f"PEFT adaption_prompt (v1 only) has no place for {', '.join(extra)}"
     for n in range(model.first_prompt_layer, model.args.n_layers):
         gate = model.layers[n].attention.gate.detach().flatten()
         if not torch.all(gate == gate[0]):
-            raise ValueError(f"write_peft: layer {n} has a different gate value per head; PEFT has one gate per "
-                             "layer shared by all heads")
+            return f"layer {n} has a different gate value per head; PEFT has one gate per layer shared by all heads"
+    return None
