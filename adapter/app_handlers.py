@@ -47,17 +47,21 @@ GATE_COLUMNS = ("step", "mean |gate|", "layer")
 NEW_ADAPTER = "a new adapter (zero-init gates: the frozen base)"
 RECORD, PICTURE = "conversation.jsonl", "picture.png"  # a conversation saved to train on, and its picture
 # a path in the server's temporary folder (an upload, a run's folder) up to the file's own name
+CLI_FLAG = re.compile(r"^--([a-z][a-z0-9-]*):")  # a command line's flag that leads a shared check's message: the
+# page has no flags, and names its settings as the API does (--prompt-len: -> prompt_len:)
 SERVER_FOLDERS = re.compile(re.escape(os.path.join(tempfile.gettempdir(), "")) + r"\S*" + re.escape(os.sep))
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
     """A bad request becomes a message for the user (and the API client); the app keeps serving. Files are named
-    by their own names: the temporary folders the server put uploads in mean nothing to the user."""
+    by their own names: the temporary folders the server put uploads in mean nothing to the user; a leading
+    command-line flag by its setting's name."""
     try:
         yield
     except (ValueError, FileNotFoundError) as error:
-        raise gr.Error(SERVER_FOLDERS.sub("", str(error))) from None
+        text = CLI_FLAG.sub(lambda flag: flag.group(1).replace("-", "_") + ":", SERVER_FOLDERS.sub("", str(error)))
+        raise gr.Error(text) from None
 
 
 def settings(gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,

@@ -129,7 +129,8 @@ def evaluate(
         raise ValueError(f"--data: {data} holds plain text ('text' records), which has no answers to score: "
                          "score a file of it alone as plain text (python -m adapter.evaluate --text)")
     if any(e.image is not None for e in examples) and (model.visual_prompt is None or model.image_encoder is None):
-        raise ValueError(f"--data: {data} has image records; they need an adapter with a visual prompt and --clip")
+        raise ValueError(f"--data: {data} has image records; they need an adapter that sees images (a visual prompt "
+                         "and the CLIP tower it reads)")
     end = written.answer_end_id(tokenizer)
     length = max_seq_len or model.args.max_seq_len
     encoded, cut = [], 0

@@ -105,7 +105,8 @@ def test_the_app_answers_while_it_trains_and_a_client_that_leaves_stops_its_run(
     (lambda records: settings(records, epochs=1.5), "epochs: expected a whole number, got 1.5"),
     (lambda records: settings(records, lr=-1), "lr: must be a finite number above 0, got -1"),
     (lambda records: settings(records, lr=None), "lr: must be a finite number above 0, got nan"),
-    (lambda records: settings(records, mode="lora", lora_rank=0), "--lora-rank: --mode lora trains LoRA alone"),
+    # a shared check's flag by the setting's name
+    (lambda records: settings(records, mode="lora", lora_rank=0), "^lora_rank: --mode lora trains LoRA alone"),
     (lambda records: [*settings(records), "", [], False, -1],
      r"early_stop: give 0 \(never\) or how many validations without a lower loss end the run, got -1"),
     (lambda records: settings(records, epochs=40, batch_size=1),
@@ -147,7 +148,7 @@ def test_image_records_train_an_adapter_that_sees_on_the_served_tower(served, im
         assert answer == expected
     assert served.engines.get(further).model.adapter_args == served.engines.get(seeing).model.adapter_args
     assert served.engines.get(new).model.adapter_args.prompt_len == 4, "a new one takes the tab's shape"
-    missing = r"^--data: llava\.json has 4 bad record\(s\), none read:\n  llava\.json \[index 0\]: image file red\.png"
+    missing = r"^data: llava\.json has 4 bad record\(s\), none read:\n  llava\.json \[index 0\]: image file red\.png"
     with pytest.raises(AppError, match=missing + r" does not exist\n"):  # the server's folders left out
         client.predict(*settings(data, mode="vision"), "", [handle_file(str(p)) for p in sorted(folder.iterdir())
                                                             if p.name != "red.png"], api_name="/train")

@@ -169,7 +169,7 @@ def test_image_records_need_an_adapter_that_sees(base_folder, tmp_path):
     Image.new("RGB", (2, 2)).save(tmp_path / "a.png")
     data = write_jsonl(tmp_path / "images.jsonl", [{"image": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A star."}]}])
-    with pytest.raises(ValueError, match=f"--data: {data} has image records; they need an adapter with a visual"):
+    with pytest.raises(ValueError, match=f"--data: {data} has image records; they need an adapter that sees images"):
         evaluate(adapter.load(base_folder, device="cpu"), data, image_folder=tmp_path)
 
 
