@@ -601,12 +601,13 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         # the named endpoints first: a private event of the same function would take the function's name
         gate.change(handlers.gates, [gate, adapter, layers], heatmap, api_name="gates", trigger_mode="always_last")
         refresh.click(handlers.model_info, adapter, info, api_name="model_info")
-        adapter.change(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
+        # the first to fail (an adapter not served, typed in) ends the chain: one message, not four
+        adapter.change(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private").success(
+            handlers.training_plot, adapter, training, api_visibility="private").success(
+            handlers.gate_slider, adapter, gate, api_visibility="private").success(
+            handlers.model_info, adapter, info, api_visibility="private")
         for chosen in (layers.submit, layers.blur):
             chosen(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
-        adapter.change(handlers.training_plot, adapter, training, api_visibility="private")
-        adapter.change(handlers.gate_slider, adapter, gate, api_visibility="private")
-        adapter.change(handlers.model_info, adapter, info, api_visibility="private")
         demo.load(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         demo.load(handlers.model_info, adapter, info, api_visibility="private")
         demo.load(handlers.adapter_menus, None, menus, api_visibility="private")

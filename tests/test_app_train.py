@@ -161,6 +161,14 @@ def test_the_loss_plot_names_both_curves_before_any_point_arrives(served):
     assert plot.value["data"] == [[0, None, "train"], [0, None, "validation"]], "both named, no points"
 
 
+def test_choosing_an_adapter_runs_its_handlers_one_after_another_so_a_bad_name_gets_one_message(served):
+    """Four handlers each on the menu's change gave four copies of one error for a name typed in and not served."""
+    demo = app.build_demo(served.engines, parse_config(["--base", served.engine.base], environ={}))
+    menu = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "adapter")
+    on_change = [fn for fn in demo.fns.values() if (menu._id, "change") in fn.targets]
+    assert [fn.fn.__name__ for fn in on_change] == ["gates"], "the rest follow it on success"
+
+
 def test_no_train_tab_and_no_upload_leave_them_out(served):
     def endpoints(*flags: str) -> list[str]:
         config = parse_config(["--base", served.engine.base, *flags], environ={})
