@@ -145,13 +145,14 @@ class _Run:
         self.prompt_format = format_named(config.prompt_format, "--prompt-format")
         data = hub.resolve_data(config.data, "--data")  # a hub dataset's file is fetched once, read and hashed
         records = read_records(data, config.image_folder, self.prompt_format)
-        self.val_records = None if config.val_data is None else \
-            read_records(config.val_data, config.image_folder, self.prompt_format, "--val-data")
+        val_data = None if config.val_data is None else hub.resolve_data(config.val_data, "--val-data")
+        self.val_records = None if val_data is None else \
+            read_records(val_data, config.image_folder, self.prompt_format, "--val-data")
         self.data_sha256 = _sha256(data)
+        self.val_data_sha256 = None if val_data is None else _sha256(val_data)
         if config.max_seq_len is None:  # the default: as long as the base holds, up to DEFAULT_MAX_SEQ_LEN
             context = (base_args(config.base) if hooks.base is None else hooks.base.args).max_seq_len
             config = self.config = dataclasses.replace(config, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, context))
-        self.val_data_sha256 = None if config.val_data is None else _sha256(Path(config.val_data))
         saved = self._check_resume() if self.resume_from else None
         self.model = self._load_model()
         check_export(config.export, self.model.adapter_args)
