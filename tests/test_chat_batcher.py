@@ -58,11 +58,12 @@ def together(engine: Engine, requests) -> list[str]:
     def ask(index, history, message, settings):
         answers[index] = list(engine.chat(history, message, settings))[-1]
 
-    with engine.lock:  # the device is busy: the requests gather
+    with engine.lock:  # the device is busy: the requests gather, in the order given (threads started at once
+        # reached the queue in any order under load, and the batches depend on it)
         threads = [threading.Thread(target=ask, args=(i, *request)) for i, request in enumerate(requests)]
-        for thread in threads:
+        for count, thread in enumerate(threads, 1):
             thread.start()
-        wait_for(lambda: engine.batcher.submitted == len(requests))
+            wait_for(lambda: engine.batcher.submitted == count)
     for thread in threads:
         thread.join(timeout=120)
     return answers
