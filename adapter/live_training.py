@@ -34,6 +34,7 @@ from .finetune import RunHooks, TrainConfig, TrainingStopped, TrainResult, check
 from .finetune.config import adapter_kind
 from .finetune.logs import LOG, records_until
 from .finetune.plots import gate_curves, loss_curves
+from .finetune.records import MISSING_PICTURE, DataError
 from .formats.common import write_zip
 from .formats.native import save_adapter
 from .images import gather_uploads
@@ -294,7 +295,13 @@ class LiveTraining:
             gather_uploads(request.images, images)
             config = request.config(base.base_path or "the served base", folder / "run", base.args,
                                     start, sight, images)
-            result, progress = yield from self._train(config, self._hooks(sight, stop))
+            try:
+                result, progress = yield from self._train(config, self._hooks(sight, stop))
+            except DataError as error:
+                if request.images or MISSING_PICTURE not in str(error):
+                    raise
+                raise DataError(f"{error}\nimages: upload the pictures the records name beside the file "
+                                "(none was given)") from None
             name = self.trained.add(load_sharing(base, _given(result)), folder, sight,  # exactly what the zip holds
                                     self._owner)
         except BaseException:

@@ -152,6 +152,9 @@ def test_image_records_train_an_adapter_that_sees_on_the_served_tower(served, im
     with pytest.raises(AppError, match=missing + r" does not exist\n"):  # the server's folders left out
         client.predict(*settings(data, mode="vision"), "", [handle_file(str(p)) for p in sorted(folder.iterdir())
                                                             if p.name != "red.png"], api_name="/train")
+    with pytest.raises(AppError, match=r"\nimages: upload the pictures the records name beside the file \(none was "
+                                       r"given\)$"):  # the page's way to give them, where none was
+        client.predict(*settings(data, mode="vision"), "", [], api_name="/train")
 
 
 def test_the_loss_plot_names_both_curves_before_any_point_arrives(served):

@@ -83,6 +83,9 @@ class Example:
 DATA_HELP = "a JSON list, JSONL or Parquet file, or hf:owner/name[/FILE] (a hub dataset's file)"
 
 
+MISSING_PICTURE = "image file"  # how a record naming a picture that is not there is reported
+
+
 class DataError(ValueError):
     """Bad records in a data file; the message lists every one of them."""
 
@@ -328,7 +331,7 @@ def image_field(record: dict, folder: Path | None, reasons: list[str]) -> Path |
         return None
     path = folder / name
     if not path.is_file():
-        reasons.append(f"image file {not_a_file(path)}")
+        reasons.append(f"{MISSING_PICTURE} {not_a_file(path)}")
     elif (problem := image_file_problem(path)) is not None:
         reasons.append(f"image {problem}")
     return path
