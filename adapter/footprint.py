@@ -85,8 +85,10 @@ def describe(args: ModelArgs, tied_output: bool, stored: str | None = None,
     unit, scale = ("GiB", 2**30) if max(weights.values()) >= 2**30 else ("MiB", 2**20)  # a small base: not 0.00 GiB
     sizes = ", ".join(f"{mode or name} {size / scale:.2f}" for mode, size in weights.items())
     cache = footprint(args, None, dtype, tied_output)
-    return (f"  memory in {name}: weights {sizes} {unit}; KV cache {1000 * cache.kv_per_token / 2**20:.0f} MiB per "
-            f"1,000 tokens (int8: {1000 * cache.kv_per_token_int8 / 2**20:.0f})")
+    plain, int8 = (1000 * per_token / 2**20 for per_token in (cache.kv_per_token, cache.kv_per_token_int8))
+    digits = 0 if int8 >= 10 else 1  # a small base's cache read 0 MiB
+    return (f"  memory in {name}: weights {sizes} {unit}; KV cache {plain:.{digits}f} MiB per 1,000 tokens (int8: "
+            f"{int8:.{digits}f})")
 
 
 def size_text(size: float) -> str:

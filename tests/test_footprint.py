@@ -68,6 +68,8 @@ def test_inspect_prints_the_memory_of_each_precision(base):
     nf4 = footprint(args, "nf4", torch.bfloat16).weights / 2**20  # in MiB: a small base's GiB read 0.00
     assert len(line) == 1 and f"nf4 {nf4:.2f}" in line[0] and "int8 " in line[0] and "per 1,000 tokens" in line[0]
     assert " MiB; KV cache" in line[0] and nf4 > 0.1
+    kv = footprint(args, None, torch.bfloat16).kv_per_token * 1000 / 2**20
+    assert f"KV cache {kv:.1f} MiB per 1,000 tokens" in line[0] and kv < 10, "a small base's cache: not 0 MiB"
 
 
 def test_the_held_bytes_leave_out_the_adapter_and_count_int8_scales_after_a_forward_pass(base):
