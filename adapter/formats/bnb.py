@@ -94,10 +94,12 @@ class QuantizedWeight:
         if "SCB" in stats:
             return cls._read_int8(where, data, stats)
         functional = _functional()
-        try:
-            packed = [value for key, value in stats.items() if key.startswith("quant_state.")]
-            declared = functional.unpack_tensor_to_dict(packed[0]) if len(packed) == 1 else {}
-            state = functional.QuantState.from_dict(dict(stats), device=torch.device("cpu"))
+        items = dict(stats)
+        try:  # the packed JSON read once, here: whether it says double quantized is checked below
+            packed = [key for key in items if key.startswith("quant_state.")]
+            if len(packed) == 1:
+                items.update(functional.unpack_tensor_to_dict(items.pop(packed[0])))
+            state = functional.QuantState.from_dict(items, device=torch.device("cpu"))
         except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as error:
             found = ", ".join(sorted(stats))
             raise ValueError(f"{where}: incomplete 4-bit quantization state (has {found}; "
@@ -108,7 +110,7 @@ class QuantizedWeight:
         if data.numel() * data.element_size() * 2 != out_features * in_features:
             raise ValueError(f"{where}: {data.numel() * data.element_size()} bytes of 4-bit codes do not hold a "
                              f"{out_features}x{in_features} weight")
-        _check_block_scales(where, state, "nested_offset" in declared)
+        _check_block_scales(where, state, "nested_offset" in items)
         return cls(state.quant_type, data, (out_features, in_features), quant_state=state)
 
     @classmethod
