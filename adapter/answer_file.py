@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,7 @@ from .finetune.records import (
 )
 from .formats.common import atomic_write
 from .gate_layers import Speaker, gate_scale_rows
-from .generate import GenerationRequest, fits_together, generate_batch, prompt_writer, require_tokenizer
+from .generate import GenerationRequest, fitting_batches, generate_batch, prompt_writer, require_tokenizer
 from .prompts import PromptFormat, apply_template
 
 if TYPE_CHECKING:
@@ -156,8 +156,9 @@ def answer_questions(
                          "an answer left); shorten them:\n  " + "\n  ".join(too_long))
     answers: list[list[str]] = [list(answered.get(index, ())) for index in range(len(questions))]
     done = 0
-    for chunk in _batches(sorted(left, key=lambda index: -lengths[index]), lengths, batch_size,
-                          options.get("max_new_tokens", GenerationRequest.max_new_tokens), limit):
+    room = options.get("max_new_tokens", GenerationRequest.max_new_tokens)
+    for chunk in fitting_batches(sorted(left, key=lambda index: -lengths[index]), lengths,
+                                 dict.fromkeys(left, room), limit, batch_size):
         rows = [(index, scale) for index in chunk for scale in scales]
         images = [questions[index].image if sees else None for index, _ in rows]
         gate_scale = gate_scale_rows(model, [s for _, s in rows], layers)
@@ -171,22 +172,6 @@ def answer_questions(
         if progress is not None:
             progress(done, len(left))
     return answers
-
-
-def _batches(order: list[int], lengths: Mapping[int, int], batch_size: int, max_new_tokens: int,
-             limit: int) -> Iterator[list[int]]:
-    """The questions in `order` (longest first), `batch_size` at a time, a batch ending early where the next
-    question's answer would get less room beside it than alone (adapter.generate.fits_together)."""
-    batch: list[int] = []
-    for index in order:
-        grown = [*batch, index]
-        if batch and (len(grown) > batch_size or
-                      not fits_together([lengths[i] for i in grown], [max_new_tokens] * len(grown), limit)):
-            yield batch
-            grown = [index]
-        batch = grown
-    if batch:
-        yield batch
 
 
 def can_see(model: Transformer) -> bool:

@@ -273,14 +273,24 @@ def fitting_groups(ids: Sequence[Sequence[int]], requests: Sequence[GenerationRe
     lengths, room = [len(row) for row in ids], [request.max_new_tokens for request in requests]
     if max(lengths, default=0) >= limit or fits_together(lengths, room, limit):
         return [list(range(len(ids)))]  # (decode_tokens refuses a prompt that leaves no room)
-    groups: list[list[int]] = []
-    for row in sorted(range(len(ids)), key=lambda row: -lengths[row]):
-        grown = [*groups[-1], row] if groups else []
-        if grown and fits_together([lengths[r] for r in grown], [room[r] for r in grown], limit):
-            groups[-1] = grown
-        else:
-            groups.append([row])
-    return groups
+    return list(fitting_batches(sorted(range(len(ids)), key=lambda row: -lengths[row]), lengths, room, limit))
+
+
+def fitting_batches(order: Sequence[int], lengths: Sequence[int] | Mapping[int, int],
+                    room: Sequence[int] | Mapping[int, int], limit: int,
+                    size: int | None = None) -> Iterator[list[int]]:
+    """The rows in `order`, consecutive ones batched together (up to `size`), a batch ending where the next row's
+    answer would get less room beside it than alone (`fits_together`; `lengths` and `room` by row)."""
+    batch: list[int] = []
+    for row in order:
+        grown = [*batch, row]
+        if batch and ((size is not None and len(grown) > size) or
+                      not fits_together([lengths[r] for r in grown], [room[r] for r in grown], limit)):
+            yield batch
+            grown = [row]
+        batch = grown
+    if batch:
+        yield batch
 
 
 def _rows_of(value: Any, group: list[int], batch: int) -> Any:
