@@ -32,7 +32,7 @@ from .generate import scales_from_text, stream_batch
 from .images import gather_uploads, load_image
 from .prompt_ids import Answer, Prompt, checked_ids, prompt_ids
 from .prompts import format_named
-from .sampling import seed_problem
+from .sampling import logit_bias_pairs, seed_problem
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -84,18 +84,11 @@ def _seed(value: Any) -> int:
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
-    """OpenAI's logit_bias ({"token id": bias}, bias from -100 to 100; JSON keys are texts) as sorted pairs."""
-    pairs = value.items() if isinstance(value, Mapping) else value
-    try:
-        pairs = [(check_integer("logit_bias", int(token) if isinstance(token, str) else token, 0),
-                  _number("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)) for token, bias in pairs]
-    except (TypeError, ValueError) as error:
-        reason = str(error).removeprefix("logit_bias: ")
-        raise ValueError(f"logit_bias: expected {{token id: bias from -{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}}} "
-                         f"({reason})") from None
+    """OpenAI's logit_bias with its ranges: biases from -100 to 100, at most 300 tokens."""
+    pairs = logit_bias_pairs(value, MAX_LOGIT_BIAS)
     if len(pairs) > MAX_LOGIT_BIASES:
         raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIASES} tokens, got {len(pairs)}")
-    return tuple(sorted(pairs))
+    return pairs
 
 
 def _layers_text(value: Any) -> str:

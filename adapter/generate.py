@@ -88,18 +88,11 @@ def _request(
         tuple(stop) if isinstance(stop, (list, tuple)) else stop
     if not isinstance(stops, tuple) or not all(isinstance(text, str) and text for text in stops):
         raise ValueError(f"stop: expected a string or a list of non-empty strings, got {stop!r:.80}")
-    pairs = logit_bias.items() if isinstance(logit_bias, Mapping) else logit_bias
-    try:  # JSON's keys are texts; a bias written as a whole number is one too
-        pairs = tuple((int(token) if isinstance(token, str) and token.isdigit() else token,
-                       float(bias) if type(bias) is int else bias) for token, bias in pairs)
-    except (TypeError, ValueError):
-        raise ValueError(f"logit_bias: expected {{token id: bias}} or (token id, bias) pairs, got "
-                         f"{logit_bias!r:.80}") from None
     if written is not None:
         stops = stops + written.stop_strings
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty, logit_bias=pairs)
+                              frequency_penalty=frequency_penalty, logit_bias=logit_bias)
     return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile)
 
 

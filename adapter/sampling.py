@@ -4,8 +4,9 @@ and answer), OpenAI's presence and frequency penalties (over the answer's tokens
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,6 +20,24 @@ def seed_problem(seed: object) -> str | None:
     return f"must be a whole number from 0 to {MAX_SEED}, got {seed!r}"
 
 
+def logit_bias_pairs(value: Mapping[Any, Any] | Sequence[Any],
+                     bound: float = math.inf) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({"token id": bias}: JSON's keys are texts, its biases may be whole numbers) or
+    (token id, bias) pairs, as sorted (int, float) pairs; each bias finite and within +-bound."""
+    within = f" from -{bound:g} to {bound:g}" if math.isfinite(bound) else ""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = tuple(sorted((int(token) if isinstance(token, str) and token.isdigit() else token,
+                              float(bias) if type(bias) is int else bias) for token, bias in pairs))
+    except (TypeError, ValueError):
+        pairs = None
+    if pairs is None or not all(type(token) is int and token >= 0 and type(bias) is float and math.isfinite(bias)
+                                and -bound <= bias <= bound for token, bias in pairs):
+        raise ValueError(f"logit_bias: expected {{token id: bias{within}}} or (token id, bias) pairs, got "
+                         f"{value!r:.80}")
+    return pairs
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Defaults are those of the official LLaMA-Adapter demos (temperature 0.1, top-p 0.75)."""
@@ -29,7 +48,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
+    # (token id, added to its logit); OpenAI's {"token id": bias} is read into such pairs (logit_bias_pairs)
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
@@ -41,10 +61,7 @@ class SamplingParams:
         if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty < math.inf):
             raise ValueError(f"repetition_penalty: must be a finite number > 0 (1 = off), got "
                              f"{self.repetition_penalty!r}")
-        if not all(isinstance(pair, tuple) and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0
-                   and type(pair[1]) is float and math.isfinite(pair[1]) for pair in self.logit_bias):
-            raise ValueError(f"logit_bias: expected {{token id: bias}} or (token id, bias) pairs, each bias a finite "
-                             f"number, got {self.logit_bias!r:.80}")
+        object.__setattr__(self, "logit_bias", logit_bias_pairs(self.logit_bias))
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and -2 <= value <= 2):
