@@ -522,5 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run by the package's copy of this module: the one whose RequestError the routes
+    from adapter.openai_api import main as served_main  # in other modules (completions, tokenizer) raise
+
+    sys.exit(served_main())

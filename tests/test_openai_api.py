@@ -243,6 +243,34 @@ def test_bad_requests_get_openais_error_naming_the_field(client, body, status, p
         "the body is not JSON")
 
 
+@pytest.mark.filterwarnings("ignore:'adapter.openai_api' found in sys.modules")  # imported by this test file
+def test_run_as_a_command_every_route_refuses_with_openais_error_object(monkeypatch, engines):
+    """`python -m` runs the module as __main__ beside the package's copy, which the completions and tokenizer
+    routes import: their refusals were that copy's RequestError, which __main__'s routes did not catch (a 500)."""
+    import runpy
+    import sys
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    import adapter.app_config
+
+    served = []
+    monkeypatch.setattr(adapter.app_config, "load_engines", lambda config: engines)
+    monkeypatch.setattr(adapter.app_config, "check_listening", lambda host, port: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    monkeypatch.setattr(sys, "argv", ["openai_api"])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_module("adapter.openai_api", run_name="__main__")
+    assert stopped.value.code == 0
+    client = TestClient(served[0])
+    for route, body in (("/v1/completions", {"model": "nope", "prompt": "Hi"}),
+                        ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "Hi"}]})):
+        response = client.post(route, json=body)
+        assert response.status_code == 404 and response.json()["error"]["param"] == "model", response.text
+    assert client.post("/tokenize", json={"prompt": 5}).status_code == 400
+
+
 def test_the_command_line_stops_with_one_line_on_bad_flags(capsys):
     assert main(["--adapter", "/nowhere/adapter"]) == 2
     assert capsys.readouterr().err.startswith("error: --adapter: /nowhere/adapter")
