@@ -9,6 +9,7 @@ pressed stop or went away), which releases the lock.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import secrets
@@ -248,13 +249,12 @@ class Engine:
 
     def _fitted(self, history: Sequence[tuple[str, str]], text: str, settings: Settings, field: str,
                 written: Callable[[list[tuple[str, str]], str], str]) -> str:
-        """`written(turns, text)` with the oldest turns dropped until it leaves room for the answer."""
+        """`written(turns, text)` with the fewest oldest turns dropped that leave room for the answer (all of them
+        when none do), found by bisection: a long history is written and tokenized a few times, not once a turn."""
         turns = list(history)
-        while True:
-            prompt = written(turns, text)
-            if not turns or self._fits(prompt, settings.max_new_tokens):
-                break
-            turns.pop(0)
+        dropped = bisect.bisect_left(range(len(turns)), True, key=lambda first: self._fits(
+            written(turns[first:], text), settings.max_new_tokens))
+        prompt = written(turns[dropped:], text)
         self._require_room(prompt, field)
         return prompt
 

@@ -92,6 +92,22 @@ def test_chat_prompts_drop_the_oldest_turns_to_fit(base_folder):
         small.chat_prompt([], "circle " * 400, Settings(max_new_tokens=1))
 
 
+def test_a_long_history_is_fitted_in_a_few_writings_keeping_the_most_turns_that_fit(base_folder, monkeypatch):
+    """Dropping one turn at a time wrote and tokenized the prompt once a turn: a long history (an API client's
+    whole conversation) held the server for seconds, quadratic in its length."""
+    small = Engine(adapter.load(base_folder, device="cpu", max_seq_len=200))
+    history = [(f"question {i}", "red") for i in range(400)]
+    written = []
+    chat = small.prompts.chat
+    monkeypatch.setattr(small.prompts, "chat", lambda turns, *rest: written.append(len(turns)) or chat(turns, *rest))
+    prompt = small.chat_prompt(history, QUESTION, Settings(max_new_tokens=40))
+    assert len(written) <= 12, written
+    kept = written[-1]
+    assert 0 < kept < len(history) and prompt == chat(history[-kept:], QUESTION, None)
+    encode = small.model.tokenizer.encode
+    assert len(encode(prompt)) + 40 <= 200 < len(encode(chat(history[-kept - 1:], QUESTION, None))) + 40
+
+
 def test_closing_an_answer_stops_decoding_and_releases_the_lock(engine, monkeypatch):
     steps = []
     original = engine.model.step
