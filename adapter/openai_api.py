@@ -41,6 +41,7 @@ OWNER = "llama-adapter"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
 MAX_STOPS = 4  # as OpenAI's
 MAX_CHOICES = 8  # `n`: answers to one request, each with the next seed
+MAX_BODY_BYTES = 32 * 2**20  # a request's JSON: room for a 20 MB picture (OpenAI's limit) in base64
 SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
                   "max_completion_tokens": "max_new_tokens", "seed": "seed", "presence_penalty": "presence_penalty",
                   "frequency_penalty": "frequency_penalty", "top_k": "top_k",
@@ -110,7 +111,7 @@ async def answered(request: Request, check: Callable[[Any], tuple[str, Any]],
     try:
         body = await _json_body(request)
         usage_chunk = usage_chunk_asked(body)
-        name, answer = check(body)
+        name, answer = await run_in_threadpool(check, body)  # writing the prompt, reading a picture: not on the loop
     except RequestError as error:
         return refusal(error)
     if isinstance(body, dict) and body.get("stream"):
@@ -136,14 +137,24 @@ async def answered_json(request: Request, reply: Callable[[Any], dict]) -> Any:
         body = await _json_body(request)
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object")
-        return reply(body)
+        return await run_in_threadpool(reply, body)
     except RequestError as error:
         return refusal(error)
 
 
 async def _json_body(request: Request) -> Any:
+    """The request's JSON, read up to MAX_BODY_BYTES (a larger body is refused as it arrives: 413)."""
+    too_large = RequestError(f"the body is larger than {MAX_BODY_BYTES // 2**20} MiB", status=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
     try:
-        return await request.json()
+        return await run_in_threadpool(json.loads, bytes(body))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RequestError(f"the body is not JSON ({error})") from None
 

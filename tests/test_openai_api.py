@@ -243,6 +243,33 @@ def test_bad_requests_get_openais_error_naming_the_field(client, body, status, p
         "the body is not JSON")
 
 
+def test_a_request_is_checked_off_the_event_loop_and_a_body_too_large_is_refused(client, monkeypatch):
+    """Checking a request (writing and fitting a long conversation's prompt, reading its picture) ran on the event
+    loop, stalling every other request and stream meanwhile; a body of any size was read."""
+    import asyncio
+
+    import adapter.openai_api as api
+
+    loops = []
+    checked = api.answer_calls
+
+    def check(engines, body):
+        try:
+            loops.append(asyncio.get_running_loop())
+        except RuntimeError:
+            loops.append(None)
+        return checked(engines, body)
+
+    monkeypatch.setattr(api, "answer_calls", check)
+    assert ask(client, [user(SCENE)]).status_code == 200 and loops == [None]
+    monkeypatch.setattr(api, "MAX_BODY_BYTES", 2**20)
+    for sent in (dict(json={"messages": [user("red " * 2**18)]}),  # its Content-Length says so
+                 dict(content=(b'{"messages": []}' + b" " * 2**20 for _ in range(1)))):  # chunked: counted as read
+        response = client.post("/v1/chat/completions", **sent)
+        assert response.status_code == 413 and response.json()["error"]["message"] == \
+            "the body is larger than 1 MiB", response.text
+
+
 @pytest.mark.filterwarnings("ignore:'adapter.openai_api' found in sys.modules")  # imported by this test file
 def test_run_as_a_command_every_route_refuses_with_openais_error_object(monkeypatch, engines):
     """`python -m` runs the module as __main__ beside the package's copy, which the completions and tokenizer
