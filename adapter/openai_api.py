@@ -286,8 +286,10 @@ def seeded(settings: Settings, choice: int) -> Settings:
 
 
 def options(body: dict) -> dict[str, Any]:
-    """The Settings fields a request body sets (OpenAI's names and this project's)."""
-    return {ours: body[theirs] for theirs, ours in SETTING_FIELDS.items() if body.get(theirs) is not None}
+    """The Settings fields a request body sets (OpenAI's names and this project's). Without a `seed` a request
+    samples afresh, as OpenAI's does (the app's seed 0 is there so that its gate slider alone changes an answer)."""
+    return {"seed": None, **{ours: body[theirs] for theirs, ours in SETTING_FIELDS.items()
+                             if body.get(theirs) is not None}}
 
 
 def refused(error: ValueError, default_param: str) -> RequestError:

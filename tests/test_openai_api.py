@@ -87,6 +87,21 @@ def test_n_answers_are_those_of_the_next_seeds(client, engines):
     assert reply["usage"]["prompt_tokens"] == prompt
 
 
+@pytest.mark.parametrize("route, asked", [("/v1/chat/completions", {"messages": [user(SCENE)]}),
+                                          ("/v1/completions", {"prompt": "There is a"})])
+def test_without_a_seed_each_request_samples_afresh(client, route, asked):
+    """The served default seed 0 made every unseeded request the same answer (a client sampling several for
+    variety got copies), and `"seed": null` could not undo it."""
+    sampled = {**asked, "temperature": 2.0, "top_p": 1.0, "max_tokens": 16, "gate_scale": 0}
+
+    def texts(**seed):
+        return [client.post(route, json={**sampled, **seed}).json()["choices"][0] for _ in range(3)]
+
+    for unseeded in ({}, {"seed": None}):
+        assert len({json.dumps(choice) for choice in texts(**unseeded)}) > 1
+    assert len({json.dumps(choice) for choice in texts(seed=5)}) == 1
+
+
 def test_penalties_and_top_k_are_the_engines_at_the_same_settings(client, engines):
     frozen = engines.get("tiny-text")
     chosen = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "top_k": 3, "repetition_penalty": 1.2}
