@@ -103,7 +103,7 @@ class StaticDecoder:
         if slot.scales is None or not all(torch.equal(a, b) for a, b in zip(slot.scales, (gate_scale, delta_scale))):
             slot.gate.copy_(gate_scale.expand(slot.gate.shape))
             slot.delta.copy_(delta_scale.expand(slot.delta.shape))
-            slot.scales = (gate_scale, delta_scale)
+            slot.scales = (gate_scale.clone(), delta_scale.clone())  # the caller's may change in place
         visible = bucket(cache.length + 1, slot.length)
         if visible not in slot.graphs:
             slot.graphs[visible] = self._capture(slot, visible)

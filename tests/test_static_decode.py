@@ -76,6 +76,19 @@ def test_static_steps_give_the_plain_steps_logits_across_buckets_with_padding_an
     assert sorted(decoder.slots[0].graphs) == [16, 32, 64]  # the lengths crossed from position 9 to 48
 
 
+@pytest.mark.parametrize("rows", [[1.0, 1.0], [[1.0] * V1.prompt_layers]])
+def test_a_scale_tensor_changed_in_place_between_steps_is_read_anew(rows):
+    """The slot kept the caller's own tensor as the scales last copied, so a slider writing into that tensor
+    compared equal to itself and the static step went on with the old gates."""
+    model = make_model(TINY, V1)
+    tokens, pad = left_padded(TINY.vocab_size, lengths=(6, 2))
+    gate = torch.tensor(rows)
+    moved = lambda step: {"gate_scale": gate.fill_(1.0) if step < 2 else gate.fill_(0.0)}  # noqa: E731
+    plain = decode(model, tokens, pad, 6, compile=False, scales=moved)
+    with_static(model)
+    assert_same_decode(decode(model, tokens, pad, 6, compile=True, scales=moved), plain)
+
+
 def test_a_later_request_reuses_the_free_slot_and_never_sees_the_earlier_keys():
     model = make_model(TINY_GQA, V2)
     decoder = with_static(model)
