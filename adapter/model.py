@@ -446,6 +446,7 @@ class Transformer(nn.Module):
         # the static one-token steps (adapter.static_decode) after a prompt, per value of step's `compile`: made
         # on first use on a GPU; set one to use it on the CPU as well (the tests do, without capture)
         self.static_decoders: dict[bool, StaticDecoder] = {}
+        self.packed_for_inference = False  # see pack_for_inference
         # on a GPU, one-token steps replay CUDA graphs without `compile` too (2.8x the plain 7B bf16 step on an
         # H200); not yet for bitsandbytes layers, whose capture is unmeasured
         self.cuda_graphs = True
@@ -531,7 +532,18 @@ class Transformer(nn.Module):
             from .quantize import training_layout
 
             training_layout(self)
+            self.packed_for_inference = False
         return super().train(mode)
+
+    def pack_for_inference(self) -> None:
+        """Before the first inference since loading or training: 4-bit layers repacked as bitsandbytes repacks
+        them at their first eval-mode forward on CPUs with AVX512-BF16 (adapter.quantize.pack_for_inference), so
+        that the first answer is computed as every later one is."""
+        if not self.training and not self.packed_for_inference:
+            from .quantize import pack_for_inference
+
+            pack_for_inference(self)
+            self.packed_for_inference = True
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
@@ -874,6 +886,7 @@ class Transformer(nn.Module):
 
     def _run_layers(self, h: torch.Tensor, ctx: StepContext, visual_prompt, cache: KVCache | None,
                     record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        self.pack_for_inference()
         prompts = None
         reuse = cache is not None and not torch.is_grad_enabled()
         if self.adapter_query is not None and not (reuse and cache.prompt_kv):

@@ -124,11 +124,26 @@ def training_layout(model: nn.Module) -> None:
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
+def pack_for_inference(model: nn.Module) -> None:
+    """Have bitsandbytes repack now each 4-bit layer that it repacks at its first eval-mode forward on a CPU with
+    AVX512-BF16: that first forward computes otherwise than every later one (logits off by 2e-3 on a random
+    base), so the first request after loading, or after a run trained on the served base, answered otherwise than
+    the same request asked again (`Transformer` calls this before its first inference after loading or
+    training). The layer is fed zeros in its compute dtype, the one bitsandbytes then keeps."""
+    with torch.inference_mode():
+        for module in model.modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False) and not module.training \
+                    and module.weight.device.type == "cpu" \
+                    and not getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                module(torch.zeros(1, module.in_features, dtype=module.compute_dtype, device="cpu"))
+
+
 def serving_state(model: nn.Module) -> Callable[[], None]:
     """What training changes in a model that keeps serving while an adapter trains on its base (adapter.finetune's
     RunHooks): every module's train/eval mode and, through `training_layout`, 4-bit layers' AVX512-BF16 repacking.
-    Returns the function that puts them back once the run ends; bitsandbytes then repacks each such layer at its
-    next forward, to the very bytes it held before (the repacking's bf16 scales survive the round trip)."""
+    Returns the function that puts them back once the run ends; each such layer is repacked before the next
+    inference (`pack_for_inference`), to the very bytes it held before (the repacking's bf16 scales survive the round
+    trip)."""
     modes = [(module, module.training) for module in model.modules()]
     repacking = [(module, module.support_avx512bf16_for_cpu) for module, _ in modes
                  if hasattr(module, "support_avx512bf16_for_cpu")]

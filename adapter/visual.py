@@ -291,6 +291,7 @@ def encode_images(model: "Transformer", images: Sequence[Any]) -> torch.Tensor |
             first[key] = len(unique)
             unique.append(images[i])
         slot.append(first[key])
+    model.pack_for_inference()  # a quantized tower's layers too
     encoder = model.image_encoder
     device = model.tok_embeddings.weight.device
     pixels = encoder.preprocess(unique, model.adapter_args.channel_order)
