@@ -28,6 +28,7 @@ LEFT_OUT = ("tests/", "bench/", ".ci/", "requirements-test.txt")  # what only de
 SPACE_CHOOSES = ("host", "port", "share")  # a Space serves on its own address and port, publicly
 NAMED = {"base": (BASE_NAME,), "adapter": (TEXT_NAME, IMAGE_NAME), "clip": (CLIP_NAME,), "clip_model": ()}
 DEFAULT_HARDWARE = "cpu-basic"  # a new Space's
+MAX_LISTED = 10  # untracked files a dry run names
 ADVICE = "check that your token may write there (HF_TOKEN, or `hf auth login`) and that you are online"
 
 
@@ -65,16 +66,35 @@ def _check_fetchable(key: str, value: str) -> None:
 
 
 def space_files(root: Path = ROOT) -> list[str]:
-    """The checkout's files a Space needs, as they are in the work tree: those git tracks or would (what .gitignore
-    keeps out, such as build/, is not sent), tests, benchmarks and CI aside."""
+    """The checkout's files a Space needs, as they are in the work tree: those git tracks (an untracked file, such
+    as a .env, a run's folder or a merged base, is never sent; `untracked_files` says which stay behind), tests,
+    benchmarks and CI aside."""
+    return [name for name in _git_files(root, "--cached") if (root / name).is_file()]  # deleted, not yet committed
+
+
+def untracked_files(root: Path = ROOT) -> list[str]:
+    """The checkout's files that git neither tracks nor ignores, which a Space is not sent."""
+    return _git_files(root, "--others", "--exclude-standard")
+
+
+def _files_lines(root: Path) -> list[str]:
+    """What a dry run says of the files: how many are sent, and the untracked ones left behind."""
+    files, behind = space_files(root), untracked_files(root)
+    size = sum((root / name).stat().st_size for name in files)
+    lines = [f"{len(files)} files, {size / 2**20:.1f} MiB"]
+    if behind:
+        more = f" and {len(behind) - MAX_LISTED} more" if len(behind) > MAX_LISTED else ""
+        lines.append(f"not sent (git does not track them): {', '.join(behind[:MAX_LISTED])}{more}")
+    return lines
+
+
+def _git_files(root: Path, *which: str) -> list[str]:
     try:
-        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                                capture_output=True, check=True).stdout
+        listed = subprocess.run(["git", "ls-files", "-z", *which], cwd=root, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         raise ValueError(f"space: {root} is not a git checkout (git ls-files: {error}); a Space gets the tracked "
                          "files of one") from error
-    files = [name for name in listed.decode().split("\0") if name and not name.startswith(LEFT_OUT)]
-    return [name for name in files if (root / name).is_file()]  # deleted in the work tree, not yet committed
+    return [name for name in listed.decode().split("\0") if name and not name.startswith(LEFT_OUT)]
 
 
 def deploy(space: str, flags: Sequence[str] = (), private: bool = False, hardware: str | None = None,
@@ -208,13 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.dry_run:
             check_hardware(hub_module("space", repo_id(options.space, "space")), options.hardware)
-            variables, files = space_variables(flags), space_files()
-            size = sum((ROOT / name).stat().st_size for name in files)
+            variables = space_variables(flags)
             note = _sleep_time_note(options.sleep_time, options.hardware or DEFAULT_HARDWARE,
                                     asked=options.hardware is not None)
             base = _open_base(variables)
-            print("\n".join([*(f"{key}={value}" for key, value in variables.items()),
-                             f"{len(files)} files, {size / 2**20:.1f} MiB", *_base_lines(*base)]))
+            print("\n".join([*(f"{key}={value}" for key, value in variables.items()), *_files_lines(ROOT),
+                             *_base_lines(*base)]))
             if not options.no_fit_check:
                 print("\n".join(_fit_lines(options.hardware or DEFAULT_HARDWARE, variables, *base)))
             if note:

@@ -115,6 +115,24 @@ def test_the_deployed_tree_serves_the_app_as_its_variables_say(hub, tmp_path, ca
         server.wait(timeout=30)
 
 
+def test_only_tracked_files_are_sent_and_a_dry_run_names_the_untracked_left_behind(tmp_path):
+    """Files git did not track but would (a .env with a token, a run's adapter, training data, a merged base:
+    what the README's own commands write into the checkout) went to the Space, public by default."""
+    import subprocess
+
+    from adapter.space import _files_lines, untracked_files
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for name in ("app.py", ".env", "runs/lora/adapter.safetensors", "build/x", "tests/test_x.py", ".gitignore"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("build/\n" if name == ".gitignore" else "x")
+    subprocess.run(["git", "add", "app.py", ".gitignore", "tests/test_x.py"], cwd=tmp_path, check=True)
+    assert space_files(tmp_path) == [".gitignore", "app.py"]
+    assert untracked_files(tmp_path) == [".env", "runs/lora/adapter.safetensors"]
+    assert _files_lines(tmp_path) == ["2 files, 0.0 MiB",
+                                      "not sent (git does not track them): .env, runs/lora/adapter.safetensors"]
+
+
 def test_the_dry_run_lists_what_a_space_would_get(capsys):
     assert main(["me/demo", "--dry-run", "--adapter", "tiny-text", "--private-adapters"]) == 0
     out = capsys.readouterr().out.splitlines()
