@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from .config import AdapterArgs
 from .formats import BASE_HELP, read_adapter
 from .formats.common import unrecorded_format_note
 from .formats.native import save_adapter
@@ -67,14 +66,12 @@ def check_target(to: str) -> None:
         raise ValueError(f"to: unknown target format {to!r}; choose from {TARGETS}")
 
 
-def write_adapter(model: Transformer, target: str | Path, to: str, base_name: str | None = None,
-                  recorded: AdapterArgs | None = None) -> Path:
+def write_adapter(model: Transformer, target: str | Path, to: str, base_name: str | None = None) -> Path:
     """`model`'s adapter written in format `to` (TARGETS): a folder for native and peft, a .pth file for
-    official-v1; ValueError where the format cannot hold it (its writer names why). `recorded`: the configuration
-    our format records, where it differs from the model's (see save_adapter)."""
+    official-v1; ValueError where the format cannot hold it (its writer names why)."""
     check_target(to)
     if to == "native":
-        return save_adapter(model, target, recorded=recorded)
+        return save_adapter(model, target)
     if to == "peft":
         from .formats.peft import write_peft
 

@@ -10,19 +10,18 @@ writes what would be pushed into a new folder instead and pushes nothing, to rea
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import AdapterArgs
 from .convert import adapter_on_meta_base, check_target, write_adapter
 from .finetune.logs import LOG
 from .formats import BASE_HELP
 from .formats.common import atomic_folder
 from .formats.native import FILE_NAME as ADAPTER_FILE
+from .formats.native import clip_config_file, clip_config_name
 from .hub import PREFIX, hub_failures, hub_module, is_remote, repo_id, repo_of, resolve
 from .model import Transformer
 from .model_card import RUN_ADAPTERS, Training, model_card, training_of
@@ -61,8 +60,9 @@ def stage_model(model: Transformer, base: str, folder: Path, repo: str, to: str 
     """`stage` for an adapter already in a model (a served one: it is left as it is), whose base is named `base`;
     `origin`: the published adapter it was read from, for its card."""
     check_to(to)
-    recorded, clip_config = _clip_config_beside(model.adapter_args, folder)
-    write_adapter(model, folder, to, _hub_name(base), recorded)
+    write_adapter(model, folder, to, _hub_name(base))  # with its CLIP model config file, if any, beside it
+    config = clip_config_file(model.adapter_args)
+    clip_config = None if config is None else clip_config_name(config)
     for plot in training.plots if training else []:
         shutil.copyfile(plot, folder / plot.name)
     (folder / CARD).write_text(model_card(model, repo, base, to, training, clip_config, origin, branch))
@@ -136,19 +136,6 @@ def check_token(hub, repo: str, token: str | None = None, what: str = "push") ->
     """A clear error before any work where there is no token to write with (given, or huggingface_hub's own)."""
     if not token and hub.get_token() is None:
         raise ValueError(f"{what}: no Hugging Face token to write to {repo} with; set HF_TOKEN or run `hf auth login`")
-
-
-def _clip_config_beside(args: AdapterArgs, folder: Path) -> tuple[AdapterArgs, str | None]:
-    """An image adapter whose CLIP tower is described by a config file: that file copied into `folder`, and the
-    configuration to record naming it by its file name alone, which readers take as relative to the adapter
-    (None: as it is, where it names an open_clip model)."""
-    config = Path(args.clip_model)
-    if args.visual == "none" or config.suffix != ".json":
-        return args, None
-    if not config.is_file():
-        raise ValueError(f"source: its CLIP model config {config} does not exist; it is pushed beside the adapter")
-    shutil.copyfile(config, folder / config.name)
-    return dataclasses.replace(args, clip_model=config.name), config.name
 
 
 def _hub_name(base: str) -> str:

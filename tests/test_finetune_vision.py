@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,8 +84,8 @@ def test_visual_lr_sets_the_visual_prompts_own_step_size(base_folder, clip_files
 
 def test_a_clip_config_named_relative_to_the_run_is_found_from_anywhere(base_folder, clip_files, image_data, tmp_path,
                                                                          monkeypatch):
-    """The adapter reads a relative clip_model relative to its own folder, so the run records the config's
-    absolute path."""
+    """The adapter reads a relative clip_model relative to its own folder, so the run writes the config beside
+    the adapter and records its name."""
     config_json, weights, _ = clip_files
     data, folder = image_data
     monkeypatch.chdir(config_json.parent)
@@ -93,5 +94,6 @@ def test_a_clip_config_named_relative_to_the_run_is_found_from_anywhere(base_fol
     result = train(config)
     monkeypatch.chdir(tmp_path)
     model = adapter.load(base_folder, adapter=result.adapter, clip=weights, device="cpu")
-    assert model.adapter_args.clip_model == str(config_json.resolve())
+    copied = Path(model.adapter_args.clip_model)
+    assert copied.parent == Path(result.adapter).parent and copied.read_bytes() == config_json.read_bytes()
     assert model.image_encoder.output_dim == CLIP_CONFIG["embed_dim"]

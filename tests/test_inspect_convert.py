@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -118,21 +119,25 @@ def test_convert_onto_a_folder_or_under_a_file_is_refused_by_name(base_folder, t
 
 
 @pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
-def test_an_image_adapters_clip_config_is_found_from_where_it_is_written(tmp_path, monkeypatch):
-    """tiny-image names its CLIP config relative to itself (../clip/tiny-clip.json); converted or merged from the
-    working folder into another, the copy must name it from there (it recorded a path relative to the working
-    folder, which the reader then looked for under the new folder)."""
+def test_an_image_adapters_clip_config_is_written_beside_it_and_found_wherever_it_is_moved(tmp_path, monkeypatch):
+    """tiny-image names its CLIP config relative to itself (../clip/tiny-clip.json); converted or merged into
+    another folder, the copy named that file by a path out of the folder (absolute, or relative to where it was
+    written), so a folder moved, zipped or published could not find it."""
     from adapter.formats.native import read_adapter
     from adapter.merge import main as merge_main
 
     shutil.copytree(TINY_FOLDER / "image", tmp_path / "src" / "image")
     shutil.copytree(TINY_FOLDER / "clip", tmp_path / "src" / "clip")
+    shipped = (tmp_path / "src" / "clip" / "tiny-clip.json").read_bytes()
     monkeypatch.chdir(tmp_path)
     assert convert_main(["src/image", "out/converted", "--to", "native", "--base", "tiny"]) == 0
-    recorded = read_adapter("out/converted").args.clip_model
-    assert Path(recorded).resolve() == (tmp_path / "src" / "clip" / "tiny-clip.json").resolve()
     assert merge_main(["tiny", "src/image", "merged"]) == 0  # the prompts stay an adapter beside the base
-    assert Path(read_adapter(next(Path("merged").rglob("adapter.safetensors"))).args.clip_model).is_file()
+    for written in (Path("out/converted"), next(Path("merged").rglob("adapter.safetensors")).parent):
+        assert json.loads((written / "adapter.json").read_text())["adapter_args"]["clip_model"] == "tiny-clip.json"
+        moved = shutil.move(written, tmp_path / "elsewhere")
+        assert Path(read_adapter(moved).args.clip_model) == Path(moved) / "tiny-clip.json"
+        assert (Path(moved) / "tiny-clip.json").read_bytes() == shipped
+        shutil.rmtree(moved)
 
 
 def test_an_output_that_cannot_be_written_is_one_line(base_folder, tmp_path, capsys, monkeypatch):

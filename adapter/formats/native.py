@@ -51,14 +51,13 @@ def is_native(path: Path) -> bool:
     return header.get("__metadata__", {}).get("format") == FORMAT_NAME
 
 
-def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[str, str] | None = None,
-                 recorded: AdapterArgs | None = None) -> Path:
+def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write the learned tensors atomically (temp file in the same folder, then rename).
 
     A path without the `.safetensors` suffix is a folder that gets `adapter.safetensors` and, for people
-    and tools, `adapter.json` with the same configuration. A single `.safetensors` file carries its
-    configuration in its own metadata, which is what loading reads. `recorded`: the configuration written, where
-    it differs from the model's in what only readers use (adapter.push names a CLIP config file copied beside it).
+    and tools, `adapter.json` with the same configuration (and an image adapter's CLIP model config file, copied
+    beside them: the folder works wherever it is moved or published). A single `.safetensors` file carries its
+    configuration in its own metadata, which is what loading reads.
     """
     path = Path(path)
     folder_layout = path.is_dir() or path.suffix != ".safetensors"
@@ -67,7 +66,7 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
             raise ValueError(f"{path} holds a PEFT adapter ({PEFT_CONFIG_NAME}), which readers would find instead "
                              "of ours; write into another folder (or remove that one)")
         path = path / FILE_NAME
-    args = recorded or _clip_config_from(model.adapter_args, path.parent)
+    args = (_clip_config_beside if folder_layout else _clip_config_from)(model.adapter_args, path.parent)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.adapter_state_dict().items()}
     header = {
         "format": FORMAT_NAME,
@@ -86,12 +85,40 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
     return path
 
 
+def clip_config_file(args: AdapterArgs) -> Path | None:
+    """The CLIP model config file (.json) an image adapter names (None: it names an open_clip model, or sees
+    nothing)."""
+    return Path(args.clip_model) if args.visual != "none" and args.clip_model.endswith(".json") else None
+
+
+def clip_config_name(config: Path) -> str:
+    """The name a CLIP model config file gets beside the adapter (its own, unless it is one of the adapter's)."""
+    return config.name if config.name not in (FILE_NAME, CONFIG_NAME) else "clip-model.json"
+
+
+def _clip_config_beside(args: AdapterArgs, folder: Path) -> AdapterArgs:
+    """`args` naming their CLIP model config file by its name alone, that file copied into `folder` (readers
+    take such a name as relative to the adapter)."""
+    config = clip_config_file(args)
+    if config is None:
+        return args
+    if not config.is_file():
+        raise ValueError(f"clip_model: the CLIP model config {config} does not exist; it is written beside the "
+                         "adapter")
+    name = clip_config_name(config)
+    target = folder / name
+    if not (target.is_file() and target.samefile(config)):
+        data = config.read_bytes()
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+    return dataclasses.replace(args, clip_model=name)
+
+
 def _clip_config_from(args: AdapterArgs, folder: Path) -> AdapterArgs:
     """`args` naming a CLIP model config file (.json) as readers find it from `folder`, where the adapter is
     written: a relative path (as read, relative to the working folder) made relative to `folder`; an absolute one
     (a fine-tuning run's) stays."""
-    config = Path(args.clip_model)
-    if args.visual == "none" or config.suffix != ".json" or config.is_absolute() or not config.is_file():
+    config = clip_config_file(args)
+    if config is None or config.is_absolute() or not config.is_file():
         return args
     return dataclasses.replace(args, clip_model=os.path.relpath(config.resolve(), folder.resolve()))
 
