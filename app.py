@@ -418,8 +418,10 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                 gr.Markdown("**This adapter cannot see images**: it has no visual prompt or no CLIP tower "
                             "(--clip), so answers come from the question alone.")
             with gr.Row():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "webcam", "clipboard"], height=320,
-                                 elem_id="image")
+                # image_mode None: the picture as uploaded, made RGB as everywhere else (transparency on white,
+                # 16-bit scaled: adapter.images.to_rgb), not by gradio's own convert("RGB")
+                image = gr.Image(type="pil", image_mode=None, label="Image", height=320, elem_id="image",
+                                 sources=["upload", "webcam", "clipboard"])
                 clear_image_errors(image)
                 with gr.Column():
                     image_adapter = adapter_choice(engines, engines.for_images, "Adapter", "image_adapter")

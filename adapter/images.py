@@ -10,14 +10,16 @@ import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .paths import not_a_file
 
 MAX_PIXELS = 64_000_000  # about 8000 x 8000; larger images are refused rather than decoded
+# CLIP's transform resizes the short side to the tower's size: a 1 x 20,000 picture became 224 x 4,480,000 pixels
+MAX_ASPECT = 32
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
@@ -35,16 +37,24 @@ def load_image(image: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
 def _open(path: Path, max_pixels: int) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image: {not_a_file(path)}")
+    return decode_image(path, str(path), max_pixels)
+
+
+def decode_image(source: Path | BinaryIO, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image file's (or file object's) picture as 8-bit RGB, upright as its EXIF orientation says (as viewers,
+    gradio and OpenCV show a phone's photo); its size checked before it is decoded; ValueError naming `name`."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(path) as opened:
-            _check_size(opened, max_pixels, str(path))
+        with Image.open(source) as opened:
+            _check_size(opened, max_pixels, name)
             opened.load()
-            return to_rgb(opened, max_pixels, str(path))
+            return to_rgb(ImageOps.exif_transpose(opened), max_pixels, name)
     except UnidentifiedImageError as error:
-        raise ValueError(f"image: {path} is not an image file") from error
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"image: {path} could not be decoded ({error}); is it truncated?") from error
+        raise ValueError(f"image: {name} is not an image file") from error
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image: {name} has more pixels than the limit of {max_pixels:,} ({error})") from error
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"image: {name} could not be decoded ({error}); is it truncated?") from error
 
 
 def image_file_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
@@ -80,6 +90,9 @@ def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
         raise ValueError(f"image: {name} has {width}x{height} pixels, more than the limit of {max_pixels:,}")
     if width == 0 or height == 0:
         raise ValueError(f"image: {name} is empty ({width}x{height})")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ValueError(f"image: {name} is {width}x{height} pixels, more than {MAX_ASPECT} times as long as it is "
+                         "wide; the tower would see a sliver of it (and resizing it would take gigabytes)")
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

@@ -35,6 +35,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .engine import Engine, Engines, Settings
+from .images import decode_image
 from .prompt_ids import Prompt, prompt_ids
 
 OWNER = "llama-adapter"
@@ -422,20 +423,20 @@ def _text(message: dict, index: int) -> tuple[str, list[Any]]:
 
 
 def _picture(image_url: Any, index: int) -> Any:
-    """The PIL image of a `data:` URL (base64); other URLs are refused (nothing is fetched)."""
-    from PIL import Image, UnidentifiedImageError
-
+    """The picture of a `data:` URL (base64); other URLs are refused (nothing is fetched)."""
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     where = f"messages[{index}].image_url"
     if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
         raise RequestError(f"{where}: only data: URLs with base64 pictures are read (nothing is downloaded)",
                            "messages")
     try:
-        picture = Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))
-        picture.load()
-    except (binascii.Error, UnidentifiedImageError, OSError) as error:
-        raise RequestError(f"{where}: not a picture ({type(error).__name__})", "messages") from None
-    return picture
+        data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    except binascii.Error as error:
+        raise RequestError(f"{where}: not base64 ({error})", "messages") from None
+    try:  # its size checked before it is decoded, turned upright as its EXIF says: as a file the app reads
+        return decode_image(io.BytesIO(data), where)
+    except ValueError as error:
+        raise RequestError(str(error).removeprefix("image: "), "messages") from None
 
 
 def completion(name: str, calls: list[Call]) -> dict[str, Any]:

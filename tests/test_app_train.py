@@ -164,6 +164,25 @@ def test_the_loss_plot_names_both_curves_before_any_point_arrives(served):
     assert plot.value["data"] == [[0, None, "train"], [0, None, "validation"]], "both named, no points"
 
 
+def test_the_image_tab_reads_a_picture_as_every_other_way_in_does(served, tmp_path):
+    """gradio's image_mode "RGB" converted uploads itself: a transparent PNG kept its hidden colours (not white)
+    and a 16-bit one was clipped near white, where the library, the CLI, the API and training read them otherwise."""
+    import numpy as np
+    from gradio.data_classes import ImageData
+    from PIL import Image
+
+    from adapter.images import load_image
+
+    demo = app.build_demo(served.engines, parse_config(["--base", served.engine.base], environ={}))
+    tab = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "image")
+    clear = Image.new("RGBA", (8, 8), (220, 20, 30, 0))
+    ramp = Image.fromarray(np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (8, 1)), "I;16")
+    for name, picture in (("clear.png", clear), ("ramp.png", ramp)):
+        picture.save(tmp_path / name)
+        uploaded = tab.preprocess(ImageData(path=str(tmp_path / name), orig_name=name))
+        assert np.array_equal(np.asarray(load_image(uploaded)), np.asarray(load_image(tmp_path / name))), name
+
+
 def test_choosing_an_adapter_runs_its_handlers_one_after_another_so_a_bad_name_gets_one_message(served):
     """Four handlers each on the menu's change gave four copies of one error for a name typed in and not served."""
     demo = app.build_demo(served.engines, parse_config(["--base", served.engine.base], environ={}))

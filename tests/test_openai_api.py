@@ -235,7 +235,7 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
      400, "messages", "messages[0].image_url: only data: URLs with base64 pictures are read"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url",
                                                   "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]},
-     400, "messages", "messages[0].image_url: not a picture (UnidentifiedImageError)"),
+     400, "messages", "messages[0].image_url is not an image file"),
     ({"max_tokens": 5000}, 400, "max_tokens", "max_new_tokens: must be between 1 and 256, got 5000"),
     ({"gate_scale": 3}, 400, "gate_scale", "gate_scale: must be in [0, 2], got 3"),
     ({"frequency_penalty": 2.5}, 400, "frequency_penalty", "frequency_penalty: must be in [-2, 2], got 2.5"),
@@ -311,6 +311,34 @@ def test_run_as_a_command_every_route_refuses_with_openais_error_object(monkeypa
         response = client.post(route, json=body)
         assert response.status_code == 404 and response.json()["error"]["param"] == "model", response.text
     assert client.post("/tokenize", json={"prompt": 5}).status_code == 400
+
+
+def test_a_picture_with_too_many_pixels_is_refused_before_it_is_decoded(client, monkeypatch):
+    """A 22 KB PNG of 182 megapixels was a 500 (PIL's DecompressionBombError), and one of 100 was decoded whole
+    before the app's limit refused it."""
+    import io
+
+    from PIL import Image
+
+    import adapter.images
+
+    urls = []
+    for size in ((13_000, 14_000), (10_000, 10_000)):
+        png = io.BytesIO()
+        Image.new("1", size).save(png, "PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(png.getvalue()).decode())
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self, load=Image.Image.load: decoded.append(self.size) or
+                        load(self))
+    for url in urls:
+        reply = ask(client, [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                                          {"type": "image_url", "image_url": {"url": url}}]}],
+                    model="tiny-image")
+        assert reply.status_code == 400, reply.text
+        message = reply.json()["error"]["message"]
+        assert message.startswith("messages[0].image_url has ") and \
+            f"than the limit of {adapter.images.MAX_PIXELS:,}" in message, message
+    assert decoded == []
 
 
 def test_the_command_line_stops_with_one_line_on_bad_flags(capsys):

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import adapter
 from adapter.config import AdapterArgs
 from adapter.generate import GenerationRequest, decode_tokens, generate_batch
-from adapter.images import load_image
+from adapter.images import image_file_problem, load_image
 from adapter.model import Transformer
 from adapter.sampling import SamplingParams
 from adapter.visual import (
@@ -256,6 +256,20 @@ def test_images_in_any_mode_become_rgb(tmp_path):
     assert load_image(str(path)).tobytes() == RED.tobytes()
 
 
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A phone's photo stores its pixels sideways and an EXIF orientation; viewers, gradio's image tab and the
+    official code's cv2.imread turn it upright, and everything else here read it sideways."""
+    sideways = Image.new("RGB", (60, 30), (200, 10, 10))
+    sideways.paste((10, 10, 200), (0, 0, 60, 10))  # a blue band along the stored top
+    exif = Image.Exif()
+    exif[274] = 6  # rotate 90 degrees clockwise to show
+    sideways.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    upright = load_image(tmp_path / "photo.jpg")
+    assert upright.size == (30, 60)
+    right, left = upright.getpixel((27, 30)), upright.getpixel((2, 30))
+    assert right[2] > 150 and left[0] > 150, (right, left)  # the stored top is now the right edge
+
+
 def test_bad_images_get_clear_errors(tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
@@ -268,6 +282,14 @@ def test_bad_images_get_clear_errors(tmp_path):
         load_image(truncated)
     with pytest.raises(ValueError, match=r"has 40x30 pixels, more than the limit of 1,000"):
         load_image(tmp_path / "whole.png", max_pixels=1000)
+    # CLIP's transform resized the short side first: a 1 x 20,000 picture (a 121-byte file) became 224 x
+    # 4,480,000 pixels, 32 s and 4.7 GB on the device's thread (1 x 200,000: a MemoryError)
+    Image.new("L", (1, 20_000), 128).save(tmp_path / "thin.png")
+    with pytest.raises(ValueError, match=r"thin.png is 1x20000 pixels, more than 32 times as long as it is wide"):
+        load_image(tmp_path / "thin.png")
+    assert "more than 32 times as long" in image_file_problem(tmp_path / "thin.png")
+    Image.new("L", (32, 1), 128).save(tmp_path / "panorama.png")
+    assert load_image(tmp_path / "panorama.png").size == (32, 1)
     with pytest.raises(FileNotFoundError, match="image: .*missing.png does not exist"):
         load_image(tmp_path / "missing.png")
     with pytest.raises(ValueError, match=r"array of shape \(4, 4, 2\)"):
