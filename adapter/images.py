@@ -107,7 +107,11 @@ def _from_array(array: np.ndarray) -> Image.Image:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ValueError("image: array has NaN or infinite values")
-        scaled = (np.clip(array, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 1:  # most often 0-255 values in floats, which clipping made a white picture
+            raise ValueError(f"image: a float array's values must be in [0, 1], got {low:g} to {high:g}"
+                             f"{'; divide it by 255' if high <= 255 and low >= 0 else ''}")
+        scaled = (array * 255 + 0.5).astype(np.uint8)
     else:
         raise ValueError(f"image: array dtype {array.dtype}; expected uint8, uint16 or float in [0, 1]")
     return Image.fromarray(np.ascontiguousarray(scaled))
@@ -118,12 +122,10 @@ def to_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "image"
     _check_size(image, max_pixels, name)
     if image.mode == "RGB":
         return image.copy()
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # PIL's "F" holds 0-255, as convert("F") writes it
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         return Image.fromarray((np.clip(array / peak, 0, 1) * 255 + 0.5).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        return _from_array(np.asarray(image, dtype=np.float32)).convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

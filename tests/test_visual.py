@@ -247,6 +247,7 @@ def test_images_in_any_mode_become_rgb(tmp_path):
     assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255), "transparent pixels show the white background"
     for mode in ("P", "CMYK", "1", "LA", "I", "F"):
         assert load_image(RED.convert(mode)).mode == "RGB", mode
+    assert load_image(RED.convert("F")).tobytes() == RED.convert("L").convert("RGB").tobytes()  # was white
     sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     assert load_image(sixteen).getpixel((0, 0)) == (255, 255, 255)
     assert load_image(np.zeros((5, 6, 4), dtype=np.uint8)).size == (6, 5)
@@ -294,5 +295,7 @@ def test_bad_images_get_clear_errors(tmp_path):
         load_image(tmp_path / "missing.png")
     with pytest.raises(ValueError, match=r"array of shape \(4, 4, 2\)"):
         load_image(np.zeros((4, 4, 2), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"float array's values must be in \[0, 1\], got 0 to 255; divide it by 255$"):
+        load_image(np.linspace(0, 255, 48).reshape(4, 4, 3))  # was clipped: a white picture
     with pytest.raises(ValueError, match="expected a path, a PIL image or a numpy array"):
         load_image(42)
