@@ -224,9 +224,18 @@ class Call:
         def entry(text: str, logprob: float) -> dict[str, Any]:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        scored = self.engine.answer_logprobs(self.prompt, answer, self.settings, self.image, self.top_logprobs)
+        scored = self.engine.answer_logprobs(self.prompt, self.answer_ids(answer), self.settings, self.image,
+                                             self.top_logprobs)
         return {"content": [{**entry(token.text, token.logprob), "top_logprobs": [entry(*top) for top in token.top]}
                             for token in scored]}
+
+    def answer_ids(self, answer: str) -> list[int] | str:
+        """The tokens decoded that wrote `answer`: the fewest from the first whose text holds it (the one a stop
+        string begins in included; an end of text, a prompt format's stop, what followed a stop string not), as
+        OpenAI scores the tokens sampled. The answer's text where none do (re-tokenized)."""
+        decode, wanted = self.engine.model.tokenizer.decode, answer.strip()
+        return next((self.generated[:n] for n in range(len(self.generated) + 1)
+                     if decode(self.generated[:n]).strip().startswith(wanted)), answer)
 
     def finish_reason(self) -> str:
         """"length" when decoding ran out of tokens (`max_tokens`, or the context's end), else "stop" (the end of

@@ -383,6 +383,33 @@ def test_log_probabilities_are_the_models_for_each_answer_token(client, engines)
         assert token["bytes"] == list(token["token"].encode())
     frozen = ask(client, [user(question)], logprobs=True, gate_scale=0).json()["choices"][0]["logprobs"]["content"]
     assert frozen[0]["top_logprobs"] == [] and frozen[0]["token"] != content[0]["token"]
+    assert "".join(token["token"] for token in content).strip() == answer  # its first token reads " square"
+
+
+def test_log_probabilities_score_the_tokens_sampled_even_where_a_stop_string_cut_one(client, engines):
+    """The answer's text was tokenized again: cut by a stop string ("or" of " orange"), the token scored was " or",
+    never sampled (logprob -14.7 where the model gave " orange" -1.0), and sampled answers got more or fewer
+    entries than tokens decoded."""
+    import torch
+
+    text = engines.get("tiny-text")
+    tokenizer = text.model.tokenizer
+    question = "What colour is the star?"  # the scene left out: greedy, " orange"
+    prompt_ids = tokenizer.encode(text.chat_prompt([], question, Settings()), bos=True, eos=False)
+    for options in ({"temperature": 0, "stop": "an"}, {"temperature": 2.0, "top_p": 1.0, "seed": 3, "max_tokens": 12}):
+        reply = ask(client, [user(question)], logprobs=True, **options).json()
+        choice = reply["choices"][0]
+        content = choice["logprobs"]["content"]
+        ids = [tokenizer.encode(token["token"], bos=False, eos=False)[-1] for token in content]
+        decoded = reply["usage"]["completion_tokens"] - (choice["finish_reason"] == "stop" and "stop" not in options)
+        assert len(content) == decoded, (content, reply["usage"])
+        with torch.no_grad():
+            logits = text.model(torch.tensor([prompt_ids + ids]))[0]
+        expected = torch.log_softmax(logits[len(prompt_ids) - 1:-1].float(), dim=-1)
+        for token, row, token_id in zip(content, expected, ids):
+            assert token["logprob"] == pytest.approx(float(row[token_id]), abs=1e-4), token
+        if "stop" in options:
+            assert choice["message"]["content"] == "or" and content[0]["token"] == " orange"
 
 
 @pytest.mark.parametrize("body, param, message", [
