@@ -51,11 +51,11 @@ SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": 
 
 
 class RequestError(ValueError):
-    """A request the API refuses: its HTTP status and the field at fault."""
+    """A request the API refuses: its HTTP status, the field at fault and OpenAI's error code, if it has one."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
 
 
 def build_api(engines: Engines) -> FastAPI:
@@ -163,7 +163,7 @@ async def _json_body(request: Request) -> Any:
 def refusal(error: RequestError) -> JSONResponse:
     """OpenAI's error object for a refused request."""
     return JSONResponse({"error": {"message": str(error), "type": "invalid_request_error", "param": error.param,
-                                   "code": None}}, status_code=error.status)
+                                   "code": error.code}}, status_code=error.status)
 
 
 class Call:
@@ -260,7 +260,7 @@ def served(engines: Engines, body: Any) -> tuple[str, Engine]:
     name = body.get("model") or engines.names[0]
     if name not in engines.names:
         raise RequestError(f"model: no adapter {name!r} is served (served: {', '.join(engines.names)})", "model",
-                           404)
+                           404, "model_not_found")
     return name, engines.get(name)
 
 
@@ -302,12 +302,17 @@ def options(body: dict) -> dict[str, Any]:
                              if body.get(theirs) is not None}}
 
 
-def refused(error: ValueError, default_param: str) -> RequestError:
-    """An engine's ValueError as a refusal naming the request field at fault (its message starts with the setting;
-    anything else is `default_param`'s)."""
-    field = str(error).split(":", 1)[0]
-    return RequestError(str(error), next((theirs for theirs, ours in SETTING_FIELDS.items() if ours == field),
-                                         default_param))
+def refused(error: ValueError, default_param: str, body: dict) -> RequestError:
+    """An engine's ValueError as a refusal naming the request field at fault, by the name the request gave it (its
+    message starts with the setting; anything else is `default_param`'s)."""
+    if isinstance(error, RequestError):
+        return error
+    field, _, rest = str(error).partition(":")
+    theirs = [name for name, ours in SETTING_FIELDS.items() if ours == field]
+    if not theirs:
+        return RequestError(str(error), default_param)
+    param = next((name for name in theirs if body.get(name) is not None), theirs[0])
+    return RequestError(f"{param}:{rest}", param)
 
 
 def answer_calls(engines: Engines, body: Any) -> tuple[str, list[Call]]:
@@ -317,6 +322,10 @@ def answer_calls(engines: Engines, body: Any) -> tuple[str, list[Call]]:
     refuse_unserved(body)
     count = choices_asked(body)
     system, history, question, image = read_messages(body.get("messages"))
+    if image is not None and not engine.can_see_images:  # the app's tab answers from the text, and says so
+        seeing = [other for other in engines.names if engines.get(other).can_see_images]
+        raise RequestError(f"messages: {name} cannot see pictures (no visual prompt, or no CLIP tower); "
+                           f"{'ask ' + ' or '.join(seeing) if seeing else 'no served adapter can'}", "messages")
     top_logprobs, stops = _top_logprobs(body), request_stops(body)
     try:
         settings = engine.check(engines.settings(system=system, **options(body)))
@@ -330,7 +339,7 @@ def answer_calls(engines: Engines, body: Any) -> tuple[str, list[Call]]:
         answers = [engine.answer_prompt(prompt, each, picture, tokens)  # the prompt written once
                    for each, tokens in zip(chosen, generated)]
     except ValueError as error:
-        raise refused(error, "messages") from None
+        raise refused(error, "messages", body) from None
     calls = [Call(engine, prompt, *decoding, picture, top_logprobs, stops, choice)
              for choice, decoding in enumerate(zip(answers, generated, chosen))]
     calls[0].check_room(body)

@@ -111,12 +111,13 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
     if score_only and not echo:
         raise RequestError("max_tokens: 0 returns nothing without echo", "max_tokens")
     fields = {key: value for key, value in options(body).items() if not (score_only and key == "max_new_tokens")}
+    stops = request_stops(body)
     try:
         settings = engine.check(engines.settings(**fields))
-        calls = [TextCall(engine, prompt, seeded(settings, choice), logprobs, request_stops(body), echo,
-                          score_only, choice) for prompt in prompts for choice in range(count)]
+        calls = [TextCall(engine, prompt, seeded(settings, choice), logprobs, stops, echo, score_only, choice)
+                 for prompt in prompts for choice in range(count)]
     except ValueError as error:
-        raise refused(error, "prompt") from None
+        raise refused(error, "prompt", body) from None
     if not score_only:
         for call in calls:
             call.check_room(body)

@@ -236,7 +236,11 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
     ({"messages": [{"role": "user", "content": [{"type": "image_url",
                                                   "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]},
      400, "messages", "messages[0].image_url is not an image file"),
-    ({"max_tokens": 5000}, 400, "max_tokens", "max_new_tokens: must be between 1 and 256, got 5000"),
+    ({"max_tokens": 5000}, 400, "max_tokens", "max_tokens: must be between 1 and 256, got 5000"),
+    ({"max_completion_tokens": 0}, 400, "max_completion_tokens", "max_completion_tokens: must be >= 1, got 0"),
+    ({"model": "tiny-text", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": PIXEL}}]}]}, 400, "messages",
+     "messages: tiny-text cannot see pictures (no visual prompt, or no CLIP tower); ask tiny-image"),
     ({"gate_scale": 3}, 400, "gate_scale", "gate_scale: must be in [0, 2], got 3"),
     ({"frequency_penalty": 2.5}, 400, "frequency_penalty", "frequency_penalty: must be in [-2, 2], got 2.5"),
     ({"logit_bias": {"5": 101}}, 400, "logit_bias", "logit_bias: expected {token id: bias from -100 to 100}"),
@@ -253,6 +257,7 @@ def test_bad_requests_get_openais_error_naming_the_field(client, body, status, p
     response = client.post("/v1/chat/completions", json={"messages": [user(SCENE)], **body})
     error = response.json()["error"]
     assert response.status_code == status and error["param"] == param and error["type"] == "invalid_request_error"
+    assert error["code"] == ("model_not_found" if status == 404 else None)
     assert message in error["message"], error["message"]
     assert client.post("/v1/chat/completions", content=b"{not json").json()["error"]["message"].startswith(
         "the body is not JSON")
