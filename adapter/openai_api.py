@@ -59,10 +59,23 @@ class RequestError(ValueError):
 
 
 def build_api(engines: Engines) -> FastAPI:
-    """A FastAPI application serving `engines` at /v1 (this module's command line)."""
+    """A FastAPI application serving `engines` at /v1 (this module's command line); a path or method it does not
+    serve is answered with OpenAI's error object too (the clients read `error.message`)."""
+    from starlette.exceptions import HTTPException
+
     app = FastAPI(title="LLaMA-Adapter (OpenAI-compatible)")
     app.include_router(api_router(engines))
+
+    @app.exception_handler(HTTPException)
+    async def unserved(request: Request, error: HTTPException) -> JSONResponse:
+        return refusal(RequestError(f"{request.method} {request.url.path}: {error.detail}", None, error.status_code))
+
     return app
+
+
+def model_entry(name: str) -> dict[str, Any]:
+    """OpenAI's model object of a served adapter."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": OWNER}
 
 
 def api_router(engines: Engines) -> APIRouter:
@@ -81,8 +94,14 @@ def api_router(engines: Engines) -> APIRouter:
 
     @router.get("/v1/models")
     def models(request: Request) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": OWNER}
-                                           for name in view(request).names]}
+        return {"object": "list", "data": [model_entry(name) for name in view(request).names]}
+
+    @router.get("/v1/models/{model:path}")
+    def model(request: Request, model: str) -> Any:
+        try:
+            return model_entry(served(view(request), {"model": model})[0])
+        except RequestError as error:
+            return refusal(error)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -46,6 +46,12 @@ def engine_answer(engine, history, question, picture=None, **settings) -> str:
 def test_the_served_adapters_are_the_models(client):
     listed = client.get("/v1/models").json()
     assert [model["id"] for model in listed["data"]] == ["tiny-text", "tiny-image"]
+    assert client.get("/v1/models/tiny-image").json() == listed["data"][1]  # `client.models.retrieve`
+    missing = client.get("/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    for response, status in ((client.get("/v1/nowhere"), 404), (client.get("/v1/chat/completions"), 405)):
+        assert response.status_code == status and response.json()["error"]["message"].startswith(
+            f"GET {response.request.url.path}: "), response.text  # OpenAI's error object, not FastAPI's detail
 
 
 def test_a_chat_completion_is_the_engines_answer_at_the_gate_asked(client, engines):
