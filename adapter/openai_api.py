@@ -402,33 +402,43 @@ def _top_logprobs(body: dict) -> int | None:
 
 
 def read_messages(messages: Any) -> tuple[str | None, list[tuple[str, str]], str, Any]:
-    """(system prompt, earlier (user, assistant) turns, the last user message, its conversation's picture)."""
+    """(system prompt, earlier (user, assistant) turns, the last user message, its conversation's picture).
+    Messages of one role in a row are one turn, their texts a line apart (OpenAI takes them so)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages: give a list of {role, content} messages ending with the user's", "messages")
-    system = None
-    if isinstance(messages[0], dict) and messages[0].get("role") in ("system", "developer"):
-        system, pictures = _text(messages[0], 0)
-        _refuse_pictures(pictures, 0, messages[0]["role"])
-        messages = messages[1:]
-    if not messages or len(messages) % 2 == 0:
-        raise RequestError("messages: after the system message, user and assistant turns must alternate and end "
-                           "with the user's", "messages")
-    texts, images = [], []
-    for index, message in enumerate(messages, 1 if system is not None else 0):
-        want = "user" if len(texts) % 2 == 0 else "assistant"
-        if not isinstance(message, dict) or message.get("role") != want:
-            got = message.get("role") if isinstance(message, dict) else type(message).__name__
-            raise RequestError(f"messages[{index}]: expected a {want} message, got {got!r}", "messages")
+    system, turns, images = None, [], []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{index}]: expected a {{role, content}} object, got "
+                               f"{type(message).__name__}", "messages")
+        role = message.get("role")
+        if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
+            raise RequestError(f"messages[{index}]: tool calls and their results are not served (function calling)",
+                               "messages")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise RequestError(f"messages[{index}]: unknown role {role!r} (system, user or assistant)", "messages")
         text, pictures = _text(message, index)
-        if want == "assistant":
-            _refuse_pictures(pictures, index, want)
-        texts.append(text)
+        if role != "user":
+            _refuse_pictures(pictures, index, role)
+        if role in ("system", "developer"):
+            if index:
+                raise RequestError(f"messages[{index}]: only the first message may be the system's", "messages")
+            system = text
+        elif turns and turns[-1][0] == role:
+            turns[-1][1] += "\n" + text
+        elif not turns and role == "assistant":
+            raise RequestError(f"messages[{index}]: expected a user message, got 'assistant'", "messages")
+        else:
+            turns.append([role, text])
         images += pictures
+    if not turns or turns[-1][0] != "user":
+        raise RequestError("messages: the last message must be the user's (an assistant's to continue is not "
+                           "served)", "messages")
     if len(images) > 1:
         raise RequestError("messages: a conversation may be about one picture (image_url), got "
                            f"{len(images)}", "messages")
-    turns = list(zip(texts[:-1:2], texts[1:-1:2]))
-    return system, turns, texts[-1], images[0] if images else None
+    texts = [text for _, text in turns]
+    return system, list(zip(texts[:-1:2], texts[1:-1:2])), texts[-1], images[0] if images else None
 
 
 def _refuse_pictures(pictures: list[Any], index: int, role: str) -> None:

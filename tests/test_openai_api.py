@@ -206,6 +206,16 @@ def test_half_a_character_is_refused_naming_the_field(client):
         assert reply.status_code == 400 and "holds '\\ud800', half of a character" in reply.json()["error"]["message"]
 
 
+def test_messages_of_one_role_in_a_row_are_one_turn(client, engines):
+    """Two user messages in a row (OpenAI takes them) were refused as "turns must alternate"."""
+    text = engines.get("tiny-text")
+    split = ask(client, [user("There is a large red star on the left."), user("What colour is the star?"),
+                         {"role": "assistant", "content": "red"}, {"role": "assistant", "content": "It is red."},
+                         user("What shape is it?")]).json()
+    answer = split["choices"][0]["message"]["content"]
+    assert answer == engine_answer(text, [(SCENE.replace(". ", ".\n"), "red\nIt is red.")], "What shape is it?")
+
+
 def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engines):
     example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
     picture = TINY_FOLDER / "examples" / example["image"]
@@ -234,7 +244,13 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages",
      "messages[0]: expected a user message, got 'assistant'"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "messages",
-     "user and assistant turns must alternate and end with the user's"),
+     "messages: the last message must be the user's (an assistant's to continue is not served)"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                   {"role": "user", "content": "c"}]}, 400, "messages",
+     "messages[1]: only the first message may be the system's"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [{}]},
+                   {"role": "tool", "content": "5"}]}, 400, "messages",
+     "messages[1]: tool calls and their results are not served (function calling)"),
     ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}, 400, "messages",
      "system: the alpaca prompt format has no system prompt"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
