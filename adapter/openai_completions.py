@@ -73,12 +73,9 @@ class TextCall(Call):
             scored = self.engine.answer_logprobs(self.prompt, tokens, self.settings, None, k) if tokens else []
             offset = len(self.prompt_text)
         texts = [token.text if token is not None else self._first_token() for token in scored]
-        offsets = []
-        for text in texts:
-            offsets.append(offset)
-            offset += len(text)
         return {"tokens": texts, "token_logprobs": [None if t is None else t.logprob for t in scored],
-                "top_logprobs": [None if t is None else dict(t.top) for t in scored], "text_offset": offsets}
+                "top_logprobs": [None if t is None else {**dict(t.top), t.text: t.logprob} for t in scored],
+                "text_offset": text_offsets(self.prompt_text + answer, texts, offset)}
 
     def _first_token(self) -> str:
         """The text of the prompt's first token (scored None: nothing before it)."""
@@ -88,6 +85,29 @@ class TextCall(Call):
 
     def finish_reason(self) -> str:
         return "length" if self.score_only else super().finish_reason()
+
+
+def text_offsets(text: str, pieces: list[str], start: int) -> list[int]:
+    """Where each token's text begins in `text` (the prompt and the continuation as returned), read on from
+    `start`. A token's spaces stand for whatever whitespace the text has there (a tokenizer may read a newline as
+    a space; SentencePiece writes a first word's space the text does not show), and a token the text does not
+    show (BOS, the end of text) takes no room."""
+    offsets, at = [], start
+    for piece in pieces:
+        offsets.append(at)
+        read = at
+        for char in piece:
+            if char.isspace():
+                read += read < len(text) and text[read].isspace()
+                continue
+            while read < len(text) and text[read].isspace():
+                read += 1
+            if read >= len(text) or text[read] != char:
+                break
+            read += 1
+        else:
+            at = read
+    return offsets
 
 
 def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
