@@ -19,7 +19,7 @@ import torch
 
 from .config import ModelArgs
 from .formats.bnb import QuantizedWeight
-from .formats.common import atomic_write, refuse_existing
+from .formats.common import atomic_write, refuse_existing, save_tensors
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
 from .loading import DTYPES, base_shapes, check_base_names, check_tensor, open_named_base
@@ -137,10 +137,8 @@ def _bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 def _save_part(folder: Path, number: int, shard: dict[str, torch.Tensor]) -> tuple[Path, list[str], int]:
     """One shard written under a provisional name (the count of shards is known only at the end)."""
-    from safetensors.torch import save_file
-
     path = folder / f"part-{number:05d}.safetensors"
-    save_file(shard, path, metadata={"format": "pt"})
+    save_tensors(shard, path, metadata={"format": "pt"})
     return path, sorted(shard), _bytes(shard)
 
 

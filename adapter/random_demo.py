@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import AdapterArgs
-from .formats.common import atomic_folder
+from .formats.common import atomic_folder, save_tensors
 from .formats.native import save_adapter
 from .loading import load
 from .random_model import write_random_base
@@ -47,15 +47,13 @@ class DemoFiles:
 def write_clip(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """A tiny open_clip model: its config (named `<name>.json`, as open_clip wants) and random weights."""
     import open_clip
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / f"{CLIP_NAME}.json"
     config.write_text(json.dumps(CLIP_CONFIG))
     torch.manual_seed(seed)
     model = open_clip.CLIP(**{k: v for k, v in CLIP_CONFIG.items() if k != "quick_gelu"}, quick_gelu=True)
     weights = folder / "clip.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    save_tensors({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     return config, weights
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelArgs, RopeScaling
-from .formats.common import atomic_folder
+from .formats.common import atomic_folder, save_tensors
 from .formats.meta import shard_dim
 from .model import Transformer
 
@@ -163,12 +163,10 @@ def write_random_mistral(folder: str | Path, args: ModelArgs | None = None, *, s
     """The random base in Mistral's own layout (adapter.formats.mistral): params.json in Mistral's keys (the
     sliding `window` when given), consolidated.safetensors, and tokenizer.model.v3 with Mistral V3's [INST] and
     [/INST] control tokens (ids 3 and 4)."""
-    from safetensors.torch import save_file
-
     args = args or DEFAULT_ARGS
     folder = write_random_base(folder, args, seed=seed)
     weights = folder / "consolidated.00.pth"
-    save_file(torch.load(weights, weights_only=True), folder / "consolidated.safetensors")
+    save_tensors(torch.load(weights, weights_only=True), folder / "consolidated.safetensors")
     weights.unlink()
     train_tokenizer(folder / "tokenizer.model.v3", vocab_size=args.vocab_size, seed=seed,
                     control_symbols=("[INST]", "[/INST]"))

@@ -94,6 +94,10 @@ def test_bfloat16_is_the_default_store_and_a_lora_alone_merges_in_memory_too(met
     whole = trained(meta, AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2), tmp_path / "lora")
     merge(meta, tmp_path / "lora", tmp_path / "merged")
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    from adapter.formats.common import new_file_mode
+
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "merged").iterdir() if path.is_file()}
+    assert set(modes.values()) == {new_file_mode()}, modes  # safetensors wrote its shards owner-only
     merged = adapter.load(tmp_path / "merged", device="cpu")
     with torch.no_grad():
         assert (merged(TOKENS) - whole(TOKENS)).abs().max() < 0.05  # bf16 rounding of the weights alone

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..formats.common import atomic_write
+from ..formats.common import atomic_write, save_tensors
 from ..formats.native import save_adapter
 from ..model import Transformer
 from .step import TrainingStopped
@@ -80,7 +80,7 @@ def save(out: Path, model: Transformer, optimizer: torch.optim.Optimizer, state:
     try:
         save_adapter(model, tmp / ADAPTER)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        save_file(_rng_tensors(), tmp / RNG)
+        save_tensors(_rng_tensors(), tmp / RNG)
         (tmp / TRAINER).write_text(json.dumps(asdict(state)) + "\n")
         if (root / name).exists():
             shutil.rmtree(root / name)

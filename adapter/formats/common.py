@@ -147,6 +147,16 @@ def _refusal(error: Exception) -> str:
     return f"it holds what weights-only loading refuses: {found.group(1)}" if found else str(error)
 
 
+def save_tensors(tensors: dict[str, "torch.Tensor"], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, the file given the mode a new file gets (safetensors makes its files owner-only: a
+    merged or quantized base's shards could not be read by another user, or a container's)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, new_file_mode())
+
+
 def new_file_mode(folder: bool = False) -> int:
     """What open() (or mkdir) would give a new file (folder): 0o666 (0o777) less the process's umask."""
     mask = os.umask(0)
