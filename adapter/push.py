@@ -60,6 +60,9 @@ def stage_model(model: Transformer, base: str, folder: Path, repo: str, to: str 
     """`stage` for an adapter already in a model (a served one: it is left as it is), whose base is named `base`;
     `origin`: the published adapter it was read from, for its card."""
     check_to(to)
+    if branch and "/" in branch:  # hf:OWNER/NAME@dev/v2 reads as branch dev, folder v2
+        raise ValueError(f"branch: {branch!r} holds a '/', which the card's hf:{repo}@BRANCH cannot name; choose a "
+                         "branch name without one")
     write_adapter(model, folder, to, _hub_name(base))  # with its CLIP model config file, if any, beside it
     config = clip_config_file(model.adapter_args)
     clip_config = None if config is None else clip_config_name(config)

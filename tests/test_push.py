@@ -200,6 +200,7 @@ def test_what_cannot_be_pushed_is_named_before_anything_reaches_the_hub(tmp_path
                                  r"choose from \('native', 'peft'\)$"),
         (dict(to="peft"), r"gate_activation is tanh; PEFT uses raw gates"),  # PEFT's adaption prompt cannot hold it
         (dict(source=tmp_path / "missing"), r"missing does not exist"),
+        (dict(branch="dev/v2"), r"^branch: 'dev/v2' holds a '/', which the card's hf:me/x@BRANCH cannot name"),
     ]
     for change, message in cases:
         options = dict(source=tmp_path / "ours", repo="me/x", base=base_folder) | change
