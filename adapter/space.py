@@ -141,9 +141,9 @@ def _set_variables(api, space: str, variables: Mapping[str, str]) -> None:
         api.add_space_variable(space, key, value)
 
 
-def _sleep_time_note(sleep_time: int | None, hardware: str, asked: bool) -> str | None:
+def _sleep_time_note(sleep_time: int | None, hardware: str | None, asked: bool) -> str | None:
     """ValueError for a sleep time the hub would refuse; a note where paid hardware is asked for without one (it
-    would be billed around the clock)."""
+    would be billed around the clock). `hardware` None: not known (a dry run's existing Space)."""
     if sleep_time is not None and not (sleep_time == -1 or sleep_time >= 1):
         raise ValueError(f"--sleep-time: give seconds without a visitor (at least 1) or -1 (never), got {sleep_time}")
     if sleep_time is not None and hardware == DEFAULT_HARDWARE:
@@ -229,13 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.dry_run:
             check_hardware(hub_module("space", repo_id(options.space, "space")), options.hardware)
             variables = space_variables(flags)
-            note = _sleep_time_note(options.sleep_time, options.hardware or DEFAULT_HARDWARE,
-                                    asked=options.hardware is not None)
+            # without --hardware, a new Space's is assumed; an existing Space's own is read when deploying
+            note = _sleep_time_note(options.sleep_time, options.hardware, asked=options.hardware is not None)
             base = _open_base(variables)
             print("\n".join([*(f"{key}={value}" for key, value in variables.items()), *_files_lines(ROOT),
                              *_base_lines(*base)]))
             if not options.no_fit_check:
                 print("\n".join(_fit_lines(options.hardware or DEFAULT_HARDWARE, variables, *base)))
+                if options.hardware is None:
+                    print(f"(a new Space's {DEFAULT_HARDWARE}; a deploy checks an existing Space's own hardware)")
             if note:
                 print(note)
         else:

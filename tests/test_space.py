@@ -139,8 +139,9 @@ def test_the_dry_run_lists_what_a_space_would_get(capsys):
     files = space_files()
     size = sum((ROOT / name).stat().st_size for name in files) / 2**20
     assert out[:3] == ["ADAPTER_ADAPTER=tiny-text", "ADAPTER_PRIVATE_ADAPTERS=1", f"{len(files)} files, {size:.1f} MiB"]
-    assert out[4:-2] == describe("tiny")[1:] and out[3] == "tiny: base LLaMA, meta format", \
+    assert out[4:-3] == describe("tiny")[1:] and out[3] == "tiny: base LLaMA, meta format", \
         "then the base the Space serves, as inspect describes it: its memory per precision"
-    assert out[-2] == "hardware cpu-basic (2 vCPU, 16 GB of memory): holds it", "then how a new Space's hardware does"
+    assert out[-3] == "hardware cpu-basic (2 vCPU, 16 GB of memory): holds it", "then how a new Space's hardware does"
+    assert out[-1] == "(a new Space's cpu-basic; a deploy checks an existing Space's own hardware)"
     assert main(["me/demo", "--dry-run", "--port", "1"]) == 2
     assert capsys.readouterr().err == "error: --port: a Space serves on its own address and port, publicly\n"

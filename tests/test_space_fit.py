@@ -159,8 +159,10 @@ def test_paid_hardware_sleeps_when_asked_and_the_free_one_cannot_be_asked(hub, c
         with pytest.raises(ValueError, match=message):
             deploy(space, [], hardware=hardware, sleep_time=sleep)
     assert hub.calls == [], "refused before anything reached the hub"
-    assert main(["me/demo", "--dry-run", "--sleep-time", "60"]) == 2
-    assert "--sleep-time: the free cpu-basic sleeps" in capsys.readouterr().err
+    # a dry run does not know an existing Space's hardware (the deploy reads it): it says what it assumed
+    assert main(["me/demo", "--dry-run", "--sleep-time", "60"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "(a new Space's cpu-basic; a deploy checks an existing Space's own hardware)"
 
 
 def test_a_hub_base_not_read_here_is_not_met_with_advice_to_pass_a_path(monkeypatch, capsys):
@@ -172,10 +174,11 @@ def test_a_hub_base_not_read_here_is_not_met_with_advice_to_pass_a_path(monkeypa
     monkeypatch.setattr("adapter.loading.hub_base_without_weights", offline)
     assert main(["me/demo", "--dry-run", "--base", "hf:owner/llama"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-2:] == [
+    assert out[-3:] == [
         "hf:owner/llama: not described from here (could not read it from the hub here (ConnectionError: no network))",
         "hardware cpu-basic: not checked, the base is not read from here (could not read it from the hub here "
-        "(ConnectionError: no network))"], "a Space refuses a path"
+        "(ConnectionError: no network))", "(a new Space's cpu-basic; a deploy checks an existing Space's own hardware)"
+    ], "a Space refuses a path"
 
 
 def test_a_base_read_only_by_downloading_it_is_not_downloaded_to_be_checked(hub, capsys):
