@@ -50,9 +50,13 @@ def adapter_on_meta_base(base: str | Path, source: str | Path, what: str = "sour
 
 
 def convert(source: str | Path, target: str | Path, to: str, base: str | Path) -> Path:
-    """Write `source` as `to`; only our format records a prompt format other than Alpaca, so an adapter in
-    another one is converted with a note on stderr saying how to ask it."""
+    """Write `source` as `to` into `target`, a new file or folder (an existing one would be replaced, or get a
+    second adapter beside its own, which readers might take instead); only our format records a prompt format
+    other than Alpaca, so an adapter in another one is converted with a note on stderr saying how to ask it."""
     check_target(to)
+    target = Path(target)
+    if target.is_file() or (target.is_dir() and any(target.iterdir())):
+        raise ValueError(f"target: {target} already exists; name a new file or folder (or remove it)")
     model = adapter_on_meta_base(base, source)
     written = write_adapter(model, target, to, str(base))
     note = unrecorded_format_note(model, to)

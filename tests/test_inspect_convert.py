@@ -95,27 +95,29 @@ def test_inspect_names_the_embedded_model_by_its_names():
     assert describe("tiny-image")[0].endswith("assets/tiny/image/adapter.safetensors: adapter, native format")
 
 
-def test_convert_onto_a_folder_or_under_a_file_is_refused_by_name(base_folder, tmp_path, capsys):
+def test_convert_onto_what_exists_or_a_folder_is_refused_by_name(base_folder, tmp_path, capsys):
+    """An existing target was replaced without a word, or got a PEFT adapter beside ours (readers then took
+    PEFT's); merge, quantize_base and push --folder refuse an existing output too."""
     model = adapter.load(base_folder, adapter=AdapterArgs(prompt_len=3, prompt_layers=2), device="cpu")
     adapter.save_adapter(model, tmp_path / "v1")
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "llama_adapter_len3_layer2.pth").mkdir()
-    for target, to, message in [(tmp_path / "notes.txt", "native", f"{tmp_path / 'notes.txt'} is a file, not a "
-                                                                   "folder to write adapter.safetensors into"),
+    (tmp_path / "empty").mkdir()
+    assert convert_main([str(tmp_path / "v1"), str(tmp_path / "empty"), "--to", "native", "--base",
+                         str(base_folder)]) == 0, "an empty folder is written into"
+    written = (tmp_path / "empty" / "adapter.safetensors").read_bytes()
+    exists = "already exists; name a new file or folder (or remove it)"
+    for target, to, message in [(tmp_path / "notes.txt", "native", f"target: {tmp_path / 'notes.txt'} {exists}"),
+                                (tmp_path / "empty", "peft", f"target: {tmp_path / 'empty'} {exists}"),
+                                (tmp_path / "empty", "native", f"target: {tmp_path / 'empty'} {exists}"),
                                 (tmp_path / "llama_adapter_len3_layer2.pth", "official-v1",
                                  f"{tmp_path / 'llama_adapter_len3_layer2.pth'} is a folder; name a file to write")]:
         assert convert_main([str(tmp_path / "v1"), str(target), "--to", to, "--base", str(base_folder)]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
     assert (tmp_path / "notes.txt").read_text() == "mine" and not any((tmp_path / "llama_adapter_len3_layer2.pth")
                                                                      .iterdir())
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama_adapter_len3_layer2.pth", "notes.txt", "v1"]
-    peft = tmp_path / "peft"
-    peft.mkdir()
-    (peft / "adapter_config.json").write_text('{"peft_type": "ADAPTION_PROMPT"}')
-    assert convert_main([str(tmp_path / "v1"), str(peft), "--to", "native", "--base", str(base_folder)]) == 2
-    assert capsys.readouterr().err == (f"error: {peft} holds a PEFT adapter (adapter_config.json), which readers "
-                                       "would find instead of ours; write into another folder (or remove that one)\n")
-    assert not (peft / "adapter.safetensors").exists()
+    assert sorted(path.name for path in (tmp_path / "empty").iterdir()) == ["adapter.json", "adapter.safetensors"]
+    assert (tmp_path / "empty" / "adapter.safetensors").read_bytes() == written
 
 
 @pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
