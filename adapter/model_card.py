@@ -93,7 +93,9 @@ def model_card(model: Transformer, repo: str, base: str, written: str, training:
         lines.append(f"| read from | `{origin}`, rewritten in this format |")
     lines += [f"| v2 parts | {', '.join(a.v2_parts) or 'none (v1)'} |",
               f"| learned parameters | {sum(t.numel() for t in model.adapter_state_dict().values()):,} |",
-              f"| prompt format | {model.prompt_format} |"]
+              f"| prompt format | {model.prompt_format}"
+              + (" (not recorded in PEFT's format: the commands below name it) |" if _format_unrecorded(model, written)
+                 else " |")]
     if a.visual != "none":
         lines.append(f"| visual prompt | {a.visual}: reads the {a.clip_dim}-wide tokens of a "
                      f"{Path(a.clip_model).name if clip_config else a.clip_model} CLIP tower |")
@@ -150,14 +152,19 @@ def _usage(model: Transformer, repo: str, base: str, written: str, clip_config: 
     a = model.adapter_args
     named = f"{repo}@{branch}" if branch else repo  # as hf: names a branch
     clip = f" --clip {CLIP_NAME if base == BASE_NAME else 'CLIP'}" if a.visual != "none" else ""
+    unrecorded = _format_unrecorded(model, written)
+    app_format = f" --prompt-format {model.prompt_format}" if unrecorded else ""
+    template = f" --template {model.prompt_format}" if unrecorded else ""
+    # an adapter without prompts (a LoRA, biases) has no gates: its delta scale is its slider
+    slider, scale = ("gate slider", "--gate-scale") if a.has_prompts else ("delta scale slider", "--delta-scale")
     lines = ["With the `llama-adapter` project's command lines (its `requirements.txt` installed):", "",
              "```bash",
-             "# the Gradio app: chat" + (", questions about a picture" if clip else "") + " and the gate slider "
+             "# the Gradio app: chat" + (", questions about a picture" if clip else "") + f" and the {slider} "
              "(0 = the frozen base, 1 = this adapter, above 1 exaggerated)",
-             f"python app.py --base {base} --adapter hf:{named}{clip}",
-             f"python -m adapter.generate --base {base} --adapter hf:{named}{clip} "
+             f"python app.py --base {base} --adapter hf:{named}{clip}{app_format}",
+             f"python -m adapter.generate --base {base} --adapter hf:{named}{clip}{template} "
              + ("--image picture.png --prompt \"What is in the picture?\"" if clip else
-                "--prompt \"Tell me about alpacas.\"") + " --gate-scale 1",
+                "--prompt \"Tell me about alpacas.\"") + f" {scale} 1",
              f"python -m adapter.inspect hf:{named}  # its format, shape and gates", "```"]
     if "CLIP" in clip:
         tower = (f"a CLIP tower of the config `{clip_config}` (pushed beside it)" if clip_config
@@ -166,11 +173,17 @@ def _usage(model: Transformer, repo: str, base: str, written: str, clip_config: 
     if base == "BASE":
         lines += ["", "BASE: a folder (or `hf:owner/name`) holding a base of the shape above."]
     if written == "peft":
+        hub_base = repr(repo_of(base)) if base.startswith(PREFIX) else "BASE"
         lines += ["", "With transformers and PEFT:", "", "```python", "from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM", "",
-                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {repo!r}"
+                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({hub_base}), {repo!r}"
                   + (f", revision={branch!r})" if branch else ")"), "```"]
     return lines
+
+
+def _format_unrecorded(model: Transformer, written: str) -> bool:
+    """Whether the format written loses the prompt format the adapter is asked in (all but ours record Alpaca)."""
+    return written != "native" and model.prompt_format != "alpaca"
 
 
 def _training(run: Training) -> list[str]:

@@ -183,7 +183,10 @@ def test_a_lora_pushed_as_peft_is_read_by_peft_and_back(tmp_path, base_folder, h
     assert local == base_folder.name, "a local base by its folder's name, not its path on this machine"
     card = (pushed / "README.md").read_text()
     assert "- lora\n" in card and "library_name: peft\n" in card and "adaption prompts" not in card
-    assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), 'me/lora')" in card
+    # the base's repository named (BASE was never defined), and the delta scale as the slider (a LoRA has no gates)
+    assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('meta/llama'), 'me/lora')" in card
+    assert "and the delta scale slider (0 = the frozen base" in card and " --delta-scale 1\n" in card
+    assert "gate slider" not in card and "--gate-scale" not in card
     theirs = peft.PeftModel.from_pretrained(hf_llama(adapter.load(base_folder, device="cpu")), pushed).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(TOKENS).logits.float(), logits(lora), rtol=1e-5, atol=1e-5)
@@ -369,3 +372,19 @@ def test_the_cards_base_model_is_the_repository_of_a_hub_base_named_with_a_revis
         card = model_card(model, "me/x", base, "native")
         assert [line for line in card.splitlines() if line.startswith("base_model")] == [f"base_model: {repo}"]
         assert f"python app.py --base {base} --adapter hf:me/x\n" in card
+
+
+
+def test_a_card_in_peft_format_names_the_prompt_format_peft_cannot_record():
+    """PEFT's files record no prompt format: the card's table said llama2 while its commands asked in Alpaca."""
+    from adapter.model_card import model_card
+    from tests.conftest import TINY, make_model
+
+    model = make_model(TINY, AdapterArgs(prompt_len=2, prompt_layers=2))
+    model.base_family, model.prompt_format = "LLaMA", "llama2"
+    card = model_card(model, "me/x", "hf:owner/llama", "peft")
+    assert "| prompt format | llama2 (not recorded in PEFT's format: the commands below name it) |" in card
+    assert "python app.py --base hf:owner/llama --adapter hf:me/x --prompt-format llama2\n" in card
+    assert "--adapter hf:me/x --template llama2 --prompt" in card and " --gate-scale 1\n" in card
+    native = model_card(model, "me/x", "hf:owner/llama", "native")
+    assert "| prompt format | llama2 |" in native and "--prompt-format" not in native  # ours records it
