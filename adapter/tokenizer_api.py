@@ -2,11 +2,12 @@
 model's own tokenizer rather than a copy of it (lm-evaluation-harness's `local-completions` uses them whenever a
 server answers them: its `tokenizer_backend=remote`).
 
-`POST /tokenize` `{"prompt": text, "add_special_tokens": true}` -> `{"count", "max_model_len", "tokens",
-"token_strs"}` (special tokens written in the text, such as `</s>`, are read as their ids; `add_special_tokens`
-puts BOS in front); `POST /detokenize` `{"tokens": [...]}` -> `{"prompt": text}`; `GET /tokenizer_info` -> the
-tokenizer's kind, BOS/EOS/pad token texts and the model's context. `model` may name a served adapter; they share
-one base, so one tokenizer.
+`POST /tokenize` `{"prompt": text, "add_special_tokens": true}` (or a chat's `{"messages": [...]}`, written in the
+adapter's prompt format as a chat completion writes it) -> `{"count", "max_model_len", "tokens", "token_strs"}`
+(special tokens written in the text, such as `</s>`, are read as their ids; `add_special_tokens` puts BOS in
+front); `POST /detokenize` `{"tokens": [...]}` -> `{"prompt": text}`; `GET /tokenizer_info` -> the tokenizer's
+kind, BOS/EOS/pad token texts and the model's context. `model` may name a served adapter; they share one base, so
+one tokenizer.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from .engine import Engines
-from .openai_api import RequestError, answered_json, served
+from .engine import Engine, Engines
+from .openai_api import RequestError, answered_json, read_messages, served
 from .prompt_ids import checked_ids, is_token_ids
 
 
@@ -30,7 +31,8 @@ def add_tokenizer_routes(router: APIRouter, view: Callable[[Request], Engines]) 
     @router.post("/tokenize")
     async def tokenize(request: Request):
         def tokens(body: Any) -> dict[str, Any]:
-            model, text = model_of(request, body), body.get("prompt")
+            model = model_of(request, body)
+            text = chat_text(served(view(request), body)[1], body) if "messages" in body else body.get("prompt")
             if not isinstance(text, str):
                 raise RequestError(f"prompt: expected a text, got {type(text).__name__}", "prompt")
             special = body.get("add_special_tokens", True)
@@ -42,6 +44,18 @@ def add_tokenizer_routes(router: APIRouter, view: Callable[[Request], Engines]) 
                     "token_strs": [model.tokenizer.token_text(token) for token in ids]}
 
         return await answered_json(request, tokens)
+
+    def chat_text(engine: Engine, body: dict) -> str:
+        """A chat-completions conversation (`messages`) written as the adapter's prompt format writes it, every
+        turn kept (a chat completion drops the oldest that leave the answer no room)."""
+        system, history, question, image = read_messages(body["messages"])
+        if image is not None:
+            raise RequestError("messages: a picture speaks through the adapter's prompts, not as tokens; tokenize "
+                               "the conversation without it", "messages")
+        try:
+            return engine.prompts.chat(history, question, system)
+        except ValueError as error:
+            raise RequestError(str(error), "messages") from None
 
     @router.post("/detokenize")
     async def detokenize(request: Request):

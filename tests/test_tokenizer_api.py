@@ -29,6 +29,22 @@ def test_tokenize_gives_the_served_tokenizers_ids(client, engines):
     assert client.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
 
 
+def test_a_conversation_is_tokenized_as_a_chat_completion_reads_it(client, engines):
+    """vLLM's /tokenize takes a chat's messages too; ours refused them ("prompt: expected a text")."""
+    from adapter.engine import Settings
+
+    text = engines.get("tiny-text")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "What colour is the star?"}]
+    counted = client.post("/tokenize", json={"messages": messages}).json()
+    assert counted["tokens"] == text.model.tokenizer.encode(
+        text.chat_prompt([("Hi", "Hello")], "What colour is the star?", Settings()), bos=True, eos=False)
+    chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()
+    assert counted["count"] == chat["usage"]["prompt_tokens"]
+    refused = client.post("/tokenize", json={"messages": [{"role": "assistant", "content": "Hello"}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+
+
 def test_tokenizer_info_names_the_special_tokens_as_lm_eval_reads_them(client, engines):
     """lm-eval asks GET /tokenizer_info (needs `eos_token`) and POST /tokenize {"prompt": "test", ...} (needs a
     list of `tokens`), then takes the EOS id as the first id of the EOS token's text."""
