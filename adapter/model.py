@@ -538,8 +538,9 @@ class Transformer(nn.Module):
     def pack_for_inference(self) -> None:
         """Before the first inference since loading or training: 4-bit layers repacked as bitsandbytes repacks
         them at their first eval-mode forward on CPUs with AVX512-BF16 (adapter.quantize.pack_for_inference), so
-        that the first answer is computed as every later one is."""
-        if not self.training and not self.packed_for_inference:
+        that the first answer is computed as every later one is. Not with gradients on (an eval-mode forward that
+        trains): the repacked layers have no backward."""
+        if not self.training and not self.packed_for_inference and not torch.is_grad_enabled():
             from .quantize import pack_for_inference
 
             pack_for_inference(self)

@@ -15,10 +15,18 @@ import adapter.quantize_base
 from adapter.formats.common import atomic_folder
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C as Python meets it in a terminal (a shell's background job, as CI may run, starts with it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("command, function", [(adapter.quantize_base, "quantize_base"), (adapter.merge, "merge")])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_command_leaves_no_staging_folder_and_says_so_in_one_line(tmp_path, monkeypatch, capsys, command,
-                                                                            function, signum):
+                                                                            function, signum, ctrl_c_raises):
     out = tmp_path / "out"
 
     def writing(*args, **options):
