@@ -31,8 +31,8 @@ def add_tokenizer_routes(router: APIRouter, view: Callable[[Request], Engines]) 
     @router.post("/tokenize")
     async def tokenize(request: Request):
         def tokens(body: Any) -> dict[str, Any]:
-            model = model_of(request, body)
-            text = chat_text(served(view(request), body)[1], body) if "messages" in body else body.get("prompt")
+            engine = served(view(request), body)[1]
+            model, text = engine.model, chat_text(engine, body) if "messages" in body else body.get("prompt")
             if not isinstance(text, str):
                 raise RequestError(f"prompt: expected a text, got {type(text).__name__}", "prompt")
             special = body.get("add_special_tokens", True)
