@@ -23,6 +23,9 @@ SCALE_PLACES = ("input", "output")
 # with their v2 deltas (litgpt's fused qkv linear, up to 0.5.4), or as litgpt 0.5.5+ reads them from that linear
 PROMPT_PROJECTIONS = ("frozen", "tuned", "litgpt-qkv")
 ROPE_SCALINGS = ("linear", "llama3")
+# positions a model is built for: its rotary table is made for all of them (1M: 512 MiB at head dim 128), so a
+# config's 2**40 allocated terabytes; a longer one is used by passing a shorter max_seq_len
+MAX_CONTEXT = 2**20
 LLAMA32_SMALL_SHAPES = ((2048, 16), (3072, 28))  # (dim, n_layers) of Llama 3.2 1B and 3B
 
 
@@ -114,6 +117,13 @@ class ModelArgs:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+        _require(self.max_seq_len <= MAX_CONTEXT, "max_seq_len",
+                 f"{self.max_seq_len:,} positions is more than the {MAX_CONTEXT:,} a model is built for here; load "
+                 "it with a shorter max_seq_len (adapter.load's; finetune's and evaluate's --max-seq-len)")
+        _require(self.ffn_dim_multiplier is None or (isinstance(self.ffn_dim_multiplier, (int, float))
+                                                     and not isinstance(self.ffn_dim_multiplier, bool)
+                                                     and 0 < self.ffn_dim_multiplier < math.inf),
+                 "ffn_dim_multiplier", f"must be a positive number or None, got {self.ffn_dim_multiplier!r}")
         _require(self.head_size is None or (isinstance(self.head_size, int) and self.head_size > 0), "head_size",
                  f"must be a positive integer, got {self.head_size!r}")
         _require(self.head_size is not None or self.dim % self.n_heads == 0, "dim",

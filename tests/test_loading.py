@@ -218,6 +218,18 @@ def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
     with pytest.raises(ValueError, match="params.json: norm_eps: must be a positive number, got None"):
         adapter.load(folder, device="cpu")
 
+    # a context of 2**40 built a rotary table of terabytes (a raw allocator error); a bad multiplier failed in torch
+    for change, message in (({"max_seq_len": 2**40}, "max_seq_len: 1,099,511,627,776 positions is more than the "
+                                                     "1,048,576 a model is built for here"),
+                            ({"ffn_dim_multiplier": -1.0}, "ffn_dim_multiplier: must be a positive number or None, "
+                                                           "got -1.0")):
+        folder = broken_copy(next(iter(change)))
+        (folder / "params.json").write_text(json.dumps({**json.loads((base_folder / "params.json").read_text()),
+                                                        **change}))
+        with pytest.raises(ValueError, match=f"params.json: {re.escape(message)}"):
+            adapter.load(folder, device="cpu")
+    assert adapter.load(tmp_path / "max_seq_len", device="cpu", max_seq_len=64).args.max_seq_len == 64
+
     folder = broken_copy("extra_tensor")
     state = torch.load(folder / "consolidated.00.pth", weights_only=True)
     state["layers.9.attention.wq.weight"] = torch.ones(64, 64)

@@ -95,6 +95,8 @@ def test_inspect_and_the_app_engine_see_a_lora(meta, tmp_path):
     (lambda c: c.update(modules_to_save=["lm_head"]), "modules_to_save=['lm_head'] is not supported"),
     (lambda c: c.update(bias="all"), "bias='all' is not supported"),
     (lambda c: c.update(lora_alpha=0), "lora_alpha must be a positive number, got 0"),
+    (lambda c: c.update(lora_alpha=float("nan")), "lora_alpha must be a positive number, got nan"),  # logits NaN
+    (lambda c: c.update(use_rslora="no"), "use_rslora must be true or false, got 'no'"),  # read as true
     (lambda c: c.update(alpha_pattern={"q_proj": "16"}), "alpha_pattern['q_proj'] must be a positive number, got '16'"),
     (lambda c: c.update(alpha_pattern={"q_proj(": 16}), "alpha_pattern: 'q_proj(' is not a module pattern"),
     # patterns that backtrack for hours over a module's name (an upload held the server) are not run
@@ -108,6 +110,18 @@ def test_lora_variants_that_compute_something_else_are_refused(meta, tmp_path, c
     change(config)
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{config_path}: {re.escape(message)}"):
+        adapter.load(meta, adapter=tmp_path / "lora", device="cpu")
+
+
+def test_a_lora_of_rank_0_is_refused(meta, tmp_path):
+    """Rank-0 lora_A/lora_B divided lora_alpha by zero (a ZeroDivisionError traceback)."""
+    from safetensors.torch import load_file, save_file
+
+    peft_lora(meta, tmp_path / "lora", target_modules=["q_proj"])
+    weights = tmp_path / "lora" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({name: t[:0] if "lora_A" in name else t[:, :0] for name, t in tensors.items()}, weights)
+    with pytest.raises(ValueError, match=r"lora_A \(0, 64\) and lora_B \(64, 0\) are not matrices of rank 1 or more"):
         adapter.load(meta, adapter=tmp_path / "lora", device="cpu")
 
 

@@ -78,13 +78,15 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
                              "attention and MLP linears)")
     for name in ("lora_alpha", "r"):
         value = config.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if not _positive(value):
             raise ValueError(f"{path}: {name} must be a positive number, got {value!r}")
+    if not isinstance(config.get("use_rslora", False), bool):  # "no" would read as true
+        raise ValueError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
     for name in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(name) or {}, dict):
             raise ValueError(f"{path}: {name} must be an object of module pattern -> value, got {config[name]!r}")
         for key, value in (config.get(name) or {}).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if not _positive(value):
                 raise ValueError(f"{path}: {name}[{key!r}] must be a positive number, got {value!r}")
             try:
                 re.compile(key)
@@ -124,11 +126,19 @@ def _pairs(path: Path, state: dict) -> dict[tuple[str, int, str], tuple[torch.Te
             lacking = ({"A", "B"} - set(parts)).pop()
             raise ValueError(f"{path}: {module_name}.lora_{lacking}.weight is missing")
         a, b = parts["A"], parts["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] == 0:
+            raise ValueError(f"{path}: {module_name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
+                             "matrices of rank 1 or more")
         if b.shape[1] != a.shape[0]:
             raise ValueError(f"{path}: {module_name}: lora_B {tuple(b.shape)} does not follow lora_A "
                              f"{tuple(a.shape)} (their rank differs)")
         pairs[(module_name, layer, module)] = (a, b)
     return pairs
+
+
+def _positive(value: Any) -> bool:
+    """A finite number above 0 (NaN and infinity made every logit NaN)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
 
 
 def _scaling(config: dict[str, Any], module_name: str, rank: int) -> float:
