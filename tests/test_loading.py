@@ -47,6 +47,27 @@ def test_model_parallel_shards_are_merged(base_folder, sharded_base_folder):
     assert torch.equal(logits(one), logits(two))
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update({"layers.0.attention.wq.weight": torch.zeros(32, 32)}),
+     r"consolidated.01.pth: layers.0.attention.wq.weight is \(32, 32\) torch.float32, which does not go with "
+     r"consolidated.00.pth's \(32, 64\) torch.float32"),  # torch.cat's "Sizes of tensors must match"
+    (lambda s: s.update({"layers.0.attention.wq.weight": s["layers.0.attention.wq.weight"].to(torch.int32)}),
+     r"consolidated.01.pth: layers.0.attention.wq.weight is \(32, 64\) torch.int32"),  # was cast to float
+    (lambda s: s.update({"norm.weight": s["norm.weight"] + 1}),
+     r"consolidated.01.pth: norm.weight differs from consolidated.00.pth's, which every shard holds alike"),
+    (lambda s: s.update({"norm.weight": [1.0] * 64}),
+     r"consolidated.01.pth: entries that are not named tensors: \['norm.weight'\]"),  # an AttributeError
+])
+def test_shards_that_do_not_go_together_are_refused_by_name(sharded_base_folder, tmp_path, change, message):
+    folder = tmp_path / "sharded"
+    shutil.copytree(sharded_base_folder, folder)
+    state = torch.load(folder / "consolidated.01.pth", weights_only=True)
+    change(state)
+    torch.save(state, folder / "consolidated.01.pth")
+    with pytest.raises(ValueError, match=message):
+        adapter.load(folder, device="cpu")
+
+
 def test_dtype_argument(base_folder):
     model = adapter.load(base_folder, device="cpu", dtype="bfloat16")
     assert model.tok_embeddings.weight.dtype == torch.bfloat16

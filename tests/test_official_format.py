@@ -284,6 +284,18 @@ def test_bad_official_files_get_clear_errors(base_folder, tmp_path):
     refused({"something": rand(2)}, "unknown adapter format")
     refused(good, r"its name says a prompt length of 0 \(len0\)", "llama_adapter_len0_layer30.pth")
     refused({**good, "layers.3.attention.gate": rand(1, 3, 1, 1)}, r"layers.3.attention.gate has shape \(1, 3, 1, 1\), expected \(1, 4, 1, 1\)")
+    # a number key, a list or an integer tensor were TypeError/AttributeError tracebacks, or cast to float
+    refused({**good, 5: rand(2)}, r"entries that are not named floating-point tensors: \['5'\]")
+    refused({0: rand(2)}, "unknown adapter format")  # the litgpt check met a number key
+    refused({**good, "adapter_query.weight": [1.0, 2.0]},
+            r"not named floating-point tensors: \['adapter_query.weight'\]")
+    refused({**good, "adapter_query.weight": torch.ones(10, DIM, dtype=torch.int64)},
+            "not named floating-point tensors")
+    v2 = v2_state(base_folder)
+    refused({**v2, "config": [1]}, "config: expected a dict of settings, got list")
+    refused({**v2, "model": {**v2["model"], "llama.layers.3.attention.new_gate": "x"}},
+            r"not named floating-point tensors: \['llama.layers.3.attention.new_gate'\]")
+    refused({"transformer.h.2.attn.adapter_wte.weight": [1.0]}, "not named floating-point tensors", "lit.pth")
     path = tmp_path / "truncated.pth"
     torch.save(good, path)
     path.write_bytes(path.read_bytes()[:200])

@@ -141,6 +141,20 @@ def torch_load(path: Path) -> object:
                              f"nor its older one; the file starts with {start!r})") from legacy
 
 
+def named_tensors(state: object, path: Path, floating: bool = False) -> dict[str, torch.Tensor]:
+    """`state` as the dict of named tensors a weights file holds (with `floating`, of floating-point tensors: an
+    adapter's, which is learned); ValueError naming the file and its first odd entries otherwise (a number key or a
+    list value reached our readers and torch as a TypeError or AttributeError, an integer tensor was cast)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    odd = sorted(str(key) for key, value in state.items() if not (
+        isinstance(key, str) and isinstance(value, torch.Tensor) and (value.is_floating_point() or not floating)))
+    if odd:
+        kind = "floating-point tensors" if floating else "tensors"
+        raise ValueError(f"{path}: entries that are not named {kind}: {odd[:5]}")
+    return state
+
+
 def _refusal(error: Exception) -> str:
     """torch's reason, less its advice to load with weights_only=False (which would run the file's code)."""
     found = re.search(r"WeightsUnpickler error: (.*?)(\. |\.?$)", str(error), re.MULTILINE)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import ModelArgs, RopeScaling, explicit_head_size
 from ..tokenizer import find_tokenizer
 from .bnb import QuantizedWeight, split_stats, stored_quantization
-from .common import renamed, torch_load
+from .common import named_tensors, renamed, torch_load
 from .meta import read_json
 from .packed import PACKED_METHODS, packed_scheme
 from .window import sliding_window, windowed_args
@@ -122,13 +122,7 @@ class _TorchFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        state = torch_load(path)
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-        odd = sorted(str(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor)))
-        if odd:
-            raise ValueError(f"{path}: entries that are not named tensors: {odd[:5]}")
-        self.state = state
+        self.state = state = named_tensors(torch_load(path), path)
         self.names = set(state)
 
     def get(self, name: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..config import LORA_TARGETS, AdapterArgs
-from .common import LoadedAdapter
+from .common import LoadedAdapter, named_tensors
 from .hf import hf_to_meta_rows
 
 _LAYER_KEY = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
@@ -45,11 +45,12 @@ def _inner(state: object) -> dict | None:
 
 def is_litgpt(state: object) -> bool:
     inner = _inner(state)
-    return bool(inner) and any((m := _LAYER_KEY.match(k)) and m.group(2) == _PROMPT for k in inner)
+    return bool(inner) and any(isinstance(k, str) and (m := _LAYER_KEY.match(k)) and m.group(2) == _PROMPT
+                               for k in inner)
 
 
 def read_litgpt(path: Path, state: object) -> LoadedAdapter:
-    inner = _inner(state) or {}
+    inner = named_tensors(_inner(state) or {}, path, floating=True)
     layers: dict[int, dict[str, torch.Tensor]] = {}
     top: dict[str, torch.Tensor] = {}
     for key, value in inner.items():

@@ -19,7 +19,7 @@ import torch
 from ..config import ModelArgs, RopeScaling, explicit_head_size
 from ..memory import release_file_pages
 from ..tokenizer import find_tokenizer
-from .common import torch_load
+from .common import named_tensors, torch_load
 from .hf import hf_to_meta_rows
 from .litgpt import CONFIG_FILE, sibling_config, split_qkv
 from .window import sliding_window, windowed_args
@@ -62,9 +62,7 @@ class LitGPTCheckpoint:
         state = torch_load(self.weights_path)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
-        if not isinstance(state, dict):
-            raise ValueError(f"{self.weights_path}: expected a dict of tensors, got {type(state).__name__}")
-        self.state = state
+        self.state = state = named_tensors(state, self.weights_path)
         fused = {name for key in state if (m := _LAYER_KEY.match(key)) and (name := m.group(2)) in _QKV}
         if len(fused) != 1:
             raise ValueError(f"{self.weights_path}: expected the fused q|k|v weights under one name "

@@ -13,7 +13,7 @@ import torch
 
 from ..config import ModelArgs
 from ..memory import release_file_pages
-from .common import torch_load
+from .common import named_tensors, torch_load
 from .window import sliding_window, windowed_args
 
 # dimension each tensor is split along across model-parallel shards (None: replicated)
@@ -89,10 +89,7 @@ class MetaCheckpoint(ParamsJson):
             raise FileNotFoundError(f"base: {folder} has params.json but no consolidated.*.pth")
         self.shards = []
         for path in self.paths:
-            shard = torch_load(path)
-            if not isinstance(shard, dict):
-                raise ValueError(f"{path}: expected a dict of tensors, got {type(shard).__name__}")
-            self.shards.append(shard)
+            self.shards.append(named_tensors(torch_load(path), path))
         self.source = str(folder)
         super().__init__(folder)
 
@@ -126,5 +123,12 @@ class MetaCheckpoint(ParamsJson):
             parts.append(shard[name])
         if len(parts) == 1:
             return parts[0]
-        dim = shard_dim(name)
-        return parts[0] if dim is None else torch.cat(parts, dim=dim)
+        dim, first = shard_dim(name), parts[0]
+        for path, part in zip(self.paths[1:], parts[1:]):  # torch.cat named neither, or cast an integer shard
+            if part.dtype != first.dtype or part.dim() != first.dim() or \
+                    any(a != b for i, (a, b) in enumerate(zip(part.shape, first.shape)) if i != dim):
+                raise ValueError(f"{path}: {name} is {tuple(part.shape)} {part.dtype}, which does not go with "
+                                 f"{self.paths[0].name}'s {tuple(first.shape)} {first.dtype}")
+            if dim is None and not torch.equal(part, first):
+                raise ValueError(f"{path}: {name} differs from {self.paths[0].name}'s, which every shard holds alike")
+        return first if dim is None else torch.cat(parts, dim=dim)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import BIAS_TARGETS, LORA_TARGETS, AdapterArgs
-from .common import LoadedAdapter, atomic_write, torch_load
+from .common import LoadedAdapter, atomic_write, named_tensors, torch_load
 
 if TYPE_CHECKING:
     from ..model import Transformer
@@ -59,10 +59,11 @@ def read_official(path: Path, state: dict | None = None) -> LoadedAdapter:
     if not is_official(path, state):
         raise ValueError(f"{path}: not an official LLaMA-Adapter file (no adapter_query.weight)")
     if "model" in state:
-        if "adapter_query.weight" not in state["model"]:
-            return _read_dialog(path, state["model"])
-        return _read_v2(path, state["model"], state.get("config") or {})
-    return _read_v1(path, state)
+        model, config = named_tensors(state["model"], path, floating=True), state.get("config") or {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: config: expected a dict of settings, got {type(config).__name__}")
+        return _read_v2(path, model, config) if "adapter_query.weight" in model else _read_dialog(path, model)
+    return _read_v1(path, named_tensors(state, path, floating=True))
 
 
 def _layers_of(keys, source: Path) -> dict[int, dict[str, str]]:

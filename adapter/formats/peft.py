@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import AdapterArgs
-from .common import LoadedAdapter, atomic_write, torch_load
+from .common import LoadedAdapter, atomic_write, named_tensors, torch_load
 from .meta import read_json
 
 if TYPE_CHECKING:
@@ -104,9 +104,7 @@ def read_weights(path: Path) -> dict:
             state = load_file(path)
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    return state
+    return named_tensors(state, path, floating=True)
 
 
 def _split_keys(path: Path, state: dict) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
