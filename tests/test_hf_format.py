@@ -183,6 +183,12 @@ def edit_safetensors(folder: Path, **changes) -> None:
     save_file(state, folder / "model.safetensors")
 
 
+def drop_tensor(folder: Path, name: str) -> None:
+    state = load_file(folder / "model.safetensors")
+    del state[name]
+    save_file(state, folder / "model.safetensors")
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -217,6 +223,12 @@ BAD_CASES: dict[str, tuple[str, Callable[[Path], None], type[Exception], str, st
                        ValueError, "unexpected tensor model.layers.0.self_attn.q_proj.bias", "model.safetensors"),
     "lm_head shape": ("safetensors", lambda f: edit_safetensors(f, **{"lm_head.weight": torch.zeros(3, 64)}),
                       ValueError, r"output.weight has shape \(3, 64\), expected \(512, 64\)", ""),
+    # the embeddings answered as the head: other logits, without a word
+    "no lm_head, untied": ("safetensors", lambda f: drop_tensor(f, "lm_head.weight"), ValueError,
+                           "missing tensor lm_head.weight \\(config.json says tie_word_embeddings: false\\)", ""),
+    # a text "false" read as true: the stored lm_head ignored
+    "tie as text": ("safetensors", lambda f: edit_config(f, tie_word_embeddings="false"), ValueError,
+                    "tie_word_embeddings must be true or false, got 'false'", "config.json"),
 }
 
 

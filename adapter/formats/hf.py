@@ -258,7 +258,10 @@ class HFCheckpoint:
                             "attention.wk.weight": self._params.get("n_kv_heads") or n_heads}
         files = [ListedFile(folder / name, names) for name, names in sorted(listed.items())] if listed else \
             _open_weights(folder, (settings or {}).get("model_file_base_name") if self.packing else None)
-        self._where = self._map_names(files, bool(config.get("tie_word_embeddings")))
+        tied = config.get("tie_word_embeddings")
+        if tied not in (None, True, False):  # "false" read as true: a stored lm_head ignored
+            raise ValueError(f"{self.config_path}: tie_word_embeddings must be true or false, got {tied!r}")
+        self._where = self._map_names(files, tied)
         self._stats = self._map_stats(files)
         embeddings = self._where.get("tok_embeddings.weight")
         self.tied_output = embeddings is not None and self._where.get("output.weight") == embeddings
@@ -267,9 +270,9 @@ class HFCheckpoint:
         """The plain tensor names, and the parts of each stored-quantized weight by that weight's name."""
         return self.packing.split(names) if self.packing else split_stats(names)
 
-    def _map_names(self, files: list[_WeightFile], tied: bool) -> dict[str, tuple[_WeightFile, str]]:
-        """Meta name -> (file, HF name); tied or absent lm_head reads the embeddings. A packed linear's weight is
-        named as if it were stored (its parts may be in several shards)."""
+    def _map_names(self, files: list[_WeightFile], tied: bool | None) -> dict[str, tuple[_WeightFile, str]]:
+        """Meta name -> (file, HF name); a tied lm_head (or an absent one, the config silent) reads the
+        embeddings. A packed linear's weight is named as if it were stored (its parts may be in several shards)."""
         where: dict[str, tuple[_WeightFile, str]] = {}
         for file in files:
             plain, owned = self._split(file.names)
@@ -286,6 +289,9 @@ class HFCheckpoint:
                     raise ValueError(f"{file.path}: tensor {hf_name} is also in {where[name][0].path}")
                 where[name] = (file, hf_name)
         if "output.weight" not in where and "tok_embeddings.weight" in where:
+            if tied is False:  # the embeddings would answer as the head, silently other logits
+                raise ValueError(f"{self.source}: missing tensor lm_head.weight ({self.config_path.name} says "
+                                 "tie_word_embeddings: false)")
             where["output.weight"] = where["tok_embeddings.weight"]
         return where
 
