@@ -100,6 +100,13 @@ def test_json_list_records_are_reported_by_index(tmp_path):
     assert f"{data} [index 2]: expected a JSON object, got a string" in str(caught.value)
     with pytest.raises(DataError, match="not valid JSON"):
         read_records(write_jsonl(tmp_path / "broken.json", ['[{"instruction": ']))
+    # Python's own limits on JSON were a raw RecursionError, or a message naming neither file nor record
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep.json is not valid JSON \(nested too deeply\)"):
+        read_records(tmp_path / "deep.json")
+    (tmp_path / "digits.jsonl").write_text('{"instruction": "a", "output": ' + "9" * 5000 + "}\n")
+    with pytest.raises(DataError, match=r"digits.jsonl:1: not valid JSON \(Exceeds the limit \(4300 digits\)"):
+        read_records(tmp_path / "digits.jsonl")
 
 
 def test_llava_conversations_become_chat_examples_with_their_image(tmp_path):

@@ -220,8 +220,8 @@ def _entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str |
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{flag}: {path} is not valid JSON ({error})") from error
+        except (ValueError, RecursionError) as error:  # besides bad JSON: a 5,000-digit number, deep nesting
+            raise DataError(f"{flag}: {path} is not valid JSON ({_json_problem(error, in_line=False)})") from error
         if not isinstance(values, list):
             raise DataError(f"{flag}: {path} must hold a JSON list of records")
         for index, value in enumerate(values):
@@ -232,10 +232,19 @@ def _entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str |
             continue
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as error:
-            yield f"{path}:{number}", None, f"not valid JSON ({error.msg} at column {error.colno})"
+        except (ValueError, RecursionError) as error:
+            yield f"{path}:{number}", None, f"not valid JSON ({_json_problem(error)})"
         else:
             yield f"{path}:{number}", value, not_text(value)
+
+
+def _json_problem(error: Exception, in_line: bool = True) -> str:
+    """What json.loads found wrong, in a few words (`in_line`: of one line, so where is its column)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at column {error.colno}" if in_line else str(error)
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0]  # Python's cap on the digits of a number
 
 
 def not_text(value: Any, where: str = "") -> str | None:
