@@ -220,8 +220,13 @@ def remove_key(key: str):
     (dict(metadata=lambda writer: (writer.kv_data[0].pop("tokenizer.ggml.model"), writer.add_tokenizer_model("bert"))),
      "tokenizer.ggml.model 'bert' is not supported"),
     (dict(metadata=remove_key("tokenizer.ggml.eos_token_id")), "tokenizer.ggml.eos_token_id is None, not a token id"),
+    # these read as partial rotary embeddings ("rope.dimension_count is 16 but heads are 64 wide")
+    (dict(metadata=lambda writer: (writer.kv_data[0].pop("llama.attention.head_count"),
+                                   writer.add_head_count(0))), "llama.attention.head_count must be a positive integer"),
+    (dict(metadata=lambda writer: writer.add_string("llama.attention.key_length", "16")),
+     "llama.attention.key_length must be a positive integer, got '16'"),
 ], ids=["architecture", "experts", "no-block-count", "partial-rotary", "yarn", "bias", "missing-tensor",
-        "tokenizer-model", "no-eos"])
+        "tokenizer-model", "no-eos", "no-heads", "width-as-text"])
 def test_what_cannot_be_read_is_refused_naming_the_file_and_the_key(meta, tmp_path, options, message):
     path = spm_gguf(meta, tmp_path / "bad.gguf", **options)
     with pytest.raises(ValueError, match=message) as error:

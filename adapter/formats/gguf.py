@@ -166,10 +166,14 @@ class GGUFCheckpoint:
         params.update({field: value for key, field in _OPTIONAL.items() if (value := self._key(key)) is not None})
         for field in ("n_heads", "n_kv_heads", "ffn_dim"):
             params[field] = self._one_per_model(field, params.get(field))
-        head_dim = self._key("attention.key_length")
+        head_dim, rotary = self._key("attention.key_length"), self._key("rope.dimension_count")
+        for key, value in (("attention.head_count", params["n_heads"]), ("attention.key_length", head_dim),
+                           ("rope.dimension_count", rotary)):  # else read as partial rotary embeddings
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{self.source}: {self.architecture}.{key} must be a positive integer, got "
+                                 f"{value!r}")
         params.update(explicit_head_size(head_dim, params["dim"], params["n_heads"]))
-        rotary = self._key("rope.dimension_count")
-        width = head_dim or params["dim"] // max(int(params["n_heads"] or 1), 1)
+        width = head_dim or params["dim"] // params["n_heads"]
         if rotary is not None and rotary != width:
             raise ValueError(f"{self.source}: {self.architecture}.rope.dimension_count is {rotary} but heads are "
                              f"{width} wide: partial rotary embeddings are not supported")
