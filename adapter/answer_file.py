@@ -135,25 +135,16 @@ def answer_questions(
     (max_new_tokens, temperature, top_p, top_k, the penalties, seed, delta_scale, compile);
     `progress(done, total)` is told after each batch, and `on_answers` that batch's answers by question index.
     `answered`: answers kept from an earlier run (question index -> one per scale), not asked again."""
-    tokenizer = require_tokenizer(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be a whole number >= 1, got {batch_size!r}")
     scales = list(gate_scales)
     if not scales:
         raise ValueError("gate_scales: give at least one")
-    written = prompt_writer(model, template, None)
-    prompts = _written(model, questions, template, written, system)
-    stops = [*stop, *(written.stop_strings if written is not None else ())]
-    sees = can_see(model)
     answered = answered or {}
-    left = [index for index in range(len(questions)) if index not in answered]
-    lengths = {index: len(tokenizer.encode(prompts[index], bos=True)) for index in left}
-    limit = model.args.max_seq_len
-    too_long = [f"{questions[index].location}: {lengths[index]} tokens as asked" for index in left
-                if lengths[index] >= limit]  # each needs room for one answer token
-    if too_long:
-        raise ValueError(f"{len(too_long)} question(s) do not fit this model's context of {limit} tokens (room for "
-                         "an answer left); shorten them:\n  " + "\n  ".join(too_long))
+    prompts, lengths, stops = checked_prompts(model, questions, template, system, answered)
+    stops = [*stop, *stops]
+    sees = can_see(model)
+    left, limit = list(lengths), model.args.max_seq_len
     answers: list[list[str]] = [list(answered.get(index, ())) for index in range(len(questions))]
     done = 0
     room = options.get("max_new_tokens", GenerationRequest.max_new_tokens)
@@ -172,6 +163,26 @@ def answer_questions(
         if progress is not None:
             progress(done, len(left))
     return answers
+
+
+def checked_prompts(model: Transformer, questions: Sequence[Question], template: str | None = "auto",
+                    system: str | None = None, answered: Mapping[int, list[str]] | None = None,
+                    ) -> tuple[list[str], dict[int, int], tuple[str, ...]]:
+    """Every question written in `template` for `model` and checked to leave room for an answer: (prompts, the
+    token count of each not yet `answered`, the format's stop strings); a ValueError naming every question at
+    fault, before anything is decoded (callers with several models check them all first)."""
+    tokenizer = require_tokenizer(model)
+    written = prompt_writer(model, template, None)
+    prompts = _written(model, questions, template, written, system)
+    lengths = {index: len(tokenizer.encode(prompts[index], bos=True)) for index in range(len(questions))
+               if index not in (answered or {})}
+    limit = model.args.max_seq_len
+    too_long = [f"{questions[index].location}: {length} tokens as asked" for index, length in lengths.items()
+                if length >= limit]  # each needs room for one answer token
+    if too_long:
+        raise ValueError(f"{len(too_long)} question(s) do not fit this model's context of {limit} tokens (room for "
+                         "an answer left); shorten them:\n  " + "\n  ".join(too_long))
+    return prompts, lengths, written.stop_strings if written is not None else ()
 
 
 def can_see(model: Transformer) -> bool:

@@ -506,8 +506,16 @@ def answer_file(models: Sequence["Transformer"], names: Sequence[str | None], la
                 questions: list, scales: list[float], args: argparse.Namespace, options: dict[str, Any]) -> None:
     """Every question of --prompts-file answered by each model at each gate scale, written to --out; the answers
     so far kept in OUT.partial, from which the same command goes on after an interruption."""
-    from .answer_file import PartialAnswers, answer_questions, can_see, write_answers
+    from .answer_file import PartialAnswers, answer_questions, can_see, checked_prompts, write_answers
 
+    def named(error: ValueError, name: str | None) -> ValueError:
+        return ValueError(f"--adapter {name}: {error}" if name else str(error))
+
+    for model, name in zip(models, names):  # every adapter's questions checked before any is answered
+        try:
+            checked_prompts(model, questions, args.template, args.system)
+        except ValueError as error:
+            raise named(error, name) from None
     partial = PartialAnswers(args.out, answer_settings(args, questions))
     kept, found = partial.load()
     if found:
@@ -535,10 +543,10 @@ def answer_file(models: Sequence["Transformer"], names: Sequence[str | None], la
                     batch_size=args.batch_size, stop=args.stop, progress=progress, layers=chosen, answered=before,
                     on_answers=keep, **options)))
             except ValueError as error:
-                raise ValueError(f"--adapter {name}: {error}" if name else str(error)) from None
+                raise named(error, name) from None
     except KeyboardInterrupt:
-        print(f"interrupted: the answers so far are kept in {partial.path}; the same command goes on from them",
-              file=sys.stderr)
+        print(f"interrupted: the answers so far are kept in {partial.path}; the same command goes on from them"
+              if partial.path.exists() else "interrupted: no question was answered yet", file=sys.stderr)
         raise
     lines = write_answers(args.out, questions, scales, answered, args.gate_layers)
     partial.remove()

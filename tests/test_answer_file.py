@@ -175,6 +175,21 @@ def test_questions_too_long_for_the_context_are_all_named_before_any_is_answered
     assert sorted(path.name for path in tmp_path.iterdir()) == ["q.jsonl"], "no output, no OUT.partial"
 
 
+def test_every_adapters_questions_are_checked_before_any_is_answered(base_folder, questions_file, tmp_path, capsys):
+    """Each adapter's questions were checked in its turn: the first answered every question before the second's
+    refusal (a system prompt its format cannot write), and OUT.partial was left behind."""
+    chat = adapter.load(base_folder, adapter=V2, device="cpu")
+    chat.prompt_format = "llama2"
+    adapter.save_adapter(chat, tmp_path / "llama2")
+    adapter.save_adapter(adapter.load(base_folder, adapter=V2, device="cpu"), tmp_path / "alpaca")
+    out = tmp_path / "out.jsonl"
+    assert main(["--base", str(base_folder), "--adapter", str(tmp_path / "llama2"), str(tmp_path / "alpaca"),
+                 "--prompts-file", str(questions_file), "--out", str(out), "--system", "Be brief."]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --adapter {tmp_path / 'alpaca'}: ") and not re.search(r"answered \d+/", err), err
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
 def test_out_and_prompts_file_go_together(base_folder, tmp_path, capsys):
     assert main(["--base", str(base_folder), "--prompts-file", str(tmp_path / "q.json")]) == 2
     assert capsys.readouterr().err == "error: --out: give the file --prompts-file's answers are written to\n"
