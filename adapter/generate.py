@@ -414,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .loading import load_many
     from .next_token import MAX_TOP_K
+    from .tiny.assets import default_adapter
 
     try:
         sweep = None if args.gate_sweep is None else scales_from_text(args.gate_sweep, "--gate-sweep")
@@ -434,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"{flag}: only with --prompts-file")
         if args.out is not None:
             check_file_target(args.out, "--out: ")  # before the answers, not after
-        names = args.adapter or [None]
+        names = args.adapter or [default_adapter(args.base)]  # as an answer file records it (tiny: tiny-text)
         models = load_many(args.base, names, clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)

@@ -322,6 +322,17 @@ def test_image_questions_see_their_picture_and_a_blind_adapter_is_told_of(tmp_pa
             "question(s) from their text alone") in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not tiny_available(), reason="assets/tiny not built yet")
+def test_the_tiny_bases_own_adapter_is_named_in_the_answers(tmp_path):
+    """`--base tiny` alone answers with tiny-text, which each line recorded as "adapter": null."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps("Which colour is the red circle?") + "\n")
+    out = tmp_path / "a.jsonl"
+    assert main(["--base", "tiny", "--prompts-file", str(questions), "--out", str(out), "--gate-sweep", "0,1",
+                 "--max-new-tokens", "4"]) == 0
+    assert [json.loads(line)["adapter"] for line in out.read_text().splitlines()] == ["tiny-text", "tiny-text"]
+
+
 def test_a_short_question_is_not_batched_where_a_long_one_would_cut_its_answer(base_folder, tmp_path):
     """A batch pads to its longest prompt, which the context then holds for every row: beside a long question, a
     short one's answer ran out of context sooner than alone."""

@@ -48,6 +48,11 @@ def resolve(base: PathLike, adapter: object, clip: PathLike | None, clip_model: 
     return base, adapter, clip, clip_model
 
 
+def default_adapter(base: PathLike) -> str | None:
+    """The adapter a base is served with when none is named: the embedded base's text adapter, else none."""
+    return TEXT_NAME if _named(base, BASE_NAME) else None
+
+
 def base_name(base: PathLike, root: Path = ASSETS) -> str:
     """The embedded base as `tiny` where `base` is its shipped folder (a loaded model records the folder); any other
     base as given."""
