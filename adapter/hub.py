@@ -158,9 +158,14 @@ def hub_failures(what: str, failed: str, advice: str) -> Iterator[None]:
     except ValueError as error:
         if str(error).startswith(f"{what}: "):
             raise
-        raise ValueError(f"{what}: {failed} ({type(error).__name__}: {error}); {advice}") from error
+        raise ValueError(f"{what}: {failed} ({_one_line(error)}); {advice}") from error
     except Exception as error:
-        raise ValueError(f"{what}: {failed} ({type(error).__name__}: {error}); {advice}") from error
+        raise ValueError(f"{what}: {failed} ({_one_line(error)}); {advice}") from error
+
+
+def _one_line(error: Exception) -> str:
+    """An error as one line (huggingface_hub's messages run over several: the command's error is one line)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def repo_of(value: str) -> str:

@@ -351,6 +351,18 @@ def test_a_hub_revision_is_fetched_at_that_branch_tag_or_commit(base_folder, mon
         resolve("hf:owner/name/weights.bin", "base")
 
 
+def test_a_hub_failure_is_one_line():
+    """huggingface_hub's LocalEntryNotFoundError runs over three lines, which the commands printed as their
+    one-line error."""
+    from adapter.hub import hub_failures
+
+    with pytest.raises(ValueError) as error:
+        with hub_failures("base", "could not get o/m", "download it yourself"):
+            raise OSError("Got: ConnectError\nAn error happened while trying to locate the files.\n  Check it.")
+    assert str(error.value) == ("base: could not get o/m (OSError: Got: ConnectError An error happened while trying "
+                                "to locate the files. Check it.); download it yourself")
+
+
 def test_hub_ids_need_the_explicit_prefix_and_fail_clearly_offline(base_folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # belt and braces: this test must never reach the network
     with pytest.raises(FileNotFoundError, match="base: meta-llama/none does not exist"):
