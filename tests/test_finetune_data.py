@@ -252,6 +252,14 @@ def test_bad_settings_name_the_flag(overrides, message):
         TrainConfig(base="b", data="d", out="o", **overrides)
 
 
+def test_the_default_warm_up_fits_any_number_of_epochs():
+    """Two epochs of warm-up by default refused `--epochs 1` (and the README's own example with epochs=1)."""
+    assert TrainConfig(base="b", data="d", out="o", epochs=1).warmup_epochs == 1.0
+    assert TrainConfig(base="b", data="d", out="o").warmup_epochs == 2.0
+    with pytest.raises(ValueError, match="--warmup-epochs: must be between 0 and --epochs 1, got 2"):
+        TrainConfig(base="b", data="d", out="o", epochs=1, warmup_epochs=2)
+
+
 def test_an_out_that_is_a_file_is_named(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"^--out: .*notes\.txt is a file; name a folder for the run$"):

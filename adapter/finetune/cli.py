@@ -21,7 +21,7 @@ from pathlib import Path
 from ..config import VISUAL_PROMPT_KINDS
 from ..formats import BASE_HELP
 from ..prompts import PROMPT_FORMATS
-from .config import AUTOCASTS, DEFAULT_MAX_SEQ_LEN, EXPORTS, MODES, TrainConfig
+from .config import AUTOCASTS, DEFAULT_MAX_SEQ_LEN, DEFAULT_WARMUP_EPOCHS, EXPORTS, MODES, TrainConfig
 from .records import DATA_HELP
 
 DEFAULTS = TrainConfig(base="", data="", out="")  # the defaults, in one place
@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "v0.3's), v2-dialog (the official V2 dialog demo's), for a base tuned to that chat; saved "
                         "with the adapter, which is then asked in it")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help=f"epochs of linear warm-up (default {DEFAULT_WARMUP_EPOCHS:g}, or every epoch where there "
+                        "are fewer)")
     p.add_argument("--blr", type=float, default=d.blr, help="base lr; lr = blr * batch-size / 256")
     p.add_argument("--lr", type=float, help="absolute peak lr (overrides --blr)")
     p.add_argument("--visual-lr", type=float,

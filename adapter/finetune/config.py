@@ -21,6 +21,7 @@ AUTOCASTS = ("auto", "bf16", "off")  # auto: bf16 on GPU, the model's own dtype 
 EXPORTS = ("peft", "official-v1")
 # settings that may change between an interrupted run and its --resume without changing what it computes
 # (the data file may move: its content is checked by hash)
+DEFAULT_WARMUP_EPOCHS = 2.0  # of linear warm-up, where --warmup-epochs is not given (--epochs 1: that one)
 DEFAULT_MAX_SEQ_LEN = 512  # tokens an example is cut to where --max-seq-len is not given (and the base holds them)
 RESUMABLE_CHANGES = ("data", "out", "resume", "max_steps", "save_every", "val_every", "export", "progress",
                      "device", "gradient_checkpointing", "keep_best", "early_stop")
@@ -59,7 +60,7 @@ class TrainConfig:
     init_adapter: str | None = None  # start from this adapter (any format), its shape and all, not a fresh one
     prompt_format: str = "alpaca"  # how the examples are written (adapter.prompts); saved with the adapter
     epochs: int = 5
-    warmup_epochs: float = 2.0
+    warmup_epochs: float | None = None  # None: DEFAULT_WARMUP_EPOCHS, or every epoch where there are fewer
     blr: float = 9e-3
     lr: float | None = None
     visual_lr: float | None = None  # --mode vision: the visual prompt's peak lr (default: the same as the rest)
@@ -122,6 +123,8 @@ class TrainConfig:
                  "must be at least 2 (one token and its successor)")
         _require(self.batch_size % self.micro_batch_size == 0, "--batch-size",
                  f"{self.batch_size} is not a multiple of --micro-batch-size {self.micro_batch_size}")
+        if self.warmup_epochs is None:  # the default fits any --epochs (2 of --epochs 1 was refused)
+            object.__setattr__(self, "warmup_epochs", min(DEFAULT_WARMUP_EPOCHS, float(self.epochs)))
         _require(0 <= self.warmup_epochs <= self.epochs, "--warmup-epochs",
                  f"must be between 0 and --epochs {self.epochs}, got {self.warmup_epochs}")
         for flag in ("blr", "min_lr", "weight_decay", "clip_grad"):
