@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -420,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = None if args.gate_sweep is None else scales_from_text(args.gate_sweep, "--gate-sweep")
         if sweep == []:
             raise ValueError("--gate-sweep: give at least one gate scale, e.g. '0,0.5,1'")
+        for flag, scales in (("--gate-sweep", sweep or []), ("--gate-scale", [args.gate_scale])):
+            if not all(math.isfinite(scale) and scale >= 0 for scale in scales):  # before the model loads
+                raise ValueError(f"{flag}: give finite gate scales >= 0 (0 = the frozen base), got "
+                                 f"{', '.join(f'{scale:g}' for scale in scales)}")
         for flag, value in (("--gate-sweep", args.gate_sweep), ("--next-tokens", args.next_tokens),
                             ("--prompts-file", args.prompts_file)):
             if args.layer_sweep and value is not None:

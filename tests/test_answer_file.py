@@ -149,6 +149,9 @@ def test_bad_questions_are_all_named_and_nothing_is_written(tmp_path):
     (["--input", "x"], r"--input: not with --prompts-file \(give it per question in the file\)"),
     (["--next-tokens", "3"], "--next-tokens: not with --prompts-file"),
     (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    # answered (and recorded as gate_scale -1) where evaluate and the app refuse them
+    (["--gate-sweep", "0,-1"], r"--gate-sweep: give finite gate scales >= 0 \(0 = the frozen base\), got 0, -1"),
+    (["--gate-scale", "nan"], r"--gate-scale: give finite gate scales >= 0 \(0 = the frozen base\), got nan"),
     (["--system", "Be brief."], r"1 question\(s\) cannot be written in template 'auto, alpaca', none answered:\n"
                                 r"  .*q.json \[index 0\]: system: the alpaca prompt format has no system prompt"),
 ])
