@@ -188,6 +188,12 @@ def test_tiny_held_out_writes_the_questions_eval_asks_as_training_records(tmp_pa
     assert example.prompt == adapter.image_question(held_out("image", seed=0, per_category=1)[0].question)
     assert tiny_main(["held-out", "text", str(tmp_path / "none.jsonl"), "--per-category", "0"]) == 2
     assert "--per-category: must be at least 1, got 0" in capsys.readouterr().err
+    # OUT without a suffix was the pictures' folder too: filled with pictures, then refused as a folder
+    for choices in ([], ["--choices"]):
+        assert tiny_main(["held-out", "image", str(tmp_path / "nosuffix"), "--per-category", "1", *choices]) == 2
+        assert capsys.readouterr().err == (f"error: out: name a file such as {tmp_path / 'nosuffix'}.jsonl (the "
+                                           f"pictures go in {tmp_path / 'nosuffix'}/ beside it)\n")
+        assert not (tmp_path / "nosuffix").exists()
 
 
 def test_a_validation_file_is_scored_as_evaluate_scores_it(base_folder, tmp_path):

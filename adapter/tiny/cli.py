@@ -110,9 +110,11 @@ def write_held_out(options: argparse.Namespace, recipe: Recipe) -> None:
     per_category = recipe.eval_per_category if options.per_category is None else options.per_category
     if per_category < 1:
         raise ValueError(f"--per-category: must be at least 1, got {per_category}")
+    pictures = options.out.with_suffix("") if options.kind == "image" else None  # a folder beside OUT
+    if pictures == options.out:  # the pictures went into OUT itself, which then could not be written
+        raise ValueError(f"out: name a file such as {options.out}.jsonl (the pictures go in {options.out}/ beside it)")
     questions = held_out(options.kind, recipe.seed, per_category)
     if options.choices:
-        pictures = options.out.with_suffix("") if options.kind == "image" else None
         count = write_choice_records(questions, options.out, pictures)
         print(f"wrote {count} multiple-choice questions ({', '.join(CHOICES)}) to {options.out}; score them with "
               "python -m adapter.evaluate --choices" + (f" --image-folder {pictures}" if pictures else ""))
@@ -120,7 +122,6 @@ def write_held_out(options: argparse.Namespace, recipe: Recipe) -> None:
         write_text_records(questions, options.out)
         print(f"wrote {len(questions)} text questions to {options.out}")
     else:
-        pictures = options.out.with_suffix("")
         write_image_records(questions, options.out, pictures)
         print(f"wrote {len(questions)} image questions to {options.out}; pass --image-folder {pictures}")
 
