@@ -204,11 +204,14 @@ def _written(model: Transformer, questions: Sequence[Question], template: str | 
             else:  # as fine-tuning writes a conversation's turns
                 prompts.append(written.chat(list(question.history), question.instruction, question.system or system))
         except ValueError as error:
-            problems.append(f"{question.location}: {error}")
+            problems.append((question.location, str(error)))
     if problems:
         named = f"auto, {model.prompt_format}" if template == "auto" else template
+        reasons = {reason for _, reason in problems}
+        listed = [f"every one: {reasons.pop()}"] if len(problems) > 1 and len(reasons) == 1 else \
+            [f"{location}: {reason}" for location, reason in problems]  # (a --system the format has no place for)
         raise DataError(f"{len(problems)} question(s) cannot be written in template {named!r}, none answered:\n  "
-                        + "\n  ".join(problems))
+                        + "\n  ".join(listed))
     return prompts
 
 

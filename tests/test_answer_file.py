@@ -88,7 +88,8 @@ def test_a_llava_record_asks_its_last_human_turn_after_the_turns_before_it(model
     expected = [generate(model, adapter.chat(list(q.history), q.instruction), stop=STOP_STRINGS, **GREEDY)
                 for q in questions]
     assert [row[0] for row in answers] == expected and expected[2] == one_at_a_time(model, "Name a colour.", 1.0)
-    with pytest.raises(DataError, match=r"llava.jsonl:1: a conversation needs a prompt format to be written in"):
+    with pytest.raises(DataError, match=r"3 question\(s\) cannot be written in template 'none', none answered:\n"
+                                        r"  every one: a conversation needs a prompt format to be written in"):
         answer_questions(model, questions, template="none")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "x", "conversations": chat}) + "\n"
@@ -190,6 +191,10 @@ def test_every_adapters_questions_are_checked_before_any_is_answered(base_folder
                  "--prompts-file", str(questions_file), "--out", str(out), "--system", "Be brief."]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --adapter {tmp_path / 'alpaca'}: ") and not re.search(r"answered \d+/", err), err
+    # one reason for every question is said once (it was a line per question, the same each time)
+    assert err.splitlines()[1:] == ["  every one: system: the alpaca prompt format has no system prompt (its header is "
+                                    "fixed); a system prompt needs a chat format (llama2, llama3, llama3.1, llama3.2, "
+                                    "mistral, mistral-v3, v2-dialog)"], err
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
