@@ -109,6 +109,9 @@ class Conversation:
         if Path(path).suffix != ".jsonl":
             raise ValueError(f"/save: name a .jsonl file (a record a line, each /save appending one), got {path!r}")
         turns = [(question, answer) for question, answer in self.history if answer]
+        if not turns and self.image_history:  # "no answered question" while a picture's questions were answered
+            raise ValueError("/save: saves the chat, not a picture's questions (a chat record holds no picture); "
+                             "/image alone goes back to the chat")
         record = conversation_record(turns, self.settings.system)
         try:
             with open(path, "a", encoding="utf-8") as file:

@@ -56,7 +56,7 @@ def test_next_shows_the_first_tokens_likelihood_at_gate_0_and_the_gate_set(capsy
     assert err == "error: /next: give the question, e.g. '/next What colour is the star?'\n"
 
 
-def test_a_picture_is_asked_about_until_it_is_put_away(capsys):
+def test_a_picture_is_asked_about_until_it_is_put_away(capsys, tmp_path):
     example = json.loads((TINY_FOLDER / "examples" / "examples.json").read_text())["image"][3]
     picture = TINY_FOLDER / "examples" / example["image"]
     follow_up = "What shape is it?"
@@ -69,6 +69,10 @@ def test_a_picture_is_asked_about_until_it_is_put_away(capsys):
     assert code == 0 and err == "" and in_turn != alone  # a conversation until another picture is shown
     assert out == [f"asking about {picture}", example["answer"], in_turn, f"asking about {picture}", alone,
                    "back to the chat", f"asking about {picture}"]
+    code, out, err = chat([f"/image {picture}", example["question"], f"/save {tmp_path / 'c.jsonl'}"], capsys,
+                          "--adapter", "tiny-image")
+    assert err == ("error: /save: saves the chat, not a picture's questions (a chat record holds no picture); /image "
+                   "alone goes back to the chat\n")  # it said "no answered question to save yet"
     code, out, err = chat([f"/image {picture}", "/image nowhere.png"], capsys)  # the text adapter cannot see
     blind = "error: /image: this adapter cannot see images (it needs a visual prompt and --clip)"
     assert err.splitlines() == [blind] * 2
