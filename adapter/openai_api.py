@@ -324,8 +324,6 @@ def options(body: dict) -> dict[str, Any]:
 def refused(error: ValueError, default_param: str, body: dict) -> RequestError:
     """An engine's ValueError as a refusal naming the request field at fault, by the name the request gave it (its
     message starts with the setting; anything else is `default_param`'s)."""
-    if isinstance(error, RequestError):
-        return error
     field, _, rest = str(error).partition(":")
     theirs = [name for name, ours in SETTING_FIELDS.items() if ours == field]
     if not theirs:
