@@ -1,6 +1,7 @@
 """Stopping a command that writes a new folder whole (merge, quantize_base): SIGTERM (`timeout`, `docker stop`, a
 CI job cancelled) ends it as Ctrl-C does, by an exception where the process is, so that the staging folder beside
-OUT is removed (formats.common.atomic_folder), and either ends in one line rather than a traceback."""
+OUT is removed (formats.common.atomic_folder), and either ends in one line rather than a traceback, as a refusal
+(ValueError, OSError) does."""
 
 from __future__ import annotations
 
@@ -14,20 +15,30 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is."""
 
 
-def stoppable(run: Callable[[], int], kept: str) -> int:
-    """`run()`'s exit code; on Ctrl-C or SIGTERM, one line saying `kept` (what stays written) and 128 + the
-    signal's number. Off the main thread, SIGTERM is left as it is."""
+def stoppable(run: Callable[[], object], kept: str) -> int:
+    """The exit code of a command that `run()` carries out: 0 when it returns; on a ValueError or OSError (a
+    refusal), `error: ...` in one line and 2; on Ctrl-C or SIGTERM, one line saying `kept` (what stays written) and
+    128 + the signal's number. Off the main thread, SIGTERM is left as it is."""
     if threading.current_thread() is not threading.main_thread():
-        return run()
+        return _refusals(run)
 
     def terminated(signum: int, frame: object) -> None:
         raise Terminated
 
     before = signal.signal(signal.SIGTERM, terminated)
     try:
-        return run()
+        return _refusals(run)
     except KeyboardInterrupt as stop:
         print(f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: {kept}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def _refusals(run: Callable[[], object]) -> int:
+    try:
+        run()
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -232,22 +232,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hub-private", action="store_true", help="--push-to-hub: create the repository private")
     options = parser.parse_args(argv)
 
-    def run() -> int:
-        try:
-            repo = hub_target(options.push_to_hub, options.hub_private)
-            written = merge(options.base, options.adapter, options.out, dtype=options.dtype, shard_gb=options.shard_gb)
-            print(f"wrote {written.base} ({', '.join(written.merged)} merged"
-                  + (f"; the rest of the adapter in {written.adapter}" if written.adapter else
-                     "; nothing left of the adapter")
-                  + f"); serve it with {_serving(str(written.base), written)}")
-            if repo:
-                url = push_folder(written.base, repo, options.hub_private,
-                                  "Upload a base with an adapter merged in (python -m adapter.merge)")
-                print(f"pushed {url}; serve it with {_serving(f'hf:{repo}', written)}")
-        except (ValueError, OSError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        return 0
+    def run() -> None:
+        repo = hub_target(options.push_to_hub, options.hub_private)
+        written = merge(options.base, options.adapter, options.out, dtype=options.dtype, shard_gb=options.shard_gb)
+        print(f"wrote {written.base} ({', '.join(written.merged)} merged"
+              + (f"; the rest of the adapter in {written.adapter}" if written.adapter else
+                 "; nothing left of the adapter")
+              + f"); serve it with {_serving(str(written.base), written)}")
+        if repo:
+            url = push_folder(written.base, repo, options.hub_private,
+                              "Upload a base with an adapter merged in (python -m adapter.merge)")
+            print(f"pushed {url}; serve it with {_serving(f'hf:{repo}', written)}")
 
     return stoppable(run, f"{options.out} is written whole or not at all (no half-written folder is left)")
 

@@ -135,22 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hub-private", action="store_true", help="--push-to-hub: create the repository private")
     options = parser.parse_args(argv)
 
-    def run() -> int:
-        try:
-            repo = hub_target(options.push_to_hub, options.hub_private)
-            path = quantize_base(options.base, options.out, options.mode, dtype=options.dtype,
-                                 double_quant=not options.no_double_quant, device=options.device,
-                                 shard_gb=options.shard_gb)
-            size = size_text(sum(f.stat().st_size for f in path.glob("*.safetensors")))
-            print(f"wrote {path} ({options.mode}, {size} of weights); serve it with python app.py --base {path}")
-            if repo:
-                url = push_folder(path, repo, options.hub_private,
-                                  "Upload a pre-quantized base (python -m adapter.quantize_base)")
-                print(f"pushed {url}; serve it with python app.py --base hf:{repo}")
-        except (ValueError, OSError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        return 0
+    def run() -> None:
+        repo = hub_target(options.push_to_hub, options.hub_private)
+        path = quantize_base(options.base, options.out, options.mode, dtype=options.dtype,
+                             double_quant=not options.no_double_quant, device=options.device,
+                             shard_gb=options.shard_gb)
+        size = size_text(sum(f.stat().st_size for f in path.glob("*.safetensors")))
+        print(f"wrote {path} ({options.mode}, {size} of weights); serve it with python app.py --base {path}")
+        if repo:
+            url = push_folder(path, repo, options.hub_private,
+                              "Upload a pre-quantized base (python -m adapter.quantize_base)")
+            print(f"pushed {url}; serve it with python app.py --base hf:{repo}")
 
     return stoppable(run, f"{options.out} is written whole or not at all (no half-written folder is left)")
 
