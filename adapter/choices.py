@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ class ChoiceQuestion:
     choices: tuple[str, ...]
     answer: int
     image: Path | None = None
+    location: str = field(default="", compare=False)  # where its file holds it ("FILE:LINE"), for messages
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,11 @@ def read_questions(path: str | os.PathLike, written: PromptFormat, flag: str = "
     """The questions of a file (see the module docstring), each choice written as `written` writes an answer after
     `delimiter`, pictures found under `image_folder`; a DataError naming every bad record."""
     return read_checked(path, image_folder, flag,
-                        lambda location, value, folder, reasons: _question(value, written, delimiter, folder,
-                                                                           reasons))
+                        lambda location, value, folder, reasons: _question(location, value, written, delimiter,
+                                                                           folder, reasons))
 
 
-def _question(record: Any, written: PromptFormat, delimiter: str, folder: Path | None,
+def _question(location: str, record: Any, written: PromptFormat, delimiter: str, folder: Path | None,
               reasons: list[str]) -> ChoiceQuestion | None:
     if not isinstance(record, dict):
         reasons.append(f"expected a JSON object, got {kind(record)}")
@@ -135,7 +136,8 @@ def _question(record: Any, written: PromptFormat, delimiter: str, folder: Path |
     except ValueError as error:
         reasons.append(str(error))
         return None
-    return ChoiceQuestion(prompt, tuple(written.answer(delimiter + choice) for choice in choices), answer, image)
+    return ChoiceQuestion(prompt, tuple(written.answer(delimiter + choice) for choice in choices), answer, image,
+                          location)
 
 
 def _answer(record: dict, choices: list[str], labels: list[str] | None, reasons: list[str]) -> int:
@@ -209,12 +211,12 @@ def choice_log_probs(model: "Transformer", questions: Sequence[ChoiceQuestion], 
     tokenizer, length = model.tokenizer, model.args.max_seq_len
     end = written.answer_end_id(tokenizer)
     rows = []
-    for number, question in enumerate(questions):
+    for question in questions:
         for choice in question.choices:
             encoded, cut = encode_example(Example(question.prompt, choice, question.image), tokenizer, length, end)
             if cut:
-                raise ValueError(f"question {number}: with the choice {choice[:40]!r} it is longer than the model's "
-                                 f"{length} tokens")
+                raise ValueError(f"--data: {question.location}: with the choice {choice.strip()[:40]!r} the question "
+                                 f"is longer than the model's {length} tokens")
             rows.append(encoded)
     device = model.tok_embeddings.weight.device
     sums = torch.zeros(len(scales), len(rows), dtype=torch.float64)

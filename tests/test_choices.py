@@ -166,3 +166,13 @@ def test_questions_about_pictures_are_scored_with_the_pictures_visual_prompt(tmp
     text = adapter.load("tiny", device="cpu")
     with pytest.raises(ValueError, match="has questions about pictures; they need an adapter with a visual prompt"):
         evaluate_choices(text, data, image_folder=tmp_path / "images")
+
+
+def test_a_question_too_long_for_the_context_is_named_by_file_and_line(model, tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", [
+        {"question": "Which colour is the sky?", "choices": ["blue", "green"], "answer": 0},
+        {"question": "sky " * model.args.max_seq_len, "choices": ["blue", "green"], "answer": 0},
+    ])
+    with pytest.raises(ValueError, match=rf"^--data: {tmp_path}/mc.jsonl:2: with the choice 'blue' the question is "
+                                         rf"longer than the model's {model.args.max_seq_len} tokens$"):
+        evaluate_choices(model, path)
