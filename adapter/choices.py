@@ -177,12 +177,7 @@ def evaluate_choices(
     from .evaluate import checked_request  # evaluate imports this module for --choices
 
     scales = checked_request(gate_scales, micro_batch_size, None, limit, model)
-    written = format_named(prompt_format or model.prompt_format)
-    written.check(model.tokenizer)
-    questions = read_questions(data, written, delimiter=delimiter, image_folder=image_folder)[:limit]
-    if any(q.image is not None for q in questions) and (model.visual_prompt is None or model.image_encoder is None):
-        raise ValueError(f"--data: {data} has questions about pictures; they need an adapter with a visual prompt "
-                         "and its CLIP tower (--clip)")
+    written, questions = scorable_questions(model, data, prompt_format, delimiter, image_folder, limit)
     layers = None if layers is None else normalized(model, layers)
     log_probs = choice_log_probs(model, questions, scales, delta_scale, micro_batch_size, layers, written)
     scores, picks = [], [{"prompt": q.prompt, "choices": list(q.choices), "answer": q.answer, "log_probs": []}
@@ -199,6 +194,20 @@ def evaluate_choices(
         count = max(len(questions), 1)
         scores.append(ChoiceScore(scale, picked / count, picked_per_byte / count, right / count))
     return ChoiceEvaluation(model.adapter_path, written.name, len(questions), delta_scale, scores, picks, layers)
+
+
+def scorable_questions(model: "Transformer", data: str | Path, prompt_format: str | None, delimiter: str,
+                       image_folder: str | Path | None, limit: int | None) -> tuple[PromptFormat, list[ChoiceQuestion]]:
+    """The prompt format and the questions of `data` that `evaluate_choices` scores `model` on, once checked that
+    the format can write them for the model's tokenizer and their pictures can be seen (ValueError or DataError
+    naming the file): the command line checks every adapter so before scoring any."""
+    written = format_named(prompt_format or model.prompt_format)
+    written.check(model.tokenizer)
+    questions = read_questions(data, written, delimiter=delimiter, image_folder=image_folder)[:limit]
+    if any(q.image is not None for q in questions) and (model.visual_prompt is None or model.image_encoder is None):
+        raise ValueError(f"--data: {data} has questions about pictures; they need an adapter with a visual prompt "
+                         "and its CLIP tower (--clip)")
+    return written, questions
 
 
 def choice_log_probs(model: "Transformer", questions: Sequence[ChoiceQuestion], scales: Sequence[float],

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .choices import ChoiceEvaluation, evaluate_choices
+from .choices import ChoiceEvaluation, evaluate_choices, scorable_questions
 from .choices import table as choices_table
 from .finetune.batching import collate, eval_batches
 from .finetune.encode import Encoded, encode_example, text_windows
@@ -46,7 +46,7 @@ from .generate import generate_batch, require_tokenizer, scales_from_text
 from .hub import resolve_data
 from .kv_cache import KV_CACHE_DTYPES
 from .paths import not_a_file
-from .prompts import PROMPT_FORMATS, format_named
+from .prompts import PROMPT_FORMATS, PromptFormat, format_named
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -120,17 +120,8 @@ def evaluate(
     (adapter.gate_layers).
     """
     scales = checked_request(gate_scales, micro_batch_size, max_seq_len, limit, model)
-    written = format_named(prompt_format or model.prompt_format)
+    written, examples = scorable_examples(model, data, image_folder, prompt_format, limit)
     tokenizer = model.tokenizer
-    written.check(tokenizer)
-    records = read_records(data, image_folder, written)[:limit]
-    examples = [example for record in records for example in record]
-    if any(e.plain for e in examples):
-        raise ValueError(f"--data: {data} holds plain text ('text' records), which has no answers to score: "
-                         "score a file of it alone as plain text (python -m adapter.evaluate --text)")
-    if any(e.image is not None for e in examples) and (model.visual_prompt is None or model.image_encoder is None):
-        raise ValueError(f"--data: {data} has image records; they need an adapter that sees images (a visual prompt "
-                         "and the CLIP tower it reads)")
     end = written.answer_end_id(tokenizer)
     length = max_seq_len or model.args.max_seq_len
     encoded, cut = [], 0
@@ -152,6 +143,24 @@ def evaluate(
               for scale, loss, hit, match in zip(scales, losses, hits, matches)]
     return Evaluation(model.adapter_path, written.name, len(examples), tokens, cut, delta_scale, scores, said,
                       layers)
+
+
+def scorable_examples(model: "Transformer", data: str | Path, image_folder: str | Path | None,
+                      prompt_format: str | None, limit: int | None) -> tuple[PromptFormat, list[Example]]:
+    """The prompt format and the examples of `data` that `evaluate` scores `model` on, once checked that the
+    format can write them for the model's tokenizer, they have answers, and their pictures can be seen (ValueError
+    or DataError naming the file): the command line checks every adapter so before scoring any."""
+    written = format_named(prompt_format or model.prompt_format)
+    written.check(model.tokenizer)
+    records = read_records(data, image_folder, written)[:limit]
+    examples = [example for record in records for example in record]
+    if any(e.plain for e in examples):
+        raise ValueError(f"--data: {data} holds plain text ('text' records), which has no answers to score: "
+                         "score a file of it alone as plain text (python -m adapter.evaluate --text)")
+    if any(e.image is not None for e in examples) and (model.visual_prompt is None or model.image_encoder is None):
+        raise ValueError(f"--data: {data} has image records; they need an adapter that sees images (a visual prompt "
+                         "and the CLIP tower it reads)")
+    return written, examples
 
 
 def evaluate_text(
@@ -364,7 +373,7 @@ def _finished(drawn: "Figure", axes, accuracy_axis) -> "Figure":
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adapter.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help=BASE_HELP)
-    parser.add_argument("--adapter", nargs="+", metavar="ADAPTER",
+    parser.add_argument("--adapter", nargs="+", action="extend", metavar="ADAPTER",
                         help="adapter file or folder, any format; several are scored in turn on one shared base")
     parser.add_argument("--data", required=True,
                         help=f"{DATA_HELP} of {{instruction, input?, output}} or LLaVA records (with --choices: "
@@ -434,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = load_many(args.base, args.adapter or [None], clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
+        for model in models:  # every adapter can read the file before any is scored
+            _check_readable(model, args, data)
         evaluations = []
         for model in models:
             for layers in selections(model, args):
@@ -464,6 +475,15 @@ def _evaluation(model: "Transformer", args: argparse.Namespace, data: Path, scal
         return evaluate_text(model, data, max_seq_len=args.max_seq_len, stride=args.stride, **common)
     return evaluate(model, data, image_folder=args.image_folder, exact=args.exact, prompt_format=prompt_format,
                     max_seq_len=args.max_seq_len, **common)
+
+
+def _check_readable(model: "Transformer", args: argparse.Namespace, data: Path) -> None:
+    """Refuse (ValueError or DataError) what `_evaluation` would refuse of `model` on reading `data`."""
+    prompt_format = None if args.prompt_format == "auto" else args.prompt_format
+    if args.choices:
+        scorable_questions(model, data, prompt_format, args.choice_delimiter, args.image_folder, args.limit)
+    elif not args.text:  # plain text reads the same for every adapter
+        scorable_examples(model, data, args.image_folder, prompt_format, args.limit)
 
 
 def selections(model: "Transformer", args: argparse.Namespace) -> list[list[int] | None]:

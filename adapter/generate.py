@@ -353,7 +353,7 @@ def require_tokenizer(model: "Transformer") -> "Tokenizer":
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adapter.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help=BASE_HELP)
-    parser.add_argument("--adapter", nargs="+", metavar="ADAPTER",
+    parser.add_argument("--adapter", nargs="+", action="extend", metavar="ADAPTER",
                         help="adapter file or folder, any format; several answer in turn on one shared base, each "
                              "in a block of its own ('--- adapter NAME')")
     asked = parser.add_mutually_exclusive_group(required=True)

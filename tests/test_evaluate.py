@@ -388,3 +388,28 @@ def test_the_command_reads_a_hub_datasets_file_as_fine_tuning_does(base_folder, 
     fetched = capsys.readouterr().out
     assert main(["--base", str(base_folder), "--data", str(local), "--text"]) == 0
     assert fetched == capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", [[], ["--choices"]])
+def test_every_adapter_is_checked_before_any_is_scored(tmp_path, capsys, mode):
+    Image.new("RGB", (2, 2)).save(tmp_path / "a.png")
+    records = [{"image": "a.png", "question": "What is it?", "choices": ["a star", "a moon"], "answer": 0}] if mode \
+        else [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                     {"from": "gpt", "value": "A star."}]}]
+    data = write_jsonl(tmp_path / "images.jsonl", records)
+    out = tmp_path / "scores.json"
+    argv = ["--base", "tiny", "--adapter", "tiny-image", "tiny-text", "--data", str(data),
+            "--image-folder", str(tmp_path), "--json", str(out), "--device", "cpu", *mode]
+    assert main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and not out.exists()  # the seeing adapter's table is not printed, then refused
+    assert printed.err.startswith(f"error: --data: {data} has ")
+    assert "they need an adapter " in printed.err and printed.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["evaluate", "generate"])
+def test_adapter_flag_given_twice_keeps_both(command):
+    parser = __import__(f"adapter.{command}", fromlist=["build_parser"]).build_parser()
+    asked = ["--data", "d.jsonl"] if command == "evaluate" else ["--prompt", "Hi"]
+    args = parser.parse_args(["--base", "tiny", "--adapter", "a", "--adapter", "b", "c", *asked])
+    assert args.adapter == ["a", "b", "c"]
