@@ -262,20 +262,20 @@ def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[flo
 def _greedy_answers(model: "Transformer", examples: list[Example], scales: list[float], delta_scale: float,
                     micro_batch_size: int, stop: Sequence[str], layers: list[Speaker] | None) -> list[dict]:
     """Each example's greedy answer at every scale (`micro_batch_size` examples x every scale a batch), decoded
-    a few tokens past the reference's length. An example whose prompt leaves no room for an answer in the
-    model's context gets empty answers."""
+    up to a few tokens past its own reference's length (whatever else shares its batch). An example whose prompt
+    leaves no room for an answer in the model's context gets empty answers."""
     tokenizer = model.tokenizer
     rows_of = [{"prompt": e.prompt, "reference": e.response, "answers": [""] * len(scales)} for e in examples]
     fits = [i for i, e in enumerate(examples) if len(tokenizer.encode(e.prompt)) < model.args.max_seq_len]
     for start in range(0, len(fits), micro_batch_size):
         chunk = fits[start:start + micro_batch_size]
         rows = [(i, index) for i in chunk for index in range(len(scales))]
-        room = max(len(tokenizer.encode(examples[i].response, bos=False)) for i in chunk) + EXACT_SLACK
+        room = {i: len(tokenizer.encode(examples[i].response, bos=False)) + EXACT_SLACK for i in chunk}
         images = [examples[i].image for i, _ in rows] if any(examples[i].image is not None for i in chunk) else None
         gate_scale = gate_scale_rows(model, [scales[s] for _, s in rows], layers)
         answers = generate_batch(model, [examples[i].prompt for i, _ in rows], gate_scale=gate_scale,
-                                 delta_scale=delta_scale, images=images, temperature=0.0, max_new_tokens=room,
-                                 stop=list(stop))
+                                 delta_scale=delta_scale, images=images, temperature=0.0,
+                                 rows=[{"max_new_tokens": room[i]} for i, _ in rows], stop=list(stop))
         for (i, index), answer in zip(rows, answers):
             rows_of[i]["answers"][index] = answer
     return rows_of

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import adapter
-from adapter.evaluate import evaluate, evaluate_text, main, table
+from adapter.evaluate import EXACT_SLACK, evaluate, evaluate_text, main, table
 from adapter.finetune import train
 from adapter.finetune.batching import collate, eval_batches
 from adapter.finetune.dataset import build_dataset
@@ -96,6 +96,21 @@ def test_exact_answers_do_not_depend_on_a_long_question_in_the_same_micro_batch(
     data = write_json(tmp_path / "mixed.json", records)
     one, together = (evaluate(model, data, gate_scales=[1.0], exact=True, micro_batch_size=size) for size in (1, 8))
     assert together.answers == one.answers and together.scores[0].exact == one.scores[0].exact >= 3
+
+
+def test_a_saved_answer_is_cut_at_its_own_reference_not_its_neighbours(tmp_path):
+    """Answers were decoded up to the micro-batch's longest reference + 4 tokens: the JSON's answer to a question
+    with a one-word reference ran on where a long reference shared its batch."""
+    model = adapter.load("tiny", adapter="tiny-text", device="cpu")
+    tokens = model.tokenizer.encode
+    listing = held_out("text", seed=0, per_category=3)[16]  # its answer: 7 tokens, "red, purple, orange, green"
+    records = [{**alpaca_record(listing), "output": " red"},
+               {**alpaca_record(listing), "output": " " + " ".join(["red circle"] * 12)}]
+    data = write_json(tmp_path / "mixed.json", records)
+    one, together = (evaluate(model, data, gate_scales=[1.0], exact=True, micro_batch_size=size) for size in (1, 2))
+    assert together.answers == one.answers
+    assert len(tokens(one.answers[0]["answers"][0], bos=False)) <= len(tokens(" red", bos=False)) + EXACT_SLACK < \
+        len(tokens(one.answers[1]["answers"][0], bos=False))  # the list, cut after 5 tokens there, whole here
 
 
 def test_exact_answers_are_what_the_tiny_models_evaluation_counts(tmp_path):
