@@ -172,6 +172,19 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 V_PROJ = "model.layers.0.self_attn.v_proj"  # read as stored (q and k rows are reordered)
 
 
+def packed_state(**changed):
+    """An edit of the v projection's packed 4-bit quantization state (the JSON bitsandbytes stores as uint8)."""
+    def edit(tensors: dict) -> None:
+        key = f"{V_PROJ}.weight.quant_state.bitsandbytes__nf4"
+        state = {**json.loads(bytes(tensors[key].tolist()).decode()), **changed}
+        tensors[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    return edit
+
+
+def cut(name: str, keep: int):
+    return lambda tensors: tensors.update({name: tensors[name][:keep].clone()})
+
+
 @pytest.mark.parametrize("saved, case, config_edit, tensors_edit, message", [
     ("nf4", "another method", lambda c: c["quantization_config"].update(quant_method="fp8"), None,
      r"quantization_config.quant_method 'fp8' is not supported \(only 'bitsandbytes'"),
@@ -194,12 +207,25 @@ V_PROJ = "model.layers.0.self_attn.v_proj"  # read as stored (q and k rows are r
     ("nf4", "scales unpacked", None, lambda t: t.update({f"{V_PROJ}.weight.absmax": t[f"{V_PROJ}.weight.absmax"]
                                                                                 .float()}),
      rf"{V_PROJ}.weight: absmax is float32 \(128,\); a 64x128 weight in blocks of 64 has 128 uint8 block scales"),
+    ("nf4", "level table short", None, cut(f"{V_PROJ}.weight.quant_map", 4),
+     rf"{V_PROJ}.weight: quant_map is float32 \(4,\); expected 16 floating-point levels"),
+    ("nf4", "nested table short", None, cut(f"{V_PROJ}.weight.nested_quant_map", 4),
+     rf"{V_PROJ}.weight: nested_quant_map is float32 \(4,\); expected 256 floating-point levels"),
+    ("nf4", "block size 0", None, packed_state(blocksize=0),
+     rf"{V_PROJ}.weight: blocksize must be a positive whole number, got 0$"),
+    ("nf4", "block size text", None, packed_state(blocksize="64"),
+     rf"{V_PROJ}.weight: blocksize must be a positive whole number, got '64'$"),
     ("nf4", "orphan", None, lambda t: t.update({"model.layers.0.self_attn.x_proj.weight.absmax": torch.ones(4)}),
      r"quantization statistics model.layers.0.self_attn.x_proj.weight.absmax belong to no weight"),
     ("int8", "quantized head", None, lambda t: t.update({"lm_head.SCB": torch.ones(512)}),
      r"model.safetensors: lm_head.weight is stored quantized; only the linears of the layers can be"),
     ("int8", "tile layout", None, lambda t: t.update({f"{Q_PROJ}.weight_format": torch.tensor(1, dtype=torch.uint8)}),
      rf"{Q_PROJ}.weight: weight_format 1 is a GPU tile layout of old bitsandbytes"),
+    ("int8", "layout not one number", None,
+     lambda t: t.update({f"{Q_PROJ}.weight_format": torch.zeros(3, dtype=torch.uint8)}),
+     rf"{Q_PROJ}.weight: weight_format must be one number \(0: row-major\), got shape \(3,\)"),
+    ("int8", "row scales lost", None, lambda t: t.pop(f"{Q_PROJ}.SCB"),
+     rf"model.safetensors: {Q_PROJ}.weight: int8 weight without its row scales \(SCB\)$"),
     ("int8", "scales short", None, lambda t: t.update({f"{Q_PROJ}.SCB": t[f"{Q_PROJ}.SCB"][:5]}),
      rf"{Q_PROJ}.weight: expected int8 \[out, in\] codes and \[out\] row scales \(SCB\), got torch.int8 \(128, 128\) "
      r"and \(5,\)"),

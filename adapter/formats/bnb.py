@@ -93,6 +93,8 @@ class QuantizedWeight:
         """From the weight tensor and its statistics (named as in the file, `where` names the tensor in errors)."""
         if "SCB" in stats:
             return cls._read_int8(where, data, stats)
+        if "weight_format" in stats:  # what transformers saves beside int8 codes alone
+            raise ValueError(f"{where}: int8 weight without its row scales (SCB)")
         functional = _functional()
         items = dict(stats)
         try:  # the packed JSON read once, here: whether it says double quantized is checked below
@@ -116,6 +118,9 @@ class QuantizedWeight:
     @classmethod
     def _read_int8(cls, where: str, data: torch.Tensor, stats: dict[str, torch.Tensor]) -> QuantizedWeight:
         layout = stats.get("weight_format")
+        if layout is not None and layout.numel() != 1:
+            raise ValueError(f"{where}: weight_format must be one number (0: row-major), got shape "
+                             f"{tuple(layout.shape)}")
         if layout is not None and int(layout) != ROW_MAJOR:
             raise ValueError(f"{where}: weight_format {int(layout)} is a GPU tile layout of old bitsandbytes; only "
                              "row-major (0) int8 weights are read")
@@ -170,6 +175,15 @@ def _check_block_scales(where: str, state, declared_nested: bool) -> None:
     if declared_nested and not state.nested:
         raise ValueError(f"{where}: the quantization state says double quantized (nested_offset), but its "
                          "nested_absmax is missing")
+    tables = [("blocksize", "quant_map", state, 16)]  # 4-bit codes index 16 levels, nested uint8 ones 256
+    if state.nested:
+        tables.append(("nested_blocksize", "nested_quant_map", state.state2, 256))
+    for size_name, map_name, level, entries in tables:
+        if isinstance(level.blocksize, bool) or not isinstance(level.blocksize, int) or level.blocksize < 1:
+            raise ValueError(f"{where}: {size_name} must be a positive whole number, got {level.blocksize!r}")
+        if level.code.numel() != entries or not level.code.is_floating_point():
+            raise ValueError(f"{where}: {map_name} is {str(level.code.dtype).removeprefix('torch.')} "
+                             f"{tuple(level.code.shape)}; expected {entries} floating-point levels")
     out_features, in_features = state.shape
     blocks = math.ceil(out_features * in_features / state.blocksize)
     levels = [("absmax", state.absmax, blocks, torch.uint8 if state.nested else torch.float32)]
