@@ -27,6 +27,7 @@ ROPE_SCALINGS = ("linear", "llama3")
 # config's 2**40 allocated terabytes; a longer one is used by passing a shorter max_seq_len
 MAX_CONTEXT = 2**20
 LLAMA32_SMALL_SHAPES = ((2048, 16), (3072, 28))  # (dim, n_layers) of Llama 3.2 1B and 3B
+META_DEFAULT_NORM_EPS = 1e-5  # ModelArgs.norm_eps in Meta's llama code, for a params.json without one
 
 
 def _whole(value: object) -> bool:
@@ -171,9 +172,10 @@ class ModelArgs:
         Llama 3.1+'s `use_scaled_rope: true` is the "llama3" scaling with Meta's constants and the factor
         `rope_scaling_factor`. Meta's params.json files do not say it: their reference code takes 8, right for
         3.1 and 3.3, while Llama 3.2 1B and 3B were trained with 32 (their HF configs; meta-llama/llama-models
-        issue 241), so those two shapes get 32."""
+        issue 241), so those two shapes get 32. A params.json without `norm_eps` gets Meta's reference code's
+        default, 1e-5 (every release writes it; LLaMA 1's 1e-6 is this class's default for shapes built in code)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in params.items() if k in known}
+        values = {"norm_eps": META_DEFAULT_NORM_EPS, **{k: v for k, v in params.items() if k in known}}
         if params.get("hidden_dim") is not None and "ffn_dim" not in values:  # Mistral's name for the SwiGLU width
             values["ffn_dim"] = params["hidden_dim"]
         values.update(explicit_head_size(params.get("head_dim"), params.get("dim"), params.get("n_heads")))

@@ -238,6 +238,10 @@ def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
                                                     "norm_eps": None}))
     with pytest.raises(ValueError, match="params.json: norm_eps: must be a positive number, got None"):
         adapter.load(folder, device="cpu")
+    # left out, it is Meta's reference default (1e-5), as Meta's code reads the file; was LLaMA 1's 1e-6
+    (folder / "params.json").write_text(json.dumps({key: value for key, value in json.loads(
+        (base_folder / "params.json").read_text()).items() if key != "norm_eps"}))
+    assert adapter.load(folder, device="cpu").args.norm_eps == 1e-5
 
     # a context of 2**40 built a rotary table of terabytes (a raw allocator error); a bad multiplier failed in torch
     for change, message in (({"max_seq_len": 2**40}, "max_seq_len: 1,099,511,627,776 positions is more than the "
