@@ -608,3 +608,14 @@ def test_finetune_takes_the_tiny_models_names_and_fits_its_context_by_default(tm
                 mode="v2")
     with pytest.raises(FileNotFoundError, match="^--init-adapter: nowhere does not exist$"):
         train(TrainConfig(out=str(tmp_path / "none"), init_adapter="nowhere", **text))
+
+
+def test_one_epoch_from_the_command_line_warms_up_over_that_epoch(base_folder, data, tmp_path, capsys):
+    """The flag's default was TrainConfig()'s resolved 2 epochs (of its default 5), so `--epochs 1` was refused."""
+    out = tmp_path / "one"
+    code = main(["--base", str(base_folder), "--data", str(data), "--out", str(out), "--epochs", "1",
+                 "--prompt-len", "2", "--prompt-layers", "1", "--batch-size", "4", "--micro-batch-size", "4",
+                 "--max-steps", "1", "--device", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert start["config"]["epochs"] == 1 and start["config"]["warmup_epochs"] == 1.0

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "v0.3's), v2-dialog (the official V2 dialog demo's), for a base tuned to that chat; saved "
                         "with the adapter, which is then asked in it")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+    p.add_argument("--warmup-epochs", type=float, default=None,
                    help=f"epochs of linear warm-up (default {DEFAULT_WARMUP_EPOCHS:g}, or every epoch where there "
                         "are fewer)")
     p.add_argument("--blr", type=float, default=d.blr, help="base lr; lr = blr * batch-size / 256")
