@@ -501,6 +501,35 @@ def test_image_records_name_their_missing_pictures_and_need_vision_mode(tmp_path
     assert seeing.names == ["base", "sees"] and not any((tmp_path / "runs").iterdir())
 
 
+def test_the_served_layers_change_layout_only_as_the_devices_work(tmp_path, base_folder, data, monkeypatch):
+    """Putting the shared base in training mode (4-bit layers re-laid out in place) and back ran outside the device's
+    lock: a chat decoding meanwhile could read a layer's new codes with its old quantization state."""
+    import adapter.quantize
+
+    served = adapter.load(base_folder, quantize="nf4", device="cpu")
+    inside, seen = threading.local(), []
+
+    def step_runner(work):
+        inside.now = True
+        try:
+            return work()
+        finally:
+            inside.now = False
+
+    relaid = adapter.quantize.training_layout
+    monkeypatch.setattr(adapter.quantize, "training_layout",
+                        lambda model: (seen.append(("train", getattr(inside, "now", False))), relaid(model)))
+    serving_state = adapter.quantize.serving_state
+
+    def watched(model):
+        restore = serving_state(model)
+        return lambda: (seen.append(("restore", getattr(inside, "now", False))), restore())
+
+    monkeypatch.setattr("adapter.finetune.trainer.serving_state", watched)
+    train(tiny_config(base_folder, data, tmp_path / "run", epochs=1), RunHooks(base=served, step_runner=step_runner))
+    assert ("train", True) in seen and ("restore", True) in seen and all(held for _, held in seen), seen
+
+
 def test_a_4_bit_base_serves_exactly_as_before_once_a_run_on_it_ends(tmp_path, base_folder, data):
     """On a CPU with AVX512-BF16 bitsandbytes repacks 4-bit layers for inference at their first forward, and
     training needs them unpacked; the served model gets its repacked layers and its eval mode back."""

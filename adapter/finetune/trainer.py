@@ -101,10 +101,15 @@ def train(config: TrainConfig, hooks: RunHooks | None = None) -> TrainResult:
         try:
             return _Run(config, processes, distributed.local_device(device, processes), hooks).run()
         finally:
-            for put_back in restore:
-                put_back()
+            for put_back in restore:  # as the device's work: not while a chat reads the shared layers
+                (hooks.step_runner or _now)(put_back)
     finally:
         distributed.stop(processes)
+
+
+def _now(work: Callable[[], Any]) -> Any:
+    """A run's device work where no program shares the device (RunHooks.step_runner unset): done at once."""
+    return work()
 
 
 def base_args(base: str):
@@ -134,7 +139,7 @@ class _Run:
     def __init__(self, config: TrainConfig, processes: distributed.Processes, device: torch.device,
                  hooks: RunHooks) -> None:
         self.config, self.processes, self.device, self.hooks = config, processes, device, hooks
-        self.run_step = hooks.step_runner or (lambda work: work())
+        self.run_step = hooks.step_runner or _now
         self.out = config.out_path
         self.main = processes.is_main
         self._encoder = None  # the CLIP tower of --mode vision, loaded when first needed
@@ -180,7 +185,7 @@ class _Run:
             emulated = bf16_emulation_warning("--autocast bf16")
             if emulated:
                 notice(emulated + "; --autocast auto trains in float32 here", self.main)
-        self.model.train()
+        self.run_step(self.model.train)  # re-lays out a shared base's 4-bit layers: not while a chat reads them
         self.wrapped = distributed.wrap(self.model, processes)
 
     # ----- checks, before anything is written --------------------------------------------------------
