@@ -167,6 +167,7 @@ class ChatBatcher:
     def _decode(self, jobs: list[ChatJob]) -> None:
         """Decode `jobs` as one batch (the device's lock held), each row's pieces to its own queue."""
         self.batch_sizes.append(len(jobs))
+        finished, ended = [False] * len(jobs), [False] * len(jobs)  # ended: its user was told the answer is whole
         try:
             images = [job.image for job in jobs]
             with closing(stream_batch(self.model, [job.prompt for job in jobs], stop=self.stop,
@@ -174,19 +175,23 @@ class ChatBatcher:
                                       gate_scale=self._gate_rows([job.gate for job in jobs]),
                                       delta_scale=[job.delta for job in jobs],
                                       rows=[job.options for job in jobs], compile=self.compile,
-                                      generated=[job.decoded for job in jobs])) as steps:
+                                      generated=[job.decoded for job in jobs], finished=finished)) as steps:
                 for pieces in steps:
-                    for job, piece in zip(jobs, pieces):
+                    for row, (job, piece) in enumerate(zip(jobs, pieces)):
                         if piece and not job.left.is_set():
                             job.pieces.put((piece, len(job.decoded)))
-                    if all(job.left.is_set() for job in jobs):
+                        if finished[row] and not ended[row]:  # not kept waiting for the batch's longest answer
+                            job.pieces.put(_END)
+                            ended[row] = True
+                    if all(done or job.left.is_set() for done, job in zip(finished, jobs)):
                         break
         except Exception as error:  # the requests' own checks ran before; tell every user of the batch
             for job in jobs:
                 job.pieces.put(error)
         finally:
-            for job in jobs:
-                job.pieces.put(_END)
+            for job, told in zip(jobs, ended):
+                if not told:
+                    job.pieces.put(_END)
 
     def _gate_rows(self, gates: list[float | torch.Tensor]) -> list[float] | torch.Tensor:
         """One gate-scale row per job: numbers as they are, else each as [adapter layers, heads]."""

@@ -191,6 +191,7 @@ def stream_batch(
     delta_scale: Any = None,
     rows: Sequence[dict[str, Any]] | None = None,
     generated: Sequence[list[int]] | None = None,
+    finished: list[bool] | None = None,
     continued: bool = False,
     **options: Any,
 ) -> Iterator[list[str]]:
@@ -203,6 +204,8 @@ def stream_batch(
     when given (chat formats only); None feeds them as given. `rows` gives each row options of its own over
     `options` (temperature, top_p, seed, max_new_tokens, ...). `generated`, one list per prompt, is told every
     token its row generates (the stop id that ends it included, as OpenAI's legacy completions return it).
+    `finished`, one flag per prompt, is set as the step that yields a row's last piece is yielded (a stop id or
+    string, its own length), before the batch ends: what lets a reader end that row's answer at once.
     `continued` reads each row's text as its prompt goes on (a raw continuation: " large" keeps its space, where
     an answer to a question starts at its first word).
     """
@@ -214,6 +217,8 @@ def stream_batch(
         raise ValueError(f"rows: {len(rows)} given for {len(prompts)} prompts")
     if generated is not None and len(generated) != len(prompts):
         raise ValueError(f"generated: {len(generated)} lists given for {len(prompts)} prompts")
+    if finished is not None and len(finished) != len(prompts):
+        raise ValueError(f"finished: {len(finished)} flags given for {len(prompts)} prompts")
     requests = [_request(written, **{**options, **row}) for row in (rows or [{}] * len(prompts))]
     for request in requests:
         checked_ids([token for token, _ in request.sampling.logit_bias], model.args.vocab_size, "logit_bias")
@@ -232,7 +237,7 @@ def stream_batch(
     ids = [prompt_ids(tokenizer, t, model.args.vocab_size, f"prompts[{i}]") for i, t in enumerate(texts)]
     streams = [TextStream(tokenizer, request.stop, row_ids if continued else ())
                for request, row_ids in zip(requests, ids)]
-    finished = [False] * len(ids)
+    finished = [False] * len(ids) if finished is None else finished
     for group in fitting_groups(ids, requests, model.args.max_seq_len):
         done = [False] * len(group)
         for step, step_ids in enumerate(decode_tokens(
@@ -252,9 +257,8 @@ def stream_batch(
                     done[place] = streams[row].stopped
                     if not done[place] and step + 1 == requests[row].max_new_tokens:  # its own length reached
                         pieces[row], done[place] = pieces[row] + streams[row].finish(), True
+                finished[row] = done[place]
             yield pieces
-        for place, row in enumerate(group):
-            finished[row] = done[place]
     tails = [("" if done else s.finish()) for s, done in zip(streams, finished)]
     if any(tails):
         yield tails

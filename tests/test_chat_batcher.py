@@ -199,3 +199,39 @@ def test_an_idle_batcher_lets_its_model_go(base_folder):
     del engine, model
     gc.collect()
     assert gone() is None
+
+
+def test_an_answer_ends_when_its_row_does_not_when_the_batch_does(model, monkeypatch):
+    """Every user's stream ended with the batch's longest answer: a 2-token answer beside a 60-token one waited for
+    it, and once the long one's user left, its row was decoded to the end (the short one's user had not left)."""
+    steps, release = [], threading.Event()
+
+    def held_after_three_steps(*args, **kwargs):
+        for pieces in stream_batch(*args, **kwargs):
+            if len(steps) == 3:
+                release.wait(60)
+            steps.append(pieces)
+            yield pieces
+
+    stream_batch = chat_batcher.stream_batch
+    monkeypatch.setattr(chat_batcher, "stream_batch", held_after_three_steps)
+    engine = Engine(model, threading.Lock(), batch_chats=2)
+    short = Settings(temperature=0.0, max_new_tokens=2)
+    long = Settings(temperature=1.0, seed=1, max_new_tokens=60, logit_bias={model.tokenizer.eos_id: -100})
+    results, expected = {}, alone(model, [], QUESTION, short)  # before the batch holds the device
+    with engine.lock:
+        leaving = engine.chat([], "Name a colour.", long)
+        first = threading.Thread(target=lambda: results.update(first=next(leaving)))
+        first.start()
+        wait_for(lambda: engine.batcher.submitted == 1)
+        reader = threading.Thread(target=lambda: results.update(short=list(engine.chat([], QUESTION, short))[-1]))
+        reader.start()
+        wait_for(lambda: engine.batcher.submitted == 2)
+    reader.join(timeout=30)
+    assert not reader.is_alive() and len(steps) <= 3, "the short answer ended while the batch went on"
+    assert results["short"] == expected
+    first.join(timeout=30)
+    leaving.close()
+    release.set()
+    wait_for(lambda: not engine.lock.locked())  # the batch is over
+    assert engine.batcher.batch_sizes == [2] and len(steps) < 10, "every row finished or left: the batch stopped"
