@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .engine import Engine, Engines, Settings
 from .images import decode_image
 from .prompt_ids import Prompt, prompt_ids
+from .sampling import MAX_SEED
 
 OWNER = "llama-adapter"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
@@ -309,9 +310,11 @@ def choices_asked(body: dict) -> int:
 
 
 def seeded(settings: Settings, choice: int) -> Settings:
-    """The settings of a request's `choice`-th answer: the next seed each (the first is the request's own), so
-    sampled answers differ and each is the one a request with that seed gets."""
-    return settings if settings.seed is None or choice == 0 else replace(settings, seed=settings.seed + choice)
+    """The settings of a request's `choice`-th answer: the next seed each (the first is the request's own; after
+    MAX_SEED, 0), so sampled answers differ and each is the one a request with that seed gets."""
+    if settings.seed is None or choice == 0:
+        return settings
+    return replace(settings, seed=(settings.seed + choice) % (MAX_SEED + 1))
 
 
 def options(body: dict) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import pytest
 from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.engine import Settings
 from adapter.openai_api import main
+from adapter.sampling import MAX_SEED
 
 from .openai_helpers import client, engines, live_url  # noqa: F401  (fixtures)
 
@@ -91,6 +92,12 @@ def test_n_answers_are_those_of_the_next_seeds(client, engines):
     assert len(set(answers)) > 1  # sampled at the base's gate: the seeds differ, so do the answers
     prompt = len(text.model.tokenizer.encode(text.chat_prompt([], SCENE, Settings())))
     assert reply["usage"]["prompt_tokens"] == prompt
+    # the largest seed is taken with n > 1 too (its second answer's seed + 1 was refused as out of range): 0 next
+    last = {**sampled, "seed": MAX_SEED}
+    reply = client.post("/v1/chat/completions", json={"messages": [user(SCENE)], "n": 2, "max_tokens": 30,
+                                                      "gate_scale": 0, **last}).json()
+    assert [choice["message"]["content"] for choice in reply["choices"]] == [list(text.chat([], SCENE, Settings(
+        max_new_tokens=30, gate_scale=0.0, **{**sampled, "seed": seed})))[-1] for seed in (MAX_SEED, 0)]
 
 
 @pytest.mark.parametrize("route, asked", [("/v1/chat/completions", {"messages": [user(SCENE)]}),
