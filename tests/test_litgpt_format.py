@@ -284,10 +284,25 @@ def test_a_litgpt_llama32_base_reads_its_rope_adjustments_and_tied_head(base_fol
     (dict(parallel_residual=True), "parallel_residual=True is not supported"),
     (dict(sliding_window_size=8, sliding_window_indices=[1, 0, 1, 0]), r"sliding_window_indices=\[1, 0, 1, 0\] is not"),
     (dict(rope_adjustments={"beta_fast": 32.0}), "rope_adjustments .* is not supported"),
+    # garbled fields: bare TypeErrors and ValueErrors naming no file
+    (dict(rope_base=None), "model_config.yaml: rope_base must be a number, got None"),
+    (dict(rope_base="abc"), "model_config.yaml: rope_base must be a number, got 'abc'"),
+    (dict(rope_condense_ratio="x"), "model_config.yaml: rope_condense_ratio must be a number, got 'x'"),
+    (dict(rope_condense_ratio=0.5), "model_config.yaml: rope_condense_ratio: rope_scaling: factor must be a number "
+                                    ">= 1, got 0.5"),
+    (dict(sliding_window_size=8, sliding_window_indices=5), r"model_config.yaml: sliding_window_indices must be a "
+                                                             r"list \(1 or 0 per layer\), got 5"),
     (dict(n_query_groups=2), r"transformer.h.0.attn.qkv.weight has shape \(192, 64\), expected \(128, 64\) \(4 "
                              r"query and 2 key/value heads of 16\)"),
 ])
 def test_a_litgpt_base_of_another_kind_is_refused_naming_the_field(base_folder, tmp_path, config, message):
     folder = litgpt_base(base_folder, tmp_path / "other", **config)
     with pytest.raises(ValueError, match=message):
+        adapter.load(folder, device="cpu")
+
+
+def test_a_litgpt_config_that_is_not_utf8_is_named(base_folder, tmp_path):
+    folder = litgpt_base(base_folder, tmp_path / "other")
+    (folder / "model_config.yaml").write_bytes(b"name: \xff\n")
+    with pytest.raises(ValueError, match=r"model_config.yaml: cannot read YAML \('utf-8' codec can't decode"):
         adapter.load(folder, device="cpu")

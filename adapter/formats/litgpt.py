@@ -196,7 +196,7 @@ def sibling_config(path: Path) -> dict:
         return {}
     try:
         values = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{config}: cannot read YAML ({error})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{config}: expected a mapping of litgpt config fields")

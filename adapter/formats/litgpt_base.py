@@ -135,6 +135,8 @@ def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
         if value != llama and not (name == "n_expert" and value is None):
             raise ValueError(f"{path}: {name}={value!r} is not supported (a LLaMA has {llama!r})")
     indices = config.get("sliding_window_indices")
+    if indices is not None and not isinstance(indices, list):
+        raise ValueError(f"{path}: sliding_window_indices must be a list (1 or 0 per layer), got {indices!r}")
     if config.get("sliding_window_size") is not None and indices is not None and set(indices) != {1}:
         raise ValueError(f"{path}: sliding_window_indices={indices} is not supported (the window on some layers "
                          "only; a LLaMA-shaped model here has it on every layer or none)")
@@ -147,20 +149,31 @@ def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
         "dim": dim, "n_layers": config["n_layer"], "n_heads": heads,
         "n_kv_heads": config.get("n_query_groups") or heads, "vocab_size": vocab,
         "ffn_dim": config["intermediate_size"], "norm_eps": config.get("norm_eps", 1e-5),
-        "rope_theta": float(config.get("rope_base", 10000)), "block_size": config.get("block_size"),
+        "rope_theta": _number(config, "rope_base", 10000, path), "block_size": config.get("block_size"),
         **explicit_head_size(config.get("head_size"), dim, heads)}
     params["rope_scaling"] = _rope_scaling(config, path)
     return params
 
 
+def _number(config: dict[str, Any], name: str, default: float, path: Path) -> float:
+    """A number field of litgpt's config (`default` where it is absent), refused naming the file where it is not."""
+    value = config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{path}: {name} must be a number, got {value!r}")
+    return float(value)
+
+
 def _rope_scaling(config: dict[str, Any], path: Path) -> RopeScaling | None:
     """litgpt's `rope_adjustments` (Llama 3.1+'s frequency scaling) or `rope_condense_ratio` (positions divided:
     linear scaling)."""
-    adjustments, ratio = config.get("rope_adjustments"), config.get("rope_condense_ratio", 1) or 1
+    adjustments, ratio = config.get("rope_adjustments"), _number(config, "rope_condense_ratio", 1, path)
     if adjustments and ratio != 1:
         raise ValueError(f"{path}: rope_adjustments and rope_condense_ratio={ratio} together are not supported")
     if ratio != 1:
-        return RopeScaling("linear", float(ratio))
+        try:
+            return RopeScaling("linear", ratio)
+        except ValueError as error:
+            raise ValueError(f"{path}: rope_condense_ratio: {error}") from None
     if not adjustments:
         return None
     if not isinstance(adjustments, dict) or "low_freq_factor" not in adjustments:
