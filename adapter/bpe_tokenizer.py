@@ -256,6 +256,10 @@ def _read_tekken(path: Path) -> tuple[list[str], dict[bytes, int], str]:
     if not isinstance(config, dict) or any(config.get(name) is None for name in fields) or \
             not isinstance(data.get("vocab"), list):
         raise ValueError(f"tokenizer: {path}: a tekken.json needs 'vocab' and 'config' with {', '.join(fields)}")
+    for name in fields[1:]:
+        if isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 0:
+            raise ValueError(f"tokenizer: {path}: config.{name} must be a whole number, got {config[name]!r}")
+    _check_pattern(config["pattern"], path)
     listed = data.get("special_tokens")
     if listed is None:
         specials = list(TEKKEN_SPECIALS)
@@ -267,6 +271,9 @@ def _read_tekken(path: Path) -> tuple[list[str], dict[bytes, int], str]:
         if [rank for rank, _ in by_rank] != list(range(len(by_rank))):
             raise ValueError(f"tokenizer: {path}: special token ranks are not 0..{len(by_rank) - 1}")
         specials = [name for _, name in by_rank]
+        twice = sorted({name for name in specials if specials.count(name) > 1})
+        if twice:
+            raise ValueError(f"tokenizer: {path}: special_tokens lists {twice[0]!r} more than once")
     count = config["default_num_special_tokens"]
     if len(specials) > count or "<s>" not in specials or "</s>" not in specials:
         raise ValueError(f"tokenizer: {path}: {len(specials)} special tokens for default_num_special_tokens={count}"
@@ -277,10 +284,24 @@ def _read_tekken(path: Path) -> tuple[list[str], dict[bytes, int], str]:
         ranks = {base64.b64decode(entry["token_bytes"], validate=True): entry["rank"] for entry in data["vocab"][:kept]}
     except (KeyError, TypeError, binascii.Error, ValueError):
         raise ValueError(f"tokenizer: {path}: vocab entries need 'rank' and base64 'token_bytes'") from None
-    if sorted(ranks.values()) != list(range(kept)):
+    if any(isinstance(rank, bool) or not isinstance(rank, int) for rank in ranks.values()) or \
+            sorted(ranks.values()) != list(range(kept)):
         raise ValueError(f"tokenizer: {path}: the first {kept} vocab ranks (default_vocab_size - special tokens) "
                          f"are not 0..{kept - 1}, each once")
     return specials, ranks, config["pattern"]
+
+
+def _check_pattern(pattern: Any, path: Path) -> None:
+    """That a tekken.json's split pattern is a regular expression the `tokenizers` library compiles (it raises a
+    bare Exception on one it cannot)."""
+    from tokenizers import Regex
+
+    if not isinstance(pattern, str):
+        raise ValueError(f"tokenizer: {path}: config.pattern must be a regular expression, got {pattern!r}")
+    try:
+        Regex(pattern)
+    except Exception as error:  # tokenizers' own Exception (Oniguruma's message)
+        raise ValueError(f"tokenizer: {path}: config.pattern is not a regular expression ({error})") from None
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:

@@ -31,6 +31,10 @@ def gguf_tokenizer(path: Path) -> Tokenizer:
     types = file.value("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise ValueError(f"tokenizer: {path}: {len(types)} token types for {len(tokens)} tokens")
+    odd = next((index for index, kind in enumerate(types) if kind not in range(NORMAL, BYTE + 1)), None)
+    if odd is not None:
+        raise ValueError(f"tokenizer: {path}: tokenizer.ggml.token_type of token {odd} is {types[odd]!r}, not a "
+                         f"token type ({NORMAL}..{BYTE})")
     if model == "llama":
         tokenizer: Tokenizer = _sentencepiece(path, file, tokens, types)
     elif model == "gpt2":
@@ -108,6 +112,10 @@ def _byte_level(path: Path, file: GGUFFile, tokens: list[str], types: list[int])
         left, space, right = merge.partition(" ")
         if not space:
             raise ValueError(f"tokenizer: {path}: merge {merge!r} is not two tokens separated by a space")
+        unknown = next((token for token in (left, right, left + right) if token not in vocab), None)
+        if unknown is not None:
+            raise ValueError(f"tokenizer: {path}: merge {merge!r} names {unknown!r}, which is not in "
+                             "tokenizer.ggml.tokens")
         merges.append((left, right))
     # ignore_merges: a piece that is a token whole is that token (tiktoken's rule, which both patterns' models use)
     backend = byte_level_llama3(Backend(models.BPE(vocab, merges, ignore_merges=True)), SPLIT_PATTERNS[pre])

@@ -234,6 +234,27 @@ def test_what_cannot_be_read_is_refused_naming_the_file_and_the_key(meta, tmp_pa
     assert str(path) in str(error.value)
 
 
+def test_a_token_type_or_merge_that_is_no_such_thing_is_named(meta, llama3, tmp_path):
+    """Were a ValueError naming neither file nor key, and the tokenizers library's bare Exception."""
+    def odd_type(writer):
+        types = list(writer.kv_data[0].pop("tokenizer.ggml.token_type").value)
+        writer.add_token_types(types[:10] + [99] + types[11:])
+
+    path = spm_gguf(meta, tmp_path / "type.gguf", metadata=odd_type)
+    with pytest.raises(ValueError, match=f"tokenizer: {path}: tokenizer.ggml.token_type of token 10 is 99, not a "
+                                         r"token type \(1..6\)"):
+        open_tokenizer(path)
+
+    def unknown_merge(writer):
+        merges = list(writer.kv_data[0].pop("tokenizer.ggml.merges").value)
+        writer.add_token_merges(merges + ["zzzq yyyq"])
+
+    path = llama3_gguf(llama3, tmp_path / "merge.gguf", metadata=unknown_merge)
+    with pytest.raises(ValueError, match=f"tokenizer: {path}: merge 'zzzq yyyq' names 'zzzq', which is not in "
+                                         "tokenizer.ggml.tokens"):
+        open_tokenizer(path)
+
+
 def test_an_unsupported_pre_tokenizer_and_a_cut_file_are_named(llama3, tmp_path):
     path = llama3_gguf(llama3, tmp_path / "qwen-pre.gguf", pre="qwen2")
     with pytest.raises(ValueError, match="tokenizer.ggml.pre 'qwen2' is not supported"):

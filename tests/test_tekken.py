@@ -93,6 +93,17 @@ def test_a_mistral_nemo_shaped_folder_with_tekken_json(ranks, tmp_path):
      r"special token ranks are not 0..1"),
     (lambda d: d["config"].update(default_num_special_tokens=5), "20 special tokens for default_num_special_tokens=5"),
     (lambda d: d["vocab"].pop(3), r"the first 400 vocab ranks .* are not 0..399"),
+    # garbled fields: TypeErrors, the tokenizers library's bare Exception, or (<s> twice) every id shifted by one
+    (lambda d: d["config"].update(default_vocab_size="420"), "config.default_vocab_size must be a whole number, got "
+                                                             "'420'"),
+    (lambda d: d["config"].update(default_num_special_tokens="20"), "config.default_num_special_tokens must be a "
+                                                                    "whole number, got '20'"),
+    (lambda d: d["vocab"][3].update(rank="3"), r"the first 400 vocab ranks .* are not 0..399"),
+    (lambda d: d["config"].update(pattern="(["), r"config.pattern is not a regular expression \(Oniguruma error"),
+    (lambda d: d["config"].update(pattern=5), "config.pattern must be a regular expression, got 5"),
+    (lambda d: d.update(special_tokens=[{"rank": 0, "token_str": "<s>"}, {"rank": 1, "token_str": "<s>"},
+                                        {"rank": 2, "token_str": "</s>"}]),
+     "special_tokens lists '<s>' more than once"),
 ])
 def test_a_broken_tekken_json_names_the_file_and_the_field(ranks, tmp_path, change, message):
     path = tekken(tmp_path, ranks, None)
