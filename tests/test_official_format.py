@@ -291,7 +291,14 @@ def test_bad_official_files_get_clear_errors(base_folder, tmp_path):
             r"not named floating-point tensors: \['adapter_query.weight'\]")
     refused({**good, "adapter_query.weight": torch.ones(10, DIM, dtype=torch.int64)},
             "not named floating-point tensors")
+    refused({**good, "adapter_query.weight": rand(0, DIM)},
+            "adapter_query.weight has no rows: an adapter has at least one prompt")  # named no file
     v2 = v2_state(base_folder)
+    refused({**v2, "model": {k: v for k, v in v2["model"].items() if k != "llama.norm.weight"}},
+            r"tuned norms, but not llama.norm.weight$", "BIAS-7B.pth")  # was named norm.delta
+    refused({**v2, "model": {k: v for k, v in v2["model"].items() if "norm" not in k or k.startswith("llama.norm")}
+             | {"llama.layers.1.ffn_norm.weight": torch.ones(DIM)}},
+            r"tuned norms, but not llama.layers.0.attention_norm.weight \(and 6 more\)$", "BIAS-7B.pth")
     refused({**v2, "config": [1]}, "config: expected a dict of settings, got list")
     refused({**v2, "model": {**v2["model"], "llama.layers.3.attention.new_gate": "x"}},
             r"not named floating-point tensors: \['llama.layers.3.attention.new_gate'\]")

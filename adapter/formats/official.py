@@ -84,6 +84,8 @@ def _prompt_shape(path: Path, query: torch.Tensor, prompt_len: int, n_layers: in
                          "at least one prompt token")
     if query.dim() != 2:
         raise ValueError(f"{path}: adapter_query.weight has shape {tuple(query.shape)}, expected [layers*len, dim]")
+    if query.shape[0] == 0:
+        raise ValueError(f"{path}: adapter_query.weight has no rows: an adapter has at least one prompt")
     if query.shape[0] % prompt_len:
         raise ValueError(f"{path}: adapter_query.weight has {query.shape[0]} rows, not a multiple of the prompt "
                          f"length {prompt_len}")
@@ -176,6 +178,7 @@ def _read_v2(path: Path, model: dict, config: dict) -> LoadedAdapter:
                 raise ValueError(f"{path}: unexpected key llama.{name}")
     if "norm.weight" in language:
         norm_weights["norm.weight"] = language["norm.weight"]
+    _check_norms(path, norm_weights, n_layers, "llama.")
     if len(lora_ranks) > 1:
         raise ValueError(f"{path}: LoRA ranks differ between layers: {sorted(lora_ranks)}")
     lora_rank = lora_ranks.pop() if lora_ranks else 0
@@ -210,6 +213,7 @@ def _read_dialog(path: Path, model: dict) -> LoadedAdapter:
     if found["scale"] and found["scale"] != set(LORA_TARGETS):
         raise ValueError(f"{path}: input scales on {sorted(found['scale'])} only; the model scales all of "
                          f"{', '.join(LORA_TARGETS)}")
+    _check_norms(path, norm_weights, max(layers) + 1, "")
     scale = model.get("layers.0.attention.wq_scale")
     args = AdapterArgs(prompt_len=0, prompt_layers=0, bias=bool(found["bias"]),
                        bias_targets=tuple(t for t in LORA_TARGETS if t in found["bias"]) or BIAS_TARGETS,
@@ -219,6 +223,18 @@ def _read_dialog(path: Path, model: dict) -> LoadedAdapter:
         shape["dim"] = scale.shape[0]
     return LoadedAdapter(path=path, format="official-v2-dialog", args=args, tensors=tensors,
                          norm_weights=norm_weights, base_shape=shape, prompt_format="v2-dialog")
+
+
+def _check_norms(path: Path, norm_weights: dict[str, torch.Tensor], n_layers: int, prefix: str) -> None:
+    """That tuned norms, where the file has any, are there for every layer and the final norm (named as the file
+    names them, under `prefix`); a missing one was named by the model's parameter (norm.delta)."""
+    if not norm_weights:
+        return
+    wanted = [f"layers.{layer}.{norm}.weight" for layer in range(n_layers) for norm in ("attention_norm", "ffn_norm")]
+    missing = [name for name in [*wanted, "norm.weight"] if name not in norm_weights]
+    if missing:
+        raise ValueError(f"{path}: tuned norms, but not {prefix}{missing[0]}" +
+                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def _matrix(path: Path, key: str, value: torch.Tensor) -> torch.Tensor:
