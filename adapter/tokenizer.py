@@ -145,7 +145,7 @@ def open_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         names = " or ".join(TOKENIZER_FILES)
-        raise FileNotFoundError(f"tokenizer: {path} does not exist (a checkpoint folder needs {names})")
+        raise FileNotFoundError(f"tokenizer: {not_a_file(path)} (a checkpoint folder needs {names})")
     if is_gguf_file(path):
         from .gguf_tokenizer import gguf_tokenizer
 

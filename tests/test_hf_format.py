@@ -210,8 +210,12 @@ BAD_CASES: dict[str, tuple[str, Callable[[Path], None], type[Exception], str, st
     "rope scaling": ("safetensors", lambda f: edit_config(f, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
                      ValueError, "rope_scaling: type 'dynamic' is not supported", "config.json"),
     "missing shard": ("safetensors-sharded", lambda f: (f / "model-00002-of-00002.safetensors").unlink(),
-                      FileNotFoundError, "weight shard named in model.safetensors.index.json does not exist",
+                      FileNotFoundError, "model.safetensors.index.json names the weight shard .* does not exist",
                       "model-00002-of-00002.safetensors"),
+    "shard a folder": ("safetensors-sharded", lambda f: ((f / "model-00002-of-00002.safetensors").unlink(),
+                                                         (f / "model-00002-of-00002.safetensors").mkdir()),
+                       FileNotFoundError, "names the weight shard .*model-00002-of-00002.safetensors is a folder, "
+                                          "not a file", "model-00002-of-00002.safetensors"),
     "no weights": ("safetensors", lambda f: (f / "model.safetensors").unlink(), FileNotFoundError,
                    "has config.json but no weights", ""),
     "truncated": ("safetensors", lambda f: truncate(f / "model.safetensors"), ValueError,

@@ -184,6 +184,9 @@ def test_bad_adapter_files_get_clear_errors(base_folder, trained, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="adapter: .*empty holds no adapter; expected our adapter.safetensors"):
         adapter.load(base_folder, adapter=tmp_path / "empty", device="cpu")
+    (tmp_path / "odd" / "adapter.safetensors").mkdir(parents=True)  # was said not to exist
+    with pytest.raises(FileNotFoundError, match="adapter: .*odd/adapter.safetensors is a folder, not a file"):
+        adapter.load(base_folder, adapter=tmp_path / "odd", device="cpu")
     too_deep = AdapterArgs(prompt_len=2, prompt_layers=TINY.n_layers + 1)
     with pytest.raises(ValueError, match="prompt_layers: 5 is more than the model's n_layers=4"):
         adapter.load(base_folder, adapter=too_deep, device="cpu")
@@ -205,6 +208,9 @@ def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
     folder = broken_copy("no_tokenizer")
     (folder / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer: .*tokenizer.model does not exist"):
+        adapter.load(folder, device="cpu")
+    (folder / "tokenizer.model").mkdir()  # was said not to exist
+    with pytest.raises(FileNotFoundError, match="tokenizer: .*tokenizer.model is a folder, not a file"):
         adapter.load(folder, device="cpu")
 
     folder = broken_copy("bad_params")

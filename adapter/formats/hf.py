@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import ModelArgs, RopeScaling, explicit_head_size
+from ..paths import not_a_file
 from ..tokenizer import find_tokenizer
 from .bnb import QuantizedWeight, split_stats, stored_quantization
 from .common import named_tensors, renamed, torch_load
@@ -158,7 +159,7 @@ def _open_shards(index: Path) -> list[_WeightFile]:
             raise ValueError(f"{index}: {file_name!r} is not a file name in this folder")
         path = index.parent / file_name
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: weight shard named in {index.name} does not exist")
+            raise FileNotFoundError(f"{index.name} names the weight shard {not_a_file(path)}")
         files[file_name] = _open_file(path)
     for name, file_name in weight_map.items():
         if name not in files[file_name].names:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import AdapterArgs
+from ..paths import not_a_file
 from ..prompts import format_named
 from .common import LoadedAdapter, atomic_write, base_shape
 from .peft import CONFIG_NAME as PEFT_CONFIG_NAME
@@ -35,7 +36,7 @@ def resolve(path: str | os.PathLike) -> Path:
     if path.is_dir():
         path = path / FILE_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"adapter: {path} does not exist")
+        raise FileNotFoundError(f"adapter: {not_a_file(path)}")
     return path
 
 
