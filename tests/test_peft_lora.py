@@ -125,6 +125,31 @@ def test_a_lora_of_rank_0_is_refused(meta, tmp_path):
         adapter.load(meta, adapter=tmp_path / "lora", device="cpu")
 
 
+@pytest.mark.parametrize("change, declared", [({"r": 8}, 8), ({"rank_pattern": {"q_proj": 2}}, 2)])
+def test_a_lora_of_another_rank_than_its_config_says_is_refused(meta, tmp_path, change, declared):
+    """PEFT refuses such a folder (its LoRA is built at the config's rank); it loaded, scaled by the tensors' rank."""
+    peft_lora(meta, tmp_path / "lora", target_modules=["q_proj"])
+    config_path = tmp_path / "lora" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: model.layers.0.self_attn.q_proj: LoRA of rank 4, "
+                                         rf"but adapter_config.json gives it rank {declared} \(r or rank_pattern\)$"):
+        adapter.load(meta, adapter=tmp_path / "lora", device="cpu")
+
+
+def test_a_lora_tensor_stored_twice_is_refused(meta, tmp_path):
+    """One copy with PEFT's base_model.model. prefix and one without: the later one was read."""
+    from safetensors.torch import load_file, save_file
+
+    peft_lora(meta, tmp_path / "lora", target_modules=["q_proj"])
+    weights = tmp_path / "lora" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(name for name in tensors if "layers.0." in name and "lora_A" in name)
+    save_file({**tensors, name.removeprefix("base_model.model."): tensors[name] * 2}, weights)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.lora_A.weight is stored twice \(with and "
+                                         r"without the base_model.model. prefix\)$"):
+        adapter.load(meta, adapter=tmp_path / "lora", device="cpu")
+
+
 def test_loras_on_other_modules_or_other_bases_are_refused(meta, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -58,7 +58,12 @@ def read_lora(folder: Path) -> LoadedAdapter:
     for (module_name, layer, module), (down, up) in sorted(pairs.items()):
         parent, linear = MODULES[module]
         r = down.shape[0]
-        scaling = _scaling(config, module_name, r)
+        declared = _pattern_value(config, "rank_pattern", module_name, config["r"])
+        if r != declared:  # PEFT builds each LoRA at the config's rank, then refuses tensors of another
+            raise ValueError(f"{weights}: {module_name}: LoRA of rank {r}, but {config_path.name} gives it rank "
+                             f"{declared} (r or rank_pattern)")
+        alpha = _pattern_value(config, "alpha_pattern", module_name, config["lora_alpha"])
+        scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
         prefix = f"layers.{layer}.{parent}.{linear}_delta"
         tensors[f"{prefix}.lora_down.weight"] = torch.cat([down.float(), torch.zeros(rank - r, down.shape[1])])
         tensors[f"{prefix}.lora_up.weight"] = torch.cat([up.float() * scaling, torch.zeros(up.shape[0], rank - r)],
@@ -117,7 +122,11 @@ def _pairs(path: Path, state: dict) -> dict[tuple[str, int, str], tuple[torch.Te
         if not value.is_floating_point() or value.dim() != 2:
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} {value.dtype}, expected a 2-D float "
                              "tensor")
-        found.setdefault((match[1], int(match[2]), match[3]), {})[match[4]] = value
+        parts = found.setdefault((match[1], int(match[2]), match[3]), {})
+        if match[4] in parts:
+            raise ValueError(f"{path}: {match[1]}.lora_{match[4]}.weight is stored twice (with and without the "
+                             "base_model.model. prefix)")
+        parts[match[4]] = value
     if not found:
         raise ValueError(f"{path}: no lora_A / lora_B tensors")
     pairs = {}
@@ -141,15 +150,14 @@ def _positive(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
 
 
-def _scaling(config: dict[str, Any], module_name: str, rank: int) -> float:
-    """PEFT's `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA), alpha from `alpha_pattern` where a key matches the
-    module name as PEFT matches it (the first key that is a whole dotted suffix of the name, as a regex)."""
-    alpha = config["lora_alpha"]
-    for key, value in (config.get("alpha_pattern") or {}).items():
+def _pattern_value(config: dict[str, Any], patterns: str, module_name: str, default: float) -> float:
+    """A module's value in `rank_pattern` / `alpha_pattern` as PEFT reads it (the first key that is a whole dotted
+    suffix of the module's name, as a regex), else `default` (r, lora_alpha): PEFT's scaling is lora_alpha / r,
+    or / sqrt(r) with rsLoRA."""
+    for key, value in (config.get(patterns) or {}).items():
         if re.match(rf"(.*\.)?({key})$", module_name):
-            alpha = value
-            break
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            return value
+    return default
 
 
 def _fit(tensors: dict[str, torch.Tensor], model: "Transformer") -> dict[str, torch.Tensor]:
