@@ -252,7 +252,10 @@ class AdapterArgs:
         _require(self.gate_activation in GATE_ACTIVATIONS, "gate_activation",
                  f"must be one of {GATE_ACTIVATIONS}, got {self.gate_activation!r}")
         for name in ("lora_targets", "bias_targets"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+            given = getattr(self, name)
+            _require(isinstance(given, list | tuple), name, f"must be a list of linears ({', '.join(LORA_TARGETS)}), "
+                     f"got {given!r}")  # a string or a dict were read letter by letter, key by key
+            object.__setattr__(self, name, tuple(given))
             unknown = sorted(set(getattr(self, name)) - set(LORA_TARGETS))
             _require(not unknown, name, f"unknown linear(s) {unknown}; choose from {LORA_TARGETS}")
         _require(self.scale_at in SCALE_PLACES, "scale_at", f"must be one of {SCALE_PLACES}, got {self.scale_at!r}")

@@ -167,6 +167,13 @@ def test_bad_adapter_files_get_clear_errors(base_folder, trained, tmp_path):
                             "clip_model: must be an open_clip model name or config path, got None"),
         "flag_type": (lambda t, m: m.update(adapter_args=json.dumps({**json.loads(m["adapter_args"]), "bias": []})),
                       r"bias: must be true or false, got \[\]"),
+        # a number was "'int' object is not iterable", a text read letter by letter ("unknown linear(s) ['q', 'w']")
+        "targets_number": (lambda t, m: m.update(adapter_args=json.dumps({**json.loads(m["adapter_args"]),
+                                                                           "lora_targets": 5})),
+                           r"lora_targets: must be a list of linears \(wq, wk, wv, wo, w1, w2, w3\), got 5"),
+        "targets_text": (lambda t, m: m.update(adapter_args=json.dumps({**json.loads(m["adapter_args"]),
+                                                                         "bias_targets": "wq"})),
+                         r"bias_targets: must be a list of linears \(wq, wk, wv, wo, w1, w2, w3\), got 'wq'"),
     }
     for name, (change, message) in cases.items():
         path = tmp_path / f"{name}.safetensors"
