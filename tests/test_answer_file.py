@@ -99,7 +99,7 @@ def test_a_llava_record_asks_its_last_human_turn_after_the_turns_before_it(model
     assert str(caught.value).splitlines()[1:] == [
         f"  {bad}:1: 'instruction': not with 'conversations' (the question is its last human turn)",
         f"  {bad}:2: 'answer': the output adds this key; rename it in the question",
-        f"  {bad}:3: 'conversations' must be a non-empty list of turns, got a list"]
+        f"  {bad}:3: 'conversations' must be a non-empty list of turns, got an empty list"]
 
 
 def test_chat_messages_are_asked_as_llava_conversations_are(tmp_path):

@@ -175,9 +175,10 @@ def test_bad_llava_records_name_the_missing_image_and_the_turn_at_fault(tmp_path
     assert f"{data}:2: image {folder / 'notes.png'} is not an image file" in report
     assert f"{data}:3: image {folder / 'huge.png'} has 9000x9000 pixels, more than the limit of 64,000,000" in report
     assert f"{data}:4: conversations[0]: expected a 'human' turn" in report
-    assert f"{data}:5: 'conversations' has 3 turns; it must end with a 'gpt' turn" in report
+    assert f"{data}:5: 'conversations' ends with a 'human' turn that has no answer: it must end with a 'gpt' turn" \
+        in report
     assert f"{data}:6: conversations[0]: empty human turn; conversations[1]: 'from' must be 'human' or 'gpt'" in report
-    assert f"{data}:7: 'conversations' must be a non-empty list" in report
+    assert f"{data}:7: 'conversations' must be a non-empty list of turns, got an empty list" in report
     assert f"{data}:8: image {folder / 'cut.jpg'} could not be decoded (image file is truncated" in report
     with pytest.raises(DataError, match="needs --image-folder"):
         read_records(write_jsonl(tmp_path / "one.jsonl", [{"image": "a.png", "conversations": CONVERSATION}]))
@@ -197,13 +198,19 @@ def test_chat_messages_become_the_same_examples_as_llava_conversations(tmp_path)
     bad = write_jsonl(tmp_path / "bad.jsonl", [
         {"messages": messages[1:4]},
         {"messages": [{"role": "user", "content": ["a", "list"]}, {"role": "assistant", "content": "x"}]},
-        {"instruction": "x", "output": "y", "image": "a.png"}])
+        {"instruction": "x", "output": "y", "image": "a.png"},
+        {"messages": [{"role": "assistant", "content": "x"}]},
+        {"messages": [system]}])
     with pytest.raises(DataError) as caught:
         read_records(bad)
     report = str(caught.value)
-    assert f"{bad}:1: 'messages' has 3 turns; it must end with a 'assistant' turn" in report
+    assert f"{bad}:1: 'messages' ends with a 'user' turn that has no answer: it must end with an 'assistant' turn" \
+        in report
     assert f"{bad}:2: messages[0]: 'content' must be a string, got a list" in report
     assert f"{bad}:3: 'image' is only read with a conversation ('conversations', as LLaVA's, or 'messages')" in report
+    # an answer alone was also said to be one turn that "must end with a 'assistant' turn"
+    assert f"{bad}:4: messages[0]: expected a 'user' turn (turns alternate, user first), got 'assistant'\n" in report
+    assert f"{bad}:5: 'messages' must be a non-empty list of turns, got a system turn alone" in report
 
 
 def test_image_records_need_a_model_with_an_image_encoder(tmp_path, base_folder):

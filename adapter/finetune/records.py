@@ -368,7 +368,8 @@ def _conversation(turns: Any, reasons: list[str], first: int, layout: ChatLayout
     with an answer; `<image>` removed."""
     key, roles = layout.key, (layout.asking, layout.answering)
     if not isinstance(turns, list) or len(turns) <= first:
-        reasons.append(f"'{key}' must be a non-empty list of turns, got {kind(turns)}")
+        got = kind(turns) if not isinstance(turns, list) else "an empty list" if not turns else "a system turn alone"
+        reasons.append(f"'{key}' must be a non-empty list of turns, got {got}")
         return []
     values = []
     for index, turn in enumerate(turns[first:], start=first):
@@ -389,8 +390,10 @@ def _conversation(turns: Any, reasons: list[str], first: int, layout: ChatLayout
         if expected == layout.asking and not value:
             reasons.append(f"{where}: empty {layout.asking} turn")
         values.append(value)
-    if (len(turns) - first) % 2:
-        reasons.append(f"'{key}' has {len(turns) - first} turns; it must end with a '{layout.answering}' turn")
+    if (len(turns) - first) % 2 and isinstance(turns[-1], dict) and turns[-1].get(layout.role) == roles[0]:
+        article = "an" if roles[1][0] in "aeiou" else "a"
+        reasons.append(f"'{key}' ends with a '{roles[0]}' turn that has no answer: it must end with {article} "
+                       f"'{roles[1]}' turn")  # (a last answering turn out of place is named above, as out of turn)
     return list(zip(values[::2], values[1::2]))
 
 
