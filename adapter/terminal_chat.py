@@ -118,7 +118,9 @@ class Conversation:
                 file.write(json.dumps(record, ensure_ascii=False) + "\n")
         except OSError as error:
             raise ValueError(f"/save: cannot write {path}: {error.strerror}") from None
-        out.write(f"saved {len(turns)} answered turn(s) to {path} as one training record\n")
+        unanswered = len(self.history) - len(turns)  # stopped before a word, or answered with nothing
+        out.write(f"saved {len(turns)} answered turn(s) to {path} as one training record" +
+                  (f" ({unanswered} without an answer left out)" if unanswered else "") + "\n")
 
     def next_tokens(self, question: str) -> NextTokens:
         """The next token's probabilities after `question` (in this conversation, or about the picture) at gate 0

@@ -173,3 +173,17 @@ def test_save_appends_the_chat_as_a_training_record_that_fine_tuning_reads(capsy
         f"'{tmp_path / 'chats.json'}'",
         f"error: /save: cannot write {tmp_path}/no/such.jsonl: No such file or directory",
     ]
+
+
+def test_save_says_how_many_turns_without_an_answer_it_left_out(tmp_path):
+    """A turn stopped before its first word (Ctrl-C) has no answer to train on: it was dropped without a word."""
+    import io
+
+    from adapter.terminal_chat import Conversation
+
+    conversation = Conversation(Engine(adapter.load("tiny", device="cpu")), Settings(**GREEDY),
+                                history=[(QUESTION, "red"), ("What is 3 + 4?", ""), ("And 2 + 2?", "4")])
+    out = io.StringIO()
+    assert conversation.command(f"/save {tmp_path / 'chats.jsonl'}", out)
+    assert out.getvalue() == f"saved 2 answered turn(s) to {tmp_path / 'chats.jsonl'} as one training record " \
+                             "(1 without an answer left out)\n"
