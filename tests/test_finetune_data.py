@@ -213,6 +213,23 @@ def test_chat_messages_become_the_same_examples_as_llava_conversations(tmp_path)
     assert f"{bad}:5: 'messages' must be a non-empty list of turns, got a system turn alone" in report
 
 
+def test_an_image_record_cannot_name_a_file_outside_the_image_folder(tmp_path):
+    """The app's image folder is the visitor's uploads: a record naming /etc/passwd or ../ had the server read it
+    (a picture of the server scored, trained on) and say whether any path exists."""
+    folder, outside = tmp_path / "uploads", tmp_path / "secret.png"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(outside)
+    Image.new("RGB", (8, 8)).save(folder / "mine.png")
+    names = [str(outside), "../secret.png", "sub/../../secret.png", "/etc/passwd", "/nowhere.png"]
+    data = write_jsonl(tmp_path / "llava.jsonl", [{"image": name, "conversations": CONVERSATION} for name in names]
+                       + [{"image": "mine.png", "conversations": CONVERSATION}])
+    with pytest.raises(DataError) as caught:
+        read_records(data, folder)
+    assert str(caught.value).splitlines()[1:] == [
+        f"  {data}:{line}: 'image' must name a file under the image folder (no absolute path, no '..'), got {name!r}"
+        for line, name in enumerate(names, start=1)]
+
+
 def test_image_records_need_a_model_with_an_image_encoder(tmp_path, base_folder):
     Image.new("RGB", (2, 2)).save(tmp_path / "cat.png")
     data = write_json(tmp_path / "llava.json", [{"image": "cat.png", "conversations": CONVERSATION}] * 4)

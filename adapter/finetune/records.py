@@ -338,6 +338,10 @@ def image_field(record: dict, folder: Path | None, reasons: list[str]) -> Path |
     if folder is None:
         reasons.append(f"image {name!r} needs --image-folder")
         return None
+    if Path(name).is_absolute() or ".." in Path(name).parts:  # the app's uploads are the folder:
+        # a record must not have it read (and say whether it exists) any file of the server
+        reasons.append(f"'image' must name a file under the image folder (no absolute path, no '..'), got {name!r}")
+        return None
     path = folder / name
     if not path.is_file():
         reasons.append(f"{MISSING_PICTURE} {not_a_file(path)}")
