@@ -201,8 +201,18 @@ def test_tiny_held_out_writes_the_questions_eval_asks_as_training_records(tmp_pa
     (example,) = records[0]
     assert len(records) == len(IMAGE_CATEGORIES) and example.image.suffix == ".png"
     assert example.prompt == adapter.image_question(held_out("image", seed=0, per_category=1)[0].question)
-    assert tiny_main(["held-out", "text", str(tmp_path / "none.jsonl"), "--per-category", "0"]) == 2
-    assert "--per-category: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):  # refused as the command line is read
+        tiny_main(["held-out", "text", str(tmp_path / "none.jsonl"), "--per-category", "0"])
+    assert "argument --per-category: must be at least 1, got 0" in capsys.readouterr().err
+    # options of another kind were ignored without a word
+    assert tiny_main(["held-out", "text", str(tmp_path / "none.jsonl"), "--documents", "5"]) == 2
+    assert capsys.readouterr().err == "error: --documents: only with corpus (questions are --per-category per " \
+                                      "category)\n"
+    for unused in (["--choices"], ["--per-category", "2"]):
+        assert tiny_main(["held-out", "corpus", str(tmp_path / "none.jsonl"), *unused]) == 2
+        assert capsys.readouterr().err == f"error: {unused[0]}: not with corpus (documents, not questions: " \
+                                          "--documents says how many)\n"
+    assert not (tmp_path / "none.jsonl").exists()
     # OUT without a suffix was the pictures' folder too: filled with pictures, then refused as a folder
     for choices in ([], ["--choices"]):
         assert tiny_main(["held-out", "image", str(tmp_path / "nosuffix"), "--per-category", "1", *choices]) == 2
@@ -376,8 +386,9 @@ def test_tiny_held_out_corpus_writes_held_out_documents_as_text_records(tmp_path
     assert tiny_main(["held-out", "corpus", str(tmp_path / "corpus.txt"), "--documents", "3"]) == 0
     assert (tmp_path / "corpus.txt").read_text() == "".join(f"{record['text']}\n" for record in records), \
         "a .txt file: one text, a document a line"
-    assert tiny_main(["held-out", "corpus", str(tmp_path / "none.jsonl"), "--documents", "0"]) == 2
-    assert "--documents: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
+        tiny_main(["held-out", "corpus", str(tmp_path / "none.jsonl"), "--documents", "0"])
+    assert "argument --documents: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_several_delta_scales_give_a_table_each(base_folder, v2_adapter, data, capsys):
@@ -428,3 +439,29 @@ def test_adapter_flag_given_twice_keeps_both(command):
     asked = ["--data", "d.jsonl"] if command == "evaluate" else ["--prompt", "Hi"]
     args = parser.parse_args(["--base", "tiny", "--adapter", "a", "--adapter", "b", "c", *asked])
     assert args.adapter == ["a", "b", "c"]
+
+
+def test_tiny_held_out_pictures_appear_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """Ctrl-C left thousands of pictures and no records, with a traceback; a shorter rerun kept the longer one's."""
+    from adapter.tiny import records
+    from adapter.tiny.cli import main as tiny_main
+
+    out = tmp_path / "img.jsonl"
+    assert tiny_main(["held-out", "image", str(out), "--per-category", "2"]) == 0
+    before = sorted(p.name for p in (tmp_path / "img").iterdir())
+    drawn, render = [], records.render
+
+    def interrupted(scene):
+        drawn.append(scene)
+        if len(drawn) == 3:
+            raise KeyboardInterrupt
+        return render(scene)
+
+    monkeypatch.setattr(records, "render", interrupted)
+    assert tiny_main(["held-out", "image", str(out), "--per-category", "1"]) == 130
+    assert capsys.readouterr().err == "interrupted: no file or folder is left half-written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img", "img.jsonl"]  # no staging folder left
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == before  # the earlier run's, untouched
+    monkeypatch.setattr(records, "render", render)
+    assert tiny_main(["held-out", "image", str(out), "--per-category", "1"]) == 0
+    assert len(list((tmp_path / "img").iterdir())) == len(out.read_text().splitlines()) < len(before)

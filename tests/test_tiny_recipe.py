@@ -16,7 +16,6 @@ from adapter.cpu_features import describe_cpu
 from adapter.generate import generate_batch
 from adapter.prompts import STOP_STRINGS, image_question
 from adapter.tiny import assets
-from adapter.tiny.adapters import VISION_MISSING
 from adapter.tiny.build import MANIFEST, STAGES, Build
 from adapter.tiny.card import CARD, write_card
 from adapter.tiny.clip_probe import clip_probe
@@ -106,13 +105,9 @@ def test_a_rebuild_gives_the_same_bytes(micro, tmp_path):
         assert manifest["files"][name]["sha256"] == entry["sha256"], name
 
 
-def test_the_image_stage_trains_through_finetune_or_says_what_is_missing(micro, tmp_path):
+def test_the_image_stage_trains_through_finetune(micro, tmp_path):
     root, _ = micro
-    try:
-        manifest = build(root / "out", root / "work", ["image"])
-    except NotImplementedError as error:
-        assert str(error) == VISION_MISSING
-        pytest.skip("adapter.finetune cannot train visual prompts yet")
+    manifest = build(root / "out", root / "work", ["image"])
     assert (root / "out" / "image" / "adapter.safetensors").is_file() and "image" in manifest["stages"]
     model = adapter.load(*assets.resolve("tiny", "tiny-image", None, None, root=root / "out")[:2], device="cpu")
     assert model.adapter_args.visual == MICRO.image.visual

@@ -205,22 +205,35 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` (UTF-8) in `path`, whole or not at all (atomic_write)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def refuse_existing(out: Path) -> None:
     """A folder to be written whole is a new one: ValueError naming `out` where it exists."""
     if out.exists():
         raise ValueError(f"out: {out} already exists; name a new folder")
 
 
-def atomic_folder(out: Path, write: Callable[[Path], object]) -> Path:
+def atomic_folder(out: Path, write: Callable[[Path], object], replace: bool = False) -> Path:
     """`write(tmp)` into a temp folder beside the new folder `out`, then rename: `out` appears whole or not at
-    all, whatever `write` raises."""
-    refuse_existing(out)
+    all, whatever `write` raises. With `replace`, a folder already at `out` (an earlier run's output) is replaced
+    once the new one is whole, rather than refused."""
+    if not replace:
+        refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
     try:
         write(staging)
         os.chmod(staging, new_file_mode(folder=True))  # mkdtemp made it owner-only
-        os.rename(staging, out)
+        if replace and out.is_dir():
+            old = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".old", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

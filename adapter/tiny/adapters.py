@@ -8,11 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..formats.common import atomic_write, write_text_atomically
 from .recipe import AdapterSettings
-
-VISION_MISSING = ("the image stage needs adapter.finetune to train visual prompts: TrainConfig(mode='vision', clip=, "
-                  "clip_model=, visual=, visual_dim=, visual_depth=, visual_heads=) loading the base with its CLIP "
-                  "tower; this adapter.finetune has no such mode yet, so the stage cannot run")
 
 
 def train_adapter(settings: AdapterSettings, base: Path, data: Path, run: Path, seed: int, *, max_seq_len: int,
@@ -33,8 +30,6 @@ def train_adapter(settings: AdapterSettings, base: Path, data: Path, run: Path, 
         vision = dict(mode="vision", image_folder=str(image_folder), clip=str(clip[0]), clip_model=str(clip[1]),
                       visual=settings.visual, visual_dim=settings.visual_dim, visual_depth=settings.visual_depth,
                       visual_heads=settings.visual_heads, visual_lr=settings.visual_lr)
-        if not set(vision) <= set(TrainConfig.__dataclass_fields__):
-            raise NotImplementedError(VISION_MISSING)
         options.update(vision)
     if run.exists():
         shutil.rmtree(run)
@@ -61,7 +56,7 @@ def install(adapter_file: Path, folder: Path, clip_model: Path | None = None) ->
         config_path = folder / "adapter.json"
         config = json.loads(config_path.read_text())
         config["adapter_args"]["clip_model"] = relative
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_text_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return canonical_header(folder / adapter_file.name, clip_model=relative)
 
 
@@ -81,5 +76,6 @@ def canonical_header(path: Path, clip_model: str | None = None) -> Path:
                                               sort_keys=True)
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data stays 8-byte aligned, as safetensors writes it
-    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + size:])
+    rewritten = len(encoded).to_bytes(8, "little") + encoded + raw[8 + size:]
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(rewritten))
     return path

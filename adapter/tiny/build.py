@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..cpu_features import bf16_emulation_warning, describe_cpu
+from ..formats.common import write_text_atomically
 from . import assets
 from .recipe import Recipe
 
@@ -109,7 +110,7 @@ class Build:
                              for p in sorted(self.out.rglob("*"))
                              if p.is_file() and p.name not in (MANIFEST, "MODEL_CARD.md", "accuracy.json",
                                                                 "accuracy.png")}
-        (self.out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_text_atomically(self.out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     # ----- stages -----------------------------------------------------------------------------------
     def stage_data(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +120,7 @@ class Build:
 
         r = self.recipe
         documents = corpus(r.seed, r.documents)
-        self.corpus_path.write_text("".join(d + "\n" for d in documents))
+        write_text_atomically(self.corpus_path, "".join(d + "\n" for d in documents))
         write_text_records(text_questions(r.seed, "train", r.text.examples), self.work / "text.jsonl")
         write_image_records(image_questions(r.seed, "train", r.image.examples), self.work / "image.jsonl",
                             self.work / "images")

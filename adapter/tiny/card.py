@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..formats.common import write_text_atomically
 from .build import MANIFEST, STAGES
 from .evaluate import FROZEN, FROZEN_LABEL
 from .report import ACCURACY_JSON, ACCURACY_PNG
@@ -188,5 +189,5 @@ def write_card(out: Path) -> Path:
         "",
     ]
     path = out / CARD
-    path.write_text("\n".join(lines))
+    write_text_atomically(path, "\n".join(lines))
     return path

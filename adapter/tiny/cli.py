@@ -8,9 +8,33 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..interrupts import stoppable
 from .assets import ASSETS
 from .build import STAGES
 from .recipe import RECIPES, Recipe
+
+DEFAULT_DOCUMENTS = 200  # held-out corpus documents
+
+
+def at_least_one(text: str) -> int:
+    """A whole number of 1 or more (0 read as "not given" took the recipe's, a negative failed after set-up)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def above_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,31 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     clip_probe = commands.add_parser("clip-probe", help="how much of the image answers the CLIP's features hold")
     clip_probe.add_argument("--clip", type=Path, default=ASSETS / "clip",
                             help="folder with visual.safetensors and tiny-clip.json (default: assets/tiny/clip)")
-    clip_probe.add_argument("--pictures", type=int, help="train pictures for the classifiers (default: the recipe's)")
-    clip_probe.add_argument("--epochs", type=int, help="classifier epochs (default: the recipe's)")
+    clip_probe.add_argument("--pictures", type=at_least_one,
+                            help="train pictures for the classifiers (default: the recipe's)")
+    clip_probe.add_argument("--epochs", type=at_least_one, help="classifier epochs (default: the recipe's)")
     recall = commands.add_parser("recall", help="how many steps a fresh base of the recipe's shape needs to learn "
                                                 "key -> value lookups (a drill without scenes)")
-    recall.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000, the base's)")
-    recall.add_argument("--every", type=int, default=250, help="report held-out accuracy every N steps")
-    recall.add_argument("--batch", type=int, default=32, help="sequences per step")
-    recall.add_argument("--lr", type=float, help="peak lr (default: the recipe's base lr)")
-    recall.add_argument("--pairs", type=int, default=4, help="key -> value pairs per sequence (default: 4)")
-    recall.add_argument("--keys", type=int, default=100, help="distinct keys (default: 100)")
-    recall.add_argument("--values", type=int, default=6, help="distinct values (default: 6)")
+    recall.add_argument("--steps", type=at_least_one, default=2000, help="training steps (default: 2000, the base's)")
+    recall.add_argument("--every", type=at_least_one, default=250, help="report held-out accuracy every N steps")
+    recall.add_argument("--batch", type=at_least_one, default=32, help="sequences per step")
+    recall.add_argument("--lr", type=above_zero, help="peak lr (default: the recipe's base lr)")
+    recall.add_argument("--pairs", type=at_least_one, default=4, help="key -> value pairs per sequence (default: 4)")
+    recall.add_argument("--keys", type=at_least_one, default=100, help="distinct keys (default: 100)")
+    recall.add_argument("--values", type=at_least_one, default=6, help="distinct values (default: 6)")
     recall.add_argument("--bf16", action="store_true",
                         help="train under bf16 autocast, as the base pretrains (default: float32)")
     recall.add_argument("--seed", type=int, help="seed of the initial weights and the sequences (default: the "
                         "recipe's); the step at which the lookup forms varies with it")
     for name in ("dim", "layers", "heads"):
-        recall.add_argument(f"--{name}", type=int, help=f"model {name} (default: the recipe's base)")
+        recall.add_argument(f"--{name}", type=at_least_one, help=f"model {name} (default: the recipe's base)")
     held = commands.add_parser("held-out", help="write the held-out questions eval asks as fine-tuning records "
                                                 "(Alpaca for text, LLaVA + PNGs for images), or held-out documents "
                                                 "of the base's corpus as plain-text records (corpus)")
     held.add_argument("kind", choices=("text", "image", "corpus"))
-    held.add_argument("--documents", type=int, default=200, help="corpus: how many documents")
+    held.add_argument("--documents", type=at_least_one,
+                      help=f"corpus: how many documents (default {DEFAULT_DOCUMENTS})")
     held.add_argument("out", type=Path, help="JSONL file to write (image records: PNGs in a folder beside it; "
                                              "corpus: a .txt file gets the documents as one text, a line each)")
-    held.add_argument("--per-category", type=int, help="questions per category (default: the recipe's eval's)")
+    held.add_argument("--per-category", type=at_least_one, help="questions per category (default: the recipe's eval's)")
     held.add_argument("--choices", action="store_true",
                       help="the colour, shape, position and count questions as multiple-choice records")
     for sub in (build, evaluate, probe, clip_probe, recall, held):
@@ -101,15 +127,17 @@ def write_held_out(options: argparse.Namespace, recipe: Recipe) -> None:
     from .records import CHOICES, write_choice_records, write_corpus_records, write_image_records, write_text_records
 
     if options.kind == "corpus":
-        if options.documents < 1:
-            raise ValueError(f"--documents: must be at least 1, got {options.documents}")
-        write_corpus_records(recipe.seed, options.documents, options.out)
-        print(f"wrote {options.documents} held-out documents of the base's corpus to {options.out}; score them with "
+        unused = "--per-category" if options.per_category is not None else "--choices" if options.choices else None
+        if unused:
+            raise ValueError(f"{unused}: not with corpus (documents, not questions: --documents says how many)")
+        documents = options.documents or DEFAULT_DOCUMENTS
+        write_corpus_records(recipe.seed, documents, options.out)
+        print(f"wrote {documents} held-out documents of the base's corpus to {options.out}; score them with "
               "python -m adapter.evaluate --text")
         return
+    if options.documents is not None:
+        raise ValueError("--documents: only with corpus (questions are --per-category per category)")
     per_category = recipe.eval_per_category if options.per_category is None else options.per_category
-    if per_category < 1:
-        raise ValueError(f"--per-category: must be at least 1, got {per_category}")
     pictures = options.out.with_suffix("") if options.kind == "image" else None  # a folder beside OUT
     if pictures == options.out:  # the pictures went into OUT itself, which then could not be written
         raise ValueError(f"out: name a file such as {options.out}.jsonl (the pictures go in {options.out}/ beside it)")
@@ -129,60 +157,61 @@ def write_held_out(options: argparse.Namespace, recipe: Recipe) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress of a half-hour build shows in a log file as it happens
-    recipe = RECIPES[options.scale]
-    try:
-        if options.command == "build":
-            from .build import Build
+    kept = (f"the stages finished so far are in {options.work} (--stages goes on from there)"
+            if options.command == "build" else "no file or folder is left half-written")
+    return stoppable(lambda: run(options, RECIPES[options.scale]), kept)  # Ctrl-C, SIGTERM: one line
 
-            manifest = Build(recipe.in_fp32() if options.fp32 else recipe, options.out,
-                             options.work).run(options.stages.split(","))
-            print(f"built {options.out} in {manifest['build_seconds'] / 60:.1f} min of stage time")
-        elif options.command == "probe":
-            from .build import deterministic
-            from .probe import probe, scores, template_scores, wrong_answers
 
-            deterministic(recipe.threads)
-            answered = probe(options.out, recipe.seed, recipe.eval_per_category)
-            for form, rows in answered.items():
-                print(f"{form:9s} " + "  ".join(f"{c} {v:.0%}" for c, v in scores(rows).items()))
-            if options.by_template:
-                for category, text, right, asked in template_scores(answered["dialogue"]):
-                    print(f"{category:10s} {text:44s} {right:4d}/{asked:<4d} {right / asked:4.0%}")
-            for line in wrong_answers(answered["dialogue"], options.wrong):
-                print(line)
-        elif options.command == "clip-probe":
-            from .build import deterministic
-            from .clip_probe import clip_probe
+def run(options: argparse.Namespace, recipe: Recipe) -> None:
+    """The subcommand `options` name, with `recipe`'s settings."""
+    if options.command == "build":
+        from .build import Build
 
-            deterministic(recipe.threads)
-            found = clip_probe(options.clip, recipe.seed, options.pictures or recipe.clip_probe_pictures,
-                               options.epochs or recipe.clip_probe_epochs, recipe.eval_per_category)
-            for reader, row in found.items():
-                print(f"{reader:7s} " + "  ".join(f"{c} {v:.0%}" for c, v in row.items()))
-        elif options.command == "recall":
-            run_recall(options, recipe)
-        elif options.command == "held-out":
-            write_held_out(options, recipe)
-        else:
-            from .assets import CLIP
-            from .build import deterministic
-            from .card import write_card
-            from .clip_probe import clip_probe
-            from .evaluate import evaluate
-            from .probe import probe, scores
-            from .report import ACCURACY_PNG, write_accuracy, write_benchmarks
+        manifest = Build(recipe.in_fp32() if options.fp32 else recipe, options.out,
+                         options.work).run(options.stages.split(","))
+        print(f"built {options.out} in {manifest['build_seconds'] / 60:.1f} min of stage time")
+    elif options.command == "probe":
+        from .build import deterministic
+        from .probe import probe, scores, template_scores, wrong_answers
 
-            deterministic(recipe.threads)
-            results, counts = evaluate(recipe.seed, recipe.eval_per_category, recipe.gate_scales, options.out)
-            native = scores(probe(options.out, recipe.seed, recipe.eval_per_category, ["dialogue"])["dialogue"])
-            clip_read = None
-            if (options.out / CLIP).is_dir():
-                clip_read = clip_probe(options.out / CLIP, recipe.seed, recipe.clip_probe_pictures,
-                                       recipe.clip_probe_epochs, recipe.eval_per_category)
-            write_accuracy(results, options.out, counts, native, clip_read)
-            write_benchmarks(results, counts, options.write, options.out / ACCURACY_PNG)
-            write_card(options.out)
-    except (ValueError, OSError, NotImplementedError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        deterministic(recipe.threads)
+        answered = probe(options.out, recipe.seed, recipe.eval_per_category)
+        for form, rows in answered.items():
+            print(f"{form:9s} " + "  ".join(f"{c} {v:.0%}" for c, v in scores(rows).items()))
+        if options.by_template:
+            for category, text, right, asked in template_scores(answered["dialogue"]):
+                print(f"{category:10s} {text:44s} {right:4d}/{asked:<4d} {right / asked:4.0%}")
+        for line in wrong_answers(answered["dialogue"], options.wrong):
+            print(line)
+    elif options.command == "clip-probe":
+        from .build import deterministic
+        from .clip_probe import clip_probe
+
+        deterministic(recipe.threads)
+        found = clip_probe(options.clip, recipe.seed, options.pictures or recipe.clip_probe_pictures,
+                           options.epochs or recipe.clip_probe_epochs, recipe.eval_per_category)
+        for reader, row in found.items():
+            print(f"{reader:7s} " + "  ".join(f"{c} {v:.0%}" for c, v in row.items()))
+    elif options.command == "recall":
+        run_recall(options, recipe)
+    elif options.command == "held-out":
+        write_held_out(options, recipe)
+    else:
+        from .assets import CLIP
+        from .build import deterministic
+        from .card import write_card
+        from .clip_probe import clip_probe
+        from .evaluate import evaluate
+        from .probe import probe, scores
+        from .report import ACCURACY_PNG, write_accuracy, write_benchmarks
+
+        deterministic(recipe.threads)
+        results, counts = evaluate(recipe.seed, recipe.eval_per_category, recipe.gate_scales, options.out)
+        native = scores(probe(options.out, recipe.seed, recipe.eval_per_category, ["dialogue"])["dialogue"])
+        clip_read = None
+        if (options.out / CLIP).is_dir():
+            clip_read = clip_probe(options.out / CLIP, recipe.seed, recipe.clip_probe_pictures,
+                                   recipe.clip_probe_epochs, recipe.eval_per_category)
+        write_accuracy(results, options.out, counts, native, clip_read)
+        write_benchmarks(results, counts, options.write, options.out / ACCURACY_PNG)
+        write_card(options.out)

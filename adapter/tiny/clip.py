@@ -137,11 +137,11 @@ def retrieval_accuracy(model, tokenizer: Tokenizer, context_length: int, seed: i
 
 def write_clip(model, config: dict[str, Any], folder: Path) -> tuple[Path, Path]:
     """The model config (.json) and the vision tower's weights in fp16 (.safetensors)."""
-    from ..formats.common import save_tensors
+    from ..formats.common import save_tensors, write_text_atomically
 
     folder.mkdir(parents=True, exist_ok=True)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     visual = {f"visual.{k}": v.detach().half().contiguous() for k, v in model.visual.state_dict().items()}
     save_tensors(visual, weights_path)
     return config_path, weights_path

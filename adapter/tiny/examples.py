@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..formats.common import write_text_atomically
 from .questions import image_questions, text_questions
 from .world import render
 
@@ -23,7 +24,7 @@ def write_examples(folder: Path, seed: int, count: int = 6) -> int:
                        "category": question.category})
     texts = [{"instruction": q.instruction, "answer": q.answer, "category": q.category}
              for q in text_questions(seed + 100, "held-out", count)]
-    (folder / FILE).write_text(json.dumps({"image": images, "text": texts}, indent=2) + "\n")
+    write_text_atomically(folder / FILE, json.dumps({"image": images, "text": texts}, indent=2) + "\n")
     return len(images) + len(texts)
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelArgs
+from ..formats.common import atomic_write, write_text_atomically
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 
@@ -154,10 +158,13 @@ def write_meta_folder(model: Transformer, folder: Path, tokenizer_path: Path) ->
     """params.json (with max_seq_len, which adapter.load honours), consolidated.00.pth (fp16), tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().half().contiguous() for name, tensor in model.state_dict().items()}
-    torch.save(state, folder / "consolidated.00.pth")
+    with tempfile.TemporaryDirectory(dir=folder) as staging:  # whole or not at all; torch.save names its zip's
+        # folder after the file, so the temp file has the final name (the shipped bytes)
+        torch.save(state, Path(staging) / "consolidated.00.pth")
+        os.replace(Path(staging) / "consolidated.00.pth", folder / "consolidated.00.pth")
     params = {k: v for k, v in model.args.to_dict().items() if v is not None}
-    (folder / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(folder / "params.json", json.dumps(params, indent=2, sort_keys=True) + "\n")
     target = folder / "tokenizer.model"
     if tokenizer_path.resolve() != target.resolve():
-        target.write_bytes(tokenizer_path.read_bytes())
+        atomic_write(target, lambda tmp: shutil.copyfile(tokenizer_path, tmp))
     return folder

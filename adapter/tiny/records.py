@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..formats.common import atomic_write
+from ..formats.common import atomic_folder, write_text_atomically
 from .questions import Question
 from .world import COLOURS, MAX_OBJECTS, SHAPES, SLOTS, render
 
@@ -62,13 +62,18 @@ def write_image_records(questions: list[Question], path: Path, image_folder: Pat
 
 
 def _pictures(questions: list[Question], image_folder: Path) -> list[str]:
-    """Each question's scene rendered as a PNG in `image_folder`; their file names."""
-    image_folder.mkdir(parents=True, exist_ok=True)
+    """Each question's scene rendered as a PNG in `image_folder` (the folder appears whole, replacing an earlier
+    one, or not at all: an interrupted run left thousands of pictures, and a shorter rerun kept the rest); their
+    file names."""
     names = [f"{index:06d}.png" for index in range(len(questions))]
-    for question, name in zip(questions, names):
-        render(question.scene).save(image_folder / name)
+
+    def render_all(folder: Path) -> None:
+        for question, name in zip(questions, names):
+            render(question.scene).save(folder / name)
+
+    atomic_folder(image_folder, render_all, replace=True)
     return names
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+    write_text_atomically(path, "".join(line + "\n" for line in lines))

@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.report import replace_section
 
 from ..cpu_features import describe_machine
-from ..formats.common import atomic_write
+from ..formats.common import atomic_write, write_text_atomically
 from .evaluate import FROZEN, FROZEN_LABEL, Accuracy
 from .questions import IMAGE_CATEGORIES, TEXT_CATEGORIES
 
@@ -25,7 +25,7 @@ def write_accuracy(results: dict[str, Accuracy], out: Path, counts: dict[str, in
     `clip_read`: what classifiers read from the CLIP's features, see clip_probe.py) and the plot."""
     content = {"questions": counts, "accuracy": results, **({"base_dialogue_form": native} if native else {}),
                **({"clip_probe": clip_read} if clip_read else {})}
-    (out / ACCURACY_JSON).write_text(json.dumps(content, indent=2) + "\n")
+    write_text_atomically(out / ACCURACY_JSON, json.dumps(content, indent=2) + "\n")
     plot(results, out / ACCURACY_PNG)
 
 
