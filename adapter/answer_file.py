@@ -30,7 +30,7 @@ from .finetune.records import (
     read_conversation,
     string_field,
 )
-from .formats.common import atomic_write
+from .formats.common import atomic_write, write_text_atomically
 from .gate_layers import Speaker, gate_scale_rows
 from .generate import GenerationRequest, fitting_batches, generate_batch, prompt_writer, require_tokenizer
 from .prompts import PromptFormat, apply_template
@@ -226,7 +226,7 @@ def write_answers(path: str | os.PathLike, questions: Sequence[Question], gate_s
              for index, question in enumerate(questions)
              for adapter, answers in answers_by_adapter
              for j, scale in enumerate(gate_scales)]
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8"))
+    write_text_atomically(Path(path), "".join(line + "\n" for line in lines))
     return len(lines)
 
 

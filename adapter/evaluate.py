@@ -31,7 +31,7 @@ from .finetune.encode import Encoded, encode_example, text_windows
 from .finetune.records import DATA_HELP, Example, read_documents, read_records
 from .finetune.step import scored_positions
 from .formats import BASE_HELP
-from .formats.common import atomic_write, check_file_target
+from .formats.common import atomic_write, check_file_target, write_text_atomically
 from .gate_layers import (
     FLAG_HELP,
     LAYER_SWEEP_ROWS,
@@ -305,7 +305,7 @@ def table(evaluation: Evaluation) -> str:
 
 def write_json(evaluations: Sequence[Evaluation | ChoiceEvaluation], path: str | Path) -> None:
     text = json.dumps([e.to_dict() for e in evaluations], indent=2) + "\n"
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    write_text_atomically(Path(path), text)
 
 
 def plot(evaluations: Sequence[Evaluation | ChoiceEvaluation], path: str | Path) -> None:

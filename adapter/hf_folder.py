@@ -19,7 +19,7 @@ import torch
 
 from .config import ModelArgs
 from .formats.bnb import QuantizedWeight
-from .formats.common import atomic_write, refuse_existing, save_tensors
+from .formats.common import refuse_existing, save_tensors, write_text_atomically
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
 from .loading import DTYPES, base_shapes, check_base_names, check_tensor, open_named_base
@@ -175,7 +175,7 @@ def push_folder(folder: Path, repo: str, private: bool, message: str) -> str:
 
     card = folder / CARD
     named = card.read_text().replace("OWNER/NAME", repo)
-    atomic_write(card, lambda tmp: Path(tmp).write_text(named))
+    write_text_atomically(card, named)
     try:
         return commit_folder(folder, repo, private, message, what="--push-to-hub")
     except ValueError as error:

@@ -30,7 +30,7 @@ import torch
 
 from adapter.config import AdapterArgs, ModelArgs
 from adapter.footprint import quant_state_tensors
-from adapter.formats.common import atomic_write
+from adapter.formats.common import write_text_atomically
 from bench.args import positive_int, run_main
 from bench.compare import TOLERANCE, Check, Greedy, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
 from bench.decode import measure
@@ -203,7 +203,7 @@ def write_profile(s: Setup, name: str, run: Callable[[], object]) -> None:
         sync(s.device)
     table = recorded.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                           row_limit=40, max_name_column_width=70)
-    atomic_write(s.profile / f"{name}.txt", lambda tmp: Path(tmp).write_text(table + "\n"))
+    write_text_atomically(s.profile / f"{name}.txt", table + "\n")
 
 
 def weights_gib(model: torch.nn.Module) -> float:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from adapter.formats.common import atomic_write
+from adapter.formats.common import write_text_atomically
 
 HEADER = ("# Benchmarks\n\nEvery figure below was written by the command shown with it; none is edited by hand. "
           "Tests never time anything.\n\n")
@@ -32,7 +32,7 @@ def replace_section(path: str | os.PathLike, heading: str, text: str, first: boo
     if not replaced:
         sections.insert(0 if first else len(sections), new)
     content = head.rstrip("\n") + "\n\n" + "\n".join(sections)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(content))
+    write_text_atomically(path, content)
 
 
 def publish(text: str, heading: str, write: str | os.PathLike | None, echo: bool = True) -> None:

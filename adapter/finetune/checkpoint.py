@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..formats.common import atomic_write, save_tensors
+from ..formats.common import save_tensors, write_text_atomically
 from ..formats.native import save_adapter
 from ..model import Transformer
 from .step import TrainingStopped
@@ -88,7 +88,7 @@ def save(out: Path, model: Transformer, optimizer: torch.optim.Optimizer, state:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write(root / LATEST, lambda path: Path(path).write_text(name + "\n"))
+    write_text_atomically(root / LATEST, name + "\n")
     for old in root.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..formats.common import atomic_write
+from ..formats.common import write_text_atomically
 
 LOG = "log.jsonl"
 
@@ -50,7 +50,7 @@ def records_until(path: Path, step: int) -> list[dict[str, Any]]:
 def trim_log(path: Path, step: int) -> None:
     """Drop what was logged after `step` (the checkpoint a run resumes from): those steps are redone."""
     kept = records_until(path, step)
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class RunLog:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import AdapterArgs
-from .common import LoadedAdapter, atomic_write, named_tensors, torch_load
+from .common import LoadedAdapter, atomic_write, named_tensors, torch_load, write_text_atomically
 from .meta import read_json
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def write_peft(model: "Transformer", folder: str | Path, base_model_name_or_path
               "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "peft_type": PEFT_TYPE,
               "revision": None, "target_modules": TARGET_MODULES, "task_type": "CAUSAL_LM"}
     atomic_write(folder / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_text_atomically(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return folder
 
 

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import LORA_TARGETS, AdapterArgs
-from .common import LoadedAdapter, atomic_write
+from .common import LoadedAdapter, atomic_write, write_text_atomically
 from .hf import hf_to_meta_rows, meta_to_hf_rows
 from .meta import read_json
 from .peft import CONFIG_NAME, LORA_TYPE, SAFETENSORS_NAME, read_weights, weights_path
@@ -207,5 +207,5 @@ def write_peft_lora(model: "Transformer", folder: str | Path, base_model_name_or
               "use_dora": False, "modules_to_save": None, "inference_mode": True}
     folder = Path(folder)
     atomic_write(folder / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_text_atomically(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return folder
