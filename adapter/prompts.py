@@ -338,14 +338,15 @@ def template_format(template: str | None, model_format: str = "alpaca") -> Promp
 
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 4.5x+ saves a chat template of its own
-# what tells each format's chat template from the others', and the formats it may be written in (Mistral's
-# [INST] template has no <<SYS>> block; which of its formats, the tokenizer says)
+# what tells each format's chat template from the others' (marks it has, marks it has not), and the formats it may
+# be written in (Mistral's [INST] template has no <<SYS>> block, and no [SYSTEM_PROMPT] turn as Mistral Small 3's
+# and later ones have, which no format here writes; which of its formats, the tokenizer says)
 LLAMA31_MARKS = ("<|start_header_id|>", "<|eot_id|>", "Cutting Knowledge Date")
-TEMPLATE_MARKS = (((*LLAMA31_MARKS, "strftime_now"), ("llama3.2",)),
-                  (LLAMA31_MARKS, ("llama3.1",)),
-                  (("<|start_header_id|>", "<|eot_id|>"), ("llama3",)),
-                  (("[INST]", "<<SYS>>"), ("llama2",)),
-                  (("[INST]",), ("mistral", "mistral-v3")))
+TEMPLATE_MARKS = (((*LLAMA31_MARKS, "strftime_now"), (), ("llama3.2",)),
+                  (LLAMA31_MARKS, (), ("llama3.1",)),
+                  (("<|start_header_id|>", "<|eot_id|>"), (), ("llama3",)),
+                  (("[INST]", "<<SYS>>"), (), ("llama2",)),
+                  (("[INST]",), ("[SYSTEM_PROMPT]",), ("mistral", "mistral-v3")))
 
 
 def chat_template_formats(folder: str | os.PathLike) -> tuple[str, ...]:
@@ -357,7 +358,8 @@ def chat_template_formats(folder: str | os.PathLike) -> tuple[str, ...]:
     template = _chat_template(Path(folder))
     if template is None:
         return ()
-    return next((names for marks, names in TEMPLATE_MARKS if all(mark in template for mark in marks)), ())
+    return next((names for marks, unlike, names in TEMPLATE_MARKS
+                 if all(mark in template for mark in marks) and not any(mark in template for mark in unlike)), ())
 
 
 def base_prompt_format(folder: str | os.PathLike, tokenizer: "Tokenizer") -> str | None:

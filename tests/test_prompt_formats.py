@@ -571,6 +571,11 @@ def test_other_chat_templates_and_none_leave_a_bare_base_in_alpaca(base_folder, 
     assert inspect_main([str(unwritable)]) == 0
     assert "prompt format without an adapter: alpaca (no chat template in a format its tokenizer writes)" in \
         capsys.readouterr().out
+    # Mistral Small 3's (and later) [INST] template opens with a [SYSTEM_PROMPT] turn no format here writes: it was
+    # taken for Mistral 7B's, its default system prompt lost, a given one moved into the user's turn
+    small3 = "{{ bos_token }}[SYSTEM_PROMPT]{{ system_message }}[/SYSTEM_PROMPT]" + MISTRAL_CHAT_TEMPLATE
+    assert adapter.load(with_chat_template(base_folder, tmp_path / "small3", small3, "config"),
+                        device="cpu").prompt_format == "alpaca"
     broken = with_chat_template(base_folder, tmp_path / "broken", "", "config")
     (broken / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"broken/tokenizer_config.json: cannot read JSON"):
