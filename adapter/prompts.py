@@ -203,7 +203,8 @@ class MistralFormat(PromptFormat):
     `[INST] {message} [/INST] {answer}`, and a system prompt opens the first user message. V3 (Mistral 7B
     Instruct v0.3) has control tokens for both, read from the text as they are written: `[INST]{message}[/INST]`
     (SentencePiece puts its word-start space before each message and answer), and a system prompt opens the last
-    user message. Either way the system prompt is followed by a blank line."""
+    user message. Either way the system prompt is followed by a blank line. Messages and the system prompt are
+    written as given, not stripped (tested against mistral-common itself)."""
 
     def __init__(self, name: str, control_tokens: bool) -> None:
         self.name = name
@@ -213,10 +214,10 @@ class MistralFormat(PromptFormat):
         return self.chat((), f"{instruction}\n\n{input}" if input else instruction, system)
 
     def chat(self, history: Sequence[tuple[str, str]], message: str, system: str | None = None) -> str:
-        users = [user.strip() for user, _ in history] + [message.strip()]
+        users = [user for user, _ in history] + [message]  # as given: mistral-common strips none of them
         if system:
             opened = -1 if self.control_tokens else 0
-            users[opened] = f"{system.strip()}\n\n{users[opened]}"
+            users[opened] = f"{system}\n\n{users[opened]}"
         turns = "".join(f"{self._user(user)}{self.answer(answer)}</s>" for user, (_, answer) in zip(users, history))
         return turns + self._user(users[-1])
 
@@ -224,7 +225,8 @@ class MistralFormat(PromptFormat):
         return f"[INST]{message}[/INST]" if self.control_tokens else f"[INST] {message} [/INST]"
 
     def answer(self, text: str) -> str:
-        return text.strip() if self.control_tokens else f" {text.strip()}"
+        # as mistral-common encodes an answer: as given with V1, its trailing spaces dropped with V3
+        return text.rstrip(" ") if self.control_tokens else f" {text}"
 
     def check(self, tokenizer: "Tokenizer") -> None:
         eos = tokenizer.encode("</s>", bos=False)
