@@ -321,11 +321,15 @@ def served_adapters(config: ServeConfig) -> list[tuple[str, str | None]]:
 
 
 def engine_for(model: Transformer, lock: threading.Lock, config: ServeConfig) -> Engine:
-    """`model` served as the flags say (answer length, compiled decode, prompt format, batched chats); every
-    model on one device shares its `lock`."""
+    """`model` served as the flags say (answer length, compiled decode, prompt format, batched chats, the KV
+    cache a decode may hold: what the Space fit check counts, so that a gate sweep's 9 rows of a long question
+    decode in turns rather than outgrow it); every model on one device shares its `lock`."""
+    from .space_fit import served_cache_tokens
+
     written = None if config.prompt_format == "auto" else config.prompt_format
     return Engine(model, lock, max_new_tokens=config.max_new_tokens, compile=config.compile, prompt_format=written,
-                  batch_chats=config.concurrency)
+                  batch_chats=config.concurrency,
+                  max_cached_tokens=served_cache_tokens(config.concurrency, model.args.max_seq_len))
 
 
 def load_engines(config: ServeConfig) -> Engines:

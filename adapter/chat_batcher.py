@@ -62,8 +62,9 @@ class ChatBatcher:
     model go."""
 
     def __init__(self, model: "Transformer", work: DeviceWork, *, max_rows: int, stop: tuple[str, ...],
-                 compile: bool, gather_s: float = 0.005, idle_s: float = 10.0) -> None:
-        self.model, self.work, self.max_rows = model, work, max_rows
+                 compile: bool, gather_s: float = 0.005, idle_s: float = 10.0,
+                 max_cached_tokens: int | None = None) -> None:
+        self.model, self.work, self.max_rows, self.max_cached_tokens = model, work, max_rows, max_cached_tokens
         self.stop, self.compile, self.gather_s, self.idle_s = stop, compile, gather_s, idle_s
         self.pending: queue.SimpleQueue[ChatJob] = queue.SimpleQueue()
         self._held: deque[ChatJob] = deque()  # taken, but waiting for a batch they fit in (first served next)
@@ -175,7 +176,8 @@ class ChatBatcher:
                                       gate_scale=self._gate_rows([job.gate for job in jobs]),
                                       delta_scale=[job.delta for job in jobs],
                                       rows=[job.options for job in jobs], compile=self.compile,
-                                      generated=[job.decoded for job in jobs], finished=finished)) as steps:
+                                      generated=[job.decoded for job in jobs], finished=finished,
+                                      max_cached_tokens=self.max_cached_tokens)) as steps:
                 for pieces in steps:
                     for row, (job, piece) in enumerate(zip(jobs, pieces)):
                         if piece and not job.left.is_set():

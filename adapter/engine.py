@@ -183,7 +183,8 @@ class Engine:
     `prompt_format` when given (e.g. "llama3" for a Llama 3 Instruct base served without an adapter)."""
 
     def __init__(self, model: Transformer, lock: threading.Lock | None = None, *, max_new_tokens: int = 256,
-                 compile: bool = False, prompt_format: str | None = None, batch_chats: int = 1) -> None:
+                 compile: bool = False, prompt_format: str | None = None, batch_chats: int = 1,
+                 max_cached_tokens: int | None = None) -> None:
         if model.tokenizer is None:
             raise ValueError("model: has no tokenizer; load it with adapter.load(...)")
         self.prompts = format_named(prompt_format or model.prompt_format)
@@ -199,8 +200,13 @@ class Engine:
         # more than 1: chats and image questions waiting for the device are decoded together, up to this many rows
         # (adapter.chat_batcher)
         batch_chats = check_integer("batch_chats", batch_chats, 1)
+        # the KV cache one decode may hold, in tokens over its rows (None: no bound): rows beyond it (a gate sweep's
+        # scales) decode in turns; the app sizes it as adapter.space_fit counts its memory
+        self.max_cached_tokens = None if max_cached_tokens is None else \
+            check_integer("max_cached_tokens", max_cached_tokens, 1)
         self.batcher = None if batch_chats == 1 else ChatBatcher(
-            model, self.work, max_rows=batch_chats, stop=self.prompts.stop_strings, compile=compile)
+            model, self.work, max_rows=batch_chats, stop=self.prompts.stop_strings, compile=compile,
+            max_cached_tokens=self.max_cached_tokens)
 
     # ----- what the model can do ----------------------------------------------------------------------
     @property
@@ -419,7 +425,7 @@ class Engine:
         decoding = self.work.stream(lambda: stream_batch(
             self.model, prompts, images=images, gate_scale=gate_scale, delta_scale=delta_scale, compile=self.compile,
             stop=self.prompts.stop_strings if stop is None else stop, generated=generated, continued=continued,
-            **settings.sampling()))
+            max_cached_tokens=self.max_cached_tokens, **settings.sampling()))
         with closing(decoding) as steps:
             for pieces in steps:
                 if any(pieces):

@@ -193,6 +193,7 @@ def stream_batch(
     generated: Sequence[list[int]] | None = None,
     finished: list[bool] | None = None,
     continued: bool = False,
+    max_cached_tokens: int | None = None,
     **options: Any,
 ) -> Iterator[list[str]]:
     """For each step, the new text piece of every row (empty for rows that are done).
@@ -207,7 +208,9 @@ def stream_batch(
     `finished`, one flag per prompt, is set as the step that yields a row's last piece is yielded (a stop id or
     string, its own length), before the batch ends: what lets a reader end that row's answer at once.
     `continued` reads each row's text as its prompt goes on (a raw continuation: " large" keeps its space, where
-    an answer to a question starts at its first word).
+    an answer to a question starts at its first word). `max_cached_tokens` bounds the KV cache held at once (rows
+    x their longest prompt and answer): rows beyond it decode in turns, a group after another (a row that alone
+    needs more, alone), so that a gate sweep holds no more than the memory the app was sized for.
     """
     tokenizer = require_tokenizer(model)
     if isinstance(prompts, str):
@@ -238,7 +241,7 @@ def stream_batch(
     streams = [TextStream(tokenizer, request.stop, row_ids if continued else ())
                for request, row_ids in zip(requests, ids)]
     finished = [False] * len(ids) if finished is None else finished
-    for group in fitting_groups(ids, requests, model.args.max_seq_len):
+    for group in fitting_groups(ids, requests, model.args.max_seq_len, max_cached_tokens):
         done = [False] * len(group)
         for step, step_ids in enumerate(decode_tokens(
                 model, [ids[row] for row in group], [requests[row] for row in group],
@@ -264,31 +267,48 @@ def stream_batch(
         yield tails
 
 
-def fitting_groups(ids: Sequence[Sequence[int]], requests: Sequence[GenerationRequest], limit: int) -> list[list[int]]:
-    """The rows decoded together: all at once where each answer gets the room it gets alone (`fits_together`);
-    else, longest prompt first, groups that do, decoded one after another (a short prompt beside one that
-    fills most of the context had its answer cut to the room the long one left)."""
+def fitting_groups(ids: Sequence[Sequence[int]], requests: Sequence[GenerationRequest], limit: int,
+                   max_cached_tokens: int | None = None) -> list[list[int]]:
+    """The rows decoded together: all at once where each answer gets the room it gets alone (`fits_together`)
+    and their KV cache stays within `max_cached_tokens`; else, longest prompt first, groups that do, decoded one
+    after another (a short prompt beside one that fills most of the context had its answer cut to the room the
+    long one left)."""
     lengths, room = [len(row) for row in ids], [request.max_new_tokens for request in requests]
-    if max(lengths, default=0) >= limit or fits_together(lengths, room, limit):
-        return [list(range(len(ids)))]  # (decode_tokens refuses a prompt that leaves no room)
-    return list(fitting_batches(sorted(range(len(ids)), key=lambda row: -lengths[row]), lengths, room, limit))
+    everyone = list(range(len(ids)))
+    if max(lengths, default=0) >= limit or (fits_together(lengths, room, limit) and
+                                             within(everyone, lengths, room, limit, max_cached_tokens)):
+        return [everyone]  # (decode_tokens refuses a prompt that leaves no room)
+    return list(fitting_batches(sorted(everyone, key=lambda row: -lengths[row]), lengths, room, limit,
+                                max_cached_tokens=max_cached_tokens))
 
 
 def fitting_batches(order: Sequence[int], lengths: Sequence[int] | Mapping[int, int],
                     room: Sequence[int] | Mapping[int, int], limit: int,
-                    size: int | None = None) -> Iterator[list[int]]:
+                    size: int | None = None, max_cached_tokens: int | None = None) -> Iterator[list[int]]:
     """The rows in `order`, consecutive ones batched together (up to `size`), a batch ending where the next row's
-    answer would get less room beside it than alone (`fits_together`; `lengths` and `room` by row)."""
+    answer would get less room beside it than alone (`fits_together`; `lengths` and `room` by row), or where the
+    batch's KV cache would outgrow `max_cached_tokens`."""
     batch: list[int] = []
     for row in order:
         grown = [*batch, row]
         if batch and ((size is not None and len(grown) > size) or
-                      not fits_together([lengths[r] for r in grown], [room[r] for r in grown], limit)):
+                      not fits_together([lengths[r] for r in grown], [room[r] for r in grown], limit) or
+                      not within(grown, lengths, room, limit, max_cached_tokens)):
             yield batch
             grown = [row]
         batch = grown
     if batch:
         yield batch
+
+
+def within(rows: Sequence[int], lengths: Sequence[int] | Mapping[int, int], room: Sequence[int] | Mapping[int, int],
+           limit: int, max_cached_tokens: int | None) -> bool:
+    """Whether `rows` decoded together hold a KV cache of at most `max_cached_tokens` tokens (None: any): each row
+    holds the longest prompt and the longest answer, within the context's `limit` (decode_tokens' cache)."""
+    if max_cached_tokens is None or not rows:
+        return True
+    longest = max(lengths[row] for row in rows) + max(room[row] for row in rows)
+    return len(rows) * min(limit, longest) <= max_cached_tokens
 
 
 def _rows_of(value: Any, group: list[int], batch: int) -> Any:

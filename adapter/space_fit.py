@@ -32,8 +32,14 @@ from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
 
 GB, GIB = 10**9, 2**30
-CONTEXT = 2048
+CONTEXT = 2048  # tokens of KV cache counted per request: the app decodes no more at once (served_cache_tokens)
 GPU_FIXED, CPU_FIXED = 0.5 * GIB, 1.0 * GIB  # CUDA's context; the app's process (Python, torch, gradio)
+
+
+def served_cache_tokens(concurrency: int, max_seq_len: int) -> int:
+    """The KV cache the app lets one decode hold (Engine.max_cached_tokens), in tokens: what the fit check counts,
+    CONTEXT tokens (the base's context, if shorter) for each of `concurrency` requests."""
+    return max(1, concurrency) * min(CONTEXT, max_seq_len)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,22 @@ def test_a_gate_sweep_is_one_batch_and_each_row_is_that_gate_alone(engine, monke
     alone = [engine.model.generate(adapter.alpaca(QUESTION), gate_scale=gate, delta_scale=0.5, temperature=0.0,
                                    max_new_tokens=12, stop=STOP_STRINGS) for gate in (0.0, 0.5, 1.25, 2.0)]
     assert answers == alone and len(set(alone)) > 1
+
+
+def test_a_gate_sweep_that_would_outgrow_the_served_cache_decodes_in_turns(engine, monkeypatch):
+    """One sweep of 9 scales held 9 answers' KV cache where the Space fit check counted --concurrency's (1): rows
+    beyond Engine.max_cached_tokens decode in turns, each answer still that gate's alone."""
+    prompt = len(engine.model.tokenizer.encode(adapter.alpaca(QUESTION)))
+    bounded = Engine(engine.model, threading.Lock(), max_cached_tokens=2 * (prompt + 12) + 1)  # two rows' worth
+    caches = []
+    original = engine.model.new_cache
+    monkeypatch.setattr(engine.model, "new_cache", lambda batch, max_len=None, **k: caches.append((batch, max_len))
+                        or original(batch, max_len, **k))
+    settings = Settings(temperature=0.0, max_new_tokens=12)
+    answers = list(bounded.sweep(QUESTION, "0, 0.5, 1, 1.5, 2", settings))[-1]
+    assert caches == [(2, prompt + 12)] * 2 + [(1, prompt + 12)]  # 2 + 2 + 1 rows, one group after another
+    monkeypatch.undo()
+    assert answers == list(engine.sweep(QUESTION, "0, 0.5, 1, 1.5, 2", settings))[-1]
 
 
 def test_with_a_seed_the_gate_alone_changes_a_sampled_answer_in_every_view(engine):

@@ -136,6 +136,8 @@ def test_the_apps_concurrency_is_the_batch_size(demo_files):
                            "--concurrency", "4"], {})
     engine = load_engines(config).default
     assert engine.batcher is not None and engine.batcher.max_rows == 4
+    # a decode holds no more KV cache than the Space fit check counts: 4 requests at 2,048 tokens (or the context)
+    assert engine.max_cached_tokens == engine.batcher.max_cached_tokens == 4 * min(2048, engine.model.args.max_seq_len)
     assert Engine(engine.model, threading.Lock()).batcher is None, "one at a time by default"
     with pytest.raises(ValueError, match="batch_chats: must be >= 1"):
         Engine(engine.model, batch_chats=0)
