@@ -38,6 +38,8 @@ def describe_base(path: Path | str, checkpoint=None) -> list[str]:
     stored = getattr(checkpoint, "quantization", None)  # a pre-quantized base's mode
     with torch.device("meta"):
         params = Transformer(args).count_parameters()
+    if checkpoint.tied_output:  # the head is the embedding matrix itself, counted once (Llama 3.2 1B: 1.24B)
+        params -= args.vocab_size * args.dim
     scaling = args.rope_scaling
     rope = f"rope theta {args.rope_theta:g}"
     if scaling is not None:

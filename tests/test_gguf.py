@@ -84,6 +84,8 @@ def test_a_head_tied_to_the_embeddings_is_one_tensor(meta, tmp_path):
     model = adapter.load(path, device="cpu")
     assert model.output.weight is model.tok_embeddings.weight
     assert torch.allclose(logits(model), peer_logits(path), atol=1e-5)
+    # inspect counted the head again (Llama 3.2 1B: 1.50B parameters for 1.24B)
+    assert f"  parameters {model.count_parameters():,}; " in "\n".join(describe(path))
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])

@@ -259,6 +259,9 @@ def test_a_litgpt_base_folder_gives_the_logits_of_the_same_weights(base_folder, 
     assert (model.base_format, model.base_family, model.args.max_seq_len) == ("litgpt", "LLaMA", 64)
     with torch.no_grad():
         assert torch.equal(model(TOKENS), adapter.load(meta, device="cpu")(TOKENS))
+    # loaded in the file's own dtype, wv was a view keeping the whole fused q|k|v tensor (a 7B in bf16: +2 GiB)
+    held = {id(p.untyped_storage()): p.untyped_storage().nbytes() for p in model.parameters()}
+    assert sum(held.values()) == sum(p.numel() * p.element_size() for p in model.parameters())
     # its adapter v2, served on it, computes what litgpt computes
     state = litgpt_state(TINY if shape == "mha" else GQA, v2="attn" if interleaved else "qkv")
     tuned = adapter.load(folder, adapter=write(tmp_path / "run", state, name="lit_model.pth.adapter_v2"),

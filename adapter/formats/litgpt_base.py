@@ -125,7 +125,7 @@ class LitGPTCheckpoint:
                              f"{expected} ({heads} query and {kv_heads} key/value heads of {head_dim})")
         q, k, v = split_qkv(value, heads, kv_heads, head_dim, interleaved=_QKV[self.qkv_name])
         return {"wq": lambda: hf_to_meta_rows(q, heads), "wk": lambda: hf_to_meta_rows(k, kv_heads),
-                "wv": lambda: v}[projection]()
+                "wv": lambda: v.clone()}[projection]()  # not a view holding the whole fused q|k|v tensor
 
 
 def _params(config: dict[str, Any], path: Path) -> dict[str, Any]:
