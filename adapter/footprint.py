@@ -54,14 +54,16 @@ class Footprint:
 
 
 def footprint(args: ModelArgs, mode: str | None, dtype: torch.dtype, tied_output: bool = False,
-              pre_quantized: bool = False) -> Footprint:
+              pre_quantized: bool = False, double_quant: bool = True) -> Footprint:
     """The bytes of a base of shape `args` loaded with `quantize=mode` in `dtype` (the compute dtype: embeddings,
     norms and the head stay in it); `tied_output`: the head is the embedding matrix itself; `pre_quantized`: read
-    from a pre-quantized HF folder, whose wq/wk keep their block scales in float32 (adapter.formats.bnb)."""
+    from a pre-quantized HF folder, whose wq/wk keep their block scales in float32 (adapter.formats.bnb), and whose
+    other 4-bit linears' are double quantized where `double_quant` (as quantizing while loading always does)."""
     linears = layer_linears(args)
     rows_moved, others = linears[:2], linears[2:]  # wq, wk; the rest
     per_layer = sum(linear_bytes(out, inp, mode, dtype, double_quant=not pre_quantized) for out, inp in rows_moved)
-    per_layer += sum(linear_bytes(out, inp, mode, dtype) for out, inp in others) + 2 * args.dim * dtype.itemsize
+    per_layer += sum(linear_bytes(out, inp, mode, dtype, double_quant=double_quant or not pre_quantized)
+                     for out, inp in others) + 2 * args.dim * dtype.itemsize
     embeddings = args.vocab_size * args.dim * dtype.itemsize
     weights = args.n_layers * per_layer + embeddings * (1 if tied_output else 2) + args.dim * dtype.itemsize
     vectors = 2 * args.n_layers * args.kv_heads  # a key and a value per layer and key/value head, per token
@@ -76,12 +78,12 @@ def layer_linears(args: ModelArgs) -> list[tuple[int, int]]:
 
 
 def describe(args: ModelArgs, tied_output: bool, stored: str | None = None,
-             dtype: torch.dtype = torch.bfloat16) -> str:
+             dtype: torch.dtype = torch.bfloat16, double_quant: bool = True) -> str:
     """One line for adapter.inspect: the weights in each precision `load` can give this base (a pre-quantized
-    base: its own) in `dtype` (a GPU's), and the KV cache per 1,000 tokens."""
+    base: its own, `double_quant` or not) in `dtype` (a GPU's), and the KV cache per 1,000 tokens."""
     name = str(dtype).removeprefix("torch.")
     modes = [stored] if stored else [None, "nf4", "int8"]
-    weights = {mode: footprint(args, mode, dtype, tied_output, bool(stored)).weights for mode in modes}
+    weights = {mode: footprint(args, mode, dtype, tied_output, bool(stored), double_quant).weights for mode in modes}
     unit, scale = ("GiB", 2**30) if max(weights.values()) >= 2**30 else ("MiB", 2**20)  # a small base: not 0.00 GiB
     sizes = ", ".join(f"{mode or name} {size / scale:.2f}" for mode, size in weights.items())
     cache = footprint(args, None, dtype, tied_output)

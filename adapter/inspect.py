@@ -56,7 +56,7 @@ def describe_base(path: Path | str, checkpoint=None) -> list[str]:
     ] + ([f"  stored quantized: {stored} (bitsandbytes), loaded as stored"] if stored else []) + _unfetched(
         checkpoint) + _packing(
         checkpoint) + _ggml_types(checkpoint) + [
-        memory_line(args, checkpoint.tied_output, stored)]
+        memory_line(args, checkpoint.tied_output, stored, double_quant=getattr(checkpoint, "double_quant", True))]
 
 
 def _unfetched(checkpoint) -> list[str]:

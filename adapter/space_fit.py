@@ -124,13 +124,14 @@ class Served:
     tied_output: bool
     stored: str | None  # a pre-quantized base's mode
     towers: list[nn.Module] | None  # None: a tower whose model is not known from here
+    double_quant: bool = True  # a pre-quantized 4-bit base's block scales quantized too
 
     @classmethod
     def read(cls, variables: Mapping[str, str], checkpoint) -> Served:
         options = vars(build_parser(variables).parse_args([]))
         args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
         return cls(options, args, checkpoint.tied_output, getattr(checkpoint, "quantization", None),
-                   _tower_shapes(options))
+                   _tower_shapes(options), getattr(checkpoint, "double_quant", True))
 
     def need(self, kind: Hardware, on_gpu: bool, quantize: str | None = None) -> Need:
         """On `kind`'s GPU or CPU, in the dtype the app would choose there (16 bits on a GPU, float32 on a CPU)
@@ -139,7 +140,7 @@ class Served:
         dtype = DTYPES[options["dtype"]] if options["dtype"] else torch.float32 if not on_gpu else \
             torch.bfloat16 if kind.bf16 else torch.float16
         mode = self.stored or check_mode(quantize or options["quantize"])
-        sizes = footprint(self.args, mode, dtype, self.tied_output, bool(self.stored))
+        sizes = footprint(self.args, mode, dtype, self.tied_output, bool(self.stored), self.double_quant)
         tower_mode, tower_dtype = check_mode(options["clip_quantize"], "clip_quantize"), dtype if on_gpu \
             else torch.float32
         tower = None if self.towers is None else max((tower_bytes(shape, tower_mode, tower_dtype)

@@ -41,13 +41,27 @@ def test_the_weights_take_what_the_shape_says(base, mode, dtype):
     assert held_bytes(model) == footprint(args, mode, dtype).weights
 
 
-@pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_a_pre_quantized_base_takes_what_the_shape_says(base, mode, tmp_path):
+@pytest.mark.parametrize("mode, double_quant", [("nf4", True), ("nf4", False), ("int8", True)])
+def test_a_pre_quantized_base_takes_what_the_shape_says(base, mode, double_quant, tmp_path):
+    """Its block scales quantized or not, as its config says (a folder without double quantization was counted
+    with it: 240 MiB too little for a 7B)."""
+    from adapter.formats import open_base
+    from adapter.inspect import describe
+
     folder, args = base
     if args.dim % 64:
         pytest.skip("a pre-quantized folder's wq/wk rows move whole only in whole 64-blocks")
-    model = adapter.load(quantize_base(folder, tmp_path / "q", mode, device="cpu"), dtype=torch.bfloat16, device="cpu")
-    assert held_bytes(model) == footprint(args, mode, torch.bfloat16, pre_quantized=True).weights
+    stored = quantize_base(folder, tmp_path / "q", mode, double_quant=double_quant, device="cpu")
+    model = adapter.load(stored, dtype=torch.bfloat16, device="cpu")
+    found = open_base(stored)
+    assert held_bytes(model) == footprint(args, mode, torch.bfloat16, found.tied_output, pre_quantized=True,
+                                          double_quant=found.double_quant).weights
+    if mode == "nf4":
+        assert found.double_quant is double_quant
+        assert held_bytes(model) != footprint(args, mode, torch.bfloat16, pre_quantized=True,
+                                              double_quant=not double_quant).weights
+        weights = f"{held_bytes(model) / 2**20:.2f} MiB"
+        assert f"  memory in bfloat16: weights nf4 {weights};" in "\n".join(describe(stored))
 
 
 @pytest.mark.parametrize("kind", ["auto", "int8"])

@@ -54,6 +54,13 @@ def stored_quantization(config: dict[str, Any], path: Path) -> str | None:
     raise ValueError(f"{path}: quantization_config has neither load_in_4bit nor load_in_8bit set")
 
 
+def stored_double_quant(config: dict[str, Any]) -> bool:
+    """Whether a 4-bit folder's block scales are themselves quantized (`bnb_4bit_use_double_quant`, false unless
+    set, as in transformers' BitsAndBytesConfig): what its weights take in memory depends on it."""
+    settings = config.get("quantization_config")
+    return isinstance(settings, dict) and settings.get("bnb_4bit_use_double_quant") is True
+
+
 def split_stats(names: set[str]) -> tuple[set[str], dict[str, dict[str, str]]]:
     """The file's tensor names without the quantization statistics, and the statistics by the weight they
     belong to: {"...q_proj.weight": {"absmax": "...q_proj.weight.absmax", ...}}."""

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import ModelArgs, RopeScaling, explicit_head_size
 from ..paths import not_a_file
 from ..tokenizer import find_tokenizer
-from .bnb import QuantizedWeight, split_stats, stored_quantization
+from .bnb import QuantizedWeight, split_stats, stored_double_quant, stored_quantization
 from .common import named_tensors, renamed, torch_load
 from .meta import read_json
 from .packed import PACKED_METHODS, packed_scheme
@@ -251,6 +251,7 @@ class HFCheckpoint:
             settings.get("quant_method") in PACKED_METHODS else None  # GPTQ, AWQ, ...: read back to weights
         # a bitsandbytes folder's mode: its linears stay as stored
         self.quantization = None if self.packing else stored_quantization(config, self.config_path)
+        self.double_quant = stored_double_quant(config)  # (of a 4-bit one)
         self.family = "Mistral" if config["model_type"] == "mistral" else "LLaMA"
         self.window = sliding_window(config.get("sliding_window") if self.family == "Mistral" else None,
                                      self.config_path)
