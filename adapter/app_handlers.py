@@ -45,6 +45,9 @@ TEXT_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "bits pe
 LOSS_COLUMNS = ("step", "loss", "set")  # the Train tab's curves, drawn by the browser
 GATE_COLUMNS = ("step", "mean |gate|", "layer")
 NEW_ADAPTER = "a new adapter (zero-init gates: the frozen base)"
+# Stop cannot reach a run still waiting for the device (gradio cancels only by closing it, which keeps nothing)
+NOTHING_TO_STOP = ("No training of yours is under way. One still waiting in the queue starts once the device is free; "
+                   "reload the page to drop it.")
 RECORD, PICTURE = "conversation.jsonl", "picture.png"  # a conversation saved to train on, and its picture
 # a path in the server's temporary folder (an upload, a run's folder) up to the file's own name
 CLI_FLAG = re.compile(r"^--([a-z][a-z0-9-]*):")  # a command line's flag that leads a shared check's message: the
@@ -479,7 +482,7 @@ class Handlers:
     def stop_training(self, request: gr.Request) -> None:
         """Stop this page's run after its step under way; what it learnt so far is kept and served."""
         if not self.training.stop(request.session_hash):
-            gr.Info("No training of yours is under way.")
+            gr.Info(NOTHING_TO_STOP)
 
 
 def training_view(progress: TrainProgress, engines: Engines) -> tuple[Any, ...]:

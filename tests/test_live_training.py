@@ -546,3 +546,18 @@ def test_a_4_bit_base_serves_exactly_as_before_once_a_run_on_it_ends(tmp_path, b
     assert torch.equal(after, before)
     for m, (data_before, allowed) in zip(layers, stored):
         assert m.support_avx512bf16_for_cpu == allowed and torch.equal(m.weight.data, data_before)
+
+
+def test_stop_without_a_run_under_way_says_one_in_the_queue_still_starts(served, tmp_path, monkeypatch):
+    """A run waiting for the device could not be stopped, and the page was told no training of its was under way
+    (then its run started anyway)."""
+    from types import SimpleNamespace
+
+    from adapter import app_handlers
+
+    training, engines = live(served, tmp_path)
+    told = []
+    monkeypatch.setattr(app_handlers.gr, "Info", told.append)
+    app_handlers.Handlers(engines, training).stop_training(SimpleNamespace(session_hash="page"))
+    assert told == ["No training of yours is under way. One still waiting in the queue starts once the device is "
+                    "free; reload the page to drop it."]
