@@ -9,11 +9,16 @@ see the README).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-import gradio as gr
+if not os.environ.get("GRADIO_SERVER_PORT", "7860").strip().isdigit():  # gradio reads it as it is imported
+    print(f"error: GRADIO_SERVER_PORT: {os.environ['GRADIO_SERVER_PORT']!r} is not a whole number", file=sys.stderr)
+    sys.exit(2)
+
+import gradio as gr  # noqa: E402  (after the check above)
 from PIL import Image
 
 from adapter.adapter_upload import MAX_UPLOADED, AdapterUploads

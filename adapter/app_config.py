@@ -16,6 +16,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import hub
 from .device_work import DeviceWork, device_lock, start_compute_thread
@@ -74,7 +75,15 @@ def env_name(flag: str) -> str:
     return "ADAPTER_" + flag.upper()
 
 
-def _switch(environ: Mapping[str, str], name: str) -> bool:
+@dataclass(frozen=True)
+class _Refused:
+    """An environment variable's value that does not read as its flag's: refused (ValueError `reason`) once the
+    command line is parsed, only where the flag itself was not given (a flag wins over its variable; --help works)."""
+
+    reason: str
+
+
+def _switch(environ: Mapping[str, str], name: str) -> bool | _Refused:
     """An on/off variable: 1/true/yes/on, or 0/false/no/off (empty: off); anything else is refused, not read as
     off (ADAPTER_PRIVATE_ADAPTERS=y served each page's adapters to everyone)."""
     variable = env_name(name)
@@ -83,7 +92,18 @@ def _switch(environ: Mapping[str, str], name: str) -> bool:
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    raise ValueError(f"{variable}: {environ[variable]!r} is not one of 1/true/yes/on (on) or 0/false/no/off (off)")
+    return _Refused(f"{variable}: {environ[variable]!r} is not one of 1/true/yes/on (on) or 0/false/no/off (off)")
+
+
+def parsed_flags(argv: Sequence[str] | None, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The flags over their environment variables, as parsed; a variable that cannot be read refused where its
+    flag was not given."""
+    args = vars(build_parser(environ).parse_args(argv))
+    refused = next((value for value in args.values() if isinstance(value, _Refused)), None)
+    if refused is not None:
+        raise ValueError(refused.reason)
+    args.pop("_adapter_flag_seen", None)
+    return args
 
 
 class _Adapters(argparse.Action):
@@ -110,8 +130,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         try:
             return kind(value)
         except ValueError:
-            expected = "a whole number" if kind is int else "a number"
-            raise ValueError(f"{env_name(name)}: {value!r} is not {expected}") from None
+            return _Refused(f"{env_name(name)}: {value!r} is not {'a whole number' if kind is int else 'a number'}")
 
     parser = argparse.ArgumentParser(prog="python app.py", description="The LLaMA-Adapter Gradio app. Every "
                                      "flag can also be set by its environment variable ADAPTER_<FLAG>.")
@@ -190,9 +209,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServeConfig:
     """Flags over environment variables, checked (ValueError / FileNotFoundError naming the flag)."""
-    environ = os.environ if environ is None else environ
-    args = vars(build_parser(environ).parse_args(argv))
-    args.pop("_adapter_flag_seen", None)
+    args = parsed_flags(argv, os.environ if environ is None else environ)
     config = ServeConfig(**{**args, "adapter": tuple(args["adapter"])})
     check_config(config)
     return config

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .app_config import build_parser
+from .app_config import parsed_flags
 from .config import ModelArgs
 from .footprint import footprint, layer_linears, size_text, tower_bytes
 from .formats.official import OFFICIAL_CLIP_MODEL
@@ -128,7 +128,7 @@ class Served:
 
     @classmethod
     def read(cls, variables: Mapping[str, str], checkpoint) -> Served:
-        options = vars(build_parser(variables).parse_args([]))
+        options = parsed_flags([], variables)
         args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)
         return cls(options, args, checkpoint.tied_output, getattr(checkpoint, "quantization", None),
                    _tower_shapes(options), getattr(checkpoint, "double_quant", True))

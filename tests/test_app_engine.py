@@ -3,6 +3,7 @@ panel, and the flags (`python app.py` stops with one line before loading anythin
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -378,6 +379,24 @@ def test_a_number_variable_that_is_no_number_is_refused_naming_the_variable(demo
     """(argparse's words named the flag, --port, that the user never gave)"""
     with pytest.raises(ValueError, match=f"^{variable}: '{value}' is not {expected}$"):
         parse_config(["--base", str(demo_files.base)], {variable: value})
+
+
+def test_a_flag_wins_over_its_variable_even_one_that_cannot_be_read(demo_files, capsys):
+    """A bad variable was refused while the parser was built: with its flag given, and with --help."""
+    base = ["--base", str(demo_files.base)]
+    assert parse_config([*base, "--port", "7890"], {"ADAPTER_PORT": "abc"}).port == 7890
+    assert parse_config([*base, "--share"], {"ADAPTER_SHARE": "y"}).share is True
+    assert parse_config([*base, "--concurrency", "2"], {"ADAPTER_CONCURRENCY": "2.0"}).concurrency == 2
+    with pytest.raises(SystemExit, match="^0$"):
+        parse_config(["--help"], {"ADAPTER_PORT": "abc"})
+    assert "usage: python app.py" in capsys.readouterr().out
+
+
+def test_a_gradio_port_variable_that_is_no_number_is_one_line(tmp_path):
+    """gradio reads GRADIO_SERVER_PORT as it is imported: a traceback from inside it."""
+    done = subprocess.run([sys.executable, "app.py"], cwd=Path(app.__file__).parent, capture_output=True, text=True,
+                          env={**os.environ, "GRADIO_SERVER_PORT": "abc"}, timeout=120)
+    assert (done.returncode, done.stderr) == (2, "error: GRADIO_SERVER_PORT: 'abc' is not a whole number\n")
 
 
 def test_an_on_off_variable_of_another_word_is_refused_by_name(demo_files):
