@@ -183,7 +183,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens", defaults.max_new_tokens, int),
                         help="the most tokens one answer may have (the slider's maximum)")
     parser.add_argument("--concurrency", type=int, default=default("concurrency", defaults.concurrency, int),
-                        help="requests in flight at once (default 1); decoding itself is one at a time per device")
+                        help="requests in flight at once (default 1); chats and image questions waiting for the "
+                             "device are decoded together, up to this many rows in one batch; other work is one at a "
+                             "time per device")
     parser.add_argument("--compile", action="store_true", default=_switch(environ, "compile"),
                         help="decode through torch.compile: faster steps (on a CPU, 1.7x for a 512-dim fp32 model: "
                              "BENCHMARKS.md), but the first answer waits for the compilation (tens of seconds; "
