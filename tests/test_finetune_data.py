@@ -5,6 +5,7 @@ schedule and the mode -> adapter mapping."""
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -211,6 +212,18 @@ def test_chat_messages_become_the_same_examples_as_llava_conversations(tmp_path)
     # an answer alone was also said to be one turn that "must end with a 'assistant' turn"
     assert f"{bad}:4: messages[0]: expected a 'user' turn (turns alternate, user first), got 'assistant'\n" in report
     assert f"{bad}:5: 'messages' must be a non-empty list of turns, got a system turn alone" in report
+
+
+def test_a_file_holding_one_json_object_says_so(tmp_path):
+    """A pretty-printed object (the app's examples.json uploaded to Score) was read as JSONL: every line a bad
+    record, "not valid JSON"."""
+    path = tmp_path / "object.json"
+    path.write_text(json.dumps({"image": [], "text": [{"instruction": "Hi", "output": "Hello"}]}, indent=2))
+    with pytest.raises(DataError, match=rf"^--data: {path} holds one JSON object, not records: expected a JSON list "
+                                        r"of records or JSONL \(one record a line\); its keys: image, text$"):
+        read_records(path)
+    one = write_jsonl(tmp_path / "one.jsonl", [{"instruction": "Hi", "output": "Hello"}])  # a one-line JSONL
+    assert len(read_records(one)) == 1
 
 
 def test_an_image_record_cannot_name_a_file_outside_the_image_folder(tmp_path):

@@ -227,7 +227,16 @@ def _entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str |
         for index, value in enumerate(values):
             yield f"{path} [index {index}]", value, not_text(value)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    if len([line for line in lines if line.strip()]) > 1 and text.lstrip().startswith("{"):
+        try:
+            whole = json.loads(text)
+        except (ValueError, RecursionError):
+            whole = None  # JSONL: one object a line
+        if isinstance(whole, dict):  # one object written over several lines: each line read as a broken record
+            raise DataError(f"{flag}: {path} holds one JSON object, not records: expected a JSON list of records "
+                            f"or JSONL (one record a line); its keys: {', '.join(map(str, list(whole)[:6]))}")
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
