@@ -146,7 +146,7 @@ def hub_module(what: str, repo: str):
 
 def _fetching(what: str, repo: str):
     return hub_failures(what, f"could not get {repo} from the Hugging Face hub",
-                        "download it yourself and pass the path")
+                        "download it yourself and pass the path (in the app: upload the file)")
 
 
 @contextmanager

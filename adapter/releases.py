@@ -63,7 +63,7 @@ def _download(url: str, path: Path, expected: str | None, what: str) -> None:
                 digest.update(chunk)
     except (urllib.error.URLError, OSError) as error:
         raise ValueError(f"{what}: could not download {url} ({error}); download it yourself and pass the "
-                         "file") from None
+                         "file (in the app: upload it)") from None
     if expected is not None and digest.hexdigest() != expected:
         raise ValueError(f"{what}: {url} was downloaded, but its SHA-256 is {digest.hexdigest()}, not the "
                          f"{expected} its name gives; nothing was kept")

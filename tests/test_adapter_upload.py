@@ -282,7 +282,8 @@ def test_named_adapters_too_large_on_the_server_or_unknown_are_refused_before_an
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     monkeypatch.setattr(adapter_upload, "MAX_FETCHED", 1 << 20)
     with pytest.raises(ValueError, match=r"^adapter: could not get owner/small from the Hugging Face hub "
-                                         r"\(LocalEntryNotFoundError: offline\); download it yourself"):
+                                         r"\(LocalEntryNotFoundError: offline\); download it yourself and pass "
+                                         r"the path \(in the app: upload the file\)$"):
         service.serve(None, "hf:owner/small")
     assert engines.names == ["base"] and not any((tmp_path / "uploads").iterdir()), "nothing served or kept"
 
