@@ -3,20 +3,10 @@ traceback from deep inside a run) and `run_main`, which says a file or folder th
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 
-
-def positive_int(text: str) -> int:
-    """A whole number of at least 1 (threads, rounds, steps, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from adapter.arg_types import positive_int
 
 
 def positive_ints(text: str) -> list[int]:

@@ -8,33 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..arg_types import positive_int, positive_number
 from ..interrupts import stoppable
 from .assets import ASSETS
 from .build import STAGES
 from .recipe import RECIPES, Recipe
 
 DEFAULT_DOCUMENTS = 200  # held-out corpus documents
-
-
-def at_least_one(text: str) -> int:
-    """A whole number of 1 or more (0 read as "not given" took the recipe's, a negative failed after set-up)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def above_zero(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,33 +40,33 @@ def build_parser() -> argparse.ArgumentParser:
     clip_probe = commands.add_parser("clip-probe", help="how much of the image answers the CLIP's features hold")
     clip_probe.add_argument("--clip", type=Path, default=ASSETS / "clip",
                             help="folder with visual.safetensors and tiny-clip.json (default: assets/tiny/clip)")
-    clip_probe.add_argument("--pictures", type=at_least_one,
+    clip_probe.add_argument("--pictures", type=positive_int,
                             help="train pictures for the classifiers (default: the recipe's)")
-    clip_probe.add_argument("--epochs", type=at_least_one, help="classifier epochs (default: the recipe's)")
+    clip_probe.add_argument("--epochs", type=positive_int, help="classifier epochs (default: the recipe's)")
     recall = commands.add_parser("recall", help="how many steps a fresh base of the recipe's shape needs to learn "
                                                 "key -> value lookups (a drill without scenes)")
-    recall.add_argument("--steps", type=at_least_one, default=2000, help="training steps (default: 2000, the base's)")
-    recall.add_argument("--every", type=at_least_one, default=250, help="report held-out accuracy every N steps")
-    recall.add_argument("--batch", type=at_least_one, default=32, help="sequences per step")
-    recall.add_argument("--lr", type=above_zero, help="peak lr (default: the recipe's base lr)")
-    recall.add_argument("--pairs", type=at_least_one, default=4, help="key -> value pairs per sequence (default: 4)")
-    recall.add_argument("--keys", type=at_least_one, default=100, help="distinct keys (default: 100)")
-    recall.add_argument("--values", type=at_least_one, default=6, help="distinct values (default: 6)")
+    recall.add_argument("--steps", type=positive_int, default=2000, help="training steps (default: 2000, the base's)")
+    recall.add_argument("--every", type=positive_int, default=250, help="report held-out accuracy every N steps")
+    recall.add_argument("--batch", type=positive_int, default=32, help="sequences per step")
+    recall.add_argument("--lr", type=positive_number, help="peak lr (default: the recipe's base lr)")
+    recall.add_argument("--pairs", type=positive_int, default=4, help="key -> value pairs per sequence (default: 4)")
+    recall.add_argument("--keys", type=positive_int, default=100, help="distinct keys (default: 100)")
+    recall.add_argument("--values", type=positive_int, default=6, help="distinct values (default: 6)")
     recall.add_argument("--bf16", action="store_true",
                         help="train under bf16 autocast, as the base pretrains (default: float32)")
     recall.add_argument("--seed", type=int, help="seed of the initial weights and the sequences (default: the "
                         "recipe's); the step at which the lookup forms varies with it")
     for name in ("dim", "layers", "heads"):
-        recall.add_argument(f"--{name}", type=at_least_one, help=f"model {name} (default: the recipe's base)")
+        recall.add_argument(f"--{name}", type=positive_int, help=f"model {name} (default: the recipe's base)")
     held = commands.add_parser("held-out", help="write the held-out questions eval asks as fine-tuning records "
                                                 "(Alpaca for text, LLaVA + PNGs for images), or held-out documents "
                                                 "of the base's corpus as plain-text records (corpus)")
     held.add_argument("kind", choices=("text", "image", "corpus"))
-    held.add_argument("--documents", type=at_least_one,
+    held.add_argument("--documents", type=positive_int,
                       help=f"corpus: how many documents (default {DEFAULT_DOCUMENTS})")
     held.add_argument("out", type=Path, help="JSONL file to write (image records: PNGs in a folder beside it; "
                                              "corpus: a .txt file gets the documents as one text, a line each)")
-    held.add_argument("--per-category", type=at_least_one, help="questions per category (default: the recipe's eval's)")
+    held.add_argument("--per-category", type=positive_int, help="questions per category (default: the recipe's eval's)")
     held.add_argument("--choices", action="store_true",
                       help="the colour, shape, position and count questions as multiple-choice records")
     for sub in (build, evaluate, probe, clip_probe, recall, held):
