@@ -88,7 +88,8 @@ def test_training_on_a_loaded_base_gives_the_adapter_of_a_run_that_loads_it_and_
     for name, (tensor, stride) in before.items():
         assert torch.equal(after[name][0], tensor) and after[name][1] == stride, f"{name} changed"
     assert records == read_log(tmp_path / "shared" / "log.jsonl"), "the listener gets every record as written"
-    assert runner.ran == 6 + 3, "each optimizer step and each validation runs as the device's work"
+    assert runner.ran == 6 + 3 + 2, "each optimizer step, each validation, and putting the base in training mode and " \
+        "back run as the device's work"
 
 
 def test_a_stop_ends_the_run_after_its_step_with_what_it_learnt_saved(tmp_path, base_folder, data, served):
