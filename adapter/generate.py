@@ -276,7 +276,7 @@ def fitting_groups(ids: Sequence[Sequence[int]], requests: Sequence[GenerationRe
     lengths, room = [len(row) for row in ids], [request.max_new_tokens for request in requests]
     everyone = list(range(len(ids)))
     if max(lengths, default=0) >= limit or (fits_together(lengths, room, limit) and
-                                             within(everyone, lengths, room, limit, max_cached_tokens)):
+                                             cache_within(everyone, lengths, room, limit, max_cached_tokens)):
         return [everyone]  # (decode_tokens refuses a prompt that leaves no room)
     return list(fitting_batches(sorted(everyone, key=lambda row: -lengths[row]), lengths, room, limit,
                                 max_cached_tokens=max_cached_tokens))
@@ -293,7 +293,7 @@ def fitting_batches(order: Sequence[int], lengths: Sequence[int] | Mapping[int, 
         grown = [*batch, row]
         if batch and ((size is not None and len(grown) > size) or
                       not fits_together([lengths[r] for r in grown], [room[r] for r in grown], limit) or
-                      not within(grown, lengths, room, limit, max_cached_tokens)):
+                      not cache_within(grown, lengths, room, limit, max_cached_tokens)):
             yield batch
             grown = [row]
         batch = grown
@@ -301,8 +301,8 @@ def fitting_batches(order: Sequence[int], lengths: Sequence[int] | Mapping[int, 
         yield batch
 
 
-def within(rows: Sequence[int], lengths: Sequence[int] | Mapping[int, int], room: Sequence[int] | Mapping[int, int],
-           limit: int, max_cached_tokens: int | None) -> bool:
+def cache_within(rows: Sequence[int], lengths: Sequence[int] | Mapping[int, int],
+                 room: Sequence[int] | Mapping[int, int], limit: int, max_cached_tokens: int | None) -> bool:
     """Whether `rows` decoded together hold a KV cache of at most `max_cached_tokens` tokens (None: any): each row
     holds the longest prompt and the longest answer, within the context's `limit` (decode_tokens' cache)."""
     if max_cached_tokens is None or not rows:
