@@ -556,14 +556,14 @@ class Transformer(nn.Module):
     def set_gate_scale(self, scale: ScaleLike) -> None:
         """Scale every learned gate: 0 = frozen base, 1 = trained adapter, >1 = exaggerated. As in every call
         that takes a gate scale, one number, one per row, or as fine as one per row and gate (see `step`)."""
-        value = _scale_tensor(scale, "gate_scale", max_dims=3)
+        value = _scale_tensor(scale, "gate_scale", max_dims=3).clone()  # the caller's tensor may change later
         if value.dim() > 1:  # a per-layer scale's shape is checked now, not at the next call
             self._gate_for_rows(value, None, torch.device("cpu"))
         self._gate_scale = value
 
     def set_delta_scale(self, scale: ScaleLike) -> None:
         """Scale the v2 deltas (biases, LoRA, norm deltas): 0 = the base's own linears and norms."""
-        self._delta_scale = _scale_tensor(scale, "delta_scale")
+        self._delta_scale = _scale_tensor(scale, "delta_scale").clone()
 
     @property
     def gate_scale(self) -> torch.Tensor:

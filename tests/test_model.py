@@ -59,6 +59,20 @@ def test_scales_zero_reproduce_the_frozen_base_bit_for_bit(name):
         assert not torch.allclose(model(t, gate_scale=1.0, delta_scale=1.0), expected, atol=1e-3)
 
 
+def test_a_set_scale_is_the_models_own_whatever_the_caller_does_to_its_tensor_after():
+    """set_gate_scale / set_delta_scale kept the caller's float32 tensor (or array): filled in place afterwards, it
+    changed the model's scale."""
+    import numpy as np
+
+    model = make_model(TINY, V2)
+    gate, delta = torch.tensor(1.0), np.array(1.0, dtype=np.float32)
+    model.set_gate_scale(gate)
+    model.set_delta_scale(delta)
+    gate.fill_(0.0)
+    delta.fill(0.0)
+    assert model.gate_scale.item() == model.delta_scale.item() == 1.0
+
+
 def test_fresh_adapter_is_exactly_the_base():
     """Zero-init gates, biases, LoRA-up and norm deltas: training starts at the base model."""
     torch.manual_seed(0)
