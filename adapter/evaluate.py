@@ -216,8 +216,14 @@ def checked_request(gate_scales: Sequence[float], micro_batch_size: int, max_seq
                     limit: int | None, model: "Transformer") -> list[float]:
     """The gate scales as floats, once the request's scales, batch size, length and limit are checked (ValueError
     naming the one at fault) and the model has a tokenizer; shared with adapter.choices."""
-    scales = [float(s) for s in gate_scales]
-    if not scales or any(not math.isfinite(s) or s < 0 for s in scales):
+    if isinstance(gate_scales, str):  # "0, 0.5 1", as the command line and the app read them
+        gate_scales = scales_from_text(gate_scales, "gate_scales")
+    try:  # (a text was read one character at a time: "10" scored at 1 and 0)
+        scales = [float(s) for s in gate_scales if not isinstance(s, bool)]
+    except (TypeError, ValueError):
+        raise ValueError(f"gate_scales: give a list of numbers (or a text such as \"0, 0.5, 1\"), got "
+                         f"{gate_scales!r}"[:200]) from None
+    if not scales or len(scales) != len(gate_scales) or any(not math.isfinite(s) or s < 0 for s in scales):
         raise ValueError(f"gate_scales: give one or more finite scales >= 0, got {list(gate_scales)}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size: must be at least 1, got {micro_batch_size}")

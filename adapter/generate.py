@@ -215,6 +215,8 @@ def stream_batch(
     tokenizer = require_tokenizer(model)
     if isinstance(prompts, str):
         raise ValueError("prompts: expected a list of strings, got one string")
+    if not prompts:
+        raise ValueError("prompts: give at least one prompt")
     written = prompt_writer(model, template, system)
     if rows is not None and len(rows) != len(prompts):
         raise ValueError(f"rows: {len(rows)} given for {len(prompts)} prompts")

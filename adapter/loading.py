@@ -152,6 +152,8 @@ def load_many(base: str | os.PathLike, adapters: Sequence[str | os.PathLike | No
     adapters needs. `clip` goes to every adapter with a visual prompt (the embedded "tiny-image" brings its own
     tower unless `clip` names another); those asking for the same tower share one. `options` are `load`'s
     (quantize, device, dtype, max_seq_len, kv_cache)."""
+    if isinstance(adapters, str | os.PathLike):  # read letter by letter: "adapter: t does not exist"
+        raise ValueError(f"adapters: expected a list of adapters, got one: {str(adapters)!r}; give [{str(adapters)!r}]")
     if not adapters:
         raise ValueError("adapters: give at least one (None: the bare base)")
     models: list[Transformer] = []

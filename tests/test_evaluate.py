@@ -465,3 +465,19 @@ def test_tiny_held_out_pictures_appear_whole_or_not_at_all(tmp_path, monkeypatch
     monkeypatch.setattr(records, "render", render)
     assert tiny_main(["held-out", "image", str(out), "--per-category", "1"]) == 0
     assert len(list((tmp_path / "img").iterdir())) == len(out.read_text().splitlines()) < len(before)
+
+
+def test_gate_scales_given_as_text_are_read_as_the_command_line_reads_them(base_folder, data):
+    """A text was read one character at a time: "10" scored at gate scales 1 and 0, without a word."""
+    model = adapter.load(base_folder, device="cpu")
+    assert [s.gate_scale for s in evaluate(model, data, gate_scales="0, 1.5", limit=2).scores] == [0.0, 1.5]
+    for wrong in ([True], 0.5, "0, x"):
+        with pytest.raises(ValueError, match="^gate_scales: "):
+            evaluate(model, data, gate_scales=wrong, limit=2)
+
+
+def test_one_adapter_named_without_a_list_is_refused_by_name():
+    """load_many read a single name letter by letter ("adapter: t does not exist")."""
+    with pytest.raises(ValueError, match=r"^adapters: expected a list of adapters, got one: 'tiny-text'; give "
+                                         r"\['tiny-text'\]$"):
+        adapter.load_many("tiny", "tiny-text", device="cpu")

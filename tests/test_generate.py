@@ -404,3 +404,9 @@ def test_command_line_answers_with_each_adapter_on_one_shared_base(base_folder, 
     assert main([*flags, "--clip", str(tmp_path / "clip.safetensors")]) == 2
     assert capsys.readouterr().err.strip() == f"error: clip: none of the adapters ({one}, {two}) has a visual " \
                                               "prompt to feed"
+
+
+def test_an_empty_list_of_prompts_is_refused_by_name(model):
+    """(was "max() arg is an empty sequence")"""
+    with pytest.raises(ValueError, match="^prompts: give at least one prompt$"):
+        generate_batch(model, [])
