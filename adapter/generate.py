@@ -62,7 +62,8 @@ class GenerationRequest:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+        if isinstance(self.max_new_tokens, bool) or not (isinstance(self.max_new_tokens, int) and
+                                                          self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile: must be True or False, got {self.compile!r}")

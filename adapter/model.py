@@ -909,6 +909,9 @@ class Transformer(nn.Module):
 
 
 def _scale_tensor(scale: ScaleLike, name: str, max_dims: int = 1) -> torch.Tensor:
+    if isinstance(scale, bool) or (isinstance(scale, torch.Tensor) and (scale.dtype == torch.bool or
+                                                                          scale.is_complex())):
+        raise ValueError(f"{name}: expected a number or one number per row, got {scale!r}")
     try:
         value = torch.as_tensor(scale, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as error:

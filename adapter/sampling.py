@@ -52,6 +52,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if isinstance(getattr(self, name), bool):  # True is an int to Python: top_k=True failed in torch.topk
+                raise ValueError(f"{name}: expected a number, got {getattr(self, name)!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
             raise ValueError(f"temperature: must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):

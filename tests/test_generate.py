@@ -410,3 +410,14 @@ def test_an_empty_list_of_prompts_is_refused_by_name(model):
     """(was "max() arg is an empty sequence")"""
     with pytest.raises(ValueError, match="^prompts: give at least one prompt$"):
         generate_batch(model, [])
+
+
+@pytest.mark.parametrize("option, message", [
+    ("max_new_tokens", "max_new_tokens: must be an integer >= 1, got True"),  # decoded one token
+    ("top_k", "top_k: expected a number, got True"),  # passed, then failed inside torch.topk when sampling
+    ("temperature", "temperature: expected a number, got True"),
+    ("gate_scale", "gate_scale: expected a number or one number per row, got True"),
+])
+def test_a_bool_where_a_number_is_expected_is_refused_by_name(model, option, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        generate_batch(model, ["Hi"], **{"temperature": 1.0, option: True})
