@@ -162,6 +162,9 @@ def answer_logprobs(model: Transformer, prompt: Prompt, answer: Answer, gate_sca
     from .gate_view import answer_tokens
 
     prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
+    if len(prompt_ids) >= model.args.max_seq_len:  # no room for any answer token: [] read as an empty answer
+        raise ValueError(f"prompt: {len(prompt_ids)} tokens do not fit max_seq_len={model.args.max_seq_len} (need "
+                         "room for one more)")
     return token_logprobs(model, prompt_ids + answer_ids, len(prompt_ids), gate_scale, delta_scale, image, top_k)
 
 

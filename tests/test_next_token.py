@@ -91,6 +91,9 @@ def test_the_prompt_is_written_as_generate_writes_it(model):
     (lambda m: next_tokens(m, PROMPT, [1], template="alpaca", system="Be brief."),
      "system: the alpaca prompt format has no system prompt"),
     (lambda m: next_tokens(m, "word " * 600, [1]), r"prompt: 2401 tokens do not fit max_seq_len=2048"),
+    # no room left for the answer: [] came back, read as an empty answer
+    (lambda m: answer_logprobs(m, "word " * 600, " red"), r"prompt: 2401 tokens do not fit max_seq_len=2048 \(need "
+                                                           r"room for one more\)"),
     (lambda m: next_tokens(m, PROMPT, [1], image=Image.new("RGB", (8, 8))), "image: this adapter has no visual prompt"),
 ])
 def test_bad_arguments_are_named(model, call, message):
