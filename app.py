@@ -54,7 +54,7 @@ from adapter.engine import (
     Engines,
     Settings,
 )
-from adapter.live_training import VALIDATIONS, LiveTraining
+from adapter.live_training import MAX_LORA_RANK, VALIDATIONS, LiveTraining
 from adapter.model import Transformer
 from adapter.prompts import PROMPT_FORMATS
 from adapter.releases import OFFICIAL
@@ -190,11 +190,11 @@ def train_tab(handlers: Handlers, config: ServeConfig, menus: list[gr.Dropdown])
     with gr.Accordion("More settings", open=False):
         with gr.Row():
             prompt_len = gr.Number(start.prompt_len, precision=0, label="Prompt tokens per layer",
-                                   elem_id="train_prompt_len")
+                                   elem_id="train_prompt_len")  # (bounded by LiveTraining: a served one may be more)
             prompt_layers = gr.Number(start.prompt_layers, precision=0, label="Adapted layers (the top ones)",
                                       elem_id="train_prompt_layers")
-            lora_rank = gr.Number(8, precision=0, label="LoRA rank (LoRA alone; v2: 0 = none)",
-                                  elem_id="train_lora_rank")
+            lora_rank = gr.Number(8, precision=0, label="LoRA rank (LoRA alone; v2: 0 = none)", minimum=0,
+                                  maximum=MAX_LORA_RANK, elem_id="train_lora_rank")
             prompt_format = gr.Dropdown(list(PROMPT_FORMATS), value=engines.default.prompts.name,
                                         label="Prompt format (how records are written)", elem_id="train_format")
             seed = gr.Number(0, precision=0, label="Seed", elem_id="train_seed")

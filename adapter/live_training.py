@@ -46,6 +46,9 @@ MAX_TRAINED = 4  # trained adapters served at once
 TRAINED_PREFIX = "trained-"
 MICRO_BATCH = 16  # examples per forward pass at most (a batch above it accumulates gradients)
 MAX_SEQ_LEN = 512  # tokens per example at most (fewer where the base's context is shorter)
+# a page's request bounds what one run adds to the served process (a LoRA rank of 1,000,000 asked for 22 GB and
+# the kernel killed the app); the official releases use 10 prompt tokens and rank 16
+MAX_PROMPT_LEN, MAX_LORA_RANK = 64, 64
 WARMUP = 0.1  # of the epochs: linear warm-up, then cosine decay to a twentieth of the peak
 REFRESH_S = 0.5  # the progress shown at most this often
 VALIDATIONS = 10  # validation losses over a run, evenly (a curve, not one point at the end of a one-epoch run)
@@ -86,6 +89,10 @@ class TrainRequest:
         if self.early_stop < 0:
             raise ValueError(f"early_stop: give 0 (never) or how many validations without a lower loss end the run, "
                              f"got {self.early_stop}")
+        for name, bound in (("prompt_len", MAX_PROMPT_LEN), ("lora_rank", MAX_LORA_RANK)):
+            if getattr(self, name) > bound:
+                raise ValueError(f"{name}: at most {bound} here (the app trains beside what it serves), got "
+                                 f"{getattr(self, name)}; python -m adapter.finetune takes more")
         if start is None and self.mode != "lora" and self.prompt_layers > base_args.n_layers:
             raise ValueError(f"prompt_layers: the served base has {base_args.n_layers} layers; adapt 1 to "
                              f"{base_args.n_layers} of them, got {self.prompt_layers}")

@@ -158,6 +158,21 @@ def test_more_adapted_layers_than_the_base_has_are_refused_by_name(tmp_path, dat
     assert request(data, mode="lora", lora_rank=2, prompt_layers=5).config("tiny", tmp_path / "run", shaped)
 
 
+@pytest.mark.parametrize("setting", ["prompt_len", "lora_rank"])
+def test_a_prompt_length_or_lora_rank_beyond_the_apps_bound_is_refused_before_the_run(tmp_path, data, setting):
+    """A page's lora_rank of 1,000,000 grew the app to 22.7 GB and the kernel killed it; a prompt_len of 1,000,000
+    held the device for minutes."""
+    from adapter.live_training import MAX_LORA_RANK, MAX_PROMPT_LEN
+
+    bound = {"prompt_len": MAX_PROMPT_LEN, "lora_rank": MAX_LORA_RANK}[setting]
+    asked = request(data, mode="v2", **{"lora_rank": 2, setting: bound + 1})
+    with pytest.raises(ValueError, match=f"^{setting}: at most {bound} here .*got {bound + 1}; python -m "
+                                         "adapter.finetune takes more$"):
+        asked.config("tiny", tmp_path / "run", ModelArgs(n_layers=4, max_seq_len=128))
+    assert request(data, mode="v2", **{"lora_rank": 2, setting: bound}).config(
+        "tiny", tmp_path / "run", ModelArgs(n_layers=4, max_seq_len=128)) is not None
+
+
 def test_a_live_run_shows_its_progress_and_is_served_beside_the_others(tmp_path, data, served, base_folder):
     training, engines = live(served, tmp_path)
     shown = list(training.run(request(data)))
