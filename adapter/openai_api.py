@@ -176,7 +176,9 @@ async def _json_body(request: Request) -> Any:
             raise too_large
     try:
         return await run_in_threadpool(json.loads, bytes(body))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except RecursionError:  # (a 500 and a traceback: a body of nested lists, 200 KB)
+        raise RequestError("the body's JSON is nested too deeply") from None
+    except ValueError as error:  # not JSON, not UTF-8, a number of over 4,300 digits
         raise RequestError(f"the body is not JSON ({error})") from None
 
 

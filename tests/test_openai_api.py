@@ -292,6 +292,15 @@ def test_bad_requests_get_openais_error_naming_the_field(client, body, status, p
         "the body is not JSON")
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/tokenize"])
+def test_a_body_nested_too_deeply_or_of_a_huge_number_is_a_400(client, route):
+    """(a 500, plain text, and a traceback in the server's log)"""
+    for body, message in ((b"[" * 100_000 + b"]" * 100_000, "the body's JSON is nested too deeply"),
+                          (b'{"n": ' + b"9" * 5000 + b"}", "the body is not JSON (Exceeds the limit")):
+        response = client.post(route, content=body)
+        assert response.status_code == 400 and response.json()["error"]["message"].startswith(message)
+
+
 def test_a_request_is_checked_off_the_event_loop_and_a_body_too_large_is_refused(client, monkeypatch):
     """Checking a request (writing and fitting a long conversation's prompt, reading its picture) ran on the event
     loop, stalling every other request and stream meanwhile; a body of any size was read."""
