@@ -653,8 +653,8 @@ class Engines:
         if name is None:
             return self.default
         served = self.by_name  # one reading: the mapping may be replaced meanwhile (add, remove)
-        if name not in served:
-            raise ValueError(f"adapter: {name!r} is not served here; choose from {', '.join(served)}")
+        if not isinstance(name, str) or name not in served:  # (a list sent by an API client: "unhashable type")
+            raise ValueError(f"adapter: {name!r:.200} is not served here; choose from {', '.join(served)}")
         return served[name]
 
 

@@ -439,6 +439,8 @@ def test_adapters_served_together_share_the_base_and_clip_goes_to_those_that_see
                                      picture, QUESTION, GREEDY))[-1]
     with pytest.raises(ValueError, match=f"adapter: 'other' is not served here; choose from {text}, "):
         engines.get("other")
+    with pytest.raises(ValueError, match=r"adapter: \['a'\] is not served here"):  # (was "unhashable type")
+        engines.get(["a"])
     with pytest.raises(ValueError, match=r"clip: none of the adapters \(.*text\) has a visual prompt to feed"):
         load_engines(parse_config([*flags[:4], *flags[5:]], {}))
     bare = load_engines(parse_config([*flags[:2], "--device", "cpu"], {}))
