@@ -106,9 +106,9 @@ class AdapterUploads:
                              "folder), or name one on the hub (hf:owner/name) or an official release "
                              "(official:NAME)")
         if upload and named:
-            raise ValueError(f"adapter: both a file and {named!r} given; serve one at a time")
+            raise ValueError(f"adapter: both a file and {named!r:.200} given; serve one at a time")
         if named and not hub.is_remote(named):
-            raise ValueError(f"adapter: {named!r} is not hf:owner/name or official:NAME; files on the server are "
+            raise ValueError(f"adapter: {named!r:.200} is not hf:owner/name or official:NAME; files on the server are "
                              "not read by name, upload the file instead")
         self.folder.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.folder))

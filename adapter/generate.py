@@ -366,7 +366,7 @@ def scales_from_text(text: str, name: str) -> list[float]:
         try:
             scales.append(float(word))
         except ValueError:
-            raise ValueError(f"{name}: {word!r} is not a number") from None
+            raise ValueError(f"{name}: {word!r:.80} is not a number") from None
     return scales
 
 

@@ -178,7 +178,7 @@ def repo_id(value: str, what: str) -> str:
     text = value.strip()
     repo = text[len(PREFIX):] if text.startswith(PREFIX) else text
     if not _REPO.match(repo):
-        raise ValueError(f"{what}: {value!r} is not a hub repository id like owner/name")
+        raise ValueError(f"{what}: {value!r:.200} is not a hub repository id like owner/name")
     return repo
 
 

@@ -421,3 +421,14 @@ def test_an_empty_list_of_prompts_is_refused_by_name(model):
 def test_a_bool_where_a_number_is_expected_is_refused_by_name(model, option, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         generate_batch(model, ["Hi"], **{"temperature": 1.0, option: True})
+
+
+def test_a_refusal_does_not_repeat_a_huge_value_whole():
+    """A 100,000-character scales text (or hub repository id) came back whole in the error: 100 KB messages."""
+    from adapter.generate import scales_from_text
+    from adapter.hub import repo_id
+
+    for refused in (lambda: scales_from_text("x" * 100_000, "scales"), lambda: repo_id("y" * 100_000, "repo")):
+        with pytest.raises(ValueError) as error:
+            refused()
+        assert len(str(error.value)) < 300
