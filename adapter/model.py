@@ -687,8 +687,16 @@ class Transformer(nn.Module):
         """A cache for `batch` rows; `pad[b]` = number of left-padding tokens in row b; `kv_cache` ("auto" or
         "int8", see adapter.kv_cache) overrides the model's `kv_cache`."""
         max_len = self.args.max_seq_len if max_len is None else max_len
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch: must be a whole number of rows >= 1, got {batch!r}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len: must be a whole number of positions >= 1, got {max_len!r}")
         if max_len > self.args.max_seq_len:
             raise ValueError(f"max_len: {max_len} is more than the model's max_seq_len={self.args.max_seq_len}")
+        if pad is not None and (not isinstance(pad, torch.Tensor) or pad.shape != (batch,) or pad.is_floating_point()
+                                or bool((pad < 0).any()) or bool((pad >= max_len).any())):
+            raise ValueError(f"pad: expected a tensor of {batch} whole numbers from 0 to {max_len - 1} (each row's "
+                             f"left-padding tokens), got {pad!r:.120}")
         kind = check_kv_cache(self.kv_cache if kv_cache is None else kv_cache)
         embed = self.tok_embeddings.weight
         return KVCache(self.args.n_layers, batch, self.args.kv_heads, max_len, self.args.head_dim,

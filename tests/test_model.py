@@ -73,6 +73,20 @@ def test_a_set_scale_is_the_models_own_whatever_the_caller_does_to_its_tensor_af
     assert model.gate_scale.item() == model.delta_scale.item() == 1.0
 
 
+@pytest.mark.parametrize("args, message", [
+    ((-1,), "batch: must be a whole number of rows >= 1, got -1"),
+    ((1, -5), "max_len: must be a whole number of positions >= 1, got -5"),
+    ((1, 8, torch.tensor([0, 1])), r"pad: expected a tensor of 1 whole numbers from 0 to 7"),  # failed at step
+    ((1, 8, torch.tensor([-1])), r"pad: expected a tensor of 1 whole numbers"),  # silently wrong positions
+    ((1, 8, [0]), r"pad: expected a tensor of 1 whole numbers"),  # 'list' object has no attribute 'any'
+])
+def test_a_cache_of_no_rows_no_room_or_a_wrong_padding_is_refused_by_name(args, message):
+    model = make_model(TINY, V1)
+    batch, *rest = args
+    with pytest.raises(ValueError, match=f"^{message}"):
+        model.new_cache(batch, *rest[:1], pad=rest[1] if len(rest) > 1 else None)
+
+
 def test_fresh_adapter_is_exactly_the_base():
     """Zero-init gates, biases, LoRA-up and norm deltas: training starts at the base model."""
     torch.manual_seed(0)
