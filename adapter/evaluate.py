@@ -449,8 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = load_many(args.base, args.adapter or [None], clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)
-        for model in models:  # every adapter can read the file before any is scored
-            _check_readable(model, args, data)
+        if len(models) > 1:  # every adapter can read the file before any is scored (one: its evaluation checks)
+            for model in models:
+                _check_readable(model, args, data)
         evaluations = []
         for model in models:
             for layers in selections(model, args):
@@ -473,7 +474,7 @@ def _evaluation(model: "Transformer", args: argparse.Namespace, data: Path, scal
     """The command line's one evaluation of `model` on `data` at delta scale `delta` with `layers` speaking."""
     common = dict(gate_scales=scales, delta_scale=delta, micro_batch_size=args.micro_batch_size, limit=args.limit,
                   layers=layers)
-    prompt_format = None if args.prompt_format == "auto" else args.prompt_format
+    prompt_format = _prompt_format(args)
     if args.choices:
         return evaluate_choices(model, data, prompt_format=prompt_format, delimiter=args.choice_delimiter,
                                 image_folder=args.image_folder, **common)
@@ -483,9 +484,14 @@ def _evaluation(model: "Transformer", args: argparse.Namespace, data: Path, scal
                     max_seq_len=args.max_seq_len, **common)
 
 
+def _prompt_format(args: argparse.Namespace) -> str | None:
+    """--prompt-format's format (None: each adapter's own)."""
+    return None if args.prompt_format == "auto" else args.prompt_format
+
+
 def _check_readable(model: "Transformer", args: argparse.Namespace, data: Path) -> None:
     """Refuse (ValueError or DataError) what `_evaluation` would refuse of `model` on reading `data`."""
-    prompt_format = None if args.prompt_format == "auto" else args.prompt_format
+    prompt_format = _prompt_format(args)
     if args.choices:
         scorable_questions(model, data, prompt_format, args.choice_delimiter, args.image_folder, args.limit)
     elif not args.text:  # plain text reads the same for every adapter

@@ -36,10 +36,16 @@ CONTEXT = 2048  # tokens of KV cache counted per request: the app decodes no mor
 GPU_FIXED, CPU_FIXED = 0.5 * GIB, 1.0 * GIB  # CUDA's context; the app's process (Python, torch, gradio)
 
 
+def served_cache_rows(concurrency: int, max_seq_len: int) -> tuple[int, int]:
+    """The KV cache the fit check counts: (rows, tokens each), CONTEXT tokens (the base's context, if shorter) for
+    each of `concurrency` requests."""
+    return max(1, concurrency), min(CONTEXT, max_seq_len)
+
+
 def served_cache_tokens(concurrency: int, max_seq_len: int) -> int:
-    """The KV cache the app lets one decode hold (Engine.max_cached_tokens), in tokens: what the fit check counts,
-    CONTEXT tokens (the base's context, if shorter) for each of `concurrency` requests."""
-    return max(1, concurrency) * min(CONTEXT, max_seq_len)
+    """The KV cache the app lets one decode hold (Engine.max_cached_tokens), in tokens: what the fit check counts."""
+    rows, context = served_cache_rows(concurrency, max_seq_len)
+    return rows * context
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ class Served:
             else torch.float32
         tower = None if self.towers is None else max((tower_bytes(shape, tower_mode, tower_dtype)
                                                       for shape in self.towers), default=0)
-        rows, context = max(1, int(options["concurrency"])), min(CONTEXT, self.args.max_seq_len)
+        rows, context = served_cache_rows(int(options["concurrency"]), self.args.max_seq_len)
         return Need(on_gpu, mode or str(dtype).removeprefix("torch."), sizes.weights, tower,
                     sizes.kv_per_token_int8 if options["kv_cache"] == "int8" else sizes.kv_per_token, rows, context,
                     _transient(self.args, rows * context, dtype, quantized=mode is not None))
