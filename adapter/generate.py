@@ -119,8 +119,7 @@ def decode_tokens(
         raise ValueError("prompt: empty prompt (no tokens to start from)")
     limit = model.args.max_seq_len
     longest = max(len(p) for p in prompts)
-    if longest >= limit:
-        raise ValueError(f"prompt: {longest} tokens do not fit max_seq_len={limit} (need room for one more)")
+    check_room(longest, limit)
     batch = len(prompts)
     requests = [request] * batch if isinstance(request, GenerationRequest) else list(request)
     if len(requests) != batch:
@@ -160,6 +159,12 @@ def decode_tokens(
             return
         with torch.inference_mode():
             logits = model.step(next_ids[:, None], cache, compile=requests[0].compile, **scales)
+
+
+def check_room(prompt_tokens: int, limit: int) -> None:
+    """That a prompt of `prompt_tokens` leaves its answer room for a token within the context's `limit`."""
+    if prompt_tokens >= limit:
+        raise ValueError(f"prompt: {prompt_tokens} tokens do not fit max_seq_len={limit} (need room for one more)")
 
 
 def fits_together(lengths: Sequence[int], max_new_tokens: Sequence[int], limit: int) -> bool:

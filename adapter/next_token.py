@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .gate_layers import Speaker, gate_scale_rows
-from .generate import prompt_writer, require_tokenizer
+from .generate import check_room, prompt_writer, require_tokenizer
 from .prompt_ids import Answer, Prompt
 
 if TYPE_CHECKING:
@@ -162,9 +162,7 @@ def answer_logprobs(model: Transformer, prompt: Prompt, answer: Answer, gate_sca
     from .gate_view import answer_tokens
 
     prompt_ids, answer_ids = answer_tokens(model, prompt, answer)
-    if len(prompt_ids) >= model.args.max_seq_len:  # no room for any answer token: [] read as an empty answer
-        raise ValueError(f"prompt: {len(prompt_ids)} tokens do not fit max_seq_len={model.args.max_seq_len} (need "
-                         "room for one more)")
+    check_room(len(prompt_ids), model.args.max_seq_len)  # else [] came back, read as an empty answer
     return token_logprobs(model, prompt_ids + answer_ids, len(prompt_ids), gate_scale, delta_scale, image, top_k)
 
 
