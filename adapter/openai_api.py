@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import io
 import json
 import sys
@@ -49,6 +50,17 @@ SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": 
                   "frequency_penalty": "frequency_penalty", "top_k": "top_k",
                   "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "gate_scale": "gate_scale",
                   "delta_scale": "delta_scale", "gate_layers": "gate_layers"}
+MAX_STOP_CHARS = 200  # a stop string's length: each streamed piece is held back against every stop's beginnings
+# the fields a request may give besides SETTING_FIELDS: read, refused by name when not served (`tools`), or OpenAI's
+# that change no answer (`user`, `metadata`, ...); any other is refused, so that a misspelt `gate_scal` is not
+# answered as if it were not asked
+REQUEST_FIELDS = frozenset({"model", "stream", "stream_options", "n", "stop", "logprobs", "best_of", "response_format",
+                            "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+                            *SETTING_FIELDS})
+CHAT_FIELDS = REQUEST_FIELDS | {"messages", "top_logprobs", "tools", "functions", "tool_choice", "function_call",
+                                "parallel_tool_calls"}
+COMPLETION_FIELDS = REQUEST_FIELDS | {"prompt", "echo", "suffix"}
+SWITCHES = ("stream", "echo")  # true or false; `logprobs` too in chat (the legacy completions' is a count)
 
 
 class RequestError(ValueError):
@@ -107,7 +119,7 @@ def api_router(engines: Engines) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         seen = view(request)
-        return await answered(request, lambda body: answer_calls(seen, body),
+        return await answered(request, CHAT_FIELDS, lambda body: answer_calls(seen, body),
                               lambda name, calls, usage: stream_events(name, calls[0], usage), completion)
 
     @router.post("/v1/completions")
@@ -115,7 +127,7 @@ def api_router(engines: Engines) -> APIRouter:
         from .openai_completions import completion_calls, stream_text_events, text_completion
 
         seen = view(request)
-        return await answered(request, lambda body: completion_calls(seen, body),
+        return await answered(request, COMPLETION_FIELDS, lambda body: completion_calls(seen, body),
                               lambda name, calls, usage: stream_text_events(name, calls[0], usage),
                               text_completion)
 
@@ -123,19 +135,19 @@ def api_router(engines: Engines) -> APIRouter:
     return router
 
 
-async def answered(request: Request, check: Callable[[Any], tuple[str, Any]],
+async def answered(request: Request, fields: frozenset[str], check: Callable[[Any], tuple[str, Any]],
                    stream: Callable[[str, Any, bool], Generator[str, None, None]], whole: Callable[[str, Any], dict]):
-    """A request's response: its JSON body checked (`check(body)`: the adapter's name and the lazy answer, or a
-    RequestError, answered with OpenAI's error object), then answered as server-sent events (`stream`, told whether
+    """A request's response: its JSON body checked (`fields` the ones it may give, then `check(body)`: the
+    adapter's name and the lazy answer, or a RequestError, answered with OpenAI's error object), then answered as server-sent events (`stream`, told whether
     the usage comes in a chunk of its own) or whole (`whole`), each run in the thread pool, where decoding may wait
     for the device."""
     try:
-        body = await _json_body(request)
+        body = known_fields(await _json_body(request), fields)
         usage_chunk = usage_chunk_asked(body)
         name, answer = await run_in_threadpool(check, body)  # writing the prompt, reading a picture: not on the loop
     except RequestError as error:
         return refusal(error)
-    if isinstance(body, dict) and body.get("stream"):
+    if body.get("stream"):
         return StreamingResponse(closed_when_done(stream(name, answer, usage_chunk)), media_type="text/event-stream")
     return await run_in_threadpool(whole, name, answer)
 
@@ -275,6 +287,22 @@ class Call:
                 "total_tokens": self.prompt_tokens + len(self.generated)}
 
 
+def known_fields(body: Any, fields: frozenset[str]) -> dict:
+    """`body` when it is a JSON object of `fields` only, its switches (`stream`, `echo`) true or false; else a
+    RequestError naming the field (a misspelt field is not answered as if it were not asked, nor `"stream":
+    "no"` as a stream)."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    for field, value in body.items():
+        if field not in fields:
+            close = difflib.get_close_matches(field, fields, n=1)
+            raise RequestError(f"{field[:80]}: not a field this API reads" + (f" (did you mean {close[0]!r}?)"
+                                                                            if close else ""), field[:80])
+        if field in SWITCHES and value is not None and not isinstance(value, bool):
+            raise RequestError(f"{field}: must be true or false, got {value!r:.80}", field)
+    return body
+
+
 def served(engines: Engines, body: Any) -> tuple[str, Engine]:
     """The adapter a request body names (`model`; the first served when left out) and its engine."""
     if not isinstance(body, dict):
@@ -375,9 +403,9 @@ def request_stops(body: dict) -> tuple[str, ...]:
     if stop is None:
         return ()
     if not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOPS or \
-            not all(isinstance(s, str) and s for s in stops):
-        raise RequestError(f"stop: expected a non-empty string or a list of up to {MAX_STOPS} of them, got "
-                           f"{stop!r}"[:200], "stop")
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise RequestError(f"stop: expected a string of 1 to {MAX_STOP_CHARS} characters or a list of up to "
+                           f"{MAX_STOPS} of them, got {stop!r}"[:240], "stop")
     return tuple(stops)
 
 
@@ -389,8 +417,10 @@ def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
 
 def _top_logprobs(body: dict) -> int | None:
     """How many alternatives each token's log-probability comes with; None when no log-probabilities are asked."""
-    top = body.get("top_logprobs")
-    if not body.get("logprobs"):
+    top, asked = body.get("top_logprobs"), body.get("logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise RequestError(f"logprobs: must be true or false, got {asked!r:.80}", "logprobs")
+    if not asked:
         if top is not None:
             raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
         return None

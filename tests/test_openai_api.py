@@ -281,6 +281,12 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
     ({"response_format": {"type": "json_object"}}, 400, "response_format", "response_format: only text answers"),
     ({"top_k": -1}, 400, "top_k", "top_k: must be >= 0, got -1"),
     ({"gate_layers": "top 9"}, 400, "gate_layers", "gate_layers: "),
+    # a misspelt or unserved field was answered as if it were not asked; a switch given as text read as true
+    ({"gate_scal": 0}, 400, "gate_scal", "gate_scal: not a field this API reads (did you mean 'gate_scale'?)"),
+    ({"min_p": 0.1}, 400, "min_p", "min_p: not a field this API reads"),
+    ({"stream": "no"}, 400, "stream", "stream: must be true or false, got 'no'"),
+    ({"logprobs": "yes"}, 400, "logprobs", "logprobs: must be true or false, got 'yes'"),
+    ({"stop": "x" * 201}, 400, "stop", "stop: expected a string of 1 to 200 characters"),
 ])
 def test_bad_requests_get_openais_error_naming_the_field(client, body, status, param, message):
     response = client.post("/v1/chat/completions", json={"messages": [user(SCENE)], **body})

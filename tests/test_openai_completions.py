@@ -193,7 +193,9 @@ def test_several_prompts_streaming_and_stop_strings(client):
     ({"prompt": "a", "temperature": -1}, "temperature", "temperature"),
     ({"prompt": "   "}, "prompt", "prompt: is empty"),
     ({"prompt": "a", "model": "nope"}, "model", "model: no adapter 'nope' is served"),
-    ({"prompt": "a", "stop": []}, "stop", "stop: expected a non-empty string or a list of up to 4 of them"),
+    ({"prompt": "a", "stop": []}, "stop", "stop: expected a string of 1 to 200 characters or a list of up to 4"),
+    ({"prompt": "a", "echo": "yes"}, "echo", "echo: must be true or false, got 'yes'"),  # was read as true
+    ({"prompt": "a", "messages": []}, "messages", "messages: not a field this API reads"),  # chat's, not this one's
     ({"prompt": "a", "max_tokens": 10**6}, "max_tokens", "max_tokens: must be between 1 and"),
 ])
 def test_bad_requests_name_their_field(client, body, param, message):
