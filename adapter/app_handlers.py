@@ -22,7 +22,7 @@ from .adapter_download import AdapterDownloads
 from .adapter_upload import AdapterUploads
 from .added_adapters import AddedAdapters
 from .choices import ChoiceEvaluation
-from .engine import Engine, Engines, Settings, check_integer, check_text, gate_scales
+from .engine import Engine, Engines, Settings, check_integer, check_system, check_text, gate_scales
 from .finetune.records import conversation_record
 from .formats.common import unrecorded_format_note, write_zip
 from .hub import repo_id
@@ -189,7 +189,8 @@ class Handlers:
         any; a question not yet answered left out), in a .jsonl file: its answers can be corrected and the file
         trained on in the Train tab or by adapter.finetune."""
         with user_errors():
-            record = conversation_record([(user, answer) for user, answer in to_pairs(history) if answer], system)
+            record = conversation_record([(user, answer) for user, answer in to_pairs(history) if answer],
+                                         check_system(system))
             path = Path(tempfile.mkdtemp(prefix="conversation-")) / RECORD
             path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
             return str(path)
@@ -204,7 +205,7 @@ class Handlers:
             if image is None:
                 raise ValueError("image: upload the picture the conversation is about first")
             turns = [*to_pairs(conversation), *([(asked, answer)] if asked and answer else [])]
-            record = conversation_record([(user, said) for user, said in turns if said], system, PICTURE)
+            record = conversation_record([(user, said) for user, said in turns if said], check_system(system), PICTURE)
             folder = Path(tempfile.mkdtemp(prefix="conversation-"))
             (folder / RECORD).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
             image.convert("RGB").save(folder / PICTURE)

@@ -129,6 +129,11 @@ def check_text(value: Any, name: str = "question") -> str:
     return value.strip()
 
 
+def check_system(value: Any) -> str | None:
+    """A system prompt: None when left out or blank (as no system prompt), else checked as a question is."""
+    return check_text(value, "system") if value and str(value).strip() else None
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one request may choose: gate/delta scales, sampling and a system prompt (chat formats only).
@@ -156,7 +161,7 @@ class Settings:
             "top_p": _number("top_p", self.top_p, 0.0, 1.0, low_open=True),
             "max_new_tokens": check_integer("max_new_tokens", self.max_new_tokens, 1),
             "seed": None if self.seed is None else _seed(self.seed),
-            "system": check_text(self.system, "system") if self.system and str(self.system).strip() else None,
+            "system": check_system(self.system),
             "gate_layers": _layers_text(self.gate_layers),
             "top_k": check_integer("top_k", self.top_k, 0),
             "repetition_penalty": _number("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY,

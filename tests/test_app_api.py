@@ -105,6 +105,8 @@ def test_a_conversation_is_saved_as_a_training_record_that_fine_tuning_reads(cli
                                       .read_text())["messages"][0]["role"]
     with pytest.raises(AppError, match="conversation: no answered question to save yet; ask something first"):
         client.predict([], None, api_name="/save_conversation")
+    with pytest.raises(AppError, match="system: 100,000 characters is too long"):  # as /chat refuses it (was saved)
+        client.predict(history, "x" * 100_000, api_name="/save_conversation")
 
 
 def test_an_image_conversation_is_not_saved_without_its_picture_or_an_answer():
@@ -116,6 +118,8 @@ def test_an_image_conversation_is_not_saved_without_its_picture_or_an_answer():
         Handlers.save_image_conversation(None, "What is it?", "a star", [])
     with pytest.raises(gr.Error, match="conversation: no answered question to save yet"):
         Handlers.save_image_conversation(RED, "What is it?", "", [])
+    with pytest.raises(gr.Error, match="system: expected text, got int"):
+        Handlers.save_image_conversation(RED, "What is it?", "a star", [], 5)
 
 
 def test_gate_zero_answers_are_the_frozen_base(client, base_model, images):
