@@ -177,6 +177,8 @@ def evaluate_choices(
     from .evaluate import checked_request  # evaluate imports this module for --choices
 
     scales = checked_request(gate_scales, micro_batch_size, None, limit, model)
+    if not isinstance(delimiter, str):
+        raise ValueError(f"delimiter: expected text (\" \" before each choice, or \"\"), got {delimiter!r:.80}")
     written, questions = scorable_questions(model, data, prompt_format, delimiter, image_folder, limit)
     layers = None if layers is None else normalized(model, layers)
     log_probs = choice_log_probs(model, questions, scales, delta_scale, micro_batch_size, layers, written)

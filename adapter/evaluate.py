@@ -225,12 +225,15 @@ def checked_request(gate_scales: Sequence[float], micro_batch_size: int, max_seq
                          f"{gate_scales!r}"[:200]) from None
     if not scales or len(scales) != len(gate_scales) or any(not math.isfinite(s) or s < 0 for s in scales):
         raise ValueError(f"gate_scales: give one or more finite scales >= 0, got {list(gate_scales)}")
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size: must be at least 1, got {micro_batch_size}")
-    if max_seq_len is not None and not 2 <= max_seq_len <= model.args.max_seq_len:
-        raise ValueError(f"max_seq_len: must be between 2 and the model's {model.args.max_seq_len}, got {max_seq_len}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit: must be at least 1, got {limit}")
+    for name, value, low, high in (("micro_batch_size", micro_batch_size, 1, None),
+                                   ("max_seq_len", max_seq_len, 2, model.args.max_seq_len), ("limit", limit, 1, None)):
+        if value is None and name != "micro_batch_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):  # (None, 2.5 failed deep in range() or slicing)
+            raise ValueError(f"{name}: expected a whole number, got {value!r}"[:200])
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"{name}: must be " + (f"between {low} and the model's {high}" if high is not None
+                                                    else f"at least {low}") + f", got {value}")
     require_tokenizer(model)
     return scales
 

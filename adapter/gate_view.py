@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .hub import is_remote
-from .prompt_ids import Answer, Prompt, checked_ids
+from .prompt_ids import Answer, Prompt, checked_ids, is_token_ids
 from .prompt_ids import prompt_ids as read_prompt
 from .text_stream import TextStream
 
@@ -107,6 +107,8 @@ def answer_tokens(model: Transformer, prompt: Prompt, answer: Answer) -> tuple[l
     """The ids of `prompt` (a text after BOS, or token ids as given) and of `answer` after it (a text, or the token
     ids decoded), the answer cut to what the context holds."""
     prompt_ids = read_prompt(model.tokenizer, prompt, model.args.vocab_size)
+    if not isinstance(answer, str) and not is_token_ids(answer):
+        raise ValueError(f"answer: expected a text or a list of token ids, got {answer!r:.80}")
     answer_ids = model.tokenizer.encode(answer, bos=False, eos=False) if isinstance(answer, str) else \
         checked_ids(answer, model.args.vocab_size, "answer")
     return prompt_ids, answer_ids[: max(0, model.args.max_seq_len - len(prompt_ids))]

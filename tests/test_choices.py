@@ -176,3 +176,21 @@ def test_a_question_too_long_for_the_context_is_named_by_file_and_line(model, tm
     with pytest.raises(ValueError, match=rf"^--data: {tmp_path}/mc.jsonl:2: with the choice 'blue' the question is "
                                          rf"longer than the model's {model.args.max_seq_len} tokens$"):
         evaluate_choices(model, path)
+
+
+@pytest.mark.parametrize("options, message", [  # (each failed deep inside: slicing, range(), a str + None)
+    ({"micro_batch_size": None}, "micro_batch_size: expected a whole number, got None"),
+    ({"micro_batch_size": 2.5}, "micro_batch_size: expected a whole number, got 2.5"),
+    ({"limit": 1.5}, "limit: expected a whole number, got 1.5"),
+    ({"limit": True}, "limit: expected a whole number, got True"),
+    ({"delimiter": None}, "delimiter: expected text"),
+])
+def test_bad_python_arguments_are_named(model, tmp_path, options, message):
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Sky?", "choices": ["blue", "green"], "answer": 0}])
+    with pytest.raises(ValueError, match=message):
+        evaluate_choices(model, path, **options)
+    if "delimiter" not in options:
+        from adapter.evaluate import evaluate
+
+        with pytest.raises(ValueError, match=message):
+            evaluate(model, path, **options)

@@ -129,6 +129,21 @@ def test_failed_save_keeps_the_old_file(trained, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda m, out: adapter.save_adapter(None, out),
+     "model: expected a loaded model (adapter.load(...)), got NoneType"),
+    (lambda m, out: adapter.save_adapter(m, None), "path: expected a file or folder path, got NoneType"),
+    (lambda m, out: adapter.save_adapter(m, out, "note"), "metadata: expected a dict of text fields, got str"),
+    (lambda m, out: adapter.save_adapter(m, out, {"step": 5}), "metadata: 'step' must be text naming text"),
+    # (replaced the header's own field: the file written no longer loaded)
+    (lambda m, out: adapter.save_adapter(m, out, {"format": "x"}), "metadata: 'format' is written by save_adapter"),
+])
+def test_bad_save_arguments_are_named_and_nothing_is_written(trained, tmp_path, call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(trained, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def rewrite(path, change):
     tensors = load_file(path)
     from safetensors import safe_open

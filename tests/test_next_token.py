@@ -95,6 +95,8 @@ def test_the_prompt_is_written_as_generate_writes_it(model):
     (lambda m: answer_logprobs(m, "word " * 600, " red"), r"prompt: 2401 tokens do not fit max_seq_len=2048 \(need "
                                                            r"room for one more\)"),
     (lambda m: next_tokens(m, PROMPT, [1], image=Image.new("RGB", (8, 8))), "image: this adapter has no visual prompt"),
+    (lambda m: answer_logprobs(m, PROMPT, None), "answer: expected a text or a list of token ids, got None"),
+    (lambda m: answer_logprobs(m, PROMPT, [5, 2.5]), r"answer: expected a text or a list of token ids, got \[5, 2.5\]"),
 ])
 def test_bad_arguments_are_named(model, call, message):
     with pytest.raises(ValueError, match=message):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..config import AdapterArgs
 from ..paths import not_a_file
 from ..prompts import format_named
-from .common import LoadedAdapter, atomic_write, base_shape
+from .common import LoadedAdapter, atomic_write, base_shape, write_text_atomically
 from .peft import CONFIG_NAME as PEFT_CONFIG_NAME
 
 if TYPE_CHECKING:
@@ -60,6 +60,11 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
     beside them: the folder works wherever it is moved or published). A single `.safetensors` file carries its
     configuration in its own metadata, which is what loading reads.
     """
+    if not hasattr(model, "adapter_state_dict"):
+        raise ValueError(f"model: expected a loaded model (adapter.load(...)), got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path: expected a file or folder path, got {type(path).__name__}")
+    metadata = _checked_metadata(metadata)
     path = Path(path)
     folder_layout = path.is_dir() or path.suffix != ".safetensors"
     if folder_layout:
@@ -75,15 +80,34 @@ def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[s
         "adapter_args": args.to_json(),
         "base_shape": json.dumps(base_shape(model.args), sort_keys=True),
         **_prompt_format(model),
-        **(metadata or {}),
+        **metadata,
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     if folder_layout:
         config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "adapter_args": args.to_dict(),
-                  "base_shape": base_shape(model.args), **_prompt_format(model), **(metadata or {})}
-        atomic_write(path.parent / CONFIG_NAME,
-                      lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+                  "base_shape": base_shape(model.args), **_prompt_format(model), **metadata}
+        write_text_atomically(path.parent / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
+
+
+# the header fields save_adapter writes itself, which metadata given by a caller may not replace (a file whose
+# "format" or "adapter_args" was replaced no longer loads, or loads as another adapter)
+WRITTEN_FIELDS = ("format", "format_version", "adapter_args", "base_shape", "prompt_format")
+
+
+def _checked_metadata(metadata: object) -> dict[str, str]:
+    """The caller's metadata: text fields of its own (ValueError naming the field at fault)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"metadata: expected a dict of text fields, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata: {key!r:.80} must be text naming text (safetensors stores only text), got "
+                             f"{type(value).__name__}")
+        if key in WRITTEN_FIELDS:
+            raise ValueError(f"metadata: {key!r} is written by save_adapter itself; name your field otherwise")
+    return metadata
 
 
 def clip_config_file(args: AdapterArgs) -> Path | None:
