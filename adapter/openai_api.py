@@ -139,8 +139,8 @@ async def answered(request: Request, fields: frozenset[str], check: Callable[[An
                    stream: Callable[[str, Any, bool], Generator[str, None, None]], whole: Callable[[str, Any], dict]):
     """A request's response: its JSON body checked (`fields` the ones it may give, then `check(body)`: the
     adapter's name and the lazy answer, or a RequestError, answered with OpenAI's error object), then answered as
-    server-sent events (`stream`, told whether the usage comes in a chunk of its own) or whole (`whole`), each run in the thread pool, where decoding may wait
-    for the device."""
+    server-sent events (`stream`, told whether the usage comes in a chunk of its own) or whole (`whole`), each run
+    in the thread pool, where decoding may wait for the device."""
     try:
         body = known_fields(await _json_body(request), fields)
         usage_chunk = usage_chunk_asked(body)
