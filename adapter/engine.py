@@ -129,6 +129,17 @@ def check_text(value: Any, name: str = "question") -> str:
     return value.strip()
 
 
+def checked_history(history: Any) -> list[tuple[str, str]]:
+    """Earlier turns as (question, answer) pairs of text (ValueError naming the first turn that is not one)."""
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+        raise ValueError(f"history: expected a list of (question, answer) turns, got {type(history).__name__}")
+    for index, turn in enumerate(history):
+        if isinstance(turn, (str, bytes)) or not isinstance(turn, Sequence) or len(turn) != 2 or \
+                not all(isinstance(text, str) for text in turn):
+            raise ValueError(f"history[{index}]: expected a (question, answer) pair of texts, got {turn!r:.80}")
+    return [tuple(turn) for turn in history]
+
+
 def check_system(value: Any) -> str | None:
     """A system prompt: None when left out or blank (as no system prompt), else checked as a question is."""
     return check_text(value, "system") if value and str(value).strip() else None
@@ -262,7 +273,7 @@ class Engine:
                 written: Callable[[list[tuple[str, str]], str], str]) -> str:
         """`written(turns, text)` with the fewest oldest turns dropped that leave room for the answer (all of them
         when none do), found by bisection: a long history is written and tokenized a few times, not once a turn."""
-        turns = list(history)
+        turns = checked_history(history)
         dropped = bisect.bisect_left(range(len(turns)), True, key=lambda first: self._fits(
             written(turns[first:], text), settings.max_new_tokens))
         prompt = written(turns[dropped:], text)

@@ -223,6 +223,18 @@ def test_follow_up_questions_about_a_picture_are_a_conversation(engine):
     assert engine._fits(trimmed, GREEDY.max_new_tokens)
 
 
+@pytest.mark.parametrize("history, message", [  # (IndexErrors, unpacking errors, None + str inside the template)
+    ([("What colour?",)], r"history\[0\]: expected a \(question, answer\) pair of texts, got \('What colour\?',\)"),
+    ([("What colour?", "red"), ("Why?", None)], r"history\[1\]: expected a \(question, answer\) pair of texts"),
+    ("What colour?", r"history: expected a list of \(question, answer\) turns, got str"),
+])
+def test_malformed_histories_are_named(engine, history, message):
+    with pytest.raises(ValueError, match=message):
+        engine.chat(history, "And its shape?", GREEDY)
+    with pytest.raises(ValueError, match=message):
+        engine.image_prompt("And its shape?", GREEDY, history)
+
+
 def test_non_images_are_refused_clearly(engine, tmp_path):
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
