@@ -488,7 +488,8 @@ class Engine:
                                      image_folder=folder)
             return self.work.run(evaluate, self.model, data, image_folder=folder, gate_scales=scales,
                                  delta_scale=settings.delta_scale, limit=MAX_SCORE_RECORDS, exact=bool(exact),
-                                 prompt_format=self.prompts.name, layers=self.layers_of(settings))
+                                 prompt_format=self.prompts.name, layers=self.layers_of(settings),
+                                 max_cached_tokens=self.max_cached_tokens)
 
     # ----- seeing the gates ------------------------------------------------------------------------------
     def gate_heatmap(self, scale: float, gate_layers: str | None = "all") -> Figure:

@@ -112,12 +112,14 @@ def evaluate(
     exact: bool = False,
     prompt_format: str | None = None,
     layers: Sequence[Speaker] | None = None,
+    max_cached_tokens: int | None = None,
 ) -> Evaluation:
     """Score `model` on the records of `data` at each of `gate_scales` (see the module docstring).
 
     `prompt_format` overrides the adapter's own; `limit` keeps the first records; `max_seq_len` (default the
     model's) cuts longer examples, as training does; with `layers`, only those adapter layers' prompts speak
-    (adapter.gate_layers).
+    (adapter.gate_layers); `max_cached_tokens` bounds the KV cache the exact answers' decodes hold at once (the
+    app's, what its Space fit check counts; rows beyond it decode in turns).
     """
     scales = checked_request(gate_scales, micro_batch_size, max_seq_len, limit, model)
     written, examples = scorable_examples(model, data, image_folder, prompt_format, limit)
@@ -135,8 +137,8 @@ def evaluate(
                          "raise --max-seq-len or shorten the prompts")
     layers = None if layers is None else normalized(model, layers)
     losses, hits, tokens = _token_scores(model, encoded, scales, delta_scale, micro_batch_size, layers)
-    said = _greedy_answers(model, examples, scales, delta_scale, micro_batch_size, written.stop_strings, layers) \
-        if exact else []
+    said = _greedy_answers(model, examples, scales, delta_scale, micro_batch_size, written.stop_strings, layers,
+                           max_cached_tokens) if exact else []
     matches = [sum(row["answers"][index].strip() == row["reference"].strip() for row in said) if exact else None
                for index in range(len(scales))]
     scores = [Score(scale, loss / max(tokens, 1), hit / max(tokens, 1), match)
@@ -269,7 +271,8 @@ def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[flo
 
 
 def _greedy_answers(model: "Transformer", examples: list[Example], scales: list[float], delta_scale: float,
-                    micro_batch_size: int, stop: Sequence[str], layers: list[Speaker] | None) -> list[dict]:
+                    micro_batch_size: int, stop: Sequence[str], layers: list[Speaker] | None,
+                    max_cached_tokens: int | None = None) -> list[dict]:
     """Each example's greedy answer at every scale (`micro_batch_size` examples x every scale a batch), decoded
     up to a few tokens past its own reference's length (whatever else shares its batch). An example whose prompt
     leaves no room for an answer in the model's context gets empty answers."""
@@ -284,7 +287,8 @@ def _greedy_answers(model: "Transformer", examples: list[Example], scales: list[
         gate_scale = gate_scale_rows(model, [scales[s] for _, s in rows], layers)
         answers = generate_batch(model, [examples[i].prompt for i, _ in rows], gate_scale=gate_scale,
                                  delta_scale=delta_scale, images=images, temperature=0.0,
-                                 rows=[{"max_new_tokens": room[i]} for i, _ in rows], stop=list(stop))
+                                 rows=[{"max_new_tokens": room[i]} for i, _ in rows], stop=list(stop),
+                                 max_cached_tokens=max_cached_tokens)
         for (i, index), answer in zip(rows, answers):
             rows_of[i]["answers"][index] = answer
     return rows_of

@@ -250,6 +250,28 @@ def test_the_engine_scores_the_first_records_at_the_requests_delta_scale(base_fo
         engine.score(data, ", ".join(["1"] * 10), Settings())
 
 
+def test_the_score_tabs_exact_answers_hold_no_more_kv_cache_than_the_app_counts(base_folder, v2_adapter, data,
+                                                                                 monkeypatch):
+    """Exact answers decode micro-batch x scales rows (up to 36); the app's bound (Engine.max_cached_tokens, what
+    the Space fit check counts) reached chats and sweeps but not them: rows beyond it now decode in turns."""
+    from adapter.engine import Engine, Settings
+
+    model = adapter.load(base_folder, adapter=v2_adapter, device="cpu")
+    unbounded = evaluate(model, data, gate_scales=[0.0, 0.5, 1.0], exact=True)
+    tokenizer = model.tokenizer
+    longest = max(len(tokenizer.encode(row["prompt"])) + len(tokenizer.encode(row["reference"], bos=False)) + 4
+                  for row in unbounded.answers)  # a row's prompt and the room its answer gets (reference + 4)
+    bound = 2 * longest
+    caches = []
+    original = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda batch, max_len=None, **k: caches.append((batch, max_len))
+                        or original(batch, max_len, **k))
+    got = Engine(model, max_cached_tokens=bound).score(data, "0, 0.5, 1", Settings(), exact=True)
+    assert sum(batch for batch, _ in caches) == 10 * 3  # every row decoded once (micro-batches of 4 x 3 scales)
+    assert all(batch * length <= bound for batch, length in caches), (caches, bound)  # (12 rows at once)
+    assert got.answers == unbounded.answers and got.scores == unbounded.scores
+
+
 def text_nll(model, tokens: list[int], length: int, gate_scale: float) -> tuple[float, int, int]:
     """(summed negative log-likelihood, tokens, tokens ranked first) of a document's tokens but its first, each
     read after what comes before it in its window of `length` (windows overlapping by one)."""
