@@ -45,3 +45,28 @@ def test_a_stopped_command_leaves_no_staging_folder_and_says_so_in_one_line(tmp_
     assert err == (f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}: {out} is written whole or not at "
                    "all (no half-written folder is left)\n")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "SIGTERM's handler put back"
+
+
+def test_a_replacing_write_stopped_between_its_renames_puts_the_earlier_folder_back(tmp_path, monkeypatch):
+    """(the earlier run's folder was left in an `.old` folder beside a missing `out`)"""
+    from adapter.formats import common
+
+    out = tmp_path / "pictures"
+    out.mkdir()
+    (out / "earlier.png").write_bytes(b"earlier")
+    renames = []
+
+    def rename(source, target):
+        renames.append(target)
+        if len(renames) == 2:  # the new folder's rename, after the earlier one was moved aside
+            raise KeyboardInterrupt
+        os.replace(source, target)
+
+    monkeypatch.setattr(common.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_folder(out, lambda staging: (staging / "new.png").write_bytes(b"new"), replace=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["pictures"]
+    assert [p.name for p in out.iterdir()] == ["earlier.png"]
+    monkeypatch.undo()
+    atomic_folder(out, lambda staging: (staging / "new.png").write_bytes(b"new"), replace=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["pictures"] and [p.name for p in out.iterdir()] == ["new.png"]

@@ -224,19 +224,22 @@ def atomic_folder(out: Path, write: Callable[[Path], object], replace: bool = Fa
         refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    aside: Path | None = None  # the earlier folder, moved aside until the new one is in its place
     try:
         write(staging)
         os.chmod(staging, new_file_mode(folder=True))  # mkdtemp made it owner-only
         if replace and out.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".old", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+            aside = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".old", dir=out.parent)) / out.name
+            os.rename(out, aside)
+        os.rename(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if aside is not None and aside.is_dir() and not out.exists():
+            os.rename(aside, out)  # interrupted between the renames: the earlier folder back where it was
+        for left in (staging, *(() if aside is None else (aside.parent,))):
+            shutil.rmtree(left, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside.parent, ignore_errors=True)
     return out
 
 
