@@ -203,11 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .engine import Engine, Settings
-    from .loading import load_many
-
     stdin = sys.stdin if stdin is None else stdin
     try:
+        from .engine import Engine, Settings  # (torch's first import takes seconds: Ctrl-C may come during it)
+        from .loading import load_many
+
         settings = Settings(gate_scale=args.gate_scale, delta_scale=args.delta_scale, temperature=args.temperature,
                             top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system,
                             gate_layers=args.gate_layers)
