@@ -239,7 +239,6 @@ class BPETokenizer(Tokenizer):
         return text
 
 
-TEKKEN_FILE = "tekken.json"
 # mistral-common's special tokens of the tekken files that list none (up to version v7: Mistral NeMo's), by id
 TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",

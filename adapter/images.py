@@ -20,7 +20,6 @@ from .paths import not_a_file
 MAX_PIXELS = 64_000_000  # about 8000 x 8000; larger images are refused rather than decoded
 # CLIP's transform resizes the short side to the tower's size: a 1 x 20,000 picture became 224 x 4,480,000 pixels
 MAX_ASPECT = 32
-ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
 def load_image(image: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:

@@ -40,18 +40,6 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def is_native(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            if not 0 < header_len < 100_000_000:
-                return False
-            header = json.loads(handle.read(header_len))
-    except (OSError, ValueError):
-        return False
-    return header.get("__metadata__", {}).get("format") == FORMAT_NAME
-
-
 def save_adapter(model: "Transformer", path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write the learned tensors atomically (temp file in the same folder, then rename).
 
