@@ -23,7 +23,7 @@ import torch
 
 from bench.args import positive_int, run_main
 from bench.decode import machine
-from bench.report import command_line, replace_section, versions
+from bench.report import command_line, refuse_smoke_write, replace_section, versions
 
 HEADING = "This run"
 
@@ -51,9 +51,10 @@ BENCHMARKS = (Benchmark("decode", True, True, False), Benchmark("decode_peers", 
 
 def chosen(options: argparse.Namespace) -> tuple[list[Benchmark], list[str]]:
     """The benchmarks this run runs, and a note for each one it leaves out."""
-    names = options.only.split(",") if options.only else [b.name for b in BENCHMARKS]
+    names = [name.strip() for name in options.only.split(",") if name.strip()] if options.only is not None \
+        else [b.name for b in BENCHMARKS]
     unknown = sorted(set(names) - {b.name for b in BENCHMARKS})
-    if unknown:
+    if unknown or not names:  # (an empty --only ran the whole suite)
         raise SystemExit(f"--only: unknown benchmark(s) {unknown}; choose from {[b.name for b in BENCHMARKS]}")
     run, left = [], []
     for b in BENCHMARKS:
@@ -82,7 +83,9 @@ def summary(command: str, ran: list[str], failed: list[str], left: list[str], th
     cores = f"{platform.machine()}, {os.cpu_count()} logical CPUs"
     lines = [f"## {HEADING}: `{command}`", "",
              (f"Machine: {machine()} ({cores}); {versions()}; Python {platform.python_version()}. Each benchmark "
-              f"ran in its own process with {threads} threads, one after another; its section names its command."), "",
+              f"ran in its own process with {threads} threads, one after another; its section names its command. "
+              "A section rewritten since by its own command (`python -m bench.NAME --write`) is newer than this "
+              "run, and names the machine it ran on."), "",
              f"- ran: {', '.join(ran) or 'nothing'}"]
     lines += [f"- failed: {', '.join(failed)} (their sections were not rewritten)"] if failed else []
     lines += [f"- not run: {note}" for note in left]
@@ -98,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--with-load", action="store_true", help="also bench.load (13.5 GB written once, minutes)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, once each: checks the harness")
     options = parser.parse_args(argv)
+    if options.smoke:
+        refuse_smoke_write(options.write)  # now, not after every benchmark ran
     torch.set_num_threads(options.threads)  # so that the machine line says what the benchmarks use
     run, left = chosen(options)
     ran, failed = [], []

@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     heading = f"{HEADING}: {describe(args, adapter)}, plus biases and tuned norms (v2)" + (
         " (--smoke: tiny shapes, figures mean nothing)" if options.smoke else "")
     publish(render(rows, checked, heading, command_line("bench.adapters", argv), repeats, adapter_mb), HEADING,
-            options.write)
+            options.write, smoke=options.smoke)
     return 0
 
 

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           for size, (median, low, high) in zip(sizes, rates)),
         "",
     ]
-    publish("\n".join(lines), HEADING, options.write)
+    publish("\n".join(lines), HEADING, options.write, smoke=options.smoke)
     return 0
 
 

@@ -132,6 +132,18 @@ def read_tokens_per_s(model: Transformer, steps: int = 64) -> float:
     return _steps_per_s(lambda: [w.sum() for w in weights], steps)
 
 
+def bandwidth_tokens_per_s(model: Transformer, buffer_bytes: int = 2**31, reads: int = 16) -> float:
+    """The memory's bandwidth, as tokens/s of `model`'s frozen weights: one large buffer (at most `buffer_bytes`,
+    at most the weights' size) summed `reads` times, its bytes per second over the bytes a decode step reads. A
+    floor that the per-matrix one (`read_tokens_per_s`, a kernel per matrix) stays below where kernels are short."""
+    weights = frozen_matrices(model)
+    step_bytes = sum(w.numel() * w.element_size() for w in weights)
+    device = weights[0].device
+    buffer = torch.ones(min(buffer_bytes, step_bytes) // 2, dtype=torch.bfloat16, device=device)
+    read = buffer.numel() * buffer.element_size()
+    return _steps_per_s(lambda: [buffer.sum()], reads) * read / step_bytes
+
+
 @torch.compile(dynamic=False)
 def _compiled_matvecs(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
     return [reduction_matvec(x, w) for x, w in zip(xs, weights)]
@@ -172,7 +184,9 @@ def run(threads: int, repeats: int) -> list[tuple[str, str, str]]:
     decodes = measure_side_by_side([in_layout(model, True, lambda: decode_tokens_per_s(model)),
                                     in_layout(model, False, lambda: decode_tokens_per_s(model))], repeats)
     column_major_wide(model)
-    rows += [row("BLAS floor, weights row-major as in checkpoints, tokens/s", floors[1]),
+    rows += [row("BLAS floor, our layout (wide weights column-major), in turn with row-major, tokens/s", floors[0]),
+             row("BLAS floor, weights row-major as in checkpoints, tokens/s", floors[1]),
+             row("greedy decode, batch 1, our layout, in turn with row-major, tokens/s", decodes[0]),
              row("greedy decode, batch 1, weights row-major as in checkpoints, tokens/s", decodes[1]),
              ("decode, our layout / row-major (the same rounds)", f"{decodes[0][0] / decodes[1][0]:.2f}", ""),
              row("greedy decode, fused path (`fused_inference = True`), tokens/s",

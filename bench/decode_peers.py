@@ -169,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.collect()  # the previous pair's memory back before the next pair loads
     heading = f"{HEADING}: {describe(args, adapter)}" + (" (--smoke: tiny shapes, figures mean nothing)"
                                                          if options.smoke else "")
-    publish(render(checks, rows, heading, command_line("bench.decode_peers", argv), repeats), HEADING, options.write)
+    publish(render(checks, rows, heading, command_line("bench.decode_peers", argv), repeats), HEADING, options.write,
+            smoke=options.smoke)
     return 0
 
 

@@ -33,7 +33,7 @@ from adapter.footprint import quant_state_tensors
 from adapter.formats.common import write_text_atomically
 from bench.args import positive_int, run_main
 from bench.compare import TOLERANCE, Check, Greedy, Ours, Peer, PeerMismatch, check_lines, check_same, greedy, prompt
-from bench.decode import measure
+from bench.decode import measure, measure_side_by_side
 from bench.peers import quiet
 from bench.report import Stat, command_line, error_line, publish, ratio, spread, table, versions
 
@@ -233,42 +233,51 @@ def cells(a: Stat, b: Stat | None, why: str, digits: int, repeated: bool) -> tup
 
 def decode_rows(s: Setup, precision: str, ours: Ours, peer: Peer | None, why: str,
                 repeats: int) -> list[tuple[str, ...]]:
-    """Tokens/s, first-token times and memory at 2048 context on both sides (peer cells say why when absent)."""
+    """Tokens/s, first-token times and memory at 2048 context on both sides (peer cells say why when absent); the
+    repeated figures measured with the sides in turn, round after round, so that both see the same drift."""
     vocab, device = s.args.vocab_size, s.device
+    sides = [ours, *([peer] if peer else [])]
 
-    def rate(side: Ours | Peer, batch: int = 1) -> Stat:
-        return measure(lambda: greedy(side, prompt(batch, 16, vocab, device=device), s.new_tokens + 1).tokens_per_s,
-                       repeats)
+    def rate(batch: int = 1) -> Callable[[Ours | Peer], float]:
+        return lambda side: greedy(side, prompt(batch, 16, vocab, device=device), s.new_tokens + 1).tokens_per_s
 
-    def first_ms(length: int) -> Callable[[Ours | Peer], Stat]:
-        return lambda side: measure(
-            lambda: 1000 * greedy(side, prompt(1, length, vocab, seed=1, device=device), 1).first_token_s, repeats)
+    def first_ms(length: int) -> Callable[[Ours | Peer], float]:
+        return lambda side: 1000 * greedy(side, prompt(1, length, vocab, seed=1, device=device), 1).first_token_s
 
-    def memory(side: Ours | Peer) -> Stat:
+    def memory(side: Ours | Peer) -> float:
         tokens = prompt(1, CONTEXT - s.new_tokens, vocab, device=device)
         release_static_storage(side.model)
-        return once(peak(device, lambda: greedy(side, tokens, s.new_tokens)))
+        return peak(device, lambda: greedy(side, tokens, s.new_tokens))
 
-    measures = [("greedy decode, batch 1, tokens/s", rate, 1, True),
-                # what the app's --concurrency 8 gives 8 users who ask at once (adapter.chat_batcher)
-                ("greedy decode, batch 8, tokens/s (all rows)", lambda side: rate(side, 8), 1, True),
-                ("time to first token, 64-token prompt, ms", first_ms(64), 1, True),
-                ("time to first token, 512-token prompt, ms", first_ms(512), 1, True),
-                (f"peak memory generating at {CONTEXT} tokens of context, above the weights, GiB", memory, 2, False),
-                ("weights (ours: with the CLIP tower and visual prompt), GiB",
-                 lambda side: once(weights_gib(side.model)), 2, False)]
-    return [(precision, name, *cells(run(ours), run(peer) if peer else None, why, digits, repeated))
-            for name, run, digits, repeated in measures]
+    def row(name: str, run: Callable[[Ours | Peer], float], digits: int, repeated: bool,
+            compared: bool = True) -> tuple[str, ...]:
+        found = measure_side_by_side([lambda side=side: run(side) for side in sides], repeats) if repeated else \
+            [once(run(side)) for side in sides]
+        a, b = found[0], (found[1] if peer else None)
+        ours_cell, peer_cell, ratio_cell = cells(a, b, why, digits, repeated)
+        return precision, name, ours_cell, peer_cell, ratio_cell if compared else ""
+
+    return [row("greedy decode, batch 1, tokens/s", rate(), 1, True),
+            # what the app's --concurrency 8 gives 8 users who ask at once (adapter.chat_batcher)
+            row("greedy decode, batch 8, tokens/s (all rows)", rate(8), 1, True),
+            row("time to first token, 64-token prompt, ms", first_ms(64), 1, True),
+            row("time to first token, 512-token prompt, ms", first_ms(512), 1, True),
+            row(f"peak memory generating at {CONTEXT} tokens of context, above the weights, GiB", memory, 2, False),
+            # not a ratio: ours holds a CLIP tower and a visual prompt the peer has no place for
+            row("weights (ours: with the CLIP tower and visual prompt; so no ratio), GiB",
+                lambda side: weights_gib(side.model), 2, False,
+                compared=False)]
 
 
 def fast_decode_rows(s: Setup, precision: str, repeats: int) -> list[tuple[str, ...]]:
-    """The card's floor (every weight read once: its memory bandwidth) and, in the same rounds, our decode at
-    `precision` plainly, as CUDA graphs of the static step (adapter.static_decode; run without capture on the
-    CPU), and through `step(compile=True)` (that step compiled, as CUDA graphs), each after checking that it
-    gives the plain greedy tokens; a path that fails is reported in the table."""
+    """Two floors, and in the same rounds our decode at `precision` plainly, as CUDA graphs of the static step
+    (adapter.static_decode; run without capture on the CPU), and through `step(compile=True)` (that step compiled,
+    as CUDA graphs). The floors: a sum over each weight matrix (one kernel each, as a decode step reads them), and
+    the memory's bandwidth (one large read) as tokens/s of these weights. A path is timed only once it gives the
+    plain greedy tokens (or differs only after a near tie); one that fails or differs is reported in the table."""
     from adapter.quantize import quantize_model
     from adapter.static_decode import StaticDecoder
-    from bench.decode import measure_side_by_side, read_tokens_per_s
+    from bench.decode import bandwidth_tokens_per_s, read_tokens_per_s
 
     model = build(s)
     if precision in QUANTIZED:
@@ -281,8 +290,9 @@ def fast_decode_rows(s: Setup, precision: str, repeats: int) -> list[tuple[str, 
     tokens = prompt(1, 16, s.args.vocab_size, device=s.device)
     plain = greedy(ours, tokens, 16, margins=True)
     near_tie = s.tolerance[precision] * float(plain.first_logits.abs().max())  # as bench.compare.check_same
-    rows, working, labels, sides = [], [], ["plain"], [lambda: read_tokens_per_s(ours.model),
-                                    lambda: greedy(ours, tokens, s.new_tokens + 1).tokens_per_s]
+    rows, working, labels = [], [], ["plain"]
+    sides = [lambda: bandwidth_tokens_per_s(ours.model), lambda: read_tokens_per_s(ours.model),
+             lambda: greedy(ours, tokens, s.new_tokens + 1).tokens_per_s]
     for name, label, side in zip(names, ("graphs", "compiled"), (graphs, compiled)):
         try:
             started = time.perf_counter()
@@ -290,24 +300,29 @@ def fast_decode_rows(s: Setup, precision: str, repeats: int) -> list[tuple[str, 
         except RuntimeError as error:  # torch.compile's and CUDA graphs' failures are these
             rows.append((precision, f"greedy decode {name}", f"not available: {error_line(error, 200)}", "", ""))
             continue
+        tied = same < 16 and plain.margins[same] <= near_tie
         rows.append((precision, f"greedy decode {name}: first request (compiling, capturing), s; greedy tokens "
                      "equal to the plain path's", f"{time.perf_counter() - started:.1f}; {same} / 16"
-                     + (" (then a near tie)" if same < 16 and plain.margins[same] <= near_tie else ""), "", ""))
-        working.append(name)
-        labels.append(label)
-        sides.append(lambda side=side: greedy(side, tokens, s.new_tokens + 1).tokens_per_s)
-    floor, eager, *fast = measure_side_by_side(sides, repeats)
-    for label, side in zip(labels, sides[1:]):
+                     + (" (then a near tie)" if tied else " (differs: not timed)" if same < 16 else ""), "", ""))
+        if same == 16 or tied:
+            working.append(name)
+            labels.append(label)
+            sides.append(lambda side=side: greedy(side, tokens, s.new_tokens + 1).tokens_per_s)
+    bandwidth, floor, eager, *fast = measure_side_by_side(sides, repeats)
+    for label, side in zip(labels, sides[2:]):
         write_profile(s, f"decode-{precision}-{label}", side)
     packed = " (their packed bytes)" if precision in QUANTIZED else ""
-    rows += [(precision, f"floor: every weight read once (a sum over each matrix{packed}), tokens/s", spread(floor),
+    rows += [(precision, f"bandwidth floor: one large read at the memory's speed, as tokens/s of these weights"
+              f"{packed}", spread(bandwidth), "", ""),
+             (precision, f"floor: every weight read once (a sum over each matrix{packed}), tokens/s", spread(floor),
               "", ""),
              (precision, "greedy decode, batch 1, plain path, tokens/s (in the floor's rounds)", spread(eager), "",
               "")]
     rows += [(precision, f"greedy decode, batch 1, {name}, tokens/s (in the floor's rounds)", spread(rate), "", "")
              for name, rate in zip(working, fast)]
-    shares = ", ".join(f"{name}: {rate[0] / floor[0]:.0%}" for name, rate in zip(("plain", *working), (eager, *fast)))
-    return rows + [(precision, "decode / floor", shares, "", "")]
+    shares = "; ".join(f"{name}: {rate[0] / floor[0]:.0%} of the floor, {rate[0] / bandwidth[0]:.0%} of the "
+                       "bandwidth floor" for name, rate in zip(("plain", *working), (eager, *fast)))
+    return rows + [(precision, "decode / floors", shares, "", "")]
 
 
 def once(value: float) -> Stat:
@@ -474,7 +489,7 @@ def render(s: Setup, checks: list[Check | str], rows: list[tuple[str, ...]], ski
            repeats: int, seconds: float, smoke: bool) -> str:
     compared = [c for c in checks if isinstance(c, Check)]  # none when only stages without a peer ran
     problems = [f"- {c}" for c in checks if isinstance(c, str)]
-    problems += [f"- skipped after the {s.budget_s:.0f} s budget: {', '.join(skipped)}"] if skipped else []
+    problems += [f"- skipped after the {s.budget_s:g} s budget: {', '.join(skipped)}"] if skipped else []
     return "\n".join([
         (f"## {HEADING} ({card(s.device)}): LLaMA-7B-shaped, random weights, v1 prompts on "
          f"{s.adapter.prompt_layers} layers" + (" (--smoke: tiny shapes, figures mean nothing)" if smoke
@@ -486,7 +501,8 @@ def render(s: Setup, checks: list[Check | str], rows: list[tuple[str, ...]], ski
          "tensors, its nf4/int8 linears replaced by bitsandbytes layers (see bench/gpu.py). Ours decodes as users "
          "get it by default (on a GPU, an unquantized model's one-token steps replay CUDA graphs; "
          "adapter.static_decode). Median of "
-         f"{repeats} runs after a warm-up, min / max in brackets; memory is torch.cuda.max_memory_allocated above "
+         f"{repeats} runs after a warm-up (the two sides in turn, round after round), min / max in brackets; the "
+         "nf4 training step is timed once after a warm-up; memory is torch.cuda.max_memory_allocated above "
          f"what was allocated before (resident memory on the CPU). {s.new_tokens} new tokens per generation."),
         "",
         *(check_lines(compared, "is listed below it and its peer is not timed") + [""] if compared else []),
@@ -494,6 +510,17 @@ def render(s: Setup, checks: list[Check | str], rows: list[tuple[str, ...]], ski
         *table(("precision", "measure", "ours", "transformers + peft", "ours / peer"), rows),
         "",
     ])
+
+
+def positive_seconds(text: str) -> float:
+    """--budget: a finite number of seconds above 0 (0, a negative or nan skipped every stage, silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
 
 
 def card(device: torch.device) -> str:
@@ -505,7 +532,8 @@ def card(device: torch.device) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--budget", type=float, default=420, help="seconds; later stages are skipped after it")
+    parser.add_argument("--budget", type=positive_seconds, default=420,
+                        help="seconds; later stages are skipped after it")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (on the CPU unless --device): checks the "
                         "script, not the GPU")
     parser.add_argument("--device", help="where to run (default: cuda, or cpu with --smoke)")
@@ -516,6 +544,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", help="replace the GPU section of this markdown file (e.g. BENCHMARKS.md); "
                         "rewritten after each stage, so a run stopped early keeps what it measured")
     options = parser.parse_args(argv)
+    if options.device is not None:
+        try:
+            torch.device(options.device)
+        except RuntimeError:
+            parser.error(f"--device: {options.device!r} is not a device name (e.g. cpu, cuda, cuda:1)")
     if options.profile is not None:
         try:  # now, not after minutes of measuring
             options.profile.mkdir(parents=True, exist_ok=True)
@@ -530,14 +563,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages.append(("memory", lambda: (None, memory_target_rows(s))))
     stages += [(f"fast-{p}", lambda p=p: (None, fast_decode_rows(s, p, repeats))) for p in s.precisions[:2]]
     stages.append(("prequantized", lambda: (None, prequantized_rows(s))))  # last: a check, never in a figure's way
-    if options.only:
-        chosen = [name.strip() for name in options.only.split(",")]
+    if options.only is not None:
+        chosen = [name.strip() for name in options.only.split(",") if name.strip()]
         unknown = [name for name in chosen if name not in dict(stages)]
-        if unknown:
-            parser.error(f"--only: no stage {', '.join(unknown)}; the stages are {', '.join(dict(stages))}")
+        if unknown or not chosen:
+            parser.error(f"--only: no stage {', '.join(unknown) or 'named'}; the stages are "
+                         f"{', '.join(dict(stages))}")
         stages = [(name, stage) for name, stage in stages if name in chosen]
     checks, rows, skipped = [], [], []
-    for number, (name, stage) in enumerate(stages):
+
+    def written(echo: bool) -> None:
+        """The section so far: into --write after every stage (a run stopped early keeps it), printed at the end."""
+        publish(render(s, checks, rows, skipped, command_line("bench.gpu", argv), repeats,
+                       time.perf_counter() - started, options.smoke), HEADING + " (", options.write, echo=echo,
+                smoke=options.smoke)
+
+    for name, stage in stages:
         if time.perf_counter() - started > s.budget_s:
             skipped.append(name)
             continue
@@ -551,10 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
         if s.device.type == "cuda":
             torch.cuda.empty_cache()
-        text = render(s, checks, rows, skipped, command_line("bench.gpu", argv), repeats,
-                      time.perf_counter() - started, options.smoke)
-        if number == len(stages) - 1 or options.write:
-            publish(text, HEADING + " (", options.write, echo=number == len(stages) - 1)
+        if options.write:
+            written(echo=False)
+    written(echo=True)  # (with the stages the budget skipped: a run whose last stage was skipped printed nothing)
     return 0
 
 

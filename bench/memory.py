@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     heading = f"{HEADING}: {describe(args, adapter)}" + (" (--smoke: tiny shapes, figures mean nothing)"
                                                          if options.smoke else "")
     text = render(checks, rows, heading, command_line("bench.memory", argv), repeats)
-    publish(text, HEADING, options.write)
+    publish(text, HEADING, options.write, smoke=options.smoke)
     return 0
 
 

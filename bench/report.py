@@ -35,12 +35,29 @@ def replace_section(path: str | os.PathLike, heading: str, text: str, first: boo
     write_text_atomically(path, content)
 
 
-def publish(text: str, heading: str, write: str | os.PathLike | None, echo: bool = True) -> None:
-    """Print a benchmark's section (with `echo`) and, with `--write FILE`, replace its section there."""
+REPOSITORY_BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+SMOKE_MARK = " (--smoke: tiny shapes, figures mean nothing)"
+
+
+def publish(text: str, heading: str, write: str | os.PathLike | None, echo: bool = True, smoke: bool = False) -> None:
+    """Print a benchmark's section (with `echo`) and, with `--write FILE`, replace its section there; a --smoke
+    section says so in its heading, and never goes into the repository's BENCHMARKS.md."""
+    if smoke:
+        refuse_smoke_write(write)
+        first, _, rest = text.partition("\n")
+        text = text if "--smoke" in first else f"{first}{SMOKE_MARK}\n{rest}"
     if echo:
         print(text)
     if write:
         replace_section(write, heading, text)
+
+
+def refuse_smoke_write(write: str | os.PathLike | None) -> None:
+    """SystemExit where --smoke would write into the repository's BENCHMARKS.md (its figures replaced the real
+    ones): smoke sections go to a file of their own."""
+    if write and Path(write).resolve() == REPOSITORY_BENCHMARKS:
+        raise SystemExit(f"--write: --smoke figures mean nothing; they would replace the real ones in "
+                         f"{write}: give a file of its own (e.g. /tmp/smoke.md)")
 
 
 def command_line(module: str, argv: Sequence[str] | None) -> str:

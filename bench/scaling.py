@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *table(("sweep", "value", "measure", "ours", "transformers + peft", "ours / peer"), rows),
         "",
     ])
-    publish(text, HEADING, options.write)
+    publish(text, HEADING, options.write, smoke=options.smoke)
     return 0
 
 

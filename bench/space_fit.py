@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "fit check's sum, GiB", "sum / larger peak"), rows),
         "",
     ])
-    publish(text, HEADING, options.write)
+    publish(text, HEADING, options.write, smoke=options.smoke)
     return 0
 
 

@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "; ".join(checks) + ".", "",
         *table(("precision", "measure", "tied (shared)", "untied (copy)", "tied / untied"), rows), "",
     ])
-    publish(text, HEADING, options.write)
+    publish(text, HEADING, options.write, smoke=options.smoke)
     return 0
 
 

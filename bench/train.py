@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         run_worker(folder, side, mode, base, options.threads, steps, options.smoke))
             peer = summary(runs[("peer", "v1")])
             rows += [row for mode in modes for row in rows_for(mode, base, summary(runs[("ours", mode)]), peer)]
-    publish(render(checks, rows, bases, command_line("bench.train", argv), options.smoke, v1), HEADING, options.write)
+    publish(render(checks, rows, bases, command_line("bench.train", argv), options.smoke, v1), HEADING, options.write,
+            smoke=options.smoke)
     return 0
 
 

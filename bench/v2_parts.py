@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               "only: a merged model serves, the adapter trains). Training: forward and backward of 4 x 128 "
               "tokens."), "",
              *table(["measure", "adapter", "figure", "/ v1"], rows)]
-    publish("\n".join(lines) + "\n", HEADING, options.write)
+    publish("\n".join(lines) + "\n", HEADING, options.write, smoke=options.smoke)
 
 
 if __name__ == "__main__":

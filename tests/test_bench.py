@@ -178,8 +178,11 @@ def test_gpu_script_smoke_runs_on_the_cpu(tmp_path):
             "decode-fp32-graphs.txt"} <= set(written)
     assert "bitsandbytes::gemm_4bit" in written["train-nf4-ours.txt"]  # the profile of the nf4 base's step
     assert "Self CPU" in written["decode-fp32-plain.txt"]
-    shares = unquantized["decode / floor"].split(", ")
+    shares = unquantized["decode / floors"].split("; ")
     assert [share.split(": ")[0] for share in shares][:2] == ["plain", "static step (no capture on CPU)"]
+    assert all(re.fullmatch(r"[^:]+: \d+% of the floor, \d+% of the bandwidth floor", share) for share in shares)
+    bandwidth = "bandwidth floor: one large read at the memory's speed, as tokens/s of these weights"
+    assert float(unquantized[bandwidth].split()[0]) > 0
 
 
 def test_gpu_script_runs_only_the_stages_asked_for(tmp_path):
@@ -193,11 +196,41 @@ def test_gpu_script_runs_only_the_stages_asked_for(tmp_path):
     assert refused.returncode == 2
     assert "--only: no stage bf17; the stages are fp32, nf4, int8, memory, fast-fp32, fast-nf4, prequantized" in \
         refused.stderr
+    for flags, message in ((["--only", ""], "--only: no stage named; the stages are fp32"),
+                           (["--budget", "0"], "--budget: must be a number of seconds above 0, got '0'"),
+                           (["--budget", "nan"], "--budget: must be a number of seconds above 0, got 'nan'"),
+                           (["--device", "foo"], "--device: 'foo' is not a device name")):  # (all stages / a traceback)
+        refused = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", *flags], cwd=ROOT,
+                                 capture_output=True, text=True, check=False)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     refused = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--profile", str(blocked / "profiles")],
                              cwd=ROOT, capture_output=True, text=True, check=False)
     assert refused.returncode == 2 and f"--profile: cannot make the folder {blocked / 'profiles'}" in refused.stderr
+
+
+def test_a_gpu_run_whose_budget_skips_its_last_stage_still_prints_what_it_measured(tmp_path):
+    """(it printed nothing, and the skipped stages were named nowhere)"""
+    out = tmp_path / "GPU.md"
+    done = run([sys.executable, "-m", "bench.gpu", "--smoke", "--budget", "0.5", "--only", "memory,prequantized",
+                "--write", str(out)])
+    assert "] memory" in done.stderr and "] prequantized" not in done.stderr
+    assert done.stdout.startswith("## GPU (CPU)") and "alone on the device" in done.stdout
+    assert "- skipped after the 0.5 s budget: prequantized" in done.stdout
+    assert out.read_text().split("\n## ", 1)[1] == done.stdout.split("## ", 1)[1].rstrip("\n") + "\n"
+
+
+def test_smoke_figures_never_go_into_the_repositorys_benchmarks_file(tmp_path):
+    """(`--smoke --write BENCHMARKS.md` replaced real figures, and some smoke headings did not say smoke)"""
+    before = (ROOT / "BENCHMARKS.md").read_text()
+    for command in (["bench", "--smoke", "--only", "tied"], ["bench.tied", "--smoke"]):
+        refused = subprocess.run([sys.executable, "-m", *command, "--write", "BENCHMARKS.md"], cwd=ROOT,
+                                 capture_output=True, text=True, check=False)
+        assert refused.returncode != 0 and "--write: --smoke figures mean nothing" in refused.stderr, refused.stderr
+    assert (ROOT / "BENCHMARKS.md").read_text() == before
+    done = run([sys.executable, "-m", "bench.tied", "--smoke", "--write", str(tmp_path / "smoke.md")])
+    assert done.stdout.splitlines()[0].endswith("(--smoke: tiny shapes, figures mean nothing)")
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +314,17 @@ def test_carry_keeps_only_the_wanted_bitsandbytes_libraries(tmp_path):
     assert set(sizes) == set(carry.DISTRIBUTIONS) and sum(sizes.values()) < carry.LIMIT
     assert (tmp_path / "vendor" / "bitsandbytes" / "__init__.py").is_file()
     assert not list((tmp_path / "vendor" / "bitsandbytes").glob("libbitsandbytes_rocm*"))
+    carry.copy(tmp_path / "vendor", ["130"])  # an earlier copy is replaced
+    notes = tmp_path / "notes"
+    (notes / "keep").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="holds files that are not an earlier copy"):  # (it was deleted)
+        carry.copy(notes, ["130"])
+    assert (notes / "keep").is_dir()
+    for flags, message in ((["--cuda", "999"], "--cuda: bitsandbytes here has no library for CUDA 999"),
+                           (["--cuda", ","], "--cuda: name the CUDA version(s)")):  # (none carried, exit 0)
+        refused = subprocess.run([sys.executable, "-m", "bench.carry", "--out", str(tmp_path / "v2"), *flags],
+                                 cwd=ROOT, capture_output=True, text=True, check=False)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
 def test_attention_precision_section_has_both_modes(tmp_path):
