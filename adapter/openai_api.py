@@ -22,6 +22,7 @@ import difflib
 import io
 import json
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
@@ -44,6 +45,7 @@ OWNER = "llama-adapter"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
 MAX_STOPS = 4  # as OpenAI's
 MAX_CHOICES = 8  # `n`: answers to one request, each with the next seed
+LEFT_POLL_S = 0.1  # how often a request answered whole checks that its client is still there
 MAX_BODY_BYTES = 32 * 2**20  # a request's JSON: room for a 20 MB picture (OpenAI's limit) in base64
 SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
                   "max_completion_tokens": "max_new_tokens", "seed": "seed", "presence_penalty": "presence_penalty",
@@ -149,7 +151,28 @@ async def answered(request: Request, fields: frozenset[str], check: Callable[[An
         return refusal(error)
     if body.get("stream"):
         return StreamingResponse(closed_when_done(stream(name, answer, usage_chunk)), media_type="text/event-stream")
-    return await run_in_threadpool(whole, name, answer)
+    return await whole_unless_left(request, whole, name, answer)
+
+
+async def whole_unless_left(request: Request, whole: Callable[[str, Any], dict], name: str,
+                            calls: Sequence[Call]) -> Any:
+    """`whole(name, calls)`, run in the thread pool, its decoding ended once the client has gone (an answer not
+    streamed, `n` of them up to `max_tokens` each, went on decoding for no one while later requests waited)."""
+    left = threading.Event()
+    for call in calls:
+        call.left = left
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await anyio.sleep(LEFT_POLL_S)
+        left.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            return await run_in_threadpool(whole, name, calls)
+        finally:
+            group.cancel_scope.cancel()
 
 
 async def closed_when_done(events: Generator[str, None, None]) -> AsyncIterator[str]:
@@ -212,6 +235,7 @@ class Call:
         self.image, self.top_logprobs, self.stops = image, top_logprobs, stops
         self.choice = choice  # which of its prompt's `n` answers
         self.stopped = False  # a stop string ended the answer
+        self.left: threading.Event | None = None  # set when the client of an answer not streamed has gone
 
     @cached_property
     def prompt_tokens(self) -> int:
@@ -233,6 +257,9 @@ class Call:
         there), and meanwhile without a tail that could still become one."""
         answer = ""
         for answer in self.answers:
+            if self.left is not None and self.left.is_set():  # no one is waiting: the device goes to the next
+                getattr(self.answers, "close", lambda: None)()
+                return
             found = [answer.find(stop) for stop in self.stops if stop in answer]
             if found:
                 self.stopped = True
@@ -252,7 +279,7 @@ class Call:
 
     def logprobs(self, answer: str) -> dict[str, Any] | None:
         """OpenAI's `logprobs` of a choice: each answer token's, with the likeliest at its place."""
-        if self.top_logprobs is None:
+        if self.top_logprobs is None or (self.left is not None and self.left.is_set()):
             return None
 
         def entry(text: str, logprob: float) -> dict[str, Any]:

@@ -205,6 +205,30 @@ def test_a_client_that_leaves_mid_stream_frees_the_device_for_the_next(live_url,
     assert reply["choices"][0]["message"]["content"] == engine_answer(engines.get("tiny-text"), [], SCENE)
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_client_that_leaves_before_a_whole_answer_ends_its_decoding(live_url, engines, monkeypatch, route):
+    """(an answer not streamed, 8 x 150 tokens here, went on decoding for no one while later requests waited)"""
+    import time
+
+    import httpx
+
+    model = engines.get("tiny-text").model
+    steps = []
+    original = model.step
+    monkeypatch.setattr(model, "step", lambda *args, **kwargs: steps.append(1) or original(*args, **kwargs))
+    never_ends = {str(model.tokenizer.eos_id): -100}
+    asked = {"messages": [user("Tell a long story")]} if "chat" in route else {"prompt": "Once upon a time"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_url}{route}", json={**asked, "max_tokens": 150, "n": 8, "temperature": 1.0, "seed": 3,
+                                               "gate_scale": 0, "logit_bias": never_ends}, timeout=0.3)
+    time.sleep(1.0)  # the server notices within LEFT_POLL_S and the token being decoded ends
+    after_leaving = len(steps)
+    time.sleep(1.0)
+    assert 0 < after_leaving == len(steps) < 8 * 150, "decoding went on after the client left"
+    reply = httpx.post(f"{live_url}/v1/chat/completions", json={"messages": [user(SCENE)], **GREEDY}, timeout=30)
+    assert reply.json()["choices"][0]["message"]["content"] == engine_answer(engines.get("tiny-text"), [], SCENE)
+
+
 def test_half_a_character_is_refused_naming_the_field(client):
     """JSON may escape a lone surrogate, which no tokenizer reads (it was an HTTP 500)."""
     for path, body in (("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800"}]}'),
