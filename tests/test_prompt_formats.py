@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import transformers
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 import adapter
@@ -432,7 +433,10 @@ def test_alpaca_adapters_are_written_as_before_and_bad_formats_are_named(base_fo
     with safe_open(path, "pt") as handle:
         assert "prompt_format" not in handle.metadata()  # byte for byte as files written before formats
     assert adapter.load(base_folder, adapter=path, device="cpu").prompt_format == "alpaca"
-    bad = save_adapter(model, tmp_path / "bad.safetensors", metadata={"prompt_format": "vicuna"})
+    bad = tmp_path / "bad.safetensors"  # (save_adapter refuses metadata replacing its own fields)
+    with safe_open(path, "pt") as handle:
+        save_file({name: handle.get_tensor(name) for name in handle.keys()}, bad,
+                  metadata={**handle.metadata(), "prompt_format": "vicuna"})
     with pytest.raises(ValueError, match=f"{bad}: bad adapter metadata .*unknown prompt format 'vicuna'"):
         adapter.load(base_folder, adapter=bad, device="cpu")
 
