@@ -358,6 +358,12 @@ def adapter_choice(engines: Engines, value: str, label: str, elem_id: str) -> gr
     return adapter_menu(engines.names, value=value, label=label, visible=len(engines.names) > 1, elem_id=elem_id)
 
 
+# every hour, gradio removes the files of its cache (uploads, and its copies of downloads and saved conversations)
+# older than four hours, and all of them when the server restarts: kept, a public Space's disk grew with every
+# distinct upload of up to 20 MB (examples stay)
+GRADIO_CACHE_SWEEP = (3600, 4 * 3600)
+
+
 def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
     """The Blocks UI; model work is queued under one concurrency id, so --concurrency bounds all of it."""
     def make_engine(model: Transformer) -> Engine:  # an adapter added while serving, wrapped as the others
@@ -370,7 +376,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
     handlers = Handlers(engines, training, uploads)
     image_examples, chat_examples = examples(config)
     model_events = {"concurrency_id": "model", "concurrency_limit": config.concurrency}
-    with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False) as demo:
+    with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False, delete_cache=GRADIO_CACHE_SWEEP) as demo:
         gr.Markdown("# LLaMA-Adapter\nA frozen LLaMA with zero-init gated adaption prompts. The **gate scale** "
                     "sets how much the adapter speaks for the next answer: 0 is the frozen base, 1 the trained "
                     "adapter, above 1 exaggerated.")
@@ -618,8 +624,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
         demo.load(handlers.gates, [gate, adapter, layers], heatmap, api_visibility="private")
         demo.load(handlers.model_info, adapter, info, api_visibility="private")
         demo.load(handlers.adapter_menus, None, menus, api_visibility="private")
-        if private:
-            demo.unload(handlers.forget_session)
+        demo.unload(handlers.forget_session)  # (public too: a session's stopped run was kept for good)
     demo.queue(max_size=QUEUE_PER_WORKER * config.concurrency, default_concurrency_limit=config.concurrency)
     return demo
 

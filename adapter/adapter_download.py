@@ -6,13 +6,12 @@ the release's does). The last MAX_KEPT downloads stay on disk for the server to 
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 from .convert import check_target, write_adapter
 from .formats.common import write_zip
+from .kept_folders import KeptFolders
 from .model import Transformer
 
 MAX_KEPT = 8
@@ -22,9 +21,8 @@ class AdapterDownloads:
     """Writes served adapters for download into folders of `folder`, the oldest removed beyond MAX_KEPT."""
 
     def __init__(self, folder: str | Path | None = None) -> None:
-        self.folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "llama-adapter-downloads"
-        self._kept: list[Path] = []
-        self._lock = threading.Lock()
+        self.folders = KeptFolders(Path(folder) if folder is not None else
+                                   Path(tempfile.gettempdir()) / "llama-adapter-downloads", MAX_KEPT)
 
     def write(self, model: Transformer, name: str, to: str) -> Path:
         """The file to download: adapter `name` (`model`'s) in format `to`; ValueError naming why it cannot be."""
@@ -32,23 +30,16 @@ class AdapterDownloads:
         args = model.adapter_args
         if args.learns_nothing:
             raise ValueError(f"adapter: {name} is the frozen base without an adapter; there is nothing to download")
-        self.folder.mkdir(parents=True, exist_ok=True)
         stem = file_stem(name)
-        work = Path(tempfile.mkdtemp(prefix=f"{stem}-{to}-", dir=self.folder))
+        work = self.folders.new(f"{stem}-{to}-")
         try:
             if to == "official-v1":
-                path = write_adapter(model, work / f"llama_adapter_len{args.prompt_len}_layer{args.prompt_layers}_"
+                return write_adapter(model, work / f"llama_adapter_len{args.prompt_len}_layer{args.prompt_layers}_"
                                                    f"{stem}.pth", to)
-            else:
-                path = _zipped(write_adapter(model, work / stem, to, model.base_path), work / f"{stem}.zip")
+            return _zipped(write_adapter(model, work / stem, to, model.base_path), work / f"{stem}.zip")
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            self.folders.forget(work)
             raise
-        with self._lock:
-            self._kept.append(work)
-            while len(self._kept) > MAX_KEPT:
-                shutil.rmtree(self._kept.pop(0), ignore_errors=True)
-        return path
 
 
 def file_stem(name: str) -> str:

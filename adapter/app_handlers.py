@@ -26,6 +26,7 @@ from .engine import Engine, Engines, Settings, check_integer, check_system, chec
 from .finetune.records import conversation_record
 from .formats.common import unrecorded_format_note, write_zip
 from .hub import repo_id
+from .kept_folders import KeptFolders
 from .live_training import LiveTraining, TrainProgress, TrainRequest
 from .model_card import training_of
 from .push import push_model
@@ -39,6 +40,10 @@ else:
     Figure = Any  # gradio reads the handlers' hints (to pass them their request): they must resolve at run time
 
 GATE_LABEL = "Gate scale"
+# saved conversations (each a folder of its own, which gradio copies from): the last MAX_SAVED stay, so that a
+# long-running server's temporary folder does not grow with every Save
+MAX_SAVED = 32
+SAVED_CONVERSATIONS = KeptFolders(Path(tempfile.gettempdir()) / "llama-adapter-conversations", MAX_SAVED)
 SCORE_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "exact answers"]
 CHOICE_HEADERS = ["gate scale", "likeliest choice right %", "per byte %", "P(right choice) %"]
 TEXT_HEADERS = ["gate scale", "loss", "perplexity", "token accuracy %", "bits per byte"]
@@ -191,7 +196,7 @@ class Handlers:
         with user_errors():
             record = conversation_record([(user, answer) for user, answer in to_pairs(history) if answer],
                                          check_system(system))
-            path = Path(tempfile.mkdtemp(prefix="conversation-")) / RECORD
+            path = SAVED_CONVERSATIONS.new("conversation-") / RECORD
             path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
             return str(path)
 
@@ -206,7 +211,7 @@ class Handlers:
                 raise ValueError("image: upload the picture the conversation is about first")
             turns = [*to_pairs(conversation), *([(asked, answer)] if asked and answer else [])]
             record = conversation_record([(user, said) for user, said in turns if said], check_system(system), PICTURE)
-            folder = Path(tempfile.mkdtemp(prefix="conversation-"))
+            folder = SAVED_CONVERSATIONS.new("conversation-")
             (folder / RECORD).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
             image.convert("RGB").save(folder / PICTURE)
             return str(write_zip(folder / "conversation.zip", "conversation", [folder / RECORD, folder / PICTURE]))
@@ -398,8 +403,8 @@ class Handlers:
                 *menu_updates(served, self.training is not None, served.names[0], served.for_images))
 
     def forget_session(self, request: gr.Request) -> None:
-        """A page was closed: the adapters it trained or uploaded privately are served no more, its stopped run is
-        resumed no more, and its API key reaches nothing more."""
+        """A page was closed: its stopped run is resumed no more, and (private adapters) the adapters it trained or
+        uploaded are served no more and its API key reaches nothing more."""
         for added in self.added():
             added.forget(request.session_hash)
         if self.training is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import adapter
 from adapter import adapter_download
@@ -104,3 +105,18 @@ def test_the_app_warns_where_a_downloaded_format_loses_how_the_adapter_is_asked(
 def _unzipped(path, tmp_path):
     zipfile.ZipFile(path).extractall(tmp_path / "unzipped")
     return tmp_path / "unzipped" / path.stem
+
+
+def test_saved_conversations_are_kept_as_downloads_are_the_last_few(tmp_path, monkeypatch):
+    """(each Save left a folder in the temporary folder for good: a long-running server's grew with every click)"""
+    from adapter import app_handlers
+    from adapter.app_handlers import Handlers
+    from adapter.kept_folders import KeptFolders
+
+    monkeypatch.setattr(app_handlers, "SAVED_CONVERSATIONS", KeptFolders(tmp_path / "saved", 2))
+    history = [{"role": "user", "content": "Which shape is red?"}, {"role": "assistant", "content": "The star."}]
+    saved = [Path(Handlers.save_conversation(None, history)) for _ in range(2)]
+    zipped = Path(Handlers.save_image_conversation(Image.new("RGB", (4, 4)), "What is it?", "a star", []))
+    assert [p.exists() for p in (*saved, zipped)] == [False, True, True]
+    assert sorted(p.parent for p in (saved[1], zipped)) == sorted((tmp_path / "saved").iterdir())
+

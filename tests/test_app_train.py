@@ -164,6 +164,15 @@ def test_the_loss_plot_names_both_curves_before_any_point_arrives(served):
     assert plot.value["data"] == [[0, None, "train"], [0, None, "validation"]], "both named, no points"
 
 
+def test_the_app_sweeps_gradios_cache(served):
+    """(nothing removed gradio's copies of uploads and downloads: a public Space's disk grew with every upload)"""
+    demo = app.build_demo(served.engines, parse_config(["--base", served.engine.base], environ={}))
+    assert demo.delete_cache == app.GRADIO_CACHE_SWEEP == (3600, 4 * 3600)
+    # a closed page's stopped run is forgotten in public mode too (only private adapters forgot it: kept for good)
+    unload = [fn for fn in demo.fns.values() if any(event == "unload" for _, event in fn.targets)]
+    assert [fn.fn.__name__ for fn in unload] == ["forget_session"]
+
+
 def test_the_image_tab_reads_a_picture_as_every_other_way_in_does(served, tmp_path):
     """gradio's image_mode "RGB" converted uploads itself: a transparent PNG kept its hidden colours (not white)
     and a 16-bit one was clipped near white, where the library, the CLI, the API and training read them otherwise."""
