@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import AdapterArgs
 from .engine import Engine, Engines
+from .kept_folders import remove_at_exit
 from .model import Transformer
 from .visual import ImageEncoder, attach_image_encoder
 
@@ -55,6 +56,7 @@ class AddedAdapters:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()  # an add (the oldest giving way) and a removal by hand, one at a time
         self._in_use: set[str] = set()  # names whose folders a run is writing in: not removed by hand meanwhile
+        remove_at_exit(lambda added=self._added: [folder for _, folder, _ in added])
 
     def add(self, model: Transformer, folder: Path, sight: Sight | None = None, owner: str | None = None) -> str:
         """Serve `model` (on the served base) under the next free name, with `sight`'s tower if it has a visual

@@ -4,10 +4,19 @@ temporary folder does not grow with every click."""
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+
+def remove_at_exit(folders: Callable[[], Iterable[Path]]) -> None:
+    """Remove the folders `folders()` names when the process ends normally (a stopped server left every kept
+    download, upload and trained adapter behind, restart after restart). `folders` reads a collection of paths
+    only, so that nothing larger is kept alive until then."""
+    atexit.register(lambda: [shutil.rmtree(folder, ignore_errors=True) for folder in list(folders())])
 
 
 class KeptFolders:
@@ -17,6 +26,7 @@ class KeptFolders:
         self.folder, self.max_kept = Path(folder), max_kept
         self._kept: list[Path] = []
         self._lock = threading.Lock()
+        remove_at_exit(lambda kept=self._kept: kept)
 
     def new(self, prefix: str) -> Path:
         """An empty folder of its own to write one download into (`forget` it if writing fails)."""

@@ -120,3 +120,30 @@ def test_saved_conversations_are_kept_as_downloads_are_the_last_few(tmp_path, mo
     assert [p.exists() for p in (*saved, zipped)] == [False, True, True]
     assert sorted(p.parent for p in (saved[1], zipped)) == sorted((tmp_path / "saved").iterdir())
 
+
+
+def test_what_the_app_kept_on_disk_goes_when_its_process_ends(tmp_path):
+    """(a stopped server left every kept download, saved conversation, upload and trained adapter behind)"""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom pathlib import Path\nfrom adapter.kept_folders import KeptFolders\n"
+              "kept = KeptFolders(Path(sys.argv[1]), 3)\n(kept.new('download-') / 'a.zip').write_text('x')\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "downloads")], check=True,
+                   cwd=Path(__file__).parents[1])
+    assert (tmp_path / "downloads").is_dir() and not any((tmp_path / "downloads").iterdir())
+
+
+def test_added_adapters_folders_go_when_the_process_ends(tmp_path, monkeypatch):
+    from adapter import kept_folders
+    from adapter.added_adapters import AddedAdapters
+
+    at_exit = []
+    monkeypatch.setattr(kept_folders.atexit, "register", at_exit.append)
+    added = AddedAdapters(engines=None, make_engine=None, prefix="uploaded", limit=4)
+    folder = tmp_path / "uploaded-1"
+    folder.mkdir()
+    added._added.append(("uploaded-1", folder, None))  # as `add` records what it serves
+    [remove] = at_exit
+    remove()
+    assert not folder.exists()
