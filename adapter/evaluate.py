@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -227,17 +227,24 @@ def checked_request(gate_scales: Sequence[float], micro_batch_size: int, max_seq
                          f"{gate_scales!r}"[:200]) from None
     if not scales or len(scales) != len(gate_scales) or any(not math.isfinite(s) or s < 0 for s in scales):
         raise ValueError(f"gate_scales: give one or more finite scales >= 0, got {list(gate_scales)}")
-    for name, value, low, high in (("micro_batch_size", micro_batch_size, 1, None),
-                                   ("max_seq_len", max_seq_len, 2, model.args.max_seq_len), ("limit", limit, 1, None)):
-        if value is None and name != "micro_batch_size":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):  # (None, 2.5 failed deep in range() or slicing)
-            raise ValueError(f"{name}: expected a whole number, got {value!r}"[:200])
-        if value < low or (high is not None and value > high):
-            raise ValueError(f"{name}: must be " + (f"between {low} and the model's {high}" if high is not None
-                                                    else f"at least {low}") + f", got {value}")
+    _check_count("micro_batch_size", micro_batch_size, 1)
+    if max_seq_len is not None:
+        _check_count("max_seq_len", max_seq_len, 2, model.args.max_seq_len)
+    if limit is not None:
+        _check_count("limit", limit, 1)
     require_tokenizer(model)
     return scales
+
+
+def _check_count(name: str, value: Any, low: int, model_high: int | None = None) -> None:
+    """A whole number from `low` (to the model's `model_high`); ValueError naming `name` (None or 2.5 failed deep
+    inside range() or a slice)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected a whole number, got {value!r}"[:200])
+    if model_high is not None and not low <= value <= model_high:
+        raise ValueError(f"{name}: must be between {low} and the model's {model_high}, got {value}")
+    if value < low:
+        raise ValueError(f"{name}: must be at least {low}, got {value}")
 
 
 def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[float], delta_scale: float,
