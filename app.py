@@ -54,6 +54,7 @@ from adapter.engine import (
     Engines,
     Settings,
 )
+from adapter.interrupts import terminated_raises
 from adapter.live_training import MAX_LORA_RANK, VALIDATIONS, LiveTraining
 from adapter.model import Transformer
 from adapter.prompts import PROMPT_FORMATS
@@ -644,7 +645,8 @@ def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
 
         demo.app.include_router(api_router(engines))
     if block:
-        demo.block_thread()
+        with terminated_raises():  # SIGTERM (docker stop, systemd, a Space restarting) as Ctrl-C: the server
+            demo.block_thread()    # closes and the process ends normally, removing what it kept on disk
     return demo, engines
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class Terminated(KeyboardInterrupt):
@@ -19,18 +20,28 @@ def stoppable(run: Callable[[], object], kept: str) -> int:
     """The exit code of a command that `run()` carries out: 0 when it returns; on a ValueError or OSError (a
     refusal), `error: ...` in one line and 2; on Ctrl-C or SIGTERM, one line saying `kept` (what stays written) and
     128 + the signal's number. Off the main thread, SIGTERM is left as it is."""
+    try:
+        with terminated_raises():
+            return _refusals(run)
+    except KeyboardInterrupt as stop:
+        print(f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: {kept}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+@contextmanager
+def terminated_raises() -> Iterator[None]:
+    """Within it, SIGTERM raises Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt (by default it
+    ended the process at once: no `finally`, no exit handler ran); off the main thread, SIGTERM is left as it is."""
     if threading.current_thread() is not threading.main_thread():
-        return _refusals(run)
+        yield
+        return
 
     def terminated(signum: int, frame: object) -> None:
         raise Terminated
 
     before = signal.signal(signal.SIGTERM, terminated)
     try:
-        return _refusals(run)
-    except KeyboardInterrupt as stop:
-        print(f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: {kept}", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+        yield
     finally:
         signal.signal(signal.SIGTERM, before)
 

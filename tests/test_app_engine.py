@@ -25,6 +25,7 @@ from adapter.gate_view import find_gate_plot
 from adapter.openai_api import main as openai_api_main
 from adapter.prompts import STOP_STRINGS
 from adapter.random_demo import DemoFiles, write_random_demo
+from tests import app_helpers
 from tests.app_helpers import QUESTION, one_torch_thread
 from tests.conftest import V1, randomize_adapter
 
@@ -409,6 +410,39 @@ def test_a_gradio_port_variable_that_is_no_number_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "app.py"], cwd=Path(app.__file__).parent, capture_output=True, text=True,
                           env={**os.environ, "GRADIO_SERVER_PORT": "abc"}, timeout=120)
     assert (done.returncode, done.stderr) == (2, "error: GRADIO_SERVER_PORT: 'abc' is not a whole number\n")
+
+
+def test_a_server_stopped_by_sigterm_ends_normally_and_removes_what_it_kept(tmp_path):
+    """(SIGTERM, as docker stop, systemd or a Space restarting send it, ended the process at once: every saved
+    conversation, download, upload and trained adapter stayed on disk, restart after restart)"""
+    import signal
+    import time
+
+    import httpx
+    from gradio_client import Client
+
+    port = app_helpers.free_port()
+    environ = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--no-train-tab"],
+                              cwd=Path(app.__file__).parent, env=environ, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=5)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                time.sleep(0.5)
+        history = [{"role": role, "content": [{"type": "text", "text": text}]}
+                   for role, text in (("user", "Hi"), ("assistant", "Hello"))]
+        Client(f"http://127.0.0.1:{port}/", verbose=False).predict(history, "", api_name="/save_conversation")
+        assert any((tmp_path / "llama-adapter-conversations").iterdir())
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, server.stdout.read().decode()[-3000:]
+    finally:
+        server.kill()
+    assert not any((tmp_path / "llama-adapter-conversations").iterdir()), "removed as the process ended"
 
 
 def test_an_on_off_variable_of_another_word_is_refused_by_name(demo_files):
