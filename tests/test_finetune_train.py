@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import adapter
 from adapter import cpu_features
@@ -188,9 +188,19 @@ def test_a_resume_refuses_changed_validation_data_and_names_a_damaged_checkpoint
     with pytest.raises(ValueError, match=f"^--val-data: {val} has changed since the checkpoint "):
         train(tiny_config(base_folder, data, out, resume=True, **settings))
     val.write_bytes(kept)
-    optimizer = out / "checkpoints" / "step-000001" / "optimizer.pt"
-    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    checkpoint = out / "checkpoints" / "step-000001"
+    optimizer, whole = checkpoint / "optimizer.pt", (checkpoint / "optimizer.pt").read_bytes()
+    optimizer.write_bytes(whole[:100])
     with pytest.raises(ValueError, match=r"^--resume: .*step-000001 is not a readable checkpoint \(RuntimeError: "):
+        train(tiny_config(base_folder, data, out, resume=True, **settings))
+    optimizer.write_bytes(whole)  # (the two below were tracebacks: a TypeError and a KeyError)
+    trainer_state = json.loads((checkpoint / "trainer.json").read_text())
+    (checkpoint / "trainer.json").write_text(json.dumps({**trainer_state, "python_random": None}))
+    with pytest.raises(ValueError, match=r"^--resume: .*step-000001 is not a readable checkpoint \(TypeError: "):
+        train(tiny_config(base_folder, data, out, resume=True, **settings))
+    (checkpoint / "trainer.json").write_text(json.dumps(trainer_state))
+    save_file({"other": torch.zeros(1)}, checkpoint / "rng.safetensors")
+    with pytest.raises(ValueError, match=r"^--resume: .*step-000001 is not a readable checkpoint \(KeyError: "):
         train(tiny_config(base_folder, data, out, resume=True, **settings))
 
 

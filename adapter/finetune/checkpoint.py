@@ -108,15 +108,16 @@ def restore(path: Path, optimizer: torch.optim.Optimizer, state: TrainerState) -
     try:
         optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
         rng = load_file(path / RNG)
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:  # damaged
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+        version, internal, gauss = state.python_random  # (a trainer.json without it: a TypeError, a traceback)
+        random.setstate((version, tuple(internal), gauss))
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
+            SafetensorError) as error:  # damaged
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else error!r}); resume from an earlier one or "
                          "start a new run") from error
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(rng["cuda"]))
-    version, internal, gauss = state.python_random
-    random.setstate((version, tuple(internal), gauss))
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
