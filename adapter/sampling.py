@@ -35,6 +35,9 @@ def logit_bias_pairs(value: Mapping[Any, Any] | Sequence[Any],
                                 and -bound <= bias <= bound for token, bias in pairs):
         raise ValueError(f"logit_bias: expected {{token id: bias{within}}} or (token id, bias) pairs, got "
                          f"{value!r:.80}")
+    if twice := sorted({token for (token, _), (following, _) in zip(pairs, pairs[1:]) if token == following}):
+        raise ValueError(f"logit_bias: token id {twice[0]} is given more than once (\"5\" and \"05\" are one "
+                         "token): give each once")  # (the biases were added up, past the bound)
     return pairs
 
 

@@ -100,6 +100,8 @@ def stream_once(url: str, max_new_tokens: int, tokenizer: Tokenizer) -> tuple[fl
             first = time.perf_counter()
     end = time.perf_counter()
     answer = answer_of(job.result())
+    if first is None:  # (a TypeError, and the benchmark ended without a result)
+        raise SystemExit(f"bench.app: the app answered nothing to {QUESTION!r}; no first token to time")
     tokens = len(tokenizer.encode(answer, bos=False))
     return (first - start) * 1000, tokens / (end - start), answer
 

@@ -299,6 +299,8 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
     ({"logit_bias": {"5": 101}}, 400, "logit_bias", "logit_bias: expected {token id: bias from -100 to 100}"),
     ({"logit_bias": {"red": 1}}, 400, "logit_bias", "logit_bias: expected {token id: bias from -100 to 100}"),
     ({"logit_bias": {"99999": 1}}, 400, "logit_bias", "logit_bias: token id 99999 (place 0) is not in the vocabulary"),
+    # (both biases were added: 200 on one token, past the bound of 100)
+    ({"logit_bias": {"5": 100, "05": 100}}, 400, "logit_bias", "logit_bias: token id 5 is given more than once"),
     ({"n": 0}, 400, "n", "n: must be a whole number from 1 to 8, got 0"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
      "tools: function calling is not served"),
