@@ -16,7 +16,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import hub
 from .device_work import DeviceWork, device_lock, start_compute_thread
@@ -95,10 +95,20 @@ def _switch(environ: Mapping[str, str], name: str) -> bool | _Refused:
     return _Refused(f"{variable}: {environ[variable]!r} is not one of 1/true/yes/on (on) or 0/false/no/off (off)")
 
 
-def parsed_flags(argv: Sequence[str] | None, environ: Mapping[str, str]) -> dict[str, Any]:
+class Command(NamedTuple):
+    """A program that reads the app's flags: its usage line's name and what it is."""
+
+    prog: str
+    description: str
+
+
+APP = Command("python app.py", "The LLaMA-Adapter Gradio app.")
+
+
+def parsed_flags(argv: Sequence[str] | None, environ: Mapping[str, str], command: Command = APP) -> dict[str, Any]:
     """The flags over their environment variables, as parsed; a variable that cannot be read refused where its
     flag was not given."""
-    args = vars(build_parser(environ).parse_args(argv))
+    args = vars(build_parser(environ, command).parse_args(argv))
     refused = next((value for value in args.values() if isinstance(value, _Refused)), None)
     if refused is not None:
         raise ValueError(refused.reason)
@@ -116,8 +126,9 @@ class _Adapters(argparse.Action):
         namespace._adapter_flag_seen = True
 
 
-def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The flags, each defaulting to its environment variable (then to ServeConfig's default)."""
+def build_parser(environ: Mapping[str, str], command: Command = APP) -> argparse.ArgumentParser:
+    """The flags, each defaulting to its environment variable (then to ServeConfig's default); `command` names
+    the program they are read for (its usage line and description)."""
     defaults = ServeConfig()
 
     def default(name: str, fallback: object = None, kind: type | None = None) -> object:
@@ -132,8 +143,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         except ValueError:
             return _Refused(f"{env_name(name)}: {value!r} is not {'a whole number' if kind is int else 'a number'}")
 
-    parser = argparse.ArgumentParser(prog="python app.py", description="The LLaMA-Adapter Gradio app. Every "
-                                     "flag can also be set by its environment variable ADAPTER_<FLAG>.")
+    parser = argparse.ArgumentParser(prog=command.prog, description=f"{command.description} Every flag can also "
+                                     "be set by its environment variable ADAPTER_<FLAG>.")
     parser.add_argument("--base", default=default("base", defaults.base),
                         help=f"{BASE_HELP}; default {BASE_NAME}")
     parser.add_argument("--adapter", nargs="+", action=_Adapters, metavar="ADAPTER",
@@ -209,9 +220,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServeConfig:
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+                 command: Command = APP) -> ServeConfig:
     """Flags over environment variables, checked (ValueError / FileNotFoundError naming the flag)."""
-    args = parsed_flags(argv, os.environ if environ is None else environ)
+    args = parsed_flags(argv, os.environ if environ is None else environ, command)
     config = ServeConfig(**{**args, "adapter": tuple(args["adapter"])})
     check_config(config)
     return config

@@ -629,10 +629,14 @@ def response_id(prefix: str = "chatcmpl") -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
-    from .app_config import check_listening, load_engines, parse_config
+    from .app_config import Command, check_listening, load_engines, parse_config
 
+    command = Command("python -m adapter.openai_api", "The served adapters behind an OpenAI-compatible HTTP API "
+                      "(/v1/models, /v1/chat/completions, /v1/completions), without the app's page; it takes the "
+                      "app's flags, of which --share, --openai-api, --no-train-tab, --train-max-steps, --no-upload "
+                      "and --no-push concern that page alone.")
     try:
-        config = parse_config(argv)
+        config = parse_config(argv, command=command)
         check_listening(config.host, config.port)
         app = build_api(load_engines(config))
     except (ValueError, OSError) as error:

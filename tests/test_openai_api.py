@@ -419,6 +419,11 @@ def test_a_picture_with_too_many_pixels_is_refused_before_it_is_decoded(client, 
 def test_the_command_line_stops_with_one_line_on_bad_flags(capsys):
     assert main(["--adapter", "/nowhere/adapter"]) == 2
     assert capsys.readouterr().err.startswith("error: --adapter: /nowhere/adapter")
+    with pytest.raises(SystemExit, match="^0$"):  # (it was the app's help: "usage: python app.py", its page's flags)
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: python -m adapter.openai_api ") and "OpenAI-compatible HTTP API" in shown
+    assert "--no-upload and --no-push concern that page alone" in " ".join(shown.split())
 
 
 def test_the_app_serves_the_api_beside_its_ui_when_asked(engines):
