@@ -139,7 +139,7 @@ class TrainDefaults(NamedTuple):
 
 def train_defaults(engines: Engines, config: ServeConfig) -> TrainDefaults:
     """The Train tab's starting settings: the tiny text adapter's recipe on the tiny model (it answers a held-out
-    scene question right after one epoch of the offered records, about 11 s on 2 cores), else the official v1
+    scene question right after one epoch of the offered records, about 17 s on 2 cores), else the official v1
     recipe (10 prompt tokens on the top 30 layers, lr 9e-3 x batch / 256)."""
     if serves_tiny(config):
         from adapter.tiny.recipe import RECIPES

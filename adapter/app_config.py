@@ -198,7 +198,7 @@ def build_parser(environ: Mapping[str, str], command: Command = APP) -> argparse
                              "device are decoded together, up to this many rows in one batch; other work is one at a "
                              "time per device")
     parser.add_argument("--compile", action="store_true", default=_switch(environ, "compile"),
-                        help="decode through torch.compile: faster steps (on a CPU, 1.7x for a 512-dim fp32 model: "
+                        help="decode through torch.compile: faster steps (on a CPU, about 2x for a 512-dim fp32 model: "
                              "BENCHMARKS.md), but the first answer waits for the compilation (tens of seconds; "
                              "a CPU needs a C++ compiler)")
     parser.add_argument("--kv-cache", default=default("kv_cache", defaults.kv_cache),

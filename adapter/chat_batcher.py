@@ -2,8 +2,8 @@
 
 Answered one after another, N users wait N decodes. A decode step costs about the same for a few rows as for
 one (a GPU reads every weight once per step whatever the batch; on the CPU the tiny model's 8-row gate sweep
-takes 1.7x one answer), so the chat requests that wait for the device are decoded together: each is a row with
-its own prompt, gate and delta scale, layers, sampling, seed and length (adapter.generate.stream_batch's
+takes about as long as one answer), so the chat requests that wait for the device are decoded together: each is
+a row with its own prompt, gate and delta scale, layers, sampling, seed and length (adapter.generate.stream_batch's
 `rows`), and streams its own answer. A row whose user stops or leaves is no longer shown; the batch stops when
 every row has finished or been left. A seeded row gives the answer it gives alone (one generator per row).
 Rows are padded on the left to the longest prompt, whose length the context then holds for every row: a job that

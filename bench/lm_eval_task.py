@@ -1,6 +1,6 @@
 """Writes an lm-evaluation-harness task of a multiple-choice file, asked as `adapter.evaluate --choices` asks it, so
 that the harness scoring through this project's OpenAI-compatible server can be checked against this project's
-own scoring (docs/gating.md, "lm-evaluation-harness").
+own scoring (README, "Evaluating adapters").
 
     python -m bench.lm_eval_task --base tiny --adapter tiny-text --data build/choices.jsonl --out build/lm_eval
 

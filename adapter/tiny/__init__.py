@@ -15,9 +15,12 @@ assets/tiny/ and loaded with `adapter.load("tiny")` (see assets.py for the names
     build.py      the stages of `python -m adapter.tiny build`
     evaluate.py   exact-answer accuracy against gate scale
     probe.py      how well the base alone reads scenes, asked in its corpus's forms
+    clip_probe.py how much of the image answers the frozen CLIP's features hold
+    recall.py     a key -> value recall drill: how fast a fresh base of a shape learns lookups
     report.py     accuracy.json, accuracy.png, the BENCHMARKS.md section
     card.py       MODEL_CARD.md
     assets.py     where the files are; the short names adapter.load accepts
+    cli.py        the command line, `python -m adapter.tiny ...`
 
 Kept free of imports: adapter.load reads assets.py on every call.
 """

@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--stages", default=",".join(STAGES),
                        help=f"comma-separated subset of {','.join(STAGES)} (each reads what earlier ones wrote)")
     build.add_argument("--fp32", action="store_true",
-                       help="train in float32, not the recipe's bf16: not the shipped bytes, but several times "
-                            "faster on CPUs without native bf16 (no AMX or AVX512-BF16)")
+                       help="train in float32, not the recipe's bf16: not the shipped bytes, but over 10x faster "
+                            "on CPUs without native bf16 (no AMX or AVX512-BF16; BENCHMARKS.md, Training precision)")
     evaluate = commands.add_parser("eval", help="held-out accuracy at gate scales 0..2; plot, card, BENCHMARKS.md")
     evaluate.add_argument("--out", type=Path, default=ASSETS, help="assets folder to evaluate (default: assets/tiny)")
     evaluate.add_argument("--write", type=Path, default=Path("BENCHMARKS.md"), help="benchmarks file to update")
