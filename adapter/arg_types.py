@@ -1,10 +1,12 @@
-"""Argument types the command lines share: a bad number is argparse's one-line error naming the flag, before any
-work starts, not a traceback from deep inside a run (nor a 0 read as "not given")."""
+"""What the command lines share about their arguments: types (a bad number is argparse's one-line error naming the
+flag, before any work starts, not a traceback from deep inside a run, nor a 0 read as "not given"), and the one
+line a refused input gets, naming the flag the user typed."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -27,3 +29,20 @@ def positive_number(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
+
+
+def refusal(error: BaseException, parser: argparse.ArgumentParser) -> str:
+    """A refused input's line, `error: ...`. The library names what it refuses by its parameter ("clip: /x does not
+    exist", "gate_scale: must be in [0, 2]"); where that parameter is one of the command's flags, the line names
+    the flag that was typed ("--clip: ...", "--gate-scale: ..."); a positional argument keeps its name."""
+    name, said, rest = str(error).partition(": ")
+    flag = "--" + name.replace("_", "-")
+    if said and any(flag in action.option_strings for action in parser._actions):
+        return f"error: {flag}: {rest}"
+    return f"error: {error}"
+
+
+def refused(error: BaseException, parser: argparse.ArgumentParser) -> int:
+    """Print `refusal` on stderr and give the exit code of a refused input, 2 (argparse's for a bad flag)."""
+    print(refusal(error, parser), file=sys.stderr)
+    return 2

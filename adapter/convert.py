@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .arg_types import refused
 from .formats import BASE_HELP, read_adapter
 from .formats.common import unrecorded_format_note
 from .formats.native import save_adapter
@@ -93,8 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = convert(options.source, options.target, options.to, options.base)
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     print(f"wrote {path}")
     return 0
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .arg_types import refused
 from .choices import ChoiceEvaluation, evaluate_choices, scorable_questions
 from .choices import table as choices_table
 from .finetune.batching import collate, eval_batches
@@ -440,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .loading import load_many
 
     try:
@@ -478,8 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plot:
             plot(evaluations, args.plot)
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .arg_types import refused
 from .finetune.records import DATA_HELP
 from .formats import BASE_HELP
 from .formats.common import check_file_target
@@ -444,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .loading import load_many
     from .next_token import MAX_TOP_K
     from .tiny.assets import default_adapter
@@ -514,8 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.write(("\n" if index else "") + f"--- {heading}\n{answer}")
                 sys.stdout.flush()
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     except KeyboardInterrupt:  # Ctrl-C: what was written stays (and a file of questions' answers so far)
         sys.stdout.write("\n")
         return 130

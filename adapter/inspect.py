@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .arg_types import refused
 from .footprint import describe as memory_line
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
@@ -164,8 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print("\n".join(describe(options.path)))
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     return 0
 
 

@@ -5,24 +5,28 @@ OUT is removed (formats.common.atomic_folder), and either ends in one line rathe
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from .arg_types import refused
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is."""
 
 
-def stoppable(run: Callable[[], object], kept: str) -> int:
+def stoppable(run: Callable[[], object], kept: str, parser: argparse.ArgumentParser) -> int:
     """The exit code of a command that `run()` carries out: 0 when it returns; on a ValueError or OSError (a
-    refusal), `error: ...` in one line and 2; on Ctrl-C or SIGTERM, one line saying `kept` (what stays written) and
-    128 + the signal's number. Off the main thread, SIGTERM is left as it is."""
+    refusal), `error: ...` in one line naming the flag of `parser` at fault (arg_types.refusal) and 2; on Ctrl-C
+    or SIGTERM, one line saying `kept` (what stays written) and 128 + the signal's number. Off the main thread,
+    SIGTERM is left as it is."""
     try:
         with terminated_raises():
-            return _refusals(run)
+            return _refusals(run, parser)
     except KeyboardInterrupt as stop:
         print(f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'}: {kept}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
@@ -46,10 +50,9 @@ def terminated_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
-def _refusals(run: Callable[[], object]) -> int:
+def _refusals(run: Callable[[], object], parser: argparse.ArgumentParser) -> int:
     try:
         run()
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     return 0

@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "Upload a base with an adapter merged in (python -m adapter.merge)")
             print(f"pushed {url}; serve it with {_serving(f'hf:{repo}', written)}")
 
-    return stoppable(run, f"{options.out} is written whole or not at all (no half-written folder is left)")
+    return stoppable(run, f"{options.out} is written whole or not at all (no half-written folder is left)", parser)
 
 
 def _serving(base: str, written: Merged) -> str:

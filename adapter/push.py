@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .arg_types import refused
 from .convert import adapter_on_meta_base, check_target, write_adapter
 from .finetune.logs import LOG
 from .formats import BASE_HELP
@@ -176,8 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        options.message)
             print(f"pushed {url}")
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     return 0
 
 

@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "Upload a pre-quantized base (python -m adapter.quantize_base)")
             print(f"pushed {url}; serve it with python app.py --base hf:{repo}")
 
-    return stoppable(run, f"{options.out} is written whole or not at all (no half-written folder is left)")
+    return stoppable(run, f"{options.out} is written whole or not at all (no half-written folder is left)", parser)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .arg_types import refused
 from .config import AdapterArgs
 from .formats.common import atomic_folder, save_tensors
 from .formats.native import save_adapter
@@ -88,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = atomic_folder(Path(options.folder), write)  # whole or not at all, never into a folder already there
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     staging, files = written[0]
     moved = DemoFiles(**{name: out / Path(path).relative_to(staging) for name, path in vars(files).items()})
     print(shlex.join(["python", "app.py", *moved.flags()]))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .arg_types import refused
 from .config import ModelArgs, RopeScaling
 from .formats.common import atomic_folder, save_tensors
 from .formats.meta import shard_dim
@@ -224,8 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             tokenizer="tiktoken" if options.llama3 else "sentencepiece")
         folder = atomic_folder(Path(options.folder), write)  # whole or not at all
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     family = "Mistral" if options.mistral else "LLaMA"
     print(f"wrote a random {family} ({args.dim} dim, {args.n_layers} layers, vocab {args.vocab_size}) to {folder}")
     return 0

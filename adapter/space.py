@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .app_config import CLIP_WEIGHT_SUFFIXES, build_parser, env_name, parse_config
+from .arg_types import refused
 from .hub import hub_failures, hub_module, is_remote, repo_id
 from .push import check_token
 from .space_fit import check_fit
@@ -245,8 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          fit_check=not options.no_fit_check, sleep_time=options.sleep_time)
             print(f"deployed {url}")
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     return 0
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .arg_types import refused
 from .formats import BASE_HELP
 from .gate_layers import FLAG_HELP, layers_from_flag, speaking
 from .kv_cache import KV_CACHE_DTYPES
@@ -202,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin
     try:
         from .engine import Engine, Settings  # (torch's first import takes seconds: Ctrl-C may come during it)
@@ -219,8 +221,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
         engine.prompts.check_system(settings.system)
         layers_from_flag(settings.gate_layers, model)
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     except KeyboardInterrupt:  # while loading: a quiet exit, as at the prompt
         print(file=sys.stderr)
         return 130

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from adapter.arg_types import refused
 from adapter.choices import read_questions
 from adapter.formats import BASE_HELP
 from adapter.loading import load
@@ -68,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(write_task(options.base, options.adapter, options.data, options.out))
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return refused(error, parser)
     return 0
 
 

@@ -373,12 +373,12 @@ def test_command_line_reports_bad_input_in_one_line(base_folder, capsys, tmp_pat
     assert main(["--base", str(tmp_path / "nope"), "--prompt", "  "]) == 2
     assert main(["--base", str(base_folder), "--prompt", "x", "--seed", str(2**64)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("error: base:") and "nope" in err[0]
-    assert err[1].startswith("error: top_p:")
+    assert err[0].startswith("error: --base:") and "nope" in err[0]
+    assert err[1].startswith("error: --top-p:")
     assert err[2] == "error: --gate-sweep: 'one' is not a number", "checked before loading the base"
     assert err[3] == ("error: --prompt: empty; give an instruction to answer (or --template none to let the model "
                       "write from nothing)"), "checked before loading the base"
-    assert err[4] == f"error: seed: must be a whole number from 0 to {2**63 - 1}, got {2**64}"  # not torch's overflow
+    assert err[4] == f"error: --seed: must be a whole number from 0 to {2**63 - 1}, got {2**64}"  # not torch's overflow
     assert main(["--base", str(base_folder), "--prompt", "", "--template", "none", "--max-new-tokens", "3",
                  "--temperature", "0"]) == 0, "the base writing from its BOS alone"
     assert capsys.readouterr().out
@@ -402,7 +402,7 @@ def test_command_line_answers_with_each_adapter_on_one_shared_base(base_folder, 
     assert capsys.readouterr().out == "\n".join(f"--- adapter {path}, gate scale {gate}\n{alone[path][gate]}"
                                                 for path in (one, two) for gate in (0, 1)) + "\n"
     assert main([*flags, "--clip", str(tmp_path / "clip.safetensors")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: clip: none of the adapters ({one}, {two}) has a visual " \
+    assert capsys.readouterr().err.strip() == f"error: --clip: none of the adapters ({one}, {two}) has a visual " \
                                               "prompt to feed"
 
 

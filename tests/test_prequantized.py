@@ -305,7 +305,7 @@ def test_quantize_base_refuses_what_it_cannot_write_and_leaves_nothing_half_writ
         quantize_base(folders["nf4"], tmp_path / "twice")
     for size in ("0", "inf", "nan"):
         assert quantize_base_main([str(folders["meta"]), str(tmp_path / "bad"), "--shard-gb", size]) == 2
-        assert f"error: shard_gb: must be a finite number above 0, got {float(size)}" in capsys.readouterr().err
+        assert f"error: --shard-gb: must be a finite number above 0, got {float(size)}" in capsys.readouterr().err
 
     def fail(self, dtype):
         raise RuntimeError("disk full")

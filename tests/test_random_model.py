@@ -11,15 +11,15 @@ from adapter.random_model import main
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--vocab-size", "300"], "vocab_size: 300 does not fit the random tokenizer: its bytes, characters and special "
+    (["--vocab-size", "300"], "--vocab-size: 300 does not fit the random tokenizer: its bytes, characters and special "
                               "pieces need at least 301"),
-    (["--vocab-size", "100000"], "vocab_size: 100000 does not fit the random tokenizer: its corpus yields at most "
+    (["--vocab-size", "100000"], "--vocab-size: 100000 does not fit the random tokenizer: its corpus yields at most "
                                  "826 pieces"),
-    (["--vocab-size", "0"], "vocab_size: must be a positive integer, got 0"),
-    (["--llama3", "--vocab-size", "300"], "vocab_size: a tiktoken tokenizer needs at least 512 (256 bytes and 256 "
+    (["--vocab-size", "0"], "--vocab-size: must be a positive integer, got 0"),
+    (["--llama3", "--vocab-size", "300"], "--vocab-size: a tiktoken tokenizer needs at least 512 (256 bytes and 256 "
                                           "special tokens), got 300"),
-    (["--shards", "3"], "shards: tok_embeddings.weight dim 1 of size 64 does not split in 3"),  # after the tokenizer
-    (["--shards", "0"], "shards: must be a whole number from 1, got 0"),  # (a folder without weights was written)
+    (["--shards", "3"], "--shards: tok_embeddings.weight dim 1 of size 64 does not split in 3"),  # after the tokenizer
+    (["--shards", "0"], "--shards: must be a whole number from 1, got 0"),  # (a folder without weights was written)
 ])
 def test_what_cannot_be_written_is_named_and_nothing_is_left(tmp_path, capsys, flags, message):
     assert main([str(tmp_path / "base"), *flags]) == 2

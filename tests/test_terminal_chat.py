@@ -121,9 +121,9 @@ def test_ctrl_c_at_the_prompt_or_while_loading_ends_quietly(monkeypatch, capsys)
 
 def test_bad_flags_stop_before_the_chat(capsys):
     assert main(["--gate-scale", "3"], stdin=io.StringIO("")) == 2
-    assert capsys.readouterr().err == "error: gate_scale: must be in [0, 2], got 3.0\n"
+    assert capsys.readouterr().err == "error: --gate-scale: must be in [0, 2], got 3.0\n"
     assert main(["--system", "Be brief."], stdin=io.StringIO("")) == 2
-    assert "system: the alpaca prompt format has no system prompt" in capsys.readouterr().err
+    assert "error: --system: the alpaca prompt format has no system prompt" in capsys.readouterr().err
     assert main(["--gate-layers", "top 7"], stdin=io.StringIO("")) == 2
     assert capsys.readouterr().err == "error: --gate-layers: the top N layers needs N from 0 to 4 (this adapter's " \
                                       "prompt layers), got 7\n"

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..arg_types import refusal
 from ..config import VISUAL_PROMPT_KINDS
 from ..formats import BASE_HELP
 from ..prompts import PROMPT_FORMATS
@@ -133,7 +134,8 @@ def unused_flag(options: dict) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    options = vars(parser.parse_args(argv))
     problem = unused_flag(options)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -160,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _push(result.best or result.adapter, repo, options["base"], private)
     except (ValueError, OSError, TrainingStopped) as error:
         if main_process:  # under torchrun, every process has the same error
-            print(f"error: {error}", file=sys.stderr)
+            print(refusal(error, parser), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the second Ctrl-C
         if main_process:

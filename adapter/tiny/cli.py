@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the colour, shape, position and count questions as multiple-choice records")
     for sub in (build, evaluate, probe, clip_probe, recall, held):
         sub.add_argument("--scale", choices=sorted(RECIPES), default="full", help="recipe (micro: a few steps)")
+        sub.set_defaults(command_parser=sub)  # its flags name a refusal (held-out's OUT is no --out)
     return parser
 
 
@@ -139,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # progress of a half-hour build shows in a log file as it happens
     kept = (f"the stages finished so far are in {options.work} (--stages goes on from there)"
             if options.command == "build" else "no file or folder is left half-written")
-    return stoppable(lambda: run(options, RECIPES[options.scale]), kept)  # Ctrl-C, SIGTERM: one line
+    # Ctrl-C, SIGTERM: one line
+    return stoppable(lambda: run(options, RECIPES[options.scale]), kept, options.command_parser)
 
 
 def run(options: argparse.Namespace, recipe: Recipe) -> None:
