@@ -808,6 +808,14 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens: expected a LongTensor [batch, length], got {got}")
         if tokens.shape[1] > self.args.max_seq_len:
             raise ValueError(f"tokens: length {tokens.shape[1]} is more than max_seq_len={self.args.max_seq_len}")
+        # (a GPU's one-token decode steps, fed the sampled ids, are not made to wait for a check)
+        if tokens.numel() and (tokens.shape[1] > 1 or tokens.device.type == "cpu"):
+            vocab_size = self.args.vocab_size
+            low, high = (bound.item() for bound in torch.aminmax(tokens))
+            if low < 0 or high >= vocab_size:
+                row, place = ((tokens < 0) | (tokens >= vocab_size)).nonzero()[0].tolist()
+                raise ValueError(f"tokens: token id {tokens[row, place].item()} (row {row}, place {place}) is not in "
+                                 f"the vocabulary of {vocab_size}")
         return tokens
 
     def _rope_slice(self, positions: torch.Tensor) -> torch.Tensor:

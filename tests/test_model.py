@@ -87,7 +87,23 @@ def test_a_cache_of_no_rows_no_room_or_a_wrong_padding_is_refused_by_name(args, 
         model.new_cache(batch, *rest[:1], pad=rest[1] if len(rest) > 1 else None)
 
 
-def test_fresh_adapter_is_exactly_the_base():
+
+def test_a_token_id_outside_the_vocabulary_is_named_by_forward_score_and_step():
+    """(an IndexError from deep inside torch's embedding, "index out of range in self"; on a GPU, a device-side
+    assert that ends the process's use of the GPU)"""
+    model = make_model(TINY, V1)
+    fed = torch.tensor([[1, 2, 3], [4, TINY.vocab_size, 6]])
+    message = f"^tokens: token id {TINY.vocab_size} \\(row 1, place 1\\) is not in the vocabulary of {TINY.vocab_size}$"
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=message):
+            model(fed)
+        with pytest.raises(ValueError, match=message):
+            model.score(fed, fed > 0, fed[fed > 0])
+        with pytest.raises(ValueError, match=message):
+            model.step(fed, model.new_cache(2, 8))
+        with pytest.raises(ValueError, match="^tokens: token id -1 \\(row 0, place 0\\)"):
+            model.step(torch.tensor([[-1]]), model.new_cache(1, 8))
+        assert model(fed.clamp(max=TINY.vocab_size - 1)).shape == (2, 3, TINY.vocab_size)
     """Zero-init gates, biases, LoRA-up and norm deltas: training starts at the base model."""
     torch.manual_seed(0)
     model = Transformer(TINY, V2).eval()
