@@ -11,20 +11,22 @@ from collections.abc import Sequence
 from .tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
-CONTEXT_IDS = 4  # of a continuation's prompt, decoded before its text: enough for a character's bytes
+CONTEXT_IDS = 8  # of a continuation's prompt, decoded before its text: a character's bytes at either edge and more
 
 
 class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), context: Sequence[int] = ()) -> None:
         """`context`: the ids before the generated ones (a raw continuation's prompt), decoded with them so that
-        the text reads as it goes on: SentencePiece drops the space a text starts with (" large" -> "large")."""
+        the text reads as it goes on: SentencePiece drops the space a text starts with (" large" -> "large"). A
+        character whose first bytes end the context and whose last ones are generated is the text's first."""
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.context = [int(i) for i in context[-CONTEXT_IDS:]]
         self.lead = tokenizer.decode(self.context) if self.context else ""
-        while REPLACEMENT in self.lead:  # a character cut at the context's edge: it starts after that character
+        while REPLACEMENT in self.lead.rstrip(REPLACEMENT):  # a character cut at the context's start: after it
             self.context = self.context[1:]
             self.lead = tokenizer.decode(self.context) if self.context else ""
+        self.lead = self.lead.rstrip(REPLACEMENT)  # a character cut at its end, which the continuation completes
         self.ids: list[int] = []
         self.emitted = ""
         self.stopped = False

@@ -107,7 +107,21 @@ def test_a_continuation_reads_on_from_a_context_cut_inside_a_character(base_fold
     """The prompt's last ids began inside an emoji's bytes: the whole context was dropped, and the continuation
     lost the space it starts with."""
     tokenizer = open_tokenizer(base_folder / "tokenizer.model")
-    prompt, word = tokenizer.encode("red 🙂x", bos=False), tokenizer.encode(" circle", bos=False)
-    assert "\ufffd" in tokenizer.decode(prompt[-CONTEXT_IDS:]), "the context starts inside the emoji"
+    prompts = (tokenizer.encode("red 🙂x" + " x" * words, bos=False) for words in range(CONTEXT_IDS))
+    prompt = next(ids for ids in prompts if tokenizer.decode(ids[-CONTEXT_IDS:]).startswith("\ufffd"))  # inside it
+    word = tokenizer.encode(" circle", bos=False)
     stream = TextStream(tokenizer, context=prompt)
     assert "".join([stream.push(i) for i in word] + [stream.finish()]) == " circle"
+
+
+def test_a_continuation_completes_a_character_whose_first_bytes_end_its_context(base_folder):
+    """Token ids cut inside a character (byte-fallback pieces): the whole context was dropped and the continuation
+    began with U+FFFD for the bytes it did not see ("A caf" + "\\ufffd 🙂 in ...")."""
+    tokenizer = open_tokenizer(base_folder / "tokenizer.model")
+    ids = tokenizer.encode("A café 🙂 in 東京 costs €5 🚀", bos=False)
+    cuts = [cut for cut in range(1, len(ids)) if tokenizer.decode(ids[:cut]).endswith("\ufffd")]
+    assert len(cuts) >= 8, "the fixture's text cuts inside characters of 2, 3 and 4 bytes"
+    for cut in range(1, len(ids)):
+        stream = TextStream(tokenizer, context=ids[:cut])
+        shown = "".join([stream.push(i) for i in ids[cut:]] + [stream.finish()])
+        assert tokenizer.decode(ids[:cut]).rstrip("\ufffd") + shown == tokenizer.decode(ids), cut
