@@ -43,6 +43,7 @@ from adapter.app_handlers import (
     picture,
     start_choices,
 )
+from adapter.cache_sweep import sweep_by_age
 from adapter.engine import (
     MAX_SCALE,
     MAX_SCORE_RECORDS,
@@ -359,12 +360,6 @@ def adapter_choice(engines: Engines, value: str, label: str, elem_id: str) -> gr
     return adapter_menu(engines.names, value=value, label=label, visible=len(engines.names) > 1, elem_id=elem_id)
 
 
-# every hour, gradio removes the files of its cache (uploads, and its copies of downloads and saved conversations)
-# older than four hours, and all of them when the server restarts: kept, a public Space's disk grew with every
-# distinct upload of up to 20 MB (examples stay)
-GRADIO_CACHE_SWEEP = (3600, 4 * 3600)
-
-
 def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
     """The Blocks UI; model work is queued under one concurrency id, so --concurrency bounds all of it."""
     def make_engine(model: Transformer) -> Engine:  # an adapter added while serving, wrapped as the others
@@ -377,7 +372,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
     handlers = Handlers(engines, training, uploads)
     image_examples, chat_examples = examples(config)
     model_events = {"concurrency_id": "model", "concurrency_limit": config.concurrency}
-    with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False, delete_cache=GRADIO_CACHE_SWEEP) as demo:
+    with gr.Blocks(title="LLaMA-Adapter", analytics_enabled=False) as demo:  # (its cache: sweep_by_age)
         gr.Markdown("# LLaMA-Adapter\nA frozen LLaMA with zero-init gated adaption prompts. The **gate scale** "
                     "sets how much the adapter speaks for the next answer: 0 is the frozen base, 1 the trained "
                     "adapter, above 1 exaggerated.")
@@ -640,6 +635,7 @@ def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=True,
                 prevent_thread_lock=True, allowed_paths=example_images(), max_file_size=MAX_UPLOAD,
                 run_history=False, quiet=not block, css=CSS)
+    sweep_by_age(demo)  # uploads and gradio's copies of downloads, older than four hours
     if config.openai_api:  # on the server just started, beside the app's own routes
         from adapter.openai_api import api_router
 

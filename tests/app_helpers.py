@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import gradio as gr
 import pytest
 import torch
 
@@ -47,6 +48,7 @@ def one_torch_thread() -> Iterator[None]:
 class Served:
     url: str
     engines: Engines  # the app's own, to watch what the server does
+    demo: gr.Blocks
 
     @property
     def engine(self) -> Engine:
@@ -63,7 +65,7 @@ def running_app(flags: list[str]) -> Iterator[Served]:
         demo, engines = app.serve([*flags, "--port", str(free_port()), "--device", "cpu", "--concurrency", "2",
                                   "--max-new-tokens", str(MAX_NEW_TOKENS)], environ={}, block=False)
         try:
-            yield Served(demo.local_url, engines)
+            yield Served(demo.local_url, engines, demo)
         finally:
             demo.close()
 

@@ -164,13 +164,53 @@ def test_the_loss_plot_names_both_curves_before_any_point_arrives(served):
     assert plot.value["data"] == [[0, None, "train"], [0, None, "validation"]], "both named, no points"
 
 
-def test_the_app_sweeps_gradios_cache(served):
-    """(nothing removed gradio's copies of uploads and downloads: a public Space's disk grew with every upload)"""
+def test_a_closed_page_forgets_its_stopped_run_in_public_mode_too(served):
+    """(only private adapters forgot it: kept for good)"""
     demo = app.build_demo(served.engines, parse_config(["--base", served.engine.base], environ={}))
-    assert demo.delete_cache == app.GRADIO_CACHE_SWEEP == (3600, 4 * 3600)
-    # a closed page's stopped run is forgotten in public mode too (only private adapters forgot it: kept for good)
     unload = [fn for fn in demo.fns.values() if any(event == "unload" for _, event in fn.targets)]
     assert [fn.fn.__name__ for fn in unload] == ["forget_session"]
+
+
+def test_an_app_that_stops_leaves_the_cache_it_shares_with_other_apps(demo_files, tmp_path):
+    """gradio's cache is one folder for every app on the machine, a file's place named by its content; its
+    delete_cache removed every file an app had cached when it stopped: another app's same examples, offered files
+    and uploads answered 404."""
+    import httpx
+
+    upload = tmp_path / "records.jsonl"
+    upload.write_text('{"instruction": "a", "output": "b"}\n')
+    with running_app(demo_files.flags()) as first:
+        response = httpx.post(f"{first.url}gradio_api/upload", files=[("files", (upload.name, upload.read_bytes()))])
+        (cached,) = response.json()
+        examples = [path for files in first.demo.temp_file_sets for path in files if path != cached]
+        assert examples, "the app cached its examples"
+    assert Path(cached).read_text() == upload.read_text()
+    assert all(Path(path).exists() for path in examples)
+
+
+def test_the_cache_sweep_removes_only_files_older_than_its_age(tmp_path):
+    """(kept, a public Space's disk grew with every upload of up to 20 MB)"""
+    from types import SimpleNamespace
+
+    from adapter.cache_sweep import sweep_by_age
+
+    old, new = tmp_path / "old.png", tmp_path / "new.png"
+    for path in (old, new):
+        path.write_bytes(b"picture")
+    demo = SimpleNamespace(is_running=True, blocks={}, temp_file_sets=[{str(old)}, {str(new)}])
+    stop = sweep_by_age(demo, every_s=0.05, age_s=-1)  # every file is older than that
+    deadline = time.monotonic() + 10
+    while any(demo.temp_file_sets) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    assert not old.exists() and not new.exists() and demo.temp_file_sets == [set(), set()]
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"picture")
+    demo.temp_file_sets = [{str(kept)}]
+    stop = sweep_by_age(demo, every_s=0.05)  # four hours
+    time.sleep(0.3)
+    stop.set()
+    assert kept.exists() and demo.temp_file_sets == [{str(kept)}]
 
 
 def test_the_image_tab_reads_a_picture_as_every_other_way_in_does(served, tmp_path):
