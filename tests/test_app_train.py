@@ -206,11 +206,11 @@ def test_the_cache_sweep_removes_only_files_older_than_its_age(tmp_path):
     assert not old.exists() and not new.exists() and demo.temp_file_sets == [set(), set()]
     kept = tmp_path / "kept.png"
     kept.write_bytes(b"picture")
-    demo.temp_file_sets = [{str(kept)}]
-    stop = sweep_by_age(demo, every_s=0.05)  # four hours
+    other = SimpleNamespace(is_running=True, blocks={}, temp_file_sets=[{str(kept)}])  # (the first may still sweep)
+    stop = sweep_by_age(other, every_s=0.05)  # four hours
     time.sleep(0.3)
     stop.set()
-    assert kept.exists() and demo.temp_file_sets == [{str(kept)}]
+    assert kept.exists() and other.temp_file_sets == [{str(kept)}]
 
 
 def test_the_image_tab_reads_a_picture_as_every_other_way_in_does(served, tmp_path):
