@@ -811,7 +811,7 @@ class Transformer(nn.Module):
         # (a GPU's one-token decode steps, fed the sampled ids, are not made to wait for a check)
         if tokens.numel() and (tokens.shape[1] > 1 or tokens.device.type == "cpu"):
             vocab_size = self.args.vocab_size
-            low, high = (bound.item() for bound in torch.aminmax(tokens))
+            low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one read back from the device, not two
             if low < 0 or high >= vocab_size:
                 row, place = ((tokens < 0) | (tokens >= vocab_size)).nonzero()[0].tolist()
                 raise ValueError(f"tokens: token id {tokens[row, place].item()} (row {row}, place {place}) is not in "
