@@ -94,7 +94,8 @@ def _git_files(root: Path, *which: str) -> list[str]:
         listed = subprocess.run(["git", "ls-files", "-z", *which], cwd=root, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         raise ValueError(f"space: {root} is not a git checkout (git ls-files: {error}); a Space gets the tracked "
-                         "files of one") from error
+                         "files of a clone of this project (an installed package has no app.py): run this command "
+                         "from one") from error
     return [name for name in listed.decode().split("\0") if name and not name.startswith(LEFT_OUT)]
 
 

@@ -133,6 +133,16 @@ def test_only_tracked_files_are_sent_and_a_dry_run_names_the_untracked_left_behi
                                       "not sent (git does not track them): .env, runs/lora/adapter.safetensors"]
 
 
+def test_an_installed_package_is_told_to_deploy_from_a_clone(tmp_path, monkeypatch):
+    """`pip install .` carries the library without app.py or git: the Space's files come from a clone."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # tmp_path's parents hold no repository
+    with pytest.raises(ValueError) as refused:
+        space_files(tmp_path)
+    assert str(refused.value).startswith(f"space: {tmp_path} is not a git checkout (git ls-files: ")
+    assert str(refused.value).endswith("a Space gets the tracked files of a clone of this project (an installed "
+                                       "package has no app.py): run this command from one")
+
+
 def test_the_dry_run_lists_what_a_space_would_get(capsys):
     assert main(["me/demo", "--dry-run", "--adapter", "tiny-text", "--private-adapters"]) == 0
     out = capsys.readouterr().out.splitlines()

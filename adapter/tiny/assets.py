@@ -4,7 +4,8 @@
     adapter.load("tiny", adapter="tiny-image")    base + image adapter + its CLIP tower
     adapter.load(base, adapter=..., clip="tiny")  the tiny CLIP tower (and its model config) for any adapter
 
-A name only means the shipped files when no file or folder of that name exists, so local paths win.
+A name only means the shipped files when no file or folder of that name exists, so local paths win. In a clone
+they are assets/tiny; a package built from it (`pip install .`) carries them as adapter/tiny/shipped.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "tiny"
+INSTALLED = Path(__file__).resolve().parent / "shipped"  # where an installed package keeps them (pyproject.toml)
+CHECKOUT = Path(__file__).resolve().parents[2] / "assets" / "tiny"  # a clone of the project
+ASSETS = INSTALLED if INSTALLED.is_dir() else CHECKOUT
 BASE, TEXT, IMAGE, CLIP, EXAMPLES = "base", "text", "image", "clip", "examples"
 CLIP_CONFIG, CLIP_WEIGHTS = "clip/tiny-clip.json", "clip/visual.safetensors"
 BASE_NAME, TEXT_NAME, IMAGE_NAME, CLIP_NAME = "tiny", "tiny-text", "tiny-image", "tiny"
