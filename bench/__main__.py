@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from adapter.benchmarks_file import replace_section
 from bench.args import positive_int, run_main
 from bench.decode import machine
-from bench.report import command_line, refuse_smoke_write, replace_section, versions
+from bench.report import command_line, refuse_smoke_write, versions
 
 HEADING = "This run"
 

@@ -1,6 +1,5 @@
-"""BENCHMARKS.md is made of `## ` sections, one per benchmark; each benchmark rewrites only its own.
-
-Also the small pieces every section is built from: the machine line, markdown tables, median (min / max).
+"""How a benchmark publishes its `## ` section of BENCHMARKS.md (`adapter.benchmarks_file` rewrites only that
+section), and the small pieces every section is built from: the machine line, markdown tables, median (min / max).
 """
 
 from __future__ import annotations
@@ -11,29 +10,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from adapter.formats.common import write_text_atomically
-
-HEADER = ("# Benchmarks\n\nEvery figure below was written by the command shown with it; none is edited by hand. "
-          "Tests never time anything.\n\n")
-
-
-def replace_section(path: str | os.PathLike, heading: str, text: str, first: bool = False) -> None:
-    """Replace the section whose `## ` heading starts with `heading` (or add it: at the end, or with `first`
-    before all others), atomically."""
-    path = Path(path)
-    current = path.read_text() if path.exists() else HEADER
-    head, *sections = current.split("\n## ")
-    sections = ["## " + s.rstrip("\n") + "\n" for s in sections]
-    new = text.rstrip("\n") + "\n"
-    replaced = False
-    for index, section in enumerate(sections):
-        if section[3:].startswith(heading):
-            sections[index], replaced = new, True
-    if not replaced:
-        sections.insert(0 if first else len(sections), new)
-    content = head.rstrip("\n") + "\n\n" + "\n".join(sections)
-    write_text_atomically(path, content)
-
+from adapter.benchmarks_file import replace_section
 
 REPOSITORY_BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 SMOKE_MARK = " (--smoke: tiny shapes, figures mean nothing)"

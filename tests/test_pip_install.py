@@ -67,11 +67,16 @@ def test_an_installed_package_answers_from_its_own_copy_of_the_tiny_model(tmp_pa
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    script = ("import adapter, adapter.tiny.assets as a; print(adapter.__file__); print(a.ASSETS); "
+    script = ("import importlib, pkgutil, adapter, adapter.tiny.assets as a; print(adapter.__file__); print(a.ASSETS); "
+              "print(','.join(info.name for info in pkgutil.walk_packages(adapter.__path__, 'adapter.') "
+              "if not info.name.endswith('__main__') and importlib.import_module(info.name))); "  # none needs the clone
               f"m = adapter.load('tiny'); print(m.generate(adapter.alpaca({QUESTION!r}), temperature=0.0))")
     run = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    module, assets, answer = run.stdout.splitlines()
+    module, assets, imported, answer = run.stdout.splitlines()
+    modules = {name.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for name in names
+               if name.endswith(".py") and not name.endswith("__main__.py")}
+    assert set(imported.split(",")) == modules - {"adapter"} and "adapter.tiny.report" in modules
     assert Path(module) == site / "adapter" / "__init__.py"
     assert Path(assets) == site / "adapter" / "tiny" / "shipped"
     assert answer == "red"

@@ -7,8 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from bench.report import replace_section
-
+from ..benchmarks_file import replace_section
 from ..cpu_features import describe_machine
 from ..formats.common import atomic_write, write_text_atomically
 from .evaluate import FROZEN, FROZEN_LABEL, Accuracy
