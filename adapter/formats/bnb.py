@@ -103,12 +103,11 @@ class QuantizedWeight:
         if "weight_format" in stats:  # what transformers saves beside int8 codes alone
             raise ValueError(f"{where}: int8 weight without its row scales (SCB)")
         functional = _functional()
-        items = dict(stats)
-        try:  # the packed JSON read once, here: whether it says double quantized is checked below
-            packed = [key for key in items if key.startswith("quant_state.")]
-            if len(packed) == 1:
-                items.update(functional.unpack_tensor_to_dict(items.pop(packed[0])))
-            state = functional.QuantState.from_dict(items, device=torch.device("cpu"))
+        try:  # what the packed JSON says (whether double quantized is checked below); bitsandbytes reads it too,
+            # given packed: up to 0.49 its reader refused the same items unpacked
+            packed = [key for key in stats if key.startswith("quant_state.")]
+            declared = functional.unpack_tensor_to_dict(stats[packed[0]]) if len(packed) == 1 else stats
+            state = functional.QuantState.from_dict(dict(stats), device=torch.device("cpu"))  # a copy: it pops
         except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as error:
             found = ", ".join(sorted(stats))
             raise ValueError(f"{where}: incomplete 4-bit quantization state (has {found}; "
@@ -119,7 +118,7 @@ class QuantizedWeight:
         if data.numel() * data.element_size() * 2 != out_features * in_features:
             raise ValueError(f"{where}: {data.numel() * data.element_size()} bytes of 4-bit codes do not hold a "
                              f"{out_features}x{in_features} weight")
-        _check_block_scales(where, state, "nested_offset" in items)
+        _check_block_scales(where, state, "nested_offset" in declared)
         return cls(state.quant_type, data, (out_features, in_features), quant_state=state)
 
     @classmethod
