@@ -34,14 +34,14 @@ def _requirements(lines: list[str]) -> dict[str, SpecifierSet]:
 def _wheel(tmp_path: Path) -> Path:
     """A wheel built, offline, from a copy of the files pyproject.toml names (the build writes into its source)."""
     source = tmp_path / "source"
-    for name in ("pyproject.toml", "requirements.txt", "README.md"):
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, source / name)
     for folder in ("adapter", "assets/tiny"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "requirements.txt", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     env = {**os.environ, "PIP_NO_INDEX": "1"}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "wheel"), str(source)], check=True, env=env, capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "wheel"), str(source)], env=env, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "wheel").glob("llama_adapter-*.whl")
     return wheel
 
@@ -62,8 +62,9 @@ def test_an_installed_package_answers_from_its_own_copy_of_the_tiny_model(tmp_pa
     assert _requirements(required) == _requirements(wanted) and len(wanted) > 10
 
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
-                    str(wheel)], check=True, capture_output=True)
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                                str(site), str(wheel)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
