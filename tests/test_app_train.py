@@ -225,7 +225,8 @@ def test_the_image_tab_reads_a_picture_as_every_other_way_in_does(served, tmp_pa
     demo = app.build_demo(served.engines, parse_config(["--base", served.engine.base], environ={}))
     tab = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "image")
     clear = Image.new("RGBA", (8, 8), (220, 20, 30, 0))
-    ramp = Image.fromarray(np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (8, 1)))  # uint16: mode I;16
+    ramp = Image.fromarray(np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (8, 1)))
+    assert ramp.mode == "I;16"  # what the mode argument used to force: a 16-bit picture
     for name, picture in (("clear.png", clear), ("ramp.png", ramp)):
         picture.save(tmp_path / name)
         uploaded = tab.preprocess(ImageData(path=str(tmp_path / name), orig_name=name))
