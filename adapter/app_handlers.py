@@ -162,10 +162,10 @@ class Handlers:
         with user_errors():
             pairs = to_pairs(history)
             engine, choice = self.resolve(request, *controls)
-            answers = engine.chat(pairs, message, choice)
-            yield to_messages(pairs + [(message.strip(), "")])  # the question shows before the first token
-            for answer in answers:
-                yield to_messages(pairs + [(message.strip(), answer)])
+            with closing(engine.chat(pairs, message, choice)) as answers:
+                yield to_messages(pairs + [(message.strip(), "")])  # the question shows before the first token
+                for answer in answers:
+                    yield to_messages(pairs + [(message.strip(), answer)])
 
     def retry(self, request: gr.Request, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
         pairs = to_pairs(history)

@@ -15,7 +15,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import adapter
-from adapter.app_handlers import to_pairs
+from adapter.app_handlers import Handlers, to_pairs
 from adapter.gate_layers import gate_scale_rows
 from adapter.prompts import STOP_STRINGS
 from tests.app_helpers import GREEDY, MAX_NEW_TOKENS, QUESTION, controls, demo_files, served  # noqa: F401  (fixtures)
@@ -192,6 +192,26 @@ def test_a_client_that_goes_away_stops_its_generation(served, client, decode_ste
     wait_until_free(served.engine.lock)
     assert len(decode_steps) < complete / 2, f"decoding stopped early ({len(decode_steps)} of {complete} steps)"
     assert chat(client, QUESTION), "the app keeps serving"
+
+
+@pytest.mark.parametrize("event, inputs", [
+    ("chat", (QUESTION, [])), ("sweep", (QUESTION, "0, 1")), ("layer_sweep", (QUESTION,)),
+    ("every_adapter", (QUESTION,)), ("compare", (QUESTION,))])
+def test_closing_an_event_stops_the_decode_under_it_at_once(served, client, decode_steps, event, inputs):
+    """gradio stops an answer by closing the event's generator. The decode under it must close then, not when the
+    garbage collector frees the event's frame: on Python 3.10 that was after the whole answer (the two tests
+    above failed there). A reference to the frame (a traceback, a debugger) keeps it alive here on any Python."""
+    client.predict(QUESTION, [], *LONG, api_name="/chat")
+    complete = len(decode_steps)
+    decode_steps.clear()
+    answering = getattr(Handlers(served.engines), event)(None, *inputs, *LONG)
+    for _ in range(4):  # decoding has started
+        next(answering)
+    frame = answering.gi_frame
+    answering.close()
+    wait_until_free(served.engine.lock)
+    assert len(decode_steps) < complete / 2, f"decoding stopped early ({len(decode_steps)} of {complete} steps)"
+    assert frame is not None
 
 
 @pytest.mark.parametrize("endpoint, arguments, message", [

@@ -106,7 +106,8 @@ def test_json_list_records_are_reported_by_index(tmp_path):
     with pytest.raises(DataError, match=r"deep.json is not valid JSON \(nested too deeply\)"):
         read_records(tmp_path / "deep.json")
     (tmp_path / "digits.jsonl").write_text('{"instruction": "a", "output": ' + "9" * 5000 + "}\n")
-    with pytest.raises(DataError, match=r"digits.jsonl:1: not valid JSON \(Exceeds the limit \(4300 digits\)"):
+    # Python 3.10 says "the limit (4300)", 3.11 on "the limit (4300 digits)"
+    with pytest.raises(DataError, match=r"digits.jsonl:1: not valid JSON \(Exceeds the limit \(4300( digits)?\) for "):
         read_records(tmp_path / "digits.jsonl")
 
 

@@ -74,7 +74,7 @@ def test_visual_lr_sets_the_visual_prompts_own_step_size(base_folder, clip_files
     model = adapter.load(base_folder, adapter=train(config).adapter, clip=weights, clip_model=str(config_json),
                          device="cpu")
     trained = dict(model.named_parameters())
-    moved = {n: float((trained[n] - initial[n]).abs().max()) for n in initial}
+    moved = {n: float((trained[n].detach() - initial[n]).abs().max()) for n in initial}
     visual = [n for n in moved if n.startswith("visual_prompt.")]
     assert visual and all(moved[n] < 1e-6 for n in visual), "the visual prompt moved by about visual_lr per step"
     assert moved["adapter_query.weight"] > 1e-4, "the rest at the full lr"
