@@ -107,9 +107,11 @@ def to_messages(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def table(labels: Sequence[Any], answers: Iterator[list[str]]) -> Iterator[list[list[Any]]]:
-    """A sweep's rows (gate scale or layers, answer so far) as its answers grow."""
-    for row in answers:
-        yield [[label, answer] for label, answer in zip(labels, row)]
+    """A sweep's rows (gate scale or layers, answer so far) as its answers grow; closing it stops the decode
+    under it at once (a caller's frame holding `answers` would keep it decoding)."""
+    with closing(answers):
+        for row in answers:
+            yield [[label, answer] for label, answer in zip(labels, row)]
 
 
 def next_token_view(found: NextTokens) -> tuple[dict[str, Any], Figure]:
