@@ -237,6 +237,10 @@ class Call:
         self.stopped = False  # a stop string ended the answer
         self.left: threading.Event | None = None  # set when the client of an answer not streamed has gone
 
+    def close(self) -> None:
+        """End its decoding now and let the device go (its client has gone), whoever still holds this call."""
+        getattr(self.answers, "close", lambda: None)()  # a scored prompt's answer decodes nothing
+
     @cached_property
     def prompt_tokens(self) -> int:
         model = self.engine.model
@@ -258,12 +262,12 @@ class Call:
         answer = ""
         for answer in self.answers:
             if self.left is not None and self.left.is_set():  # no one is waiting: the device goes to the next
-                getattr(self.answers, "close", lambda: None)()
+                self.close()
                 return
             found = [answer.find(stop) for stop in self.stops if stop in answer]
             if found:
                 self.stopped = True
-                self.answers.close()  # ends decoding at this token
+                self.close()  # ends decoding at this token
                 yield answer[:min(found)]
                 return
             yield answer[:len(answer) - _stop_prefix(answer, self.stops)]
@@ -600,7 +604,7 @@ def sse_events(head: dict[str, Any], choice_events: Iterator[tuple[dict[str, Any
         chunk = {**head, "choices": choices, **({"usage": usage} if usage_chunk or usage is not None else {})}
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    with closing(choice_events):  # a client gone mid-answer ends its decoding now
+    with closing(call), closing(choice_events):  # a client gone mid-answer ends its decoding now
         for choice, finish in choice_events:
             yield event([{**choice, "finish_reason": finish}],
                         None if usage_chunk or finish is None else call.usage())

@@ -205,6 +205,33 @@ def test_a_client_that_leaves_mid_stream_frees_the_device_for_the_next(live_url,
     assert reply["choices"][0]["message"]["content"] == engine_answer(engines.get("tiny-text"), [], SCENE)
 
 
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_closed_stream_ends_its_decoding_though_its_call_is_still_held(engines, route):
+    """The server closes the stream of a client gone mid-answer; its decoding (and the device) must end then, not
+    once nothing refers to the request's calls any more (an exception's traceback, a log record may)."""
+    from adapter.openai_api import answer_calls, stream_events
+    from adapter.openai_completions import completion_calls, stream_text_events
+
+    engine = engines.get("tiny-text")
+    long = {"max_tokens": 150, "temperature": 1.0, "seed": 3, "gate_scale": 0,
+            "logit_bias": {str(engine.model.tokenizer.eos_id): -100}}
+    if route == "chat":
+        name, calls = answer_calls(engines, {"messages": [user("Tell a long story")], **long})
+        events = stream_events(name, calls[0])
+    else:
+        name, calls = completion_calls(engines, {"prompt": "Once upon a time", **long})
+        events = stream_text_events(name, calls[0])
+    try:
+        for _ in range(3):
+            next(events)
+        assert engine.lock.locked(), "decoding, the device held"
+        events.close()
+        assert not engine.lock.locked(), "the stream closed, its decoding ended and the device is free"
+    finally:  # an answer left open is collected with its calls, so that it does not hold the device for later tests
+        del calls
+        gc.collect()
+
+
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
 def test_a_client_that_leaves_before_a_whole_answer_ends_its_decoding(live_url, engines, monkeypatch, route):
     """(an answer not streamed, 8 x 150 tokens here, went on decoding for no one while later requests waited)"""
