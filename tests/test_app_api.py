@@ -160,10 +160,16 @@ def test_concurrent_clients_each_get_their_own_gate(served, client):
 LONG = controls(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0)  # seeded sampling: the same answer every time
 
 
-def test_stop_ends_decoding_and_frees_the_model(served, client, decode_steps):
+def whole_answer_steps(client: Client, decode_steps: list[int]) -> int:
+    """The forward steps of a whole LONG answer (the count then starts again from 0)."""
     client.predict(QUESTION, [], *LONG, api_name="/chat")
     complete = len(decode_steps)
     decode_steps.clear()
+    return complete
+
+
+def test_stop_ends_decoding_and_frees_the_model(served, client, decode_steps):
+    complete = whole_answer_steps(client, decode_steps)
     job = client.submit(QUESTION, [], *LONG, api_name="/chat")
     while len(job.outputs()) < 3:  # decoding has started
         time.sleep(0.01)
@@ -177,9 +183,7 @@ def test_stop_ends_decoding_and_frees_the_model(served, client, decode_steps):
 
 
 def test_a_client_that_goes_away_stops_its_generation(served, client, decode_steps):
-    client.predict(QUESTION, [], *LONG, api_name="/chat")
-    complete = len(decode_steps)
-    decode_steps.clear()
+    complete = whole_answer_steps(client, decode_steps)
     chat_index = next(i for i, d in enumerate(httpx.get(served.url + "config").json()["dependencies"])
                       if d.get("api_name") == "chat")
     body = {"data": [QUESTION, [], *LONG, served.engines.names[0], "", "all"], "fn_index": chat_index,
@@ -204,9 +208,7 @@ def test_closing_an_event_stops_the_decode_under_it_at_once(served, client, deco
     """gradio stops an answer by closing the event's generator. The decode under it must close then, not when the
     garbage collector frees the event's frame: on Python 3.10 that was after the whole answer (the two tests
     above failed there). A reference to the frame (a traceback, a debugger) keeps it alive here on any Python."""
-    client.predict(QUESTION, [], *LONG, api_name="/chat")
-    complete = len(decode_steps)
-    decode_steps.clear()
+    complete = whole_answer_steps(client, decode_steps)
     answering = getattr(Handlers(served.engines), event)(None, *inputs, *LONG, *conversation)
     for _ in range(4):  # decoding has started
         next(answering)
