@@ -119,7 +119,8 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 def write_ranks(path: Path, tokens: Sequence[bytes]) -> None:
     """A tiktoken ranks file: each token's bytes in base64, then its rank (its place in `tokens`)."""
-    path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens)))
+    lines = (f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens))
+    path.write_text("".join(lines), encoding="utf-8")
 
 
 def byte_level_llama3(backend: Any, pattern: str = LLAMA3_SPLIT) -> Any:

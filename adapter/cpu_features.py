@@ -16,7 +16,7 @@ import torch
 def cpu_name() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else what the platform module knows."""
     try:
-        with open("/proc/cpuinfo") as handle:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
             return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()

@@ -13,6 +13,7 @@ import bisect
 import math
 import os
 import secrets
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -533,6 +534,7 @@ class Engine:
         """What is loaded and how much memory it takes."""
         model = self.model
         scaling = model.args.rope_scaling
+        memory = process_memory_mb()
         info: dict[str, Any] = {
             "base": self.base, "adapter": self.adapter, "base_format": model.base_format,
             "base_packing": model.base_packing or "none",
@@ -555,7 +557,7 @@ class Engine:
             "kv_cache": model.kv_cache,
             "base_weights_mib": round(held_bytes(model) / 2**20, 1),
             "kv_cache_mib_per_1000_tokens": round(1000 * kv_bytes_per_token(model) / 2**20, 1),
-            "process_memory_mb": round(process_memory_mb(), 1),
+            "process_memory_mb": None if memory is None else round(memory, 1),
         }
         if self.device.type == "cuda":
             info["cuda_allocated_mb"] = round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
@@ -682,16 +684,19 @@ def _each(rows: Iterator[list[str]], pick: Callable[[list[str]], Any]) -> Iterat
             yield pick(row)
 
 
-def process_memory_mb() -> float:
-    """Resident memory of this process now (VmRSS); the peak (ru_maxrss) where /proc is missing."""
+def process_memory_mb() -> float | None:
+    """Resident memory of this process now (VmRSS); the peak (ru_maxrss) where /proc is missing (macOS); None where
+    neither can be read (Windows has no `resource` module)."""
     try:
-        with open("/proc/self/status") as status:
+        with open("/proc/self/status", encoding="utf-8") as status:
             for line in status:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import resource
-
+    try:
+        import resource
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

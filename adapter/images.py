@@ -7,6 +7,7 @@ above a pixel limit (decompression bombs) are refused with the file named.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -135,8 +136,9 @@ def to_rgb(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "image"
 
 
 def gather_uploads(images: Sequence[str | os.PathLike], folder: Path) -> None:
-    """Uploaded pictures side by side in `folder` under their own file names (links, not copies), so that records
-    naming them find them; two of one name would be ambiguous and are refused."""
+    """Uploaded pictures side by side in `folder` under their own file names, so that records naming them find
+    them; two of one name would be ambiguous and are refused. Links, not copies, where the system lets this user
+    make them (Windows asks for a privilege or developer mode): copies elsewhere."""
     for image in images:
         source = Path(image)
         if not source.is_file():
@@ -144,4 +146,7 @@ def gather_uploads(images: Sequence[str | os.PathLike], folder: Path) -> None:
         target = folder / source.name
         if target.exists():
             raise ValueError(f"images: two uploads are named {source.name}; rename one")
-        target.symlink_to(source.resolve())
+        try:
+            target.symlink_to(source.resolve())
+        except OSError:
+            shutil.copyfile(source, target)

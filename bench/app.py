@@ -57,7 +57,7 @@ def start_app(flags: list[str], port: int, timeout: float = 300.0) -> tuple[subp
     file, not a pipe: a pipe nobody reads fills with warnings (bitsandbytes' int8 layers warn at every matmul on a
     CPU) and then blocks the app."""
     start = time.perf_counter()
-    log = tempfile.TemporaryFile(mode="w+")
+    log = tempfile.TemporaryFile(encoding="utf-8", mode="w+")
     process = subprocess.Popen([sys.executable, "app.py", *flags, "--port", str(port), "--device", "cpu"],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
     while time.perf_counter() - start < timeout:

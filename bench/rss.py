@@ -8,7 +8,7 @@ import resource
 
 def _status_mb(field: str) -> float | None:
     try:
-        with open("/proc/self/status") as handle:
+        with open("/proc/self/status", encoding="utf-8") as handle:
             for line in handle:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
@@ -21,7 +21,7 @@ def reset_peak() -> bool:
     """Start a new peak from the current resident memory; False where the kernel does not allow it (then
     `peak_mb` is the whole process's)."""
     try:
-        with open("/proc/self/clear_refs", "w") as handle:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
             handle.write("5")
         return True
     except OSError:

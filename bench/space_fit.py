@@ -34,7 +34,7 @@ HEADING = "Space fit check against the app's memory"
 
 def status_gib(pid: int, field: str) -> float:
     """A /proc/PID/status memory field (VmRSS, VmHWM) in GiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024 / GIB
     raise RuntimeError(f"/proc/{pid}/status has no {field}")
@@ -68,7 +68,7 @@ def measure(folder: Path, mode: str) -> tuple[float, float, float, float, int]:
     process, _ = start_app(flags, port, timeout=900)
     try:
         loading, idle = status_gib(process.pid, "VmHWM"), status_gib(process.pid, "VmRSS")
-        Path(f"/proc/{process.pid}/clear_refs").write_text("5")  # the peak from here on: the answer's
+        Path(f"/proc/{process.pid}/clear_refs").write_text("5", encoding="utf-8")  # the peak from here on: the answer's
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         *earlier, question = [prompt[start:start + MESSAGE_CHARS] for start in range(0, len(prompt), MESSAGE_CHARS)]
         if len(earlier) % 2:  # the turns end with an answer

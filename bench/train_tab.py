@@ -86,7 +86,7 @@ def finetune_alone(records: Path, flags: Sequence[str] = ()) -> tuple[float, flo
         subprocess.run([sys.executable, "-m", "adapter.finetune", "--base", "tiny", "--data", str(records), "--out",
                         folder + "/run", *FINETUNE_FLAGS, *flags], cwd=ROOT, check=True, capture_output=True)
         seconds = time.perf_counter() - started
-        log = [json.loads(line) for line in Path(folder, "run", "log.jsonl").read_text().splitlines()]
+        log = [json.loads(line) for line in Path(folder, "run", "log.jsonl").read_text(encoding="utf-8").splitlines()]
     return seconds, [r["val_loss"] for r in log if r["type"] == "val"][-1]
 
 

@@ -366,6 +366,28 @@ def test_model_info_says_what_is_loaded(engine, demo_files):
                                                               "frozen")
 
 
+@pytest.mark.parametrize("system", ["macos", "windows"])
+def test_model_info_holds_on_systems_without_proc(engine, monkeypatch, system):
+    """Without /proc (macOS) the memory is the process's peak; without `resource` either (Windows) it is unknown
+    (null): the Model tab failed there with an ImportError."""
+    import resource
+
+    from adapter import engine as engine_module
+
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(engine_module, "open", no_proc, raising=False)
+    monkeypatch.setattr(sys, "platform", "darwin" if system == "macos" else "win32")
+    if system == "windows":
+        monkeypatch.setitem(sys.modules, "resource", None)
+        assert engine.model_info()["process_memory_mb"] is None
+        return
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS (kilobytes on Linux)
+    memory = engine.model_info()["process_memory_mb"]
+    assert round(before, 1) <= memory <= round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)
+
+
 def test_flags_come_from_the_environment_and_flags_win(demo_files):
     environ = {"ADAPTER_BASE": str(demo_files.base), "ADAPTER_ADAPTER": str(demo_files.adapter),
                "ADAPTER_MAX_NEW_TOKENS": "99", "ADAPTER_SHARE": "1", "GRADIO_SERVER_NAME": "0.0.0.0",

@@ -299,3 +299,32 @@ def test_bad_images_get_clear_errors(tmp_path):
         load_image(np.linspace(0, 255, 48).reshape(4, 4, 3))  # was clipped: a white picture
     with pytest.raises(ValueError, match="expected a path, a PIL image or a numpy array"):
         load_image(42)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["links", "no-link-privilege"])
+def test_uploads_are_gathered_under_their_names_where_links_are_refused_too(tmp_path, monkeypatch, links):
+    """Windows refuses a symbolic link to a user without its privilege (or developer mode): the Score and Train
+    tabs' pictures failed there with that OSError rather than being copied."""
+    from pathlib import Path
+
+    from adapter.images import gather_uploads
+
+    if not links:
+        def refused(self, target, target_is_directory=False):
+            raise OSError(22, "A required privilege is not held by the client", str(self))
+
+        monkeypatch.setattr(Path, "symlink_to", refused)
+    uploads = []
+    for index, colour in enumerate((RED, BLUE)):
+        (tmp_path / f"upload{index}").mkdir()
+        uploads.append(tmp_path / f"upload{index}" / f"{index:06d}.png")
+        colour.save(uploads[-1])
+    gathered = tmp_path / "images"
+    gathered.mkdir()
+    gather_uploads(uploads, gathered)
+    assert sorted(path.name for path in gathered.iterdir()) == ["000000.png", "000001.png"]
+    for upload in uploads:
+        assert (gathered / upload.name).is_symlink() == links
+        assert (gathered / upload.name).read_bytes() == upload.read_bytes()
+    with pytest.raises(ValueError, match="images: two uploads are named 000000.png; rename one"):
+        gather_uploads([uploads[0]], gathered)

@@ -35,7 +35,7 @@ def notice(text: str, enabled: bool = True) -> None:
 def read_log(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 ENDINGS = ("end", "early_stop")  # the records that end a run
@@ -66,7 +66,7 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as handle:
+        with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.listener is not None:
             self.listener(record)

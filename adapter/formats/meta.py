@@ -47,7 +47,7 @@ def shard_dim(name: str) -> int | None:
 
 def read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read JSON ({error})") from error
     if not isinstance(value, dict):

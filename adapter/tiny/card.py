@@ -16,7 +16,7 @@ CARD = "MODEL_CARD.md"
 
 
 def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _mb(files: dict[str, Any], prefix: str = "") -> str:
