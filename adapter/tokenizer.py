@@ -21,6 +21,17 @@ from .paths import not_a_file
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tekken.json")
 
 
+def lone_surrogate(text: str) -> str | None:
+    """Why `text` cannot be tokenized: it holds a lone surrogate ("\\ud800"), half of a character, which JSON may
+    escape and Python makes of a command line's undecodable bytes, but no tokenizer reads (sentencepiece and
+    tokenizers raised from deep inside); None where it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"holds {text[error.start]!r}, half of a character (a lone surrogate)"
+    return None
+
+
 class Tokenizer:
     """What generation and training need of a tokenizer, whatever kind the checkpoint ships."""
 
@@ -34,6 +45,8 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"text: expected a string, got {type(text).__name__}")
+        if (problem := lone_surrogate(text)) is not None:
+            raise ValueError(f"text: {problem}")
         ids = self._encode(text)
         if bos and self.bos_id >= 0:
             ids = [self.bos_id] + ids

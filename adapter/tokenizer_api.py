@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from .engine import Engine, Engines
 from .openai_api import RequestError, answered_json, read_messages, served
 from .prompt_ids import checked_ids, is_token_ids
+from .tokenizer import lone_surrogate
 
 
 def add_tokenizer_routes(router: APIRouter, view: Callable[[Request], Engines]) -> None:
@@ -35,6 +36,8 @@ def add_tokenizer_routes(router: APIRouter, view: Callable[[Request], Engines]) 
             model, text = engine.model, chat_text(engine, body) if "messages" in body else body.get("prompt")
             if not isinstance(text, str):
                 raise RequestError(f"prompt: expected a text, got {type(text).__name__}", "prompt")
+            if (problem := lone_surrogate(text)) is not None:
+                raise RequestError(f"prompt: {problem}", "prompt")
             special = body.get("add_special_tokens", True)
             if not isinstance(special, bool):
                 raise RequestError(f"add_special_tokens: expected true or false, got {special!r}",

@@ -186,6 +186,20 @@ def test_tokenizer_json_takes_bos_eos_and_stops_from_its_folder(meta_llama3, tmp
     assert plain.encode("Hello", bos=True) == instruct.encode("Hello", bos=False)
 
 
+def test_every_tokenizer_refuses_half_a_character_by_name(meta_llama3, base_folder, tmp_path):
+    """A lone surrogate (JSON's "\\ud800", a command line's undecodable byte) reached sentencepiece and tokenizers,
+    which raised from deep inside ("Unable to cast Python instance", "TextInputSequence must be str")."""
+    kinds = {"SentencePiece": base_folder / "tokenizer.model", "tiktoken": meta_llama3 / "tokenizer.model",
+             "tokenizer.json": write_tokenizer_json(meta_llama3, tmp_path)}
+    for kind, path in kinds.items():
+        tokenizer = open_tokenizer(path)
+        assert tokenizer.encode("caf\u00e9 \U0001f600", bos=False), kind  # whole characters, any plane, are text
+        # a pair of halves is not the character they spell either: each is refused
+        for text, half in (("a\ud800", "ud800"), ("\udcff b", "udcff"), ("\ud83d\ude00", "ud83d")):
+            with pytest.raises(ValueError, match=f"^text: holds '\\\\{half}', half of a character"):
+                tokenizer.encode(text)
+
+
 def test_bad_tokenizer_files_are_named(meta_llama3, tmp_path):
     lines = (meta_llama3 / "tokenizer.model").read_text().splitlines()
     cases = {

@@ -3,6 +3,8 @@ lm-evaluation-harness's check for a remote tokenizer (the two requests it makes)
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from adapter.app_config import tiny_available
@@ -62,12 +64,14 @@ def test_tokenizer_info_names_the_special_tokens_as_lm_eval_reads_them(client, e
     ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens",
      "add_special_tokens: expected true or false, got 'yes'"),
     ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "model", "model: no adapter 'gpt-4' is served"),
+    ("/tokenize", {"prompt": "a\ud800"}, "prompt", "prompt: holds '\\ud800', half of a character"),  # was a 500
     ("/detokenize", {"tokens": "1 2"}, "tokens", "tokens: expected a list of token ids, got '1 2'"),
     ("/detokenize", {"tokens": [1, -4]}, "tokens", "tokens: token id -4 (place 1) is not in the vocabulary of"),
     ("/detokenize", [1, 2], None, "the body must be a JSON object"),
 ])
 def test_bad_tokenizer_requests_name_their_field(client, path, body, param, message):
-    response = client.post(path, json=body)
+    # json.dumps escapes a lone surrogate as JSON may ("\\ud800"); the client's own encoder cannot write one
+    response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
     error = response.json()["error"]
     assert response.status_code in (400, 404) and error["param"] == param and message in error["message"]
 

@@ -22,6 +22,7 @@ from ..hub import resolve_data
 from ..images import image_file_problem
 from ..paths import not_a_file
 from ..prompts import PROMPT_FORMATS, PromptFormat
+from ..tokenizer import lone_surrogate
 
 IMAGE_MARKER = "<image>"
 T = TypeVar("T")
@@ -260,11 +261,8 @@ def not_text(value: Any, where: str = "") -> str | None:
     """Where a record holds a string that is not text: a lone surrogate ("\\ud800"), which JSON may escape but
     no tokenizer can read; None when there is none."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as error:
-            return f"{where + ' ' if where else ''}holds {value[error.start]!r}, half of a character (a lone surrogate)"
-        return None
+        problem = lone_surrogate(value)
+        return None if problem is None else f"{where + ' ' if where else ''}{problem}"
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         found = not_text(item, f"{where}[{key!r}]" if where or isinstance(key, int) else repr(key))
