@@ -16,7 +16,7 @@ def replace_section(path: str | os.PathLike, heading: str, text: str, first: boo
     """Replace the section whose `## ` heading starts with `heading` (or add it: at the end, or with `first`
     before all others), atomically."""
     path = Path(path)
-    current = path.read_text() if path.exists() else HEADER
+    current = path.read_text(encoding="utf-8") if path.exists() else HEADER
     head, *sections = current.split("\n## ")
     sections = ["## " + s.rstrip("\n") + "\n" for s in sections]
     new = text.rstrip("\n") + "\n"

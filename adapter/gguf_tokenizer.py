@@ -148,9 +148,9 @@ def write_tokenizer_files(gguf_path: Path, folder: Path) -> None:
         if tokenizer.bos_id >= 0:
             settings["bos_token"] = tokenizer.backend.id_to_token(tokenizer.bos_id)
         stops = {"eos_token_id": sorted(tokenizer.stop_ids)}
-        (folder / "generation_config.json").write_text(json.dumps(stops, indent=2) + "\n")
+        (folder / "generation_config.json").write_text(json.dumps(stops, indent=2) + "\n", encoding="utf-8")
     template = open_gguf(gguf_path).value("tokenizer.chat_template")
     if isinstance(template, str):
         settings["chat_template"] = template
     if settings:
-        (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

@@ -100,8 +100,8 @@ def write_hf_folder(folder: Path, checkpoint, args: ModelArgs,
             release(name)
     written.append(_save_part(folder, len(written), shard))
     _name_shards(folder, written)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / CARD).write_text(card(sum(size for *_, size in written)))
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / CARD).write_text(card(sum(size for *_, size in written)), encoding="utf-8")
     if checkpoint.format == "gguf":  # the tokenizer is in the file's metadata
         write_tokenizer_files(checkpoint.tokenizer_path, folder)
         return
@@ -154,7 +154,7 @@ def _name_shards(folder: Path, parts: list[tuple[Path, list[str], int]]) -> None
         weight_map.update(dict.fromkeys(names, file_name))
     index = {"metadata": {"total_size": sum(size for *_, size in parts)},
              "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def _rope_scaling(args: ModelArgs) -> dict | None:
@@ -174,7 +174,7 @@ def push_folder(folder: Path, repo: str, private: bool, message: str) -> str:
     from .push import commit_folder
 
     card = folder / CARD
-    named = card.read_text().replace("OWNER/NAME", repo)
+    named = card.read_text(encoding="utf-8").replace("OWNER/NAME", repo)
     write_text_atomically(card, named)
     try:
         return commit_folder(folder, repo, private, message, what="--push-to-hub")

@@ -69,7 +69,8 @@ def stage_model(model: Transformer, base: str, folder: Path, repo: str, to: str 
     clip_config = None if config is None else clip_config_name(config)
     for plot in training.plots if training else []:
         shutil.copyfile(plot, folder / plot.name)
-    (folder / CARD).write_text(model_card(model, repo, base, to, training, clip_config, origin, branch))
+    card = model_card(model, repo, base, to, training, clip_config, origin, branch)
+    (folder / CARD).write_text(card, encoding="utf-8")
     return sorted(folder.iterdir())
 
 

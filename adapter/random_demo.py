@@ -50,7 +50,7 @@ def write_clip(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     import open_clip
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / f"{CLIP_NAME}.json"
-    config.write_text(json.dumps(CLIP_CONFIG))
+    config.write_text(json.dumps(CLIP_CONFIG), encoding="utf-8")
     torch.manual_seed(seed)
     model = open_clip.CLIP(**{k: v for k, v in CLIP_CONFIG.items() if k != "quick_gelu"}, quick_gelu=True)
     weights = folder / "clip.safetensors"

@@ -155,7 +155,7 @@ def write_random_base(
     if scaling is not None and scaling == RopeScaling("llama3", scaling.factor):  # Meta's own spelling of it
         params.pop("rope_scaling")
         params.update(use_scaled_rope=True, rope_scaling_factor=scaling.factor)
-    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    (folder / "params.json").write_text(json.dumps(params, indent=2), encoding="utf-8")
     return folder
 
 
@@ -177,7 +177,7 @@ def write_random_mistral(folder: str | Path, args: ModelArgs | None = None, *, s
               "vocab_size": args.vocab_size, "rope_theta": args.rope_theta}
     if window is not None:
         params["sliding_window"] = window
-    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    (folder / "params.json").write_text(json.dumps(params, indent=2), encoding="utf-8")
     return folder
 
 

@@ -53,7 +53,7 @@ def copy(out: Path, cuda: Sequence[str], also: Sequence[str] = ()) -> dict[str, 
                              "missing); name a new folder or an earlier copy's")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / MARKER).write_text("written by python -m bench.carry; replaced by its next run\n")
+    (out / MARKER).write_text("written by python -m bench.carry; replaced by its next run\n", encoding="utf-8")
     sizes = {}
     for name in (*DISTRIBUTIONS, *also):
         try:

@@ -75,9 +75,10 @@ def write_gptq(source: Path, target: Path) -> None:
             shard.update({f"{prefix}.{part}": value for part, value in pack_gptq(weight).items()})
         save_file(shard, staging / file_name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file_name))
-    (staging / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    index = json.dumps({"weight_map": weight_map}, indent=1)
+    (staging / "model.safetensors.index.json").write_text(index, encoding="utf-8")
     config = {**hf_config(checkpoint, args, "float16"), "quantization_config": {
         "quant_method": "gptq", "bits": BITS, "group_size": GROUP_SIZE, "desc_act": False, "sym": False}}
-    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     shutil.copyfile(checkpoint.tokenizer_path, staging / checkpoint.tokenizer_path.name)
     staging.rename(target)

@@ -53,9 +53,9 @@ def write_task(base: str, adapter: str | None, data: Path, out: Path, name: str 
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": bos + question.prompt, "choices": [choice + end for choice in question.choices],
              "answer": question.answer} for question in questions]
-    (out / "questions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (out / "questions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     task = out / f"{name}.yaml"
-    task.write_text(TASK.format(name=name, data=(out / "questions.jsonl").resolve()))
+    task.write_text(TASK.format(name=name, data=(out / "questions.jsonl").resolve()), encoding="utf-8")
     return task
 
 

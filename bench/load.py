@@ -53,7 +53,7 @@ def write_checkpoint(folder: Path, args: ModelArgs = LLAMA_7B) -> None:
     del state
     params = {"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads, "n_layers": args.n_layers,
               "norm_eps": args.norm_eps, "vocab_size": args.vocab_size}
-    (folder / "params.json").write_text(json.dumps(params))
+    (folder / "params.json").write_text(json.dumps(params), encoding="utf-8")
     train_tokenizer(folder / "tokenizer.model")  # a small one: the benchmark only needs the weights
 
 

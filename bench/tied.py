@@ -72,12 +72,13 @@ def write_folders(root: Path, shape: dict) -> dict[str, Path]:
         untied.mkdir(parents=True, exist_ok=True)
         save_file({"lm_head.weight": state["model.embed_tokens.weight"].clone()}, untied / "head.safetensors")
         index = {"weight_map": {**dict.fromkeys(state, "weights.safetensors"), "lm_head.weight": "head.safetensors"}}
-        (untied / "model.safetensors.index.json").write_text(json.dumps(index))
+        (untied / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
         link = untied / "weights.safetensors"
         link.unlink(missing_ok=True)
         link.symlink_to(weights)
         for variant, folder in folders.items():
-            (folder / "config.json").write_text(json.dumps(hf_config(shape, variant == "tied"), indent=2))
+            config = json.dumps(hf_config(shape, variant == "tied"), indent=2)
+            (folder / "config.json").write_text(config, encoding="utf-8")
             train_tokenizer(folder / "tokenizer.model")  # small: the benchmark only needs the weights
     return folders
 

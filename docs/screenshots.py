@@ -52,7 +52,7 @@ def save(target, path: Path, **options) -> None:
 def answered_right(engine) -> tuple[Path, str]:
     """The first shipped (picture, question) whose answer at the app's default settings is the expected one."""
     folder = ASSETS / EXAMPLES
-    for example in json.loads((folder / FILE).read_text())["image"]:
+    for example in json.loads((folder / FILE).read_text(encoding="utf-8"))["image"]:
         picture = folder / example["image"]
         *_, answer = engine.ask_image(Image.open(picture), example["question"], Settings())
         if answer == example["answer"]:

@@ -57,7 +57,7 @@ def latest(out: Path) -> Path | None:
     pointer = out / FOLDER / LATEST
     if not pointer.is_file():
         return None
-    path = out / FOLDER / pointer.read_text().strip()
+    path = out / FOLDER / pointer.read_text(encoding="utf-8").strip()
     if not (path / TRAINER).is_file():
         raise ValueError(f"--resume: {pointer} names {path}, which is not a complete checkpoint")
     return path
@@ -81,7 +81,7 @@ def save(out: Path, model: Transformer, optimizer: torch.optim.Optimizer, state:
         save_adapter(model, tmp / ADAPTER)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         save_tensors(_rng_tensors(), tmp / RNG)
-        (tmp / TRAINER).write_text(json.dumps(asdict(state)) + "\n")
+        (tmp / TRAINER).write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
         if (root / name).exists():
             shutil.rmtree(root / name)
         tmp.rename(root / name)
@@ -97,7 +97,7 @@ def save(out: Path, model: Transformer, optimizer: torch.optim.Optimizer, state:
 
 def read_state(path: Path) -> TrainerState:
     try:
-        return TrainerState(**json.loads((path / TRAINER).read_text()))
+        return TrainerState(**json.loads((path / TRAINER).read_text(encoding="utf-8")))
     except (OSError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"--resume: {path / TRAINER} is not a readable trainer state ({error})") from error
 

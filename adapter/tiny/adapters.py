@@ -54,7 +54,7 @@ def install(adapter_file: Path, folder: Path, clip_model: Path | None = None) ->
     relative = None if clip_model is None else os.path.relpath(clip_model, folder)
     if relative is not None:
         config_path = folder / "adapter.json"
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
         config["adapter_args"]["clip_model"] = relative
         write_text_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return canonical_header(folder / adapter_file.name, clip_model=relative)

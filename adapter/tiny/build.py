@@ -101,7 +101,7 @@ class Build:
 
     def read_manifest(self) -> dict[str, Any]:
         path = self.out / MANIFEST
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest["recipe"] = self.recipe.to_dict()
@@ -127,7 +127,7 @@ class Build:
         return {"documents": len(documents), "text_examples": r.text.examples, "image_examples": r.image.examples}
 
     def documents(self) -> list[str]:
-        return self.corpus_path.read_text().splitlines()
+        return self.corpus_path.read_text(encoding="utf-8").splitlines()
 
     def stage_tokenizer(self, manifest: dict[str, Any]) -> dict[str, Any]:
         from ..tokenizer import open_tokenizer

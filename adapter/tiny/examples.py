@@ -30,6 +30,6 @@ def write_examples(folder: Path, seed: int, count: int = 6) -> int:
 
 def read_examples(folder: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     """(picture, question) pairs and text instructions from a folder `write_examples` wrote."""
-    examples = json.loads((folder / FILE).read_text())
+    examples = json.loads((folder / FILE).read_text(encoding="utf-8"))
     return ([(folder / e["image"], e["question"]) for e in examples["image"]],
             [e["instruction"] for e in examples["text"]])
