@@ -29,6 +29,10 @@ LEFT_OUT = ("tests/", "bench/", ".ci/", "requirements-test.txt")  # what only de
 SPACE_CHOOSES = ("host", "port", "share")  # a Space serves on its own address and port, publicly
 NAMED = {"base": (BASE_NAME,), "adapter": (TEXT_NAME, IMAGE_NAME), "clip": (CLIP_NAME,), "clip_model": ()}
 DEFAULT_HARDWARE = "cpu-basic"  # a new Space's
+ZERO_GPU = "zero-"  # zero-a10g: a GPU lent per call of a function decorated with @spaces.GPU
+ZERO_GPU_WHY = ("ZeroGPU, which lends a GPU only while a function decorated with @spaces.GPU runs, while this app "
+                "keeps its model on one device between requests (it decodes users' chats together and trains while "
+                "it serves)")
 MAX_LISTED = 10  # untracked files a dry run names
 ADVICE = "check that your token may write there (HF_TOKEN, or `hf auth login`) and that you are online"
 
@@ -114,6 +118,9 @@ def deploy(space: str, flags: Sequence[str] = (), private: bool = False, hardwar
     api = hub.HfApi()
     with hub_failures("space", f"could not read {space}'s hardware on the Hugging Face hub", ADVICE):
         serves_on = hardware or _current_hardware(hub, api, space)
+    if serves_on.startswith(ZERO_GPU):
+        raise ValueError(f"space: {space} runs on {serves_on}, {ZERO_GPU_WHY}; name a GPU of its own with "
+                         "--hardware, e.g. t4-small")
     sleep_note = _sleep_time_note(sleep_time, serves_on, asked=hardware is not None)
     if fit_check:
         print("\n".join(_fit_lines(serves_on, variables, *_open_base(variables))))
@@ -158,10 +165,13 @@ def _sleep_time_note(sleep_time: int | None, hardware: str | None, asked: bool) 
 
 
 def check_hardware(hub, hardware: str | None) -> None:
-    """ValueError where `hardware` is not one the hub offers Spaces (huggingface_hub's list: nothing is fetched)."""
+    """ValueError where `hardware` is not one the hub offers Spaces (huggingface_hub's list: nothing is fetched), or
+    is ZeroGPU, which this app cannot run on."""
     kinds = [kind.value for kind in hub.SpaceHardware]
     if hardware is not None and hardware not in kinds:
         raise ValueError(f"--hardware: {hardware!r} is not a Space hardware; choose from {', '.join(kinds)}")
+    if hardware is not None and hardware.startswith(ZERO_GPU):
+        raise ValueError(f"--hardware: {hardware} is {ZERO_GPU_WHY}; choose a GPU of the Space's own, e.g. t4-small")
 
 
 def _current_hardware(hub, api, space: str) -> str:

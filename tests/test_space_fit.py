@@ -188,3 +188,20 @@ def test_a_base_read_only_by_downloading_it_is_not_downloaded_to_be_checked(hub,
         "read without downloading them; python -m adapter.inspect hf:owner/Llama-2-7B-GGUF/llama-2-7b.Q8_0.gguf "
         "describes this one once downloaded)")
     assert not any(call[0] == "snapshot_download" for call in hub.calls), "nothing fetched but the deploy's own"
+
+
+def test_zerogpu_is_refused_before_anything_reaches_the_hub(hub, capsys):
+    """ZeroGPU lends its GPU to @spaces.GPU functions alone; the app, whose model stays on its device, got none
+    there, found out only after the upload (an existing Space on it too: a deploy without --hardware keeps it)."""
+    why = "is ZeroGPU, which lends a GPU only while a function decorated with @spaces.GPU runs"
+    with pytest.raises(ValueError, match=rf"^--hardware: zero-a10g {why}, .*; choose a GPU of the Space's own"):
+        deploy("me/demo", [], hardware="zero-a10g")
+    assert main(["me/demo", "--dry-run", "--hardware", "zero-a10g"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --hardware: zero-a10g {why}")
+    hub.hardware["me/zero"] = "zero-a10g"
+    with pytest.raises(ValueError, match=r"^space: me/zero runs on zero-a10g, ZeroGPU, .*; name a GPU of its own "
+                                         r"with --hardware, e.g. t4-small$"):
+        deploy("me/zero", [])
+    assert hub.calls == [], "refused before anything reached the hub"
+    deploy("me/zero", [], hardware="t4-small", sleep_time=600)
+    assert ("request_space_hardware", "me/zero", "t4-small", 600) in hub.calls, "moved off ZeroGPU by --hardware"
