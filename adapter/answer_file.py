@@ -30,7 +30,7 @@ from .finetune.records import (
     read_conversation,
     string_field,
 )
-from .formats.common import atomic_write, write_text_atomically
+from .formats.common import atomic_write, write_text_atomically, writing
 from .gate_layers import Speaker, gate_scale_rows
 from .generate import GenerationRequest, fitting_batches, generate_batch, prompt_writer, require_tokenizer
 from .prompts import PromptFormat, apply_template
@@ -285,7 +285,7 @@ class PartialAnswers:
         """Keep the answers of adapter number `adapter` (in the order given) to these questions."""
         if not self.started:
             self._start({})
-        with self.path.open("a", encoding="utf-8") as file:
+        with writing(self.path), self.path.open("a", encoding="utf-8") as file:
             file.write("".join(self._line(adapter, index, found) + "\n" for index, found in answers.items()))
 
     @staticmethod

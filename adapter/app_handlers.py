@@ -24,7 +24,7 @@ from .added_adapters import AddedAdapters
 from .choices import ChoiceEvaluation
 from .engine import Engine, Engines, Settings, check_integer, check_system, check_text, gate_scales
 from .finetune.records import conversation_record
-from .formats.common import unrecorded_format_note, write_zip
+from .formats.common import WriteFailed, unrecorded_format_note, write_zip
 from .hub import repo_id
 from .kept_folders import KeptFolders
 from .live_training import LiveTraining, TrainProgress, TrainRequest
@@ -64,10 +64,10 @@ SERVER_FOLDERS = re.compile(re.escape(os.path.join(tempfile.gettempdir(), "")) +
 def user_errors() -> Iterator[None]:
     """A bad request becomes a message for the user (and the API client); the app keeps serving. Files are named
     by their own names: the temporary folders the server put uploads in mean nothing to the user; a leading
-    command-line flag by its setting's name."""
+    command-line flag by its setting's name. A write that failed (the server's disk full) is said so too."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, WriteFailed) as error:
         text = CLI_FLAG.sub(lambda flag: flag.group(1).replace("-", "_") + ":", SERVER_FOLDERS.sub("", str(error)))
         raise gr.Error(text) from None
 

@@ -24,7 +24,7 @@ import torch
 
 from .arg_types import refused
 from .config import ModelArgs, RopeScaling
-from .formats.common import atomic_folder, save_tensors
+from .formats.common import atomic_folder, save_tensors, writing
 from .formats.meta import shard_dim
 from .model import Transformer
 
@@ -147,7 +147,8 @@ def write_random_base(
                 if tensor.shape[dim] % shards:
                     raise ValueError(f"shards: {name} dim {dim} of size {tensor.shape[dim]} does not split in {shards}")
                 part[name] = tensor.chunk(shards, dim=dim)[index].clone()
-        torch.save(part, folder / f"consolidated.{index:02d}.pth")
+        with writing(folder / f"consolidated.{index:02d}.pth"):
+            torch.save(part, folder / f"consolidated.{index:02d}.pth")
     params = {k: v for k, v in args.to_dict().items() if v is not None and k != "max_seq_len"}
     if "head_size" in params:  # Mistral's params.json name for it
         params["head_dim"] = params.pop("head_size")

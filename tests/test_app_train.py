@@ -120,6 +120,22 @@ def test_bad_training_settings_get_a_clear_message(served, records, arguments, m
     assert served.engines.names == names
 
 
+def test_a_full_disk_is_said_on_the_page(served, records, monkeypatch):
+    """A checkpoint that could not be written said torch.save's "unexpected pos 64 vs 0" alone (its RuntimeError on a
+    full disk); now which checkpoint and the space left, the server's folders left out as in every message."""
+    from adapter.finetune import checkpoint
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    names = served.engines.names
+    with pytest.raises(AppError, match=r"^step-\d{6}: could not be written \(\[enforce fail at inline_container"
+                                       r"\.cc:672\] \. unexpected pos 64 vs 0\); [\d.]+ [GM]iB free on its disk$"):
+        Client(served.url, verbose=False).predict(*settings(records), api_name="/train")
+    assert served.engines.names == names, "nothing served"
+
+
 def test_resume_without_a_stopped_run_says_what_it_continues(served):
     with pytest.raises(AppError, match="resume: your last run here was not stopped; Stop ends a run and keeps what "
                                        "it learnt served, and Resume then continues it"):

@@ -453,6 +453,53 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, b
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["type"] == "stopped"
 
 
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors", "python"])
+def test_a_full_disk_is_one_line_naming_the_checkpoint_and_the_last_good_one_resumes(tmp_path, base_folder, data,
+                                                                                    monkeypatch, capsys, writer):
+    """A full disk made torch.save raise RuntimeError ("unexpected pos 64 vs 0") and safetensors its own error: a
+    traceback from inside them at a checkpoint, after the run's work. Now one line naming the checkpoint's folder
+    (and the space left), the half-written one removed, the last good one kept for --resume."""
+    from safetensors import SafetensorError
+
+    from adapter.finetune import checkpoint as checkpoint_module
+    from adapter.formats import common
+
+    failures = {"torch.save": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+                "safetensors": SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                               "error 28)"),
+                "python": OSError(28, "No space left on device")}
+
+    def full_disk(real):
+        def write(*args, **kwargs):
+            if any(".step-000004." in str(arg) for arg in args):  # into the second checkpoint's temporary folder
+                raise failures[writer]
+            return real(*args, **kwargs)
+        return write
+
+    if writer == "torch.save":
+        monkeypatch.setattr(checkpoint_module.torch, "save", full_disk(torch.save))
+    elif writer == "safetensors":
+        import safetensors.torch
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full_disk(safetensors.torch.save_file))
+    else:
+        monkeypatch.setattr(common.Path, "write_text", full_disk(common.Path.write_text))
+    out = tmp_path / "run"
+    config = tiny_config(base_folder, data, out, save_every=2)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items()
+            if v is not None and not isinstance(v, bool)]
+    assert main(argv + ["--no-progress"]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(error) == 1 and error[0].startswith(f"error: {out / 'checkpoints' / 'step-000004'}: could not be "
+                                                   f"written ({failures[writer]}); "), error
+    assert error[0].endswith(" free on its disk")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000002"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    monkeypatch.undo()
+    resumed = train(tiny_config(base_folder, data, out, save_every=2, resume=True))
+    assert resumed.steps == 4 and len(resumed.train_losses) == 2, "went on from the last good checkpoint"
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_run_that_ended_before_its_first_checkpoint_starts_over(tmp_path, base_folder, data, monkeypatch, capsys,
                                                                   resume):

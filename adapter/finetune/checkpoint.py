@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..formats.common import save_tensors, write_text_atomically
+from ..formats.common import save_tensors, write_text_atomically, writing
 from ..formats.native import save_adapter
 from ..model import Transformer
 from .step import TrainingStopped
@@ -78,10 +78,11 @@ def save(out: Path, model: Transformer, optimizer: torch.optim.Optimizer, state:
     state.python_random = _jsonable(random.getstate())
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
-        save_adapter(model, tmp / ADAPTER)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        save_tensors(_rng_tensors(), tmp / RNG)
-        (tmp / TRAINER).write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
+        with writing(root / name):
+            save_adapter(model, tmp / ADAPTER)
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            save_tensors(_rng_tensors(), tmp / RNG)
+            (tmp / TRAINER).write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
         if (root / name).exists():
             shutil.rmtree(root / name)
         tmp.rename(root / name)

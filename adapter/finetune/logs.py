@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..formats.common import write_text_atomically
+from ..formats.common import write_text_atomically, writing
 
 LOG = "log.jsonl"
 
@@ -66,7 +66,7 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.listener is not None:
             self.listener(record)

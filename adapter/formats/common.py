@@ -7,7 +7,8 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import AdapterArgs, ModelArgs
+from ..footprint import size_text
 
 if TYPE_CHECKING:
     from ..model import Transformer
@@ -167,8 +169,42 @@ def save_tensors(tensors: dict[str, "torch.Tensor"], path: str | os.PathLike,
     merged or quantized base's shards could not be read by another user, or a container's)."""
     from safetensors.torch import save_file
 
-    save_file(tensors, path, metadata=metadata)
+    with writing(path):
+        save_file(tensors, path, metadata=metadata)
     os.chmod(path, new_file_mode())
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """A failed write as an OSError naming `path` and the space left on its disk, which every command line reports
+    in one line: a full disk made torch.save raise RuntimeError ("unexpected pos 64 vs 0") and safetensors its own
+    error, tracebacks from inside them at the end of a run, and Python's own OSError named no file. Nested, the
+    outermost names it (a checkpoint's folder rather than a temporary file in it)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except WriteFailed as error:
+        raise WriteFailed(path, error.original) from error.original
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise WriteFailed(path, error) from error
+
+
+class WriteFailed(OSError):
+    """A write that failed, as `writing` names it; `original`: the writer's own error."""
+
+    def __init__(self, path: str | os.PathLike, original: BaseException) -> None:
+        super().__init__(f"{path}: could not be written ({original}){_space_left(Path(path))}")
+        self.original = original
+
+
+def _space_left(path: Path) -> str:
+    folder = next((parent for parent in (path, *path.parents) if parent.is_dir()), None)
+    try:
+        free = shutil.disk_usage(folder).free if folder is not None else None
+    except OSError:
+        free = None
+    return "" if free is None else f"; {size_text(free)} free on its disk"
 
 
 def new_file_mode(folder: bool = False) -> int:
@@ -197,7 +233,8 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        write(tmp)
+        with writing(path):
+            write(tmp)
         os.chmod(tmp, new_file_mode())  # mkstemp made it owner-only; a written file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
@@ -226,7 +263,10 @@ def atomic_folder(out: Path, write: Callable[[Path], object], replace: bool = Fa
     staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
     aside: Path | None = None  # the earlier folder, moved aside until the new one is in its place
     try:
-        write(staging)
+        try:
+            write(staging)
+        except WriteFailed as error:  # named after the folder asked for, not a file of its temporary one
+            raise WriteFailed(out, error.original) from error.original
         os.chmod(staging, new_file_mode(folder=True))  # mkdtemp made it owner-only
         if replace and out.is_dir():
             aside = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".old", dir=out.parent)) / out.name

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelArgs
-from ..formats.common import atomic_write, write_text_atomically
+from ..formats.common import atomic_write, write_text_atomically, writing
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 
@@ -160,7 +160,8 @@ def write_meta_folder(model: Transformer, folder: Path, tokenizer_path: Path) ->
     state = {name: tensor.detach().half().contiguous() for name, tensor in model.state_dict().items()}
     with tempfile.TemporaryDirectory(dir=folder) as staging:  # whole or not at all; torch.save names its zip's
         # folder after the file, so the temp file has the final name (the shipped bytes)
-        torch.save(state, Path(staging) / "consolidated.00.pth")
+        with writing(folder / "consolidated.00.pth"):
+            torch.save(state, Path(staging) / "consolidated.00.pth")
         os.replace(Path(staging) / "consolidated.00.pth", folder / "consolidated.00.pth")
     params = {k: v for k, v in model.args.to_dict().items() if v is not None}
     write_text_atomically(folder / "params.json", json.dumps(params, indent=2, sort_keys=True) + "\n")
