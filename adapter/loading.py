@@ -102,7 +102,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
     clip: str | os.PathLike | None = None,
-    clip_model: str | None = None,
+    clip_model: str | os.PathLike | None = None,
     kv_cache: str = "auto",
     clip_quantize: str | None = None,
 ) -> Transformer:
@@ -118,6 +118,7 @@ def load(
     `kv_cache="int8"` makes generation store keys/values in int8 (half the cache's memory; adapter.kv_cache).
     `clip_quantize` ("nf4", "int8") puts the CLIP tower's linears through bitsandbytes too (adapter.quantize).
     """
+    clip_model = _checked_names(adapter, clip, clip_model, base=base)
     base, adapter, clip, clip_model = resolve_tiny(base, adapter, clip, clip_model)
     mode = check_mode(quantize)
     check_kv_cache(kv_cache)
@@ -176,13 +177,14 @@ def load_sharing(
     model: Transformer,
     adapter: str | os.PathLike | AdapterArgs | None,
     clip: str | os.PathLike | None = None,
-    clip_model: str | None = None,
+    clip_model: str | os.PathLike | None = None,
     clip_quantize: str | None = None,
 ) -> Transformer:
     """Another adapter on `model`'s frozen base, which is shared, not copied: serving a second adapter costs
     its own tensors (and CLIP tower), not a second base. `adapter`, `clip`, `clip_model` and `clip_quantize`
     are as in `load`; device, dtype, quantization and KV cache follow `model`.
     """
+    clip_model = _checked_names(adapter, clip, clip_model)
     _, adapter, clip, clip_model = resolve_tiny(None, adapter, clip, clip_model)
     clip_mode = _clip_mode(clip, clip_quantize)
     adapter_args, found = _read_adapter(adapter, model.args, clip)
@@ -192,6 +194,23 @@ def load_sharing(
     for setting in SHARED_SETTINGS:
         setattr(sharing, setting, getattr(model, setting))
     return _fit_adapter(sharing, adapter, found, clip, clip_model, clip_mode, model.tok_embeddings.weight.device)
+
+
+def _checked_names(adapter: object, clip: object, clip_model: object, **base: object) -> str | None:
+    """ValueError naming an argument of `load` (`load_sharing`) of the wrong kind, rather than pathlib's TypeError
+    ("expected str, bytes or os.PathLike object, not int") or an AttributeError from deep inside; `clip_model` as
+    a string (a Path to its .json too)."""
+    paths = (str, os.PathLike)
+    kinds = {"base": (paths, "a path or a name (tiny, hf:owner/name)"),
+             "adapter": ((*paths, AdapterArgs, LoadedAdapter, type(None)),
+                         "a path, a name (tiny-text, hf:owner/name, official:NAME), AdapterArgs or a LoadedAdapter"),
+             "clip": ((*paths, type(None)), "a path or an open_clip pretrained tag"),
+             "clip_model": ((*paths, type(None)), "an open_clip model name or a model-config .json path")}
+    for name, value in {**base, "adapter": adapter, "clip": clip, "clip_model": clip_model}.items():
+        allowed, wanted = kinds[name]
+        if not isinstance(value, allowed):
+            raise ValueError(f"{name}: expected {wanted}, got {value!r:.80}")
+    return None if clip_model is None else os.fspath(clip_model)
 
 
 # what a model sharing another's base takes over from it besides the tensors

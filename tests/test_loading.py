@@ -90,6 +90,38 @@ def test_a_device_that_cannot_hold_the_model_is_named_before_loading(base_folder
         adapter.load(base_folder, device=device)
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(base=123), "base: expected a path or a name (tiny, hf:owner/name), got 123"),
+    (dict(base=None), "base: expected a path or a name (tiny, hf:owner/name), got None"),
+    (dict(adapter=1.5), "adapter: expected a path, a name (tiny-text, hf:owner/name, official:NAME), AdapterArgs or a "
+                        "LoadedAdapter, got 1.5"),
+    (dict(adapter="tiny-image", clip=5), "clip: expected a path or an open_clip pretrained tag, got 5"),
+    (dict(adapter="tiny-image", clip_model=5), "clip_model: expected an open_clip model name or a model-config .json "
+                                               "path, got 5"),
+])
+def test_arguments_of_the_wrong_kind_are_named(arguments, message):
+    """(pathlib's TypeError "expected str, bytes or os.PathLike object, not int", or an AttributeError from the CLIP
+    tower's loading, before)"""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        adapter.load(**{"base": "tiny", **arguments}, device="cpu")
+    if "base" not in arguments:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            adapter.load_sharing(adapter.load("tiny", device="cpu"), **{"adapter": None, **arguments})
+
+
+def test_a_clip_model_config_may_be_given_as_a_path():
+    from adapter.app_config import TINY_FOLDER
+
+    config = TINY_FOLDER / "clip" / "tiny-clip.json"
+    named = adapter.load("tiny", adapter="tiny-image", clip="tiny", clip_model=str(config), device="cpu")
+    given = adapter.load("tiny", adapter="tiny-image", clip="tiny", clip_model=config, device="cpu")
+    tokens = torch.tensor([named.tokenizer.encode("What colour is the star?")])
+    picture = TINY_FOLDER / "examples" / "00.png"
+    assert given.generate("How many shapes?", image=picture, temperature=0.0) == \
+        named.generate("How many shapes?", image=picture, temperature=0.0)
+    assert torch.equal(given(tokens), named(tokens))
+
+
 @pytest.fixture()
 def trained(base_folder):
     model = adapter.load(base_folder, adapter=V2, device="cpu")
