@@ -17,7 +17,7 @@ import torch
 
 from .arg_types import refused
 from .formats import BASE_HELP, read_adapter
-from .formats.common import unrecorded_format_note
+from .formats.common import check_writable, unrecorded_format_note
 from .formats.native import save_adapter
 from .formats.official import write_official_v1
 from .hub import resolve
@@ -58,6 +58,7 @@ def convert(source: str | Path, target: str | Path, to: str, base: str | Path) -
     target = Path(target)
     if target.is_file() or (target.is_dir() and any(target.iterdir())):
         raise ValueError(f"target: {target} already exists; name a new file or folder (or remove it)")
+    check_writable(target, "target: ")
     model = adapter_on_meta_base(base, source)
     written = write_adapter(model, target, to, str(base))
     note = unrecorded_format_note(model, to)

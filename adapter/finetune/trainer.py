@@ -24,7 +24,7 @@ from .. import hub
 from ..config import AdapterArgs
 from ..cpu_features import bf16_emulation_warning
 from ..formats import read_adapter
-from ..formats.common import LoadedAdapter, unrecorded_format_note
+from ..formats.common import LoadedAdapter, check_writable, unrecorded_format_note
 from ..formats.native import save_adapter
 from ..layout import row_major
 from ..loading import load, load_sharing, open_named_base, resolve_device
@@ -192,6 +192,7 @@ class _Run:
     def _check_out(self) -> Path | None:
         """The checkpoint --resume goes on from. A run that ended before its first checkpoint (a stop, a failure)
         left only its log: with or without --resume it starts over, as nothing of it can be taken on."""
+        check_writable(self.out, "--out: ")
         found, started = checkpoint.latest(self.out), (self.out / LOG).exists()
         if self.config.resume and found is None and not started:
             raise ValueError(f"--resume: {self.out} holds no checkpoint to resume from")

@@ -223,14 +223,27 @@ def check_file_target(path: str | os.PathLike, flag: str = "") -> None:
     for folder in path.parents:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{flag}{folder} is a file, not a folder to write {path.name} into")
+    check_writable(path, flag)
+
+
+def check_writable(path: str | os.PathLike, flag: str = "") -> None:
+    """ValueError naming the folder `path` would be written into (itself where it is one, else its nearest that
+    exists) where this process may not write there (a read-only disk, another user's folder): said before a
+    command's work, not after it."""
+    path = Path(path)
+    folder = next((parent for parent in (*([path] if path.is_dir() else []), *path.parents) if parent.exists()), None)
+    if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag}{path} cannot be written: {folder} may not be written into here (a read-only "
+                         "disk, or another user's folder)")
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """`write(tmp)` into a temp file beside `path`, then rename: readers never see a half-written file. A path
     that is a folder, or lies under a file, is refused (ValueError naming it) before anything is written."""
     check_file_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with writing(path):  # named as asked, not as its temporary file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         with writing(path):
@@ -251,6 +264,7 @@ def refuse_existing(out: Path) -> None:
     """A folder to be written whole is a new one: ValueError naming `out` where it exists."""
     if out.exists():
         raise ValueError(f"out: {out} already exists; name a new folder")
+    check_writable(out, "out: ")
 
 
 def atomic_folder(out: Path, write: Callable[[Path], object], replace: bool = False) -> Path:
@@ -259,8 +273,9 @@ def atomic_folder(out: Path, write: Callable[[Path], object], replace: bool = Fa
     once the new one is whole, rather than refused."""
     if not replace:
         refuse_existing(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
     aside: Path | None = None  # the earlier folder, moved aside until the new one is in its place
     try:
         try:
