@@ -26,7 +26,7 @@ from .kv_cache import check_kv_cache
 from .live_training import MAX_STEPS
 from .loading import load_many, resolve_device, resolve_dtype
 from .model import Transformer
-from .paths import not_a_file
+from .paths import missing, not_a_file
 from .prompts import PROMPT_FORMATS, chat_formats
 from .quantize import check_mode
 from .tiny.assets import ASSETS as TINY_FOLDER
@@ -318,7 +318,7 @@ def _check_base(base: str) -> None:
     elif not _is_hub(base):
         path = Path(base)
         if not path.exists():
-            raise FileNotFoundError(f"--base: {base} does not exist")
+            raise FileNotFoundError(f"--base: {missing(base)}")
         if not path.is_dir():
             raise ValueError(f"--base: {base} is not a folder (a base is a folder with params.json or config.json)")
 
@@ -327,7 +327,7 @@ def _check_file(flag: str, value: str, *tiny_names: str) -> None:
     if _tiny_name(value, *tiny_names):
         _require_tiny(flag)
     elif not _is_hub(value) and not Path(value).exists():
-        raise FileNotFoundError(f"--{flag}: {value} does not exist")
+        raise FileNotFoundError(f"--{flag}: {missing(value)}")
 
 
 def _is_hub(value: str) -> bool:

@@ -26,6 +26,7 @@ from .formats.gguf import is_gguf_file
 from .hub import resolve
 from .loading import hub_base_without_weights
 from .model import Transformer
+from .paths import missing
 from .prompts import base_prompt_format, chat_template_source
 from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
@@ -149,7 +150,7 @@ def describe(path: str | Path) -> list[str]:
         return describe_base(str(path), light)
     path = resolve(base if base != path else adapter, "path")  # hf:owner/name and official:NAME are fetched first
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(missing(path))
     if is_gguf_file(path) or path.is_dir() and any((path / name).exists()
                                                    for name in ("params.json", "config.json", "lit_model.pth")):
         return describe_base(path)

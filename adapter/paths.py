@@ -7,11 +7,19 @@ import os
 from pathlib import Path
 
 
+def missing(path: str | os.PathLike) -> str:
+    """"PATH does not exist", and why where it begins with a ~ that no shell expanded (quoted, or set in a Space's
+    variables or a .env file): Python reads it as a folder named "~"."""
+    hint = ("; a leading ~ is your home folder only where a shell expands it (unquoted): give the whole path"
+            if str(path).startswith("~") else "")
+    return f"{path} does not exist{hint}"
+
+
 def not_a_file(path: str | os.PathLike) -> str:
     """`path` and what it is instead of a file ("... does not exist", "... is a folder, not a file")."""
     path = Path(path)
     if not path.exists():
-        return f"{path} does not exist"
+        return missing(path)
     if path.is_dir():
         return f"{path} is a folder, not a file"
     return f"{path} is not a regular file"

@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import AdapterArgs, grid_side
 from .images import load_image
-from .paths import not_a_file
+from .paths import missing, not_a_file
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -222,13 +222,13 @@ def load_image_encoder(clip: str | os.PathLike, model_name: str) -> ImageEncoder
         model = _create_clip(model_name, None)
         state = _read_state(path)
         visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")} or state
-        missing, unexpected = model.visual.load_state_dict(visual, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"clip: {path} does not fit {model_name}: missing {sorted(missing)[:5]}, "
+        absent, unexpected = model.visual.load_state_dict(visual, strict=False)
+        if absent or unexpected:
+            raise ValueError(f"clip: {path} does not fit {model_name}: missing {sorted(absent)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
         name = f"{model_name} from {path}"
     elif os.sep in str(clip) or str(clip).endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise FileNotFoundError(f"clip: {path} does not exist")
+        raise FileNotFoundError(f"clip: {missing(path)}")
     else:
         try:
             model = _create_clip(model_name, str(clip))

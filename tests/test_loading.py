@@ -109,6 +109,24 @@ def test_arguments_of_the_wrong_kind_are_named(arguments, message):
             adapter.load_sharing(adapter.load("tiny", device="cpu"), **{"adapter": None, **arguments})
 
 
+def test_a_tilde_no_shell_expanded_is_said_so(tmp_path, capsys):
+    """"~/llama" quoted, or set in a Space's variables or a .env file, reaches Python as is: a folder named "~"."""
+    from adapter.app_config import parse_config
+    from adapter.generate import main as generate_main
+
+    hint = "; a leading ~ is your home folder only where a shell expands it (unquoted): give the whole path"
+    with pytest.raises(FileNotFoundError, match=f"^base: ~/llama does not exist{re.escape(hint)}$"):
+        adapter.load("~/llama", device="cpu")
+    with pytest.raises(FileNotFoundError, match=f"^adapter: ~/runs/a does not exist{re.escape(hint)}$"):
+        adapter.load("tiny", adapter="~/runs/a", device="cpu")
+    with pytest.raises(FileNotFoundError, match=f"^--base: ~/llama does not exist{re.escape(hint)}$"):
+        parse_config([], {"ADAPTER_BASE": "~/llama"})
+    assert generate_main(["--base", "tiny", "--prompts-file", "~/questions.jsonl", "--out", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.endswith(f"~/questions.jsonl does not exist{hint}\n")
+    with pytest.raises(FileNotFoundError, match=r"^base: /no/llama does not exist$"):  # no hint where none fits
+        adapter.load("/no/llama", device="cpu")
+
+
 def test_a_clip_model_config_may_be_given_as_a_path():
     from adapter.app_config import TINY_FOLDER
 

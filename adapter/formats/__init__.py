@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..paths import missing
 from . import litgpt, meta, native, official
 from .common import LoadedAdapter, torch_load
 
@@ -28,7 +29,7 @@ def open_base(path: str | os.PathLike):
     """A lazy view of a base LLaMA (or Mistral) checkpoint, under Meta's parameter names and layout."""
     folder = Path(path)
     if not folder.exists():
-        raise FileNotFoundError(f"base: {folder} does not exist")
+        raise FileNotFoundError(f"base: {missing(folder)}")
     from . import gguf, hf, litgpt_base, mistral
 
     if gguf.is_gguf_file(folder):
@@ -54,7 +55,7 @@ def read_adapter(path: str | os.PathLike, what: str = "adapter") -> LoadedAdapte
     """Read an adapter file or folder in any supported format (`what`: the flag named where it is missing)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
+        raise FileNotFoundError(f"{what}: {missing(path)}")
     from . import peft
 
     if peft.is_peft(path):
