@@ -231,7 +231,8 @@ def check_writable(path: str | os.PathLike, flag: str = "") -> None:
     exists) where this process may not write there (a read-only disk, another user's folder): said before a
     command's work, not after it."""
     path = Path(path)
-    folder = next((parent for parent in (*([path] if path.is_dir() else []), *path.parents) if parent.exists()), None)
+    candidates = [path, *path.parents] if path.is_dir() else list(path.parents)
+    folder = next((parent for parent in candidates if parent.exists()), None)
     if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK):
         raise ValueError(f"{flag}{path} cannot be written: {folder} may not be written into here (a read-only "
                          "disk, or another user's folder)")
