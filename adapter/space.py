@@ -30,7 +30,7 @@ SPACE_CHOOSES = ("host", "port", "share")  # a Space serves on its own address a
 NAMED = {"base": (BASE_NAME,), "adapter": (TEXT_NAME, IMAGE_NAME), "clip": (CLIP_NAME,), "clip_model": ()}
 DEFAULT_HARDWARE = "cpu-basic"  # a new Space's
 ZERO_GPU = "zero-"  # zero-a10g: a GPU lent per call of a function decorated with @spaces.GPU
-ZERO_GPU_WHY = ("ZeroGPU, which lends a GPU only while a function decorated with @spaces.GPU runs, while this app "
+ZERO_GPU_WHY = ("ZeroGPU, which lends a GPU only while a function decorated with @spaces.GPU runs, but this app "
                 "keeps its model on one device between requests (it decodes users' chats together and trains while "
                 "it serves)")
 MAX_LISTED = 10  # untracked files a dry run names
