@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import hub
 from .config import AdapterArgs, ModelArgs
@@ -33,6 +34,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 ACCELERATORS = {"mps": "Apple MPS", "xpu": "Intel XPU"}  # besides CUDA: what torch runs the model on
+LOAD_BAR_DELAY_S = 2.0  # a base that loads within this shows no progress bar
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -322,7 +324,11 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     parts += [] if tied else [("output.", model.output)]
     parts += [(f"layers.{i}.", block) for i, block in enumerate(model.layers)]
     check_base_names(checkpoint, set(base_shapes(model, tied)))
-    for prefix, module in parts:
+    shown = f"loading the base ({stored_mode or quantize or str(dtype).replace('torch.', '')})"
+    # in a terminal, for a load of more than a moment (a 7B base: minutes), gone once it is done; under torchrun,
+    # the first process's alone
+    quiet = None if os.environ.get("RANK", "0") == "0" else True
+    for prefix, module in tqdm(parts, desc=shown, unit="block", delay=LOAD_BAR_DELAY_S, leave=False, disable=quiet):
         state = {}
         for name in _base_names(module, prefix, model):
             want = tuple(model.get_parameter(name).shape)

@@ -127,6 +127,27 @@ def test_a_tilde_no_shell_expanded_is_said_so(tmp_path, capsys):
         adapter.load("/no/llama", device="cpu")
 
 
+@pytest.mark.parametrize("quantize, shown", [(None, "float32"), ("nf4", "nf4")])
+def test_a_load_in_a_terminal_shows_its_progress_and_elsewhere_nothing(monkeypatch, capsys, quantize, shown):
+    """A 7B base loads for minutes: the app and the command lines said nothing until it was done. In a terminal, a
+    load of more than LOAD_BAR_DELAY_S shows a bar of the base's blocks, gone once loaded; a log file gets none."""
+    import sys
+
+    import adapter.loading
+
+    adapter.load("tiny", device="cpu", quantize=quantize)
+    assert capsys.readouterr().err == "", "not a terminal: nothing"
+    monkeypatch.setattr(adapter.loading, "LOAD_BAR_DELAY_S", 0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    adapter.load("tiny", device="cpu", quantize=quantize)
+    bar = capsys.readouterr().err
+    blocks = 3 + 4  # the embeddings, the final norm, the head and 4 layers
+    assert f"loading the base ({shown}):   0%|          | 0/{blocks} " in bar and bar.endswith("\r"), repr(bar)
+    monkeypatch.setenv("RANK", "1")  # a torchrun job's other processes: the first one's bar alone
+    adapter.load("tiny", device="cpu", quantize=quantize)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_clip_model_config_may_be_given_as_a_path():
     from adapter.app_config import TINY_FOLDER
 
