@@ -22,7 +22,7 @@ from .formats.bnb import QuantizedWeight
 from .formats.common import refuse_existing, save_tensors, write_text_atomically
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
-from .loading import DTYPES, base_shapes, check_base_names, check_tensor, open_named_base
+from .loading import DTYPES, base_shapes, check_base_names, check_tensor, open_named_base, terminal_progress
 from .model import Transformer
 from .quantize import FROZEN_LINEARS
 from .tokenizer import TOKENIZER_FILES
@@ -88,7 +88,7 @@ def write_hf_folder(folder: Path, checkpoint, args: ModelArgs,
     shard: dict[str, torch.Tensor] = {}
     written: list[tuple[Path, list[str], int]] = []  # each full shard, saved as soon as it is full
     release = getattr(checkpoint, "release", None)  # memory-mapped checkpoints give read pages back
-    for name in base_tensor_names(checkpoint):
+    for name in terminal_progress(base_tensor_names(checkpoint), "writing the base", "tensor"):
         weight = checkpoint.tensor(name)
         check_tensor(checkpoint, name, weight, shapes[name])
         converted = tensors(name, weight)

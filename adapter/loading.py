@@ -8,8 +8,8 @@ time, each block quantized as it arrives, so that peak host memory stays near on
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -34,7 +34,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 ACCELERATORS = {"mps": "Apple MPS", "xpu": "Intel XPU"}  # besides CUDA: what torch runs the model on
-LOAD_BAR_DELAY_S = 2.0  # a base that loads within this shows no progress bar
+LOAD_BAR_DELAY_S = 2.0  # a base that loads (or is written) within this shows no progress bar
+T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -325,10 +326,7 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     parts += [(f"layers.{i}.", block) for i, block in enumerate(model.layers)]
     check_base_names(checkpoint, set(base_shapes(model, tied)))
     shown = f"loading the base ({stored_mode or quantize or str(dtype).replace('torch.', '')})"
-    # in a terminal, for a load of more than a moment (a 7B base: minutes), gone once it is done; under torchrun,
-    # the first process's alone
-    quiet = None if os.environ.get("RANK", "0") == "0" else True
-    for prefix, module in tqdm(parts, desc=shown, unit="block", delay=LOAD_BAR_DELAY_S, leave=False, disable=quiet):
+    for prefix, module in terminal_progress(parts, shown, "block"):
         state = {}
         for name in _base_names(module, prefix, model):
             want = tuple(model.get_parameter(name).shape)
@@ -362,6 +360,14 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     if tied:  # one tensor for both: a copy would add half again to Llama 3.2 1B's nf4 tensors (bench.tied)
         model.output.weight = model.tok_embeddings.weight
     model.quantization = stored_mode or quantize
+
+
+def terminal_progress(items: Sequence[T], shown: str, unit: str) -> Iterable[T]:
+    """`items`, with a progress bar on stderr in a terminal where going through them takes more than
+    LOAD_BAR_DELAY_S (a 7B base: minutes of silence before), gone once done; none in a log file or in a torchrun
+    job's other processes."""
+    quiet = None if os.environ.get("RANK", "0") == "0" else True
+    return tqdm(items, desc=shown, unit=unit, delay=LOAD_BAR_DELAY_S, leave=False, disable=quiet)
 
 
 def _stored_mode(checkpoint, quantize: str | None) -> str | None:

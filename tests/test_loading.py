@@ -148,6 +148,20 @@ def test_a_load_in_a_terminal_shows_its_progress_and_elsewhere_nothing(monkeypat
     assert capsys.readouterr().err == ""
 
 
+def test_writing_a_base_in_a_terminal_shows_its_progress(monkeypatch, capsys, tmp_path):
+    """quantize_base and merge write a 7B base for minutes: the same bar, over its tensors."""
+    import sys
+
+    import adapter.loading
+    from adapter.quantize_base import quantize_base
+
+    monkeypatch.setattr(adapter.loading, "LOAD_BAR_DELAY_S", 0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    quantize_base("tiny", tmp_path / "nf4", "nf4")
+    tensors = 3 + 4 * 9  # the embeddings, the final norm, the head; 7 linears and 2 norms a layer
+    assert f"writing the base:   0%|          | 0/{tensors} " in capsys.readouterr().err
+
+
 def test_a_clip_model_config_may_be_given_as_a_path():
     from adapter.app_config import TINY_FOLDER
 
