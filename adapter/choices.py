@@ -34,6 +34,7 @@ from .finetune.encode import encode_example
 from .finetune.records import Example, first_record, image_field, kind, read_checked
 from .finetune.step import scored_positions
 from .gate_layers import Speaker, describe, gate_scale_rows, normalized
+from .progress import terminal_progress
 from .prompts import PromptFormat, format_named
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ def choice_log_probs(model: "Transformer", questions: Sequence[ChoiceQuestion], 
             rows.append(encoded)
     device = model.tok_embeddings.weight.device
     sums = torch.zeros(len(scales), len(rows), dtype=torch.float64)
-    for start in range(0, len(rows), micro_batch_size):
+    for start in terminal_progress(range(0, len(rows), micro_batch_size), "scoring the choices", "batch"):
         batch = collate(rows[start:start + micro_batch_size], device)
         count = batch.tokens.shape[0]
         positions, targets = scored_positions(batch.labels)

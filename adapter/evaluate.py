@@ -47,6 +47,7 @@ from .generate import generate_batch, require_tokenizer, scales_from_text
 from .hub import resolve_data
 from .kv_cache import KV_CACHE_DTYPES
 from .paths import not_a_file
+from .progress import terminal_progress
 from .prompts import PROMPT_FORMATS, PromptFormat, format_named
 
 if TYPE_CHECKING:
@@ -258,7 +259,8 @@ def _token_scores(model: "Transformer", encoded: list[Encoded], scales: list[flo
     losses = [0.0] * len(scales)
     hits = [0] * len(scales)
     scored_tokens = 0
-    for indices in eval_batches([len(e.tokens) for e in encoded], micro_batch_size, 0, 1):
+    batches = eval_batches([len(e.tokens) for e in encoded], micro_batch_size, 0, 1)
+    for indices in terminal_progress(batches, "scoring", "batch"):
         batch = collate([encoded[i] for i in indices], device)
         positions, targets = scored_positions(batch.labels)
         scored_tokens += targets.numel()
@@ -287,7 +289,7 @@ def _greedy_answers(model: "Transformer", examples: list[Example], scales: list[
     tokenizer = model.tokenizer
     rows_of = [{"prompt": e.prompt, "reference": e.response, "answers": [""] * len(scales)} for e in examples]
     fits = [i for i, e in enumerate(examples) if len(tokenizer.encode(e.prompt)) < model.args.max_seq_len]
-    for start in range(0, len(fits), micro_batch_size):
+    for start in terminal_progress(range(0, len(fits), micro_batch_size), "answering", "batch"):
         chunk = fits[start:start + micro_batch_size]
         rows = [(i, index) for i in chunk for index in range(len(scales))]
         room = {i: len(tokenizer.encode(examples[i].response, bos=False)) + EXACT_SLACK for i in chunk}

@@ -22,8 +22,9 @@ from .formats.bnb import QuantizedWeight
 from .formats.common import refuse_existing, save_tensors, write_text_atomically
 from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
-from .loading import DTYPES, base_shapes, check_base_names, check_tensor, open_named_base, terminal_progress
+from .loading import DTYPES, base_shapes, check_base_names, check_tensor, open_named_base
 from .model import Transformer
+from .progress import terminal_progress
 from .quantize import FROZEN_LINEARS
 from .tokenizer import TOKENIZER_FILES
 

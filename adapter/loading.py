@@ -8,12 +8,11 @@ time, each block quantized as it arrives, so that peak host memory stays near on
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import hub
 from .config import AdapterArgs, ModelArgs
@@ -24,6 +23,7 @@ from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
 from .model import Transformer
+from .progress import terminal_progress
 from .prompts import base_prompt_format, chat_template_source
 from .quantize import FROZEN_LINEARS, check_mode, quantize_linear, quantize_tower, stored_linear
 from .tiny.assets import resolve as resolve_tiny
@@ -34,8 +34,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 ACCELERATORS = {"mps": "Apple MPS", "xpu": "Intel XPU"}  # besides CUDA: what torch runs the model on
-LOAD_BAR_DELAY_S = 2.0  # a base that loads (or is written) within this shows no progress bar
-T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -360,14 +358,6 @@ def fill_base(model: Transformer, checkpoint, *, dtype: torch.dtype, device: tor
     if tied:  # one tensor for both: a copy would add half again to Llama 3.2 1B's nf4 tensors (bench.tied)
         model.output.weight = model.tok_embeddings.weight
     model.quantization = stored_mode or quantize
-
-
-def terminal_progress(items: Sequence[T], shown: str, unit: str) -> Iterable[T]:
-    """`items`, with a progress bar on stderr in a terminal where going through them takes more than
-    LOAD_BAR_DELAY_S (a 7B base: minutes of silence before), gone once done; none in a log file or in a torchrun
-    job's other processes."""
-    quiet = None if os.environ.get("RANK", "0") == "0" else True
-    return tqdm(items, desc=shown, unit=unit, delay=LOAD_BAR_DELAY_S, leave=False, disable=quiet)
 
 
 def _stored_mode(checkpoint, quantize: str | None) -> str | None:

@@ -130,6 +130,29 @@ def test_exact_answers_are_what_the_tiny_models_evaluation_counts(tmp_path):
     assert result.scores[1].loss < result.scores[0].loss
 
 
+def test_a_long_evaluation_shows_its_progress_in_a_terminal(tmp_path, monkeypatch, capsys):
+    """Hundreds of questions on a 7B base score and answer for minutes, silently: in a terminal, a bar per stage
+    (adapter.progress), gone when done; none elsewhere."""
+    import sys
+
+    import adapter.progress
+    from adapter.choices import evaluate_choices
+    from tests.test_choices import tiny_questions
+
+    model = adapter.load("tiny", adapter="tiny-text", device="cpu")
+    data = write_text_records(held_out("text", seed=0, per_category=1), tmp_path / "held_out.jsonl")
+    choices = tiny_questions(tmp_path / "choices.jsonl")
+    evaluate(model, data, gate_scales=[0.0, 1.0], exact=True, micro_batch_size=4)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(adapter.progress, "BAR_DELAY_S", 0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    evaluate(model, data, gate_scales=[0.0, 1.0], exact=True, micro_batch_size=4)
+    evaluate_choices(model, choices, gate_scales=[1.0], micro_batch_size=16)
+    shown = capsys.readouterr().err
+    for stage in ("scoring", "answering", "scoring the choices"):
+        assert f"\r{stage}:   0%|          | 0/" in shown, (stage, shown)
+
+
 def test_image_questions_score_with_their_pictures(tmp_path):
     model = adapter.load("tiny", adapter="tiny-image", device="cpu")
     questions = held_out("image", seed=0, per_category=4)

@@ -130,14 +130,14 @@ def test_a_tilde_no_shell_expanded_is_said_so(tmp_path, capsys):
 @pytest.mark.parametrize("quantize, shown", [(None, "float32"), ("nf4", "nf4")])
 def test_a_load_in_a_terminal_shows_its_progress_and_elsewhere_nothing(monkeypatch, capsys, quantize, shown):
     """A 7B base loads for minutes: the app and the command lines said nothing until it was done. In a terminal, a
-    load of more than LOAD_BAR_DELAY_S shows a bar of the base's blocks, gone once loaded; a log file gets none."""
+    load of more than BAR_DELAY_S shows a bar of the base's blocks, gone once loaded; a log file gets none."""
     import sys
 
-    import adapter.loading
+    import adapter.progress
 
     adapter.load("tiny", device="cpu", quantize=quantize)
     assert capsys.readouterr().err == "", "not a terminal: nothing"
-    monkeypatch.setattr(adapter.loading, "LOAD_BAR_DELAY_S", 0)
+    monkeypatch.setattr(adapter.progress, "BAR_DELAY_S", 0)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     adapter.load("tiny", device="cpu", quantize=quantize)
     bar = capsys.readouterr().err
@@ -152,10 +152,10 @@ def test_writing_a_base_in_a_terminal_shows_its_progress(monkeypatch, capsys, tm
     """quantize_base and merge write a 7B base for minutes: the same bar, over its tensors."""
     import sys
 
-    import adapter.loading
+    import adapter.progress
     from adapter.quantize_base import quantize_base
 
-    monkeypatch.setattr(adapter.loading, "LOAD_BAR_DELAY_S", 0)
+    monkeypatch.setattr(adapter.progress, "BAR_DELAY_S", 0)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     quantize_base("tiny", tmp_path / "nf4", "nf4")
     tensors = 3 + 4 * 9  # the embeddings, the final norm, the head; 7 linears and 2 norms a layer
