@@ -639,7 +639,7 @@ def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if config.openai_api:  # on the server just started, beside the app's own routes
         from adapter.openai_api import api_router
 
-        demo.app.include_router(api_router(engines))
+        demo.app.include_router(api_router(engines, config.api_key))
     if block:
         with terminated_raises():  # SIGTERM (docker stop, systemd, a Space restarting) as Ctrl-C: the server
             demo.block_thread()    # closes and the process ends normally, removing what it kept on disk

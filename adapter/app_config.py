@@ -36,6 +36,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CLIP_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 MAX_CONCURRENCY = 64
 MAX_NEW_TOKENS = 4096
+MIN_API_KEY = 16  # characters: a key short enough to guess guards nothing
 NO_ADAPTER = "none"  # the name the bare base is served under when no adapter is
 
 
@@ -63,6 +64,7 @@ class ServeConfig:
     gate_scale: float = 1.0  # the gate slider's starting value, and an API request's that sets none
     delta_scale: float = 1.0
     openai_api: bool = False  # also serve the adapters as an OpenAI-compatible API at /v1 (adapter.openai_api)
+    api_key: str | None = None  # the OpenAI-compatible API answers only requests presenting it
     no_train_tab: bool = False  # hide the Train tab (adapters trained on the served base: adapter.live_training)
     no_upload: bool = False  # no uploaded adapters in the Model tab (adapter.adapter_upload)
     private_adapters: bool = False  # adapters trained or uploaded in the app served to their own session alone
@@ -174,6 +176,10 @@ def build_parser(environ: Mapping[str, str], command: Command = APP) -> argparse
     parser.add_argument("--openai-api", action="store_true", default=_switch(environ, "openai_api"),
                         help="also serve the adapters as an OpenAI-compatible API at /v1 on the same port "
                              "(adapter.openai_api)")
+    parser.add_argument("--api-key", default=default("api_key"),
+                        help="the OpenAI-compatible API answers only requests presenting this key (Authorization: "
+                             "Bearer KEY, as OpenAI's clients send their api_key; a page's own key too); prefer "
+                             "ADAPTER_API_KEY, which the process list does not show")
     parser.add_argument("--no-train-tab", action="store_true", default=_switch(environ, "no_train_tab"),
                         help="leave out the Train tab, where users train adapters on the served base (one run at a "
                              "time, each step between other users' answers)")
@@ -226,6 +232,9 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     args = parsed_flags(argv, os.environ if environ is None else environ, command)
     config = ServeConfig(**{**args, "adapter": tuple(args["adapter"])})
     check_config(config)
+    if command == APP and config.api_key is not None and not config.openai_api:
+        raise ValueError("--api-key: it guards the OpenAI-compatible API, which --openai-api serves (or python -m "
+                         "adapter.openai_api); the page itself is open to whoever reaches it")
     return config
 
 
@@ -287,6 +296,10 @@ def check_config(config: ServeConfig) -> None:
         raise ValueError(f"--train-max-steps: must be at least 1, got {config.train_max_steps}")
     if not 1 <= config.concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"--concurrency: must be between 1 and {MAX_CONCURRENCY}, got {config.concurrency}")
+    key = config.api_key
+    if key is not None and (len(key) < MIN_API_KEY or key != key.strip() or any(c.isspace() for c in key)):
+        raise ValueError(f"--api-key: give a key of at least {MIN_API_KEY} characters, without spaces "
+                         "(e.g. python -c \"import secrets; print(secrets.token_urlsafe(24))\")")
     if config.private_adapters and config.no_train_tab and config.no_upload:
         raise ValueError("--private-adapters: nothing to keep private; --no-train-tab and --no-upload leave out "
                          "both ways of adding adapters")

@@ -654,6 +654,10 @@ class Engines:
         with self._changing:
             self._keys = {key: owner for key, owner in self._keys.items() if owner != session}
 
+    def holds_key(self, key: str) -> bool:
+        """Whether `key` is a session's (one its page was given, and not yet revoked)."""
+        return key in self._keys
+
     def seen_with_key(self, key: str | None) -> Engines:
         """What a client presenting `key` may ask: the session's view whose key it is; for any other key, or none,
         the adapters served to everyone."""

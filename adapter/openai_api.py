@@ -21,6 +21,7 @@ import binascii
 import difflib
 import io
 import json
+import secrets
 import sys
 import threading
 import time
@@ -32,7 +33,9 @@ from functools import cached_property
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, FastAPI, Request  # with gradio; here, so that FastAPI reads the annotations
+
+# with gradio; here, so that FastAPI reads the annotations
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -73,17 +76,21 @@ class RequestError(ValueError):
         self.param, self.status, self.code = param, status, code
 
 
-def build_api(engines: Engines) -> FastAPI:
-    """A FastAPI application serving `engines` at /v1 (this module's command line); a path or method it does not
-    serve is answered with OpenAI's error object too (the clients read `error.message`)."""
+def build_api(engines: Engines, api_key: str | None = None) -> FastAPI:
+    """A FastAPI application serving `engines` at /v1 (this module's command line), to requests presenting
+    `api_key` where one is given; a path or method it does not serve, or a request without the key, is answered
+    with OpenAI's error object too (the clients read `error.message`)."""
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="LLaMA-Adapter (OpenAI-compatible)")
-    app.include_router(api_router(engines))
+    app.include_router(api_router(engines, api_key))
 
     @app.exception_handler(HTTPException)
     async def unserved(request: Request, error: HTTPException) -> JSONResponse:
-        return refusal(RequestError(f"{request.method} {request.url.path}: {error.detail}", None, error.status_code))
+        response = refusal(RequestError(f"{request.method} {request.url.path}: {error.detail}", None,
+                                        error.status_code))
+        response.headers.update(error.headers or {})  # a 401's WWW-Authenticate
+        return response
 
     return app
 
@@ -93,19 +100,33 @@ def model_entry(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": OWNER}
 
 
-def api_router(engines: Engines) -> APIRouter:
+def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
     """The /v1 routes and vLLM's tokenizer routes (adapter.tokenizer_api), for an application of their own or for
     the Gradio app's (`app.py --openai-api`), where they are added once it runs; so each route answers refusals
-    itself rather than through an exception handler (those are fixed when an application starts)."""
+    itself rather than through an exception handler (those are fixed when an application starts). With `api_key`,
+    every route answers only requests presenting it, or a session's own key (whoever opens the app's page may ask
+    through it already): 401 otherwise."""
     from .tokenizer_api import add_tokenizer_routes
 
-    router = APIRouter()
+    def presented(request: Request) -> str | None:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return key.strip() if scheme.lower() == "bearer" else None
+
+    def require_key(request: Request) -> None:
+        key = presented(request)
+        if api_key is None or key is not None and (secrets.compare_digest(key.encode(), api_key.encode()) or
+                                                   engines.holds_key(key)):
+            return
+        raise HTTPException(401, "no API key presented (Authorization: Bearer KEY; OpenAI's clients send their "
+                                 "api_key so)" if key is None else "the API key presented is not this server's",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    router = APIRouter(dependencies=[Depends(require_key)])
 
     def view(request: Request) -> Engines:
         """What the request may ask: everyone's adapters, and with a session's API key (the app's
         `--private-adapters`) that session's own."""
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        return engines.seen_with_key(key.strip() if scheme.lower() == "bearer" else None)
+        return engines.seen_with_key(presented(request))
 
     @router.get("/v1/models")
     def models(request: Request) -> dict[str, Any]:
@@ -642,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv, command=command)
         check_listening(config.host, config.port)
-        app = build_api(load_engines(config))
+        app = build_api(load_engines(config), config.api_key)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

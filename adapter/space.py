@@ -49,6 +49,9 @@ def space_variables(flags: Sequence[str]) -> dict[str, str]:
             continue
         if key in SPACE_CHOOSES:
             raise ValueError(f"--{key.replace('_', '-')}: a Space serves on its own address and port, publicly")
+        if key == "api_key":  # a Space's variables are public
+            raise ValueError(f"--api-key: a Space's variables are public; set {env_name(key)} as a secret of the "
+                             "Space instead (its Settings, or huggingface_hub's add_space_secret)")
         for item in value if isinstance(value, list) else [value] if key in NAMED else []:
             _check_fetchable(key, item)
         variables[env_name(key)] = ",".join(value) if isinstance(value, list) else "1" if value is True else str(value)

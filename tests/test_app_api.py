@@ -289,3 +289,19 @@ def test_gates_and_model_info(client, demo_files):
     assert info["sees_images"] and info["process_memory_mb"] > 0
     plot = client.predict(1.0, api_name="/gates")
     assert plot["type"] == "matplotlib" and plot["plot"]
+
+
+def test_the_apps_openai_api_asks_for_its_key_and_the_page_stays_open(demo_files):  # noqa: F811
+    """`python app.py --openai-api --api-key KEY`: /v1 answers requests presenting KEY alone; the page is the
+    page (whoever reaches it may ask through it), so --api-key without --openai-api is refused as guarding nothing."""
+    from adapter.app_config import parse_config
+    from tests.app_helpers import running_app
+
+    key = "app-key-" + "y" * 16
+    with running_app([*demo_files.flags(), "--openai-api", "--api-key", key]) as served:
+        assert httpx.get(f"{served.url}v1/models", timeout=30).status_code == 401
+        listed = httpx.get(f"{served.url}v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == served.engines.names
+        assert httpx.get(served.url, timeout=30).status_code == 200, "the page"
+    with pytest.raises(ValueError, match=r"^--api-key: it guards the OpenAI-compatible API, which --openai-api "):
+        parse_config([*demo_files.flags()], {"ADAPTER_API_KEY": key})

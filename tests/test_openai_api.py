@@ -557,3 +557,46 @@ def test_a_tail_that_may_become_a_stop_string_is_held_back_until_it_is_known():
     assert shown == ["Hel", "Hello ", "Hello "]  # "wo" waits; "world" ends it
     call = Call(None, "", answers("Hello w", "Hello wide"), [], Settings(), None, None, ("world",))
     assert list(call.texts()) == ["Hello ", "Hello wide", "Hello wide"] and not call.stopped
+
+
+def test_an_api_key_guards_every_route_and_a_sessions_own_key_opens_them_too(engines):  # noqa: F811
+    """`--api-key` (ADAPTER_API_KEY): a server reachable by others answered anyone who found it."""
+    from fastapi.testclient import TestClient
+
+    from adapter.openai_api import build_api
+
+    key = "k3y-" + "x" * 20
+    guarded, open_server = TestClient(build_api(engines, key)), TestClient(build_api(engines))
+    chat = {"messages": [user(SCENE)], **GREEDY, "max_tokens": 2}
+    routes = [("GET", "/v1/models", None), ("GET", "/v1/models/tiny-text", None),
+              ("POST", "/v1/chat/completions", chat), ("POST", "/v1/completions", {"prompt": SCENE, "max_tokens": 2}),
+              ("POST", "/tokenize", {"prompt": SCENE}), ("POST", "/detokenize", {"tokens": [1, 2]}),
+              ("GET", "/tokenizer_info", None)]
+    session_key = engines.api_key("a page's session")
+    try:
+        for method, path, body in routes:
+            for headers, said in (({}, "no API key presented (Authorization: Bearer KEY;"),
+                                  ({"Authorization": "Bearer " + key[:-1]}, "the API key presented is not this "
+                                                                            "server's"),
+                                  ({"Authorization": key}, "no API key presented")):  # not as Bearer
+                refused = guarded.request(method, path, json=body, headers=headers)
+                assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", path
+                assert refused.json()["error"]["message"].startswith(f"{method} {path}: {said}"), refused.text
+            for presented in (key, session_key):
+                answered = guarded.request(method, path, json=body, headers={"Authorization": f"bearer {presented}"})
+                assert answered.status_code == 200, (path, answered.text)
+                if not path.endswith("completions"):  # (those carry ids and times of their own)
+                    assert answered.json() == open_server.request(method, path, json=body).json(), path
+    finally:
+        engines.revoke_key("a page's session")
+    assert guarded.get("/v1/models", headers={"Authorization": f"Bearer {session_key}"}).status_code == 401, \
+        "a revoked session key opens nothing"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--api-key", "short"], "--api-key: give a key of at least 16 characters, without spaces"),
+    (["--api-key", "a key with spaces in it"], "--api-key: give a key of at least 16 characters, without spaces"),
+])
+def test_a_weak_api_key_is_refused(flags, message, capsys):
+    assert main(flags) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")

@@ -45,6 +45,8 @@ def test_the_apps_flags_become_the_spaces_variables_and_what_it_cannot_follow_is
         (["--share"], r"^--share: a Space serves on its own address and port, publicly$"),
         (["--quantize", "nf5"], r"^--quantize: unknown mode 'nf5'"),  # the app's own checks
         (["--private-adapters", "--no-train-tab", "--no-upload"], r"^--private-adapters: nothing to keep private"),
+        (["--openai-api", "--api-key", "k" * 20], r"^--api-key: a Space's variables are public; set ADAPTER_API_KEY "
+                                                   r"as a secret of the Space instead"),
     ]
     for flags, message in cases:
         with pytest.raises(ValueError, match=message):
