@@ -85,6 +85,12 @@ def build_api(engines: Engines, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="LLaMA-Adapter (OpenAI-compatible)")
     app.include_router(api_router(engines, api_key))
 
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        """For a container's or a load balancer's checks, as vLLM and llama.cpp answer it, without the key: the
+        server listens only once its adapters are loaded."""
+        return {"status": "ok"}
+
     @app.exception_handler(HTTPException)
     async def unserved(request: Request, error: HTTPException) -> JSONResponse:
         response = refusal(RequestError(f"{request.method} {request.url.path}: {error.detail}", None,

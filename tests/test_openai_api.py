@@ -591,6 +591,7 @@ def test_an_api_key_guards_every_route_and_a_sessions_own_key_opens_them_too(eng
         engines.revoke_key("a page's session")
     assert guarded.get("/v1/models", headers={"Authorization": f"Bearer {session_key}"}).status_code == 401, \
         "a revoked session key opens nothing"
+    assert guarded.get("/health").json() == {"status": "ok"}, "a container's health check needs no key"
 
 
 @pytest.mark.parametrize("flags, message", [
