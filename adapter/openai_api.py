@@ -94,7 +94,7 @@ def build_api(engines: Engines, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def unserved(request: Request, error: HTTPException) -> JSONResponse:
         response = refusal(RequestError(f"{request.method} {request.url.path}: {error.detail}", None,
-                                        error.status_code))
+                                        error.status_code, "invalid_api_key" if error.status_code == 401 else None))
         response.headers.update(error.headers or {})  # a 401's WWW-Authenticate
         return response
 
@@ -673,7 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"OpenAI-compatible API on http://{config.host}:{config.port}/v1 (models: GET /v1/models)")
+    keyed = "; requests present the API key" if config.api_key else ""
+    print(f"OpenAI-compatible API on http://{config.host}:{config.port}/v1 (models: GET /v1/models{keyed})")
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
 

@@ -582,6 +582,7 @@ def test_an_api_key_guards_every_route_and_a_sessions_own_key_opens_them_too(eng
                 refused = guarded.request(method, path, json=body, headers=headers)
                 assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", path
                 assert refused.json()["error"]["message"].startswith(f"{method} {path}: {said}"), refused.text
+                assert refused.json()["error"]["code"] == "invalid_api_key", "OpenAI's code for it"
             for presented in (key, session_key):
                 answered = guarded.request(method, path, json=body, headers={"Authorization": f"bearer {presented}"})
                 assert answered.status_code == 200, (path, answered.text)
