@@ -633,6 +633,7 @@ def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     engines = load_engines(config)
     demo = build_demo(engines, config)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=True,
+                auth=None if config.login is None else [config.login],
                 prevent_thread_lock=True, allowed_paths=example_images(), max_file_size=MAX_UPLOAD,
                 run_history=False, quiet=not block, css=CSS)
     sweep_by_age(demo)  # uploads and gradio's copies of downloads, older than four hours

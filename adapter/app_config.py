@@ -37,6 +37,7 @@ CLIP_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 MAX_CONCURRENCY = 64
 MAX_NEW_TOKENS = 4096
 MIN_API_KEY = 16  # characters: a key short enough to guess guards nothing
+MIN_PASSWORD = 8  # --auth's
 NO_ADAPTER = "none"  # the name the bare base is served under when no adapter is
 
 
@@ -65,6 +66,15 @@ class ServeConfig:
     delta_scale: float = 1.0
     openai_api: bool = False  # also serve the adapters as an OpenAI-compatible API at /v1 (adapter.openai_api)
     api_key: str | None = None  # the OpenAI-compatible API answers only requests presenting it
+    auth: str | None = None  # USER:PASSWORD: the page (and gradio's API) asks for it before anything else
+
+    @property
+    def login(self) -> tuple[str, str] | None:
+        """`auth` as gradio's (user, password), or None."""
+        if self.auth is None:
+            return None
+        user, _, password = self.auth.partition(":")
+        return user, password
     no_train_tab: bool = False  # hide the Train tab (adapters trained on the served base: adapter.live_training)
     no_upload: bool = False  # no uploaded adapters in the Model tab (adapter.adapter_upload)
     private_adapters: bool = False  # adapters trained or uploaded in the app served to their own session alone
@@ -180,6 +190,10 @@ def build_parser(environ: Mapping[str, str], command: Command = APP) -> argparse
                         help="the OpenAI-compatible API answers only requests presenting this key (Authorization: "
                              "Bearer KEY, as OpenAI's clients send their api_key; a page's own key too); prefer "
                              "ADAPTER_API_KEY, which the process list does not show")
+    parser.add_argument("--auth", default=default("auth"), metavar="USER:PASSWORD",
+                        help="the page, and gradio's API (gradio_client's auth=), ask for this user and password "
+                             "first; prefer ADAPTER_AUTH, which the process list does not show (the OpenAI-compatible "
+                             "API has --api-key)")
     parser.add_argument("--no-train-tab", action="store_true", default=_switch(environ, "no_train_tab"),
                         help="leave out the Train tab, where users train adapters on the served base (one run at a "
                              "time, each step between other users' answers)")
@@ -300,6 +314,11 @@ def check_config(config: ServeConfig) -> None:
     if key is not None and (len(key) < MIN_API_KEY or key != key.strip() or any(c.isspace() for c in key)):
         raise ValueError(f"--api-key: give a key of at least {MIN_API_KEY} characters, without spaces "
                          "(e.g. python -c \"import secrets; print(secrets.token_urlsafe(24))\")")
+    if config.auth is not None:
+        user, _, password = config.auth.partition(":")
+        if not user.strip() or len(password) < MIN_PASSWORD:
+            raise ValueError(f"--auth: give USER:PASSWORD, a user name and a password of at least {MIN_PASSWORD} "
+                             "characters")
     if config.private_adapters and config.no_train_tab and config.no_upload:
         raise ValueError("--private-adapters: nothing to keep private; --no-train-tab and --no-upload leave out "
                          "both ways of adding adapters")

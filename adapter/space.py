@@ -27,6 +27,7 @@ from .tiny.assets import BASE_NAME, CLIP_NAME, IMAGE_NAME, TEXT_NAME
 ROOT = Path(__file__).resolve().parents[1]
 LEFT_OUT = ("tests/", "bench/", ".ci/", "requirements-test.txt")  # what only development needs
 SPACE_CHOOSES = ("host", "port", "share")  # a Space serves on its own address and port, publicly
+SECRETS = ("api_key", "auth")  # flags whose values a Space keeps as secrets, never as its (public) variables
 NAMED = {"base": (BASE_NAME,), "adapter": (TEXT_NAME, IMAGE_NAME), "clip": (CLIP_NAME,), "clip_model": ()}
 DEFAULT_HARDWARE = "cpu-basic"  # a new Space's
 ZERO_GPU = "zero-"  # zero-a10g: a GPU lent per call of a function decorated with @spaces.GPU
@@ -49,9 +50,9 @@ def space_variables(flags: Sequence[str]) -> dict[str, str]:
             continue
         if key in SPACE_CHOOSES:
             raise ValueError(f"--{key.replace('_', '-')}: a Space serves on its own address and port, publicly")
-        if key == "api_key":  # a Space's variables are public
-            raise ValueError(f"--api-key: a Space's variables are public; set {env_name(key)} as a secret of the "
-                             "Space instead (its Settings, or huggingface_hub's add_space_secret)")
+        if key in SECRETS:  # a Space's variables are public
+            raise ValueError(f"--{key.replace('_', '-')}: a Space's variables are public; set {env_name(key)} as a "
+                             "secret of the Space instead (its Settings, or huggingface_hub's add_space_secret)")
         for item in value if isinstance(value, list) else [value] if key in NAMED else []:
             _check_fetchable(key, item)
         variables[env_name(key)] = ",".join(value) if isinstance(value, list) else "1" if value is True else str(value)

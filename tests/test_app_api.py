@@ -305,3 +305,25 @@ def test_the_apps_openai_api_asks_for_its_key_and_the_page_stays_open(demo_files
         assert httpx.get(served.url, timeout=30).status_code == 200, "the page"
     with pytest.raises(ValueError, match=r"^--api-key: it guards the OpenAI-compatible API, which --openai-api "):
         parse_config([*demo_files.flags()], {"ADAPTER_API_KEY": key})
+
+
+def test_auth_asks_the_page_and_gradios_api_for_a_login(demo_files):  # noqa: F811
+    """`--auth USER:PASSWORD` (ADAPTER_AUTH): an app served beyond this machine answered anyone who found it."""
+    from gradio_client.exceptions import AuthenticationError
+
+    from adapter.app_config import parse_config
+    from tests.app_helpers import running_app
+
+    login = ("teacher", "gates-open-slowly")
+    with running_app([*demo_files.flags(), "--auth", ":".join(login)]) as served:
+        assert httpx.get(f"{served.url}config", timeout=30).status_code == 401
+        with pytest.raises(AuthenticationError):
+            Client(served.url, verbose=False)
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(served.url, auth=(login[0], "wrong-password"), verbose=False)
+        client = Client(served.url, auth=login, verbose=False)
+        assert client.predict(QUESTION, [], *controls(**GREEDY), api_name="/chat")[-1]["role"] == "assistant"
+    for auth in ("teacher", ":gates-open-slowly", "teacher:short"):
+        with pytest.raises(ValueError, match=r"^--auth: give USER:PASSWORD, a user name and a password of at least 8 "):
+            parse_config([*demo_files.flags()], {"ADAPTER_AUTH": auth})
+    assert parse_config([*demo_files.flags(), "--auth", "a:b:c-d-e-f-g"]).login == ("a", "b:c-d-e-f-g")

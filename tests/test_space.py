@@ -47,6 +47,7 @@ def test_the_apps_flags_become_the_spaces_variables_and_what_it_cannot_follow_is
         (["--private-adapters", "--no-train-tab", "--no-upload"], r"^--private-adapters: nothing to keep private"),
         (["--openai-api", "--api-key", "k" * 20], r"^--api-key: a Space's variables are public; set ADAPTER_API_KEY "
                                                    r"as a secret of the Space instead"),
+        (["--auth", "me:a-long-password"], r"^--auth: a Space's variables are public; set ADAPTER_AUTH as a secret"),
     ]
     for flags, message in cases:
         with pytest.raises(ValueError, match=message):
