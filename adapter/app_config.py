@@ -67,6 +67,11 @@ class ServeConfig:
     openai_api: bool = False  # also serve the adapters as an OpenAI-compatible API at /v1 (adapter.openai_api)
     api_key: str | None = None  # the OpenAI-compatible API answers only requests presenting it
     auth: str | None = None  # USER:PASSWORD: the page (and gradio's API) asks for it before anything else
+    no_train_tab: bool = False  # hide the Train tab (adapters trained on the served base: adapter.live_training)
+    no_upload: bool = False  # no uploaded adapters in the Model tab (adapter.adapter_upload)
+    private_adapters: bool = False  # adapters trained or uploaded in the app served to their own session alone
+    no_push: bool = False  # no pushing served adapters to the hub from the Model tab (adapter.push)
+    train_max_steps: int = MAX_STEPS  # optimizer steps one Train-tab run may take (what a run costs a Space)
 
     @property
     def login(self) -> tuple[str, str] | None:
@@ -75,11 +80,6 @@ class ServeConfig:
             return None
         user, _, password = self.auth.partition(":")
         return user, password
-    no_train_tab: bool = False  # hide the Train tab (adapters trained on the served base: adapter.live_training)
-    no_upload: bool = False  # no uploaded adapters in the Model tab (adapter.adapter_upload)
-    private_adapters: bool = False  # adapters trained or uploaded in the app served to their own session alone
-    no_push: bool = False  # no pushing served adapters to the hub from the Model tab (adapter.push)
-    train_max_steps: int = MAX_STEPS  # optimizer steps one Train-tab run may take (what a run costs a Space)
 
 
 def env_name(flag: str) -> str:
@@ -314,8 +314,8 @@ def check_config(config: ServeConfig) -> None:
     if key is not None and (len(key) < MIN_API_KEY or key != key.strip() or any(c.isspace() for c in key)):
         raise ValueError(f"--api-key: give a key of at least {MIN_API_KEY} characters, without spaces "
                          "(e.g. python -c \"import secrets; print(secrets.token_urlsafe(24))\")")
-    if config.auth is not None:
-        user, _, password = config.auth.partition(":")
+    if config.login is not None:
+        user, password = config.login
         if not user.strip() or len(password) < MIN_PASSWORD:
             raise ValueError(f"--auth: give USER:PASSWORD, a user name and a password of at least {MIN_PASSWORD} "
                              "characters")

@@ -80,7 +80,7 @@ def build_api(engines: Engines, api_key: str | None = None) -> FastAPI:
     """A FastAPI application serving `engines` at /v1 (this module's command line), to requests presenting
     `api_key` where one is given; a path or method it does not serve, or a request without the key, is answered
     with OpenAI's error object too (the clients read `error.message`)."""
-    from starlette.exceptions import HTTPException
+    from starlette.exceptions import HTTPException as AnyHTTPException  # FastAPI's and Starlette's own (404, 405)
 
     app = FastAPI(title="LLaMA-Adapter (OpenAI-compatible)")
     app.include_router(api_router(engines, api_key))
@@ -91,8 +91,8 @@ def build_api(engines: Engines, api_key: str | None = None) -> FastAPI:
         server listens only once its adapters are loaded."""
         return {"status": "ok"}
 
-    @app.exception_handler(HTTPException)
-    async def unserved(request: Request, error: HTTPException) -> JSONResponse:
+    @app.exception_handler(AnyHTTPException)
+    async def unserved(request: Request, error: AnyHTTPException) -> JSONResponse:
         response = refusal(RequestError(f"{request.method} {request.url.path}: {error.detail}", None,
                                         error.status_code, "invalid_api_key" if error.status_code == 401 else None))
         response.headers.update(error.headers or {})  # a 401's WWW-Authenticate

@@ -199,7 +199,7 @@ class WriteFailed(OSError):
 
 
 def _space_left(path: Path) -> str:
-    folder = next((parent for parent in (path, *path.parents) if parent.is_dir()), None)
+    folder = _nearest_folder(path)
     try:
         free = shutil.disk_usage(folder).free if folder is not None else None
     except OSError:
@@ -226,14 +226,21 @@ def check_file_target(path: str | os.PathLike, flag: str = "") -> None:
     check_writable(path, flag)
 
 
+def _nearest_folder(path: Path) -> Path | None:
+    """The folder a write to `path` lands in: itself where it is one, else its nearest ancestor that exists; None
+    where that is a file (nothing can be written under it)."""
+    candidates = [path, *path.parents] if path.is_dir() else list(path.parents)
+    found = next((parent for parent in candidates if parent.exists()), None)
+    return found if found is not None and found.is_dir() else None
+
+
 def check_writable(path: str | os.PathLike, flag: str = "") -> None:
     """ValueError naming the folder `path` would be written into (itself where it is one, else its nearest that
     exists) where this process may not write there (a read-only disk, another user's folder): said before a
     command's work, not after it."""
     path = Path(path)
-    candidates = [path, *path.parents] if path.is_dir() else list(path.parents)
-    folder = next((parent for parent in candidates if parent.exists()), None)
-    if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK):
+    folder = _nearest_folder(path)
+    if folder is not None and not os.access(folder, os.W_OK):
         raise ValueError(f"{flag}{path} cannot be written: {folder} may not be written into here (a read-only "
                          "disk, or another user's folder)")
 
