@@ -17,6 +17,8 @@ center crop, CLIP mean/std. `channel_order="bgr"` swaps red and blue first, as O
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -163,10 +165,14 @@ def _create_clip(model_name: str, pretrained: str | None, device: str = "cpu"):
     name = model_name
     if model_name.endswith(".json"):
         config = Path(model_name)
-        if not config.is_file():
-            raise FileNotFoundError(f"clip_model: {not_a_file(config)}")
+        _read_clip_config(config)  # before open_clip keeps the file: it reads every file it was given at each one
         open_clip.add_model_config(config)
         name = config.stem
+    elif ":" not in model_name and model_name not in open_clip.list_models():  # (hf-hub:, local-dir: pass)
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3, cutoff=0.6)
+        raise ValueError(f"clip_model: {model_name!r} is not an open_clip model"
+                         + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+                         + "; give one of open_clip.list_models() or a model config .json")
     quiet = _WeightsComeLater() if pretrained is None else None
     if quiet:
         logging.getLogger().addFilter(quiet)
@@ -174,9 +180,37 @@ def _create_clip(model_name: str, pretrained: str | None, device: str = "cpu"):
         return open_clip.create_model(name, pretrained=pretrained, device=device)
     except RuntimeError as error:
         raise ValueError(f"clip_model: {model_name!r}: {error}") from error
+    except Exception as error:  # what open_clip's classes raise on values they do not expect: any kind
+        if name == model_name:  # a built-in config: not the user's to mend
+            raise
+        raise ValueError(f"clip_model: {model_name}: open_clip cannot build a model from this config "
+                         f"({type(error).__name__}: {error})") from error
     finally:
         if quiet:
             logging.getLogger().removeFilter(quiet)
+
+
+def _read_clip_config(path: Path) -> dict[str, Any]:
+    """An open_clip model config (.json), checked for what open_clip needs of it to build a model: it skips a
+    file without `embed_dim`, `vision_cfg` and `text_cfg` unsaid, and fails on one that is not JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(f"clip_model: {not_a_file(path)}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"clip_model: {path}: not a JSON model config ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"clip_model: {path}: expected an open_clip model config (a JSON object), got "
+                         f"{type(config).__name__}")
+    absent = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
+    if absent:
+        raise ValueError(f"clip_model: {path}: an open_clip model config needs {', '.join(absent)}")
+    if not isinstance(config["vision_cfg"], dict) or not isinstance(config["text_cfg"], dict):
+        raise ValueError(f"clip_model: {path}: vision_cfg and text_cfg must be JSON objects")
+    embed_dim = config["embed_dim"]
+    if type(embed_dim) is not int or embed_dim < 1:
+        raise ValueError(f"clip_model: {path}: embed_dim must be a positive whole number, got {embed_dim!r}")
+    return config
 
 
 class _WeightsComeLater(logging.Filter):
@@ -213,6 +247,21 @@ def tower_shape(model_name: str) -> nn.Module:
         return _create_clip(model_name, None, device="meta").visual
 
 
+def _check_tower_state(tower: nn.Module, state: dict[str, torch.Tensor], path: Path, model_name: str) -> None:
+    """Weights that fit the tower of `model_name`, name for name and shape for shape; else what differs (torch's
+    own error is a RuntimeError listing every tensor, which for weights of another model is all of them)."""
+    own = tower.state_dict()
+    absent = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    reshaped = [f"{key} {tuple(state[key].shape)} in the file, {tuple(own[key].shape)} in the model"
+                for key in own if key in state and state[key].shape != own[key].shape]
+    if absent or unexpected or reshaped:
+        differences = ([f"missing {absent[:5]}"] if absent else []) + (
+            [f"unexpected {unexpected[:5]}"] if unexpected else []) + reshaped[:3]
+        raise ValueError(f"clip: {path} does not fit {model_name} (its weights are another model's, or the "
+                         f"model is another than its config names): {'; '.join(differences)}")
+
+
 def load_image_encoder(clip: str | os.PathLike, model_name: str) -> ImageEncoder:
     """The vision tower of `model_name` (an open_clip name or a model-config .json) with weights from a
     local file (a full CLIP or just its `visual.` tensors; safetensors or weights-only torch), or, given
@@ -222,10 +271,8 @@ def load_image_encoder(clip: str | os.PathLike, model_name: str) -> ImageEncoder
         model = _create_clip(model_name, None)
         state = _read_state(path)
         visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")} or state
-        absent, unexpected = model.visual.load_state_dict(visual, strict=False)
-        if absent or unexpected:
-            raise ValueError(f"clip: {path} does not fit {model_name}: missing {sorted(absent)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
+        _check_tower_state(model.visual, visual, path, model_name)
+        model.visual.load_state_dict(visual)
         name = f"{model_name} from {path}"
     elif os.sep in str(clip) or str(clip).endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise FileNotFoundError(f"clip: {missing(path)}")

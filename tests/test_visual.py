@@ -182,6 +182,38 @@ def test_text_adapters_refuse_images_clearly(base_folder, clip_files):
         adapter.load(base_folder, clip=clip_files[1], clip_model=str(clip_files[0]), device="cpu")
 
 
+def test_weights_of_another_clip_model_are_named_with_their_shapes(clip_files):
+    config, weights, _ = clip_files
+    with pytest.raises(ValueError, match=r"clip: .*clip.safetensors does not fit ViT-B-32 \(its weights are another "
+                       r"model's.*class_embedding \(32,\) in the file, \(768,\) in the model"):
+        load_image_encoder(weights, "ViT-B-32")  # torch's RuntimeError listed every tensor of the tower
+
+
+def test_a_mistyped_clip_model_name_is_refused_with_the_names_it_is_near(clip_files):
+    with pytest.raises(ValueError, match=r"clip_model: 'ViT-L14' is not an open_clip model \(did you mean 'ViT-L-14'"):
+        load_image_encoder(clip_files[1], "ViT-L14")  # a 6000-character list of every model, before
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"embed_dim": 24', r"not a JSON model config \(Expecting"),
+    ("[1, 2]", r"expected an open_clip model config \(a JSON object\), got list"),
+    ('{"embed_dim": 24, "vision_cfg": {}}', "an open_clip model config needs text_cfg"),
+    ('{"embed_dim": 0, "vision_cfg": {}, "text_cfg": {}}', "embed_dim must be a positive whole number, got 0"),
+    ('{"embed_dim": 24, "vision_cfg": [], "text_cfg": {}}', "vision_cfg and text_cfg must be JSON objects"),
+    (json.dumps({**CLIP_CONFIG, "vision_cfg": {**CLIP_CONFIG["vision_cfg"], "patch_size": 0}}),
+     r"open_clip cannot build a model from this config \(ZeroDivisionError"),
+    (json.dumps({**CLIP_CONFIG, "vision_cfg": {**CLIP_CONFIG["vision_cfg"], "patch": 8}}),
+     r"open_clip cannot build a model from this config \(TypeError: .*'patch'"),
+])
+def test_a_model_config_open_clip_cannot_build_is_named(clip_files, tmp_path, text, message):
+    config = tmp_path / "my-clip.json"
+    config.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"clip_model: .*my-clip.json: {message}"):
+        load_image_encoder(clip_files[1], str(config))
+    # open_clip rereads every config file it was given each time it is given one: a bad file is never given it
+    assert load_image_encoder(clip_files[1], str(clip_files[0])).tower is not None
+
+
 @pytest.mark.parametrize("kind", ["v1", "v2", "grid"])
 def test_our_own_visual_adapters_round_trip_and_are_blind_at_gate_zero(base_folder, clip_files, tmp_path, kind):
     config, weights, _ = clip_files
