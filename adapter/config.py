@@ -26,6 +26,7 @@ ROPE_SCALINGS = ("linear", "llama3")
 # positions a model is built for: its rotary table is made for all of them (1M: 512 MiB at head dim 128), so a
 # config's 2**40 allocated terabytes; a longer one is used by passing a shorter max_seq_len
 MAX_CONTEXT = 2**20
+MAX_LAYERS = 1024  # Llama 3.1 405B has 126; a model is built layer by layer, so a config's 10**12 would hang
 LLAMA32_SMALL_SHAPES = ((2048, 16), (3072, 28))  # (dim, n_layers) of Llama 3.2 1B and 3B
 META_DEFAULT_NORM_EPS = 1e-5  # ModelArgs.norm_eps in Meta's llama code, for a params.json without one
 
@@ -86,7 +87,7 @@ class RopeScaling:
 def explicit_head_size(head_dim: object, dim: object, n_heads: object) -> dict[str, object]:
     """{"head_size": head_dim} when a checkpoint's head width is not dim / n_heads (Mistral NeMo's), else {}: an
     unneeded field would make the same shape compare unequal."""
-    if head_dim is None or (isinstance(dim, int) and isinstance(n_heads, int) and n_heads * head_dim == dim):
+    if head_dim is None or (all(type(value) is int for value in (head_dim, dim, n_heads)) and n_heads * head_dim == dim):
         return {}
     return {"head_size": head_dim}
 
@@ -118,6 +119,8 @@ class ModelArgs:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+        _require(self.n_layers <= MAX_LAYERS, "n_layers",
+                 f"{self.n_layers:,} layers is more than the {MAX_LAYERS:,} a model is built with here")
         _require(self.max_seq_len <= MAX_CONTEXT, "max_seq_len",
                  f"{self.max_seq_len:,} positions is more than the {MAX_CONTEXT:,} a model is built for here; load "
                  "it with a shorter max_seq_len (adapter.load's; finetune's and evaluate's --max-seq-len)")

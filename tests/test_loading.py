@@ -360,7 +360,12 @@ def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
     for change, message in (({"max_seq_len": 2**40}, "max_seq_len: 1,099,511,627,776 positions is more than the "
                                                      "1,048,576 a model is built for here"),
                             ({"ffn_dim_multiplier": -1.0}, "ffn_dim_multiplier: must be a positive number or None, "
-                                                           "got -1.0")):
+                                                           "got -1.0"),
+                            # built layer by layer before the weights were read: 10**12 layers never ended
+                            ({"n_layers": 10**12}, "n_layers: 1,000,000,000,000 layers is more than the 1,024 a model "
+                                                   "is built with here"),
+                            # a head width that is not a number failed multiplying it (a TypeError)
+                            ({"head_dim": {"a": 1}}, "head_size: must be a positive integer, got {'a': 1}")):
         folder = broken_copy(next(iter(change)))
         (folder / "params.json").write_text(json.dumps({**json.loads((base_folder / "params.json").read_text()),
                                                         **change}))

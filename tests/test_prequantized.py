@@ -200,17 +200,26 @@ def cut(name: str, keep: int):
      rf"{Q_PROJ}.weight: 100 bytes of 4-bit codes do not hold a 128x128 weight"),
     ("nf4", "block scales short", None, lambda t: t.update({f"{V_PROJ}.weight.absmax": t[f"{V_PROJ}.weight.absmax"]
                                                                                    [:-1]}),
-     rf"{V_PROJ}.weight: absmax is uint8 \(127,\); a 64x128 weight in blocks of 64 has 128 uint8 block scales"),
+     rf"{V_PROJ}.weight: absmax is uint8 \(127,\); a 64x128 weight in blocks of 64 has \(128,\) uint8 block scales"),
     ("nf4", "second level lost", None, lambda t: t.pop(f"{V_PROJ}.weight.nested_absmax"),
      rf"{V_PROJ}.weight: the quantization state says double quantized \(nested_offset\), but its nested_absmax is "
      "missing"),
     ("nf4", "scales unpacked", None, lambda t: t.update({f"{V_PROJ}.weight.absmax": t[f"{V_PROJ}.weight.absmax"]
                                                                                 .float()}),
-     rf"{V_PROJ}.weight: absmax is float32 \(128,\); a 64x128 weight in blocks of 64 has 128 uint8 block scales"),
+     rf"{V_PROJ}.weight: absmax is float32 \(128,\); a 64x128 weight in blocks of 64 has \(128,\) uint8 block "
+     "scales"),
+    # as many as wanted but in a second dimension: bitsandbytes' kernels indexed past the end while answering
+    ("nf4", "block scales in rows", None, lambda t: t.update({f"{V_PROJ}.weight.absmax": t[f"{V_PROJ}.weight.absmax"]
+                                                                                    .view(1, -1)}),
+     rf"{V_PROJ}.weight: absmax is uint8 \(1, 128\); a 64x128 weight in blocks of 64 has \(128,\) uint8 block "
+     "scales"),
+    ("nf4", "level table in rows", None, lambda t: t.update({f"{V_PROJ}.weight.quant_map": t[f"{V_PROJ}.weight.quant_map"]
+                                                                                   .view(1, 16)}),
+     rf"{V_PROJ}.weight: quant_map is float32 \(1, 16\); expected \(16,\): 16 floating-point levels"),
     ("nf4", "level table short", None, cut(f"{V_PROJ}.weight.quant_map", 4),
-     rf"{V_PROJ}.weight: quant_map is float32 \(4,\); expected 16 floating-point levels"),
+     rf"{V_PROJ}.weight: quant_map is float32 \(4,\); expected \(16,\): 16 floating-point levels"),
     ("nf4", "nested table short", None, cut(f"{V_PROJ}.weight.nested_quant_map", 4),
-     rf"{V_PROJ}.weight: nested_quant_map is float32 \(4,\); expected 256 floating-point levels"),
+     rf"{V_PROJ}.weight: nested_quant_map is float32 \(4,\); expected \(256,\): 256 floating-point levels"),
     ("nf4", "block size 0", None, packed_state(blocksize=0),
      rf"{V_PROJ}.weight: blocksize must be a positive whole number, got 0$"),
     ("nf4", "block size text", None, packed_state(blocksize="64"),

@@ -187,9 +187,9 @@ def _check_block_scales(where: str, state, declared_nested: bool) -> None:
     for size_name, map_name, level, entries in tables:
         if isinstance(level.blocksize, bool) or not isinstance(level.blocksize, int) or level.blocksize < 1:
             raise ValueError(f"{where}: {size_name} must be a positive whole number, got {level.blocksize!r}")
-        if level.code.numel() != entries or not level.code.is_floating_point():
-            raise ValueError(f"{where}: {map_name} is {str(level.code.dtype).removeprefix('torch.')} "
-                             f"{tuple(level.code.shape)}; expected {entries} floating-point levels")
+        if tuple(level.code.shape) != (entries,) or not level.code.is_floating_point():  # bitsandbytes reads
+            raise ValueError(f"{where}: {map_name} is {str(level.code.dtype).removeprefix('torch.')} "  # (16,) only
+                             f"{tuple(level.code.shape)}; expected ({entries},): {entries} floating-point levels")
     out_features, in_features = state.shape
     blocks = math.ceil(out_features * in_features / state.blocksize)
     levels = [("absmax", state.absmax, blocks, torch.uint8 if state.nested else torch.float32)]
@@ -197,10 +197,10 @@ def _check_block_scales(where: str, state, declared_nested: bool) -> None:
         levels.append(("nested_absmax", state.state2.absmax, math.ceil(blocks / state.state2.blocksize),
                        torch.float32))
     for name, scales, count, dtype in levels:
-        if scales.numel() != count or scales.dtype != dtype:
+        if tuple(scales.shape) != (count,) or scales.dtype != dtype:
             raise ValueError(f"{where}: {name} is {str(scales.dtype).removeprefix('torch.')} "
                              f"{tuple(scales.shape)}; a {out_features}x{in_features} weight in blocks of "
-                             f"{state.blocksize} has {count} {str(dtype).removeprefix('torch.')} block scales")
+                             f"{state.blocksize} has ({count},) {str(dtype).removeprefix('torch.')} block scales")
 
 
 def _block_scales(state) -> torch.Tensor:
