@@ -87,7 +87,8 @@ class RopeScaling:
 def explicit_head_size(head_dim: object, dim: object, n_heads: object) -> dict[str, object]:
     """{"head_size": head_dim} when a checkpoint's head width is not dim / n_heads (Mistral NeMo's), else {}: an
     unneeded field would make the same shape compare unequal."""
-    if head_dim is None or (all(type(value) is int for value in (head_dim, dim, n_heads)) and n_heads * head_dim == dim):
+    numbers = all(type(number) is int for number in (head_dim, dim, n_heads))  # (a dict multiplied: TypeError)
+    if head_dim is None or (numbers and n_heads * head_dim == dim):
         return {}
     return {"head_size": head_dim}
 
