@@ -202,7 +202,8 @@ def test_chat_messages_become_the_same_examples_as_llava_conversations(tmp_path)
         {"messages": [{"role": "user", "content": ["a", "list"]}, {"role": "assistant", "content": "x"}]},
         {"instruction": "x", "output": "y", "image": "a.png"},
         {"messages": [{"role": "assistant", "content": "x"}]},
-        {"messages": [system]}])
+        {"messages": [system]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}])
     with pytest.raises(DataError) as caught:
         read_records(bad)
     report = str(caught.value)
@@ -213,6 +214,7 @@ def test_chat_messages_become_the_same_examples_as_llava_conversations(tmp_path)
     # an answer alone was also said to be one turn that "must end with a 'assistant' turn"
     assert f"{bad}:4: messages[0]: expected a 'user' turn (turns alternate, user first), got 'assistant'\n" in report
     assert f"{bad}:5: 'messages' must be a non-empty list of turns, got a system turn alone" in report
+    assert f"{bad}:6: messages[1]: expected an 'assistant' turn (turns alternate, user first), got 'user'" in report
 
 
 def test_a_file_holding_one_json_object_says_so(tmp_path):

@@ -393,7 +393,9 @@ def _conversation(turns: Any, reasons: list[str], first: int, layout: ChatLayout
         if role not in roles:
             reasons.append(f"{where}: '{layout.role}' must be '{roles[0]}' or '{roles[1]}', got {role!r}")
         elif role != expected:
-            reasons.append(f"{where}: expected a {expected!r} turn (turns alternate, {roles[0]} first), got {role!r}")
+            article = "an" if expected.startswith("a") else "a"  # an 'assistant' turn; a 'user' one
+            reasons.append(f"{where}: expected {article} {expected!r} turn (turns alternate, {roles[0]} first), "
+                           f"got {role!r}")
         if not isinstance(value, str):
             reasons.append(f"{where}: '{layout.text}' must be a string, got {kind(value)}")
             continue
