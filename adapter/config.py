@@ -35,6 +35,11 @@ def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _positive_whole(value: object) -> bool:
+    """A positive int and not a bool (True is 1 to Python: a config's `true` made a Linear of width True)."""
+    return _whole(value) and value > 0
+
+
 def _require(condition: bool, argument: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{argument}: {message}")
@@ -65,7 +70,7 @@ class RopeScaling:
             _require(0 < self.low_freq_factor < self.high_freq_factor, "rope_scaling",
                      f"needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor} and "
                      f"{self.high_freq_factor}")
-            _require(isinstance(self.original_max_len, int) and self.original_max_len > 0, "rope_scaling",
+            _require(_positive_whole(self.original_max_len), "rope_scaling",
                      f"original_max_len must be a positive integer, got {self.original_max_len!r}")
 
     @classmethod
@@ -113,13 +118,12 @@ class ModelArgs:
     sliding_window: int | None = None  # each token attends to the last this many positions (Mistral 7B v0.1)
 
     def __post_init__(self) -> None:
-        _require(self.sliding_window is None or (isinstance(self.sliding_window, int)
-                                                 and not isinstance(self.sliding_window, bool)
-                                                 and self.sliding_window >= 2), "sliding_window",
+        _require(self.sliding_window is None or (_whole(self.sliding_window) and self.sliding_window >= 2),
+                 "sliding_window",
                  f"must be an integer >= 2 or None, got {self.sliding_window!r}")
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+            _require(_positive_whole(value), name, f"must be a positive integer, got {value!r}")
         _require(self.n_layers <= MAX_LAYERS, "n_layers",
                  f"{self.n_layers:,} layers is more than the {MAX_LAYERS:,} a model is built with here")
         _require(self.max_seq_len <= MAX_CONTEXT, "max_seq_len",
@@ -129,16 +133,16 @@ class ModelArgs:
                                                      and not isinstance(self.ffn_dim_multiplier, bool)
                                                      and 0 < self.ffn_dim_multiplier < math.inf),
                  "ffn_dim_multiplier", f"must be a positive number or None, got {self.ffn_dim_multiplier!r}")
-        _require(self.head_size is None or (isinstance(self.head_size, int) and self.head_size > 0), "head_size",
+        _require(self.head_size is None or _positive_whole(self.head_size), "head_size",
                  f"must be a positive integer, got {self.head_size!r}")
         _require(self.head_size is not None or self.dim % self.n_heads == 0, "dim",
                  f"{self.dim} is not divisible by n_heads={self.n_heads}")
         _require(self.head_dim % 2 == 0, "dim" if self.head_size is None else "head_size",
                  f"head dim {self.head_dim} must be even for rotary embeddings")
-        _require(self.ffn_dim is None or (isinstance(self.ffn_dim, int) and self.ffn_dim > 0), "ffn_dim",
+        _require(self.ffn_dim is None or _positive_whole(self.ffn_dim), "ffn_dim",
                  f"must be a positive integer, got {self.ffn_dim!r}")
         kv = self.kv_heads
-        _require(isinstance(kv, int) and kv > 0, "n_kv_heads", f"must be a positive integer, got {kv!r}")
+        _require(_positive_whole(kv), "n_kv_heads", f"must be a positive integer, got {kv!r}")
         _require(self.n_heads % kv == 0, "n_kv_heads", f"n_heads={self.n_heads} is not a multiple of {kv}")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
@@ -277,7 +281,7 @@ class AdapterArgs:
                  f"must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
         for name in ("clip_dim", "visual_dim", "visual_depth", "visual_heads"):
             value = getattr(self, name)
-            _require(_whole(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+            _require(_positive_whole(value), name, f"must be a positive integer, got {value!r}")
         _require(self.visual_dim % self.visual_heads == 0, "visual_heads",
                  f"visual_dim={self.visual_dim} is not divisible by {self.visual_heads}")
         ratio = self.visual_mlp_ratio

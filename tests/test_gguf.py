@@ -227,8 +227,12 @@ def remove_key(key: str):
                                    writer.add_head_count(0))), "llama.attention.head_count must be a positive integer"),
     (dict(metadata=lambda writer: writer.add_string("llama.attention.key_length", "16")),
      "llama.attention.key_length must be a positive integer, got '16'"),
+    # divided by the heads before it was checked: a TypeError
+    (dict(metadata=lambda writer: (writer.kv_data[0].pop("llama.embedding_length"),
+                                   writer.add_array("llama.embedding_length", [64, 64]))),
+     r"llama.embedding_length must be a positive integer, got \[64, 64\]"),
 ], ids=["architecture", "experts", "no-block-count", "partial-rotary", "yarn", "bias", "missing-tensor",
-        "tokenizer-model", "no-eos", "no-heads", "width-as-text"])
+        "tokenizer-model", "no-eos", "no-heads", "width-as-text", "width-as-list"])
 def test_what_cannot_be_read_is_refused_naming_the_file_and_the_key(meta, tmp_path, options, message):
     path = spm_gguf(meta, tmp_path / "bad.gguf", **options)
     with pytest.raises(ValueError, match=message) as error:

@@ -365,7 +365,9 @@ def test_bad_base_folders_get_clear_errors(base_folder, tmp_path):
                             ({"n_layers": 10**12}, "n_layers: 1,000,000,000,000 layers is more than the 1,024 a model "
                                                    "is built with here"),
                             # a head width that is not a number failed multiplying it (a TypeError)
-                            ({"head_dim": {"a": 1}}, "head_size: must be a positive integer, got {'a': 1}")):
+                            ({"head_dim": {"a": 1}}, "head_size: must be a positive integer, got {'a': 1}"),
+                            # JSON's true is 1 to Python: a Linear of width True failed in torch
+                            ({"hidden_dim": True}, "ffn_dim: must be a positive integer, got True")):
         folder = broken_copy(next(iter(change)))
         (folder / "params.json").write_text(json.dumps({**json.loads((base_folder / "params.json").read_text()),
                                                         **change}))

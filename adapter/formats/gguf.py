@@ -167,7 +167,8 @@ class GGUFCheckpoint:
         for field in ("n_heads", "n_kv_heads", "ffn_dim"):
             params[field] = self._one_per_model(field, params.get(field))
         head_dim, rotary = self._key("attention.key_length"), self._key("rope.dimension_count")
-        for key, value in (("attention.head_count", params["n_heads"]), ("attention.key_length", head_dim),
+        for key, value in (("embedding_length", params["dim"]), ("attention.head_count", params["n_heads"]),
+                           ("attention.key_length", head_dim),
                            ("rope.dimension_count", rotary)):  # else read as partial rotary embeddings
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{self.source}: {self.architecture}.{key} must be a positive integer, got "
