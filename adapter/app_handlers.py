@@ -6,14 +6,15 @@ app.py lays the components out and wires them to these; keeping them apart leave
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import gradio as gr
 from PIL import Image
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 else:
     Figure = Any  # gradio reads the handlers' hints (to pass them their request): they must resolve at run time
 
+# the controls every answering event takes after its own inputs (app.py's `controls`), as the API names them
+CONTROLS = ("gate_scale", "delta_scale", "temperature", "top_p", "max_new_tokens", "seed", "adapter", "system",
+            "layers")
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 GATE_LABEL = "Gate scale"
 # saved conversations (each a folder of its own, which gradio copies from): the last MAX_SAVED stay, so that a
 # long-running server's temporary folder does not grow with every Save
@@ -58,6 +63,20 @@ RECORD, PICTURE = "conversation.jsonl", "picture.png"  # a conversation saved to
 CLI_FLAG = re.compile(r"^--([a-z][a-z0-9-]*):")  # a command line's flag that leads a shared check's message: the
 # page has no flags, and names its settings as the API does (--prompt-len: -> prompt_len:)
 SERVER_FOLDERS = re.compile(re.escape(os.path.join(tempfile.gettempdir(), "")) + r"\S*" + re.escape(os.sep))
+
+
+def api_inputs(*names: str) -> Callable[[Handler], Handler]:
+    """Names for a handler's inputs after its request (its `*controls` among them) on gradio's API: the app's "Use
+    via API" page and gradio_client's keywords (`client.predict(..., gate_scale=0, api_name="/chat")`) name them
+    so, where gradio would say param_2, param_3, ... Gradio passes them by position, as `*controls` takes them."""
+
+    def named(handler: Handler) -> Handler:
+        own = list(inspect.signature(handler).parameters.values())[:2]  # self, request
+        handler.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [*own, *(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names)])
+        return handler
+
+    return named
 
 
 @contextmanager
@@ -160,6 +179,7 @@ class Handlers:
         return self.served(request).get(adapter), settings(gate, delta, temperature, top_p, max_new_tokens, seed,
                                                            system, layers)
 
+    @api_inputs("message", "history", *CONTROLS)
     def chat(self, request: gr.Request, message: str, history: list, *controls: Any) -> Iterator[list[dict[str, str]]]:
         with user_errors():
             pairs = to_pairs(history)
@@ -229,6 +249,7 @@ class Handlers:
             prompt = engine.chat_prompt(pairs[:-1], pairs[-1][0], choice)
             return shares_view(engine.token_shares(prompt, pairs[-1][1], choice))
 
+    @api_inputs("image", "question", *CONTROLS, "conversation")
     def ask_image(self, request: gr.Request, image: Image.Image | None, question: str, *rest: Any) -> Iterator[str]:
         """The image events take, after the controls, the conversation about the picture so far (trailing: an API
         client asking one question leaves it out)."""
@@ -258,11 +279,13 @@ class Handlers:
             prompt = engine.image_prompt(question, choice, to_pairs(conversation))
             return shares_view(engine.token_shares(prompt, answer, choice, image))
 
+    @api_inputs("question", *CONTROLS)
     def compare(self, request: gr.Request, question: str, *controls: Any) -> Iterator[tuple[str, str]]:
         with user_errors():
             engine, choice = self.resolve(request, *controls)
             yield from engine.compare(question, choice)
 
+    @api_inputs("question", *CONTROLS)
     def every_adapter(self, request: gr.Request, question: str, *controls: Any) -> Iterator[list[list[str]]]:
         """The question asked of every adapter this session may ask, one after another, each in its own prompt
         format at the settings above (the adapter menu's choice aside): a row per adapter, its answer growing. A
@@ -280,12 +303,14 @@ class Handlers:
                 row[1] = f"(not asked: {SERVER_FOLDERS.sub('', str(error))})"
                 yield [list(r) for r in rows]
 
+    @api_inputs("question", "scales", *CONTROLS)
     def sweep(self, request: gr.Request, question: str, scales: str, *controls: Any) -> Iterator[list[list[Any]]]:
         with user_errors():
             values = gate_scales(scales)
             engine, choice = self.resolve(request, *controls)
             yield from table(values, engine.sweep(question, values, choice))
 
+    @api_inputs("image", "question", "scales", *CONTROLS, "conversation")
     def sweep_image(self, request: gr.Request, image: Image.Image | None, question: str, scales: str,
                     *rest: Any) -> Iterator[list[list[Any]]]:
         *controls, conversation = rest
@@ -296,11 +321,13 @@ class Handlers:
             warn_if_blind(engine, image)
             yield from table(values, answers)
 
+    @api_inputs("question", *CONTROLS)
     def layer_sweep(self, request: gr.Request, question: str, *controls: Any) -> Iterator[list[list[Any]]]:
         with user_errors():
             engine, choice = self.resolve(request, *controls)
             yield from table(*engine.layer_sweep(question, choice))
 
+    @api_inputs("image", "question", *CONTROLS, "conversation")
     def layer_sweep_image(self, request: gr.Request, image: Image.Image | None, question: str,
                           *rest: Any) -> Iterator[list[list[Any]]]:
         *controls, conversation = rest
@@ -310,12 +337,14 @@ class Handlers:
             warn_if_blind(engine, image)
             yield from table(labels, answers)
 
+    @api_inputs("question", "scales", *CONTROLS)
     def next_tokens(self, request: gr.Request, question: str, scales: str,
                     *controls: Any) -> tuple[dict[str, Any], Figure]:
         with user_errors():
             engine, choice = self.resolve(request, *controls)
             return next_token_view(engine.next_tokens(question, scales, choice))
 
+    @api_inputs("image", "question", "scales", *CONTROLS, "conversation")
     def next_tokens_image(self, request: gr.Request, image: Image.Image | None, question: str, scales: str,
                           *rest: Any) -> tuple[dict[str, Any], Figure]:
         *controls, conversation = rest
@@ -325,6 +354,7 @@ class Handlers:
             warn_if_blind(engine, image)
             return next_token_view(found)
 
+    @api_inputs("data", "scales", "exact", *CONTROLS[:-1], "images", "layers")
     def score(self, request: gr.Request, data: str | None, scales: str, exact: bool,
               *rest: Any) -> tuple[list[list[Any]], Figure]:
         """The score table (one row per gate scale) and its plot. After the controls (the system prompt last) come

@@ -138,6 +138,27 @@ def test_compare_answers_base_and_adapter_side_by_side(client, base_model):
     assert adapted == chat(client, QUESTION, gate=2.0), "one batch of two rows answers as two single requests"
 
 
+def test_the_controls_are_named_on_the_api_and_taken_as_keywords(client):
+    """gradio named them param_2, param_3, ... (the handlers take them as *controls): a client passed all of them,
+    in order, to set one."""
+    named = {name: [p["parameter_name"] for p in endpoint["parameters"]]
+             for name, endpoint in client.view_api(return_format="dict", print_info=False)["named_endpoints"].items()}
+    settings = ["gate_scale", "delta_scale", "temperature", "top_p", "max_new_tokens", "seed", "adapter", "system"]
+    assert named["/chat"] == ["message", "history", *settings, "layers"]
+    assert named["/sweep"] == named["/next_tokens"] == ["question", "scales", *settings, "layers"]
+    assert named["/compare"] == named["/layer_sweep"] == named["/every_adapter"] == ["question", *settings, "layers"]
+    assert named["/image"] == named["/image_layer_sweep"] == ["image", "question", *settings, "layers", "conversation"]
+    assert named["/image_sweep"] == named["/image_next_tokens"] == ["image", "question", "scales", *settings,
+                                                                   "layers", "conversation"]
+    assert named["/score"] == ["data", "scales", "exact", *settings, "images", "layers"]
+    by_keyword = client.predict(QUESTION, [], gate_scale=2.0, temperature=0.0, max_new_tokens=GREEDY["max_new_tokens"],
+                                api_name="/chat")
+    assert by_keyword[-1]["content"][0]["text"] == chat(client, QUESTION, gate=2.0)
+    table = client.predict(question=QUESTION, scales="0, 2", temperature=0.0, max_new_tokens=GREEDY["max_new_tokens"],
+                           api_name="/sweep")
+    assert [answer for _, answer in table["data"]] == [chat(client, QUESTION, gate=0.0), chat(client, QUESTION, gate=2.0)]
+
+
 def test_concurrent_clients_each_get_their_own_gate(served, client):
     gates = (0.0, 1.5)
     alone = {gate: chat(client, QUESTION, gate=gate) for gate in gates}
