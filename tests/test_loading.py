@@ -247,6 +247,10 @@ def test_bad_adapter_files_get_clear_errors(base_folder, trained, tmp_path):
         "missing": (lambda t, m: t.pop(key), f"missing adapter tensor.*{key}"),
         "unexpected": (lambda t, m: t.update(extra=torch.zeros(2)), "unexpected tensor.*extra"),
         "shape": (lambda t, m: t.update({key: torch.zeros(1, 3, 1, 1)}), rf"{key} has shape \(1, 3, 1, 1\)"),
+        # loaded, and answered nonsense at every gate but 0
+        "nan": (lambda t, m: t["adapter_query.weight"].view(-1)[:3].fill_(float("nan")),
+                r"adapter_query.weight holds 3 NaN or infinite value\(s\) of 960: the adapter is broken"),
+        "inf": (lambda t, m: t[key].fill_(float("inf")), rf"{key} holds 4 NaN or infinite value\(s\) of 4"),
         "config": (lambda t, m: m.update(adapter_args=json.dumps({"prompt_len": 2, "colour": 1})),
                    "bad adapter metadata.*colour"),
         "base": (lambda t, m: m.update(base_shape=json.dumps({"dim": 4096})), "different base: dim=4096"),

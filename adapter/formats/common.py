@@ -61,8 +61,14 @@ class LoadedAdapter:
     def check_declared(self, model: "Transformer") -> None:
         """The tensors held under the model's names against the shapes the adapter's settings give the model,
         before its tensors are made (a file of small tensors declaring a prompt or LoRA rank of millions asked for
-        gigabytes before its shapes were compared)."""
+        gigabytes before its shapes were compared); and that every value is a number (a NaN answered nonsense)."""
         places = dict(model.named_parameters())
+        for name, value in {**self.tensors, **self.norm_weights}.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                count = int((~torch.isfinite(value)).sum())
+                raise ValueError(f"{self.path}: {name} holds {count:,} NaN or infinite value(s) of {value.numel():,}: "
+                                 "the adapter is broken (a training run that diverged, or float16 that overflowed) "
+                                 "and would answer nonsense")
         for name, value in self.tensors.items():
             place = places.get(name)
             if place is None or (name.endswith(".attention.gate") and value.numel() == 1):  # placed by apply_to
