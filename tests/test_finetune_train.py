@@ -676,3 +676,20 @@ def test_one_epoch_from_the_command_line_warms_up_over_that_epoch(base_folder, d
     assert code == 0, capsys.readouterr().err
     start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert start["config"]["epochs"] == 1 and start["config"]["warmup_epochs"] == 1.0
+
+
+@pytest.mark.parametrize("change, message", [
+    # each was a TypeError naming no setting ("'>=' not supported between instances of 'NoneType' and 'int'")
+    ({"weight_decay": None}, "--weight-decay: must be a number, got None"),
+    ({"lr": "0.1"}, "--lr: must be a number, got '0.1'"),
+    ({"warmup_epochs": [1]}, r"--warmup-epochs: must be a number, got \[1\]"),
+    ({"clip_grad": float("nan")}, "--clip-grad: must be a number, got nan"),
+    ({"lora_targets": 5, "mode": "v2", "lora_rank": 2}, "--lora-targets: must be text, got 5"),
+    ({"prompt_format": {}}, r"--prompt-format: must be text, got \{\}"),
+    # taken as 1 and 'yes'
+    ({"lora_rank": True, "mode": "v2"}, "--lora-rank: must be a non-negative integer, got True"),
+    ({"keep_best": "yes"}, "--keep-best: must be true or false, got 'yes'"),
+])
+def test_a_setting_of_the_wrong_kind_is_named_from_python(tmp_path, change, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        tiny_config(tmp_path / "base", tmp_path / "data.json", tmp_path / "run", **change)

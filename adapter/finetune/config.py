@@ -7,6 +7,7 @@ The defaults reproduce the official LLaMA-Adapter v1 Alpaca recipe: 10 prompt to
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ def _require(condition: bool, flag: str, message: str) -> None:
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float, not a bool (True is 1 to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,13 @@ class TrainConfig:
         _require(self.mode in MODES, "--mode", f"must be one of {MODES}, got {self.mode!r}")
         seeded = seed_problem(self.seed) if self.seed is not None else "must be a whole number, got None"
         _require(seeded is None, "--seed", str(seeded))
+        self._check_types()
         for flag in ("prompt_len", "prompt_layers", "epochs", "batch_size", "micro_batch_size", "max_seq_len"):
             value = getattr(self, flag)
             _require(_positive_int(value) or (flag == "max_seq_len" and value is None), _flag(flag),
                      f"must be a positive integer, got {value!r}")
-        _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "--lora-rank",
+        _require(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank >= 0,
+                 "--lora-rank",
                  f"must be a non-negative integer, got {self.lora_rank!r}")
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
         _require(not self.scale or self.mode not in ("v1", "lora"), "--scale",
@@ -155,6 +163,21 @@ class TrainConfig:
             check_mode(self.quantize)
         except ValueError as error:
             raise ValueError(f"--{error}") from error
+
+    def _check_types(self) -> None:
+        """The kinds of value the checks after compare and split (from Python, `weight_decay=None` was "'>=' not
+        supported between instances of 'NoneType' and 'int'")."""
+        for flag in ("warmup_epochs", "blr", "lr", "visual_lr", "min_lr", "weight_decay", "val_fraction", "clip_grad"):
+            value = getattr(self, flag)
+            _require(_number(value) or (value is None and flag in ("warmup_epochs", "lr", "visual_lr")), _flag(flag),
+                     f"must be a number, got {value!r}")
+        for flag in ("lora_targets", "bias_targets", "prompt_format", "mode", "visual", "autocast"):
+            value = getattr(self, flag)
+            _require(isinstance(value, str) or (value is None and flag.endswith("targets")), _flag(flag),
+                     f"must be text, got {value!r}")
+        for flag in ("scale", "gradient_checkpointing", "resume", "keep_best", "progress"):
+            _require(isinstance(getattr(self, flag), bool), _flag(flag),
+                     f"must be true or false, got {getattr(self, flag)!r}")
 
     @property
     def learning_rate(self) -> float:
