@@ -334,7 +334,7 @@ def template_format(template: str | None, model_format: str = "alpaca") -> Promp
         return format_named(model_format)
     if template in ("chat", "image"):
         return PROMPT_FORMATS["alpaca"]
-    if template not in PROMPT_FORMATS:
+    if not isinstance(template, str) or template not in PROMPT_FORMATS:  # (a dict or list: "unhashable type")
         raise ValueError(f"template: unknown template {template!r}; choose from {TEMPLATES}")
     return PROMPT_FORMATS[template]
 

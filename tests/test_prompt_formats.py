@@ -362,6 +362,8 @@ def test_formats_and_templates_by_name():
         format_named("vicuna")
     with pytest.raises(ValueError, match="template: unknown template 'vicuna'"):
         apply_template("vicuna", "Hi")
+    with pytest.raises(ValueError, match=r"template: unknown template \{'name': 'llama3'\}"):
+        apply_template({"name": "llama3"}, "Hi")  # "unhashable type: 'dict'"
 
 
 def test_llama3_needs_a_tokenizer_with_its_tokens(base_folder):
