@@ -124,6 +124,8 @@ def evaluate(
     app's, what its Space fit check counts; rows beyond it decode in turns).
     """
     scales = checked_request(gate_scales, micro_batch_size, max_seq_len, limit, model)
+    if max_cached_tokens is not None:
+        _check_count("max_cached_tokens", max_cached_tokens, 1)
     written, examples = scorable_examples(model, data, image_folder, prompt_format, limit)
     tokenizer = model.tokenizer
     end = written.answer_end_id(tokenizer)
@@ -189,9 +191,11 @@ def evaluate_text(
     but after at least `max_seq_len` - `stride` tokens of context (transformers' sliding-window perplexity).
     """
     scales = checked_request(gate_scales, micro_batch_size, max_seq_len, limit, model)
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens: must be at least 1, got {max_tokens}")
+    if max_tokens is not None:
+        _check_count("max_tokens", max_tokens, 1)
     length = max_seq_len or model.args.max_seq_len
+    if stride is not None:
+        _check_count("stride", stride, 1)
     if stride is not None and not 1 <= stride < length:
         raise ValueError(f"stride: must be between 1 and the window's {length} - 1, got {stride}")
     documents = read_documents(data)[:limit]

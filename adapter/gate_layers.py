@@ -138,7 +138,12 @@ def _no_such_heads(runs: list[str], n_heads: int) -> ValueError:
 def normalized(model: Transformer, speakers: Iterable[Speaker]) -> list[Speaker]:
     """A selection checked against `model` (adapter layers, head numbers) and written one way: whole layers,
     then single heads, in order; a head of a whole layer, or a layer all of whose heads are named, is the whole
-    layer."""
+    layer. A text ("top 2", "28-31") is read as the command lines read it."""
+    if isinstance(speakers, str):
+        return parse_layers(speakers, model)
+    if not isinstance(speakers, Iterable):  # a number was "'int' object is not iterable"
+        raise ValueError(f"gate_layers: expected layer numbers or (layer, head) pairs (or a text such as 'top 2'), "
+                         f"got {speakers!r}")
     whole, heads = _split(speakers)
     _require_adapter_layers(whole | set(heads), adapter_layers(model))
     n_heads = model.args.n_heads

@@ -104,9 +104,16 @@ def _check_size(hub, repo: str, at: dict[str, str], inside: str, max_bytes: int,
         raise ValueError(f"{what}: {named} holds {size:,} bytes, more than the {max_bytes:,} fetched here")
 
 
+def require_path(value: object, what: str, noun: str = "file") -> None:
+    """A ValueError naming `what` where `value` is no path (pathlib's TypeError named neither it nor the setting)."""
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"{what}: expected a {noun}'s path, got {value!r}"[:200])
+
+
 def resolve_data(value: str | os.PathLike, what: str) -> Path:
     """A local data file as given, or one file of a hub dataset repository: `hf:owner/name/path/FILE` that file,
     `hf:owner/name` its only data file (.parquet, .jsonl, .json), or else its only one named train*."""
+    require_path(value, what)
     text = str(value)
     if not text.startswith(PREFIX):
         return Path(value)

@@ -306,7 +306,7 @@ def chat_formats() -> list[str]:
 
 def format_named(name: str, source: str = "prompt_format") -> PromptFormat:
     """The format called `name`; a ValueError naming `source` (a flag, a file) for an unknown one."""
-    if name not in PROMPT_FORMATS:
+    if not isinstance(name, str) or name not in PROMPT_FORMATS:  # (a list: "unhashable type")
         raise ValueError(f"{source}: unknown prompt format {name!r}; choose from {tuple(PROMPT_FORMATS)}")
     return PROMPT_FORMATS[name]
 

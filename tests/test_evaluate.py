@@ -526,3 +526,26 @@ def test_one_adapter_named_without_a_list_is_refused_by_name():
     with pytest.raises(ValueError, match=r"^adapters: expected a list of adapters, got one: 'tiny-text'; give "
                                          r"\['tiny-text'\]$"):
         adapter.load_many("tiny", "tiny-text", device="cpu")
+
+
+@pytest.mark.parametrize("call, message", [
+    # each was a TypeError from deep inside (pathlib's, a comparison's, "'int' object is not iterable")
+    (lambda model, data: evaluate(model, None), "--data: expected a file's path, got None"),
+    (lambda model, data: evaluate_text(model, 5), "--data: expected a file's path, got 5"),
+    (lambda model, data: evaluate(model, data, image_folder=(0,)),
+     r"--image-folder: expected a folder's path, got \(0,\)"),
+    (lambda model, data: evaluate(model, data, layers=2), "gate_layers: expected layer numbers or .* got 2"),
+    (lambda model, data: evaluate(model, data, prompt_format=["alpaca"]), "prompt_format: unknown prompt format"),
+    (lambda model, data: evaluate(model, data, exact=True, max_cached_tokens=[64]),
+     r"max_cached_tokens: expected a whole number, got \[64\]"),
+    (lambda model, data: evaluate_text(model, data, max_tokens="9"), "max_tokens: expected a whole number, got '9'"),
+    (lambda model, data: evaluate_text(model, data, stride=1.5), "stride: expected a whole number, got 1.5"),
+])
+def test_arguments_of_the_wrong_kind_are_named_from_python(base_folder, data, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(adapter.load(base_folder, device="cpu"), data)
+
+
+def test_layers_may_be_given_as_the_command_lines_text(base_folder, v2_adapter, data):
+    model = adapter.load(base_folder, adapter=v2_adapter, device="cpu")
+    assert evaluate(model, data, layers="top 2").to_dict() == evaluate(model, data, layers=[2, 3]).to_dict()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..hub import resolve_data
+from ..hub import require_path, resolve_data
 from ..images import image_file_problem
 from ..paths import not_a_file
 from ..prompts import PROMPT_FORMATS, PromptFormat
@@ -99,6 +99,7 @@ def read_records(path: str | os.PathLike, image_folder: str | os.PathLike | None
     Raises DataError naming `flag`, the file and every bad record (location and reason), or the file when it
     is unreadable.
     """
+    require_path(path, flag)
     if Path(path).suffix == ".txt":
         return [[Example("", document, plain=True)] for document in read_documents(path, flag)]
     return read_checked(path, image_folder, flag,
@@ -133,6 +134,7 @@ def read_documents(path: str | os.PathLike, flag: str = "--data") -> list[str]:
     """Plain text to score: a `.txt` file (UTF-8) as one document, or the "text" field of each record of a JSON
     list, JSONL or Parquet file (as the hub's text datasets hold it, wikitext's among them). A DataError names
     `flag`, the file and every record without a text, or an empty file."""
+    require_path(path, flag)
     if Path(path).suffix != ".txt":
         def text(location: str, value: Any, folder: Path | None, reasons: list[str]) -> str | None:
             if not isinstance(value, dict):
@@ -210,6 +212,8 @@ def _parquet_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | No
 
 def _checked_folder(image_folder: str | os.PathLike | None) -> Path | None:
     """The folder records' image paths are relative to (`--image-folder`), which must exist when given."""
+    if image_folder is not None:
+        require_path(image_folder, "--image-folder", "folder")
     folder = Path(image_folder) if image_folder is not None else None
     if folder is not None and not folder.is_dir():
         raise FileNotFoundError(f"--image-folder: {folder} is not a folder")
