@@ -23,6 +23,7 @@ from .formats.official import write_official_v1
 from .hub import resolve
 from .loading import open_base_shape, open_named_base
 from .model import Transformer
+from .paths import require_path
 from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
 
@@ -33,6 +34,8 @@ def adapter_on_meta_base(base: str | Path, source: str | Path, what: str = "sour
     """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory); a base on the hub is
     fetched without its weights unless the adapter's tuned norms need the base's (the official v2 files). The
     embedded adapters are named as everywhere (tiny-text, tiny-image); `what` names the argument in errors."""
+    require_path(base, "base")
+    require_path(source, what)
     _, source, _, _ = resolve_tiny("", source, None, None)
     found = read_adapter(resolve(source, what))
     checkpoint = open_named_base(base) if found.norm_weights else open_base_shape(base)
@@ -55,6 +58,7 @@ def convert(source: str | Path, target: str | Path, to: str, base: str | Path) -
     second adapter beside its own, which readers might take instead); only our format records a prompt format
     other than Alpaca, so an adapter in another one is converted with a note on stderr saying how to ask it."""
     check_target(to)
+    require_path(target, "target")
     target = Path(target)
     if target.is_file() or (target.is_dir() and any(target.iterdir())):
         raise ValueError(f"target: {target} already exists; name a new file or folder (or remove it)")
@@ -68,7 +72,7 @@ def convert(source: str | Path, target: str | Path, to: str, base: str | Path) -
 
 
 def check_target(to: str) -> None:
-    if to not in TARGETS:
+    if not isinstance(to, str) or to not in TARGETS:
         raise ValueError(f"to: unknown target format {to!r}; choose from {TARGETS}")
 
 

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .paths import require_path
+
 PREFIX = "hf:"
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Meta's Llama 3 repositories hold a second copy of the weights, in Meta's format, under original/, and
@@ -104,12 +106,6 @@ def _check_size(hub, repo: str, at: dict[str, str], inside: str, max_bytes: int,
         raise ValueError(f"{what}: {named} holds {size:,} bytes, more than the {max_bytes:,} fetched here")
 
 
-def require_path(value: object, what: str, noun: str = "file") -> None:
-    """A ValueError naming `what` where `value` is no path (pathlib's TypeError named neither it nor the setting)."""
-    if not isinstance(value, str | os.PathLike):
-        raise ValueError(f"{what}: expected a {noun}'s path, got {value!r}"[:200])
-
-
 def resolve_data(value: str | os.PathLike, what: str) -> Path:
     """A local data file as given, or one file of a hub dataset repository: `hf:owner/name/path/FILE` that file,
     `hf:owner/name` its only data file (.parquet, .jsonl, .json), or else its only one named train*."""
@@ -182,6 +178,8 @@ def repo_of(value: str) -> str:
 
 def repo_id(value: str, what: str) -> str:
     """`owner/name` from `owner/name` or `hf:owner/name`: a repository to write to (no revision, no file)."""
+    if not isinstance(value, str):  # (None was "'NoneType' object has no attribute 'strip'")
+        raise ValueError(f"{what}: expected a hub repository id like owner/name, got {value!r:.200}")
     text = value.strip()
     repo = text[len(PREFIX):] if text.startswith(PREFIX) else text
     if not _REPO.match(repo):

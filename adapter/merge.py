@@ -43,6 +43,7 @@ from .interrupts import stoppable
 from .layout import column_major_wide
 from .loading import DTYPES
 from .model import LinearDelta, Transformer
+from .paths import require_path
 from .push import hub_target
 from .tokenizer import open_tokenizer
 
@@ -65,6 +66,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
           shard_gb: float = SHARD_GB) -> Merged:
     """Write `base` with `adapter`'s LoRA, scales and tuned norms merged in to the new HF folder `out`, and what
     does not merge as the adapter `out/adapter`."""
+    require_path(out, "out", "folder")
     out = Path(out)
     checkpoint = open_base_to_rewrite(base, out, dtype, shard_gb, "merge into the 16-bit base it was made from "
                                       "(then python -m adapter.quantize_base the merged folder)")

@@ -23,3 +23,10 @@ def not_a_file(path: str | os.PathLike) -> str:
     if path.is_dir():
         return f"{path} is a folder, not a file"
     return f"{path} is not a regular file"
+
+
+def require_path(value: object, what: str, noun: str = "file") -> None:
+    """A ValueError naming `what` where `value` is no path (pathlib's TypeError named neither it nor the setting):
+    a command's own checks, for the functions Python programs call."""
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"{what}: expected a {noun}'s path, got {value!r}"[:200])

@@ -96,6 +96,11 @@ def _upload(write: Callable[[Path, str], object], repo: str, to: str, private: b
             message: str | None, token: str | None) -> str:
     """`write(folder, repo)` into a temporary folder, then that folder in one commit to `repo`."""
     check_to(to)
+    if not isinstance(private, bool):
+        raise ValueError(f"private: must be True or False, got {private!r:.80}")
+    for name, value in (("branch", branch), ("message", message), ("token", token)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name}: expected text, got {value!r:.80}")
     repo = repo_id(repo, "repo")
     hub = hub_module("push", repo)
     check_token(hub, repo, token)

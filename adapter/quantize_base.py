@@ -41,6 +41,7 @@ from .hf_folder import (
 from .hub import PREFIX, is_remote, repo_of
 from .interrupts import stoppable
 from .loading import DTYPES, resolve_device
+from .paths import require_path
 from .push import hub_target
 from .quantize import BLOCK_SIZE, INT8_OUTLIER_THRESHOLD, QUANTIZE_MODES, bitsandbytes, check_mode
 from .tiny.assets import BASE_NAME
@@ -54,7 +55,10 @@ def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "
     """Write `base` quantized in `mode` ("nf4", "int8") to the new folder `out` (HF layout); returns its path."""
     if check_mode(mode) is None:
         raise ValueError(f"mode: choose from {QUANTIZE_MODES}")
+    if not isinstance(double_quant, bool):
+        raise ValueError(f"double_quant: must be True or False, got {double_quant!r}")
     bitsandbytes()  # its clear error, before anything is read, where it is missing
+    require_path(out, "out", "folder")
     out = Path(out)
     checkpoint = open_base_to_rewrite(base, out, dtype, shard_gb, "load it as it is")
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)

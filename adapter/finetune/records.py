@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..hub import require_path, resolve_data
+from ..hub import resolve_data
 from ..images import image_file_problem
-from ..paths import not_a_file
+from ..paths import not_a_file, require_path
 from ..prompts import PROMPT_FORMATS, PromptFormat
 from ..tokenizer import lone_surrogate
 

@@ -1,0 +1,45 @@
+"""The functions Python programs call to write things (merge, quantize_base, convert, push) name an argument of
+the wrong kind in one ValueError, as their command lines name a bad flag, before any work: each case was a
+TypeError or AttributeError from pathlib, a comparison or str.strip that named neither argument nor value."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter.config import AdapterArgs
+from adapter.convert import convert
+from adapter.merge import merge
+from adapter.push import push
+from adapter.quantize_base import quantize_base
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    import adapter
+
+    model = adapter.load("tiny", adapter=AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2))
+    return adapter.save_adapter(model, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+CASES = [
+    (lambda out, lora: merge(b"tiny", lora, out), "base: expected a file's path, got b'tiny'"),
+    (lambda out, lora: merge("tiny", lora, 5), "out: expected a folder's path, got 5"),
+    (lambda out, lora: merge("tiny", lora, out, dtype=[]), r"dtype: unknown dtype \[\]"),
+    (lambda out, lora: merge("tiny", lora, out, shard_gb="2"), "shard_gb: must be a finite number above 0, got '2'"),
+    (lambda out, lora: quantize_base(True, out), "base: expected a file's path, got True"),
+    (lambda out, lora: quantize_base("tiny", out, double_quant="no"), "double_quant: must be True or False, got 'no'"),
+    (lambda out, lora: convert(None, out, "native", "tiny"), "source: expected a file's path, got None"),
+    (lambda out, lora: convert("tiny-text", out, ["peft"], "tiny"), r"to: unknown target format \['peft'\]"),
+    (lambda out, lora: convert("tiny-text", [out], "native", "tiny"), "target: expected a file's path"),
+    (lambda out, lora: push("tiny-text", None, "tiny"), "repo: expected a hub repository id like owner/name, got None"),
+    (lambda out, lora: push("tiny-text", "you/tiny", "tiny", private="yes"), "private: must be True or False"),
+    (lambda out, lora: push("tiny-text", "you/tiny", "tiny", branch=0.5), "branch: expected text, got 0.5"),
+]
+
+
+@pytest.mark.parametrize("call, message", CASES, ids=[message.split(":")[0] + f"-{index}"
+                                                      for index, (_, message) in enumerate(CASES)])
+def test_an_argument_of_the_wrong_kind_is_named(tmp_path, lora, call, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        call(str(tmp_path / "out"), lora)
+    assert not (tmp_path / "out").exists()
