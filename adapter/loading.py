@@ -70,7 +70,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         if not dtype.is_floating_point:
             raise ValueError(f"dtype: {dtype} is not a floating point type")
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # (a list: "unhashable type")
         raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(set(DTYPES))}")
     return DTYPES[dtype]
 

@@ -1,11 +1,13 @@
-"""The functions Python programs call to write things (merge, quantize_base, convert, push) name an argument of
-the wrong kind in one ValueError, as their command lines name a bad flag, before any work: each case was a
-TypeError or AttributeError from pathlib, a comparison or str.strip that named neither argument nor value."""
+"""The functions Python programs call to load and write things (load, merge, quantize_base, convert, push) name an
+argument of the wrong kind in one ValueError, as their command lines name a bad flag, before any work: each case was
+a TypeError or AttributeError from pathlib, a comparison, a dict or str.strip that named neither argument nor
+value."""
 
 from __future__ import annotations
 
 import pytest
 
+import adapter
 from adapter.config import AdapterArgs
 from adapter.convert import convert
 from adapter.merge import merge
@@ -15,13 +17,12 @@ from adapter.quantize_base import quantize_base
 
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory):
-    import adapter
-
     model = adapter.load("tiny", adapter=AdapterArgs(prompt_len=0, prompt_layers=0, lora_rank=2))
     return adapter.save_adapter(model, tmp_path_factory.mktemp("lora") / "adapter")
 
 
 CASES = [
+    (lambda out, lora: adapter.load("tiny", dtype={}), r"dtype: unknown dtype \{\}"),
     (lambda out, lora: merge(b"tiny", lora, out), "base: expected a file's path, got b'tiny'"),
     (lambda out, lora: merge("tiny", lora, 5), "out: expected a folder's path, got 5"),
     (lambda out, lora: merge("tiny", lora, out, dtype=[]), r"dtype: unknown dtype \[\]"),
