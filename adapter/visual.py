@@ -165,7 +165,7 @@ def _create_clip(model_name: str, pretrained: str | None, device: str = "cpu"):
     name = model_name
     if model_name.endswith(".json"):
         config = Path(model_name)
-        _read_clip_config(config)  # before open_clip keeps the file: it reads every file it was given at each one
+        _check_clip_config(config)  # before open_clip keeps the file: it reads every file it was given at each one
         open_clip.add_model_config(config)
         name = config.stem
     elif ":" not in model_name and model_name not in open_clip.list_models():  # (hf-hub:, local-dir: pass)
@@ -190,9 +190,9 @@ def _create_clip(model_name: str, pretrained: str | None, device: str = "cpu"):
             logging.getLogger().removeFilter(quiet)
 
 
-def _read_clip_config(path: Path) -> dict[str, Any]:
-    """An open_clip model config (.json), checked for what open_clip needs of it to build a model: it skips a
-    file without `embed_dim`, `vision_cfg` and `text_cfg` unsaid, and fails on one that is not JSON."""
+def _check_clip_config(path: Path) -> None:
+    """An open_clip model config (.json) checked for what open_clip needs of it to build a model: it skips a file
+    without `embed_dim`, `vision_cfg` and `text_cfg` unsaid, and fails on one that is not JSON."""
     if not path.is_file():
         raise FileNotFoundError(f"clip_model: {not_a_file(path)}")
     try:
@@ -210,7 +210,6 @@ def _read_clip_config(path: Path) -> dict[str, Any]:
     embed_dim = config["embed_dim"]
     if type(embed_dim) is not int or embed_dim < 1:
         raise ValueError(f"clip_model: {path}: embed_dim must be a positive whole number, got {embed_dim!r}")
-    return config
 
 
 class _WeightsComeLater(logging.Filter):

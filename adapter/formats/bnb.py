@@ -187,8 +187,9 @@ def _check_block_scales(where: str, state, declared_nested: bool) -> None:
     for size_name, map_name, level, entries in tables:
         if isinstance(level.blocksize, bool) or not isinstance(level.blocksize, int) or level.blocksize < 1:
             raise ValueError(f"{where}: {size_name} must be a positive whole number, got {level.blocksize!r}")
-        if tuple(level.code.shape) != (entries,) or not level.code.is_floating_point():  # bitsandbytes reads
-            raise ValueError(f"{where}: {map_name} is {str(level.code.dtype).removeprefix('torch.')} "  # (16,) only
+        # one dimension, as bitsandbytes' kernels index them (a [1, 16] table loaded, then failed answering)
+        if tuple(level.code.shape) != (entries,) or not level.code.is_floating_point():
+            raise ValueError(f"{where}: {map_name} is {str(level.code.dtype).removeprefix('torch.')} "
                              f"{tuple(level.code.shape)}; expected ({entries},): {entries} floating-point levels")
     out_features, in_features = state.shape
     blocks = math.ceil(out_features * in_features / state.blocksize)
