@@ -231,6 +231,9 @@ def test_our_own_visual_adapters_round_trip_and_are_blind_at_gate_zero(base_fold
 @pytest.mark.parametrize("kind", ["v1", "v2", "grid"])
 def test_visual_prompts_compute_in_bfloat16_close_to_float32(base_folder, clip_files, kind):
     config, weights, _ = clip_files
+    # the visual prompt's initial weights come from torch's global generator: unseeded, they depended on the tests
+    # run before, and about one draw in 30 of the v2 prompt's differs by 0.06 somewhere (0.02 from this one)
+    torch.manual_seed(0)
     args = AdapterArgs(prompt_len=5, prompt_layers=2, visual=kind, clip_dim=24, visual_dim=32, visual_depth=1,
                        visual_heads=4, clip_model=str(config))
     model = randomize_adapter(adapter.load(base_folder, adapter=args, clip=weights, device="cpu"))
