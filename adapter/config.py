@@ -31,13 +31,13 @@ LLAMA32_SMALL_SHAPES = ((2048, 16), (3072, 28))  # (dim, n_layers) of Llama 3.2 
 META_DEFAULT_NORM_EPS = 1e-5  # ModelArgs.norm_eps in Meta's llama code, for a params.json without one
 
 
-def _whole(value: object) -> bool:
+def is_whole(value: object) -> bool:
+    """An int and not a bool (True is 1 to Python: a config's `true` made a Linear of width True)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _positive_whole(value: object) -> bool:
-    """A positive int and not a bool (True is 1 to Python: a config's `true` made a Linear of width True)."""
-    return _whole(value) and value > 0
+def is_positive_whole(value: object) -> bool:
+    return is_whole(value) and value > 0
 
 
 def _require(condition: bool, argument: str, message: str) -> None:
@@ -70,7 +70,7 @@ class RopeScaling:
             _require(0 < self.low_freq_factor < self.high_freq_factor, "rope_scaling",
                      f"needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor} and "
                      f"{self.high_freq_factor}")
-            _require(_positive_whole(self.original_max_len), "rope_scaling",
+            _require(is_positive_whole(self.original_max_len), "rope_scaling",
                      f"original_max_len must be a positive integer, got {self.original_max_len!r}")
 
     @classmethod
@@ -92,7 +92,7 @@ class RopeScaling:
 def explicit_head_size(head_dim: object, dim: object, n_heads: object) -> dict[str, object]:
     """{"head_size": head_dim} when a checkpoint's head width is not dim / n_heads (Mistral NeMo's), else {}: an
     unneeded field would make the same shape compare unequal."""
-    numbers = all(type(number) is int for number in (head_dim, dim, n_heads))  # (a dict multiplied: TypeError)
+    numbers = all(is_whole(number) for number in (head_dim, dim, n_heads))  # (a dict multiplied: TypeError)
     if head_dim is None or (numbers and n_heads * head_dim == dim):
         return {}
     return {"head_size": head_dim}
@@ -118,12 +118,12 @@ class ModelArgs:
     sliding_window: int | None = None  # each token attends to the last this many positions (Mistral 7B v0.1)
 
     def __post_init__(self) -> None:
-        _require(self.sliding_window is None or (_whole(self.sliding_window) and self.sliding_window >= 2),
+        _require(self.sliding_window is None or (is_whole(self.sliding_window) and self.sliding_window >= 2),
                  "sliding_window",
                  f"must be an integer >= 2 or None, got {self.sliding_window!r}")
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
-            _require(_positive_whole(value), name, f"must be a positive integer, got {value!r}")
+            _require(is_positive_whole(value), name, f"must be a positive integer, got {value!r}")
         _require(self.n_layers <= MAX_LAYERS, "n_layers",
                  f"{self.n_layers:,} layers is more than the {MAX_LAYERS:,} a model is built with here")
         _require(self.max_seq_len <= MAX_CONTEXT, "max_seq_len",
@@ -133,16 +133,16 @@ class ModelArgs:
                                                      and not isinstance(self.ffn_dim_multiplier, bool)
                                                      and 0 < self.ffn_dim_multiplier < math.inf),
                  "ffn_dim_multiplier", f"must be a positive number or None, got {self.ffn_dim_multiplier!r}")
-        _require(self.head_size is None or _positive_whole(self.head_size), "head_size",
+        _require(self.head_size is None or is_positive_whole(self.head_size), "head_size",
                  f"must be a positive integer, got {self.head_size!r}")
         _require(self.head_size is not None or self.dim % self.n_heads == 0, "dim",
                  f"{self.dim} is not divisible by n_heads={self.n_heads}")
         _require(self.head_dim % 2 == 0, "dim" if self.head_size is None else "head_size",
                  f"head dim {self.head_dim} must be even for rotary embeddings")
-        _require(self.ffn_dim is None or _positive_whole(self.ffn_dim), "ffn_dim",
+        _require(self.ffn_dim is None or is_positive_whole(self.ffn_dim), "ffn_dim",
                  f"must be a positive integer, got {self.ffn_dim!r}")
         kv = self.kv_heads
-        _require(_positive_whole(kv), "n_kv_heads", f"must be a positive integer, got {kv!r}")
+        _require(is_positive_whole(kv), "n_kv_heads", f"must be a positive integer, got {kv!r}")
         _require(self.n_heads % kv == 0, "n_kv_heads", f"n_heads={self.n_heads} is not a multiple of {kv}")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
@@ -249,7 +249,7 @@ class AdapterArgs:
     def __post_init__(self) -> None:  # the settings may come from a file's metadata: their types are checked too
         for name in ("prompt_len", "prompt_layers", "lora_rank"):
             value = getattr(self, name)
-            _require(_whole(value) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
+            _require(is_whole(value) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
         for name in ("bias", "scale", "head_delta", "norm", "new_gate"):
             value = getattr(self, name)
             _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
@@ -281,7 +281,7 @@ class AdapterArgs:
                  f"must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
         for name in ("clip_dim", "visual_dim", "visual_depth", "visual_heads"):
             value = getattr(self, name)
-            _require(_positive_whole(value), name, f"must be a positive integer, got {value!r}")
+            _require(is_positive_whole(value), name, f"must be a positive integer, got {value!r}")
         _require(self.visual_dim % self.visual_heads == 0, "visual_heads",
                  f"visual_dim={self.visual_dim} is not divisible by {self.visual_heads}")
         ratio = self.visual_mlp_ratio

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import LORA_TARGETS, VISUAL_PROMPT_KINDS, AdapterArgs
+from ..config import LORA_TARGETS, VISUAL_PROMPT_KINDS, AdapterArgs, is_positive_whole, is_whole
 from ..prompts import PROMPT_FORMATS
 from ..quantize import check_mode
 from ..sampling import seed_problem
@@ -31,10 +31,6 @@ RESUMABLE_CHANGES = ("data", "out", "resume", "max_steps", "save_every", "val_ev
 def _require(condition: bool, flag: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{flag}: {message}")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _number(value: Any) -> bool:
@@ -100,10 +96,9 @@ class TrainConfig:
         self._check_types()
         for flag in ("prompt_len", "prompt_layers", "epochs", "batch_size", "micro_batch_size", "max_seq_len"):
             value = getattr(self, flag)
-            _require(_positive_int(value) or (flag == "max_seq_len" and value is None), _flag(flag),
+            _require(is_positive_whole(value) or (flag == "max_seq_len" and value is None), _flag(flag),
                      f"must be a positive integer, got {value!r}")
-        _require(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank >= 0,
-                 "--lora-rank",
+        _require(is_whole(self.lora_rank) and self.lora_rank >= 0, "--lora-rank",
                  f"must be a non-negative integer, got {self.lora_rank!r}")
         _require(self.lora_rank == 0 or self.mode != "v1", "--lora-rank", "LoRA is a v2 part; use --mode v2")
         _require(not self.scale or self.mode not in ("v1", "lora"), "--scale",
@@ -144,13 +139,13 @@ class TrainConfig:
                  "only --mode vision trains a visual prompt")
         _require(self.lr is not None or self.blr > 0, "--blr", "must be positive (or give --lr)")
         _require(0 <= self.val_fraction < 1, "--val-fraction", f"must be in [0, 1), got {self.val_fraction}")
-        _require(self.save_every is None or _positive_int(self.save_every), "--save-every",
+        _require(self.save_every is None or is_positive_whole(self.save_every), "--save-every",
                  f"must be a positive integer, got {self.save_every!r}")
-        _require(self.val_every is None or _positive_int(self.val_every), "--val-every",
+        _require(self.val_every is None or is_positive_whole(self.val_every), "--val-every",
                  f"must be a positive integer, got {self.val_every!r}")
-        _require(self.max_steps is None or _positive_int(self.max_steps), "--max-steps",
+        _require(self.max_steps is None or is_positive_whole(self.max_steps), "--max-steps",
                  f"must be a positive integer, got {self.max_steps!r}")
-        _require(self.early_stop is None or _positive_int(self.early_stop), "--early-stop",
+        _require(self.early_stop is None or is_positive_whole(self.early_stop), "--early-stop",
                  f"must be a positive integer, got {self.early_stop!r}")
         for flag in ("keep_best", "early_stop"):
             _require(not getattr(self, flag) or self.val_data is not None or self.val_fraction > 0, _flag(flag),

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ModelArgs, RopeScaling, explicit_head_size
+from ..config import ModelArgs, RopeScaling, explicit_head_size, is_positive_whole
 from ..memory import release_file_pages
 from .common import renamed
 from .window import windowed_args
@@ -170,7 +170,7 @@ class GGUFCheckpoint:
         for key, value in (("embedding_length", params["dim"]), ("attention.head_count", params["n_heads"]),
                            ("attention.key_length", head_dim),
                            ("rope.dimension_count", rotary)):  # else read as partial rotary embeddings
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            if value is not None and not is_positive_whole(value):
                 raise ValueError(f"{self.source}: {self.architecture}.{key} must be a positive integer, got "
                                  f"{value!r}")
         params.update(explicit_head_size(head_dim, params["dim"], params["n_heads"]))
