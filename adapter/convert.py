@@ -23,7 +23,7 @@ from .formats.official import write_official_v1
 from .hub import resolve
 from .loading import open_base_shape, open_named_base
 from .model import Transformer
-from .paths import require_path
+from .paths import BASE_NAMES, require_path
 from .tiny.assets import resolve as resolve_tiny
 from .tokenizer import open_tokenizer
 
@@ -34,8 +34,8 @@ def adapter_on_meta_base(base: str | Path, source: str | Path, what: str = "sour
     """The adapter of `source` in a model whose frozen weights stay on `meta` (no memory); a base on the hub is
     fetched without its weights unless the adapter's tuned norms need the base's (the official v2 files). The
     embedded adapters are named as everywhere (tiny-text, tiny-image); `what` names the argument in errors."""
-    require_path(base, "base")
-    require_path(source, what)
+    require_path(base, "base", BASE_NAMES)
+    require_path(source, what, "a path or a name (tiny-text, hf:owner/name, official:NAME)")
     _, source, _, _ = resolve_tiny("", source, None, None)
     found = read_adapter(resolve(source, what))
     checkpoint = open_named_base(base) if found.norm_weights else open_base_shape(base)

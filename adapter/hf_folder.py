@@ -24,7 +24,7 @@ from .formats.hf import hf_name, meta_to_hf_rows
 from .gguf_tokenizer import write_tokenizer_files
 from .loading import DTYPES, base_shapes, check_base_names, check_tensor, open_named_base
 from .model import Transformer
-from .paths import require_path
+from .paths import BASE_NAMES, require_path
 from .progress import terminal_progress
 from .quantize import FROZEN_LINEARS
 from .tokenizer import TOKENIZER_FILES
@@ -40,7 +40,7 @@ def open_base_to_rewrite(base: str | os.PathLike, out: Path, dtype: str, shard_g
     """The checkpoint of `base`, to be written anew as the new folder `out`, once the request is checked (a
     ValueError naming the argument at fault, before any weight is read): a known dtype, shards above 0 GiB, `out`
     new, and a base not stored quantized (`quantized` ends that error: what to do instead)."""
-    require_path(base, "base")
+    require_path(base, "base", BASE_NAMES)
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
     if isinstance(shard_gb, bool) or not isinstance(shard_gb, int | float) or not 0 < shard_gb < math.inf:

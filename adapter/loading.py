@@ -23,6 +23,7 @@ from .kv_cache import check_kv_cache
 from .layout import column_major_copy, prefers_column_major
 from .memory import trim_heap
 from .model import Transformer
+from .paths import BASE_NAMES
 from .progress import terminal_progress
 from .prompts import base_prompt_format, chat_template_source
 from .quantize import FROZEN_LINEARS, check_mode, quantize_linear, quantize_tower, stored_linear
@@ -202,7 +203,7 @@ def _checked_names(adapter: object, clip: object, clip_model: object, **base: ob
     ("expected str, bytes or os.PathLike object, not int") or an AttributeError from deep inside; `clip_model` as
     a string (a Path to its .json too)."""
     paths = (str, os.PathLike)
-    kinds = {"base": (paths, "a path or a name (tiny, hf:owner/name)"),
+    kinds = {"base": (paths, BASE_NAMES),
              "adapter": ((*paths, AdapterArgs, LoadedAdapter, type(None)),
                          "a path, a name (tiny-text, hf:owner/name, official:NAME), AdapterArgs or a LoadedAdapter"),
              "clip": ((*paths, type(None)), "a path or an open_clip pretrained tag"),

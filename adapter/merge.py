@@ -66,7 +66,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
           shard_gb: float = SHARD_GB) -> Merged:
     """Write `base` with `adapter`'s LoRA, scales and tuned norms merged in to the new HF folder `out`, and what
     does not merge as the adapter `out/adapter`."""
-    require_path(out, "out", "folder")
+    require_path(out, "out", "a folder's path")
     out = Path(out)
     checkpoint = open_base_to_rewrite(base, out, dtype, shard_gb, "merge into the 16-bit base it was made from "
                                       "(then python -m adapter.quantize_base the merged folder)")

@@ -25,8 +25,11 @@ def not_a_file(path: str | os.PathLike) -> str:
     return f"{path} is not a regular file"
 
 
-def require_path(value: object, what: str, noun: str = "file") -> None:
+BASE_NAMES = "a path or a name (tiny, hf:owner/name)"  # what a base argument may be, wherever one is taken
+
+
+def require_path(value: object, what: str, expected: str = "a file's path") -> None:
     """A ValueError naming `what` where `value` is no path (pathlib's TypeError named neither it nor the setting):
     a command's own checks, for the functions Python programs call."""
     if not isinstance(value, str | os.PathLike):
-        raise ValueError(f"{what}: expected a {noun}'s path, got {value!r}"[:200])
+        raise ValueError(f"{what}: expected {expected}, got {value!r}"[:200])

@@ -58,7 +58,7 @@ def quantize_base(base: str | os.PathLike, out: str | os.PathLike, mode: str = "
     if not isinstance(double_quant, bool):
         raise ValueError(f"double_quant: must be True or False, got {double_quant!r}")
     bitsandbytes()  # its clear error, before anything is read, where it is missing
-    require_path(out, "out", "folder")
+    require_path(out, "out", "a folder's path")
     out = Path(out)
     checkpoint = open_base_to_rewrite(base, out, dtype, shard_gb, "load it as it is")
     args = checkpoint.model_args(open_tokenizer(checkpoint.tokenizer_path).n_words)

@@ -23,13 +23,15 @@ def lora(tmp_path_factory):
 
 CASES = [
     (lambda out, lora: adapter.load("tiny", dtype={}), r"dtype: unknown dtype \{\}"),
-    (lambda out, lora: merge(b"tiny", lora, out), "base: expected a file's path, got b'tiny'"),
+    (lambda out, lora: merge(b"tiny", lora, out),
+     r"base: expected a path or a name \(tiny, hf:owner/name\), got b'tiny'"),
     (lambda out, lora: merge("tiny", lora, 5), "out: expected a folder's path, got 5"),
     (lambda out, lora: merge("tiny", lora, out, dtype=[]), r"dtype: unknown dtype \[\]"),
     (lambda out, lora: merge("tiny", lora, out, shard_gb="2"), "shard_gb: must be a finite number above 0, got '2'"),
-    (lambda out, lora: quantize_base(True, out), "base: expected a file's path, got True"),
+    (lambda out, lora: quantize_base(True, out), r"base: expected a path or a name \(tiny, hf:owner/name\), got True"),
     (lambda out, lora: quantize_base("tiny", out, double_quant="no"), "double_quant: must be True or False, got 'no'"),
-    (lambda out, lora: convert(None, out, "native", "tiny"), "source: expected a file's path, got None"),
+    (lambda out, lora: convert(None, out, "native", "tiny"),
+     r"source: expected a path or a name \(tiny-text, hf:owner/name, official:NAME\), got None"),
     (lambda out, lora: convert("tiny-text", out, ["peft"], "tiny"), r"to: unknown target format \['peft'\]"),
     (lambda out, lora: convert("tiny-text", [out], "native", "tiny"), "target: expected a file's path"),
     (lambda out, lora: push("tiny-text", None, "tiny"), "repo: expected a hub repository id like owner/name, got None"),

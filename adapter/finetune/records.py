@@ -213,7 +213,7 @@ def _parquet_entries(path: Path, flag: str) -> Iterator[tuple[str, Any, str | No
 def _checked_folder(image_folder: str | os.PathLike | None) -> Path | None:
     """The folder records' image paths are relative to (`--image-folder`), which must exist when given."""
     if image_folder is not None:
-        require_path(image_folder, "--image-folder", "folder")
+        require_path(image_folder, "--image-folder", "a folder's path")
     folder = Path(image_folder) if image_folder is not None else None
     if folder is not None and not folder.is_dir():
         raise FileNotFoundError(f"--image-folder: {folder} is not a folder")
