@@ -43,6 +43,7 @@ from adapter.app_handlers import (
     picture,
     start_choices,
 )
+from adapter.arg_types import unicode_output
 from adapter.cache_sweep import sweep_by_age
 from adapter.engine import (
     MAX_SCALE,
@@ -648,6 +649,7 @@ def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     try:
         serve(argv)
     except (ValueError, OSError) as error:  # bad flags, missing files, a port in use

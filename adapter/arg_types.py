@@ -1,10 +1,11 @@
 """What the command lines share about their arguments: types (a bad number is argparse's one-line error naming the
-flag, before any work starts, not a traceback from deep inside a run, nor a 0 read as "not given"), and the one
-line a refused input gets, naming the flag the user typed."""
+flag, before any work starts, not a traceback from deep inside a run, nor a 0 read as "not given"), the one
+line a refused input gets, naming the flag the user typed, and output streams that can write any answer."""
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 import sys
 
@@ -46,3 +47,20 @@ def refused(error: BaseException, parser: argparse.ArgumentParser) -> int:
     """Print `refusal` on stderr and give the exit code of a refused input, 2 (argparse's for a bad flag)."""
     print(refusal(error, parser), file=sys.stderr)
     return 2
+
+
+def unicode_output() -> None:
+    """Let stdout and stderr write any text a model answers or a user names. Python writes a redirected stream in
+    the locale's code page (cp1252 on most Windows machines, before Python 3.15), where an answer's emoji, CJK or
+    U+FFFD stopped a command half-way with "'charmap' codec can't encode character". A file or pipe is written in
+    UTF-8 instead, as Python's UTF-8 mode writes it (and as our JSONL files are); a terminal keeps its encoding,
+    a character it cannot show replaced by '?'. Commands call it first."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None)
+        if not hasattr(stream, "reconfigure") or codecs.lookup(encoding or "ascii").name == "utf-8":
+            continue
+        stream.flush()
+        if stream.isatty():
+            stream.reconfigure(errors="replace")
+        else:
+            stream.reconfigure(encoding="utf-8")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .arg_types import refused
+from .arg_types import refused, unicode_output
 from .formats import BASE_HELP, read_adapter
 from .formats.common import check_writable, unrecorded_format_note
 from .formats.native import save_adapter
@@ -90,6 +90,7 @@ def write_adapter(model: Transformer, target: str | Path, to: str, base_name: st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = argparse.ArgumentParser(prog="python -m adapter.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="adapter file/folder in any supported format")
     parser.add_argument("target", help="where to write (a folder for native and peft, a .pth for official-v1)")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .arg_types import refused
+from .arg_types import refused, unicode_output
 from .choices import ChoiceEvaluation, evaluate_choices, scorable_questions
 from .choices import table as choices_table
 from .finetune.batching import collate, eval_batches
@@ -447,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     from .loading import load_many

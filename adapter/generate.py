@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .arg_types import refused
+from .arg_types import refused, unicode_output
 from .finetune.records import DATA_HELP
 from .formats import BASE_HELP
 from .formats.common import check_file_target
@@ -445,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     from .loading import load_many

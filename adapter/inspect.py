@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .arg_types import refused
+from .arg_types import refused, unicode_output
 from .footprint import describe as memory_line
 from .formats import open_base, read_adapter
 from .formats.common import LoadedAdapter
@@ -158,6 +158,7 @@ def describe(path: str | Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = argparse.ArgumentParser(prog="python -m adapter.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="a base folder or .gguf file, or an adapter file/folder in any supported format; "
                                      "the embedded model by its names (tiny, tiny-text, tiny-image); hf:owner/name "

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .arg_types import unicode_output
 from .config import LORA_TARGETS, AdapterArgs
 from .convert import adapter_on_meta_base
 from .footprint import size_text
@@ -219,6 +220,7 @@ def _card(base: str, adapter: str, parts: list[str], rest: Transformer | None, f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = argparse.ArgumentParser(prog="python -m adapter.merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help=BASE_HELP + " (not one stored quantized)")
     parser.add_argument("adapter", help="an adapter in any supported format (ours, official, PEFT, litgpt; "

@@ -39,6 +39,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .arg_types import unicode_output
 from .engine import Engine, Engines, Settings
 from .images import decode_image
 from .prompt_ids import Prompt, prompt_ids
@@ -658,6 +659,7 @@ def response_id(prefix: str = "chatcmpl") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     import uvicorn
 
     from .app_config import Command, check_listening, load_engines, parse_config

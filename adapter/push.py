@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .arg_types import refused
+from .arg_types import refused, unicode_output
 from .convert import adapter_on_meta_base, check_target, write_adapter
 from .finetune.logs import LOG
 from .formats import BASE_HELP
@@ -155,6 +155,7 @@ def _hub_name(base: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = argparse.ArgumentParser(prog="python -m adapter.push", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="the adapter: a file or folder in any supported format, tiny-text, tiny-image, "
                                        "hf:owner/name or official:NAME")

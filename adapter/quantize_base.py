@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .arg_types import unicode_output
 from .config import ModelArgs
 from .footprint import size_text
 from .formats import BASE_HELP
@@ -121,6 +122,7 @@ class _Writer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = argparse.ArgumentParser(prog="python -m adapter.quantize_base", description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help=BASE_HELP)
     parser.add_argument("out", help="the new folder to write (must not exist)")

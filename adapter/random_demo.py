@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .arg_types import refused
+from .arg_types import refused, unicode_output
 from .config import AdapterArgs
 from .formats.common import atomic_folder, save_tensors
 from .formats.native import save_adapter
@@ -77,6 +77,7 @@ def write_random_demo(folder: str | Path, base: str | Path | None = None, *, see
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = argparse.ArgumentParser(prog="python -m adapter.random_demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="where to write the files")
     parser.add_argument("--seed", type=int, default=0)

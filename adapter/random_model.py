@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .arg_types import refused
+from .arg_types import refused, unicode_output
 from .config import ModelArgs, RopeScaling
 from .formats.common import atomic_folder, save_tensors, writing
 from .formats.meta import shard_dim
@@ -183,6 +183,7 @@ def write_random_mistral(folder: str | Path, args: ModelArgs | None = None, *, s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = argparse.ArgumentParser(prog="python -m adapter.random_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="where to write the Meta-format folder")
     parser.add_argument("--dim", type=int, default=64)

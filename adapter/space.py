@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .app_config import CLIP_WEIGHT_SUFFIXES, build_parser, env_name, parse_config
-from .arg_types import refused
+from .arg_types import refused, unicode_output
 from .hub import hub_failures, hub_module, is_remote, repo_id
 from .push import check_token
 from .space_fit import check_fit
@@ -223,6 +223,7 @@ def _fit_lines(hardware: str, variables: Mapping[str, str], base: str, checkpoin
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = argparse.ArgumentParser(prog="python -m adapter.space", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False,  # the app's flags pass through whole
                                      epilog="Every other flag is the app's (python app.py --help), e.g. --base "

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .arg_types import refused
+from .arg_types import refused, unicode_output
 from .formats import BASE_HELP
 from .gate_layers import FLAG_HELP, layers_from_flag, speaking
 from .kv_cache import KV_CACHE_DTYPES
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
+    unicode_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from adapter.arg_types import positive_int
+from adapter.arg_types import positive_int, unicode_output
 
 
 def positive_ints(text: str) -> list[int]:
@@ -16,7 +16,8 @@ def positive_ints(text: str) -> list[int]:
 
 def run_main(main: Callable[[], int | None]) -> int:
     """`main()`'s exit code (0 for None); an OSError (a --folder, --out, --plot or --write that cannot be made or
-    written) as one line on stderr, exit code 2."""
+    written) as one line on stderr, exit code 2. Output as the commands write it (`unicode_output`)."""
+    unicode_output()
     try:
         return main() or 0
     except OSError as error:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..arg_types import refusal
+from ..arg_types import refusal, unicode_output
 from ..config import VISUAL_PROMPT_KINDS
 from ..formats import BASE_HELP
 from ..prompts import PROMPT_FORMATS
@@ -134,6 +134,7 @@ def unused_flag(options: dict) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     parser = build_parser()
     options = vars(parser.parse_args(argv))
     problem = unused_flag(options)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..arg_types import positive_int, positive_number
+from ..arg_types import positive_int, positive_number, unicode_output
 from ..interrupts import stoppable
 from .assets import ASSETS
 from .build import STAGES
@@ -136,6 +136,7 @@ def write_held_out(options: argparse.Namespace, recipe: Recipe) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unicode_output()
     options = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress of a half-hour build shows in a log file as it happens
     kept = (f"the stages finished so far are in {options.work} (--stages goes on from there)"
