@@ -22,7 +22,15 @@ import gradio as gr  # noqa: E402  (after the check above)
 from PIL import Image
 
 from adapter.adapter_upload import MAX_UPLOADED, AdapterUploads
-from adapter.app_config import ServeConfig, check_listening, engine_for, load_engines, parse_config, serves_tiny
+from adapter.app_config import (
+    QUEUE_PER_WORKER,
+    ServeConfig,
+    check_listening,
+    engine_for,
+    load_engines,
+    parse_config,
+    serves_tiny,
+)
 from adapter.app_examples import (
     EXAMPLE_QUESTION,
     TINY_TRAINING_IMAGES,
@@ -62,7 +70,6 @@ from adapter.model import Transformer
 from adapter.prompts import PROMPT_FORMATS
 from adapter.releases import OFFICIAL
 
-QUEUE_PER_WORKER = 16  # waiting requests per concurrent slot before "queue is full"
 DEFAULTS = Settings()
 MAX_UPLOAD = "20mb"
 SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
@@ -636,7 +643,7 @@ def serve(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=True,
                 auth=None if config.login is None else [config.login],
                 prevent_thread_lock=True, allowed_paths=example_images(), max_file_size=MAX_UPLOAD,
-                run_history=False, quiet=not block, css=CSS)
+                run_history=False, quiet=not block, css=CSS, state_session_capacity=config.max_sessions)
     sweep_by_age(demo)  # uploads and gradio's copies of downloads, older than four hours
     if config.openai_api:  # on the server just started, beside the app's own routes
         from adapter.openai_api import api_router

@@ -35,6 +35,8 @@ from .tiny.assets import BASE_NAME, CLIP_NAME, IMAGE_NAME, TEXT_NAME
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CLIP_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 MAX_CONCURRENCY = 64
+QUEUE_PER_WORKER = 16  # waiting requests per concurrent slot before "queue is full"
+MAX_SESSIONS = 1000  # gradio keeps a copy of every component's config per session (about 0.3 MB for this app)
 MAX_NEW_TOKENS = 4096
 MIN_API_KEY = 16  # characters: a key short enough to guess guards nothing
 MIN_PASSWORD = 8  # --auth's
@@ -58,6 +60,7 @@ class ServeConfig:
     share: bool = False
     max_new_tokens: int = 256
     concurrency: int = 1
+    max_sessions: int = MAX_SESSIONS  # sessions (pages, API clients) whose state is kept; the oldest go first
     compile: bool = False  # decode through torch.compile (Transformer.step): faster steps, a slow first answer
     kv_cache: str = "auto"  # "int8": keys/values in int8, half the cache's memory (adapter.kv_cache)
     prompt_format: str = "auto"  # how questions are written (adapter.prompts); auto: each adapter's (or base's) own
@@ -217,6 +220,10 @@ def build_parser(environ: Mapping[str, str], command: Command = APP) -> argparse
                         help="requests in flight at once (default 1); chats and image questions waiting for the "
                              "device are decoded together, up to this many rows in one batch; other work is one at a "
                              "time per device")
+    parser.add_argument("--max-sessions", type=int, default=default("max_sessions", defaults.max_sessions, int),
+                        help=f"the most sessions (pages, API clients) whose state is kept in memory, about 0.3 MB "
+                             f"each, the least recently active forgotten first (default {MAX_SESSIONS}; gradio's "
+                             "own default, 10000, would hold about 3 GB)")
     parser.add_argument("--compile", action="store_true", default=_switch(environ, "compile"),
                         help="decode through torch.compile: faster steps (on a CPU, about 2x for a 512-dim fp32 model: "
                              "BENCHMARKS.md), but the first answer waits for the compilation (tens of seconds; "
@@ -310,6 +317,9 @@ def check_config(config: ServeConfig) -> None:
         raise ValueError(f"--train-max-steps: must be at least 1, got {config.train_max_steps}")
     if not 1 <= config.concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"--concurrency: must be between 1 and {MAX_CONCURRENCY}, got {config.concurrency}")
+    if config.max_sessions < QUEUE_PER_WORKER * config.concurrency:
+        raise ValueError(f"--max-sessions: must be at least {QUEUE_PER_WORKER * config.concurrency}, the requests "
+                         f"the queue holds ({QUEUE_PER_WORKER} per --concurrency slot), got {config.max_sessions}")
     key = config.api_key
     if key is not None and (len(key) < MIN_API_KEY or key != key.strip() or any(c.isspace() for c in key)):
         raise ValueError(f"--api-key: give a key of at least {MIN_API_KEY} characters, without spaces "

@@ -328,6 +328,28 @@ def test_the_apps_openai_api_asks_for_its_key_and_the_page_stays_open(demo_files
         parse_config([*demo_files.flags()], {"ADAPTER_API_KEY": key})
 
 
+def test_the_server_keeps_at_most_max_sessions_sessions(demo_files, served):  # noqa: F811
+    """gradio copies every component's settings into each session (about 0.3 MB for this app) and kept 10,000
+    sessions, so the server's memory grew with every visitor and API client up to about 3 GB. --max-sessions
+    (ADAPTER_MAX_SESSIONS, default 1000) bounds it, the least recently active forgotten first."""
+    from adapter.app_config import MAX_SESSIONS, parse_config
+    from tests.app_helpers import running_app
+
+    assert served.demo.state_session_capacity == MAX_SESSIONS == 1000
+    with running_app([*demo_files.flags(), "--max-sessions", "32"]) as small:  # the least beside --concurrency 2
+        clients = [Client(small.url, verbose=False) for _ in range(40)]
+        for client in clients:
+            client.predict(api_name="/model_info")
+        kept = small.demo.state_holder.session_data
+        assert len(kept) == 32 and list(kept) == [client.session_hash for client in clients[8:]]
+        answer = clients[0].predict(QUESTION, [], *controls(**GREEDY), api_name="/chat")  # forgotten: starts anew
+        assert answer[-1]["role"] == "assistant" and list(kept)[-1] == clients[0].session_hash
+    assert parse_config([*demo_files.flags()], {"ADAPTER_MAX_SESSIONS": "40"}).max_sessions == 40
+    with pytest.raises(ValueError, match=r"^--max-sessions: must be at least 32, the requests the queue holds \(16 "
+                                         r"per --concurrency slot\), got 20$"):
+        parse_config([*demo_files.flags(), "--concurrency", "2", "--max-sessions", "20"])
+
+
 def test_auth_asks_the_page_and_gradios_api_for_a_login(demo_files):  # noqa: F811
     """`--auth USER:PASSWORD` (ADAPTER_AUTH): an app served beyond this machine answered anyone who found it."""
     from gradio_client.exceptions import AuthenticationError

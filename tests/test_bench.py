@@ -287,8 +287,8 @@ def test_a_corrupted_peer_is_refused_by_the_training_check(weights, monkeypatch)
 
 def test_smoke_leaves_out_what_has_no_smoke_mode_and_load_needs_its_flag():
     smoke, left = bench_main.chosen(argparse.Namespace(only=None, smoke=True, with_load=False))
-    assert [b.name for b in smoke] == ["decode_peers", "memory", "adapters", "scaling", "train", "answers",
-                                       "space_fit", "tied", "v2_parts", "gpu"]
+    assert [b.name for b in smoke] == ["decode_peers", "memory", "adapters", "scaling", "train", "sessions",
+                                       "answers", "space_fit", "tied", "v2_parts", "gpu"]
     assert any(note.startswith("load") for note in left)
     full, left = bench_main.chosen(argparse.Namespace(only=None, smoke=False, with_load=False))
     assert "load" not in [b.name for b in full] and any("--with-load" in note for note in left)
@@ -438,3 +438,16 @@ def test_smoke_space_fit_section(tmp_path, capsys):
     table = next(t for t in tables(section) if t[0][0] == "--quantize")
     assert [row[0] for row in table[1:]] == ["none", "nf4"]
     assert all(re.fullmatch(r"\d+\.\d\d", cell) for row in table[1:] for cell in row[1:]), table
+
+
+def test_smoke_sessions_section(tmp_path):
+    """The server's memory read after the first answer and after each 2 of 4 new sessions, at the app's
+    --max-sessions and at gradio's own capacity."""
+    from bench.sessions import main as sessions_main
+
+    assert sessions_main(["--smoke", "--write", str(tmp_path / "BENCHMARKS.md")]) == 0
+    section = next(body for head, body in sections((tmp_path / "BENCHMARKS.md").read_text()).items()
+                   if head.startswith("Sessions (CPU") and "--smoke" in head)
+    table = next(t for t in tables(section) if t[0][0] == "sessions seen")
+    assert [row[0] for row in table[1:]] == ["0", "2", "4"] and table[1][1:] == ["0", "0"]
+    assert all(re.fullmatch(r"-?\d+", cell) for row in table[1:] for cell in row[1:]), table
