@@ -6,7 +6,8 @@ section of BENCHMARKS.md, under a first section that names the machine, the comm
 bench.load (writes a 13.5 GB checkpoint once, then 2+ minutes and 6 GB of memory) runs only with --with-load;
 the GPU benchmark runs when this machine has a GPU (elsewhere: bench/gpu.sh on a GPU machine). --smoke runs the
 benchmarks that have tiny shapes (decode_peers, memory, adapters, scaling, train, sessions, answers, space_fit,
-tied, v2_parts, gpu) once each: it checks the harness, and its figures mean nothing, so give it a --write file of its own.
+tied, v2_parts, gpu) once each: it checks the harness, and its figures mean nothing, so give it a --write file of
+its own.
 """
 
 from __future__ import annotations
