@@ -72,6 +72,7 @@ from adapter.releases import OFFICIAL
 
 DEFAULTS = Settings()
 MAX_UPLOAD = "20mb"
+BUTTON_WIDTH = 48  # px: a row of short buttons stays one row on a phone (gradio's 160 stacked them)
 SWEEP = "0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2"  # the gate sweep's default scales
 TRAIN_MODES = [("v1: adaption prompts and gates", "v1"), ("v2: also zero-init biases and tuned norms", "v2"),
                ("LoRA alone (no prompts, no gates: the baseline)", "lora")]
@@ -131,10 +132,6 @@ def adapter_menu(choices: list[Any], **options: Any) -> gr.Dropdown:
 
 # Small pictures (the tiny model's scenes are 64 x 64) fill the image box instead of sitting in its middle.
 CSS = "#image img { width: 100%; height: 100%; object-fit: contain; }"
-
-
-
-
 
 
 class TrainDefaults(NamedTuple):
@@ -412,11 +409,11 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
             message = gr.Textbox(label="Message", placeholder="Ask something and press Enter", elem_id="message")
             offer_chat_examples(chat_examples, message)
             with gr.Row():
-                send = gr.Button("Send", variant="primary", elem_id="send")
-                stop = gr.Button("Stop", elem_id="stop")
-                retry = gr.Button("Retry", elem_id="retry")
-                undo = gr.Button("Undo", elem_id="undo")
-                clear = gr.Button("Clear", elem_id="clear")
+                send = gr.Button("Send", variant="primary", elem_id="send", min_width=BUTTON_WIDTH)
+                stop = gr.Button("Stop", elem_id="stop", min_width=BUTTON_WIDTH)
+                retry = gr.Button("Retry", elem_id="retry", min_width=BUTTON_WIDTH)
+                undo = gr.Button("Undo", elem_id="undo", min_width=BUTTON_WIDTH)
+                clear = gr.Button("Clear", elem_id="clear", min_width=BUTTON_WIDTH)
             with gr.Accordion("Save this conversation as a training record", open=False):
                 gr.Markdown("One record in the chat `messages` layout (the system prompt first, if set): correct "
                             "the answers you want otherwise, then train on it in the Train tab (or with `python -m "
@@ -444,9 +441,9 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                     first = image_examples[0][1] if image_examples else EXAMPLE_QUESTION
                     question = gr.Textbox(label="Question", value=first, elem_id="image_question")
                     with gr.Row():
-                        ask = gr.Button("Ask", variant="primary", elem_id="ask")
-                        image_stop = gr.Button("Stop")
-                        image_clear = gr.Button("Clear", elem_id="image_clear")
+                        ask = gr.Button("Ask", variant="primary", elem_id="ask", min_width=BUTTON_WIDTH)
+                        image_stop = gr.Button("Stop", min_width=BUTTON_WIDTH)
+                        image_clear = gr.Button("Clear", elem_id="image_clear", min_width=BUTTON_WIDTH)
                     answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="image_answer")
                     conversation = gr.Chatbot(label="Earlier turns about this picture: a new question follows them "
                                               "(the same question again is answered again); a new picture or Clear "
@@ -474,8 +471,8 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
             compare_question = gr.Textbox(label="Question", elem_id="compare_question")
             offer_chat_examples(chat_examples, compare_question)
             with gr.Row():
-                compare_button = gr.Button("Compare", variant="primary", elem_id="compare")
-                compare_stop = gr.Button("Stop")
+                compare_button = gr.Button("Compare", variant="primary", elem_id="compare", min_width=BUTTON_WIDTH)
+                compare_stop = gr.Button("Stop", min_width=BUTTON_WIDTH)
             with gr.Row():
                 base_answer = gr.Textbox(label="Frozen base (gate 0)", lines=6, interactive=False,
                                          elem_id="base_answer")

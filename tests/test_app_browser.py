@@ -72,6 +72,21 @@ def test_moving_the_gate_slider_changes_the_answer(page, tmp_path):
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("adapted.png", "frozen.png"))
 
 
+def test_on_a_phone_the_chat_buttons_share_one_row_and_show_their_words(browser, served):
+    """At a phone's 390 px, gradio's 160 px least width stacked Send, Stop, Retry, Undo and Clear one under another,
+    a screen's height of buttons between the question and the answer's colours."""
+    phone = open_page(browser, served.url, width=390, height=844)
+    try:
+        boxes = [phone.locator(f"#{name}").bounding_box() for name in ("send", "stop", "retry", "undo", "clear")]
+        assert len({round(box["y"]) for box in boxes}) == 1, boxes
+        assert boxes[-1]["x"] + boxes[-1]["width"] <= 390
+        cut = phone.evaluate("['send', 'stop', 'retry', 'undo', 'clear'].filter(name => "
+                             "{ const b = document.getElementById(name); return b.scrollWidth > b.clientWidth; })")
+        assert cut == [], f"words cut off: {cut}"
+    finally:
+        phone.close()
+
+
 def test_a_conversation_is_saved_from_the_chat_tab_as_a_training_record(page, served):
     page.get_by_role("tab", name="Chat").click()
     page.click("#clear")
