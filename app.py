@@ -100,7 +100,8 @@ def clear_image_errors(image: gr.Image) -> None:
             return decode(payload)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             name = getattr(payload, "orig_name", None) or "the upload"
-            raise gr.Error(f"image: {name} is not an image file, or it is damaged ({type(error).__name__})") from None
+            raise gr.Error(f"image: {name} is not an image file, or it is damaged ({type(error).__name__})",
+                           print_exception=False) from None  # the user's message; no traceback in the log
 
     image.preprocess = preprocess
 

@@ -83,12 +83,13 @@ def api_inputs(*names: str) -> Callable[[Handler], Handler]:
 def user_errors() -> Iterator[None]:
     """A bad request becomes a message for the user (and the API client); the app keeps serving. Files are named
     by their own names: the temporary folders the server put uploads in mean nothing to the user; a leading
-    command-line flag by its setting's name. A write that failed (the server's disk full) is said so too."""
+    command-line flag by its setting's name. A write that failed (the server's disk full) is said so too. The
+    server's log gets a traceback for that alone: gradio printed one for every empty question."""
     try:
         yield
     except (ValueError, FileNotFoundError, WriteFailed) as error:
         text = CLI_FLAG.sub(lambda flag: flag.group(1).replace("-", "_") + ":", SERVER_FOLDERS.sub("", str(error)))
-        raise gr.Error(text) from None
+        raise gr.Error(text, print_exception=isinstance(error, WriteFailed)) from None
 
 
 def settings(gate: float, delta: float, temperature: float, top_p: float, max_new_tokens: float,

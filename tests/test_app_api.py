@@ -276,10 +276,13 @@ def test_closing_an_event_stops_the_decode_under_it_at_once(served, client, deco
     ("/image_layer_sweep", lambda images: (None, "What is it?", *controls()), "image: upload an image first"),
     ("/gates", lambda images: (1.0, None, "top 9"), r"gate_layers: the top N layers needs N from 0 to 3"),
 ])
-def test_bad_inputs_get_a_clear_message_and_the_app_keeps_serving(client, images, endpoint, arguments, message):
+def test_bad_inputs_get_a_clear_message_and_the_app_keeps_serving(client, images, endpoint, arguments, message,
+                                                                  capfd):
+    capfd.readouterr()
     with pytest.raises(AppError, match=message):
         client.predict(*arguments(images), api_name=endpoint)
     assert chat(client, QUESTION, max_new_tokens=4)
+    assert "Traceback" not in capfd.readouterr().err, "a user's mistake filled the server's log with a traceback"
 
 
 def test_the_layer_sweeps_and_a_layer_choice_reach_the_model(served, client, images):
