@@ -7,9 +7,10 @@ answer at 2,048 tokens of context (the base's, if shorter) for each request deco
 reading such a prompt holds for a moment (its activations: the feed-forward's three and attention's four widths per
 token, in the compute dtype; for a quantized base also one layer's linears unpacked to that dtype, which is what
 bitsandbytes' CPU path was measured to hold), and a fixed part: on a GPU 0.5 GiB for CUDA's context, on a CPU
-1 GiB for the app's process (0.8 to 0.9 GiB measured). `python -m bench.space_fit` measures the app against this
-sum (BENCHMARKS.md). The adapters' own tensors (megabytes; an official v2 release's 0.1 GiB) are not counted. The
-app serves from one device: on hardware with several GPUs, one.
+1 GiB for the app's process (0.8 to 0.9 GiB measured), and there what gradio keeps per session, up to
+`--max-sessions` of them (0.31 MiB each: `python -m bench.sessions`). `python -m bench.space_fit` measures the app
+against this sum (BENCHMARKS.md). The adapters' own tensors (megabytes; an official v2 release's 0.1 GiB) are not
+counted. The app serves from one device: on hardware with several GPUs, one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .tokenizer import open_tokenizer
 GB, GIB = 10**9, 2**30
 CONTEXT = 2048  # tokens of KV cache counted per request: the app decodes no more at once (served_cache_tokens)
 GPU_FIXED, CPU_FIXED = 0.5 * GIB, 1.0 * GIB  # CUDA's context; the app's process (Python, torch, gradio)
+SESSION_BYTES = 325_000  # what gradio keeps per session of the app, in the process's memory (bench.sessions: 0.31 MiB)
 
 
 def served_cache_rows(concurrency: int, max_seq_len: int) -> tuple[int, int]:
@@ -94,6 +96,7 @@ class Need:
     rows: int
     context: int
     transient: int  # what reading a prompt holds for a moment: activations (and a quantized layer unpacked)
+    sessions: int = 0  # sessions whose state the process keeps (--max-sessions), counted in the CPU's memory
 
     @property
     def fixed(self) -> float:
@@ -102,7 +105,7 @@ class Need:
     @property
     def total(self) -> float:
         return (self.weights + (self.tower or 0) + self.kv_per_token * self.rows * self.context + self.transient
-                + self.fixed)
+                + self.sessions * SESSION_BYTES + self.fixed)
 
     def sum_text(self, memory: float) -> str:
         parts = [f"base {self.precision} {size_text(self.weights)}"]
@@ -113,6 +116,8 @@ class Need:
         parts.append(f"KV cache {size_text(self.kv_per_token * self.rows * self.context)} "
                      f"({self.rows} x {self.context:,} tokens)")
         parts.append(f"reading the prompt {size_text(self.transient)}")
+        if self.sessions:
+            parts.append(f"sessions {size_text(self.sessions * SESSION_BYTES)} ({self.sessions:,} kept)")
         parts.append(f"{self.fixed / GIB:.2f} GiB for " + ("CUDA" if self.on_gpu else "the app itself"))
         return " + ".join(parts) + f" = {self.total / GIB:.2f} of {memory / GIB:.2f} GiB"
 
@@ -154,7 +159,8 @@ class Served:
         rows, context = served_cache_rows(int(options["concurrency"]), self.args.max_seq_len)
         return Need(on_gpu, mode or str(dtype).removeprefix("torch."), sizes.weights, tower,
                     sizes.kv_per_token_int8 if options["kv_cache"] == "int8" else sizes.kv_per_token, rows, context,
-                    _transient(self.args, rows * context, dtype, quantized=mode is not None))
+                    _transient(self.args, rows * context, dtype, quantized=mode is not None),
+                    0 if on_gpu else int(options["max_sessions"]))
 
     def on_gpu(self, kind: Hardware) -> bool:
         return bool(kind.gpus) and (self.options["device"] or "cuda").startswith("cuda")

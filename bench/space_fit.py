@@ -1,7 +1,9 @@
 """How close `adapter.space`'s fit check (adapter.space_fit) comes to what `python app.py` holds on a CPU: a random
 base of a given shape served as a Space would serve it, its peak resident memory while it loads and while it
 answers a conversation that fills 2,048 tokens of context, against the sum the check counts for CPU hardware (weights,
-KV cache, the 1.5 GiB reserve for the app itself). The check must not count less than the app takes.
+KV cache, reading the prompt, the sessions kept, the 1 GiB for the app itself). The check must not count less than the
+app takes. The app keeps 16 sessions (`--max-sessions`) here, the check counting as many: the one session this asks
+from holds what `python -m bench.sessions` measures per session, not a thousand's.
 
     python -m bench.space_fit [--dim 4096 --layers 8] [--modes none,nf4,int8] [--write BENCHMARKS.md] [--smoke]
 """
@@ -28,6 +30,7 @@ from bench.report import command_line, publish, table
 
 CONTEXT = 2048
 NEW_TOKENS = 32
+SESSIONS = 16  # the app's --max-sessions here (its least), and the check's
 MESSAGE_CHARS = 3900  # the app takes messages of up to 4,000 characters: a long prompt comes as earlier turns
 HEADING = "Space fit check against the app's memory"
 
@@ -58,9 +61,10 @@ def measure(folder: Path, mode: str) -> tuple[float, float, float, float, int]:
     from gradio_client import Client
 
     flags = ["--base", str(folder), "--quantize", mode, "--no-train-tab", "--no-upload", "--no-push",
-             "--max-new-tokens", str(NEW_TOKENS)]
+             "--max-new-tokens", str(NEW_TOKENS), "--max-sessions", str(SESSIONS)]
     checkpoint = open_base_shape(folder)
-    need = Served.read({"ADAPTER_BASE": str(folder), "ADAPTER_QUANTIZE": mode}, checkpoint).need(
+    variables = {"ADAPTER_BASE": str(folder), "ADAPTER_QUANTIZE": mode, "ADAPTER_MAX_SESSIONS": str(SESSIONS)}
+    need = Served.read(variables, checkpoint).need(
         BY_NAME["cpu-upgrade"], on_gpu=False)
     tokenizer = open_tokenizer(checkpoint.tokenizer_path)
     prompt = long_prompt(tokenizer, CONTEXT - NEW_TOKENS - 64)  # room for the prompt format's own tokens
@@ -121,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (f"Machine: {machine()}. Command: `{command_line('bench.space_fit', argv)}`. A random base of dim "
          f"{options.dim}, {options.layers} layers, vocabulary 512 (its random tokenizer's; Meta layout, fp16 on "
          "disk, float32 as the app holds it on a CPU), served by `python app.py --quantize MODE` (no adapter); one "
-         f"greedy answer of {NEW_TOKENS} tokens after a conversation of about {prompt:,} tokens (earlier turns and a "
+         f"greedy answer of {NEW_TOKENS} tokens (`--max-sessions {SESSIONS}`, the check counting as many) after a "
+         f"conversation of about {prompt:,} tokens (earlier turns and a "
          "question; with the prompt format's, about 2,048 of context). Peak resident memory of the app's process "
          "(VmHWM) while it starts and loads, then, reset, while it answers; against the sum `adapter.space`'s fit "
          "check counts on CPU hardware. The check must count at least the larger peak (ratio >= 1)."),

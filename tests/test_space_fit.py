@@ -51,10 +51,14 @@ def test_what_does_not_fit_is_refused_with_what_would():
         "--no-fit-check deploys anyway"), \
         "int8 (6.53 + 8 + 1.51 + a layer unpacked) does not fit either, so it is not offered"
     with pytest.raises(ValueError, match=r"^--hardware cpu-basic \(2 vCPU, 16 GB of memory\) cannot hold the app's "
-                                         r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 GiB .* = "
-                                         r"28\.48 of 14\.90 GiB; --quantize nf4 would \(8\.22 GiB\); --quantize int8 "
-                                         r"would \(11\.14 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.48 GiB\);"):
-        check_fit(flags(), "cpu-basic", seven_b())  # a CPU computes in float32 unless --dtype says
+                                         r"base in float32: base float32 25\.10 GiB \+ KV cache 2\.00 GiB .* \+ "
+                                         r"sessions 309\.9 MiB \(1,000 kept\) \+ 1\.00 GiB for the app itself = "
+                                         r"28\.78 of 14\.90 GiB; --quantize nf4 would \(8\.52 GiB\); --quantize int8 "
+                                         r"would \(11\.45 GiB\); --hardware cpu-upgrade would \(8 vCPU, 28\.78 GiB\);"):
+        check_fit(flags(), "cpu-basic", seven_b())  # a CPU computes in float32 unless --dtype says; the process keeps
+        # what gradio holds per session (0.31 MiB each) for up to --max-sessions of them, 1,000 by default
+    few = check_fit(flags(dtype="bfloat16", quantize="nf4", max_sessions="16"), "cpu-basic", seven_b())[1]
+    assert " + sessions 5.0 MiB (16 kept) + 1.00 GiB for the app itself = " in few
     assert check_fit(flags(dtype="bfloat16", quantize="nf4"), "cpu-basic", seven_b())[0].endswith("holds it")
     # with --device cuda, hardware without a GPU (refused there) is not offered (cpu-upgrade was)
     with pytest.raises(ValueError) as refused:
