@@ -22,13 +22,13 @@ from bench.app import free_port, model_flags, start_app
 from bench.args import positive_int, run_main
 from bench.decode import machine
 from bench.report import command_line, publish, table
+from bench.rss import status_gib
 
 GRADIO_CAPACITY = 10_000  # gradio's own state_session_capacity
 
 
 def resident_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status", encoding="utf-8") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+    return status_gib(pid, "VmRSS") * 1024
 
 
 def memory_by_sessions(flags: list[str], capacity: int, sessions: int, every: int) -> list[float]:

@@ -27,20 +27,13 @@ from bench.args import positive_int, run_main
 from bench.decode import machine
 from bench.load import write_checkpoint
 from bench.report import command_line, publish, table
+from bench.rss import status_gib
 
 CONTEXT = 2048
 NEW_TOKENS = 32
 SESSIONS = 16  # the app's --max-sessions here (its least), and the check's
 MESSAGE_CHARS = 3900  # the app takes messages of up to 4,000 characters: a long prompt comes as earlier turns
 HEADING = "Space fit check against the app's memory"
-
-
-def status_gib(pid: int, field: str) -> float:
-    """A /proc/PID/status memory field (VmRSS, VmHWM) in GiB."""
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024 / GIB
-    raise RuntimeError(f"/proc/{pid}/status has no {field}")
 
 
 def long_prompt(tokenizer, tokens: int) -> str:
