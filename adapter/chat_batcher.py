@@ -26,6 +26,7 @@ import torch
 from .device_work import DeviceWork
 from .generate import fits_together, stream_batch
 from .prompt_ids import prompt_ids
+from .token_logprob import TokenLogprob
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -39,7 +40,8 @@ class ChatJob:
     layer and head as adapter.gate_layers.gate_scale_rows gives them), its delta scale, its sampling options and
     its image (None: none; rows without one get no visual query, adapter.visual.encode_images); `generated`, when
     given, is told every token its row decodes up to the piece last read (the batch may decode ahead of a reader
-    that stops at a stop string or leaves)."""
+    that stops at a stop string or leaves), and `scores` each one's log-probability beside it (options asking
+    `logprobs`, adapter.generate.GenerationRequest)."""
 
     prompt: str
     gate: float | torch.Tensor
@@ -47,10 +49,12 @@ class ChatJob:
     options: dict[str, Any]
     image: Any = None
     generated: list[int] | None = None
+    scores: list[TokenLogprob] | None = None
     pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     left: threading.Event = field(default_factory=threading.Event)
     length: int | None = None  # the prompt's tokens, once the batcher has counted them
     decoded: list[int] = field(default_factory=list)  # every token its row decoded so far
+    scored: list[TokenLogprob] = field(default_factory=list)  # their log-probabilities, when asked
 
 
 class ChatBatcher:
@@ -96,9 +100,11 @@ class ChatBatcher:
 
     @staticmethod
     def _tell(job: ChatJob, tokens: int) -> None:
-        """Pass the row's first `tokens` decoded tokens on to `job.generated`."""
+        """Pass the row's first `tokens` decoded tokens on to `job.generated`, their scores to `job.scores`."""
         if job.generated is not None:
             job.generated.extend(job.decoded[len(job.generated):tokens])
+        if job.scores is not None:
+            job.scores.extend(job.scored[len(job.scores):tokens])
 
     def _start(self) -> None:
         with self._started:
@@ -176,7 +182,8 @@ class ChatBatcher:
                                       gate_scale=self._gate_rows([job.gate for job in jobs]),
                                       delta_scale=[job.delta for job in jobs],
                                       rows=[job.options for job in jobs], compile=self.compile,
-                                      generated=[job.decoded for job in jobs], finished=finished,
+                                      generated=[job.decoded for job in jobs],
+                                      scores=[job.scored for job in jobs], finished=finished,
                                       max_cached_tokens=self.max_cached_tokens)) as steps:
                 for pieces in steps:
                     for row, (job, piece) in enumerate(zip(jobs, pieces)):

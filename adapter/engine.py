@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from .evaluate import Evaluation
     from .gate_view import PromptShares
     from .model import Transformer
-    from .next_token import NextTokens, TokenLogprob
+    from .next_token import NextTokens
+    from .token_logprob import TokenLogprob
 
 MAX_QUESTION_CHARS = 4000
 MAX_LAYERS_CHARS = 200  # a layer selection ("top 4", "20-23, 31")
@@ -295,30 +296,36 @@ class Engine:
         prompt, images = self.image_rows(image, question, settings, 1, history)
         return self.answer_prompt(prompt, settings, images[0] if images else None)
 
-    def answer_prompt(self, prompt: str, settings: Settings, image: Any = None,
-                      generated: list[int] | None = None) -> Iterator[str]:
+    def answer_prompt(self, prompt: str, settings: Settings, image: Any = None, generated: list[int] | None = None,
+                      scores: list[TokenLogprob] | None = None, top_logprobs: int = 0) -> Iterator[str]:
         """One user's answer so far to a prompt already written and checked (`chat_prompt`, `image_rows`): a row
         of the users' batch with a batcher, else a decode of its own. `generated` is told every token decoded (the
-        stop id that ends it included), as in `complete`."""
+        stop id that ends it included), as in `complete`; `scores` each one's log-probability as it is decoded,
+        with the `top_logprobs` likeliest at its place."""
         gate = self._gates(settings, [settings.gate_scale])
         if self.batcher is not None:
-            return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, settings.sampling(), image,
-                                               generated))
+            options = settings.sampling() | ({} if scores is None else {"logprobs": top_logprobs})
+            return self.batcher.answer(ChatJob(prompt, gate[0], settings.delta_scale, options, image, generated,
+                                               scores))
         rows = self._generate([prompt], settings, gate, settings.delta_scale, None if image is None else [image],
-                              generated=None if generated is None else [generated])
+                              generated=None if generated is None else [generated],
+                              scores=None if scores is None else ([scores], top_logprobs))
         return _each(rows, itemgetter(0))
 
-    def complete(self, prompt: Prompt, settings: Settings, generated: list[int] | None = None) -> Iterator[str]:
+    def complete(self, prompt: Prompt, settings: Settings, generated: list[int] | None = None,
+                 scores: list[TokenLogprob] | None = None, top_logprobs: int = 0) -> Iterator[str]:
         """A continuation of `prompt` (a text, or token ids) as it is written (no prompt format, so none of its stop
         strings): what the legacy completions API asks for; decoded on its own, not in the users' batch. Checked
-        now (ValueError). `generated` is told every token decoded (the stop id that ends it included)."""
+        now (ValueError). `generated` is told every token decoded (the stop id that ends it included), `scores`
+        each one's log-probability with the `top_logprobs` likeliest at its place."""
         if isinstance(prompt, str):
             check_text(prompt, "prompt")
         self._require_room(prompt, "prompt")
         gate = self._gates(self.check(settings), [settings.gate_scale])
         rows = None if generated is None else [generated]
         return _each(self._generate([prompt], settings, gate, settings.delta_scale, stop=(), generated=rows,
-                                    continued=True), itemgetter(0))
+                                    scores=None if scores is None else ([scores], top_logprobs), continued=True),
+                     itemgetter(0))
 
     def check_scored(self, prompt: Prompt, name: str = "prompt") -> None:
         """A ValueError unless `prompt` is a text (or token ids) the model can score whole (not empty, within its
@@ -433,16 +440,20 @@ class Engine:
 
     def _generate(self, prompts: list[Prompt], settings: Settings, gate_scale: Any, delta_scale: Any,
                   images: list[Any] | None = None, stop: Sequence[str] | None = None,
-                  generated: Sequence[list[int]] | None = None, continued: bool = False) -> Iterator[list[str]]:
+                  generated: Sequence[list[int]] | None = None,
+                  scores: tuple[Sequence[list[TokenLogprob]], int] | None = None,
+                  continued: bool = False) -> Iterator[list[str]]:
         """Whole answers so far, one per prompt, ending at EOS or one of `stop` (default: the prompt format's stop
-        strings; `generated` is told each one's tokens; `continued`: texts read as their prompts go on). The lock
-        is held until this generator ends or is closed; closing it stops decoding at the current token."""
+        strings; `generated` is told each one's tokens; `scores`, (one list per prompt, top count), their
+        log-probabilities; `continued`: texts read as their prompts go on). The lock is held until this generator
+        ends or is closed; closing it stops decoding at the current token."""
         answers = [""] * len(prompts)
         yielded = False
+        scored = {} if scores is None else {"scores": scores[0], "logprobs": scores[1]}
         decoding = self.work.stream(lambda: stream_batch(
             self.model, prompts, images=images, gate_scale=gate_scale, delta_scale=delta_scale, compile=self.compile,
             stop=self.prompts.stop_strings if stop is None else stop, generated=generated, continued=continued,
-            max_cached_tokens=self.max_cached_tokens, **settings.sampling()))
+            max_cached_tokens=self.max_cached_tokens, **scored, **settings.sampling()))
         with closing(decoding) as steps:
             for pieces in steps:
                 if any(pieces):

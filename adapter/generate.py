@@ -41,11 +41,14 @@ from .prompt_ids import Prompt, checked_ids, is_token_ids, prompt_ids
 from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample, seed_problem
 from .text_stream import TextStream
+from .token_logprob import TokenLogprob, scored_tokens
 
 if TYPE_CHECKING:
     from .answer_file import Question
     from .model import Transformer
     from .tokenizer import Tokenizer
+
+MAX_LOGPROBS = 50  # likeliest tokens kept beside each decoded token's own (`logprobs`)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,10 @@ class GenerationRequest:
     """Everything one call needs besides the prompts, validated once.
 
     `compile` runs the decode steps through torch.compile (see `Transformer.step`): faster steps after a
-    first, slow compilation, so it pays off for long answers or a server that keeps the model.
+    first, slow compilation, so it pays off for long answers or a server that keeps the model. `logprobs`, when
+    given, keeps each token decoded with its log-probability and that many likeliest tokens at its place (the
+    distribution at temperature 1 that the step drew from, before top-p: as `adapter.next_token.answer_logprobs`
+    scores an answer afterwards, but as it streams).
     """
 
     max_new_tokens: int = 256
@@ -61,6 +67,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     compile: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not (isinstance(self.max_new_tokens, int) and
@@ -70,6 +77,10 @@ class GenerationRequest:
             raise ValueError(f"compile: must be True or False, got {self.compile!r}")
         if (problem := seed_problem(self.seed)) is not None:
             raise ValueError(f"seed: {problem}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs: must be a whole number from 0 to {MAX_LOGPROBS} (the likeliest tokens "
+                             f"kept beside each token's own) or None, got {self.logprobs!r}")
 
 
 def _request(
@@ -86,6 +97,7 @@ def _request(
     stop: Sequence[str] | str | None = None,
     seed: int | None = None,
     compile: bool = False,
+    logprobs: int | None = None,
 ) -> GenerationRequest:
     stops = () if stop is None else (stop,) if isinstance(stop, str) else \
         tuple(stop) if isinstance(stop, (list, tuple)) else stop
@@ -96,7 +108,8 @@ def _request(
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, logit_bias=logit_bias)
-    return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile)
+    return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile,
+                             logprobs=logprobs)
 
 
 def decode_tokens(
@@ -108,13 +121,15 @@ def decode_tokens(
     delta_scale: Any = None,
     visual_prompt: torch.Tensor | None = None,
     finished: list[bool] | None = None,
+    scored: list[TokenLogprob | None] | None = None,
 ) -> Iterator[list[int]]:
     """Yield the next token id of every row, step by step.
 
     `request` is the batch's, or one per row: each row then samples with its own settings and seed (requests
     of several users decoded together; the first's `compile` is the batch's). The caller marks rows done in
     `finished` (EOS, stop string, its own length); the loop ends when all are, at the longest `max_new_tokens`,
-    or when the sequence reaches the model's `max_seq_len`.
+    or when the sequence reaches the model's `max_seq_len`. `scored`, one place per row, holds at each yield the
+    token's log-probability of every row whose request asks `logprobs` (None for the others).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompt: empty prompt (no tokens to start from)")
@@ -126,6 +141,9 @@ def decode_tokens(
     if len(requests) != batch:
         raise ValueError(f"request: {len(requests)} given for {batch} prompts")
     finished = [False] * batch if finished is None else finished
+    if scored is not None and len(scored) != batch:
+        raise ValueError(f"scored: {len(scored)} places given for {batch} prompts")
+    scoring = [row for row, r in enumerate(requests) if r.logprobs is not None] if scored is not None else []
     device = model.tok_embeddings.weight.device
     total = min(limit, longest + max(r.max_new_tokens for r in requests))
     tokens = torch.zeros(batch, longest, dtype=torch.long)
@@ -155,7 +173,16 @@ def decode_tokens(
             seen[torch.arange(batch, device=device), next_ids] = True
         if counts is not None:
             counts[torch.arange(batch, device=device), next_ids] += 1
-        yield next_ids.tolist()
+        chosen = next_ids.tolist()
+        if scoring:
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(logits[scoring].float(), dim=-1)
+            entries = scored_tokens(model.tokenizer, logprobs, [chosen[row] for row in scoring],
+                                    [requests[row].logprobs for row in scoring])
+            scored[:] = [None] * batch
+            for row, entry in zip(scoring, entries):
+                scored[row] = entry
+        yield chosen
         if all(finished) or index == new_tokens - 1:
             return
         with torch.inference_mode():
@@ -198,6 +225,7 @@ def stream_batch(
     delta_scale: Any = None,
     rows: Sequence[dict[str, Any]] | None = None,
     generated: Sequence[list[int]] | None = None,
+    scores: Sequence[list[TokenLogprob]] | None = None,
     finished: list[bool] | None = None,
     continued: bool = False,
     max_cached_tokens: int | None = None,
@@ -211,7 +239,9 @@ def stream_batch(
     prompt in a prompt format ("auto": the adapter's own, see adapter.prompts), after the `system` prompt
     when given (chat formats only); None feeds them as given. `rows` gives each row options of its own over
     `options` (temperature, top_p, seed, max_new_tokens, ...). `generated`, one list per prompt, is told every
-    token its row generates (the stop id that ends it included, as OpenAI's legacy completions return it).
+    token its row generates (the stop id that ends it included, as OpenAI's legacy completions return it);
+    `scores`, one list per prompt, each one's log-probability beside it, for the rows whose options ask `logprobs`
+    (that many likeliest tokens with each).
     `finished`, one flag per prompt, is set as the step that yields a row's last piece is yielded (a stop id or
     string, its own length), before the batch ends: what lets a reader end that row's answer at once.
     `continued` reads each row's text as its prompt goes on (a raw continuation: " large" keeps its space, where
@@ -231,6 +261,8 @@ def stream_batch(
         raise ValueError(f"generated: {len(generated)} lists given for {len(prompts)} prompts")
     if finished is not None and len(finished) != len(prompts):
         raise ValueError(f"finished: {len(finished)} flags given for {len(prompts)} prompts")
+    if scores is not None and len(scores) != len(prompts):
+        raise ValueError(f"scores: {len(scores)} lists given for {len(prompts)} prompts")
     requests = [_request(written, **{**options, **row}) for row in (rows or [{}] * len(prompts))]
     for request in requests:
         checked_ids([token for token, _ in request.sampling.logit_bias], model.args.vocab_size, "logit_bias")
@@ -252,16 +284,20 @@ def stream_batch(
     finished = [False] * len(ids) if finished is None else finished
     for group in fitting_groups(ids, requests, model.args.max_seq_len, max_cached_tokens):
         done = [False] * len(group)
+        scored: list[TokenLogprob | None] = [None] * len(group)
         for step, step_ids in enumerate(decode_tokens(
                 model, [ids[row] for row in group], [requests[row] for row in group],
                 gate_scale=_rows_of(gate_scale, group, len(ids)), delta_scale=_rows_of(delta_scale, group, len(ids)),
-                visual_prompt=_rows_of(visual_prompt, group, len(ids)), finished=done)):
+                visual_prompt=_rows_of(visual_prompt, group, len(ids)), finished=done,
+                scored=None if scores is None else scored)):
             pieces = [""] * len(ids)
             for place, (row, token) in enumerate(zip(group, step_ids)):
                 if done[place]:
                     continue
                 if generated is not None:
                     generated[row].append(token)
+                if scores is not None and scored[place] is not None:
+                    scores[row].append(scored[place])
                 if token in tokenizer.stop_ids:
                     pieces[row], done[place] = streams[row].finish(), True
                 else:

@@ -21,6 +21,7 @@ import torch
 from .gate_layers import Speaker, gate_scale_rows
 from .generate import check_room, prompt_writer, require_tokenizer
 from .prompt_ids import Answer, Prompt
+from .token_logprob import TokenLogprob, scored_tokens, token_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -126,7 +127,7 @@ def next_tokens(
     probabilities = probabilities.cpu()
     kept = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1).indices.unique().tolist()
     kept.sort(key=lambda token: (-float(probabilities[:, token].max()), token))
-    return NextTokens(gate_scales=scales, ids=kept, texts=[_text(tokenizer, token) for token in kept],
+    return NextTokens(gate_scales=scales, ids=kept, texts=[token_text(tokenizer, token) for token in kept],
                       probabilities=probabilities[:, kept].T.tolist())
 
 
@@ -137,20 +138,6 @@ def _checked_scales(gate_scales: Sequence[float]) -> list[float]:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
             raise ValueError(f"gate_scales: {scale!r} is not a finite number >= 0")
     return [float(scale) for scale in gate_scales]
-
-
-def _text(tokenizer: Any, token: int) -> str:
-    """A token's text; ids past the tokenizer's (a model whose vocabulary is padded) by their number."""
-    return tokenizer.token_text(token) if token < tokenizer.n_words else f"<id {token}>"
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One answer token: its text, its log-probability, and the likeliest tokens at its place with theirs."""
-
-    text: str
-    logprob: float
-    top: list[tuple[str, float]]
 
 
 def answer_logprobs(model: Transformer, prompt: Prompt, answer: Answer, gate_scale: Any = 1.0,
@@ -197,9 +184,4 @@ def token_logprobs(model: Transformer, ids: list[int], start: int, gate_scale: A
     with torch.inference_mode():
         logits = model(tokens, gate_scale=gate_scale, delta_scale=delta_scale, positions=places,
                        visual_prompt=visual_prompt_of(model, None if image is None else [image]))
-    logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-    top_values, top_ids = logprobs.topk(top_k, dim=-1)
-    tokenizer = model.tokenizer
-    return [TokenLogprob(_text(tokenizer, token), float(row[token]),
-                         [(_text(tokenizer, int(i)), float(v)) for v, i in zip(values, ids_)])
-            for token, row, values, ids_ in zip(ids[start:], logprobs, top_values, top_ids)]
+    return scored_tokens(model.tokenizer, torch.log_softmax(logits.float(), dim=-1), ids[start:], top_k)

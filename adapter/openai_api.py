@@ -9,9 +9,9 @@ conversation is then about that picture, asked as the app's image tab asks it. B
 `top_p`, `max_tokens` (`max_completion_tokens`), `seed`, `stop`, `presence_penalty`, `frequency_penalty` and
 `logit_bias` (and `top_k`, `repetition_penalty` as vLLM reads them), a request may set this project's
 `gate_scale`, `delta_scale` and `gate_layers` (`n` answers are those of the next seeds; what is not served, such as
-`tools`, is refused by name), and `logprobs` / `top_logprobs` (answers not streamed) give each answer token's
-log-probability at that gate. The flags are the app's (`python app.py --help`), and so are the answers: each is
-what `Engine.chat` / `Engine.ask_image` answer for the same settings.
+`tools`, is refused by name), and `logprobs` / `top_logprobs` give each answer token's log-probability at that
+gate (streamed: each chunk's tokens with it, as the decode drew them). The flags are the app's (`python app.py
+--help`), and so are the answers: each is what `Engine.chat` / `Engine.ask_image` answer for the same settings.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from .engine import Engine, Engines, Settings
 from .images import decode_image
 from .prompt_ids import Prompt, prompt_ids
 from .sampling import MAX_SEED
+from .token_logprob import TokenLogprob
 
 OWNER = "llama-adapter"
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
@@ -253,13 +254,16 @@ def refusal(error: RequestError) -> JSONResponse:
 
 class Call:
     """One checked request: the answers so far (an iterator that holds the device while it runs), what the usage
-    figures count, and the log-probabilities asked for (None: not asked)."""
+    figures count, and the log-probabilities asked for (None: not asked; `scores`: kept as a streamed answer
+    decodes)."""
 
     def __init__(self, engine: Engine, prompt: Prompt, answers: Iterator[str], generated: list[int],
                  settings: Settings, image: Any, top_logprobs: int | None, stops: tuple[str, ...] = (),
-                 choice: int = 0) -> None:
+                 choice: int = 0, scores: list[TokenLogprob] | None = None) -> None:
         self.engine, self.prompt, self.answers, self.settings = engine, prompt, answers, settings
         self.generated = generated  # every token decoded, as `answers` decodes them (the stop id included)
+        self.scores = scores  # each one's log-probability beside it, when streamed with logprobs
+        self.sent = 0  # how many of them went with the chunks streamed so far
         self.image, self.top_logprobs, self.stops = image, top_logprobs, stops
         self.choice = choice  # which of its prompt's `n` answers
         self.stopped = False  # a stop string ended the answer
@@ -301,34 +305,47 @@ class Call:
             yield answer[:len(answer) - _stop_prefix(answer, self.stops)]
         yield answer  # decoding has ended: what was held back is no stop string
 
-    def pieces(self) -> Iterator[str]:
-        """Each new piece of `texts`, for streaming."""
+    def pieces(self) -> Iterator[tuple[str, str]]:
+        """Each new piece of `texts`, for streaming, with the text so far."""
         answer = ""
         for grown in self.texts():
             if len(grown) > len(answer):
-                yield grown[len(answer):]
+                yield grown[len(answer):], grown
             answer = grown
 
     def logprobs(self, answer: str) -> dict[str, Any] | None:
         """OpenAI's `logprobs` of a choice: each answer token's, with the likeliest at its place."""
         if self.top_logprobs is None or (self.left is not None and self.left.is_set()):
             return None
-
-        def entry(text: str, logprob: float) -> dict[str, Any]:
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
         scored = self.engine.answer_logprobs(self.prompt, self.answer_ids(answer), self.settings, self.image,
                                              self.top_logprobs)
-        return {"content": [{**entry(token.text, token.logprob), "top_logprobs": [entry(*top) for top in token.top]}
-                            for token in scored]}
+        return {"content": [chat_entry(token) for token in scored]}
+
+    def streamed_logprobs(self, shown: str) -> dict[str, Any]:
+        """OpenAI's `logprobs` of a streamed chunk: the scores of the tokens decoded that wrote `shown` (the answer
+        so far) not sent with an earlier chunk."""
+        return {"content": [chat_entry(token) for token in self.new_scores(shown)]}
+
+    def new_scores(self, shown: str, every: bool = False) -> list[TokenLogprob]:
+        """The scores kept (`scores`) of the tokens that wrote `shown` (as `answer_ids` counts them) not taken
+        before, for the streamed chunk that shows it; none until some tokens do. `every`: all those left."""
+        tokens = len(self.generated) if every else self.covering(shown, self.sent)
+        new = [] if tokens is None or self.scores is None else self.scores[self.sent:tokens]
+        self.sent += len(new)
+        return new
 
     def answer_ids(self, answer: str) -> list[int] | str:
         """The tokens decoded that wrote `answer`: the fewest from the first whose text holds it (the one a stop
         string begins in included; an end of text, a prompt format's stop, what followed a stop string not), as
         OpenAI scores the tokens sampled. The answer's text where none do (re-tokenized)."""
+        tokens = self.covering(answer)
+        return answer if tokens is None else self.generated[:tokens]
+
+    def covering(self, answer: str, start: int = 0) -> int | None:
+        """How many tokens `answer_ids` counts for `answer`, at least `start` (None: no number of them writes it)."""
         decode, wanted = self.engine.model.tokenizer.decode, answer.strip()
-        return next((self.generated[:n] for n in range(len(self.generated) + 1)
-                     if decode(self.generated[:n]).strip().startswith(wanted)), answer)
+        return next((n for n in range(start, len(self.generated) + 1)
+                     if decode(self.generated[:n]).strip().startswith(wanted)), None)
 
     def finish_reason(self) -> str:
         """"length" when decoding ran out of tokens (`max_tokens`, or the context's end), else "stop" (the end of
@@ -445,12 +462,14 @@ def answer_calls(engines: Engines, body: Any) -> tuple[str, list[Call]]:
             picture = pictures[0] if pictures else None
         chosen = [seeded(settings, choice) for choice in range(count)]
         generated: list[list[int]] = [[] for _ in chosen]
-        answers = [engine.answer_prompt(prompt, each, picture, tokens)  # the prompt written once
-                   for each, tokens in zip(chosen, generated)]
+        # streamed, the log-probabilities are kept as the answer decodes; whole, the answer is scored once decoded
+        scores = [[] if body.get("stream") and top_logprobs is not None else None for _ in chosen]
+        answers = [engine.answer_prompt(prompt, each, picture, tokens, scored, top_logprobs or 0)  # written once
+                   for each, tokens, scored in zip(chosen, generated, scores)]
     except ValueError as error:
         raise refused(error, "messages", body) from None
-    calls = [Call(engine, prompt, *decoding, picture, top_logprobs, stops, choice)
-             for choice, decoding in enumerate(zip(answers, generated, chosen))]
+    calls = [Call(engine, prompt, *decoding, picture, top_logprobs, stops, choice, scored)
+             for choice, (*decoding, scored) in enumerate(zip(answers, generated, chosen, scores))]
     calls[0].check_room(body)
     return name, calls
 
@@ -483,8 +502,6 @@ def _top_logprobs(body: dict) -> int | None:
         if top is not None:
             raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
         return None
-    if body.get("stream"):
-        raise RequestError("logprobs: only for answers that are not streamed", "logprobs")
     if top is None:
         return 0
     if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
@@ -578,6 +595,15 @@ def _picture(image_url: Any, index: int) -> Any:
         raise RequestError(str(error).removeprefix("image: "), "messages") from None
 
 
+def chat_entry(token: TokenLogprob) -> dict[str, Any]:
+    """A token of chat's `logprobs.content`: its text, log-probability and bytes, and the likeliest at its place."""
+
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {**entry(token.text, token.logprob), "top_logprobs": [entry(*top) for top in token.top]}
+
+
 def completion(name: str, calls: list[Call]) -> dict[str, Any]:
     done = finished(calls)
     return {"id": response_id(), "object": "chat.completion", "created": int(time.time()), "model": name,
@@ -645,11 +671,15 @@ def stream_events(name: str, call: Call, usage_chunk: bool = False) -> Iterator[
     """Server-sent events: the role, each new piece of the answer, the finish reason, the usage, [DONE]."""
     head = {"id": response_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
 
+    def scored(shown: str) -> dict[str, Any]:
+        return {} if call.scores is None else {"logprobs": call.streamed_logprobs(shown)}
+
     def deltas() -> Iterator[tuple[dict[str, Any], str | None]]:
         yield {"index": 0, "delta": {"role": "assistant", "content": ""}}, None
-        for piece in call.pieces():
-            yield {"index": 0, "delta": {"content": piece}}, None
-        yield {"index": 0, "delta": {}}, call.finish_reason()
+        shown = ""
+        for piece, shown in call.pieces():
+            yield {"index": 0, "delta": {"content": piece}, **scored(shown)}, None
+        yield {"index": 0, "delta": {}, **scored(shown)}, call.finish_reason()
 
     return sse_events(head, deltas(), call, usage_chunk)
 

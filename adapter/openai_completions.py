@@ -11,7 +11,9 @@ continuation's tokens are the very ones decoded, the end of text that ended it i
 them; lm-evaluation-harness drops the last returned token as the generated one); one cut by a stop string is the
 cut text's tokens. The sampling fields, `stop` and
 this project's `gate_scale`, `delta_scale` and `gate_layers` are read as in chat completions; `stream` sends the
-continuation of one prompt as server-sent events; `n` continues each prompt that many times, the j-th with seed + j.
+continuation of one prompt as server-sent events (with `logprobs`, each chunk's tokens in the legacy layout, kept as
+the decode drew them; a stop string's cut keeps the tokens decoded up to it); `n` continues each prompt that many
+times, the j-th with seed + j.
 Decoding stops at the end of text or a stop string only: no
 prompt format's stop strings apply.
 """
@@ -39,6 +41,7 @@ from .openai_api import (
     total_usage,
 )
 from .prompt_ids import Prompt, is_token_ids, prompt_text
+from .token_logprob import TokenLogprob
 
 MAX_PROMPTS = 20
 MAX_LOGPROBS = 5  # as OpenAI's legacy completions
@@ -48,14 +51,17 @@ class TextCall(Call):
     """One prompt's continuation, with what the legacy layout returns besides: the echo and the log-probabilities."""
 
     def __init__(self, engine: Engine, prompt: Prompt, settings: Settings, logprobs: int | None,
-                 stops: tuple[str, ...], echo: bool, score_only: bool, choice: int = 0) -> None:
+                 stops: tuple[str, ...], echo: bool, score_only: bool, choice: int = 0,
+                 streamed: bool = False) -> None:
         if score_only:
             engine.check_scored(prompt)
         generated: list[int] = []
-        answers = iter([""]) if score_only else engine.complete(prompt, settings, generated)
-        super().__init__(engine, prompt, answers, generated, settings, None, logprobs, stops, choice)
+        scores = [] if streamed and logprobs is not None else None  # kept as it decodes; whole: scored once done
+        answers = iter([""]) if score_only else engine.complete(prompt, settings, generated, scores, logprobs or 0)
+        super().__init__(engine, prompt, answers, generated, settings, None, logprobs, stops, choice, scores)
         self.echo, self.score_only = echo, score_only
         self.prompt_text = prompt_text(engine.model.tokenizer, prompt)
+        self.streamed_texts: list[str] = []  # the tokens' texts sent with the chunks so far
 
     def text(self, answer: str) -> str:
         return self.prompt_text + answer if self.echo else answer
@@ -73,9 +79,17 @@ class TextCall(Call):
             scored = self.engine.answer_logprobs(self.prompt, tokens, self.settings, None, k) if tokens else []
             offset = len(self.prompt_text)
         texts = [token.text if token is not None else self._first_token() for token in scored]
-        return {"tokens": texts, "token_logprobs": [None if t is None else t.logprob for t in scored],
-                "top_logprobs": [None if t is None else {**dict(t.top), t.text: t.logprob} for t in scored],
-                "text_offset": text_offsets(self.prompt_text + answer, texts, offset)}
+        return legacy_layout(scored, texts, text_offsets(self.prompt_text + answer, texts, offset))
+
+    def streamed_legacy_logprobs(self, shown: str, last: bool) -> dict[str, Any]:
+        """The legacy `logprobs` of a streamed chunk: the tokens decoded that wrote `shown` (the continuation so
+        far) not sent before; the last chunk's, every token left (the end of text that ended it included) unless a
+        stop string cut the continuation."""
+        new = self.new_scores(shown, every=last and not self.stopped)
+        texts = [token.text for token in new]
+        self.streamed_texts += texts
+        offsets = text_offsets(self.prompt_text + shown, self.streamed_texts, len(self.prompt_text))
+        return legacy_layout(new, texts, offsets[len(offsets) - len(texts):])
 
     def _first_token(self) -> str:
         """The text of the prompt's first token (scored None: nothing before it)."""
@@ -85,6 +99,14 @@ class TextCall(Call):
 
     def finish_reason(self) -> str:
         return "length" if self.score_only else super().finish_reason()
+
+
+def legacy_layout(scored: list[TokenLogprob | None], texts: list[str], offsets: list[int]) -> dict[str, Any]:
+    """The legacy `logprobs` object of tokens scored (None: a first token with nothing before it), their texts and
+    where each begins in the text returned."""
+    return {"tokens": texts, "token_logprobs": [None if t is None else t.logprob for t in scored],
+            "top_logprobs": [None if t is None else {**dict(t.top), t.text: t.logprob} for t in scored],
+            "text_offset": offsets}
 
 
 def text_offsets(text: str, pieces: list[str], start: int) -> list[int]:
@@ -125,8 +147,9 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
     if body.get("suffix"):
         raise RequestError("suffix: text after the insertion point is not served", "suffix")
     echo, logprobs = bool(body.get("echo")), _logprobs(body)
-    if body.get("stream") and (len(prompts) > 1 or logprobs is not None or echo):
-        raise RequestError("stream: only one prompt's continuation streams, without logprobs or echo", "stream")
+    streamed = bool(body.get("stream"))
+    if streamed and (len(prompts) > 1 or echo):
+        raise RequestError("stream: only one prompt's continuation streams, without echo", "stream")
     score_only = body.get("max_tokens") == 0
     if score_only and not echo:
         raise RequestError("max_tokens: 0 returns nothing without echo", "max_tokens")
@@ -134,7 +157,8 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
     stops = request_stops(body)
     try:
         settings = engine.check(engines.settings(**fields))
-        calls = [TextCall(engine, prompt, seeded(settings, choice), logprobs, stops, echo, score_only, choice)
+        calls = [TextCall(engine, prompt, seeded(settings, choice), logprobs, stops, echo, score_only, choice,
+                          streamed)
                  for prompt in prompts for choice in range(count)]
     except ValueError as error:
         raise refused(error, "prompt", body) from None
@@ -165,9 +189,13 @@ def stream_text_events(name: str, call: TextCall, usage_chunk: bool = False) -> 
     """Server-sent events: each new piece of the continuation, then the finish reason, the usage, [DONE]."""
     head = {"id": response_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name}
 
+    def scored(shown: str, last: bool = False) -> dict[str, Any] | None:
+        return None if call.scores is None else call.streamed_legacy_logprobs(shown, last)
+
     def pieces() -> Iterator[tuple[dict[str, Any], str | None]]:
-        for piece in call.pieces():
-            yield {"text": piece, "index": 0, "logprobs": None}, None
-        yield {"text": "", "index": 0, "logprobs": None}, call.finish_reason()
+        shown = ""
+        for piece, shown in call.pieces():
+            yield {"text": piece, "index": 0, "logprobs": scored(shown)}, None
+        yield {"text": "", "index": 0, "logprobs": scored(shown, last=True)}, call.finish_reason()
 
     return sse_events(head, pieces(), call, usage_chunk)

@@ -101,6 +101,44 @@ def test_image_questions_join_the_batch_each_with_its_picture(model):
                                                     list(single.chat([], QUESTION, greedy))[-1]]
 
 
+def test_log_probabilities_kept_in_a_batch_are_each_rows_own(model):
+    """Rows of one batch asking log-probabilities (a streamed answer's), each with its own count, beside one that
+    asks none: each row is told the scores of the tokens it is told, as a decode of its own keeps them."""
+    engine = Engine(model, threading.Lock(), batch_chats=3)
+    asked = [(REQUESTS[0], 2), (REQUESTS[2], None), (REQUESTS[3], 0)]
+    told = [([], None if top is None else []) for _, top in asked]
+    answers: dict[int, str] = {}
+
+    def ask(index: int) -> None:
+        (history, question, settings), top = asked[index]
+        prompt = engine.chat_prompt(history, question, settings)
+        answers[index] = list(engine.answer_prompt(prompt, settings, None, *told[index], top or 0))[-1]
+
+    with engine.lock:
+        threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(asked))]
+        for count, thread in enumerate(threads, 1):
+            thread.start()
+            wait_for(lambda: engine.batcher.submitted == count)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert engine.batcher.batch_sizes == [3]
+    single = Engine(model, threading.Lock())
+    for index, ((history, question, settings), top) in enumerate(asked):
+        generated, scores = told[index]
+        expected_tokens: list[int] = []
+        expected_scores = None if top is None else []
+        prompt = single.chat_prompt(history, question, settings)
+        assert list(single.answer_prompt(prompt, settings, None, expected_tokens, expected_scores,
+                                         top or 0))[-1] == answers[index]
+        assert generated == expected_tokens
+        if top is None:
+            assert scores is None
+            continue
+        assert len(scores) == len(generated) and [t.text for t in scores] == [t.text for t in expected_scores]
+        assert [t.logprob for t in scores] == pytest.approx([t.logprob for t in expected_scores], abs=1e-4)
+        assert all(len(token.top) == top for token in scores)
+
+
 def test_a_user_who_leaves_stops_being_shown_and_the_others_finish(model):
     engine = Engine(model, threading.Lock(), batch_chats=2)
     settings = Settings(temperature=1.0, seed=5, max_new_tokens=30)

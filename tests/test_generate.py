@@ -59,6 +59,30 @@ def test_batch_of_different_lengths_and_gates_equals_separate_runs(model):
     assert [r[0] for r in rows] == argmax_loop(model, model.tokenizer.encode(prompts[0], bos=True), 6, 0.0)
 
 
+def test_log_probabilities_kept_as_rows_decode_are_those_of_scoring_each_answer_afterwards(model):
+    """`logprobs` keeps each token's log-probability as the step draws it (what a streamed answer sends): the very
+    numbers a forward over prompt and answer gives (adapter.next_token.answer_logprobs), the likeliest tokens at
+    each place too, for the rows that ask, each with its own count, beside rows that do not ask and rows sampled."""
+    from adapter.next_token import answer_logprobs
+
+    prompts = ["Where is the star?", "Count", "The small blue square is left of the large green circle and"]
+    scales = [0.0, 1.0, 1.6]
+    rows = [dict(logprobs=3), dict(), dict(logprobs=0, temperature=1.0, top_p=1.0, seed=5)]
+    generated, scores = [[] for _ in prompts], [[] for _ in prompts]
+    list(adapter.generate.stream_batch(model, prompts, gate_scale=scales, rows=rows, generated=generated,
+                                       scores=scores, **GREEDY))
+    assert scores[1] == [] and len(scores[0]) == len(generated[0]) and len(scores[2]) == len(generated[2]) > 1
+    for row in (0, 2):
+        prompt_ids = model.tokenizer.encode(prompts[row], bos=True)
+        expected = answer_logprobs(model, prompt_ids, generated[row], scales[row], top_k=rows[row]["logprobs"])
+        assert [token.text for token in scores[row]] == [token.text for token in expected]
+        assert [token.logprob for token in scores[row]] == pytest.approx([t.logprob for t in expected], abs=1e-4)
+        for kept, scored in zip(scores[row], expected):
+            assert [text for text, _ in kept.top] == [text for text, _ in scored.top]
+            assert [value for _, value in kept.top] == pytest.approx([value for _, value in scored.top], abs=1e-4)
+    assert all(len(token.top) == 3 and token.top[0][0] == token.text for token in scores[0])  # greedy: likeliest
+
+
 def test_token_id_prompts_are_fed_as_they_are(model):
     """Ids continue as the text they encode (with its BOS) does; without a BOS they are a prompt of their own, the
     plain argmax loop over exactly those ids; a template, or an id outside the vocabulary, is refused by name."""
@@ -298,6 +322,9 @@ def test_a_logit_bias_is_added_to_its_tokens_logits(model):
     (dict(logit_bias=[(1, float("nan"))]), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
     (dict(logit_bias={"one": 2.0}), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
     (dict(logit_bias=[1]), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
+    (dict(logprobs=-1), r"^logprobs: must be a whole number from 0 to 50 \(the likeliest tokens kept beside each "
+                        r"token's own\) or None, got -1$"),
+    (dict(logprobs=True), r"^logprobs: must be a whole number from 0 to 50"),
 ])
 def test_bad_generation_arguments_name_the_argument(model, kwargs, argument):
     with pytest.raises(ValueError, match=argument):

@@ -519,9 +519,41 @@ def test_log_probabilities_score_the_tokens_sampled_even_where_a_stop_string_cut
             assert choice["message"]["content"] == "or" and content[0]["token"] == " orange"
 
 
+@pytest.mark.parametrize("question, options", [
+    ("There is a small blue square at the top. What shape is at the top?", {}),
+    (SCENE, {"gate_scale": 0}),  # the frozen base: a long answer, many chunks
+    (SCENE, {"temperature": 2.0, "top_p": 1.0, "seed": 3, "max_tokens": 12}),
+    ("What colour is the star?", {"stop": "an"}),  # "or" of " orange": the token it was cut in
+])
+def test_a_streamed_answer_sends_each_chunks_log_probabilities_as_the_whole_answer_gives_them(client, question,
+                                                                                               options):
+    """(Refused before: "logprobs: only for answers that are not streamed".) As OpenAI's and vLLM's chunks: each
+    carries the tokens that wrote its text, kept as the decode drew them; together they are the whole answer's
+    entries, scored afterwards by a forward of their own."""
+    asked = {"logprobs": True, "top_logprobs": 2, **options}
+    whole = ask(client, [user(question)], **asked).json()["choices"][0]
+    expected = whole["logprobs"]["content"]
+    chunks = streamed_chunks(client, "/v1/chat/completions",
+                             {"messages": [user(question)], **GREEDY, **asked, "stream": True})
+    assert "logprobs" not in chunks[0]["choices"][0]  # the role's chunk
+    choices = [chunk["choices"][0] for chunk in chunks[1:]]
+    shown, sent = "", []
+    for choice in choices:
+        shown += choice["delta"].get("content", "")
+        sent += choice["logprobs"]["content"]
+        assert "".join(token["token"] for token in sent).strip().startswith(shown.strip()), (shown, sent)
+    assert shown == whole["message"]["content"] and len(sent) == len(expected) > 0
+    assert len([choice for choice in choices if choice["logprobs"]["content"]]) >= min(3, len(expected))
+    for streamed, scored in zip(sent, expected):
+        assert streamed["token"] == scored["token"] and streamed["bytes"] == scored["bytes"]
+        assert streamed["logprob"] == pytest.approx(scored["logprob"], abs=1e-4)
+        assert [top["token"] for top in streamed["top_logprobs"]] == [top["token"] for top in scored["top_logprobs"]]
+    plain = streamed_chunks(client, "/v1/chat/completions", {"messages": [user(question)], **GREEDY, "stream": True})
+    assert not any("logprobs" in chunk["choices"][0] for chunk in plain)  # not asked, not sent
+
+
 @pytest.mark.parametrize("body, param, message", [
     ({"top_logprobs": 2}, "top_logprobs", "top_logprobs: needs logprobs: true"),
-    ({"logprobs": True, "stream": True}, "logprobs", "logprobs: only for answers that are not streamed"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "top_logprobs: must be a whole number from 0 to 20"),
 ])
 def test_log_probability_requests_are_checked(client, body, param, message):

@@ -176,6 +176,30 @@ def test_several_prompts_streaming_and_stop_strings(client):
     assert cut["text"] == alone[1][:alone[1].index(word)] and cut["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("prompt, options", [(PROMPT, {}), ("There is a small blue", {}),
+                                             ("There is a small blue", {"stop": [" circle"]})])
+def test_a_streamed_continuation_sends_each_chunks_log_probabilities_in_the_legacy_layout(client, prompt, options):
+    """(Refused before: "stream: only one prompt's continuation streams, without logprobs or echo".) Each chunk
+    carries its tokens' `tokens`, `token_logprobs`, `top_logprobs` and `text_offset`, kept as the decode drew them;
+    together they are the whole continuation's, the end of text that ended it included."""
+    whole = complete(client, prompt=prompt, logprobs=2, **options).json()["choices"][0]
+    expected = whole["logprobs"]
+    with client.stream("POST", "/v1/completions",
+                       json={**GREEDY, "prompt": prompt, "logprobs": 2, **options, "stream": True}) as events:
+        chunks = [json.loads(line[6:]) for line in events.iter_lines() if line.startswith("data: {")]
+    choices = [chunk["choices"][0] for chunk in chunks]
+    sent = {key: [value for choice in choices for value in choice["logprobs"][key]] for key in expected}
+    assert "".join(choice["text"] for choice in choices) == whole["text"]
+    assert sent["tokens"] == expected["tokens"] and sent["text_offset"] == expected["text_offset"]
+    assert sent["token_logprobs"] == pytest.approx(expected["token_logprobs"], abs=1e-4)
+    assert [sorted(top) for top in sent["top_logprobs"]] == [sorted(top) for top in expected["top_logprobs"]]
+    assert len([choice for choice in choices if choice["logprobs"]["tokens"]]) > 1
+    if prompt == PROMPT:
+        assert expected["tokens"] == [" red", "</s>"] and choices[-1]["logprobs"]["tokens"] == ["</s>"]
+    if options:  # cut by the stop string: its tokens and the end of text not sent
+        assert whole["text"] == " triangle, purple" and sent["tokens"] == [" triangle", ",", " purple"]
+
+
 @pytest.mark.parametrize("body, param, message", [
     ({}, "prompt", "prompt: expected a text, a list of token ids, or a list of 1 to 20 of either"),
     ({"prompt": [1, 2.5, 3]}, "prompt", "prompt: expected a text, a list of token ids"),
@@ -189,6 +213,8 @@ def test_several_prompts_streaming_and_stop_strings(client):
     ({"prompt": "a", "logprobs": 6}, "logprobs", "logprobs: must be a whole number from 0 to 5"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens: 0 returns nothing without echo"),
     ({"prompt": ["a", "b"], "stream": True}, "stream", "stream: only one prompt's continuation streams"),
+    ({"prompt": "a", "stream": True, "echo": True}, "stream", "stream: only one prompt's continuation streams, "
+                                                              "without echo"),
     ({"prompt": "a", "suffix": "b"}, "suffix", "suffix: text after the insertion point"),
     ({"prompt": "a", "temperature": -1}, "temperature", "temperature"),
     ({"prompt": "   "}, "prompt", "prompt: is empty"),

@@ -1,0 +1,36 @@
+"""A token's log-probability and the likeliest tokens at its place: what scoring a text (adapter.next_token) and a
+decode asked for log-probabilities (adapter.generate's `logprobs`) both return, built one way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token: its text, its log-probability, and the likeliest tokens at its place with theirs."""
+
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+def token_text(tokenizer: Any, token: int) -> str:
+    """A token's text; ids past the tokenizer's (a model whose vocabulary is padded) by their number."""
+    return tokenizer.token_text(token) if token < tokenizer.n_words else f"<id {token}>"
+
+
+def scored_tokens(tokenizer: Any, logprobs: torch.Tensor, tokens: Sequence[int],
+                  top_k: int | Sequence[int]) -> list[TokenLogprob]:
+    """Each of `tokens` with its log-probability in the matching row of `logprobs` ([rows, vocab], log-softmaxed)
+    and that row's `top_k` likeliest tokens (one count for every row, or one per row)."""
+    counts = [top_k] * len(tokens) if isinstance(top_k, int) else list(top_k)
+    logprobs = logprobs.float().cpu()
+    top_values, top_ids = logprobs.topk(max(counts, default=0), dim=-1)
+    return [TokenLogprob(token_text(tokenizer, token), float(row[token]),
+                         [(token_text(tokenizer, int(i)), float(v)) for v, i in zip(values[:k], ids[:k])])
+            for token, row, values, ids, k in zip(tokens, logprobs, top_values, top_ids, counts)]
