@@ -27,12 +27,12 @@ from bench.rss import status_gib
 GRADIO_CAPACITY = 10_000  # gradio's own state_session_capacity
 
 
-def resident_mb(pid: int) -> float:
+def resident_mib(pid: int) -> float:
     return status_gib(pid, "VmRSS") * 1024
 
 
 def memory_by_sessions(flags: list[str], capacity: int, sessions: int, every: int) -> list[float]:
-    """The server's resident memory (MB) after a warm-up session, then after each `every` new sessions."""
+    """The server's resident memory (MiB) after a warm-up session, then after each `every` new sessions."""
     from gradio_client import Client
 
     port = free_port()
@@ -40,12 +40,12 @@ def memory_by_sessions(flags: list[str], capacity: int, sessions: int, every: in
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         client.predict(api_name="/model_info")  # warm-up: the first answer builds what every later one reuses
-        read = [resident_mb(process.pid)]
+        read = [resident_mib(process.pid)]
         for count in range(1, sessions + 1):
             client.session_hash = uuid.uuid4().hex
             client.predict(api_name="/model_info")
             if count % every == 0:
-                read.append(resident_mb(process.pid))
+                read.append(resident_mib(process.pid))
         return read
     finally:
         process.terminate()
@@ -74,12 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         (f"Machine: {machine()}. Command: `{command_line('bench.sessions', argv)}`. `python app.py` asked one "
          f"`/model_info` question per new session; its resident memory (VmRSS) over what it held after the first "
-         f"answer. With gradio's own capacity each session costs {per_session:.2f} MB more, kept for good until "
-         f"{GRADIO_CAPACITY:,} sessions (about {per_session * GRADIO_CAPACITY / 1024:.1f} GB then); the app's "
+         f"answer. With gradio's own capacity each session costs {per_session:.2f} MiB more, kept for good until "
+         f"{GRADIO_CAPACITY:,} sessions (about {per_session * GRADIO_CAPACITY / 1024:.1f} GiB then); the app's "
          f"`--max-sessions {MAX_SESSIONS}` forgets the least recently active beyond that."),
         "",
-        *table(("sessions seen", f"MB more, --max-sessions {MAX_SESSIONS} (the app's default)",
-                f"MB more, {GRADIO_CAPACITY:,} (gradio's default)"), rows),
+        *table(("sessions seen", f"MiB more, --max-sessions {MAX_SESSIONS} (the app's default)",
+                f"MiB more, {GRADIO_CAPACITY:,} (gradio's default)"), rows),
         "",
     ])
     publish(text, "Sessions (CPU", options.write, smoke=options.smoke)
