@@ -209,6 +209,10 @@ class BPETokenizer(Tokenizer):
             backend = Backend.from_file(str(path))
         except Exception as error:  # the library raises its own Exception subclass for any bad file
             raise ValueError(f"tokenizer: {path} is not a readable tokenizer.json ({error})") from error
+        # a file saved with truncation or padding on cut every prompt to its max_length (silently) or padded it;
+        # transformers turns both off unless a call asks for them
+        backend.no_truncation()
+        backend.no_padding()
         folder = path.parent
         settings = _json_or_empty(folder / "tokenizer_config.json")
         config = _json_or_empty(folder / "config.json")

@@ -60,6 +60,23 @@ def test_tokenizer_json_encodes_as_transformers_and_sentencepiece(base_folder, c
             assert ids == sentencepiece.encode(text, bos=False), text
 
 
+def test_a_file_saved_with_truncation_or_padding_on_encodes_every_text_whole(converted, tmp_path):
+    """A tokenizer.json saved after `enable_truncation(max_length=...)` cut every prompt to that many tokens, without
+    a word (and one saved with padding on padded it): transformers encodes the whole text unless a call asks."""
+    folder, reference = converted
+    saved = json.loads((folder / "tokenizer.json").read_text())
+    saved["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}
+    saved["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                        "pad_type_id": 0, "pad_token": "<unk>"}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, tmp_path / name)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    tokenizer = open_tokenizer(tmp_path / "tokenizer.json")
+    text = TEXTS[1]
+    assert tokenizer.encode(text, bos=False) == reference.encode(text, add_special_tokens=False)
+    assert len(tokenizer.encode(text, bos=False)) > 3
+
+
 def test_a_token_reads_as_the_sentencepiece_model_shows_it(base_folder, converted):
     tokenizer = open_tokenizer(converted[0] / "tokenizer.json")
     sentencepiece = open_tokenizer(base_folder / "tokenizer.model")
