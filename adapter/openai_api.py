@@ -114,6 +114,7 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
     itself rather than through an exception handler (those are fixed when an application starts). With `api_key`,
     every route answers only requests presenting it, or a session's own key (whoever opens the app's page may ask
     through it already): 401 otherwise."""
+    from .openai_schema import request_body
     from .tokenizer_api import add_tokenizer_routes
 
     def presented(request: Request) -> str | None:
@@ -147,13 +148,13 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
         except RequestError as error:
             return refusal(error)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", openapi_extra=request_body("chat"))
     async def chat_completions(request: Request):
         seen = view(request)
         return await answered(request, CHAT_FIELDS, lambda body: answer_calls(seen, body),
                               lambda name, calls, usage: stream_events(name, calls[0], usage), completion)
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", openapi_extra=request_body("completion"))
     async def completions(request: Request):
         from .openai_completions import completion_calls, stream_text_events, text_completion
 

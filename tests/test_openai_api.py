@@ -11,7 +11,7 @@ import pytest
 
 from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.engine import Settings
-from adapter.openai_api import main
+from adapter.openai_api import CHAT_FIELDS, COMPLETION_FIELDS, main
 from adapter.sampling import MAX_SEED
 
 from .openai_helpers import client, engines, live_url  # noqa: F401  (fixtures)
@@ -53,6 +53,19 @@ def test_the_served_adapters_are_the_models(client):
     for response, status in ((client.get("/v1/nowhere"), 404), (client.get("/v1/chat/completions"), 405)):
         assert response.status_code == status and response.json()["error"]["message"].startswith(
             f"GET {response.request.url.path}: "), response.text  # OpenAI's error object, not FastAPI's detail
+
+
+@pytest.mark.parametrize("route, fields", [("/v1/chat/completions", CHAT_FIELDS),
+                                           ("/v1/completions", COMPLETION_FIELDS)])
+def test_the_api_page_lists_every_field_a_route_reads_with_a_body_it_answers(client, route, fields):
+    """/docs showed no request body (the routes read their JSON themselves): nothing to fill in, no field named."""
+    body = client.get("/openapi.json").json()["paths"][route]["post"]["requestBody"]["content"]["application/json"]
+    properties = body["schema"]["properties"]
+    assert set(properties) == fields and all(field["description"] for field in properties.values())
+    assert body["schema"]["additionalProperties"] is False  # as a misspelt field is refused
+    reply = client.post(route, json=body["example"])
+    assert reply.status_code == 200 and reply.json()["choices"], reply.text
+    assert "swagger" in client.get("/docs").text.lower()
 
 
 def test_a_chat_completion_is_the_engines_answer_at_the_gate_asked(client, engines):
