@@ -131,8 +131,17 @@ def adapter_menu(choices: list[Any], **options: Any) -> gr.Dropdown:
     return gr.Dropdown(choices, allow_custom_value=True, **options)
 
 
-# Small pictures (the tiny model's scenes are 64 x 64) fill the image box instead of sitting in its middle.
-CSS = "#image img { width: 100%; height: 100%; object-fit: contain; }"
+# Small pictures (the tiny model's scenes are 64 x 64) fill the image box instead of sitting in its middle. On a
+# phone, a two-column table's first column (gate scale, layers, adapter) keeps room for its words and numbers: at
+# 12% of 390 px a scale of 0.25 broke into "0." and "25" and its header letter by letter. Gradio draws the header
+# as a table and the rows as a virtual list of their own, each cell sized inline, so both are set here, alike.
+PHONE_COLUMNS = "phone-columns"
+CSS = ("#image img { width: 100%; height: 100%; object-fit: contain; } "
+       f"@media (max-width: 640px) {{ .{PHONE_COLUMNS} table {{ table-layout: fixed; width: 100% !important; }} "
+       f".{PHONE_COLUMNS} :is(th, td, .body-cell):first-child {{ width: 84px !important; min-width: 84px !important; "
+       "max-width: 84px !important; } "
+       f".{PHONE_COLUMNS} :is(th, td, .body-cell):nth-child(2) {{ width: auto !important; min-width: 0 !important; "
+       "max-width: none !important; flex: 1 1 0 !important; } }")
 
 
 class TrainDefaults(NamedTuple):
@@ -348,14 +357,14 @@ def sweep_panel(what: str, prefix: str = "") -> SweepPanel:
         next_button = gr.Button("Next token", scale=1, elem_id=f"{prefix}next_token")
         layer_button = gr.Button("Layer sweep", scale=1, elem_id=f"{prefix}layer_sweep")
     rows = gr.Dataframe(headers=["gate scale", "answer"], datatype=["number", "str"], column_widths=["12%", "88%"],
-                        interactive=False, wrap=True, elem_id=f"{prefix}sweep_table")
+                        interactive=False, wrap=True, elem_id=f"{prefix}sweep_table", elem_classes=[PHONE_COLUMNS])
     with gr.Column(visible=False, elem_id=f"{prefix}next_token_panel") as next_panel:
         next_rows = gr.Dataframe(headers=["token"], interactive=False, label="Next token, % at each gate scale",
                                  elem_id=f"{prefix}next_token_table")
         next_plot = gr.Plot(label="Next token against the gate scale", elem_id=f"{prefix}next_token_plot")
     layer_rows = gr.Dataframe(headers=["adapter layers speaking", "answer"], datatype=["str", "str"],
                               column_widths=["20%", "80%"], interactive=False, wrap=True, visible=False,
-                              label="Layer sweep", elem_id=f"{prefix}layer_sweep_table")
+                              label="Layer sweep", elem_id=f"{prefix}layer_sweep_table", elem_classes=[PHONE_COLUMNS])
     next_button.click(lambda: gr.Column(visible=True), None, next_panel, queue=False, api_visibility="private")
     layer_button.click(lambda: gr.Dataframe(visible=True), None, layer_rows, queue=False, api_visibility="private")
     return SweepPanel(scales, button, rows, next_button, next_panel, next_rows, next_plot, layer_button, layer_rows)
@@ -485,7 +494,7 @@ def build_demo(engines: Engines, config: ServeConfig) -> gr.Blocks:
                             "the settings above: what each learnt to make of it.")
             every_answers = gr.Dataframe(headers=["adapter", "answer"], datatype=["str", "str"],
                                          column_widths=["20%", "80%"], interactive=False, wrap=True,
-                                         elem_id="every_adapter_table")
+                                         elem_id="every_adapter_table", elem_classes=[PHONE_COLUMNS])
             panel = sweep_panel("the same question")
         with gr.Tab("Score"):
             gr.Markdown(f"Held-out records (a JSON list or JSONL of `{{instruction, input?, output}}`, or LLaVA "

@@ -87,6 +87,37 @@ def test_on_a_phone_the_chat_buttons_share_one_row_and_show_their_words(browser,
         phone.close()
 
 
+def test_on_a_phone_the_sweep_tables_first_column_keeps_its_numbers_and_words_whole(browser, served):
+    """At 390 px gradio gave the gate scale 12% of the width: 0.25 broke into "0." and "25", the header into single
+    letters; and a style on the header alone left it misaligned with the rows, which gradio draws apart."""
+    phone = open_page(browser, served.url, width=390, height=844)
+    try:
+        phone.get_by_role("tab", name="Compare").click()
+        phone.fill("#compare_question textarea", QUESTION)
+        rows = sweep(phone, "0, 0.25, 1")
+        assert [row[0] for row in rows] == ["0", "0.25", "1"]
+        found = phone.evaluate("""() => {
+            const table = document.getElementById('sweep_table');
+            const box = element => element.getBoundingClientRect();
+            const lines = element => {  // the line boxes of the text it shows
+                const text = [...element.querySelectorAll('*')].find(e => !e.children.length && e.textContent.trim());
+                const range = document.createRange();
+                range.selectNodeContents(text || element);
+                return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size; };
+            const header = table.querySelector('th');
+            const scales = [...table.querySelectorAll('[role=gridcell]')].filter((_, i) => i % 2 == 0);
+            return {header: [box(header).left, box(header).width, lines(header)],
+                    cells: scales.map(cell => [box(cell).left, box(cell).width, lines(cell)]),
+                    right: Math.max(...[...table.querySelectorAll('th, [role=gridcell]')].map(e => box(e).right))};
+        }""")
+        left, width, header_lines = found["header"]
+        assert width >= 80 and header_lines <= 2, found  # "gate" and "scale", each whole
+        assert all(cell[:2] == [left, width] and cell[2] == 1 for cell in found["cells"]), found
+        assert found["right"] <= 390, found
+    finally:
+        phone.close()
+
+
 def test_a_conversation_is_saved_from_the_chat_tab_as_a_training_record(page, served):
     page.get_by_role("tab", name="Chat").click()
     page.click("#clear")
