@@ -161,6 +161,7 @@ class Settings:
     system: str | None = None  # empty: none
     gate_layers: str = "all"  # the adapter layers whose prompts speak (adapter.gate_layers), the others silent
     top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     repetition_penalty: float = 1.0  # CTRL's, over prompt and answer; 1: off
     presence_penalty: float = 0.0  # OpenAI's, over the answer; 0: off
     frequency_penalty: float = 0.0
@@ -177,6 +178,7 @@ class Settings:
             "system": check_system(self.system),
             "gate_layers": _layers_text(self.gate_layers),
             "top_k": check_integer("top_k", self.top_k, 0),
+            "min_p": _number("min_p", self.min_p, 0.0, 1.0),
             "repetition_penalty": _number("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY,
                                           low_open=True),
             "presence_penalty": _number("presence_penalty", self.presence_penalty, -2.0, 2.0),
@@ -189,7 +191,8 @@ class Settings:
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments for `adapter.generate` other than the scales, the stop strings and the system."""
         return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
-                "seed": self.seed, "top_k": self.top_k, "repetition_penalty": self.repetition_penalty,
+                "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
                 "logit_bias": self.logit_bias}
 

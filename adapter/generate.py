@@ -90,6 +90,7 @@ def _request(
     temperature: float = 0.1,
     top_p: float = 0.75,
     top_k: int = 0,
+    min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
@@ -105,7 +106,7 @@ def _request(
         raise ValueError(f"stop: expected a string or a list of non-empty strings, got {stop!r:.80}")
     if written is not None:
         stops = stops + written.stop_strings
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, logit_bias=logit_bias)
     return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile,
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.75)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="sample among the tokens at least this times as likely as the likeliest (0 to 1, 0 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     parser.add_argument("--presence-penalty", type=float, default=0.0,
                         help="OpenAI's: less this for a token the answer already holds (-2 to 2, 0 = off)")
@@ -529,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 label = f" ({name})" if len(models) > 1 else ""
                 print(f"note{label}: {speaking(model, chosen)}", file=sys.stderr)
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                       top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                        seed=args.seed, delta_scale=args.delta_scale, compile=args.compile,
                        continued=args.template == "none")  # a raw text goes on from itself (its space kept)

@@ -7,7 +7,7 @@ tools that speak it (the `openai` package, chat front-ends, evaluation harnesses
 message may carry a picture as an `image_url` part with a `data:` URL (nothing is fetched from the network): the
 conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
 `top_p`, `max_tokens` (`max_completion_tokens`), `seed`, `stop`, `presence_penalty`, `frequency_penalty` and
-`logit_bias` (and `top_k`, `repetition_penalty` as vLLM reads them), a request may set this project's
+`logit_bias` (and `top_k`, `min_p`, `repetition_penalty` as vLLM reads them), a request may set this project's
 `gate_scale`, `delta_scale` and `gate_layers` (`n` answers are those of the next seeds; what is not served, such as
 `tools`, is refused by name), and `logprobs` / `top_logprobs` give each answer token's log-probability at that
 gate (streamed: each chunk's tokens with it, as the decode drew them). The flags are the app's (`python app.py
@@ -54,7 +54,7 @@ LEFT_POLL_S = 0.1  # how often a request answered whole checks that its client i
 MAX_BODY_BYTES = 32 * 2**20  # a request's JSON: room for a 20 MB picture (OpenAI's limit) in base64
 SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
                   "max_completion_tokens": "max_new_tokens", "seed": "seed", "presence_penalty": "presence_penalty",
-                  "frequency_penalty": "frequency_penalty", "top_k": "top_k",
+                  "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p",
                   "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "gate_scale": "gate_scale",
                   "delta_scale": "delta_scale", "gate_layers": "gate_layers"}
 MAX_STOP_CHARS = 200  # a stop string's length: each streamed piece is held back against every stop's beginnings

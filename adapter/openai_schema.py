@@ -29,6 +29,8 @@ COMMON: dict[str, dict[str, Any]] = {
     "temperature": {**NUMBER, "minimum": 0, "description": "0: greedy"},
     "top_p": {**NUMBER, "description": "nucleus sampling"},
     "top_k": {**INTEGER, "description": "vLLM's: sample among the k likeliest (0: all)"},
+    "min_p": {**NUMBER, "minimum": 0, "maximum": 1,
+              "description": "vLLM's: sample among the tokens at least this times as likely as the likeliest (0: off)"},
     "max_tokens": {**INTEGER, "minimum": 1, "description": "the answer's most tokens"},
     "max_completion_tokens": {**INTEGER, "minimum": 1, "description": "max_tokens, by its newer name"},
     "seed": {**INTEGER, "minimum": 0, "description": "the same seed, the same answer; left out, sampled afresh"},

@@ -1,5 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, a repetition penalty (CTRL's, over prompt
-and answer), OpenAI's presence and frequency penalties (over the answer's tokens so far) and its logit bias."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, a repetition penalty (CTRL's, over
+prompt and answer), OpenAI's presence and frequency penalties (over the answer's tokens so far) and its logit bias."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class SamplingParams:
     temperature: float = 0.1
     top_p: float = 0.75
     top_k: int = 0
+    min_p: float = 0.0  # keep the tokens at least this times as likely as the likeliest (0: off)
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -55,7 +56,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
             if isinstance(getattr(self, name), bool):  # True is an int to Python: top_k=True failed in torch.topk
                 raise ValueError(f"{name}: expected a number, got {getattr(self, name)!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
@@ -64,6 +66,8 @@ class SamplingParams:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k: must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p: must be in [0, 1] (0 = off), got {self.min_p!r}")
         if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty < math.inf):
             raise ValueError(f"repetition_penalty: must be a finite number > 0 (1 = off), got "
                              f"{self.repetition_penalty!r}")
@@ -130,6 +134,8 @@ def sample(
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:  # as vLLM, llama.cpp and transformers: relative to the likeliest, after the temperature
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # keep the smallest set whose mass reaches top_p (the most likely token is always kept); drawn in

@@ -196,6 +196,21 @@ def test_sampling_rules():
     assert torch.equal(penalized, torch.tensor([[1.0, 1.5, 2.0, -2.0], [0.5, 0.1, 0.2, 4.0]]))
 
 
+def test_min_p_keeps_the_tokens_transformers_min_p_warper_keeps():
+    """min-p (vLLM's, llama.cpp's, transformers'): the tokens at least min_p times as likely as the likeliest, after
+    the temperature, are drawn from; the rest never."""
+    from transformers import MinPLogitsWarper
+
+    logits = torch.tensor([[2.0, 1.6, 0.9, -0.5, 1.95, -3.0], [0.0, 0.1, -0.2, 3.0, 2.2, 1.5]])
+    for min_p, temperature in ((0.5, 1.0), (0.2, 1.0), (0.5, 2.0), (0.05, 0.7)):
+        warped = MinPLogitsWarper(min_p)(None, logits / temperature)
+        for row in range(2):
+            kept = {int(i) for i in torch.nonzero(warped[row] > float("-inf"))}
+            draws = {int(sample(logits[row:row + 1], SamplingParams(temperature=temperature, top_p=1.0, min_p=min_p),
+                                generator=torch.Generator().manual_seed(seed))) for seed in range(300)}
+            assert draws == kept and len(kept) < logits.shape[1], (min_p, temperature, row)
+
+
 def test_sampling_edges_match_transformers_and_never_overflow():
     """top-p keeps the smallest set whose mass reaches it (an exact tie kept one token too many, against
     transformers' TopPLogitsWarper); a tiny temperature or repetition penalty made logits inf, softmax nan."""
@@ -322,6 +337,7 @@ def test_a_logit_bias_is_added_to_its_tokens_logits(model):
     (dict(logit_bias=[(1, float("nan"))]), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
     (dict(logit_bias={"one": 2.0}), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
     (dict(logit_bias=[1]), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
+    (dict(min_p=1.5), r"^min_p: must be in \[0, 1\] \(0 = off\), got 1.5$"),
     (dict(logprobs=-1), r"^logprobs: must be a whole number from 0 to 50 \(the likeliest tokens kept beside each "
                         r"token's own\) or None, got -1$"),
     (dict(logprobs=True), r"^logprobs: must be a whole number from 0 to 50"),

@@ -136,6 +136,19 @@ def test_penalties_and_top_k_are_the_engines_at_the_same_settings(client, engine
     assert penalized != engine_answer(frozen, [], SCENE, gate_scale=0.0)  # the frozen base's rambling is cut back
 
 
+def test_min_p_is_the_engines_at_the_same_settings_and_narrows_a_hot_sample(client, engines):
+    """(A request giving min_p, as vLLM's clients and chat front-ends send it, was refused as a field not read.)"""
+    frozen = engines.get("tiny-text")
+    hot = {"temperature": 2.0, "top_p": 1.0, "seed": 7, "max_tokens": 16, "gate_scale": 0}
+
+    def answer(**chosen) -> str:
+        settings = Settings(temperature=2.0, top_p=1.0, seed=7, max_new_tokens=16, gate_scale=0.0, **chosen)
+        return list(frozen.chat([], SCENE, settings))[-1]
+
+    narrowed = ask(client, [user(SCENE)], **hot, min_p=0.3).json()["choices"][0]["message"]["content"]
+    assert narrowed == answer(min_p=0.3) != answer()  # at temperature 2 the frozen base babbles; min-p reins it in
+
+
 def test_an_answer_cut_by_max_tokens_says_length_and_counts_the_tokens_decoded(client, engines):
     text = engines.get("tiny-text")
     for max_tokens in (3, 20):
@@ -346,10 +359,11 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
      "tools: function calling is not served"),
     ({"response_format": {"type": "json_object"}}, 400, "response_format", "response_format: only text answers"),
     ({"top_k": -1}, 400, "top_k", "top_k: must be >= 0, got -1"),
+    ({"min_p": 1.5}, 400, "min_p", "min_p: must be in [0, 1], got 1.5"),
     ({"gate_layers": "top 9"}, 400, "gate_layers", "gate_layers: "),
     # a misspelt or unserved field was answered as if it were not asked; a switch given as text read as true
     ({"gate_scal": 0}, 400, "gate_scal", "gate_scal: not a field this API reads (did you mean 'gate_scale'?)"),
-    ({"min_p": 0.1}, 400, "min_p", "min_p: not a field this API reads"),
+    ({"typical_p": 0.9}, 400, "typical_p", "typical_p: not a field this API reads"),
     ({"stream": "no"}, 400, "stream", "stream: must be true or false, got 'no'"),
     ({"logprobs": "yes"}, 400, "logprobs", "logprobs: must be true or false, got 'yes'"),
     ({"stop": "x" * 201}, 400, "stop", "stop: expected a string of 1 to 200 characters"),
