@@ -255,15 +255,14 @@ def refusal(error: RequestError) -> JSONResponse:
 
 class Call:
     """One checked request: the answers so far (an iterator that holds the device while it runs), what the usage
-    figures count, and the log-probabilities asked for (None: not asked; `scores`: kept as a streamed answer
-    decodes)."""
+    figures count, and the log-probabilities asked for (None: not asked; `scores`: kept as the answer decodes)."""
 
     def __init__(self, engine: Engine, prompt: Prompt, answers: Iterator[str], generated: list[int],
                  settings: Settings, image: Any, top_logprobs: int | None, stops: tuple[str, ...] = (),
                  choice: int = 0, scores: list[TokenLogprob] | None = None) -> None:
         self.engine, self.prompt, self.answers, self.settings = engine, prompt, answers, settings
         self.generated = generated  # every token decoded, as `answers` decodes them (the stop id included)
-        self.scores = scores  # each one's log-probability beside it, when streamed with logprobs
+        self.scores = scores  # each one's log-probability beside it, when logprobs are asked
         self.sent = 0  # how many of them went with the chunks streamed so far
         self.image, self.top_logprobs, self.stops = image, top_logprobs, stops
         self.choice = choice  # which of its prompt's `n` answers
@@ -315,11 +314,13 @@ class Call:
             answer = grown
 
     def logprobs(self, answer: str) -> dict[str, Any] | None:
-        """OpenAI's `logprobs` of a choice: each answer token's, with the likeliest at its place."""
+        """OpenAI's `logprobs` of a choice: each answer token's, with the likeliest at its place, as the decode kept
+        them (`scores`); scored by a forward of their own where no tokens decoded write the answer."""
         if self.top_logprobs is None or (self.left is not None and self.left.is_set()):
             return None
-        scored = self.engine.answer_logprobs(self.prompt, self.answer_ids(answer), self.settings, self.image,
-                                             self.top_logprobs)
+        tokens = self.covering(answer)
+        scored = self.scores[:tokens] if self.scores is not None and tokens is not None else \
+            self.engine.answer_logprobs(self.prompt, answer, self.settings, self.image, self.top_logprobs)  # re-read
         return {"content": [chat_entry(token) for token in scored]}
 
     def streamed_logprobs(self, shown: str) -> dict[str, Any]:
@@ -328,22 +329,17 @@ class Call:
         return {"content": [chat_entry(token) for token in self.new_scores(shown)]}
 
     def new_scores(self, shown: str, every: bool = False) -> list[TokenLogprob]:
-        """The scores kept (`scores`) of the tokens that wrote `shown` (as `answer_ids` counts them) not taken
+        """The scores kept (`scores`) of the tokens that wrote `shown` (as `covering` counts them) not taken
         before, for the streamed chunk that shows it; none until some tokens do. `every`: all those left."""
         tokens = len(self.generated) if every else self.covering(shown, self.sent)
         new = [] if tokens is None or self.scores is None else self.scores[self.sent:tokens]
         self.sent += len(new)
         return new
 
-    def answer_ids(self, answer: str) -> list[int] | str:
-        """The tokens decoded that wrote `answer`: the fewest from the first whose text holds it (the one a stop
-        string begins in included; an end of text, a prompt format's stop, what followed a stop string not), as
-        OpenAI scores the tokens sampled. The answer's text where none do (re-tokenized)."""
-        tokens = self.covering(answer)
-        return answer if tokens is None else self.generated[:tokens]
-
     def covering(self, answer: str, start: int = 0) -> int | None:
-        """How many tokens `answer_ids` counts for `answer`, at least `start` (None: no number of them writes it)."""
+        """How many of the tokens decoded wrote `answer`: the fewest from the first (at least `start`) whose text
+        holds it (the one a stop string begins in included; an end of text, a prompt format's stop, what followed a
+        stop string not), as OpenAI scores the tokens sampled; None where no number of them does."""
         decode, wanted = self.engine.model.tokenizer.decode, answer.strip()
         return next((n for n in range(start, len(self.generated) + 1)
                      if decode(self.generated[:n]).strip().startswith(wanted)), None)
@@ -463,8 +459,7 @@ def answer_calls(engines: Engines, body: Any) -> tuple[str, list[Call]]:
             picture = pictures[0] if pictures else None
         chosen = [seeded(settings, choice) for choice in range(count)]
         generated: list[list[int]] = [[] for _ in chosen]
-        # streamed, the log-probabilities are kept as the answer decodes; whole, the answer is scored once decoded
-        scores = [[] if body.get("stream") and top_logprobs is not None else None for _ in chosen]
+        scores = [None if top_logprobs is None else [] for _ in chosen]  # kept as each answer decodes
         answers = [engine.answer_prompt(prompt, each, picture, tokens, scored, top_logprobs or 0)  # written once
                    for each, tokens, scored in zip(chosen, generated, scores)]
     except ValueError as error:
