@@ -52,6 +52,7 @@ MAX_SCALE = 2.0
 MAX_TEMPERATURE = 2.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS, MAX_LOGIT_BIASES = 100.0, 300  # as OpenAI's
+MAX_STOP_TOKEN_IDS = 64  # a request's stop_token_ids
 MAX_SWEEP = 9  # gate scales answered together in one sweep (one batch row each)
 MAX_SCORE_RECORDS = 200  # records one score request reads (the device is held while it runs)
 MAX_SCORE_TOKENS = 20_000  # tokens of plain text one score request reads
@@ -92,6 +93,20 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     if len(pairs) > MAX_LOGIT_BIASES:
         raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIASES} tokens, got {len(pairs)}")
     return pairs
+
+
+def _switch(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: must be true or false, got {value!r:.80}")
+    return value
+
+
+def _token_ids(name: str, value: Any) -> tuple[int, ...]:
+    """Token ids as a tuple (which are in the vocabulary is the model's to say, when decoding starts)."""
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_STOP_TOKEN_IDS or \
+            not all(type(token) is int and token >= 0 for token in value):
+        raise ValueError(f"{name}: expected a list of up to {MAX_STOP_TOKEN_IDS} token ids, got {value!r:.80}")
+    return tuple(value)
 
 
 def _layers_text(value: Any) -> str:
@@ -166,6 +181,9 @@ class Settings:
     presence_penalty: float = 0.0  # OpenAI's, over the answer; 0: off
     frequency_penalty: float = 0.0
     logit_bias: Any = ()  # OpenAI's {token id: bias}, held as sorted (id, bias) pairs
+    min_tokens: int = 0  # vLLM's: no end of text before this many tokens
+    ignore_eos: bool = False  # vLLM's: decode on past the end of text, to max_new_tokens
+    stop_token_ids: Any = ()  # vLLM's: ids that end an answer beside the tokenizer's own
 
     def __post_init__(self) -> None:
         checked = {
@@ -184,7 +202,13 @@ class Settings:
             "presence_penalty": _number("presence_penalty", self.presence_penalty, -2.0, 2.0),
             "frequency_penalty": _number("frequency_penalty", self.frequency_penalty, -2.0, 2.0),
             "logit_bias": _logit_bias(self.logit_bias),
+            "min_tokens": check_integer("min_tokens", self.min_tokens, 0),
+            "ignore_eos": _switch("ignore_eos", self.ignore_eos),
+            "stop_token_ids": _token_ids("stop_token_ids", self.stop_token_ids),
         }
+        if checked["min_tokens"] > checked["max_new_tokens"]:
+            raise ValueError(f"min_tokens: must be at most the answer's most tokens ({checked['max_new_tokens']}), "
+                             f"got {checked['min_tokens']}")
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
@@ -194,7 +218,8 @@ class Settings:
                 "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p,
                 "repetition_penalty": self.repetition_penalty,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "logit_bias": self.logit_bias}
+                "logit_bias": self.logit_bias, "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
+                "stop_token_ids": self.stop_token_ids}
 
 
 class Engine:
@@ -253,6 +278,7 @@ class Engine:
             raise ValueError(f"max_new_tokens: must be between 1 and {self.max_new_tokens}, "
                              f"got {settings.max_new_tokens}")
         checked_ids([token for token, _ in settings.logit_bias], self.model.args.vocab_size, "logit_bias")
+        checked_ids(settings.stop_token_ids, self.model.args.vocab_size, "stop_token_ids")
         return settings
 
     # ----- answering -------------------------------------------------------------------------------------

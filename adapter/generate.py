@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +59,10 @@ class GenerationRequest:
     first, slow compilation, so it pays off for long answers or a server that keeps the model. `logprobs`, when
     given, keeps each token decoded with its log-probability and that many likeliest tokens at its place (the
     distribution at temperature 1 that the step drew from, before top-p: as `adapter.next_token.answer_logprobs`
-    scores an answer afterwards, but as it streams).
+    scores an answer afterwards, but as it streams). As vLLM's, `stop_token_ids` end an answer beside the
+    tokenizer's ends (its EOS, a prompt format's end of turn), `ignore_eos` decodes on past the latter (to
+    `max_new_tokens`: what serving benchmarks ask), and `min_tokens` keeps both from being drawn before that many
+    tokens (stop strings still end an answer).
     """
 
     max_new_tokens: int = 256
@@ -68,6 +71,9 @@ class GenerationRequest:
     seed: int | None = None
     compile: bool = False
     logprobs: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not (isinstance(self.max_new_tokens, int) and
@@ -81,6 +87,27 @@ class GenerationRequest:
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs: must be a whole number from 0 to {MAX_LOGPROBS} (the likeliest tokens "
                              f"kept beside each token's own) or None, got {self.logprobs!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or \
+                not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens: must be a whole number from 0 to max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_tokens!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: must be True or False, got {self.ignore_eos!r}")
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(type(i) is int and i >= 0 for i in ids):
+            raise ValueError(f"stop_token_ids: expected a list of token ids, got {ids!r:.80}")
+        object.__setattr__(self, "stop_token_ids", tuple(ids))
+
+    def ends(self, token: int, end_ids: Collection[int]) -> bool:
+        """Whether `token` ends the answer: one of `stop_token_ids`, or of the tokenizer's `end_ids` unless
+        `ignore_eos`."""
+        return ends_answer(token, end_ids, self.ignore_eos, self.stop_token_ids)
+
+
+def ends_answer(token: int, end_ids: Collection[int], ignore_eos: bool = False,
+                stop_token_ids: Collection[int] = ()) -> bool:
+    """Whether a decoded `token` ends its answer (GenerationRequest.ends), for whoever reads a decode afterwards."""
+    return token in stop_token_ids or (not ignore_eos and token in end_ids)
 
 
 def _request(
@@ -99,6 +126,9 @@ def _request(
     seed: int | None = None,
     compile: bool = False,
     logprobs: int | None = None,
+    min_tokens: int = 0,
+    ignore_eos: bool = False,
+    stop_token_ids: Sequence[int] = (),
 ) -> GenerationRequest:
     stops = () if stop is None else (stop,) if isinstance(stop, str) else \
         tuple(stop) if isinstance(stop, (list, tuple)) else stop
@@ -110,7 +140,8 @@ def _request(
                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, logit_bias=logit_bias)
     return GenerationRequest(max_new_tokens=max_new_tokens, sampling=sampling, stop=stops, seed=seed, compile=compile,
-                             logprobs=logprobs)
+                             logprobs=logprobs, min_tokens=min_tokens, ignore_eos=ignore_eos,
+                             stop_token_ids=stop_token_ids)
 
 
 def decode_tokens(
@@ -163,13 +194,15 @@ def decode_tokens(
     if any(r.sampling.counts_answer for r in requests):
         counts = torch.zeros(batch, model.args.vocab_size, dtype=torch.float32, device=device)
     scales = {"gate_scale": gate_scale, "delta_scale": delta_scale}
+    end_ids = sorted(getattr(getattr(model, "tokenizer", None), "stop_ids", ()))
     with torch.inference_mode():
         cache = model.new_cache(batch, total, pad=pad, visual_prompt=visual_prompt)
         logits = model.step(tokens, cache, **scales)
     new_tokens = total - longest
     for index in range(new_tokens):
         with torch.inference_mode():
-            next_ids = _sample_rows(logits, requests, seen, counts, generators)
+            next_ids = _sample_rows(_ends_held_back(logits, requests, index, end_ids), requests, seen, counts,
+                                    generators)
         if seen is not None:
             seen[torch.arange(batch, device=device), next_ids] = True
         if counts is not None:
@@ -188,6 +221,20 @@ def decode_tokens(
             return
         with torch.inference_mode():
             logits = model.step(next_ids[:, None], cache, compile=requests[0].compile, **scales)
+
+
+def _ends_held_back(logits: torch.Tensor, requests: list[GenerationRequest], index: int,
+                    end_ids: list[int]) -> torch.Tensor:
+    """`logits` with the ids that would end a row's answer out of reach while it has fewer than its `min_tokens`
+    (the `index`-th token is being drawn)."""
+    held = [row for row, request in enumerate(requests) if index < request.min_tokens]
+    if not held:
+        return logits
+    logits = logits.clone()
+    for row in held:
+        ids = sorted({*end_ids, *requests[row].stop_token_ids})
+        logits[row, torch.as_tensor(ids, dtype=torch.long, device=logits.device)] = float("-inf")
+    return logits
 
 
 def check_room(prompt_tokens: int, limit: int) -> None:
@@ -267,6 +314,7 @@ def stream_batch(
     requests = [_request(written, **{**options, **row}) for row in (rows or [{}] * len(prompts))]
     for request in requests:
         checked_ids([token for token, _ in request.sampling.logit_bias], model.args.vocab_size, "logit_bias")
+        checked_ids(request.stop_token_ids, model.args.vocab_size, "stop_token_ids")
     visual_prompt = None
     if images is not None:
         if len(images) != len(prompts):
@@ -299,7 +347,7 @@ def stream_batch(
                     generated[row].append(token)
                 if scores is not None and scored[place] is not None:
                     scores[row].append(scored[place])
-                if token in tokenizer.stop_ids:
+                if requests[row].ends(token, tokenizer.stop_ids):
                     pieces[row], done[place] = streams[row].finish(), True
                 else:
                     pieces[row] = streams[row].push(token)
@@ -456,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frequency-penalty", type=float, default=0.0,
                         help="OpenAI's: less this times the times the answer holds a token (-2 to 2, 0 = off)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--min-tokens", type=int, default=0,
+                        help="the end of text is not drawn before this many tokens (stop strings still end)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="decode on past the end of text, to --max-new-tokens (as serving benchmarks ask)")
     parser.add_argument("--seed", type=int, help="seed for sampling")
     parser.add_argument("--gate-scale", type=float, default=1.0, help="0 = frozen base, 1 = trained adapter")
     parser.add_argument("--gate-sweep", metavar="SCALES",
@@ -534,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                       min_tokens=args.min_tokens, ignore_eos=args.ignore_eos,
                        seed=args.seed, delta_scale=args.delta_scale, compile=args.compile,
                        continued=args.template == "none")  # a raw text goes on from itself (its space kept)
         if questions is not None:

@@ -7,7 +7,8 @@ tools that speak it (the `openai` package, chat front-ends, evaluation harnesses
 message may carry a picture as an `image_url` part with a `data:` URL (nothing is fetched from the network): the
 conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
 `top_p`, `max_tokens` (`max_completion_tokens`), `seed`, `stop`, `presence_penalty`, `frequency_penalty` and
-`logit_bias` (and `top_k`, `min_p`, `repetition_penalty` as vLLM reads them), a request may set this project's
+`logit_bias` (and `top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos` and `stop_token_ids` as vLLM
+reads them), a request may set this project's
 `gate_scale`, `delta_scale` and `gate_layers` (`n` answers are those of the next seeds; what is not served, such as
 `tools`, is refused by name), and `logprobs` / `top_logprobs` give each answer token's log-probability at that
 gate (streamed: each chunk's tokens with it, as the decode drew them). The flags are the app's (`python app.py
@@ -41,6 +42,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .arg_types import unicode_output
 from .engine import Engine, Engines, Settings
+from .generate import ends_answer
 from .images import decode_image
 from .prompt_ids import Prompt, prompt_ids
 from .sampling import MAX_SEED
@@ -56,7 +58,8 @@ SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": 
                   "max_completion_tokens": "max_new_tokens", "seed": "seed", "presence_penalty": "presence_penalty",
                   "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p",
                   "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "gate_scale": "gate_scale",
-                  "delta_scale": "delta_scale", "gate_layers": "gate_layers"}
+                  "delta_scale": "delta_scale", "gate_layers": "gate_layers", "min_tokens": "min_tokens",
+                  "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids"}
 MAX_STOP_CHARS = 200  # a stop string's length: each streamed piece is held back against every stop's beginnings
 # the fields a request may give besides SETTING_FIELDS: read, refused by name when not served (`tools`), or OpenAI's
 # that change no answer (`user`, `metadata`, ...); any other is refused, so that a misspelt `gate_scal` is not
@@ -347,7 +350,8 @@ class Call:
     def finish_reason(self) -> str:
         """"length" when decoding ran out of tokens (`max_tokens`, or the context's end), else "stop" (the end of
         text, a stop string, the prompt format's end of turn)."""
-        if self.stopped or (self.generated and self.generated[-1] in self.engine.model.tokenizer.stop_ids):
+        if self.stopped or (self.generated and ends_answer(self.generated[-1], self.engine.model.tokenizer.stop_ids,
+                                                           self.settings.ignore_eos, self.settings.stop_token_ids)):
             return "stop"
         decoded = len(self.generated)
         full = decoded >= self.settings.max_new_tokens or \

@@ -37,6 +37,13 @@ COMMON: dict[str, dict[str, Any]] = {
     "presence_penalty": {**NUMBER, "description": "OpenAI's: lowers every token the answer has used"},
     "frequency_penalty": {**NUMBER, "description": "OpenAI's: lowers a token by how often the answer used it"},
     "repetition_penalty": {**NUMBER, "description": "vLLM's (CTRL's): over prompt and answer"},
+    "min_tokens": {**INTEGER, "minimum": 0,
+                   "description": "vLLM's: the end of text and stop_token_ids are not drawn before this many tokens "
+                                  "(stop strings still end an answer)"},
+    "ignore_eos": {**BOOLEAN, "description": "vLLM's: decode on past the end of text, to max_tokens (as serving "
+                                             "benchmarks ask)"},
+    "stop_token_ids": {"type": "array", "items": {**INTEGER, "minimum": 0},
+                       "description": "vLLM's: token ids that end an answer beside the tokenizer's end of text"},
     "logit_bias": {**OBJECT, "additionalProperties": NUMBER,
                    "description": "token id (as text) to a bias from -100 to 100 added to its logit"},
     "gate_scale": {**NUMBER, "minimum": 0, "description": "this project's: the adapter's gates times this (0: the "

@@ -147,6 +147,40 @@ def test_eos_ends_the_answer(model, monkeypatch):
     assert answer == tokenizer.decode(ids[:3]) and len(answer) < len(full)
 
 
+def test_min_tokens_ignore_eos_and_stop_token_ids_as_vllm_reads_them(model, monkeypatch):
+    """min_tokens keeps the end of text (and stop_token_ids) from being drawn before that many tokens; ignore_eos
+    decodes on past it to max_new_tokens; a stop token id ends the answer as the end of text does."""
+    tokenizer = model.tokenizer
+    ids = argmax_loop(model, tokenizer.encode("Hello"), 8)
+    original = model.step
+
+    def step(tokens, cache, **kw):  # the end of text is the likeliest 4th token on, as a trained model's would be
+        logits = original(tokens, cache, **kw)
+        step.count += 1
+        if step.count >= 4:
+            logits[:, tokenizer.eos_id] = 1e9
+        return logits
+
+    def answer(**options) -> tuple[str, list[int]]:
+        step.count, told = 0, [[]]
+        text = generate_batch(model, ["Hello"], temperature=0.0, max_new_tokens=8, generated=told, **options)[0]
+        return text, told[0]
+
+    monkeypatch.setattr(model, "step", step)
+    assert answer() == (tokenizer.decode(ids[:3]), ids[:3] + [tokenizer.eos_id])
+    held, held_ids = answer(min_tokens=6)
+    assert held_ids[:3] == ids[:3] and tokenizer.eos_id not in held_ids[:6] and held_ids[6:] == [tokenizer.eos_id]
+    assert held == tokenizer.decode(held_ids[:6])
+    past, past_ids = answer(ignore_eos=True)
+    assert past_ids == ids[:3] + [tokenizer.eos_id] * 5 and past == tokenizer.decode(ids[:3])  # the ends not shown
+    cut, cut_ids = answer(stop_token_ids=[ids[1]])
+    assert (cut, cut_ids) == (tokenizer.decode(ids[:1]), ids[:2])
+    _, late_ids = answer(stop_token_ids=[ids[1]], min_tokens=3)  # a stop id is held back too
+    assert late_ids[0] == ids[0] and ids[1] not in late_ids[:3] and len(late_ids) > 3
+    with pytest.raises(ValueError, match=r"^stop_token_ids: token id 99999 \(place 0\) is not in the vocabulary"):
+        answer(stop_token_ids=[99999])
+
+
 def test_stop_strings_cut_the_answer_and_are_never_shown(model):
     full = model.generate("The", temperature=0.0, max_new_tokens=16)
     stop = full[5:8]
@@ -337,6 +371,9 @@ def test_a_logit_bias_is_added_to_its_tokens_logits(model):
     (dict(logit_bias=[(1, float("nan"))]), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
     (dict(logit_bias={"one": 2.0}), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
     (dict(logit_bias=[1]), r"^logit_bias: expected \{token id: bias\} or \(token id, bias\) pairs"),
+    (dict(min_tokens=9, max_new_tokens=8), r"^min_tokens: must be a whole number from 0 to max_new_tokens \(8\)"),
+    (dict(ignore_eos="yes"), r"^ignore_eos: must be True or False, got 'yes'$"),
+    (dict(stop_token_ids=[1.5]), r"^stop_token_ids: expected a list of token ids"),
     (dict(min_p=1.5), r"^min_p: must be in \[0, 1\] \(0 = off\), got 1.5$"),
     (dict(logprobs=-1), r"^logprobs: must be a whole number from 0 to 50 \(the likeliest tokens kept beside each "
                         r"token's own\) or None, got -1$"),

@@ -149,6 +149,24 @@ def test_min_p_is_the_engines_at_the_same_settings_and_narrows_a_hot_sample(clie
     assert narrowed == answer(min_p=0.3) != answer()  # at temperature 2 the frozen base babbles; min-p reins it in
 
 
+def test_vllms_ignore_eos_min_tokens_and_stop_token_ids(client, engines):
+    """(Each was refused as a field not read; serving benchmarks send ignore_eos for answers of a set length.)"""
+    tokenizer = engines.get("tiny-text").model.tokenizer
+
+    def answered(**options) -> tuple[str, str, int]:
+        reply = ask(client, [user(SCENE)], max_tokens=12, **options).json()
+        choice = reply["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"], reply["usage"]["completion_tokens"]
+
+    assert answered() == ("red", "stop", 2)  # " red" and the end of text
+    long, finish, tokens = answered(ignore_eos=True)
+    assert long.startswith("red") and len(long) > len("red") and (finish, tokens) == ("length", 12)
+    held, finish, tokens = answered(min_tokens=5)
+    assert held.startswith("red") and tokens > 5 and finish == "stop"
+    red = tokenizer.encode(" red", bos=False, eos=False)
+    assert answered(stop_token_ids=red) == ("", "stop", 1)
+
+
 def test_an_answer_cut_by_max_tokens_says_length_and_counts_the_tokens_decoded(client, engines):
     text = engines.get("tiny-text")
     for max_tokens in (3, 20):
@@ -360,6 +378,11 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
     ({"response_format": {"type": "json_object"}}, 400, "response_format", "response_format: only text answers"),
     ({"top_k": -1}, 400, "top_k", "top_k: must be >= 0, got -1"),
     ({"min_p": 1.5}, 400, "min_p", "min_p: must be in [0, 1], got 1.5"),
+    ({"ignore_eos": "yes"}, 400, "ignore_eos", "ignore_eos: must be true or false, got 'yes'"),
+    ({"min_tokens": 31, "max_tokens": 30}, 400, "min_tokens", "min_tokens: must be at most the answer's most tokens "
+                                                              "(30), got 31"),
+    ({"stop_token_ids": [5, 10**7]}, 400, "stop_token_ids", "stop_token_ids: token id 10000000 (place 1) is not in"),
+    ({"stop_token_ids": "5"}, 400, "stop_token_ids", "stop_token_ids: expected a list of up to 64 token ids"),
     ({"gate_layers": "top 9"}, 400, "gate_layers", "gate_layers: "),
     # a misspelt or unserved field was answered as if it were not asked; a switch given as text read as true
     ({"gate_scal": 0}, 400, "gate_scal", "gate_scal: not a field this API reads (did you mean 'gate_scale'?)"),
