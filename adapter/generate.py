@@ -40,6 +40,7 @@ from .kv_cache import KV_CACHE_DTYPES
 from .prompt_ids import Prompt, checked_ids, is_token_ids, prompt_ids
 from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample, seed_problem
+from .sampling_flags import add_sampling_flags, sampling_flags
 from .text_stream import TextStream
 from .token_logprob import TokenLogprob, scored_tokens
 
@@ -493,16 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt format (default auto: the adapter's own, which is alpaca unless it was trained "
                              "with another; 'none' feeds the prompt as given)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.75)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--min-p", type=float, default=0.0,
-                        help="sample among the tokens at least this times as likely as the likeliest (0 to 1, 0 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    parser.add_argument("--presence-penalty", type=float, default=0.0,
-                        help="OpenAI's: less this for a token the answer already holds (-2 to 2, 0 = off)")
-    parser.add_argument("--frequency-penalty", type=float, default=0.0,
-                        help="OpenAI's: less this times the times the answer holds a token (-2 to 2, 0 = off)")
+    add_sampling_flags(parser)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--min-tokens", type=int, default=0,
                         help="the end of text is not drawn before this many tokens (stop strings still end)")
@@ -583,9 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if chosen is not None:
                 label = f" ({name})" if len(models) > 1 else ""
                 print(f"note{label}: {speaking(model, chosen)}", file=sys.stderr)
-        options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        options = dict(max_new_tokens=args.max_new_tokens, **sampling_flags(args),
                        min_tokens=args.min_tokens, ignore_eos=args.ignore_eos,
                        seed=args.seed, delta_scale=args.delta_scale, compile=args.compile,
                        continued=args.template == "none")  # a raw text goes on from itself (its space kept)

@@ -21,6 +21,7 @@ from .formats import BASE_HELP
 from .gate_layers import FLAG_HELP, layers_from_flag, speaking
 from .kv_cache import KV_CACHE_DTYPES
 from .prompts import PROMPT_FORMATS
+from .sampling_flags import add_sampling_flags, sampling_flags
 
 if TYPE_CHECKING:
     from .engine import Engine, Settings
@@ -195,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gate-scale", type=float, default=1.0)
     parser.add_argument("--gate-layers", metavar="LAYERS", default="all", help=FLAG_HELP)
     parser.add_argument("--delta-scale", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=0.1)
-    parser.add_argument("--top-p", type=float, default=0.75)
+    add_sampling_flags(parser)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, help="seed for sampling (default: a new one each answer)")
     return parser
@@ -211,8 +211,8 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
         from .engine import Engine, Settings  # (torch's first import takes seconds: Ctrl-C may come during it)
         from .loading import load_many
 
-        settings = Settings(gate_scale=args.gate_scale, delta_scale=args.delta_scale, temperature=args.temperature,
-                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system,
+        settings = Settings(gate_scale=args.gate_scale, delta_scale=args.delta_scale, **sampling_flags(args),
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system,
                             gate_layers=args.gate_layers)
         model, = load_many(args.base, [args.adapter], clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,

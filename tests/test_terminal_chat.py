@@ -119,6 +119,22 @@ def test_ctrl_c_at_the_prompt_or_while_loading_ends_quietly(monkeypatch, capsys)
     assert capsys.readouterr().err == "\n"
 
 
+def test_the_sampling_flags_are_generates_and_reach_each_answer(capsys):
+    """(The chat took --temperature and --top-p only.) At gate 0 and temperature 2 the frozen base babbles; top-k 1
+    leaves it the greedy answer, and a penalty or min-p is the engine's answer at the same settings."""
+    engine = Engine(adapter.load("tiny", device="cpu"), max_new_tokens=30)
+    hot = dict(temperature=2.0, max_new_tokens=30, seed=3, gate_scale=0.0)
+    flags = ["--temperature", "2", "--seed", "3", "--gate-scale", "0"]
+    greedy = last(engine.chat([], QUESTION, Settings(**{**GREEDY, "gate_scale": 0.0})))
+    assert chat([QUESTION], capsys, *flags, "--top-k", "1")[1] == [greedy]
+    for extra, chosen in ((["--min-p", "0.2"], {"min_p": 0.2}),
+                          (["--frequency-penalty", "1.5", "--repetition-penalty", "1.3"],
+                           {"frequency_penalty": 1.5, "repetition_penalty": 1.3})):
+        assert chat([QUESTION], capsys, *flags, *extra)[1] == [last(engine.chat([], QUESTION, Settings(**hot, **chosen)))]
+    assert main(["--min-p", "2"], stdin=io.StringIO("")) == 2
+    assert capsys.readouterr().err == "error: --min-p: must be in [0, 1], got 2.0\n"
+
+
 def test_bad_flags_stop_before_the_chat(capsys):
     assert main(["--gate-scale", "3"], stdin=io.StringIO("")) == 2
     assert capsys.readouterr().err == "error: --gate-scale: must be in [0, 2], got 3.0\n"
