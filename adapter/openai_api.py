@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import replace
 from functools import cached_property
 from typing import Any
@@ -155,7 +155,7 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
     async def chat_completions(request: Request):
         seen = view(request)
         return await answered(request, CHAT_FIELDS, lambda body: answer_calls(seen, body),
-                              lambda name, calls, usage: stream_events(name, calls[0], usage), completion)
+                              lambda name, calls, usage: stream_events(name, calls, usage), completion)
 
     @router.post("/v1/completions", openapi_extra=request_body("completion"))
     async def completions(request: Request):
@@ -163,7 +163,7 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
 
         seen = view(request)
         return await answered(request, COMPLETION_FIELDS, lambda body: completion_calls(seen, body),
-                              lambda name, calls, usage: stream_text_events(name, calls[0], usage),
+                              lambda name, calls, usage: stream_text_events(name, calls, usage),
                               text_completion)
 
     add_tokenizer_routes(router, view)
@@ -405,14 +405,13 @@ def refuse_unserved(body: dict) -> None:
 
 
 def choices_asked(body: dict) -> int:
-    """OpenAI's `n`: how many answers (1 to MAX_CHOICES; several are not streamed)."""
+    """OpenAI's `n`: how many answers (1 to MAX_CHOICES; streamed one after another, each chunk naming its
+    answer's `index`)."""
     n = body.get("n")
     if n is None:
         return 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise RequestError(f"n: must be a whole number from 1 to {MAX_CHOICES}, got {n!r}", "n")
-    if n > 1 and body.get("stream"):
-        raise RequestError("stream: only one answer streams (n 1)", "stream")
     return n
 
 
@@ -649,39 +648,47 @@ def usage_chunk_asked(body: Any) -> bool:
     return options.get("include_usage", False)
 
 
-def sse_events(head: dict[str, Any], choice_events: Iterator[tuple[dict[str, Any], str | None]], call: Call,
-               usage_chunk: bool) -> Iterator[str]:
-    """Server-sent events of a streamed answer: a chunk per `(choice, finish reason)`, the usage on the last one
-    or (`usage_chunk`) in one of its own, then [DONE]."""
+def sse_events(head: dict[str, Any], choice_events: Iterator[tuple[dict[str, Any], str | None]],
+               calls: Sequence[Call], usage_chunk: bool) -> Iterator[str]:
+    """Server-sent events of a request's streamed answers: a chunk per `(choice, finish reason)`, the usage on the
+    one that ends the last answer or (`usage_chunk`) in one of its own, then [DONE]."""
 
     def event(choices: list[dict[str, Any]], usage: dict[str, int] | None) -> str:
         chunk = {**head, "choices": choices, **({"usage": usage} if usage_chunk or usage is not None else {})}
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    with closing(call), closing(choice_events):  # a client gone mid-answer ends its decoding now
+    ended = 0
+    with ExitStack() as held:  # a client gone mid-answer ends its decoding now
+        for call in calls:
+            held.enter_context(closing(call))
+        held.enter_context(closing(choice_events))
         for choice, finish in choice_events:
-            yield event([{**choice, "finish_reason": finish}],
-                        None if usage_chunk or finish is None else call.usage())
+            ended += finish is not None
+            last = ended == len(calls) and not usage_chunk
+            yield event([{**choice, "finish_reason": finish}], total_usage(calls) if last else None)
     if usage_chunk:
-        yield event([], call.usage())
+        yield event([], total_usage(calls))
     yield "data: [DONE]\n\n"
 
 
-def stream_events(name: str, call: Call, usage_chunk: bool = False) -> Iterator[str]:
-    """Server-sent events: the role, each new piece of the answer, the finish reason, the usage, [DONE]."""
+def stream_events(name: str, calls: Sequence[Call], usage_chunk: bool = False) -> Iterator[str]:
+    """Server-sent events: for each answer (`index`), the role, each new piece, the finish reason; the usage,
+    [DONE]."""
     head = {"id": response_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
 
-    def scored(shown: str) -> dict[str, Any]:
-        return {} if call.scores is None else {"logprobs": call.streamed_logprobs(shown)}
-
     def deltas() -> Iterator[tuple[dict[str, Any], str | None]]:
-        yield {"index": 0, "delta": {"role": "assistant", "content": ""}}, None
-        shown = ""
-        for piece, shown in call.pieces():
-            yield {"index": 0, "delta": {"content": piece}, **scored(shown)}, None
-        yield {"index": 0, "delta": {}, **scored(shown)}, call.finish_reason()
+        for index, call in enumerate(calls):
 
-    return sse_events(head, deltas(), call, usage_chunk)
+            def scored(shown: str, call: Call = call) -> dict[str, Any]:
+                return {} if call.scores is None else {"logprobs": call.streamed_logprobs(shown)}
+
+            yield {"index": index, "delta": {"role": "assistant", "content": ""}}, None
+            shown = ""
+            for piece, shown in call.pieces():
+                yield {"index": index, "delta": {"content": piece}, **scored(shown)}, None
+            yield {"index": index, "delta": {}, **scored(shown)}, call.finish_reason()
+
+    return sse_events(head, deltas(), calls, usage_chunk)
 
 
 def response_id(prefix: str = "chatcmpl") -> str:

@@ -11,7 +11,7 @@ continuation's tokens are the very ones decoded, the end of text that ended it i
 them; lm-evaluation-harness drops the last returned token as the generated one); one cut by a stop string is the
 cut text's tokens. The sampling fields, `stop` and
 this project's `gate_scale`, `delta_scale` and `gate_layers` are read as in chat completions; `stream` sends the
-continuation of one prompt as server-sent events (with `logprobs`, each chunk's tokens in the legacy layout, kept as
+continuations as server-sent events, one after another, each chunk naming its `index` (with `logprobs`, each chunk's tokens in the legacy layout, kept as
 the decode drew them; a stop string's cut keeps the tokens decoded up to it); `n` continues each prompt that many
 times, the j-th with seed + j.
 Decoding stops at the end of text or a stop string only: no
@@ -21,7 +21,7 @@ prompt format's stop strings apply.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .engine import Engine, Engines, Settings
@@ -148,8 +148,8 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
         raise RequestError("suffix: text after the insertion point is not served", "suffix")
     echo, logprobs = bool(body.get("echo")), _logprobs(body)
     streamed = bool(body.get("stream"))
-    if streamed and (len(prompts) > 1 or echo):
-        raise RequestError("stream: only one prompt's continuation streams, without echo", "stream")
+    if streamed and echo:
+        raise RequestError("stream: a continuation streams without echo", "stream")
     score_only = body.get("max_tokens") == 0
     if score_only and not echo:
         raise RequestError("max_tokens: 0 returns nothing without echo", "max_tokens")
@@ -185,17 +185,20 @@ def text_completion(name: str, calls: list[TextCall]) -> dict[str, Any]:
             "usage": total_usage(calls)}
 
 
-def stream_text_events(name: str, call: TextCall, usage_chunk: bool = False) -> Iterator[str]:
-    """Server-sent events: each new piece of the continuation, then the finish reason, the usage, [DONE]."""
+def stream_text_events(name: str, calls: Sequence[TextCall], usage_chunk: bool = False) -> Iterator[str]:
+    """Server-sent events: for each continuation (`index`, as answered whole), each new piece, then its finish
+    reason; the usage, [DONE]."""
     head = {"id": response_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": name}
 
-    def scored(shown: str, last: bool = False) -> dict[str, Any] | None:
-        return None if call.scores is None else call.streamed_legacy_logprobs(shown, last)
-
     def pieces() -> Iterator[tuple[dict[str, Any], str | None]]:
-        shown = ""
-        for piece, shown in call.pieces():
-            yield {"text": piece, "index": 0, "logprobs": scored(shown)}, None
-        yield {"text": "", "index": 0, "logprobs": scored(shown, last=True)}, call.finish_reason()
+        for index, call in enumerate(calls):
 
-    return sse_events(head, pieces(), call, usage_chunk)
+            def scored(shown: str, last: bool = False, call: TextCall = call) -> dict[str, Any] | None:
+                return None if call.scores is None else call.streamed_legacy_logprobs(shown, last)
+
+            shown = ""
+            for piece, shown in call.pieces():
+                yield {"text": piece, "index": index, "logprobs": scored(shown)}, None
+            yield {"text": "", "index": index, "logprobs": scored(shown, last=True)}, call.finish_reason()
+
+    return sse_events(head, pieces(), calls, usage_chunk)

@@ -200,6 +200,39 @@ def streamed_chunks(client, route: str, body: dict) -> list[dict]:
     return [json.loads(event) for event in events[:-1]]
 
 
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", {"messages": [user(SCENE)], "n": 3, "logprobs": True, "top_logprobs": 1}),
+    ("/v1/completions", {"prompt": ["There is a small blue", "There is a large red"], "n": 2, "logprobs": 1})])
+def test_several_answers_stream_each_under_its_index_as_they_are_answered_whole(client, route, body):
+    """(Refused before: "stream: only one answer streams (n 1)", and one prompt's continuation only.) Each answer's
+    chunks name its `index`; together they are the answers (and log-probabilities) a request not streamed gets."""
+    asked = {**body, "temperature": 1.0, "top_p": 1.0, "seed": 5, "max_tokens": 12, "gate_scale": 0}
+    whole = client.post(route, json=asked).json()
+    chunks = streamed_chunks(client, route, {**asked, "stream": True})
+    chat = route.endswith("chat/completions")
+    texts, finishes, entries = {}, {}, {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            index = choice["index"]
+            text = choice["delta"].get("content", "") if chat else choice["text"]
+            texts[index] = texts.get(index, "") + text
+            if choice["finish_reason"]:
+                finishes[index] = choice["finish_reason"]
+            scored = choice.get("logprobs") or {}
+            entries.setdefault(index, []).extend(scored.get("content" if chat else "tokens", []))
+    expected = whole["choices"]
+    assert list(texts) == list(range(len(expected))) and len(expected) > 1
+    assert [texts[i] for i in texts] == [c["message"]["content"] if chat else c["text"] for c in expected]
+    assert len(set(texts.values())) > 1, "each answer with its own seed"
+    assert [finishes[i] for i in texts] == [c["finish_reason"] for c in expected]
+    assert [entries[i] for i in texts] == [c["logprobs"]["content"] if chat else c["logprobs"]["tokens"]
+                                           for c in expected]
+    assert chunks[-1]["usage"] == whole["usage"] and all("usage" not in chunk for chunk in chunks[:-1])
+    if chat:
+        assert [c["choices"][0]["delta"] for c in chunks if "role" in c["choices"][0]["delta"]] == \
+            [{"role": "assistant", "content": ""}] * len(expected)
+
+
 @pytest.mark.parametrize("route, body", [("/v1/chat/completions", {"messages": [user(SCENE)]}),
                                          ("/v1/completions", {"prompt": "The colour of the sky is"})])
 def test_include_usage_streams_the_usage_in_a_chunk_of_its_own_as_openai_does(client, route, body):
@@ -261,10 +294,10 @@ def test_a_closed_stream_ends_its_decoding_though_its_call_is_still_held(engines
             "logit_bias": {str(engine.model.tokenizer.eos_id): -100}}
     if route == "chat":
         name, calls = answer_calls(engines, {"messages": [user("Tell a long story")], **long})
-        events = stream_events(name, calls[0])
+        events = stream_events(name, calls)
     else:
         name, calls = completion_calls(engines, {"prompt": "Once upon a time", **long})
-        events = stream_text_events(name, calls[0])
+        events = stream_text_events(name, calls)
     try:
         for _ in range(3):
             next(events)
