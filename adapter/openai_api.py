@@ -2,7 +2,8 @@
 tools that speak it (the `openai` package, chat front-ends, evaluation harnesses).
 
 `GET /v1/models` lists the served adapters; `POST /v1/completions` continues or scores raw texts
-(adapter.openai_completions); `POST /v1/chat/completions` answers a conversation with one of them
+(adapter.openai_completions), `POST /v1/responses` is OpenAI's Responses API (adapter.openai_responses);
+`POST /v1/chat/completions` answers a conversation with one of them
 (`model`: its name, the first when left out), whole or streamed as server-sent events (`stream: true`). A user
 message may carry a picture as an `image_url` part with a `data:` URL (nothing is fetched from the network): the
 conversation is then about that picture, asked as the app's image tab asks it. Besides OpenAI's `temperature`,
@@ -55,7 +56,8 @@ MAX_CHOICES = 8  # `n`: answers to one request, each with the next seed
 LEFT_POLL_S = 0.1  # how often a request answered whole checks that its client is still there
 MAX_BODY_BYTES = 32 * 2**20  # a request's JSON: room for a 20 MB picture (OpenAI's limit) in base64
 SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
-                  "max_completion_tokens": "max_new_tokens", "seed": "seed", "presence_penalty": "presence_penalty",
+                  "max_completion_tokens": "max_new_tokens", "max_output_tokens": "max_new_tokens", "seed": "seed",
+                  "presence_penalty": "presence_penalty",
                   "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p",
                   "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "gate_scale": "gate_scale",
                   "delta_scale": "delta_scale", "gate_layers": "gate_layers", "min_tokens": "min_tokens",
@@ -66,11 +68,18 @@ MAX_STOP_CHARS = 200  # a stop string's length: each streamed piece is held back
 # answered as if it were not asked
 REQUEST_FIELDS = frozenset({"model", "stream", "stream_options", "n", "stop", "logprobs", "best_of", "response_format",
                             "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-                            *SETTING_FIELDS})
+                            *SETTING_FIELDS}) - {"max_output_tokens"}  # the Responses API's name (openai_responses)
 CHAT_FIELDS = REQUEST_FIELDS | {"messages", "top_logprobs", "tools", "functions", "tool_choice", "function_call",
                                 "parallel_tool_calls"}
 COMPLETION_FIELDS = REQUEST_FIELDS | {"prompt", "echo", "suffix"}
+# what one OpenAI API calls by another's name (a chat body sent to the Responses API, ...), said when refused
+RENAMED = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+           "max_output_tokens": "max_tokens", "messages": "input", "input": "messages"}
 SWITCHES = ("stream", "echo")  # true or false; `logprobs` too in chat (the legacy completions' is a count)
+
+
+# what a request asks about: (system prompt, earlier (user, assistant) turns, the last user message, its picture)
+Conversation = tuple[str | None, list[tuple[str, str]], str, Any]
 
 
 class RequestError(ValueError):
@@ -156,6 +165,14 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
         seen = view(request)
         return await answered(request, CHAT_FIELDS, lambda body: answer_calls(seen, body),
                               lambda name, calls, usage: stream_events(name, calls, usage), completion)
+
+    @router.post("/v1/responses", openapi_extra=request_body("response"))
+    async def responses(request: Request):
+        from .openai_responses import RESPONSE_FIELDS, response_calls, response_events, whole_response
+
+        seen = view(request)
+        return await answered(request, RESPONSE_FIELDS, lambda body: response_calls(seen, body), response_events,
+                              whole_response)
 
     @router.post("/v1/completions", openapi_extra=request_body("completion"))
     async def completions(request: Request):
@@ -284,12 +301,12 @@ class Call:
     def check_room(self, body: dict) -> None:
         """OpenAI's (and vLLM's) refusal of a `max_tokens` asked that the prompt leaves no room for in the
         context; left out, an answer ends where the context does (finish reason "length")."""
-        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            return
+        given = [name for name, ours in SETTING_FIELDS.items()
+                 if ours == "max_new_tokens" and body.get(name) is not None]
         limit, asked = self.engine.model.args.max_seq_len, self.settings.max_new_tokens
-        if self.prompt_tokens + asked > limit:
-            raise RequestError(f"max_tokens: the prompt's {self.prompt_tokens} tokens and {asked} new ones exceed "
-                               f"this model's context of {limit} tokens", "max_tokens")
+        if given and self.prompt_tokens + asked > limit:
+            raise RequestError(f"{given[0]}: the prompt's {self.prompt_tokens} tokens and {asked} new ones exceed "
+                               f"this model's context of {limit} tokens", given[0])
 
     def texts(self) -> Iterator[str]:
         """The answer so far as it may be shown: cut before the first of the request's stop strings (decoding ends
@@ -372,7 +389,7 @@ def known_fields(body: Any, fields: frozenset[str]) -> dict:
         raise RequestError("the body must be a JSON object")
     for field, value in body.items():
         if field not in fields:
-            close = difflib.get_close_matches(field, fields, n=1)
+            close = [RENAMED[field]] if RENAMED.get(field) in fields else difflib.get_close_matches(field, fields, n=1)
             raise RequestError(f"{field[:80]}: not a field this API reads" + (f" (did you mean {close[0]!r}?)"
                                                                             if close else ""), field[:80])
         if field in SWITCHES and value is not None and not isinstance(value, bool):
@@ -441,13 +458,14 @@ def refused(error: ValueError, default_param: str, body: dict) -> RequestError:
     return RequestError(f"{param}:{rest}", param)
 
 
-def answer_calls(engines: Engines, body: Any) -> tuple[str, list[Call]]:
-    """The adapter's name and the checked (lazy) answers of a chat-completions body (`n` of them); RequestError
-    naming the field at fault."""
+def answer_calls(engines: Engines, body: Any, conversation: Conversation | None = None) -> tuple[str, list[Call]]:
+    """The adapter's name and the checked (lazy) answers of a chat-completions body (`n` of them), to its
+    `messages` or to a `conversation` read from elsewhere (the Responses API's input); RequestError naming the field
+    at fault."""
     name, engine = served(engines, body)
     refuse_unserved(body)
     count = choices_asked(body)
-    system, history, question, image = read_messages(body.get("messages"))
+    system, history, question, image = conversation or read_messages(body.get("messages"))
     if image is not None and not engine.can_see_images:  # the app's tab answers from the text, and says so
         seeing = [other for other in engines.names if engines.get(other).can_see_images]
         raise RequestError(f"messages: {name} cannot see pictures (no visual prompt, or no CLIP tower); "
@@ -509,7 +527,7 @@ def _top_logprobs(body: dict) -> int | None:
     return top
 
 
-def read_messages(messages: Any) -> tuple[str | None, list[tuple[str, str]], str, Any]:
+def read_messages(messages: Any) -> Conversation:
     """(system prompt, earlier (user, assistant) turns, the last user message, its conversation's picture).
     Messages of one role in a row are one turn, their texts a line apart (OpenAI takes them so)."""
     if not isinstance(messages, list) or not messages:
@@ -702,8 +720,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .app_config import Command, check_listening, load_engines, parse_config
 
     command = Command("python -m adapter.openai_api", "The served adapters behind an OpenAI-compatible HTTP API "
-                      "(/v1/models, /v1/chat/completions, /v1/completions), without the app's page; it takes the "
-                      "app's flags, of which --share, --openai-api, --no-train-tab, --train-max-steps, --no-upload "
+                      "(/v1/models, /v1/chat/completions, /v1/responses, /v1/completions), without the app's page; "
+                      "it takes the app's flags, of which --share, --openai-api, --no-train-tab, --train-max-steps, --no-upload "
                       "and --no-push concern that page alone.")
     try:
         config = parse_config(argv, command=command)

@@ -11,11 +11,10 @@ continuation's tokens are the very ones decoded, the end of text that ended it i
 them; lm-evaluation-harness drops the last returned token as the generated one); one cut by a stop string is the
 cut text's tokens. The sampling fields, `stop` and
 this project's `gate_scale`, `delta_scale` and `gate_layers` are read as in chat completions; `stream` sends the
-continuations as server-sent events, one after another, each chunk naming its `index` (with `logprobs`, each chunk's tokens in the legacy layout, kept as
-the decode drew them; a stop string's cut keeps the tokens decoded up to it); `n` continues each prompt that many
-times, the j-th with seed + j.
-Decoding stops at the end of text or a stop string only: no
-prompt format's stop strings apply.
+continuations as server-sent events, one after another, each chunk naming its `index` (with `logprobs`, each
+chunk's tokens in the legacy layout, kept as the decode drew them; a stop string's cut keeps the tokens decoded up
+to it); `n` continues each prompt that many times, the j-th with seed + j. Decoding stops at the end of text or a
+stop string only: no prompt format's stop strings apply.
 """
 
 from __future__ import annotations

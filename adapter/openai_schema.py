@@ -9,6 +9,7 @@ from typing import Any
 from .gate_layers import FLAG_HELP
 from .openai_api import CHAT_FIELDS, COMPLETION_FIELDS, MAX_CHOICES, MAX_STOPS, MAX_TOP_LOGPROBS
 from .openai_completions import MAX_LOGPROBS, MAX_PROMPTS
+from .openai_responses import LOGPROBS, RESPONSE_FIELDS
 
 NUMBER, INTEGER, STRING, BOOLEAN, OBJECT = ({"type": name} for name in ("number", "integer", "string", "boolean",
                                                                        "object"))
@@ -81,20 +82,43 @@ COMPLETION: dict[str, dict[str, Any]] = {
     "suffix": {**STRING, "description": "text after an insertion point: not served, refused when given"},
 }
 
+RESPONSE: dict[str, dict[str, Any]] = {
+    "input": {"anyOf": [STRING, {"type": "array", "items": OBJECT}],
+              "description": "a text, or messages ({role, content}) whose parts are input_text, input_image (a data: "
+                             "URL) or an earlier answer's output_text, ending with the user's"},
+    "instructions": {**STRING, "description": "a system prompt (the chat prompt formats; Alpaca has none)"},
+    "max_output_tokens": {**INTEGER, "minimum": 1, "description": "the answer's most tokens (status incomplete "
+                                                                   "when they run out)"},
+    "include": {"type": "array", "items": {"enum": [LOGPROBS]},
+                "description": "message.output_text.logprobs: each answer token's log-probability"},
+    "top_logprobs": {**INTEGER, "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                     "description": "with include's logprobs: that many likeliest tokens at each place"},
+    "text": {**OBJECT, "description": "only {\"format\": {\"type\": \"text\"}} is served"},
+    "tools": {"description": "function calling is not served: refused when given"},
+    **{name: {"description": "not served (nothing is stored; send the earlier turns in input): refused when given"}
+       for name in ("previous_response_id", "conversation")},
+    "reasoning": {"description": "the served adapters do not reason: refused when given"},
+    "background": {"description": "answers are given while the request waits: refused when true"},
+    **{name: {"description": IGNORED} for name in ("tool_choice", "parallel_tool_calls", "truncation")},
+}
+
 EXAMPLES = {
     "chat": {"model": "tiny-text", "messages": [{"role": "user", "content": "There is a large red star on the "
                                                                           "left. What colour is the star?"}],
              "temperature": 0, "max_tokens": 30, "gate_scale": 1.0},
     "completion": {"model": "tiny-text", "prompt": "There is a small red circle", "max_tokens": 12,
                    "temperature": 0, "gate_scale": 0.0},
+    "response": {"model": "tiny-text", "input": "There is a large red star on the left. What colour is the star?",
+                 "temperature": 0, "max_output_tokens": 30, "gate_scale": 1.0},
 }
+KINDS = {"chat": (CHAT_FIELDS, CHAT, "messages"), "completion": (COMPLETION_FIELDS, COMPLETION, "prompt"),
+         "response": (RESPONSE_FIELDS, RESPONSE, "input")}
 
 
 def request_body(kind: str) -> dict[str, Any]:
-    """FastAPI's `openapi_extra` of a route reading `kind`'s body ("chat" or "completion")."""
-    fields, own = (CHAT_FIELDS, CHAT) if kind == "chat" else (COMPLETION_FIELDS, COMPLETION)
+    """FastAPI's `openapi_extra` of a route reading `kind`'s body ("chat", "completion" or "response")."""
+    fields, own, required = KINDS[kind]
     properties = {name: {**COMMON, **own}[name] for name in sorted(fields)}
-    schema = {**OBJECT, "properties": properties, "additionalProperties": False,
-              "required": ["messages"] if kind == "chat" else ["prompt"]}
+    schema = {**OBJECT, "properties": properties, "additionalProperties": False, "required": [required]}
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": schema, "example": EXAMPLES[kind]}}}}

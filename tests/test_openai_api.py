@@ -12,6 +12,7 @@ import pytest
 from adapter.app_config import TINY_FOLDER, tiny_available
 from adapter.engine import Settings
 from adapter.openai_api import CHAT_FIELDS, COMPLETION_FIELDS, main
+from adapter.openai_responses import RESPONSE_FIELDS
 from adapter.sampling import MAX_SEED
 
 from .openai_helpers import client, engines, live_url  # noqa: F401  (fixtures)
@@ -56,7 +57,8 @@ def test_the_served_adapters_are_the_models(client):
 
 
 @pytest.mark.parametrize("route, fields", [("/v1/chat/completions", CHAT_FIELDS),
-                                           ("/v1/completions", COMPLETION_FIELDS)])
+                                           ("/v1/completions", COMPLETION_FIELDS),
+                                           ("/v1/responses", RESPONSE_FIELDS)])
 def test_the_api_page_lists_every_field_a_route_reads_with_a_body_it_answers(client, route, fields):
     """/docs showed no request body (the routes read their JSON themselves): nothing to fill in, no field named."""
     body = client.get("/openapi.json").json()["paths"][route]["post"]["requestBody"]["content"]["application/json"]
@@ -64,7 +66,7 @@ def test_the_api_page_lists_every_field_a_route_reads_with_a_body_it_answers(cli
     assert set(properties) == fields and all(field["description"] for field in properties.values())
     assert body["schema"]["additionalProperties"] is False  # as a misspelt field is refused
     reply = client.post(route, json=body["example"])
-    assert reply.status_code == 200 and reply.json()["choices"], reply.text
+    assert reply.status_code == 200 and (reply.json().get("choices") or reply.json()["output"]), reply.text
     assert "swagger" in client.get("/docs").text.lower()
 
 
@@ -420,6 +422,7 @@ def test_a_picture_in_a_data_url_is_asked_about_as_in_the_image_tab(client, engi
     # a misspelt or unserved field was answered as if it were not asked; a switch given as text read as true
     ({"gate_scal": 0}, 400, "gate_scal", "gate_scal: not a field this API reads (did you mean 'gate_scale'?)"),
     ({"typical_p": 0.9}, 400, "typical_p", "typical_p: not a field this API reads"),
+    ({"input": "hi"}, 400, "input", "input: not a field this API reads (did you mean 'messages'?)"),
     ({"stream": "no"}, 400, "stream", "stream: must be true or false, got 'no'"),
     ({"logprobs": "yes"}, 400, "logprobs", "logprobs: must be true or false, got 'yes'"),
     ({"stop": "x" * 201}, 400, "stop", "stop: expected a string of 1 to 200 characters"),

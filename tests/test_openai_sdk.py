@@ -77,6 +77,29 @@ def test_the_client_streams_a_text_completion_with_vllms_fields_in_extra_body(sd
     assert len(tokens) == 8, "ignore_eos: decoded on past the end of text to max_tokens"
 
 
+def test_the_client_reads_a_response_whole_and_streamed_as_its_own_helper_assembles_it(sdk, client):
+    """The Responses API (`client.responses`): its `output_text`, status, usage and log-probabilities; streamed,
+    its typed events, from which `responses.stream` assembles the final response itself."""
+    asked = {"input": SCENE, "temperature": 0, "max_output_tokens": 30, "include": ["message.output_text.logprobs"],
+             "top_logprobs": 2}
+    plain = client.post("/v1/responses", json=asked).json()
+    response = sdk.responses.create(model="tiny-text", **asked)
+    text = plain["output"][0]["content"][0]
+    assert response.output_text == text["text"] and response.status == plain["status"]
+    read = [(t.token, t.logprob) for t in response.output[0].content[0].logprobs]
+    assert read == [(t["token"], t["logprob"]) for t in text["logprobs"]]
+    assert response.usage.output_tokens == plain["usage"]["output_tokens"]
+    with sdk.responses.stream(model="tiny-text", **asked) as stream:  # (its final response: a completed one)
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == text["text"] == "red"
+    assert final.status == plain["status"] == "completed"
+    assert final.usage.total_tokens == plain["usage"]["total_tokens"]
+    cut = list(sdk.responses.create(model="tiny-text", stream=True, extra_body={"gate_scale": 0},
+                                    **{**asked, "max_output_tokens": 4}))
+    assert cut[-1].type == "response.incomplete" and cut[-1].response.incomplete_details.reason == "max_output_tokens"
+
+
 def test_a_refused_request_is_the_clients_bad_request_error_naming_the_field(sdk):
     from openai import BadRequestError
 
