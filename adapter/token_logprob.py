@@ -29,8 +29,10 @@ def scored_tokens(tokenizer: Any, logprobs: torch.Tensor, tokens: Sequence[int],
     """Each of `tokens` with its log-probability in the matching row of `logprobs` ([rows, vocab], log-softmaxed)
     and that row's `top_k` likeliest tokens (one count for every row, or one per row)."""
     counts = [top_k] * len(tokens) if isinstance(top_k, int) else list(top_k)
-    logprobs = logprobs.float().cpu()
-    top_values, top_ids = logprobs.topk(max(counts, default=0), dim=-1)
-    return [TokenLogprob(token_text(tokenizer, token), float(row[token]),
-                         [(token_text(tokenizer, int(i)), float(v)) for v, i in zip(values[:k], ids[:k])])
-            for token, row, values, ids, k in zip(tokens, logprobs, top_values, top_ids, counts)]
+    logprobs = logprobs.float()  # picked where they are (a GPU's), only the few numbers kept come over
+    picked = torch.as_tensor(list(tokens), dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(-1, picked[:, None])[:, 0].tolist()
+    top_values, top_ids = (part.tolist() for part in logprobs.topk(max(counts, default=0), dim=-1))
+    return [TokenLogprob(token_text(tokenizer, token), value,
+                         [(token_text(tokenizer, i), v) for v, i in zip(values[:k], ids[:k])])
+            for token, value, values, ids, k in zip(tokens, chosen, top_values, top_ids, counts)]
