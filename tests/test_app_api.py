@@ -326,6 +326,11 @@ def test_the_apps_openai_api_asks_for_its_key_and_the_page_stays_open(demo_files
         assert httpx.get(f"{served.url}v1/models", timeout=30).status_code == 401
         listed = httpx.get(f"{served.url}v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == served.engines.names
+        asked = {"input": "What colour is the star?", "max_output_tokens": 4}
+        assert httpx.post(f"{served.url}v1/responses", json=asked, timeout=60).status_code == 401
+        answered = httpx.post(f"{served.url}v1/responses", json=asked, timeout=60,
+                              headers={"Authorization": f"Bearer {key}"})
+        assert answered.status_code == 200 and answered.json()["output"][0]["content"][0]["text"], answered.text
         assert httpx.get(served.url, timeout=30).status_code == 200, "the page"
     with pytest.raises(ValueError, match=r"^--api-key: it guards the OpenAI-compatible API, which --openai-api "):
         parse_config([*demo_files.flags()], {"ADAPTER_API_KEY": key})
