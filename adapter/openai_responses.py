@@ -52,7 +52,7 @@ def response_calls(engines: Engines, body: dict) -> tuple[str, list[Call]]:
     try:
         return answer_calls(engines, chat, read_input(body))
     except RequestError as error:
-        raise _as_instructions(error, body) from None
+        raise _in_own_terms(error, body) from None
 
 
 def _refuse_unserved(body: dict) -> None:
@@ -112,10 +112,14 @@ def _part(part: Any, index: int) -> Any:
     return {"type": "image_url", "image_url": {"url": part.get("image_url")}}
 
 
-def _as_instructions(error: RequestError, body: dict) -> RequestError:
-    """A refused system prompt named as the Responses API's `instructions` (chat's name it `system`)."""
-    if body.get("instructions") and str(error).startswith("system:"):
-        return RequestError("instructions:" + str(error).removeprefix("system:"), "instructions")
+def _in_own_terms(error: RequestError, body: dict) -> RequestError:
+    """A refusal of the chat request a Responses body became, naming the Responses API's fields: `instructions`
+    (chat's system prompt) and `input` (chat's `messages`)."""
+    text = str(error)
+    if body.get("instructions") and text.startswith("system:"):
+        return RequestError("instructions:" + text.removeprefix("system:"), "instructions")
+    if error.param == "messages":
+        return RequestError("input" + text.removeprefix("messages"), "input", error.status, error.code)
     return error
 
 

@@ -120,6 +120,8 @@ def test_a_streamed_response_is_the_apis_numbered_events_ending_in_the_whole_res
      "input[0].content: parts must be input_text, input_image or output_text"),
     ({"input": [{"role": "assistant", "content": "hi"}]}, "input", "input[0]: expected a user message"),
     ({"instructions": "Be brief."}, "instructions", "instructions: the alpaca prompt format has no system prompt"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": PIXEL}]}]}, "input",
+     "input: tiny-text cannot see pictures"),
     ({"max_output_tokens": 0}, "max_output_tokens", "max_output_tokens: must be"),
     ({"max_tokens": 5}, "max_tokens", "max_tokens: not a field this API reads (did you mean 'max_output_tokens'?)"),
 ])
