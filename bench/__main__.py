@@ -6,7 +6,7 @@ section of BENCHMARKS.md, under a first section that names the machine, the comm
 bench.load (writes a 13.5 GB checkpoint once, then 2+ minutes and 6 GB of memory) runs only with --with-load;
 the GPU benchmark runs when this machine has a GPU (elsewhere: bench/gpu.sh on a GPU machine). --smoke runs the
 benchmarks that have tiny shapes (decode_peers, memory, adapters, scaling, train, sessions, answers, space_fit,
-tied, v2_parts, gpu) once each: it checks the harness, and its figures mean nothing, so give it a --write file of
+tied, v2_parts, logprobs, gpu) once each: it checks the harness, and its figures mean nothing, so give it a --write file of
 its own.
 """
 
@@ -48,6 +48,7 @@ BENCHMARKS = (Benchmark("decode", True, True, False), Benchmark("decode_peers", 
               Benchmark("compute_thread", True, True, False),
               Benchmark("answers", True, True, True), Benchmark("space_fit", False, False, True),
               Benchmark("tied", True, False, True), Benchmark("v2_parts", True, True, True),
+              Benchmark("logprobs", True, True, True),
               Benchmark("load", False, False, False),
               Benchmark("gpu", False, True, True))
 

@@ -288,7 +288,7 @@ def test_a_corrupted_peer_is_refused_by_the_training_check(weights, monkeypatch)
 def test_smoke_leaves_out_what_has_no_smoke_mode_and_load_needs_its_flag():
     smoke, left = bench_main.chosen(argparse.Namespace(only=None, smoke=True, with_load=False))
     assert [b.name for b in smoke] == ["decode_peers", "memory", "adapters", "scaling", "train", "sessions",
-                                       "answers", "space_fit", "tied", "v2_parts", "gpu"]
+                                       "answers", "space_fit", "tied", "v2_parts", "logprobs", "gpu"]
     assert any(note.startswith("load") for note in left)
     full, left = bench_main.chosen(argparse.Namespace(only=None, smoke=False, with_load=False))
     assert "load" not in [b.name for b in full] and any("--with-load" in note for note in left)
@@ -438,6 +438,22 @@ def test_smoke_space_fit_section(tmp_path, capsys):
     table = next(t for t in tables(section) if t[0][0] == "--quantize")
     assert [row[0] for row in table[1:]] == ["none", "nf4"]
     assert all(re.fullmatch(r"\d+\.\d\d", cell) for row in table[1:] for cell in row[1:]), table
+
+
+def test_smoke_logprobs_section(tmp_path):
+    """Decoding with and without each token's log-probability kept, and with the answer scored afterwards, at
+    batch 1 and 8, each against the plain decode."""
+    from bench.logprobs import HEADING
+    from bench.logprobs import main as logprobs_main
+
+    assert logprobs_main(["--smoke", "--write", str(tmp_path / "BENCHMARKS.md")]) == 0
+    section = next(body for head, body in sections((tmp_path / "BENCHMARKS.md").read_text()).items()
+                   if head.startswith(HEADING) and "--smoke" in head)
+    table = next(t for t in tables(section) if t[0][0] == "batch")
+    assert [row[0] for row in table[1:]] == ["1"] * 4 + ["8"] * 4
+    assert [row[3] for row in table[1:]][::4] == ["1.00", "1.00"]
+    assert all(re.fullmatch(r"\d+ \(\d+ / \d+\)", row[2]) and re.fullmatch(r"\d+\.\d\d", row[3])
+               for row in table[1:]), table
 
 
 def test_smoke_sessions_section(tmp_path):
