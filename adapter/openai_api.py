@@ -115,9 +115,11 @@ def build_api(engines: Engines, api_key: str | None = None) -> FastAPI:
     return app
 
 
-def model_entry(name: str) -> dict[str, Any]:
-    """OpenAI's model object of a served adapter."""
-    return {"id": name, "object": "model", "created": 0, "owned_by": OWNER}
+def model_entry(name: str, engine: Engine) -> dict[str, Any]:
+    """OpenAI's model object of a served adapter, with vLLM's `max_model_len` (its context, which clients read to
+    size what they send)."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": OWNER,
+            "max_model_len": engine.model.args.max_seq_len}
 
 
 def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
@@ -151,12 +153,13 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
 
     @router.get("/v1/models")
     def models(request: Request) -> dict[str, Any]:
-        return {"object": "list", "data": [model_entry(name) for name in view(request).names]}
+        seen = view(request)
+        return {"object": "list", "data": [model_entry(name, seen.get(name)) for name in seen.names]}
 
     @router.get("/v1/models/{model:path}")
     def model(request: Request, model: str) -> Any:
         try:
-            return model_entry(served(view(request), {"model": model})[0])
+            return model_entry(*served(view(request), {"model": model}))
         except RequestError as error:
             return refusal(error)
 
@@ -721,8 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = Command("python -m adapter.openai_api", "The served adapters behind an OpenAI-compatible HTTP API "
                       "(/v1/models, /v1/chat/completions, /v1/responses, /v1/completions), without the app's page; "
-                      "it takes the app's flags, of which --share, --openai-api, --no-train-tab, --train-max-steps, --no-upload "
-                      "and --no-push concern that page alone.")
+                      "it takes the app's flags, of which --share, --openai-api, --no-train-tab, --train-max-steps, "
+                      "--no-upload and --no-push concern that page alone.")
     try:
         config = parse_config(argv, command=command)
         check_listening(config.host, config.port)

@@ -45,9 +45,10 @@ def engine_answer(engine, history, question, picture=None, **settings) -> str:
     return list(answers)[-1]
 
 
-def test_the_served_adapters_are_the_models(client):
+def test_the_served_adapters_are_the_models(client, engines):
     listed = client.get("/v1/models").json()
     assert [model["id"] for model in listed["data"]] == ["tiny-text", "tiny-image"]
+    assert [model["max_model_len"] for model in listed["data"]] == [engines.get("tiny-text").model.args.max_seq_len] * 2
     assert client.get("/v1/models/tiny-image").json() == listed["data"][1]  # `client.models.retrieve`
     missing = client.get("/v1/models/gpt-4")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
