@@ -285,7 +285,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_device_for_the_next(live_url,
     assert reply["choices"][0]["message"]["content"] == engine_answer(engines.get("tiny-text"), [], SCENE)
 
 
-@pytest.mark.parametrize("route", ["chat", "completions"])
+@pytest.mark.parametrize("route", ["chat", "completions", "responses"])
 def test_a_closed_stream_ends_its_decoding_though_its_call_is_still_held(engines, route):
     """The server closes the stream of a client gone mid-answer; its decoding (and the device) must end then, not
     once nothing refers to the request's calls any more (an exception's traceback, a log record may)."""
@@ -298,11 +298,17 @@ def test_a_closed_stream_ends_its_decoding_though_its_call_is_still_held(engines
     if route == "chat":
         name, calls = answer_calls(engines, {"messages": [user("Tell a long story")], **long})
         events = stream_events(name, calls)
+    elif route == "responses":
+        from adapter.openai_responses import response_calls, response_events
+
+        asked = {("max_output_tokens" if key == "max_tokens" else key): value for key, value in long.items()}
+        name, calls = response_calls(engines, {"input": "Tell a long story", **asked})
+        events = response_events(name, calls)
     else:
         name, calls = completion_calls(engines, {"prompt": "Once upon a time", **long})
         events = stream_text_events(name, calls)
     try:
-        for _ in range(3):
+        for _ in range(6 if route == "responses" else 3):  # (its first four events come before any answer)
             next(events)
         assert engine.lock.locked(), "decoding, the device held"
         events.close()
