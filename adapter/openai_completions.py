@@ -8,13 +8,13 @@ returned token's log-probability at the request's gate and that many likeliest t
 layout (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); with `echo`, the prompt's tokens are scored too
 (the first has none without a BOS before it: always so for token ids), and `max_tokens: 0` only scores. A
 continuation's tokens are the very ones decoded, the end of text that ended it included (as OpenAI and vLLM return
-them; lm-evaluation-harness drops the last returned token as the generated one); one cut by a stop string is the
-cut text's tokens. The sampling fields, `stop` and
+them; lm-evaluation-harness drops the last returned token as the generated one), their log-probabilities kept as
+the decode drew them; one cut by a stop string returns the tokens that wrote the cut text (the one the stop string
+begins in included, as chat's). The sampling fields, `stop` and
 this project's `gate_scale`, `delta_scale` and `gate_layers` are read as in chat completions; `stream` sends the
 continuations as server-sent events, one after another, each chunk naming its `index` (with `logprobs`, each
-chunk's tokens in the legacy layout, kept as the decode drew them; a stop string's cut keeps the tokens decoded up
-to it); `n` continues each prompt that many times, the j-th with seed + j. Decoding stops at the end of text or a
-stop string only: no prompt format's stop strings apply.
+chunk's tokens in the legacy layout); `n` continues each prompt that many times, the j-th with seed + j. Decoding
+stops at the end of text or a stop string only: no prompt format's stop strings apply.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ class TextCall(Call):
     """One prompt's continuation, with what the legacy layout returns besides: the echo and the log-probabilities."""
 
     def __init__(self, engine: Engine, prompt: Prompt, settings: Settings, logprobs: int | None,
-                 stops: tuple[str, ...], echo: bool, score_only: bool, choice: int = 0,
-                 streamed: bool = False) -> None:
+                 stops: tuple[str, ...], echo: bool, score_only: bool, choice: int = 0) -> None:
         if score_only:
             engine.check_scored(prompt)
         generated: list[int] = []
-        scores = [] if streamed and logprobs is not None else None  # kept as it decodes; whole: scored once done
+        # kept as it decodes; with an echo (never streamed) prompt and continuation are scored together at the end
+        scores = [] if logprobs is not None and not echo else None
         answers = iter([""]) if score_only else engine.complete(prompt, settings, generated, scores, logprobs or 0)
         super().__init__(engine, prompt, answers, generated, settings, None, logprobs, stops, choice, scores)
         self.echo, self.score_only = echo, score_only
@@ -70,13 +70,13 @@ class TextCall(Call):
         if self.top_logprobs is None:
             return None
         k = self.top_logprobs
-        # the very tokens decoded (an end of text included, as OpenAI returns it); cut by a stop string, the text's
-        tokens = answer if self.stopped else self.generated
+        # the very tokens decoded (an end of text included, as OpenAI returns it); cut by a stop string, those that
+        # wrote the cut text (the one the stop string begins in included), as a streamed continuation sends them
+        tokens = self.generated[:self.covering(answer) or 0] if self.stopped else self.generated
         if self.echo:
             scored, offset = self.engine.text_logprobs(self.prompt, tokens, self.settings, k), 0
         else:
-            scored = self.engine.answer_logprobs(self.prompt, tokens, self.settings, None, k) if tokens else []
-            offset = len(self.prompt_text)
+            scored, offset = self.scores[:len(tokens)], len(self.prompt_text)
         texts = [token.text if token is not None else self._first_token() for token in scored]
         return legacy_layout(scored, texts, text_offsets(self.prompt_text + answer, texts, offset))
 
@@ -146,8 +146,7 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
     if body.get("suffix"):
         raise RequestError("suffix: text after the insertion point is not served", "suffix")
     echo, logprobs = bool(body.get("echo")), _logprobs(body)
-    streamed = bool(body.get("stream"))
-    if streamed and echo:
+    if body.get("stream") and echo:
         raise RequestError("stream: a continuation streams without echo", "stream")
     score_only = body.get("max_tokens") == 0
     if score_only and not echo:
@@ -156,8 +155,7 @@ def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:
     stops = request_stops(body)
     try:
         settings = engine.check(engines.settings(**fields))
-        calls = [TextCall(engine, prompt, seeded(settings, choice), logprobs, stops, echo, score_only, choice,
-                          streamed)
+        calls = [TextCall(engine, prompt, seeded(settings, choice), logprobs, stops, echo, score_only, choice)
                  for prompt in prompts for choice in range(count)]
     except ValueError as error:
         raise refused(error, "prompt", body) from None

@@ -177,7 +177,8 @@ def test_several_prompts_streaming_and_stop_strings(client):
 
 
 @pytest.mark.parametrize("prompt, options", [(PROMPT, {}), ("There is a small blue", {}),
-                                             ("There is a small blue", {"stop": [" circle"]})])
+                                             ("There is a small blue", {"stop": [" circle"]}),
+                                             ("There is a small blue", {"stop": ["urple"]})])
 def test_a_streamed_continuation_sends_each_chunks_log_probabilities_in_the_legacy_layout(client, prompt, options):
     """(Refused before: "stream: only one prompt's continuation streams, without logprobs or echo".) Each chunk
     carries its tokens' `tokens`, `token_logprobs`, `top_logprobs` and `text_offset`, kept as the decode drew them;
@@ -196,8 +197,10 @@ def test_a_streamed_continuation_sends_each_chunks_log_probabilities_in_the_lega
     assert len([choice for choice in choices if choice["logprobs"]["tokens"]]) > 1
     if prompt == PROMPT:
         assert expected["tokens"] == [" red", "</s>"] and choices[-1]["logprobs"]["tokens"] == ["</s>"]
-    if options:  # cut by the stop string: its tokens and the end of text not sent
+    if options == {"stop": [" circle"]}:  # cut by the stop string: its tokens and the end of text not sent
         assert whole["text"] == " triangle, purple" and sent["tokens"] == [" triangle", ",", " purple"]
+    if options == {"stop": ["urple"]}:  # cut inside a token: the token sampled (" p" was scored, never drawn)
+        assert whole["text"] == " triangle, p" and expected["tokens"] == [" triangle", ",", " purple"]
 
 
 @pytest.mark.parametrize("body, param, message", [
