@@ -42,14 +42,12 @@ from .prompts import TEMPLATES, PromptFormat, apply_template, template_format
 from .sampling import SamplingParams, sample, seed_problem
 from .sampling_flags import add_sampling_flags, sampling_flags
 from .text_stream import TextStream
-from .token_logprob import TokenLogprob, scored_tokens
+from .token_logprob import MAX_ALTERNATIVES, TokenLogprob, scored_tokens
 
 if TYPE_CHECKING:
     from .answer_file import Question
     from .model import Transformer
     from .tokenizer import Tokenizer
-
-MAX_LOGPROBS = 50  # likeliest tokens kept beside each decoded token's own (`logprobs`)
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,8 @@ class GenerationRequest:
         if (problem := seed_problem(self.seed)) is not None:
             raise ValueError(f"seed: {problem}")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs: must be a whole number from 0 to {MAX_LOGPROBS} (the likeliest tokens "
+                                          or not 0 <= self.logprobs <= MAX_ALTERNATIVES):
+            raise ValueError(f"logprobs: must be a whole number from 0 to {MAX_ALTERNATIVES} (the likeliest tokens "
                              f"kept beside each token's own) or None, got {self.logprobs!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or \
                 not 0 <= self.min_tokens <= self.max_new_tokens:

@@ -21,7 +21,7 @@ import torch
 from .gate_layers import Speaker, gate_scale_rows
 from .generate import check_room, prompt_writer, require_tokenizer
 from .prompt_ids import Answer, Prompt
-from .token_logprob import TokenLogprob, scored_tokens, token_text
+from .token_logprob import MAX_ALTERNATIVES, TokenLogprob, scored_tokens, token_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -171,8 +171,8 @@ def token_logprobs(model: Transformer, ids: list[int], start: int, gate_scale: A
     `top_k` likeliest at its place: one forward, the head run at those places only."""
     from .gate_view import visual_prompt_of
 
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top_k: must be a whole number from 0 to {MAX_TOP_K}, got {top_k!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_ALTERNATIVES:
+        raise ValueError(f"top_k: must be a whole number from 0 to {MAX_ALTERNATIVES}, got {top_k!r}")
     if start < 1:
         raise ValueError(f"start: the first token scored needs one before it (start >= 1), got {start}")
     if start >= len(ids):

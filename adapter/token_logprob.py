@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+MAX_ALTERNATIVES = 50  # the likeliest tokens kept beside a token's own, scored or decoded
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
