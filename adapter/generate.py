@@ -193,14 +193,17 @@ def decode_tokens(
     if any(r.sampling.counts_answer for r in requests):
         counts = torch.zeros(batch, model.args.vocab_size, dtype=torch.float32, device=device)
     scales = {"gate_scale": gate_scale, "delta_scale": delta_scale}
-    end_ids = sorted(getattr(getattr(model, "tokenizer", None), "stop_ids", ()))
+    end_ids = set(getattr(getattr(model, "tokenizer", None), "stop_ids", ()))
+    # per row, the ids `min_tokens` holds back: gathered once, not at every step
+    held_ids = [torch.tensor(sorted({*end_ids, *r.stop_token_ids}), dtype=torch.long, device=device)
+                if r.min_tokens else None for r in requests]
     with torch.inference_mode():
         cache = model.new_cache(batch, total, pad=pad, visual_prompt=visual_prompt)
         logits = model.step(tokens, cache, **scales)
     new_tokens = total - longest
     for index in range(new_tokens):
         with torch.inference_mode():
-            next_ids = _sample_rows(_ends_held_back(logits, requests, index, end_ids), requests, seen, counts,
+            next_ids = _sample_rows(_ends_held_back(logits, requests, index, held_ids), requests, seen, counts,
                                     generators)
         if seen is not None:
             seen[torch.arange(batch, device=device), next_ids] = True
@@ -223,16 +226,15 @@ def decode_tokens(
 
 
 def _ends_held_back(logits: torch.Tensor, requests: list[GenerationRequest], index: int,
-                    end_ids: list[int]) -> torch.Tensor:
-    """`logits` with the ids that would end a row's answer out of reach while it has fewer than its `min_tokens`
-    (the `index`-th token is being drawn)."""
+                    held_ids: list[torch.Tensor | None]) -> torch.Tensor:
+    """`logits` with the ids that would end a row's answer (`held_ids`, per row) out of reach while it has fewer
+    than its `min_tokens` (the `index`-th token is being drawn)."""
     held = [row for row, request in enumerate(requests) if index < request.min_tokens]
     if not held:
         return logits
     logits = logits.clone()
     for row in held:
-        ids = sorted({*end_ids, *requests[row].stop_token_ids})
-        logits[row, torch.as_tensor(ids, dtype=torch.long, device=logits.device)] = float("-inf")
+        logits[row, held_ids[row]] = float("-inf")
     return logits
 
 
