@@ -128,6 +128,7 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
     itself rather than through an exception handler (those are fixed when an application starts). With `api_key`,
     every route answers only requests presenting it, or a session's own key (whoever opens the app's page may ask
     through it already): 401 otherwise."""
+    from .openai_responses import add_response_routes
     from .openai_schema import request_body
     from .tokenizer_api import add_tokenizer_routes
 
@@ -169,14 +170,6 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
         return await answered(request, CHAT_FIELDS, lambda body: answer_calls(seen, body),
                               lambda name, calls, usage: stream_events(name, calls, usage), completion)
 
-    @router.post("/v1/responses", openapi_extra=request_body("response"))
-    async def responses(request: Request):
-        from .openai_responses import RESPONSE_FIELDS, response_calls, response_events, whole_response
-
-        seen = view(request)
-        return await answered(request, RESPONSE_FIELDS, lambda body: response_calls(seen, body), response_events,
-                              whole_response)
-
     @router.post("/v1/completions", openapi_extra=request_body("completion"))
     async def completions(request: Request):
         from .openai_completions import completion_calls, stream_text_events, text_completion
@@ -186,6 +179,7 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
                               lambda name, calls, usage: stream_text_events(name, calls, usage),
                               text_completion)
 
+    add_response_routes(router, view, presented)
     add_tokenizer_routes(router, view)
     return router
 

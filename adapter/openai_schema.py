@@ -9,7 +9,8 @@ from typing import Any
 from .gate_layers import FLAG_HELP
 from .openai_api import CHAT_FIELDS, COMPLETION_FIELDS, MAX_CHOICES, MAX_STOPS, MAX_TOP_LOGPROBS
 from .openai_completions import MAX_LOGPROBS, MAX_PROMPTS
-from .openai_responses import LOGPROBS, RESPONSE_FIELDS
+from .openai_responses import LOGPROBS, MAX_METADATA, RESPONSE_FIELDS
+from .response_store import MAX_STORED
 
 NUMBER, INTEGER, STRING, BOOLEAN, OBJECT = ({"type": name} for name in ("number", "integer", "string", "boolean",
                                                                        "object"))
@@ -95,8 +96,14 @@ RESPONSE: dict[str, dict[str, Any]] = {
                      "description": "with include's logprobs: that many likeliest tokens at each place"},
     "text": {**OBJECT, "description": "only {\"format\": {\"type\": \"text\"}} is served"},
     "tools": {"description": "function calling is not served: refused when given"},
-    **{name: {"description": "not served (nothing is stored; send the earlier turns in input): refused when given"}
-       for name in ("previous_response_id", "conversation")},
+    "previous_response_id": {**STRING, "description": "a stored response to continue: its input and answer come "
+                                                      "before this input (its instructions are not carried over)"},
+    "store": {**BOOLEAN, "description": "keep the response (true unless false; in memory, the latest "
+                                        f"{MAX_STORED}) for previous_response_id, GET, input_items and DELETE"},
+    "metadata": {**OBJECT, "additionalProperties": STRING,
+                 "description": f"up to {MAX_METADATA} pairs of texts, echoed and kept with the response"},
+    "conversation": {"description": "stored conversations are not served (previous_response_id is): refused when "
+                                    "given"},
     "reasoning": {"description": "the served adapters do not reason: refused when given"},
     "background": {"description": "answers are given while the request waits: refused when true"},
     **{name: {"description": IGNORED} for name in ("tool_choice", "parallel_tool_calls", "truncation")},

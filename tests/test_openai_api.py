@@ -299,11 +299,13 @@ def test_a_closed_stream_ends_its_decoding_though_its_call_is_still_held(engines
         name, calls = answer_calls(engines, {"messages": [user("Tell a long story")], **long})
         events = stream_events(name, calls)
     elif route == "responses":
-        from adapter.openai_responses import response_calls, response_events
+        from adapter.openai_responses import ResponseTurn
+        from adapter.response_store import ResponseStore
 
         asked = {("max_output_tokens" if key == "max_tokens" else key): value for key, value in long.items()}
-        name, calls = response_calls(engines, {"input": "Tell a long story", **asked})
-        events = response_events(name, calls)
+        turn = ResponseTurn(ResponseStore())
+        name, calls = turn.calls(engines, {"input": "Tell a long story", **asked})
+        events = turn.events(name, calls)
     else:
         name, calls = completion_calls(engines, {"prompt": "Once upon a time", **long})
         events = stream_text_events(name, calls)

@@ -104,9 +104,12 @@ def test_a_streamed_response_is_the_apis_numbered_events_ending_in_the_whole_res
 
 
 @pytest.mark.parametrize("body, param, message", [
-    ({"previous_response_id": "resp_1"}, "previous_response_id", "previous_response_id: nothing is stored: send the "
-                                                                 "earlier turns in input"),
-    ({"conversation": "conv_1"}, "conversation", "conversation: nothing is stored"),
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "previous_response_id: no stored response 'resp_1' "
+                                                                 "(responses asked with store: false are not kept"),
+    ({"conversation": "conv_1"}, "conversation", "conversation: stored conversations are not served: continue a "
+                                                 "response with previous_response_id"),
+    ({"store": "yes"}, "store", "store: must be true or false, got 'yes'"),
+    ({"metadata": {"k": 1}}, "metadata", "metadata: up to 16 pairs of a key of up to 64 characters and a text"),
     ({"reasoning": {"effort": "high"}}, "reasoning", "reasoning: the served adapters do not reason"),
     ({"background": True}, "background", "background: answers are given while the request waits"),
     ({"text": {"format": {"type": "json_object"}}}, "text", "text: only plain text answers are served"),
@@ -129,3 +132,95 @@ def test_what_the_responses_api_cannot_serve_is_refused_by_name(client, body, pa
     reply = client.post("/v1/responses", json={"input": SCENE, **body})
     error = reply.json()["error"]
     assert reply.status_code == 400 and error["param"] == param and error["message"].startswith(message), error
+
+
+def test_a_continued_response_is_the_chat_answer_to_the_earlier_turns_and_its_own_input(client):
+    """`previous_response_id`: the earlier response's input and answer come before the new input, as if sent in
+    it; GET gives the response again and input_items lists what it was answered from, newest first unless asked."""
+    first = respond(client, {"input": SCENE, "metadata": {"topic": "shapes"}})
+    assert (first["store"], first["previous_response_id"], first["metadata"]) == (True, None, {"topic": "shapes"})
+    question = "What colour is the star?"
+    second = respond(client, {"input": question, "previous_response_id": first["id"]})
+    turns = [{"role": "user", "content": SCENE}, {"role": "assistant", "content": only_text(first)["text"]},
+             {"role": "user", "content": question}]
+    assert only_text(second)["text"] == chat(client, turns)["choices"][0]["message"]["content"]
+    assert second["previous_response_id"] == first["id"] and second["metadata"] == {}
+    assert client.get(f"/v1/responses/{second['id']}").json() == second
+    listed = client.get(f"/v1/responses/{second['id']}/input_items", params={"order": "asc"}).json()
+    assert [(item["role"], item["content"][0]["type"], item["content"][0]["text"]) for item in listed["data"]] == [
+        ("user", "input_text", SCENE), ("assistant", "output_text", only_text(first)["text"]),
+        ("user", "input_text", question)]
+    assert listed["data"][1]["id"] == first["output"][0]["id"] and not listed["has_more"]
+    assert (listed["first_id"], listed["last_id"]) == (listed["data"][0]["id"], listed["data"][-1]["id"])
+    newest = client.get(f"/v1/responses/{second['id']}/input_items", params={"limit": 2}).json()
+    assert newest["data"] == listed["data"][:0:-1] and newest["has_more"]
+    rest = client.get(f"/v1/responses/{second['id']}/input_items",
+                      params={"limit": 2, "after": newest["last_id"]}).json()
+    assert rest["data"] == listed["data"][:1] and not rest["has_more"]
+
+
+def test_a_continued_picture_is_still_the_conversations_picture(client):
+    question = "What colour is the shape?"
+    image = {"type": "input_image", "image_url": PIXEL}
+    first = respond(client, {"model": "tiny-image", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": question}, image]}]})
+    second = respond(client, {"model": "tiny-image", "input": "Say it again.", "previous_response_id": first["id"]})
+    expected = chat(client, [{"role": "user", "content": [{"type": "text", "text": question},
+                                                          {"type": "image_url", "image_url": {"url": PIXEL}}]},
+                             {"role": "assistant", "content": only_text(first)["text"]},
+                             {"role": "user", "content": "Say it again."}], model="tiny-image")
+    assert only_text(second)["text"] == expected["choices"][0]["message"]["content"]
+    item = client.get(f"/v1/responses/{second['id']}/input_items", params={"order": "asc"}).json()["data"][0]
+    assert item["content"][1] == {**image, "detail": "auto"}
+
+
+def test_a_streamed_response_is_kept_as_its_last_event_gives_it(client):
+    with client.stream("POST", "/v1/responses", json={"input": SCENE, "temperature": 0, "stream": True}) as reply:
+        lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    final = json.loads(lines[-1].removeprefix("data: "))["response"]
+    assert final["status"] == "completed" and client.get(f"/v1/responses/{final['id']}").json() == final
+
+
+def test_a_response_asked_not_to_be_stored_is_not_and_a_deleted_one_is_gone(client):
+    unkept = respond(client, {"input": SCENE, "store": False})
+    assert unkept["store"] is False
+    missing = client.get(f"/v1/responses/{unkept['id']}")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    refused = client.post("/v1/responses", json={"input": "Why?", "previous_response_id": unkept["id"]}).json()
+    assert refused["error"]["code"] == "previous_response_not_found"
+    kept = respond(client, {"input": SCENE})
+    gone = client.delete(f"/v1/responses/{kept['id']}")
+    assert gone.json() == {"id": kept["id"], "object": "response", "deleted": True}
+    assert client.get(f"/v1/responses/{kept['id']}").status_code == 404
+    assert client.delete(f"/v1/responses/{kept['id']}").status_code == 404
+
+
+def test_a_stored_response_is_found_only_with_the_key_that_asked_for_it(client):
+    mine = client.post("/v1/responses", json={"input": SCENE, "max_output_tokens": 5},
+                       headers={"Authorization": "Bearer one"}).json()
+    assert client.get(f"/v1/responses/{mine['id']}", headers={"Authorization": "Bearer one"}).status_code == 200
+    for other in ({"Authorization": "Bearer two"}, {}):
+        assert client.get(f"/v1/responses/{mine['id']}", headers=other).status_code == 404
+        assert client.delete(f"/v1/responses/{mine['id']}", headers=other).status_code == 404
+        continued = client.post("/v1/responses", headers=other,
+                                json={"input": "Why?", "previous_response_id": mine["id"]})
+        assert continued.json()["error"]["param"] == "previous_response_id"
+
+
+@pytest.mark.parametrize("query, message", [
+    ({"order": "up"}, "order: asc or desc, got 'up'"),
+    ({"limit": "0"}, "limit: a whole number from 1 to 100, got '0'"),
+    ({"after": "msg_x"}, "after: no input item 'msg_x' in this response"),
+])
+def test_a_bad_input_items_query_is_refused_by_name(client, query, message):
+    kept = respond(client, {"input": SCENE, "max_output_tokens": 3})
+    reply = client.get(f"/v1/responses/{kept['id']}/input_items", params=query)
+    assert reply.status_code == 400 and reply.json()["error"]["message"] == message
+
+
+def test_a_refusal_of_a_continued_input_names_the_item_in_this_input(client):
+    first = respond(client, {"input": SCENE, "max_output_tokens": 3})
+    reply = client.post("/v1/responses", json={"previous_response_id": first["id"], "input": [
+        {"role": "user", "content": "Why?"}, {"role": "system", "content": "Be brief."}]})
+    error = reply.json()["error"]
+    assert error["message"] == "input[1]: only the first message may be the system's" and error["param"] == "input"

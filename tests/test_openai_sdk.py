@@ -100,6 +100,25 @@ def test_the_client_reads_a_response_whole_and_streamed_as_its_own_helper_assemb
     assert cut[-1].type == "response.incomplete" and cut[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
+def test_the_client_continues_retrieves_lists_and_deletes_a_stored_response(sdk):
+    """`previous_response_id`, `responses.retrieve`, `responses.input_items.list` (its pages followed by the client
+    itself, `after` the last id) and `responses.delete`, whose response the client then reads as NotFoundError."""
+    from openai import NotFoundError
+
+    first = sdk.responses.create(model="tiny-text", input=SCENE, temperature=0, metadata={"run": "sdk"})
+    second = sdk.responses.create(model="tiny-text", input="What colour is the star?", temperature=0,
+                                  previous_response_id=first.id)
+    assert first.output_text == second.output_text == "red" and first.metadata == {"run": "sdk"}
+    again = sdk.responses.retrieve(second.id)
+    assert (again.id, again.output_text, again.previous_response_id) == (second.id, "red", first.id)
+    items = list(sdk.responses.input_items.list(second.id, limit=1, order="asc"))  # three pages of one
+    assert [(item.role, item.content[0].text) for item in items] == [
+        ("user", SCENE), ("assistant", "red"), ("user", "What colour is the star?")]
+    sdk.responses.delete(second.id)
+    with pytest.raises(NotFoundError):
+        sdk.responses.retrieve(second.id)
+
+
 def test_a_refused_request_is_the_clients_bad_request_error_naming_the_field(sdk):
     from openai import BadRequestError
 
