@@ -167,8 +167,10 @@ class ResponseTurn:
         answer = Answer(name, call, self.echoed)
         scored = call.logprobs(text)
         status = answer.status()
-        return self._kept(answer.response(status, [answer.message(status, [
-            answer.output_text(text, None if scored is None else scored["content"])])]))
+        response = answer.response(status, [answer.message(status, [
+            answer.output_text(text, None if scored is None else scored["content"])])])
+        gone = call.left is not None and call.left.is_set()  # its client left: an answer cut short, for no one
+        return response if gone else self._kept(response)
 
     def events(self, name: str, calls: list[Call], _usage_chunk: bool = False) -> Iterator[str]:
         """The Responses API's server-sent events of a streamed answer, each numbered (`sequence_number`); the

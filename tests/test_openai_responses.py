@@ -224,3 +224,21 @@ def test_a_refusal_of_a_continued_input_names_the_item_in_this_input(client):
         {"role": "user", "content": "Why?"}, {"role": "system", "content": "Be brief."}]})
     error = reply.json()["error"]
     assert error["message"] == "input[1]: only the first message may be the system's" and error["param"] == "input"
+
+
+def test_an_answer_whose_client_left_is_not_kept(engines):
+    """(cut short when its client went away, it would be kept as if completed)"""
+    import threading
+
+    from adapter.openai_responses import ResponseTurn
+    from adapter.response_store import ResponseStore
+
+    store = ResponseStore()
+    for gone in (False, True):
+        turn = ResponseTurn(store)
+        name, calls = turn.calls(engines, {"input": SCENE, "temperature": 0, "max_output_tokens": 30})
+        calls[0].left = threading.Event()
+        if gone:
+            calls[0].left.set()
+        turn.whole(name, calls)
+        assert len(store) == 1, "only the answer whose client stayed is kept"
