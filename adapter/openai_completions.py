@@ -60,7 +60,8 @@ class TextCall(Call):
         super().__init__(engine, prompt, answers, generated, settings, None, logprobs, stops, choice, scores)
         self.echo, self.score_only = echo, score_only
         self.prompt_text = prompt_text(engine.model.tokenizer, prompt)
-        self.streamed_texts: list[str] = []  # the tokens' texts sent with the chunks so far
+        self.unsettled: list[str] = []  # the texts of the tokens sent whose offsets a longer text may still move
+        self.settled_end = len(self.prompt_text)  # where the text after the tokens sent before them begins
 
     def text(self, answer: str) -> str:
         return self.prompt_text + answer if self.echo else answer
@@ -78,7 +79,7 @@ class TextCall(Call):
         else:
             scored, offset = self.scores[:len(tokens)], len(self.prompt_text)
         texts = [token.text if token is not None else self._first_token() for token in scored]
-        return legacy_layout(scored, texts, text_offsets(self.prompt_text + answer, texts, offset))
+        return legacy_layout(scored, texts, text_offsets(self.prompt_text + answer, texts, offset)[0])
 
     def streamed_legacy_logprobs(self, shown: str, last: bool) -> dict[str, Any]:
         """The legacy `logprobs` of a streamed chunk: the tokens decoded that wrote `shown` (the continuation so
@@ -86,8 +87,9 @@ class TextCall(Call):
         stop string cut the continuation."""
         new = self.new_scores(shown, every=last and not self.stopped)
         texts = [token.text for token in new]
-        self.streamed_texts += texts
-        offsets = text_offsets(self.prompt_text + shown, self.streamed_texts, len(self.prompt_text))
+        self.unsettled += texts  # read on from the last settled token, not from the first (quadratic)
+        offsets, settled, self.settled_end = text_offsets(self.prompt_text + shown, self.unsettled, self.settled_end)
+        del self.unsettled[:settled]
         return legacy_layout(new, texts, offsets[len(offsets) - len(texts):])
 
     def _first_token(self) -> str:
@@ -108,27 +110,32 @@ def legacy_layout(scored: list[TokenLogprob | None], texts: list[str], offsets: 
             "text_offset": offsets}
 
 
-def text_offsets(text: str, pieces: list[str], start: int) -> list[int]:
+def text_offsets(text: str, pieces: list[str], start: int) -> tuple[list[int], int, int]:
     """Where each token's text begins in `text` (the prompt and the continuation as returned), read on from
     `start`. A token's spaces stand for whatever whitespace the text has there (a tokenizer may read a newline as
     a space; SentencePiece writes a first word's space the text does not show), and a token the text does not
-    show (BOS, the end of text) takes no room."""
-    offsets, at = [], start
+    show (BOS, the end of text) takes no room. Also how many of the first pieces were read before the text's end
+    (a longer text would place them alike) and where the text after them begins: a stream reads on from there."""
+    offsets, at, settled, settled_end, reached_end = [], start, 0, start, False
     for piece in pieces:
         offsets.append(at)
         read = at
         for char in piece:
+            reached_end |= read >= len(text)
             if char.isspace():
                 read += read < len(text) and text[read].isspace()
                 continue
             while read < len(text) and text[read].isspace():
                 read += 1
             if read >= len(text) or text[read] != char:
+                reached_end |= read >= len(text)
                 break
             read += 1
         else:
             at = read
-    return offsets
+        if not reached_end:
+            settled, settled_end = settled + 1, at
+    return offsets, settled, settled_end
 
 
 def completion_calls(engines: Engines, body: Any) -> tuple[str, list[TextCall]]:

@@ -255,3 +255,40 @@ def test_a_text_longer_than_the_context_is_not_scored_cut(client, engines):
     long = "There is a small red circle. " * (engines.get("tiny-text").model.args.max_seq_len // 4)
     reply = client.post("/v1/completions", json={"prompt": long, "echo": True, "max_tokens": 0, "logprobs": 0})
     assert reply.status_code == 400 and "prompt: too long for this model's context" in reply.json()["error"]["message"]
+
+
+def test_offsets_read_on_from_the_settled_tokens_are_those_read_from_the_start(engines):
+    """A stream places each chunk's tokens reading on from the last settled one (reading every token again at every
+    chunk was quadratic): whatever the text shown at each chunk (behind the tokens sent, as a held-back stop
+    string's beginning keeps it; whitespace the tokens write otherwise: a newline read as a space, two spaces),
+    each chunk's offsets are those of a reading of every token from the start."""
+    tokenizer = engines.get("tiny-text").model.tokenizer
+    text = "There is a  small\nblue circle. Where is the red star?\n\nOn the left, beside the square."
+    tokenized = [tokenizer.token_text(token) for token in tokenizer.encode(text, bos=False, eos=False)]
+    # (the tiny tokenizer writes no whitespace of its own: a byte-level one's tokens, a BOS and an end of text)
+    written = ["<s>", "There", " is", " a", " ", " small", "\n", "blue", " circle.", " Where is the", " red", " star",
+               "?", "\n\n", "On", " the", " left", ",", " beside", " the", " square", ".", "</s>"]
+    for pieces in (tokenized, written):
+        check_offsets_read_on(text, pieces)
+
+
+def check_offsets_read_on(text: str, pieces: list[str]) -> None:
+    from adapter.openai_completions import text_offsets
+
+    prompt = "Once upon a time"
+    for held_back in (0, 2, 5, 9):
+        settled, end, shown = 0, len(prompt), 0
+        for count in range(1, len(pieces) + 1):  # a chunk per token
+            shown = len(text) if count == len(pieces) else \
+                min(len(text), max(shown, len("".join(pieces[:count]).lstrip()) - held_back))
+            whole = prompt + text[:shown]
+            offsets, newly, end = text_offsets(whole, pieces[settled:count], end)
+            expected = text_offsets(whole, pieces[:count], len(prompt))[0]
+            assert offsets == expected[settled:], (held_back, count)
+            settled += newly
+        assert settled == len(pieces) - (pieces[-1] == "</s>"), "all settled but an end of text the text lacks"
+    for sent in range(1, len(pieces)):  # two chunks: the first `sent` tokens with the text cut anywhere, the rest
+        for cut in range(len(text) + 1):
+            _, settled, end = text_offsets(prompt + text[:cut], pieces[:sent], len(prompt))
+            offsets = text_offsets(prompt + text, pieces[settled:], end)[0]
+            assert offsets == text_offsets(prompt + text, pieces, len(prompt))[0][settled:], (sent, cut)
