@@ -49,7 +49,11 @@ RESPONSE_FIELDS = frozenset({"model", "input", "instructions", "stream", "top_lo
                              "background", "truncation", "store", "metadata", "user", "safety_identifier",
                              "prompt_cache_key", "service_tier",
                              *(set(SETTING_FIELDS) - {"max_tokens", "max_completion_tokens"})})
-TEXT_PARTS = ("input_text", "output_text")
+# the parts each role's messages may carry, as OpenAI's input and output messages
+ROLE_PARTS = {"user": ("input_text", "input_image"), "system": ("input_text",), "developer": ("input_text",),
+              "assistant": ("output_text",)}
+IMAGE_DETAILS = ("auto", "low", "high", "original")
+TRUNCATIONS = ("auto", "disabled")
 MAX_METADATA = 16  # OpenAI's bounds: pairs, a key's and a value's characters
 MAX_METADATA_KEY, MAX_METADATA_VALUE = 64, 512
 MAX_LISTED = 100  # input items in one page of GET .../input_items (OpenAI's `limit`)
@@ -125,7 +129,8 @@ class ResponseTurn:
     def __init__(self, store: ResponseStore, owner: str | None = None) -> None:
         self.store, self.owner = store, owner
         self.items: list[dict[str, Any]] = []
-        self.echoed: dict[str, Any] = {"store": True, "previous_response_id": None, "metadata": {}}
+        self.echoed: dict[str, Any] = {"store": True, "previous_response_id": None, "metadata": {},
+                                       "instructions": None}
 
     def calls(self, engines: Engines, body: dict) -> tuple[str, list[Call]]:
         """The adapter's name and the checked (lazy) answer of a Responses API body; RequestError naming the
@@ -139,8 +144,10 @@ class ResponseTurn:
         keep = body.get("store", True)
         if not isinstance(keep, bool):
             raise RequestError(f"store: must be true or false, got {keep!r:.80}", "store")
+        if body.get("truncation", "auto") not in TRUNCATIONS:
+            raise RequestError(f"truncation: auto or disabled, got {body['truncation']!r:.80}", "truncation")
         self.echoed = {"store": keep, "previous_response_id": body.get("previous_response_id"),
-                       "metadata": _metadata(body.get("metadata"))}
+                       "metadata": _metadata(body.get("metadata")), "instructions": body.get("instructions")}
         earlier = self._continued(body.get("previous_response_id"))
         conversation, self.items = read_input(body, earlier)
         chat = {key: value for key, value in body.items() if key not in ("input", "instructions", "include")}
@@ -248,6 +255,7 @@ def read_input(body: dict, earlier: list[dict[str, Any]] = ()) -> tuple[Conversa
     if not isinstance(listed_input, list) or not listed_input:
         raise RequestError("input: give a text or a list of messages ending with the user's", "input")
     items = [*earlier, *(_item(item, index) for index, item in enumerate(listed_input))]
+    _refuse_repeated_ids(items, len(earlier))
     try:
         system, history, question, image = read_messages([_chat_message(item) for item in items])
     except RequestError as error:  # "messages[2]: ...", "messages: ..."
@@ -275,17 +283,40 @@ def _item(given: Any, index: int) -> dict[str, Any]:
     named = given.get("id")
     return {"id": named if isinstance(named, str) and named else f"msg_{uuid.uuid4().hex}", "type": "message",
             "role": role,
-            "status": "completed", "content": [_part(part, index) for part in content]}
+            "status": "completed", "content": [_part(part, index, role) for part in content]}
 
 
-def _part(part: Any, index: int) -> dict[str, Any]:
+def _part(part: Any, index: int, role: Any) -> dict[str, Any]:
+    """A message's part as its role's (a user's `input_text` or `input_image`, an assistant's `output_text`)."""
     kind = part.get("type") if isinstance(part, dict) else None
-    if kind in TEXT_PARTS:
+    if kind not in ("input_text", "output_text", "input_image"):
+        raise RequestError(f"input[{index}].content: parts must be input_text, input_image or output_text, got "
+                           f"{part!r:.120}", "input")
+    # (an unknown role is refused as chat's messages refuse it)
+    allowed = ROLE_PARTS.get(role, (kind,)) if isinstance(role, str) else (kind,)
+    if kind not in allowed:
+        article = "an" if role == "assistant" else "a"
+        raise RequestError(f"input[{index}].content: {article} {role} message's parts are {' or '.join(allowed)}, "
+                           f"got {kind!r}", "input")
+    if kind != "input_image":
         return {"type": kind, "text": part.get("text"), **({"annotations": []} if kind == "output_text" else {})}
-    if kind == "input_image":
-        return {"type": kind, "image_url": part.get("image_url"), "detail": part.get("detail") or "auto"}
-    raise RequestError(f"input[{index}].content: parts must be input_text, input_image or output_text, got "
-                       f"{part!r:.120}", "input")
+    detail = part.get("detail") or "auto"
+    if detail not in IMAGE_DETAILS:
+        raise RequestError(f"input[{index}].content: an input_image's detail is {', '.join(IMAGE_DETAILS)}, got "
+                           f"{detail!r:.40}", "input")
+    return {"type": kind, "image_url": part.get("image_url"), "detail": detail}
+
+
+def _refuse_repeated_ids(items: list[dict[str, Any]], earlier: int) -> None:
+    """Each item once (a client that continues a response and sends its output again repeats its ids; listed
+    twice, `after` an id would page back to its first place for ever)."""
+    continued = {item["id"] for item in items[:earlier]}
+    seen = set(continued)
+    for index, item in enumerate(items[earlier:]):
+        if item["id"] in seen:
+            why = "previous_response_id brings it already" if item["id"] in continued else "given twice"
+            raise RequestError(f"input[{index}]: item id {item['id']!r:.80} repeated ({why})", "input")
+        seen.add(item["id"])
 
 
 def _chat_message(item: dict[str, Any]) -> dict[str, Any]:
@@ -348,14 +379,15 @@ class Answer:
         usage = None if status == "in_progress" else self.call.usage()
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "model": self.name, "output": output, "error": None, "instructions": settings.system,
+                "model": self.name, "output": output, "error": None,
                 "max_output_tokens": settings.max_new_tokens, "temperature": settings.temperature,
-                "top_p": settings.top_p, "top_logprobs": self.call.top_logprobs, **self.echoed,
+                "top_p": settings.top_p, "top_logprobs": self.call.top_logprobs or 0, **self.echoed,
                 "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}},
                 "truncation": "auto", "background": False,
                 "usage": None if usage is None else {
                     "input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                    "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                    "total_tokens": usage["total_tokens"],
+                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                     "output_tokens_details": {"reasoning_tokens": 0}}}
 
     def status(self) -> str:

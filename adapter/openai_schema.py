@@ -106,7 +106,9 @@ RESPONSE: dict[str, dict[str, Any]] = {
                                     "given"},
     "reasoning": {"description": "the served adapters do not reason: refused when given"},
     "background": {"description": "answers are given while the request waits: refused when true"},
-    **{name: {"description": IGNORED} for name in ("tool_choice", "parallel_tool_calls", "truncation")},
+    "truncation": {"enum": ["auto", "disabled"], "description": "either way the oldest turns are dropped where "
+                                                               "the conversation leaves the answer no room (auto)"},
+    **{name: {"description": IGNORED} for name in ("tool_choice", "parallel_tool_calls")},
 }
 
 EXAMPLES = {

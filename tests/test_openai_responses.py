@@ -46,9 +46,12 @@ def test_a_response_is_the_chat_answer_with_its_usage_and_log_probabilities(clie
     assert (response["object"], response["status"], response["incomplete_details"]) == ("response", "completed", None)
     usage = answer["usage"]
     assert response["usage"] == {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                                 "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                                 "total_tokens": usage["total_tokens"],
+                                 "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                                  "output_tokens_details": {"reasoning_tokens": 0}}
-    assert "logprobs" not in only_text(respond(client, {"input": SCENE}))  # not asked, not given
+    assert (response["top_logprobs"], response["instructions"]) == (2, None)
+    unasked = respond(client, {"input": SCENE})
+    assert "logprobs" not in only_text(unasked) and unasked["top_logprobs"] == 0  # not asked, not given
 
 
 def test_an_answer_cut_by_max_output_tokens_is_incomplete(client):
@@ -126,6 +129,17 @@ def test_a_streamed_response_is_the_apis_numbered_events_ending_in_the_whole_res
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": PIXEL}]}]}, "input",
      "input: tiny-text cannot see pictures"),
     ({"max_output_tokens": 0}, "max_output_tokens", "max_output_tokens: must be"),
+    ({"input": [{"role": "user", "content": [{"type": "output_text", "text": "Hi"}]}]}, "input",
+     "input[0].content: a user message's parts are input_text or input_image, got 'output_text'"),
+    ({"input": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [
+        {"type": "input_text", "text": "Hello"}]}, {"role": "user", "content": "Bye"}]}, "input",
+     "input[1].content: an assistant message's parts are output_text, got 'input_text'"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": PIXEL, "detail": "max"}]}]},
+     "input", "input[0].content: an input_image's detail is auto, low, high, original, got 'max'"),
+    ({"input": [{"id": "msg_1", "role": "user", "content": "Hi"}, {"id": "msg_1", "role": "assistant",
+                                                                    "content": "Hello"},
+                {"role": "user", "content": "Bye"}]}, "input", "input[1]: item id 'msg_1' repeated (given twice)"),
+    ({"truncation": "middle"}, "truncation", "truncation: auto or disabled, got 'middle'"),
     ({"max_tokens": 5}, "max_tokens", "max_tokens: not a field this API reads (did you mean 'max_output_tokens'?)"),
 ])
 def test_what_the_responses_api_cannot_serve_is_refused_by_name(client, body, param, message):
@@ -224,6 +238,10 @@ def test_a_refusal_of_a_continued_input_names_the_item_in_this_input(client):
         {"role": "user", "content": "Why?"}, {"role": "system", "content": "Be brief."}]})
     error = reply.json()["error"]
     assert error["message"] == "input[1]: only the first message may be the system's" and error["param"] == "input"
+    again = client.post("/v1/responses", json={"previous_response_id": first["id"],  # its output sent again
+                                               "input": [*first["output"], {"role": "user", "content": "Why?"}]})
+    assert again.json()["error"]["message"] == (f"input[0]: item id {first['output'][0]['id']!r} repeated "
+                                                "(previous_response_id brings it already)")
 
 
 def test_an_answer_whose_client_left_is_not_kept(engines):
