@@ -243,6 +243,15 @@ class BPETokenizer(Tokenizer):
             text = " " + text
         return text
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.backend.id_to_token(int(token_id)) or ""
+        if _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(piece[3:-1], 16)])
+        text = self.token_text(token_id)
+        if "\ufffd" in text and all(char in _BYTE_OF for char in piece):  # a byte-level piece of part of a character
+            return text_to_bytes(piece)
+        return text.encode()
+
 
 # mistral-common's special tokens of the tekken files that list none (up to version v7: Mistral NeMo's), by id
 TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",

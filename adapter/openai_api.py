@@ -612,10 +612,11 @@ def _picture(image_url: Any, index: int) -> Any:
 def chat_entry(token: TokenLogprob) -> dict[str, Any]:
     """A token of chat's `logprobs.content`: its text, log-probability and bytes, and the likeliest at its place."""
 
-    def entry(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    def entry(text: str, logprob: float, data: bytes) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(data)}
 
-    return {**entry(token.text, token.logprob), "top_logprobs": [entry(*top) for top in token.top]}
+    return {**entry(token.text, token.logprob, token.data),
+            "top_logprobs": [entry(*top, data) for top, data in zip(token.top, token.top_data)]}
 
 
 def completion(name: str, calls: list[Call]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ stops at the end of text or a stop string only: no prompt format's stop strings 
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -60,6 +61,7 @@ class TextCall(Call):
         super().__init__(engine, prompt, answers, generated, settings, None, logprobs, stops, choice, scores)
         self.echo, self.score_only = echo, score_only
         self.prompt_text = prompt_text(engine.model.tokenizer, prompt)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # the streamed tokens' bytes, read on
         self.unsettled: list[str] = []  # the texts of the tokens sent whose offsets a longer text may still move
         self.settled_end = len(self.prompt_text)  # where the text after the tokens sent before them begins
 
@@ -78,8 +80,10 @@ class TextCall(Call):
             scored, offset = self.engine.text_logprobs(self.prompt, tokens, self.settings, k), 0
         else:
             scored, offset = self.scores[:len(tokens)], len(self.prompt_text)
-        texts = [token.text if token is not None else self._first_token() for token in scored]
-        return legacy_layout(scored, texts, text_offsets(self.prompt_text + answer, texts, offset)[0])
+        first = self._first_token()  # (scored None: nothing before it)
+        texts = [first[0] if token is None else token.text for token in scored]
+        written = written_pieces([first[1] if token is None else token.data for token in scored])
+        return legacy_layout(scored, texts, text_offsets(self.prompt_text + answer, written, offset)[0])
 
     def streamed_legacy_logprobs(self, shown: str, last: bool) -> dict[str, Any]:
         """The legacy `logprobs` of a streamed chunk: the tokens decoded that wrote `shown` (the continuation so
@@ -87,16 +91,17 @@ class TextCall(Call):
         stop string cut the continuation."""
         new = self.new_scores(shown, every=last and not self.stopped)
         texts = [token.text for token in new]
-        self.unsettled += texts  # read on from the last settled token, not from the first (quadratic)
+        self.unsettled += written_pieces([token.data for token in new], self.utf8)  # read on from the last
+        # settled token, not from the first (quadratic)
         offsets, settled, self.settled_end = text_offsets(self.prompt_text + shown, self.unsettled, self.settled_end)
         del self.unsettled[:settled]
         return legacy_layout(new, texts, offsets[len(offsets) - len(texts):])
 
-    def _first_token(self) -> str:
-        """The text of the prompt's first token (scored None: nothing before it)."""
+    def _first_token(self) -> tuple[str, bytes]:
+        """The text and bytes of the prompt's first token."""
         tokenizer = self.engine.model.tokenizer
         ids = tokenizer.encode(self.prompt, bos=False, eos=False) if isinstance(self.prompt, str) else self.prompt
-        return tokenizer.token_text(ids[0])
+        return tokenizer.token_text(ids[0]), tokenizer.token_bytes(ids[0])
 
     def finish_reason(self) -> str:
         return "length" if self.score_only else super().finish_reason()
@@ -108,6 +113,14 @@ def legacy_layout(scored: list[TokenLogprob | None], texts: list[str], offsets: 
     return {"tokens": texts, "token_logprobs": [None if t is None else t.logprob for t in scored],
             "top_logprobs": [None if t is None else {**dict(t.top), t.text: t.logprob} for t in scored],
             "text_offset": offsets}
+
+
+def written_pieces(data: Sequence[bytes], utf8: Any = None) -> list[str]:
+    """The text each token adds, read from its bytes on from those before (`utf8`: an incremental decoder that
+    holds them): a character split over byte tokens is written by the one that completes it, the others add none
+    (as a stream shows the text), where their texts name them ("<0xC3>") and would be found nowhere in it."""
+    utf8 = utf8 or codecs.getincrementaldecoder("utf-8")("replace")
+    return [utf8.decode(piece) for piece in data]
 
 
 def text_offsets(text: str, pieces: list[str], start: int) -> tuple[list[int], int, int]:

@@ -62,6 +62,12 @@ class Tokenizer:
         For showing tokens one at a time (adapter.next_token), where decode() would drop that space."""
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to a text (its leading space kept; special tokens as their name): a token
+        holding part of a character (a byte-fallback piece, a byte-level piece) gives those bytes, where its text
+        can only name them ("<0xC3>") or stand in for them ("\ufffd")."""
+        return self.token_text(token_id).encode()
+
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
@@ -139,6 +145,11 @@ class SentencePieceTokenizer(Tokenizer):
         if self.processor.IsControl(token_id) or self.processor.IsUnknown(token_id):
             return piece
         return piece.replace("\u2581", " ")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self.processor.IsByte(int(token_id)):
+            return bytes([int(self.processor.IdToPiece(int(token_id))[3:-1], 16)])
+        return super().token_bytes(token_id)
 
 
 def find_tokenizer(folder: Path) -> Path:

@@ -200,6 +200,23 @@ def test_every_tokenizer_refuses_half_a_character_by_name(meta_llama3, base_fold
                 tokenizer.encode(text)
 
 
+def test_each_tokenizer_gives_the_bytes_each_token_adds(meta_llama3, reference, base_folder, tmp_path):
+    """(The API's `bytes` of a token, joined by clients to spell characters split over tokens: a byte token's own
+    bytes, where its text names them, "<0xC3>", or stands in for them, "\ufffd".)"""
+    for path in (meta_llama3 / "tokenizer.model", write_tokenizer_json(meta_llama3, tmp_path)):
+        tokenizer = open_tokenizer(path)
+        assert [tokenizer.token_bytes(i) for i in range(512)] == \
+            [reference.decode_single_token_bytes(i) for i in range(512)], path.name
+        assert any("\ufffd" in tokenizer.token_text(i) for i in range(512))  # some hold part of a character
+        for text in TEXTS:  # (special tokens written in a text: their names)
+            assert b"".join(tokenizer.token_bytes(i) for i in tokenizer.encode(text, bos=False)) == text.encode()
+    sentencepiece = open_tokenizer(base_folder / "tokenizer.model")
+    text = "caf\u00e9 na\u00efve \U0001f642 \u65e5\u672c"
+    ids = sentencepiece.encode(text, bos=False)
+    assert any(sentencepiece.token_text(i).startswith("<0x") for i in ids)  # byte-fallback pieces among them
+    assert b"".join(sentencepiece.token_bytes(i) for i in ids) == (" " + text).encode()
+
+
 def test_bad_tokenizer_files_are_named(meta_llama3, tmp_path):
     lines = (meta_llama3 / "tokenizer.model").read_text().splitlines()
     cases = {

@@ -725,3 +725,17 @@ def test_an_api_key_guards_every_route_and_a_sessions_own_key_opens_them_too(eng
 def test_a_weak_api_key_is_refused(flags, message, capsys):
     assert main(flags) == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_a_byte_tokens_bytes_are_its_byte_not_its_name(client, engines):
+    """(OpenAI's `bytes`, which clients join to spell a character split over tokens: "<0xC3>" gave the bytes of
+    those six characters.)"""
+    tokenizer = engines.get("tiny-text").model.tokenizer
+    byte = next(t for t in range(tokenizer.n_words) if tokenizer.token_text(t) == "<0xC3>")
+    reply = client.post("/v1/chat/completions", json={
+        "messages": [user(SCENE)], "max_tokens": 1, "temperature": 0, "logit_bias": {str(byte): 100},
+        "logprobs": True, "top_logprobs": 3}).json()
+    entry, = reply["choices"][0]["logprobs"]["content"]
+    assert (entry["token"], entry["bytes"]) == ("<0xC3>", [0xC3])
+    assert [bytes(top["bytes"]) for top in entry["top_logprobs"]] == [top["token"].encode()  # (no byte among them)
+                                                                     for top in entry["top_logprobs"]]

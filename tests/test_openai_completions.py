@@ -292,3 +292,15 @@ def check_offsets_read_on(text: str, pieces: list[str]) -> None:
             _, settled, end = text_offsets(prompt + text[:cut], pieces[:sent], len(prompt))
             offsets = text_offsets(prompt + text, pieces[settled:], end)[0]
             assert offsets == text_offsets(prompt + text, pieces, len(prompt))[0][settled:], (sent, cut)
+
+
+def test_offsets_of_a_character_split_over_byte_tokens(client, engines):
+    """A character the tokenizer spells in bytes ("\u00e9": "<0xC3>", "<0xA9>") is written by the token that
+    completes it: the word after it is placed after it (it was placed on the "\u00e9", every byte token's name being
+    found nowhere in the text)."""
+    tokenizer = engines.get("tiny-text").model.tokenizer
+    prompt = "caf\u00e9 is red"
+    assert [tokenizer.token_text(t) for t in tokenizer.encode(prompt, bos=False)] == \
+        [" c", "af", "<0xC3>", "<0xA9>", " is", " red"]
+    scored = complete(client, prompt=prompt, echo=True, max_tokens=0, logprobs=0).json()["choices"][0]["logprobs"]
+    assert scored["text_offset"] == [0, 1, 3, 3, 4, 7]
