@@ -162,6 +162,11 @@ def check_system(value: Any) -> str | None:
     return check_text(value, "system") if value and str(value).strip() else None
 
 
+class ContextExceeded(ValueError):
+    """A prompt the model's context cannot hold (with room for an answer's first token): the API answers it with
+    OpenAI's code for it, context_length_exceeded."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one request may choose: gate/delta scales, sampling and a system prompt (chat formats only).
@@ -361,9 +366,7 @@ class Engine:
         context)."""
         if isinstance(prompt, str):
             check_text(prompt, name)
-        if not self._fits(prompt, 0, name):
-            raise ValueError(f"{name}: too long for this model's context of {self.model.args.max_seq_len} tokens; "
-                             "shorten it")
+        self._require_room(prompt, name, 0)
 
     def text_logprobs(self, prompt: Prompt, answer: Answer, settings: Settings,
                       top_k: int = 0) -> list[TokenLogprob | None]:
@@ -496,10 +499,10 @@ class Engine:
         ids = prompt_ids(self.model.tokenizer, prompt, self.model.args.vocab_size, name)
         return len(ids) + new_tokens <= self.model.args.max_seq_len
 
-    def _require_room(self, prompt: Prompt, name: str) -> None:
-        if not self._fits(prompt, 1, name):
+    def _require_room(self, prompt: Prompt, name: str, new_tokens: int = 1) -> None:
+        if not self._fits(prompt, new_tokens, name):
             limit = self.model.args.max_seq_len
-            raise ValueError(f"{name}: too long for this model's context of {limit} tokens; shorten it")
+            raise ContextExceeded(f"{name}: too long for this model's context of {limit} tokens; shorten it")
 
     def score(self, data: str | os.PathLike, scales: str | Sequence[Any], settings: Settings,
               exact: bool = False,

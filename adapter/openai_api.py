@@ -42,7 +42,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .arg_types import unicode_output
-from .engine import Engine, Engines, Settings
+from .engine import ContextExceeded, Engine, Engines, Settings
 from .generate import ends_answer
 from .images import decode_image
 from .prompt_ids import Prompt, prompt_ids
@@ -62,6 +62,7 @@ SETTING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": 
                   "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "gate_scale": "gate_scale",
                   "delta_scale": "delta_scale", "gate_layers": "gate_layers", "min_tokens": "min_tokens",
                   "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids"}
+CONTEXT_CODE = "context_length_exceeded"  # OpenAI's code for a prompt (and max_tokens) the context cannot hold
 MAX_STOP_CHARS = 200  # a stop string's length: each streamed piece is held back against every stop's beginnings
 # the fields a request may give besides SETTING_FIELDS: read, refused by name when not served (`tools`), or OpenAI's
 # that change no answer (`user`, `metadata`, ...); any other is refused, so that a misspelt `gate_scal` is not
@@ -160,6 +161,9 @@ def api_router(engines: Engines, api_key: str | None = None) -> APIRouter:
     @router.get("/v1/models/{model:path}")
     def model(request: Request, model: str) -> Any:
         try:
+            if not model:  # (not the first adapter, as a body's empty `model` is)
+                raise RequestError("model: give a served adapter's name (GET /v1/models lists them)", "model", 404,
+                                   "model_not_found")
             return model_entry(*served(view(request), {"model": model}))
         except RequestError as error:
             return refusal(error)
@@ -303,7 +307,7 @@ class Call:
         limit, asked = self.engine.model.args.max_seq_len, self.settings.max_new_tokens
         if given and self.prompt_tokens + asked > limit:
             raise RequestError(f"{given[0]}: the prompt's {self.prompt_tokens} tokens and {asked} new ones exceed "
-                               f"this model's context of {limit} tokens", given[0])
+                               f"this model's context of {limit} tokens", given[0], code=CONTEXT_CODE)
 
     def texts(self) -> Iterator[str]:
         """The answer so far as it may be shown: cut before the first of the request's stop strings (decoding ends
@@ -449,10 +453,11 @@ def refused(error: ValueError, default_param: str, body: dict) -> RequestError:
     message starts with the setting; anything else is `default_param`'s)."""
     field, _, rest = str(error).partition(":")
     theirs = [name for name, ours in SETTING_FIELDS.items() if ours == field]
+    code = CONTEXT_CODE if isinstance(error, ContextExceeded) else None
     if not theirs:
-        return RequestError(str(error), default_param)
+        return RequestError(str(error), default_param, code=code)
     param = next((name for name in theirs if body.get(name) is not None), theirs[0])
-    return RequestError(f"{param}:{rest}", param)
+    return RequestError(f"{param}:{rest}", param, code=code)
 
 
 def answer_calls(engines: Engines, body: Any, conversation: Conversation | None = None) -> tuple[str, list[Call]]:

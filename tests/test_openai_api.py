@@ -50,8 +50,8 @@ def test_the_served_adapters_are_the_models(client, engines):
     assert [model["id"] for model in listed["data"]] == ["tiny-text", "tiny-image"]
     assert [model["max_model_len"] for model in listed["data"]] == [engines.get("tiny-text").model.args.max_seq_len] * 2
     assert client.get("/v1/models/tiny-image").json() == listed["data"][1]  # `client.models.retrieve`
-    missing = client.get("/v1/models/gpt-4")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    for missing in (client.get("/v1/models/gpt-4"), client.get("/v1/models/")):  # (no name: not the first's)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     for response, status in ((client.get("/v1/nowhere"), 404), (client.get("/v1/chat/completions"), 405)):
         assert response.status_code == status and response.json()["error"]["message"].startswith(
             f"GET {response.request.url.path}: "), response.text  # OpenAI's error object, not FastAPI's detail
@@ -181,6 +181,10 @@ def test_an_answer_cut_by_max_tokens_says_length_and_counts_the_tokens_decoded(c
     refused = ask(client, [user(SCENE)], max_tokens=room + 1)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
     assert f"the prompt's {prompt} tokens and {room + 1} new ones exceed" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["code"] == "context_length_exceeded"  # OpenAI's, which clients look for
+    too_long = ask(client, [user("There is a small red circle. " * (text.model.args.max_seq_len // 4))]).json()["error"]
+    assert too_long["message"].startswith("message: too long for this model's context")
+    assert (too_long["param"], too_long["code"]) == ("messages", "context_length_exceeded")
 
 
 def test_a_streamed_answer_arrives_in_pieces_that_make_the_whole(client, engines):

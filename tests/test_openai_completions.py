@@ -246,6 +246,7 @@ def test_finish_reason_and_usage_count_the_tokens_decoded(client, engines):
     assert complete(client, prompt=PROMPT, max_tokens=room).status_code == 200
     reply = complete(client, prompt=PROMPT, max_tokens=room + 1)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "max_tokens"
+    assert reply.json()["error"]["code"] == "context_length_exceeded"  # OpenAI's, which clients look for
     assert reply.json()["error"]["message"] == (f"max_tokens: the prompt's {model.args.max_seq_len - room} tokens and "
                                                 f"{room + 1} new ones exceed this model's context of "
                                                 f"{model.args.max_seq_len} tokens")
@@ -255,6 +256,7 @@ def test_a_text_longer_than_the_context_is_not_scored_cut(client, engines):
     long = "There is a small red circle. " * (engines.get("tiny-text").model.args.max_seq_len // 4)
     reply = client.post("/v1/completions", json={"prompt": long, "echo": True, "max_tokens": 0, "logprobs": 0})
     assert reply.status_code == 400 and "prompt: too long for this model's context" in reply.json()["error"]["message"]
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_offsets_read_on_from_the_settled_tokens_are_those_read_from_the_start(engines):
