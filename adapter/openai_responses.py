@@ -75,14 +75,13 @@ def add_response_routes(router: APIRouter, view: Callable[[Request], Engines],
     def stored(request: Request, response_id: str):
         found = store.get(response_id, owner(request))
         if found is None:
-            raise RequestError(f"no stored response {response_id!r:.80} (responses asked with store: false are not "
-                               f"kept, nor those older than the latest {MAX_STORED})", status=404, code="not_found")
+            raise not_stored(response_id)
         return found
 
     @router.get("/v1/responses/{response_id}")
     def response(request: Request, response_id: str) -> Any:
         try:
-            if request.query_params.get("stream", "false") != "false":
+            if request.query_params.get("stream", "").lower() in ("true", "1"):
                 raise RequestError("stream: a stored response is given whole", "stream")
             return stored(request, response_id).response
         except RequestError as error:
@@ -92,7 +91,7 @@ def add_response_routes(router: APIRouter, view: Callable[[Request], Engines],
     def delete(request: Request, response_id: str) -> Any:
         if store.delete(response_id, owner(request)):
             return {"id": response_id, "object": "response", "deleted": True}
-        return refusal(RequestError(f"no stored response {response_id!r:.80}", status=404, code="not_found"))
+        return refusal(not_stored(response_id))
 
     @router.get("/v1/responses/{response_id}/input_items")
     def input_items(request: Request, response_id: str) -> Any:
@@ -100,6 +99,16 @@ def add_response_routes(router: APIRouter, view: Callable[[Request], Engines],
             return listed(stored(request, response_id).items, request.query_params)
         except RequestError as error:
             return refusal(error)
+
+
+def not_stored(response_id: Any, param: str | None = None) -> RequestError:
+    """The refusal of a response id the store does not hold: a 404 for its own routes, a request's field at fault
+    (`previous_response_id`) otherwise."""
+    message = (f"no stored response {response_id!r:.80} (responses asked with store: false are not kept, nor those "
+               f"older than the latest {MAX_STORED})")
+    if param is None:
+        return RequestError(message, status=404, code="not_found")
+    return RequestError(f"{param}: {message}", param, code="previous_response_not_found")
 
 
 def listed(items: list[dict[str, Any]], query: Any) -> dict[str, Any]:
@@ -163,9 +172,7 @@ class ResponseTurn:
             return []
         found = self.store.get(previous, self.owner) if isinstance(previous, str) else None
         if found is None:
-            raise RequestError(f"previous_response_id: no stored response {previous!r:.80} (responses asked with "
-                               f"store: false are not kept, nor those older than the latest {MAX_STORED})",
-                               "previous_response_id", code="previous_response_not_found")
+            raise not_stored(previous, "previous_response_id")
         return found.items + [_as_input(item) for item in found.response["output"]]
 
     def whole(self, name: str, calls: list[Call]) -> dict[str, Any]:
