@@ -466,9 +466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = resolve_data(args.data, "--data")  # a hub dataset's file is fetched before the model is loaded
         if not data.is_file():
             raise FileNotFoundError(f"--data: {not_a_file(data)}")
+        inputs = {"--data": data}
         for flag, target in (("--json", args.json), ("--plot", args.plot)):
-            if target:
-                check_file_target(target, f"{flag}: ")  # before the evaluation, not after
+            if target is not None:  # before the evaluation, not after; not an input, nor the other's file
+                check_file_target(target, f"{flag}: ", inputs)
+                inputs[flag] = target
         models = load_many(args.base, args.adapter or [None], clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
                            dtype=args.dtype, kv_cache=args.kv_cache)

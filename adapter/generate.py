@@ -556,8 +556,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, value in (("--out", args.out), ("--image-folder", args.image_folder)):
             if value is not None and questions is None:
                 raise ValueError(f"{flag}: only with --prompts-file")
-        if args.out is not None:
-            check_file_target(args.out, "--out: ")  # before the answers, not after
         names = args.adapter or [default_adapter(args.base)]  # as an answer file records it (tiny: tiny-text)
         models = load_many(args.base, names, clip=args.clip, clip_model=args.clip_model,
                            clip_quantize=args.clip_quantize, quantize=args.quantize, device=args.device,
@@ -613,9 +611,7 @@ def read_file_flags(args: argparse.Namespace) -> list:
 
     if args.out is None:
         raise ValueError("--out: give the file --prompts-file's answers are written to")
-    if Path(args.out).resolve() == Path(args.prompts_file).resolve():
-        raise ValueError(f"--out: {args.out} is the --prompts-file itself; its questions would be overwritten by "
-                         "the answers")
+    check_file_target(args.out, "--out: ", {"--prompts-file": args.prompts_file})  # before the answers, not after
     for flag, value in (("--input", args.input), ("--image", args.image), ("--next-tokens", args.next_tokens)):
         if value is not None:
             raise ValueError(f"{flag}: not with --prompts-file (give it per question in the file)")

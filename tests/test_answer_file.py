@@ -211,8 +211,8 @@ def test_an_out_that_is_the_prompts_file_is_refused_and_the_questions_kept(base_
     spelt_otherwise = tmp_path / "sub" / ".." / "q.json"
     (tmp_path / "sub").mkdir()
     assert main(["--base", str(base_folder), "--prompts-file", str(questions), "--out", str(spelt_otherwise)]) == 2
-    assert capsys.readouterr().err == (f"error: --out: {spelt_otherwise} is the --prompts-file itself; its "
-                                       "questions would be overwritten by the answers\n")
+    assert capsys.readouterr().err == (f"error: --out: {spelt_otherwise} is the file --prompts-file names; it "
+                                       "would be overwritten\n")
     assert json.loads(questions.read_text()) == ["Name a colour."]
 
 

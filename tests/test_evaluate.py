@@ -203,6 +203,20 @@ def test_bad_arguments_are_one_line_naming_the_flag(base_folder, data, capsys, a
     assert __import__("re").search(message, err), err
 
 
+def test_an_output_that_is_the_data_or_the_other_output_is_refused_and_the_data_kept(base_folder, data, tmp_path,
+                                                                                     capsys):
+    """(--json naming the --data file replaced the questions with the figures; --json and --plot one file kept
+    the plot alone.)"""
+    kept = data.read_bytes()
+    for outputs, message in ((["--json", str(data)], f"--json: {data} is the file --data names"),
+                             (["--plot", str(data)], f"--plot: {data} is the file --data names"),
+                             (["--json", str(tmp_path / "x.png"), "--plot", str(tmp_path / "x.png")],
+                              f"--plot: {tmp_path / 'x.png'} is the file --json names")):
+        assert main(["--base", str(base_folder), "--data", str(data), *outputs]) == 2
+        assert capsys.readouterr().err == f"error: {message}; it would be overwritten\n"
+    assert data.read_bytes() == kept and not (tmp_path / "x.png").exists()
+
+
 def test_image_records_need_an_adapter_that_sees(base_folder, tmp_path):
     Image.new("RGB", (2, 2)).save(tmp_path / "a.png")
     data = write_jsonl(tmp_path / "images.jsonl", [{"image": "a.png", "conversations": [

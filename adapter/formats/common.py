@@ -7,7 +7,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,10 +220,15 @@ def new_file_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~mask
 
 
-def check_file_target(path: str | os.PathLike, flag: str = "") -> None:
+def check_file_target(path: str | os.PathLike, flag: str = "",
+                      inputs: Mapping[str, str | os.PathLike | None] | None = None) -> None:
     """ValueError naming `path` (after `flag`, e.g. "--out: ") where no file can be written there: it is a folder,
-    or lies under a file. Commands call it before their work, not only when they write its result."""
+    or lies under a file, or it is one of the command's `inputs` (by their flag: written, the input would be lost).
+    Commands call it before their work, not only when they write its result."""
     path = Path(path)
+    for name, given in (inputs or {}).items():
+        if given is not None and path.resolve() == Path(given).resolve():
+            raise ValueError(f"{flag}{path} is the file {name} names; it would be overwritten")
     if path.is_dir():
         raise ValueError(f"{flag}{path} is a folder; name a file to write")
     for folder in path.parents:
