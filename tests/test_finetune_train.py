@@ -204,6 +204,34 @@ def test_a_resume_refuses_changed_validation_data_and_names_a_damaged_checkpoint
         train(tiny_config(base_folder, data, out, resume=True, **settings))
 
 
+def test_a_resume_reads_what_a_killed_run_leaves_and_names_what_it_cannot(tmp_path, base_folder):
+    """A log whose last line was cut short by a kill (it was a bare "Unterminated string" error), a checkpoint
+    whose `latest` pointer is missing (the run started over and removed it), a trainer state of the wrong types
+    (a TypeError from deep in the trainer)."""
+    data = write_json(tmp_path / "data.json", alpaca_records(8, seed=1))
+    settings = dict(epochs=2, batch_size=4)
+    out = tmp_path / "run"
+    train(tiny_config(base_folder, data, out, max_steps=1, **settings))
+    (out / "checkpoints" / "latest").unlink()
+    with (out / "log.jsonl").open("a") as log:
+        log.write('{"type": "tr')
+    with pytest.raises(ValueError, match="--out: .* already holds a training run; pass --resume"):
+        train(tiny_config(base_folder, data, out, **settings))
+    trainer_state = out / "checkpoints" / "step-000001" / "trainer.json"
+    kept = trainer_state.read_text()
+    trainer_state.write_text(json.dumps({**json.loads(kept), "step": "one"}))
+    with pytest.raises(ValueError, match=r"^--resume: .*trainer.json is not a readable trainer state \(step: 'one'\)"):
+        train(tiny_config(base_folder, data, out, resume=True, **settings))
+    trainer_state.write_text(kept)
+    resumed = train(tiny_config(base_folder, data, out, resume=True, **settings))
+    assert resumed.steps == 4 and len(resumed.train_losses) == 3, "went on from step 1"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4]
+    (out / "log.jsonl").write_text('{"type": "train", "step": 1}\n[1, 2]\n{"type": "end", "step": 4}\n')
+    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not a JSON object, got \[1, 2\]"):
+        train(tiny_config(base_folder, data, out, resume=True, **settings))
+
+
 def interrupt_at_signal(monkeypatch, step: int, times: int, signum: int = signal.SIGINT) -> None:
     """Press Ctrl-C `times` times (a real SIGINT each; or send another signal) during optimizer step `step`."""
     real = trainer.optimizer_step

@@ -53,10 +53,14 @@ class TrainerState:
 
 
 def latest(out: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
+    """The newest complete checkpoint folder of a run, or None. Without `latest` (a run stopped between its
+    first checkpoint's rename and the pointer's write, a pointer deleted by hand), the complete folder of the
+    highest step: taken as no checkpoint, the run started over and removed it."""
     pointer = out / FOLDER / LATEST
     if not pointer.is_file():
-        return None
+        complete = [path for path in (out / FOLDER).glob("step-*")
+                    if path.name[5:].isdigit() and (path / TRAINER).is_file()]
+        return max(complete, key=lambda path: int(path.name[5:]), default=None)
     path = out / FOLDER / pointer.read_text(encoding="utf-8").strip()
     if not (path / TRAINER).is_file():
         raise ValueError(f"--resume: {pointer} names {path}, which is not a complete checkpoint")
@@ -96,11 +100,22 @@ def save(out: Path, model: Transformer, optimizer: torch.optim.Optimizer, state:
     return root / name
 
 
+# what each field of trainer.json holds (None: may be missing, from an older version)
+STATE_TYPES = {"step": int, "epoch": int, "step_in_epoch": int, "order": list, "config": dict, "data_sha256": str,
+               "python_random": (list, type(None)), "val_losses": (list, type(None)),
+               "val_data_sha256": (str, type(None))}
+
+
 def read_state(path: Path) -> TrainerState:
     try:
-        return TrainerState(**json.loads((path / TRAINER).read_text(encoding="utf-8")))
-    except (OSError, TypeError, json.JSONDecodeError) as error:
+        state = TrainerState(**json.loads((path / TRAINER).read_text(encoding="utf-8")))
+    except (OSError, TypeError, ValueError, RecursionError) as error:  # (not UTF-8, not JSON, not its fields)
         raise ValueError(f"--resume: {path / TRAINER} is not a readable trainer state ({error})") from error
+    for name, kind in STATE_TYPES.items():
+        value = getattr(state, name)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise ValueError(f"--resume: {path / TRAINER} is not a readable trainer state ({name}: {value!r:.60})")
+    return state
 
 
 def restore(path: Path, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:

@@ -33,9 +33,26 @@ def notice(text: str, enabled: bool = True) -> None:
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's log. A last line cut short (a run killed while writing it) is left out; any other
+    that is no JSON object is refused naming its line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except (ValueError, RecursionError) as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from None
+        if record is not None and not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: not a JSON object, got {line:.60}")
+        records += [] if record is None else [record]
+    return records
 
 
 ENDINGS = ("end", "early_stop")  # the records that end a run
