@@ -116,6 +116,10 @@ def sample(
     row: each row then draws from its own, so a row's tokens do not depend on the rows beside it (a seeded answer
     is the same in any batch)."""
     logits = logits.float()
+    if not math.isfinite(logits.amax()):  # NaN or inf (NaN weights, a gate scale too large for the dtype):
+        # sampled from, torch.multinomial raised from deep inside; greedy, the first token was taken, nothing said
+        raise ValueError("logits: the model's scores for the next token are not finite (NaN or inf): its weights "
+                         "hold some, or the gate or delta scale is too large for its dtype")
     if seen is not None:
         logits = penalize_repeats(logits, seen, params.repetition_penalty)
     if counts is not None:

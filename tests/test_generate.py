@@ -512,3 +512,23 @@ def test_a_refusal_does_not_repeat_a_huge_value_whole():
         with pytest.raises(ValueError) as error:
             refused()
         assert len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_scores_that_are_not_finite_are_refused_by_name(model, temperature):
+    """(A gate scale too large for the dtype, or NaN weights: sampled, torch.multinomial raised "probability tensor
+    contains either inf, nan or element < 0" from deep inside; greedy, the first token was taken without a word.)"""
+    for broken in (float("nan"), float("inf")):
+        logits = torch.zeros(2, 16)
+        logits[1, 3] = broken
+        with pytest.raises(ValueError, match=r"^logits: the model's scores for the next token are not finite"):
+            sample(logits, SamplingParams(temperature=temperature))
+    kept = model.norm.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            model.norm.weight[0] = float("nan")  # a base holding a NaN
+        with pytest.raises(ValueError, match="^logits: "):
+            model.generate("Name a colour.", temperature=temperature, max_new_tokens=3)
+    finally:
+        with torch.no_grad():
+            model.norm.weight.copy_(kept)
