@@ -18,7 +18,6 @@ center crop, CLIP mean/std. `channel_order="bgr"` swaps red and blue first, as O
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 from .config import AdapterArgs, grid_side
+from .formats.common import parsed_json
 from .images import load_image
 from .paths import missing, not_a_file
 
@@ -196,8 +196,8 @@ def _check_clip_config(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"clip_model: {not_a_file(path)}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        config = parsed_json(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # (not UTF-8, not JSON, nested too deeply)
         raise ValueError(f"clip_model: {path}: not a JSON model config ({error})") from None
     if not isinstance(config, dict):
         raise ValueError(f"clip_model: {path}: expected an open_clip model config (a JSON object), got "

@@ -203,6 +203,10 @@ def add_payload(folder: Path) -> None:
 BAD_CASES: dict[str, tuple[str, Callable[[Path], None], type[Exception], str, str]] = {
     "config not JSON": ("safetensors", lambda f: (f / "config.json").write_text("{not json"), ValueError,
                         "cannot read JSON", "config.json"),
+    "config nested": ("safetensors", lambda f: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+                      ValueError, r"cannot read JSON \(nested too deeply\)", "config.json"),  # (a RecursionError)
+    "config number": ("safetensors", lambda f: (f / "config.json").write_text('{"hidden_size": ' + "1" * 5000 + "}"),
+                      ValueError, r"cannot read JSON \(Exceeds the limit \(4300 digits\)", "config.json"),
     "qwen2": ("safetensors", lambda f: edit_config(f, model_type="qwen2"), ValueError,
               "model_type 'qwen2' is not supported", "config.json"),
     "mistral window": ("safetensors", lambda f: edit_config(f, model_type="mistral", sliding_window="4k"), ValueError,

@@ -254,6 +254,9 @@ def test_bad_adapter_files_get_clear_errors(base_folder, trained, tmp_path):
         "config": (lambda t, m: m.update(adapter_args=json.dumps({"prompt_len": 2, "colour": 1})),
                    "bad adapter metadata.*colour"),
         "base": (lambda t, m: m.update(base_shape=json.dumps({"dim": 4096})), "different base: dim=4096"),
+        "nested": (lambda t, m: m.update(adapter_args="[" * 100_000 + "]" * 100_000),  # (a RecursionError)
+                   r"bad adapter metadata \(nested too deeply\)"),
+        "no_args": (lambda t, m: m.pop("adapter_args"), r"bad adapter metadata \(no adapter_args\)"),
         "base_list": (lambda t, m: m.update(base_shape="[64, 4]"),
                       r"bad adapter metadata \(base_shape must be an object of whole numbers, got \[64, 4\]\)"),
         "format": (lambda t, m: m.update(format="other"), "not a llama-adapter file"),

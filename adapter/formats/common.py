@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -218,6 +219,15 @@ def new_file_mode(folder: bool = False) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if folder else 0o666) & ~mask
+
+
+def parsed_json(text: str | bytes) -> Any:
+    """`json.loads` whose every failure is a ValueError saying what is wrong: not JSON, a number of over 4,300
+    digits, or nested too deeply (a RecursionError, from a file of 100,000 opening brackets)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def check_file_target(path: str | os.PathLike, flag: str = "",

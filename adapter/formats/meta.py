@@ -6,14 +6,13 @@ asked for, and merged per tensor on the dimension Meta split it along.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..config import ModelArgs
 from ..memory import release_file_pages
-from .common import named_tensors, torch_load
+from .common import named_tensors, parsed_json, torch_load
 from .window import sliding_window, windowed_args
 
 # dimension each tensor is split along across model-parallel shards (None: replicated)
@@ -47,8 +46,8 @@ def shard_dim(name: str) -> int | None:
 
 def read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        value = parsed_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # (not UTF-8, not JSON, a number too long, nested too deeply)
         raise ValueError(f"{path}: cannot read JSON ({error})") from error
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object")

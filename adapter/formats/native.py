@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..config import AdapterArgs
 from ..paths import not_a_file
 from ..prompts import format_named
-from .common import LoadedAdapter, atomic_write, base_shape, write_text_atomically
+from .common import LoadedAdapter, atomic_write, base_shape, parsed_json, write_text_atomically
 from .peft import CONFIG_NAME as PEFT_CONFIG_NAME
 
 if TYPE_CHECKING:
@@ -154,10 +154,12 @@ def read_adapter(path: str | os.PathLike) -> LoadedAdapter:
         raise ValueError(f"{path}: format_version {metadata.get('format_version')!r} is not supported "
                          f"(this version reads {FORMAT_VERSION})")
     try:
-        args = AdapterArgs.from_dict(json.loads(metadata["adapter_args"]))
-        shape = json.loads(metadata.get("base_shape", "{}"))
+        args = AdapterArgs.from_dict(parsed_json(metadata["adapter_args"]))
+        shape = parsed_json(metadata.get("base_shape", "{}"))
         written_with = format_named(metadata.get("prompt_format", "alpaca"), "prompt_format").name
-    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as error:
+    except KeyError as error:
+        raise ValueError(f"{path}: bad adapter metadata (no {error.args[0]})") from error
+    except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: bad adapter metadata ({error})") from error
     if not isinstance(shape, dict) or not all(isinstance(value, int) and not isinstance(value, bool)
                                               for value in shape.values()):
