@@ -9,7 +9,6 @@ once written), so a 7B base is written in about the memory of one shard.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -34,6 +33,7 @@ TOKENIZER_COMPANIONS = ("tokenizer.model", "tokenizer.json", "tekken.json", "tok
                         "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 SHARD_GB = 2.0
 CARD = "README.md"
+MAX_SHARD_GB = 2**20  # a shard's most GiB (a pebibyte: 1e300 overflowed counting its bytes)
 
 
 def open_base_to_rewrite(base: str | os.PathLike, out: Path, dtype: str, shard_gb: float, quantized: str):
@@ -43,8 +43,8 @@ def open_base_to_rewrite(base: str | os.PathLike, out: Path, dtype: str, shard_g
     require_path(base, "base", BASE_NAMES)
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"dtype: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    if isinstance(shard_gb, bool) or not isinstance(shard_gb, int | float) or not 0 < shard_gb < math.inf:
-        raise ValueError(f"shard_gb: must be a finite number above 0, got {shard_gb!r}")
+    if isinstance(shard_gb, bool) or not isinstance(shard_gb, int | float) or not 0 < shard_gb <= MAX_SHARD_GB:
+        raise ValueError(f"shard_gb: must be a number of GiB above 0 and at most {MAX_SHARD_GB:,}, got {shard_gb!r}")
     refuse_existing(out)
     checkpoint = open_named_base(base)
     if getattr(checkpoint, "quantization", None):

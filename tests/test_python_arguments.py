@@ -27,7 +27,10 @@ CASES = [
      r"base: expected a path or a name \(tiny, hf:owner/name\), got b'tiny'"),
     (lambda out, lora: merge("tiny", lora, 5), "out: expected a folder's path, got 5"),
     (lambda out, lora: merge("tiny", lora, out, dtype=[]), r"dtype: unknown dtype \[\]"),
-    (lambda out, lora: merge("tiny", lora, out, shard_gb="2"), "shard_gb: must be a finite number above 0, got '2'"),
+    (lambda out, lora: merge("tiny", lora, out, shard_gb="2"),
+     "shard_gb: must be a number of GiB above 0 and at most 1,048,576, got '2'"),
+    (lambda out, lora: merge("tiny", lora, out, shard_gb=1e300),  # (an OverflowError counting its bytes)
+     r"shard_gb: must be a number of GiB above 0 and at most 1,048,576, got 1e\+300"),
     (lambda out, lora: quantize_base(True, out), r"base: expected a path or a name \(tiny, hf:owner/name\), got True"),
     (lambda out, lora: quantize_base("tiny", out, double_quant="no"), "double_quant: must be True or False, got 'no'"),
     (lambda out, lora: convert(None, out, "native", "tiny"),
