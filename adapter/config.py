@@ -323,6 +323,9 @@ class AdapterArgs:
         """The adapter must fit the model it is attached to."""
         _require(self.prompt_layers <= model.n_layers, "prompt_layers",
                  f"{self.prompt_layers} is more than the model's n_layers={model.n_layers}")
+        # (a LoRA's rank past its linears' sides adds nothing; --lora-rank 100000 made 1.5 billion parameters)
+        _require(self.lora_rank <= model.dim, "lora_rank",
+                 f"{self.lora_rank} is more than the model's dim={model.dim} (a rank past it adds nothing)")
 
     def first_prompt_layer(self, n_layers: int) -> int:
         """Official indexing: prompt i goes to layer `n_layers - prompt_layers + i`."""

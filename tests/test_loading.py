@@ -302,6 +302,9 @@ def test_bad_adapter_files_get_clear_errors(base_folder, trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter: .*odd/adapter.safetensors is a folder, not a file"):
         adapter.load(base_folder, adapter=tmp_path / "odd", device="cpu")
     too_deep = AdapterArgs(prompt_len=2, prompt_layers=TINY.n_layers + 1)
+    with pytest.raises(ValueError, match=rf"lora_rank: {TINY.dim + 1} is more than the model's dim={TINY.dim} "):
+        adapter.load(base_folder, adapter=AdapterArgs(prompt_len=2, prompt_layers=2, lora_rank=TINY.dim + 1),
+                     device="cpu")
     with pytest.raises(ValueError, match="prompt_layers: 5 is more than the model's n_layers=4"):
         adapter.load(base_folder, adapter=too_deep, device="cpu")
 
