@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -116,8 +117,11 @@ class Conversation:
                              "/image alone goes back to the chat")
         record = conversation_record(turns, self.settings.system)
         try:
-            with open(path, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            with open(path, "a+b") as file:  # a file whose last line has no newline: the record on a line of its own
+                size = file.seek(0, os.SEEK_END)
+                ended = size == 0 or (file.seek(size - 1) is not None and file.read(1) == b"\n")
+                line = json.dumps(record, ensure_ascii=False) + "\n"
+                file.write((line if ended else "\n" + line).encode())
         except OSError as error:
             raise ValueError(f"/save: cannot write {path}: {error.strerror}") from None
         unanswered = len(self.history) - len(turns)  # stopped before a word, or answered with nothing

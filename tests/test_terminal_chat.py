@@ -203,3 +203,20 @@ def test_save_says_how_many_turns_without_an_answer_it_left_out(tmp_path):
     assert conversation.command(f"/save {tmp_path / 'chats.jsonl'}", out)
     assert out.getvalue() == f"saved 2 answered turn(s) to {tmp_path / 'chats.jsonl'} as one training record " \
                              "(1 without an answer left out)\n"
+
+
+def test_save_puts_its_record_on_a_line_of_its_own_after_a_file_whose_last_line_has_no_newline(tmp_path):
+    """(The record was appended to that line: '{"a": 1}{"messages": ...}', a file no reader takes.)"""
+    import io
+
+    from adapter.terminal_chat import Conversation
+
+    conversation = Conversation(Engine(adapter.load("tiny", device="cpu")), Settings(**GREEDY),
+                                history=[(QUESTION, "red")])
+    saved = tmp_path / "chats.jsonl"
+    saved.write_text('{"messages": []}')
+    for _ in range(2):
+        assert conversation.command(f"/save {saved}", io.StringIO())
+    lines = saved.read_text().splitlines()
+    assert saved.read_text().endswith("\n") and [json.loads(line) for line in lines][0] == {"messages": []}
+    assert len(lines) == 3 and json.loads(lines[1]) == json.loads(lines[2])
