@@ -266,6 +266,8 @@ def load_image_encoder(clip: str | os.PathLike, model_name: str) -> ImageEncoder
     local file (a full CLIP or just its `visual.` tensors; safetensors or weights-only torch), or, given
     an open_clip pretrained tag such as "openai", from open_clip's own download (needs network)."""
     path = Path(clip)
+    if path.is_dir():  # (was "[Errno 21] Is a directory", naming no flag)
+        raise ValueError(f"clip: {path} is a folder; give the CLIP weights file in it (.safetensors, .pt, .bin)")
     if path.exists():
         model = _create_clip(model_name, None)
         state = _read_state(path)

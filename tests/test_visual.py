@@ -187,6 +187,8 @@ def test_weights_of_another_clip_model_are_named_with_their_shapes(clip_files):
     with pytest.raises(ValueError, match=r"clip: .*clip.safetensors does not fit ViT-B-32 \(its weights are another "
                        r"model's.*class_embedding \(32,\) in the file, \(768,\) in the model"):
         load_image_encoder(weights, "ViT-B-32")  # torch's RuntimeError listed every tensor of the tower
+    with pytest.raises(ValueError, match=rf"^clip: {weights.parent} is a folder; give the CLIP weights file in it"):
+        load_image_encoder(weights.parent, str(config))  # ("[Errno 21] Is a directory", no flag named)
 
 
 def test_a_mistyped_clip_model_name_is_refused_with_the_names_it_is_near(clip_files):
