@@ -310,6 +310,10 @@ def test_quantize_base_refuses_what_it_cannot_write_and_leaves_nothing_half_writ
     (tmp_path / "taken").mkdir()
     with pytest.raises(ValueError, match="out: .*taken already exists; name a new folder"):
         quantize_base(folders["meta"], tmp_path / "taken")
+    (tmp_path / "a-file").write_text("")  # (refused once the work was done: "[Errno 17] File exists")
+    with pytest.raises(ValueError, match="^out: .*a-file is a file, not a folder to write nf4 into$"):
+        quantize_base(folders["meta"], tmp_path / "a-file" / "nf4")
+    (tmp_path / "a-file").unlink()
     with pytest.raises(ValueError, match=r"base: .*nf4 is already stored quantized \(nf4\)"):
         quantize_base(folders["nf4"], tmp_path / "twice")
     for size in ("0", "inf", "nan", "1e300"):  # (1e300 overflowed counting its bytes: a traceback)

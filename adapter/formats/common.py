@@ -241,10 +241,15 @@ def check_file_target(path: str | os.PathLike, flag: str = "",
             raise ValueError(f"{flag}{path} is the file {name} names; it would be overwritten")
     if path.is_dir():
         raise ValueError(f"{flag}{path} is a folder; name a file to write")
+    check_not_under_a_file(path, flag)
+    check_writable(path, flag)
+
+
+def check_not_under_a_file(path: Path, flag: str = "") -> None:
+    """ValueError naming the file `path` would lie under (nothing can be written there)."""
     for folder in path.parents:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{flag}{folder} is a file, not a folder to write {path.name} into")
-    check_writable(path, flag)
 
 
 def _nearest_folder(path: Path) -> Path | None:
@@ -293,6 +298,7 @@ def refuse_existing(out: Path) -> None:
     """A folder to be written whole is a new one: ValueError naming `out` where it exists."""
     if out.exists():
         raise ValueError(f"out: {out} already exists; name a new folder")
+    check_not_under_a_file(out, "out: ")  # (was "could not be written ([Errno 17] File exists: ...)" at the end)
     check_writable(out, "out: ")
 
 
