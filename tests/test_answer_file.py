@@ -131,18 +131,20 @@ def test_bad_questions_are_all_named_and_nothing_is_written(tmp_path):
         json.dumps({"instruction": "What is it?", "image": "a.png"}),
         json.dumps(["not", "an", "object"]),
         "{broken",
+        '{"instruction": "cut',
         json.dumps("fine"),
     ]) + "\n")
     with pytest.raises(DataError) as caught:
         read_questions(path)
     assert str(caught.value).splitlines() == [
-        f"--prompts-file: {path} has 6 bad question(s), none answered:",
+        f"--prompts-file: {path} has 7 bad question(s), none answered:",
         f"  {path}:1: missing 'instruction'",
         f"  {path}:2: 'input' must be a string, got a number",
         f"  {path}:3: 'answer': the output adds this key; rename it in the question",
         f"  {path}:4: image 'a.png' needs --image-folder",
         f"  {path}:5: expected a string or a JSON object, got a list",
         f"  {path}:6: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"  {path}:7: not valid JSON (Unterminated string starting at column 17)",  # (was "at at column")
     ]
 
 

@@ -255,7 +255,8 @@ def _entries(path: Path, text: str, flag: str) -> Iterator[tuple[str, Any, str |
 def _json_problem(error: Exception, in_line: bool = True) -> str:
     """What json.loads found wrong, in a few words (`in_line`: of one line, so where is its column)."""
     if isinstance(error, json.JSONDecodeError):
-        return f"{error.msg} at column {error.colno}" if in_line else str(error)
+        # ("Unterminated string starting at" ends as its position would follow: not "starting at at column 10")
+        return f"{error.msg.removesuffix(' at')} at column {error.colno}" if in_line else str(error)
     if isinstance(error, RecursionError):
         return "nested too deeply"
     return str(error).split(";")[0]  # Python's cap on the digits of a number
