@@ -454,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         scales = scales_from_text(args.gate_sweep, "--gate-sweep")
+        if not scales or any(not math.isfinite(s) or s < 0 for s in scales):  # (named gate_scales, the argument's)
+            raise ValueError(f"--gate-sweep: give one or more finite scales >= 0, got {args.gate_sweep!r}")
         deltas = scales_from_text(args.delta_scale, "--delta-scale")
         if not deltas or any(not math.isfinite(d) for d in deltas):
             raise ValueError(f"--delta-scale: give one or more finite numbers, got {args.delta_scale!r}")

@@ -186,7 +186,7 @@ def test_the_command_prints_and_writes_the_same_figures(base_folder, v2_adapter,
     (["--data", "."], "--data: \\. is a folder, not a file"),
     (["--data", "/dev/null"], "--data: /dev/null is not a regular file"),
     (["--gate-sweep", "0, one"], "--gate-sweep: 'one' is not a number"),
-    (["--gate-sweep", "-1"], "gate_scales: give one or more finite scales >= 0, got \\[-1.0\\]"),
+    (["--gate-sweep", "-1"], "--gate-sweep: give one or more finite scales >= 0, got '-1'"),
     (["--limit", "0"], "limit: must be at least 1, got 0"),
     (["--max-seq-len", "100000"], "--max-seq-len: must be between 2 and the model's"),
     (["--max-seq-len", "8"], "--data: none of the .* examples of .* keeps an answer token within 8 tokens \\(each is "
