@@ -1,8 +1,8 @@
 """The responses the Responses API keeps (its `store`, true unless asked otherwise, as OpenAI's), so that a client
 may continue one (`previous_response_id`), read it again (`GET /v1/responses/{id}`), list what it was answered from
-(`.../input_items`) or delete it. They are kept in memory only, the latest MAX_STORED of them within
-MAX_STORED_BYTES (the oldest go first), and forgotten when the server stops; each is found only with the API key
-that asked for it (a page's own key on the app: another page's responses stay its own)."""
+(`.../input_items`) or delete it. They are kept in memory only, MAX_STORED of them within MAX_STORED_BYTES (the
+least recently used go first), and forgotten when the server stops; each is found only with the API key that
+asked for it (a page's own key on the app: another page's responses stay its own)."""
 
 from __future__ import annotations
 
