@@ -104,8 +104,8 @@ def add_response_routes(router: APIRouter, view: Callable[[Request], Engines],
 def not_stored(response_id: Any, param: str | None = None) -> RequestError:
     """The refusal of a response id the store does not hold: a 404 for its own routes, a request's field at fault
     (`previous_response_id`) otherwise."""
-    message = (f"no stored response {response_id!r:.80} (responses asked with store: false are not kept, nor those "
-               f"older than the latest {MAX_STORED})")
+    message = (f"no stored response {response_id!r:.80} (responses asked with store: false are not kept, and past "
+               f"{MAX_STORED} the least recently used go)")
     if param is None:
         return RequestError(message, status=404, code="not_found")
     return RequestError(f"{param}: {message}", param, code="previous_response_not_found")
