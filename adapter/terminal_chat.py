@@ -119,7 +119,8 @@ class Conversation:
         try:
             with open(path, "a+b") as file:  # a file whose last line has no newline: the record on a line of its own
                 size = file.seek(0, os.SEEK_END)
-                ended = size == 0 or (file.seek(size - 1) is not None and file.read(1) == b"\n")
+                file.seek(max(size - 1, 0))
+                ended = size == 0 or file.read(1) == b"\n"
                 line = json.dumps(record, ensure_ascii=False) + "\n"
                 file.write((line if ended else "\n" + line).encode())
         except OSError as error:
